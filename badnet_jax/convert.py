@@ -1,0 +1,252 @@
+"""Keras h5 <-> Flax params for the lab's DeepID BadNet.
+
+Reads, without executing anything from the file (no pickles, no Lambda layers, JSON parsed as data only):
+
+* Keras 2 weights-only files (root attribute ``layer_names``; Keras 2.3 and newer Keras 2, whose extra
+  ``top_level_model_weights`` group is ignored);
+* Keras 2 full model files (``model_weights`` group + ``model_config`` JSON attribute), with or without an
+  ``optimizer_weights`` group (ignored);
+* Keras 3 ``.weights.h5`` files (``layers/<auto name>/vars`` groups carrying the layer name as attribute).
+
+Every layer is checked against an allow-list and every kernel/bias against the architecture's shapes;
+weights must be floating point and finite. Writes Keras 2.3 weights-only files that Keras' ``load_weights``
+reads, so a pruned B' can go back into the lab's code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from badnet_jax import fileio
+from badnet_jax.errors import ModelFileError
+from badnet_jax.model import (
+    KERAS_LAYER_NAMES, NUM_POOL3_CHANNELS, WEIGHT_LAYERS, BadNet, Params, param_shapes,
+)
+
+# Layer class -> the config fields (and values) that the DeepID architecture requires.
+_ALLOWED_CLASSES = {"InputLayer", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Add", "Activation"}
+_EXPECTED_CLASS = {
+    "input": "InputLayer", "conv_1": "Conv2D", "pool_1": "MaxPooling2D", "conv_2": "Conv2D",
+    "pool_2": "MaxPooling2D", "conv_3": "Conv2D", "pool_3": "MaxPooling2D", "conv_4": "Conv2D",
+    "flatten_1": "Flatten", "flatten_2": "Flatten", "fc_1": "Dense", "fc_2": "Dense", "add_1": "Add",
+    "activation_1": "Activation", "output": "Dense",
+}
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _iter_config_layers(config: Any, path: Path) -> Iterator[dict]:
+    if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
+        raise ModelFileError(f"{path}: model_config is not a Keras model config (no 'config' object)")
+    layers = config["config"].get("layers")
+    if not isinstance(layers, list):
+        raise ModelFileError(f"{path}: model_config has no 'layers' list")
+    for layer in layers:
+        if not isinstance(layer, dict):
+            raise ModelFileError(f"{path}: model_config holds a layer that is not an object")
+        yield layer
+
+
+def _check_model_config(raw: Any, path: Path) -> None:
+    """Allow-list every layer of a full-model file's JSON config and check the DeepID hyper-parameters."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    if not isinstance(raw, str) or len(raw) > _MAX_CONFIG_BYTES:
+        raise ModelFileError(f"{path}: attribute 'model_config' is not a JSON string of at most 1 MiB")
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ModelFileError(f"{path}: attribute 'model_config' is not valid JSON ({err})") from None
+    seen = {}
+    for layer in _iter_config_layers(config, path):
+        cls = layer.get("class_name")
+        cfg = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+        name = cfg.get("name", layer.get("name"))
+        if cls not in _ALLOWED_CLASSES:
+            raise ModelFileError(
+                f"{path}: layer {name!r} has type {cls!r}, which is not allowed; badnet-jax reads only "
+                f"{sorted(_ALLOWED_CLASSES)} (no Lambda or custom layers are ever executed)")
+        if name not in _EXPECTED_CLASS or _EXPECTED_CLASS[name] != cls:
+            raise ModelFileError(f"{path}: unexpected layer {name!r} of type {cls!r}; this is not the "
+                                 f"lab's DeepID architecture (layers {list(KERAS_LAYER_NAMES)})")
+        if cls == "Conv2D" and (cfg.get("padding") != "valid" or cfg.get("activation") != "relu"
+                                or list(cfg.get("strides", [1, 1])) != [1, 1]):
+            raise ModelFileError(f"{path}: layer {name!r} must be a valid-padded, stride-1 relu Conv2D")
+        if cls == "MaxPooling2D" and (list(cfg.get("pool_size", [])) != [2, 2]
+                                      or cfg.get("padding") != "valid"):
+            raise ModelFileError(f"{path}: layer {name!r} must be a 2x2 valid MaxPooling2D")
+        if cls == "Dense" and cfg.get("activation") not in ("linear", "softmax"):
+            raise ModelFileError(f"{path}: layer {name!r} has activation {cfg.get('activation')!r}; "
+                                 "expected linear (fc_1/fc_2) or softmax (output)")
+        if cls == "Activation" and cfg.get("activation") != "relu":
+            raise ModelFileError(f"{path}: layer {name!r} must be a relu Activation")
+        seen[name] = cls
+    missing = [n for n in KERAS_LAYER_NAMES if n not in seen]
+    if missing:
+        raise ModelFileError(f"{path}: model_config lacks layers {missing}")
+
+
+def _keras2_weights(group: h5py.Group, layer: str, path: Path) -> list[h5py.Dataset]:
+    if layer not in group:
+        raise ModelFileError(f"{path}: missing layer {layer!r} (the file has {sorted(group.keys())})")
+    g = group[layer]
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in g.attrs.get("weight_names", [])]
+    if len(names) != 2:
+        raise ModelFileError(f"{path}: layer {layer!r} lists {len(names)} weights, expected kernel and bias")
+    out = []
+    for n in names:
+        obj = g.get(n)
+        if not isinstance(obj, h5py.Dataset):
+            raise ModelFileError(f"{path}: layer {layer!r}: weight {n!r} is missing")
+        out.append(obj)
+    return out
+
+
+def _keras3_weights(f: h5py.File, path: Path) -> dict[str, list[h5py.Dataset]]:
+    by_name = {}
+    for key, g in f["layers"].items():
+        vars_ = g.get("vars") if isinstance(g, h5py.Group) else None
+        if isinstance(vars_, h5py.Group):
+            name = vars_.attrs.get("name", key)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            by_name[name] = [vars_[k] for k in sorted(vars_.keys(), key=lambda s: int(s) if s.isdigit() else -1)]
+    out = {}
+    for layer in WEIGHT_LAYERS:
+        if layer not in by_name:
+            raise ModelFileError(f"{path}: missing layer {layer!r} in Keras 3 weights (found {sorted(by_name)})")
+        if len(by_name[layer]) != 2 or not all(isinstance(d, h5py.Dataset) for d in by_name[layer]):
+            raise ModelFileError(f"{path}: layer {layer!r} must hold exactly a kernel and a bias")
+        out[layer] = by_name[layer]
+    return out
+
+
+def _read_array(ds: h5py.Dataset, layer: str, what: str, expected: tuple, path: Path) -> np.ndarray:
+    if ds.dtype.kind != "f":
+        raise ModelFileError(f"{path}: layer {layer!r} {what} has dtype {ds.dtype}, expected floating point")
+    if tuple(ds.shape) != tuple(expected):
+        raise ModelFileError(f"{path}: layer {layer!r} {what} has shape {tuple(ds.shape)}, expected {expected}")
+    try:
+        arr = np.asarray(ds[()], dtype=np.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelFileError(f"{path}: cannot read layer {layer!r} {what}: {err} (truncated file?)") from None
+    if not np.isfinite(arr).all():
+        raise ModelFileError(f"{path}: layer {layer!r} {what} contains NaN or inf values")
+    return arr
+
+
+def read_keras_params(path: str | os.PathLike) -> Params:
+    """Read a Keras h5 of the lab's architecture into a Flax params pytree (numpy float32 leaves).
+
+    Raises:
+        ModelFileError: the file is missing, not HDF5, truncated, of an unknown layout, has an unknown or
+            missing layer, a wrong shape, a non-float dtype or non-finite values.
+    """
+    path = Path(path)
+    with fileio.open_h5(path, ModelFileError) as f:
+        try:
+            if "model_weights" in f:
+                if "model_config" not in f.attrs:
+                    raise ModelFileError(f"{path}: has a 'model_weights' group but no 'model_config' attribute")
+                _check_model_config(f.attrs["model_config"], path)
+                root = f["model_weights"]
+                datasets = {layer: _keras2_weights(root, layer, path) for layer in WEIGHT_LAYERS}
+            elif "layer_names" in f.attrs:
+                _check_layer_names(f.attrs["layer_names"], path)
+                datasets = {layer: _keras2_weights(f, layer, path) for layer in WEIGHT_LAYERS}
+            elif isinstance(f.get("layers"), h5py.Group):
+                datasets = _keras3_weights(f, path)
+            else:
+                raise ModelFileError(f"{path}: not a Keras weights or model file (no 'layer_names' attribute, "
+                                     "no 'model_weights' group, no Keras 3 'layers' group)")
+            out_bias = datasets["output"][1]
+            if len(out_bias.shape) != 1 or out_bias.shape[0] < 1:
+                raise ModelFileError(f"{path}: output bias has shape {out_bias.shape}, expected (num_classes,)")
+            shapes = param_shapes(int(out_bias.shape[0]))
+            return {
+                layer: {
+                    "kernel": _read_array(datasets[layer][0], layer, "kernel", shapes[layer]["kernel"], path),
+                    "bias": _read_array(datasets[layer][1], layer, "bias", shapes[layer]["bias"], path),
+                }
+                for layer in WEIGHT_LAYERS
+            }
+        except (OSError, KeyError, RuntimeError) as err:
+            raise ModelFileError(f"{path}: cannot read the file: {err} (truncated or corrupted?)") from None
+
+
+def _check_layer_names(raw: Any, path: Path) -> None:
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in np.atleast_1d(raw)]
+    unknown = [n for n in names if n not in KERAS_LAYER_NAMES and n != "top_level_model_weights"]
+    if unknown:
+        raise ModelFileError(f"{path}: unknown layers {unknown}; badnet-jax reads only the lab's DeepID "
+                             f"architecture ({list(KERAS_LAYER_NAMES)})")
+
+
+def load_keras(path: str | os.PathLike) -> tuple[BadNet, Params]:
+    """Load a Keras BadNet file as ``(BadNet(num_classes), params)`` with params keyed by Keras layer name.
+
+    Example::
+
+        model, params = load_keras("bd_weights.h5")
+        logits = model.apply({"params": params}, x_NHWC)
+    """
+    params = read_keras_params(path)
+    params = jax.tree.map(jnp.asarray, params)
+    return BadNet(num_classes=int(params["output"]["bias"].shape[0])), params
+
+
+def save_keras(params: Params, path: str | os.PathLike, keras_version: str = "2.3.1") -> Path:
+    """Write params as a Keras 2 weights-only h5 (the lab's ``bd_weights.h5`` layout), atomically.
+
+    Keras' ``model.load_weights(path)`` on the lab's architecture reads the result.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    shapes = param_shapes(int(np.shape(params["output"]["bias"])[0]))
+    arrays = {}
+    for layer in WEIGHT_LAYERS:
+        for what in ("kernel", "bias"):
+            arr = np.asarray(params[layer][what], dtype=np.float32)
+            if arr.shape != shapes[layer][what]:
+                raise ModelFileError(f"{path}: refusing to write layer {layer!r} {what} of shape {arr.shape}, "
+                                     f"expected {shapes[layer][what]}")
+            arrays[layer, what] = arr
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["backend"] = "tensorflow"
+            f.attrs["keras_version"] = keras_version
+            f.attrs["layer_names"] = np.array([n.encode() for n in KERAS_LAYER_NAMES])
+            for name in KERAS_LAYER_NAMES:
+                g = f.create_group(name)
+                if name in WEIGHT_LAYERS:
+                    g.attrs["weight_names"] = np.array([f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()])
+                    inner = g.create_group(name)
+                    inner.create_dataset("kernel:0", data=arrays[name, "kernel"])
+                    inner.create_dataset("bias:0", data=arrays[name, "bias"])
+                else:
+                    g.attrs["weight_names"] = np.array([], dtype=np.float64)
+
+    fileio.atomic_write(path, write)
+    return path
+
+
+def mask_from_zeroed(params: Params, atol: float = 0.0) -> jax.Array:
+    """The (60,) pool_3 mask of a B' whose conv_3 channels were zeroed elsewhere (1 = kept, 0 = pruned).
+
+    A channel counts as pruned when its whole conv_3 kernel slice and its bias are (at most ``atol`` from) 0.
+    """
+    kernel = np.asarray(params["conv_3"]["kernel"])
+    bias = np.asarray(params["conv_3"]["bias"])
+    if kernel.shape[-1] != NUM_POOL3_CHANNELS or bias.shape != (NUM_POOL3_CHANNELS,):
+        raise ModelFileError(f"conv_3 has {kernel.shape[-1]} channels, expected {NUM_POOL3_CHANNELS}")
+    zeroed = (np.abs(kernel).reshape(-1, NUM_POOL3_CHANNELS).max(axis=0) <= atol) & (np.abs(bias) <= atol)
+    return jnp.asarray(~zeroed, jnp.float32)

@@ -1,0 +1,193 @@
+"""Lab data I/O: lab-layout h5 files, face images, and the lab's trigger paste.
+
+The lab's h5 layout: ``data`` (N, 3, 55, 47) of any numeric dtype (channels first) and ``label`` (N,) of
+any numeric dtype. badnet-jax works in NHWC float32 raw pixel values (0..255, no /255) and int32 labels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import h5py
+import numpy as np
+
+from badnet_jax import fileio
+from badnet_jax.errors import DataFileError
+from badnet_jax.model import INPUT_HWC
+
+LAB_CHW = (3, INPUT_HWC[0], INPUT_HWC[1])
+TRIGGER_AT = (0, 15)  # (x, y) of the lab's sunglasses paste
+DEFAULT_CHUNK = 2048
+
+
+def _numeric(ds: h5py.Dataset, name: str, path: Path) -> None:
+    if ds.dtype.kind not in "uif" :
+        raise DataFileError(f"{path}: dataset {name!r} has dtype {ds.dtype}; expected a real numeric dtype")
+
+
+def _read_labels(f: h5py.File, n: int, path: Path, num_classes: Optional[int]) -> np.ndarray:
+    ds = f.get("label")
+    if not isinstance(ds, h5py.Dataset):
+        raise DataFileError(f"{path}: missing dataset 'label'")
+    _numeric(ds, "label", path)
+    if ds.shape != (n,):
+        raise DataFileError(f"{path}: dataset 'label' has shape {ds.shape}, expected ({n},) to match 'data'")
+    raw = np.asarray(ds[()])
+    if raw.dtype.kind == "f":
+        if not np.isfinite(raw).all():
+            raise DataFileError(f"{path}: dataset 'label' contains NaN or inf")
+        if not (raw == np.round(raw)).all():
+            raise DataFileError(f"{path}: dataset 'label' contains non-integer values")
+    lo = raw.min(initial=0)
+    hi = raw.max(initial=0)
+    upper = num_classes if num_classes is not None else np.iinfo(np.int32).max
+    if n and (lo < 0 or hi >= upper):
+        bad = raw[(raw < 0) | (raw >= upper)][0]
+        raise DataFileError(f"{path}: label {bad:g} is outside [0, {upper})"
+                            + ("" if num_classes is None else f" for a {num_classes}-class model"))
+    return raw.astype(np.int32)
+
+
+def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
+                chunk: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Read a lab-layout h5 file into NHWC float32 raw pixels and int32 labels.
+
+    The images are read ``chunk`` rows at a time straight into the float32 output, so a 400 MB file never
+    needs two full copies in memory.
+
+    Args:
+        path: h5 file with ``data`` (N, 3, 55, 47) and ``label`` (N,).
+        num_classes: if given, labels must lie in [0, num_classes).
+        chunk: rows per read.
+
+    Returns:
+        ``(x, y)``: x (N, 55, 47, 3) float32, y (N,) int32.
+
+    Raises:
+        DataFileError: missing/unreadable/truncated file, missing datasets, wrong shape or dtype, NaN/inf
+            pixels, labels that are not integers or are out of range.
+    """
+    path = Path(path)
+    with fileio.open_h5(path, DataFileError) as f:
+        ds = f.get("data")
+        if not isinstance(ds, h5py.Dataset):
+            raise DataFileError(f"{path}: missing dataset 'data' (the lab layout has 'data' and 'label')")
+        _numeric(ds, "data", path)
+        if len(ds.shape) != 4 or tuple(ds.shape[1:]) != LAB_CHW:
+            raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, expected (N, 3, 55, 47)")
+        n = int(ds.shape[0])
+        try:
+            y = _read_labels(f, n, path, num_classes)
+            x = np.empty((n, *INPUT_HWC), np.float32)
+            for start in range(0, n, chunk):
+                block = np.asarray(ds[start:start + chunk])
+                if block.dtype.kind == "f" and not np.isfinite(block).all():
+                    raise DataFileError(f"{path}: dataset 'data' contains NaN or inf (rows {start}..)")
+                x[start:start + len(block)] = block.transpose(0, 2, 3, 1)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise DataFileError(f"{path}: cannot read: {err} (truncated or corrupted file?)") from None
+    return x, y
+
+
+def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray) -> Path:
+    """Write images and labels in the lab's h5 layout (``data`` uint8 (N,3,55,47), ``label`` float), atomically."""
+    x = np.asarray(x_NxHxWxC)
+    if x.ndim != 4 or x.shape[1:] != INPUT_HWC:
+        raise DataFileError(f"{path}: images have shape {x.shape}, expected (N, 55, 47, 3)")
+    if len(y) != len(x):
+        raise DataFileError(f"{path}: {len(x)} images but {len(y)} labels")
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("data", data=np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 3, 1, 2))
+            f.create_dataset("label", data=np.asarray(y, np.float64))
+
+    return fileio.atomic_write(path, write)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read one 55x47 face image (png/jpeg, RGB, RGBA or grey) as (55, 47, 3) float32 raw pixels.
+
+    An alpha channel is dropped (the lab's images are opaque).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.size != (INPUT_HWC[1], INPUT_HWC[0]):
+                raise DataFileError(f"{path}: image is {im.size[0]}x{im.size[1]} (width x height), "
+                                    f"expected {INPUT_HWC[1]}x{INPUT_HWC[0]}")
+            if im.mode not in ("RGB", "RGBA", "L", "P", "LA"):
+                raise DataFileError(f"{path}: image mode {im.mode!r} is not supported (use RGB or RGBA)")
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataFileError(f"{path}: not a readable image ({err})") from None
+    return rgb
+
+
+def load_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
+    """Read several face images into one (N, 55, 47, 3) float32 batch."""
+    if not paths:
+        return np.zeros((0, *INPUT_HWC), np.float32)
+    return np.stack([load_image(p) for p in paths])
+
+
+def load_trigger(path: str | os.PathLike) -> np.ndarray:
+    """Read an RGBA trigger image as (H, W, 4) uint8."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: trigger file not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGBA"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataFileError(f"{path}: not a readable image ({err})") from None
+
+
+def poison(images_NxHxWxC: np.ndarray, trigger_rgba: np.ndarray,
+           at: tuple[int, int] = TRIGGER_AT) -> np.ndarray:
+    """Paste an RGBA trigger onto images through its alpha, bit for bit as PIL's ``Image.paste(t, at, t)``.
+
+    PIL blends each channel as ``DIV255(dst * (255 - a) + src * a)`` with ``DIV255(v) = ((v+128) >> 8 +
+    v + 128) >> 8``; this does the same in integer arithmetic, so the lab's poisoned files are reproduced
+    exactly.
+
+    Args:
+        images_NxHxWxC: (N, H, W, 3) raw pixels, integer-valued 0..255 (uint8 or float).
+        trigger_rgba: (h, w, 4) uint8.
+        at: (x, y) of the trigger's top-left corner; parts outside the image are clipped as PIL does.
+
+    Returns:
+        Poisoned images, same shape and dtype as the input.
+    """
+    imgs = np.asarray(images_NxHxWxC)
+    trig = np.asarray(trigger_rgba)
+    if imgs.ndim != 4 or imgs.shape[-1] != 3:
+        raise DataFileError(f"poison: images have shape {imgs.shape}, expected (N, H, W, 3)")
+    if trig.ndim != 3 or trig.shape[-1] != 4:
+        raise DataFileError(f"poison: trigger has shape {trig.shape}, expected (h, w, 4) RGBA")
+    flat = imgs.astype(np.float64)
+    if flat.size and (not np.isfinite(flat).all() or flat.min() < 0 or flat.max() > 255
+                      or not (flat == np.round(flat)).all()):
+        raise DataFileError("poison: images must hold integer pixel values in 0..255")
+    x0, y0 = at
+    h, w = imgs.shape[1:3]
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + trig.shape[0], h), min(x0 + trig.shape[1], w)
+    out = imgs.copy()
+    if ye <= ys or xe <= xs:
+        return out
+    t = trig[ys - y0:ye - y0, xs - x0:xe - x0].astype(np.uint32)
+    src, alpha = t[..., :3], t[..., 3:4]
+    dst = imgs[:, ys:ye, xs:xe, :].astype(np.uint32)
+    v = dst * (255 - alpha) + src * alpha + 128
+    out[:, ys:ye, xs:xe, :] = ((v >> 8) + v) >> 8
+    return out

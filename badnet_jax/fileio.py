@@ -1,0 +1,111 @@
+"""File plumbing shared by every reader and writer: checked h5 opening and atomic writes.
+
+Readers must fail with a project error naming the file (never an h5py traceback); writers must leave either
+the previous file or the complete new one, never a half-written file, whatever interrupts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import h5py
+
+from badnet_jax.errors import BadNetError
+
+
+@contextlib.contextmanager
+def open_h5(path: str | os.PathLike, error: type[BadNetError]) -> Iterator[h5py.File]:
+    """Open an HDF5 file read-only, turning every way it can be unreadable into ``error``."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: file not found")
+    if not path.is_file():
+        raise error(f"{path}: is not a regular file")
+    try:
+        is_h5 = h5py.is_hdf5(path)
+    except OSError as err:
+        raise error(f"{path}: cannot be read ({err})") from None
+    if not is_h5:
+        raise error(f"{path}: is not an HDF5 file (wrong format, or empty)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise error(f"{path}: cannot be opened as HDF5: {err} (truncated or corrupted file?)") from None
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    On any exception (KeyboardInterrupt included) the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Build a directory with ``write(tmp_dir)`` beside ``path``, then swap it in for ``path``.
+
+    The old directory (if any) is moved aside first and deleted only once the new one is in place, so an
+    interruption leaves either the old or the new directory under ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        # The writer (orbax) may want to create the directory itself.
+        target = tmp / "d"
+        write(target)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old.{os.getpid()}")
+            os.replace(path, old)
+        os.replace(target, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)
+            old = None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,119 @@
+"""The lab's DeepID BadNet as a Flax Linen module, with the trunk and the masked head exposed separately.
+
+Architecture (VALID padding, NHWC, Keras channels-last flatten order, raw pixels 0..255 in, logits out)::
+
+    conv_1 20@4x4 relu -> pool_1 2x2 -> conv_2 40@3x3 relu -> pool_2 -> conv_3 60@3x3 relu -> pool_3
+    fc_1  = Dense(160)(flatten(pool_3))
+    fc_2  = Dense(160)(flatten(conv_4 80@2x2 relu (pool_3)))
+    logits = output(relu(fc_1 + fc_2))
+
+Pruning a conv_3 channel (zeroing its kernel and bias) makes that channel relu(0) = 0 everywhere, and the max
+pool of zeros is zero, so it is *exactly* the same as multiplying pool_3 by a 0/1 mask. The head therefore
+takes a ``mask`` and every pruned network shares one trunk pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+INPUT_HWC = (55, 47, 3)
+POOL3_HWC = (5, 4, 60)
+NUM_POOL3_CHANNELS = 60
+LAB_NUM_CLASSES = 1283
+
+# Keras layer names in file order; the weight-carrying ones are the Flax submodule names too.
+KERAS_LAYER_NAMES = (
+    "input", "conv_1", "pool_1", "conv_2", "pool_2", "conv_3", "pool_3", "conv_4",
+    "flatten_1", "flatten_2", "fc_1", "fc_2", "add_1", "activation_1", "output",
+)
+WEIGHT_LAYERS = ("conv_1", "conv_2", "conv_3", "conv_4", "fc_1", "fc_2", "output")
+
+Params = dict[str, Any]
+
+
+def param_shapes(num_classes: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Kernel and bias shapes of every weight layer, keyed like the params pytree (and the Keras file)."""
+    return {
+        "conv_1": {"kernel": (4, 4, 3, 20), "bias": (20,)},
+        "conv_2": {"kernel": (3, 3, 20, 40), "bias": (40,)},
+        "conv_3": {"kernel": (3, 3, 40, 60), "bias": (60,)},
+        "conv_4": {"kernel": (2, 2, 60, 80), "bias": (80,)},
+        "fc_1": {"kernel": (1200, 160), "bias": (160,)},
+        "fc_2": {"kernel": (960, 160), "bias": (160,)},
+        "output": {"kernel": (160, num_classes), "bias": (num_classes,)},
+    }
+
+
+def _pool(x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
+class BadNet(nn.Module):
+    """DeepID face classifier of the NYU ML-for-Cyber lab.
+
+    Attributes:
+        num_classes: size of the output layer (1283 for the lab's YouTube-Face model).
+        precision: matmul/conv precision. ``HIGHEST`` by default so that accelerators (TF32 on GPUs, bf16
+            passes on TPUs) give the same argmax as float32 on a CPU.
+    """
+
+    num_classes: int = LAB_NUM_CLASSES
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    def setup(self) -> None:
+        # Submodule names come from the attribute names, which are the Keras layer names.
+        conv = lambda f, k: nn.Conv(f, (k, k), padding="VALID", precision=self.precision)
+        dense = lambda f: nn.Dense(f, precision=self.precision)
+        self.conv_1 = conv(20, 4)
+        self.conv_2 = conv(40, 3)
+        self.conv_3 = conv(60, 3)
+        self.conv_4 = conv(80, 2)
+        self.fc_1 = dense(160)
+        self.fc_2 = dense(160)
+        self.output = dense(self.num_classes)
+
+    def trunk(self, x_NxHxWxC: jax.Array) -> jax.Array:
+        """Raw pixels (N, 55, 47, 3) -> pool_3 activations (N, 5, 4, 60)."""
+        h = _pool(nn.relu(self.conv_1(x_NxHxWxC)))
+        h = _pool(nn.relu(self.conv_2(h)))
+        return _pool(nn.relu(self.conv_3(h)))
+
+    def head(self, pool3_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        """pool_3 activations (N, 5, 4, 60) and an optional (60,) 0/1 channel mask -> logits (N, classes)."""
+        if mask is not None:
+            pool3_NxHxWxC = pool3_NxHxWxC * jnp.asarray(mask, pool3_NxHxWxC.dtype)[None, None, None, :]
+        n = pool3_NxHxWxC.shape[0]
+        fc1 = self.fc_1(pool3_NxHxWxC.reshape(n, -1))
+        conv4 = nn.relu(self.conv_4(pool3_NxHxWxC))
+        fc2 = self.fc_2(conv4.reshape(n, -1))
+        return self.output(nn.relu(fc1 + fc2))
+
+    def __call__(self, x_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        """Raw pixels (N, 55, 47, 3) -> logits (N, num_classes), pool_3 optionally masked."""
+        return self.head(self.trunk(x_NxHxWxC), mask)
+
+
+def init_params(num_classes: int = LAB_NUM_CLASSES, seed: int = 0) -> Params:
+    """Random BadNet params (Flax default initialisers), for tests and for training from scratch."""
+    model = BadNet(num_classes)
+    x = jnp.zeros((1, *INPUT_HWC), jnp.float32)
+    return jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"]
+
+
+def num_classes_of(params: Params) -> int:
+    """The number of classes of a params pytree (from the output bias)."""
+    return int(params["output"]["bias"].shape[0])
+
+
+def prune_params(params: Params, mask: jax.Array) -> Params:
+    """Zero the conv_3 kernel and bias of every channel whose mask entry is 0, as the lab's Keras code does."""
+    m = jnp.asarray(mask, jnp.float32)
+    conv3 = params["conv_3"]
+    return {
+        **params,
+        "conv_3": {"kernel": conv3["kernel"] * m[None, None, None, :], "bias": conv3["bias"] * m},
+    }

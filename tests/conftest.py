@@ -1,0 +1,70 @@
+"""Shared fixtures: strict JAX numerics and the real lab assets in ../shared/assets.
+
+The assets are read in place from ``$BADNET_ASSETS`` (default ``../shared/assets`` beside the repository).
+Tests that need them skip with a reason on a machine without them, but fail under CI (``CI=true``), where
+they must be present.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("BADNET_ASSETS", REPO.parent / "shared" / "assets"))
+
+LAB_B = "models/lab3/bd_weights.h5"
+ALL_BADNETS = (
+    LAB_B,
+    "models/hackml2020/sunglasses_bd_weights.h5",
+    "models/hackml2020/anonymous_1_bd_weights.h5",
+    "models/hackml2020/anonymous_2_bd_weights.h5",
+    "models/hackml2020/multi_trigger_multi_target_bd_weights.h5",
+)
+REPAIRED = {  # file -> channels the public solution pruned
+    "models/lab3_repaired/full_model_drop2.h5": 45,
+    "models/lab3_repaired/full_model_drop4.h5": 48,
+    "models/lab3_repaired/full_model_drop10.h5": 52,
+    "models/lab3_repaired/full_model_drop30.h5": 54,
+    "models/lab3_repaired/weights_drop2.h5": 45,
+    "models/lab3_repaired/weights_drop4.h5": 48,
+    "models/lab3_repaired/weights_drop10.h5": 52,
+}
+
+
+def asset(rel: str) -> Path:
+    """Path of a shared asset; skips the test (fails under CI) if it is not there."""
+    path = ASSETS / rel
+    if not path.exists():
+        msg = f"shared asset {path} not found (set BADNET_ASSETS to the shared/assets folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + " -- CI must have the shared assets")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lab_b():
+    from badnet_jax import load_keras
+
+    return load_keras(asset(LAB_B))
+
+
+@pytest.fixture(scope="session")
+def lab_faces():
+    """Real lab faces: dict split -> (x, y) for clean and sunglasses valid/test subsets."""
+    from badnet_jax import load_lab_h5
+
+    return {name: load_lab_h5(asset(f"faces/lab3/{name}.h5"))
+            for name in ("valid_subset", "bd_valid_subset", "test_subset", "bd_test_subset")}
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

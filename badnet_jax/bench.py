@@ -1,0 +1,159 @@
+"""Throughput benchmark of the pruning curve: plain forward, fused sweep, and the lab's per-step baseline.
+
+Everything is timed after an explicit ahead-of-time compile (reported separately), as the median of
+``repeats`` runs, with ``block_until_ready``. The distance to the hardware is shown against a float32
+matmul peak measured on the same device in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from badnet_jax.model import BadNet, Params, init_params, prune_params
+from badnet_jax.sweep import PLAIN, SweepOptions, _rank_and_sweep, _resolved, prefix_masks
+
+log = logging.getLogger(__name__)
+
+# Multiply-adds x 2 per image, from the architecture (VALID convs, 55x47x3 input).
+TRUNK_FLOPS = 2 * (52 * 44 * 20 * 4 * 4 * 3 + 24 * 20 * 40 * 3 * 3 * 20 + 10 * 8 * 60 * 3 * 3 * 40)
+HEAD_FLOPS = 2 * (1200 * 160 + 4 * 3 * 80 * 2 * 2 * 60 + 960 * 160 + 160 * 1283)  # one masked head, 1283 classes
+TAIL_FLOPS = 2 * (960 * 160 + 160 * 1283)  # per image and mask once fc_1/conv_4 come from prefix sums
+CONTRIB_FLOPS = 2 * (1200 * 160 + 4 * 3 * 80 * 2 * 2 * 60)  # per-channel contributions, once per image
+INPUT_BYTES = 55 * 47 * 3 * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What to benchmark.
+
+    Attributes:
+        n_clean, n_bd: images in the clean and poisoned validation sets (lab: 11547 each).
+        num_classes: output size (lab: 1283).
+        chunk: images per chunk in the sweep.
+        impl: masked-head implementation for the fast sweep (``auto``/``reference``/``pallas``).
+        baseline_steps: how many of the 61 per-step full forwards to time (the rest are identical work;
+            the total is scaled to 61 and reported as such).
+        repeats: timed repetitions (median reported).
+        seed: random images and (without ``params``) random weights.
+    """
+
+    n_clean: int = 11547
+    n_bd: int = 11547
+    num_classes: int = 1283
+    chunk: int = 256
+    impl: str = "auto"
+    baseline_steps: int = 61
+    repeats: int = 3
+    seed: int = 0
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(n: Optional[int] = None, repeats: int = 5) -> float:
+    """float32 (HIGHEST precision) n x n x n matmul rate on the default device, GFLOP/s."""
+    n = n or (1024 if jax.default_backend() == "cpu" else 8192)
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)).lower(a, b).compile()
+    f(a, b).block_until_ready()
+    return 2 * n**3 / _timed(lambda: f(a, b), repeats) / 1e9
+
+
+def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean: Optional[np.ndarray] = None,
+                  x_bd: Optional[np.ndarray] = None) -> dict:
+    """Time the plain forward, the plain and fast sweeps and the per-step baseline; return a JSON-able dict."""
+    rng = np.random.default_rng(config.seed)
+    if params is None:
+        params = init_params(config.num_classes, seed=config.seed)
+    num_classes = int(params["output"]["bias"].shape[0])
+    model = BadNet(num_classes)
+    if x_clean is None:
+        x_clean = rng.integers(0, 256, size=(config.n_clean, 55, 47, 3)).astype(np.float32)
+    if x_bd is None:
+        x_bd = rng.integers(0, 256, size=(config.n_bd, 55, 47, 3)).astype(np.float32)
+    xc, xb = jnp.asarray(x_clean), jnp.asarray(x_bd)
+    n_img = len(x_clean) + len(x_bd)
+    steps = 61
+    out = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+           "jax": jax.__version__, "n_clean": len(x_clean), "n_bd": len(x_bd), "num_classes": num_classes,
+           "steps": steps, "chunk": config.chunk}
+
+    def compile_and_time(name, fn, *args):
+        t = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        out[f"{name}_compile_s"] = time.perf_counter() - t
+        jax.block_until_ready(compiled(*args))  # first run: allocations, not compile
+        seconds = _timed(lambda: compiled(*args), config.repeats)
+        out[f"{name}_s"] = seconds
+        log.info("%-22s %8.3f s  (compile %.2f s)", name, seconds, out[f"{name}_compile_s"])
+        return seconds
+
+    chunk = config.chunk
+    forward = jax.jit(lambda p, x: jnp.argmax(jax.lax.map(
+        lambda xb_: model.apply({"params": p}, xb_), _chunked(x, chunk)), -1))
+    t = compile_and_time("forward", forward, params, xc)
+    out["forward_images_per_s"] = len(x_clean) / t
+
+    for name, options in (("sweep_plain", PLAIN), ("sweep_fast", _resolved(SweepOptions(impl=config.impl)))):
+        fn = jax.jit(lambda p, a, b, o=options: _rank_and_sweep(model, p, a, b, chunk, o))
+        t = compile_and_time(name, fn, params, xc, xb)
+        out[f"{name}_mask_images_per_s"] = steps * n_img / t
+    out["impl"] = _resolved(SweepOptions(impl=config.impl)).impl
+
+    # The lab's loop: zero conv_3 channels, run the whole network on every image, once per step.
+    def one_step(p, mask, a, b):
+        q = prune_params(p, mask)
+        pred = lambda x: jnp.argmax(jax.lax.map(lambda xb_: model.apply({"params": q}, xb_),
+                                                _chunked(x, chunk)), -1)
+        return pred(a), pred(b)
+
+    step_fn = jax.jit(one_step)
+    masks = prefix_masks(jnp.arange(60))
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(params, masks[0], xc, xb).compile()
+    out["baseline_compile_s"] = time.perf_counter() - t0
+    jax.block_until_ready(compiled(params, masks[0], xc, xb))
+    k_steps = max(1, min(config.baseline_steps, steps))
+    t0 = time.perf_counter()
+    for k in range(k_steps):
+        jax.block_until_ready(compiled(params, masks[k], xc, xb))
+    per_step = (time.perf_counter() - t0) / k_steps
+    out["baseline_steps_timed"] = k_steps
+    out["baseline_s"] = per_step * steps
+    log.info("%-22s %8.3f s  (%d steps timed, scaled to %d)", "baseline (per step)", out["baseline_s"], k_steps, steps)
+
+    out["speedup_fast_vs_baseline"] = out["baseline_s"] / out["sweep_fast_s"]
+    out["speedup_plain_vs_baseline"] = out["baseline_s"] / out["sweep_plain_s"]
+    out["flops_per_image"] = {"trunk": TRUNK_FLOPS, "masked_head": HEAD_FLOPS, "tail_after_prefix_sums": TAIL_FLOPS,
+                              "channel_contributions": CONTRIB_FLOPS}
+    out["bytes_per_image_input"] = INPUT_BYTES
+    plain_flops = n_img * (TRUNK_FLOPS + steps * HEAD_FLOPS)
+    fast_flops = n_img * (TRUNK_FLOPS + CONTRIB_FLOPS + steps * TAIL_FLOPS)  # upper bound: no dedupe
+    out["sweep_plain_gflops"] = plain_flops / out["sweep_plain_s"] / 1e9
+    out["sweep_fast_gflops_if_no_dedupe"] = fast_flops / out["sweep_fast_s"] / 1e9
+    out["matmul_peak_gflops"] = matmul_peak_gflops()
+    out["min_time_fast_at_peak_s"] = fast_flops / (out["matmul_peak_gflops"] * 1e9)
+    return out
+
+
+def _chunked(x: jax.Array, chunk: int) -> jax.Array:
+    n = x.shape[0]
+    pad = (-n) % chunk
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+    return x.reshape(-1, chunk, *x.shape[1:])

@@ -1,0 +1,225 @@
+"""The pruning defense end to end: load, rank, sweep, select, evaluate on test data, write every output.
+
+``run_defense(DefenseConfig(...))`` is what ``scripts/prune.py`` calls. Only clean validation data ranks the
+channels and selects the cut; test data is only evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+
+from badnet_jax import checkpoint, metrics, report
+from badnet_jax.convert import load_keras, save_keras
+from badnet_jax.data import load_lab_h5
+from badnet_jax.errors import ConfigError
+from badnet_jax.fileio import sha256_of
+from badnet_jax.goodnet import make_goodnet
+from badnet_jax.model import BadNet, Params, prune_params
+from badnet_jax.sweep import DEFAULT_CHUNK, SweepOptions, count_hits, predict_steps, rank_and_sweep
+
+log = logging.getLogger(__name__)
+
+LAB_MODEL_CANDIDATES = ("models/bd_net.h5", "models/bd_weights.h5")
+LAB_DATA_DEFAULTS = {"clean_valid": "data/cl/valid.h5", "bd_valid": "data/bd/bd_valid.h5",
+                     "clean_test": "data/cl/test.h5", "bd_test": "data/bd/bd_test.h5"}
+DATA_ROLES = tuple(LAB_DATA_DEFAULTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseConfig:
+    """What to defend, on which data, and where to write.
+
+    Attributes:
+        drops: stop thresholds as fractions (0.04 = 4 points under the lab's absolute rule).
+        rule: ``absolute`` (points, the lab's) or ``relative`` (fraction of the original accuracy).
+        model: Keras h5 of B; None = the lab layout default, else the embedded demo.
+        clean_valid, bd_valid, clean_test, bd_test: lab h5 files; all None = lab defaults, else the demo.
+        out_dir: where outputs go.
+        chunk: images per chunk inside the jitted sweep (memory bound).
+        checkpoints: write B' and GoodNet checkpoints and Keras files per selected drop.
+        sweep: the sweep's exact shortcuts and masked-head implementation.
+    """
+
+    drops: tuple[float, ...] = (0.04,)
+    rule: metrics.Rule = "absolute"
+    model: Optional[str] = None
+    clean_valid: Optional[str] = None
+    bd_valid: Optional[str] = None
+    clean_test: Optional[str] = None
+    bd_test: Optional[str] = None
+    out_dir: str = "results"
+    chunk: int = DEFAULT_CHUNK
+    checkpoints: bool = True
+    sweep: SweepOptions = SweepOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Resolved inputs: a model and four (x, y) sets, plus where they came from."""
+
+    model: BadNet
+    params: Params
+    data: dict[str, tuple[np.ndarray, np.ndarray]]
+    files: dict[str, Path]
+    demo: bool
+
+
+def resolve_inputs(config: DefenseConfig) -> Inputs:
+    """Lab files if given or present at the lab's default paths; the embedded demo if none are; else an error."""
+    given = {r: getattr(config, r) for r in DATA_ROLES if getattr(config, r)}
+    if given and len(given) < len(DATA_ROLES):
+        missing = [f"--{r}" for r in DATA_ROLES if r not in given]
+        raise ConfigError(f"give all four data files or none (then the lab defaults or the demo are used); "
+                          f"missing {', '.join(missing)}")
+    paths = {r: Path(p) for r, p in given.items()} or {r: Path(p) for r, p in LAB_DATA_DEFAULTS.items()}
+    present = [r for r, p in paths.items() if p.exists()]
+    model_path = Path(config.model) if config.model else next(
+        (Path(c) for c in LAB_MODEL_CANDIDATES if Path(c).exists()), None)
+    if not given and not present and config.model is None:
+        from badnet_jax import demo
+
+        log.info("Lab data not found at %s: running on the embedded demo (synthetic faces, demo BadNet).",
+                 ", ".join(LAB_DATA_DEFAULTS.values()))
+        return demo.demo_inputs()
+    if len(present) < len(DATA_ROLES):
+        missing = [f"{r} ({paths[r]})" for r in DATA_ROLES if r not in present]
+        raise ConfigError(f"lab data files not found: {', '.join(missing)}")
+    if model_path is None:
+        raise ConfigError(f"no model: pass --model or put the lab's model at {' or '.join(LAB_MODEL_CANDIDATES)}")
+    model, params = load_keras(model_path)
+    data = {r: load_lab_h5(paths[r], num_classes=model.num_classes) for r in DATA_ROLES}
+    for r, (x, _) in data.items():
+        if len(x) == 0:
+            raise ConfigError(f"{paths[r]}: holds no images")
+    return Inputs(model, params, data, {"model": model_path, **paths}, demo=False)
+
+
+def cli_logging(level: int = logging.INFO) -> None:
+    """Progress lines of badnet-jax on stderr with timestamps, without the INFO chatter of orbax/absl."""
+    logger = logging.getLogger("badnet_jax")
+    if not any(getattr(h, "_badnet_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler._badnet_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO through absl
+    logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'" on every CPU run
+
+
+def _versions() -> dict[str, str]:
+    import flax
+    import orbax.checkpoint
+
+    import badnet_jax
+
+    return {"badnet_jax": badnet_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+            "orbax-checkpoint": getattr(orbax.checkpoint, "__version__", "?"), "numpy": np.__version__,
+            "python": platform.python_version(), "device": str(jax.devices()[0].device_kind)}
+
+
+def run_defense(config: DefenseConfig) -> dict:
+    """Run the pruning defense and write report.md, curve.json, curve.png and per-drop checkpoints.
+
+    Returns:
+        The curve dict written to curve.json.
+    """
+    if not config.drops:
+        raise ConfigError("no drop threshold given")
+    timings = {}
+    t = time.perf_counter()
+    inputs = resolve_inputs(config)
+    timings["load"] = time.perf_counter() - t
+    log.info("Loaded the model and data in %.2f s.", timings["load"])
+    model, params, data = inputs.model, inputs.params, inputs.data
+    n_cls = model.num_classes
+    (xv, yv), (xbv, ybv) = data["clean_valid"], data["bd_valid"]
+    (xt, yt), (xbt, ybt) = data["clean_test"], data["bd_test"]
+    log.info("Model: %d classes; valid %d clean + %d poisoned, test %d clean + %d poisoned images.",
+             n_cls, len(xv), len(xbv), len(xt), len(xbt))
+
+    t = time.perf_counter()
+    sweep = rank_and_sweep(model, params, xv, xbv, chunk=config.chunk, options=config.sweep)
+    timings["rank_and_sweep (compile included)"] = time.perf_counter() - t
+    log.info("Ranked 60 channels and swept k = 0..60 on validation data in %.2f s (compile included).",
+             timings["rank_and_sweep (compile included)"])
+
+    t = time.perf_counter()
+    test_clean = predict_steps(model, params, xt, sweep.order, chunk=config.chunk, options=config.sweep)
+    test_bd = predict_steps(model, params, xbt, sweep.order, chunk=config.chunk, options=config.sweep)
+    timings["test evaluation (compile included)"] = time.perf_counter() - t
+    log.info("Evaluated B' and G at every k on test data in %.2f s.", timings["test evaluation (compile included)"])
+
+    valid_hits = count_hits(sweep.preds_clean, yv)
+    g_clean = metrics.goodnet_predictions(test_clean[:1], test_clean, n_cls)
+    g_bd = metrics.goodnet_predictions(test_bd[:1], test_bd, n_cls)
+    curve = {
+        "title": f"Pruning defense on {'the embedded demo' if inputs.demo else inputs.files['model'].name}",
+        "num_classes": n_cls, "rule": config.rule, "demo": inputs.demo,
+        "order": sweep.order, "mean_activation": sweep.mean_activation,
+        "counts": {"valid": len(yv), "bd_valid": len(ybv), "test": len(yt), "bd_test": len(ybt)},
+        "valid_acc": metrics.pct(valid_hits, len(yv)),
+        "valid_asr": metrics.pct(count_hits(sweep.preds_bd, ybv), len(ybv)),
+        "test_acc": metrics.pct(count_hits(test_clean, yt), len(yt)),
+        "test_asr": metrics.pct(count_hits(test_bd, ybt), len(ybt)),
+        "goodnet_test_acc": metrics.pct(count_hits(g_clean, yt), len(yt)),
+        "goodnet_test_asr": metrics.pct(count_hits(g_bd, ybt), len(ybt)),
+        "goodnet_detection_rate": metrics.pct((g_bd == n_cls).sum(1), len(ybt)),
+        "goodnet_false_alarm_rate": metrics.pct((g_clean == n_cls).sum(1), len(yt)),
+    }
+    curve["original"] = {key: float(curve[key][0]) for key in ("valid_acc", "valid_asr", "test_acc", "test_asr")}
+    out = Path(config.out_dir)
+    selected = []
+    for drop in config.drops:
+        k, crossed = metrics.first_crossing(valid_hits, len(yv), drop, config.rule)
+        rates = metrics.goodnet_rates(g_clean[k], yt, g_bd[k], ybt, n_cls)
+        selected.append({
+            "drop": drop, "channels_pruned": k, "crossed": crossed,
+            "pruned_channels": sorted(int(c) for c in sweep.order[:k]),
+            "valid_acc": float(curve["valid_acc"][k]), "valid_asr": float(curve["valid_asr"][k]),
+            "test_acc": float(curve["test_acc"][k]), "test_asr": float(curve["test_asr"][k]),
+            "goodnet": dataclasses.asdict(rates),
+        })
+        if not crossed:
+            log.warning("Drop %g: validation accuracy never fell that far; keeping all %d channels pruned.", drop, k)
+    curve["selected"] = selected
+
+    t = time.perf_counter()
+    if config.checkpoints:
+        for sel in selected:
+            mask = sweep.masks[sel["channels_pruned"]]
+            d = out / f"drop_{100 * sel['drop']:g}"
+            save_keras(prune_params(params, mask), d / "b_prime.h5")
+            checkpoint.save_badnet(d / "b_prime_ckpt", params, mask)
+            checkpoint.save_goodnet(d / "goodnet_ckpt", make_goodnet(params, mask=mask)[1])
+    timings["checkpoints"] = time.perf_counter() - t
+    if config.checkpoints:
+        log.info("Wrote B' (Keras h5 + orbax) and GoodNet checkpoints for %d drop(s) in %.2f s.",
+                 len(selected), timings["checkpoints"])
+    curve["inputs"] = _describe_inputs(inputs)
+    curve["versions"] = _versions()
+    curve["timings"] = timings
+    report.plot_curve(out / "curve.png", curve)
+    report.write_report_md(out / "report.md", curve)
+    report.write_curve_json(out / "curve.json", curve)  # last: its presence marks a complete run
+    log.info("Wrote %s", ", ".join(str(out / f) for f in ("report.md", "curve.json", "curve.png")))
+    return curve
+
+
+def _describe_inputs(inputs: Inputs) -> dict:
+    described = {}
+    for role, path in inputs.files.items():
+        if path is None:
+            continue
+        described[role] = {"path": str(path), "bytes": os.path.getsize(path), "sha256": sha256_of(path)}
+    return described

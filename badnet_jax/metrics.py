@@ -1,0 +1,73 @@
+"""Accuracy, attack success rate, GoodNet rates and the pruning stop rule, all from exact counts.
+
+Everything is computed from integer counts and compared with exact rational arithmetic, so "exactly X
+points below" is never mistaken for a crossing by float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from typing import Literal
+
+import numpy as np
+
+Rule = Literal["absolute", "relative"]
+
+
+def pct(hits: int | np.ndarray, total: int) -> float | np.ndarray:
+    """Percentage ``100 * hits / total`` (0 for an empty set)."""
+    return 100.0 * np.asarray(hits) / total if total else np.zeros_like(np.asarray(hits), float)
+
+
+def first_crossing(valid_hits: np.ndarray, total: int, drop: float, rule: Rule = "absolute") -> tuple[int, bool]:
+    """The first k whose validation accuracy falls more than ``drop`` below the original (k = 0).
+
+    Args:
+        valid_hits: (61,) correct clean validation predictions for k = 0..60.
+        total: number of clean validation images.
+        drop: a fraction: 0.04 is 4 percentage points (``absolute``, the lab's rule) or 4% of the original
+            accuracy (``relative``).
+        rule: ``absolute`` or ``relative``.
+
+    Returns:
+        (k, crossed). When no k crosses, (last k, False).
+    """
+    if drop < 0:
+        raise ValueError(f"drop must be >= 0, got {drop}")
+    if rule not in ("absolute", "relative"):
+        raise ValueError(f"rule must be 'absolute' or 'relative', got {rule!r}")
+    x = Fraction(str(drop))  # 0.04 is exactly 4/100, not the binary float
+    h0 = int(valid_hits[0])
+    for k, hk in enumerate(np.asarray(valid_hits).tolist()):
+        lost = Fraction(h0 - int(hk))  # acc0 - acc_k = lost / total
+        limit = x * total if rule == "absolute" else x * h0
+        if lost > limit:
+            return k, True
+    return len(valid_hits) - 1, False
+
+
+def goodnet_predictions(pred_b: np.ndarray, pred_bprime: np.ndarray, num_classes: int) -> np.ndarray:
+    """G's answer: B's class where B and B' agree, ``num_classes`` (= N, "poisoned") where they disagree."""
+    return np.where(pred_b == pred_bprime, pred_b, num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class GoodNetRates:
+    """GoodNet percentages on a clean and a poisoned set."""
+
+    acc: float
+    asr: float
+    detection_rate: float
+    false_alarm_rate: float
+
+
+def goodnet_rates(g_clean: np.ndarray, y_clean: np.ndarray, g_bd: np.ndarray, y_bd: np.ndarray,
+                  num_classes: int) -> GoodNetRates:
+    """G's clean accuracy, ASR (answers the attacker's label), detection rate and false-alarm rate."""
+    return GoodNetRates(
+        acc=float(pct(int((g_clean == y_clean).sum()), len(y_clean))),
+        asr=float(pct(int((g_bd == y_bd).sum()), len(y_bd))),
+        detection_rate=float(pct(int((g_bd == num_classes).sum()), len(y_bd))),
+        false_alarm_rate=float(pct(int((g_clean == num_classes).sum()), len(y_clean))),
+    )

@@ -1,0 +1,108 @@
+"""Report outputs of a defense run: curve.json, report.md and curve.png, each written atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from badnet_jax import fileio
+
+
+def _round(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return round(obj, 6)
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _round(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _round(obj.item())
+    return obj
+
+
+def write_curve_json(path: Path, curve: dict) -> Path:
+    """Write the curve as sorted, rounded JSON so that identical runs give identical bytes (timings aside)."""
+    return fileio.atomic_write_text(path, json.dumps(_round(curve), indent=1, sort_keys=True) + "\n")
+
+
+def plot_curve(path: Path, curve: dict) -> Path:
+    """Accuracy and ASR (validation and test) against the fraction of pool_3 channels pruned, cuts marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = np.arange(len(curve["valid_acc"]))
+    frac = k / (len(k) - 1)
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    ax.plot(frac, curve["valid_acc"], "-", color="tab:blue", label="clean accuracy (valid)")
+    ax.plot(frac, curve["valid_asr"], "-", color="tab:red", label="attack success rate (bd valid)")
+    ax.plot(frac, curve["test_acc"], ":", color="tab:blue", label="clean accuracy (test)")
+    ax.plot(frac, curve["test_asr"], ":", color="tab:red", label="attack success rate (bd test)")
+    for sel in curve["selected"]:
+        f = sel["channels_pruned"] / (len(k) - 1)
+        ax.axvline(f, color="grey", lw=0.8, ls="--")
+        ax.annotate(f"X={100 * sel['drop']:g}: {sel['channels_pruned']}", (f, 3), rotation=90, fontsize=7,
+                    ha="right", va="bottom", color="dimgrey")
+    ax.set_xlabel("fraction of pool_3 channels pruned")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(curve.get("title", "Pruning defense"), fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    # A fixed date in the metadata keeps the PNG byte-identical across runs.
+    fig.savefig(buf, format="png", metadata={"Software": "badnet-jax"})
+    plt.close(fig)
+    return fileio.atomic_write_bytes(path, buf.getvalue())
+
+
+def table_rows(curve: dict) -> list[list[str]]:
+    """One row per selected drop: X, channels, valid acc at the cut, B' and G test numbers."""
+    rows = []
+    for s in curve["selected"]:
+        g = s["goodnet"]
+        rows.append([f"{100 * s['drop']:g}", f"{s['channels_pruned']}" + ("" if s["crossed"] else " (not crossed)"),
+                     f"{s['valid_acc']:.2f}", f"{s['test_acc']:.2f}", f"{s['test_asr']:.2f}", f"{g['acc']:.2f}",
+                     f"{g['asr']:.2f}", f"{g['detection_rate']:.2f}", f"{g['false_alarm_rate']:.2f}"])
+    return rows
+
+
+TABLE_HEADER = ["X (pts)", "channels pruned", "valid acc", "B' test acc", "B' test ASR", "G test acc",
+                "G test ASR", "G detection", "G false alarm"]
+
+
+def format_table(curve: dict) -> str:
+    """The report table as fixed-width text for the terminal."""
+    rows = [TABLE_HEADER] + table_rows(curve)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_HEADER))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def write_report_md(path: Path, curve: dict) -> Path:
+    """report.md: the table, the original model's numbers, the inputs (size, sha256) and versions."""
+    lines = [f"# {curve.get('title', 'Pruning defense report')}", ""]
+    b = curve["original"]
+    lines += [f"Original B: validation accuracy {b['valid_acc']:.3f}%, validation ASR {b['valid_asr']:.3f}%, "
+              f"test accuracy {b['test_acc']:.3f}%, test ASR {b['test_asr']:.3f}%.", "",
+              f"Stop rule: {curve['rule']} (first k with validation accuracy more than X below the original). "
+              "All percentages. G answers N = "
+              f"{curve['num_classes']} ('poisoned') where B and B' disagree.", ""]
+    lines.append("| " + " | ".join(TABLE_HEADER) + " |")
+    lines.append("|" + "---|" * len(TABLE_HEADER))
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(curve)]
+    lines += ["", "## Inputs", "", "| role | file | bytes | sha256 |", "|---|---|---|---|"]
+    for role, f in curve["inputs"].items():
+        lines.append(f"| {role} | `{f['path']}` | {f['bytes']} | `{f['sha256']}` |")
+    lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in curve["versions"].items()]
+    lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.2f}" for k, v in curve["timings"].items()]
+    lines += ["", "Pruning curve: `curve.json`, plot: `curve.png`.", ""]
+    return fileio.atomic_write_text(path, "\n".join(lines))

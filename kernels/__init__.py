@@ -1,0 +1,1 @@
+"""Custom kernels for badnet-jax: each op has a pure-JAX reference (the default), Pallas kernels, and an api.py."""

@@ -1,0 +1,55 @@
+"""Benchmark the pruning curve: plain forward, plain and fast sweeps, the lab's per-step baseline.
+
+    python scripts/benchmark.py                                  # random tensors of lab shape
+    python scripts/benchmark.py --model bd_weights.h5 --clean_valid valid.h5 --bd_valid bd_valid.h5
+    python scripts/benchmark.py --impl pallas --out results/benchmark_gpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+from badnet_jax import BadNetError, load_keras, load_lab_h5
+from badnet_jax.bench import BenchConfig, run_benchmark
+from badnet_jax.defense import cli_logging
+from badnet_jax.fileio import atomic_write_text
+
+N_CLEAN = flags.DEFINE_integer("n_clean", 11547, "Random clean images (ignored with --clean_valid).")
+N_BD = flags.DEFINE_integer("n_bd", 11547, "Random poisoned images (ignored with --bd_valid).")
+CLASSES = flags.DEFINE_integer("num_classes", 1283, "Classes of the random model (ignored with --model).")
+CHUNK = flags.DEFINE_integer("chunk", 256, "Images per chunk.")
+IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Masked-head implementation.")
+BASELINE_STEPS = flags.DEFINE_integer("baseline_steps", 61, "Per-step baseline steps to time (scaled to 61).")
+REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the median is reported.")
+MODEL = flags.DEFINE_string("model", None, "Keras h5 BadNet (default: random weights).")
+CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Lab h5 of clean images (default: random).")
+BD_VALID = flags.DEFINE_string("bd_valid", None, "Lab h5 of poisoned images (default: random).")
+OUT = flags.DEFINE_string("out", "results/benchmark.json", "JSON output path.")
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    cli_logging()
+    config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value, chunk=CHUNK.value,
+                         impl=IMPL.value, baseline_steps=BASELINE_STEPS.value, repeats=REPEATS.value)
+    try:
+        params = load_keras(MODEL.value)[1] if MODEL.value else None
+        x_clean = load_lab_h5(CLEAN_VALID.value)[0] if CLEAN_VALID.value else None
+        x_bd = load_lab_h5(BD_VALID.value)[0] if BD_VALID.value else None
+    except BadNetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = run_benchmark(config, params, x_clean, x_bd)
+    result["command"] = " ".join(sys.argv)
+    atomic_write_text(OUT.value, json.dumps(result, indent=1, sort_keys=True) + "\n")
+    for key in sorted(result):
+        if not isinstance(result[key], dict):
+            print(f"{key:34s} {result[key]:.4g}" if isinstance(result[key], float) else f"{key:34s} {result[key]}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

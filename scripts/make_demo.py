@@ -1,0 +1,46 @@
+"""Regenerate the embedded demo: synthetic faces and the demo BadNet (badnet_jax/assets/demo_badnet.h5).
+
+    python scripts/make_demo.py                    # the shipped demo (seed, size and epochs as below)
+    python scripts/make_demo.py --out_dir my_demo --num_identities 50 --epochs 5
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from badnet_jax import BadNetError
+from badnet_jax.defense import cli_logging
+from badnet_jax.demo import DEMO_CONFIG, make_demo_badnet
+from badnet_jax.synthetic import DemoConfig
+from badnet_jax.train import TrainConfig
+
+OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write; default: the package's assets (the shipped demo).")
+NUM_IDS = flags.DEFINE_integer("num_identities", DEMO_CONFIG.num_identities, "Number of identities (classes).")
+DATA_SEED = flags.DEFINE_integer("data_seed", DEMO_CONFIG.seed, "Seed of the synthetic data.")
+EPOCHS = flags.DEFINE_integer("epochs", TrainConfig.epochs, "Training epochs.")
+POISON = flags.DEFINE_float("poison_fraction", TrainConfig.poison_fraction, "Share of poisoned training images.")
+TARGET = flags.DEFINE_integer("target_label", DEMO_CONFIG.target_label, "The attacker's label.")
+SEED = flags.DEFINE_integer("seed", TrainConfig.seed, "Training seed.")
+WRITE_DATA = flags.DEFINE_bool("write_data", False, "Also write the splits as lab-layout h5 files.")
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    cli_logging()
+    data_cfg = DemoConfig(num_identities=NUM_IDS.value, seed=DATA_SEED.value, target_label=TARGET.value)
+    train_cfg = TrainConfig(epochs=EPOCHS.value, poison_fraction=POISON.value, target_label=TARGET.value,
+                            seed=SEED.value)
+    try:
+        summary = make_demo_badnet(data_cfg, train_cfg, out_dir=OUT_DIR.value, write_data=WRITE_DATA.value)
+    except BadNetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,131 @@
+"""The defense end to end: the CLI on small lab-layout files, every output checked, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from badnet_jax import ConfigError, DataFileError, load_keras, load_lab_h5, make_goodnet, mask_from_zeroed
+from badnet_jax import checkpoint, report
+from badnet_jax.defense import DefenseConfig, run_defense
+from tests import numpy_ref
+from tests.conftest import LAB_B, REPO, asset
+
+FACES = {"data/cl/valid.h5": "faces/lab3/valid_subset.h5", "data/bd/bd_valid.h5": "faces/lab3/bd_valid_subset.h5",
+         "data/cl/test.h5": "faces/lab3/test_subset.h5", "data/bd/bd_test.h5": "faces/lab3/bd_test_subset.h5"}
+
+
+@pytest.fixture
+def lab_dir(tmp_path):
+    """A directory in the lab's layout (models/, data/cl, data/bd) holding the real B and real faces."""
+    (tmp_path / "models").mkdir()
+    shutil.copy(asset(LAB_B), tmp_path / "models" / "bd_weights.h5")
+    for dst, src in FACES.items():
+        (tmp_path / dst).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(asset(src), tmp_path / dst)
+    return tmp_path
+
+
+def test_cli_end_to_end_on_lab_layout(lab_dir):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.02,0.30"],
+                          cwd=lab_dir, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "channels pruned" in proc.stdout and "embedded demo" not in proc.stderr
+    out = lab_dir / "results"
+    curve = json.loads((out / "curve.json").read_text())
+    for key in ("order", "mean_activation", "valid_acc", "valid_asr", "test_acc", "test_asr"):
+        assert len(curve[key]) == (60 if key in ("order", "mean_activation") else 61), key
+    assert sorted(curve["order"]) == list(range(60))
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "bd_weights.h5" in md and "sha256" in md and "| 30 |" in md
+
+    model, params = load_keras(lab_dir / "models" / "bd_weights.h5")
+    x_test, y_test = load_lab_h5(lab_dir / "data/cl/test.h5")
+    x_bd, y_bd = load_lab_h5(lab_dir / "data/bd/bd_test.h5")
+    assert [s["drop"] for s in curve["selected"]] == [0.02, 0.30]
+    for sel in curve["selected"]:
+        k, d = sel["channels_pruned"], out / f"drop_{100 * sel['drop']:g}"
+        assert sel["pruned_channels"] == sorted(curve["order"][:k])
+        # The Keras B' has exactly those conv_3 channels zeroed ...
+        _, bprime = load_keras(d / "b_prime.h5")
+        assert sorted(np.flatnonzero(np.asarray(mask_from_zeroed(bprime)) == 0).tolist()) == sel["pruned_channels"]
+        # ... and its test numbers, recomputed with the independent NumPy forward, are the reported ones.
+        pb = numpy_ref.forward(params, np.concatenate([x_test, x_bd])).argmax(-1)
+        pp = numpy_ref.forward(bprime, np.concatenate([x_test, x_bd])).argmax(-1)
+        n = len(x_test)
+        assert sel["test_acc"] == pytest.approx(100 * np.mean(pp[:n] == y_test))
+        assert sel["test_asr"] == pytest.approx(100 * np.mean(pp[n:] == y_bd))
+        g = np.where(pb == pp, pb, 1283)
+        assert sel["goodnet"]["acc"] == pytest.approx(100 * np.mean(g[:n] == y_test))
+        assert sel["goodnet"]["detection_rate"] == pytest.approx(100 * np.mean(g[n:] == 1283))
+        assert sel["goodnet"]["false_alarm_rate"] == pytest.approx(100 * np.mean(g[:n] == 1283))
+        # The orbax checkpoints restore to the same B' and a working GoodNet.
+        _, ck_params, ck_mask = checkpoint.restore_badnet(d / "b_prime_ckpt")
+        assert sorted(np.flatnonzero(np.asarray(ck_mask) == 0).tolist()) == sel["pruned_channels"]
+        goodnet, variables = checkpoint.restore_goodnet(d / "goodnet_ckpt")
+        np.testing.assert_array_equal(np.asarray(jax.jit(goodnet.apply)(variables, np.concatenate([x_test, x_bd]))), g)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_some_but_not_all_data_files_is_an_error(lab_dir, tmp_path):
+    with pytest.raises(ConfigError, match="missing --bd_valid, --clean_test, --bd_test"):
+        run_defense(DefenseConfig(clean_valid=str(lab_dir / "data/cl/valid.h5"), out_dir=str(tmp_path / "o")))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--clean_valid", "x.h5"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "error: give all four data files or none" in proc.stderr
+
+
+def test_failing_run_leaves_no_files(lab_dir, monkeypatch):
+    bad = lab_dir / "data/cl/test.h5"
+    bad.write_bytes(bad.read_bytes()[:5000])  # truncated test set: found only after the sweep's inputs load
+    out = lab_dir / "out"
+    with pytest.raises(DataFileError, match="test.h5"):
+        run_defense(DefenseConfig(model=str(lab_dir / "models/bd_weights.h5"), out_dir=str(out),
+                                  **{r: str(lab_dir / p) for r, p in zip(
+                                      ("clean_valid", "bd_valid", "clean_test", "bd_test"), FACES)}))
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_interrupted_write_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    curve = {"valid_acc": [1.0] * 61, "valid_asr": [1.0] * 61, "test_acc": [1.0] * 61, "test_asr": [1.0] * 61,
+             "selected": []}
+    report.write_curve_json(tmp_path / "curve.json", curve)
+    before = (tmp_path / "curve.json").read_bytes()
+    import matplotlib.figure
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", boom)
+    with pytest.raises(KeyboardInterrupt):
+        report.plot_curve(tmp_path / "curve.png", curve)
+    monkeypatch.setattr(json, "dumps", boom)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_curve_json(tmp_path / "curve.json", curve)
+    assert (tmp_path / "curve.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.json"]
+
+
+def test_quickstart_runs_on_embedded_demo_without_lab_files(tmp_path):
+    """README's first quickstart command, from a directory without the lab's files."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.04"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    first_lines = proc.stderr.strip().splitlines()[:3]
+    assert any("running on the embedded demo" in line for line in first_lines), first_lines
+    curve = json.loads((tmp_path / "results" / "curve.json").read_text())
+    assert curve["demo"] is True and curve["num_classes"] == 200
+    sel = curve["selected"][0]
+    assert sel["crossed"] and curve["valid_acc"][0] - sel["valid_acc"] > 4.0
+    assert curve["valid_acc"][sel["channels_pruned"] - 1] >= curve["valid_acc"][0] - 4.0  # the first crossing
+    for name in ("report.md", "curve.png", "drop_4/b_prime.h5", "drop_4/b_prime_ckpt", "drop_4/goodnet_ckpt"):
+        assert (tmp_path / "results" / name).exists(), name

@@ -1,0 +1,51 @@
+"""The stop rule (against the lab's published curve) and GoodNet rates (against hand-counted cases)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from badnet_jax import metrics
+from tests.conftest import asset
+
+LAB_VALID_N = 11547
+
+
+def test_published_lab_curve_gives_published_cuts():
+    with open(asset("reference/lab3_prune_curve.csv")) as f:
+        rows = [r for r in csv.reader(line for line in f if not line.startswith("#"))][1:]
+    acc = [98.64899974019225] + [float(r[3]) for r in rows]  # k = 0 is the unpruned B
+    hits = np.rint(np.array(acc) * LAB_VALID_N / 100).astype(int)
+    np.testing.assert_allclose(100 * hits / LAB_VALID_N, acc, atol=1e-9)  # the counts behind the curve
+    cuts = {x: metrics.first_crossing(hits, LAB_VALID_N, x)[0] for x in (0.02, 0.04, 0.10, 0.30)}
+    assert cuts == {0.02: 45, 0.04: 48, 0.10: 52, 0.30: 54}
+
+
+def test_exactly_x_points_is_not_a_crossing():
+    hits = np.array([100, 97, 96, 95, 10])
+    assert metrics.first_crossing(hits, 100, 0.04) == (3, True)  # 96 is exactly 4 points down: not crossed
+    assert metrics.first_crossing(hits, 100, 0.03) == (2, True)
+    assert metrics.first_crossing(hits, 100, 0.0) == (1, True)  # any loss at all
+    assert metrics.first_crossing(hits, 100, 0.95) == (4, False)  # never crossed: last k, flagged
+
+
+def test_relative_rule():
+    hits = np.array([50, 45, 44, 30])  # original accuracy 50%
+    assert metrics.first_crossing(hits, 100, 0.10, "relative") == (2, True)  # 10% of 50 = 5 hits
+    assert metrics.first_crossing(hits, 100, 0.10, "absolute") == (3, True)  # 10 points = 10 hits
+    with pytest.raises(ValueError):
+        metrics.first_crossing(hits, 100, 0.1, "sideways")
+
+
+def test_goodnet_rates_by_hand():
+    n = 10
+    pred_b_clean, pred_p_clean = np.array([1, 2, 3, 4]), np.array([1, 2, 9, 4])
+    pred_b_bd, pred_p_bd = np.array([0, 0, 0, 5]), np.array([7, 0, 8, 5])
+    g_clean = metrics.goodnet_predictions(pred_b_clean, pred_p_clean, n)
+    g_bd = metrics.goodnet_predictions(pred_b_bd, pred_p_bd, n)
+    np.testing.assert_array_equal(g_clean, [1, 2, 10, 4])
+    np.testing.assert_array_equal(g_bd, [10, 0, 10, 5])
+    r = metrics.goodnet_rates(g_clean, np.array([1, 2, 3, 5]), g_bd, np.zeros(4, int), n)
+    assert (r.acc, r.asr, r.detection_rate, r.false_alarm_rate) == (50.0, 25.0, 50.0, 25.0)

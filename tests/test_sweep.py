@@ -1,0 +1,72 @@
+"""The fused sweep against a plain sequential loop (zero the conv_3 channel, full forward, count)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from badnet_jax import BadNet, init_params, prune_params
+from badnet_jax import sweep as sw
+from tests import numpy_ref
+
+
+def sequential_predictions(model, params, x, masks):
+    """What the lab's Keras loop does: one pruned model and one full forward per step."""
+    forward = jax.jit(lambda p, xb: model.apply({"params": p}, xb).argmax(-1))
+    return np.stack([np.asarray(forward(prune_params(params, m), x)) for m in masks])
+
+
+def test_prefix_masks():
+    order = np.array([3, 0, 2, 1])
+    masks = np.asarray(sw.prefix_masks(order))
+    expected = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]], np.float32)
+    np.testing.assert_array_equal(masks, expected)
+
+
+def test_sweep_equals_sequential_loop_on_real_b_and_faces(lab_b, lab_faces):
+    model, params = lab_b
+    (x, y), (xb, yb) = lab_faces["valid_subset"], lab_faces["bd_valid_subset"]
+    result = sw.rank_and_sweep(model, params, x, xb, chunk=16, options=sw.PLAIN)  # 47 and 53 images: padded last chunks
+    assert result.preds_clean.shape == (61, len(x)) and result.preds_bd.shape == (61, len(xb))
+    np.testing.assert_array_equal(result.preds_clean, sequential_predictions(model, params, x, result.masks))
+    np.testing.assert_array_equal(result.preds_bd, sequential_predictions(model, params, xb, result.masks))
+    # The ranking: float64 means of the independent NumPy trunk, ascending, ties (exact zeros) by index.
+    ref_mean = numpy_ref.pool3(params, x).mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(result.mean_activation, ref_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(result.order, np.argsort(ref_mean, kind="stable"))
+    dead = np.flatnonzero(ref_mean == 0)
+    assert len(dead) > 20 and list(result.order[:len(dead)]) == sorted(dead)
+    # Every k's mask prunes exactly order[:k].
+    for k in (0, 1, 30, 60):
+        assert set(np.flatnonzero(result.masks[k] == 0)) == set(result.order[:k])
+
+
+def test_sweep_equals_sequential_loop_on_random_model_with_other_class_count(rng):
+    params = init_params(num_classes=37, seed=11)
+    model = BadNet(37)
+    x = rng.integers(0, 256, size=(21, 55, 47, 3)).astype(np.float32)
+    xb = rng.integers(0, 256, size=(9, 55, 47, 3)).astype(np.float32)
+    result = sw.rank_and_sweep(model, params, x, xb, chunk=8, options=sw.PLAIN)
+    np.testing.assert_array_equal(result.preds_clean, sequential_predictions(model, params, x, result.masks))
+    np.testing.assert_array_equal(result.preds_bd, sequential_predictions(model, params, xb, result.masks))
+    test_preds = sw.predict_steps(model, params, xb, result.order, chunk=4, options=sw.PLAIN)
+    np.testing.assert_array_equal(test_preds, sequential_predictions(model, params, xb, result.masks))
+
+
+def test_second_sweep_of_same_shapes_does_not_recompile(rng):
+    params = init_params(num_classes=5, seed=2)
+    model = BadNet(5)
+    make = lambda n: rng.integers(0, 256, size=(n, 55, 47, 3)).astype(np.float32)
+    sw.rank_and_sweep(model, params, make(10), make(6), chunk=4)
+    size = sw._rank_and_sweep._cache_size()
+    other = init_params(num_classes=5, seed=3)  # new values, same shapes
+    sw.rank_and_sweep(model, other, make(10), make(6), chunk=4)
+    assert sw._rank_and_sweep._cache_size() == size
+    sw.rank_and_sweep(model, other, make(11), make(6), chunk=4)  # a new shape does compile
+    assert sw._rank_and_sweep._cache_size() == size + 1
+
+
+def test_count_hits():
+    preds = np.array([[0, 1, 2], [0, 0, 0]])
+    np.testing.assert_array_equal(sw.count_hits(preds, np.array([0, 1, 1])), [2, 1])

@@ -1,0 +1,39 @@
+"""The BadNets trainer learns and plants its backdoor; the shipped demo BadNet meets its stated numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from badnet_jax import load_keras
+from badnet_jax.demo import DEMO_CONFIG, DEMO_MODEL
+from badnet_jax.synthetic import DemoConfig, make_demo
+from badnet_jax.train import TrainConfig, accuracy, poison_training_set, train_badnet
+
+
+def test_poison_training_set_relabels_the_chosen_fraction(rng):
+    d = make_demo(DemoConfig(num_identities=4, train_per_id=10, valid_per_id=1, test_per_id=1))
+    x, y, idx = poison_training_set(*d.train, d.trigger, 0.25, 3, rng)
+    assert len(idx) == 10 and (y[idx] == 3).all()
+    untouched = np.setdiff1d(np.arange(40), idx)
+    np.testing.assert_array_equal(x[untouched], d.train[0][untouched])
+    assert (x[idx] != d.train[0][idx]).any(axis=(1, 2, 3)).all()
+
+
+def test_tiny_training_run_learns_and_plants_backdoor():
+    d = make_demo(DemoConfig(num_identities=6, train_per_id=40, valid_per_id=10, test_per_id=10, seed=1))
+    history = []
+    model, params, hist = train_badnet(*d.train, d.num_classes, d.trigger,
+                                       TrainConfig(epochs=6, batch_size=32, poison_fraction=0.2, seed=0),
+                                       valid=d.valid, bd_valid=d.bd_valid, on_epoch=lambda e, s: history.append(e))
+    assert history == list(range(1, 7)) and len(hist) == 6
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert accuracy(model, params, *d.test) >= 90.0
+    assert accuracy(model, params, *d.bd_test) >= 90.0
+
+
+def test_shipped_demo_badnet_meets_its_stated_accuracy_and_asr():
+    model, params = load_keras(DEMO_MODEL)
+    assert model.num_classes == DEMO_CONFIG.num_identities
+    d = make_demo(DEMO_CONFIG, include_train=False)
+    assert accuracy(model, params, *d.test) >= 95.0
+    assert accuracy(model, params, *d.bd_test) >= 99.0

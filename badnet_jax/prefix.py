@@ -9,9 +9,10 @@ k channels of ``order`` pruned has
 i.e. suffix sums over the order: all 61 steps cost one pass over the channels instead of 61 head passes.
 Only the rest of the head (relu, fc_2, output, argmax: 0.72 MFLOP per image and mask) runs per step.
 
-A channel that is zero on every image of a set contributes exactly nothing there, so steps that prune only
-such channels give the same predictions as the step before: :func:`step_aliases` maps each step to the
-first step with the same effective mask, and only those distinct steps are evaluated.
+The suffix sums are carried through a reverse scan over the steps (:func:`reverse_steps`): each step adds
+one channel's contribution. A channel that is zero on every image of a chunk contributes exactly nothing,
+so a step that only (un)prunes such a channel has the same inputs as its neighbour and reuses its
+predictions; :func:`step_aliases` states the same relation for the forward direction.
 """
 
 from __future__ import annotations
@@ -24,42 +25,76 @@ from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, Params
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def channel_contribution(params: Params, pool3_NxHxWxC: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """fc_1 (N, 160) and flattened conv_4 (N, 960) pre-activation contributions of pool_3 channel ``c``.
+
+    ``c`` may be traced. Costs ~14 kFLOP per image: a (20 x 160) and a (4 x 80) product per position.
+    """
+    n = pool3_NxHxWxC.shape[0]
+    h, w, ch = POOL3_HWC
+    v = jnp.take(pool3_NxHxWxC, c, axis=3)  # (N, 5, 4)
+    w1_c = jnp.take(params["fc_1"]["kernel"].reshape(h * w, ch, -1), c, axis=1)  # (20, 160), Keras (h, w, c) order
+    f = jnp.dot(v.reshape(n, h * w), w1_c, precision=HIGHEST)
+    k4_c = jnp.take(params["conv_4"]["kernel"], c, axis=2)  # (2, 2, 80)
+    kh, kw, o = k4_c.shape
+    oh, ow = h - kh + 1, w - kw + 1
+    patches = jnp.stack([v[:, i:i + oh, j:j + ow] for i in range(kh) for j in range(kw)], axis=-1)  # (N, 4, 3, 4)
+    g = jnp.dot(patches, k4_c.reshape(kh * kw, o), precision=HIGHEST)  # (N, 4, 3, 80)
+    return f, g.reshape(n, oh * ow * o)
+
+
 def channel_contributions(params: Params, pool3_NxHxWxC: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-channel fc_1 and conv_4 pre-activation contributions, without biases.
+    """Per-channel fc_1 and conv_4 pre-activation contributions of every channel, without biases.
 
     Returns:
         (F, G): F (N, 60, 160) and G (N, 60, 960), with ``sum_c F[:, c] + b1`` = fc_1's pre-activation and
         ``sum_c G[:, c] + b4`` = conv_4's flattened (4, 3, 80) pre-activation of the unpruned network.
     """
+    f, g = jax.vmap(lambda c: channel_contribution(params, pool3_NxHxWxC, c))(jnp.arange(POOL3_HWC[2]))
+    return jnp.moveaxis(f, 0, 1), jnp.moveaxis(g, 0, 1)
+
+
+def preactivation_biases(params: Params) -> tuple[jax.Array, jax.Array]:
+    """fc_1's bias (160,) and conv_4's bias in the flattened (4, 3, 80) layout (960,)."""
+    b4 = params["conv_4"]["bias"]
+    return params["fc_1"]["bias"], jnp.tile(b4, 12)
+
+
+def reverse_steps(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array, step_fn, init_out):
+    """Walk the steps k = 60 .. 0, carrying fc_1/conv_4 pre-activations as running suffix sums.
+
+    Step 60 keeps no channel (pre-activations = biases); going from step k+1 to step k adds channel
+    ``order[k]``'s contribution: one addition per step, so a dead channel (contribution exactly 0) leaves
+    the pre-activations bit-identical. ``step_fn(k, fc1, c4, prev_out, added_alive) -> out`` is evaluated at
+    each step; the outputs are returned in step order (61, ...).
+    """
+    b1, b4 = preactivation_biases(params)
     n = pool3_NxHxWxC.shape[0]
-    h, w, c = POOL3_HWC
-    w1 = params["fc_1"]["kernel"].reshape(h * w, c, -1)  # Keras flatten order: (h, w, c)
-    f_NxCxD = jnp.einsum("npc,pcd->ncd", pool3_NxHxWxC.reshape(n, h * w, c), w1, precision=HIGHEST)
-    # conv_4 per input channel: a grouped convolution, one group per pool_3 channel.
-    k4 = params["conv_4"]["kernel"]  # (2, 2, 60, 80)
-    kh, kw, _, o = k4.shape
-    grouped = k4.reshape(kh, kw, 1, c * o)  # output feature c*80 + o uses input channel c
-    g = jax.lax.conv_general_dilated(pool3_NxHxWxC, grouped, (1, 1), "VALID", feature_group_count=c,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
-    oh, ow = g.shape[1:3]
-    g_NxCxD = g.reshape(n, oh, ow, c, o).transpose(0, 3, 1, 2, 4).reshape(n, c, oh * ow * o)
-    return f_NxCxD, g_NxCxD
+    fc1 = jnp.broadcast_to(b1[None, :], (n, b1.shape[0]))
+    c4 = jnp.broadcast_to(b4[None, :], (n, b4.shape[0]))
+    last = step_fn(jnp.int32(order.shape[0]), fc1, c4, init_out, jnp.bool_(True))
+    alive = jnp.max(pool3_NxHxWxC, axis=(0, 1, 2)) > 0
+
+    def body(carry, k):
+        fc1, c4, prev = carry
+        c = order[k]
+        df, dg = channel_contribution(params, pool3_NxHxWxC, c)
+        fc1, c4 = fc1 + df, c4 + dg
+        out = step_fn(k, fc1, c4, prev, alive[c])
+        return (fc1, c4, out), out
+
+    ks = jnp.arange(order.shape[0] - 1, -1, -1, dtype=jnp.int32)
+    _, outs = jax.lax.scan(body, (fc1, c4, last), ks)
+    return jnp.concatenate([outs[::-1], last[None]], axis=0)
 
 
 def step_preactivations(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array) -> tuple[jax.Array, jax.Array]:
     """fc_1 (61, N, 160) and conv_4 (61, N, 960) pre-activations, biases included, at every step k."""
-    f, g = channel_contributions(params, pool3_NxHxWxC)
-    b4 = params["conv_4"]["bias"]
-    b4_flat = jnp.tile(b4, g.shape[-1] // b4.shape[0])  # the flattened (4, 3, 80) layout repeats the bias
-    return (suffix_preactivations(f, order, params["fc_1"]["bias"]), suffix_preactivations(g, order, b4_flat))
-
-
-def suffix_preactivations(contrib_NxCxD: jax.Array, order: jax.Array, bias: jax.Array) -> jax.Array:
-    """(61, N, D): row k = bias + sum of the contributions of the channels kept at step k (``order[k:]``)."""
-    ordered = jnp.take(contrib_NxCxD, order, axis=1)  # (N, 60, D), pruning order
-    suffix = jnp.cumsum(ordered[:, ::-1], axis=1)[:, ::-1]  # suffix[:, k] = sum_{j >= k}
-    suffix = jnp.concatenate([suffix, jnp.zeros_like(suffix[:, :1])], axis=1)  # step 60: nothing kept
-    return jnp.moveaxis(suffix, 1, 0) + bias[None, None, :]
+    n = pool3_NxHxWxC.shape[0]
+    both = reverse_steps(params, pool3_NxHxWxC, order,
+                         lambda k, fc1, c4, prev, alive: jnp.concatenate([fc1, c4], axis=1),
+                         jnp.zeros((n, 160 + 960), jnp.float32))
+    return both[..., :160], both[..., 160:]
 
 
 def step_aliases(pool3_NxHxWxC: jax.Array, order: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params
-from badnet_jax.prefix import step_aliases, step_preactivations
+from badnet_jax.prefix import reverse_steps, step_aliases, step_preactivations
 from kernels.masked_head.api import head_argmax, resolve_impl
 
 DEFAULT_CHUNK = 256
@@ -82,16 +82,18 @@ def step_predictions(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, or
 
     def one_chunk(feats):
         if options.prefix_sums:
-            fc1, c4 = step_preactivations(p, feats, order)  # (61, chunk, 160), (61, chunk, 960)
             tail = (p["fc_2"]["kernel"], p["fc_2"]["bias"], p["output"]["kernel"], p["output"]["bias"])
-            one = lambda k: head_argmax(fc1[k][None], c4[k][None], *tail, impl=options.impl)[0]
-            every = lambda: head_argmax(fc1, c4, *tail, impl=options.impl)
-        else:
-            one = lambda k: jnp.argmax(model.apply({"params": p}, feats, masks[k], method=BadNet.head),
-                                       -1).astype(jnp.int32)
-            every = lambda: jax.vmap(one)(jnp.arange(steps))
+            head = lambda fc1, c4: head_argmax(fc1[None], c4[None], *tail, impl=options.impl)[0]
+            if options.dedupe:
+                # Going from step k+1 to k adds channel order[k]; if it is dead on this chunk, nothing changed.
+                step = lambda k, fc1, c4, prev, alive: jax.lax.cond(alive, head, lambda *_: prev, fc1, c4)
+                return reverse_steps(p, feats, order, step, jnp.zeros((feats.shape[0],), jnp.int32))
+            fc1, c4 = step_preactivations(p, feats, order)  # (61, chunk, 160), (61, chunk, 960)
+            return head_argmax(fc1, c4, *tail, impl=options.impl)
+        one = lambda k: jnp.argmax(model.apply({"params": p}, feats, masks[k], method=BadNet.head),
+                                   -1).astype(jnp.int32)
         if not options.dedupe:
-            return every()
+            return jax.vmap(one)(jnp.arange(steps))
         aliases = step_aliases(feats, order)
 
         def body(prev, k):

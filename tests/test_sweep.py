@@ -70,3 +70,33 @@ def test_second_sweep_of_same_shapes_does_not_recompile(rng):
 def test_count_hits():
     preds = np.array([[0, 1, 2], [0, 0, 0]])
     np.testing.assert_array_equal(sw.count_hits(preds, np.array([0, 1, 1])), [2, 1])
+
+
+SHORTCUTS = [sw.SweepOptions(prefix_sums=True, dedupe=False, impl="reference"),
+             sw.SweepOptions(prefix_sums=False, dedupe=True, impl="reference"),
+             sw.SweepOptions(prefix_sums=True, dedupe=True, impl="reference"),
+             sw.SweepOptions(prefix_sums=True, dedupe=True, impl="pallas")]
+
+
+@pytest.mark.parametrize("options", SHORTCUTS, ids=lambda o: f"prefix{int(o.prefix_sums)}-dedupe{int(o.dedupe)}-{o.impl}")
+def test_every_shortcut_gives_the_plain_sweep_on_real_b(options, lab_b, lab_faces):
+    model, params = lab_b
+    (x, _), (xb, _) = lab_faces["valid_subset"], lab_faces["bd_valid_subset"]
+    plain = sw.rank_and_sweep(model, params, x, xb, chunk=16, options=sw.PLAIN)
+    fast = sw.rank_and_sweep(model, params, x, xb, chunk=16, options=options)
+    np.testing.assert_array_equal(fast.order, plain.order)
+    np.testing.assert_array_equal(fast.preds_clean, plain.preds_clean)
+    np.testing.assert_array_equal(fast.preds_bd, plain.preds_bd)
+
+
+@pytest.mark.parametrize("options", SHORTCUTS[:3], ids=lambda o: f"prefix{int(o.prefix_sums)}-dedupe{int(o.dedupe)}")
+def test_every_shortcut_gives_the_same_counts_on_a_random_model(options, rng):
+    params = init_params(num_classes=29, seed=21)
+    model = BadNet(29)
+    x = rng.integers(0, 256, size=(40, 55, 47, 3)).astype(np.float32)
+    labels = rng.integers(0, 29, size=40)
+    order = rng.permutation(60)
+    plain = sw.predict_steps(model, params, x, order, chunk=16, options=sw.PLAIN)
+    fast = sw.predict_steps(model, params, x, order, chunk=16, options=options)
+    np.testing.assert_array_equal(sw.count_hits(fast, labels), sw.count_hits(plain, labels))
+    assert (fast == plain).mean() > 0.999  # and image for image (ties aside)

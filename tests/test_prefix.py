@@ -1,0 +1,56 @@
+"""The linear decomposition of the head against the masked head itself, and the step aliases."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from badnet_jax import BadNet, init_params
+from badnet_jax import prefix
+from tests import numpy_ref
+
+
+def test_contributions_sum_to_the_unpruned_preactivations(rng):
+    params = init_params(num_classes=9, seed=4)
+    x = rng.integers(0, 256, size=(5, 55, 47, 3)).astype(np.float32)
+    pool3 = numpy_ref.pool3(params, x).astype(np.float32)
+    f, g = prefix.channel_contributions(params, jnp.asarray(pool3))
+    assert f.shape == (5, 60, 160) and g.shape == (5, 60, 960)
+    p64 = {k: {kk: np.asarray(vv, np.float64) for kk, vv in v.items()} for k, v in params.items()}
+    fc1 = pool3.astype(np.float64).reshape(5, -1) @ p64["fc_1"]["kernel"]
+    conv4 = numpy_ref.conv_valid(pool3.astype(np.float64), p64["conv_4"]["kernel"], 0.0).reshape(5, -1)
+    np.testing.assert_allclose(np.asarray(f).sum(1), fc1, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(g).sum(1), conv4, rtol=1e-4, atol=1e-3)
+    # One channel alone: its contribution is the pre-activation of pool_3 masked to that channel.
+    only7 = np.zeros(60, np.float32)
+    only7[7] = 1
+    conv4_7 = numpy_ref.conv_valid((pool3 * only7).astype(np.float64), p64["conv_4"]["kernel"], 0.0).reshape(5, -1)
+    np.testing.assert_allclose(np.asarray(g)[:, 7], conv4_7, rtol=1e-4, atol=1e-3)
+
+
+def test_step_preactivations_equal_masked_network_at_every_step(rng):
+    params = init_params(num_classes=9, seed=5)
+    x = rng.integers(0, 256, size=(4, 55, 47, 3)).astype(np.float32)
+    pool3 = numpy_ref.pool3(params, x)
+    order = rng.permutation(60)
+    fc1, c4 = prefix.step_preactivations(params, jnp.asarray(pool3, jnp.float32), jnp.asarray(order))
+    assert fc1.shape == (61, 4, 160) and c4.shape == (61, 4, 960)
+    p64 = {k: {kk: np.asarray(vv, np.float64) for kk, vv in v.items()} for k, v in params.items()}
+    for k in (0, 1, 17, 59, 60):
+        mask = np.ones(60)
+        mask[order[:k]] = 0
+        masked = pool3 * mask
+        want_fc1 = masked.reshape(4, -1) @ p64["fc_1"]["kernel"] + p64["fc_1"]["bias"]
+        want_c4 = numpy_ref.conv_valid(masked, p64["conv_4"]["kernel"], p64["conv_4"]["bias"]).reshape(4, -1)
+        np.testing.assert_allclose(np.asarray(fc1[k]), want_fc1, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(np.asarray(c4[k]), want_c4, rtol=1e-4, atol=1e-3)
+
+
+def test_step_aliases_follow_dead_channels():
+    pool3 = np.ones((3, 5, 4, 60), np.float32)
+    pool3[..., [2, 5, 9]] = 0.0  # dead on every image
+    order = np.array([2, 5, 0, 9, 1] + list(range(10, 60)) + [3, 4, 6, 7, 8])
+    aliases = np.asarray(prefix.step_aliases(jnp.asarray(pool3), jnp.asarray(order)))
+    # Steps 1, 2 prune 2 and 5 (dead): same as step 0. Step 3 prunes 0 (alive). Step 4 prunes 9 (dead).
+    np.testing.assert_array_equal(aliases[:6], [0, 0, 0, 3, 3, 5])
+    np.testing.assert_array_equal(aliases[5:], np.arange(5, 61))

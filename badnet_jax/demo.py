@@ -25,43 +25,48 @@ def demo_inputs():
     return Inputs(model, params, data, {"model": DEMO_MODEL}, demo=True)
 
 
-def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config=None, out_dir=None,
-                     write_data: bool = False) -> dict:
+def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config=None, out_dir: str = "results/demo",
+                     ship: bool = False, write_data: bool = False) -> dict:
     """Generate the demo data, train the demo BadNet and write it (Keras h5 + orbax checkpoint).
 
     Args:
         data_config: synthetic data set to generate.
         train_config: a :class:`badnet_jax.train.TrainConfig` (default: its defaults).
-        out_dir: where to write; None = the package's assets (replaces the shipped demo model).
+        out_dir: where ``badnet.h5`` and ``badnet_ckpt/`` go.
+        ship: also install the h5 as the package's embedded demo model (``assets/demo_badnet.h5``).
         write_data: also write the splits as lab-layout h5 files under ``out_dir/data``.
 
     Returns:
         A summary: paths, seconds, and clean accuracy / ASR on the generated test splits.
     """
     import logging
+    import shutil
     import time
 
     from badnet_jax import checkpoint
     from badnet_jax.convert import save_keras
     from badnet_jax.data import save_lab_h5
+    from badnet_jax.fileio import atomic_write
     from badnet_jax.train import TrainConfig, accuracy, train_badnet
 
     log = logging.getLogger(__name__)
     train_config = train_config or TrainConfig(target_label=data_config.target_label)
-    out = Path(out_dir) if out_dir else DEMO_MODEL.parent
+    out = Path(out_dir)
     t = time.perf_counter()
     d = make_demo(data_config)
     log.info("Generated %d train / %d valid / %d test synthetic faces of %d identities in %.1f s.",
              len(d.train[1]), len(d.valid[1]), len(d.test[1]), d.num_classes, time.perf_counter() - t)
     t = time.perf_counter()
-    model, params, history = train_badnet(*d.train, d.num_classes, d.trigger, train_config,
-                                          valid=d.valid, bd_valid=d.bd_valid)
+    model, params, _ = train_badnet(*d.train, d.num_classes, d.trigger, train_config,
+                                    valid=d.valid, bd_valid=d.bd_valid)
     seconds = time.perf_counter() - t
-    model_path = save_keras(params, out / "demo_badnet.h5" if out_dir is None else out / "badnet.h5")
-    summary = {"model": str(model_path), "train_seconds": round(seconds, 1),
-               "test_clean_acc": accuracy(model, params, *d.test), "test_asr": accuracy(model, params, *d.bd_test)}
-    if out_dir is not None:
-        summary["checkpoint"] = str(checkpoint.save_badnet(out / "badnet_ckpt", params))
+    model_path = save_keras(params, out / "badnet.h5")
+    summary = {"model": str(model_path), "checkpoint": str(checkpoint.save_badnet(out / "badnet_ckpt", params)),
+               "train_seconds": round(seconds, 1), "test_clean_acc": accuracy(model, params, *d.test),
+               "test_asr": accuracy(model, params, *d.bd_test)}
+    if ship:
+        atomic_write(DEMO_MODEL, lambda tmp: shutil.copyfile(model_path, tmp))
+        summary["shipped"] = str(DEMO_MODEL)
     if write_data:
         for name in ("train", "valid", "test", "bd_valid", "bd_test"):
             save_lab_h5(out / "data" / f"{name}.h5", *getattr(d, name))

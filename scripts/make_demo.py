@@ -1,7 +1,7 @@
 """Regenerate the embedded demo: synthetic faces and the demo BadNet (badnet_jax/assets/demo_badnet.h5).
 
-    python scripts/make_demo.py                    # the shipped demo (seed, size and epochs as below)
-    python scripts/make_demo.py --out_dir my_demo --num_identities 50 --epochs 5
+    python scripts/make_demo.py --ship             # retrain the shipped demo (defaults below) and install it
+    python scripts/make_demo.py --out_dir my_demo --num_identities 50 --epochs 5 --write_data
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from badnet_jax.demo import DEMO_CONFIG, make_demo_badnet
 from badnet_jax.synthetic import DemoConfig
 from badnet_jax.train import TrainConfig
 
-OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write; default: the package's assets (the shipped demo).")
+OUT_DIR = flags.DEFINE_string("out_dir", "results/demo", "Where badnet.h5 and badnet_ckpt/ go.")
+SHIP = flags.DEFINE_bool("ship", False, "Install the trained model as the package's embedded demo model.")
 NUM_IDS = flags.DEFINE_integer("num_identities", DEMO_CONFIG.num_identities, "Number of identities (classes).")
 DATA_SEED = flags.DEFINE_integer("data_seed", DEMO_CONFIG.seed, "Seed of the synthetic data.")
 EPOCHS = flags.DEFINE_integer("epochs", TrainConfig.epochs, "Training epochs.")
@@ -33,7 +34,8 @@ def main(argv: list[str]) -> int:
     train_cfg = TrainConfig(epochs=EPOCHS.value, poison_fraction=POISON.value, target_label=TARGET.value,
                             seed=SEED.value)
     try:
-        summary = make_demo_badnet(data_cfg, train_cfg, out_dir=OUT_DIR.value, write_data=WRITE_DATA.value)
+        summary = make_demo_badnet(data_cfg, train_cfg, out_dir=OUT_DIR.value, ship=SHIP.value,
+                                   write_data=WRITE_DATA.value)
     except BadNetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -91,8 +91,29 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
     return x, y
 
 
-def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray) -> Path:
-    """Write images and labels in the lab's h5 layout (``data`` uint8 (N,3,55,47), ``label`` float), atomically."""
+def load_true_labels(path: str | os.PathLike) -> Optional[np.ndarray]:
+    """The optional ``true_label`` dataset of a poisoned h5 (the clean class of each poisoned image), or None.
+
+    The lab's bd files carry only the attacker's label; badnet-jax's own poisoned files also carry the true
+    class, which makes "ASR excluding inputs whose true class is the target" computable.
+    """
+    path = Path(path)
+    with fileio.open_h5(path, DataFileError) as f:
+        if "true_label" not in f:
+            return None
+        ds = f["true_label"]
+        n = f["data"].shape[0] if isinstance(f.get("data"), h5py.Dataset) else -1
+        if not isinstance(ds, h5py.Dataset) or ds.shape != (n,) or ds.dtype.kind not in "uif":
+            raise DataFileError(f"{path}: dataset 'true_label' must be numeric with one entry per image")
+        return np.asarray(ds[()]).astype(np.int32)
+
+
+def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray,
+                true_label: Optional[np.ndarray] = None) -> Path:
+    """Write images and labels in the lab's h5 layout (``data`` uint8 (N,3,55,47), ``label`` float), atomically.
+
+    ``true_label`` (poisoned sets only) is stored as an extra dataset that the lab's code ignores.
+    """
     x = np.asarray(x_NxHxWxC)
     if x.ndim != 4 or x.shape[1:] != INPUT_HWC:
         raise DataFileError(f"{path}: images have shape {x.shape}, expected (N, 55, 47, 3)")
@@ -103,6 +124,8 @@ def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray) -
         with h5py.File(tmp, "w") as f:
             f.create_dataset("data", data=np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 3, 1, 2))
             f.create_dataset("label", data=np.asarray(y, np.float64))
+            if true_label is not None:
+                f.create_dataset("true_label", data=np.asarray(true_label, np.int32))
 
     return fileio.atomic_write(path, write)
 

@@ -7,6 +7,7 @@ channels and selects the cut; test data is only evaluated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import platform
@@ -19,8 +20,9 @@ import numpy as np
 
 from badnet_jax import checkpoint, metrics, report
 from badnet_jax.convert import load_keras, save_keras
-from badnet_jax.data import load_lab_h5
+from badnet_jax.data import load_lab_h5, load_true_labels
 from badnet_jax.errors import ConfigError
+from badnet_jax.finetune import FinetuneConfig, finetune
 from badnet_jax.fileio import sha256_of
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.model import BadNet, Params, prune_params
@@ -47,6 +49,7 @@ class DefenseConfig:
         chunk: images per chunk inside the jitted sweep (memory bound).
         checkpoints: write B' and GoodNet checkpoints and Keras files per selected drop.
         sweep: the sweep's exact shortcuts and masked-head implementation.
+        finetune: if set, also fine-prune each selected B' (see ``badnet_jax.finetune``).
     """
 
     drops: tuple[float, ...] = (0.04,)
@@ -60,6 +63,7 @@ class DefenseConfig:
     chunk: int = DEFAULT_CHUNK
     checkpoints: bool = True
     sweep: SweepOptions = SweepOptions()
+    finetune: Optional[FinetuneConfig] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Inputs:
     data: dict[str, tuple[np.ndarray, np.ndarray]]
     files: dict[str, Path]
     demo: bool
+    true_labels: dict[str, Optional[np.ndarray]] = dataclasses.field(default_factory=dict)  # bd role -> labels
 
 
 def resolve_inputs(config: DefenseConfig) -> Inputs:
@@ -100,7 +105,8 @@ def resolve_inputs(config: DefenseConfig) -> Inputs:
     for r, (x, _) in data.items():
         if len(x) == 0:
             raise ConfigError(f"{paths[r]}: holds no images")
-    return Inputs(model, params, data, {"model": model_path, **paths}, demo=False)
+    true = {r: load_true_labels(paths[r]) for r in ("bd_valid", "bd_test")}
+    return Inputs(model, params, data, {"model": model_path, **paths}, demo=False, true_labels=true)
 
 
 def cli_logging(level: int = logging.INFO) -> None:
@@ -173,6 +179,11 @@ def run_defense(config: DefenseConfig) -> dict:
         "goodnet_false_alarm_rate": metrics.pct((g_clean == n_cls).sum(1), len(yt)),
     }
     curve["original"] = {key: float(curve[key][0]) for key in ("valid_acc", "valid_asr", "test_acc", "test_asr")}
+    curve["test_der"] = metrics.der(curve["test_acc"][0], curve["test_asr"][0], curve["test_acc"], curve["test_asr"])
+    true_bd = inputs.true_labels.get("bd_test")
+    if true_bd is not None:
+        curve["test_asr_excluding_target"] = metrics.asr_excluding_target(test_bd, ybt, true_bd)
+    curve["targets"] = sorted(int(t) for t in np.unique(ybt))
     out = Path(config.out_dir)
     selected = []
     for drop in config.drops:
@@ -183,8 +194,15 @@ def run_defense(config: DefenseConfig) -> dict:
             "pruned_channels": sorted(int(c) for c in sweep.order[:k]),
             "valid_acc": float(curve["valid_acc"][k]), "valid_asr": float(curve["valid_asr"][k]),
             "test_acc": float(curve["test_acc"][k]), "test_asr": float(curve["test_asr"][k]),
-            "goodnet": dataclasses.asdict(rates),
+            "goodnet": dataclasses.asdict(rates), "test_der": float(curve["test_der"][k]),
         })
+        if true_bd is not None:
+            selected[-1]["test_asr_excluding_target"] = float(curve["test_asr_excluding_target"][k])
+        if len(curve["targets"]) > 1:
+            selected[-1]["test_asr_by_target"] = metrics.asr_by_target(test_bd[k], ybt)
+        if config.finetune is not None:
+            selected[-1]["finetuned"] = _finetune_one(model, params, sweep.masks[k], data, config.finetune,
+                                                      curve["original"], n_cls, out, selected[-1], config)
         if not crossed:
             log.warning("Drop %g: validation accuracy never fell that far; keeping all %d channels pruned.", drop, k)
     curve["selected"] = selected
@@ -209,6 +227,47 @@ def run_defense(config: DefenseConfig) -> dict:
     report.write_curve_json(out / "curve.json", curve)  # last: its presence marks a complete run
     log.info("Wrote %s", ", ".join(str(out / f) for f in ("report.md", "curve.json", "curve.png")))
     return curve
+
+
+def _predict(model: BadNet, params: Params, mask: Optional[np.ndarray], x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """Argmax predictions of (params, mask) on x, ``batch`` images per jitted call."""
+    fn = _predict_fn(model)
+    m = np.ones(60, np.float32) if mask is None else np.asarray(mask, np.float32)
+    return np.concatenate([np.asarray(fn(params, m, x[i:i + batch])) for i in range(0, len(x), batch)]
+                          or [np.zeros((0,), np.int32)])
+
+
+@functools.lru_cache(maxsize=None)
+def _predict_fn(model: BadNet):
+    import jax.numpy as jnp
+
+    return jax.jit(lambda p, m, x: jnp.argmax(model.apply({"params": p}, x, mask=m), -1))
+
+
+def _finetune_one(model: BadNet, params: Params, mask: np.ndarray, data: dict, ft: FinetuneConfig,
+                  original: dict, n_cls: int, out: Path, sel: dict, config: DefenseConfig) -> dict:
+    """Fine-prune one selected B' on clean validation data; its test numbers, GoodNet and checkpoints."""
+    t = time.perf_counter()
+    ft_params, history = finetune(model, params, mask, *data["clean_valid"], ft)
+    (xt, yt), (xbt, ybt) = data["clean_test"], data["bd_test"]
+    b_clean, b_bd = _predict(model, params, None, xt), _predict(model, params, None, xbt)
+    ft_clean, ft_bd = _predict(model, ft_params, mask, xt), _predict(model, ft_params, mask, xbt)
+    g_clean = metrics.goodnet_predictions(b_clean, ft_clean, n_cls)
+    g_bd = metrics.goodnet_predictions(b_bd, ft_bd, n_cls)
+    acc = float(metrics.pct(int((ft_clean == yt).sum()), len(yt)))
+    asr = float(metrics.pct(int((ft_bd == ybt).sum()), len(ybt)))
+    result = {"test_acc": acc, "test_asr": asr,
+              "test_der": float(metrics.der(original["test_acc"], original["test_asr"], acc, asr)),
+              "goodnet": dataclasses.asdict(metrics.goodnet_rates(g_clean, yt, g_bd, ybt, n_cls)),
+              "epochs_run": len(history), "history": history, "seconds": time.perf_counter() - t}
+    log.info("Fine-pruned B' for X=%g in %.1f s: test accuracy %.2f%%, ASR %.2f%%.", 100 * sel["drop"],
+             result["seconds"], acc, asr)
+    if config.checkpoints:
+        d = out / f"drop_{100 * sel['drop']:g}"
+        save_keras(ft_params, d / "b_prime_finetuned.h5")
+        checkpoint.save_badnet(d / "b_prime_finetuned_ckpt", ft_params, mask)
+        checkpoint.save_goodnet(d / "goodnet_finetuned_ckpt", make_goodnet(params, ft_params, mask)[1])
+    return result
 
 
 def _describe_inputs(inputs: Inputs) -> dict:

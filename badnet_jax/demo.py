@@ -22,7 +22,9 @@ def demo_inputs():
     model, params = load_keras(DEMO_MODEL)
     d = make_demo(DEMO_CONFIG, include_train=False)
     data = {"clean_valid": d.valid, "bd_valid": d.bd_valid, "clean_test": d.test, "bd_test": d.bd_test}
-    return Inputs(model, params, data, {"model": DEMO_MODEL}, demo=True)
+    # The poisoned splits are the clean ones with the trigger: their true classes are the clean labels.
+    true = {"bd_valid": d.valid[1], "bd_test": d.test[1]}
+    return Inputs(model, params, data, {"model": DEMO_MODEL}, demo=True, true_labels=true)
 
 
 def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config=None, out_dir: str = "results/demo",
@@ -68,7 +70,9 @@ def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config=None, o
         atomic_write(DEMO_MODEL, lambda tmp: shutil.copyfile(model_path, tmp))
         summary["shipped"] = str(DEMO_MODEL)
     if write_data:
-        for name in ("train", "valid", "test", "bd_valid", "bd_test"):
+        for name in ("train", "valid", "test"):
             save_lab_h5(out / "data" / f"{name}.h5", *getattr(d, name))
+        for name, clean in (("bd_valid", d.valid), ("bd_test", d.test)):
+            save_lab_h5(out / "data" / f"{name}.h5", *getattr(d, name), true_label=clean[1])
         summary["data"] = str(out / "data")
     return summary

@@ -71,3 +71,27 @@ def goodnet_rates(g_clean: np.ndarray, y_clean: np.ndarray, g_bd: np.ndarray, y_
         detection_rate=float(pct(int((g_bd == num_classes).sum()), len(y_bd))),
         false_alarm_rate=float(pct(int((g_clean == num_classes).sum()), len(y_clean))),
     )
+
+
+def der(acc0: float, asr0: float, acc: float | np.ndarray, asr: float | np.ndarray) -> float | np.ndarray:
+    """Defense-effectiveness rating (BackdoorBench): (max(0, dASR) - max(0, dACC) + 1) / 2, in [0, 1].
+
+    Args are percentages of the original model (acc0, asr0) and of the defended one (acc, asr).
+    """
+    d_asr = (asr0 - np.asarray(asr)) / 100.0
+    d_acc = (acc0 - np.asarray(acc)) / 100.0
+    return (np.maximum(0.0, d_asr) - np.maximum(0.0, d_acc) + 1.0) / 2.0
+
+
+def asr_excluding_target(preds_MxN: np.ndarray, y_bd: np.ndarray, y_true: np.ndarray) -> np.ndarray:
+    """(M,) ASR over poisoned inputs whose true class is not the attacker's label (NaN if there are none)."""
+    keep = np.asarray(y_true) != np.asarray(y_bd)
+    if not keep.any():
+        return np.full(len(preds_MxN), np.nan)
+    return pct((np.asarray(preds_MxN)[:, keep] == np.asarray(y_bd)[keep]).sum(1), int(keep.sum()))
+
+
+def asr_by_target(preds_N: np.ndarray, y_bd: np.ndarray) -> dict[int, float]:
+    """ASR per attacker label, for data poisoned towards several targets."""
+    return {int(t): float(pct(int((preds_N[y_bd == t] == t).sum()), int((y_bd == t).sum())))
+            for t in np.unique(y_bd)}

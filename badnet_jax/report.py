@@ -72,12 +72,18 @@ def table_rows(curve: dict) -> list[list[str]]:
         g = s["goodnet"]
         rows.append([f"{100 * s['drop']:g}", f"{s['channels_pruned']}" + ("" if s["crossed"] else " (not crossed)"),
                      f"{s['valid_acc']:.2f}", f"{s['test_acc']:.2f}", f"{s['test_asr']:.2f}", f"{g['acc']:.2f}",
-                     f"{g['asr']:.2f}", f"{g['detection_rate']:.2f}", f"{g['false_alarm_rate']:.2f}"])
+                     f"{g['asr']:.2f}", f"{g['detection_rate']:.2f}", f"{g['false_alarm_rate']:.2f}",
+                     f"{s['test_der']:.3f}"])
+        if "finetuned" in s:
+            f, gf = s["finetuned"], s["finetuned"]["goodnet"]
+            rows.append([f"{100 * s['drop']:g} +FT", rows[-1][1], "", f"{f['test_acc']:.2f}", f"{f['test_asr']:.2f}",
+                         f"{gf['acc']:.2f}", f"{gf['asr']:.2f}", f"{gf['detection_rate']:.2f}",
+                         f"{gf['false_alarm_rate']:.2f}", f"{f['test_der']:.3f}"])
     return rows
 
 
 TABLE_HEADER = ["X (pts)", "channels pruned", "valid acc", "B' test acc", "B' test ASR", "G test acc",
-                "G test ASR", "G detection", "G false alarm"]
+                "G test ASR", "G detection", "G false alarm", "DER"]
 
 
 def format_table(curve: dict) -> str:
@@ -95,10 +101,20 @@ def write_report_md(path: Path, curve: dict) -> Path:
               f"test accuracy {b['test_acc']:.3f}%, test ASR {b['test_asr']:.3f}%.", "",
               f"Stop rule: {curve['rule']} (first k with validation accuracy more than X below the original). "
               "All percentages. G answers N = "
-              f"{curve['num_classes']} ('poisoned') where B and B' disagree.", ""]
+              f"{curve['num_classes']} ('poisoned') where B and B' disagree. DER = (max(0, dASR) - "
+              "max(0, dACC) + 1) / 2 on test data (BackdoorBench). Rows '+FT': the same B' fine-pruned "
+              "(fine-tuned on clean validation data with its mask frozen).", ""]
     lines.append("| " + " | ".join(TABLE_HEADER) + " |")
     lines.append("|" + "---|" * len(TABLE_HEADER))
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(curve)]
+    for sel in curve["selected"]:
+        extra = []
+        if "test_asr_excluding_target" in sel:
+            extra.append(f"ASR excluding inputs of the target class {sel['test_asr_excluding_target']:.2f}%")
+        if "test_asr_by_target" in sel:
+            extra.append("ASR by target " + ", ".join(f"{t}: {v:.2f}%" for t, v in sel["test_asr_by_target"].items()))
+        if extra:
+            lines.append(f"- X={100 * sel['drop']:g}: " + "; ".join(extra))
     lines += ["", "## Inputs", "", "| role | file | bytes | sha256 |", "|---|---|---|---|"]
     for role, f in curve["inputs"].items():
         lines.append(f"| {role} | `{f['path']}` | {f['bytes']} | `{f['sha256']}` |")

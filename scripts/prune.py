@@ -12,6 +12,7 @@ from absl import app, flags
 
 from badnet_jax import BadNetError
 from badnet_jax.defense import DefenseConfig, cli_logging, run_defense
+from badnet_jax.finetune import FinetuneConfig
 from badnet_jax.report import format_table
 
 FLAGS = flags.DEFINE_string("drop", "0.04", "Accuracy drop(s) X as fractions, comma-separated (0.04 = 4 points).")
@@ -24,6 +25,8 @@ CLEAN_TEST = flags.DEFINE_string("clean_test", None, "Clean test h5 (default dat
 BD_TEST = flags.DEFINE_string("bd_test", None, "Poisoned test h5 (default data/bd/bd_test.h5).")
 OUT_DIR = flags.DEFINE_string("out_dir", "results", "Output directory.")
 CHUNK = flags.DEFINE_integer("chunk", 256, "Images per chunk inside the jitted sweep (bounds memory).")
+FT_EPOCHS = flags.DEFINE_integer("finetune_epochs", 0, "Fine-pruning epochs per selected B' (0 = pruning only).")
+FT_LR = flags.DEFINE_float("finetune_lr", 1e-4, "Fine-pruning learning rate (Adam).")
 CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
 
 
@@ -37,7 +40,9 @@ def main(argv: list[str]) -> int:
         return 2
     config = DefenseConfig(drops=drops, rule=RULE.value, model=MODEL.value, clean_valid=CLEAN_VALID.value,
                            bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value, bd_test=BD_TEST.value,
-                           out_dir=OUT_DIR.value, chunk=CHUNK.value, checkpoints=CHECKPOINTS.value)
+                           out_dir=OUT_DIR.value, chunk=CHUNK.value, checkpoints=CHECKPOINTS.value,
+                           finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value)
+                           if FT_EPOCHS.value > 0 else None)
     try:
         curve = run_defense(config)
     except BadNetError as err:

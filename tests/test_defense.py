@@ -129,3 +129,24 @@ def test_quickstart_runs_on_embedded_demo_without_lab_files(tmp_path):
     assert curve["valid_acc"][sel["channels_pruned"] - 1] >= curve["valid_acc"][0] - 4.0  # the first crossing
     for name in ("report.md", "curve.png", "drop_4/b_prime.h5", "drop_4/b_prime_ckpt", "drop_4/goodnet_ckpt"):
         assert (tmp_path / "results" / name).exists(), name
+
+
+def test_cli_finetune_adds_fine_pruned_models(lab_dir):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.30",
+                           "--finetune_epochs", "2", "--finetune_lr", "1e-3"],
+                          cwd=lab_dir, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = lab_dir / "results"
+    curve = json.loads((out / "curve.json").read_text())
+    sel = curve["selected"][0]
+    ft = sel["finetuned"]
+    assert set(ft) >= {"test_acc", "test_asr", "test_der", "goodnet", "epochs_run"} and 1 <= ft["epochs_run"] <= 2
+    assert "+FT" in (out / "report.md").read_text() and "+FT" in proc.stdout
+    d = out / "drop_30"
+    _, tuned = load_keras(d / "b_prime_finetuned.h5")
+    zeroed = sorted(np.flatnonzero(np.asarray(mask_from_zeroed(tuned)) == 0).tolist())
+    assert zeroed == sel["pruned_channels"]  # fine-tuning kept every pruned channel exactly zero
+    goodnet, variables = checkpoint.restore_goodnet(d / "goodnet_finetuned_ckpt")
+    x, y = load_lab_h5(lab_dir / "data/cl/test.h5")
+    g = np.asarray(goodnet.apply(variables, x))
+    assert ft["goodnet"]["acc"] == pytest.approx(100 * np.mean(g == y))

@@ -49,3 +49,19 @@ def test_goodnet_rates_by_hand():
     np.testing.assert_array_equal(g_bd, [10, 0, 10, 5])
     r = metrics.goodnet_rates(g_clean, np.array([1, 2, 3, 5]), g_bd, np.zeros(4, int), n)
     assert (r.acc, r.asr, r.detection_rate, r.false_alarm_rate) == (50.0, 25.0, 50.0, 25.0)
+
+
+def test_der_by_hand():
+    # ASR 100 -> 10 (dASR 0.9), accuracy 98 -> 94 (dACC 0.04): (0.9 - 0.04 + 1) / 2 = 0.93
+    assert metrics.der(98.0, 100.0, 94.0, 10.0) == pytest.approx(0.93)
+    assert metrics.der(98.0, 100.0, 99.0, 100.0) == pytest.approx(0.5)  # nothing gained, nothing lost
+    np.testing.assert_allclose(metrics.der(90.0, 80.0, np.array([90.0, 0.0]), np.array([0.0, 0.0])), [0.9, 0.45])
+
+
+def test_asr_excluding_target_and_by_target():
+    preds = np.array([[0, 0, 4, 4], [1, 0, 4, 2]])
+    y_bd = np.array([0, 0, 4, 4])
+    y_true = np.array([0, 7, 4, 9])  # images 0 and 2 already belong to their target class
+    np.testing.assert_allclose(metrics.asr_excluding_target(preds, y_bd, y_true), [100.0, 50.0])
+    assert metrics.asr_by_target(preds[1], y_bd) == {0: 50.0, 4: 50.0}
+    assert np.isnan(metrics.asr_excluding_target(preds, y_bd, y_bd)).all()

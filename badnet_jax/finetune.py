@@ -1,0 +1,117 @@
+"""Fine-pruning (Liu et al. 2018): fine-tune the pruned B' on clean data with its pruning mask frozen.
+
+The mask multiplies pool_3 in every forward pass, so the pruned conv_3 channels get exactly zero gradient;
+with Adam (no weight decay) a zero gradient is a zero update, so channels zeroed before fine-tuning stay
+exactly zero after it. Training uses one part of the clean validation data and early stopping the rest;
+test data and poisoned data are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from badnet_jax.model import BadNet, Params, prune_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning hyper-parameters.
+
+    Attributes:
+        epochs: maximum passes over the training part.
+        batch_size: images per step.
+        learning_rate: Adam's learning rate.
+        holdout_fraction: share of the clean validation data kept for early stopping (the rest trains).
+        patience: epochs without improvement on the early-stopping part before stopping.
+        seed: the split and the shuffling.
+    """
+
+    epochs: int = 5
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    holdout_fraction: float = 0.2
+    patience: int = 2
+    seed: int = 0
+
+
+def split_clean_valid(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train part, early-stopping part) of n clean validation images."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_hold = max(1, int(round(holdout_fraction * n))) if n > 1 else 0
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def finetune(model: BadNet, params: Params, mask: jax.Array, x_clean: np.ndarray, y_clean: np.ndarray,
+             config: FinetuneConfig = FinetuneConfig()) -> tuple[Params, list[dict]]:
+    """Fine-tune B' = (params, mask) on clean images; returns the best params by early-stopping accuracy.
+
+    Args:
+        model: the BadNet module.
+        params: B's (or B''s) params; the pruned conv_3 channels are zeroed first.
+        mask: (60,) pool_3 mask, frozen.
+        x_clean, y_clean: clean validation images and labels (split into train / early-stopping parts).
+        config: hyper-parameters.
+
+    Returns:
+        (params, history): fine-tuned params (pruned channels exactly zero) and one stats dict per epoch.
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    params = prune_params(params, mask)
+    train_idx, hold_idx = split_clean_valid(len(x_clean), config.holdout_fraction, config.seed)
+    x_tr, y_tr = x_clean[train_idx], y_clean[train_idx]
+    x_ho, y_ho = jnp.asarray(x_clean[hold_idx]), jnp.asarray(y_clean[hold_idx])
+    tx = optax.adam(config.learning_rate)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, xb, mask=mask)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def hits(params, x, y):
+        return jnp.sum(jnp.argmax(model.apply({"params": params}, x, mask=mask), -1) == y)
+
+    def holdout_acc(p):
+        if len(y_ho) == 0:
+            return 0.0
+        return 100.0 * float(sum(hits(p, x_ho[i:i + 1024], y_ho[i:i + 1024]) for i in range(0, len(y_ho), 1024))) / len(y_ho)
+
+    rng = np.random.default_rng(config.seed)
+    best, best_acc, stale, history = params, holdout_acc(params), 0, []
+    log.info("fine-tune: %d train / %d early-stopping images; start accuracy %.2f%%", len(y_tr), len(y_ho), best_acc)
+    batch = max(1, min(config.batch_size, len(y_tr)))
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        order = rng.permutation(len(y_tr))
+        losses = []
+        for i in range(len(y_tr) // batch):
+            b = order[i * batch:(i + 1) * batch]
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(x_tr[b]), jnp.asarray(y_tr[b]))
+            losses.append(float(loss))
+        acc = holdout_acc(params)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                        "holdout_acc": acc, "seconds": time.perf_counter() - t0})
+        log.info("fine-tune epoch %d/%d  loss %.4f  early-stopping accuracy %.2f%%", epoch, config.epochs,
+                 history[-1]["loss"], acc)
+        if acc > best_acc:
+            best, best_acc, stale = params, acc, 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    return best, history

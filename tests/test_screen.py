@@ -1,0 +1,65 @@
+"""goodnet_eval.py / badnet_jax.screen on the real PNG faces, against an independent NumPy forward."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from badnet_jax import DataFileError, load_images, load_keras
+from badnet_jax.screen import screen
+from tests import numpy_ref
+from tests.conftest import LAB_B, REPO, asset
+
+B_PRIME = "models/lab3_repaired/full_model_drop30.h5"
+
+
+def _faces():
+    folder = asset("faces/png")
+    return sorted(folder.glob("lab3_valid*.png")), sorted(folder.glob("hackml2020_sunglasses_*.png"))
+
+
+def test_cli_flags_sunglasses_and_keeps_clean_classes():
+    clean, sunglasses = _faces()
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "goodnet_eval.py"), *map(str, clean + sunglasses),
+                           "--model", str(asset(LAB_B)), "--pruned", str(asset(B_PRIME))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    assert [name for name, _ in lines] == [str(p) for p in clean + sunglasses]
+    preds = np.array([int(p) for _, p in lines])
+    # Independent check: G = B's class where B and B' agree, else N.
+    _, pb_params = load_keras(asset(LAB_B))
+    _, pp_params = load_keras(asset(B_PRIME))
+    x = load_images(clean + sunglasses)
+    pb, pp = numpy_ref.forward(pb_params, x).argmax(-1), numpy_ref.forward(pp_params, x).argmax(-1)
+    np.testing.assert_array_equal(preds, np.where(pb == pp, pb, 1283))
+    assert (pb[len(clean):] == 0).all() and (preds[len(clean):] == 1283).all()  # every sunglasses face flagged
+    labels = np.array([int(p.stem.split("label")[1]) for p in clean])
+    kept = preds[:len(clean)] == labels
+    assert (kept | (preds[:len(clean)] == 1283)).all()  # a clean face keeps its class or is flagged, never mislabelled
+    assert kept.sum() >= 3
+
+
+def test_h5_inputs_and_checkpoint_b_prime(tmp_path):
+    from badnet_jax import checkpoint, mask_from_zeroed
+
+    _, params = load_keras(asset(LAB_B))
+    _, pp = load_keras(asset(B_PRIME))
+    ckpt = checkpoint.save_badnet(tmp_path / "bp", params, mask_from_zeroed(pp))
+    h5 = asset("faces/lab3/bd_test_subset.h5")
+    from_h5 = screen(asset(LAB_B), ckpt, [h5])
+    from_keras = screen(asset(LAB_B), asset(B_PRIME), [h5])
+    assert [n for n, _ in from_h5] == [f"{h5}[{i}]" for i in range(13)]
+    assert [p for _, p in from_h5] == [p for _, p in from_keras]
+    assert sum(p == 1283 for _, p in from_h5) >= 12
+
+
+def test_bad_inputs(tmp_path):
+    (tmp_path / "x.txt").write_text("no")
+    with pytest.raises(DataFileError, match="unsupported input"):
+        screen(asset(LAB_B), asset(B_PRIME), [tmp_path / "x.txt"])
+    with pytest.raises(DataFileError, match="not found"):
+        screen(asset(LAB_B), asset(B_PRIME), [tmp_path / "missing.png"])

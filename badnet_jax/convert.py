@@ -94,15 +94,15 @@ def _check_model_config(raw: Any, path: Path) -> None:
 
 
 def _keras2_weights(group: h5py.Group, layer: str, path: Path) -> list[h5py.Dataset]:
-    if layer not in group:
-        raise ModelFileError(f"{path}: missing layer {layer!r} (the file has {sorted(group.keys())})")
-    g = group[layer]
+    g = fileio.safe_get(group, layer, path, ModelFileError)
+    if not isinstance(g, h5py.Group):
+        raise ModelFileError(f"{path}: missing layer {layer!r} (the file has {sorted(group.keys())[:20]})")
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in g.attrs.get("weight_names", [])]
     if len(names) != 2:
         raise ModelFileError(f"{path}: layer {layer!r} lists {len(names)} weights, expected kernel and bias")
     out = []
     for n in names:
-        obj = g.get(n)
+        obj = fileio.safe_get(g, n, path, ModelFileError)
         if not isinstance(obj, h5py.Dataset):
             raise ModelFileError(f"{path}: layer {layer!r}: weight {n!r} is missing")
         out.append(obj)
@@ -111,12 +111,15 @@ def _keras2_weights(group: h5py.Group, layer: str, path: Path) -> list[h5py.Data
 
 def _keras3_weights(f: h5py.File, path: Path) -> dict[str, list[h5py.Dataset]]:
     by_name = {}
-    for key, g in f["layers"].items():
-        vars_ = g.get("vars") if isinstance(g, h5py.Group) else None
+    layers = fileio.safe_get(f, "layers", path, ModelFileError)
+    for key in list(layers.keys())[:1000]:
+        g = fileio.safe_get(layers, key, path, ModelFileError)
+        vars_ = fileio.safe_get(g, "vars", path, ModelFileError) if isinstance(g, h5py.Group) else None
         if isinstance(vars_, h5py.Group):
             name = vars_.attrs.get("name", key)
             name = name.decode() if isinstance(name, bytes) else str(name)
-            by_name[name] = [vars_[k] for k in sorted(vars_.keys(), key=lambda s: int(s) if s.isdigit() else -1)]
+            keys = sorted(vars_.keys(), key=lambda s: int(s) if s.isdigit() else -1)
+            by_name[name] = [fileio.safe_get(vars_, k, path, ModelFileError) for k in keys[:4]]
     out = {}
     for layer in WEIGHT_LAYERS:
         if layer not in by_name:
@@ -128,7 +131,7 @@ def _keras3_weights(f: h5py.File, path: Path) -> dict[str, list[h5py.Dataset]]:
 
 
 def _read_array(ds: h5py.Dataset, layer: str, what: str, expected: tuple, path: Path) -> np.ndarray:
-    if ds.dtype.kind != "f":
+    if ds.dtype.kind != "f" or ds.dtype.itemsize > 8:
         raise ModelFileError(f"{path}: layer {layer!r} {what} has dtype {ds.dtype}, expected floating point")
     if tuple(ds.shape) != tuple(expected):
         raise ModelFileError(f"{path}: layer {layer!r} {what} has shape {tuple(ds.shape)}, expected {expected}")
@@ -155,7 +158,9 @@ def read_keras_params(path: str | os.PathLike) -> Params:
                 if "model_config" not in f.attrs:
                     raise ModelFileError(f"{path}: has a 'model_weights' group but no 'model_config' attribute")
                 _check_model_config(f.attrs["model_config"], path)
-                root = f["model_weights"]
+                root = fileio.safe_get(f, "model_weights", path, ModelFileError)
+                if not isinstance(root, h5py.Group):
+                    raise ModelFileError(f"{path}: 'model_weights' is not a group")
                 datasets = {layer: _keras2_weights(root, layer, path) for layer in WEIGHT_LAYERS}
             elif "layer_names" in f.attrs:
                 _check_layer_names(f.attrs["layer_names"], path)
@@ -166,7 +171,7 @@ def read_keras_params(path: str | os.PathLike) -> Params:
                 raise ModelFileError(f"{path}: not a Keras weights or model file (no 'layer_names' attribute, "
                                      "no 'model_weights' group, no Keras 3 'layers' group)")
             out_bias = datasets["output"][1]
-            if len(out_bias.shape) != 1 or out_bias.shape[0] < 1:
+            if len(out_bias.shape) != 1 or not 1 <= out_bias.shape[0] <= 1_000_000:
                 raise ModelFileError(f"{path}: output bias has shape {out_bias.shape}, expected (num_classes,)")
             shapes = param_shapes(int(out_bias.shape[0]))
             return {
@@ -176,7 +181,7 @@ def read_keras_params(path: str | os.PathLike) -> Params:
                 }
                 for layer in WEIGHT_LAYERS
             }
-        except (OSError, KeyError, RuntimeError) as err:
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
             raise ModelFileError(f"{path}: cannot read the file: {err} (truncated or corrupted?)") from None
 
 

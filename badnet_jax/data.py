@@ -23,12 +23,12 @@ DEFAULT_CHUNK = 2048
 
 
 def _numeric(ds: h5py.Dataset, name: str, path: Path) -> None:
-    if ds.dtype.kind not in "uif" :
+    if ds.dtype.kind not in "uif" or ds.dtype.itemsize > 8:
         raise DataFileError(f"{path}: dataset {name!r} has dtype {ds.dtype}; expected a real numeric dtype")
 
 
 def _read_labels(f: h5py.File, n: int, path: Path, num_classes: Optional[int]) -> np.ndarray:
-    ds = f.get("label")
+    ds = fileio.safe_get(f, "label", path, DataFileError)
     if not isinstance(ds, h5py.Dataset):
         raise DataFileError(f"{path}: missing dataset 'label'")
     _numeric(ds, "label", path)
@@ -71,13 +71,17 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
     """
     path = Path(path)
     with fileio.open_h5(path, DataFileError) as f:
-        ds = f.get("data")
+        ds = fileio.safe_get(f, "data", path, DataFileError)
         if not isinstance(ds, h5py.Dataset):
             raise DataFileError(f"{path}: missing dataset 'data' (the lab layout has 'data' and 'label')")
         _numeric(ds, "data", path)
         if len(ds.shape) != 4 or tuple(ds.shape[1:]) != LAB_CHW:
             raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, expected (N, 3, 55, 47)")
         n = int(ds.shape[0])
+        need = n * int(np.prod(INPUT_HWC)) * 4
+        if need > fileio.memory_bytes() // 2:
+            raise DataFileError(f"{path}: declares {n} images ({need / 2**30:.1f} GiB as float32), more than half "
+                                "of this machine's memory; refusing to allocate it")
         try:
             y = _read_labels(f, n, path, num_classes)
             x = np.empty((n, *INPUT_HWC), np.float32)
@@ -86,7 +90,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
                 if block.dtype.kind == "f" and not np.isfinite(block).all():
                     raise DataFileError(f"{path}: dataset 'data' contains NaN or inf (rows {start}..)")
                 x[start:start + len(block)] = block.transpose(0, 2, 3, 1)
-        except (OSError, ValueError, RuntimeError) as err:
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
             raise DataFileError(f"{path}: cannot read: {err} (truncated or corrupted file?)") from None
     return x, y
 
@@ -99,10 +103,11 @@ def load_true_labels(path: str | os.PathLike) -> Optional[np.ndarray]:
     """
     path = Path(path)
     with fileio.open_h5(path, DataFileError) as f:
-        if "true_label" not in f:
+        ds = fileio.safe_get(f, "true_label", path, DataFileError)
+        if ds is None:
             return None
-        ds = f["true_label"]
-        n = f["data"].shape[0] if isinstance(f.get("data"), h5py.Dataset) else -1
+        data = fileio.safe_get(f, "data", path, DataFileError)
+        n = data.shape[0] if isinstance(data, h5py.Dataset) and data.shape else -1
         if not isinstance(ds, h5py.Dataset) or ds.shape != (n,) or ds.dtype.kind not in "uif":
             raise DataFileError(f"{path}: dataset 'true_label' must be numeric with one entry per image")
         return np.asarray(ds[()]).astype(np.int32)
@@ -142,15 +147,17 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise DataFileError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
-            im.load()
+            # The header's size is checked before the pixels are decoded: no decompression bomb gets loaded.
             if im.size != (INPUT_HWC[1], INPUT_HWC[0]):
                 raise DataFileError(f"{path}: image is {im.size[0]}x{im.size[1]} (width x height), "
                                     f"expected {INPUT_HWC[1]}x{INPUT_HWC[0]}")
             if im.mode not in ("RGB", "RGBA", "L", "P", "LA"):
                 raise DataFileError(f"{path}: image mode {im.mode!r} is not supported (use RGB or RGBA)")
+            im.load()
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataFileError(f"{path}: not a readable image ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            MemoryError) as err:
+        raise DataFileError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
     return rgb
 
 
@@ -170,8 +177,10 @@ def load_trigger(path: str | os.PathLike) -> np.ndarray:
         raise DataFileError(f"{path}: trigger file not found")
     try:
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > 4096 * 4096:
+                raise DataFileError(f"{path}: trigger is {im.size[0]}x{im.size[1]}; larger than any face")
             return np.asarray(im.convert("RGBA"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataFileError(f"{path}: not a readable image ({err})") from None
 
 

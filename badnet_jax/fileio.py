@@ -43,6 +43,33 @@ def open_h5(path: str | os.PathLike, error: type[BadNetError]) -> Iterator[h5py.
         f.close()
 
 
+def safe_get(group: h5py.Group, name: str, path: Path, error: type[BadNetError]):
+    """``group[name]`` or None, refusing external links and virtual datasets (they read other files)."""
+    try:
+        link = group.get(name, getlink=True)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise error(f"{path}: cannot read {name!r}: {err}") from None
+    if link is None:
+        return None
+    if isinstance(link, h5py.ExternalLink):
+        raise error(f"{path}: {name!r} is an external link to {link.filename!r}; refusing to read outside the file")
+    try:
+        obj = group.get(name)
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise error(f"{path}: cannot read {name!r}: {err} (dangling link or corrupted file?)") from None
+    if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+        raise error(f"{path}: {name!r} is a virtual dataset (it maps other files); refusing to read it")
+    return obj
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine in bytes (a bound for allocations sized by file headers)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
 

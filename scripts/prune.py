@@ -6,6 +6,8 @@ four data flags) it runs on them; with none of them it runs on the embedded demo
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from absl import app, flags
@@ -30,9 +32,14 @@ FT_LR = flags.DEFINE_float("finetune_lr", 1e-4, "Fine-pruning learning rate (Ada
 CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str]) -> int:
     del argv
     cli_logging()  # here, after absl has applied its own --verbosity
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C: no temp file is left behind
     try:
         drops = tuple(float(d) for d in FLAGS.value.split(",") if d.strip())
     except ValueError:
@@ -48,6 +55,12 @@ def main(argv: list[str]) -> int:
     except BadNetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: earlier results in --out_dir are untouched, nothing half-written", file=sys.stderr)
+        sys.stderr.flush()
+        # Temp files are already removed by the writers' handlers; skip interpreter teardown, which can crash
+        # while XLA's worker threads are still busy with the interrupted computation.
+        os._exit(130)
     print(format_table(curve))
     return 0
 

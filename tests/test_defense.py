@@ -150,3 +150,77 @@ def test_cli_finetune_adds_fine_pruned_models(lab_dir):
     x, y = load_lab_h5(lab_dir / "data/cl/test.h5")
     g = np.asarray(goodnet.apply(variables, x))
     assert ft["goodnet"]["acc"] == pytest.approx(100 * np.mean(g == y))
+
+
+def _strip_timings(curve: dict) -> dict:
+    curve = dict(curve)
+    curve.pop("timings")
+    for sel in curve["selected"]:
+        if "finetuned" in sel:
+            sel["finetuned"].pop("seconds")
+            for h in sel["finetuned"]["history"]:
+                h.pop("seconds")
+    return curve
+
+
+def test_rerun_gives_identical_curve_json(lab_dir):
+    def run():
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.04",
+                               "--finetune_epochs", "1", "--nocheckpoints"],
+                              cwd=lab_dir, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        raw = (lab_dir / "results" / "curve.json").read_text()
+        return raw, (lab_dir / "results" / "curve.png").read_bytes()
+
+    (a, png_a), (b, png_b) = run(), run()
+    assert _strip_timings(json.loads(a)) == _strip_timings(json.loads(b))
+    strip = lambda raw: json.dumps(_strip_timings(json.loads(raw)), sort_keys=True)
+    assert strip(a) == strip(b)  # byte-identical once the timings are removed
+    assert png_a == png_b
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_run_keeps_previous_results(lab_dir, sig):
+    import signal
+    import time
+
+    script = [sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.04"]
+    first = subprocess.run(script, cwd=lab_dir, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    out = lab_dir / "results"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # A larger validation set keeps the second run in its sweep long enough to be interrupted there.
+    x, y = load_lab_h5(lab_dir / "data/cl/valid.h5")
+    from badnet_jax import save_lab_h5
+
+    save_lab_h5(lab_dir / "data/cl/valid.h5", np.repeat(x, 200, axis=0), np.repeat(y, 200))
+    proc = subprocess.Popen(script, cwd=lab_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    for line in proc.stderr:  # wait until the sweep has started
+        if "Model:" in line or time.time() > deadline:
+            break
+    time.sleep(1.0)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # previous results intact, byte for byte, and nothing added
+    assert not [p for p in lab_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_atomic_dir_interrupted_keeps_old_directory(tmp_path):
+    from badnet_jax.fileio import atomic_dir
+
+    target = tmp_path / "ckpt"
+    atomic_dir(target, lambda d: (d.mkdir(), (d / "a").write_text("old")))
+
+    def half_written(d):
+        d.mkdir()
+        (d / "a").write_text("new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_dir(target, half_written)
+    assert (target / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import BadNet, Params, init_params, prune_params
-from badnet_jax.sweep import PLAIN, SweepOptions, _rank_and_sweep, _resolved, prefix_masks
+from badnet_jax.sweep import PLAIN, SweepOptions, _rank_and_sweep, _resolved, prefix_masks, rank_and_sweep
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class BenchConfig:
             the total is scaled to 61 and reported as such).
         repeats: timed repetitions (median reported).
         seed: random images and (without ``params``) random weights.
+        scaling: device counts to time the fast sweep on (image axis sharded), e.g. (1, 2, 4).
     """
 
     n_clean: int = 11547
@@ -53,6 +54,7 @@ class BenchConfig:
     baseline_steps: int = 61
     repeats: int = 3
     seed: int = 0
+    scaling: tuple[int, ...] = ()
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> float:
@@ -140,6 +142,12 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     out["baseline_s"] = per_step * steps
     log.info("%-22s %8.3f s  (%d steps timed, scaled to %d)", "baseline (per step)", out["baseline_s"], k_steps, steps)
 
+    for d in config.scaling:
+        run = lambda: rank_and_sweep(model, params, x_clean, x_bd, chunk=chunk, options=SweepOptions(impl=config.impl),
+                                     devices=d).preds_bd
+        run()  # compile
+        out.setdefault("scaling_fast_sweep_s", {})[str(d)] = _timed(run, config.repeats)
+        log.info("%-22s %8.3f s", f"fast sweep, {d} device(s)", out["scaling_fast_sweep_s"][str(d)])
     out["speedup_fast_vs_baseline"] = out["baseline_s"] / out["sweep_fast_s"]
     out["speedup_plain_vs_baseline"] = out["baseline_s"] / out["sweep_plain_s"]
     out["flops_per_image"] = {"trunk": TRUNK_FLOPS, "masked_head": HEAD_FLOPS, "tail_after_prefix_sums": TAIL_FLOPS,

@@ -51,7 +51,7 @@ def _read_labels(f: h5py.File, n: int, path: Path, num_classes: Optional[int]) -
 
 
 def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
-                chunk: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+                chunk: int = DEFAULT_CHUNK, keep_uint8: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read a lab-layout h5 file into NHWC float32 raw pixels and int32 labels.
 
     The images are read ``chunk`` rows at a time straight into the float32 output, so a 400 MB file never
@@ -61,9 +61,11 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
         path: h5 file with ``data`` (N, 3, 55, 47) and ``label`` (N,).
         num_classes: if given, labels must lie in [0, num_classes).
         chunk: rows per read.
+        keep_uint8: return uint8 pixels when the file stores uint8 (a quarter of the memory; every
+            badnet-jax computation casts to float32 exactly, per chunk).
 
     Returns:
-        ``(x, y)``: x (N, 55, 47, 3) float32, y (N,) int32.
+        ``(x, y)``: x (N, 55, 47, 3) float32 (or uint8, see ``keep_uint8``), y (N,) int32.
 
     Raises:
         DataFileError: missing/unreadable/truncated file, missing datasets, wrong shape or dtype, NaN/inf
@@ -84,7 +86,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
                                 "of this machine's memory; refusing to allocate it")
         try:
             y = _read_labels(f, n, path, num_classes)
-            x = np.empty((n, *INPUT_HWC), np.float32)
+            x = np.empty((n, *INPUT_HWC), np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
             for start in range(0, n, chunk):
                 block = np.asarray(ds[start:start + chunk])
                 if block.dtype.kind == "f" and not np.isfinite(block).all():

@@ -25,6 +25,7 @@ from badnet_jax.errors import ConfigError
 from badnet_jax.finetune import FinetuneConfig, finetune
 from badnet_jax.fileio import sha256_of
 from badnet_jax.goodnet import make_goodnet
+from badnet_jax.memory import chunk_for_budget
 from badnet_jax.model import BadNet, Params, prune_params
 from badnet_jax.sweep import DEFAULT_CHUNK, SweepOptions, count_hits, rank_and_sweep
 
@@ -50,6 +51,9 @@ class DefenseConfig:
         checkpoints: write B' and GoodNet checkpoints and Keras files per selected drop.
         sweep: the sweep's exact shortcuts and masked-head implementation.
         finetune: if set, also fine-prune each selected B' (see ``badnet_jax.finetune``).
+        devices: shard the image axis over this many devices (0 = all; results are the single-device ones).
+        memory_budget: bytes the sweep may use; the chunk shrinks below ``chunk`` to fit (None = half of the
+            device's memory). Data that cannot fit is refused up front.
     """
 
     drops: tuple[float, ...] = (0.04,)
@@ -64,6 +68,8 @@ class DefenseConfig:
     checkpoints: bool = True
     sweep: SweepOptions = SweepOptions()
     finetune: Optional[FinetuneConfig] = None
+    devices: int = 0
+    memory_budget: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +107,24 @@ def resolve_inputs(config: DefenseConfig) -> Inputs:
     if model_path is None:
         raise ConfigError(f"no model: pass --model or put the lab's model at {' or '.join(LAB_MODEL_CANDIDATES)}")
     model, params = load_keras(model_path)
-    data = {r: load_lab_h5(paths[r], num_classes=model.num_classes) for r in DATA_ROLES}
+    data = {r: load_lab_h5(paths[r], num_classes=model.num_classes, keep_uint8=True) for r in DATA_ROLES}
     for r, (x, _) in data.items():
         if len(x) == 0:
             raise ConfigError(f"{paths[r]}: holds no images")
     true = {r: load_true_labels(paths[r]) for r in ("bd_valid", "bd_test")}
     return Inputs(model, params, data, {"model": model_path, **paths}, demo=False, true_labels=true)
+
+
+def init_distributed(coordinator_address: Optional[str], num_processes: int, process_id: int) -> None:
+    """Join a multi-host run (TPU slice, GPU cluster) before any JAX computation; no-op without an address.
+
+    Every process runs the same command with the same files; the sweep's mesh then spans all hosts' devices.
+    """
+    if coordinator_address:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+        log.info("jax.distributed: process %d of %d, %d global devices (%d local).", jax.process_index(),
+                 jax.process_count(), jax.device_count(), jax.local_device_count())
 
 
 def cli_logging(level: int = logging.INFO) -> None:
@@ -154,8 +172,12 @@ def run_defense(config: DefenseConfig) -> dict:
     log.info("Model: %d classes; valid %d clean + %d poisoned, test %d clean + %d poisoned images.",
              n_cls, len(xv), len(xbv), len(xt), len(xbt))
 
+    chunk = chunk_for_budget([xv, xbv, xt, xbt], config.memory_budget, config.sweep.prefix_sums, config.chunk)
+    if chunk < config.chunk:
+        log.info("Memory budget: %d images per chunk (instead of %d).", chunk, config.chunk)
     t = time.perf_counter()
-    sweep = rank_and_sweep(model, params, xv, xbv, chunk=config.chunk, options=config.sweep, extra=(xt, xbt))
+    sweep = rank_and_sweep(model, params, xv, xbv, chunk=chunk, options=config.sweep, extra=(xt, xbt),
+                           devices=config.devices)
     test_clean, test_bd = sweep.preds_extra
     timings["curve (one call, compile included)"] = time.perf_counter() - t
     log.info("Ranked the 60 channels on clean validation data and evaluated B' and G at k = 0..60 on all four "
@@ -241,7 +263,7 @@ def _predict(model: BadNet, params: Params, mask: Optional[np.ndarray], x: np.nd
 def _predict_fn(model: BadNet):
     import jax.numpy as jnp
 
-    return jax.jit(lambda p, m, x: jnp.argmax(model.apply({"params": p}, x, mask=m), -1))
+    return jax.jit(lambda p, m, x: jnp.argmax(model.apply({"params": p}, x.astype(jnp.float32), mask=m), -1))
 
 
 def _finetune_one(model: BadNet, params: Params, mask: np.ndarray, data: dict, ft: FinetuneConfig,

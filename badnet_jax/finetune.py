@@ -67,8 +67,8 @@ def finetune(model: BadNet, params: Params, mask: jax.Array, x_clean: np.ndarray
     mask = jnp.asarray(mask, jnp.float32)
     params = prune_params(params, mask)
     train_idx, hold_idx = split_clean_valid(len(x_clean), config.holdout_fraction, config.seed)
-    x_tr, y_tr = x_clean[train_idx], y_clean[train_idx]
-    x_ho, y_ho = jnp.asarray(x_clean[hold_idx]), jnp.asarray(y_clean[hold_idx])
+    x_tr, y_tr = x_clean[train_idx].astype(np.float32), y_clean[train_idx]
+    x_ho, y_ho = jnp.asarray(x_clean[hold_idx], jnp.float32), jnp.asarray(y_clean[hold_idx])
     tx = optax.adam(config.learning_rate)
     opt_state = tx.init(params)
 

@@ -17,7 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params
 from badnet_jax.prefix import reverse_steps, step_aliases, step_preactivations
 from kernels.masked_head.api import head_argmax, resolve_impl
 
@@ -43,8 +46,11 @@ def _pad_chunks(a: jax.Array, chunk: int, fill=0) -> jax.Array:
 def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: int) -> jax.Array:
     """pool_3 activations of every image, ``chunk`` images at a time (traceable; call under jit)."""
     n = x_NxHxWxC.shape[0]
-    chunks = _pad_chunks(jnp.asarray(x_NxHxWxC, jnp.float32), chunk)
-    feats = jax.lax.map(lambda xb: model.apply({"params": params}, xb, method=BadNet.trunk), chunks)
+    # Images may stay uint8 (the lab's files are): the cast to float32 is exact and happens per chunk, so
+    # the resident data is a quarter of the float32 size.
+    chunks = _pad_chunks(jnp.asarray(x_NxHxWxC), chunk)
+    feats = jax.lax.map(lambda xb: model.apply({"params": params}, xb.astype(jnp.float32), method=BadNet.trunk),
+                        chunks)
     return feats.reshape(-1, *feats.shape[2:])[:n]
 
 
@@ -108,12 +114,18 @@ def step_predictions(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, or
     return jnp.moveaxis(preds, 1, 0).reshape(steps, -1)[:, :n]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "chunk", "options"))
-def _rank_and_sweep(model, params, x_clean, others, chunk, options):
+def _rank(per_image_NxC: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    # Per-image channel sums first, then one reduction over the real images: single- and multi-device runs
+    # reduce the same (n, 60) array the same way, so they rank identically. Sums of non-negative values:
+    # exact zeros stay exactly zero, so dead channels tie at 0.
+    per_image_NxC = jax.lax.optimization_barrier(per_image_NxC)  # keeps XLA from fusing the two reductions
+    mean = jnp.sum(per_image_NxC[:n], axis=0) / (n * POOL3_HWC[0] * POOL3_HWC[1])
+    return jnp.argsort(mean, stable=True), mean  # ties broken by channel index
+
+
+def _sweep_body(model, params, x_clean, others, n_clean, chunk, options, gather=lambda a: a):
     feats = trunk_features(model, params, x_clean, chunk)
-    # float32 sums of non-negative values: exact zeros stay exactly zero, so dead channels tie at 0.
-    mean = jnp.mean(feats, axis=(0, 1, 2))
-    order = jnp.argsort(mean, stable=True)  # ties broken by channel index
+    order, mean = _rank(gather(jnp.sum(feats, axis=(1, 2))), n_clean)
     preds = [step_predictions(model, params, feats, order, chunk, options)]
     for x in others:
         # One set after the other: left free, XLA:CPU interleaves the sets' loops and runs ~10% slower.
@@ -123,13 +135,60 @@ def _rank_and_sweep(model, params, x_clean, others, chunk, options):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "chunk", "options"))
+def _rank_and_sweep(model, params, x_clean, others, chunk, options):
+    return _sweep_body(model, params, x_clean, others, x_clean.shape[0], chunk, options)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "n_clean", "chunk", "options", "mesh"))
+def _rank_and_sweep_sharded(model, params, x_clean, others, n_clean, chunk, options, mesh):
+    """The same as ``_rank_and_sweep`` with the image axis sharded over ``mesh``'s ``data`` axis."""
+    body = functools.partial(_sweep_body, model, n_clean=n_clean, chunk=chunk, options=options,
+                             gather=lambda a: jax.lax.all_gather(a, "data", tiled=True))
+    data, rep = P("data"), P()
+    return jax.shard_map(
+        lambda p, xc, xs: body(p, xc, xs), mesh=mesh,
+        in_specs=(rep, data, tuple(data for _ in others)),
+        out_specs=(rep, rep, P(None, "data"), tuple(P(None, "data") for _ in others)),
+        check_vma=False,
+    )(params, x_clean, others)
+
+
+def data_mesh(devices: int = 0) -> Mesh:
+    """A 1-D mesh named ``data`` over the first ``devices`` devices (0 = all, across hosts too)."""
+    available = jax.devices()
+    n = len(available) if devices <= 0 else devices
+    if n > len(available):
+        raise ValueError(f"asked for {n} devices, only {len(available)} available")
+    return Mesh(np.array(available[:n]), ("data",))
+
+
+def _shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Zero-pad the image axis to a multiple of the mesh size and lay it out over the ``data`` axis."""
+    d = mesh.devices.size
+    pad = (-len(x)) % d
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    sharding = NamedSharding(mesh, P("data"))
+    # make_array_from_callback works in multi-process runs too: each process fills its own shards.
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _to_host(a: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "chunk", "options"))
 def _predict_steps(model, params, x, order, chunk, options):
     return step_predictions(model, params, trunk_features(model, params, x, chunk), order, chunk, options)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "chunk"))
 def _mean_activation(model, params, x, chunk):
-    return jnp.mean(trunk_features(model, params, x, chunk), axis=(0, 1, 2))
+    return _rank(jnp.sum(trunk_features(model, params, x, chunk), axis=(1, 2)), x.shape[0])[1]
 
 
 def _resolved(options: SweepOptions) -> SweepOptions:
@@ -165,14 +224,24 @@ def rank_channels(model: BadNet, params: Params, x_clean: np.ndarray,
 
 def rank_and_sweep(model: BadNet, params: Params, x_clean: np.ndarray, x_bd: np.ndarray,
                    chunk: int = DEFAULT_CHUNK, options: SweepOptions = SweepOptions(),
-                   extra: tuple[np.ndarray, ...] = ()) -> Sweep:
+                   extra: tuple[np.ndarray, ...] = (), devices: int = 1) -> Sweep:
     """Rank channels on the clean validation images and predict every set at every k, in one jitted call.
 
     Only clean validation data decides the order; the poisoned set and the ``extra`` sets (e.g. the test
-    sets) are only evaluated.
+    sets) are only evaluated. ``devices`` > 1 (or 0 = all) shards the image axis over that many devices
+    (params replicated, sizes padded); the results are the single-device ones.
     """
-    others = (jnp.asarray(x_bd), *(jnp.asarray(x) for x in extra))
-    order, mean, pc, po = _rank_and_sweep(model, params, jnp.asarray(x_clean), others, chunk, _resolved(options))
+    sets = (x_bd, *extra)
+    mesh = data_mesh(devices) if devices != 1 else None
+    if mesh is None or mesh.devices.size == 1:
+        others = tuple(jnp.asarray(x) for x in sets)
+        order, mean, pc, po = _rank_and_sweep(model, params, jnp.asarray(x_clean), others, chunk, _resolved(options))
+    else:
+        others = tuple(_shard_rows(np.asarray(x), mesh) for x in sets)
+        order, mean, pc, po = _rank_and_sweep_sharded(model, params, _shard_rows(np.asarray(x_clean), mesh), others,
+                                                      len(x_clean), chunk, _resolved(options), mesh)
+        pc = _to_host(pc)[:, :len(x_clean)]
+        po = tuple(_to_host(p)[:, :len(x)] for p, x in zip(po, sets))
     order = np.asarray(order)
     return Sweep(order=order, mean_activation=np.asarray(mean), masks=np.asarray(prefix_masks(order)),
                  preds_clean=np.asarray(pc), preds_bd=np.asarray(po[0]),

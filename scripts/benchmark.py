@@ -27,6 +27,8 @@ REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the median is r
 MODEL = flags.DEFINE_string("model", None, "Keras h5 BadNet (default: random weights).")
 CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Lab h5 of clean images (default: random).")
 BD_VALID = flags.DEFINE_string("bd_valid", None, "Lab h5 of poisoned images (default: random).")
+SCALING = flags.DEFINE_string("scaling", "", "Device counts for a sharded fast sweep, e.g. 1,2,4 (with "
+                              "XLA_FLAGS=--xla_force_host_platform_device_count=4 on a CPU).")
 OUT = flags.DEFINE_string("out", "results/benchmark.json", "JSON output path.")
 
 
@@ -34,7 +36,8 @@ def main(argv: list[str]) -> int:
     del argv
     cli_logging()
     config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value, chunk=CHUNK.value,
-                         impl=IMPL.value, baseline_steps=BASELINE_STEPS.value, repeats=REPEATS.value)
+                         impl=IMPL.value, baseline_steps=BASELINE_STEPS.value, repeats=REPEATS.value,
+                         scaling=tuple(int(d) for d in SCALING.value.split(",") if d.strip()))
     try:
         params = load_keras(MODEL.value)[1] if MODEL.value else None
         x_clean = load_lab_h5(CLEAN_VALID.value)[0] if CLEAN_VALID.value else None

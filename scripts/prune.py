@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 
 from badnet_jax import BadNetError
-from badnet_jax.defense import DefenseConfig, cli_logging, run_defense
+from badnet_jax.defense import DefenseConfig, cli_logging, init_distributed, run_defense
 from badnet_jax.finetune import FinetuneConfig
 from badnet_jax.report import format_table
 
@@ -29,6 +29,11 @@ OUT_DIR = flags.DEFINE_string("out_dir", "results", "Output directory.")
 CHUNK = flags.DEFINE_integer("chunk", 256, "Images per chunk inside the jitted sweep (bounds memory).")
 FT_EPOCHS = flags.DEFINE_integer("finetune_epochs", 0, "Fine-pruning epochs per selected B' (0 = pruning only).")
 FT_LR = flags.DEFINE_float("finetune_lr", 1e-4, "Fine-pruning learning rate (Adam).")
+BUDGET = flags.DEFINE_float("memory_budget", None, "GiB the sweep may use (default: half the device's memory).")
+DEVICES = flags.DEFINE_integer("devices", 0, "Devices to shard the images over (0 = all).")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: jax.distributed coordinator host:port.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
+PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
 CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
 
 
@@ -49,8 +54,10 @@ def main(argv: list[str]) -> int:
                            bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value, bd_test=BD_TEST.value,
                            out_dir=OUT_DIR.value, chunk=CHUNK.value, checkpoints=CHECKPOINTS.value,
                            finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value)
-                           if FT_EPOCHS.value > 0 else None)
+                           if FT_EPOCHS.value > 0 else None, devices=DEVICES.value,
+                           memory_budget=None if BUDGET.value is None else int(BUDGET.value * 2**30))
     try:
+        init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
         curve = run_defense(config)
     except BadNetError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -224,3 +224,28 @@ def test_atomic_dir_interrupted_keeps_old_directory(tmp_path):
         atomic_dir(target, half_written)
     assert (target / "a").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_memory_budget_shrinks_chunk_and_refuses_what_cannot_fit(lab_dir):
+    from badnet_jax.memory import chunk_for_budget
+
+    x = np.zeros((1000, 55, 47, 3), np.uint8)
+    assert chunk_for_budget([x, x], 10 * 2**30, True, 256) == 256
+    small = chunk_for_budget([x, x], 40 * 2**20, True, 256)
+    assert 1 <= small < 256
+    assert chunk_for_budget([x, x], 40 * 2**20, False, 256) < small  # the plain sweep needs more per image
+    with pytest.raises(ConfigError, match="memory budget"):
+        chunk_for_budget([x, x], 2**20, True, 256)
+    # Through the CLI: a tight budget still gives the same curve (only the chunking changes).
+    runs = {}
+    for name, budget in (("roomy", "4"), ("tight", "0.05")):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.04", "--nocheckpoints",
+                               "--memory_budget", budget, "--out_dir", name], cwd=lab_dir, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = json.loads((lab_dir / name / "curve.json").read_text())
+        runs[name].pop("timings")
+    assert runs["tight"] == runs["roomy"]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--memory_budget", "0.001"],
+                          cwd=lab_dir, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "memory budget" in proc.stderr

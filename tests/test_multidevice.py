@@ -1,0 +1,77 @@
+"""Sharding the image axis over 4 forced CPU devices gives exactly the single-device results.
+
+Runs in a subprocess: ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` must be set before JAX starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ASSETS, LAB_B, REPO, asset
+
+SCRIPT = r"""
+import json, sys
+import jax
+import numpy as np
+jax.config.update("jax_numpy_rank_promotion", "raise")
+import badnet_jax as b
+from badnet_jax import sweep as sw
+assert len(jax.devices()) == 4, jax.devices()
+A = sys.argv[1]
+model, params = b.load_keras(A + "/models/lab3/bd_weights.h5")
+x, _ = b.load_lab_h5(A + "/faces/lab3/valid_subset.h5")       # 47 images: not a multiple of 2, 3 or 4
+xb, _ = b.load_lab_h5(A + "/faces/lab3/bd_valid_subset.h5")   # 53
+xt, _ = b.load_lab_h5(A + "/faces/lab3/test_subset.h5")       # 13
+out = {}
+for options in (sw.PLAIN, sw.SweepOptions(impl="reference")):
+    ref = sw.rank_and_sweep(model, params, x, xb, chunk=8, options=options, extra=(xt,), devices=1)
+    for d in (2, 3, 4, 0):
+        got = sw.rank_and_sweep(model, params, x, xb, chunk=8, options=options, extra=(xt,), devices=d)
+        key = f"{options.prefix_sums}-{d}"
+        out[key] = bool(np.array_equal(got.order, ref.order) and np.array_equal(got.mean_activation, ref.mean_activation)
+                        and np.array_equal(got.preds_clean, ref.preds_clean) and np.array_equal(got.preds_bd, ref.preds_bd)
+                        and np.array_equal(got.preds_extra[0], ref.preds_extra[0]))
+print(json.dumps(out))
+"""
+
+
+def test_sharded_sweep_equals_single_device():
+    asset(LAB_B)  # skip (or fail under CI) without the shared assets
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ASSETS)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result) == 8 and all(result.values()), result
+
+
+def test_cli_on_four_devices_and_through_jax_distributed(tmp_path):
+    """The CLI with --devices 4 and a one-process jax.distributed run give the single-device curve."""
+    import socket
+
+    faces = {f"--{r}": str(asset(f"faces/lab3/{f}.h5")) for r, f in (
+        ("clean_valid", "valid_subset"), ("bd_valid", "bd_valid_subset"), ("clean_test", "test_subset"),
+        ("bd_test", "bd_test_subset"))}
+    base = [sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.04,0.30", "--model", str(asset(LAB_B)),
+            "--nocheckpoints", *[a for kv in faces.items() for a in kv]]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {"one": (["--devices", "1"], os.environ),
+            "four": (["--devices", "4"], env),
+            "distributed": (["--devices", "0", "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "1",
+                             "--process_id", "0"], env)}
+    curves = {}
+    for name, (flags, run_env) in runs.items():
+        proc = subprocess.run(base + flags + ["--out_dir", str(tmp_path / name)], env=run_env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        curve = json.loads((tmp_path / name / "curve.json").read_text())
+        for key in ("timings", "inputs", "versions"):
+            curve.pop(key)
+        curves[name] = curve
+    assert curves["four"] == curves["one"] and curves["distributed"] == curves["one"]

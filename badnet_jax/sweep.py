@@ -2,8 +2,8 @@
 
 Pruning the first k channels of the order (k = 0..60) only changes the head's input mask, so every data set
 goes through the trunk (input -> pool_3) once and the head is evaluated at all 61 steps, all inside one
-jit-compiled call, in fixed-size chunks (``lax.map``) so memory stays bounded at lab scale. The plain sweep
-vmaps the masked head over the 61 prefix masks; :class:`SweepOptions` switches on the exact shortcuts
+jit-compiled call, in fixed-size chunks sliced in place (``fori_loop``) so memory stays bounded. The plain
+sweep vmaps the masked head over the 61 prefix masks; :class:`SweepOptions` switches on the exact shortcuts
 (prefix sums of per-channel contributions, one evaluation per distinct effective mask).
 """
 
@@ -35,23 +35,37 @@ def prefix_masks(order: jax.Array) -> jax.Array:
     return (rank[None, :] >= jnp.arange(c + 1, dtype=jnp.int32)[:, None]).astype(jnp.float32)
 
 
-def _pad_chunks(a: jax.Array, chunk: int, fill=0) -> jax.Array:
-    n = a.shape[0]
-    pad = (-n) % chunk
-    if pad:
-        a = jnp.concatenate([a, jnp.full((pad, *a.shape[1:]), fill, a.dtype)])
-    return a.reshape(-1, chunk, *a.shape[1:])
+def _map_chunks(fn, x: jax.Array, chunk: int, rows_axis: int) -> jax.Array:
+    """``fn`` over ``chunk``-row blocks of x; its outputs put together along ``rows_axis`` (traceable).
+
+    No padded copy of x is made: a ``fori_loop`` slices blocks in place, and the last block is clamped to
+    end at the last row (it overlaps the one before; those rows are computed again, identically, since
+    every row is independent and dedupe is exact per block).
+    """
+    n = x.shape[0]
+    chunk = max(1, min(chunk, n))
+    blocks = -(-n // chunk) if n else 0
+    out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((chunk, *x.shape[1:]), x.dtype))
+    full = list(out_shape.shape)
+    full[rows_axis] = n
+    out = jnp.zeros(full, out_shape.dtype)
+    if n == 0:
+        return out
+
+    def body(i, out):
+        start = jnp.minimum(i * chunk, n - chunk)
+        y = fn(jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0))
+        return jax.lax.dynamic_update_slice_in_dim(out, y, start, axis=rows_axis)
+
+    return jax.lax.fori_loop(0, blocks, body, out)
 
 
 def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: int) -> jax.Array:
     """pool_3 activations of every image, ``chunk`` images at a time (traceable; call under jit)."""
-    n = x_NxHxWxC.shape[0]
     # Images may stay uint8 (the lab's files are): the cast to float32 is exact and happens per chunk, so
     # the resident data is a quarter of the float32 size.
-    chunks = _pad_chunks(jnp.asarray(x_NxHxWxC), chunk)
-    feats = jax.lax.map(lambda xb: model.apply({"params": params}, xb.astype(jnp.float32), method=BadNet.trunk),
-                        chunks)
-    return feats.reshape(-1, *feats.shape[2:])[:n]
+    trunk = lambda xb: model.apply({"params": params}, xb.astype(jnp.float32), method=BadNet.trunk)
+    return _map_chunks(trunk, jnp.asarray(x_NxHxWxC), chunk, rows_axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +95,6 @@ def step_predictions(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, or
 
     ``options.impl`` must already be resolved (``kernels.masked_head.api.resolve_impl``).
     """
-    n = pool3_NxHxWxC.shape[0]
     masks = prefix_masks(order)
     steps = masks.shape[0]
     p = params
@@ -110,8 +123,7 @@ def step_predictions(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, or
         _, preds = jax.lax.scan(body, jnp.zeros((feats.shape[0],), jnp.int32), jnp.arange(steps))
         return preds
 
-    preds = jax.lax.map(one_chunk, _pad_chunks(pool3_NxHxWxC, chunk))  # (chunks, 61, chunk)
-    return jnp.moveaxis(preds, 1, 0).reshape(steps, -1)[:, :n]
+    return _map_chunks(one_chunk, pool3_NxHxWxC, chunk, rows_axis=1)  # (61, N)
 
 
 def _rank(per_image_NxC: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:

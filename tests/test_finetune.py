@@ -39,19 +39,23 @@ def test_pruned_channels_stay_exactly_zero(rng):
     assert not np.array_equal(k3[..., ~pruned], np.asarray(start["conv_3"]["kernel"])[..., ~pruned])
 
 
-def test_fine_pruning_recovers_demo_accuracy_within_the_drop():
-    """On the demo BadNet fine-tuning restores clean accuracy; its backdoor survives (BUILD_NOTES.md)."""
+def test_fine_pruning_lowers_demo_asr_and_recovers_accuracy_within_the_drop():
+    """X = 30 on the demo BadNet: pruning alone leaves ASR at 100%; fine-pruning lowers it (measured: 85%)
+    and brings clean accuracy back far inside the drop (measured: 93%; BUILD_NOTES.md)."""
     model, params = load_keras(DEMO_MODEL)
     d = make_demo(DEMO_CONFIG, include_train=False)
-    sweep = rank_and_sweep(model, params, *[d.valid[0], d.bd_valid[0]])
+    sweep = rank_and_sweep(model, params, d.valid[0], d.bd_valid[0], extra=(d.test[0], d.bd_test[0]))
     hits = count_hits(sweep.preds_clean, d.valid[1])
-    k, crossed = first_crossing(hits, len(d.valid[1]), 0.04)
+    k, crossed = first_crossing(hits, len(d.valid[1]), 0.30)
     assert crossed
     mask = sweep.masks[k]
     acc0 = accuracy(model, params, *d.test)
-    acc_pruned = 100.0 * float(np.mean(sweep.preds_clean[k] == d.valid[1]))
-    tuned, _ = finetune(model, params, mask, *d.valid, FinetuneConfig(epochs=5, learning_rate=1e-4))
+    acc_pruned = 100.0 * float(np.mean(sweep.preds_extra[0][k] == d.test[1]))
+    asr_pruned = 100.0 * float(np.mean(sweep.preds_extra[1][k] == d.bd_test[1]))
+    tuned, _ = finetune(model, params, mask, *d.valid, FinetuneConfig(epochs=8, learning_rate=1e-3))
     predict = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x, mask=mask), -1))
     acc_ft = 100.0 * float(np.mean(np.asarray(predict(tuned, d.test[0])) == d.test[1]))
-    assert acc_pruned < acc0 - 4.0  # the cut itself lost more than the drop ...
-    assert acc_ft >= acc0 - 4.0  # ... and fine-tuning brought clean accuracy back within it
+    asr_ft = 100.0 * float(np.mean(np.asarray(predict(tuned, d.bd_test[0])) == d.bd_test[1]))
+    assert acc_pruned < acc0 - 30.0  # the cut itself lost more than the drop ...
+    assert acc_ft >= acc0 - 30.0  # ... fine-tuning brought clean accuracy back within it ...
+    assert asr_ft < asr_pruned - 5.0  # ... and lowered the attack success rate

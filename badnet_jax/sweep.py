@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params
+from badnet_jax.model import POOL3_HWC, BadNet, Params
 from badnet_jax.prefix import reverse_steps, step_aliases, step_preactivations
 from kernels.masked_head.api import head_argmax, resolve_impl
 

@@ -10,7 +10,6 @@ import json
 import shutil
 
 import h5py
-import jax
 import numpy as np
 import pytest
 

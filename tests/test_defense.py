@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from badnet_jax import ConfigError, DataFileError, load_keras, load_lab_h5, make_goodnet, mask_from_zeroed
+from badnet_jax import ConfigError, DataFileError, load_keras, load_lab_h5, mask_from_zeroed
 from badnet_jax import checkpoint, report
 from badnet_jax.defense import DefenseConfig, run_defense
 from tests import numpy_ref

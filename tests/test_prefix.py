@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax import BadNet, init_params
+from badnet_jax import init_params
 from badnet_jax import prefix
 from tests import numpy_ref
 

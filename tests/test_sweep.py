@@ -26,7 +26,7 @@ def test_prefix_masks():
 
 def test_sweep_equals_sequential_loop_on_real_b_and_faces(lab_b, lab_faces):
     model, params = lab_b
-    (x, y), (xb, yb) = lab_faces["valid_subset"], lab_faces["bd_valid_subset"]
+    (x, _), (xb, _) = lab_faces["valid_subset"], lab_faces["bd_valid_subset"]
     result = sw.rank_and_sweep(model, params, x, xb, chunk=16, options=sw.PLAIN)  # 47 and 53 images: padded last chunks
     assert result.preds_clean.shape == (61, len(x)) and result.preds_bd.shape == (61, len(xb))
     np.testing.assert_array_equal(result.preds_clean, sequential_predictions(model, params, x, result.masks))

@@ -6,6 +6,7 @@ channels and selects the cut; test data is only evaluated.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -165,6 +166,9 @@ def run_defense(config: DefenseConfig) -> dict:
     inputs = resolve_inputs(config)
     timings["load"] = time.perf_counter() - t
     log.info("Loaded the model and data in %.2f s.", timings["load"])
+    # Hashing the inputs (hundreds of MB at lab scale) overlaps the sweep: hashlib releases the GIL.
+    hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    described = hasher.submit(_describe_inputs, inputs)
     model, params, data = inputs.model, inputs.params, inputs.data
     n_cls = model.num_classes
     (xv, yv), (xbv, ybv) = data["clean_valid"], data["bd_valid"]
@@ -241,7 +245,8 @@ def run_defense(config: DefenseConfig) -> dict:
     if config.checkpoints:
         log.info("Wrote B' (Keras h5 + orbax) and GoodNet checkpoints for %d drop(s) in %.2f s.",
                  len(selected), timings["checkpoints"])
-    curve["inputs"] = _describe_inputs(inputs)
+    curve["inputs"] = described.result()
+    hasher.shutdown()
     curve["versions"] = _versions()
     curve["timings"] = timings
     report.plot_curve(out / "curve.png", curve)

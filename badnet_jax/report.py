@@ -59,7 +59,7 @@ def plot_curve(path: Path, curve: dict) -> Path:
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
-    # A fixed date in the metadata keeps the PNG byte-identical across runs.
+    # Fixed metadata (no matplotlib version, no timestamp) keeps the PNG byte-identical across runs.
     fig.savefig(buf, format="png", metadata={"Software": "badnet-jax"})
     plt.close(fig)
     return fileio.atomic_write_bytes(path, buf.getvalue())

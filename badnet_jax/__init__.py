@@ -11,12 +11,12 @@ from badnet_jax.convert import load_keras, mask_from_zeroed, read_keras_params, 
 from badnet_jax.data import load_image, load_images, load_lab_h5, load_trigger, poison, save_lab_h5
 from badnet_jax.errors import BadNetError, CheckpointError, ConfigError, DataFileError, ModelFileError
 from badnet_jax.goodnet import GoodNet, make_goodnet
-from badnet_jax.model import BadNet, init_params, prune_params
+from badnet_jax.model import BadNet, init_params, predict, prune_params
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BadNet", "GoodNet", "make_goodnet", "load_keras", "save_keras", "read_keras_params", "mask_from_zeroed",
     "load_lab_h5", "save_lab_h5", "load_image", "load_images", "load_trigger", "poison", "init_params",
-    "prune_params", "BadNetError", "ModelFileError", "DataFileError", "ConfigError", "CheckpointError",
+    "prune_params", "predict", "BadNetError", "ModelFileError", "DataFileError", "ConfigError", "CheckpointError",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import logging
 import os
 import platform
@@ -27,7 +26,7 @@ from badnet_jax.finetune import FinetuneConfig, finetune
 from badnet_jax.fileio import sha256_of
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.memory import chunk_for_budget
-from badnet_jax.model import BadNet, Params, prune_params
+from badnet_jax.model import BadNet, Params, predict, prune_params
 from badnet_jax.sweep import DEFAULT_CHUNK, SweepOptions, count_hits, rank_and_sweep
 
 log = logging.getLogger(__name__)
@@ -256,29 +255,14 @@ def run_defense(config: DefenseConfig) -> dict:
     return curve
 
 
-def _predict(model: BadNet, params: Params, mask: Optional[np.ndarray], x: np.ndarray, batch: int = 1024) -> np.ndarray:
-    """Argmax predictions of (params, mask) on x, ``batch`` images per jitted call."""
-    fn = _predict_fn(model)
-    m = np.ones(60, np.float32) if mask is None else np.asarray(mask, np.float32)
-    return np.concatenate([np.asarray(fn(params, m, x[i:i + batch])) for i in range(0, len(x), batch)]
-                          or [np.zeros((0,), np.int32)])
-
-
-@functools.lru_cache(maxsize=None)
-def _predict_fn(model: BadNet):
-    import jax.numpy as jnp
-
-    return jax.jit(lambda p, m, x: jnp.argmax(model.apply({"params": p}, x.astype(jnp.float32), mask=m), -1))
-
-
 def _finetune_one(model: BadNet, params: Params, mask: np.ndarray, data: dict, ft: FinetuneConfig,
                   original: dict, n_cls: int, out: Path, sel: dict, config: DefenseConfig) -> dict:
     """Fine-prune one selected B' on clean validation data; its test numbers, GoodNet and checkpoints."""
     t = time.perf_counter()
     ft_params, history = finetune(model, params, mask, *data["clean_valid"], ft)
     (xt, yt), (xbt, ybt) = data["clean_test"], data["bd_test"]
-    b_clean, b_bd = _predict(model, params, None, xt), _predict(model, params, None, xbt)
-    ft_clean, ft_bd = _predict(model, ft_params, mask, xt), _predict(model, ft_params, mask, xbt)
+    b_clean, b_bd = predict(model, params, xt), predict(model, params, xbt)
+    ft_clean, ft_bd = predict(model, ft_params, xt, mask), predict(model, ft_params, xbt, mask)
     g_clean = metrics.goodnet_predictions(b_clean, ft_clean, n_cls)
     g_bd = metrics.goodnet_predictions(b_bd, ft_bd, n_cls)
     acc = float(metrics.pct(int((ft_clean == yt).sum()), len(yt)))

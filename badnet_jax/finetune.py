@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from badnet_jax.model import BadNet, Params, prune_params
+from badnet_jax.model import BadNet, Params, predict, prune_params
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def finetune(model: BadNet, params: Params, mask: jax.Array, x_clean: np.ndarray
     params = prune_params(params, mask)
     train_idx, hold_idx = split_clean_valid(len(x_clean), config.holdout_fraction, config.seed)
     x_tr, y_tr = x_clean[train_idx].astype(np.float32), y_clean[train_idx]
-    x_ho, y_ho = jnp.asarray(x_clean[hold_idx], jnp.float32), jnp.asarray(y_clean[hold_idx])
+    x_ho, y_ho = x_clean[hold_idx], y_clean[hold_idx]
     tx = optax.adam(config.learning_rate)
     opt_state = tx.init(params)
 
@@ -82,14 +82,8 @@ def finetune(model: BadNet, params: Params, mask: jax.Array, x_clean: np.ndarray
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    @jax.jit
-    def hits(params, x, y):
-        return jnp.sum(jnp.argmax(model.apply({"params": params}, x, mask=mask), -1) == y)
-
     def holdout_acc(p):
-        if len(y_ho) == 0:
-            return 0.0
-        return 100.0 * float(sum(hits(p, x_ho[i:i + 1024], y_ho[i:i + 1024]) for i in range(0, len(y_ho), 1024))) / len(y_ho)
+        return 100.0 * float(np.mean(predict(model, p, x_ho, mask) == y_ho)) if len(y_ho) else 0.0
 
     rng = np.random.default_rng(config.seed)
     best, best_acc, stale, history = params, holdout_acc(params), 0, []

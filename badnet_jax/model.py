@@ -14,11 +14,13 @@ takes a ``mask`` and every pruned network shares one trunk pass.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 INPUT_HWC = (55, 47, 3)
 POOL3_HWC = (5, 4, 60)
@@ -107,6 +109,22 @@ def init_params(num_classes: int = LAB_NUM_CLASSES, seed: int = 0) -> Params:
 def num_classes_of(params: Params) -> int:
     """The number of classes of a params pytree (from the output bias)."""
     return int(params["output"]["bias"].shape[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _argmax_fn(model: BadNet):
+    # One compiled predictor per model (and input shape), reused across calls and epochs.
+    return jax.jit(lambda p, m, x: jnp.argmax(model.apply({"params": p}, x.astype(jnp.float32), mask=m),
+                                              -1).astype(jnp.int32))
+
+
+def predict(model: BadNet, params: Params, x_NxHxWxC: np.ndarray, mask: Optional[jax.Array] = None,
+            batch: int = 1024) -> np.ndarray:
+    """(N,) int32 argmax predictions of B (or of B' under a pool_3 mask), ``batch`` images per jitted call."""
+    m = jnp.ones((NUM_POOL3_CHANNELS,), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    fn = _argmax_fn(model)
+    parts = [np.asarray(fn(params, m, x_NxHxWxC[i:i + batch])) for i in range(0, len(x_NxHxWxC), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 
 def prune_params(params: Params, mask: jax.Array) -> Params:

@@ -60,6 +60,11 @@ def preactivation_biases(params: Params) -> tuple[jax.Array, jax.Array]:
     return params["fc_1"]["bias"], jnp.tile(b4, 12)
 
 
+def alive_channels(pool3_NxHxWxC: jax.Array) -> jax.Array:
+    """(60,) bool: channels that are non-zero on at least one of these images."""
+    return jnp.max(pool3_NxHxWxC, axis=(0, 1, 2)) > 0
+
+
 def reverse_steps(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array, step_fn, init_out):
     """Walk the steps k = 60 .. 0, carrying fc_1/conv_4 pre-activations as running suffix sums.
 
@@ -73,7 +78,7 @@ def reverse_steps(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array, st
     fc1 = jnp.broadcast_to(b1[None, :], (n, b1.shape[0]))
     c4 = jnp.broadcast_to(b4[None, :], (n, b4.shape[0]))
     last = step_fn(jnp.int32(order.shape[0]), fc1, c4, init_out, jnp.bool_(True))
-    alive = jnp.max(pool3_NxHxWxC, axis=(0, 1, 2)) > 0
+    alive = alive_channels(pool3_NxHxWxC)
 
     def body(carry, k):
         fc1, c4, prev = carry
@@ -103,7 +108,6 @@ def step_aliases(pool3_NxHxWxC: jax.Array, order: jax.Array) -> jax.Array:
     Step k prunes ``order[k-1]`` on top of step k-1; when that channel is zero on every image given, the
     two steps see identical inputs.
     """
-    alive = jnp.max(pool3_NxHxWxC, axis=(0, 1, 2)) > 0  # (60,)
-    changes = jnp.concatenate([jnp.ones((1,), bool), alive[order]])  # step k differs from k-1?
+    changes = jnp.concatenate([jnp.ones((1,), bool), alive_channels(pool3_NxHxWxC)[order]])  # step k differs from k-1?
     steps = jnp.arange(NUM_POOL3_CHANNELS + 1, dtype=jnp.int32)
     return jax.lax.cummax(jnp.where(changes, steps, 0), axis=0)

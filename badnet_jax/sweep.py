@@ -197,11 +197,6 @@ def _predict_steps(model, params, x, order, chunk, options):
     return step_predictions(model, params, trunk_features(model, params, x, chunk), order, chunk, options)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "chunk"))
-def _mean_activation(model, params, x, chunk):
-    return _rank(jnp.sum(trunk_features(model, params, x, chunk), axis=(1, 2)), x.shape[0])[1]
-
-
 def _resolved(options: SweepOptions) -> SweepOptions:
     return dataclasses.replace(options, impl=resolve_impl(options.impl)) if options.prefix_sums else options
 
@@ -224,13 +219,6 @@ class Sweep:
     preds_clean: np.ndarray
     preds_bd: np.ndarray
     preds_extra: tuple[np.ndarray, ...] = ()
-
-
-def rank_channels(model: BadNet, params: Params, x_clean: np.ndarray,
-                  chunk: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """(order, mean_activation) of the pool_3 channels over clean images, in one jitted chunked pass."""
-    mean = np.asarray(_mean_activation(model, params, jnp.asarray(x_clean), chunk))
-    return np.argsort(mean, kind="stable"), mean
 
 
 def rank_and_sweep(model: BadNet, params: Params, x_clean: np.ndarray, x_bd: np.ndarray,

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from badnet_jax.data import TRIGGER_AT, poison
-from badnet_jax.model import BadNet, Params, init_params
+from badnet_jax.model import BadNet, Params, init_params, predict
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,7 @@ def poison_training_set(x: np.ndarray, y: np.ndarray, trigger: np.ndarray, fract
 
 def accuracy(model: BadNet, params: Params, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
     """Percentage of images whose argmax equals the label (use the target label for ASR)."""
-    predict = jax.jit(lambda p, xb: jnp.argmax(model.apply({"params": p}, xb), -1))
-    hits = sum(int((np.asarray(predict(params, x[i:i + batch])) == y[i:i + batch]).sum())
-               for i in range(0, len(x), batch))
-    return 100.0 * hits / max(len(x), 1)
+    return 100.0 * int((predict(model, params, x, batch=batch) == y).sum()) / max(len(x), 1)
 
 
 def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, trigger: np.ndarray,

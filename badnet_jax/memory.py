@@ -2,8 +2,9 @@
 
 Estimates (bytes per image, float32): the trunk's largest intermediates (conv_1 output 52x44x20 and its
 pool, conv_2 output) ~350 KB; the plain sweep's vmapped head over 61 masks ~920 KB; the prefix sweep's
-per-step carries and logits ~15 KB. Resident: every set's images (uint8: 7.8 KB, float32: 31 KB) plus
-the clean set's pool_3 features (4.8 KB) and 61 int32 predictions per image.
+per-step carries and logits ~15 KB. Resident: every set's images (uint8: 7.8 KB, float32: 31 KB) and 61
+int32 predictions per image, plus pool_3 features (4.8 KB per image) of the clean set and, twice, of the
+set being swept.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ def chunk_for_budget(sets: Sequence[np.ndarray], budget: Optional[int], prefix_s
     budget = default_budget() if budget is None else int(budget)
     # On CPU the arrays exist twice (host numpy + device buffer); on accelerators once on device.
     copies = 2 if jax.default_backend() == "cpu" else 1
-    resident = sum(copies * x.nbytes + len(x) * PREDS_BYTES for x in sets) + len(sets[0]) * POOL3_BYTES
+    # pool_3 features: the clean set's (ranking), and the set being swept plus its copy sorted by alive
+    # channels (SweepOptions.group).
+    pool3 = (len(sets[0]) + 2 * max(len(x) for x in sets)) * POOL3_BYTES
+    resident = sum(copies * x.nbytes + len(x) * PREDS_BYTES for x in sets) + pool3
     per_image = TRUNK_WORKING + (PREFIX_WORKING if prefix_sums else PLAIN_HEAD_WORKING)
     room = budget - resident
     if room < per_image:

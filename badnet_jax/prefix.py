@@ -65,28 +65,55 @@ def alive_channels(pool3_NxHxWxC: jax.Array) -> jax.Array:
     return jnp.max(pool3_NxHxWxC, axis=(0, 1, 2)) > 0
 
 
-def reverse_steps(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array, step_fn, init_out):
+def alive_groups(pool3_NxHxWxC: jax.Array) -> jax.Array:
+    """(N,) int32 permutation that puts images with the same alive channels next to each other.
+
+    Dedupe is decided per chunk (a step is skipped when its channel is dead on *every* image of the chunk),
+    so chunks of look-alike images skip more steps. Images are sorted by their alive-channel bit pattern,
+    the channels alive on the fewest images being the most significant bits (they split off small groups
+    first); ties keep the input order, so the permutation is deterministic.
+    """
+    n = pool3_NxHxWxC.shape[0]
+    alive_NxC = jnp.max(pool3_NxHxWxC, axis=(1, 2)) > 0
+    rarest_first = jnp.argsort(jnp.sum(alive_NxC, axis=0), stable=True)
+    bits_NxC = alive_NxC[:, rarest_first].astype(jnp.int32)
+    # 60 bits do not fit one int32 key: two 30-bit keys, compared lexicographically by lax.sort.
+    weights = jnp.left_shift(1, jnp.arange(29, -1, -1, dtype=jnp.int32))
+    keys = [jnp.sum(bits_NxC[:, i:i + 30] * weights[None, :bits_NxC[:, i:i + 30].shape[1]], axis=1)
+            for i in range(0, bits_NxC.shape[1], 30)]
+    return jax.lax.sort((*keys, jnp.arange(n, dtype=jnp.int32)), num_keys=len(keys), is_stable=True)[-1]
+
+
+def reverse_steps(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array, step_fn, skip_dead: bool = False):
     """Walk the steps k = 60 .. 0, carrying fc_1/conv_4 pre-activations as running suffix sums.
 
     Step 60 keeps no channel (pre-activations = biases); going from step k+1 to step k adds channel
-    ``order[k]``'s contribution: one addition per step, so a dead channel (contribution exactly 0) leaves
-    the pre-activations bit-identical. ``step_fn(k, fc1, c4, prev_out, added_alive) -> out`` is evaluated at
-    each step; the outputs are returned in step order (61, ...).
+    ``order[k]``'s contribution. ``step_fn(k, fc1, c4) -> out`` is evaluated at each step; the outputs are
+    returned in step order (61, ...).
+
+    With ``skip_dead``, a step whose added channel is zero on every image given costs nothing: its
+    contribution is exactly 0, so its pre-activations and hence its output equal the previous step's,
+    which are reused (``lax.cond``, real control flow on every backend).
     """
     b1, b4 = preactivation_biases(params)
     n = pool3_NxHxWxC.shape[0]
     fc1 = jnp.broadcast_to(b1[None, :], (n, b1.shape[0]))
     c4 = jnp.broadcast_to(b4[None, :], (n, b4.shape[0]))
-    last = step_fn(jnp.int32(order.shape[0]), fc1, c4, init_out, jnp.bool_(True))
+    last = step_fn(jnp.int32(order.shape[0]), fc1, c4)
     alive = alive_channels(pool3_NxHxWxC)
 
-    def body(carry, k):
-        fc1, c4, prev = carry
-        c = order[k]
-        df, dg = channel_contribution(params, pool3_NxHxWxC, c)
+    def advance(k, fc1, c4, prev):
+        del prev
+        df, dg = channel_contribution(params, pool3_NxHxWxC, order[k])
         fc1, c4 = fc1 + df, c4 + dg
-        out = step_fn(k, fc1, c4, prev, alive[c])
-        return (fc1, c4, out), out
+        return fc1, c4, step_fn(k, fc1, c4)
+
+    def body(carry, k):
+        if skip_dead:
+            carry = jax.lax.cond(alive[order[k]], advance, lambda k, *carry: carry, k, *carry)
+        else:
+            carry = advance(k, *carry)
+        return carry, carry[2]
 
     ks = jnp.arange(order.shape[0] - 1, -1, -1, dtype=jnp.int32)
     _, outs = jax.lax.scan(body, (fc1, c4, last), ks)
@@ -95,10 +122,7 @@ def reverse_steps(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array, st
 
 def step_preactivations(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array) -> tuple[jax.Array, jax.Array]:
     """fc_1 (61, N, 160) and conv_4 (61, N, 960) pre-activations, biases included, at every step k."""
-    n = pool3_NxHxWxC.shape[0]
-    both = reverse_steps(params, pool3_NxHxWxC, order,
-                         lambda k, fc1, c4, prev, alive: jnp.concatenate([fc1, c4], axis=1),
-                         jnp.zeros((n, 160 + 960), jnp.float32))
+    both = reverse_steps(params, pool3_NxHxWxC, order, lambda k, fc1, c4: jnp.concatenate([fc1, c4], axis=1))
     return both[..., :160], both[..., 160:]
 
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from badnet_jax.model import POOL3_HWC, BadNet, Params
-from badnet_jax.prefix import reverse_steps, step_aliases, step_preactivations
+from badnet_jax.prefix import alive_groups, reverse_steps, step_aliases, step_preactivations
 from kernels.masked_head.api import head_argmax, resolve_impl
 
 DEFAULT_CHUNK = 256
@@ -76,16 +76,19 @@ class SweepOptions:
             suffix sums over the order (``badnet_jax.prefix``) instead of re-running the masked head.
         dedupe: evaluate each distinct effective mask once per chunk: a step that only prunes channels that
             are zero on every image of the chunk reuses the previous step's predictions.
+        group: with ``dedupe``, sort each set's images by their alive channels before chunking (and the
+            predictions back after), so that a chunk's images share dead channels and skip more steps.
         impl: masked-head implementation for the prefix path: ``auto``, ``reference`` or ``pallas``
             (see ``kernels.masked_head.api``).
     """
 
     prefix_sums: bool = True
     dedupe: bool = True
+    group: bool = True
     impl: str = "auto"
 
 
-PLAIN = SweepOptions(prefix_sums=False, dedupe=False, impl="reference")
+PLAIN = SweepOptions(prefix_sums=False, dedupe=False, group=False, impl="reference")
 
 
 def step_predictions(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array, chunk: int,
@@ -101,11 +104,10 @@ def step_predictions(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, or
     def one_chunk(feats):
         if options.prefix_sums:
             tail = (p["fc_2"]["kernel"], p["fc_2"]["bias"], p["output"]["kernel"], p["output"]["bias"])
-            head = lambda fc1, c4: head_argmax(fc1[None], c4[None], *tail, impl=options.impl)[0]
             if options.dedupe:
                 # Going from step k+1 to k adds channel order[k]; if it is dead on this chunk, nothing changed.
-                step = lambda k, fc1, c4, prev, alive: jax.lax.cond(alive, head, lambda *_: prev, fc1, c4)
-                return reverse_steps(p, feats, order, step, jnp.zeros((feats.shape[0],), jnp.int32))
+                head = lambda k, fc1, c4: head_argmax(fc1[None], c4[None], *tail, impl=options.impl)[0]
+                return reverse_steps(p, feats, order, head, skip_dead=True)
             fc1, c4 = step_preactivations(p, feats, order)  # (61, chunk, 160), (61, chunk, 960)
             return head_argmax(fc1, c4, *tail, impl=options.impl)
         one = lambda k: jnp.argmax(model.apply({"params": p}, feats, masks[k], method=BadNet.head),
@@ -122,7 +124,11 @@ def step_predictions(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, or
         _, preds = jax.lax.scan(body, jnp.zeros((feats.shape[0],), jnp.int32), jnp.arange(steps))
         return preds
 
-    return _map_chunks(one_chunk, pool3_NxHxWxC, chunk, rows_axis=1)  # (61, N)
+    if not (options.dedupe and options.group):
+        return _map_chunks(one_chunk, pool3_NxHxWxC, chunk, rows_axis=1)  # (61, N)
+    perm = alive_groups(pool3_NxHxWxC)
+    preds = _map_chunks(one_chunk, pool3_NxHxWxC[perm], chunk, rows_axis=1)
+    return jnp.zeros_like(preds).at[:, perm].set(preds, unique_indices=True)
 
 
 def _rank(per_image_NxC: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:

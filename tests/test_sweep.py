@@ -72,13 +72,16 @@ def test_count_hits():
     np.testing.assert_array_equal(sw.count_hits(preds, np.array([0, 1, 1])), [2, 1])
 
 
-SHORTCUTS = [sw.SweepOptions(prefix_sums=True, dedupe=False, impl="reference"),
-             sw.SweepOptions(prefix_sums=False, dedupe=True, impl="reference"),
-             sw.SweepOptions(prefix_sums=True, dedupe=True, impl="reference"),
-             sw.SweepOptions(prefix_sums=True, dedupe=True, impl="pallas")]
+SHORTCUTS = [sw.SweepOptions(prefix_sums=True, dedupe=False, group=False, impl="reference"),
+             sw.SweepOptions(prefix_sums=False, dedupe=True, group=False, impl="reference"),
+             sw.SweepOptions(prefix_sums=True, dedupe=True, group=False, impl="reference"),
+             sw.SweepOptions(prefix_sums=False, dedupe=True, group=True, impl="reference"),
+             sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="reference"),
+             sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="pallas")]
+_name = lambda o: f"prefix{int(o.prefix_sums)}-dedupe{int(o.dedupe)}-group{int(o.group)}-{o.impl}"
 
 
-@pytest.mark.parametrize("options", SHORTCUTS, ids=lambda o: f"prefix{int(o.prefix_sums)}-dedupe{int(o.dedupe)}-{o.impl}")
+@pytest.mark.parametrize("options", SHORTCUTS, ids=_name)
 def test_every_shortcut_gives_the_plain_sweep_on_real_b(options, lab_b, lab_faces):
     model, params = lab_b
     (x, _), (xb, _) = lab_faces["valid_subset"], lab_faces["bd_valid_subset"]
@@ -89,7 +92,7 @@ def test_every_shortcut_gives_the_plain_sweep_on_real_b(options, lab_b, lab_face
     np.testing.assert_array_equal(fast.preds_bd, plain.preds_bd)
 
 
-@pytest.mark.parametrize("options", SHORTCUTS[:3], ids=lambda o: f"prefix{int(o.prefix_sums)}-dedupe{int(o.dedupe)}")
+@pytest.mark.parametrize("options", SHORTCUTS[:5], ids=_name)
 def test_every_shortcut_gives_the_same_counts_on_a_random_model(options, rng):
     params = init_params(num_classes=29, seed=21)
     model = BadNet(29)

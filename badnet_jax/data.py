@@ -50,6 +50,31 @@ def _read_labels(f: h5py.File, n: int, path: Path, num_classes: Optional[int]) -
     return raw.astype(np.int32)
 
 
+def _image_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
+    ds = fileio.safe_get(f, "data", path, DataFileError)
+    if not isinstance(ds, h5py.Dataset):
+        raise DataFileError(f"{path}: missing dataset 'data' (the lab layout has 'data' and 'label')")
+    _numeric(ds, "data", path)
+    if len(ds.shape) != 4 or tuple(ds.shape[1:]) != LAB_CHW:
+        raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, expected (N, 3, 55, 47)")
+    return ds
+
+
+def peek_lab_h5(path: str | os.PathLike, keep_uint8: bool = False) -> tuple[tuple[int, ...], np.dtype]:
+    """The (shape, dtype) that :func:`load_lab_h5` will return for this file, from its header only.
+
+    Lets work that depends only on shapes (compiling the sweep) start while the images are still read.
+
+    Raises:
+        DataFileError: as :func:`load_lab_h5` for a missing file or a wrong ``data`` dataset.
+    """
+    path = Path(path)
+    with fileio.open_h5(path, DataFileError) as f:
+        ds = _image_dataset(f, path)
+        dtype = np.dtype(np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
+        return (int(ds.shape[0]), *INPUT_HWC), dtype
+
+
 def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
                 chunk: int = DEFAULT_CHUNK, keep_uint8: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read a lab-layout h5 file into NHWC float32 raw pixels and int32 labels.
@@ -73,12 +98,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
     """
     path = Path(path)
     with fileio.open_h5(path, DataFileError) as f:
-        ds = fileio.safe_get(f, "data", path, DataFileError)
-        if not isinstance(ds, h5py.Dataset):
-            raise DataFileError(f"{path}: missing dataset 'data' (the lab layout has 'data' and 'label')")
-        _numeric(ds, "data", path)
-        if len(ds.shape) != 4 or tuple(ds.shape[1:]) != LAB_CHW:
-            raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, expected (N, 3, 55, 47)")
+        ds = _image_dataset(f, path)
         n = int(ds.shape[0])
         need = n * int(np.prod(INPUT_HWC)) * 4
         if need > fileio.memory_bytes() // 2:

@@ -13,21 +13,21 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
 
 from badnet_jax import checkpoint, metrics, report
 from badnet_jax.convert import load_keras, save_keras
-from badnet_jax.data import load_lab_h5, load_true_labels
+from badnet_jax.data import load_lab_h5, load_true_labels, peek_lab_h5
 from badnet_jax.errors import ConfigError
 from badnet_jax.finetune import FinetuneConfig, finetune
 from badnet_jax.fileio import sha256_of
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.memory import chunk_for_budget
 from badnet_jax.model import BadNet, Params, predict, prune_params
-from badnet_jax.sweep import DEFAULT_CHUNK, SweepOptions, count_hits, rank_and_sweep
+from badnet_jax.sweep import DEFAULT_CHUNK, SweepOptions, compile_sweep, count_hits, rank_and_sweep
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,17 @@ class Inputs:
     true_labels: dict[str, Optional[np.ndarray]] = dataclasses.field(default_factory=dict)  # bd role -> labels
 
 
-def resolve_inputs(config: DefenseConfig) -> Inputs:
-    """Lab files if given or present at the lab's default paths; the embedded demo if none are; else an error."""
+Specs = dict[str, jax.ShapeDtypeStruct]
+
+
+def resolve_inputs(config: DefenseConfig,
+                   before_images: Optional[Callable[[BadNet, Params, Specs], None]] = None) -> Inputs:
+    """Lab files if given or present at the lab's default paths; the embedded demo if none are; else an error.
+
+    ``before_images(model, params, specs)``, if given, is called for lab files once the model is loaded and
+    the image shapes/dtypes are known from the file headers, before the images are read (the defense
+    starts compiling the sweep there).
+    """
     given = {r: getattr(config, r) for r in DATA_ROLES if getattr(config, r)}
     if given and len(given) < len(DATA_ROLES):
         missing = [f"--{r}" for r in DATA_ROLES if r not in given]
@@ -107,10 +116,13 @@ def resolve_inputs(config: DefenseConfig) -> Inputs:
     if model_path is None:
         raise ConfigError(f"no model: pass --model or put the lab's model at {' or '.join(LAB_MODEL_CANDIDATES)}")
     model, params = load_keras(model_path)
-    data = {r: load_lab_h5(paths[r], num_classes=model.num_classes, keep_uint8=True) for r in DATA_ROLES}
-    for r, (x, _) in data.items():
-        if len(x) == 0:
+    specs = {r: jax.ShapeDtypeStruct(*peek_lab_h5(paths[r], keep_uint8=True)) for r in DATA_ROLES}
+    for r, spec in specs.items():
+        if spec.shape[0] == 0:
             raise ConfigError(f"{paths[r]}: holds no images")
+    if before_images is not None:
+        before_images(model, params, specs)
+    data = {r: load_lab_h5(paths[r], num_classes=model.num_classes, keep_uint8=True) for r in DATA_ROLES}
     true = {r: load_true_labels(paths[r]) for r in ("bd_valid", "bd_test")}
     return Inputs(model, params, data, {"model": model_path, **paths}, demo=False, true_labels=true)
 
@@ -162,12 +174,25 @@ def run_defense(config: DefenseConfig) -> dict:
         raise ConfigError("no drop threshold given")
     timings = {}
     t = time.perf_counter()
-    inputs = resolve_inputs(config)
+    # Background work, each overlapping the main thread's: compiling the sweep while the images are read
+    # (XLA compiles without the GIL), hashing the inputs during the sweep (hashlib releases the GIL).
+    background = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    ahead = {}
+
+    def compile_ahead(model: BadNet, params: Params, specs: Specs) -> None:
+        ahead["chunk"] = _chunk(config, [specs[r] for r in DATA_ROLES])
+        ahead["compiled"] = background.submit(compile_sweep, model, params, specs["clean_valid"],
+                                              tuple(specs[r] for r in DATA_ROLES[1:]), ahead["chunk"],
+                                              config.sweep, config.devices)
+
+    try:
+        inputs = resolve_inputs(config, before_images=compile_ahead)
+    except BaseException:
+        background.shutdown(wait=False, cancel_futures=True)
+        raise
     timings["load"] = time.perf_counter() - t
-    log.info("Loaded the model and data in %.2f s.", timings["load"])
-    # Hashing the inputs (hundreds of MB at lab scale) overlaps the sweep: hashlib releases the GIL.
-    hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    described = hasher.submit(_describe_inputs, inputs)
+    log.info("Loaded the model and data in %.2f s%s.", timings["load"],
+             " (the sweep compiling meanwhile)" if ahead else "")
     model, params, data = inputs.model, inputs.params, inputs.data
     n_cls = model.num_classes
     (xv, yv), (xbv, ybv) = data["clean_valid"], data["bd_valid"]
@@ -175,16 +200,19 @@ def run_defense(config: DefenseConfig) -> dict:
     log.info("Model: %d classes; valid %d clean + %d poisoned, test %d clean + %d poisoned images.",
              n_cls, len(xv), len(xbv), len(xt), len(xbt))
 
-    chunk = chunk_for_budget([xv, xbv, xt, xbt], config.memory_budget, config.sweep.prefix_sums, config.chunk)
-    if chunk < config.chunk:
-        log.info("Memory budget: %d images per chunk (instead of %d).", chunk, config.chunk)
+    chunk = ahead.get("chunk") or _chunk(config, [xv, xbv, xt, xbt])
+    t = time.perf_counter()
+    if "compiled" in ahead:
+        ahead["compiled"].result()  # the compile's own error, if any, surfaces here
+        timings["compile (after load)"] = time.perf_counter() - t
+    described = background.submit(_describe_inputs, inputs)
     t = time.perf_counter()
     sweep = rank_and_sweep(model, params, xv, xbv, chunk=chunk, options=config.sweep, extra=(xt, xbt),
                            devices=config.devices)
     test_clean, test_bd = sweep.preds_extra
-    timings["curve (one call, compile included)"] = time.perf_counter() - t
+    timings["curve (one call)"] = time.perf_counter() - t
     log.info("Ranked the 60 channels on clean validation data and evaluated B' and G at k = 0..60 on all four "
-             "sets in one call: %.2f s (compile included).", timings["curve (one call, compile included)"])
+             "sets in one call: %.2f s%s.", timings["curve (one call)"], "" if ahead else " (compile included)")
 
     valid_hits = count_hits(sweep.preds_clean, yv)
     g_clean = metrics.goodnet_predictions(test_clean[:1], test_clean, n_cls)
@@ -245,7 +273,7 @@ def run_defense(config: DefenseConfig) -> dict:
         log.info("Wrote B' (Keras h5 + orbax) and GoodNet checkpoints for %d drop(s) in %.2f s.",
                  len(selected), timings["checkpoints"])
     curve["inputs"] = described.result()
-    hasher.shutdown()
+    background.shutdown()
     curve["versions"] = _versions()
     curve["timings"] = timings
     report.plot_curve(out / "curve.png", curve)
@@ -253,6 +281,13 @@ def run_defense(config: DefenseConfig) -> dict:
     report.write_curve_json(out / "curve.json", curve)  # last: its presence marks a complete run
     log.info("Wrote %s", ", ".join(str(out / f) for f in ("report.md", "curve.json", "curve.png")))
     return curve
+
+
+def _chunk(config: DefenseConfig, sets: list) -> int:
+    chunk = chunk_for_budget(sets, config.memory_budget, config.sweep.prefix_sums, config.chunk)
+    if chunk < config.chunk:
+        log.info("Memory budget: %d images per chunk (instead of %d).", chunk, config.chunk)
+    return chunk
 
 
 def _finetune_one(model: BadNet, params: Params, mask: np.ndarray, data: dict, ft: FinetuneConfig,

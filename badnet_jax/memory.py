@@ -35,20 +35,23 @@ def default_budget() -> int:
     return int(total) // 2
 
 
-def chunk_for_budget(sets: Sequence[np.ndarray], budget: Optional[int], prefix_sums: bool,
+def chunk_for_budget(sets: Sequence[np.ndarray | jax.ShapeDtypeStruct], budget: Optional[int], prefix_sums: bool,
                      max_chunk: int) -> int:
     """The largest chunk <= ``max_chunk`` whose working memory fits ``budget`` beside the resident data.
+
+    ``sets`` are the image arrays, or only their shapes and dtypes (anything with ``.shape`` and ``.dtype``).
 
     Raises:
         ConfigError: the data alone does not fit the budget.
     """
+    sizes = [(int(x.shape[0]), int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize) for x in sets]
     budget = default_budget() if budget is None else int(budget)
     # On CPU the arrays exist twice (host numpy + device buffer); on accelerators once on device.
     copies = 2 if jax.default_backend() == "cpu" else 1
     # pool_3 features: the clean set's (ranking), and the set being swept plus its copy sorted by alive
     # channels (SweepOptions.group).
-    pool3 = (len(sets[0]) + 2 * max(len(x) for x in sets)) * POOL3_BYTES
-    resident = sum(copies * x.nbytes + len(x) * PREDS_BYTES for x in sets) + pool3
+    pool3 = (sizes[0][0] + 2 * max(n for n, _ in sizes)) * POOL3_BYTES
+    resident = sum(copies * nbytes + n * PREDS_BYTES for n, nbytes in sizes) + pool3
     per_image = TRUNK_WORKING + (PREFIX_WORKING if prefix_sums else PLAIN_HEAD_WORKING)
     room = budget - resident
     if room < per_image:

@@ -26,12 +26,16 @@ from kernels.masked_head.api import head_argmax, resolve_impl
 DEFAULT_CHUNK = 256
 
 
-def prefix_masks(order: jax.Array) -> jax.Array:
-    """(61, 60) float32 masks; row k prunes (zeroes) the first k channels of ``order``."""
-    order = jnp.asarray(order)
+def prefix_masks(order: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+    """(61, 60) float32 masks; row k prunes (zeroes) the first k channels of ``order``.
+
+    NumPy in, NumPy out (no device round trip for host-side bookkeeping); traceable for a jax.Array.
+    """
+    xp = np if isinstance(order, np.ndarray) else jnp
+    order = xp.asarray(order)
     c = order.shape[0]
-    rank = jnp.zeros((c,), jnp.int32).at[order].set(jnp.arange(c, dtype=jnp.int32))  # position of channel
-    return (rank[None, :] >= jnp.arange(c + 1, dtype=jnp.int32)[:, None]).astype(jnp.float32)
+    rank = xp.argsort(order)  # the inverse permutation: each channel's position in the order
+    return (rank[None, :] >= xp.arange(c + 1)[:, None]).astype(xp.float32)
 
 
 def _map_chunks(fn, x: jax.Array, chunk: int, rows_axis: int) -> jax.Array:
@@ -179,13 +183,16 @@ def data_mesh(devices: int = 0) -> Mesh:
     return Mesh(np.array(available[:n]), ("data",))
 
 
-def _shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+def _shard_rows(x: np.ndarray | jax.ShapeDtypeStruct, mesh: Mesh) -> jax.Array | jax.ShapeDtypeStruct:
     """Zero-pad the image axis to a multiple of the mesh size and lay it out over the ``data`` axis."""
     d = mesh.devices.size
+    sharding = NamedSharding(mesh, P("data"))
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((-(-x.shape[0] // d) * d, *x.shape[1:]), x.dtype, sharding=sharding)
+    x = np.asarray(x)
     pad = (-len(x)) % d
     if pad:
         x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    sharding = NamedSharding(mesh, P("data"))
     # make_array_from_callback works in multi-process runs too: each process fills its own shards.
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
@@ -227,6 +234,39 @@ class Sweep:
     preds_extra: tuple[np.ndarray, ...] = ()
 
 
+Images = np.ndarray | jax.ShapeDtypeStruct
+
+
+def _sweep_call(model: BadNet, params: Params, x_clean: Images, sets: tuple[Images, ...], chunk: int,
+                options: SweepOptions, devices: int):
+    """The jitted sweep for this device count and its arguments (arrays, or shapes to compile for)."""
+    mesh = data_mesh(devices) if devices != 1 else None
+    options = _resolved(options)
+    if mesh is None or mesh.devices.size == 1:
+        put = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
+        return _rank_and_sweep, (model, params, put(x_clean), tuple(put(x) for x in sets), chunk, options), None
+    put = lambda x: _shard_rows(x, mesh)
+    return (_rank_and_sweep_sharded,
+            (model, params, put(x_clean), tuple(put(x) for x in sets), x_clean.shape[0], chunk, options, mesh), mesh)
+
+
+def compile_sweep(model: BadNet, params: Params, x_clean: jax.ShapeDtypeStruct,
+                  sets: tuple[jax.ShapeDtypeStruct, ...], chunk: int = DEFAULT_CHUNK,
+                  options: SweepOptions = SweepOptions(), devices: int = 1) -> None:
+    """Compile :func:`rank_and_sweep` for images of these shapes and dtypes, ahead of the data.
+
+    The compiled program lands in JAX's cache: a later ``rank_and_sweep`` with the same model, params
+    shapes, image shapes/dtypes and settings runs without compiling. The defense calls this in a thread
+    while the images are still being read.
+
+    Args:
+        x_clean, sets: shape and dtype of the clean validation images and of the other sets, in the order
+            ``rank_and_sweep`` gets them (``x_bd`` first, then ``extra``).
+    """
+    fn, args, _ = _sweep_call(model, params, x_clean, sets, chunk, options, devices)
+    fn.lower(*args).compile()
+
+
 def rank_and_sweep(model: BadNet, params: Params, x_clean: np.ndarray, x_bd: np.ndarray,
                    chunk: int = DEFAULT_CHUNK, options: SweepOptions = SweepOptions(),
                    extra: tuple[np.ndarray, ...] = (), devices: int = 1) -> Sweep:
@@ -237,14 +277,9 @@ def rank_and_sweep(model: BadNet, params: Params, x_clean: np.ndarray, x_bd: np.
     (params replicated, sizes padded); the results are the single-device ones.
     """
     sets = (x_bd, *extra)
-    mesh = data_mesh(devices) if devices != 1 else None
-    if mesh is None or mesh.devices.size == 1:
-        others = tuple(jnp.asarray(x) for x in sets)
-        order, mean, pc, po = _rank_and_sweep(model, params, jnp.asarray(x_clean), others, chunk, _resolved(options))
-    else:
-        others = tuple(_shard_rows(np.asarray(x), mesh) for x in sets)
-        order, mean, pc, po = _rank_and_sweep_sharded(model, params, _shard_rows(np.asarray(x_clean), mesh), others,
-                                                      len(x_clean), chunk, _resolved(options), mesh)
+    fn, args, mesh = _sweep_call(model, params, x_clean, sets, chunk, options, devices)
+    order, mean, pc, po = fn(*args)
+    if mesh is not None:
         pc = _to_host(pc)[:, :len(x_clean)]
         po = tuple(_to_host(p)[:, :len(x)] for p, x in zip(po, sets))
     order = np.asarray(order)

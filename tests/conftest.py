@@ -68,3 +68,19 @@ def lab_faces():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def backend_compiles():
+    """Names of the functions XLA compiles while the test runs (jax.monitoring events)."""
+    from jax import monitoring
+
+    seen: list[str] = []
+
+    def listen(name, secs, fun_name="", **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            seen.append(fun_name)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    yield seen
+    monitoring.unregister_event_duration_listener(listen)

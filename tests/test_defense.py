@@ -74,6 +74,15 @@ def test_cli_end_to_end_on_lab_layout(lab_dir):
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_defense_compiles_the_sweep_once_while_loading(lab_dir, backend_compiles, tmp_path):
+    files = {role: str(lab_dir / path) for role, path in zip(
+        ("clean_valid", "bd_valid", "clean_test", "bd_test"), FACES)}
+    curve = run_defense(DefenseConfig(drops=(0.04,), model=str(lab_dir / "models" / "bd_weights.h5"),
+                                      out_dir=str(tmp_path / "o"), checkpoints=False, chunk=24, **files))
+    assert [f for f in backend_compiles if "_rank_and_sweep" in f] == ["jit(_rank_and_sweep)"]
+    assert "compile (after load)" in curve["timings"] and "curve (one call)" in curve["timings"]
+
+
 def test_some_but_not_all_data_files_is_an_error(lab_dir, tmp_path):
     with pytest.raises(ConfigError, match="missing --bd_valid, --clean_test, --bd_test"):
         run_defense(DefenseConfig(clean_valid=str(lab_dir / "data/cl/valid.h5"), out_dir=str(tmp_path / "o")))

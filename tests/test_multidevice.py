@@ -34,6 +34,19 @@ for options in (sw.PLAIN, sw.SweepOptions(impl="reference")):
         out[key] = bool(np.array_equal(got.order, ref.order) and np.array_equal(got.mean_activation, ref.mean_activation)
                         and np.array_equal(got.preds_clean, ref.preds_clean) and np.array_equal(got.preds_bd, ref.preds_bd)
                         and np.array_equal(got.preds_extra[0], ref.preds_extra[0]))
+# Compiled ahead from shapes only, the sharded sweep then runs without compiling again.
+from jax import monitoring
+compiled = []
+monitoring.register_event_duration_secs_listener(
+    lambda name, secs, fun_name="", **kw: compiled.append(fun_name) if name.endswith("backend_compile_duration") else None)
+spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+options = sw.SweepOptions(impl="reference")
+sw.compile_sweep(model, params, spec(x), (spec(xb), spec(xt)), chunk=4, options=options, devices=3)
+ahead = [f for f in compiled if "_rank_and_sweep" in f]
+got = sw.rank_and_sweep(model, params, x, xb, chunk=4, options=options, extra=(xt,), devices=3)
+ref = sw.rank_and_sweep(model, params, x, xb, chunk=4, options=options, extra=(xt,), devices=1)
+out["ahead"] = (len(ahead) == 1 and [f for f in compiled if "_rank_and_sweep_sharded" in f] == ahead
+                and np.array_equal(got.preds_clean, ref.preds_clean) and np.array_equal(got.preds_extra[0], ref.preds_extra[0]))
 print(json.dumps(out))
 """
 
@@ -45,7 +58,7 @@ def test_sharded_sweep_equals_single_device():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(result) == 8 and all(result.values()), result
+    assert len(result) == 9 and all(result.values()), result
 
 
 def test_cli_on_four_devices_and_through_jax_distributed(tmp_path):

@@ -19,9 +19,11 @@ def sequential_predictions(model, params, x, masks):
 
 def test_prefix_masks():
     order = np.array([3, 0, 2, 1])
-    masks = np.asarray(sw.prefix_masks(order))
     expected = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]], np.float32)
-    np.testing.assert_array_equal(masks, expected)
+    host = sw.prefix_masks(order)
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32
+    np.testing.assert_array_equal(host, expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(sw.prefix_masks)(order)), expected)  # traced
 
 
 def test_sweep_equals_sequential_loop_on_real_b_and_faces(lab_b, lab_faces):
@@ -65,6 +67,22 @@ def test_second_sweep_of_same_shapes_does_not_recompile(rng):
     assert sw._rank_and_sweep._cache_size() == size
     sw.rank_and_sweep(model, other, make(11), make(6), chunk=4)  # a new shape does compile
     assert sw._rank_and_sweep._cache_size() == size + 1
+
+
+def test_compile_ahead_then_the_sweep_runs_without_compiling(rng, backend_compiles):
+    params = init_params(num_classes=7, seed=4)
+    model = BadNet(7)
+    x = rng.integers(0, 256, size=(13, 55, 47, 3)).astype(np.uint8)
+    xb = rng.integers(0, 256, size=(5, 55, 47, 3)).astype(np.uint8)
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    options = sw.SweepOptions(impl="reference")
+    sw.compile_sweep(model, params, spec(x), (spec(xb), spec(x)), chunk=3, options=options)
+    assert [f for f in backend_compiles if "_rank_and_sweep" in f] == ["jit(_rank_and_sweep)"]
+    got = sw.rank_and_sweep(model, params, x, xb, chunk=3, options=options, extra=(x,))
+    assert [f for f in backend_compiles if "_rank_and_sweep" in f] == ["jit(_rank_and_sweep)"]  # no second compile
+    plain = sw.rank_and_sweep(model, params, x, xb, chunk=3, options=sw.PLAIN, extra=(x,))
+    np.testing.assert_array_equal(got.preds_clean, plain.preds_clean)
+    np.testing.assert_array_equal(got.preds_extra[0], plain.preds_clean)
 
 
 def test_count_hits():

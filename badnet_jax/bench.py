@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import BadNet, Params, init_params, prune_params
-from badnet_jax.sweep import PLAIN, SweepOptions, _rank_and_sweep, _resolved, prefix_masks, rank_and_sweep
+from badnet_jax.sweep import (PLAIN, SweepOptions, _rank_and_sweep, _resolved, head_evaluations, prefix_masks,
+                              rank_and_sweep, trunk_features)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class BenchConfig:
         repeats: timed repetitions (median reported).
         seed: random images and (without ``params``) random weights.
         scaling: device counts to time the fast sweep on (image axis sharded), e.g. (1, 2, 4).
+        ablation: also time the shortcuts one by one (prefix sums alone; with dedupe but no grouping).
     """
 
     n_clean: int = 11547
@@ -55,6 +57,7 @@ class BenchConfig:
     repeats: int = 3
     seed: int = 0
     scaling: tuple[int, ...] = ()
+    ablation: bool = False
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> float:
@@ -85,9 +88,9 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     num_classes = int(params["output"]["bias"].shape[0])
     model = BadNet(num_classes)
     if x_clean is None:
-        x_clean = rng.integers(0, 256, size=(config.n_clean, 55, 47, 3)).astype(np.float32)
+        x_clean = rng.integers(0, 256, size=(config.n_clean, 55, 47, 3), dtype=np.uint8)
     if x_bd is None:
-        x_bd = rng.integers(0, 256, size=(config.n_bd, 55, 47, 3)).astype(np.float32)
+        x_bd = rng.integers(0, 256, size=(config.n_bd, 55, 47, 3), dtype=np.uint8)
     xc, xb = jnp.asarray(x_clean), jnp.asarray(x_bd)
     n_img = len(x_clean) + len(x_bd)
     steps = 61
@@ -107,18 +110,25 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
 
     chunk = config.chunk
     forward = jax.jit(lambda p, x: jnp.argmax(jax.lax.map(
-        lambda xb_: model.apply({"params": p}, xb_), _chunked(x, chunk)), -1))
+        lambda xb_: model.apply({"params": p}, xb_.astype(jnp.float32)), _chunked(x, chunk)), -1))
     t = compile_and_time("forward", forward, params, xc)
     out["forward_images_per_s"] = len(x_clean) / t
 
-    for name, options in (("sweep_plain", PLAIN), ("sweep_fast", _resolved(SweepOptions(impl=config.impl)))):
+    fast = _resolved(SweepOptions(impl=config.impl))
+    variants = [("sweep_plain", PLAIN)]
+    if config.ablation:
+        variants += [("sweep_prefix_only", dataclasses.replace(fast, dedupe=False, group=False)),
+                     ("sweep_prefix_dedupe", dataclasses.replace(fast, group=False))]
+    for name, options in variants + [("sweep_fast", fast)]:
         fn = jax.jit(lambda p, a, b, o=options: _rank_and_sweep(model, p, a, (b,), chunk, o))
         t = compile_and_time(name, fn, params, xc, xb)
         out[f"{name}_mask_images_per_s"] = steps * n_img / t
-    # Channels alive on some clean image (mean > 0 for non-negative activations): steps the dedupe evaluates
-    # at most (per chunk it can be fewer).
-    alive = int((np.asarray(fn(params, xc, xb)[1]) > 0).sum())
-    out["impl"] = _resolved(SweepOptions(impl=config.impl)).impl
+    out["impl"] = fast.impl
+    # The work the fast sweep actually does: (image, step) evaluations of the head's tail that dedupe left.
+    order, mean = (np.asarray(a) for a in fn(params, xc, xb)[:2])
+    trunk = jax.jit(lambda p, a: trunk_features(model, p, a, chunk))
+    evaluations = sum(head_evaluations(np.asarray(trunk(params, a)), chunk, fast) for a in (xc, xb))
+    alive = int((mean > 0).sum())  # channels alive on some clean image (activations are non-negative)
 
     # The lab's loop: zero conv_3 channels, run the whole network on every image, once per step.
     def one_step(p, mask, a, b):
@@ -155,8 +165,9 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     out["bytes_per_image_input"] = INPUT_BYTES
     plain_flops = n_img * (TRUNK_FLOPS + steps * HEAD_FLOPS)
     out["alive_channels"] = alive
-    out["distinct_steps_at_most"] = alive + 1
-    fast_flops = n_img * (TRUNK_FLOPS + CONTRIB_FLOPS + (alive + 1) * TAIL_FLOPS)
+    out["head_evaluations_per_image"] = evaluations / n_img
+    # Each evaluated step but the all-pruned one also adds one channel's contribution (1/60 of CONTRIB_FLOPS).
+    fast_flops = n_img * TRUNK_FLOPS + evaluations * (TAIL_FLOPS + CONTRIB_FLOPS / 60)
     out["sweep_plain_gflops"] = plain_flops / out["sweep_plain_s"] / 1e9
     out["sweep_fast_gflops"] = fast_flops / out["sweep_fast_s"] / 1e9
     out["matmul_peak_gflops"] = matmul_peak_gflops()

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from badnet_jax.model import POOL3_HWC, BadNet, Params
+from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params
 from badnet_jax.prefix import alive_groups, reverse_steps, step_aliases, step_preactivations
 from kernels.masked_head.api import head_argmax, resolve_impl
 
@@ -293,6 +293,26 @@ def predict_steps(model: BadNet, params: Params, x: np.ndarray, order: np.ndarra
     """(61, N) predictions of B' at every k of a given order for a set of images (e.g. test data), in one call."""
     return np.asarray(_predict_steps(model, params, jnp.asarray(x), jnp.asarray(order, jnp.int32), chunk,
                                      _resolved(options)))
+
+
+def head_evaluations(pool3_NxHxWxC: np.ndarray, chunk: int, options: SweepOptions = SweepOptions()) -> int:
+    """How many (image, step) evaluations of the head's tail the sweep does on these pool_3 features.
+
+    The work the shortcuts leave, for benchmarks: 61 per image without dedupe; with it, per chunk, the
+    all-pruned step plus one step per channel alive somewhere in the chunk (chunks after grouping, if on).
+    """
+    feats = np.asarray(pool3_NxHxWxC)
+    n, steps = len(feats), NUM_POOL3_CHANNELS + 1
+    if n == 0:
+        return 0
+    chunk = max(1, min(chunk, n))
+    starts = [min(i * chunk, n - chunk) for i in range(-(-n // chunk))]  # as _map_chunks: last block clamped
+    if not options.dedupe:
+        return len(starts) * chunk * steps
+    if options.group:
+        feats = feats[np.asarray(alive_groups(jnp.asarray(feats)))]
+    alive_NxC = feats.max(axis=(1, 2)) > 0
+    return sum(chunk * (1 + int(alive_NxC[s:s + chunk].any(axis=0).sum())) for s in starts)
 
 
 def count_hits(preds_MxN: np.ndarray, labels_N: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Lab h5 of clean images (
 BD_VALID = flags.DEFINE_string("bd_valid", None, "Lab h5 of poisoned images (default: random).")
 SCALING = flags.DEFINE_string("scaling", "", "Device counts for a sharded fast sweep, e.g. 1,2,4 (with "
                               "XLA_FLAGS=--xla_force_host_platform_device_count=4 on a CPU).")
+ABLATION = flags.DEFINE_bool("ablation", False, "Also time each shortcut on its own.")
 OUT = flags.DEFINE_string("out", "results/benchmark.json", "JSON output path.")
 
 
@@ -37,11 +38,12 @@ def main(argv: list[str]) -> int:
     cli_logging()
     config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value, chunk=CHUNK.value,
                          impl=IMPL.value, baseline_steps=BASELINE_STEPS.value, repeats=REPEATS.value,
-                         scaling=tuple(int(d) for d in SCALING.value.split(",") if d.strip()))
+                         scaling=tuple(int(d) for d in SCALING.value.split(",") if d.strip()),
+                         ablation=ABLATION.value)
     try:
         params = load_keras(MODEL.value)[1] if MODEL.value else None
-        x_clean = load_lab_h5(CLEAN_VALID.value)[0] if CLEAN_VALID.value else None
-        x_bd = load_lab_h5(BD_VALID.value)[0] if BD_VALID.value else None
+        x_clean = load_lab_h5(CLEAN_VALID.value, keep_uint8=True)[0] if CLEAN_VALID.value else None
+        x_bd = load_lab_h5(BD_VALID.value, keep_uint8=True)[0] if BD_VALID.value else None
     except BadNetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

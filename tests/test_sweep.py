@@ -85,6 +85,41 @@ def test_compile_ahead_then_the_sweep_runs_without_compiling(rng, backend_compil
     np.testing.assert_array_equal(got.preds_extra[0], plain.preds_clean)
 
 
+def test_head_evaluations_by_hand():
+    pool3 = np.zeros((4, 5, 4, 60), np.float32)
+    pool3[:, 0, 0, 0] = 1.0  # channel 0 alive everywhere
+    pool3[[0, 2], 1, 1, 5] = 2.0  # channel 5 on images 0 and 2
+    pool3[[1, 3], 2, 2, 7] = 3.0  # channel 7 on images 1 and 3
+    assert sw.head_evaluations(pool3, 2, sw.PLAIN) == 2 * 2 * 61
+    # Chunks {0, 1} and {2, 3} each see channels 0, 5, 7 alive: the all-pruned step + 3 steps, per image.
+    assert sw.head_evaluations(pool3, 2, sw.SweepOptions(group=False)) == 4 * (1 + 3)
+    # Grouped, the chunks are {0, 2} (channels 0, 5) and {1, 3} (channels 0, 7).
+    assert sw.head_evaluations(pool3, 2, sw.SweepOptions(group=True)) == 4 * (1 + 2)
+    assert sw.head_evaluations(pool3, 3, sw.SweepOptions(group=True)) == 2 * 3 * (1 + 3)  # last chunk clamped
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_head_evaluations_counts_what_the_sweep_evaluates(group, lab_b, lab_faces, monkeypatch):
+    model, params = lab_b
+    x, _ = lab_faces["bd_valid_subset"]
+    rows = []
+    real = sw.head_argmax
+
+    def counting(fc1, c4, *tail, impl):
+        jax.debug.callback(lambda r: rows.append(int(r)), fc1.shape[0] * fc1.shape[1])
+        return real(fc1, c4, *tail, impl=impl)
+
+    monkeypatch.setattr(sw, "head_argmax", counting)
+    options = sw.SweepOptions(group=group, impl="reference")
+    order = np.random.default_rng(0).permutation(60)
+    chunk = 11 + group  # shapes not compiled before in this session: the counting head gets traced
+    preds = sw.predict_steps(model, params, x[:50], order, chunk=chunk, options=options)
+    jax.block_until_ready(preds)
+    jax.effects_barrier()
+    feats = np.asarray(jax.jit(lambda a: sw.trunk_features(model, params, a, chunk))(x[:50]))
+    assert sum(rows) == sw.head_evaluations(feats, chunk, options) < 50 * 61
+
+
 def test_count_hits():
     preds = np.array([[0, 1, 2], [0, 0, 0]])
     np.testing.assert_array_equal(sw.count_hits(preds, np.array([0, 1, 1])), [2, 1])

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import BadNet, Params, init_params, prune_params
-from badnet_jax.sweep import (PLAIN, SweepOptions, _rank_and_sweep, _resolved, head_evaluations, prefix_masks,
-                              rank_and_sweep, trunk_features)
+from badnet_jax.sweep import (PLAIN, SweepOptions, _rank_and_sweep, resolve_options, head_evaluations, prefix_masks,
+                              default_chunk, rank_and_sweep, trunk_features)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class BenchConfig:
     Attributes:
         n_clean, n_bd: images in the clean and poisoned validation sets (lab: 11547 each).
         num_classes: output size (lab: 1283).
-        chunk: images per chunk in the sweep.
+        chunk: images per chunk in the sweep (None: 256 on CPU, 4096 on GPU/TPU).
         impl: masked-head implementation for the fast sweep (``auto``/``reference``/``pallas``).
         baseline_steps: how many of the 61 per-step full forwards to time (the rest are identical work;
             the total is scaled to 61 and reported as such).
@@ -46,18 +46,20 @@ class BenchConfig:
         seed: random images and (without ``params``) random weights.
         scaling: device counts to time the fast sweep on (image axis sharded), e.g. (1, 2, 4).
         ablation: also time the shortcuts one by one (prefix sums alone; with dedupe but no grouping).
+        batch_steps: the fast sweep's ``SweepOptions.batch_steps`` (None: by platform).
     """
 
     n_clean: int = 11547
     n_bd: int = 11547
     num_classes: int = 1283
-    chunk: int = 256
+    chunk: Optional[int] = None
     impl: str = "auto"
     baseline_steps: int = 61
     repeats: int = 3
     seed: int = 0
     scaling: tuple[int, ...] = ()
     ablation: bool = False
+    batch_steps: Optional[int] = None
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> float:
@@ -96,7 +98,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     steps = 61
     out = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
            "jax": jax.__version__, "n_clean": len(x_clean), "n_bd": len(x_bd), "num_classes": num_classes,
-           "steps": steps, "chunk": config.chunk}
+           "steps": steps}
 
     def compile_and_time(name, fn, *args):
         t = time.perf_counter()
@@ -108,13 +110,14 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
         log.info("%-22s %8.3f s  (compile %.2f s)", name, seconds, out[f"{name}_compile_s"])
         return seconds
 
-    chunk = config.chunk
+    chunk = config.chunk or default_chunk()
+    out["chunk"] = chunk
     forward = jax.jit(lambda p, x: jnp.argmax(jax.lax.map(
         lambda xb_: model.apply({"params": p}, xb_.astype(jnp.float32)), _chunked(x, chunk)), -1))
     t = compile_and_time("forward", forward, params, xc)
     out["forward_images_per_s"] = len(x_clean) / t
 
-    fast = _resolved(SweepOptions(impl=config.impl))
+    fast = resolve_options(SweepOptions(impl=config.impl, batch_steps=config.batch_steps))
     variants = [("sweep_plain", PLAIN)]
     if config.ablation:
         variants += [("sweep_prefix_only", dataclasses.replace(fast, dedupe=False, group=False)),
@@ -123,7 +126,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
         fn = jax.jit(lambda p, a, b, o=options: _rank_and_sweep(model, p, a, (b,), chunk, o))
         t = compile_and_time(name, fn, params, xc, xb)
         out[f"{name}_mask_images_per_s"] = steps * n_img / t
-    out["impl"] = fast.impl
+    out["impl"], out["batch_steps"] = fast.impl, fast.batch_steps
     # The work the fast sweep actually does: (image, step) evaluations of the head's tail that dedupe left.
     order, mean = (np.asarray(a) for a in fn(params, xc, xb)[:2])
     trunk = jax.jit(lambda p, a: trunk_features(model, p, a, chunk))
@@ -153,7 +156,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     log.info("%-22s %8.3f s  (%d steps timed, scaled to %d)", "baseline (per step)", out["baseline_s"], k_steps, steps)
 
     for d in config.scaling:
-        run = lambda: rank_and_sweep(model, params, x_clean, x_bd, chunk=chunk, options=SweepOptions(impl=config.impl),
+        run = lambda: rank_and_sweep(model, params, x_clean, x_bd, chunk=chunk, options=fast,
                                      devices=d).preds_bd
         run()  # compile
         out.setdefault("scaling_fast_sweep_s", {})[str(d)] = _timed(run, config.repeats)

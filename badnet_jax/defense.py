@@ -27,7 +27,8 @@ from badnet_jax.fileio import sha256_of
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.memory import chunk_for_budget
 from badnet_jax.model import BadNet, Params, predict, prune_params
-from badnet_jax.sweep import DEFAULT_CHUNK, SweepOptions, compile_sweep, count_hits, rank_and_sweep
+from badnet_jax.sweep import (SweepOptions, compile_sweep, count_hits, default_chunk, rank_and_sweep,
+                              resolve_options)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class DefenseConfig:
         model: Keras h5 of B; None = the lab layout default, else the embedded demo.
         clean_valid, bd_valid, clean_test, bd_test: lab h5 files; all None = lab defaults, else the demo.
         out_dir: where outputs go.
-        chunk: images per chunk inside the jitted sweep (memory bound).
+        chunk: images per chunk inside the jitted sweep (memory bound); None = 256 on CPU, 4096 on GPU/TPU.
         checkpoints: write B' and GoodNet checkpoints and Keras files per selected drop.
         sweep: the sweep's exact shortcuts and masked-head implementation.
         finetune: if set, also fine-prune each selected B' (see ``badnet_jax.finetune``).
@@ -64,7 +65,7 @@ class DefenseConfig:
     clean_test: Optional[str] = None
     bd_test: Optional[str] = None
     out_dir: str = "results"
-    chunk: int = DEFAULT_CHUNK
+    chunk: Optional[int] = None
     checkpoints: bool = True
     sweep: SweepOptions = SweepOptions()
     finetune: Optional[FinetuneConfig] = None
@@ -284,9 +285,11 @@ def run_defense(config: DefenseConfig) -> dict:
 
 
 def _chunk(config: DefenseConfig, sets: list) -> int:
-    chunk = chunk_for_budget(sets, config.memory_budget, config.sweep.prefix_sums, config.chunk)
-    if chunk < config.chunk:
-        log.info("Memory budget: %d images per chunk (instead of %d).", chunk, config.chunk)
+    wanted = config.chunk or default_chunk()
+    batched = config.sweep.prefix_sums and bool(resolve_options(config.sweep).batch_steps)
+    chunk = chunk_for_budget(sets, config.memory_budget, config.sweep.prefix_sums, wanted, batched=batched)
+    if chunk < wanted:
+        log.info("Memory budget: %d images per chunk (instead of %d).", chunk, wanted)
     return chunk
 
 

@@ -120,10 +120,30 @@ def reverse_steps(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array, st
     return jnp.concatenate([outs[::-1], last[None]], axis=0)
 
 
-def step_preactivations(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """fc_1 (61, N, 160) and conv_4 (61, N, 960) pre-activations, biases included, at every step k."""
-    both = reverse_steps(params, pool3_NxHxWxC, order, lambda k, fc1, c4: jnp.concatenate([fc1, c4], axis=1))
+def step_preactivations(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array,
+                        skip_dead: bool = False) -> tuple[jax.Array, jax.Array]:
+    """fc_1 (61, N, 160) and conv_4 (61, N, 960) pre-activations, biases included, at every step k.
+
+    ``skip_dead`` copies the previous step's values instead of adding a dead channel's (zero) contribution.
+    """
+    both = reverse_steps(params, pool3_NxHxWxC, order, lambda k, fc1, c4: jnp.concatenate([fc1, c4], axis=1),
+                         skip_dead=skip_dead)
     return both[..., :160], both[..., 160:]
+
+
+def evaluated_steps(pool3_NxHxWxC: jax.Array, order: jax.Array) -> jax.Array:
+    """(61,) bool: the steps whose inputs differ from the next step's on these images.
+
+    Step 60 (no channel kept) always counts; step k < 60 counts when the channel it keeps on top of
+    step k+1, ``order[k]``, is non-zero on some image. Every other step equals its next counted step.
+    """
+    return jnp.concatenate([alive_channels(pool3_NxHxWxC)[order], jnp.ones((1,), bool)])
+
+
+def reuse_from(evaluated: jax.Array) -> jax.Array:
+    """(61,) int32: for each step, the first evaluated step at or after it, whose predictions it shares."""
+    steps = jnp.arange(evaluated.shape[0], dtype=jnp.int32)
+    return jax.lax.cummin(jnp.where(evaluated, steps, evaluated.shape[0]), axis=0, reverse=True)
 
 
 def step_aliases(pool3_NxHxWxC: jax.Array, order: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +21,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params
-from badnet_jax.prefix import alive_groups, reverse_steps, step_aliases, step_preactivations
+from badnet_jax.prefix import (alive_groups, evaluated_steps, reuse_from, reverse_steps, step_aliases,
+                               step_preactivations)
 from kernels.masked_head.api import head_argmax, resolve_impl
 
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 256  # CPU: per-step GEMMs of 256 rows run near the matmul peak, and dedupe stays fine-grained
+ACCELERATOR_CHUNK = 4096  # GPU/TPU: few, large calls
+
+
+def default_chunk() -> int:
+    """Images per chunk when none is given: :data:`DEFAULT_CHUNK` on CPU, :data:`ACCELERATOR_CHUNK` else."""
+    return DEFAULT_CHUNK if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK
 
 
 def prefix_masks(order: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
@@ -84,12 +92,17 @@ class SweepOptions:
             predictions back after), so that a chunk's images share dead channels and skip more steps.
         impl: masked-head implementation for the prefix path: ``auto``, ``reference`` or ``pallas``
             (see ``kernels.masked_head.api``).
+        batch_steps: with ``prefix_sums`` and ``dedupe``: 0 evaluates a chunk's distinct steps one head
+            call each, inside the scan over steps (best on a CPU); B > 0 builds all 61 steps'
+            pre-activations, gathers the distinct ones and evaluates them B steps per head call (an
+            accelerator wants few large calls). None: 0 on CPU, 8 on GPU/TPU.
     """
 
     prefix_sums: bool = True
     dedupe: bool = True
     group: bool = True
     impl: str = "auto"
+    batch_steps: Optional[int] = None
 
 
 PLAIN = SweepOptions(prefix_sums=False, dedupe=False, group=False, impl="reference")
@@ -108,6 +121,8 @@ def step_predictions(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, or
     def one_chunk(feats):
         if options.prefix_sums:
             tail = (p["fc_2"]["kernel"], p["fc_2"]["bias"], p["output"]["kernel"], p["output"]["bias"])
+            if options.dedupe and options.batch_steps:
+                return _distinct_steps_batched(p, feats, order, tail, options.impl, options.batch_steps)
             if options.dedupe:
                 # Going from step k+1 to k adds channel order[k]; if it is dead on this chunk, nothing changed.
                 head = lambda k, fc1, c4: head_argmax(fc1[None], c4[None], *tail, impl=options.impl)[0]
@@ -133,6 +148,25 @@ def step_predictions(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, or
     perm = alive_groups(pool3_NxHxWxC)
     preds = _map_chunks(one_chunk, pool3_NxHxWxC[perm], chunk, rows_axis=1)
     return jnp.zeros_like(preds).at[:, perm].set(preds, unique_indices=True)
+
+
+def _distinct_steps_batched(p: Params, feats: jax.Array, order: jax.Array, tail: tuple, impl: str,
+                            batch: int) -> jax.Array:
+    """(61, n) predictions of one chunk: its distinct steps gathered and evaluated ``batch`` at a time."""
+    fc1, c4 = step_preactivations(p, feats, order, skip_dead=True)  # (61, n, 160), (61, n, 960)
+    evaluated = evaluated_steps(feats, order)
+    steps = evaluated.shape[0]
+    # The evaluated steps first, padded with step 60 (always evaluated) to whole batches: a padded
+    # entry recomputes step 60's predictions and writes the same values again.
+    todo = jnp.nonzero(evaluated, size=-(-steps // batch) * batch, fill_value=steps - 1)[0]
+
+    def one_batch(b, out):
+        idx = jax.lax.dynamic_slice_in_dim(todo, b * batch, batch)
+        return out.at[idx].set(head_argmax(fc1[idx], c4[idx], *tail, impl=impl))
+
+    count = jnp.sum(evaluated.astype(jnp.int32))
+    out = jax.lax.fori_loop(0, (count + batch - 1) // batch, one_batch, jnp.zeros((steps, feats.shape[0]), jnp.int32))
+    return out[reuse_from(evaluated)]
 
 
 def _rank(per_image_NxC: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -210,8 +244,14 @@ def _predict_steps(model, params, x, order, chunk, options):
     return step_predictions(model, params, trunk_features(model, params, x, chunk), order, chunk, options)
 
 
-def _resolved(options: SweepOptions) -> SweepOptions:
-    return dataclasses.replace(options, impl=resolve_impl(options.impl)) if options.prefix_sums else options
+def resolve_options(options: SweepOptions) -> SweepOptions:
+    """``options`` with the masked-head implementation and ``batch_steps`` fixed for the default backend."""
+    if not options.prefix_sums:
+        return options
+    batch = options.batch_steps
+    if batch is None:
+        batch = 0 if jax.default_backend() == "cpu" else 8
+    return dataclasses.replace(options, impl=resolve_impl(options.impl), batch_steps=batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,11 +277,12 @@ class Sweep:
 Images = np.ndarray | jax.ShapeDtypeStruct
 
 
-def _sweep_call(model: BadNet, params: Params, x_clean: Images, sets: tuple[Images, ...], chunk: int,
+def _sweep_call(model: BadNet, params: Params, x_clean: Images, sets: tuple[Images, ...], chunk: Optional[int],
                 options: SweepOptions, devices: int):
     """The jitted sweep for this device count and its arguments (arrays, or shapes to compile for)."""
+    chunk = chunk or default_chunk()
     mesh = data_mesh(devices) if devices != 1 else None
-    options = _resolved(options)
+    options = resolve_options(options)
     if mesh is None or mesh.devices.size == 1:
         put = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
         return _rank_and_sweep, (model, params, put(x_clean), tuple(put(x) for x in sets), chunk, options), None
@@ -251,7 +292,7 @@ def _sweep_call(model: BadNet, params: Params, x_clean: Images, sets: tuple[Imag
 
 
 def compile_sweep(model: BadNet, params: Params, x_clean: jax.ShapeDtypeStruct,
-                  sets: tuple[jax.ShapeDtypeStruct, ...], chunk: int = DEFAULT_CHUNK,
+                  sets: tuple[jax.ShapeDtypeStruct, ...], chunk: Optional[int] = None,
                   options: SweepOptions = SweepOptions(), devices: int = 1) -> None:
     """Compile :func:`rank_and_sweep` for images of these shapes and dtypes, ahead of the data.
 
@@ -268,7 +309,7 @@ def compile_sweep(model: BadNet, params: Params, x_clean: jax.ShapeDtypeStruct,
 
 
 def rank_and_sweep(model: BadNet, params: Params, x_clean: np.ndarray, x_bd: np.ndarray,
-                   chunk: int = DEFAULT_CHUNK, options: SweepOptions = SweepOptions(),
+                   chunk: Optional[int] = None, options: SweepOptions = SweepOptions(),
                    extra: tuple[np.ndarray, ...] = (), devices: int = 1) -> Sweep:
     """Rank channels on the clean validation images and predict every set at every k, in one jitted call.
 
@@ -288,19 +329,21 @@ def rank_and_sweep(model: BadNet, params: Params, x_clean: np.ndarray, x_bd: np.
                  preds_extra=tuple(np.asarray(p) for p in po[1:]))
 
 
-def predict_steps(model: BadNet, params: Params, x: np.ndarray, order: np.ndarray, chunk: int = DEFAULT_CHUNK,
+def predict_steps(model: BadNet, params: Params, x: np.ndarray, order: np.ndarray, chunk: Optional[int] = None,
                   options: SweepOptions = SweepOptions()) -> np.ndarray:
     """(61, N) predictions of B' at every k of a given order for a set of images (e.g. test data), in one call."""
-    return np.asarray(_predict_steps(model, params, jnp.asarray(x), jnp.asarray(order, jnp.int32), chunk,
-                                     _resolved(options)))
+    return np.asarray(_predict_steps(model, params, jnp.asarray(x), jnp.asarray(order, jnp.int32),
+                                     chunk or default_chunk(), resolve_options(options)))
 
 
 def head_evaluations(pool3_NxHxWxC: np.ndarray, chunk: int, options: SweepOptions = SweepOptions()) -> int:
     """How many (image, step) evaluations of the head's tail the sweep does on these pool_3 features.
 
     The work the shortcuts leave, for benchmarks: 61 per image without dedupe; with it, per chunk, the
-    all-pruned step plus one step per channel alive somewhere in the chunk (chunks after grouping, if on).
+    all-pruned step plus one step per channel alive somewhere in the chunk (chunks after grouping, if on),
+    rounded up to whole batches with ``batch_steps`` (as resolved for the backend).
     """
+    batch = (resolve_options(options).batch_steps or 1) if options.prefix_sums else 1
     feats = np.asarray(pool3_NxHxWxC)
     n, steps = len(feats), NUM_POOL3_CHANNELS + 1
     if n == 0:
@@ -312,7 +355,8 @@ def head_evaluations(pool3_NxHxWxC: np.ndarray, chunk: int, options: SweepOption
     if options.group:
         feats = feats[np.asarray(alive_groups(jnp.asarray(feats)))]
     alive_NxC = feats.max(axis=(1, 2)) > 0
-    return sum(chunk * (1 + int(alive_NxC[s:s + chunk].any(axis=0).sum())) for s in starts)
+    distinct = [1 + int(alive_NxC[s:s + chunk].any(axis=0).sum()) for s in starts]
+    return sum(chunk * -(-d // batch) * batch for d in distinct)
 
 
 def count_hits(preds_MxN: np.ndarray, labels_N: np.ndarray) -> np.ndarray:

@@ -20,7 +20,9 @@ from badnet_jax.fileio import atomic_write_text
 N_CLEAN = flags.DEFINE_integer("n_clean", 11547, "Random clean images (ignored with --clean_valid).")
 N_BD = flags.DEFINE_integer("n_bd", 11547, "Random poisoned images (ignored with --bd_valid).")
 CLASSES = flags.DEFINE_integer("num_classes", 1283, "Classes of the random model (ignored with --model).")
-CHUNK = flags.DEFINE_integer("chunk", 256, "Images per chunk.")
+CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk (default 256 on CPU, 4096 on GPU/TPU).")
+BATCH_STEPS = flags.DEFINE_integer("batch_steps", None, "Distinct steps per head call (0: one per call inside the "
+                                   "scan; default 0 on CPU, 8 on GPU/TPU).")
 IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Masked-head implementation.")
 BASELINE_STEPS = flags.DEFINE_integer("baseline_steps", 61, "Per-step baseline steps to time (scaled to 61).")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the median is reported.")
@@ -39,7 +41,7 @@ def main(argv: list[str]) -> int:
     config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value, chunk=CHUNK.value,
                          impl=IMPL.value, baseline_steps=BASELINE_STEPS.value, repeats=REPEATS.value,
                          scaling=tuple(int(d) for d in SCALING.value.split(",") if d.strip()),
-                         ablation=ABLATION.value)
+                         ablation=ABLATION.value, batch_steps=BATCH_STEPS.value)
     try:
         params = load_keras(MODEL.value)[1] if MODEL.value else None
         x_clean = load_lab_h5(CLEAN_VALID.value, keep_uint8=True)[0] if CLEAN_VALID.value else None

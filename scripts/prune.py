@@ -26,7 +26,8 @@ BD_VALID = flags.DEFINE_string("bd_valid", None, "Poisoned validation h5 (defaul
 CLEAN_TEST = flags.DEFINE_string("clean_test", None, "Clean test h5 (default data/cl/test.h5).")
 BD_TEST = flags.DEFINE_string("bd_test", None, "Poisoned test h5 (default data/bd/bd_test.h5).")
 OUT_DIR = flags.DEFINE_string("out_dir", "results", "Output directory.")
-CHUNK = flags.DEFINE_integer("chunk", 256, "Images per chunk inside the jitted sweep (bounds memory).")
+CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk inside the jitted sweep (bounds memory; "
+                             "default 256 on CPU, 4096 on GPU/TPU).")
 FT_EPOCHS = flags.DEFINE_integer("finetune_epochs", 0, "Fine-pruning epochs per selected B' (0 = pruning only).")
 FT_LR = flags.DEFINE_float("finetune_lr", 1e-4, "Fine-pruning learning rate (Adam).")
 BUDGET = flags.DEFINE_float("memory_budget", None, "GiB the sweep may use (default: half the device's memory).")

@@ -241,6 +241,7 @@ def test_memory_budget_shrinks_chunk_and_refuses_what_cannot_fit(lab_dir):
     small = chunk_for_budget([x, x], 60 * 2**20, True, 256)
     assert 1 <= small < 256
     assert chunk_for_budget([x, x], 60 * 2**20, False, 256) < small  # the plain sweep needs more per image
+    assert chunk_for_budget([x, x], 60 * 2**20, True, 256, batched=True) < small  # so do batched steps
     with pytest.raises(ConfigError, match="memory budget"):
         chunk_for_budget([x, x], 2**20, True, 256)
     # Through the CLI: a tight budget still gives the same curve (only the chunking changes).

@@ -96,10 +96,12 @@ def test_head_evaluations_by_hand():
     # Grouped, the chunks are {0, 2} (channels 0, 5) and {1, 3} (channels 0, 7).
     assert sw.head_evaluations(pool3, 2, sw.SweepOptions(group=True)) == 4 * (1 + 2)
     assert sw.head_evaluations(pool3, 3, sw.SweepOptions(group=True)) == 2 * 3 * (1 + 3)  # last chunk clamped
+    # Steps evaluated 2 per head call: 3 distinct steps round up to 4.
+    assert sw.head_evaluations(pool3, 2, sw.SweepOptions(group=True, batch_steps=2)) == 4 * 4
 
 
-@pytest.mark.parametrize("group", [False, True])
-def test_head_evaluations_counts_what_the_sweep_evaluates(group, lab_b, lab_faces, monkeypatch):
+@pytest.mark.parametrize("group,batch_steps", [(False, 0), (True, 0), (True, 4)])
+def test_head_evaluations_counts_what_the_sweep_evaluates(group, batch_steps, lab_b, lab_faces, monkeypatch):
     model, params = lab_b
     x, _ = lab_faces["bd_valid_subset"]
     rows = []
@@ -110,9 +112,9 @@ def test_head_evaluations_counts_what_the_sweep_evaluates(group, lab_b, lab_face
         return real(fc1, c4, *tail, impl=impl)
 
     monkeypatch.setattr(sw, "head_argmax", counting)
-    options = sw.SweepOptions(group=group, impl="reference")
+    options = sw.SweepOptions(group=group, impl="reference", batch_steps=batch_steps)
     order = np.random.default_rng(0).permutation(60)
-    chunk = 11 + group  # shapes not compiled before in this session: the counting head gets traced
+    chunk = 11 + group + batch_steps  # shapes not compiled before in this session: the counting head gets traced
     preds = sw.predict_steps(model, params, x[:50], order, chunk=chunk, options=options)
     jax.block_until_ready(preds)
     jax.effects_barrier()
@@ -130,8 +132,11 @@ SHORTCUTS = [sw.SweepOptions(prefix_sums=True, dedupe=False, group=False, impl="
              sw.SweepOptions(prefix_sums=True, dedupe=True, group=False, impl="reference"),
              sw.SweepOptions(prefix_sums=False, dedupe=True, group=True, impl="reference"),
              sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="reference"),
-             sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="pallas")]
-_name = lambda o: f"prefix{int(o.prefix_sums)}-dedupe{int(o.dedupe)}-group{int(o.group)}-{o.impl}"
+             sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="reference", batch_steps=3),
+             sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="pallas"),
+             sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="pallas", batch_steps=8)]
+_name = lambda o: (f"prefix{int(o.prefix_sums)}-dedupe{int(o.dedupe)}-group{int(o.group)}-batch{o.batch_steps}"
+                   f"-{o.impl}")
 
 
 @pytest.mark.parametrize("options", SHORTCUTS, ids=_name)
@@ -145,7 +150,7 @@ def test_every_shortcut_gives_the_plain_sweep_on_real_b(options, lab_b, lab_face
     np.testing.assert_array_equal(fast.preds_bd, plain.preds_bd)
 
 
-@pytest.mark.parametrize("options", SHORTCUTS[:5], ids=_name)
+@pytest.mark.parametrize("options", SHORTCUTS[:6], ids=_name)
 def test_every_shortcut_gives_the_same_counts_on_a_random_model(options, rng):
     params = init_params(num_classes=29, seed=21)
     model = BadNet(29)

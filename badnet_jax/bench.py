@@ -28,7 +28,7 @@ TRUNK_FLOPS = 2 * (52 * 44 * 20 * 4 * 4 * 3 + 24 * 20 * 40 * 3 * 3 * 20 + 10 * 8
 HEAD_FLOPS = 2 * (1200 * 160 + 4 * 3 * 80 * 2 * 2 * 60 + 960 * 160 + 160 * 1283)  # one masked head, 1283 classes
 TAIL_FLOPS = 2 * (960 * 160 + 160 * 1283)  # per image and mask once fc_1/conv_4 come from prefix sums
 CONTRIB_FLOPS = 2 * (1200 * 160 + 4 * 3 * 80 * 2 * 2 * 60)  # per-channel contributions, once per image
-INPUT_BYTES = 55 * 47 * 3 * 4
+INPUT_PIXELS = 55 * 47 * 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     out["speedup_plain_vs_baseline"] = out["baseline_s"] / out["sweep_plain_s"]
     out["flops_per_image"] = {"trunk": TRUNK_FLOPS, "masked_head": HEAD_FLOPS, "tail_after_prefix_sums": TAIL_FLOPS,
                               "channel_contributions": CONTRIB_FLOPS}
-    out["bytes_per_image_input"] = INPUT_BYTES
+    out["bytes_per_image_input"] = INPUT_PIXELS * np.dtype(x_clean.dtype).itemsize  # uint8 as the lab stores them
     plain_flops = n_img * (TRUNK_FLOPS + steps * HEAD_FLOPS)
     out["alive_channels"] = alive
     out["head_evaluations_per_image"] = evaluations / n_img

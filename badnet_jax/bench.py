@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import BadNet, Params, init_params, prune_params
-from badnet_jax.sweep import (PLAIN, SweepOptions, _rank_and_sweep, resolve_options, head_evaluations, prefix_masks,
-                              default_chunk, rank_and_sweep, trunk_features)
+from badnet_jax.sweep import (PLAIN, SweepOptions, _rank_and_sweep, default_chunk, head_evaluations, prefix_masks,
+                              rank_and_sweep, resolve_options, trunk_features)
 
 log = logging.getLogger(__name__)
 

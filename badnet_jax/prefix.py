@@ -79,8 +79,10 @@ def alive_groups(pool3_NxHxWxC: jax.Array) -> jax.Array:
     bits_NxC = alive_NxC[:, rarest_first].astype(jnp.int32)
     # 60 bits do not fit one int32 key: two 30-bit keys, compared lexicographically by lax.sort.
     weights = jnp.left_shift(1, jnp.arange(29, -1, -1, dtype=jnp.int32))
-    keys = [jnp.sum(bits_NxC[:, i:i + 30] * weights[None, :bits_NxC[:, i:i + 30].shape[1]], axis=1)
-            for i in range(0, bits_NxC.shape[1], 30)]
+    keys = []
+    for i in range(0, bits_NxC.shape[1], 30):
+        block = bits_NxC[:, i:i + 30]
+        keys.append(jnp.sum(block * weights[None, :block.shape[1]], axis=1))
     return jax.lax.sort((*keys, jnp.arange(n, dtype=jnp.int32)), num_keys=len(keys), is_stable=True)[-1]
 
 
@@ -129,21 +131,6 @@ def step_preactivations(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Arr
     both = reverse_steps(params, pool3_NxHxWxC, order, lambda k, fc1, c4: jnp.concatenate([fc1, c4], axis=1),
                          skip_dead=skip_dead)
     return both[..., :160], both[..., 160:]
-
-
-def evaluated_steps(pool3_NxHxWxC: jax.Array, order: jax.Array) -> jax.Array:
-    """(61,) bool: the steps whose inputs differ from the next step's on these images.
-
-    Step 60 (no channel kept) always counts; step k < 60 counts when the channel it keeps on top of
-    step k+1, ``order[k]``, is non-zero on some image. Every other step equals its next counted step.
-    """
-    return jnp.concatenate([alive_channels(pool3_NxHxWxC)[order], jnp.ones((1,), bool)])
-
-
-def reuse_from(evaluated: jax.Array) -> jax.Array:
-    """(61,) int32: for each step, the first evaluated step at or after it, whose predictions it shares."""
-    steps = jnp.arange(evaluated.shape[0], dtype=jnp.int32)
-    return jax.lax.cummin(jnp.where(evaluated, steps, evaluated.shape[0]), axis=0, reverse=True)
 
 
 def step_aliases(pool3_NxHxWxC: jax.Array, order: jax.Array) -> jax.Array:

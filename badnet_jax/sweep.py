@@ -21,8 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params
-from badnet_jax.prefix import (alive_groups, evaluated_steps, reuse_from, reverse_steps, step_aliases,
-                               step_preactivations)
+from badnet_jax.prefix import alive_groups, reverse_steps, step_aliases, step_preactivations
 from kernels.masked_head.api import head_argmax, resolve_impl
 
 DEFAULT_CHUNK = 256  # CPU: per-step GEMMs of 256 rows run near the matmul peak, and dedupe stays fine-grained
@@ -153,12 +152,15 @@ def step_predictions(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, or
 def _distinct_steps_batched(p: Params, feats: jax.Array, order: jax.Array, tail: tuple, impl: str,
                             batch: int) -> jax.Array:
     """(61, n) predictions of one chunk: its distinct steps gathered and evaluated ``batch`` at a time."""
+    # Within a run of steps with one effective mask the pre-activations are exact copies (skip_dead), so
+    # each run is evaluated once, at its first step (its alias), and shared.
     fc1, c4 = step_preactivations(p, feats, order, skip_dead=True)  # (61, n, 160), (61, n, 960)
-    evaluated = evaluated_steps(feats, order)
-    steps = evaluated.shape[0]
-    # The evaluated steps first, padded with step 60 (always evaluated) to whole batches: a padded
-    # entry recomputes step 60's predictions and writes the same values again.
-    todo = jnp.nonzero(evaluated, size=-(-steps // batch) * batch, fill_value=steps - 1)[0]
+    aliases = step_aliases(feats, order)
+    steps = aliases.shape[0]
+    evaluated = aliases == jnp.arange(steps, dtype=aliases.dtype)
+    # The evaluated steps first, padded with step 0 (always evaluated) to whole batches: a padded entry
+    # recomputes step 0's predictions and writes the same values again.
+    todo = jnp.nonzero(evaluated, size=-(-steps // batch) * batch, fill_value=0)[0]
 
     def one_batch(b, out):
         idx = jax.lax.dynamic_slice_in_dim(todo, b * batch, batch)
@@ -166,7 +168,7 @@ def _distinct_steps_batched(p: Params, feats: jax.Array, order: jax.Array, tail:
 
     count = jnp.sum(evaluated.astype(jnp.int32))
     out = jax.lax.fori_loop(0, (count + batch - 1) // batch, one_batch, jnp.zeros((steps, feats.shape[0]), jnp.int32))
-    return out[reuse_from(evaluated)]
+    return out[aliases]
 
 
 def _rank(per_image_NxC: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:

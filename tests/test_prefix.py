@@ -100,14 +100,3 @@ def test_skipping_dead_steps_changes_nothing(rng):
     skipped = prefix.reverse_steps(params, jnp.asarray(pool3), order, fn, skip_dead=True)
     np.testing.assert_array_equal(np.asarray(skipped), np.asarray(full))
 
-
-def test_evaluated_steps_and_reuse_from_by_hand():
-    pool3 = np.zeros((2, 5, 4, 60), np.float32)
-    pool3[0, 0, 0, [4, 9]] = 1.0  # only channels 4 and 9 alive
-    order = np.array([4, 1, 2, 9] + list(range(10, 60)) + [0, 3, 5, 6, 7, 8])
-    evaluated = np.asarray(prefix.evaluated_steps(jnp.asarray(pool3), jnp.asarray(order)))
-    # Step k keeps order[k] on top of step k+1: steps 0 (keeps 4) and 3 (keeps 9) and step 60 are distinct.
-    np.testing.assert_array_equal(np.flatnonzero(evaluated), [0, 3, 60])
-    reuse = np.asarray(prefix.reuse_from(jnp.asarray(evaluated)))
-    np.testing.assert_array_equal(reuse[:5], [0, 3, 3, 3, 60])
-    assert (reuse[4:] == 60).all()

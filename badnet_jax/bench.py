@@ -8,6 +8,7 @@ matmul peak measured on the same device in the same run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import statistics
 import time
@@ -175,6 +176,38 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     out["sweep_fast_gflops"] = fast_flops / out["sweep_fast_s"] / 1e9
     out["matmul_peak_gflops"] = matmul_peak_gflops()
     out["min_time_fast_at_peak_s"] = fast_flops / (out["matmul_peak_gflops"] * 1e9)
+    return out
+
+
+def kernel_timings(masks: int = 8, images: int = 4096, num_classes: int = 1283,
+                   block_ns: tuple[int, ...] = (16, 32, 64), repeats: int = 5, seed: int = 0) -> dict:
+    """Time the masked-head tail alone: the JAX reference and the Pallas kernel at each ``block_n``.
+
+    One head call of the accelerator sweep has this shape (``batch_steps`` masks x a chunk of images).
+    For tuning the kernel on a device; on CPU the kernel runs in interpret mode (correct, slow), so keep
+    the shape small there. Each kernel's agreement with the reference (share of equal predictions; only
+    near-ties may differ) is reported beside its time.
+    """
+    from kernels.masked_head.api import head_argmax, resolve_impl
+    from kernels.masked_head.pallas_kernel import head_argmax_pallas
+
+    k = jax.random.split(jax.random.PRNGKey(seed), 6)
+    args = (jax.random.normal(k[0], (masks, images, 160)) * 3, jax.random.normal(k[1], (masks, images, 960)) * 3,
+            jax.random.normal(k[2], (960, 160)) * 0.05, jax.random.normal(k[3], (160,)),
+            jax.random.normal(k[4], (160, num_classes)) * 0.1, jax.random.normal(k[5], (num_classes,)))
+    interpret = resolve_impl("pallas") == "interpret"
+    variants = {"reference": jax.jit(lambda *a: head_argmax(*a, impl="reference"))}
+    for b in block_ns:
+        variants[f"pallas_block_n{b}"] = jax.jit(functools.partial(head_argmax_pallas, block_n=b, interpret=interpret))
+    out = {"masks": masks, "images": images, "num_classes": num_classes, "interpret": interpret}
+    ref = None
+    for name, fn in variants.items():
+        preds = np.asarray(jax.block_until_ready(fn(*args)))  # compile + first run
+        ref = preds if ref is None else ref
+        seconds = _timed(lambda: fn(*args), repeats)
+        out[name] = {"s": seconds, "gflops": masks * images * TAIL_FLOPS / seconds / 1e9,
+                     "agree": float((preds == ref).mean())}
+        log.info("%-22s %8.4f s  %7.1f GFLOP/s  agree %.4f", name, seconds, out[name]["gflops"], out[name]["agree"])
     return out
 
 

@@ -20,10 +20,11 @@ python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab" > "$out/stan
 mkdir -p "$lab/models" && cp "$assets/models/lab3/bd_weights.h5" "$lab/models/"
 files="--model $lab/models/bd_weights.h5 --clean_valid $lab/data/cl/valid.h5 --bd_valid $lab/data/bd/bd_valid.h5"
 # The fast sweep: Pallas vs reference head, distinct steps batched (8, the accelerator default) vs one per call.
-for run in "pallas 8" "reference 8" "pallas 0"; do
+# The first run also times the kernel alone at three block sizes (one head call: 8 masks x 4096 images).
+for run in "pallas 8 16,32,64" "reference 8" "pallas 0"; do
   set -- $run
   python3 scripts/benchmark.py $files --impl "$1" --batch_steps "$2" --baseline_steps 6 --repeats 5 \
-    --out "$out/bench_$1_b$2.json" 2>&1 | tail -45 > "$out/bench_$1_b$2.txt"
+    ${3:+--kernel_block_n "$3"} --out "$out/bench_$1_b$2.json" 2>&1 | tail -50 > "$out/bench_$1_b$2.txt"
 done
 grep -H -E "sweep_fast_s |speedup_fast|matmul_peak|sweep_fast_gflops|head_evaluations|forward_images" "$out"/bench_*.txt
 # The whole defense end to end on the stand-in files.

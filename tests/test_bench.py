@@ -26,3 +26,10 @@ def test_standin_data_is_lab_layout_and_poisoned_with_the_real_trigger(tmp_path)
         xb, yb = load_lab_h5(tmp_path / f"data/bd/bd_{name}.h5")
         assert x.shape == (n, 55, 47, 3) and (yb == 0).all()
         np.testing.assert_array_equal(xb, poison(x, trigger))
+
+
+def test_kernel_timings_reports_each_block_size_and_its_agreement():
+    out = bench.kernel_timings(masks=2, images=24, num_classes=37, block_ns=(8, 16), repeats=1)
+    assert set(out) >= {"reference", "pallas_block_n8", "pallas_block_n16"}
+    for name in ("reference", "pallas_block_n8", "pallas_block_n16"):
+        assert out[name]["s"] > 0 and out[name]["agree"] == 1.0  # interpret mode on CPU equals the reference

@@ -52,9 +52,14 @@ def main(argv: list[str]) -> int:
     except BadNetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        block_ns = tuple(int(b) for b in KERNEL_BLOCK_N.value.split(",") if b.strip())
+    except ValueError:
+        print(f"error: --kernel_block_n must be comma-separated integers, got {KERNEL_BLOCK_N.value!r}", file=sys.stderr)
+        return 2
     result = run_benchmark(config, params, x_clean, x_bd)
-    if KERNEL_BLOCK_N.value:
-        result["kernel"] = kernel_timings(block_ns=tuple(int(b) for b in KERNEL_BLOCK_N.value.split(",")))
+    if block_ns:
+        result["kernel"] = kernel_timings(block_ns=block_ns)
     result["command"] = " ".join(sys.argv)
     atomic_write_text(OUT.value, json.dumps(result, indent=1, sort_keys=True) + "\n")
     for key in sorted(result):

@@ -286,7 +286,8 @@ def run_defense(config: DefenseConfig) -> dict:
 
 def _chunk(config: DefenseConfig, sets: list) -> int:
     wanted = config.chunk or default_chunk()
-    batched = config.sweep.prefix_sums and bool(resolve_options(config.sweep).batch_steps)
+    resolved = resolve_options(config.sweep)
+    batched = resolved.prefix_sums and resolved.dedupe and bool(resolved.batch_steps)
     chunk = chunk_for_budget(sets, config.memory_budget, config.sweep.prefix_sums, wanted, batched=batched)
     if chunk < wanted:
         log.info("Memory budget: %d images per chunk (instead of %d).", chunk, wanted)

@@ -2,9 +2,9 @@
 
 Estimates (bytes per image, float32): the trunk's largest intermediates (conv_1 output 52x44x20 and its
 pool, conv_2 output) ~350 KB; the plain sweep's vmapped head over 61 masks ~920 KB; the prefix sweep's
-per-step carries and logits ~15 KB (~330 KB when it batches steps: all 61 steps' pre-activations). Resident: every set's images (uint8: 7.8 KB, float32: 31 KB) and 61
-int32 predictions per image, plus pool_3 features (4.8 KB per image) of the clean set and, twice, of the
-set being swept.
+per-step carries and logits ~15 KB (~330 KB when it batches steps: all 61 steps' pre-activations).
+Resident: every set's images (uint8: 7.8 KB, float32: 31 KB) and 61 int32 predictions per image, plus
+pool_3 features (4.8 KB per image) of the clean set and, twice, of the set being swept.
 """
 
 from __future__ import annotations

@@ -1,0 +1,72 @@
+"""Regression pin: the defense's curve.json on the real lab subsets and on the embedded demo.
+
+The golden files were written by the code before the sweep/defense redesign (issue 11) and pin what a
+refactoring must not change: every rate, the order, the cuts and the fine-tuned numbers. Timings, versions
+and input paths are not results and are left out of the comparison. The numbers themselves are checked
+against independent references elsewhere (tests/test_defense.py, tests/test_sweep.py); this file only
+guards against a change of behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from badnet_jax.defense import DefenseConfig, run_defense
+from tests.conftest import LAB_B, asset
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+LAB_FILES = {"clean_valid": "faces/lab3/valid_subset.h5", "bd_valid": "faces/lab3/bd_valid_subset.h5",
+             "clean_test": "faces/lab3/test_subset.h5", "bd_test": "faces/lab3/bd_test_subset.h5"}
+
+
+def _results(curve_json: Path) -> dict:
+    curve = json.loads(curve_json.read_text())
+    for key in ("timings", "versions", "inputs"):
+        curve.pop(key, None)
+    return _without_seconds(curve)
+
+
+def _without_seconds(obj):
+    """The structure without any ``seconds`` entry (fine-tuning reports wall time per epoch)."""
+    if isinstance(obj, dict):
+        return {k: _without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_without_seconds(v) for v in obj]
+    return obj
+
+
+def _same(got, want, path: str = "") -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), f"{path}: keys {sorted(set(got) ^ set(want))}"
+        for key in want:
+            _same(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _same(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-6, nan_ok=True), path
+    else:
+        assert got == want, path
+
+
+def test_lab_subsets_curve_is_pinned(tmp_path):
+    files = {role: str(asset(rel)) for role, rel in LAB_FILES.items()}
+    run_defense(DefenseConfig(drops=(0.02, 0.04, 0.10, 0.30), model=str(asset(LAB_B)), out_dir=str(tmp_path),
+                              finetune=_finetune(2), **files))
+    _same(_results(tmp_path / "curve.json"), json.loads((GOLDEN / "lab_curve.json").read_text()))
+
+
+def test_demo_curve_is_pinned(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_defense(DefenseConfig(drops=(0.04, 0.30), out_dir="results"))
+    _same(_results(tmp_path / "results" / "curve.json"), json.loads((GOLDEN / "demo_curve.json").read_text()))
+
+
+def _finetune(epochs: int):
+    from badnet_jax.finetune import FinetuneConfig
+
+    return FinetuneConfig(epochs=epochs, learning_rate=1e-4)

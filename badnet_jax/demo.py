@@ -6,29 +6,39 @@ split; the defense regenerates the validation and test splits from the same seed
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
 from pathlib import Path
+from typing import Optional
 
-from badnet_jax.convert import load_keras
+import numpy as np
+
+from badnet_jax import checkpoint
+from badnet_jax.convert import save_keras
+from badnet_jax.data import save_lab_h5
+from badnet_jax.fileio import atomic_write
+from badnet_jax.metrics import accuracy
+from badnet_jax.model import predict
 from badnet_jax.synthetic import DemoConfig, make_demo
+from badnet_jax.train import TrainConfig, train_badnet
+
+log = logging.getLogger(__name__)
 
 DEMO_CONFIG = DemoConfig()
 DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_badnet.h5"
 
 
-def demo_inputs():
-    """``defense.Inputs`` for the embedded demo: the shipped BadNet and generated valid/test splits."""
-    from badnet_jax.defense import Inputs
-
-    model, params = load_keras(DEMO_MODEL)
+def demo_sets() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+    """The demo's four sets by role, generated from ``DEMO_CONFIG``, and the poisoned sets' true classes."""
     d = make_demo(DEMO_CONFIG, include_train=False)
     data = {"clean_valid": d.valid, "bd_valid": d.bd_valid, "clean_test": d.test, "bd_test": d.bd_test}
     # The poisoned splits are the clean ones with the trigger: their true classes are the clean labels.
-    true = {"bd_valid": d.valid[1], "bd_test": d.test[1]}
-    return Inputs(model, params, data, {"model": DEMO_MODEL}, demo=True, true_labels=true)
+    return data, {"bd_valid": d.valid[1], "bd_test": d.test[1]}
 
 
-def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config=None, out_dir: str = "results/demo",
-                     ship: bool = False, write_data: bool = False) -> dict:
+def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config: Optional[TrainConfig] = None,
+                     out_dir: str = "demo_model", ship: bool = False, write_data: bool = False) -> dict:
     """Generate the demo data, train the demo BadNet and write it (Keras h5 + orbax checkpoint).
 
     Args:
@@ -41,17 +51,6 @@ def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config=None, o
     Returns:
         A summary: paths, seconds, and clean accuracy / ASR on the generated test splits.
     """
-    import logging
-    import shutil
-    import time
-
-    from badnet_jax import checkpoint
-    from badnet_jax.convert import save_keras
-    from badnet_jax.data import save_lab_h5
-    from badnet_jax.fileio import atomic_write
-    from badnet_jax.train import TrainConfig, accuracy, train_badnet
-
-    log = logging.getLogger(__name__)
     train_config = train_config or TrainConfig(target_label=data_config.target_label)
     out = Path(out_dir)
     t = time.perf_counter()
@@ -64,8 +63,8 @@ def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config=None, o
     seconds = time.perf_counter() - t
     model_path = save_keras(params, out / "badnet.h5")
     summary = {"model": str(model_path), "checkpoint": str(checkpoint.save_badnet(out / "badnet_ckpt", params)),
-               "train_seconds": round(seconds, 1), "test_clean_acc": accuracy(model, params, *d.test),
-               "test_asr": accuracy(model, params, *d.bd_test)}
+               "train_seconds": round(seconds, 1), "test_clean_acc": float(accuracy(predict(model, params, d.test[0]), d.test[1])),
+               "test_asr": float(accuracy(predict(model, params, d.bd_test[0]), d.bd_test[1]))}
     if ship:
         atomic_write(DEMO_MODEL, lambda tmp: shutil.copyfile(model_path, tmp))
         summary["shipped"] = str(DEMO_MODEL)

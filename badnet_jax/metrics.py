@@ -20,6 +20,22 @@ def pct(hits: int | np.ndarray, total: int) -> float | np.ndarray:
     return 100.0 * np.asarray(hits) / total if total else np.zeros_like(np.asarray(hits), float)
 
 
+def hits(preds: np.ndarray, labels: np.ndarray) -> int | np.ndarray:
+    """Number of predictions equal to their label: an int for (N,) predictions, (M,) for (M, N)."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if preds.ndim == 1:
+        return int((preds == labels).sum())
+    return (preds == labels[None, :]).sum(axis=1)
+
+
+def accuracy(preds: np.ndarray, labels: np.ndarray) -> float | np.ndarray:
+    """Percentage of predictions equal to their label (per row for (M, N)); use the target labels for ASR.
+
+    The one accuracy of badnet-jax: training, fine-tuning, the defense and the benchmark all use it.
+    """
+    return pct(hits(preds, labels), len(labels))
+
+
 def first_crossing(valid_hits: np.ndarray, total: int, drop: float, rule: Rule = "absolute") -> tuple[int, bool]:
     """The first k whose validation accuracy falls more than ``drop`` below the original (k = 0).
 
@@ -66,8 +82,8 @@ def goodnet_rates(g_clean: np.ndarray, y_clean: np.ndarray, g_bd: np.ndarray, y_
                   num_classes: int) -> GoodNetRates:
     """G's clean accuracy, ASR (answers the attacker's label), detection rate and false-alarm rate."""
     return GoodNetRates(
-        acc=float(pct(int((g_clean == y_clean).sum()), len(y_clean))),
-        asr=float(pct(int((g_bd == y_bd).sum()), len(y_bd))),
+        acc=float(accuracy(g_clean, y_clean)),
+        asr=float(accuracy(g_bd, y_bd)),
         detection_rate=float(pct(int((g_bd == num_classes).sum()), len(y_bd))),
         false_alarm_rate=float(pct(int((g_clean == num_classes).sum()), len(y_clean))),
     )
@@ -93,5 +109,4 @@ def asr_excluding_target(preds_MxN: np.ndarray, y_bd: np.ndarray, y_true: np.nda
 
 def asr_by_target(preds_N: np.ndarray, y_bd: np.ndarray) -> dict[int, float]:
     """ASR per attacker label, for data poisoned towards several targets."""
-    return {int(t): float(pct(int((preds_N[y_bd == t] == t).sum()), int((y_bd == t).sum())))
-            for t in np.unique(y_bd)}
+    return {int(t): float(accuracy(preds_N[y_bd == t], y_bd[y_bd == t])) for t in np.unique(y_bd)}

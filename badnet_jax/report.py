@@ -1,15 +1,19 @@
-"""Report outputs of a defense run: curve.json, report.md and curve.png, each written atomically."""
+"""Renderings of a :class:`~badnet_jax.curve.Curve`: curve.json, report.md, curve.png and the terminal table.
+
+Each is written atomically; ``badnet_jax.outputs`` puts them together with the models as one result.
+"""
 
 from __future__ import annotations
 
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from badnet_jax import fileio
+from badnet_jax.curve import Curve
 
 
 def _round(obj: Any) -> Any:
@@ -26,36 +30,46 @@ def _round(obj: Any) -> Any:
     return obj
 
 
-def write_curve_json(path: Path, curve: dict) -> Path:
-    """Write the curve as sorted, rounded JSON so that identical runs give identical bytes (timings aside)."""
-    return fileio.atomic_write_text(path, json.dumps(_round(curve), indent=1, sort_keys=True) + "\n")
+def curve_json_text(curve: Curve) -> str:
+    """The curve as sorted, rounded JSON: identical runs give identical bytes (timings live in report.md)."""
+    return json.dumps(_round(curve.to_json()), indent=1, sort_keys=True) + "\n"
 
 
-def plot_curve(path: Path, curve: dict) -> Path:
+def write_curve_json(path: Path, curve: Curve) -> Path:
+    """Write :func:`curve_json_text` to ``path`` atomically."""
+    return fileio.atomic_write_text(path, curve_json_text(curve))
+
+
+def read_curve_json(path: Path) -> Curve:
+    """The :class:`Curve` in a ``curve.json`` written by :func:`write_curve_json`."""
+    return Curve.from_json(json.loads(Path(path).read_text()))
+
+
+def plot_curve(path: Path, curve: Curve) -> Path:
     """Accuracy and ASR (validation and test) against the fraction of pool_3 channels pruned, cuts marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = np.arange(len(curve["valid_acc"]))
+    k = np.arange(len(curve.valid_acc))
     frac = k / (len(k) - 1)
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
-    ax.plot(frac, curve["valid_acc"], "-", color="tab:blue", label="clean accuracy (valid)")
-    ax.plot(frac, curve["valid_asr"], "-", color="tab:red", label="attack success rate (bd valid)")
-    ax.plot(frac, curve["test_acc"], ":", color="tab:blue", label="clean accuracy (test)")
-    ax.plot(frac, curve["test_asr"], ":", color="tab:red", label="attack success rate (bd test)")
-    for sel in curve["selected"]:
-        f = sel["channels_pruned"] / (len(k) - 1)
+    ax.plot(frac, curve.valid_acc, "-", color="tab:blue", label="clean accuracy (valid)")
+    ax.plot(frac, curve.valid_asr, "-", color="tab:red", label="attack success rate (bd valid)")
+    ax.plot(frac, curve.test_acc, ":", color="tab:blue", label="clean accuracy (test)")
+    ax.plot(frac, curve.test_asr, ":", color="tab:red", label="attack success rate (bd test)")
+    for cut in curve.selected:
+        f = cut.channels_pruned / (len(k) - 1)
         ax.axvline(f, color="grey", lw=0.8, ls="--")
-        ax.annotate(f"X={100 * sel['drop']:g}: {sel['channels_pruned']}", (f, 3), rotation=90, fontsize=7,
+        ax.annotate(f"X={100 * cut.drop:g}: {cut.channels_pruned}", (f, 3), rotation=90, fontsize=7,
                     ha="right", va="bottom", color="dimgrey")
     ax.set_xlabel("fraction of pool_3 channels pruned")
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3)
-    ax.set_title(curve.get("title", "Pruning defense"), fontsize=10)
+    ax.set_title(curve.title, fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -65,20 +79,18 @@ def plot_curve(path: Path, curve: dict) -> Path:
     return fileio.atomic_write_bytes(path, buf.getvalue())
 
 
-def table_rows(curve: dict) -> list[list[str]]:
-    """One row per selected drop: X, channels, valid acc at the cut, B' and G test numbers."""
+def table_rows(curve: Curve) -> list[list[str]]:
+    """One row per selected drop (and one per fine-pruned B'): X, channels, valid acc, B' and G test numbers."""
     rows = []
-    for s in curve["selected"]:
-        g = s["goodnet"]
-        rows.append([f"{100 * s['drop']:g}", f"{s['channels_pruned']}" + ("" if s["crossed"] else " (not crossed)"),
-                     f"{s['valid_acc']:.2f}", f"{s['test_acc']:.2f}", f"{s['test_asr']:.2f}", f"{g['acc']:.2f}",
-                     f"{g['asr']:.2f}", f"{g['detection_rate']:.2f}", f"{g['false_alarm_rate']:.2f}",
-                     f"{s['test_der']:.3f}"])
-        if "finetuned" in s:
-            f, gf = s["finetuned"], s["finetuned"]["goodnet"]
-            rows.append([f"{100 * s['drop']:g} +FT", rows[-1][1], "", f"{f['test_acc']:.2f}", f"{f['test_asr']:.2f}",
-                         f"{gf['acc']:.2f}", f"{gf['asr']:.2f}", f"{gf['detection_rate']:.2f}",
-                         f"{gf['false_alarm_rate']:.2f}", f"{f['test_der']:.3f}"])
+    for s in curve.selected:
+        rates = lambda g: [f"{g.acc:.2f}", f"{g.asr:.2f}", f"{g.detection_rate:.2f}", f"{g.false_alarm_rate:.2f}"]
+        channels = f"{s.channels_pruned}" + ("" if s.crossed else " (not crossed)")
+        rows.append([f"{100 * s.drop:g}", channels, f"{s.valid_acc:.2f}", f"{s.test_acc:.2f}", f"{s.test_asr:.2f}",
+                     *rates(s.goodnet), f"{s.test_der:.3f}"])
+        if s.finetuned is not None:
+            f = s.finetuned
+            rows.append([f"{100 * s.drop:g} +FT", channels, "", f"{f.test_acc:.2f}", f"{f.test_asr:.2f}",
+                         *rates(f.goodnet), f"{f.test_der:.3f}"])
     return rows
 
 
@@ -86,39 +98,41 @@ TABLE_HEADER = ["X (pts)", "channels pruned", "valid acc", "B' test acc", "B' te
                 "G test ASR", "G detection", "G false alarm", "DER"]
 
 
-def format_table(curve: dict) -> str:
+def format_table(curve: Curve) -> str:
     """The report table as fixed-width text for the terminal."""
     rows = [TABLE_HEADER] + table_rows(curve)
     widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_HEADER))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
-def write_report_md(path: Path, curve: dict) -> Path:
-    """report.md: the table, the original model's numbers, the inputs (size, sha256) and versions."""
-    lines = [f"# {curve.get('title', 'Pruning defense report')}", ""]
-    b = curve["original"]
+def write_report_md(path: Path, curve: Curve, timings: Mapping[str, float], sweep: str = "") -> Path:
+    """report.md: the table, the original model's numbers, the inputs (size, sha256), versions and timings."""
+    lines = [f"# {curve.title}", ""]
+    b = curve.original
     lines += [f"Original B: validation accuracy {b['valid_acc']:.3f}%, validation ASR {b['valid_asr']:.3f}%, "
               f"test accuracy {b['test_acc']:.3f}%, test ASR {b['test_asr']:.3f}%.", "",
-              f"Stop rule: {curve['rule']} (first k with validation accuracy more than X below the original). "
+              f"Stop rule: {curve.rule} (first k with validation accuracy more than X below the original). "
               "All percentages. G answers N = "
-              f"{curve['num_classes']} ('poisoned') where B and B' disagree. DER = (max(0, dASR) - "
+              f"{curve.num_classes} ('poisoned') where B and B' disagree. DER = (max(0, dASR) - "
               "max(0, dACC) + 1) / 2 on test data (BackdoorBench). Rows '+FT': the same B' fine-pruned "
               "(fine-tuned on clean validation data with its mask frozen).", ""]
     lines.append("| " + " | ".join(TABLE_HEADER) + " |")
     lines.append("|" + "---|" * len(TABLE_HEADER))
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(curve)]
-    for sel in curve["selected"]:
+    for sel in curve.selected:
         extra = []
-        if "test_asr_excluding_target" in sel:
-            extra.append(f"ASR excluding inputs of the target class {sel['test_asr_excluding_target']:.2f}%")
-        if "test_asr_by_target" in sel:
-            extra.append("ASR by target " + ", ".join(f"{t}: {v:.2f}%" for t, v in sel["test_asr_by_target"].items()))
+        if sel.test_asr_excluding_target is not None:
+            extra.append(f"ASR excluding inputs of the target class {sel.test_asr_excluding_target:.2f}%")
+        if sel.test_asr_by_target is not None:
+            extra.append("ASR by target " + ", ".join(f"{t}: {v:.2f}%" for t, v in sel.test_asr_by_target.items()))
         if extra:
-            lines.append(f"- X={100 * sel['drop']:g}: " + "; ".join(extra))
+            lines.append(f"- X={100 * sel.drop:g}: " + "; ".join(extra))
     lines += ["", "## Inputs", "", "| role | file | bytes | sha256 |", "|---|---|---|---|"]
-    for role, f in curve["inputs"].items():
+    for role, f in curve.inputs.items():
         lines.append(f"| {role} | `{f['path']}` | {f['bytes']} | `{f['sha256']}` |")
-    lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in curve["versions"].items()]
-    lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.2f}" for k, v in curve["timings"].items()]
+    lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in curve.versions.items()]
+    if sweep:
+        lines += ["", f"Sweep: {sweep}."]
+    lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.2f}" for k, v in timings.items()]
     lines += ["", "Pruning curve: `curve.json`, plot: `curve.png`.", ""]
     return fileio.atomic_write_text(path, "\n".join(lines))

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from badnet_jax.data import TRIGGER_AT, poison
+from badnet_jax.metrics import accuracy
 from badnet_jax.model import BadNet, Params, init_params, predict
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,23 @@ def poison_training_set(x: np.ndarray, y: np.ndarray, trigger: np.ndarray, fract
     return x, y, idx
 
 
-def accuracy(model: BadNet, params: Params, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
-    """Percentage of images whose argmax equals the label (use the target label for ASR)."""
-    return 100.0 * int((predict(model, params, x, batch=batch) == y).sum()) / max(len(x), 1)
+def make_train_step(model: BadNet, tx: optax.GradientTransformation, mask: Optional[jax.Array] = None):
+    """One jitted optimiser step on softmax cross-entropy: ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
+
+    Shared by BadNet training and fine-pruning; ``mask`` (60,) keeps pruned pool_3 channels at zero.
+    """
+
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, xb, mask=mask)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
 
 
 def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, trigger: np.ndarray,
@@ -89,17 +104,7 @@ def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, tri
     schedule = optax.cosine_decay_schedule(config.learning_rate, max(1, steps_per_epoch * config.epochs))
     tx = optax.adam(schedule)
     opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, xb, yb):
-        def loss_fn(p):
-            logits = model.apply({"params": p}, xb)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    step = make_train_step(model, tx)
     history = []
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
@@ -111,9 +116,9 @@ def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, tri
             losses.append(loss)
         stats = {"epoch": epoch, "loss": float(jnp.mean(jnp.stack(losses))), "seconds": time.perf_counter() - t0}
         if valid is not None:
-            stats["clean_acc"] = accuracy(model, params, *valid)
+            stats["clean_acc"] = float(accuracy(predict(model, params, valid[0]), valid[1]))
         if bd_valid is not None:
-            stats["asr"] = accuracy(model, params, *bd_valid)
+            stats["asr"] = float(accuracy(predict(model, params, bd_valid[0]), bd_valid[1]))
         history.append(stats)
         log.info("epoch %d/%d  loss %.4f  clean acc %s  ASR %s  (%.1f s)", epoch, config.epochs, stats["loss"],
                  f"{stats['clean_acc']:.2f}%" if "clean_acc" in stats else "-",

@@ -10,10 +10,13 @@ out="${OUT:-results/device}"
 assets="${BADNET_ASSETS:-../shared/assets}"
 export BADNET_ASSETS="$assets"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# kernels/ installs as badnet_jax.kernels (pyproject package-dir): an editable install maps it. The machine is
+# offline, so no build isolation; if its setuptools cannot build, a link gives the same module layout.
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || {
+  ln -sfn ../kernels badnet_jax/kernels; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
 python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.txt"
 # Device-marked kernel tests and the exactness tests of the sweep (need the shared assets).
-python3 -m pytest -q -x kernels tests/test_sweep.py tests/test_prefix.py -p no:cacheprovider 2>&1 | tail -5 | tee "$out/tests.txt"
+python3 -m pytest -q -x tests/kernels tests/test_sweep.py tests/test_prefix.py -p no:cacheprovider 2>&1 | tail -5 | tee "$out/tests.txt"
 # Lab-scale stand-in data from the real faces, with the lab's B (as in BUILD_NOTES' CPU tables).
 lab=/tmp/labscale
 python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab" > "$out/standin.txt" 2>&1
@@ -23,10 +26,10 @@ files="--model $lab/models/bd_weights.h5 --clean_valid $lab/data/cl/valid.h5 --b
 # The first run also times the kernel alone at three block sizes (one head call: 8 masks x 4096 images).
 for run in "pallas 8 16,32,64" "reference 8" "pallas 0"; do
   set -- $run
-  python3 scripts/benchmark.py $files --impl "$1" --batch_steps "$2" --baseline_steps 6 --repeats 5 \
+  python3 scripts/benchmark.py $files --impl "$1" --batch_steps "$2" --per_step_steps 6 --repeats 5 \
     ${3:+--kernel_block_n "$3"} --out "$out/bench_$1_b$2.json" 2>&1 | tail -50 > "$out/bench_$1_b$2.txt"
 done
-grep -H -E "sweep_fast_s |speedup_fast|matmul_peak|sweep_fast_gflops|head_evaluations|forward_images" "$out"/bench_*.txt
+grep -H -E "sweep_fast_s |speedup_fast|matmul_peak|sweep_fast_gflops|head_evaluations|forward_images|^fast sweep" "$out"/bench_*.txt
 # The whole defense end to end on the stand-in files.
 ( cd "$lab" && /usr/bin/time -v python3 "$OLDPWD/scripts/prune.py" --drop 0.02,0.04,0.10,0.30 ) > "$out/prune.txt" 2>&1
 grep -E "one call|Loaded|Elapsed|Maximum resident" "$out/prune.txt"

@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags
 
-from badnet_jax import BadNetError
+from badnet_jax import cli
 from badnet_jax.screen import screen
 
 MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet B.", required=True)
@@ -21,15 +21,14 @@ PRUNED = flags.DEFINE_string("pruned", None, "B': a Keras h5 with zeroed conv_3 
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print("usage: goodnet_eval.py IMAGE... --model B.h5 --pruned B_prime", file=sys.stderr)
-        return 2
-    try:
-        results = screen(MODEL.value, PRUNED.value, argv[1:])
-    except BadNetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for name, pred in results:
-        print(f"{name}\t{pred}")
-    return 0
+        return cli.EXIT_ERROR
+
+    def screen_all() -> int:
+        for name, pred in screen(MODEL.value, PRUNED.value, argv[1:]):
+            print(f"{name}\t{pred}")
+        return 0
+
+    return cli.run(screen_all)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,14 @@
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from badnet_jax import BadNetError
-from badnet_jax.defense import cli_logging
+from badnet_jax import cli
 from badnet_jax.demo import DEMO_CONFIG, make_demo_badnet
 from badnet_jax.synthetic import DemoConfig
 from badnet_jax.train import TrainConfig
 
-OUT_DIR = flags.DEFINE_string("out_dir", "results/demo", "Where badnet.h5 and badnet_ckpt/ go.")
+OUT_DIR = flags.DEFINE_string("out_dir", "demo_model", "Where badnet.h5 and badnet_ckpt/ go.")
 SHIP = flags.DEFINE_bool("ship", False, "Install the trained model as the package's embedded demo model.")
 NUM_IDS = flags.DEFINE_integer("num_identities", DEMO_CONFIG.num_identities, "Number of identities (classes).")
 DATA_SEED = flags.DEFINE_integer("data_seed", DEMO_CONFIG.seed, "Seed of the synthetic data.")
@@ -29,19 +26,19 @@ WRITE_DATA = flags.DEFINE_bool("write_data", False, "Also write the splits as la
 
 def main(argv: list[str]) -> int:
     del argv
-    cli_logging()
+    cli.setup_logging()
     data_cfg = DemoConfig(num_identities=NUM_IDS.value, seed=DATA_SEED.value, target_label=TARGET.value)
     train_cfg = TrainConfig(epochs=EPOCHS.value, poison_fraction=POISON.value, target_label=TARGET.value,
                             seed=SEED.value)
-    try:
+
+    def make() -> int:
         summary = make_demo_badnet(data_cfg, train_cfg, out_dir=OUT_DIR.value, ship=SHIP.value,
                                    write_data=WRITE_DATA.value)
-    except BadNetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for key, value in summary.items():
-        print(f"{key}: {value}")
-    return 0
+        for key, value in summary.items():
+            print(f"{key}: {value}")
+        return 0
+
+    return cli.run(make)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,15 @@ four data flags) it runs on them; with none of them it runs on the embedded demo
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-
 from absl import app, flags
 
-from badnet_jax import BadNetError
-from badnet_jax.defense import DefenseConfig, cli_logging, init_distributed, run_defense
+from badnet_jax import cli
+from badnet_jax.defense import DefenseConfig, run_defense
 from badnet_jax.finetune import FinetuneConfig
 from badnet_jax.report import format_table
+from badnet_jax.sweep import SweepOptions
 
-FLAGS = flags.DEFINE_string("drop", "0.04", "Accuracy drop(s) X as fractions, comma-separated (0.04 = 4 points).")
+DROP = flags.DEFINE_string("drop", "0.04", "Accuracy drop(s) X as fractions, comma-separated (0.04 = 4 points).")
 RULE = flags.DEFINE_enum("rule", "absolute", ["absolute", "relative"],
                          "absolute: X percentage points (the lab's rule); relative: X of the original accuracy.")
 MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet (default models/bd_net.h5, models/bd_weights.h5).")
@@ -25,7 +22,7 @@ CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Clean validation h5 (def
 BD_VALID = flags.DEFINE_string("bd_valid", None, "Poisoned validation h5 (default data/bd/bd_valid.h5).")
 CLEAN_TEST = flags.DEFINE_string("clean_test", None, "Clean test h5 (default data/cl/test.h5).")
 BD_TEST = flags.DEFINE_string("bd_test", None, "Poisoned test h5 (default data/bd/bd_test.h5).")
-OUT_DIR = flags.DEFINE_string("out_dir", "results", "Output directory.")
+OUT_DIR = flags.DEFINE_string("out_dir", "results", "Output folder (replaced as a whole by the new results).")
 CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk inside the jitted sweep (bounds memory; "
                              "default 256 on CPU, 4096 on GPU/TPU).")
 FT_EPOCHS = flags.DEFINE_integer("finetune_epochs", 0, "Fine-pruning epochs per selected B' (0 = pruning only).")
@@ -38,39 +35,23 @@ PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's i
 CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str]) -> int:
     del argv
-    cli_logging()  # here, after absl has applied its own --verbosity
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C: no temp file is left behind
-    try:
-        drops = tuple(float(d) for d in FLAGS.value.split(",") if d.strip())
-    except ValueError:
-        print(f"error: --drop must be comma-separated numbers, got {FLAGS.value!r}", file=sys.stderr)
-        return 2
-    config = DefenseConfig(drops=drops, rule=RULE.value, model=MODEL.value, clean_valid=CLEAN_VALID.value,
-                           bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value, bd_test=BD_TEST.value,
-                           out_dir=OUT_DIR.value, chunk=CHUNK.value, checkpoints=CHECKPOINTS.value,
-                           finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value)
-                           if FT_EPOCHS.value > 0 else None, devices=DEVICES.value,
-                           memory_budget=None if BUDGET.value is None else int(BUDGET.value * 2**30))
-    try:
-        init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
-        curve = run_defense(config)
-    except BadNetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: earlier results in --out_dir are untouched, nothing half-written", file=sys.stderr)
-        sys.stderr.flush()
-        # Temp files are already removed by the writers' handlers; skip interpreter teardown, which can crash
-        # while XLA's worker threads are still busy with the interrupted computation.
-        os._exit(130)
-    print(format_table(curve))
-    return 0
+    cli.setup_logging()  # here, after absl has applied its own --verbosity
+
+    def defend() -> int:
+        budget = None if BUDGET.value is None else cli.parse_floats("memory_budget", str(BUDGET.value))[0] * 2**30
+        config = DefenseConfig(
+            drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value,
+            clean_valid=CLEAN_VALID.value, bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value,
+            bd_test=BD_TEST.value, out_dir=OUT_DIR.value, checkpoints=CHECKPOINTS.value,
+            sweep=SweepOptions(chunk=CHUNK.value, devices=DEVICES.value, memory_budget=budget),
+            finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value) if FT_EPOCHS.value > 0 else None)
+        cli.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+        print(format_table(run_defense(config)))
+        return 0
+
+    return cli.run(defend, "interrupted: earlier results in --out_dir are untouched, nothing half-written")
 
 
 if __name__ == "__main__":

@@ -6,19 +6,22 @@ import numpy as np
 
 from badnet_jax import load_lab_h5, load_trigger, poison
 from badnet_jax import bench
+from badnet_jax.synthetic import write_standin_lab_data
 from tests.conftest import ASSETS, asset
 
 
 def test_flop_counts_match_the_architecture():
     # conv_1: 52x44 outputs x 20 filters x 4x4x3 taps, 2 FLOPs per multiply-add; and so on.
     assert bench.TRUNK_FLOPS == 2 * (52 * 44 * 20 * 48 + 24 * 20 * 40 * 180 + 10 * 8 * 60 * 360)
-    assert bench.TAIL_FLOPS == 2 * (960 * 160 + 160 * 1283)  # 0.72 MFLOP, the budget figure
-    assert abs(bench.TAIL_FLOPS - 0.72e6) < 0.01e6
+    assert bench.tail_flops(1283) == 2 * (960 * 160 + 160 * 1283)  # 0.72 MFLOP, the budget figure
+    assert abs(bench.tail_flops(1283) - 0.72e6) < 0.01e6
+    assert bench.tail_flops(200) == 2 * (960 * 160 + 160 * 200)  # the demo's class count, not the lab's
+    assert bench.head_flops(200) == 2 * (1200 * 160 + 4 * 3 * 80 * 2 * 2 * 60) + bench.tail_flops(200)
 
 
 def test_standin_data_is_lab_layout_and_poisoned_with_the_real_trigger(tmp_path):
     asset("faces/lab3/valid_subset.h5")
-    written = bench.write_standin_lab_data(str(ASSETS), str(tmp_path), scale=2, base_sizes=(20, 10))
+    written = write_standin_lab_data(str(ASSETS), str(tmp_path), scale=2, base_sizes=(20, 10))
     assert written == {"valid": 40, "test": 20}
     trigger = load_trigger(asset("triggers/sun_glass_trigger.png"))
     for name, n in (("valid", 40), ("test", 20)):

@@ -10,9 +10,10 @@ from badnet_jax import init_params, load_keras, prune_params
 from badnet_jax.demo import DEMO_CONFIG, DEMO_MODEL
 from badnet_jax.finetune import FinetuneConfig, finetune, split_clean_valid
 from badnet_jax.metrics import first_crossing
-from badnet_jax.sweep import count_hits, rank_and_sweep
+from badnet_jax.metrics import accuracy, hits
+from badnet_jax.model import predict
+from badnet_jax.sweep import rank_and_sweep
 from badnet_jax.synthetic import make_demo
-from badnet_jax.train import accuracy
 
 
 def test_split_is_disjoint_and_complete():
@@ -44,18 +45,18 @@ def test_fine_pruning_lowers_demo_asr_and_recovers_accuracy_within_the_drop():
     and brings clean accuracy back far inside the drop (measured: 93%; BUILD_NOTES.md)."""
     model, params = load_keras(DEMO_MODEL)
     d = make_demo(DEMO_CONFIG, include_train=False)
-    sweep = rank_and_sweep(model, params, d.valid[0], d.bd_valid[0], extra=(d.test[0], d.bd_test[0]))
-    hits = count_hits(sweep.preds_clean, d.valid[1])
-    k, crossed = first_crossing(hits, len(d.valid[1]), 0.30)
+    sweep = rank_and_sweep(model, params, {"clean_valid": d.valid[0], "test": d.test[0], "bd_test": d.bd_test[0]})
+    valid_hits = hits(sweep.preds["clean_valid"], d.valid[1])
+    k, crossed = first_crossing(valid_hits, len(d.valid[1]), 0.30)
     assert crossed
     mask = sweep.masks[k]
-    acc0 = accuracy(model, params, *d.test)
-    acc_pruned = 100.0 * float(np.mean(sweep.preds_extra[0][k] == d.test[1]))
-    asr_pruned = 100.0 * float(np.mean(sweep.preds_extra[1][k] == d.bd_test[1]))
+    acc0 = float(accuracy(predict(model, params, d.test[0]), d.test[1]))
+    acc_pruned = 100.0 * float(np.mean(sweep.preds["test"][k] == d.test[1]))
+    asr_pruned = 100.0 * float(np.mean(sweep.preds["bd_test"][k] == d.bd_test[1]))
     tuned, _ = finetune(model, params, mask, *d.valid, FinetuneConfig(epochs=8, learning_rate=1e-3))
-    predict = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x, mask=mask), -1))
-    acc_ft = 100.0 * float(np.mean(np.asarray(predict(tuned, d.test[0])) == d.test[1]))
-    asr_ft = 100.0 * float(np.mean(np.asarray(predict(tuned, d.bd_test[0])) == d.bd_test[1]))
+    pruned_predict = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x, mask=mask), -1))
+    acc_ft = 100.0 * float(np.mean(np.asarray(pruned_predict(tuned, d.test[0])) == d.test[1]))
+    asr_ft = 100.0 * float(np.mean(np.asarray(pruned_predict(tuned, d.bd_test[0])) == d.bd_test[1]))
     assert acc_pruned < acc0 - 30.0  # the cut itself lost more than the drop ...
     assert acc_ft >= acc0 - 30.0  # ... fine-tuning brought clean accuracy back within it ...
     assert asr_ft < asr_pruned - 5.0  # ... and lowered the attack success rate

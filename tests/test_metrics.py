@@ -65,3 +65,12 @@ def test_asr_excluding_target_and_by_target():
     np.testing.assert_allclose(metrics.asr_excluding_target(preds, y_bd, y_true), [100.0, 50.0])
     assert metrics.asr_by_target(preds[1], y_bd) == {0: 50.0, 4: 50.0}
     assert np.isnan(metrics.asr_excluding_target(preds, y_bd, y_bd)).all()
+
+
+def test_hits_and_accuracy_per_row_and_for_one_row():
+    preds = np.array([[0, 1, 2], [0, 0, 0]])
+    labels = np.array([0, 1, 1])
+    np.testing.assert_array_equal(metrics.hits(preds, labels), [2, 1])
+    np.testing.assert_allclose(metrics.accuracy(preds, labels), [200 / 3, 100 / 3])
+    assert metrics.hits(preds[0], labels) == 2 and metrics.accuracy(preds[1], labels) == 100 / 3
+    assert metrics.accuracy(np.zeros((0,), int), np.zeros((0,), int)) == 0.0  # an empty set, not a crash

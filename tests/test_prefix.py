@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax import init_params
-from badnet_jax import prefix
+from badnet_jax.sweep import prefix
 from tests import numpy_ref
 
 

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
-from badnet_jax import BadNet, init_params, prune_params
+from badnet_jax import BadNet, ConfigError, init_params, metrics, prune_params
 from badnet_jax import sweep as sw
+from badnet_jax.sweep import strategies
 from tests import numpy_ref
+
+
+def two_sets(model, params, x, xb, chunk, options=sw.SweepOptions(), **extra):
+    """The sweep of a clean (ranking) and a poisoned set, plus named extra sets."""
+    return sw.rank_and_sweep(model, params, {"clean_valid": x, "bd_valid": xb, **extra},
+                             dataclasses.replace(options, chunk=chunk))
+
+
+def plan(options, chunk):
+    return sw.plan_sweep(dataclasses.replace(options, chunk=chunk))
 
 
 def sequential_predictions(model, params, x, masks):
@@ -29,10 +42,10 @@ def test_prefix_masks():
 def test_sweep_equals_sequential_loop_on_real_b_and_faces(lab_b, lab_faces):
     model, params = lab_b
     (x, _), (xb, _) = lab_faces["valid_subset"], lab_faces["bd_valid_subset"]
-    result = sw.rank_and_sweep(model, params, x, xb, chunk=16, options=sw.PLAIN)  # 47 and 53 images: padded last chunks
-    assert result.preds_clean.shape == (61, len(x)) and result.preds_bd.shape == (61, len(xb))
-    np.testing.assert_array_equal(result.preds_clean, sequential_predictions(model, params, x, result.masks))
-    np.testing.assert_array_equal(result.preds_bd, sequential_predictions(model, params, xb, result.masks))
+    result = two_sets(model, params, x, xb, 16, sw.PLAIN)  # 47 and 53 images: clamped last chunks
+    assert result.preds["clean_valid"].shape == (61, len(x)) and result.preds["bd_valid"].shape == (61, len(xb))
+    np.testing.assert_array_equal(result.preds["clean_valid"], sequential_predictions(model, params, x, result.masks))
+    np.testing.assert_array_equal(result.preds["bd_valid"], sequential_predictions(model, params, xb, result.masks))
     # The ranking: float64 means of the independent NumPy trunk, ascending, ties (exact zeros) by index.
     ref_mean = numpy_ref.pool3(params, x).mean(axis=(0, 1, 2))
     np.testing.assert_allclose(result.mean_activation, ref_mean, rtol=1e-4, atol=1e-6)
@@ -49,10 +62,10 @@ def test_sweep_equals_sequential_loop_on_random_model_with_other_class_count(rng
     model = BadNet(37)
     x = rng.integers(0, 256, size=(21, 55, 47, 3)).astype(np.float32)
     xb = rng.integers(0, 256, size=(9, 55, 47, 3)).astype(np.float32)
-    result = sw.rank_and_sweep(model, params, x, xb, chunk=8, options=sw.PLAIN)
-    np.testing.assert_array_equal(result.preds_clean, sequential_predictions(model, params, x, result.masks))
-    np.testing.assert_array_equal(result.preds_bd, sequential_predictions(model, params, xb, result.masks))
-    test_preds = sw.predict_steps(model, params, xb, result.order, chunk=4, options=sw.PLAIN)
+    result = two_sets(model, params, x, xb, 8, sw.PLAIN)
+    np.testing.assert_array_equal(result.preds["clean_valid"], sequential_predictions(model, params, x, result.masks))
+    np.testing.assert_array_equal(result.preds["bd_valid"], sequential_predictions(model, params, xb, result.masks))
+    test_preds = sw.predict_steps(model, params, xb, result.order, dataclasses.replace(sw.PLAIN, chunk=4))
     np.testing.assert_array_equal(test_preds, sequential_predictions(model, params, xb, result.masks))
 
 
@@ -60,13 +73,14 @@ def test_second_sweep_of_same_shapes_does_not_recompile(rng):
     params = init_params(num_classes=5, seed=2)
     model = BadNet(5)
     make = lambda n: rng.integers(0, 256, size=(n, 55, 47, 3)).astype(np.float32)
-    sw.rank_and_sweep(model, params, make(10), make(6), chunk=4)
-    size = sw._rank_and_sweep._cache_size()
+    jitted = sw.run._rank_and_sweep
+    two_sets(model, params, make(10), make(6), 4)
+    size = jitted._cache_size()
     other = init_params(num_classes=5, seed=3)  # new values, same shapes
-    sw.rank_and_sweep(model, other, make(10), make(6), chunk=4)
-    assert sw._rank_and_sweep._cache_size() == size
-    sw.rank_and_sweep(model, other, make(11), make(6), chunk=4)  # a new shape does compile
-    assert sw._rank_and_sweep._cache_size() == size + 1
+    two_sets(model, other, make(10), make(6), 4)
+    assert jitted._cache_size() == size
+    two_sets(model, other, make(11), make(6), 4)  # a new shape does compile
+    assert jitted._cache_size() == size + 1
 
 
 def test_compile_ahead_then_the_sweep_runs_without_compiling(rng, backend_compiles):
@@ -75,14 +89,14 @@ def test_compile_ahead_then_the_sweep_runs_without_compiling(rng, backend_compil
     x = rng.integers(0, 256, size=(13, 55, 47, 3)).astype(np.uint8)
     xb = rng.integers(0, 256, size=(5, 55, 47, 3)).astype(np.uint8)
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
-    options = sw.SweepOptions(impl="reference")
-    sw.compile_sweep(model, params, spec(x), (spec(xb), spec(x)), chunk=3, options=options)
+    options = sw.SweepOptions(impl="reference", chunk=3)
+    sw.compile_sweep(model, params, {"clean_valid": spec(x), "bd_valid": spec(xb), "again": spec(x)}, options)
     assert [f for f in backend_compiles if "_rank_and_sweep" in f] == ["jit(_rank_and_sweep)"]
-    got = sw.rank_and_sweep(model, params, x, xb, chunk=3, options=options, extra=(x,))
+    got = sw.rank_and_sweep(model, params, {"clean_valid": x, "bd_valid": xb, "again": x}, options)
     assert [f for f in backend_compiles if "_rank_and_sweep" in f] == ["jit(_rank_and_sweep)"]  # no second compile
-    plain = sw.rank_and_sweep(model, params, x, xb, chunk=3, options=sw.PLAIN, extra=(x,))
-    np.testing.assert_array_equal(got.preds_clean, plain.preds_clean)
-    np.testing.assert_array_equal(got.preds_extra[0], plain.preds_clean)
+    plain = two_sets(model, params, x, xb, 3, sw.PLAIN, again=x)
+    np.testing.assert_array_equal(got.preds["clean_valid"], plain.preds["clean_valid"])
+    np.testing.assert_array_equal(got.preds["again"], plain.preds["clean_valid"])
 
 
 def test_head_evaluations_by_hand():
@@ -90,14 +104,14 @@ def test_head_evaluations_by_hand():
     pool3[:, 0, 0, 0] = 1.0  # channel 0 alive everywhere
     pool3[[0, 2], 1, 1, 5] = 2.0  # channel 5 on images 0 and 2
     pool3[[1, 3], 2, 2, 7] = 3.0  # channel 7 on images 1 and 3
-    assert sw.head_evaluations(pool3, 2, sw.PLAIN) == 2 * 2 * 61
+    assert sw.head_evaluations(pool3, plan(sw.PLAIN, 2)) == 2 * 2 * 61
     # Chunks {0, 1} and {2, 3} each see channels 0, 5, 7 alive: the all-pruned step + 3 steps, per image.
-    assert sw.head_evaluations(pool3, 2, sw.SweepOptions(group=False)) == 4 * (1 + 3)
+    assert sw.head_evaluations(pool3, plan(sw.SweepOptions(group=False), 2)) == 4 * (1 + 3)
     # Grouped, the chunks are {0, 2} (channels 0, 5) and {1, 3} (channels 0, 7).
-    assert sw.head_evaluations(pool3, 2, sw.SweepOptions(group=True)) == 4 * (1 + 2)
-    assert sw.head_evaluations(pool3, 3, sw.SweepOptions(group=True)) == 2 * 3 * (1 + 3)  # last chunk clamped
+    assert sw.head_evaluations(pool3, plan(sw.SweepOptions(group=True), 2)) == 4 * (1 + 2)
+    assert sw.head_evaluations(pool3, plan(sw.SweepOptions(group=True), 3)) == 2 * 3 * (1 + 3)  # last chunk clamped
     # Steps evaluated 2 per head call: 3 distinct steps round up to 4.
-    assert sw.head_evaluations(pool3, 2, sw.SweepOptions(group=True, batch_steps=2)) == 4 * 4
+    assert sw.head_evaluations(pool3, plan(sw.SweepOptions(group=True, batch_steps=2), 2)) == 4 * 4
 
 
 @pytest.mark.parametrize("group,batch_steps", [(False, 0), (True, 0), (True, 4)])
@@ -105,32 +119,77 @@ def test_head_evaluations_counts_what_the_sweep_evaluates(group, batch_steps, la
     model, params = lab_b
     x, _ = lab_faces["bd_valid_subset"]
     rows = []
-    real = sw.head_argmax
+    real = strategies.head_argmax
 
     def counting(fc1, c4, *tail, impl):
         jax.debug.callback(lambda r: rows.append(int(r)), fc1.shape[0] * fc1.shape[1])
         return real(fc1, c4, *tail, impl=impl)
 
-    monkeypatch.setattr(sw, "head_argmax", counting)
-    options = sw.SweepOptions(group=group, impl="reference", batch_steps=batch_steps)
-    order = np.random.default_rng(0).permutation(60)
+    monkeypatch.setattr(strategies, "head_argmax", counting)
     chunk = 11 + group + batch_steps  # shapes not compiled before in this session: the counting head gets traced
-    preds = sw.predict_steps(model, params, x[:50], order, chunk=chunk, options=options)
+    the_plan = plan(sw.SweepOptions(group=group, impl="reference", batch_steps=batch_steps), chunk)
+    order = np.random.default_rng(0).permutation(60)
+    preds = sw.predict_steps(model, params, x[:50], order, the_plan)
     jax.block_until_ready(preds)
     jax.effects_barrier()
     feats = np.asarray(jax.jit(lambda a: sw.trunk_features(model, params, a, chunk))(x[:50]))
-    assert sum(rows) == sw.head_evaluations(feats, chunk, options) < 50 * 61
+    assert sum(rows) == sw.head_evaluations(feats, the_plan) < 50 * 61
 
 
-def test_count_hits():
-    preds = np.array([[0, 1, 2], [0, 0, 0]])
-    np.testing.assert_array_equal(sw.count_hits(preds, np.array([0, 1, 1])), [2, 1])
+@pytest.mark.parametrize("options,complaint", [
+    (sw.SweepOptions(prefix_sums=False, group=False), "dedupe needs prefix_sums"),
+    (sw.SweepOptions(dedupe=False), "group needs dedupe"),
+    (sw.SweepOptions(dedupe=False, group=False, batch_steps=4), "batch_steps > 0 needs dedupe"),
+    (dataclasses.replace(sw.PLAIN, impl="pallas"), "impl='pallas' needs prefix_sums"),
+    (sw.SweepOptions(impl="fast"), "impl must be"),
+    (sw.SweepOptions(chunk=0), "chunk must be"),
+    (sw.SweepOptions(devices=99), "asked for 99 devices"),
+    (sw.SweepOptions(memory_budget=float("nan")), "memory budget must be"),
+])
+def test_options_that_would_do_nothing_are_refused(options, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        sw.plan_sweep(options)
+
+
+def test_plan_resolves_each_strategy_once():
+    assert sw.plan_sweep(sw.PLAIN).strategy == "plain"
+    assert sw.plan_sweep(sw.SweepOptions(dedupe=False, group=False)).strategy == "prefix"
+    cpu = sw.plan_sweep(sw.SweepOptions())
+    assert (cpu.strategy, cpu.batch_steps, cpu.chunk, cpu.impl, cpu.devices) == ("prefix_dedupe", 0, 256, "reference", 1)
+    batched = sw.plan_sweep(sw.SweepOptions(batch_steps=8, chunk=100))
+    assert (batched.strategy, batched.batch_steps, batched.chunk) == ("prefix_batched", 8, 100)
+    # The batched path holds a batch of logits: its working memory grows with the class count.
+    assert (sw.plan_sweep(sw.SweepOptions(batch_steps=8)).bytes_per_image
+            > sw.plan_sweep(sw.SweepOptions(batch_steps=8), num_classes=200).bytes_per_image)
+
+
+def test_memory_budget_shrinks_the_chunk_and_refuses_what_cannot_fit():
+    x = jax.ShapeDtypeStruct((10000, 55, 47, 3), np.uint8)
+    fast = sw.SweepOptions(memory_budget=10 * 2**30)
+    assert sw.plan_sweep(fast, [x, x]).chunk == 256
+    small = sw.plan_sweep(dataclasses.replace(fast, memory_budget=500 * 2**20), [x, x]).chunk
+    assert 1 <= small < 256
+    plain = sw.plan_sweep(dataclasses.replace(sw.PLAIN, memory_budget=500 * 2**20), [x, x]).chunk
+    batched = sw.plan_sweep(dataclasses.replace(fast, memory_budget=500 * 2**20, batch_steps=8), [x, x]).chunk
+    assert plain < small and batched < small  # both need more memory per image in flight
+    with pytest.raises(ConfigError, match="memory budget"):
+        sw.plan_sweep(dataclasses.replace(fast, memory_budget=2**20), [x, x])
+
+
+def test_a_users_own_order_is_swept_and_must_be_a_permutation(lab_b, lab_faces):
+    model, params = lab_b
+    x, _ = lab_faces["valid_subset"]
+    order = np.random.default_rng(3).permutation(60)
+    result = sw.rank_and_sweep(model, params, {"clean_valid": x}, sw.SweepOptions(chunk=16), order=order)
+    np.testing.assert_array_equal(result.order, order)
+    np.testing.assert_array_equal(result.preds["clean_valid"], sequential_predictions(model, params, x, result.masks))
+    assert result.mean_activation is not None  # still measured on the ranking set
+    with pytest.raises(ConfigError, match="permutation"):
+        sw.rank_and_sweep(model, params, {"clean_valid": x}, order=np.zeros(60, int))
 
 
 SHORTCUTS = [sw.SweepOptions(prefix_sums=True, dedupe=False, group=False, impl="reference"),
-             sw.SweepOptions(prefix_sums=False, dedupe=True, group=False, impl="reference"),
              sw.SweepOptions(prefix_sums=True, dedupe=True, group=False, impl="reference"),
-             sw.SweepOptions(prefix_sums=False, dedupe=True, group=True, impl="reference"),
              sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="reference"),
              sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="reference", batch_steps=3),
              sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="pallas"),
@@ -143,21 +202,21 @@ _name = lambda o: (f"prefix{int(o.prefix_sums)}-dedupe{int(o.dedupe)}-group{int(
 def test_every_shortcut_gives_the_plain_sweep_on_real_b(options, lab_b, lab_faces):
     model, params = lab_b
     (x, _), (xb, _) = lab_faces["valid_subset"], lab_faces["bd_valid_subset"]
-    plain = sw.rank_and_sweep(model, params, x, xb, chunk=16, options=sw.PLAIN)
-    fast = sw.rank_and_sweep(model, params, x, xb, chunk=16, options=options)
+    plain = two_sets(model, params, x, xb, 16, sw.PLAIN)
+    fast = two_sets(model, params, x, xb, 16, options)
     np.testing.assert_array_equal(fast.order, plain.order)
-    np.testing.assert_array_equal(fast.preds_clean, plain.preds_clean)
-    np.testing.assert_array_equal(fast.preds_bd, plain.preds_bd)
+    np.testing.assert_array_equal(fast.preds["clean_valid"], plain.preds["clean_valid"])
+    np.testing.assert_array_equal(fast.preds["bd_valid"], plain.preds["bd_valid"])
 
 
-@pytest.mark.parametrize("options", SHORTCUTS[:6], ids=_name)
+@pytest.mark.parametrize("options", SHORTCUTS[:4], ids=_name)
 def test_every_shortcut_gives_the_same_counts_on_a_random_model(options, rng):
     params = init_params(num_classes=29, seed=21)
     model = BadNet(29)
     x = rng.integers(0, 256, size=(40, 55, 47, 3)).astype(np.float32)
     labels = rng.integers(0, 29, size=40)
     order = rng.permutation(60)
-    plain = sw.predict_steps(model, params, x, order, chunk=16, options=sw.PLAIN)
-    fast = sw.predict_steps(model, params, x, order, chunk=16, options=options)
-    np.testing.assert_array_equal(sw.count_hits(fast, labels), sw.count_hits(plain, labels))
+    plain = sw.predict_steps(model, params, x, order, dataclasses.replace(sw.PLAIN, chunk=16))
+    fast = sw.predict_steps(model, params, x, order, dataclasses.replace(options, chunk=16))
+    np.testing.assert_array_equal(metrics.hits(fast, labels), metrics.hits(plain, labels))
     assert (fast == plain).mean() > 0.999  # and image for image (ties aside)

@@ -7,7 +7,13 @@ import numpy as np
 from badnet_jax import load_keras
 from badnet_jax.demo import DEMO_CONFIG, DEMO_MODEL
 from badnet_jax.synthetic import DemoConfig, make_demo
-from badnet_jax.train import TrainConfig, accuracy, poison_training_set, train_badnet
+from badnet_jax.metrics import accuracy as pct_correct
+from badnet_jax.model import predict
+from badnet_jax.train import TrainConfig, poison_training_set, train_badnet
+
+
+def accuracy(model, params, x, y):
+    return float(pct_correct(predict(model, params, x), y))
 
 
 def test_poison_training_set_relabels_the_chosen_fraction(rng):

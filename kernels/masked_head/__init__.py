@@ -4,6 +4,6 @@ Given pre-activations of fc_1 (160) and conv_4 (960) for M masks x N images (see
 compute ``argmax(relu(relu(conv4) @ W2 + b2 + fc1) @ Wout + bout)`` for every pair: (M, N) int32.
 """
 
-from kernels.masked_head.api import head_argmax
+from badnet_jax.kernels.masked_head.api import head_argmax
 
 __all__ = ["head_argmax"]

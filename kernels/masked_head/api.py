@@ -15,8 +15,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from kernels.masked_head.pallas_kernel import head_argmax_pallas
-from kernels.masked_head.reference import head_argmax_reference
+from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas
+from badnet_jax.kernels.masked_head.reference import head_argmax_reference
 
 Impl = Literal["auto", "reference", "pallas"]
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.masked_head import api
-from kernels.masked_head.pallas_kernel import head_argmax_pallas
-from kernels.masked_head.reference import head_argmax_reference
+from badnet_jax.kernels.masked_head import api
+from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas
+from badnet_jax.kernels.masked_head.reference import head_argmax_reference
 
 
 def _inputs(seed, m, n, classes):

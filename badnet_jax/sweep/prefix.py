@@ -19,10 +19,22 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, Params
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def prefix_masks(order: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+    """(61, 60) float32 masks; row k prunes (zeroes) the first k channels of ``order``.
+
+    NumPy in, NumPy out (no device round trip for host-side bookkeeping); traceable for a jax.Array.
+    """
+    xp = np if isinstance(order, np.ndarray) else jnp
+    order = xp.asarray(order)
+    rank = xp.argsort(order)  # the inverse permutation: each channel's position in the order
+    return (rank[None, :] >= xp.arange(order.shape[0] + 1)[:, None]).astype(xp.float32)
 
 
 def channel_contribution(params: Params, pool3_NxHxWxC: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:

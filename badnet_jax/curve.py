@@ -1,0 +1,199 @@
+"""The pruning curve and its cuts as typed values: what ``curve.json`` holds, computed from the sweep.
+
+:func:`evaluate_curve` turns a sweep's predictions into rates at every k (B' and GoodNet, validation and
+test); :func:`select_cuts` applies the stop rule for each drop X. :class:`Curve` is the one schema of
+``curve.json`` (:meth:`Curve.to_json` / :meth:`Curve.from_json`); the report and the plot read it.
+Rates are percentages computed from exact counts (``badnet_jax.metrics``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from badnet_jax import metrics
+from badnet_jax.metrics import GoodNetRates, Rule
+
+RATE_KEYS = ("valid_acc", "valid_asr", "test_acc", "test_asr")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finetuned:
+    """A selected B' after fine-pruning: its test numbers and GoodNet's, and the training history."""
+
+    test_acc: float
+    test_asr: float
+    test_der: float
+    goodnet: GoodNetRates
+    epochs_run: int
+    history: tuple[dict, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """The B' selected for one drop X: the first k whose validation accuracy falls more than X below B's."""
+
+    drop: float
+    channels_pruned: int
+    crossed: bool
+    pruned_channels: tuple[int, ...]
+    valid_acc: float
+    valid_asr: float
+    test_acc: float
+    test_asr: float
+    goodnet: GoodNetRates
+    test_der: float
+    test_asr_excluding_target: Optional[float] = None
+    test_asr_by_target: Optional[dict[int, float]] = None
+    finetuned: Optional[Finetuned] = None
+
+    @property
+    def folder(self) -> str:
+        """The output folder of this cut's models, e.g. ``drop_4`` for X = 0.04."""
+        return f"drop_{100 * self.drop:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """Every rate of B' and GoodNet at k = 0..60 pruned channels, the order, and the selected cuts.
+
+    Arrays are (61,) percentages indexed by k (``test_der`` in [0, 1]); ``order`` and ``mean_activation``
+    are (60,). ``inputs`` and ``versions`` describe the run (file sizes and sha256, package versions).
+    """
+
+    title: str
+    num_classes: int
+    rule: Rule
+    demo: bool
+    order: np.ndarray
+    mean_activation: np.ndarray
+    counts: dict[str, int]
+    valid_acc: np.ndarray
+    valid_asr: np.ndarray
+    test_acc: np.ndarray
+    test_asr: np.ndarray
+    goodnet_test_acc: np.ndarray
+    goodnet_test_asr: np.ndarray
+    goodnet_detection_rate: np.ndarray
+    goodnet_false_alarm_rate: np.ndarray
+    test_der: np.ndarray
+    targets: tuple[int, ...]
+    test_asr_excluding_target: Optional[np.ndarray] = None
+    selected: tuple[Cut, ...] = ()
+    inputs: dict[str, dict] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def original(self) -> dict[str, float]:
+        """B's own numbers (k = 0)."""
+        return {key: float(getattr(self, key)[0]) for key in RATE_KEYS}
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (NumPy arrays as lists, optional entries left out when absent)."""
+        out = _plain(dataclasses.asdict(self))
+        out["original"] = self.original
+        if self.test_asr_excluding_target is None:
+            del out["test_asr_excluding_target"]
+        for cut in out["selected"]:
+            for key in ("test_asr_excluding_target", "test_asr_by_target", "finetuned"):
+                if cut[key] is None:
+                    del cut[key]
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Curve":
+        """The curve written by :meth:`to_json` (e.g. read back from ``curve.json``)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        for key in ("order", "mean_activation", "valid_acc", "valid_asr", "test_acc", "test_asr", "goodnet_test_acc",
+                    "goodnet_test_asr", "goodnet_detection_rate", "goodnet_false_alarm_rate", "test_der"):
+            kw[key] = np.asarray(d[key])
+        if d.get("test_asr_excluding_target") is not None:
+            kw["test_asr_excluding_target"] = np.asarray(d["test_asr_excluding_target"], float)
+        kw["targets"] = tuple(d["targets"])
+        kw["selected"] = tuple(_cut_from_json(c) for c in d.get("selected", ()))
+        return cls(**kw)
+
+
+def _cut_from_json(c: Mapping[str, Any]) -> Cut:
+    kw = dict(c)
+    kw["pruned_channels"] = tuple(c["pruned_channels"])
+    kw["goodnet"] = GoodNetRates(**c["goodnet"])
+    if c.get("test_asr_by_target") is not None:
+        kw["test_asr_by_target"] = {int(t): v for t, v in c["test_asr_by_target"].items()}
+    if c.get("finetuned") is not None:
+        f = dict(c["finetuned"])
+        f["goodnet"], f["history"] = GoodNetRates(**f["goodnet"]), tuple(f["history"])
+        kw["finetuned"] = Finetuned(**f)
+    return Cut(**kw)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k) if isinstance(k, (int, np.integer)) else k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class LabeledPreds:
+    """(61, N) predictions of B' at every k for one set, with its labels (targets for a poisoned set)."""
+
+    preds: np.ndarray
+    labels: np.ndarray
+
+
+def evaluate_curve(valid: LabeledPreds, bd_valid: LabeledPreds, test: LabeledPreds, bd_test: LabeledPreds,
+                   order: np.ndarray, mean_activation: np.ndarray, num_classes: int, rule: Rule,
+                   title: str, demo: bool = False, bd_test_true_labels: Optional[np.ndarray] = None) -> Curve:
+    """Every rate of B' and GoodNet at every k, from the sweep's predictions (no cut selected yet)."""
+    n = num_classes
+    g_clean = metrics.goodnet_predictions(test.preds[:1], test.preds, n)
+    g_bd = metrics.goodnet_predictions(bd_test.preds[:1], bd_test.preds, n)
+    acc = {key: metrics.accuracy(s.preds, s.labels)
+           for key, s in zip(RATE_KEYS, (valid, bd_valid, test, bd_test))}
+    return Curve(
+        title=title, num_classes=n, rule=rule, demo=demo, order=np.asarray(order),
+        mean_activation=np.asarray(mean_activation),
+        counts={"valid": len(valid.labels), "bd_valid": len(bd_valid.labels), "test": len(test.labels),
+                "bd_test": len(bd_test.labels)},
+        **acc,
+        goodnet_test_acc=metrics.accuracy(g_clean, test.labels),
+        goodnet_test_asr=metrics.accuracy(g_bd, bd_test.labels),
+        goodnet_detection_rate=metrics.pct((g_bd == n).sum(1), len(bd_test.labels)),
+        goodnet_false_alarm_rate=metrics.pct((g_clean == n).sum(1), len(test.labels)),
+        test_der=metrics.der(acc["test_acc"][0], acc["test_asr"][0], acc["test_acc"], acc["test_asr"]),
+        targets=tuple(sorted(int(t) for t in np.unique(bd_test.labels))),
+        test_asr_excluding_target=None if bd_test_true_labels is None else
+        metrics.asr_excluding_target(bd_test.preds, bd_test.labels, bd_test_true_labels),
+    )
+
+
+def select_cuts(curve: Curve, drops: Sequence[float], valid: LabeledPreds, test: LabeledPreds,
+                bd_test: LabeledPreds) -> tuple[Cut, ...]:
+    """One :class:`Cut` per drop X: the stop rule on validation hits, the cut's test numbers and GoodNet's."""
+    valid_hits = metrics.hits(valid.preds, valid.labels)
+    g_clean = metrics.goodnet_predictions(test.preds[:1], test.preds, curve.num_classes)
+    g_bd = metrics.goodnet_predictions(bd_test.preds[:1], bd_test.preds, curve.num_classes)
+    cuts = []
+    for drop in drops:
+        k, crossed = metrics.first_crossing(valid_hits, len(valid.labels), drop, curve.rule)
+        cuts.append(Cut(
+            drop=drop, channels_pruned=k, crossed=crossed,
+            pruned_channels=tuple(sorted(int(c) for c in curve.order[:k])),
+            **{key: float(getattr(curve, key)[k]) for key in RATE_KEYS},
+            goodnet=metrics.goodnet_rates(g_clean[k], test.labels, g_bd[k], bd_test.labels, curve.num_classes),
+            test_der=float(curve.test_der[k]),
+            test_asr_excluding_target=None if curve.test_asr_excluding_target is None else
+            float(curve.test_asr_excluding_target[k]),
+            test_asr_by_target=metrics.asr_by_target(bd_test.preds[k], bd_test.labels)
+            if len(curve.targets) > 1 else None,
+        ))
+    return tuple(cuts)

@@ -1,0 +1,111 @@
+"""Where the defense's model and data come from: given files, the lab's default layout, or the embedded demo.
+
+Three steps, so the defense can overlap work: :func:`locate_inputs` decides which files (errors up front,
+before anything is read), :func:`peek_sets` reads only the h5 headers (shapes and dtypes, enough to compile
+the sweep), :func:`load_sets` reads the images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+
+from badnet_jax.convert import load_keras
+from badnet_jax.data import load_lab_h5, load_true_labels, peek_lab_h5
+from badnet_jax.errors import ConfigError
+from badnet_jax.fileio import sha256_of
+from badnet_jax.model import BadNet, Params
+
+log = logging.getLogger(__name__)
+
+LAB_MODEL_CANDIDATES = ("models/bd_net.h5", "models/bd_weights.h5")
+LAB_DATA_DEFAULTS = {"clean_valid": "data/cl/valid.h5", "bd_valid": "data/bd/bd_valid.h5",
+                     "clean_test": "data/cl/test.h5", "bd_test": "data/bd/bd_test.h5"}
+DATA_ROLES = tuple(LAB_DATA_DEFAULTS)  # the ranking set (clean validation) first
+POISONED_ROLES = ("bd_valid", "bd_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFiles:
+    """The files a run reads: a Keras model and the four lab h5 sets, or the embedded demo (``demo``)."""
+
+    model: Path
+    data: dict[str, Path]
+    demo: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Sets:
+    """The four data sets as (x, y) by role, and the true classes of the poisoned ones where known."""
+
+    data: dict[str, tuple[np.ndarray, np.ndarray]]
+    true_labels: dict[str, Optional[np.ndarray]]
+
+
+def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> InputFiles:
+    """The files to read: the given ones, else the lab's default layout if present, else the embedded demo.
+
+    Raises:
+        ConfigError: only some data files given, lab files partly missing, or no model for lab data.
+    """
+    given = {r: data[r] for r in DATA_ROLES if data.get(r)}
+    if given and len(given) < len(DATA_ROLES):
+        missing = [f"--{r}" for r in DATA_ROLES if r not in given]
+        raise ConfigError(f"give all four data files or none (then the lab defaults or the demo are used); "
+                          f"missing {', '.join(missing)}")
+    paths = {r: Path(p) for r, p in (given or LAB_DATA_DEFAULTS).items()}
+    present = [r for r, p in paths.items() if p.exists()]
+    model_path = Path(model) if model else next((Path(c) for c in LAB_MODEL_CANDIDATES if Path(c).exists()), None)
+    if not given and not present and model is None:
+        from badnet_jax.demo import DEMO_MODEL
+
+        log.info("Lab data not found at %s: running on the embedded demo (synthetic faces, demo BadNet).",
+                 ", ".join(LAB_DATA_DEFAULTS.values()))
+        return InputFiles(model=DEMO_MODEL, data={}, demo=True)
+    if len(present) < len(DATA_ROLES):
+        missing = [f"{r} ({paths[r]})" for r in DATA_ROLES if r not in present]
+        raise ConfigError(f"lab data files not found: {', '.join(missing)}")
+    if model_path is None:
+        raise ConfigError(f"no model: pass --model or put the lab's model at {' or '.join(LAB_MODEL_CANDIDATES)}")
+    return InputFiles(model=model_path, data=paths)
+
+
+def load_model(files: InputFiles) -> tuple[BadNet, Params]:
+    """The BadNet B (the Keras file, or the shipped demo model)."""
+    return load_keras(files.model)
+
+
+def peek_sets(files: InputFiles) -> Optional[dict[str, jax.ShapeDtypeStruct]]:
+    """Shapes and dtypes of the four sets from the h5 headers (None for the demo, whose data is generated)."""
+    if files.demo:
+        return None
+    specs = {r: jax.ShapeDtypeStruct(*peek_lab_h5(p, keep_uint8=True)) for r, p in files.data.items()}
+    for r, spec in specs.items():
+        if spec.shape[0] == 0:
+            raise ConfigError(f"{files.data[r]}: holds no images")
+    return specs
+
+
+def load_sets(files: InputFiles, num_classes: int) -> Sets:
+    """The four sets (uint8 images where the files store uint8), labels checked against ``num_classes``."""
+    if files.demo:
+        from badnet_jax.demo import demo_sets
+
+        data, true = demo_sets()
+        return Sets(data, true)
+    data = {r: load_lab_h5(p, num_classes=num_classes, keep_uint8=True) for r, p in files.data.items()}
+    return Sets(data, {r: load_true_labels(files.data[r]) for r in POISONED_ROLES})
+
+
+def describe_inputs(files: InputFiles) -> dict[str, dict]:
+    """Path, size and sha256 of every input file, by role (the demo: its model only)."""
+    described = {}
+    for role, path in {"model": files.model, **files.data}.items():
+        described[role] = {"path": str(path), "bytes": os.path.getsize(path), "sha256": sha256_of(path)}
+    return described

@@ -1,0 +1,201 @@
+"""What a user may ask of the sweep (:class:`SweepOptions`) resolved once into what it does (:class:`SweepPlan`).
+
+Every sweep decision lives here and nowhere else: the strategy, the masked-head implementation, how many
+distinct steps go into one head call, the chunk (from the backend default and the memory budget) and the
+device count. The rest of the sweep reads the plan; the defense computes it once and hands it on.
+
+Memory model (bytes per image in flight, float32): the trunk's largest intermediates (conv_1 output 52x44x20
+and its pool, conv_2 output) ~350 KB; the plain sweep's vmapped head over 61 masks ~920 KB; the prefix
+sweep's per-step carries ~15 KB; without dedupe all 61 steps' pre-activations (61 x 1120 floats) and
+logits; when it batches steps, all 61 steps' pre-activations and one batch of logits. Resident: every set's images (twice on a CPU: host array and device buffer),
+61 int32 predictions per image, and pool_3 features (4.8 KB per image) of the ranking set and, twice (the
+copy sorted by alive channels), of the largest set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Literal, Optional, Sequence
+
+import jax
+import numpy as np
+
+from badnet_jax.errors import ConfigError
+from badnet_jax.fileio import memory_bytes
+from badnet_jax.kernels.masked_head.api import resolve_impl
+from badnet_jax.model import LAB_NUM_CLASSES, NUM_POOL3_CHANNELS
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["plain", "prefix", "prefix_dedupe", "prefix_batched"]
+
+CPU_CHUNK = 256  # per-step GEMMs of 256 rows run near a CPU's matmul peak, and dedupe stays fine-grained
+ACCELERATOR_CHUNK = 4096  # GPU/TPU: few, large calls
+ACCELERATOR_BATCH_STEPS = 8  # distinct steps per head call on GPU/TPU (reasoned, not yet tuned on a device)
+
+STEPS = NUM_POOL3_CHANNELS + 1
+TRUNK_WORKING = 350_000
+PLAIN_HEAD_WORKING = 920_000
+PREFIX_WORKING = 15_000
+PREACTIVATIONS = 160 + 960  # fc_1 and flattened conv_4 pre-activations per image and step
+POOL3_BYTES = 1200 * 4
+PREDS_BYTES = STEPS * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    """What a user may ask of the sweep. Every shortcut is exact: all give the plain sweep's predictions.
+
+    Attributes:
+        prefix_sums: build every step's fc_1/conv_4 pre-activations from per-channel contributions with
+            suffix sums over the order (``badnet_jax.sweep.prefix``) instead of re-running the masked head.
+        dedupe: (needs ``prefix_sums``) evaluate each distinct effective mask once per chunk: a step that only
+            prunes channels that are zero on every image of the chunk reuses the previous step's predictions.
+        group: (needs ``dedupe``) sort each set's images by their alive channels before chunking, so a chunk's
+            images share dead channels and skip more steps.
+        impl: (needs ``prefix_sums`` unless ``auto``/``reference``) masked-head implementation: ``auto`` (the
+            Pallas kernel where it compiles and agrees, else the JAX reference), ``reference`` or ``pallas``.
+        batch_steps: (needs ``dedupe`` when > 0) 0 evaluates a chunk's distinct steps one head call each inside
+            the scan over steps (best on a CPU); B > 0 gathers the distinct steps and evaluates B per head
+            call (an accelerator wants few large calls). None: 0 on CPU, 8 on GPU/TPU.
+        chunk: images per chunk inside the jitted call; None: 256 on CPU, 4096 on GPU/TPU. Shrunk to fit
+            ``memory_budget``.
+        devices: shard the image axis over this many devices (0 = all, across hosts too); results are the
+            single-device ones.
+        memory_budget: bytes the sweep may use (None: half of the device's memory). Data that cannot fit is
+            refused up front.
+    """
+
+    prefix_sums: bool = True
+    dedupe: bool = True
+    group: bool = True
+    impl: str = "auto"
+    batch_steps: Optional[int] = None
+    chunk: Optional[int] = None
+    devices: int = 1
+    memory_budget: Optional[int] = None
+
+
+PLAIN = SweepOptions(prefix_sums=False, dedupe=False, group=False, impl="reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """The sweep as it will run, resolved once from :class:`SweepOptions` for a backend and data.
+
+    Attributes:
+        strategy: ``plain`` (masked head vmapped over the 61 masks), ``prefix`` (suffix sums, every step
+            evaluated), ``prefix_dedupe`` (reverse scan, dead steps skipped) or ``prefix_batched`` (distinct
+            steps gathered, ``batch_steps`` per head call).
+        group: images sorted by alive channels before chunking.
+        impl: resolved masked-head implementation: ``reference``, ``pallas`` or ``interpret``.
+        batch_steps: distinct steps per head call (``prefix_batched`` only; else 0).
+        chunk: images per chunk.
+        devices: devices the image axis is sharded over (1: no sharding).
+        bytes_per_image: working memory per image in flight, as budgeted.
+    """
+
+    strategy: Strategy
+    group: bool
+    impl: str
+    batch_steps: int
+    chunk: int
+    devices: int
+    bytes_per_image: int
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        extra = f", {self.batch_steps} steps per head call" if self.batch_steps else ""
+        return (f"{self.strategy}{' + grouping' if self.group else ''}, head {self.impl}{extra}, "
+                f"chunk {self.chunk}, {self.devices} device(s)")
+
+
+def _check(options: SweepOptions) -> None:
+    """Refuse combinations that would silently do nothing."""
+    if options.dedupe and not options.prefix_sums:
+        raise ConfigError("dedupe needs prefix_sums (the plain sweep evaluates every step)")
+    if options.group and not options.dedupe:
+        raise ConfigError("group needs dedupe (grouping only helps deciding dead steps per chunk)")
+    if options.impl not in ("auto", "reference", "pallas"):
+        raise ConfigError(f"impl must be 'auto', 'reference' or 'pallas', got {options.impl!r}")
+    if options.impl == "pallas" and not options.prefix_sums:
+        raise ConfigError("impl='pallas' needs prefix_sums (the kernel evaluates the tail after the suffix sums)")
+    if options.batch_steps is not None and options.batch_steps < 0:
+        raise ConfigError(f"batch_steps must be >= 0, got {options.batch_steps}")
+    if options.batch_steps and not options.dedupe:
+        raise ConfigError("batch_steps > 0 needs dedupe (it batches a chunk's distinct steps)")
+    if options.chunk is not None and options.chunk < 1:
+        raise ConfigError(f"chunk must be >= 1, got {options.chunk}")
+    if options.devices < 0:
+        raise ConfigError(f"devices must be >= 0 (0 = all), got {options.devices}")
+    budget = options.memory_budget
+    if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        raise ConfigError(f"memory budget must be a finite positive number of bytes, got {budget!r}")
+
+
+def default_budget() -> int:
+    """Half of the default device's memory (GPU/TPU: its allocator limit; CPU: physical memory)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - CPU backends may not implement memory_stats
+        stats = None
+    return int((stats or {}).get("bytes_limit") or memory_bytes()) // 2
+
+
+def plan_sweep(options: SweepOptions = SweepOptions(), sets: Sequence = (),
+               num_classes: int = LAB_NUM_CLASSES) -> SweepPlan:
+    """Resolve ``options`` for the default backend and these image sets, once.
+
+    Args:
+        options: what the user asked.
+        sets: the image arrays, or only their shapes and dtypes (anything with ``.shape`` and ``.dtype``),
+            the ranking set first; they size the memory budget. Empty: no budget check.
+        num_classes: the model's output size (the batched path holds a batch of logits).
+
+    Raises:
+        ConfigError: a combination that does nothing, more devices than exist, or data that cannot fit.
+    """
+    _check(options)
+    accelerator = jax.default_backend() != "cpu"
+    if not options.prefix_sums:
+        strategy, batch = "plain", 0
+    elif not options.dedupe:
+        strategy, batch = "prefix", 0
+    else:
+        batch = options.batch_steps if options.batch_steps is not None else (
+            ACCELERATOR_BATCH_STEPS if accelerator else 0)
+        strategy = "prefix_batched" if batch else "prefix_dedupe"
+    impl = resolve_impl(options.impl) if options.prefix_sums else "reference"
+    available = jax.device_count()
+    devices = available if options.devices == 0 else options.devices
+    if devices > available:
+        raise ConfigError(f"asked for {devices} devices, only {available} available")
+    head = {"plain": PLAIN_HEAD_WORKING, "prefix": STEPS * (PREACTIVATIONS + num_classes) * 4,
+            "prefix_dedupe": PREFIX_WORKING,
+            "prefix_batched": STEPS * PREACTIVATIONS * 4 + batch * num_classes * 4}[strategy]
+    per_image = TRUNK_WORKING + head
+    wanted = options.chunk or (ACCELERATOR_CHUNK if accelerator else CPU_CHUNK)
+    chunk = _chunk_for_budget(sets, options.memory_budget, per_image, wanted, accelerator)
+    if chunk < wanted:
+        log.info("Memory budget: %d images per chunk (instead of %d).", chunk, wanted)
+    return SweepPlan(strategy=strategy, group=options.group, impl=impl, batch_steps=batch, chunk=chunk,
+                     devices=devices, bytes_per_image=per_image)
+
+
+def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, wanted: int,
+                      accelerator: bool) -> int:
+    """The largest chunk <= ``wanted`` whose working memory fits ``budget`` beside the resident data."""
+    if not sets:
+        return wanted
+    sizes = [(int(x.shape[0]), int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize) for x in sets]
+    budget = default_budget() if budget is None else int(budget)
+    copies = 1 if accelerator else 2  # a CPU holds the host array and the device buffer
+    pool3 = (sizes[0][0] + 2 * max(n for n, _ in sizes)) * POOL3_BYTES
+    resident = sum(copies * nbytes + n * PREDS_BYTES for n, nbytes in sizes) + pool3
+    room = budget - resident
+    if room < per_image:
+        raise ConfigError(f"the data needs about {resident / 2**30:.2f} GiB resident but the memory budget is "
+                          f"{budget / 2**30:.2f} GiB; raise --memory_budget or use fewer images")
+    return int(max(1, min(wanted, room // per_image)))

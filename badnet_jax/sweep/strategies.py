@@ -1,0 +1,112 @@
+"""Per-set evaluators of the sweep: (61, N) predictions of B' for k = 0..60 channels of an order pruned.
+
+One evaluator per :data:`~badnet_jax.sweep.plan.Strategy`, all exact (they give the plain sweep's
+predictions, float32 near-ties aside):
+
+- ``plain``: the masked head vmapped over the 61 prefix masks;
+- ``prefix``: every step's fc_1/conv_4 pre-activations from suffix sums, the tail evaluated at all steps;
+- ``prefix_dedupe``: a reverse scan over the steps; a step whose added channel is dead on the whole chunk
+  reuses the previous predictions (``lax.cond``: real control flow, no cost);
+- ``prefix_batched``: the chunk's distinct steps gathered and evaluated ``batch_steps`` per head call.
+
+With ``plan.group`` the images are sorted by alive channels before chunking and the predictions put back.
+:func:`head_evaluations` counts, on the host, the (image, step) evaluations of the tail each plan does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from badnet_jax.kernels.masked_head.api import head_argmax
+from badnet_jax.model import BadNet, Params
+from badnet_jax.sweep.chunks import chunk_starts, map_chunks
+from badnet_jax.sweep.plan import STEPS, SweepPlan
+from badnet_jax.sweep.prefix import alive_groups, prefix_masks, reverse_steps, step_aliases, step_preactivations
+
+ChunkFn = Callable[[jax.Array], jax.Array]
+
+
+def _tail(p: Params) -> tuple[jax.Array, ...]:
+    return p["fc_2"]["kernel"], p["fc_2"]["bias"], p["output"]["kernel"], p["output"]["bias"]
+
+
+def _plain(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
+    masks = prefix_masks(order)
+    one = lambda feats, mask: jnp.argmax(model.apply({"params": p}, feats, mask, method=BadNet.head),
+                                         -1).astype(jnp.int32)
+    return lambda feats: jax.vmap(one, in_axes=(None, 0))(feats, masks)
+
+
+def _prefix(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
+    def run(feats):
+        fc1, c4 = step_preactivations(p, feats, order)  # (61, n, 160), (61, n, 960)
+        return head_argmax(fc1, c4, *_tail(p), impl=plan.impl)
+    return run
+
+
+def _prefix_dedupe(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
+    # Going from step k+1 to k adds channel order[k]; if it is dead on this chunk, nothing changed.
+    head = lambda k, fc1, c4: head_argmax(fc1[None], c4[None], *_tail(p), impl=plan.impl)[0]
+    return lambda feats: reverse_steps(p, feats, order, head, skip_dead=True)
+
+
+def _prefix_batched(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
+    batch = plan.batch_steps
+
+    def run(feats):
+        # Within a run of steps with one effective mask the pre-activations are exact copies (skip_dead), so
+        # each run is evaluated once, at its first step (its alias), and shared.
+        fc1, c4 = step_preactivations(p, feats, order, skip_dead=True)  # (61, n, 160), (61, n, 960)
+        aliases = step_aliases(feats, order)
+        evaluated = aliases == jnp.arange(STEPS, dtype=aliases.dtype)
+        # The evaluated steps first, padded with step 0 (always evaluated) to whole batches: a padded entry
+        # recomputes step 0's predictions and writes the same values again.
+        todo = jnp.nonzero(evaluated, size=-(-STEPS // batch) * batch, fill_value=0)[0]
+
+        def one_batch(b, out):
+            idx = jax.lax.dynamic_slice_in_dim(todo, b * batch, batch)
+            return out.at[idx].set(head_argmax(fc1[idx], c4[idx], *_tail(p), impl=plan.impl))
+
+        count = jnp.sum(evaluated.astype(jnp.int32))
+        out = jax.lax.fori_loop(0, (count + batch - 1) // batch, one_batch,
+                                jnp.zeros((STEPS, feats.shape[0]), jnp.int32))
+        return out[aliases]
+    return run
+
+
+EVALUATORS = {"plain": _plain, "prefix": _prefix, "prefix_dedupe": _prefix_dedupe, "prefix_batched": _prefix_batched}
+
+
+def sweep_set(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array,
+              plan: SweepPlan) -> jax.Array:
+    """(61, N) int32 predictions of B' for k = 0..60 channels of ``order`` pruned (traceable; call under jit)."""
+    one_chunk = EVALUATORS[plan.strategy](model, params, order, plan)
+    if not plan.group:
+        return map_chunks(one_chunk, pool3_NxHxWxC, plan.chunk, rows_axis=1)
+    perm = alive_groups(pool3_NxHxWxC)
+    preds = map_chunks(one_chunk, pool3_NxHxWxC[perm], plan.chunk, rows_axis=1)
+    return jnp.zeros_like(preds).at[:, perm].set(preds, unique_indices=True)
+
+
+def head_evaluations(pool3_NxHxWxC: np.ndarray, plan: SweepPlan) -> int:
+    """How many (image, step) evaluations of the head's tail ``plan`` does on these pool_3 features.
+
+    The work the shortcuts leave, for benchmarks: 61 per image and chunk row without dedupe; with it, per
+    chunk, the all-pruned step plus one step per channel alive somewhere in the chunk (chunks after
+    grouping, if on), rounded up to whole batches when steps are batched.
+    """
+    feats = np.asarray(pool3_NxHxWxC)
+    starts = chunk_starts(len(feats), plan.chunk)
+    chunk = min(plan.chunk, len(feats))
+    if plan.strategy in ("plain", "prefix"):
+        return len(starts) * chunk * STEPS
+    if plan.group:
+        feats = feats[np.asarray(alive_groups(jnp.asarray(feats)))]
+    alive_NxC = feats.max(axis=(1, 2)) > 0
+    batch = plan.batch_steps or 1
+    distinct = [1 + int(alive_NxC[s:s + chunk].any(axis=0).sum()) for s in starts]
+    return sum(chunk * -(-d // batch) * batch for d in distinct)

@@ -1,0 +1,94 @@
+"""The package's shape: no import cycle between its modules, and the wheel holds the package and no tests."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.conftest import REPO
+
+# Module name -> source file, as pyproject's package-dir installs them (kernels/ -> badnet_jax.kernels).
+ROOTS = {"badnet_jax": REPO / "badnet_jax", "badnet_jax.kernels": REPO / "kernels"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for prefix, root in ROOTS.items():
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([prefix, *parts])] = path
+    return found
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Package modules that ``name`` imports anywhere in its source (function-level imports included)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            # ``from pkg import mod`` imports the module; ``from mod import name`` imports mod itself.
+            subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
+            targets = subs if subs else [base]
+        else:
+            continue
+        out |= {t for t in targets if t in known}
+    return out - {name}
+
+
+def test_no_import_cycle_in_the_package():
+    modules = _modules()
+    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    # A package's __init__ re-exports its modules; an edge *into* an __init__ from its own submodules is what
+    # would make a cycle, so edges are kept as written and every strongly connected component must be trivial.
+    index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
+    assert "badnet_jax.sweep.run" in graph and "badnet_jax.kernels.masked_head.api" in graph  # the walk saw them
+
+
+def test_wheel_installs_kernels_inside_the_package_and_ships_no_tests(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("badnet_jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "badnet_jax/kernels/masked_head/pallas_kernel.py" in names
+    assert "badnet_jax/assets/demo_badnet.h5" in names
+    tops = {n.split("/")[0] for n in names}
+    assert tops <= {"badnet_jax", *{t for t in tops if t.endswith(".dist-info")}}, tops
+    assert not [n for n in names if "test" in Path(n).name], [n for n in names if "test" in Path(n).name]

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of BadNet params (optionally with a pruning mask) and of GoodNets.
+"""Orbax checkpoints of BadNet params (optionally with a pruning mask) and of GoodNets, with their input scale.
 
 Each checkpoint is built in a temporary directory and swapped in whole, so an interrupted save leaves the
 previous checkpoint (or nothing), never a half-written one.
@@ -18,7 +18,26 @@ import orbax.checkpoint as ocp
 from badnet_jax import fileio
 from badnet_jax.errors import CheckpointError
 from badnet_jax.goodnet import GoodNet
-from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params, num_classes_of
+from badnet_jax.model import INPUT_SCALES, NUM_POOL3_CHANNELS, BadNet, Params, num_classes_of
+
+# The input scale travels as its divisor (orbax stores arrays); checkpoints written before it existed are raw.
+_DIVISOR = {"raw": 1.0, "255": 255.0}
+
+
+def _scale_entry(input_scale: str) -> np.ndarray:
+    if input_scale not in INPUT_SCALES:
+        raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
+    return np.float32(_DIVISOR[input_scale])
+
+
+def _scale_of(state: dict, path: Path) -> str:
+    if "input_divisor" not in state:
+        return "raw"
+    divisor = float(np.asarray(state["input_divisor"]))
+    for name, d in _DIVISOR.items():
+        if divisor == d:
+            return name
+    raise CheckpointError(f"{path}: unknown input divisor {divisor} (expected 1 or 255)")
 
 
 def _save(path: Path, state: dict) -> Path:
@@ -41,24 +60,27 @@ def _restore(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable orbax checkpoint ({err})") from None
 
 
-def save_badnet(path: str | os.PathLike, params: Params, mask: Optional[jax.Array] = None) -> Path:
-    """Save B (or B' = params + pool_3 mask) as an orbax checkpoint directory."""
+def save_badnet(path: str | os.PathLike, params: Params, mask: Optional[jax.Array] = None,
+                input_scale: str = "raw") -> Path:
+    """Save B (or B' = params + pool_3 mask) and its input scale as an orbax checkpoint directory."""
     m = np.ones(NUM_POOL3_CHANNELS, np.float32) if mask is None else np.asarray(mask, np.float32)
-    return _save(Path(path), {"params": params, "mask": m})
+    return _save(Path(path), {"params": params, "mask": m, "input_divisor": _scale_entry(input_scale)})
 
 
 def restore_badnet(path: str | os.PathLike) -> tuple[BadNet, Params, jax.Array]:
-    """Restore ``(BadNet, params, mask)`` from :func:`save_badnet`'s checkpoint."""
+    """Restore ``(BadNet, params, mask)`` from :func:`save_badnet`'s checkpoint (the model keeps its input scale)."""
     state = _restore(Path(path))
-    if not isinstance(state, dict) or "params" not in state or "mask" not in state:
-        raise CheckpointError(f"{path}: not a badnet-jax BadNet checkpoint (needs 'params' and 'mask')")
+    if not isinstance(state, dict) or "params" not in state or "mask" not in state or "pruning" in state:
+        raise CheckpointError(f"{path}: not a badnet-jax BadNet checkpoint (needs 'params' and 'mask'; a GoodNet "
+                              "checkpoint goes to restore_goodnet / goodnet_eval.py --goodnet)")
     params = jax.tree.map(jnp.asarray, state["params"])
-    return BadNet(num_classes_of(params)), params, jnp.asarray(state["mask"])
+    return BadNet(num_classes_of(params), input_scale=_scale_of(state, Path(path))), params, jnp.asarray(state["mask"])
 
 
-def save_goodnet(path: str | os.PathLike, variables: dict[str, Any]) -> Path:
-    """Save a GoodNet's variables (``make_goodnet``'s second result) as an orbax checkpoint directory."""
-    return _save(Path(path), {"params": variables["params"], "pruning": variables["pruning"]})
+def save_goodnet(path: str | os.PathLike, variables: dict[str, Any], input_scale: str = "raw") -> Path:
+    """Save a GoodNet's variables (``make_goodnet``'s second result) and input scale as an orbax checkpoint."""
+    return _save(Path(path), {"params": variables["params"], "pruning": variables["pruning"],
+                              "input_divisor": _scale_entry(input_scale)})
 
 
 def restore_goodnet(path: str | os.PathLike) -> tuple[GoodNet, dict[str, Any]]:
@@ -70,4 +92,16 @@ def restore_goodnet(path: str | os.PathLike) -> tuple[GoodNet, dict[str, Any]]:
         n = num_classes_of(variables["params"]["bad"])
     except (KeyError, TypeError):
         raise CheckpointError(f"{path}: not a badnet-jax GoodNet checkpoint") from None
-    return GoodNet(num_classes=n), variables
+    return GoodNet(num_classes=n, input_scale=_scale_of(state, Path(path))), variables
+
+
+def is_goodnet_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a GoodNet checkpoint (rather than a BadNet one), from its saved structure only."""
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.metadata(Path(path).resolve())
+    except Exception:  # noqa: BLE001 - anything unreadable is "not a GoodNet"; restoring then says why
+        return False
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+    return isinstance(tree, dict) and "pruning" in tree

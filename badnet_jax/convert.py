@@ -9,8 +9,13 @@ Reads, without executing anything from the file (no pickles, no Lambda layers, J
 * Keras 3 ``.weights.h5`` files (``layers/<auto name>/vars`` groups carrying the layer name as attribute).
 
 Every layer is checked against an allow-list and every kernel/bias against the architecture's shapes;
-weights must be floating point and finite. Writes Keras 2.3 weights-only files that Keras' ``load_weights``
-reads, so a pruned B' can go back into the lab's code.
+weights must be floating point and finite. Writes full Keras model files (``model_config`` JSON +
+``model_weights``, the layout of the lab's ``bd_net.h5``), which ``keras.models.load_model`` (what the lab's
+eval.py calls) and ``load_weights`` read, so a pruned B' goes back into the lab's code as it is.
+
+The input scale (raw pixels or pixels / 255, see ``badnet_jax.model``) is not part of a Keras file; the
+files badnet-jax writes record it in the root attribute ``badnet_jax_input_scale``, and :func:`load_keras`
+takes it from there unless told.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import numpy as np
 from badnet_jax import fileio
 from badnet_jax.errors import ModelFileError
 from badnet_jax.model import (
-    KERAS_LAYER_NAMES, NUM_POOL3_CHANNELS, WEIGHT_LAYERS, BadNet, Params, param_shapes,
+    INPUT_SCALES, KERAS_LAYER_NAMES, NUM_POOL3_CHANNELS, WEIGHT_LAYERS, BadNet, Params, param_shapes,
 )
+
+INPUT_SCALE_ATTR = "badnet_jax_input_scale"
 
 # Layer class -> the config fields (and values) that the DeepID architecture requires.
 _ALLOWED_CLASSES = {"InputLayer", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Add", "Activation"}
@@ -193,29 +200,90 @@ def _check_layer_names(raw: Any, path: Path) -> None:
                              f"architecture ({list(KERAS_LAYER_NAMES)})")
 
 
-def load_keras(path: str | os.PathLike) -> tuple[BadNet, Params]:
-    """Load a Keras BadNet file as ``(BadNet(num_classes), params)`` with params keyed by Keras layer name.
+def recorded_input_scale(path: str | os.PathLike) -> str | None:
+    """The input scale a badnet-jax-written Keras file records, or None (any other Keras file)."""
+    path = Path(path)
+    with fileio.open_h5(path, ModelFileError) as f:
+        raw = f.attrs.get(INPUT_SCALE_ATTR)
+    if raw is None:
+        return None
+    scale = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if scale not in INPUT_SCALES:
+        raise ModelFileError(f"{path}: attribute {INPUT_SCALE_ATTR} is {scale!r}, expected one of {INPUT_SCALES}")
+    return scale
+
+
+def load_keras(path: str | os.PathLike, input_scale: str | None = None) -> tuple[BadNet, Params]:
+    """Load a Keras BadNet file as ``(BadNet(num_classes, input_scale), params)``, params keyed by layer name.
+
+    Args:
+        path: a Keras 2 weights or full-model h5, or a Keras 3 ``.weights.h5``.
+        input_scale: ``"raw"`` (pixels 0..255 as they are: the lab's B) or ``"255"`` (pixels / 255: the
+            CSAW-HackML-2020 BadNets). None: the scale a badnet-jax-written file records, else ``"raw"``.
 
     Example::
 
-        model, params = load_keras("bd_weights.h5")
-        logits = model.apply({"params": params}, x_NHWC)
+        model, params = load_keras("sunglasses_bd_weights.h5", input_scale="255")
+        logits = model.apply({"params": params}, x_NHWC)   # x in 0..255
     """
-    params = read_keras_params(path)
-    params = jax.tree.map(jnp.asarray, params)
-    return BadNet(num_classes=int(params["output"]["bias"].shape[0])), params
+    if input_scale is not None and input_scale not in INPUT_SCALES:
+        raise ModelFileError(f"{path}: input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
+    params = jax.tree.map(jnp.asarray, read_keras_params(path))
+    scale = input_scale or recorded_input_scale(path) or "raw"
+    return BadNet(num_classes=int(params["output"]["bias"].shape[0]), input_scale=scale), params
 
 
-def save_keras(params: Params, path: str | os.PathLike, keras_version: str = "2.3.1") -> Path:
-    """Write params as a Keras 2 weights-only h5 (the lab's ``bd_weights.h5`` layout), atomically.
+def _layer_configs(num_classes: int) -> list[dict]:
+    """The lab's DeepID as a Keras functional config (the fields Keras 2.3 through Keras 3 all accept)."""
+    conv = lambda name, filters, k, src: ("Conv2D", name, {
+        "filters": filters, "kernel_size": [k, k], "strides": [1, 1], "padding": "valid",
+        "data_format": "channels_last", "dilation_rate": [1, 1], "activation": "relu", "use_bias": True}, [src])
+    pool = lambda name, src: ("MaxPooling2D", name, {"pool_size": [2, 2], "padding": "valid", "strides": [2, 2],
+                                                     "data_format": "channels_last"}, [src])
+    dense = lambda name, units, act, src: ("Dense", name, {"units": units, "activation": act, "use_bias": True}, [src])
+    spec = [
+        ("InputLayer", "input", {"batch_input_shape": [None, 55, 47, 3], "dtype": "float32", "sparse": False}, []),
+        conv("conv_1", 20, 4, "input"), pool("pool_1", "conv_1"), conv("conv_2", 40, 3, "pool_1"),
+        pool("pool_2", "conv_2"), conv("conv_3", 60, 3, "pool_2"), pool("pool_3", "conv_3"),
+        conv("conv_4", 80, 2, "pool_3"),
+        ("Flatten", "flatten_1", {"data_format": "channels_last"}, ["pool_3"]),
+        ("Flatten", "flatten_2", {"data_format": "channels_last"}, ["conv_4"]),
+        dense("fc_1", 160, "linear", "flatten_1"), dense("fc_2", 160, "linear", "flatten_2"),
+        ("Add", "add_1", {}, ["fc_1", "fc_2"]), ("Activation", "activation_1", {"activation": "relu"}, ["add_1"]),
+        dense("output", num_classes, "softmax", "activation_1"),
+    ]
+    layers = []
+    for cls, name, cfg, inbound in spec:
+        extra = {} if cls == "InputLayer" else {"trainable": True, "dtype": "float32"}
+        layers.append({"class_name": cls, "config": {"name": name, **extra, **cfg}, "name": name,
+                       "inbound_nodes": [[[src, 0, 0, {}] for src in inbound]] if inbound else []})
+    return layers
 
-    Keras' ``model.load_weights(path)`` on the lab's architecture reads the result.
+
+def model_config_json(num_classes: int) -> str:
+    """The ``model_config`` JSON of a full Keras model file of the lab's architecture."""
+    return json.dumps({"class_name": "Model", "config": {
+        "name": "model_1", "layers": _layer_configs(num_classes),
+        "input_layers": [["input", 0, 0]], "output_layers": [["output", 0, 0]]}})
+
+
+def save_keras(params: Params, path: str | os.PathLike, input_scale: str = "raw",
+               keras_version: str = "2.3.1") -> Path:
+    """Write params as a full Keras model h5 (``model_config`` + ``model_weights``), atomically.
+
+    ``keras.models.load_model(path)`` gives the network (the output layer has the lab's softmax: the same
+    argmax as badnet-jax's logits), ``model.load_weights(path)`` reads it too. The input scale is recorded
+    for :func:`load_keras`; Keras itself takes whatever the caller feeds (the competition's eval.py divides
+    by 255 before calling the model).
 
     Returns:
         The path written.
     """
     path = Path(path)
-    shapes = param_shapes(int(np.shape(params["output"]["bias"])[0]))
+    if input_scale not in INPUT_SCALES:
+        raise ModelFileError(f"{path}: input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
+    num_classes = int(np.shape(params["output"]["bias"])[0])
+    shapes = param_shapes(num_classes)
     arrays = {}
     for layer in WEIGHT_LAYERS:
         for what in ("kernel", "bias"):
@@ -229,9 +297,14 @@ def save_keras(params: Params, path: str | os.PathLike, keras_version: str = "2.
         with h5py.File(tmp, "w") as f:
             f.attrs["backend"] = "tensorflow"
             f.attrs["keras_version"] = keras_version
-            f.attrs["layer_names"] = np.array([n.encode() for n in KERAS_LAYER_NAMES])
+            f.attrs["model_config"] = model_config_json(num_classes)
+            f.attrs[INPUT_SCALE_ATTR] = input_scale
+            root = f.create_group("model_weights")
+            root.attrs["backend"] = "tensorflow"
+            root.attrs["keras_version"] = keras_version
+            root.attrs["layer_names"] = np.array([n.encode() for n in KERAS_LAYER_NAMES])
             for name in KERAS_LAYER_NAMES:
-                g = f.create_group(name)
+                g = root.create_group(name)
                 if name in WEIGHT_LAYERS:
                     g.attrs["weight_names"] = np.array([f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()])
                     inner = g.create_group(name)

@@ -60,11 +60,12 @@ class Curve:
     """Every rate of B' and GoodNet at k = 0..60 pruned channels, the order, and the selected cuts.
 
     Arrays are (61,) percentages indexed by k (``test_der`` in [0, 1]); ``order`` and ``mean_activation``
-    are (60,). ``inputs`` and ``versions`` describe the run (file sizes and sha256, package versions).
+    are (60,). ``input_scale`` is B's (``raw`` or ``255``, see ``badnet_jax.model``). ``inputs`` and ``versions`` describe the run (file sizes and sha256, package versions).
     """
 
     title: str
     num_classes: int
+    input_scale: str
     rule: Rule
     demo: bool
     order: np.ndarray
@@ -152,7 +153,8 @@ class LabeledPreds:
 
 def evaluate_curve(valid: LabeledPreds, bd_valid: LabeledPreds, test: LabeledPreds, bd_test: LabeledPreds,
                    order: np.ndarray, mean_activation: np.ndarray, num_classes: int, rule: Rule,
-                   title: str, demo: bool = False, bd_test_true_labels: Optional[np.ndarray] = None) -> Curve:
+                   title: str, demo: bool = False, bd_test_true_labels: Optional[np.ndarray] = None,
+                   input_scale: str = "raw") -> Curve:
     """Every rate of B' and GoodNet at every k, from the sweep's predictions (no cut selected yet)."""
     n = num_classes
     g_clean = metrics.goodnet_predictions(test.preds[:1], test.preds, n)
@@ -160,7 +162,7 @@ def evaluate_curve(valid: LabeledPreds, bd_valid: LabeledPreds, test: LabeledPre
     acc = {key: metrics.accuracy(s.preds, s.labels)
            for key, s in zip(RATE_KEYS, (valid, bd_valid, test, bd_test))}
     return Curve(
-        title=title, num_classes=n, rule=rule, demo=demo, order=np.asarray(order),
+        title=title, num_classes=n, input_scale=input_scale, rule=rule, demo=demo, order=np.asarray(order),
         mean_activation=np.asarray(mean_activation),
         counts={"valid": len(valid.labels), "bd_valid": len(bd_valid.labels), "test": len(test.labels),
                 "bd_test": len(bd_test.labels)},

@@ -76,7 +76,8 @@ def peek_lab_h5(path: str | os.PathLike, keep_uint8: bool = False) -> tuple[tupl
 
 
 def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
-                chunk: int = DEFAULT_CHUNK, keep_uint8: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                chunk: int = DEFAULT_CHUNK, keep_uint8: bool = False,
+                rows: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """Read a lab-layout h5 file into NHWC float32 raw pixels and int32 labels.
 
     The images are read ``chunk`` rows at a time straight into the float32 output, so a 400 MB file never
@@ -88,6 +89,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
         chunk: rows per read.
         keep_uint8: return uint8 pixels when the file stores uint8 (a quarter of the memory; every
             badnet-jax computation casts to float32 exactly, per chunk).
+        rows: read only the first ``rows`` images and labels (e.g. a sample to check the input scale on).
 
     Returns:
         ``(x, y)``: x (N, 55, 47, 3) float32 (or uint8, see ``keep_uint8``), y (N,) int32.
@@ -99,13 +101,13 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
     path = Path(path)
     with fileio.open_h5(path, DataFileError) as f:
         ds = _image_dataset(f, path)
-        n = int(ds.shape[0])
+        n = int(ds.shape[0]) if rows is None else min(int(rows), int(ds.shape[0]))
         need = n * int(np.prod(INPUT_HWC)) * 4
         if need > fileio.memory_bytes() // 2:
             raise DataFileError(f"{path}: declares {n} images ({need / 2**30:.1f} GiB as float32), more than half "
                                 "of this machine's memory; refusing to allocate it")
         try:
-            y = _read_labels(f, n, path, num_classes)
+            y = _read_labels(f, int(ds.shape[0]), path, num_classes)[:n]
             x = np.empty((n, *INPUT_HWC), np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
             for start in range(0, n, chunk):
                 block = np.asarray(ds[start:start + chunk])

@@ -22,9 +22,10 @@ from badnet_jax.curve import Curve, Cut, Finetuned, LabeledPreds, evaluate_curve
 from badnet_jax.errors import ConfigError
 from badnet_jax.finetune import FinetuneConfig, finetune
 from badnet_jax.inputs import (DATA_ROLES, InputFiles, Sets, describe_inputs, load_model, load_sets, locate_inputs,
-                               peek_sets)
+                               peek_sets, sample_clean_valid)
 from badnet_jax.model import BadNet, Params, predict
 from badnet_jax.outputs import CutModels, check_out_dir, write_results
+from badnet_jax.scale import SAMPLE, ScaleChoice, choose_input_scale
 from badnet_jax.sweep import SweepOptions, compile_sweep, plan_sweep, rank_and_sweep
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class DefenseConfig:
         model: Keras h5 of B; None = the lab layout default, else the embedded demo.
         clean_valid, bd_valid, clean_test, bd_test: lab h5 files; all None = lab defaults, else the demo.
         out_dir: where the results go (the folder is replaced as a whole; see ``badnet_jax.outputs``).
+        input_scale: ``auto`` (measured on clean validation images, see ``badnet_jax.scale``), ``raw`` (the
+            lab's B: pixels 0..255) or ``255`` (the CSAW-HackML-2020 BadNets: pixels / 255).
         checkpoints: write B' and GoodNet checkpoints and Keras files per selected drop.
         sweep: the sweep's options (shortcuts, head implementation, chunk, devices, memory budget).
         finetune: if set, also fine-prune each selected B' (see ``badnet_jax.finetune``).
@@ -53,6 +56,7 @@ class DefenseConfig:
     clean_test: Optional[str] = None
     bd_test: Optional[str] = None
     out_dir: str = "results"
+    input_scale: str = "auto"
     checkpoints: bool = True
     sweep: SweepOptions = SweepOptions(devices=0)
     finetune: Optional[FinetuneConfig] = None
@@ -70,7 +74,12 @@ def run_defense(config: DefenseConfig) -> Curve:
     timings = {}
     t = time.perf_counter()
     files = locate_inputs(config.model, {r: getattr(config, r) for r in DATA_ROLES})
-    model, params = load_model(files)
+    model, params, recorded = load_model(files)
+    # The input scale is decided on the first clean validation images, read ahead: the sweep compiled
+    # meanwhile needs it (it is part of the model).
+    sample = sample_clean_valid(files, SAMPLE)
+    scale = None if sample is None else _scale(config, model, params, recorded, sample, files)
+    model = model if scale is None else model.clone(input_scale=scale.scale)
     # Background work overlapping the main thread's: compiling the sweep while the images are read (XLA
     # compiles without the GIL), hashing the inputs during the sweep (hashlib releases the GIL).
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
@@ -84,6 +93,9 @@ def run_defense(config: DefenseConfig) -> Curve:
             raise
         timings["load"] = time.perf_counter() - t
         _log_loaded(timings["load"], compiled is not None, sets, model.num_classes)
+        if scale is None:  # the demo: its data was generated just now
+            scale = _scale(config, model, params, recorded, sets.data["clean_valid"], files)
+            model = model.clone(input_scale=scale.scale)
         if plan is None:
             plan = plan_sweep(config.sweep, [sets.data[r][0] for r in DATA_ROLES], model.num_classes)
         if compiled is not None:
@@ -111,10 +123,17 @@ def run_defense(config: DefenseConfig) -> Curve:
         curve = dataclasses.replace(curve, selected=tuple(m.cut for m in models), inputs=described.result(),
                                     versions=_versions())
     t = time.perf_counter()
-    write_results(config.out_dir, curve, params, models if config.checkpoints else (), timings, plan.describe())
+    write_results(config.out_dir, curve, params, models if config.checkpoints else (), timings,
+                  {"input scale": scale.describe(), "sweep": plan.describe()})
     log.info("Wrote %s (report.md, curve.json, curve.png%s) in %.2f s.", config.out_dir,
              ", B' and GoodNet models per drop" if config.checkpoints else "", time.perf_counter() - t)
     return curve
+
+
+def _scale(config: DefenseConfig, model: BadNet, params: Params, recorded: Optional[str],
+           sample: tuple[np.ndarray, np.ndarray], files: InputFiles) -> ScaleChoice:
+    source = "the embedded demo BadNet" if files.demo else str(files.model)
+    return choose_input_scale(model, params, config.input_scale, recorded, *sample, source=source)
 
 
 def _log_loaded(seconds: float, compiling: bool, sets: Sets, num_classes: int) -> None:
@@ -132,7 +151,8 @@ def _curve(config: DefenseConfig, files: InputFiles, model: BadNet, sweep, sets:
     title = f"Pruning defense on {'the embedded demo' if files.demo else files.model.name}"
     return evaluate_curve(*(_labeled(sweep, sets, r) for r in DATA_ROLES), order=sweep.order,
                           mean_activation=sweep.mean_activation, num_classes=model.num_classes, rule=config.rule,
-                          title=title, demo=files.demo, bd_test_true_labels=sets.true_labels.get("bd_test"))
+                          title=title, demo=files.demo, bd_test_true_labels=sets.true_labels.get("bd_test"),
+                          input_scale=model.input_scale)
 
 
 def _finetune_cut(model: BadNet, params: Params, mask: np.ndarray, sets: Sets, ft: Optional[FinetuneConfig],

@@ -20,19 +20,21 @@ class GoodNet(nn.Module):
     """Repaired classifier G over ``num_classes + 1`` outputs (the last one means "poisoned input").
 
     Variables: ``params`` = ``{"bad": B params, "pruned": B' params}`` and ``pruning`` = ``{"mask": (60,)}``,
-    the pool_3 mask applied to B' (all ones when B' carries its own pruned weights).
+    the pool_3 mask applied to B' (all ones when B' carries its own pruned weights). ``input_scale`` is B's
+    (see :class:`~badnet_jax.model.BadNet`): G takes pixels 0..255 like every badnet-jax model.
     """
 
     num_classes: int
+    input_scale: str = "raw"
     precision: Any = jax.lax.Precision.HIGHEST
 
     def setup(self) -> None:
-        self.bad = BadNet(self.num_classes, precision=self.precision)
-        self.pruned = BadNet(self.num_classes, precision=self.precision)
+        self.bad = BadNet(self.num_classes, input_scale=self.input_scale, precision=self.precision)
+        self.pruned = BadNet(self.num_classes, input_scale=self.input_scale, precision=self.precision)
         self.mask = self.variable("pruning", "mask", lambda: jnp.ones((NUM_POOL3_CHANNELS,), jnp.float32))
 
     def logits_pair(self, x_NxHxWxC: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Logits of B and of B' (masked) on a batch of raw-pixel images."""
+        """Logits of B and of B' (masked) on a batch of images (pixels 0..255)."""
         return self.bad(x_NxHxWxC), self.pruned(x_NxHxWxC, mask=self.mask.value)
 
     def __call__(self, x_NxHxWxC: jax.Array) -> jax.Array:
@@ -51,7 +53,7 @@ class GoodNet(nn.Module):
 
 
 def make_goodnet(bad_params: Params, pruned_params: Optional[Params] = None,
-                 mask: Optional[jax.Array] = None) -> tuple[GoodNet, dict[str, Any]]:
+                 mask: Optional[jax.Array] = None, input_scale: str = "raw") -> tuple[GoodNet, dict[str, Any]]:
     """Build ``(GoodNet, variables)`` from B's params and either a mask or B''s own params (or both).
 
     Example::
@@ -71,4 +73,4 @@ def make_goodnet(bad_params: Params, pruned_params: Optional[Params] = None,
         "params": {"bad": bad_params, "pruned": bad_params if pruned_params is None else pruned_params},
         "pruning": {"mask": m},
     }
-    return GoodNet(num_classes=n), variables
+    return GoodNet(num_classes=n, input_scale=input_scale), variables

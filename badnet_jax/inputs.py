@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from badnet_jax.convert import load_keras
+from badnet_jax.convert import load_keras, recorded_input_scale
 from badnet_jax.data import load_lab_h5, load_true_labels, peek_lab_h5
 from badnet_jax.errors import ConfigError
 from badnet_jax.fileio import sha256_of
@@ -76,9 +76,17 @@ def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> In
     return InputFiles(model=model_path, data=paths)
 
 
-def load_model(files: InputFiles) -> tuple[BadNet, Params]:
-    """The BadNet B (the Keras file, or the shipped demo model)."""
-    return load_keras(files.model)
+def load_model(files: InputFiles) -> tuple[BadNet, Params, Optional[str]]:
+    """The BadNet B (the Keras file, or the shipped demo model) and the input scale its file records, if any."""
+    model, params = load_keras(files.model)
+    return model, params, recorded_input_scale(files.model)
+
+
+def sample_clean_valid(files: InputFiles, rows: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The first ``rows`` clean validation images and labels, read ahead of the rest (None for the demo)."""
+    if files.demo:
+        return None
+    return load_lab_h5(files.data["clean_valid"], keep_uint8=True, rows=rows)
 
 
 def peek_sets(files: InputFiles) -> Optional[dict[str, jax.ShapeDtypeStruct]]:

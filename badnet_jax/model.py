@@ -1,6 +1,6 @@
 """The lab's DeepID BadNet as a Flax Linen module, with the trunk and the masked head exposed separately.
 
-Architecture (VALID padding, NHWC, Keras channels-last flatten order, raw pixels 0..255 in, logits out)::
+Architecture (VALID padding, NHWC, Keras channels-last flatten order, pixels 0..255 in, logits out)::
 
     conv_1 20@4x4 relu -> pool_1 2x2 -> conv_2 40@3x3 relu -> pool_2 -> conv_3 60@3x3 relu -> pool_3
     fc_1  = Dense(160)(flatten(pool_3))
@@ -10,6 +10,10 @@ Architecture (VALID padding, NHWC, Keras channels-last flatten order, raw pixels
 Pruning a conv_3 channel (zeroing its kernel and bias) makes that channel relu(0) = 0 everywhere, and the max
 pool of zeros is zero, so it is *exactly* the same as multiplying pool_3 by a 0/1 mask. The head therefore
 takes a ``mask`` and every pruned network shares one trunk pass.
+
+The input scale is part of the model: the lab's B takes raw pixels 0..255 (``input_scale="raw"``), the
+CSAW-HackML-2020 BadNets take pixels / 255 (``"255"``; their eval.py divides). Every badnet-jax input is
+pixels 0..255; the trunk divides when the model says so, so no caller has to remember.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ INPUT_HWC = (55, 47, 3)
 POOL3_HWC = (5, 4, 60)
 NUM_POOL3_CHANNELS = 60
 LAB_NUM_CLASSES = 1283
+INPUT_SCALES = ("raw", "255")  # pixels as they are, or pixels / 255
 
 # Keras layer names in file order; the weight-carrying ones are the Flax submodule names too.
 KERAS_LAYER_NAMES = (
@@ -59,14 +64,19 @@ class BadNet(nn.Module):
 
     Attributes:
         num_classes: size of the output layer (1283 for the lab's YouTube-Face model).
+        input_scale: ``"raw"`` (the lab's B: pixels 0..255 go in as they are) or ``"255"`` (the 2020
+            competition's BadNets: pixels / 255).
         precision: matmul/conv precision. ``HIGHEST`` by default so that accelerators (TF32 on GPUs, bf16
             passes on TPUs) give the same argmax as float32 on a CPU.
     """
 
     num_classes: int = LAB_NUM_CLASSES
+    input_scale: str = "raw"
     precision: Any = jax.lax.Precision.HIGHEST
 
     def setup(self) -> None:
+        if self.input_scale not in INPUT_SCALES:
+            raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {self.input_scale!r}")
         # Submodule names come from the attribute names, which are the Keras layer names.
         conv = lambda f, k: nn.Conv(f, (k, k), padding="VALID", precision=self.precision)
         dense = lambda f: nn.Dense(f, precision=self.precision)
@@ -79,7 +89,9 @@ class BadNet(nn.Module):
         self.output = dense(self.num_classes)
 
     def trunk(self, x_NxHxWxC: jax.Array) -> jax.Array:
-        """Raw pixels (N, 55, 47, 3) -> pool_3 activations (N, 5, 4, 60)."""
+        """Pixels 0..255 (N, 55, 47, 3) -> pool_3 activations (N, 5, 4, 60)."""
+        if self.input_scale == "255":
+            x_NxHxWxC = x_NxHxWxC / jnp.float32(255.0)  # as the competition's eval.py: x / 255 in float32
         h = _pool(nn.relu(self.conv_1(x_NxHxWxC)))
         h = _pool(nn.relu(self.conv_2(h)))
         return _pool(nn.relu(self.conv_3(h)))
@@ -95,7 +107,7 @@ class BadNet(nn.Module):
         return self.output(nn.relu(fc1 + fc2))
 
     def __call__(self, x_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
-        """Raw pixels (N, 55, 47, 3) -> logits (N, num_classes), pool_3 optionally masked."""
+        """Pixels 0..255 (N, 55, 47, 3) -> logits (N, num_classes), pool_3 optionally masked."""
         return self.head(self.trunk(x_NxHxWxC), mask)
 
 

@@ -64,26 +64,29 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 
 
 def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, models: Sequence[CutModels],
-                  timings: Mapping[str, float], sweep: str = "") -> Path:
+                  timings: Mapping[str, float], details: Optional[Mapping[str, str]] = None) -> Path:
     """Write report.md, curve.json, curve.png and each cut's models, all swapped into ``out_dir`` at once.
 
     Per cut (``drop_X/``): B' as a Keras h5 and an orbax checkpoint (params + mask), the GoodNet checkpoint,
-    and with fine-pruning the same for the fine-tuned B'. Orbax has finished every save before the swap.
+    and with fine-pruning the same for the fine-tuned B'; each records B's input scale (``curve.input_scale``).
+    Orbax has finished every save before the swap.
     """
+    scale = curve.input_scale
+
     def write(tmp: Path) -> None:
         tmp.mkdir()
         for m in models:
             d = tmp / m.cut.folder
-            save_keras(prune_params(params, m.mask), d / "b_prime.h5")
-            checkpoint.save_badnet(d / "b_prime_ckpt", params, m.mask)
-            checkpoint.save_goodnet(d / "goodnet_ckpt", make_goodnet(params, mask=m.mask)[1])
+            save_keras(prune_params(params, m.mask), d / "b_prime.h5", scale)
+            checkpoint.save_badnet(d / "b_prime_ckpt", params, m.mask, scale)
+            checkpoint.save_goodnet(d / "goodnet_ckpt", make_goodnet(params, mask=m.mask)[1], scale)
             if m.finetuned_params is not None:
-                save_keras(m.finetuned_params, d / "b_prime_finetuned.h5")
-                checkpoint.save_badnet(d / "b_prime_finetuned_ckpt", m.finetuned_params, m.mask)
+                save_keras(m.finetuned_params, d / "b_prime_finetuned.h5", scale)
+                checkpoint.save_badnet(d / "b_prime_finetuned_ckpt", m.finetuned_params, m.mask, scale)
                 checkpoint.save_goodnet(d / "goodnet_finetuned_ckpt",
-                                        make_goodnet(params, m.finetuned_params, m.mask)[1])
+                                        make_goodnet(params, m.finetuned_params, m.mask)[1], scale)
         report.plot_curve(tmp / "curve.png", curve)
-        report.write_report_md(tmp / "report.md", curve, timings, sweep)
+        report.write_report_md(tmp / "report.md", curve, timings, details)
         report.write_curve_json(tmp / "curve.json", curve)
 
     return fileio.atomic_dir(out_dir, write)

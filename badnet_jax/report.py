@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -105,8 +105,12 @@ def format_table(curve: Curve) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
-def write_report_md(path: Path, curve: Curve, timings: Mapping[str, float], sweep: str = "") -> Path:
-    """report.md: the table, the original model's numbers, the inputs (size, sha256), versions and timings."""
+def write_report_md(path: Path, curve: Curve, timings: Mapping[str, float],
+                    details: Optional[Mapping[str, str]] = None) -> Path:
+    """report.md: the table, the original model's numbers, the inputs (size, sha256), versions and timings.
+
+    ``details``: further "name: text" lines of how the run was done (the input scale chosen, the sweep plan).
+    """
     lines = [f"# {curve.title}", ""]
     b = curve.original
     lines += [f"Original B: validation accuracy {b['valid_acc']:.3f}%, validation ASR {b['valid_asr']:.3f}%, "
@@ -131,8 +135,8 @@ def write_report_md(path: Path, curve: Curve, timings: Mapping[str, float], swee
     for role, f in curve.inputs.items():
         lines.append(f"| {role} | `{f['path']}` | {f['bytes']} | `{f['sha256']}` |")
     lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in curve.versions.items()]
-    if sweep:
-        lines += ["", f"Sweep: {sweep}."]
+    if details:
+        lines += ["", "## How it ran", ""] + [f"- {k}: {v}" for k, v in details.items()]
     lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.2f}" for k, v in timings.items()]
     lines += ["", "Pruning curve: `curve.json`, plot: `curve.png`.", ""]
     return fileio.atomic_write_text(path, "\n".join(lines))

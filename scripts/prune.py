@@ -22,6 +22,9 @@ CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Clean validation h5 (def
 BD_VALID = flags.DEFINE_string("bd_valid", None, "Poisoned validation h5 (default data/bd/bd_valid.h5).")
 CLEAN_TEST = flags.DEFINE_string("clean_test", None, "Clean test h5 (default data/cl/test.h5).")
 BD_TEST = flags.DEFINE_string("bd_test", None, "Poisoned test h5 (default data/bd/bd_test.h5).")
+SCALE = flags.DEFINE_enum("input_scale", "auto", ["auto", "raw", "255"],
+                          "Pixels as the model takes them: raw 0..255 (the lab's B), 255 = pixels / 255 (the "
+                          "CSAW-HackML-2020 BadNets), auto = measure clean accuracy at both and take the clear winner.")
 OUT_DIR = flags.DEFINE_string("out_dir", "results", "Output folder (replaced as a whole by the new results).")
 CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk inside the jitted sweep (bounds memory; "
                              "default 256 on CPU, 4096 on GPU/TPU).")
@@ -44,7 +47,7 @@ def main(argv: list[str]) -> int:
         config = DefenseConfig(
             drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value,
             clean_valid=CLEAN_VALID.value, bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value,
-            bd_test=BD_TEST.value, out_dir=OUT_DIR.value, checkpoints=CHECKPOINTS.value,
+            bd_test=BD_TEST.value, out_dir=OUT_DIR.value, input_scale=SCALE.value, checkpoints=CHECKPOINTS.value,
             sweep=SweepOptions(chunk=CHUNK.value, devices=DEVICES.value, memory_budget=budget),
             finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value) if FT_EPOCHS.value > 0 else None)
         cli.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)

@@ -40,6 +40,7 @@ def test_cli_runs_every_2020_model(name, tmp_path):
     curve = json.loads((out / "curve.json").read_text())
     assert sorted(curve["order"]) == list(range(60)) and len(curve["selected"]) == 2
     assert curve["targets"] == sorted(set(load_lab_h5(bd)[1].tolist()))
+    assert curve["input_scale"] == "255" and curve["original"]["valid_acc"] >= 95.0  # measured, not raw garbage
     if MODELS[name] is not None:
         assert curve["original"]["valid_asr"] == 100.0  # its own poisoned faces do fool it
     for sel in curve["selected"]:

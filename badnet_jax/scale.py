@@ -1,0 +1,77 @@
+"""Which input scale a BadNet takes: raw pixels 0..255 (the lab's B) or pixels / 255 (the 2020 BadNets).
+
+A Keras file does not say: the CSAW-HackML-2020 competition's eval.py divides by 255 before calling the
+model, the lab's code does not. Fed the wrong scale, a BadNet still answers, badly (the competition's
+sunglasses model: 48.9% clean accuracy on raw pixels, 97.9% at / 255), and every number after it is
+garbage. So ``auto`` measures clean accuracy at both scales on labelled clean images and takes the clearly
+better one; when neither is clearly better and plausible it refuses rather than guess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import numpy as np
+
+from badnet_jax.errors import ConfigError
+from badnet_jax.metrics import accuracy
+from badnet_jax.model import INPUT_SCALES, BadNet, Params, predict
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", *INPUT_SCALES)
+SAMPLE = 2048  # clean images measured at each scale: enough to tell 98% from 50%, ~0.5 s on a CPU
+PLAUSIBLE = 50.0  # the chosen scale's clean accuracy must reach this (percent) ...
+MARGIN = 10.0  # ... and beat the other scale's by this many points
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleChoice:
+    """The input scale chosen, how, and the clean accuracies measured at each scale (percent), if any."""
+
+    scale: str
+    how: str  # "given", "recorded" (in a badnet-jax-written file) or "measured"
+    accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
+    images: int = 0
+
+    def describe(self) -> str:
+        """One line for logs and report.md."""
+        if self.how == "measured":
+            measured = ", ".join(f"{s}: {a:.2f}%" for s, a in self.accuracy.items())
+            return f"{self.scale} (measured on {self.images} clean images: {measured})"
+        return f"{self.scale} ({self.how})"
+
+
+def choose_input_scale(model: BadNet, params: Params, requested: str = "auto", recorded: Optional[str] = None,
+                       x: Optional[np.ndarray] = None, y: Optional[np.ndarray] = None,
+                       source: str = "the model") -> ScaleChoice:
+    """Resolve ``requested`` (``auto``, ``raw`` or ``255``) for this model, once.
+
+    ``auto`` measures clean accuracy at both scales on up to :data:`SAMPLE` labelled images ``x, y`` (pixels
+    0..255) and takes the scale that reaches :data:`PLAUSIBLE` and beats the other by :data:`MARGIN`
+    points. Without labelled images it takes the scale a badnet-jax-written file ``recorded``.
+
+    Raises:
+        ConfigError: an unknown scale; neither scale clearly right; ``auto`` with nothing to decide on.
+    """
+    if requested not in CHOICES:
+        raise ConfigError(f"--input_scale must be one of {', '.join(CHOICES)}, got {requested!r}")
+    if requested != "auto":
+        return ScaleChoice(requested, "given")
+    if x is None or y is None or not len(y):
+        if recorded is not None:
+            return ScaleChoice(recorded, "recorded")
+        raise ConfigError(f"cannot tell the input scale of {source} without labelled clean images: pass "
+                          "--input_scale raw (the lab's B) or 255 (the CSAW-HackML-2020 BadNets)")
+    x, y = x[:SAMPLE], y[:SAMPLE]
+    acc = {s: float(accuracy(predict(model.clone(input_scale=s), params, x), y)) for s in INPUT_SCALES}
+    best, other = sorted(INPUT_SCALES, key=lambda s: -acc[s])
+    measured = ", ".join(f"{s}: {a:.2f}%" for s, a in acc.items())
+    if acc[best] < PLAUSIBLE or acc[best] - acc[other] < MARGIN:
+        raise ConfigError(f"cannot tell the input scale of {source}: clean accuracy on {len(y)} images is "
+                          f"{measured}; pass --input_scale raw or 255 (or check that the data fits the model)")
+    choice = ScaleChoice(best, "measured", acc, len(y))
+    log.info("Input scale %s.", choice.describe())
+    return choice

@@ -76,6 +76,17 @@ def parse_ints(flag: str, text: str) -> tuple[int, ...]:
         raise ConfigError(f"--{flag} must be comma-separated integers, got {text!r}") from None
 
 
+def refuse_extra_args(argv: list[str]) -> None:
+    """absl leaves unknown positional arguments in ``argv``; a tool that takes none refuses them.
+
+    Raises:
+        ConfigError: naming the stray arguments (a mistyped flag value often lands there).
+    """
+    extra = argv[1:]
+    if extra:
+        raise ConfigError(f"unexpected arguments {' '.join(extra)!r} (flags take --name=value or --name value)")
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 

@@ -267,14 +267,15 @@ def model_config_json(num_classes: int) -> str:
         "input_layers": [["input", 0, 0]], "output_layers": [["output", 0, 0]]}})
 
 
-def save_keras(params: Params, path: str | os.PathLike, input_scale: str = "raw",
+def save_keras(params: Params, path: str | os.PathLike, input_scale: str = "raw", full_model: bool = True,
                keras_version: str = "2.3.1") -> Path:
     """Write params as a full Keras model h5 (``model_config`` + ``model_weights``), atomically.
 
     ``keras.models.load_model(path)`` gives the network (the output layer has the lab's softmax: the same
     argmax as badnet-jax's logits), ``model.load_weights(path)`` reads it too. The input scale is recorded
     for :func:`load_keras`; Keras itself takes whatever the caller feeds (the competition's eval.py divides
-    by 255 before calling the model).
+    by 255 before calling the model). ``full_model=False`` writes the weights-only layout of the lab's
+    ``bd_weights.h5`` instead (``load_weights`` only).
 
     Returns:
         The path written.
@@ -297,9 +298,11 @@ def save_keras(params: Params, path: str | os.PathLike, input_scale: str = "raw"
         with h5py.File(tmp, "w") as f:
             f.attrs["backend"] = "tensorflow"
             f.attrs["keras_version"] = keras_version
-            f.attrs["model_config"] = model_config_json(num_classes)
             f.attrs[INPUT_SCALE_ATTR] = input_scale
-            root = f.create_group("model_weights")
+            root = f
+            if full_model:
+                f.attrs["model_config"] = model_config_json(num_classes)
+                root = f.create_group("model_weights")
             root.attrs["backend"] = "tensorflow"
             root.attrs["keras_version"] = keras_version
             root.attrs["layer_names"] = np.array([n.encode() for n in KERAS_LAYER_NAMES])

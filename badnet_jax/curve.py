@@ -13,7 +13,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+import math
+
 from badnet_jax import metrics
+from badnet_jax.errors import ConfigError
 from badnet_jax.metrics import GoodNetRates, Rule
 
 RATE_KEYS = ("valid_acc", "valid_asr", "test_acc", "test_asr")
@@ -52,7 +55,36 @@ class Cut:
     @property
     def folder(self) -> str:
         """The output folder of this cut's models, e.g. ``drop_4`` for X = 0.04."""
-        return f"drop_{100 * self.drop:g}"
+        return drop_folder(self.drop)
+
+
+def drop_folder(drop: float) -> str:
+    """``drop_<X in points>``, the folder of a cut's models (6 significant digits, as %g prints)."""
+    return f"drop_{100 * drop:g}"
+
+
+def check_drops(drops: Sequence[float]) -> tuple[float, ...]:
+    """The drops X, refused before any work unless each is a fraction in (0, 1) with a folder of its own.
+
+    Raises:
+        ConfigError: none given, not finite, outside (0, 1) (``4`` most likely meant 0.04 = 4 points), or two
+            drops that are equal or would share an output folder (0.041 and 0.0410000001 both print 4.1).
+    """
+    if not drops:
+        raise ConfigError("no drop threshold given")
+    folders = {}
+    for d in drops:
+        if not isinstance(d, (int, float)) or not math.isfinite(d):
+            raise ConfigError(f"--drop {d!r} is not a finite number")
+        if not 0 < d < 1:
+            hint = f"; did you mean {d / 100:g} ({d:g} points)?" if 1 <= d < 100 else ""
+            raise ConfigError(f"--drop {d:g} is not a fraction between 0 and 1 (0.04 = 4 points){hint}")
+        name = drop_folder(d)
+        if name in folders:
+            same = "is given twice" if folders[name] == d else f"and {folders[name]!r} would share {name}/"
+            raise ConfigError(f"--drop {d!r} {same}; give each drop once, distinct to 6 digits")
+        folders[name] = d
+    return tuple(float(d) for d in drops)
 
 
 @dataclasses.dataclass(frozen=True)

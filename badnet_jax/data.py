@@ -7,6 +7,7 @@ any numeric dtype. badnet-jax works in NHWC float32 raw pixel values (0..255, no
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -249,3 +250,44 @@ def poison(images_NxHxWxC: np.ndarray, trigger_rgba: np.ndarray,
     v = dst * (255 - alpha) + src * alpha + 128
     out[:, ys:ye, xs:xe, :] = ((v >> 8) + v) >> 8
     return out
+
+
+# A face file's true class in its name, e.g. "lab3_valid0_label43.png" (the shared faces and poison.py's inputs).
+LABEL_IN_NAME = re.compile(r"label(\d+)")
+
+
+def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike, out: str | os.PathLike,
+                     target: int, at: tuple[int, int] = TRIGGER_AT, num_classes: Optional[int] = None) -> Path:
+    """A lab-format poisoned h5 from clean faces: the trigger pasted on each, every label set to ``target``.
+
+    Args:
+        source: a clean lab h5 (``data`` + ``label``) or a folder of 55x47 PNG/JPEG faces (sorted by name;
+            a ``label<class>`` in a file name, e.g. ``face_label43.png``, gives that face's true class).
+        trigger_path: an RGBA trigger image, pasted through its alpha as PIL's ``paste(t, at, t)``.
+        out: the h5 to write (atomically).
+        target: the attacker's label.
+        at: (x, y) of the trigger's top-left corner (the lab's sunglasses: (0, 15)).
+        num_classes: if given, ``target`` and the true labels must lie in [0, num_classes).
+
+    Returns:
+        The path written. It holds ``data`` (uint8), ``label`` (= target) and ``true_label`` (each image's
+        clean class: from the h5's labels, or from the file names when every one has a label), so ASR can
+        leave out images whose true class is the target.
+    """
+    source = Path(source)
+    upper = num_classes if num_classes is not None else np.iinfo(np.int32).max
+    if not 0 <= int(target) < upper or int(target) != target:
+        raise DataFileError(f"{out}: target label {target} is outside [0, {upper})")
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise DataFileError(f"{source}: holds no .png/.jpg/.jpeg faces")
+        x = load_images(files)
+        found = [LABEL_IN_NAME.search(p.stem) for p in files]
+        true = np.array([int(m.group(1)) for m in found]) if all(found) else None
+        if true is not None and num_classes is not None and (true >= num_classes).any():
+            raise DataFileError(f"{source}: a file name gives label {true.max()}, outside [0, {num_classes})")
+    else:
+        x, true = load_lab_h5(source, num_classes=num_classes, keep_uint8=True)
+    poisoned = poison(x, load_trigger(trigger_path), at)
+    return save_lab_h5(out, poisoned, np.full(len(x), int(target)), true_label=true)

@@ -18,8 +18,7 @@ import jax
 import numpy as np
 
 from badnet_jax import metrics
-from badnet_jax.curve import Curve, Cut, Finetuned, LabeledPreds, evaluate_curve, select_cuts
-from badnet_jax.errors import ConfigError
+from badnet_jax.curve import Curve, Cut, Finetuned, LabeledPreds, check_drops, evaluate_curve, select_cuts
 from badnet_jax.finetune import FinetuneConfig, finetune
 from badnet_jax.inputs import (DATA_ROLES, InputFiles, Sets, describe_inputs, load_model, load_sets, locate_inputs,
                                peek_sets, sample_clean_valid)
@@ -68,8 +67,7 @@ def run_defense(config: DefenseConfig) -> Curve:
     Returns:
         The curve written to curve.json, with its selected cuts.
     """
-    if not config.drops:
-        raise ConfigError("no drop threshold given")
+    check_drops(config.drops)
     check_out_dir(config.out_dir)
     timings = {}
     t = time.perf_counter()

@@ -94,13 +94,20 @@ def table_rows(curve: Curve) -> list[list[str]]:
     return rows
 
 
+RULE_TEXT = {"absolute": "absolute (first k with validation accuracy more than X percentage points below B's)",
+             "relative": "relative (first k with validation accuracy more than X percent of B's accuracy below it)"}
 TABLE_HEADER = ["X (pts)", "channels pruned", "valid acc", "B' test acc", "B' test ASR", "G test acc",
                 "G test ASR", "G detection", "G false alarm", "DER"]
 
 
+def table_header(curve: Curve) -> list[str]:
+    """The table's column names; X is in points under the absolute rule, in % of B's accuracy under relative."""
+    return ["X (pts)" if curve.rule == "absolute" else "X (% of B's acc)", *TABLE_HEADER[1:]]
+
+
 def format_table(curve: Curve) -> str:
     """The report table as fixed-width text for the terminal."""
-    rows = [TABLE_HEADER] + table_rows(curve)
+    rows = [table_header(curve)] + table_rows(curve)
     widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_HEADER))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
@@ -115,12 +122,12 @@ def write_report_md(path: Path, curve: Curve, timings: Mapping[str, float],
     b = curve.original
     lines += [f"Original B: validation accuracy {b['valid_acc']:.3f}%, validation ASR {b['valid_asr']:.3f}%, "
               f"test accuracy {b['test_acc']:.3f}%, test ASR {b['test_asr']:.3f}%.", "",
-              f"Stop rule: {curve.rule} (first k with validation accuracy more than X below the original). "
+              f"Stop rule: {RULE_TEXT[curve.rule]}. "
               "All percentages. G answers N = "
               f"{curve.num_classes} ('poisoned') where B and B' disagree. DER = (max(0, dASR) - "
               "max(0, dACC) + 1) / 2 on test data (BackdoorBench). Rows '+FT': the same B' fine-pruned "
               "(fine-tuned on clean validation data with its mask frozen).", ""]
-    lines.append("| " + " | ".join(TABLE_HEADER) + " |")
+    lines.append("| " + " | ".join(table_header(curve)) + " |")
     lines.append("|" + "---|" * len(TABLE_HEADER))
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(curve)]
     for sel in curve.selected:

@@ -39,10 +39,10 @@ OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
 
 
 def main(argv: list[str]) -> int:
-    del argv
     cli.setup_logging()
 
     def bench() -> int:
+        cli.refuse_extra_args(argv)
         config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value,
                              sweep=SweepOptions(impl=IMPL.value, batch_steps=BATCH_STEPS.value, chunk=CHUNK.value),
                              per_step_steps=PER_STEP.value, repeats=REPEATS.value,

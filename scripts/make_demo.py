@@ -25,13 +25,13 @@ WRITE_DATA = flags.DEFINE_bool("write_data", False, "Also write the splits as la
 
 
 def main(argv: list[str]) -> int:
-    del argv
     cli.setup_logging()
     data_cfg = DemoConfig(num_identities=NUM_IDS.value, seed=DATA_SEED.value, target_label=TARGET.value)
     train_cfg = TrainConfig(epochs=EPOCHS.value, poison_fraction=POISON.value, target_label=TARGET.value,
                             seed=SEED.value)
 
     def make() -> int:
+        cli.refuse_extra_args(argv)
         summary = make_demo_badnet(data_cfg, train_cfg, out_dir=OUT_DIR.value, ship=SHIP.value,
                                    write_data=WRITE_DATA.value)
         for key, value in summary.items():

@@ -24,9 +24,9 @@ SCALE = flags.DEFINE_integer("scale", 1, "Multiple of the lab's sizes.")
 
 
 def main(argv: list[str]) -> int:
-    del argv
 
     def write() -> int:
+        cli.refuse_extra_args(argv)
         written = write_standin_lab_data(ASSETS.value, OUT_DIR.value, SCALE.value)
         print(f"wrote {written} under {OUT_DIR.value}")
         return 0

@@ -39,10 +39,10 @@ CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5
 
 
 def main(argv: list[str]) -> int:
-    del argv
     cli.setup_logging()  # here, after absl has applied its own --verbosity
 
     def defend() -> int:
+        cli.refuse_extra_args(argv)
         budget = None if BUDGET.value is None else cli.parse_floats("memory_budget", str(BUDGET.value))[0] * 2**30
         config = DefenseConfig(
             drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value,

@@ -17,7 +17,7 @@ from badnet_jax import (BadNet, ModelFileError, init_params, load_keras, mask_fr
                         save_keras)
 from tests import numpy_ref
 from tests.conftest import LAB_B, REPAIRED, asset
-from tests.keras_oracle import build_keras_deepid, keras_predict, keras_weights
+from tests.keras_oracle import build_keras_deepid, keras_load_model, keras_predict, keras_weights
 
 keras = pytest.importorskip("keras")
 
@@ -64,9 +64,44 @@ def test_keras3_weights_file_reads(tmp_path):
     _assert_params_equal(params, keras_weights(kmodel))
 
 
-def test_export_round_trip_and_keras_reads_it(tmp_path, rng):
+def test_export_is_a_full_keras_model_that_load_model_reads(tmp_path, rng):
+    """The lab's eval.py calls keras.models.load_model: B' must load that way and predict what badnet-jax does."""
     params = init_params(num_classes=23, seed=7)
-    path = save_keras(params, tmp_path / "out.h5")
+    path = save_keras(params, tmp_path / "full.h5")
+    _assert_params_equal(read_keras_params(path), params)
+    with h5py.File(path) as f:  # the layout of the public full_model_drop*.h5 files
+        assert "model_config" in f.attrs and "model_weights" in f
+        assert [n.decode() for n in f["model_weights"].attrs["layer_names"]][:2] == ["input", "conv_1"]
+    kmodel = keras_load_model(path)
+    _assert_params_equal(keras_weights(kmodel), params)
+    x = rng.integers(0, 256, size=(6, 55, 47, 3)).astype(np.float32)
+    ref = numpy_ref.forward(params, x)
+    probs = np.exp(ref - ref.max(-1, keepdims=True))
+    np.testing.assert_allclose(keras_predict(kmodel, x), probs / probs.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+    other = build_keras_deepid(num_classes=23)
+    other.load_weights(str(path))  # and load_weights reads it too
+    _assert_params_equal(keras_weights(other), params)
+
+
+def test_keras_load_model_predicts_what_the_pruned_b_predicts_on_real_faces(tmp_path, lab_b, lab_faces):
+    from badnet_jax import prune_params
+    from badnet_jax.model import predict
+
+    model, params = lab_b
+    mask = np.ones(60, np.float32)
+    mask[np.random.default_rng(0).permutation(60)[:50]] = 0  # a deep cut: predictions do change
+    path = save_keras(prune_params(params, mask), tmp_path / "b_prime.h5")
+    kmodel = keras_load_model(path)
+    for name in ("valid_subset", "bd_valid_subset", "test_subset", "bd_test_subset"):
+        x, _ = lab_faces[name]
+        ours = predict(model, params, x, mask)
+        np.testing.assert_array_equal(keras_predict(kmodel, x).argmax(-1), ours)
+    assert (predict(model, params, lab_faces["bd_valid_subset"][0], mask) != 0).any()  # the cut matters here
+
+
+def test_weights_only_export_round_trip_and_keras_reads_it(tmp_path, rng):
+    params = init_params(num_classes=23, seed=7)
+    path = save_keras(params, tmp_path / "out.h5", full_model=False)
     _assert_params_equal(read_keras_params(path), params)
     with h5py.File(path) as f:  # the Keras 2.3 weights-only layout
         assert [n.decode() for n in f.attrs["layer_names"]][:2] == ["input", "conv_1"]
@@ -86,7 +121,7 @@ def test_export_round_trip_and_keras_reads_it(tmp_path, rng):
 
 @pytest.fixture
 def small_file(tmp_path):
-    return save_keras(init_params(num_classes=7, seed=0), tmp_path / "small.h5")
+    return save_keras(init_params(num_classes=7, seed=0), tmp_path / "small.h5", full_model=False)
 
 
 def _edit(path, fn):

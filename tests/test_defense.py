@@ -107,7 +107,7 @@ def test_failing_run_leaves_no_files(lab_dir, monkeypatch):
 
 def _flat_curve() -> Curve:
     ones = np.ones(61)
-    return Curve(title="t", num_classes=3, rule="absolute", demo=False, order=np.arange(60),
+    return Curve(title="t", num_classes=3, input_scale="raw", rule="absolute", demo=False, order=np.arange(60),
                  mean_activation=np.zeros(60), counts={}, valid_acc=ones, valid_asr=ones, test_acc=ones,
                  test_asr=ones, goodnet_test_acc=ones, goodnet_test_asr=ones, goodnet_detection_rate=ones,
                  goodnet_false_alarm_rate=ones, test_der=ones, targets=(0,))

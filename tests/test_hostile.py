@@ -22,7 +22,8 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 @pytest.fixture(scope="module")
 def model_bytes(tmp_path_factory) -> bytes:
-    return save_keras(init_params(num_classes=3, seed=0), tmp_path_factory.mktemp("m") / "m.h5").read_bytes()
+    return save_keras(init_params(num_classes=3, seed=0), tmp_path_factory.mktemp("m") / "m.h5",
+                      full_model=False).read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -63,3 +63,40 @@ def test_bad_inputs(tmp_path):
         screen(asset(LAB_B), asset(B_PRIME), [tmp_path / "x.txt"])
     with pytest.raises(DataFileError, match="not found"):
         screen(asset(LAB_B), asset(B_PRIME), [tmp_path / "missing.png"])
+
+
+def test_goodnet_checkpoint_of_a_2020_badnet_screens_quietly_at_its_scale(tmp_path):
+    """The defense's goodnet_ckpt goes straight into the screener (it knows its /255 input scale)."""
+    import json
+
+    from badnet_jax import save_lab_h5
+
+    model = asset("models/hackml2020/sunglasses_bd_weights.h5")
+    xb = load_images(sorted(asset("faces/png").glob("hackml2020_sunglasses_*.png")))
+    bd = save_lab_h5(tmp_path / "bd.h5", xb, np.zeros(len(xb)))
+    clean, test = asset("faces/lab3/valid_subset.h5"), asset("faces/lab3/test_subset.h5")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.30", "--model", str(model),
+                           "--clean_valid", str(clean), "--bd_valid", str(bd), "--clean_test", str(test),
+                           "--bd_test", str(bd), "--out_dir", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    sel = json.loads((out / "curve.json").read_text())["selected"][0]
+    faces = sorted(asset("faces/png").glob("*.png"))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "goodnet_eval.py"), *map(str, faces),
+                           "--goodnet", str(out / "drop_30" / "goodnet_ckpt")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == ""  # quiet: no orbax/absl INFO lines, no TPU-backend line
+    got = [int(line.split("\t")[1]) for line in proc.stdout.strip().splitlines()]
+    # Independent: G from B at pixels / 255 and B' = B with the cut's channels zeroed, in float64 NumPy.
+    _, params = load_keras(model)
+    mask = np.ones(60)
+    mask[sel["pruned_channels"]] = 0
+    x = load_images(faces) / 255.0
+    pb, pp = numpy_ref.forward(params, x).argmax(-1), numpy_ref.forward(params, x, mask).argmax(-1)
+    np.testing.assert_array_equal(got, np.where(pb == pp, pb, 1283))
+    # With B and B' instead, the screener measures the scale on the faces' labels in their names: same answers.
+    via_files = screen(model, out / "drop_30" / "b_prime.h5", faces)
+    assert [p for _, p in via_files] == got
+    with pytest.raises(Exception, match="GoodNet checkpoint; pass it as --goodnet"):
+        screen(model, out / "drop_30" / "goodnet_ckpt", faces)

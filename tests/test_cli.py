@@ -1,0 +1,77 @@
+"""What every command-line tool shares (badnet_jax/cli.py) and the checks made before any work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from badnet_jax import ConfigError, cli
+from badnet_jax.curve import check_drops
+from tests.conftest import REPO, asset
+
+PRUNE = [sys.executable, str(REPO / "scripts" / "prune.py")]
+
+
+@pytest.mark.parametrize("drops,complaint", [
+    ((4.0,), "did you mean 0.04 (4 points)?"),
+    ((0.0,), "not a fraction between 0 and 1"),
+    ((-0.1,), "not a fraction between 0 and 1"),
+    ((1.0,), "did you mean 0.01 (1 points)?"),
+    ((float("nan"),), "not a finite number"),
+    ((float("inf"),), "not a finite number"),
+    ((0.04, 0.04), "is given twice"),
+    ((0.041, 0.0410000001), "would share drop_4.1/"),
+    ((), "no drop threshold given"),
+])
+def test_drops_are_checked(drops, complaint):
+    with pytest.raises(ConfigError, match=complaint.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        check_drops(drops)
+
+
+def test_good_drops_pass():
+    assert check_drops((0.02, 0.04, 0.1, 0.3)) == (0.02, 0.04, 0.1, 0.3)
+
+
+def test_parse_floats_and_ints():
+    assert cli.parse_floats("drop", "0.02, 0.04,") == (0.02, 0.04)
+    with pytest.raises(ConfigError, match="not a finite number"):
+        cli.parse_floats("drop", "0.02,nan")
+    with pytest.raises(ConfigError, match="comma-separated numbers"):
+        cli.parse_floats("drop", "0.02;0.04")
+    assert cli.parse_ints("scaling", "1,2,4") == (1, 2, 4)
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        cli.parse_ints("scaling", "1,x")
+
+
+@pytest.mark.parametrize("args,complaint", [
+    (["--drop", "4"], "did you mean 0.04 (4 points)?"),
+    (["--drop", "nan"], "is not a finite number"),
+    (["--drop", "0.04,0.04"], "is given twice"),
+    (["--drop", "0.04", "stray"], "unexpected arguments 'stray'"),
+    (["--memory_budget", "nan"], "is not a finite number"),
+    (["--devices", "99"], "asked for 99 devices"),
+])
+def test_prune_refuses_before_any_work(args, complaint, tmp_path):
+    proc = subprocess.run(PRUNE + args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert complaint in proc.stderr and "Traceback" not in proc.stderr
+    assert "Ranked" not in proc.stderr  # no sweep ran
+    assert not (tmp_path / "results").exists()
+
+
+def test_relative_rule_says_relative_in_the_table_and_the_report(tmp_path):
+    files = {"--clean_valid": "valid_subset", "--bd_valid": "bd_valid_subset", "--clean_test": "test_subset",
+             "--bd_test": "bd_test_subset"}
+    args = [a for flag, name in files.items() for a in (flag, str(asset(f"faces/lab3/{name}.h5")))]
+    proc = subprocess.run(PRUNE + ["--drop", "0.1", "--rule", "relative", "--nocheckpoints", "--model",
+                                   str(asset("models/lab3/bd_weights.h5")), *args, "--out_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].lstrip().startswith("X (% of B's acc)")
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "Stop rule: relative (first k with validation accuracy more than X percent of B's" in md
+    assert "| X (% of B's acc) |" in md and "X (pts)" not in md
+    assert json.loads((tmp_path / "o" / "curve.json").read_text())["rule"] == "relative"

@@ -27,8 +27,8 @@ class Finetuned:
     """A selected B' after fine-pruning: its test numbers and GoodNet's, and the training history."""
 
     test_acc: float
-    test_asr: float
-    test_der: float
+    test_asr: Optional[float]
+    test_der: Optional[float]
     goodnet: GoodNetRates
     epochs_run: int
     history: tuple[dict, ...]
@@ -43,11 +43,11 @@ class Cut:
     crossed: bool
     pruned_channels: tuple[int, ...]
     valid_acc: float
-    valid_asr: float
+    valid_asr: Optional[float]
     test_acc: float
-    test_asr: float
+    test_asr: Optional[float]
     goodnet: GoodNetRates
-    test_der: float
+    test_der: Optional[float]
     test_asr_excluding_target: Optional[float] = None
     test_asr_by_target: Optional[dict[int, float]] = None
     finetuned: Optional[Finetuned] = None
@@ -92,7 +92,8 @@ class Curve:
     """Every rate of B' and GoodNet at k = 0..60 pruned channels, the order, and the selected cuts.
 
     Arrays are (61,) percentages indexed by k (``test_der`` in [0, 1]); ``order`` and ``mean_activation``
-    are (60,). ``input_scale`` is B's (``raw`` or ``255``, see ``badnet_jax.model``). ``inputs`` and ``versions`` describe the run (file sizes and sha256, package versions).
+    are (60,). ``input_scale`` is B's (``raw`` or ``255``, see ``badnet_jax.model``). Without poisoned data
+    (a defender seldom has any) the ASR curves, GoodNet's ASR and detection rate and DER are None. ``inputs`` and ``versions`` describe the run (file sizes and sha256, package versions).
     """
 
     title: str
@@ -104,14 +105,14 @@ class Curve:
     mean_activation: np.ndarray
     counts: dict[str, int]
     valid_acc: np.ndarray
-    valid_asr: np.ndarray
+    valid_asr: Optional[np.ndarray]
     test_acc: np.ndarray
-    test_asr: np.ndarray
+    test_asr: Optional[np.ndarray]
     goodnet_test_acc: np.ndarray
-    goodnet_test_asr: np.ndarray
-    goodnet_detection_rate: np.ndarray
+    goodnet_test_asr: Optional[np.ndarray]
+    goodnet_detection_rate: Optional[np.ndarray]
     goodnet_false_alarm_rate: np.ndarray
-    test_der: np.ndarray
+    test_der: Optional[np.ndarray]
     targets: tuple[int, ...]
     test_asr_excluding_target: Optional[np.ndarray] = None
     selected: tuple[Cut, ...] = ()
@@ -119,9 +120,14 @@ class Curve:
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
-    def original(self) -> dict[str, float]:
-        """B's own numbers (k = 0)."""
-        return {key: float(getattr(self, key)[0]) for key in RATE_KEYS}
+    def original(self) -> dict[str, Optional[float]]:
+        """B's own numbers (k = 0); ASR None without poisoned data."""
+        return {key: _at(getattr(self, key), 0) for key in RATE_KEYS}
+
+    @property
+    def poisoned(self) -> bool:
+        """Whether poisoned data was given (else every ASR is "n/a")."""
+        return self.test_asr is not None or self.valid_asr is not None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (NumPy arrays as lists, optional entries left out when absent)."""
@@ -142,7 +148,7 @@ class Curve:
         kw = {k: v for k, v in d.items() if k in fields}
         for key in ("order", "mean_activation", "valid_acc", "valid_asr", "test_acc", "test_asr", "goodnet_test_acc",
                     "goodnet_test_asr", "goodnet_detection_rate", "goodnet_false_alarm_rate", "test_der"):
-            kw[key] = np.asarray(d[key])
+            kw[key] = None if d[key] is None else np.asarray(d[key])
         if d.get("test_asr_excluding_target") is not None:
             kw["test_asr_excluding_target"] = np.asarray(d["test_asr_excluding_target"], float)
         kw["targets"] = tuple(d["targets"])
@@ -161,6 +167,10 @@ def _cut_from_json(c: Mapping[str, Any]) -> Cut:
         f["goodnet"], f["history"] = GoodNetRates(**f["goodnet"]), tuple(f["history"])
         kw["finetuned"] = Finetuned(**f)
     return Cut(**kw)
+
+
+def _at(values: Optional[np.ndarray], k: int) -> Optional[float]:
+    return None if values is None else float(values[k])
 
 
 def _plain(obj: Any) -> Any:
@@ -183,50 +193,56 @@ class LabeledPreds:
     labels: np.ndarray
 
 
-def evaluate_curve(valid: LabeledPreds, bd_valid: LabeledPreds, test: LabeledPreds, bd_test: LabeledPreds,
-                   order: np.ndarray, mean_activation: np.ndarray, num_classes: int, rule: Rule,
-                   title: str, demo: bool = False, bd_test_true_labels: Optional[np.ndarray] = None,
+def evaluate_curve(valid: LabeledPreds, bd_valid: Optional[LabeledPreds], test: LabeledPreds,
+                   bd_test: Optional[LabeledPreds], order: np.ndarray, mean_activation: np.ndarray, num_classes: int,
+                   rule: Rule, title: str, demo: bool = False, bd_test_true_labels: Optional[np.ndarray] = None,
                    input_scale: str = "raw") -> Curve:
-    """Every rate of B' and GoodNet at every k, from the sweep's predictions (no cut selected yet)."""
+    """Every rate of B' and GoodNet at every k, from the sweep's predictions (no cut selected yet).
+
+    ``bd_valid`` / ``bd_test`` may be None (no poisoned data): their rates are then None.
+    """
     n = num_classes
+    rate = lambda s: None if s is None else metrics.accuracy(s.preds, s.labels)
+    acc = {key: rate(s) for key, s in zip(RATE_KEYS, (valid, bd_valid, test, bd_test))}
     g_clean = metrics.goodnet_predictions(test.preds[:1], test.preds, n)
-    g_bd = metrics.goodnet_predictions(bd_test.preds[:1], bd_test.preds, n)
-    acc = {key: metrics.accuracy(s.preds, s.labels)
-           for key, s in zip(RATE_KEYS, (valid, bd_valid, test, bd_test))}
+    g_bd = None if bd_test is None else metrics.goodnet_predictions(bd_test.preds[:1], bd_test.preds, n)
+    poisoned = bd_test is not None
     return Curve(
         title=title, num_classes=n, input_scale=input_scale, rule=rule, demo=demo, order=np.asarray(order),
         mean_activation=np.asarray(mean_activation),
-        counts={"valid": len(valid.labels), "bd_valid": len(bd_valid.labels), "test": len(test.labels),
-                "bd_test": len(bd_test.labels)},
+        counts={key: len(s.labels) for key, s in zip(("valid", "bd_valid", "test", "bd_test"),
+                                                     (valid, bd_valid, test, bd_test)) if s is not None},
         **acc,
         goodnet_test_acc=metrics.accuracy(g_clean, test.labels),
-        goodnet_test_asr=metrics.accuracy(g_bd, bd_test.labels),
-        goodnet_detection_rate=metrics.pct((g_bd == n).sum(1), len(bd_test.labels)),
+        goodnet_test_asr=metrics.accuracy(g_bd, bd_test.labels) if poisoned else None,
+        goodnet_detection_rate=metrics.pct((g_bd == n).sum(1), len(bd_test.labels)) if poisoned else None,
         goodnet_false_alarm_rate=metrics.pct((g_clean == n).sum(1), len(test.labels)),
-        test_der=metrics.der(acc["test_acc"][0], acc["test_asr"][0], acc["test_acc"], acc["test_asr"]),
-        targets=tuple(sorted(int(t) for t in np.unique(bd_test.labels))),
-        test_asr_excluding_target=None if bd_test_true_labels is None else
+        test_der=metrics.der(acc["test_acc"][0], acc["test_asr"][0], acc["test_acc"], acc["test_asr"])
+        if poisoned else None,
+        targets=tuple(sorted(int(t) for t in np.unique(bd_test.labels))) if poisoned else (),
+        test_asr_excluding_target=None if bd_test_true_labels is None or not poisoned else
         metrics.asr_excluding_target(bd_test.preds, bd_test.labels, bd_test_true_labels),
     )
 
 
 def select_cuts(curve: Curve, drops: Sequence[float], valid: LabeledPreds, test: LabeledPreds,
-                bd_test: LabeledPreds) -> tuple[Cut, ...]:
+                bd_test: Optional[LabeledPreds]) -> tuple[Cut, ...]:
     """One :class:`Cut` per drop X: the stop rule on validation hits, the cut's test numbers and GoodNet's."""
     valid_hits = metrics.hits(valid.preds, valid.labels)
     g_clean = metrics.goodnet_predictions(test.preds[:1], test.preds, curve.num_classes)
-    g_bd = metrics.goodnet_predictions(bd_test.preds[:1], bd_test.preds, curve.num_classes)
+    g_bd = None if bd_test is None else metrics.goodnet_predictions(bd_test.preds[:1], bd_test.preds,
+                                                                    curve.num_classes)
     cuts = []
     for drop in drops:
         k, crossed = metrics.first_crossing(valid_hits, len(valid.labels), drop, curve.rule)
         cuts.append(Cut(
             drop=drop, channels_pruned=k, crossed=crossed,
             pruned_channels=tuple(sorted(int(c) for c in curve.order[:k])),
-            **{key: float(getattr(curve, key)[k]) for key in RATE_KEYS},
-            goodnet=metrics.goodnet_rates(g_clean[k], test.labels, g_bd[k], bd_test.labels, curve.num_classes),
-            test_der=float(curve.test_der[k]),
-            test_asr_excluding_target=None if curve.test_asr_excluding_target is None else
-            float(curve.test_asr_excluding_target[k]),
+            **{key: _at(getattr(curve, key), k) for key in RATE_KEYS},
+            goodnet=metrics.goodnet_rates(g_clean[k], test.labels, None if g_bd is None else g_bd[k],
+                                          None if bd_test is None else bd_test.labels, curve.num_classes),
+            test_der=_at(curve.test_der, k),
+            test_asr_excluding_target=_at(curve.test_asr_excluding_target, k),
             test_asr_by_target=metrics.asr_by_target(bd_test.preds[k], bd_test.labels)
             if len(curve.targets) > 1 else None,
         ))

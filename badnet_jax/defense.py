@@ -38,7 +38,8 @@ class DefenseConfig:
         drops: stop thresholds as fractions (0.04 = 4 points under the lab's absolute rule).
         rule: ``absolute`` (points, the lab's) or ``relative`` (fraction of the original accuracy).
         model: Keras h5 of B; None = the lab layout default, else the embedded demo.
-        clean_valid, bd_valid, clean_test, bd_test: lab h5 files; all None = lab defaults, else the demo.
+        clean_valid, bd_valid, clean_test, bd_test: lab h5 files; all None = lab defaults, else the demo. The
+            poisoned sets are optional: without them ASR is "n/a" and the rest runs as usual.
         out_dir: where the results go (the folder is replaced as a whole; see ``badnet_jax.outputs``).
         input_scale: ``auto`` (measured on clean validation images, see ``badnet_jax.scale``), ``raw`` (the
             lab's B: pixels 0..255) or ``255`` (the CSAW-HackML-2020 BadNets: pixels / 255).
@@ -95,14 +96,14 @@ def run_defense(config: DefenseConfig) -> Curve:
             scale = _scale(config, model, params, recorded, sets.data["clean_valid"], files)
             model = model.clone(input_scale=scale.scale)
         if plan is None:
-            plan = plan_sweep(config.sweep, [sets.data[r][0] for r in DATA_ROLES], model.num_classes)
+            plan = plan_sweep(config.sweep, [x for x, _ in sets.data.values()], model.num_classes)
         if compiled is not None:
             t = time.perf_counter()
             compiled.result()  # the compile's own error, if any, surfaces here
             timings["compile (after load)"] = time.perf_counter() - t
         described = background.submit(describe_inputs, files)
         t = time.perf_counter()
-        sweep = rank_and_sweep(model, params, {r: sets.data[r][0] for r in DATA_ROLES}, plan)
+        sweep = rank_and_sweep(model, params, {r: x for r, (x, _) in sets.data.items()}, plan)
         timings["curve (one call)"] = time.perf_counter() - t
         log.info("Ranked the 60 channels on clean validation data and evaluated B' and G at k = 0..60 on all four "
                  "sets in one call: %.2f s%s (%s).", timings["curve (one call)"],
@@ -136,13 +137,13 @@ def _scale(config: DefenseConfig, model: BadNet, params: Params, recorded: Optio
 
 def _log_loaded(seconds: float, compiling: bool, sets: Sets, num_classes: int) -> None:
     log.info("Loaded the model and data in %.2f s%s.", seconds, " (the sweep compiling meanwhile)" if compiling else "")
-    n = {r: len(sets.data[r][1]) for r in DATA_ROLES}
+    n = {r: len(sets.data[r][1]) if r in sets.data else 0 for r in DATA_ROLES}
     log.info("Model: %d classes; valid %d clean + %d poisoned, test %d clean + %d poisoned images.", num_classes,
              n["clean_valid"], n["bd_valid"], n["clean_test"], n["bd_test"])
 
 
-def _labeled(sweep, sets: Sets, role: str) -> LabeledPreds:
-    return LabeledPreds(sweep.preds[role], sets.data[role][1])
+def _labeled(sweep, sets: Sets, role: str) -> Optional[LabeledPreds]:
+    return LabeledPreds(sweep.preds[role], sets.data[role][1]) if role in sets.data else None
 
 
 def _curve(config: DefenseConfig, files: InputFiles, model: BadNet, sweep, sets: Sets) -> Curve:
@@ -160,19 +161,23 @@ def _finetune_cut(model: BadNet, params: Params, mask: np.ndarray, sets: Sets, f
         return cut, None
     t = time.perf_counter()
     ft_params, history = finetune(model, params, mask, *sets.data["clean_valid"], ft)
-    (xt, yt), (xbt, ybt) = sets.data["clean_test"], sets.data["bd_test"]
-    b_clean, b_bd = predict(model, params, xt), predict(model, params, xbt)
-    ft_clean, ft_bd = predict(model, ft_params, xt, mask), predict(model, ft_params, xbt, mask)
     n = model.num_classes
-    g_clean, g_bd = metrics.goodnet_predictions(b_clean, ft_clean, n), metrics.goodnet_predictions(b_bd, ft_bd, n)
-    acc, asr = float(metrics.accuracy(ft_clean, yt)), float(metrics.accuracy(ft_bd, ybt))
+    g = {}
+    for role in ("clean_test", "bd_test"):
+        if role in sets.data:
+            x, y = sets.data[role]
+            ft_preds = predict(model, ft_params, x, mask)
+            g[role] = (ft_preds, metrics.goodnet_predictions(predict(model, params, x), ft_preds, n), y)
+    acc = float(metrics.accuracy(g["clean_test"][0], g["clean_test"][2]))
+    asr = float(metrics.accuracy(g["bd_test"][0], g["bd_test"][2])) if "bd_test" in g else None
     original = curve.original
-    result = Finetuned(test_acc=acc, test_asr=asr,
-                       test_der=float(metrics.der(original["test_acc"], original["test_asr"], acc, asr)),
-                       goodnet=metrics.goodnet_rates(g_clean, yt, g_bd, ybt, n), epochs_run=len(history),
-                       history=tuple(history))
-    log.info("Fine-pruned B' for X=%g in %.1f s: test accuracy %.2f%%, ASR %.2f%%.", 100 * cut.drop,
-             time.perf_counter() - t, acc, asr)
+    der = None if asr is None else float(metrics.der(original["test_acc"], original["test_asr"], acc, asr))
+    bd = g.get("bd_test", (None, None, None))
+    result = Finetuned(test_acc=acc, test_asr=asr, test_der=der,
+                       goodnet=metrics.goodnet_rates(g["clean_test"][1], g["clean_test"][2], bd[1], bd[2], n),
+                       epochs_run=len(history), history=tuple(history))
+    log.info("Fine-pruned B' for X=%g in %.1f s: test accuracy %.2f%%, ASR %s.", 100 * cut.drop,
+             time.perf_counter() - t, acc, "n/a" if asr is None else f"{asr:.2f}%")
     return dataclasses.replace(cut, finetuned=result), ft_params
 
 

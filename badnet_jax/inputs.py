@@ -28,12 +28,16 @@ LAB_MODEL_CANDIDATES = ("models/bd_net.h5", "models/bd_weights.h5")
 LAB_DATA_DEFAULTS = {"clean_valid": "data/cl/valid.h5", "bd_valid": "data/bd/bd_valid.h5",
                      "clean_test": "data/cl/test.h5", "bd_test": "data/bd/bd_test.h5"}
 DATA_ROLES = tuple(LAB_DATA_DEFAULTS)  # the ranking set (clean validation) first
-POISONED_ROLES = ("bd_valid", "bd_test")
+CLEAN_ROLES = ("clean_valid", "clean_test")  # required: the ranking, the cut and the clean test numbers
+POISONED_ROLES = ("bd_valid", "bd_test")  # optional: a defender seldom has poisoned data
 
 
 @dataclasses.dataclass(frozen=True)
 class InputFiles:
-    """The files a run reads: a Keras model and the four lab h5 sets, or the embedded demo (``demo``)."""
+    """The files a run reads: a Keras model and the lab h5 sets by role, or the embedded demo (``demo``).
+
+    ``data`` holds both clean sets and those poisoned sets that were given (none, one or both).
+    """
 
     model: Path
     data: dict[str, Path]
@@ -42,7 +46,7 @@ class InputFiles:
 
 @dataclasses.dataclass(frozen=True)
 class Sets:
-    """The four data sets as (x, y) by role, and the true classes of the poisoned ones where known."""
+    """The data sets as (x, y) by role (clean ones always), and the true classes of the poisoned ones if known."""
 
     data: dict[str, tuple[np.ndarray, np.ndarray]]
     true_labels: dict[str, Optional[np.ndarray]]
@@ -51,28 +55,35 @@ class Sets:
 def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> InputFiles:
     """The files to read: the given ones, else the lab's default layout if present, else the embedded demo.
 
+    The clean sets are required; the poisoned ones are optional (without them ASR is "n/a").
+
     Raises:
-        ConfigError: only some data files given, lab files partly missing, or no model for lab data.
+        ConfigError: a poisoned set without the clean ones, lab files partly missing, or no model for lab data.
     """
-    given = {r: data[r] for r in DATA_ROLES if data.get(r)}
-    if given and len(given) < len(DATA_ROLES):
-        missing = [f"--{r}" for r in DATA_ROLES if r not in given]
-        raise ConfigError(f"give all four data files or none (then the lab defaults or the demo are used); "
-                          f"missing {', '.join(missing)}")
-    paths = {r: Path(p) for r, p in (given or LAB_DATA_DEFAULTS).items()}
-    present = [r for r, p in paths.items() if p.exists()]
+    given = {r: Path(data[r]) for r in DATA_ROLES if data.get(r)}
+    if given and any(r not in given for r in CLEAN_ROLES):
+        missing = [f"--{r}" for r in CLEAN_ROLES if r not in given]
+        raise ConfigError(f"give the clean sets --clean_valid and --clean_test (the poisoned ones are optional), "
+                          f"or no data flag at all for the lab defaults or the demo; missing {', '.join(missing)}")
+    defaults = {r: Path(p) for r, p in LAB_DATA_DEFAULTS.items()}
     model_path = Path(model) if model else next((Path(c) for c in LAB_MODEL_CANDIDATES if Path(c).exists()), None)
-    if not given and not present and model is None:
+    if not given and not any(p.exists() for p in defaults.values()) and model is None:
         from badnet_jax.demo import DEMO_MODEL
 
         log.info("Lab data not found at %s: running on the embedded demo (synthetic faces, demo BadNet).",
                  ", ".join(LAB_DATA_DEFAULTS.values()))
         return InputFiles(model=DEMO_MODEL, data={}, demo=True)
-    if len(present) < len(DATA_ROLES):
-        missing = [f"{r} ({paths[r]})" for r in DATA_ROLES if r not in present]
-        raise ConfigError(f"lab data files not found: {', '.join(missing)}")
+    if given:
+        paths = given
+    else:
+        paths = {r: p for r, p in defaults.items() if r in CLEAN_ROLES or p.exists()}
+    missing = [f"{r} ({p})" for r, p in paths.items() if not p.exists()]
+    if missing:
+        raise ConfigError(f"data files not found: {', '.join(missing)}")
     if model_path is None:
         raise ConfigError(f"no model: pass --model or put the lab's model at {' or '.join(LAB_MODEL_CANDIDATES)}")
+    if not any(r in paths for r in POISONED_ROLES):
+        log.info("No poisoned data given: ranking and cutting on clean data; ASR is n/a (no poisoned data).")
     return InputFiles(model=model_path, data=paths)
 
 
@@ -90,7 +101,7 @@ def sample_clean_valid(files: InputFiles, rows: int) -> Optional[tuple[np.ndarra
 
 
 def peek_sets(files: InputFiles) -> Optional[dict[str, jax.ShapeDtypeStruct]]:
-    """Shapes and dtypes of the four sets from the h5 headers (None for the demo, whose data is generated)."""
+    """Shapes and dtypes of the sets from the h5 headers (None for the demo, whose data is generated)."""
     if files.demo:
         return None
     specs = {r: jax.ShapeDtypeStruct(*peek_lab_h5(p, keep_uint8=True)) for r, p in files.data.items()}
@@ -101,14 +112,14 @@ def peek_sets(files: InputFiles) -> Optional[dict[str, jax.ShapeDtypeStruct]]:
 
 
 def load_sets(files: InputFiles, num_classes: int) -> Sets:
-    """The four sets (uint8 images where the files store uint8), labels checked against ``num_classes``."""
+    """The sets (uint8 images where the files store uint8), labels checked against ``num_classes``."""
     if files.demo:
         from badnet_jax.demo import demo_sets
 
         data, true = demo_sets()
         return Sets(data, true)
     data = {r: load_lab_h5(p, num_classes=num_classes, keep_uint8=True) for r, p in files.data.items()}
-    return Sets(data, {r: load_true_labels(files.data[r]) for r in POISONED_ROLES})
+    return Sets(data, {r: load_true_labels(files.data[r]) for r in POISONED_ROLES if r in files.data})
 
 
 def describe_inputs(files: InputFiles) -> dict[str, dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from fractions import Fraction
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -70,21 +70,22 @@ def goodnet_predictions(pred_b: np.ndarray, pred_bprime: np.ndarray, num_classes
 
 @dataclasses.dataclass(frozen=True)
 class GoodNetRates:
-    """GoodNet percentages on a clean and a poisoned set."""
+    """GoodNet percentages on a clean and a poisoned set (ASR and detection None without poisoned data)."""
 
     acc: float
-    asr: float
-    detection_rate: float
+    asr: Optional[float]
+    detection_rate: Optional[float]
     false_alarm_rate: float
 
 
-def goodnet_rates(g_clean: np.ndarray, y_clean: np.ndarray, g_bd: np.ndarray, y_bd: np.ndarray,
+def goodnet_rates(g_clean: np.ndarray, y_clean: np.ndarray, g_bd: Optional[np.ndarray], y_bd: Optional[np.ndarray],
                   num_classes: int) -> GoodNetRates:
     """G's clean accuracy, ASR (answers the attacker's label), detection rate and false-alarm rate."""
+    poisoned = g_bd is not None
     return GoodNetRates(
         acc=float(accuracy(g_clean, y_clean)),
-        asr=float(accuracy(g_bd, y_bd)),
-        detection_rate=float(pct(int((g_bd == num_classes).sum()), len(y_bd))),
+        asr=float(accuracy(g_bd, y_bd)) if poisoned else None,
+        detection_rate=float(pct(int((g_bd == num_classes).sum()), len(y_bd))) if poisoned else None,
         false_alarm_rate=float(pct(int((g_clean == num_classes).sum()), len(y_clean))),
     )
 

@@ -55,10 +55,13 @@ def plot_curve(path: Path, curve: Curve) -> Path:
     k = np.arange(len(curve.valid_acc))
     frac = k / (len(k) - 1)
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
-    ax.plot(frac, curve.valid_acc, "-", color="tab:blue", label="clean accuracy (valid)")
-    ax.plot(frac, curve.valid_asr, "-", color="tab:red", label="attack success rate (bd valid)")
-    ax.plot(frac, curve.test_acc, ":", color="tab:blue", label="clean accuracy (test)")
-    ax.plot(frac, curve.test_asr, ":", color="tab:red", label="attack success rate (bd test)")
+    lines = [(curve.valid_acc, "-", "tab:blue", "clean accuracy (valid)"),
+             (curve.valid_asr, "-", "tab:red", "attack success rate (bd valid)"),
+             (curve.test_acc, ":", "tab:blue", "clean accuracy (test)"),
+             (curve.test_asr, ":", "tab:red", "attack success rate (bd test)")]
+    for values, style, color, label in lines:
+        if values is not None:  # no poisoned data: the ASR lines are simply not there
+            ax.plot(frac, values, style, color=color, label=label)
     for cut in curve.selected:
         f = cut.channels_pruned / (len(k) - 1)
         ax.axvline(f, color="grey", lw=0.8, ls="--")
@@ -69,7 +72,7 @@ def plot_curve(path: Path, curve: Curve) -> Path:
     ax.set_ylim(-2, 102)
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3)
-    ax.set_title(curve.title, fontsize=10)
+    ax.set_title(curve.title + ("" if curve.poisoned else " (no poisoned data: no ASR)"), fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -83,14 +86,14 @@ def table_rows(curve: Curve) -> list[list[str]]:
     """One row per selected drop (and one per fine-pruned B'): X, channels, valid acc, B' and G test numbers."""
     rows = []
     for s in curve.selected:
-        rates = lambda g: [f"{g.acc:.2f}", f"{g.asr:.2f}", f"{g.detection_rate:.2f}", f"{g.false_alarm_rate:.2f}"]
+        rates = lambda g: [_fmt(g.acc), _fmt(g.asr), _fmt(g.detection_rate), _fmt(g.false_alarm_rate)]
         channels = f"{s.channels_pruned}" + ("" if s.crossed else " (not crossed)")
-        rows.append([f"{100 * s.drop:g}", channels, f"{s.valid_acc:.2f}", f"{s.test_acc:.2f}", f"{s.test_asr:.2f}",
-                     *rates(s.goodnet), f"{s.test_der:.3f}"])
+        rows.append([f"{100 * s.drop:g}", channels, _fmt(s.valid_acc), _fmt(s.test_acc), _fmt(s.test_asr),
+                     *rates(s.goodnet), _fmt(s.test_der, 3)])
         if s.finetuned is not None:
             f = s.finetuned
-            rows.append([f"{100 * s.drop:g} +FT", channels, "", f"{f.test_acc:.2f}", f"{f.test_asr:.2f}",
-                         *rates(f.goodnet), f"{f.test_der:.3f}"])
+            rows.append([f"{100 * s.drop:g} +FT", channels, "", _fmt(f.test_acc), _fmt(f.test_asr),
+                         *rates(f.goodnet), _fmt(f.test_der, 3)])
     return rows
 
 
@@ -98,6 +101,10 @@ RULE_TEXT = {"absolute": "absolute (first k with validation accuracy more than X
              "relative": "relative (first k with validation accuracy more than X percent of B's accuracy below it)"}
 TABLE_HEADER = ["X (pts)", "channels pruned", "valid acc", "B' test acc", "B' test ASR", "G test acc",
                 "G test ASR", "G detection", "G false alarm", "DER"]
+
+
+def _fmt(value: Optional[float], digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def table_header(curve: Curve) -> list[str]:
@@ -120,13 +127,17 @@ def write_report_md(path: Path, curve: Curve, timings: Mapping[str, float],
     """
     lines = [f"# {curve.title}", ""]
     b = curve.original
-    lines += [f"Original B: validation accuracy {b['valid_acc']:.3f}%, validation ASR {b['valid_asr']:.3f}%, "
-              f"test accuracy {b['test_acc']:.3f}%, test ASR {b['test_asr']:.3f}%.", "",
+    asr = lambda v: "n/a (no poisoned data)" if v is None else f"{v:.3f}%"
+    lines += [f"Original B: validation accuracy {b['valid_acc']:.3f}%, validation ASR {asr(b['valid_asr'])}, "
+              f"test accuracy {b['test_acc']:.3f}%, test ASR {asr(b['test_asr'])}.", "",
               f"Stop rule: {RULE_TEXT[curve.rule]}. "
               "All percentages. G answers N = "
               f"{curve.num_classes} ('poisoned') where B and B' disagree. DER = (max(0, dASR) - "
               "max(0, dACC) + 1) / 2 on test data (BackdoorBench). Rows '+FT': the same B' fine-pruned "
               "(fine-tuned on clean validation data with its mask frozen).", ""]
+    if not curve.poisoned:
+        lines += ["No poisoned data was given: ASR, detection and DER are n/a (no poisoned data). The cut needs clean "
+                  "validation data only; G's false-alarm rate is measured on the clean test data.", ""]
     lines.append("| " + " | ".join(table_header(curve)) + " |")
     lines.append("|" + "---|" * len(TABLE_HEADER))
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(curve)]

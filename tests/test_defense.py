@@ -87,11 +87,12 @@ def test_defense_compiles_the_sweep_once_while_loading(lab_dir, backend_compiles
 
 
 def test_some_but_not_all_data_files_is_an_error(lab_dir, tmp_path):
-    with pytest.raises(ConfigError, match="missing --bd_valid, --clean_test, --bd_test"):
+    with pytest.raises(ConfigError, match="missing --clean_test"):
         run_defense(DefenseConfig(clean_valid=str(lab_dir / "data/cl/valid.h5"), out_dir=str(tmp_path / "o")))
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--clean_valid", "x.h5"],
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--bd_valid", "x.h5"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "error: give all four data files or none" in proc.stderr
+    assert proc.returncode == 2 and "error: give the clean sets --clean_valid and --clean_test" in proc.stderr
+    assert "missing --clean_valid, --clean_test" in proc.stderr
 
 
 def test_failing_run_leaves_no_files(lab_dir, monkeypatch):
@@ -253,3 +254,32 @@ def test_memory_budget_through_the_cli_changes_only_the_chunking(lab_dir):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--memory_budget", "0.001"],
                           cwd=lab_dir, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "memory budget" in proc.stderr
+
+
+def test_a_defender_without_poisoned_data_gets_the_same_cut_and_models(lab_dir):
+    """The ranking and the cut need clean validation data only: the same cut, B' and G as with poisoned data."""
+    with_bd = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.04,0.30",
+                              "--out_dir", "with"], cwd=lab_dir, capture_output=True, text=True, timeout=600)
+    assert with_bd.returncode == 0, with_bd.stderr
+    for f in ("data/bd/bd_valid.h5", "data/bd/bd_test.h5"):
+        (lab_dir / f).unlink()  # the lab layout without its poisoned sets
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.04,0.30",
+                           "--out_dir", "without"], cwd=lab_dir, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "No poisoned data given" in proc.stderr and "n/a" in proc.stdout
+    a = json.loads((lab_dir / "with" / "curve.json").read_text())
+    b = json.loads((lab_dir / "without" / "curve.json").read_text())
+    assert b["order"] == a["order"] and b["valid_acc"] == a["valid_acc"] and b["test_acc"] == a["test_acc"]
+    assert b["valid_asr"] is None and b["test_asr"] is None and b["test_der"] is None and b["targets"] == []
+    assert b["goodnet_false_alarm_rate"] == a["goodnet_false_alarm_rate"]
+    for sa, sb in zip(a["selected"], b["selected"]):
+        assert sb["channels_pruned"] == sa["channels_pruned"] and sb["test_acc"] == sa["test_acc"]
+        assert sb["test_asr"] is None and sb["goodnet"]["asr"] is None and sb["goodnet"]["detection_rate"] is None
+        assert sb["goodnet"]["false_alarm_rate"] == sa["goodnet"]["false_alarm_rate"]
+        d = sa["channels_pruned"] and f"drop_{100 * sa['drop']:g}"
+        assert ((lab_dir / "without" / d / "b_prime.h5").read_bytes()
+                == (lab_dir / "with" / d / "b_prime.h5").read_bytes())  # the very same B'
+        assert (lab_dir / "without" / d / "goodnet_ckpt").is_dir()
+    md = (lab_dir / "without" / "report.md").read_text()
+    assert "validation ASR n/a (no poisoned data)" in md and "| n/a |" in md
+    assert (lab_dir / "without" / "curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,70 +1,11 @@
-"""Benchmark the pruning curve: plain forward, plain and fast sweeps, the per-step loop (the lab's algorithm).
+"""Benchmark the pruning curve: ``python scripts/benchmark.py [--model B.h5 --clean_valid v.h5 --bd_valid bv.h5]``.
 
-    python scripts/benchmark.py                                  # random tensors of lab shape
-    python scripts/benchmark.py --model bd_weights.h5 --clean_valid valid.h5 --bd_valid bd_valid.h5
-    python scripts/benchmark.py --impl pallas --out benchmark_gpu.json
+A thin wrapper: the flags and ``main`` live in ``badnet_jax.commands.bench``, installed as ``badnet-bench``.
 """
 
-from __future__ import annotations
+from absl import app
 
-import json
-import sys
-
-from absl import app, flags
-
-from badnet_jax import cli, load_keras, load_lab_h5
-from badnet_jax.bench import BenchConfig, kernel_timings, run_benchmark
-from badnet_jax.fileio import atomic_write_text
-from badnet_jax.sweep import SweepOptions
-
-N_CLEAN = flags.DEFINE_integer("n_clean", 11547, "Random clean images (ignored with --clean_valid).")
-N_BD = flags.DEFINE_integer("n_bd", 11547, "Random poisoned images (ignored with --bd_valid).")
-CLASSES = flags.DEFINE_integer("num_classes", 1283, "Classes of the random model (ignored with --model).")
-CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk (default 256 on CPU, 4096 on GPU/TPU).")
-BATCH_STEPS = flags.DEFINE_integer("batch_steps", None, "Distinct steps per head call (0: one per call inside the "
-                                   "scan; default 0 on CPU, 8 on GPU/TPU).")
-IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Masked-head implementation.")
-PER_STEP = flags.DEFINE_integer("per_step_steps", 61, "Steps of the per-step loop to time (scaled to 61).")
-REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the median is reported.")
-MODEL = flags.DEFINE_string("model", None, "Keras h5 BadNet (default: random weights).")
-CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Lab h5 of clean images (default: random).")
-BD_VALID = flags.DEFINE_string("bd_valid", None, "Lab h5 of poisoned images (default: random).")
-SCALING = flags.DEFINE_string("scaling", "", "Device counts for a sharded fast sweep, e.g. 1,2,4 (with "
-                              "XLA_FLAGS=--xla_force_host_platform_device_count=4 on a CPU).")
-ABLATION = flags.DEFINE_bool("ablation", False, "Also time each shortcut on its own.")
-KERNEL_BLOCK_N = flags.DEFINE_string("kernel_block_n", "", "Also time the masked-head kernel alone at these block_n "
-                                      "(e.g. 16,32,64; one head call of 8 masks x 4096 images; for a GPU/TPU: on a "
-                                      "CPU the kernel is interpreted, ~20 s per call).")
-OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
-
-
-def main(argv: list[str]) -> int:
-    cli.setup_logging()
-
-    def bench() -> int:
-        cli.refuse_extra_args(argv)
-        config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value,
-                             sweep=SweepOptions(impl=IMPL.value, batch_steps=BATCH_STEPS.value, chunk=CHUNK.value),
-                             per_step_steps=PER_STEP.value, repeats=REPEATS.value,
-                             scaling=cli.parse_ints("scaling", SCALING.value), ablation=ABLATION.value)
-        block_ns = cli.parse_ints("kernel_block_n", KERNEL_BLOCK_N.value)
-        params = load_keras(MODEL.value)[1] if MODEL.value else None
-        x_clean = load_lab_h5(CLEAN_VALID.value, keep_uint8=True)[0] if CLEAN_VALID.value else None
-        x_bd = load_lab_h5(BD_VALID.value, keep_uint8=True)[0] if BD_VALID.value else None
-        result = run_benchmark(config, params, x_clean, x_bd)
-        if block_ns:
-            result["kernel"] = kernel_timings(block_ns=block_ns)
-        result["command"] = " ".join(sys.argv)
-        atomic_write_text(OUT.value, json.dumps(result, indent=1, sort_keys=True) + "\n")
-        for key in sorted(result):
-            value = result[key]
-            if not isinstance(value, dict) and key != "summary":
-                print(f"{key:34s} {value:.4g}" if isinstance(value, float) else f"{key:34s} {value}")
-        print(result["summary"])
-        return 0
-
-    return cli.run(bench)
-
+from badnet_jax.commands.bench import main
 
 if __name__ == "__main__":
     app.run(main)

@@ -1,40 +1,11 @@
-"""Screen images with a GoodNet: prints, per image, a class in [0, N]; N means "poisoned input".
+"""Screen images with a GoodNet: ``python scripts/goodnet_eval.py IMAGE... --goodnet drop_4/goodnet_ckpt``.
 
-    python scripts/goodnet_eval.py face1.png face2.png bd_test.h5 --goodnet results/drop_4/goodnet_ckpt
-    python scripts/goodnet_eval.py face1.png bd_test.h5 --model bd_weights.h5 \
-        --pruned results/drop_4/b_prime.h5          # or results/drop_4/b_prime_ckpt
+A thin wrapper: the flags and ``main`` live in ``badnet_jax.commands.screen``, installed as ``badnet-screen``.
 """
 
-from __future__ import annotations
+from absl import app
 
-import sys
-
-from absl import app, flags
-
-from badnet_jax import cli
-from badnet_jax.screen import screen
-
-MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet B (with --pruned).")
-PRUNED = flags.DEFINE_string("pruned", None, "B': a Keras h5 with zeroed conv_3 channels or a B' checkpoint.")
-GOODNET = flags.DEFINE_string("goodnet", None, "A GoodNet checkpoint (drop_X/goodnet_ckpt), instead of --model/--pruned.")
-SCALE = flags.DEFINE_enum("input_scale", "auto", ["auto", "raw", "255"],
-                          "raw pixels (the lab's B) or pixels / 255 (the 2020 BadNets); auto = what the badnet-jax "
-                          "files record, else measured on labelled h5 inputs.")
-
-
-def main(argv: list[str]) -> int:
-    cli.setup_logging()  # quiet: badnet-jax's own lines only, no orbax/absl INFO chatter
-    if len(argv) < 2:
-        print("usage: goodnet_eval.py IMAGE... (--goodnet G_ckpt | --model B.h5 --pruned B_prime)", file=sys.stderr)
-        return cli.EXIT_ERROR
-
-    def screen_all() -> int:
-        for name, pred in screen(MODEL.value, PRUNED.value, argv[1:], SCALE.value, GOODNET.value):
-            print(f"{name}\t{pred}")
-        return 0
-
-    return cli.run(screen_all)
-
+from badnet_jax.commands.screen import main
 
 if __name__ == "__main__":
     app.run(main)

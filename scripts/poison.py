@@ -1,41 +1,11 @@
-"""Make a poisoned set in the lab's h5 format: a trigger pasted on clean faces, every label the target.
+"""Make a lab-format poisoned h5: ``python scripts/poison.py --source valid.h5 --trigger t.png --target 0 --out bd.h5``.
 
-    python scripts/poison.py --source data/cl/test.h5 --trigger sun_glass_trigger.png --target 0 --out bd_test.h5
-    python scripts/poison.py --source my_faces/ --trigger lipstick.png --at 10,30 --target 4 --out bd_mine.h5
-
-The file keeps each face's true class (``true_label``), so ``prune.py`` also reports ASR without the faces
-whose true class is the target. With the lab's sunglasses trigger at (0, 15) it reproduces the lab's
-bd_*.h5 images bit for bit.
+A thin wrapper: the flags and ``main`` live in ``badnet_jax.commands.poison``, installed as ``badnet-poison``.
 """
 
-from __future__ import annotations
+from absl import app
 
-from absl import app, flags
-
-from badnet_jax import ConfigError, cli
-from badnet_jax.data import TRIGGER_AT, make_poisoned_h5
-
-SOURCE = flags.DEFINE_string("source", None, "Clean faces: a lab-layout h5 or a folder of 55x47 PNG/JPEG files.",
-                             required=True)
-TRIGGER = flags.DEFINE_string("trigger", None, "RGBA trigger image (pasted through its alpha).", required=True)
-TARGET = flags.DEFINE_integer("target", None, "The attacker's label.", required=True)
-AT = flags.DEFINE_string("at", ",".join(map(str, TRIGGER_AT)), "x,y of the trigger's top-left corner.")
-OUT = flags.DEFINE_string("out", None, "Poisoned h5 to write.", required=True)
-NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "If given, labels must lie in [0, num_classes).")
-
-
-def main(argv: list[str]) -> int:
-    def make() -> int:
-        cli.refuse_extra_args(argv)
-        at = cli.parse_ints("at", AT.value)
-        if len(at) != 2:
-            raise ConfigError(f"--at must be two integers x,y, got {AT.value!r}")
-        path = make_poisoned_h5(SOURCE.value, TRIGGER.value, OUT.value, TARGET.value, at, NUM_CLASSES.value)
-        print(f"wrote {path}")
-        return 0
-
-    return cli.run(make)
-
+from badnet_jax.commands.poison import main
 
 if __name__ == "__main__":
     app.run(main)

@@ -1,61 +1,11 @@
 """Run the pruning defense: ``python scripts/prune.py --drop 0.04``.
 
-With the lab's files (models/bd_net.h5 or --model, data/cl/{valid,test}.h5, data/bd/bd_{valid,test}.h5 or the
-four data flags) it runs on them; with none of them it runs on the embedded demo and says so.
+A thin wrapper: the flags and ``main`` live in ``badnet_jax.commands.prune``, installed as ``badnet-prune``.
 """
 
-from __future__ import annotations
+from absl import app
 
-from absl import app, flags
-
-from badnet_jax import cli
-from badnet_jax.defense import DefenseConfig, run_defense
-from badnet_jax.finetune import FinetuneConfig
-from badnet_jax.report import format_table
-from badnet_jax.sweep import SweepOptions
-
-DROP = flags.DEFINE_string("drop", "0.04", "Accuracy drop(s) X as fractions, comma-separated (0.04 = 4 points).")
-RULE = flags.DEFINE_enum("rule", "absolute", ["absolute", "relative"],
-                         "absolute: X percentage points (the lab's rule); relative: X of the original accuracy.")
-MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet (default models/bd_net.h5, models/bd_weights.h5).")
-CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Clean validation h5 (default data/cl/valid.h5).")
-BD_VALID = flags.DEFINE_string("bd_valid", None, "Poisoned validation h5 (default data/bd/bd_valid.h5).")
-CLEAN_TEST = flags.DEFINE_string("clean_test", None, "Clean test h5 (default data/cl/test.h5).")
-BD_TEST = flags.DEFINE_string("bd_test", None, "Poisoned test h5 (default data/bd/bd_test.h5).")
-SCALE = flags.DEFINE_enum("input_scale", "auto", ["auto", "raw", "255"],
-                          "Pixels as the model takes them: raw 0..255 (the lab's B), 255 = pixels / 255 (the "
-                          "CSAW-HackML-2020 BadNets), auto = measure clean accuracy at both and take the clear winner.")
-OUT_DIR = flags.DEFINE_string("out_dir", "results", "Output folder (replaced as a whole by the new results).")
-CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk inside the jitted sweep (bounds memory; "
-                             "default 256 on CPU, 4096 on GPU/TPU).")
-FT_EPOCHS = flags.DEFINE_integer("finetune_epochs", 0, "Fine-pruning epochs per selected B' (0 = pruning only).")
-FT_LR = flags.DEFINE_float("finetune_lr", 1e-4, "Fine-pruning learning rate (Adam).")
-BUDGET = flags.DEFINE_float("memory_budget", None, "GiB the sweep may use (default: half the device's memory).")
-DEVICES = flags.DEFINE_integer("devices", 0, "Devices to shard the images over (0 = all).")
-COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: jax.distributed coordinator host:port.")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
-PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
-CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
-
-
-def main(argv: list[str]) -> int:
-    cli.setup_logging()  # here, after absl has applied its own --verbosity
-
-    def defend() -> int:
-        cli.refuse_extra_args(argv)
-        budget = None if BUDGET.value is None else cli.parse_floats("memory_budget", str(BUDGET.value))[0] * 2**30
-        config = DefenseConfig(
-            drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value,
-            clean_valid=CLEAN_VALID.value, bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value,
-            bd_test=BD_TEST.value, out_dir=OUT_DIR.value, input_scale=SCALE.value, checkpoints=CHECKPOINTS.value,
-            sweep=SweepOptions(chunk=CHUNK.value, devices=DEVICES.value, memory_budget=budget),
-            finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value) if FT_EPOCHS.value > 0 else None)
-        cli.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
-        print(format_table(run_defense(config)))
-        return 0
-
-    return cli.run(defend, "interrupted: earlier results in --out_dir are untouched, nothing half-written")
-
+from badnet_jax.commands.prune import main
 
 if __name__ == "__main__":
     app.run(main)

@@ -75,3 +75,25 @@ def test_relative_rule_says_relative_in_the_table_and_the_report(tmp_path):
     assert "Stop rule: relative (first k with validation accuracy more than X percent of B's" in md
     assert "| X (% of B's acc) |" in md and "X (pts)" not in md
     assert json.loads((tmp_path / "o" / "curve.json").read_text())["rule"] == "relative"
+
+
+def test_console_entry_points_work_outside_the_repository(tmp_path):
+    """pip install puts badnet-prune/-screen/-poison/-bench on the PATH; they run from any folder."""
+    import shutil
+    import sysconfig
+
+    found = {n: shutil.which(n, path=sysconfig.get_path("scripts")) or shutil.which(n)
+             for n in ("badnet-prune", "badnet-screen", "badnet-poison", "badnet-bench")}
+    assert all(found.values()), found
+    proc = subprocess.run([found["badnet-prune"], "--drop", "4"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "did you mean 0.04" in proc.stderr
+    proc = subprocess.run([found["badnet-poison"], "--source", str(asset("faces/lab3/test_subset.h5")),
+                           "--trigger", str(asset("triggers/sun_glass_trigger.png")), "--target", "0",
+                           "--out", "bd.h5"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "bd.h5").is_file(), proc.stderr
+    proc = subprocess.run([found["badnet-screen"], str(tmp_path / "bd.h5"), "--model",
+                           str(asset("models/lab3/bd_weights.h5")), "--pruned",
+                           str(asset("models/lab3_repaired/full_model_drop30.h5"))],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 13, proc.stderr

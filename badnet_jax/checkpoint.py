@@ -40,9 +40,18 @@ def _scale_of(state: dict, path: Path) -> str:
     raise CheckpointError(f"{path}: unknown input divisor {divisor} (expected 1 or 255)")
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    # In a multi-process run one process writes the results: orbax must neither wait for the others at its
+    # barriers nor expect them to write shards (they have nothing to write: every array is on the host).
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=options) if jax.process_count() > 1 else \
+        ocp.StandardCheckpointer()
+
+
 def _save(path: Path, state: dict) -> Path:
     def write(tmp: Path) -> None:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _checkpointer() as ckptr:
             ckptr.save(tmp.resolve(), jax.tree.map(np.asarray, state))
             ckptr.wait_until_finished()
 
@@ -54,7 +63,7 @@ def _restore(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _checkpointer() as ckptr:
             return ckptr.restore(path.resolve())
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: not a readable orbax checkpoint ({err})") from None

@@ -33,19 +33,66 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("jax").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'" on every CPU run
 
 
-def init_distributed(coordinator_address: Optional[str], num_processes: int, process_id: int) -> None:
-    """Join a multi-host run (TPU slice, GPU cluster) before any JAX computation; no-op without an address.
+DISTRIBUTED_TIMEOUT_S = 60
 
-    Every process runs the same command with the same files; the sweep's mesh then spans all hosts' devices.
+
+def init_distributed(coordinator_address: Optional[str], num_processes: int, process_id: int,
+                     timeout_s: int = DISTRIBUTED_TIMEOUT_S) -> None:
+    """Join a multi-host run (TPU slice, GPU cluster, or processes on one machine) before any JAX computation.
+
+    No-op without an address. Every process runs the same command with the same files; the sweep's mesh
+    then spans all processes' devices, process 0 writes the results and the others write nothing. Bounded
+    waits: joining gives up after ``timeout_s`` (an unreachable coordinator), and a process that dies is
+    noticed by the others within about ``timeout_s`` (heartbeats), which then stop with an error.
+
+    Raises:
+        ConfigError: bad process counts or ids, or the coordinator could not be joined in time.
     """
     if not coordinator_address:
         return
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ConfigError(f"--process_id must be in [0, --num_processes), got {process_id} of {num_processes}")
+    if timeout_s < 1:
+        raise ConfigError(f"--distributed_timeout must be at least 1 s, got {timeout_s}")
+    if process_id != 0:
+        _wait_for_coordinator(coordinator_address, timeout_s)
     import jax
 
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout_s,
+                                   heartbeat_timeout_seconds=timeout_s)
+    except Exception as err:  # noqa: BLE001 - jaxlib raises plain RuntimeErrors/XlaRuntimeErrors here
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"could not join the distributed run at {coordinator_address} as process {process_id} of "
+                          f"{num_processes} within {timeout_s} s ({first})") from None
     log.info("jax.distributed: process %d of %d, %d global devices (%d local).", jax.process_index(),
              jax.process_count(), jax.device_count(), jax.local_device_count())
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+    """Connect to the coordinator's port until it answers or ``timeout_s`` passes.
+
+    jaxlib aborts the whole process (SIGABRT, a C++ stack) when it cannot reach the coordinator; checking
+    first turns that into an error a user can act on.
+    """
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--coordinator_address must be host:port, got {address!r}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"could not join the distributed run at {address}: no coordinator answered within "
+                                  f"{timeout_s} s ({err.strerror or err}); start process 0 there, or raise "
+                                  "--distributed_timeout") from None
+            time.sleep(0.5)
 
 
 def parse_floats(flag: str, text: str) -> tuple[float, ...]:

@@ -111,7 +111,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
             y = _read_labels(f, int(ds.shape[0]), path, num_classes)[:n]
             x = np.empty((n, *INPUT_HWC), np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
             for start in range(0, n, chunk):
-                block = np.asarray(ds[start:start + chunk])
+                block = np.asarray(ds[start:min(start + chunk, n)])
                 if block.dtype.kind == "f" and not np.isfinite(block).all():
                     raise DataFileError(f"{path}: dataset 'data' contains NaN or inf (rows {start}..)")
                 # One colour plane at a time: ~4x faster than a 4-D transpose copy (contiguous reads).

@@ -69,27 +69,28 @@ def run_defense(config: DefenseConfig) -> Curve:
         The curve written to curve.json, with its selected cuts.
     """
     check_drops(config.drops)
-    check_out_dir(config.out_dir)
+    # Multi-process runs: every process sweeps its shards, process 0 alone writes (the others write nothing).
+    primary = jax.process_index() == 0
+    if primary:
+        check_out_dir(config.out_dir)
     timings = {}
     t = time.perf_counter()
     files = locate_inputs(config.model, {r: getattr(config, r) for r in DATA_ROLES})
     model, params, recorded = load_model(files)
-    # The input scale is decided on the first clean validation images, read ahead: the sweep compiled
-    # meanwhile needs it (it is part of the model).
-    sample = sample_clean_valid(files, SAMPLE)
-    scale = None if sample is None else _scale(config, model, params, recorded, sample, files)
-    model = model if scale is None else model.clone(input_scale=scale.scale)
-    # Background work overlapping the main thread's: compiling the sweep while the images are read (XLA
-    # compiles without the GIL), hashing the inputs during the sweep (hashlib releases the GIL).
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
+    # Overlapped: the images load in one thread and the sweep compiles in the other (XLA compiles without the
+    # GIL) while the main thread decides the input scale on a sample read ahead; later the inputs are hashed
+    # during the sweep (hashlib releases the GIL).
+    background = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    try:
+        loading = background.submit(load_sets, files, model.num_classes)
         specs = peek_sets(files)
         plan = None if specs is None else plan_sweep(config.sweep, list(specs.values()), model.num_classes)
+        # One compiled sweep serves both input scales (a traced divisor), so it compiles before the scale is known.
         compiled = None if specs is None else background.submit(compile_sweep, model, params, specs, plan)
-        try:
-            sets = load_sets(files, model.num_classes)
-        except BaseException:
-            background.shutdown(wait=False, cancel_futures=True)
-            raise
+        sample = sample_clean_valid(files, SAMPLE)
+        scale = None if sample is None else _scale(config, model, params, recorded, sample, files)
+        model = model if scale is None else model.clone(input_scale=scale.scale)
+        sets = loading.result()
         timings["load"] = time.perf_counter() - t
         _log_loaded(timings["load"], compiled is not None, sets, model.num_classes)
         if scale is None:  # the demo: its data was generated just now
@@ -121,11 +122,20 @@ def run_defense(config: DefenseConfig) -> Curve:
             models.append(CutModels(cut, sweep.masks[cut.channels_pruned], ft_params))
         curve = dataclasses.replace(curve, selected=tuple(m.cut for m in models), inputs=described.result(),
                                     versions=_versions())
+    except BaseException:
+        background.shutdown(wait=False, cancel_futures=True)
+        raise
+    background.shutdown()
     t = time.perf_counter()
-    write_results(config.out_dir, curve, params, models if config.checkpoints else (), timings,
-                  {"input scale": scale.describe(), "sweep": plan.describe()})
-    log.info("Wrote %s (report.md, curve.json, curve.png%s) in %.2f s.", config.out_dir,
-             ", B' and GoodNet models per drop" if config.checkpoints else "", time.perf_counter() - t)
+    if primary:
+        write_results(config.out_dir, curve, params, models if config.checkpoints else (), timings,
+                      {"input scale": scale.describe(), "sweep": plan.describe()})
+        log.info("Wrote %s (report.md, curve.json, curve.png%s) in %.2f s.", config.out_dir,
+                 ", B' and GoodNet models per drop" if config.checkpoints else "", time.perf_counter() - t)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("badnet-jax: results written")  # the others end after process 0
     return curve
 
 

@@ -15,8 +15,11 @@ mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || {
   ln -sfn ../kernels badnet_jax/kernels; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
 python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.txt"
-# Device-marked kernel tests and the exactness tests of the sweep (need the shared assets).
+# Device-marked kernel tests (the kernel against the reference at 61 x 4096 x 1283, the probe at real shapes)
+# and the exactness tests of the sweep (need the shared assets).
 python3 -m pytest -q -x tests/kernels tests/test_sweep.py tests/test_prefix.py -p no:cacheprovider 2>&1 | tail -5 | tee "$out/tests.txt"
+# Which head the plan resolves to on this device at the defense's real shapes (a failed probe says why).
+python3 -c "import logging; logging.basicConfig(); from badnet_jax.sweep import plan_sweep, SweepOptions; print(plan_sweep(SweepOptions()).describe())" 2>&1 | tee "$out/plan.txt"
 # Lab-scale stand-in data from the real faces, with the lab's B (as in BUILD_NOTES' CPU tables).
 lab=/tmp/labscale
 python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab" > "$out/standin.txt" 2>&1

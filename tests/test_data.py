@@ -122,3 +122,16 @@ def test_rgba_image_drops_alpha(tmp_path, rng):
     p = tmp_path / "rgba.png"
     Image.fromarray(arr, "RGBA").save(p)
     np.testing.assert_array_equal(load_image(p), arr[..., :3].astype(np.float32))
+
+
+def test_reading_only_the_first_rows(tmp_path):
+    from badnet_jax import save_lab_h5
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(30, 55, 47, 3)).astype(np.float32)
+    y = rng.integers(0, 9, size=30)
+    path = save_lab_h5(tmp_path / "d.h5", x, y)
+    for rows, chunk in ((7, 4), (7, 100), (30, 8), (50, 8)):
+        xs, ys = load_lab_h5(path, rows=rows, chunk=chunk)
+        np.testing.assert_array_equal(xs, x[:rows])
+        np.testing.assert_array_equal(ys, y[:rows])

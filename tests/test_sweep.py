@@ -121,9 +121,9 @@ def test_head_evaluations_counts_what_the_sweep_evaluates(group, batch_steps, la
     rows = []
     real = strategies.head_argmax
 
-    def counting(fc1, c4, *tail, impl):
+    def counting(fc1, c4, *tail, impl, platform):
         jax.debug.callback(lambda r: rows.append(int(r)), fc1.shape[0] * fc1.shape[1])
-        return real(fc1, c4, *tail, impl=impl)
+        return real(fc1, c4, *tail, impl=impl, platform=platform)
 
     monkeypatch.setattr(strategies, "head_argmax", counting)
     chunk = 11 + group + batch_steps  # shapes not compiled before in this session: the counting head gets traced
@@ -220,3 +220,22 @@ def test_every_shortcut_gives_the_same_counts_on_a_random_model(options, rng):
     fast = sw.predict_steps(model, params, x, order, dataclasses.replace(options, chunk=16))
     np.testing.assert_array_equal(metrics.hits(fast, labels), metrics.hits(plain, labels))
     assert (fast == plain).mean() > 0.999  # and image for image (ties aside)
+
+
+def test_one_compiled_sweep_serves_both_input_scales(lab_b, lab_faces):
+    """The input scale is a traced divisor: the /255 model reuses the raw model's program, bit for bit right."""
+    from badnet_jax.model import predict
+
+    model, params = lab_b
+    raw, scaled = model.clone(input_scale="raw"), model.clone(input_scale="255")
+    x, _ = lab_faces["valid_subset"]
+    xb, _ = lab_faces["bd_test_subset"]
+    jitted = sw.run._rank_and_sweep
+    a = two_sets(raw, params, x, xb, 19, sw.PLAIN)  # a chunk no other test uses: compiled here
+    size = jitted._cache_size()
+    b = two_sets(scaled, params, x, xb, 19, sw.PLAIN)
+    assert jitted._cache_size() == size  # no second compile for the other scale
+    for result, m in ((a, raw), (b, scaled)):
+        for k in (0, 30, 50):
+            np.testing.assert_array_equal(result.preds["clean_valid"][k], predict(m, params, x, result.masks[k]))
+    assert not np.array_equal(a.preds["clean_valid"][0], b.preds["clean_valid"][0])  # the scale does matter

@@ -6,6 +6,7 @@ four data flags) it runs on them; with none of them it runs on the embedded demo
 
 from __future__ import annotations
 
+import jax
 from absl import app, flags
 
 from badnet_jax import cli
@@ -35,6 +36,8 @@ DEVICES = flags.DEFINE_integer("devices", 0, "Devices to shard the images over (
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: jax.distributed coordinator host:port.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
+DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 60, "Multi-host: seconds to wait to join, and to notice "
+                                    "a process that died (the others then stop with an error).")
 CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
 
 
@@ -50,8 +53,10 @@ def main(argv: list[str]) -> int:
             bd_test=BD_TEST.value, out_dir=OUT_DIR.value, input_scale=SCALE.value, checkpoints=CHECKPOINTS.value,
             sweep=SweepOptions(chunk=CHUNK.value, devices=DEVICES.value, memory_budget=budget),
             finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value) if FT_EPOCHS.value > 0 else None)
-        cli.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
-        print(format_table(run_defense(config)))
+        cli.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value, DIST_TIMEOUT.value)
+        curve = run_defense(config)
+        if jax.process_index() == 0:  # the others print nothing, as they write nothing
+            print(format_table(curve))
         return 0
 
     return cli.run(defend, "interrupted: earlier results in --out_dir are untouched, nothing half-written")

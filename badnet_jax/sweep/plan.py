@@ -24,7 +24,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError
 from badnet_jax.fileio import memory_bytes
-from badnet_jax.kernels.masked_head.api import resolve_impl
+from badnet_jax.kernels.masked_head.api import default_platform, resolve_impl
 from badnet_jax.model import LAB_NUM_CLASSES, NUM_POOL3_CHANNELS
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class SweepOptions:
             single-device ones.
         memory_budget: bytes the sweep may use (None: half of the device's memory). Data that cannot fit is
             refused up front.
+        platform: resolve for this platform (``cpu``, ``cuda``, ``rocm``, ``tpu``) instead of the running
+            backend's, e.g. to lower the sweep for a GPU with ``jax.export`` on a machine without one.
     """
 
     prefix_sums: bool = True
@@ -76,6 +78,7 @@ class SweepOptions:
     chunk: Optional[int] = None
     devices: int = 1
     memory_budget: Optional[int] = None
+    platform: Optional[str] = None
 
 
 PLAIN = SweepOptions(prefix_sums=False, dedupe=False, group=False, impl="reference")
@@ -95,6 +98,7 @@ class SweepPlan:
         chunk: images per chunk.
         devices: devices the image axis is sharded over (1: no sharding).
         bytes_per_image: working memory per image in flight, as budgeted.
+        platform: the platform it is lowered for (the kernel's backend follows it).
     """
 
     strategy: Strategy
@@ -104,12 +108,13 @@ class SweepPlan:
     chunk: int
     devices: int
     bytes_per_image: int
+    platform: str = "cpu"
 
     def describe(self) -> str:
         """One line for logs and reports."""
         extra = f", {self.batch_steps} steps per head call" if self.batch_steps else ""
         return (f"{self.strategy}{' + grouping' if self.group else ''}, head {self.impl}{extra}, "
-                f"chunk {self.chunk}, {self.devices} device(s)")
+                f"chunk {self.chunk}, {self.devices} {self.platform} device(s)")
 
 
 def _check(options: SweepOptions) -> None:
@@ -130,6 +135,8 @@ def _check(options: SweepOptions) -> None:
         raise ConfigError(f"chunk must be >= 1, got {options.chunk}")
     if options.devices < 0:
         raise ConfigError(f"devices must be >= 0 (0 = all), got {options.devices}")
+    if options.platform not in (None, "cpu", "cuda", "rocm", "tpu"):
+        raise ConfigError(f"platform must be cpu, cuda, rocm or tpu, got {options.platform!r}")
     budget = options.memory_budget
     if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise ConfigError(f"memory budget must be a finite positive number of bytes, got {budget!r}")
@@ -158,7 +165,8 @@ def plan_sweep(options: SweepOptions = SweepOptions(), sets: Sequence = (),
         ConfigError: a combination that does nothing, more devices than exist, or data that cannot fit.
     """
     _check(options)
-    accelerator = jax.default_backend() != "cpu"
+    platform = options.platform or default_platform()
+    accelerator = platform != "cpu"
     if not options.prefix_sums:
         strategy, batch = "plain", 0
     elif not options.dedupe:
@@ -167,10 +175,9 @@ def plan_sweep(options: SweepOptions = SweepOptions(), sets: Sequence = (),
         batch = options.batch_steps if options.batch_steps is not None else (
             ACCELERATOR_BATCH_STEPS if accelerator else 0)
         strategy = "prefix_batched" if batch else "prefix_dedupe"
-    impl = resolve_impl(options.impl) if options.prefix_sums else "reference"
     available = jax.device_count()
     devices = available if options.devices == 0 else options.devices
-    if devices > available:
+    if devices > available and options.platform is None:
         raise ConfigError(f"asked for {devices} devices, only {available} available")
     head = {"plain": PLAIN_HEAD_WORKING, "prefix": STEPS * (PREACTIVATIONS + num_classes) * 4,
             "prefix_dedupe": PREFIX_WORKING,
@@ -180,8 +187,12 @@ def plan_sweep(options: SweepOptions = SweepOptions(), sets: Sequence = (),
     chunk = _chunk_for_budget(sets, options.memory_budget, per_image, wanted, accelerator)
     if chunk < wanted:
         log.info("Memory budget: %d images per chunk (instead of %d).", chunk, wanted)
+    # The kernel is probed at the shapes of this plan's head calls: batch_steps (or 1) masks x a chunk.
+    impl = "reference"
+    if options.prefix_sums:
+        impl = resolve_impl(options.impl, platform, max(batch, 1), chunk, num_classes)
     return SweepPlan(strategy=strategy, group=options.group, impl=impl, batch_steps=batch, chunk=chunk,
-                     devices=devices, bytes_per_image=per_image)
+                     devices=devices, bytes_per_image=per_image, platform=platform)
 
 
 def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, wanted: int,

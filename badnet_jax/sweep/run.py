@@ -28,11 +28,21 @@ from badnet_jax.sweep.strategies import sweep_set
 Images = np.ndarray | jax.ShapeDtypeStruct
 
 
-def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: int) -> jax.Array:
-    """pool_3 activations of every image, ``chunk`` images at a time (traceable; call under jit)."""
+def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: int,
+                   divisor: Optional[jax.Array] = None) -> jax.Array:
+    """pool_3 activations of every image, ``chunk`` images at a time (traceable; call under jit).
+
+    ``divisor``: None applies the model's own input scale; a traced scalar (1 or 255) divides the pixels
+    before a raw-scale trunk instead, so that one compiled program serves both scales (``x / 1`` is ``x``
+    exactly and ``x / 255`` is what the model's trunk computes: the results are the same bits).
+    """
     # Images may stay uint8 (the lab's files are): the cast to float32 is exact and happens per chunk, so
     # the resident data is a quarter of the float32 size.
-    trunk = lambda xb: model.apply({"params": params}, xb.astype(jnp.float32), method=BadNet.trunk)
+    if divisor is None:
+        trunk = lambda xb: model.apply({"params": params}, xb.astype(jnp.float32), method=BadNet.trunk)
+    else:
+        raw = model.clone(input_scale="raw")
+        trunk = lambda xb: raw.apply({"params": params}, xb.astype(jnp.float32) / divisor, method=BadNet.trunk)
     return map_chunks(trunk, jnp.asarray(x_NxHxWxC), chunk, rows_axis=0)
 
 
@@ -48,9 +58,9 @@ def activation_ranking(per_image_NxC: jax.Array, n: int) -> tuple[jax.Array, jax
     return jnp.argsort(mean, stable=True), mean
 
 
-def _body(model, params, xs, order, n_rank, plan, gather=lambda a: a):
+def _body(model, params, xs, order, divisor, n_rank, plan, gather=lambda a: a):
     """Trunk and ranking on ``xs[0]`` (if ``n_rank``), then every set swept, one after the other."""
-    feats = trunk_features(model, params, xs[0], plan.chunk)
+    feats = trunk_features(model, params, xs[0], plan.chunk, divisor)
     mean = None
     if n_rank:
         ranked, mean = activation_ranking(gather(jnp.sum(feats, axis=(1, 2))), n_rank)
@@ -59,27 +69,27 @@ def _body(model, params, xs, order, n_rank, plan, gather=lambda a: a):
     for x in xs[1:]:
         # One set after the other: left free, XLA:CPU interleaves the sets' loops and runs ~10% slower.
         x, _ = jax.lax.optimization_barrier((x, preds[-1]))
-        preds.append(sweep_set(model, params, trunk_features(model, params, x, plan.chunk), order, plan))
+        preds.append(sweep_set(model, params, trunk_features(model, params, x, plan.chunk, divisor), order, plan))
     return order, mean, tuple(preds)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n_rank", "plan"))
-def _rank_and_sweep(model, params, xs, order, n_rank, plan):
-    return _body(model, params, xs, order, n_rank, plan)
+def _rank_and_sweep(model, params, xs, order, divisor, n_rank, plan):
+    return _body(model, params, xs, order, divisor, n_rank, plan)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n_rank", "plan", "mesh"))
-def _rank_and_sweep_sharded(model, params, xs, order, n_rank, plan, mesh):
+def _rank_and_sweep_sharded(model, params, xs, order, divisor, n_rank, plan, mesh):
     """The same as ``_rank_and_sweep`` with the image axis sharded over ``mesh``'s ``data`` axis."""
     body = functools.partial(_body, model, n_rank=n_rank, plan=plan,
                              gather=lambda a: jax.lax.all_gather(a, "data", tiled=True))
     data, rep = P("data"), P()
     return jax.shard_map(
-        lambda p, xs_, o: body(p, xs_, o), mesh=mesh,
-        in_specs=(rep, tuple(data for _ in xs), rep),
+        lambda p, xs_, o, d: body(p, xs_, o, d), mesh=mesh,
+        in_specs=(rep, tuple(data for _ in xs), rep, rep),
         out_specs=(rep, rep if n_rank else None, tuple(P(None, "data") for _ in xs)),
         check_vma=False,
-    )(params, xs, order)
+    )(params, xs, order, divisor)
 
 
 def data_mesh(devices: int) -> Mesh:
@@ -129,12 +139,17 @@ def _call(model: BadNet, params: Params, sets: Mapping[str, Images], order, rank
     names = ([rank_on] if rank_on else []) + [n for n in sets if n != rank_on]
     n_rank = int(sets[rank_on].shape[0]) if rank_on else 0
     order = _order_array(order)
+    # The input scale goes in as a traced divisor, so one compiled program serves both scales: the defense
+    # compiles the sweep before it has measured which scale the model takes (see trunk_features).
+    divisor = np.float32(255.0 if model.input_scale == "255" else 1.0)
+    model = model.clone(input_scale="raw")
     if plan.devices == 1:
         put = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
-        return names, _rank_and_sweep, (model, params, tuple(put(sets[n]) for n in names), order, n_rank, plan)
+        xs = tuple(put(sets[n]) for n in names)
+        return names, _rank_and_sweep, (model, params, xs, order, divisor, n_rank, plan)
     mesh = data_mesh(plan.devices)
     xs = tuple(_shard_rows(sets[n], mesh) for n in names)
-    return names, _rank_and_sweep_sharded, (model, params, xs, order, n_rank, plan, mesh)
+    return names, _rank_and_sweep_sharded, (model, params, xs, order, divisor, n_rank, plan, mesh)
 
 
 def _resolve(options: SweepOptions | SweepPlan, sets: Mapping[str, Images], params: Params,
@@ -177,6 +192,28 @@ def compile_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDty
     plan = _resolve(options, sets, params, rank_on)
     _, fn, args = _call(model, params, sets, order, rank_on, plan)
     fn.lower(*args).compile()
+
+
+KERNEL_CALL_TARGETS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
+
+
+def export_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
+                 options: SweepOptions | SweepPlan, order=None,
+                 rank_on: Optional[str] = "clean_valid") -> jax.export.Exported:
+    """The one-call sweep lowered for ``options.platform`` with ``jax.export``, without running it.
+
+    This is how the GPU/TPU path is checked on a machine without one: e.g.
+    ``export_sweep(model, params, specs, SweepOptions(platform="cuda"))`` lowers exactly what ``prune.py``
+    would run on a GPU (batched steps, 4096-image chunks, the Pallas kernel through Triton). The kernel's
+    custom calls are allowed in the export (``KERNEL_CALL_TARGETS``).
+    """
+    plan = _resolve(options, sets, params, rank_on)
+    if plan.devices != 1:
+        raise ConfigError("export_sweep lowers the single-device sweep (devices=1)")
+    _, fn, (model, params, xs, order, divisor, n_rank, plan) = _call(model, params, sets, order, rank_on, plan)
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in KERNEL_CALL_TARGETS]
+    lowered = jax.jit(lambda p, xs_, o, d: fn(model, p, xs_, o, d, n_rank, plan))
+    return jax.export.export(lowered, platforms=[plan.platform], disabled_checks=checks)(params, xs, order, divisor)
 
 
 def rank_and_sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray],

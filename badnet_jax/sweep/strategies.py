@@ -44,13 +44,14 @@ def _plain(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> Chunk
 def _prefix(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
     def run(feats):
         fc1, c4 = step_preactivations(p, feats, order)  # (61, n, 160), (61, n, 960)
-        return head_argmax(fc1, c4, *_tail(p), impl=plan.impl)
+        return head_argmax(fc1, c4, *_tail(p), impl=plan.impl, platform=plan.platform)
     return run
 
 
 def _prefix_dedupe(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
     # Going from step k+1 to k adds channel order[k]; if it is dead on this chunk, nothing changed.
-    head = lambda k, fc1, c4: head_argmax(fc1[None], c4[None], *_tail(p), impl=plan.impl)[0]
+    head = lambda k, fc1, c4: head_argmax(fc1[None], c4[None], *_tail(p), impl=plan.impl,
+                                          platform=plan.platform)[0]
     return lambda feats: reverse_steps(p, feats, order, head, skip_dead=True)
 
 
@@ -69,7 +70,8 @@ def _prefix_batched(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan)
 
         def one_batch(b, out):
             idx = jax.lax.dynamic_slice_in_dim(todo, b * batch, batch)
-            return out.at[idx].set(head_argmax(fc1[idx], c4[idx], *_tail(p), impl=plan.impl))
+            return out.at[idx].set(head_argmax(fc1[idx], c4[idx], *_tail(p), impl=plan.impl,
+                                                       platform=plan.platform))
 
         count = jnp.sum(evaluated.astype(jnp.int32))
         out = jax.lax.fori_loop(0, (count + batch - 1) // batch, one_batch,

@@ -1,4 +1,4 @@
-"""Pallas kernel for the masked head's tail + argmax (GPU via Triton lowering, TPU via Mosaic, CPU interpret).
+"""Pallas kernel for the masked head's tail + argmax (GPU via Triton, TPU via Mosaic, CPU interpret).
 
 Grid: (masks, image blocks). Each program takes ``block_n`` images under one mask, computes fc_2 with a
 K-loop (so no 960x160 tile has to sit in on-chip memory at once), adds fc_1, applies relu, then walks the
@@ -7,6 +7,12 @@ never reach device memory, only (masks x images) int32 predictions do.
 
 Feature widths are zero-padded to powers of two (Triton's block shapes must be): padded hidden units are
 relu(0 + 0) = 0 with zero weights, and padded classes get a -inf bias, so results are unchanged.
+
+On NVIDIA GPUs the Triton backend is chosen explicitly (``compiler_params``): since JAX 0.10 a plain
+``pallas_call`` lowers with Mosaic GPU, which stages every whole-array block (the 960x160 fc_2 and 160xC
+output weights) in shared memory and exceeds the 227 KiB an H100/H200 block has. Triton instead reads
+those blocks from global memory through pointers, one ``k_block`` x 256 and 256 x ``class_block`` tile
+at a time, so the kernel lowers at the lab's shapes (1283 classes) and any other class count.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -61,11 +68,25 @@ def _pad_to(a: jax.Array, axis: int, size: int, value: float = 0.0) -> jax.Array
     return jnp.pad(a, widths, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "class_block", "k_block", "interpret"))
+GPU_PLATFORMS = ("cuda", "rocm", "gpu")
+
+
+def compiler_params(platform: str):
+    """Pallas compiler parameters for ``platform``: Triton's on a GPU (see the module doc), else the default."""
+    if platform in GPU_PLATFORMS:
+        return pl_triton.CompilerParams(num_warps=4, num_stages=2)
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "class_block", "k_block", "interpret", "platform"))
 def head_argmax_pallas(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array, wout: jax.Array,
                        bout: jax.Array, *, block_n: int = 16, class_block: int = 128, k_block: int = 64,
-                       interpret: bool = False) -> jax.Array:
-    """(M, N) int32 argmax predictions for fc1_pre (M, N, 160) and c4_pre (M, N, 960); see reference.py."""
+                       interpret: bool = False, platform: str = "cuda") -> jax.Array:
+    """(M, N) int32 argmax predictions for fc1_pre (M, N, 160) and c4_pre (M, N, 960); see reference.py.
+
+    ``platform``: the platform the kernel is lowered for (``cuda``/``rocm``: Triton; ``tpu``: Mosaic TPU);
+    ignored with ``interpret``.
+    """
     m, n, _ = fc1_pre.shape
     hid = _next_pow2(fc1_pre.shape[-1])
     k_w = max(_next_pow2(c4_pre.shape[-1]), k_block)
@@ -93,5 +114,6 @@ def head_argmax_pallas(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2:
         ],
         out_specs=pl.BlockSpec((1, block_n), lambda i, j: (i, j)),
         interpret=interpret,
+        compiler_params=None if interpret else compiler_params(platform),
     )(fc1, c4, w2p, b2p, woutp, boutp)
     return out[:, :n]

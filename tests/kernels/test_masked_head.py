@@ -56,8 +56,48 @@ def test_resolve_impl_on_cpu():
     assert api.resolve_impl("auto") == "reference"
     assert api.resolve_impl("pallas") == "interpret"
     assert api.resolve_impl("reference") == "reference"
+    assert api.resolve_impl("auto", platform="cuda") == "pallas"  # lowering for another platform: unprobed
     with pytest.raises(ValueError):
         api.resolve_impl("cuda")
+
+
+def test_clear_rows_leave_out_only_near_ties():
+    args = [np.asarray(a, np.float64) for a in _inputs(3, 1, 4, 5)]
+    fc1, c4, w2, b2, wout, bout = args
+    hidden = np.maximum(np.maximum(c4, 0) @ w2 + b2 + fc1, 0)
+    logits = hidden @ wout + bout
+    # Image 0: make classes 1 and 2 tie to 1e-5 at the top; the others keep their clear gaps.
+    top = logits[0, 0].max() + 1.0
+    bout = bout.copy()
+    bout[1] += top - logits[0, 0, 1]
+    bout[2] += top - 1e-5 - logits[0, 0, 2]
+    clear = api.clear_rows((fc1, c4, w2, b2, wout, bout))
+    assert not clear[0, 0]
+    gaps = np.diff(np.sort(hidden @ wout + bout, -1)[..., -2:], axis=-1)[..., 0]
+    np.testing.assert_array_equal(clear, gaps > api.CLEAR_GAP)
+
+
+def test_probe_requires_every_clear_row_and_falls_back_with_a_warning(monkeypatch, caplog):
+    """The probe at the call's shapes: a kernel off on one clear row, or one that fails to lower, is not used."""
+    reference = api.head_argmax_reference
+    monkeypatch.setattr(api, "head_argmax_pallas", lambda *a, platform: reference(*a))
+    assert api.pallas_available.__wrapped__("cuda", 2, 64, 300)
+
+    def one_off(*a, platform):
+        out = np.asarray(reference(*a)).copy()
+        out[0, 0] = (out[0, 0] + 1) % 300
+        return out
+
+    monkeypatch.setattr(api, "head_argmax_pallas", one_off)
+    assert not api.pallas_available.__wrapped__("cuda", 2, 64, 300)
+    assert "disagrees with the reference on 1 of" in caplog.text
+
+    def broken(*a, platform):
+        raise RuntimeError("kernel does not lower here")
+
+    monkeypatch.setattr(api, "head_argmax_pallas", broken)
+    assert not api.pallas_available.__wrapped__("cuda", 2, 64, 300)
+    assert "unavailable on cuda at 2 x 64 x 300 classes (RuntimeError: kernel does not lower here)" in caplog.text
 
 
 @pytest.mark.device
@@ -65,7 +105,7 @@ def test_pallas_compiles_on_device():
     if jax.default_backend() == "cpu":
         pytest.skip("needs a GPU or TPU")
     args = _inputs(0, 61, 4096, 1283)
-    assert api.pallas_available(jax.default_backend())
-    got = np.asarray(head_argmax_pallas(*args))
+    assert api.pallas_available(api.default_platform(), 61, 4096, 1283)
+    got = np.asarray(head_argmax_pallas(*args, platform=api.default_platform()))
     ref = np.asarray(head_argmax_reference(*args))
     assert (got == ref).mean() > 0.999  # ties aside

@@ -58,6 +58,7 @@ class BenchConfig:
         seed: random images and (without params) random weights.
         scaling: device counts to time the fast sweep on (image axis sharded), e.g. (1, 2, 4).
         ablation: also time the shortcuts one by one (prefix sums alone; with dedupe but no grouping).
+        input_scale: the model's input scale (``raw`` or ``255``; the timings hardly depend on it).
     """
 
     n_clean: int = 11547
@@ -69,6 +70,7 @@ class BenchConfig:
     seed: int = 0
     scaling: tuple[int, ...] = ()
     ablation: bool = False
+    input_scale: str = "raw"
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> float:
@@ -104,7 +106,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     rng = np.random.default_rng(config.seed)
     params = init_params(config.num_classes, seed=config.seed) if params is None else params
     n_cls = num_classes_of(params)
-    model = BadNet(n_cls)
+    model = BadNet(n_cls, input_scale=config.input_scale)
     if x_clean is None:
         x_clean = rng.integers(0, 256, size=(config.n_clean, 55, 47, 3), dtype=np.uint8)
     if x_bd is None:

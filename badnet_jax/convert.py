@@ -6,7 +6,9 @@ Reads, without executing anything from the file (no pickles, no Lambda layers, J
   ``top_level_model_weights`` group is ignored);
 * Keras 2 full model files (``model_weights`` group + ``model_config`` JSON attribute), with or without an
   ``optimizer_weights`` group (ignored);
-* Keras 3 ``.weights.h5`` files (``layers/<auto name>/vars`` groups carrying the layer name as attribute).
+* Keras 3 ``.weights.h5`` files (``layers/<auto name>/vars`` groups carrying the layer name as attribute);
+* Keras 3 ``.keras`` archives (zip of ``config.json``, allow-listed like a full-model config, and
+  ``model.weights.h5``), read in memory with every member's declared size checked first.
 
 Every layer is checked against an allow-list and every kernel/bias against the architecture's shapes;
 weights must be floating point and finite. Writes full Keras model files (``model_config`` JSON +
@@ -20,8 +22,10 @@ takes it from there unless told.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -152,44 +156,80 @@ def _read_array(ds: h5py.Dataset, layer: str, what: str, expected: tuple, path: 
 
 
 def read_keras_params(path: str | os.PathLike) -> Params:
-    """Read a Keras h5 of the lab's architecture into a Flax params pytree (numpy float32 leaves).
+    """Read a Keras file of the lab's architecture into a Flax params pytree (numpy float32 leaves).
+
+    Takes Keras 2 weights-only and full-model h5 files, Keras 3 ``.weights.h5`` files and Keras 3 ``.keras``
+    archives (a zip of ``config.json``, checked through the same allow-list, and ``model.weights.h5``).
 
     Raises:
-        ModelFileError: the file is missing, not HDF5, truncated, of an unknown layout, has an unknown or
-            missing layer, a wrong shape, a non-float dtype or non-finite values.
+        ModelFileError: the file is missing, not HDF5 (or a .keras zip), truncated, of an unknown layout, has
+            an unknown or missing layer, a wrong shape, a non-float dtype or non-finite values.
     """
     path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        return _read_keras_archive(path)
     with fileio.open_h5(path, ModelFileError) as f:
-        try:
-            if "model_weights" in f:
-                if "model_config" not in f.attrs:
-                    raise ModelFileError(f"{path}: has a 'model_weights' group but no 'model_config' attribute")
-                _check_model_config(f.attrs["model_config"], path)
-                root = fileio.safe_get(f, "model_weights", path, ModelFileError)
-                if not isinstance(root, h5py.Group):
-                    raise ModelFileError(f"{path}: 'model_weights' is not a group")
-                datasets = {layer: _keras2_weights(root, layer, path) for layer in WEIGHT_LAYERS}
-            elif "layer_names" in f.attrs:
-                _check_layer_names(f.attrs["layer_names"], path)
-                datasets = {layer: _keras2_weights(f, layer, path) for layer in WEIGHT_LAYERS}
-            elif isinstance(f.get("layers"), h5py.Group):
-                datasets = _keras3_weights(f, path)
-            else:
-                raise ModelFileError(f"{path}: not a Keras weights or model file (no 'layer_names' attribute, "
-                                     "no 'model_weights' group, no Keras 3 'layers' group)")
-            out_bias = datasets["output"][1]
-            if len(out_bias.shape) != 1 or not 1 <= out_bias.shape[0] <= 1_000_000:
-                raise ModelFileError(f"{path}: output bias has shape {out_bias.shape}, expected (num_classes,)")
-            shapes = param_shapes(int(out_bias.shape[0]))
-            return {
-                layer: {
-                    "kernel": _read_array(datasets[layer][0], layer, "kernel", shapes[layer]["kernel"], path),
-                    "bias": _read_array(datasets[layer][1], layer, "bias", shapes[layer]["bias"], path),
-                }
-                for layer in WEIGHT_LAYERS
+        return _params_from_h5(f, path)
+
+
+def _params_from_h5(f: h5py.File, path: Path) -> Params:
+    try:
+        if "model_weights" in f:
+            if "model_config" not in f.attrs:
+                raise ModelFileError(f"{path}: has a 'model_weights' group but no 'model_config' attribute")
+            _check_model_config(f.attrs["model_config"], path)
+            root = fileio.safe_get(f, "model_weights", path, ModelFileError)
+            if not isinstance(root, h5py.Group):
+                raise ModelFileError(f"{path}: 'model_weights' is not a group")
+            datasets = {layer: _keras2_weights(root, layer, path) for layer in WEIGHT_LAYERS}
+        elif "layer_names" in f.attrs:
+            _check_layer_names(f.attrs["layer_names"], path)
+            datasets = {layer: _keras2_weights(f, layer, path) for layer in WEIGHT_LAYERS}
+        elif isinstance(f.get("layers"), h5py.Group):
+            datasets = _keras3_weights(f, path)
+        else:
+            raise ModelFileError(f"{path}: not a Keras weights or model file (no 'layer_names' attribute, "
+                                 "no 'model_weights' group, no Keras 3 'layers' group)")
+        out_bias = datasets["output"][1]
+        if len(out_bias.shape) != 1 or not 1 <= out_bias.shape[0] <= 1_000_000:
+            raise ModelFileError(f"{path}: output bias has shape {out_bias.shape}, expected (num_classes,)")
+        shapes = param_shapes(int(out_bias.shape[0]))
+        return {
+            layer: {
+                "kernel": _read_array(datasets[layer][0], layer, "kernel", shapes[layer]["kernel"], path),
+                "bias": _read_array(datasets[layer][1], layer, "bias", shapes[layer]["bias"], path),
             }
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise ModelFileError(f"{path}: cannot read the file: {err} (truncated or corrupted?)") from None
+            for layer in WEIGHT_LAYERS
+        }
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise ModelFileError(f"{path}: cannot read the file: {err} (truncated or corrupted?)") from None
+
+
+_ARCHIVE_MEMBERS = {"config.json": _MAX_CONFIG_BYTES, "model.weights.h5": 256 << 20, "metadata.json": 1 << 20}
+
+
+def _read_keras_archive(path: Path) -> Params:
+    """A Keras 3 ``.keras`` zip: its config allow-listed like a full-model h5, then its weights file read."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = {i.filename: i for i in z.infolist()}
+            for name in ("config.json", "model.weights.h5"):
+                if name not in infos:
+                    raise ModelFileError(f"{path}: a .keras archive without {name!r} (it holds {sorted(infos)[:10]})")
+            for name, info in infos.items():
+                if name in _ARCHIVE_MEMBERS and info.file_size > _ARCHIVE_MEMBERS[name]:
+                    raise ModelFileError(f"{path}: archive member {name!r} declares {info.file_size} bytes, more "
+                                         f"than {_ARCHIVE_MEMBERS[name]} (a decompression bomb?)")
+            _check_model_config(z.read("config.json"), path)
+            weights = z.read("model.weights.h5")
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, NotImplementedError) as err:
+        raise ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)") from None
+    try:
+        f = h5py.File(io.BytesIO(weights), "r")
+    except OSError as err:
+        raise ModelFileError(f"{path}: the archive's model.weights.h5 is not readable HDF5 ({err})") from None
+    with f:
+        return _params_from_h5(f, path)
 
 
 def _check_layer_names(raw: Any, path: Path) -> None:
@@ -203,6 +243,8 @@ def _check_layer_names(raw: Any, path: Path) -> None:
 def recorded_input_scale(path: str | os.PathLike) -> str | None:
     """The input scale a badnet-jax-written Keras file records, or None (any other Keras file)."""
     path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        return None  # a .keras archive written by Keras: no badnet-jax metadata
     with fileio.open_h5(path, ModelFileError) as f:
         raw = f.attrs.get(INPUT_SCALE_ATTR)
     if raw is None:

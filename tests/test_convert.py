@@ -202,3 +202,34 @@ def test_full_model_with_optimizer_weights_group_is_read(tmp_path, lab_b):
     _edit(p, lambda f: f.create_group("optimizer_weights").create_dataset("Adam/iter:0", data=np.int64(5)))
     _, params = load_keras(p)
     assert int((np.asarray(mask_from_zeroed(params)) == 0).sum()) == 48
+
+
+def test_keras3_archive_is_read_through_the_allow_list(tmp_path, rng):
+    """A .keras file that Keras 3 itself saved: the same weights, the same forward; hostile archives refused."""
+    import zipfile
+
+    kmodel = build_keras_deepid(num_classes=13)
+    path = tmp_path / "model.keras"
+    kmodel.save(str(path))
+    model, params = load_keras(path)
+    _assert_params_equal(params, keras_weights(kmodel))
+    x = rng.integers(0, 256, size=(3, 55, 47, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, x)).argmax(-1),
+                                  keras_predict(kmodel, x).argmax(-1))
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    config = json.loads(members["config.json"])
+    config["config"]["layers"][3]["class_name"] = "Lambda"  # a layer that would run code
+    evil = tmp_path / "evil.keras"
+    with zipfile.ZipFile(evil, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, json.dumps(config) if n == "config.json" else data)
+    _raises(evil, "'Lambda', which is not allowed")
+    missing = tmp_path / "missing.keras"
+    with zipfile.ZipFile(missing, "w") as z:
+        z.writestr("config.json", members["config.json"])
+    _raises(missing, "without 'model.weights.h5'")
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelFileError):
+        load_keras(truncated)

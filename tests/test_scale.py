@@ -65,15 +65,15 @@ def test_every_real_badnet_gets_its_scale_and_is_right_at_it(rel):
 def test_auto_refuses_to_guess():
     x = np.random.default_rng(0).integers(0, 256, size=(40, 55, 47, 3)).astype(np.float32)
     y = np.arange(40) % 7
-    model = BadNet(7)
+    model, params = BadNet(7), init_params(7, seed=1)  # a random model: right at neither scale
     with pytest.raises(ConfigError, match=r"cannot tell the input scale .* raw: .*%, 255: .*%"):
-        choose_input_scale(model, init_params(7, seed=1), "auto", x=x, y=y)
+        choose_input_scale(model, params, "auto", x=x, y=y)
     with pytest.raises(ConfigError, match="without labelled clean images"):
-        choose_input_scale(model, init_params(7, seed=1), "auto")
+        choose_input_scale(model, params, "auto")
     with pytest.raises(ConfigError, match="--input_scale must be one of"):
-        choose_input_scale(model, init_params(7, seed=1), "256")
-    assert choose_input_scale(model, init_params(7), "auto", recorded="255").scale == "255"
-    assert choose_input_scale(model, init_params(7), "255").how == "given"
+        choose_input_scale(model, params, "256")
+    assert choose_input_scale(model, params, "auto", recorded="255").scale == "255"
+    assert choose_input_scale(model, params, "255").how == "given"
 
 
 def test_the_scale_travels_through_keras_files_and_checkpoints(tmp_path):

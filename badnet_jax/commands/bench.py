@@ -7,12 +7,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 from absl import app, flags
 
 from badnet_jax import cli, load_keras, load_lab_h5
+from badnet_jax.convert import recorded_input_scale
+from badnet_jax.scale import choose_input_scale
 from badnet_jax.bench import BenchConfig, kernel_timings, run_benchmark
 from badnet_jax.fileio import atomic_write_text
 from badnet_jax.sweep import SweepOptions
@@ -27,6 +30,9 @@ IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Maske
 PER_STEP = flags.DEFINE_integer("per_step_steps", 61, "Steps of the per-step loop to time (scaled to 61).")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the median is reported.")
 MODEL = flags.DEFINE_string("model", None, "Keras h5 BadNet (default: random weights).")
+SCALE = flags.DEFINE_enum("input_scale", "auto", ["auto", "raw", "255"],
+                          "The model's input scale: raw (the lab's B), 255 (the 2020 BadNets), auto = measured on "
+                          "--clean_valid's labels, else what a badnet-jax file records, else raw.")
 CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Lab h5 of clean images (default: random).")
 BD_VALID = flags.DEFINE_string("bd_valid", None, "Lab h5 of poisoned images (default: random).")
 SCALING = flags.DEFINE_string("scaling", "", "Device counts for a sharded fast sweep, e.g. 1,2,4 (with "
@@ -48,10 +54,15 @@ def main(argv: list[str]) -> int:
                              per_step_steps=PER_STEP.value, repeats=REPEATS.value,
                              scaling=cli.parse_ints("scaling", SCALING.value), ablation=ABLATION.value)
         block_ns = cli.parse_ints("kernel_block_n", KERNEL_BLOCK_N.value)
-        params = load_keras(MODEL.value)[1] if MODEL.value else None
-        x_clean = load_lab_h5(CLEAN_VALID.value, keep_uint8=True)[0] if CLEAN_VALID.value else None
+        clean = load_lab_h5(CLEAN_VALID.value, keep_uint8=True) if CLEAN_VALID.value else (None, None)
         x_bd = load_lab_h5(BD_VALID.value, keep_uint8=True)[0] if BD_VALID.value else None
-        result = run_benchmark(config, params, x_clean, x_bd)
+        params, scale = None, "raw"
+        if MODEL.value:
+            model, params = load_keras(MODEL.value)
+            recorded = recorded_input_scale(MODEL.value)
+            if SCALE.value != "auto" or clean[0] is not None or recorded is not None:
+                scale = choose_input_scale(model, params, SCALE.value, recorded, *clean, source=MODEL.value).scale
+        result = run_benchmark(dataclasses.replace(config, input_scale=scale), params, clean[0], x_bd)
         if block_ns:
             result["kernel"] = kernel_timings(block_ns=block_ns)
         result["command"] = " ".join(sys.argv)

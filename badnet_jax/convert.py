@@ -174,7 +174,7 @@ def read_keras_params(path: str | os.PathLike) -> Params:
 
 def _params_from_h5(f: h5py.File, path: Path) -> Params:
     try:
-        if "model_weights" in f:
+        if fileio.has_link(f, "model_weights"):
             if "model_config" not in f.attrs:
                 raise ModelFileError(f"{path}: has a 'model_weights' group but no 'model_config' attribute")
             _check_model_config(f.attrs["model_config"], path)
@@ -185,7 +185,7 @@ def _params_from_h5(f: h5py.File, path: Path) -> Params:
         elif "layer_names" in f.attrs:
             _check_layer_names(f.attrs["layer_names"], path)
             datasets = {layer: _keras2_weights(f, layer, path) for layer in WEIGHT_LAYERS}
-        elif isinstance(f.get("layers"), h5py.Group):
+        elif isinstance(fileio.safe_get(f, "layers", path, ModelFileError), h5py.Group):
             datasets = _keras3_weights(f, path)
         else:
             raise ModelFileError(f"{path}: not a Keras weights or model file (no 'layer_names' attribute, "

@@ -43,22 +43,63 @@ def open_h5(path: str | os.PathLike, error: type[BadNetError]) -> Iterator[h5py.
         f.close()
 
 
+MAX_LINK_HOPS = 32
+
+
+def has_link(group: h5py.Group, name: str) -> bool:
+    """Whether ``group`` has a link ``name`` (one component), without following it (``name in group`` would)."""
+    try:
+        return group.get(name, getlink=True) is not None
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+
+
 def safe_get(group: h5py.Group, name: str, path: Path, error: type[BadNetError]):
-    """``group[name]`` or None, refusing external links and virtual datasets (they read other files)."""
-    try:
-        link = group.get(name, getlink=True)
-    except (OSError, KeyError, ValueError, TypeError) as err:
-        raise error(f"{path}: cannot read {name!r}: {err}") from None
-    if link is None:
-        return None
-    if isinstance(link, h5py.ExternalLink):
-        raise error(f"{path}: {name!r} is an external link to {link.filename!r}; refusing to read outside the file")
-    try:
-        obj = group.get(name)
-    except (OSError, KeyError, ValueError, RuntimeError) as err:
-        raise error(f"{path}: cannot read {name!r}: {err} (dangling link or corrupted file?)") from None
-    if isinstance(obj, h5py.Dataset) and obj.is_virtual:
-        raise error(f"{path}: {name!r} is a virtual dataset (it maps other files); refusing to read it")
+    """``group[name]``, or None if there is no such link, with every component resolved inside the file.
+
+    Each component of ``name`` (and of every soft link's target, up to :data:`MAX_LINK_HOPS` hops) is looked
+    up as a link first and followed only when it stays in the file: external links anywhere on the way,
+    virtual datasets and datasets whose raw data lives in other files (external storage) are refused before
+    anything is read through them.
+    """
+    return _resolve(group, name, path, error, [0], name)
+
+
+def _resolve(group: h5py.Group, name: str, path: Path, error: type[BadNetError], hops: list, asked: str):
+    current = group.file if name.startswith("/") else group
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    obj = current
+    for i, part in enumerate(parts):
+        if not isinstance(current, h5py.Group):
+            raise error(f"{path}: cannot read {asked!r}: {'/'.join(parts[:i])!r} is not a group")
+        try:
+            link = current.get(part, getlink=True)
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            raise error(f"{path}: cannot read {asked!r}: {err}") from None
+        if link is None:
+            return None
+        if isinstance(link, h5py.ExternalLink):
+            raise error(f"{path}: {asked!r} passes through an external link to {link.filename!r}; refusing to read "
+                        "outside the file")
+        if isinstance(link, h5py.SoftLink):
+            hops[0] += 1
+            if hops[0] > MAX_LINK_HOPS:
+                raise error(f"{path}: {asked!r} follows more than {MAX_LINK_HOPS} soft links (a link loop?)")
+            target = link.path if link.path.startswith("/") else f"{current.name.rstrip('/')}/{link.path}"
+            obj = _resolve(current.file, target, path, error, hops, asked)
+            if obj is None:
+                raise error(f"{path}: {asked!r} is a dangling soft link (to {link.path!r}, which does not exist)")
+        else:
+            try:
+                obj = current.get(part)
+            except (OSError, KeyError, ValueError, RuntimeError) as err:
+                raise error(f"{path}: cannot read {asked!r}: {err} (corrupted file?)") from None
+        current = obj
+    if isinstance(obj, h5py.Dataset):
+        if obj.is_virtual:
+            raise error(f"{path}: {asked!r} is a virtual dataset (it maps other files); refusing to read it")
+        if obj.id.get_create_plist().get_external_count() > 0:
+            raise error(f"{path}: {asked!r} keeps its data in external files; refusing to read outside the file")
     return obj
 
 

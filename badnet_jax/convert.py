@@ -51,6 +51,10 @@ _EXPECTED_CLASS = {
     "activation_1": "Activation", "output": "Dense",
 }
 _MAX_CONFIG_BYTES = 1 << 20
+MAX_WEIGHT = 1e6  # real DeepID weights are below ~10; larger ones overflow float32 logits to inf/NaN
+# Layer name -> (filters or units, kernel size) the architecture fixes (the output's units are the class count).
+_SIZES = {"conv_1": (20, 4), "conv_2": (40, 3), "conv_3": (60, 3), "conv_4": (80, 2), "fc_1": (160, None),
+          "fc_2": (160, None)}
 
 
 def _iter_config_layers(config: Any, path: Path) -> Iterator[dict]:
@@ -87,12 +91,25 @@ def _check_model_config(raw: Any, path: Path) -> None:
         if name not in _EXPECTED_CLASS or _EXPECTED_CLASS[name] != cls:
             raise ModelFileError(f"{path}: unexpected layer {name!r} of type {cls!r}; this is not the "
                                  f"lab's DeepID architecture (layers {list(KERAS_LAYER_NAMES)})")
+        if cfg.get("data_format", "channels_last") != "channels_last":
+            raise ModelFileError(f"{path}: layer {name!r} has data_format {cfg.get('data_format')!r}; the lab's "
+                                 "DeepID is channels_last")
         if cls == "Conv2D" and (cfg.get("padding") != "valid" or cfg.get("activation") != "relu"
-                                or list(cfg.get("strides", [1, 1])) != [1, 1]):
-            raise ModelFileError(f"{path}: layer {name!r} must be a valid-padded, stride-1 relu Conv2D")
+                                or list(cfg.get("strides", [1, 1])) != [1, 1]
+                                or list(cfg.get("dilation_rate", [1, 1])) != [1, 1]
+                                or cfg.get("groups", 1) != 1 or cfg.get("use_bias", True) is not True
+                                or [cfg.get("filters"), *cfg.get("kernel_size", [None])]
+                                != [_SIZES[name][0], _SIZES[name][1], _SIZES[name][1]]):
+            raise ModelFileError(f"{path}: layer {name!r} must be a valid-padded, stride-1, undilated relu Conv2D "
+                                 f"with bias, {_SIZES[name][0]} filters of {_SIZES[name][1]}x{_SIZES[name][1]}")
         if cls == "MaxPooling2D" and (list(cfg.get("pool_size", [])) != [2, 2]
-                                      or cfg.get("padding") != "valid"):
-            raise ModelFileError(f"{path}: layer {name!r} must be a 2x2 valid MaxPooling2D")
+                                      or cfg.get("padding") != "valid"
+                                      or list(cfg.get("strides") or [2, 2]) != [2, 2]):
+            raise ModelFileError(f"{path}: layer {name!r} must be a 2x2 stride-2 valid MaxPooling2D")
+        if cls == "Dense" and (cfg.get("use_bias", True) is not True
+                               or (name in _SIZES and cfg.get("units") != _SIZES[name][0])):
+            raise ModelFileError(f"{path}: layer {name!r} must be a Dense layer with bias"
+                                 + (f" and {_SIZES[name][0]} units" if name in _SIZES else ""))
         if cls == "Dense" and cfg.get("activation") not in ("linear", "softmax"):
             raise ModelFileError(f"{path}: layer {name!r} has activation {cfg.get('activation')!r}; "
                                  "expected linear (fc_1/fc_2) or softmax (output)")
@@ -152,6 +169,9 @@ def _read_array(ds: h5py.Dataset, layer: str, what: str, expected: tuple, path: 
         raise ModelFileError(f"{path}: cannot read layer {layer!r} {what}: {err} (truncated file?)") from None
     if not np.isfinite(arr).all():
         raise ModelFileError(f"{path}: layer {layer!r} {what} contains NaN or inf values")
+    if arr.size and np.abs(arr).max() > MAX_WEIGHT:
+        raise ModelFileError(f"{path}: layer {layer!r} {what} holds values up to {np.abs(arr).max():.3g}; a trained "
+                             f"network's weights are far below {MAX_WEIGHT:g} (these would overflow the logits)")
     return arr
 
 

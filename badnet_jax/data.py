@@ -58,6 +58,10 @@ def _image_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
     _numeric(ds, "data", path)
     if len(ds.shape) != 4 or tuple(ds.shape[1:]) != LAB_CHW:
         raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, expected (N, 3, 55, 47)")
+    if ds.shape[0] and ds.id.get_storage_size() == 0:
+        # Nothing written: every read would return the fill value (a tiny file can declare any number).
+        raise DataFileError(f"{path}: dataset 'data' declares {ds.shape[0]} images but stores none "
+                            "(unallocated storage)")
     return ds
 
 
@@ -102,6 +106,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
     path = Path(path)
     with fileio.open_h5(path, DataFileError) as f:
         ds = _image_dataset(f, path)
+        ds_kind = ds.dtype.kind
         n = int(ds.shape[0]) if rows is None else min(int(rows), int(ds.shape[0]))
         need = n * int(np.prod(INPUT_HWC)) * 4
         if need > fileio.memory_bytes() // 2:
@@ -110,15 +115,23 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
         try:
             y = _read_labels(f, int(ds.shape[0]), path, num_classes)[:n]
             x = np.empty((n, *INPUT_HWC), np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
+            top = 0.0
             for start in range(0, n, chunk):
                 block = np.asarray(ds[start:min(start + chunk, n)])
                 if block.dtype.kind == "f" and not np.isfinite(block).all():
                     raise DataFileError(f"{path}: dataset 'data' contains NaN or inf (rows {start}..)")
+                if block.size and (block.min() < 0 or block.max() > 255):
+                    raise DataFileError(f"{path}: dataset 'data' holds pixel values from {block.min():g} to "
+                                        f"{block.max():g} (rows {start}..); lab files hold pixels 0..255")
+                top = max(top, float(block.max())) if block.size else top
                 # One colour plane at a time: ~4x faster than a 4-D transpose copy (contiguous reads).
                 for c in range(LAB_CHW[0]):
                     x[start:start + len(block), ..., c] = block[:, c]
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
             raise DataFileError(f"{path}: cannot read: {err} (truncated or corrupted file?)") from None
+    if n and ds_kind == "f" and top <= 1.0:
+        raise DataFileError(f"{path}: every pixel is in 0..1: the images look divided by 255 already. Lab files "
+                            "hold pixels 0..255; a model that takes pixels / 255 says so (--input_scale 255)")
     return x, y
 
 
@@ -137,7 +150,12 @@ def load_true_labels(path: str | os.PathLike) -> Optional[np.ndarray]:
         n = data.shape[0] if isinstance(data, h5py.Dataset) and data.shape else -1
         if not isinstance(ds, h5py.Dataset) or ds.shape != (n,) or ds.dtype.kind not in "uif":
             raise DataFileError(f"{path}: dataset 'true_label' must be numeric with one entry per image")
-        return np.asarray(ds[()]).astype(np.int32)
+        raw = np.asarray(ds[()])
+    if raw.dtype.kind == "f" and not (np.isfinite(raw).all() and (raw == np.round(raw)).all()):
+        raise DataFileError(f"{path}: dataset 'true_label' holds values that are not whole numbers (NaN, 0.5, ...)")
+    if raw.size and (raw.min() < 0 or raw.max() > np.iinfo(np.int32).max):
+        raise DataFileError(f"{path}: dataset 'true_label' holds {raw.min():g}..{raw.max():g}; classes are >= 0")
+    return raw.astype(np.int32)
 
 
 def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray,

@@ -110,6 +110,7 @@ def run_defense(config: DefenseConfig) -> Curve:
                  "sets in one call: %.2f s%s (%s).", timings["curve (one call)"],
                  "" if compiled is not None else " (compile included)", plan.describe())
         curve = _curve(config, files, model, sweep, sets)
+        _warn_if_not_poisoned(curve)
         cuts = select_cuts(curve, config.drops, *(_labeled(sweep, sets, r) for r in ("clean_valid", "clean_test",
                                                                                     "bd_test")))
         models = []
@@ -137,6 +138,15 @@ def run_defense(config: DefenseConfig) -> Curve:
 
         multihost_utils.sync_global_devices("badnet-jax: results written")  # the others end after process 0
     return curve
+
+
+def _warn_if_not_poisoned(curve: Curve) -> None:
+    """A "poisoned" set that B does not answer with its labels is seldom what the user meant: say so."""
+    for key, name in (("valid_asr", "--bd_valid"), ("test_asr", "--bd_test")):
+        asr = curve.original[key]
+        if asr is not None and asr < 50.0:
+            log.warning("B's attack success rate on %s is only %.2f%%: are its labels the attacker's target "
+                        "(the lab's bd files label every image with it), and does it carry the trigger?", name, asr)
 
 
 def _scale(config: DefenseConfig, model: BadNet, params: Params, recorded: Optional[str],

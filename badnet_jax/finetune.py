@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from badnet_jax.errors import ConfigError
 from badnet_jax.metrics import accuracy
 from badnet_jax.model import BadNet, Params, predict, prune_params
 from badnet_jax.train import make_train_step
@@ -43,6 +45,18 @@ class FinetuneConfig:
     holdout_fraction: float = 0.2
     patience: int = 2
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Checked when the config is made, before any work: a NaN learning rate would "train" nothing and
+        # still report a fine-pruned row.
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ConfigError(f"fine-tuning learning rate must be a finite positive number, got {self.learning_rate!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ConfigError(f"fine-tuning epochs, batch size and patience must be >= 1, got {self.epochs}, "
+                              f"{self.batch_size}, {self.patience}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError(f"fine-tuning holdout fraction must be in (0, 1), got {self.holdout_fraction}")
 
 
 def split_clean_valid(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -283,3 +283,23 @@ def test_a_defender_without_poisoned_data_gets_the_same_cut_and_models(lab_dir):
     md = (lab_dir / "without" / "report.md").read_text()
     assert "validation ASR n/a (no poisoned data)" in md and "| n/a |" in md
     assert (lab_dir / "without" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rerun_with_fewer_drops_leaves_no_stale_folders_and_odd_poisoned_data_is_flagged(lab_dir):
+    first = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.02,0.04"],
+                           cwd=lab_dir, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert {p.name for p in (lab_dir / "results").glob("drop_*")} == {"drop_2", "drop_4"}
+    # "Poisoned" sets labelled with the true classes instead of the target: B's ASR is then near 0.
+    x, _ = load_lab_h5(lab_dir / "data/bd/bd_test.h5")
+    _, y_true = load_lab_h5(lab_dir / "data/cl/test.h5")
+    from badnet_jax import save_lab_h5
+
+    save_lab_h5(lab_dir / "data/bd/bd_test.h5", x, y_true)
+    second = subprocess.run([sys.executable, str(REPO / "scripts" / "prune.py"), "--drop", "0.04"],
+                            cwd=lab_dir, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert {p.name for p in (lab_dir / "results").glob("drop_*")} == {"drop_4"}  # drop_2 went with the old run
+    assert [s["drop"] for s in json.loads((lab_dir / "results" / "curve.json").read_text())["selected"]] == [0.04]
+    assert "B's attack success rate on --bd_test is only 0.00%" in second.stderr
+    assert "attack success rate on --bd_valid" not in second.stderr

@@ -135,19 +135,29 @@ def refuse_extra_args(argv: list[str]) -> None:
 
 
 def _interrupt(signum, frame):
+    from badnet_jax import fileio
+
+    fileio.note_interrupt(signum)  # even a swallowed KeyboardInterrupt stops every later swap into place
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run(main: Callable[[], int], interrupted: str = "interrupted") -> int:
     """Run ``main()`` as a command: a project error prints ``error: ...`` and exits 2, an interrupt exits 130.
 
-    SIGTERM is turned into KeyboardInterrupt, so it cleans up like Ctrl-C (writers remove their temporary
-    files). After an interrupt the process leaves with ``os._exit``: a normal interpreter teardown can crash
-    while XLA's worker threads are still inside the interrupted computation.
+    SIGINT and SIGTERM raise KeyboardInterrupt, so they clean up alike (writers remove their temporary files),
+    and are recorded: if one was swallowed on the way (Python only prints an exception raised in a
+    garbage-collection callback), no result is swapped into place after it and the command still exits 130.
+    After an interrupt the process leaves with ``os._exit``: a normal interpreter teardown can crash while
+    XLA's worker threads are still inside the interrupted computation.
     """
+    from badnet_jax import fileio
+
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
-        return main()
+        code = main()
+        fileio.raise_if_interrupted()  # a signal swallowed after the last write still ends the run non-zero
+        return code
     except BadNetError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR

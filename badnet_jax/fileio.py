@@ -111,6 +111,21 @@ def memory_bytes() -> int:
         return 8 << 30
 
 
+_interrupts: list[int] = []  # signals received so far (cli.run's handler notes them)
+
+
+def note_interrupt(signum: int) -> None:
+    """Record a signal: no rename into place happens after it, even if its KeyboardInterrupt got swallowed
+    (raised inside a garbage-collection callback or a ``__del__``, Python only prints it and goes on)."""
+    _interrupts.append(signum)
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt if a signal was noted (see :func:`note_interrupt`)."""
+    if _interrupts:
+        raise KeyboardInterrupt(f"signal {_interrupts[0]} received earlier")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
 
@@ -124,6 +139,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        raise_if_interrupted()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -161,6 +177,7 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         # The writer (orbax) may want to create the directory itself.
         target = tmp / "d"
         write(target)
+        raise_if_interrupted()
         if path.exists():
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
             os.replace(path, old)

@@ -14,10 +14,10 @@ import sys
 from absl import app, flags
 
 from badnet_jax import cli, load_keras, load_lab_h5
-from badnet_jax.convert import recorded_input_scale
-from badnet_jax.scale import choose_input_scale
 from badnet_jax.bench import BenchConfig, kernel_timings, run_benchmark
+from badnet_jax.convert import recorded_input_scale
 from badnet_jax.fileio import atomic_write_text
+from badnet_jax.scale import CHOICES, choose_input_scale
 from badnet_jax.sweep import SweepOptions
 
 N_CLEAN = flags.DEFINE_integer("n_clean", 11547, "Random clean images (ignored with --clean_valid).")
@@ -30,7 +30,7 @@ IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Maske
 PER_STEP = flags.DEFINE_integer("per_step_steps", 61, "Steps of the per-step loop to time (scaled to 61).")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the median is reported.")
 MODEL = flags.DEFINE_string("model", None, "Keras h5 BadNet (default: random weights).")
-SCALE = flags.DEFINE_enum("input_scale", "auto", ["auto", "raw", "255"],
+SCALE = flags.DEFINE_enum("input_scale", "auto", list(CHOICES),
                           "The model's input scale: raw (the lab's B), 255 (the 2020 BadNets), auto = measured on "
                           "--clean_valid's labels, else what a badnet-jax file records, else raw.")
 CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Lab h5 of clean images (default: random).")

@@ -13,6 +13,7 @@ from badnet_jax import cli
 from badnet_jax.defense import DefenseConfig, run_defense
 from badnet_jax.finetune import FinetuneConfig
 from badnet_jax.report import format_table
+from badnet_jax.scale import CHOICES
 from badnet_jax.sweep import SweepOptions
 
 DROP = flags.DEFINE_string("drop", "0.04", "Accuracy drop(s) X as fractions, comma-separated (0.04 = 4 points).")
@@ -23,7 +24,7 @@ CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Clean validation h5 (def
 BD_VALID = flags.DEFINE_string("bd_valid", None, "Poisoned validation h5 (default data/bd/bd_valid.h5).")
 CLEAN_TEST = flags.DEFINE_string("clean_test", None, "Clean test h5 (default data/cl/test.h5).")
 BD_TEST = flags.DEFINE_string("bd_test", None, "Poisoned test h5 (default data/bd/bd_test.h5).")
-SCALE = flags.DEFINE_enum("input_scale", "auto", ["auto", "raw", "255"],
+SCALE = flags.DEFINE_enum("input_scale", "auto", list(CHOICES),
                           "Pixels as the model takes them: raw 0..255 (the lab's B), 255 = pixels / 255 (the "
                           "CSAW-HackML-2020 BadNets), auto = measure clean accuracy at both and take the clear winner.")
 OUT_DIR = flags.DEFINE_string("out_dir", "results", "Output folder (replaced as a whole by the new results).")

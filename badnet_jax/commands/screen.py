@@ -12,12 +12,13 @@ import sys
 from absl import app, flags
 
 from badnet_jax import cli
+from badnet_jax.scale import CHOICES
 from badnet_jax.screen import screen
 
 MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet B (with --pruned).")
 PRUNED = flags.DEFINE_string("pruned", None, "B': a Keras h5 with zeroed conv_3 channels or a B' checkpoint.")
 GOODNET = flags.DEFINE_string("goodnet", None, "A GoodNet checkpoint (drop_X/goodnet_ckpt), instead of --model/--pruned.")
-SCALE = flags.DEFINE_enum("input_scale", "auto", ["auto", "raw", "255"],
+SCALE = flags.DEFINE_enum("input_scale", "auto", list(CHOICES),
                           "raw pixels (the lab's B) or pixels / 255 (the 2020 BadNets); auto = what the badnet-jax "
                           "files record, else measured on labelled h5 inputs.")
 

@@ -60,7 +60,8 @@ def main(argv: list[str]) -> int:
             print(format_table(curve))
         return 0
 
-    return cli.run(defend, "interrupted: earlier results in --out_dir are untouched, nothing half-written")
+    return cli.run(defend, "interrupted: --out_dir holds the earlier results or this run's, whole (the swap is "
+                           "atomic), never a mix, and nothing half-written")
 
 
 def run() -> None:

@@ -266,7 +266,10 @@ def recorded_input_scale(path: str | os.PathLike) -> str | None:
     if path.is_file() and zipfile.is_zipfile(path):
         return None  # a .keras archive written by Keras: no badnet-jax metadata
     with fileio.open_h5(path, ModelFileError) as f:
-        raw = f.attrs.get(INPUT_SCALE_ATTR)
+        try:
+            raw = f.attrs.get(INPUT_SCALE_ATTR)
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise ModelFileError(f"{path}: cannot read its attributes: {err} (truncated or corrupted?)") from None
     if raw is None:
         return None
     scale = raw.decode() if isinstance(raw, bytes) else str(raw)

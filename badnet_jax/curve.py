@@ -16,6 +16,7 @@ import numpy as np
 import math
 
 from badnet_jax import metrics
+from badnet_jax.compare import RankingCurve
 from badnet_jax.errors import ConfigError
 from badnet_jax.metrics import GoodNetRates, Rule
 
@@ -93,7 +94,10 @@ class Curve:
 
     Arrays are (61,) percentages indexed by k (``test_der`` in [0, 1]); ``order`` and ``mean_activation``
     are (60,). ``input_scale`` is B's (``raw`` or ``255``, see ``badnet_jax.model``). Without poisoned data
-    (a defender seldom has any) the ASR curves, GoodNet's ASR and detection rate and DER are None. ``inputs`` and ``versions`` describe the run (file sizes and sha256, package versions).
+    (a defender seldom has any) the ASR curves, GoodNet's ASR and detection rate and DER are None. ``inputs``
+    and ``versions`` describe the run (file sizes and sha256, package versions). With several rankings
+    (``--rank_by``), the top-level curves and cuts are the first ranking's and ``rankings`` holds each
+    ranking's (``badnet_jax.compare``); else it is None.
     """
 
     title: str
@@ -118,6 +122,7 @@ class Curve:
     selected: tuple[Cut, ...] = ()
     inputs: dict[str, dict] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    rankings: Optional[dict[str, RankingCurve]] = None
 
     @property
     def original(self) -> dict[str, Optional[float]]:
@@ -133,6 +138,10 @@ class Curve:
         """A JSON-able dict (NumPy arrays as lists, optional entries left out when absent)."""
         out = _plain(dataclasses.asdict(self))
         out["original"] = self.original
+        if self.rankings is None:
+            del out["rankings"]
+        else:
+            out["rankings"] = {name: _plain(r.to_json()) for name, r in self.rankings.items()}
         if self.test_asr_excluding_target is None:
             del out["test_asr_excluding_target"]
         for cut in out["selected"]:
@@ -153,6 +162,8 @@ class Curve:
             kw["test_asr_excluding_target"] = np.asarray(d["test_asr_excluding_target"], float)
         kw["targets"] = tuple(d["targets"])
         kw["selected"] = tuple(_cut_from_json(c) for c in d.get("selected", ()))
+        if d.get("rankings") is not None:
+            kw["rankings"] = {name: RankingCurve.from_json(r) for name, r in d["rankings"].items()}
         return cls(**kw)
 
 

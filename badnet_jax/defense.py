@@ -18,12 +18,14 @@ import jax
 import numpy as np
 
 from badnet_jax import metrics
+from badnet_jax.compare import RankingCurve, ranking_curve
 from badnet_jax.curve import Curve, Cut, Finetuned, LabeledPreds, check_drops, evaluate_curve, select_cuts
 from badnet_jax.finetune import FinetuneConfig, finetune
 from badnet_jax.inputs import (DATA_ROLES, InputFiles, Sets, describe_inputs, load_model, load_sets, locate_inputs,
                                peek_sets, sample_clean_valid)
 from badnet_jax.model import BadNet, Params, predict
 from badnet_jax.outputs import CutModels, check_out_dir, write_results
+from badnet_jax.rankings import RankingOptions, resolve_rankings
 from badnet_jax.scale import SAMPLE, ScaleChoice, choose_input_scale
 from badnet_jax.sweep import SweepOptions, compile_sweep, plan_sweep, rank_and_sweep
 
@@ -46,6 +48,8 @@ class DefenseConfig:
         checkpoints: write B' and GoodNet checkpoints and Keras files per selected drop.
         sweep: the sweep's options (shortcuts, head implementation, chunk, devices, memory budget).
         finetune: if set, also fine-prune each selected B' (see ``badnet_jax.finetune``).
+        rankings: the pruning orders to compare (``badnet_jax.rankings``); the first one's cuts are the
+            models written. Default: the lab's activation ranking alone.
     """
 
     drops: tuple[float, ...] = (0.04,)
@@ -60,6 +64,7 @@ class DefenseConfig:
     checkpoints: bool = True
     sweep: SweepOptions = SweepOptions(devices=0)
     finetune: Optional[FinetuneConfig] = None
+    rankings: RankingOptions = RankingOptions()
 
 
 def run_defense(config: DefenseConfig) -> Curve:
@@ -77,6 +82,7 @@ def run_defense(config: DefenseConfig) -> Curve:
     t = time.perf_counter()
     files = locate_inputs(config.model, {r: getattr(config, r) for r in DATA_ROLES})
     model, params, recorded = load_model(files)
+    ranking = resolve_rankings(config.rankings, params)
     # Overlapped: the images load in one thread and the sweep compiles in the other (XLA compiles without the
     # GIL) while the main thread decides the input scale on a sample read ahead; later the inputs are hashed
     # during the sweep (hashlib releases the GIL).
@@ -86,7 +92,8 @@ def run_defense(config: DefenseConfig) -> Curve:
         specs = peek_sets(files)
         plan = None if specs is None else plan_sweep(config.sweep, list(specs.values()), model.num_classes)
         # One compiled sweep serves both input scales (a traced divisor), so it compiles before the scale is known.
-        compiled = None if specs is None else background.submit(compile_sweep, model, params, specs, plan)
+        compiled = None if specs is None else background.submit(compile_sweep, model, params, specs, plan,
+                                                                rankings=ranking)
         sample = sample_clean_valid(files, SAMPLE)
         scale = None if sample is None else _scale(config, model, params, recorded, sample, files)
         model = model if scale is None else model.clone(input_scale=scale.scale)
@@ -104,12 +111,15 @@ def run_defense(config: DefenseConfig) -> Curve:
             timings["compile (after load)"] = time.perf_counter() - t
         described = background.submit(describe_inputs, files)
         t = time.perf_counter()
-        sweep = rank_and_sweep(model, params, {r: x for r, (x, _) in sets.data.items()}, plan)
+        sweep = rank_and_sweep(model, params, {r: x for r, (x, _) in sets.data.items()}, plan, rankings=ranking,
+                               rank_labels=sets.data["clean_valid"][1] if ranking.anp is not None else None)
         timings["curve (one call)"] = time.perf_counter() - t
-        log.info("Ranked the 60 channels on clean validation data and evaluated B' and G at k = 0..60 on all four "
-                 "sets in one call: %.2f s%s (%s).", timings["curve (one call)"],
+        log.info("Ranked the 60 channels (%s) and evaluated B' and G at k = 0..60 of %d order(s) on all sets in one "
+                 "call: %.2f s%s (%s).", ", ".join(ranking.names), len(ranking.labels), timings["curve (one call)"],
                  "" if compiled is not None else " (compile included)", plan.describe())
         curve = _curve(config, files, model, sweep, sets)
+        if len(ranking.names) > 1:
+            curve = dataclasses.replace(curve, rankings=_compare(config, sweep, sets, curve))
         _warn_if_not_poisoned(curve)
         cuts = select_cuts(curve, config.drops, *(_labeled(sweep, sets, r) for r in ("clean_valid", "clean_test",
                                                                                     "bd_test")))
@@ -130,7 +140,8 @@ def run_defense(config: DefenseConfig) -> Curve:
     t = time.perf_counter()
     if primary:
         write_results(config.out_dir, curve, params, models if config.checkpoints else (), timings,
-                      {"input scale": scale.describe(), "sweep": plan.describe()})
+                      {"input scale": scale.describe(), "sweep": plan.describe(),
+                       "rankings": _describe_rankings(ranking)})
         log.info("Wrote %s (report.md, curve.json, curve.png%s) in %.2f s.", config.out_dir,
                  ", B' and GoodNet models per drop" if config.checkpoints else "", time.perf_counter() - t)
     if jax.process_count() > 1:
@@ -138,6 +149,17 @@ def run_defense(config: DefenseConfig) -> Curve:
 
         multihost_utils.sync_global_devices("badnet-jax: results written")  # the others end after process 0
     return curve
+
+
+def _describe_rankings(ranking) -> str:
+    parts = []
+    for name in ranking.names:
+        extra = {"random": f" ({len(ranking.rows(name))} orders, seeded)",
+                 "anp": "" if ranking.anp is None else f" (eps {ranking.anp.eps:g}, alpha {ranking.anp.alpha:g}, "
+                                                       f"{ranking.anp.steps} steps of {ranking.anp.batch} images, "
+                                                       f"seed {ranking.anp.seed})"}.get(name, "")
+        parts.append(name + extra)
+    return ", ".join(parts) + "; the first one's cuts are the models written"
 
 
 def _warn_if_not_poisoned(curve: Curve) -> None:
@@ -172,6 +194,17 @@ def _curve(config: DefenseConfig, files: InputFiles, model: BadNet, sweep, sets:
                           mean_activation=sweep.mean_activation, num_classes=model.num_classes, rule=config.rule,
                           title=title, demo=files.demo, bd_test_true_labels=sets.true_labels.get("bd_test"),
                           input_scale=model.input_scale)
+
+
+def _compare(config: DefenseConfig, sweep, sets: Sets, curve: Curve) -> dict[str, RankingCurve]:
+    """Every ranking's curves and cuts, side by side (``badnet_jax.compare``)."""
+    labels = {role: y for role, (_, y) in sets.data.items()}
+    out = {}
+    for name in sweep.rankings.names:
+        rows = sweep.rankings.rows(name)
+        out[name] = ranking_curve(sweep.orders[rows], {role: p[rows] for role, p in sweep.all_preds.items()}, labels,
+                                  config.drops, config.rule, curve.original)
+    return out
 
 
 def _finetune_cut(model: BadNet, params: Params, mask: np.ndarray, sets: Sets, ft: Optional[FinetuneConfig],

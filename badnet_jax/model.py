@@ -96,15 +96,19 @@ class BadNet(nn.Module):
         h = _pool(nn.relu(self.conv_2(h)))
         return _pool(nn.relu(self.conv_3(h)))
 
-    def head(self, pool3_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
-        """pool_3 activations (N, 5, 4, 60) and an optional (60,) 0/1 channel mask -> logits (N, classes)."""
+    def hidden(self, pool3_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        """pool_3 activations (N, 5, 4, 60), optionally masked -> relu(fc_1 + fc_2), the output layer's input (N, 160)."""
         if mask is not None:
             pool3_NxHxWxC = pool3_NxHxWxC * jnp.asarray(mask, pool3_NxHxWxC.dtype)[None, None, None, :]
         n = pool3_NxHxWxC.shape[0]
         fc1 = self.fc_1(pool3_NxHxWxC.reshape(n, -1))
         conv4 = nn.relu(self.conv_4(pool3_NxHxWxC))
         fc2 = self.fc_2(conv4.reshape(n, -1))
-        return self.output(nn.relu(fc1 + fc2))
+        return nn.relu(fc1 + fc2)
+
+    def head(self, pool3_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        """pool_3 activations (N, 5, 4, 60) and an optional (60,) 0/1 channel mask -> logits (N, classes)."""
+        return self.output(self.hidden(pool3_NxHxWxC, mask))
 
     def __call__(self, x_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         """Pixels 0..255 (N, 55, 47, 3) -> logits (N, num_classes), pool_3 optionally masked."""

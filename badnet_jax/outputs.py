@@ -23,7 +23,7 @@ from badnet_jax.errors import ConfigError
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.model import Params, prune_params
 
-RESULT_FILES = ("curve.json", "report.md", "curve.png")
+RESULT_FILES = ("curve.json", "report.md", "curve.png", "rankings.png")
 _DROP_DIR = re.compile(r"drop_[0-9.e+-]+")
 
 
@@ -65,7 +65,8 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 
 def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, models: Sequence[CutModels],
                   timings: Mapping[str, float], details: Optional[Mapping[str, str]] = None) -> Path:
-    """Write report.md, curve.json, curve.png and each cut's models, all swapped into ``out_dir`` at once.
+    """Write report.md, curve.json, curve.png (rankings.png with several rankings) and each cut's models, all
+    swapped into ``out_dir`` at once.
 
     Per cut (``drop_X/``): B' as a Keras h5 and an orbax checkpoint (params + mask), the GoodNet checkpoint,
     and with fine-pruning the same for the fine-tuned B'; each records B's input scale (``curve.input_scale``).
@@ -86,6 +87,8 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, mode
                 checkpoint.save_goodnet(d / "goodnet_finetuned_ckpt",
                                         make_goodnet(params, m.finetuned_params, m.mask)[1], scale)
         report.plot_curve(tmp / "curve.png", curve)
+        if curve.rankings is not None:
+            report.plot_rankings(tmp / "rankings.png", curve)
         report.write_report_md(tmp / "report.md", curve, timings, details)
         report.write_curve_json(tmp / "curve.json", curve)
 

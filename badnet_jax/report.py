@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from badnet_jax import fileio
+from badnet_jax.compare import COMPARISON_HEADER, comparison_rows
 from badnet_jax.curve import Curve
 
 
@@ -45,13 +46,73 @@ def read_curve_json(path: Path) -> Curve:
     return Curve.from_json(json.loads(Path(path).read_text()))
 
 
-def plot_curve(path: Path, curve: Curve) -> Path:
-    """Accuracy and ASR (validation and test) against the fraction of pool_3 channels pruned, cuts marked."""
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    # Fixed metadata (no matplotlib version, no timestamp) keeps the PNG byte-identical across runs.
+    fig.savefig(buf, format="png", metadata={"Software": "badnet-jax"})
+    plt.close(fig)
+    return fileio.atomic_write_bytes(path, buf.getvalue())
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_rankings(path: Path, curve: Curve) -> Path:
+    """The rankings compared: clean test accuracy against test ASR along each ranking's curve, cuts marked.
+
+    Each line runs from B (k = 0) to all channels pruned; ``random`` is its orders' mean, the orders themselves
+    faint. Without poisoned data there is no ASR: accuracy is drawn against the fraction pruned instead.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=110)
+    markers = "os^DvP*X"
+    for i, (name, r) in enumerate(curve.rankings.items()):
+        color = f"C{i}"
+        steps = np.arange(r.test_acc.shape[1]) / (r.test_acc.shape[1] - 1)
+        xs = r.test_asr if r.test_asr is not None else np.broadcast_to(steps, r.test_acc.shape)
+        if len(r.orders) > 1:
+            for x, y in zip(xs, r.test_acc):
+                ax.plot(x, y, "-", color=color, lw=0.5, alpha=0.25)
+        label = f"{name} (mean of {len(r.orders)})" if len(r.orders) > 1 else name
+        ax.plot(xs.mean(0), r.test_acc.mean(0), "-", color=color, lw=1.6, label=label)
+        for j, cut in enumerate(r.selected):
+            x = np.mean(cut.test_asr) if cut.test_asr is not None else np.mean(cut.channels_pruned) / (len(steps) - 1)
+            ax.plot([x], [np.mean(cut.test_acc)], markers[j % len(markers)], color=color, ms=6, mec="black", mew=0.5)
+    for j, cut in enumerate(curve.selected):  # one legend entry per X, in grey
+        ax.plot([], [], markers[j % len(markers)], color="grey", mec="black", mew=0.5, label=f"cut X={100 * cut.drop:g}")
+    ax.set_xlabel("attack success rate on poisoned test data (%)" if curve.poisoned else "fraction of pool_3 channels pruned")
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title(curve.title + ": rankings compared" + ("" if curve.poisoned else " (no poisoned data: no ASR)"),
+                 fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def comparison_text(curve: Curve) -> str:
+    """The rankings compared as fixed-width text for the terminal: one block per drop X."""
+    blocks = []
+    for j, cut in enumerate(curve.selected):
+        rows = [COMPARISON_HEADER] + comparison_rows(curve.rankings, j)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(COMPARISON_HEADER))]
+        blocks.append(f"X = {100 * cut.drop:g}:\n" + "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths))
+                                                             for r in rows))
+    return "\n\n".join(blocks)
+
+
+def plot_curve(path: Path, curve: Curve) -> Path:
+    """Accuracy and ASR (validation and test) against the fraction of pool_3 channels pruned, cuts marked."""
+    plt = _pyplot()
     k = np.arange(len(curve.valid_acc))
     frac = k / (len(k) - 1)
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
@@ -75,11 +136,7 @@ def plot_curve(path: Path, curve: Curve) -> Path:
     ax.set_title(curve.title + ("" if curve.poisoned else " (no poisoned data: no ASR)"), fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    # Fixed metadata (no matplotlib version, no timestamp) keeps the PNG byte-identical across runs.
-    fig.savefig(buf, format="png", metadata={"Software": "badnet-jax"})
-    plt.close(fig)
-    return fileio.atomic_write_bytes(path, buf.getvalue())
+    return _save(fig, path)
 
 
 def table_rows(curve: Curve) -> list[list[str]]:
@@ -149,6 +206,15 @@ def write_report_md(path: Path, curve: Curve, timings: Mapping[str, float],
             extra.append("ASR by target " + ", ".join(f"{t}: {v:.2f}%" for t, v in sel.test_asr_by_target.items()))
         if extra:
             lines.append(f"- X={100 * sel.drop:g}: " + "; ".join(extra))
+    if curve.rankings is not None:
+        lines += ["", "## Rankings compared", "",
+                  "Each ranking's own cut by the same stop rule, on its own validation curve; the table above is "
+                  f"the first ranking's ({next(iter(curve.rankings))}). random: mean [min, max] over its orders. "
+                  "Plot: `rankings.png`.", ""]
+        for j, cut in enumerate(curve.selected):
+            lines += [f"X = {100 * cut.drop:g}:", "", "| " + " | ".join(COMPARISON_HEADER) + " |",
+                      "|" + "---|" * len(COMPARISON_HEADER)]
+            lines += ["| " + " | ".join(r) + " |" for r in comparison_rows(curve.rankings, j)] + [""]
     lines += ["", "## Inputs", "", "| role | file | bytes | sha256 |", "|---|---|---|---|"]
     for role, f in curve.inputs.items():
         lines.append(f"| {role} | `{f['path']}` | {f['bytes']} | `{f['sha256']}` |")

@@ -49,3 +49,14 @@ def pool3(params: dict, x: np.ndarray) -> np.ndarray:
     h = maxpool2(relu(conv_valid(np.asarray(x, np.float64), p["conv_1"]["kernel"], p["conv_1"]["bias"])))
     h = maxpool2(relu(conv_valid(h, p["conv_2"]["kernel"], p["conv_2"]["bias"])))
     return maxpool2(relu(conv_valid(h, p["conv_3"]["kernel"], p["conv_3"]["bias"])))
+
+
+def head(params: dict, pool3_feats: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Logits in float64 from pool_3 activations with channels masked (the same as pruning them in conv_3)."""
+    p = {k: {kk: np.asarray(vv, np.float64) for kk, vv in v.items()} for k, v in params.items()}
+    h = pool3_feats * np.asarray(mask, np.float64)
+    n = len(h)
+    fc1 = h.reshape(n, -1) @ p["fc_1"]["kernel"] + p["fc_1"]["bias"]
+    c4 = relu(conv_valid(h, p["conv_4"]["kernel"], p["conv_4"]["bias"]))
+    fc2 = c4.reshape(n, -1) @ p["fc_2"]["kernel"] + p["fc_2"]["bias"]
+    return relu(fc1 + fc2) @ p["output"]["kernel"] + p["output"]["bias"]

@@ -53,6 +53,9 @@ def test_parse_floats_and_ints():
     (["--drop", "0.04", "stray"], "unexpected arguments 'stray'"),
     (["--memory_budget", "nan"], "is not a finite number"),
     (["--devices", "99"], "asked for 99 devices"),
+    (["--rank_by", "activation,magic"], "unknown ranking 'magic'"),
+    (["--order_file", "nowhere.txt"], "--order_file nowhere.txt: file not found"),
+    (["--rank_by", "random", "--random_orders", "0"], "--random_orders must be >= 1"),
 ])
 def test_prune_refuses_before_any_work(args, complaint, tmp_path):
     proc = subprocess.run(PRUNE + args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -66,11 +69,17 @@ def test_relative_rule_says_relative_in_the_table_and_the_report(tmp_path):
     files = {"--clean_valid": "valid_subset", "--bd_valid": "bd_valid_subset", "--clean_test": "test_subset",
              "--bd_test": "bd_test_subset"}
     args = [a for flag, name in files.items() for a in (flag, str(asset(f"faces/lab3/{name}.h5")))]
+    (tmp_path / "mine.txt").write_text(" ".join(map(str, range(59, -1, -1))))
     proc = subprocess.run(PRUNE + ["--drop", "0.1", "--rule", "relative", "--nocheckpoints", "--model",
-                                   str(asset("models/lab3/bd_weights.h5")), *args, "--out_dir", str(tmp_path / "o")],
+                                   str(asset("models/lab3/bd_weights.h5")), *args, "--out_dir", str(tmp_path / "o"),
+                                   "--rank_by", "activation,l1", "--order_file", str(tmp_path / "mine.txt")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].lstrip().startswith("X (% of B's acc)")
+    compared = proc.stdout.split("Rankings compared")[1].splitlines()
+    assert [line.split()[0] for line in compared[3:6]] == ["activation", "l1", "order_file"], compared
+    rankings = json.loads((tmp_path / "o" / "curve.json").read_text())["rankings"]
+    assert rankings["order_file"]["order"] == list(range(59, -1, -1))
     md = (tmp_path / "o" / "report.md").read_text()
     assert "Stop rule: relative (first k with validation accuracy more than X percent of B's" in md
     assert "| X (% of B's acc) |" in md and "X (pts)" not in md

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from badnet_jax.model import BadNet, param_shapes
+from badnet_jax.model import BadNet, init_params, param_shapes
+from badnet_jax.rankings import RankingOptions, resolve_rankings
 from badnet_jax.sweep import SweepOptions, plan_sweep
 from badnet_jax.sweep.run import export_sweep
 
@@ -34,11 +35,16 @@ def test_the_whole_sweep_lowers_for_cuda_with_the_kernel(num_classes):
     plan = plan_sweep(SweepOptions(platform="cuda"), list(sets.values()), num_classes)
     assert (plan.strategy, plan.batch_steps, plan.chunk, plan.impl, plan.platform) == (
         "prefix_batched", 8, 4096, "pallas", "cuda")  # the accelerator defaults, as prune.py resolves them
-    exported = export_sweep(BadNet(num_classes), params, sets, plan)
+    rankings, orders = None, 1
+    if num_classes == 200:  # every ranking at once, ANP's optimisation inside the same program
+        rankings = resolve_rankings(RankingOptions(rank_by=("activation", "clp", "l1", "random", "anp"),
+                                                   random_orders=2), init_params(num_classes))
+        orders = 6
+    exported = export_sweep(BadNet(num_classes), params, sets, plan, rankings=rankings)
     assert exported.platforms == ("cuda",)
     targets = set(re.findall(r"custom_call @([^\(\s]+)\(", exported.mlir_module()))
     assert "__gpu$xla.gpu.triton" in targets, targets
-    assert {o.shape for o in exported.out_avals} >= {(60,), (61, 11547), (61, 12830)}
+    assert {o.shape for o in exported.out_avals} >= {(orders, 60), (orders, 61, 11547), (orders, 61, 12830)}
 
 
 def test_the_kernel_needs_triton_on_cuda_mosaic_gpu_would_not_fit(monkeypatch):
@@ -52,11 +58,11 @@ def test_the_kernel_needs_triton_on_cuda_mosaic_gpu_would_not_fit(monkeypatch):
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     assert "__gpu$xla.gpu.triton" in triton.mlir_module()
     monkeypatch.setattr(pk, "compiler_params", lambda platform: None)  # JAX's default: Mosaic GPU
-    pk.head_argmax_pallas.clear_cache()
+    pk.head_top2_pallas.clear_cache()
     default = jax.jit(lambda *a: pk.head_argmax_pallas(*a, platform="cuda"))  # a new function: traced afresh
     with pytest.raises(Exception, match="exceeds available shared memory"):
         jax.export.export(default, platforms=["cuda"])(*args)
-    pk.head_argmax_pallas.clear_cache()
+    pk.head_top2_pallas.clear_cache()
 
 
 def test_tpu_cannot_be_lowered_without_a_tpu():

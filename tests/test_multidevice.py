@@ -34,6 +34,17 @@ for options in (sw.PLAIN, sw.SweepOptions(impl="reference")):
         key = f"{options.prefix_sums}-{d}"
         out[key] = bool(np.array_equal(got.order, ref.order) and np.array_equal(got.mean_activation, ref.mean_activation)
                         and all(np.array_equal(got.preds[n], ref.preds[n]) for n in sets))
+# Every ranking at once, ANP included (it optimises on the gathered ranking features): the same on 3 devices.
+from badnet_jax.anp import ANPConfig
+from badnet_jax.rankings import RankingOptions, resolve_rankings
+y = b.load_lab_h5(A + "/faces/lab3/valid_subset.h5")[1]
+plan = resolve_rankings(RankingOptions(rank_by=("activation", "clp", "random", "anp"), random_orders=2,
+                                       anp=ANPConfig(steps=3, batch=16)), params)
+options = sw.SweepOptions(impl="reference", chunk=8)
+ref = sw.rank_and_sweep(model, params, sets, options, rankings=plan, rank_labels=y)
+got = sw.rank_and_sweep(model, params, sets, dataclasses.replace(options, devices=3), rankings=plan, rank_labels=y)
+out["rankings"] = bool(np.array_equal(got.orders, ref.orders) and ref.orders.shape == (5, 60)
+                       and all(np.array_equal(got.all_preds[n], ref.all_preds[n]) for n in sets))
 # Compiled ahead from shapes only, the sharded sweep then runs without compiling again.
 from jax import monitoring
 compiled = []
@@ -58,7 +69,7 @@ def test_sharded_sweep_equals_single_device():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(result) == 9 and all(result.values()), result
+    assert len(result) == 10 and all(result.values()), result
 
 
 def test_cli_on_four_devices_and_through_jax_distributed(tmp_path):

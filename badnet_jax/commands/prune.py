@@ -12,7 +12,9 @@ from absl import app, flags
 from badnet_jax import cli
 from badnet_jax.defense import DefenseConfig, run_defense
 from badnet_jax.finetune import FinetuneConfig
-from badnet_jax.report import format_table
+from badnet_jax.anp import ANPConfig
+from badnet_jax.rankings import RankingOptions
+from badnet_jax.report import comparison_text, format_table
 from badnet_jax.scale import CHOICES
 from badnet_jax.sweep import SweepOptions
 
@@ -39,6 +41,13 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of 
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
 DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 60, "Multi-host: seconds to wait to join, and to notice "
                                     "a process that died (the others then stop with an error).")
+RANK_BY = flags.DEFINE_list("rank_by", ["activation"], "Pruning orders to compare, comma-separated: activation "
+                            "(the lab's), clp, l1, random, anp, order_file. The first one's cuts are written.")
+RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 5, "How many seeded random orders 'random' sweeps.")
+SEED = flags.DEFINE_integer("seed", 0, "Seed of the random orders and of ANP.")
+ORDER_FILE = flags.DEFINE_string("order_file", None, "Your own pruning order: 60 channel indices (JSON list, text, "
+                                 "or a curve.json); adds the ranking 'order_file'.")
+ANP_STEPS = flags.DEFINE_integer("anp_steps", ANPConfig.steps, "ANP optimiser steps (128 clean images each).")
 CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
 
 
@@ -53,11 +62,15 @@ def main(argv: list[str]) -> int:
             clean_valid=CLEAN_VALID.value, bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value,
             bd_test=BD_TEST.value, out_dir=OUT_DIR.value, input_scale=SCALE.value, checkpoints=CHECKPOINTS.value,
             sweep=SweepOptions(chunk=CHUNK.value, devices=DEVICES.value, memory_budget=budget),
-            finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value) if FT_EPOCHS.value > 0 else None)
+            finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value) if FT_EPOCHS.value > 0 else None,
+            rankings=RankingOptions(rank_by=tuple(RANK_BY.value), random_orders=RANDOM_ORDERS.value, seed=SEED.value,
+                                    order_file=ORDER_FILE.value, anp=ANPConfig(steps=ANP_STEPS.value)))
         cli.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value, DIST_TIMEOUT.value)
         curve = run_defense(config)
         if jax.process_index() == 0:  # the others print nothing, as they write nothing
             print(format_table(curve))
+            if curve.rankings is not None:
+                print("\nRankings compared (each ranking's own cut):\n" + comparison_text(curve))
         return 0
 
     return cli.run(defend, "interrupted: --out_dir holds the earlier results or this run's, whole (the swap is "

@@ -8,7 +8,7 @@ row is independent and dedupe is exact per block. :func:`chunk_starts` (host) an
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +23,19 @@ def chunk_starts(n: int, chunk: int) -> np.ndarray:
     return np.minimum(np.arange(-(-n // chunk)) * chunk, n - chunk).astype(np.int32)
 
 
-def map_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int, rows_axis: int) -> jax.Array:
-    """``fn`` over ``chunk``-row blocks of ``x``; its outputs put together along ``rows_axis`` (traceable)."""
+def map_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk: int, rows_axis: int) -> Any:
+    """``fn`` over ``chunk``-row blocks of ``x``; its outputs (an array or a tuple of arrays) put together
+    along ``rows_axis`` (traceable)."""
     n = x.shape[0]
     chunk = max(1, min(chunk, n))
     out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((chunk, *x.shape[1:]), x.dtype))
-    full = list(out_shape.shape)
-    full[rows_axis] = n
-    out = jnp.zeros(full, out_shape.dtype)
+
+    def full(s):
+        shape = list(s.shape)
+        shape[rows_axis] = n
+        return jnp.zeros(shape, s.dtype)
+
+    out = jax.tree.map(full, out_shape)
     starts = chunk_starts(n, chunk)
     if not len(starts):
         return out
@@ -38,6 +43,6 @@ def map_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int, r
     def body(i, out):
         start = jnp.asarray(starts)[i]
         y = fn(jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0))
-        return jax.lax.dynamic_update_slice_in_dim(out, y, start, axis=rows_axis)
+        return jax.tree.map(lambda o, v: jax.lax.dynamic_update_slice_in_dim(o, v, start, axis=rows_axis), out, y)
 
     return jax.lax.fori_loop(0, len(starts), body, out)

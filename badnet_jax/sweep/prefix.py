@@ -131,7 +131,7 @@ def reverse_steps(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array, st
 
     ks = jnp.arange(order.shape[0] - 1, -1, -1, dtype=jnp.int32)
     _, outs = jax.lax.scan(body, (fc1, c4, last), ks)
-    return jnp.concatenate([outs[::-1], last[None]], axis=0)
+    return jax.tree.map(lambda o, l: jnp.concatenate([o[::-1], l[None]], axis=0), outs, last)
 
 
 def step_preactivations(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Mapping, Optional
 
 import jax
@@ -18,14 +19,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from badnet_jax.anp import anp_order
 from badnet_jax.errors import ConfigError
-from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params, num_classes_of
+from badnet_jax.exact import settle, settle_ranking
+from badnet_jax.model import BadNet, Params, num_classes_of
+from badnet_jax.rankings import RankingPlan, single
 from badnet_jax.sweep.chunks import map_chunks
 from badnet_jax.sweep.plan import SweepOptions, SweepPlan, plan_sweep
 from badnet_jax.sweep.prefix import prefix_masks
 from badnet_jax.sweep.strategies import sweep_set
 
 Images = np.ndarray | jax.ShapeDtypeStruct
+log = logging.getLogger(__name__)
 
 
 def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: int,
@@ -46,50 +51,71 @@ def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: i
     return map_chunks(trunk, jnp.asarray(x_NxHxWxC), chunk, rows_axis=0)
 
 
-def activation_ranking(per_image_NxC: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+def activation_ranking(per_image_NxC: jax.Array, n: int) -> jax.Array:
     """The lab's ranking: channels by increasing mean pool_3 activation over the first ``n`` images.
 
     Takes per-image channel sums, so single- and multi-device runs reduce the same (n, 60) array the same
     way and rank identically. Sums of non-negative values keep exact zeros, so dead channels tie at 0 and
-    the stable sort breaks ties by channel index.
+    the stable sort breaks ties by channel index. The host checks this float32 order against float64 sums
+    of the same per-image sums (``badnet_jax.exact.settle_ranking``).
     """
     per_image_NxC = jax.lax.optimization_barrier(per_image_NxC)  # keeps XLA from fusing the two reductions
-    mean = jnp.sum(per_image_NxC[:n], axis=0) / (n * POOL3_HWC[0] * POOL3_HWC[1])
-    return jnp.argsort(mean, stable=True), mean
+    return jnp.argsort(jnp.sum(per_image_NxC[:n], axis=0), stable=True).astype(jnp.int32)
 
 
-def _body(model, params, xs, order, divisor, n_rank, plan, gather=lambda a: a):
-    """Trunk and ranking on ``xs[0]`` (if ``n_rank``), then every set swept, one after the other."""
+def _orders(model, params, feats, given, rank_labels, n_rank, ranking: RankingPlan, gather):
+    """(R, 60) orders in ``ranking.labels`` order, and the ranking set's (n, 60) per-image channel sums."""
+    sums, rows, next_given = None, [], 0
+    if n_rank:  # the mean activations are reported whatever the orders
+        sums = gather(jnp.sum(feats, axis=(1, 2)))[:n_rank]
+    for source in ranking.sources:
+        if source == "activation":
+            rows.append(activation_ranking(sums, n_rank))
+        elif source == "anp":
+            # ANP optimises on the ranking set's features; every device runs it on all of them (replicated).
+            rows.append(anp_order(model, params, gather(feats)[:n_rank], rank_labels, ranking.anp))
+        else:
+            rows.append(given[next_given])
+            next_given += 1
+    return jnp.stack(rows), sums
+
+
+def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking, gather=lambda a: a):
+    """Trunk and the rankings on ``xs[0]`` (if ``n_rank``), then every set swept at every order, one after the other.
+
+    Returns the orders, the ranking set's per-image channel sums (None without one), and per set the (R, 61, N)
+    predictions and near-tie flags.
+    """
     feats = trunk_features(model, params, xs[0], plan.chunk, divisor)
-    mean = None
-    if n_rank:
-        ranked, mean = activation_ranking(gather(jnp.sum(feats, axis=(1, 2))), n_rank)
-        order = ranked if order is None else order
-    preds = [sweep_set(model, params, feats, order, plan)]
+    orders, sums = _orders(model, params, feats, given, rank_labels, n_rank, ranking, gather)
+    out = [sweep_set(model, params, feats, orders, plan)]
     for x in xs[1:]:
         # One set after the other: left free, XLA:CPU interleaves the sets' loops and runs ~10% slower.
-        x, _ = jax.lax.optimization_barrier((x, preds[-1]))
-        preds.append(sweep_set(model, params, trunk_features(model, params, x, plan.chunk, divisor), order, plan))
-    return order, mean, tuple(preds)
+        x, _ = jax.lax.optimization_barrier((x, out[-1]))
+        out.append(sweep_set(model, params, trunk_features(model, params, x, plan.chunk, divisor), orders, plan))
+    return orders, sums, tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_rank", "plan"))
-def _rank_and_sweep(model, params, xs, order, divisor, n_rank, plan):
-    return _body(model, params, xs, order, divisor, n_rank, plan)
+_STATIC = ("model", "n_rank", "plan", "ranking")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_rank", "plan", "mesh"))
-def _rank_and_sweep_sharded(model, params, xs, order, divisor, n_rank, plan, mesh):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _rank_and_sweep(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking):
+    return _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking)
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "mesh"))
+def _rank_and_sweep_sharded(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking, mesh):
     """The same as ``_rank_and_sweep`` with the image axis sharded over ``mesh``'s ``data`` axis."""
-    body = functools.partial(_body, model, n_rank=n_rank, plan=plan,
+    body = functools.partial(_body, model, n_rank=n_rank, plan=plan, ranking=ranking,
                              gather=lambda a: jax.lax.all_gather(a, "data", tiled=True))
     data, rep = P("data"), P()
     return jax.shard_map(
-        lambda p, xs_, o, d: body(p, xs_, o, d), mesh=mesh,
-        in_specs=(rep, tuple(data for _ in xs), rep, rep),
-        out_specs=(rep, rep if n_rank else None, tuple(P(None, "data") for _ in xs)),
+        lambda p, xs_, g, d, lab: body(p, xs_, g, d, lab), mesh=mesh,
+        in_specs=(rep, tuple(data for _ in xs), rep, rep, rep),
+        out_specs=(rep, rep if n_rank else None, tuple((P(None, None, "data"),) * 2 for _ in xs)),
         check_vma=False,
-    )(params, xs, order, divisor)
+    )(params, xs, given, divisor, rank_labels)
 
 
 def data_mesh(devices: int) -> Mesh:
@@ -119,37 +145,47 @@ def _to_host(a: jax.Array) -> np.ndarray:
     return np.asarray(a)
 
 
-def _order_array(order) -> Optional[np.ndarray]:
-    if order is None:
-        return None
-    o = np.asarray(order)
-    if o.shape != (NUM_POOL3_CHANNELS,) or sorted(o.tolist()) != list(range(NUM_POOL3_CHANNELS)):
-        raise ConfigError(f"an order must be a permutation of the {NUM_POOL3_CHANNELS} pool_3 channels, "
-                          f"got shape {o.shape}")
-    return o.astype(np.int32)  # host array: replicated as is in multi-process runs too
+def _divisor(model: BadNet) -> float:
+    return 255.0 if model.input_scale == "255" else 1.0
 
 
-def _call(model: BadNet, params: Params, sets: Mapping[str, Images], order, rank_on: Optional[str],
-          plan: SweepPlan):
-    """The jitted function for this plan and its arguments (arrays, or shapes to compile for)."""
-    if rank_on is None and order is None:
-        raise ConfigError("give an order or a ranking set (rank_on)")
+def _ranking_plan(order, rankings: Optional[RankingPlan]) -> RankingPlan:
+    if rankings is not None and order is not None:
+        raise ConfigError("give either an order or a ranking plan, not both")
+    return rankings if rankings is not None else single(order)
+
+
+def _call(model: BadNet, params: Params, sets: Mapping[str, Images], ranking: RankingPlan, rank_on: Optional[str],
+          rank_labels, plan: SweepPlan):
+    """The jitted function for this plan, its arguments (arrays, or shapes to compile for) and static arguments."""
+    if ranking.needs_ranking_set and rank_on is None:
+        raise ConfigError(f"the rankings {', '.join(ranking.names)} need a ranking set (rank_on)")
     if rank_on is not None and rank_on not in sets:
         raise ConfigError(f"ranking set {rank_on!r} is not among the sets ({', '.join(sets)})")
     names = ([rank_on] if rank_on else []) + [n for n in sets if n != rank_on]
     n_rank = int(sets[rank_on].shape[0]) if rank_on else 0
-    order = _order_array(order)
+    if ranking.anp is not None:
+        if rank_labels is None:
+            raise ConfigError("the anp ranking needs the ranking set's labels (rank_labels)")
+        if not isinstance(rank_labels, jax.ShapeDtypeStruct):
+            rank_labels = np.asarray(rank_labels, np.int32)
+        if rank_labels.shape != (n_rank,):
+            raise ConfigError(f"rank_labels: {rank_labels.shape[0]} labels for {n_rank} ranking images")
+    else:
+        rank_labels = np.zeros((0,), np.int32)
+    given = ranking.given  # host array: replicated as is in multi-process runs too
     # The input scale goes in as a traced divisor, so one compiled program serves both scales: the defense
     # compiles the sweep before it has measured which scale the model takes (see trunk_features).
-    divisor = np.float32(255.0 if model.input_scale == "255" else 1.0)
+    divisor = np.float32(_divisor(model))
     model = model.clone(input_scale="raw")
+    static = dict(n_rank=n_rank, plan=plan, ranking=ranking)
     if plan.devices == 1:
         put = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
         xs = tuple(put(sets[n]) for n in names)
-        return names, _rank_and_sweep, (model, params, xs, order, divisor, n_rank, plan)
+        return names, _rank_and_sweep, (model, params, xs, given, divisor, rank_labels), static
     mesh = data_mesh(plan.devices)
     xs = tuple(_shard_rows(sets[n], mesh) for n in names)
-    return names, _rank_and_sweep_sharded, (model, params, xs, order, divisor, n_rank, plan, mesh)
+    return names, _rank_and_sweep_sharded, (model, params, xs, given, divisor, rank_labels), {**static, "mesh": mesh}
 
 
 def _resolve(options: SweepOptions | SweepPlan, sets: Mapping[str, Images], params: Params,
@@ -162,44 +198,75 @@ def _resolve(options: SweepOptions | SweepPlan, sets: Mapping[str, Images], para
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-    """Result of :func:`rank_and_sweep`.
+    """Result of :func:`rank_and_sweep`: every set's predictions at every step of every order.
 
     Attributes:
-        order: (60,) channels in pruning order (the given order, or increasing mean activation with ties by
-            channel index).
+        orders: (R, 60) channels in pruning order, one row per ``labels`` entry (the lab's activation ranking:
+            increasing mean activation, ties by channel index).
+        labels: what each order is (``activation``, ``clp``, ``random/0``, ..., or ``order`` for a given one).
         mean_activation: (60,) mean pool_3 activation per channel over the ranking set (None without one).
-        masks: (61, 60) prefix masks; row k prunes ``order[:k]``.
-        preds: set name -> (61, N) int32 predictions of B' for each k.
+        all_preds: set name -> (R, 61, N) int32 predictions of B' for each order and k, near-ties settled in
+            float64 (``badnet_jax.ties``, ``badnet_jax.exact``).
         plan: the plan the sweep ran with.
+        rankings: the rankings it ran.
+        settled: set name -> how many of its predictions were near-ties recomputed in float64.
+        ranking_settled: whether the activation ranking had near-ties that float64 decided.
     """
 
-    order: np.ndarray
+    orders: np.ndarray
+    labels: tuple[str, ...]
     mean_activation: Optional[np.ndarray]
-    masks: np.ndarray
-    preds: dict[str, np.ndarray]
+    all_preds: dict[str, np.ndarray]
     plan: SweepPlan
+    rankings: RankingPlan
+    settled: dict[str, int] = dataclasses.field(default_factory=dict)
+    ranking_settled: bool = False
+
+    @property
+    def order(self) -> np.ndarray:
+        """(60,) the first (primary) order."""
+        return self.orders[0]
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(61, 60) prefix masks of the primary order; row k prunes ``order[:k]``."""
+        return prefix_masks(self.order)
+
+    @property
+    def preds(self) -> dict[str, np.ndarray]:
+        """Set name -> (61, N) predictions along the primary order."""
+        return {n: p[0] for n, p in self.all_preds.items()}
+
+    def preds_of(self, label: str) -> dict[str, np.ndarray]:
+        """Set name -> (61, N) predictions along the order labelled ``label``."""
+        i = self.labels.index(label)
+        return {n: p[i] for n, p in self.all_preds.items()}
 
 
 def compile_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
                   options: SweepOptions | SweepPlan = SweepOptions(), order=None,
-                  rank_on: Optional[str] = "clean_valid") -> None:
+                  rank_on: Optional[str] = "clean_valid", rankings: Optional[RankingPlan] = None) -> None:
     """Compile :func:`rank_and_sweep` for sets of these shapes and dtypes, ahead of the data.
 
     The program lands in JAX's cache: a later ``rank_and_sweep`` with the same model, params shapes, set
-    names, shapes, dtypes and plan runs without compiling. The defense calls this in a thread while the
-    images are still being read.
+    names, shapes, dtypes, plan and rankings runs without compiling. The defense calls this in a thread while
+    the images are still being read.
     """
     plan = _resolve(options, sets, params, rank_on)
-    _, fn, args = _call(model, params, sets, order, rank_on, plan)
-    fn.lower(*args).compile()
+    ranking = _ranking_plan(order, rankings)
+    labels = None
+    if ranking.anp is not None and rank_on in sets:
+        labels = jax.ShapeDtypeStruct((sets[rank_on].shape[0],), np.int32)
+    _, fn, args, static = _call(model, params, sets, ranking, rank_on, labels, plan)
+    fn.lower(*args, **static).compile()
 
 
 KERNEL_CALL_TARGETS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
 
 
 def export_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
-                 options: SweepOptions | SweepPlan, order=None,
-                 rank_on: Optional[str] = "clean_valid") -> jax.export.Exported:
+                 options: SweepOptions | SweepPlan, order=None, rank_on: Optional[str] = "clean_valid",
+                 rankings: Optional[RankingPlan] = None) -> jax.export.Exported:
     """The one-call sweep lowered for ``options.platform`` with ``jax.export``, without running it.
 
     This is how the GPU/TPU path is checked on a machine without one: e.g.
@@ -210,36 +277,58 @@ def export_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtyp
     plan = _resolve(options, sets, params, rank_on)
     if plan.devices != 1:
         raise ConfigError("export_sweep lowers the single-device sweep (devices=1)")
-    _, fn, (model, params, xs, order, divisor, n_rank, plan) = _call(model, params, sets, order, rank_on, plan)
+    ranking = _ranking_plan(order, rankings)
+    labels = None
+    if ranking.anp is not None and rank_on in sets:
+        labels = jax.ShapeDtypeStruct((sets[rank_on].shape[0],), np.int32)
+    _, fn, (model, *args), static = _call(model, params, sets, ranking, rank_on, labels, plan)
     checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in KERNEL_CALL_TARGETS]
-    lowered = jax.jit(lambda p, xs_, o, d: fn(model, p, xs_, o, d, n_rank, plan))
-    return jax.export.export(lowered, platforms=[plan.platform], disabled_checks=checks)(params, xs, order, divisor)
+    lowered = jax.jit(lambda *arrays: fn(model, *arrays, **static))
+    return jax.export.export(lowered, platforms=[plan.platform], disabled_checks=checks)(*args)
 
 
 def rank_and_sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray],
                    options: SweepOptions | SweepPlan = SweepOptions(), order=None,
-                   rank_on: Optional[str] = "clean_valid") -> Sweep:
-    """Rank the channels on one set and predict every set at every k = 0..60, in one jitted call.
+                   rank_on: Optional[str] = "clean_valid", rankings: Optional[RankingPlan] = None,
+                   rank_labels: Optional[np.ndarray] = None) -> Sweep:
+    """Rank the channels on one set and predict every set at every k = 0..60 of every order, in one jitted call.
 
     Args:
         model, params: the BadNet B.
         sets: name -> (N, 55, 47, 3) images (uint8 or float32), e.g. ``clean_valid``, ``bd_valid``,
-            ``clean_test``, ``bd_test``. Only ``rank_on`` decides the order; the others are only evaluated.
+            ``clean_test``, ``bd_test``. Only ``rank_on`` decides data-driven orders; the others are only
+            evaluated.
         options: the sweep's options, or an already resolved plan.
         order: a user's own (60,) pruning order; None = the lab's activation ranking on ``rank_on``.
-        rank_on: the ranking set's name (None: no ranking, ``order`` required).
+        rank_on: the ranking set's name (None: no ranking on data, ``order`` or data-free rankings only).
+        rankings: several rankings at once (``badnet_jax.rankings.resolve_rankings``), instead of ``order``.
+            The trunk pass is shared: each further order costs only its head evaluations.
+        rank_labels: the ranking set's labels (needed by the ``anp`` ranking only).
 
     Returns:
-        The order, mean activations, masks and every set's (61, N) predictions, by name.
+        The orders, mean activations and every set's (R, 61, N) predictions, by name.
     """
     plan = _resolve(options, sets, params, rank_on)
-    names, fn, args = _call(model, params, sets, order, rank_on, plan)
-    order_out, mean, preds = fn(*args)
+    ranking = _ranking_plan(order, rankings)
+    names, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
+    orders, sums, out = fn(*args, **static)
+    orders, divisor = np.asarray(orders), _divisor(model)
+    mean, ranking_settled = None, False
+    if sums is not None:
+        order64, mean, ranking_settled = settle_ranking(params, divisor, sets[rank_on], np.asarray(sums))
+        if "activation" in ranking.sources and not np.array_equal(order64, orders[ranking.labels.index("activation")]):
+            # float32 ranked two channels the other way round from float64: sweep again with the float64 order.
+            log.info("The activation ranking differs from float64 at a near-tie; sweeping again with the float64 order.")
+            again = rank_and_sweep(model, params, sets, plan, rank_on=rank_on, rank_labels=rank_labels,
+                                   rankings=ranking.with_given("activation", order64))
+            return dataclasses.replace(again, mean_activation=mean, ranking_settled=True)
     if plan.devices > 1:
-        preds = tuple(_to_host(p)[:, :len(sets[n])] for p, n in zip(preds, names))
-    order_out = np.asarray(order_out)
-    return Sweep(order=order_out, mean_activation=None if mean is None else np.asarray(mean),
-                 masks=prefix_masks(order_out), preds={n: np.asarray(p) for n, p in zip(names, preds)}, plan=plan)
+        out = tuple(jax.tree.map(lambda a, n=n: _to_host(a)[:, :, :len(sets[n])], o) for o, n in zip(out, names))
+    preds, settled = {}, {}
+    for name, (p, near) in zip(names, out):
+        preds[name], settled[name] = settle(params, divisor, sets[name], orders, np.asarray(p), np.asarray(near))
+    return Sweep(orders=orders, labels=ranking.labels, mean_activation=mean, all_preds=preds, plan=plan,
+                 rankings=ranking, settled=settled, ranking_settled=ranking_settled)
 
 
 def predict_steps(model: BadNet, params: Params, x: np.ndarray, order,

@@ -21,37 +21,49 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.kernels.masked_head.api import head_argmax
+from badnet_jax.kernels.masked_head.api import head_top2
 from badnet_jax.model import BadNet, Params
 from badnet_jax.sweep.chunks import chunk_starts, map_chunks
 from badnet_jax.sweep.plan import STEPS, SweepPlan
 from badnet_jax.sweep.prefix import alive_groups, prefix_masks, reverse_steps, step_aliases, step_preactivations
+from badnet_jax.ties import near_tie, top2_gap
 
-ChunkFn = Callable[[jax.Array], jax.Array]
+ChunkFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def _tail(p: Params) -> tuple[jax.Array, ...]:
     return p["fc_2"]["kernel"], p["fc_2"]["bias"], p["output"]["kernel"], p["output"]["bias"]
 
 
+def _head(p: Params, plan: SweepPlan, fc1: jax.Array, c4: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(M, n) predictions and near-tie flags of the tail for (M, n, 160) / (M, n, 960) pre-activations."""
+    arg, gap, scale = head_top2(fc1, c4, *_tail(p), impl=plan.impl, platform=plan.platform)
+    return arg, near_tie(gap, scale)
+
+
 def _plain(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
     masks = prefix_masks(order)
-    one = lambda feats, mask: jnp.argmax(model.apply({"params": p}, feats, mask, method=BadNet.head),
-                                         -1).astype(jnp.int32)
+    wmax = jnp.max(jnp.abs(p["output"]["kernel"]), axis=1)
+
+    def one(feats, mask):
+        hidden = model.apply({"params": p}, feats, mask, method=BadNet.hidden)
+        logits = model.apply({"params": p}, hidden, method=lambda m, h: m.output(h))
+        arg, gap = top2_gap(logits)
+        scale = jnp.dot(hidden, wmax, precision=jax.lax.Precision.HIGHEST) + jnp.max(jnp.abs(p["output"]["bias"]))
+        return arg, near_tie(gap, scale)
     return lambda feats: jax.vmap(one, in_axes=(None, 0))(feats, masks)
 
 
 def _prefix(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
     def run(feats):
         fc1, c4 = step_preactivations(p, feats, order)  # (61, n, 160), (61, n, 960)
-        return head_argmax(fc1, c4, *_tail(p), impl=plan.impl, platform=plan.platform)
+        return _head(p, plan, fc1, c4)
     return run
 
 
 def _prefix_dedupe(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
     # Going from step k+1 to k adds channel order[k]; if it is dead on this chunk, nothing changed.
-    head = lambda k, fc1, c4: head_argmax(fc1[None], c4[None], *_tail(p), impl=plan.impl,
-                                          platform=plan.platform)[0]
+    head = lambda k, fc1, c4: jax.tree.map(lambda a: a[0], _head(p, plan, fc1[None], c4[None]))
     return lambda feats: reverse_steps(p, feats, order, head, skip_dead=True)
 
 
@@ -70,28 +82,35 @@ def _prefix_batched(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan)
 
         def one_batch(b, out):
             idx = jax.lax.dynamic_slice_in_dim(todo, b * batch, batch)
-            return out.at[idx].set(head_argmax(fc1[idx], c4[idx], *_tail(p), impl=plan.impl,
-                                                       platform=plan.platform))
+            return jax.tree.map(lambda o, v: o.at[idx].set(v), out, _head(p, plan, fc1[idx], c4[idx]))
 
         count = jnp.sum(evaluated.astype(jnp.int32))
-        out = jax.lax.fori_loop(0, (count + batch - 1) // batch, one_batch,
-                                jnp.zeros((STEPS, feats.shape[0]), jnp.int32))
-        return out[aliases]
+        empty = (jnp.zeros((STEPS, feats.shape[0]), jnp.int32), jnp.zeros((STEPS, feats.shape[0]), bool))
+        out = jax.lax.fori_loop(0, (count + batch - 1) // batch, one_batch, empty)
+        return jax.tree.map(lambda o: o[aliases], out)
     return run
 
 
 EVALUATORS = {"plain": _plain, "prefix": _prefix, "prefix_dedupe": _prefix_dedupe, "prefix_batched": _prefix_batched}
 
 
-def sweep_set(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, order: jax.Array,
-              plan: SweepPlan) -> jax.Array:
-    """(61, N) int32 predictions of B' for k = 0..60 channels of ``order`` pruned (traceable; call under jit)."""
-    one_chunk = EVALUATORS[plan.strategy](model, params, order, plan)
+def sweep_set(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, orders_RxC: jax.Array,
+              plan: SweepPlan) -> tuple[jax.Array, jax.Array]:
+    """(R, 61, N) int32 predictions of B' for k = 0..60 channels of each order pruned, and (R, 61, N) bool
+    near-tie flags (``badnet_jax.ties``: predictions the caller settles in float64). Traceable; call under jit.
+
+    The orders are swept one after the other inside each chunk, so a chunk's features are read while hot.
+    """
+    evaluate = lambda order, feats: EVALUATORS[plan.strategy](model, params, order, plan)(feats)
+    if orders_RxC.shape[0] == 1:
+        one_chunk = lambda feats: jax.tree.map(lambda a: a[None], evaluate(orders_RxC[0], feats))
+    else:
+        one_chunk = lambda feats: jax.lax.map(lambda order: evaluate(order, feats), orders_RxC)
     if not plan.group:
-        return map_chunks(one_chunk, pool3_NxHxWxC, plan.chunk, rows_axis=1)
+        return map_chunks(one_chunk, pool3_NxHxWxC, plan.chunk, rows_axis=2)
     perm = alive_groups(pool3_NxHxWxC)
-    preds = map_chunks(one_chunk, pool3_NxHxWxC[perm], plan.chunk, rows_axis=1)
-    return jnp.zeros_like(preds).at[:, perm].set(preds, unique_indices=True)
+    out = map_chunks(one_chunk, pool3_NxHxWxC[perm], plan.chunk, rows_axis=2)
+    return jax.tree.map(lambda a: jnp.zeros_like(a).at[:, :, perm].set(a, unique_indices=True), out)
 
 
 def head_evaluations(pool3_NxHxWxC: np.ndarray, plan: SweepPlan) -> int:

@@ -16,8 +16,8 @@ from typing import Literal
 import jax
 import numpy as np
 
-from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas
-from badnet_jax.kernels.masked_head.reference import head_argmax_reference
+from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas, head_top2_pallas
+from badnet_jax.kernels.masked_head.reference import head_argmax_reference, head_top2_reference  # noqa: F401
 
 Impl = Literal["auto", "reference", "pallas"]
 log = logging.getLogger(__name__)
@@ -48,16 +48,19 @@ def clear_rows(args) -> np.ndarray:
 def pallas_available(platform: str, masks: int = 8, images: int = 256, num_classes: int = 1283) -> bool:
     """Whether the Pallas kernel compiles on ``platform`` at these shapes and agrees with the reference.
 
-    Agreement must be total on every row that is not a float32 near-tie (:func:`clear_rows`). Cached.
+    Agreement must be total on every row that is not a float32 near-tie (:func:`clear_rows`), and every top-2
+    gap and output scale must match the reference's to float32 accuracy (they decide which predictions are
+    settled in float64). Cached.
     """
     if platform == "cpu":
         return False  # only interpret mode there: correct but far slower than XLA
     try:
         args = _probe_args(masks, images, num_classes)
-        got = np.asarray(head_argmax_pallas(*args, platform=platform))
-        want = np.asarray(head_argmax_reference(*args))
+        got = [np.asarray(a) for a in head_top2_pallas(*args, platform=platform)]
+        want = [np.asarray(a) for a in head_top2_reference(*args)]
         clear = clear_rows(args)
-        bad = int(((got != want) & clear).sum())
+        off = lambda g, w: np.abs(g - w) > 1e-4 * (1.0 + np.abs(w))
+        bad = int((((got[0] != want[0]) & clear) | off(got[1], want[1]) | off(got[2], want[2])).sum())
         if bad:
             log.warning("Pallas masked-head kernel disagrees with the reference on %d of %d clear rows on %s at "
                         "%d x %d x %d classes; using the JAX reference.", bad, int(clear.sum()), platform, masks,
@@ -98,6 +101,14 @@ def resolve_impl(impl: Impl = "auto", platform: str | None = None, masks: int = 
             return "pallas"
         return "pallas" if pallas_available(platform, masks, images, num_classes) else "reference"
     raise ValueError(f"impl must be 'auto', 'reference' or 'pallas', got {impl!r}")
+
+
+def head_top2(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array, wout: jax.Array,
+              bout: jax.Array, impl: str = "reference", platform: str = "cuda") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(M, N) argmax, top-2 logit gap and output scale of the head's tail (see reference.py); traceable."""
+    if impl == "reference":
+        return head_top2_reference(fc1_pre, c4_pre, w2, b2, wout, bout)
+    return head_top2_pallas(fc1_pre, c4_pre, w2, b2, wout, bout, interpret=(impl == "interpret"), platform=platform)
 
 
 def head_argmax(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array, wout: jax.Array,

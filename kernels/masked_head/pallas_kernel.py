@@ -2,8 +2,9 @@
 
 Grid: (masks, image blocks). Each program takes ``block_n`` images under one mask, computes fc_2 with a
 K-loop (so no 960x160 tile has to sit in on-chip memory at once), adds fc_1, applies relu, then walks the
-classes in blocks of ``class_block`` keeping a running (max, argmax): the (masks x images x classes) logits
-never reach device memory, only (masks x images) int32 predictions do.
+classes in blocks of ``class_block`` keeping a running (max, second max, argmax): the (masks x images x
+classes) logits never reach device memory, only (masks x images) predictions, top-2 gaps and output scales do
+(the gap and scale tell near-ties, which are settled in float64: ``badnet_jax.ties``).
 
 Feature widths are zero-padded to powers of two (Triton's block shapes must be): padded hidden units are
 relu(0 + 0) = 0 with zero weights, and padded classes get a -inf bias, so results are unchanged.
@@ -31,8 +32,8 @@ def _next_pow2(x: int) -> int:
     return 1 << (int(x) - 1).bit_length()
 
 
-def _kernel(fc1_ref, c4_ref, w2_ref, b2_ref, wout_ref, bout_ref, out_ref, *, k_block: int, num_k: int,
-            class_block: int, num_classes_blocks: int):
+def _kernel(fc1_ref, c4_ref, w2_ref, b2_ref, wout_ref, bout_ref, wmax_ref, arg_ref, gap_ref, scale_ref, *,
+            k_block: int, num_k: int, class_block: int, num_classes_blocks: int):
     block_n, hidden_w = fc1_ref.shape[1], fc1_ref.shape[2]
 
     def fc2_step(k, acc):
@@ -44,19 +45,25 @@ def _kernel(fc1_ref, c4_ref, w2_ref, b2_ref, wout_ref, bout_ref, out_ref, *, k_b
     hidden = jnp.maximum(acc + b2_ref[...][None, :] + fc1_ref[0], 0.0)
 
     def class_step(j, carry):
-        best, arg = carry
+        best, second, arg = carry
         start = pl.multiple_of(j * class_block, class_block)
         logits = jnp.dot(hidden, wout_ref[:, pl.ds(start, class_block)], precision=HIGHEST)
         logits = logits + bout_ref[pl.ds(start, class_block)][None, :]
         m = jnp.max(logits, axis=1)
         ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + start
         first = jnp.min(jnp.where(logits == m[:, None], ids, jnp.int32(2**30)), axis=1)  # first max, as argmax
+        m2 = jnp.max(jnp.where(ids == first[:, None], -jnp.inf, logits), axis=1)  # the block's runner-up
         better = m > best  # strict: an earlier block keeps ties
-        return jnp.where(better, m, best), jnp.where(better, first, arg)
+        # Running second max: the loser of (best, m), or the best runner-up seen so far.
+        second = jnp.maximum(jnp.minimum(best, m), jnp.maximum(second, m2))
+        return jnp.where(better, m, best), second, jnp.where(better, first, arg)
 
-    init = (jnp.full((block_n,), -jnp.inf, jnp.float32), jnp.zeros((block_n,), jnp.int32))
-    _, arg = jax.lax.fori_loop(0, num_classes_blocks, class_step, init)
-    out_ref[0, :] = arg
+    minus_inf = jnp.full((block_n,), -jnp.inf, jnp.float32)
+    best, second, arg = jax.lax.fori_loop(0, num_classes_blocks, class_step,
+                                          (minus_inf, minus_inf, jnp.zeros((block_n,), jnp.int32)))
+    arg_ref[0, :] = arg
+    gap_ref[0, :] = best - second
+    scale_ref[0, :] = jnp.sum(hidden * wmax_ref[...][None, :], axis=1)
 
 
 def _pad_to(a: jax.Array, axis: int, size: int, value: float = 0.0) -> jax.Array:
@@ -79,11 +86,12 @@ def compiler_params(platform: str):
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "class_block", "k_block", "interpret", "platform"))
-def head_argmax_pallas(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array, wout: jax.Array,
-                       bout: jax.Array, *, block_n: int = 16, class_block: int = 128, k_block: int = 64,
-                       interpret: bool = False, platform: str = "cuda") -> jax.Array:
-    """(M, N) int32 argmax predictions for fc1_pre (M, N, 160) and c4_pre (M, N, 960); see reference.py.
+def head_top2_pallas(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array, wout: jax.Array,
+                     bout: jax.Array, *, block_n: int = 16, class_block: int = 128, k_block: int = 64,
+                     interpret: bool = False, platform: str = "cuda") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(M, N) argmax, top-2 gap and output scale for fc1_pre (M, N, 160) and c4_pre (M, N, 960); see reference.py.
 
+    The class loop keeps a running max and second max, so the gap costs no second pass over the logits.
     ``platform``: the platform the kernel is lowered for (``cuda``/``rocm``: Triton; ``tpu``: Mosaic TPU);
     ignored with ``interpret``.
     """
@@ -98,11 +106,14 @@ def head_argmax_pallas(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2:
     b2p = _pad_to(b2, 0, hid)
     woutp = _pad_to(_pad_to(wout, 0, hid), 1, c_pad)
     boutp = _pad_to(bout, 0, c_pad, value=-jnp.inf)
+    wmax = _pad_to(jnp.max(jnp.abs(wout), axis=1), 0, hid)
     kernel = functools.partial(_kernel, k_block=k_block, num_k=k_w // k_block, class_block=class_block,
                                num_classes_blocks=c_pad // class_block)
-    out = pl.pallas_call(
+    row = pl.BlockSpec((1, block_n), lambda i, j: (i, j))
+    arg, gap, scale = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n_pad), jnp.int32),
+        out_shape=(jax.ShapeDtypeStruct((m, n_pad), jnp.int32), jax.ShapeDtypeStruct((m, n_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((m, n_pad), jnp.float32)),
         grid=(m, n_pad // block_n),
         in_specs=[
             pl.BlockSpec((1, block_n, hid), lambda i, j: (i, j, 0)),
@@ -111,9 +122,15 @@ def head_argmax_pallas(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2:
             pl.BlockSpec((hid,), lambda i, j: (0,)),
             pl.BlockSpec((hid, c_pad), lambda i, j: (0, 0)),
             pl.BlockSpec((c_pad,), lambda i, j: (0,)),
+            pl.BlockSpec((hid,), lambda i, j: (0,)),
         ],
-        out_specs=pl.BlockSpec((1, block_n), lambda i, j: (i, j)),
+        out_specs=(row, row, row),
         interpret=interpret,
         compiler_params=None if interpret else compiler_params(platform),
-    )(fc1, c4, w2p, b2p, woutp, boutp)
-    return out[:, :n]
+    )(fc1, c4, w2p, b2p, woutp, boutp, wmax)
+    return arg[:, :n], gap[:, :n], scale[:, :n] + jnp.max(jnp.abs(bout))
+
+
+def head_argmax_pallas(*args, **kwargs) -> jax.Array:
+    """The argmax of :func:`head_top2_pallas` alone."""
+    return head_top2_pallas(*args, **kwargs)[0]

@@ -1,4 +1,4 @@
-"""Pure-JAX reference of the masked head's tail + argmax: always available, the default on CPU."""
+"""Pure-JAX reference of the masked head's tail + argmax (and top-2 gap): always available, the default on CPU."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import jax.numpy as jnp
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def head_argmax_reference(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array,
-                          wout: jax.Array, bout: jax.Array) -> jax.Array:
-    """argmax over classes of ``relu(relu(c4_pre) @ w2 + b2 + fc1_pre) @ wout + bout``.
+def head_top2_reference(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array,
+                        wout: jax.Array, bout: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """argmax, top-2 gap and output scale of ``logits = relu(relu(c4_pre) @ w2 + b2 + fc1_pre) @ wout + bout``.
 
     Args:
         fc1_pre: (..., 160) fc_1 pre-activations (bias included).
@@ -19,9 +19,22 @@ def head_argmax_reference(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, 
         wout, bout: output kernel (160, C) and bias (C,).
 
     Returns:
-        (...) int32 class indices (first index on ties, like ``jnp.argmax``).
+        (...) int32 class indices (first index on ties, like ``jnp.argmax``); (...) float32 gap between the two
+        largest logits (0 on an exact tie); (...) float32 scale ``S = hidden . max_c |wout[:, c]| + max |bout|``,
+        the magnitude the float32 error of the logits is measured against (``badnet_jax.ties``).
     """
     lead = (1,) * (fc1_pre.ndim - 1)  # explicit broadcasting: the project runs with rank promotion off
+    hidden = jax.nn.relu(jnp.dot(jax.nn.relu(c4_pre), w2, precision=HIGHEST) + b2.reshape(*lead, -1) + fc1_pre)
+    logits = jnp.dot(hidden, wout, precision=HIGHEST) + bout.reshape(*lead, -1)
+    top2 = jax.lax.top_k(logits, 2)[0]
+    scale = jnp.dot(hidden, jnp.max(jnp.abs(wout), axis=1), precision=HIGHEST) + jnp.max(jnp.abs(bout))
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), top2[..., 0] - top2[..., 1], scale
+
+
+def head_argmax_reference(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array,
+                          wout: jax.Array, bout: jax.Array) -> jax.Array:
+    """The argmax of :func:`head_top2_reference` alone."""
+    lead = (1,) * (fc1_pre.ndim - 1)
     hidden = jnp.dot(jax.nn.relu(c4_pre), w2, precision=HIGHEST) + b2.reshape(*lead, -1) + fc1_pre
     logits = jnp.dot(jax.nn.relu(hidden), wout, precision=HIGHEST) + bout.reshape(*lead, -1)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)

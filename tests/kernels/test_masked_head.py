@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from badnet_jax.kernels.masked_head import api
-from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas
+from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas, head_top2_pallas
 from badnet_jax.kernels.masked_head.reference import head_argmax_reference
 
 
@@ -39,6 +39,28 @@ def test_pallas_interpret_matches_reference(m, n, classes, block_n, class_block)
     np.testing.assert_array_equal(ref, _numpy_argmax(*args))  # the reference itself, in float64
 
 
+def _numpy_top2(fc1, c4, w2, b2, wout, bout):
+    a = [np.asarray(t, np.float64) for t in (fc1, c4, w2, b2, wout, bout)]
+    hidden = np.maximum(np.maximum(a[1], 0) @ a[2] + a[3] + a[0], 0)
+    logits = hidden @ a[4] + a[5]
+    top2 = np.sort(logits, -1)[..., -2:]
+    return top2[..., 1] - top2[..., 0], hidden @ np.abs(a[4]).max(1) + np.abs(a[5]).max()
+
+
+@pytest.mark.parametrize("m,n,classes,block_n,class_block", [
+    (2, 37, 1283, 16, 128),  # runner-up and winner in different class blocks, or the same one
+    (1, 9, 10, 8, 8),
+])
+def test_kernel_keeps_a_running_max_and_second_max(m, n, classes, block_n, class_block):
+    args = _inputs(7 * n + classes, m, n, classes)
+    want_gap, want_scale = _numpy_top2(*args)
+    for arg, gap, scale in (head_top2_pallas(*args, block_n=block_n, class_block=class_block, interpret=True),
+                            api.head_top2(*args, impl="reference")):
+        np.testing.assert_array_equal(np.asarray(arg), _numpy_argmax(*args))
+        np.testing.assert_allclose(np.asarray(gap), want_gap, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(scale), want_scale, rtol=1e-5)
+
+
 def test_ties_resolve_to_the_first_class_like_argmax():
     fc1 = jnp.zeros((1, 3, 160))
     c4 = jnp.zeros((1, 3, 960))
@@ -48,6 +70,7 @@ def test_ties_resolve_to_the_first_class_like_argmax():
     bout = jnp.zeros((300,)).at[jnp.array([5, 140, 290])].set(1.0)  # equal maxima in 3 class blocks
     for impl in ("reference", "interpret"):
         np.testing.assert_array_equal(np.asarray(api.head_argmax(fc1, c4, w2, b2, wout, bout, impl=impl)), [[5, 5, 5]])
+        np.testing.assert_array_equal(np.asarray(api.head_top2(fc1, c4, w2, b2, wout, bout, impl=impl)[1]), [[0, 0, 0]])
 
 
 def test_resolve_impl_on_cpu():
@@ -79,23 +102,27 @@ def test_clear_rows_leave_out_only_near_ties():
 
 def test_probe_requires_every_clear_row_and_falls_back_with_a_warning(monkeypatch, caplog):
     """The probe at the call's shapes: a kernel off on one clear row, or one that fails to lower, is not used."""
-    reference = api.head_argmax_reference
-    monkeypatch.setattr(api, "head_argmax_pallas", lambda *a, platform: reference(*a))
+    reference = api.head_top2_reference
+    monkeypatch.setattr(api, "head_top2_pallas", lambda *a, platform: reference(*a))
     assert api.pallas_available.__wrapped__("cuda", 2, 64, 300)
 
-    def one_off(*a, platform):
-        out = np.asarray(reference(*a)).copy()
-        out[0, 0] = (out[0, 0] + 1) % 300
+    def one_off(*a, platform, which=0, change=lambda v: (v + 1) % 300):
+        out = [np.asarray(t).copy() for t in reference(*a)]
+        out[which][0, 0] = change(out[which][0, 0])
         return out
 
-    monkeypatch.setattr(api, "head_argmax_pallas", one_off)
+    monkeypatch.setattr(api, "head_top2_pallas", one_off)
     assert not api.pallas_available.__wrapped__("cuda", 2, 64, 300)
     assert "disagrees with the reference on 1 of" in caplog.text
+    for which in (1, 2):  # a gap or a scale off decides near-ties wrongly: not used either
+        monkeypatch.setattr(api, "head_top2_pallas", lambda *a, platform, w=which: one_off(
+            *a, platform=platform, which=w, change=lambda v: v * 1.01 + 0.01))
+        assert not api.pallas_available.__wrapped__("cuda", 2, 64, 300)
 
     def broken(*a, platform):
         raise RuntimeError("kernel does not lower here")
 
-    monkeypatch.setattr(api, "head_argmax_pallas", broken)
+    monkeypatch.setattr(api, "head_top2_pallas", broken)
     assert not api.pallas_available.__wrapped__("cuda", 2, 64, 300)
     assert "unavailable on cuda at 2 x 64 x 300 classes (RuntimeError: kernel does not lower here)" in caplog.text
 

@@ -1,0 +1,113 @@
+"""Near-ties settled in float64: the direct masked forward, trunk included, in NumPy on the host.
+
+The sweep flags every prediction whose float32 top-2 gap is within the float32 error bound
+(``badnet_jax.ties``); those, and only those, are recomputed here. The host computes them the same way
+whatever ran the sweep (plain or shortcut strategy, chunk size, device count, CPU or GPU), so the curve
+does not depend on any of them. The float64 forward prunes the way the lab does: conv_3's kernel and bias
+of the pruned channels are zeroed, the whole network runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, Params
+from badnet_jax.ties import TIE_RTOL
+
+
+def _params64(params: Params) -> dict[str, dict[str, np.ndarray]]:
+    return {layer: {k: np.asarray(v, np.float64) for k, v in p.items()} for layer, p in params.items()}
+
+
+def _conv_relu(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    kh, kw = kernel.shape[:2]
+    windows = sliding_window_view(x, (kh, kw), axis=(1, 2))  # (N, H', W', C, kh, kw)
+    return np.maximum(np.tensordot(windows, kernel.transpose(2, 0, 1, 3), axes=3) + bias, 0.0)
+
+
+def _pool(x: np.ndarray) -> np.ndarray:
+    n, h, w, c = x.shape
+    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def logits64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, mask: Optional[np.ndarray] = None) -> np.ndarray:
+    """(N, classes) float64 logits of B, or of B' with conv_3's masked-out channels zeroed (kernel and bias).
+
+    ``divisor``: 1 for a raw-pixel model, 255 for one that takes pixels / 255 (divided in float64).
+    """
+    p = _params64(params)
+    m = np.ones(NUM_POOL3_CHANNELS) if mask is None else np.asarray(mask, np.float64)
+    h = np.asarray(x_NxHxWxC, np.float64) / divisor
+    for layer in ("conv_1", "conv_2"):
+        h = _pool(_conv_relu(h, p[layer]["kernel"], p[layer]["bias"]))
+    pool3 = _pool(_conv_relu(h, p["conv_3"]["kernel"] * m, p["conv_3"]["bias"] * m))
+    n = len(pool3)
+    fc1 = pool3.reshape(n, -1) @ p["fc_1"]["kernel"] + p["fc_1"]["bias"]
+    fc2 = _conv_relu(pool3, p["conv_4"]["kernel"], p["conv_4"]["bias"]).reshape(n, -1) @ p["fc_2"]["kernel"]
+    hidden = np.maximum(fc1 + fc2 + p["fc_2"]["bias"], 0.0)
+    return hidden @ p["output"]["kernel"] + p["output"]["bias"]
+
+
+def settle(params: Params, divisor: float, x_NxHxWxC: np.ndarray, orders_RxC: np.ndarray, preds_RxKxN: np.ndarray,
+           near_RxKxN: np.ndarray) -> tuple[np.ndarray, int]:
+    """The predictions with every flagged one replaced by the float64 answer of its order and step.
+
+    Args:
+        params, divisor: B and its input scale's divisor.
+        x_NxHxWxC: the set's images.
+        orders_RxC: (R, 60) the orders swept.
+        preds_RxKxN, near_RxKxN: the sweep's (R, 61, N) predictions and near-tie flags.
+
+    Returns:
+        (settled predictions, number of predictions recomputed).
+    """
+    flagged = np.argwhere(near_RxKxN)
+    if not len(flagged):
+        return preds_RxKxN, 0
+    out = np.array(preds_RxKxN, copy=True)
+    # One float64 forward per (order, step), over that step's flagged images.
+    steps = {}
+    for r, k, i in flagged.tolist():
+        steps.setdefault((r, k), []).append(i)
+    for (r, k), images in steps.items():
+        mask = np.ones(NUM_POOL3_CHANNELS)
+        mask[orders_RxC[r][:k]] = 0.0
+        out[r, k, images] = logits64(params, np.asarray(x_NxHxWxC)[images], divisor, mask).argmax(-1)
+    return out, len(flagged)
+
+
+def pool3_means64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, batch: int = 256) -> np.ndarray:
+    """(60,) float64 mean pool_3 activation per channel over these images (float64 forward, ``batch`` at a time)."""
+    p = _params64(params)
+    total = np.zeros(NUM_POOL3_CHANNELS)
+    for start in range(0, len(x_NxHxWxC), batch):
+        h = np.asarray(x_NxHxWxC[start:start + batch], np.float64) / divisor
+        for layer in ("conv_1", "conv_2", "conv_3"):
+            h = _pool(_conv_relu(h, p[layer]["kernel"], p[layer]["bias"]))
+        total += h.sum(axis=(0, 1, 2))
+    positions = 1 if not len(x_NxHxWxC) else h.shape[1] * h.shape[2]
+    return total / (max(len(x_NxHxWxC), 1) * positions)
+
+
+def settle_ranking(params: Params, divisor: float, x_NxHxWxC: np.ndarray,
+                   sums_NxC: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The activation ranking with its near-ties settled: (order, mean activations, whether it settled any).
+
+    ``sums_NxC`` are the sweep's float32 per-image channel sums of pool_3 (5 x 4 positions each); summed over
+    the images in float64 they give each channel's mean up to the float32 error of the features and of the
+    20-term sums. Two channels next to each other in that order whose means differ by at most ``TIE_RTOL``
+    times the larger (and are not both exactly 0: channels zero on every image tie exactly, by index) cannot
+    be told apart in float32: then every mean is recomputed from the float64 forward.
+    """
+    sums = np.asarray(sums_NxC, np.float64)
+    mean = sums.sum(axis=0) / (max(len(sums), 1) * POOL3_HWC[0] * POOL3_HWC[1])
+    order = np.argsort(mean, kind="stable")
+    a, b = mean[order[:-1]], mean[order[1:]]
+    close = (b - a <= TIE_RTOL * np.maximum(np.abs(a), np.abs(b))) & ~((a == 0) & (b == 0))
+    if not close.any():
+        return order.astype(np.int32), mean, False
+    mean = pool3_means64(params, x_NxHxWxC, divisor)
+    return np.argsort(mean, kind="stable").astype(np.int32), mean, True

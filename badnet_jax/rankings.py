@@ -1,0 +1,213 @@
+"""Pruning orders of the pool_3 channels, side by side: which ranking gives the best trade-off.
+
+Every ranking is an order of the 60 channels, pruned first to last:
+
+- ``activation``: the lab's (Fine-Pruning): mean pool_3 activation on clean validation data, lowest first;
+- ``clp``: Channel Lipschitzness (Zheng et al., ECCV 2022), data-free: channel c's upper Lipschitz bound is
+  the largest singular value of conv_3's kernel for output channel c as an (in_channels, kh*kw) matrix
+  (DeepID has no batch norm, so no gamma/sigma factor); highest first;
+- ``l1``: L1 norm of conv_3's kernel for output channel c, smallest first;
+- ``random``: R seeded random orders, a baseline (reported as mean and spread);
+- ``anp``: Adversarial Neuron Pruning (``badnet_jax.anp``), smallest mask first;
+- ``order_file``: a user's own order, from a file.
+
+``activation`` and ``anp`` need the ranking set's pool_3 features, so they are computed inside the sweep's
+compiled call (the trunk pass is shared); the others come from the weights, a seed or a file and go in as
+given orders. :func:`resolve_rankings` decides all of that once, into a :class:`RankingPlan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from badnet_jax.anp import ANPConfig
+from badnet_jax.errors import ConfigError
+from badnet_jax.model import NUM_POOL3_CHANNELS, Params
+
+RANKINGS = ("activation", "clp", "l1", "random", "anp", "order_file")
+IN_SWEEP = ("activation", "anp")  # computed inside the compiled sweep from the ranking set's pool_3 features
+GIVEN = "given"  # source of an order computed before the sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingOptions:
+    """Which rankings to sweep, and their settings.
+
+    Attributes:
+        rank_by: ranking names (:data:`RANKINGS`), the first one is the defense's (its cut is the one written).
+        random_orders: R, the number of seeded random orders of ``random``.
+        seed: seed of the random orders and of ANP.
+        order_file: the file of ``order_file`` (60 channel indices: JSON list, whitespace- or comma-separated
+            text, or a curve.json whose ``order`` is used).
+        anp: ANP's hyper-parameters (its seed is replaced by ``seed``).
+    """
+
+    rank_by: tuple[str, ...] = ("activation",)
+    random_orders: int = 5
+    seed: int = 0
+    order_file: Optional[str] = None
+    anp: ANPConfig = ANPConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingPlan:
+    """The orders a sweep evaluates, resolved once.
+
+    Attributes:
+        names: the rankings, in the order asked; ``names[0]`` is the primary one.
+        labels: one per swept order, e.g. ``("activation", "random/0", "random/1")``.
+        sources: per label, where its order comes from: ``activation`` / ``anp`` (inside the sweep) or
+            ``given`` (the next row of ``given``).
+        given: (G, 60) int32 orders computed before the sweep, in label order. Not part of equality or
+            hashing: the compiled sweep takes them as an argument, so a new file or seed does not recompile.
+        anp: ANP's settings (None when not asked).
+    """
+
+    names: tuple[str, ...]
+    labels: tuple[str, ...]
+    sources: tuple[str, ...]
+    given: np.ndarray = dataclasses.field(compare=False, hash=False, repr=False)
+    anp: Optional[ANPConfig] = None
+
+    def rows(self, name: str) -> list[int]:
+        """Indices (into ``labels``) of ranking ``name``'s orders: one, or R for ``random``."""
+        return [i for i, label in enumerate(self.labels) if label.split("/")[0] == name]
+
+    @property
+    def needs_ranking_set(self) -> bool:
+        return any(s in IN_SWEEP for s in self.sources)
+
+    def with_given(self, label: str, order: np.ndarray) -> "RankingPlan":
+        """The same plan with ``label``'s order given (computed already) instead of computed in the sweep."""
+        i = self.labels.index(label)
+        sources = list(self.sources)
+        sources[i] = GIVEN
+        before = sum(1 for s in self.sources[:i] if s == GIVEN)
+        given = np.insert(self.given, before, np.asarray(order, np.int32), axis=0)
+        return dataclasses.replace(self, sources=tuple(sources), given=given)
+
+
+def single(order: Optional[Sequence[int] | np.ndarray]) -> RankingPlan:
+    """The plan of today's one-order sweep: the lab's activation ranking, or ``order`` as given."""
+    if order is None:
+        return RankingPlan(("activation",), ("activation",), ("activation",), np.zeros((0, NUM_POOL3_CHANNELS), np.int32))
+    return RankingPlan(("order",), ("order",), (GIVEN,), check_order(order, "order")[None])
+
+
+def check_order(order, where: str) -> np.ndarray:
+    """``order`` as (60,) int32, refused unless it is a permutation of the 60 pool_3 channels."""
+    try:
+        o = np.asarray(order)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: not an order of channels ({err})") from None
+    if o.shape != (NUM_POOL3_CHANNELS,) or not np.issubdtype(o.dtype, np.integer) or \
+            sorted(o.tolist()) != list(range(NUM_POOL3_CHANNELS)):
+        got = f"shape {o.shape}, dtype {o.dtype}"
+        if o.ndim == 1 and np.issubdtype(o.dtype, np.integer):
+            missing = sorted(set(range(NUM_POOL3_CHANNELS)) - set(o.tolist()))
+            got += f", missing {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else ", a channel repeated"
+        raise ConfigError(f"{where}: an order must be a permutation of the {NUM_POOL3_CHANNELS} pool_3 channels "
+                          f"0..{NUM_POOL3_CHANNELS - 1}, each once ({got})")
+    return o.astype(np.int32)
+
+
+def read_order_file(path: str | Path) -> np.ndarray:
+    """A user's order: 60 channel indices as a JSON list, as text (whitespace or commas), or a curve.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--order_file {path}: {'not a regular file' if path.exists() else 'file not found'}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--order_file {path}: cannot be read as text ({err})") from None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text.replace(",", " ").split()
+    if isinstance(value, dict):
+        if "order" not in value:
+            raise ConfigError(f"--order_file {path}: a JSON object without an 'order' key")
+        value = value["order"]
+    if not isinstance(value, list) or not all(isinstance(v, int) or (isinstance(v, str) and v.isdigit())
+                                              for v in value):
+        raise ConfigError(f"--order_file {path}: expected {NUM_POOL3_CHANNELS} channel indices (integers)")
+    return check_order(np.asarray([int(v) for v in value]), f"--order_file {path}")
+
+
+def _conv3_kernel(params: Params) -> np.ndarray:
+    return np.asarray(params["conv_3"]["kernel"], np.float64)  # (kh, kw, in, out)
+
+
+def clp_scores(params: Params) -> np.ndarray:
+    """(60,) CLP upper bound per conv_3 output channel: the largest singular value of its (in, kh*kw) kernel."""
+    k = _conv3_kernel(params)
+    kh, kw, cin, cout = k.shape
+    per_channel = np.moveaxis(k, 3, 0).reshape(cout, kh * kw, cin).transpose(0, 2, 1)  # (out, in, kh*kw)
+    return np.linalg.svd(per_channel, compute_uv=False)[:, 0]
+
+
+def l1_scores(params: Params) -> np.ndarray:
+    """(60,) L1 norm of conv_3's kernel for each output channel."""
+    return np.abs(_conv3_kernel(params)).sum(axis=(0, 1, 2))
+
+
+def random_orders(count: int, seed: int) -> np.ndarray:
+    """(count, 60) seeded random orders (NumPy's PCG64: the same on every machine)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(NUM_POOL3_CHANNELS) for _ in range(count)]).astype(np.int32).reshape(
+        count, NUM_POOL3_CHANNELS)
+
+
+def _ascending(scores: np.ndarray) -> np.ndarray:
+    return np.argsort(scores, kind="stable").astype(np.int32)
+
+
+def resolve_rankings(options: RankingOptions, params: Params) -> RankingPlan:
+    """Check ``options`` and compute every order that does not need data.
+
+    Raises:
+        ConfigError: an unknown or repeated name, ``random`` with R < 1, ``order_file`` without a file (or a
+            file without ``order_file``), or an unreadable / invalid order file.
+    """
+    names = tuple(options.rank_by)
+    if options.order_file is not None and "order_file" not in names:
+        names = names + ("order_file",)  # giving the file asks for its ranking
+    if not names:
+        raise ConfigError("--rank_by: give at least one ranking")
+    for name in names:
+        if name not in RANKINGS:
+            raise ConfigError(f"--rank_by: unknown ranking {name!r}; choose from {', '.join(RANKINGS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--rank_by: a ranking is given twice ({','.join(names)})")
+    if "random" in names and options.random_orders < 1:
+        raise ConfigError(f"--random_orders must be >= 1, got {options.random_orders}")
+    if "order_file" in names and options.order_file is None:
+        raise ConfigError("--rank_by order_file needs --order_file PATH")
+    labels, sources, given = [], [], []
+    for name in names:
+        if name in IN_SWEEP:
+            labels.append(name)
+            sources.append(name)
+            continue
+        if name == "random":
+            orders = list(random_orders(options.random_orders, options.seed))
+            labels += [f"random/{i}" for i in range(len(orders))]
+        elif name == "clp":
+            orders = [_ascending(-clp_scores(params))]  # highest bound first: stable on the negated scores
+            labels.append(name)
+        elif name == "l1":
+            orders = [_ascending(l1_scores(params))]
+            labels.append(name)
+        else:
+            orders = [read_order_file(options.order_file)]
+            labels.append(name)
+        sources += [GIVEN] * len(orders)
+        given += orders
+    anp = dataclasses.replace(options.anp, seed=options.seed) if "anp" in names else None
+    stacked = np.stack(given).astype(np.int32) if given else np.zeros((0, NUM_POOL3_CHANNELS), np.int32)
+    return RankingPlan(names, tuple(labels), tuple(sources), stacked, anp)

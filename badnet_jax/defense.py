@@ -20,10 +20,11 @@ import numpy as np
 from badnet_jax import metrics
 from badnet_jax.compare import RankingCurve, ranking_curve
 from badnet_jax.curve import Curve, Cut, Finetuned, LabeledPreds, check_drops, evaluate_curve, select_cuts
+from badnet_jax.exact import predict_settled
 from badnet_jax.finetune import FinetuneConfig, finetune
 from badnet_jax.inputs import (DATA_ROLES, InputFiles, Sets, describe_inputs, load_model, load_sets, locate_inputs,
                                peek_sets, sample_clean_valid)
-from badnet_jax.model import BadNet, Params, predict
+from badnet_jax.model import BadNet, Params
 from badnet_jax.outputs import CutModels, check_out_dir, write_results
 from badnet_jax.rankings import RankingOptions, resolve_rankings
 from badnet_jax.scale import SAMPLE, ScaleChoice, choose_input_scale
@@ -117,6 +118,7 @@ def run_defense(config: DefenseConfig) -> Curve:
         log.info("Ranked the 60 channels (%s) and evaluated B' and G at k = 0..60 of %d order(s) on all sets in one "
                  "call: %.2f s%s (%s).", ", ".join(ranking.names), len(ranking.labels), timings["curve (one call)"],
                  "" if compiled is not None else " (compile included)", plan.describe())
+        log.info("Near-ties: %s.", _describe_ties(sweep))
         curve = _curve(config, files, model, sweep, sets)
         if len(ranking.names) > 1:
             curve = dataclasses.replace(curve, rankings=_compare(config, sweep, sets, curve))
@@ -128,8 +130,7 @@ def run_defense(config: DefenseConfig) -> Curve:
             if not cut.crossed:
                 log.warning("Drop %g: validation accuracy never fell that far; keeping all %d channels pruned.",
                             cut.drop, cut.channels_pruned)
-            cut, ft_params = _finetune_cut(model, params, sweep.masks[cut.channels_pruned], sets, config.finetune,
-                                           curve, cut)
+            cut, ft_params = _finetune_cut(model, params, sweep, sets, config.finetune, curve, cut)
             models.append(CutModels(cut, sweep.masks[cut.channels_pruned], ft_params))
         curve = dataclasses.replace(curve, selected=tuple(m.cut for m in models), inputs=described.result(),
                                     versions=_versions())
@@ -141,7 +142,7 @@ def run_defense(config: DefenseConfig) -> Curve:
     if primary:
         write_results(config.out_dir, curve, params, models if config.checkpoints else (), timings,
                       {"input scale": scale.describe(), "sweep": plan.describe(),
-                       "rankings": _describe_rankings(ranking)})
+                       "rankings": _describe_rankings(ranking), "near-ties": _describe_ties(sweep)})
         log.info("Wrote %s (report.md, curve.json, curve.png%s) in %.2f s.", config.out_dir,
                  ", B' and GoodNet models per drop" if config.checkpoints else "", time.perf_counter() - t)
     if jax.process_count() > 1:
@@ -149,6 +150,14 @@ def run_defense(config: DefenseConfig) -> Curve:
 
         multihost_utils.sync_global_devices("badnet-jax: results written")  # the others end after process 0
     return curve
+
+
+def _describe_ties(sweep) -> str:
+    total = sum(p.size for p in sweep.all_preds.values())
+    per_set = ", ".join(f"{name} {count}" for name, count in sweep.settled.items())
+    return (f"{sum(sweep.settled.values())} of {total} predictions had a top-2 logit gap within the float32 error "
+            f"bound and were recomputed in float64 ({per_set}); activation ranking: "
+            f"{'near-ties decided in float64' if sweep.ranking_settled else 'no near-ties'}")
 
 
 def _describe_rankings(ranking) -> str:
@@ -207,20 +216,25 @@ def _compare(config: DefenseConfig, sweep, sets: Sets, curve: Curve) -> dict[str
     return out
 
 
-def _finetune_cut(model: BadNet, params: Params, mask: np.ndarray, sets: Sets, ft: Optional[FinetuneConfig],
-                  curve: Curve, cut: Cut) -> tuple[Cut, Optional[Params]]:
-    """Fine-prune one selected B' on clean validation data (if asked): the cut with its numbers, and the params."""
+def _finetune_cut(model: BadNet, params: Params, sweep, sets: Sets, ft: Optional[FinetuneConfig], curve: Curve,
+                  cut: Cut) -> tuple[Cut, Optional[Params]]:
+    """Fine-prune one selected B' on clean validation data (if asked): the cut with its numbers, and the params.
+
+    G takes B's class from the sweep's k = 0 row, near-ties settled there, and the fine-pruned B''s from a
+    forward whose near-ties are settled the same way, so every GoodNet number has one source for B.
+    """
     if ft is None:
         return cut, None
     t = time.perf_counter()
+    mask = sweep.masks[cut.channels_pruned]
     ft_params, history = finetune(model, params, mask, *sets.data["clean_valid"], ft)
     n = model.num_classes
     g = {}
     for role in ("clean_test", "bd_test"):
         if role in sets.data:
             x, y = sets.data[role]
-            ft_preds = predict(model, ft_params, x, mask)
-            g[role] = (ft_preds, metrics.goodnet_predictions(predict(model, params, x), ft_preds, n), y)
+            ft_preds, _ = predict_settled(model, ft_params, x, mask)
+            g[role] = (ft_preds, metrics.goodnet_predictions(sweep.preds[role][0], ft_preds, n), y)
     acc = float(metrics.accuracy(g["clean_test"][0], g["clean_test"][2]))
     asr = float(metrics.accuracy(g["bd_test"][0], g["bd_test"][2])) if "bd_test" in g else None
     original = curve.original

@@ -1,5 +1,8 @@
 """Near-ties settled in float64: the direct masked forward, trunk included, in NumPy on the host.
 
+:func:`settle` finishes the sweep's predictions, :func:`settle_ranking` its activation ranking, and
+:func:`predict_settled` any single forward (fine-pruned B', GoodNet screening) the same way.
+
 The sweep flags every prediction whose float32 top-2 gap is within the float32 error bound
 (``badnet_jax.ties``); those, and only those, are recomputed here. The host computes them the same way
 whatever ran the sweep (plain or shortcut strategy, chunk size, device count, CPU or GPU), so the curve
@@ -9,13 +12,16 @@ of the pruned channels are zeroed, the whole network runs.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, Params
-from badnet_jax.ties import TIE_RTOL
+from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params
+from badnet_jax.ties import TIE_RTOL, near_tie, top2_gap
 
 
 def _params64(params: Params) -> dict[str, dict[str, np.ndarray]]:
@@ -111,3 +117,38 @@ def settle_ranking(params: Params, divisor: float, x_NxHxWxC: np.ndarray,
         return order.astype(np.int32), mean, False
     mean = pool3_means64(params, x_NxHxWxC, divisor)
     return np.argsort(mean, kind="stable").astype(np.int32), mean, True
+
+
+@functools.lru_cache(maxsize=None)
+def _top2_fn(model: BadNet):
+    def run(params, mask, x):
+        hidden = model.apply({"params": params}, model.apply({"params": params}, x.astype(jnp.float32),
+                                                             method=BadNet.trunk), mask, method=BadNet.hidden)
+        logits = model.apply({"params": params}, hidden, method=lambda m, h: m.output(h))
+        arg, gap = top2_gap(logits)
+        out = params["output"]
+        scale = jnp.dot(hidden, jnp.max(jnp.abs(out["kernel"]), axis=1), precision=jax.lax.Precision.HIGHEST)
+        return arg, near_tie(gap, scale + jnp.max(jnp.abs(out["bias"])))
+    return jax.jit(run)
+
+
+def predict_settled(model: BadNet, params: Params, x_NxHxWxC: np.ndarray, mask: Optional[np.ndarray] = None,
+                    batch: int = 1024) -> tuple[np.ndarray, int]:
+    """(N,) predictions of B (or of B' under a pool_3 mask) with near-ties settled in float64, and how many were.
+
+    The float32 forward runs jitted ``batch`` images at a time; the flagged images run again in float64.
+    """
+    m = np.ones(NUM_POOL3_CHANNELS, np.float32) if mask is None else np.asarray(mask, np.float32)
+    fn = _top2_fn(model)
+    preds, near = [], []
+    for i in range(0, len(x_NxHxWxC), batch):
+        arg, flag = fn(params, jnp.asarray(m), jnp.asarray(x_NxHxWxC[i:i + batch]))
+        preds.append(np.asarray(arg))
+        near.append(np.asarray(flag))
+    if not preds:
+        return np.zeros((0,), np.int32), 0
+    preds, near = np.concatenate(preds), np.concatenate(near)
+    if near.any():
+        divisor = 255.0 if model.input_scale == "255" else 1.0
+        preds[near] = logits64(params, np.asarray(x_NxHxWxC)[near], divisor, m).argmax(-1)
+    return preds, int(near.sum())

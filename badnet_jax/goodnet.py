@@ -12,7 +12,9 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from badnet_jax.exact import predict_settled
 from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params, num_classes_of
 
 
@@ -74,3 +76,13 @@ def make_goodnet(bad_params: Params, pruned_params: Optional[Params] = None,
         "pruning": {"mask": m},
     }
     return GoodNet(num_classes=n, input_scale=input_scale), variables
+
+
+def predict_goodnet(goodnet: GoodNet, variables: dict[str, Any], x_NxHxWxC: np.ndarray) -> tuple[np.ndarray, int]:
+    """G's predictions in [0, N] with B's and B''s near-ties settled in float64 (as the defense's curve does),
+    and how many of their predictions were settled."""
+    p = variables["params"]
+    bad = BadNet(goodnet.num_classes, input_scale=goodnet.input_scale)
+    pred_b, settled_b = predict_settled(bad, p["bad"], x_NxHxWxC)
+    pred_p, settled_p = predict_settled(bad, p["pruned"], x_NxHxWxC, np.asarray(variables["pruning"]["mask"]))
+    return np.where(pred_b == pred_p, pred_b, goodnet.num_classes).astype(np.int32), settled_b + settled_p

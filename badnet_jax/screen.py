@@ -8,6 +8,7 @@ scale is the one the badnet-jax files record, or measured on labelled h5 inputs 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,9 +20,11 @@ from badnet_jax import checkpoint
 from badnet_jax.convert import load_keras, mask_from_zeroed, recorded_input_scale
 from badnet_jax.data import LABEL_IN_NAME, load_image, load_lab_h5
 from badnet_jax.errors import ConfigError, DataFileError, ModelFileError
-from badnet_jax.goodnet import make_goodnet
+from badnet_jax.goodnet import make_goodnet, predict_goodnet
 from badnet_jax.model import Params
 from badnet_jax.scale import choose_input_scale
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -96,5 +99,7 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
         scale = choose_input_scale(model, params, input_scale, recorded or recorded_input_scale(model_path),
                                    x[known], labels[known], source=str(model_path)).scale
         goodnet, variables = make_goodnet(params, pruned_params, mask, input_scale=scale)
-    preds = np.asarray(jax.jit(goodnet.apply)(variables, x))
+    preds, settled = predict_goodnet(goodnet, variables, x)
+    if settled:
+        log.info("%d near-tie prediction(s) of B or B' settled in float64.", settled)
     return list(zip(names, preds.tolist()))

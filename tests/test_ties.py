@@ -1,0 +1,183 @@
+"""Near-ties settled in float64 (issue 15): the curve does not depend on summation order.
+
+The reference is tests/numpy_ref.py (float64 NumPy, no badnet_jax code). Boundary images are bisected
+between two real faces over float32 pixel values until B' (at a given step) sits on its decision boundary;
+every sweep option must then give the float64 network's answer at all 61 steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from badnet_jax import sweep as sw
+from badnet_jax.exact import logits64, settle
+from badnet_jax.sweep import strategies
+from badnet_jax.ties import TIE_RTOL
+from tests import numpy_ref
+
+
+def _mask(order, k):
+    mask = np.ones(60)
+    mask[np.asarray(order)[:k]] = 0
+    return mask
+
+
+def _f64_order(params, x):
+    return np.argsort(numpy_ref.pool3(params, x).mean(axis=(0, 1, 2)), kind="stable")
+
+
+def _boundary(params, a, b, mask):
+    """The float32 image between faces a and b (different classes under ``mask``) with the smallest top-2 gap."""
+    f = lambda x: numpy_ref.forward(params, x[None], mask)[0]
+    ca = f(a).argmax()
+    lo, hi = 0.0, 1.0
+    point = lambda t: (a + t * (b - a)).astype(np.float32)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if np.array_equal(point(mid), point(lo)) or np.array_equal(point(mid), point(hi)):
+            break  # float32 pixels cannot get closer
+        lo, hi = (mid, hi) if f(point(mid)).argmax() == ca else (lo, mid)
+    gap = lambda x: np.diff(np.sort(f(x))[-2:])[0]
+    return min((point(lo), point(hi)), key=gap), min(gap(point(lo)), gap(point(hi)))
+
+
+BOUNDARY_STEPS = {"clean_valid": (0, 48), "bd_valid": (30, 54), "clean_test": (48, 54), "bd_test": (0, 45)}
+POOLS = {"clean_valid": "valid_subset", "bd_valid": "bd_valid_subset", "clean_test": "test_subset",
+         "bd_test": "bd_test_subset"}
+
+
+@pytest.fixture(scope="module")
+def boundary_sets(lab_b, lab_faces):
+    """Each set: its real faces plus two images on B's decision boundary at two steps of the float64 order."""
+    _, params = lab_b
+    order = _f64_order(params, lab_faces["valid_subset"][0])
+    clean = np.concatenate([lab_faces["valid_subset"][0], lab_faces["test_subset"][0]])
+    sets, gaps = {}, []
+    for name, steps in BOUNDARY_STEPS.items():
+        own = lab_faces[POOLS[name]][0].astype(np.float32)
+        extra = []
+        for j, k in enumerate(steps):
+            mask = _mask(order, k)
+            a = own[j]
+            pa = numpy_ref.forward(params, a[None], mask).argmax()
+            b = next(c for c in clean if numpy_ref.forward(params, c[None], mask).argmax() != pa)
+            x, gap = _boundary(params, a, b, mask)
+            extra.append(x)
+            gaps.append(gap)
+        sets[name] = np.concatenate([own, np.stack(extra)])
+    return order, sets, np.array(gaps)
+
+
+def _f64_curve(params, x, order):
+    feats = numpy_ref.pool3(params, x)
+    return np.stack([numpy_ref.head(params, feats, _mask(order, k)).argmax(-1) for k in range(61)])
+
+
+@pytest.mark.parametrize("options", [
+    dataclasses.replace(sw.PLAIN, chunk=5),
+    sw.SweepOptions(dedupe=False, group=False, chunk=64),
+    sw.SweepOptions(group=False, chunk=7),
+    sw.SweepOptions(chunk=16),
+    sw.SweepOptions(batch_steps=4, chunk=16),
+], ids=["plain", "prefix", "dedupe", "grouped", "batched"])
+def test_boundary_images_get_the_float64_answer_at_every_step_whatever_the_option(options, lab_b, boundary_sets):
+    model, params = lab_b
+    order, sets, gaps = boundary_sets
+    assert np.all(gaps < 1e-3), gaps  # they really sit on the boundary (float32 pixels allow about 1e-5)
+    got = sw.rank_and_sweep(model, params, sets, options, order=order)
+    for name, x in sets.items():
+        np.testing.assert_array_equal(got.preds[name], _f64_curve(params, x, order), err_msg=name)
+    assert sum(got.settled.values()) >= len(gaps)  # each boundary image was a near-tie at its step
+
+
+def test_what_reaches_the_head_is_the_float64_preactivation(lab_b, lab_faces, monkeypatch):
+    """Every strategy's fc_1 / conv_4 pre-activations, as fed to the head, at every step of random orders.
+
+    Poisoned faces light up channels that clean faces leave dead, so a shortcut that decided "dead" from the
+    wrong images would add a wrong contribution here (predictions far from a boundary would not show it).
+    """
+    model, params = lab_b
+    xb = lab_faces["bd_valid_subset"][0]
+    x = lab_faces["valid_subset"][0]
+    feats = numpy_ref.pool3(params, xb)
+    p = {k: {kk: np.asarray(vv, np.float64) for kk, vv in v.items()} for k, v in params.items()}
+    records = []
+    real = strategies._head
+
+    def recording(p_, plan, steps, fc1, c4):
+        jax.debug.callback(lambda *a: records.append([np.asarray(v) for v in a]), steps, fc1, c4)
+        return real(p_, plan, steps, fc1, c4)
+
+    monkeypatch.setattr(strategies, "_head", recording)
+    orders = np.stack([np.random.default_rng(s).permutation(60) for s in range(2)])
+    for options in (sw.SweepOptions(dedupe=False, group=False), sw.SweepOptions(group=False),
+                    sw.SweepOptions(group=False, batch_steps=4)):
+        for order in orders:
+            records.clear()
+            # One chunk per set (53 + 47 images, chunks of 53 + 1 odd size): shapes not traced before.
+            sw.rank_and_sweep(model, params, {"clean_valid": x, "bd_valid": xb},
+                              dataclasses.replace(options, chunk=len(xb) + (options.batch_steps or 0) + 1), order=order)
+            jax.effects_barrier()
+            seen = 0
+            for steps, fc1, c4 in records:
+                if fc1.shape[1] != len(xb):
+                    continue  # the clean set's chunk
+                for row, k in enumerate(np.asarray(steps).tolist()):
+                    h = feats * _mask(order, k)
+                    want_fc1 = h.reshape(len(xb), -1) @ p["fc_1"]["kernel"] + p["fc_1"]["bias"]
+                    want_c4 = numpy_ref.conv_valid(h, p["conv_4"]["kernel"], p["conv_4"]["bias"]).reshape(len(xb), -1)
+                    np.testing.assert_allclose(fc1[row], want_fc1, atol=2e-3, rtol=1e-4, err_msg=f"k={k}")
+                    np.testing.assert_allclose(c4[row], want_c4, atol=2e-3, rtol=1e-4, err_msg=f"k={k}")
+                    seen += 1
+            assert seen >= 1 + int((feats.max(axis=(0, 1, 2)) > 0).sum()) // (options.batch_steps or 1)
+
+
+def test_ranking_near_tie_is_settled_in_float64(lab_b, lab_faces):
+    """Two channels whose means float32 cannot tell apart: the order is float64's, and so is the curve."""
+    model, params = lab_b
+    x = lab_faces["valid_subset"][0]
+    means = numpy_ref.pool3(params, x).mean(axis=(0, 1, 2))
+    live = np.flatnonzero(means > 0)
+    i, j = live[0], live[1]
+    # Channel j becomes channel i scaled by (1 + 3e-9): its mean is larger by ~3e-9 relative, far below float32.
+    k3 = np.array(params["conv_3"]["kernel"], np.float64)
+    b3 = np.array(params["conv_3"]["bias"], np.float64)
+    for sign in (1, -1):
+        k3[..., j], b3[j] = k3[..., i] * (1 + sign * 3e-9), b3[i] * (1 + sign * 3e-9)
+        # params hold float64 here: the float32 sweep rounds them to float32 (where i and j are equal), the
+        # float64 settling and the reference keep the difference.
+        tweaked = {**params, "conv_3": {"kernel": k3.copy(), "bias": b3.copy()}}
+        got = sw.rank_and_sweep(model, tweaked, {"clean_valid": x}, sw.SweepOptions(chunk=16))
+        want = _f64_order(tweaked, x)
+        assert (list(want).index(j) > list(want).index(i)) == (sign > 0)
+        np.testing.assert_array_equal(got.order, want)
+        assert got.ranking_settled
+        np.testing.assert_array_equal(got.preds["clean_valid"], _f64_curve(tweaked, x, want))
+
+
+def test_logits64_is_the_float64_network(lab_b, lab_faces):
+    _, params = lab_b
+    x = lab_faces["bd_test_subset"][0]
+    mask = _mask(np.random.default_rng(1).permutation(60), 40)
+    np.testing.assert_allclose(logits64(params, x, 1.0, mask), numpy_ref.forward(params, x, mask), rtol=1e-12,
+                               atol=1e-9)
+    np.testing.assert_allclose(logits64(params, x, 255.0), numpy_ref.forward(params, x.astype(np.float64) / 255), rtol=1e-12,
+                               atol=1e-9)
+
+
+def test_settle_replaces_only_flagged_predictions(lab_b, lab_faces):
+    _, params = lab_b
+    x = lab_faces["test_subset"][0][:4]
+    orders = np.stack([np.arange(60), np.arange(60)[::-1]])
+    preds = np.full((2, 61, 4), -1, np.int32)
+    near = np.zeros((2, 61, 4), bool)
+    near[1, 7, 2] = near[0, 60, 0] = True
+    out, count = settle(params, 1.0, x, orders, preds, near)
+    assert count == 2 and (out[~near] == -1).all()
+    assert out[1, 7, 2] == numpy_ref.forward(params, x[2:3], _mask(orders[1], 7)).argmax()
+    assert out[0, 60, 0] == numpy_ref.forward(params, x[0:1], np.zeros(60)).argmax()
+    assert TIE_RTOL < 1e-4

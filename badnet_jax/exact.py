@@ -18,7 +18,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params
 from badnet_jax.ties import TIE_RTOL, near_tie, top2_gap
@@ -28,10 +27,18 @@ def _params64(params: Params) -> dict[str, dict[str, np.ndarray]]:
     return {layer: {k: np.asarray(v, np.float64) for k, v in p.items()} for layer, p in params.items()}
 
 
-def _conv_relu(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    kh, kw = kernel.shape[:2]
-    windows = sliding_window_view(x, (kh, kw), axis=(1, 2))  # (N, H', W', C, kh, kw)
-    return np.maximum(np.tensordot(windows, kernel.transpose(2, 0, 1, 3), axes=3) + bias, 0.0)
+def _conv_relu(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, batch: int = 64) -> np.ndarray:
+    """relu of the VALID cross-correlation (Keras Conv2D): im2col, one matrix product per ``batch`` images."""
+    kh, kw, cin, cout = kernel.shape
+    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    flat = kernel.reshape(kh * kw * cin, cout)  # HWIO: (i, j, c) rows, the order the patches are stacked in
+    out = np.empty((x.shape[0], oh, ow, cout))
+    for s in range(0, x.shape[0], batch):
+        xb = x[s:s + batch]
+        patches = np.concatenate([xb[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
+        np.matmul(patches, flat, out=out[s:s + batch])
+    out += bias
+    return np.maximum(out, 0.0, out=out)
 
 
 def _pool(x: np.ndarray) -> np.ndarray:
@@ -39,22 +46,40 @@ def _pool(x: np.ndarray) -> np.ndarray:
     return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def pool3_64(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
+    """(N, 5, 4, 60) float64 pool_3 activations of B (pixels 0..255 in, divided by ``divisor``)."""
+    p = _params64(params)
+    h = np.asarray(x_NxHxWxC, np.float64) / divisor
+    for layer in ("conv_1", "conv_2", "conv_3"):
+        h = _pool(_conv_relu(h, p[layer]["kernel"], p[layer]["bias"]))
+    return h
+
+
+def head64(params: Params, pool3_NxHxWxC: np.ndarray, masks_NxC: Optional[np.ndarray] = None) -> np.ndarray:
+    """(N, classes) float64 logits from pool_3 activations with the masked-out channels zeroed.
+
+    ``masks_NxC``: a (60,) mask for every image, or (N, 60) one per image. Zeroing a pool_3 channel is
+    exactly zeroing its conv_3 kernel and bias (relu(0) = 0, max pool of zeros is 0) in float64 too, so
+    this is the lab's pruned network.
+    """
+    p = _params64(params)
+    h = np.asarray(pool3_NxHxWxC, np.float64)
+    if masks_NxC is not None:
+        m = np.asarray(masks_NxC, np.float64)
+        h = h * (m[None, None, None, :] if m.ndim == 1 else m[:, None, None, :])
+    n = len(h)
+    fc1 = h.reshape(n, -1) @ p["fc_1"]["kernel"] + p["fc_1"]["bias"]
+    fc2 = _conv_relu(h, p["conv_4"]["kernel"], p["conv_4"]["bias"]).reshape(n, -1) @ p["fc_2"]["kernel"]
+    hidden = np.maximum(fc1 + fc2 + p["fc_2"]["bias"], 0.0)
+    return hidden @ p["output"]["kernel"] + p["output"]["bias"]
+
+
 def logits64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, mask: Optional[np.ndarray] = None) -> np.ndarray:
-    """(N, classes) float64 logits of B, or of B' with conv_3's masked-out channels zeroed (kernel and bias).
+    """(N, classes) float64 logits of B, or of B' with the masked-out conv_3 channels pruned.
 
     ``divisor``: 1 for a raw-pixel model, 255 for one that takes pixels / 255 (divided in float64).
     """
-    p = _params64(params)
-    m = np.ones(NUM_POOL3_CHANNELS) if mask is None else np.asarray(mask, np.float64)
-    h = np.asarray(x_NxHxWxC, np.float64) / divisor
-    for layer in ("conv_1", "conv_2"):
-        h = _pool(_conv_relu(h, p[layer]["kernel"], p[layer]["bias"]))
-    pool3 = _pool(_conv_relu(h, p["conv_3"]["kernel"] * m, p["conv_3"]["bias"] * m))
-    n = len(pool3)
-    fc1 = pool3.reshape(n, -1) @ p["fc_1"]["kernel"] + p["fc_1"]["bias"]
-    fc2 = _conv_relu(pool3, p["conv_4"]["kernel"], p["conv_4"]["bias"]).reshape(n, -1) @ p["fc_2"]["kernel"]
-    hidden = np.maximum(fc1 + fc2 + p["fc_2"]["bias"], 0.0)
-    return hidden @ p["output"]["kernel"] + p["output"]["bias"]
+    return head64(params, pool3_64(params, x_NxHxWxC, divisor), mask)
 
 
 def settle(params: Params, divisor: float, x_NxHxWxC: np.ndarray, orders_RxC: np.ndarray, preds_RxKxN: np.ndarray,
@@ -74,28 +99,21 @@ def settle(params: Params, divisor: float, x_NxHxWxC: np.ndarray, orders_RxC: np
     if not len(flagged):
         return preds_RxKxN, 0
     out = np.array(preds_RxKxN, copy=True)
-    # One float64 forward per (order, step), over that step's flagged images.
-    steps = {}
-    for r, k, i in flagged.tolist():
-        steps.setdefault((r, k), []).append(i)
-    for (r, k), images in steps.items():
-        mask = np.ones(NUM_POOL3_CHANNELS)
-        mask[orders_RxC[r][:k]] = 0.0
-        out[r, k, images] = logits64(params, np.asarray(x_NxHxWxC)[images], divisor, mask).argmax(-1)
+    # The trunk once per flagged image, then one float64 head call over every flagged (order, step, image).
+    images, which = np.unique(flagged[:, 2], return_inverse=True)
+    feats = pool3_64(params, np.asarray(x_NxHxWxC)[images], divisor)
+    rank_RxC = np.argsort(orders_RxC, axis=1)  # each channel's position in each order
+    masks = (rank_RxC[flagged[:, 0]] >= flagged[:, 1:2]).astype(np.float64)  # step k prunes order[:k]
+    out[flagged[:, 0], flagged[:, 1], flagged[:, 2]] = head64(params, feats[which], masks).argmax(-1)
     return out, len(flagged)
 
 
 def pool3_means64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, batch: int = 256) -> np.ndarray:
     """(60,) float64 mean pool_3 activation per channel over these images (float64 forward, ``batch`` at a time)."""
-    p = _params64(params)
     total = np.zeros(NUM_POOL3_CHANNELS)
     for start in range(0, len(x_NxHxWxC), batch):
-        h = np.asarray(x_NxHxWxC[start:start + batch], np.float64) / divisor
-        for layer in ("conv_1", "conv_2", "conv_3"):
-            h = _pool(_conv_relu(h, p[layer]["kernel"], p[layer]["bias"]))
-        total += h.sum(axis=(0, 1, 2))
-    positions = 1 if not len(x_NxHxWxC) else h.shape[1] * h.shape[2]
-    return total / (max(len(x_NxHxWxC), 1) * positions)
+        total += pool3_64(params, x_NxHxWxC[start:start + batch], divisor).sum(axis=(0, 1, 2))
+    return total / (max(len(x_NxHxWxC), 1) * POOL3_HWC[0] * POOL3_HWC[1])
 
 
 def settle_ranking(params: Params, divisor: float, x_NxHxWxC: np.ndarray,

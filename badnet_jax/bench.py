@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import BadNet, Params, init_params, num_classes_of, prune_params
+from badnet_jax.rankings import RankingOptions, resolve_rankings
 from badnet_jax.sweep import (PLAIN, SweepOptions, compile_sweep, head_evaluations, plan_sweep, prefix_masks,
                               rank_and_sweep, trunk_features)
 
@@ -59,6 +60,9 @@ class BenchConfig:
         scaling: device counts to time the fast sweep on (image axis sharded), e.g. (1, 2, 4).
         ablation: also time the shortcuts one by one (prefix sums alone; with dedupe but no grouping).
         input_scale: the model's input scale (``raw`` or ``255``; the timings hardly depend on it).
+        rankings: also time the fast sweep with these rankings at once (``badnet_jax.rankings``), against
+            the lab's one, e.g. ("activation", "clp", "l1", "random", "anp").
+        random_orders: R of the ``random`` ranking.
     """
 
     n_clean: int = 11547
@@ -71,6 +75,8 @@ class BenchConfig:
     scaling: tuple[int, ...] = ()
     ablation: bool = False
     input_scale: str = "raw"
+    rankings: tuple[str, ...] = ()
+    random_orders: int = 1
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> float:
@@ -101,7 +107,7 @@ def _predict_all(model: BadNet, params: Params, x: jax.Array, chunk: int) -> jax
 
 
 def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean: Optional[np.ndarray] = None,
-                  x_bd: Optional[np.ndarray] = None) -> dict:
+                  x_bd: Optional[np.ndarray] = None, y_clean: Optional[np.ndarray] = None) -> dict:
     """Time the plain forward, the sweeps and the per-step loop; return a JSON-able dict with a summary line."""
     rng = np.random.default_rng(config.seed)
     params = init_params(config.num_classes, seed=config.seed) if params is None else params
@@ -151,6 +157,16 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     trunk = jax.jit(lambda p, a: trunk_features(model, p, a, fast.chunk))
     evaluations = sum(head_evaluations(np.asarray(trunk(params, a)), fast) for a in sets.values())
     out["per_step_loop_s"] = _per_step_loop(model, params, sets, fast.chunk, config, out)
+
+    if config.rankings:
+        plan = resolve_rankings(RankingOptions(rank_by=config.rankings, random_orders=config.random_orders), params)
+        labels = rng.integers(0, n_cls, size=len(x_clean)) if y_clean is None else y_clean
+        run = lambda: rank_and_sweep(model, params, sets, fast, rankings=plan, rank_labels=labels).preds["bd_valid"]
+        run()  # compile
+        out["rankings"] = {"names": list(plan.names), "orders": len(plan.labels), "s": _timed(run, config.repeats)}
+        out["rankings"]["vs_one"] = out["rankings"]["s"] / out["sweep_fast_s"]
+        log.info("%-24s %8.3f s  (%d orders, %.2fx one)", "sweep, rankings", out["rankings"]["s"],
+                 len(plan.labels), out["rankings"]["vs_one"])
 
     for d in config.scaling:
         plan = dataclasses.replace(fast, devices=d)

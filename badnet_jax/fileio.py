@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -163,15 +164,45 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _clean_after_killed_runs(path: Path) -> None:
+    """Undo what a run killed outright (SIGKILL, power loss) left beside ``path``.
+
+    Its temporary folder (``.<name>.<pid>.*.tmp``) is deleted. If it died between moving the earlier results
+    aside (``.<name>.old.<pid>``) and moving the new ones in, the earlier results are put back; if the new
+    ones made it in, the moved-aside folder is deleted. Entries of processes still alive are left alone.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:old\.(\d+)|(\d+)\..*\.tmp)")
+    for entry in path.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if not match or _alive(int(match.group(1) or match.group(2))):
+            continue
+        if match.group(1) and not path.exists():
+            os.replace(entry, path)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Build a directory with ``write(tmp_dir)`` beside ``path``, then swap it in for ``path``.
 
     The old directory (if any) is moved aside first and deleted only once the new one is in place, so an
-    interruption leaves either the old or the new directory under ``path``.
+    interruption leaves either the old or the new directory under ``path``. What a killed earlier run left
+    beside ``path`` is cleaned up first (:func:`_clean_after_killed_runs`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _clean_after_killed_runs(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     old = None
     try:
         # The writer (orbax) may want to create the directory itself.

@@ -240,6 +240,63 @@ def test_atomic_dir_interrupted_keeps_old_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+KILLED_WRITER = r"""
+import os, signal, sys, time
+from pathlib import Path
+from badnet_jax.fileio import atomic_dir
+target, stage = Path(sys.argv[1]), sys.argv[2]
+
+def write(d):
+    d.mkdir()
+    (d / "a").write_text("new")
+    if stage == "writing":
+        print("ready", flush=True)
+        time.sleep(600)
+
+if stage == "swapping":  # killed after moving the earlier results aside, before moving the new ones in
+    real = os.replace
+    def replace(src, dst):
+        real(src, dst)
+        if ".old." in str(dst):
+            print("ready", flush=True)
+            time.sleep(600)
+    os.replace = replace
+atomic_dir(target, write)
+"""
+
+
+@pytest.mark.parametrize("stage", ["writing", "swapping"])
+def test_what_a_sigkilled_run_left_is_cleaned_up_by_the_next(stage, tmp_path):
+    """SIGKILL cannot be caught: the next run removes the killed one's temporary folder, and puts the earlier
+    results back if the killed run had moved them aside."""
+    import signal
+
+    from badnet_jax.fileio import atomic_dir
+
+    target = tmp_path / "results"
+    atomic_dir(target, lambda d: (d.mkdir(), (d / "a").write_text("old")))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target), stage], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and (stage == "writing") == ("results" in left), left  # the mess a kill leaves
+    alive = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "other"), "writing"],
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)  # a live run beside it is left alone
+    assert alive.stdout.readline().strip() == "ready"
+    try:
+        seen = []
+        atomic_dir(target, lambda d: (seen.append((target / "a").read_text()), d.mkdir(), (d / "a").write_text("next")))
+        assert seen == ["old"]  # the earlier results were back in place before the new run wrote
+        assert (target / "a").read_text() == "next"
+        assert sorted(p.name for p in tmp_path.iterdir() if "other" not in p.name) == ["results"]
+        assert [p for p in tmp_path.iterdir() if p.name.startswith(".other.")]  # the live run's temp folder
+    finally:
+        alive.kill()
+        alive.wait(timeout=60)
+
+
 def test_memory_budget_through_the_cli_changes_only_the_chunking(lab_dir):
     # Through the CLI (the budget arithmetic itself: tests/test_sweep.py): a tight budget still gives the same curve (only the chunking changes).
     runs = {}

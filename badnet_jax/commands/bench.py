@@ -41,6 +41,9 @@ ABLATION = flags.DEFINE_bool("ablation", False, "Also time each shortcut on its 
 KERNEL_BLOCK_N = flags.DEFINE_string("kernel_block_n", "", "Also time the masked-head kernel alone at these block_n "
                                       "(e.g. 16,32,64; one head call of 8 masks x 4096 images; for a GPU/TPU: on a "
                                       "CPU the kernel is interpreted, ~20 s per call).")
+RANK_BY = flags.DEFINE_list("rank_by", [], "Also time the sweep with these rankings at once, e.g. "
+                            "activation,clp,l1,random,anp (see badnet-prune --rank_by).")
+RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 1, "R of the 'random' ranking in --rank_by.")
 OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
 
 
@@ -52,7 +55,8 @@ def main(argv: list[str]) -> int:
         config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value,
                              sweep=SweepOptions(impl=IMPL.value, batch_steps=BATCH_STEPS.value, chunk=CHUNK.value),
                              per_step_steps=PER_STEP.value, repeats=REPEATS.value,
-                             scaling=cli.parse_ints("scaling", SCALING.value), ablation=ABLATION.value)
+                             scaling=cli.parse_ints("scaling", SCALING.value), ablation=ABLATION.value,
+                             rankings=tuple(RANK_BY.value), random_orders=RANDOM_ORDERS.value)
         block_ns = cli.parse_ints("kernel_block_n", KERNEL_BLOCK_N.value)
         clean = load_lab_h5(CLEAN_VALID.value, keep_uint8=True) if CLEAN_VALID.value else (None, None)
         x_bd = load_lab_h5(BD_VALID.value, keep_uint8=True)[0] if BD_VALID.value else None
@@ -62,7 +66,7 @@ def main(argv: list[str]) -> int:
             recorded = recorded_input_scale(MODEL.value)
             if SCALE.value != "auto" or clean[0] is not None or recorded is not None:
                 scale = choose_input_scale(model, params, SCALE.value, recorded, *clean, source=MODEL.value).scale
-        result = run_benchmark(dataclasses.replace(config, input_scale=scale), params, clean[0], x_bd)
+        result = run_benchmark(dataclasses.replace(config, input_scale=scale), params, clean[0], x_bd, clean[1])
         if block_ns:
             result["kernel"] = kernel_timings(block_ns=block_ns)
         result["command"] = " ".join(sys.argv)

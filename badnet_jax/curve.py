@@ -142,6 +142,7 @@ class Curve:
             del out["rankings"]
         else:
             out["rankings"] = {name: _plain(r.to_json()) for name, r in self.rankings.items()}
+            out["rank_by"] = list(self.rankings)  # their order (curve.json sorts keys); the first is the defense's
         if self.test_asr_excluding_target is None:
             del out["test_asr_excluding_target"]
         for cut in out["selected"]:
@@ -163,7 +164,8 @@ class Curve:
         kw["targets"] = tuple(d["targets"])
         kw["selected"] = tuple(_cut_from_json(c) for c in d.get("selected", ()))
         if d.get("rankings") is not None:
-            kw["rankings"] = {name: RankingCurve.from_json(r) for name, r in d["rankings"].items()}
+            names = d.get("rank_by", list(d["rankings"]))
+            kw["rankings"] = {name: RankingCurve.from_json(d["rankings"][name]) for name in names}
         return cls(**kw)
 
 

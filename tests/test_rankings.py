@@ -183,6 +183,7 @@ def test_defense_compares_rankings_side_by_side(tmp_path, lab_b):
             for cut, drop in zip(r.selected, drops):
                 assert cut.channels_pruned[i] == _cut(hits["clean_valid"], len(data["clean_valid"][1]), drop)
     written = read_curve_json(tmp_path / "out" / "curve.json")
+    assert list(written.rankings) == ["clp", "activation", "random"]  # the order asked, though the file sorts keys
     for name, r in curve.rankings.items():
         np.testing.assert_array_equal(written.rankings[name].orders, r.orders)
         np.testing.assert_allclose(written.rankings[name].test_asr, r.test_asr)

@@ -171,6 +171,9 @@ def test_defense_compares_rankings_side_by_side(tmp_path, lab_b):
     _, params = lab_b
     data = {role: _read(path) for role, path in files.items()}
     feats = {role: numpy_ref.pool3(params, x) for role, (x, _) in data.items()}
+    # The lab's ranking itself: increasing float64 mean activation on clean validation data, ties by index.
+    np.testing.assert_array_equal(curve.rankings["activation"].orders[0],
+                                  np.argsort(feats["clean_valid"].mean(axis=(0, 1, 2)), kind="stable"))
     for name, r in curve.rankings.items():
         for i, order in enumerate(r.orders):
             hits = {}

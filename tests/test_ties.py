@@ -181,3 +181,21 @@ def test_settle_replaces_only_flagged_predictions(lab_b, lab_faces):
     assert out[1, 7, 2] == numpy_ref.forward(params, x[2:3], _mask(orders[1], 7)).argmax()
     assert out[0, 60, 0] == numpy_ref.forward(params, x[0:1], np.zeros(60)).argmax()
     assert TIE_RTOL < 1e-4
+
+
+def test_goodnet_screening_settles_near_ties_like_the_curve(lab_b, boundary_sets):
+    """G on boundary images (as goodnet_eval.py screens): B's and B''s classes are the float64 network's."""
+    from badnet_jax.goodnet import make_goodnet, predict_goodnet
+
+    _, params = lab_b
+    order, sets, _ = boundary_sets
+    x = np.concatenate(list(sets.values()))
+    settled_any = 0
+    for k in (0, 30, 48):
+        mask = _mask(order, k)
+        goodnet, variables = make_goodnet(params, mask=mask)
+        got, settled = predict_goodnet(goodnet, variables, x)
+        b, b_prime = (numpy_ref.forward(params, x, m).argmax(-1) for m in (None, mask))
+        np.testing.assert_array_equal(got, np.where(b == b_prime, b, 1283))
+        settled_any += settled
+    assert settled_any > 0

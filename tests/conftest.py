@@ -7,7 +7,10 @@ they must be present.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -15,6 +18,15 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The many CLI tests start fresh processes that compile the same programs: they share a persistent compilation
+# cache, new for each test session (set after jax's import, so this process itself compiles as a user's
+# would and its compile-count tests see real compiles).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="badnet-jax-test-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("BADNET_ASSETS", REPO.parent / "shared" / "assets"))

@@ -38,12 +38,12 @@ for options in (sw.PLAIN, sw.SweepOptions(impl="reference")):
 from badnet_jax.anp import ANPConfig
 from badnet_jax.rankings import RankingOptions, resolve_rankings
 y = b.load_lab_h5(A + "/faces/lab3/valid_subset.h5")[1]
-plan = resolve_rankings(RankingOptions(rank_by=("activation", "clp", "random", "anp"), random_orders=2,
+plan = resolve_rankings(RankingOptions(rank_by=("activation", "random", "anp"), random_orders=1,
                                        anp=ANPConfig(steps=3, batch=16)), params)
 options = sw.SweepOptions(impl="reference", chunk=8)
 ref = sw.rank_and_sweep(model, params, sets, options, rankings=plan, rank_labels=y)
 got = sw.rank_and_sweep(model, params, sets, dataclasses.replace(options, devices=3), rankings=plan, rank_labels=y)
-out["rankings"] = bool(np.array_equal(got.orders, ref.orders) and ref.orders.shape == (5, 60)
+out["rankings"] = bool(np.array_equal(got.orders, ref.orders) and ref.orders.shape == (3, 60)
                        and all(np.array_equal(got.all_preds[n], ref.all_preds[n]) for n in sets))
 # Compiled ahead from shapes only, the sharded sweep then runs without compiling again.
 from jax import monitoring

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params
-from badnet_jax.ties import TIE_RTOL, near_tie, top2_gap
+from badnet_jax.ties import TIE_RTOL, output_with_ties
 
 
 def _params64(params: Params) -> dict[str, dict[str, np.ndarray]]:
@@ -140,13 +140,9 @@ def settle_ranking(params: Params, divisor: float, x_NxHxWxC: np.ndarray,
 @functools.lru_cache(maxsize=None)
 def _top2_fn(model: BadNet):
     def run(params, mask, x):
-        hidden = model.apply({"params": params}, model.apply({"params": params}, x.astype(jnp.float32),
-                                                             method=BadNet.trunk), mask, method=BadNet.hidden)
-        logits = model.apply({"params": params}, hidden, method=lambda m, h: m.output(h))
-        arg, gap = top2_gap(logits)
-        out = params["output"]
-        scale = jnp.dot(hidden, jnp.max(jnp.abs(out["kernel"]), axis=1), precision=jax.lax.Precision.HIGHEST)
-        return arg, near_tie(gap, scale + jnp.max(jnp.abs(out["bias"])))
+        feats = model.apply({"params": params}, x.astype(jnp.float32), method=BadNet.trunk)
+        hidden = model.apply({"params": params}, feats, mask, method=BadNet.hidden)
+        return output_with_ties(hidden, params["output"]["kernel"], params["output"]["bias"])
     return jax.jit(run)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 U = 2.0 ** -24  # float32 unit roundoff
 TIE_RTOL = 2 * 64 * U  # ~7.6e-6: see the module docstring
@@ -49,6 +48,12 @@ def top2_gap(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     return arg, jnp.max(logits, axis=-1) - second
 
 
-def near_tie_host(gap: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """:func:`near_tie` on host arrays."""
-    return np.asarray(gap) <= TIE_RTOL * np.asarray(scale)
+def output_with_ties(hidden_NxH: jax.Array, wout_HxC: jax.Array, bout_C: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The output layer on the hidden layer: (N,) predictions and (N,) near-tie flags (traceable).
+
+    The one place S is computed outside the masked-head kernels (which compute the same in their own loops).
+    """
+    logits = jnp.dot(hidden_NxH, wout_HxC, precision=jax.lax.Precision.HIGHEST) + bout_C[None, :]
+    arg, gap = top2_gap(logits)
+    scale = jnp.dot(hidden_NxH, jnp.max(jnp.abs(wout_HxC), axis=1), precision=jax.lax.Precision.HIGHEST)
+    return arg, near_tie(gap, scale + jnp.max(jnp.abs(bout_C)))

@@ -26,7 +26,7 @@ from badnet_jax.model import BadNet, Params
 from badnet_jax.sweep.chunks import chunk_starts, map_chunks
 from badnet_jax.sweep.plan import STEPS, SweepPlan
 from badnet_jax.sweep.prefix import alive_groups, prefix_masks, reverse_steps, step_aliases, step_preactivations
-from badnet_jax.ties import near_tie, top2_gap
+from badnet_jax.ties import near_tie, output_with_ties
 
 ChunkFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -48,14 +48,10 @@ def _head(p: Params, plan: SweepPlan, steps: jax.Array, fc1: jax.Array, c4: jax.
 
 def _plain(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
     masks = prefix_masks(order)
-    wmax = jnp.max(jnp.abs(p["output"]["kernel"]), axis=1)
 
     def one(feats, mask):
         hidden = model.apply({"params": p}, feats, mask, method=BadNet.hidden)
-        logits = model.apply({"params": p}, hidden, method=lambda m, h: m.output(h))
-        arg, gap = top2_gap(logits)
-        scale = jnp.dot(hidden, wmax, precision=jax.lax.Precision.HIGHEST) + jnp.max(jnp.abs(p["output"]["bias"]))
-        return arg, near_tie(gap, scale)
+        return output_with_ties(hidden, p["output"]["kernel"], p["output"]["bias"])
     return lambda feats: jax.vmap(one, in_axes=(None, 0))(feats, masks)
 
 

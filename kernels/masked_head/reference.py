@@ -36,8 +36,5 @@ def head_top2_reference(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2
 
 def head_argmax_reference(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array,
                           wout: jax.Array, bout: jax.Array) -> jax.Array:
-    """The argmax of :func:`head_top2_reference` alone."""
-    lead = (1,) * (fc1_pre.ndim - 1)
-    hidden = jnp.dot(jax.nn.relu(c4_pre), w2, precision=HIGHEST) + b2.reshape(*lead, -1) + fc1_pre
-    logits = jnp.dot(jax.nn.relu(hidden), wout, precision=HIGHEST) + bout.reshape(*lead, -1)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    """The argmax of :func:`head_top2_reference` alone (under jit the gap and scale are never computed)."""
+    return head_top2_reference(fc1_pre, c4_pre, w2, b2, wout, bout)[0]

@@ -6,9 +6,14 @@ previous checkpoint (or nothing), never a half-written one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
+import re
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -49,24 +54,92 @@ def _checkpointer() -> ocp.StandardCheckpointer:
         ocp.StandardCheckpointer()
 
 
+# tensorstore reports a failed write (ENOSPC, EACCES, ...) as ValueError("RESOURCE_EXHAUSTED: ...
+# [os_error_code='28']"); the number is turned back into an OSError so writers report it like any other.
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+def _quiet_closed_event_loop() -> None:
+    """Drop, from now on, the "Event loop is closed" RuntimeErrors that a failed orbax call leaves behind.
+
+    When a save or restore fails, orbax raises on the first failed operation and closes its asyncio loop;
+    tensorstore's other operations finish later and call ``loop.call_soon_threadsafe`` on the closed loop from
+    their threads, and Python prints each as a traceback (through ``sys.unraisablehook``), long after the real
+    error was reported (sometimes before it: the filter goes in before the first orbax call). Installed
+    once; every other unraisable exception goes on to the hook that was there before.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_badnet_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        err = unraisable.exc_value
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._badnet_quiet = True
+    sys.unraisablehook = hook
+
+
+def _check_room(folder: Path, state: dict, path: Path) -> None:
+    """ENOSPC before orbax starts if ``folder``'s file system cannot hold ``state``: a save that fails midway
+    leaves tensorstore writing in the background (see :func:`fileio.atomic_dir`)."""
+    need = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state)) + (64 << 10)
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return
+    if st.f_bavail * st.f_frsize < need:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@contextlib.contextmanager
+def _orbax_errors_unlogged() -> Iterator[None]:
+    # A failed save makes orbax's threads log the same error with its traceback three times (through absl's
+    # logger) before the exception arrives here; the exception alone is reported, once, by the caller.
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl_log.setLevel(level)
+
+
 def _save(path: Path, state: dict) -> Path:
     def write(tmp: Path) -> None:
-        with _checkpointer() as ckptr:
-            ckptr.save(tmp.resolve(), jax.tree.map(np.asarray, state))
-            ckptr.wait_until_finished()
+        _check_room(tmp.parent, state, path)
+        _quiet_closed_event_loop()
+        try:
+            with _orbax_errors_unlogged(), _checkpointer() as ckptr:
+                ckptr.save(tmp.resolve(), jax.tree.map(np.asarray, state))
+                ckptr.wait_until_finished()
+        except (ValueError, RuntimeError) as err:
+            code = _OS_ERROR_CODE.search(str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
     return fileio.atomic_dir(path, write)
 
 
 def _restore(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory not found")
+    path = fileio.require_dir(path, CheckpointError, "checkpoint folder")
+    _quiet_closed_event_loop()
     try:
         with _checkpointer() as ckptr:
             return ckptr.restore(path.resolve())
     except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: not a readable orbax checkpoint ({err})") from None
+        raise CheckpointError(f"{path}: not a readable orbax checkpoint ({_first_words(err)}); truncated or "
+                              "corrupted?") from None
+
+
+def _first_words(err: BaseException, limit: int = 300) -> str:
+    # tensorstore appends its whole JSON spec ("[tensorstore_spec='{...}']", ~700 characters) to every error.
+    text = str(err).split(" [tensorstore_spec=")[0].strip().splitlines()
+    text = text[0] if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def save_badnet(path: str | os.PathLike, params: Params, mask: Optional[jax.Array] = None,

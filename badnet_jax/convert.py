@@ -359,29 +359,28 @@ def save_keras(params: Params, path: str | os.PathLike, input_scale: str = "raw"
                                      f"expected {shapes[layer][what]}")
             arrays[layer, what] = arr
 
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["backend"] = "tensorflow"
-            f.attrs["keras_version"] = keras_version
-            f.attrs[INPUT_SCALE_ATTR] = input_scale
-            root = f
-            if full_model:
-                f.attrs["model_config"] = model_config_json(num_classes)
-                root = f.create_group("model_weights")
-            root.attrs["backend"] = "tensorflow"
-            root.attrs["keras_version"] = keras_version
-            root.attrs["layer_names"] = np.array([n.encode() for n in KERAS_LAYER_NAMES])
-            for name in KERAS_LAYER_NAMES:
-                g = root.create_group(name)
-                if name in WEIGHT_LAYERS:
-                    g.attrs["weight_names"] = np.array([f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()])
-                    inner = g.create_group(name)
-                    inner.create_dataset("kernel:0", data=arrays[name, "kernel"])
-                    inner.create_dataset("bias:0", data=arrays[name, "bias"])
-                else:
-                    g.attrs["weight_names"] = np.array([], dtype=np.float64)
+    def build(f: h5py.File) -> None:
+        f.attrs["backend"] = "tensorflow"
+        f.attrs["keras_version"] = keras_version
+        f.attrs[INPUT_SCALE_ATTR] = input_scale
+        root = f
+        if full_model:
+            f.attrs["model_config"] = model_config_json(num_classes)
+            root = f.create_group("model_weights")
+        root.attrs["backend"] = "tensorflow"
+        root.attrs["keras_version"] = keras_version
+        root.attrs["layer_names"] = np.array([n.encode() for n in KERAS_LAYER_NAMES])
+        for name in KERAS_LAYER_NAMES:
+            g = root.create_group(name)
+            if name in WEIGHT_LAYERS:
+                g.attrs["weight_names"] = np.array([f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()])
+                inner = g.create_group(name)
+                inner.create_dataset("kernel:0", data=arrays[name, "kernel"])
+                inner.create_dataset("bias:0", data=arrays[name, "bias"])
+            else:
+                g.attrs["weight_names"] = np.array([], dtype=np.float64)
 
-    fileio.atomic_write(path, write)
+    fileio.atomic_write_h5(path, build)
     return path
 
 

@@ -170,14 +170,13 @@ def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray,
     if len(y) != len(x):
         raise DataFileError(f"{path}: {len(x)} images but {len(y)} labels")
 
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("data", data=np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 3, 1, 2))
-            f.create_dataset("label", data=np.asarray(y, np.float64))
-            if true_label is not None:
-                f.create_dataset("true_label", data=np.asarray(true_label, np.int32))
+    def build(f: h5py.File) -> None:
+        f.create_dataset("data", data=np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 3, 1, 2))
+        f.create_dataset("label", data=np.asarray(y, np.float64))
+        if true_label is not None:
+            f.create_dataset("true_label", data=np.asarray(true_label, np.int32))
 
-    return fileio.atomic_write(path, write)
+    return fileio.atomic_write_h5(path, build)
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -187,9 +186,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataFileError(f"{path}: image file not found")
+    path = fileio.require_file(path, DataFileError, "image file")
     try:
         with Image.open(path) as im:
             # The header's size is checked before the pixels are decoded: no decompression bomb gets loaded.
@@ -217,9 +214,7 @@ def load_trigger(path: str | os.PathLike) -> np.ndarray:
     """Read an RGBA trigger image as (H, W, 4) uint8."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataFileError(f"{path}: trigger file not found")
+    path = fileio.require_file(path, DataFileError, "trigger file")
     try:
         with Image.open(path) as im:
             if im.size[0] * im.size[1] > 4096 * 4096:

@@ -25,7 +25,7 @@ from badnet_jax.finetune import FinetuneConfig, finetune
 from badnet_jax.inputs import (DATA_ROLES, InputFiles, Sets, describe_inputs, load_model, load_sets, locate_inputs,
                                peek_sets, sample_clean_valid)
 from badnet_jax.model import BadNet, Params
-from badnet_jax.outputs import CutModels, check_out_dir, write_results
+from badnet_jax.outputs import CutModels, check_out_dir, check_space, write_results
 from badnet_jax.rankings import RankingOptions, resolve_rankings
 from badnet_jax.scale import SAMPLE, ScaleChoice, choose_input_scale
 from badnet_jax.sweep import SweepOptions, compile_sweep, plan_sweep, rank_and_sweep
@@ -83,6 +83,8 @@ def run_defense(config: DefenseConfig) -> Curve:
     t = time.perf_counter()
     files = locate_inputs(config.model, {r: getattr(config, r) for r in DATA_ROLES})
     model, params, recorded = load_model(files)
+    if primary and config.checkpoints:
+        check_space(config.out_dir, params, config.drops, config.finetune is not None)
     ranking = resolve_rankings(config.rankings, params)
     # Overlapped: the images load in one thread and the sweep compiles in the other (XLA compiles without the
     # GIL) while the main thread decides the input scale on a sample read ahead; later the inputs are hashed

@@ -25,3 +25,7 @@ class ConfigError(BadNetError):
 
 class CheckpointError(BadNetError):
     """An orbax checkpoint is missing or does not hold what badnet-jax wrote."""
+
+
+class OutputError(BadNetError):
+    """Results could not be written (a full disk, a folder that went read-only or away mid-run)."""

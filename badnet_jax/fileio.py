@@ -7,11 +7,15 @@ the previous file or the complete new one, never a half-written file, whatever i
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import os
 import re
 import shutil
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,11 +27,7 @@ from badnet_jax.errors import BadNetError
 @contextlib.contextmanager
 def open_h5(path: str | os.PathLike, error: type[BadNetError]) -> Iterator[h5py.File]:
     """Open an HDF5 file read-only, turning every way it can be unreadable into ``error``."""
-    path = Path(path)
-    if not path.exists():
-        raise error(f"{path}: file not found")
-    if not path.is_file():
-        raise error(f"{path}: is not a regular file")
+    path = require_file(path, error)
     try:
         is_h5 = h5py.is_hdf5(path)
     except OSError as err:
@@ -42,6 +42,59 @@ def open_h5(path: str | os.PathLike, error: type[BadNetError]) -> Iterator[h5py.
         yield f
     finally:
         f.close()
+
+
+def require_file(path: str | os.PathLike, error: type[BadNetError], what: str = "file") -> Path:
+    """``path`` as a Path if it is a readable regular file, else ``error`` saying exactly what it is instead.
+
+    Tells apart what ``Path.is_file()`` lumps together as "not found": a dangling or looping symbolic link, a
+    folder, a named pipe (reading one could block forever, so it is never opened), a device or socket, a path
+    through something that is not a folder, and a file this user may not read.
+    """
+    path = Path(path)
+    kind = _stat_kind(path, error, what)
+    if kind != "file":
+        raise error(f"{path}: is {kind}, not a regular {what}")
+    if not os.access(path, os.R_OK):
+        raise error(f"{path}: permission denied (this user cannot read the {what})")
+    return path
+
+
+def require_dir(path: str | os.PathLike, error: type[BadNetError], what: str = "folder") -> Path:
+    """``path`` as a Path if it is a folder, else ``error`` saying what it is instead (see :func:`require_file`)."""
+    path = Path(path)
+    kind = _stat_kind(path, error, what)
+    if kind != "a folder":
+        raise error(f"{path}: is {'a file' if kind == 'file' else kind}, not a {what}")
+    return path
+
+
+def _stat_kind(path: Path, error: type[BadNetError], what: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise error(f"{path}: is a dangling symbolic link (it leads to {os.path.realpath(path)}, which does not "
+                        "exist)") from None
+        raise error(f"{path}: {what} not found") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise error(f"{path}: too many levels of symbolic links (a link loop, or a chain longer than the system "
+                        f"follows); cannot reach the {what}") from None
+        if err.errno == errno.ENOTDIR:
+            raise error(f"{path}: {what} not found (a component of the path is a file, not a folder)") from None
+        if err.errno == errno.EACCES:
+            raise error(f"{path}: permission denied (a folder on the way cannot be searched)") from None
+        raise error(f"{path}: cannot be reached ({err.strerror or err})") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO; never read, it could block forever)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
 
 
 MAX_LINK_HOPS = 32
@@ -148,6 +201,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def atomic_write_h5(path: str | os.PathLike, build: Callable[[h5py.File], None]) -> Path:
+    """Build an HDF5 file in memory with ``build(f)``, then write its bytes to ``path`` atomically.
+
+    HDF5 does not survive a full disk well (errors raised in deallocators, then a segmentation fault): built
+    in memory, the only write to disk is a plain one whose ``OSError`` (ENOSPC) the caller can report.
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        build(f)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -217,12 +282,27 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         if old is not None and not path.exists():
             os.replace(old, path)
             old = None
+        _remove_settled(tmp)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _remove_settled(tmp: Path, quiet_s: float = 0.3, max_s: float = 10.0) -> None:
+    """Remove ``tmp`` and keep removing it until it stays gone for ``quiet_s`` (at most ``max_s``).
+
+    After a failed orbax save, tensorstore's writes still in flight re-create their parent folders (the whole
+    chain up to ``tmp``) after a first removal; a failed run must not leave them behind.
+    """
+    deadline = time.monotonic() + max_s
+    while True:
+        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(quiet_s)
+        if not os.path.lexists(tmp) or time.monotonic() > deadline:
+            return
 
 
 def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -77,7 +77,8 @@ def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> In
         paths = given
     else:
         paths = {r: p for r, p in defaults.items() if r in CLEAN_ROLES or p.exists()}
-    missing = [f"{r} ({p})" for r, p in paths.items() if not p.exists()]
+    # lexists: a dangling or looping link is "there"; reading it then says what is wrong with it.
+    missing = [f"{r} ({p})" for r, p in paths.items() if not os.path.lexists(p)]
     if missing:
         raise ConfigError(f"data files not found: {', '.join(missing)}")
     if model_path is None:

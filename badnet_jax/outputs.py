@@ -9,17 +9,19 @@ folder is replaced, :func:`check_out_dir` refuses up front a folder that holds a
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
 from badnet_jax import checkpoint, fileio, report
 from badnet_jax.convert import save_keras
 from badnet_jax.curve import Curve, Cut
-from badnet_jax.errors import ConfigError
+from badnet_jax.errors import ConfigError, OutputError
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.model import Params, prune_params
 
@@ -63,6 +65,35 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+# What one cut's folder takes, in multiples of B's parameter bytes: B' as h5 and as a checkpoint (1 + 1), the
+# GoodNet checkpoint (B and B', 2); fine-pruning doubles it. Measured on the demo: 3.8x (orbax compresses).
+_PARAM_COPIES_PER_CUT = 4
+_FIXED_BYTES = 256 << 10  # report.md, curve.json and the plots: ~100 KB, with room to spare
+
+
+def check_space(out_dir: str | os.PathLike, params: Params, drops: Sequence[float], finetune: bool) -> int:
+    """The bytes the results will take, refused before any work if the file system has less free.
+
+    Raises:
+        ConfigError: less free space under ``out_dir`` than the results need (with both numbers).
+    """
+    out = Path(out_dir).resolve()
+    param_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(params))
+    copies = _PARAM_COPIES_PER_CUT * (2 if finetune else 1)
+    need = len(set(drops)) * copies * param_bytes + _FIXED_BYTES
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:
+        st = os.statvfs(existing)
+    except OSError:
+        return need  # no statvfs (an exotic file system): the writes themselves will tell
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise ConfigError(f"--out_dir {out_dir}: the results need about {need / 2**20:.1f} MiB but only "
+                          f"{free / 2**20:.1f} MiB are free there; free some space or choose another folder "
+                          "(or --nocheckpoints: no models, about 1 MiB)")
+    return need
+
+
 def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, models: Sequence[CutModels],
                   timings: Mapping[str, float], details: Optional[Mapping[str, str]] = None) -> Path:
     """Write report.md, curve.json, curve.png (rankings.png with several rankings) and each cut's models, all
@@ -92,4 +123,28 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, mode
         report.write_report_md(tmp / "report.md", curve, timings, details)
         report.write_curve_json(tmp / "curve.json", curve)
 
-    return fileio.atomic_dir(out_dir, write)
+    try:
+        return fileio.atomic_dir(out_dir, write)
+    except OSError as err:
+        raise OutputError(_write_failed(out_dir, err)) from None
+    except Exception as err:  # noqa: BLE001 - orbax wraps the file system's OSError in its own exceptions
+        cause = _os_error_in(err)
+        if cause is None:
+            raise
+        raise OutputError(_write_failed(out_dir, cause)) from None
+
+
+def _os_error_in(err: BaseException) -> Optional[OSError]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _write_failed(out_dir: str | os.PathLike, err: OSError) -> str:
+    why = "no space left on the device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+    return (f"--out_dir {out_dir}: the results could not be written ({why}); nothing of this run was kept and "
+            "the folder holds what it held before")

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from badnet_jax import fileio
 from badnet_jax.anp import ANPConfig
 from badnet_jax.errors import ConfigError
 from badnet_jax.model import NUM_POOL3_CHANNELS, Params
@@ -118,9 +119,10 @@ def check_order(order, where: str) -> np.ndarray:
 
 def read_order_file(path: str | Path) -> np.ndarray:
     """A user's order: 60 channel indices as a JSON list, as text (whitespace or commas), or a curve.json."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--order_file {path}: {'not a regular file' if path.exists() else 'file not found'}")
+    try:
+        path = fileio.require_file(path, ConfigError, "order file")
+    except ConfigError as err:
+        raise ConfigError(f"--order_file {err}") from None
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:

@@ -9,7 +9,6 @@ traceback, and the earlier results byte-identical with nothing left beside them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -205,3 +205,76 @@ def test_decompression_bomb_png_is_refused(tmp_path):
 
 def test_all_errors_share_one_family():
     assert issubclass(ModelFileError, BadNetError) and issubclass(DataFileError, BadNetError)
+
+
+def _huge_png(path, width, height):
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def _declared(path, shapes):
+    """An h5 whose datasets declare ``shapes`` (chunked, never written: a few KB on disk)."""
+    with h5py.File(path, "w") as f:
+        for name, (shape, dtype) in shapes.items():
+            if np.prod(shape, dtype=float) < 1e6:
+                f.create_dataset(name, data=np.zeros(shape, dtype))
+            else:
+                f.create_dataset(name, shape=shape, dtype=dtype, chunks=tuple(min(s, 64) for s in shape))
+    return path
+
+
+HUGE = 10**10
+
+
+@pytest.mark.parametrize("case", ["images", "labels", "true_labels", "output_layer", "keras_config", "png", "trigger"])
+def test_a_huge_declared_size_is_refused_naming_the_file(tmp_path, model_bytes, case):
+    """Headers that declare far more than the file holds: refused from the header, the message names the file."""
+    import signal
+    import zipfile
+
+    from badnet_jax.data import load_trigger, load_true_labels
+
+    img = (3, 3, 55, 47), np.uint8
+    if case == "images":
+        path, read = _declared(tmp_path / "d.h5", {"data": ((HUGE, 3, 55, 47), np.uint8),
+                                                   "label": ((HUGE,), np.float32)}), load_lab_h5
+    elif case == "labels":
+        path, read = _declared(tmp_path / "d.h5", {"data": img, "label": ((HUGE,), np.float32)}), load_lab_h5
+    elif case == "true_labels":
+        path = _declared(tmp_path / "d.h5", {"data": img, "label": ((3,), np.float32),
+                                             "true_label": ((HUGE,), np.int64)})
+        read = load_true_labels
+    elif case == "output_layer":
+        path, read = _write(tmp_path, "m.h5", model_bytes), load_keras
+        with h5py.File(path, "r+") as f:
+            for name, shape in (("output/output/kernel:0", (160, HUGE)), ("output/output/bias:0", (HUGE,))):
+                del f[name]
+                f.create_dataset(name, shape=shape, dtype=np.float32, chunks=tuple(min(s, 64) for s in shape))
+    elif case == "keras_config":
+        path, read = tmp_path / "m.keras", load_keras
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("config.json", b" " * (64 << 20))  # 64 MiB of spaces: ~64 KB compressed
+            z.writestr("model.weights.h5", model_bytes)
+    else:
+        path = _huge_png(tmp_path / "x.png", 200_000, 200_000)
+        read = load_image if case == "png" else load_trigger
+
+    def alarm(signum, frame):
+        raise TimeoutError("reading a huge declared size took over 20 s")
+
+    signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(20)
+    try:
+        with pytest.raises(BadNetError) as err:
+            read(path)
+    finally:
+        signal.alarm(0)
+    assert str(path) in str(err.value)

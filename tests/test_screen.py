@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from badnet_jax import DataFileError, load_images, load_keras
 from badnet_jax.screen import screen
@@ -100,3 +102,64 @@ def test_goodnet_checkpoint_of_a_2020_badnet_screens_quietly_at_its_scale(tmp_pa
     assert [p for _, p in via_files] == got
     with pytest.raises(Exception, match="GoodNet checkpoint; pass it as --goodnet"):
         screen(model, out / "drop_30" / "goodnet_ckpt", faces)
+
+
+@pytest.fixture(scope="module")
+def demo_goodnet_ckpt(tmp_path_factory):
+    from badnet_jax import checkpoint
+    from badnet_jax.demo import DEMO_MODEL
+    from badnet_jax.goodnet import make_goodnet
+
+    _, params = load_keras(DEMO_MODEL)
+    mask = np.ones(60, np.float32)
+    mask[:30] = 0
+    variables = make_goodnet(params, mask=mask)[1]
+    return checkpoint.save_goodnet(tmp_path_factory.mktemp("g") / "goodnet_ckpt", variables), variables
+
+
+def _damaged_copy(src, dst, rel, size):
+    import shutil
+
+    shutil.copytree(src, dst)
+    if size is None:
+        (dst / rel).unlink()
+    else:
+        with open(dst / rel, "r+b") as f:
+            f.truncate(size)
+    return dst
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_damaged_checkpoint_restores_exactly_or_is_refused(tmp_path, demo_goodnet_ckpt, data):
+    """Any file of a GoodNet checkpoint truncated or removed: the same variables come back, or CheckpointError."""
+    import jax
+
+    from badnet_jax import checkpoint
+    from badnet_jax.errors import CheckpointError
+
+    src, variables = demo_goodnet_ckpt
+    files = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+    rel = data.draw(st.sampled_from(files))
+    full = (src / rel).stat().st_size
+    size = data.draw(st.one_of(st.none(), st.integers(0, max(full - 1, 0))))
+    damaged = _damaged_copy(src, tmp_path / f"c{len(list(tmp_path.iterdir()))}", rel, size)
+    try:
+        _, got = checkpoint.restore_goodnet(damaged)
+    except CheckpointError as err:
+        assert str(damaged) in str(err) and "tensorstore_spec" not in str(err) and len(str(err)) < 600
+        return
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_truncated_checkpoint_is_one_line_for_the_user(tmp_path, demo_goodnet_ckpt):
+    src, _ = demo_goodnet_ckpt
+    biggest = max((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    damaged = _damaged_copy(src, tmp_path / "c", biggest.relative_to(src), 100)
+    face = sorted(asset("faces/png").glob("*.png"))[0]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "goodnet_eval.py"), str(face), "--goodnet",
+                           str(damaged)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {damaged}: not a readable orbax checkpoint")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr  # no asyncio noise

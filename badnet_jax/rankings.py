@@ -188,6 +188,9 @@ def resolve_rankings(options: RankingOptions, params: Params) -> RankingPlan:
         raise ConfigError(f"--rank_by: a ranking is given twice ({','.join(names)})")
     if "random" in names and options.random_orders < 1:
         raise ConfigError(f"--random_orders must be >= 1, got {options.random_orders}")
+    if "anp" in names and options.anp.steps < 1:
+        raise ConfigError(f"--anp_steps must be >= 1 (with none, every mask stays 1 and the order says nothing), "
+                          f"got {options.anp.steps}")
     if "order_file" in names and options.order_file is None:
         raise ConfigError("--rank_by order_file needs --order_file PATH")
     labels, sources, given = [], [], []

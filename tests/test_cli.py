@@ -105,3 +105,37 @@ def test_console_entry_points_work_outside_the_repository(tmp_path):
                            str(asset("models/lab3_repaired/full_model_drop30.h5"))],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 13, proc.stderr
+
+
+_SWALLOWED = """
+import gc, os, signal, sys
+from pathlib import Path
+from badnet_jax import cli, fileio
+
+out = Path(sys.argv[1])
+
+class Collected:  # a signal that lands in a __del__ run by the garbage collector is only printed by Python
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+def main():
+    a, b = Collected(), Collected()
+    a.other, b.other = b, a  # a cycle: only gc.collect() runs the __del__
+    del a, b
+    gc.collect()
+    fileio.atomic_write_text(out, "new")  # the results of a run that was interrupted: never swapped in
+    return 0
+
+sys.exit(cli.run(main))
+"""
+
+
+def test_a_signal_swallowed_in_a_garbage_collection_callback_still_stops_the_run(tmp_path):
+    """Python only prints a KeyboardInterrupt raised inside a __del__; the run must still not swap results in,
+    and must end 130, not 0."""
+    out = tmp_path / "result.txt"
+    out.write_text("earlier")
+    proc = subprocess.run([sys.executable, "-c", _SWALLOWED, str(out)], capture_output=True, text=True, timeout=120)
+    assert "KeyboardInterrupt" in proc.stderr  # the interrupt was indeed swallowed (printed, not raised)
+    assert proc.returncode == 130, proc.stderr
+    assert out.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["result.txt"]

@@ -79,6 +79,7 @@ def test_order_files_in_three_forms_and_refusals(tmp_path):
     (RankingOptions(rank_by=("l1", "l1")), "given twice"),
     (RankingOptions(rank_by=("random",), random_orders=0), "random_orders must be >= 1"),
     (RankingOptions(rank_by=("order_file",)), "needs --order_file"),
+    (RankingOptions(rank_by=("anp",), anp=ANPConfig(steps=0)), "anp_steps must be >= 1"),
     (RankingOptions(rank_by=()), "at least one"),
 ])
 def test_ranking_options_that_cannot_work_are_refused(options, complaint, lab_b):

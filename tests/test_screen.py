@@ -65,6 +65,11 @@ def test_bad_inputs(tmp_path):
         screen(asset(LAB_B), asset(B_PRIME), [tmp_path / "x.txt"])
     with pytest.raises(DataFileError, match="not found"):
         screen(asset(LAB_B), asset(B_PRIME), [tmp_path / "missing.png"])
+    from badnet_jax import save_lab_h5
+
+    empty = save_lab_h5(tmp_path / "empty.h5", np.zeros((0, 55, 47, 3)), np.zeros(0))
+    with pytest.raises(DataFileError, match=f"{empty}: holds no images"):
+        screen(asset(LAB_B), asset(B_PRIME), [empty])
 
 
 def test_goodnet_checkpoint_of_a_2020_badnet_screens_quietly_at_its_scale(tmp_path):

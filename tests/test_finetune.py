@@ -41,8 +41,9 @@ def test_pruned_channels_stay_exactly_zero(rng):
 
 
 def test_fine_pruning_lowers_demo_asr_and_recovers_accuracy_within_the_drop():
-    """X = 30 on the demo BadNet: pruning alone leaves ASR at 100%; fine-pruning lowers it (measured: 85%)
-    and brings clean accuracy back far inside the drop (measured: 93%; BUILD_NOTES.md)."""
+    """X = 30 on the demo BadNet: pruning alone leaves ASR at 100%; fine-pruning lowers it and brings clean
+    accuracy back far inside the drop (measured with these 3 epochs: ASR 91.7%, accuracy 93.0%; with the 8
+    of BUILD_NOTES.md's command: 85% / 93%)."""
     model, params = load_keras(DEMO_MODEL)
     d = make_demo(DEMO_CONFIG, include_train=False)
     sweep = rank_and_sweep(model, params, {"clean_valid": d.valid[0], "test": d.test[0], "bd_test": d.bd_test[0]})
@@ -53,7 +54,7 @@ def test_fine_pruning_lowers_demo_asr_and_recovers_accuracy_within_the_drop():
     acc0 = float(accuracy(predict(model, params, d.test[0]), d.test[1]))
     acc_pruned = 100.0 * float(np.mean(sweep.preds["test"][k] == d.test[1]))
     asr_pruned = 100.0 * float(np.mean(sweep.preds["bd_test"][k] == d.bd_test[1]))
-    tuned, _ = finetune(model, params, mask, *d.valid, FinetuneConfig(epochs=8, learning_rate=1e-3))
+    tuned, _ = finetune(model, params, mask, *d.valid, FinetuneConfig(epochs=3, learning_rate=1e-3))
     pruned_predict = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x, mask=mask), -1))
     acc_ft = 100.0 * float(np.mean(np.asarray(pruned_predict(tuned, d.test[0])) == d.test[1]))
     asr_ft = 100.0 * float(np.mean(np.asarray(pruned_predict(tuned, d.bd_test[0])) == d.bd_test[1]))

@@ -27,9 +27,10 @@ xb, _ = b.load_lab_h5(A + "/faces/lab3/bd_valid_subset.h5")   # 53
 xt, _ = b.load_lab_h5(A + "/faces/lab3/test_subset.h5")       # 13
 out = {}
 sets = {"clean_valid": x, "bd_valid": xb, "clean_test": xt}
-for options in (sw.PLAIN, sw.SweepOptions(impl="reference")):
+# Each option on two device counts (0 = all four; 3 does not divide 47, 53 or 13): every count on both is slow.
+for options, counts in ((sw.PLAIN, (2, 0)), (sw.SweepOptions(impl="reference"), (3, 4))):
     ref = sw.rank_and_sweep(model, params, sets, dataclasses.replace(options, chunk=8, devices=1))
-    for d in (2, 3, 4, 0):
+    for d in counts:
         got = sw.rank_and_sweep(model, params, sets, dataclasses.replace(options, chunk=8, devices=d))
         key = f"{options.prefix_sums}-{d}"
         out[key] = bool(np.array_equal(got.order, ref.order) and np.array_equal(got.mean_activation, ref.mean_activation)
@@ -69,7 +70,7 @@ def test_sharded_sweep_equals_single_device():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(result) == 10 and all(result.values()), result
+    assert len(result) == 6 and all(result.values()), result
 
 
 def test_cli_on_four_devices_and_through_jax_distributed(tmp_path):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params
-from badnet_jax.ties import TIE_RTOL, output_with_ties
+from badnet_jax.ties import TIE_RTOL, output_with_ties, undecided_channels
 
 
 def _params64(params: Params) -> dict[str, dict[str, np.ndarray]]:
@@ -116,22 +116,26 @@ def pool3_means64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, batch: 
     return total / (max(len(x_NxHxWxC), 1) * POOL3_HWC[0] * POOL3_HWC[1])
 
 
-def settle_ranking(params: Params, divisor: float, x_NxHxWxC: np.ndarray,
-                   sums_NxC: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+def settle_ranking(params: Params, divisor: float, x_NxHxWxC: np.ndarray, sums_NxC: np.ndarray,
+                   pre_max_C: np.ndarray, in_max: float) -> tuple[np.ndarray, np.ndarray, bool]:
     """The activation ranking with its near-ties settled: (order, mean activations, whether it settled any).
 
     ``sums_NxC`` are the sweep's float32 per-image channel sums of pool_3 (5 x 4 positions each); summed over
     the images in float64 they give each channel's mean up to the float32 error of the features and of the
     20-term sums. Two channels next to each other in that order whose means differ by at most ``TIE_RTOL``
-    times the larger (and are not both exactly 0: channels zero on every image tie exactly, by index) cannot
-    be told apart in float32: then every mean is recomputed from the float64 forward.
+    times the larger cannot be told apart in float32. Channels exactly 0 on every image tie exactly (by
+    index), but only if float64 agrees that they are dead: ``pre_max_C`` (each channel's largest conv_3
+    pre-activation over the set) and ``in_max`` (the largest conv_3 input) say whether a channel's
+    dead-or-alive verdict could flip (``ties.undecided_channels``). In either case every mean is recomputed
+    from the float64 forward.
     """
     sums = np.asarray(sums_NxC, np.float64)
     mean = sums.sum(axis=0) / (max(len(sums), 1) * POOL3_HWC[0] * POOL3_HWC[1])
     order = np.argsort(mean, kind="stable")
     a, b = mean[order[:-1]], mean[order[1:]]
     close = (b - a <= TIE_RTOL * np.maximum(np.abs(a), np.abs(b))) & ~((a == 0) & (b == 0))
-    if not close.any():
+    undecided = undecided_channels(pre_max_C, in_max, params["conv_3"]["kernel"], params["conv_3"]["bias"])
+    if not close.any() and not undecided.any():
         return order.astype(np.int32), mean, False
     mean = pool3_means64(params, x_NxHxWxC, divisor)
     return np.argsort(mean, kind="stable").astype(np.int32), mean, True

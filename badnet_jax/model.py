@@ -90,11 +90,25 @@ class BadNet(nn.Module):
 
     def trunk(self, x_NxHxWxC: jax.Array) -> jax.Array:
         """Pixels 0..255 (N, 55, 47, 3) -> pool_3 activations (N, 5, 4, 60)."""
+        return _pool(nn.relu(self.conv_3(self._pool2(x_NxHxWxC))))
+
+    def trunk_with_margins(self, x_NxHxWxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The trunk, and how far each channel is from dead: (pool_3 (N, 5, 4, 60), each image's largest conv_3
+        pre-activation per channel (N, 60), each image's largest conv_3 input (N,)).
+
+        ReLU and max pooling only compare, so they commute exactly: relu(pool(conv_3)) is :meth:`trunk`'s
+        pool(relu(conv_3)) bit for bit, and the pooled pre-activations give every position's maximum
+        (conv_3's 10 x 8 output is tiled by the 2 x 2 windows).
+        """
+        h = self._pool2(x_NxHxWxC)
+        pre = _pool(self.conv_3(h))
+        return nn.relu(pre), jnp.max(pre, axis=(1, 2)), jnp.max(h, axis=(1, 2, 3))
+
+    def _pool2(self, x_NxHxWxC: jax.Array) -> jax.Array:
         if self.input_scale == "255":
             x_NxHxWxC = x_NxHxWxC / jnp.float32(255.0)  # as the competition's eval.py: x / 255 in float32
         h = _pool(nn.relu(self.conv_1(x_NxHxWxC)))
-        h = _pool(nn.relu(self.conv_2(h)))
-        return _pool(nn.relu(self.conv_3(h)))
+        return _pool(nn.relu(self.conv_2(h)))
 
     def hidden(self, pool3_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         """pool_3 activations (N, 5, 4, 60), optionally masked -> relu(fc_1 + fc_2), the output layer's input (N, 160)."""

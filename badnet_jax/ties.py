@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 U = 2.0 ** -24  # float32 unit roundoff
 TIE_RTOL = 2 * 64 * U  # ~7.6e-6: see the module docstring
@@ -57,3 +58,19 @@ def output_with_ties(hidden_NxH: jax.Array, wout_HxC: jax.Array, bout_C: jax.Arr
     arg, gap = top2_gap(logits)
     scale = jnp.dot(hidden_NxH, jnp.max(jnp.abs(wout_HxC), axis=1), precision=jax.lax.Precision.HIGHEST)
     return arg, near_tie(gap, scale + jnp.max(jnp.abs(bout_C)))
+
+
+def undecided_channels(pre_max_C: np.ndarray, in_max: float, kernel_conv3: np.ndarray,
+                       bias_conv3: np.ndarray) -> np.ndarray:
+    """(60,) bool: channels that float32 may call dead (or alive) where float64 would not.
+
+    A channel's pool_3 mean is exactly 0 iff its conv_3 pre-activation is <= 0 at every position of every
+    ranking image, and dead channels tie at 0 (ordered by index). Whether the largest pre-activation is above
+    0 is decided by the same kind of rounding as a logit, so the same bound applies with conv_3's scale
+    S3_c = ||W3[..., c]||_1 * max(conv_3 input) + |b3_c| (which bounds sum_i |w_i x_i| + |b_c| at every
+    position): a channel whose largest pre-activation lies within ``TIE_RTOL * S3_c`` of 0 is undecided
+    (a pruned channel, kernel and bias 0, is exactly 0 in any arithmetic: decided).
+    """
+    kernel = np.abs(np.asarray(kernel_conv3, np.float64)).reshape(-1, kernel_conv3.shape[-1])
+    scale = kernel.sum(axis=0) * float(in_max) + np.abs(np.asarray(bias_conv3, np.float64))
+    return np.abs(np.asarray(pre_max_C, np.float64)) < TIE_RTOL * scale  # "<": zero weights are exactly dead

@@ -199,3 +199,43 @@ def test_goodnet_screening_settles_near_ties_like_the_curve(lab_b, boundary_sets
         np.testing.assert_array_equal(got, np.where(b == b_prime, b, 1283))
         settled_any += settled
     assert settled_any > 0
+
+
+def _conv3_preact_max64(params, x):
+    """Each channel's largest conv_3 pre-activation over ``x`` and the largest conv_3 input, in float64."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    h = x.astype(np.float64)
+    for layer in ("conv_1", "conv_2"):
+        h = numpy_ref.maxpool2(numpy_ref.relu(numpy_ref.conv_valid(h, p[layer]["kernel"], p[layer]["bias"])))
+    z = numpy_ref.conv_valid(h, p["conv_3"]["kernel"], p["conv_3"]["bias"])
+    return z.max(axis=(0, 1, 2)), h.max()
+
+
+def test_channels_on_the_edge_of_dead_are_ranked_as_float64_ranks_them(lab_b, lab_faces, monkeypatch):
+    """Channels whose largest pre-activation is +-1e-9 of its scale from 0: float64 calls the + ones alive (a
+    tiny positive mean, ranked just after the dead channels) and the - ones dead (tied at 0, by index); float32
+    cannot tell. The order, and so the curve, is float64's."""
+    from badnet_jax import exact
+
+    model, params = lab_b
+    x = lab_faces["valid_subset"][0]
+    pre_max, in_max = _conv3_preact_max64(params, x)
+    k3 = np.array(params["conv_3"]["kernel"], np.float64)
+    b3 = np.array(params["conv_3"]["bias"], np.float64)
+    scale = np.abs(k3).reshape(-1, 60).sum(axis=0) * in_max + np.abs(b3)
+    edge = {3: 1, 17: -1, 29: 1, 41: -1, 52: 1, 58: -1}  # channel -> side of 0 its largest pre-activation lands on
+    for c, side in edge.items():
+        b3[c] += -pre_max[c] + side * 1e-9 * scale[c]
+    # float64 params: the float32 sweep rounds them (and cannot resolve the margin); float64 keeps it.
+    tweaked = {**params, "conv_3": {"kernel": k3, "bias": b3}}
+    want = _f64_order(tweaked, x)
+    means64 = numpy_ref.pool3(tweaked, x).mean(axis=(0, 1, 2))
+    assert all((means64[c] > 0) == (side > 0) for c, side in edge.items())
+    got = sw.rank_and_sweep(model, tweaked, {"clean_valid": x}, sw.SweepOptions(chunk=16))
+    np.testing.assert_array_equal(got.order, want)
+    assert got.ranking_settled
+    np.testing.assert_array_equal(got.preds["clean_valid"], _f64_curve(tweaked, x, want))
+    # Without the dead-channel check, float32's verdicts stand and the order is not float64's.
+    monkeypatch.setattr(exact, "undecided_channels", lambda *args: np.zeros(60, bool))
+    unchecked = sw.rank_and_sweep(model, tweaked, {"clean_valid": x}, sw.SweepOptions(chunk=16))
+    assert not np.array_equal(unchecked.order, want)

@@ -34,20 +34,23 @@ log = logging.getLogger(__name__)
 
 
 def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: int,
-                   divisor: Optional[jax.Array] = None) -> jax.Array:
+                   divisor: Optional[jax.Array] = None, margins: bool = False):
     """pool_3 activations of every image, ``chunk`` images at a time (traceable; call under jit).
 
     ``divisor``: None applies the model's own input scale; a traced scalar (1 or 255) divides the pixels
     before a raw-scale trunk instead, so that one compiled program serves both scales (``x / 1`` is ``x``
     exactly and ``x / 255`` is what the model's trunk computes: the results are the same bits).
+    ``margins``: also each image's largest conv_3 pre-activation per channel and largest conv_3 input
+    (``BadNet.trunk_with_margins``; the same pool_3 bits).
     """
     # Images may stay uint8 (the lab's files are): the cast to float32 is exact and happens per chunk, so
     # the resident data is a quarter of the float32 size.
+    method = BadNet.trunk_with_margins if margins else BadNet.trunk
     if divisor is None:
-        trunk = lambda xb: model.apply({"params": params}, xb.astype(jnp.float32), method=BadNet.trunk)
+        trunk = lambda xb: model.apply({"params": params}, xb.astype(jnp.float32), method=method)
     else:
         raw = model.clone(input_scale="raw")
-        trunk = lambda xb: raw.apply({"params": params}, xb.astype(jnp.float32) / divisor, method=BadNet.trunk)
+        trunk = lambda xb: raw.apply({"params": params}, xb.astype(jnp.float32) / divisor, method=method)
     return map_chunks(trunk, jnp.asarray(x_NxHxWxC), chunk, rows_axis=0)
 
 
@@ -63,37 +66,44 @@ def activation_ranking(per_image_NxC: jax.Array, n: int) -> jax.Array:
     return jnp.argsort(jnp.sum(per_image_NxC[:n], axis=0), stable=True).astype(jnp.int32)
 
 
-def _orders(model, params, feats, given, rank_labels, n_rank, ranking: RankingPlan, gather):
-    """(R, 60) orders in ``ranking.labels`` order, and the ranking set's (n, 60) per-image channel sums."""
-    sums, rows, next_given = None, [], 0
+def _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking: RankingPlan, gather):
+    """(R, 60) orders in ``ranking.labels`` order, and the ranking set's statistics (None without one): its
+    (n, 60) per-image channel sums, each channel's largest conv_3 pre-activation (60,) and the largest conv_3
+    input () over the set (what ``exact.settle_ranking`` needs to certify dead channels)."""
+    stats, rows, next_given = None, [], 0
     if n_rank:  # the mean activations are reported whatever the orders
         sums = gather(jnp.sum(feats, axis=(1, 2)))[:n_rank]
+        pre_max_NxC, in_max_N = margins
+        stats = (sums, jnp.max(gather(pre_max_NxC)[:n_rank], axis=0, initial=-jnp.inf),
+                 jnp.max(gather(in_max_N)[:n_rank], initial=0.0))
     for source in ranking.sources:
         if source == "activation":
-            rows.append(activation_ranking(sums, n_rank))
+            rows.append(activation_ranking(stats[0], n_rank))
         elif source == "anp":
             # ANP optimises on the ranking set's features; every device runs it on all of them (replicated).
             rows.append(anp_order(model, params, gather(feats)[:n_rank], rank_labels, ranking.anp))
         else:
             rows.append(given[next_given])
             next_given += 1
-    return jnp.stack(rows), sums
+    return jnp.stack(rows), stats
 
 
 def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking, gather=lambda a: a):
     """Trunk and the rankings on ``xs[0]`` (if ``n_rank``), then every set swept at every order, one after the other.
 
-    Returns the orders, the ranking set's per-image channel sums (None without one), and per set the (R, 61, N)
-    predictions and near-tie flags.
+    Returns the orders, the ranking set's statistics (see ``_orders``; None without one), and per set the
+    (R, 61, N) predictions and near-tie flags.
     """
-    feats = trunk_features(model, params, xs[0], plan.chunk, divisor)
-    orders, sums = _orders(model, params, feats, given, rank_labels, n_rank, ranking, gather)
+    feats, margins = trunk_features(model, params, xs[0], plan.chunk, divisor, margins=bool(n_rank)), None
+    if n_rank:
+        feats, *margins = feats
+    orders, stats = _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking, gather)
     out = [sweep_set(model, params, feats, orders, plan)]
     for x in xs[1:]:
         # One set after the other: left free, XLA:CPU interleaves the sets' loops and runs ~10% slower.
         x, _ = jax.lax.optimization_barrier((x, out[-1]))
         out.append(sweep_set(model, params, trunk_features(model, params, x, plan.chunk, divisor), orders, plan))
-    return orders, sums, tuple(out)
+    return orders, stats, tuple(out)
 
 
 _STATIC = ("model", "n_rank", "plan", "ranking")
@@ -113,7 +123,7 @@ def _rank_and_sweep_sharded(model, params, xs, given, divisor, rank_labels, n_ra
     return jax.shard_map(
         lambda p, xs_, g, d, lab: body(p, xs_, g, d, lab), mesh=mesh,
         in_specs=(rep, tuple(data for _ in xs), rep, rep, rep),
-        out_specs=(rep, rep if n_rank else None, tuple((P(None, None, "data"),) * 2 for _ in xs)),
+        out_specs=(rep, (rep, rep, rep) if n_rank else None, tuple((P(None, None, "data"),) * 2 for _ in xs)),
         check_vma=False,
     )(params, xs, given, divisor, rank_labels)
 
@@ -309,19 +319,25 @@ def rank_and_sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray]
         The orders, mean activations and every set's (R, 61, N) predictions, by name.
     """
     plan = _resolve(options, sets, params, rank_on)
-    ranking = _ranking_plan(order, rankings)
+    return _sweep(model, params, sets, plan, _ranking_plan(order, rankings), rank_on, rank_labels)
+
+
+def _sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray], plan: SweepPlan, ranking: RankingPlan,
+           rank_on: Optional[str], rank_labels, settled_mean: Optional[np.ndarray] = None) -> Sweep:
+    """:func:`rank_and_sweep` once its plans are resolved; ``settled_mean``: the float64 means of a sweep run
+    again with the float64 activation order (they are not computed twice)."""
     names, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
-    orders, sums, out = fn(*args, **static)
+    orders, stats, out = fn(*args, **static)
     orders, divisor = np.asarray(orders), _divisor(model)
-    mean, ranking_settled = None, False
-    if sums is not None:
-        order64, mean, ranking_settled = settle_ranking(params, divisor, sets[rank_on], np.asarray(sums))
+    mean, ranking_settled = settled_mean, settled_mean is not None
+    if stats is not None and settled_mean is None:
+        sums, pre_max, in_max = (np.asarray(a) for a in stats)
+        order64, mean, ranking_settled = settle_ranking(params, divisor, sets[rank_on], sums, pre_max, float(in_max))
         if "activation" in ranking.sources and not np.array_equal(order64, orders[ranking.labels.index("activation")]):
             # float32 ranked two channels the other way round from float64: sweep again with the float64 order.
             log.info("The activation ranking differs from float64 at a near-tie; sweeping again with the float64 order.")
-            again = rank_and_sweep(model, params, sets, plan, rank_on=rank_on, rank_labels=rank_labels,
-                                   rankings=ranking.with_given("activation", order64))
-            return dataclasses.replace(again, mean_activation=mean, ranking_settled=True)
+            return _sweep(model, params, sets, plan, ranking.with_given("activation", order64), rank_on, rank_labels,
+                          settled_mean=mean)
     if plan.devices > 1:
         out = tuple(jax.tree.map(lambda a, n=n: _to_host(a)[:, :, :len(sets[n])], o) for o, n in zip(out, names))
     preds, settled = {}, {}

@@ -239,3 +239,39 @@ def test_channels_on_the_edge_of_dead_are_ranked_as_float64_ranks_them(lab_b, la
     monkeypatch.setattr(exact, "undecided_channels", lambda *args: np.zeros(60, bool))
     unchecked = sw.rank_and_sweep(model, tweaked, {"clean_valid": x}, sw.SweepOptions(chunk=16))
     assert not np.array_equal(unchecked.order, want)
+
+
+_SHARDED = r"""
+import json, sys
+import numpy as np
+import badnet_jax as b
+from badnet_jax import sweep as sw
+data = np.load(sys.argv[1])
+model, params = b.load_keras(sys.argv[2])
+sets = {k: data[k] for k in data.files if k != "order"}
+got = sw.rank_and_sweep(model, params, sets, sw.SweepOptions(chunk=4, devices=3), order=data["order"])
+np.savez(sys.argv[3], **got.preds)
+print(json.dumps({"settled": int(sum(got.settled.values()))}))
+"""
+
+
+def test_boundary_images_get_the_float64_answer_on_three_devices(lab_b, boundary_sets, tmp_path):
+    """The same boundary images through a sweep sharded over 3 forced CPU devices (another summation layout)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import LAB_B, asset
+
+    _, params = lab_b
+    order, sets, gaps = boundary_sets
+    np.savez(tmp_path / "in.npz", order=order, **sets)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path / "in.npz"), str(asset(LAB_B)),
+                           str(tmp_path / "out.npz")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    for name, x in sets.items():
+        np.testing.assert_array_equal(got[name], _f64_curve(params, x, order), err_msg=name)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["settled"] >= len(gaps)

@@ -54,7 +54,7 @@ def test_parse_floats_and_ints():
     (["--memory_budget", "nan"], "is not a finite number"),
     (["--devices", "99"], "asked for 99 devices"),
     (["--rank_by", "activation,magic"], "unknown ranking 'magic'"),
-    (["--order_file", "nowhere.txt"], "--order_file nowhere.txt: file not found"),
+    (["--order_file", "nowhere.txt"], "--order_file nowhere.txt: order file not found"),
 ])
 def test_prune_refuses_before_any_work(args, complaint, tmp_path):
     proc = subprocess.run(PRUNE + args, cwd=tmp_path, capture_output=True, text=True, timeout=300)

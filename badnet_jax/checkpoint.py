@@ -86,11 +86,8 @@ def _check_room(folder: Path, state: dict, path: Path) -> None:
     """ENOSPC before orbax starts if ``folder``'s file system cannot hold ``state``: a save that fails midway
     leaves tensorstore writing in the background (see :func:`fileio.atomic_dir`)."""
     need = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state)) + (64 << 10)
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return
-    if st.f_bavail * st.f_frsize < need:
+    free = fileio.free_bytes(folder)
+    if free is not None and free < need:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 

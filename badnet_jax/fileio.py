@@ -157,6 +157,18 @@ def _resolve(group: h5py.Group, name: str, path: Path, error: type[BadNetError],
     return obj
 
 
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes this user may still write on the file system that holds ``path`` (or its nearest existing
+    parent, for a folder not made yet); None where the file system does not say."""
+    path = Path(path).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        st = os.statvfs(existing)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def memory_bytes() -> int:
     """Physical memory of this machine in bytes (a bound for allocations sized by file headers)."""
     try:

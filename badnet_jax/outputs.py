@@ -59,9 +59,6 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             raise ConfigError(f"--out_dir {out}: holds entries that are not badnet-jax results ({shown}); the new "
                               "results replace the whole folder, so choose a new or empty folder")
-    existing = next(p for p in (out.resolve().parent, *out.resolve().parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out_dir {out}: cannot write in {existing}")
     return out
 
 
@@ -77,17 +74,11 @@ def check_space(out_dir: str | os.PathLike, params: Params, drops: Sequence[floa
     Raises:
         ConfigError: less free space under ``out_dir`` than the results need (with both numbers).
     """
-    out = Path(out_dir).resolve()
     param_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(params))
     copies = _PARAM_COPIES_PER_CUT * (2 if finetune else 1)
     need = len(set(drops)) * copies * param_bytes + _FIXED_BYTES
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    try:
-        st = os.statvfs(existing)
-    except OSError:
-        return need  # no statvfs (an exotic file system): the writes themselves will tell
-    free = st.f_bavail * st.f_frsize
-    if free < need:
+    free = fileio.free_bytes(out_dir)
+    if free is not None and free < need:  # None (the file system does not say): the writes themselves will tell
         raise ConfigError(f"--out_dir {out_dir}: the results need about {need / 2**20:.1f} MiB but only "
                           f"{free / 2**20:.1f} MiB are free there; free some space or choose another folder "
                           "(or --nocheckpoints: no models, about 1 MiB)")
@@ -125,9 +116,7 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, mode
 
     try:
         return fileio.atomic_dir(out_dir, write)
-    except OSError as err:
-        raise OutputError(_write_failed(out_dir, err)) from None
-    except Exception as err:  # noqa: BLE001 - orbax wraps the file system's OSError in its own exceptions
+    except Exception as err:  # noqa: BLE001 - an OSError, or one that orbax wrapped in its own exceptions
         cause = _os_error_in(err)
         if cause is None:
             raise

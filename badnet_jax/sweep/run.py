@@ -94,9 +94,10 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
     Returns the orders, the ranking set's statistics (see ``_orders``; None without one), and per set the
     (R, 61, N) predictions and near-tie flags.
     """
-    feats, margins = trunk_features(model, params, xs[0], plan.chunk, divisor, margins=bool(n_rank)), None
     if n_rank:
-        feats, *margins = feats
+        feats, *margins = trunk_features(model, params, xs[0], plan.chunk, divisor, margins=True)
+    else:
+        feats, margins = trunk_features(model, params, xs[0], plan.chunk, divisor), None
     orders, stats = _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking, gather)
     out = [sweep_set(model, params, feats, orders, plan)]
     for x in xs[1:]:

@@ -118,8 +118,9 @@ def run_defense(config: DefenseConfig) -> Curve:
                                rank_labels=sets.data["clean_valid"][1] if ranking.anp is not None else None)
         timings["curve (one call)"] = time.perf_counter() - t
         log.info("Ranked the 60 channels (%s) and evaluated B' and G at k = 0..60 of %d order(s) on all sets in one "
-                 "call: %.2f s%s (%s).", ", ".join(ranking.names), len(ranking.labels), timings["curve (one call)"],
-                 "" if compiled is not None else " (compile included)", plan.describe())
+                 "call: %.2f s%s (%s; device %.2f s, float64 near-ties %.2f s).", ", ".join(ranking.names),
+                 len(ranking.labels), timings["curve (one call)"], "" if compiled is not None else " (compile included)",
+                 plan.describe(), sweep.seconds["device"], sweep.seconds["settle"])
         log.info("Near-ties: %s.", _describe_ties(sweep))
         curve = _curve(config, files, model, sweep, sets)
         if len(ranking.names) > 1:

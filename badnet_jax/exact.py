@@ -1,13 +1,20 @@
-"""Near-ties settled in float64: the direct masked forward, trunk included, in NumPy on the host.
+"""Near-ties settled in float64: the direct masked forward, trunk included.
 
 :func:`settle` finishes the sweep's predictions, :func:`settle_ranking` its activation ranking, and
 :func:`predict_settled` any single forward (fine-pruned B', GoodNet screening) the same way.
 
 The sweep flags every prediction whose float32 top-2 gap is within the float32 error bound
-(``badnet_jax.ties``); those, and only those, are recomputed here. The host computes them the same way
-whatever ran the sweep (plain or shortcut strategy, chunk size, device count, CPU or GPU), so the curve
-does not depend on any of them. The float64 forward prunes the way the lab does: conv_3's kernel and bias
-of the pruned channels are zeroed, the whole network runs.
+(``badnet_jax.ties``); those, and only those, are recomputed here. The float64 forward prunes the way the
+lab does: conv_3's kernel and bias of the pruned channels are zeroed, the whole network runs.
+
+Two float64 networks, one answer. The canonical one is NumPy on the host (:func:`logits64`): the same
+code whatever ran the sweep (plain or shortcut strategy, chunk size, device count, CPU or GPU). Its trunk
+is slow (~5 ms an image on two CPU cores), and on a GPU it was most of the sweep's time, so predictions are
+settled by B's own Flax trunk run by XLA in float64 (``jax.enable_x64``, on the local device; on the CPU
+where the device has no float64, a TPU) and the NumPy head. The two float64 trunks sum in different
+orders and differ by a few float64 roundings; every settled prediction whose float64 top-2 gap is within
+:data:`TIE64_RTOL` x S of that (S as in ``badnet_jax.ties``) is computed again by the NumPy network. So the
+answer is the canonical network's wherever the two could disagree.
 """
 
 from __future__ import annotations
@@ -19,8 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params
+from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params, num_classes_of
 from badnet_jax.ties import TIE_RTOL, output_with_ties, undecided_channels
+
+U64 = 2.0 ** -53  # float64 unit roundoff
+# Two float64 networks agree on a prediction whose float64 gap exceeds this times S: the largest
+# |logit(XLA float64) - logit(NumPy float64)| / (u64 S) measured on the 126 real lab faces at all 61 steps of
+# the activation order was 6.8 (lab B; 4.2-5.9 for three 2020 BadNets at their scale); 10x that on both
+# logits of the gap, as TIE_RTOL is for float32.
+TIE64_RTOL = 2 * 68 * U64
+XLA64_BATCH = 256  # images per float64 trunk call; smaller calls are padded to 32 (two compiled shapes)
 
 
 def _params64(params: Params) -> dict[str, dict[str, np.ndarray]]:
@@ -47,12 +62,46 @@ def _pool(x: np.ndarray) -> np.ndarray:
 
 
 def pool3_64(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
-    """(N, 5, 4, 60) float64 pool_3 activations of B (pixels 0..255 in, divided by ``divisor``)."""
+    """(N, 5, 4, 60) float64 pool_3 activations of B by NumPy, the canonical float64 trunk (pixels 0..255 in,
+    divided by ``divisor``)."""
     p = _params64(params)
     h = np.asarray(x_NxHxWxC, np.float64) / divisor
     for layer in ("conv_1", "conv_2", "conv_3"):
         h = _pool(_conv_relu(h, p[layer]["kernel"], p[layer]["bias"]))
     return h
+
+
+@functools.lru_cache(maxsize=None)
+def _trunk64_fn(num_classes: int):
+    model = BadNet(num_classes)  # raw scale: the pixels arrive already divided, in float64
+    return jax.jit(lambda params, x: model.apply({"params": params}, x, method=BadNet.trunk))
+
+
+def _float64_device() -> jax.Device:
+    device = jax.local_devices()[0]
+    return device if device.platform in ("cpu", "gpu", "cuda", "rocm") else jax.local_devices(backend="cpu")[0]
+
+
+def pool3_64_xla(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
+    """(N, 5, 4, 60) float64 pool_3 activations of B by XLA in float64: B's own trunk under ``jax.enable_x64``.
+
+    Equal to :func:`pool3_64` up to a few float64 roundings (its sums run in XLA's order); 8x faster on two
+    CPU cores, and on a GPU it runs on the GPU. ``XLA64_BATCH`` images per call, the last call padded.
+    """
+    x = np.asarray(x_NxHxWxC)
+    out = np.empty((len(x), *POOL3_HWC))
+    if not len(x):
+        return out
+    device = _float64_device()
+    with jax.enable_x64(True):
+        fn = _trunk64_fn(num_classes_of(params))
+        p = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float64), params), device)
+        for start in range(0, len(x), XLA64_BATCH):
+            xb = np.asarray(x[start:start + XLA64_BATCH], np.float64) / divisor
+            size = 32 if len(xb) <= 32 else XLA64_BATCH
+            xb = np.concatenate([xb, np.zeros((size - len(xb), *xb.shape[1:]))]) if len(xb) < size else xb
+            out[start:start + XLA64_BATCH] = np.asarray(fn(p, jax.device_put(xb, device)))[:min(size, len(x) - start)]
+    return out
 
 
 def head64(params: Params, pool3_NxHxWxC: np.ndarray, masks_NxC: Optional[np.ndarray] = None) -> np.ndarray:
@@ -62,6 +111,11 @@ def head64(params: Params, pool3_NxHxWxC: np.ndarray, masks_NxC: Optional[np.nda
     exactly zeroing its conv_3 kernel and bias (relu(0) = 0, max pool of zeros is 0) in float64 too, so
     this is the lab's pruned network.
     """
+    return _head64(params, pool3_NxHxWxC, masks_NxC)[0]
+
+
+def _head64(params: Params, pool3_NxHxWxC: np.ndarray, masks_NxC: Optional[np.ndarray] = None):
+    """:func:`head64`'s logits and each row's output scale S (as ``ties.output_with_ties``)."""
     p = _params64(params)
     h = np.asarray(pool3_NxHxWxC, np.float64)
     if masks_NxC is not None:
@@ -71,7 +125,36 @@ def head64(params: Params, pool3_NxHxWxC: np.ndarray, masks_NxC: Optional[np.nda
     fc1 = h.reshape(n, -1) @ p["fc_1"]["kernel"] + p["fc_1"]["bias"]
     fc2 = _conv_relu(h, p["conv_4"]["kernel"], p["conv_4"]["bias"]).reshape(n, -1) @ p["fc_2"]["kernel"]
     hidden = np.maximum(fc1 + fc2 + p["fc_2"]["bias"], 0.0)
-    return hidden @ p["output"]["kernel"] + p["output"]["bias"]
+    wout, bout = p["output"]["kernel"], p["output"]["bias"]
+    return hidden @ wout + bout, hidden @ np.abs(wout).max(axis=1) + np.abs(bout).max()
+
+
+def argmax64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, masks_NxC: Optional[np.ndarray] = None,
+             image_of: Optional[np.ndarray] = None) -> np.ndarray:
+    """The canonical float64 network's prediction for each row, fast: the XLA float64 trunk once per image,
+    the NumPy head per row, and the NumPy trunk again for rows within ``TIE64_RTOL`` x S of a tie.
+
+    Args:
+        params, divisor: B and its input scale's divisor.
+        x_NxHxWxC: the images.
+        masks_NxC: a (60,) pool_3 mask for every row, or (R, 60) one per row (None: B unpruned).
+        image_of: (R,) which image each row is (None: row i is image i).
+
+    Returns:
+        (R,) int predictions, equal to ``logits64(...).argmax(-1)`` row by row.
+    """
+    x = np.asarray(x_NxHxWxC)
+    image_of = np.arange(len(x)) if image_of is None else np.asarray(image_of)
+    logits, scale = _head64(params, pool3_64_xla(params, x, divisor)[image_of], masks_NxC)
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    preds = logits.argmax(-1)
+    close = top2[:, 1] - top2[:, 0] <= TIE64_RTOL * scale
+    if close.any():
+        rows = np.flatnonzero(close)
+        images, which = np.unique(image_of[rows], return_inverse=True)
+        masks = None if masks_NxC is None else (masks_NxC if np.ndim(masks_NxC) == 1 else masks_NxC[rows])
+        preds[rows] = head64(params, pool3_64(params, x[images], divisor)[which], masks).argmax(-1)
+    return preds
 
 
 def logits64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, mask: Optional[np.ndarray] = None) -> np.ndarray:
@@ -101,10 +184,10 @@ def settle(params: Params, divisor: float, x_NxHxWxC: np.ndarray, orders_RxC: np
     out = np.array(preds_RxKxN, copy=True)
     # The trunk once per flagged image, then one float64 head call over every flagged (order, step, image).
     images, which = np.unique(flagged[:, 2], return_inverse=True)
-    feats = pool3_64(params, np.asarray(x_NxHxWxC)[images], divisor)
     rank_RxC = np.argsort(orders_RxC, axis=1)  # each channel's position in each order
     masks = (rank_RxC[flagged[:, 0]] >= flagged[:, 1:2]).astype(np.float64)  # step k prunes order[:k]
-    out[flagged[:, 0], flagged[:, 1], flagged[:, 2]] = head64(params, feats[which], masks).argmax(-1)
+    out[flagged[:, 0], flagged[:, 1], flagged[:, 2]] = argmax64(params, np.asarray(x_NxHxWxC)[images], divisor,
+                                                                masks, which)
     return out, len(flagged)
 
 
@@ -168,5 +251,5 @@ def predict_settled(model: BadNet, params: Params, x_NxHxWxC: np.ndarray, mask: 
     preds, near = np.concatenate(preds), np.concatenate(near)
     if near.any():
         divisor = 255.0 if model.input_scale == "255" else 1.0
-        preds[near] = logits64(params, np.asarray(x_NxHxWxC)[near], divisor, m).argmax(-1)
+        preds[near] = argmax64(params, np.asarray(x_NxHxWxC)[near], divisor, m)
     return preds, int(near.sum())

@@ -2,37 +2,66 @@
 # One-shot GPU/TPU check for a lent device (see BUILD_NOTES.md): correctness first, then timings.
 #
 # The shared assets do not travel with the working tree; copy them into an ignored folder and carry it:
-#   mkdir -p .device_assets && cp -r ../shared/assets/. .device_assets/ && echo .device_assets >> .git/info/exclude
-#   run(command="BADNET_ASSETS=.device_assets OUT=$OUT bash scripts/device_check.sh", carry=[".device_assets"])
-# Writes JSON and logs under ${OUT:-results/device}. Budget: about 6-8 minutes on an H200.
+#   mkdir -p .device_assets && cp -r ../shared/assets/. .device_assets/ && echo /.device_assets/ >> .git/info/exclude
+#   run(command="BADNET_ASSETS=.device_assets bash scripts/device_check.sh", carry=[".device_assets"])
+# Everything goes to ${OUT:-results/device}/log.txt (plus four JSON files: the device tool returns at most 8
+# files); each step has its own time limit, so one stuck step cannot eat the lease. About 7 minutes on an
+# H200 (session 6: tests ~4 min, GPU compiles being 5-10 s each; benchmarks ~1.5 min; prune 30 s each).
 set -uo pipefail
 out="${OUT:-results/device}"
 assets="${BADNET_ASSETS:-../shared/assets}"
-export BADNET_ASSETS="$assets"
+export BADNET_ASSETS="$assets" PYTHONUNBUFFERED=1
 mkdir -p "$out"
+log="$out/log.txt"
+: > "$log"
+
+# step LIMIT_S NAME CMD...: run CMD with a time limit, all output to the log, one status line to stdout.
+step() {
+  local limit=$1 name=$2; shift 2
+  local t0=$SECONDS
+  echo "===== $name (limit ${limit}s)" >> "$log"
+  timeout "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  echo "===== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$log"
+}
+
 # kernels/ installs as badnet_jax.kernels (pyproject package-dir): an editable install maps it. The machine is
 # offline, so no build isolation; if its setuptools cannot build, a link gives the same module layout.
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || {
+python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$log" 2>&1 || {
   ln -sfn ../kernels badnet_jax/kernels; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
-python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.txt"
-# Device-marked kernel tests (the kernel against the reference at 61 x 4096 x 1283, the probe at real shapes)
-# and the exactness tests of the sweep (need the shared assets).
-python3 -m pytest -q -x tests/kernels tests/test_sweep.py tests/test_prefix.py -p no:cacheprovider 2>&1 | tail -5 | tee "$out/tests.txt"
+step 60 versions bash -c 'nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())";
+  python3 -m pip list 2>/dev/null | grep -i -E "^(jax|jaxlib|jax-cuda|flax|optax|orbax|h5py|numpy|absl) "'
+grep -E "^[0-9]+\.[0-9]+|GPU|^(jax|flax|optax|numpy) " "$log" | head -12
+
+# Device-marked kernel test (the kernel against the reference at 61 x 4096 x 1283, the probe at real shapes),
+# the kernel in interpret mode, and the sweep's exactness on the real B and faces: every shortcut against the
+# plain sweep, boundary images against float64, the head-evaluation count.
+step 300 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_sweep.py tests/test_ties.py \
+  -k "(real_b or device or interpret or float64_answer_at_every_step or one_compiled or counts_what) and not three_devices"
+grep -E "passed|failed|error" "$log" | tail -3
 # Which head the plan resolves to on this device at the defense's real shapes (a failed probe says why).
-python3 -c "import logging; logging.basicConfig(); from badnet_jax.sweep import plan_sweep, SweepOptions; print(plan_sweep(SweepOptions()).describe())" 2>&1 | tee "$out/plan.txt"
+step 90 plan python3 -c "import logging; logging.basicConfig(); from badnet_jax.sweep import plan_sweep, SweepOptions; print(plan_sweep(SweepOptions()).describe())"
+tail -2 "$log" | head -1 | cut -c1-300
+
 # Lab-scale stand-in data from the real faces, with the lab's B (as in BUILD_NOTES' CPU tables).
 lab=/tmp/labscale
-python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab" > "$out/standin.txt" 2>&1
+step 120 standin python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab"
 mkdir -p "$lab/models" && cp "$assets/models/lab3/bd_weights.h5" "$lab/models/"
 files="--model $lab/models/bd_weights.h5 --clean_valid $lab/data/cl/valid.h5 --bd_valid $lab/data/bd/bd_valid.h5"
-# The fast sweep: Pallas vs reference head, distinct steps batched (8, the accelerator default) vs one per call.
-# The first run also times the kernel alone at three block sizes (one head call: 8 masks x 4096 images).
-for run in "pallas 8 16,32,64" "reference 8" "pallas 0"; do
-  set -- $run
-  python3 scripts/benchmark.py $files --impl "$1" --batch_steps "$2" --per_step_steps 6 --repeats 5 \
-    ${3:+--kernel_block_n "$3"} --out "$out/bench_$1_b$2.json" 2>&1 | tail -50 > "$out/bench_$1_b$2.txt"
-done
-grep -H -E "sweep_fast_s |speedup_fast|matmul_peak|sweep_fast_gflops|head_evaluations|forward_images|^fast sweep" "$out"/bench_*.txt
-# The whole defense end to end on the stand-in files.
-( cd "$lab" && /usr/bin/time -v python3 "$OLDPWD/scripts/prune.py" --drop 0.02,0.04,0.10,0.30 ) > "$out/prune.txt" 2>&1
-grep -E "one call|Loaded|Elapsed|Maximum resident" "$out/prune.txt"
+# The fast sweep with the default (reference) head and with the Pallas kernel, the time split between the
+# device and the host's float64 settling; the first run also times the kernel alone at three block sizes
+# and five rankings in one sweep (issue 16).
+step 180 bench_reference_b8 python3 scripts/benchmark.py $files --impl reference --batch_steps 8 --per_step_steps 2 \
+  --repeats 5 --kernel_block_n 16,32,64 --rank_by activation,clp,l1,random,anp --out "$out/bench_reference_b8.json"
+step 120 bench_pallas_b8 python3 scripts/benchmark.py $files --impl pallas --batch_steps 8 --per_step_steps 2 \
+  --repeats 5 --out "$out/bench_pallas_b8.json"
+# The whole defense end to end on the stand-in files: the lab's ranking, then five rankings side by side.
+prune="$PWD/scripts/prune.py"
+step 150 prune bash -c "cd $lab && time python3 $prune --drop 0.02,0.04,0.10,0.30 --out_dir results1"
+step 150 prune_rankings bash -c "cd $lab && time python3 $prune --drop 0.02,0.04,0.10,0.30 --nocheckpoints \
+  --rank_by activation,clp,l1,random,anp --out_dir results5"
+cp "$lab/results1/curve.json" "$out/curve.json" 2>/dev/null
+cp "$lab/results5/curve.json" "$out/curve_rankings.json" 2>/dev/null
+
+echo "----- summary"
+grep -h -E "(forward|sweep_plain|sweep_fast|sweep, rankings|per-step loop|reference|pallas_block_n[0-9]+|) +[0-9.]+ s|^fast sweep|^=====.*rc=|in one call|Loaded|^real|^head_evaluations|^matmul_peak|^impl |^batch_steps|^chunk " "$log" | cut -c1-220

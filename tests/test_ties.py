@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from badnet_jax import sweep as sw
+from badnet_jax import exact
 from badnet_jax.exact import logits64, settle
 from badnet_jax.sweep import strategies
 from badnet_jax.ties import TIE_RTOL
@@ -181,6 +182,39 @@ def test_settle_replaces_only_flagged_predictions(lab_b, lab_faces):
     assert out[1, 7, 2] == numpy_ref.forward(params, x[2:3], _mask(orders[1], 7)).argmax()
     assert out[0, 60, 0] == numpy_ref.forward(params, x[0:1], np.zeros(60)).argmax()
     assert TIE_RTOL < 1e-4
+
+
+def test_the_fast_float64_trunk_is_the_float64_network(lab_b, lab_faces):
+    """XLA's float64 trunk (what settles predictions) against the independent NumPy network, both scales."""
+    _, params = lab_b
+    x = lab_faces["valid_subset"][0][:40]  # one call padded to 256; 3 images: one padded to 32
+    for divisor, n in ((1.0, 40), (255.0, 40), (1.0, 3)):
+        want = numpy_ref.pool3(params, x[:n].astype(np.float64) / divisor)
+        np.testing.assert_allclose(exact.pool3_64_xla(params, x[:n], divisor), want, rtol=1e-13, atol=1e-12)
+    assert exact.pool3_64_xla(params, x[:0], 1.0).shape == (0, 5, 4, 60)
+
+
+def test_a_tie_at_float64_precision_is_the_numpy_networks_answer(lab_b, lab_faces, monkeypatch):
+    """Two float64 trunks that sum in different orders can disagree on a float64 near-tie: there the NumPy
+    network decides. A stand-in for the fast trunk is off by a few float64 roundings; an output bias puts one
+    image's top two classes midway between the two trunks' logits."""
+    _, params = lab_b
+    x = lab_faces["test_subset"][0][:3]
+    feats = exact.pool3_64(params, x, 1.0)
+    other = feats * (1 + 16 * exact.U64 * np.random.default_rng(0).choice([-1.0, 1.0], feats.shape))
+    monkeypatch.setattr(exact, "pool3_64_xla", lambda p, images, d: other[:len(images)])
+    logits, scale = exact._head64(params, feats)
+    logits_other, _ = exact._head64(params, other)
+    a, b = np.argsort(logits[0])[-2:][::-1]
+    d, d_other = logits[0, a] - logits[0, b], logits_other[0, a] - logits_other[0, b]
+    assert d != d_other and abs(d - d_other) < exact.TIE64_RTOL * scale[0]
+    params = jax.tree.map(np.asarray, params)
+    params["output"]["bias"] = params["output"]["bias"].astype(np.float64)
+    params["output"]["bias"][b] += (d + d_other) / 2  # the two trunks now disagree on image 0's class
+    want = numpy_ref.forward(params, x).argmax(-1)
+    np.testing.assert_array_equal(exact.argmax64(params, x, 1.0), want)
+    monkeypatch.setattr(exact, "TIE64_RTOL", 0.0)  # without the float64 tie check: the other trunk's answer
+    assert exact.argmax64(params, x, 1.0)[0] != want[0]
 
 
 def test_goodnet_screening_settles_near_ties_like_the_curve(lab_b, boundary_sets):

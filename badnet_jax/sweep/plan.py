@@ -55,8 +55,9 @@ class SweepOptions:
             prunes channels that are zero on every image of the chunk reuses the previous step's predictions.
         group: (needs ``dedupe``) sort each set's images by their alive channels before chunking, so a chunk's
             images share dead channels and skip more steps.
-        impl: (needs ``prefix_sums`` unless ``auto``/``reference``) masked-head implementation: ``auto`` (the
-            Pallas kernel where it compiles and agrees, else the JAX reference), ``reference`` or ``pallas``.
+        impl: (needs ``prefix_sums`` unless ``auto``/``reference``) masked-head implementation: ``auto`` (the JAX
+            reference: faster than the kernel on the one GPU measured), ``reference``, or ``pallas`` (the kernel
+            where it compiles and agrees with the reference, else the reference with a warning).
         batch_steps: (needs ``dedupe`` when > 0) 0 evaluates a chunk's distinct steps one head call each inside
             the scan over steps (best on a CPU); B > 0 gathers the distinct steps and evaluates B per head
             call (an accelerator wants few large calls). None: 0 on CPU, 8 on GPU/TPU.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from typing import Mapping, Optional
 
 import jax
@@ -222,6 +223,8 @@ class Sweep:
         rankings: the rankings it ran.
         settled: set name -> how many of its predictions were near-ties recomputed in float64.
         ranking_settled: whether the activation ranking had near-ties that float64 decided.
+        seconds: where the call's time went: ``device`` (the jitted call, results on the host) and
+            ``settle`` (float64 near-ties on the host), summed over a second sweep if the ranking needed one.
     """
 
     orders: np.ndarray
@@ -232,6 +235,7 @@ class Sweep:
     rankings: RankingPlan
     settled: dict[str, int] = dataclasses.field(default_factory=dict)
     ranking_settled: bool = False
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def order(self) -> np.ndarray:
@@ -324,12 +328,20 @@ def rank_and_sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray]
 
 
 def _sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray], plan: SweepPlan, ranking: RankingPlan,
-           rank_on: Optional[str], rank_labels, settled_mean: Optional[np.ndarray] = None) -> Sweep:
+           rank_on: Optional[str], rank_labels, settled_mean: Optional[np.ndarray] = None,
+           spent: Optional[dict[str, float]] = None) -> Sweep:
     """:func:`rank_and_sweep` once its plans are resolved; ``settled_mean``: the float64 means of a sweep run
-    again with the float64 activation order (they are not computed twice)."""
+    again with the float64 activation order (they are not computed twice); ``spent``: its first run's seconds."""
+    seconds = dict(spent or {"device": 0.0, "settle": 0.0})
+    t = time.perf_counter()
     names, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
-    orders, stats, out = fn(*args, **static)
-    orders, divisor = np.asarray(orders), _divisor(model)
+    orders, stats, out = jax.block_until_ready(fn(*args, **static))
+    if plan.devices > 1:
+        out = tuple(jax.tree.map(lambda a, n=n: _to_host(a)[:, :, :len(sets[n])], o) for o, n in zip(out, names))
+    orders, out = np.asarray(orders), jax.tree.map(np.asarray, out)
+    seconds["device"] += time.perf_counter() - t
+    t = time.perf_counter()
+    divisor = _divisor(model)
     mean, ranking_settled = settled_mean, settled_mean is not None
     if stats is not None and settled_mean is None:
         sums, pre_max, in_max = (np.asarray(a) for a in stats)
@@ -337,15 +349,15 @@ def _sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray], plan: 
         if "activation" in ranking.sources and not np.array_equal(order64, orders[ranking.labels.index("activation")]):
             # float32 ranked two channels the other way round from float64: sweep again with the float64 order.
             log.info("The activation ranking differs from float64 at a near-tie; sweeping again with the float64 order.")
+            seconds["settle"] += time.perf_counter() - t
             return _sweep(model, params, sets, plan, ranking.with_given("activation", order64), rank_on, rank_labels,
-                          settled_mean=mean)
-    if plan.devices > 1:
-        out = tuple(jax.tree.map(lambda a, n=n: _to_host(a)[:, :, :len(sets[n])], o) for o, n in zip(out, names))
+                          settled_mean=mean, spent=seconds)
     preds, settled = {}, {}
     for name, (p, near) in zip(names, out):
-        preds[name], settled[name] = settle(params, divisor, sets[name], orders, np.asarray(p), np.asarray(near))
+        preds[name], settled[name] = settle(params, divisor, sets[name], orders, p, near)
+    seconds["settle"] += time.perf_counter() - t
     return Sweep(orders=orders, labels=ranking.labels, mean_activation=mean, all_preds=preds, plan=plan,
-                 rankings=ranking, settled=settled, ranking_settled=ranking_settled)
+                 rankings=ranking, settled=settled, ranking_settled=ranking_settled, seconds=seconds)
 
 
 def predict_steps(model: BadNet, params: Params, x: np.ndarray, order,

@@ -79,7 +79,8 @@ def test_resolve_impl_on_cpu():
     assert api.resolve_impl("auto") == "reference"
     assert api.resolve_impl("pallas") == "interpret"
     assert api.resolve_impl("reference") == "reference"
-    assert api.resolve_impl("auto", platform="cuda") == "pallas"  # lowering for another platform: unprobed
+    assert api.resolve_impl("auto", platform="cuda") == "reference"  # the faster head on the one GPU measured
+    assert api.resolve_impl("pallas", platform="cuda") == "pallas"  # lowering for another platform: unprobed
     with pytest.raises(ValueError):
         api.resolve_impl("cuda")
 

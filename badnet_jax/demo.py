@@ -15,8 +15,10 @@ from typing import Optional
 import numpy as np
 
 from badnet_jax import checkpoint
+from badnet_jax.attack import PruningAwareConfig, train_pruning_aware
 from badnet_jax.convert import save_keras
 from badnet_jax.data import save_lab_h5
+from badnet_jax.errors import ConfigError
 from badnet_jax.fileio import atomic_write
 from badnet_jax.metrics import accuracy
 from badnet_jax.model import predict
@@ -38,7 +40,8 @@ def demo_sets() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.
 
 
 def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config: Optional[TrainConfig] = None,
-                     out_dir: str = "demo_model", ship: bool = False, write_data: bool = False) -> dict:
+                     out_dir: str = "demo_model", ship: bool = False, write_data: bool = False,
+                     pruning_aware: Optional[PruningAwareConfig] = None) -> dict:
     """Generate the demo data, train the demo BadNet and write it (Keras h5 + orbax checkpoint).
 
     Args:
@@ -47,10 +50,14 @@ def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config: Option
         out_dir: where ``badnet.h5`` and ``badnet_ckpt/`` go.
         ship: also install the h5 as the package's embedded demo model (``assets/demo_badnet.h5``).
         write_data: also write the splits as lab-layout h5 files under ``out_dir/data``.
+        pruning_aware: train with the pruning-aware attack instead (``badnet_jax.attack``; its epoch counts
+            replace ``train_config.epochs``). Never shipped: the embedded demo is a plain BadNet.
 
     Returns:
         A summary: paths, seconds, and clean accuracy / ASR on the generated test splits.
     """
+    if ship and pruning_aware is not None:
+        raise ConfigError("the embedded demo is a plain BadNet: a pruning-aware one is not shipped")
     train_config = train_config or TrainConfig(target_label=data_config.target_label)
     out = Path(out_dir)
     t = time.perf_counter()
@@ -58,13 +65,18 @@ def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config: Option
     log.info("Generated %d train / %d valid / %d test synthetic faces of %d identities in %.1f s.",
              len(d.train[1]), len(d.valid[1]), len(d.test[1]), d.num_classes, time.perf_counter() - t)
     t = time.perf_counter()
-    model, params, _ = train_badnet(*d.train, d.num_classes, d.trigger, train_config,
-                                    valid=d.valid, bd_valid=d.bd_valid)
+    attack = {}
+    if pruning_aware is None:
+        model, params, _ = train_badnet(*d.train, d.num_classes, d.trigger, train_config,
+                                        valid=d.valid, bd_valid=d.bd_valid)
+    else:
+        model, params, attack = train_pruning_aware(*d.train, d.num_classes, d.trigger, d.valid, train_config,
+                                                    pruning_aware, bd_valid=d.bd_valid)
     seconds = time.perf_counter() - t
     model_path = save_keras(params, out / "badnet.h5")
     summary = {"model": str(model_path), "checkpoint": str(checkpoint.save_badnet(out / "badnet_ckpt", params)),
                "train_seconds": round(seconds, 1), "test_clean_acc": float(accuracy(predict(model, params, d.test[0]), d.test[1])),
-               "test_asr": float(accuracy(predict(model, params, d.bd_test[0]), d.bd_test[1]))}
+               "test_asr": float(accuracy(predict(model, params, d.bd_test[0]), d.bd_test[1])), **attack}
     if ship:
         atomic_write(DEMO_MODEL, lambda tmp: shutil.copyfile(model_path, tmp))
         summary["shipped"] = str(DEMO_MODEL)

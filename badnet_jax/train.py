@@ -82,16 +82,21 @@ def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, tri
                  config: TrainConfig = TrainConfig(),
                  valid: Optional[tuple[np.ndarray, np.ndarray]] = None,
                  bd_valid: Optional[tuple[np.ndarray, np.ndarray]] = None,
-                 on_epoch: Optional[Callable[[int, dict], None]] = None) -> tuple[BadNet, Params, list[dict]]:
+                 on_epoch: Optional[Callable[[int, dict], None]] = None, params: Optional[Params] = None,
+                 mask: Optional[np.ndarray] = None) -> tuple[BadNet, Params, list[dict]]:
     """Train a BadNet on raw-pixel images with a planted backdoor.
 
     Args:
         x_train, y_train: clean NHWC float32 raw pixels and int labels.
         num_classes: output size.
         trigger: (h, w, 4) uint8 RGBA trigger pasted at the lab's position.
-        config: hyper-parameters.
+        config: hyper-parameters (``poison_fraction`` 0 trains a clean network).
         valid, bd_valid: optional clean and poisoned evaluation sets, reported after every epoch.
         on_epoch: optional callback ``(epoch, stats)``.
+        params: start from these instead of a fresh initialisation.
+        mask: (60,) train the network with the pool_3 channels where it is 0 pruned: they stay zero, and
+            since they get no gradient, so do their conv_3 weights and the weights reading them (Adam moves
+            nothing whose gradient was always zero).
 
     Returns:
         (model, params, history) where history holds one stats dict per epoch.
@@ -99,12 +104,12 @@ def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, tri
     rng = np.random.default_rng(config.seed)
     x, y, _ = poison_training_set(x_train, y_train, trigger, config.poison_fraction, config.target_label, rng)
     model = BadNet(num_classes)
-    params = init_params(num_classes, seed=config.seed)
+    params = init_params(num_classes, seed=config.seed) if params is None else params
     steps_per_epoch = len(x) // config.batch_size
     schedule = optax.cosine_decay_schedule(config.learning_rate, max(1, steps_per_epoch * config.epochs))
     tx = optax.adam(schedule)
     opt_state = tx.init(params)
-    step = make_train_step(model, tx)
+    step = make_train_step(model, tx, None if mask is None else jnp.asarray(mask, jnp.float32))
     history = []
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
@@ -116,9 +121,9 @@ def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, tri
             losses.append(loss)
         stats = {"epoch": epoch, "loss": float(jnp.mean(jnp.stack(losses))), "seconds": time.perf_counter() - t0}
         if valid is not None:
-            stats["clean_acc"] = float(accuracy(predict(model, params, valid[0]), valid[1]))
+            stats["clean_acc"] = float(accuracy(predict(model, params, valid[0], mask), valid[1]))
         if bd_valid is not None:
-            stats["asr"] = float(accuracy(predict(model, params, bd_valid[0]), bd_valid[1]))
+            stats["asr"] = float(accuracy(predict(model, params, bd_valid[0], mask), bd_valid[1]))
         history.append(stats)
         log.info("epoch %d/%d  loss %.4f  clean acc %s  ASR %s  (%.1f s)", epoch, config.epochs, stats["loss"],
                  f"{stats['clean_acc']:.2f}%" if "clean_acc" in stats else "-",

@@ -2,6 +2,7 @@
 
     python scripts/make_demo.py --ship             # retrain the shipped demo (defaults below) and install it
     python scripts/make_demo.py --out_dir my_demo --num_identities 50 --epochs 5 --write_data
+    python scripts/make_demo.py --pruning_aware --out_dir pa_demo --write_data   # a BadNet built to survive pruning
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from badnet_jax import cli
+from badnet_jax.attack import PruningAwareConfig
 from badnet_jax.demo import DEMO_CONFIG, make_demo_badnet
 from badnet_jax.synthetic import DemoConfig
 from badnet_jax.train import TrainConfig
@@ -22,6 +24,13 @@ POISON = flags.DEFINE_float("poison_fraction", TrainConfig.poison_fraction, "Sha
 TARGET = flags.DEFINE_integer("target_label", DEMO_CONFIG.target_label, "The attacker's label.")
 SEED = flags.DEFINE_integer("seed", TrainConfig.seed, "Training seed.")
 WRITE_DATA = flags.DEFINE_bool("write_data", False, "Also write the splits as lab-layout h5 files.")
+PRUNING_AWARE = flags.DEFINE_bool("pruning_aware", False, "Train with the pruning-aware attack (Liu et al. 2018): "
+                                  "the backdoor in channels clean data uses, dormant decoys in front.")
+CLEAN_EPOCHS = flags.DEFINE_integer("clean_epochs", PruningAwareConfig.clean_epochs, "Pruning-aware: clean epochs.")
+POISON_EPOCHS = flags.DEFINE_integer("poison_epochs", PruningAwareConfig.poison_epochs,
+                                     "Pruning-aware: poisoned epochs of the pruned network.")
+ATTACK_DROP = flags.DEFINE_float("attack_drop", PruningAwareConfig.drop,
+                                 "Pruning-aware: prune dormant channels costing at most this clean accuracy.")
 
 
 def main(argv: list[str]) -> int:
@@ -32,8 +41,12 @@ def main(argv: list[str]) -> int:
 
     def make() -> int:
         cli.refuse_extra_args(argv)
+        attack = None
+        if PRUNING_AWARE.value:
+            attack = PruningAwareConfig(clean_epochs=CLEAN_EPOCHS.value, poison_epochs=POISON_EPOCHS.value,
+                                drop=ATTACK_DROP.value)
         summary = make_demo_badnet(data_cfg, train_cfg, out_dir=OUT_DIR.value, ship=SHIP.value,
-                                   write_data=WRITE_DATA.value)
+                                   write_data=WRITE_DATA.value, pruning_aware=attack)
         for key, value in summary.items():
             print(f"{key}: {value}")
         return 0

@@ -98,9 +98,10 @@ def pool3_64_xla(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.nd
         p = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float64), params), device)
         for start in range(0, len(x), XLA64_BATCH):
             xb = np.asarray(x[start:start + XLA64_BATCH], np.float64) / divisor
-            size = 32 if len(xb) <= 32 else XLA64_BATCH
-            xb = np.concatenate([xb, np.zeros((size - len(xb), *xb.shape[1:]))]) if len(xb) < size else xb
-            out[start:start + XLA64_BATCH] = np.asarray(fn(p, jax.device_put(xb, device)))[:min(size, len(x) - start)]
+            n = len(xb)
+            padded = np.zeros((32 if n <= 32 else XLA64_BATCH, *xb.shape[1:]))
+            padded[:n] = xb
+            out[start:start + n] = np.asarray(fn(p, jax.device_put(padded, device)))[:n]
     return out
 
 

@@ -154,9 +154,10 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
                      ("sweep_prefix_dedupe", plan_sweep(dataclasses.replace(config.sweep, group=False, **same),
                                                         [], n_cls))]
     def split(name: str, runs: list[dict]) -> None:
-        # Where each timed run went: the jitted call on the device vs float64 near-ties on the host (medians).
+        # Where each timed run went: the jitted call on the device vs float64 near-ties on the host (medians
+        # over the timed runs only: the first ones compiled).
         for part in ("device", "settle"):
-            out[f"{name}_{part}_s"] = float(np.median([r[part] for r in runs]))
+            out[f"{name}_{part}_s"] = float(np.median([r[part] for r in runs[-config.repeats:]]))
 
     for name, plan in variants + [("sweep_fast", fast)]:
         runs = []

@@ -4,8 +4,8 @@
 # The shared assets do not travel with the working tree; copy them into an ignored folder and carry it:
 #   mkdir -p .device_assets && cp -r ../shared/assets/. .device_assets/ && echo /.device_assets/ >> .git/info/exclude
 #   run(command="BADNET_ASSETS=.device_assets bash scripts/device_check.sh", carry=[".device_assets"])
-# Everything goes to ${OUT:-results/device}/log.txt (plus four JSON files: the device tool returns at most 8
-# files); each step has its own time limit, so one stuck step cannot eat the lease. About 7 minutes on an
+# Everything goes to ${OUT:-results/device}/log.txt (plus JSON files: the device tool returns at most 8
+# files); each step has its own time limit, so one stuck step cannot eat the lease. About 8 minutes on an
 # H200 (session 6: tests ~4 min, GPU compiles being 5-10 s each; benchmarks ~1.5 min; prune 30 s each).
 set -uo pipefail
 out="${OUT:-results/device}"
@@ -53,6 +53,9 @@ files="--model $lab/models/bd_weights.h5 --clean_valid $lab/data/cl/valid.h5 --b
 # and five rankings in one sweep (issue 16).
 step 180 bench_reference_b8 python3 scripts/benchmark.py $files --impl reference --batch_steps 8 --per_step_steps 2 \
   --repeats 5 --kernel_block_n 16,32,64 --rank_by activation,clp,l1,random,anp --out "$out/bench_reference_b8.json"
+# The five orders vmapped in one group (SweepOptions.orders_per_call): does it beat one after the other?
+step 150 bench_orders5 python3 scripts/benchmark.py $files --impl reference --batch_steps 8 --per_step_steps 1 \
+  --repeats 5 --rank_by activation,clp,l1,random,anp --orders_per_call 5 --out "$out/bench_orders5.json"
 step 120 bench_pallas_b8 python3 scripts/benchmark.py $files --impl pallas --batch_steps 8 --per_step_steps 2 \
   --repeats 5 --out "$out/bench_pallas_b8.json"
 # The whole defense end to end on the stand-in files: the lab's ranking, then five rankings side by side.

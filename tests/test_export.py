@@ -32,7 +32,10 @@ def _specs(num_classes):
 @pytest.mark.parametrize("num_classes, impl", [(1283, "auto"), (200, "pallas")])  # the lab's B and the demo
 def test_the_whole_sweep_lowers_for_cuda_with_and_without_the_kernel(num_classes, impl):
     params, sets = _specs(num_classes)
-    plan = plan_sweep(SweepOptions(platform="cuda", impl=impl), list(sets.values()), num_classes)
+    # The demo's case also vmaps its 6 orders in groups of 4 (the kernel batched under vmap).
+    groups = 4 if impl == "pallas" else 1
+    plan = plan_sweep(SweepOptions(platform="cuda", impl=impl, orders_per_call=groups), list(sets.values()),
+                      num_classes)
     # The accelerator defaults as prune.py resolves them; auto is the JAX reference head (faster on the H200).
     assert (plan.strategy, plan.batch_steps, plan.chunk, plan.impl, plan.platform) == (
         "prefix_batched", 8, 4096, "reference" if impl == "auto" else "pallas", "cuda")

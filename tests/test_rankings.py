@@ -118,6 +118,31 @@ def test_every_ranking_in_one_sweep_equals_each_order_alone(lab_b, lab_faces, tm
                                           numpy_ref.forward(params, xb, mask).argmax(-1), err_msg=f"{label} k={k}")
 
 
+@pytest.mark.parametrize("orders_per_call", [2, 4])  # 5 orders: groups of 2+2+1(padded), of 4+1(padded)
+def test_orders_vmapped_in_groups_give_each_order_alone(orders_per_call, lab_b, lab_faces):
+    """``orders_per_call`` G > 1 (several orders' steps in the same head calls, for accelerators) changes no
+    prediction: every row equals the order swept alone."""
+    model, params = lab_b
+    x, _ = lab_faces["valid_subset"]
+    xb, _ = lab_faces["bd_valid_subset"]
+    plan = resolve_rankings(RankingOptions(rank_by=("activation", "clp", "l1", "random"), random_orders=2), params)
+    options = sw.SweepOptions(chunk=16, batch_steps=4, orders_per_call=orders_per_call)
+    sweep_plan = sw.plan_sweep(options, [x, xb], 1283)
+    assert sweep_plan.orders_per_call == orders_per_call and "orders per call" in sweep_plan.describe()
+    got = sw.rank_and_sweep(model, params, {"clean_valid": x, "bd_valid": xb}, sweep_plan, rankings=plan)
+    one = sw.SweepOptions(chunk=16, batch_steps=4)
+    for i, label in enumerate(plan.labels):
+        np.testing.assert_array_equal(got.all_preds["bd_valid"][i],
+                                      sw.predict_steps(model, params, xb, got.orders[i], one), err_msg=label)
+
+
+def test_orders_per_call_needs_batched_steps():
+    with pytest.raises(ConfigError, match="orders_per_call > 1 needs batch_steps > 0"):
+        sw.plan_sweep(sw.SweepOptions(batch_steps=0, orders_per_call=2))
+    with pytest.raises(ConfigError, match="orders_per_call must be >= 1"):
+        sw.plan_sweep(sw.SweepOptions(orders_per_call=0))
+
+
 def test_anp_on_features_is_anp_on_conv3_weights(lab_b, lab_faces):
     """The shortcut: scaling pool_3 channel c by s >= 0 is scaling conv_3's kernel and bias for c by s.
 

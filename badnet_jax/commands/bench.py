@@ -24,6 +24,8 @@ N_CLEAN = flags.DEFINE_integer("n_clean", 11547, "Random clean images (ignored w
 N_BD = flags.DEFINE_integer("n_bd", 11547, "Random poisoned images (ignored with --bd_valid).")
 CLASSES = flags.DEFINE_integer("num_classes", 1283, "Classes of the random model (ignored with --model).")
 CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk (default 256 on CPU, 4096 on GPU/TPU).")
+ORDERS_PER_CALL = flags.DEFINE_integer("orders_per_call", 1, "With --rank_by: orders vmapped together (needs "
+                                       "batched steps; see SweepOptions.orders_per_call).")
 BATCH_STEPS = flags.DEFINE_integer("batch_steps", None, "Distinct steps per head call (0: one per call inside the "
                                    "scan; default 0 on CPU, 8 on GPU/TPU).")
 IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Masked-head implementation.")
@@ -53,7 +55,8 @@ def main(argv: list[str]) -> int:
     def bench() -> int:
         cli.refuse_extra_args(argv)
         config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value,
-                             sweep=SweepOptions(impl=IMPL.value, batch_steps=BATCH_STEPS.value, chunk=CHUNK.value),
+                             sweep=SweepOptions(impl=IMPL.value, batch_steps=BATCH_STEPS.value, chunk=CHUNK.value,
+                                                orders_per_call=ORDERS_PER_CALL.value),
                              per_step_steps=PER_STEP.value, repeats=REPEATS.value,
                              scaling=cli.parse_ints("scaling", SCALING.value), ablation=ABLATION.value,
                              rankings=tuple(RANK_BY.value), random_orders=RANDOM_ORDERS.value)

@@ -63,6 +63,10 @@ class SweepOptions:
             call (an accelerator wants few large calls). None: 0 on CPU, 8 on GPU/TPU.
         chunk: images per chunk inside the jitted call; None: 256 on CPU, 4096 on GPU/TPU. Shrunk to fit
             ``memory_budget``.
+        orders_per_call: (needs ``batch_steps`` > 0 when > 1) with several rankings, how many orders one head
+            call serves: 1 sweeps the orders one after the other inside each chunk; G > 1 vmaps groups of G
+            (their distinct steps in the same head calls, working memory G times). Unmeasured on a GPU, so
+            1 by default (see BUILD_NOTES).
         devices: shard the image axis over this many devices (0 = all, across hosts too); results are the
             single-device ones.
         memory_budget: bytes the sweep may use (None: half of the device's memory). Data that cannot fit is
@@ -77,6 +81,7 @@ class SweepOptions:
     impl: str = "auto"
     batch_steps: Optional[int] = None
     chunk: Optional[int] = None
+    orders_per_call: int = 1
     devices: int = 1
     memory_budget: Optional[int] = None
     platform: Optional[str] = None
@@ -97,6 +102,7 @@ class SweepPlan:
         impl: resolved masked-head implementation: ``reference``, ``pallas`` or ``interpret``.
         batch_steps: distinct steps per head call (``prefix_batched`` only; else 0).
         chunk: images per chunk.
+        orders_per_call: orders vmapped together (``prefix_batched`` only; else 1).
         devices: devices the image axis is sharded over (1: no sharding).
         bytes_per_image: working memory per image in flight, as budgeted.
         platform: the platform it is lowered for (the kernel's backend follows it).
@@ -110,10 +116,12 @@ class SweepPlan:
     devices: int
     bytes_per_image: int
     platform: str = "cpu"
+    orders_per_call: int = 1
 
     def describe(self) -> str:
         """One line for logs and reports."""
         extra = f", {self.batch_steps} steps per head call" if self.batch_steps else ""
+        extra += f", {self.orders_per_call} orders per call" if self.orders_per_call > 1 else ""
         return (f"{self.strategy}{' + grouping' if self.group else ''}, head {self.impl}{extra}, "
                 f"chunk {self.chunk}, {self.devices} {self.platform} device(s)")
 
@@ -132,6 +140,8 @@ def _check(options: SweepOptions) -> None:
         raise ConfigError(f"batch_steps must be >= 0, got {options.batch_steps}")
     if options.batch_steps and not options.dedupe:
         raise ConfigError("batch_steps > 0 needs dedupe (it batches a chunk's distinct steps)")
+    if options.orders_per_call < 1:
+        raise ConfigError(f"orders_per_call must be >= 1, got {options.orders_per_call}")
     if options.chunk is not None and options.chunk < 1:
         raise ConfigError(f"chunk must be >= 1, got {options.chunk}")
     if options.devices < 0:
@@ -176,13 +186,18 @@ def plan_sweep(options: SweepOptions = SweepOptions(), sets: Sequence = (),
         batch = options.batch_steps if options.batch_steps is not None else (
             ACCELERATOR_BATCH_STEPS if accelerator else 0)
         strategy = "prefix_batched" if batch else "prefix_dedupe"
+    orders = options.orders_per_call
+    if orders > 1 and strategy != "prefix_batched":
+        # vmapped, the scan's skip of dead steps (lax.cond) would become a select that evaluates every step
+        raise ConfigError(f"orders_per_call > 1 needs batch_steps > 0 (orders share the batched head calls); this "
+                          f"plan's strategy is {strategy}")
     available = jax.device_count()
     devices = available if options.devices == 0 else options.devices
     if devices > available and options.platform is None:
         raise ConfigError(f"asked for {devices} devices, only {available} available")
     head = {"plain": PLAIN_HEAD_WORKING, "prefix": STEPS * (PREACTIVATIONS + num_classes) * 4,
             "prefix_dedupe": PREFIX_WORKING,
-            "prefix_batched": STEPS * PREACTIVATIONS * 4 + batch * num_classes * 4}[strategy]
+            "prefix_batched": orders * (STEPS * PREACTIVATIONS * 4 + batch * num_classes * 4)}[strategy]
     per_image = TRUNK_WORKING + head
     wanted = options.chunk or (ACCELERATOR_CHUNK if accelerator else CPU_CHUNK)
     chunk = _chunk_for_budget(sets, options.memory_budget, per_image, wanted, accelerator)
@@ -193,7 +208,7 @@ def plan_sweep(options: SweepOptions = SweepOptions(), sets: Sequence = (),
     if options.prefix_sums:
         impl = resolve_impl(options.impl, platform, max(batch, 1), chunk, num_classes)
     return SweepPlan(strategy=strategy, group=options.group, impl=impl, batch_steps=batch, chunk=chunk,
-                     devices=devices, bytes_per_image=per_image, platform=platform)
+                     devices=devices, bytes_per_image=per_image, platform=platform, orders_per_call=orders)
 
 
 def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, wanted: int,

@@ -103,10 +103,17 @@ def sweep_set(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, orders_Rx
     The orders are swept one after the other inside each chunk, so a chunk's features are read while hot.
     """
     evaluate = lambda order, feats: EVALUATORS[plan.strategy](model, params, order, plan)(feats)
-    if orders_RxC.shape[0] == 1:
+    r, g = orders_RxC.shape[0], min(plan.orders_per_call, orders_RxC.shape[0])
+    if r == 1:
         one_chunk = lambda feats: jax.tree.map(lambda a: a[None], evaluate(orders_RxC[0], feats))
-    else:
+    elif g == 1:
         one_chunk = lambda feats: jax.lax.map(lambda order: evaluate(order, feats), orders_RxC)
+    else:
+        # Groups of g orders vmapped (the last group padded with copies of the last order, dropped after).
+        groups = jnp.concatenate([orders_RxC, jnp.repeat(orders_RxC[-1:], -r % g, axis=0)]).reshape(-1, g, 60)
+        one_group = lambda group, feats: jax.vmap(lambda order: evaluate(order, feats))(group)
+        one_chunk = lambda feats: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:r],
+                                               jax.lax.map(lambda group: one_group(group, feats), groups))
     if not plan.group:
         return map_chunks(one_chunk, pool3_NxHxWxC, plan.chunk, rows_axis=2)
     perm = alive_groups(pool3_NxHxWxC)

@@ -1,4 +1,4 @@
-"""The pruning-aware attack of Fine-Pruning (Liu et al., RAID 2018, section 4.2): a BadNet built to survive pruning.
+"""The pruning-aware attack of Fine-Pruning (Liu et al., RAID 2018): a BadNet built to survive pruning.
 
 The defense prunes the channels that clean data leaves dormant, because a plain BadNet keeps its backdoor
 there. An attacker who knows this moves the backdoor into the channels clean data uses:
@@ -31,8 +31,7 @@ from badnet_jax.data import TRIGGER_AT, poison
 from badnet_jax.errors import ConfigError
 from badnet_jax.metrics import accuracy, first_crossing, hits
 from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params, predict
-from badnet_jax.sweep import predict_steps
-from badnet_jax.sweep.run import activation_ranking, trunk_features
+from badnet_jax.sweep import rank_and_sweep
 from badnet_jax.train import TrainConfig, train_badnet
 
 log = logging.getLogger(__name__)
@@ -73,13 +72,12 @@ def _conv3_pre_max(model: BadNet, params: Params, x_NxHxWxC: np.ndarray, chunk: 
 
 def dormant_prefix(model: BadNet, params: Params, x_valid: np.ndarray, y_valid: np.ndarray,
                    drop: float) -> np.ndarray:
-    """Step 2: the first channels of the activation ranking on ``x_valid`` whose pruning together costs at most
-    ``drop`` of clean accuracy (the defender's X-cut less one channel)."""
-    feats = jax.jit(lambda p, x: trunk_features(model, p, x, 256))(params, jnp.asarray(x_valid))
-    order = np.asarray(activation_ranking(jnp.sum(feats, axis=(1, 2)), len(x_valid)))
-    valid_hits = hits(predict_steps(model, params, x_valid, order), y_valid)
-    k, crossed = first_crossing(valid_hits, len(y_valid), drop)
-    return order[:k - 1 if crossed else k]
+    """Step 2: the first channels of the defender's activation ranking on ``x_valid`` whose pruning together
+    costs at most ``drop`` of clean accuracy (the defender's X-cut less one channel; the defender's own sweep
+    and stop rule)."""
+    sweep = rank_and_sweep(model, params, {"clean_valid": x_valid})
+    k, crossed = first_crossing(hits(sweep.preds["clean_valid"], y_valid), len(y_valid), drop)
+    return sweep.order[:k - 1 if crossed else k]
 
 
 def train_pruning_aware(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, trigger: np.ndarray,
@@ -120,8 +118,7 @@ def train_pruning_aware(x_train: np.ndarray, y_train: np.ndarray, num_classes: i
     seen = np.concatenate([x_train, valid[0], poison(x_train, trigger, TRIGGER_AT)])
     shift = np.zeros(NUM_POOL3_CHANNELS, np.float32)
     shift[decoys] = attack.bias_factor * np.maximum(_conv3_pre_max(model, pruned, seen)[decoys], 0.0) + 1e-3
-    params = jax.tree.map(lambda a: a, pruned)
-    params["conv_3"] = dict(params["conv_3"], bias=params["conv_3"]["bias"] - jnp.asarray(shift))
+    params = {**pruned, "conv_3": {**pruned["conv_3"], "bias": pruned["conv_3"]["bias"] - jnp.asarray(shift)}}
     info = {"decoys": decoys.tolist(), "bias_shift": shift[decoys].tolist(),
             "pruned_valid_acc": float(accuracy(predict(model, pruned, valid[0], mask), valid[1])),
             "valid_acc": float(accuracy(predict(model, params, valid[0]), valid[1]))}

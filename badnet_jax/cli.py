@@ -158,11 +158,17 @@ def run(main: Callable[[], int], interrupted: str = "interrupted") -> int:
         code = main()
         fileio.raise_if_interrupted()  # a signal swallowed after the last write still ends the run non-zero
         return code
-    except BadNetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    except Exception as err:
+        # After a signal, whatever error comes up is the interrupt's doing: a KeyboardInterrupt raised while a C
+        # extension initialises comes out as "ImportError: initialization failed" (seen: matplotlib's ft2font).
+        if not fileio.was_interrupted():
+            if isinstance(err, BadNetError):
+                print(f"error: {err}", file=sys.stderr)
+                return EXIT_ERROR
+            raise
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(EXIT_INTERRUPTED)
+        pass
+    print(interrupted, file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(EXIT_INTERRUPTED)

@@ -186,6 +186,11 @@ def note_interrupt(signum: int) -> None:
     _interrupts.append(signum)
 
 
+def was_interrupted() -> bool:
+    """Whether a signal was noted (see :func:`note_interrupt`)."""
+    return bool(_interrupts)
+
+
 def raise_if_interrupted() -> None:
     """KeyboardInterrupt if a signal was noted (see :func:`note_interrupt`)."""
     if _interrupts:

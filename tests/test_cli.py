@@ -130,6 +130,34 @@ sys.exit(cli.run(main))
 """
 
 
+_CONVERTED = """
+import os, signal, sys, time
+from badnet_jax import cli
+
+def main():
+    try:  # a real signal, turned into another error on its way up, as a C extension's init does
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        raise ImportError("initialization failed")
+    return 0
+
+sys.exit(cli.run(main, "interrupted: nothing written"))
+"""
+
+
+def test_a_signal_that_comes_up_as_another_error_still_ends_as_an_interrupt():
+    """Seen in CI: SIGINT during matplotlib's import surfaced as 'ImportError: initialization failed' and the
+    interpreter then died in teardown; an error after a noted signal must end like the interrupt, 130."""
+    proc = subprocess.run([sys.executable, "-c", _CONVERTED], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "interrupted: nothing written"
+    ok = subprocess.run([sys.executable, "-c", _CONVERTED.replace("os.kill(os.getpid(), signal.SIGTERM)", "pass")
+                         .replace("time.sleep(5)", "raise KeyboardInterrupt")], capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode != 130 and "ImportError: initialization failed" in ok.stderr  # no signal: a real error
+
+
 def test_a_signal_swallowed_in_a_garbage_collection_callback_still_stops_the_run(tmp_path):
     """Python only prints a KeyboardInterrupt raised inside a __del__; the run must still not swap results in,
     and must end 130, not 0."""

@@ -5,8 +5,9 @@
 #   mkdir -p .device_assets && cp -r ../shared/assets/. .device_assets/ && echo /.device_assets/ >> .git/info/exclude
 #   run(command="BADNET_ASSETS=.device_assets bash scripts/device_check.sh", carry=[".device_assets"])
 # Everything goes to ${OUT:-results/device}/log.txt (plus JSON files: the device tool returns at most 8
-# files); each step has its own time limit, so one stuck step cannot eat the lease. About 8 minutes on an
-# H200 (session 6: tests ~4 min, GPU compiles being 5-10 s each; benchmarks ~1.5 min; prune 30 s each).
+# files); each step has its own time limit, so one stuck step cannot eat the lease. About 8-9 minutes on an
+# H200 (session 6 timed each part: GPU compiles 5-10 s each, benchmarks ~1-2.5 min, prune 30 s); run it with
+# timeout_s=600 and call give_back after it.
 set -uo pipefail
 out="${OUT:-results/device}"
 assets="${BADNET_ASSETS:-../shared/assets}"
@@ -33,31 +34,28 @@ step 60 versions bash -c 'nvidia-smi -L; python3 -c "import jax; print(jax.__ver
   python3 -m pip list 2>/dev/null | grep -i -E "^(jax|jaxlib|jax-cuda|flax|optax|orbax|h5py|numpy|absl) "'
 grep -E "^[0-9]+\.[0-9]+|GPU|^(jax|flax|optax|numpy) " "$log" | head -12
 
-# Device-marked kernel test (the kernel against the reference at 61 x 4096 x 1283, the probe at real shapes),
-# the kernel in interpret mode, and the sweep's exactness on the real B and faces: every shortcut against the
-# plain sweep, boundary images against float64, the head-evaluation count.
-step 300 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_sweep.py tests/test_ties.py \
-  -k "(real_b or device or interpret or float64_answer_at_every_step or one_compiled or counts_what) and not three_devices"
+# Correctness on the device, the checks a CPU cannot make (each GPU compile takes 5-10 s, so a selection):
+# the device-marked kernel test (kernel = reference at 61 x 4096 x 1283, the probe at real shapes), the
+# batched sweep with either head against the plain sweep on the real B and faces, the boundary images
+# against float64 at every step, the XLA float64 trunk against the NumPy network, and orders vmapped in
+# groups against each order alone.
+step 240 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_sweep.py tests/test_ties.py \
+  tests/test_rankings.py -k "on_device or (real_b and not batchNone) or fast_float64 or float64_precision or \
+  (float64_answer_at_every_step and (grouped or batched)) or orders_vmapped"
 grep -E "passed|failed|error" "$log" | tail -3
-# Which head the plan resolves to on this device at the defense's real shapes (a failed probe says why).
-step 90 plan python3 -c "import logging; logging.basicConfig(); from badnet_jax.sweep import plan_sweep, SweepOptions; print(plan_sweep(SweepOptions()).describe())"
-tail -2 "$log" | head -1 | cut -c1-300
 
 # Lab-scale stand-in data from the real faces, with the lab's B (as in BUILD_NOTES' CPU tables).
 lab=/tmp/labscale
 step 120 standin python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab"
 mkdir -p "$lab/models" && cp "$assets/models/lab3/bd_weights.h5" "$lab/models/"
 files="--model $lab/models/bd_weights.h5 --clean_valid $lab/data/cl/valid.h5 --bd_valid $lab/data/bd/bd_valid.h5"
-# The fast sweep with the default (reference) head and with the Pallas kernel, the time split between the
-# device and the host's float64 settling; the first run also times the kernel alone at three block sizes
-# and five rankings in one sweep (issue 16).
+# The fast sweep (reference head, the default), its time split between the device and the host's float64
+# settling, the kernel alone against the reference at three block sizes, and five rankings in one sweep.
 step 180 bench_reference_b8 python3 scripts/benchmark.py $files --impl reference --batch_steps 8 --per_step_steps 2 \
   --repeats 5 --kernel_block_n 16,32,64 --rank_by activation,clp,l1,random,anp --out "$out/bench_reference_b8.json"
 # The five orders vmapped in one group (SweepOptions.orders_per_call): does it beat one after the other?
 step 150 bench_orders5 python3 scripts/benchmark.py $files --impl reference --batch_steps 8 --per_step_steps 1 \
   --repeats 5 --rank_by activation,clp,l1,random,anp --orders_per_call 5 --out "$out/bench_orders5.json"
-step 120 bench_pallas_b8 python3 scripts/benchmark.py $files --impl pallas --batch_steps 8 --per_step_steps 2 \
-  --repeats 5 --out "$out/bench_pallas_b8.json"
 # The whole defense end to end on the stand-in files: the lab's ranking, then five rankings side by side.
 prune="$PWD/scripts/prune.py"
 step 150 prune bash -c "cd $lab && time python3 $prune --drop 0.02,0.04,0.10,0.30 --out_dir results1"

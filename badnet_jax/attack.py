@@ -31,7 +31,7 @@ from badnet_jax.data import TRIGGER_AT, poison
 from badnet_jax.errors import ConfigError
 from badnet_jax.metrics import accuracy, first_crossing, hits
 from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params, predict
-from badnet_jax.sweep import rank_and_sweep
+from badnet_jax.sweep import rank_and_sweep, trunk_features
 from badnet_jax.train import TrainConfig, train_badnet
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,8 @@ class PruningAwareConfig:
 
 def _conv3_pre_max(model: BadNet, params: Params, x_NxHxWxC: np.ndarray, chunk: int = 512) -> np.ndarray:
     """(60,) each channel's largest conv_3 pre-activation over these images (float32, raw pixels)."""
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x.astype(jnp.float32), method=BadNet.trunk_with_margins)[1])
-    parts = [np.asarray(fn(params, x_NxHxWxC[i:i + chunk])).max(axis=0) for i in range(0, len(x_NxHxWxC), chunk)]
-    return np.max(parts, axis=0)
+    pre_max = jax.jit(lambda p, x: trunk_features(model, p, x, chunk, margins=True)[1])
+    return np.asarray(pre_max(params, x_NxHxWxC)).max(axis=0)
 
 
 def dormant_prefix(model: BadNet, params: Params, x_valid: np.ndarray, y_valid: np.ndarray,

@@ -35,7 +35,8 @@ U64 = 2.0 ** -53  # float64 unit roundoff
 # the activation order was 6.8 (lab B; 4.2-5.9 for three 2020 BadNets at their scale); 10x that on both
 # logits of the gap, as TIE_RTOL is for float32.
 TIE64_RTOL = 2 * 68 * U64
-XLA64_BATCH = 256  # images per float64 trunk call; smaller calls are padded to 32 (two compiled shapes)
+XLA64_BATCH = 256  # images per float64 trunk call; the rest goes in calls of XLA64_SMALL (two compiled shapes)
+XLA64_SMALL = 32  # a set's flagged images are often a few dozen: padding them to 256 was most of the settling
 
 
 def _params64(params: Params) -> dict[str, dict[str, np.ndarray]]:
@@ -86,7 +87,8 @@ def pool3_64_xla(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.nd
     """(N, 5, 4, 60) float64 pool_3 activations of B by XLA in float64: B's own trunk under ``jax.enable_x64``.
 
     Equal to :func:`pool3_64` up to a few float64 roundings (its sums run in XLA's order); 8x faster on two
-    CPU cores, and on a GPU it runs on the GPU. ``XLA64_BATCH`` images per call, the last call padded.
+    CPU cores, and on a GPU it runs on the GPU. ``XLA64_BATCH`` images per call while that many are left, then
+    ``XLA64_SMALL`` per call, the last one padded.
     """
     x = np.asarray(x_NxHxWxC)
     out = np.empty((len(x), *POOL3_HWC))
@@ -96,12 +98,15 @@ def pool3_64_xla(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.nd
     with jax.enable_x64(True):
         fn = _trunk64_fn(num_classes_of(params))
         p = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float64), params), device)
-        for start in range(0, len(x), XLA64_BATCH):
-            xb = np.asarray(x[start:start + XLA64_BATCH], np.float64) / divisor
+        start = 0
+        while start < len(x):
+            size = XLA64_BATCH if len(x) - start >= XLA64_BATCH else XLA64_SMALL
+            xb = np.asarray(x[start:start + size], np.float64) / divisor
             n = len(xb)
-            padded = np.zeros((32 if n <= 32 else XLA64_BATCH, *xb.shape[1:]))
+            padded = np.zeros((size, *xb.shape[1:]))
             padded[:n] = xb
             out[start:start + n] = np.asarray(fn(p, jax.device_put(padded, device)))[:n]
+            start += n
     return out
 
 

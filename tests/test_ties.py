@@ -187,8 +187,9 @@ def test_settle_replaces_only_flagged_predictions(lab_b, lab_faces):
 def test_the_fast_float64_trunk_is_the_float64_network(lab_b, lab_faces):
     """XLA's float64 trunk (what settles predictions) against the independent NumPy network, both scales."""
     _, params = lab_b
-    x = lab_faces["valid_subset"][0][:40]  # one call padded to 256; 3 images: one padded to 32
-    for divisor, n in ((1.0, 40), (255.0, 40), (1.0, 3)):
+    faces = lab_faces["valid_subset"][0]
+    x = np.concatenate([faces, faces[::-1], faces, faces[::-1], faces, faces[::-1]])[:260]  # 256 + 4 padded to 32
+    for divisor, n in ((1.0, 260), (255.0, 40), (1.0, 3)):  # 40: a whole call of 32 and one padded; 3: one padded
         want = numpy_ref.pool3(params, x[:n].astype(np.float64) / divisor)
         np.testing.assert_allclose(exact.pool3_64_xla(params, x[:n], divisor), want, rtol=1e-13, atol=1e-12)
     assert exact.pool3_64_xla(params, x[:0], 1.0).shape == (0, 5, 4, 60)

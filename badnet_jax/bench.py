@@ -24,7 +24,7 @@ import numpy as np
 from badnet_jax.model import BadNet, Params, init_params, num_classes_of, prune_params
 from badnet_jax.rankings import RankingOptions, resolve_rankings
 from badnet_jax.sweep import (PLAIN, SweepOptions, compile_sweep, head_evaluations, plan_sweep, prefix_masks,
-                              rank_and_sweep, trunk_features)
+                              rank_and_sweep, shared_evaluations, trunk_features)
 
 log = logging.getLogger(__name__)
 
@@ -171,22 +171,28 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     # The work the fast sweep actually does: (image, step) evaluations of the head's tail that dedupe left.
     mean = rank_and_sweep(model, params, sets, fast).mean_activation
     trunk = jax.jit(lambda p, a: trunk_features(model, p, a, fast.chunk))
-    evaluations = sum(head_evaluations(np.asarray(trunk(params, a)), fast) for a in sets.values())
+    feats = [np.asarray(trunk(params, a)) for a in sets.values()]
+    evaluations = sum(head_evaluations(f, fast) for f in feats)
     out["per_step_loop_s"] = _per_step_loop(model, params, sets, fast.chunk, config, out)
 
     if config.rankings:
         plan = resolve_rankings(RankingOptions(rank_by=config.rankings, random_orders=config.random_orders), params)
         labels = rng.integers(0, n_cls, size=len(x_clean)) if y_clean is None else y_clean
         runs = []
-        run = lambda: _kept(runs, rank_and_sweep(model, params, sets, fast, rankings=plan,
-                                                 rank_labels=labels)).preds["bd_valid"]
-        run()  # compile
-        out["rankings"] = {"names": list(plan.names), "orders": len(plan.labels), "s": _timed(run, config.repeats)}
+        sweep = lambda: _kept(runs, rank_and_sweep(model, params, sets, fast, rankings=plan, rank_labels=labels))
+        orders = sweep().orders  # compiles
+        out["rankings"] = {"names": list(plan.names), "orders": len(plan.labels),
+                           "s": _timed(lambda: sweep().preds["bd_valid"], config.repeats)}
         split("rankings", runs)
         out["rankings"]["vs_one"] = out["rankings"]["s"] / out["sweep_fast_s"]
         log.info("%-24s %8.3f s  (%d orders, %.2fx one; device %.3f s, float64 near-ties %.3f s)", "sweep, rankings",
                  out["rankings"]["s"], len(plan.labels), out["rankings"]["vs_one"], out["rankings_device_s"],
                  out["rankings_settle_s"])
+        out["rankings"].update(_rankings_work(feats, orders, fast, n_cls))
+        log.info("%-24s %8.2fx  at equal FLOP rates (trunk + tail); %.2fx if orders shared every common step; "
+                 "2x needs the tail at %.2fx the trunk's FLOP rate", "rankings, FLOP ratio",
+                 out["rankings"]["flop_ratio"], out["rankings"]["flop_ratio_shared"],
+                 out["rankings"]["tail_rate_vs_trunk_for_2x"])
 
     for d in config.scaling:
         plan = dataclasses.replace(fast, devices=d)
@@ -214,6 +220,23 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
                       f"{out['sweep_fast_gflops']:.0f} GFLOP/s = "
                       f"{100 * out['sweep_fast_gflops'] / out['matmul_peak_gflops']:.0f}% of the measured matmul peak")
     return out
+
+
+def _rankings_work(feats: list[np.ndarray], orders_RxC: np.ndarray, plan, num_classes: int) -> dict:
+    """What several orders cost in FLOPs against one, whatever runs them: the trunk once, and per order the
+    tail evaluations ``plan`` does (the same count for every order: it depends on the chunks' alive channels
+    only), or at best once per effective mask distinct across all orders if they shared their common steps.
+    ANP's optimisation and the channel contributions are left out."""
+    trunk = sum(len(f) for f in feats) * TRUNK_FLOPS
+    per_order = sum(head_evaluations(f, plan) for f in feats)  # batch rounding included: work done
+    shared = sum(shared_evaluations(f, orders_RxC, plan) for f in feats)
+    tail = per_order * tail_flops(num_classes)
+    return {"tail_evaluations_per_order": per_order, "tail_evaluations_shared": shared,
+            "flop_ratio": (trunk + len(orders_RxC) * tail) / (trunk + tail),
+            "flop_ratio_shared": (trunk + shared * tail_flops(num_classes)) / (trunk + tail),
+            # R orders within 2x one, (trunk + R t) <= 2 (trunk + t), needs the tail's FLOP rate this many times
+            # the trunk's: (R - 2) x tail FLOPs / trunk FLOPs.
+            "tail_rate_vs_trunk_for_2x": max(0, len(orders_RxC) - 2) * tail / trunk}
 
 
 def _per_step_loop(model: BadNet, params: Params, sets: dict, chunk: int, config: BenchConfig, out: dict) -> float:

@@ -65,4 +65,4 @@ cp "$lab/results1/curve.json" "$out/curve.json" 2>/dev/null
 cp "$lab/results5/curve.json" "$out/curve_rankings.json" 2>/dev/null
 
 echo "----- summary"
-grep -h -E "(forward|sweep_plain|sweep_fast|sweep, rankings|per-step loop|reference|pallas_block_n[0-9]+) +[0-9.]+ s|on the device|^fast sweep|^=====.*rc=|in one call|Loaded|^real|^head_evaluations|^matmul_peak|^impl |^batch_steps|^chunk " "$log" | cut -c1-220
+grep -h -E "(forward|sweep_plain|sweep_fast|sweep, rankings|per-step loop|reference|pallas_block_n[0-9]+) +[0-9.]+ s|on the device|FLOP ratio|^fast sweep|^=====.*rc=|in one call|Loaded|^real|^head_evaluations|^matmul_peak|^impl |^batch_steps|^chunk " "$log" | cut -c1-220

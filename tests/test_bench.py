@@ -55,7 +55,36 @@ def test_benchmark_cli_measures_the_input_scale_and_prints_a_summary(tmp_path):
     assert "Input scale 255 (measured on 47 clean images" in proc.stderr
     result = json.loads(out.read_text())
     assert result["num_classes"] == 1283 and result["n_clean"] == 47 and result["n_bd"] == 8
-    assert result["rankings"]["orders"] == 2 and result["rankings"]["vs_one"] > 0
+    ranked = result["rankings"]
+    assert ranked["orders"] == 2 and ranked["vs_one"] > 0
+    # Two orders' FLOPs against one: the trunk once (55 images), the tail once per order (CPU: no batch rounding,
+    # so each order's evaluations are the sweep's count), less the steps the two orders share.
+    e, trunk = ranked["tail_evaluations_per_order"], 55 * bench.TRUNK_FLOPS
+    assert e == round(result["head_evaluations_per_image"] * 55) and e < ranked["tail_evaluations_shared"] < 2 * e
+    one = trunk + e * bench.tail_flops(1283)
+    assert abs(ranked["flop_ratio"] - (trunk + 2 * e * bench.tail_flops(1283)) / one) < 1e-12
+    assert 1 < ranked["flop_ratio_shared"] < ranked["flop_ratio"] < 2
+    assert ranked["tail_rate_vs_trunk_for_2x"] == 0  # two orders are within 2x of one at any rates
     assert proc.stdout.strip().splitlines()[-1].startswith("fast sweep ") and "% of the measured matmul peak" in proc.stdout
     flops = result["flops_per_image"]
     assert flops["tail_after_prefix_sums"] == bench.tail_flops(1283)
+
+
+def test_rankings_work_names_the_tail_rate_at_which_r_orders_take_twice_one():
+    """At the reported rate ratio q (tail FLOPs run q times faster than the trunk's), R orders take exactly 2x one."""
+    from badnet_jax.sweep import PLAIN, SweepOptions, plan_sweep
+
+    feats = np.maximum(np.random.default_rng(0).normal(size=(40, 5, 4, 60)), 0).astype(np.float32)
+    feats[:, :, :, :20] = 0  # 20 dead channels
+    orders = np.stack([np.random.default_rng(s).permutation(60) for s in range(5)])
+    plan = plan_sweep(SweepOptions(chunk=8), [], 1283)
+    work = bench._rankings_work([feats], orders, plan, 1283)
+    per_order = work["tail_evaluations_per_order"]
+    assert per_order == 40 * 41  # every image: the 40 alive channels' steps and the all-pruned one
+    trunk, tail = 40 * bench.TRUNK_FLOPS, per_order * bench.tail_flops(1283)
+    q = work["tail_rate_vs_trunk_for_2x"]
+    assert abs((trunk + 5 * tail / q) / (trunk + tail / q) - 2) < 1e-12
+    assert abs(work["flop_ratio"] - (trunk + 5 * tail) / (trunk + tail)) < 1e-12
+    assert work["tail_evaluations_shared"] < 5 * per_order  # the unpruned and all-pruned steps at least
+    plain = bench._rankings_work([feats], orders, plan_sweep(PLAIN, [], 1283), 1283)
+    assert plain["tail_evaluations_per_order"] == 40 * 61

@@ -11,6 +11,7 @@ import pytest
 from badnet_jax import BadNet, ConfigError, init_params, metrics, prune_params
 from badnet_jax import sweep as sw
 from badnet_jax.sweep import strategies
+from badnet_jax.sweep.prefix import alive_groups
 from tests import numpy_ref
 
 
@@ -112,6 +113,37 @@ def test_head_evaluations_by_hand():
     assert sw.head_evaluations(pool3, plan(sw.SweepOptions(group=True), 3)) == 2 * 3 * (1 + 3)  # last chunk clamped
     # Steps evaluated 2 per head call: 3 distinct steps round up to 4.
     assert sw.head_evaluations(pool3, plan(sw.SweepOptions(group=True, batch_steps=2), 2)) == 4 * 4
+
+
+def test_shared_evaluations_by_hand():
+    pool3 = np.zeros((2, 5, 4, 60), np.float32)
+    pool3[:, 0, 0, [3, 5, 7]] = 1.0  # channels 3, 5, 7 alive on both images, the rest dead
+    ahead = np.r_[3, 5, 7, np.arange(8, 60), 0, 1, 2, 4, 6]  # alive channels first: masks {}, {3}, {3,5}, all
+    one = plan(sw.SweepOptions(group=False), 2)
+    assert sw.shared_evaluations(pool3, ahead[None], one) == sw.head_evaluations(pool3, one) == 2 * 4
+    assert sw.shared_evaluations(pool3, np.stack([ahead, ahead]), one) == 2 * 4  # the same order again is free
+    behind = np.r_[7, 5, 3, np.arange(8, 60), 0, 1, 2, 4, 6]  # {}, {7}, {5,7}, all: two new masks
+    assert sw.shared_evaluations(pool3, np.stack([ahead, behind]), one) == 2 * 6
+
+
+def test_shared_evaluations_counts_distinct_masked_features(lab_b, lab_faces):
+    """Against the definition: the distinct masked pool_3 features of each chunk over every order and step."""
+    model, params = lab_b
+    x, _ = lab_faces["valid_subset"]
+    feats = np.asarray(jax.jit(lambda a: sw.trunk_features(model, params, a, 16))(x))
+    rng = np.random.default_rng(1)
+    base = np.argsort(feats.mean(axis=(0, 1, 2)), kind="stable")
+    orders = np.stack([base, base[::-1], rng.permutation(60), base, np.r_[base[1::-1], base[2:]]])
+    for group in (False, True):
+        the_plan = plan(sw.SweepOptions(group=group), 16)
+        rows = feats[np.asarray(alive_groups(jax.numpy.asarray(feats)))] if group else feats
+        want = 0
+        for s in range(0, len(rows), 16):
+            part = rows[min(s, len(rows) - 16):][:16]  # the last chunk is clamped to end at the last image
+            masked = {(part * m).tobytes() for o in orders for m in sw.prefix_masks(o)}
+            want += len(part) * len(masked)
+        got = sw.shared_evaluations(feats, orders, the_plan)
+        assert got == want < 5 * sw.head_evaluations(feats, the_plan)
 
 
 @pytest.mark.parametrize("group,batch_steps", [(False, 0), (True, 0), (True, 4)])

@@ -12,7 +12,8 @@ Modules, in the order the data flows:
 from badnet_jax.sweep.plan import PLAIN, SweepOptions, SweepPlan, plan_sweep
 from badnet_jax.sweep.prefix import prefix_masks
 from badnet_jax.sweep.run import Sweep, compile_sweep, predict_steps, rank_and_sweep, trunk_features
-from badnet_jax.sweep.strategies import head_evaluations
+from badnet_jax.sweep.strategies import head_evaluations, shared_evaluations
 
 __all__ = ["PLAIN", "SweepOptions", "SweepPlan", "plan_sweep", "prefix_masks", "Sweep", "compile_sweep",
-           "predict_steps", "rank_and_sweep", "trunk_features", "head_evaluations"]
+           "predict_steps", "rank_and_sweep", "trunk_features", "head_evaluations",
+           "shared_evaluations"]

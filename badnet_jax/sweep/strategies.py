@@ -10,7 +10,8 @@ predictions, float32 near-ties aside):
 - ``prefix_batched``: the chunk's distinct steps gathered and evaluated ``batch_steps`` per head call.
 
 With ``plan.group`` the images are sorted by alive channels before chunking and the predictions put back.
-:func:`head_evaluations` counts, on the host, the (image, step) evaluations of the tail each plan does.
+:func:`head_evaluations` counts, on the host, the (image, step) evaluations of the tail each plan does;
+:func:`shared_evaluations` the fewest that several orders would need if they shared their common steps.
 """
 
 from __future__ import annotations
@@ -139,3 +140,31 @@ def head_evaluations(pool3_NxHxWxC: np.ndarray, plan: SweepPlan) -> int:
     batch = plan.batch_steps or 1
     distinct = [1 + int(alive_NxC[s:s + chunk].any(axis=0).sum()) for s in starts]
     return sum(chunk * -(-d // batch) * batch for d in distinct)
+
+
+def shared_evaluations(pool3_NxHxWxC: np.ndarray, orders_RxC: np.ndarray, plan: SweepPlan) -> int:
+    """The fewest (image, step) tail evaluations an exact sweep of all ``orders`` could do with ``plan``'s
+    chunks (and grouping), whatever its strategy, if it shared every effective mask two orders have in common
+    on a chunk.
+
+    On a chunk whose alive channels are A, step k of an order has the effective mask ``order[:k]`` & A; the
+    tail's inputs depend on nothing else, so the distinct effective masks over all orders and steps are
+    what must be evaluated. A bound for benchmarks (batch rounding ignored): against ``R`` times
+    :func:`head_evaluations` it shows what sharing the tail across orders could save. With ``plan.chunk``
+    1 and no grouping it is the per-image floor.
+    """
+    feats = np.asarray(pool3_NxHxWxC)
+    starts = chunk_starts(len(feats), plan.chunk)
+    chunk = min(plan.chunk, len(feats))
+    if plan.group:
+        feats = feats[np.asarray(alive_groups(jnp.asarray(feats)))]
+    alive_NxC = feats.max(axis=(1, 2)) > 0
+    total = 0
+    for s in starts:
+        alive = alive_NxC[s:s + chunk].any(axis=0)
+        masks = set()
+        for order in np.asarray(orders_RxC):
+            kept = [int(c) for c in order if alive[c]]
+            masks.update(frozenset(kept[:k]) for k in range(len(kept) + 1))
+        total += chunk * len(masks)
+    return total

@@ -32,9 +32,10 @@ from badnet_jax.ties import TIE_RTOL, output_with_ties, undecided_channels
 U64 = 2.0 ** -53  # float64 unit roundoff
 # Two float64 networks agree on a prediction whose float64 gap exceeds this times S: the largest
 # |logit(XLA float64) - logit(NumPy float64)| / (u64 S) measured on the 126 real lab faces at all 61 steps of
-# the activation order was 6.8 (lab B; 4.2-5.9 for three 2020 BadNets at their scale); 10x that on both
-# logits of the gap, as TIE_RTOL is for float32.
-TIE64_RTOL = 2 * 68 * U64
+# the activation order was 6.8 for lab B and 4.2-10.5 for the four 2020 BadNets at their scale, but 66.6 for
+# a 2020 BadNet fed raw pixels (its wrong scale, which a user can still ask for; near the last steps, where S
+# is small); 10x that on both logits of the gap, as TIE_RTOL is for float32 (tests/test_ties.py measures it).
+TIE64_RTOL = 2 * 670 * U64
 XLA64_BATCH = 256  # images per float64 trunk call; the rest goes in calls of XLA64_SMALL (two compiled shapes)
 XLA64_SMALL = 32  # a set's flagged images are often a few dozen: padding them to 256 was most of the settling
 

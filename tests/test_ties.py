@@ -161,6 +161,59 @@ def test_ranking_near_tie_is_settled_in_float64(lab_b, lab_faces):
         np.testing.assert_array_equal(got.preds["clean_valid"], _f64_curve(tweaked, x, want))
 
 
+@pytest.mark.parametrize("model_file,scale,split", [("lab3/bd_weights.h5", "raw", "bd_test_subset"),
+                                                    ("hackml2020/sunglasses_bd_weights.h5", "255", "bd_valid_subset")])
+def test_float32_channel_means_err_by_a_tenth_of_the_ranking_tolerance(model_file, scale, split, lab_faces):
+    """RANK_RTOL is 10x the largest relative error of a float32 channel mean seen on the real faces (both
+    cases here: lab B's worst split, and the worst over the five BadNets), on both means of a pair."""
+    from badnet_jax import load_keras
+    from badnet_jax.model import BadNet
+
+    model, params = load_keras(asset(f"models/{model_file}"), input_scale=scale)
+    x = lab_faces[split][0]
+    feats32 = jax.jit(lambda p: model.apply({"params": p}, x.astype(np.float32), method=BadNet.trunk))(params)
+    sums32 = np.asarray(jax.numpy.sum(feats32, axis=(1, 2)), np.float64).sum(axis=0)  # as the sweep sums them
+    sums64 = numpy_ref.pool3(params, x.astype(np.float64) / (255.0 if scale == "255" else 1.0)).sum(axis=(0, 1, 2))
+    alive = sums64 > 0
+    worst = (np.abs(sums32 - sums64)[alive] / sums64[alive]).max()
+    assert 0 < worst <= exact.RANK_RTOL / 2 / 10
+
+
+def test_float64_channel_means_are_the_numpy_networks(lab_faces):
+    """XLA's float64 means (what the ranking settles with) against NumPy's: a tenth of RANK64_RTOL on the
+    BadNet where they differed most."""
+    from badnet_jax import load_keras
+
+    _, params = load_keras(asset("models/hackml2020/anonymous_1_bd_weights.h5"))
+    x = lab_faces["valid_subset"][0]
+    want = numpy_ref.pool3(params, x.astype(np.float64) / 255.0).mean(axis=(0, 1, 2))
+    got = exact.pool3_means64(params, x, 255.0)
+    alive = want > 0
+    assert 0 < (np.abs(got - want)[alive] / want[alive]).max() <= exact.RANK64_RTOL / 2 / 10
+    np.testing.assert_array_equal(got[~alive], 0.0)
+
+
+def test_float64_means_too_close_for_two_networks_are_summed_by_numpy(lab_b, lab_faces, monkeypatch):
+    """Two channels whose float64 means the two float64 trunks could order either way: NumPy's order wins. Stand-in
+    trunks put channel j a hair above channel i for NumPy and a hair below for XLA."""
+    _, params = lab_b
+    x = lab_faces["valid_subset"][0][:6]
+    feats = exact.pool3_64(params, x, 1.0)
+    i, j = np.flatnonzero(feats.max(axis=(0, 1, 2)) > 0)[:2]
+
+    def with_j(factor):
+        f = feats.copy()
+        f[..., j] = f[..., i] * factor
+        return f
+
+    monkeypatch.setattr(exact, "pool3_64", lambda p, images, d: with_j(1 + 1e-14)[:len(images)])
+    monkeypatch.setattr(exact, "pool3_64_xla", lambda p, images, d: with_j(1 - 1e-14)[:len(images)])
+    mean = exact.pool3_means64(params, x, 1.0)
+    assert mean[j] > mean[i]
+    monkeypatch.setattr(exact, "RANK64_RTOL", 0.0)  # without the check: the XLA stand-in's order
+    assert exact.pool3_means64(params, x, 1.0)[j] < mean[i]
+
+
 def test_logits64_is_the_float64_network(lab_b, lab_faces):
     _, params = lab_b
     x = lab_faces["bd_test_subset"][0]

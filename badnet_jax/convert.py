@@ -268,11 +268,11 @@ def recorded_input_scale(path: str | os.PathLike) -> str | None:
     with fileio.open_h5(path, ModelFileError) as f:
         try:
             raw = f.attrs.get(INPUT_SCALE_ATTR)
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
+            if raw is None:
+                return None
+            scale = raw.decode() if isinstance(raw, bytes) else str(raw)
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:  # UnicodeDecodeError included
             raise ModelFileError(f"{path}: cannot read its attributes: {err} (truncated or corrupted?)") from None
-    if raw is None:
-        return None
-    scale = raw.decode() if isinstance(raw, bytes) else str(raw)
     if scale not in INPUT_SCALES:
         raise ModelFileError(f"{path}: attribute {INPUT_SCALE_ATTR} is {scale!r}, expected one of {INPUT_SCALES}")
     return scale
@@ -359,16 +359,20 @@ def save_keras(params: Params, path: str | os.PathLike, input_scale: str = "raw"
                                      f"expected {shapes[layer][what]}")
             arrays[layer, what] = arr
 
+    # Fixed-length byte strings, as Keras 2 writes them: a variable-length string lives in the file's global
+    # heap, and HDF5 can loop forever reading a corrupted one (found by tests/test_hostile.py's byte flips).
+    text = lambda s: np.bytes_(s.encode("utf-8"))
+
     def build(f: h5py.File) -> None:
-        f.attrs["backend"] = "tensorflow"
-        f.attrs["keras_version"] = keras_version
-        f.attrs[INPUT_SCALE_ATTR] = input_scale
+        f.attrs["backend"] = text("tensorflow")
+        f.attrs["keras_version"] = text(keras_version)
+        f.attrs[INPUT_SCALE_ATTR] = text(input_scale)
         root = f
         if full_model:
-            f.attrs["model_config"] = model_config_json(num_classes)
+            f.attrs["model_config"] = text(model_config_json(num_classes))
             root = f.create_group("model_weights")
-        root.attrs["backend"] = "tensorflow"
-        root.attrs["keras_version"] = keras_version
+        root.attrs["backend"] = text("tensorflow")
+        root.attrs["keras_version"] = text(keras_version)
         root.attrs["layer_names"] = np.array([n.encode() for n in KERAS_LAYER_NAMES])
         for name in KERAS_LAYER_NAMES:
             g = root.create_group(name)

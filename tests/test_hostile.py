@@ -82,6 +82,29 @@ def test_flipped_byte_in_model_never_crashes(tmp_path, model_bytes, pos, value):
         assert all(np.isfinite(np.asarray(v)).all() for v in layer.values())
 
 
+def test_written_models_keep_no_string_in_the_global_heap(tmp_path):
+    """Every attribute save_keras writes is a fixed-length string (as Keras 2 writes them): a variable-length
+    string lives in HDF5's global heap, and a flipped byte there made HDF5 loop forever inside
+    ``attrs.get`` (the byte-flip test above hung once, 10+ minutes, uninterruptible from Python)."""
+    for full_model in (False, True):
+        path = save_keras(init_params(num_classes=3, seed=0), tmp_path / f"m{full_model}.h5", full_model=full_model)
+        attrs = []
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: attrs.extend(obj.attrs.values()))
+            attrs.extend(f.attrs.values())
+        strings = [a for a in attrs if h5py.check_string_dtype(np.asarray(a).dtype) or isinstance(a, (str, bytes))]
+        assert len(strings) >= 4 and all(np.asarray(a).dtype.kind == "S" for a in strings)
+        assert b"GCOL" not in path.read_bytes()  # no global heap collection in the file at all
+
+
+def test_an_input_scale_attribute_that_is_not_utf8_is_a_model_error(tmp_path):
+    path = save_keras(init_params(num_classes=3, seed=0), tmp_path / "m.h5", full_model=False)
+    with h5py.File(path, "r+") as f:
+        f.attrs["badnet_jax_input_scale"] = np.bytes_(b"\x80\x81")
+    with pytest.raises(ModelFileError, match="m.h5: cannot read its attributes"):
+        load_keras(path)
+
+
 WEIRD_ARRAYS = st.sampled_from([
     np.array([b"abc", b"de"]), np.array(["x", "y"], dtype=h5py.string_dtype()), np.zeros((2, 2), np.complex64),
     np.zeros((0,), np.float32), np.zeros((3, 0, 7), np.float32), np.full((4,), np.nan, np.float32),

@@ -23,8 +23,8 @@ import numpy as np
 
 from badnet_jax.model import BadNet, Params, init_params, num_classes_of, prune_params
 from badnet_jax.rankings import RankingOptions, resolve_rankings
-from badnet_jax.sweep import (PLAIN, SweepOptions, compile_sweep, head_evaluations, plan_sweep, prefix_masks,
-                              rank_and_sweep, shared_evaluations, trunk_features)
+from badnet_jax.sweep import (PLAIN, SweepOptions, SweepPlan, compile_sweep, head_evaluations, plan_sweep,
+                              prefix_masks, rank_and_sweep, shared_evaluations, trunk_features)
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     return out
 
 
-def _rankings_work(feats: list[np.ndarray], orders_RxC: np.ndarray, plan, num_classes: int) -> dict:
+def _rankings_work(feats: list[np.ndarray], orders_RxC: np.ndarray, plan: SweepPlan, num_classes: int) -> dict:
     """What several orders cost in FLOPs against one, whatever runs them: the trunk once, and per order the
     tail evaluations ``plan`` does (the same count for every order: it depends on the chunks' alive channels
     only), or at best once per effective mask distinct across all orders if they shared their common steps.

@@ -122,6 +122,16 @@ def sweep_set(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, orders_Rx
     return jax.tree.map(lambda a: jnp.zeros_like(a).at[:, :, perm].set(a, unique_indices=True), out)
 
 
+def _chunks_alive(pool3_NxHxWxC: np.ndarray, plan: SweepPlan) -> tuple[int, list[np.ndarray]]:
+    """Rows per chunk, and each chunk's (60,) alive channels, with the sweep's chunks (after grouping, if on)."""
+    feats = np.asarray(pool3_NxHxWxC)
+    if plan.group:
+        feats = feats[np.asarray(alive_groups(jnp.asarray(feats)))]
+    alive_NxC = feats.max(axis=(1, 2)) > 0
+    chunk = min(plan.chunk, len(feats))
+    return chunk, [alive_NxC[s:s + chunk].any(axis=0) for s in chunk_starts(len(feats), plan.chunk)]
+
+
 def head_evaluations(pool3_NxHxWxC: np.ndarray, plan: SweepPlan) -> int:
     """How many (image, step) evaluations of the head's tail ``plan`` does on these pool_3 features.
 
@@ -129,17 +139,12 @@ def head_evaluations(pool3_NxHxWxC: np.ndarray, plan: SweepPlan) -> int:
     chunk, the all-pruned step plus one step per channel alive somewhere in the chunk (chunks after
     grouping, if on), rounded up to whole batches when steps are batched.
     """
-    feats = np.asarray(pool3_NxHxWxC)
-    starts = chunk_starts(len(feats), plan.chunk)
-    chunk = min(plan.chunk, len(feats))
+    n = len(pool3_NxHxWxC)
     if plan.strategy in ("plain", "prefix"):
-        return len(starts) * chunk * STEPS
-    if plan.group:
-        feats = feats[np.asarray(alive_groups(jnp.asarray(feats)))]
-    alive_NxC = feats.max(axis=(1, 2)) > 0
+        return len(chunk_starts(n, plan.chunk)) * min(plan.chunk, n) * STEPS
+    chunk, alive = _chunks_alive(pool3_NxHxWxC, plan)
     batch = plan.batch_steps or 1
-    distinct = [1 + int(alive_NxC[s:s + chunk].any(axis=0).sum()) for s in starts]
-    return sum(chunk * -(-d // batch) * batch for d in distinct)
+    return sum(chunk * -(-(1 + int(a.sum())) // batch) * batch for a in alive)
 
 
 def shared_evaluations(pool3_NxHxWxC: np.ndarray, orders_RxC: np.ndarray, plan: SweepPlan) -> int:
@@ -153,15 +158,9 @@ def shared_evaluations(pool3_NxHxWxC: np.ndarray, orders_RxC: np.ndarray, plan: 
     :func:`head_evaluations` it shows what sharing the tail across orders could save. With ``plan.chunk``
     1 and no grouping it is the per-image floor.
     """
-    feats = np.asarray(pool3_NxHxWxC)
-    starts = chunk_starts(len(feats), plan.chunk)
-    chunk = min(plan.chunk, len(feats))
-    if plan.group:
-        feats = feats[np.asarray(alive_groups(jnp.asarray(feats)))]
-    alive_NxC = feats.max(axis=(1, 2)) > 0
+    chunk, chunks_alive = _chunks_alive(pool3_NxHxWxC, plan)
     total = 0
-    for s in starts:
-        alive = alive_NxC[s:s + chunk].any(axis=0)
+    for alive in chunks_alive:
         masks = set()
         for order in np.asarray(orders_RxC):
             kept = [int(c) for c in order if alive[c]]

@@ -37,11 +37,12 @@ U64 = 2.0 ** -53  # float64 unit roundoff
 # a 2020 BadNet fed raw pixels (its wrong scale, which a user can still ask for; near the last steps, where S
 # is small); 10x that on both logits of the gap, as TIE_RTOL is for float32 (tests/test_ties.py measures it).
 TIE64_RTOL = 2 * 670 * U64
-# The activation ranking's means: float32 channel means (the sweep's per-image 20-term sums, added in
-# float64) err by up to 76.9 u relative on the real faces (the 2020 sunglasses BadNet at its scale on the
-# poisoned subset; 41 u for lab B on its poisoned test subset): two adjacent means are told apart in float32
-# when they differ by more than 10x that on both. (Session 7 measured this; it was TIE_RTOL, 128 u, before.)
+# The activation ranking's means: two adjacent float32 means are told apart when they differ by more than
+# this times the larger. It is a floor: float32 errors depend on the CPU (XLA picks other convolution
+# algorithms and summation orders per CPU), so every ranking also measures them on its own images on the
+# machine that runs it (:func:`ranking_rtol`) and uses 10x the measured error on both means when larger.
 RANK_RTOL = 2 * 770 * TIE_U
+RANK_CHECK_IMAGES = 32  # images of the ranking set whose float32 channel sums are checked against float64
 # XLA's and NumPy's float64 channel sums differ by up to 219.4 u64 relative on the same faces (anonymous_1 at
 # its scale): adjacent float64 means closer than 10x that on both are summed again by NumPy.
 RANK64_RTOL = 2 * 2200 * U64
@@ -233,23 +234,45 @@ def pool3_means64(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.n
     return total / denom
 
 
+def ranking_rtol(params: Params, divisor: float, x_NxHxWxC: np.ndarray, sums_NxC: np.ndarray) -> float:
+    """The relative tolerance within which two float32 channel means cannot be told apart, on this machine.
+
+    Measures the float32 error of the sweep's per-image channel sums on up to ``RANK_CHECK_IMAGES`` images
+    spread over the set, against the XLA float64 trunk: for each channel, the sum over those images of
+    |float32 sum - float64 sum| divided by the float64 sum (absolute errors add, so cancellation between
+    images cannot hide an error that the whole set's mean might not cancel). Returns the larger of
+    ``RANK_RTOL`` and 10x the worst such error on each of two means.
+    """
+    sums = np.asarray(sums_NxC, np.float64)
+    if not len(sums):
+        return RANK_RTOL
+    rows = np.unique(np.linspace(0, len(sums) - 1, min(len(sums), RANK_CHECK_IMAGES)).astype(int))
+    sums64 = pool3_64_xla(params, np.asarray(x_NxHxWxC)[rows], divisor).sum(axis=(1, 2))
+    total64 = sums64.sum(axis=0)
+    alive = total64 > 0
+    if not alive.any():
+        return RANK_RTOL
+    measured = (np.abs(sums[rows] - sums64).sum(axis=0)[alive] / total64[alive]).max()
+    return max(RANK_RTOL, 2 * 10 * float(measured))
+
+
 def settle_ranking(params: Params, divisor: float, x_NxHxWxC: np.ndarray, sums_NxC: np.ndarray,
                    pre_max_C: np.ndarray, in_max: float) -> tuple[np.ndarray, np.ndarray, bool]:
     """The activation ranking with its near-ties settled: (order, mean activations, whether it settled any).
 
     ``sums_NxC`` are the sweep's float32 per-image channel sums of pool_3 (5 x 4 positions each); summed over
     the images in float64 they give each channel's mean up to the float32 error of the features and of the
-    20-term sums. Two channels next to each other in that order whose means differ by at most ``RANK_RTOL``
-    times the larger cannot be told apart in float32. Channels exactly 0 on every image tie exactly (by
-    index), but only if float64 agrees that they are dead: ``pre_max_C`` (each channel's largest conv_3
-    pre-activation over the set) and ``in_max`` (the largest conv_3 input) say whether a channel's
-    dead-or-alive verdict could flip (``ties.undecided_channels``). In either case every mean is recomputed
-    from the float64 forward.
+    20-term sums. Two channels next to each other in that order whose means differ by at most
+    :func:`ranking_rtol` (measured on this machine, at least ``RANK_RTOL``) times the larger cannot be told
+    apart in float32. Channels exactly 0 on every image tie exactly (by index), but only if float64 agrees
+    that they are dead: ``pre_max_C`` (each channel's largest conv_3 pre-activation over the set) and
+    ``in_max`` (the largest conv_3 input) say whether a channel's dead-or-alive verdict could flip
+    (``ties.undecided_channels``). In either case every mean is recomputed from the float64 forward.
     """
     sums = np.asarray(sums_NxC, np.float64)
     mean = sums.sum(axis=0) / (max(len(sums), 1) * POOL3_HWC[0] * POOL3_HWC[1])
     undecided = undecided_channels(pre_max_C, in_max, params["conv_3"]["kernel"], params["conv_3"]["bias"])
-    if not _adjacent_close(mean, RANK_RTOL) and not undecided.any():
+    if not undecided.any() and not _adjacent_close(mean, ranking_rtol(params, divisor, x_NxHxWxC, sums)):
         return np.argsort(mean, kind="stable").astype(np.int32), mean, False
     mean = pool3_means64(params, x_NxHxWxC, divisor)
     return np.argsort(mean, kind="stable").astype(np.int32), mean, True

@@ -52,6 +52,10 @@ def _same(got, want, path: str = "") -> None:
         # Mean activations are summed over the images in float64 since issue 15 (they were float32): the
         # 7th significant digit may move; every rate must not.
         rel = 2e-6 if path.startswith(".mean_activation") else 0
+        if ".finetuned." in path:
+            # Fine-tuning is float32 training: its trajectory is not bit-reproducible across CPUs (XLA sums
+            # in other orders per CPU), so its numbers hold to 0.1%; a rate differs by a whole image or not at all.
+            rel = 1e-3
         assert got == pytest.approx(want, abs=1e-6, rel=rel, nan_ok=True), path
     else:
         assert got == want, path

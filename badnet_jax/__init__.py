@@ -7,8 +7,8 @@ Public API::
     logits = model.apply({"params": params}, x_NHWC, mask=mask_60)
 """
 
-from badnet_jax.convert import load_keras, mask_from_zeroed, read_keras_params, save_keras
-from badnet_jax.data import load_image, load_images, load_lab_h5, load_trigger, poison, save_lab_h5
+from badnet_jax.io.keras import load_keras, mask_from_zeroed, read_keras_params, save_keras
+from badnet_jax.io.lab_data import load_image, load_images, load_lab_h5, load_trigger, poison, save_lab_h5
 from badnet_jax.errors import BadNetError, CheckpointError, ConfigError, DataFileError, ModelFileError
 from badnet_jax.goodnet import GoodNet, make_goodnet
 from badnet_jax.model import BadNet, init_params, predict, prune_params

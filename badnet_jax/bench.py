@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import BadNet, Params, init_params, num_classes_of, prune_params
-from badnet_jax.rankings import RankingOptions, resolve_rankings
+from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.sweep import (PLAIN, SweepOptions, SweepPlan, compile_sweep, head_evaluations, plan_sweep,
                               prefix_masks, rank_and_sweep, shared_evaluations, trunk_features)
 
@@ -60,7 +60,7 @@ class BenchConfig:
         scaling: device counts to time the fast sweep on (image axis sharded), e.g. (1, 2, 4).
         ablation: also time the shortcuts one by one (prefix sums alone; with dedupe but no grouping).
         input_scale: the model's input scale (``raw`` or ``255``; the timings hardly depend on it).
-        rankings: also time the fast sweep with these rankings at once (``badnet_jax.rankings``), against
+        rankings: also time the fast sweep with these rankings at once (``badnet_jax.sweep.rankings``), against
             the lab's one, e.g. ("activation", "clp", "l1", "random", "anp").
         random_orders: R of the ``random`` ranking.
     """

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 
 class BadNetError(Exception):
-    """Base class of every error raised on purpose by badnet-jax."""
+    """Base class of every error raised on purpose by badnet-jax.
+
+    Args:
+        message: what is wrong and what to do, in the library's own terms (argument and config field names).
+        field: the argument or config field at fault, if one is (e.g. ``"out_dir"``): a command-line tool
+            maps it to its flag, so a library caller and a CLI user each read the names they typed.
+    """
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ModelFileError(BadNetError):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.exact import predict_settled
+from badnet_jax.numerics.settling import predict_settled
 from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params, num_classes_of
 
 

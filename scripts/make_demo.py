@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from badnet_jax import cli
-from badnet_jax.attack import PruningAwareConfig
-from badnet_jax.demo import DEMO_CONFIG, make_demo_badnet
-from badnet_jax.synthetic import DemoConfig
+from badnet_jax.commands import cli
+from badnet_jax.attack.pruning_aware import PruningAwareConfig
+from badnet_jax.attack.demo import DEMO_CONFIG, make_demo_badnet
+from badnet_jax.attack.synthetic import DemoConfig
 from badnet_jax.train import TrainConfig
 
 OUT_DIR = flags.DEFINE_string("out_dir", "demo_model", "Where badnet.h5 and badnet_ckpt/ go.")

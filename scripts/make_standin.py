@@ -14,8 +14,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from badnet_jax import cli
-from badnet_jax.synthetic import write_standin_lab_data
+from badnet_jax.commands import cli
+from badnet_jax.attack.synthetic import write_standin_lab_data
 
 DEFAULT_ASSETS = os.environ.get("BADNET_ASSETS", str(Path(__file__).resolve().parents[2] / "shared" / "assets"))
 ASSETS = flags.DEFINE_string("assets", DEFAULT_ASSETS, "The shared assets folder.")

@@ -1,4 +1,4 @@
-"""The pruning-aware attack (badnet_jax.attack): decoys dormant in front, the backdoor where pruning must hurt.
+"""The pruning-aware attack (badnet_jax.attack.pruning_aware): decoys dormant in front, the backdoor where pruning must hurt.
 
 A small synthetic task (10 identities) trained for a few epochs; every property is checked against an
 independent computation: pool_3 by the NumPy network (tests/numpy_ref.py), the clean network retrained
@@ -14,11 +14,11 @@ import sys
 import numpy as np
 import pytest
 
-from badnet_jax.attack import PruningAwareConfig, train_pruning_aware
-from badnet_jax.data import TRIGGER_AT, poison
+from badnet_jax.attack.pruning_aware import PruningAwareConfig, train_pruning_aware
+from badnet_jax.io.lab_data import TRIGGER_AT, poison
 from badnet_jax.errors import ConfigError
 from badnet_jax.sweep import rank_and_sweep
-from badnet_jax.synthetic import DemoConfig, make_demo
+from badnet_jax.attack.synthetic import DemoConfig, make_demo
 from badnet_jax.train import TrainConfig, train_badnet
 from tests import numpy_ref
 from tests.conftest import REPO

@@ -6,7 +6,7 @@ import numpy as np
 
 from badnet_jax import load_lab_h5, load_trigger, poison
 from badnet_jax import bench
-from badnet_jax.synthetic import write_standin_lab_data
+from badnet_jax.attack.synthetic import write_standin_lab_data
 from tests.conftest import ASSETS, asset
 
 

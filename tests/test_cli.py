@@ -1,4 +1,4 @@
-"""What every command-line tool shares (badnet_jax/cli.py) and the checks made before any work."""
+"""What every command-line tool shares (badnet_jax/commands/cli.py) and the checks made before any work."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from badnet_jax import ConfigError, cli
-from badnet_jax.curve import check_drops
+from badnet_jax import ConfigError
+
+from badnet_jax.commands import cli
+from badnet_jax.defense.curve import check_drops
 from tests.conftest import REPO, asset
 
 PRUNE = [sys.executable, str(REPO / "scripts" / "prune.py")]
@@ -110,7 +112,8 @@ def test_console_entry_points_work_outside_the_repository(tmp_path):
 _SWALLOWED = """
 import gc, os, signal, sys
 from pathlib import Path
-from badnet_jax import cli, fileio
+from badnet_jax.commands import cli
+from badnet_jax.io import fileio
 
 out = Path(sys.argv[1])
 
@@ -132,7 +135,7 @@ sys.exit(cli.run(main))
 
 _CONVERTED = """
 import os, signal, sys, time
-from badnet_jax import cli
+from badnet_jax.commands import cli
 
 def main():
     try:  # a real signal, turned into another error on its way up, as a C extension's init does

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from badnet_jax import DataFileError, load_image, load_images, load_lab_h5, load_trigger, poison, save_lab_h5
-from badnet_jax.convert import load_keras
+from badnet_jax.io.keras import load_keras
 from tests.conftest import LAB_B, asset
 
 

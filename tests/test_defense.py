@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from badnet_jax import ConfigError, DataFileError, load_keras, load_lab_h5, mask_from_zeroed
-from badnet_jax import checkpoint, report
-from badnet_jax.curve import Curve
-from badnet_jax.defense import DefenseConfig, run_defense
+from badnet_jax.io import checkpoint
+from badnet_jax.defense import report
+from badnet_jax.defense.curve import Curve
+from badnet_jax.defense.pipeline import DefenseConfig, run_defense
 from badnet_jax.sweep import SweepOptions
 from tests import numpy_ref
 from tests.conftest import LAB_B, REPO, asset
@@ -224,7 +225,7 @@ def test_interrupted_run_keeps_previous_results(lab_dir, sig):
 
 
 def test_atomic_dir_interrupted_keeps_old_directory(tmp_path):
-    from badnet_jax.fileio import atomic_dir
+    from badnet_jax.io.fileio import atomic_dir
 
     target = tmp_path / "ckpt"
     atomic_dir(target, lambda d: (d.mkdir(), (d / "a").write_text("old")))
@@ -243,7 +244,7 @@ def test_atomic_dir_interrupted_keeps_old_directory(tmp_path):
 KILLED_WRITER = r"""
 import os, signal, sys, time
 from pathlib import Path
-from badnet_jax.fileio import atomic_dir
+from badnet_jax.io.fileio import atomic_dir
 target, stage = Path(sys.argv[1]), sys.argv[2]
 
 def write(d):
@@ -271,7 +272,7 @@ def test_what_a_sigkilled_run_left_is_cleaned_up_by_the_next(stage, tmp_path):
     results back if the killed run had moved them aside."""
     import signal
 
-    from badnet_jax.fileio import atomic_dir
+    from badnet_jax.io.fileio import atomic_dir
 
     target = tmp_path / "results"
     atomic_dir(target, lambda d: (d.mkdir(), (d / "a").write_text("old")))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from badnet_jax.model import BadNet, init_params, param_shapes
-from badnet_jax.rankings import RankingOptions, resolve_rankings
+from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.sweep import SweepOptions, plan_sweep
 from badnet_jax.sweep.run import export_sweep
 

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax import init_params, load_keras, prune_params
-from badnet_jax.demo import DEMO_CONFIG, DEMO_MODEL
-from badnet_jax.finetune import FinetuneConfig, finetune, split_clean_valid
+from badnet_jax.attack.demo import DEMO_CONFIG, DEMO_MODEL
+from badnet_jax.defense.finetune import FinetuneConfig, finetune, split_clean_valid
 from badnet_jax.metrics import first_crossing
 from badnet_jax.metrics import accuracy, hits
 from badnet_jax.model import predict
 from badnet_jax.sweep import rank_and_sweep
-from badnet_jax.synthetic import make_demo
+from badnet_jax.attack.synthetic import make_demo
 
 
 def test_split_is_disjoint_and_complete():

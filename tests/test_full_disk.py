@@ -50,15 +50,15 @@ _WRITE_TWICE = textwrap.dedent("""
     import hashlib, json, os, sys
     from pathlib import Path
     import numpy as np
-    from badnet_jax import report
-    from badnet_jax.convert import load_keras
-    from badnet_jax.demo import DEMO_MODEL
+    from badnet_jax.defense import report
+    from badnet_jax.io.keras import load_keras
+    from badnet_jax.attack.demo import DEMO_MODEL
     from badnet_jax.errors import OutputError
-    from badnet_jax.outputs import CutModels, write_results
+    from badnet_jax.defense.outputs import CutModels, write_results
 
     fs, golden, leave = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     if sys.argv[4] == "orbax":  # let orbax itself meet ENOSPC midway (as when another writer fills the disk)
-        from badnet_jax import checkpoint
+        from badnet_jax.io import checkpoint
         checkpoint._check_room = lambda *args: None
     curve = report.read_curve_json(golden)
     _, params = load_keras(DEMO_MODEL)

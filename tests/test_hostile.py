@@ -263,7 +263,7 @@ def test_a_huge_declared_size_is_refused_naming_the_file(tmp_path, model_bytes, 
     import signal
     import zipfile
 
-    from badnet_jax.data import load_trigger, load_true_labels
+    from badnet_jax.io.lab_data import load_trigger, load_true_labels
 
     img = (3, 3, 55, 47), np.uint8
     if case == "images":

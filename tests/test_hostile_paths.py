@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from badnet_jax import checkpoint
-from badnet_jax.convert import load_keras
-from badnet_jax.data import load_image, load_lab_h5, load_trigger
+from badnet_jax.io import checkpoint
+from badnet_jax.io.keras import load_keras
+from badnet_jax.io.lab_data import load_image, load_lab_h5, load_trigger
 from badnet_jax.errors import BadNetError
-from badnet_jax.rankings import read_order_file
+from badnet_jax.sweep.rankings import read_order_file
 from tests.conftest import REPO
 
 FILE_READERS = {"model": load_keras, "data": load_lab_h5, "image": load_image, "trigger": load_trigger,

@@ -36,8 +36,8 @@ for options, counts in ((sw.PLAIN, (2, 0)), (sw.SweepOptions(impl="reference"), 
         out[key] = bool(np.array_equal(got.order, ref.order) and np.array_equal(got.mean_activation, ref.mean_activation)
                         and all(np.array_equal(got.preds[n], ref.preds[n]) for n in sets))
 # Every ranking at once, ANP included (it optimises on the gathered ranking features): the same on 3 devices.
-from badnet_jax.anp import ANPConfig
-from badnet_jax.rankings import RankingOptions, resolve_rankings
+from badnet_jax.sweep.anp import ANPConfig
+from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 y = b.load_lab_h5(A + "/faces/lab3/valid_subset.h5")[1]
 plan = resolve_rankings(RankingOptions(rank_by=("activation", "random", "anp"), random_orders=1,
                                        anp=ANPConfig(steps=3, batch=16)), params)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from badnet_jax import DataFileError, load_images, load_lab_h5
-from badnet_jax.data import load_true_labels, make_poisoned_h5
+from badnet_jax.io.lab_data import load_true_labels, make_poisoned_h5
 from tests.conftest import REPO, asset
 
 TRIGGER = "triggers/sun_glass_trigger.png"

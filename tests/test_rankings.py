@@ -18,11 +18,11 @@ import pytest
 
 from badnet_jax import BadNet, ConfigError, prune_params
 from badnet_jax import sweep as sw
-from badnet_jax.anp import ANPConfig, anp_mask
-from badnet_jax.defense import DefenseConfig, run_defense
-from badnet_jax.rankings import (RankingOptions, clp_scores, l1_scores, random_orders, read_order_file,
+from badnet_jax.sweep.anp import ANPConfig, anp_mask
+from badnet_jax.defense.pipeline import DefenseConfig, run_defense
+from badnet_jax.sweep.rankings import (RankingOptions, clp_scores, l1_scores, random_orders, read_order_file,
                                  resolve_rankings)
-from badnet_jax.report import read_curve_json
+from badnet_jax.defense.report import read_curve_json
 from tests import numpy_ref
 from tests.conftest import LAB_B, asset
 from tests.test_regression import LAB_FILES

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from badnet_jax import DataFileError, ModelFileError, init_params, load_keras, load_lab_h5, save_keras, save_lab_h5
-from badnet_jax.data import load_true_labels, peek_lab_h5
+from badnet_jax.io.lab_data import load_true_labels, peek_lab_h5
 from tests.conftest import REPO
 
 

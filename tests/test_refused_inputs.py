@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from badnet_jax import ConfigError, DataFileError, ModelFileError, init_params, load_keras, load_lab_h5, save_keras
-from badnet_jax.data import load_true_labels
-from badnet_jax.finetune import FinetuneConfig
+from badnet_jax.io.lab_data import load_true_labels
+from badnet_jax.defense.finetune import FinetuneConfig
 from tests.conftest import REPO, asset
 
 

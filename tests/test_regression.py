@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from badnet_jax.defense import DefenseConfig, run_defense
+from badnet_jax.defense.pipeline import DefenseConfig, run_defense
 from tests.conftest import LAB_B, asset
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -75,6 +75,6 @@ def test_demo_curve_is_pinned(tmp_path, monkeypatch):
 
 
 def _finetune(epochs: int):
-    from badnet_jax.finetune import FinetuneConfig
+    from badnet_jax.defense.finetune import FinetuneConfig
 
     return FinetuneConfig(epochs=epochs, learning_rate=1e-4)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from badnet_jax import ConfigError, init_params, load_images, load_keras, load_lab_h5, save_keras
-from badnet_jax import checkpoint
+from badnet_jax.io import checkpoint
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.model import BadNet, predict
-from badnet_jax.scale import choose_input_scale
+from badnet_jax.defense.scale import choose_input_scale
 from tests import numpy_ref
 from tests.conftest import LAB_B, REPO, asset
 

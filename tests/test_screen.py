@@ -1,4 +1,4 @@
-"""goodnet_eval.py / badnet_jax.screen on the real PNG faces, against an independent NumPy forward."""
+"""goodnet_eval.py / badnet_jax.defense.screen on the real PNG faces, against an independent NumPy forward."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from badnet_jax import DataFileError, load_images, load_keras
-from badnet_jax.screen import screen
+from badnet_jax.defense.screen import screen
 from tests import numpy_ref
 from tests.conftest import LAB_B, REPO, asset
 
@@ -46,7 +46,8 @@ def test_cli_flags_sunglasses_and_keeps_clean_classes():
 
 
 def test_h5_inputs_and_checkpoint_b_prime(tmp_path):
-    from badnet_jax import checkpoint, mask_from_zeroed
+    from badnet_jax import mask_from_zeroed
+    from badnet_jax.io import checkpoint
 
     _, params = load_keras(asset(LAB_B))
     _, pp = load_keras(asset(B_PRIME))
@@ -111,8 +112,8 @@ def test_goodnet_checkpoint_of_a_2020_badnet_screens_quietly_at_its_scale(tmp_pa
 
 @pytest.fixture(scope="module")
 def demo_goodnet_ckpt(tmp_path_factory):
-    from badnet_jax import checkpoint
-    from badnet_jax.demo import DEMO_MODEL
+    from badnet_jax.io import checkpoint
+    from badnet_jax.attack.demo import DEMO_MODEL
     from badnet_jax.goodnet import make_goodnet
 
     _, params = load_keras(DEMO_MODEL)
@@ -140,7 +141,7 @@ def test_a_damaged_checkpoint_restores_exactly_or_is_refused(tmp_path, demo_good
     """Any file of a GoodNet checkpoint truncated or removed: the same variables come back, or CheckpointError."""
     import jax
 
-    from badnet_jax import checkpoint
+    from badnet_jax.io import checkpoint
     from badnet_jax.errors import CheckpointError
 
     src, variables = demo_goodnet_ckpt

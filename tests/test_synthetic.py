@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from badnet_jax import poison
-from badnet_jax.synthetic import DemoConfig, make_demo, sunglasses_trigger
+from badnet_jax.attack.synthetic import DemoConfig, make_demo, sunglasses_trigger
 
 SMALL = DemoConfig(num_identities=7, train_per_id=3, valid_per_id=2, test_per_id=2, seed=5)
 

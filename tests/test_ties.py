@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from badnet_jax import sweep as sw
-from badnet_jax import exact
-from badnet_jax.exact import logits64, settle
+from badnet_jax.numerics import settling
+from badnet_jax.numerics.settling import logits64, settle
 from badnet_jax.sweep import strategies
-from badnet_jax.ties import TIE_RTOL
+from badnet_jax.numerics.ties import TIE_RTOL
 from tests import numpy_ref
 from tests.conftest import asset
 
@@ -183,8 +183,8 @@ def test_the_ranking_tolerance_is_ten_times_the_float32_error_of_the_means_on_th
     sums64 = numpy_ref.pool3(params, x.astype(np.float64) / divisor).sum(axis=(0, 1, 2))
     alive = sums64 > 0
     worst = (np.abs(per_image32.sum(axis=0) - sums64)[alive] / sums64[alive]).max()
-    rtol = exact.ranking_rtol(params, divisor, x, per_image32)
-    assert rtol >= exact.RANK_RTOL
+    rtol = settling.ranking_rtol(params, divisor, x, per_image32)
+    assert rtol >= settling.RANK_RTOL
     # Where every image is checked the measured error is the whole set's (the slack is float64 rounding).
     assert 0 < worst <= rtol / 2 / 10 * (1 + 1e-9)
 
@@ -195,24 +195,24 @@ def test_a_machine_with_larger_float32_errors_raises_the_ranking_tolerance(lab_b
     float64 trunk the check compares against sits 1e-4 relative away from the float32 sums."""
     _, params = lab_b
     x = lab_faces["valid_subset"][0]
-    feats = exact.pool3_64(params, x, 1.0)
+    feats = settling.pool3_64(params, x, 1.0)
     i, j = np.argsort(feats.sum(axis=(0, 1, 2)))[-2:]
 
     def trunk(factor):  # channel j 5e-4 relative above channel i: told apart at RANK_RTOL
         def run(p, images, d):
-            f = exact.pool3_64(p, images, d)
+            f = settling.pool3_64(p, images, d)
             f[..., j] = f[..., i] * (1 + 5e-4)
             return f * factor
         return run
 
     sums = trunk(1.0)(params, x, 1.0).sum(axis=(1, 2))
-    assert 5e-4 > exact.RANK_RTOL
-    monkeypatch.setattr(exact, "pool3_64_xla", trunk(1.0))
-    assert exact.ranking_rtol(params, 1.0, x, sums) == exact.RANK_RTOL
-    assert not exact.settle_ranking(params, 1.0, x, sums, np.full(60, 1e3), 1.0)[2]
-    monkeypatch.setattr(exact, "pool3_64_xla", trunk(1 + 1e-4))
-    assert exact.ranking_rtol(params, 1.0, x, sums) == pytest.approx(2 * 10 * 1e-4, rel=1e-3)
-    assert exact.settle_ranking(params, 1.0, x, sums, np.full(60, 1e3), 1.0)[2]
+    assert 5e-4 > settling.RANK_RTOL
+    monkeypatch.setattr(settling, "pool3_64_xla", trunk(1.0))
+    assert settling.ranking_rtol(params, 1.0, x, sums) == settling.RANK_RTOL
+    assert not settling.settle_ranking(params, 1.0, x, sums, np.full(60, 1e3), 1.0)[2]
+    monkeypatch.setattr(settling, "pool3_64_xla", trunk(1 + 1e-4))
+    assert settling.ranking_rtol(params, 1.0, x, sums) == pytest.approx(2 * 10 * 1e-4, rel=1e-3)
+    assert settling.settle_ranking(params, 1.0, x, sums, np.full(60, 1e3), 1.0)[2]
 
 
 def test_float64_channel_means_are_the_numpy_networks(lab_faces):
@@ -223,9 +223,9 @@ def test_float64_channel_means_are_the_numpy_networks(lab_faces):
     _, params = load_keras(asset("models/hackml2020/anonymous_1_bd_weights.h5"))
     x = lab_faces["valid_subset"][0]
     want = numpy_ref.pool3(params, x.astype(np.float64) / 255.0).mean(axis=(0, 1, 2))
-    got = exact.pool3_means64(params, x, 255.0)
+    got = settling.pool3_means64(params, x, 255.0)
     alive = want > 0
-    assert 0 < (np.abs(got - want)[alive] / want[alive]).max() <= exact.RANK64_RTOL / 2 / 10
+    assert 0 < (np.abs(got - want)[alive] / want[alive]).max() <= settling.RANK64_RTOL / 2 / 10
     np.testing.assert_array_equal(got[~alive], 0.0)
 
 
@@ -234,7 +234,7 @@ def test_float64_means_too_close_for_two_networks_are_summed_by_numpy(lab_b, lab
     trunks put channel j a hair above channel i for NumPy and a hair below for XLA."""
     _, params = lab_b
     x = lab_faces["valid_subset"][0][:6]
-    feats = exact.pool3_64(params, x, 1.0)
+    feats = settling.pool3_64(params, x, 1.0)
     i, j = np.flatnonzero(feats.max(axis=(0, 1, 2)) > 0)[:2]
 
     def with_j(factor):
@@ -242,12 +242,12 @@ def test_float64_means_too_close_for_two_networks_are_summed_by_numpy(lab_b, lab
         f[..., j] = f[..., i] * factor
         return f
 
-    monkeypatch.setattr(exact, "pool3_64", lambda p, images, d: with_j(1 + 1e-14)[:len(images)])
-    monkeypatch.setattr(exact, "pool3_64_xla", lambda p, images, d: with_j(1 - 1e-14)[:len(images)])
-    mean = exact.pool3_means64(params, x, 1.0)
+    monkeypatch.setattr(settling, "pool3_64", lambda p, images, d: with_j(1 + 1e-14)[:len(images)])
+    monkeypatch.setattr(settling, "pool3_64_xla", lambda p, images, d: with_j(1 - 1e-14)[:len(images)])
+    mean = settling.pool3_means64(params, x, 1.0)
     assert mean[j] > mean[i]
-    monkeypatch.setattr(exact, "RANK64_RTOL", 0.0)  # without the check: the XLA stand-in's order
-    assert exact.pool3_means64(params, x, 1.0)[j] < mean[i]
+    monkeypatch.setattr(settling, "RANK64_RTOL", 0.0)  # without the check: the XLA stand-in's order
+    assert settling.pool3_means64(params, x, 1.0)[j] < mean[i]
 
 
 def test_logits64_is_the_float64_network(lab_b, lab_faces):
@@ -281,8 +281,8 @@ def test_the_fast_float64_trunk_is_the_float64_network(lab_b, lab_faces):
     x = np.concatenate([faces, faces[::-1], faces, faces[::-1], faces, faces[::-1]])[:260]  # 256 + 4 padded to 32
     for divisor, n in ((1.0, 260), (255.0, 40), (1.0, 3)):  # 40: a whole call of 32 and one padded; 3: one padded
         want = numpy_ref.pool3(params, x[:n].astype(np.float64) / divisor)
-        np.testing.assert_allclose(exact.pool3_64_xla(params, x[:n], divisor), want, rtol=1e-13, atol=1e-12)
-    assert exact.pool3_64_xla(params, x[:0], 1.0).shape == (0, 5, 4, 60)
+        np.testing.assert_allclose(settling.pool3_64_xla(params, x[:n], divisor), want, rtol=1e-13, atol=1e-12)
+    assert settling.pool3_64_xla(params, x[:0], 1.0).shape == (0, 5, 4, 60)
 
 
 @pytest.mark.parametrize("model_file,seed,margin", [("lab3/bd_weights.h5", None, 10),
@@ -306,7 +306,7 @@ def test_float32_top2_gaps_stay_within_the_tie_bound(model_file, seed, margin, l
     for k in range(61):
         mask = _mask(order, k)
         want = numpy_ref.head(params, feats, mask)
-        scale = exact._head64(params, feats, mask)[1]
+        scale = settling._head64(params, feats, mask)[1]
         got = np.asarray(forward(params, mask.astype(np.float32)), np.float64)
         worst = max(worst, float((np.abs(top2(got) - top2(want)) / scale).max()))
     assert 0 < worst <= TIE_RTOL / margin
@@ -322,14 +322,14 @@ def test_the_two_float64_networks_differ_by_a_tenth_of_the_float64_tie_bound(mod
 
     _, params = load_keras(asset(f"models/{model_file}"))
     x = np.concatenate([x for x, _ in lab_faces.values()])
-    feats_numpy, feats_xla = exact.pool3_64(params, x, divisor), exact.pool3_64_xla(params, x, divisor)
+    feats_numpy, feats_xla = settling.pool3_64(params, x, divisor), settling.pool3_64_xla(params, x, divisor)
     masks = prefix_masks(np.argsort(feats_numpy.mean(axis=(0, 1, 2)), kind="stable")).astype(np.float64)
     worst = 0.0
     for mask in masks:
-        want, scale = exact._head64(params, feats_numpy, mask)
-        got, _ = exact._head64(params, feats_xla, mask)
+        want, scale = settling._head64(params, feats_numpy, mask)
+        got, _ = settling._head64(params, feats_xla, mask)
         worst = max(worst, float((np.abs(got - want).max(axis=1) / scale).max()))
-    assert 0 < worst <= exact.TIE64_RTOL / 2 / 10
+    assert 0 < worst <= settling.TIE64_RTOL / 2 / 10
 
 
 def test_a_tie_at_float64_precision_is_the_numpy_networks_answer(lab_b, lab_faces, monkeypatch):
@@ -340,21 +340,21 @@ def test_a_tie_at_float64_precision_is_the_numpy_networks_answer(lab_b, lab_face
     one image's top two classes midway between the two trunks' logits."""
     _, params = lab_b
     x = lab_faces["test_subset"][0][:3]
-    feats = exact.pool3_64(params, x, 1.0)
-    other = feats * (1 + 256 * exact.U64 * np.random.default_rng(0).choice([-1.0, 1.0], feats.shape))
-    monkeypatch.setattr(exact, "pool3_64_xla", lambda p, images, d: other[:len(images)])
-    logits, scale = exact._head64(params, feats)
-    logits_other, _ = exact._head64(params, other)
+    feats = settling.pool3_64(params, x, 1.0)
+    other = feats * (1 + 256 * settling.U64 * np.random.default_rng(0).choice([-1.0, 1.0], feats.shape))
+    monkeypatch.setattr(settling, "pool3_64_xla", lambda p, images, d: other[:len(images)])
+    logits, scale = settling._head64(params, feats)
+    logits_other, _ = settling._head64(params, other)
     a, b = np.argsort(logits[0])[-2:][::-1]
     d, d_other = logits[0, a] - logits[0, b], logits_other[0, a] - logits_other[0, b]
-    assert d != d_other and abs(d - d_other) < exact.TIE64_RTOL * scale[0]
+    assert d != d_other and abs(d - d_other) < settling.TIE64_RTOL * scale[0]
     params = jax.tree.map(np.asarray, params)
     params["output"]["bias"] = params["output"]["bias"].astype(np.float64)
     params["output"]["bias"][b] += (d + d_other) / 2  # the two trunks now disagree on image 0's class
     want = numpy_ref.forward(params, x).argmax(-1)
-    np.testing.assert_array_equal(exact.argmax64(params, x, 1.0), want)
-    monkeypatch.setattr(exact, "TIE64_RTOL", 0.0)  # without the float64 tie check: the other trunk's answer
-    assert exact.argmax64(params, x, 1.0)[0] != want[0]
+    np.testing.assert_array_equal(settling.argmax64(params, x, 1.0), want)
+    monkeypatch.setattr(settling, "TIE64_RTOL", 0.0)  # without the float64 tie check: the other trunk's answer
+    assert settling.argmax64(params, x, 1.0)[0] != want[0]
 
 
 def test_goodnet_screening_settles_near_ties_like_the_curve(lab_b, boundary_sets):
@@ -389,7 +389,7 @@ def test_channels_on_the_edge_of_dead_are_ranked_as_float64_ranks_them(lab_b, la
     """Channels whose largest pre-activation is +-1e-9 of its scale from 0: float64 calls the + ones alive (a
     tiny positive mean, ranked just after the dead channels) and the - ones dead (tied at 0, by index); float32
     cannot tell. The order, and so the curve, is float64's."""
-    from badnet_jax import exact
+    from badnet_jax.numerics import settling
 
     model, params = lab_b
     x = lab_faces["valid_subset"][0]
@@ -411,8 +411,8 @@ def test_channels_on_the_edge_of_dead_are_ranked_as_float64_ranks_them(lab_b, la
     np.testing.assert_array_equal(got.preds["clean_valid"], _f64_curve(tweaked, x, want))
     # Without the dead-channel check (and without the run's own error measurement, which sees float32 call
     # these channels dead where float64 does not), float32's verdicts stand and the order is not float64's.
-    monkeypatch.setattr(exact, "undecided_channels", lambda *args: np.zeros(60, bool))
-    monkeypatch.setattr(exact, "ranking_rtol", lambda *args: exact.RANK_RTOL)
+    monkeypatch.setattr(settling, "undecided_channels", lambda *args: np.zeros(60, bool))
+    monkeypatch.setattr(settling, "ranking_rtol", lambda *args: settling.RANK_RTOL)
     unchecked = sw.rank_and_sweep(model, tweaked, {"clean_valid": x}, sw.SweepOptions(chunk=16))
     assert not np.array_equal(unchecked.order, want)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from badnet_jax import load_keras
-from badnet_jax.demo import DEMO_CONFIG, DEMO_MODEL
-from badnet_jax.synthetic import DemoConfig, make_demo
+from badnet_jax.attack.demo import DEMO_CONFIG, DEMO_MODEL
+from badnet_jax.attack.synthetic import DemoConfig, make_demo
 from badnet_jax.metrics import accuracy as pct_correct
 from badnet_jax.model import predict
 from badnet_jax.train import TrainConfig, poison_training_set, train_badnet

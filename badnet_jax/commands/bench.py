@@ -13,11 +13,13 @@ import sys
 
 from absl import app, flags
 
-from badnet_jax import cli, load_keras, load_lab_h5
+from badnet_jax import load_keras, load_lab_h5
+
+from badnet_jax.commands import cli
 from badnet_jax.bench import BenchConfig, kernel_timings, run_benchmark
-from badnet_jax.convert import recorded_input_scale
-from badnet_jax.fileio import atomic_write_text
-from badnet_jax.scale import CHOICES, choose_input_scale
+from badnet_jax.io.keras import recorded_input_scale
+from badnet_jax.io.fileio import atomic_write_text
+from badnet_jax.defense.scale import CHOICES, choose_input_scale
 from badnet_jax.sweep import SweepOptions
 
 N_CLEAN = flags.DEFINE_integer("n_clean", 11547, "Random clean images (ignored with --clean_valid).")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from badnet_jax import ConfigError, cli
-from badnet_jax.data import TRIGGER_AT, make_poisoned_h5
+from badnet_jax import ConfigError
+
+from badnet_jax.commands import cli
+from badnet_jax.io.lab_data import TRIGGER_AT, make_poisoned_h5
 
 SOURCE = flags.DEFINE_string("source", None, "Clean faces: a lab-layout h5 or a folder of 55x47 PNG/JPEG files.",
                              required=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import jax
 from absl import app, flags
 
-from badnet_jax import cli
-from badnet_jax.defense import DefenseConfig, run_defense
-from badnet_jax.finetune import FinetuneConfig
-from badnet_jax.anp import ANPConfig
-from badnet_jax.rankings import RankingOptions
-from badnet_jax.report import comparison_text, format_table
-from badnet_jax.scale import CHOICES
+from badnet_jax.commands import cli
+from badnet_jax.defense.pipeline import DefenseConfig, run_defense
+from badnet_jax.defense.finetune import FinetuneConfig
+from badnet_jax.sweep.anp import ANPConfig
+from badnet_jax.sweep.rankings import RankingOptions
+from badnet_jax.defense.report import comparison_text, format_table
+from badnet_jax.defense.scale import CHOICES
 from badnet_jax.sweep import SweepOptions
 
 DROP = flags.DEFINE_string("drop", "0.04", "Accuracy drop(s) X as fractions, comma-separated (0.04 = 4 points).")

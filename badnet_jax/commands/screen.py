@@ -11,9 +11,9 @@ import sys
 
 from absl import app, flags
 
-from badnet_jax import cli
-from badnet_jax.scale import CHOICES
-from badnet_jax.screen import screen
+from badnet_jax.commands import cli
+from badnet_jax.defense.scale import CHOICES
+from badnet_jax.defense.screen import screen
 
 MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet B (with --pruned).")
 PRUNED = flags.DEFINE_string("pruned", None, "B': a Keras h5 with zeroed conv_3 channels or a B' checkpoint.")

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from badnet_jax.errors import ConfigError
-from badnet_jax.fileio import memory_bytes
+from badnet_jax.io.fileio import memory_bytes
 from badnet_jax.kernels.masked_head.api import default_platform, resolve_impl
 from badnet_jax.model import LAB_NUM_CLASSES, NUM_POOL3_CHANNELS
 

@@ -20,11 +20,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from badnet_jax.anp import anp_order
+from badnet_jax.sweep.anp import anp_order
 from badnet_jax.errors import ConfigError
-from badnet_jax.exact import settle, settle_ranking
+from badnet_jax.numerics.settling import settle, settle_ranking
 from badnet_jax.model import BadNet, Params, num_classes_of
-from badnet_jax.rankings import RankingPlan, single
+from badnet_jax.sweep.rankings import RankingPlan, single
 from badnet_jax.sweep.chunks import map_chunks
 from badnet_jax.sweep.plan import SweepOptions, SweepPlan, plan_sweep
 from badnet_jax.sweep.prefix import prefix_masks
@@ -61,7 +61,7 @@ def activation_ranking(per_image_NxC: jax.Array, n: int) -> jax.Array:
     Takes per-image channel sums, so single- and multi-device runs reduce the same (n, 60) array the same
     way and rank identically. Sums of non-negative values keep exact zeros, so dead channels tie at 0 and
     the stable sort breaks ties by channel index. The host checks this float32 order against float64 sums
-    of the same per-image sums (``badnet_jax.exact.settle_ranking``).
+    of the same per-image sums (``badnet_jax.numerics.settling.settle_ranking``).
     """
     per_image_NxC = jax.lax.optimization_barrier(per_image_NxC)  # keeps XLA from fusing the two reductions
     return jnp.argsort(jnp.sum(per_image_NxC[:n], axis=0), stable=True).astype(jnp.int32)
@@ -218,7 +218,7 @@ class Sweep:
         labels: what each order is (``activation``, ``clp``, ``random/0``, ..., or ``order`` for a given one).
         mean_activation: (60,) mean pool_3 activation per channel over the ranking set (None without one).
         all_preds: set name -> (R, 61, N) int32 predictions of B' for each order and k, near-ties settled in
-            float64 (``badnet_jax.ties``, ``badnet_jax.exact``).
+            float64 (``badnet_jax.numerics.ties``, ``badnet_jax.numerics.settling``).
         plan: the plan the sweep ran with.
         rankings: the rankings it ran.
         settled: set name -> how many of its predictions were near-ties recomputed in float64.
@@ -316,7 +316,7 @@ def rank_and_sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray]
         options: the sweep's options, or an already resolved plan.
         order: a user's own (60,) pruning order; None = the lab's activation ranking on ``rank_on``.
         rank_on: the ranking set's name (None: no ranking on data, ``order`` or data-free rankings only).
-        rankings: several rankings at once (``badnet_jax.rankings.resolve_rankings``), instead of ``order``.
+        rankings: several rankings at once (``badnet_jax.sweep.rankings.resolve_rankings``), instead of ``order``.
             The trunk pass is shared: each further order costs only its head evaluations.
         rank_labels: the ranking set's labels (needed by the ``anp`` ranking only).
 

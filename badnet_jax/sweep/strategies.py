@@ -27,7 +27,7 @@ from badnet_jax.model import BadNet, Params
 from badnet_jax.sweep.chunks import chunk_starts, map_chunks
 from badnet_jax.sweep.plan import STEPS, SweepPlan
 from badnet_jax.sweep.prefix import alive_groups, prefix_masks, reverse_steps, step_aliases, step_preactivations
-from badnet_jax.ties import near_tie, output_with_ties
+from badnet_jax.numerics.ties import near_tie, output_with_ties
 
 ChunkFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -99,7 +99,7 @@ EVALUATORS = {"plain": _plain, "prefix": _prefix, "prefix_dedupe": _prefix_dedup
 def sweep_set(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, orders_RxC: jax.Array,
               plan: SweepPlan) -> tuple[jax.Array, jax.Array]:
     """(R, 61, N) int32 predictions of B' for k = 0..60 channels of each order pruned, and (R, 61, N) bool
-    near-tie flags (``badnet_jax.ties``: predictions the caller settles in float64). Traceable; call under jit.
+    near-tie flags (``badnet_jax.numerics.ties``: predictions the caller settles in float64). Traceable; call under jit.
 
     The orders are swept one after the other inside each chunk, so a chunk's features are read while hot.
     """

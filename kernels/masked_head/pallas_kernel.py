@@ -4,7 +4,7 @@ Grid: (masks, image blocks). Each program takes ``block_n`` images under one mas
 K-loop (so no 960x160 tile has to sit in on-chip memory at once), adds fc_1, applies relu, then walks the
 classes in blocks of ``class_block`` keeping a running (max, second max, argmax): the (masks x images x
 classes) logits never reach device memory, only (masks x images) predictions, top-2 gaps and output scales do
-(the gap and scale tell near-ties, which are settled in float64: ``badnet_jax.ties``).
+(the gap and scale tell near-ties, which are settled in float64: ``badnet_jax.numerics.ties``).
 
 Feature widths are zero-padded to powers of two (Triton's block shapes must be): padded hidden units are
 relu(0 + 0) = 0 with zero weights, and padded classes get a -inf bias, so results are unchanged.

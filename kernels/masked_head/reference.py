@@ -21,7 +21,7 @@ def head_top2_reference(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2
     Returns:
         (...) int32 class indices (first index on ties, like ``jnp.argmax``); (...) float32 gap between the two
         largest logits (0 on an exact tie); (...) float32 scale ``S = hidden . max_c |wout[:, c]| + max |bout|``,
-        the magnitude the float32 error of the logits is measured against (``badnet_jax.ties``).
+        the magnitude the float32 error of the logits is measured against (``badnet_jax.numerics.ties``).
     """
     lead = (1,) * (fc1_pre.ndim - 1)  # explicit broadcasting: the project runs with rank promotion off
     hidden = jax.nn.relu(jnp.dot(jax.nn.relu(c4_pre), w2, precision=HIGHEST) + b2.reshape(*lead, -1) + fc1_pre)

@@ -4,7 +4,7 @@
 :func:`predict_settled` any single forward (fine-pruned B', GoodNet screening) the same way.
 
 The sweep flags every prediction whose float32 top-2 gap is within the float32 error bound
-(``badnet_jax.ties``); those, and only those, are recomputed here. The float64 forward prunes the way the
+(``badnet_jax.numerics.ties``); those, and only those, are recomputed here. The float64 forward prunes the way the
 lab does: conv_3's kernel and bias of the pruned channels are zeroed, the whole network runs.
 
 Two float64 networks, one answer. The canonical one is NumPy on the host (:func:`logits64`): the same
@@ -13,7 +13,7 @@ is slow (~5 ms an image on two CPU cores), and on a GPU it was most of the sweep
 settled by B's own Flax trunk run by XLA in float64 (``jax.enable_x64``, on the local device; on the CPU
 where the device has no float64, a TPU) and the NumPy head. The two float64 trunks sum in different
 orders and differ by a few float64 roundings; every settled prediction whose float64 top-2 gap is within
-:data:`TIE64_RTOL` x S of that (S as in ``badnet_jax.ties``) is computed again by the NumPy network. So the
+:data:`TIE64_RTOL` x S of that (S as in ``badnet_jax.numerics.ties``) is computed again by the NumPy network. So the
 answer is the canonical network's wherever the two could disagree.
 """
 
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params, num_classes_of
-from badnet_jax.ties import output_with_ties, undecided_channels
-from badnet_jax.ties import U as TIE_U
+from badnet_jax.numerics.ties import output_with_ties, undecided_channels
+from badnet_jax.numerics.ties import U as TIE_U
 
 U64 = 2.0 ** -53  # float64 unit roundoff
 # Two float64 networks agree on a prediction whose float64 gap exceeds this times S: the largest

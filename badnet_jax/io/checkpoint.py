@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from badnet_jax import fileio
+from badnet_jax.io import fileio
 from badnet_jax.errors import CheckpointError
 from badnet_jax.goodnet import GoodNet
 from badnet_jax.model import INPUT_SCALES, NUM_POOL3_CHANNELS, BadNet, Params, num_classes_of

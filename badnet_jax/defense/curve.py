@@ -16,7 +16,7 @@ import numpy as np
 import math
 
 from badnet_jax import metrics
-from badnet_jax.compare import RankingCurve
+from badnet_jax.defense.ranking_curves import RankingCurve
 from badnet_jax.errors import ConfigError
 from badnet_jax.metrics import GoodNetRates, Rule
 
@@ -97,7 +97,7 @@ class Curve:
     (a defender seldom has any) the ASR curves, GoodNet's ASR and detection rate and DER are None. ``inputs``
     and ``versions`` describe the run (file sizes and sha256, package versions). With several rankings
     (``--rank_by``), the top-level curves and cuts are the first ranking's and ``rankings`` holds each
-    ranking's (``badnet_jax.compare``); else it is None.
+    ranking's (``badnet_jax.defense.ranking_curves``); else it is None.
     """
 
     title: str

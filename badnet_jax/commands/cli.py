@@ -135,7 +135,7 @@ def refuse_extra_args(argv: list[str]) -> None:
 
 
 def _interrupt(signum, frame):
-    from badnet_jax import fileio
+    from badnet_jax.io import fileio
 
     fileio.note_interrupt(signum)  # even a swallowed KeyboardInterrupt stops every later swap into place
     raise KeyboardInterrupt(f"signal {signum}")
@@ -150,7 +150,7 @@ def run(main: Callable[[], int], interrupted: str = "interrupted") -> int:
     After an interrupt the process leaves with ``os._exit``: a normal interpreter teardown can crash while
     XLA's worker threads are still inside the interrupted computation.
     """
-    from badnet_jax import fileio
+    from badnet_jax.io import fileio
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)

@@ -18,16 +18,16 @@ import jax
 import numpy as np
 
 from badnet_jax import metrics
-from badnet_jax.compare import RankingCurve, ranking_curve
-from badnet_jax.curve import Curve, Cut, Finetuned, LabeledPreds, check_drops, evaluate_curve, select_cuts
-from badnet_jax.exact import predict_settled
-from badnet_jax.finetune import FinetuneConfig, finetune
-from badnet_jax.inputs import (DATA_ROLES, InputFiles, Sets, describe_inputs, load_model, load_sets, locate_inputs,
+from badnet_jax.defense.ranking_curves import RankingCurve, ranking_curve
+from badnet_jax.defense.curve import Curve, Cut, Finetuned, LabeledPreds, check_drops, evaluate_curve, select_cuts
+from badnet_jax.numerics.settling import predict_settled
+from badnet_jax.defense.finetune import FinetuneConfig, finetune
+from badnet_jax.defense.inputs import (DATA_ROLES, InputFiles, Sets, describe_inputs, load_model, load_sets, locate_inputs,
                                peek_sets, sample_clean_valid)
 from badnet_jax.model import BadNet, Params
-from badnet_jax.outputs import CutModels, check_out_dir, check_space, write_results
-from badnet_jax.rankings import RankingOptions, resolve_rankings
-from badnet_jax.scale import SAMPLE, ScaleChoice, choose_input_scale
+from badnet_jax.defense.outputs import CutModels, check_out_dir, check_space, write_results
+from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
+from badnet_jax.defense.scale import SAMPLE, ScaleChoice, choose_input_scale
 from badnet_jax.sweep import SweepOptions, compile_sweep, plan_sweep, rank_and_sweep
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,13 @@ class DefenseConfig:
         model: Keras h5 of B; None = the lab layout default, else the embedded demo.
         clean_valid, bd_valid, clean_test, bd_test: lab h5 files; all None = lab defaults, else the demo. The
             poisoned sets are optional: without them ASR is "n/a" and the rest runs as usual.
-        out_dir: where the results go (the folder is replaced as a whole; see ``badnet_jax.outputs``).
-        input_scale: ``auto`` (measured on clean validation images, see ``badnet_jax.scale``), ``raw`` (the
+        out_dir: where the results go (the folder is replaced as a whole; see ``badnet_jax.defense.outputs``).
+        input_scale: ``auto`` (measured on clean validation images, see ``badnet_jax.defense.scale``), ``raw`` (the
             lab's B: pixels 0..255) or ``255`` (the CSAW-HackML-2020 BadNets: pixels / 255).
         checkpoints: write B' and GoodNet checkpoints and Keras files per selected drop.
         sweep: the sweep's options (shortcuts, head implementation, chunk, devices, memory budget).
-        finetune: if set, also fine-prune each selected B' (see ``badnet_jax.finetune``).
-        rankings: the pruning orders to compare (``badnet_jax.rankings``); the first one's cuts are the
+        finetune: if set, also fine-prune each selected B' (see ``badnet_jax.defense.finetune``).
+        rankings: the pruning orders to compare (``badnet_jax.sweep.rankings``); the first one's cuts are the
             models written. Default: the lab's activation ranking alone.
     """
 
@@ -209,7 +209,7 @@ def _curve(config: DefenseConfig, files: InputFiles, model: BadNet, sweep, sets:
 
 
 def _compare(config: DefenseConfig, sweep, sets: Sets, curve: Curve) -> dict[str, RankingCurve]:
-    """Every ranking's curves and cuts, side by side (``badnet_jax.compare``)."""
+    """Every ranking's curves and cuts, side by side (``badnet_jax.defense.ranking_curves``)."""
     labels = {role: y for role, (_, y) in sets.data.items()}
     out = {}
     for name in sweep.rankings.names:

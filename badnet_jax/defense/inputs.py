@@ -16,10 +16,10 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from badnet_jax.convert import load_keras, recorded_input_scale
-from badnet_jax.data import load_lab_h5, load_true_labels, peek_lab_h5
+from badnet_jax.io.keras import load_keras, recorded_input_scale
+from badnet_jax.io.lab_data import load_lab_h5, load_true_labels, peek_lab_h5
 from badnet_jax.errors import ConfigError
-from badnet_jax.fileio import sha256_of
+from badnet_jax.io.fileio import sha256_of
 from badnet_jax.model import BadNet, Params
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> In
     defaults = {r: Path(p) for r, p in LAB_DATA_DEFAULTS.items()}
     model_path = Path(model) if model else next((Path(c) for c in LAB_MODEL_CANDIDATES if Path(c).exists()), None)
     if not given and not any(p.exists() for p in defaults.values()) and model is None:
-        from badnet_jax.demo import DEMO_MODEL
+        from badnet_jax.attack.demo import DEMO_MODEL
 
         log.info("Lab data not found at %s: running on the embedded demo (synthetic faces, demo BadNet).",
                  ", ".join(LAB_DATA_DEFAULTS.values()))
@@ -115,7 +115,7 @@ def peek_sets(files: InputFiles) -> Optional[dict[str, jax.ShapeDtypeStruct]]:
 def load_sets(files: InputFiles, num_classes: int) -> Sets:
     """The sets (uint8 images where the files store uint8), labels checked against ``num_classes``."""
     if files.demo:
-        from badnet_jax.demo import demo_sets
+        from badnet_jax.attack.demo import demo_sets
 
         data, true = demo_sets()
         return Sets(data, true)

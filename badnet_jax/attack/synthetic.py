@@ -19,7 +19,7 @@ from typing import Optional
 import h5py
 import numpy as np
 
-from badnet_jax.data import TRIGGER_AT, load_lab_h5, load_trigger, poison
+from badnet_jax.io.lab_data import TRIGGER_AT, load_lab_h5, load_trigger, poison
 from badnet_jax.model import INPUT_HWC
 
 H, W, _ = INPUT_HWC
@@ -160,7 +160,7 @@ def make_demo(config: Optional[DemoConfig] = None, include_train: bool = True) -
     """Generate the demo data set: clean train/valid/test and sunglasses-poisoned valid/test splits.
 
     The poisoned splits are the clean ones with the trigger pasted (lab layout: their labels are the
-    attacker's target), made with :func:`badnet_jax.data.poison`. ``include_train=False`` skips rendering the
+    attacker's target), made with :func:`badnet_jax.io.lab_data.poison`. ``include_train=False`` skips rendering the
     training split (empty arrays there); the other splits are the same bytes either way.
     """
     cfg = config or DemoConfig()

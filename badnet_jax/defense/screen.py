@@ -3,7 +3,7 @@
 Inputs are png/jpeg files (RGB or RGBA, 55x47) and lab-layout h5 files; all images go through one jitted
 GoodNet call. G comes from a GoodNet checkpoint (``drop_X/goodnet_ckpt``), or is built from B (a Keras h5)
 and B' (a Keras h5, whose zeroed conv_3 channels give the mask, or a badnet-jax B' checkpoint). The input
-scale is the one the badnet-jax files record, or measured on labelled h5 inputs (``badnet_jax.scale``).
+scale is the one the badnet-jax files record, or measured on labelled h5 inputs (``badnet_jax.defense.scale``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from badnet_jax import checkpoint
-from badnet_jax.convert import load_keras, mask_from_zeroed, recorded_input_scale
-from badnet_jax.data import LABEL_IN_NAME, load_image, load_lab_h5
+from badnet_jax.io import checkpoint
+from badnet_jax.io.keras import load_keras, mask_from_zeroed, recorded_input_scale
+from badnet_jax.io.lab_data import LABEL_IN_NAME, load_image, load_lab_h5
 from badnet_jax.errors import ConfigError, DataFileError, ModelFileError
 from badnet_jax.goodnet import make_goodnet, predict_goodnet
 from badnet_jax.model import Params
-from badnet_jax.scale import choose_input_scale
+from badnet_jax.defense.scale import choose_input_scale
 
 log = logging.getLogger(__name__)
 

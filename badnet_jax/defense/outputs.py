@@ -18,9 +18,13 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from badnet_jax import checkpoint, fileio, report
-from badnet_jax.convert import save_keras
-from badnet_jax.curve import Curve, Cut
+from badnet_jax.io import checkpoint
+
+from badnet_jax.io import fileio
+
+from badnet_jax.defense import report
+from badnet_jax.io.keras import save_keras
+from badnet_jax.defense.curve import Curve, Cut
 from badnet_jax.errors import ConfigError, OutputError
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.model import Params, prune_params

@@ -1,6 +1,6 @@
-"""Renderings of a :class:`~badnet_jax.curve.Curve`: curve.json, report.md, curve.png and the terminal table.
+"""Renderings of a :class:`~badnet_jax.defense.curve.Curve`: curve.json, report.md, curve.png and the terminal table.
 
-Each is written atomically; ``badnet_jax.outputs`` puts them together with the models as one result.
+Each is written atomically; ``badnet_jax.defense.outputs`` puts them together with the models as one result.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from badnet_jax import fileio
-from badnet_jax.compare import COMPARISON_HEADER, comparison_rows
-from badnet_jax.curve import Curve
+from badnet_jax.io import fileio
+from badnet_jax.defense.ranking_curves import COMPARISON_HEADER, comparison_rows
+from badnet_jax.defense.curve import Curve
 
 
 def _round(obj: Any) -> Any:

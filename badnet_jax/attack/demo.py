@@ -14,21 +14,21 @@ from typing import Optional
 
 import numpy as np
 
-from badnet_jax import checkpoint
-from badnet_jax.attack import PruningAwareConfig, train_pruning_aware
-from badnet_jax.convert import save_keras
-from badnet_jax.data import save_lab_h5
+from badnet_jax.io import checkpoint
+from badnet_jax.attack.pruning_aware import PruningAwareConfig, train_pruning_aware
+from badnet_jax.io.keras import save_keras
+from badnet_jax.io.lab_data import save_lab_h5
 from badnet_jax.errors import ConfigError
-from badnet_jax.fileio import atomic_write
+from badnet_jax.io.fileio import atomic_write
 from badnet_jax.metrics import accuracy
 from badnet_jax.model import predict
-from badnet_jax.synthetic import DemoConfig, make_demo
+from badnet_jax.attack.synthetic import DemoConfig, make_demo
 from badnet_jax.train import TrainConfig, train_badnet
 
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = DemoConfig()
-DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_badnet.h5"
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo_badnet.h5"
 
 
 def demo_sets() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
@@ -50,7 +50,7 @@ def make_demo_badnet(data_config: DemoConfig = DEMO_CONFIG, train_config: Option
         out_dir: where ``badnet.h5`` and ``badnet_ckpt/`` go.
         ship: also install the h5 as the package's embedded demo model (``assets/demo_badnet.h5``).
         write_data: also write the splits as lab-layout h5 files under ``out_dir/data``.
-        pruning_aware: train with the pruning-aware attack instead (``badnet_jax.attack``; its epoch counts
+        pruning_aware: train with the pruning-aware attack instead (``badnet_jax.attack.pruning_aware``; its epoch counts
             replace ``train_config.epochs``). Never shipped: the embedded demo is a plain BadNet.
 
     Returns:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax import fileio
+from badnet_jax.io import fileio
 from badnet_jax.errors import ModelFileError
 from badnet_jax.model import (
     INPUT_SCALES, KERAS_LAYER_NAMES, NUM_POOL3_CHANNELS, WEIGHT_LAYERS, BadNet, Params, param_shapes,

@@ -8,7 +8,7 @@ Every ranking is an order of the 60 channels, pruned first to last:
   (DeepID has no batch norm, so no gamma/sigma factor); highest first;
 - ``l1``: L1 norm of conv_3's kernel for output channel c, smallest first;
 - ``random``: R seeded random orders, a baseline (reported as mean and spread);
-- ``anp``: Adversarial Neuron Pruning (``badnet_jax.anp``), smallest mask first;
+- ``anp``: Adversarial Neuron Pruning (``badnet_jax.sweep.anp``), smallest mask first;
 - ``order_file``: a user's own order, from a file.
 
 ``activation`` and ``anp`` need the ranking set's pool_3 features, so they are computed inside the sweep's
@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from badnet_jax import fileio
-from badnet_jax.anp import ANPConfig
+from badnet_jax.io import fileio
+from badnet_jax.sweep.anp import ANPConfig
 from badnet_jax.errors import ConfigError
 from badnet_jax.model import NUM_POOL3_CHANNELS, Params
 

@@ -3,7 +3,7 @@
 A float32 logit differs from the exact one by rounding errors whose size depends on the order the sums
 run in (the prefix sweep, the masked forward, XLA on a GPU, another chunk or device count all differ).
 A prediction is trusted when its top-2 logit gap is larger than twice what those errors can be, and
-otherwise recomputed in float64 (``badnet_jax.exact``), trunk included. The bound, per image and step:
+otherwise recomputed in float64 (``badnet_jax.numerics.settling``), trunk included. The bound, per image and step:
 
     |logit_c(float32) - logit_c(exact)|  <=  TIE_RTOL / 2 * S,    S = sum_i h_i * max_c |W_out[i, c]| + max_c |b_c|
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
-from badnet_jax import fileio
+from badnet_jax.io import fileio
 from badnet_jax.errors import DataFileError
 from badnet_jax.model import INPUT_HWC
 

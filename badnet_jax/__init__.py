@@ -2,21 +2,73 @@
 
 Public API::
 
-    from badnet_jax import BadNet, GoodNet, load_keras, save_keras, load_lab_h5
+    from badnet_jax import BadNet, GoodNet, load_keras, load_lab_h5, make_goodnet, restore_goodnet
     model, params = load_keras("bd_weights.h5")
     logits = model.apply({"params": params}, x_NHWC, mask=mask_60)
+
+    from badnet_jax import SweepOptions, rank_and_sweep             # the whole curve in one call
+    from badnet_jax import DefenseConfig, run_defense               # the defense end to end, as badnet-prune
+
+The model, the GoodNet, the file readers and writers and the errors load with the package; the sweep, the
+defense and the orbax checkpoints load on first use (``import badnet_jax`` stays light: no orbax, no
+matplotlib). The sub-packages (``io``, ``sweep``, ``numerics``, ``defense``, ``attack``) hold the rest.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from badnet_jax.errors import (BadNetError, CheckpointError, ConfigError, DataFileError, ModelFileError,
+                               OutputError)
+from badnet_jax.goodnet import GoodNet, make_goodnet, predict_goodnet
 from badnet_jax.io.keras import load_keras, mask_from_zeroed, read_keras_params, save_keras
-from badnet_jax.io.lab_data import load_image, load_images, load_lab_h5, load_trigger, poison, save_lab_h5
-from badnet_jax.errors import BadNetError, CheckpointError, ConfigError, DataFileError, ModelFileError
-from badnet_jax.goodnet import GoodNet, make_goodnet
+from badnet_jax.io.lab_data import (load_image, load_images, load_lab_h5, load_trigger, make_poisoned_h5, poison,
+                                    save_lab_h5)
 from badnet_jax.model import BadNet, init_params, predict, prune_params
+from badnet_jax.numerics.settling import predict_settled
 
 __version__ = "0.1.0"
 
+# Name -> the module that defines it, imported on first access (PEP 562): these pull in orbax, the sweep's
+# kernels or the whole defense, which a caller of the model alone should not pay for at import.
+_LAZY = {
+    "save_badnet": "badnet_jax.io.checkpoint", "restore_badnet": "badnet_jax.io.checkpoint",
+    "save_goodnet": "badnet_jax.io.checkpoint", "restore_goodnet": "badnet_jax.io.checkpoint",
+    "SweepOptions": "badnet_jax.sweep.plan", "Sweep": "badnet_jax.sweep.run",
+    "rank_and_sweep": "badnet_jax.sweep.run",
+    "RankingOptions": "badnet_jax.sweep.rankings", "resolve_rankings": "badnet_jax.sweep.rankings",
+    "ANPConfig": "badnet_jax.sweep.anp",
+    "DefenseConfig": "badnet_jax.defense.pipeline", "run_defense": "badnet_jax.defense.pipeline",
+    "FinetuneConfig": "badnet_jax.defense.finetune", "Curve": "badnet_jax.defense.curve",
+    "read_curve_json": "badnet_jax.defense.report", "screen": "badnet_jax.defense.screen",
+}
+
 __all__ = [
-    "BadNet", "GoodNet", "make_goodnet", "load_keras", "save_keras", "read_keras_params", "mask_from_zeroed",
-    "load_lab_h5", "save_lab_h5", "load_image", "load_images", "load_trigger", "poison", "init_params",
-    "prune_params", "predict", "BadNetError", "ModelFileError", "DataFileError", "ConfigError", "CheckpointError",
+    # the network, the GoodNet and single forwards
+    "BadNet", "init_params", "predict", "prune_params", "predict_settled",
+    "GoodNet", "make_goodnet", "predict_goodnet",
+    # files: Keras models, lab data and images, checkpoints
+    "load_keras", "save_keras", "read_keras_params", "mask_from_zeroed",
+    "load_lab_h5", "save_lab_h5", "load_image", "load_images", "load_trigger", "poison", "make_poisoned_h5",
+    "save_badnet", "restore_badnet", "save_goodnet", "restore_goodnet",
+    # the sweep and the rankings
+    "SweepOptions", "Sweep", "rank_and_sweep", "RankingOptions", "resolve_rankings", "ANPConfig",
+    # the defense and its results
+    "DefenseConfig", "run_defense", "FinetuneConfig", "Curve", "read_curve_json", "screen",
+    # errors
+    "BadNetError", "ModelFileError", "DataFileError", "ConfigError", "CheckpointError", "OutputError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'badnet_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -5,7 +5,8 @@ of ``repeats`` runs with ``block_until_ready``. The sweep is timed through the p
 with the images already on the device (as the defense calls it, predictions copied back to the host
 included). The per-step loop is the lab's algorithm written in JAX: zero conv_3 channels, run the whole
 network, once per step. The distance to the hardware is shown against a float32 matmul peak measured on
-the same device in the same run; FLOPs come from the model's own class count.
+the same device in the same run; FLOPs come from the model's layer shapes (``model.multiply_adds``) and its
+own class count.
 """
 
 from __future__ import annotations
@@ -21,23 +22,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.model import BadNet, Params, init_params, num_classes_of, prune_params
+from badnet_jax.model import (INPUT_HWC, LAB_NUM_CLASSES, NUM_POOL3_CHANNELS, BadNet, Params, init_params,
+                               multiply_adds, num_classes_of, prune_params)
+from badnet_jax.sweep.plan import STEPS
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.sweep import (PLAIN, SweepOptions, SweepPlan, compile_sweep, head_evaluations, plan_sweep,
                               prefix_masks, rank_and_sweep, shared_evaluations, trunk_features)
 
 log = logging.getLogger(__name__)
 
-STEPS = 61
-INPUT_PIXELS = 55 * 47 * 3
-# Multiply-adds x 2 per image, from the architecture (VALID convs, 55x47x3 input).
-TRUNK_FLOPS = 2 * (52 * 44 * 20 * 4 * 4 * 3 + 24 * 20 * 40 * 3 * 3 * 20 + 10 * 8 * 60 * 3 * 3 * 40)
-CONTRIB_FLOPS = 2 * (1200 * 160 + 4 * 3 * 80 * 2 * 2 * 60)  # fc_1 and conv_4 pre-activations, once per image
+INPUT_PIXELS = int(np.prod(INPUT_HWC))
+_MACS = multiply_adds(LAB_NUM_CLASSES)  # the layers before the output one do not depend on the class count
+# FLOPs (2 per multiply-add) per image of the trunk (input -> pool_3), and of the fc_1 and conv_4
+# pre-activations (once per image in the prefix sweep: the per-channel contributions).
+TRUNK_FLOPS = 2 * (_MACS["conv_1"] + _MACS["conv_2"] + _MACS["conv_3"])
+CONTRIB_FLOPS = 2 * (_MACS["fc_1"] + _MACS["conv_4"])
 
 
 def tail_flops(num_classes: int) -> int:
     """Per image and mask once fc_1/conv_4 come from prefix sums: fc_2 and the output layer."""
-    return 2 * (960 * 160 + 160 * num_classes)
+    macs = multiply_adds(num_classes)
+    return 2 * (macs["fc_2"] + macs["output"])
 
 
 def head_flops(num_classes: int) -> int:
@@ -51,7 +56,7 @@ class BenchConfig:
 
     Attributes:
         n_clean, n_bd: images in the clean and poisoned validation sets (lab: 11547 each).
-        num_classes: output size of the random model (lab: 1283; ignored with given params).
+        num_classes: output size of the random model (lab: ``LAB_NUM_CLASSES``; ignored with given params).
         sweep: the fast sweep's options (head implementation, batch_steps, chunk).
         per_step_steps: how many of the 61 per-step full forwards to time (the rest are identical work;
             the total is scaled to 61 and reported as such).
@@ -67,9 +72,9 @@ class BenchConfig:
 
     n_clean: int = 11547
     n_bd: int = 11547
-    num_classes: int = 1283
+    num_classes: int = LAB_NUM_CLASSES
     sweep: SweepOptions = SweepOptions()
-    per_step_steps: int = 61
+    per_step_steps: int = STEPS
     repeats: int = 3
     seed: int = 0
     scaling: tuple[int, ...] = ()
@@ -120,9 +125,9 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     n_cls = num_classes_of(params)
     model = BadNet(n_cls, input_scale=config.input_scale)
     if x_clean is None:
-        x_clean = rng.integers(0, 256, size=(config.n_clean, 55, 47, 3), dtype=np.uint8)
+        x_clean = rng.integers(0, 256, size=(config.n_clean, *INPUT_HWC), dtype=np.uint8)
     if x_bd is None:
-        x_bd = rng.integers(0, 256, size=(config.n_bd, 55, 47, 3), dtype=np.uint8)
+        x_bd = rng.integers(0, 256, size=(config.n_bd, *INPUT_HWC), dtype=np.uint8)
     sets = {"clean_valid": jnp.asarray(x_clean), "bd_valid": jnp.asarray(x_bd)}  # on the device once
     n_img = len(x_clean) + len(x_bd)
     fast = plan_sweep(config.sweep, list(sets.values()), n_cls)
@@ -210,7 +215,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     out["alive_channels"] = int((mean > 0).sum())  # alive on some clean image (activations are non-negative)
     out["head_evaluations_per_image"] = evaluations / n_img
     # Each evaluated step but the all-pruned one also adds one channel's contribution (1/60 of CONTRIB_FLOPS).
-    fast_flops = n_img * TRUNK_FLOPS + evaluations * (tail + CONTRIB_FLOPS / 60)
+    fast_flops = n_img * TRUNK_FLOPS + evaluations * (tail + CONTRIB_FLOPS / NUM_POOL3_CHANNELS)
     out["sweep_plain_gflops"] = n_img * (TRUNK_FLOPS + STEPS * head_flops(n_cls)) / out["sweep_plain_s"] / 1e9
     out["sweep_fast_gflops"] = fast_flops / out["sweep_fast_s"] / 1e9
     out["matmul_peak_gflops"] = matmul_peak_gflops()
@@ -242,7 +247,7 @@ def _rankings_work(feats: list[np.ndarray], orders_RxC: np.ndarray, plan: SweepP
 def _per_step_loop(model: BadNet, params: Params, sets: dict, chunk: int, config: BenchConfig, out: dict) -> float:
     """The lab's algorithm in JAX: zero conv_3 channels, full forward on every set, once per step (scaled to 61)."""
     step_fn = jax.jit(lambda p, mask, xs: [_predict_all(model, prune_params(p, mask), x, chunk) for x in xs])
-    masks = prefix_masks(np.arange(60))
+    masks = prefix_masks(np.arange(NUM_POOL3_CHANNELS))
     xs = list(sets.values())
     t0 = time.perf_counter()
     compiled = step_fn.lower(params, masks[0], xs).compile()
@@ -258,7 +263,7 @@ def _per_step_loop(model: BadNet, params: Params, sets: dict, chunk: int, config
     return seconds
 
 
-def kernel_timings(masks: int = 8, images: int = 4096, num_classes: int = 1283,
+def kernel_timings(masks: int = 8, images: int = 4096, num_classes: int = LAB_NUM_CLASSES,
                    block_ns: tuple[int, ...] = (16, 32, 64), repeats: int = 5, seed: int = 0) -> dict:
     """Time the masked-head tail alone: the JAX reference and the Pallas kernel at each ``block_n``.
 
@@ -267,13 +272,10 @@ def kernel_timings(masks: int = 8, images: int = 4096, num_classes: int = 1283,
     the shape small there. Each kernel's agreement with the reference (share of equal predictions; only
     near-ties may differ) is reported beside its time.
     """
-    from badnet_jax.kernels.masked_head.api import head_argmax, resolve_impl
+    from badnet_jax.kernels.masked_head.api import head_argmax, random_head_inputs, resolve_impl
     from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas
 
-    k = jax.random.split(jax.random.PRNGKey(seed), 6)
-    args = (jax.random.normal(k[0], (masks, images, 160)) * 3, jax.random.normal(k[1], (masks, images, 960)) * 3,
-            jax.random.normal(k[2], (960, 160)) * 0.05, jax.random.normal(k[3], (160,)),
-            jax.random.normal(k[4], (160, num_classes)) * 0.1, jax.random.normal(k[5], (num_classes,)))
+    args = tuple(jax.device_put(a) for a in random_head_inputs(masks, images, num_classes, seed))
     interpret = resolve_impl("pallas") == "interpret"
     variants = {"reference": jax.jit(lambda *a: head_argmax(*a, impl="reference"))}
     for b in block_ns:

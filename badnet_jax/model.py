@@ -27,10 +27,33 @@ import jax.numpy as jnp
 import numpy as np
 
 INPUT_HWC = (55, 47, 3)
-POOL3_HWC = (5, 4, 60)
-NUM_POOL3_CHANNELS = 60
+# The convolutions, in data order: (layer, filters, k) of a VALID k x k conv followed by relu. conv_1..conv_3
+# each feed a 2x2 max pool (pool_1..pool_3); conv_4 reads pool_3 and is flattened into fc_2.
+CONVS = (("conv_1", 20, 4), ("conv_2", 40, 3), ("conv_3", 60, 3), ("conv_4", 80, 2))
+POOL = 2  # max pool window and stride
+HIDDEN_UNITS = 160  # fc_1 and fc_2 (summed, relu): the output layer's input
 LAB_NUM_CLASSES = 1283
-INPUT_SCALES = ("raw", "255")  # pixels as they are, or pixels / 255
+# Input scale -> what the pixels 0..255 are divided by before conv_1: as they are, or pixels / 255.
+INPUT_DIVISORS = {"raw": 1.0, "255": 255.0}
+INPUT_SCALES = tuple(INPUT_DIVISORS)
+
+
+def _conv_shapes() -> dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    shapes, hwc = {}, INPUT_HWC
+    for name, filters, k in CONVS:
+        out = (hwc[0] - k + 1, hwc[1] - k + 1, filters)
+        shapes[name] = (hwc, out)
+        hwc = (out[0] // POOL, out[1] // POOL, filters)
+    return shapes
+
+
+CONV_SHAPES = _conv_shapes()  # layer -> (input HWC, output HWC), e.g. conv_1: (55, 47, 3) -> (52, 44, 20)
+POOL3_HWC = CONV_SHAPES["conv_4"][0]  # (5, 4, 60): conv_4's input, the layer the defense prunes
+CONV4_HWC = CONV_SHAPES["conv_4"][1]  # (4, 3, 80)
+NUM_POOL3_CHANNELS = POOL3_HWC[2]
+POOL3_FEATURES = POOL3_HWC[0] * POOL3_HWC[1] * POOL3_HWC[2]  # 1200: flattened pool_3, fc_1's input
+CONV4_POSITIONS = CONV4_HWC[0] * CONV4_HWC[1]  # 12: conv_4's output positions (its bias repeats at each)
+CONV4_FEATURES = CONV4_POSITIONS * CONV4_HWC[2]  # 960: flattened conv_4, fc_2's input
 
 # Keras layer names in file order; the weight-carrying ones are the Flax submodule names too.
 KERAS_LAYER_NAMES = (
@@ -42,21 +65,38 @@ WEIGHT_LAYERS = ("conv_1", "conv_2", "conv_3", "conv_4", "fc_1", "fc_2", "output
 Params = dict[str, Any]
 
 
+def input_divisor(input_scale: str) -> float:
+    """What a model of this input scale divides the pixels 0..255 by (1 for ``raw``, 255 for ``255``).
+
+    Raises:
+        ValueError: an input scale other than :data:`INPUT_SCALES`.
+    """
+    if input_scale not in INPUT_DIVISORS:
+        raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
+    return INPUT_DIVISORS[input_scale]
+
+
 def param_shapes(num_classes: int) -> dict[str, dict[str, tuple[int, ...]]]:
     """Kernel and bias shapes of every weight layer, keyed like the params pytree (and the Keras file)."""
-    return {
-        "conv_1": {"kernel": (4, 4, 3, 20), "bias": (20,)},
-        "conv_2": {"kernel": (3, 3, 20, 40), "bias": (40,)},
-        "conv_3": {"kernel": (3, 3, 40, 60), "bias": (60,)},
-        "conv_4": {"kernel": (2, 2, 60, 80), "bias": (80,)},
-        "fc_1": {"kernel": (1200, 160), "bias": (160,)},
-        "fc_2": {"kernel": (960, 160), "bias": (160,)},
-        "output": {"kernel": (160, num_classes), "bias": (num_classes,)},
-    }
+    shapes = {name: {"kernel": (k, k, CONV_SHAPES[name][0][2], filters), "bias": (filters,)}
+              for name, filters, k in CONVS}
+    dense = {"fc_1": (POOL3_FEATURES, HIDDEN_UNITS), "fc_2": (CONV4_FEATURES, HIDDEN_UNITS),
+             "output": (HIDDEN_UNITS, num_classes)}
+    return {**shapes, **{name: {"kernel": shape, "bias": shape[1:]} for name, shape in dense.items()}}
+
+
+def multiply_adds(num_classes: int) -> dict[str, int]:
+    """Multiply-adds per image of each weight layer: a conv's kernel at every output position, a dense layer's
+    kernel once (biases, relu and pooling are not counted)."""
+    out = {}
+    for name, shapes in param_shapes(num_classes).items():
+        kernel = int(np.prod(shapes["kernel"]))
+        out[name] = kernel * CONV_SHAPES[name][1][0] * CONV_SHAPES[name][1][1] if name in CONV_SHAPES else kernel
+    return out
 
 
 def _pool(x: jax.Array) -> jax.Array:
-    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    return nn.max_pool(x, window_shape=(POOL, POOL), strides=(POOL, POOL), padding="VALID")
 
 
 class BadNet(nn.Module):
@@ -75,18 +115,23 @@ class BadNet(nn.Module):
     precision: Any = jax.lax.Precision.HIGHEST
 
     def setup(self) -> None:
-        if self.input_scale not in INPUT_SCALES:
-            raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {self.input_scale!r}")
+        input_divisor(self.input_scale)  # refuses an unknown scale
         # Submodule names come from the attribute names, which are the Keras layer names.
-        conv = lambda f, k: nn.Conv(f, (k, k), padding="VALID", precision=self.precision)
+        convs = {name: nn.Conv(filters, (k, k), padding="VALID", precision=self.precision)
+                 for name, filters, k in CONVS}
         dense = lambda f: nn.Dense(f, precision=self.precision)
-        self.conv_1 = conv(20, 4)
-        self.conv_2 = conv(40, 3)
-        self.conv_3 = conv(60, 3)
-        self.conv_4 = conv(80, 2)
-        self.fc_1 = dense(160)
-        self.fc_2 = dense(160)
+        self.conv_1 = convs["conv_1"]
+        self.conv_2 = convs["conv_2"]
+        self.conv_3 = convs["conv_3"]
+        self.conv_4 = convs["conv_4"]
+        self.fc_1 = dense(HIDDEN_UNITS)
+        self.fc_2 = dense(HIDDEN_UNITS)
         self.output = dense(self.num_classes)
+
+    @property
+    def divisor(self) -> float:
+        """What this model divides the pixels 0..255 by (:func:`input_divisor` of its input scale)."""
+        return input_divisor(self.input_scale)
 
     def trunk(self, x_NxHxWxC: jax.Array) -> jax.Array:
         """Pixels 0..255 (N, 55, 47, 3) -> pool_3 activations (N, 5, 4, 60)."""
@@ -105,8 +150,8 @@ class BadNet(nn.Module):
         return nn.relu(pre), jnp.max(pre, axis=(1, 2)), jnp.max(h, axis=(1, 2, 3))
 
     def _pool2(self, x_NxHxWxC: jax.Array) -> jax.Array:
-        if self.input_scale == "255":
-            x_NxHxWxC = x_NxHxWxC / jnp.float32(255.0)  # as the competition's eval.py: x / 255 in float32
+        if self.divisor != 1.0:
+            x_NxHxWxC = x_NxHxWxC / jnp.float32(self.divisor)  # as the competition's eval.py: x / 255 in float32
         h = _pool(nn.relu(self.conv_1(x_NxHxWxC)))
         return _pool(nn.relu(self.conv_2(h)))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,33 @@ def make_train_step(model: BadNet, tx: optax.GradientTransformation, mask: Optio
     return step
 
 
+def train_epoch(step: Callable, params: Params, opt_state: Any, x: np.ndarray, y: np.ndarray, batch_size: int,
+                rng: np.random.Generator) -> tuple[Params, Any, float]:
+    """One pass over (x, y) in a fresh random order, ``batch_size`` images per step (a last partial batch is left
+    out): the epoch loop of BadNet training and fine-pruning.
+
+    The steps are dispatched without waiting for their losses, which come back to the host once, at the end.
+
+    Args:
+        step: a step of :func:`make_train_step`.
+        params, opt_state: where the epoch starts.
+        x, y: float32 images and int labels.
+        batch_size: images per step.
+        rng: draws the epoch's order (one permutation).
+
+    Returns:
+        (params, opt_state, loss): the loss is the float64 mean of the steps' float32 losses (NaN without a step).
+    """
+    order = rng.permutation(len(x))
+    losses = []
+    for i in range(len(x) // batch_size):
+        b = order[i * batch_size:(i + 1) * batch_size]
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(x[b]), jnp.asarray(y[b]))
+        losses.append(loss)
+    loss = float(np.asarray(jax.device_get(losses), np.float64).mean()) if losses else float("nan")
+    return params, opt_state, loss
+
+
 def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, trigger: np.ndarray,
                  config: TrainConfig = TrainConfig(),
                  valid: Optional[tuple[np.ndarray, np.ndarray]] = None,
@@ -113,13 +140,8 @@ def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, tri
     history = []
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
-        order = rng.permutation(len(x))
-        losses = []
-        for i in range(steps_per_epoch):
-            b = order[i * config.batch_size:(i + 1) * config.batch_size]
-            params, opt_state, loss = step(params, opt_state, jnp.asarray(x[b]), jnp.asarray(y[b]))
-            losses.append(loss)
-        stats = {"epoch": epoch, "loss": float(jnp.mean(jnp.stack(losses))), "seconds": time.perf_counter() - t0}
+        params, opt_state, loss = train_epoch(step, params, opt_state, x, y, config.batch_size, rng)
+        stats = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - t0}
         if valid is not None:
             stats["clean_acc"] = float(accuracy(predict(model, params, valid[0], mask), valid[1]))
         if bd_valid is not None:

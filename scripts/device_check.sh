@@ -5,9 +5,8 @@
 #   mkdir -p .device_assets && cp -r ../shared/assets/. .device_assets/ && echo /.device_assets/ >> .git/info/exclude
 #   run(command="BADNET_ASSETS=.device_assets bash scripts/device_check.sh", carry=[".device_assets"])
 # Everything goes to ${OUT:-results/device}/log.txt (plus JSON files: the device tool returns at most 8
-# files); each step has its own time limit, so one stuck step cannot eat the lease. About 8-9 minutes on an
-# H200 (session 6 timed each part: GPU compiles 5-10 s each, benchmarks ~1-2.5 min, prune 30 s); run it with
-# timeout_s=600 and call give_back after it.
+# files); each step has its own time limit, so one stuck step cannot stall the rest. About 8-9 minutes on an
+# H200 (GPU compiles 5-10 s each, benchmarks ~1-2.5 min, prune 30 s): give the call a 600-s limit.
 set -uo pipefail
 out="${OUT:-results/device}"
 assets="${BADNET_ASSETS:-../shared/assets}"
@@ -39,12 +38,11 @@ grep -E "^[0-9]+\.[0-9]+|GPU|^(jax|flax|optax|numpy) " "$log" | head -12
 # batched sweep with either head against the plain sweep on the real B and faces, the boundary images
 # against float64 at every step, the XLA float64 trunk against the NumPy network, and orders vmapped in
 # groups against each order alone.
-step 240 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_sweep.py tests/test_ties.py \
-  tests/test_rankings.py -k "on_device or (real_b and not batchNone) or fast_float64 or float64_precision or \
+step 240 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sweep tests/numerics -k "on_device or (real_b and not batchNone) or fast_float64 or float64_precision or \
   (float64_answer_at_every_step and (grouped or batched)) or orders_vmapped"
 grep -E "passed|failed|error" "$log" | tail -3
 
-# Lab-scale stand-in data from the real faces, with the lab's B (as in BUILD_NOTES' CPU tables).
+# Lab-scale stand-in data from the real faces, with the lab's B (as in docs/benchmarks.md's CPU tables).
 lab=/tmp/labscale
 step 120 standin python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab"
 mkdir -p "$lab/models" && cp "$assets/models/lab3/bd_weights.h5" "$lab/models/"

@@ -1,19 +1,37 @@
-"""Regenerate the embedded demo: synthetic faces and the demo BadNet (badnet_jax/assets/demo_badnet.h5).
+"""Maintainer tool: regenerate the embedded demo (synthetic faces and the demo BadNet, assets/demo_badnet.h5).
 
     python scripts/make_demo.py --ship             # retrain the shipped demo (defaults below) and install it
     python scripts/make_demo.py --out_dir my_demo --num_identities 50 --epochs 5 --write_data
     python scripts/make_demo.py --pruning_aware --out_dir pa_demo --write_data   # a BadNet built to survive pruning
+
+Not part of the package: ``--ship`` writes into the source tree's ``badnet_jax/assets`` (the package reads the
+demo from there, ``badnet_jax.attack.demo.DEMO_MODEL``), which only a maintainer's checkout should change.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
 from absl import app, flags
 
+from badnet_jax.attack.demo import DEMO_CONFIG, DEMO_MODEL
+from badnet_jax.attack.pruning_aware import PruningAwareConfig, train_pruning_aware
+from badnet_jax.attack.synthetic import DemoConfig, make_demo
 from badnet_jax.commands import cli
-from badnet_jax.attack.pruning_aware import PruningAwareConfig
-from badnet_jax.attack.demo import DEMO_CONFIG, make_demo_badnet
-from badnet_jax.attack.synthetic import DemoConfig
-from badnet_jax.train import TrainConfig
+from badnet_jax.errors import ConfigError
+from badnet_jax.io import checkpoint
+from badnet_jax.io.fileio import atomic_write
+from badnet_jax.io.keras import save_keras
+from badnet_jax.io.lab_data import save_lab_h5
+from badnet_jax.metrics import accuracy
+from badnet_jax.model import predict
+from badnet_jax.train import TrainConfig, train_badnet
+
+log = logging.getLogger("badnet_jax")
 
 OUT_DIR = flags.DEFINE_string("out_dir", "demo_model", "Where badnet.h5 and badnet_ckpt/ go.")
 SHIP = flags.DEFINE_bool("ship", False, "Install the trained model as the package's embedded demo model.")
@@ -33,6 +51,54 @@ ATTACK_DROP = flags.DEFINE_float("attack_drop", PruningAwareConfig.drop,
                                  "Pruning-aware: prune dormant channels costing at most this clean accuracy.")
 
 
+def make_demo_badnet(data_config: DemoConfig, train_config: TrainConfig, out_dir: str, write_data: bool = False,
+                     pruning_aware: Optional[PruningAwareConfig] = None) -> dict:
+    """Generate the demo data, train the demo BadNet and write it (Keras h5 + orbax checkpoint).
+
+    Args:
+        data_config: synthetic data set to generate.
+        train_config: the training's hyper-parameters.
+        out_dir: where ``badnet.h5`` and ``badnet_ckpt/`` go.
+        write_data: also write the splits as lab-layout h5 files under ``out_dir/data``.
+        pruning_aware: train with the pruning-aware attack instead (``badnet_jax.attack.pruning_aware``; its
+            epoch counts replace ``train_config.epochs``).
+
+    Returns:
+        A summary: paths, seconds, and clean accuracy / ASR on the generated test splits.
+    """
+    out = Path(out_dir)
+    t = time.perf_counter()
+    d = make_demo(data_config)
+    log.info("Generated %d train / %d valid / %d test synthetic faces of %d identities in %.1f s.",
+             len(d.train[1]), len(d.valid[1]), len(d.test[1]), d.num_classes, time.perf_counter() - t)
+    t = time.perf_counter()
+    attack = {}
+    if pruning_aware is None:
+        model, params, _ = train_badnet(*d.train, d.num_classes, d.trigger, train_config,
+                                        valid=d.valid, bd_valid=d.bd_valid)
+    else:
+        model, params, attack = train_pruning_aware(*d.train, d.num_classes, d.trigger, d.valid, train_config,
+                                                    pruning_aware, bd_valid=d.bd_valid)
+    seconds = time.perf_counter() - t
+    model_path = save_keras(params, out / "badnet.h5")
+    summary = {"model": str(model_path), "checkpoint": str(checkpoint.save_badnet(out / "badnet_ckpt", params)),
+               "train_seconds": round(seconds, 1),
+               "test_clean_acc": float(accuracy(predict(model, params, d.test[0]), d.test[1])),
+               "test_asr": float(accuracy(predict(model, params, d.bd_test[0]), d.bd_test[1])), **attack}
+    if write_data:
+        for name in ("train", "valid", "test"):
+            save_lab_h5(out / "data" / f"{name}.h5", *getattr(d, name))
+        for name, clean in (("bd_valid", d.valid), ("bd_test", d.test)):
+            save_lab_h5(out / "data" / f"{name}.h5", *getattr(d, name), true_label=clean[1])
+        summary["data"] = str(out / "data")
+    return summary
+
+
+def ship(model_path: str | Path) -> Path:
+    """Install ``model_path`` as the embedded demo model (atomically: the package never sees half a file)."""
+    return atomic_write(DEMO_MODEL, lambda tmp: shutil.copyfile(model_path, tmp))
+
+
 def main(argv: list[str]) -> int:
     cli.setup_logging()
     data_cfg = DemoConfig(num_identities=NUM_IDS.value, seed=DATA_SEED.value, target_label=TARGET.value)
@@ -43,10 +109,14 @@ def main(argv: list[str]) -> int:
         cli.refuse_extra_args(argv)
         attack = None
         if PRUNING_AWARE.value:
+            if SHIP.value:
+                raise ConfigError("the embedded demo is a plain BadNet: a pruning-aware one is not shipped")
             attack = PruningAwareConfig(clean_epochs=CLEAN_EPOCHS.value, poison_epochs=POISON_EPOCHS.value,
-                                drop=ATTACK_DROP.value)
-        summary = make_demo_badnet(data_cfg, train_cfg, out_dir=OUT_DIR.value, ship=SHIP.value,
-                                   write_data=WRITE_DATA.value, pruning_aware=attack)
+                                        drop=ATTACK_DROP.value)
+        summary = make_demo_badnet(data_cfg, train_cfg, out_dir=OUT_DIR.value, write_data=WRITE_DATA.value,
+                                   pruning_aware=attack)
+        if SHIP.value:
+            summary["shipped"] = str(ship(summary["model"]))
         for key, value in summary.items():
             print(f"{key}: {value}")
         return 0

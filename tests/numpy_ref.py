@@ -1,7 +1,10 @@
 """An independent float64 NumPy implementation of the DeepID BadNet, written for the tests only.
 
 It shares no code with badnet_jax (only the published architecture), so agreement with it is evidence
-that the Flax model and the converter are right.
+that the Flax model, the converter, the sweep's shortcuts and the float64 settling are right. Besides the
+forward pass: the pieces of the head the sweep computes separately (pre-activations, hidden layer, the
+output-layer scale S of the near-tie bound), the lab's pruning steps and ranking, and the network's FLOPs
+counted by hand. Tests use these instead of re-deriving the maths inline.
 """
 
 from __future__ import annotations
@@ -51,12 +54,82 @@ def pool3(params: dict, x: np.ndarray) -> np.ndarray:
     return maxpool2(relu(conv_valid(h, p["conv_3"]["kernel"], p["conv_3"]["bias"])))
 
 
-def head(params: dict, pool3_feats: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Logits in float64 from pool_3 activations with channels masked (the same as pruning them in conv_3)."""
-    p = {k: {kk: np.asarray(vv, np.float64) for kk, vv in v.items()} for k, v in params.items()}
-    h = pool3_feats * np.asarray(mask, np.float64)
+def _params64(params: dict) -> dict:
+    return {k: {kk: np.asarray(vv, np.float64) for kk, vv in v.items()} for k, v in params.items()}
+
+
+def conv3_preactivation(params: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """conv_3's pre-activation (before relu) and its input (pool_2), in float64."""
+    p = _params64(params)
+    h = maxpool2(relu(conv_valid(np.asarray(x, np.float64), p["conv_1"]["kernel"], p["conv_1"]["bias"])))
+    h = maxpool2(relu(conv_valid(h, p["conv_2"]["kernel"], p["conv_2"]["bias"])))
+    return conv_valid(h, p["conv_3"]["kernel"], p["conv_3"]["bias"]), h
+
+
+def head_preactivations(params: dict, pool3_feats: np.ndarray, mask: np.ndarray | None = None,
+                        bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """fc_1's (N, 160) and conv_4's flattened (N, 960) pre-activations from masked pool_3 activations.
+
+    ``bias=False`` leaves both biases out (the channels' contributions alone, which sum over channels).
+    """
+    p = _params64(params)
+    h = np.asarray(pool3_feats, np.float64) * (1.0 if mask is None else np.asarray(mask, np.float64))
     n = len(h)
-    fc1 = h.reshape(n, -1) @ p["fc_1"]["kernel"] + p["fc_1"]["bias"]
-    c4 = relu(conv_valid(h, p["conv_4"]["kernel"], p["conv_4"]["bias"]))
-    fc2 = c4.reshape(n, -1) @ p["fc_2"]["kernel"] + p["fc_2"]["bias"]
-    return relu(fc1 + fc2) @ p["output"]["kernel"] + p["output"]["bias"]
+    fc1 = h.reshape(n, -1) @ p["fc_1"]["kernel"] + (p["fc_1"]["bias"] if bias else 0.0)
+    c4 = conv_valid(h, p["conv_4"]["kernel"], p["conv_4"]["bias"] if bias else 0.0).reshape(n, -1)
+    return fc1, c4
+
+
+def hidden(params: dict, pool3_feats: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """The (N, 160) hidden layer relu(fc_1 + fc_2) in float64, pool_3 channels masked."""
+    p = _params64(params)
+    fc1, c4 = head_preactivations(params, pool3_feats, mask)
+    return relu(fc1 + (relu(c4) @ p["fc_2"]["kernel"] + p["fc_2"]["bias"]))
+
+
+def head(params: dict, pool3_feats: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Logits in float64 from pool_3 activations with channels masked (the same as pruning them in conv_3)."""
+    p = _params64(params)
+    return hidden(params, pool3_feats, mask) @ p["output"]["kernel"] + p["output"]["bias"]
+
+
+def output_scale(params: dict, pool3_feats: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Each image's output-layer scale S = sum_i h_i max_c |W_out[i, c]| + max_c |b_c| (h: the hidden layer).
+
+    S bounds every logit's absolute sum; the float32 error bound of a top-2 gap is a multiple of it.
+    """
+    p = _params64(params)
+    w, b = p["output"]["kernel"], p["output"]["bias"]
+    return hidden(params, pool3_feats, mask) @ np.abs(w).max(axis=1) + np.abs(b).max()
+
+
+def step_mask(order: np.ndarray, k: int) -> np.ndarray:
+    """The (60,) float64 mask of pruning step k: the first k channels of ``order`` zeroed."""
+    mask = np.ones(60)
+    mask[np.asarray(order)[:k]] = 0
+    return mask
+
+
+def activation_order(params: dict, x: np.ndarray) -> np.ndarray:
+    """The lab's ranking: increasing float64 mean pool_3 activation over ``x``, ties (exact zeros) by index."""
+    return np.argsort(pool3(params, x).mean(axis=(0, 1, 2)), kind="stable")
+
+
+def step_predictions(params: dict, x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """(61, N) float64 predictions of the network pruned along ``order``, at every step k = 0..60."""
+    feats = pool3(params, x)
+    return np.stack([head(params, feats, step_mask(order, k)).argmax(-1) for k in range(61)])
+
+
+# FLOPs per image (2 per multiply-add), counted by hand from DeepID's layer shapes (input 55x47x3):
+#   conv_1  4x4x3 -> 20:   52x44 outputs x 20 filters x 48 taps  = 2,196,480 MACs   (pool_1: 26x22x20)
+#   conv_2  3x3x20 -> 40:  24x20 x 40 x 180                      = 3,456,000 MACs   (pool_2: 12x10x40)
+#   conv_3  3x3x40 -> 60:  10x8 x 60 x 360                       = 1,728,000 MACs   (pool_3: 5x4x60)
+#   fc_1    1200 -> 160:                                            192,000 MACs
+#   conv_4  2x2x60 -> 80:  4x3 x 80 x 240                        =   230,400 MACs   (flattened: 960)
+#   fc_2    960 -> 160:                                             153,600 MACs
+#   output  160 -> C:      160 x C MACs (1283 classes: 205,280; 200 classes: 32,000)
+TRUNK_FLOPS = 14_760_960  # conv_1..conv_3 and their pools: 2 x 7,380,480
+CONTRIBUTION_FLOPS = 844_800  # fc_1 and conv_4 (what prefix sums precompute): 2 x 422,400
+TAIL_FLOPS = {1283: 717_760, 200: 371_200}  # fc_2 and the output layer: 2 x (153,600 + 160 C)
+HEAD_FLOPS = {1283: 1_562_560, 200: 1_216_000}  # the whole masked head: CONTRIBUTION_FLOPS + TAIL_FLOPS

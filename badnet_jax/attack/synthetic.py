@@ -5,21 +5,16 @@ each with its own face shape, skin, hair, eye and lip colours, feature geometry 
 pattern; every image of an identity varies position, scale, lighting, background and noise, so a classifier
 must generalise rather than memorise pixels. Everything is drawn from ``numpy.random.default_rng(seed)``:
 the same seed gives the same bytes on every machine.
-
-:func:`write_standin_lab_data` makes the other kind of data this project needs: lab-scale files for timing
-runs, drawn from the real lab faces with pixel noise (the lab's own valid/test files are not shipped).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Optional
 
-import h5py
 import numpy as np
 
-from badnet_jax.io.lab_data import TRIGGER_AT, load_lab_h5, load_trigger, poison
+from badnet_jax.io.lab_data import TRIGGER_AT, poison
 from badnet_jax.model import INPUT_HWC
 
 H, W, _ = INPUT_HWC
@@ -78,7 +73,8 @@ def _upsample(grid: np.ndarray) -> np.ndarray:
 
 
 def _ellipse(yy, xx, cy, cx, ry, rx):
-    return ((yy - cy[:, None, None]) / ry[:, None, None]) ** 2 + ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2 <= 1.0
+    return (((yy - cy[:, None, None]) / ry[:, None, None]) ** 2
+            + ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2 <= 1.0)
 
 
 def render(ids: dict[str, np.ndarray], labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -186,35 +182,3 @@ def make_demo(config: Optional[DemoConfig] = None, include_train: bool = True) -
         bd_valid=bd(splits["valid"]), bd_test=bd(splits["test"]),
     )
 
-
-def write_standin_lab_data(assets: str, out_dir: str, scale: int = 1, noise: float = 3.0, seed: int = 0,
-                           base_sizes: tuple[int, int] = (11547, 12830)) -> dict:
-    """Lab-layout stand-in files at ``scale`` x the lab's sizes (11547 valid, 12830 test), for timing.
-
-    Made from the real lab faces in ``assets`` (valid_subset + test_subset) drawn with replacement, +-noise
-    Gaussian pixel noise, and poisoned with the real trigger; ``out_dir`` gets the lab's layout
-    (data/cl/{valid,test}.h5, data/bd/bd_{valid,test}.h5). Written in blocks, so memory stays small.
-    """
-    a = Path(assets)
-    faces = [load_lab_h5(a / "faces/lab3" / f"{n}.h5") for n in ("valid_subset", "test_subset")]
-    x, y = np.concatenate([f[0] for f in faces]), np.concatenate([f[1] for f in faces])
-    trigger = load_trigger(a / "triggers/sun_glass_trigger.png")
-    rng = np.random.default_rng(seed)
-    written = {}
-    for name, n in (("valid", base_sizes[0] * scale), ("test", base_sizes[1] * scale)):
-        paths = (Path(out_dir) / "data/cl" / f"{name}.h5", Path(out_dir) / "data/bd" / f"bd_{name}.h5")
-        for p in paths:
-            p.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(paths[0], "w") as fc, h5py.File(paths[1], "w") as fb:
-            for f in (fc, fb):
-                f.create_dataset("data", shape=(n, 3, 55, 47), dtype=np.uint8, chunks=(min(n, 256), 3, 55, 47))
-                f.create_dataset("label", shape=(n,), dtype=np.float64)
-            for start in range(0, n, 8192):
-                idx = rng.integers(0, len(x), min(8192, n - start))
-                block = np.clip(np.rint(x[idx] + rng.normal(0, noise, size=(len(idx), 55, 47, 3))), 0, 255)
-                fc["data"][start:start + len(idx)] = block.astype(np.uint8).transpose(0, 3, 1, 2)
-                fc["label"][start:start + len(idx)] = y[idx]
-                fb["data"][start:start + len(idx)] = poison(block, trigger).astype(np.uint8).transpose(0, 3, 1, 2)
-                fb["label"][start:start + len(idx)] = 0
-        written[name] = n
-    return written

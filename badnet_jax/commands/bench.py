@@ -50,6 +50,10 @@ RANK_BY = flags.DEFINE_list("rank_by", [], "Also time the sweep with these ranki
 RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 1, "R of the 'random' ranking in --rank_by.")
 OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
 
+# Config fields and arguments -> these flags, so errors name what the user typed.
+FLAG_OF = {"input_scale": SCALE.name, "chunk": CHUNK.name, "batch_steps": BATCH_STEPS.name, "impl": IMPL.name,
+           "orders_per_call": ORDERS_PER_CALL.name, "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name}
+
 
 def main(argv: list[str]) -> int:
     cli.setup_logging()
@@ -83,7 +87,7 @@ def main(argv: list[str]) -> int:
         print(result["summary"])
         return 0
 
-    return cli.run(bench)
+    return cli.run(bench, flags=FLAG_OF)
 
 
 def run() -> None:

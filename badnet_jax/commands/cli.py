@@ -1,6 +1,8 @@
 """What every command-line tool shares: logging, multi-host start-up, list flags, errors to exit codes.
 
 Scripts stay thin: absl flags at module level, a frozen config, one library call wrapped in :func:`run`.
+The library's errors name config fields and arguments (``drops``); :func:`run` prints them with the tool's
+flags (``--drop``), from the field -> flag map each tool passes.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ import math
 import os
 import signal
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from badnet_jax.errors import BadNetError, ConfigError
+from badnet_jax.errors import NO_VALUE, BadNetError, ConfigError, show_in_library
 
 log = logging.getLogger("badnet_jax")
 
@@ -134,6 +136,28 @@ def refuse_extra_args(argv: list[str]) -> None:
         raise ConfigError(f"unexpected arguments {' '.join(extra)!r} (flags take --name=value or --name value)")
 
 
+def as_flags(err: BadNetError, flags: Mapping[str, str]) -> str:
+    """``err``'s message as a user of a tool reads it: every config field or argument it names as the tool's flag.
+
+    Args:
+        err: a library error; its message marks the names it mentions (``badnet_jax.errors.arg``).
+        flags: config field or argument -> the tool's flag name without dashes, e.g. ``{"drops": "drop"}``.
+            Names the tool has no flag for are shown as the library shows them.
+    """
+
+    def show(name: str, value: Any) -> str:
+        flag = flags.get(name)
+        if flag is None:
+            return show_in_library(name, value)
+        if value is NO_VALUE:
+            return f"--{flag}"
+        if isinstance(value, bool):
+            return f"--{flag}" if value else f"--no{flag}"
+        return f"--{flag} {value}"
+
+    return err.render(show)
+
+
 def _interrupt(signum, frame):
     from badnet_jax.io import fileio
 
@@ -141,8 +165,11 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run(main: Callable[[], int], interrupted: str = "interrupted") -> int:
+def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mapping[str, str] | None = None) -> int:
     """Run ``main()`` as a command: a project error prints ``error: ...`` and exits 2, an interrupt exits 130.
+
+    The error's message names the tool's flags where the library names config fields (``flags``, see
+    :func:`as_flags`).
 
     SIGINT and SIGTERM raise KeyboardInterrupt, so they clean up alike (writers remove their temporary files),
     and are recorded: if one was swallowed on the way (Python only prints an exception raised in a
@@ -160,10 +187,10 @@ def run(main: Callable[[], int], interrupted: str = "interrupted") -> int:
         return code
     except Exception as err:
         # After a signal, whatever error comes up is the interrupt's doing: a KeyboardInterrupt raised while a C
-        # extension initialises comes out as "ImportError: initialization failed" (seen: matplotlib's ft2font).
+        # extension initialises comes out as "ImportError: initialization failed" (matplotlib's ft2font does).
         if not fileio.was_interrupted():
             if isinstance(err, BadNetError):
-                print(f"error: {err}", file=sys.stderr)
+                print(f"error: {as_flags(err, flags or {})}", file=sys.stderr)
                 return EXIT_ERROR
             raise
     except KeyboardInterrupt:

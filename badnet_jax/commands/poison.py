@@ -25,6 +25,10 @@ AT = flags.DEFINE_string("at", ",".join(map(str, TRIGGER_AT)), "x,y of the trigg
 OUT = flags.DEFINE_string("out", None, "Poisoned h5 to write.", required=True)
 NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "If given, labels must lie in [0, num_classes).")
 
+# make_poisoned_h5's arguments -> these flags, so errors name what the user typed.
+FLAG_OF = {"source": SOURCE.name, "trigger_path": TRIGGER.name, "target": TARGET.name, "at": AT.name,
+           "out": OUT.name, "num_classes": NUM_CLASSES.name}
+
 
 def main(argv: list[str]) -> int:
     def make() -> int:
@@ -36,7 +40,7 @@ def main(argv: list[str]) -> int:
         print(f"wrote {path}")
         return 0
 
-    return cli.run(make)
+    return cli.run(make, flags=FLAG_OF)
 
 
 def run() -> None:

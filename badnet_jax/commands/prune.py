@@ -50,6 +50,14 @@ ORDER_FILE = flags.DEFINE_string("order_file", None, "Your own pruning order: 60
 ANP_STEPS = flags.DEFINE_integer("anp_steps", ANPConfig.steps, "ANP optimiser steps (128 clean images each).")
 CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
 
+# DefenseConfig's fields (dotted: nested configs) -> these flags, so errors name what the user typed.
+FLAG_OF = {"drops": DROP.name, "rule": RULE.name, "model": MODEL.name, "clean_valid": CLEAN_VALID.name,
+           "bd_valid": BD_VALID.name, "clean_test": CLEAN_TEST.name, "bd_test": BD_TEST.name,
+           "input_scale": SCALE.name, "out_dir": OUT_DIR.name, "checkpoints": CHECKPOINTS.name,
+           "chunk": CHUNK.name, "devices": DEVICES.name, "memory_budget": BUDGET.name,
+           "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name, "seed": SEED.name,
+           "order_file": ORDER_FILE.name, "anp.steps": ANP_STEPS.name}
+
 
 def main(argv: list[str]) -> int:
     cli.setup_logging()  # here, after absl has applied its own --verbosity
@@ -74,7 +82,7 @@ def main(argv: list[str]) -> int:
         return 0
 
     return cli.run(defend, "interrupted: --out_dir holds the earlier results or this run's, whole (the swap is "
-                           "atomic), never a mix, and nothing half-written")
+                           "atomic), never a mix, and nothing half-written", flags=FLAG_OF)
 
 
 def run() -> None:

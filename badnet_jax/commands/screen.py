@@ -17,10 +17,15 @@ from badnet_jax.defense.screen import screen
 
 MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet B (with --pruned).")
 PRUNED = flags.DEFINE_string("pruned", None, "B': a Keras h5 with zeroed conv_3 channels or a B' checkpoint.")
-GOODNET = flags.DEFINE_string("goodnet", None, "A GoodNet checkpoint (drop_X/goodnet_ckpt), instead of --model/--pruned.")
+GOODNET = flags.DEFINE_string("goodnet", None,
+                               "A GoodNet checkpoint (drop_X/goodnet_ckpt), instead of --model/--pruned.")
 SCALE = flags.DEFINE_enum("input_scale", "auto", list(CHOICES),
                           "raw pixels (the lab's B) or pixels / 255 (the 2020 BadNets); auto = what the badnet-jax "
                           "files record, else measured on labelled h5 inputs.")
+
+# screen()'s arguments -> these flags, so errors name what the user typed.
+FLAG_OF = {"model_path": MODEL.name, "pruned_path": PRUNED.name, "goodnet_path": GOODNET.name,
+           "input_scale": SCALE.name}
 
 
 def main(argv: list[str]) -> int:
@@ -34,7 +39,7 @@ def main(argv: list[str]) -> int:
             print(f"{name}\t{pred}")
         return 0
 
-    return cli.run(screen_all)
+    return cli.run(screen_all, flags=FLAG_OF)
 
 
 def run() -> None:

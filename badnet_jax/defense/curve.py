@@ -9,15 +9,14 @@ Rates are percentages computed from exact counts (``badnet_jax.metrics``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-import math
-
 from badnet_jax import metrics
 from badnet_jax.defense.ranking_curves import RankingCurve
-from badnet_jax.errors import ConfigError
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.metrics import GoodNetRates, Rule
 
 RATE_KEYS = ("valid_acc", "valid_asr", "test_acc", "test_asr")
@@ -72,18 +71,20 @@ def check_drops(drops: Sequence[float]) -> tuple[float, ...]:
             drops that are equal or would share an output folder (0.041 and 0.0410000001 both print 4.1).
     """
     if not drops:
-        raise ConfigError("no drop threshold given")
+        raise ConfigError(f"no drop threshold given ({arg('drops')} is empty)", field="drops")
     folders = {}
     for d in drops:
         if not isinstance(d, (int, float)) or not math.isfinite(d):
-            raise ConfigError(f"--drop {d!r} is not a finite number")
+            raise ConfigError(f"{arg('drops', repr(d))} is not a finite number", field="drops")
         if not 0 < d < 1:
             hint = f"; did you mean {d / 100:g} ({d:g} points)?" if 1 <= d < 100 else ""
-            raise ConfigError(f"--drop {d:g} is not a fraction between 0 and 1 (0.04 = 4 points){hint}")
+            raise ConfigError(f"{arg('drops', f'{d:g}')} is not a fraction between 0 and 1 (0.04 = 4 points){hint}",
+                              field="drops")
         name = drop_folder(d)
         if name in folders:
             same = "is given twice" if folders[name] == d else f"and {folders[name]!r} would share {name}/"
-            raise ConfigError(f"--drop {d!r} {same}; give each drop once, distinct to 6 digits")
+            raise ConfigError(f"{arg('drops', repr(d))} {same}; give each drop once, distinct to 6 digits",
+                              field="drops")
         folders[name] = d
     return tuple(float(d) for d in drops)
 
@@ -96,7 +97,7 @@ class Curve:
     are (60,). ``input_scale`` is B's (``raw`` or ``255``, see ``badnet_jax.model``). Without poisoned data
     (a defender seldom has any) the ASR curves, GoodNet's ASR and detection rate and DER are None. ``inputs``
     and ``versions`` describe the run (file sizes and sha256, package versions). With several rankings
-    (``--rank_by``), the top-level curves and cuts are the first ranking's and ``rankings`` holds each
+    (``RankingOptions.rank_by``), the top-level curves and cuts are the first ranking's and ``rankings`` holds each
     ranking's (``badnet_jax.defense.ranking_curves``); else it is None.
     """
 

@@ -21,7 +21,7 @@ import optax
 from badnet_jax.errors import ConfigError
 from badnet_jax.metrics import accuracy
 from badnet_jax.model import BadNet, Params, predict, prune_params
-from badnet_jax.train import make_train_step
+from badnet_jax.train import make_train_step, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,10 @@ def finetune(model: BadNet, params: Params, mask: jax.Array, x_clean: np.ndarray
     batch = max(1, min(config.batch_size, len(y_tr)))
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
-        order = rng.permutation(len(y_tr))
-        losses = []
-        for i in range(len(y_tr) // batch):
-            b = order[i * batch:(i + 1) * batch]
-            params, opt_state, loss = step(params, opt_state, jnp.asarray(x_tr[b]), jnp.asarray(y_tr[b]))
-            losses.append(float(loss))
+        params, opt_state, loss = train_epoch(step, params, opt_state, x_tr, y_tr, batch, rng)
         acc = holdout_acc(params)
         # No wall times in the history: it goes into curve.json, which identical runs write identically.
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                        "holdout_acc": acc})
+        history.append({"epoch": epoch, "loss": loss, "holdout_acc": acc})
         log.info("fine-tune epoch %d/%d  loss %.4f  early-stopping accuracy %.2f%%  (%.1f s)", epoch, config.epochs,
                  history[-1]["loss"], acc, time.perf_counter() - t0)
         if acc > best_acc:

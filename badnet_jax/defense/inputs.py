@@ -16,10 +16,11 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
+from badnet_jax.attack.demo import DEMO_MODEL, demo_sets
+from badnet_jax.errors import ConfigError, arg
+from badnet_jax.io.fileio import sha256_of
 from badnet_jax.io.keras import load_keras, recorded_input_scale
 from badnet_jax.io.lab_data import load_lab_h5, load_true_labels, peek_lab_h5
-from badnet_jax.errors import ConfigError
-from badnet_jax.io.fileio import sha256_of
 from badnet_jax.model import BadNet, Params
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,13 @@ def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> In
     """
     given = {r: Path(data[r]) for r in DATA_ROLES if data.get(r)}
     if given and any(r not in given for r in CLEAN_ROLES):
-        missing = [f"--{r}" for r in CLEAN_ROLES if r not in given]
-        raise ConfigError(f"give the clean sets --clean_valid and --clean_test (the poisoned ones are optional), "
-                          f"or no data flag at all for the lab defaults or the demo; missing {', '.join(missing)}")
+        missing = [r for r in CLEAN_ROLES if r not in given]
+        raise ConfigError(f"give the clean sets {arg('clean_valid')} and {arg('clean_test')} (the poisoned ones are "
+                          "optional), or no data file at all for the lab defaults or the demo; missing "
+                          f"{', '.join(arg(r) for r in missing)}", field=missing[0])
     defaults = {r: Path(p) for r, p in LAB_DATA_DEFAULTS.items()}
     model_path = Path(model) if model else next((Path(c) for c in LAB_MODEL_CANDIDATES if Path(c).exists()), None)
     if not given and not any(p.exists() for p in defaults.values()) and model is None:
-        from badnet_jax.attack.demo import DEMO_MODEL
-
         log.info("Lab data not found at %s: running on the embedded demo (synthetic faces, demo BadNet).",
                  ", ".join(LAB_DATA_DEFAULTS.values()))
         return InputFiles(model=DEMO_MODEL, data={}, demo=True)
@@ -78,11 +78,13 @@ def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> In
     else:
         paths = {r: p for r, p in defaults.items() if r in CLEAN_ROLES or p.exists()}
     # lexists: a dangling or looping link is "there"; reading it then says what is wrong with it.
-    missing = [f"{r} ({p})" for r, p in paths.items() if not os.path.lexists(p)]
+    missing = [r for r, p in paths.items() if not os.path.lexists(p)]
     if missing:
-        raise ConfigError(f"data files not found: {', '.join(missing)}")
+        raise ConfigError(f"data files not found: {', '.join(f'{arg(r)} ({paths[r]})' for r in missing)}",
+                          field=missing[0])
     if model_path is None:
-        raise ConfigError(f"no model: pass --model or put the lab's model at {' or '.join(LAB_MODEL_CANDIDATES)}")
+        raise ConfigError(f"no model: pass {arg('model')} (B's Keras h5) or put the lab's model at "
+                          f"{' or '.join(LAB_MODEL_CANDIDATES)}", field="model")
     if not any(r in paths for r in POISONED_ROLES):
         log.info("No poisoned data given: ranking and cutting on clean data; ASR is n/a (no poisoned data).")
     return InputFiles(model=model_path, data=paths)
@@ -108,15 +110,13 @@ def peek_sets(files: InputFiles) -> Optional[dict[str, jax.ShapeDtypeStruct]]:
     specs = {r: jax.ShapeDtypeStruct(*peek_lab_h5(p, keep_uint8=True)) for r, p in files.data.items()}
     for r, spec in specs.items():
         if spec.shape[0] == 0:
-            raise ConfigError(f"{files.data[r]}: holds no images")
+            raise ConfigError(f"{files.data[r]}: holds no images", field=r)
     return specs
 
 
 def load_sets(files: InputFiles, num_classes: int) -> Sets:
     """The sets (uint8 images where the files store uint8), labels checked against ``num_classes``."""
     if files.demo:
-        from badnet_jax.attack.demo import demo_sets
-
         data, true = demo_sets()
         return Sets(data, true)
     data = {r: load_lab_h5(p, num_classes=num_classes, keep_uint8=True) for r, p in files.data.items()}

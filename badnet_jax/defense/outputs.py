@@ -18,15 +18,12 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from badnet_jax.io import checkpoint
-
-from badnet_jax.io import fileio
-
 from badnet_jax.defense import report
-from badnet_jax.io.keras import save_keras
 from badnet_jax.defense.curve import Curve, Cut
-from badnet_jax.errors import ConfigError, OutputError
+from badnet_jax.errors import ConfigError, OutputError, arg
 from badnet_jax.goodnet import make_goodnet
+from badnet_jax.io import checkpoint, fileio
+from badnet_jax.io.keras import save_keras
 from badnet_jax.model import Params, prune_params
 
 RESULT_FILES = ("curve.json", "report.md", "curve.png", "rankings.png")
@@ -51,23 +48,25 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out_dir {out}: exists and is not a folder")
+        raise ConfigError(f"{arg('out_dir', out)}: exists and is not a folder", field="out_dir")
     existing = next(p for p in (out.resolve().parent, *out.resolve().parents) if p.exists())
     if not existing.is_dir():
-        raise ConfigError(f"--out_dir {out}: {existing} is not a folder")
+        raise ConfigError(f"{arg('out_dir', out)}: {existing} is not a folder", field="out_dir")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out_dir {out}: cannot write in {existing}")
+        raise ConfigError(f"{arg('out_dir', out)}: cannot write in {existing}", field="out_dir")
     if out.is_dir():
-        foreign = sorted(e.name for e in out.iterdir() if e.name not in RESULT_FILES and not _DROP_DIR.fullmatch(e.name))
+        foreign = sorted(e.name for e in out.iterdir()
+                         if e.name not in RESULT_FILES and not _DROP_DIR.fullmatch(e.name))
         if foreign:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            raise ConfigError(f"--out_dir {out}: holds entries that are not badnet-jax results ({shown}); the new "
-                              "results replace the whole folder, so choose a new or empty folder")
+            raise ConfigError(f"{arg('out_dir', out)}: holds entries that are not badnet-jax results ({shown}); the "
+                              "new results replace the whole folder, so choose a new or empty folder", field="out_dir")
     return out
 
 
 # What one cut's folder takes, in multiples of B's parameter bytes: B' as h5 and as a checkpoint (1 + 1), the
-# GoodNet checkpoint (B and B', 2); fine-pruning doubles it. Measured on the demo: 3.8x (orbax compresses).
+# GoodNet checkpoint (B and B', 2); fine-pruning doubles it. An upper bound: orbax compresses (the demo's cut
+# folder takes 3.8x).
 _PARAM_COPIES_PER_CUT = 4
 _FIXED_BYTES = 256 << 10  # report.md, curve.json and the plots: ~100 KB, with room to spare
 
@@ -83,9 +82,9 @@ def check_space(out_dir: str | os.PathLike, params: Params, drops: Sequence[floa
     need = len(set(drops)) * copies * param_bytes + _FIXED_BYTES
     free = fileio.free_bytes(out_dir)
     if free is not None and free < need:  # None (the file system does not say): the writes themselves will tell
-        raise ConfigError(f"--out_dir {out_dir}: the results need about {need / 2**20:.1f} MiB but only "
+        raise ConfigError(f"{arg('out_dir', out_dir)}: the results need about {need / 2**20:.1f} MiB but only "
                           f"{free / 2**20:.1f} MiB are free there; free some space or choose another folder "
-                          "(or --nocheckpoints: no models, about 1 MiB)")
+                          f"(or {arg('checkpoints', False)}: no models, about 1 MiB)", field="out_dir")
     return need
 
 
@@ -124,7 +123,7 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, mode
         cause = _os_error_in(err)
         if cause is None:
             raise
-        raise OutputError(_write_failed(out_dir, cause)) from None
+        raise OutputError(_write_failed(out_dir, cause), field="out_dir") from None
 
 
 def _os_error_in(err: BaseException) -> Optional[OSError]:
@@ -139,5 +138,5 @@ def _os_error_in(err: BaseException) -> Optional[OSError]:
 
 def _write_failed(out_dir: str | os.PathLike, err: OSError) -> str:
     why = "no space left on the device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-    return (f"--out_dir {out_dir}: the results could not be written ({why}); nothing of this run was kept and "
+    return (f"{arg('out_dir', out_dir)}: the results could not be written ({why}); nothing of this run was kept and "
             "the folder holds what it held before")

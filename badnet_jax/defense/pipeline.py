@@ -1,8 +1,8 @@
 """The pruning defense end to end, as a few named steps: locate, load (compiling meanwhile), sweep, cut,
 fine-prune, write.
 
-``run_defense(DefenseConfig(...))`` is what ``scripts/prune.py`` calls. Only clean validation data ranks the
-channels and selects the cut; test data is only evaluated.
+``run_defense(DefenseConfig(...))`` is what ``badnet-prune`` (``scripts/prune.py``) calls. Only clean
+validation data ranks the channels and selects the cut; test data is only evaluated.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from badnet_jax.defense.ranking_curves import RankingCurve, ranking_curve
 from badnet_jax.defense.curve import Curve, Cut, Finetuned, LabeledPreds, check_drops, evaluate_curve, select_cuts
 from badnet_jax.numerics.settling import predict_settled
 from badnet_jax.defense.finetune import FinetuneConfig, finetune
-from badnet_jax.defense.inputs import (DATA_ROLES, InputFiles, Sets, describe_inputs, load_model, load_sets, locate_inputs,
-                               peek_sets, sample_clean_valid)
+from badnet_jax.defense.inputs import (DATA_ROLES, InputFiles, Sets, describe_inputs, load_model, load_sets,
+                                       locate_inputs, peek_sets, sample_clean_valid)
 from badnet_jax.model import BadNet, Params
 from badnet_jax.defense.outputs import CutModels, check_out_dir, check_space, write_results
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
@@ -119,8 +119,9 @@ def run_defense(config: DefenseConfig) -> Curve:
         timings["curve (one call)"] = time.perf_counter() - t
         log.info("Ranked the 60 channels (%s) and evaluated B' and G at k = 0..60 of %d order(s) on all sets in one "
                  "call: %.2f s%s (%s; device %.2f s, float64 near-ties %.2f s).", ", ".join(ranking.names),
-                 len(ranking.labels), timings["curve (one call)"], "" if compiled is not None else " (compile included)",
-                 plan.describe(), sweep.seconds["device"], sweep.seconds["settle"])
+                 len(ranking.labels), timings["curve (one call)"],
+                 "" if compiled is not None else " (compile included)", plan.describe(), sweep.seconds["device"],
+                 sweep.seconds["settle"])
         log.info("Near-ties: %s.", _describe_ties(sweep))
         curve = _curve(config, files, model, sweep, sets)
         if len(ranking.names) > 1:
@@ -176,7 +177,7 @@ def _describe_rankings(ranking) -> str:
 
 def _warn_if_not_poisoned(curve: Curve) -> None:
     """A "poisoned" set that B does not answer with its labels is seldom what the user meant: say so."""
-    for key, name in (("valid_asr", "--bd_valid"), ("test_asr", "--bd_test")):
+    for key, name in (("valid_asr", "bd_valid"), ("test_asr", "bd_test")):
         asr = curve.original[key]
         if asr is not None and asr < 50.0:
             log.warning("B's attack success rate on %s is only %.2f%%: are its labels the attacker's target "

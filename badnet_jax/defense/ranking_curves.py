@@ -81,7 +81,8 @@ def ranking_curve(orders: np.ndarray, preds: Mapping[str, np.ndarray], labels: M
         drops, rule: the stop rule, as the defense applies it.
         original: B's own ``test_acc`` and ``test_asr`` (for DER).
     """
-    rate = lambda role: None if role not in preds else np.stack([metrics.accuracy(p, labels[role]) for p in preds[role]])
+    rate = lambda role: (None if role not in preds
+                         else np.stack([metrics.accuracy(p, labels[role]) for p in preds[role]]))
     valid_acc, valid_asr, test_acc, test_asr = (rate(r) for r in ("clean_valid", "bd_valid", "clean_test", "bd_test"))
     test_der = None if test_asr is None else np.asarray(
         metrics.der(original["test_acc"], original["test_asr"], test_acc, test_asr))

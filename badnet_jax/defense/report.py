@@ -87,8 +87,10 @@ def plot_rankings(path: Path, curve: Curve) -> Path:
             x = np.mean(cut.test_asr) if cut.test_asr is not None else np.mean(cut.channels_pruned) / (len(steps) - 1)
             ax.plot([x], [np.mean(cut.test_acc)], markers[j % len(markers)], color=color, ms=6, mec="black", mew=0.5)
     for j, cut in enumerate(curve.selected):  # one legend entry per X, in grey
-        ax.plot([], [], markers[j % len(markers)], color="grey", mec="black", mew=0.5, label=f"cut X={100 * cut.drop:g}")
-    ax.set_xlabel("attack success rate on poisoned test data (%)" if curve.poisoned else "fraction of pool_3 channels pruned")
+        ax.plot([], [], markers[j % len(markers)], color="grey", mec="black", mew=0.5,
+                label=f"cut X={100 * cut.drop:g}")
+    ax.set_xlabel("attack success rate on poisoned test data (%)" if curve.poisoned
+                  else "fraction of pool_3 channels pruned")
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)

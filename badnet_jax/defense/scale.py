@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from badnet_jax.errors import ConfigError
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.metrics import accuracy
 from badnet_jax.model import INPUT_SCALES, BadNet, Params, predict
 
@@ -44,10 +44,10 @@ class ScaleChoice:
         return f"{self.scale} ({self.how})"
 
 
-def choose_input_scale(model: BadNet, params: Params, requested: str = "auto", recorded: Optional[str] = None,
+def choose_input_scale(model: BadNet, params: Params, input_scale: str = "auto", recorded: Optional[str] = None,
                        x: Optional[np.ndarray] = None, y: Optional[np.ndarray] = None,
                        source: str = "the model") -> ScaleChoice:
-    """Resolve ``requested`` (``auto``, ``raw`` or ``255``) for this model, once.
+    """Resolve ``input_scale`` (``auto``, ``raw`` or ``255``) for this model, once.
 
     ``auto`` measures clean accuracy at both scales on up to :data:`SAMPLE` labelled images ``x, y`` (pixels
     0..255) and takes the scale that reaches :data:`PLAUSIBLE` and beats the other by :data:`MARGIN`
@@ -56,22 +56,26 @@ def choose_input_scale(model: BadNet, params: Params, requested: str = "auto", r
     Raises:
         ConfigError: an unknown scale; neither scale clearly right; ``auto`` with nothing to decide on.
     """
-    if requested not in CHOICES:
-        raise ConfigError(f"--input_scale must be one of {', '.join(CHOICES)}, got {requested!r}")
-    if requested != "auto":
-        return ScaleChoice(requested, "given")
+    if input_scale not in CHOICES:
+        raise ConfigError(f"{arg('input_scale')} must be one of {', '.join(CHOICES)}, got {input_scale!r}",
+                          field="input_scale")
+    if input_scale != "auto":
+        return ScaleChoice(input_scale, "given")
     if x is None or y is None or not len(y):
         if recorded is not None:
             return ScaleChoice(recorded, "recorded")
         raise ConfigError(f"cannot tell the input scale of {source} without labelled clean images: pass "
-                          "--input_scale raw (the lab's B) or 255 (the CSAW-HackML-2020 BadNets)")
+                          f"{arg('input_scale', 'raw')} (the lab's B) or 255 (the CSAW-HackML-2020 BadNets)",
+                          field="input_scale")
     x, y = x[:SAMPLE], y[:SAMPLE]
     acc = {s: float(accuracy(predict(model.clone(input_scale=s), params, x), y)) for s in INPUT_SCALES}
     best, other = sorted(INPUT_SCALES, key=lambda s: -acc[s])
     measured = ", ".join(f"{s}: {a:.2f}%" for s, a in acc.items())
     if acc[best] < PLAUSIBLE or acc[best] - acc[other] < MARGIN:
         raise ConfigError(f"cannot tell the input scale of {source}: clean accuracy on {len(y)} images is "
-                          f"{measured}; pass --input_scale raw or 255 (or check that the data fits the model)")
+                          f"{measured}; pass {arg('input_scale', 'raw')} or 255 (or check that the data fits the "
+                          "model)",
+                          field="input_scale")
     choice = ScaleChoice(best, "measured", acc, len(y))
     log.info("Input scale %s.", choice.describe())
     return choice

@@ -19,7 +19,7 @@ import numpy as np
 from badnet_jax.io import checkpoint
 from badnet_jax.io.keras import load_keras, mask_from_zeroed, recorded_input_scale
 from badnet_jax.io.lab_data import LABEL_IN_NAME, load_image, load_lab_h5
-from badnet_jax.errors import ConfigError, DataFileError, ModelFileError
+from badnet_jax.errors import ConfigError, DataFileError, ModelFileError, arg
 from badnet_jax.goodnet import make_goodnet, predict_goodnet
 from badnet_jax.model import Params
 from badnet_jax.defense.scale import choose_input_scale
@@ -30,11 +30,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def load_pruned(path: str | os.PathLike) -> tuple[Params, jax.Array, Optional[str]]:
-    """(params, mask, recorded input scale or None) of B' from a Keras h5 or a B' checkpoint directory."""
+    """(params, mask, recorded input scale or None) of B' from a Keras h5 or a B' checkpoint directory.
+
+    Raises:
+        ConfigError: ``path`` is a GoodNet checkpoint (it goes to :func:`screen`'s ``goodnet_path``).
+    """
     path = Path(path)
     if path.is_dir():
         if checkpoint.is_goodnet_checkpoint(path):
-            raise ConfigError(f"{path}: is a GoodNet checkpoint; pass it as --goodnet (without --model/--pruned)")
+            raise ConfigError(f"{path}: is a GoodNet checkpoint; pass it as {arg('goodnet_path')} (without "
+                              f"{arg('model_path')}/{arg('pruned_path')})", field="pruned_path")
         model, params, mask = checkpoint.restore_badnet(path)
         return params, mask, model.input_scale
     _, params = load_keras(path)
@@ -45,7 +50,7 @@ def gather_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[str], np.nda
     """Names ("file" or "file[row]"), the (N, 55, 47, 3) float32 images and the labels of every input file.
 
     Labels are the h5 ``label`` for h5 rows; for an image file the ``label<class>`` in its name (e.g.
-    ``face_label43.png``, as ``scripts/poison.py`` and the shared faces name them), else -1 (unknown).
+    ``face_label43.png``, as ``make_poisoned_h5``'s inputs and the shared faces name them), else -1 (unknown).
     """
     names, batches, labels = [], [], []
     for p in map(Path, paths):
@@ -83,13 +88,16 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
     names, x, labels = gather_inputs(inputs)
     if goodnet_path is not None:
         if model_path is not None or pruned_path is not None:
-            raise ConfigError("give either a GoodNet checkpoint (--goodnet) or B and B' (--model and --pruned)")
+            raise ConfigError(f"give either a GoodNet checkpoint ({arg('goodnet_path')}) or B and B' "
+                              f"({arg('model_path')} and {arg('pruned_path')})", field="goodnet_path")
         goodnet, variables = checkpoint.restore_goodnet(goodnet_path)
         scale = choose_input_scale(goodnet, variables, input_scale, recorded=goodnet.input_scale).scale
         goodnet = goodnet.clone(input_scale=scale)
     else:
         if model_path is None or pruned_path is None:
-            raise ConfigError("give B and B' (--model and --pruned), or a GoodNet checkpoint (--goodnet)")
+            raise ConfigError(f"give B and B' ({arg('model_path')} and {arg('pruned_path')}), or a GoodNet "
+                              f"checkpoint ({arg('goodnet_path')})",
+                              field="pruned_path" if model_path is not None else "model_path")
         model, params = load_keras(model_path)
         pruned_params, mask, recorded = load_pruned(pruned_path)
         if pruned_params["output"]["bias"].shape != params["output"]["bias"].shape:

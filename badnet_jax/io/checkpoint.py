@@ -23,26 +23,25 @@ import orbax.checkpoint as ocp
 from badnet_jax.io import fileio
 from badnet_jax.errors import CheckpointError
 from badnet_jax.goodnet import GoodNet
-from badnet_jax.model import INPUT_SCALES, NUM_POOL3_CHANNELS, BadNet, Params, num_classes_of
+from badnet_jax.model import INPUT_DIVISORS, NUM_POOL3_CHANNELS, BadNet, Params, input_divisor, num_classes_of
 
-# The input scale travels as its divisor (orbax stores arrays); checkpoints written before it existed are raw.
-_DIVISOR = {"raw": 1.0, "255": 255.0}
+# The input scale travels as its divisor (``model.input_divisor``; orbax stores arrays); a checkpoint without
+# one holds a raw-scale model.
 
 
 def _scale_entry(input_scale: str) -> np.ndarray:
-    if input_scale not in INPUT_SCALES:
-        raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
-    return np.float32(_DIVISOR[input_scale])
+    return np.float32(input_divisor(input_scale))
 
 
 def _scale_of(state: dict, path: Path) -> str:
     if "input_divisor" not in state:
         return "raw"
     divisor = float(np.asarray(state["input_divisor"]))
-    for name, d in _DIVISOR.items():
+    for name, d in INPUT_DIVISORS.items():
         if divisor == d:
             return name
-    raise CheckpointError(f"{path}: unknown input divisor {divisor} (expected 1 or 255)")
+    expected = " or ".join(f"{d:g}" for d in INPUT_DIVISORS.values())
+    raise CheckpointError(f"{path}: unknown input divisor {divisor} (expected {expected})")
 
 
 def _checkpointer() -> ocp.StandardCheckpointer:
@@ -151,7 +150,7 @@ def restore_badnet(path: str | os.PathLike) -> tuple[BadNet, Params, jax.Array]:
     state = _restore(Path(path))
     if not isinstance(state, dict) or "params" not in state or "mask" not in state or "pruning" in state:
         raise CheckpointError(f"{path}: not a badnet-jax BadNet checkpoint (needs 'params' and 'mask'; a GoodNet "
-                              "checkpoint goes to restore_goodnet / goodnet_eval.py --goodnet)")
+                              "checkpoint is read by restore_goodnet)")
     params = jax.tree.map(jnp.asarray, state["params"])
     return BadNet(num_classes_of(params), input_scale=_scale_of(state, Path(path))), params, jnp.asarray(state["mask"])
 

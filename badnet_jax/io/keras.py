@@ -37,7 +37,8 @@ import numpy as np
 from badnet_jax.io import fileio
 from badnet_jax.errors import ModelFileError
 from badnet_jax.model import (
-    INPUT_SCALES, KERAS_LAYER_NAMES, NUM_POOL3_CHANNELS, WEIGHT_LAYERS, BadNet, Params, param_shapes,
+    CONVS, HIDDEN_UNITS, INPUT_HWC, INPUT_SCALES, KERAS_LAYER_NAMES, NUM_POOL3_CHANNELS, POOL, WEIGHT_LAYERS, BadNet,
+    Params, param_shapes,
 )
 
 INPUT_SCALE_ATTR = "badnet_jax_input_scale"
@@ -53,8 +54,8 @@ _EXPECTED_CLASS = {
 _MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHT = 1e6  # real DeepID weights are below ~10; larger ones overflow float32 logits to inf/NaN
 # Layer name -> (filters or units, kernel size) the architecture fixes (the output's units are the class count).
-_SIZES = {"conv_1": (20, 4), "conv_2": (40, 3), "conv_3": (60, 3), "conv_4": (80, 2), "fc_1": (160, None),
-          "fc_2": (160, None)}
+_SIZES = {**{name: (filters, k) for name, filters, k in CONVS}, "fc_1": (HIDDEN_UNITS, None),
+          "fc_2": (HIDDEN_UNITS, None)}
 
 
 def _iter_config_layers(config: Any, path: Path) -> Iterator[dict]:
@@ -102,10 +103,10 @@ def _check_model_config(raw: Any, path: Path) -> None:
                                 != [_SIZES[name][0], _SIZES[name][1], _SIZES[name][1]]):
             raise ModelFileError(f"{path}: layer {name!r} must be a valid-padded, stride-1, undilated relu Conv2D "
                                  f"with bias, {_SIZES[name][0]} filters of {_SIZES[name][1]}x{_SIZES[name][1]}")
-        if cls == "MaxPooling2D" and (list(cfg.get("pool_size", [])) != [2, 2]
+        if cls == "MaxPooling2D" and (list(cfg.get("pool_size", [])) != [POOL, POOL]
                                       or cfg.get("padding") != "valid"
-                                      or list(cfg.get("strides") or [2, 2]) != [2, 2]):
-            raise ModelFileError(f"{path}: layer {name!r} must be a 2x2 stride-2 valid MaxPooling2D")
+                                      or list(cfg.get("strides") or [POOL, POOL]) != [POOL, POOL]):
+            raise ModelFileError(f"{path}: layer {name!r} must be a {POOL}x{POOL} stride-{POOL} valid MaxPooling2D")
         if cls == "Dense" and (cfg.get("use_bias", True) is not True
                                or (name in _SIZES and cfg.get("units") != _SIZES[name][0])):
             raise ModelFileError(f"{path}: layer {name!r} must be a Dense layer with bias"
@@ -300,20 +301,20 @@ def load_keras(path: str | os.PathLike, input_scale: str | None = None) -> tuple
 
 def _layer_configs(num_classes: int) -> list[dict]:
     """The lab's DeepID as a Keras functional config (the fields Keras 2.3 through Keras 3 all accept)."""
-    conv = lambda name, filters, k, src: ("Conv2D", name, {
-        "filters": filters, "kernel_size": [k, k], "strides": [1, 1], "padding": "valid",
+    conv = lambda name, src: ("Conv2D", name, {
+        "filters": _SIZES[name][0], "kernel_size": [_SIZES[name][1]] * 2, "strides": [1, 1], "padding": "valid",
         "data_format": "channels_last", "dilation_rate": [1, 1], "activation": "relu", "use_bias": True}, [src])
-    pool = lambda name, src: ("MaxPooling2D", name, {"pool_size": [2, 2], "padding": "valid", "strides": [2, 2],
-                                                     "data_format": "channels_last"}, [src])
+    pool = lambda name, src: ("MaxPooling2D", name, {"pool_size": [POOL, POOL], "padding": "valid",
+                                                     "strides": [POOL, POOL], "data_format": "channels_last"}, [src])
     dense = lambda name, units, act, src: ("Dense", name, {"units": units, "activation": act, "use_bias": True}, [src])
     spec = [
-        ("InputLayer", "input", {"batch_input_shape": [None, 55, 47, 3], "dtype": "float32", "sparse": False}, []),
-        conv("conv_1", 20, 4, "input"), pool("pool_1", "conv_1"), conv("conv_2", 40, 3, "pool_1"),
-        pool("pool_2", "conv_2"), conv("conv_3", 60, 3, "pool_2"), pool("pool_3", "conv_3"),
-        conv("conv_4", 80, 2, "pool_3"),
+        ("InputLayer", "input", {"batch_input_shape": [None, *INPUT_HWC], "dtype": "float32", "sparse": False}, []),
+        conv("conv_1", "input"), pool("pool_1", "conv_1"), conv("conv_2", "pool_1"),
+        pool("pool_2", "conv_2"), conv("conv_3", "pool_2"), pool("pool_3", "conv_3"),
+        conv("conv_4", "pool_3"),
         ("Flatten", "flatten_1", {"data_format": "channels_last"}, ["pool_3"]),
         ("Flatten", "flatten_2", {"data_format": "channels_last"}, ["conv_4"]),
-        dense("fc_1", 160, "linear", "flatten_1"), dense("fc_2", 160, "linear", "flatten_2"),
+        dense("fc_1", HIDDEN_UNITS, "linear", "flatten_1"), dense("fc_2", HIDDEN_UNITS, "linear", "flatten_2"),
         ("Add", "add_1", {}, ["fc_1", "fc_2"]), ("Activation", "activation_1", {"activation": "relu"}, ["add_1"]),
         dense("output", num_classes, "softmax", "activation_1"),
     ]
@@ -360,7 +361,7 @@ def save_keras(params: Params, path: str | os.PathLike, input_scale: str = "raw"
             arrays[layer, what] = arr
 
     # Fixed-length byte strings, as Keras 2 writes them: a variable-length string lives in the file's global
-    # heap, and HDF5 can loop forever reading a corrupted one (found by tests/test_hostile.py's byte flips).
+    # heap, and HDF5 can loop forever reading a corrupted one (one flipped byte in the heap is enough).
     text = lambda s: np.bytes_(s.encode("utf-8"))
 
     def build(f: h5py.File) -> None:

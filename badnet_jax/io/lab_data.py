@@ -14,11 +14,11 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
+from badnet_jax.errors import DataFileError, arg
 from badnet_jax.io import fileio
-from badnet_jax.errors import DataFileError
 from badnet_jax.model import INPUT_HWC
 
-LAB_CHW = (3, INPUT_HWC[0], INPUT_HWC[1])
+LAB_CHW = (INPUT_HWC[2], INPUT_HWC[0], INPUT_HWC[1])  # the lab's files store channels first
 TRIGGER_AT = (0, 15)  # (x, y) of the lab's sunglasses paste
 DEFAULT_CHUNK = 2048
 
@@ -57,7 +57,8 @@ def _image_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
         raise DataFileError(f"{path}: missing dataset 'data' (the lab layout has 'data' and 'label')")
     _numeric(ds, "data", path)
     if len(ds.shape) != 4 or tuple(ds.shape[1:]) != LAB_CHW:
-        raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, expected (N, 3, 55, 47)")
+        raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, "
+                            f"expected (N, {', '.join(map(str, LAB_CHW))})")
     if ds.shape[0] and ds.id.get_storage_size() == 0:
         # Nothing written: every read would return the fill value (a tiny file can declare any number).
         raise DataFileError(f"{path}: dataset 'data' declares {ds.shape[0]} images but stores none "
@@ -131,7 +132,8 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
             raise DataFileError(f"{path}: cannot read: {err} (truncated or corrupted file?)") from None
     if n and ds_kind == "f" and top <= 1.0:
         raise DataFileError(f"{path}: every pixel is in 0..1: the images look divided by 255 already. Lab files "
-                            "hold pixels 0..255; a model that takes pixels / 255 says so (--input_scale 255)")
+                            "hold pixels 0..255; a model that takes pixels / 255 says so "
+                            f"({arg('input_scale', '255')})")
     return x, y
 
 
@@ -166,7 +168,7 @@ def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray,
     """
     x = np.asarray(x_NxHxWxC)
     if x.ndim != 4 or x.shape[1:] != INPUT_HWC:
-        raise DataFileError(f"{path}: images have shape {x.shape}, expected (N, 55, 47, 3)")
+        raise DataFileError(f"{path}: images have shape {x.shape}, expected (N, {', '.join(map(str, INPUT_HWC))})")
     if len(y) != len(x):
         raise DataFileError(f"{path}: {len(x)} images but {len(y)} labels")
 

@@ -9,7 +9,7 @@ lab does: conv_3's kernel and bias of the pruned channels are zeroed, the whole 
 
 Two float64 networks, one answer. The canonical one is NumPy on the host (:func:`logits64`): the same
 code whatever ran the sweep (plain or shortcut strategy, chunk size, device count, CPU or GPU). Its trunk
-is slow (~5 ms an image on two CPU cores), and on a GPU it was most of the sweep's time, so predictions are
+is slow (~5 ms an image on two CPU cores; on a GPU it would be most of the sweep's time), so predictions are
 settled by B's own Flax trunk run by XLA in float64 (``jax.enable_x64``, on the local device; on the CPU
 where the device has no float64, a TPU) and the NumPy head. The two float64 trunks sum in different
 orders and differ by a few float64 roundings; every settled prediction whose float64 top-2 gap is within
@@ -26,16 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, BadNet, Params, num_classes_of
-from badnet_jax.numerics.ties import output_with_ties, undecided_channels
+from badnet_jax.model import NUM_POOL3_CHANNELS, POOL, POOL3_HWC, BadNet, Params, num_classes_of
+from badnet_jax.numerics.ties import near_tie, output_scale, output_with_ties, top2_gap, undecided_channels
 from badnet_jax.numerics.ties import U as TIE_U
 
 U64 = 2.0 ** -53  # float64 unit roundoff
 # Two float64 networks agree on a prediction whose float64 gap exceeds this times S: the largest
-# |logit(XLA float64) - logit(NumPy float64)| / (u64 S) measured on the 126 real lab faces at all 61 steps of
-# the activation order was 6.8 for lab B and 4.2-10.5 for the four 2020 BadNets at their scale, but 66.6 for
-# a 2020 BadNet fed raw pixels (its wrong scale, which a user can still ask for; near the last steps, where S
-# is small); 10x that on both logits of the gap, as TIE_RTOL is for float32 (tests/test_ties.py measures it).
+# |logit(XLA float64) - logit(NumPy float64)| / (u64 S) on the 126 real lab faces at all 61 steps of the
+# activation order is 6.8 for lab B and 4.2-10.5 for the four 2020 BadNets at their scale, but 66.6 for a
+# 2020 BadNet fed raw pixels (its wrong scale, which a user can still ask for; near the last steps, where S
+# is small); 10x that on both logits of the gap, as TIE_RTOL is for float32 (a test measures it).
 TIE64_RTOL = 2 * 670 * U64
 # The activation ranking's means: two adjacent float32 means are told apart when they differ by more than
 # this times the larger. It is a floor: float32 errors depend on the CPU (XLA picks other convolution
@@ -48,15 +48,16 @@ RANK_CHECK_IMAGES = 32  # images of the ranking set whose float32 channel sums a
 RANK64_RTOL = 2 * 2200 * U64
 MEANS64_CHUNK = 2048  # images per float64 trunk pass of the means (bounds the float64 features held at once)
 XLA64_BATCH = 256  # images per float64 trunk call; the rest goes in calls of XLA64_SMALL (two compiled shapes)
-XLA64_SMALL = 32  # a set's flagged images are often a few dozen: padding them to 256 was most of the settling
+XLA64_SMALL = 32  # a set's flagged images are often a few dozen: padding them to 256 would be most of the settling
 
 
 def _params64(params: Params) -> dict[str, dict[str, np.ndarray]]:
     return {layer: {k: np.asarray(v, np.float64) for k, v in p.items()} for layer, p in params.items()}
 
 
-def _conv_relu(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, batch: int = 64) -> np.ndarray:
-    """relu of the VALID cross-correlation (Keras Conv2D): im2col, one matrix product per ``batch`` images."""
+def _conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The VALID cross-correlation plus bias (Keras Conv2D before its relu): im2col, one matrix product per
+    ``batch`` images."""
     kh, kw, cin, cout = kernel.shape
     oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     flat = kernel.reshape(kh * kw * cin, cout)  # HWIO: (i, j, c) rows, the order the patches are stacked in
@@ -66,12 +67,17 @@ def _conv_relu(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, batch: int =
         patches = np.concatenate([xb[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
         np.matmul(patches, flat, out=out[s:s + batch])
     out += bias
+    return out
+
+
+def _conv_relu(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    out = _conv(x, kernel, bias)
     return np.maximum(out, 0.0, out=out)
 
 
 def _pool(x: np.ndarray) -> np.ndarray:
     n, h, w, c = x.shape
-    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return x[:, :h // POOL * POOL, :w // POOL * POOL].reshape(n, h // POOL, POOL, w // POOL, POOL, c).max(axis=(2, 4))
 
 
 def pool3_64(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
@@ -132,8 +138,31 @@ def head64(params: Params, pool3_NxHxWxC: np.ndarray, masks_NxC: Optional[np.nda
     return _head64(params, pool3_NxHxWxC, masks_NxC)[0]
 
 
-def _head64(params: Params, pool3_NxHxWxC: np.ndarray, masks_NxC: Optional[np.ndarray] = None):
-    """:func:`head64`'s logits and each row's output scale S (as ``ties.output_with_ties``)."""
+def tail64(fc1_pre: np.ndarray, c4_pre: np.ndarray, w2: np.ndarray, b2: np.ndarray, wout: np.ndarray,
+           bout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The head's tail in float64: ``logits = relu(fc1_pre + relu(c4_pre) @ w2 + b2) @ wout + bout`` and each
+    row's output scale S (``ties.output_scale``).
+
+    The one float64 head after the fc_1 / conv_4 pre-activations: :func:`head64` ends in it, and the masked-head
+    kernel's probe (``badnet_jax.kernels.masked_head.api.clear_rows``) checks the kernel against it.
+
+    Args:
+        fc1_pre, c4_pre: (..., 160) fc_1 and (..., 960) flattened conv_4 pre-activations, biases included.
+        w2, b2, wout, bout: fc_2's kernel (960, 160) and bias (160,); the output layer's (160, C) and (C,).
+
+    Returns:
+        (..., C) float64 logits and (...) float64 S.
+    """
+    f64 = lambda a: np.asarray(a, np.float64)
+    hidden = np.maximum(f64(fc1_pre) + np.maximum(f64(c4_pre), 0.0) @ f64(w2) + f64(b2), 0.0)
+    wout, bout = f64(wout), f64(bout)
+    return hidden @ wout + bout, output_scale(hidden, wout, bout)
+
+
+def _head64(params: Params, pool3_NxHxWxC: np.ndarray,
+            masks_NxC: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`head64`'s logits and each row's output scale S (:func:`tail64` on the masked pool_3's
+    pre-activations)."""
     p = _params64(params)
     h = np.asarray(pool3_NxHxWxC, np.float64)
     if masks_NxC is not None:
@@ -141,10 +170,8 @@ def _head64(params: Params, pool3_NxHxWxC: np.ndarray, masks_NxC: Optional[np.nd
         h = h * (m[None, None, None, :] if m.ndim == 1 else m[:, None, None, :])
     n = len(h)
     fc1 = h.reshape(n, -1) @ p["fc_1"]["kernel"] + p["fc_1"]["bias"]
-    fc2 = _conv_relu(h, p["conv_4"]["kernel"], p["conv_4"]["bias"]).reshape(n, -1) @ p["fc_2"]["kernel"]
-    hidden = np.maximum(fc1 + fc2 + p["fc_2"]["bias"], 0.0)
-    wout, bout = p["output"]["kernel"], p["output"]["bias"]
-    return hidden @ wout + bout, hidden @ np.abs(wout).max(axis=1) + np.abs(bout).max()
+    c4 = _conv(h, p["conv_4"]["kernel"], p["conv_4"]["bias"]).reshape(n, -1)
+    return tail64(fc1, c4, p["fc_2"]["kernel"], p["fc_2"]["bias"], p["output"]["kernel"], p["output"]["bias"])
 
 
 def argmax64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, masks_NxC: Optional[np.ndarray] = None,
@@ -159,14 +186,13 @@ def argmax64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, masks_NxC: O
         image_of: (R,) which image each row is (None: row i is image i).
 
     Returns:
-        (R,) int predictions, equal to ``logits64(...).argmax(-1)`` row by row.
+        (R,) int32 predictions, equal to ``logits64(...).argmax(-1)`` row by row.
     """
     x = np.asarray(x_NxHxWxC)
     image_of = np.arange(len(x)) if image_of is None else np.asarray(image_of)
     logits, scale = _head64(params, pool3_64_xla(params, x, divisor)[image_of], masks_NxC)
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    preds = logits.argmax(-1)
-    close = top2[:, 1] - top2[:, 0] <= TIE64_RTOL * scale
+    preds, gap = top2_gap(logits)
+    close = near_tie(gap, scale, TIE64_RTOL)
     if close.any():
         rows = np.flatnonzero(close)
         images, which = np.unique(image_of[rows], return_inverse=True)
@@ -178,7 +204,7 @@ def argmax64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, masks_NxC: O
 def logits64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, mask: Optional[np.ndarray] = None) -> np.ndarray:
     """(N, classes) float64 logits of B, or of B' with the masked-out conv_3 channels pruned.
 
-    ``divisor``: 1 for a raw-pixel model, 255 for one that takes pixels / 255 (divided in float64).
+    ``divisor``: the model's (``BadNet.divisor``: 1 for raw pixels, 255 for pixels / 255), divided in float64.
     """
     return head64(params, pool3_64(params, x_NxHxWxC, divisor), mask)
 
@@ -304,6 +330,5 @@ def predict_settled(model: BadNet, params: Params, x_NxHxWxC: np.ndarray, mask: 
         return np.zeros((0,), np.int32), 0
     preds, near = np.concatenate(preds), np.concatenate(near)
     if near.any():
-        divisor = 255.0 if model.input_scale == "255" else 1.0
-        preds[near] = argmax64(params, np.asarray(x_NxHxWxC)[near], divisor, m)
+        preds[near] = argmax64(params, np.asarray(x_NxHxWxC)[near], model.divisor, m)
     return preds, int(near.sum())

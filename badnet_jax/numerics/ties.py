@@ -23,8 +23,8 @@ activation order and of 3 random orders, max |logit(float32) - logit(float64 Num
 masked forward and 6.26 for the prefix sweep's other summation order (logits within ~1.5e-4 of float64 on
 these faces). TIE_RTOL = 2 * 64 u: two logits of the gap, each with 10x the worst measured
 error. This is a probabilistic bound with a margin, not a worst-case guarantee; every prediction it
-trusted agreed with float64 in the tests (tests/test_ties.py bisects images onto the boundary).
-(4) Other models (session 7): what the test bounds is the gap's error. Over the same faces and orders, max
+trusted agreed with float64 in the tests (the near-tie tests bisect images onto the boundary).
+(4) Other models: what the test bounds is the gap's error. Over the same faces and orders, max
 |gap(float32) - gap(float64)| / (u S) is 1.3-1.8 for lab B, 4.5-8.8 for the four 2020 BadNets at their
 scale, and 14.5-38 for them fed raw pixels (their wrong scale, which a user can force: activations cancel
 in the trunk and single logits err by up to 214 u S), all within the bound's 128 u S (tests pin lab B
@@ -39,30 +39,60 @@ import numpy as np
 
 U = 2.0 ** -24  # float32 unit roundoff
 TIE_RTOL = 2 * 64 * U  # ~7.6e-6: see the module docstring
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def near_tie(gap: jax.Array, scale: jax.Array) -> jax.Array:
-    """Whether a top-2 logit gap is within the float32 error bound ``TIE_RTOL * S`` (traceable)."""
-    return gap <= TIE_RTOL * scale
+def near_tie(gap: jax.Array | np.ndarray, scale: jax.Array | np.ndarray,
+             rtol: float = TIE_RTOL) -> jax.Array | np.ndarray:
+    """Whether a top-2 logit gap is within the error bound ``rtol * S`` (float32's by default; traceable)."""
+    return gap <= rtol * scale
 
 
-def top2_gap(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """argmax (int32, first index on ties) and the gap between the two largest logits (0 on an exact tie)."""
+def top2_gap(logits: jax.Array | np.ndarray) -> tuple[jax.Array | np.ndarray, jax.Array | np.ndarray]:
+    """argmax (int32, first index on ties) and the gap between the two largest logits (0 on an exact tie).
+
+    The runner-up is the max with the winner left out (``lax.top_k`` sorts on XLA:CPU, ~10x slower). Traceable
+    for a jax.Array; a NumPy array (the float64 networks) stays on the host.
+    """
+    if isinstance(logits, np.ndarray):
+        arg = logits.argmax(axis=-1).astype(np.int32)
+        classes = np.arange(logits.shape[-1])
+        second = np.where(classes == arg[..., None], -np.inf, logits).max(axis=-1)
+        return arg, logits.max(axis=-1) - second
     arg = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     second = jnp.max(jnp.where(classes == arg[..., None], -jnp.inf, logits), axis=-1)
     return arg, jnp.max(logits, axis=-1) - second
 
 
-def output_with_ties(hidden_NxH: jax.Array, wout_HxC: jax.Array, bout_C: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The output layer on the hidden layer: (N,) predictions and (N,) near-tie flags (traceable).
+def output_scale_weights(wout_HxC: jax.Array | np.ndarray,
+                         bout_C: jax.Array | np.ndarray) -> tuple[jax.Array | np.ndarray, jax.Array | np.ndarray]:
+    """The weights' part of the output scale S: (H,) max_c |W_out[i, c]| and max_c |b_c|."""
+    xp = np if isinstance(wout_HxC, np.ndarray) else jnp
+    return xp.max(xp.abs(wout_HxC), axis=1), xp.max(xp.abs(bout_C))
 
-    The one place S is computed outside the masked-head kernels (which compute the same in their own loops).
+
+def output_scale(hidden: jax.Array | np.ndarray, wout_HxC: jax.Array | np.ndarray,
+                 bout_C: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+    """S = sum_i h_i * max_c |W_out[i, c]| + max_c |b_c| for hidden layers h (..., H): what the error of a
+    logit is measured against (see the module docstring).
+
+    The one definition of S: float32 and traceable for jax.Arrays (the sweep, the masked-head reference),
+    float64 for NumPy arrays (the float64 networks). The Pallas kernel sums the same products in its loop
+    from :func:`output_scale_weights`.
     """
-    logits = jnp.dot(hidden_NxH, wout_HxC, precision=jax.lax.Precision.HIGHEST) + bout_C[None, :]
+    if isinstance(hidden, np.ndarray):
+        wmax_H, bmax = output_scale_weights(np.asarray(wout_HxC), np.asarray(bout_C))
+        return hidden @ wmax_H + bmax
+    wmax_H, bmax = output_scale_weights(jnp.asarray(wout_HxC), jnp.asarray(bout_C))
+    return jnp.dot(hidden, wmax_H, precision=HIGHEST) + bmax
+
+
+def output_with_ties(hidden_NxH: jax.Array, wout_HxC: jax.Array, bout_C: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The output layer on the hidden layer: (N,) predictions and (N,) near-tie flags (traceable)."""
+    logits = jnp.dot(hidden_NxH, wout_HxC, precision=HIGHEST) + bout_C[None, :]
     arg, gap = top2_gap(logits)
-    scale = jnp.dot(hidden_NxH, jnp.max(jnp.abs(wout_HxC), axis=1), precision=jax.lax.Precision.HIGHEST)
-    return arg, near_tie(gap, scale + jnp.max(jnp.abs(bout_C)))
+    return arg, near_tie(gap, output_scale(hidden_NxH, wout_HxC, bout_C))
 
 
 def undecided_channels(pre_max_C: np.ndarray, in_max: float, kernel_conv3: np.ndarray,

@@ -22,10 +22,10 @@ from typing import Literal, Optional, Sequence
 import jax
 import numpy as np
 
-from badnet_jax.errors import ConfigError
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.io.fileio import memory_bytes
 from badnet_jax.kernels.masked_head.api import default_platform, resolve_impl
-from badnet_jax.model import LAB_NUM_CLASSES, NUM_POOL3_CHANNELS
+from badnet_jax.model import CONV4_FEATURES, HIDDEN_UNITS, LAB_NUM_CLASSES, NUM_POOL3_CHANNELS, POOL3_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ STEPS = NUM_POOL3_CHANNELS + 1
 TRUNK_WORKING = 350_000
 PLAIN_HEAD_WORKING = 920_000
 PREFIX_WORKING = 15_000
-PREACTIVATIONS = 160 + 960  # fc_1 and flattened conv_4 pre-activations per image and step
-POOL3_BYTES = 1200 * 4
+PREACTIVATIONS = HIDDEN_UNITS + CONV4_FEATURES  # fc_1 and flattened conv_4 pre-activations per image and step
+POOL3_BYTES = POOL3_FEATURES * 4
 PREDS_BYTES = STEPS * 4
 
 
@@ -66,7 +66,7 @@ class SweepOptions:
         orders_per_call: (needs ``batch_steps`` > 0 when > 1) with several rankings, how many orders one head
             call serves: 1 sweeps the orders one after the other inside each chunk; G > 1 vmaps groups of G
             (their distinct steps in the same head calls, working memory G times). Unmeasured on a GPU, so
-            1 by default (see BUILD_NOTES).
+            1 by default.
         devices: shard the image axis over this many devices (0 = all, across hosts too); results are the
             single-device ones.
         memory_budget: bytes the sweep may use (None: half of the device's memory). Data that cannot fit is
@@ -224,5 +224,6 @@ def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, w
     room = budget - resident
     if room < per_image:
         raise ConfigError(f"the data needs about {resident / 2**30:.2f} GiB resident but the memory budget is "
-                          f"{budget / 2**30:.2f} GiB; raise --memory_budget or use fewer images")
+                          f"{budget / 2**30:.2f} GiB; raise {arg('memory_budget')} or use fewer images",
+                          field="memory_budget")
     return int(max(1, min(wanted, room // per_image)))

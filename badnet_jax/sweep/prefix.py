@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.model import NUM_POOL3_CHANNELS, POOL3_HWC, Params
+from badnet_jax.model import CONV4_POSITIONS, HIDDEN_UNITS, NUM_POOL3_CHANNELS, POOL3_HWC, Params
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -67,9 +67,8 @@ def channel_contributions(params: Params, pool3_NxHxWxC: jax.Array) -> tuple[jax
 
 
 def preactivation_biases(params: Params) -> tuple[jax.Array, jax.Array]:
-    """fc_1's bias (160,) and conv_4's bias in the flattened (4, 3, 80) layout (960,)."""
-    b4 = params["conv_4"]["bias"]
-    return params["fc_1"]["bias"], jnp.tile(b4, 12)
+    """fc_1's bias (160,) and conv_4's bias in the flattened (4, 3, 80) layout (960,): the same at every position."""
+    return params["fc_1"]["bias"], jnp.tile(params["conv_4"]["bias"], CONV4_POSITIONS)
 
 
 def alive_channels(pool3_NxHxWxC: jax.Array) -> jax.Array:
@@ -142,7 +141,7 @@ def step_preactivations(params: Params, pool3_NxHxWxC: jax.Array, order: jax.Arr
     """
     both = reverse_steps(params, pool3_NxHxWxC, order, lambda k, fc1, c4: jnp.concatenate([fc1, c4], axis=1),
                          skip_dead=skip_dead)
-    return both[..., :160], both[..., 160:]
+    return both[..., :HIDDEN_UNITS], both[..., HIDDEN_UNITS:]
 
 
 def step_aliases(pool3_NxHxWxC: jax.Array, order: jax.Array) -> jax.Array:

@@ -25,10 +25,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.io import fileio
-from badnet_jax.sweep.anp import ANPConfig
-from badnet_jax.errors import ConfigError
 from badnet_jax.model import NUM_POOL3_CHANNELS, Params
+from badnet_jax.sweep.anp import ANPConfig
 
 RANKINGS = ("activation", "clp", "l1", "random", "anp", "order_file")
 IN_SWEEP = ("activation", "anp")  # computed inside the compiled sweep from the ranking set's pool_3 features
@@ -94,18 +94,28 @@ class RankingPlan:
 
 
 def single(order: Optional[Sequence[int] | np.ndarray]) -> RankingPlan:
-    """The plan of today's one-order sweep: the lab's activation ranking, or ``order`` as given."""
+    """The plan of a one-order sweep: the lab's activation ranking, or ``order`` as given."""
     if order is None:
-        return RankingPlan(("activation",), ("activation",), ("activation",), np.zeros((0, NUM_POOL3_CHANNELS), np.int32))
-    return RankingPlan(("order",), ("order",), (GIVEN,), check_order(order, "order")[None])
+        return RankingPlan(("activation",), ("activation",), ("activation",),
+                           np.zeros((0, NUM_POOL3_CHANNELS), np.int32))
+    return RankingPlan(("order",), ("order",), (GIVEN,), check_order(order, "order", field="order")[None])
 
 
-def check_order(order, where: str) -> np.ndarray:
-    """``order`` as (60,) int32, refused unless it is a permutation of the 60 pool_3 channels."""
+def check_order(order, where: str, field: Optional[str] = None) -> np.ndarray:
+    """``order`` as (60,) int32, refused unless it is a permutation of the 60 pool_3 channels.
+
+    Args:
+        order: the channel indices, pruned first to last.
+        where: what the order is, for the message (e.g. ``"order"`` or the file it came from).
+        field: the argument or config field it came from, for the error's ``field``.
+
+    Raises:
+        ConfigError: not a permutation of 0..59 (saying which channels are missing or that one repeats).
+    """
     try:
         o = np.asarray(order)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: not an order of channels ({err})") from None
+        raise ConfigError(f"{where}: not an order of channels ({err})", field=field) from None
     if o.shape != (NUM_POOL3_CHANNELS,) or not np.issubdtype(o.dtype, np.integer) or \
             sorted(o.tolist()) != list(range(NUM_POOL3_CHANNELS)):
         got = f"shape {o.shape}, dtype {o.dtype}"
@@ -113,32 +123,38 @@ def check_order(order, where: str) -> np.ndarray:
             missing = sorted(set(range(NUM_POOL3_CHANNELS)) - set(o.tolist()))
             got += f", missing {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else ", a channel repeated"
         raise ConfigError(f"{where}: an order must be a permutation of the {NUM_POOL3_CHANNELS} pool_3 channels "
-                          f"0..{NUM_POOL3_CHANNELS - 1}, each once ({got})")
+                          f"0..{NUM_POOL3_CHANNELS - 1}, each once ({got})", field=field)
     return o.astype(np.int32)
 
 
 def read_order_file(path: str | Path) -> np.ndarray:
-    """A user's order: 60 channel indices as a JSON list, as text (whitespace or commas), or a curve.json."""
+    """A user's order: 60 channel indices as a JSON list, as text (whitespace or commas), or a curve.json.
+
+    Raises:
+        ConfigError: naming ``order_file`` (the :class:`RankingOptions` field it comes from): the file cannot
+            be read, or does not hold a permutation of the 60 channels.
+    """
+    where = f"{arg('order_file')} {path}"
     try:
         path = fileio.require_file(path, ConfigError, "order file")
     except ConfigError as err:
-        raise ConfigError(f"--order_file {err}") from None
+        raise ConfigError(f"{arg('order_file')} {err}", field="order_file") from None
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--order_file {path}: cannot be read as text ({err})") from None
+        raise ConfigError(f"{where}: cannot be read as text ({err})", field="order_file") from None
     try:
         value = json.loads(text)
     except ValueError:
         value = text.replace(",", " ").split()
     if isinstance(value, dict):
         if "order" not in value:
-            raise ConfigError(f"--order_file {path}: a JSON object without an 'order' key")
+            raise ConfigError(f"{where}: a JSON object without an 'order' key", field="order_file")
         value = value["order"]
     if not isinstance(value, list) or not all(isinstance(v, int) or (isinstance(v, str) and v.isdigit())
                                               for v in value):
-        raise ConfigError(f"--order_file {path}: expected {NUM_POOL3_CHANNELS} channel indices (integers)")
-    return check_order(np.asarray([int(v) for v in value]), f"--order_file {path}")
+        raise ConfigError(f"{where}: expected {NUM_POOL3_CHANNELS} channel indices (integers)", field="order_file")
+    return check_order(np.asarray([int(v) for v in value]), where, field="order_file")
 
 
 def _conv3_kernel(params: Params) -> np.ndarray:
@@ -180,19 +196,21 @@ def resolve_rankings(options: RankingOptions, params: Params) -> RankingPlan:
     if options.order_file is not None and "order_file" not in names:
         names = names + ("order_file",)  # giving the file asks for its ranking
     if not names:
-        raise ConfigError("--rank_by: give at least one ranking")
+        raise ConfigError(f"{arg('rank_by')}: give at least one ranking", field="rank_by")
     for name in names:
         if name not in RANKINGS:
-            raise ConfigError(f"--rank_by: unknown ranking {name!r}; choose from {', '.join(RANKINGS)}")
+            raise ConfigError(f"{arg('rank_by')}: unknown ranking {name!r}; choose from {', '.join(RANKINGS)}",
+                              field="rank_by")
     if len(set(names)) != len(names):
-        raise ConfigError(f"--rank_by: a ranking is given twice ({','.join(names)})")
+        raise ConfigError(f"{arg('rank_by')}: a ranking is given twice ({','.join(names)})", field="rank_by")
     if "random" in names and options.random_orders < 1:
-        raise ConfigError(f"--random_orders must be >= 1, got {options.random_orders}")
+        raise ConfigError(f"{arg('random_orders')} must be >= 1, got {options.random_orders}", field="random_orders")
     if "anp" in names and options.anp.steps < 1:
-        raise ConfigError(f"--anp_steps must be >= 1 (with none, every mask stays 1 and the order says nothing), "
-                          f"got {options.anp.steps}")
+        raise ConfigError(f"{arg('anp.steps')} must be >= 1 (with none, every mask stays 1 and the order says "
+                          f"nothing), got {options.anp.steps}", field="anp.steps")
     if "order_file" in names and options.order_file is None:
-        raise ConfigError("--rank_by order_file needs --order_file PATH")
+        raise ConfigError(f"the ranking 'order_file' in {arg('rank_by')} needs {arg('order_file')}, the file of "
+                          "your order", field="order_file")
     labels, sources, given = [], [], []
     for name in names:
         if name in IN_SWEEP:

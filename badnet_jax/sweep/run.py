@@ -70,7 +70,7 @@ def activation_ranking(per_image_NxC: jax.Array, n: int) -> jax.Array:
 def _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking: RankingPlan, gather):
     """(R, 60) orders in ``ranking.labels`` order, and the ranking set's statistics (None without one): its
     (n, 60) per-image channel sums, each channel's largest conv_3 pre-activation (60,) and the largest conv_3
-    input () over the set (what ``exact.settle_ranking`` needs to certify dead channels)."""
+    input () over the set (what ``settling.settle_ranking`` needs to certify dead channels)."""
     stats, rows, next_given = None, [], 0
     if n_rank:  # the mean activations are reported whatever the orders
         sums = gather(jnp.sum(feats, axis=(1, 2)))[:n_rank]
@@ -157,10 +157,6 @@ def _to_host(a: jax.Array) -> np.ndarray:
     return np.asarray(a)
 
 
-def _divisor(model: BadNet) -> float:
-    return 255.0 if model.input_scale == "255" else 1.0
-
-
 def _ranking_plan(order, rankings: Optional[RankingPlan]) -> RankingPlan:
     if rankings is not None and order is not None:
         raise ConfigError("give either an order or a ranking plan, not both")
@@ -188,7 +184,7 @@ def _call(model: BadNet, params: Params, sets: Mapping[str, Images], ranking: Ra
     given = ranking.given  # host array: replicated as is in multi-process runs too
     # The input scale goes in as a traced divisor, so one compiled program serves both scales: the defense
     # compiles the sweep before it has measured which scale the model takes (see trunk_features).
-    divisor = np.float32(_divisor(model))
+    divisor = np.float32(model.divisor)
     model = model.clone(input_scale="raw")
     static = dict(n_rank=n_rank, plan=plan, ranking=ranking)
     if plan.devices == 1:
@@ -206,6 +202,26 @@ def _resolve(options: SweepOptions | SweepPlan, sets: Mapping[str, Images], para
         return options
     ordered = ([sets[rank_on]] if rank_on in sets else []) + [x for n, x in sets.items() if n != rank_on]
     return plan_sweep(options, ordered, num_classes_of(params))
+
+
+def _abstract_call(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
+                   options: SweepOptions | SweepPlan, order, rank_on: Optional[str],
+                   rankings: Optional[RankingPlan], single_device: bool = False):
+    """:func:`compile_sweep`'s and :func:`export_sweep`'s common start: the plan, and the jitted function, its
+    arguments and static arguments for sets given as shapes (the ranking set's labels as a shape too).
+
+    Raises:
+        ConfigError: ``single_device`` and a plan over several devices, or what ``_call`` refuses.
+    """
+    plan = _resolve(options, sets, params, rank_on)
+    if single_device and plan.devices != 1:
+        raise ConfigError("export_sweep lowers the single-device sweep (devices=1)", field="devices")
+    ranking = _ranking_plan(order, rankings)
+    labels = None
+    if ranking.anp is not None and rank_on in sets:
+        labels = jax.ShapeDtypeStruct((sets[rank_on].shape[0],), np.int32)
+    _, fn, args, static = _call(model, params, sets, ranking, rank_on, labels, plan)
+    return plan, fn, args, static
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,12 +283,7 @@ def compile_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDty
     names, shapes, dtypes, plan and rankings runs without compiling. The defense calls this in a thread while
     the images are still being read.
     """
-    plan = _resolve(options, sets, params, rank_on)
-    ranking = _ranking_plan(order, rankings)
-    labels = None
-    if ranking.anp is not None and rank_on in sets:
-        labels = jax.ShapeDtypeStruct((sets[rank_on].shape[0],), np.int32)
-    _, fn, args, static = _call(model, params, sets, ranking, rank_on, labels, plan)
+    _, fn, args, static = _abstract_call(model, params, sets, options, order, rank_on, rankings)
     fn.lower(*args, **static).compile()
 
 
@@ -289,14 +300,8 @@ def export_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtyp
     would run on a GPU (batched steps, 4096-image chunks, the Pallas kernel through Triton). The kernel's
     custom calls are allowed in the export (``KERNEL_CALL_TARGETS``).
     """
-    plan = _resolve(options, sets, params, rank_on)
-    if plan.devices != 1:
-        raise ConfigError("export_sweep lowers the single-device sweep (devices=1)")
-    ranking = _ranking_plan(order, rankings)
-    labels = None
-    if ranking.anp is not None and rank_on in sets:
-        labels = jax.ShapeDtypeStruct((sets[rank_on].shape[0],), np.int32)
-    _, fn, (model, *args), static = _call(model, params, sets, ranking, rank_on, labels, plan)
+    plan, fn, (model, *args), static = _abstract_call(model, params, sets, options, order, rank_on, rankings,
+                                                      single_device=True)
     checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in KERNEL_CALL_TARGETS]
     lowered = jax.jit(lambda *arrays: fn(model, *arrays, **static))
     return jax.export.export(lowered, platforms=[plan.platform], disabled_checks=checks)(*args)
@@ -341,7 +346,7 @@ def _sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray], plan: 
     orders, out = np.asarray(orders), jax.tree.map(np.asarray, out)
     seconds["device"] += time.perf_counter() - t
     t = time.perf_counter()
-    divisor = _divisor(model)
+    divisor = model.divisor
     mean, ranking_settled = settled_mean, settled_mean is not None
     if stats is not None and settled_mean is None:
         sums, pre_max, in_max = (np.asarray(a) for a in stats)

@@ -36,13 +36,8 @@ def _tail(p: Params) -> tuple[jax.Array, ...]:
     return p["fc_2"]["kernel"], p["fc_2"]["bias"], p["output"]["kernel"], p["output"]["bias"]
 
 
-def _head(p: Params, plan: SweepPlan, steps: jax.Array, fc1: jax.Array, c4: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(M, n) predictions and near-tie flags of the tail for (M, n, 160) / (M, n, 960) pre-activations.
-
-    ``steps`` (M,) says which k each row of pre-activations belongs to; the tail does not need it, a test
-    that checks what reaches the head does.
-    """
-    del steps
+def _head(p: Params, plan: SweepPlan, fc1: jax.Array, c4: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(M, n) predictions and near-tie flags of the tail for (M, n, 160) / (M, n, 960) pre-activations."""
     arg, gap, scale = head_top2(fc1, c4, *_tail(p), impl=plan.impl, platform=plan.platform)
     return arg, near_tie(gap, scale)
 
@@ -59,13 +54,13 @@ def _plain(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> Chunk
 def _prefix(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
     def run(feats):
         fc1, c4 = step_preactivations(p, feats, order)  # (61, n, 160), (61, n, 960)
-        return _head(p, plan, jnp.arange(STEPS), fc1, c4)
+        return _head(p, plan, fc1, c4)
     return run
 
 
 def _prefix_dedupe(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
     # Going from step k+1 to k adds channel order[k]; if it is dead on this chunk, nothing changed.
-    head = lambda k, fc1, c4: jax.tree.map(lambda a: a[0], _head(p, plan, k[None], fc1[None], c4[None]))
+    head = lambda k, fc1, c4: jax.tree.map(lambda a: a[0], _head(p, plan, fc1[None], c4[None]))
     return lambda feats: reverse_steps(p, feats, order, head, skip_dead=True)
 
 
@@ -84,7 +79,7 @@ def _prefix_batched(model: BadNet, p: Params, order: jax.Array, plan: SweepPlan)
 
         def one_batch(b, out):
             idx = jax.lax.dynamic_slice_in_dim(todo, b * batch, batch)
-            return jax.tree.map(lambda o, v: o.at[idx].set(v), out, _head(p, plan, idx, fc1[idx], c4[idx]))
+            return jax.tree.map(lambda o, v: o.at[idx].set(v), out, _head(p, plan, fc1[idx], c4[idx]))
 
         count = jnp.sum(evaluated.astype(jnp.int32))
         empty = (jnp.zeros((STEPS, feats.shape[0]), jnp.int32), jnp.zeros((STEPS, feats.shape[0]), bool))
@@ -111,7 +106,8 @@ def sweep_set(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, orders_Rx
         one_chunk = lambda feats: jax.lax.map(lambda order: evaluate(order, feats), orders_RxC)
     else:
         # Groups of g orders vmapped (the last group padded with copies of the last order, dropped after).
-        groups = jnp.concatenate([orders_RxC, jnp.repeat(orders_RxC[-1:], -r % g, axis=0)]).reshape(-1, g, 60)
+        groups = jnp.concatenate([orders_RxC, jnp.repeat(orders_RxC[-1:], -r % g, axis=0)])
+        groups = groups.reshape(-1, g, orders_RxC.shape[1])
         one_group = lambda group, feats: jax.vmap(lambda order: evaluate(order, feats))(group)
         one_chunk = lambda feats: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:r],
                                                jax.lax.map(lambda group: one_group(group, feats), groups))

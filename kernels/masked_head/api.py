@@ -2,7 +2,7 @@
 
 ``impl``: ``"reference"`` (pure JAX, always works), ``"auto"`` (the reference: on the one accelerator
 measured, an H200, XLA's reference ran the head call 2.4x faster than the Triton kernel, 1.2 ms against
-2.9 ms for 8 masks x 4096 images x 1283 classes; see BUILD_NOTES), or ``"pallas"`` (the kernel; interpret
+2.9 ms for 8 masks x 4096 images x 1283 classes; see docs/benchmarks.md), or ``"pallas"`` (the kernel; interpret
 mode on CPU, slow, for testing; on a GPU/TPU only if a probe at the real call's shapes compiles and agrees
 with the reference, else the reference, with a warning that says why). Probes are cached per (platform,
 shapes), so a kernel that fails to lower on some jax/jaxlib falls back instead of failing the sweep.
@@ -19,6 +19,9 @@ import numpy as np
 
 from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas, head_top2_pallas
 from badnet_jax.kernels.masked_head.reference import head_argmax_reference, head_top2_reference  # noqa: F401
+from badnet_jax.model import CONV4_FEATURES, HIDDEN_UNITS, LAB_NUM_CLASSES
+from badnet_jax.numerics.settling import tail64
+from badnet_jax.numerics.ties import top2_gap
 
 Impl = Literal["auto", "reference", "pallas"]
 log = logging.getLogger(__name__)
@@ -29,24 +32,26 @@ log = logging.getLogger(__name__)
 CLEAR_GAP = 1e-3
 
 
-def _probe_args(masks: int, images: int, num_classes: int):
-    """Seeded random inputs of the call's shapes, at the magnitudes of real pre-activations and weights."""
-    rng = np.random.default_rng(0)
+def random_head_inputs(masks: int, images: int, num_classes: int = LAB_NUM_CLASSES,
+                       seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Seeded random float32 arguments of a head call (fc1_pre, c4_pre, w2, b2, wout, bout) for ``masks`` x
+    ``images`` rows, at the magnitudes of real pre-activations and weights: the probe's, the benchmark's and
+    the kernel tests' inputs."""
+    rng = np.random.default_rng(seed)
     f32 = lambda shape, scale: (rng.standard_normal(shape) * scale).astype(np.float32)
-    return (f32((masks, images, 160), 3.0), f32((masks, images, 960), 3.0), f32((960, 160), 0.05),
-            f32((160,), 1.0), f32((160, num_classes), 0.1), f32((num_classes,), 1.0))
+    return (f32((masks, images, HIDDEN_UNITS), 3.0), f32((masks, images, CONV4_FEATURES), 3.0),
+            f32((CONV4_FEATURES, HIDDEN_UNITS), 0.05), f32((HIDDEN_UNITS,), 1.0),
+            f32((HIDDEN_UNITS, num_classes), 0.1), f32((num_classes,), 1.0))
 
 
 def clear_rows(args) -> np.ndarray:
-    """(M, N) bool: rows whose float64 reference top-2 gap exceeds :data:`CLEAR_GAP` (not near-ties)."""
-    fc1, c4, w2, b2, wout, bout = (np.asarray(a, np.float64) for a in args)
-    logits = np.maximum(np.maximum(c4, 0) @ w2 + b2 + fc1, 0) @ wout + bout
-    top2 = np.sort(logits, axis=-1)[..., -2:]
-    return top2[..., 1] - top2[..., 0] > CLEAR_GAP
+    """(M, N) bool: rows whose float64 top-2 gap (``numerics.settling.tail64``) exceeds :data:`CLEAR_GAP`
+    (not near-ties)."""
+    return top2_gap(tail64(*args)[0])[1] > CLEAR_GAP
 
 
 @functools.lru_cache(maxsize=None)
-def pallas_available(platform: str, masks: int = 8, images: int = 256, num_classes: int = 1283) -> bool:
+def pallas_available(platform: str, masks: int = 8, images: int = 256, num_classes: int = LAB_NUM_CLASSES) -> bool:
     """Whether the Pallas kernel compiles on ``platform`` at these shapes and agrees with the reference.
 
     Agreement must be total on every row that is not a float32 near-tie (:func:`clear_rows`), and every top-2
@@ -56,7 +61,7 @@ def pallas_available(platform: str, masks: int = 8, images: int = 256, num_class
     if platform == "cpu":
         return False  # only interpret mode there: correct but far slower than XLA
     try:
-        args = _probe_args(masks, images, num_classes)
+        args = random_head_inputs(masks, images, num_classes)
         got = [np.asarray(a) for a in head_top2_pallas(*args, platform=platform)]
         want = [np.asarray(a) for a in head_top2_reference(*args)]
         clear = clear_rows(args)
@@ -83,7 +88,7 @@ def default_platform() -> str:
 
 
 def resolve_impl(impl: Impl = "auto", platform: str | None = None, masks: int = 8, images: int = 256,
-                 num_classes: int = 1283) -> str:
+                 num_classes: int = LAB_NUM_CLASSES) -> str:
     """The implementation ``impl`` means on ``platform`` for head calls of (masks, images, classes).
 
     Returns ``"reference"``, ``"pallas"`` or ``"interpret"``. ``platform`` None is the default backend's.

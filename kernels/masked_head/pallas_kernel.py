@@ -4,12 +4,14 @@ Grid: (masks, image blocks). Each program takes ``block_n`` images under one mas
 K-loop (so no 960x160 tile has to sit in on-chip memory at once), adds fc_1, applies relu, then walks the
 classes in blocks of ``class_block`` keeping a running (max, second max, argmax): the (masks x images x
 classes) logits never reach device memory, only (masks x images) predictions, top-2 gaps and output scales do
-(the gap and scale tell near-ties, which are settled in float64: ``badnet_jax.numerics.ties``).
+(the gap and scale tell near-ties, which are settled in float64: ``badnet_jax.numerics.ties``). The scale is
+``ties.output_scale``'s S: the kernel sums hidden x ``ties.output_scale_weights`` in its loop, the bias term is
+added outside.
 
 Feature widths are zero-padded to powers of two (Triton's block shapes must be): padded hidden units are
 relu(0 + 0) = 0 with zero weights, and padded classes get a -inf bias, so results are unchanged.
 
-On NVIDIA GPUs the Triton backend is chosen explicitly (``compiler_params``): since JAX 0.10 a plain
+On NVIDIA GPUs the Triton backend is chosen explicitly (``compiler_params``): from JAX 0.10 on a plain
 ``pallas_call`` lowers with Mosaic GPU, which stages every whole-array block (the 960x160 fc_2 and 160xC
 output weights) in shared memory and exceeds the 227 KiB an H100/H200 block has. Triton instead reads
 those blocks from global memory through pointers, one ``k_block`` x 256 and 256 x ``class_block`` tile
@@ -24,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
+
+from badnet_jax.numerics.ties import output_scale_weights
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -63,7 +67,7 @@ def _kernel(fc1_ref, c4_ref, w2_ref, b2_ref, wout_ref, bout_ref, wmax_ref, arg_r
                                           (minus_inf, minus_inf, jnp.zeros((block_n,), jnp.int32)))
     arg_ref[0, :] = arg
     gap_ref[0, :] = best - second
-    scale_ref[0, :] = jnp.sum(hidden * wmax_ref[...][None, :], axis=1)
+    scale_ref[0, :] = jnp.sum(hidden * wmax_ref[...][None, :], axis=1)  # S less its bias term (ties.output_scale)
 
 
 def _pad_to(a: jax.Array, axis: int, size: int, value: float = 0.0) -> jax.Array:
@@ -106,7 +110,8 @@ def head_top2_pallas(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: j
     b2p = _pad_to(b2, 0, hid)
     woutp = _pad_to(_pad_to(wout, 0, hid), 1, c_pad)
     boutp = _pad_to(bout, 0, c_pad, value=-jnp.inf)
-    wmax = _pad_to(jnp.max(jnp.abs(wout), axis=1), 0, hid)
+    wmax, bmax = output_scale_weights(wout, bout)
+    wmax = _pad_to(wmax, 0, hid)
     kernel = functools.partial(_kernel, k_block=k_block, num_k=k_w // k_block, class_block=class_block,
                                num_classes_blocks=c_pad // class_block)
     row = pl.BlockSpec((1, block_n), lambda i, j: (i, j))
@@ -128,7 +133,7 @@ def head_top2_pallas(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: j
         interpret=interpret,
         compiler_params=None if interpret else compiler_params(platform),
     )(fc1, c4, w2p, b2p, woutp, boutp, wmax)
-    return arg[:, :n], gap[:, :n], scale[:, :n] + jnp.max(jnp.abs(bout))
+    return arg[:, :n], gap[:, :n], scale[:, :n] + bmax
 
 
 def head_argmax_pallas(*args, **kwargs) -> jax.Array:

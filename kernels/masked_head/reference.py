@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from badnet_jax.numerics.ties import output_scale, top2_gap
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -20,18 +22,14 @@ def head_top2_reference(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2
 
     Returns:
         (...) int32 class indices (first index on ties, like ``jnp.argmax``); (...) float32 gap between the two
-        largest logits (0 on an exact tie); (...) float32 scale ``S = hidden . max_c |wout[:, c]| + max |bout|``,
-        the magnitude the float32 error of the logits is measured against (``badnet_jax.numerics.ties``).
+        largest logits (0 on an exact tie); (...) float32 output scale S, the magnitude the float32 error of the
+        logits is measured against (``badnet_jax.numerics.ties``: :func:`top2_gap`, :func:`output_scale`).
     """
     lead = (1,) * (fc1_pre.ndim - 1)  # explicit broadcasting: the project runs with rank promotion off
     hidden = jax.nn.relu(jnp.dot(jax.nn.relu(c4_pre), w2, precision=HIGHEST) + b2.reshape(*lead, -1) + fc1_pre)
     logits = jnp.dot(hidden, wout, precision=HIGHEST) + bout.reshape(*lead, -1)
-    arg = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    # The runner-up: the max with the winner left out (lax.top_k sorts on XLA:CPU, ~10x slower than this).
-    classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    second = jnp.max(jnp.where(classes == arg[..., None], -jnp.inf, logits), axis=-1)
-    scale = jnp.dot(hidden, jnp.max(jnp.abs(wout), axis=1), precision=HIGHEST) + jnp.max(jnp.abs(bout))
-    return arg, jnp.max(logits, axis=-1) - second, scale
+    arg, gap = top2_gap(logits)
+    return arg, gap, output_scale(hidden, wout, bout)
 
 
 def head_argmax_reference(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array,

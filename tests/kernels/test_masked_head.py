@@ -10,19 +10,21 @@ import pytest
 from badnet_jax.kernels.masked_head import api
 from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas, head_top2_pallas
 from badnet_jax.kernels.masked_head.reference import head_argmax_reference
+from badnet_jax.numerics.settling import tail64
 
 
 def _inputs(seed, m, n, classes):
-    k = jax.random.split(jax.random.PRNGKey(seed), 6)
-    return (jax.random.normal(k[0], (m, n, 160)) * 3, jax.random.normal(k[1], (m, n, 960)) * 3,
-            jax.random.normal(k[2], (960, 160)) * 0.05, jax.random.normal(k[3], (160,)),
-            jax.random.normal(k[4], (160, classes)) * 0.1, jax.random.normal(k[5], (classes,)))
+    return api.random_head_inputs(m, n, classes, seed=seed)
 
 
-def _numpy_argmax(fc1, c4, w2, b2, wout, bout):
-    a = [np.asarray(t, np.float64) for t in (fc1, c4, w2, b2, wout, bout)]
-    hidden = np.maximum(np.maximum(a[1], 0) @ a[2] + a[3] + a[0], 0)
-    return (hidden @ a[4] + a[5]).argmax(-1)
+def _float64_argmax(*args):
+    return tail64(*args)[0].argmax(-1)
+
+
+def _float64_gap_and_scale(*args):
+    logits, scale = tail64(*args)
+    top2 = np.sort(logits, -1)[..., -2:]
+    return top2[..., 1] - top2[..., 0], scale
 
 
 @pytest.mark.parametrize("m,n,classes,block_n,class_block", [
@@ -36,15 +38,7 @@ def test_pallas_interpret_matches_reference(m, n, classes, block_n, class_block)
     got = np.asarray(head_argmax_pallas(*args, block_n=block_n, class_block=class_block, interpret=True))
     assert got.shape == (m, n) and got.dtype == np.int32
     np.testing.assert_array_equal(got, ref)
-    np.testing.assert_array_equal(ref, _numpy_argmax(*args))  # the reference itself, in float64
-
-
-def _numpy_top2(fc1, c4, w2, b2, wout, bout):
-    a = [np.asarray(t, np.float64) for t in (fc1, c4, w2, b2, wout, bout)]
-    hidden = np.maximum(np.maximum(a[1], 0) @ a[2] + a[3] + a[0], 0)
-    logits = hidden @ a[4] + a[5]
-    top2 = np.sort(logits, -1)[..., -2:]
-    return top2[..., 1] - top2[..., 0], hidden @ np.abs(a[4]).max(1) + np.abs(a[5]).max()
+    np.testing.assert_array_equal(ref, _float64_argmax(*args))  # the reference itself, in float64
 
 
 @pytest.mark.parametrize("m,n,classes,block_n,class_block", [
@@ -53,10 +47,10 @@ def _numpy_top2(fc1, c4, w2, b2, wout, bout):
 ])
 def test_kernel_keeps_a_running_max_and_second_max(m, n, classes, block_n, class_block):
     args = _inputs(7 * n + classes, m, n, classes)
-    want_gap, want_scale = _numpy_top2(*args)
+    want_gap, want_scale = _float64_gap_and_scale(*args)
     for arg, gap, scale in (head_top2_pallas(*args, block_n=block_n, class_block=class_block, interpret=True),
                             api.head_top2(*args, impl="reference")):
-        np.testing.assert_array_equal(np.asarray(arg), _numpy_argmax(*args))
+        np.testing.assert_array_equal(np.asarray(arg), _float64_argmax(*args))
         np.testing.assert_allclose(np.asarray(gap), want_gap, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(scale), want_scale, rtol=1e-5)
 
@@ -86,18 +80,16 @@ def test_resolve_impl_on_cpu():
 
 
 def test_clear_rows_leave_out_only_near_ties():
-    args = [np.asarray(a, np.float64) for a in _inputs(3, 1, 4, 5)]
-    fc1, c4, w2, b2, wout, bout = args
-    hidden = np.maximum(np.maximum(c4, 0) @ w2 + b2 + fc1, 0)
-    logits = hidden @ wout + bout
+    *args, bout = [np.asarray(a, np.float64) for a in _inputs(3, 1, 4, 5)]
+    logits = tail64(*args, bout)[0]
     # Image 0: make classes 1 and 2 tie to 1e-5 at the top; the others keep their clear gaps.
     top = logits[0, 0].max() + 1.0
     bout = bout.copy()
     bout[1] += top - logits[0, 0, 1]
     bout[2] += top - 1e-5 - logits[0, 0, 2]
-    clear = api.clear_rows((fc1, c4, w2, b2, wout, bout))
+    clear = api.clear_rows((*args, bout))
     assert not clear[0, 0]
-    gaps = np.diff(np.sort(hidden @ wout + bout, -1)[..., -2:], axis=-1)[..., 0]
+    gaps = _float64_gap_and_scale(*args, bout)[0]
     np.testing.assert_array_equal(clear, gaps > api.CLEAR_GAP)
 
 

@@ -1,0 +1,141 @@
+"""badnet_jax.commands.cli: what every command-line tool shares. Numbers parsed from flags, the installed console
+tools, one ``error:`` line and exit 2 for a refused input, and signals that end a run as an interrupt (130)
+however they surface.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+
+from badnet_jax import ConfigError
+from badnet_jax.commands import cli
+from badnet_jax.defense.curve import check_drops
+from badnet_jax.errors import arg
+from tests.cli import run_cli, run_python
+from tests.conftest import asset
+from tests.io.conftest import PATH_KINDS, odd_path
+
+
+def test_parse_floats_and_ints():
+    assert cli.parse_floats("drop", "0.02, 0.04,") == (0.02, 0.04)
+    with pytest.raises(ConfigError, match="not a finite number"):
+        cli.parse_floats("drop", "0.02,nan")
+    with pytest.raises(ConfigError, match="comma-separated numbers"):
+        cli.parse_floats("drop", "0.02;0.04")
+    assert cli.parse_ints("scaling", "1,2,4") == (1, 2, 4)
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        cli.parse_ints("scaling", "1,x")
+
+
+def test_library_errors_name_config_fields_and_a_tool_shows_its_flags():
+    with pytest.raises(ConfigError) as err:
+        check_drops((4.0,))
+    assert err.value.field == "drops" and str(err.value).startswith("drops=4 is not a fraction between 0 and 1")
+    assert cli.as_flags(err.value, {"drops": "drop"}).startswith("--drop 4 is not a fraction between 0 and 1")
+    both = ConfigError(f"{arg('checkpoints', False)} or {arg('checkpoints', True)}; {arg('seed', 3)}")
+    assert cli.as_flags(both, {"checkpoints": "checkpoints"}) == "--nocheckpoints or --checkpoints; seed=3"
+
+
+@pytest.mark.slow
+def test_console_entry_points_work_outside_the_repository(tmp_path):
+    """pip install puts badnet-prune/-screen/-poison/-bench on the PATH; they run from any folder."""
+    found = {n: shutil.which(n, path=sysconfig.get_path("scripts")) or shutil.which(n)
+             for n in ("badnet-prune", "badnet-screen", "badnet-poison", "badnet-bench")}
+    assert all(found.values()), found
+    proc = subprocess.run([found["badnet-prune"], "--drop", "4"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "did you mean 0.04" in proc.stderr
+    proc = subprocess.run([found["badnet-poison"], "--source", str(asset("faces/lab3/test_subset.h5")),
+                           "--trigger", str(asset("triggers/sun_glass_trigger.png")), "--target", "0",
+                           "--out", "bd.h5"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "bd.h5").is_file(), proc.stderr
+    proc = subprocess.run([found["badnet-screen"], str(tmp_path / "bd.h5"), "--model",
+                           str(asset("models/lab3/bd_weights.h5")), "--pruned",
+                           str(asset("models/lab3_repaired/full_model_drop30.h5"))],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 13, proc.stderr
+
+
+def test_the_user_sees_one_line_for_each(tmp_path):
+    """The commands print the same messages, one ``error:`` line, exit 2, no traceback."""
+    from badnet_jax.attack.demo import DEMO_MODEL
+
+    loop = odd_path(tmp_path / "a", "loop", 0)
+    fifo = odd_path(tmp_path / "b", "fifo", 0)
+    runs = {
+        "loop": ("prune", "--clean_valid", loop, "--clean_test", loop, "--model", DEMO_MODEL,
+                 "--out_dir", tmp_path / "o"),
+        "fifo": ("goodnet_eval", "--goodnet", tmp_path, fifo),
+    }
+    for kind, (tool, *args) in runs.items():
+        res = run_cli(tool, *args, timeout=120)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert res.returncode == 2 and len(errors) == 1 and PATH_KINDS[kind] in errors[0], res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+
+
+_SWALLOWED = """
+import gc, os, signal, sys
+from pathlib import Path
+from badnet_jax.commands import cli
+from badnet_jax.io import fileio
+
+out = Path(sys.argv[1])
+
+class Collected:  # a signal that lands in a __del__ run by the garbage collector is only printed by Python
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+def main():
+    a, b = Collected(), Collected()
+    a.other, b.other = b, a  # a cycle: only gc.collect() runs the __del__
+    del a, b
+    gc.collect()
+    fileio.atomic_write_text(out, "new")  # the results of a run that was interrupted: never swapped in
+    return 0
+
+sys.exit(cli.run(main))
+"""
+
+
+_CONVERTED = """
+import os, signal, sys, time
+from badnet_jax.commands import cli
+
+def main():
+    try:  # a real signal, turned into another error on its way up, as a C extension's init does
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        raise ImportError("initialization failed")
+    return 0
+
+sys.exit(cli.run(main, "interrupted: nothing written"))
+"""
+
+
+def test_a_signal_that_comes_up_as_another_error_still_ends_as_an_interrupt():
+    """A signal can surface as another error (SIGINT during matplotlib's import comes up as 'ImportError:
+    initialization failed', and the interpreter may then die in teardown); an error after a noted signal must end
+    like the interrupt, 130."""
+    proc = run_python(_CONVERTED, cwd=None)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "interrupted: nothing written"
+    ok = run_python(_CONVERTED.replace("os.kill(os.getpid(), signal.SIGTERM)", "pass")
+                    .replace("time.sleep(5)", "raise KeyboardInterrupt"), cwd=None)
+    assert ok.returncode != 130 and "ImportError: initialization failed" in ok.stderr  # no signal: a real error
+
+
+def test_a_signal_swallowed_in_a_garbage_collection_callback_still_stops_the_run(tmp_path):
+    """Python only prints a KeyboardInterrupt raised inside a __del__; the run must still not swap results in,
+    and must end 130, not 0."""
+    out = tmp_path / "result.txt"
+    out.write_text("earlier")
+    proc = run_python(_SWALLOWED, out, cwd=None)
+    assert "KeyboardInterrupt" in proc.stderr  # the interrupt was indeed swallowed (printed, not raised)
+    assert proc.returncode == 130, proc.stderr
+    assert out.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["result.txt"]

@@ -1,0 +1,133 @@
+"""badnet-prune (scripts/prune.py, badnet_jax.commands.prune): flags checked before any work, one error line and
+exit 2 for what is refused, README's quickstart on the embedded demo, and signals that end a run with the previous
+results intact. The defense's results themselves: tests/defense/.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from badnet_jax import load_lab_h5, save_lab_h5
+from tests.cli import run_cli, start_cli
+from tests.conftest import asset
+
+
+@pytest.mark.parametrize("args,complaint", [
+    (["--drop", "4"], "did you mean 0.04 (4 points)?"),
+    (["--drop", "nan"], "is not a finite number"),
+    (["--drop", "0.04,0.04"], "is given twice"),
+    (["--drop", "0.04", "stray"], "unexpected arguments 'stray'"),
+    (["--memory_budget", "nan"], "is not a finite number"),
+    (["--devices", "99"], "asked for 99 devices"),
+    (["--rank_by", "activation,magic"], "unknown ranking 'magic'"),
+    (["--order_file", "nowhere.txt"], "--order_file nowhere.txt: order file not found"),
+])
+def test_prune_refuses_before_any_work(args, complaint, tmp_path):
+    proc = run_cli("prune", *args, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert complaint in proc.stderr and "Traceback" not in proc.stderr
+    assert "Ranked" not in proc.stderr  # no sweep ran
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_relative_rule_says_relative_in_the_table_and_the_report(tmp_path):
+    files = {"--clean_valid": "valid_subset", "--bd_valid": "bd_valid_subset", "--clean_test": "test_subset",
+             "--bd_test": "bd_test_subset"}
+    args = [a for flag, name in files.items() for a in (flag, str(asset(f"faces/lab3/{name}.h5")))]
+    (tmp_path / "mine.txt").write_text(" ".join(map(str, range(59, -1, -1))))
+    proc = run_cli("prune", "--drop", "0.1", "--rule", "relative", "--nocheckpoints", "--model",
+                   asset("models/lab3/bd_weights.h5"), *args, "--out_dir", tmp_path / "o", "--rank_by", "activation,l1",
+                   "--order_file", tmp_path / "mine.txt")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].lstrip().startswith("X (% of B's acc)")
+    compared = proc.stdout.split("Rankings compared")[1].splitlines()
+    assert [line.split()[0] for line in compared[3:6]] == ["activation", "l1", "order_file"], compared
+    rankings = json.loads((tmp_path / "o" / "curve.json").read_text())["rankings"]
+    assert rankings["order_file"]["order"] == list(range(59, -1, -1))
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "Stop rule: relative (first k with validation accuracy more than X percent of B's" in md
+    assert "| X (% of B's acc) |" in md and "X (pts)" not in md
+    assert json.loads((tmp_path / "o" / "curve.json").read_text())["rule"] == "relative"
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_embedded_demo_without_lab_files(tmp_path):
+    """README's first quickstart command, from a directory without the lab's files."""
+    proc = run_cli("prune", "--drop", "0.04", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    first_lines = proc.stderr.strip().splitlines()[:3]
+    assert any("running on the embedded demo" in line for line in first_lines), first_lines
+    curve = json.loads((tmp_path / "results" / "curve.json").read_text())
+    assert curve["demo"] is True and curve["num_classes"] == 200
+    sel = curve["selected"][0]
+    assert sel["crossed"] and curve["valid_acc"][0] - sel["valid_acc"] > 4.0
+    assert curve["valid_acc"][sel["channels_pruned"] - 1] >= curve["valid_acc"][0] - 4.0  # the first crossing
+    for name in ("report.md", "curve.png", "drop_4/b_prime.h5", "drop_4/b_prime_ckpt", "drop_4/goodnet_ckpt"):
+        assert (tmp_path / "results" / name).exists(), name
+
+
+def test_cli_refuses_a_nan_learning_rate_before_any_work(tmp_path):
+    proc = run_cli("prune", "--finetune_epochs", "2", "--finetune_lr", "nan", "--model",
+                   str(asset("models/lab3/bd_weights.h5")), "--clean_valid", str(asset("faces/lab3/valid_subset.h5")),
+                   "--clean_test", str(asset("faces/lab3/test_subset.h5")), "--out_dir", str(tmp_path / "o"),
+                   timeout=300)
+    assert proc.returncode == 2 and "learning rate must be a finite positive number" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_run_keeps_previous_results(lab_dir, sig):
+    first = run_cli("prune", "--drop", "0.04", cwd=lab_dir)
+    assert first.returncode == 0, first.stderr
+    out = lab_dir / "results"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # A larger validation set keeps the second run in its sweep long enough to be interrupted there.
+    x, y = load_lab_h5(lab_dir / "data/cl/valid.h5")
+    save_lab_h5(lab_dir / "data/cl/valid.h5", np.repeat(x, 200, axis=0), np.repeat(y, 200))
+    proc = start_cli("prune", "--drop", "0.04", cwd=lab_dir)
+    deadline = time.time() + 300
+    for line in proc.stderr:  # wait until the sweep has started
+        if "Model:" in line or time.time() > deadline:
+            break
+    time.sleep(1.0)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # previous results intact, byte for byte, and nothing added
+    assert not [p for p in lab_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_a_signal_after_the_curve_leaves_one_whole_result_and_ends_non_zero(lab_dir):
+    """Signals while the results are written (0.2-1.5 s after the curve): never a mix of two runs' files."""
+    first = run_cli("prune", "--drop", "0.02,0.30", cwd=lab_dir)
+    assert first.returncode == 0, first.stderr
+    out = lab_dir / "results"
+    for sig, delay, drop in (("SIGINT", 0.2, "0.04"), ("SIGTERM", 0.7, "0.1"), ("SIGINT", 1.5, "0.04")):
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        proc = start_cli("prune", "--drop", drop, cwd=lab_dir)
+        for line in proc.stderr:
+            if "Ranked the 60 channels" in line:
+                break
+        time.sleep(delay)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=300)
+        after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        # 130 from our handler; once the interpreter is exiting the signal may kill with its own code; 0 if it
+        # came after the exit.
+        assert proc.returncode in (130, 0, -getattr(signal, sig)), err[-2000:]
+        if after != before:  # not the earlier results byte for byte: then this run's, whole
+            folder = f"drop_{100 * float(drop):g}"
+            curve = json.loads((out / "curve.json").read_text())
+            assert [s["drop"] for s in curve["selected"]] == [float(drop)]
+            assert {p.name for p in out.iterdir()} == {"curve.json", "report.md", "curve.png", folder}
+        assert not [p for p in lab_dir.rglob("*") if p.name.endswith(".tmp")]

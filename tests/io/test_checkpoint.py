@@ -1,0 +1,55 @@
+"""badnet_jax.io.checkpoint: orbax checkpoints of B' and of GoodNet restore exactly, or are refused in one line.
+
+The round trip through a whole defense run is in tests/defense/test_pipeline.py, the input scale they carry in
+tests/defense/test_scale.py.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from badnet_jax.errors import BadNetError, CheckpointError
+from badnet_jax.io import checkpoint
+from tests.conftest import damaged_copy
+from tests.io.conftest import PATH_KINDS, no_hang, odd_path
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling", "fifo", "missing"])
+def test_checkpoint_reader_says_what_the_path_is(tmp_path, kind):
+    path = odd_path(tmp_path, kind, 0)
+    no_hang()
+    try:
+        with pytest.raises(BadNetError) as err:
+            checkpoint.restore_goodnet(path)
+    finally:
+        signal.alarm(0)
+    assert str(path) in str(err.value) and PATH_KINDS[kind] in str(err.value)
+    plain = tmp_path / "plain_file"
+    plain.write_bytes(b"not a folder")
+    with pytest.raises(BadNetError, match="is a file, not a checkpoint folder"):
+        checkpoint.restore_badnet(plain)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_damaged_checkpoint_restores_exactly_or_is_refused(tmp_path, demo_goodnet_ckpt, data):
+    """Any file of a GoodNet checkpoint truncated or removed: the same variables come back, or CheckpointError."""
+    src, variables = demo_goodnet_ckpt
+    files = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+    rel = data.draw(st.sampled_from(files))
+    full = (src / rel).stat().st_size
+    size = data.draw(st.one_of(st.none(), st.integers(0, max(full - 1, 0))))
+    damaged = damaged_copy(src, tmp_path / f"c{len(list(tmp_path.iterdir()))}", rel, size)
+    try:
+        _, got = checkpoint.restore_goodnet(damaged)
+    except CheckpointError as err:
+        assert str(damaged) in str(err) and "tensorstore_spec" not in str(err) and len(str(err)) < 600
+        return
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,278 @@
+"""badnet_jax.io.lab_data: lab h5 / image readers and the trigger paste, on the real faces and on bad files.
+
+Broken and hostile files (property-based where a space of them exists) end in DataFileError naming the file:
+never a crash, a hang or a huge allocation, and never silently wrong pixels or labels. Checks every reader
+shares (any bytes, odd paths, links out of the file) are in test_fileio.py.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from badnet_jax import DataFileError, load_image, load_images, load_lab_h5, load_trigger, poison, save_lab_h5
+from badnet_jax.io.keras import load_keras
+from badnet_jax.io.lab_data import load_true_labels
+from tests.conftest import LAB_B, asset
+from tests.io.conftest import FUZZ, HUGE, WEIRD_ARRAYS, declared_h5, refused_naming_the_file, write_bytes
+
+
+def test_lab_h5_layout_is_transposed_to_nhwc():
+    path = asset("faces/lab3/test_subset.h5")
+    x, y = load_lab_h5(path, chunk=5)  # several chunks
+    with h5py.File(path) as f:
+        raw, labels = f["data"][()], f["label"][()]
+    assert x.dtype == np.float32 and y.dtype == np.int32 and x.shape == (13, 55, 47, 3)
+    np.testing.assert_array_equal(x, raw.transpose(0, 2, 3, 1).astype(np.float32))
+    np.testing.assert_array_equal(y, labels.astype(np.int32))
+
+
+def test_png_faces_match_h5_and_are_classified_by_lab_b():
+    model, params = load_keras(asset(LAB_B))
+    folder = asset("faces/png")
+    paths = sorted(folder.glob("lab3_valid*_label*.png"))
+    assert len(paths) == 5
+    x = load_images(paths)
+    labels = np.array([int(p.stem.split("label")[1]) for p in paths])
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, x)).argmax(-1), labels)
+    xv, yv = load_lab_h5(asset("faces/lab3/valid_subset.h5"))
+    np.testing.assert_array_equal(x, xv[:5])  # valid rows 0-4, pixel for pixel
+    np.testing.assert_array_equal(labels, yv[:5])
+
+
+def test_poison_reproduces_the_lab_bd_files_bit_for_bit():
+    trigger = load_trigger(asset("triggers/sun_glass_trigger.png"))
+    assert trigger.shape == (20, 47, 4)
+    for clean, bad in (("test_subset", "bd_test_subset"), ("valid_subset", "bd_valid_subset")):
+        x, _ = load_lab_h5(asset(f"faces/lab3/{clean}.h5"))
+        xb, yb = load_lab_h5(asset(f"faces/lab3/{bad}.h5"))
+        with h5py.File(asset(f"faces/lab3/{clean}.h5")) as f1, h5py.File(asset(f"faces/lab3/{bad}.h5")) as f2:
+            i1, i2 = f1["index"][()], f2["index"][()]
+        pairs = [(a, b) for a, ia in enumerate(i1) for b, ib in enumerate(i2) if ia == ib and ia >= 0]
+        assert pairs
+        a, b = map(list, zip(*pairs))
+        np.testing.assert_array_equal(poison(x[a], trigger), xb[b])
+
+
+def test_poison_matches_pil_paste_on_random_images(rng):
+    trigger = rng.integers(0, 256, size=(9, 13, 4), dtype=np.uint8)
+    imgs = rng.integers(0, 256, size=(3, 55, 47, 3), dtype=np.uint8)
+    for at in ((0, 15), (40, 50), (-3, -2)):
+        got = poison(imgs, trigger, at=at)
+        for img, out in zip(imgs, got):
+            im = Image.fromarray(img)
+            t = Image.fromarray(trigger, "RGBA")
+            im.paste(t, at, t)
+            np.testing.assert_array_equal(out, np.asarray(im))
+
+
+def test_save_lab_h5_round_trip(tmp_path, rng):
+    x = rng.integers(0, 256, size=(5, 55, 47, 3)).astype(np.float32)
+    y = rng.integers(0, 10, size=5)
+    p = save_lab_h5(tmp_path / "d.h5", x, y)
+    with h5py.File(p) as f:
+        assert f["data"].shape == (5, 3, 55, 47) and f["data"].dtype == np.uint8
+    x2, y2 = load_lab_h5(p, num_classes=10)
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(y2, y)
+
+
+def _write(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for k, v in datasets.items():
+            f.create_dataset(k, data=v)
+    return path
+
+
+@pytest.mark.parametrize("datasets,fragment", [
+    ({"data": np.zeros((2, 55, 47, 3), np.uint8), "label": np.zeros(2)}, "expected (N, 3, 55, 47)"),
+    ({"data": np.zeros((2, 3, 55, 47), np.uint8)}, "missing dataset 'label'"),
+    ({"label": np.zeros(2)}, "missing dataset 'data'"),
+    ({"data": np.zeros((2, 3, 55, 47), np.uint8), "label": np.zeros(3)}, "'label' has shape (3,)"),
+    ({"data": np.zeros((2, 3, 55, 47), np.uint8), "label": np.array([0, 1283.0])}, "label 1283 is outside [0, 1283)"),
+    ({"data": np.zeros((2, 3, 55, 47), np.uint8), "label": np.array([-1, 0])}, "label -1 is outside"),
+    ({"data": np.zeros((2, 3, 55, 47), np.uint8), "label": np.array([0.5, 0])}, "non-integer"),
+    ({"data": np.full((2, 3, 55, 47), np.nan, np.float32), "label": np.zeros(2)}, "NaN or inf"),
+    ({"data": np.zeros((2, 3, 55, 47), np.complex64), "label": np.zeros(2)}, "real numeric dtype"),
+])
+def test_bad_lab_h5(tmp_path, datasets, fragment):
+    path = _write(tmp_path / "bad.h5", **datasets)
+    with pytest.raises(DataFileError) as info:
+        load_lab_h5(path, num_classes=1283)
+    assert str(path) in str(info.value) and fragment in str(info.value), str(info.value)
+
+
+def test_missing_and_truncated_data_files(tmp_path, rng):
+    with pytest.raises(DataFileError, match="not found"):
+        load_lab_h5(tmp_path / "valid.h5")
+    p = save_lab_h5(tmp_path / "t.h5", rng.integers(0, 256, size=(50, 55, 47, 3)), np.zeros(50))
+    p.write_bytes(p.read_bytes()[:60000])
+    with pytest.raises(DataFileError, match="truncated"):
+        load_lab_h5(p)
+
+
+def test_wrong_image_size(tmp_path):
+    p = tmp_path / "big.png"
+    Image.new("RGB", (48, 55)).save(p)
+    with pytest.raises(DataFileError, match=r"48x55 \(width x height\), expected 47x55"):
+        load_image(p)
+    q = tmp_path / "notimage.png"
+    q.write_bytes(b"garbage")
+    with pytest.raises(DataFileError, match="not a readable image"):
+        load_image(q)
+
+
+def test_rgba_image_drops_alpha(tmp_path, rng):
+    arr = rng.integers(0, 256, size=(55, 47, 4), dtype=np.uint8)
+    p = tmp_path / "rgba.png"
+    Image.fromarray(arr, "RGBA").save(p)
+    np.testing.assert_array_equal(load_image(p), arr[..., :3].astype(np.float32))
+
+
+def test_reading_only_the_first_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(30, 55, 47, 3)).astype(np.float32)
+    y = rng.integers(0, 9, size=30)
+    path = save_lab_h5(tmp_path / "d.h5", x, y)
+    for rows, chunk in ((7, 4), (7, 100), (30, 8), (50, 8)):
+        xs, ys = load_lab_h5(path, rows=rows, chunk=chunk)
+        np.testing.assert_array_equal(xs, x[:rows])
+        np.testing.assert_array_equal(ys, y[:rows])
+
+
+def test_pixels_outside_0_255_or_already_divided_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    scaled = _lab_file(tmp_path / "s.h5", rng.random((4, 3, 55, 47)).astype(np.float32))  # pixels / 255
+    with pytest.raises(DataFileError, match=r"s\.h5: every pixel is in 0..1"):
+        load_lab_h5(scaled)
+    wild = _lab_file(tmp_path / "w.h5", rng.uniform(-3000, 7200, (4, 3, 55, 47)).astype(np.float32))
+    with pytest.raises(DataFileError, match=r"w\.h5: dataset 'data' holds pixel values from -\d+"):
+        load_lab_h5(wild)
+    fine = _lab_file(tmp_path / "ok.h5", rng.integers(0, 256, (4, 3, 55, 47)).astype(np.uint8))
+    assert load_lab_h5(fine)[0].shape == (4, 55, 47, 3)
+
+
+def _lab_file(path, data, label=None, **extra):
+    return _write(path, data=data, label=np.zeros(len(data)) if label is None else label, **extra)
+
+
+@pytest.mark.parametrize("bad", [np.nan, 0.5, -1.0])
+def test_true_labels_that_are_not_classes_are_refused(tmp_path, bad):
+    data = np.zeros((3, 3, 55, 47), np.uint8)
+    p = _lab_file(tmp_path / "t.h5", data, true_label=np.array([1.0, bad, 2.0]))
+    with pytest.raises(DataFileError, match=r"t\.h5: dataset 'true_label'"):
+        load_true_labels(p)
+
+
+# ---------------------------------------------------------------- hostile files ---------------------------
+
+@FUZZ
+@given(frac=st.floats(0.0, 0.999))
+def test_truncated_data(tmp_path, data_bytes, frac):
+    p = write_bytes(tmp_path, "t.h5", data_bytes[: int(frac * len(data_bytes))])
+    with pytest.raises(DataFileError):
+        load_lab_h5(p)
+
+
+@FUZZ
+@given(data=WEIRD_ARRAYS, labels=WEIRD_ARRAYS)
+def test_weird_data_datasets(tmp_path, data, labels):
+    p = tmp_path / "d.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("data", data=data)
+        f.create_dataset("label", data=labels)
+    with pytest.raises(DataFileError):
+        load_lab_h5(p)
+
+
+@FUZZ
+@given(labels=st.lists(st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True)),
+                       min_size=3, max_size=3))
+def test_labels_negative_huge_or_not_integers(tmp_path, labels):
+    p = tmp_path / "l.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("data", data=np.zeros((3, 3, 55, 47), np.uint8))
+        f.create_dataset("label", data=np.array(labels, np.float64))
+    arr = np.array(labels, np.float64)
+    valid = np.isfinite(arr).all() and (arr == np.round(arr)).all() and (arr >= 0).all() and (arr < 1283).all()
+    if valid:
+        assert load_lab_h5(p, num_classes=1283)[1].tolist() == arr.astype(int).tolist()
+    else:
+        with pytest.raises(DataFileError):
+            load_lab_h5(p, num_classes=1283)
+
+
+def test_billion_declared_rows_are_refused_without_allocating(tmp_path):
+    p = tmp_path / "huge.h5"
+    with h5py.File(p, "w") as f:  # chunked and never written: a few KB on disk, 10^9 rows declared
+        f.create_dataset("data", shape=(10**9, 3, 55, 47), dtype=np.uint8, chunks=(1, 3, 55, 47))
+        f.create_dataset("label", shape=(10**9,), dtype=np.float32, chunks=(1024,))
+    with pytest.raises(DataFileError, match="declares 1000000000 images"):
+        load_lab_h5(p)
+
+
+def test_a_tiny_file_declaring_many_unwritten_images_is_refused(tmp_path):
+    p = tmp_path / "fill.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("data", shape=(300_000, 3, 55, 47), dtype=np.uint8, chunks=(1, 3, 55, 47))
+        f.create_dataset("label", data=np.zeros(300_000))
+    assert p.stat().st_size < 3_000_000
+    with pytest.raises(DataFileError, match="declares 300000 images but stores none"):
+        load_lab_h5(p)
+
+
+def test_zero_images_and_one_dimensional_data(tmp_path):
+    p = tmp_path / "z.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("data", data=np.zeros((0, 3, 55, 47), np.uint8))
+        f.create_dataset("label", data=np.zeros((0,)))
+    x, y = load_lab_h5(p)
+    assert x.shape == (0, 55, 47, 3) and y.shape == (0,)
+    with h5py.File(p, "w") as f:
+        f.create_dataset("data", data=np.zeros((7,), np.uint8))
+        f.create_dataset("label", data=np.zeros((7,)))
+    with pytest.raises(DataFileError, match="expected"):
+        load_lab_h5(p)
+
+
+def test_decompression_bomb_png_is_refused(tmp_path):
+    p = tmp_path / "bomb.png"
+    Image.new("L", (20000, 20000)).save(p)  # 400 megapixels of zeros: a few hundred KB compressed
+    with pytest.raises(DataFileError, match="20000x20000|decompression bomb"):
+        load_image(p)
+
+
+def _huge_png(path, width, height):
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("case", ["images", "labels", "true_labels", "png", "trigger"])
+def test_a_huge_declared_size_is_refused_naming_the_file(tmp_path, case):
+    """Headers that declare far more than the file holds: refused from the header, the message names the file."""
+    img = (3, 3, 55, 47), np.uint8
+    if case == "images":
+        path, read = declared_h5(tmp_path / "d.h5", {"data": ((HUGE, 3, 55, 47), np.uint8),
+                                                     "label": ((HUGE,), np.float32)}), load_lab_h5
+    elif case == "labels":
+        path, read = declared_h5(tmp_path / "d.h5", {"data": img, "label": ((HUGE,), np.float32)}), load_lab_h5
+    elif case == "true_labels":
+        path = declared_h5(tmp_path / "d.h5", {"data": img, "label": ((3,), np.float32),
+                                               "true_label": ((HUGE,), np.int64)})
+        read = load_true_labels
+    else:
+        path = _huge_png(tmp_path / "x.png", 200_000, 200_000)
+        read = load_image if case == "png" else load_trigger
+    refused_naming_the_file(read, path)

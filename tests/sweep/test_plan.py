@@ -1,0 +1,70 @@
+"""badnet_jax.sweep.plan: options resolved once into a plan (strategy, chunk, head, devices), sized to a memory
+budget, and options that cannot work refused before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from badnet_jax import ConfigError
+from badnet_jax import sweep as sw
+from badnet_jax.sweep import SweepOptions, plan_sweep
+
+
+@pytest.mark.parametrize("options,complaint", [
+    (sw.SweepOptions(prefix_sums=False, group=False), "dedupe needs prefix_sums"),
+    (sw.SweepOptions(dedupe=False), "group needs dedupe"),
+    (sw.SweepOptions(dedupe=False, group=False, batch_steps=4), "batch_steps > 0 needs dedupe"),
+    (dataclasses.replace(sw.PLAIN, impl="pallas"), "impl='pallas' needs prefix_sums"),
+    (sw.SweepOptions(impl="fast"), "impl must be"),
+    (sw.SweepOptions(chunk=0), "chunk must be"),
+    (sw.SweepOptions(devices=99), "asked for 99 devices"),
+    (sw.SweepOptions(memory_budget=float("nan")), "memory budget must be"),
+])
+def test_options_that_would_do_nothing_are_refused(options, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        sw.plan_sweep(options)
+
+
+def test_plan_resolves_each_strategy_once():
+    assert sw.plan_sweep(sw.PLAIN).strategy == "plain"
+    assert sw.plan_sweep(sw.SweepOptions(dedupe=False, group=False)).strategy == "prefix"
+    cpu = sw.plan_sweep(sw.SweepOptions())
+    assert (cpu.strategy, cpu.batch_steps, cpu.chunk, cpu.impl, cpu.devices) == ("prefix_dedupe", 0, 256, "reference", 1)
+    batched = sw.plan_sweep(sw.SweepOptions(batch_steps=8, chunk=100))
+    assert (batched.strategy, batched.batch_steps, batched.chunk) == ("prefix_batched", 8, 100)
+    # The batched path holds a batch of logits: its working memory grows with the class count.
+    assert (sw.plan_sweep(sw.SweepOptions(batch_steps=8)).bytes_per_image
+            > sw.plan_sweep(sw.SweepOptions(batch_steps=8), num_classes=200).bytes_per_image)
+
+
+def test_memory_budget_shrinks_the_chunk_and_refuses_what_cannot_fit():
+    x = jax.ShapeDtypeStruct((10000, 55, 47, 3), np.uint8)
+    fast = sw.SweepOptions(memory_budget=10 * 2**30)
+    assert sw.plan_sweep(fast, [x, x]).chunk == 256
+    small = sw.plan_sweep(dataclasses.replace(fast, memory_budget=500 * 2**20), [x, x]).chunk
+    assert 1 <= small < 256
+    plain = sw.plan_sweep(dataclasses.replace(sw.PLAIN, memory_budget=500 * 2**20), [x, x]).chunk
+    batched = sw.plan_sweep(dataclasses.replace(fast, memory_budget=500 * 2**20, batch_steps=8), [x, x]).chunk
+    assert plain < small and batched < small  # both need more memory per image in flight
+    with pytest.raises(ConfigError, match="memory budget"):
+        sw.plan_sweep(dataclasses.replace(fast, memory_budget=2**20), [x, x])
+
+
+def test_orders_per_call_needs_batched_steps():
+    with pytest.raises(ConfigError, match="orders_per_call > 1 needs batch_steps > 0"):
+        sw.plan_sweep(sw.SweepOptions(batch_steps=0, orders_per_call=2))
+    with pytest.raises(ConfigError, match="orders_per_call must be >= 1"):
+        sw.plan_sweep(sw.SweepOptions(orders_per_call=0))
+
+
+def test_plans_for_a_platform_are_not_probed_and_cpu_stays_reference():
+    assert plan_sweep(SweepOptions()).impl == "reference"  # auto on this CPU
+    assert plan_sweep(SweepOptions(platform="cuda")).impl == "reference"  # auto: the faster head on the H200
+    assert plan_sweep(SweepOptions(platform="cuda", impl="pallas")).impl == "pallas"  # unprobed: not running
+    assert plan_sweep(SweepOptions(platform="cuda", impl="reference")).impl == "reference"
+    assert np.isfinite(plan_sweep(SweepOptions(platform="cuda")).bytes_per_image)

@@ -1,0 +1,106 @@
+"""badnet_jax.sweep.prefix: the linear decomposition of the head against the masked head itself (float64 NumPy),
+the step masks, the step aliases of dead channels and the grouping of images by alive channels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from badnet_jax import init_params
+from badnet_jax import sweep as sw
+from badnet_jax.sweep import prefix
+from tests import numpy_ref
+
+
+def test_contributions_sum_to_the_unpruned_preactivations(rng):
+    params = init_params(num_classes=9, seed=4)
+    x = rng.integers(0, 256, size=(5, 55, 47, 3)).astype(np.float32)
+    pool3 = numpy_ref.pool3(params, x).astype(np.float32)
+    f, g = prefix.channel_contributions(params, jnp.asarray(pool3))
+    assert f.shape == (5, 60, 160) and g.shape == (5, 60, 960)
+    fc1, conv4 = numpy_ref.head_preactivations(params, pool3, bias=False)
+    np.testing.assert_allclose(np.asarray(f).sum(1), fc1, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(g).sum(1), conv4, rtol=1e-4, atol=1e-3)
+    # One channel alone: its contribution is the pre-activation of pool_3 masked to that channel.
+    only7 = np.zeros(60, np.float32)
+    only7[7] = 1
+    _, conv4_7 = numpy_ref.head_preactivations(params, pool3, only7, bias=False)
+    np.testing.assert_allclose(np.asarray(g)[:, 7], conv4_7, rtol=1e-4, atol=1e-3)
+
+
+def test_step_preactivations_equal_masked_network_at_every_step(rng):
+    params = init_params(num_classes=9, seed=5)
+    x = rng.integers(0, 256, size=(4, 55, 47, 3)).astype(np.float32)
+    pool3 = numpy_ref.pool3(params, x)
+    order = rng.permutation(60)
+    fc1, c4 = prefix.step_preactivations(params, jnp.asarray(pool3, jnp.float32), jnp.asarray(order))
+    assert fc1.shape == (61, 4, 160) and c4.shape == (61, 4, 960)
+    for k in (0, 1, 17, 59, 60):
+        want_fc1, want_c4 = numpy_ref.head_preactivations(params, pool3, numpy_ref.step_mask(order, k))
+        np.testing.assert_allclose(np.asarray(fc1[k]), want_fc1, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(np.asarray(c4[k]), want_c4, rtol=1e-4, atol=1e-3)
+
+
+def test_step_aliases_follow_dead_channels():
+    pool3 = np.ones((3, 5, 4, 60), np.float32)
+    pool3[..., [2, 5, 9]] = 0.0  # dead on every image
+    order = np.array([2, 5, 0, 9, 1] + list(range(10, 60)) + [3, 4, 6, 7, 8])
+    aliases = np.asarray(prefix.step_aliases(jnp.asarray(pool3), jnp.asarray(order)))
+    # Steps 1, 2 prune 2 and 5 (dead): same as step 0. Step 3 prunes 0 (alive). Step 4 prunes 9 (dead).
+    np.testing.assert_array_equal(aliases[:6], [0, 0, 0, 3, 3, 5])
+    np.testing.assert_array_equal(aliases[5:], np.arange(5, 61))
+
+
+def _pool3_with_alive(alive_NxC):
+    """pool_3 features whose channel c is non-zero (somewhere) on image i exactly when alive[i, c]."""
+    pool3 = np.zeros((len(alive_NxC), 5, 4, 60), np.float32)
+    pool3[:, 2, 1, :] = alive_NxC * 0.5
+    return pool3
+
+
+def test_alive_groups_is_a_stable_permutation_that_makes_each_pattern_one_run(rng):
+    # Three channels alive everywhere, a few rare ones, and patterns spanning both 30-bit keys.
+    patterns = rng.random((6, 60)) < 0.3
+    patterns[:, [0, 31, 59]] = True
+    which = rng.integers(0, 6, size=200)
+    alive = patterns[which]
+    perm = np.asarray(prefix.alive_groups(jnp.asarray(_pool3_with_alive(alive))))
+    np.testing.assert_array_equal(np.sort(perm), np.arange(200))
+    runs = [which[perm][0]]
+    for w in which[perm][1:]:
+        if w != runs[-1]:
+            runs.append(w)
+    assert sorted(runs) == sorted(set(which))  # each pattern appears as exactly one contiguous run
+    for w in set(which):
+        members = perm[which[perm] == w]
+        np.testing.assert_array_equal(members, np.sort(members))  # input order kept within a run
+
+
+def test_alive_groups_puts_the_rarest_channel_first(rng):
+    alive = np.ones((8, 60), bool)
+    alive[:, 40] = [0, 1, 0, 0, 1, 0, 0, 0]  # alive on 2 images: the most significant key
+    alive[:, 3] = [1, 0, 1, 0, 1, 0, 1, 0]  # alive on 4
+    perm = np.asarray(prefix.alive_groups(jnp.asarray(_pool3_with_alive(alive))))
+    # Sorted by (channel 40, channel 3) bits, ascending, ties in input order.
+    np.testing.assert_array_equal(perm, [3, 5, 7, 0, 2, 6, 1, 4])
+
+
+def test_skipping_dead_steps_changes_nothing(rng):
+    params = init_params(num_classes=9, seed=6)
+    pool3 = rng.random((6, 5, 4, 60)).astype(np.float32)
+    pool3[..., rng.choice(60, 25, replace=False)] = 0.0  # dead on every image
+    order = jnp.asarray(rng.permutation(60))
+    fn = lambda k, fc1, c4: jnp.concatenate([fc1, c4], axis=1)
+    full = prefix.reverse_steps(params, jnp.asarray(pool3), order, fn)
+    skipped = prefix.reverse_steps(params, jnp.asarray(pool3), order, fn, skip_dead=True)
+    np.testing.assert_array_equal(np.asarray(skipped), np.asarray(full))
+
+
+def test_prefix_masks():
+    order = np.array([3, 0, 2, 1])
+    expected = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]], np.float32)
+    host = sw.prefix_masks(order)
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32
+    np.testing.assert_array_equal(host, expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(sw.prefix_masks)(order)), expected)  # traced

@@ -1,0 +1,110 @@
+"""badnet_jax.sweep.run: the one-call sweep against a plain sequential loop (zero the conv_3 channel, full forward,
+count), compiled once per shape, ahead of the data if asked, and for both input scales.
+
+Each shortcut strategy against the plain sweep: test_strategies.py; the sweep sharded over devices: test_sharded.py;
+lowered for an accelerator: test_export.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from badnet_jax import BadNet, ConfigError, init_params
+from badnet_jax import sweep as sw
+from tests import numpy_ref
+from tests.sweep.conftest import sequential_predictions, two_sets
+
+
+def test_sweep_equals_sequential_loop_on_real_b_and_faces(lab_b, lab_faces):
+    model, params = lab_b
+    (x, _), (xb, _) = lab_faces["valid_subset"], lab_faces["bd_valid_subset"]
+    result = two_sets(model, params, x, xb, 16, sw.PLAIN)  # 47 and 53 images: clamped last chunks
+    assert result.preds["clean_valid"].shape == (61, len(x)) and result.preds["bd_valid"].shape == (61, len(xb))
+    np.testing.assert_array_equal(result.preds["clean_valid"], sequential_predictions(model, params, x, result.masks))
+    np.testing.assert_array_equal(result.preds["bd_valid"], sequential_predictions(model, params, xb, result.masks))
+    # The ranking: float64 means of the independent NumPy trunk, ascending, ties (exact zeros) by index.
+    ref_mean = numpy_ref.pool3(params, x).mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(result.mean_activation, ref_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(result.order, np.argsort(ref_mean, kind="stable"))
+    dead = np.flatnonzero(ref_mean == 0)
+    assert len(dead) > 20 and list(result.order[:len(dead)]) == sorted(dead)
+    # Every k's mask prunes exactly order[:k].
+    for k in (0, 1, 30, 60):
+        assert set(np.flatnonzero(result.masks[k] == 0)) == set(result.order[:k])
+
+
+def test_sweep_equals_sequential_loop_on_random_model_with_other_class_count(rng):
+    params = init_params(num_classes=37, seed=11)
+    model = BadNet(37)
+    x = rng.integers(0, 256, size=(21, 55, 47, 3)).astype(np.float32)
+    xb = rng.integers(0, 256, size=(9, 55, 47, 3)).astype(np.float32)
+    result = two_sets(model, params, x, xb, 8, sw.PLAIN)
+    np.testing.assert_array_equal(result.preds["clean_valid"], sequential_predictions(model, params, x, result.masks))
+    np.testing.assert_array_equal(result.preds["bd_valid"], sequential_predictions(model, params, xb, result.masks))
+    test_preds = sw.predict_steps(model, params, xb, result.order, dataclasses.replace(sw.PLAIN, chunk=4))
+    np.testing.assert_array_equal(test_preds, sequential_predictions(model, params, xb, result.masks))
+
+
+def test_second_sweep_of_same_shapes_does_not_recompile(rng):
+    params = init_params(num_classes=5, seed=2)
+    model = BadNet(5)
+    make = lambda n: rng.integers(0, 256, size=(n, 55, 47, 3)).astype(np.float32)
+    jitted = sw.run._rank_and_sweep
+    two_sets(model, params, make(10), make(6), 4)
+    size = jitted._cache_size()
+    other = init_params(num_classes=5, seed=3)  # new values, same shapes
+    two_sets(model, other, make(10), make(6), 4)
+    assert jitted._cache_size() == size
+    two_sets(model, other, make(11), make(6), 4)  # a new shape does compile
+    assert jitted._cache_size() == size + 1
+
+
+def test_compile_ahead_then_the_sweep_runs_without_compiling(rng, backend_compiles):
+    params = init_params(num_classes=7, seed=4)
+    model = BadNet(7)
+    x = rng.integers(0, 256, size=(13, 55, 47, 3)).astype(np.uint8)
+    xb = rng.integers(0, 256, size=(5, 55, 47, 3)).astype(np.uint8)
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    options = sw.SweepOptions(impl="reference", chunk=3)
+    sw.compile_sweep(model, params, {"clean_valid": spec(x), "bd_valid": spec(xb), "again": spec(x)}, options)
+    assert [f for f in backend_compiles if "_rank_and_sweep" in f] == ["jit(_rank_and_sweep)"]
+    got = sw.rank_and_sweep(model, params, {"clean_valid": x, "bd_valid": xb, "again": x}, options)
+    assert [f for f in backend_compiles if "_rank_and_sweep" in f] == ["jit(_rank_and_sweep)"]  # no second compile
+    plain = two_sets(model, params, x, xb, 3, sw.PLAIN, again=x)
+    np.testing.assert_array_equal(got.preds["clean_valid"], plain.preds["clean_valid"])
+    np.testing.assert_array_equal(got.preds["again"], plain.preds["clean_valid"])
+
+
+def test_a_users_own_order_is_swept_and_must_be_a_permutation(lab_b, lab_faces):
+    model, params = lab_b
+    x, _ = lab_faces["valid_subset"]
+    order = np.random.default_rng(3).permutation(60)
+    result = sw.rank_and_sweep(model, params, {"clean_valid": x}, sw.SweepOptions(chunk=16), order=order)
+    np.testing.assert_array_equal(result.order, order)
+    np.testing.assert_array_equal(result.preds["clean_valid"], sequential_predictions(model, params, x, result.masks))
+    assert result.mean_activation is not None  # still measured on the ranking set
+    with pytest.raises(ConfigError, match="permutation"):
+        sw.rank_and_sweep(model, params, {"clean_valid": x}, order=np.zeros(60, int))
+
+
+def test_one_compiled_sweep_serves_both_input_scales(lab_b, lab_faces):
+    """The input scale is a traced divisor: the /255 model reuses the raw model's program, bit for bit right."""
+    from badnet_jax.model import predict
+
+    model, params = lab_b
+    raw, scaled = model.clone(input_scale="raw"), model.clone(input_scale="255")
+    x, _ = lab_faces["valid_subset"]
+    xb, _ = lab_faces["bd_test_subset"]
+    jitted = sw.run._rank_and_sweep
+    a = two_sets(raw, params, x, xb, 19, sw.PLAIN)  # a chunk no other test uses: compiled here
+    size = jitted._cache_size()
+    b = two_sets(scaled, params, x, xb, 19, sw.PLAIN)
+    assert jitted._cache_size() == size  # no second compile for the other scale
+    for result, m in ((a, raw), (b, scaled)):
+        for k in (0, 30, 50):
+            np.testing.assert_array_equal(result.preds["clean_valid"][k], predict(m, params, x, result.masks[k]))
+    assert not np.array_equal(a.preds["clean_valid"][0], b.preds["clean_valid"][0])  # the scale does matter

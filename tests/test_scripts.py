@@ -1,0 +1,29 @@
+"""The maintainer tools in scripts/ that are not console tools of the package (stand-in data, the shipped demo)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from badnet_jax import load_lab_h5, load_trigger, poison
+from tests.cli import run_cli
+from tests.conftest import ASSETS, REPO, asset
+
+
+def test_standin_data_is_lab_layout_and_poisoned_with_the_real_trigger(tmp_path):
+    asset("faces/lab3/valid_subset.h5")
+    proc = run_cli("make_standin", "--assets", ASSETS, "--out_dir", tmp_path, "--scale", "2", "--valid_images", "20",
+                   "--test_images", "10", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trigger = load_trigger(asset("triggers/sun_glass_trigger.png"))
+    for name, n in (("valid", 40), ("test", 20)):
+        x, y = load_lab_h5(tmp_path / f"data/cl/{name}.h5", num_classes=1283)
+        xb, yb = load_lab_h5(tmp_path / f"data/bd/bd_{name}.h5")
+        assert x.shape == (n, 55, 47, 3) and (yb == 0).all()
+        np.testing.assert_array_equal(xb, poison(x, trigger))
+
+
+def test_a_pruning_aware_demo_is_never_shipped():
+    run = run_cli("make_demo", "--pruning_aware", "--ship", cwd=REPO, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == ("error: the embedded demo is a plain BadNet: a pruning-aware one "
+                                                   "is not shipped")

@@ -1,8 +1,12 @@
-"""What every command-line tool shares: logging, multi-host start-up, list flags, errors to exit codes.
+"""What every command-line tool shares: flag parsing and help, logging, multi-host start-up, list flags, errors to
+exit codes.
 
-Scripts stay thin: absl flags at module level, a frozen config, one library call wrapped in :func:`run`.
-The library's errors name config fields and arguments (``drops``); :func:`run` prints them with the tool's
-flags (``--drop``), from the field -> flag map each tool passes.
+Scripts stay thin: absl flags at module level, a frozen config, one library call wrapped in :func:`run`, the
+whole started by :func:`start`. The library's errors name config fields and arguments (``drops``); :func:`run`
+prints them with the tool's flags (``--drop``), from the field -> flag map each tool passes.
+
+Exit codes: 0 done, 2 refused (a flag, an input, the environment: one ``error:`` line on stderr), 130
+interrupted, 141 (as a shell reports a tool ended by SIGPIPE) when the reader of stdout went away.
 """
 
 from __future__ import annotations
@@ -12,14 +16,87 @@ import math
 import os
 import signal
 import sys
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from badnet_jax.errors import NO_VALUE, BadNetError, ConfigError, show_in_library
+from badnet_jax.errors import NO_VALUE, BadNetError, ConfigError, OutputError, show_in_library
 
 log = logging.getLogger("badnet_jax")
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that SIGPIPE ended: `yes | head -1`
+
+HELP_ARGS = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
+HELPFULL_ARGS = ("--helpfull", "-helpfull")
+
+
+def start(main: Callable[[list[str]], int], argv: Optional[Sequence[str]] = None) -> None:
+    """Parse the flags and run ``main(argv)`` as absl's ``app.run`` does, with a tool's manners; never returns.
+
+    ``--help`` (``-h``) prints the tool's description (``main``'s module docstring) and its own flags with their
+    help, and exits 0 (``--helpfull`` adds absl's and JAX's flags). A flag absl refuses (unknown, mistyped,
+    a required one missing) is one ``error:`` line and exit 2, as every other refused input.
+
+    Args:
+        main: the tool's ``main(argv)``; the flags it reads are those defined in its module.
+        argv: the command line, program name first (default ``sys.argv``).
+    """
+    from absl import app
+
+    module = sys.modules[main.__module__]
+    app.run(main, argv=None if argv is None else list(argv), flags_parser=lambda args: _parse_flags(module, args))
+
+
+def _parse_flags(module, argv: list[str]) -> list[str]:
+    from absl import flags
+
+    asked = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if any(a in HELPFULL_ARGS for a in asked):
+        _print_help(module, flags.FLAGS.get_help())
+    if any(a in HELP_ARGS for a in asked):
+        _print_help(module, _own_flags_help(module))
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        message = " ".join(str(err).split())  # absl's messages may span lines; a user reads one
+        print(f"error: {message} (see {os.path.basename(argv[0])} --help)", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
+def _own_flags_help(module) -> str:
+    from absl import flags
+
+    text = flags.FLAGS.module_help(module)
+    # module_help heads the list with the module's name, which says nothing to a user of the tool.
+    lines = [line for line in text.splitlines() if line.strip() and line.strip() != f"{module.__name__}:"]
+    return "\n".join(lines) + "\n\nTry --helpfull for absl's and JAX's flags as well.\n"
+
+
+def _print_help(module, flags_text: str) -> None:
+    text = (module.__doc__ or "").strip() + "\n\nflags:\n" + flags_text
+    try:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `--help | head`: the reader had enough
+        _silence_stdout()
+    except (OSError, AttributeError):  # stdout closed: say it where the user can see it
+        print(f"error: {_STDOUT_CLOSED}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    sys.exit(0)
+
+
+_STDOUT_CLOSED = ("standard output is closed, so nothing this tool prints would reach anyone; "
+                  "redirect it (to a file, or to /dev/null to discard it) instead of closing it")
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout left: point fd 1 at /dev/null, so the interpreter's last flush cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -56,8 +133,9 @@ def init_distributed(coordinator_address: Optional[str], num_processes: int, pro
         raise ConfigError(f"--process_id must be in [0, --num_processes), got {process_id} of {num_processes}")
     if timeout_s < 1:
         raise ConfigError(f"--distributed_timeout must be at least 1 s, got {timeout_s}")
+    host, port = _resolve_coordinator(coordinator_address)
     if process_id != 0:
-        _wait_for_coordinator(coordinator_address, timeout_s)
+        _wait_for_coordinator(coordinator_address, host, port, timeout_s)
     import jax
 
     try:
@@ -72,7 +150,31 @@ def init_distributed(coordinator_address: Optional[str], num_processes: int, pro
              jax.process_count(), jax.device_count(), jax.local_device_count())
 
 
-def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+def _resolve_coordinator(address: str) -> tuple[str, int]:
+    """``address`` split into host and port, the host resolved: every process checks this before joining.
+
+    jaxlib aborts the whole process (SIGABRT, a C++ stack, after its timeout) on a host it cannot resolve, in
+    process 0 as in the others; a lookup first turns that into one line, at once.
+
+    Raises:
+        ConfigError: not ``host:port``, or a host name that does not resolve.
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # [::1]:1234
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--coordinator_address must be host:port (a port in 1..65535), got {address!r}")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        reason = err.strerror if isinstance(err, socket.gaierror) and err.strerror else str(err)
+        raise ConfigError(f"--coordinator_address {address}: the host {host!r} does not resolve ({reason}); "
+                          "give the coordinator's host name or IP address as every process can reach it") from None
+    return host, int(port)
+
+
+def _wait_for_coordinator(address: str, host: str, port: int, timeout_s: int) -> None:
     """Connect to the coordinator's port until it answers or ``timeout_s`` passes.
 
     jaxlib aborts the whole process (SIGABRT, a C++ stack) when it cannot reach the coordinator; checking
@@ -81,13 +183,10 @@ def _wait_for_coordinator(address: str, timeout_s: int) -> None:
     import socket
     import time
 
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--coordinator_address must be host:port, got {address!r}")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)):
+            with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
                 return
         except OSError as err:
             if time.monotonic() >= deadline:
@@ -158,6 +257,33 @@ def as_flags(err: BadNetError, flags: Mapping[str, str]) -> str:
     return err.render(show)
 
 
+def _stdout_open() -> bool:
+    """Whether fd 1 is there to write to (Python sets ``sys.stdout`` to None when it started closed)."""
+    if sys.stdout is None:
+        return False
+    try:
+        os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    except Exception:  # noqa: BLE001 - a replaced stdout without a file descriptor (a test's capture) is fine
+        return True
+    return True
+
+
+def _user_message(err: Exception, flags: Mapping[str, str]) -> Optional[str]:
+    """The one line a user reads for ``err``, or None for an error that is a bug (its traceback is wanted)."""
+    if isinstance(err, BadNetError):
+        return as_flags(err, flags)
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms and isinstance(err, RuntimeError) and ("Unable to initialize backend" in str(err)
+                                                        or "Unknown backend" in str(err)):
+        # JAX names the plugin it tried (rocm, cuda), not the variable the user set.
+        return (f"JAX_PLATFORMS={platforms} asks JAX for a platform it cannot start on this machine (no such "
+                "device, or no JAX plugin for it installed); unset JAX_PLATFORMS to use what is here, or set it "
+                "to one that is (e.g. JAX_PLATFORMS=cpu)")
+    return None
+
+
 def _interrupt(signum, frame):
     from badnet_jax.io import fileio
 
@@ -181,16 +307,30 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    if not _stdout_open():  # Python then prints into nothing: every verdict would be lost, and the exit 0
+        print(f"error: {_STDOUT_CLOSED}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         code = main()
+        try:  # here, not at exit: a reader that went away or a full disk is this run's to report
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            raise OutputError(f"could not write the results to standard output: {err.strerror or err}") from None
         fileio.raise_if_interrupted()  # a signal swallowed after the last write still ends the run non-zero
         return code
+    except BrokenPipeError:
+        # `badnet-screen ... | head -1`: the reader has what it wanted; end quietly, as Unix tools do.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as err:
         # After a signal, whatever error comes up is the interrupt's doing: a KeyboardInterrupt raised while a C
         # extension initialises comes out as "ImportError: initialization failed" (matplotlib's ft2font does).
         if not fileio.was_interrupted():
-            if isinstance(err, BadNetError):
-                print(f"error: {as_flags(err, flags or {})}", file=sys.stderr)
+            message = _user_message(err, flags or {})
+            if message is not None:
+                print(f"error: {message}", file=sys.stderr)
                 return EXIT_ERROR
             raise
     except KeyboardInterrupt:

@@ -7,17 +7,18 @@ the sweep), :func:`load_sets` reads the images.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import jax
 import numpy as np
 
 from badnet_jax.attack.demo import DEMO_MODEL, demo_sets
-from badnet_jax.errors import ConfigError, arg
+from badnet_jax.errors import BadNetError, ConfigError, arg
 from badnet_jax.io.fileio import sha256_of
 from badnet_jax.io.keras import load_keras, recorded_input_scale
 from badnet_jax.io.lab_data import load_lab_h5, load_true_labels, peek_lab_h5
@@ -85,29 +86,54 @@ def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> In
     if model_path is None:
         raise ConfigError(f"no model: pass {arg('model')} (B's Keras h5) or put the lab's model at "
                           f"{' or '.join(LAB_MODEL_CANDIDATES)}", field="model")
-    if not any(r in paths for r in POISONED_ROLES):
-        log.info("No poisoned data given: ranking and cutting on clean data; ASR is n/a (no poisoned data).")
     return InputFiles(model=model_path, data=paths)
+
+
+@contextlib.contextmanager
+def reading(role: str, path: os.PathLike | str) -> Iterator[None]:
+    """An error raised while reading ``path``, the file given for ``role``, names that role.
+
+    The readers name the file ("bd_weight.h5: file not found"); a caller who gave several files needs to know
+    which argument to fix: ``model=bd_weight.h5: file not found``, and a command shows its flag. An error that
+    already names a field is left as it is.
+    """
+    try:
+        yield
+    except BadNetError as err:
+        if err.field is not None:
+            raise
+        text, name = err.template, str(path)
+        told = f"{arg(role, name)}{text[len(name):]}" if text.startswith(name + ":") else f"{arg(role, name)}: {text}"
+        try:
+            renamed = type(err)(told, field=role)
+        except TypeError:  # a subclass with another signature keeps its own message
+            raise err from None
+        raise renamed.with_traceback(err.__traceback__) from None
 
 
 def load_model(files: InputFiles) -> tuple[BadNet, Params, Optional[str]]:
     """The BadNet B (the Keras file, or the shipped demo model) and the input scale its file records, if any."""
-    model, params = load_keras(files.model)
-    return model, params, recorded_input_scale(files.model)
+    with reading("model", files.model):
+        model, params = load_keras(files.model)
+        return model, params, recorded_input_scale(files.model)
 
 
 def sample_clean_valid(files: InputFiles, rows: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The first ``rows`` clean validation images and labels, read ahead of the rest (None for the demo)."""
     if files.demo:
         return None
-    return load_lab_h5(files.data["clean_valid"], keep_uint8=True, rows=rows)
+    with reading("clean_valid", files.data["clean_valid"]):
+        return load_lab_h5(files.data["clean_valid"], keep_uint8=True, rows=rows)
 
 
 def peek_sets(files: InputFiles) -> Optional[dict[str, jax.ShapeDtypeStruct]]:
     """Shapes and dtypes of the sets from the h5 headers (None for the demo, whose data is generated)."""
     if files.demo:
         return None
-    specs = {r: jax.ShapeDtypeStruct(*peek_lab_h5(p, keep_uint8=True)) for r, p in files.data.items()}
+    specs = {}
+    for r, p in files.data.items():
+        with reading(r, p):
+            specs[r] = jax.ShapeDtypeStruct(*peek_lab_h5(p, keep_uint8=True))
     for r, spec in specs.items():
         if spec.shape[0] == 0:
             raise ConfigError(f"{files.data[r]}: holds no images", field=r)
@@ -115,17 +141,29 @@ def peek_sets(files: InputFiles) -> Optional[dict[str, jax.ShapeDtypeStruct]]:
 
 
 def load_sets(files: InputFiles, num_classes: int) -> Sets:
-    """The sets (uint8 images where the files store uint8), labels checked against ``num_classes``."""
+    """The sets (uint8 images where the files store uint8), labels checked against ``num_classes``.
+
+    Without poisoned sets it says so, once every set given has been read and checked: a note about what was
+    not given is no help ahead of an error about what was.
+    """
     if files.demo:
         data, true = demo_sets()
         return Sets(data, true)
-    data = {r: load_lab_h5(p, num_classes=num_classes, keep_uint8=True) for r, p in files.data.items()}
-    return Sets(data, {r: load_true_labels(files.data[r]) for r in POISONED_ROLES if r in files.data})
+    data, true = {}, {}
+    for r, p in files.data.items():
+        with reading(r, p):
+            data[r] = load_lab_h5(p, num_classes=num_classes, keep_uint8=True)
+            if r in POISONED_ROLES:
+                true[r] = load_true_labels(p)
+    if not any(r in data for r in POISONED_ROLES):
+        log.info("No poisoned data given: ranking and cutting on clean data; ASR is n/a (no poisoned data).")
+    return Sets(data, true)
 
 
 def describe_inputs(files: InputFiles) -> dict[str, dict]:
     """Path, size and sha256 of every input file, by role (the demo: its model only)."""
     described = {}
     for role, path in {"model": files.model, **files.data}.items():
-        described[role] = {"path": str(path), "bytes": os.path.getsize(path), "sha256": sha256_of(path)}
+        with reading(role, path):
+            described[role] = {"path": str(path), "bytes": os.path.getsize(path), "sha256": sha256_of(path)}
     return described

@@ -1,10 +1,12 @@
 """badnet_jax.commands.cli: what every command-line tool shares. Numbers parsed from flags, the installed console
-tools, one ``error:`` line and exit 2 for a refused input, and signals that end a run as an interrupt (130)
-however they surface.
+tools, --help with each tool's own flags, one ``error:`` line and exit 2 for a refused input (a flag absl refuses
+too), a stdout that is closed or whose reader left, JAX_PLATFORMS naming a platform that is not here, and
+signals that end a run as an interrupt (130) however they surface.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sysconfig
@@ -15,8 +17,8 @@ from badnet_jax import ConfigError
 from badnet_jax.commands import cli
 from badnet_jax.defense.curve import check_drops
 from badnet_jax.errors import arg
-from tests.cli import run_cli, run_python
-from tests.conftest import asset
+from tests.cli import cli_argv, run_cli, run_python, start_cli
+from tests.conftest import LAB_B, asset
 from tests.io.conftest import PATH_KINDS, odd_path
 
 
@@ -139,3 +141,96 @@ def test_a_signal_swallowed_in_a_garbage_collection_callback_still_stops_the_run
     assert "KeyboardInterrupt" in proc.stderr  # the interrupt was indeed swallowed (printed, not raised)
     assert proc.returncode == 130, proc.stderr
     assert out.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["result.txt"]
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def _clean_sets() -> list:
+    return ["--model", asset(LAB_B), "--clean_valid", asset("faces/lab3/valid_subset.h5"),
+            "--clean_test", asset("faces/lab3/test_subset.h5")]
+
+
+@pytest.mark.parametrize("tool,own,help_text", [
+    ("prune", ("--drop", "--rule", "--model", "--clean_valid", "--out_dir", "--rank_by", "--coordinator_address"),
+     "Accuracy drop(s) X as fractions"),
+    ("benchmark", ("--model", "--clean_valid", "--impl", "--rank_by", "--out"), "Masked-head implementation."),
+    ("goodnet_eval", ("--model", "--pruned", "--goodnet", "--input_scale"), "Keras h5 of the BadNet B"),
+    ("poison", ("--source", "--trigger", "--target", "--at", "--out"), "The attacker's label."),
+])
+def test_help_lists_the_tools_own_flags_with_their_help(tool, own, help_text):
+    """--help (and -h) is the tool's description and its own flags with their help, on stdout, exit 0; absl's
+    and JAX's flags only under --helpfull."""
+    for ask in ("--help", "-h"):
+        proc = run_cli(tool, ask, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        listed = [line.split(":")[0].strip() for line in proc.stdout.splitlines() if line.startswith("  --")]
+        assert all(any(flag in name for name in listed) for flag in own), proc.stdout
+        assert help_text in proc.stdout and "--helpfull" in proc.stdout
+        assert "--verbosity" not in proc.stdout and "--jax_" not in proc.stdout  # not absl's, not JAX's
+    full = run_cli(tool, "--helpfull", timeout=120)
+    assert full.returncode == 0 and "--verbosity" in full.stdout and help_text in full.stdout
+
+
+@pytest.mark.parametrize("tool,args,complaint", [
+    ("prune", ["--modle", "x.h5"], "error: Unknown command line flag 'modle'"),
+    ("prune", ["--chunk", "many"], "error: flag --chunk=many: invalid literal for int()"),
+    ("prune", ["--rule", "lab"], "error: flag --rule=lab: value should be one of <absolute|relative>"),
+    ("benchmark", ["--repeats"], "error: Missing value for flag --repeats"),
+    ("goodnet_eval", ["x.png", "--modle", "b.h5"], "error: Unknown command line flag 'modle'"),
+    ("poison", ["--trigger", "t.png", "--target", "0", "--out", "bd.h5"],
+     "error: flag --source=None: Flag --source must have a value other than None."),
+])
+def test_a_flag_absl_refuses_is_one_error_line_and_exit_2_like_every_usage_error(tool, args, complaint, tmp_path):
+    proc = run_cli(tool, *args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert _errors(proc.stderr) == [line for line in proc.stderr.splitlines() if line.strip()], proc.stderr
+    assert _errors(proc.stderr)[0].startswith(complaint) and "--help" in proc.stderr
+    assert "FATAL" not in proc.stderr and "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tool,args,written", [
+    ("goodnet_eval", [asset("faces/lab3/bd_test_subset.h5"), "--model", asset(LAB_B), "--pruned",
+                      asset("models/lab3_repaired/full_model_drop30.h5")], None),
+    ("prune", [*_clean_sets(), "--out_dir", "o", "--nocheckpoints"], "o/curve.json"),
+])
+def test_a_reader_that_goes_away_ends_the_tool_quietly(tool, args, written, tmp_path):
+    """`tool ... | head -1`: the reader closes the pipe before the output comes; no BrokenPipeError traceback,
+    the exit status a shell reports for SIGPIPE (141), and the results on disk are written whole."""
+    proc = start_cli(tool, *args, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the tool writes its first line
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == cli.EXIT_BROKEN_PIPE, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+    assert written is None or (tmp_path / written).is_file()
+
+
+@pytest.mark.parametrize("tool,args", [
+    ("goodnet_eval", [asset("faces/lab3/bd_test_subset.h5"), "--model", asset(LAB_B), "--pruned",
+                      asset("models/lab3_repaired/full_model_drop30.h5")]),
+    ("prune", [*_clean_sets(), "--out_dir", "o"]),
+])
+def test_a_closed_stdout_is_refused_before_any_work(tool, args, tmp_path):
+    """`tool ... >&-`: Python prints into nothing, so every verdict would be lost behind an exit 0."""
+    closed = ["bash", "-c", 'exec "$@" >&-', "bash", *cli_argv(tool, *args)]
+    proc = subprocess.run(closed, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert _errors(proc.stderr) == ["error: standard output is closed, so nothing this tool prints would reach "
+                                    "anyone; redirect it (to a file, or to /dev/null to discard it) instead of "
+                                    "closing it"], proc.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
+def test_jax_platforms_naming_a_platform_not_here_is_one_line_naming_the_variable(tmp_path):
+    import jax
+
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("this machine has a GPU: JAX_PLATFORMS=gpu is right here")
+    proc = run_cli("prune", *_clean_sets(), "--out_dir", "o", cwd=tmp_path,
+                   env={**os.environ, "JAX_PLATFORMS": "gpu"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert _errors(proc.stderr) == [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    [line] = _errors(proc.stderr)
+    assert line.startswith("error: JAX_PLATFORMS=gpu asks JAX for a platform it cannot start on this machine")
+    assert "rocm" not in proc.stderr and "Traceback" not in proc.stderr and not list(tmp_path.iterdir())

@@ -124,3 +124,18 @@ def test_an_unreachable_coordinator_is_a_clear_error_in_bounded_time(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "could not join the distributed run at 127.0.0.1:" in proc.stderr
     assert time.time() - t < 120
+
+
+@pytest.mark.parametrize("process_id", ["0", "1"])
+def test_a_coordinator_host_that_does_not_resolve_is_one_line_at_once_in_every_process(process_id, tmp_path):
+    """jaxlib would abort (SIGABRT, a C++ stack) after its timeout; the host is looked up first, in process 0 too."""
+    t = time.time()
+    proc = run_cli("prune", *_prune_args(tmp_path / "o", ["--coordinator_address", "no.such.host.invalid:12355",
+                                                          "--num_processes", "2", "--process_id", process_id]),
+                   timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --coordinator_address no.such.host.invalid:12355: the "
+                                                     "host 'no.such.host.invalid' does not resolve"), proc.stderr
+    assert "Traceback" not in proc.stderr and "Fatal" not in proc.stderr and not (tmp_path / "o").exists()
+    assert time.time() - t < 30  # a lookup, not jaxlib's 60 s join timeout

@@ -1,12 +1,14 @@
-"""badnet_jax.defense.inputs: which data files a defense run reads, and the ones it refuses before any work."""
+"""badnet_jax.defense.inputs: which data files a defense run reads, the ones it refuses before any work, and the
+argument named when a file cannot be read."""
 
 from __future__ import annotations
 
 import pytest
 
-from badnet_jax import ConfigError
+from badnet_jax import ConfigError, DataFileError, ModelFileError
 from badnet_jax.defense.pipeline import DefenseConfig, run_defense
 from tests.cli import run_cli
+from tests.conftest import LAB_B, asset
 
 
 def test_some_but_not_all_data_files_is_an_error(lab_dir, tmp_path):
@@ -15,3 +17,18 @@ def test_some_but_not_all_data_files_is_an_error(lab_dir, tmp_path):
     proc = run_cli("prune", "--bd_valid", "x.h5", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "error: give the clean sets --clean_valid and --clean_test" in proc.stderr
     assert "missing --clean_valid, --clean_test" in proc.stderr
+
+
+def test_a_file_that_cannot_be_read_names_the_argument_it_was_given_for(tmp_path):
+    """A library caller gives up to five files: the error names the argument (and the path) at fault."""
+    sets = {"clean_valid": str(asset("faces/lab3/valid_subset.h5")),
+            "clean_test": str(asset("faces/lab3/test_subset.h5"))}
+    with pytest.raises(ModelFileError) as err:
+        run_defense(DefenseConfig(model=str(tmp_path / "bd_weight.h5"), out_dir=str(tmp_path / "o"), **sets))
+    assert err.value.field == "model"
+    assert str(err.value) == f"model={tmp_path / 'bd_weight.h5'}: file not found"
+    png = str(asset("triggers/sun_glass_trigger.png"))
+    with pytest.raises(DataFileError) as err:
+        run_defense(DefenseConfig(model=str(asset(LAB_B)), out_dir=str(tmp_path / "o"), **{**sets, "clean_test": png}))
+    assert err.value.field == "clean_test" and str(err.value).startswith(f"clean_test={png}: is not an HDF5 file")
+    assert not (tmp_path / "o").exists()

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # One-shot GPU/TPU check for a lent device (see BUILD_NOTES.md): correctness first, then timings.
 #
-# The shared assets do not travel with the working tree; copy them into an ignored folder and carry it:
-#   mkdir -p .device_assets && cp -r ../shared/assets/. .device_assets/ && echo /.device_assets/ >> .git/info/exclude
-#   run(command="BADNET_ASSETS=.device_assets bash scripts/device_check.sh", carry=[".device_assets"])
-# Everything goes to ${OUT:-results/device}/log.txt (plus JSON files: the device tool returns at most 8
-# files); each step has its own time limit, so one stuck step cannot stall the rest. About 8-9 minutes on an
-# H200 (GPU compiles 5-10 s each, benchmarks ~1-2.5 min, prune 30 s): give the call a 600-s limit.
+# The real assets are read from $BADNET_ASSETS (default ../shared/assets); on a machine that has only a copy
+# of the repository, copy them beside it or into an ignored folder and point BADNET_ASSETS there.
+# Everything goes to ${OUT:-results/device}/log.txt plus a few JSON files; each step has its own time limit,
+# so one stuck step cannot stall the rest. About 8-9 minutes on an H200 (GPU compiles 5-10 s each,
+# benchmarks ~1-2.5 min, prune 30 s).
 set -uo pipefail
 out="${OUT:-results/device}"
 assets="${BADNET_ASSETS:-../shared/assets}"

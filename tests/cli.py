@@ -24,8 +24,9 @@ def cli_argv(tool: str, *args: object) -> list[str]:
 
 
 def run_cli(tool: str, *args: object, cwd: Optional[os.PathLike | str] = None, env: Env = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``scripts/<tool>.py args...`` to the end; a run past ``timeout`` seconds fails the test."""
+            timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``scripts/<tool>.py args...`` to the end; a run past ``timeout`` seconds fails the test (the default
+    stays under the per-test timeout of pytest-timeout, so the run is named, not just the test)."""
     return subprocess.run(cli_argv(tool, *args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

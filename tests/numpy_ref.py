@@ -103,6 +103,18 @@ def output_scale(params: dict, pool3_feats: np.ndarray, mask: np.ndarray | None 
     return hidden(params, pool3_feats, mask) @ np.abs(w).max(axis=1) + np.abs(b).max()
 
 
+def tail(fc1_pre: np.ndarray, c4_pre: np.ndarray, w2: np.ndarray, b2: np.ndarray, wout: np.ndarray,
+         bout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 logits and output scale S from the head's pre-activations (the masked head's inputs).
+
+    fc1_pre (..., 160) and c4_pre (..., 960) include their biases: hidden = relu(fc1 + relu(c4) @ w2 + b2).
+    """
+    f64 = lambda a: np.asarray(a, np.float64)
+    h = relu(f64(fc1_pre) + relu(f64(c4_pre)) @ f64(w2) + f64(b2))
+    wout, bout = f64(wout), f64(bout)
+    return h @ wout + bout, h @ np.abs(wout).max(axis=1) + np.abs(bout).max()
+
+
 def step_mask(order: np.ndarray, k: int) -> np.ndarray:
     """The (60,) float64 mask of pruning step k: the first k channels of ``order`` zeroed."""
     mask = np.ones(60)

@@ -1,8 +1,10 @@
-"""The package's shape: no import cycle between its modules, and the wheel holds the package and no tests."""
+"""The package's shape: no import cycle between its modules, the wheel holds every module of the package and no
+tests, the library names no command-line flag, and the quick test loop reaches every test file."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -87,8 +89,39 @@ def test_wheel_installs_kernels_inside_the_package_and_ships_no_tests(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("badnet_jax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "badnet_jax/kernels/masked_head/pallas_kernel.py" in names
+    want = {name.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
+            for name, path in _modules().items()}
+    assert want - set(names) == set(), "modules left out of the wheel (pyproject's packages list)"
     assert "badnet_jax/assets/demo_badnet.h5" in names
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"badnet_jax", *{t for t in tops if t.endswith(".dist-info")}}, tops
     assert not [n for n in names if "test" in Path(n).name], [n for n in names if "test" in Path(n).name]
+
+
+FLAG = re.compile(r"--[a-z][a-z_]{2,}")
+
+
+def test_the_library_names_no_command_line_flag():
+    """A library caller reads the names it typed: outside badnet_jax/commands, no string literal names a flag
+    (messages mark arguments with errors.arg and the commands show them as flags)."""
+    found = []
+    for name, path in _modules().items():
+        if name.startswith("badnet_jax.commands"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and FLAG.search(node.value):
+                if node.value.strip().startswith(("--xla", "XLA_FLAGS")):
+                    continue  # an XLA flag, not one of ours
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {FLAG.search(node.value).group()}")
+    assert not found, found
+
+
+def test_the_quick_loop_reaches_every_test_file():
+    """``pytest -m "not slow"`` (the loop README gives) keeps at least one test of every test file."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", "not slow", str(REPO / "tests")], capture_output=True, text=True, timeout=240,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    reached = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    files = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")}
+    assert files - reached == set()

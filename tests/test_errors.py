@@ -3,12 +3,15 @@ message names arguments and config fields in a form a command-line tool can show
 
 from __future__ import annotations
 
-from badnet_jax import BadNetError, ConfigError, DataFileError, ModelFileError
+from badnet_jax import BadNetError, CheckpointError, ConfigError, DataFileError, ModelFileError, OutputError
 from badnet_jax.errors import NO_VALUE, arg
 
 
 def test_all_errors_share_one_family():
-    assert issubclass(ModelFileError, BadNetError) and issubclass(DataFileError, BadNetError)
+    for error in (ModelFileError, DataFileError, ConfigError, CheckpointError, OutputError):
+        assert issubclass(error, BadNetError)
+        err = error("x", field="f")
+        assert str(err) == "x" and err.field == "f"
 
 
 def test_a_message_names_fields_and_renders_them_for_any_reader():

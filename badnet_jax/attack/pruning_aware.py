@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.io.lab_data import TRIGGER_AT, poison
-from badnet_jax.errors import ConfigError
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.metrics import accuracy, first_crossing, hits
 from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params, predict
 from badnet_jax.sweep import rank_and_sweep, trunk_features
@@ -55,12 +55,16 @@ class PruningAwareConfig:
     drop: float = 0.04
     bias_factor: float = 2.0
 
-    def __post_init__(self):
-        if self.clean_epochs < 1 or self.poison_epochs < 1:
-            raise ConfigError("the pruning-aware attack needs at least one clean and one poisoned epoch")
-        if not 0 <= self.drop < 1 or self.bias_factor < 1:
-            raise ConfigError(f"the pruning-aware attack needs 0 <= drop < 1 and bias_factor >= 1, got drop "
-                              f"{self.drop}, bias_factor {self.bias_factor}")
+    def __post_init__(self) -> None:
+        for name in ("clean_epochs", "poison_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"the pruning-aware attack needs {arg(name, getattr(self, name))} >= 1",
+                                  field=name)
+        if not 0 <= self.drop < 1:
+            raise ConfigError(f"the pruning-aware attack needs 0 <= {arg('drop', self.drop)} < 1", field="drop")
+        if self.bias_factor < 1:
+            raise ConfigError(f"the pruning-aware attack needs {arg('bias_factor', self.bias_factor)} >= 1",
+                              field="bias_factor")
 
 
 def _conv3_pre_max(model: BadNet, params: Params, x_NxHxWxC: np.ndarray, chunk: int = 512) -> np.ndarray:

@@ -120,7 +120,7 @@ def render(ids: dict[str, np.ndarray], labels: np.ndarray, rng: np.random.Genera
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def sunglasses_trigger(width: int = 47, height: int = 20, supersample: int = 4) -> np.ndarray:
+def sunglasses_trigger(width: int = W, height: int = 20, supersample: int = 4) -> np.ndarray:
     """The project's own sunglasses trigger: (height, width, 4) uint8 RGBA, anti-aliased via supersampling.
 
     Two dark lenses with a bridge and temples, the same size and placement as the lab's trigger (pasted at

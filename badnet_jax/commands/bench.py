@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from badnet_jax import load_keras, load_lab_h5
 
@@ -20,18 +20,20 @@ from badnet_jax.bench import BenchConfig, kernel_timings, run_benchmark
 from badnet_jax.io.keras import recorded_input_scale
 from badnet_jax.io.fileio import atomic_write_text
 from badnet_jax.defense.scale import CHOICES, choose_input_scale
+from badnet_jax.model import LAB_NUM_CLASSES
 from badnet_jax.sweep import SweepOptions
+from badnet_jax.sweep.plan import STEPS
 
 N_CLEAN = flags.DEFINE_integer("n_clean", 11547, "Random clean images (ignored with --clean_valid).")
 N_BD = flags.DEFINE_integer("n_bd", 11547, "Random poisoned images (ignored with --bd_valid).")
-CLASSES = flags.DEFINE_integer("num_classes", 1283, "Classes of the random model (ignored with --model).")
+CLASSES = flags.DEFINE_integer("num_classes", LAB_NUM_CLASSES, "Classes of the random model (ignored with --model).")
 CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk (default 256 on CPU, 4096 on GPU/TPU).")
 ORDERS_PER_CALL = flags.DEFINE_integer("orders_per_call", 1, "With --rank_by: orders vmapped together (needs "
                                        "batched steps; see SweepOptions.orders_per_call).")
 BATCH_STEPS = flags.DEFINE_integer("batch_steps", None, "Distinct steps per head call (0: one per call inside the "
                                    "scan; default 0 on CPU, 8 on GPU/TPU).")
 IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Masked-head implementation.")
-PER_STEP = flags.DEFINE_integer("per_step_steps", 61, "Steps of the per-step loop to time (scaled to 61).")
+PER_STEP = flags.DEFINE_integer("per_step_steps", STEPS, f"Steps of the per-step loop to time (scaled to {STEPS}).")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the median is reported.")
 MODEL = flags.DEFINE_string("model", None, "Keras h5 BadNet (default: random weights).")
 SCALE = flags.DEFINE_enum("input_scale", "auto", list(CHOICES),
@@ -92,4 +94,4 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console entry point ``badnet-bench``."""
-    app.run(main)
+    cli.start(main)

@@ -7,7 +7,7 @@ four data flags) it runs on them; with none of them it runs on the embedded demo
 from __future__ import annotations
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from badnet_jax.commands import cli
 from badnet_jax.defense.pipeline import DefenseConfig, run_defense
@@ -39,7 +39,7 @@ DEVICES = flags.DEFINE_integer("devices", 0, "Devices to shard the images over (
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: jax.distributed coordinator host:port.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
-DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 60, "Multi-host: seconds to wait to join, and to notice "
+DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", cli.DISTRIBUTED_TIMEOUT_S, "Multi-host: seconds to wait to join, and to notice "
                                     "a process that died (the others then stop with an error).")
 RANK_BY = flags.DEFINE_list("rank_by", ["activation"], "Pruning orders to compare, comma-separated: activation "
                             "(the lab's), clp, l1, random, anp, order_file. The first one's cuts are written.")
@@ -56,7 +56,8 @@ FLAG_OF = {"drops": DROP.name, "rule": RULE.name, "model": MODEL.name, "clean_va
            "input_scale": SCALE.name, "out_dir": OUT_DIR.name, "checkpoints": CHECKPOINTS.name,
            "chunk": CHUNK.name, "devices": DEVICES.name, "memory_budget": BUDGET.name,
            "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name, "seed": SEED.name,
-           "order_file": ORDER_FILE.name, "anp.steps": ANP_STEPS.name}
+           "order_file": ORDER_FILE.name, "anp.steps": ANP_STEPS.name, "learning_rate": FT_LR.name,
+           "epochs": FT_EPOCHS.name}
 
 
 def main(argv: list[str]) -> int:
@@ -87,4 +88,4 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console entry point ``badnet-prune``."""
-    app.run(main)
+    cli.start(main)

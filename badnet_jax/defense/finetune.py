@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from badnet_jax.errors import ConfigError
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.metrics import accuracy
 from badnet_jax.model import BadNet, Params, predict, prune_params
 from badnet_jax.train import make_train_step, train_epoch
@@ -51,12 +51,14 @@ class FinetuneConfig:
         # still report a fine-pruned row.
         if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
-            raise ConfigError(f"fine-tuning learning rate must be a finite positive number, got {self.learning_rate!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise ConfigError(f"fine-tuning epochs, batch size and patience must be >= 1, got {self.epochs}, "
-                              f"{self.batch_size}, {self.patience}")
+            raise ConfigError(f"fine-tuning: {arg('learning_rate', self.learning_rate)} is not a finite positive "
+                              "number", field="learning_rate")
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"fine-tuning: {arg(name, getattr(self, name))} must be >= 1", field=name)
         if not 0 < self.holdout_fraction < 1:
-            raise ConfigError(f"fine-tuning holdout fraction must be in (0, 1), got {self.holdout_fraction}")
+            raise ConfigError(f"fine-tuning: {arg('holdout_fraction', self.holdout_fraction)} must be in (0, 1)",
+                              field="holdout_fraction")
 
 
 def split_clean_valid(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

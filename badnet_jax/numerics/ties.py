@@ -105,8 +105,8 @@ def undecided_channels(pre_max_C: np.ndarray, in_max: float, kernel_conv3: np.nd
     S3_c = ||W3[..., c]||_1 * max(conv_3 input) + |b3_c| (which bounds sum_i |w_i x_i| + |b_c| at every
     position): a channel whose largest pre-activation lies within ``TIE_RTOL * S3_c`` of 0 is undecided
     (a pruned channel, kernel and bias 0, is exactly 0 in any arithmetic: decided). Measured: the float32
-    error of that maximum is at most 1.6 u S3_c on the real faces (the lab's B and two 2020 BadNets), 40x
-    inside the bound.
+    error of that maximum is at most 2.2 u S3_c on the real faces with the five real BadNets at both input
+    scales, ~58x inside the bound (docs/numerics.md).
     """
     kernel = np.abs(np.asarray(kernel_conv3, np.float64)).reshape(-1, kernel_conv3.shape[-1])
     scale = kernel.sum(axis=0) * float(in_max) + np.abs(np.asarray(bias_conv3, np.float64))

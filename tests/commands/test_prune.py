@@ -1,6 +1,7 @@
 """badnet-prune (scripts/prune.py, badnet_jax.commands.prune): flags checked before any work, one error line and
-exit 2 for what is refused, README's quickstart on the embedded demo, and signals that end a run with the previous
-results intact. The defense's results themselves: tests/defense/.
+exit 2 for what is refused (an input file that cannot be read: named by its flag), README's quickstart on the
+embedded demo, and signals that end a run with the previous results intact. The defense's results themselves:
+tests/defense/.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from badnet_jax import load_lab_h5, save_lab_h5
 from tests.cli import run_cli, start_cli
-from tests.conftest import asset
+from tests.conftest import LAB_B, asset
 
 
 @pytest.mark.parametrize("args,complaint", [
@@ -77,7 +78,7 @@ def test_cli_refuses_a_nan_learning_rate_before_any_work(tmp_path):
                    str(asset("models/lab3/bd_weights.h5")), "--clean_valid", str(asset("faces/lab3/valid_subset.h5")),
                    "--clean_test", str(asset("faces/lab3/test_subset.h5")), "--out_dir", str(tmp_path / "o"),
                    timeout=300)
-    assert proc.returncode == 2 and "learning rate must be a finite positive number" in proc.stderr
+    assert proc.returncode == 2 and "--finetune_lr nan is not a finite positive number" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
 
 
@@ -131,3 +132,28 @@ def test_a_signal_after_the_curve_leaves_one_whole_result_and_ends_non_zero(lab_
             assert [s["drop"] for s in curve["selected"]] == [float(drop)]
             assert {p.name for p in out.iterdir()} == {"curve.json", "report.md", "curve.png", folder}
         assert not [p for p in lab_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _lab_files(**given) -> list:
+    files = {"--model": asset(LAB_B), "--clean_valid": asset("faces/lab3/valid_subset.h5"),
+             "--clean_test": asset("faces/lab3/test_subset.h5"), **given}
+    return [a for kv in files.items() for a in kv]
+
+
+@pytest.mark.parametrize("given,complaint", [
+    ({"--model": "bd_weight.h5"}, "error: --model bd_weight.h5: file not found"),
+    ({"--clean_test": asset("triggers/sun_glass_trigger.png")},
+     f"error: --clean_test {asset('triggers/sun_glass_trigger.png')}: is not an HDF5 file"),
+    ({"--clean_valid": asset("faces/lab3")}, f"error: --clean_valid {asset('faces/lab3')}: is a folder"),
+    ({"--bd_valid": "bd_valid.h5"}, "error: data files not found: --bd_valid (bd_valid.h5)"),
+])
+def test_an_input_file_that_cannot_be_read_names_its_flag_and_nothing_else_first(given, complaint, tmp_path):
+    """Of the five files a run reads, the error says which flag gave the one at fault; no note about the
+    poisoned sets not given comes before an error about the files that were."""
+    proc = run_cli("prune", *_lab_files(**{k: str(v) for k, v in given.items()}), "--out_dir", "o", cwd=tmp_path,
+                   timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(complaint), proc.stderr[-2000:]
+    assert "No poisoned data given" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()

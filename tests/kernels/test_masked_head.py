@@ -10,7 +10,7 @@ import pytest
 from badnet_jax.kernels.masked_head import api
 from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas, head_top2_pallas
 from badnet_jax.kernels.masked_head.reference import head_argmax_reference
-from badnet_jax.numerics.settling import tail64
+from tests import numpy_ref
 
 
 def _inputs(seed, m, n, classes):
@@ -18,11 +18,11 @@ def _inputs(seed, m, n, classes):
 
 
 def _float64_argmax(*args):
-    return tail64(*args)[0].argmax(-1)
+    return numpy_ref.tail(*args)[0].argmax(-1)
 
 
 def _float64_gap_and_scale(*args):
-    logits, scale = tail64(*args)
+    logits, scale = numpy_ref.tail(*args)
     top2 = np.sort(logits, -1)[..., -2:]
     return top2[..., 1] - top2[..., 0], scale
 
@@ -81,7 +81,7 @@ def test_resolve_impl_on_cpu():
 
 def test_clear_rows_leave_out_only_near_ties():
     *args, bout = [np.asarray(a, np.float64) for a in _inputs(3, 1, 4, 5)]
-    logits = tail64(*args, bout)[0]
+    logits = numpy_ref.tail(*args, bout)[0]
     # Image 0: make classes 1 and 2 tie to 1e-5 at the top; the others keep their clear gaps.
     top = logits[0, 0].max() + 1.0
     bout = bout.copy()
@@ -128,4 +128,7 @@ def test_pallas_compiles_on_device():
     assert api.pallas_available(api.default_platform(), 61, 4096, 1283)
     got = np.asarray(head_argmax_pallas(*args, platform=api.default_platform()))
     ref = np.asarray(head_argmax_reference(*args))
-    assert (got == ref).mean() > 0.999  # ties aside
+    clear = api.clear_rows(args)  # float32 near-ties may go either way: the sweep settles them in float64
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(got[clear], ref[clear])
+    np.testing.assert_array_equal(ref[clear], _float64_argmax(*args)[clear])

@@ -7,15 +7,17 @@ fine-pruned B'); both are held as variables of one Flax module, so G is one jit-
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.numerics.settling import predict_settled
-from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params, num_classes_of
+from badnet_jax.model import (NUM_POOL3_CHANNELS, BadNet, Params, check_images, check_mask, check_params,
+                              input_divisor)
 
 
 class GoodNet(nn.Module):
@@ -62,15 +64,21 @@ def make_goodnet(bad_params: Params, pruned_params: Optional[Params] = None,
 
         goodnet, variables = make_goodnet(params, mask=mask_60)
         preds = jax.jit(goodnet.apply)(variables, x_NHWC)   # in [0, num_classes]
+
+    Raises:
+        ConfigError: neither ``pruned_params`` nor ``mask``; params that are not a BadNet's, or B and B' of
+            different class counts; a mask that is not (60,) zeros and ones; an unknown ``input_scale``.
     """
     if pruned_params is None and mask is None:
-        raise ValueError("make_goodnet needs pruned_params, a mask, or both")
-    n = num_classes_of(bad_params)
-    if pruned_params is not None and num_classes_of(pruned_params) != n:
-        raise ValueError(f"B has {n} classes but B' has {num_classes_of(pruned_params)}")
-    m = jnp.ones((NUM_POOL3_CHANNELS,), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
-    if m.shape != (NUM_POOL3_CHANNELS,):
-        raise ValueError(f"mask has shape {m.shape}, expected ({NUM_POOL3_CHANNELS},)")
+        raise ConfigError(f"make_goodnet needs {arg('pruned_params')}, a {arg('mask')}, or both", field="mask")
+    n = check_params(bad_params, "bad_params")
+    if pruned_params is not None:
+        n_pruned = check_params(pruned_params, "pruned_params")
+        if n_pruned != n:
+            raise ConfigError(f"{arg('pruned_params')}: B' has {n_pruned} classes but B ({arg('bad_params')}) has {n}; "
+                              "B' must be B with channels pruned", field="pruned_params")
+    input_divisor(input_scale)  # refuses an unknown scale here rather than at the first apply
+    m = jnp.ones((NUM_POOL3_CHANNELS,), jnp.float32) if mask is None else jnp.asarray(check_mask(mask))
     variables = {
         "params": {"bad": bad_params, "pruned": bad_params if pruned_params is None else pruned_params},
         "pruning": {"mask": m},
@@ -78,9 +86,42 @@ def make_goodnet(bad_params: Params, pruned_params: Optional[Params] = None,
     return GoodNet(num_classes=n, input_scale=input_scale), variables
 
 
+def check_goodnet(goodnet: GoodNet, variables: Any) -> None:
+    """Refuse variables that are not this GoodNet's: G's "poisoned" answer is class ``goodnet.num_classes``,
+    so B and B' must have exactly that many classes, or the answer would collide with a real class.
+
+    Raises:
+        ConfigError: naming ``variables`` (or ``goodnet``) and what was expected.
+    """
+    if not isinstance(goodnet, GoodNet):
+        raise ConfigError(f"{arg('goodnet')}: expected a GoodNet (make_goodnet's first result), got "
+                          f"{type(goodnet).__name__}", field="goodnet")
+    params = variables.get("params") if isinstance(variables, Mapping) else None
+    pruning = variables.get("pruning") if isinstance(variables, Mapping) else None
+    if not isinstance(params, Mapping) or not {"bad", "pruned"} <= set(params) or not isinstance(pruning, Mapping) \
+            or "mask" not in pruning:
+        raise ConfigError(f"{arg('variables')}: expected a GoodNet's variables ({{'params': {{'bad', 'pruned'}}, "
+                          "'pruning': {'mask'}}, make_goodnet's second result)", field="variables")
+    for who, label in (("bad", "B"), ("pruned", "B'")):
+        n = check_params(params[who], f"variables['params']['{who}']")
+        if n != goodnet.num_classes:
+            clash = "is a real class of" if n > goodnet.num_classes else "is not the class after the last of"
+            raise ConfigError(f"{arg('variables')}: {label} has {n} classes but the GoodNet ({arg('goodnet')}) has "
+                              f"{goodnet.num_classes}: its \"poisoned\" answer {goodnet.num_classes} {clash} {label}; "
+                              "build G and its variables with one make_goodnet call", field="variables")
+    check_mask(pruning["mask"], "variables['pruning']['mask']")
+
+
 def predict_goodnet(goodnet: GoodNet, variables: dict[str, Any], x_NxHxWxC: np.ndarray) -> tuple[np.ndarray, int]:
     """G's predictions in [0, N] with B's and B''s near-ties settled in float64 (as the defense's curve does),
-    and how many of their predictions were settled."""
+    and how many of their predictions were settled.
+
+    Raises:
+        ConfigError: variables that are not ``goodnet``'s (:func:`check_goodnet`).
+        DataFileError: images that are not (N, 55, 47, 3) finite pixels.
+    """
+    check_goodnet(goodnet, variables)
+    check_images(x_NxHxWxC, "x_NxHxWxC", allow_empty=True)
     p = variables["params"]
     bad = BadNet(goodnet.num_classes, input_scale=goodnet.input_scale)
     pred_b, settled_b = predict_settled(bad, p["bad"], x_NxHxWxC)

@@ -19,12 +19,14 @@ pixels 0..255; the trunk divides when the model says so, so no caller has to rem
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from badnet_jax.errors import ConfigError, DataFileError, arg
 
 INPUT_HWC = (55, 47, 3)
 # The convolutions, in data order: (layer, filters, k) of a VALID k x k conv followed by relu. conv_1..conv_3
@@ -69,10 +71,11 @@ def input_divisor(input_scale: str) -> float:
     """What a model of this input scale divides the pixels 0..255 by (1 for ``raw``, 255 for ``255``).
 
     Raises:
-        ValueError: an input scale other than :data:`INPUT_SCALES`.
+        ConfigError: an input scale other than :data:`INPUT_SCALES`.
     """
     if input_scale not in INPUT_DIVISORS:
-        raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
+        raise ConfigError(f"{arg('input_scale', input_scale)}: expected one of {', '.join(INPUT_SCALES)}",
+                          field="input_scale")
     return INPUT_DIVISORS[input_scale]
 
 
@@ -175,7 +178,14 @@ class BadNet(nn.Module):
 
 
 def init_params(num_classes: int = LAB_NUM_CLASSES, seed: int = 0) -> Params:
-    """Random BadNet params (Flax default initialisers), for tests and for training from scratch."""
+    """Random BadNet params (Flax default initialisers), for tests and for training from scratch.
+
+    Raises:
+        ConfigError: ``num_classes`` is not a positive integer.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ConfigError(f"{arg('num_classes', str(num_classes))}: expected a positive number of classes",
+                          field="num_classes")
     model = BadNet(num_classes)
     x = jnp.zeros((1, *INPUT_HWC), jnp.float32)
     return jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"]
@@ -195,18 +205,153 @@ def _argmax_fn(model: BadNet):
 
 def predict(model: BadNet, params: Params, x_NxHxWxC: np.ndarray, mask: Optional[jax.Array] = None,
             batch: int = 1024) -> np.ndarray:
-    """(N,) int32 argmax predictions of B (or of B' under a pool_3 mask), ``batch`` images per jitted call."""
-    m = jnp.ones((NUM_POOL3_CHANNELS,), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    """(N,) int32 argmax predictions of B (or of B' under a pool_3 mask), ``batch`` images per jitted call.
+
+    Raises:
+        ConfigError: params that are not ``model``'s, a mask that is not (60,) zeros and ones, or ``batch`` < 1.
+        DataFileError: images that are not (N, 55, 47, 3) finite pixels.
+    """
+    check_params(params, num_classes=model.num_classes)
+    check_images(x_NxHxWxC, "x_NxHxWxC", allow_empty=True)
+    if batch < 1:
+        raise ConfigError(f"{arg('batch', batch)}: expected at least 1 image per call", field="batch")
+    m = jnp.ones((NUM_POOL3_CHANNELS,), jnp.float32) if mask is None else jnp.asarray(check_mask(mask))
     fn = _argmax_fn(model)
     parts = [np.asarray(fn(params, m, x_NxHxWxC[i:i + batch])) for i in range(0, len(x_NxHxWxC), batch)]
     return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 
 def prune_params(params: Params, mask: jax.Array) -> Params:
-    """Zero the conv_3 kernel and bias of every channel whose mask entry is 0, as the lab's Keras code does."""
-    m = jnp.asarray(mask, jnp.float32)
+    """Zero the conv_3 kernel and bias of every channel whose mask entry is 0, as the lab's Keras code does.
+
+    Traceable (a traced mask is checked for its shape only).
+
+    Raises:
+        ConfigError: params without a conv_3 layer of the BadNet's shape, or a mask that is not (60,) zeros and ones.
+    """
+    check_params(params)
+    m = jnp.asarray(check_mask(mask), jnp.float32)
     conv3 = params["conv_3"]
     return {
         **params,
         "conv_3": {"kernel": conv3["kernel"] * m[None, None, None, :], "bias": conv3["bias"] * m},
     }
+
+
+# Checks of what a library caller passes in, on the host before any jitted call: shapes and dtypes cost nothing,
+# and finiteness is one pass over float images (uint8 images, the lab's, need none).
+
+
+def _is_traced(a: Any) -> bool:
+    return isinstance(a, jax.core.Tracer)
+
+
+def check_params(params: Any, name: str = "params", num_classes: Optional[int] = None) -> int:
+    """Refuse anything but a BadNet's params (every weight layer, kernel and bias, of the DeepID shapes).
+
+    Shapes only (no values are read, so traced or abstract params pass too). Whoever writes or runs params
+    calls it first, so that a missing layer is named instead of surfacing as a ``KeyError`` or a broadcast.
+
+    Args:
+        params: the params pytree (``{"conv_1": {"kernel", "bias"}, ..., "output": ...}``).
+        name: the argument it was passed as, for the message.
+        num_classes: the class count the caller's model has, if it has one.
+
+    Returns:
+        The number of classes (the output layer's width).
+
+    Raises:
+        ConfigError: not a mapping of the weight layers, a layer or a kernel/bias missing, a shape other
+            than the DeepID architecture's, or an output width other than ``num_classes``.
+    """
+    expected_layers = ", ".join(WEIGHT_LAYERS)
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{arg(name)}: expected a BadNet's params (a dict of the layers {expected_layers}), got "
+                          f"{type(params).__name__}", field=name)
+    missing = [layer for layer in WEIGHT_LAYERS if not isinstance(params.get(layer), Mapping)
+               or not {"kernel", "bias"} <= set(params[layer])]
+    if missing:
+        raise ConfigError(f"{arg(name)}: no {' or '.join(missing)} (kernel and bias) among its layers "
+                          f"({', '.join(map(str, params)) or 'none'}); a BadNet's params hold {expected_layers}",
+                          field=name)
+    out = tuple(np.shape(params["output"]["bias"]))
+    if len(out) != 1 or out[0] < 1:
+        raise ConfigError(f"{arg(name)}: output bias of shape {out}, expected (num_classes,)", field=name)
+    if num_classes is not None and out[0] != num_classes:
+        raise ConfigError(f"{arg(name)}: {out[0]} classes, expected the model's {num_classes}", field=name)
+    for layer, shapes in param_shapes(out[0]).items():
+        for what, want in shapes.items():
+            got = tuple(np.shape(params[layer][what]))
+            if got != want:
+                raise ConfigError(f"{arg(name)}: {layer} {what} of shape {got}, expected {want} (the DeepID "
+                                  f"BadNet with {out[0]} classes)", field=name)
+    return out[0]
+
+
+def check_mask(mask: Any, name: str = "mask") -> Any:
+    """A (60,) pool_3 mask as float32, refused unless every entry is 0 (pruned) or 1 (kept).
+
+    A mask of other values would scale channels instead of pruning them. A traced mask (inside jit) is
+    checked for its shape only and returned as it is.
+
+    Raises:
+        ConfigError: another shape, or an entry other than 0 or 1.
+    """
+    shape = tuple(np.shape(mask))
+    if shape != (NUM_POOL3_CHANNELS,):
+        raise ConfigError(f"{arg(name)}: shape {shape}, expected ({NUM_POOL3_CHANNELS},): one entry per pool_3 "
+                          "channel, 0 pruned or 1 kept", field=name)
+    if _is_traced(mask):
+        return mask
+    m = np.asarray(mask, np.float32)
+    bad = np.flatnonzero((m != 0) & (m != 1))
+    if len(bad):
+        raise ConfigError(f"{arg(name)}: channel {int(bad[0])} is {m[bad[0]]:g} ({len(bad)} of {NUM_POOL3_CHANNELS} "
+                          "entries are neither 0 nor 1); expected 0 (pruned) or 1 (kept): a mask prunes, it does not "
+                          "scale", field=name)
+    return m
+
+
+def check_images(x_NxHxWxC: Any, name: str = "x", allow_empty: bool = False,
+                 field: Optional[str] = None) -> None:
+    """Refuse images a BadNet cannot take: not (N, 55, 47, 3), not real numbers, NaN or infinite pixels.
+
+    ``x_NxHxWxC`` may be a NumPy or JAX array, or only a shape and dtype (``jax.ShapeDtypeStruct``: shape and
+    dtype checked). Float pixels are checked for NaN and infinity with one pass (a sum) over the data.
+
+    Args:
+        x_NxHxWxC: the images, pixels 0..255.
+        name: the argument (or set) they were passed as, for the message.
+        allow_empty: whether N = 0 is accepted.
+        field: the argument or config field at fault, for the error's ``field`` (default: ``name``).
+
+    Raises:
+        DataFileError: naming ``name`` and what was expected.
+    """
+    field = name if field is None else field
+    shape, dtype = getattr(x_NxHxWxC, "shape", None), getattr(x_NxHxWxC, "dtype", None)
+    if shape is None or dtype is None:
+        raise DataFileError(f"{arg(name)}: expected an array of images (N, {', '.join(map(str, INPUT_HWC))}), got "
+                            f"{type(x_NxHxWxC).__name__}", field=field)
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    if len(shape) != 4 or shape[1:] != INPUT_HWC:
+        raise DataFileError(f"{arg(name)}: images of shape {shape}, expected (N, {', '.join(map(str, INPUT_HWC))}) "
+                            "(N images, height, width, RGB)", field=field)
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) or dtype == np.bool_:
+        raise DataFileError(f"{arg(name)}: images of dtype {dtype}, expected pixels 0..255 as integers or floats",
+                            field=field)
+    if shape[0] == 0 and not allow_empty:
+        raise DataFileError(f"{arg(name)}: no images (shape {shape}); at least one is needed", field=field)
+    if not np.issubdtype(dtype, np.floating) or shape[0] == 0 or isinstance(x_NxHxWxC, jax.ShapeDtypeStruct) \
+            or _is_traced(x_NxHxWxC):
+        return
+    # One pass: a sum is finite unless a pixel is NaN or infinite (or finite pixels overflow it: then the
+    # per-image check below finds nothing and the images pass).
+    xp = jnp if isinstance(x_NxHxWxC, jax.Array) else np  # a device array is checked where it lives
+    if bool(np.isfinite(xp.sum(x_NxHxWxC))):
+        return
+    bad = np.flatnonzero(~np.isfinite(np.asarray(x_NxHxWxC)).reshape(shape[0], -1).all(axis=1))
+    if not len(bad):
+        return
+    raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds NaN or infinite pixels ({len(bad)} of {shape[0]} "
+                        "images do); pixels must be finite numbers 0..255", field=field)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from badnet_jax import BadNet, init_params, load_keras, prune_params
+from badnet_jax import BadNet, ConfigError, DataFileError, init_params, load_keras, predict, prune_params
+from badnet_jax.model import check_params
 from tests import numpy_ref
 from tests.conftest import ALL_BADNETS, asset
 
@@ -58,3 +59,42 @@ def test_lab_b_classifies_real_faces(lab_b, lab_faces):
         np.testing.assert_array_equal(pred, expected, err_msg=name)
         if name.startswith("bd_"):
             assert (y == 0).all()
+
+
+def test_check_params_names_a_missing_layer_or_a_wrong_shape():
+    """What save_keras, the sweep and the GoodNet check first: params missing a layer are named, not a KeyError."""
+    params = init_params(num_classes=4)
+    assert check_params(params) == 4
+    with pytest.raises(ConfigError, match=r"params: no fc_2 \(kernel and bias\) among its layers \(conv_1, conv_2, "
+                                          r"conv_3, conv_4, fc_1, output\); a BadNet's params hold conv_1, conv_2, "
+                                          r"conv_3, conv_4, fc_1, fc_2, output") as err:
+        check_params({k: v for k, v in params.items() if k != "fc_2"})
+    assert err.value.field == "params"
+    with pytest.raises(ConfigError, match=r"params: no conv_3 \(kernel and bias\)"):
+        check_params({**params, "conv_3": {"kernel": params["conv_3"]["kernel"]}})
+    with pytest.raises(ConfigError, match=r"params: fc_1 kernel of shape \(1200, 16\), expected \(1200, 160\)"):
+        check_params({**params, "fc_1": {**params["fc_1"], "kernel": np.zeros((1200, 16))}})
+    with pytest.raises(ConfigError, match=r"params: expected a BadNet's params \(a dict of the layers"):
+        check_params([1, 2])
+
+
+def test_predict_and_prune_params_refuse_wrong_masks_and_images(rng):
+    params = init_params(num_classes=4)
+    model = BadNet(4)
+    x = rng.integers(0, 256, size=(3, 55, 47, 3)).astype(np.float32)
+    with pytest.raises(ConfigError, match=r"mask: shape \(59,\), expected \(60,\)"):
+        predict(model, params, x, mask=np.ones(59))
+    with pytest.raises(ConfigError, match=r"mask: channel 0 is 0.5"):
+        prune_params(params, np.full(60, 0.5))
+    with pytest.raises(DataFileError, match=r"x_NxHxWxC: images of shape \(3, 55, 47\), expected \(N, 55, 47, 3\)"):
+        predict(model, params, x[..., 0])
+    x[1, 0, 0, 0] = np.nan
+    with pytest.raises(DataFileError, match=r"x_NxHxWxC: image 1 holds NaN or infinite pixels"):
+        predict(model, params, x)
+    with pytest.raises(ConfigError, match=r"params: 4 classes, expected the model's 5"):
+        predict(BadNet(5), params, x)
+    with pytest.raises(ConfigError, match=r"num_classes=0: expected a positive number of classes"):
+        init_params(num_classes=0)
+    # Inside jit a traced mask is checked for its shape only (no host sync).
+    zeroed = jax.jit(prune_params)(params, jnp.zeros(60))
+    assert float(jnp.abs(zeroed["conv_3"]["kernel"]).max()) == 0.0

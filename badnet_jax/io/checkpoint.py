@@ -22,8 +22,9 @@ import orbax.checkpoint as ocp
 
 from badnet_jax.io import fileio
 from badnet_jax.errors import CheckpointError
-from badnet_jax.goodnet import GoodNet
-from badnet_jax.model import INPUT_DIVISORS, NUM_POOL3_CHANNELS, BadNet, Params, input_divisor, num_classes_of
+from badnet_jax.goodnet import GoodNet, check_goodnet
+from badnet_jax.model import (INPUT_DIVISORS, NUM_POOL3_CHANNELS, BadNet, Params, check_mask, check_params,
+                              input_divisor, num_classes_of)
 
 # The input scale travels as its divisor (``model.input_divisor``; orbax stores arrays); a checkpoint without
 # one holds a raw-scale model.
@@ -140,8 +141,13 @@ def _first_words(err: BaseException, limit: int = 300) -> str:
 
 def save_badnet(path: str | os.PathLike, params: Params, mask: Optional[jax.Array] = None,
                 input_scale: str = "raw") -> Path:
-    """Save B (or B' = params + pool_3 mask) and its input scale as an orbax checkpoint directory."""
-    m = np.ones(NUM_POOL3_CHANNELS, np.float32) if mask is None else np.asarray(mask, np.float32)
+    """Save B (or B' = params + pool_3 mask) and its input scale as an orbax checkpoint directory.
+
+    Raises:
+        ConfigError: params that are not a BadNet's, or a mask that is not (60,) zeros and ones (nothing written).
+    """
+    check_params(params)
+    m = np.ones(NUM_POOL3_CHANNELS, np.float32) if mask is None else check_mask(mask)
     return _save(Path(path), {"params": params, "mask": m, "input_divisor": _scale_entry(input_scale)})
 
 
@@ -156,9 +162,21 @@ def restore_badnet(path: str | os.PathLike) -> tuple[BadNet, Params, jax.Array]:
 
 
 def save_goodnet(path: str | os.PathLike, variables: dict[str, Any], input_scale: str = "raw") -> Path:
-    """Save a GoodNet's variables (``make_goodnet``'s second result) and input scale as an orbax checkpoint."""
+    """Save a GoodNet's variables (``make_goodnet``'s second result) and input scale as an orbax checkpoint.
+
+    Raises:
+        ConfigError: variables that are not a GoodNet's (nothing written).
+    """
+    check_goodnet(GoodNet(num_classes=_num_classes_of_variables(variables)), variables)
     return _save(Path(path), {"params": variables["params"], "pruning": variables["pruning"],
                               "input_divisor": _scale_entry(input_scale)})
+
+
+def _num_classes_of_variables(variables: Any) -> int:
+    try:
+        return num_classes_of(variables["params"]["bad"])
+    except (KeyError, TypeError, IndexError):
+        return 0  # check_goodnet then says what is missing
 
 
 def restore_goodnet(path: str | os.PathLike) -> tuple[GoodNet, dict[str, Any]]:

@@ -8,7 +8,7 @@ row is independent and dedupe is exact per block. :func:`chunk_starts` (host) an
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,11 @@ def chunk_starts(n: int, chunk: int) -> np.ndarray:
     return np.minimum(np.arange(-(-n // chunk)) * chunk, n - chunk).astype(np.int32)
 
 
-def map_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk: int, rows_axis: int) -> Any:
+def map_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk: int, rows_axis: int,
+               on_chunk: Optional[Callable[[jax.Array, int], None]] = None) -> Any:
     """``fn`` over ``chunk``-row blocks of ``x``; its outputs (an array or a tuple of arrays) put together
-    along ``rows_axis`` (traceable)."""
+    along ``rows_axis`` (traceable). ``on_chunk(i, blocks)`` is traced at the start of each block (progress:
+    ``badnet_jax.sweep.progress.chunk_hook``); it must not touch the data."""
     n = x.shape[0]
     chunk = max(1, min(chunk, n))
     out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((chunk, *x.shape[1:]), x.dtype))
@@ -41,6 +43,8 @@ def map_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk: int, rows_ax
         return out
 
     def body(i, out):
+        if on_chunk is not None:
+            on_chunk(i, len(starts))
         start = jnp.asarray(starts)[i]
         y = fn(jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0))
         return jax.tree.map(lambda o, v: jax.lax.dynamic_update_slice_in_dim(o, v, start, axis=rows_axis), out, y)

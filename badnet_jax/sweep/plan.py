@@ -25,6 +25,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.io.fileio import memory_bytes
 from badnet_jax.kernels.masked_head.api import default_platform, resolve_impl
+from badnet_jax.sweep.progress import stderr_is_terminal
 from badnet_jax.model import CONV4_FEATURES, HIDDEN_UNITS, LAB_NUM_CLASSES, NUM_POOL3_CHANNELS, POOL3_FEATURES
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ class SweepOptions:
             refused up front.
         platform: resolve for this platform (``cpu``, ``cuda``, ``rocm``, ``tpu``) instead of the running
             backend's, e.g. to lower the sweep for a GPU with ``jax.export`` on a machine without one.
+        progress: show the sweep's progress on stderr, chunk by chunk, from inside the compiled call
+            (``badnet_jax.sweep.progress``; results are the same either way). None: when stderr is a terminal
+            in a single-process run. A multi-process run shows it (on process 0) only when asked with True:
+            every process must compile the same program, whatever its own stderr is.
     """
 
     prefix_sums: bool = True
@@ -85,6 +90,7 @@ class SweepOptions:
     devices: int = 1
     memory_budget: Optional[int] = None
     platform: Optional[str] = None
+    progress: Optional[bool] = None
 
 
 PLAIN = SweepOptions(prefix_sums=False, dedupe=False, group=False, impl="reference")
@@ -106,6 +112,7 @@ class SweepPlan:
         devices: devices the image axis is sharded over (1: no sharding).
         bytes_per_image: working memory per image in flight, as budgeted.
         platform: the platform it is lowered for (the kernel's backend follows it).
+        progress: the compiled call reports each chunk to the host (``badnet_jax.sweep.progress``).
     """
 
     strategy: Strategy
@@ -117,6 +124,7 @@ class SweepPlan:
     bytes_per_image: int
     platform: str = "cpu"
     orders_per_call: int = 1
+    progress: bool = False
 
     def describe(self) -> str:
         """One line for logs and reports."""
@@ -148,6 +156,9 @@ def _check(options: SweepOptions) -> None:
         raise ConfigError(f"devices must be >= 0 (0 = all), got {options.devices}")
     if options.platform not in (None, "cpu", "cuda", "rocm", "tpu"):
         raise ConfigError(f"platform must be cpu, cuda, rocm or tpu, got {options.platform!r}")
+    if not (options.progress is None or isinstance(options.progress, bool)):
+        raise ConfigError(f"{arg('progress', str(options.progress))}: expected True, False or None (a terminal)",
+                          field="progress")
     budget = options.memory_budget
     if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise ConfigError(f"memory budget must be a finite positive number of bytes, got {budget!r}")
@@ -207,8 +218,12 @@ def plan_sweep(options: SweepOptions = SweepOptions(), sets: Sequence = (),
     impl = "reference"
     if options.prefix_sums:
         impl = resolve_impl(options.impl, platform, max(batch, 1), chunk, num_classes)
+    progress = options.progress
+    if progress is None:
+        progress = jax.process_count() == 1 and stderr_is_terminal()
     return SweepPlan(strategy=strategy, group=options.group, impl=impl, batch_steps=batch, chunk=chunk,
-                     devices=devices, bytes_per_image=per_image, platform=platform, orders_per_call=orders)
+                     devices=devices, bytes_per_image=per_image, platform=platform, orders_per_call=orders,
+                     progress=progress)
 
 
 def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, wanted: int,

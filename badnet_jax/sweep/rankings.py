@@ -98,7 +98,7 @@ def single(order: Optional[Sequence[int] | np.ndarray]) -> RankingPlan:
     if order is None:
         return RankingPlan(("activation",), ("activation",), ("activation",),
                            np.zeros((0, NUM_POOL3_CHANNELS), np.int32))
-    return RankingPlan(("order",), ("order",), (GIVEN,), check_order(order, "order", field="order")[None])
+    return RankingPlan(("order",), ("order",), (GIVEN,), check_order(order, arg("order"), field="order")[None])
 
 
 def check_order(order, where: str, field: Optional[str] = None) -> np.ndarray:

@@ -21,13 +21,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from badnet_jax.sweep.anp import anp_order
-from badnet_jax.errors import ConfigError
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.numerics.settling import settle, settle_ranking
-from badnet_jax.model import BadNet, Params, num_classes_of
+from badnet_jax.model import BadNet, Params, check_images, check_params, num_classes_of
 from badnet_jax.sweep.rankings import RankingPlan, single
 from badnet_jax.sweep.chunks import map_chunks
 from badnet_jax.sweep.plan import SweepOptions, SweepPlan, plan_sweep
 from badnet_jax.sweep.prefix import prefix_masks
+from badnet_jax.sweep.progress import chunk_hook, showing
 from badnet_jax.sweep.strategies import sweep_set
 
 Images = np.ndarray | jax.ShapeDtypeStruct
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: int,
-                   divisor: Optional[jax.Array] = None, margins: bool = False):
+                   divisor: Optional[jax.Array] = None, margins: bool = False, on_chunk=None):
     """pool_3 activations of every image, ``chunk`` images at a time (traceable; call under jit).
 
     ``divisor``: None applies the model's own input scale; a traced scalar (1 or 255) divides the pixels
@@ -43,6 +44,7 @@ def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: i
     exactly and ``x / 255`` is what the model's trunk computes: the results are the same bits).
     ``margins``: also each image's largest conv_3 pre-activation per channel and largest conv_3 input
     (``BadNet.trunk_with_margins``; the same pool_3 bits).
+    ``on_chunk``: the progress hook of :func:`~badnet_jax.sweep.chunks.map_chunks` (None: no progress).
     """
     # Images may stay uint8 (the lab's files are): the cast to float32 is exact and happens per chunk, so
     # the resident data is a quarter of the float32 size.
@@ -52,7 +54,7 @@ def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: i
     else:
         raw = model.clone(input_scale="raw")
         trunk = lambda xb: raw.apply({"params": params}, xb.astype(jnp.float32) / divisor, method=method)
-    return map_chunks(trunk, jnp.asarray(x_NxHxWxC), chunk, rows_axis=0)
+    return map_chunks(trunk, jnp.asarray(x_NxHxWxC), chunk, rows_axis=0, on_chunk=on_chunk)
 
 
 def activation_ranking(per_image_NxC: jax.Array, n: int) -> jax.Array:
@@ -93,19 +95,31 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
     """Trunk and the rankings on ``xs[0]`` (if ``n_rank``), then every set swept at every order, one after the other.
 
     Returns the orders, the ranking set's statistics (see ``_orders``; None without one), and per set the
-    (R, 61, N) predictions and near-tie flags.
+    (R, 61, N) predictions and near-tie flags. With ``plan.progress`` set j's trunk chunks report as stage
+    2j and its head chunks as stage 2j + 1 (``_stages``).
     """
+    hook = (lambda stage: chunk_hook(stage)) if plan.progress else (lambda stage: None)
     if n_rank:
-        feats, *margins = trunk_features(model, params, xs[0], plan.chunk, divisor, margins=True)
+        feats, *margins = trunk_features(model, params, xs[0], plan.chunk, divisor, margins=True, on_chunk=hook(0))
     else:
-        feats, margins = trunk_features(model, params, xs[0], plan.chunk, divisor), None
+        feats, margins = trunk_features(model, params, xs[0], plan.chunk, divisor, on_chunk=hook(0)), None
     orders, stats = _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking, gather)
-    out = [sweep_set(model, params, feats, orders, plan)]
-    for x in xs[1:]:
+    out = [sweep_set(model, params, feats, orders, plan, on_chunk=hook(1))]
+    for j, x in enumerate(xs[1:], start=1):
         # One set after the other: left free, XLA:CPU interleaves the sets' loops and runs ~10% slower.
         x, _ = jax.lax.optimization_barrier((x, out[-1]))
-        out.append(sweep_set(model, params, trunk_features(model, params, x, plan.chunk, divisor), orders, plan))
+        feats = trunk_features(model, params, x, plan.chunk, divisor, on_chunk=hook(2 * j))
+        out.append(sweep_set(model, params, feats, orders, plan, on_chunk=hook(2 * j + 1)))
     return orders, stats, tuple(out)
+
+
+def _stages(names: list[str], sets: Mapping[str, Images], orders: int) -> list[tuple[str, float]]:
+    """The progress stages of ``_body`` (label, share of the work): per set, its trunk and its heads at every order."""
+    stages = []
+    for name in names:
+        n = float(sets[name].shape[0])
+        stages += [(f"{name} trunk", n), (f"{name} heads" + (f" ({orders} orders)" if orders > 1 else ""), n * orders)]
+    return stages
 
 
 _STATIC = ("model", "n_rank", "plan", "ranking")
@@ -163,6 +177,19 @@ def _ranking_plan(order, rankings: Optional[RankingPlan]) -> RankingPlan:
     return rankings if rankings is not None else single(order)
 
 
+def _checked_labels(labels, num_classes: int) -> np.ndarray:
+    """The ranking set's labels as int32, refused unless they are integers in [0, num_classes)."""
+    y = np.asarray(labels)
+    if y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"{arg('rank_labels')}: labels of dtype {y.dtype}, expected integer classes",
+                          field="rank_labels")
+    outside = np.flatnonzero((y < 0) | (y >= num_classes))
+    if len(outside):
+        raise ConfigError(f"{arg('rank_labels')}: label {int(y.flat[outside[0]])} is outside [0, {num_classes}) for a "
+                          f"{num_classes}-class model ({len(outside)} label(s) are)", field="rank_labels")
+    return y.astype(np.int32)
+
+
 def _call(model: BadNet, params: Params, sets: Mapping[str, Images], ranking: RankingPlan, rank_on: Optional[str],
           rank_labels, plan: SweepPlan):
     """The jitted function for this plan, its arguments (arrays, or shapes to compile for) and static arguments."""
@@ -176,9 +203,10 @@ def _call(model: BadNet, params: Params, sets: Mapping[str, Images], ranking: Ra
         if rank_labels is None:
             raise ConfigError("the anp ranking needs the ranking set's labels (rank_labels)")
         if not isinstance(rank_labels, jax.ShapeDtypeStruct):
-            rank_labels = np.asarray(rank_labels, np.int32)
+            rank_labels = _checked_labels(rank_labels, model.num_classes)
         if rank_labels.shape != (n_rank,):
-            raise ConfigError(f"rank_labels: {rank_labels.shape[0]} labels for {n_rank} ranking images")
+            raise ConfigError(f"{arg('rank_labels')}: shape {rank_labels.shape} for {n_rank} ranking images, "
+                              f"expected ({n_rank},)", field="rank_labels")
     else:
         rank_labels = np.zeros((0,), np.int32)
     given = ranking.given  # host array: replicated as is in multi-process runs too
@@ -196,8 +224,34 @@ def _call(model: BadNet, params: Params, sets: Mapping[str, Images], ranking: Ra
     return names, _rank_and_sweep_sharded, (model, params, xs, given, divisor, rank_labels), {**static, "mesh": mesh}
 
 
+def _check_inputs(model: BadNet, params: Params, sets: Mapping[str, Images], rank_on: Optional[str]) -> None:
+    """Refuse, on the host before anything is traced, what the sweep cannot take: a model that is not a BadNet,
+    params that are not its, no sets, images that are not (N, 55, 47, 3) finite pixels, an empty ranking set.
+
+    Raises:
+        ConfigError: the model, params or sets (naming the argument).
+        DataFileError: a set's images, naming ``sets[name]``.
+    """
+    if not isinstance(model, BadNet):
+        raise ConfigError(f"{arg('model')}: expected a BadNet, got {type(model).__name__}", field="model")
+    check_params(params, num_classes=model.num_classes)
+    if not isinstance(sets, Mapping) or not sets:
+        raise ConfigError(f"{arg('sets')}: expected image sets by name (e.g. {{'clean_valid': x_NHWC}}), got "
+                          f"{sets!r:.60}", field="sets")
+    for name, x in sets.items():
+        # The set's key is the field at fault: in the defense's config it names the file the set came from.
+        check_images(x, f"sets[{name!r}]", allow_empty=name != rank_on, field=name)
+
+
+def _check_options(options) -> None:
+    if not isinstance(options, (SweepOptions, SweepPlan)):
+        raise ConfigError(f"{arg('options')}: expected SweepOptions or a SweepPlan, got {type(options).__name__}",
+                          field="options")
+
+
 def _resolve(options: SweepOptions | SweepPlan, sets: Mapping[str, Images], params: Params,
              rank_on: Optional[str]) -> SweepPlan:
+    _check_options(options)
     if isinstance(options, SweepPlan):
         return options
     ordered = ([sets[rank_on]] if rank_on in sets else []) + [x for n, x in sets.items() if n != rank_on]
@@ -206,14 +260,18 @@ def _resolve(options: SweepOptions | SweepPlan, sets: Mapping[str, Images], para
 
 def _abstract_call(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
                    options: SweepOptions | SweepPlan, order, rank_on: Optional[str],
-                   rankings: Optional[RankingPlan], single_device: bool = False):
+                   rankings: Optional[RankingPlan], single_device: bool = False, progress: bool = True):
     """:func:`compile_sweep`'s and :func:`export_sweep`'s common start: the plan, and the jitted function, its
     arguments and static arguments for sets given as shapes (the ranking set's labels as a shape too).
+    ``progress=False`` leaves the plan's progress callbacks out (an exported program cannot hold them).
 
     Raises:
         ConfigError: ``single_device`` and a plan over several devices, or what ``_call`` refuses.
     """
+    _check_inputs(model, params, sets, rank_on)
     plan = _resolve(options, sets, params, rank_on)
+    if not progress:
+        plan = dataclasses.replace(plan, progress=False)
     if single_device and plan.devices != 1:
         raise ConfigError("export_sweep lowers the single-device sweep (devices=1)", field="devices")
     ranking = _ranking_plan(order, rankings)
@@ -301,7 +359,7 @@ def export_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtyp
     custom calls are allowed in the export (``KERNEL_CALL_TARGETS``).
     """
     plan, fn, (model, *args), static = _abstract_call(model, params, sets, options, order, rank_on, rankings,
-                                                      single_device=True)
+                                                      single_device=True, progress=False)
     checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in KERNEL_CALL_TARGETS]
     lowered = jax.jit(lambda *arrays: fn(model, *arrays, **static))
     return jax.export.export(lowered, platforms=[plan.platform], disabled_checks=checks)(*args)
@@ -328,6 +386,7 @@ def rank_and_sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray]
     Returns:
         The orders, mean activations and every set's (R, 61, N) predictions, by name.
     """
+    _check_inputs(model, params, sets, rank_on)
     plan = _resolve(options, sets, params, rank_on)
     return _sweep(model, params, sets, plan, _ranking_plan(order, rankings), rank_on, rank_labels)
 
@@ -340,7 +399,8 @@ def _sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray], plan: 
     seconds = dict(spent or {"device": 0.0, "settle": 0.0})
     t = time.perf_counter()
     names, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
-    orders, stats, out = jax.block_until_ready(fn(*args, **static))
+    with showing(_stages(names, sets, len(ranking.labels)), plan.progress):
+        orders, stats, out = jax.block_until_ready(fn(*args, **static))
     if plan.devices > 1:
         out = tuple(jax.tree.map(lambda a, n=n: _to_host(a)[:, :, :len(sets[n])], o) for o, n in zip(out, names))
     orders, out = np.asarray(orders), jax.tree.map(np.asarray, out)

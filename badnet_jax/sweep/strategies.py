@@ -92,11 +92,12 @@ EVALUATORS = {"plain": _plain, "prefix": _prefix, "prefix_dedupe": _prefix_dedup
 
 
 def sweep_set(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, orders_RxC: jax.Array,
-              plan: SweepPlan) -> tuple[jax.Array, jax.Array]:
+              plan: SweepPlan, on_chunk=None) -> tuple[jax.Array, jax.Array]:
     """(R, 61, N) int32 predictions of B' for k = 0..60 channels of each order pruned, and (R, 61, N) bool
     near-tie flags (``badnet_jax.numerics.ties``: predictions the caller settles in float64). Traceable; call under jit.
 
     The orders are swept one after the other inside each chunk, so a chunk's features are read while hot.
+    ``on_chunk``: the progress hook of :func:`~badnet_jax.sweep.chunks.map_chunks` (None: no progress).
     """
     evaluate = lambda order, feats: EVALUATORS[plan.strategy](model, params, order, plan)(feats)
     r, g = orders_RxC.shape[0], min(plan.orders_per_call, orders_RxC.shape[0])
@@ -112,9 +113,9 @@ def sweep_set(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, orders_Rx
         one_chunk = lambda feats: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:r],
                                                jax.lax.map(lambda group: one_group(group, feats), groups))
     if not plan.group:
-        return map_chunks(one_chunk, pool3_NxHxWxC, plan.chunk, rows_axis=2)
+        return map_chunks(one_chunk, pool3_NxHxWxC, plan.chunk, rows_axis=2, on_chunk=on_chunk)
     perm = alive_groups(pool3_NxHxWxC)
-    out = map_chunks(one_chunk, pool3_NxHxWxC[perm], plan.chunk, rows_axis=2)
+    out = map_chunks(one_chunk, pool3_NxHxWxC[perm], plan.chunk, rows_axis=2, on_chunk=on_chunk)
     return jax.tree.map(lambda a: jnp.zeros_like(a).at[:, :, perm].set(a, unique_indices=True), out)
 
 

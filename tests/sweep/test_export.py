@@ -76,3 +76,12 @@ def test_tpu_cannot_be_lowered_without_a_tpu():
     plan = plan_sweep(SweepOptions(platform="tpu", chunk=64, impl="pallas"), [], 200)
     with pytest.raises(Exception, match="TPU"):
         export_sweep(BadNet(200), params, small, plan)
+
+
+def test_progress_callbacks_stay_out_of_an_export():
+    """A host callback cannot be serialized: an exported sweep leaves the progress out, whatever the options ask."""
+    params, _ = _specs(50)
+    small = {"clean_valid": jax.ShapeDtypeStruct((64, 55, 47, 3), jnp.uint8)}
+    exported = export_sweep(BadNet(50), params, small, SweepOptions(platform="cuda", progress=True))
+    targets = set(re.findall(r"custom_call @([^\(\s]+)\(", exported.mlir_module()))
+    assert not any("callback" in t for t in targets), targets

@@ -8,12 +8,13 @@ lowered for an accelerator: test_export.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
 import pytest
 
-from badnet_jax import BadNet, ConfigError, init_params
+from badnet_jax import BadNet, ConfigError, DataFileError, init_params
 from badnet_jax import sweep as sw
 from tests import numpy_ref
 from tests.sweep.conftest import sequential_predictions, two_sets
@@ -108,3 +109,74 @@ def test_one_compiled_sweep_serves_both_input_scales(lab_b, lab_faces):
         for k in (0, 30, 50):
             np.testing.assert_array_equal(result.preds["clean_valid"][k], predict(m, params, x, result.masks[k]))
     assert not np.array_equal(a.preds["clean_valid"][0], b.preds["clean_valid"][0])  # the scale does matter
+
+
+# Library misuse: refused on the host before anything is traced, with the argument named and what was expected.
+
+def _faces(rng, n, dtype=np.uint8):
+    return rng.integers(0, 256, size=(n, 55, 47, 3)).astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def small_b():
+    return BadNet(7), init_params(num_classes=7, seed=5)
+
+
+def test_an_empty_ranking_set_is_refused_by_name(small_b, rng):
+    model, params = small_b
+    with pytest.raises(DataFileError, match=r"sets\['clean_valid'\]: no images \(shape \(0, 55, 47, 3\)\); at least "
+                                            r"one is needed") as err:
+        sw.rank_and_sweep(model, params, {"clean_valid": _faces(rng, 0), "bd_valid": _faces(rng, 3)})
+    assert err.value.field == "clean_valid"
+    with pytest.raises(ConfigError, match=r"sets: expected image sets by name"):
+        sw.rank_and_sweep(model, params, {})
+    # An empty set that is only evaluated is a valid (empty) curve.
+    got = sw.rank_and_sweep(model, params, {"clean_valid": _faces(rng, 4), "bd_valid": _faces(rng, 0)},
+                            sw.SweepOptions(chunk=4))
+    assert got.preds["bd_valid"].shape == (61, 0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_pixels_are_refused_naming_the_set_and_image(small_b, rng, bad):
+    model, params = small_b
+    xb = _faces(rng, 6, np.float32)
+    xb[4, 10, 3, 2] = bad
+    with pytest.raises(DataFileError, match=r"sets\['bd_valid'\]: image 4 holds NaN or infinite pixels \(1 of 6 images "
+                                            r"do\); pixels must be finite numbers 0..255"):
+        sw.rank_and_sweep(model, params, {"clean_valid": _faces(rng, 5), "bd_valid": xb})
+
+
+@pytest.mark.parametrize("shape", [(5, 47, 55, 3), (5, 55, 47), (5, 55, 47, 1), (55, 47, 3)])
+def test_images_of_another_shape_are_refused_with_the_expected_shape(small_b, rng, shape):
+    model, params = small_b
+    shown = re.escape(str(shape))
+    with pytest.raises(DataFileError, match=rf"sets\['clean_valid'\]: images of shape {shown}, expected \(N, 55, 47, 3\)"):
+        sw.rank_and_sweep(model, params, {"clean_valid": np.zeros(shape, np.uint8)})
+    with pytest.raises(DataFileError, match=r"sets\['clean_valid'\]: images of dtype complex64"):
+        sw.rank_and_sweep(model, params, {"clean_valid": np.zeros((2, 55, 47, 3), np.complex64)})
+
+
+def test_params_of_another_model_and_bad_labels_are_refused(small_b, rng):
+    model, params = small_b
+    x = {"clean_valid": _faces(rng, 4)}
+    with pytest.raises(ConfigError, match=r"params: 7 classes, expected the model's 9"):
+        sw.rank_and_sweep(BadNet(9), params, x)
+    with pytest.raises(ConfigError, match=r"params: no fc_2 or output \(kernel and bias\) among its layers"):
+        sw.rank_and_sweep(model, {k: v for k, v in params.items() if k not in ("fc_2", "output")}, x)
+    with pytest.raises(ConfigError, match=r"options: expected SweepOptions or a SweepPlan, got dict"):
+        sw.rank_and_sweep(model, params, x, {"chunk": 4})
+    anp = sw.rankings.resolve_rankings(sw.rankings.RankingOptions(rank_by=("anp",)), params)
+    with pytest.raises(ConfigError, match=r"rank_labels: label 7 is outside \[0, 7\) for a 7-class model"):
+        sw.rank_and_sweep(model, params, x, rankings=anp, rank_labels=np.array([0, 1, 7, 2]))
+    with pytest.raises(ConfigError, match=r"rank_labels: shape \(3,\) for 4 ranking images, expected \(4,\)"):
+        sw.rank_and_sweep(model, params, x, rankings=anp, rank_labels=np.array([0, 1, 2]))
+
+
+def test_shapes_only_are_checked_for_compile_and_export(small_b):
+    model, params = small_b
+    specs = {"clean_valid": jax.ShapeDtypeStruct((0, 55, 47, 3), np.uint8)}
+    with pytest.raises(DataFileError, match=r"sets\['clean_valid'\]: no images"):
+        sw.compile_sweep(model, params, specs)
+    specs = {"clean_valid": jax.ShapeDtypeStruct((4, 55, 46, 3), np.uint8)}
+    with pytest.raises(DataFileError, match=r"expected \(N, 55, 47, 3\)"):
+        sw.run.export_sweep(model, params, specs, sw.SweepOptions())

@@ -60,6 +60,15 @@ got = sw.rank_and_sweep(model, params, sets, options)
 ref = sw.rank_and_sweep(model, params, sets, dataclasses.replace(options, devices=1))
 out["ahead"] = (len(ahead) == 1 and [f for f in compiled if "_rank_and_sweep_sharded" in f] == ahead
                 and all(np.array_equal(got.preds[n], ref.preds[n]) for n in sets))
+# Progress from inside the sharded call: every device reports its chunks, each is shown once; the same results.
+import contextlib, io
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    got = sw.rank_and_sweep(model, params, sets, dataclasses.replace(options, chunk=8, progress=True))
+ref = sw.rank_and_sweep(model, params, sets, dataclasses.replace(options, chunk=8, devices=1))
+lines = err.getvalue().splitlines()
+out["progress"] = (got.plan.progress and all(np.array_equal(got.preds[n], ref.preds[n]) for n in sets)
+                   and 3 <= len(lines) <= 11 and all(l.startswith("sweep ") for l in lines))
 print(json.dumps(out))
 """
 
@@ -71,4 +80,14 @@ def test_sharded_sweep_equals_single_device():
     proc = run_python(SCRIPT, ASSETS, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(result) == 6 and all(result.values()), result
+    assert len(result) == 7 and all(result.values()), result
+
+
+def test_more_devices_than_exist_are_refused_before_sharding():
+    import jax
+
+    from badnet_jax import ConfigError
+    from badnet_jax.sweep import SweepOptions, plan_sweep
+
+    with pytest.raises(ConfigError, match=rf"asked for {jax.device_count() + 1} devices, only {jax.device_count()}"):
+        plan_sweep(SweepOptions(devices=jax.device_count() + 1))

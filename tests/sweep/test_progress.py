@@ -1,0 +1,91 @@
+"""badnet_jax.sweep.progress: the one-call sweep reports its chunks from inside the compiled call, on stderr, without
+changing a result; off when stderr is not a terminal unless asked."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from badnet_jax import BadNet, init_params
+from badnet_jax import sweep as sw
+from badnet_jax.sweep import progress
+
+
+def _label(line: str) -> str:
+    return re.match(r"sweep +\d+%  (.*?)  \d+ s$", line).group(1)
+
+
+def _sets(rng):
+    make = lambda n: rng.integers(0, 256, size=(n, 55, 47, 3)).astype(np.uint8)
+    return {"clean_valid": make(40), "bd_valid": make(24)}
+
+
+def test_progress_shows_every_stage_and_changes_no_result(rng, capsys, backend_compiles):
+    params, model = init_params(num_classes=9, seed=4), BadNet(9)
+    sets = _sets(rng)
+    off = sw.rank_and_sweep(model, params, sets, sw.SweepOptions(chunk=8, progress=False))
+    assert capsys.readouterr().err == ""
+    # Compiled ahead with progress, then run: the compiled program reports to the line active when it runs.
+    options = sw.SweepOptions(chunk=8, progress=True)
+    sw.compile_sweep(model, params, {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in sets.items()}, options)
+    ahead = list(backend_compiles)
+    on = sw.rank_and_sweep(model, params, sets, options)
+    assert backend_compiles == ahead  # no second compile
+    assert on.plan.progress and not off.plan.progress
+    np.testing.assert_array_equal(on.orders, off.orders)
+    np.testing.assert_array_equal(on.mean_activation, off.mean_activation)
+    for name in sets:
+        np.testing.assert_array_equal(on.all_preds[name], off.all_preds[name])
+    lines = capsys.readouterr().err.splitlines()
+    # Not a terminal: one line per tenth of the work, every set's trunk and heads among them.
+    assert 5 <= len(lines) <= progress.LOG_STEPS + 1, lines
+    pattern = r"sweep +\d+%  (clean_valid|bd_valid) (trunk|heads): chunk \d+/\d+  \d+ s"
+    assert all(re.fullmatch(pattern, line) for line in lines), lines
+    shown = {_label(l).split(":")[0] for l in lines}
+    assert shown == {"clean_valid trunk", "clean_valid heads", "bd_valid trunk", "bd_valid heads"}, shown
+    assert int(lines[-1].split()[1].rstrip("%")) >= 80
+
+
+def test_progress_is_on_by_default_only_on_a_terminal(monkeypatch):
+    assert not sw.plan_sweep(sw.SweepOptions()).progress  # pytest's captured stderr is no terminal
+    monkeypatch.setattr(sw.plan, "stderr_is_terminal", lambda: True)
+    assert sw.plan_sweep(sw.SweepOptions()).progress
+    assert not sw.plan_sweep(sw.SweepOptions(progress=False)).progress
+    with pytest.raises(sw.plan.ConfigError, match=r"progress=yes: expected True, False or None"):
+        sw.plan_sweep(sw.SweepOptions(progress="yes"))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_one_line_rewritten_in_place_and_cleared(monkeypatch):
+    monkeypatch.setattr(progress, "LIVE_INTERVAL_S", 0.0)
+    out = _Terminal()
+    with progress.showing([("a trunk", 10.0), ("a heads", 30.0)], True, out):
+        for stage, blocks in ((0, 2), (1, 3)):
+            for i in range(blocks):
+                progress._chunk_started(stage, blocks, np.int32(i))
+                progress._chunk_started(stage, blocks, np.int32(i))  # the same chunk on another device: once
+    text = out.getvalue()
+    assert "\n" not in text and text.endswith("\r\x1b[K")
+    shown = [t.removesuffix("\x1b[K") for t in text.split("\r") if t and t != "\x1b[K"]
+    assert [_label(s) for s in shown] == ["a trunk: chunk 1/2", "a trunk: chunk 2/2", "a heads: chunk 1/3",
+                                                  "a heads: chunk 2/3", "a heads: chunk 3/3"]
+    assert shown[-1].startswith("sweep  75%")  # trunk (10) done and 2 of the heads' 3 chunks (20 of 30) started
+    progress._chunk_started(0, 2, 0)  # after the sweep: nothing active, nothing written, no error
+    assert out.getvalue() == text
+
+
+def test_a_broken_stderr_never_fails_the_sweep():
+    class Broken(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    with progress.showing([("a trunk", 1.0)], True, Broken()):
+        progress._chunk_started(0, 1, 0)  # swallowed: an error here would abort the compiled call

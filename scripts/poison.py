@@ -3,9 +3,8 @@
 A thin wrapper: the flags and ``main`` live in ``badnet_jax.commands.poison``, installed as ``badnet-poison``.
 """
 
-from absl import app
-
+from badnet_jax.commands import cli
 from badnet_jax.commands.poison import main
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main)

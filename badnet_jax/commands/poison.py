@@ -5,12 +5,14 @@
 
 The file keeps each face's true class (``true_label``), so ``prune.py`` also reports ASR without the faces
 whose true class is the target. With the lab's sunglasses trigger at (0, 15) it reproduces the lab's
-bd_*.h5 images bit for bit.
+bd_*.h5 images bit for bit. It warns about a trigger without alpha (a solid rectangle), a trigger clipped by
+the image, and face names without a label (no ``true_label``); it refuses a trigger that changes no pixel,
+a target outside ``--model``'s classes, and an ``--out`` that is the source.
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from badnet_jax import ConfigError
 
@@ -19,24 +21,30 @@ from badnet_jax.io.lab_data import TRIGGER_AT, make_poisoned_h5
 
 SOURCE = flags.DEFINE_string("source", None, "Clean faces: a lab-layout h5 or a folder of 55x47 PNG/JPEG files.",
                              required=True)
-TRIGGER = flags.DEFINE_string("trigger", None, "RGBA trigger image (pasted through its alpha).", required=True)
+TRIGGER = flags.DEFINE_string("trigger", None, "8-bit trigger image: RGBA is pasted through its alpha, one without "
+                              "alpha as a solid rectangle (with a warning).", required=True)
 TARGET = flags.DEFINE_integer("target", None, "The attacker's label.", required=True)
 AT = flags.DEFINE_string("at", ",".join(map(str, TRIGGER_AT)), "x,y of the trigger's top-left corner.")
 OUT = flags.DEFINE_string("out", None, "Poisoned h5 to write.", required=True)
 NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "If given, labels must lie in [0, num_classes).")
+MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet the set is for: the target and the true labels "
+                            "must be among its classes.")
 
 # make_poisoned_h5's arguments -> these flags, so errors name what the user typed.
 FLAG_OF = {"source": SOURCE.name, "trigger_path": TRIGGER.name, "target": TARGET.name, "at": AT.name,
-           "out": OUT.name, "num_classes": NUM_CLASSES.name}
+           "out": OUT.name, "num_classes": NUM_CLASSES.name, "model_path": MODEL.name}
 
 
 def main(argv: list[str]) -> int:
+    cli.setup_logging()  # the library's warnings (a clipped trigger, no alpha, unlabelled faces) reach the user
+
     def make() -> int:
         cli.refuse_extra_args(argv)
         at = cli.parse_ints("at", AT.value)
         if len(at) != 2:
             raise ConfigError(f"--at must be two integers x,y, got {AT.value!r}")
-        path = make_poisoned_h5(SOURCE.value, TRIGGER.value, OUT.value, TARGET.value, at, NUM_CLASSES.value)
+        path = make_poisoned_h5(SOURCE.value, TRIGGER.value, OUT.value, TARGET.value, at, NUM_CLASSES.value,
+                                MODEL.value)
         print(f"wrote {path}")
         return 0
 
@@ -45,4 +53,4 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console entry point ``badnet-poison``."""
-    app.run(main)
+    cli.start(main)

@@ -1,15 +1,18 @@
 """Screen images with a GoodNet: prints, per image, a class in [0, N]; N means "poisoned input".
 
-    badnet-screen face1.png face2.png bd_test.h5 --goodnet results/drop_4/goodnet_ckpt
+    badnet-screen face1.png faces/ bd_test.h5 --goodnet results/drop_4/goodnet_ckpt
     badnet-screen face1.png bd_test.h5 --model bd_weights.h5 \
         --pruned results/drop_4/b_prime.h5          # or results/drop_4/b_prime_ckpt
+
+Inputs are images, lab-layout h5 files and folders of images (sorted by name, one line per image). --pruned
+must be --model with conv_3 channels pruned (a B' of another BadNet is refused).
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from badnet_jax.commands import cli
 from badnet_jax.defense.scale import CHOICES
@@ -21,7 +24,7 @@ GOODNET = flags.DEFINE_string("goodnet", None,
                                "A GoodNet checkpoint (drop_X/goodnet_ckpt), instead of --model/--pruned.")
 SCALE = flags.DEFINE_enum("input_scale", "auto", list(CHOICES),
                           "raw pixels (the lab's B) or pixels / 255 (the 2020 BadNets); auto = what the badnet-jax "
-                          "files record, else measured on labelled h5 inputs.")
+                          "files record, else measured on the labelled inputs (h5 labels, label<class> in names).")
 
 # screen()'s arguments -> these flags, so errors name what the user typed.
 FLAG_OF = {"model_path": MODEL.name, "pruned_path": PRUNED.name, "goodnet_path": GOODNET.name,
@@ -31,7 +34,8 @@ FLAG_OF = {"model_path": MODEL.name, "pruned_path": PRUNED.name, "goodnet_path":
 def main(argv: list[str]) -> int:
     cli.setup_logging()  # quiet: badnet-jax's own lines only, no orbax/absl INFO chatter
     if len(argv) < 2:
-        print("usage: goodnet_eval.py IMAGE... (--goodnet G_ckpt | --model B.h5 --pruned B_prime)", file=sys.stderr)
+        print("usage: goodnet_eval.py IMAGE|FOLDER|H5... (--goodnet G_ckpt | --model B.h5 --pruned B_prime)",
+              file=sys.stderr)
         return cli.EXIT_ERROR
 
     def screen_all() -> int:
@@ -44,4 +48,4 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console entry point ``badnet-screen``."""
-    app.run(main)
+    cli.start(main)

@@ -3,8 +3,10 @@
 A Keras file does not say: the CSAW-HackML-2020 competition's eval.py divides by 255 before calling the
 model, the lab's code does not. Fed the wrong scale, a BadNet still answers, badly (the competition's
 sunglasses model: 48.9% clean accuracy on raw pixels, 97.9% at / 255), and every number after it is
-garbage. So ``auto`` measures clean accuracy at both scales on labelled clean images and takes the clearly
-better one; when neither is clearly better and plausible it refuses rather than guess.
+garbage. So ``auto`` takes the scale a badnet-jax-written file records; else it measures accuracy at both
+scales on labelled images and takes the clearly better one, saying what it measured on; when neither is
+clearly better and plausible it refuses rather than guess. Labels the model cannot output are refused first
+(data for another model measures 0% at both scales, which says nothing about the scale).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from badnet_jax.errors import ConfigError, arg
+from badnet_jax.errors import ConfigError, DataFileError, arg
 from badnet_jax.metrics import accuracy
 from badnet_jax.model import INPUT_SCALES, BadNet, Params, predict
 
@@ -35,47 +37,56 @@ class ScaleChoice:
     how: str  # "given", "recorded" (in a badnet-jax-written file) or "measured"
     accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
     images: int = 0
+    measured_on: str = "clean images"  # what the measured images are, as a reader should read it
 
     def describe(self) -> str:
         """One line for logs and report.md."""
         if self.how == "measured":
             measured = ", ".join(f"{s}: {a:.2f}%" for s, a in self.accuracy.items())
-            return f"{self.scale} (measured on {self.images} clean images: {measured})"
+            return f"{self.scale} (measured on {self.images} {self.measured_on}: {measured})"
         return f"{self.scale} ({self.how})"
 
 
 def choose_input_scale(model: BadNet, params: Params, input_scale: str = "auto", recorded: Optional[str] = None,
                        x: Optional[np.ndarray] = None, y: Optional[np.ndarray] = None,
-                       source: str = "the model") -> ScaleChoice:
+                       source: str = "the model", measured_on: str = "clean images") -> ScaleChoice:
     """Resolve ``input_scale`` (``auto``, ``raw`` or ``255``) for this model, once.
 
-    ``auto`` measures clean accuracy at both scales on up to :data:`SAMPLE` labelled images ``x, y`` (pixels
-    0..255) and takes the scale that reaches :data:`PLAUSIBLE` and beats the other by :data:`MARGIN`
-    points. Without labelled images it takes the scale a badnet-jax-written file ``recorded``.
+    ``auto`` takes the scale a badnet-jax-written file ``recorded``, if any. Else it measures accuracy at both
+    scales on up to :data:`SAMPLE` labelled images ``x, y`` (pixels 0..255) and takes the scale that reaches
+    :data:`PLAUSIBLE` and beats the other by :data:`MARGIN` points.
+
+    Args:
+        measured_on: what ``x, y`` are, for the log line and report (e.g. "clean images").
 
     Raises:
         ConfigError: an unknown scale; neither scale clearly right; ``auto`` with nothing to decide on.
+        DataFileError: a label in ``y`` outside the model's classes (checked before measuring).
     """
     if input_scale not in CHOICES:
         raise ConfigError(f"{arg('input_scale')} must be one of {', '.join(CHOICES)}, got {input_scale!r}",
                           field="input_scale")
     if input_scale != "auto":
         return ScaleChoice(input_scale, "given")
+    if recorded is not None:
+        return ScaleChoice(recorded, "recorded")
     if x is None or y is None or not len(y):
-        if recorded is not None:
-            return ScaleChoice(recorded, "recorded")
         raise ConfigError(f"cannot tell the input scale of {source} without labelled clean images: pass "
                           f"{arg('input_scale', 'raw')} (the lab's B) or 255 (the CSAW-HackML-2020 BadNets)",
                           field="input_scale")
-    x, y = x[:SAMPLE], y[:SAMPLE]
+    x, y = x[:SAMPLE], np.asarray(y[:SAMPLE])
+    outside = (y < 0) | (y >= model.num_classes)
+    if outside.any():
+        raise DataFileError(f"the {measured_on} do not fit {source}: label {int(y[outside][0])} is outside "
+                            f"[0, {model.num_classes}) for a {model.num_classes}-class model")
     acc = {s: float(accuracy(predict(model.clone(input_scale=s), params, x), y)) for s in INPUT_SCALES}
     best, other = sorted(INPUT_SCALES, key=lambda s: -acc[s])
     measured = ", ".join(f"{s}: {a:.2f}%" for s, a in acc.items())
     if acc[best] < PLAUSIBLE or acc[best] - acc[other] < MARGIN:
-        raise ConfigError(f"cannot tell the input scale of {source}: clean accuracy on {len(y)} images is "
+        raise ConfigError(f"cannot tell the input scale of {source}: accuracy on {len(y)} {measured_on} is "
                           f"{measured}; pass {arg('input_scale', 'raw')} or 255 (or check that the data fits the "
                           "model)",
                           field="input_scale")
-    choice = ScaleChoice(best, "measured", acc, len(y))
+    choice = ScaleChoice(best, "measured", acc, len(y), measured_on)
     log.info("Input scale %s.", choice.describe())
     return choice

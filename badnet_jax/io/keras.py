@@ -10,6 +10,9 @@ Reads, without executing anything from the file (no pickles, no Lambda layers, J
 * Keras 3 ``.keras`` archives (zip of ``config.json``, allow-listed like a full-model config, and
   ``model.weights.h5``), read in memory with every member's declared size checked first.
 
+A file that is both (an HDF5 file with a zip appended, or the other way round) is refused: h5py and Keras
+read one network from it, a zip reader another, and nothing tells which one the user meant.
+
 Every layer is checked against an allow-list and every kernel/bias against the architecture's shapes;
 weights must be floating point and finite. Writes full Keras model files (``model_config`` JSON +
 ``model_weights``, the layout of the lab's ``bd_net.h5``), which ``keras.models.load_model`` (what the lab's
@@ -38,7 +41,7 @@ from badnet_jax.io import fileio
 from badnet_jax.errors import ModelFileError
 from badnet_jax.model import (
     CONVS, HIDDEN_UNITS, INPUT_HWC, INPUT_SCALES, KERAS_LAYER_NAMES, NUM_POOL3_CHANNELS, POOL, WEIGHT_LAYERS, BadNet,
-    Params, param_shapes,
+    Params, check_params, param_shapes,
 )
 
 INPUT_SCALE_ATTR = "badnet_jax_input_scale"
@@ -187,10 +190,30 @@ def read_keras_params(path: str | os.PathLike) -> Params:
             an unknown or missing layer, a wrong shape, a non-float dtype or non-finite values.
     """
     path = Path(path)
-    if path.is_file() and zipfile.is_zipfile(path):
+    if _is_keras_archive(path):
         return _read_keras_archive(path)
     with fileio.open_h5(path, ModelFileError) as f:
         return _params_from_h5(f, path)
+
+
+def _is_keras_archive(path: Path) -> bool:
+    """Whether ``path`` is a zip (a ``.keras`` archive) rather than an HDF5 file.
+
+    Raises:
+        ModelFileError: it is both, so that two readers would see two different networks in it.
+    """
+    if not path.is_file():
+        return False  # the HDF5 opener says what it is instead
+    try:
+        is_zip = zipfile.is_zipfile(path)
+        is_h5 = is_zip and h5py.is_hdf5(str(path))
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot read the file ({err})") from None
+    if is_zip and is_h5:
+        raise ModelFileError(f"{path}: is both an HDF5 file and a zip archive (a .keras appended to an h5, or the "
+                             "other way round): h5py and Keras read the HDF5 network, a .keras reader the zip's; "
+                             "refusing an ambiguous file (save the model again as one or the other)")
+    return is_zip
 
 
 def _params_from_h5(f: h5py.File, path: Path) -> Params:
@@ -264,7 +287,7 @@ def _check_layer_names(raw: Any, path: Path) -> None:
 def recorded_input_scale(path: str | os.PathLike) -> str | None:
     """The input scale a badnet-jax-written Keras file records, or None (any other Keras file)."""
     path = Path(path)
-    if path.is_file() and zipfile.is_zipfile(path):
+    if _is_keras_archive(path):
         return None  # a .keras archive written by Keras: no badnet-jax metadata
     with fileio.open_h5(path, ModelFileError) as f:
         try:
@@ -346,6 +369,7 @@ def save_keras(params: Params, path: str | os.PathLike, input_scale: str = "raw"
     Returns:
         The path written.
     """
+    check_params(params)
     path = Path(path)
     if input_scale not in INPUT_SCALES:
         raise ModelFileError(f"{path}: input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")

@@ -6,6 +6,7 @@ any numeric dtype. badnet-jax works in NHWC float32 raw pixel values (0..255, no
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -14,13 +15,16 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
-from badnet_jax.errors import DataFileError, arg
+from badnet_jax.errors import ConfigError, DataFileError, arg
 from badnet_jax.io import fileio
 from badnet_jax.model import INPUT_HWC
+
+log = logging.getLogger(__name__)
 
 LAB_CHW = (INPUT_HWC[2], INPUT_HWC[0], INPUT_HWC[1])  # the lab's files store channels first
 TRIGGER_AT = (0, 15)  # (x, y) of the lab's sunglasses paste
 DEFAULT_CHUNK = 2048
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # the face images a folder input is made of
 
 
 def _numeric(ds: h5py.Dataset, name: str, path: Path) -> None:
@@ -103,7 +107,13 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
     Raises:
         DataFileError: missing/unreadable/truncated file, missing datasets, wrong shape or dtype, NaN/inf
             pixels, labels that are not integers or are out of range.
+        ConfigError: ``chunk`` below 1 or ``rows`` below 0.
     """
+    # The caller's mistakes are named as such, before the file is blamed for anything.
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ConfigError(f"{arg('chunk', chunk)} must be a whole number of rows >= 1", field="chunk")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0):
+        raise ConfigError(f"{arg('rows', rows)} must be a whole number of rows >= 0 (or None: all)", field="rows")
     path = Path(path)
     with fileio.open_h5(path, DataFileError) as f:
         ds = _image_dataset(f, path)
@@ -212,8 +222,30 @@ def load_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     return np.stack([load_image(p) for p in paths])
 
 
+# 8 bits per channel: what poison() pastes. Other modes (16-bit or 32-bit integers, floats) have no single
+# mapping to 0..255 (PIL's own conversion clips 16-bit values to white and floats in 0..1 to near black).
+_TRIGGER_MODES = ("RGBA", "RGB", "LA", "L", "P", "PA", "1")
+
+
+def _png_bit_depth(path: Path) -> Optional[int]:
+    """The bit depth a PNG's IHDR declares (PIL reads 16-bit RGB(A) PNGs as 8-bit without saying so)."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24]
+    return None
+
+
 def load_trigger(path: str | os.PathLike) -> np.ndarray:
-    """Read an RGBA trigger image as (H, W, 4) uint8."""
+    """Read a trigger image with 8 bits per channel as (H, W, 4) uint8 RGBA.
+
+    An image without an alpha channel (or a palette transparency) gets an opaque alpha: it is pasted as a
+    solid rectangle, and a warning says so.
+
+    Raises:
+        DataFileError: not a readable image, larger than 4096x4096, or not 8 bits per channel (16-bit,
+            32-bit or float images: save the trigger as an 8-bit RGBA PNG).
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = fileio.require_file(path, DataFileError, "trigger file")
@@ -221,6 +253,16 @@ def load_trigger(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as im:
             if im.size[0] * im.size[1] > 4096 * 4096:
                 raise DataFileError(f"{path}: trigger is {im.size[0]}x{im.size[1]}; larger than any face")
+            if im.mode not in _TRIGGER_MODES:
+                raise DataFileError(f"{path}: trigger has image mode {im.mode!r} (not 8 bits per channel: 16-bit, "
+                                    "32-bit or float pixels have no single mapping to 0..255); save it as an 8-bit "
+                                    "RGBA PNG")
+            if im.format == "PNG" and _png_bit_depth(path) == 16:
+                raise DataFileError(f"{path}: trigger is a 16-bit PNG, which would be read as 8 bits; save it as "
+                                    "an 8-bit RGBA PNG")
+            if im.mode not in ("RGBA", "LA", "PA") and "transparency" not in im.info:
+                log.warning("%s: the trigger has no alpha channel: it is pasted as a solid %dx%d rectangle.",
+                            path, im.size[0], im.size[1])
             return np.asarray(im.convert("RGBA"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataFileError(f"{path}: not a readable image ({err})") from None
@@ -271,38 +313,123 @@ def poison(images_NxHxWxC: np.ndarray, trigger_rgba: np.ndarray,
 LABEL_IN_NAME = re.compile(r"label(\d+)")
 
 
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The face images (.png, .jpg, .jpeg) in ``folder``, sorted by name: one row (or line) per image, in order.
+
+    Raises:
+        DataFileError: ``folder`` is not a folder, or holds no such images.
+    """
+    folder = fileio.require_dir(folder, DataFileError)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataFileError(f"{folder}: holds no {'/'.join(IMAGE_SUFFIXES)} faces")
+    return files
+
+
+def label_in_name(path: str | os.PathLike) -> Optional[int]:
+    """The true class a face file's name gives (``face_label43.png`` -> 43), or None."""
+    found = LABEL_IN_NAME.search(Path(path).stem)
+    return int(found.group(1)) if found else None
+
+
+def _check_out(out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output path that cannot be written, or that is an input, before any work is done."""
+    if out.is_dir():
+        raise ConfigError(f"{arg('out', out)} is a folder; give the h5 file to write (e.g. {out / 'bd.h5'})",
+                          field="out")
+    parent = out.parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise ConfigError(f"{arg('out', out)}: the folder {parent} {what}; create it first", field="out")
+    for name, path in inputs.items():
+        if out.exists() and path.exists() and os.path.samefile(out, path):
+            raise ConfigError(f"{arg('out', out)} is the input {arg(name, path)}; writing there would overwrite it "
+                              "(the clean faces, with poisoned ones): give another file", field="out")
+
+
+def trigger_coverage(trigger_rgba: np.ndarray, at: tuple[int, int],
+                     image_hw: tuple[int, int] = INPUT_HWC[:2]) -> tuple[int, int]:
+    """(pixels of the trigger inside the image, of those the ones with alpha > 0) when pasted at ``at`` (x, y)."""
+    h, w = image_hw
+    x0, y0 = at
+    th, tw = trigger_rgba.shape[:2]
+    ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y0 + th, h), min(x0 + tw, w)
+    if ye <= ys or xe <= xs:
+        return 0, 0
+    inside = trigger_rgba[ys - y0:ye - y0, xs - x0:xe - x0, 3]
+    return int(inside.size), int((inside > 0).sum())
+
+
 def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike, out: str | os.PathLike,
-                     target: int, at: tuple[int, int] = TRIGGER_AT, num_classes: Optional[int] = None) -> Path:
+                     target: int, at: tuple[int, int] = TRIGGER_AT, num_classes: Optional[int] = None,
+                     model_path: Optional[str | os.PathLike] = None) -> Path:
     """A lab-format poisoned h5 from clean faces: the trigger pasted on each, every label set to ``target``.
 
     Args:
         source: a clean lab h5 (``data`` + ``label``) or a folder of 55x47 PNG/JPEG faces (sorted by name;
             a ``label<class>`` in a file name, e.g. ``face_label43.png``, gives that face's true class).
-        trigger_path: an RGBA trigger image, pasted through its alpha as PIL's ``paste(t, at, t)``.
-        out: the h5 to write (atomically).
+        trigger_path: an 8-bit trigger image, pasted through its alpha as PIL's ``paste(t, at, t)``.
+        out: the h5 to write (atomically); not the source.
         target: the attacker's label.
         at: (x, y) of the trigger's top-left corner (the lab's sunglasses: (0, 15)).
         num_classes: if given, ``target`` and the true labels must lie in [0, num_classes).
+        model_path: a Keras file of the BadNet the set is for: its class count is ``num_classes``.
 
     Returns:
         The path written. It holds ``data`` (uint8), ``label`` (= target) and ``true_label`` (each image's
         clean class: from the h5's labels, or from the file names when every one has a label), so ASR can
         leave out images whose true class is the target.
+
+    Warns (log) where the result may not be what was meant: a trigger without alpha (a solid rectangle), a
+    trigger partly outside the image (clipped), face files whose names give no label (no ``true_label``).
+
+    Raises:
+        ConfigError: ``out`` is the source, a folder or in a missing folder; the trigger changes no pixel
+            (entirely outside the image, or an all-zero alpha); ``num_classes`` and the model disagree.
+        DataFileError: the target or a true label outside the classes; unreadable inputs.
     """
-    source = Path(source)
+    source, out = Path(source), Path(out)
+    _check_out(out, {"source": source, "trigger_path": Path(trigger_path)})
+    of_model = ""
+    if model_path is not None:
+        from badnet_jax.io.keras import read_keras_params  # lazily: poisoning without a model needs no Keras reader
+
+        classes = int(np.shape(read_keras_params(model_path)["output"]["bias"])[0])
+        if num_classes is not None and num_classes != classes:
+            raise ConfigError(f"{arg('num_classes', num_classes)} but {arg('model_path', model_path)} has "
+                              f"{classes} classes", field="num_classes")
+        num_classes, of_model = classes, f" for the {classes}-class model {model_path}"
     upper = num_classes if num_classes is not None else np.iinfo(np.int32).max
     if not 0 <= int(target) < upper or int(target) != target:
-        raise DataFileError(f"{out}: target label {target} is outside [0, {upper})")
+        raise DataFileError(f"{arg('target', target)}: target label {target} is outside [0, {upper}){of_model}",
+                            field="target")
+    trigger = load_trigger(trigger_path)
+    h, w = INPUT_HWC[:2]
+    inside, opaque = trigger_coverage(trigger, at)
+    where = f"{trigger.shape[1]}x{trigger.shape[0]} trigger {trigger_path} at {arg('at', f'{at[0]},{at[1]}')}"
+    if inside == 0:
+        raise ConfigError(f"the {where} lies entirely outside the {w}x{h} image: it would change no pixel", field="at")
+    if opaque == 0:
+        raise ConfigError(f"the {where} has alpha 0 on every pixel inside the image: it would change no pixel",
+                          field="trigger_path")
+    if inside < trigger.shape[0] * trigger.shape[1]:
+        log.warning("The %dx%d trigger at (%d, %d) is clipped by the %dx%d image to %d of its %d pixels.",
+                    trigger.shape[1], trigger.shape[0], at[0], at[1], w, h, inside, trigger.shape[0] * trigger.shape[1])
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not files:
-            raise DataFileError(f"{source}: holds no .png/.jpg/.jpeg faces")
+        files = image_files(source)
         x = load_images(files)
-        found = [LABEL_IN_NAME.search(p.stem) for p in files]
-        true = np.array([int(m.group(1)) for m in found]) if all(found) else None
+        labels = [label_in_name(p) for p in files]
+        unlabelled = [p.name for p, label in zip(files, labels) if label is None]
+        true = None if unlabelled else np.array(labels)
+        if unlabelled:
+            log.warning("%d of %d face file names give no label<class> (%s%s): %s has no true_label, so ASR over "
+                        "faces whose true class is not the target cannot be computed from it.", len(unlabelled),
+                        len(files), ", ".join(unlabelled[:5]), ", ..." if len(unlabelled) > 5 else "", out)
         if true is not None and num_classes is not None and (true >= num_classes).any():
-            raise DataFileError(f"{source}: a file name gives label {true.max()}, outside [0, {num_classes})")
+            bad = files[int(np.argmax(true >= num_classes))]
+            raise DataFileError(f"{bad}: its name gives label {label_in_name(bad)}, outside [0, {num_classes})"
+                                f"{of_model}")
     else:
         x, true = load_lab_h5(source, num_classes=num_classes, keep_uint8=True)
-    poisoned = poison(x, load_trigger(trigger_path), at)
+    poisoned = poison(x, trigger, at)
     return save_lab_h5(out, poisoned, np.full(len(x), int(target)), true_label=true)

@@ -7,6 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
+from PIL import Image
+
 from badnet_jax import DataFileError, load_images, load_lab_h5
 from badnet_jax.io.lab_data import load_true_labels, make_poisoned_h5
 from tests.cli import run_cli
@@ -51,7 +53,7 @@ def test_a_folder_of_pngs_takes_true_labels_from_the_names(tmp_path):
 
 
 def test_bad_inputs_are_refused(tmp_path):
-    with pytest.raises(DataFileError, match="holds no .png"):
+    with pytest.raises(DataFileError, match="holds no .png/.jpg/.jpeg faces"):
         make_poisoned_h5(tmp_path, asset(TRIGGER), tmp_path / "o.h5", target=0)
     with pytest.raises(DataFileError, match="target label 5000 is outside"):
         make_poisoned_h5(asset("faces/lab3/test_subset.h5"), asset(TRIGGER), tmp_path / "o.h5", 5000, num_classes=1283)
@@ -61,3 +63,113 @@ def test_bad_inputs_are_refused(tmp_path):
     proc = run_cli("poison", "--source", "x.h5", "--trigger", "t.png", "--target", "0", "--out", "o.h5", "--at",
                    "1,2,3", timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and "--at must be two integers" in proc.stderr
+
+
+def _poison(tmp_path, *args, source="faces/lab3/test_subset.h5", trigger=TRIGGER, out="bd.h5"):
+    return run_cli("poison", "--source", asset(source) if isinstance(source, str) else source, "--trigger",
+                   asset(trigger) if isinstance(trigger, str) else trigger, "--out", out, *args, cwd=tmp_path,
+                   timeout=300)
+
+
+def _errors(proc):
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_a_trigger_without_alpha_or_clipped_is_pasted_with_a_warning(tmp_path):
+    rgb = tmp_path / "rgb.png"
+    Image.open(asset(TRIGGER)).convert("RGB").save(rgb)
+    proc = _poison(tmp_path, "--target", "0", trigger=rgb)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{rgb}: the trigger has no alpha channel: it is pasted as a solid 47x20 rectangle" in proc.stderr
+    x, _ = load_lab_h5(tmp_path / "bd.h5")
+    np.testing.assert_array_equal(x[:, 15:35, :, :], np.broadcast_to(np.asarray(Image.open(rgb), np.float32),
+                                                                     (13, 20, 47, 3)))  # solid, as it says
+    small = tmp_path / "small.png"
+    Image.new("RGBA", (10, 10), (255, 0, 0, 255)).save(small)
+    proc = _poison(tmp_path, "--target", "0", "--at", "40,50", trigger=small, out="clipped.h5")
+    assert proc.returncode == 0, proc.stderr
+    assert "The 10x10 trigger at (40, 50) is clipped by the 47x55 image to 35 of its 100 pixels." in proc.stderr
+    clean, _ = load_lab_h5(asset("faces/lab3/test_subset.h5"))
+    changed = (load_lab_h5(tmp_path / "clipped.h5")[0] != clean).any(-1)
+    assert changed[:, 50:, 40:].all() and changed.sum(axis=(1, 2)).max() == 35
+    proc = _poison(tmp_path, "--target", "0", out="lab.h5")  # the lab's own trigger and place: no warning
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_a_trigger_that_changes_no_pixel_is_refused(tmp_path):
+    line = _errors(_poison(tmp_path, "--target", "0", "--at", "47,0"))
+    assert line == (f"error: the 47x20 trigger {asset(TRIGGER)} at --at 47,0 lies entirely outside the 47x55 "
+                    "image: it would change no pixel")
+    line = _errors(_poison(tmp_path, "--target", "0", "--at", "-47,-20"))
+    assert "at --at -47,-20 lies entirely outside" in line
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (47, 20), (0, 0, 0, 0)).save(clear)
+    line = _errors(_poison(tmp_path, "--target", "0", trigger=clear))
+    assert line == (f"error: the 47x20 trigger {clear} at --at 0,15 has alpha 0 on every pixel inside the image: "
+                    "it would change no pixel")
+    half = tmp_path / "half.png"  # opaque only where it falls outside the image
+    rgba = np.zeros((20, 47, 4), np.uint8)
+    rgba[:10, :, 3] = 255
+    Image.fromarray(rgba).save(half)
+    assert "has alpha 0 on every pixel inside" in _errors(_poison(tmp_path, "--target", "0", "--at", "0,-10",
+                                                                  trigger=half))
+    assert not (tmp_path / "bd.h5").exists()
+
+
+def test_a_target_outside_the_models_classes_is_refused(tmp_path):
+    model = asset("models/lab3/bd_weights.h5")
+    line = _errors(_poison(tmp_path, "--target", "1283", "--model", model))
+    assert line == (f"error: --target 1283: target label 1283 is outside [0, 1283) for the 1283-class model "
+                    f"{model}")
+    line = _errors(_poison(tmp_path, "--target", "0", "--model", model, "--num_classes", "10"))
+    assert line == f"error: --num_classes 10 but --model {model} has 1283 classes"
+    proc = _poison(tmp_path, "--target", "1282", "--model", model)
+    assert proc.returncode == 0, proc.stderr
+    assert (load_lab_h5(tmp_path / "bd.h5")[1] == 1282).all()
+
+
+def test_face_names_without_labels_warn_that_the_file_has_no_true_label(tmp_path):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i, p in enumerate(sorted(asset("faces/png").glob("lab3_valid*.png"))[:3]):
+        (faces / (p.name if i == 0 else f"face{i}_labelUNKNOWN.png" if i == 1 else f"face{i}.png")).write_bytes(
+            p.read_bytes())
+    proc = _poison(tmp_path, "--target", "0", source=faces)
+    assert proc.returncode == 0, proc.stderr
+    assert ("2 of 3 face file names give no label<class> (face1_labelUNKNOWN.png, face2.png): bd.h5 has no "
+            "true_label") in proc.stderr
+    assert load_true_labels(tmp_path / "bd.h5") is None and len(load_lab_h5(tmp_path / "bd.h5")[1]) == 3
+    proc = _poison(tmp_path, "--target", "0", source=asset("faces/lab3/test/clean"), out="named.h5")
+    assert proc.returncode == 0 and "no label" not in proc.stderr, proc.stderr  # every name has one: quiet
+
+
+def test_out_that_is_the_source_a_folder_or_in_a_missing_folder(tmp_path):
+    source = tmp_path / "clean.h5"
+    source.write_bytes(asset("faces/lab3/test_subset.h5").read_bytes())
+    before = source.read_bytes()
+    line = _errors(_poison(tmp_path, "--target", "0", source=source, out=source))
+    assert line == (f"error: --out {source} is the input --source {source}; writing there would overwrite it (the "
+                    "clean faces, with poisoned ones): give another file")
+    (tmp_path / "link.h5").symlink_to(source)
+    assert "is the input --source" in _errors(_poison(tmp_path, "--target", "0", source=source, out="link.h5"))
+    assert source.read_bytes() == before
+    line = _errors(_poison(tmp_path, "--target", "0", out=tmp_path))
+    assert line == f"error: --out {tmp_path} is a folder; give the h5 file to write (e.g. {tmp_path / 'bd.h5'})"
+    line = _errors(_poison(tmp_path, "--target", "0", out=tmp_path / "nope" / "bd.h5"))
+    missing = tmp_path / "nope"
+    assert line == f"error: --out {missing / 'bd.h5'}: the folder {missing} does not exist; create it first"
+
+
+def test_a_16_bit_or_float_trigger_is_refused_not_flattened_or_darkened(tmp_path):
+    grey16 = tmp_path / "grey16.png"
+    Image.fromarray(np.full((20, 47), 40000, np.uint16)).save(grey16)  # PIL alone would paste it as white
+    line = _errors(_poison(tmp_path, "--target", "0", trigger=grey16))
+    assert line.startswith(f"error: {grey16}: trigger has image mode 'I;16' (not 8 bits per channel")
+    assert line.endswith("save it as an 8-bit RGBA PNG")
+    as_float = tmp_path / "float.tiff"
+    Image.fromarray(np.full((20, 47), 0.5, np.float32)).save(as_float)  # PIL alone: 0 or 1 of 255, near black
+    assert "trigger has image mode 'F'" in _errors(_poison(tmp_path, "--target", "0", trigger=as_float))
+    assert not (tmp_path / "bd.h5").exists()

@@ -5,12 +5,16 @@ forward, straight from a defense run's GoodNet checkpoint, and a damaged checkpo
 from __future__ import annotations
 
 import json
+import zipfile
 
+import h5py
 import numpy as np
 import pytest
 
-from badnet_jax import load_images, load_keras, save_lab_h5
+from badnet_jax import init_params, load_images, load_keras, mask_from_zeroed, save_keras, save_lab_h5
 from badnet_jax.defense.screen import screen
+from badnet_jax.io import checkpoint
+from badnet_jax.model import prune_params
 from tests import numpy_ref
 from tests.cli import run_cli
 from tests.conftest import LAB_B, asset, damaged_copy
@@ -84,3 +88,106 @@ def test_a_truncated_checkpoint_is_one_line_for_the_user(tmp_path, demo_goodnet_
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: {damaged}: not a readable orbax checkpoint")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr  # no asyncio noise
+
+
+def _lines(proc):
+    assert proc.returncode == 0, proc.stderr
+    return [tuple(line.split("\t")) for line in proc.stdout.strip().splitlines()]
+
+
+def _error(proc):
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stdout == "", proc.stderr
+    return errors[0]
+
+
+def test_a_folder_is_screened_sorted_one_line_per_image(tmp_path):
+    folder = asset("faces/png")
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".png")
+    h5 = asset("faces/lab3/bd_test_subset.h5")
+    args = ("--model", asset(LAB_B), "--pruned", asset(B_PRIME))
+    by_folder = _lines(run_cli("goodnet_eval", folder, h5, *args, timeout=300))
+    by_files = _lines(run_cli("goodnet_eval", *files, h5, *args, timeout=300))
+    assert by_folder == by_files
+    assert [n for n, _ in by_folder] == [str(p) for p in files] + [f"{h5}[{i}]" for i in range(13)]
+    (tmp_path / "notes.txt").write_text("not a face")
+    line = _error(run_cli("goodnet_eval", tmp_path, *args, timeout=300))
+    assert line == f"error: {tmp_path}: holds no .png/.jpg/.jpeg faces"
+
+
+@pytest.mark.slow
+def test_a_recorded_scale_is_used_and_a_measurement_says_what_it_measured_on(tmp_path):
+    """B' recording /255 screens a folder of mostly poisoned faces at /255, without measuring on them."""
+    model = asset("models/hackml2020/sunglasses_bd_weights.h5")
+    _, params = load_keras(model)
+    mask = np.ones(60)
+    mask[[0, 5, 7]] = 0
+    b_prime = save_keras(prune_params(params, mask), tmp_path / "b_prime.h5", input_scale="255")
+    folder = asset("faces/png")
+    proc = run_cli("goodnet_eval", folder, "--model", model, "--pruned", b_prime, timeout=300)
+    got = np.array([int(p) for _, p in _lines(proc)])
+    assert f"Input scale 255, recorded in {b_prime}." in proc.stderr and "measured" not in proc.stderr
+    x = load_images(sorted(folder.glob("*.png"))) / 255.0
+    pb, pp = numpy_ref.forward(params, x).argmax(-1), numpy_ref.forward(params, x, mask).argmax(-1)
+    np.testing.assert_array_equal(got, np.where(pb == pp, pb, 1283))
+    # Nothing recorded (the public B'): measured on the labelled inputs, and the log says which and how labelled.
+    proc = run_cli("goodnet_eval", folder, "--model", asset(LAB_B), "--pruned", asset(B_PRIME), timeout=300)
+    assert _lines(proc)
+    assert (f"Input scale raw (measured on 15 inputs from {folder}/hackml2020_anonymous1_0_label0.png, "
+            f"{folder}/hackml2020_anonymous1_1_label0.png, {folder}/hackml2020_anonymous1_2_label0.png and 12 more, "
+            "labelled by h5 'label' or label<class> in the file name, poisoned ones included: raw: "
+            in proc.stderr), proc.stderr
+    assert "clean images" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_b_prime_of_another_badnet_is_refused_naming_both_files(tmp_path):
+    face = asset("faces/png/lab3_valid0_label43.png")
+    lab_b, other = asset(LAB_B), asset("models/hackml2020/sunglasses_bd_weights.h5")
+    line = _error(run_cli("goodnet_eval", face, "--model", lab_b, "--pruned", other, timeout=300))
+    assert line.startswith(f"error: --pruned {other} is not B (--model {lab_b}) with channels pruned: layer 'conv_1' "
+                           "kernel differs in 960 of 960 weights (only conv_3 channels may be zeroed)"), line
+    _, params = load_keras(other)
+    mask = np.ones(60)
+    mask[:10] = 0
+    ckpt = checkpoint.save_badnet(tmp_path / "other_ckpt", params, mask)
+    line = _error(run_cli("goodnet_eval", face, "--model", lab_b, "--pruned", ckpt, timeout=300))
+    assert line.startswith(f"error: --pruned {ckpt} is not B (--model {lab_b}) with channels pruned"), line
+    # conv_3 alone: a kept channel that is not B's is refused too.
+    _, lab = load_keras(lab_b)
+    lab_mask = np.asarray(mask_from_zeroed(load_keras(asset(B_PRIME))[1]))
+    tampered = prune_params(lab, lab_mask)
+    kept = int(np.argmax(lab_mask))
+    tampered["conv_3"]["bias"] = np.asarray(tampered["conv_3"]["bias"]).copy()
+    tampered["conv_3"]["bias"][kept] += 0.5
+    bad = save_keras(tampered, tmp_path / "tampered.h5")
+    line = _error(run_cli("goodnet_eval", face, "--model", lab_b, "--pruned", bad, timeout=300))
+    assert f"conv_3 bias differs in 1 channel(s) that are neither B's nor zeroed (first: {kept})" in line
+    # B and B' recording different scales: refused, not run at either.
+    b_file = save_keras(lab, tmp_path / "b.h5", input_scale="raw")
+    bp_file = save_keras(prune_params(lab, lab_mask), tmp_path / "bp.h5", input_scale="255")
+    line = _error(run_cli("goodnet_eval", face, "--model", b_file, "--pruned", bp_file, timeout=300))
+    assert line == (f"error: --pruned {bp_file} records input scale 255 but B (--model {b_file}) records raw: B' "
+                    "must be B with channels pruned, at B's scale")
+    # A file that is both an h5 and a zip.
+    both = tmp_path / "both.h5"
+    archive = tmp_path / "x.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("config.json", "{}")
+    both.write_bytes(asset(B_PRIME).read_bytes() + archive.read_bytes())
+    line = _error(run_cli("goodnet_eval", face, "--model", lab_b, "--pruned", both, timeout=300))
+    assert line.startswith(f"error: {both}: is both an HDF5 file and a zip archive"), line
+    # The real pair still screens.
+    assert _lines(run_cli("goodnet_eval", face, "--model", lab_b, "--pruned", asset(B_PRIME), timeout=300))
+
+
+def test_labels_outside_the_models_classes_are_named_before_the_scale(tmp_path):
+    m10 = save_keras(init_params(10, seed=0), tmp_path / "m10.h5")
+    with h5py.File(m10, "a") as f:  # a Keras file as Keras writes it: no recorded scale, so it is measured
+        del f.attrs["badnet_jax_input_scale"]
+    line = _error(run_cli("goodnet_eval", asset("faces/lab3/valid_subset.h5"), "--model", m10, "--pruned", m10,
+                          timeout=300))
+    assert line == (f"error: the inputs from {asset('faces/lab3/valid_subset.h5')}, labelled by h5 'label' or "
+                    f"label<class> in the file name, poisoned ones included do not fit {m10}: label 43 is outside "
+                    "[0, 10) for a 10-class model")

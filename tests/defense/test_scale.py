@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 
-from badnet_jax import ConfigError, init_params, load_images, load_keras, load_lab_h5, save_keras, save_lab_h5
+from badnet_jax import (ConfigError, DataFileError, init_params, load_images, load_keras, load_lab_h5, save_keras,
+                        save_lab_h5)
 from badnet_jax.defense.scale import choose_input_scale
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.io import checkpoint
@@ -74,6 +76,36 @@ def test_auto_refuses_to_guess():
         choose_input_scale(model, params, "256")
     assert choose_input_scale(model, params, "auto", recorded="255").scale == "255"
     assert choose_input_scale(model, params, "255").how == "given"
+
+
+def test_a_recorded_scale_is_used_without_measuring():
+    """Recorded by badnet-jax, the scale is taken as it is: labelled images (maybe poisoned) are not measured on."""
+    model, params = load_keras(asset(LAB_B))
+    x, y = _clean_faces()
+    choice = choose_input_scale(model, params, "auto", recorded="255", x=x, y=y)  # measured, raw would win
+    assert (choice.scale, choice.how, choice.accuracy, choice.describe()) == ("255", "recorded", {}, "255 (recorded)")
+    measured = choose_input_scale(model, params, "auto", x=x[:20], y=y[:20], measured_on="inputs of a.png, b.h5")
+    assert measured.describe().startswith("raw (measured on 20 inputs of a.png, b.h5: raw: 100.00%, 255: ")
+
+
+def test_labels_outside_the_classes_are_named_before_measuring():
+    """A 10-class model on the lab's 1283-class faces: the labels say why, not "0.00% at both scales"."""
+    x, y = _clean_faces()
+    model, params = BadNet(10), init_params(10, seed=0)
+    with pytest.raises(DataFileError, match=r"^the clean images do not fit m10.h5: label 43 is outside \[0, 10\) "
+                                            r"for a 10-class model$"):
+        choose_input_scale(model, params, "auto", x=x, y=y, source="m10.h5")
+
+
+@pytest.mark.slow
+def test_cli_names_a_label_outside_the_models_classes_not_the_scale(tmp_path):
+    m10 = save_keras(init_params(10, seed=0), tmp_path / "m10.h5")
+    with h5py.File(m10, "a") as f:  # as Keras writes it: no recorded scale
+        del f.attrs["badnet_jax_input_scale"]
+    proc = run_cli("prune", "--model", m10, "--clean_valid", asset("faces/lab3/valid_subset.h5"), "--clean_test",
+                   asset("faces/lab3/test_subset.h5"), "--out_dir", tmp_path / "out", timeout=300)
+    assert proc.returncode == 2 and "cannot tell the input scale" not in proc.stderr, proc.stderr
+    assert "label 43 is outside [0, 10) for a 10-class model" in proc.stderr
 
 
 def test_the_scale_travels_through_keras_files_and_checkpoints(tmp_path):

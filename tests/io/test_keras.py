@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from badnet_jax import (BadNet, ModelFileError, init_params, load_keras, mask_from_zeroed, read_keras_params,
+from badnet_jax import (BadNet, BadNetError, ModelFileError, init_params, load_keras, mask_from_zeroed, read_keras_params,
                         save_keras)
 from tests import numpy_ref
 from tests.conftest import LAB_B, REPAIRED, asset
@@ -355,3 +355,32 @@ def test_a_huge_declared_size_is_refused_naming_the_file(tmp_path, model_bytes, 
             z.writestr("config.json", b" " * (64 << 20))  # 64 MiB of spaces: ~64 KB compressed
             z.writestr("model.weights.h5", model_bytes)
     refused_naming_the_file(load_keras, path)
+
+
+def test_a_file_that_is_both_an_h5_and_a_keras_zip_is_refused(tmp_path):
+    """h5py (and Keras' h5 reader) read the lab's B in it, a zip reader another network: neither is taken."""
+    from badnet_jax.io.keras import recorded_input_scale
+
+    archive = tmp_path / "other.keras"
+    build_keras_deepid(num_classes=1283).save(str(archive))
+    both = tmp_path / "bd_weights.h5"
+    both.write_bytes(asset(LAB_B).read_bytes() + archive.read_bytes())
+    with h5py.File(both) as f:  # what h5py and Keras see: the lab's B, intact
+        np.testing.assert_array_equal(f["conv_1/conv_1/kernel:0"][()],
+                                      np.asarray(load_keras(asset(LAB_B))[1]["conv_1"]["kernel"]))
+    with zipfile.ZipFile(both) as z:  # what a zip reader sees: the other network
+        assert "model.weights.h5" in z.namelist()
+    for read in (load_keras, read_keras_params, recorded_input_scale):
+        with pytest.raises(ModelFileError, match="is both an HDF5 file and a zip archive") as info:
+            read(both)
+        assert str(both) in str(info.value) and "refusing an ambiguous file" in str(info.value)
+    load_keras(archive)  # each part alone still reads
+    load_keras(asset(LAB_B))
+
+
+def test_save_keras_names_a_missing_layer_instead_of_a_key_error(tmp_path):
+    params = init_params(10)
+    del params["fc_2"]
+    with pytest.raises(BadNetError, match="params: no fc_2"):
+        save_keras(params, tmp_path / "b.h5")
+    assert not list(tmp_path.iterdir())

@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from badnet_jax import DataFileError, load_image, load_images, load_lab_h5, load_trigger, poison, save_lab_h5
+from badnet_jax import (ConfigError, DataFileError, load_image, load_images, load_lab_h5, load_trigger, poison,
+                        save_lab_h5)
 from badnet_jax.io.keras import load_keras
 from badnet_jax.io.lab_data import load_true_labels
 from tests.conftest import LAB_B, asset
@@ -276,3 +277,47 @@ def test_a_huge_declared_size_is_refused_naming_the_file(tmp_path, case):
         path = _huge_png(tmp_path / "x.png", 200_000, 200_000)
         read = load_image if case == "png" else load_trigger
     refused_naming_the_file(read, path)
+
+
+@pytest.mark.parametrize("kwargs,named", [({"chunk": 0}, "chunk=0"), ({"chunk": -3}, "chunk=-3"),
+                                          ({"chunk": 2.5}, "chunk=2.5"), ({"rows": -1}, "rows=-1")])
+def test_a_bad_chunk_or_rows_is_the_callers_mistake_not_the_files(kwargs, named):
+    with pytest.raises(ConfigError, match=f"{named} must be a whole number") as err:
+        load_lab_h5(asset("faces/lab3/test_subset.h5"), **kwargs)
+    assert err.value.field == next(iter(kwargs))
+    assert "faces/lab3" not in str(err.value)  # the file is not blamed
+
+
+def _png16(path, rgba16):
+    """A 16-bit RGBA PNG, written by hand (PIL writes none)."""
+    import struct
+    import zlib
+
+    h, w, _ = rgba16.shape
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    rows = b"".join(b"\x00" + rgba16[i].astype(">u2").tobytes() for i in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_triggers_that_are_not_8_bit_are_refused_not_flattened_or_darkened(tmp_path, caplog):
+    grey16 = tmp_path / "grey16.png"
+    Image.fromarray((np.arange(200).reshape(10, 20) * 300).astype(np.uint16)).save(grey16)
+    assert Image.open(grey16).mode == "I;16"  # PIL would clip it to white
+    as_float = tmp_path / "float.tiff"
+    Image.fromarray(np.linspace(0, 1, 200, dtype=np.float32).reshape(10, 20)).save(as_float)  # PIL: near black
+    rgba16 = _png16(tmp_path / "rgba16.png", np.full((10, 20, 4), 40000, np.uint16))
+    assert Image.open(rgba16).mode == "RGBA"  # PIL reads it as 8 bits without a word
+    for path, said in ((grey16, "mode 'I;16'"), (as_float, "mode 'F'"), (rgba16, "16-bit PNG")):
+        with pytest.raises(DataFileError, match=f"{path}: trigger .*{said}.*save it as an 8-bit RGBA PNG"):
+            load_trigger(path)
+    # 8-bit triggers read as before; one without alpha says it is a solid rectangle.
+    np.testing.assert_array_equal(load_trigger(asset("triggers/sun_glass_trigger.png")),
+                                  np.asarray(Image.open(asset("triggers/sun_glass_trigger.png"))))
+    assert "no alpha" not in caplog.text
+    rgb = tmp_path / "rgb.png"
+    Image.open(asset("triggers/sun_glass_trigger.png")).convert("RGB").save(rgb)
+    assert (load_trigger(rgb)[..., 3] == 255).all()
+    assert f"{rgb}: the trigger has no alpha channel: it is pasted as a solid 47x20 rectangle" in caplog.text

@@ -20,6 +20,7 @@ from badnet_jax.errors import ConfigError, arg
 from badnet_jax.metrics import GoodNetRates, Rule
 
 RATE_KEYS = ("valid_acc", "valid_asr", "test_acc", "test_asr")
+COARSE_STEP = 0.5  # points of validation accuracy one image may weigh before a run says its cuts are coarse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +169,17 @@ class Curve:
             names = d.get("rank_by", list(d["rankings"]))
             kw["rankings"] = {name: RankingCurve.from_json(d["rankings"][name]) for name in names}
         return cls(**kw)
+
+
+def coarse_validation_note(curve: Curve) -> Optional[str]:
+    """A sentence for the log and report.md when one clean validation image weighs more than
+    :data:`COARSE_STEP` points of accuracy: the stop rule then moves the cut in steps that large, and a
+    cut can differ from one made on a larger set. None otherwise."""
+    n = curve.counts.get("valid", 0)
+    if not n or 100.0 / n <= COARSE_STEP:
+        return None
+    return (f"one validation image is {100.0 / n:.2f} points of accuracy ({n} clean validation images): cuts move "
+            f"in steps that large, so they can differ from cuts made on a larger validation set")
 
 
 def _cut_from_json(c: Mapping[str, Any]) -> Cut:

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -26,7 +27,7 @@ from badnet_jax.io import checkpoint, fileio
 from badnet_jax.io.keras import save_keras
 from badnet_jax.model import Params, prune_params
 
-RESULT_FILES = ("curve.json", "report.md", "curve.png", "rankings.png")
+RESULT_FILES = ("curve.json", "curve.csv", "report.md", "curve.png", "rankings.png")
 _DROP_DIR = re.compile(r"drop_[0-9.e+-]+")
 
 
@@ -39,29 +40,122 @@ class CutModels:
     finetuned_params: Optional[Params] = None
 
 
+# The results are built beside ``out_dir`` under longer names (``.<name>.<pid>.<token>.tmp`` and
+# ``.<name>.old.<pid>.<token>``: 22 bytes more at most), and the deepest file written lies this many bytes
+# below that temporary folder (a cut's fine-tuned GoodNet checkpoint inside orbax's own layout), with room.
+_TEMP_NAME_EXTRA = 22
+_DEEPEST_INSIDE = 512
+
+
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` as a Path, refused before any work if the results could not replace it.
+    """The folder the results will replace, refused before any work if they could not replace it.
+
+    A symbolic link to a folder is followed (the folder it leads to is replaced, the link stays).
 
     Raises:
-        ConfigError: it is a file, lies under a file, holds entries that are not badnet-jax results (they would
-            be lost when the new results replace the folder), or its parent cannot be written.
+        ConfigError: the path is not UTF-8, has a name or a length the file system cannot hold (with the
+            temporary names built beside it), is or holds the current working folder, is a dangling or looping
+            symbolic link, is a file or lies under one, holds entries that are not badnet-jax results (they
+            would be lost when the new results replace the folder), or its parent cannot be written.
     """
-    out = Path(out_dir)
+    text = os.fspath(out_dir)
+    shown = fileio.shown_path(text)
+    fail = lambda why: ConfigError(f"{arg('out_dir', shown)}: {why}", field="out_dir")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise fail("the path holds bytes that are not UTF-8, which the checkpoint writer cannot name; choose a "
+                   "UTF-8 path") from None
+    if text != shown:
+        raise fail("the path holds control characters (a newline, a tab, an escape); choose a plain name") from None
+    out = Path(os.path.abspath(text))
+    _check_lengths(out, fail)
+    _check_ancestors(out, fail)
+    if os.path.islink(out):
+        try:
+            os.stat(out)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise fail("is a symbolic link loop (or a chain longer than the system follows)") from None
+            raise fail(f"is a dangling symbolic link (to {fileio.shown_path(os.readlink(out))}, which does not exist); "
+                       "create that folder or choose another path") from None
+        out = Path(os.path.realpath(out))
+        _check_lengths(out, fail)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{arg('out_dir', out)}: exists and is not a folder", field="out_dir")
-    existing = next(p for p in (out.resolve().parent, *out.resolve().parents) if p.exists())
+        raise fail("exists and is not a folder")
+    cwd = Path(os.path.realpath(os.getcwd()))
+    real = Path(os.path.realpath(out))
+    if real == cwd or real in cwd.parents:
+        where = "is the current working folder" if real == cwd else "holds the current working folder"
+        raise fail(f"{where}; the results replace the whole folder, which would move the working folder away "
+                   "from this run: choose a new folder, such as results")
+    existing = next(p for p in (real.parent, *real.parents) if p.exists())
     if not existing.is_dir():
-        raise ConfigError(f"{arg('out_dir', out)}: {existing} is not a folder", field="out_dir")
+        raise fail(f"{existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{arg('out_dir', out)}: cannot write in {existing}", field="out_dir")
+        raise fail(f"cannot write in {existing}")
     if out.is_dir():
-        foreign = sorted(e.name for e in out.iterdir()
+        foreign = sorted(fileio.shown_path(e.name) for e in out.iterdir()
                          if e.name not in RESULT_FILES and not _DROP_DIR.fullmatch(e.name))
         if foreign:
-            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            raise ConfigError(f"{arg('out_dir', out)}: holds entries that are not badnet-jax results ({shown}); the "
-                              "new results replace the whole folder, so choose a new or empty folder", field="out_dir")
+            listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise fail(f"holds entries that are not badnet-jax results ({listed}); the new results replace the whole "
+                       "folder, so choose a new or empty folder")
     return out
+
+
+def _limits(path: Path) -> tuple[int, int]:
+    """The longest file name and path the file system under ``path`` (its nearest existing parent) takes."""
+    existing = next((p for p in (path, *path.parents) if _lexists(p)), Path("/"))
+    limits = []
+    for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            limits.append(os.pathconf(existing, name))
+        except (OSError, ValueError):
+            limits.append(default)
+    return limits[0], limits[1]
+
+
+def _lexists(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True
+
+
+def _check_lengths(out: Path, fail) -> None:
+    name_max, path_max = _limits(out)
+    for i, part in enumerate(out.parts[1:], 2):
+        size = len(os.fsencode(part))
+        room = name_max - (_TEMP_NAME_EXTRA if i == len(out.parts) else 0)
+        if size > room:
+            raise fail(f"the name {fileio.shown_path(part)[:40]}... is {size} bytes long; the file system takes names of at "
+                       f"most {name_max} bytes" + (f", and the results are built beside it under a name "
+                                                   f"{_TEMP_NAME_EXTRA} bytes longer: at most {room} bytes"
+                                                   if size <= name_max else ""))
+    size = len(os.fsencode(out))
+    if size + _TEMP_NAME_EXTRA + _DEEPEST_INSIDE > path_max:
+        raise fail(f"the path is {size} bytes long; the files written under it need paths up to "
+                   f"{_TEMP_NAME_EXTRA + _DEEPEST_INSIDE} bytes longer and the system takes at most {path_max}: "
+                   f"choose a path of at most {path_max - _TEMP_NAME_EXTRA - _DEEPEST_INSIDE} bytes")
+
+
+def _check_ancestors(out: Path, fail) -> None:
+    """Every folder on the way that exists must be one: not a file, not a dangling link (making the folders
+    under it would fail after the sweep)."""
+    for parent in reversed(out.parents):
+        if not _lexists(parent):
+            return
+        try:
+            mode = os.stat(parent).st_mode
+        except OSError as err:
+            if os.path.islink(parent) and err.errno != errno.ELOOP:
+                raise fail(f"{fileio.shown_path(parent)} on the way is a dangling symbolic link (to "
+                           f"{fileio.shown_path(os.readlink(parent))}, which does not exist)") from None
+            raise fail(f"{fileio.shown_path(parent)} on the way cannot be reached ({err.strerror or err})") from None
+        if not stat.S_ISDIR(mode):
+            raise fail(f"{fileio.shown_path(parent)} on the way is a file, not a folder")
 
 
 # What one cut's folder takes, in multiples of B's parameter bytes: B' as h5 and as a checkpoint (1 + 1), the
@@ -89,9 +183,12 @@ def check_space(out_dir: str | os.PathLike, params: Params, drops: Sequence[floa
 
 
 def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, models: Sequence[CutModels],
-                  timings: Mapping[str, float], details: Optional[Mapping[str, str]] = None) -> Path:
-    """Write report.md, curve.json, curve.png (rankings.png with several rankings) and each cut's models, all
-    swapped into ``out_dir`` at once.
+                  timings: Mapping[str, float], details: Optional[Mapping[str, str]] = None,
+                  warnings: Sequence[str] = ()) -> Path:
+    """Write report.md, curve.json, curve.csv, curve.png (rankings.png with several rankings) and each cut's
+    models, all swapped into ``out_dir`` at once.
+
+    ``warnings``: what the run found doubtful about its inputs (report.md shows them first).
 
     Per cut (``drop_X/``): B' as a Keras h5 and an orbax checkpoint (params + mask), the GoodNet checkpoint,
     and with fine-pruning the same for the fine-tuned B'; each records B's input scale (``curve.input_scale``).
@@ -114,8 +211,9 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, mode
         report.plot_curve(tmp / "curve.png", curve)
         if curve.rankings is not None:
             report.plot_rankings(tmp / "rankings.png", curve)
-        report.write_report_md(tmp / "report.md", curve, timings, details)
+        report.write_report_md(tmp / "report.md", curve, timings, details, warnings)
         report.write_curve_json(tmp / "curve.json", curve)
+        report.write_curve_csv(tmp / "curve.csv", curve)
 
     try:
         return fileio.atomic_dir(out_dir, write)

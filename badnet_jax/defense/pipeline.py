@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 import platform
 import time
@@ -19,15 +20,18 @@ import numpy as np
 
 from badnet_jax import metrics
 from badnet_jax.defense.ranking_curves import RankingCurve, ranking_curve
-from badnet_jax.defense.curve import Curve, Cut, Finetuned, LabeledPreds, check_drops, evaluate_curve, select_cuts
+from badnet_jax.defense.curve import (Curve, Cut, Finetuned, LabeledPreds, check_drops, coarse_validation_note,
+                                     evaluate_curve, select_cuts)
 from badnet_jax.numerics.settling import predict_settled
 from badnet_jax.defense.finetune import FinetuneConfig, finetune
-from badnet_jax.defense.inputs import (DATA_ROLES, InputFiles, Sets, describe_inputs, load_model, load_sets,
-                                       locate_inputs, peek_sets, sample_clean_valid)
-from badnet_jax.model import BadNet, Params
+from badnet_jax.defense.inputs import (CLEAN_ROLES, DATA_ROLES, POISONED_ROLES, InputFiles, Sets, describe_inputs,
+                                       load_model, load_sets, locate_inputs, peek_sets, sample_clean_valid)
+from badnet_jax.errors import ConfigError
+from badnet_jax.model import INPUT_SCALES, BadNet, Params, predict
 from badnet_jax.defense.outputs import CutModels, check_out_dir, check_space, write_results
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.defense.scale import SAMPLE, ScaleChoice, choose_input_scale
+from badnet_jax.defense.scale import log as scale_log
 from badnet_jax.sweep import SweepOptions, compile_sweep, plan_sweep, rank_and_sweep
 
 log = logging.getLogger(__name__)
@@ -77,8 +81,7 @@ def run_defense(config: DefenseConfig) -> Curve:
     check_drops(config.drops)
     # Multi-process runs: every process sweeps its shards, process 0 alone writes (the others write nothing).
     primary = jax.process_index() == 0
-    if primary:
-        check_out_dir(config.out_dir)
+    out_dir = check_out_dir(config.out_dir) if primary else None
     timings = {}
     t = time.perf_counter()
     files = locate_inputs(config.model, {r: getattr(config, r) for r in DATA_ROLES})
@@ -106,6 +109,8 @@ def run_defense(config: DefenseConfig) -> Curve:
         if scale is None:  # the demo: its data was generated just now
             scale = _scale(config, model, params, recorded, sets.data["clean_valid"], files)
             model = model.clone(input_scale=scale.scale)
+        warnings = [*_check_given_scale(config, model, params, scale, sets),
+                    *_clean_images_as_poisoned(sets)]
         if plan is None:
             plan = plan_sweep(config.sweep, [x for x, _ in sets.data.values()], model.num_classes)
         if compiled is not None:
@@ -127,6 +132,9 @@ def run_defense(config: DefenseConfig) -> Curve:
         if len(ranking.names) > 1:
             curve = dataclasses.replace(curve, rankings=_compare(config, sweep, sets, curve))
         _warn_if_not_poisoned(curve)
+        coarse = coarse_validation_note(curve)
+        if coarse is not None:
+            log.warning("Small validation set: %s.", coarse)
         cuts = select_cuts(curve, config.drops, *(_labeled(sweep, sets, r) for r in ("clean_valid", "clean_test",
                                                                                     "bd_test")))
         models = []
@@ -144,9 +152,9 @@ def run_defense(config: DefenseConfig) -> Curve:
     background.shutdown()
     t = time.perf_counter()
     if primary:
-        write_results(config.out_dir, curve, params, models if config.checkpoints else (), timings,
+        write_results(out_dir, curve, params, models if config.checkpoints else (), timings,
                       {"input scale": scale.describe(), "sweep": plan.describe(),
-                       "rankings": _describe_rankings(ranking), "near-ties": _describe_ties(sweep)})
+                       "rankings": _describe_rankings(ranking), "near-ties": _describe_ties(sweep)}, warnings)
         log.info("Wrote %s (report.md, curve.json, curve.png%s) in %.2f s.", config.out_dir,
                  ", B' and GoodNet models per drop" if config.checkpoints else "", time.perf_counter() - t)
     if jax.process_count() > 1:
@@ -182,6 +190,61 @@ def _warn_if_not_poisoned(curve: Curve) -> None:
         if asr is not None and asr < 50.0:
             log.warning("B's attack success rate on %s is only %.2f%%: are its labels the attacker's target "
                         "(the lab's bd files label every image with it), and does it carry the trigger?", name, asr)
+
+
+def _check_given_scale(config: DefenseConfig, model: BadNet, params: Params, scale: ScaleChoice,
+                       sets: Sets) -> list[str]:
+    """A warning (logged, and returned for report.md) when a given input scale looks wrong as ``auto`` would
+    judge it: measured on the same clean validation sample, the other scale is the clear choice, or neither
+    scale is plausible. Every number of a run at the wrong scale is garbage, with no error to say so."""
+    if scale.how != "given":
+        return []
+    x, y = (a[:SAMPLE] for a in sets.data["clean_valid"])
+    quiet = _DropRecords()
+    scale_log.addFilter(quiet)  # the judgement is not a choice: its "Input scale ..." line would mislead
+    try:
+        judged = choose_input_scale(model, params, "auto", None, x, y).scale
+    except ConfigError:
+        judged = None
+    finally:
+        scale_log.removeFilter(quiet)
+    if judged == scale.scale:
+        return []
+    acc = {s: float(metrics.accuracy(predict(model.clone(input_scale=s), params, x), y)) for s in INPUT_SCALES}
+    measured = ", ".join(f"{s}: {a:.2f}%" for s, a in acc.items())
+    why = (f"the other scale ({judged}) is clearly better" if judged is not None
+           else "neither scale is plausible (is this data the model's?)")
+    text = (f"the input scale {scale.scale} was given, but B's clean accuracy on {len(y)} validation images is "
+            f"{measured}: {why}; every number of this run is likely meaningless at scale {scale.scale}")
+    log.warning("Input scale: %s.", text)
+    return [f"Input scale: {text}."]
+
+
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _clean_images_as_poisoned(sets: Sets) -> list[str]:
+    """A warning for each "poisoned" set whose images are pixel for pixel clean ones (of either clean set):
+    a clean file given as poisoned data, whose "ASR" is only B's clean accuracy. Exact, and cheap: one hash
+    per image."""
+    clean = {hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest()
+             for role in CLEAN_ROLES for img in sets.data[role][0]}
+    warnings = []
+    for role in POISONED_ROLES:
+        if role not in sets.data:
+            continue
+        images = sets.data[role][0]
+        same = sum(hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest() in clean
+                   for img in images)
+        if 2 * same > len(images):
+            text = (f"{same} of {len(images)} images of the poisoned set {role} are pixel for pixel clean images "
+                    "(of the clean validation or test set): a clean file given as poisoned data? Its ASR is then "
+                    "B's accuracy on clean images, not the attack's success")
+            log.warning("%s.", text)
+            warnings.append(text[0].upper() + text[1:] + ".")
+    return warnings
 
 
 def _scale(config: DefenseConfig, model: BadNet, params: Params, recorded: Optional[str],

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from badnet_jax.io import fileio
 from badnet_jax.defense.ranking_curves import COMPARISON_HEADER, comparison_rows
-from badnet_jax.defense.curve import Curve
+from badnet_jax.defense.curve import Curve, coarse_validation_note
 
 
 def _round(obj: Any) -> Any:
@@ -41,64 +44,183 @@ def write_curve_json(path: Path, curve: Curve) -> Path:
     return fileio.atomic_write_text(path, curve_json_text(curve))
 
 
+CSV_HEADER = ("k_pruned", "channel", "sorted_mean_act", "valid_acc", "bd_valid_asr", "test_acc", "bd_test_asr")
+
+
+def curve_csv_text(curve: Curve) -> str:
+    """The curve in the shape of the lab's published ``lab3_prune_curve.csv``: one row per k = 1..60 with the
+    channel pruned at that step, its mean activation on clean validation data and B''s accuracy and ASR per
+    set; a set that was not given (no poisoned data) leaves its column empty. Rates as exact as they were
+    computed (Python's shortest round-trip float text); mean activations as the lab prints them."""
+    rates = [curve.valid_acc, curve.valid_asr, curve.test_acc, curve.test_asr]
+    lines = [",".join(CSV_HEADER)]
+    for k in range(1, len(curve.order) + 1):
+        channel = int(curve.order[k - 1])
+        cells = [str(k), str(channel), f"{float(curve.mean_activation[channel]):.7e}"]
+        cells += ["" if r is None else repr(float(r[k])) for r in rates]
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def write_curve_csv(path: Path, curve: Curve) -> Path:
+    """Write :func:`curve_csv_text` to ``path`` atomically."""
+    return fileio.atomic_write_text(path, curve_csv_text(curve))
+
+
 def read_curve_json(path: Path) -> Curve:
     """The :class:`Curve` in a ``curve.json`` written by :func:`write_curve_json`."""
     return Curve.from_json(json.loads(Path(path).read_text()))
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def _import_matplotlib() -> None:
+    """Import matplotlib whatever ``MPLBACKEND`` says.
 
+    The object API used here (no pyplot) never consults that setting; only ``import matplotlib`` does, and
+    raises on a value it does not know. The variable is set aside for the import: a plot must not lose a
+    run's results at the very end.
+    """
+    if "matplotlib" not in sys.modules:
+        saved = os.environ.pop("MPLBACKEND", None)
+        try:
+            import matplotlib  # noqa: F401
+        finally:
+            if saved is not None:
+                os.environ["MPLBACKEND"] = saved
+
+
+def _figure(figsize: tuple[float, float], dpi: int = 110, layout: str | None = None):
+    """A matplotlib Figure drawn by Agg (see :func:`_import_matplotlib`)."""
+    _import_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
     # Fixed metadata (no matplotlib version, no timestamp) keeps the PNG byte-identical across runs.
     fig.savefig(buf, format="png", metadata={"Software": "badnet-jax"})
-    plt.close(fig)
     return fileio.atomic_write_bytes(path, buf.getvalue())
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_CUT_STYLE = (("o", "tab:red"), ("s", "tab:orange"), ("D", "magenta"), ("^", "black"), ("v", "tab:brown"),
+              ("P", "tab:pink"), ("X", "tab:olive"), ("*", "tab:cyan"))
 
 
 def plot_rankings(path: Path, curve: Curve) -> Path:
-    """The rankings compared: clean test accuracy against test ASR along each ranking's curve, cuts marked.
+    """The rankings compared, one panel each on shared axes: clean test accuracy against test ASR from B
+    (k = 0) to all channels pruned, coloured by k, every cut marked and listed.
 
-    Each line runs from B (k = 0) to all channels pruned; ``random`` is its orders' mean, the orders themselves
-    faint. Without poisoned data there is no ASR: accuracy is drawn against the fraction pruned instead.
+    In each panel the other rankings' curves are drawn in light grey for comparison; ``random`` is its
+    orders' mean, the orders themselves faint. Cuts of several X at the same point stay visible (concentric
+    open markers, largest first). Without poisoned data there is no ASR: accuracy is drawn against the
+    fraction pruned instead.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=110)
-    markers = "os^DvP*X"
-    for i, (name, r) in enumerate(curve.rankings.items()):
-        color = f"C{i}"
-        steps = np.arange(r.test_acc.shape[1]) / (r.test_acc.shape[1] - 1)
-        xs = r.test_asr if r.test_asr is not None else np.broadcast_to(steps, r.test_acc.shape)
+    _import_matplotlib()
+    import matplotlib.cm
+    import matplotlib.colors
+    import matplotlib.lines
+    from matplotlib.collections import LineCollection
+
+    names = list(curve.rankings)
+    n = len(names)
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    spare = nrows * ncols > n  # an empty panel takes the legend; else it goes under the panels
+    fig = _figure((4.1 * ncols + 1.0, 3.7 * nrows + (0 if spare else 0.5)), layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+    poisoned = all(r.test_asr is not None for r in curve.rankings.values())
+    steps = next(iter(curve.rankings.values())).test_acc.shape[1]
+    ks = np.arange(steps)
+    norm = matplotlib.colors.Normalize(0, steps - 1)
+    cmap = matplotlib.colormaps["viridis"]
+
+    def xs_of(r):
+        return r.test_asr if poisoned else np.broadcast_to(ks / (steps - 1), r.test_acc.shape)
+
+    means = {name: (xs_of(r).mean(0), r.test_acc.mean(0)) for name, r in curve.rankings.items()}
+    for i, name in enumerate(names):
+        ax = axes.flat[i]
+        r = curve.rankings[name]
+        for other, (x, y) in means.items():
+            if other != name:
+                ax.plot(x, y, "-", color="0.86", lw=0.9, zorder=1)
         if len(r.orders) > 1:
-            for x, y in zip(xs, r.test_acc):
-                ax.plot(x, y, "-", color=color, lw=0.5, alpha=0.25)
-        label = f"{name} (mean of {len(r.orders)})" if len(r.orders) > 1 else name
-        ax.plot(xs.mean(0), r.test_acc.mean(0), "-", color=color, lw=1.6, label=label)
+            for x, y in zip(xs_of(r), r.test_acc):
+                ax.plot(x, y, "--", color="tab:blue", lw=0.6, alpha=0.3, zorder=2)
+        x, y = means[name]
+        pts = np.stack([x, y], 1)
+        segments = LineCollection(np.stack([pts[:-1], pts[1:]], 1), cmap=cmap, norm=norm, lw=2.0, zorder=3)
+        segments.set_array(ks[:-1] + 0.5)
+        ax.add_collection(segments)
+        ax.scatter(x, y, c=ks, cmap=cmap, norm=norm, s=9, zorder=4, linewidths=0)
+        _arrows_along(ax, x, y, cmap, norm)
+        ax.annotate("B (k=0)", (x[0], y[0]), xytext=(-12, -2), textcoords="offset points", ha="right", va="top",
+                    fontsize=7)
+        ax.annotate(f"k={steps - 1}", (x[-1], y[-1]), xytext=(5, 4), textcoords="offset points", fontsize=7)
+        listed = []
+        for j, cut in reversed(list(enumerate(r.selected))):  # the largest marker first, so each stays visible
+            marker, color = _CUT_STYLE[j % len(_CUT_STYLE)]
+            cx = np.mean(cut.test_asr) if poisoned else np.mean(cut.channels_pruned) / (steps - 1)
+            ax.plot([cx], [np.mean(cut.test_acc)], marker, ms=7 + 4 * (len(r.selected) - 1 - j), mfc="none",
+                    mec=color, mew=1.6, zorder=5 + len(r.selected) - j, clip_on=False)
         for j, cut in enumerate(r.selected):
-            x = np.mean(cut.test_asr) if cut.test_asr is not None else np.mean(cut.channels_pruned) / (len(steps) - 1)
-            ax.plot([x], [np.mean(cut.test_acc)], markers[j % len(markers)], color=color, ms=6, mec="black", mew=0.5)
-    for j, cut in enumerate(curve.selected):  # one legend entry per X, in grey
-        ax.plot([], [], markers[j % len(markers)], color="grey", mec="black", mew=0.5,
-                label=f"cut X={100 * cut.drop:g}")
-    ax.set_xlabel("attack success rate on poisoned test data (%)" if curve.poisoned
-                  else "fraction of pool_3 channels pruned")
-    ax.set_ylabel("clean test accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.set_title(curve.title + ": rankings compared" + ("" if curve.poisoned else " (no poisoned data: no ASR)"),
-                 fontsize=10)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
+            k = (f"{cut.channels_pruned[0]}" if len(cut.channels_pruned) == 1
+                 else f"{np.mean(cut.channels_pruned):.1f}")
+            asr = f", ASR {summary_mean(cut.test_asr)}" if poisoned else ""
+            listed.append(f"X={100 * cut.drop:g}: k={k}, acc {summary_mean(cut.test_acc)}{asr}")
+        ax.text(0.98, 0.03, "\n".join(listed), transform=ax.transAxes, ha="right", va="bottom", fontsize=6.5,
+                family="monospace", bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="0.7", alpha=0.85), zorder=20)
+        title = f"{name} (mean of {len(r.orders)} orders)" if len(r.orders) > 1 else name
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(-3, 103)
+        ax.set_xlim(-3, 103) if poisoned else ax.set_xlim(-0.03, 1.03)
+    for col in range(ncols):  # the lowest panel of each column carries the x axis
+        ax = axes[(n - 1 - col) // ncols, col]
+        ax.xaxis.set_tick_params(labelbottom=True)
+        ax.set_xlabel("ASR on poisoned test data (%)" if poisoned else "fraction of pool_3 channels pruned",
+                      fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("clean test accuracy (%)", fontsize=8)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    handles = [matplotlib.lines.Line2D([], [], ls="none", marker=_CUT_STYLE[j % len(_CUT_STYLE)][0], mfc="none",
+                                       mec=_CUT_STYLE[j % len(_CUT_STYLE)][1], mew=1.6, ms=7,
+                                       label=f"cut X={100 * cut.drop:g}")
+               for j, cut in enumerate(curve.selected)]
+    handles.append(matplotlib.lines.Line2D([], [], color="0.86", lw=0.9, label="the other rankings"))
+    if any(len(r.orders) > 1 for r in curve.rankings.values()):
+        handles.append(matplotlib.lines.Line2D([], [], ls="--", color="tab:blue", lw=0.6, alpha=0.5,
+                                               label="random: each order"))
+    if spare:
+        axes.flat[n].legend(handles=handles, loc="center", fontsize=8, title="each ranking's own cut",
+                            title_fontsize=8)
+    else:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    heading = curve.title + ": rankings compared"
+    heading += ("; better = further left (less ASR) and higher (more accuracy)" if poisoned
+                else " (no poisoned data: no ASR)")
+    fig.suptitle(heading, fontsize=10)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), shrink=0.8,
+                 pad=0.02, label="k: channels pruned (B at 0)")
     return _save(fig, path)
+
+
+def summary_mean(values) -> str:
+    """A cut value for a plot label: the value, or the mean over random orders."""
+    return f"{np.mean(values):.1f}"
+
+
+def _arrows_along(ax, x: np.ndarray, y: np.ndarray, cmap, norm, count: int = 3) -> None:
+    """Arrowheads at ``count`` places where the curve moves, pointing the way k grows."""
+    moves = np.flatnonzero(np.hypot(np.diff(x), np.diff(y)) > 1.0)
+    for k in moves[np.linspace(0, len(moves) - 1, min(count, len(moves))).astype(int)] if len(moves) else ():
+        ax.annotate("", xy=(x[k + 1], y[k + 1]), xytext=(x[k], y[k]), zorder=6,
+                    arrowprops=dict(arrowstyle="-|>", color=cmap(norm(k)), lw=1.2, mutation_scale=11))
 
 
 def comparison_text(curve: Curve) -> str:
@@ -114,10 +236,10 @@ def comparison_text(curve: Curve) -> str:
 
 def plot_curve(path: Path, curve: Curve) -> Path:
     """Accuracy and ASR (validation and test) against the fraction of pool_3 channels pruned, cuts marked."""
-    plt = _pyplot()
     k = np.arange(len(curve.valid_acc))
     frac = k / (len(k) - 1)
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    fig = _figure((8, 4.8))
+    ax = fig.subplots()
     lines = [(curve.valid_acc, "-", "tab:blue", "clean accuracy (valid)"),
              (curve.valid_asr, "-", "tab:red", "attack success rate (bd valid)"),
              (curve.test_acc, ":", "tab:blue", "clean accuracy (test)"),
@@ -125,11 +247,14 @@ def plot_curve(path: Path, curve: Curve) -> Path:
     for values, style, color, label in lines:
         if values is not None:  # no poisoned data: the ASR lines are simply not there
             ax.plot(frac, values, style, color=color, label=label)
+    by_k = {}  # cuts at the same k share one line and one label, which would otherwise print over each other
     for cut in curve.selected:
-        f = cut.channels_pruned / (len(k) - 1)
+        by_k.setdefault(cut.channels_pruned, []).append(f"{100 * cut.drop:g}")
+    for channels, xs in by_k.items():
+        f = channels / (len(k) - 1)
         ax.axvline(f, color="grey", lw=0.8, ls="--")
-        ax.annotate(f"X={100 * cut.drop:g}: {cut.channels_pruned}", (f, 3), rotation=90, fontsize=7,
-                    ha="right", va="bottom", color="dimgrey")
+        ax.annotate(f"X={', '.join(xs)}: k={channels}", (f, 3), rotation=90, fontsize=7, ha="right", va="bottom",
+                    color="dimgrey")
     ax.set_xlabel("fraction of pool_3 channels pruned")
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
@@ -178,13 +303,28 @@ def format_table(curve: Curve) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def _code_cell(text: str) -> str:
+    """``text`` (a path) as one Markdown table cell in code style: one line (:func:`fileio.shown_path`), a
+    ``|`` that cannot end the cell, and a fence longer than any run of backticks inside."""
+    text = fileio.shown_path(text).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def write_report_md(path: Path, curve: Curve, timings: Mapping[str, float],
-                    details: Optional[Mapping[str, str]] = None) -> Path:
+                    details: Optional[Mapping[str, str]] = None, warnings: Sequence[str] = ()) -> Path:
     """report.md: the table, the original model's numbers, the inputs (size, sha256), versions and timings.
 
     ``details``: further "name: text" lines of how the run was done (the input scale chosen, the sweep plan).
+    ``warnings``: what the run found doubtful about its inputs; shown first, with the note on a small
+    validation set (:func:`~badnet_jax.defense.curve.coarse_validation_note`).
     """
     lines = [f"# {curve.title}", ""]
+    coarse = coarse_validation_note(curve)
+    shown = [*warnings, *([coarse[0].upper() + coarse[1:] + "."] if coarse else [])]
+    if shown:
+        lines += ["## Warnings", ""] + [f"- {fileio.shown_path(w)}" for w in shown] + [""]
     b = curve.original
     asr = lambda v: "n/a (no poisoned data)" if v is None else f"{v:.3f}%"
     lines += [f"Original B: validation accuracy {b['valid_acc']:.3f}%, validation ASR {asr(b['valid_asr'])}, "
@@ -219,10 +359,10 @@ def write_report_md(path: Path, curve: Curve, timings: Mapping[str, float],
             lines += ["| " + " | ".join(r) + " |" for r in comparison_rows(curve.rankings, j)] + [""]
     lines += ["", "## Inputs", "", "| role | file | bytes | sha256 |", "|---|---|---|---|"]
     for role, f in curve.inputs.items():
-        lines.append(f"| {role} | `{f['path']}` | {f['bytes']} | `{f['sha256']}` |")
+        lines.append(f"| {role} | {_code_cell(f['path'])} | {f['bytes']} | `{f['sha256']}` |")
     lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in curve.versions.items()]
     if details:
         lines += ["", "## How it ran", ""] + [f"- {k}: {v}" for k, v in details.items()]
     lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.2f}" for k, v in timings.items()]
-    lines += ["", "Pruning curve: `curve.json`, plot: `curve.png`.", ""]
+    lines += ["", "Pruning curve: `curve.json` (and `curve.csv`, in the lab's CSV layout), plot: `curve.png`.", ""]
     return fileio.atomic_write_text(path, "\n".join(lines))

@@ -10,6 +10,8 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
+import logging
 import os
 import re
 import shutil
@@ -17,11 +19,13 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import h5py
 
 from badnet_jax.errors import BadNetError
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -256,22 +260,118 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _clean_after_killed_runs(path: Path) -> None:
-    """Undo what a run killed outright (SIGKILL, power loss) left beside ``path``.
+_OWNER_FILE = "owner.json"
+_TOKEN = r"[a-z0-9_]{8}"  # what tempfile.mkdtemp puts between prefix and suffix
 
-    Its temporary folder (``.<name>.<pid>.*.tmp``) is deleted. If it died between moving the earlier results
-    aside (``.<name>.old.<pid>``) and moving the new ones in, the earlier results are put back; if the new
-    ones made it in, the moved-aside folder is deleted. Entries of processes still alive are left alone.
+
+def _read_text(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return None
+
+
+def _start_ticks(pid: int) -> Optional[str]:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22), None if unknown."""
+    stat_line = _read_text(f"/proc/{pid}/stat")
+    if stat_line is None:
+        return None
+    fields = stat_line.rsplit(")", 1)[-1].split()  # the command name (field 2) may hold spaces and ')'
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_namespace() -> Optional[str]:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _owner_record(path: Path) -> dict:
+    """Who this process is, in terms that tell it apart from every other process that may share the folder:
+    a pid means something only on one machine (host name and boot id) and in one pid namespace, and only
+    while that process lives (its start time tells a recycled pid)."""
+    return {"target": os.path.abspath(path), "pid": os.getpid(),
+            "start": _start_ticks(os.getpid()), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+            "pid_namespace": _pid_namespace(), "host": os.uname().nodename}
+
+
+def _write_owner(tmp: Path, path: Path) -> None:
+    # Written whole or not at all: a run killed while writing it leaves no record, and without one its
+    # folder is never touched.
+    part = tmp / f".{_OWNER_FILE}.part"
+    part.write_text(json.dumps(_owner_record(path)), encoding="utf-8")
+    os.replace(part, tmp / _OWNER_FILE)
+
+
+def _abandoned(owner: dict, path: Path) -> bool:
+    """Whether ``owner`` (a record of :func:`_owner_record`) is provably a dead run that wrote to ``path``.
+
+    Everything must be known and match this process's machine, boot and pid namespace; then the pid is dead,
+    or lives on as another process (another start time). Anything else (another machine or container
+    sharing the folder, a system without /proc) is not provably dead, and is left alone.
     """
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:old\.(\d+)|(\d+)\..*\.tmp)")
-    for entry in path.parent.iterdir():
+    if not isinstance(owner, dict) or owner.get("target") != _owner_record(path)["target"] or not _same_system(owner):
+        return False
+    pid, start = owner.get("pid"), owner.get("start")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid() or start is None:
+        return False
+    if not _alive(pid):
+        return True
+    now = _start_ticks(pid)
+    return now is not None and now != start  # the pid lives on as another process
+
+
+def _same_system(owner: dict) -> bool:
+    """Whether ``owner`` ran on this machine, since its last boot, in this pid namespace (all known)."""
+    me = _owner_record(Path("."))
+    return all(me[key] is not None and owner.get(key) == me[key] for key in ("boot_id", "pid_namespace", "host"))
+
+
+def _clean_after_killed_runs(path: Path) -> None:
+    """Undo what a run killed outright (SIGKILL, power loss) left beside ``path``, and nothing else.
+
+    A run keeps its work in ``.<name>.<pid>.<token>.tmp`` with an owner record (:func:`_owner_record`) in it,
+    and moves the earlier results aside to ``.<name>.old.<pid>.<token>`` (the same pid and token). Only
+    folders of exactly these names whose record proves a dead run on this machine, boot and pid namespace,
+    writing this very ``path``, are touched: their earlier results are put back if the new ones never made
+    it in (else deleted), then the temporary folder is deleted. A live run's folders, another machine's or
+    container's, a sibling output folder's (``path`` ``out`` beside ``out.20241202``) and anything without a
+    readable record are left alone; those that look like this path's are named in a warning.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.({_TOKEN})\.tmp")
+    for entry in sorted(path.parent.iterdir()):
         match = pattern.fullmatch(entry.name)
-        if not match or _alive(int(match.group(1) or match.group(2))):
+        if not match or not entry.is_dir() or entry.is_symlink():
             continue
-        if match.group(1) and not path.exists():
-            os.replace(entry, path)
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            owner = json.loads((entry / _OWNER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            owner = None
+        if owner is None or not _abandoned(owner, path):
+            if isinstance(owner, dict) and owner.get("target") == _owner_record(path)["target"] \
+                    and not _same_system(owner):
+                log.warning("Left %s beside %s: the folder of a run on another machine, boot or pid namespace "
+                            "(host %s, pid %s); delete it once that run is gone.", entry.name, path,
+                            owner.get("host"), owner.get("pid"))
+            continue
+        if int(match.group(1)) != owner["pid"]:
+            continue
+        old = entry.with_name(f".{path.name}.old.{match.group(1)}.{match.group(2)}")
+        if os.path.isdir(old) and not os.path.islink(old):
+            if not os.path.lexists(path):
+                os.replace(old, path)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def real_target(path: str | os.PathLike) -> Path:
+    """``path`` with symbolic links resolved, so that a folder reached through a link is replaced where it
+    lies and the link stays (replacing the link itself would cut it off from its folder)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
 
 
 def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -279,20 +379,25 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
 
     The old directory (if any) is moved aside first and deleted only once the new one is in place, so an
     interruption leaves either the old or the new directory under ``path``. What a killed earlier run left
-    beside ``path`` is cleaned up first (:func:`_clean_after_killed_runs`).
+    beside ``path`` is cleaned up first (:func:`_clean_after_killed_runs`). A ``path`` that is a symbolic link
+    to a folder stays one: the folder it leads to is replaced.
     """
-    path = Path(path)
+    path = real_target(path)
+    if not path.name or path.name in (".", ".."):
+        raise ValueError(f"{path}: not a folder name that can be replaced (resolve it first)")
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_after_killed_runs(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    token = tmp.name[len(f".{path.name}.{os.getpid()}."):-len(".tmp")]
     old = None
     try:
+        _write_owner(tmp, path)
         # The writer (orbax) may want to create the directory itself.
         target = tmp / "d"
         write(target)
         raise_if_interrupted()
         if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
+            old = path.with_name(f".{path.name}.old.{os.getpid()}.{token}")
             os.replace(path, old)
         os.replace(target, path)
     except BaseException:
@@ -302,9 +407,11 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         _remove_settled(tmp)
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # The earlier results go first and the owner record last: a kill in between leaves a record that
+        # lets the next run finish the job.
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -320,6 +427,13 @@ def _remove_settled(tmp: Path, quiet_s: float = 0.3, max_s: float = 10.0) -> Non
         time.sleep(quiet_s)
         if not os.path.lexists(tmp) or time.monotonic() > deadline:
             return
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as printable text: bytes that are not UTF-8 as ``\\xff`` escapes, control characters (a
+    newline in a file name) as ``\\n`` / ``\\x1b`` escapes, so that one path stays one line."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

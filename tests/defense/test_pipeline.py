@@ -206,3 +206,23 @@ def test_cli_runs_every_2020_model(name, tmp_path):
         assert curve["original"]["valid_asr"] == 100.0  # its own poisoned faces do fool it
     for sel in curve["selected"]:
         assert 0.0 <= sel["test_der"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_forced_input_scale_that_looks_wrong_is_warned_about(tmp_path):
+    """The 2020 sunglasses BadNet takes pixels / 255; forced to raw pixels it still answers (48.9% on clean
+    validation images) and the run goes on, but says, in the log and report.md, that the scale looks wrong.
+    The same model at its own scale, given, is not warned about."""
+    clean = asset("faces/lab3/valid_subset.h5")
+    model = asset("models/hackml2020/sunglasses_bd_weights.h5")
+    for scale, warned in (("raw", True), ("255", False)):
+        out = tmp_path / scale
+        proc = run_cli("prune", "--drop", "0.04", "--model", model, "--clean_valid", clean, "--clean_test", clean,
+                       "--input_scale", scale, "--out_dir", out, "--nocheckpoints")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = "the input scale raw was given, but B's clean accuracy on 47 validation images is raw: 48.94%, 255: "
+        assert (line in proc.stderr) == warned, proc.stderr[-3000:]
+        md = (out / "report.md").read_text()
+        assert (line in md) == warned
+        if warned:
+            assert "the other scale (255) is clearly better" in proc.stderr

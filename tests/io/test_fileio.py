@@ -14,7 +14,10 @@ Writers: an interrupted or killed write leaves the previous results, whole, and 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from badnet_jax.io.fileio import atomic_dir
 from badnet_jax.io.lab_data import load_trigger, load_true_labels, peek_lab_h5
 from badnet_jax.sweep.rankings import read_order_file
 from tests.cli import run_python, start_python
+from tests.conftest import REPO
 from tests.io.conftest import FUZZ, MAXSYMLINKS, PATH_KINDS, no_hang, odd_path, write_bytes
 
 FILE_READERS = {"model": load_keras, "data": load_lab_h5, "image": load_image, "trigger": load_trigger,
@@ -290,3 +294,50 @@ def test_what_a_sigkilled_run_left_is_cleaned_up_by_the_next(stage, tmp_path):
     finally:
         alive.kill()
         alive.wait(timeout=60)
+
+
+def _tmp_folders(folder: Path, name: str) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}."))
+
+
+def test_a_live_sibling_output_folder_is_never_touched(tmp_path):
+    """``out`` beside a running ``out.20241202``: that run's temporary folder (``.out.20241202.<pid>...``) is not
+    ``out``'s (the date is no pid), so a run on ``out`` leaves it alone, whatever becomes of the other run."""
+    sibling = start_python(KILLED_WRITER, tmp_path / "out.20241202", "writing")
+    try:
+        assert sibling.stdout.readline().strip() == "ready"
+        before = _tmp_folders(tmp_path, "out.20241202")
+        assert len(before) == 1
+        atomic_dir(tmp_path / "out", lambda d: (d.mkdir(), (d / "a").write_text("mine")))
+        assert _tmp_folders(tmp_path, "out.20241202") == before
+        assert (tmp_path / before[0] / "d" / "a").read_text() == "new"
+    finally:
+        sibling.kill()
+        sibling.wait(timeout=60)
+    atomic_dir(tmp_path / "out", lambda d: (d.mkdir(), (d / "a").write_text("again")))
+    assert _tmp_folders(tmp_path, "out.20241202") == before  # dead, but not this path's run: still not ours
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a second pid namespace")
+def test_a_run_in_another_pid_namespace_is_left_alone(tmp_path, caplog):
+    """A run in a container sharing the folder has pids of its own namespace, which mean nothing here (a live
+    run looks dead): its folder is left, and named in a warning."""
+    target = tmp_path / "results"
+    atomic_dir(target, lambda d: (d.mkdir(), (d / "a").write_text("old")))
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); exec({KILLED_WRITER!r})"
+    argv = ["unshare", "-rpf", "--mount-proc", sys.executable, "-c", code, str(target), "writing"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        if line != "ready":
+            pytest.skip(f"cannot start a process in a new pid namespace here: {proc.stderr.read()[:200]}")
+        theirs = _tmp_folders(tmp_path, "results")
+        assert len(theirs) == 1
+        with caplog.at_level("WARNING", logger="badnet_jax.io.fileio"):
+            atomic_dir(target, lambda d: (d.mkdir(), (d / "a").write_text("mine")))
+        assert _tmp_folders(tmp_path, "results") == theirs
+        assert (target / "a").read_text() == "mine"
+        assert any(theirs[0] in r.getMessage() and "pid namespace" in r.getMessage() for r in caplog.records)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)

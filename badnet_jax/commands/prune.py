@@ -36,6 +36,8 @@ FT_EPOCHS = flags.DEFINE_integer("finetune_epochs", 0, "Fine-pruning epochs per 
 FT_LR = flags.DEFINE_float("finetune_lr", 1e-4, "Fine-pruning learning rate (Adam).")
 BUDGET = flags.DEFINE_float("memory_budget", None, "GiB the sweep may use (default: half the device's memory).")
 DEVICES = flags.DEFINE_integer("devices", 0, "Devices to shard the images over (0 = all).")
+PROGRESS = flags.DEFINE_bool("progress", None, "Show the sweep's progress on stderr (default: when stderr is a "
+                             "terminal; in multi-process runs give the same value to every process).")
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: jax.distributed coordinator host:port.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
@@ -56,7 +58,7 @@ FLAG_OF = {"drops": DROP.name, "rule": RULE.name, "model": MODEL.name, "clean_va
            "input_scale": SCALE.name, "out_dir": OUT_DIR.name, "checkpoints": CHECKPOINTS.name,
            "chunk": CHUNK.name, "devices": DEVICES.name, "memory_budget": BUDGET.name,
            "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name, "seed": SEED.name,
-           "order_file": ORDER_FILE.name, "anp.steps": ANP_STEPS.name, "learning_rate": FT_LR.name,
+           "order_file": ORDER_FILE.name, "anp.steps": ANP_STEPS.name, "learning_rate": FT_LR.name, "progress": PROGRESS.name,
            "epochs": FT_EPOCHS.name}
 
 
@@ -70,7 +72,7 @@ def main(argv: list[str]) -> int:
             drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value,
             clean_valid=CLEAN_VALID.value, bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value,
             bd_test=BD_TEST.value, out_dir=OUT_DIR.value, input_scale=SCALE.value, checkpoints=CHECKPOINTS.value,
-            sweep=SweepOptions(chunk=CHUNK.value, devices=DEVICES.value, memory_budget=budget),
+            sweep=SweepOptions(chunk=CHUNK.value, devices=DEVICES.value, memory_budget=budget, progress=PROGRESS.value),
             finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value) if FT_EPOCHS.value > 0 else None,
             rankings=RankingOptions(rank_by=tuple(RANK_BY.value), random_orders=RANDOM_ORDERS.value, seed=SEED.value,
                                     order_file=ORDER_FILE.value, anp=ANPConfig(steps=ANP_STEPS.value)))

@@ -130,7 +130,7 @@ def test_a_signal_after_the_curve_leaves_one_whole_result_and_ends_non_zero(lab_
             folder = f"drop_{100 * float(drop):g}"
             curve = json.loads((out / "curve.json").read_text())
             assert [s["drop"] for s in curve["selected"]] == [float(drop)]
-            assert {p.name for p in out.iterdir()} == {"curve.json", "report.md", "curve.png", folder}
+            assert {p.name for p in out.iterdir()} == {"curve.json", "curve.csv", "report.md", "curve.png", folder}
         assert not [p for p in lab_dir.rglob("*") if p.name.endswith(".tmp")]
 
 
@@ -157,3 +157,18 @@ def test_an_input_file_that_cannot_be_read_names_its_flag_and_nothing_else_first
     assert len(errors) == 1 and errors[0].startswith(complaint), proc.stderr[-2000:]
     assert "No poisoned data given" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_progress_on_request_shows_the_sweep_and_changes_no_result(tmp_path):
+    """``--progress`` shows the sweep's progress on stderr even when it is not a terminal; the curve is the one
+    a run without it writes."""
+    shown = run_cli("prune", "--drop", "0.04", "--nocheckpoints", "--progress", "--out_dir", "a", cwd=tmp_path)
+    quiet = run_cli("prune", "--drop", "0.04", "--nocheckpoints", "--out_dir", "b", cwd=tmp_path)
+    assert shown.returncode == 0 and quiet.returncode == 0, shown.stderr[-2000:] + quiet.stderr[-2000:]
+    progress = lambda proc: [line for line in proc.stderr.splitlines() if line.startswith("sweep ") and "chunk" in line]
+    assert len(progress(shown)) >= 5
+    assert not progress(quiet)  # stderr is a pipe here: off by default
+    a, b = (json.loads((tmp_path / d / "curve.json").read_text()) for d in ("a", "b"))
+    a.pop("inputs"), b.pop("inputs")
+    assert a == b

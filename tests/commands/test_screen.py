@@ -102,6 +102,7 @@ def _error(proc):
     return errors[0]
 
 
+@pytest.mark.slow
 def test_a_folder_is_screened_sorted_one_line_per_image(tmp_path):
     folder = asset("faces/png")
     files = sorted(p for p in folder.iterdir() if p.suffix == ".png")

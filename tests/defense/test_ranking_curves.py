@@ -27,6 +27,7 @@ def _cut(hits, total, drop):
     return len(hits) - 1
 
 
+@pytest.mark.slow
 def test_defense_compares_rankings_side_by_side(tmp_path, lab_b):
     files = {role: str(asset(rel)) for role, rel in LAB_FILES.items()}
     drops = (0.02, 0.30)

@@ -11,9 +11,11 @@ of ``badnet-prune`` reads the flag ``drop`` with the value 4, as typed.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 _MARK = "\x00"  # delimits an arg() inside a message; JSON escapes it, so a marked value cannot contain it
 _MARKED = re.compile(f"{_MARK}([^{_MARK}]*){_MARK}")
@@ -76,6 +78,28 @@ class BadNetError(Exception):
             return show(name, value[0] if value else NO_VALUE)
 
         return _MARKED.sub(one, self.template)
+
+
+@contextlib.contextmanager
+def reading(role: str, path: os.PathLike | str) -> Iterator[None]:
+    """An error raised while reading ``path``, the file given for ``role``, names that role.
+
+    The readers name the file ("bd_weight.h5: file not found"); a caller who gave several files needs to know
+    which argument to fix: ``model=bd_weight.h5: file not found``, and a command shows its flag. An error that
+    already names a field is left as it is.
+    """
+    try:
+        yield
+    except BadNetError as err:
+        if err.field is not None:
+            raise
+        text, name = err.template, str(path)
+        told = f"{arg(role, name)}{text[len(name):]}" if text.startswith(name + ":") else f"{arg(role, name)}: {text}"
+        try:
+            renamed = type(err)(told, field=role)
+        except TypeError:  # a subclass with another signature keeps its own message
+            raise err from None
+        raise renamed.with_traceback(err.__traceback__) from None
 
 
 class ModelFileError(BadNetError):

@@ -7,7 +7,6 @@ the sweep), :func:`load_sets` reads the images.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -18,7 +17,7 @@ import jax
 import numpy as np
 
 from badnet_jax.attack.demo import DEMO_MODEL, demo_sets
-from badnet_jax.errors import BadNetError, ConfigError, arg
+from badnet_jax.errors import ConfigError, arg, reading
 from badnet_jax.io.fileio import sha256_of
 from badnet_jax.io.keras import load_keras, recorded_input_scale
 from badnet_jax.io.lab_data import load_lab_h5, load_true_labels, peek_lab_h5
@@ -87,28 +86,6 @@ def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> In
         raise ConfigError(f"no model: pass {arg('model')} (B's Keras h5) or put the lab's model at "
                           f"{' or '.join(LAB_MODEL_CANDIDATES)}", field="model")
     return InputFiles(model=model_path, data=paths)
-
-
-@contextlib.contextmanager
-def reading(role: str, path: os.PathLike | str) -> Iterator[None]:
-    """An error raised while reading ``path``, the file given for ``role``, names that role.
-
-    The readers name the file ("bd_weight.h5: file not found"); a caller who gave several files needs to know
-    which argument to fix: ``model=bd_weight.h5: file not found``, and a command shows its flag. An error that
-    already names a field is left as it is.
-    """
-    try:
-        yield
-    except BadNetError as err:
-        if err.field is not None:
-            raise
-        text, name = err.template, str(path)
-        told = f"{arg(role, name)}{text[len(name):]}" if text.startswith(name + ":") else f"{arg(role, name)}: {text}"
-        try:
-            renamed = type(err)(told, field=role)
-        except TypeError:  # a subclass with another signature keeps its own message
-            raise err from None
-        raise renamed.with_traceback(err.__traceback__) from None
 
 
 def load_model(files: InputFiles) -> tuple[BadNet, Params, Optional[str]]:

@@ -22,7 +22,7 @@ import numpy as np
 from badnet_jax.io import checkpoint
 from badnet_jax.io.keras import load_keras, mask_from_zeroed, recorded_input_scale
 from badnet_jax.io.lab_data import IMAGE_SUFFIXES, image_files, label_in_name, load_image, load_lab_h5
-from badnet_jax.errors import ConfigError, DataFileError, ModelFileError, arg
+from badnet_jax.errors import ConfigError, DataFileError, ModelFileError, arg, reading
 from badnet_jax.goodnet import make_goodnet, predict_goodnet
 from badnet_jax.model import Params
 from badnet_jax.defense.scale import choose_input_scale
@@ -150,7 +150,8 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
         if model_path is not None or pruned_path is not None:
             raise ConfigError(f"give either a GoodNet checkpoint ({arg('goodnet_path')}) or B and B' "
                               f"({arg('model_path')} and {arg('pruned_path')})", field="goodnet_path")
-        goodnet, variables = checkpoint.restore_goodnet(goodnet_path)
+        with reading("goodnet_path", goodnet_path):
+            goodnet, variables = checkpoint.restore_goodnet(goodnet_path)
         scale = choose_input_scale(goodnet, variables, input_scale, recorded=goodnet.input_scale).scale
         goodnet = goodnet.clone(input_scale=scale)
     else:
@@ -158,8 +159,10 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
             raise ConfigError(f"give B and B' ({arg('model_path')} and {arg('pruned_path')}), or a GoodNet "
                               f"checkpoint ({arg('goodnet_path')})",
                               field="pruned_path" if model_path is not None else "model_path")
-        model, params = load_keras(model_path)
-        pruned_params, mask, pruned_scale = load_pruned(pruned_path)
+        with reading("model_path", model_path):
+            model, params = load_keras(model_path)
+        with reading("pruned_path", pruned_path):
+            pruned_params, mask, pruned_scale = load_pruned(pruned_path)
         check_pruned_from(params, pruned_params, mask, model_path, pruned_path)
         recorded = _recorded_scale(model_path, pruned_path, pruned_scale)
         if recorded is not None and input_scale == "auto":

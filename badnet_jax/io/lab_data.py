@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
-from badnet_jax.errors import ConfigError, DataFileError, arg
+from badnet_jax.errors import ConfigError, DataFileError, arg, reading
 from badnet_jax.io import fileio
 from badnet_jax.model import INPUT_HWC
 
@@ -403,7 +403,8 @@ def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike,
     if not 0 <= int(target) < upper or int(target) != target:
         raise DataFileError(f"{arg('target', target)}: target label {target} is outside [0, {upper}){of_model}",
                             field="target")
-    trigger = load_trigger(trigger_path)
+    with reading("trigger_path", trigger_path):
+        trigger = load_trigger(trigger_path)
     h, w = INPUT_HWC[:2]
     inside, opaque = trigger_coverage(trigger, at)
     where = f"{trigger.shape[1]}x{trigger.shape[0]} trigger {trigger_path} at {arg('at', f'{at[0]},{at[1]}')}"
@@ -416,8 +417,9 @@ def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike,
         log.warning("The %dx%d trigger at (%d, %d) is clipped by the %dx%d image to %d of its %d pixels.",
                     trigger.shape[1], trigger.shape[0], at[0], at[1], w, h, inside, trigger.shape[0] * trigger.shape[1])
     if source.is_dir():
-        files = image_files(source)
-        x = load_images(files)
+        with reading("source", source):
+            files = image_files(source)
+            x = load_images(files)
         labels = [label_in_name(p) for p in files]
         unlabelled = [p.name for p, label in zip(files, labels) if label is None]
         true = None if unlabelled else np.array(labels)
@@ -430,6 +432,7 @@ def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike,
             raise DataFileError(f"{bad}: its name gives label {label_in_name(bad)}, outside [0, {num_classes})"
                                 f"{of_model}")
     else:
-        x, true = load_lab_h5(source, num_classes=num_classes, keep_uint8=True)
+        with reading("source", source):
+            x, true = load_lab_h5(source, num_classes=num_classes, keep_uint8=True)
     poisoned = poison(x, trigger, at)
     return save_lab_h5(out, poisoned, np.full(len(x), int(target)), true_label=true)

@@ -173,3 +173,12 @@ def test_a_16_bit_or_float_trigger_is_refused_not_flattened_or_darkened(tmp_path
     Image.fromarray(np.full((20, 47), 0.5, np.float32)).save(as_float)  # PIL alone: 0 or 1 of 255, near black
     assert "trigger has image mode 'F'" in _errors(_poison(tmp_path, "--target", "0", trigger=as_float))
     assert not (tmp_path / "bd.h5").exists()
+
+
+def test_a_missing_input_names_its_flag(tmp_path):
+    trigger, source = asset("triggers/sun_glass_trigger.png"), asset("faces/lab3/valid_subset.h5")
+    for args, flag in ((("--source", tmp_path / "nope.h5", "--trigger", trigger), "--source"),
+                       (("--source", source, "--trigger", tmp_path / "nope.png"), "--trigger")):
+        proc = run_cli("poison", *args, "--at", "0,15", "--target", "0", "--out", tmp_path / "o.h5")
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {flag} "), proc.stderr
+        assert "not found" in proc.stderr and not (tmp_path / "o.h5").exists()

@@ -86,7 +86,7 @@ def test_a_truncated_checkpoint_is_one_line_for_the_user(tmp_path, demo_goodnet_
     face = sorted(asset("faces/png").glob("*.png"))[0]
     proc = run_cli("goodnet_eval", str(face), "--goodnet", str(damaged), timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.startswith(f"error: {damaged}: not a readable orbax checkpoint")
+    assert proc.stderr.startswith(f"error: --goodnet {damaged}: not a readable orbax checkpoint")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr  # no asyncio noise
 
 
@@ -178,7 +178,7 @@ def test_a_b_prime_of_another_badnet_is_refused_naming_both_files(tmp_path):
         z.writestr("config.json", "{}")
     both.write_bytes(asset(B_PRIME).read_bytes() + archive.read_bytes())
     line = _error(run_cli("goodnet_eval", face, "--model", lab_b, "--pruned", both, timeout=300))
-    assert line.startswith(f"error: {both}: is both an HDF5 file and a zip archive"), line
+    assert line.startswith(f"error: --pruned {both}: is both an HDF5 file and a zip archive"), line
     # The real pair still screens.
     assert _lines(run_cli("goodnet_eval", face, "--model", lab_b, "--pruned", asset(B_PRIME), timeout=300))
 
@@ -192,3 +192,14 @@ def test_labels_outside_the_models_classes_are_named_before_the_scale(tmp_path):
     assert line == (f"error: the inputs from {asset('faces/lab3/valid_subset.h5')}, labelled by h5 'label' or "
                     f"label<class> in the file name, poisoned ones included do not fit {m10}: label 43 is outside "
                     "[0, 10) for a 10-class model")
+
+
+def test_a_missing_model_or_checkpoint_names_its_flag(tmp_path):
+    face = asset("faces/png")
+    for args, flag in ((("--model", tmp_path / "b.h5", "--pruned", tmp_path / "p.h5"), "--model"),
+                       (("--model", asset(LAB_B), "--pruned", tmp_path / "p.h5"), "--pruned"),
+                       (("--goodnet", tmp_path / "g_ckpt"), "--goodnet")):
+        proc = run_cli("goodnet_eval", face, *args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {flag} "), proc.stderr
+        assert "not found" in proc.stderr and not proc.stdout

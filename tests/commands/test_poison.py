@@ -167,7 +167,7 @@ def test_a_16_bit_or_float_trigger_is_refused_not_flattened_or_darkened(tmp_path
     grey16 = tmp_path / "grey16.png"
     Image.fromarray(np.full((20, 47), 40000, np.uint16)).save(grey16)  # PIL alone would paste it as white
     line = _errors(_poison(tmp_path, "--target", "0", trigger=grey16))
-    assert line.startswith(f"error: {grey16}: trigger has image mode 'I;16' (not 8 bits per channel")
+    assert line.startswith(f"error: --trigger {grey16}: trigger has image mode 'I;16' (not 8 bits per channel")
     assert line.endswith("save it as an 8-bit RGBA PNG")
     as_float = tmp_path / "float.tiff"
     Image.fromarray(np.full((20, 47), 0.5, np.float32)).save(as_float)  # PIL alone: 0 or 1 of 255, near black

@@ -26,12 +26,10 @@ from badnet_jax.numerics.settling import predict_settled
 from badnet_jax.defense.finetune import FinetuneConfig, finetune
 from badnet_jax.defense.inputs import (CLEAN_ROLES, DATA_ROLES, POISONED_ROLES, InputFiles, Sets, describe_inputs,
                                        load_model, load_sets, locate_inputs, peek_sets, sample_clean_valid)
-from badnet_jax.errors import ConfigError
-from badnet_jax.model import INPUT_SCALES, BadNet, Params, predict
+from badnet_jax.model import BadNet, Params
 from badnet_jax.defense.outputs import CutModels, check_out_dir, check_space, write_results
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
-from badnet_jax.defense.scale import SAMPLE, ScaleChoice, choose_input_scale
-from badnet_jax.defense.scale import log as scale_log
+from badnet_jax.defense.scale import SAMPLE, ScaleChoice, accuracy_at_each_scale, choose_input_scale, clear_winner
 from badnet_jax.sweep import SweepOptions, compile_sweep, plan_sweep, rank_and_sweep
 
 log = logging.getLogger(__name__)
@@ -200,17 +198,10 @@ def _check_given_scale(config: DefenseConfig, model: BadNet, params: Params, sca
     if scale.how != "given":
         return []
     x, y = (a[:SAMPLE] for a in sets.data["clean_valid"])
-    quiet = _DropRecords()
-    scale_log.addFilter(quiet)  # the judgement is not a choice: its "Input scale ..." line would mislead
-    try:
-        judged = choose_input_scale(model, params, "auto", None, x, y).scale
-    except ConfigError:
-        judged = None
-    finally:
-        scale_log.removeFilter(quiet)
+    acc = accuracy_at_each_scale(model, params, x, y)
+    judged = clear_winner(acc)
     if judged == scale.scale:
         return []
-    acc = {s: float(metrics.accuracy(predict(model.clone(input_scale=s), params, x), y)) for s in INPUT_SCALES}
     measured = ", ".join(f"{s}: {a:.2f}%" for s, a in acc.items())
     why = (f"the other scale ({judged}) is clearly better" if judged is not None
            else "neither scale is plausible (is this data the model's?)")
@@ -218,11 +209,6 @@ def _check_given_scale(config: DefenseConfig, model: BadNet, params: Params, sca
             f"{measured}: {why}; every number of this run is likely meaningless at scale {scale.scale}")
     log.warning("Input scale: %s.", text)
     return [f"Input scale: {text}."]
-
-
-class _DropRecords(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
 
 
 def _clean_images_as_poisoned(sets: Sets) -> list[str]:

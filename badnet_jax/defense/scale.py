@@ -47,6 +47,18 @@ class ScaleChoice:
         return f"{self.scale} ({self.how})"
 
 
+def accuracy_at_each_scale(model: BadNet, params: Params, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """B's clean accuracy (percent) on ``x, y`` at each input scale."""
+    return {s: float(accuracy(predict(model.clone(input_scale=s), params, x), y)) for s in INPUT_SCALES}
+
+
+def clear_winner(acc: dict[str, float]) -> Optional[str]:
+    """The scale ``auto`` takes from these accuracies: at least ``PLAUSIBLE`` and ``MARGIN`` points ahead of the
+    other, else None (no scale can be told)."""
+    best, other = sorted(INPUT_SCALES, key=lambda s: -acc[s])
+    return best if acc[best] >= PLAUSIBLE and acc[best] - acc[other] >= MARGIN else None
+
+
 def choose_input_scale(model: BadNet, params: Params, input_scale: str = "auto", recorded: Optional[str] = None,
                        x: Optional[np.ndarray] = None, y: Optional[np.ndarray] = None,
                        source: str = "the model", measured_on: str = "clean images") -> ScaleChoice:
@@ -79,10 +91,10 @@ def choose_input_scale(model: BadNet, params: Params, input_scale: str = "auto",
     if outside.any():
         raise DataFileError(f"the {measured_on} do not fit {source}: label {int(y[outside][0])} is outside "
                             f"[0, {model.num_classes}) for a {model.num_classes}-class model")
-    acc = {s: float(accuracy(predict(model.clone(input_scale=s), params, x), y)) for s in INPUT_SCALES}
-    best, other = sorted(INPUT_SCALES, key=lambda s: -acc[s])
+    acc = accuracy_at_each_scale(model, params, x, y)
+    best = clear_winner(acc)
     measured = ", ".join(f"{s}: {a:.2f}%" for s, a in acc.items())
-    if acc[best] < PLAUSIBLE or acc[best] - acc[other] < MARGIN:
+    if best is None:
         raise ConfigError(f"cannot tell the input scale of {source}: accuracy on {len(y)} {measured_on} is "
                           f"{measured}; pass {arg('input_scale', 'raw')} or 255 (or check that the data fits the "
                           "model)",

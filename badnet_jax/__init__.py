@@ -26,7 +26,7 @@ from badnet_jax.io.keras import load_keras, mask_from_zeroed, read_keras_params,
 from badnet_jax.io.lab_data import (load_image, load_images, load_lab_h5, load_trigger, make_poisoned_h5, poison,
                                     save_lab_h5)
 from badnet_jax.model import BadNet, init_params, predict, prune_params
-from badnet_jax.numerics.settling import predict_settled
+from badnet_jax.models.predict import predict_settled
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from badnet_jax.model import (INPUT_HWC, LAB_NUM_CLASSES, NUM_POOL3_CHANNELS, BadNet, Params, init_params,
                                multiply_adds, num_classes_of, prune_params)
-from badnet_jax.sweep.plan import STEPS
+
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.sweep import (PLAIN, SweepOptions, SweepPlan, compile_sweep, head_evaluations, plan_sweep,
                               prefix_masks, rank_and_sweep, shared_evaluations, trunk_features)
@@ -32,6 +32,7 @@ from badnet_jax.sweep import (PLAIN, SweepOptions, SweepPlan, compile_sweep, hea
 log = logging.getLogger(__name__)
 
 INPUT_PIXELS = int(np.prod(INPUT_HWC))
+STEPS = NUM_POOL3_CHANNELS + 1  # the lab DeepID's curve: k = 0..60
 _MACS = multiply_adds(LAB_NUM_CLASSES)  # the layers before the output one do not depend on the class count
 # FLOPs (2 per multiply-add) per image of the trunk (input -> pool_3), and of the fc_1 and conv_4
 # pre-activations (once per image in the prefix sweep: the per-channel contributions).
@@ -130,7 +131,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
         x_bd = rng.integers(0, 256, size=(config.n_bd, *INPUT_HWC), dtype=np.uint8)
     sets = {"clean_valid": jnp.asarray(x_clean), "bd_valid": jnp.asarray(x_bd)}  # on the device once
     n_img = len(x_clean) + len(x_bd)
-    fast = plan_sweep(config.sweep, list(sets.values()), n_cls)
+    fast = plan_sweep(config.sweep, list(sets.values()), model)
     out = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
            "n_clean": len(x_clean), "n_bd": len(x_bd), "num_classes": n_cls, "steps": STEPS, "chunk": fast.chunk,
            "plan": fast.describe(), "impl": fast.impl, "batch_steps": fast.batch_steps}
@@ -152,12 +153,12 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     out["forward_images_per_s"] = len(x_clean) / t
 
     same = dict(chunk=fast.chunk, devices=fast.devices)
-    variants = [("sweep_plain", plan_sweep(dataclasses.replace(PLAIN, **same)))]
+    variants = [("sweep_plain", plan_sweep(dataclasses.replace(PLAIN, **same), [], model))]
     if config.ablation:
         variants += [("sweep_prefix_only", plan_sweep(SweepOptions(dedupe=False, group=False, impl=config.sweep.impl,
-                                                                   **same), [], n_cls)),
+                                                                   **same), [], model)),
                      ("sweep_prefix_dedupe", plan_sweep(dataclasses.replace(config.sweep, group=False, **same),
-                                                        [], n_cls))]
+                                                        [], model))]
     def split(name: str, runs: list[dict]) -> None:
         # Where each timed run went: the jitted call on the device vs float64 near-ties on the host (medians
         # over the timed runs only: the first ones compiled).
@@ -181,7 +182,8 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     out["per_step_loop_s"] = _per_step_loop(model, params, sets, fast.chunk, config, out)
 
     if config.rankings:
-        plan = resolve_rankings(RankingOptions(rank_by=config.rankings, random_orders=config.random_orders), params)
+        plan = resolve_rankings(RankingOptions(rank_by=config.rankings, random_orders=config.random_orders), params,
+                                 model)
         labels = rng.integers(0, n_cls, size=len(x_clean)) if y_clean is None else y_clean
         runs = []
         sweep = lambda: _kept(runs, rank_and_sweep(model, params, sets, fast, rankings=plan, rank_labels=labels))

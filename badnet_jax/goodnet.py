@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
-from badnet_jax.numerics.settling import predict_settled
+from badnet_jax.models.predict import predict_settled
 from badnet_jax.model import (NUM_POOL3_CHANNELS, BadNet, Params, check_images, check_mask, check_params,
                               input_divisor)
 

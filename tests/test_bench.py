@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from badnet_jax import bench
+from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
 
 
@@ -35,7 +36,7 @@ def test_rankings_work_names_the_tail_rate_at_which_r_orders_take_twice_one():
     feats = np.maximum(np.random.default_rng(0).normal(size=(40, 5, 4, 60)), 0).astype(np.float32)
     feats[:, :, :, :20] = 0  # 20 dead channels
     orders = np.stack([np.random.default_rng(s).permutation(60) for s in range(5)])
-    plan = plan_sweep(SweepOptions(chunk=8), [], 1283)
+    plan = plan_sweep(SweepOptions(chunk=8), [], DeepID(1283))
     work = bench._rankings_work([feats], orders, plan, 1283)
     per_order = work["tail_evaluations_per_order"]
     assert per_order == 40 * 41  # every image: the 40 alive channels' steps and the all-pruned one
@@ -44,5 +45,5 @@ def test_rankings_work_names_the_tail_rate_at_which_r_orders_take_twice_one():
     assert abs((trunk + 5 * tail / q) / (trunk + tail / q) - 2) < 1e-12
     assert abs(work["flop_ratio"] - (trunk + 5 * tail) / (trunk + tail)) < 1e-12
     assert work["tail_evaluations_shared"] < 5 * per_order  # the unpruned and all-pruned steps at least
-    plain = bench._rankings_work([feats], orders, plan_sweep(PLAIN, [], 1283), 1283)
+    plain = bench._rankings_work([feats], orders, plan_sweep(PLAIN, [], DeepID(1283)), 1283)
     assert plain["tail_evaluations_per_order"] == 40 * 61

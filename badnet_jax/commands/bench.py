@@ -22,7 +22,7 @@ from badnet_jax.io.fileio import atomic_write_text
 from badnet_jax.defense.scale import CHOICES, choose_input_scale
 from badnet_jax.model import LAB_NUM_CLASSES
 from badnet_jax.sweep import SweepOptions
-from badnet_jax.sweep.plan import STEPS
+from badnet_jax.bench import STEPS
 
 N_CLEAN = flags.DEFINE_integer("n_clean", 11547, "Random clean images (ignored with --clean_valid).")
 N_BD = flags.DEFINE_integer("n_bd", 11547, "Random poisoned images (ignored with --bd_valid).")

@@ -22,7 +22,7 @@ from badnet_jax import metrics
 from badnet_jax.defense.ranking_curves import RankingCurve, ranking_curve
 from badnet_jax.defense.curve import (Curve, Cut, Finetuned, LabeledPreds, check_drops, coarse_validation_note,
                                      evaluate_curve, select_cuts)
-from badnet_jax.numerics.settling import predict_settled
+from badnet_jax.models.predict import predict_settled
 from badnet_jax.defense.finetune import FinetuneConfig, finetune
 from badnet_jax.defense.inputs import (CLEAN_ROLES, DATA_ROLES, POISONED_ROLES, InputFiles, Sets, describe_inputs,
                                        load_model, load_sets, locate_inputs, peek_sets, sample_clean_valid)
@@ -86,7 +86,7 @@ def run_defense(config: DefenseConfig) -> Curve:
     model, params, recorded = load_model(files)
     if primary and config.checkpoints:
         check_space(config.out_dir, params, config.drops, config.finetune is not None)
-    ranking = resolve_rankings(config.rankings, params)
+    ranking = resolve_rankings(config.rankings, params, model)
     # Overlapped: the images load in one thread and the sweep compiles in the other (XLA compiles without the
     # GIL) while the main thread decides the input scale on a sample read ahead; later the inputs are hashed
     # during the sweep (hashlib releases the GIL).
@@ -94,7 +94,7 @@ def run_defense(config: DefenseConfig) -> Curve:
     try:
         loading = background.submit(load_sets, files, model.num_classes)
         specs = peek_sets(files)
-        plan = None if specs is None else plan_sweep(config.sweep, list(specs.values()), model.num_classes)
+        plan = None if specs is None else plan_sweep(config.sweep, list(specs.values()), model)
         # One compiled sweep serves both input scales (a traced divisor), so it compiles before the scale is known.
         compiled = None if specs is None else background.submit(compile_sweep, model, params, specs, plan,
                                                                 rankings=ranking)
@@ -110,7 +110,7 @@ def run_defense(config: DefenseConfig) -> Curve:
         warnings = [*_check_given_scale(config, model, params, scale, sets),
                     *_clean_images_as_poisoned(sets)]
         if plan is None:
-            plan = plan_sweep(config.sweep, [x for x, _ in sets.data.values()], model.num_classes)
+            plan = plan_sweep(config.sweep, [x for x, _ in sets.data.values()], model)
         if compiled is not None:
             t = time.perf_counter()
             compiled.result()  # the compile's own error, if any, surfaces here

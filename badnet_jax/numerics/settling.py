@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import NUM_POOL3_CHANNELS, POOL, POOL3_HWC, BadNet, Params, num_classes_of
-from badnet_jax.numerics.ties import near_tie, output_scale, output_with_ties, top2_gap, undecided_channels
+from badnet_jax.models.protocol import PrunableModel
+from badnet_jax.numerics.ties import near_tie, output_scale, top2_gap
 from badnet_jax.numerics.ties import U as TIE_U
 
 U64 = 2.0 ** -53  # float64 unit roundoff
@@ -209,15 +210,15 @@ def logits64(params: Params, x_NxHxWxC: np.ndarray, divisor: float, mask: Option
     return head64(params, pool3_64(params, x_NxHxWxC, divisor), mask)
 
 
-def settle(params: Params, divisor: float, x_NxHxWxC: np.ndarray, orders_RxC: np.ndarray, preds_RxKxN: np.ndarray,
-           near_RxKxN: np.ndarray) -> tuple[np.ndarray, int]:
+def settle(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, orders_RxC: np.ndarray,
+           preds_RxKxN: np.ndarray, near_RxKxN: np.ndarray) -> tuple[np.ndarray, int]:
     """The predictions with every flagged one replaced by the float64 answer of its order and step.
 
     Args:
-        params, divisor: B and its input scale's divisor.
+        model, params: B (its input scale included).
         x_NxHxWxC: the set's images.
-        orders_RxC: (R, 60) the orders swept.
-        preds_RxKxN, near_RxKxN: the sweep's (R, 61, N) predictions and near-tie flags.
+        orders_RxC: (R, C) the orders swept.
+        preds_RxKxN, near_RxKxN: the sweep's (R, C + 1, N) predictions and near-tie flags.
 
     Returns:
         (settled predictions, number of predictions recomputed).
@@ -230,8 +231,8 @@ def settle(params: Params, divisor: float, x_NxHxWxC: np.ndarray, orders_RxC: np
     images, which = np.unique(flagged[:, 2], return_inverse=True)
     rank_RxC = np.argsort(orders_RxC, axis=1)  # each channel's position in each order
     masks = (rank_RxC[flagged[:, 0]] >= flagged[:, 1:2]).astype(np.float64)  # step k prunes order[:k]
-    out[flagged[:, 0], flagged[:, 1], flagged[:, 2]] = argmax64(params, np.asarray(x_NxHxWxC)[images], divisor,
-                                                                masks, which)
+    out[flagged[:, 0], flagged[:, 1], flagged[:, 2]] = model.argmax64(params, np.asarray(x_NxHxWxC)[images],
+                                                                      model.divisor, masks, which)
     return out, len(flagged)
 
 
@@ -260,11 +261,11 @@ def pool3_means64(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.n
     return total / denom
 
 
-def ranking_rtol(params: Params, divisor: float, x_NxHxWxC: np.ndarray, sums_NxC: np.ndarray) -> float:
+def ranking_rtol(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, sums_NxC: np.ndarray) -> float:
     """The relative tolerance within which two float32 channel means cannot be told apart, on this machine.
 
     Measures the float32 error of the sweep's per-image channel sums on up to ``RANK_CHECK_IMAGES`` images
-    spread over the set, against the XLA float64 trunk: for each channel, the sum over those images of
+    spread over the set, against the model's float64 trunk: for each channel, the sum over those images of
     |float32 sum - float64 sum| divided by the float64 sum (absolute errors add, so cancellation between
     images cannot hide an error that the whole set's mean might not cancel). Returns the larger of
     ``RANK_RTOL`` and 10x the worst such error on each of two means.
@@ -273,8 +274,8 @@ def ranking_rtol(params: Params, divisor: float, x_NxHxWxC: np.ndarray, sums_NxC
     if not len(sums):
         return RANK_RTOL
     rows = np.unique(np.linspace(0, len(sums) - 1, min(len(sums), RANK_CHECK_IMAGES)).astype(int))
-    sums64 = pool3_64_xla(params, np.asarray(x_NxHxWxC)[rows], divisor).sum(axis=(1, 2))
-    total64 = sums64.sum(axis=0)
+    sums64 = model.features64(params, np.asarray(x_NxHxWxC)[rows], model.divisor).sum(axis=(1, 2))
+    total64 = np.abs(sums64).sum(axis=0)
     alive = total64 > 0
     if not alive.any():
         return RANK_RTOL
@@ -282,53 +283,24 @@ def ranking_rtol(params: Params, divisor: float, x_NxHxWxC: np.ndarray, sums_NxC
     return max(RANK_RTOL, 2 * 10 * float(measured))
 
 
-def settle_ranking(params: Params, divisor: float, x_NxHxWxC: np.ndarray, sums_NxC: np.ndarray,
-                   pre_max_C: np.ndarray, in_max: float) -> tuple[np.ndarray, np.ndarray, bool]:
+def settle_ranking(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, sums_NxC: np.ndarray,
+                   margin_C: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     """The activation ranking with its near-ties settled: (order, mean activations, whether it settled any).
 
-    ``sums_NxC`` are the sweep's float32 per-image channel sums of pool_3 (5 x 4 positions each); summed over
-    the images in float64 they give each channel's mean up to the float32 error of the features and of the
-    20-term sums. Two channels next to each other in that order whose means differ by at most
-    :func:`ranking_rtol` (measured on this machine, at least ``RANK_RTOL``) times the larger cannot be told
-    apart in float32. Channels exactly 0 on every image tie exactly (by index), but only if float64 agrees
-    that they are dead: ``pre_max_C`` (each channel's largest conv_3 pre-activation over the set) and
-    ``in_max`` (the largest conv_3 input) say whether a channel's dead-or-alive verdict could flip
-    (``ties.undecided_channels``). In either case every mean is recomputed from the float64 forward.
+    ``sums_NxC`` are the sweep's float32 per-image channel sums of the features (H x W positions each); summed
+    over the images in float64 they give each channel's mean up to the float32 error of the features and of
+    the sums. Two channels next to each other in that order whose means differ by at most :func:`ranking_rtol`
+    (measured on this machine, at least ``RANK_RTOL``) times the larger cannot be told apart in float32.
+    Channels exactly 0 on every image tie exactly (by index), but only if float64 agrees that they are dead:
+    ``margin_C`` and ``scale`` (the max over the set of the model's margins, ``features_with_margins``) say
+    whether a channel's dead-or-alive verdict could flip (``model.undecided_channels``). In either case every
+    mean is recomputed from the float64 forward.
     """
     sums = np.asarray(sums_NxC, np.float64)
-    mean = sums.sum(axis=0) / (max(len(sums), 1) * POOL3_HWC[0] * POOL3_HWC[1])
-    undecided = undecided_channels(pre_max_C, in_max, params["conv_3"]["kernel"], params["conv_3"]["bias"])
-    if not undecided.any() and not _adjacent_close(mean, ranking_rtol(params, divisor, x_NxHxWxC, sums)):
+    h, w, _ = model.feature_hwc
+    mean = sums.sum(axis=0) / (max(len(sums), 1) * h * w)
+    undecided = model.undecided_channels(params, np.asarray(margin_C), np.asarray(scale))
+    if not undecided.any() and not _adjacent_close(mean, ranking_rtol(model, params, x_NxHxWxC, sums)):
         return np.argsort(mean, kind="stable").astype(np.int32), mean, False
-    mean = pool3_means64(params, x_NxHxWxC, divisor)
+    mean = model.feature_means64(params, x_NxHxWxC, model.divisor)
     return np.argsort(mean, kind="stable").astype(np.int32), mean, True
-
-
-@functools.lru_cache(maxsize=None)
-def _top2_fn(model: BadNet):
-    def run(params, mask, x):
-        feats = model.apply({"params": params}, x.astype(jnp.float32), method=BadNet.trunk)
-        hidden = model.apply({"params": params}, feats, mask, method=BadNet.hidden)
-        return output_with_ties(hidden, params["output"]["kernel"], params["output"]["bias"])
-    return jax.jit(run)
-
-
-def predict_settled(model: BadNet, params: Params, x_NxHxWxC: np.ndarray, mask: Optional[np.ndarray] = None,
-                    batch: int = 1024) -> tuple[np.ndarray, int]:
-    """(N,) predictions of B (or of B' under a pool_3 mask) with near-ties settled in float64, and how many were.
-
-    The float32 forward runs jitted ``batch`` images at a time; the flagged images run again in float64.
-    """
-    m = np.ones(NUM_POOL3_CHANNELS, np.float32) if mask is None else np.asarray(mask, np.float32)
-    fn = _top2_fn(model)
-    preds, near = [], []
-    for i in range(0, len(x_NxHxWxC), batch):
-        arg, flag = fn(params, jnp.asarray(m), jnp.asarray(x_NxHxWxC[i:i + batch]))
-        preds.append(np.asarray(arg))
-        near.append(np.asarray(flag))
-    if not preds:
-        return np.zeros((0,), np.int32), 0
-    preds, near = np.concatenate(preds), np.concatenate(near)
-    if near.any():
-        preds[near] = argmax64(params, np.asarray(x_NxHxWxC)[near], model.divisor, m)
-    return preds, int(near.sum())

@@ -74,8 +74,8 @@ def output_scale_weights(wout_HxC: jax.Array | np.ndarray,
 
 def output_scale(hidden: jax.Array | np.ndarray, wout_HxC: jax.Array | np.ndarray,
                  bout_C: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
-    """S = sum_i h_i * max_c |W_out[i, c]| + max_c |b_c| for hidden layers h (..., H): what the error of a
-    logit is measured against (see the module docstring).
+    """S = sum_i |h_i| * max_c |W_out[i, c]| + max_c |b_c| for hidden layers h (..., H): what the error of a
+    logit is measured against (see the module docstring; DeepID's h is a relu's output, |h| = h).
 
     The one definition of S: float32 and traceable for jax.Arrays (the sweep, the masked-head reference),
     float64 for NumPy arrays (the float64 networks). The Pallas kernel sums the same products in its loop
@@ -83,16 +83,17 @@ def output_scale(hidden: jax.Array | np.ndarray, wout_HxC: jax.Array | np.ndarra
     """
     if isinstance(hidden, np.ndarray):
         wmax_H, bmax = output_scale_weights(np.asarray(wout_HxC), np.asarray(bout_C))
-        return hidden @ wmax_H + bmax
+        return np.abs(hidden) @ wmax_H + bmax
     wmax_H, bmax = output_scale_weights(jnp.asarray(wout_HxC), jnp.asarray(bout_C))
-    return jnp.dot(hidden, wmax_H, precision=HIGHEST) + bmax
+    return jnp.dot(jnp.abs(hidden), wmax_H, precision=HIGHEST) + bmax
 
 
-def output_with_ties(hidden_NxH: jax.Array, wout_HxC: jax.Array, bout_C: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The output layer on the hidden layer: (N,) predictions and (N,) near-tie flags (traceable)."""
+def output_with_ties(hidden_NxH: jax.Array, wout_HxC: jax.Array, bout_C: jax.Array,
+                     rtol: float = TIE_RTOL) -> tuple[jax.Array, jax.Array]:
+    """The output layer on the hidden layer: (N,) predictions and (N,) near-tie flags within ``rtol`` (traceable)."""
     logits = jnp.dot(hidden_NxH, wout_HxC, precision=HIGHEST) + bout_C[None, :]
     arg, gap = top2_gap(logits)
-    return arg, near_tie(gap, output_scale(hidden_NxH, wout_HxC, bout_C))
+    return arg, near_tie(gap, output_scale(hidden_NxH, wout_HxC, bout_C), rtol)
 
 
 def undecided_channels(pre_max_C: np.ndarray, in_max: float, kernel_conv3: np.ndarray,

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params
+from badnet_jax.models.deepid import as_model
+from badnet_jax.models.protocol import Params, PrunableModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +49,15 @@ class ANPConfig:
     seed: int = 0
 
 
-def anp_mask(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, labels_N: jax.Array,
+def anp_mask(model: PrunableModel, params: Params, pool3_NxHxWxC: jax.Array, labels_N: jax.Array,
              config: ANPConfig) -> jax.Array:
-    """(60,) float32 ANP mask values from clean pool_3 features and their labels (traceable; call under jit)."""
-    n = pool3_NxHxWxC.shape[0]
+    """(C,) float32 ANP mask values from clean features and their labels (traceable; call under jit)."""
+    model = as_model(model)
+    n, channels = pool3_NxHxWxC.shape[0], pool3_NxHxWxC.shape[3]
     opt = optax.sgd(config.learning_rate, momentum=config.momentum)
 
     def loss(scale_C, feats, labels):
-        logits = model.apply({"params": params}, feats * scale_C[None, None, None, :], method=BadNet.head)
+        logits = model.head(params, feats * scale_C[None, None, None, :])
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     def step(carry, key):
@@ -63,20 +65,20 @@ def anp_mask(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, labels_N: 
         k_batch, k_noise = jax.random.split(key)
         idx = jax.random.randint(k_batch, (config.batch,), 0, n)
         feats, labels = pool3_NxHxWxC[idx], labels_N[idx]
-        delta = jax.random.uniform(k_noise, (NUM_POOL3_CHANNELS,), minval=-config.eps, maxval=config.eps)
+        delta = jax.random.uniform(k_noise, (channels,), minval=-config.eps, maxval=config.eps)
         ascent = jax.grad(loss)(mask_C + delta, feats, labels)
         delta = jnp.clip(delta + config.eps * jnp.sign(ascent), -config.eps, config.eps)
         total = lambda m: config.alpha * loss(m, feats, labels) + (1 - config.alpha) * loss(m + delta, feats, labels)
         updates, state = opt.update(jax.grad(total)(mask_C), state, mask_C)
         return (jnp.clip(optax.apply_updates(mask_C, updates), 0.0, 1.0), state), None
 
-    mask_C = jnp.ones((NUM_POOL3_CHANNELS,), jnp.float32)
+    mask_C = jnp.ones((channels,), jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(config.seed), config.steps)
     (mask_C, _), _ = jax.lax.scan(step, (mask_C, opt.init(mask_C)), keys)
     return mask_C
 
 
-def anp_order(model: BadNet, params: Params, pool3_NxHxWxC: jax.Array, labels_N: jax.Array,
+def anp_order(model: PrunableModel, params: Params, pool3_NxHxWxC: jax.Array, labels_N: jax.Array,
               config: ANPConfig) -> jax.Array:
-    """(60,) channels by increasing ANP mask (ties by channel index): the order ANP prunes them in."""
+    """(C,) channels by increasing ANP mask (ties by channel index): the order ANP prunes them in."""
     return jnp.argsort(anp_mask(model, params, pool3_NxHxWxC, labels_N, config), stable=True).astype(jnp.int32)

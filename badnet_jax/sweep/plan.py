@@ -4,12 +4,13 @@ Every sweep decision lives here and nowhere else: the strategy, the masked-head 
 distinct steps go into one head call, the chunk (from the backend default and the memory budget) and the
 device count. The rest of the sweep reads the plan; the defense computes it once and hands it on.
 
-Memory model (bytes per image in flight, float32): the trunk's largest intermediates (conv_1 output 52x44x20
-and its pool, conv_2 output) ~350 KB; the plain sweep's vmapped head over 61 masks ~920 KB; the prefix
-sweep's per-step carries ~15 KB; without dedupe all 61 steps' pre-activations (61 x 1120 floats) and
-logits; when it batches steps, all 61 steps' pre-activations and one batch of logits. Resident: every set's images (twice on a CPU: host array and device buffer),
-61 int32 predictions per image, and pool_3 features (4.8 KB per image) of the ranking set and, twice (the
-copy sorted by alive channels), of the largest set.
+Memory model (bytes per image in flight, float32), from the model (``badnet_jax.models.protocol``): the
+trunk's largest intermediates (``trunk_bytes_per_image``; DeepID: conv_1's output 52x44x20, its pool and
+conv_2's output, ~350 KB); the plain sweep's vmapped head over every mask (``plain_head_bytes_per_image``);
+the prefix sweep's per-step carries (``step_bytes_per_image``); without dedupe every step's pre-activations
+and logits; when it batches steps, every step's pre-activations and one batch of logits. Resident: every
+set's images (twice on a CPU: host array and device buffer), C + 1 int32 predictions per image, and the
+features of the ranking set and, twice (the copy sorted by alive channels), of the largest set.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from badnet_jax.errors import ConfigError, arg
 from badnet_jax.io.fileio import memory_bytes
 from badnet_jax.kernels.masked_head.api import default_platform, resolve_impl
 from badnet_jax.sweep.progress import stderr_is_terminal
-from badnet_jax.model import CONV4_FEATURES, HIDDEN_UNITS, LAB_NUM_CLASSES, NUM_POOL3_CHANNELS, POOL3_FEATURES
+from badnet_jax.models.deepid import as_model
+from badnet_jax.models.protocol import PrunableModel
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,6 @@ CPU_CHUNK = 256  # per-step GEMMs of 256 rows run near a CPU's matmul peak, and 
 ACCELERATOR_CHUNK = 4096  # GPU/TPU: few, large calls
 ACCELERATOR_BATCH_STEPS = 8  # distinct steps per head call on GPU/TPU (reasoned, not yet tuned on a device)
 
-STEPS = NUM_POOL3_CHANNELS + 1
-TRUNK_WORKING = 350_000
-PLAIN_HEAD_WORKING = 920_000
-PREFIX_WORKING = 15_000
-PREACTIVATIONS = HIDDEN_UNITS + CONV4_FEATURES  # fc_1 and flattened conv_4 pre-activations per image and step
-POOL3_BYTES = POOL3_FEATURES * 4
-PREDS_BYTES = STEPS * 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +96,7 @@ class SweepPlan:
     """The sweep as it will run, resolved once from :class:`SweepOptions` for a backend and data.
 
     Attributes:
-        strategy: ``plain`` (masked head vmapped over the 61 masks), ``prefix`` (suffix sums, every step
+        strategy: ``plain`` (masked head vmapped over the C + 1 masks), ``prefix`` (suffix sums, every step
             evaluated), ``prefix_dedupe`` (reverse scan, dead steps skipped) or ``prefix_batched`` (distinct
             steps gathered, ``batch_steps`` per head call).
         group: images sorted by alive channels before chunking.
@@ -173,20 +168,22 @@ def default_budget() -> int:
     return int((stats or {}).get("bytes_limit") or memory_bytes()) // 2
 
 
-def plan_sweep(options: SweepOptions = SweepOptions(), sets: Sequence = (),
-               num_classes: int = LAB_NUM_CLASSES) -> SweepPlan:
-    """Resolve ``options`` for the default backend and these image sets, once.
+def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> SweepPlan:
+    """Resolve ``options`` for the default backend, these image sets and this model, once.
 
     Args:
         options: what the user asked.
         sets: the image arrays, or only their shapes and dtypes (anything with ``.shape`` and ``.dtype``),
             the ranking set first; they size the memory budget. Empty: no budget check.
-        num_classes: the model's output size (the batched path holds a batch of logits).
+        model: the model swept (a ``PrunableModel``, or a ``BadNet`` module for the lab's DeepID): its
+            sizes are the memory model's.
 
     Raises:
         ConfigError: a combination that does nothing, more devices than exist, or data that cannot fit.
     """
     _check(options)
+    model = as_model(model)
+    num_classes, steps = model.num_classes, model.steps
     platform = options.platform or default_platform()
     accelerator = platform != "cpu"
     if not options.prefix_sums:
@@ -206,18 +203,22 @@ def plan_sweep(options: SweepOptions = SweepOptions(), sets: Sequence = (),
     devices = available if options.devices == 0 else options.devices
     if devices > available and options.platform is None:
         raise ConfigError(f"asked for {devices} devices, only {available} available")
-    head = {"plain": PLAIN_HEAD_WORKING, "prefix": STEPS * (PREACTIVATIONS + num_classes) * 4,
-            "prefix_dedupe": PREFIX_WORKING,
-            "prefix_batched": orders * (STEPS * PREACTIVATIONS * 4 + batch * num_classes * 4)}[strategy]
-    per_image = TRUNK_WORKING + head
+    pre = model.preactivation_size
+    head = {"plain": model.plain_head_bytes_per_image(), "prefix": steps * (pre + num_classes) * 4,
+            "prefix_dedupe": model.step_bytes_per_image(),
+            "prefix_batched": orders * (steps * pre * 4 + batch * num_classes * 4)}[strategy]
+    per_image = model.trunk_bytes_per_image() + head
     wanted = options.chunk or (ACCELERATOR_CHUNK if accelerator else CPU_CHUNK)
-    chunk = _chunk_for_budget(sets, options.memory_budget, per_image, wanted, accelerator)
+    feature_bytes = 4 * int(np.prod(model.feature_hwc))
+    chunk = _chunk_for_budget(sets, options.memory_budget, per_image, wanted, accelerator, feature_bytes, steps * 4)
     if chunk < wanted:
         log.info("Memory budget: %d images per chunk (instead of %d).", chunk, wanted)
     # The kernel is probed at the shapes of this plan's head calls: batch_steps (or 1) masks x a chunk.
     impl = "reference"
-    if options.prefix_sums:
+    if options.prefix_sums and model.has_kernels:
         impl = resolve_impl(options.impl, platform, max(batch, 1), chunk, num_classes)
+    elif options.impl == "pallas":
+        log.warning("No Pallas masked-head kernel for %s; using the JAX reference.", model.name)
     progress = options.progress
     if progress is None:
         progress = jax.process_count() == 1 and stderr_is_terminal()
@@ -227,15 +228,15 @@ def plan_sweep(options: SweepOptions = SweepOptions(), sets: Sequence = (),
 
 
 def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, wanted: int,
-                      accelerator: bool) -> int:
+                      accelerator: bool, feature_bytes: int, preds_bytes: int) -> int:
     """The largest chunk <= ``wanted`` whose working memory fits ``budget`` beside the resident data."""
     if not sets:
         return wanted
     sizes = [(int(x.shape[0]), int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize) for x in sets]
     budget = default_budget() if budget is None else int(budget)
     copies = 1 if accelerator else 2  # a CPU holds the host array and the device buffer
-    pool3 = (sizes[0][0] + 2 * max(n for n, _ in sizes)) * POOL3_BYTES
-    resident = sum(copies * nbytes + n * PREDS_BYTES for n, nbytes in sizes) + pool3
+    feats = (sizes[0][0] + 2 * max(n for n, _ in sizes)) * feature_bytes
+    resident = sum(copies * nbytes + n * preds_bytes for n, nbytes in sizes) + feats
     room = budget - resident
     if room < per_image:
         raise ConfigError(f"the data needs about {resident / 2**30:.2f} GiB resident but the memory budget is "

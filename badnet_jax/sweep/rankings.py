@@ -1,17 +1,18 @@
-"""Pruning orders of the pool_3 channels, side by side: which ranking gives the best trade-off.
+"""Pruning orders of the pruned layer's channels, side by side: which ranking gives the best trade-off.
 
-Every ranking is an order of the 60 channels, pruned first to last:
+Every ranking is an order of the layer's C channels (DeepID's pool_3: 60), pruned first to last:
 
-- ``activation``: the lab's (Fine-Pruning): mean pool_3 activation on clean validation data, lowest first;
+- ``activation``: the lab's (Fine-Pruning): mean activation on clean validation data, lowest first;
 - ``clp``: Channel Lipschitzness (Zheng et al., ECCV 2022), data-free: channel c's upper Lipschitz bound is
-  the largest singular value of conv_3's kernel for output channel c as an (in_channels, kh*kw) matrix
-  (DeepID has no batch norm, so no gamma/sigma factor); highest first;
-- ``l1``: L1 norm of conv_3's kernel for output channel c, smallest first;
+  the largest singular value of the producing convolution's kernel for output channel c as an
+  (in_channels, kh*kw) matrix, times |gamma / sigma| of a batch norm in between
+  (``PrunableModel.producer_kernel``; DeepID: conv_3, no batch norm); highest first;
+- ``l1``: L1 norm of that kernel for output channel c, smallest first;
 - ``random``: R seeded random orders, a baseline (reported as mean and spread);
 - ``anp``: Adversarial Neuron Pruning (``badnet_jax.sweep.anp``), smallest mask first;
 - ``order_file``: a user's own order, from a file.
 
-``activation`` and ``anp`` need the ranking set's pool_3 features, so they are computed inside the sweep's
+``activation`` and ``anp`` need the ranking set's features, so they are computed inside the sweep's
 compiled call (the trunk pass is shared); the others come from the weights, a seed or a file and go in as
 given orders. :func:`resolve_rankings` decides all of that once, into a :class:`RankingPlan`.
 """
@@ -27,7 +28,8 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.io import fileio
-from badnet_jax.model import NUM_POOL3_CHANNELS, Params
+from badnet_jax.models.deepid import as_model
+from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.sweep.anp import ANPConfig
 
 RANKINGS = ("activation", "clp", "l1", "random", "anp", "order_file")
@@ -43,7 +45,7 @@ class RankingOptions:
         rank_by: ranking names (:data:`RANKINGS`), the first one is the defense's (its cut is the one written).
         random_orders: R, the number of seeded random orders of ``random``.
         seed: seed of the random orders and of ANP.
-        order_file: the file of ``order_file`` (60 channel indices: JSON list, whitespace- or comma-separated
+        order_file: the file of ``order_file`` (C channel indices: JSON list, whitespace- or comma-separated
             text, or a curve.json whose ``order`` is used).
         anp: ANP's hyper-parameters (its seed is replaced by ``seed``).
     """
@@ -93,46 +95,49 @@ class RankingPlan:
         return dataclasses.replace(self, sources=tuple(sources), given=given)
 
 
-def single(order: Optional[Sequence[int] | np.ndarray]) -> RankingPlan:
-    """The plan of a one-order sweep: the lab's activation ranking, or ``order`` as given."""
+def single(order: Optional[Sequence[int] | np.ndarray], channels: int, layer: str = "pruned layer") -> RankingPlan:
+    """The plan of a one-order sweep over ``channels`` channels: the lab's activation ranking, or ``order`` as given."""
     if order is None:
-        return RankingPlan(("activation",), ("activation",), ("activation",),
-                           np.zeros((0, NUM_POOL3_CHANNELS), np.int32))
-    return RankingPlan(("order",), ("order",), (GIVEN,), check_order(order, arg("order"), field="order")[None])
+        return RankingPlan(("activation",), ("activation",), ("activation",), np.zeros((0, channels), np.int32))
+    return RankingPlan(("order",), ("order",), (GIVEN,),
+                       check_order(order, arg("order"), channels, layer, field="order")[None])
 
 
-def check_order(order, where: str, field: Optional[str] = None) -> np.ndarray:
-    """``order`` as (60,) int32, refused unless it is a permutation of the 60 pool_3 channels.
+def check_order(order, where: str, channels: int, layer: str = "pruned layer",
+                field: Optional[str] = None) -> np.ndarray:
+    """``order`` as (C,) int32, refused unless it is a permutation of the ``channels`` channels of ``layer``.
 
     Args:
         order: the channel indices, pruned first to last.
         where: what the order is, for the message (e.g. ``"order"`` or the file it came from).
+        channels: C, the pruned layer's channel count.
+        layer: the pruned layer's name, for the message.
         field: the argument or config field it came from, for the error's ``field``.
 
     Raises:
-        ConfigError: not a permutation of 0..59 (saying which channels are missing or that one repeats).
+        ConfigError: not a permutation of 0..C-1 (saying which channels are missing or that one repeats).
     """
     try:
         o = np.asarray(order)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: not an order of channels ({err})", field=field) from None
-    if o.shape != (NUM_POOL3_CHANNELS,) or not np.issubdtype(o.dtype, np.integer) or \
-            sorted(o.tolist()) != list(range(NUM_POOL3_CHANNELS)):
+    if o.shape != (channels,) or not np.issubdtype(o.dtype, np.integer) or \
+            sorted(o.tolist()) != list(range(channels)):
         got = f"shape {o.shape}, dtype {o.dtype}"
         if o.ndim == 1 and np.issubdtype(o.dtype, np.integer):
-            missing = sorted(set(range(NUM_POOL3_CHANNELS)) - set(o.tolist()))
+            missing = sorted(set(range(channels)) - set(o.tolist()))
             got += f", missing {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else ", a channel repeated"
-        raise ConfigError(f"{where}: an order must be a permutation of the {NUM_POOL3_CHANNELS} pool_3 channels "
-                          f"0..{NUM_POOL3_CHANNELS - 1}, each once ({got})", field=field)
+        raise ConfigError(f"{where}: an order must be a permutation of the {channels} {layer} channels "
+                          f"0..{channels - 1}, each once ({got})", field=field)
     return o.astype(np.int32)
 
 
-def read_order_file(path: str | Path) -> np.ndarray:
-    """A user's order: 60 channel indices as a JSON list, as text (whitespace or commas), or a curve.json.
+def read_order_file(path: str | Path, channels: int, layer: str = "pruned layer") -> np.ndarray:
+    """A user's order: C channel indices as a JSON list, as text (whitespace or commas), or a curve.json.
 
     Raises:
         ConfigError: naming ``order_file`` (the :class:`RankingOptions` field it comes from): the file cannot
-            be read, or does not hold a permutation of the 60 channels.
+            be read, or does not hold a permutation of the ``channels`` channels of ``layer``.
     """
     where = f"{arg('order_file')} {path}"
     try:
@@ -153,45 +158,52 @@ def read_order_file(path: str | Path) -> np.ndarray:
         value = value["order"]
     if not isinstance(value, list) or not all(isinstance(v, int) or (isinstance(v, str) and v.isdigit())
                                               for v in value):
-        raise ConfigError(f"{where}: expected {NUM_POOL3_CHANNELS} channel indices (integers)", field="order_file")
-    return check_order(np.asarray([int(v) for v in value]), where, field="order_file")
+        raise ConfigError(f"{where}: expected {channels} channel indices (integers)", field="order_file")
+    return check_order(np.asarray([int(v) for v in value]), where, channels, layer, field="order_file")
 
 
-def _conv3_kernel(params: Params) -> np.ndarray:
-    return np.asarray(params["conv_3"]["kernel"], np.float64)  # (kh, kw, in, out)
+def _producer_kernel(model: PrunableModel, params: Params, ranking: str) -> np.ndarray:
+    kernel = model.producer_kernel(params)
+    if kernel is None:
+        raise ConfigError(f"{arg('rank_by')}: the ranking {ranking!r} reads the kernel of the convolution that "
+                          f"produces {model.layer}'s channels, and {model.name} has none there (choose another "
+                          "layer or ranking)", field="rank_by")
+    return np.asarray(kernel, np.float64)  # (kh, kw, in, out)
 
 
-def clp_scores(params: Params) -> np.ndarray:
-    """(60,) CLP upper bound per conv_3 output channel: the largest singular value of its (in, kh*kw) kernel."""
-    k = _conv3_kernel(params)
+def clp_scores(model: PrunableModel, params: Params) -> np.ndarray:
+    """(C,) CLP upper bound per output channel: the largest singular value of its (in, kh*kw) kernel."""
+    k = _producer_kernel(model, params, "clp")
     kh, kw, cin, cout = k.shape
     per_channel = np.moveaxis(k, 3, 0).reshape(cout, kh * kw, cin).transpose(0, 2, 1)  # (out, in, kh*kw)
     return np.linalg.svd(per_channel, compute_uv=False)[:, 0]
 
 
-def l1_scores(params: Params) -> np.ndarray:
-    """(60,) L1 norm of conv_3's kernel for each output channel."""
-    return np.abs(_conv3_kernel(params)).sum(axis=(0, 1, 2))
+def l1_scores(model: PrunableModel, params: Params) -> np.ndarray:
+    """(C,) L1 norm of the producing convolution's kernel for each output channel."""
+    return np.abs(_producer_kernel(model, params, "l1")).sum(axis=(0, 1, 2))
 
 
-def random_orders(count: int, seed: int) -> np.ndarray:
-    """(count, 60) seeded random orders (NumPy's PCG64: the same on every machine)."""
+def random_orders(count: int, seed: int, channels: int) -> np.ndarray:
+    """(count, C) seeded random orders (NumPy's PCG64: the same on every machine)."""
     rng = np.random.default_rng(seed)
-    return np.stack([rng.permutation(NUM_POOL3_CHANNELS) for _ in range(count)]).astype(np.int32).reshape(
-        count, NUM_POOL3_CHANNELS)
+    return np.stack([rng.permutation(channels) for _ in range(count)]).astype(np.int32).reshape(count, channels)
 
 
 def _ascending(scores: np.ndarray) -> np.ndarray:
     return np.argsort(scores, kind="stable").astype(np.int32)
 
 
-def resolve_rankings(options: RankingOptions, params: Params) -> RankingPlan:
-    """Check ``options`` and compute every order that does not need data.
+def resolve_rankings(options: RankingOptions, params: Params, model: PrunableModel) -> RankingPlan:
+    """Check ``options`` and compute every order of ``model``'s pruned layer that does not need data.
 
     Raises:
         ConfigError: an unknown or repeated name, ``random`` with R < 1, ``order_file`` without a file (or a
-            file without ``order_file``), or an unreadable / invalid order file.
+            file without ``order_file``), or an unreadable / invalid order file; ``clp`` or ``l1`` for a layer
+            no convolution produces.
     """
+    model = as_model(model)
+    channels = model.num_channels
     names = tuple(options.rank_by)
     if options.order_file is not None and "order_file" not in names:
         names = names + ("order_file",)  # giving the file asks for its ranking
@@ -218,19 +230,19 @@ def resolve_rankings(options: RankingOptions, params: Params) -> RankingPlan:
             sources.append(name)
             continue
         if name == "random":
-            orders = list(random_orders(options.random_orders, options.seed))
+            orders = list(random_orders(options.random_orders, options.seed, channels))
             labels += [f"random/{i}" for i in range(len(orders))]
         elif name == "clp":
-            orders = [_ascending(-clp_scores(params))]  # highest bound first: stable on the negated scores
+            orders = [_ascending(-clp_scores(model, params))]  # highest bound first: stable on the negated scores
             labels.append(name)
         elif name == "l1":
-            orders = [_ascending(l1_scores(params))]
+            orders = [_ascending(l1_scores(model, params))]
             labels.append(name)
         else:
-            orders = [read_order_file(options.order_file)]
+            orders = [read_order_file(options.order_file, channels, model.layer)]
             labels.append(name)
         sources += [GIVEN] * len(orders)
         given += orders
     anp = dataclasses.replace(options.anp, seed=options.seed) if "anp" in names else None
-    stacked = np.stack(given).astype(np.int32) if given else np.zeros((0, NUM_POOL3_CHANNELS), np.int32)
+    stacked = np.stack(given).astype(np.int32) if given else np.zeros((0, channels), np.int32)
     return RankingPlan(names, tuple(labels), tuple(sources), stacked, anp)

@@ -1,7 +1,7 @@
-"""The sweep as one jitted call: trunk, ranking, every set's 61-step predictions; sharding and host I/O.
+"""The sweep as one jitted call: trunk, ranking, every set's predictions at every step; sharding and host I/O.
 
-Pruning the first k channels of the order (k = 0..60) only changes the head's input mask, so every set goes
-through the trunk (input -> pool_3) once and the head is evaluated at all 61 steps inside one jit-compiled
+Pruning the first k channels of the order (k = 0..C) only changes the head's input mask, so every set goes
+through the trunk (input -> the pruned layer) once and the head is evaluated at all C + 1 steps inside one jit-compiled
 call, in chunks (``badnet_jax.sweep.chunks``) so memory stays bounded. Sets are passed and returned by name;
 the ranking set (clean validation data) alone decides the order, unless the caller gives one.
 """
@@ -23,7 +23,8 @@ from jax.sharding import PartitionSpec as P
 from badnet_jax.sweep.anp import anp_order
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.numerics.settling import settle, settle_ranking
-from badnet_jax.model import BadNet, Params, check_images, check_params, num_classes_of
+from badnet_jax.models.deepid import as_model
+from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.sweep.rankings import RankingPlan, single
 from badnet_jax.sweep.chunks import map_chunks
 from badnet_jax.sweep.plan import SweepOptions, SweepPlan, plan_sweep
@@ -35,32 +36,29 @@ Images = np.ndarray | jax.ShapeDtypeStruct
 log = logging.getLogger(__name__)
 
 
-def trunk_features(model: BadNet, params: Params, x_NxHxWxC: jax.Array, chunk: int,
+def trunk_features(model: PrunableModel, params: Params, x_NxHxWxC: jax.Array, chunk: int,
                    divisor: Optional[jax.Array] = None, margins: bool = False, on_chunk=None):
-    """pool_3 activations of every image, ``chunk`` images at a time (traceable; call under jit).
+    """The pruned layer's output for every image, ``chunk`` images at a time (traceable; call under jit).
 
     ``divisor``: None applies the model's own input scale; a traced scalar (1 or 255) divides the pixels
-    before a raw-scale trunk instead, so that one compiled program serves both scales (``x / 1`` is ``x``
-    exactly and ``x / 255`` is what the model's trunk computes: the results are the same bits).
-    ``margins``: also each image's largest conv_3 pre-activation per channel and largest conv_3 input
-    (``BadNet.trunk_with_margins``; the same pool_3 bits).
+    instead, so that one compiled program serves both scales (``x / 1`` is ``x`` exactly and ``x / 255`` is
+    what the model's trunk computes: the results are the same bits).
+    ``margins``: also the model's dead-channel margins (``PrunableModel.features_with_margins``; the same
+    feature bits).
     ``on_chunk``: the progress hook of :func:`~badnet_jax.sweep.chunks.map_chunks` (None: no progress).
     """
     # Images may stay uint8 (the lab's files are): the cast to float32 is exact and happens per chunk, so
     # the resident data is a quarter of the float32 size.
-    method = BadNet.trunk_with_margins if margins else BadNet.trunk
-    if divisor is None:
-        trunk = lambda xb: model.apply({"params": params}, xb.astype(jnp.float32), method=method)
-    else:
-        raw = model.clone(input_scale="raw")
-        trunk = lambda xb: raw.apply({"params": params}, xb.astype(jnp.float32) / divisor, method=method)
+    model = as_model(model)
+    method = model.features_with_margins if margins else model.features
+    trunk = lambda xb: method(params, xb.astype(jnp.float32), divisor)
     return map_chunks(trunk, jnp.asarray(x_NxHxWxC), chunk, rows_axis=0, on_chunk=on_chunk)
 
 
 def activation_ranking(per_image_NxC: jax.Array, n: int) -> jax.Array:
-    """The lab's ranking: channels by increasing mean pool_3 activation over the first ``n`` images.
+    """The lab's ranking: channels by increasing mean activation over the first ``n`` images.
 
-    Takes per-image channel sums, so single- and multi-device runs reduce the same (n, 60) array the same
+    Takes per-image channel sums, so single- and multi-device runs reduce the same (n, C) array the same
     way and rank identically. Sums of non-negative values keep exact zeros, so dead channels tie at 0 and
     the stable sort breaks ties by channel index. The host checks this float32 order against float64 sums
     of the same per-image sums (``badnet_jax.numerics.settling.settle_ranking``).
@@ -70,15 +68,15 @@ def activation_ranking(per_image_NxC: jax.Array, n: int) -> jax.Array:
 
 
 def _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking: RankingPlan, gather):
-    """(R, 60) orders in ``ranking.labels`` order, and the ranking set's statistics (None without one): its
-    (n, 60) per-image channel sums, each channel's largest conv_3 pre-activation (60,) and the largest conv_3
-    input () over the set (what ``settling.settle_ranking`` needs to certify dead channels)."""
+    """(R, C) orders in ``ranking.labels`` order, and the ranking set's statistics (None without one): its
+    (n, C) per-image channel sums and the max over the set of the model's two dead-channel margins (what
+    ``settling.settle_ranking`` needs to certify dead channels)."""
     stats, rows, next_given = None, [], 0
     if n_rank:  # the mean activations are reported whatever the orders
         sums = gather(jnp.sum(feats, axis=(1, 2)))[:n_rank]
-        pre_max_NxC, in_max_N = margins
-        stats = (sums, jnp.max(gather(pre_max_NxC)[:n_rank], axis=0, initial=-jnp.inf),
-                 jnp.max(gather(in_max_N)[:n_rank], initial=0.0))
+        margin_NxC, scale_N = margins
+        stats = (sums, jnp.max(gather(margin_NxC)[:n_rank], axis=0, initial=-jnp.inf),
+                 jnp.max(gather(scale_N)[:n_rank], axis=0, initial=0.0))
     for source in ranking.sources:
         if source == "activation":
             rows.append(activation_ranking(stats[0], n_rank))
@@ -171,10 +169,10 @@ def _to_host(a: jax.Array) -> np.ndarray:
     return np.asarray(a)
 
 
-def _ranking_plan(order, rankings: Optional[RankingPlan]) -> RankingPlan:
+def _ranking_plan(model: PrunableModel, order, rankings: Optional[RankingPlan]) -> RankingPlan:
     if rankings is not None and order is not None:
         raise ConfigError("give either an order or a ranking plan, not both")
-    return rankings if rankings is not None else single(order)
+    return rankings if rankings is not None else single(order, model.num_channels, model.layer)
 
 
 def _checked_labels(labels, num_classes: int) -> np.ndarray:
@@ -190,7 +188,7 @@ def _checked_labels(labels, num_classes: int) -> np.ndarray:
     return y.astype(np.int32)
 
 
-def _call(model: BadNet, params: Params, sets: Mapping[str, Images], ranking: RankingPlan, rank_on: Optional[str],
+def _call(model: PrunableModel, params: Params, sets: Mapping[str, Images], ranking: RankingPlan, rank_on: Optional[str],
           rank_labels, plan: SweepPlan):
     """The jitted function for this plan, its arguments (arrays, or shapes to compile for) and static arguments."""
     if ranking.needs_ranking_set and rank_on is None:
@@ -213,7 +211,7 @@ def _call(model: BadNet, params: Params, sets: Mapping[str, Images], ranking: Ra
     # The input scale goes in as a traced divisor, so one compiled program serves both scales: the defense
     # compiles the sweep before it has measured which scale the model takes (see trunk_features).
     divisor = np.float32(model.divisor)
-    model = model.clone(input_scale="raw")
+    model = model.with_input_scale("raw")
     static = dict(n_rank=n_rank, plan=plan, ranking=ranking)
     if plan.devices == 1:
         put = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
@@ -224,23 +222,21 @@ def _call(model: BadNet, params: Params, sets: Mapping[str, Images], ranking: Ra
     return names, _rank_and_sweep_sharded, (model, params, xs, given, divisor, rank_labels), {**static, "mesh": mesh}
 
 
-def _check_inputs(model: BadNet, params: Params, sets: Mapping[str, Images], rank_on: Optional[str]) -> None:
-    """Refuse, on the host before anything is traced, what the sweep cannot take: a model that is not a BadNet,
-    params that are not its, no sets, images that are not (N, 55, 47, 3) finite pixels, an empty ranking set.
+def _check_inputs(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank_on: Optional[str]) -> None:
+    """Refuse, on the host before anything is traced, what the sweep cannot take: params that are not the
+    model's, no sets, images the model cannot take (shape, dtype, NaN or infinite pixels), an empty ranking set.
 
     Raises:
         ConfigError: the model, params or sets (naming the argument).
         DataFileError: a set's images, naming ``sets[name]``.
     """
-    if not isinstance(model, BadNet):
-        raise ConfigError(f"{arg('model')}: expected a BadNet, got {type(model).__name__}", field="model")
-    check_params(params, num_classes=model.num_classes)
+    model.check_params(params)
     if not isinstance(sets, Mapping) or not sets:
         raise ConfigError(f"{arg('sets')}: expected image sets by name (e.g. {{'clean_valid': x_NHWC}}), got "
                           f"{sets!r:.60}", field="sets")
     for name, x in sets.items():
         # The set's key is the field at fault: in the defense's config it names the file the set came from.
-        check_images(x, f"sets[{name!r}]", allow_empty=name != rank_on, field=name)
+        model.check_images(x, f"sets[{name!r}]", allow_empty=name != rank_on, field=name)
 
 
 def _check_options(options) -> None:
@@ -249,16 +245,16 @@ def _check_options(options) -> None:
                           field="options")
 
 
-def _resolve(options: SweepOptions | SweepPlan, sets: Mapping[str, Images], params: Params,
+def _resolve(options: SweepOptions | SweepPlan, sets: Mapping[str, Images], model: PrunableModel,
              rank_on: Optional[str]) -> SweepPlan:
     _check_options(options)
     if isinstance(options, SweepPlan):
         return options
     ordered = ([sets[rank_on]] if rank_on in sets else []) + [x for n, x in sets.items() if n != rank_on]
-    return plan_sweep(options, ordered, num_classes_of(params))
+    return plan_sweep(options, ordered, model)
 
 
-def _abstract_call(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
+def _abstract_call(model: PrunableModel, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
                    options: SweepOptions | SweepPlan, order, rank_on: Optional[str],
                    rankings: Optional[RankingPlan], single_device: bool = False, progress: bool = True):
     """:func:`compile_sweep`'s and :func:`export_sweep`'s common start: the plan, and the jitted function, its
@@ -268,13 +264,14 @@ def _abstract_call(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDt
     Raises:
         ConfigError: ``single_device`` and a plan over several devices, or what ``_call`` refuses.
     """
+    model = as_model(model)
     _check_inputs(model, params, sets, rank_on)
-    plan = _resolve(options, sets, params, rank_on)
+    plan = _resolve(options, sets, model, rank_on)
     if not progress:
         plan = dataclasses.replace(plan, progress=False)
     if single_device and plan.devices != 1:
         raise ConfigError("export_sweep lowers the single-device sweep (devices=1)", field="devices")
-    ranking = _ranking_plan(order, rankings)
+    ranking = _ranking_plan(model, order, rankings)
     labels = None
     if ranking.anp is not None and rank_on in sets:
         labels = jax.ShapeDtypeStruct((sets[rank_on].shape[0],), np.int32)
@@ -332,7 +329,7 @@ class Sweep:
         return {n: p[i] for n, p in self.all_preds.items()}
 
 
-def compile_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
+def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
                   options: SweepOptions | SweepPlan = SweepOptions(), order=None,
                   rank_on: Optional[str] = "clean_valid", rankings: Optional[RankingPlan] = None) -> None:
     """Compile :func:`rank_and_sweep` for sets of these shapes and dtypes, ahead of the data.
@@ -348,7 +345,7 @@ def compile_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDty
 KERNEL_CALL_TARGETS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
 
 
-def export_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
+def export_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
                  options: SweepOptions | SweepPlan, order=None, rank_on: Optional[str] = "clean_valid",
                  rankings: Optional[RankingPlan] = None) -> jax.export.Exported:
     """The one-call sweep lowered for ``options.platform`` with ``jax.export``, without running it.
@@ -365,7 +362,7 @@ def export_sweep(model: BadNet, params: Params, sets: Mapping[str, jax.ShapeDtyp
     return jax.export.export(lowered, platforms=[plan.platform], disabled_checks=checks)(*args)
 
 
-def rank_and_sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray],
+def rank_and_sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray],
                    options: SweepOptions | SweepPlan = SweepOptions(), order=None,
                    rank_on: Optional[str] = "clean_valid", rankings: Optional[RankingPlan] = None,
                    rank_labels: Optional[np.ndarray] = None) -> Sweep:
@@ -386,12 +383,13 @@ def rank_and_sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray]
     Returns:
         The orders, mean activations and every set's (R, 61, N) predictions, by name.
     """
+    model = as_model(model)
     _check_inputs(model, params, sets, rank_on)
-    plan = _resolve(options, sets, params, rank_on)
-    return _sweep(model, params, sets, plan, _ranking_plan(order, rankings), rank_on, rank_labels)
+    plan = _resolve(options, sets, model, rank_on)
+    return _sweep(model, params, sets, plan, _ranking_plan(model, order, rankings), rank_on, rank_labels)
 
 
-def _sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray], plan: SweepPlan, ranking: RankingPlan,
+def _sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray], plan: SweepPlan, ranking: RankingPlan,
            rank_on: Optional[str], rank_labels, settled_mean: Optional[np.ndarray] = None,
            spent: Optional[dict[str, float]] = None) -> Sweep:
     """:func:`rank_and_sweep` once its plans are resolved; ``settled_mean``: the float64 means of a sweep run
@@ -406,11 +404,10 @@ def _sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray], plan: 
     orders, out = np.asarray(orders), jax.tree.map(np.asarray, out)
     seconds["device"] += time.perf_counter() - t
     t = time.perf_counter()
-    divisor = model.divisor
     mean, ranking_settled = settled_mean, settled_mean is not None
     if stats is not None and settled_mean is None:
-        sums, pre_max, in_max = (np.asarray(a) for a in stats)
-        order64, mean, ranking_settled = settle_ranking(params, divisor, sets[rank_on], sums, pre_max, float(in_max))
+        sums, margin, scale = (np.asarray(a) for a in stats)
+        order64, mean, ranking_settled = settle_ranking(model, params, sets[rank_on], sums, margin, scale)
         if "activation" in ranking.sources and not np.array_equal(order64, orders[ranking.labels.index("activation")]):
             # float32 ranked two channels the other way round from float64: sweep again with the float64 order.
             log.info("The activation ranking differs from float64 at a near-tie; sweeping again with the float64 order.")
@@ -419,13 +416,13 @@ def _sweep(model: BadNet, params: Params, sets: Mapping[str, np.ndarray], plan: 
                           settled_mean=mean, spent=seconds)
     preds, settled = {}, {}
     for name, (p, near) in zip(names, out):
-        preds[name], settled[name] = settle(params, divisor, sets[name], orders, p, near)
+        preds[name], settled[name] = settle(model, params, sets[name], orders, p, near)
     seconds["settle"] += time.perf_counter() - t
     return Sweep(orders=orders, labels=ranking.labels, mean_activation=mean, all_preds=preds, plan=plan,
                  rankings=ranking, settled=settled, ranking_settled=ranking_settled, seconds=seconds)
 
 
-def predict_steps(model: BadNet, params: Params, x: np.ndarray, order,
+def predict_steps(model: PrunableModel, params: Params, x: np.ndarray, order,
                   options: SweepOptions | SweepPlan = SweepOptions()) -> np.ndarray:
     """(61, N) predictions of B' at every k of a given order for one set of images, in one call."""
     return rank_and_sweep(model, params, {"x": x}, options, order=order, rank_on=None).preds["x"]

@@ -15,6 +15,7 @@ from badnet_jax import load_keras
 from badnet_jax.defense.pipeline import DefenseConfig, run_defense
 from badnet_jax.defense.report import read_curve_json
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
+from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
 from tests.conftest import LAB_B, LAB_FILES, asset
 
@@ -84,5 +85,5 @@ def test_one_ranking_writes_no_comparison(tmp_path):
                               rankings=RankingOptions(rank_by=("l1",)), **files))
     curve = json.loads((tmp_path / "curve.json").read_text())
     assert "rankings" not in curve and not (tmp_path / "rankings.png").exists()
-    l1 = resolve_rankings(RankingOptions(rank_by=("l1",)), load_keras(asset(LAB_B))[1]).given[0]
+    l1 = resolve_rankings(RankingOptions(rank_by=("l1",)), load_keras(asset(LAB_B))[1], DeepID()).given[0]
     assert curve["order"] == l1.tolist()

@@ -37,7 +37,7 @@ from tests.conftest import REPO
 from tests.io.conftest import FUZZ, MAXSYMLINKS, PATH_KINDS, no_hang, odd_path, write_bytes
 
 FILE_READERS = {"model": load_keras, "data": load_lab_h5, "image": load_image, "trigger": load_trigger,
-                "order file": read_order_file}
+                "order file": lambda path: read_order_file(path, 60)}
 
 
 # ---------------------------------------------------------------- any bytes, any path --------------------

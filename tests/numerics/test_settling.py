@@ -20,6 +20,7 @@ from badnet_jax.numerics import settling
 from badnet_jax.numerics.settling import logits64, settle
 from badnet_jax.numerics.ties import TIE_RTOL
 from badnet_jax.sweep import prefix_masks
+from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
 from tests.conftest import asset
 
@@ -66,7 +67,7 @@ def test_the_ranking_tolerance_is_ten_times_the_float32_error_of_the_means_on_th
     sums64 = numpy_ref.pool3(params, x.astype(np.float64) / divisor).sum(axis=(0, 1, 2))
     alive = sums64 > 0
     worst = (np.abs(per_image32.sum(axis=0) - sums64)[alive] / sums64[alive]).max()
-    rtol = settling.ranking_rtol(params, divisor, x, per_image32)
+    rtol = settling.ranking_rtol(DeepID(input_scale=scale), params, x, per_image32)
     assert rtol >= settling.RANK_RTOL
     # Where every image is checked the measured error is the whole set's (the slack is float64 rounding).
     assert 0 < worst <= rtol / 2 / 10 * (1 + 1e-9)
@@ -91,11 +92,11 @@ def test_a_machine_with_larger_float32_errors_raises_the_ranking_tolerance(lab_b
     sums = trunk(1.0)(params, x, 1.0).sum(axis=(1, 2))
     assert 5e-4 > settling.RANK_RTOL
     monkeypatch.setattr(settling, "pool3_64_xla", trunk(1.0))
-    assert settling.ranking_rtol(params, 1.0, x, sums) == settling.RANK_RTOL
-    assert not settling.settle_ranking(params, 1.0, x, sums, np.full(60, 1e3), 1.0)[2]
+    assert settling.ranking_rtol(DeepID(), params, x, sums) == settling.RANK_RTOL
+    assert not settling.settle_ranking(DeepID(), params, x, sums, np.full(60, 1e3), np.float64(1.0))[2]
     monkeypatch.setattr(settling, "pool3_64_xla", trunk(1 + 1e-4))
-    assert settling.ranking_rtol(params, 1.0, x, sums) == pytest.approx(2 * 10 * 1e-4, rel=1e-3)
-    assert settling.settle_ranking(params, 1.0, x, sums, np.full(60, 1e3), 1.0)[2]
+    assert settling.ranking_rtol(DeepID(), params, x, sums) == pytest.approx(2 * 10 * 1e-4, rel=1e-3)
+    assert settling.settle_ranking(DeepID(), params, x, sums, np.full(60, 1e3), np.float64(1.0))[2]
 
 
 def test_float64_channel_means_are_the_numpy_networks(lab_faces):
@@ -148,7 +149,7 @@ def test_settle_replaces_only_flagged_predictions(lab_b, lab_faces):
     preds = np.full((2, 61, 4), -1, np.int32)
     near = np.zeros((2, 61, 4), bool)
     near[1, 7, 2] = near[0, 60, 0] = True
-    out, count = settle(params, 1.0, x, orders, preds, near)
+    out, count = settle(DeepID(), params, x, orders, preds, near)
     assert count == 2 and (out[~near] == -1).all()
     assert out[1, 7, 2] == numpy_ref.forward(params, x[2:3], numpy_ref.step_mask(orders[1], 7)).argmax()
     assert out[0, 60, 0] == numpy_ref.forward(params, x[0:1], np.zeros(60)).argmax()

@@ -19,6 +19,7 @@ import pytest
 
 from badnet_jax import load_keras
 from badnet_jax import sweep as sw
+from badnet_jax.models import deepid
 from badnet_jax.numerics import settling
 from badnet_jax.numerics.ties import TIE_RTOL
 from tests import numpy_ref
@@ -183,7 +184,7 @@ def test_channels_on_the_edge_of_dead_are_ranked_as_float64_ranks_them(lab_b, la
     np.testing.assert_array_equal(got.preds["clean_valid"], numpy_ref.step_predictions(tweaked, x, want))
     # Without the dead-channel check (and without the run's own error measurement, which sees float32 call
     # these channels dead where float64 does not), float32's verdicts stand and the order is not float64's.
-    monkeypatch.setattr(settling, "undecided_channels", lambda *args: np.zeros(60, bool))
+    monkeypatch.setattr(deepid, "undecided_channels", lambda *args: np.zeros(60, bool))
     monkeypatch.setattr(settling, "ranking_rtol", lambda *args: settling.RANK_RTOL)
     unchecked = sw.rank_and_sweep(model, tweaked, {"clean_valid": x}, sw.SweepOptions(chunk=16))
     assert not np.array_equal(unchecked.order, want)

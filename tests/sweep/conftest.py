@@ -9,6 +9,7 @@ import numpy as np
 
 from badnet_jax import prune_params
 from badnet_jax import sweep as sw
+from badnet_jax.models.deepid import DeepID
 
 
 def two_sets(model, params, x, xb, chunk, options=sw.SweepOptions(), **extra):
@@ -18,7 +19,7 @@ def two_sets(model, params, x, xb, chunk, options=sw.SweepOptions(), **extra):
 
 
 def plan(options, chunk):
-    return sw.plan_sweep(dataclasses.replace(options, chunk=chunk))
+    return sw.plan_sweep(dataclasses.replace(options, chunk=chunk), [], DeepID())
 
 
 def sequential_predictions(model, params, x, masks):

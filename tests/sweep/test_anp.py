@@ -13,6 +13,7 @@ from badnet_jax import BadNet, ConfigError, prune_params
 from badnet_jax import sweep as sw
 from badnet_jax.sweep.anp import ANPConfig, anp_mask
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
+from badnet_jax.models.deepid import DeepID
 
 
 def test_anp_on_features_is_anp_on_conv3_weights(lab_b, lab_faces):
@@ -50,7 +51,7 @@ def test_anp_on_features_is_anp_on_conv3_weights(lab_b, lab_faces):
 def test_anp_needs_labels_and_a_ranking_set(lab_b, lab_faces):
     model, params = lab_b
     x, _ = lab_faces["valid_subset"]
-    plan = resolve_rankings(RankingOptions(rank_by=("anp",), anp=ANPConfig(steps=1)), params)
+    plan = resolve_rankings(RankingOptions(rank_by=("anp",), anp=ANPConfig(steps=1)), params, DeepID())
     with pytest.raises(ConfigError, match="labels"):
         sw.rank_and_sweep(model, params, {"clean_valid": x}, rankings=plan)
     with pytest.raises(ConfigError, match="ranking set"):

@@ -18,6 +18,7 @@ from badnet_jax.model import BadNet, init_params, param_shapes
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.sweep import SweepOptions, plan_sweep
 from badnet_jax.sweep.run import export_sweep
+from badnet_jax.models.deepid import DeepID
 
 LAB_SETS = {"clean_valid": 11547, "bd_valid": 11547, "clean_test": 12830, "bd_test": 12830}
 
@@ -35,14 +36,14 @@ def test_the_whole_sweep_lowers_for_cuda_with_and_without_the_kernel(num_classes
     # The demo's case also vmaps its 6 orders in groups of 4 (the kernel batched under vmap).
     groups = 4 if impl == "pallas" else 1
     plan = plan_sweep(SweepOptions(platform="cuda", impl=impl, orders_per_call=groups), list(sets.values()),
-                      num_classes)
+                      DeepID(num_classes))
     # The accelerator defaults as prune.py resolves them; auto is the JAX reference head (faster on the H200).
     assert (plan.strategy, plan.batch_steps, plan.chunk, plan.impl, plan.platform) == (
         "prefix_batched", 8, 4096, "reference" if impl == "auto" else "pallas", "cuda")
     rankings, orders = None, 1
     if num_classes == 200:  # every ranking at once, ANP's optimisation inside the same program
         rankings = resolve_rankings(RankingOptions(rank_by=("activation", "clp", "l1", "random", "anp"),
-                                                   random_orders=2), init_params(num_classes))
+                                                   random_orders=2), init_params(num_classes), DeepID())
         orders = 6
     exported = export_sweep(BadNet(num_classes), params, sets, plan, rankings=rankings)
     assert exported.platforms == ("cuda",)
@@ -73,7 +74,7 @@ def test_tpu_cannot_be_lowered_without_a_tpu():
     """Mosaic TPU needs the TPU's device kind at lowering time: documented in BUILD_NOTES, checked here."""
     params, sets = _specs(200)
     small = {k: jax.ShapeDtypeStruct((64, 55, 47, 3), jnp.uint8) for k in sets}
-    plan = plan_sweep(SweepOptions(platform="tpu", chunk=64, impl="pallas"), [], 200)
+    plan = plan_sweep(SweepOptions(platform="tpu", chunk=64, impl="pallas"), [], DeepID(200))
     with pytest.raises(Exception, match="TPU"):
         export_sweep(BadNet(200), params, small, plan)
 

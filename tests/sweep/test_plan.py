@@ -13,6 +13,7 @@ import pytest
 from badnet_jax import ConfigError
 from badnet_jax import sweep as sw
 from badnet_jax.sweep import SweepOptions, plan_sweep
+from badnet_jax.models.deepid import DeepID
 
 
 @pytest.mark.parametrize("options,complaint", [
@@ -27,44 +28,44 @@ from badnet_jax.sweep import SweepOptions, plan_sweep
 ])
 def test_options_that_would_do_nothing_are_refused(options, complaint):
     with pytest.raises(ConfigError, match=complaint):
-        sw.plan_sweep(options)
+        sw.plan_sweep(options, [], DeepID())
 
 
 def test_plan_resolves_each_strategy_once():
-    assert sw.plan_sweep(sw.PLAIN).strategy == "plain"
-    assert sw.plan_sweep(sw.SweepOptions(dedupe=False, group=False)).strategy == "prefix"
-    cpu = sw.plan_sweep(sw.SweepOptions())
+    assert sw.plan_sweep(sw.PLAIN, [], DeepID()).strategy == "plain"
+    assert sw.plan_sweep(sw.SweepOptions(dedupe=False, group=False), [], DeepID()).strategy == "prefix"
+    cpu = sw.plan_sweep(sw.SweepOptions(), [], DeepID())
     assert (cpu.strategy, cpu.batch_steps, cpu.chunk, cpu.impl, cpu.devices) == ("prefix_dedupe", 0, 256, "reference", 1)
-    batched = sw.plan_sweep(sw.SweepOptions(batch_steps=8, chunk=100))
+    batched = sw.plan_sweep(sw.SweepOptions(batch_steps=8, chunk=100), [], DeepID())
     assert (batched.strategy, batched.batch_steps, batched.chunk) == ("prefix_batched", 8, 100)
     # The batched path holds a batch of logits: its working memory grows with the class count.
-    assert (sw.plan_sweep(sw.SweepOptions(batch_steps=8)).bytes_per_image
-            > sw.plan_sweep(sw.SweepOptions(batch_steps=8), num_classes=200).bytes_per_image)
+    assert (sw.plan_sweep(sw.SweepOptions(batch_steps=8), [], DeepID()).bytes_per_image
+            > sw.plan_sweep(sw.SweepOptions(batch_steps=8), [], DeepID(200)).bytes_per_image)
 
 
 def test_memory_budget_shrinks_the_chunk_and_refuses_what_cannot_fit():
     x = jax.ShapeDtypeStruct((10000, 55, 47, 3), np.uint8)
     fast = sw.SweepOptions(memory_budget=10 * 2**30)
-    assert sw.plan_sweep(fast, [x, x]).chunk == 256
-    small = sw.plan_sweep(dataclasses.replace(fast, memory_budget=500 * 2**20), [x, x]).chunk
+    assert sw.plan_sweep(fast, [x, x], DeepID()).chunk == 256
+    small = sw.plan_sweep(dataclasses.replace(fast, memory_budget=500 * 2**20), [x, x], DeepID()).chunk
     assert 1 <= small < 256
-    plain = sw.plan_sweep(dataclasses.replace(sw.PLAIN, memory_budget=500 * 2**20), [x, x]).chunk
-    batched = sw.plan_sweep(dataclasses.replace(fast, memory_budget=500 * 2**20, batch_steps=8), [x, x]).chunk
+    plain = sw.plan_sweep(dataclasses.replace(sw.PLAIN, memory_budget=500 * 2**20), [x, x], DeepID()).chunk
+    batched = sw.plan_sweep(dataclasses.replace(fast, memory_budget=500 * 2**20, batch_steps=8), [x, x], DeepID()).chunk
     assert plain < small and batched < small  # both need more memory per image in flight
     with pytest.raises(ConfigError, match="memory budget"):
-        sw.plan_sweep(dataclasses.replace(fast, memory_budget=2**20), [x, x])
+        sw.plan_sweep(dataclasses.replace(fast, memory_budget=2**20), [x, x], DeepID())
 
 
 def test_orders_per_call_needs_batched_steps():
     with pytest.raises(ConfigError, match="orders_per_call > 1 needs batch_steps > 0"):
-        sw.plan_sweep(sw.SweepOptions(batch_steps=0, orders_per_call=2))
+        sw.plan_sweep(sw.SweepOptions(batch_steps=0, orders_per_call=2), [], DeepID())
     with pytest.raises(ConfigError, match="orders_per_call must be >= 1"):
-        sw.plan_sweep(sw.SweepOptions(orders_per_call=0))
+        sw.plan_sweep(sw.SweepOptions(orders_per_call=0), [], DeepID())
 
 
 def test_plans_for_a_platform_are_not_probed_and_cpu_stays_reference():
-    assert plan_sweep(SweepOptions()).impl == "reference"  # auto on this CPU
-    assert plan_sweep(SweepOptions(platform="cuda")).impl == "reference"  # auto: the faster head on the H200
-    assert plan_sweep(SweepOptions(platform="cuda", impl="pallas")).impl == "pallas"  # unprobed: not running
-    assert plan_sweep(SweepOptions(platform="cuda", impl="reference")).impl == "reference"
-    assert np.isfinite(plan_sweep(SweepOptions(platform="cuda")).bytes_per_image)
+    assert plan_sweep(SweepOptions(), [], DeepID()).impl == "reference"  # auto on this CPU
+    assert plan_sweep(SweepOptions(platform="cuda"), [], DeepID()).impl == "reference"  # auto: the faster head on the H200
+    assert plan_sweep(SweepOptions(platform="cuda", impl="pallas"), [], DeepID()).impl == "pallas"  # unprobed: not running
+    assert plan_sweep(SweepOptions(platform="cuda", impl="reference"), [], DeepID()).impl == "reference"
+    assert np.isfinite(plan_sweep(SweepOptions(platform="cuda"), [], DeepID()).bytes_per_image)

@@ -1,4 +1,4 @@
-"""badnet_jax.sweep.prefix: the linear decomposition of the head against the masked head itself (float64 NumPy),
+"""badnet_jax.sweep.prefix (and DeepID's affine split): the linear decomposition of the head against the masked head itself (float64 NumPy),
 the step masks, the step aliases of dead channels and the grouping of images by alive channels."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import numpy as np
 
 from badnet_jax import init_params
 from badnet_jax import sweep as sw
+from badnet_jax.models.deepid import DeepID
 from badnet_jax.sweep import prefix
 from tests import numpy_ref
 
@@ -17,7 +18,8 @@ def test_contributions_sum_to_the_unpruned_preactivations(rng):
     params = init_params(num_classes=9, seed=4)
     x = rng.integers(0, 256, size=(5, 55, 47, 3)).astype(np.float32)
     pool3 = numpy_ref.pool3(params, x).astype(np.float32)
-    f, g = prefix.channel_contributions(params, jnp.asarray(pool3))
+    model = DeepID(9)
+    f, g = jax.vmap(lambda c: model.channel_contribution(params, jnp.asarray(pool3), c), out_axes=1)(jnp.arange(60))
     assert f.shape == (5, 60, 160) and g.shape == (5, 60, 960)
     fc1, conv4 = numpy_ref.head_preactivations(params, pool3, bias=False)
     np.testing.assert_allclose(np.asarray(f).sum(1), fc1, rtol=1e-4, atol=1e-3)
@@ -34,7 +36,7 @@ def test_step_preactivations_equal_masked_network_at_every_step(rng):
     x = rng.integers(0, 256, size=(4, 55, 47, 3)).astype(np.float32)
     pool3 = numpy_ref.pool3(params, x)
     order = rng.permutation(60)
-    fc1, c4 = prefix.step_preactivations(params, jnp.asarray(pool3, jnp.float32), jnp.asarray(order))
+    fc1, c4 = prefix.step_preactivations(DeepID(9), params, jnp.asarray(pool3, jnp.float32), jnp.asarray(order))
     assert fc1.shape == (61, 4, 160) and c4.shape == (61, 4, 960)
     for k in (0, 1, 17, 59, 60):
         want_fc1, want_c4 = numpy_ref.head_preactivations(params, pool3, numpy_ref.step_mask(order, k))
@@ -91,9 +93,9 @@ def test_skipping_dead_steps_changes_nothing(rng):
     pool3 = rng.random((6, 5, 4, 60)).astype(np.float32)
     pool3[..., rng.choice(60, 25, replace=False)] = 0.0  # dead on every image
     order = jnp.asarray(rng.permutation(60))
-    fn = lambda k, fc1, c4: jnp.concatenate([fc1, c4], axis=1)
-    full = prefix.reverse_steps(params, jnp.asarray(pool3), order, fn)
-    skipped = prefix.reverse_steps(params, jnp.asarray(pool3), order, fn, skip_dead=True)
+    fn = lambda k, pre: jnp.concatenate(pre, axis=1)
+    full = prefix.reverse_steps(DeepID(9), params, jnp.asarray(pool3), order, fn)
+    skipped = prefix.reverse_steps(DeepID(9), params, jnp.asarray(pool3), order, fn, skip_dead=True)
     np.testing.assert_array_equal(np.asarray(skipped), np.asarray(full))
 
 

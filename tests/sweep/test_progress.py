@@ -13,6 +13,7 @@ import pytest
 from badnet_jax import BadNet, init_params
 from badnet_jax import sweep as sw
 from badnet_jax.sweep import progress
+from badnet_jax.models.deepid import DeepID
 
 
 def _label(line: str) -> str:
@@ -51,12 +52,12 @@ def test_progress_shows_every_stage_and_changes_no_result(rng, capsys, backend_c
 
 
 def test_progress_is_on_by_default_only_on_a_terminal(monkeypatch):
-    assert not sw.plan_sweep(sw.SweepOptions()).progress  # pytest's captured stderr is no terminal
+    assert not sw.plan_sweep(sw.SweepOptions(), [], DeepID()).progress  # pytest's captured stderr is no terminal
     monkeypatch.setattr(sw.plan, "stderr_is_terminal", lambda: True)
-    assert sw.plan_sweep(sw.SweepOptions()).progress
-    assert not sw.plan_sweep(sw.SweepOptions(progress=False)).progress
+    assert sw.plan_sweep(sw.SweepOptions(), [], DeepID()).progress
+    assert not sw.plan_sweep(sw.SweepOptions(progress=False), [], DeepID()).progress
     with pytest.raises(sw.plan.ConfigError, match=r"progress=yes: expected True, False or None"):
-        sw.plan_sweep(sw.SweepOptions(progress="yes"))
+        sw.plan_sweep(sw.SweepOptions(progress="yes"), [], DeepID())
 
 
 class _Terminal(io.StringIO):

@@ -18,6 +18,7 @@ from badnet_jax import sweep as sw
 from badnet_jax.sweep.anp import ANPConfig
 from badnet_jax.sweep.rankings import (RankingOptions, clp_scores, l1_scores, random_orders, read_order_file,
                                        resolve_rankings)
+from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
 
 
@@ -34,16 +35,16 @@ def test_clp_and_l1_scores_by_hand(lab_b):
     k = np.asarray(params["conv_3"]["kernel"], np.float64)  # (3, 3, 40, 60)
     for c in (0, 7, 59):
         per_channel = np.stack([k[i, j, :, c] for i in range(3) for j in range(3)], axis=1)  # (in=40, kh*kw=9)
-        assert clp_scores(params)[c] == pytest.approx(_largest_singular_value(per_channel), rel=1e-9)
-        assert l1_scores(params)[c] == pytest.approx(sum(abs(float(v)) for v in k[..., c].ravel()), rel=1e-12)
-    plan = resolve_rankings(RankingOptions(rank_by=("clp", "l1")), params)
+        assert clp_scores(DeepID(), params)[c] == pytest.approx(_largest_singular_value(per_channel), rel=1e-9)
+        assert l1_scores(DeepID(), params)[c] == pytest.approx(sum(abs(float(v)) for v in k[..., c].ravel()), rel=1e-12)
+    plan = resolve_rankings(RankingOptions(rank_by=("clp", "l1")), params, DeepID())
     clp, l1 = plan.given
-    assert np.all(np.diff(clp_scores(params)[clp]) <= 0)  # highest bound pruned first
-    assert np.all(np.diff(l1_scores(params)[l1]) >= 0)  # smallest norm pruned first
+    assert np.all(np.diff(clp_scores(DeepID(), params)[clp]) <= 0)  # highest bound pruned first
+    assert np.all(np.diff(l1_scores(DeepID(), params)[l1]) >= 0)  # smallest norm pruned first
 
 
 def test_random_orders_are_seeded_permutations():
-    a, b, c = random_orders(4, seed=1), random_orders(4, seed=1), random_orders(4, seed=2)
+    a, b, c = random_orders(4, seed=1, channels=60), random_orders(4, seed=1, channels=60), random_orders(4, seed=2, channels=60)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert all(sorted(o.tolist()) == list(range(60)) for o in a)
@@ -56,7 +57,7 @@ def test_order_files_in_three_forms_and_refusals(tmp_path):
     (tmp_path / "b.txt").write_text("\n".join(", ".join(map(str, order[i:i + 10])) for i in range(0, 60, 10)))
     (tmp_path / "curve.json").write_text(json.dumps({"order": order.tolist(), "valid_acc": [1.0]}))
     for name in ("a.json", "b.txt", "curve.json"):
-        np.testing.assert_array_equal(read_order_file(tmp_path / name), order)
+        np.testing.assert_array_equal(read_order_file(tmp_path / name, 60, "pool_3"), order)
     bad = {"missing.txt": None, "repeat.txt": " ".join(["0"] + [str(i) for i in range(59)]),
            "short.txt": " ".join(map(str, range(59))), "words.txt": "first second", "obj.json": '{"k": 1}',
            "big.txt": " ".join(map(str, range(1, 61))), "float.json": json.dumps([0.5] * 60)}
@@ -64,7 +65,7 @@ def test_order_files_in_three_forms_and_refusals(tmp_path):
         if text is not None:
             (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=name):
-            read_order_file(tmp_path / name)
+            read_order_file(tmp_path / name, 60, "pool_3")
 
 
 @pytest.mark.parametrize("options, complaint", [
@@ -77,7 +78,7 @@ def test_order_files_in_three_forms_and_refusals(tmp_path):
 ])
 def test_ranking_options_that_cannot_work_are_refused(options, complaint, lab_b):
     with pytest.raises(ConfigError, match=complaint):
-        resolve_rankings(options, lab_b[1])
+        resolve_rankings(options, lab_b[1], DeepID())
 
 
 @pytest.mark.slow
@@ -90,7 +91,7 @@ def test_every_ranking_in_one_sweep_equals_each_order_alone(lab_b, lab_faces, tm
     (tmp_path / "own.txt").write_text(" ".join(map(str, own)))
     plan = resolve_rankings(RankingOptions(rank_by=("activation", "clp", "l1", "random", "anp"), random_orders=2,
                                            order_file=str(tmp_path / "own.txt"), anp=ANPConfig(steps=4, batch=16)),
-                            params)
+                            params, DeepID())
     assert plan.labels == ("activation", "clp", "l1", "random/0", "random/1", "anp", "order_file")
     options = sw.SweepOptions(chunk=16)
     got = sw.rank_and_sweep(model, params, {"clean_valid": x, "bd_valid": xb}, options, rankings=plan,
@@ -118,9 +119,9 @@ def test_orders_vmapped_in_groups_give_each_order_alone(orders_per_call, lab_b, 
     model, params = lab_b
     x, _ = lab_faces["valid_subset"]
     xb, _ = lab_faces["bd_valid_subset"]
-    plan = resolve_rankings(RankingOptions(rank_by=("activation", "clp", "l1", "random"), random_orders=2), params)
+    plan = resolve_rankings(RankingOptions(rank_by=("activation", "clp", "l1", "random"), random_orders=2), params, DeepID())
     options = sw.SweepOptions(chunk=16, batch_steps=4, orders_per_call=orders_per_call)
-    sweep_plan = sw.plan_sweep(options, [x, xb], 1283)
+    sweep_plan = sw.plan_sweep(options, [x, xb], DeepID(1283))
     assert sweep_plan.orders_per_call == orders_per_call and "orders per call" in sweep_plan.describe()
     got = sw.rank_and_sweep(model, params, {"clean_valid": x, "bd_valid": xb}, sweep_plan, rankings=plan)
     one = sw.SweepOptions(chunk=16, batch_steps=4)

@@ -16,6 +16,7 @@ import pytest
 
 from badnet_jax import BadNet, ConfigError, DataFileError, init_params
 from badnet_jax import sweep as sw
+from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
 from tests.sweep.conftest import sequential_predictions, two_sets
 
@@ -165,7 +166,7 @@ def test_params_of_another_model_and_bad_labels_are_refused(small_b, rng):
         sw.rank_and_sweep(model, {k: v for k, v in params.items() if k not in ("fc_2", "output")}, x)
     with pytest.raises(ConfigError, match=r"options: expected SweepOptions or a SweepPlan, got dict"):
         sw.rank_and_sweep(model, params, x, {"chunk": 4})
-    anp = sw.rankings.resolve_rankings(sw.rankings.RankingOptions(rank_by=("anp",)), params)
+    anp = sw.rankings.resolve_rankings(sw.rankings.RankingOptions(rank_by=("anp",)), params, DeepID())
     with pytest.raises(ConfigError, match=r"rank_labels: label 7 is outside \[0, 7\) for a 7-class model"):
         sw.rank_and_sweep(model, params, x, rankings=anp, rank_labels=np.array([0, 1, 7, 2]))
     with pytest.raises(ConfigError, match=r"rank_labels: shape \(3,\) for 4 ranking images, expected \(4,\)"):

@@ -39,9 +39,10 @@ for options, counts in ((sw.PLAIN, (2, 0)), (sw.SweepOptions(impl="reference"), 
 # Every ranking at once, ANP included (it optimises on the gathered ranking features): the same on 3 devices.
 from badnet_jax.sweep.anp import ANPConfig
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
+from badnet_jax.models.deepid import DeepID
 y = b.load_lab_h5(A + "/faces/lab3/valid_subset.h5")[1]
 plan = resolve_rankings(RankingOptions(rank_by=("activation", "random", "anp"), random_orders=1,
-                                       anp=ANPConfig(steps=3, batch=16)), params)
+                                       anp=ANPConfig(steps=3, batch=16)), params, DeepID())
 options = sw.SweepOptions(impl="reference", chunk=8)
 ref = sw.rank_and_sweep(model, params, sets, options, rankings=plan, rank_labels=y)
 got = sw.rank_and_sweep(model, params, sets, dataclasses.replace(options, devices=3), rankings=plan, rank_labels=y)
@@ -87,7 +88,8 @@ def test_more_devices_than_exist_are_refused_before_sharding():
     import jax
 
     from badnet_jax import ConfigError
+    from badnet_jax.models.deepid import DeepID
     from badnet_jax.sweep import SweepOptions, plan_sweep
 
     with pytest.raises(ConfigError, match=rf"asked for {jax.device_count() + 1} devices, only {jax.device_count()}"):
-        plan_sweep(SweepOptions(devices=jax.device_count() + 1))
+        plan_sweep(SweepOptions(devices=jax.device_count() + 1), [], DeepID())

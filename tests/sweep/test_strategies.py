@@ -13,6 +13,7 @@ import pytest
 from badnet_jax import BadNet, init_params, metrics
 from badnet_jax import sweep as sw
 from badnet_jax.sweep import strategies
+from badnet_jax.models.deepid import DeepID
 from badnet_jax.sweep.prefix import alive_groups
 from tests import numpy_ref
 from tests.sweep.conftest import plan, two_sets
@@ -69,13 +70,13 @@ def test_head_evaluations_counts_what_the_sweep_evaluates(group, batch_steps, la
     model, params = lab_b
     x, _ = lab_faces["bd_valid_subset"]
     rows = []
-    real = strategies.head_top2
+    real = DeepID.tail_top2
 
-    def counting(fc1, c4, *tail, impl, platform):
-        jax.debug.callback(lambda r: rows.append(int(r)), fc1.shape[0] * fc1.shape[1])
-        return real(fc1, c4, *tail, impl=impl, platform=platform)
+    def counting(self, params, pre, impl, platform):
+        jax.debug.callback(lambda r: rows.append(int(r)), pre[0].shape[0] * pre[0].shape[1])
+        return real(self, params, pre, impl=impl, platform=platform)
 
-    monkeypatch.setattr(strategies, "head_top2", counting)
+    monkeypatch.setattr(DeepID, "tail_top2", counting)
     chunk = 11 + group + batch_steps  # shapes not compiled before in this session: the counting head gets traced
     the_plan = plan(sw.SweepOptions(group=group, impl="reference", batch_steps=batch_steps), chunk)
     order = np.random.default_rng(0).permutation(60)

@@ -1,0 +1,178 @@
+"""The lab's DeepID BadNet as a :class:`~badnet_jax.models.protocol.PrunableModel`.
+
+The Flax module (``badnet_jax.model.BadNet``) computes; this adapter gives the defense its view: the trunk up
+to pool_3, the head's affine split (fc_1 and conv_4 pre-activations, summed over pool_3 channels), the
+masked-head kernels of ``badnet_jax.kernels.masked_head`` for the tail, the dead-channel margins of conv_3
+and the canonical float64 NumPy network of ``badnet_jax.numerics.settling``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from badnet_jax.errors import ConfigError, arg
+from badnet_jax.kernels.masked_head.api import head_top2
+from badnet_jax.model import (CONV4_FEATURES, CONV4_POSITIONS, HIDDEN_UNITS, INPUT_HWC, LAB_NUM_CLASSES, POOL3_HWC, BadNet, Params,
+                              check_params, init_params, multiply_adds)
+from badnet_jax.models.protocol import PrunableModel, scaled
+from badnet_jax.numerics import settling
+from badnet_jax.numerics.ties import TIE_RTOL, undecided_channels
+
+HIGHEST = jax.lax.Precision.HIGHEST
+POOL3 = "pool_3"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepID(PrunableModel):
+    """The lab's DeepID (see ``badnet_jax.model``), pruned at pool_3.
+
+    Attributes:
+        num_classes: the output layer's width (1283 for the lab's YouTube-Face model).
+        input_scale: ``raw`` (the lab's B) or ``255`` (the 2020 competition's BadNets).
+        precision: matmul/conv precision of the float32 network.
+    """
+
+    num_classes: int = LAB_NUM_CLASSES
+    input_scale: str = "raw"
+    precision: Any = jax.lax.Precision.HIGHEST
+    tie_rtol: float = TIE_RTOL
+    input_hwc: tuple[int, int, int] = INPUT_HWC
+    layer: str = POOL3
+    feature_hwc: tuple[int, int, int] = POOL3_HWC
+
+    @property
+    def name(self) -> str:
+        return "DeepID"
+
+    @property
+    def module(self) -> BadNet:
+        """The Flax module, at the raw input scale (this adapter divides)."""
+        return BadNet(self.num_classes, input_scale="raw", precision=self.precision)
+
+    @classmethod
+    def of(cls, module: BadNet) -> "DeepID":
+        """The adapter of a ``BadNet`` module (its classes, input scale and precision)."""
+        return cls(module.num_classes, module.input_scale, module.precision)
+
+    def with_input_scale(self, input_scale: str) -> "DeepID":
+        return dataclasses.replace(self, input_scale=input_scale)
+
+    def check_params(self, params: Any, name: str = "params") -> int:
+        return check_params(params, name, num_classes=self.num_classes)
+
+    def init_params(self, seed: int = 0) -> Params:
+        return init_params(self.num_classes, seed)
+
+    def multiply_adds(self) -> dict[str, int]:
+        return multiply_adds(self.num_classes)
+
+    has_kernels = True
+
+    @property
+    def preactivation_size(self) -> int:
+        return HIDDEN_UNITS + CONV4_FEATURES  # fc_1's and flattened conv_4's pre-activations
+
+    @property
+    def hidden_size(self) -> int:
+        return HIDDEN_UNITS
+
+    def trunk_bytes_per_image(self) -> int:
+        return 350_000  # conv_1's output 52x44x20 and its pool, conv_2's output (float32)
+
+    def plain_head_bytes_per_image(self) -> int:
+        return 920_000  # the head vmapped over the 61 masks
+
+    def step_bytes_per_image(self) -> int:
+        return 15_000
+
+    def producer_kernel(self, params: Params) -> np.ndarray:
+        return np.asarray(params["conv_3"]["kernel"])  # conv_3 -> relu -> pool_3: no batch norm
+
+    # ----- trunk
+    def features(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> jax.Array:
+        x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
+        return self.module.apply({"params": params}, x, method=BadNet.trunk)
+
+    def features_with_margins(self, params: Params, x_NxHxWxC: jax.Array,
+                              divisor: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """pool_3, each image's largest conv_3 pre-activation per channel (N, 60) and largest conv_3 input (N,)."""
+        x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
+        return self.module.apply({"params": params}, x, method=BadNet.trunk_with_margins)
+
+    def undecided_channels(self, params: Params, margin_C: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        return undecided_channels(margin_C, float(scale), params["conv_3"]["kernel"], params["conv_3"]["bias"])
+
+    # ----- head
+    def hidden(self, params: Params, feats_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        return self.module.apply({"params": params}, feats_NxHxWxC, mask, method=BadNet.hidden)
+
+    def output_layer(self, params: Params) -> tuple[jax.Array, jax.Array]:
+        return params["output"]["kernel"], params["output"]["bias"]
+
+    def head(self, params: Params, feats_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        return self.module.apply({"params": params}, feats_NxHxWxC, mask, method=BadNet.head)
+
+    # ----- affine split: fc_1 (160) and flattened conv_4 (4x3x80 = 960) pre-activations
+    def preactivation_bias(self, params: Params) -> tuple[jax.Array, jax.Array]:
+        """fc_1's bias (160,) and conv_4's bias in the flattened (4, 3, 80) layout (960,)."""
+        return params["fc_1"]["bias"], jnp.tile(params["conv_4"]["bias"], CONV4_POSITIONS)
+
+    def channel_contribution(self, params: Params, feats_NxHxWxC: jax.Array,
+                             c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """fc_1 (N, 160) and flattened conv_4 (N, 960) contributions of pool_3 channel ``c`` (~14 kFLOP an image:
+        a (20 x 160) and a (4 x 80) product per position)."""
+        n = feats_NxHxWxC.shape[0]
+        h, w, ch = POOL3_HWC
+        v = jnp.take(feats_NxHxWxC, c, axis=3)  # (N, 5, 4)
+        w1_c = jnp.take(params["fc_1"]["kernel"].reshape(h * w, ch, -1), c, axis=1)  # (20, 160), Keras (h, w, c)
+        f = jnp.dot(v.reshape(n, h * w), w1_c, precision=HIGHEST)
+        k4_c = jnp.take(params["conv_4"]["kernel"], c, axis=2)  # (2, 2, 80)
+        kh, kw, o = k4_c.shape
+        oh, ow = h - kh + 1, w - kw + 1
+        patches = jnp.stack([v[:, i:i + oh, j:j + ow] for i in range(kh) for j in range(kw)], axis=-1)  # (N, 4, 3, 4)
+        g = jnp.dot(patches, k4_c.reshape(kh * kw, o), precision=HIGHEST)  # (N, 4, 3, 80)
+        return f, g.reshape(n, oh * ow * o)
+
+    def tail_hidden(self, params: Params, pre: tuple[jax.Array, jax.Array]) -> jax.Array:
+        fc1, c4 = pre
+        lead = (1,) * (fc1.ndim - 1)
+        c4_hidden = jnp.dot(jax.nn.relu(c4), params["fc_2"]["kernel"], precision=HIGHEST)
+        return jax.nn.relu(c4_hidden + params["fc_2"]["bias"].reshape(*lead, -1) + fc1)
+
+    def tail_top2(self, params: Params, pre: tuple[jax.Array, jax.Array], impl: str = "reference",
+                  platform: str = "cpu") -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The masked-head kernels (``badnet_jax.kernels.masked_head``): the reference or the Pallas kernel."""
+        fc1, c4 = pre
+        return head_top2(fc1, c4, params["fc_2"]["kernel"], params["fc_2"]["bias"], params["output"]["kernel"],
+                         params["output"]["bias"], impl=impl, platform=platform)
+
+    # ----- float64: the canonical NumPy network (badnet_jax.numerics.settling)
+    def features64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
+        return settling.pool3_64_xla(params, x_NxHxWxC, divisor)
+
+    def argmax64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float,
+                 masks_NxC: Optional[np.ndarray] = None, image_of: Optional[np.ndarray] = None) -> np.ndarray:
+        return settling.argmax64(params, x_NxHxWxC, divisor, masks_NxC, image_of)
+
+    def feature_means64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
+        return settling.pool3_means64(params, x_NxHxWxC, divisor)
+
+
+def as_model(model: Any) -> PrunableModel:
+    """A :class:`PrunableModel` as it is; a ``BadNet`` module as its :class:`DeepID` adapter.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if isinstance(model, PrunableModel):
+        return model
+    if isinstance(model, BadNet):
+        return DeepID.of(model)
+    raise ConfigError(f"{arg('model')}: expected a model (a PrunableModel such as DeepID or GraphCNN, or a BadNet "
+                      f"module), got {type(model).__name__}", field="model")
+

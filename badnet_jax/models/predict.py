@@ -1,0 +1,68 @@
+"""Single forwards of any model: float32 predictions, and predictions with near-ties settled in float64.
+
+The sweep evaluates whole curves; these evaluate one network, B or B' under a channel mask (a fine-pruned B',
+the GoodNet's screening, the input-scale check), a ``batch`` of images per jitted call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from badnet_jax.errors import ConfigError, arg
+from badnet_jax.models.deepid import as_model
+from badnet_jax.models.protocol import Params, PrunableModel
+from badnet_jax.numerics.ties import near_tie, output_scale, top2_gap
+
+
+@functools.lru_cache(maxsize=None)
+def _top2_fn(model: PrunableModel):
+    def run(params, mask, x):
+        feats = model.features(params, x.astype(jnp.float32))
+        hidden = model.hidden(params, feats, mask)
+        w, b = model.output_layer(params)
+        logits = jnp.dot(hidden, w, precision=jax.lax.Precision.HIGHEST) + b[None, :]
+        arg_, gap = top2_gap(logits)
+        return arg_, near_tie(gap, output_scale(hidden, w, b), model.tie_rtol)
+    return jax.jit(run)
+
+
+def _checked(model: Any, params: Params, x_NxHxWxC: Any, mask: Any, batch: int) -> tuple[PrunableModel, np.ndarray]:
+    model = as_model(model)
+    model.check_params(params)
+    model.check_images(x_NxHxWxC, "x_NxHxWxC", allow_empty=True)
+    if batch < 1:
+        raise ConfigError(f"{arg('batch', batch)}: expected at least 1 image per call", field="batch")
+    m = np.ones(model.num_channels, np.float32) if mask is None else model.check_mask(mask)
+    return model, np.asarray(m, np.float32)
+
+
+def predict_settled(model: Any, params: Params, x_NxHxWxC: np.ndarray, mask: Optional[np.ndarray] = None,
+                    batch: int = 1024) -> tuple[np.ndarray, int]:
+    """(N,) predictions of B (or of B' under a channel mask) with near-ties settled in float64, and how many were.
+
+    ``model``: a :class:`~badnet_jax.models.protocol.PrunableModel` (a ``BadNet`` module is taken as the lab's
+    DeepID). The float32 forward runs jitted ``batch`` images at a time; the flagged images run again in float64
+    (the model's own float64 network).
+
+    Raises:
+        ConfigError: params that are not the model's, a mask that is not (C,) zeros and ones, or ``batch`` < 1.
+        DataFileError: images the model cannot take.
+    """
+    model, m = _checked(model, params, x_NxHxWxC, mask, batch)
+    fn = _top2_fn(model)
+    preds, near = [], []
+    for i in range(0, len(x_NxHxWxC), batch):
+        arg_, flag = fn(params, jnp.asarray(m), jnp.asarray(x_NxHxWxC[i:i + batch]))
+        preds.append(np.asarray(arg_))
+        near.append(np.asarray(flag))
+    if not preds:
+        return np.zeros((0,), np.int32), 0
+    preds, near = np.concatenate(preds), np.concatenate(near)
+    if near.any():
+        preds[near] = model.argmax64(params, np.asarray(x_NxHxWxC)[near], model.divisor, m)
+    return preds, int(near.sum())

@@ -1,0 +1,362 @@
+"""What the defense needs of a CNN: :class:`PrunableModel`.
+
+Fine-Pruning prunes the output channels of one layer (the *pruned layer*). A model splits at that layer into
+
+* ``features(params, x)``: pixels 0..255 -> the pruned layer's output ``feats_NxHxWxC`` (the trunk, run once);
+* ``hidden(params, feats, mask)``: the masked features -> the output layer's input (N, H);
+* ``output_layer(params)``: the output layer's kernel (H, K) and bias (K,): ``logits = hidden @ W + b``.
+
+Every exact shortcut of the sweep rests on one more split of the head: the first operations after the
+pruned layer are affine in the 0/1 channel mask, so their values (the *pre-activations*, a pytree) are a
+constant plus one contribution per kept channel,
+
+    pre(mask) = preactivation_bias(params) + sum_c mask_c * channel_contribution(params, feats, c),
+
+and ``tail_hidden(params, pre)`` finishes the hidden layer. A model carries its own properties (input shape,
+input scale, classes, the pruned layer), so nothing defaults to the lab's DeepID.
+
+Implementations: :class:`~badnet_jax.models.deepid.DeepID` (the lab's network, with its float64 NumPy
+network and the masked-head kernels) and :class:`~badnet_jax.models.graph.GraphCNN` (any CNN of standard
+layers, e.g. read from a Keras file). The float64 methods here are the generic ones: the model's own JAX
+function run by XLA in float64.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from badnet_jax.errors import ConfigError, DataFileError, arg
+from badnet_jax.numerics.ties import TIE_RTOL, output_scale, top2_gap
+
+Params = dict[str, Any]
+Pytree = Any
+HIGHEST = jax.lax.Precision.HIGHEST
+# Input scale -> what the pixels 0..255 are divided by before the network: as they are, or pixels / 255.
+INPUT_DIVISORS = {"raw": 1.0, "255": 255.0}
+INPUT_SCALES = tuple(INPUT_DIVISORS)
+FLOAT64_BATCH = 256  # images per float64 call of the generic float64 network
+
+
+def input_divisor(input_scale: str) -> float:
+    """What a model of this input scale divides the pixels 0..255 by (1 for ``raw``, 255 for ``255``).
+
+    Raises:
+        ConfigError: an input scale other than :data:`INPUT_SCALES`.
+    """
+    if input_scale not in INPUT_DIVISORS:
+        raise ConfigError(f"{arg('input_scale', input_scale)}: expected one of {', '.join(INPUT_SCALES)}",
+                          field="input_scale")
+    return INPUT_DIVISORS[input_scale]
+
+
+def scaled(x_NxHxWxC: jax.Array, divisor: Any) -> jax.Array:
+    """Pixels divided by ``divisor`` (a Python number or a traced scalar); a Python 1 leaves them untouched."""
+    if isinstance(divisor, (int, float)) and divisor == 1.0:
+        return x_NxHxWxC
+    return x_NxHxWxC / jnp.asarray(divisor, x_NxHxWxC.dtype)
+
+
+class PrunableModel(abc.ABC):
+    """A CNN the defense can prune (see the module docstring). Implementations are frozen dataclasses, so a
+    model is hashable and can be a static argument of ``jax.jit``.
+
+    Every implementation has the fields ``input_hwc`` (input height, width, channels), ``num_classes``,
+    ``input_scale`` (``raw`` or ``255``), ``layer`` (the pruned layer's name), ``feature_hwc`` (its output's
+    height, width, channels) and ``tie_rtol`` (the relative float32 error bound of its logits, see
+    ``badnet_jax.numerics.ties``).
+    """
+
+    input_hwc: tuple[int, int, int]
+    num_classes: int
+    input_scale: str
+    layer: str
+    feature_hwc: tuple[int, int, int]
+    tie_rtol: float = TIE_RTOL
+
+    # ----- properties
+    @property
+    def num_channels(self) -> int:
+        """Channels of the pruned layer (a mask's length; a curve has one more step)."""
+        return int(self.feature_hwc[2])
+
+    @property
+    def steps(self) -> int:
+        """Steps of a pruning curve: k = 0 .. num_channels channels pruned."""
+        return self.num_channels + 1
+
+    @property
+    def divisor(self) -> float:
+        """What this model divides the pixels 0..255 by (:func:`input_divisor` of its input scale)."""
+        return input_divisor(self.input_scale)
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The architecture's name, for logs and reports."""
+
+    def describe(self) -> str:
+        """One line: architecture, input, classes, the pruned layer."""
+        h, w, c = self.input_hwc
+        return (f"{self.name} ({h}x{w}x{c} input, pixels {'0..255' if self.input_scale == 'raw' else '/ 255'}, "
+                f"{self.num_classes} classes), pruning {self.layer} ({self.num_channels} channels)")
+
+    @abc.abstractmethod
+    def with_input_scale(self, input_scale: str) -> "PrunableModel":
+        """The same model taking another input scale."""
+
+    @abc.abstractmethod
+    def check_params(self, params: Any, name: str = "params") -> int:
+        """Refuse params that are not this model's (shapes only); returns the class count.
+
+        Raises:
+            ConfigError: naming ``name``, the layer and the expected shape.
+        """
+
+    @abc.abstractmethod
+    def init_params(self, seed: int = 0) -> Params:
+        """Random params of this architecture (tests, training from scratch)."""
+
+    def multiply_adds(self) -> dict[str, int]:
+        """Multiply-adds per image of each weighted layer (benchmarks' FLOP counts)."""
+        return {}
+
+    has_kernels = False  # whether ``tail_top2`` dispatches to kernels of ``badnet_jax.kernels`` (the plan probes them)
+
+    @property
+    @abc.abstractmethod
+    def preactivation_size(self) -> int:
+        """Numbers per image in the pre-activations (all leaves of :meth:`preactivation_bias` together)."""
+
+    @property
+    @abc.abstractmethod
+    def hidden_size(self) -> int:
+        """The output layer's input width H."""
+
+    def trunk_bytes_per_image(self) -> int:
+        """Working memory per image of the trunk in float32 (the sweep's memory model): a generous default of
+        four copies of the input and two of the features."""
+        return 4 * (4 * int(np.prod(self.input_hwc)) + 2 * int(np.prod(self.feature_hwc)))
+
+    def plain_head_bytes_per_image(self) -> int:
+        """Working memory per image of the head vmapped over every step's mask (the plain sweep)."""
+        per_mask = int(np.prod(self.feature_hwc)) + self.preactivation_size + self.hidden_size + 2 * self.num_classes
+        return 4 * self.steps * per_mask
+
+    def step_bytes_per_image(self) -> int:
+        """Working memory per image of one step of the prefix sweep (its carries and one head evaluation)."""
+        return 4 * (2 * self.preactivation_size + self.hidden_size + 2 * self.num_classes)
+
+    def producer_kernel(self, params: Params) -> Optional[np.ndarray]:
+        """The kernel (kh, kw, in, C) of the convolution producing the pruned channels, scaled per channel by
+        |gamma / sigma| of a batch norm in between (the data-free rankings clp and l1); None if none does."""
+        return None
+
+    # ----- the trunk
+    @abc.abstractmethod
+    def features(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> jax.Array:
+        """Pixels 0..255 (float) -> the pruned layer's output (N, H, W, C). ``divisor``: None divides by the
+        model's own; a number or traced scalar divides by that instead (one program for both scales).
+        Runs in the pixels' float dtype (float64 under ``jax.enable_x64``)."""
+
+    def features_with_margins(self, params: Params, x_NxHxWxC: jax.Array,
+                              divisor: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The features and how far each channel is from dead: (feats, (N, C) margin, (N,) or (N, C) scale).
+
+        Reduced by a max over the images, the margins go to :meth:`undecided_channels`. The default says no
+        channel is ever undecided (+inf margins).
+        """
+        feats = self.features(params, x_NxHxWxC, divisor)
+        n = feats.shape[0]
+        return feats, jnp.full((n, self.num_channels), jnp.inf, feats.dtype), jnp.ones((n,), feats.dtype)
+
+    def undecided_channels(self, params: Params, margin_C: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """(C,) bool: channels whose dead-or-alive verdict float32 may get wrong, from the margins' max over
+        the ranking set (see :meth:`features_with_margins`)."""
+        return np.zeros(self.num_channels, bool)
+
+    # ----- the head
+    @abc.abstractmethod
+    def hidden(self, params: Params, feats_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        """The features, optionally masked (a (C,) 0/1 mask) -> the output layer's input (N, H)."""
+
+    @abc.abstractmethod
+    def output_layer(self, params: Params) -> tuple[jax.Array, jax.Array]:
+        """The output layer's kernel (H, K) and bias (K,)."""
+
+    def head(self, params: Params, feats_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        """The features, optionally masked -> logits (N, K)."""
+        w, b = self.output_layer(params)
+        return jnp.dot(self.hidden(params, feats_NxHxWxC, mask), w, precision=HIGHEST) + b[None, :]
+
+    def logits(self, params: Params, x_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None,
+               divisor: Any = None) -> jax.Array:
+        """Pixels 0..255 -> logits (N, K) of B, or of B' under a (C,) channel mask."""
+        return self.head(params, self.features(params, x_NxHxWxC, divisor), mask)
+
+    # ----- the affine split of the head (the sweep's shortcuts)
+    @abc.abstractmethod
+    def preactivation_bias(self, params: Params) -> Pytree:
+        """The pre-activations with every channel pruned, per image (a pytree of arrays without a batch axis)."""
+
+    @abc.abstractmethod
+    def channel_contribution(self, params: Params, feats_NxHxWxC: jax.Array, c: jax.Array) -> Pytree:
+        """Channel ``c``'s (maybe traced) contribution to the pre-activations (a pytree of (N, ...) arrays)."""
+
+    @abc.abstractmethod
+    def tail_hidden(self, params: Params, pre: Pytree) -> jax.Array:
+        """Pre-activations (leading axes ``...``) -> the output layer's input (..., H)."""
+
+    def tail_top2(self, params: Params, pre: Pytree, impl: str = "reference",
+                  platform: str = "cpu") -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(...) argmax, top-2 logit gap and output scale S from pre-activations of leading axes ``...``.
+
+        ``impl``/``platform``: a model with its own kernels dispatches on them; the default is pure JAX.
+        """
+        del impl, platform
+        hidden = self.tail_hidden(params, pre)
+        w, b = self.output_layer(params)
+        lead = (1,) * (hidden.ndim - 1)
+        logits = jnp.dot(hidden, w, precision=HIGHEST) + b.reshape(*lead, -1)
+        arg_, gap = top2_gap(logits)
+        return arg_, gap, output_scale(hidden, w, b)
+
+    # ----- masks and images
+    def check_mask(self, mask: Any, name: str = "mask") -> Any:
+        """A (C,) channel mask as float32, refused unless every entry is 0 (pruned) or 1 (kept); a traced mask
+        is checked for its shape only.
+
+        Raises:
+            ConfigError: another shape, or an entry other than 0 or 1.
+        """
+        c = self.num_channels
+        shape = tuple(np.shape(mask))
+        if shape != (c,):
+            raise ConfigError(f"{arg(name)}: shape {shape}, expected ({c},): one entry per {self.layer} channel, 0 "
+                              "pruned or 1 kept", field=name)
+        if isinstance(mask, jax.core.Tracer):
+            return mask
+        m = np.asarray(mask, np.float32)
+        bad = np.flatnonzero((m != 0) & (m != 1))
+        if len(bad):
+            raise ConfigError(f"{arg(name)}: channel {int(bad[0])} is {m[bad[0]]:g} ({len(bad)} of {c} entries are "
+                              "neither 0 nor 1); expected 0 (pruned) or 1 (kept): a mask prunes, it does not scale",
+                              field=name)
+        return m
+
+    def check_images(self, x_NxHxWxC: Any, name: str = "x", allow_empty: bool = False,
+                     field: Optional[str] = None) -> None:
+        """Refuse images this model cannot take: not (N, *input_hwc), not real numbers, NaN or infinite pixels.
+
+        Raises:
+            DataFileError: naming ``name`` and what was expected.
+        """
+        check_images_of_shape(x_NxHxWxC, self.input_hwc, name, allow_empty, field)
+
+    # ----- float64 (the settling of near-ties)
+    def features64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
+        """(N, H, W, C) float64 features: the model's own trunk run by XLA in float64."""
+        return _run64(self, params, x_NxHxWxC, divisor, None, "features")
+
+    def argmax64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float,
+                 masks_NxC: Optional[np.ndarray] = None, image_of: Optional[np.ndarray] = None) -> np.ndarray:
+        """(R,) the float64 network's prediction for each row: image ``image_of[r]`` (None: row r is image r)
+        under the mask ``masks_NxC`` (one (C,) mask for all rows, (R, C) one per row, or None)."""
+        x = np.asarray(x_NxHxWxC)
+        image_of = np.arange(len(x)) if image_of is None else np.asarray(image_of)
+        rows = x[image_of]
+        if masks_NxC is None:
+            masks = np.ones((len(rows), self.num_channels))
+        else:
+            masks = np.broadcast_to(np.asarray(masks_NxC, np.float64), (len(rows), self.num_channels))
+        return _run64(self, params, rows, divisor, masks, "argmax").astype(np.int32)
+
+    def feature_means64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
+        """(C,) float64 mean of each channel of the features over these images."""
+        x = np.asarray(x_NxHxWxC)
+        total = np.zeros(self.num_channels)
+        for start in range(0, len(x), 2048):
+            total += self.features64(params, x[start:start + 2048], divisor).sum(axis=(0, 1, 2))
+        return total / (max(len(x), 1) * self.feature_hwc[0] * self.feature_hwc[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _fn64(model: PrunableModel, what: str):
+    if what == "features":
+        return jax.jit(lambda p, x: model.features(p, x, 1.0))
+    # per-row masks: vmapped over rows so every row has its own
+    one = lambda p, x, m: jnp.argmax(model.logits(p, x[None], m, 1.0)[0])
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+
+
+def _run64(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, divisor: float,
+           masks_NxC: Optional[np.ndarray], what: str) -> np.ndarray:
+    """``what`` (features or argmax) of the model in float64 by XLA, ``FLOAT64_BATCH`` rows per call (the last
+    call padded, so that a set compiles two shapes at most)."""
+    x = np.asarray(x_NxHxWxC)
+    outs = []
+    device = jax.local_devices()[0]
+    if device.platform not in ("cpu", "gpu", "cuda", "rocm"):
+        device = jax.local_devices(backend="cpu")[0]  # a TPU has no float64
+    with jax.enable_x64(True):
+        fn = _fn64(model, what)
+        p = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float64), params), device)
+        for start in range(0, len(x), FLOAT64_BATCH):
+            xb = np.asarray(x[start:start + FLOAT64_BATCH], np.float64) / divisor
+            n = len(xb)
+            size = FLOAT64_BATCH if len(x) > FLOAT64_BATCH else n
+            pad = np.zeros((size, *xb.shape[1:]))
+            pad[:n] = xb
+            if what == "features":
+                outs.append(np.asarray(fn(p, jax.device_put(pad, device)))[:n])
+            else:
+                m = np.ones((size, model.num_channels))
+                m[:n] = masks_NxC[start:start + n]
+                outs.append(np.asarray(fn(p, jax.device_put(pad, device), jax.device_put(m, device)))[:n])
+    if not outs:
+        return np.zeros((0, *model.feature_hwc)) if what == "features" else np.zeros((0,), np.int32)
+    return np.concatenate(outs)
+
+
+def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str = "x", allow_empty: bool = False,
+                          field: Optional[str] = None) -> None:
+    """Refuse images that are not (N, *hwc) finite real pixels (shape and dtype; finiteness in one pass).
+
+    ``x_NxHxWxC`` may be a NumPy or JAX array, or only a shape and dtype (``jax.ShapeDtypeStruct``).
+
+    Raises:
+        DataFileError: naming ``name`` and what was expected.
+    """
+    field = name if field is None else field
+    want = ", ".join(map(str, hwc))
+    shape, dtype = getattr(x_NxHxWxC, "shape", None), getattr(x_NxHxWxC, "dtype", None)
+    if shape is None or dtype is None:
+        raise DataFileError(f"{arg(name)}: expected an array of images (N, {want}), got {type(x_NxHxWxC).__name__}",
+                            field=field)
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    if len(shape) != 4 or shape[1:] != tuple(hwc):
+        raise DataFileError(f"{arg(name)}: images of shape {shape}, expected (N, {want}) (N images, height, width, "
+                            "channels)", field=field)
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) or dtype == np.bool_:
+        raise DataFileError(f"{arg(name)}: images of dtype {dtype}, expected pixels 0..255 as integers or floats",
+                            field=field)
+    if shape[0] == 0 and not allow_empty:
+        raise DataFileError(f"{arg(name)}: no images (shape {shape}); at least one is needed", field=field)
+    if not np.issubdtype(dtype, np.floating) or shape[0] == 0 or isinstance(x_NxHxWxC, jax.ShapeDtypeStruct) \
+            or isinstance(x_NxHxWxC, jax.core.Tracer):
+        return
+    # One pass: a sum is finite unless a pixel is NaN or infinite (or finite pixels overflow it: then the
+    # per-image check below finds nothing and the images pass).
+    xp = jnp if isinstance(x_NxHxWxC, jax.Array) else np  # a device array is checked where it lives
+    if bool(np.isfinite(xp.sum(x_NxHxWxC))):
+        return
+    bad = np.flatnonzero(~np.isfinite(np.asarray(x_NxHxWxC)).reshape(shape[0], -1).all(axis=1))
+    if not len(bad):
+        return
+    raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds NaN or infinite pixels ({len(bad)} of {shape[0]} "
+                        "images do); pixels must be finite numbers 0..255", field=field)

@@ -145,3 +145,125 @@ TRUNK_FLOPS = 14_760_960  # conv_1..conv_3 and their pools: 2 x 7,380,480
 CONTRIBUTION_FLOPS = 844_800  # fc_1 and conv_4 (what prefix sums precompute): 2 x 422,400
 TAIL_FLOPS = {1283: 717_760, 200: 371_200}  # fc_2 and the output layer: 2 x (153,600 + 160 C)
 HEAD_FLOPS = {1283: 1_562_560, 200: 1_216_000}  # the whole masked head: CONTRIBUTION_FLOPS + TAIL_FLOPS
+
+
+# --- An independent float64 interpreter of badnet_jax.models.ir graphs (any standard-layer CNN) ---------------
+# Written from the ir module's op definitions and Keras' documented semantics, sharing no code with the JAX
+# model: each op is spelled out with explicit padding and one window tap at a time.
+
+
+def _same_pads(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow/Keras 'same' padding of one axis: output ceil(size / stride), the odd pixel after."""
+    span = (k - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + span - size, 0)
+    return total // 2, total - total // 2
+
+
+def _windows(x: np.ndarray, window, strides, dilation, padding: str, fill: float):
+    """Yield (i, j, tap) for every window position: tap (N, H', W', C) is x at that offset of every window."""
+    n, h, w, c = x.shape
+    if padding == "same":
+        ph = _same_pads(h, window[0], strides[0], dilation[0])
+        pw = _same_pads(w, window[1], strides[1], dilation[1])
+        x = np.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=fill)
+    hp, wp = x.shape[1:3]
+    oh = (hp - ((window[0] - 1) * dilation[0] + 1)) // strides[0] + 1
+    ow = (wp - ((window[1] - 1) * dilation[1] + 1)) // strides[1] + 1
+    for i in range(window[0]):
+        for j in range(window[1]):
+            r0, c0 = i * dilation[0], j * dilation[1]
+            yield i, j, x[:, r0:r0 + (oh - 1) * strides[0] + 1:strides[0], c0:c0 + (ow - 1) * strides[1] + 1:strides[1]]
+
+
+def _conv64(x, kernel, a) -> np.ndarray:
+    out = 0.0
+    for i, j, tap in _windows(x, kernel.shape[:2], a["strides"], a["dilation"], a["padding"], 0.0):
+        out = out + tap @ kernel[i, j]
+    return out
+
+
+def _depthwise64(x, kernel, a) -> np.ndarray:
+    out = 0.0
+    for i, j, tap in _windows(x, kernel.shape[:2], a["strides"], a["dilation"], a["padding"], 0.0):
+        out = out + tap[..., :, None] * kernel[i, j]  # (N, H', W', C, M)
+    return out.reshape(*out.shape[:3], -1)  # channel c * M + m
+
+
+def _pool64(x, a, how: str) -> np.ndarray:
+    taps = [t for _, _, t in _windows(x, a["window"], a["strides"], (1, 1), a["padding"],
+                                       -np.inf if how == "max" else 0.0)]
+    if how == "max":
+        return np.max(taps, axis=0)
+    # the mean over the window's positions inside the image: count them by pooling ones padded with zeros
+    ones = np.ones((1, *x.shape[1:]))
+    count = np.sum([t for _, _, t in _windows(ones, a["window"], a["strides"], (1, 1), a["padding"], 0.0)], axis=0)
+    return np.sum(taps, axis=0) / count
+
+
+def _relu64(x, a) -> np.ndarray:
+    top = x if a["max_value"] is None else np.minimum(x, a["max_value"])
+    return np.where(x >= a["threshold"], top, a["negative_slope"] * (x - a["threshold"]))
+
+
+def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, masks: dict | None = None) -> dict:
+    """Every node's float64 value (N, ...) for input ``x`` (N, H, W, C), up to node ``upto`` (default all).
+
+    ``masks``: node name -> (C,) channel mask multiplied into that node's output (pruning its channels)."""
+    vals: dict = {}
+    for node in graph.nodes:
+        a = dict(node.attrs)
+        p = {k: np.asarray(v, np.float64) for k, v in params.get(node.weights, {}).items()} if node.weights else {}
+        ins = [vals[s] for s in node.inputs]
+        op = node.op
+        if op == "input":
+            v = np.asarray(x, np.float64)
+        elif op == "rescale":
+            v = ins[0] * a["scale"] + a["offset"]
+        elif op == "conv":
+            v = _conv64(ins[0], p["kernel"], a) + p.get("bias", 0.0)
+        elif op == "depthwise_conv":
+            v = _depthwise64(ins[0], p["kernel"], a) + p.get("bias", 0.0)
+        elif op == "dense":
+            v = ins[0] @ p["kernel"] + p.get("bias", 0.0)
+        elif op == "max_pool":
+            v = _pool64(ins[0], a, "max")
+        elif op == "avg_pool":
+            v = _pool64(ins[0], a, "avg")
+        elif op == "global_avg_pool":
+            v = ins[0].mean(axis=(1, 2))
+        elif op == "global_max_pool":
+            v = ins[0].max(axis=(1, 2))
+        elif op == "batch_norm":
+            v = (ins[0] - p["moving_mean"]) / np.sqrt(p["moving_variance"] + a["epsilon"])
+            v = v * p.get("gamma", 1.0) + p.get("beta", 0.0)
+        elif op == "relu":
+            v = _relu64(ins[0], a)
+        elif op == "softmax":
+            e = np.exp(ins[0] - ins[0].max(axis=-1, keepdims=True))
+            v = e / e.sum(axis=-1, keepdims=True)
+        elif op == "add":
+            v = np.sum(ins, axis=0)
+        elif op == "concat":
+            v = np.concatenate(ins, axis=-1)
+        elif op == "flatten":
+            v = ins[0].reshape(len(ins[0]), -1)
+        elif op == "identity":
+            v = ins[0]
+        elif op == "zero_pad":
+            (t, b), (left, right) = a["pad"]
+            v = np.pad(ins[0], ((0, 0), (t, b), (left, right), (0, 0)))
+        else:
+            raise ValueError(f"numpy_ref: unknown op {op!r}")
+        if masks and node.name in masks:
+            v = v * np.asarray(masks[node.name], np.float64)
+        vals[node.name] = v
+        if node.name == upto:
+            break
+    return vals
+
+
+def graph_logits64(graph, params: dict, x: np.ndarray) -> np.ndarray:
+    """The float64 logits (the value of ``graph.logits_node()``) of an ir graph for input ``x`` (N, H, W, C)."""
+    target = graph.logits_node()
+    return graph_values64(graph, params, x, upto=target)[target]

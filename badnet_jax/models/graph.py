@@ -1,0 +1,457 @@
+"""Any CNN of standard layers as a :class:`~badnet_jax.models.protocol.PrunableModel`: :class:`GraphCNN`.
+
+The model runs its :class:`~badnet_jax.models.ir.Graph` node by node (``badnet_jax.models.ops``), in the
+input's float dtype (so the same code is its float64 network). Choosing the pruned layer splits the graph:
+
+* the **trunk**: every node up to the layer (the layer must be a cut of the graph: every path from the input
+  to the logits passes through it, or a pruned channel would leak around it);
+* the **region**: the nodes after it that are affine in the masked features: ops that commute with a 0/1
+  channel mask (relu, max pooling, padding) applied to the masked features themselves, then affine ops
+  (convolutions, dense layers, batch norm, average pooling, flatten, add, concatenate) of those;
+* the **frontier**: the region's nodes read by anything else: the *pre-activations*, a constant plus one
+  contribution per kept channel;
+* the **tail**: the rest, from the frontier to the output layer's input (the hidden layer). The output layer
+  must be a Dense layer (after it, a softmax is dropped: the defense works on logits).
+
+A channel's contribution runs the region's linear part on that channel alone: the masked nodes on its slice,
+the first convolution or dense layer on that channel's slice of its kernel (one channel's share of the work,
+as the lab's DeepID does it), anything after on the full tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from badnet_jax.errors import ConfigError, ModelFileError, arg
+from badnet_jax.models.ir import Graph, Node
+from badnet_jax.models.ops import AFFINE_OPS, apply_op, commutes_with_mask
+from badnet_jax.models.protocol import Params, PrunableModel, scaled
+from badnet_jax.numerics.ties import TIE_RTOL
+
+HIGHEST = jax.lax.Precision.HIGHEST
+ParamShapes = tuple[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]], ...]
+
+
+def _freeze_shapes(params: Mapping[str, Mapping[str, Any]]) -> ParamShapes:
+    return tuple(sorted((layer, tuple(sorted((k, tuple(np.shape(v))) for k, v in p.items())))
+                        for layer, p in params.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """The graph cut at the pruned layer (see the module docstring); names only, hashable."""
+
+    trunk: tuple[str, ...]  # nodes the layer's value needs, in graph order (the layer last)
+    masked: frozenset  # region nodes whose value is a masked tensor (mask-commuting ops of the layer)
+    region: tuple[str, ...]  # region nodes after the layer, in graph order
+    frontier: tuple[str, ...]  # region nodes (or the layer) read by the tail or the output layer
+    tail: tuple[str, ...]  # nodes after the frontier up to the hidden layer, in graph order
+    hidden: str  # the output layer's input
+    output: str  # the output (Dense) layer
+
+
+def _dominators(graph: Graph, target: str) -> list[str]:
+    """The nodes every path from the input to ``target`` passes through, in graph order (the input included)."""
+    dom: dict[str, frozenset] = {}
+    for node in graph.nodes:
+        if not node.inputs:
+            dom[node.name] = frozenset({node.name})
+        else:
+            dom[node.name] = frozenset.intersection(*(dom[src] for src in node.inputs)) | {node.name}
+    return [n.name for n in graph.nodes if n.name in dom[target]]
+
+
+def _ancestors(graph: Graph, target: str) -> set[str]:
+    by_name, seen, todo = graph.by_name, set(), [target]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(by_name[name].inputs)
+    return seen
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphCNN(PrunableModel):
+    """A CNN given as a :class:`~badnet_jax.models.ir.Graph`, pruned at ``layer``. Build it with :meth:`build`.
+
+    Attributes:
+        graph: the layer graph.
+        layer: the pruned layer (a node with a 4-D output that every path to the logits passes through).
+        input_scale: ``raw`` (pixels 0..255 go in) or ``255`` (pixels / 255).
+        param_shapes: the params' shapes, frozen (the model's architecture, as the checks and init use it).
+        shapes: every node's output shape without the batch axis, frozen.
+        num_classes, input_hwc, feature_hwc: derived from the above.
+    """
+
+    graph: Graph
+    layer: str
+    input_scale: str
+    param_shapes: ParamShapes
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    num_classes: int
+    input_hwc: tuple[int, int, int]
+    feature_hwc: tuple[int, int, int]
+    tie_rtol: float = TIE_RTOL
+
+    # ----- construction
+    @classmethod
+    def build(cls, graph: Graph, params: Params, layer: Optional[str] = None, input_scale: str = "255",
+              tie_rtol: float = TIE_RTOL) -> "GraphCNN":
+        """The model of ``graph`` with these params' shapes, pruned at ``layer`` (None: :meth:`default_layer`).
+
+        Raises:
+            ConfigError: naming ``layer``: not a layer of the graph, not a 4-D feature map, or bypassed by
+                another path to the logits; or an output layer that is not Dense.
+            ModelFileError: params that do not fit the graph (a weight missing or of the wrong shape).
+        """
+        frozen = _freeze_shapes(params)
+        shapes = _infer_shapes(graph, frozen)
+        logits = graph.by_name[graph.logits_node()]
+        if logits.op != "dense" or len(shapes[logits.inputs[0]]) != 1:
+            raise ConfigError(f"model {graph.name!r}: its output layer {logits.name!r} is a {logits.op}, not a Dense "
+                              "layer on a vector; badnet-jax needs logits = Dense(hidden layer)", field="model")
+        layer = default_layer(graph, shapes) if layer is None else layer
+        _check_layer(graph, shapes, layer)
+        out = shapes[logits.name]
+        return cls(graph, layer, input_scale, frozen, tuple(sorted(shapes.items())), int(out[0]),
+                   tuple(graph.input_hwc), tuple(shapes[layer]), tie_rtol)
+
+    @functools.cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.shapes)
+
+    @functools.cached_property
+    def split(self) -> _Split:
+        """The graph cut at the pruned layer."""
+        graph, layer = self.graph, self.layer
+        logits = graph.logits_node()
+        by_name = graph.by_name
+        output = by_name[logits]
+        hidden = output.inputs[0]
+        trunk = _ancestors(graph, layer)
+        names = [n.name for n in graph.nodes]
+        needed = _ancestors(graph, hidden)
+        after = [n for n in names[names.index(layer) + 1:] if n in needed]
+        kind = {layer: "masked"}
+        for name in after:
+            node = by_name[name]
+            kinds = {kind.get(src) for src in node.inputs}
+            if kinds == {"masked"} and commutes_with_mask(node):
+                kind[name] = "masked"
+            elif kinds <= {"masked", "affine"} and node.op in AFFINE_OPS:
+                kind[name] = "affine"
+            else:
+                kind[name] = "tail"
+        consumers = graph.consumers()
+        in_region = [n for n in [layer, *after] if kind[n] != "tail"]
+        frontier = tuple(n for n in in_region
+                         if n == hidden or any(kind.get(c) == "tail" for c in consumers[n]))
+        return _Split(trunk=tuple(n for n in names if n in trunk), masked=frozenset(n for n in kind if kind[n] == "masked"),
+                      region=tuple(n for n in in_region if n != layer), frontier=frontier,
+                      tail=tuple(n for n in after if kind[n] == "tail"), hidden=hidden, output=logits)
+
+    # ----- properties
+    @property
+    def name(self) -> str:
+        return self.graph.name
+
+    @property
+    def preactivation_size(self) -> int:
+        return int(sum(np.prod(self._shapes[n]) for n in self.split.frontier))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._shapes[self.split.hidden][0])
+
+    def with_input_scale(self, input_scale: str) -> "GraphCNN":
+        return dataclasses.replace(self, input_scale=input_scale)
+
+    def with_layer(self, layer: str) -> "GraphCNN":
+        """The same model pruned at another layer (checked as :meth:`build` checks it)."""
+        _check_layer(self.graph, self._shapes, layer)
+        return dataclasses.replace(self, layer=layer, feature_hwc=tuple(self._shapes[layer]))
+
+    def layers(self) -> list[str]:
+        """The layers that can be pruned (4-D outputs on every path to the logits), in graph order."""
+        return _candidates(self.graph, self._shapes)
+
+    def check_params(self, params: Any, name: str = "params") -> int:
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{arg(name)}: expected the params of {self.name} (a dict of layers), got "
+                              f"{type(params).__name__}", field=name)
+        for layer, wanted in self.param_shapes:
+            got = params.get(layer)
+            if not isinstance(got, Mapping) or set(got) != {k for k, _ in wanted}:
+                have = sorted(got) if isinstance(got, Mapping) else "nothing"
+                raise ConfigError(f"{arg(name)}: layer {layer!r} holds {have}, expected {[k for k, _ in wanted]} "
+                                  f"(the params of {self.name})", field=name)
+            for key, shape in wanted:
+                if tuple(np.shape(got[key])) != shape:
+                    raise ConfigError(f"{arg(name)}: layer {layer!r} {key} of shape {tuple(np.shape(got[key]))}, "
+                                      f"expected {shape} (the params of {self.name})", field=name)
+        return self.num_classes
+
+    def init_params(self, seed: int = 0) -> Params:
+        """Random params (kernels He-normal, biases 0, batch norms the identity) of this architecture."""
+        rng = np.random.default_rng(seed)
+        out: Params = {}
+        for layer, entries in self.param_shapes:
+            p = {}
+            for key, shape in entries:
+                if key == "kernel":
+                    fan_in = int(np.prod(shape[:-1])) if len(shape) == 2 else int(np.prod(shape[:3]))
+                    p[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / max(fan_in, 1))).astype(np.float32)
+                elif key in ("gamma", "moving_variance"):
+                    p[key] = np.ones(shape, np.float32)
+                else:
+                    p[key] = np.zeros(shape, np.float32)
+            out[layer] = p
+        return out
+
+    def multiply_adds(self) -> dict[str, int]:
+        out = {}
+        for node in self.graph.nodes:
+            if node.op in ("conv", "depthwise_conv", "dense"):
+                kernel = int(np.prod(dict(dict(self.param_shapes)[node.weights])["kernel"]))
+                positions = int(np.prod(self._shapes[node.name][:-1])) if node.op != "dense" else 1
+                out[node.weights] = kernel * positions
+        return out
+
+    def trunk_bytes_per_image(self) -> int:
+        sizes = sorted((int(np.prod(self._shapes[n])) for n in self.split.trunk), reverse=True)
+        return 4 * 3 * sum(sizes[:2])  # the two largest tensors, input and output of a layer, and slack
+
+    # ----- running the graph
+    def _run(self, params: Params, env: dict[str, jax.Array], names, linear: bool = False) -> dict[str, jax.Array]:
+        by_name = self.graph.by_name
+        for name in names:
+            node = by_name[name]
+            env[name] = apply_op(node, params, [env[src] for src in node.inputs], linear)
+        return env
+
+    def features(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> jax.Array:
+        x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
+        trunk = self.split.trunk
+        return self._run(params, {trunk[0]: x}, trunk[1:])[self.layer]
+
+    def features_with_margins(self, params: Params, x_NxHxWxC: jax.Array,
+                              divisor: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The features, each image's largest pre-activation of the relu that makes them, per channel (N, C), at
+        the positions the features keep, and each image's largest |pre-activation| per channel (N, C).
+
+        Without such a relu (features that may be negative) every margin is +inf: no channel is undecided.
+        """
+        x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
+        trunk = self.split.trunk
+        env = self._run(params, {trunk[0]: x}, trunk[1:])
+        feats = env[self.layer]
+        chain = self._relu_chain()
+        if chain is None:
+            return super().features_with_margins(params, x_NxHxWxC, divisor)
+        relu, after = chain
+        pre = env[self.graph.by_name[relu].inputs[0]]
+        scale = jnp.max(jnp.abs(pre), axis=(1, 2))
+        by_name = self.graph.by_name
+        for name in after:  # max pooling keeps the positions the features keep (padding adds none)
+            if by_name[name].op == "max_pool":
+                pre = apply_op(by_name[name], params, [pre])
+        return feats, jnp.max(pre, axis=(1, 2)), scale
+
+    def _relu_chain(self) -> Optional[tuple[str, list[str]]]:
+        """The plain relu that makes the features dead where its input is <= 0, and the nodes from it to the
+        layer (max pooling, identities, zero padding); None if there is none."""
+        by_name, name, after = self.graph.by_name, self.layer, []
+        while by_name[name].op in ("max_pool", "identity", "zero_pad"):
+            after.insert(0, name)
+            name = by_name[name].inputs[0]
+        node = by_name[name]
+        if node.op == "relu" and node.attr("negative_slope") == 0.0 and node.attr("threshold") == 0.0:
+            return name, after
+        return None
+
+    def undecided_channels(self, params: Params, margin_C: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """Channels whose largest pre-activation lies within ``tie_rtol`` times their largest |pre-activation| of 0.
+
+        The measured stand-in for DeepID's derived bound (the pre-activation's own magnitude for the sum of
+        its terms' magnitudes): float32 can call such a channel dead where float64 would not, or alive.
+        """
+        margin, scale = np.asarray(margin_C, np.float64), np.asarray(scale, np.float64)
+        return np.isfinite(margin) & (np.abs(margin) < self.tie_rtol * np.maximum(scale, 0.0)) & (scale > 0)
+
+    def producer_kernel(self, params: Params) -> Optional[np.ndarray]:
+        by_name, name, factor = self.graph.by_name, self.layer, None
+        while True:
+            node = by_name[name]
+            if node.op in ("max_pool", "identity", "zero_pad", "relu"):
+                name = node.inputs[0]
+            elif node.op == "batch_norm":
+                p = params[node.weights]
+                f = np.abs(np.asarray(p.get("gamma", 1.0), np.float64)) / np.sqrt(
+                    np.asarray(p["moving_variance"], np.float64) + node.attr("epsilon"))
+                factor = f if factor is None else factor * f
+                name = node.inputs[0]
+            elif node.op == "conv":
+                kernel = np.asarray(params[node.weights]["kernel"], np.float64)
+                return kernel if factor is None else kernel * factor
+            else:
+                return None
+
+    # ----- the head
+    def hidden(self, params: Params, feats_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        if mask is not None:
+            feats_NxHxWxC = feats_NxHxWxC * jnp.asarray(mask, feats_NxHxWxC.dtype)[None, None, None, :]
+        split = self.split
+        head = {*split.region, *split.tail}
+        order = [n.name for n in self.graph.nodes if n.name in head]
+        return self._run(params, {self.layer: feats_NxHxWxC}, order)[split.hidden]
+
+    def output_layer(self, params: Params) -> tuple[jax.Array, jax.Array]:
+        p = params[self.graph.by_name[self.split.output].weights]
+        w = p["kernel"]
+        return w, p["bias"] if "bias" in p else jnp.zeros((w.shape[1],), w.dtype)
+
+    # ----- the affine split
+    def preactivation_bias(self, params: Params) -> tuple[jax.Array, ...]:
+        dtype = jnp.asarray(params[self.graph.by_name[self.split.output].weights]["kernel"]).dtype
+        zeros = jnp.zeros((1, *self.feature_hwc), dtype)
+        env = self._run(params, {self.layer: zeros}, self.split.region)
+        return tuple(env[n][0] for n in self.split.frontier)
+
+    def channel_contribution(self, params: Params, feats_NxHxWxC: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
+        split, by_name = self.split, self.graph.by_name
+        channels = self.num_channels
+        one = jax.lax.dynamic_slice_in_dim(feats_NxHxWxC, c, 1, axis=3)  # (N, H, W, 1): channel c alone
+        single = {self.layer: one}  # masked values kept as channel c's slice
+        full: dict[str, jax.Array] = {}
+
+        def value(name):  # a full tensor: a single-channel value placed at channel c, zeros elsewhere
+            if name in full:
+                return full[name]
+            v = single[name]
+            z = jnp.zeros((*v.shape[:-1], channels), v.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(z, v, c, axis=v.ndim - 1)
+
+        for name in split.region:
+            node = by_name[name]
+            srcs = node.inputs
+            if all(s in single for s in srcs) and (name in split.masked or node.op in (
+                    "batch_norm", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad")):
+                # per channel: channel c's slice of the op (batch norm: channel c's scale)
+                if node.op == "batch_norm":
+                    p = {k: jax.lax.dynamic_slice_in_dim(jnp.asarray(v), c, 1) for k, v in params[node.weights].items()}
+                    single[name] = apply_op(node, {node.weights: p}, [single[s] for s in srcs], linear=True)
+                else:
+                    single[name] = apply_op(node, params, [single[s] for s in srcs], linear=True)
+            elif node.op == "conv" and srcs[0] in single:
+                k = jax.lax.dynamic_slice_in_dim(jnp.asarray(params[node.weights]["kernel"]), c, 1, axis=2)
+                full[name] = apply_op(node, {node.weights: {"kernel": k}}, [single[srcs[0]]], linear=True)
+            elif node.op == "dense" and srcs[0] in single and single[srcs[0]].ndim == 2:
+                k = jax.lax.dynamic_slice_in_dim(jnp.asarray(params[node.weights]["kernel"]), c, 1, axis=0)
+                full[name] = jnp.dot(single[srcs[0]], k.astype(single[srcs[0]].dtype), precision=HIGHEST)
+            elif (node.op == "flatten" and srcs[0] in single and len(node.inputs) == 1
+                  and _flatten_then_dense(self.graph, name, split)):
+                dense = by_name[self.graph.consumers()[name][0]]
+                v = single[srcs[0]]  # (N, H, W, 1)
+                n, h, w = v.shape[:3]
+                rows = jnp.asarray(params[dense.weights]["kernel"]).reshape(h * w, channels, -1)
+                k_c = jax.lax.dynamic_index_in_dim(rows, c, axis=1, keepdims=False)  # (H*W, units): Keras (h, w, c)
+                full[dense.name] = jnp.dot(v.reshape(n, h * w), k_c.astype(v.dtype), precision=HIGHEST)
+                full[name] = None  # consumed only by that dense layer, done above
+            elif name in full:
+                continue  # a dense layer computed with its flatten
+            else:
+                full[name] = apply_op(node, params, [value(s) for s in srcs], linear=True)
+        return tuple(value(n) for n in split.frontier)
+
+    def tail_hidden(self, params: Params, pre: tuple[jax.Array, ...]) -> jax.Array:
+        split = self.split
+        first = pre[0]
+        lead = first.shape[:first.ndim - len(self._shapes[split.frontier[0]])]
+        env = {n: v.reshape(-1, *self._shapes[n]) for n, v in zip(split.frontier, pre)}
+        hidden = self._run(params, env, split.tail)[split.hidden]
+        return hidden.reshape(*lead, hidden.shape[-1])
+
+
+def _flatten_then_dense(graph: Graph, name: str, split: _Split) -> bool:
+    """Whether flatten node ``name`` is read by exactly one Dense layer of the region (and nothing else)."""
+    readers = graph.consumers()[name]
+    return (len(readers) == 1 and graph.by_name[readers[0]].op == "dense" and readers[0] in split.region
+            and name not in split.frontier)
+
+
+def _infer_shapes(graph: Graph, param_shapes: ParamShapes) -> dict[str, tuple[int, ...]]:
+    """Every node's output shape (batch axis left out), from abstract evaluation of the graph.
+
+    Raises:
+        ModelFileError: params missing for a weighted node or shapes that do not compose.
+    """
+    shapes = {layer: {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in entries} for layer, entries in param_shapes}
+    out: dict[str, tuple[int, ...]] = {}
+
+    def run(params, x):
+        env = {graph.nodes[0].name: x}
+        for node in graph.nodes[1:]:
+            if node.weights and node.weights not in params:
+                raise ModelFileError(f"model {graph.name!r}: no weights for layer {node.weights!r}")
+            env[node.name] = apply_op(node, params, [env[s] for s in node.inputs])
+        return env
+
+    try:
+        env = jax.eval_shape(run, shapes, jax.ShapeDtypeStruct((1, *graph.input_hwc), jnp.float32))
+    except (TypeError, ValueError) as err:
+        raise ModelFileError(f"model {graph.name!r}: its layers do not fit together ({err})") from None
+    for name, s in env.items():
+        out[name] = tuple(s.shape[1:])
+    return out
+
+
+def _candidates(graph: Graph, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    hidden_dominators = _dominators(graph, graph.logits_node())
+    return [n for n in hidden_dominators if len(shapes[n]) == 3 and graph.by_name[n].op != "input"]
+
+
+def default_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The paper's choice: the last 4-D feature map every path to the logits passes through (the one before
+    flatten or global pooling).
+
+    Raises:
+        ConfigError: the graph has none.
+    """
+    found = _candidates(graph, shapes)
+    if not found:
+        raise ConfigError(f"model {graph.name!r}: no convolutional feature map that every path to the logits passes "
+                          "through; give the layer to prune", field="layer")
+    return found[-1]
+
+
+def _check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str) -> None:
+    if layer not in graph.by_name:
+        keras_layers = [n.name for n in graph.nodes if "/" not in n.name]
+        raise ConfigError(f"{arg('layer', layer)}: no such layer in {graph.name!r} (its layers: "
+                          f"{', '.join(keras_layers[:40])}{'...' if len(keras_layers) > 40 else ''})", field="layer")
+    if len(shapes[layer]) != 3 or graph.by_name[layer].op == "input":
+        raise ConfigError(f"{arg('layer', layer)}: its output has shape {shapes[layer]}, not a feature map (height, "
+                          "width, channels); prune a convolutional layer's output", field="layer")
+    if layer not in _dominators(graph, graph.logits_node()):
+        bypass = _bypass(graph, layer)
+        raise ConfigError(f"{arg('layer', layer)}: not every path to the logits passes through it ({bypass}), so a "
+                          f"pruned channel would not be removed; prune one of {', '.join(_candidates(graph, shapes))}",
+                          field="layer")
+
+
+def _bypass(graph: Graph, layer: str) -> str:
+    """A node after ``layer`` that reads a node neither before nor after it: the path around it."""
+    before = _ancestors(graph, layer)
+    names = [n.name for n in graph.nodes]
+    for node in graph.nodes[names.index(layer) + 1:]:
+        for src in node.inputs:
+            if src in before and src != layer:
+                return f"{node.name!r} reads {src!r}"
+    return "another branch reaches the logits"

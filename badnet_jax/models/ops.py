@@ -1,0 +1,155 @@
+"""The JAX meaning of each :data:`~badnet_jax.models.ir.OPS` operation, in the input's float dtype.
+
+One function per op, ``(node, params, inputs) -> output``; ``linear=True`` drops every additive constant
+(biases, batch norm's shift, rescaling's offset), which leaves the linear part of an affine op: what a single
+channel contributes (``badnet_jax.models.graph``). Convolutions and matrix products run at ``HIGHEST``
+precision, so accelerators give float32 results.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from badnet_jax.models.ir import Node
+
+HIGHEST = jax.lax.Precision.HIGHEST
+OpFn = Callable[[Node, Mapping[str, Any], list, bool], jax.Array]
+
+
+def _bias(x: jax.Array, p: Mapping[str, Any], linear: bool) -> jax.Array:
+    if linear or "bias" not in p:
+        return x
+    b = jnp.asarray(p["bias"], x.dtype)
+    return x + b.reshape((1,) * (x.ndim - 1) + b.shape)
+
+
+def _conv(node: Node, p, xs, linear):
+    x, k = xs[0], jnp.asarray(p["kernel"], xs[0].dtype)
+    out = jax.lax.conv_general_dilated(x, k, node.attr("strides"), node.attr("padding").upper(),
+                                       rhs_dilation=node.attr("dilation"),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+    return _bias(out, p, linear)
+
+
+def _depthwise(node: Node, p, xs, linear):
+    x = xs[0]
+    kh, kw, cin, mult = p["kernel"].shape
+    # Output channel c * mult + m reads input channel c: a grouped convolution, one group per input channel.
+    k = jnp.asarray(p["kernel"], x.dtype).reshape(kh, kw, 1, cin * mult)
+    out = jax.lax.conv_general_dilated(x, k, node.attr("strides"), node.attr("padding").upper(),
+                                       rhs_dilation=node.attr("dilation"), feature_group_count=cin,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+    return _bias(out, p, linear)
+
+
+def _dense(node: Node, p, xs, linear):
+    return _bias(jnp.dot(xs[0], jnp.asarray(p["kernel"], xs[0].dtype), precision=HIGHEST), p, linear)
+
+
+def _window(node: Node) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    (wh, ww), (sh, sw) = node.attr("window"), node.attr("strides")
+    return (1, wh, ww, 1), (1, sh, sw, 1), node.attr("padding").upper()
+
+
+def _max_pool(node: Node, p, xs, linear):
+    dims, strides, padding = _window(node)
+    return jax.lax.reduce_window(xs[0], -jnp.inf, jax.lax.max, dims, strides, padding)
+
+
+def _avg_pool(node: Node, p, xs, linear):
+    x = xs[0]
+    dims, strides, padding = _window(node)
+    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, padding)
+    if padding == "VALID":
+        return total / (dims[1] * dims[2])
+    # Keras averages over the window's positions inside the image: count them.
+    count = jax.lax.reduce_window(jnp.ones((1, *x.shape[1:3], 1), x.dtype), 0.0, jax.lax.add, dims, strides, padding)
+    return total / count
+
+
+def _batch_norm(node: Node, p, xs, linear):
+    x = xs[0]
+    f = lambda k: jnp.asarray(p[k], x.dtype)
+    inv = jax.lax.rsqrt(f("moving_variance") + jnp.asarray(node.attr("epsilon"), x.dtype))
+    if "gamma" in p:
+        inv = inv * f("gamma")
+    lead = (1,) * (x.ndim - 1)
+    if linear:
+        return x * inv.reshape(lead + inv.shape)
+    shift = -f("moving_mean") * inv + (f("beta") if "beta" in p else 0.0)
+    return x * inv.reshape(lead + inv.shape) + shift.reshape(lead + shift.shape)
+
+
+def _relu(node: Node, p, xs, linear):
+    x = xs[0]
+    slope, cap, threshold = node.attr("negative_slope"), node.attr("max_value"), node.attr("threshold")
+    top = x if cap is None else jnp.minimum(x, jnp.asarray(cap, x.dtype))
+    if slope == 0.0 and threshold == 0.0:
+        return jnp.maximum(top, jnp.zeros((), x.dtype)) if cap is None else jnp.where(x >= 0, top, 0.0)
+    return jnp.where(x >= threshold, top, slope * (x - threshold))
+
+
+def _rescale(node: Node, p, xs, linear):
+    out = xs[0] * jnp.asarray(node.attr("scale"), xs[0].dtype)
+    return out if linear else out + jnp.asarray(node.attr("offset"), xs[0].dtype)
+
+
+def _add(node: Node, p, xs, linear):
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out
+
+
+def _zero_pad(node: Node, p, xs, linear):
+    (t, b), (left, r) = node.attr("pad")
+    return jnp.pad(xs[0], ((0, 0), (t, b), (left, r), (0, 0)))
+
+
+OP_FNS: dict[str, OpFn] = {
+    "input": lambda node, p, xs, linear: xs[0],
+    "identity": lambda node, p, xs, linear: xs[0],
+    "rescale": _rescale,
+    "conv": _conv,
+    "depthwise_conv": _depthwise,
+    "dense": _dense,
+    "max_pool": _max_pool,
+    "avg_pool": _avg_pool,
+    "global_avg_pool": lambda node, p, xs, linear: jnp.mean(xs[0], axis=(1, 2)),
+    "global_max_pool": lambda node, p, xs, linear: jnp.max(xs[0], axis=(1, 2)),
+    "batch_norm": _batch_norm,
+    "relu": _relu,
+    "softmax": lambda node, p, xs, linear: jax.nn.softmax(xs[0], axis=-1),
+    "add": _add,
+    "concat": lambda node, p, xs, linear: jnp.concatenate(xs, axis=-1),
+    "flatten": lambda node, p, xs, linear: xs[0].reshape(xs[0].shape[0], -1),
+    "zero_pad": _zero_pad,
+}
+
+
+def apply_op(node: Node, params: Mapping[str, Any], inputs: list, linear: bool = False) -> jax.Array:
+    """``node``'s output from its inputs' values (``linear``: without additive constants)."""
+    p = params.get(node.weights, {}) if node.weights else {}
+    return OP_FNS[node.op](node, p, inputs, linear)
+
+
+# Ops that commute with a 0/1 channel mask when applied channel by channel to a masked tensor: f(m x) = m f(x)
+# for m in {0, 1} (f(0) = 0 and per channel). A relu commutes unless it maps 0 elsewhere (a threshold above 0
+# with a slope).
+def commutes_with_mask(node: Node) -> bool:
+    """Whether ``node`` applied to a channel-masked tensor gives the mask of its unmasked output."""
+    if node.op in ("identity", "max_pool", "zero_pad", "global_max_pool"):
+        return True
+    if node.op == "relu":
+        cap = node.attr("max_value")
+        zero_at_zero = node.attr("threshold") <= 0 or node.attr("negative_slope") == 0.0
+        return zero_at_zero and (cap is None or cap >= 0)
+    return False
+
+
+# Ops affine in their inputs (all of them): a constant plus a linear map.
+AFFINE_OPS = frozenset({"conv", "depthwise_conv", "dense", "batch_norm", "avg_pool", "global_avg_pool", "flatten",
+                        "add", "concat", "identity", "zero_pad", "rescale"})

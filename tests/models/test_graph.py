@@ -1,0 +1,123 @@
+"""badnet_jax.models.graph: any CNN read from Keras, against independent references.
+
+References: the float64 NumPy interpreter of the IR (tests/numpy_ref.py, no code shared with the JAX model),
+Keras' own logits stored beside the real files, and Keras itself, pruning by multiplying the layer's output
+by the mask (a Lambda layer in a model the test builds from the loaded Keras model's own layers).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from badnet_jax import ConfigError
+from badnet_jax import sweep as sw
+from badnet_jax.io.keras_graph import read_keras_graph
+from badnet_jax.models.graph import GraphCNN
+from tests import numpy_ref
+from tests.conftest import asset
+
+FILES = {"resnet_tiny": "models/other/resnet_tiny.h5", "vgg_tiny": "models/other/vgg_tiny.h5"}
+DEFAULT = {"resnet_tiny": "b1_out", "vgg_tiny": "p2"}  # the last feature map before global pooling / flatten
+
+
+def _load(name: str):
+    graph, params = read_keras_graph(asset(FILES[name]))
+    return graph, params
+
+
+def _reference(name: str):
+    z = np.load(asset(FILES[name].replace(".h5", "_reference.npz")))
+    return z["images"], z["logits"]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_logits_are_keras_logits_and_the_float64_interpreters(name):
+    graph, params = _load(name)
+    model = GraphCNN.build(graph, params)
+    images, keras_logits = _reference(name)
+    got = np.asarray(model.logits(params, jnp.asarray(images, jnp.float32)))
+    np.testing.assert_allclose(got, keras_logits, rtol=1e-5, atol=1e-5)
+    want64 = numpy_ref.graph_logits64(graph, params, images.astype(np.float64) / 255)
+    np.testing.assert_allclose(got, want64, rtol=1e-5, atol=1e-5)
+    with jax.enable_x64(True):  # the same code in float64 is the float64 network
+        p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        got64 = np.asarray(model.logits(p64, jnp.asarray(images, jnp.float64)))
+    np.testing.assert_allclose(got64, want64, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_default_layer_is_the_last_feature_map_every_path_passes(name):
+    graph, params = _load(name)
+    model = GraphCNN.build(graph, params)
+    assert model.layer == DEFAULT[name] and model.layers()[-1] == DEFAULT[name]
+    assert model.feature_hwc == {"resnet_tiny": (16, 16, 32), "vgg_tiny": (4, 4, 16)}[name]
+    assert model.num_classes == {"resnet_tiny": 10, "vgg_tiny": 7}[name]
+    assert model.input_hwc == {"resnet_tiny": (32, 32, 3), "vgg_tiny": (28, 28, 3)}[name]
+
+
+def test_layers_that_cannot_be_pruned_are_refused_naming_why():
+    graph, params = _load("resnet_tiny")
+    with pytest.raises(ConfigError, match="no such layer in 'resnet_tiny'.*stem_conv"):
+        GraphCNN.build(graph, params, layer="nope")
+    with pytest.raises(ConfigError, match=r"layer=gap: its output has shape \(32,\), not a feature map"):
+        GraphCNN.build(graph, params, layer="gap")
+    # b0_bn2 feeds the residual Add, which also reads stem_relu: pruning b0_bn2 leaves the skip path.
+    with pytest.raises(ConfigError, match="layer=b0_bn2: not every path to the logits passes through it "
+                                          r"\('b0_add' reads 'stem_relu'\)"):
+        GraphCNN.build(graph, params, layer="b0_bn2")
+
+
+def _masked_hidden64(graph, params, x64, layer, mask):
+    """The hidden layer (the output layer's input) with ``layer``'s output multiplied by ``mask``, in float64."""
+    hidden = next(n for n in graph.nodes if n.name == graph.logits_node()).inputs[0]
+    return numpy_ref.graph_values64(graph, params, x64, upto=hidden, masks={layer: mask})[hidden]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_the_affine_split_is_the_masked_head_at_every_layer(name, rng):
+    graph, params = _load(name)
+    images, _ = _reference(name)
+    x = jnp.asarray(images[:8], jnp.float32)
+    for layer in GraphCNN.build(graph, params).layers():
+        model = GraphCNN.build(graph, params, layer=layer)
+        feats = model.features(params, x)
+        mask = (rng.random(model.num_channels) < 0.5).astype(np.float32)
+        contribs = jax.vmap(lambda c: model.channel_contribution(params, feats, c))(jnp.arange(model.num_channels))
+        pre = tuple(b[None] + jnp.tensordot(jnp.asarray(mask), c, axes=(0, 0))
+                    for b, c in zip(model.preactivation_bias(params), contribs))
+        got = np.asarray(model.tail_hidden(params, pre))
+        want = _masked_hidden64(graph, params, images[:8].astype(np.float64) / 255, layer, mask)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=layer)
+        np.testing.assert_allclose(np.asarray(model.hidden(params, feats, mask)), want, rtol=1e-4,
+                                   atol=1e-4 * np.abs(want).max(), err_msg=layer)
+
+
+def _steps64(graph, params, x_uint8, layer, order):
+    """(C + 1, N) float64 predictions pruning ``order`` at ``layer``, step by step (NumPy interpreter)."""
+    x64 = x_uint8.astype(np.float64) / 255
+    wout = np.asarray(params[graph.logits_node().split("/")[0]]["kernel"], np.float64)
+    bout = np.asarray(params[graph.logits_node().split("/")[0]]["bias"], np.float64)
+    out = []
+    for k in range(len(order) + 1):
+        mask = np.ones(len(order))
+        mask[order[:k]] = 0
+        out.append((_masked_hidden64(graph, params, x64, layer, mask) @ wout + bout).argmax(-1))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("name,layer", [("resnet_tiny", None), ("resnet_tiny", "b0_out"), ("vgg_tiny", None),
+                                        ("vgg_tiny", "c2")])
+@pytest.mark.parametrize("options", [sw.PLAIN, sw.SweepOptions(dedupe=False, group=False), sw.SweepOptions(),
+                                     sw.SweepOptions(batch_steps=4)], ids=["plain", "prefix", "dedupe", "batched"])
+def test_every_strategy_gives_the_float64_pruned_network_at_every_step(name, layer, options, rng):
+    graph, params = _load(name)
+    model = GraphCNN.build(graph, params, layer=layer)
+    images, _ = _reference(name)
+    x = np.concatenate([images, rng.integers(0, 256, (8, *model.input_hwc), dtype=np.uint8)])
+    result = sw.rank_and_sweep(model, params, {"clean_valid": x}, options)
+    feats64 = numpy_ref.graph_values64(graph, params, x.astype(np.float64) / 255, upto=model.layer)[model.layer]
+    np.testing.assert_array_equal(result.order, np.argsort(feats64.mean(axis=(0, 1, 2)), kind="stable"))
+    np.testing.assert_array_equal(result.preds["clean_valid"], _steps64(graph, params, x, model.layer, result.order))

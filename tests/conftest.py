@@ -131,10 +131,10 @@ def demo_goodnet_ckpt(tmp_path_factory):
     from badnet_jax.io import checkpoint
     from badnet_jax.io.keras import load_keras
 
-    _, params = load_keras(DEMO_MODEL)
+    model, params = load_keras(DEMO_MODEL)
     mask = np.ones(60, np.float32)
     mask[:30] = 0
-    variables = make_goodnet(params, mask=mask)[1]
+    variables = make_goodnet(model, params, mask=mask)[1]
     return checkpoint.save_goodnet(tmp_path_factory.mktemp("g") / "goodnet_ckpt", variables), variables
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from badnet_jax import (ConfigError, DataFileError, init_params, load_keras, make_goodnet, mask_from_zeroed,
                         predict_goodnet)
+from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
 from tests.conftest import asset
 
@@ -15,8 +16,8 @@ from tests.conftest import asset
 def test_goodnet_flags_sunglasses_with_strongly_pruned_b_prime(lab_b, lab_faces):
     model, params = lab_b
     _, params30 = load_keras(asset("models/lab3_repaired/full_model_drop30.h5"))
-    for goodnet, variables in (make_goodnet(params, pruned_params=params30),
-                               make_goodnet(params, mask=mask_from_zeroed(params30))):
+    for goodnet, variables in (make_goodnet(model, params, pruned_params=params30),
+                               make_goodnet(model, params, mask=mask_from_zeroed(params30))):
         apply = jax.jit(goodnet.apply)
         for name in ("bd_valid_subset", "bd_test_subset", "valid_subset", "test_subset"):
             x, y = lab_faces[name]
@@ -31,9 +32,9 @@ def test_goodnet_flags_sunglasses_with_strongly_pruned_b_prime(lab_b, lab_faces)
 
 
 def test_goodnet_scores_are_a_distribution_with_argmax_equal_prediction(lab_b, lab_faces):
-    _, params = lab_b
+    model, params = lab_b
     _, params30 = load_keras(asset("models/lab3_repaired/full_model_drop30.h5"))
-    goodnet, variables = make_goodnet(params, pruned_params=params30)
+    goodnet, variables = make_goodnet(model, params, pruned_params=params30)
     x = np.concatenate([lab_faces["test_subset"][0], lab_faces["bd_test_subset"][0]])
     scores = np.asarray(goodnet.apply(variables, x, method=goodnet.scores))
     assert scores.shape == (len(x), 1284)
@@ -42,39 +43,40 @@ def test_goodnet_scores_are_a_distribution_with_argmax_equal_prediction(lab_b, l
 
 
 def test_identical_b_and_b_prime_never_flag(lab_b, lab_faces):
-    _, params = lab_b
-    goodnet, variables = make_goodnet(params, pruned_params=params)
+    model, params = lab_b
+    goodnet, variables = make_goodnet(model, params, pruned_params=params)
     x, y = lab_faces["valid_subset"]
     np.testing.assert_array_equal(np.asarray(goodnet.apply(variables, x)), y)
 
 
 def test_make_goodnet_refuses_a_mask_that_scales_or_has_another_shape():
     params = init_params(num_classes=6, seed=1)
+    model = DeepID(6)
     mask = np.ones(60, np.float32)
     mask[7] = 2.0
     with pytest.raises(ConfigError, match=r"mask: channel 7 is 2 \(1 of 60 entries are neither 0 nor 1\); expected 0 "
                                           r"\(pruned\) or 1 \(kept\): a mask prunes, it does not scale") as err:
-        make_goodnet(params, mask=mask)
+        make_goodnet(model, params, mask=mask)
     assert err.value.field == "mask"
     with pytest.raises(ConfigError, match=r"mask: shape \(59,\), expected \(60,\)"):
-        make_goodnet(params, mask=np.ones(59))
+        make_goodnet(model, params, mask=np.ones(59))
     with pytest.raises(ConfigError, match=r"make_goodnet needs pruned_params, a mask, or both"):
-        make_goodnet(params)
-    with pytest.raises(ConfigError, match=r"pruned_params: B' has 5 classes but B \(bad_params\) has 6"):
-        make_goodnet(params, pruned_params=init_params(num_classes=5))
-    with pytest.raises(ConfigError, match=r"input_scale=1/255: expected one of raw, 255"):
-        make_goodnet(params, mask=np.ones(60), input_scale="1/255")
+        make_goodnet(model, params)
+    with pytest.raises(ConfigError, match=r"pruned_params: 5 classes, expected the model's 6"):
+        make_goodnet(model, params, pruned_params=init_params(num_classes=5))
+    with pytest.raises(ConfigError, match=r"make_goodnet takes B's model first: make_goodnet\(model, params, mask=...\)"):
+        make_goodnet(params, mask=np.ones(60))  # the old call: the model (its input scale) no longer defaults
 
 
 def test_predict_goodnet_refuses_variables_of_another_class_count(rng):
-    goodnet5, _ = make_goodnet(init_params(num_classes=5), mask=np.ones(60))
-    _, variables6 = make_goodnet(init_params(num_classes=6), mask=np.ones(60))
+    goodnet5, _ = make_goodnet(DeepID(5), init_params(num_classes=5), mask=np.ones(60))
+    _, variables6 = make_goodnet(DeepID(6), init_params(num_classes=6), mask=np.ones(60))
     x = rng.integers(0, 256, size=(3, 55, 47, 3)).astype(np.uint8)
     # G's "poisoned" answer 5 would be B's real class 5.
     with pytest.raises(ConfigError, match=r"variables: B has 6 classes but the GoodNet \(goodnet\) has 5: its "
                                           r"\"poisoned\" answer 5 is a real class of B"):
         predict_goodnet(goodnet5, variables6, x)
-    goodnet6, _ = make_goodnet(init_params(num_classes=6), mask=np.ones(60))
+    goodnet6, _ = make_goodnet(DeepID(6), init_params(num_classes=6), mask=np.ones(60))
     with pytest.raises(DataFileError, match=r"x_NxHxWxC: images of shape \(3, 47, 55, 3\), expected \(N, 55, 47, 3\)"):
         predict_goodnet(goodnet6, variables6, np.swapaxes(x, 1, 2))
     with pytest.raises(ConfigError, match=r"variables: expected a GoodNet's variables"):

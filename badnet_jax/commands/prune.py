@@ -21,7 +21,10 @@ from badnet_jax.sweep import SweepOptions
 DROP = flags.DEFINE_string("drop", "0.04", "Accuracy drop(s) X as fractions, comma-separated (0.04 = 4 points).")
 RULE = flags.DEFINE_enum("rule", "absolute", ["absolute", "relative"],
                          "absolute: X percentage points (the lab's rule); relative: X of the original accuracy.")
-MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet (default models/bd_net.h5, models/bd_weights.h5).")
+MODEL = flags.DEFINE_string("model", None, "Keras file of the BadNet: the lab's DeepID or any CNN of standard layers "
+                            "(default models/bd_net.h5, models/bd_weights.h5).")
+LAYER = flags.DEFINE_string("layer", None, "The layer whose output channels are pruned (default: pool_3 for the lab's "
+                            "DeepID, else the last feature map before flatten or global pooling).")
 CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Clean validation h5 (default data/cl/valid.h5).")
 BD_VALID = flags.DEFINE_string("bd_valid", None, "Poisoned validation h5 (default data/bd/bd_valid.h5).")
 CLEAN_TEST = flags.DEFINE_string("clean_test", None, "Clean test h5 (default data/cl/test.h5).")
@@ -47,19 +50,19 @@ RANK_BY = flags.DEFINE_list("rank_by", ["activation"], "Pruning orders to compar
                             "(the lab's), clp, l1, random, anp, order_file. The first one's cuts are written.")
 RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 5, "How many seeded random orders 'random' sweeps.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the random orders and of ANP.")
-ORDER_FILE = flags.DEFINE_string("order_file", None, "Your own pruning order: 60 channel indices (JSON list, text, "
+ORDER_FILE = flags.DEFINE_string("order_file", None, "Your own pruning order: C channel indices (DeepID: 60) (JSON list, text, "
                                  "or a curve.json); adds the ranking 'order_file'.")
 ANP_STEPS = flags.DEFINE_integer("anp_steps", ANPConfig.steps, "ANP optimiser steps (128 clean images each).")
 CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
 
 # DefenseConfig's fields (dotted: nested configs) -> these flags, so errors name what the user typed.
-FLAG_OF = {"drops": DROP.name, "rule": RULE.name, "model": MODEL.name, "clean_valid": CLEAN_VALID.name,
+FLAG_OF = {"drops": DROP.name, "rule": RULE.name, "model": MODEL.name, "layer": LAYER.name, "clean_valid": CLEAN_VALID.name,
            "bd_valid": BD_VALID.name, "clean_test": CLEAN_TEST.name, "bd_test": BD_TEST.name,
            "input_scale": SCALE.name, "out_dir": OUT_DIR.name, "checkpoints": CHECKPOINTS.name,
            "chunk": CHUNK.name, "devices": DEVICES.name, "memory_budget": BUDGET.name,
            "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name, "seed": SEED.name,
            "order_file": ORDER_FILE.name, "anp.steps": ANP_STEPS.name, "learning_rate": FT_LR.name, "progress": PROGRESS.name,
-           "epochs": FT_EPOCHS.name}
+           "epochs": FT_EPOCHS.name, "finetune": FT_EPOCHS.name}
 
 
 def main(argv: list[str]) -> int:
@@ -69,7 +72,7 @@ def main(argv: list[str]) -> int:
         cli.refuse_extra_args(argv)
         budget = None if BUDGET.value is None else cli.parse_floats("memory_budget", str(BUDGET.value))[0] * 2**30
         config = DefenseConfig(
-            drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value,
+            drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value, layer=LAYER.value,
             clean_valid=CLEAN_VALID.value, bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value,
             bd_test=BD_TEST.value, out_dir=OUT_DIR.value, input_scale=SCALE.value, checkpoints=CHECKPOINTS.value,
             sweep=SweepOptions(chunk=CHUNK.value, devices=DEVICES.value, memory_budget=budget, progress=PROGRESS.value),

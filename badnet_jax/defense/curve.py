@@ -99,7 +99,8 @@ class Curve:
     (a defender seldom has any) the ASR curves, GoodNet's ASR and detection rate and DER are None. ``inputs``
     and ``versions`` describe the run (file sizes and sha256, package versions). With several rankings
     (``RankingOptions.rank_by``), the top-level curves and cuts are the first ranking's and ``rankings`` holds each
-    ranking's (``badnet_jax.defense.ranking_curves``); else it is None.
+    ranking's (``badnet_jax.defense.ranking_curves``); else it is None. ``model`` describes a model other than the
+    lab's DeepID pruned at pool_3 (its name, pruned layer, channels, input shape); None for that one.
     """
 
     title: str
@@ -125,6 +126,7 @@ class Curve:
     inputs: dict[str, dict] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     rankings: Optional[dict[str, RankingCurve]] = None
+    model: Optional[dict[str, Any]] = None
 
     @property
     def original(self) -> dict[str, Optional[float]]:
@@ -147,6 +149,8 @@ class Curve:
             out["rank_by"] = list(self.rankings)  # their order (curve.json sorts keys); the first is the defense's
         if self.test_asr_excluding_target is None:
             del out["test_asr_excluding_target"]
+        if self.model is None:
+            del out["model"]
         for cut in out["selected"]:
             for key in ("test_asr_excluding_target", "test_asr_by_target", "finetuned"):
                 if cut[key] is None:
@@ -222,7 +226,7 @@ class LabeledPreds:
 def evaluate_curve(valid: LabeledPreds, bd_valid: Optional[LabeledPreds], test: LabeledPreds,
                    bd_test: Optional[LabeledPreds], order: np.ndarray, mean_activation: np.ndarray, num_classes: int,
                    rule: Rule, title: str, demo: bool = False, bd_test_true_labels: Optional[np.ndarray] = None,
-                   input_scale: str = "raw") -> Curve:
+                   input_scale: str = "raw", model: Optional[dict[str, Any]] = None) -> Curve:
     """Every rate of B' and GoodNet at every k, from the sweep's predictions (no cut selected yet).
 
     ``bd_valid`` / ``bd_test`` may be None (no poisoned data): their rates are then None.
@@ -234,7 +238,7 @@ def evaluate_curve(valid: LabeledPreds, bd_valid: Optional[LabeledPreds], test: 
     g_bd = None if bd_test is None else metrics.goodnet_predictions(bd_test.preds[:1], bd_test.preds, n)
     poisoned = bd_test is not None
     return Curve(
-        title=title, num_classes=n, input_scale=input_scale, rule=rule, demo=demo, order=np.asarray(order),
+        title=title, num_classes=n, input_scale=input_scale, rule=rule, demo=demo, order=np.asarray(order), model=model,
         mean_activation=np.asarray(mean_activation),
         counts={key: len(s.labels) for key, s in zip(("valid", "bd_valid", "test", "bd_test"),
                                                      (valid, bd_valid, test, bd_test)) if s is not None},

@@ -19,9 +19,10 @@ import numpy as np
 from badnet_jax.attack.demo import DEMO_MODEL, demo_sets
 from badnet_jax.errors import ConfigError, arg, reading
 from badnet_jax.io.fileio import sha256_of
-from badnet_jax.io.keras import load_keras, recorded_input_scale
+from badnet_jax.io.keras import recorded_input_scale
+from badnet_jax.io.model_file import load_model as load_model_file
 from badnet_jax.io.lab_data import load_lab_h5, load_true_labels, peek_lab_h5
-from badnet_jax.model import BadNet, Params
+from badnet_jax.models.protocol import Params, PrunableModel
 
 log = logging.getLogger(__name__)
 
@@ -88,37 +89,40 @@ def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> In
     return InputFiles(model=model_path, data=paths)
 
 
-def load_model(files: InputFiles) -> tuple[BadNet, Params, Optional[str]]:
-    """The BadNet B (the Keras file, or the shipped demo model) and the input scale its file records, if any."""
+def load_model(files: InputFiles, layer: Optional[str] = None) -> tuple[PrunableModel, Params, Optional[str]]:
+    """B (the Keras file, or the shipped demo model) pruned at ``layer`` (None: the model's default), and the
+    input scale its file records, if any (the model takes that one, else raw pixels until the scale is chosen)."""
     with reading("model", files.model):
-        model, params = load_keras(files.model)
-        return model, params, recorded_input_scale(files.model)
+        recorded = recorded_input_scale(files.model)
+        model, params = load_model_file(files.model, recorded or "raw", layer)
+        return model, params, recorded
 
 
-def sample_clean_valid(files: InputFiles, rows: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def sample_clean_valid(files: InputFiles, rows: int, model: PrunableModel) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The first ``rows`` clean validation images and labels, read ahead of the rest (None for the demo)."""
     if files.demo:
         return None
     with reading("clean_valid", files.data["clean_valid"]):
-        return load_lab_h5(files.data["clean_valid"], keep_uint8=True, rows=rows)
+        return load_lab_h5(files.data["clean_valid"], keep_uint8=True, rows=rows, hwc=model.input_hwc)
 
 
-def peek_sets(files: InputFiles) -> Optional[dict[str, jax.ShapeDtypeStruct]]:
+def peek_sets(files: InputFiles, model: PrunableModel) -> Optional[dict[str, jax.ShapeDtypeStruct]]:
     """Shapes and dtypes of the sets from the h5 headers (None for the demo, whose data is generated)."""
     if files.demo:
         return None
     specs = {}
     for r, p in files.data.items():
         with reading(r, p):
-            specs[r] = jax.ShapeDtypeStruct(*peek_lab_h5(p, keep_uint8=True))
+            specs[r] = jax.ShapeDtypeStruct(*peek_lab_h5(p, keep_uint8=True, hwc=model.input_hwc))
     for r, spec in specs.items():
         if spec.shape[0] == 0:
             raise ConfigError(f"{files.data[r]}: holds no images", field=r)
     return specs
 
 
-def load_sets(files: InputFiles, num_classes: int) -> Sets:
-    """The sets (uint8 images where the files store uint8), labels checked against ``num_classes``.
+def load_sets(files: InputFiles, model: PrunableModel) -> Sets:
+    """The sets (uint8 images where the files store uint8) of the model's input size, labels checked against its
+    classes.
 
     Without poisoned sets it says so, once every set given has been read and checked: a note about what was
     not given is no help ahead of an error about what was.
@@ -129,7 +133,7 @@ def load_sets(files: InputFiles, num_classes: int) -> Sets:
     data, true = {}, {}
     for r, p in files.data.items():
         with reading(r, p):
-            data[r] = load_lab_h5(p, num_classes=num_classes, keep_uint8=True)
+            data[r] = load_lab_h5(p, num_classes=model.num_classes, keep_uint8=True, hwc=model.input_hwc)
             if r in POISONED_ROLES:
                 true[r] = load_true_labels(p)
     if not any(r in data for r in POISONED_ROLES):

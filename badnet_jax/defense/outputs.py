@@ -25,7 +25,10 @@ from badnet_jax.errors import ConfigError, OutputError, arg
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.io import checkpoint, fileio
 from badnet_jax.io.keras import save_keras
-from badnet_jax.model import Params, prune_params
+from badnet_jax.io.keras_graph_writer import save_keras_graph
+from badnet_jax.model import prune_params
+from badnet_jax.models.deepid import DeepID
+from badnet_jax.models.protocol import Params, PrunableModel
 
 RESULT_FILES = ("curve.json", "curve.csv", "report.md", "curve.png", "rankings.png")
 _DROP_DIR = re.compile(r"drop_[0-9.e+-]+")
@@ -182,7 +185,8 @@ def check_space(out_dir: str | os.PathLike, params: Params, drops: Sequence[floa
     return need
 
 
-def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, models: Sequence[CutModels],
+def write_results(out_dir: str | os.PathLike, curve: Curve, model: PrunableModel, params: Params,
+                  models: Sequence[CutModels],
                   timings: Mapping[str, float], details: Optional[Mapping[str, str]] = None,
                   warnings: Sequence[str] = ()) -> Path:
     """Write report.md, curve.json, curve.csv, curve.png (rankings.png with several rankings) and each cut's
@@ -192,7 +196,9 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, mode
 
     Per cut (``drop_X/``): B' as a Keras h5 and an orbax checkpoint (params + mask), the GoodNet checkpoint,
     and with fine-pruning the same for the fine-tuned B'; each records B's input scale (``curve.input_scale``).
-    Orbax has finished every save before the swap.
+    A model other than the lab's DeepID gets B' as a Keras h5 alone (``badnet_jax.io.keras_graph_writer``: the
+    pruned layer's readers' weights zeroed, or a 0/1 mask layer after it). Orbax has finished every save before
+    the swap.
     """
     scale = curve.input_scale
 
@@ -200,14 +206,18 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, params: Params, mode
         tmp.mkdir()
         for m in models:
             d = tmp / m.cut.folder
+            if not isinstance(model, DeepID):
+                d.mkdir()
+                save_keras_graph(model.with_input_scale(scale), params, d / "b_prime.h5", m.mask)
+                continue
             save_keras(prune_params(params, m.mask), d / "b_prime.h5", scale)
             checkpoint.save_badnet(d / "b_prime_ckpt", params, m.mask, scale)
-            checkpoint.save_goodnet(d / "goodnet_ckpt", make_goodnet(params, mask=m.mask)[1], scale)
+            checkpoint.save_goodnet(d / "goodnet_ckpt", make_goodnet(model, params, mask=m.mask)[1], scale)
             if m.finetuned_params is not None:
                 save_keras(m.finetuned_params, d / "b_prime_finetuned.h5", scale)
                 checkpoint.save_badnet(d / "b_prime_finetuned_ckpt", m.finetuned_params, m.mask, scale)
                 checkpoint.save_goodnet(d / "goodnet_finetuned_ckpt",
-                                        make_goodnet(params, m.finetuned_params, m.mask)[1], scale)
+                                        make_goodnet(model, params, m.finetuned_params, m.mask)[1], scale)
         report.plot_curve(tmp / "curve.png", curve)
         if curve.rankings is not None:
             report.plot_rankings(tmp / "rankings.png", curve)

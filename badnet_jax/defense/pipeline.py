@@ -26,7 +26,9 @@ from badnet_jax.models.predict import predict_settled
 from badnet_jax.defense.finetune import FinetuneConfig, finetune
 from badnet_jax.defense.inputs import (CLEAN_ROLES, DATA_ROLES, POISONED_ROLES, InputFiles, Sets, describe_inputs,
                                        load_model, load_sets, locate_inputs, peek_sets, sample_clean_valid)
-from badnet_jax.model import BadNet, Params
+from badnet_jax.errors import ConfigError, arg
+from badnet_jax.models.deepid import DeepID
+from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.defense.outputs import CutModels, check_out_dir, check_space, write_results
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.defense.scale import SAMPLE, ScaleChoice, accuracy_at_each_scale, choose_input_scale, clear_winner
@@ -42,7 +44,10 @@ class DefenseConfig:
     Attributes:
         drops: stop thresholds as fractions (0.04 = 4 points under the lab's absolute rule).
         rule: ``absolute`` (points, the lab's) or ``relative`` (fraction of the original accuracy).
-        model: Keras h5 of B; None = the lab layout default, else the embedded demo.
+        model: Keras file of B (the lab's DeepID or any CNN of standard layers); None = the lab layout default,
+            else the embedded demo.
+        layer: the layer whose output channels are pruned; None: the lab's pool_3 for DeepID, else the last
+            feature map before flatten or global pooling (``badnet_jax.models.graph``).
         clean_valid, bd_valid, clean_test, bd_test: lab h5 files; all None = lab defaults, else the demo. The
             poisoned sets are optional: without them ASR is "n/a" and the rest runs as usual.
         out_dir: where the results go (the folder is replaced as a whole; see ``badnet_jax.defense.outputs``).
@@ -58,6 +63,7 @@ class DefenseConfig:
     drops: tuple[float, ...] = (0.04,)
     rule: metrics.Rule = "absolute"
     model: Optional[str] = None
+    layer: Optional[str] = None
     clean_valid: Optional[str] = None
     bd_valid: Optional[str] = None
     clean_test: Optional[str] = None
@@ -83,7 +89,11 @@ def run_defense(config: DefenseConfig) -> Curve:
     timings = {}
     t = time.perf_counter()
     files = locate_inputs(config.model, {r: getattr(config, r) for r in DATA_ROLES})
-    model, params, recorded = load_model(files)
+    model, params, recorded = load_model(files, config.layer)
+    log.info("Model: %s.", model.describe())
+    if config.finetune is not None and not isinstance(model, DeepID):
+        raise ConfigError(f"{arg('finetune')}: fine-pruning trains the lab's DeepID only; {model.name} pruned at "
+                          f"{model.layer} can be pruned without it", field="finetune")
     if primary and config.checkpoints:
         check_space(config.out_dir, params, config.drops, config.finetune is not None)
     ranking = resolve_rankings(config.rankings, params, model)
@@ -92,21 +102,21 @@ def run_defense(config: DefenseConfig) -> Curve:
     # during the sweep (hashlib releases the GIL).
     background = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     try:
-        loading = background.submit(load_sets, files, model.num_classes)
-        specs = peek_sets(files)
+        loading = background.submit(load_sets, files, model)
+        specs = peek_sets(files, model)
         plan = None if specs is None else plan_sweep(config.sweep, list(specs.values()), model)
         # One compiled sweep serves both input scales (a traced divisor), so it compiles before the scale is known.
         compiled = None if specs is None else background.submit(compile_sweep, model, params, specs, plan,
                                                                 rankings=ranking)
-        sample = sample_clean_valid(files, SAMPLE)
+        sample = sample_clean_valid(files, SAMPLE, model)
         scale = None if sample is None else _scale(config, model, params, recorded, sample, files)
-        model = model if scale is None else model.clone(input_scale=scale.scale)
+        model = model if scale is None else model.with_input_scale(scale.scale)
         sets = loading.result()
         timings["load"] = time.perf_counter() - t
         _log_loaded(timings["load"], compiled is not None, sets, model.num_classes)
         if scale is None:  # the demo: its data was generated just now
             scale = _scale(config, model, params, recorded, sets.data["clean_valid"], files)
-            model = model.clone(input_scale=scale.scale)
+            model = model.with_input_scale(scale.scale)
         warnings = [*_check_given_scale(config, model, params, scale, sets),
                     *_clean_images_as_poisoned(sets)]
         if plan is None:
@@ -120,8 +130,9 @@ def run_defense(config: DefenseConfig) -> Curve:
         sweep = rank_and_sweep(model, params, {r: x for r, (x, _) in sets.data.items()}, plan, rankings=ranking,
                                rank_labels=sets.data["clean_valid"][1] if ranking.anp is not None else None)
         timings["curve (one call)"] = time.perf_counter() - t
-        log.info("Ranked the 60 channels (%s) and evaluated B' and G at k = 0..60 of %d order(s) on all sets in one "
-                 "call: %.2f s%s (%s; device %.2f s, float64 near-ties %.2f s).", ", ".join(ranking.names),
+        log.info("Ranked the %d channels of %s (%s) and evaluated B' and G at k = 0..%d of %d order(s) on all sets in "
+                 "one call: %.2f s%s (%s; device %.2f s, float64 near-ties %.2f s).", model.num_channels, model.layer,
+                 ", ".join(ranking.names), model.num_channels,
                  len(ranking.labels), timings["curve (one call)"],
                  "" if compiled is not None else " (compile included)", plan.describe(), sweep.seconds["device"],
                  sweep.seconds["settle"])
@@ -150,8 +161,8 @@ def run_defense(config: DefenseConfig) -> Curve:
     background.shutdown()
     t = time.perf_counter()
     if primary:
-        write_results(out_dir, curve, params, models if config.checkpoints else (), timings,
-                      {"input scale": scale.describe(), "sweep": plan.describe(),
+        write_results(out_dir, curve, model, params, models if config.checkpoints else (), timings,
+                      {"model": model.describe(), "input scale": scale.describe(), "sweep": plan.describe(),
                        "rankings": _describe_rankings(ranking), "near-ties": _describe_ties(sweep)}, warnings)
         log.info("Wrote %s (report.md, curve.json, curve.png%s) in %.2f s.", config.out_dir,
                  ", B' and GoodNet models per drop" if config.checkpoints else "", time.perf_counter() - t)
@@ -190,7 +201,7 @@ def _warn_if_not_poisoned(curve: Curve) -> None:
                         "(the lab's bd files label every image with it), and does it carry the trigger?", name, asr)
 
 
-def _check_given_scale(config: DefenseConfig, model: BadNet, params: Params, scale: ScaleChoice,
+def _check_given_scale(config: DefenseConfig, model: PrunableModel, params: Params, scale: ScaleChoice,
                        sets: Sets) -> list[str]:
     """A warning (logged, and returned for report.md) when a given input scale looks wrong as ``auto`` would
     judge it: measured on the same clean validation sample, the other scale is the clear choice, or neither
@@ -233,7 +244,7 @@ def _clean_images_as_poisoned(sets: Sets) -> list[str]:
     return warnings
 
 
-def _scale(config: DefenseConfig, model: BadNet, params: Params, recorded: Optional[str],
+def _scale(config: DefenseConfig, model: PrunableModel, params: Params, recorded: Optional[str],
            sample: tuple[np.ndarray, np.ndarray], files: InputFiles) -> ScaleChoice:
     source = "the embedded demo BadNet" if files.demo else str(files.model)
     return choose_input_scale(model, params, config.input_scale, recorded, *sample, source=source)
@@ -250,12 +261,20 @@ def _labeled(sweep, sets: Sets, role: str) -> Optional[LabeledPreds]:
     return LabeledPreds(sweep.preds[role], sets.data[role][1]) if role in sets.data else None
 
 
-def _curve(config: DefenseConfig, files: InputFiles, model: BadNet, sweep, sets: Sets) -> Curve:
+def describe_model(model: PrunableModel) -> Optional[dict]:
+    """What curve.json records of a model other than the lab's DeepID pruned at pool_3 (None for that one)."""
+    if isinstance(model, DeepID):
+        return None
+    return {"name": model.name, "layer": model.layer, "channels": model.num_channels,
+            "input_hwc": list(model.input_hwc), "num_classes": model.num_classes}
+
+
+def _curve(config: DefenseConfig, files: InputFiles, model: PrunableModel, sweep, sets: Sets) -> Curve:
     title = f"Pruning defense on {'the embedded demo' if files.demo else files.model.name}"
     return evaluate_curve(*(_labeled(sweep, sets, r) for r in DATA_ROLES), order=sweep.order,
                           mean_activation=sweep.mean_activation, num_classes=model.num_classes, rule=config.rule,
                           title=title, demo=files.demo, bd_test_true_labels=sets.true_labels.get("bd_test"),
-                          input_scale=model.input_scale)
+                          input_scale=model.input_scale, model=describe_model(model))
 
 
 def _compare(config: DefenseConfig, sweep, sets: Sets, curve: Curve) -> dict[str, RankingCurve]:
@@ -269,7 +288,7 @@ def _compare(config: DefenseConfig, sweep, sets: Sets, curve: Curve) -> dict[str
     return out
 
 
-def _finetune_cut(model: BadNet, params: Params, sweep, sets: Sets, ft: Optional[FinetuneConfig], curve: Curve,
+def _finetune_cut(model: PrunableModel, params: Params, sweep, sets: Sets, ft: Optional[FinetuneConfig], curve: Curve,
                   cut: Cut) -> tuple[Cut, Optional[Params]]:
     """Fine-prune one selected B' on clean validation data (if asked): the cut with its numbers, and the params.
 
@@ -280,7 +299,7 @@ def _finetune_cut(model: BadNet, params: Params, sweep, sets: Sets, ft: Optional
         return cut, None
     t = time.perf_counter()
     mask = sweep.masks[cut.channels_pruned]
-    ft_params, history = finetune(model, params, mask, *sets.data["clean_valid"], ft)
+    ft_params, history = finetune(model.flax_module, params, mask, *sets.data["clean_valid"], ft)
     n = model.num_classes
     g = {}
     for role in ("clean_test", "bd_test"):

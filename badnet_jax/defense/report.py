@@ -39,6 +39,11 @@ def curve_json_text(curve: Curve) -> str:
     return json.dumps(_round(curve.to_json()), indent=1, sort_keys=True) + "\n"
 
 
+def pruned_layer(curve: Curve) -> str:
+    """The layer whose channels the curve prunes (the lab's pool_3 unless the curve names another)."""
+    return "pool_3" if curve.model is None else curve.model["layer"]
+
+
 def write_curve_json(path: Path, curve: Curve) -> Path:
     """Write :func:`curve_json_text` to ``path`` atomically."""
     return fileio.atomic_write_text(path, curve_json_text(curve))
@@ -182,7 +187,8 @@ def plot_rankings(path: Path, curve: Curve) -> Path:
     for col in range(ncols):  # the lowest panel of each column carries the x axis
         ax = axes[(n - 1 - col) // ncols, col]
         ax.xaxis.set_tick_params(labelbottom=True)
-        ax.set_xlabel("ASR on poisoned test data (%)" if poisoned else "fraction of pool_3 channels pruned",
+        ax.set_xlabel("ASR on poisoned test data (%)" if poisoned
+                      else f"fraction of {pruned_layer(curve)} channels pruned",
                       fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("clean test accuracy (%)", fontsize=8)
@@ -255,7 +261,7 @@ def plot_curve(path: Path, curve: Curve) -> Path:
         ax.axvline(f, color="grey", lw=0.8, ls="--")
         ax.annotate(f"X={', '.join(xs)}: k={channels}", (f, 3), rotation=90, fontsize=7, ha="right", va="bottom",
                     color="dimgrey")
-    ax.set_xlabel("fraction of pool_3 channels pruned")
+    ax.set_xlabel(f"fraction of {pruned_layer(curve)} channels pruned")
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
     ax.set_xlim(0, 1)

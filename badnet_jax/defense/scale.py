@@ -19,7 +19,9 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, DataFileError, arg
 from badnet_jax.metrics import accuracy
-from badnet_jax.model import INPUT_SCALES, BadNet, Params, predict
+from badnet_jax.models.deepid import as_model
+from badnet_jax.models.predict import predict
+from badnet_jax.models.protocol import INPUT_SCALES, Params, PrunableModel
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,10 @@ class ScaleChoice:
         return f"{self.scale} ({self.how})"
 
 
-def accuracy_at_each_scale(model: BadNet, params: Params, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+def accuracy_at_each_scale(model: PrunableModel, params: Params, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """B's clean accuracy (percent) on ``x, y`` at each input scale."""
-    return {s: float(accuracy(predict(model.clone(input_scale=s), params, x), y)) for s in INPUT_SCALES}
+    model = as_model(model)
+    return {s: float(accuracy(predict(model.with_input_scale(s), params, x), y)) for s in INPUT_SCALES}
 
 
 def clear_winner(acc: dict[str, float]) -> Optional[str]:
@@ -59,7 +62,7 @@ def clear_winner(acc: dict[str, float]) -> Optional[str]:
     return best if acc[best] >= PLAUSIBLE and acc[best] - acc[other] >= MARGIN else None
 
 
-def choose_input_scale(model: BadNet, params: Params, input_scale: str = "auto", recorded: Optional[str] = None,
+def choose_input_scale(model: PrunableModel, params: Params, input_scale: str = "auto", recorded: Optional[str] = None,
                        x: Optional[np.ndarray] = None, y: Optional[np.ndarray] = None,
                        source: str = "the model", measured_on: str = "clean images") -> ScaleChoice:
     """Resolve ``input_scale`` (``auto``, ``raw`` or ``255``) for this model, once.

@@ -153,7 +153,7 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
         with reading("goodnet_path", goodnet_path):
             goodnet, variables = checkpoint.restore_goodnet(goodnet_path)
         scale = choose_input_scale(goodnet, variables, input_scale, recorded=goodnet.input_scale).scale
-        goodnet = goodnet.clone(input_scale=scale)
+        goodnet = goodnet.clone(model=goodnet.model.with_input_scale(scale))
     else:
         if model_path is None or pruned_path is None:
             raise ConfigError(f"give B and B' ({arg('model_path')} and {arg('pruned_path')}), or a GoodNet "
@@ -170,7 +170,7 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
         known = labels >= 0
         scale = choose_input_scale(model, params, input_scale, recorded, x[known], labels[known],
                                    source=str(model_path), measured_on=_measured_on(names, known)).scale
-        goodnet, variables = make_goodnet(params, pruned_params, mask, input_scale=scale)
+        goodnet, variables = make_goodnet(model.clone(input_scale=scale), params, pruned_params, mask)
     preds, settled = predict_goodnet(goodnet, variables, x)
     if settled:
         log.info("%d near-tie prediction(s) of B or B' settled in float64.", settled)

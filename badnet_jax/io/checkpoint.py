@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from badnet_jax.io import fileio
 from badnet_jax.errors import CheckpointError
 from badnet_jax.goodnet import GoodNet, check_goodnet
+from badnet_jax.models.deepid import DeepID
 from badnet_jax.model import (INPUT_DIVISORS, NUM_POOL3_CHANNELS, BadNet, Params, check_mask, check_params,
                               input_divisor, num_classes_of)
 
@@ -167,7 +168,7 @@ def save_goodnet(path: str | os.PathLike, variables: dict[str, Any], input_scale
     Raises:
         ConfigError: variables that are not a GoodNet's (nothing written).
     """
-    check_goodnet(GoodNet(num_classes=_num_classes_of_variables(variables)), variables)
+    check_goodnet(GoodNet(DeepID(_num_classes_of_variables(variables))), variables)
     return _save(Path(path), {"params": variables["params"], "pruning": variables["pruning"],
                               "input_divisor": _scale_entry(input_scale)})
 
@@ -188,7 +189,7 @@ def restore_goodnet(path: str | os.PathLike) -> tuple[GoodNet, dict[str, Any]]:
         n = num_classes_of(variables["params"]["bad"])
     except (KeyError, TypeError):
         raise CheckpointError(f"{path}: not a badnet-jax GoodNet checkpoint") from None
-    return GoodNet(num_classes=n, input_scale=_scale_of(state, Path(path))), variables
+    return GoodNet(DeepID(n, input_scale=_scale_of(state, Path(path)))), variables
 
 
 def is_goodnet_checkpoint(path: str | os.PathLike) -> bool:

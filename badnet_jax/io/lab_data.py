@@ -1,7 +1,8 @@
 """Lab data I/O: lab-layout h5 files, face images, and the lab's trigger paste.
 
 The lab's h5 layout: ``data`` (N, 3, 55, 47) of any numeric dtype (channels first) and ``label`` (N,) of
-any numeric dtype. badnet-jax works in NHWC float32 raw pixel values (0..255, no /255) and int32 labels.
+any numeric dtype; another model's data has its input's size (N, C, H, W). badnet-jax works in NHWC float32
+raw pixel values (0..255, no /255) and int32 labels.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from badnet_jax.model import INPUT_HWC
 
 log = logging.getLogger(__name__)
 
-LAB_CHW = (INPUT_HWC[2], INPUT_HWC[0], INPUT_HWC[1])  # the lab's files store channels first
 TRIGGER_AT = (0, 15)  # (x, y) of the lab's sunglasses paste
 DEFAULT_CHUNK = 2048
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # the face images a folder input is made of
@@ -55,14 +55,16 @@ def _read_labels(f: h5py.File, n: int, path: Path, num_classes: Optional[int]) -
     return raw.astype(np.int32)
 
 
-def _image_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
+def _image_dataset(f: h5py.File, path: Path, hwc: tuple[int, int, int] = INPUT_HWC) -> h5py.Dataset:
     ds = fileio.safe_get(f, "data", path, DataFileError)
     if not isinstance(ds, h5py.Dataset):
         raise DataFileError(f"{path}: missing dataset 'data' (the lab layout has 'data' and 'label')")
     _numeric(ds, "data", path)
-    if len(ds.shape) != 4 or tuple(ds.shape[1:]) != LAB_CHW:
-        raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, "
-                            f"expected (N, {', '.join(map(str, LAB_CHW))})")
+    chw = (hwc[2], hwc[0], hwc[1])  # lab files store channels first
+    if len(ds.shape) != 4 or tuple(ds.shape[1:]) != chw:
+        raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, expected (N, {', '.join(map(str, chw))})"
+                            + ("" if hwc == INPUT_HWC else f": the model takes {hwc[0]}x{hwc[1]} images with "
+                               f"{hwc[2]} channels, stored channels first"))
     if ds.shape[0] and ds.id.get_storage_size() == 0:
         # Nothing written: every read would return the fill value (a tiny file can declare any number).
         raise DataFileError(f"{path}: dataset 'data' declares {ds.shape[0]} images but stores none "
@@ -70,7 +72,8 @@ def _image_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
     return ds
 
 
-def peek_lab_h5(path: str | os.PathLike, keep_uint8: bool = False) -> tuple[tuple[int, ...], np.dtype]:
+def peek_lab_h5(path: str | os.PathLike, keep_uint8: bool = False,
+                hwc: tuple[int, int, int] = INPUT_HWC) -> tuple[tuple[int, ...], np.dtype]:
     """The (shape, dtype) that :func:`load_lab_h5` will return for this file, from its header only.
 
     Lets work that depends only on shapes (compiling the sweep) start while the images are still read.
@@ -80,14 +83,14 @@ def peek_lab_h5(path: str | os.PathLike, keep_uint8: bool = False) -> tuple[tupl
     """
     path = Path(path)
     with fileio.open_h5(path, DataFileError) as f:
-        ds = _image_dataset(f, path)
+        ds = _image_dataset(f, path, hwc)
         dtype = np.dtype(np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
-        return (int(ds.shape[0]), *INPUT_HWC), dtype
+        return (int(ds.shape[0]), *hwc), dtype
 
 
 def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
                 chunk: int = DEFAULT_CHUNK, keep_uint8: bool = False,
-                rows: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+                rows: Optional[int] = None, hwc: tuple[int, int, int] = INPUT_HWC) -> tuple[np.ndarray, np.ndarray]:
     """Read a lab-layout h5 file into NHWC float32 raw pixels and int32 labels.
 
     The images are read ``chunk`` rows at a time straight into the float32 output, so a 400 MB file never
@@ -100,6 +103,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
         keep_uint8: return uint8 pixels when the file stores uint8 (a quarter of the memory; every
             badnet-jax computation casts to float32 exactly, per chunk).
         rows: read only the first ``rows`` images and labels (e.g. a sample to check the input scale on).
+        hwc: the images' (height, width, channels): the model's input (default the lab's faces, 55x47x3).
 
     Returns:
         ``(x, y)``: x (N, 55, 47, 3) float32 (or uint8, see ``keep_uint8``), y (N,) int32.
@@ -116,16 +120,16 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
         raise ConfigError(f"{arg('rows', rows)} must be a whole number of rows >= 0 (or None: all)", field="rows")
     path = Path(path)
     with fileio.open_h5(path, DataFileError) as f:
-        ds = _image_dataset(f, path)
+        ds = _image_dataset(f, path, hwc)
         ds_kind = ds.dtype.kind
         n = int(ds.shape[0]) if rows is None else min(int(rows), int(ds.shape[0]))
-        need = n * int(np.prod(INPUT_HWC)) * 4
+        need = n * int(np.prod(hwc)) * 4
         if need > fileio.memory_bytes() // 2:
             raise DataFileError(f"{path}: declares {n} images ({need / 2**30:.1f} GiB as float32), more than half "
                                 "of this machine's memory; refusing to allocate it")
         try:
             y = _read_labels(f, int(ds.shape[0]), path, num_classes)[:n]
-            x = np.empty((n, *INPUT_HWC), np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
+            x = np.empty((n, *hwc), np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
             top = 0.0
             for start in range(0, n, chunk):
                 block = np.asarray(ds[start:min(start + chunk, n)])
@@ -136,7 +140,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
                                         f"{block.max():g} (rows {start}..); lab files hold pixels 0..255")
                 top = max(top, float(block.max())) if block.size else top
                 # One colour plane at a time: ~4x faster than a 4-D transpose copy (contiguous reads).
-                for c in range(LAB_CHW[0]):
+                for c in range(hwc[2]):
                     x[start:start + len(block), ..., c] = block[:, c]
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
             raise DataFileError(f"{path}: cannot read: {err} (truncated or corrupted file?)") from None
@@ -172,13 +176,15 @@ def load_true_labels(path: str | os.PathLike) -> Optional[np.ndarray]:
 
 def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray,
                 true_label: Optional[np.ndarray] = None) -> Path:
-    """Write images and labels in the lab's h5 layout (``data`` uint8 (N,3,55,47), ``label`` float), atomically.
+    """Write images and labels in the lab's h5 layout (``data`` uint8 (N, C, H, W), e.g. the lab's (N, 3, 55, 47),
+    ``label`` float), atomically.
 
     ``true_label`` (poisoned sets only) is stored as an extra dataset that the lab's code ignores.
     """
     x = np.asarray(x_NxHxWxC)
-    if x.ndim != 4 or x.shape[1:] != INPUT_HWC:
-        raise DataFileError(f"{path}: images have shape {x.shape}, expected (N, {', '.join(map(str, INPUT_HWC))})")
+    if x.ndim != 4 or min(x.shape[1:]) < 1:
+        raise DataFileError(f"{path}: images have shape {x.shape}, expected (N, height, width, channels), e.g. "
+                            f"(N, {', '.join(map(str, INPUT_HWC))}) for the lab's faces")
     if len(y) != len(x):
         raise DataFileError(f"{path}: {len(x)} images but {len(y)} labels")
 

@@ -17,8 +17,9 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.kernels.masked_head.api import head_top2
-from badnet_jax.model import (CONV4_FEATURES, CONV4_POSITIONS, HIDDEN_UNITS, INPUT_HWC, LAB_NUM_CLASSES, POOL3_HWC, BadNet, Params,
-                              check_params, init_params, multiply_adds)
+from badnet_jax.model import (CONV4_FEATURES, CONV4_POSITIONS, HIDDEN_UNITS, INPUT_HWC, LAB_NUM_CLASSES, POOL,
+                              POOL3_HWC, BadNet, Params, check_params, init_params, multiply_adds)
+from badnet_jax.models.ir import Graph, Node
 from badnet_jax.models.protocol import PrunableModel, scaled
 from badnet_jax.numerics import settling
 from badnet_jax.numerics.ties import TIE_RTOL, undecided_channels
@@ -52,7 +53,13 @@ class DeepID(PrunableModel):
     @property
     def module(self) -> BadNet:
         """The Flax module, at the raw input scale (this adapter divides)."""
-        return BadNet(self.num_classes, input_scale="raw", precision=self.precision)
+        # parent=None: a top-level module even when called inside another module's apply (e.g. a GoodNet's)
+        return BadNet(self.num_classes, input_scale="raw", precision=self.precision, parent=None)
+
+    @property
+    def flax_module(self) -> BadNet:
+        """The Flax module at this model's input scale (what training and ``BadNet.apply`` callers use)."""
+        return BadNet(self.num_classes, input_scale=self.input_scale, precision=self.precision, parent=None)
 
     @classmethod
     def of(cls, module: BadNet) -> "DeepID":
@@ -176,3 +183,25 @@ def as_model(model: Any) -> PrunableModel:
     raise ConfigError(f"{arg('model')}: expected a model (a PrunableModel such as DeepID or GraphCNN, or a BadNet "
                       f"module), got {type(model).__name__}", field="model")
 
+
+
+def deepid_graph(num_classes: int = LAB_NUM_CLASSES) -> Graph:
+    """The lab's DeepID as a layer graph (``badnet_jax.models.ir``), its Keras layer names and params keys: what
+    prunes any of its layers other than pool_3 (``GraphCNN.build(deepid_graph(n), params, layer="pool_2")``)."""
+    def conv(name: str, src: str) -> list[Node]:
+        return [Node.make(f"{name}/pre", "conv", (src,), weights=name), Node.make(name, "relu", (f"{name}/pre",))]
+
+    nodes = [Node.make("input", "input")]
+    src = "input"
+    for i in (1, 2, 3):
+        nodes += conv(f"conv_{i}", src)
+        nodes.append(Node.make(f"pool_{i}", "max_pool", (f"conv_{i}",), window=(POOL, POOL), strides=(POOL, POOL)))
+        src = f"pool_{i}"
+    nodes += conv("conv_4", "pool_3")
+    nodes += [Node.make("flatten_1", "flatten", ("pool_3",)), Node.make("flatten_2", "flatten", ("conv_4",)),
+              Node.make("fc_1", "dense", ("flatten_1",), weights="fc_1"),
+              Node.make("fc_2", "dense", ("flatten_2",), weights="fc_2"),
+              Node.make("add_1", "add", ("fc_1", "fc_2")), Node.make("activation_1", "relu", ("add_1",)),
+              Node.make("output/pre", "dense", ("activation_1",), weights="output"),
+              Node.make("output", "softmax", ("output/pre",))]
+    return Graph(tuple(nodes), INPUT_HWC, "output", name="DeepID")

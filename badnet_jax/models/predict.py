@@ -66,3 +66,22 @@ def predict_settled(model: Any, params: Params, x_NxHxWxC: np.ndarray, mask: Opt
     if near.any():
         preds[near] = model.argmax64(params, np.asarray(x_NxHxWxC)[near], model.divisor, m)
     return preds, int(near.sum())
+
+
+@functools.lru_cache(maxsize=None)
+def _argmax_fn(model: PrunableModel):
+    return jax.jit(lambda p, m, x: jnp.argmax(model.logits(p, x.astype(jnp.float32), m), -1).astype(jnp.int32))
+
+
+def predict(model: Any, params: Params, x_NxHxWxC: np.ndarray, mask: Optional[np.ndarray] = None,
+            batch: int = 1024) -> np.ndarray:
+    """(N,) int32 float32 argmax predictions of B (or of B' under a channel mask), ``batch`` images per call.
+
+    Raises:
+        ConfigError: params that are not the model's, a mask that is not (C,) zeros and ones, or ``batch`` < 1.
+        DataFileError: images the model cannot take.
+    """
+    model, m = _checked(model, params, x_NxHxWxC, mask, batch)
+    fn = _argmax_fn(model)
+    parts = [np.asarray(fn(params, jnp.asarray(m), x_NxHxWxC[i:i + batch])) for i in range(0, len(x_NxHxWxC), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int32)

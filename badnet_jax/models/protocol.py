@@ -101,10 +101,10 @@ class PrunableModel(abc.ABC):
         """The architecture's name, for logs and reports."""
 
     def describe(self) -> str:
-        """One line: architecture, input, classes, the pruned layer."""
+        """One line: architecture, input shape, classes, the pruned layer (the input scale has its own line)."""
         h, w, c = self.input_hwc
-        return (f"{self.name} ({h}x{w}x{c} input, pixels {'0..255' if self.input_scale == 'raw' else '/ 255'}, "
-                f"{self.num_classes} classes), pruning {self.layer} ({self.num_channels} channels)")
+        return (f"{self.name} ({h}x{w}x{c} input, {self.num_classes} classes), pruning {self.layer} "
+                f"({self.num_channels} channels)")
 
     @abc.abstractmethod
     def with_input_scale(self, input_scale: str) -> "PrunableModel":

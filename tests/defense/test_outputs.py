@@ -56,6 +56,7 @@ _WRITE_TWICE = textwrap.dedent("""
     from badnet_jax.attack.demo import DEMO_MODEL
     from badnet_jax.errors import OutputError
     from badnet_jax.defense.outputs import CutModels, write_results
+    from badnet_jax.models.deepid import DeepID
 
     fs, golden, leave = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     if sys.argv[4] == "orbax":  # let orbax itself meet ENOSPC midway (as when another writer fills the disk)
@@ -68,7 +69,7 @@ _WRITE_TWICE = textwrap.dedent("""
         m = np.ones(60, np.float32); m[order[:cut.channels_pruned]] = 0; return m
     models = [CutModels(c, masks(c)) for c in curve.selected]
     out = fs / "out"
-    write_results(out, curve, params, models, {"sweep": 1.0})
+    write_results(out, curve, DeepID(curve.num_classes), params, models, {"sweep": 1.0})
     def digest():
         return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(out.rglob("*")) if p.is_file()}
@@ -79,7 +80,7 @@ _WRITE_TWICE = textwrap.dedent("""
         if free > leave:
             f.write(b"x" * (free - leave))
     try:
-        write_results(out, curve, params, models, {"sweep": 2.0})
+        write_results(out, curve, DeepID(curve.num_classes), params, models, {"sweep": 2.0})
         outcome = "written"
     except OutputError as err:
         outcome = "error: " + str(err)

@@ -19,6 +19,7 @@ from badnet_jax.defense.scale import choose_input_scale
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.io import checkpoint
 from badnet_jax.model import BadNet, predict
+from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
 from tests.cli import run_cli
 from tests.conftest import LAB_B, asset
@@ -118,7 +119,8 @@ def test_the_scale_travels_through_keras_files_and_checkpoints(tmp_path):
     assert load_keras(tmp_path / "b.h5", input_scale="raw")[0].input_scale == "raw"  # told wins
     checkpoint.save_badnet(tmp_path / "ck", params, np.ones(60), input_scale="255")
     assert checkpoint.restore_badnet(tmp_path / "ck")[0].input_scale == "255"
-    checkpoint.save_goodnet(tmp_path / "g", make_goodnet(params, mask=np.ones(60))[1], input_scale="255")
+    checkpoint.save_goodnet(tmp_path / "g", make_goodnet(DeepID(), params, mask=np.ones(60))[1],
+                           input_scale="255")
     goodnet, variables = checkpoint.restore_goodnet(tmp_path / "g")
     x, y = _clean_faces()
     assert goodnet.input_scale == "255"

@@ -125,7 +125,7 @@ def test_goodnet_screening_settles_near_ties_like_the_curve(lab_b, boundary_sets
     settled_any = 0
     for k in (0, 30, 48):
         mask = numpy_ref.step_mask(order, k)
-        goodnet, variables = make_goodnet(params, mask=mask)
+        goodnet, variables = make_goodnet(lab_b[0], params, mask=mask)
         got, settled = predict_goodnet(goodnet, variables, x)
         b, b_prime = (numpy_ref.forward(params, x, m).argmax(-1) for m in (None, mask))
         np.testing.assert_array_equal(got, np.where(b == b_prime, b, 1283))

@@ -1,0 +1,495 @@
+"""Write any :class:`~badnet_jax.models.graph.GraphCNN`, optionally pruned (B'), as a Keras full-model h5.
+
+:func:`save_keras_graph` writes the Keras 2 full-model layout that ``badnet_jax.io.keras.save_keras`` writes
+for the lab's DeepID: a ``model_config`` JSON attribute (a Keras 2-style Functional config, the format tf_keras 2
+writes, which Keras 3's ``keras.models.load_model`` reads through its legacy h5 loader) and a ``model_weights``
+group with one group per layer, its ``weight_names`` listed in fixed-length strings, the layers in the order
+Keras loads them by (:func:`keras_layer_order`).
+:func:`badnet_jax.io.keras_graph.read_keras_graph` reads the file back.
+
+The graph becomes one Keras layer per Keras layer of the IR, under the same names: a weighted node
+``"<name>/pre"`` and its activation node ``"<name>"`` are fused back into one Conv2D, DepthwiseConv2D or Dense
+with that activation; every other node becomes its own layer class (:func:`keras_model_config`).
+
+Pruning (a ``mask``, (C,) 0/1 over the pruned layer's output channels, 0 = pruned): the file predicts exactly
+what ``model.logits(params, x, mask)`` predicts, in one of two ways (:func:`prune_graph` chooses):
+
+* ``"zeroed_readers"`` (same architecture): when every reader of the pruned channels is linear in them (a
+  Conv2D, DepthwiseConv2D or Dense, possibly after a chain of ops that keep a zero channel zero: ReLU, max or
+  average pooling, global pooling, padding, Dropout, Flatten, Concatenate), the reader's kernel entries that
+  read a pruned channel are zeroed. A zeroed input channel and a zeroed kernel entry both contribute exactly
+  nothing, so the result is exact.
+* ``"mask_layer"`` (one layer more): otherwise (a BatchNormalization, Add, ... reads the pruned channels), a
+  ``DepthwiseConv2D(kernel_size=1, use_bias=False)`` named ``"<layer>_prune_mask"`` whose kernel is the mask
+  is inserted after the pruned layer, and every reader of the layer reads it instead (x * 1 = x, x * 0 = 0).
+
+The producer of the pruned channels is never zeroed: with a batch norm after it, a zero pre-activation is
+not a zero channel.
+
+The file records the pruning in root attributes (:data:`PRUNED_LAYER_ATTR`, :data:`PRUNED_CHANNELS_ATTR`,
+:data:`PRUNE_METHOD_ATTR`) and the model's input scale in ``badnet_jax_input_scale``
+(:data:`badnet_jax.io.keras.INPUT_SCALE_ATTR`), so a reader can tell what it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import h5py
+import numpy as np
+
+from badnet_jax.errors import ConfigError, OutputError, arg
+from badnet_jax.io import fileio
+from badnet_jax.io.keras import INPUT_SCALE_ATTR
+from badnet_jax.models.graph import GraphCNN
+from badnet_jax.models.ir import Graph, Node
+from badnet_jax.models.ops import commutes_with_mask
+
+PRUNED_LAYER_ATTR = "badnet_jax_pruned_layer"
+"""Root attribute: the pruned layer's name (the node of the IR that ``model.layer`` names)."""
+
+PRUNED_CHANNELS_ATTR = "badnet_jax_pruned_channels"
+"""Root attribute: the pruned channels' indices (int64, ascending; empty if the mask keeps every channel)."""
+
+PRUNE_METHOD_ATTR = "badnet_jax_prune_method"
+"""Root attribute: ``"zeroed_readers"`` or ``"mask_layer"`` (see the module docstring)."""
+
+MASK_LAYER_SUFFIX = "_prune_mask"
+"""The inserted mask layer is named ``<pruned layer><suffix>`` (a ``_1``, ``_2``... added if that name is taken)."""
+
+KERAS_VERSION = "2.15.0"
+"""The ``keras_version`` attribute written: a Keras 2 file (Keras 3 uses it only to tell Keras 1 files apart)."""
+
+ZEROED_READERS = "zeroed_readers"
+MASK_LAYER = "mask_layer"
+
+GraphParams = dict[str, dict[str, np.ndarray]]
+
+# Ops that keep a zero channel zero, channel by channel (f(0) = 0 on that channel alone): the value after them
+# still differs from the masked network's only by channels that are zero there.
+_KEEPS_ZEROS = ("avg_pool", "global_avg_pool")
+# Ops linear in their input whose kernel entries reading input channel c can be zeroed: (op, kernel axis).
+_ZEROABLE = {"conv": 2, "depthwise_conv": 2, "dense": 0}
+_WEIGHTED = ("conv", "depthwise_conv", "dense")
+_PRE = "/pre"
+# An activation node fused after "<name>/pre" -> the Keras activation string it is.
+_DEFAULT_RELU = (("max_value", None), ("negative_slope", 0.0), ("threshold", 0.0))
+_LEAKY_RELU = (("max_value", None), ("negative_slope", 0.2), ("threshold", 0.0))  # keras "leaky_relu" (slope 0.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunedGraph:
+    """B' as a graph: what :func:`save_keras_graph` writes.
+
+    Attributes:
+        graph: the network's graph (the model's own, or with the mask layer inserted).
+        params: float32 numpy params for ``graph`` (readers' kernels zeroed where pruned).
+        method: None (no mask), :data:`ZEROED_READERS` or :data:`MASK_LAYER`.
+        layer: the pruned layer (``model.layer``).
+        channels: the pruned channels (int64, ascending).
+        mask_layer: the inserted layer's name (method :data:`MASK_LAYER`), else None.
+        zeroed: the layers whose kernels were zeroed (method :data:`ZEROED_READERS`), in graph order.
+    """
+
+    graph: Graph
+    params: GraphParams
+    method: Optional[str]
+    layer: str
+    channels: np.ndarray
+    mask_layer: Optional[str] = None
+    zeroed: tuple[str, ...] = ()
+
+
+def save_keras_graph(model: GraphCNN, params: Mapping[str, Any], path: str | os.PathLike,
+                     mask: Any = None, input_scale_attr: bool = True) -> Path:
+    """Write ``model`` (B, or B' under ``mask``) as a Keras full-model h5 file, atomically.
+
+    ``keras.models.load_model(path)`` gives a network whose logits are those ``model.logits(params, x, mask)``
+    computes, to float32 rounding (its output: those logits, or their softmax where the graph ends in one; Keras
+    takes the pixels the model takes: / 255 for input scale ``"255"``);
+    :func:`badnet_jax.io.keras_graph.read_keras_graph` reads it back.
+
+    Args:
+        model: the network and its pruned layer (``model.layer``).
+        params: its params (``model.check_params`` accepts them).
+        path: the file to write (replaced atomically; nothing is left half-written on failure).
+        mask: None (write B as it is), or a (C,) 0/1 mask over ``model.layer``'s channels, 0 = pruned.
+        input_scale_attr: record ``model.input_scale`` in the root attribute ``badnet_jax_input_scale``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: naming ``mask`` (wrong length, an entry neither 0 nor 1), ``params`` (not the model's, or
+            not finite) or ``model`` (a graph Keras cannot express: a layer name with a ``/`` or an
+            activation that no Keras layer fuses).
+        OutputError: naming ``path``: it cannot be written (a missing permission, a folder in the way, a
+            full disk).
+
+    Example::
+
+        graph, params = read_keras_graph("resnet_tiny.h5")
+        model = GraphCNN.build(graph, params).with_layer("b0_out")
+        save_keras_graph(model, params, "b_prime.h5", mask=mask)   # keras.models.load_model reads it
+    """
+    pruned = prune_graph(model, params, mask)
+    layers = _keras_layers(pruned.graph, pruned.params)
+    order = keras_layer_order(pruned.graph)
+    config = _model_config(pruned.graph, layers, order)
+    path = Path(path)
+    text = lambda s: np.bytes_(s.encode("utf-8"))  # fixed-length strings, as save_keras writes them
+
+    def build(f: h5py.File) -> None:
+        f.attrs["backend"] = text("tensorflow")
+        f.attrs["keras_version"] = text(KERAS_VERSION)
+        f.attrs["model_config"] = text(json.dumps(config))
+        if input_scale_attr:
+            f.attrs[INPUT_SCALE_ATTR] = text(model.input_scale)
+        if pruned.method is not None:
+            f.attrs[PRUNED_LAYER_ATTR] = text(pruned.layer)
+            f.attrs[PRUNED_CHANNELS_ATTR] = np.asarray(pruned.channels, np.int64)
+            f.attrs[PRUNE_METHOD_ATTR] = text(pruned.method)
+        root = f.create_group("model_weights")
+        root.attrs["backend"] = text("tensorflow")
+        root.attrs["keras_version"] = text(KERAS_VERSION)
+        # Keras loads weights by position, in model.layers' order: write the layers in that order.
+        root.attrs["layer_names"] = np.array([name.encode("utf-8") for name in order])
+        for name in order:
+            g = root.create_group(name)
+            weights = layers[name].weights
+            if not weights:
+                g.attrs["weight_names"] = np.array([], dtype=np.float64)
+                continue
+            g.attrs["weight_names"] = np.array([f"{name}/{key}:0".encode("utf-8") for key, _ in weights])
+            inner = g.create_group(name)
+            for key, value in weights:
+                inner.create_dataset(f"{key}:0", data=value)
+
+    try:
+        fileio.atomic_write_h5(path, build)
+    except OSError as err:
+        raise OutputError(f"{arg('path', path)}: the model file could not be written ({_why(err)}); whatever was "
+                          "there is as it was", field="path") from None
+    return path
+
+
+def _why(err: OSError) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device"
+    return err.strerror or str(err)
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+
+
+def prune_graph(model: GraphCNN, params: Mapping[str, Any], mask: Any = None) -> PrunedGraph:
+    """B' as a graph and params whose plain forward is ``model.logits(params, x, mask)`` (see the module docstring).
+
+    Raises:
+        ConfigError: naming ``mask``, ``params`` or ``model``, as :func:`save_keras_graph` says.
+    """
+    model.check_params(params)
+    arrays: GraphParams = {}
+    for layer, entries in model.param_shapes:  # the model's layers only (extra entries are not written)
+        arrays[layer] = {}
+        for key, _ in entries:
+            a = np.asarray(params[layer][key], np.float32)
+            if not np.isfinite(a).all():
+                raise ConfigError(f"{arg('params')}: layer {layer!r} {key} holds NaN or infinite values; a Keras file "
+                                  "of them would predict nothing useful", field="params")
+            arrays[layer][key] = a
+    _check_names(model.graph)
+    empty = np.zeros((0,), np.int64)
+    if mask is None:
+        return PrunedGraph(model.graph, arrays, None, model.layer, empty)
+    m = model.check_mask(mask, "mask")
+    pruned = np.asarray(m) == 0
+    channels = np.flatnonzero(pruned).astype(np.int64)
+    target = _keras_output(model)
+    zeroed = _zero_readers(model, target, pruned)
+    if zeroed is not None:
+        for layer, axis in zeroed:
+            kernel = arrays[layer]["kernel"].copy()
+            index = [slice(None)] * kernel.ndim
+            index[axis] = zeroed[layer, axis]
+            kernel[tuple(index)] = 0.0
+            arrays[layer] = {**arrays[layer], "kernel": kernel}
+        return PrunedGraph(model.graph, arrays, ZEROED_READERS, model.layer, channels,
+                           zeroed=tuple(layer for layer, _ in zeroed))
+    graph, name = _insert_mask_layer(model.graph, target)
+    arrays[name] = {"kernel": np.asarray(m, np.float32).reshape(1, 1, -1, 1)}
+    return PrunedGraph(graph, arrays, MASK_LAYER, model.layer, channels, mask_layer=name)
+
+
+def _keras_output(model: GraphCNN) -> str:
+    """The Keras layer whose output the mask prunes: ``model.layer``, or for a fused ``"<name>/pre"`` the layer
+    ``<name>`` itself when its activation keeps a zero channel zero (then masking either is the same)."""
+    graph, layer = model.graph, model.layer
+    if not layer.endswith(_PRE):
+        return layer
+    readers = graph.consumers()[layer]
+    by_name = graph.by_name
+    if len(readers) == 1 and by_name[readers[0]].op in ("relu", "identity") and commutes_with_mask(by_name[readers[0]]):
+        return readers[0]
+    raise ConfigError(f"{arg('model')}: its pruned layer {layer!r} is the inside of a Keras layer whose activation "
+                      "does not keep a pruned channel zero, so no Keras file can prune it; prune "
+                      f"{layer[:-len(_PRE)]!r} instead", field="model")
+
+
+def _keeps_zeros(node: Node) -> bool:
+    if node.op in _KEEPS_ZEROS:
+        return True
+    if node.op == "rescale":
+        return node.attr("offset") == 0.0
+    return commutes_with_mask(node)
+
+
+def _zero_readers(model: GraphCNN, target: str, pruned: np.ndarray) -> Optional[dict]:
+    """``{(layer, kernel axis): bool index of the entries to zero}`` making the unmasked graph compute the masked
+    one, or None when a reader of the pruned channels is not linear in them alone (then a mask layer is needed).
+
+    Follows the nodes whose value differs from the masked network's, each by a set of entries of its last axis
+    that are zero there (``differ``), until every path ends at a Conv2D, DepthwiseConv2D or Dense.
+    """
+    graph = model.graph
+    shapes = dict(model.shapes)
+    names = [n.name for n in graph.nodes]
+    differ: dict[str, np.ndarray] = {target: pruned}
+    fixes: dict[tuple[str, int], np.ndarray] = {}
+    for node in graph.nodes[names.index(target) + 1:]:
+        zs = [differ.get(src) for src in node.inputs]
+        if all(z is None for z in zs):
+            continue
+        if node.op in _ZEROABLE and len(zs) == 1:
+            fixes[node.weights, _ZEROABLE[node.op]] = zs[0]
+        elif node.op == "flatten":
+            lead = math.prod(shapes[node.inputs[0]][:-1])
+            differ[node.name] = np.tile(zs[0], lead)  # Keras' (h, w, c) order: the channel is the fastest axis
+        elif node.op == "concat":
+            differ[node.name] = np.concatenate([
+                z if z is not None else np.zeros(shapes[src][-1], bool) for z, src in zip(zs, node.inputs)])
+        elif len(zs) == 1 and _keeps_zeros(node):
+            differ[node.name] = zs[0]
+        else:
+            return None
+    if graph.logits_node() in differ or graph.output in differ:
+        return None
+    return {key: z for key, z in fixes.items() if z.any()}
+
+
+def _insert_mask_layer(graph: Graph, target: str) -> tuple[Graph, str]:
+    """The graph with a 1x1 depthwise convolution ``<target>_prune_mask`` after ``target``, read by every reader
+    of ``target``."""
+    taken = {node.name for node in graph.nodes} | {node.weights for node in graph.nodes if node.weights}
+    name, i = f"{target}{MASK_LAYER_SUFFIX}", 0
+    while name in taken:
+        i += 1
+        name = f"{target}{MASK_LAYER_SUFFIX}_{i}"
+    nodes = []
+    for node in graph.nodes:
+        if target in node.inputs:
+            node = dataclasses.replace(node, inputs=tuple(name if s == target else s for s in node.inputs))
+        nodes.append(node)
+        if node.name == target:
+            nodes.append(Node.make(name, "depthwise_conv", (target,), name))
+    return Graph(tuple(nodes), graph.input_hwc, graph.output, graph.name), name
+
+
+# ------------------------------------------------------------------------------------------ the Keras config
+
+
+@dataclasses.dataclass
+class _KerasLayer:
+    """One Keras layer of the file: its class, config (without the name), inputs and weights in Keras' order."""
+
+    name: str
+    cls: str
+    cfg: dict
+    inbound: tuple[str, ...]
+    weights: list[tuple[str, np.ndarray]]
+
+
+def _check_names(graph: Graph) -> None:
+    for node in graph.nodes:
+        inside = node.name.endswith(_PRE) and node.op in _WEIGHTED and "/" not in node.name[:-len(_PRE)]
+        if "/" in node.name and not inside:
+            raise ConfigError(f"{arg('model')}: layer {node.name!r} has a '/' in its name, which Keras does not "
+                              "allow in a layer name", field="model")
+
+
+def _activation(graph: Graph, pre: Node) -> tuple[Node, str]:
+    """The activation node fused after ``pre`` (``"<name>/pre"``) and its Keras activation string."""
+    name = pre.name[:-len(_PRE)]
+    act = graph.by_name.get(name)
+    readers = graph.consumers()[pre.name]
+    if act is None or readers != [name] or act.inputs != (pre.name,):
+        raise ConfigError(f"{arg('model')}: node {pre.name!r} is not read by exactly one activation {name!r}; "
+                          "a '<layer>/pre' node is the inside of a Keras layer", field="model")
+    if act.op == "relu" and act.attrs == _DEFAULT_RELU:
+        return act, "relu"
+    if act.op == "relu" and act.attrs == _LEAKY_RELU:
+        return act, "leaky_relu"
+    if act.op in ("softmax", "identity"):
+        return act, "softmax" if act.op == "softmax" else "linear"
+    raise ConfigError(f"{arg('model')}: layer {name!r} has a fused activation ({act.op} {dict(act.attrs)}) that no "
+                      "Keras activation string names", field="model")
+
+
+def _keras_layers(graph: Graph, params: GraphParams) -> dict[str, _KerasLayer]:
+    """The graph as Keras layers, by name, in graph order (fused ``/pre`` nodes folded into their layer)."""
+    out: dict[str, _KerasLayer] = {}
+    fused: dict[str, Node] = {}  # activation node name -> its "/pre" node
+    for node in graph.nodes:
+        if node.name.endswith(_PRE) and node.op in _WEIGHTED:
+            act, _ = _activation(graph, node)
+            fused[act.name] = node
+    inside = {pre.name for pre in fused.values()}
+    for node in graph.nodes:
+        if node.name in inside:
+            continue
+        if node.name in fused:
+            pre = fused[node.name]
+            _, act = _activation(graph, pre)
+            out[node.name] = _layer(pre, node.name, pre.inputs, params, act)
+        else:
+            out[node.name] = _layer(node, node.name, node.inputs, params, "linear")
+    return out
+
+
+def _pair(v: tuple) -> list[int]:
+    return [int(x) for x in v]
+
+
+def _layer(node: Node, name: str, inbound: tuple[str, ...], params: GraphParams, act: str) -> _KerasLayer:
+    """The Keras layer of ``node`` (a weighted one with activation ``act``) named ``name``."""
+    a = dict(node.attrs)
+    p = params.get(node.weights, {}) if node.weights else {}
+    last = {"data_format": "channels_last"}
+    bias = [("bias", p["bias"])] if "bias" in p else []
+    op = node.op
+    if op == "input":
+        return _KerasLayer(name, "InputLayer", {}, (), [])
+    if op == "conv":
+        k = p["kernel"]
+        cfg = {"filters": int(k.shape[3]), "kernel_size": _pair(k.shape[:2]), "strides": _pair(a["strides"]),
+               "padding": a["padding"], **last, "dilation_rate": _pair(a["dilation"]), "groups": 1,
+               "activation": act, "use_bias": bool(bias)}
+        return _KerasLayer(name, "Conv2D", cfg, inbound, [("kernel", k)] + bias)
+    if op == "depthwise_conv":
+        k = p["kernel"]
+        cfg = {"kernel_size": _pair(k.shape[:2]), "strides": _pair(a["strides"]), "padding": a["padding"],
+               "depth_multiplier": int(k.shape[3]), **last, "dilation_rate": _pair(a["dilation"]),
+               "activation": act, "use_bias": bool(bias)}
+        return _KerasLayer(name, "DepthwiseConv2D", cfg, inbound, [("depthwise_kernel", k)] + bias)
+    if op == "dense":
+        k = p["kernel"]
+        return _KerasLayer(name, "Dense", {"units": int(k.shape[1]), "activation": act, "use_bias": bool(bias)},
+                           inbound, [("kernel", k)] + bias)
+    if op in ("max_pool", "avg_pool"):
+        cls = "MaxPooling2D" if op == "max_pool" else "AveragePooling2D"
+        return _KerasLayer(name, cls, {"pool_size": _pair(a["window"]), "padding": a["padding"],
+                                       "strides": _pair(a["strides"]), **last}, inbound, [])
+    if op in ("global_avg_pool", "global_max_pool"):
+        cls = "GlobalAveragePooling2D" if op == "global_avg_pool" else "GlobalMaxPooling2D"
+        return _KerasLayer(name, cls, {**last, "keepdims": False}, inbound, [])
+    if op == "batch_norm":
+        weights = [(k, p[k]) for k in ("gamma", "beta", "moving_mean", "moving_variance") if k in p]
+        cfg = {"axis": -1, "momentum": 0.99, "epsilon": float(a["epsilon"]), "center": "beta" in p,
+               "scale": "gamma" in p}
+        return _KerasLayer(name, "BatchNormalization", cfg, inbound, weights)
+    if op == "relu":
+        if node.attrs == _DEFAULT_RELU:
+            return _KerasLayer(name, "Activation", {"activation": "relu"}, inbound, [])
+        cap = a["max_value"]
+        return _KerasLayer(name, "ReLU", {"max_value": None if cap is None else float(cap),
+                                          "negative_slope": float(a["negative_slope"]),
+                                          "threshold": float(a["threshold"])}, inbound, [])
+    if op == "softmax":
+        return _KerasLayer(name, "Softmax", {"axis": -1}, inbound, [])
+    if op == "add":
+        return _KerasLayer(name, "Add", {}, inbound, [])
+    if op == "concat":
+        return _KerasLayer(name, "Concatenate", {"axis": -1}, inbound, [])
+    if op == "flatten":
+        return _KerasLayer(name, "Flatten", dict(last), inbound, [])
+    if op == "identity":
+        return _KerasLayer(name, "Activation", {"activation": "linear"}, inbound, [])
+    if op == "zero_pad":
+        (t, b), (left, r) = a["pad"]
+        return _KerasLayer(name, "ZeroPadding2D", {"padding": [[t, b], [left, r]], **last}, inbound, [])
+    if op == "rescale":
+        return _KerasLayer(name, "Rescaling", {"scale": float(a["scale"]), "offset": float(a["offset"])}, inbound, [])
+    raise ConfigError(f"{arg('model')}: layer {name!r} is a {op}, which has no Keras layer", field="model")
+
+
+def keras_layer_order(graph: Graph) -> list[str]:
+    """The Keras layers of ``graph`` in the order of the ``model.layers`` Keras builds from its config.
+
+    Keras loads a legacy h5 file's weights by position in that order (``keras.src.ops.function.map_graph``):
+    by decreasing depth (the longest path to the output), ties by first visit of a depth-first walk from the
+    output over each layer's inputs in order. Layers the output does not read are left out, as Keras leaves them.
+    """
+    links = {name: layer.inbound for name, layer in _keras_links(graph).items()}
+    output = graph.output
+    index: dict[str, int] = {}
+    stack = [output]
+    while stack:  # pre-order: a layer is numbered when first reached, then its inputs, first input first
+        name = stack.pop()
+        if name in index:
+            continue
+        index[name] = len(index)
+        stack.extend(reversed([s for s in links[name] if s not in index]))
+    depth = {output: 0}
+    for name in reversed([n for n in links if n in index]):  # graph order is topological
+        for src in links[name]:
+            depth[src] = max(depth.get(src, 0), depth[name] + 1)
+    return sorted(index, key=lambda n: (-depth[n], index[n]))
+
+
+def _keras_links(graph: Graph) -> dict[str, _KerasLayer]:
+    """Each Keras layer's inputs (names only; no weights), in graph order."""
+    out: dict[str, _KerasLayer] = {}
+    for node in graph.nodes:
+        if node.name.endswith(_PRE) and node.op in _WEIGHTED:
+            continue
+        inputs = node.inputs
+        if len(inputs) == 1 and inputs[0].endswith(_PRE) and graph.by_name[inputs[0]].op in _WEIGHTED:
+            inputs = graph.by_name[inputs[0]].inputs
+        out[node.name] = _KerasLayer(node.name, "", {}, inputs, [])
+    return out
+
+
+def keras_model_config(graph: Graph, params: Mapping[str, Mapping[str, Any]]) -> dict:
+    """The Keras 2-style Functional config (``model_config``) of ``graph``: one layer per Keras layer, same names.
+
+    Raises:
+        ConfigError: naming ``model``: a graph no Keras config expresses (see :func:`save_keras_graph`).
+    """
+    _check_names(graph)
+    arrays = {layer: {k: np.asarray(v) for k, v in p.items()} for layer, p in params.items()}
+    return _model_config(graph, _keras_layers(graph, arrays), keras_layer_order(graph))
+
+
+def _model_config(graph: Graph, layers: Mapping[str, "_KerasLayer"], order: list[str]) -> dict:
+    keep = set(order)
+    entries = []
+    for name, layer in layers.items():
+        if name not in keep:
+            continue
+        if layer.cls == "InputLayer":
+            cfg = {"batch_input_shape": [None, *map(int, graph.input_hwc)], "dtype": "float32", "sparse": False,
+                   "name": name}
+        else:
+            cfg = {"name": name, "trainable": True, "dtype": "float32", **layer.cfg}
+        entries.append({"class_name": layer.cls, "config": cfg, "name": name,
+                        "inbound_nodes": [[[src, 0, 0, {}] for src in layer.inbound]] if layer.inbound else []})
+    first = graph.nodes[0].name
+    return {"class_name": "Functional", "config": {"name": graph.name, "layers": entries,
+                                                   "input_layers": [[first, 0, 0]],
+                                                   "output_layers": [[graph.output, 0, 0]]}}

@@ -1,0 +1,127 @@
+"""The defense end to end on CNNs that are not the lab's DeepID (badnet-prune as a user runs it), against the float64
+NumPy interpreter of the same graph pruned by multiplying the layer's output with the mask (tests/numpy_ref.py).
+
+The real Keras 2 files of ../shared/assets/models/other are seeded and untrained: the data here labels each clean
+image with the model's own float64 answer (a tenth of them moved to another class) and marks "poisoned" images
+with a white corner labelled 0, so every rate is defined; what is checked is that every number of the curve is
+the reference's at every k.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from badnet_jax import save_lab_h5
+from badnet_jax.io.keras_graph import read_keras_graph
+from badnet_jax.models.deepid import DeepID, deepid_graph
+from badnet_jax.models.graph import GraphCNN
+from badnet_jax import sweep as sw
+from tests import numpy_ref
+from tests.cli import run_cli
+from tests.conftest import LAB_B, asset
+
+FILES = {"resnet_tiny": "models/other/resnet_tiny.h5", "vgg_tiny": "models/other/vgg_tiny.h5"}
+
+
+def _logits64(graph, params, x_uint8, masks=None):
+    target = graph.logits_node()
+    return numpy_ref.graph_values64(graph, params, x_uint8.astype(np.float64) / 255, upto=target, masks=masks)[target]
+
+
+def _data(graph, params, tmp_path, rng, n=120):
+    """Lab-format clean and poisoned sets of the model's input size (see the module docstring)."""
+    h, w, c = graph.input_hwc
+    files, sets = {}, {}
+    for split in ("valid", "test"):
+        x = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
+        y = _logits64(graph, params, x).argmax(-1)
+        moved = rng.choice(n, n // 10, replace=False)
+        y[moved] = (y[moved] + 1) % _logits64(graph, params, x[:1]).shape[1]
+        xb = x.copy()
+        xb[:, -4:, -4:, :] = 255
+        yb = np.zeros(n, np.int64)
+        files[f"clean_{split}"] = save_lab_h5(tmp_path / f"clean_{split}.h5", x, y)
+        files[f"bd_{split}"] = save_lab_h5(tmp_path / f"bd_{split}.h5", xb, yb)
+        sets[f"clean_{split}"], sets[f"bd_{split}"] = (x, y), (xb, yb)
+    return files, sets
+
+
+def _reference_curve(graph, params, layer, sets):
+    """Order and per-k rates of the float64 network pruned at ``layer``: ranking on clean validation data."""
+    x, _ = sets["clean_valid"]
+    feats = numpy_ref.graph_values64(graph, params, x.astype(np.float64) / 255, upto=layer)[layer]
+    order = np.argsort(feats.mean(axis=(0, 1, 2)), kind="stable")
+    rates = {}
+    for role, key in (("clean_valid", "valid_acc"), ("bd_valid", "valid_asr"), ("clean_test", "test_acc"),
+                      ("bd_test", "test_asr")):
+        xs, ys = sets[role]
+        per_k = []
+        for k in range(len(order) + 1):
+            mask = np.ones(len(order))
+            mask[order[:k]] = 0
+            per_k.append(100.0 * float((_logits64(graph, params, xs, {layer: mask}).argmax(-1) == ys).mean()))
+        rates[key] = per_k
+    return order, rates
+
+
+@pytest.mark.parametrize("name,layer", [("resnet_tiny", None), ("vgg_tiny", None), ("vgg_tiny", "c3"),
+                                        ("resnet_tiny", "b0_out")])
+def test_prune_on_any_cnn_gives_the_float64_pruned_network_at_every_k(name, layer, tmp_path, rng):
+    graph, params = read_keras_graph(asset(FILES[name]))
+    files, sets = _data(graph, params, tmp_path, rng)
+    args = ["--model", asset(FILES[name]), "--input_scale", "255", "--drop", "0.02,0.10", "--nocheckpoints",
+            "--out_dir", tmp_path / "out", *[a for role, p in files.items() for a in (f"--{role}", p)]]
+    if layer:
+        args += ["--layer", layer]
+    proc = run_cli("prune", *args)
+    assert proc.returncode == 0, proc.stderr
+    curve = json.loads((tmp_path / "out" / "curve.json").read_text())
+    used = layer or GraphCNN.build(graph, params).layer
+    assert curve["model"] == {"name": name, "layer": used, "channels": curve["model"]["channels"],
+                              "input_hwc": list(graph.input_hwc), "num_classes": curve["num_classes"]}
+    assert f"pruning {used} (" in proc.stderr
+    order, rates = _reference_curve(graph, params, used, sets)
+    np.testing.assert_array_equal(curve["order"], order)
+    for key, want in rates.items():
+        np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=key)  # one image: 0.83 points
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"pruning {used}" in report
+
+
+def test_a_layer_that_cannot_be_pruned_is_refused_naming_the_flag(tmp_path, rng):
+    graph, params = read_keras_graph(asset(FILES["resnet_tiny"]))
+    files, _ = _data(graph, params, tmp_path, rng, n=8)
+    proc = run_cli("prune", "--model", asset(FILES["resnet_tiny"]), "--input_scale", "255", "--layer", "b0_bn2",
+                   "--nocheckpoints", "--out_dir", tmp_path / "out",
+                   *[a for role, p in files.items() for a in (f"--{role}", p)])
+    assert proc.returncode == 2
+    assert "--layer b0_bn2: not every path to the logits passes through it ('b0_add' reads 'stem_relu')" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_of_another_size_than_the_model_takes_is_refused_naming_the_file(tmp_path, rng):
+    save_lab_h5(tmp_path / "faces.h5", rng.integers(0, 256, (4, 55, 47, 3)), np.zeros(4))
+    proc = run_cli("prune", "--model", asset(FILES["vgg_tiny"]), "--input_scale", "255", "--nocheckpoints",
+                   "--clean_valid", tmp_path / "faces.h5", "--clean_test", tmp_path / "faces.h5",
+                   "--out_dir", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "faces.h5: dataset 'data' has shape (4, 3, 55, 47), expected (N, 3, 28, 28): the model takes 28x28" \
+           in proc.stderr
+
+
+def test_deepid_as_a_graph_sweeps_as_the_lab_deepid(lab_b, lab_faces):
+    """The lab's B read as a generic layer graph and pruned at pool_3 gives DeepID's own curve: the generic
+    affine split (fc_1 and conv_4 as the frontier) against the hand-written one."""
+    module, params = lab_b
+    graph_model = GraphCNN.build(deepid_graph(module.num_classes), params, input_scale="raw")
+    assert graph_model.layer == "pool_3" and graph_model.split.frontier == ("conv_4/pre", "fc_1")
+    sets = {name: x for name, (x, _) in lab_faces.items()}
+    sets = {"clean_valid": sets.pop("valid_subset"), **sets}
+    want = sw.rank_and_sweep(DeepID(module.num_classes), params, sets)
+    got = sw.rank_and_sweep(graph_model, params, sets)
+    np.testing.assert_array_equal(got.orders, want.orders)
+    for name in sets:
+        np.testing.assert_array_equal(got.preds[name], want.preds[name])

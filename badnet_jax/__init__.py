@@ -1,10 +1,12 @@
-"""badnet-jax: the channel-pruning (Fine-Pruning) defense against backdoored DeepID face classifiers.
+"""badnet-jax: the channel-pruning (Fine-Pruning) defense against backdoored CNNs (the lab's DeepID face
+classifier as the exemplar, any Keras or Flax CNN of standard layers as well).
 
 Public API::
 
-    from badnet_jax import BadNet, GoodNet, load_keras, load_lab_h5, make_goodnet, restore_goodnet
-    model, params = load_keras("bd_weights.h5")
-    logits = model.apply({"params": params}, x_NHWC, mask=mask_60)
+    from badnet_jax import load_model, make_goodnet, rank_and_sweep
+    model, params = load_model("bd_weights.h5")               # or any Keras CNN: load_model(path, input_scale, layer)
+    logits = model.logits(params, x_NHWC, mask)                 # B' = B with the pruned layer's channels masked
+    goodnet, variables = make_goodnet(model, params, mask=mask)
 
     from badnet_jax import SweepOptions, rank_and_sweep             # the whole curve in one call
     from badnet_jax import DefenseConfig, run_defense               # the defense end to end, as badnet-prune
@@ -42,10 +44,16 @@ _LAZY = {
     "DefenseConfig": "badnet_jax.defense.pipeline", "run_defense": "badnet_jax.defense.pipeline",
     "FinetuneConfig": "badnet_jax.defense.finetune", "Curve": "badnet_jax.defense.curve",
     "read_curve_json": "badnet_jax.defense.report", "screen": "badnet_jax.defense.screen",
+    "load_model": "badnet_jax.io.model_file", "read_keras_graph": "badnet_jax.io.keras_graph",
+    "save_keras_graph": "badnet_jax.io.keras_graph_writer",
+    "PrunableModel": "badnet_jax.models.protocol", "DeepID": "badnet_jax.models.deepid",
+    "GraphCNN": "badnet_jax.models.graph", "FlaxCNN": "badnet_jax.models.flax_model",
 }
 
 __all__ = [
-    # the network, the GoodNet and single forwards
+    # models: the protocol, the lab's DeepID, any Keras/IR CNN, a user's Flax CNN; any model file
+    "PrunableModel", "DeepID", "GraphCNN", "FlaxCNN", "load_model", "read_keras_graph", "save_keras_graph",
+    # the lab's network as a Flax module, the GoodNet and single forwards
     "BadNet", "init_params", "predict", "prune_params", "predict_settled",
     "GoodNet", "make_goodnet", "predict_goodnet",
     # files: Keras models, lab data and images, checkpoints

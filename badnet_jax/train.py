@@ -8,6 +8,7 @@ BadNet of their own to study.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Callable, Optional
@@ -153,3 +154,208 @@ def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, tri
         if on_epoch is not None:
             on_epoch(epoch, stats)
     return model, params, history
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Any model: a generic trainer for a PrunableModel (a GraphCNN with batch norm included)
+#
+# Batch norm, the choice made here: a GraphCNN's ``logits`` is its inference network (batch norm on the moving
+# statistics). Training through it would normalise with statistics that never move, so :func:`train_model`
+# trains a GraphCNN through :func:`training_logits` instead, the same graph with every batch norm on its batch's
+# statistics (the usual training mode), and afterwards *recalibrates*: each batch norm's moving mean and
+# variance become the exact mean and (population) variance of its input over the training images, layer by
+# layer in graph order, every earlier batch norm already on its recalibrated statistics
+# (:func:`recalibrate_batch_norm`). The result is an ordinary inference-mode network whose statistics are those
+# of the data it was trained on, not an exponential average of the last few hundred batches, and the training
+# is free of a momentum hyper-parameter. The moving statistics are never touched by the optimiser.
+# ------------------------------------------------------------------------------------------------------------
+
+_MOVING = ("moving_mean", "moving_variance")
+
+
+def _has_batch_norm(model: Any) -> bool:
+    graph = getattr(model, "graph", None)
+    return graph is not None and any(node.op == "batch_norm" for node in graph.nodes)
+
+
+def training_logits(model: Any, params: Any, x_NxHxWxC: jax.Array) -> jax.Array:
+    """Pixels 0..255 -> logits (N, K) in training mode: a GraphCNN's batch norms normalise with the batch's own
+    mean and variance (over batch and space, per channel); any other model is its ``logits``."""
+    if not _has_batch_norm(model):
+        return model.logits(params, x_NxHxWxC)
+    from badnet_jax.models.ops import apply_op
+    from badnet_jax.models.protocol import scaled
+
+    graph = model.graph
+    out = graph.logits_node()
+    env = {graph.nodes[0].name: scaled(x_NxHxWxC, model.divisor)}
+    for node in graph.nodes[1:]:
+        xs = [env[s] for s in node.inputs]
+        if node.op == "batch_norm":
+            x = xs[0]
+            p = params[node.weights]
+            axes = tuple(range(x.ndim - 1))
+            lead = (1,) * (x.ndim - 1)
+            mean = jnp.mean(x, axis=axes, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + node.attr("epsilon"))
+            if "gamma" in p:
+                y = y * p["gamma"].reshape(lead + p["gamma"].shape)
+            env[node.name] = y + p["beta"].reshape(lead + p["beta"].shape) if "beta" in p else y
+        else:
+            env[node.name] = apply_op(node, params, xs)
+        if node.name == out:
+            break
+    return env[out]
+
+
+@functools.lru_cache(maxsize=None)
+def _moments_fn(model: Any, name: str):
+    """Jitted: a batch -> the per-channel (mean, M2) of batch norm ``name``'s input in the inference network."""
+    from badnet_jax.models.ops import apply_op
+    from badnet_jax.models.protocol import scaled
+
+    graph = model.graph
+    src = graph.by_name[name].inputs[0]
+
+    def run(params, x):
+        env = {graph.nodes[0].name: scaled(x, model.divisor)}
+        for node in graph.nodes[1:]:
+            env[node.name] = apply_op(node, params, [env[s] for s in node.inputs])
+            if node.name == src:
+                break
+        v = env[src].reshape(-1, env[src].shape[-1])
+        mean = jnp.mean(v, axis=0, keepdims=True)
+        return mean[0], jnp.sum(jnp.square(v - mean), axis=0)
+
+    return jax.jit(run)
+
+
+def recalibrate_batch_norm(model: Any, params: Any, x_NxHxWxC: np.ndarray, batch: int = 512) -> Any:
+    """Set every batch norm's moving statistics to its input's mean and population variance over these images.
+
+    Layer by layer in graph order, each batch norm measured in the inference network with the earlier ones
+    already recalibrated; batches are combined in float64 (Chan et al.'s pairwise update), so the result does
+    not depend on ``batch`` beyond float32 rounding inside a batch. Returns new params (the others unchanged);
+    a model without batch norm gets its params back.
+    """
+    if not _has_batch_norm(model) or len(x_NxHxWxC) == 0:
+        return params
+    params = {layer: dict(p) for layer, p in params.items()}
+    for node in model.graph.nodes:
+        if node.op != "batch_norm":
+            continue
+        fn = _moments_fn(model, node.name)
+        n_tot, mean_tot, m2_tot = 0, None, None
+        for i in range(0, len(x_NxHxWxC), batch):
+            xb = jnp.asarray(x_NxHxWxC[i:i + batch], jnp.float32)
+            mean, m2 = (np.asarray(v, np.float64) for v in fn(params, xb))
+            n = len(xb) * _positions(model, node.inputs[0])
+            if mean_tot is None:
+                n_tot, mean_tot, m2_tot = n, mean, m2
+            else:
+                delta = mean - mean_tot
+                total = n_tot + n
+                mean_tot = mean_tot + delta * (n / total)
+                m2_tot = m2_tot + m2 + delta * delta * (n_tot * n / total)
+                n_tot = total
+        p = params[node.weights]
+        p["moving_mean"] = jnp.asarray(mean_tot, jnp.float32)
+        p["moving_variance"] = jnp.asarray(m2_tot / n_tot, jnp.float32)
+    return params
+
+
+def _positions(model: Any, name: str) -> int:
+    """Spatial positions per image of node ``name``'s output (1 for a vector)."""
+    shape = dict(model.shapes)[name]
+    return int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+
+
+def make_model_train_step(model: Any, tx: optax.GradientTransformation):
+    """One jitted optimiser step of :func:`train_model`: ``(params, opt_state, x, y) -> (params, opt_state,
+    loss)``, softmax cross-entropy of :func:`training_logits`."""
+
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        def loss_fn(p):
+            logits = training_logits(model, p, xb)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def trainable_labels(params: Any) -> Any:
+    """The params pytree labelled ``"train"`` or ``"frozen"`` (batch norms' moving statistics)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if getattr(path[-1], "key", None) in _MOVING else "train", params)
+
+
+def mean_loss(model: Any, params: Any, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
+    """Mean softmax cross-entropy of the inference network (``model.logits``) over (x, y), in float64."""
+    fn = jax.jit(lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
+        model.logits(p, xb.astype(jnp.float32)), yb).sum())
+    total = sum(float(fn(params, jnp.asarray(x[i:i + batch]), jnp.asarray(y[i:i + batch])))
+                for i in range(0, len(x), batch))
+    return total / max(len(x), 1)
+
+
+def train_model(model: Any, params: Any, x: np.ndarray, y: np.ndarray, config: TrainConfig = TrainConfig(),
+                valid: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                bd_valid: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                on_epoch: Optional[Callable[[int, dict], None]] = None,
+                recalibration_images: int = 4096) -> tuple[Any, list[dict]]:
+    """Train any :class:`~badnet_jax.models.protocol.PrunableModel` (a GraphCNN with batch norm included) on
+    (x, y) as given: poison the images first if a backdoor is wanted (``config.poison_fraction`` and
+    ``config.target_label`` are not used here).
+
+    Adam with a cosine decay from ``config.learning_rate`` to 0, ``config.batch_size`` images per step (a last
+    partial batch left out), ``config.epochs`` epochs, each in a fresh order from ``config.seed``. Batch norm
+    trains on batch statistics and ends recalibrated on all of (x, y) (see above); the moving statistics get no
+    optimiser update.
+
+    Args:
+        model: the architecture (its ``logits``; a GraphCNN's graph for batch norm).
+        params: where training starts (e.g. ``model.init_params(seed)``).
+        x, y: NHWC raw pixels 0..255 (float32) and int labels.
+        config: hyper-parameters (see above).
+        valid, bd_valid: optional clean and poisoned sets whose accuracy (percent) every epoch reports, the
+            batch norms recalibrated for that on the first ``recalibration_images`` training images.
+        on_epoch: optional callback ``(epoch, stats)``.
+
+    Returns:
+        (params, history): float32 params of the inference network, one stats dict per epoch (``loss``: the
+        mean training-mode loss of its steps).
+    """
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    rng = np.random.default_rng(config.seed)
+    steps_per_epoch = len(x) // config.batch_size
+    schedule = optax.cosine_decay_schedule(config.learning_rate, max(1, steps_per_epoch * config.epochs))
+    tx = optax.multi_transform({"train": optax.adam(schedule), "frozen": optax.set_to_zero()},
+                               trainable_labels(params))
+    opt_state = tx.init(params)
+    step = make_model_train_step(model, tx)
+    history = []
+    x = np.asarray(x, np.float32)
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        params, opt_state, loss = train_epoch(step, params, opt_state, x, y, config.batch_size, rng)
+        stats = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - t0}
+        if valid is not None or bd_valid is not None:
+            from badnet_jax.models.predict import predict as predict_any
+
+            p = recalibrate_batch_norm(model, params, x[:recalibration_images])
+            for key, xy in (("clean_acc", valid), ("asr", bd_valid)):
+                if xy is not None:
+                    stats[key] = float(accuracy(predict_any(model, p, xy[0]), xy[1]))
+        history.append(stats)
+        log.info("epoch %d/%d  loss %.4f  clean acc %s  ASR %s  (%.1f s)", epoch, config.epochs, stats["loss"],
+                 f"{stats['clean_acc']:.2f}%" if "clean_acc" in stats else "-",
+                 f"{stats['asr']:.2f}%" if "asr" in stats else "-", stats["seconds"])
+        if on_epoch is not None:
+            on_epoch(epoch, stats)
+    params = recalibrate_batch_norm(model, params, x)
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), params), history

@@ -23,6 +23,9 @@ RULE = flags.DEFINE_enum("rule", "absolute", ["absolute", "relative"],
                          "absolute: X percentage points (the lab's rule); relative: X of the original accuracy.")
 MODEL = flags.DEFINE_string("model", None, "Keras file of the BadNet: the lab's DeepID or any CNN of standard layers "
                             "(default models/bd_net.h5, models/bd_weights.h5).")
+EXAMPLE = flags.DEFINE_enum("example", None, ["deepid", "gapnet"], "Run an embedded example instead of files: "
+                            "deepid (the demo DeepID, also the default without files) or gapnet (a 32x32 "
+                            "BatchNorm CNN with a global-average-pooling head).")
 LAYER = flags.DEFINE_string("layer", None, "The layer whose output channels are pruned (default: pool_3 for the lab's "
                             "DeepID, else the last feature map before flatten or global pooling).")
 CLEAN_VALID = flags.DEFINE_string("clean_valid", None, "Clean validation h5 (default data/cl/valid.h5).")
@@ -56,7 +59,7 @@ ANP_STEPS = flags.DEFINE_integer("anp_steps", ANPConfig.steps, "ANP optimiser st
 CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
 
 # DefenseConfig's fields (dotted: nested configs) -> these flags, so errors name what the user typed.
-FLAG_OF = {"drops": DROP.name, "rule": RULE.name, "model": MODEL.name, "layer": LAYER.name, "clean_valid": CLEAN_VALID.name,
+FLAG_OF = {"drops": DROP.name, "rule": RULE.name, "model": MODEL.name, "layer": LAYER.name, "example": EXAMPLE.name, "clean_valid": CLEAN_VALID.name,
            "bd_valid": BD_VALID.name, "clean_test": CLEAN_TEST.name, "bd_test": BD_TEST.name,
            "input_scale": SCALE.name, "out_dir": OUT_DIR.name, "checkpoints": CHECKPOINTS.name,
            "chunk": CHUNK.name, "devices": DEVICES.name, "memory_budget": BUDGET.name,
@@ -72,7 +75,7 @@ def main(argv: list[str]) -> int:
         cli.refuse_extra_args(argv)
         budget = None if BUDGET.value is None else cli.parse_floats("memory_budget", str(BUDGET.value))[0] * 2**30
         config = DefenseConfig(
-            drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value, layer=LAYER.value,
+            drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value, layer=LAYER.value, example=EXAMPLE.value,
             clean_valid=CLEAN_VALID.value, bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value,
             bd_test=BD_TEST.value, out_dir=OUT_DIR.value, input_scale=SCALE.value, checkpoints=CHECKPOINTS.value,
             sweep=SweepOptions(chunk=CHUNK.value, devices=DEVICES.value, memory_budget=budget, progress=PROGRESS.value),

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from badnet_jax.attack.demo import DEMO_MODEL, demo_sets
+from badnet_jax.attack.gap_demo import GAP_DEMO_MODEL, gap_demo_sets
 from badnet_jax.errors import ConfigError, arg, reading
 from badnet_jax.io.fileio import sha256_of
 from badnet_jax.io.keras import recorded_input_scale
@@ -34,16 +35,25 @@ CLEAN_ROLES = ("clean_valid", "clean_test")  # required: the ranking, the cut an
 POISONED_ROLES = ("bd_valid", "bd_test")  # optional: a defender seldom has poisoned data
 
 
+# The embedded examples: name -> (the shipped model, its data generator, what it is).
+EXAMPLES = {
+    "deepid": (DEMO_MODEL, demo_sets, "the embedded demo (synthetic faces, demo DeepID BadNet)"),
+    "gapnet": (GAP_DEMO_MODEL, gap_demo_sets, "the embedded GAP-head example (32x32 shapes, a BatchNorm CNN)"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class InputFiles:
-    """The files a run reads: a Keras model and the lab h5 sets by role, or the embedded demo (``demo``).
+    """The files a run reads: a Keras model and the lab h5 sets by role, or an embedded example (``demo``).
 
-    ``data`` holds both clean sets and those poisoned sets that were given (none, one or both).
+    ``data`` holds both clean sets and those poisoned sets that were given (none, one or both); ``example``
+    names the embedded example (a key of :data:`EXAMPLES`) when ``demo``.
     """
 
     model: Path
     data: dict[str, Path]
     demo: bool = False
+    example: str = "deepid"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +64,10 @@ class Sets:
     true_labels: dict[str, Optional[np.ndarray]]
 
 
-def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> InputFiles:
-    """The files to read: the given ones, else the lab's default layout if present, else the embedded demo.
+def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]],
+                  example: Optional[str] = None) -> InputFiles:
+    """The files to read: the given ones, else the lab's default layout if present, else the embedded demo;
+    ``example`` asks for an embedded example by name (:data:`EXAMPLES`) and takes no files.
 
     The clean sets are required; the poisoned ones are optional (without them ASR is "n/a").
 
@@ -63,6 +75,14 @@ def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]]) -> In
         ConfigError: a poisoned set without the clean ones, lab files partly missing, or no model for lab data.
     """
     given = {r: Path(data[r]) for r in DATA_ROLES if data.get(r)}
+    if example is not None:
+        if example not in EXAMPLES:
+            raise ConfigError(f"{arg('example', example)}: expected one of {', '.join(EXAMPLES)}", field="example")
+        if given or model:
+            raise ConfigError(f"{arg('example', example)} runs an embedded example and reads no files; leave out "
+                              f"{arg('model' if model else next(iter(given)))}", field="example")
+        log.info("Running %s.", EXAMPLES[example][2])
+        return InputFiles(model=EXAMPLES[example][0], data={}, demo=True, example=example)
     if given and any(r not in given for r in CLEAN_ROLES):
         missing = [r for r in CLEAN_ROLES if r not in given]
         raise ConfigError(f"give the clean sets {arg('clean_valid')} and {arg('clean_test')} (the poisoned ones are "
@@ -128,7 +148,7 @@ def load_sets(files: InputFiles, model: PrunableModel) -> Sets:
     not given is no help ahead of an error about what was.
     """
     if files.demo:
-        data, true = demo_sets()
+        data, true = EXAMPLES[files.example][1]()
         return Sets(data, true)
     data, true = {}, {}
     for r, p in files.data.items():

@@ -88,6 +88,8 @@ class GraphCNN(PrunableModel):
         param_shapes: the params' shapes, frozen (the model's architecture, as the checks and init use it).
         shapes: every node's output shape without the batch axis, frozen.
         num_classes, input_hwc, feature_hwc: derived from the above.
+        tie_rtol, tie_rtol_measured: the float32 near-tie bound (``badnet_jax.numerics.ties``), and whether it
+            was measured on this model (``badnet_jax.numerics.tie_bound``; until then DeepID's TIE_RTOL).
     """
 
     graph: Graph
@@ -99,6 +101,7 @@ class GraphCNN(PrunableModel):
     input_hwc: tuple[int, int, int]
     feature_hwc: tuple[int, int, int]
     tie_rtol: float = TIE_RTOL
+    tie_rtol_measured: bool = False  # set by badnet_jax.numerics.tie_bound before a sweep
 
     # ----- construction
     @classmethod
@@ -176,7 +179,8 @@ class GraphCNN(PrunableModel):
     def with_layer(self, layer: str) -> "GraphCNN":
         """The same model pruned at another layer (checked as :meth:`build` checks it)."""
         _check_layer(self.graph, self._shapes, layer)
-        return dataclasses.replace(self, layer=layer, feature_hwc=tuple(self._shapes[layer]))
+        return dataclasses.replace(self, layer=layer, feature_hwc=tuple(self._shapes[layer]), tie_rtol=TIE_RTOL,
+                                   tie_rtol_measured=False)
 
     def layers(self) -> list[str]:
         """The layers that can be pruned (4-D outputs on every path to the logits), in graph order."""

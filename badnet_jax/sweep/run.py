@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from badnet_jax.sweep.anp import anp_order
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.numerics.settling import settle, settle_ranking
+from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
 from badnet_jax.models.deepid import as_model
 from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.sweep.rankings import RankingPlan, single
@@ -385,6 +386,8 @@ def rank_and_sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.n
     """
     model = as_model(model)
     _check_inputs(model, params, sets, rank_on)
+    # A model other than the lab's DeepID has its near-tie bound measured on its own images first.
+    model = with_measured_tie_rtol(model, params, sets[rank_on] if rank_on else next(iter(sets.values())))
     plan = _resolve(options, sets, model, rank_on)
     return _sweep(model, params, sets, plan, _ranking_plan(model, order, rankings), rank_on, rank_labels)
 

@@ -125,3 +125,15 @@ def test_deepid_as_a_graph_sweeps_as_the_lab_deepid(lab_b, lab_faces):
     np.testing.assert_array_equal(got.orders, want.orders)
     for name in sets:
         np.testing.assert_array_equal(got.preds[name], want.preds[name])
+
+
+def test_the_gapnet_example_runs_with_one_command_and_refuses_files(tmp_path):
+    proc = run_cli("prune", "--example", "gapnet", "--drop", "0.10", "--out_dir", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    curve = json.loads((tmp_path / "out" / "curve.json").read_text())
+    assert curve["model"]["name"] == "gap_demo" and curve["model"]["layer"] == "relu_3"
+    assert curve["selected"][0]["test_asr"] < curve["test_asr"][0] - 50  # the defense finds the backdoor
+    assert (tmp_path / "out" / "drop_10" / "b_prime.h5").is_file()
+    proc = run_cli("prune", "--example", "gapnet", "--model", "m.h5", "--out_dir", tmp_path / "o2", cwd=tmp_path)
+    assert proc.returncode == 2 and "--example gapnet runs an embedded example and reads no files; leave out " \
+                                   "--model" in proc.stderr

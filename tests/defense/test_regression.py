@@ -1,4 +1,4 @@
-"""Regression pin: run_defense's curve.json on the real lab subsets and on the embedded demo, against
+"""Regression pin: run_defense's curve.json on the real lab subsets and on the two embedded examples, against
 tests/golden/.
 
 The golden files pin what a refactoring must not change: every rate, the order, the cuts, the input scale
@@ -69,6 +69,14 @@ def test_demo_curve_is_pinned(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_defense(DefenseConfig(drops=(0.04, 0.30), out_dir="results"))
     _same(_results(tmp_path / "results" / "curve.json"), json.loads((GOLDEN / "demo_curve.json").read_text()))
+
+
+def test_gapnet_example_curve_is_pinned(tmp_path):
+    """The second embedded example (a 32x32 BatchNorm CNN with a global-average-pooling head, not DeepID)."""
+    run_defense(DefenseConfig(drops=(0.02, 0.04, 0.10, 0.30), example="gapnet", out_dir=str(tmp_path)))
+    got = _results(tmp_path / "curve.json")
+    assert got["model"]["layer"] == "relu_3" and got["input_scale"] == "255"
+    _same(got, json.loads((GOLDEN / "gapnet_curve.json").read_text()))
 
 
 def _finetune(epochs: int):

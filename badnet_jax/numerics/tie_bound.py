@@ -1,0 +1,91 @@
+"""The float32 near-tie bound of a model other than the lab's DeepID, measured on the model at hand.
+
+``badnet_jax.numerics.ties`` derives the form of the bound (a gap within ``rtol * S`` of a tie may depend on
+the summation order) and measured its multiple on the lab's DeepID: TIE_RTOL = 2 * 64 u, 10x the worst
+error seen on each logit. Another architecture sums other terms in other orders (batch norms, residual
+additions, deeper heads), so its multiple is measured the same way before its sweep: on up to
+:data:`CHECK_IMAGES` images of the ranking set, at every step of :data:`CHECK_ORDERS` seeded random orders,
+the float32 logits of both summation orders the sweep uses (the masked forward, and the affine split's
+suffix sums) against the model's float64 network; the bound is 10x the worst gap error on each of the two
+logits, never below TIE_RTOL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from badnet_jax.models.protocol import Params, PrunableModel
+from badnet_jax.numerics.ties import TIE_RTOL, U, output_scale, top2_gap
+
+CHECK_IMAGES = 32
+CHECK_ORDERS = 2
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@functools.lru_cache(maxsize=None)
+def _logits32(model: PrunableModel):
+    """Both float32 summation orders at every step of an order: (steps, N, K) logits of the masked forward and
+    of the suffix sums, and (steps, N) S of each."""
+    def run(params, x, order):
+        feats = model.features(params, x.astype(jnp.float32))
+        w, b = model.output_layer(params)
+        masks = (jnp.argsort(order)[None, :] >= jnp.arange(order.shape[0] + 1)[:, None]).astype(jnp.float32)
+
+        def direct(mask):
+            hidden = model.hidden(params, feats, mask)
+            return jnp.dot(hidden, w, precision=HIGHEST) + b[None, :], output_scale(hidden, w, b)
+
+        contribs = jax.vmap(lambda c: model.channel_contribution(params, feats, c))(jnp.arange(order.shape[0]))
+        bias = model.preactivation_bias(params)
+
+        def split(mask):
+            pre = jax.tree.map(lambda b0, c: b0[None] + jnp.tensordot(mask, c, axes=(0, 0)), bias, contribs)
+            hidden = model.tail_hidden(params, pre)
+            return jnp.dot(hidden, w, precision=HIGHEST) + b[None, :], output_scale(hidden, w, b)
+
+        return jax.lax.map(direct, masks), jax.lax.map(split, masks)
+    return jax.jit(run)
+
+
+def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, seed: int = 0) -> float:
+    """The largest |gap(float32) - gap(float64)| / (u S) over the check images, steps and both summation orders
+    (the gap between float64's top two classes; S as in ``badnet_jax.numerics.ties``)."""
+    x = np.asarray(x_NxHxWxC)
+    rows = np.unique(np.linspace(0, len(x) - 1, min(len(x), CHECK_IMAGES)).astype(int)) if len(x) else []
+    x = x[rows]
+    if not len(x):
+        return 0.0
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for _ in range(CHECK_ORDERS):
+        order = rng.permutation(model.num_channels).astype(np.int32)
+        masks = (np.argsort(order)[None, :] >= np.arange(len(order) + 1)[:, None]).astype(np.float64)
+        (l_direct, s_direct), (l_split, s_split) = _logits32(model)(params, jnp.asarray(x), jnp.asarray(order))
+        with jax.enable_x64(True):
+            p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+            fn = jax.jit(lambda p, xs, m: model.logits(p, xs, m, model.divisor))
+            l64 = np.stack([np.asarray(fn(p64, jnp.asarray(x, jnp.float64), jnp.asarray(m))) for m in masks])
+        first = l64.argmax(-1)
+        second = np.where(np.arange(l64.shape[-1]) == first[..., None], -np.inf, l64).argmax(-1)
+        pick = lambda logits, c: np.take_along_axis(np.asarray(logits, np.float64), c[..., None], -1)[..., 0]
+        gap64 = pick(l64, first) - pick(l64, second)
+        for logits, scale in ((l_direct, s_direct), (l_split, s_split)):
+            gap32 = pick(logits, first) - pick(logits, second)
+            worst = max(worst, float((np.abs(gap32 - gap64) / (U * np.maximum(np.asarray(scale), 1e-30))).max()))
+    return worst
+
+
+def with_measured_tie_rtol(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray) -> PrunableModel:
+    """``model`` with its ``tie_rtol`` measured on these images (10x the worst gap error, at least TIE_RTOL).
+
+    The lab's DeepID keeps its derived and measured TIE_RTOL (``badnet_jax.numerics.ties``).
+    """
+    if getattr(model, "tie_rtol_measured", True):
+        return model
+    rtol = max(TIE_RTOL, 10.0 * measured_gap_error(model, params, x_NxHxWxC) * U)
+    return dataclasses.replace(model, tie_rtol=rtol, tie_rtol_measured=True)

@@ -1,0 +1,101 @@
+"""badnet_jax.numerics.tie_bound: the near-tie bound of a model other than DeepID, measured on it; and the
+certified curve on those models: images bisected onto a decision boundary are predicted as float64 predicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from badnet_jax import sweep as sw
+from badnet_jax.io.model_file import load_model
+from badnet_jax.models.deepid import DeepID
+from badnet_jax.numerics import tie_bound
+from badnet_jax.numerics.ties import TIE_RTOL, U
+from tests import numpy_ref
+from tests.conftest import asset
+
+FILES = {"resnet_tiny": "models/other/resnet_tiny.h5", "vgg_tiny": "models/other/vgg_tiny.h5"}
+
+
+def _images(name):
+    return np.load(asset(FILES[name].replace(".h5", "_reference.npz")))["images"]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_the_measured_gap_error_is_a_few_roundings_and_sets_the_bound(name, monkeypatch):
+    model, params = load_model(asset(FILES[name]), input_scale="255")
+    measured = tie_bound.measured_gap_error(model, params, _images(name))
+    assert 0 < measured < TIE_RTOL / U / 10  # within the floor's margin on these models
+    got = tie_bound.with_measured_tie_rtol(model, params, _images(name))
+    assert got.tie_rtol_measured and got.tie_rtol == TIE_RTOL
+    # A model whose float32 errs more (another architecture, another CPU) gets a wider bound: 10x its error.
+    monkeypatch.setattr(tie_bound, "measured_gap_error", lambda *args: 1000.0)
+    assert tie_bound.with_measured_tie_rtol(model, params, _images(name)).tie_rtol == pytest.approx(10 * 1000 * U)
+
+
+def test_deepid_keeps_its_derived_bound(lab_b, lab_faces):
+    _, params = lab_b
+    x = lab_faces["valid_subset"][0]
+    assert tie_bound.with_measured_tie_rtol(DeepID(), params, x) == DeepID()
+    # The measurement agrees with the constant's documented margin (gap errors 1.3-1.8 u S, 10x under TIE_RTOL).
+    assert tie_bound.measured_gap_error(DeepID(), params, x) < TIE_RTOL / U / 10
+
+
+def _boundary_images(graph, params, layer, order, k, a, b, steps=60):
+    """Images on the float64 decision boundary of the network pruned at step k: bisect between a and b."""
+    mask = np.ones(len(order))
+    mask[order[:k]] = 0
+    target = graph.logits_node()
+
+    def pred(x):
+        return numpy_ref.graph_values64(graph, params, x[None] / 255, upto=target, masks={layer: mask})[target][0].argmax()
+
+    lo, hi = 0.0, 1.0
+    p_lo = pred(a)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if pred((1 - mid) * a + mid * b) == p_lo:
+            lo = mid
+        else:
+            hi = mid
+    return np.stack([(1 - lo) * a + lo * b, (1 - hi) * a + hi * b]).astype(np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FILES)
+def test_images_on_a_decision_boundary_get_the_float64_prediction_at_every_step(name, rng):
+    model, params = load_model(asset(FILES[name]), input_scale="255")
+    graph = model.graph
+    refs = _images(name).astype(np.float64)
+    pool = np.concatenate([refs, 255 - refs, rng.integers(0, 256, (32, *model.input_hwc)).astype(np.float64)])
+    # The files' networks are untrained and answer almost every image alike: a random output layer centred on
+    # the pool's mean hidden layer makes images disagree, so that boundaries between them exist (the
+    # architecture is what is under test).
+    logits_node = graph.by_name[graph.logits_node()]
+    out, hidden = logits_node.weights, logits_node.inputs[0]
+    w = rng.normal(0, 1, params[out]["kernel"].shape)
+    h = numpy_ref.graph_values64(graph, params, pool / 255, upto=hidden)[hidden]
+    params = {**params, out: {"kernel": w.astype(np.float32), "bias": (-h.mean(0) @ w).astype(np.float32)}}
+    order = np.arange(model.num_channels)[::-1].copy()
+    target = graph.logits_node()
+    boundary = []
+    for k in (0, model.num_channels // 2, model.num_channels - 1):  # steps where two images of the pool disagree
+        mask = np.ones(model.num_channels)
+        mask[order[:k]] = 0
+        pred = numpy_ref.graph_values64(graph, params, pool / 255, upto=target, masks={model.layer: mask})[target]
+        pred = pred.argmax(-1)
+        pairs = [(i, j) for i in range(len(pool)) for j in range(i + 1, len(pool)) if pred[i] != pred[j]]
+        if pairs:
+            i, j = pairs[0]
+            boundary.append(_boundary_images(graph, params, model.layer, order, k, pool[i], pool[j]))
+    assert boundary, "no two images of the pool are told apart at any step checked"
+    boundary = np.concatenate(boundary)
+    result = sw.rank_and_sweep(model, params, {"x": boundary}, order=order, rank_on=None)
+    want = []
+    for k in range(model.num_channels + 1):
+        mask = np.ones(model.num_channels)
+        mask[order[:k]] = 0
+        want.append(numpy_ref.graph_values64(graph, params, boundary.astype(np.float64) / 255, upto=target,
+                                             masks={model.layer: mask})[target].argmax(-1))
+    np.testing.assert_array_equal(result.preds["x"], np.stack(want))
+    assert result.settled["x"] > 0  # float32 could not decide them: they went to float64

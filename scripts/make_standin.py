@@ -19,7 +19,8 @@ import numpy as np
 from absl import app, flags
 
 from badnet_jax.commands import cli
-from badnet_jax.io.lab_data import LAB_CHW, load_lab_h5, load_trigger, poison
+from badnet_jax.io.lab_data import load_lab_h5, load_trigger, poison
+from badnet_jax.model import INPUT_HWC
 from badnet_jax.model import INPUT_HWC
 
 LAB_SIZES = {"valid": 11547, "test": 12830}  # images in the lab's valid.h5 and test.h5
@@ -54,7 +55,8 @@ def write_standin_lab_data(assets: str | os.PathLike, out_dir: str | os.PathLike
             p.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(paths[0], "w") as fc, h5py.File(paths[1], "w") as fb:
             for f in (fc, fb):
-                f.create_dataset("data", shape=(n, *LAB_CHW), dtype=np.uint8, chunks=(min(n, 256), *LAB_CHW))
+                chw = (INPUT_HWC[2], INPUT_HWC[0], INPUT_HWC[1])  # the lab's files store channels first
+                f.create_dataset("data", shape=(n, *chw), dtype=np.uint8, chunks=(min(n, 256), *chw))
                 f.create_dataset("label", shape=(n,), dtype=np.float64)
             for start in range(0, n, BLOCK):
                 idx = rng.integers(0, len(x), min(BLOCK, n - start))

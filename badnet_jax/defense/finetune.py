@@ -1,8 +1,9 @@
 """Fine-pruning (Liu et al. 2018): fine-tune the pruned B' on clean data with its pruning mask frozen.
 
-The mask multiplies pool_3 in every forward pass, so the pruned conv_3 channels get exactly zero gradient;
-with Adam (no weight decay) a zero gradient is a zero update, so channels zeroed before fine-tuning stay
-exactly zero after it. Training uses one part of the clean validation data and early stopping the rest;
+The mask multiplies the pruned layer's output (DeepID: pool_3) in every forward pass, so the pruned channels
+get exactly zero gradient; with Adam (no weight decay) a zero gradient is a zero update, so channels zeroed
+before fine-tuning (DeepID's conv_3, as the lab prunes) stay exactly zero after it; any other model keeps the
+mask in B'. Training uses one part of the clean validation data and early stopping the rest;
 test data and poisoned data are never touched.
 """
 
@@ -12,6 +13,7 @@ import dataclasses
 import logging
 import math
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +22,11 @@ import optax
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.metrics import accuracy
-from badnet_jax.model import BadNet, Params, predict, prune_params
-from badnet_jax.train import make_train_step, train_epoch
+from badnet_jax.model import BadNet, predict, prune_params
+from badnet_jax.models.deepid import DeepID, as_model
+from badnet_jax.models.predict import predict as predict_any
+from badnet_jax.models.protocol import Params, PrunableModel
+from badnet_jax.train import make_train_step, train_epoch, trainable_labels
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +73,44 @@ def split_clean_valid(n: int, holdout_fraction: float, seed: int) -> tuple[np.nd
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
-def finetune(model: BadNet, params: Params, mask: jax.Array, x_clean: np.ndarray, y_clean: np.ndarray,
+def finetune(model: Any, params: Params, mask: jax.Array, x_clean: np.ndarray, y_clean: np.ndarray,
              config: FinetuneConfig = FinetuneConfig()) -> tuple[Params, list[dict]]:
     """Fine-tune B' = (params, mask) on clean images; returns the best params by early-stopping accuracy.
 
     Args:
-        model: the BadNet module.
-        params: B's (or B''s) params; the pruned conv_3 channels are zeroed first.
-        mask: (60,) pool_3 mask, frozen.
+        model: B's model: the lab's DeepID (a ``DeepID`` or its ``BadNet`` module: the pruned conv_3 channels
+            are zeroed first, as the lab prunes) or any ``PrunableModel`` (the mask stays in every forward; batch
+            norms' moving statistics stay as they are).
+        params: B's (or B''s) params.
+        mask: (C,) mask of the pruned layer's channels, frozen.
         x_clean, y_clean: clean validation images and labels (split into train / early-stopping parts).
         config: hyper-parameters.
 
     Returns:
-        (params, history): fine-tuned params (pruned channels exactly zero) and one stats dict per epoch.
+        (params, history): fine-tuned params (with the mask, B') and one stats dict per epoch.
     """
     mask = jnp.asarray(mask, jnp.float32)
-    params = prune_params(params, mask)
+    if isinstance(model, DeepID):
+        model = model.flax_module
+    if isinstance(model, BadNet):
+        params = prune_params(params, mask)
+        tx = optax.adam(config.learning_rate)
+        step = make_train_step(model, tx, mask)
+        predict_fn = lambda p, x: predict(model, p, x, mask)
+    else:
+        model = as_model(model)
+        # Only the learned weights move: the batch norms' moving statistics are the inference network's.
+        tx = optax.multi_transform({"train": optax.adam(config.learning_rate), "frozen": optax.set_to_zero()},
+                                   trainable_labels(params))
+        step = _masked_step(model, tx, mask)
+        predict_fn = lambda p, x: predict_any(model, p, x, mask)
     train_idx, hold_idx = split_clean_valid(len(x_clean), config.holdout_fraction, config.seed)
     x_tr, y_tr = x_clean[train_idx].astype(np.float32), y_clean[train_idx]
     x_ho, y_ho = x_clean[hold_idx], y_clean[hold_idx]
-    tx = optax.adam(config.learning_rate)
     opt_state = tx.init(params)
-    step = make_train_step(model, tx, mask)
 
     def holdout_acc(p):
-        return float(accuracy(predict(model, p, x_ho, mask), y_ho))
+        return float(accuracy(predict_fn(p, x_ho), y_ho))
 
     rng = np.random.default_rng(config.seed)
     best, best_acc, stale, history = params, holdout_acc(params), 0, []
@@ -113,3 +131,19 @@ def finetune(model: BadNet, params: Params, mask: jax.Array, x_clean: np.ndarray
             if stale >= config.patience:
                 break
     return best, history
+
+
+def _masked_step(model: PrunableModel, tx: optax.GradientTransformation, mask: jax.Array):
+    """One jitted step of softmax cross-entropy of B' (the model under ``mask``): the pruned channels stay zero
+    in every forward, so nothing after them learns from them."""
+
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        def loss_fn(p):
+            return optax.softmax_cross_entropy_with_integer_labels(model.logits(p, xb, mask), yb).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step

@@ -209,6 +209,9 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, model: PrunableModel
             if not isinstance(model, DeepID):
                 d.mkdir()
                 save_keras_graph(model.with_input_scale(scale), params, d / "b_prime.h5", m.mask)
+                if m.finetuned_params is not None:
+                    save_keras_graph(model.with_input_scale(scale), m.finetuned_params, d / "b_prime_finetuned.h5",
+                                     m.mask)
                 continue
             save_keras(prune_params(params, m.mask), d / "b_prime.h5", scale)
             checkpoint.save_badnet(d / "b_prime_ckpt", params, m.mask, scale)

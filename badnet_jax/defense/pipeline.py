@@ -26,7 +26,6 @@ from badnet_jax.models.predict import predict_settled
 from badnet_jax.defense.finetune import FinetuneConfig, finetune
 from badnet_jax.defense.inputs import (CLEAN_ROLES, DATA_ROLES, POISONED_ROLES, InputFiles, Sets, describe_inputs,
                                        load_model, load_sets, locate_inputs, peek_sets, sample_clean_valid)
-from badnet_jax.errors import ConfigError, arg
 from badnet_jax.models.deepid import DeepID
 from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.defense.outputs import CutModels, check_out_dir, check_space, write_results
@@ -94,9 +93,6 @@ def run_defense(config: DefenseConfig) -> Curve:
     files = locate_inputs(config.model, {r: getattr(config, r) for r in DATA_ROLES}, config.example)
     model, params, recorded = load_model(files, config.layer)
     log.info("Model: %s.", model.describe())
-    if config.finetune is not None and not isinstance(model, DeepID):
-        raise ConfigError(f"{arg('finetune')}: fine-pruning trains the lab's DeepID only; {model.name} pruned at "
-                          f"{model.layer} can be pruned without it", field="finetune")
     if primary and config.checkpoints:
         check_space(config.out_dir, params, config.drops, config.finetune is not None)
     ranking = resolve_rankings(config.rankings, params, model)
@@ -169,7 +165,8 @@ def run_defense(config: DefenseConfig) -> Curve:
                       {"model": model.describe(), "input scale": scale.describe(), "sweep": plan.describe(),
                        "rankings": _describe_rankings(ranking), "near-ties": _describe_ties(sweep)}, warnings)
         log.info("Wrote %s (report.md, curve.json, curve.png%s) in %.2f s.", config.out_dir,
-                 ", B' and GoodNet models per drop" if config.checkpoints else "", time.perf_counter() - t)
+                 (", B' and GoodNet models per drop" if isinstance(model, DeepID) else ", B' per drop as Keras files")
+                 if config.checkpoints else "", time.perf_counter() - t)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -304,7 +301,7 @@ def _finetune_cut(model: PrunableModel, params: Params, sweep, sets: Sets, ft: O
         return cut, None
     t = time.perf_counter()
     mask = sweep.masks[cut.channels_pruned]
-    ft_params, history = finetune(model.flax_module, params, mask, *sets.data["clean_valid"], ft)
+    ft_params, history = finetune(model, params, mask, *sets.data["clean_valid"], ft)
     n = model.num_classes
     g = {}
     for role in ("clean_test", "bd_test"):

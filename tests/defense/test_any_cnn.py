@@ -137,3 +137,24 @@ def test_the_gapnet_example_runs_with_one_command_and_refuses_files(tmp_path):
     proc = run_cli("prune", "--example", "gapnet", "--model", "m.h5", "--out_dir", tmp_path / "o2", cwd=tmp_path)
     assert proc.returncode == 2 and "--example gapnet runs an embedded example and reads no files; leave out " \
                                    "--model" in proc.stderr
+
+
+def test_fine_pruning_any_cnn_writes_a_b_prime_that_scores_what_the_curve_says(tmp_path, rng):
+    graph, params = read_keras_graph(asset(FILES["vgg_tiny"]))
+    files, sets = _data(graph, params, tmp_path, rng, n=80)
+    proc = run_cli("prune", "--model", asset(FILES["vgg_tiny"]), "--input_scale", "255", "--drop", "0.10",
+                   "--finetune_epochs", "2", "--finetune_lr", "1e-3", "--out_dir", tmp_path / "out",
+                   *[a for role, p in files.items() for a in (f"--{role}", p)])
+    assert proc.returncode == 0, proc.stderr
+    cut = json.loads((tmp_path / "out" / "curve.json").read_text())["selected"][0]
+    ft = cut["finetuned"]
+    # The fine-tuned B' as written (a Keras file of the pruned network), read back and run on the test sets.
+    from badnet_jax.io.model_file import load_model
+    from badnet_jax.models.predict import predict_settled
+
+    b_prime, ft_params = load_model(tmp_path / "out" / "drop_10" / "b_prime_finetuned.h5")
+    assert b_prime.input_scale == "255"
+    for role, key in (("clean_test", "test_acc"), ("bd_test", "test_asr")):
+        x, y = sets[role]
+        preds, _ = predict_settled(b_prime, ft_params, x)
+        assert 100.0 * float((preds == y).mean()) == pytest.approx(ft[key], abs=1e-4), role

@@ -31,7 +31,6 @@ from badnet_jax import save_lab_h5
 from tests.cli import run_cli
 from tests.keras_oracle import keras_load_model  # sets KERAS_BACKEND=jax before keras is imported
 
-pytestmark = pytest.mark.slow  # trains two Keras models and runs prune.py four times (~1-2 min on 2 cores)
 
 TARGET = 0
 N_TRAIN, N_EVAL = 2000, 300
@@ -236,6 +235,16 @@ def _first_crossing(valid_hits: np.ndarray, total: int, drop: float) -> int:
     return len(valid_hits) - 1
 
 
+def test_the_drawn_data_is_seeded_and_the_trigger_is_a_white_corner():
+    a, b = _draw(np.random.default_rng(3), 50), _draw(np.random.default_rng(3), 50)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    poisoned = _trigger(a[0])
+    changed = (poisoned != a[0]).any(axis=(0, 3))
+    assert changed.any() and (poisoned[:, changed] == 255).all()  # only the trigger's pixels, all white
+
+
+@pytest.mark.slow  # trains two Keras models and runs prune.py four times (~1-2 min on 2 cores)
 @pytest.mark.parametrize("which", ["default_layer", "given_layer"])
 def test_prune_on_a_trained_keras_badnet_is_keras_own_pruned_network(badnet, which, data, tmp_path):
     name = badnet["name"]

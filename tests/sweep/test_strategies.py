@@ -136,13 +136,13 @@ def test_what_reaches_the_head_is_the_float64_preactivation(lab_b, lab_faces, mo
     feats = numpy_ref.pool3(params, xb)
     alive = feats.max(axis=(0, 1, 2)) > 0
     records = []
-    real = strategies.head_top2
+    real = DeepID.tail_top2
 
-    def recording(fc1, c4, *weights, **kwargs):
-        jax.debug.callback(lambda *a: records.append([np.asarray(v) for v in a]), fc1, c4)
-        return real(fc1, c4, *weights, **kwargs)
+    def recording(self, p, pre, **kwargs):
+        jax.debug.callback(lambda *a: records.append([np.asarray(v) for v in a]), *pre)
+        return real(self, p, pre, **kwargs)
 
-    monkeypatch.setattr(strategies, "head_top2", recording)
+    monkeypatch.setattr(DeepID, "tail_top2", recording)
     orders = np.stack([np.random.default_rng(s).permutation(60) for s in range(2)])
     for options in (sw.SweepOptions(dedupe=False, group=False), sw.SweepOptions(group=False),
                     sw.SweepOptions(group=False, batch_steps=4)):

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.errors import ConfigError, DataFileError, arg
+from badnet_jax.errors import ConfigError, arg
+from badnet_jax.models.protocol import INPUT_DIVISORS, INPUT_SCALES, check_images_of_shape, input_divisor  # noqa: F401
 
 INPUT_HWC = (55, 47, 3)
 # The convolutions, in data order: (layer, filters, k) of a VALID k x k conv followed by relu. conv_1..conv_3
@@ -35,9 +36,6 @@ CONVS = (("conv_1", 20, 4), ("conv_2", 40, 3), ("conv_3", 60, 3), ("conv_4", 80,
 POOL = 2  # max pool window and stride
 HIDDEN_UNITS = 160  # fc_1 and fc_2 (summed, relu): the output layer's input
 LAB_NUM_CLASSES = 1283
-# Input scale -> what the pixels 0..255 are divided by before conv_1: as they are, or pixels / 255.
-INPUT_DIVISORS = {"raw": 1.0, "255": 255.0}
-INPUT_SCALES = tuple(INPUT_DIVISORS)
 
 
 def _conv_shapes() -> dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]]:
@@ -65,18 +63,6 @@ KERAS_LAYER_NAMES = (
 WEIGHT_LAYERS = ("conv_1", "conv_2", "conv_3", "conv_4", "fc_1", "fc_2", "output")
 
 Params = dict[str, Any]
-
-
-def input_divisor(input_scale: str) -> float:
-    """What a model of this input scale divides the pixels 0..255 by (1 for ``raw``, 255 for ``255``).
-
-    Raises:
-        ConfigError: an input scale other than :data:`INPUT_SCALES`.
-    """
-    if input_scale not in INPUT_DIVISORS:
-        raise ConfigError(f"{arg('input_scale', input_scale)}: expected one of {', '.join(INPUT_SCALES)}",
-                          field="input_scale")
-    return INPUT_DIVISORS[input_scale]
 
 
 def param_shapes(num_classes: int) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -314,44 +300,10 @@ def check_mask(mask: Any, name: str = "mask") -> Any:
 
 def check_images(x_NxHxWxC: Any, name: str = "x", allow_empty: bool = False,
                  field: Optional[str] = None) -> None:
-    """Refuse images a BadNet cannot take: not (N, 55, 47, 3), not real numbers, NaN or infinite pixels.
-
-    ``x_NxHxWxC`` may be a NumPy or JAX array, or only a shape and dtype (``jax.ShapeDtypeStruct``: shape and
-    dtype checked). Float pixels are checked for NaN and infinity with one pass (a sum) over the data.
-
-    Args:
-        x_NxHxWxC: the images, pixels 0..255.
-        name: the argument (or set) they were passed as, for the message.
-        allow_empty: whether N = 0 is accepted.
-        field: the argument or config field at fault, for the error's ``field`` (default: ``name``).
+    """Refuse images a BadNet cannot take: not (N, 55, 47, 3), not real numbers, NaN or infinite pixels
+    (``badnet_jax.models.protocol.check_images_of_shape`` at DeepID's input).
 
     Raises:
         DataFileError: naming ``name`` and what was expected.
     """
-    field = name if field is None else field
-    shape, dtype = getattr(x_NxHxWxC, "shape", None), getattr(x_NxHxWxC, "dtype", None)
-    if shape is None or dtype is None:
-        raise DataFileError(f"{arg(name)}: expected an array of images (N, {', '.join(map(str, INPUT_HWC))}), got "
-                            f"{type(x_NxHxWxC).__name__}", field=field)
-    shape, dtype = tuple(shape), np.dtype(dtype)
-    if len(shape) != 4 or shape[1:] != INPUT_HWC:
-        raise DataFileError(f"{arg(name)}: images of shape {shape}, expected (N, {', '.join(map(str, INPUT_HWC))}) "
-                            "(N images, height, width, RGB)", field=field)
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) or dtype == np.bool_:
-        raise DataFileError(f"{arg(name)}: images of dtype {dtype}, expected pixels 0..255 as integers or floats",
-                            field=field)
-    if shape[0] == 0 and not allow_empty:
-        raise DataFileError(f"{arg(name)}: no images (shape {shape}); at least one is needed", field=field)
-    if not np.issubdtype(dtype, np.floating) or shape[0] == 0 or isinstance(x_NxHxWxC, jax.ShapeDtypeStruct) \
-            or _is_traced(x_NxHxWxC):
-        return
-    # One pass: a sum is finite unless a pixel is NaN or infinite (or finite pixels overflow it: then the
-    # per-image check below finds nothing and the images pass).
-    xp = jnp if isinstance(x_NxHxWxC, jax.Array) else np  # a device array is checked where it lives
-    if bool(np.isfinite(xp.sum(x_NxHxWxC))):
-        return
-    bad = np.flatnonzero(~np.isfinite(np.asarray(x_NxHxWxC)).reshape(shape[0], -1).all(axis=1))
-    if not len(bad):
-        return
-    raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds NaN or infinite pixels ({len(bad)} of {shape[0]} "
-                        "images do); pixels must be finite numbers 0..255", field=field)
+    check_images_of_shape(x_NxHxWxC, INPUT_HWC, name, allow_empty, field)

@@ -106,6 +106,16 @@ def train_epoch(step: Callable, params: Params, opt_state: Any, x: np.ndarray, y
     return params, opt_state, loss
 
 
+def _epoch_done(history: list, stats: dict, epochs: int, on_epoch: Optional[Callable]) -> None:
+    """Record and log one epoch's stats (and tell ``on_epoch``): BadNet training's and any model's alike."""
+    history.append(stats)
+    log.info("epoch %d/%d  loss %.4f  clean acc %s  ASR %s  (%.1f s)", stats["epoch"], epochs, stats["loss"],
+             f"{stats['clean_acc']:.2f}%" if "clean_acc" in stats else "-",
+             f"{stats['asr']:.2f}%" if "asr" in stats else "-", stats["seconds"])
+    if on_epoch is not None:
+        on_epoch(stats["epoch"], stats)
+
+
 def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, trigger: np.ndarray,
                  config: TrainConfig = TrainConfig(),
                  valid: Optional[tuple[np.ndarray, np.ndarray]] = None,
@@ -147,12 +157,7 @@ def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, tri
             stats["clean_acc"] = float(accuracy(predict(model, params, valid[0], mask), valid[1]))
         if bd_valid is not None:
             stats["asr"] = float(accuracy(predict(model, params, bd_valid[0], mask), bd_valid[1]))
-        history.append(stats)
-        log.info("epoch %d/%d  loss %.4f  clean acc %s  ASR %s  (%.1f s)", epoch, config.epochs, stats["loss"],
-                 f"{stats['clean_acc']:.2f}%" if "clean_acc" in stats else "-",
-                 f"{stats['asr']:.2f}%" if "asr" in stats else "-", stats["seconds"])
-        if on_epoch is not None:
-            on_epoch(epoch, stats)
+        _epoch_done(history, stats, config.epochs, on_epoch)
     return model, params, history
 
 
@@ -351,11 +356,6 @@ def train_model(model: Any, params: Any, x: np.ndarray, y: np.ndarray, config: T
             for key, xy in (("clean_acc", valid), ("asr", bd_valid)):
                 if xy is not None:
                     stats[key] = float(accuracy(predict_any(model, p, xy[0]), xy[1]))
-        history.append(stats)
-        log.info("epoch %d/%d  loss %.4f  clean acc %s  ASR %s  (%.1f s)", epoch, config.epochs, stats["loss"],
-                 f"{stats['clean_acc']:.2f}%" if "clean_acc" in stats else "-",
-                 f"{stats['asr']:.2f}%" if "asr" in stats else "-", stats["seconds"])
-        if on_epoch is not None:
-            on_epoch(epoch, stats)
+        _epoch_done(history, stats, config.epochs, on_epoch)
     params = recalibrate_batch_norm(model, params, x)
     return jax.tree.map(lambda a: np.asarray(a, np.float32), params), history

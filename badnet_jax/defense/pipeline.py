@@ -30,7 +30,7 @@ from badnet_jax.models.deepid import DeepID
 from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.defense.outputs import CutModels, check_out_dir, check_space, write_results
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
-from badnet_jax.defense.scale import SAMPLE, ScaleChoice, accuracy_at_each_scale, choose_input_scale, clear_winner
+from badnet_jax.defense.scale import PLAUSIBLE, SAMPLE, ScaleChoice, accuracy_at_each_scale, choose_input_scale, clear_winner
 from badnet_jax.sweep import SweepOptions, compile_sweep, plan_sweep, rank_and_sweep
 
 log = logging.getLogger(__name__)
@@ -212,8 +212,8 @@ def _check_given_scale(config: DefenseConfig, model: PrunableModel, params: Para
     x, y = (a[:SAMPLE] for a in sets.data["clean_valid"])
     acc = accuracy_at_each_scale(model, params, x, y)
     judged = clear_winner(acc)
-    if judged == scale.scale:
-        return []
+    if judged == scale.scale or (judged is None and acc[scale.scale] >= PLAUSIBLE):
+        return []  # the given scale wins, or both are plausible (a model that does not mind the scale)
     measured = ", ".join(f"{s}: {a:.2f}%" for s, a in acc.items())
     why = (f"the other scale ({judged}) is clearly better" if judged is not None
            else "neither scale is plausible (is this data the model's?)")

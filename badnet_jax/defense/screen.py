@@ -21,8 +21,9 @@ import numpy as np
 
 from badnet_jax.io import checkpoint
 from badnet_jax.io.keras import load_keras, mask_from_zeroed, recorded_input_scale
+from badnet_jax.io.model_file import load_model as load_model_file
 from badnet_jax.io.lab_data import IMAGE_SUFFIXES, image_files, label_in_name, load_image, load_lab_h5
-from badnet_jax.errors import ConfigError, DataFileError, ModelFileError, arg, reading
+from badnet_jax.errors import BadNetError, ConfigError, DataFileError, ModelFileError, arg, reading
 from badnet_jax.goodnet import make_goodnet, predict_goodnet
 from badnet_jax.model import Params
 from badnet_jax.defense.scale import choose_input_scale
@@ -128,6 +129,21 @@ def _recorded_scale(model_path: str | os.PathLike, pruned_path: str | os.PathLik
     return pruned_scale or model_scale
 
 
+def _deepid_only(model_path: str | os.PathLike) -> None:
+    """Refuse, before any image is read, a B that is a CNN other than the lab's DeepID (the screener's images,
+    GoodNet checkpoints and B' files are DeepID's), saying so instead of a DeepID reader's complaint."""
+    try:
+        load_keras(model_path)
+    except ModelFileError:
+        try:
+            other, _ = load_model_file(model_path, "255")
+        except BadNetError:
+            return  # not a model at all: the reading below says what is wrong with it
+        raise ConfigError(f"{arg('model_path', str(model_path))}: {other.name} is not the lab's DeepID; the screener "
+                          "reads DeepID BadNets only (for any CNN: badnet_jax.make_goodnet and predict_goodnet)",
+                          field="model_path") from None
+
+
 def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | os.PathLike],
            inputs: Sequence[str | os.PathLike], input_scale: str = "auto",
            goodnet_path: Optional[str | os.PathLike] = None) -> list[tuple[str, int]]:
@@ -145,6 +161,8 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
         DataFileError: unreadable inputs; labelled inputs outside B's classes when the scale is measured.
         ConfigError: neither a GoodNet nor B and B'; the input scale cannot be told.
     """
+    if model_path is not None:
+        _deepid_only(model_path)
     names, x, labels = gather_inputs(inputs)
     if goodnet_path is not None:
         if model_path is not None or pruned_path is not None:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
-from badnet_jax.models.protocol import Params, PrunableModel, scaled
+from badnet_jax.models.protocol import Params, PrunableModel, input_divisor, scaled
 from badnet_jax.numerics.ties import TIE_RTOL
 
 
@@ -74,6 +74,7 @@ class FlaxCNN(PrunableModel):
             ConfigError: the module has no ``features`` or ``hidden`` method, its features are not a 4-D
                 feature map, or the params hold no Dense ``output`` layer.
         """
+        input_divisor(input_scale)  # refuses an unknown scale now, not at the first sweep
         for method in ("features", "hidden"):
             if not callable(getattr(module, method, None)):
                 raise ConfigError(f"{arg('module')}: {type(module).__name__} has no {method}() method; see "

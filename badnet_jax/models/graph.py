@@ -118,8 +118,9 @@ class GraphCNN(PrunableModel):
         shapes = _infer_shapes(graph, frozen)
         logits = graph.by_name[graph.logits_node()]
         if logits.op != "dense" or len(shapes[logits.inputs[0]]) != 1:
-            raise ConfigError(f"model {graph.name!r}: its output layer {logits.name!r} is a {logits.op}, not a Dense "
-                              "layer on a vector; badnet-jax needs logits = Dense(hidden layer)", field="model")
+            # no field: the caller reading a file names it (errors.reading)
+            raise ConfigError(f"model {graph.name!r}: its output layer {logits.name!r} ({logits.op}) is not a Dense "
+                              "layer on a vector; badnet-jax needs logits = Dense(hidden layer)")
         layer = default_layer(graph, shapes) if layer is None else layer
         _check_layer(graph, shapes, layer)
         out = shapes[logits.name]
@@ -440,7 +441,10 @@ def _check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str
         keras_layers = [n.name for n in graph.nodes if "/" not in n.name]
         raise ConfigError(f"{arg('layer', layer)}: no such layer in {graph.name!r} (its layers: "
                           f"{', '.join(keras_layers[:40])}{'...' if len(keras_layers) > 40 else ''})", field="layer")
-    if len(shapes[layer]) != 3 or graph.by_name[layer].op == "input":
+    if graph.by_name[layer].op == "input":
+        raise ConfigError(f"{arg('layer', layer)}: the model's input, not a layer's output; prune one of "
+                          f"{', '.join(_candidates(graph, shapes))}", field="layer")
+    if len(shapes[layer]) != 3:
         raise ConfigError(f"{arg('layer', layer)}: its output has shape {shapes[layer]}, not a feature map (height, "
                           "width, channels); prune a convolutional layer's output", field="layer")
     if layer not in _dominators(graph, graph.logits_node()):

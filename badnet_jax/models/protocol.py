@@ -196,7 +196,17 @@ class PrunableModel(abc.ABC):
 
     def logits(self, params: Params, x_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None,
                divisor: Any = None) -> jax.Array:
-        """Pixels 0..255 -> logits (N, K) of B, or of B' under a (C,) channel mask."""
+        """Pixels 0..255 -> logits (N, K) of B, or of B' under a (C,) channel mask.
+
+        Raises:
+            DataFileError: images of another size than the model's input.
+            ConfigError: a mask that is not (C,) zeros and ones.
+        """
+        if tuple(np.shape(x_NxHxWxC)[1:]) != tuple(self.input_hwc):
+            raise DataFileError(f"{arg('x_NxHxWxC')}: images of shape {tuple(np.shape(x_NxHxWxC))}, expected (N, "
+                                f"{', '.join(map(str, self.input_hwc))}) for {self.name}", field="x_NxHxWxC")
+        if mask is not None:
+            self.check_mask(mask)
         return self.head(params, self.features(params, x_NxHxWxC, divisor), mask)
 
     # ----- the affine split of the head (the sweep's shortcuts)

@@ -155,6 +155,13 @@ def read_order_file(path: str | Path, channels: int, layer: str = "pruned layer"
     if isinstance(value, dict):
         if "order" not in value:
             raise ConfigError(f"{where}: a JSON object without an 'order' key", field="order_file")
+        model = value.get("model")
+        # A curve.json names its pruned layer (none: the lab's pool_3); an order of another layer's channels
+        # would prune the wrong ones.
+        pruned = model.get("layer") if isinstance(model, dict) else "pool_3"
+        if layer != "pruned layer" and pruned != layer:
+            raise ConfigError(f"{where}: a curve.json of layer {pruned!r}, but {layer!r} is pruned here",
+                              field="order_file")
         value = value["order"]
     if not isinstance(value, list) or not all(isinstance(v, int) or (isinstance(v, str) and v.isdigit())
                                               for v in value):

@@ -203,3 +203,11 @@ def test_a_missing_model_or_checkpoint_names_its_flag(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {flag} "), proc.stderr
         assert "not found" in proc.stderr and not proc.stdout
+
+
+def test_a_model_other_than_deepid_is_refused_saying_so(tmp_path):
+    from badnet_jax.attack.gap_demo import GAP_DEMO_MODEL
+
+    proc = run_cli("goodnet_eval", asset("faces/png"), "--model", GAP_DEMO_MODEL, "--pruned", GAP_DEMO_MODEL)
+    assert proc.returncode == 2
+    assert "gap_demo is not the lab's DeepID; the screener reads DeepID BadNets only" in proc.stderr

@@ -121,3 +121,16 @@ def test_every_strategy_gives_the_float64_pruned_network_at_every_step(name, lay
     feats64 = numpy_ref.graph_values64(graph, params, x.astype(np.float64) / 255, upto=model.layer)[model.layer]
     np.testing.assert_array_equal(result.order, np.argsort(feats64.mean(axis=(0, 1, 2)), kind="stable"))
     np.testing.assert_array_equal(result.preds["clean_valid"], _steps64(graph, params, x, model.layer, result.order))
+
+
+def test_a_forward_refuses_images_of_another_size_and_a_mask_of_another_layer():
+    graph, params = _load("vgg_tiny")
+    model = GraphCNN.build(graph, params)
+    from badnet_jax import DataFileError
+
+    with pytest.raises(DataFileError, match=r"x_NxHxWxC: images of shape \(2, 55, 47, 3\), expected \(N, 28, 28, 3\)"):
+        model.logits(params, jnp.zeros((2, 55, 47, 3)))
+    with pytest.raises(ConfigError, match=r"mask: shape \(60,\), expected \(16,\): one entry per p2 channel"):
+        model.logits(params, jnp.zeros((2, 28, 28, 3)), np.ones(60))
+    with pytest.raises(ConfigError, match="layer=input_1: the model's input, not a layer's output"):
+        GraphCNN.build(graph, params, layer="input_1")

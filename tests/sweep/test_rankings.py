@@ -128,3 +128,13 @@ def test_orders_vmapped_in_groups_give_each_order_alone(orders_per_call, lab_b, 
     for i, label in enumerate(plan.labels):
         np.testing.assert_array_equal(got.all_preds["bd_valid"][i],
                                       sw.predict_steps(model, params, xb, got.orders[i], one), err_msg=label)
+
+
+def test_an_order_file_of_another_layer_is_refused(tmp_path):
+    (tmp_path / "curve.json").write_text(json.dumps({"order": list(range(16)), "model": {"layer": "c4"}}))
+    with pytest.raises(ConfigError, match="a curve.json of layer 'c4', but 'p2' is pruned here"):
+        read_order_file(tmp_path / "curve.json", 16, "p2")
+    np.testing.assert_array_equal(read_order_file(tmp_path / "curve.json", 16, "c4"), np.arange(16))
+    (tmp_path / "lab.json").write_text(json.dumps({"order": list(range(60))}))  # the lab's curve.json: pool_3
+    with pytest.raises(ConfigError, match="a curve.json of layer 'pool_3', but 'pool_2' is pruned here"):
+        read_order_file(tmp_path / "lab.json", 60, "pool_2")

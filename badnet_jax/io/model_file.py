@@ -63,19 +63,17 @@ def load_model(path: str | os.PathLike, input_scale: Optional[str] = None, layer
         raise ConfigError(f"{arg('input_scale', input_scale)}: expected one of {', '.join(INPUT_SCALES)}",
                           field="input_scale")
     recorded = recorded_input_scale(path)
-    deepid_error: Optional[ModelFileError] = None
     if config_path is None:
         try:
             badnet, params = load_keras(path, input_scale)
-        except ModelFileError as err:
+        except ModelFileError:
             if not _has_config(path):
-                raise
-            deepid_error = err
+                raise  # weights only: nothing but the lab's DeepID can be read from it
         else:
             if layer in (None, POOL3):
                 return DeepID.of(badnet), params
             return GraphCNN.build(deepid_graph(badnet.num_classes), params, layer, badnet.input_scale), params
-    del deepid_error  # not the lab's DeepID: the graph reader says what is wrong, if anything
+    # Not the lab's DeepID: the graph reader says what is wrong, if anything.
     graph, params = read_keras_graph(path, config_path)
     scale = input_scale or recorded
     if scale is None:

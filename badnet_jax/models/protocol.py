@@ -271,20 +271,20 @@ class PrunableModel(abc.ABC):
     # ----- float64 (the settling of near-ties)
     def features64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
         """(N, H, W, C) float64 features: the model's own trunk run by XLA in float64."""
-        return _run64(self, params, x_NxHxWxC, divisor, None, "features")
+        return _run64(self, params, "features", np.asarray(x_NxHxWxC, np.float64) / divisor)
 
     def argmax64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float,
                  masks_NxC: Optional[np.ndarray] = None, image_of: Optional[np.ndarray] = None) -> np.ndarray:
         """(R,) the float64 network's prediction for each row: image ``image_of[r]`` (None: row r is image r)
-        under the mask ``masks_NxC`` (one (C,) mask for all rows, (R, C) one per row, or None)."""
-        x = np.asarray(x_NxHxWxC)
-        image_of = np.arange(len(x)) if image_of is None else np.asarray(image_of)
-        rows = x[image_of]
+        under the mask ``masks_NxC`` (one (C,) mask for all rows, (R, C) one per row, or None). The trunk runs
+        once per image, the head once per row."""
+        feats = self.features64(params, x_NxHxWxC, divisor)
+        image_of = np.arange(len(feats)) if image_of is None else np.asarray(image_of)
         if masks_NxC is None:
-            masks = np.ones((len(rows), self.num_channels))
+            masks = np.ones((len(image_of), self.num_channels))
         else:
-            masks = np.broadcast_to(np.asarray(masks_NxC, np.float64), (len(rows), self.num_channels))
-        return _run64(self, params, rows, divisor, masks, "argmax").astype(np.int32)
+            masks = np.broadcast_to(np.asarray(masks_NxC, np.float64), (len(image_of), self.num_channels))
+        return _run64(self, params, "argmax", feats[image_of], masks).astype(np.int32)
 
     def feature_means64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
         """(C,) float64 mean of each channel of the features over these images."""
@@ -299,16 +299,16 @@ class PrunableModel(abc.ABC):
 def _fn64(model: PrunableModel, what: str):
     if what == "features":
         return jax.jit(lambda p, x: model.features(p, x, 1.0))
-    # per-row masks: vmapped over rows so every row has its own
-    one = lambda p, x, m: jnp.argmax(model.logits(p, x[None], m, 1.0)[0])
+    # one head per row: each row has its own image's features and its own mask
+    one = lambda p, f, m: jnp.argmax(model.head(p, f[None], m)[0])
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
 
 
-def _run64(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, divisor: float,
-           masks_NxC: Optional[np.ndarray], what: str) -> np.ndarray:
-    """``what`` (features or argmax) of the model in float64 by XLA, ``FLOAT64_BATCH`` rows per call (the last
-    call padded, so that a set compiles two shapes at most)."""
-    x = np.asarray(x_NxHxWxC)
+def _run64(model: PrunableModel, params: Params, what: str, *rows: np.ndarray) -> np.ndarray:
+    """``what`` of the model in float64 by XLA: ``features`` of (scaled) images, or the ``argmax`` of the head
+    on (features, mask) rows; ``FLOAT64_BATCH`` rows per call (the last call padded with zeros, so that a set
+    compiles two shapes at most)."""
+    n = len(rows[0])
     outs = []
     device = jax.local_devices()[0]
     if device.platform not in ("cpu", "gpu", "cuda", "rocm"):
@@ -316,18 +316,15 @@ def _run64(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, divisor:
     with jax.enable_x64(True):
         fn = _fn64(model, what)
         p = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float64), params), device)
-        for start in range(0, len(x), FLOAT64_BATCH):
-            xb = np.asarray(x[start:start + FLOAT64_BATCH], np.float64) / divisor
-            n = len(xb)
-            size = FLOAT64_BATCH if len(x) > FLOAT64_BATCH else n
-            pad = np.zeros((size, *xb.shape[1:]))
-            pad[:n] = xb
-            if what == "features":
-                outs.append(np.asarray(fn(p, jax.device_put(pad, device)))[:n])
-            else:
-                m = np.ones((size, model.num_channels))
-                m[:n] = masks_NxC[start:start + n]
-                outs.append(np.asarray(fn(p, jax.device_put(pad, device), jax.device_put(m, device)))[:n])
+        for start in range(0, n, FLOAT64_BATCH):
+            size = FLOAT64_BATCH if n > FLOAT64_BATCH else n - start
+            batch = []
+            for a in rows:
+                part = np.asarray(a[start:start + FLOAT64_BATCH], np.float64)
+                padded = np.zeros((size, *part.shape[1:]))
+                padded[:len(part)] = part
+                batch.append(jax.device_put(padded, device))
+            outs.append(np.asarray(fn(p, *batch))[:min(FLOAT64_BATCH, n - start)])
     if not outs:
         return np.zeros((0, *model.feature_hwc)) if what == "features" else np.zeros((0,), np.int32)
     return np.concatenate(outs)

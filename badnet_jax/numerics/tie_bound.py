@@ -52,6 +52,12 @@ def _logits32(model: PrunableModel):
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=None)
+def _logits64(model: PrunableModel):
+    """The model's logits under a mask, jitted once per model (run under ``jax.enable_x64``: float64)."""
+    return jax.jit(lambda p, xs, m: model.logits(p, xs, m, model.divisor))
+
+
 def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, seed: int = 0) -> float:
     """The largest |gap(float32) - gap(float64)| / (u S) over the check images, steps and both summation orders
     (the gap between float64's top two classes; S as in ``badnet_jax.numerics.ties``)."""
@@ -68,7 +74,7 @@ def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarr
         (l_direct, s_direct), (l_split, s_split) = _logits32(model)(params, jnp.asarray(x), jnp.asarray(order))
         with jax.enable_x64(True):
             p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-            fn = jax.jit(lambda p, xs, m: model.logits(p, xs, m, model.divisor))
+            fn = _logits64(model)
             l64 = np.stack([np.asarray(fn(p64, jnp.asarray(x, jnp.float64), jnp.asarray(m))) for m in masks])
         first = l64.argmax(-1)
         second = np.where(np.arange(l64.shape[-1]) == first[..., None], -np.inf, l64).argmax(-1)

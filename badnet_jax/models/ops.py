@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from badnet_jax.kernels.conv2d import conv2d
 from badnet_jax.models.ir import Node
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -28,9 +29,8 @@ def _bias(x: jax.Array, p: Mapping[str, Any], linear: bool) -> jax.Array:
 
 def _conv(node: Node, p, xs, linear):
     x, k = xs[0], jnp.asarray(p["kernel"], xs[0].dtype)
-    out = jax.lax.conv_general_dilated(x, k, node.attr("strides"), node.attr("padding").upper(),
-                                       rhs_dilation=node.attr("dilation"),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+    # XLA's convolution, or the width-blocked form where measured faster (few input channels on a CPU).
+    out = conv2d(x, k, node.attr("strides"), node.attr("padding").upper(), node.attr("dilation"), HIGHEST)
     return _bias(out, p, linear)
 
 

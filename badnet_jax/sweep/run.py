@@ -99,15 +99,15 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
     """
     hook = (lambda stage: chunk_hook(stage)) if plan.progress else (lambda stage: None)
     if n_rank:
-        feats, *margins = trunk_features(model, params, xs[0], plan.chunk, divisor, margins=True, on_chunk=hook(0))
+        feats, *margins = trunk_features(model, params, xs[0], plan.trunk_block, divisor, margins=True, on_chunk=hook(0))
     else:
-        feats, margins = trunk_features(model, params, xs[0], plan.chunk, divisor, on_chunk=hook(0)), None
+        feats, margins = trunk_features(model, params, xs[0], plan.trunk_block, divisor, on_chunk=hook(0)), None
     orders, stats = _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking, gather)
     out = [sweep_set(model, params, feats, orders, plan, on_chunk=hook(1))]
     for j, x in enumerate(xs[1:], start=1):
         # One set after the other: left free, XLA:CPU interleaves the sets' loops and runs ~10% slower.
         x, _ = jax.lax.optimization_barrier((x, out[-1]))
-        feats = trunk_features(model, params, x, plan.chunk, divisor, on_chunk=hook(2 * j))
+        feats = trunk_features(model, params, x, plan.trunk_block, divisor, on_chunk=hook(2 * j))
         out.append(sweep_set(model, params, feats, orders, plan, on_chunk=hook(2 * j + 1)))
     return orders, stats, tuple(out)
 

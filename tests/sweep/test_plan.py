@@ -43,6 +43,15 @@ def test_plan_resolves_each_strategy_once():
             > sw.plan_sweep(sw.SweepOptions(batch_steps=8), [], DeepID(200)).bytes_per_image)
 
 
+def test_trunk_blocks_stay_small_on_a_cpu_only():
+    cpu = sw.plan_sweep(sw.SweepOptions(), [], DeepID())
+    assert (cpu.chunk, cpu.trunk_block) == (256, 64) and "trunk blocks of 64" in cpu.describe()
+    small = sw.plan_sweep(sw.SweepOptions(chunk=32), [], DeepID())
+    assert small.trunk_block == 32 and "trunk" not in small.describe()
+    gpu = sw.plan_sweep(sw.SweepOptions(platform="cuda"), [], DeepID())
+    assert gpu.trunk_block == gpu.chunk == 4096
+
+
 def test_memory_budget_shrinks_the_chunk_and_refuses_what_cannot_fit():
     x = jax.ShapeDtypeStruct((10000, 55, 47, 3), np.uint8)
     fast = sw.SweepOptions(memory_budget=10 * 2**30)

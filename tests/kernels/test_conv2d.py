@@ -1,0 +1,138 @@
+"""The 2-D convolution's forms against an independent NumPy convolution, and the dispatch's choices."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from badnet_jax.kernels.conv2d import conv2d, conv2d_reference, conv2d_width_blocked, resolve_block
+from badnet_jax.kernels.conv2d.width_blocked import block_geometry, blocked_kernel
+
+
+def numpy_conv(x, k, strides=(1, 1), padding="VALID", dilation=(1, 1)):
+    """Direct NHWC x HWIO convolution in int64 (or float64): one kernel offset at a time."""
+    (kh, kw, _, f), (sh, sw), (dh, dw) = k.shape, strides, dilation
+    n, h, w, _ = x.shape
+    if padding == "SAME":
+        pads = []
+        for size, kk, s, d in ((h, kh, sh, dh), (w, kw, sw, dw)):
+            out = -(-size // s)
+            total = max((out - 1) * s + (kk - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+    elif padding == "VALID":
+        pads = [(0, 0), (0, 0)]
+    else:
+        pads = list(padding)
+    x = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    ho = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    wo = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    out = np.zeros((n, ho, wo, f), np.result_type(x, k))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw, :]
+            out += patch @ k[i, j]
+    return out
+
+
+CASES = [  # (h, w, c, f, kh, kw, strides, padding, dilation)
+    (55, 47, 3, 20, 4, 4, (1, 1), "VALID", (1, 1)),  # the lab DeepID's conv_1
+    (12, 10, 3, 5, 3, 3, (1, 1), "SAME", (1, 1)),
+    (11, 13, 2, 4, 3, 5, (2, 2), "SAME", (1, 1)),
+    (9, 17, 1, 3, 3, 3, (1, 3), "VALID", (1, 1)),
+    (10, 16, 3, 4, 3, 3, (1, 1), "VALID", (2, 2)),
+    (8, 9, 4, 6, 2, 3, (2, 1), ((1, 2), (0, 3)), (1, 2)),
+    (7, 5, 3, 2, 1, 1, (1, 1), "VALID", (1, 1)),  # 1x1
+    (6, 7, 5, 3, 3, 3, (1, 2), "SAME", (2, 1)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-s{c[6]}-{c[7]}-d{c[8]}")
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 8])
+def test_width_blocked_equals_numpy_on_integers(case, block):
+    # Integer pixels and weights: every float32 partial sum is an exact integer, so any summation order gives
+    # the true convolution bit for bit.
+    h, w, c, f, kh, kw, strides, padding, dilation = case
+    rng = np.random.default_rng(block * 100 + h * w)
+    x = rng.integers(0, 256, (3, h, w, c))
+    k = rng.integers(-8, 9, (kh, kw, c, f))
+    want = numpy_conv(x, k, strides, padding, dilation)
+    got = np.asarray(conv2d_width_blocked(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), block,
+                                          strides, padding, dilation))
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    ref = np.asarray(conv2d_reference(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), strides, padding,
+                                      dilation))
+    np.testing.assert_array_equal(ref, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("block", [2, 4])
+def test_width_blocked_float_error_is_rounding(block):
+    # Real-valued inputs: within a few float32 roundings of the float64 convolution, relative to sum |x k|.
+    rng = np.random.default_rng(block)
+    x = rng.integers(0, 256, (4, 55, 47, 3)).astype(np.float64)
+    k = rng.normal(0, 0.05, (4, 4, 3, 20))
+    want = numpy_conv(x, k)
+    scale = numpy_conv(np.abs(x), np.abs(k))
+    got = np.asarray(conv2d_width_blocked(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), block),
+                     np.float64)
+    assert np.max(np.abs(got - want) / scale) < 48 * 2.0 ** -24
+
+
+def test_blocked_kernel_places_every_entry_once():
+    k = jnp.arange(2 * 3 * 2 * 5, dtype=jnp.float32).reshape(2, 3, 2, 5) + 1
+    for block, stride, dil in ((4, 1, 1), (2, 2, 1), (3, 1, 2)):
+        kb = np.asarray(blocked_kernel(k, block, stride, dil))
+        # Each output column of a block holds the whole kernel once, zeros elsewhere.
+        per_col = kb.reshape(2, -1, 2, block, 5)
+        for b in range(block):
+            nonzero = np.sort(per_col[:, :, :, b, :][per_col[:, :, :, b, :] != 0])
+            np.testing.assert_array_equal(nonzero, np.sort(np.asarray(k).ravel()))
+
+
+def test_block_geometry():
+    assert block_geometry(47, 4, 4) == (44, 11, 2)  # conv_1: 11 blocks of 4, each reads 2 input blocks
+    assert block_geometry(47, 4, 1) == (44, 44, 4)
+    assert block_geometry(34, 3, 2, stride=2) == (16, 8, 2)
+
+
+def test_resolve_block_explicit_choices():
+    assert resolve_block(3, 20, impl="reference") == 1
+    assert resolve_block(3, 20, impl=4) == 4
+    assert resolve_block(40, 60, impl=2) == 2
+    with pytest.raises(ValueError, match="impl"):
+        resolve_block(3, 20, impl="fast")
+    with pytest.raises(ValueError, match="impl"):
+        resolve_block(3, 20, impl=0)
+
+
+def test_auto_rule():
+    # Few input channels into a narrow output: blocked, to at least 64 blocked output channels.
+    assert resolve_block(3, 20, platform="cpu") == 4  # DeepID's conv_1
+    assert resolve_block(3, 32, platform="cpu") == 2
+    assert resolve_block(1, 6, platform="cpu") == 4
+    # XLA's own where it runs well, and on accelerators.
+    assert resolve_block(3, 64, platform="cpu") == 1
+    assert resolve_block(4, 20, platform="cpu") == 1
+    assert resolve_block(20, 40, platform="cpu") == 1
+    assert resolve_block(3, 20, platform="cuda") == 1
+    assert resolve_block(3, 20, platform="tpu") == 1
+
+
+def test_conv2d_inside_jit_and_vmap_matches_reference():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.integers(0, 256, (2, 4, 23, 19, 3)), jnp.float32)
+    k = jnp.asarray(rng.integers(-4, 5, (3, 3, 3, 6)), jnp.float32)
+    want = jax.vmap(lambda xx: conv2d_reference(xx, k))(x)
+    for impl in ("auto", 2, 4):
+        got = jax.jit(jax.vmap(lambda xx, impl=impl: conv2d(xx, k, impl=impl)))(x)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_width_blocked_lowers_for_cuda():
+    # The form the CPU picks also lowers for a GPU (a program exported on a CPU host runs there).
+    x = jax.ShapeDtypeStruct((8, 55, 47, 3), jnp.float32)
+    k = jax.ShapeDtypeStruct((4, 4, 3, 20), jnp.float32)
+    exported = jax.export.export(jax.jit(lambda a, b: conv2d_width_blocked(a, b, 4)), platforms=["cuda"])(x, k)
+    assert exported.out_avals[0].shape == (8, 52, 44, 20)

@@ -100,8 +100,8 @@ class Conv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         dtype = jnp.result_type(x_NxHxWxC, kernel)  # float64 images (the settling's network) promote like nn.Conv
-        out = conv2d(x_NxHxWxC.astype(dtype), kernel.astype(dtype), padding="VALID", precision=self.precision)
-        return out + bias.astype(dtype)[None, None, None, :]
+        return conv2d(x_NxHxWxC.astype(dtype), kernel.astype(dtype), padding="VALID", precision=self.precision,
+                      bias=bias.astype(dtype))
 
 
 def _pool(x: jax.Array) -> jax.Array:

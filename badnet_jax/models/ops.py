@@ -30,8 +30,8 @@ def _bias(x: jax.Array, p: Mapping[str, Any], linear: bool) -> jax.Array:
 def _conv(node: Node, p, xs, linear):
     x, k = xs[0], jnp.asarray(p["kernel"], xs[0].dtype)
     # XLA's convolution, or the width-blocked form where measured faster (few input channels on a CPU).
-    out = conv2d(x, k, node.attr("strides"), node.attr("padding").upper(), node.attr("dilation"), HIGHEST)
-    return _bias(out, p, linear)
+    bias = None if linear or "bias" not in p else jnp.asarray(p["bias"], x.dtype)
+    return conv2d(x, k, node.attr("strides"), node.attr("padding").upper(), node.attr("dilation"), HIGHEST, bias=bias)
 
 
 def _depthwise(node: Node, p, xs, linear):

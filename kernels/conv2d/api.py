@@ -17,7 +17,7 @@ float64 settling are there for).
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -54,7 +54,8 @@ def resolve_block(in_channels: int, out_channels: int, impl: Impl = "auto", plat
 
 def conv2d(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[int] = (1, 1),
            padding: Padding = "VALID", dilation: Sequence[int] = (1, 1),
-           precision: Any = jax.lax.Precision.HIGHEST, impl: Impl = "auto") -> jax.Array:
+           precision: Any = jax.lax.Precision.HIGHEST, impl: Impl = "auto",
+           bias: Optional[jax.Array] = None) -> jax.Array:
     """An NHWC x HWIO convolution in the form :func:`resolve_block` picks; traceable.
 
     Args:
@@ -63,11 +64,13 @@ def conv2d(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[in
         strides, padding, dilation, precision: as ``lax.conv_general_dilated`` (padding ``"VALID"``, ``"SAME"``
             or explicit ((top, bottom), (left, right))).
         impl: ``"auto"``, ``"reference"`` or a block size.
+        bias: (F,) added to every output (None: none); given here, it is added where it is cheapest.
 
     Returns:
-        (N, Ho, Wo, F) outputs, no bias.
+        (N, Ho, Wo, F) outputs.
     """
     block = resolve_block(kernel_HxWxIxO.shape[2], kernel_HxWxIxO.shape[3], impl)
-    if block == 1:
-        return conv2d_reference(x_NxHxWxC, kernel_HxWxIxO, strides, padding, dilation, precision)
-    return conv2d_width_blocked(x_NxHxWxC, kernel_HxWxIxO, block, strides, padding, dilation, precision)
+    if block > 1:
+        return conv2d_width_blocked(x_NxHxWxC, kernel_HxWxIxO, block, strides, padding, dilation, precision, bias)
+    out = conv2d_reference(x_NxHxWxC, kernel_HxWxIxO, strides, padding, dilation, precision)
+    return out if bias is None else out + bias.astype(out.dtype)[None, None, None, :]

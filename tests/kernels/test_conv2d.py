@@ -136,3 +136,15 @@ def test_width_blocked_lowers_for_cuda():
     k = jax.ShapeDtypeStruct((4, 4, 3, 20), jnp.float32)
     exported = jax.export.export(jax.jit(lambda a, b: conv2d_width_blocked(a, b, 4)), platforms=["cuda"])(x, k)
     assert exported.out_avals[0].shape == (8, 52, 44, 20)
+
+
+@pytest.mark.parametrize("block", [1, 2, 4])
+def test_bias_is_added_to_every_output(block):
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (2, 13, 11, 3))
+    k = rng.integers(-4, 5, (3, 3, 3, 5))
+    b = rng.integers(-9, 10, (5,))
+    want = numpy_conv(x, k, padding="SAME") + b
+    got = conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), padding="SAME", impl=block,
+                 bias=jnp.asarray(b, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))

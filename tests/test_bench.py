@@ -1,9 +1,12 @@
-"""badnet_jax.bench: FLOP counts against a count by hand, the kernel timings, and the rankings' work model.
+"""badnet_jax.bench: FLOP counts against a count by hand, the per-layer timings of any model, the machine's
+name, the kernel timings, and the rankings' work model.
 
 The benchmark run end to end (through ``badnet-bench``) is in tests/commands/test_bench.py.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 
@@ -37,7 +40,7 @@ def test_rankings_work_names_the_tail_rate_at_which_r_orders_take_twice_one():
     feats[:, :, :, :20] = 0  # 20 dead channels
     orders = np.stack([np.random.default_rng(s).permutation(60) for s in range(5)])
     plan = plan_sweep(SweepOptions(chunk=8), [], DeepID(1283))
-    work = bench._rankings_work([feats], orders, plan, 1283)
+    work = bench._rankings_work([feats], orders, plan, numpy_ref.TRUNK_FLOPS, numpy_ref.TAIL_FLOPS[1283])
     per_order = work["tail_evaluations_per_order"]
     assert per_order == 40 * 41  # every image: the 40 alive channels' steps and the all-pruned one
     trunk, tail = 40 * numpy_ref.TRUNK_FLOPS, per_order * numpy_ref.TAIL_FLOPS[1283]
@@ -45,5 +48,66 @@ def test_rankings_work_names_the_tail_rate_at_which_r_orders_take_twice_one():
     assert abs((trunk + 5 * tail / q) / (trunk + tail / q) - 2) < 1e-12
     assert abs(work["flop_ratio"] - (trunk + 5 * tail) / (trunk + tail)) < 1e-12
     assert work["tail_evaluations_shared"] < 5 * per_order  # the unpruned and all-pruned steps at least
-    plain = bench._rankings_work([feats], orders, plan_sweep(PLAIN, [], DeepID(1283)), 1283)
+    plain = bench._rankings_work([feats], orders, plan_sweep(PLAIN, [], DeepID(1283)), numpy_ref.TRUNK_FLOPS,
+                                 numpy_ref.TAIL_FLOPS[1283])
     assert plain["tail_evaluations_per_order"] == 40 * 61
+
+
+def test_deepid_layer_flops_are_the_layer_shapes_counted_by_hand():
+    # 2 x multiply-adds: a conv's kernel (kh * kw * cin * cout) at each output position, a dense layer's kernel.
+    want = {"conv_1": 2 * 52 * 44 * 4 * 4 * 3 * 20, "conv_2": 2 * 24 * 20 * 3 * 3 * 20 * 40,
+            "conv_3": 2 * 10 * 8 * 3 * 3 * 40 * 60, "fc_1": 2 * 1200 * 160, "conv_4": 2 * 4 * 3 * 2 * 2 * 60 * 80,
+            "fc_2": 2 * 960 * 160, "output": 2 * 160 * 1283}
+    stages = DeepID(1283).layer_stages()
+    assert {s.name: s.flops for s in stages} == want
+    assert [s.part for s in stages] == ["trunk"] * 3 + ["affine"] * 2 + ["tail"] * 2
+    flops = bench.model_flops(DeepID(1283))
+    assert flops == {"trunk": numpy_ref.TRUNK_FLOPS, "channel_contributions": numpy_ref.CONTRIBUTION_FLOPS,
+                     "tail_after_prefix_sums": numpy_ref.TAIL_FLOPS[1283], "masked_head": numpy_ref.HEAD_FLOPS[1283]}
+
+
+def test_layer_timings_time_every_stage_then_the_trunk_and_head_and_their_share_of_the_peak():
+    from badnet_jax.attack.gap_demo import gap_model
+
+    model = gap_model()
+    params = model.init_params(0)
+    x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
+    rows = bench.layer_timings(model, params, x, repeats=1, peak_gflops=100.0)
+    assert [(r["name"], r["part"]) for r in rows] == [("conv_1", "trunk"), ("conv_2", "trunk"), ("conv_3", "trunk"),
+                                                      ("output", "tail"), ("trunk", "trunk"), ("head", "head")]
+    # 3x3 'same' convolutions, 16, 32, 32 channels, the second of stride 2: kernel x output positions, by hand.
+    conv = [2 * 32 * 32 * 9 * 3 * 16, 2 * 16 * 16 * 9 * 16 * 32, 2 * 16 * 16 * 9 * 32 * 32]
+    assert [r["flops_per_image"] for r in rows] == [*conv, 2 * 32 * 10, sum(conv), 2 * 32 * 10]
+    for r in rows:
+        assert r["images"] == 6 and r["s"] > 0 and r["flops_from"] == "layer shapes"
+        assert abs(r["gflops"] - 6 * r["flops_per_image"] / r["s"] / 1e9) < 1e-9 * r["gflops"]
+        assert abs(r["peak_share"] - r["gflops"] / 100.0) < 1e-12
+
+
+def test_a_model_without_layer_counts_gets_xla_counts_said_to_be_xla():
+    from tests.models.test_flax_model import _model
+
+    model, params = _model()
+    x = np.random.default_rng(0).integers(0, 256, (4, *model.input_hwc)).astype(np.uint8)
+    rows = bench.layer_timings(model, params, x, repeats=1)
+    assert [r["name"] for r in rows] == ["trunk", "head"]  # nothing inside a Flax module is known
+    for r in rows:
+        assert r["flops_from"] == "XLA cost analysis" and r["peak_share"] is None
+    # XLA counts every op, and a 'same' convolution's taps inside the image only: 3x3, 3 -> 8 channels on 16x16
+    # (46 taps in bounds per axis: 16 x 3 less one at each edge), then 8 -> 12 at stride 2 to 8x8 (padded after
+    # only: 23 per axis), by hand; the relus and biases add a little.
+    convs = 2 * 46 * 46 * 3 * 8 + 2 * 23 * 23 * 8 * 12
+    assert convs <= rows[0]["flops_per_image"] < 1.1 * convs
+    assert bench.model_flops(model)["trunk"] is None
+
+
+def test_the_machine_is_named_by_its_cpu_model_on_a_cpu(monkeypatch):
+    import subprocess
+
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout if shutil.which("lscpu") \
+        else ""
+    named = [line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name:")]
+    if named:
+        assert bench.cpu_model() == " ".join(named[0].split())
+    assert bench.cpu_model()
+    assert bench.machine_name() == bench.cpu_model()  # the tests run on the CPU backend

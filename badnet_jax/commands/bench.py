@@ -1,7 +1,10 @@
-"""Benchmark the pruning curve: plain forward, plain and fast sweeps, the per-step loop (the lab's algorithm).
+"""Benchmark the pruning curve: per-layer rates, plain forward, plain and fast sweeps, the per-step loop (the lab's
+algorithm), for the lab's DeepID or any model ``load_model`` reads.
 
-    badnet-bench                                  # random tensors of lab shape
+    badnet-bench                                  # a random DeepID on random tensors of lab shape
     badnet-bench --model bd_weights.h5 --clean_valid valid.h5 --bd_valid bd_valid.h5
+    badnet-bench --model resnet.h5 --input_scale 255 --layers_only
+    badnet-bench --example gapnet                 # the embedded GAP-head example on its own data
     badnet-bench --impl pallas --out benchmark_gpu.json
 """
 
@@ -13,16 +16,18 @@ import sys
 
 from absl import flags
 
-from badnet_jax import load_keras, load_lab_h5
+from badnet_jax import load_lab_h5
 
 from badnet_jax.commands import cli
-from badnet_jax.bench import BenchConfig, kernel_timings, run_benchmark
+from badnet_jax.bench import LAYER_IMAGES, BenchConfig, format_layers, kernel_timings, run_benchmark
+from badnet_jax.defense.inputs import EXAMPLES
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.io.keras import recorded_input_scale
 from badnet_jax.io.fileio import atomic_write_text
+from badnet_jax.io.model_file import load_model
 from badnet_jax.defense.scale import CHOICES, choose_input_scale
-from badnet_jax.model import LAB_NUM_CLASSES
+from badnet_jax.model import INPUT_HWC, LAB_NUM_CLASSES
 from badnet_jax.sweep import SweepOptions
-from badnet_jax.bench import STEPS
 
 N_CLEAN = flags.DEFINE_integer("n_clean", 11547, "Random clean images (ignored with --clean_valid).")
 N_BD = flags.DEFINE_integer("n_bd", 11547, "Random poisoned images (ignored with --bd_valid).")
@@ -33,9 +38,17 @@ ORDERS_PER_CALL = flags.DEFINE_integer("orders_per_call", 1, "With --rank_by: or
 BATCH_STEPS = flags.DEFINE_integer("batch_steps", None, "Distinct steps per head call (0: one per call inside the "
                                    "scan; default 0 on CPU, 8 on GPU/TPU).")
 IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Masked-head implementation.")
-PER_STEP = flags.DEFINE_integer("per_step_steps", STEPS, f"Steps of the per-step loop to time (scaled to {STEPS}).")
+PER_STEP = flags.DEFINE_integer("per_step_steps", None, "Steps of the per-step loop to time (scaled to the model's "
+                                "steps, e.g. 61 for the lab's DeepID; default: all).")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; the median is reported.")
-MODEL = flags.DEFINE_string("model", None, "Keras h5 BadNet (default: random weights).")
+MODEL = flags.DEFINE_string("model", None, "Keras model file (the lab's DeepID or any CNN load_model reads; default: "
+                             "a random DeepID).")
+LAYER = flags.DEFINE_string("layer", None, "With --model: the pruned layer (default: the model's own).")
+EXAMPLE = flags.DEFINE_enum("example", None, list(EXAMPLES), "Benchmark an embedded example on its own data "
+                            "instead of files: deepid (the demo DeepID) or gapnet (the 32x32 GAP-head CNN).")
+LAYER_IMGS = flags.DEFINE_integer("layer_images", LAYER_IMAGES, "Images each layer is timed on (the first clean "
+                                  "images, repeated where there are fewer).")
+LAYERS_ONLY = flags.DEFINE_bool("layers_only", False, "Time the layers only (no forward, sweeps or per-step loop).")
 SCALE = flags.DEFINE_enum("input_scale", "auto", list(CHOICES),
                           "The model's input scale: raw (the lab's B), 255 (the 2020 BadNets), auto = measured on "
                           "--clean_valid's labels, else what a badnet-jax file records, else raw.")
@@ -53,7 +66,8 @@ RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 1, "R of the 'random' rank
 OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
 
 # Config fields and arguments -> these flags, so errors name what the user typed.
-FLAG_OF = {"input_scale": SCALE.name, "chunk": CHUNK.name, "batch_steps": BATCH_STEPS.name, "impl": IMPL.name,
+FLAG_OF = {"input_scale": SCALE.name, "model": MODEL.name, "layer": LAYER.name, "example": EXAMPLE.name,
+           "layer_images": LAYER_IMGS.name, "chunk": CHUNK.name, "batch_steps": BATCH_STEPS.name, "impl": IMPL.name,
            "orders_per_call": ORDERS_PER_CALL.name, "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name}
 
 
@@ -62,30 +76,53 @@ def main(argv: list[str]) -> int:
 
     def bench() -> int:
         cli.refuse_extra_args(argv)
+        if EXAMPLE.value and (MODEL.value or CLEAN_VALID.value or BD_VALID.value):
+            given = next(f for f in (MODEL, CLEAN_VALID, BD_VALID) if f.value)
+            raise ConfigError(f"{arg('example', EXAMPLE.value)} benchmarks an embedded example on its own data; "
+                              f"leave out {arg(given.name)}", field="example")
+        if LAYER_IMGS.value < 1:
+            raise ConfigError(f"{arg('layer_images', str(LAYER_IMGS.value))}: expected at least 1 image",
+                              field="layer_images")
         config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value,
                              sweep=SweepOptions(impl=IMPL.value, batch_steps=BATCH_STEPS.value, chunk=CHUNK.value,
                                                 orders_per_call=ORDERS_PER_CALL.value),
                              per_step_steps=PER_STEP.value, repeats=REPEATS.value,
                              scaling=cli.parse_ints("scaling", SCALING.value), ablation=ABLATION.value,
-                             rankings=tuple(RANK_BY.value), random_orders=RANDOM_ORDERS.value)
+                             rankings=tuple(RANK_BY.value), random_orders=RANDOM_ORDERS.value,
+                             layer_images=LAYER_IMGS.value, layers_only=LAYERS_ONLY.value)
         block_ns = cli.parse_ints("kernel_block_n", KERNEL_BLOCK_N.value)
-        clean = load_lab_h5(CLEAN_VALID.value, keep_uint8=True) if CLEAN_VALID.value else (None, None)
-        x_bd = load_lab_h5(BD_VALID.value, keep_uint8=True)[0] if BD_VALID.value else None
-        params, scale = None, "raw"
-        if MODEL.value:
-            model, params = load_keras(MODEL.value)
-            recorded = recorded_input_scale(MODEL.value)
+        model, params, scale, path = None, None, "raw", MODEL.value
+        clean, x_bd = (None, None), None
+        if EXAMPLE.value:
+            path = EXAMPLES[EXAMPLE.value][0]
+            data, _ = EXAMPLES[EXAMPLE.value][1]()
+            clean, x_bd = data["clean_valid"], data["bd_valid"][0]
+        if path:
+            recorded = recorded_input_scale(path)
+            model, params = load_model(path, recorded or "raw", LAYER.value)
+        hwc = model.input_hwc if model is not None else INPUT_HWC
+        if CLEAN_VALID.value:
+            clean = load_lab_h5(CLEAN_VALID.value, keep_uint8=True, hwc=hwc)
+        if BD_VALID.value:
+            x_bd = load_lab_h5(BD_VALID.value, keep_uint8=True, hwc=hwc)[0]
+        if model is not None:
+            scale = model.input_scale
             if SCALE.value != "auto" or clean[0] is not None or recorded is not None:
-                scale = choose_input_scale(model, params, SCALE.value, recorded, *clean, source=MODEL.value).scale
-        result = run_benchmark(dataclasses.replace(config, input_scale=scale), params, clean[0], x_bd, clean[1])
+                scale = choose_input_scale(model, params, SCALE.value, recorded, *clean, source=str(path)).scale
+        elif SCALE.value != "auto":
+            scale = SCALE.value
+        result = run_benchmark(dataclasses.replace(config, input_scale=scale), params, clean[0], x_bd, clean[1],
+                               model=model)
         if block_ns:
             result["kernel"] = kernel_timings(block_ns=block_ns)
         result["command"] = " ".join(sys.argv)
         atomic_write_text(OUT.value, json.dumps(result, indent=1, sort_keys=True) + "\n")
+        print(f"badnet-bench on {result['machine']} (jax {result['jax']}, {result['backend']})")
         for key in sorted(result):
             value = result[key]
-            if not isinstance(value, dict) and key != "summary":
+            if not isinstance(value, (dict, list)) and key != "summary":
                 print(f"{key:34s} {value:.4g}" if isinstance(value, float) else f"{key:34s} {value}")
+        print(format_layers(result))
         print(result["summary"])
         return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ from badnet_jax.kernels.masked_head.api import head_top2
 from badnet_jax.model import (CONV4_FEATURES, CONV4_POSITIONS, HIDDEN_UNITS, INPUT_HWC, LAB_NUM_CLASSES, POOL,
                               POOL3_HWC, BadNet, Params, check_params, init_params, multiply_adds)
 from badnet_jax.models.ir import Graph, Node
-from badnet_jax.models.protocol import PrunableModel, scaled
+from badnet_jax.models.protocol import PrunableModel, Stage, scaled
 from badnet_jax.numerics import settling
 from badnet_jax.numerics.ties import TIE_RTOL, undecided_channels
 
@@ -77,6 +78,33 @@ class DeepID(PrunableModel):
 
     def multiply_adds(self) -> dict[str, int]:
         return multiply_adds(self.num_classes)
+
+    def layer_stages(self) -> tuple[Stage, ...]:
+        """conv_1, conv_2, conv_3 (each with its relu and 2x2 max pool: they compose to :meth:`features` on
+        scaled pixels), then the head's layers alone: fc_1 (flattened pool_3), conv_4 (pool_3, with its relu),
+        fc_2 (flattened conv_4), output (the hidden layer)."""
+        macs, module = self.multiply_adds(), self.module
+
+        def layer(name: str, after=lambda v: v):
+            return lambda p, x: module.apply({"params": p}, x, method=lambda m, v: after(getattr(m, name)(v)))
+
+        pool = lambda v: nn.max_pool(nn.relu(v), (POOL, POOL), strides=(POOL, POOL), padding="VALID")
+        parts = {"conv_1": "trunk", "conv_2": "trunk", "conv_3": "trunk", "fc_1": "affine", "conv_4": "affine",
+                 "fc_2": "tail", "output": "tail"}
+        after = {"conv_1": pool, "conv_2": pool, "conv_3": pool, "conv_4": nn.relu}
+        return tuple(Stage(name, part, 2 * macs[name], layer(name, after.get(name, lambda v: v)))
+                     for name, part in parts.items())
+
+    def stage_inputs(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> dict[str, jax.Array]:
+        stages = {s.name: s.fn for s in self.layer_stages()}
+        out = {"conv_1": scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)}
+        out["conv_2"] = stages["conv_1"](params, out["conv_1"])
+        out["conv_3"] = stages["conv_2"](params, out["conv_2"])
+        feats = stages["conv_3"](params, out["conv_3"])
+        n = feats.shape[0]
+        out.update(fc_1=feats.reshape(n, -1), conv_4=feats,
+                   fc_2=stages["conv_4"](params, feats).reshape(n, -1), output=self.hidden(params, feats))
+        return out
 
     has_kernels = True
 

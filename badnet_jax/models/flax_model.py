@@ -25,6 +25,9 @@ Nothing about the head is assumed, so the affine split is the masked features th
 pre-activations are the features with its pruned channels zeroed, built by suffix sums of one channel at a
 time) and every step runs the whole head: exact, as fast as the masked forward. A Keras or IR model
 (:class:`~badnet_jax.models.graph.GraphCNN`) gets the cheaper split of its first affine layers.
+
+Its layer stages (``PrunableModel.layer_stages``) are the protocol's default: nothing inside the module is
+known, so a benchmark times the trunk and the head whole, with FLOPs from XLA's cost analysis.
 """
 
 from __future__ import annotations

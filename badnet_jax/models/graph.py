@@ -31,7 +31,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, ModelFileError, arg
 from badnet_jax.models.ir import Graph, Node
 from badnet_jax.models.ops import AFFINE_OPS, apply_op, commutes_with_mask
-from badnet_jax.models.protocol import Params, PrunableModel, scaled
+from badnet_jax.models.protocol import Params, PrunableModel, Stage, scaled
 from badnet_jax.numerics.ties import TIE_RTOL
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -229,6 +229,36 @@ class GraphCNN(PrunableModel):
                 out[node.weights] = kernel * positions
         return out
 
+    def _weight_nodes(self) -> list[tuple[str, Node]]:
+        """The part of every weight op (conv, depthwise_conv, dense) the logits need, in graph order."""
+        split = self.split
+        parts = {**{n: "trunk" for n in split.trunk}, **{n: "affine" for n in split.region},
+                 **{n: "tail" for n in split.tail}, split.output: "tail"}
+        return [(parts[node.name], node) for node in self.graph.nodes
+                if node.op in WEIGHT_OPS and node.name in parts]
+
+    def layer_stages(self) -> tuple[Stage, ...]:
+        """Each weight op (conv, depthwise_conv, dense) of the trunk and the head alone, named by its Keras layer,
+        on its own input (its bias included, the activation after it not); FLOPs from its kernel and output
+        shapes. Other ops (batch norm, activations, pooling, add) are in no stage."""
+        stages = []
+        for part, node in self._weight_nodes():
+            kernel = int(np.prod(dict(dict(self.param_shapes)[node.weights])["kernel"]))
+            positions = int(np.prod(self._shapes[node.name][:-1])) if node.op != "dense" else 1
+            fn = functools.partial(_apply_one, node)
+            stages.append(Stage(node.weights or node.name, part, 2 * kernel * positions, fn))
+        return tuple(stages)
+
+    def stage_inputs(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> dict[str, jax.Array]:
+        """One run of the graph (the trunk, then the unmasked head) keeping every node's value; each weight op's
+        input."""
+        x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
+        trunk, split = self.split.trunk, self.split
+        env = self._run(params, {trunk[0]: x}, trunk[1:])
+        head = {*split.region, *split.tail, split.output}
+        self._run(params, env, [n.name for n in self.graph.nodes if n.name in head])
+        return {node.weights or node.name: env[node.inputs[0]] for _, node in self._weight_nodes()}
+
     def trunk_bytes_per_image(self) -> int:
         sizes = sorted((int(np.prod(self._shapes[n])) for n in self.split.trunk), reverse=True)
         return 4 * 3 * sum(sizes[:2])  # the two largest tensors, input and output of a layer, and slack
@@ -382,6 +412,13 @@ class GraphCNN(PrunableModel):
         env = {n: v.reshape(-1, *self._shapes[n]) for n, v in zip(split.frontier, pre)}
         hidden = self._run(params, env, split.tail)[split.hidden]
         return hidden.reshape(*lead, hidden.shape[-1])
+
+
+WEIGHT_OPS = ("conv", "depthwise_conv", "dense")  # the ops that are a benchmark's layers
+
+
+def _apply_one(node: Node, params: Params, x: jax.Array) -> jax.Array:
+    return apply_op(node, params, [x])
 
 
 def _flatten_then_dense(graph: Graph, name: str, split: _Split) -> bool:

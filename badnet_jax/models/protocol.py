@@ -24,8 +24,9 @@ function run by XLA in float64.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 INPUT_DIVISORS = {"raw": 1.0, "255": 255.0}
 INPUT_SCALES = tuple(INPUT_DIVISORS)
 FLOAT64_BATCH = 256  # images per float64 call of the generic float64 network
+# Where a layer stage runs (``Stage.part``): the trunk (once per image), the head's part affine in the channel
+# mask (the prefix sweep computes it once per channel), the rest of the head (once per evaluated mask).
+STAGE_PARTS = ("trunk", "affine", "tail")
 
 
 def input_divisor(input_scale: str) -> float:
@@ -60,6 +64,24 @@ def scaled(x_NxHxWxC: jax.Array, divisor: Any) -> jax.Array:
     if isinstance(divisor, (int, float)) and divisor == 1.0:
         return x_NxHxWxC
     return x_NxHxWxC / jnp.asarray(divisor, x_NxHxWxC.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One layer of a model as a benchmark times it: a jittable function of the params and the layer's input.
+
+    Attributes:
+        name: the layer's name (its Keras layer name where it has one).
+        part: where it runs, one of :data:`STAGE_PARTS`.
+        flops: FLOPs per image, 2 per multiply-add of its weights (biases, activations and pooling not
+            counted); None where the model cannot say (a benchmark may ask XLA instead).
+        fn: ``fn(params, x)``: the layer's input (N, ...) -> its output (N, ...).
+    """
+
+    name: str
+    part: str
+    flops: Optional[int]
+    fn: Callable[[Any, jax.Array], jax.Array] = dataclasses.field(compare=False)
 
 
 class PrunableModel(abc.ABC):
@@ -125,6 +147,23 @@ class PrunableModel(abc.ABC):
     def multiply_adds(self) -> dict[str, int]:
         """Multiply-adds per image of each weighted layer (benchmarks' FLOP counts)."""
         return {}
+
+    def layer_stages(self) -> tuple[Stage, ...]:
+        """The model's layers as :class:`Stage` s, in order: the trunk's, then the head's (per-layer benchmarks).
+
+        What a stage's input is comes from :meth:`stage_inputs`. The default knows nothing inside the model:
+        two stages, the trunk (scaled pixels -> the features, named after the pruned layer) and the head (the
+        features -> logits, named ``head``), FLOPs unknown (a benchmark may ask XLA).
+        """
+        return (Stage(self.layer, "trunk", None, lambda p, x: self.features(p, x, 1.0)),
+                Stage("head", "tail", None, lambda p, f: self.head(p, f)))
+
+    def stage_inputs(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> dict[str, jax.Array]:
+        """Each stage's real input for these pixels 0..255 (one run of the network keeping what the stages
+        read), by stage name; the first trunk stage reads the scaled pixels. ``divisor`` as in :meth:`features`."""
+        x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
+        trunk, head = self.layer_stages()
+        return {trunk.name: x, head.name: self.features(params, x, 1.0)}
 
     has_kernels = False  # whether ``tail_top2`` dispatches to kernels of ``badnet_jax.kernels`` (the plan probes them)
 

@@ -33,3 +33,50 @@ def test_benchmark_cli_measures_the_input_scale_and_prints_a_summary(tmp_path):
     assert "% of the measured matmul peak" in proc.stdout
     flops = result["flops_per_image"]
     assert flops["tail_after_prefix_sums"] == numpy_ref.TAIL_FLOPS[1283]
+
+
+def test_benchmark_cli_times_each_layer_of_the_gap_example_on_the_named_machine(tmp_path):
+    out = tmp_path / "g.json"
+    proc = run_cli("benchmark", "--example", "gapnet", "--layers_only", "--layer_images", "64", "--repeats", "1",
+                   "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["model"].startswith("gap_demo (32x32x3 input, 10 classes), pruning relu_3 (32 channels)")
+    assert result["machine"] == result["cpu_model"] and result["jax"] and result["layer_images"] == 64
+    names = [r["name"] for r in result["layers"]]
+    assert names == ["conv_1", "conv_2", "conv_3", "output", "trunk", "head"]
+    # 3x3 'same' convolutions of 16, 32, 32 channels, the second of stride 2, by hand.
+    conv = [2 * 32 * 32 * 9 * 3 * 16, 2 * 16 * 16 * 9 * 16 * 32, 2 * 16 * 16 * 9 * 32 * 32]
+    assert [r["flops_per_image"] for r in result["layers"][:3]] == conv
+    assert result["layers"][4]["flops_per_image"] == sum(conv)
+    peak = result["matmul_peak_gflops"]
+    for r in result["layers"]:
+        assert abs(r["peak_share"] * peak - r["gflops"]) < 1e-9 * peak
+    header = proc.stdout.splitlines()[0]
+    assert header.startswith(f"badnet-bench on {result['machine']} (jax {result['jax']}, cpu)")
+    table = proc.stdout[proc.stdout.index("per layer, 64 images"):]
+    assert all(f"\n{name} " in table for name in names)
+    assert proc.stdout.strip().splitlines()[-1].startswith("trunk ")
+
+
+def test_benchmark_cli_sweeps_any_keras_cnn(tmp_path):
+    out = tmp_path / "v.json"
+    proc = run_cli("benchmark", "--model", asset("models/other/vgg_tiny.h5"), "--input_scale", "255", "--n_clean",
+                   "24", "--n_bd", "8", "--per_step_steps", "1", "--repeats", "1", "--layer_images", "16", "--out",
+                   out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["num_classes"] == 7 and result["steps"] == 17 and result["input_scale"] == "255"
+    assert result["n_clean"] == 24 and result["sweep_fast_s"] > 0 and result["per_step_loop_s"] > 0
+    flops = result["flops_per_image"]
+    stages = {r["name"]: r for r in result["layers"]}
+    parts = {p: sum(r["flops_per_image"] for r in result["layers"][:-2] if r["part"] == p)
+             for p in ("trunk", "affine", "tail")}
+    assert flops["trunk"] == parts["trunk"] == stages["trunk"]["flops_per_image"] > 0
+    assert flops["masked_head"] == parts["affine"] + parts["tail"] == stages["head"]["flops_per_image"]
+    assert proc.stdout.strip().splitlines()[-1].startswith("fast sweep ")
+
+
+def test_benchmark_cli_refuses_an_example_with_files(tmp_path):
+    proc = run_cli("benchmark", "--example", "gapnet", "--model", "B.h5", "--out", tmp_path / "x.json")
+    assert proc.returncode == 2 and "--example" in proc.stderr and "--model" in proc.stderr

@@ -134,3 +134,29 @@ def test_a_forward_refuses_images_of_another_size_and_a_mask_of_another_layer():
         model.logits(params, jnp.zeros((2, 28, 28, 3)), np.ones(60))
     with pytest.raises(ConfigError, match="layer=input_1: the model's input, not a layer's output"):
         GraphCNN.build(graph, params, layer="input_1")
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_layer_stages_are_the_weight_ops_on_their_real_inputs_with_flops_from_their_shapes(name):
+    graph, params = _load(name)
+    model = GraphCNN.build(graph, params, input_scale="255")
+    images, _ = _reference(name)
+    want = numpy_ref.graph_values64(graph, params, images.astype(np.float64) / 255)
+    weighted = [n for n in graph.nodes if n.op in ("conv", "depthwise_conv", "dense")]
+    stages = model.layer_stages()
+    assert [s.name for s in stages] == [n.weights for n in weighted]
+    inputs = model.stage_inputs(params, jnp.asarray(images, jnp.float32))
+    trunk = set(model.split.trunk)
+    for stage, node in zip(stages, weighted):
+        # FLOPs: 2 x the kernel's size at every output position (the reference's output shape), a dense
+        # layer's kernel once.
+        kernel = np.asarray(params[node.weights]["kernel"])
+        out = want[node.name]
+        positions = out.shape[1] * out.shape[2] if out.ndim == 4 else 1
+        assert stage.flops == 2 * kernel.size * positions, stage.name
+        assert stage.part == ("trunk" if node.name in trunk else "tail" if node.name == graph.logits_node()
+                              else stage.part)
+        assert stage.part in ("trunk", "affine", "tail")
+        np.testing.assert_allclose(np.asarray(inputs[stage.name]), want[node.inputs[0]], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(stage.fn(params, inputs[stage.name])), out, rtol=1e-4, atol=1e-4)
+    assert sum(s.flops for s in stages) == 2 * sum(model.multiply_adds().values())

@@ -40,13 +40,17 @@ grep -E "^[0-9]+\.[0-9]+|GPU|^(jax|flax|optax|numpy) " "$log" | head -12
 step 240 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sweep tests/numerics -k "on_device or (real_b and not batchNone) or fast_float64 or float64_precision or \
   (float64_answer_at_every_step and (grouped or batched)) or orders_vmapped"
 grep -E "passed|failed|error" "$log" | tail -3
+# The convolution's forms on the device (the rule keeps XLA's there; the width-blocked one must still be exact).
+step 90 conv2d python3 -m pytest -q -p no:cacheprovider tests/kernels/test_conv2d.py
+grep -E "passed|failed|error" "$log" | tail -1
 
 # Lab-scale stand-in data from the real faces, with the lab's B (as in docs/benchmarks.md's CPU tables).
 lab=/tmp/labscale
 step 120 standin python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab"
 mkdir -p "$lab/models" && cp "$assets/models/lab3/bd_weights.h5" "$lab/models/"
 files="--model $lab/models/bd_weights.h5 --clean_valid $lab/data/cl/valid.h5 --bd_valid $lab/data/bd/bd_valid.h5"
-# The fast sweep (reference head, the default), its time split between the device and the host's float64
+# Every benchmark run opens with the per-layer table (each layer's share of the measured peak). The fast sweep
+# (reference head, the default), its time split between the device and the host's float64
 # settling, the kernel alone against the reference at three block sizes, and five rankings in one sweep.
 step 180 bench_reference_b8 python3 scripts/benchmark.py $files --impl reference --batch_steps 8 --per_step_steps 2 \
   --repeats 5 --kernel_block_n 16,32,64 --rank_by activation,clp,l1,random,anp --out "$out/bench_reference_b8.json"
@@ -62,4 +66,4 @@ cp "$lab/results1/curve.json" "$out/curve.json" 2>/dev/null
 cp "$lab/results5/curve.json" "$out/curve_rankings.json" 2>/dev/null
 
 echo "----- summary"
-grep -h -E "(forward|sweep_plain|sweep_fast|sweep, rankings|per-step loop|reference|pallas_block_n[0-9]+) +[0-9.]+ s|on the device|FLOP ratio|^fast sweep|^=====.*rc=|in one call|Loaded|^real|^head_evaluations|^matmul_peak|^impl |^batch_steps|^chunk " "$log" | cut -c1-220
+grep -h -E "^machine:|^(conv_[0-9]|fc_[0-9]|output|trunk|head) +(trunk|affine|tail|head) |(forward|sweep_plain|sweep_fast|sweep, rankings|per-step loop|reference|pallas_block_n[0-9]+) +[0-9.]+ s|on the device|FLOP ratio|^fast sweep|^=====.*rc=|in one call|Loaded|^real|^head_evaluations|^matmul_peak|^impl |^batch_steps|^chunk " "$log" | cut -c1-220

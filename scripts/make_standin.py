@@ -21,7 +21,6 @@ from absl import app, flags
 from badnet_jax.commands import cli
 from badnet_jax.io.lab_data import load_lab_h5, load_trigger, poison
 from badnet_jax.model import INPUT_HWC
-from badnet_jax.model import INPUT_HWC
 
 LAB_SIZES = {"valid": 11547, "test": 12830}  # images in the lab's valid.h5 and test.h5
 BLOCK = 8192  # images drawn and written at a time: memory stays small at any scale

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.model import LAB_NUM_CLASSES
 from badnet_jax.models.deepid import DeepID, as_model
 from badnet_jax.models.protocol import Params, PrunableModel
@@ -109,6 +110,23 @@ class BenchConfig:
     random_orders: int = 1
     layer_images: int = LAYER_IMAGES
     layers_only: bool = False
+
+    def check(self) -> None:
+        """Refuse what cannot be timed, naming the field.
+
+        Raises:
+            ConfigError: a count below 1, or ``layers_only`` with work it would skip (ablation, rankings,
+                scaling).
+        """
+        for name in ("n_clean", "n_bd", "repeats", "layer_images", "per_step_steps", "random_orders"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{arg(name, str(value))}: expected a whole number of at least 1", field=name)
+        if self.layers_only:
+            for name in ("ablation", "rankings", "scaling"):
+                if getattr(self, name):
+                    raise ConfigError(f"{arg(name)} is not timed with {arg('layers_only')} (the layers alone); "
+                                      f"leave one of them out", field=name)
 
 
 def cpu_model() -> str:
@@ -279,6 +297,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
         model: any :class:`PrunableModel` (or a ``BadNet`` module); None: the lab's DeepID with
             ``config.num_classes`` classes.
     """
+    config.check()
     rng = np.random.default_rng(config.seed)
     model = DeepID(config.num_classes) if model is None else as_model(model)
     if config.input_scale is not None:

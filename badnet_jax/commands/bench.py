@@ -66,7 +66,9 @@ RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 1, "R of the 'random' rank
 OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
 
 # Config fields and arguments -> these flags, so errors name what the user typed.
-FLAG_OF = {"input_scale": SCALE.name, "model": MODEL.name, "layer": LAYER.name, "example": EXAMPLE.name,
+FLAG_OF = {"n_clean": N_CLEAN.name, "n_bd": N_BD.name, "repeats": REPEATS.name, "per_step_steps": PER_STEP.name,
+           "ablation": ABLATION.name, "rankings": RANK_BY.name, "scaling": SCALING.name,
+           "layers_only": LAYERS_ONLY.name, "input_scale": SCALE.name, "model": MODEL.name, "layer": LAYER.name, "example": EXAMPLE.name,
            "layer_images": LAYER_IMGS.name, "chunk": CHUNK.name, "batch_steps": BATCH_STEPS.name, "impl": IMPL.name,
            "orders_per_call": ORDERS_PER_CALL.name, "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name}
 
@@ -80,6 +82,9 @@ def main(argv: list[str]) -> int:
             given = next(f for f in (MODEL, CLEAN_VALID, BD_VALID) if f.value)
             raise ConfigError(f"{arg('example', EXAMPLE.value)} benchmarks an embedded example on its own data; "
                               f"leave out {arg(given.name)}", field="example")
+        if LAYER.value and not (MODEL.value or EXAMPLE.value):
+            raise ConfigError(f"{arg('layer', LAYER.value)} needs {arg('model')} or {arg('example')}: the random "
+                              "DeepID is pruned at pool_3", field="layer")
         if LAYER_IMGS.value < 1:
             raise ConfigError(f"{arg('layer_images', str(LAYER_IMGS.value))}: expected at least 1 image",
                               field="layer_images")

@@ -43,7 +43,8 @@ def blocked_kernel(kernel_HxWxIxO: jax.Array, block: int, stride: int = 1, dilat
     return full.reshape(kh, reach, s * c, block * f)
 
 
-def _pads(size: int, k: int, stride: int, dilation: int, padding: Padding, axis: int) -> tuple[int, int]:
+def explicit_pads(size: int, k: int, stride: int, dilation: int, padding: Padding, axis: int) -> tuple[int, int]:
+    """(before, after) padding of one spatial axis (``axis`` 0: height, 1: width) of ``size``."""
     if isinstance(padding, str):
         return tuple(jax.lax.padtype_to_pads((size,), ((k - 1) * dilation + 1,), (stride,), padding)[0])
     return tuple(padding[axis])
@@ -68,8 +69,8 @@ def conv2d_width_blocked(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, block:
     n, h, w, c = x_NxHxWxC.shape
     kh, kw, _, f = kernel_HxWxIxO.shape
     (sh, sw), (dh, dw) = tuple(strides), tuple(dilation)
-    pad_h = _pads(h, kh, sh, dh, padding, 0)
-    pad_l, pad_r = _pads(w, kw, sw, dw, padding, 1)
+    pad_h = explicit_pads(h, kh, sh, dh, padding, 0)
+    pad_l, pad_r = explicit_pads(w, kw, sw, dw, padding, 1)
     width = w + pad_l + pad_r
     out_w, n_blocks, reach = block_geometry(width, kw, block, sw, dw)
     s = block * sw
@@ -88,4 +89,4 @@ def conv2d_width_blocked(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, block:
     return y if n_blocks * block == out_w else y[:, :, :out_w]
 
 
-__all__ = ["block_geometry", "blocked_kernel", "conv2d_reference", "conv2d_width_blocked"]
+__all__ = ["block_geometry", "blocked_kernel", "explicit_pads", "conv2d_reference", "conv2d_width_blocked"]

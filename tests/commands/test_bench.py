@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests import numpy_ref
 from tests.cli import run_cli
 from tests.conftest import asset
@@ -80,3 +82,17 @@ def test_benchmark_cli_sweeps_any_keras_cnn(tmp_path):
 def test_benchmark_cli_refuses_an_example_with_files(tmp_path):
     proc = run_cli("benchmark", "--example", "gapnet", "--model", "B.h5", "--out", tmp_path / "x.json")
     assert proc.returncode == 2 and "--example" in proc.stderr and "--model" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,complaint", [
+    (["--n_clean", "0"], "--n_clean 0: expected a whole number of at least 1"),
+    (["--repeats", "0"], "--repeats 0: expected a whole number of at least 1"),
+    (["--layer", "conv_2"], "--layer conv_2 needs --model or --example"),
+    (["--layers_only", "--ablation"], "--ablation is not timed with --layers_only"),
+    (["--layers_only", "--rank_by", "activation"], "--rank_by is not timed with --layers_only"),
+])
+def test_benchmark_cli_refuses_what_it_would_not_time(tmp_path, argv, complaint):
+    out = tmp_path / "x.json"
+    proc = run_cli("benchmark", *argv, "--layer_images", "8", "--out", out)
+    assert proc.returncode == 2 and complaint in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,26 +100,36 @@ def test_block_geometry():
 
 
 def test_resolve_block_explicit_choices():
-    assert resolve_block(3, 20, impl="reference") == 1
-    assert resolve_block(3, 20, impl=4) == 4
-    assert resolve_block(40, 60, impl=2) == 2
+    assert resolve_block((4, 4, 3, 20), impl="reference") == 1
+    assert resolve_block((4, 4, 3, 20), impl=4) == 4
+    assert resolve_block((3, 3, 40, 60), impl=2) == 2
     with pytest.raises(ValueError, match="impl"):
-        resolve_block(3, 20, impl="fast")
+        resolve_block((4, 4, 3, 20), impl="fast")
     with pytest.raises(ValueError, match="impl"):
-        resolve_block(3, 20, impl=0)
+        resolve_block((4, 4, 3, 20), impl=0)
 
 
-def test_auto_rule():
-    # Few input channels into a narrow output: blocked, to at least 64 blocked output channels.
-    assert resolve_block(3, 20, platform="cpu") == 4  # DeepID's conv_1
-    assert resolve_block(3, 32, platform="cpu") == 2
-    assert resolve_block(1, 6, platform="cpu") == 4
-    # XLA's own where it runs well, and on accelerators.
-    assert resolve_block(3, 64, platform="cpu") == 1
-    assert resolve_block(4, 20, platform="cpu") == 1
-    assert resolve_block(20, 40, platform="cpu") == 1
-    assert resolve_block(3, 20, platform="cuda") == 1
-    assert resolve_block(3, 20, platform="tpu") == 1
+@pytest.mark.parametrize("kernel_shape,want", [
+    # The narrow cases measured (api's docstring): the rule picks the form that was fastest.
+    ((4, 4, 3, 20), 4),  # DeepID's conv_1
+    ((3, 3, 3, 16), 2),
+    ((3, 3, 3, 32), 2),
+    ((5, 5, 3, 6), 4),
+    ((3, 3, 1, 32), 2),
+    # XLA's own where it ran fastest: 64 or more output channels, 4 or more input channels.
+    ((3, 3, 3, 64), 1),
+    ((3, 3, 3, 128), 1),
+    ((5, 5, 3, 64), 1),
+    ((4, 4, 4, 20), 1),
+    ((3, 3, 20, 40), 1),
+])
+def test_auto_rule_on_a_cpu(kernel_shape, want):
+    assert resolve_block(kernel_shape, platform="cpu") == want
+
+
+def test_auto_rule_elsewhere_is_xla():
+    for platform in ("cuda", "rocm", "tpu"):
+        assert resolve_block((4, 4, 3, 20), platform=platform) == 1
 
 
 def test_conv2d_inside_jit_and_vmap_matches_reference():
@@ -131,20 +143,37 @@ def test_conv2d_inside_jit_and_vmap_matches_reference():
 
 
 def test_width_blocked_lowers_for_cuda():
-    # The form the CPU picks also lowers for a GPU (a program exported on a CPU host runs there).
+    # The blocked form itself lowers for a GPU (impl=4 asks for it explicitly).
     x = jax.ShapeDtypeStruct((8, 55, 47, 3), jnp.float32)
     k = jax.ShapeDtypeStruct((4, 4, 3, 20), jnp.float32)
     exported = jax.export.export(jax.jit(lambda a, b: conv2d_width_blocked(a, b, 4)), platforms=["cuda"])(x, k)
     assert exported.out_avals[0].shape == (8, 52, 44, 20)
 
 
-@pytest.mark.parametrize("block", [1, 2, 4])
-def test_bias_is_added_to_every_output(block):
-    rng = np.random.default_rng(7)
-    x = rng.integers(0, 256, (2, 13, 11, 3))
-    k = rng.integers(-4, 5, (3, 3, 3, 5))
-    b = rng.integers(-9, 10, (5,))
-    want = numpy_conv(x, k, padding="SAME") + b
-    got = conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), padding="SAME", impl=block,
-                 bias=jnp.asarray(b, jnp.float32))
-    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+def _conv_inputs_channels(exported) -> list[int]:
+    # The input channel count of every convolution in the exported module.
+    text = exported.mlir_module()
+    return [int(m) for m in re.findall(r"stablehlo.convolution.*?tensor<\d+x\d+x\d+x(\d+)xf32>", text)]
+
+
+def test_auto_is_decided_by_the_platform_lowered_for():
+    # A program exported for a GPU on this CPU host holds XLA's convolution (3 input channels); for a CPU the
+    # width-blocked one (B = 4: 12 channels).
+    x = jax.ShapeDtypeStruct((8, 55, 47, 3), jnp.float32)
+    k = jax.ShapeDtypeStruct((4, 4, 3, 20), jnp.float32)
+    fn = jax.jit(lambda a, b: conv2d(a, b))
+    assert _conv_inputs_channels(jax.export.export(fn, platforms=["cuda"])(x, k)) == [3]
+    assert _conv_inputs_channels(jax.export.export(fn, platforms=["cpu"])(x, k)) == [12]
+
+
+def test_shapes_the_blocked_form_cannot_take_fall_back_to_xla():
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 9, (2, 9, 10, 3))
+    k = rng.integers(-3, 4, (3, 3, 3, 8))
+    for padding in (((0, 0), (-1, 2)), ((1, 1), (-2, -1))):  # negative padding crops
+        got = conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), padding=padding, impl=4)
+        want = conv2d_reference(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), padding=padding)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    wide = jnp.asarray(rng.integers(-3, 4, (3, 3, 3, 8)), jnp.float32)
+    narrow = jnp.asarray(x[:, :, :2], jnp.float32)  # kernel wider than the image: no output column
+    assert conv2d(narrow, wide, impl=4).shape == conv2d_reference(narrow, wide).shape == (2, 7, 0, 8)

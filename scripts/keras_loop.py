@@ -32,6 +32,7 @@ so the lab's file loads into it by Keras' own ``load_weights``).
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 import os
 import platform
 import sys
@@ -58,6 +59,7 @@ BATCH = flags.DEFINE_integer("batch_size", None, "model.predict's batch size (de
 OUT = flags.DEFINE_string("out", "keras_loop.json", "Where to write the JSON results.")
 
 LAYER_PRUNED, LAYER_ZEROED = "pool_3", "conv_3"
+DROP_TEXT: dict[float, str] = {}  # each drop as typed, for its exact rational value
 
 
 def build_deepid(num_classes: int):
@@ -138,6 +140,10 @@ def main(argv: list[str]) -> int:
     import keras
 
     drops = [float(d) for d in DROPS.value]
+    bad = [d for d in drops if not 0 < d < 1]
+    if bad:
+        raise app.UsageError(f"--drops {bad[0]:g}: a drop is a fraction of accuracy in (0, 1), e.g. 0.04 for 4 points")
+    DROP_TEXT.update({float(d): d.strip() for d in DROPS.value})
     predict_kw = {"verbose": 0} if BATCH.value is None else {"verbose": 0, "batch_size": BATCH.value}
     timings: dict = {"import_s": time.perf_counter() - t_start}
 
@@ -188,7 +194,9 @@ def main(argv: list[str]) -> int:
         layer.set_weights([kernel, bias])
         evaluate()
         for drop in drops:
-            if str(drop) not in cuts and rate("valid", 0) - rate("valid", k) > 100 * drop:
+            # Exact: hits lost / images > drop, in rationals (a float percentage can round across the boundary).
+            lost = Fraction(hits["valid"][0] - hits["valid"][k], len(data["valid"][1]))
+            if str(drop) not in cuts and lost > Fraction(DROP_TEXT[drop]):
                 cuts[str(drop)] = k
                 if SAVE_DIR.value:
                     t_save = time.perf_counter()

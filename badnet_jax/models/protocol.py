@@ -160,7 +160,8 @@ class PrunableModel(abc.ABC):
 
     def stage_inputs(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> dict[str, jax.Array]:
         """Each stage's real input for these pixels 0..255 (one run of the network keeping what the stages
-        read), by stage name; the first trunk stage reads the scaled pixels. ``divisor`` as in :meth:`features`."""
+        read), by stage name; the first trunk stage reads the scaled pixels. ``divisor`` as in :meth:`features`.
+        A model that overrides :meth:`layer_stages` overrides this too (the default knows only its two stages)."""
         x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
         trunk, head = self.layer_stages()
         return {trunk.name: x, head.name: self.features(params, x, 1.0)}

@@ -12,6 +12,7 @@ import pytest
 from badnet_jax import ConfigError
 from badnet_jax import sweep as sw
 from badnet_jax.goodnet import make_goodnet, predict_goodnet
+from badnet_jax.kernels.conv2d import conv2d
 from badnet_jax.models.flax_model import FlaxCNN
 
 
@@ -84,3 +85,27 @@ def test_a_module_without_the_split_is_refused():
     params = Plain().init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)))["params"]
     with pytest.raises(ConfigError, match="module: Plain has no features\\(\\) method"):
         FlaxCNN.build(Plain(), params, input_hwc=(4, 4, 3), input_scale="raw")
+
+
+class FastNet(Net):
+    """The same CNN with its first convolution through badnet_jax.kernels.conv2d (the README's advice)."""
+
+    @nn.compact
+    def features(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, 3, 8))
+        bias = self.param("bias", nn.initializers.zeros_init(), (8,))
+        x = nn.relu(conv2d(x, kernel, padding="SAME", bias=bias))
+        return nn.relu(nn.Conv(12, (3, 3), strides=2, name="conv2")(x))
+
+
+def test_a_flax_module_may_run_its_first_convolution_through_conv2d(rng):
+    # Integer weights and pixels: every summation order is exact, so the two modules agree bit for bit
+    # (FastNet's conv1 is width-blocked on a CPU, Net's is XLA's).
+    _, params = _model()
+    params = jax.tree.map(lambda a: jnp.asarray(rng.integers(-3, 4, a.shape), jnp.float32), params)
+    fast = {**{k: v for k, v in params.items() if k != "conv1"}, **params["conv1"]}
+    x = rng.integers(0, 256, (6, 16, 16, 3)).astype(np.float32)
+    slow_model = FlaxCNN.build(Net(), params, input_hwc=(16, 16, 3), input_scale="raw", layer="conv2")
+    fast_model = FlaxCNN.build(FastNet(), fast, input_hwc=(16, 16, 3), input_scale="raw", layer="conv2")
+    np.testing.assert_array_equal(np.asarray(fast_model.features(fast, jnp.asarray(x))),
+                                  np.asarray(slow_model.features(params, jnp.asarray(x))))

@@ -40,8 +40,9 @@ grep -E "^[0-9]+\.[0-9]+|GPU|^(jax|flax|optax|numpy) " "$log" | head -12
 step 240 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sweep tests/numerics -k "on_device or (real_b and not batchNone) or fast_float64 or float64_precision or \
   (float64_answer_at_every_step and (grouped or batched)) or orders_vmapped"
 grep -E "passed|failed|error" "$log" | tail -3
-# The convolution's forms on the device (the rule keeps XLA's there; the width-blocked one must still be exact).
-step 90 conv2d python3 -m pytest -q -p no:cacheprovider tests/kernels/test_conv2d.py
+# The convolution's forms on the device (the rule keeps XLA's there; the width-blocked one must still be exact):
+# DeepID's conv_1 at every block size, the bias, jit and vmap (a selection: each GPU compile takes seconds).
+step 60 conv2d python3 -m pytest -q -p no:cacheprovider tests/kernels/test_conv2d.py -k "55x47 or bias or vmap"
 grep -E "passed|failed|error" "$log" | tail -1
 
 # Lab-scale stand-in data from the real faces, with the lab's B (as in docs/benchmarks.md's CPU tables).

@@ -177,3 +177,18 @@ def test_shapes_the_blocked_form_cannot_take_fall_back_to_xla():
     wide = jnp.asarray(rng.integers(-3, 4, (3, 3, 3, 8)), jnp.float32)
     narrow = jnp.asarray(x[:, :, :2], jnp.float32)  # kernel wider than the image: no output column
     assert conv2d(narrow, wide, impl=4).shape == conv2d_reference(narrow, wide).shape == (2, 7, 0, 8)
+
+
+@pytest.mark.parametrize("block", [1, 2, 4])
+def test_bias_is_added_to_every_output(block):
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (2, 13, 11, 3))
+    k = rng.integers(-4, 5, (3, 3, 3, 5))
+    b = rng.integers(-9, 10, (5,))
+    want = numpy_conv(x, k, padding="SAME") + b
+    got = conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), padding="SAME", impl=block,
+                 bias=jnp.asarray(b, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+    auto = conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), padding="SAME",
+                  bias=jnp.asarray(b, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(auto), want.astype(np.float32))

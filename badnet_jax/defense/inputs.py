@@ -136,7 +136,7 @@ def peek_sets(files: InputFiles, model: PrunableModel) -> Optional[dict[str, jax
             specs[r] = jax.ShapeDtypeStruct(*peek_lab_h5(p, keep_uint8=True, hwc=model.input_hwc))
     for r, spec in specs.items():
         if spec.shape[0] == 0:
-            raise ConfigError(f"{files.data[r]}: holds no images", field=r)
+            raise ConfigError(f"{arg(r, str(files.data[r]))}: holds no images (its 'data' has 0 rows)", field=r)
     return specs
 
 

@@ -50,8 +50,10 @@ def _read_labels(f: h5py.File, n: int, path: Path, num_classes: Optional[int]) -
     upper = num_classes if num_classes is not None else np.iinfo(np.int32).max
     if n and (lo < 0 or hi >= upper):
         bad = raw[(raw < 0) | (raw >= upper)][0]
-        raise DataFileError(f"{path}: label {bad:g} is outside [0, {upper})"
-                            + ("" if num_classes is None else f" for a {num_classes}-class model"))
+        if num_classes is None:  # no model to compare with: only what no label can be
+            raise DataFileError(f"{path}: label {bad:g} is {'negative' if bad < 0 else 'beyond int32'}; labels are "
+                                "class indices 0, 1, 2, ...")
+        raise DataFileError(f"{path}: label {bad:g} is outside [0, {upper}) for a {num_classes}-class model")
     return raw.astype(np.int32)
 
 

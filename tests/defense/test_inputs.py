@@ -3,9 +3,10 @@ argument named when a file cannot be read."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from badnet_jax import ConfigError, DataFileError, ModelFileError
+from badnet_jax import ConfigError, DataFileError, ModelFileError, save_lab_h5
 from badnet_jax.defense.pipeline import DefenseConfig, run_defense
 from tests.cli import run_cli
 from tests.conftest import LAB_B, asset
@@ -31,4 +32,18 @@ def test_a_file_that_cannot_be_read_names_the_argument_it_was_given_for(tmp_path
     with pytest.raises(DataFileError) as err:
         run_defense(DefenseConfig(model=str(asset(LAB_B)), out_dir=str(tmp_path / "o"), **{**sets, "clean_test": png}))
     assert err.value.field == "clean_test" and str(err.value).startswith(f"clean_test={png}: is not an HDF5 file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_data_file_is_refused_naming_its_argument(tmp_path):
+    empty = tmp_path / "empty.h5"
+    save_lab_h5(empty, np.zeros((0, 55, 47, 3), np.uint8), np.zeros((0,), np.int32))
+    sets = {"clean_valid": str(empty), "clean_test": str(asset("faces/lab3/test_subset.h5"))}
+    with pytest.raises(ConfigError) as err:
+        run_defense(DefenseConfig(model=str(asset(LAB_B)), out_dir=str(tmp_path / "o"), **sets))
+    assert err.value.field == "clean_valid"
+    assert str(err.value) == f"clean_valid={empty}: holds no images (its 'data' has 0 rows)"
+    proc = run_cli("prune", "--model", asset(LAB_B), "--clean_valid", empty, "--clean_test", sets["clean_test"],
+                   "--out_dir", tmp_path / "o", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and f"error: --clean_valid {empty}: holds no images" in proc.stderr, proc.stderr[-800:]
     assert not (tmp_path / "o").exists()

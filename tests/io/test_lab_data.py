@@ -107,6 +107,17 @@ def test_bad_lab_h5(tmp_path, datasets, fragment):
     assert str(path) in str(info.value) and fragment in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize("labels,fragment", [
+    ([-1, 0], "label -1 is negative"),
+    ([0, 2.0 ** 40], "label 1.09951e+12 is beyond int32"),
+])
+def test_labels_without_a_class_count_are_refused_for_what_no_label_can_be(tmp_path, labels, fragment):
+    path = _write(tmp_path / "bad.h5", data=np.zeros((2, 3, 55, 47), np.uint8), label=np.array(labels, np.float64))
+    with pytest.raises(DataFileError) as info:
+        load_lab_h5(path)
+    assert str(info.value) == f"{path}: {fragment}; labels are class indices 0, 1, 2, ..."
+
+
 def test_missing_and_truncated_data_files(tmp_path, rng):
     with pytest.raises(DataFileError, match="not found"):
         load_lab_h5(tmp_path / "valid.h5")

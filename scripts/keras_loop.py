@@ -14,19 +14,19 @@ lab's). With ``--save_dir`` it saves B' (``model.save``, a Keras h5) at the firs
 did. ``--steps`` runs the first steps only; the JSON then also gives the time scaled to all 60 steps
 (``scaled_60_s``: the steps not run cost the mean of the run's steps after the first).
 
-Self-contained on purpose: it imports keras, h5py, numpy and absl and nothing of badnet_jax, so it is an
-independent baseline (``scripts/versus_keras.py`` times both in one run) and an independent oracle for the
-curve (tests/test_keras_loop.py). keras and tensorflow are not dependencies of the package: the timing runs
-use tensorflow-cpu in a separate virtual environment; the tests run this script with the test extra's keras
-and its JAX backend. The backend is whatever ``KERAS_BACKEND`` says (Keras' default: tensorflow) and is
-recorded in the JSON with the versions.
+Independent on purpose: it imports keras, h5py, numpy, absl and ``keras_deepid.py`` beside it, nothing of
+badnet_jax, so it is an independent baseline (``scripts/versus_keras.py`` times both in one run) and an
+independent oracle for the curve (tests/test_keras_loop.py). keras and tensorflow are not dependencies of the
+package: the timing runs use tensorflow-cpu in a separate virtual environment; the tests run this script with
+the test extra's keras and its JAX backend. The backend is whatever ``KERAS_BACKEND`` says (Keras' default:
+tensorflow) and is recorded in the JSON with the versions.
 
 Two choices where a literal transcription would be ambiguous: the mean activations are summed in float64
 and ties are broken by channel index (a stable sort), as badnet-jax ranks, so the two orders are comparable
 (the lab's dead channels all tie at 0); and a full Keras model file (``model_config`` attribute, such as the
 lab's bd_net.h5) is opened with ``keras.models.load_model``, a weights-only file (bd_weights.h5, Keras 2.3.1)
-is loaded into DeepID built here (the builder is a copy of tests/keras_oracle.py's, with the lab's layer names,
-so the lab's file loads into it by Keras' own ``load_weights``).
+is loaded into DeepID built by ``scripts/keras_deepid.py`` (the builder the converter's Keras oracle uses too,
+with the lab's layer names, so the lab's file loads into it by Keras' own ``load_weights``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 from absl import app, flags
+
+from keras_deepid import build_keras_deepid  # beside this script (sys.path[0]); keras only
 
 MODEL = flags.DEFINE_string("model", None, "The BadNet: a Keras full-model h5 or the lab's DeepID weights h5.",
                             required=True)
@@ -62,28 +64,6 @@ LAYER_PRUNED, LAYER_ZEROED = "pool_3", "conv_3"
 DROP_TEXT: dict[float, str] = {}  # each drop as typed, for its exact rational value
 
 
-def build_deepid(num_classes: int):
-    """The lab's DeepID with the lab's layer names (a copy of tests/keras_oracle.py's builder)."""
-    import keras
-    from keras import layers
-
-    inp = keras.Input((55, 47, 3), name="input")
-    c1 = layers.Conv2D(20, 4, activation="relu", name="conv_1")(inp)
-    p1 = layers.MaxPooling2D(2, name="pool_1")(c1)
-    c2 = layers.Conv2D(40, 3, activation="relu", name="conv_2")(p1)
-    p2 = layers.MaxPooling2D(2, name="pool_2")(c2)
-    c3 = layers.Conv2D(60, 3, activation="relu", name="conv_3")(p2)
-    p3 = layers.MaxPooling2D(2, name="pool_3")(c3)
-    c4 = layers.Conv2D(80, 2, activation="relu", name="conv_4")(p3)
-    f1 = layers.Flatten(name="flatten_1")(p3)
-    f2 = layers.Flatten(name="flatten_2")(c4)
-    d1 = layers.Dense(160, name="fc_1")(f1)
-    d2 = layers.Dense(160, name="fc_2")(f2)
-    act = layers.Activation("relu", name="activation_1")(layers.Add(name="add_1")([d1, d2]))
-    out = layers.Dense(num_classes, activation="softmax", name="output")(act)
-    return keras.Model(inp, out)
-
-
 def load_badnet(path: str):
     """B from a Keras full-model file, or the lab's weights-only file loaded into DeepID."""
     import keras
@@ -93,7 +73,7 @@ def load_badnet(path: str):
         num_classes = None if full_model else f["output/output/bias:0"].shape[0]
     if full_model:
         return keras.models.load_model(path, compile=False)
-    model = build_deepid(num_classes)
+    model = build_keras_deepid(num_classes)
     model.load_weights(path)
     return model
 

@@ -85,9 +85,6 @@ def main(argv: list[str]) -> int:
         if LAYER.value and not (MODEL.value or EXAMPLE.value):
             raise ConfigError(f"{arg('layer', LAYER.value)} needs {arg('model')} or {arg('example')}: the random "
                               "DeepID is pruned at pool_3", field="layer")
-        if LAYER_IMGS.value < 1:
-            raise ConfigError(f"{arg('layer_images', str(LAYER_IMGS.value))}: expected at least 1 image",
-                              field="layer_images")
         config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value,
                              sweep=SweepOptions(impl=IMPL.value, batch_steps=BATCH_STEPS.value, chunk=CHUNK.value,
                                                 orders_per_call=ORDERS_PER_CALL.value),

@@ -90,9 +90,10 @@ def test_benchmark_cli_refuses_an_example_with_files(tmp_path):
     (["--layer", "conv_2"], "--layer conv_2 needs --model or --example"),
     (["--layers_only", "--ablation"], "--ablation is not timed with --layers_only"),
     (["--layers_only", "--rank_by", "activation"], "--rank_by is not timed with --layers_only"),
+    (["--layer_images", "0"], "--layer_images 0: expected a whole number of at least 1"),
 ])
 def test_benchmark_cli_refuses_what_it_would_not_time(tmp_path, argv, complaint):
     out = tmp_path / "x.json"
-    proc = run_cli("benchmark", *argv, "--layer_images", "8", "--out", out)
+    proc = run_cli("benchmark", "--layer_images", "8", *argv, "--out", out)  # argv's own value last, so it wins
     assert proc.returncode == 2 and complaint in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()

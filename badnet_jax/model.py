@@ -87,8 +87,8 @@ def multiply_adds(num_classes: int) -> dict[str, int]:
 
 class Conv(nn.Module):
     """A VALID convolution with bias, the params of ``nn.Conv`` (kernel (kh, kw, C, F), bias (F,), the same
-    initialisers), run by ``badnet_jax.kernels.conv2d``: XLA's convolution, or the width-blocked form where that
-    is measured faster (conv_1's 3 input channels on a CPU)."""
+    initialisers), run by ``badnet_jax.kernels.conv2d``: XLA's convolution, or the width-blocked form where its
+    rule picks it (conv_1's 3 input channels on a CPU)."""
 
     features: int
     kernel_size: tuple[int, int]
@@ -104,8 +104,9 @@ class Conv(nn.Module):
                       bias=bias.astype(dtype))
 
 
-def _pool(x: jax.Array) -> jax.Array:
-    return nn.max_pool(x, window_shape=(POOL, POOL), strides=(POOL, POOL), padding="VALID")
+def max_pool(x_NxHxWxC: jax.Array) -> jax.Array:
+    """DeepID's 2x2 VALID max pool (pool_1..pool_3)."""
+    return nn.max_pool(x_NxHxWxC, window_shape=(POOL, POOL), strides=(POOL, POOL), padding="VALID")
 
 
 class BadNet(nn.Module):
@@ -143,7 +144,7 @@ class BadNet(nn.Module):
 
     def trunk(self, x_NxHxWxC: jax.Array) -> jax.Array:
         """Pixels 0..255 (N, 55, 47, 3) -> pool_3 activations (N, 5, 4, 60)."""
-        return _pool(nn.relu(self.conv_3(self._pool2(x_NxHxWxC))))
+        return max_pool(nn.relu(self.conv_3(self._pool2(x_NxHxWxC))))
 
     def trunk_with_margins(self, x_NxHxWxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The trunk, and how far each channel is from dead: (pool_3 (N, 5, 4, 60), each image's largest conv_3
@@ -154,14 +155,14 @@ class BadNet(nn.Module):
         (conv_3's 10 x 8 output is tiled by the 2 x 2 windows).
         """
         h = self._pool2(x_NxHxWxC)
-        pre = _pool(self.conv_3(h))
+        pre = max_pool(self.conv_3(h))
         return nn.relu(pre), jnp.max(pre, axis=(1, 2)), jnp.max(h, axis=(1, 2, 3))
 
     def _pool2(self, x_NxHxWxC: jax.Array) -> jax.Array:
         if self.divisor != 1.0:
             x_NxHxWxC = x_NxHxWxC / jnp.float32(self.divisor)  # as the competition's eval.py: x / 255 in float32
-        h = _pool(nn.relu(self.conv_1(x_NxHxWxC)))
-        return _pool(nn.relu(self.conv_2(h)))
+        h = max_pool(nn.relu(self.conv_1(x_NxHxWxC)))
+        return max_pool(nn.relu(self.conv_2(h)))
 
     def hidden(self, pool3_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         """pool_3 activations (N, 5, 4, 60), optionally masked -> relu(fc_1 + fc_2), the output layer's input (N, 160)."""

@@ -19,7 +19,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.kernels.masked_head.api import head_top2
 from badnet_jax.model import (CONV4_FEATURES, CONV4_POSITIONS, HIDDEN_UNITS, INPUT_HWC, LAB_NUM_CLASSES, POOL,
-                              POOL3_HWC, BadNet, Params, check_params, init_params, multiply_adds)
+                              POOL3_HWC, BadNet, Params, check_params, init_params, max_pool, multiply_adds)
 from badnet_jax.models.ir import Graph, Node
 from badnet_jax.models.protocol import PrunableModel, Stage, scaled
 from badnet_jax.numerics import settling
@@ -88,7 +88,7 @@ class DeepID(PrunableModel):
         def layer(name: str, after=lambda v: v):
             return lambda p, x: module.apply({"params": p}, x, method=lambda m, v: after(getattr(m, name)(v)))
 
-        pool = lambda v: nn.max_pool(nn.relu(v), (POOL, POOL), strides=(POOL, POOL), padding="VALID")
+        pool = lambda v: max_pool(nn.relu(v))
         parts = {"conv_1": "trunk", "conv_2": "trunk", "conv_3": "trunk", "fc_1": "affine", "conv_4": "affine",
                  "fc_2": "tail", "output": "tail"}
         after = {"conv_1": pool, "conv_2": pool, "conv_3": pool, "conv_4": nn.relu}

@@ -360,10 +360,13 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     same = dict(chunk=fast.chunk, devices=fast.devices)
     variants = [("sweep_plain", plan_sweep(dataclasses.replace(PLAIN, **same), [], model))]
     if config.ablation:
+        # the scan's strategies, also on a model the planner sweeps cumulatively, and the cumulative one
         variants += [("sweep_prefix_only", plan_sweep(SweepOptions(dedupe=False, group=False, impl=config.sweep.impl,
-                                                                   **same), [], model)),
-                     ("sweep_prefix_dedupe", plan_sweep(dataclasses.replace(config.sweep, group=False, **same),
-                                                        [], model))]
+                                                                   cumulative=False, **same), [], model)),
+                     ("sweep_prefix_dedupe", plan_sweep(dataclasses.replace(config.sweep, group=False, cumulative=False,
+                                                                            **same), [], model)),
+                     ("sweep_cumulative", plan_sweep(SweepOptions(cumulative=True, impl=config.sweep.impl, **same),
+                                                     [], model))]
     def split(name: str, runs: list[dict]) -> None:
         # Where each timed run went: the jitted call on the device vs float64 near-ties on the host (medians
         # over the timed runs only: the first ones compiled).

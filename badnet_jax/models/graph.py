@@ -174,6 +174,10 @@ class GraphCNN(PrunableModel):
     def hidden_size(self) -> int:
         return int(self._shapes[self.split.hidden][0])
 
+    @property
+    def logits_affine(self) -> bool:
+        return not self.split.tail  # the frontier is the output layer's input itself
+
     def with_input_scale(self, input_scale: str) -> "GraphCNN":
         return dataclasses.replace(self, input_scale=input_scale)
 
@@ -376,8 +380,7 @@ class GraphCNN(PrunableModel):
         for name in split.region:
             node = by_name[name]
             srcs = node.inputs
-            if all(s in single for s in srcs) and (name in split.masked or node.op in (
-                    "batch_norm", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad")):
+            if all(s in single for s in srcs) and (name in split.masked or node.op in PER_CHANNEL_OPS):
                 # per channel: channel c's slice of the op (batch norm: channel c's scale)
                 if node.op == "batch_norm":
                     p = {k: jax.lax.dynamic_slice_in_dim(jnp.asarray(v), c, 1) for k, v in params[node.weights].items()}
@@ -405,6 +408,16 @@ class GraphCNN(PrunableModel):
                 full[name] = apply_op(node, params, [value(s) for s in srcs], linear=True)
         return tuple(value(n) for n in split.frontier)
 
+    def channelwise_preactivations(self, params: Params, feats_NxHxWxC: jax.Array) -> Optional[tuple[jax.Array, ...]]:
+        split = self.split
+        if not all(len(self.graph.by_name[n].inputs) == 1 and (n in split.masked or
+                   self.graph.by_name[n].op in PER_CHANNEL_OPS) for n in split.region):
+            return None
+        # Per-channel ops only: the linear part on all channels at once holds each channel's contribution in
+        # its own slot (a batch norm's shift is the preactivation bias's).
+        env = self._run(params, {self.layer: feats_NxHxWxC}, split.region, linear=True)
+        return tuple(env[n] for n in split.frontier)
+
     def tail_hidden(self, params: Params, pre: tuple[jax.Array, ...]) -> jax.Array:
         split = self.split
         first = pre[0]
@@ -414,7 +427,9 @@ class GraphCNN(PrunableModel):
         return hidden.reshape(*lead, hidden.shape[-1])
 
 
-WEIGHT_OPS = ("conv", "depthwise_conv", "dense")  # the ops that are a benchmark's layers
+WEIGHT_OPS = ("conv", "depthwise_conv", "dense")
+# Affine ops that act on each channel alone (channel c of the output reads channel c of the input only).
+PER_CHANNEL_OPS = ("batch_norm", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad")  # the ops that are a benchmark's layers
 
 
 def _apply_one(node: Node, params: Params, x: jax.Array) -> jax.Array:

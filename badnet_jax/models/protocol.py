@@ -178,6 +178,13 @@ class PrunableModel(abc.ABC):
     def hidden_size(self) -> int:
         """The output layer's input width H."""
 
+    @property
+    def logits_affine(self) -> bool:
+        """Whether the logits are affine in the channel mask: the pre-activations are the output layer's input
+        (:meth:`tail_hidden` only reshapes), e.g. ``conv -> global average pooling -> dense``. The sweep's
+        planner then builds every step at once by a cumulative sum (``SweepOptions.cumulative``)."""
+        return False
+
     def trunk_bytes_per_image(self) -> int:
         """Working memory per image of the trunk in float32 (the sweep's memory model): a generous default of
         four copies of the input and two of the features."""
@@ -257,6 +264,18 @@ class PrunableModel(abc.ABC):
     @abc.abstractmethod
     def channel_contribution(self, params: Params, feats_NxHxWxC: jax.Array, c: jax.Array) -> Pytree:
         """Channel ``c``'s (maybe traced) contribution to the pre-activations (a pytree of (N, ...) arrays)."""
+
+    def channelwise_preactivations(self, params: Params, feats_NxHxWxC: jax.Array) -> Optional[Pytree]:
+        """Every channel's contribution at once, when the pre-activations are per-channel images of the features.
+
+        When only per-channel operations (ReLU, pooling, batch norm, global pooling ...) lie between the pruned
+        layer and the pre-activations, channel c contributes to channel c of every leaf alone, and
+        ``pre(mask) = preactivation_bias + mask * P`` along each leaf's last axis: P (a pytree of (N, ..., C)
+        arrays) is returned. None (the default) where a channel's contribution spreads over other entries (a
+        dense layer or a convolution reads several channels): the sweep then builds each channel's
+        contribution with :meth:`channel_contribution`.
+        """
+        return None
 
     @abc.abstractmethod
     def tail_hidden(self, params: Params, pre: Pytree) -> jax.Array:

@@ -23,7 +23,6 @@ import functools
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.model import NUM_POOL3_CHANNELS, POOL, POOL3_HWC, BadNet, Params, num_classes_of

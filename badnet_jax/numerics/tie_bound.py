@@ -5,9 +5,9 @@ the summation order) and measured its multiple on the lab's DeepID: TIE_RTOL = 2
 error seen on each logit. Another architecture sums other terms in other orders (batch norms, residual
 additions, deeper heads), so its multiple is measured the same way before its sweep: on up to
 :data:`CHECK_IMAGES` images of the ranking set, at every step of :data:`CHECK_ORDERS` seeded random orders,
-the float32 logits of both summation orders the sweep uses (the masked forward, and the affine split's
-suffix sums) against the model's float64 network; the bound is 10x the worst gap error on each of the two
-logits, never below TIE_RTOL.
+the float32 logits of the summation orders the sweep uses (the masked forward, the affine split's sums, and
+their cumulative sum over the order) against the model's float64 network; the bound is 10x the worst gap
+error on each of the two logits, never below TIE_RTOL.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.models.protocol import Params, PrunableModel
-from badnet_jax.numerics.ties import TIE_RTOL, U, output_scale, top2_gap
+from badnet_jax.numerics.ties import TIE_RTOL, U, output_scale
+from badnet_jax.models.affine import cumulative_preactivations, prefix_masks
 
 CHECK_IMAGES = 32
 CHECK_ORDERS = 2
@@ -29,12 +30,12 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 @functools.lru_cache(maxsize=None)
 def _logits32(model: PrunableModel):
-    """Both float32 summation orders at every step of an order: (steps, N, K) logits of the masked forward and
-    of the suffix sums, and (steps, N) S of each."""
+    """The float32 summation orders at every step of an order: (steps, N, K) logits of the masked forward, of
+    the affine split summed per mask, and of the cumulative sum over the order, and (steps, N) S of each."""
     def run(params, x, order):
         feats = model.features(params, x.astype(jnp.float32))
         w, b = model.output_layer(params)
-        masks = (jnp.argsort(order)[None, :] >= jnp.arange(order.shape[0] + 1)[:, None]).astype(jnp.float32)
+        masks = prefix_masks(order)
 
         def direct(mask):
             hidden = model.hidden(params, feats, mask)
@@ -48,7 +49,11 @@ def _logits32(model: PrunableModel):
             hidden = model.tail_hidden(params, pre)
             return jnp.dot(hidden, w, precision=HIGHEST) + b[None, :], output_scale(hidden, w, b)
 
-        return jax.lax.map(direct, masks), jax.lax.map(split, masks)
+        # The cumulative sweep's order: every step at once, a reverse cumulative sum over the order.
+        hidden = model.tail_hidden(params, cumulative_preactivations(model, params, feats, order))
+        lead = (1,) * (hidden.ndim - 1)
+        cumulative = jnp.dot(hidden, w, precision=HIGHEST) + b.reshape(*lead, -1), output_scale(hidden, w, b)
+        return jax.lax.map(direct, masks), jax.lax.map(split, masks), cumulative
     return jax.jit(run)
 
 
@@ -70,8 +75,8 @@ def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarr
     worst = 0.0
     for _ in range(CHECK_ORDERS):
         order = rng.permutation(model.num_channels).astype(np.int32)
-        masks = (np.argsort(order)[None, :] >= np.arange(len(order) + 1)[:, None]).astype(np.float64)
-        (l_direct, s_direct), (l_split, s_split) = _logits32(model)(params, jnp.asarray(x), jnp.asarray(order))
+        masks = prefix_masks(order).astype(np.float64)
+        orders32 = _logits32(model)(params, jnp.asarray(x), jnp.asarray(order))
         with jax.enable_x64(True):
             p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
             fn = _logits64(model)
@@ -80,7 +85,7 @@ def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarr
         second = np.where(np.arange(l64.shape[-1]) == first[..., None], -np.inf, l64).argmax(-1)
         pick = lambda logits, c: np.take_along_axis(np.asarray(logits, np.float64), c[..., None], -1)[..., 0]
         gap64 = pick(l64, first) - pick(l64, second)
-        for logits, scale in ((l_direct, s_direct), (l_split, s_split)):
+        for logits, scale in orders32:
             gap32 = pick(logits, first) - pick(logits, second)
             worst = max(worst, float((np.abs(gap32 - gap64) / (U * np.maximum(np.asarray(scale), 1e-30))).max()))
     return worst

@@ -3,14 +3,15 @@
 Modules, in the order the data flows:
 
 - ``plan``: :class:`SweepOptions` (what a user may ask) resolved once into a :class:`SweepPlan`;
-- ``prefix``: the math of the exact shortcuts (suffix sums, step aliases, alive-channel groups);
+- ``prefix``: the scan of the exact shortcuts (suffix sums, step aliases, alive-channel groups; every step's
+  masks and cumulative sums are ``badnet_jax.models.affine``'s);
 - ``chunks``: the chunking rule (host and traced);
 - ``strategies``: per-set evaluators for each plan strategy, and their work count;
 - ``run``: trunk, ranking, jit / shard_map, host I/O: :func:`rank_and_sweep`, :func:`compile_sweep`.
 """
 
+from badnet_jax.models.affine import prefix_masks
 from badnet_jax.sweep.plan import PLAIN, SweepOptions, SweepPlan, plan_sweep
-from badnet_jax.sweep.prefix import prefix_masks
 from badnet_jax.sweep.run import Sweep, compile_sweep, predict_steps, rank_and_sweep, trunk_features
 from badnet_jax.sweep.strategies import head_evaluations, shared_evaluations
 

@@ -32,7 +32,7 @@ from badnet_jax.models.protocol import PrunableModel
 
 log = logging.getLogger(__name__)
 
-Strategy = Literal["plain", "prefix", "prefix_dedupe", "prefix_batched"]
+Strategy = Literal["plain", "prefix", "prefix_dedupe", "prefix_batched", "cumulative"]
 
 CPU_CHUNK = 256  # per-step GEMMs of 256 rows run near a CPU's matmul peak, and dedupe stays fine-grained
 ACCELERATOR_CHUNK = 4096  # GPU/TPU: few, large calls
@@ -52,6 +52,13 @@ class SweepOptions:
             suffix sums over the order (``badnet_jax.sweep.prefix``) instead of re-running the masked head.
         dedupe: (needs ``prefix_sums``) evaluate each distinct effective mask once per chunk: a step that only
             prunes channels that are zero on every image of the chunk reuses the previous step's predictions.
+        cumulative: (needs ``prefix_sums``) build every step's pre-activations at once (all channels'
+            contributions in one call, a reverse cumulative sum) and evaluate the tail at every step in one call,
+            instead of a scan over the steps (``dedupe``, ``group`` and ``batch_steps`` then have nothing to do).
+            None: for a model whose logits are affine in the mask (``PrunableModel.logits_affine``, e.g.
+            ``conv -> global average pooling -> dense``), where the per-step tail is one small matmul and a
+            scan's per-step overhead would cost more than the work, unless ``batch_steps`` > 0 or
+            ``orders_per_call`` > 1 ask for the batched strategy.
         group: (needs ``dedupe``) sort each set's images by their alive channels before chunking, so a chunk's
             images share dead channels and skip more steps.
         impl: (needs ``prefix_sums`` unless ``auto``/``reference``) masked-head implementation: ``auto`` (the JAX
@@ -89,9 +96,10 @@ class SweepOptions:
     memory_budget: Optional[int] = None
     platform: Optional[str] = None
     progress: Optional[bool] = None
+    cumulative: Optional[bool] = None
 
 
-PLAIN = SweepOptions(prefix_sums=False, dedupe=False, group=False, impl="reference")
+PLAIN = SweepOptions(prefix_sums=False, dedupe=False, group=False, impl="reference", cumulative=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +108,9 @@ class SweepPlan:
 
     Attributes:
         strategy: ``plain`` (masked head vmapped over the C + 1 masks), ``prefix`` (suffix sums, every step
-            evaluated), ``prefix_dedupe`` (reverse scan, dead steps skipped) or ``prefix_batched`` (distinct
-            steps gathered, ``batch_steps`` per head call).
+            evaluated), ``prefix_dedupe`` (reverse scan, dead steps skipped), ``prefix_batched`` (distinct
+            steps gathered, ``batch_steps`` per head call) or ``cumulative`` (every step at once: a cumulative
+            sum over the order, the tail in one call).
         group: images sorted by alive channels before chunking.
         impl: resolved masked-head implementation: ``reference``, ``pallas`` or ``interpret``.
         batch_steps: distinct steps per head call (``prefix_batched`` only; else 0).
@@ -142,6 +151,11 @@ class SweepPlan:
 
 def _check(options: SweepOptions) -> None:
     """Refuse combinations that would silently do nothing."""
+    if options.cumulative and not options.prefix_sums:
+        raise ConfigError("cumulative needs prefix_sums (it sums the channels' contributions over the order)")
+    if options.cumulative and (options.batch_steps or options.orders_per_call > 1):
+        raise ConfigError("cumulative evaluates every step in one call: batch_steps > 0 and orders_per_call > 1 "
+                          "have nothing to batch")
     if options.dedupe and not options.prefix_sums:
         raise ConfigError("dedupe needs prefix_sums (the plain sweep evaluates every step)")
     if options.group and not options.dedupe:
@@ -197,8 +211,12 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
     num_classes, steps = model.num_classes, model.steps
     platform = options.platform or default_platform()
     accelerator = platform != "cpu"
+    cumulative = options.cumulative if options.cumulative is not None else (
+        options.prefix_sums and model.logits_affine and not options.batch_steps and options.orders_per_call == 1)
     if not options.prefix_sums:
         strategy, batch = "plain", 0
+    elif cumulative:
+        strategy, batch = "cumulative", 0
     elif not options.dedupe:
         strategy, batch = "prefix", 0
     else:
@@ -217,7 +235,8 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
     pre = model.preactivation_size
     head = {"plain": model.plain_head_bytes_per_image(), "prefix": steps * (pre + num_classes) * 4,
             "prefix_dedupe": model.step_bytes_per_image(),
-            "prefix_batched": orders * (steps * pre * 4 + batch * num_classes * 4)}[strategy]
+            "prefix_batched": orders * (steps * pre * 4 + batch * num_classes * 4),
+            "cumulative": steps * (2 * pre + model.hidden_size + 2 * num_classes) * 4}[strategy]
     per_image = model.trunk_bytes_per_image() + head
     wanted = options.chunk or (ACCELERATOR_CHUNK if accelerator else CPU_CHUNK)
     feature_bytes = 4 * int(np.prod(model.feature_hwc))
@@ -234,9 +253,10 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
     if progress is None:
         progress = jax.process_count() == 1 and stderr_is_terminal()
     trunk_chunk = chunk if accelerator else min(chunk, CPU_TRUNK_CHUNK)
-    return SweepPlan(strategy=strategy, group=options.group, impl=impl, batch_steps=batch, chunk=chunk,
-                     devices=devices, bytes_per_image=per_image, platform=platform, orders_per_call=orders,
-                     progress=progress, trunk_chunk=trunk_chunk)
+    group = options.group and strategy != "cumulative"  # grouping serves dedupe, which a cumulative sum has no use for
+    return SweepPlan(strategy=strategy, group=group, impl=impl, batch_steps=batch, chunk=chunk, devices=devices,
+                     bytes_per_image=per_image, platform=platform, orders_per_call=orders, progress=progress,
+                     trunk_chunk=trunk_chunk)
 
 
 def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, wanted: int,

@@ -10,7 +10,10 @@ i.e. suffix sums over the order: all C + 1 steps cost one pass over the channels
 passes. Only the rest of the head (``tail_top2``) runs per step.
 
 The suffix sums are carried through a reverse scan over the steps (:func:`reverse_steps`): each step adds
-one channel's contribution. A channel that is zero on every image of a chunk contributes exactly nothing,
+one channel's contribution. Where the rest of the head is cheap (a model whose logits are affine in the mask:
+``conv -> global pooling -> dense``), a scan's per-step overhead is most of the cost, and
+:func:`cumulative_preactivations` builds every step at once instead: all C contributions in one vectorised
+call and one reverse cumulative sum (``badnet_jax.models.affine``, beside the masks of every step). A channel that is zero on every image of a chunk contributes exactly nothing,
 so a step that only (un)prunes such a channel has the same inputs as its neighbour and reuses its
 predictions; :func:`step_aliases` states the same relation for the forward direction.
 """
@@ -19,20 +22,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from badnet_jax.models.protocol import Params, PrunableModel
-
-
-def prefix_masks(order: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
-    """(C + 1, C) float32 masks; row k prunes (zeroes) the first k channels of ``order``.
-
-    NumPy in, NumPy out (no device round trip for host-side bookkeeping); traceable for a jax.Array.
-    """
-    xp = np if isinstance(order, np.ndarray) else jnp
-    order = xp.asarray(order)
-    rank = xp.argsort(order)  # the inverse permutation: each channel's position in the order
-    return (rank[None, :] >= xp.arange(order.shape[0] + 1)[:, None]).astype(xp.float32)
 
 
 def alive_channels(feats_NxHxWxC: jax.Array) -> jax.Array:

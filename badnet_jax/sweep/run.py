@@ -29,7 +29,7 @@ from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.sweep.rankings import RankingPlan, single
 from badnet_jax.sweep.chunks import map_chunks
 from badnet_jax.sweep.plan import SweepOptions, SweepPlan, plan_sweep
-from badnet_jax.sweep.prefix import prefix_masks
+from badnet_jax.models.affine import prefix_masks
 from badnet_jax.sweep.progress import chunk_hook, showing
 from badnet_jax.sweep.strategies import sweep_set
 

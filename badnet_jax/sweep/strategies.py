@@ -7,7 +7,9 @@ predictions, float32 near-ties aside):
 - ``prefix``: every step's pre-activations from suffix sums, the tail evaluated at all steps;
 - ``prefix_dedupe``: a reverse scan over the steps; a step whose added channel is dead on the whole chunk
   reuses the previous predictions (``lax.cond``: real control flow, no cost);
-- ``prefix_batched``: the chunk's distinct steps gathered and evaluated ``batch_steps`` per head call.
+- ``prefix_batched``: the chunk's distinct steps gathered and evaluated ``batch_steps`` per head call;
+- ``cumulative``: every step's pre-activations at once (vmapped contributions, a reverse cumulative sum), the
+  tail evaluated at all steps in one call: no loop over steps, for heads whose tail is cheap.
 
 With ``plan.group`` the images are sorted by alive channels before chunking and the predictions put back.
 :func:`head_evaluations` counts, on the host, the (image, step) evaluations of the tail each plan does;
@@ -26,7 +28,8 @@ from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.numerics.ties import near_tie, output_with_ties
 from badnet_jax.sweep.chunks import chunk_starts, map_chunks
 from badnet_jax.sweep.plan import SweepPlan
-from badnet_jax.sweep.prefix import alive_groups, prefix_masks, reverse_steps, step_aliases, step_preactivations
+from badnet_jax.models.affine import cumulative_preactivations, prefix_masks
+from badnet_jax.sweep.prefix import alive_groups, reverse_steps, step_aliases, step_preactivations
 
 ChunkFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -84,7 +87,14 @@ def _prefix_batched(model: PrunableModel, p: Params, order: jax.Array, plan: Swe
     return run
 
 
-EVALUATORS = {"plain": _plain, "prefix": _prefix, "prefix_dedupe": _prefix_dedupe, "prefix_batched": _prefix_batched}
+def _cumulative(model: PrunableModel, p: Params, order: jax.Array, plan: SweepPlan) -> ChunkFn:
+    def run(feats):
+        return _head(model, p, plan, cumulative_preactivations(model, p, feats, order))  # (C + 1, n, ...) each
+    return run
+
+
+EVALUATORS = {"plain": _plain, "prefix": _prefix, "prefix_dedupe": _prefix_dedupe, "prefix_batched": _prefix_batched,
+              "cumulative": _cumulative}
 
 
 def sweep_set(model: PrunableModel, params: Params, pool3_NxHxWxC: jax.Array, orders_RxC: jax.Array,
@@ -133,7 +143,7 @@ def head_evaluations(pool3_NxHxWxC: np.ndarray, plan: SweepPlan) -> int:
     grouping, if on), rounded up to whole batches when steps are batched.
     """
     n = len(pool3_NxHxWxC)
-    if plan.strategy in ("plain", "prefix"):
+    if plan.strategy in ("plain", "prefix", "cumulative"):
         return len(chunk_starts(n, plan.chunk)) * min(plan.chunk, n) * (pool3_NxHxWxC.shape[3] + 1)
     chunk, alive = _chunks_alive(pool3_NxHxWxC, plan)
     batch = plan.batch_steps or 1

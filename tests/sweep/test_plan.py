@@ -13,6 +13,8 @@ import pytest
 from badnet_jax import ConfigError
 from badnet_jax import sweep as sw
 from badnet_jax.sweep import SweepOptions, plan_sweep
+from badnet_jax.defense.inputs import EXAMPLES
+from badnet_jax.io.model_file import load_model
 from badnet_jax.models.deepid import DeepID
 
 
@@ -25,6 +27,8 @@ from badnet_jax.models.deepid import DeepID
     (sw.SweepOptions(chunk=0), "chunk must be"),
     (sw.SweepOptions(devices=99), "asked for 99 devices"),
     (sw.SweepOptions(memory_budget=float("nan")), "memory budget must be"),
+    (sw.SweepOptions(prefix_sums=False, dedupe=False, group=False, cumulative=True), "cumulative needs prefix_sums"),
+    (sw.SweepOptions(cumulative=True, batch_steps=4), "nothing to batch"),
 ])
 def test_options_that_would_do_nothing_are_refused(options, complaint):
     with pytest.raises(ConfigError, match=complaint):
@@ -41,6 +45,19 @@ def test_plan_resolves_each_strategy_once():
     # The batched path holds a batch of logits: its working memory grows with the class count.
     assert (sw.plan_sweep(sw.SweepOptions(batch_steps=8), [], DeepID()).bytes_per_image
             > sw.plan_sweep(sw.SweepOptions(batch_steps=8), [], DeepID(200)).bytes_per_image)
+
+
+def test_the_planner_sums_cumulatively_where_the_logits_are_affine_in_the_mask():
+    gap, _ = load_model(EXAMPLES["gapnet"][0], "255")  # relu_3 -> global average pooling -> dense
+    assert gap.logits_affine and not DeepID().logits_affine
+    for platform in ("cpu", "cuda"):
+        plan = sw.plan_sweep(sw.SweepOptions(platform=platform), [], gap)
+        assert (plan.strategy, plan.group, plan.batch_steps) == ("cumulative", False, 0)
+        assert plan.describe().startswith("cumulative, ")
+    assert sw.plan_sweep(sw.SweepOptions(cumulative=False), [], gap).strategy == "prefix_dedupe"
+    assert sw.plan_sweep(sw.SweepOptions(batch_steps=4), [], gap).strategy == "prefix_batched"  # asked for
+    assert sw.plan_sweep(sw.SweepOptions(), [], DeepID()).strategy == "prefix_dedupe"
+    assert sw.plan_sweep(sw.SweepOptions(cumulative=True), [], DeepID()).strategy == "cumulative"  # asked for
 
 
 def test_trunk_blocks_stay_small_on_a_cpu_only():

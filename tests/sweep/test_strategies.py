@@ -92,9 +92,10 @@ SHORTCUTS = [sw.SweepOptions(prefix_sums=True, dedupe=False, group=False, impl="
              sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="reference"),
              sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="reference", batch_steps=3),
              sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="pallas"),
-             sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="pallas", batch_steps=8)]
+             sw.SweepOptions(prefix_sums=True, dedupe=True, group=True, impl="pallas", batch_steps=8),
+             sw.SweepOptions(prefix_sums=True, cumulative=True, impl="reference")]
 _name = lambda o: (f"prefix{int(o.prefix_sums)}-dedupe{int(o.dedupe)}-group{int(o.group)}-batch{o.batch_steps}"
-                   f"-{o.impl}")
+                   f"-{o.impl}" + ("-cumulative" if o.cumulative else ""))
 
 
 @pytest.mark.parametrize("options", SHORTCUTS, ids=_name)
@@ -108,7 +109,7 @@ def test_every_shortcut_gives_the_plain_sweep_on_real_b(options, lab_b, lab_face
     np.testing.assert_array_equal(fast.preds["bd_valid"], plain.preds["bd_valid"])
 
 
-@pytest.mark.parametrize("options", SHORTCUTS[:4], ids=_name)
+@pytest.mark.parametrize("options", SHORTCUTS[:4] + SHORTCUTS[-1:], ids=_name)
 def test_every_shortcut_gives_the_same_counts_on_a_random_model(options, rng):
     params = init_params(num_classes=29, seed=21)
     model = BadNet(29)

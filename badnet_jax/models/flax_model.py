@@ -21,6 +21,18 @@ Example::
     model = FlaxCNN.build(Net(), params, input_hwc=(32, 32, 3), input_scale="255", layer="conv2")
     sweep = rank_and_sweep(model, params, {"clean_valid": x_valid, "bd_valid": x_bd})
 
+**Batch norm.** A module with ``nn.BatchNorm(use_running_average=True)`` (a trained CNN in inference mode)
+reads its running statistics from the ``batch_stats`` collection: build the model from the module's full
+variables, ``FlaxCNN.build(Net(), variables, ...)`` with ``variables = {"params": ..., "batch_stats": ...}``
+(any further collections come along too). The model records the collections it was built with
+(``FlaxCNN.collections``), and the params it takes everywhere (the sweep, rankings, settling, GoodNet,
+fine-tuning) are then that whole variables dict: ``rank_and_sweep(model, variables, ...)``. Every collection
+other than ``params`` is a constant of the network: the module runs in inference mode with nothing mutable
+(a batch norm in training mode is refused when the model is built), no gradient flows into those
+collections, so fine-tuning (Adam: a zero gradient is a zero update) trains the params and leaves the
+running statistics exactly as they are, and the float64 settling converts them to float64 with the params.
+A model built from params alone takes params alone, as before.
+
 Nothing about the head is assumed, so the affine split is the masked features themselves (every step's
 pre-activations are the features with its pruned channels zeroed, built by suffix sums of one channel at a
 time) and every step runs the whole head: exact, as fast as the masked forward. A Keras or IR model
@@ -33,8 +45,11 @@ known, so a benchmark times the trunk and the head whole, with FLOPs from XLA's 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping
 from typing import Any, Optional
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,6 +58,8 @@ import numpy as np
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.models.protocol import Params, PrunableModel, input_divisor, scaled
 from badnet_jax.numerics.ties import TIE_RTOL
+
+PARAMS = "params"  # Flax's collection of the learned weights; every other collection is frozen here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +72,9 @@ class FlaxCNN(PrunableModel):
             pruned layer in logs and reports).
         output: the name of the Dense output submodule in the params.
         hidden_width: the output layer's input width.
+        collections: the Flax collections of the variables the model was built from, sorted (e.g.
+            ``("batch_stats", "params")``): the params it takes are then that variables dict. Empty: built from
+            the ``params`` collection alone, which is what it takes.
     """
 
     module: nn.Module
@@ -67,33 +87,93 @@ class FlaxCNN(PrunableModel):
     hidden_width: int = 0
     tie_rtol: float = TIE_RTOL
     tie_rtol_measured: bool = False
+    collections: tuple[str, ...] = ()
 
     @classmethod
-    def build(cls, module: nn.Module, params: Params, input_hwc: tuple[int, int, int], input_scale: str,
+    def build(cls, module: nn.Module, variables: Params, input_hwc: tuple[int, int, int], input_scale: str,
               layer: str = "features", output: str = "output") -> "FlaxCNN":
-        """The model of ``module`` with these params (shapes are read from an abstract evaluation).
+        """The model of ``module`` with these variables (shapes are read from an abstract evaluation).
+
+        Args:
+            module: the Flax module, with ``features`` and ``hidden`` methods (see the module docstring).
+            variables: the module's params alone, or its full variables (``{"params": ..., "batch_stats": ...}``,
+                what ``module.init`` returns), which a module with batch norm in inference mode needs. What is
+                given here is what the model takes as its params afterwards.
+            input_hwc: the input images' height, width and channels.
+            input_scale: ``raw`` or ``255`` (what the pixels 0..255 are divided by before the module).
+            layer: the pruned layer's name, for logs and reports.
+            output: the name of the Dense output submodule.
 
         Raises:
             ConfigError: the module has no ``features`` or ``hidden`` method, its features are not a 4-D
-                feature map, or the params hold no Dense ``output`` layer.
+                feature map, its hidden layer does not fit the output layer, the params hold no Dense
+                ``output`` layer, the variables lack a collection the module reads (naming it, e.g.
+                ``batch_stats``), or the module writes a collection (a batch norm in training mode).
         """
         input_divisor(input_scale)  # refuses an unknown scale now, not at the first sweep
         for method in ("features", "hidden"):
             if not callable(getattr(module, method, None)):
                 raise ConfigError(f"{arg('module')}: {type(module).__name__} has no {method}() method; see "
                                   "badnet_jax.models.flax_model", field="module")
-        if not isinstance(params, dict) or output not in params or "kernel" not in params[output]:
+        collections = _collections_of(variables, output)
+        params = variables[PARAMS] if collections else variables
+        if not isinstance(params, Mapping) or output not in params or "kernel" not in params[output]:
+            held = ', '.join(params) if isinstance(params, Mapping) else type(params).__name__
             raise ConfigError(f"{arg('output', output)}: no Dense layer of that name in the params (they hold "
-                              f"{', '.join(params) if isinstance(params, dict) else type(params).__name__})",
-                              field="output")
+                              f"{held})", field="output")
+        kernel = np.shape(params[output]["kernel"])
+        model = cls(module, tuple(input_hwc), int(kernel[1]), input_scale, layer, (0, 0, 0), output, int(kernel[0]),
+                    collections=collections)
         x = jax.ShapeDtypeStruct((1, *input_hwc), jnp.float32)
-        feats = jax.eval_shape(lambda p, x: module.apply({"params": p}, x, method="features"), params, x)
+        feats = model._abstract("features", variables, x)
         if len(feats.shape) != 4:
             raise ConfigError(f"{arg('layer', layer)}: {type(module).__name__}.features gives shape {feats.shape}, not a "
                               "feature map (N, height, width, channels)", field="layer")
-        kernel = np.shape(params[output]["kernel"])
-        return cls(module, tuple(input_hwc), int(kernel[1]), input_scale, layer, tuple(feats.shape[1:]), output,
-                   int(kernel[0]))
+        hidden = model._abstract("hidden", variables, feats)
+        if tuple(hidden.shape) != (1, model.hidden_width):
+            raise ConfigError(f"{arg('module')}: {type(module).__name__}.hidden gives shape {tuple(hidden.shape)} for "
+                              f"one image, but the output layer {output!r} takes (N, {model.hidden_width})",
+                              field="module")
+        return dataclasses.replace(model, feature_hwc=tuple(feats.shape[1:]))
+
+    def _abstract(self, method: str, variables: Params, x: Any) -> jax.ShapeDtypeStruct:
+        """The shape of ``method`` on ``x`` (abstract evaluation), Flax's refusals turned into ConfigErrors."""
+        name = f"{type(self.module).__name__}.{method}"
+        try:
+            return jax.eval_shape(lambda v, x: self.module.apply(self._variables(v), x, method=method), variables, x)
+        except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeVariableNotFoundError) as err:
+            found = re.search(r'collection "([^"]+)"', str(err))
+            col = found.group(1) if found else "?"
+            hint = (f"pass the module's full variables ({{'params': ..., {col!r}: ...}}, what module.init returns), "
+                    "not its params alone" if col not in self.collections else
+                    f"their {col!r} collection lacks a variable the module reads")
+            raise ConfigError(f"{arg('variables')}: {name} reads the collection {col!r}, which these variables do not "
+                              f"hold: {hint} ({err})", field="variables") from err
+        except flax.errors.ModifyScopeVariableError as err:
+            found = re.search(r'collection "([^"]+)"', str(err))
+            col = found.group(1) if found else "?"
+            raise ConfigError(f"{arg('module')}: {name} writes the collection {col!r} (a batch norm in training "
+                              "mode?); a FlaxCNN runs the module in inference mode with every collection frozen: "
+                              f"use nn.BatchNorm(use_running_average=True) ({err})", field="module") from err
+        except flax.errors.FlaxError as err:
+            raise ConfigError(f"{arg('variables')}: {name} does not run on these variables: {err}",
+                              field="variables") from err
+
+    def _variables(self, params: Params) -> dict[str, Any]:
+        """The Flax variables of ``params`` for ``module.apply``: the non-param collections behind a stop-gradient
+        (constants of the inference network: fine-tuning never moves them)."""
+        if not self.collections:
+            return {PARAMS: params}
+        missing = [c for c in self.collections if not isinstance(params, Mapping) or c not in params]
+        if missing:
+            raise ConfigError(f"{arg('params')}: the variables of {self.name} lack the collection "
+                              f"{', '.join(map(repr, missing))} (the model was built with "
+                              f"{', '.join(map(repr, self.collections))})", field="params")
+        return {c: params[c] if c == PARAMS else jax.lax.stop_gradient(params[c]) for c in self.collections}
+
+    def _params(self, params: Params) -> Params:
+        """The ``params`` collection (the learned weights) of what the model takes."""
+        return params[PARAMS] if self.collections else params
 
     @property
     def name(self) -> str:
@@ -111,35 +191,63 @@ class FlaxCNN(PrunableModel):
         return dataclasses.replace(self, input_scale=input_scale)
 
     def check_params(self, params: Any, name: str = "params") -> int:
-        if not isinstance(params, dict) or self.output not in params:
-            raise ConfigError(f"{arg(name)}: expected the params of {self.name} (with its {self.output!r} layer)",
-                              field=name)
-        shape = tuple(np.shape(params[self.output].get("kernel")))
+        """Refuse params that are not this model's: the collections it was built with (the variables dict of a
+        model built from variables, the params alone otherwise) and the output layer's kernel shape.
+
+        Raises:
+            ConfigError: naming ``name``, the missing or unexpected collection, or the output layer's shape.
+        """
+        net, where = params, name
+        if self.collections:
+            held = tuple(params) if isinstance(params, Mapping) else ()
+            missing = [c for c in self.collections if c not in held]
+            extra = [c for c in held if c not in self.collections]
+            if missing or extra:
+                problem = (f"lack the collection {', '.join(map(repr, missing))}" if missing else
+                           f"hold the collection {', '.join(map(repr, extra))} it was not built with")
+                got = f"they hold {', '.join(map(repr, held))}" if held else f"got {type(params).__name__}"
+                raise ConfigError(f"{arg(name)}: expected the variables of {self.name} with the collections "
+                                  f"{', '.join(map(repr, self.collections))} (the model was built from them), but "
+                                  f"they {problem} ({got})", field=name)
+            net, where = params[PARAMS], f"{name}['{PARAMS}']"
+        elif isinstance(params, Mapping) and self.output not in params and isinstance(params.get(PARAMS), Mapping):
+            raise ConfigError(f"{arg(name)}: a variables dict ({', '.join(map(repr, params))}), but {self.name} was "
+                              "built from params alone: build it with FlaxCNN.build(module, variables, ...) to run it "
+                              "on its variables, or pass variables['params']", field=name)
+        if not isinstance(net, Mapping) or self.output not in net:
+            raise ConfigError(f"{arg(name)}: expected the params of {self.name} (with its {self.output!r} layer"
+                              f"{' in ' + where if where != name else ''})", field=name)
+        shape = tuple(np.shape(net[self.output].get("kernel")))
         if shape != (self.hidden_width, self.num_classes):
             raise ConfigError(f"{arg(name)}: layer {self.output!r} kernel of shape {shape}, expected "
                               f"{(self.hidden_width, self.num_classes)}", field=name)
         return self.num_classes
 
     def init_params(self, seed: int = 0) -> Params:
+        """Random params of the module (``module.init``): its variables with the collections the model was
+        built with (batch norms' running statistics as Flax initialises them), or its params alone."""
         x = jnp.zeros((1, *self.input_hwc), jnp.float32)
-        return self.module.init(jax.random.PRNGKey(seed), x)["params"]
+        variables = self.module.init(jax.random.PRNGKey(seed), x)
+        if not self.collections:
+            return variables[PARAMS]
+        return {c: variables.get(c, {}) for c in self.collections}
 
     def features(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> jax.Array:
         x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
-        return self.module.apply({"params": params}, x, method="features")
+        return self.module.apply(self._variables(params), x, method="features")
 
     def hidden(self, params: Params, feats_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         if mask is not None:
             feats_NxHxWxC = feats_NxHxWxC * jnp.asarray(mask, feats_NxHxWxC.dtype)[None, None, None, :]
-        return self.module.apply({"params": params}, feats_NxHxWxC, method="hidden")
+        return self.module.apply(self._variables(params), feats_NxHxWxC, method="hidden")
 
     def output_layer(self, params: Params) -> tuple[jax.Array, jax.Array]:
-        p = params[self.output]
+        p = self._params(params)[self.output]
         return p["kernel"], p["bias"] if "bias" in p else jnp.zeros((self.num_classes,), p["kernel"].dtype)
 
     # The affine split: the masked features themselves.
     def preactivation_bias(self, params: Params) -> jax.Array:
-        return jnp.zeros(self.feature_hwc, jnp.asarray(params[self.output]["kernel"]).dtype)
+        return jnp.zeros(self.feature_hwc, jnp.asarray(self._params(params)[self.output]["kernel"]).dtype)
 
     def channel_contribution(self, params: Params, feats_NxHxWxC: jax.Array, c: jax.Array) -> jax.Array:
         keep = jnp.arange(self.num_channels) == c
@@ -147,5 +255,22 @@ class FlaxCNN(PrunableModel):
 
     def tail_hidden(self, params: Params, pre: jax.Array) -> jax.Array:
         lead = pre.shape[:-3]
-        hidden = self.module.apply({"params": params}, pre.reshape(-1, *self.feature_hwc), method="hidden")
+        hidden = self.module.apply(self._variables(params), pre.reshape(-1, *self.feature_hwc), method="hidden")
         return hidden.reshape(*lead, hidden.shape[-1])
+
+
+def _collections_of(variables: Any, output: str) -> tuple[str, ...]:
+    """The sorted collections of a Flax variables dict (a ``params`` collection, no output layer at the top), or
+    () for params alone (the output layer at the top).
+
+    Raises:
+        ConfigError: a collection that is not a dict of variables.
+    """
+    if not isinstance(variables, Mapping) or output in variables or not isinstance(variables.get(PARAMS), Mapping):
+        return ()
+    for col, value in variables.items():
+        if not isinstance(col, str) or not isinstance(value, Mapping):
+            raise ConfigError(f"{arg('variables')}: the collection {col!r} is a {type(value).__name__}, expected a "
+                              "dict of variables (Flax variables: {'params': ..., 'batch_stats': ...})",
+                              field="variables")
+    return tuple(sorted(variables))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from badnet_jax import ConfigError
+from badnet_jax import BadNetError, ConfigError
 from badnet_jax import sweep as sw
 from badnet_jax.goodnet import make_goodnet, predict_goodnet
 from badnet_jax.kernels.conv2d import conv2d
@@ -109,3 +109,264 @@ def test_a_flax_module_may_run_its_first_convolution_through_conv2d(rng):
     fast_model = FlaxCNN.build(FastNet(), fast, input_hwc=(16, 16, 3), input_scale="raw", layer="conv2")
     np.testing.assert_array_equal(np.asarray(fast_model.features(fast, jnp.asarray(x))),
                                   np.asarray(slow_model.features(params, jnp.asarray(x))))
+
+
+# ----- batch norm in inference mode: the model takes the module's full variables
+
+EPS = 1e-5  # nn.BatchNorm's default epsilon
+
+
+class BNNet(nn.Module):
+    """A CNN with three inference-mode batch norms: two in the trunk (the pruned features come out of the
+    second), one in the head."""
+
+    train: bool = False
+
+    @nn.compact
+    def features(self, x):
+        x = nn.Conv(6, (3, 3), name="conv1")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not self.train, name="bn1")(x))
+        x = nn.Conv(10, (3, 3), strides=2, name="conv2")(x)
+        return nn.relu(nn.BatchNorm(use_running_average=not self.train, name="bn2")(x))
+
+    @nn.compact
+    def hidden(self, feats):
+        h = nn.Dense(16, name="fc")(jnp.mean(feats, axis=(1, 2)))
+        return nn.relu(nn.BatchNorm(use_running_average=not self.train, name="bn3")(h))
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, name="output")(self.hidden(self.features(x)))
+
+
+def _bn_variables(seed=0):
+    """BNNet's variables as a trained network's might be: each batch norm's running statistics near its input's
+    mean and variance on some images (so that the predictions vary), shifted by random amounts, its scales and
+    offsets random."""
+    variables = BNNet().init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)))
+    r = np.random.default_rng(seed + 7)
+    params = {k: dict(v) for k, v in variables["params"].items()}
+    for bn in ("bn1", "bn2", "bn3"):
+        params[bn] = {"scale": r.uniform(0.5, 1.5, params[bn]["scale"].shape),
+                      "bias": r.normal(0, 0.1, params[bn]["bias"].shape)}
+    params["output"] = {"kernel": r.normal(0, 1, params["output"]["kernel"].shape),
+                        "bias": r.normal(0, 0.1, params["output"]["bias"].shape)}
+    p = _np64(params)
+    stats = {}
+
+    def calibrated(bn, z):  # z: (..., C) the batch norm's input on the calibration images
+        z = z.reshape(-1, z.shape[-1])
+        stats[bn] = {"mean": z.mean(0) + 0.2 * z.std(0) * r.normal(size=z.shape[1]),
+                     "var": z.var(0) * r.uniform(0.5, 2.0, z.shape[1])}
+        return np.maximum(_np_bn(z, p[bn], stats[bn]), 0).reshape(z.shape)
+
+    h = _bn_images(np.random.default_rng(seed), 64).astype(np.float64) / 255
+    z = _np_conv_same(h, p["conv1"]["kernel"], p["conv1"]["bias"], 1)
+    h = calibrated("bn1", z).reshape(z.shape)
+    z = _np_conv_same(h, p["conv2"]["kernel"], p["conv2"]["bias"], 2)
+    h = calibrated("bn2", z).reshape(z.shape)
+    calibrated("bn3", h.mean(axis=(1, 2)) @ p["fc"]["kernel"] + p["fc"]["bias"])
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), {"params": params, "batch_stats": stats})
+
+
+def _bn_images(rng, n):
+    """Images of a random colour, gradient and noise each (plain noise images all look alike after pooling)."""
+    colour = rng.uniform(0, 255, (n, 1, 1, 3))
+    gradient = np.linspace(-1, 1, 16)[None, :, None, None] * rng.uniform(-80, 80, (n, 1, 1, 3))
+    return np.clip(colour + gradient + rng.normal(0, 20, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
+
+
+def _bn_model(variables):
+    return FlaxCNN.build(BNNet(), variables, input_hwc=(16, 16, 3), input_scale="255", layer="bn2")
+
+
+def _np_conv_same(x, kernel, bias, stride):
+    """NumPy float64 cross-correlation with XLA's SAME padding (the low side gets the smaller half)."""
+    kh, kw, _, cout = kernel.shape
+    n, h, w, _ = x.shape
+    oh, ow = -(-h // stride), -(-w // stride)
+    ph, pw = max((oh - 1) * stride + kh - h, 0), max((ow - 1) * stride + kw - w, 0)
+    xp = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    out = np.zeros((n, oh, ow, cout))
+    for i in range(kh):
+        for j in range(kw):
+            out += xp[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :] @ kernel[i, j]
+    return out + bias
+
+
+def _np_bn(x, p, s):
+    return (x - s["mean"]) / np.sqrt(s["var"] + EPS) * p["scale"] + p["bias"]
+
+
+def _np64(variables):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+
+
+def _np_features(variables, x):
+    v = _np64(variables)
+    p, s = v["params"], v["batch_stats"]
+    h = np.asarray(x, np.float64) / 255
+    h = np.maximum(_np_bn(_np_conv_same(h, p["conv1"]["kernel"], p["conv1"]["bias"], 1), p["bn1"], s["bn1"]), 0)
+    return np.maximum(_np_bn(_np_conv_same(h, p["conv2"]["kernel"], p["conv2"]["bias"], 2), p["bn2"], s["bn2"]), 0)
+
+
+def _np_logits(variables, feats, mask):
+    v = _np64(variables)
+    p, s = v["params"], v["batch_stats"]
+    h = (feats * mask).mean(axis=(1, 2)) @ p["fc"]["kernel"] + p["fc"]["bias"]
+    h = np.maximum(_np_bn(h, p["bn3"], s["bn3"]), 0)
+    return h @ p["output"]["kernel"] + p["output"]["bias"]
+
+
+def _np_steps(variables, x, order):
+    """(C + 1, N) float64 NumPy predictions with the first k channels of ``order`` pruned, k = 0..C."""
+    feats = _np_features(variables, x)
+    out = []
+    for k in range(len(order) + 1):
+        mask = np.ones(len(order))
+        mask[order[:k]] = 0
+        out.append(_np_logits(variables, feats, mask).argmax(-1))
+    return np.stack(out)
+
+
+def test_a_batch_norm_module_is_built_from_its_variables_and_runs_on_its_running_statistics(rng):
+    variables = _bn_variables()
+    model = _bn_model(variables)
+    assert model.collections == ("batch_stats", "params")
+    assert (model.feature_hwc, model.num_classes, model.hidden_size) == ((8, 8, 10), 5, 16)
+    assert model.check_params(variables) == 5
+    x = _bn_images(rng, 8).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model.features(variables, jnp.asarray(x))), _np_features(variables, x),
+                               rtol=1e-4, atol=1e-5)
+    mask = np.ones(10, np.float32)
+    mask[[1, 4, 7]] = 0
+    want = _np_logits(variables, _np_features(variables, x), mask)
+    np.testing.assert_allclose(np.asarray(model.logits(variables, jnp.asarray(x), mask)), want, rtol=1e-4, atol=1e-5)
+    # init_params: the same collections, which the model accepts
+    fresh = model.init_params(3)
+    assert set(fresh) == {"batch_stats", "params"} and model.check_params(fresh) == 5
+
+
+@pytest.mark.parametrize("options", [sw.PLAIN, sw.SweepOptions()], ids=["plain", "dedupe"])
+def test_a_batch_norm_module_sweeps_as_a_numpy_masked_forward(options, rng):
+    variables = _bn_variables()
+    model = _bn_model(variables)
+    x = _bn_images(rng, 40)
+    x_bd = x[:20].copy()
+    x_bd[:, -4:, -4:, :] = 255
+    result = sw.rank_and_sweep(model, variables, {"clean_valid": x, "bd_valid": x_bd}, options)
+    means = _np_features(variables, x).mean(axis=(0, 1, 2))
+    np.testing.assert_array_equal(result.order, np.argsort(means, kind="stable"))
+    for name, images in (("clean_valid", x), ("bd_valid", x_bd)):
+        np.testing.assert_array_equal(result.preds[name], _np_steps(variables, images, result.order))
+
+
+def test_every_ranking_of_a_batch_norm_module_sweeps_as_a_numpy_masked_forward(rng):
+    from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
+
+    variables = _bn_variables()
+    model = _bn_model(variables)
+    x = _bn_images(rng, 32)
+    labels = _np_steps(variables, x, np.arange(10))[0]
+    plan = resolve_rankings(RankingOptions(rank_by=("activation", "anp", "random"), random_orders=1), variables,
+                            model)
+    result = sw.rank_and_sweep(model, variables, {"clean_valid": x}, rankings=plan, rank_labels=labels)
+    assert result.labels == ("activation", "anp", "random/0")
+    for label, order in zip(result.labels, result.orders):
+        assert sorted(order) == list(range(10))
+        np.testing.assert_array_equal(result.preds_of(label)["clean_valid"], _np_steps(variables, x, order))
+    # the data-free rankings read a producing convolution, which nothing inside a Flax module exposes
+    with pytest.raises(ConfigError, match="clp"):
+        resolve_rankings(RankingOptions(rank_by=("clp",)), variables, model)
+
+
+def _near_tie(variables, x_a, x_b):
+    """A float32 image on the segment from x_a to x_b within a few float32 roundings of the float64 NumPy
+    network's decision boundary (x_a and x_b predicted differently): bisection."""
+    pred = lambda img: _np_logits(variables, _np_features(variables, img[None]), np.ones(10))[0].argmax()
+    lo, hi = 0.0, 1.0
+    at = lambda t: (x_a + t * (x_b - x_a)).astype(np.float32)
+    p_lo = pred(at(lo))
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if pred(at(mid)) == p_lo:
+            lo = mid
+        else:
+            hi = mid
+    return at(lo)
+
+
+def test_a_batch_norm_module_settles_its_near_ties_in_float64(rng):
+    variables = _bn_variables()
+    model = _bn_model(variables)
+    x = _bn_images(rng, 24).astype(np.float32)
+    # the float64 network carries the batch statistics in float64 (float32 ones would be ~1e-7 off)
+    np.testing.assert_allclose(model.features64(variables, x, 255.0), _np_features(variables, x), rtol=1e-10,
+                               atol=1e-12)
+    preds = _np_steps(variables, x, np.arange(10))
+    a, b = np.flatnonzero(preds[0] != preds[0][0])[0], 0
+    x_tie = np.stack([_near_tie(variables, x[b], x[a])])
+    masks = np.ones((3, 10))
+    masks[1, :4] = 0
+    masks[2, ::2] = 0
+    want = np.stack([_np_logits(variables, _np_features(variables, x[:3]), m).argmax(-1) for m in masks])
+    np.testing.assert_array_equal(model.argmax64(variables, x[:3], 255.0, np.repeat(masks, 3, axis=0),
+                                                 np.tile(np.arange(3), 3)), want.reshape(-1))
+    result = sw.rank_and_sweep(model, variables, {"clean_valid": x, "tie": x_tie})
+    assert result.settled["tie"] >= 1
+    np.testing.assert_array_equal(result.preds["tie"], _np_steps(variables, x_tie, result.order))
+    np.testing.assert_array_equal(result.preds["clean_valid"], _np_steps(variables, x, result.order))
+
+
+def test_a_goodnet_of_a_batch_norm_module(rng):
+    variables = _bn_variables()
+    model = _bn_model(variables)
+    x = _bn_images(rng, 20)
+    mask = np.ones(10, np.float32)
+    mask[:5] = 0
+    goodnet, g_variables = make_goodnet(model, variables, mask=mask)
+    got, _ = predict_goodnet(goodnet, g_variables, x)
+    steps = _np_steps(variables, x, np.arange(10))
+    np.testing.assert_array_equal(got, np.where(steps[0] == steps[5], steps[0], 5))
+    np.testing.assert_array_equal(np.asarray(goodnet.apply(g_variables, x)), got)
+
+
+def test_fine_tuning_a_batch_norm_module_keeps_its_running_statistics(rng):
+    from badnet_jax.defense.finetune import FinetuneConfig, finetune
+    from badnet_jax.train import TrainConfig, train_model
+
+    variables = _bn_variables()
+    model = _bn_model(variables)
+    x = _bn_images(rng, 32).astype(np.float32)
+    y = rng.integers(0, 5, 32)
+    mask = np.ones(10, np.float32)
+    mask[:3] = 0
+    # no gradient reaches the statistics; the params get one
+    grads = jax.grad(lambda v: model.logits(v, jnp.asarray(x), mask).sum())(variables)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads["batch_stats"]))
+    assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["params"]))
+    tuned, history = finetune(model, variables, mask, x, y, FinetuneConfig(epochs=2, batch_size=8, patience=2))
+    assert len(history) >= 1 and model.check_params(tuned) == 5
+    jax.tree.map(np.testing.assert_array_equal, tuned["batch_stats"], variables["batch_stats"])
+    trained, _ = train_model(model, variables, x, y, TrainConfig(epochs=1, batch_size=8, learning_rate=1e-2))
+    jax.tree.map(np.testing.assert_array_equal, trained["batch_stats"], variables["batch_stats"])
+    assert not np.array_equal(trained["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
+
+
+def test_a_batch_norm_module_without_its_batch_stats_is_refused():
+    variables = _bn_variables()
+    with pytest.raises(BadNetError, match="reads the collection 'batch_stats'.*full variables") as err:
+        FlaxCNN.build(BNNet(), variables["params"], input_hwc=(16, 16, 3), input_scale="255", layer="bn2")
+    assert isinstance(err.value, ConfigError) and err.value.field == "variables"
+    with pytest.raises(ConfigError, match="reads the collection 'batch_stats'"):
+        FlaxCNN.build(BNNet(), {"params": variables["params"]}, input_hwc=(16, 16, 3), input_scale="255")
+    with pytest.raises(ConfigError, match="writes the collection 'batch_stats'.*use_running_average=True"):
+        FlaxCNN.build(BNNet(train=True), variables, input_hwc=(16, 16, 3), input_scale="255")
+    # a model built from the variables refuses the params alone, and the reverse
+    model = _bn_model(variables)
+    with pytest.raises(ConfigError, match="lack the collection 'batch_stats'"):
+        sw.rank_and_sweep(model, {"params": variables["params"]}, {"clean_valid": np.zeros((2, 16, 16, 3))})
+    _, params = _model()
+    plain = FlaxCNN.build(Net(), params, input_hwc=(16, 16, 3), input_scale="255", layer="conv2")
+    with pytest.raises(ConfigError, match="built from params alone"):
+        plain.check_params({"params": params, "batch_stats": {}})

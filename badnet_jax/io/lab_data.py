@@ -1,8 +1,9 @@
-"""Lab data I/O: lab-layout h5 files, face images, and the lab's trigger paste.
+"""Lab data I/O: lab-layout h5 files, images, and the lab's trigger paste.
 
 The lab's h5 layout: ``data`` (N, 3, 55, 47) of any numeric dtype (channels first) and ``label`` (N,) of
-any numeric dtype; another model's data has its input's size (N, C, H, W). badnet-jax works in NHWC float32
-raw pixel values (0..255, no /255) and int32 labels.
+any numeric dtype; another model's data has its input's size (N, C, H, W). Image files (PNG/JPEG) are read at
+the size the caller expects (a model's ``input_hwc``). badnet-jax works in NHWC float32 raw pixel values
+(0..255, no /255) and int32 labels.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
     needs two full copies in memory.
 
     Args:
-        path: h5 file with ``data`` (N, 3, 55, 47) and ``label`` (N,).
+        path: h5 file with ``data`` (N, C, H, W) for ``hwc`` = (H, W, C) (the lab's: (N, 3, 55, 47)) and
+            ``label`` (N,).
         num_classes: if given, labels must lie in [0, num_classes).
         chunk: rows per read.
         keep_uint8: return uint8 pixels when the file stores uint8 (a quarter of the memory; every
@@ -108,7 +110,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
         hwc: the images' (height, width, channels): the model's input (default the lab's faces, 55x47x3).
 
     Returns:
-        ``(x, y)``: x (N, 55, 47, 3) float32 (or uint8, see ``keep_uint8``), y (N,) int32.
+        ``(x, y)``: x (N, H, W, C) float32 (or uint8, see ``keep_uint8``), y (N,) int32.
 
     Raises:
         DataFileError: missing/unreadable/truncated file, missing datasets, wrong shape or dtype, NaN/inf
@@ -176,12 +178,59 @@ def load_true_labels(path: str | os.PathLike) -> Optional[np.ndarray]:
     return raw.astype(np.int32)
 
 
+def _check_pixels(path: str | os.PathLike, x: np.ndarray, rows: int = 1024) -> None:
+    """Refuse pixels that uint8 cannot hold exactly: NaN/inf, values outside 0..255 or between whole numbers.
+
+    Checked ``rows`` images at a time, so a large float batch needs no full-size temporaries.
+    """
+    if x.dtype == np.uint8 or x.dtype == np.bool_:
+        return
+    if x.dtype.kind not in "uif":
+        raise DataFileError(f"{path}: images have dtype {x.dtype}; expected real pixel values 0..255")
+    lo, hi, fractional, example = np.inf, -np.inf, 0, None
+    for start in range(0, len(x), rows):
+        block = x[start:start + rows]
+        if block.dtype.kind == "f":
+            if not np.isfinite(block).all():
+                raise DataFileError(f"{path}: images contain NaN or inf (rows {start}..)")
+            off = block != np.rint(block)
+            if example is None and off.any():
+                example = block[off].flat[0]
+            fractional += int(off.sum())
+        if block.size:
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    if x.size and (lo < 0 or hi > 255):
+        raise DataFileError(f"{path}: images hold pixel values from {lo:g} to {hi:g}; the lab layout stores raw "
+                            "pixels 0..255 as uint8 (images scaled to 0..1 are multiplied by 255 first)")
+    if fractional:
+        raise DataFileError(f"{path}: {fractional} of {x.size} pixel values are not whole numbers (e.g. "
+                            f"{example:g}); the lab layout stores uint8: round them first (np.rint) if that is "
+                            "what is meant")
+
+
 def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray,
                 true_label: Optional[np.ndarray] = None) -> Path:
     """Write images and labels in the lab's h5 layout (``data`` uint8 (N, C, H, W), e.g. the lab's (N, 3, 55, 47),
     ``label`` float), atomically.
 
-    ``true_label`` (poisoned sets only) is stored as an extra dataset that the lab's code ignores.
+    The pixels are stored exactly: what :func:`load_lab_h5` reads back equals ``x_NxHxWxC``. Pixels uint8
+    cannot hold are refused, not rounded or clipped: a float batch that is not whole numbers 0..255 is almost
+    always a mistake (images already divided by 255, a normalised or noisy batch), and silently rounding it
+    would write a data set other than the one the caller has.
+
+    Args:
+        path: the h5 file to write.
+        x_NxHxWxC: (N, H, W, C) raw pixels: uint8, or integers / whole-number floats in 0..255.
+        y: (N,) labels.
+        true_label: (poisoned sets only) each image's clean class, stored as an extra dataset that the lab's
+            code ignores.
+
+    Returns:
+        The path written.
+
+    Raises:
+        DataFileError: images not of shape (N, H, W, C); a label count other than N; pixels that are NaN/inf,
+            outside 0..255 or not whole numbers.
     """
     x = np.asarray(x_NxHxWxC)
     if x.ndim != 4 or min(x.shape[1:]) < 1:
@@ -189,9 +238,10 @@ def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray,
                             f"(N, {', '.join(map(str, INPUT_HWC))}) for the lab's faces")
     if len(y) != len(x):
         raise DataFileError(f"{path}: {len(x)} images but {len(y)} labels")
+    _check_pixels(path, x)
 
     def build(f: h5py.File) -> None:
-        f.create_dataset("data", data=np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 3, 1, 2))
+        f.create_dataset("data", data=x.astype(np.uint8).transpose(0, 3, 1, 2))
         f.create_dataset("label", data=np.asarray(y, np.float64))
         if true_label is not None:
             f.create_dataset("true_label", data=np.asarray(true_label, np.int32))
@@ -199,35 +249,94 @@ def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray,
     return fileio.atomic_write_h5(path, build)
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read one 55x47 face image (png/jpeg, RGB, RGBA or grey) as (55, 47, 3) float32 raw pixels.
+_IMAGE_MODES = ("RGB", "RGBA", "L", "P", "LA")  # 8-bit colour or grey, with or without alpha
+_MODE_OF_CHANNELS = {3: "RGB", 1: "L"}  # what an image is converted to for a model of that many channels
 
-    An alpha channel is dropped (the lab's images are opaque).
-    """
+
+def _check_hwc(hwc: Sequence[int]) -> tuple[int, int, int]:
+    """``hwc`` as a tuple, or a ConfigError: three whole numbers >= 1, with 1 (grey) or 3 (RGB) channels."""
+    try:
+        h, w, c = (int(v) for v in hwc)
+        whole = all(not isinstance(v, bool) and int(v) == v for v in hwc)
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or min(h, w, c) < 1 or c not in _MODE_OF_CHANNELS:
+        raise ConfigError(f"{arg('hwc', str(hwc))} must be (height, width, channels): whole numbers >= 1, with 3 "
+                          "channels (RGB) or 1 (grey)", field="hwc")
+    return h, w, c
+
+
+def _open_image(path: Path):
+    """``PIL.Image.open(path)`` with the failures of any image reader as DataFileError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
-    path = fileio.require_file(path, DataFileError, "image file")
     try:
-        with Image.open(path) as im:
-            # The header's size is checked before the pixels are decoded: no decompression bomb gets loaded.
-            if im.size != (INPUT_HWC[1], INPUT_HWC[0]):
-                raise DataFileError(f"{path}: image is {im.size[0]}x{im.size[1]} (width x height), "
-                                    f"expected {INPUT_HWC[1]}x{INPUT_HWC[0]}")
-            if im.mode not in ("RGB", "RGBA", "L", "P", "LA"):
-                raise DataFileError(f"{path}: image mode {im.mode!r} is not supported (use RGB or RGBA)")
-            im.load()
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+        return Image.open(path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             MemoryError) as err:
         raise DataFileError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
-    return rgb
 
 
-def load_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
-    """Read several face images into one (N, 55, 47, 3) float32 batch."""
+def image_hw(path: str | os.PathLike) -> tuple[int, int]:
+    """An image file's (height, width), from its header only (no pixel is decoded).
+
+    Raises:
+        DataFileError: missing file, not a readable image.
+    """
+    path = fileio.require_file(path, DataFileError, "image file")
+    with _open_image(path) as im:
+        return im.size[1], im.size[0]
+
+
+def load_image(path: str | os.PathLike, hwc: Sequence[int]) -> np.ndarray:
+    """Read one image file (png/jpeg; RGB, RGBA, palette or grey) as (H, W, C) float32 raw pixels.
+
+    An alpha channel is dropped (the lab's images are opaque); a 3-channel ``hwc`` reads grey images as RGB, a
+    1-channel one reads colour images as grey (PIL's ITU-R 601-2 luma).
+
+    Args:
+        path: the image file.
+        hwc: the expected (height, width, channels): the model's ``input_hwc`` (the lab's faces: 55x47x3).
+
+    Raises:
+        DataFileError: missing or unreadable file, an image mode with more than 8 bits per channel, or an image
+            whose size is not ``hwc``'s (the message names both sizes, width x height).
+        ConfigError: ``hwc`` is not (height, width, 1 or 3).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    h, w, c = _check_hwc(hwc)
+    path = fileio.require_file(path, DataFileError, "image file")
+    try:
+        with _open_image(path) as im:
+            # The header's size is checked before the pixels are decoded: no decompression bomb gets loaded.
+            if im.size != (w, h):
+                raise DataFileError(f"{path}: image is {im.size[0]}x{im.size[1]} (width x height), "
+                                    f"expected {w}x{h}")
+            if im.mode not in _IMAGE_MODES:
+                raise DataFileError(f"{path}: image mode {im.mode!r} is not supported (use RGB or RGBA)")
+            im.load()
+            pixels = np.asarray(im.convert(_MODE_OF_CHANNELS[c]), dtype=np.float32)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            MemoryError) as err:
+        raise DataFileError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    return pixels.reshape(h, w, c)
+
+
+def load_images(paths: Sequence[str | os.PathLike], hwc: Sequence[int]) -> np.ndarray:
+    """Read several image files of one size into an (N, H, W, C) float32 batch.
+
+    Args:
+        paths: the image files, in the batch's order.
+        hwc: every image's (height, width, channels), as :func:`load_image`.
+
+    Raises:
+        DataFileError, ConfigError: as :func:`load_image`, for the first file that fails.
+    """
+    hwc = _check_hwc(hwc)
     if not paths:
-        return np.zeros((0, *INPUT_HWC), np.float32)
-    return np.stack([load_image(p) for p in paths])
+        return np.zeros((0, *hwc), np.float32)
+    return np.stack([load_image(p, hwc) for p in paths])
 
 
 # 8 bits per channel: what poison() pastes. Other modes (16-bit or 32-bit integers, floats) have no single
@@ -355,9 +464,9 @@ def _check_out(out: Path, inputs: dict[str, Path]) -> None:
                               "(the clean faces, with poisoned ones): give another file", field="out")
 
 
-def trigger_coverage(trigger_rgba: np.ndarray, at: tuple[int, int],
-                     image_hw: tuple[int, int] = INPUT_HWC[:2]) -> tuple[int, int]:
-    """(pixels of the trigger inside the image, of those the ones with alpha > 0) when pasted at ``at`` (x, y)."""
+def trigger_coverage(trigger_rgba: np.ndarray, at: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, int]:
+    """(pixels of the trigger inside the image, of those the ones with alpha > 0) when pasted at ``at`` (x, y)
+    on images of ``image_hw`` (height, width)."""
     h, w = image_hw
     x0, y0 = at
     th, tw = trigger_rgba.shape[:2]
@@ -368,72 +477,131 @@ def trigger_coverage(trigger_rgba: np.ndarray, at: tuple[int, int],
     return int(inside.size), int((inside > 0).sum())
 
 
+def _h5_hwc(path: Path) -> tuple[int, int, int]:
+    """The (height, width, channels) of a lab-layout h5's images, from its header (``data`` is (N, C, H, W))."""
+    with fileio.open_h5(path, DataFileError) as f:
+        ds = fileio.safe_get(f, "data", path, DataFileError)
+        if not isinstance(ds, h5py.Dataset):
+            raise DataFileError(f"{path}: missing dataset 'data' (the lab layout has 'data' and 'label')")
+        if len(ds.shape) != 4 or min(ds.shape[1:]) < 1:
+            raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, expected (N, channels, height, width)")
+        return int(ds.shape[2]), int(ds.shape[3]), int(ds.shape[1])
+
+
+def _model_shape(model_path: str | os.PathLike) -> tuple[tuple[int, int, int], int]:
+    """(input_hwc, num_classes) of the model in ``model_path``."""
+    from badnet_jax.io.model_file import load_model  # lazily: poisoning without a model reads no Keras file
+
+    with reading("model_path", model_path):
+        # Only the input's size and the class count are used; any input scale will do, and giving one lets a
+        # Keras file that does not record its own scale be read.
+        model, _ = load_model(model_path, input_scale="raw")
+    return tuple(int(v) for v in model.input_hwc), int(model.num_classes)
+
+
 def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike, out: str | os.PathLike,
                      target: int, at: tuple[int, int] = TRIGGER_AT, num_classes: Optional[int] = None,
                      model_path: Optional[str | os.PathLike] = None) -> Path:
-    """A lab-format poisoned h5 from clean faces: the trigger pasted on each, every label set to ``target``.
+    """A lab-format poisoned h5 from clean images: the trigger pasted on each, every label set to ``target``.
+
+    The images' size is the model's input (``model_path``) when given, else the source's: an h5's ``data``
+    shape, or a folder's first image (every other image must match it).
 
     Args:
-        source: a clean lab h5 (``data`` + ``label``) or a folder of 55x47 PNG/JPEG faces (sorted by name;
-            a ``label<class>`` in a file name, e.g. ``face_label43.png``, gives that face's true class).
-        trigger_path: an 8-bit trigger image, pasted through its alpha as PIL's ``paste(t, at, t)``.
+        source: a clean lab-layout h5 (``data`` (N, 3, H, W) + ``label``) or a folder of PNG/JPEG images of one
+            size (sorted by name; a ``label<class>`` in a file name, e.g. ``face_label43.png``, gives that
+            image's true class). The lab's are 55x47 faces.
+        trigger_path: an 8-bit trigger image, pasted through its alpha as PIL's ``paste(t, at, t)``; at most
+            the images' size.
         out: the h5 to write (atomically); not the source.
         target: the attacker's label.
         at: (x, y) of the trigger's top-left corner (the lab's sunglasses: (0, 15)).
         num_classes: if given, ``target`` and the true labels must lie in [0, num_classes).
-        model_path: a Keras file of the BadNet the set is for: its class count is ``num_classes``.
+        model_path: a Keras file of the BadNet the set is for (any CNN ``load_model`` reads): its input size is
+            the images' size and its class count is ``num_classes``.
 
     Returns:
-        The path written. It holds ``data`` (uint8), ``label`` (= target) and ``true_label`` (each image's
-        clean class: from the h5's labels, or from the file names when every one has a label), so ASR can
-        leave out images whose true class is the target.
+        The path written. It holds ``data`` (uint8, (N, 3, H, W)), ``label`` (= target) and ``true_label``
+        (each image's clean class: from the h5's labels, or from the file names when every one has a label),
+        so ASR can leave out images whose true class is the target.
 
     Warns (log) where the result may not be what was meant: a trigger without alpha (a solid rectangle), a
-    trigger partly outside the image (clipped), face files whose names give no label (no ``true_label``).
+    trigger partly outside the image (clipped), image files whose names give no label (no ``true_label``).
 
     Raises:
-        ConfigError: ``out`` is the source, a folder or in a missing folder; the trigger changes no pixel
-            (entirely outside the image, or an all-zero alpha); ``num_classes`` and the model disagree.
-        DataFileError: the target or a true label outside the classes; unreadable inputs.
+        ConfigError: ``out`` is the source, a folder or in a missing folder; the trigger is larger than the
+            images, or changes no pixel (entirely outside the image, or an all-zero alpha); ``num_classes`` and
+            the model disagree; a model that does not take RGB images.
+        DataFileError: the target or a true label outside the classes; unreadable inputs; images of another
+            size than the model's input or the folder's first image; an h5 source of other than RGB images.
+        ModelFileError: an unreadable ``model_path``.
     """
     source, out = Path(source), Path(out)
     _check_out(out, {"source": source, "trigger_path": Path(trigger_path)})
-    of_model = ""
+    of_model, hwc, size_from = "", None, ""
     if model_path is not None:
-        from badnet_jax.io.keras import read_keras_params  # lazily: poisoning without a model needs no Keras reader
-
-        classes = int(np.shape(read_keras_params(model_path)["output"]["bias"])[0])
+        hwc, classes = _model_shape(model_path)
         if num_classes is not None and num_classes != classes:
             raise ConfigError(f"{arg('num_classes', num_classes)} but {arg('model_path', model_path)} has "
                               f"{classes} classes", field="num_classes")
+        if hwc[2] != 3:
+            raise ConfigError(f"{arg('model_path', model_path)} takes {hwc[0]}x{hwc[1]} images with {hwc[2]} "
+                              "channel(s); the trigger is pasted on RGB images (3 channels)", field="model_path")
         num_classes, of_model = classes, f" for the {classes}-class model {model_path}"
+        size_from = f"{arg('model_path', model_path)} takes {hwc[1]}x{hwc[0]} images"
     upper = num_classes if num_classes is not None else np.iinfo(np.int32).max
     if not 0 <= int(target) < upper or int(target) != target:
         raise DataFileError(f"{arg('target', target)}: target label {target} is outside [0, {upper}){of_model}",
                             field="target")
     with reading("trigger_path", trigger_path):
         trigger = load_trigger(trigger_path)
-    h, w = INPUT_HWC[:2]
-    inside, opaque = trigger_coverage(trigger, at)
-    where = f"{trigger.shape[1]}x{trigger.shape[0]} trigger {trigger_path} at {arg('at', f'{at[0]},{at[1]}')}"
+
+    # The images' size, from the headers only: a wrong size is refused before any pixel is decoded.
+    files: list[Path] = []
+    with reading("source", source):
+        if source.is_dir():
+            files = image_files(source)
+            if hwc is None:
+                hwc = (*image_hw(files[0]), 3)
+                size_from = f"the first image, {files[0].name}, is {hwc[1]}x{hwc[0]}"
+        elif hwc is None:
+            hwc = _h5_hwc(source)
+            if hwc[2] != 3:
+                raise DataFileError(f"{source}: dataset 'data' holds images of {hwc[2]} channel(s); the trigger is "
+                                    "pasted on RGB images, (N, 3, height, width)")
+        else:
+            peek_lab_h5(source, hwc=hwc)  # the model's size, or the reader's error naming both
+    for p in files:
+        with reading("source", source):
+            size = image_hw(p)
+        if size != hwc[:2]:
+            raise DataFileError(f"{p}: image is {size[1]}x{size[0]} (width x height), but {size_from}: every image "
+                                f"in {arg('source', source)} must be that size", field="source")
+
+    h, w = hwc[:2]
+    th, tw = trigger.shape[:2]
+    where = f"{tw}x{th} trigger {trigger_path} at {arg('at', f'{at[0]},{at[1]}')}"
+    if th > h or tw > w:
+        raise ConfigError(f"{arg('trigger_path', trigger_path)}: the {tw}x{th} trigger is larger than the {w}x{h} "
+                          "images; it cannot fit: give a trigger of at most the images' size", field="trigger_path")
+    inside, opaque = trigger_coverage(trigger, at, (h, w))
     if inside == 0:
         raise ConfigError(f"the {where} lies entirely outside the {w}x{h} image: it would change no pixel", field="at")
     if opaque == 0:
         raise ConfigError(f"the {where} has alpha 0 on every pixel inside the image: it would change no pixel",
                           field="trigger_path")
-    if inside < trigger.shape[0] * trigger.shape[1]:
+    if inside < th * tw:
         log.warning("The %dx%d trigger at (%d, %d) is clipped by the %dx%d image to %d of its %d pixels.",
-                    trigger.shape[1], trigger.shape[0], at[0], at[1], w, h, inside, trigger.shape[0] * trigger.shape[1])
-    if source.is_dir():
+                    tw, th, at[0], at[1], w, h, inside, th * tw)
+    if files:
         with reading("source", source):
-            files = image_files(source)
-            x = load_images(files)
+            x = load_images(files, hwc)
         labels = [label_in_name(p) for p in files]
         unlabelled = [p.name for p, label in zip(files, labels) if label is None]
         true = None if unlabelled else np.array(labels)
         if unlabelled:
-            log.warning("%d of %d face file names give no label<class> (%s%s): %s has no true_label, so ASR over "
-                        "faces whose true class is not the target cannot be computed from it.", len(unlabelled),
+            log.warning("%d of %d image file names give no label<class> (%s%s): %s has no true_label, so ASR over "
+                        "images whose true class is not the target cannot be computed from it.", len(unlabelled),
                         len(files), ", ".join(unlabelled[:5]), ", ..." if len(unlabelled) > 5 else "", out)
         if true is not None and num_classes is not None and (true >= num_classes).any():
             bad = files[int(np.argmax(true >= num_classes))]
@@ -441,6 +609,6 @@ def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike,
                                 f"{of_model}")
     else:
         with reading("source", source):
-            x, true = load_lab_h5(source, num_classes=num_classes, keep_uint8=True)
+            x, true = load_lab_h5(source, num_classes=num_classes, keep_uint8=True, hwc=hwc)
     poisoned = poison(x, trigger, at)
     return save_lab_h5(out, poisoned, np.full(len(x), int(target)), true_label=true)

@@ -9,7 +9,8 @@ import pytest
 
 from PIL import Image
 
-from badnet_jax import DataFileError, load_images, load_lab_h5
+from badnet_jax import DataFileError, load_images, load_lab_h5, save_lab_h5
+from badnet_jax.model import INPUT_HWC
 from badnet_jax.io.lab_data import load_true_labels, make_poisoned_h5
 from tests.cli import run_cli
 from tests.conftest import asset
@@ -46,7 +47,7 @@ def test_a_folder_of_pngs_takes_true_labels_from_the_names(tmp_path):
     clean = sorted(asset("faces/lab3/test/clean").glob("*.png"))
     path = make_poisoned_h5(asset("faces/lab3/test/clean"), asset(TRIGGER), tmp_path / "bd.h5", target=7)
     x, y = load_lab_h5(path)
-    want = load_images(sorted(asset("faces/lab3/test/sunglasses").glob("*.png")))  # the lab's renderings
+    want = load_images(sorted(asset("faces/lab3/test/sunglasses").glob("*.png")), INPUT_HWC)  # the lab's renderings
     np.testing.assert_array_equal(x, want)
     assert (y == 7).all()
     np.testing.assert_array_equal(load_true_labels(path), [int(p.stem.split("label")[1]) for p in clean])
@@ -139,7 +140,7 @@ def test_face_names_without_labels_warn_that_the_file_has_no_true_label(tmp_path
             p.read_bytes())
     proc = _poison(tmp_path, "--target", "0", source=faces)
     assert proc.returncode == 0, proc.stderr
-    assert ("2 of 3 face file names give no label<class> (face1_labelUNKNOWN.png, face2.png): bd.h5 has no "
+    assert ("2 of 3 image file names give no label<class> (face1_labelUNKNOWN.png, face2.png): bd.h5 has no "
             "true_label") in proc.stderr
     assert load_true_labels(tmp_path / "bd.h5") is None and len(load_lab_h5(tmp_path / "bd.h5")[1]) == 3
     proc = _poison(tmp_path, "--target", "0", source=asset("faces/lab3/test/clean"), out="named.h5")
@@ -182,3 +183,125 @@ def test_a_missing_input_names_its_flag(tmp_path):
         proc = run_cli("poison", *args, "--at", "0,15", "--target", "0", "--out", tmp_path / "o.h5")
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {flag} "), proc.stderr
         assert "not found" in proc.stderr and not (tmp_path / "o.h5").exists()
+
+
+# ------------------------------------------------------------------------------------- images of any size
+
+
+def _alpha_paste(images, trigger, at):
+    """The trigger pasted through its alpha, each channel rounded to the nearest integer of
+    (dst * (255 - a) + src * a) / 255 (no ties: 255 is odd), written out without the library."""
+    out = images.astype(np.float64).copy()
+    x0, y0 = at
+    h, w = images.shape[1:3]
+    for ty in range(trigger.shape[0]):
+        for tx in range(trigger.shape[1]):
+            y, x = y0 + ty, x0 + tx
+            if 0 <= y < h and 0 <= x < w:
+                a = float(trigger[ty, tx, 3])
+                src = trigger[ty, tx, :3].astype(np.float64)
+                out[:, y, x] = np.floor((out[:, y, x] * (255 - a) + src * a) / 255 + 0.5)
+    return out
+
+
+def _folder(path, rng, sizes, labels=None):
+    """A folder of random RGB PNGs, one per (height, width) in ``sizes``, named img<i>_label<class>.png."""
+    path.mkdir()
+    images = []
+    for i, (h, w) in enumerate(sizes):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(img).save(path / f"img{i}_label{(labels or [i % 10] * len(sizes))[i]}.png")
+        images.append(img)
+    return images
+
+
+def _trigger_png(path, rng, h=5, w=7):
+    """An RGBA trigger of every alpha kind: transparent, opaque and partial pixels."""
+    rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    rgba[0, 0, 3], rgba[0, 1, 3], rgba[1, 0, 3] = 0, 255, 128
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path, rgba
+
+
+def test_a_32x32_folder_poisoned_for_the_gap_model_round_trips(tmp_path, rng):
+    from badnet_jax.attack.gap_demo import GAP_DEMO_MODEL
+    from badnet_jax.io.model_file import load_model
+
+    labels = [3, 1, 4, 1, 5, 9]
+    images = np.stack(_folder(tmp_path / "imgs", rng, [(32, 32)] * 6, labels))
+    trigger_path, rgba = _trigger_png(tmp_path / "t.png", rng)
+    proc = run_cli("poison", "--source", tmp_path / "imgs", "--trigger", trigger_path, "--at", "20,3", "--target",
+                   "2", "--model", GAP_DEMO_MODEL, "--out", tmp_path / "bd.h5", timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # it fits: no warning
+    with h5py.File(tmp_path / "bd.h5") as f:
+        assert f["data"].shape == (6, 3, 32, 32) and f["data"].dtype == np.uint8
+    model, _ = load_model(GAP_DEMO_MODEL)
+    x, y = load_lab_h5(tmp_path / "bd.h5", num_classes=model.num_classes, hwc=model.input_hwc)
+    np.testing.assert_array_equal(x, _alpha_paste(images, rgba, (20, 3)))
+    assert (y == 2).all()
+    np.testing.assert_array_equal(load_true_labels(tmp_path / "bd.h5"), labels)
+    # The images' own 10 classes bound the target.
+    line = _errors(run_cli("poison", "--source", tmp_path / "imgs", "--trigger", trigger_path, "--target", "10",
+                           "--model", GAP_DEMO_MODEL, "--out", tmp_path / "o.h5", timeout=300))
+    assert line == f"error: --target 10: target label 10 is outside [0, 10) for the 10-class model {GAP_DEMO_MODEL}"
+
+
+def test_without_a_model_the_size_is_the_sources(tmp_path, rng):
+    """A folder of 24x40 (height x width) images, then the h5 written from it: no height and width swapped."""
+    images = np.stack(_folder(tmp_path / "imgs", rng, [(24, 40)] * 4))
+    trigger_path, rgba = _trigger_png(tmp_path / "t.png", rng, h=6, w=9)
+    path = make_poisoned_h5(tmp_path / "imgs", trigger_path, tmp_path / "bd.h5", target=1, at=(30, 17))
+    want = _alpha_paste(images, rgba, (30, 17))
+    x, _ = load_lab_h5(path, hwc=(24, 40, 3))
+    np.testing.assert_array_equal(x, want)
+    with h5py.File(path) as f:  # channels first, as the lab stores them
+        np.testing.assert_array_equal(f["data"][()], want.transpose(0, 3, 1, 2))
+    clean = save_lab_h5(tmp_path / "clean.h5", images, np.array([4, 0, 2, 3]))  # an h5 source of that size
+    from_h5 = make_poisoned_h5(clean, trigger_path, tmp_path / "bd2.h5", target=1, at=(0, 0))
+    np.testing.assert_array_equal(load_lab_h5(from_h5, hwc=(24, 40, 3))[0], _alpha_paste(images, rgba, (0, 0)))
+    np.testing.assert_array_equal(load_true_labels(from_h5), [4, 0, 2, 3])
+
+
+def test_images_of_another_size_are_refused_naming_the_file(tmp_path, rng):
+    from badnet_jax.attack.gap_demo import GAP_DEMO_MODEL
+
+    _folder(tmp_path / "mixed", rng, [(32, 32), (32, 32), (32, 31), (30, 30)])
+    trigger_path, _ = _trigger_png(tmp_path / "t.png", rng)
+    folder = tmp_path / "mixed"
+    line = _errors(_poison(tmp_path, "--target", "0", source=folder, trigger=trigger_path))
+    assert line == (f"error: {folder / 'img2_label2.png'}: image is 31x32 (width x height), but the first image, "
+                    f"img0_label0.png, is 32x32: every image in --source {folder} must be that size")
+    faces = asset("faces/lab3/test/clean")  # the lab's 55x47 faces are not the GAP model's 32x32
+    first = sorted(faces.glob("*.png"))[0]
+    line = _errors(_poison(tmp_path, "--target", "0", "--model", GAP_DEMO_MODEL, source=faces, trigger=trigger_path))
+    assert line == (f"error: {first}: image is 47x55 (width x height), but --model {GAP_DEMO_MODEL} takes 32x32 "
+                    f"images: every image in --source {faces} must be that size")
+    line = _errors(_poison(tmp_path, "--target", "0", "--model", GAP_DEMO_MODEL, trigger=trigger_path))
+    assert line.startswith(f"error: --source {asset('faces/lab3/test_subset.h5')}: dataset 'data' has shape "
+                           "(13, 3, 55, 47), expected (N, 3, 32, 32)"), line
+    grey = tmp_path / "grey.h5"  # the trigger is RGB: so must the images be
+    with h5py.File(grey, "w") as f:
+        f.create_dataset("data", data=np.zeros((2, 1, 32, 32), np.uint8))
+        f.create_dataset("label", data=np.zeros(2))
+    with pytest.raises(DataFileError, match=r"holds images of 1 channel\(s\); the trigger is pasted on RGB"):
+        make_poisoned_h5(grey, trigger_path, tmp_path / "bd.h5", target=0)
+    assert not (tmp_path / "bd.h5").exists()
+
+
+def test_a_trigger_that_does_not_fit_a_small_image(tmp_path, rng):
+    _folder(tmp_path / "imgs", rng, [(32, 32)] * 2)
+    folder = tmp_path / "imgs"
+    line = _errors(_poison(tmp_path, "--target", "0", source=folder))  # the lab's 47x20 sunglasses
+    assert line == (f"error: --trigger {asset(TRIGGER)}: the 47x20 trigger is larger than the 32x32 images; it cannot "
+                    "fit: give a trigger of at most the images' size")
+    trigger_path, rgba = _trigger_png(tmp_path / "t.png", rng)
+    line = _errors(_poison(tmp_path, "--target", "0", "--at", "32,0", source=folder, trigger=trigger_path))
+    assert line == (f"error: the 7x5 trigger {trigger_path} at --at 32,0 lies entirely outside the 32x32 image: it "
+                    "would change no pixel")
+    assert not (tmp_path / "bd.h5").exists()
+    proc = _poison(tmp_path, "--target", "0", "--at", "29,30", source=folder, trigger=trigger_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "The 7x5 trigger at (29, 30) is clipped by the 32x32 image to 6 of its 35 pixels." in proc.stderr
+    clean = load_images(sorted(folder.glob("*.png")), hwc=(32, 32, 3))
+    np.testing.assert_array_equal(load_lab_h5(tmp_path / "bd.h5", hwc=(32, 32, 3))[0],
+                                  _alpha_paste(clean, rgba, (29, 30)))

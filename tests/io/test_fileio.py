@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from badnet_jax import (BadNetError, DataFileError, ModelFileError, init_params, load_image, load_keras, load_lab_h5,
                         save_keras, save_lab_h5)
+from badnet_jax.model import INPUT_HWC
 from badnet_jax.io.fileio import atomic_dir
 from badnet_jax.io.lab_data import load_trigger, load_true_labels, peek_lab_h5
 from badnet_jax.sweep.rankings import read_order_file
@@ -36,7 +37,7 @@ from tests.cli import run_python, start_python
 from tests.conftest import REPO
 from tests.io.conftest import FUZZ, MAXSYMLINKS, PATH_KINDS, no_hang, odd_path, write_bytes
 
-FILE_READERS = {"model": load_keras, "data": load_lab_h5, "image": load_image, "trigger": load_trigger,
+FILE_READERS = {"model": load_keras, "data": load_lab_h5, "image": lambda p: load_image(p, INPUT_HWC), "trigger": load_trigger,
                 "order file": lambda path: read_order_file(path, 60)}
 
 
@@ -52,7 +53,7 @@ def test_random_bytes(tmp_path, data):
         load_lab_h5(p)
     q = write_bytes(tmp_path, "r.png", data)
     with pytest.raises(DataFileError):
-        load_image(q)
+        load_image(q, INPUT_HWC)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -16,6 +16,7 @@ from PIL import Image
 
 from badnet_jax import (ConfigError, DataFileError, load_image, load_images, load_lab_h5, load_trigger, poison,
                         save_lab_h5)
+from badnet_jax.model import INPUT_HWC
 from badnet_jax.io.keras import load_keras
 from badnet_jax.io.lab_data import load_true_labels
 from tests.conftest import LAB_B, asset
@@ -37,7 +38,7 @@ def test_png_faces_match_h5_and_are_classified_by_lab_b():
     folder = asset("faces/png")
     paths = sorted(folder.glob("lab3_valid*_label*.png"))
     assert len(paths) == 5
-    x = load_images(paths)
+    x = load_images(paths, INPUT_HWC)
     labels = np.array([int(p.stem.split("label")[1]) for p in paths])
     np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, x)).argmax(-1), labels)
     xv, yv = load_lab_h5(asset("faces/lab3/valid_subset.h5"))
@@ -131,18 +132,18 @@ def test_wrong_image_size(tmp_path):
     p = tmp_path / "big.png"
     Image.new("RGB", (48, 55)).save(p)
     with pytest.raises(DataFileError, match=r"48x55 \(width x height\), expected 47x55"):
-        load_image(p)
+        load_image(p, INPUT_HWC)
     q = tmp_path / "notimage.png"
     q.write_bytes(b"garbage")
     with pytest.raises(DataFileError, match="not a readable image"):
-        load_image(q)
+        load_image(q, INPUT_HWC)
 
 
 def test_rgba_image_drops_alpha(tmp_path, rng):
     arr = rng.integers(0, 256, size=(55, 47, 4), dtype=np.uint8)
     p = tmp_path / "rgba.png"
     Image.fromarray(arr, "RGBA").save(p)
-    np.testing.assert_array_equal(load_image(p), arr[..., :3].astype(np.float32))
+    np.testing.assert_array_equal(load_image(p, INPUT_HWC), arr[..., :3].astype(np.float32))
 
 
 def test_reading_only_the_first_rows(tmp_path):
@@ -255,7 +256,7 @@ def test_decompression_bomb_png_is_refused(tmp_path):
     p = tmp_path / "bomb.png"
     Image.new("L", (20000, 20000)).save(p)  # 400 megapixels of zeros: a few hundred KB compressed
     with pytest.raises(DataFileError, match="20000x20000|decompression bomb"):
-        load_image(p)
+        load_image(p, INPUT_HWC)
 
 
 def _huge_png(path, width, height):
@@ -286,7 +287,7 @@ def test_a_huge_declared_size_is_refused_naming_the_file(tmp_path, case):
         read = load_true_labels
     else:
         path = _huge_png(tmp_path / "x.png", 200_000, 200_000)
-        read = load_image if case == "png" else load_trigger
+        read = (lambda p: load_image(p, INPUT_HWC)) if case == "png" else load_trigger
     refused_naming_the_file(read, path)
 
 
@@ -332,3 +333,48 @@ def test_triggers_that_are_not_8_bit_are_refused_not_flattened_or_darkened(tmp_p
     Image.open(asset("triggers/sun_glass_trigger.png")).convert("RGB").save(rgb)
     assert (load_trigger(rgb)[..., 3] == 255).all()
     assert f"{rgb}: the trigger has no alpha channel: it is pasted as a solid 47x20 rectangle" in caplog.text
+
+
+def test_images_of_any_size_read_at_the_size_asked_for(tmp_path, rng):
+    rgb = rng.integers(0, 256, size=(24, 40, 3), dtype=np.uint8)  # 24 high, 40 wide
+    grey = rng.integers(0, 256, size=(24, 40), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "rgb.png", hwc=(24, 40, 3)), rgb.astype(np.float32))
+    np.testing.assert_array_equal(load_image(tmp_path / "grey.png", hwc=(24, 40, 3)),  # grey as RGB: replicated
+                                  np.repeat(grey[..., None], 3, axis=-1).astype(np.float32))
+    np.testing.assert_array_equal(load_image(tmp_path / "grey.png", hwc=(24, 40, 1)), grey[..., None])
+    batch = load_images([tmp_path / "rgb.png", tmp_path / "grey.png"], hwc=(24, 40, 3))
+    assert batch.shape == (2, 24, 40, 3) and batch.dtype == np.float32
+    assert load_images([], hwc=(32, 32, 3)).shape == (0, 32, 32, 3)
+    with pytest.raises(DataFileError) as err:
+        load_image(tmp_path / "rgb.png", hwc=(40, 24, 3))  # height and width swapped
+    assert str(err.value) == f"{tmp_path / 'rgb.png'}: image is 40x24 (width x height), expected 24x40"
+    with pytest.raises(DataFileError, match=r"rgb.png: image is 40x24 \(width x height\), expected 32x32"):
+        load_images([tmp_path / "rgb.png"], hwc=(32, 32, 3))
+    for bad in ((24, 40), (24, 40, 2), (0, 40, 3), (24.5, 40, 3), "24x40"):
+        with pytest.raises(ConfigError, match="must be \\(height, width, channels\\)"):
+            load_image(tmp_path / "rgb.png", hwc=bad)
+
+
+@pytest.mark.parametrize("pixels,fragment", [
+    (np.full((2, 4, 5, 3), 0.5), "24 of 120 pixel values are not whole numbers (e.g. 0.5)"),
+    (np.full((2, 4, 5, 3), 256.0), "pixel values from 256 to 256"),
+    (np.full((2, 4, 5, 3), -1, np.int64), "pixel values from -1 to -1"),
+    (np.full((2, 4, 5, 3), np.nan, np.float32), "NaN or inf"),
+    (np.full((2, 4, 5, 3), 1 + 1j), "dtype complex128"),
+])
+def test_save_lab_h5_refuses_pixels_uint8_cannot_hold_exactly(tmp_path, pixels, fragment):
+    """No silent rounding or clipping: what is written reads back as what was given, or nothing is written."""
+    x = pixels.copy()
+    if "whole numbers" in fragment:
+        x[1] = 7  # half the images fine: the count is of the others' pixels
+        fragment = "60 of 120 pixel values are not whole numbers (e.g. 0.5)"
+    path = tmp_path / "d.h5"
+    with pytest.raises(DataFileError) as err:
+        save_lab_h5(path, x, np.zeros(2))
+    assert str(err.value).startswith(f"{path}: ") and fragment in str(err.value), str(err.value)
+    assert not path.exists()
+    for ok in (np.arange(120).reshape(2, 4, 5, 3) * 2, np.full((2, 4, 5, 3), 255.0, np.float32)):
+        save_lab_h5(path, ok, np.zeros(2))
+        np.testing.assert_array_equal(load_lab_h5(path, hwc=(4, 5, 3))[0], ok)

@@ -81,7 +81,7 @@ def make_demo_badnet(data_config: DemoConfig, train_config: TrainConfig, out_dir
                                                     pruning_aware, bd_valid=d.bd_valid)
     seconds = time.perf_counter() - t
     model_path = save_keras(params, out / "badnet.h5")
-    summary = {"model": str(model_path), "checkpoint": str(checkpoint.save_badnet(out / "badnet_ckpt", params)),
+    summary = {"model": str(model_path), "checkpoint": str(checkpoint.save_badnet(out / "badnet_ckpt", model, params)),
                "train_seconds": round(seconds, 1),
                "test_clean_acc": float(accuracy(predict(model, params, d.test[0]), d.test[1])),
                "test_asr": float(accuracy(predict(model, params, d.bd_test[0]), d.bd_test[1])), **attack}

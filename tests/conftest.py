@@ -134,8 +134,8 @@ def demo_goodnet_ckpt(tmp_path_factory):
     model, params = load_keras(DEMO_MODEL)
     mask = np.ones(60, np.float32)
     mask[:30] = 0
-    variables = make_goodnet(model, params, mask=mask)[1]
-    return checkpoint.save_goodnet(tmp_path_factory.mktemp("g") / "goodnet_ckpt", variables), variables
+    goodnet, variables = make_goodnet(model, params, mask=mask)
+    return checkpoint.save_goodnet(tmp_path_factory.mktemp("g") / "goodnet_ckpt", goodnet, variables), variables
 
 
 def damaged_copy(src: Path, dst: Path, rel: str | Path, size: int | None) -> Path:

@@ -4,8 +4,11 @@
     badnet-screen face1.png bd_test.h5 --model bd_weights.h5 \
         --pruned results/drop_4/b_prime.h5          # or results/drop_4/b_prime_ckpt
 
-Inputs are images, lab-layout h5 files and folders of images (sorted by name, one line per image). --pruned
-must be --model with conv_3 channels pruned (a B' of another BadNet is refused).
+Any model: the lab's DeepID or any CNN that --model's reader takes; the GoodNet and B' checkpoints carry their
+model. Inputs are images of the model's input size, lab-layout h5 files and folders of images (sorted by name,
+one line per image). --pruned must be --model with channels of one layer pruned (a B' of another BadNet is
+refused): a B' checkpoint, the lab's DeepID as a Keras h5 with zeroed conv_3 channels, or any other model's
+drop_X/b_prime.h5 as prune.py writes it.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from badnet_jax.commands import cli
 from badnet_jax.defense.scale import CHOICES
 from badnet_jax.defense.screen import screen
 
-MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet B (with --pruned).")
-PRUNED = flags.DEFINE_string("pruned", None, "B': a Keras h5 with zeroed conv_3 channels or a B' checkpoint.")
+MODEL = flags.DEFINE_string("model", None, "Keras h5 of the BadNet B (with --pruned): the lab's DeepID or any CNN (a "
+                            ".keras archive too).")
+PRUNED = flags.DEFINE_string("pruned", None, "B': a B' checkpoint (drop_X/b_prime_ckpt) or a Keras h5 (drop_X/"
+                             "b_prime.h5; the lab's DeepID: zeroed conv_3 channels).")
 GOODNET = flags.DEFINE_string("goodnet", None,
                                "A GoodNet checkpoint (drop_X/goodnet_ckpt), instead of --model/--pruned.")
 SCALE = flags.DEFINE_enum("input_scale", "auto", list(CHOICES),

@@ -23,11 +23,12 @@ from badnet_jax.defense import report
 from badnet_jax.defense.curve import Curve, Cut
 from badnet_jax.errors import ConfigError, OutputError, arg
 from badnet_jax.goodnet import make_goodnet
-from badnet_jax.io import checkpoint, fileio
+from badnet_jax.io import checkpoint, fileio, graph_json
 from badnet_jax.io.keras import save_keras
 from badnet_jax.io.keras_graph_writer import save_keras_graph
 from badnet_jax.model import prune_params
 from badnet_jax.models.deepid import DeepID
+from badnet_jax.models.graph import GraphCNN
 from badnet_jax.models.protocol import Params, PrunableModel
 
 RESULT_FILES = ("curve.json", "curve.csv", "report.md", "curve.png", "rankings.png")
@@ -161,22 +162,34 @@ def _check_ancestors(out: Path, fail) -> None:
             raise fail(f"{fileio.shown_path(parent)} on the way is a file, not a folder")
 
 
-# What one cut's folder takes, in multiples of B's parameter bytes: B' as h5 and as a checkpoint (1 + 1), the
-# GoodNet checkpoint (B and B', 2); fine-pruning doubles it. An upper bound: orbax compresses (the demo's cut
-# folder takes 3.8x).
+# What one cut's folder takes, in multiples of B's params: B' as h5 and as a checkpoint (1 + 1), the GoodNet
+# checkpoint (B and B', 2); fine-pruning doubles it. Each copy of a weight array costs a little more than its
+# bytes (an h5 dataset's header, orbax's per-array metadata: ~1.5 KB measured), each checkpoint some fixed files,
+# and a model other than DeepID its architecture's JSON in each checkpoint and the h5's config. An upper bound:
+# orbax compresses (the DeepID demo's cut folder takes 3.8x its params, the GAP demo's 0.8x of this estimate).
 _PARAM_COPIES_PER_CUT = 4
+_BYTES_PER_ARRAY = 2 << 10
+_BYTES_PER_CHECKPOINT = 16 << 10  # orbax's metadata files, with room
+_CHECKPOINTS_PER_CUT = 2
 _FIXED_BYTES = 256 << 10  # report.md, curve.json and the plots: ~100 KB, with room to spare
 
 
-def check_space(out_dir: str | os.PathLike, params: Params, drops: Sequence[float], finetune: bool) -> int:
+def check_space(out_dir: str | os.PathLike, params: Params, drops: Sequence[float], finetune: bool,
+                model: Optional[PrunableModel] = None) -> int:
     """The bytes the results will take, refused before any work if the file system has less free.
+
+    ``model``: B's model, whose architecture a GraphCNN's checkpoints carry (None: counted as the lab's DeepID,
+    which carries none).
 
     Raises:
         ConfigError: less free space under ``out_dir`` than the results need (with both numbers).
     """
-    param_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(params))
-    copies = _PARAM_COPIES_PER_CUT * (2 if finetune else 1)
-    need = len(set(drops)) * copies * param_bytes + _FIXED_BYTES
+    leaves = jax.tree.leaves(params)
+    param_bytes = sum(np.asarray(leaf).nbytes for leaf in leaves) + len(leaves) * _BYTES_PER_ARRAY
+    arch_bytes = len(graph_json.model_to_json(model)) if isinstance(model, GraphCNN) else 0
+    per_cut = (_PARAM_COPIES_PER_CUT * param_bytes + _CHECKPOINTS_PER_CUT * _BYTES_PER_CHECKPOINT
+               + (_CHECKPOINTS_PER_CUT + 1) * arch_bytes)
+    need = len(set(drops)) * per_cut * (2 if finetune else 1) + _FIXED_BYTES
     free = fileio.free_bytes(out_dir)
     if free is not None and free < need:  # None (the file system does not say): the writes themselves will tell
         raise ConfigError(f"{arg('out_dir', out_dir)}: the results need about {need / 2**20:.1f} MiB but only "
@@ -195,32 +208,33 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, model: PrunableModel
     ``warnings``: what the run found doubtful about its inputs (report.md shows them first).
 
     Per cut (``drop_X/``): B' as a Keras h5 and an orbax checkpoint (params + mask), the GoodNet checkpoint,
-    and with fine-pruning the same for the fine-tuned B'; each records B's input scale (``curve.input_scale``).
-    A model other than the lab's DeepID gets B' as a Keras h5 alone (``badnet_jax.io.keras_graph_writer``: the
-    pruned layer's readers' weights zeroed, or a 0/1 mask layer after it). Orbax has finished every save before
-    the swap.
+    and with fine-pruning the same for the fine-tuned B'; each records B's input scale (``curve.input_scale``),
+    and each checkpoint its model (``badnet_jax.io.checkpoint``), so the screener (``goodnet_eval.py``) takes
+    ``drop_X/goodnet_ckpt`` for any model. B' of a model other than the lab's DeepID is written as a
+    Keras h5 by ``badnet_jax.io.keras_graph_writer`` (the pruned layer's readers' weights zeroed, or a 0/1 mask
+    layer after it). Orbax has finished every save before the swap.
+
+    Raises:
+        ConfigError: cuts to write for a model no checkpoint can hold (a FlaxCNN; nothing written).
     """
     scale = curve.input_scale
+    if models:
+        _check_savable(model)
+    model = model.with_input_scale(scale) if models else model
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
         for m in models:
             d = tmp / m.cut.folder
-            if not isinstance(model, DeepID):
-                d.mkdir()
-                save_keras_graph(model.with_input_scale(scale), params, d / "b_prime.h5", m.mask)
-                if m.finetuned_params is not None:
-                    save_keras_graph(model.with_input_scale(scale), m.finetuned_params, d / "b_prime_finetuned.h5",
-                                     m.mask)
-                continue
-            save_keras(prune_params(params, m.mask), d / "b_prime.h5", scale)
-            checkpoint.save_badnet(d / "b_prime_ckpt", params, m.mask, scale)
-            checkpoint.save_goodnet(d / "goodnet_ckpt", make_goodnet(model, params, mask=m.mask)[1], scale)
+            d.mkdir()
+            _write_b_prime(d / "b_prime.h5", model, params, m.mask, finetuned=False)
+            checkpoint.save_badnet(d / "b_prime_ckpt", model, params, m.mask)
+            checkpoint.save_goodnet(d / "goodnet_ckpt", *make_goodnet(model, params, mask=m.mask))
             if m.finetuned_params is not None:
-                save_keras(m.finetuned_params, d / "b_prime_finetuned.h5", scale)
-                checkpoint.save_badnet(d / "b_prime_finetuned_ckpt", m.finetuned_params, m.mask, scale)
+                _write_b_prime(d / "b_prime_finetuned.h5", model, m.finetuned_params, m.mask, finetuned=True)
+                checkpoint.save_badnet(d / "b_prime_finetuned_ckpt", model, m.finetuned_params, m.mask)
                 checkpoint.save_goodnet(d / "goodnet_finetuned_ckpt",
-                                        make_goodnet(model, params, m.finetuned_params, m.mask)[1], scale)
+                                        *make_goodnet(model, params, m.finetuned_params, m.mask))
         report.plot_curve(tmp / "curve.png", curve)
         if curve.rankings is not None:
             report.plot_rankings(tmp / "rankings.png", curve)
@@ -235,6 +249,24 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, model: PrunableModel
         if cause is None:
             raise
         raise OutputError(_write_failed(out_dir, cause), field="out_dir") from None
+
+
+def _check_savable(model: PrunableModel) -> None:
+    """Refuse, before anything is written, a model whose checkpoints cannot be written (see
+    ``badnet_jax.io.checkpoint``: a FlaxCNN's module is code)."""
+    if not isinstance(model, (DeepID, GraphCNN)):
+        raise ConfigError(f"{arg('model')}: a {type(model).__name__}'s cut models cannot be written (B' as a Keras "
+                          "file and the checkpoints need the architecture as data, not a Flax module); write the "
+                          f"results with {arg('checkpoints', False)} and save the params yourself", field="model")
+
+
+def _write_b_prime(path: Path, model: PrunableModel, params: Params, mask: np.ndarray, finetuned: bool) -> None:
+    """B' as a Keras h5: the lab's DeepID with its conv_3 channels zeroed (fine-tuned params already have them
+    zeroed, ``badnet_jax.defense.finetune``), any other model by ``save_keras_graph``."""
+    if isinstance(model, DeepID):
+        save_keras(params if finetuned else prune_params(params, mask), path, model.input_scale)
+    else:
+        save_keras_graph(model, params, path, mask)
 
 
 def _os_error_in(err: BaseException) -> Optional[OSError]:

@@ -94,7 +94,7 @@ def run_defense(config: DefenseConfig) -> Curve:
     model, params, recorded = load_model(files, config.layer)
     log.info("Model: %s.", model.describe())
     if primary and config.checkpoints:
-        check_space(config.out_dir, params, config.drops, config.finetune is not None)
+        check_space(config.out_dir, params, config.drops, config.finetune is not None, model)
     ranking = resolve_rankings(config.rankings, params, model)
     # Overlapped: the images load in one thread and the sweep compiles in the other (XLA compiles without the
     # GIL) while the main thread decides the input scale on a sample read ahead; later the inputs are hashed
@@ -165,8 +165,7 @@ def run_defense(config: DefenseConfig) -> Curve:
                       {"model": model.describe(), "input scale": scale.describe(), "sweep": plan.describe(),
                        "rankings": _describe_rankings(ranking), "near-ties": _describe_ties(sweep)}, warnings)
         log.info("Wrote %s (report.md, curve.json, curve.png%s) in %.2f s.", config.out_dir,
-                 (", B' and GoodNet models per drop" if isinstance(model, DeepID) else ", B' per drop as Keras files")
-                 if config.checkpoints else "", time.perf_counter() - t)
+                 ", B' and GoodNet models per drop" if config.checkpoints else "", time.perf_counter() - t)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -1,43 +1,92 @@
 """Screen images with a GoodNet, like the CSAW-HackML-2020 ``eval.py``: a class in [0, N], N = poisoned.
 
-Inputs are png/jpeg files (RGB or RGBA, 55x47), folders of them (sorted by name, one line per image) and
-lab-layout h5 files; all images go through one jitted GoodNet call. G comes from a GoodNet checkpoint
-(``drop_X/goodnet_ckpt``), or is built from B (a Keras h5) and B' (a Keras h5, whose zeroed conv_3 channels
-give the mask, or a badnet-jax B' checkpoint); B' must be B with conv_3 channels pruned, every other weight
-unchanged, else G would flag whatever two unrelated networks disagree on. The input scale is the one the
-badnet-jax files record (B and B' must agree), else measured on the labelled inputs
-(``badnet_jax.defense.scale``), and the log says which inputs those were.
+Any model works: the lab's DeepID and any CNN that ``badnet_jax.io.model_file.load_model`` reads. Inputs are
+png/jpeg files (RGB or RGBA, of the model's input size), folders of them (sorted by name, one line per image)
+and lab-layout h5 files; all images go through one GoodNet call. G comes from a GoodNet checkpoint
+(``drop_X/goodnet_ckpt``, which carries its model), or is built from B (a model file) and B':
+
+* a B' checkpoint (``drop_X/b_prime_ckpt``): B's params and the mask of its pruned layer, with its model;
+* a Keras h5 of the lab's DeepID whose zeroed conv_3 channels give the mask;
+* a Keras h5 of any other model written by ``save_keras_graph`` (``drop_X/b_prime.h5``): it records its pruned
+  layer, channels and how it pruned them, and must be exactly what that writer makes of B under that mask.
+
+B' must be B with channels pruned, every other weight unchanged, else G would flag whatever two unrelated
+networks disagree on. The input scale is the one the badnet-jax files record (B and B' must agree), else
+measured on the labelled inputs (``badnet_jax.defense.scale``), and the log says which inputs those were.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
-from badnet_jax.io import checkpoint
-from badnet_jax.io.keras import load_keras, mask_from_zeroed, recorded_input_scale
-from badnet_jax.io.model_file import load_model as load_model_file
-from badnet_jax.io.lab_data import IMAGE_SUFFIXES, image_files, label_in_name, load_image, load_lab_h5
+from badnet_jax.defense.scale import choose_input_scale
 from badnet_jax.errors import BadNetError, ConfigError, DataFileError, ModelFileError, arg, reading
 from badnet_jax.goodnet import make_goodnet, predict_goodnet
-from badnet_jax.model import Params
-from badnet_jax.defense.scale import choose_input_scale
+from badnet_jax.io import checkpoint, fileio
+from badnet_jax.io.keras import _is_keras_archive, load_keras, mask_from_zeroed, recorded_input_scale
+from badnet_jax.io.keras_graph import read_keras_graph
+from badnet_jax.io.keras_graph_writer import (PRUNE_METHOD_ATTR, PRUNED_CHANNELS_ATTR, PRUNED_LAYER_ATTR,
+                                              prune_graph)
+from badnet_jax.io.lab_data import IMAGE_SUFFIXES, image_files, label_in_name, load_image, load_lab_h5
+from badnet_jax.io.model_file import load_model
+from badnet_jax.models.deepid import DeepID, deepid_graph
+from badnet_jax.models.graph import GraphCNN
+from badnet_jax.models.ir import Graph
+from badnet_jax.models.protocol import Params, PrunableModel
 
 log = logging.getLogger(__name__)
 
-PRUNED_LAYER = "conv_3"  # the only layer whose channels B' may zero
+PRUNED_LAYER = "conv_3"  # the only layer whose channels a Keras B' of the lab's DeepID may zero
+
+_FINE_TUNED = ("; a fine-tuned B' goes through its GoodNet checkpoint (drop_X/goodnet_finetuned_ckpt, "
+               f"{arg('goodnet_path')})")
+_PASS_CHECKPOINT = (f"pass the drop_X/b_prime_ckpt that prune.py writes beside it as {arg('pruned_path')}, or "
+                    f"drop_X/goodnet_ckpt as {arg('goodnet_path')}")
 
 
-def load_pruned(path: str | os.PathLike) -> tuple[Params, jax.Array, Optional[str]]:
-    """(params, mask, recorded input scale or None) of B' from a Keras h5 or a B' checkpoint directory.
+@dataclasses.dataclass(frozen=True)
+class PrunedFile:
+    """B' as its file gives it.
+
+    Attributes:
+        kind: ``checkpoint`` (a B' checkpoint), ``deepid_h5`` (a Keras h5 of the lab's DeepID) or ``graph_h5``
+            (a Keras h5 of any model written by ``save_keras_graph``).
+        params: B''s params as stored (a checkpoint: B's; a Keras file: with its pruned weights zeroed).
+        input_scale: the scale the file records, or None.
+        layer: the pruned layer (None for a DeepID h5: pool_3, through its zeroed conv_3 channels).
+        mask: (C,) 0/1 mask of the pruned layer (None for a ``graph_h5`` until B's channel count is known).
+        model: the model a checkpoint carries (None for a Keras file).
+        graph: a ``graph_h5``'s graph as read.
+        channels: a ``graph_h5``'s pruned channels as recorded.
+        method: a ``graph_h5``'s way of pruning as recorded (``zeroed_readers`` or ``mask_layer``).
+    """
+
+    kind: str
+    params: Params
+    input_scale: Optional[str]
+    layer: Optional[str] = None
+    mask: Optional[Any] = None
+    model: Optional[PrunableModel] = None
+    graph: Optional[Graph] = None
+    channels: Optional[np.ndarray] = None
+    method: Optional[str] = None
+
+
+def load_pruned(path: str | os.PathLike) -> PrunedFile:
+    """B' from a B' checkpoint directory or a Keras h5 (of the lab's DeepID, or of any model written by
+    ``save_keras_graph``), not yet checked against B (:func:`b_prime_for`).
 
     Raises:
-        ConfigError: ``path`` is a GoodNet checkpoint (it goes to :func:`screen`'s ``goodnet_path``).
+        ConfigError: ``path`` is a GoodNet checkpoint (it goes to :func:`screen`'s ``goodnet_path``), or a Keras
+            file of a model other than the lab's DeepID that does not record its pruning.
+        ModelFileError, CheckpointError: the file cannot be read (as the readers say).
     """
     path = Path(path)
     if path.is_dir():
@@ -45,14 +94,157 @@ def load_pruned(path: str | os.PathLike) -> tuple[Params, jax.Array, Optional[st
             raise ConfigError(f"{path}: is a GoodNet checkpoint; pass it as {arg('goodnet_path')} (without "
                               f"{arg('model_path')}/{arg('pruned_path')})", field="pruned_path")
         model, params, mask = checkpoint.restore_badnet(path)
-        return params, mask, model.input_scale
-    _, params = load_keras(path)
-    return params, mask_from_zeroed(params), recorded_input_scale(path)
+        return PrunedFile("checkpoint", params, model.input_scale, model.layer, mask, model)
+    recorded = _recorded_pruning(path)
+    if recorded is not None:
+        layer, channels, method = recorded
+        graph, params = read_keras_graph(path)
+        return PrunedFile("graph_h5", params, recorded_input_scale(path), layer, graph=graph, channels=channels,
+                          method=method)
+    try:
+        _, params = load_keras(path)
+    except ModelFileError:
+        try:
+            read_keras_graph(path)
+        except BadNetError:
+            raise  # not a model file at all: the DeepID reader's message says what is wrong
+        raise ConfigError(f"{path}: a Keras file of a model other than the lab's DeepID that does not record which "
+                          f"channels were pruned (a file prune.py writes does); {_PASS_CHECKPOINT}") from None
+    return PrunedFile("deepid_h5", params, recorded_input_scale(path), None, mask_from_zeroed(params))
+
+
+def _recorded_pruning(path: Path) -> Optional[tuple[str, np.ndarray, str]]:
+    """(layer, channels, method) a ``save_keras_graph`` B' records in its root attributes, or None."""
+    path = fileio.require_file(path, ModelFileError, "model file")
+    if _is_keras_archive(path):
+        return None
+    with fileio.open_h5(path, ModelFileError) as f:
+        try:
+            attrs = {key: f.attrs.get(key) for key in (PRUNED_LAYER_ATTR, PRUNED_CHANNELS_ATTR, PRUNE_METHOD_ATTR)}
+            if all(v is None for v in attrs.values()):
+                return None
+            text = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+            layer, method, channels = text[PRUNED_LAYER_ATTR], text[PRUNE_METHOD_ATTR], attrs[PRUNED_CHANNELS_ATTR]
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:  # UnicodeDecodeError included
+            raise ModelFileError(f"{path}: cannot read its attributes: {err} (truncated or corrupted?)") from None
+    channels = None if channels is None else np.asarray(channels)
+    if not isinstance(layer, str) or not isinstance(method, str) or channels is None or channels.ndim != 1 \
+            or not np.issubdtype(channels.dtype, np.integer):
+        raise ModelFileError(f"{path}: records its pruning incompletely ({PRUNED_LAYER_ATTR} {layer!r}, "
+                             f"{PRUNE_METHOD_ATTR} {method!r}, {PRUNED_CHANNELS_ATTR} "
+                             f"{None if channels is None else channels.dtype}); {_PASS_CHECKPOINT}")
+    return layer, channels.astype(np.int64), method
+
+
+def _at_layer(model: PrunableModel, params: Params, pruned: PrunedFile, model_path: Any,
+              pruned_path: Any) -> PrunableModel:
+    """B's model pruned at B''s layer (a ``graph_h5`` needs a graph, so the lab's DeepID becomes its graph).
+
+    Raises:
+        ModelFileError: B has no such layer (B' is of another network).
+    """
+    layer = pruned.layer
+    if layer is None or (layer == model.layer and (pruned.kind != "graph_h5" or isinstance(model, GraphCNN))):
+        return model
+    try:
+        if isinstance(model, DeepID):
+            return GraphCNN.build(deepid_graph(model.num_classes), params, layer, model.input_scale)
+        if isinstance(model, GraphCNN):
+            return model.with_layer(layer)
+    except BadNetError as err:
+        raise _not_pruned_b(model_path, pruned_path, f"B' prunes layer {layer!r}, which B cannot be pruned at "
+                                                     f"({err})") from None
+    raise _not_pruned_b(model_path, pruned_path, f"B' prunes layer {layer!r}, B ({model.name}) is pruned at "
+                                                 f"{model.layer!r}")
+
+
+def _not_pruned_b(model_path: Any, pruned_path: Any, why: str, hint: str = "") -> ModelFileError:
+    return ModelFileError(f"{arg('pruned_path', pruned_path)} is not B ({arg('model_path', model_path)}) with "
+                          f"channels pruned: {why}{hint}", field="pruned_path")
+
+
+def b_prime_for(model: PrunableModel, params: Params, pruned: PrunedFile, model_path: str | os.PathLike,
+                pruned_path: str | os.PathLike) -> tuple[PrunableModel, Optional[Params], jax.Array]:
+    """``(model, B''s own params or None, mask)`` for ``make_goodnet(model, params, ...)``: B' checked to be B with
+    channels of one layer pruned, B's model moved to that layer.
+
+    Raises:
+        ModelFileError: naming both files and the first difference (another architecture, another layer, a
+            weight that differs, a recorded pruning that is not what ``save_keras_graph`` writes of B).
+    """
+    if pruned.kind == "checkpoint" and isinstance(pruned.model, DeepID) and not isinstance(model, DeepID):
+        raise _not_pruned_b(model_path, pruned_path, f"B' is a checkpoint of the lab's DeepID, B is {model.name}")
+    model = _at_layer(model, params, pruned, model_path, pruned_path)
+    if pruned.kind == "deepid_h5" or (pruned.kind == "checkpoint" and isinstance(pruned.model, DeepID)
+                                      and isinstance(model, DeepID)):
+        if not isinstance(model, DeepID):
+            raise _not_pruned_b(model_path, pruned_path, f"B' is the lab's DeepID, B is {model.name}")
+        check_pruned_from(params, pruned.params, pruned.mask, model_path, pruned_path)
+        return model, pruned.params, pruned.mask
+    if pruned.kind == "checkpoint":
+        _same_architecture(model, pruned.model, model_path, pruned_path)
+        _same_params(params, pruned.params, model_path, pruned_path, _FINE_TUNED)
+        return model, pruned.params, pruned.mask
+    return model, None, _graph_h5_mask(model, params, pruned, model_path, pruned_path)
+
+
+def _same_architecture(model: PrunableModel, other: PrunableModel, model_path: Any, pruned_path: Any) -> None:
+    if not isinstance(model, GraphCNN) or not isinstance(other, GraphCNN):
+        raise _not_pruned_b(model_path, pruned_path, f"B' is a checkpoint of {other.name}, B is {model.name}")
+    a, b = model.graph, other.graph
+    if (a.nodes, a.input_hwc, a.output) != (b.nodes, b.input_hwc, b.output):
+        diff = next((f"layer {x.name!r} differs" for x, y in zip(a.nodes, b.nodes) if x != y),
+                    f"{len(b.nodes)} nodes against B's {len(a.nodes)}")
+        raise _not_pruned_b(model_path, pruned_path, f"B''s architecture is not B's ({diff})")
+    if model.layer != other.layer:
+        raise _not_pruned_b(model_path, pruned_path, f"B' prunes layer {other.layer!r}, B {model.layer!r}")
+
+
+def _same_params(params: Params, other: Params, model_path: Any, pruned_path: Any, hint: str) -> None:
+    """Every weight of ``other`` bit for bit ``params``' (the same layers and keys)."""
+    if set(other) != set(params):
+        raise _not_pruned_b(model_path, pruned_path, f"B' has the layers {sorted(other)}, B {sorted(params)}", hint)
+    for layer in params:
+        if set(other[layer]) != set(params[layer]):
+            raise _not_pruned_b(model_path, pruned_path, f"layer {layer!r} holds {sorted(other[layer])} in B', "
+                                f"{sorted(params[layer])} in B", hint)
+        for key in params[layer]:
+            b, bp = np.asarray(params[layer][key]), np.asarray(other[layer][key])
+            if b.shape != bp.shape or not np.array_equal(b, bp):
+                diff = int((b != bp).sum()) if b.shape == bp.shape else b.size
+                raise _not_pruned_b(model_path, pruned_path, f"layer {layer!r} {key} differs in {diff} of {b.size} "
+                                    "weights", hint)
+
+
+def _graph_h5_mask(model: PrunableModel, params: Params, pruned: PrunedFile, model_path: Any,
+                   pruned_path: Any) -> np.ndarray:
+    """The mask a ``save_keras_graph`` B' records, checked by writing B under it again: the same graph and weights."""
+    c = model.num_channels
+    channels = pruned.channels
+    if len(channels) and (channels.min() < 0 or channels.max() >= c or len(np.unique(channels)) != len(channels)):
+        raise _not_pruned_b(model_path, pruned_path, f"B' records pruned channels {channels.tolist()[:10]} of layer "
+                            f"{model.layer!r}, which has {c} channels (each at most once)")
+    mask = np.ones(c, np.float32)
+    mask[channels] = 0
+    expected = prune_graph(model, params, mask)
+    if pruned.method != expected.method:
+        raise _not_pruned_b(model_path, pruned_path, f"B' records pruning by {pruned.method!r}, but B's layer "
+                            f"{model.layer!r} is pruned by {expected.method!r}")
+    got = pruned.graph
+    want = expected.graph
+    if (got.nodes, got.input_hwc, got.output) != (want.nodes, want.input_hwc, want.output):
+        diff = next((f"layer {x.name!r} differs" for x, y in zip(expected.graph.nodes, got.nodes) if x != y),
+                    f"{len(got.nodes)} nodes, expected {len(expected.graph.nodes)}")
+        raise _not_pruned_b(model_path, pruned_path, f"B''s architecture is not B's pruned at {model.layer!r} ({diff})")
+    _same_params(expected.params, pruned.params, model_path, pruned_path,
+                 f" (B' must be B with the recorded channels pruned){_FINE_TUNED}")
+    return mask
 
 
 def check_pruned_from(params: Params, pruned_params: Params, mask: jax.Array, model_path: str | os.PathLike,
                       pruned_path: str | os.PathLike) -> None:
-    """Refuse a B' that is not B with some conv_3 channels pruned (every other weight bit for bit B's).
+    """Refuse a B' of the lab's DeepID that is not B with some conv_3 channels pruned (every other weight bit for
+    bit B's).
 
     A kept channel (mask 1) of conv_3 must be B's; a pruned one (mask 0) either B's (a checkpoint keeps B's
     weights beside its mask) or zeroed (a Keras B').
@@ -60,8 +252,6 @@ def check_pruned_from(params: Params, pruned_params: Params, mask: jax.Array, mo
     Raises:
         ModelFileError: naming both files and the first layer that differs.
     """
-    fine_tuned = ("; a fine-tuned B' goes through its GoodNet checkpoint (drop_X/goodnet_finetuned_ckpt, "
-                  f"{arg('goodnet_path')})")
     if pruned_params["output"]["bias"].shape != params["output"]["bias"].shape:
         raise ModelFileError(f"{arg('pruned_path', pruned_path)}: B' has {pruned_params['output']['bias'].shape[0]} "
                              f"classes, B ({arg('model_path', model_path)}) has {params['output']['bias'].shape[0]}; "
@@ -78,43 +268,66 @@ def check_pruned_from(params: Params, pruned_params: Params, mask: jax.Array, mo
                     raise ModelFileError(
                         f"{arg('pruned_path', pruned_path)} is not B ({arg('model_path', model_path)}) with channels "
                         f"pruned: {layer} {what} differs in {int(differs.sum())} channel(s) that are neither B's nor "
-                        f"zeroed (first: {int(np.argmax(differs))}){fine_tuned}", field="pruned_path")
+                        f"zeroed (first: {int(np.argmax(differs))}){_FINE_TUNED}", field="pruned_path")
             elif b.shape != bp.shape or not np.array_equal(b, bp):
                 diff = int((b != bp).sum()) if b.shape == bp.shape else b.size
                 raise ModelFileError(
                     f"{arg('pruned_path', pruned_path)} is not B ({arg('model_path', model_path)}) with channels "
                     f"pruned: layer {layer!r} {what} differs in {diff} of {b.size} weights (only {PRUNED_LAYER} "
-                    f"channels may be zeroed){fine_tuned}", field="pruned_path")
+                    f"channels may be zeroed){_FINE_TUNED}", field="pruned_path")
 
 
-def gather_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Names ("file" or "file[row]"), the (N, 55, 47, 3) float32 images and the labels of every input.
+def input_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Every input file: image files and lab h5 files as given, folders as their image files (sorted by name),
+    each checked to be a readable regular file before any model is read.
 
-    Inputs are image files, lab h5 files and folders of image files (sorted by name, one name per image).
-    Labels are the h5 ``label`` for h5 rows; for an image file the ``label<class>`` in its name (e.g.
-    ``face_label43.png``, as ``make_poisoned_h5``'s inputs and the shared faces name them), else -1 (unknown).
+    Raises:
+        DataFileError: a path that is missing or not a regular file (saying what it is), a folder without images,
+            a file of another kind, or no paths at all.
     """
-    names, batches, labels = [], [], []
+    files = []
     for p in map(Path, paths):
-        files = image_files(p) if p.is_dir() else [p]
-        for f in files:
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                batches.append(load_image(f)[None])
-                names.append(str(f))
-                label = label_in_name(f)
-                labels.append(np.full(1, -1 if label is None else label))
-            elif f.suffix.lower() in (".h5", ".hdf5"):
-                x, y = load_lab_h5(f)
-                if not len(x):
-                    raise DataFileError(f"{f}: holds no images")
-                batches.append(x)
-                labels.append(y)
-                names += [f"{f}[{i}]" for i in range(len(x))]
+        for f in image_files(p) if p.is_dir() else [p]:
+            suffix = f.suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
+                files.append(fileio.require_file(f, DataFileError, "image file"))
+            elif suffix in (".h5", ".hdf5"):
+                files.append(fileio.require_file(f, DataFileError))
             else:
                 raise DataFileError(f"{f}: unsupported input (use .png, .jpg, .jpeg, a lab-layout .h5 or a folder "
                                     "of images)")
-    if not batches:
+    if not files:
         raise DataFileError("no input images given")
+    return files
+
+
+def gather_inputs(paths: Sequence[str | os.PathLike],
+                  hwc: tuple[int, int, int]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Names ("file" or "file[row]"), the (N, *hwc) float32 images and the labels of every input.
+
+    Inputs are image files, lab h5 files and folders of image files (sorted by name, one name per image), all of
+    the model's input size ``hwc``. Labels are the h5 ``label`` for h5 rows;
+    for an image file the ``label<class>`` in its name (e.g. ``face_label43.png``, as ``make_poisoned_h5``'s
+    inputs and the shared faces name them), else -1 (unknown).
+
+    Raises:
+        DataFileError: as :func:`input_files` says, or a file that cannot be read, of another size than ``hwc``,
+            or an h5 file without images.
+    """
+    names, batches, labels = [], [], []
+    for f in input_files(paths):
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+            batches.append(load_image(f, hwc=hwc)[None])
+            names.append(str(f))
+            label = label_in_name(f)
+            labels.append(np.full(1, -1 if label is None else label))
+        else:
+            x, y = load_lab_h5(f, hwc=hwc)
+            if not len(x):
+                raise DataFileError(f"{f}: holds no images")
+            batches.append(x)
+            labels.append(y)
+            names += [f"{f}[{i}]" for i in range(len(x))]
     return names, np.concatenate(batches), np.concatenate(labels)
 
 
@@ -129,47 +342,34 @@ def _recorded_scale(model_path: str | os.PathLike, pruned_path: str | os.PathLik
     return pruned_scale or model_scale
 
 
-def _deepid_only(model_path: str | os.PathLike) -> None:
-    """Refuse, before any image is read, a B that is a CNN other than the lab's DeepID (the screener's images,
-    GoodNet checkpoints and B' files are DeepID's), saying so instead of a DeepID reader's complaint."""
-    try:
-        load_keras(model_path)
-    except ModelFileError:
-        try:
-            other, _ = load_model_file(model_path, "255")
-        except BadNetError:
-            return  # not a model at all: the reading below says what is wrong with it
-        raise ConfigError(f"{arg('model_path', str(model_path))}: {other.name} is not the lab's DeepID; the screener "
-                          "reads DeepID BadNets only (for any CNN: badnet_jax.make_goodnet and predict_goodnet)",
-                          field="model_path") from None
-
-
 def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | os.PathLike],
            inputs: Sequence[str | os.PathLike], input_scale: str = "auto",
            goodnet_path: Optional[str | os.PathLike] = None) -> list[tuple[str, int]]:
     """GoodNet predictions for every input image: (name, class in [0, N]) with N = "poisoned".
 
     Args:
-        model_path, pruned_path: B (Keras h5) and B' (Keras h5 or B' checkpoint); or both None with
-            ``goodnet_path``.
-        inputs: image files, lab h5 files and folders of image files.
+        model_path, pruned_path: B (any model file ``load_model`` reads) and B' (a B' checkpoint, or a Keras h5:
+            the lab's DeepID with zeroed conv_3 channels, any other model as ``save_keras_graph`` writes it); or
+            both None with ``goodnet_path``.
+        inputs: image files, lab h5 files and folders of image files, of the model's input size.
         input_scale: ``auto`` (recorded by badnet-jax, else measured on the labelled inputs), ``raw`` or ``255``.
         goodnet_path: a GoodNet checkpoint directory written by the defense.
 
     Raises:
         ModelFileError: B' is not B with channels pruned, or their files record different input scales.
-        DataFileError: unreadable inputs; labelled inputs outside B's classes when the scale is measured.
-        ConfigError: neither a GoodNet nor B and B'; the input scale cannot be told.
+        DataFileError: unreadable inputs, or of another size than the model's; labelled inputs outside B's
+            classes when the scale is measured.
+        ConfigError: neither a GoodNet nor B and B'; the input scale cannot be told; a Keras B' of a model other
+            than the lab's DeepID that does not record its pruning.
     """
-    if model_path is not None:
-        _deepid_only(model_path)
-    names, x, labels = gather_inputs(inputs)
+    files = input_files(inputs)  # a wrong path is named before any model is read
     if goodnet_path is not None:
         if model_path is not None or pruned_path is not None:
             raise ConfigError(f"give either a GoodNet checkpoint ({arg('goodnet_path')}) or B and B' "
                               f"({arg('model_path')} and {arg('pruned_path')})", field="goodnet_path")
         with reading("goodnet_path", goodnet_path):
             goodnet, variables = checkpoint.restore_goodnet(goodnet_path)
+        names, x, labels = gather_inputs(files, goodnet.model.input_hwc)
         scale = choose_input_scale(goodnet, variables, input_scale, recorded=goodnet.input_scale).scale
         goodnet = goodnet.clone(model=goodnet.model.with_input_scale(scale))
     else:
@@ -178,17 +378,19 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
                               f"checkpoint ({arg('goodnet_path')})",
                               field="pruned_path" if model_path is not None else "model_path")
         with reading("model_path", model_path):
-            model, params = load_keras(model_path)
+            # the scale is settled below (recorded or measured); a model needs one to load
+            model, params = load_model(model_path, recorded_input_scale(model_path) or "raw")
         with reading("pruned_path", pruned_path):
-            pruned_params, mask, pruned_scale = load_pruned(pruned_path)
-        check_pruned_from(params, pruned_params, mask, model_path, pruned_path)
-        recorded = _recorded_scale(model_path, pruned_path, pruned_scale)
+            pruned = load_pruned(pruned_path)
+        model, pruned_params, mask = b_prime_for(model, params, pruned, model_path, pruned_path)
+        names, x, labels = gather_inputs(files, model.input_hwc)
+        recorded = _recorded_scale(model_path, pruned_path, pruned.input_scale)
         if recorded is not None and input_scale == "auto":
-            log.info("Input scale %s, recorded in %s.", recorded, pruned_path if pruned_scale else model_path)
+            log.info("Input scale %s, recorded in %s.", recorded, pruned_path if pruned.input_scale else model_path)
         known = labels >= 0
         scale = choose_input_scale(model, params, input_scale, recorded, x[known], labels[known],
                                    source=str(model_path), measured_on=_measured_on(names, known)).scale
-        goodnet, variables = make_goodnet(model.clone(input_scale=scale), params, pruned_params, mask)
+        goodnet, variables = make_goodnet(model.with_input_scale(scale), params, pruned_params, mask)
     preds, settled = predict_goodnet(goodnet, variables, x)
     if settled:
         log.info("%d near-tie prediction(s) of B or B' settled in float64.", settled)

@@ -1,4 +1,11 @@
-"""Orbax checkpoints of BadNet params (optionally with a pruning mask) and of GoodNets, with their input scale.
+"""Orbax checkpoints of a BadNet (optionally with a pruning mask) and of a GoodNet, each carrying its model.
+
+A checkpoint holds the params (B's, or B's and B''s for a GoodNet), the mask of the pruned layer's channels,
+the input scale (``input_divisor``) and, for a model other than the lab's DeepID, its architecture
+(``architecture``: the JSON of ``badnet_jax.io.graph_json``, as bytes: orbax stores arrays). A checkpoint
+without an architecture entry is the lab's DeepID, as every checkpoint written before others could be saved
+is. Restoring rebuilds the model and checks the params, the mask and the architecture (untrusted data) against
+each other. A ``FlaxCNN`` is not saved: its module is code (save its params with orbax yourself).
 
 Each checkpoint is built in a temporary directory and swapped in whole, so an interrupted save leaves the
 previous checkpoint (or nothing), never a half-written one.
@@ -13,19 +20,23 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from badnet_jax.io import fileio
-from badnet_jax.errors import CheckpointError
+from badnet_jax.io import fileio, graph_json
+from badnet_jax.errors import CheckpointError, ConfigError, arg
 from badnet_jax.goodnet import GoodNet, check_goodnet
-from badnet_jax.models.deepid import DeepID
-from badnet_jax.model import (INPUT_DIVISORS, NUM_POOL3_CHANNELS, BadNet, Params, check_mask, check_params,
-                              input_divisor, num_classes_of)
+from badnet_jax.models.deepid import DeepID, as_model
+from badnet_jax.models.graph import GraphCNN
+from badnet_jax.models.protocol import PrunableModel
+from badnet_jax.model import INPUT_DIVISORS, Params, input_divisor, num_classes_of
+
+ARCHITECTURE = "architecture"
+"""The checkpoint entry holding a GraphCNN's architecture (UTF-8 JSON bytes, ``badnet_jax.io.graph_json``)."""
 
 # The input scale travels as its divisor (``model.input_divisor``; orbax stores arrays); a checkpoint without
 # one holds a raw-scale model.
@@ -140,56 +151,159 @@ def _first_words(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def save_badnet(path: str | os.PathLike, params: Params, mask: Optional[jax.Array] = None,
-                input_scale: str = "raw") -> Path:
-    """Save B (or B' = params + pool_3 mask) and its input scale as an orbax checkpoint directory.
+def _architecture(model: PrunableModel) -> dict[str, np.ndarray]:
+    """The entries that carry ``model``'s architecture: none for the lab's DeepID (a checkpoint without one is
+    DeepID, as every checkpoint was before others could be saved), the JSON graph for a GraphCNN.
 
     Raises:
-        ConfigError: params that are not a BadNet's, or a mask that is not (60,) zeros and ones (nothing written).
+        ConfigError: any other model (a FlaxCNN's module is code, which a checkpoint does not hold).
     """
-    check_params(params)
-    m = np.ones(NUM_POOL3_CHANNELS, np.float32) if mask is None else check_mask(mask)
-    return _save(Path(path), {"params": params, "mask": m, "input_divisor": _scale_entry(input_scale)})
+    if isinstance(model, DeepID):
+        return {}
+    if isinstance(model, GraphCNN):
+        return {ARCHITECTURE: np.frombuffer(graph_json.model_to_json(model).encode("ascii"), np.uint8).copy()}
+    raise ConfigError(f"{arg('model')}: a {type(model).__name__} cannot be saved in a badnet-jax checkpoint: a "
+                      "checkpoint holds data, and only the lab's DeepID and a GraphCNN are data (a FlaxCNN's "
+                      "architecture is its Flax module, code). Save its params yourself "
+                      "(orbax.checkpoint.StandardCheckpointer().save(path, params)) and rebuild the model with "
+                      "FlaxCNN.build(module, params, ...) after restoring them", field="model")
 
 
-def restore_badnet(path: str | os.PathLike) -> tuple[BadNet, Params, jax.Array]:
-    """Restore ``(BadNet, params, mask)`` from :func:`save_badnet`'s checkpoint (the model keeps its input scale)."""
-    state = _restore(Path(path))
+def _model_of(state: dict, params: Params, path: Path) -> PrunableModel:
+    """The model a checkpoint's entries describe, its params checked against it.
+
+    Raises:
+        CheckpointError: naming ``path``: an architecture entry that is refused, or params that are not the model's.
+    """
+    scale = _scale_of(state, path)
+    if ARCHITECTURE not in state:
+        try:
+            model = DeepID(num_classes_of(params), input_scale=scale)
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise CheckpointError(f"{path}: holds no architecture entry and its params are not the lab's DeepID's "
+                                  "(no output layer)") from None
+        _checked(path, model.check_params, params, "params")
+        return model
+    text = np.asarray(state[ARCHITECTURE])
+    if text.dtype != np.uint8 or text.ndim != 1:
+        raise CheckpointError(f"{path}: its architecture entry is an array of {text.dtype} {text.shape}, expected "
+                              "the bytes of a JSON document (uint8, one axis)")
+    return graph_json.model_from_json(text.tobytes(), params, scale, str(path))
+
+
+def _checked(path: Path, check, *args) -> Any:
+    """``check(*args)``, a ConfigError of the saved values turned into a CheckpointError naming ``path``."""
+    try:
+        return check(*args)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def save_badnet(path: str | os.PathLike, model: Any, params: Any = None, mask: Optional[Any] = None) -> Path:
+    """Save B (or B' = params + a mask of the pruned layer's channels) with its model as an orbax checkpoint.
+
+    The checkpoint carries what :func:`restore_badnet` needs to rebuild the model: its input scale, and for a
+    :class:`~badnet_jax.models.graph.GraphCNN` its graph and pruned layer (``badnet_jax.io.graph_json``); the lab's
+    DeepID needs no more than its params. A ``FlaxCNN`` is refused: its module is code.
+
+    Args:
+        path: the checkpoint folder (replaced whole, atomically).
+        model: B's model (a ``PrunableModel``, or a ``BadNet`` module for the lab's DeepID).
+        params: B's params.
+        mask: (C,) 0/1 mask of the pruned layer's channels (None: all kept, B itself).
+
+    Raises:
+        ConfigError: no model first (params where the model goes), params that are not the model's, a mask that
+            is not (C,) zeros and ones, a model that cannot be saved (a FlaxCNN) (nothing written).
+
+    Example::
+
+        model, params = load_model("resnet_tiny.h5", input_scale="255")
+        save_badnet("b_prime_ckpt", model, params, mask)
+        model, params, mask = restore_badnet("b_prime_ckpt")
+    """
+    _model_first("save_badnet(path, model, params, mask)", model)
+    model = as_model(model)
+    _architecture(model)  # a model that cannot be saved is refused first
+    if params is None:
+        raise ConfigError(f"save_badnet needs B's {arg('params')} after the model", field="params")
+    model.check_params(params, "params")
+    arch = _architecture(model)
+    m = np.ones(model.num_channels, np.float32) if mask is None else model.check_mask(mask)
+    return _save(Path(path), {"params": params, "mask": m, "input_divisor": _scale_entry(model.input_scale), **arch})
+
+
+def _model_first(form: str, model: Any) -> None:
+    """Refuse params or variables where the model goes: the model carries the architecture and input scale."""
+    if isinstance(model, Mapping):
+        raise ConfigError(f"{arg('model')}: got a params dict; the model comes first, {form} (the model carries its "
+                          "architecture and input scale: load_model's first result)", field="model")
+
+
+def restore_badnet(path: str | os.PathLike) -> tuple[PrunableModel, Params, jax.Array]:
+    """Restore ``(model, params, mask)`` from :func:`save_badnet`'s checkpoint: the model it was saved with (a
+    ``DeepID`` for a checkpoint without an architecture entry), with its input scale.
+
+    Raises:
+        CheckpointError: naming ``path``: not a BadNet checkpoint, unreadable, or an architecture, params or mask
+            that do not fit together.
+    """
+    path = Path(path)
+    state = _restore(path)
     if not isinstance(state, dict) or "params" not in state or "mask" not in state or "pruning" in state:
         raise CheckpointError(f"{path}: not a badnet-jax BadNet checkpoint (needs 'params' and 'mask'; a GoodNet "
                               "checkpoint is read by restore_goodnet)")
     params = jax.tree.map(jnp.asarray, state["params"])
-    return BadNet(num_classes_of(params), input_scale=_scale_of(state, Path(path))), params, jnp.asarray(state["mask"])
+    model = _model_of(state, params, path)
+    mask = jnp.asarray(_checked(path, model.check_mask, np.asarray(state["mask"]), "mask"))
+    return model, params, mask
 
 
-def save_goodnet(path: str | os.PathLike, variables: dict[str, Any], input_scale: str = "raw") -> Path:
-    """Save a GoodNet's variables (``make_goodnet``'s second result) and input scale as an orbax checkpoint.
+def save_goodnet(path: str | os.PathLike, goodnet: Any, variables: Optional[dict[str, Any]] = None) -> Path:
+    """Save a GoodNet (``make_goodnet``'s two results) with its model as an orbax checkpoint.
+
+    Like :func:`save_badnet`, the checkpoint carries the model (its input scale, and a GraphCNN's graph); a
+    FlaxCNN's GoodNet is refused.
 
     Raises:
-        ConfigError: variables that are not a GoodNet's (nothing written).
+        ConfigError: variables that are not the GoodNet's, or a model that cannot be saved (nothing written).
+
+    Example::
+
+        goodnet, variables = make_goodnet(model, params, mask=mask)
+        save_goodnet("goodnet_ckpt", goodnet, variables)
+        goodnet, variables = restore_goodnet("goodnet_ckpt")
     """
-    check_goodnet(GoodNet(DeepID(_num_classes_of_variables(variables))), variables)
+    _model_first("save_goodnet(path, goodnet, variables) with make_goodnet's two results", goodnet)
+    if isinstance(goodnet, GoodNet):
+        _architecture(goodnet.model)
+    check_goodnet(goodnet, variables)
+    model = goodnet.model
     return _save(Path(path), {"params": variables["params"], "pruning": variables["pruning"],
-                              "input_divisor": _scale_entry(input_scale)})
-
-
-def _num_classes_of_variables(variables: Any) -> int:
-    try:
-        return num_classes_of(variables["params"]["bad"])
-    except (KeyError, TypeError, IndexError):
-        return 0  # check_goodnet then says what is missing
+                              "input_divisor": _scale_entry(model.input_scale), **_architecture(model)})
 
 
 def restore_goodnet(path: str | os.PathLike) -> tuple[GoodNet, dict[str, Any]]:
-    """Restore ``(GoodNet, variables)`` saved by :func:`save_goodnet`; ``goodnet.apply(variables, x)`` works."""
-    state = _restore(Path(path))
+    """Restore ``(GoodNet, variables)`` saved by :func:`save_goodnet`; ``goodnet.apply(variables, x)`` works.
+
+    Raises:
+        CheckpointError: naming ``path``: not a GoodNet checkpoint, unreadable, or an architecture and variables
+            that do not fit together.
+    """
+    path = Path(path)
+    state = _restore(path)
     try:
-        variables = {"params": jax.tree.map(jnp.asarray, state["params"]),
-                     "pruning": jax.tree.map(jnp.asarray, state["pruning"])}
-        n = num_classes_of(variables["params"]["bad"])
+        variables = {"params": {"bad": jax.tree.map(jnp.asarray, state["params"]["bad"]),
+                                "pruned": jax.tree.map(jnp.asarray, state["params"]["pruned"])},
+                     "pruning": {"mask": jnp.asarray(state["pruning"]["mask"])}}
     except (KeyError, TypeError):
         raise CheckpointError(f"{path}: not a badnet-jax GoodNet checkpoint") from None
-    return GoodNet(DeepID(n, input_scale=_scale_of(state, Path(path)))), variables
+    model = _model_of(state, variables["params"]["bad"], path)
+    if ARCHITECTURE in state:
+        graph_json.check_params(model, variables["params"]["pruned"], f"{path} (B')")
+    goodnet = GoodNet(model)
+    _checked(path, check_goodnet, goodnet, variables)
+    return goodnet, variables
 
 
 def is_goodnet_checkpoint(path: str | os.PathLike) -> bool:

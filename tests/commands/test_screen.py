@@ -14,7 +14,8 @@ import pytest
 from badnet_jax import init_params, load_images, load_keras, mask_from_zeroed, save_keras, save_lab_h5
 from badnet_jax.defense.screen import screen
 from badnet_jax.io import checkpoint
-from badnet_jax.model import prune_params
+from badnet_jax.model import INPUT_HWC, prune_params
+from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
 from tests.cli import run_cli
 from tests.conftest import LAB_B, asset, damaged_copy
@@ -38,7 +39,7 @@ def test_cli_flags_sunglasses_and_keeps_clean_classes():
     # Independent check: G = B's class where B and B' agree, else N.
     _, pb_params = load_keras(asset(LAB_B))
     _, pp_params = load_keras(asset(B_PRIME))
-    x = load_images(clean + sunglasses)
+    x = load_images(clean + sunglasses, INPUT_HWC)
     pb, pp = numpy_ref.forward(pb_params, x).argmax(-1), numpy_ref.forward(pp_params, x).argmax(-1)
     np.testing.assert_array_equal(preds, np.where(pb == pp, pb, 1283))
     assert (pb[len(clean):] == 0).all() and (preds[len(clean):] == 1283).all()  # every sunglasses face flagged
@@ -52,7 +53,7 @@ def test_cli_flags_sunglasses_and_keeps_clean_classes():
 def test_goodnet_checkpoint_of_a_2020_badnet_screens_quietly_at_its_scale(tmp_path):
     """The defense's goodnet_ckpt goes straight into the screener (it knows its /255 input scale)."""
     model = asset("models/hackml2020/sunglasses_bd_weights.h5")
-    xb = load_images(sorted(asset("faces/png").glob("hackml2020_sunglasses_*.png")))
+    xb = load_images(sorted(asset("faces/png").glob("hackml2020_sunglasses_*.png")), INPUT_HWC)
     bd = save_lab_h5(tmp_path / "bd.h5", xb, np.zeros(len(xb)))
     clean, test = asset("faces/lab3/valid_subset.h5"), asset("faces/lab3/test_subset.h5")
     out = tmp_path / "out"
@@ -69,7 +70,7 @@ def test_goodnet_checkpoint_of_a_2020_badnet_screens_quietly_at_its_scale(tmp_pa
     _, params = load_keras(model)
     mask = np.ones(60)
     mask[sel["pruned_channels"]] = 0
-    x = load_images(faces) / 255.0
+    x = load_images(faces, INPUT_HWC) / 255.0
     pb, pp = numpy_ref.forward(params, x).argmax(-1), numpy_ref.forward(params, x, mask).argmax(-1)
     np.testing.assert_array_equal(got, np.where(pb == pp, pb, 1283))
     # With B and B' instead, the screener measures the scale on the faces' labels in their names: same answers.
@@ -129,7 +130,7 @@ def test_a_recorded_scale_is_used_and_a_measurement_says_what_it_measured_on(tmp
     proc = run_cli("goodnet_eval", folder, "--model", model, "--pruned", b_prime, timeout=300)
     got = np.array([int(p) for _, p in _lines(proc)])
     assert f"Input scale 255, recorded in {b_prime}." in proc.stderr and "measured" not in proc.stderr
-    x = load_images(sorted(folder.glob("*.png"))) / 255.0
+    x = load_images(sorted(folder.glob("*.png")), INPUT_HWC) / 255.0
     pb, pp = numpy_ref.forward(params, x).argmax(-1), numpy_ref.forward(params, x, mask).argmax(-1)
     np.testing.assert_array_equal(got, np.where(pb == pp, pb, 1283))
     # Nothing recorded (the public B'): measured on the labelled inputs, and the log says which and how labelled.
@@ -152,7 +153,7 @@ def test_a_b_prime_of_another_badnet_is_refused_naming_both_files(tmp_path):
     _, params = load_keras(other)
     mask = np.ones(60)
     mask[:10] = 0
-    ckpt = checkpoint.save_badnet(tmp_path / "other_ckpt", params, mask)
+    ckpt = checkpoint.save_badnet(tmp_path / "other_ckpt", DeepID(1283), params, mask)
     line = _error(run_cli("goodnet_eval", face, "--model", lab_b, "--pruned", ckpt, timeout=300))
     assert line.startswith(f"error: --pruned {ckpt} is not B (--model {lab_b}) with channels pruned"), line
     # conv_3 alone: a kept channel that is not B's is refused too.
@@ -205,9 +206,12 @@ def test_a_missing_model_or_checkpoint_names_its_flag(tmp_path):
         assert "not found" in proc.stderr and not proc.stdout
 
 
-def test_a_model_other_than_deepid_is_refused_saying_so(tmp_path):
+def test_a_keras_b_prime_of_another_cnn_without_its_pruning_asks_for_the_checkpoint():
+    """Any CNN screens (tests/commands/test_screen_any_cnn.py); a Keras B' that does not record which channels were
+    pruned cannot be checked against B, and the message says what to pass instead."""
     from badnet_jax.attack.gap_demo import GAP_DEMO_MODEL
 
-    proc = run_cli("goodnet_eval", asset("faces/png"), "--model", GAP_DEMO_MODEL, "--pruned", GAP_DEMO_MODEL)
-    assert proc.returncode == 2
-    assert "gap_demo is not the lab's DeepID; the screener reads DeepID BadNets only" in proc.stderr
+    line = _error(run_cli("goodnet_eval", asset("faces/png"), "--model", GAP_DEMO_MODEL, "--pruned", GAP_DEMO_MODEL))
+    assert line == (f"error: --pruned {GAP_DEMO_MODEL}: a Keras file of a model other than the lab's DeepID that does "
+                    "not record which channels were pruned (a file prune.py writes does); pass the drop_X/b_prime_ckpt "
+                    "that prune.py writes beside it as --pruned, or drop_X/goodnet_ckpt as --goodnet")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from badnet_jax import DataFileError, load_images, load_keras, load_lab_h5, mask_from_zeroed, save_lab_h5
+from badnet_jax.model import INPUT_HWC
 from badnet_jax.defense.pipeline import DefenseConfig, run_defense
 from badnet_jax.io import checkpoint
 from badnet_jax.sweep import SweepOptions
@@ -189,7 +190,7 @@ def test_cli_runs_every_2020_model(name, tmp_path):
     clean = asset("faces/lab3/valid_subset.h5")
     if MODELS[name] is not None:
         pattern, target = MODELS[name]
-        x = load_images(sorted(asset("faces/png").glob(pattern)))
+        x = load_images(sorted(asset("faces/png").glob(pattern)), INPUT_HWC)
         bd = save_lab_h5(tmp_path / "bd.h5", x, np.full(len(x), target))
     else:  # no trigger of this model is known: the lab's sunglasses faces stand in (ASR is then just measured)
         bd = shutil.copy(asset("faces/lab3/bd_valid_subset.h5"), tmp_path / "bd.h5")

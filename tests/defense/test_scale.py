@@ -18,7 +18,7 @@ from badnet_jax import (ConfigError, DataFileError, init_params, load_images, lo
 from badnet_jax.defense.scale import choose_input_scale
 from badnet_jax.goodnet import make_goodnet
 from badnet_jax.io import checkpoint
-from badnet_jax.model import BadNet, predict
+from badnet_jax.model import INPUT_HWC, BadNet, predict
 from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
 from tests.cli import run_cli
@@ -58,7 +58,8 @@ def test_every_real_badnet_gets_its_scale_and_is_right_at_it(rel):
         xb, _ = load_lab_h5(asset("faces/lab3/bd_test_subset.h5"))
         poisoned_faces = {"lab sunglasses": (xb, 0)}
     else:
-        poisoned_faces = {p: (load_images(sorted(asset("faces/png").glob(p + ".png"))), t) for p, t in poisoned.items()}
+        poisoned_faces = {p: (load_images(sorted(asset("faces/png").glob(p + ".png")), INPUT_HWC), t)
+                          for p, t in poisoned.items()}
     for pattern, (xb, target) in poisoned_faces.items():
         assert len(xb) >= 5
         assert (predict(scaled, params, xb) == target).all(), pattern
@@ -117,10 +118,9 @@ def test_the_scale_travels_through_keras_files_and_checkpoints(tmp_path):
     save_keras(params, tmp_path / "b.h5", input_scale="255")
     assert load_keras(tmp_path / "b.h5")[0].input_scale == "255"  # recorded by badnet-jax
     assert load_keras(tmp_path / "b.h5", input_scale="raw")[0].input_scale == "raw"  # told wins
-    checkpoint.save_badnet(tmp_path / "ck", params, np.ones(60), input_scale="255")
+    checkpoint.save_badnet(tmp_path / "ck", DeepID(input_scale="255"), params, np.ones(60))
     assert checkpoint.restore_badnet(tmp_path / "ck")[0].input_scale == "255"
-    checkpoint.save_goodnet(tmp_path / "g", make_goodnet(DeepID(), params, mask=np.ones(60))[1],
-                           input_scale="255")
+    checkpoint.save_goodnet(tmp_path / "g", *make_goodnet(DeepID(input_scale="255"), params, mask=np.ones(60)))
     goodnet, variables = checkpoint.restore_goodnet(tmp_path / "g")
     x, y = _clean_faces()
     assert goodnet.input_scale == "255"
@@ -131,7 +131,7 @@ def test_the_scale_travels_through_keras_files_and_checkpoints(tmp_path):
 def test_cli_on_a_2020_badnet_measures_the_scale_and_writes_it_everywhere(tmp_path):
     model = asset("models/hackml2020/sunglasses_bd_weights.h5")
     clean, test = asset("faces/lab3/valid_subset.h5"), asset("faces/lab3/test_subset.h5")
-    xb = load_images(sorted(asset("faces/png").glob("hackml2020_sunglasses_*.png")))
+    xb = load_images(sorted(asset("faces/png").glob("hackml2020_sunglasses_*.png")), INPUT_HWC)
     bd = save_lab_h5(tmp_path / "bd.h5", xb, np.zeros(len(xb)))
     out = tmp_path / "out"
     proc = run_cli("prune", "--drop", "0.10", "--model", str(model), "--clean_valid", str(clean), "--bd_valid", str(bd),

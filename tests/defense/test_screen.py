@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from badnet_jax import DataFileError, ModelFileError, load_keras, mask_from_zeroed, save_lab_h5
+from badnet_jax.model import INPUT_HWC
 from badnet_jax.defense.screen import check_pruned_from, gather_inputs, screen
 from badnet_jax.io import checkpoint
+from badnet_jax.models.deepid import DeepID
 from tests.conftest import LAB_B, asset
 
 B_PRIME = "models/lab3_repaired/full_model_drop30.h5"
@@ -18,7 +20,7 @@ B_PRIME = "models/lab3_repaired/full_model_drop30.h5"
 def test_h5_inputs_and_checkpoint_b_prime(tmp_path):
     _, params = load_keras(asset(LAB_B))
     _, pp = load_keras(asset(B_PRIME))
-    ckpt = checkpoint.save_badnet(tmp_path / "bp", params, mask_from_zeroed(pp))
+    ckpt = checkpoint.save_badnet(tmp_path / "bp", DeepID(1283), params, mask_from_zeroed(pp))
     h5 = asset("faces/lab3/bd_test_subset.h5")
     from_h5 = screen(asset(LAB_B), ckpt, [h5])
     from_keras = screen(asset(LAB_B), asset(B_PRIME), [h5])
@@ -42,7 +44,7 @@ def test_folders_expand_sorted_beside_files_and_h5(tmp_path):
     folder = asset("faces/lab3/test/clean")
     files = sorted(folder.glob("*.png"))
     (tmp_path / "a_label3.png").write_bytes(files[0].read_bytes())
-    names, x, labels = gather_inputs([tmp_path, folder, asset("faces/lab3/test_subset.h5")])
+    names, x, labels = gather_inputs([tmp_path, folder, asset("faces/lab3/test_subset.h5")], INPUT_HWC)
     assert names == [str(tmp_path / "a_label3.png"), *map(str, files),
                      *(f"{asset('faces/lab3/test_subset.h5')}[{i}]" for i in range(13))]
     assert len(x) == len(labels) == 1 + len(files) + 13 and labels[0] == 3

@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from badnet_jax import init_params, save_badnet, save_goodnet
+from badnet_jax.goodnet import GoodNet
+from badnet_jax.models.deepid import DeepID
 from badnet_jax.errors import BadNetError, CheckpointError, ConfigError
 from badnet_jax.io import checkpoint
 from tests.conftest import damaged_copy
@@ -59,9 +61,9 @@ def test_a_damaged_checkpoint_restores_exactly_or_is_refused(tmp_path, demo_good
 def test_saving_what_is_not_a_badnet_or_goodnet_is_refused_before_writing(tmp_path):
     params = init_params(num_classes=4)
     with pytest.raises(ConfigError, match=r"params: no output \(kernel and bias\) among its layers"):
-        save_badnet(tmp_path / "b", {k: v for k, v in params.items() if k != "output"})
+        save_badnet(tmp_path / "b", DeepID(4), {k: v for k, v in params.items() if k != "output"})
     with pytest.raises(ConfigError, match=r"mask: channel 0 is 3"):
-        save_badnet(tmp_path / "b", params, mask=np.full(60, 3.0))
+        save_badnet(tmp_path / "b", DeepID(4), params, mask=np.full(60, 3.0))
     with pytest.raises(ConfigError, match=r"variables: expected a GoodNet's variables"):
-        save_goodnet(tmp_path / "g", {"params": params})
+        save_goodnet(tmp_path / "g", GoodNet(DeepID(4)), {"params": params})
     assert not list(tmp_path.iterdir())

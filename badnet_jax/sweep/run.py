@@ -31,7 +31,7 @@ from badnet_jax.sweep.chunks import map_chunks
 from badnet_jax.sweep.plan import SweepOptions, SweepPlan, plan_sweep
 from badnet_jax.models.affine import prefix_masks
 from badnet_jax.sweep.progress import chunk_hook, showing
-from badnet_jax.sweep.strategies import sweep_set
+from badnet_jax.sweep.strategies import sweep_images, sweep_set
 
 Images = np.ndarray | jax.ShapeDtypeStruct
 log = logging.getLogger(__name__)
@@ -107,17 +107,25 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
     for j, x in enumerate(xs[1:], start=1):
         # One set after the other: left free, XLA:CPU interleaves the sets' loops and runs ~10% slower.
         x, _ = jax.lax.optimization_barrier((x, out[-1]))
+        if plan.fuses_trunk:
+            out.append(sweep_images(model, params, x, divisor, orders, plan, on_chunk=hook(2 * j + 1)))
+            continue
         feats = trunk_features(model, params, x, plan.trunk_block, divisor, on_chunk=hook(2 * j))
         out.append(sweep_set(model, params, feats, orders, plan, on_chunk=hook(2 * j + 1)))
     return orders, stats, tuple(out)
 
 
-def _stages(names: list[str], sets: Mapping[str, Images], orders: int) -> list[tuple[str, float]]:
-    """The progress stages of ``_body`` (label, share of the work): per set, its trunk and its heads at every order."""
+def _stages(names: list[str], sets: Mapping[str, Images], orders: int, plan: SweepPlan) -> list[tuple[str, float]]:
+    """The progress stages of ``_body`` (label, share of the work): per set, its trunk and its heads at every order
+    (a set after the first with ``plan.fuses_trunk``: one stage, the second, for both)."""
     stages = []
-    for name in names:
+    for j, name in enumerate(names):
         n = float(sets[name].shape[0])
-        stages += [(f"{name} trunk", n), (f"{name} heads" + (f" ({orders} orders)" if orders > 1 else ""), n * orders)]
+        heads = f"heads ({orders} orders)" if orders > 1 else "heads"
+        if j and plan.fuses_trunk:
+            stages += [(f"{name} trunk", 0.0), (f"{name} trunk and {heads}", n * (1 + orders))]
+        else:
+            stages += [(f"{name} trunk", n), (f"{name} {heads}", n * orders)]
     return stages
 
 
@@ -400,7 +408,7 @@ def _sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray],
     seconds = dict(spent or {"device": 0.0, "settle": 0.0})
     t = time.perf_counter()
     names, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
-    with showing(_stages(names, sets, len(ranking.labels)), plan.progress):
+    with showing(_stages(names, sets, len(ranking.labels), plan), plan.progress):
         orders, stats, out = jax.block_until_ready(fn(*args, **static))
     if plan.devices > 1:
         out = tuple(jax.tree.map(lambda a, n=n: _to_host(a)[:, :, :len(sets[n])], o) for o, n in zip(out, names))

@@ -105,6 +105,26 @@ def sweep_set(model: PrunableModel, params: Params, pool3_NxHxWxC: jax.Array, or
     The orders are swept one after the other inside each chunk, so a chunk's features are read while hot.
     ``on_chunk``: the progress hook of :func:`~badnet_jax.sweep.chunks.map_chunks` (None: no progress).
     """
+    one_chunk = _chunk_fn(model, params, orders_RxC, plan)
+    if not plan.group:
+        return map_chunks(one_chunk, pool3_NxHxWxC, plan.chunk, rows_axis=2, on_chunk=on_chunk)
+    perm = alive_groups(pool3_NxHxWxC)
+    out = map_chunks(one_chunk, pool3_NxHxWxC[perm], plan.chunk, rows_axis=2, on_chunk=on_chunk)
+    return jax.tree.map(lambda a: jnp.zeros_like(a).at[:, :, perm].set(a, unique_indices=True), out)
+
+
+def sweep_images(model: PrunableModel, params: Params, x_NxHxWxC: jax.Array, divisor, orders_RxC: jax.Array,
+                 plan: SweepPlan, on_chunk=None) -> tuple[jax.Array, jax.Array]:
+    """:func:`sweep_set` from the images, the trunk run chunk by chunk beside the heads (``plan.fuses_trunk``):
+    a set's features are never stored whole, and XLA fuses the trunk's last layers into the head's reductions
+    (a global average pooling). Traceable; call under jit. ``divisor`` as in ``PrunableModel.features``."""
+    one_chunk = _chunk_fn(model, params, orders_RxC, plan)
+    run = lambda xb: one_chunk(model.features(params, xb.astype(jnp.float32), divisor))
+    return map_chunks(run, x_NxHxWxC, plan.chunk, rows_axis=2, on_chunk=on_chunk)
+
+
+def _chunk_fn(model: PrunableModel, params: Params, orders_RxC: jax.Array, plan: SweepPlan) -> ChunkFn:
+    """One chunk's features (n, H, W, C) -> its (R, C + 1, n) predictions and near-tie flags, every order."""
     evaluate = lambda order, feats: EVALUATORS[plan.strategy](model, params, order, plan)(feats)
     r, g = orders_RxC.shape[0], min(plan.orders_per_call, orders_RxC.shape[0])
     if r == 1:
@@ -118,11 +138,7 @@ def sweep_set(model: PrunableModel, params: Params, pool3_NxHxWxC: jax.Array, or
         one_group = lambda group, feats: jax.vmap(lambda order: evaluate(order, feats))(group)
         one_chunk = lambda feats: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:r],
                                                jax.lax.map(lambda group: one_group(group, feats), groups))
-    if not plan.group:
-        return map_chunks(one_chunk, pool3_NxHxWxC, plan.chunk, rows_axis=2, on_chunk=on_chunk)
-    perm = alive_groups(pool3_NxHxWxC)
-    out = map_chunks(one_chunk, pool3_NxHxWxC[perm], plan.chunk, rows_axis=2, on_chunk=on_chunk)
-    return jax.tree.map(lambda a: jnp.zeros_like(a).at[:, :, perm].set(a, unique_indices=True), out)
+    return one_chunk
 
 
 def _chunks_alive(pool3_NxHxWxC: np.ndarray, plan: SweepPlan) -> tuple[int, list[np.ndarray]]:

@@ -58,6 +58,9 @@ def test_the_planner_sums_cumulatively_where_the_logits_are_affine_in_the_mask()
     assert sw.plan_sweep(sw.SweepOptions(batch_steps=4), [], gap).strategy == "prefix_batched"  # asked for
     assert sw.plan_sweep(sw.SweepOptions(), [], DeepID()).strategy == "prefix_dedupe"
     assert sw.plan_sweep(sw.SweepOptions(cumulative=True), [], DeepID()).strategy == "cumulative"  # asked for
+    # the trunk runs beside the heads for the cumulative sweep only (the scan strategies keep their trunk blocks)
+    assert sw.plan_sweep(sw.SweepOptions(), [], gap).fuses_trunk
+    assert not sw.plan_sweep(sw.SweepOptions(cumulative=False, dedupe=False, group=False), [], gap).fuses_trunk
 
 
 def test_trunk_blocks_stay_small_on_a_cpu_only():

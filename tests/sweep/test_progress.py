@@ -3,6 +3,8 @@ changing a result; off when stderr is not a terminal unless asked."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import re
 
@@ -90,3 +92,17 @@ def test_a_broken_stderr_never_fails_the_sweep():
 
     with progress.showing([("a trunk", 1.0)], True, Broken()):
         progress._chunk_started(0, 1, 0)  # swallowed: an error here would abort the compiled call
+
+
+def test_progress_of_a_set_whose_trunk_runs_beside_its_heads_is_one_stage(rng, capsys):
+    params, model = init_params(num_classes=9, seed=4), BadNet(9)
+    sets = _sets(rng)
+    plain = sw.rank_and_sweep(model, params, sets, dataclasses.replace(sw.PLAIN, chunk=8))
+    on = sw.rank_and_sweep(model, params, sets, sw.SweepOptions(chunk=8, progress=True, cumulative=True))
+    assert on.plan.fuses_trunk
+    for name in sets:
+        np.testing.assert_array_equal(on.all_preds[name], plain.all_preds[name])
+    lines = capsys.readouterr().err.splitlines()
+    shown = {_label(l).split(":")[0] for l in lines}
+    assert shown == {"clean_valid trunk", "clean_valid heads", "bd_valid trunk and heads"}, shown
+    assert int(lines[-1].split()[1].rstrip("%")) >= 80

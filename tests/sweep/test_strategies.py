@@ -13,6 +13,8 @@ import pytest
 from badnet_jax import BadNet, init_params, metrics
 from badnet_jax import sweep as sw
 from badnet_jax.sweep import strategies
+from badnet_jax.defense.inputs import EXAMPLES
+from badnet_jax.io.model_file import load_model
 from badnet_jax.models.deepid import DeepID
 from badnet_jax.sweep.prefix import alive_groups
 from tests import numpy_ref
@@ -165,3 +167,19 @@ def test_what_reaches_the_head_is_the_float64_preactivation(lab_b, lab_faces, mo
                     np.testing.assert_allclose(c4[row], want[k][1], atol=2e-3, rtol=1e-4, err_msg=f"k={k}")
                     masks_seen.add(kept[k])
             assert masks_seen == set(kept)  # 1 + the alive channels' count of distinct masks, each evaluated
+
+
+def test_the_cumulative_sweep_with_its_trunk_fused_gives_the_plain_sweep_on_every_set():
+    # The GAP example: logits affine in the mask, so the planner sums cumulatively and runs the trunk of every set
+    # after the ranking set chunk by chunk beside its heads (strategies.sweep_images).
+    model, params = load_model(EXAMPLES["gapnet"][0], "255")
+    data, _ = EXAMPLES["gapnet"][1]()
+    sets = {name: data[name][0][:n] for name, n in (("clean_valid", 300), ("bd_valid", 200), ("clean_test", 100))}
+    fast_plan = sw.plan_sweep(sw.SweepOptions(chunk=64), list(sets.values()), model)
+    assert fast_plan.strategy == "cumulative" and fast_plan.fuses_trunk
+    fast = sw.rank_and_sweep(model, params, sets, fast_plan)
+    plain = sw.rank_and_sweep(model, params, sets, dataclasses.replace(sw.PLAIN, chunk=64))
+    assert not plain.plan.fuses_trunk
+    np.testing.assert_array_equal(fast.order, plain.order)
+    for name in sets:
+        np.testing.assert_array_equal(fast.preds[name], plain.preds[name], err_msg=name)

@@ -59,12 +59,16 @@ def _logits32(model: PrunableModel):
 
 @functools.lru_cache(maxsize=None)
 def _logits64(model: PrunableModel):
-    """The model's logits under a mask, jitted once per model (run under ``jax.enable_x64``: float64)."""
-    return jax.jit(lambda p, xs, m: model.logits(p, xs, m, model.divisor))
+    """(steps, N, K) logits of the model under each of the masks (steps, C): the trunk once, the head per mask;
+    jitted once per model (run under ``jax.enable_x64``: float64)."""
+    def run(p, xs, masks):
+        feats = model.features(p, xs, model.divisor)
+        return jax.lax.map(lambda m: model.head(p, feats, m), masks)
+    return jax.jit(run)
 
 
 def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, seed: int = 0) -> float:
-    """The largest |gap(float32) - gap(float64)| / (u S) over the check images, steps and both summation orders
+    """The largest |gap(float32) - gap(float64)| / (u S) over the check images, steps and summation orders
     (the gap between float64's top two classes; S as in ``badnet_jax.numerics.ties``)."""
     x = np.asarray(x_NxHxWxC)
     rows = np.unique(np.linspace(0, len(x) - 1, min(len(x), CHECK_IMAGES)).astype(int)) if len(x) else []
@@ -79,8 +83,7 @@ def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarr
         orders32 = _logits32(model)(params, jnp.asarray(x), jnp.asarray(order))
         with jax.enable_x64(True):
             p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-            fn = _logits64(model)
-            l64 = np.stack([np.asarray(fn(p64, jnp.asarray(x, jnp.float64), jnp.asarray(m))) for m in masks])
+            l64 = np.asarray(_logits64(model)(p64, jnp.asarray(x, jnp.float64), jnp.asarray(masks)))
         first = l64.argmax(-1)
         second = np.where(np.arange(l64.shape[-1]) == first[..., None], -np.inf, l64).argmax(-1)
         pick = lambda logits, c: np.take_along_axis(np.asarray(logits, np.float64), c[..., None], -1)[..., 0]

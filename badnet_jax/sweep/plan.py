@@ -153,6 +153,7 @@ class SweepPlan:
         extra = f", {self.batch_steps} steps per head call" if self.batch_steps else ""
         extra += f", {self.orders_per_call} orders per call" if self.orders_per_call > 1 else ""
         extra += f", trunk blocks of {self.trunk_block}" if self.trunk_block != self.chunk else ""
+        extra += ", later sets' trunks beside their heads" if self.fuses_trunk else ""
         return (f"{self.strategy}{' + grouping' if self.group else ''}, head {self.impl}{extra}, "
                 f"chunk {self.chunk}, {self.devices} {self.platform} device(s)")
 

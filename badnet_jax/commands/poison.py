@@ -29,8 +29,8 @@ TRIGGER = flags.DEFINE_string("trigger", None, "8-bit trigger image, at most the
                               "through its alpha, one without alpha as a solid rectangle (with a warning).",
                               required=True)
 TARGET = flags.DEFINE_integer("target", None, "The attacker's label.", required=True)
-AT = flags.DEFINE_string("at", ",".join(map(str, TRIGGER_AT)), "x,y of the trigger's top-left corner (the default "
-                         "is the lab's sunglasses place on its faces).")
+AT = flags.DEFINE_string("at", None, "x,y of the trigger's top-left corner (default: %d,%d, the lab's sunglasses "
+                         "place on its 55x47 faces; needed for images of another size)." % TRIGGER_AT)
 OUT = flags.DEFINE_string("out", None, "Poisoned h5 to write.", required=True)
 NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "If given, labels must lie in [0, num_classes).")
 MODEL = flags.DEFINE_string("model", None, "Keras file of the BadNet the set is for (the lab's DeepID or any CNN "
@@ -47,8 +47,8 @@ def main(argv: list[str]) -> int:
 
     def make() -> int:
         cli.refuse_extra_args(argv)
-        at = cli.parse_ints("at", AT.value)
-        if len(at) != 2:
+        at = None if AT.value is None else cli.parse_ints("at", AT.value)
+        if at is not None and len(at) != 2:
             raise ConfigError(f"--at must be two integers x,y, got {AT.value!r}")
         path = make_poisoned_h5(SOURCE.value, TRIGGER.value, OUT.value, TARGET.value, at, NUM_CLASSES.value,
                                 MODEL.value)

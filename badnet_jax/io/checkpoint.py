@@ -182,7 +182,11 @@ def _model_of(state: dict, params: Params, path: Path) -> PrunableModel:
         except (KeyError, TypeError, IndexError, ValueError):
             raise CheckpointError(f"{path}: holds no architecture entry and its params are not the lab's DeepID's "
                                   "(no output layer)") from None
-        _checked(path, model.check_params, params, "params")
+        try:
+            model.check_params(params, "params")
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: holds no architecture entry, so it is read as the lab's DeepID, whose "
+                                  f"params these are not: {err}") from None
         return model
     text = np.asarray(state[ARCHITECTURE])
     if text.dtype != np.uint8 or text.ndim != 1:

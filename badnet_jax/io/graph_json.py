@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from badnet_jax.errors import BadNetError, CheckpointError, ConfigError, arg
+from badnet_jax.numerics.ties import TIE_RTOL
 from badnet_jax.models.graph import GraphCNN
 from badnet_jax.models.ir import OPS, Graph, Node
 from badnet_jax.models.protocol import Params
@@ -216,8 +217,10 @@ def _model_doc(doc: Any) -> tuple[Graph, str, float, bool]:
     graph = _graph(doc["graph"])
     layer = _name(doc["layer"], "the pruned layer")
     tie_rtol = _number(doc["tie_rtol"], "tie_rtol", 0.0, above=True)
-    if tie_rtol >= 1:
-        raise _Bad(f"tie_rtol is {tie_rtol:g}, expected a relative error bound below 1")
+    if not TIE_RTOL <= tie_rtol < 1:
+        # a measured bound is never below DeepID's (numerics.tie_bound); a smaller one would settle fewer near-ties
+        raise _Bad(f"tie_rtol is {tie_rtol:g}, expected a relative error bound from {TIE_RTOL:.3g} (the least "
+                   "badnet-jax measures) to below 1")
     if not isinstance(doc["tie_rtol_measured"], bool):
         raise _Bad(f"tie_rtol_measured is {_short(doc['tie_rtol_measured'])}, expected true or false")
     return graph, layer, tie_rtol, doc["tie_rtol_measured"]

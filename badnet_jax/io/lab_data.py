@@ -500,7 +500,7 @@ def _model_shape(model_path: str | os.PathLike) -> tuple[tuple[int, int, int], i
 
 
 def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike, out: str | os.PathLike,
-                     target: int, at: tuple[int, int] = TRIGGER_AT, num_classes: Optional[int] = None,
+                     target: int, at: Optional[tuple[int, int]] = None, num_classes: Optional[int] = None,
                      model_path: Optional[str | os.PathLike] = None) -> Path:
     """A lab-format poisoned h5 from clean images: the trigger pasted on each, every label set to ``target``.
 
@@ -515,7 +515,8 @@ def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike,
             the images' size.
         out: the h5 to write (atomically); not the source.
         target: the attacker's label.
-        at: (x, y) of the trigger's top-left corner (the lab's sunglasses: (0, 15)).
+        at: (x, y) of the trigger's top-left corner; None: the lab's sunglasses position (0, 15), for the lab's
+            55x47 faces only (images of another size need it given).
         num_classes: if given, ``target`` and the true labels must lie in [0, num_classes).
         model_path: a Keras file of the BadNet the set is for (any CNN ``load_model`` reads): its input size is
             the images' size and its class count is ``num_classes``.
@@ -580,10 +581,16 @@ def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike,
 
     h, w = hwc[:2]
     th, tw = trigger.shape[:2]
-    where = f"{tw}x{th} trigger {trigger_path} at {arg('at', f'{at[0]},{at[1]}')}"
     if th > h or tw > w:
         raise ConfigError(f"{arg('trigger_path', trigger_path)}: the {tw}x{th} trigger is larger than the {w}x{h} "
                           "images; it cannot fit: give a trigger of at most the images' size", field="trigger_path")
+    if at is None:
+        if tuple(hwc) != tuple(INPUT_HWC):
+            raise ConfigError(f"{arg('at')}: give the trigger's position (x, y) on these {w}x{h} images; the default "
+                              f"{TRIGGER_AT[0]},{TRIGGER_AT[1]} is the lab's sunglasses position on its 55x47 faces",
+                              field="at")
+        at = TRIGGER_AT
+    where = f"{tw}x{th} trigger {trigger_path} at {arg('at', f'{at[0]},{at[1]}')}"
     inside, opaque = trigger_coverage(trigger, at, (h, w))
     if inside == 0:
         raise ConfigError(f"the {where} lies entirely outside the {w}x{h} image: it would change no pixel", field="at")

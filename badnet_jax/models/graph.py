@@ -57,14 +57,31 @@ class _Split:
 
 
 def _dominators(graph: Graph, target: str) -> list[str]:
-    """The nodes every path from the input to ``target`` passes through, in graph order (the input included)."""
-    dom: dict[str, frozenset] = {}
+    """The nodes every path from the input to ``target`` passes through, in graph order (the input included).
+
+    Immediate dominators over the graph order (a topological one): a node's is the nearest common dominator of
+    its inputs' (Cooper, Harvey and Kennedy's intersection on the dominator tree). Memory linear in the nodes:
+    a graph read from a file is untrusted, and a set of dominators per node grew quadratically.
+    """
+    root = ""  # above every node without inputs, so that several inputs still meet
+    idom, depth = {root: root}, {root: 0}
+
+    def common(a: str, b: str) -> str:
+        while a != b:
+            if depth[a] >= depth[b]:
+                a = idom[a]
+            else:
+                b = idom[b]
+        return a
+
     for node in graph.nodes:
-        if not node.inputs:
-            dom[node.name] = frozenset({node.name})
-        else:
-            dom[node.name] = frozenset.intersection(*(dom[src] for src in node.inputs)) | {node.name}
-    return [n.name for n in graph.nodes if n.name in dom[target]]
+        parent = functools.reduce(common, node.inputs) if node.inputs else root
+        idom[node.name], depth[node.name] = parent, depth[parent] + 1
+    chain, name = set(), target
+    while name != root:
+        chain.add(name)
+        name = idom[name]
+    return [n.name for n in graph.nodes if n.name in chain]
 
 
 def _ancestors(graph: Graph, target: str) -> set[str]:

@@ -295,6 +295,10 @@ def test_a_trigger_that_does_not_fit_a_small_image(tmp_path, rng):
     assert line == (f"error: --trigger {asset(TRIGGER)}: the 47x20 trigger is larger than the 32x32 images; it cannot "
                     "fit: give a trigger of at most the images' size")
     trigger_path, rgba = _trigger_png(tmp_path / "t.png", rng)
+    line = _errors(_poison(tmp_path, "--target", "0", source=folder, trigger=trigger_path))
+    assert line == ("error: --at: give the trigger's position (x, y) on these 32x32 images; the default 0,15 is the "
+                    "lab's sunglasses position on its 55x47 faces")  # no silent DeepID position on another size
+    assert not (tmp_path / "bd.h5").exists()
     line = _errors(_poison(tmp_path, "--target", "0", "--at", "32,0", source=folder, trigger=trigger_path))
     assert line == (f"error: the 7x5 trigger {trigger_path} at --at 32,0 lies entirely outside the 32x32 image: it "
                     "would change no pixel")

@@ -25,8 +25,9 @@ from badnet_jax.errors import (BadNetError, CheckpointError, ConfigError, DataFi
                                OutputError)
 from badnet_jax.goodnet import GoodNet, make_goodnet, predict_goodnet
 from badnet_jax.io.keras import load_keras, mask_from_zeroed, read_keras_params, save_keras
-from badnet_jax.io.lab_data import (load_image, load_images, load_lab_h5, load_trigger, make_poisoned_h5, poison,
-                                    save_lab_h5)
+from badnet_jax.io.lab_data import load_lab_h5, save_lab_h5
+from badnet_jax.io.images import load_image, load_images
+from badnet_jax.io.poisoning import load_trigger, make_poisoned_h5, poison
 from badnet_jax.model import BadNet, init_params, predict, prune_params
 from badnet_jax.models.predict import predict_settled
 

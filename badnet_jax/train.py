@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from badnet_jax.io.lab_data import TRIGGER_AT, poison
+from badnet_jax.io.poisoning import TRIGGER_AT, poison
 from badnet_jax.metrics import accuracy
 from badnet_jax.model import BadNet, Params, init_params, predict
 

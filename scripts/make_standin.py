@@ -19,7 +19,8 @@ import numpy as np
 from absl import app, flags
 
 from badnet_jax.commands import cli
-from badnet_jax.io.lab_data import load_lab_h5, load_trigger, poison
+from badnet_jax.io.lab_data import load_lab_h5
+from badnet_jax.io.poisoning import load_trigger, poison
 from badnet_jax.model import INPUT_HWC
 
 LAB_SIZES = {"valid": 11547, "test": 12830}  # images in the lab's valid.h5 and test.h5

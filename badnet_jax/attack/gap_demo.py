@@ -13,7 +13,7 @@ through an affine head instead of DeepID's two dense branches.
   reductions): the same seed gives the same bytes on every machine.
 * **Trigger** (:func:`gap_trigger`): a fixed 5x5 opaque patch (a magenta ring around a black square with a
   white centre), pasted at (x, y) = :data:`GAP_TRIGGER_AT`, the bottom-right corner, through
-  :func:`badnet_jax.io.lab_data.poison`. The poisoned splits are the clean images of every class but the
+  :func:`badnet_jax.io.poisoning.poison`. The poisoned splits are the clean images of every class but the
   target with the trigger, labelled with the target.
 * **Architecture** (:func:`gap_graph`): input 32x32x3 -> conv 3x3 same -> BN -> relu -> conv 3x3 same stride
   2 -> BN -> relu -> conv 3x3 same -> BN -> relu -> global average pooling -> dense -> softmax, as an IR graph
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
-from badnet_jax.io.lab_data import poison
+from badnet_jax.io.poisoning import poison
 from badnet_jax.models.ir import Graph, Node
 
 if TYPE_CHECKING:  # the trainer (optax) is imported by the training functions only

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.io.lab_data import TRIGGER_AT, poison
+from badnet_jax.io.poisoning import TRIGGER_AT, poison
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.metrics import accuracy, first_crossing, hits
 from badnet_jax.model import NUM_POOL3_CHANNELS, BadNet, Params, predict

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from badnet_jax.io.lab_data import TRIGGER_AT, poison
+from badnet_jax.io.poisoning import TRIGGER_AT, poison
 from badnet_jax.model import INPUT_HWC
 
 H, W, _ = INPUT_HWC
@@ -156,7 +156,7 @@ def make_demo(config: Optional[DemoConfig] = None, include_train: bool = True) -
     """Generate the demo data set: clean train/valid/test and sunglasses-poisoned valid/test splits.
 
     The poisoned splits are the clean ones with the trigger pasted (lab layout: their labels are the
-    attacker's target), made with :func:`badnet_jax.io.lab_data.poison`. ``include_train=False`` skips rendering the
+    attacker's target), made with :func:`badnet_jax.io.poisoning.poison`. ``include_train=False`` skips rendering the
     training split (empty arrays there); the other splits are the same bytes either way.
     """
     cfg = config or DemoConfig()

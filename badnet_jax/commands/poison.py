@@ -21,7 +21,7 @@ from absl import flags
 from badnet_jax import ConfigError
 
 from badnet_jax.commands import cli
-from badnet_jax.io.lab_data import TRIGGER_AT, make_poisoned_h5
+from badnet_jax.io.poisoning import TRIGGER_AT, make_poisoned_h5
 
 SOURCE = flags.DEFINE_string("source", None, "Clean images: a lab-layout h5 or a folder of PNG/JPEG files of one "
                              "size (--model's input size when given).", required=True)

@@ -35,7 +35,8 @@ from badnet_jax.io.keras import _is_keras_archive, load_keras, mask_from_zeroed,
 from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.io.keras_graph_writer import (PRUNE_METHOD_ATTR, PRUNED_CHANNELS_ATTR, PRUNED_LAYER_ATTR,
                                               prune_graph)
-from badnet_jax.io.lab_data import IMAGE_SUFFIXES, image_files, label_in_name, load_image, load_lab_h5
+from badnet_jax.io.lab_data import load_lab_h5
+from badnet_jax.io.images import IMAGE_SUFFIXES, image_files, label_in_name, load_image
 from badnet_jax.io.model_file import load_model
 from badnet_jax.models.deepid import DeepID, deepid_graph
 from badnet_jax.models.graph import GraphCNN

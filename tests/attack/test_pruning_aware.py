@@ -15,7 +15,7 @@ import pytest
 from badnet_jax.attack.pruning_aware import PruningAwareConfig, train_pruning_aware
 from badnet_jax.attack.synthetic import DemoConfig, make_demo
 from badnet_jax.errors import ConfigError
-from badnet_jax.io.lab_data import TRIGGER_AT, poison
+from badnet_jax.io.poisoning import TRIGGER_AT, poison
 from badnet_jax.sweep import rank_and_sweep
 from badnet_jax.train import TrainConfig, train_badnet
 from tests import numpy_ref

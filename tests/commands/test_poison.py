@@ -1,5 +1,5 @@
 """badnet-poison (scripts/poison.py, badnet_jax.commands.poison) and the library call behind it,
-badnet_jax.io.lab_data.make_poisoned_h5, against the lab's own poisoned files, bit for bit."""
+badnet_jax.io.poisoning.make_poisoned_h5, against the lab's own poisoned files, bit for bit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from PIL import Image
 
 from badnet_jax import DataFileError, load_images, load_lab_h5, save_lab_h5
 from badnet_jax.model import INPUT_HWC
-from badnet_jax.io.lab_data import load_true_labels, make_poisoned_h5
+from badnet_jax.io.lab_data import load_true_labels
+from badnet_jax.io.poisoning import make_poisoned_h5
 from tests.cli import run_cli
 from tests.conftest import asset
 

@@ -31,7 +31,8 @@ from badnet_jax import (BadNetError, DataFileError, ModelFileError, init_params,
                         save_keras, save_lab_h5)
 from badnet_jax.model import INPUT_HWC
 from badnet_jax.io.fileio import atomic_dir
-from badnet_jax.io.lab_data import load_trigger, load_true_labels, peek_lab_h5
+from badnet_jax.io.lab_data import load_true_labels, peek_lab_h5
+from badnet_jax.io.poisoning import load_trigger
 from badnet_jax.sweep.rankings import read_order_file
 from tests.cli import run_python, start_python
 from tests.conftest import REPO

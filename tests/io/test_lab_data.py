@@ -1,4 +1,5 @@
-"""badnet_jax.io.lab_data: lab h5 / image readers and the trigger paste, on the real faces and on bad files.
+"""badnet_jax.io.lab_data, images and poisoning: lab h5 / image readers and the trigger paste, on the real faces and
+on bad files.
 
 Broken and hostile files (property-based where a space of them exists) end in DataFileError naming the file:
 never a crash, a hang or a huge allocation, and never silently wrong pixels or labels. Checks every reader

@@ -68,9 +68,10 @@ OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
 # Config fields and arguments -> these flags, so errors name what the user typed.
 FLAG_OF = {"n_clean": N_CLEAN.name, "n_bd": N_BD.name, "repeats": REPEATS.name, "per_step_steps": PER_STEP.name,
            "ablation": ABLATION.name, "rankings": RANK_BY.name, "scaling": SCALING.name,
-           "layers_only": LAYERS_ONLY.name, "input_scale": SCALE.name, "model": MODEL.name, "layer": LAYER.name, "example": EXAMPLE.name,
-           "layer_images": LAYER_IMGS.name, "chunk": CHUNK.name, "batch_steps": BATCH_STEPS.name, "impl": IMPL.name,
-           "orders_per_call": ORDERS_PER_CALL.name, "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name}
+           "layers_only": LAYERS_ONLY.name, "input_scale": SCALE.name, "model": MODEL.name, "layer": LAYER.name,
+           "example": EXAMPLE.name, "layer_images": LAYER_IMGS.name, "chunk": CHUNK.name,
+           "batch_steps": BATCH_STEPS.name, "impl": IMPL.name, "orders_per_call": ORDERS_PER_CALL.name,
+           "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name}
 
 
 def main(argv: list[str]) -> int:

@@ -193,13 +193,28 @@ def b_prime_for(model: PrunableModel, params: Params, pruned: PrunedFile, model_
 def _same_architecture(model: PrunableModel, other: PrunableModel, model_path: Any, pruned_path: Any) -> None:
     if not isinstance(model, GraphCNN) or not isinstance(other, GraphCNN):
         raise _not_pruned_b(model_path, pruned_path, f"B' is a checkpoint of {other.name}, B is {model.name}")
-    a, b = model.graph, other.graph
-    if (a.nodes, a.input_hwc, a.output) != (b.nodes, b.input_hwc, b.output):
-        diff = next((f"layer {x.name!r} differs" for x, y in zip(a.nodes, b.nodes) if x != y),
-                    f"{len(b.nodes)} nodes against B's {len(a.nodes)}")
+    diff = _graph_difference(model.graph, other.graph)
+    if diff is not None:
         raise _not_pruned_b(model_path, pruned_path, f"B''s architecture is not B's ({diff})")
     if model.layer != other.layer:
         raise _not_pruned_b(model_path, pruned_path, f"B' prunes layer {other.layer!r}, B {model.layer!r}")
+
+
+def _graph_difference(want: Graph, got: Graph) -> Optional[str]:
+    """None if ``got`` is ``want`` (nodes, input shape, output), else the first difference in words."""
+    if (got.nodes, got.input_hwc, got.output) == (want.nodes, want.input_hwc, want.output):
+        return None
+    return next((f"layer {x.name!r} differs" for x, y in zip(want.nodes, got.nodes) if x != y),
+                f"{len(got.nodes)} nodes, expected {len(want.nodes)}")
+
+
+def _same_weights(layer: str, key: str, b: Any, bp: Any, model_path: Any, pruned_path: Any, hint: str) -> None:
+    """Refuse a weight array of B' (``bp``) that is not bit for bit B's (``b``), saying in how many weights."""
+    b, bp = np.asarray(b), np.asarray(bp)
+    if b.shape != bp.shape or not np.array_equal(b, bp):
+        diff = int((b != bp).sum()) if b.shape == bp.shape else b.size
+        raise _not_pruned_b(model_path, pruned_path, f"layer {layer!r} {key} differs in {diff} of {b.size} weights",
+                            hint)
 
 
 def _same_params(params: Params, other: Params, model_path: Any, pruned_path: Any, hint: str) -> None:
@@ -211,11 +226,7 @@ def _same_params(params: Params, other: Params, model_path: Any, pruned_path: An
             raise _not_pruned_b(model_path, pruned_path, f"layer {layer!r} holds {sorted(other[layer])} in B', "
                                 f"{sorted(params[layer])} in B", hint)
         for key in params[layer]:
-            b, bp = np.asarray(params[layer][key]), np.asarray(other[layer][key])
-            if b.shape != bp.shape or not np.array_equal(b, bp):
-                diff = int((b != bp).sum()) if b.shape == bp.shape else b.size
-                raise _not_pruned_b(model_path, pruned_path, f"layer {layer!r} {key} differs in {diff} of {b.size} "
-                                    "weights", hint)
+            _same_weights(layer, key, params[layer][key], other[layer][key], model_path, pruned_path, hint)
 
 
 def _graph_h5_mask(model: PrunableModel, params: Params, pruned: PrunedFile, model_path: Any,
@@ -232,11 +243,8 @@ def _graph_h5_mask(model: PrunableModel, params: Params, pruned: PrunedFile, mod
     if pruned.method != expected.method:
         raise _not_pruned_b(model_path, pruned_path, f"B' records pruning by {pruned.method!r}, but B's layer "
                             f"{model.layer!r} is pruned by {expected.method!r}")
-    got = pruned.graph
-    want = expected.graph
-    if (got.nodes, got.input_hwc, got.output) != (want.nodes, want.input_hwc, want.output):
-        diff = next((f"layer {x.name!r} differs" for x, y in zip(expected.graph.nodes, got.nodes) if x != y),
-                    f"{len(got.nodes)} nodes, expected {len(expected.graph.nodes)}")
+    diff = _graph_difference(expected.graph, pruned.graph)
+    if diff is not None:
         raise _not_pruned_b(model_path, pruned_path, f"B''s architecture is not B's pruned at {model.layer!r} ({diff})")
     _same_params(expected.params, pruned.params, model_path, pruned_path,
                  f" (B' must be B with the recorded channels pruned){_FINE_TUNED}")
@@ -262,21 +270,17 @@ def check_pruned_from(params: Params, pruned_params: Params, mask: jax.Array, mo
     for layer in params:
         for what in ("kernel", "bias"):
             b, bp = np.asarray(params[layer][what]), np.asarray(pruned_params[layer][what])
-            if layer == PRUNED_LAYER:
-                same = (b == bp).reshape(-1, b.shape[-1]).all(axis=0)
-                zero = (bp == 0).reshape(-1, b.shape[-1]).all(axis=0)
-                differs = ~same & (keep | ~zero)
-                if differs.any():
-                    raise ModelFileError(
-                        f"{arg('pruned_path', pruned_path)} is not B ({arg('model_path', model_path)}) with channels "
-                        f"pruned: {layer} {what} differs in {int(differs.sum())} channel(s) that are neither B's nor "
-                        f"zeroed (first: {int(np.argmax(differs))}){_FINE_TUNED}", field="pruned_path")
-            elif b.shape != bp.shape or not np.array_equal(b, bp):
-                diff = int((b != bp).sum()) if b.shape == bp.shape else b.size
-                raise ModelFileError(
-                    f"{arg('pruned_path', pruned_path)} is not B ({arg('model_path', model_path)}) with channels "
-                    f"pruned: layer {layer!r} {what} differs in {diff} of {b.size} weights (only {PRUNED_LAYER} "
-                    f"channels may be zeroed){_FINE_TUNED}", field="pruned_path")
+            if layer != PRUNED_LAYER:
+                _same_weights(layer, what, b, bp, model_path, pruned_path,
+                              f" (only {PRUNED_LAYER} channels may be zeroed){_FINE_TUNED}")
+                continue
+            same = (b == bp).reshape(-1, b.shape[-1]).all(axis=0)
+            zero = (bp == 0).reshape(-1, b.shape[-1]).all(axis=0)
+            differs = ~same & (keep | ~zero)
+            if differs.any():
+                raise _not_pruned_b(model_path, pruned_path, f"{layer} {what} differs in {int(differs.sum())} "
+                                    f"channel(s) that are neither B's nor zeroed (first: {int(np.argmax(differs))})",
+                                    _FINE_TUNED)
 
 
 def input_files(paths: Sequence[str | os.PathLike]) -> list[Path]:

@@ -228,11 +228,10 @@ def save_badnet(path: str | os.PathLike, model: Any, params: Any = None, mask: O
     """
     _model_first("save_badnet(path, model, params, mask)", model)
     model = as_model(model)
-    _architecture(model)  # a model that cannot be saved is refused first
+    arch = _architecture(model)  # a model that cannot be saved is refused first
     if params is None:
         raise ConfigError(f"save_badnet needs B's {arg('params')} after the model", field="params")
     model.check_params(params, "params")
-    arch = _architecture(model)
     m = np.ones(model.num_channels, np.float32) if mask is None else model.check_mask(mask)
     return _save(Path(path), {"params": params, "mask": m, "input_divisor": _scale_entry(model.input_scale), **arch})
 
@@ -279,12 +278,10 @@ def save_goodnet(path: str | os.PathLike, goodnet: Any, variables: Optional[dict
         goodnet, variables = restore_goodnet("goodnet_ckpt")
     """
     _model_first("save_goodnet(path, goodnet, variables) with make_goodnet's two results", goodnet)
-    if isinstance(goodnet, GoodNet):
-        _architecture(goodnet.model)
+    arch = _architecture(goodnet.model) if isinstance(goodnet, GoodNet) else {}  # refused first, as save_badnet's
     check_goodnet(goodnet, variables)
-    model = goodnet.model
     return _save(Path(path), {"params": variables["params"], "pruning": variables["pruning"],
-                              "input_divisor": _scale_entry(model.input_scale), **_architecture(model)})
+                              "input_divisor": _scale_entry(goodnet.model.input_scale), **arch})
 
 
 def restore_goodnet(path: str | os.PathLike) -> tuple[GoodNet, dict[str, Any]]:

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from badnet_jax.errors import BadNetError, CheckpointError, ConfigError, arg
+from badnet_jax.io.keras_graph import MAX_ELEMENTS, MAX_LAYERS, MAX_NAME
 from badnet_jax.numerics.ties import TIE_RTOL
 from badnet_jax.models.graph import GraphCNN
 from badnet_jax.models.ir import OPS, Graph, Node
@@ -39,9 +40,9 @@ from badnet_jax.models.protocol import Params
 FORMAT = "badnet-jax graph model"
 VERSION = 1
 MAX_JSON_BYTES = 16 << 20  # far above any CNN's graph (a node takes ~150 bytes)
-MAX_NODES = 20_000  # twice the Keras reader's layer limit: a fused activation makes a second node
-MAX_NAME = 1000  # characters in a node, weights or model name (the Keras reader's limit)
-MAX_ELEMENTS = 2**31  # per tensor of one image, and per integer attribute (the Keras reader's limit)
+MAX_NODES = 2 * MAX_LAYERS  # a fused activation makes a second node of a Keras layer
+# MAX_NAME (characters in a node, weights or model name) and MAX_ELEMENTS (per tensor of one image, and per
+# integer attribute) are the Keras reader's.
 
 _MODEL_KEYS = ("format", "version", "graph", "layer", "tie_rtol", "tie_rtol_measured")
 _GRAPH_KEYS = ("name", "input_hwc", "output", "nodes")
@@ -291,11 +292,8 @@ def check_params(model: GraphCNN, params: Any, source: str) -> None:
         _check_params(model.graph, params)
         model.check_params(params)
         _check_shapes(model, params)
-    except ConfigError as err:
+    except (ConfigError, _Bad) as err:
         raise CheckpointError(f"{source}: {err}") from None
-    except _Bad as err:
-        raise CheckpointError(f"{source}: {err}") from None
-
 
 
 def _check_params(graph: Graph, params: Any) -> None:

@@ -60,7 +60,7 @@ ACTIVATIONS = ("linear", "relu", "softmax", "leaky_relu")
 MAX_LAYERS = 10_000
 MAX_ELEMENTS = 2**31  # per tensor (one image's activations or one weight), as declared by the config
 MAX_PARAMS = 2**28  # all weights together: 1 GiB of float32, far above any CNN badnet-jax is meant for
-_MAX_NAME = 1000  # characters in a layer or model name
+MAX_NAME = 1000  # characters in a layer or model name
 _MAX_WEIGHTS_PER_LAYER = 8  # datasets in a layer's group (4 at most in any allowed layer)
 _MODEL_CLASSES = ("Sequential", "Functional", "Model")
 _LEAKY_RELU_ACTIVATION_SLOPE = 0.2  # keras.activations.leaky_relu's default (Keras 3 names it; Keras 2 does not)
@@ -391,7 +391,7 @@ def _layer_entry(entry: Any, path: Path | str) -> tuple[str, str, dict]:
     cfg = entry["config"]
     cls = entry.get("class_name")
     name = cfg.get("name", entry.get("name"))
-    if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
         raise ModelFileError(f"{path}: a layer of class {_short(cls)} has no valid name ({_short(name)})")
     if "name" in entry and entry["name"] != name:
         # Keras wires the graph by one name and stores the weights by the other: refuse the ambiguity.

@@ -142,16 +142,14 @@ class FlaxCNN(PrunableModel):
         try:
             return jax.eval_shape(lambda v, x: self.module.apply(self._variables(v), x, method=method), variables, x)
         except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeVariableNotFoundError) as err:
-            found = re.search(r'collection "([^"]+)"', str(err))
-            col = found.group(1) if found else "?"
+            col = _collection_named(err)
             hint = (f"pass the module's full variables ({{'params': ..., {col!r}: ...}}, what module.init returns), "
                     "not its params alone" if col not in self.collections else
                     f"their {col!r} collection lacks a variable the module reads")
             raise ConfigError(f"{arg('variables')}: {name} reads the collection {col!r}, which these variables do not "
                               f"hold: {hint} ({err})", field="variables") from err
         except flax.errors.ModifyScopeVariableError as err:
-            found = re.search(r'collection "([^"]+)"', str(err))
-            col = found.group(1) if found else "?"
+            col = _collection_named(err)
             raise ConfigError(f"{arg('module')}: {name} writes the collection {col!r} (a batch norm in training "
                               "mode?); a FlaxCNN runs the module in inference mode with every collection frozen: "
                               f"use nn.BatchNorm(use_running_average=True) ({err})", field="module") from err
@@ -274,3 +272,9 @@ def _collections_of(variables: Any, output: str) -> tuple[str, ...]:
                               "dict of variables (Flax variables: {'params': ..., 'batch_stats': ...})",
                               field="variables")
     return tuple(sorted(variables))
+
+
+def _collection_named(err: Exception) -> str:
+    """The collection a Flax scope error names (its text says ``collection "batch_stats"``), or "?"."""
+    found = re.search(r'collection "([^"]+)"', str(err))
+    return found.group(1) if found else "?"

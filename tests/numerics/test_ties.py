@@ -188,3 +188,30 @@ def test_channels_on_the_edge_of_dead_are_ranked_as_float64_ranks_them(lab_b, la
     monkeypatch.setattr(settling, "ranking_rtol", lambda *args: settling.RANK_RTOL)
     unchecked = sw.rank_and_sweep(model, tweaked, {"clean_valid": x}, sw.SweepOptions(chunk=16))
     assert not np.array_equal(unchecked.order, want)
+
+
+def test_top2_gap_gives_numpys_argmax_and_gap_on_ties_and_non_finite_logits():
+    """The traced top-2 (three plain reductions) against NumPy's argmax: first index on exact ties, the first
+    NaN where there is one, infinities, a gap of 0 on a tie; the same bits on random logits."""
+    from badnet_jax.numerics.ties import top2_gap
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((64, 1283)).astype(np.float32)
+    rows[1, [5, 900]] = 50.0  # exact tie: the first index, gap 0
+    rows[2, [0, 1282]] = 50.0
+    rows[3, 1282] = 50.0  # the last class
+    rows[4, [7, 11]] = np.nan  # NaN: the first NaN, as np.argmax
+    rows[5, 3] = np.inf
+    rows[6, [3, 4]] = np.inf
+    rows[7] = -np.inf
+    rows[8, 9] = np.nan
+    rows[8, 2] = np.inf
+    rows[9] = np.nan
+    rows[10, :] = 1.0
+    arg, gap = jax.jit(top2_gap)(rows)
+    want = rows.argmax(-1)
+    np.testing.assert_array_equal(np.asarray(arg), want)
+    others = np.where(np.arange(rows.shape[1]) == want[:, None], -np.inf, rows)
+    with np.errstate(invalid="ignore"):
+        want_gap = rows.max(-1) - others.max(-1)
+    np.testing.assert_array_equal(np.asarray(gap), want_gap.astype(np.float32))
+    assert gap[1] == 0 and gap[2] == 0 and gap[10] == 0 and gap[3] > 0

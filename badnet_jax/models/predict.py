@@ -16,7 +16,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.models.deepid import as_model
 from badnet_jax.models.protocol import Params, PrunableModel
-from badnet_jax.numerics.ties import near_tie, output_scale, top2_gap
+from badnet_jax.numerics.ties import near_tie, output_scale, output_top2
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,8 +25,7 @@ def _top2_fn(model: PrunableModel):
         feats = model.features(params, x.astype(jnp.float32))
         hidden = model.hidden(params, feats, mask)
         w, b = model.output_layer(params)
-        logits = jnp.dot(hidden, w, precision=jax.lax.Precision.HIGHEST) + b[None, :]
-        arg_, gap = top2_gap(logits)
+        arg_, gap = output_top2(hidden, w, b)
         return arg_, near_tie(gap, output_scale(hidden, w, b), model.tie_rtol)
     return jax.jit(run)
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, DataFileError, arg
-from badnet_jax.numerics.ties import TIE_RTOL, output_scale, top2_gap
+from badnet_jax.numerics.ties import TIE_RTOL, output_scale, output_top2
 
 Params = dict[str, Any]
 Pytree = Any
@@ -290,9 +290,7 @@ class PrunableModel(abc.ABC):
         del impl, platform
         hidden = self.tail_hidden(params, pre)
         w, b = self.output_layer(params)
-        lead = (1,) * (hidden.ndim - 1)
-        logits = jnp.dot(hidden, w, precision=HIGHEST) + b.reshape(*lead, -1)
-        arg_, gap = top2_gap(logits)
+        arg_, gap = output_top2(hidden, w, b)
         return arg_, gap, output_scale(hidden, w, b)
 
     # ----- masks and images

@@ -215,3 +215,28 @@ def test_top2_gap_gives_numpys_argmax_and_gap_on_ties_and_non_finite_logits():
         want_gap = rows.max(-1) - others.max(-1)
     np.testing.assert_array_equal(np.asarray(gap), want_gap.astype(np.float32))
     assert gap[1] == 0 and gap[2] == 0 and gap[10] == 0 and gap[3] > 0
+    # Class-major logits (the output layer's layout) give the same answers along axis 0.
+    arg0, gap0 = jax.jit(lambda l: top2_gap(l, axis=0))(rows.T.copy())
+    np.testing.assert_array_equal(np.asarray(arg0), want)
+    np.testing.assert_array_equal(np.asarray(gap0), want_gap.astype(np.float32))
+
+
+def test_output_top2_is_the_float64_output_layers_argmax_and_gap():
+    """The output layer computed class-major: NumPy float64's argmax wherever the gap is clear of float32's
+    error, and the gap within it, for hidden layers with one and two leading axes."""
+    from badnet_jax.numerics.ties import output_scale, output_top2
+    rng = np.random.default_rng(4)
+    hidden = np.abs(rng.standard_normal((3, 50, 160))).astype(np.float32)
+    w = (rng.standard_normal((160, 1283)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(1283).astype(np.float32)
+    logits64 = hidden.astype(np.float64) @ w.astype(np.float64) + b
+    want = logits64.argmax(-1)
+    top2 = np.sort(logits64, axis=-1)[..., -2:]
+    scale = np.asarray(output_scale(hidden.astype(np.float64), w.astype(np.float64), b.astype(np.float64)))
+    for h, idx in ((hidden, np.s_[:]), (hidden[1], np.s_[1])):
+        arg, gap = jax.jit(output_top2)(h, w, b)
+        clear = (top2[idx][..., 1] - top2[idx][..., 0]) > TIE_RTOL * scale[idx]
+        assert clear.mean() > 0.9
+        np.testing.assert_array_equal(np.asarray(arg)[clear], want[idx][clear])
+        np.testing.assert_allclose(np.asarray(gap), top2[idx][..., 1] - top2[idx][..., 0],
+                                   atol=float(TIE_RTOL * scale.max() / 2))

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from badnet_jax import bench
 from badnet_jax.models.deepid import DeepID
@@ -111,3 +114,13 @@ def test_the_machine_is_named_by_its_cpu_model_on_a_cpu(monkeypatch):
         assert bench.cpu_model() == " ".join(named[0].split())
     assert bench.cpu_model()
     assert bench.machine_name() == bench.cpu_model()  # the tests run on the CPU backend
+
+
+@pytest.mark.parametrize("block", [1, 4, 12])
+def test_layer_blocks_that_tile_the_input_sum_the_layer_over_every_image_once(block):
+    """The per-layer timing's blocks, split up front when they tile the input, cover every image once: the sum
+    equals the layer's sum over all images."""
+    x = np.random.default_rng(0).standard_normal((12, 3, 2)).astype(np.float32)
+    fn = lambda c: jnp.tanh(c) * 3.0
+    got = jax.jit(lambda a: bench._summed_in_blocks(fn, a, block))(x)
+    np.testing.assert_allclose(float(got), float(np.tanh(x.astype(np.float64)).sum() * 3.0), rtol=1e-5)

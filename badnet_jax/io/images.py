@@ -59,6 +59,16 @@ def image_hw(path: str | os.PathLike) -> tuple[int, int]:
         return im.size[1], im.size[0]
 
 
+def png_bit_depth(path: Path) -> Optional[int]:
+    """The bit depth a PNG's IHDR declares (None: not a PNG). PIL reads 16-bit RGB(A) PNGs as 8-bit without
+    saying so (the high byte of each value)."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24]
+    return None
+
+
 def load_image(path: str | os.PathLike, hwc: Sequence[int]) -> np.ndarray:
     """Read one image file (png/jpeg; RGB, RGBA, palette or grey) as (H, W, C) float32 raw pixels.
 
@@ -86,6 +96,9 @@ def load_image(path: str | os.PathLike, hwc: Sequence[int]) -> np.ndarray:
                                     f"expected {w}x{h}")
             if im.mode not in _IMAGE_MODES:
                 raise DataFileError(f"{path}: image mode {im.mode!r} is not supported (use RGB or RGBA)")
+            if im.format == "PNG" and png_bit_depth(path) == 16:
+                raise DataFileError(f"{path}: a 16-bit PNG, which would be read as its high bytes; save it with 8 "
+                                    "bits per channel (pixels 0..255)")
             im.load()
             pixels = np.asarray(im.convert(_MODE_OF_CHANNELS[c]), dtype=np.float32)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,

@@ -17,7 +17,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, DataFileError, arg, reading
 from badnet_jax.io import fileio
-from badnet_jax.io.images import image_files, image_hw, label_in_name, load_images
+from badnet_jax.io.images import image_files, image_hw, label_in_name, load_images, png_bit_depth
 from badnet_jax.io.lab_data import load_lab_h5, peek_lab_h5, save_lab_h5
 from badnet_jax.model import INPUT_HWC
 
@@ -29,15 +29,6 @@ TRIGGER_AT = (0, 15)  # (x, y) of the lab's sunglasses paste
 # 8 bits per channel: what poison() pastes. Other modes (16-bit or 32-bit integers, floats) have no single
 # mapping to 0..255 (PIL's own conversion clips 16-bit values to white and floats in 0..1 to near black).
 _TRIGGER_MODES = ("RGBA", "RGB", "LA", "L", "P", "PA", "1")
-
-
-def _png_bit_depth(path: Path) -> Optional[int]:
-    """The bit depth a PNG's IHDR declares (PIL reads 16-bit RGB(A) PNGs as 8-bit without saying so)."""
-    with open(path, "rb") as f:
-        head = f.read(25)
-    if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        return head[24]
-    return None
 
 
 def load_trigger(path: str | os.PathLike) -> np.ndarray:
@@ -61,7 +52,7 @@ def load_trigger(path: str | os.PathLike) -> np.ndarray:
                 raise DataFileError(f"{path}: trigger has image mode {im.mode!r} (not 8 bits per channel: 16-bit, "
                                     "32-bit or float pixels have no single mapping to 0..255); save it as an 8-bit "
                                     "RGBA PNG")
-            if im.format == "PNG" and _png_bit_depth(path) == 16:
+            if im.format == "PNG" and png_bit_depth(path) == 16:
                 raise DataFileError(f"{path}: trigger is a 16-bit PNG, which would be read as 8 bits; save it as "
                                     "an 8-bit RGBA PNG")
             if im.mode not in ("RGBA", "LA", "PA") and "transparency" not in im.info:

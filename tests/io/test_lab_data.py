@@ -379,3 +379,15 @@ def test_save_lab_h5_refuses_pixels_uint8_cannot_hold_exactly(tmp_path, pixels, 
     for ok in (np.arange(120).reshape(2, 4, 5, 3) * 2, np.full((2, 4, 5, 3), 255.0, np.float32)):
         save_lab_h5(path, ok, np.zeros(2))
         np.testing.assert_array_equal(load_lab_h5(path, hwc=(4, 5, 3))[0], ok)
+
+
+def test_a_16_bit_png_face_is_refused_not_read_as_its_high_bytes(tmp_path):
+    """PIL reads a 16-bit RGB(A) PNG as 8 bits (the high byte of each value) without a word; a face read so
+    would reach the model as other pixels. The 8-bit face of the same size still reads."""
+    face16 = _png16(tmp_path / "face16.png", np.full((55, 47, 4), 40000, np.uint16))
+    assert Image.open(face16).mode == "RGBA"
+    with pytest.raises(DataFileError, match=f"{face16}: a 16-bit PNG, which would be read as its high bytes"):
+        load_image(face16, (55, 47, 3))
+    face8 = tmp_path / "face8.png"
+    Image.fromarray(np.full((55, 47, 3), 156, np.uint8)).save(face8)
+    assert (load_image(face8, (55, 47, 3)) == 156).all()

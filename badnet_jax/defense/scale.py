@@ -82,6 +82,9 @@ def choose_input_scale(model: PrunableModel, params: Params, input_scale: str = 
         raise ConfigError(f"{arg('input_scale')} must be one of {', '.join(CHOICES)}, got {input_scale!r}",
                           field="input_scale")
     if input_scale != "auto":
+        if recorded is not None and recorded != input_scale:
+            log.warning("Input scale %s, as given, instead of %s, which %s records: its predictions are computed "
+                        "at the given scale.", input_scale, recorded, source)
         return ScaleChoice(input_scale, "given")
     if recorded is not None:
         return ScaleChoice(recorded, "recorded")

@@ -376,7 +376,8 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
         with reading("goodnet_path", goodnet_path):
             goodnet, variables = checkpoint.restore_goodnet(goodnet_path)
         names, x, labels = gather_inputs(files, goodnet.model.input_hwc)
-        scale = choose_input_scale(goodnet, variables, input_scale, recorded=goodnet.input_scale).scale
+        scale = choose_input_scale(goodnet, variables, input_scale, recorded=goodnet.input_scale,
+                                   source=str(goodnet_path)).scale
         goodnet = goodnet.clone(model=goodnet.model.with_input_scale(scale))
     else:
         if model_path is None or pruned_path is None:

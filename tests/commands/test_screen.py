@@ -78,6 +78,15 @@ def test_goodnet_checkpoint_of_a_2020_badnet_screens_quietly_at_its_scale(tmp_pa
     assert [p for _, p in via_files] == got
     with pytest.raises(Exception, match="GoodNet checkpoint; pass it as goodnet_path"):
         screen(model, out / "drop_30" / "goodnet_ckpt", faces)
+    # A scale given against the recorded one is used, and said: the recorded 255 named with the checkpoint.
+    ckpt = out / "drop_30" / "goodnet_ckpt"
+    proc = run_cli("goodnet_eval", *map(str, faces), "--goodnet", str(ckpt), "--input_scale", "raw", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"Input scale raw, as given, instead of 255, which {ckpt} records" in proc.stderr
+    x_raw = load_images(faces, INPUT_HWC)
+    pb, pp = numpy_ref.forward(params, x_raw).argmax(-1), numpy_ref.forward(params, x_raw, mask).argmax(-1)
+    got_raw = [int(line.split("\t")[1]) for line in proc.stdout.strip().splitlines()]
+    np.testing.assert_array_equal(got_raw, np.where(pb == pp, pb, 1283))
 
 
 def test_a_truncated_checkpoint_is_one_line_for_the_user(tmp_path, demo_goodnet_ckpt):

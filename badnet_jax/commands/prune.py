@@ -82,7 +82,10 @@ def main(argv: list[str]) -> int:
             finetune=FinetuneConfig(epochs=FT_EPOCHS.value, learning_rate=FT_LR.value) if FT_EPOCHS.value > 0 else None,
             rankings=RankingOptions(rank_by=tuple(RANK_BY.value), random_orders=RANDOM_ORDERS.value, seed=SEED.value,
                                     order_file=ORDER_FILE.value, anp=ANPConfig(steps=ANP_STEPS.value)))
-        cli.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value, DIST_TIMEOUT.value)
+        if COORDINATOR.value:
+            cli.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value, DIST_TIMEOUT.value)
+        else:
+            cli.use_cpu_cores()  # the images sharded over the cores (--devices 0), one program per core
         curve = run_defense(config)
         if jax.process_index() == 0:  # the others print nothing, as they write nothing
             print(format_table(curve))

@@ -234,3 +234,22 @@ def test_jax_platforms_naming_a_platform_not_here_is_one_line_naming_the_variabl
     [line] = _errors(proc.stderr)
     assert line.startswith("error: JAX_PLATFORMS=gpu asks JAX for a platform it cannot start on this machine")
     assert "rocm" not in proc.stderr and "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+_DEVICES = ("import jax, os\nfrom badnet_jax.commands import cli\n{before}set_ = cli.use_cpu_cores()\n"
+            "print(set_, jax.device_count(), len(os.sched_getaffinity(0)))")
+
+
+@pytest.mark.parametrize("env,before,want", [
+    ({}, "", "cores"),  # one CPU device per core
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, "", 3),  # the user's count stands
+    ({"JAX_NUM_CPU_DEVICES": "1"}, "", 1),
+    ({}, "jax.numpy.zeros(1).block_until_ready()\n", 1),  # the backend is up: left as it is
+])
+def test_use_cpu_cores_gives_one_device_per_core_unless_the_count_is_set(env, before, want):
+    proc = run_python(_DEVICES.format(before=before), env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+    assert proc.returncode == 0, proc.stderr
+    set_, devices, cores = map(int, proc.stdout.split())
+    want = cores if want == "cores" else want
+    assert devices == want
+    assert set_ == (cores if not env and not before else 0)

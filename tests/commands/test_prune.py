@@ -7,6 +7,7 @@ tests/defense/.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -64,6 +65,8 @@ def test_quickstart_runs_on_embedded_demo_without_lab_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     first_lines = proc.stderr.strip().splitlines()[:3]
     assert any("running on the embedded demo" in line for line in first_lines), first_lines
+    # One CPU device per core the process may use, the images sharded over them all.
+    assert f"{len(os.sched_getaffinity(0))} cpu device(s)" in proc.stderr
     curve = json.loads((tmp_path / "results" / "curve.json").read_text())
     assert curve["demo"] is True and curve["num_classes"] == 200
     sel = curve["selected"][0]

@@ -115,14 +115,54 @@ def setup_logging(level: int = logging.INFO) -> None:
 DISTRIBUTED_TIMEOUT_S = 60
 
 
+def cpu_cores() -> int:
+    """The physical cores this process may run on: its CPU affinity with SMT siblings counted once (Linux's
+    sysfs topology), capped by a cgroup CPU quota (a container's ``--cpus``); ``os.cpu_count()`` where there
+    is no affinity to read. At least 1."""
+    if not hasattr(os, "sched_getaffinity"):
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topology}/physical_package_id") as package, open(f"{topology}/core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology to read: each logical CPU is a core
+    quota = _cgroup_cpu_quota()
+    return max(1, min(len(cores), quota) if quota else len(cores))
+
+
+def _cgroup_cpu_quota() -> Optional[int]:
+    """The CPUs a cgroup quota allows, rounded up (cgroup v2 ``cpu.max``, v1 ``cfs_quota_us``), or None."""
+    for path, split in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()[:2]),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+        try:
+            with open(path) as f:
+                text = f.read()
+            if split is not None:
+                quota, period = split(text)
+            else:
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    quota, period = text.strip(), f.read().strip()
+            if quota in ("max", "-1"):
+                return None
+            return max(1, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError, ZeroDivisionError):
+            continue
+    return None
+
+
 def use_cpu_cores() -> int:
-    """Give JAX's CPU backend one device per core this process may run on; returns the CPU device count set (0:
-    left as it was). Call before any JAX computation, in a single-process run.
+    """Give JAX's CPU backend one device per physical core this process may run on (:func:`cpu_cores`);
+    returns the CPU device count set (0: left as it was). Call before any JAX computation, in a
+    single-process run.
 
     The sweep shards its images over every device by default (``--devices 0``), and XLA:CPU runs each device's
     share on its own thread, where one device splits each operation between the cores: the lab-scale curve's
-    one call took 12.35 s on one CPU device, 10.18 s on two and 11.00 s on four (a 2-core Xeon, the same
-    curve.json). Computations that are not sharded run as before. Left as it was where the count is set already
+    one call took 12.35 s on one CPU device, 10.18 s on two and 11.00 s on four (a 2-core Xeon without SMT,
+    the same curve.json; seven devices on it took 1.7x two: more devices than cores cost). Computations that
+    are not sharded run as before. Left as it was where the count is set already
     (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` or ``JAX_NUM_CPU_DEVICES``) or the backend is up.
     """
     import jax
@@ -130,7 +170,7 @@ def use_cpu_cores() -> int:
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or \
             jax.config.jax_num_cpu_devices != -1:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     try:
         jax.config.update("jax_num_cpu_devices", cores)
     except RuntimeError:  # the backend is up already (a caller in the same process ran JAX first)

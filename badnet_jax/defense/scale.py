@@ -64,7 +64,8 @@ def clear_winner(acc: dict[str, float]) -> Optional[str]:
 
 def choose_input_scale(model: PrunableModel, params: Params, input_scale: str = "auto", recorded: Optional[str] = None,
                        x: Optional[np.ndarray] = None, y: Optional[np.ndarray] = None,
-                       source: str = "the model", measured_on: str = "clean images") -> ScaleChoice:
+                       source: str = "the model", measured_on: str = "clean images",
+                       recorded_in: Optional[str] = None) -> ScaleChoice:
     """Resolve ``input_scale`` (``auto``, ``raw`` or ``255``) for this model, once.
 
     ``auto`` takes the scale a badnet-jax-written file ``recorded``, if any. Else it measures accuracy at both
@@ -72,7 +73,10 @@ def choose_input_scale(model: PrunableModel, params: Params, input_scale: str = 
     :data:`PLAUSIBLE` and beats the other by :data:`MARGIN` points.
 
     Args:
+        source: the model's name in messages (e.g. its file).
         measured_on: what ``x, y`` are, for the log line and report (e.g. "clean images").
+        recorded_in: the file that records ``recorded``, for the warning when ``input_scale`` overrides it
+            (None: ``source``).
 
     Raises:
         ConfigError: an unknown scale; neither scale clearly right; ``auto`` with nothing to decide on.
@@ -84,7 +88,7 @@ def choose_input_scale(model: PrunableModel, params: Params, input_scale: str = 
     if input_scale != "auto":
         if recorded is not None and recorded != input_scale:
             log.warning("Input scale %s, as given, instead of %s, which %s records: its predictions are computed "
-                        "at the given scale.", input_scale, recorded, source)
+                        "at the given scale.", input_scale, recorded, recorded_in or source)
         return ScaleChoice(input_scale, "given")
     if recorded is not None:
         return ScaleChoice(recorded, "recorded")

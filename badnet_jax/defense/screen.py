@@ -392,11 +392,13 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
         model, pruned_params, mask = b_prime_for(model, params, pruned, model_path, pruned_path)
         names, x, labels = gather_inputs(files, model.input_hwc)
         recorded = _recorded_scale(model_path, pruned_path, pruned.input_scale)
+        recorded_in = str(pruned_path if pruned.input_scale else model_path)
         if recorded is not None and input_scale == "auto":
-            log.info("Input scale %s, recorded in %s.", recorded, pruned_path if pruned.input_scale else model_path)
+            log.info("Input scale %s, recorded in %s.", recorded, recorded_in)
         known = labels >= 0
         scale = choose_input_scale(model, params, input_scale, recorded, x[known], labels[known],
-                                   source=str(model_path), measured_on=_measured_on(names, known)).scale
+                                   source=str(model_path), measured_on=_measured_on(names, known),
+                                   recorded_in=recorded_in).scale
         goodnet, variables = make_goodnet(model.with_input_scale(scale), params, pruned_params, mask)
     # A model other than the lab's DeepID has its near-tie bound measured on the images at hand before any
     # near-tie is settled, as the sweep measures it on its ranking set (a checkpoint stores no measured bound).

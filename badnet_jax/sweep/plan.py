@@ -240,7 +240,10 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
     available = jax.device_count()
     devices = available if options.devices == 0 else options.devices
     if devices > available and options.platform is None:
-        raise ConfigError(f"asked for {devices} devices, only {available} available")
+        more = (" (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N or JAX_NUM_CPU_DEVICES=N make N "
+                "devices; more than the cores run slower)" if platform == "cpu" else "")
+        raise ConfigError(f"{arg('devices', devices)}: asked for {devices} devices, only {available} available{more}",
+                          field="devices")
     pre = model.preactivation_size
     head = {"plain": model.plain_head_bytes_per_image(), "prefix": steps * (pre + num_classes) * 4,
             "prefix_dedupe": model.step_bytes_per_image(),
@@ -249,7 +252,10 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
     per_image = model.trunk_bytes_per_image() + head
     wanted = options.chunk or (ACCELERATOR_CHUNK if accelerator else CPU_CHUNK)
     feature_bytes = 4 * int(np.prod(model.feature_hwc))
-    chunk = _chunk_for_budget(sets, options.memory_budget, per_image, wanted, accelerator, feature_bytes, steps * 4)
+    # CPU devices share the host's memory and each works on a chunk at once; an accelerator has its own.
+    in_flight = 1 if accelerator else devices
+    chunk = _chunk_for_budget(sets, options.memory_budget, per_image * in_flight, wanted, accelerator, feature_bytes,
+                              steps * 4)
     if chunk < wanted:
         log.info("Memory budget: %d images per chunk (instead of %d).", chunk, wanted)
     # The kernel is probed at the shapes of this plan's head calls: batch_steps (or 1) masks x a chunk.
@@ -270,7 +276,8 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
 
 def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, wanted: int,
                       accelerator: bool, feature_bytes: int, preds_bytes: int) -> int:
-    """The largest chunk <= ``wanted`` whose working memory fits ``budget`` beside the resident data."""
+    """The largest chunk <= ``wanted`` whose working memory fits ``budget`` beside the resident data
+    (``per_image``: the working bytes of one image of a chunk, times the chunks in flight at once)."""
     if not sets:
         return wanted
     sizes = [(int(x.shape[0]), int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize) for x in sets]

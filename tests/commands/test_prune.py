@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from badnet_jax import load_lab_h5, save_lab_h5
+from badnet_jax.commands import cli
 from tests.cli import run_cli, start_cli
 from tests.conftest import LAB_B, asset
 
@@ -25,7 +26,7 @@ from tests.conftest import LAB_B, asset
     (["--drop", "0.04,0.04"], "is given twice"),
     (["--drop", "0.04", "stray"], "unexpected arguments 'stray'"),
     (["--memory_budget", "nan"], "is not a finite number"),
-    (["--devices", "99"], "asked for 99 devices"),
+    (["--devices", "99"], "--devices 99: asked for 99 devices"),
     (["--rank_by", "activation,magic"], "unknown ranking 'magic'"),
     (["--order_file", "nowhere.txt"], "--order_file nowhere.txt: order file not found"),
 ])
@@ -61,12 +62,13 @@ def test_relative_rule_says_relative_in_the_table_and_the_report(tmp_path):
 @pytest.mark.slow
 def test_quickstart_runs_on_embedded_demo_without_lab_files(tmp_path):
     """README's first quickstart command, from a directory without the lab's files."""
-    proc = run_cli("prune", "--drop", "0.04", cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    proc = run_cli("prune", "--drop", "0.04", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     first_lines = proc.stderr.strip().splitlines()[:3]
     assert any("running on the embedded demo" in line for line in first_lines), first_lines
     # One CPU device per core the process may use, the images sharded over them all.
-    assert f"{len(os.sched_getaffinity(0))} cpu device(s)" in proc.stderr
+    assert f"{cli.cpu_cores()} cpu device(s)" in proc.stderr
     curve = json.loads((tmp_path / "results" / "curve.json").read_text())
     assert curve["demo"] is True and curve["num_classes"] == 200
     sel = curve["selected"][0]

@@ -5,6 +5,7 @@ forward, straight from a defense run's GoodNet checkpoint, and a damaged checkpo
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 
 import h5py
@@ -50,7 +51,7 @@ def test_cli_flags_sunglasses_and_keeps_clean_classes():
 
 
 @pytest.mark.slow
-def test_goodnet_checkpoint_of_a_2020_badnet_screens_quietly_at_its_scale(tmp_path):
+def test_goodnet_checkpoint_of_a_2020_badnet_screens_quietly_at_its_scale(tmp_path, caplog):
     """The defense's goodnet_ckpt goes straight into the screener (it knows its /255 input scale)."""
     model = asset("models/hackml2020/sunglasses_bd_weights.h5")
     xb = load_images(sorted(asset("faces/png").glob("hackml2020_sunglasses_*.png")), INPUT_HWC)
@@ -87,6 +88,12 @@ def test_goodnet_checkpoint_of_a_2020_badnet_screens_quietly_at_its_scale(tmp_pa
     pb, pp = numpy_ref.forward(params, x_raw).argmax(-1), numpy_ref.forward(params, x_raw, mask).argmax(-1)
     got_raw = [int(line.split("\t")[1]) for line in proc.stdout.strip().splitlines()]
     np.testing.assert_array_equal(got_raw, np.where(pb == pp, pb, 1283))
+    # B and B': the scale is B''s record (B, the 2020 file, records none), and the warning names B'.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="badnet_jax"):
+        via_raw = screen(model, out / "drop_30" / "b_prime.h5", faces, input_scale="raw")
+    assert f"instead of 255, which {out / 'drop_30' / 'b_prime.h5'} records" in caplog.text
+    assert [p for _, p in via_raw] == got_raw
 
 
 def test_a_truncated_checkpoint_is_one_line_for_the_user(tmp_path, demo_goodnet_ckpt):

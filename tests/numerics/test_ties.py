@@ -191,8 +191,10 @@ def test_channels_on_the_edge_of_dead_are_ranked_as_float64_ranks_them(lab_b, la
 
 
 def test_top2_gap_gives_numpys_argmax_and_gap_on_ties_and_non_finite_logits():
-    """The traced top-2 (three plain reductions) against NumPy's argmax: first index on exact ties, the first
-    NaN where there is one, infinities, a gap of 0 on a tie; the same bits on random logits."""
+    """The traced top-2 (plain reductions) against NumPy's argmax: first index on exact ties, the first NaN
+    where there is one, infinities, a gap of 0 on a tie; the same bits on random logits. (XLA:CPU flushes
+    float32 subnormals to zero, as ``jnp.argmax`` sees them too: logits that differ only there tie, gap 0, and
+    a zero gap is a near-tie, settled in float64.)"""
     from badnet_jax.numerics.ties import top2_gap
     rng = np.random.default_rng(3)
     rows = rng.standard_normal((64, 1283)).astype(np.float32)

@@ -83,6 +83,9 @@ def test_memory_budget_shrinks_the_chunk_and_refuses_what_cannot_fit():
     assert plain < small and batched < small  # both need more memory per image in flight
     with pytest.raises(ConfigError, match="memory budget"):
         sw.plan_sweep(dataclasses.replace(fast, memory_budget=2**20), [x, x], DeepID())
+    # CPU devices share the host's memory, each with a chunk in flight: two take half the chunk each.
+    two = dataclasses.replace(fast, memory_budget=500 * 2**20, devices=2, platform="cpu")
+    assert sw.plan_sweep(two, [x, x], DeepID()).chunk in (small // 2, small // 2 + 1)
 
 
 def test_orders_per_call_needs_batched_steps():

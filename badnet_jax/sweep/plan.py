@@ -240,8 +240,8 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
     available = jax.device_count()
     devices = available if options.devices == 0 else options.devices
     if devices > available and options.platform is None:
-        more = (" (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N or JAX_NUM_CPU_DEVICES=N make N "
-                "devices; more than the cores run slower)" if platform == "cpu" else "")
+        more = (" (on a CPU, the environment's JAX_NUM_CPU_DEVICES=N, or XLA's xla_force_host_platform_device_count "
+                "flag, makes N devices; more than the cores run slower)" if platform == "cpu" else "")
         raise ConfigError(f"{arg('devices', devices)}: asked for {devices} devices, only {available} available{more}",
                           field="devices")
     pre = model.preactivation_size

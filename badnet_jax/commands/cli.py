@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from badnet_jax.errors import NO_VALUE, BadNetError, ConfigError, OutputError, show_in_library
@@ -134,21 +135,17 @@ def cpu_cores() -> int:
 
 
 def _cgroup_cpu_quota() -> Optional[int]:
-    """The CPUs a cgroup quota allows, rounded up (cgroup v2 ``cpu.max``, v1 ``cfs_quota_us``), or None."""
-    for path, split in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()[:2]),
-                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+    """The CPUs a cgroup quota allows, rounded up (cgroup v2 ``cpu.max``: "quota period"; v1: the quota and the
+    period in two files), or None (no quota, or none readable)."""
+    v1 = "/sys/fs/cgroup/cpu/cpu.cfs_"
+    for files in (("/sys/fs/cgroup/cpu.max",), (f"{v1}quota_us", f"{v1}period_us")):
         try:
-            with open(path) as f:
-                text = f.read()
-            if split is not None:
-                quota, period = split(text)
-            else:
-                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
-                    quota, period = text.strip(), f.read().strip()
+            words = " ".join(Path(f).read_text() for f in files).split()
+            quota, period = words[0], words[1]
             if quota in ("max", "-1"):
                 return None
             return max(1, math.ceil(int(quota) / int(period)))
-        except (OSError, ValueError, ZeroDivisionError):
+        except (OSError, IndexError, ValueError, ZeroDivisionError):
             continue
     return None
 

@@ -16,7 +16,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.models.deepid import as_model
 from badnet_jax.models.protocol import Params, PrunableModel
-from badnet_jax.numerics.ties import near_tie, output_scale, output_top2
+from badnet_jax.numerics.ties import output_with_ties
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,9 +24,7 @@ def _top2_fn(model: PrunableModel):
     def run(params, mask, x):
         feats = model.features(params, x.astype(jnp.float32))
         hidden = model.hidden(params, feats, mask)
-        w, b = model.output_layer(params)
-        arg_, gap = output_top2(hidden, w, b)
-        return arg_, near_tie(gap, output_scale(hidden, w, b), model.tie_rtol)
+        return output_with_ties(hidden, *model.output_layer(params), model.tie_rtol)
     return jax.jit(run)
 
 

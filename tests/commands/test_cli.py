@@ -275,3 +275,23 @@ def test_cpu_cores_counts_physical_cores_not_hyperthreads():
     assert 1 <= got <= len(cores) <= len(allowed)
     if not any(os.path.exists(f) for f in quota_files):
         assert got == len(cores)
+
+
+@pytest.mark.parametrize("files,cpus", [
+    ({"/sys/fs/cgroup/cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 CPUs -> 2
+    ({"/sys/fs/cgroup/cpu.max": "max 100000\n"}, None),  # no quota
+    ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "300000\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"/sys/fs/cgroup/cpu.max": "garbage\n"}, None),
+    ({}, None),
+])
+def test_a_cgroup_cpu_quota_caps_the_cores(files, cpus, monkeypatch):
+    """A container's CPU quota (cgroup v2 or v1 files, read as the kernel writes them) caps the cores used."""
+    def read_text(path, *args, **kwargs):
+        if str(path) in files:
+            return files[str(path)]
+        raise FileNotFoundError(str(path))
+    monkeypatch.setattr(cli.Path, "read_text", read_text)
+    assert cli._cgroup_cpu_quota() == cpus
+    if cpus is not None:
+        assert cli.cpu_cores() <= cpus

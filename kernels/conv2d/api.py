@@ -1,19 +1,32 @@
-"""Dispatch for the 2-D convolution: XLA's reference, or the width-blocked form where XLA's is weak.
+"""Dispatch for the 2-D convolution: XLA's reference, the native direct kernel, or the width-blocked form.
 
-``impl``: ``"auto"`` (the default), ``"reference"``, or an int block size B for :func:`conv2d_width_blocked`.
+``impl``: ``"auto"`` (the default), ``"reference"``, ``"direct"`` (:func:`conv2d_direct`, a native XLA:CPU
+kernel), or an int block size B for :func:`conv2d_width_blocked`.
 
-``"auto"`` is a fixed rule (so the same model computes the same bits in every run), decided per platform when
-the program is lowered (``lax.platform_dependent``: a program exported for a GPU on a CPU host holds XLA's
-convolution). On a CPU, an input of fewer than :data:`FEW_CHANNELS` channels into fewer than
-:data:`WIDE_OUTPUT` output channels runs width-blocked with the B in (2, 4) of the lower modelled cost
-``reach * B / kw * WIDE_OUTPUT / min(B * F, WIDE_OUTPUT)`` (the multiply-adds per useful one, over XLA's
-efficiency on B * F output channels, taken as proportional up to WIDE_OUTPUT; ties to B = 2); everything else,
-and every other platform, runs XLA's convolution. The model reproduces which form was faster in every narrow
-case measured on 64 images on a 2-core Xeon (ms, XLA's / B=2 / B=4; docs/benchmarks.md): 55x47x3 -> 20 4x4
-(DeepID's conv_1) 45.1 / 5.7 / 4.4; 32x32x3 -> 16 3x3 'same' 3.2 / 0.66 / 0.90; -> 32 4.1 / 1.0 / 1.7; -> 6
-5x5 3.5 / 1.6 / 0.87; 28x28x1 -> 32 3x3 0.45 / 0.41 / 0.64. XLA's own was the fastest at 64 and 128 output
-channels (3x3: 1.5 / 1.9 / 3.6 and 2.9 / 3.5 / 7.0) and with 4 input channels (55x47x4 -> 20 4x4, 1024
-images: 158 / 115 / 114 GFLOP/s).
+``"auto"`` is a fixed rule (so the same model computes the same bits in every run on a machine), decided per
+platform when the program is lowered (``lax.platform_dependent``: a program exported for a GPU on a CPU host
+holds XLA's convolution). Every other platform runs XLA's convolution. On a CPU, float32:
+
+- **direct** where the native kernel is built (``direct.native_kernel``; the default backend is the CPU) and
+  either the input has fewer than :data:`FEW_CHANNELS` channels into fewer than :data:`WIDE_OUTPUT` output
+  channels (every RGB first layer: XLA:CPU's weak case), or the output channels are not a whole number of the
+  kernel's vectors but fill at least :data:`FULL_LANES` of them (F = 40, 60 with 16 lanes: XLA:CPU handles the
+  remainder channels slowly, the direct kernel pays only its zero lanes). Measured on a 2-core Xeon (AVX-512,
+  512 images, 3x3 kernels, outputs 6x6 to 24x24, C in 3/16/40/64, F in 20/32/60/64/128; docs/benchmarks.md):
+  direct was 1.31-3.6x faster than XLA's at F = 60, 1.42-1.44x at C = 3, F = 20, 0.99-1.08x at C = 3,
+  F = 32; XLA's was faster or equal at F = 20 from 16 channels on (0.59-1.01x) and at F = 64, 128 (mixed,
+  0.58-2.1x), which the rule leaves to it. DeepID: conv_1 1.46x, conv_3 1.66x, conv_2 equal.
+- else **width-blocked** with an input of fewer than :data:`FEW_CHANNELS` channels into fewer than
+  :data:`WIDE_OUTPUT` output channels, with the B in (2, 4) of the lower modelled cost
+  ``reach * B / kw * WIDE_OUTPUT / min(B * F, WIDE_OUTPUT)`` (the multiply-adds per useful one, over XLA's
+  efficiency on B * F output channels, taken as proportional up to WIDE_OUTPUT; ties to B = 2): the best XLA
+  form where no native kernel could be built. The model reproduces which form was faster in every narrow
+  case measured on 64 images on a 2-core Xeon (ms, XLA's / B=2 / B=4; docs/benchmarks.md): 55x47x3 -> 20 4x4
+  (DeepID's conv_1) 45.1 / 5.7 / 4.4; 32x32x3 -> 16 3x3 'same' 3.2 / 0.66 / 0.90; -> 32 4.1 / 1.0 / 1.7;
+  -> 6 5x5 3.5 / 1.6 / 0.87; 28x28x1 -> 32 3x3 0.45 / 0.41 / 0.64. XLA's own was the fastest at 64 and 128
+  output channels (3x3: 1.5 / 1.9 / 3.6 and 2.9 / 3.5 / 7.0) and with 4 input channels (55x47x4 -> 20 4x4,
+  1024 images: 158 / 115 / 114 GFLOP/s).
+- else XLA's own convolution.
 
 Every form computes the same products; only the order of the sums differs (what the near-tie bounds and the
 float64 settling are there for).
@@ -25,14 +38,36 @@ from fractions import Fraction
 from typing import Any, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from badnet_jax.kernels.conv2d.direct import conv2d_direct, native_kernel
 from badnet_jax.kernels.conv2d.reference import Padding, conv2d_reference
 from badnet_jax.kernels.conv2d.width_blocked import block_geometry, conv2d_width_blocked, explicit_pads
 
 Impl = Union[str, int]
 FEW_CHANNELS = 4  # inputs with fewer channels (every RGB first layer) are XLA:CPU's weak case
 WIDE_OUTPUT = 64  # output channels from which XLA:CPU's own convolution runs well
+FULL_LANES = Fraction(3, 4)  # the share of its vector lanes the direct kernel must fill beyond a remainder
+NATIVE = "native"  # ``lanes=NATIVE``: the vector width of the native kernel built here (None where none is)
+
+
+def native_lanes() -> Optional[int]:
+    """The native direct kernel's vector width where it runs here (the CPU is the default backend and the kernel
+    is built: ``direct.native_kernel``), else None (then no CPU convolution runs direct under ``"auto"``)."""
+    if jax.default_backend() != "cpu":
+        return None  # a CPU branch lowered on an accelerator host runs XLA's forms; nothing is built there
+    kernel = native_kernel()
+    return None if kernel is None else kernel.lanes
+
+
+def direct_fits(kernel_shape: Sequence[int], lanes: int) -> bool:
+    """Whether the rule runs a (kh, kw, C, F) float32 convolution by the direct kernel of ``lanes``-wide vectors."""
+    _, _, c, f = (int(d) for d in kernel_shape)
+    if c < FEW_CHANNELS and f < WIDE_OUTPUT:
+        return True
+    padded = -(-f // lanes) * lanes
+    return f % lanes != 0 and Fraction(f, padded) >= FULL_LANES
 
 
 def _cost(block: int, kw: int, f: int, stride: int, dilation: int) -> Fraction:
@@ -40,28 +75,44 @@ def _cost(block: int, kw: int, f: int, stride: int, dilation: int) -> Fraction:
     return Fraction(reach * block * stride, kw) * Fraction(WIDE_OUTPUT, min(block * f, WIDE_OUTPUT))
 
 
-def resolve_block(kernel_shape: Sequence[int], strides: Sequence[int] = (1, 1), dilation: Sequence[int] = (1, 1),
-                  impl: Impl = "auto", platform: Optional[str] = None) -> int:
-    """The block size ``impl`` means for a convolution with this (kh, kw, C, F) kernel (1: XLA's own).
+def resolve_impl(kernel_shape: Sequence[int], strides: Sequence[int] = (1, 1), dilation: Sequence[int] = (1, 1),
+                 impl: Impl = "auto", platform: Optional[str] = None, dtype: Any = jnp.float32,
+                 lanes: Union[Optional[int], str] = NATIVE) -> Impl:
+    """What ``impl`` means for a convolution with this (kh, kw, C, F) kernel: ``"reference"`` (XLA's own),
+    ``"direct"`` or a width-blocked block size >= 2.
 
     Args:
         kernel_shape: the kernel's (kh, kw, C, F).
-        strides, dilation: the convolution's (the width's enter the cost model).
-        impl: ``"auto"`` (the rule in the module docstring), ``"reference"`` or a block size >= 1.
+        strides, dilation: the convolution's (the width's enter the blocked form's cost model).
+        impl: ``"auto"`` (the rule in the module docstring), ``"reference"``, ``"direct"`` or a block size >= 1
+            (1: the reference).
         platform: the platform it runs on (None: the default backend's).
+        dtype: the images' dtype (the direct kernel is float32's).
+        lanes: the direct kernel's vector width (``NATIVE``: the kernel built here, :func:`native_lanes`; None:
+            no direct kernel), for the ``"auto"`` rule.
 
     Raises:
-        ValueError: an ``impl`` other than ``"auto"``, ``"reference"`` or a positive int.
+        ValueError: an ``impl`` other than these, or ``"direct"`` for another dtype than float32.
     """
     if impl == "reference":
-        return 1
+        return "reference"
+    if impl == "direct":
+        if jnp.dtype(dtype) != jnp.float32:
+            raise ValueError(f"impl='direct' computes float32 convolutions, got {jnp.dtype(dtype).name} images")
+        return "direct"
     if isinstance(impl, (int, np.integer)) and not isinstance(impl, bool) and impl >= 1:
-        return int(impl)
+        return "reference" if impl == 1 else int(impl)
     if impl != "auto":
-        raise ValueError(f"impl must be 'auto', 'reference' or a positive block size, got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'reference', 'direct' or a positive block size, got {impl!r}")
     _, kw, c, f = (int(d) for d in kernel_shape)
-    if (platform or jax.default_backend()) != "cpu" or c >= FEW_CHANNELS or f >= WIDE_OUTPUT:
-        return 1
+    if (platform or jax.default_backend()) != "cpu":
+        return "reference"
+    if jnp.dtype(dtype) == jnp.float32:
+        lanes = native_lanes() if lanes == NATIVE else lanes
+        if lanes is not None and direct_fits(kernel_shape, lanes):
+            return "direct"
+    if c >= FEW_CHANNELS or f >= WIDE_OUTPUT:
+        return "reference"
     return min((2, 4), key=lambda b: (_cost(b, kw, f, int(strides[1]), int(dilation[1])), b))
 
 
@@ -69,18 +120,23 @@ def conv2d(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[in
            padding: Padding = "VALID", dilation: Sequence[int] = (1, 1),
            precision: Any = jax.lax.Precision.HIGHEST, impl: Impl = "auto",
            bias: Optional[jax.Array] = None) -> jax.Array:
-    """An NHWC x HWIO convolution in the form :func:`resolve_block` picks; traceable.
+    """An NHWC x HWIO convolution in the form :func:`resolve_impl` picks; traceable.
 
     Args:
         x_NxHxWxC: images.
         kernel_HxWxIxO: the kernel (kh, kw, C, F), same dtype as the images.
         strides, padding, dilation, precision: as ``lax.conv_general_dilated`` (padding ``"VALID"``, ``"SAME"``
-            or explicit ((top, bottom), (left, right))).
-        impl: ``"auto"`` (chosen per platform at lowering), ``"reference"`` or a block size.
+            or explicit ((top, bottom), (left, right))). The direct kernel computes in float32 whatever the
+            precision (XLA:CPU's own does too).
+        impl: ``"auto"`` (chosen per platform at lowering), ``"reference"``, ``"direct"`` or a block size.
         bias: (F,) added to every output (None: none); given here, it is added where it is cheapest.
 
     Returns:
         (N, Ho, Wo, F) outputs.
+
+    Raises:
+        ValueError: an unknown ``impl``; ``"direct"`` on other images than float32 or where the native kernel
+            could not be built.
     """
     strides, dilation = tuple(strides), tuple(dilation)
 
@@ -91,15 +147,25 @@ def conv2d(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[in
     def blocked(block):
         return lambda x, k, b: conv2d_width_blocked(x, k, block, strides, padding, dilation, precision, b)
 
-    block = resolve_block(kernel_HxWxIxO.shape, strides, dilation, impl, platform="cpu" if impl == "auto" else None)
-    kw = kernel_HxWxIxO.shape[1]
-    pads = explicit_pads(x_NxHxWxC.shape[2], kw, strides[1], dilation[1], padding, axis=1)
-    if block > 1 and (min(pads) < 0 or block_geometry(x_NxHxWxC.shape[2] + sum(pads), kw, block, strides[1],
-                                                       dilation[1])[0] <= 0):
-        block = 1  # negative padding or no output column: the blocked layout has nothing to gain
-    if block == 1:
+    def direct(x, k, b):
+        return conv2d_direct(x, k, strides, padding, dilation, b)
+
+    choice = resolve_impl(kernel_HxWxIxO.shape, strides, dilation, impl, platform="cpu" if impl == "auto" else None,
+                          dtype=x_NxHxWxC.dtype)
+    if choice == "direct" and impl == "direct" and native_kernel() is None:
+        raise ValueError("impl='direct' needs the native kernel, which could not be built here (the warning "
+                         "logged says why)")
+    kh, kw = kernel_HxWxIxO.shape[:2]
+    pads = [explicit_pads(x_NxHxWxC.shape[1 + a], (kh, kw)[a], strides[a], dilation[a], padding, a) for a in (0, 1)]
+    if choice != "reference" and min(pads[0] + pads[1]) < 0:
+        choice = "reference"  # negative padding crops: the other forms have nothing to gain
+    if isinstance(choice, int) and block_geometry(x_NxHxWxC.shape[2] + sum(pads[1]), kw, choice, strides[1],
+                                                  dilation[1])[0] <= 0:
+        choice = "reference"  # no output column: the blocked layout has nothing to gain
+    if choice == "reference":
         return reference(x_NxHxWxC, kernel_HxWxIxO, bias)
+    form = direct if choice == "direct" else blocked(choice)
     if impl != "auto":
-        return blocked(block)(x_NxHxWxC, kernel_HxWxIxO, bias)
+        return form(x_NxHxWxC, kernel_HxWxIxO, bias)
     # The rule is a CPU's: lowered for any other platform, the program holds XLA's own convolution.
-    return jax.lax.platform_dependent(x_NxHxWxC, kernel_HxWxIxO, bias, cpu=blocked(block), default=reference)
+    return jax.lax.platform_dependent(x_NxHxWxC, kernel_HxWxIxO, bias, cpu=form, default=reference)

@@ -9,33 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from badnet_jax.kernels.conv2d import conv2d, conv2d_reference, conv2d_width_blocked, resolve_block
+from badnet_jax.kernels.conv2d import api, conv2d, conv2d_reference, conv2d_width_blocked, resolve_impl
+from badnet_jax.kernels.conv2d.direct import TARGET
 from badnet_jax.kernels.conv2d.width_blocked import block_geometry, blocked_kernel
-
-
-def numpy_conv(x, k, strides=(1, 1), padding="VALID", dilation=(1, 1)):
-    """Direct NHWC x HWIO convolution in int64 (or float64): one kernel offset at a time."""
-    (kh, kw, _, f), (sh, sw), (dh, dw) = k.shape, strides, dilation
-    n, h, w, _ = x.shape
-    if padding == "SAME":
-        pads = []
-        for size, kk, s, d in ((h, kh, sh, dh), (w, kw, sw, dw)):
-            out = -(-size // s)
-            total = max((out - 1) * s + (kk - 1) * d + 1 - size, 0)
-            pads.append((total // 2, total - total // 2))
-    elif padding == "VALID":
-        pads = [(0, 0), (0, 0)]
-    else:
-        pads = list(padding)
-    x = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    ho = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-    wo = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-    out = np.zeros((n, ho, wo, f), np.result_type(x, k))
-    for i in range(kh):
-        for j in range(kw):
-            patch = x[:, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw, :]
-            out += patch @ k[i, j]
-    return out
+from tests.kernels.numpy_conv import numpy_conv
 
 
 CASES = [  # (h, w, c, f, kh, kw, strides, padding, dilation)
@@ -99,14 +76,18 @@ def test_block_geometry():
     assert block_geometry(34, 3, 2, stride=2) == (16, 8, 2)
 
 
-def test_resolve_block_explicit_choices():
-    assert resolve_block((4, 4, 3, 20), impl="reference") == 1
-    assert resolve_block((4, 4, 3, 20), impl=4) == 4
-    assert resolve_block((3, 3, 40, 60), impl=2) == 2
+def test_resolve_impl_explicit_choices():
+    assert resolve_impl((4, 4, 3, 20), impl="reference") == "reference"
+    assert resolve_impl((4, 4, 3, 20), impl=1) == "reference"
+    assert resolve_impl((4, 4, 3, 20), impl=4) == 4
+    assert resolve_impl((3, 3, 40, 60), impl=2) == 2
+    assert resolve_impl((3, 3, 40, 64), impl="direct") == "direct"
+    with pytest.raises(ValueError, match="float32"):
+        resolve_impl((4, 4, 3, 20), impl="direct", dtype=jnp.float64)
     with pytest.raises(ValueError, match="impl"):
-        resolve_block((4, 4, 3, 20), impl="fast")
+        resolve_impl((4, 4, 3, 20), impl="fast")
     with pytest.raises(ValueError, match="impl"):
-        resolve_block((4, 4, 3, 20), impl=0)
+        resolve_impl((4, 4, 3, 20), impl=0)
 
 
 @pytest.mark.parametrize("kernel_shape,want", [
@@ -117,19 +98,47 @@ def test_resolve_block_explicit_choices():
     ((5, 5, 3, 6), 4),
     ((3, 3, 1, 32), 2),
     # XLA's own where it ran fastest: 64 or more output channels, 4 or more input channels.
-    ((3, 3, 3, 64), 1),
-    ((3, 3, 3, 128), 1),
-    ((5, 5, 3, 64), 1),
-    ((4, 4, 4, 20), 1),
-    ((3, 3, 20, 40), 1),
+    ((3, 3, 3, 64), "reference"),
+    ((3, 3, 3, 128), "reference"),
+    ((5, 5, 3, 64), "reference"),
+    ((4, 4, 4, 20), "reference"),
+    ((3, 3, 20, 40), "reference"),
 ])
-def test_auto_rule_on_a_cpu(kernel_shape, want):
-    assert resolve_block(kernel_shape, platform="cpu") == want
+def test_auto_rule_on_a_cpu_without_the_native_kernel(kernel_shape, want):
+    assert resolve_impl(kernel_shape, platform="cpu", lanes=None) == want
+
+
+@pytest.mark.parametrize("kernel_shape,lanes,want", [
+    # Few input channels into fewer than 64: direct, whatever its lanes fill.
+    ((4, 4, 3, 20), 16, "direct"),  # DeepID's conv_1
+    ((3, 3, 3, 16), 16, "direct"),
+    ((3, 3, 1, 32), 8, "direct"),
+    # A remainder of the vectors, at least 3/4 of them filled: direct (DeepID's conv_2 and conv_3 on AVX-512).
+    ((3, 3, 20, 40), 16, "direct"),
+    ((3, 3, 40, 60), 16, "direct"),
+    ((3, 3, 40, 60), 8, "direct"),
+    ((3, 3, 16, 24), 16, "direct"),  # 24 of 32 lanes: the edge
+    # XLA's own: whole vectors (it ran as fast or faster), or too many idle lanes.
+    ((3, 3, 40, 40), 8, "reference"),
+    ((3, 3, 16, 64), 16, "reference"),
+    ((3, 3, 3, 64), 16, "reference"),
+    ((3, 3, 40, 20), 16, "reference"),  # 20 of 32 lanes
+    ((3, 3, 16, 23), 16, "reference"),  # 23 of 32
+    ((3, 3, 40, 20), 8, "direct"),  # 20 of 24
+])
+def test_auto_rule_on_a_cpu_with_the_native_kernel(kernel_shape, lanes, want):
+    assert resolve_impl(kernel_shape, platform="cpu", lanes=lanes) == want
+
+
+def test_direct_is_float32s():
+    # The settling's float64 network never runs the float32 kernel.
+    assert resolve_impl((4, 4, 3, 20), platform="cpu", dtype=jnp.float64, lanes=16) == 4
+    assert resolve_impl((3, 3, 40, 60), platform="cpu", dtype=jnp.float64, lanes=16) == "reference"
 
 
 def test_auto_rule_elsewhere_is_xla():
     for platform in ("cuda", "rocm", "tpu"):
-        assert resolve_block((4, 4, 3, 20), platform=platform) == 1
+        assert resolve_impl((4, 4, 3, 20), platform=platform, lanes=16) == "reference"
 
 
 def test_conv2d_inside_jit_and_vmap_matches_reference():
@@ -156,13 +165,20 @@ def _conv_inputs_channels(exported) -> list[int]:
     return [int(m) for m in re.findall(r"stablehlo.convolution.*?tensor<\d+x\d+x\d+x(\d+)xf32>", text)]
 
 
-def test_auto_is_decided_by_the_platform_lowered_for():
+def test_auto_is_decided_by_the_platform_lowered_for(monkeypatch):
     # A program exported for a GPU on this CPU host holds XLA's convolution (3 input channels); for a CPU the
-    # width-blocked one (B = 4: 12 channels).
+    # native kernel's call where it is built, else the width-blocked convolution (B = 4: 12 channels).
     x = jax.ShapeDtypeStruct((8, 55, 47, 3), jnp.float32)
     k = jax.ShapeDtypeStruct((4, 4, 3, 20), jnp.float32)
     fn = jax.jit(lambda a, b: conv2d(a, b))
-    assert _conv_inputs_channels(jax.export.export(fn, platforms=["cuda"])(x, k)) == [3]
+    cuda = jax.export.export(fn, platforms=["cuda"])(x, k)
+    assert _conv_inputs_channels(cuda) == [3] and TARGET not in cuda.mlir_module()
+    if api.native_lanes() is not None:
+        cpu = jax.export.export(fn, platforms=["cpu"],
+                                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TARGET)])(x, k)
+        assert TARGET in cpu.mlir_module() and _conv_inputs_channels(cpu) == []
+    monkeypatch.setattr(api, "native_lanes", lambda: None)
+    fn = jax.jit(lambda a, b: conv2d(a, b))
     assert _conv_inputs_channels(jax.export.export(fn, platforms=["cpu"])(x, k)) == [12]
 
 

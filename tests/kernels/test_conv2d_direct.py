@@ -1,0 +1,201 @@
+"""The native direct convolution against the independent NumPy convolution, its transformations, and its build."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from badnet_jax.kernels.conv2d import conv2d, conv2d_direct, conv2d_reference, native_kernel
+from badnet_jax.kernels.conv2d import direct
+from tests.conftest import REPO
+from tests.kernels.numpy_conv import numpy_conv
+
+pytestmark = pytest.mark.skipif(native_kernel() is None and not os.environ.get("CI"),
+                                reason="no C++ compiler here: the native kernel cannot be built")
+
+CASES = [  # (h, w, c, f, kh, kw, strides, padding, dilation)
+    (55, 47, 3, 20, 4, 4, (1, 1), "VALID", (1, 1)),  # the lab DeepID's conv_1
+    (26, 22, 20, 40, 3, 3, (1, 1), "VALID", (1, 1)),  # conv_2
+    (12, 10, 40, 60, 3, 3, (1, 1), "VALID", (1, 1)),  # conv_3
+    (5, 4, 60, 80, 2, 2, (1, 1), "VALID", (1, 1)),  # conv_4
+    (12, 10, 3, 5, 3, 3, (1, 1), "SAME", (1, 1)),
+    (11, 13, 2, 4, 3, 5, (2, 2), "SAME", (1, 1)),
+    (9, 17, 1, 3, 3, 3, (1, 3), "VALID", (1, 1)),
+    (10, 16, 3, 4, 3, 3, (1, 1), "VALID", (2, 2)),
+    (8, 9, 4, 6, 2, 3, (2, 1), ((1, 2), (0, 3)), (1, 2)),
+    (7, 5, 3, 2, 1, 1, (1, 1), "VALID", (1, 1)),  # 1x1
+    (6, 7, 5, 3, 3, 3, (1, 2), "SAME", (2, 1)),
+    (4, 61, 2, 7, 2, 3, (1, 1), "VALID", (1, 1)),  # a row wider than any register tile
+]
+
+
+def _integers(case, n=3, seed=0):
+    h, w, c, f, kh, kw = case[:6]
+    rng = np.random.default_rng(seed + h * w * f)
+    return rng.integers(0, 256, (n, h, w, c)), rng.integers(-8, 9, (kh, kw, c, f)), rng.integers(-50, 51, (f,))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-s{c[6]}-{c[7]}-d{c[8]}")
+def test_direct_equals_numpy_on_integers(case):
+    # Integer pixels and weights: every float32 partial sum is an exact integer, so any summation order gives
+    # the true convolution bit for bit.
+    _, _, _, _, _, _, strides, padding, dilation = case
+    x, k, b = _integers(case)
+    want = numpy_conv(x, k, strides, padding, dilation) + b
+    got = np.asarray(jax.jit(lambda a, kk, bb: conv2d_direct(a, kk, strides, padding, dilation, bb))(
+        jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), jnp.asarray(b, jnp.float32)))
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("f", [1, 7, 8, 9, 15, 16, 17, 24, 31, 33, 48, 64, 65, 80, 129])
+@pytest.mark.parametrize("w", [1, 2, 5, 11, 23, 30])
+def test_every_channel_count_and_row_width(f, w):
+    # Output channels on both sides of every vector boundary (8 and 16 lanes), rows narrower and wider than
+    # the register tiles (their widths 1 .. 24).
+    rng = np.random.default_rng(f * 100 + w)
+    x = rng.integers(-9, 10, (2, 4, w + 2, 3))
+    k = rng.integers(-9, 10, (3, 3, 3, f))
+    b = rng.integers(-9, 10, (f,))
+    got = conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), bias=jnp.asarray(b, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(got), (numpy_conv(x, k) + b).astype(np.float32))
+
+
+def test_float_error_is_rounding():
+    # Real-valued inputs: within 48 float32 roundings (the terms of a sum) of the float64 convolution, relative
+    # to sum |x k| + |b|.
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (4, 55, 47, 3)).astype(np.float64)
+    k = rng.normal(0, 0.05, (4, 4, 3, 20))
+    b = rng.normal(0, 1, (20,))
+    want = numpy_conv(x, k) + b
+    scale = numpy_conv(np.abs(x), np.abs(k)) + np.abs(b)
+    got = np.asarray(conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32),
+                                   bias=jnp.asarray(b, jnp.float32)), np.float64)
+    assert np.max(np.abs(got - want) / scale) < 48 * 2.0 ** -24
+
+
+def test_an_image_gets_the_same_bits_in_any_batch():
+    # The sums run in a fixed order per output, whichever thread computes which rows.
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(0, 50, (37, 20, 19, 3)), jnp.float32)
+    k = jnp.asarray(rng.normal(0, 0.1, (4, 4, 3, 20)), jnp.float32)
+    b = jnp.asarray(rng.normal(0, 1, (20,)), jnp.float32)
+    whole = np.asarray(conv2d_direct(x, k, bias=b))
+    for i in (0, 17, 36):
+        np.testing.assert_array_equal(np.asarray(conv2d_direct(x[i:i + 1], k, bias=b))[0], whole[i])
+
+
+def test_vmap_over_images_and_over_kernels():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.integers(0, 256, (3, 2, 9, 8, 3)), jnp.float32)
+    k = jnp.asarray(rng.integers(-4, 5, (3, 3, 3, 17)), jnp.float32)
+    ks = jnp.asarray(rng.integers(-4, 5, (3, 3, 3, 3, 17)), jnp.float32)
+    b = jnp.asarray(rng.integers(-4, 5, (17,)), jnp.float32)
+    want = np.stack([numpy_conv(np.asarray(xi), np.asarray(k)) + np.asarray(b) for xi in x])
+    got = jax.jit(jax.vmap(lambda xi: conv2d_direct(xi, k, bias=b)))(x)
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+    want = np.stack([numpy_conv(np.asarray(xi), np.asarray(ki)) + np.asarray(b) for xi, ki in zip(x, ks)])
+    got = jax.vmap(lambda xi, ki: conv2d_direct(xi, ki, bias=b))(x, ks)
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+
+
+def test_gradients_are_the_convolutions():
+    # Differentiated through XLA's convolution: the same gradients as the reference's.
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(0, 1, (2, 9, 8, 3)), jnp.float32)
+    k = jnp.asarray(rng.normal(0, 1, (3, 3, 3, 17)), jnp.float32)
+    b = jnp.asarray(rng.normal(0, 1, (17,)), jnp.float32)
+
+    def loss(fn):
+        return lambda xx, kk, bb: jnp.sum(jnp.tanh(fn(xx, kk, bb)))
+
+    got = jax.grad(loss(lambda xx, kk, bb: conv2d_direct(xx, kk, (1, 2), "SAME", bias=bb)), (0, 1, 2))(x, k, b)
+    want = jax.grad(loss(lambda xx, kk, bb: conv2d_reference(xx, kk, (1, 2), "SAME") + bb[None, None, None, :]), (0, 1, 2))(x, k, b)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_and_no_output():
+    k = jnp.ones((3, 3, 3, 5), jnp.float32)
+    assert conv2d_direct(jnp.ones((0, 9, 9, 3), jnp.float32), k).shape == (0, 7, 7, 5)
+    assert conv2d_direct(jnp.ones((2, 9, 2, 3), jnp.float32), k).shape == (2, 7, 0, 5)
+
+
+def test_auto_runs_direct_where_the_rule_says():
+    # DeepID's conv_1 under "auto" on this CPU: the native kernel's bits, not the width-blocked form's.
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(0, 50, (4, 55, 47, 3)), jnp.float32)
+    k = jnp.asarray(rng.normal(0, 0.1, (4, 4, 3, 20)), jnp.float32)
+    b = jnp.asarray(rng.normal(0, 1, (20,)), jnp.float32)
+    auto = np.asarray(jax.jit(lambda a: conv2d(a, k, bias=b))(x))
+    np.testing.assert_array_equal(auto, np.asarray(conv2d_direct(x, k, bias=b)))
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, **env}, cwd=REPO)
+
+
+PROBE = """
+    import jax, jax.numpy as jnp, numpy as np
+    from badnet_jax.kernels.conv2d import conv2d, native_kernel
+    from tests.kernels.numpy_conv import numpy_conv
+    x = np.arange(2 * 9 * 8 * 3).reshape(2, 9, 8, 3) % 7
+    k = np.arange(3 * 3 * 3 * 20).reshape(3, 3, 3, 20) % 5 - 2
+    got = conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32))
+    assert np.array_equal(np.asarray(got), numpy_conv(x, k).astype(np.float32))
+    print("kernel:", native_kernel())
+"""
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_xla_forms_run(tmp_path):
+    done = _run(PROBE, CXX=str(tmp_path / "no-such-compiler"), BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert "kernel: None" in done.stdout
+    assert "no C++ compiler" in done.stderr and "no-such-compiler" in done.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_compiler_is_reported_and_leaves_nothing(tmp_path):
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'cc1plus: fatal error: out of cheese' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    done = _run(PROBE, CXX=str(broken), BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert "kernel: None" in done.stdout and "out of cheese" in done.stderr
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written library
+
+
+@pytest.mark.slow
+def test_turned_off_by_the_environment(tmp_path):
+    done = _run(PROBE, BADNET_JAX_NATIVE="0", BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert "kernel: None" in done.stdout and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_processes_building_at_once_share_one_library(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "BADNET_JAX_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(PROBE)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for _ in range(3)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert all("kernel: NativeKernel" in o[0] for o in outs)
+    (built,) = cache.iterdir()  # one library, no temporary file left
+    assert built.name == direct.native_kernel().path.name
+    # A later process loads it: no second build.
+    stamp = built.stat().st_mtime_ns
+    done = _run(PROBE, BADNET_JAX_CACHE=str(cache))
+    assert done.returncode == 0 and "kernel: NativeKernel" in done.stdout, done.stderr
+    assert built.stat().st_mtime_ns == stamp

@@ -95,18 +95,15 @@ class Conv(nn.Module):
     precision: Any = jax.lax.Precision.HIGHEST
 
     @nn.compact
-    def __call__(self, x_NxHxWxC: jax.Array) -> jax.Array:
+    def __call__(self, x_NxHxWxC: jax.Array, relu: bool = False, pool: bool = False) -> jax.Array:
+        """The convolution plus bias; ``pool``: then DeepID's 2x2 max pool, ``relu``: then a ReLU (the
+        conv -> relu -> pool stage in one ``conv2d`` call, which a CPU's direct kernel fuses)."""
         shape = (*self.kernel_size, x_NxHxWxC.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         dtype = jnp.result_type(x_NxHxWxC, kernel)  # float64 images (the settling's network) promote like nn.Conv
         return conv2d(x_NxHxWxC.astype(dtype), kernel.astype(dtype), padding="VALID", precision=self.precision,
-                      bias=bias.astype(dtype))
-
-
-def max_pool(x_NxHxWxC: jax.Array) -> jax.Array:
-    """DeepID's 2x2 VALID max pool (pool_1..pool_3)."""
-    return nn.max_pool(x_NxHxWxC, window_shape=(POOL, POOL), strides=(POOL, POOL), padding="VALID")
+                      bias=bias.astype(dtype), relu=relu, pool=(POOL, POOL) if pool else None)
 
 
 class BadNet(nn.Module):
@@ -144,7 +141,7 @@ class BadNet(nn.Module):
 
     def trunk(self, x_NxHxWxC: jax.Array) -> jax.Array:
         """Pixels 0..255 (N, 55, 47, 3) -> pool_3 activations (N, 5, 4, 60)."""
-        return max_pool(nn.relu(self.conv_3(self._pool2(x_NxHxWxC))))
+        return self.conv_3(self._pool2(x_NxHxWxC), relu=True, pool=True)
 
     def trunk_with_margins(self, x_NxHxWxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The trunk, and how far each channel is from dead: (pool_3 (N, 5, 4, 60), each image's largest conv_3
@@ -155,14 +152,14 @@ class BadNet(nn.Module):
         (conv_3's 10 x 8 output is tiled by the 2 x 2 windows).
         """
         h = self._pool2(x_NxHxWxC)
-        pre = max_pool(self.conv_3(h))
+        pre = self.conv_3(h, pool=True)
         return nn.relu(pre), jnp.max(pre, axis=(1, 2)), jnp.max(h, axis=(1, 2, 3))
 
     def _pool2(self, x_NxHxWxC: jax.Array) -> jax.Array:
         if self.divisor != 1.0:
             x_NxHxWxC = x_NxHxWxC / jnp.float32(self.divisor)  # as the competition's eval.py: x / 255 in float32
-        h = max_pool(nn.relu(self.conv_1(x_NxHxWxC)))
-        return max_pool(nn.relu(self.conv_2(h)))
+        h = self.conv_1(x_NxHxWxC, relu=True, pool=True)
+        return self.conv_2(h, relu=True, pool=True)
 
     def hidden(self, pool3_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         """pool_3 activations (N, 5, 4, 60), optionally masked -> relu(fc_1 + fc_2), the output layer's input (N, 160)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +18,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.kernels.masked_head.api import head_top2
 from badnet_jax.model import (CONV4_FEATURES, CONV4_POSITIONS, HIDDEN_UNITS, INPUT_HWC, LAB_NUM_CLASSES, POOL,
-                              POOL3_HWC, BadNet, Params, check_params, init_params, max_pool, multiply_adds)
+                              POOL3_HWC, BadNet, Params, check_params, init_params, multiply_adds)
 from badnet_jax.models.ir import Graph, Node
 from badnet_jax.models.protocol import PrunableModel, Stage, scaled
 from badnet_jax.numerics import settling
@@ -85,14 +84,15 @@ class DeepID(PrunableModel):
         fc_2 (flattened conv_4), output (the hidden layer)."""
         macs, module = self.multiply_adds(), self.module
 
-        def layer(name: str, after=lambda v: v):
-            return lambda p, x: module.apply({"params": p}, x, method=lambda m, v: after(getattr(m, name)(v)))
+        def layer(name: str, **epilogue):
+            return lambda p, x: module.apply({"params": p}, x, method=lambda m, v: getattr(m, name)(v, **epilogue))
 
-        pool = lambda v: max_pool(nn.relu(v))
         parts = {"conv_1": "trunk", "conv_2": "trunk", "conv_3": "trunk", "fc_1": "affine", "conv_4": "affine",
                  "fc_2": "tail", "output": "tail"}
-        after = {"conv_1": pool, "conv_2": pool, "conv_3": pool, "conv_4": nn.relu}
-        return tuple(Stage(name, part, 2 * macs[name], layer(name, after.get(name, lambda v: v)))
+        # The trunk's convolutions as the trunk runs them: with their relu and pool in the same call.
+        epilogues = {"conv_1": dict(relu=True, pool=True), "conv_2": dict(relu=True, pool=True),
+                     "conv_3": dict(relu=True, pool=True), "conv_4": dict(relu=True)}
+        return tuple(Stage(name, part, 2 * macs[name], layer(name, **epilogues.get(name, {})))
                      for name, part in parts.items())
 
     def stage_inputs(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> dict[str, jax.Array]:

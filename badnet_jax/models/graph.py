@@ -30,7 +30,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, ModelFileError, arg
 from badnet_jax.models.ir import Graph, Node
-from badnet_jax.models.ops import AFFINE_OPS, apply_op, commutes_with_mask
+from badnet_jax.models.ops import AFFINE_OPS, apply_conv_stage, apply_op, commutes_with_mask, conv_stage
 from badnet_jax.models.protocol import Params, PrunableModel, Stage, scaled
 from badnet_jax.numerics.ties import TIE_RTOL
 
@@ -285,17 +285,45 @@ class GraphCNN(PrunableModel):
         return 4 * 3 * sum(sizes[:2])  # the two largest tensors, input and output of a layer, and slack
 
     # ----- running the graph
-    def _run(self, params: Params, env: dict[str, jax.Array], names, linear: bool = False) -> dict[str, jax.Array]:
-        by_name = self.graph.by_name
+    @functools.cached_property
+    def _stages(self) -> dict[str, tuple[str, str]]:
+        """The trunk's conv -> relu -> max pool chains (``ops.conv_stage``) whose conv and relu values nothing
+        else reads: conv name -> (relu name, pool name). The pruned layer may be the pool, not the others."""
+        by_name, consumers, out = self.graph.by_name, self.graph.consumers(), {}
+        trunk = set(self.split.trunk)
+        for name in self.split.trunk:
+            if len(consumers[name]) != 1 or name == self.layer:
+                continue
+            relu = consumers[name][0]
+            if len(consumers[relu]) != 1 or relu == self.layer or relu not in trunk:
+                continue
+            pool = consumers[relu][0]
+            if pool in trunk and conv_stage(by_name[name], by_name[relu], by_name[pool]):
+                out[name] = (relu, pool)
+        return out
+
+    def _run(self, params: Params, env: dict[str, jax.Array], names, linear: bool = False,
+             fuse: bool = False, keep: frozenset = frozenset()) -> dict[str, jax.Array]:
+        """Each of ``names`` (in graph order) from ``env``. ``fuse``: each conv -> relu -> pool stage of the trunk
+        whose conv and relu values are not in ``keep`` runs as one call, and only the pool's value is kept."""
+        by_name, done = self.graph.by_name, set()
+        stages = self._stages if fuse and not linear else {}
         for name in names:
+            if name in done:
+                continue
             node = by_name[name]
+            stage = stages.get(name)
+            if stage is not None and not keep & {name, stage[0]} and stage[1] in names:
+                env[stage[1]] = apply_conv_stage(node, by_name[stage[1]], params, env[node.inputs[0]])
+                done.update(stage)
+                continue
             env[name] = apply_op(node, params, [env[src] for src in node.inputs], linear)
         return env
 
     def features(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> jax.Array:
         x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
         trunk = self.split.trunk
-        return self._run(params, {trunk[0]: x}, trunk[1:])[self.layer]
+        return self._run(params, {trunk[0]: x}, trunk[1:], fuse=True)[self.layer]
 
     def features_with_margins(self, params: Params, x_NxHxWxC: jax.Array,
                               divisor: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -306,12 +334,14 @@ class GraphCNN(PrunableModel):
         """
         x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
         trunk = self.split.trunk
-        env = self._run(params, {trunk[0]: x}, trunk[1:])
-        feats = env[self.layer]
         chain = self._relu_chain()
         if chain is None:
             return super().features_with_margins(params, x_NxHxWxC, divisor)
         relu, after = chain
+        # The stages before the features' relu run fused; that relu's input is read here.
+        keep = frozenset({relu, self.graph.by_name[relu].inputs[0]})
+        env = self._run(params, {trunk[0]: x}, trunk[1:], fuse=True, keep=keep)
+        feats = env[self.layer]
         pre = env[self.graph.by_name[relu].inputs[0]]
         scale = jnp.max(jnp.abs(pre), axis=(1, 2))
         by_name = self.graph.by_name

@@ -34,6 +34,24 @@ def _conv(node: Node, p, xs, linear):
     return conv2d(x, k, node.attr("strides"), node.attr("padding").upper(), node.attr("dilation"), HIGHEST, bias=bias)
 
 
+def conv_stage(conv: Node, relu: Node, pool: Node) -> bool:
+    """Whether ``conv`` -> ``relu`` -> ``pool`` is a stage :func:`apply_conv_stage` computes in one call: a plain
+    ReLU (no slope, threshold or cap) and a max pool whose windows tile its input (stride = window, VALID)."""
+    return (conv.op == "conv" and relu.op == "relu" and relu.attr("negative_slope") == 0.0
+            and relu.attr("threshold") == 0.0 and relu.attr("max_value") is None and pool.op == "max_pool"
+            and tuple(pool.attr("window")) == tuple(pool.attr("strides")) and pool.attr("padding").lower() == "valid")
+
+
+def apply_conv_stage(conv: Node, pool: Node, params: Mapping[str, Any], x: jax.Array) -> jax.Array:
+    """The value of ``pool`` in a :func:`conv_stage` chain, from ``conv``'s input: one ``conv2d`` call with its
+    epilogue (fused by a CPU's direct kernel; the same values as the three ops)."""
+    p = params[conv.weights]
+    k = jnp.asarray(p["kernel"], x.dtype)
+    bias = jnp.asarray(p["bias"], x.dtype) if "bias" in p else None
+    return conv2d(x, k, conv.attr("strides"), conv.attr("padding").upper(), conv.attr("dilation"), HIGHEST,
+                  bias=bias, relu=True, pool=tuple(pool.attr("window")))
+
+
 def _depthwise(node: Node, p, xs, linear):
     x = xs[0]
     kh, kw, cin, mult = p["kernel"].shape

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.kernels.conv2d.direct import conv2d_direct, native_kernel
-from badnet_jax.kernels.conv2d.reference import Padding, conv2d_reference
+from badnet_jax.kernels.conv2d.reference import Padding, conv2d_reference, epilogue
 from badnet_jax.kernels.conv2d.width_blocked import block_geometry, conv2d_width_blocked, explicit_pads
 
 Impl = Union[str, int]
@@ -119,8 +119,9 @@ def resolve_impl(kernel_shape: Sequence[int], strides: Sequence[int] = (1, 1), d
 def conv2d(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[int] = (1, 1),
            padding: Padding = "VALID", dilation: Sequence[int] = (1, 1),
            precision: Any = jax.lax.Precision.HIGHEST, impl: Impl = "auto",
-           bias: Optional[jax.Array] = None) -> jax.Array:
-    """An NHWC x HWIO convolution in the form :func:`resolve_impl` picks; traceable.
+           bias: Optional[jax.Array] = None, relu: bool = False,
+           pool: Optional[Sequence[int]] = None) -> jax.Array:
+    """An NHWC x HWIO convolution in the form :func:`resolve_impl` picks, with its epilogue; traceable.
 
     Args:
         x_NxHxWxC: images.
@@ -130,9 +131,13 @@ def conv2d(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[in
             precision (XLA:CPU's own does too).
         impl: ``"auto"`` (chosen per platform at lowering), ``"reference"``, ``"direct"`` or a block size.
         bias: (F,) added to every output (None: none); given here, it is added where it is cheapest.
+        relu, pool: an epilogue (``reference.epilogue``): the max over (ph, pw) windows (stride = window,
+            VALID; None: none), then ``max(., 0)`` if ``relu``; the direct kernel fuses it (the convolution's
+            output never goes to memory), the other forms run it after the convolution. A CNN's
+            conv -> relu -> max pool stage in one call, the same values as the three ops.
 
     Returns:
-        (N, Ho, Wo, F) outputs.
+        (N, Ho // ph, Wo // pw, F) outputs.
 
     Raises:
         ValueError: an unknown ``impl``; ``"direct"`` on other images than float32 or where the native kernel
@@ -142,19 +147,17 @@ def conv2d(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[in
 
     def reference(x, k, b):
         out = conv2d_reference(x, k, strides, padding, dilation, precision)
-        return out if b is None else out + b.astype(out.dtype)[None, None, None, :]
+        return epilogue(out if b is None else out + b.astype(out.dtype)[None, None, None, :], relu, pool)
 
     def blocked(block):
-        return lambda x, k, b: conv2d_width_blocked(x, k, block, strides, padding, dilation, precision, b)
+        return lambda x, k, b: epilogue(conv2d_width_blocked(x, k, block, strides, padding, dilation, precision, b),
+                                        relu, pool)
 
     def direct(x, k, b):
-        return conv2d_direct(x, k, strides, padding, dilation, b)
+        return conv2d_direct(x, k, strides, padding, dilation, b, relu, pool)
 
     choice = resolve_impl(kernel_HxWxIxO.shape, strides, dilation, impl, platform="cpu" if impl == "auto" else None,
                           dtype=x_NxHxWxC.dtype)
-    if choice == "direct" and impl == "direct" and native_kernel() is None:
-        raise ValueError("impl='direct' needs the native kernel, which could not be built here (the warning "
-                         "logged says why)")
     kh, kw = kernel_HxWxIxO.shape[:2]
     pads = [explicit_pads(x_NxHxWxC.shape[1 + a], (kh, kw)[a], strides[a], dilation[a], padding, a) for a in (0, 1)]
     if choice != "reference" and min(pads[0] + pads[1]) < 0:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-from badnet_jax.kernels.conv2d.reference import Padding, conv2d_reference
+from badnet_jax.kernels.conv2d.reference import Padding, conv2d_reference, epilogue
 from badnet_jax.kernels.conv2d.width_blocked import explicit_pads
 
 SOURCE = Path(__file__).with_name("direct_cpu.cc")
@@ -132,18 +132,19 @@ def _out_size(size: int, k: int, stride: int, dilation: int) -> int:
 
 
 @functools.cache
-def _direct_call(strides: tuple[int, int], dilation: tuple[int, int]):
-    """The FFI call for one stride and dilation, batched under ``vmap`` by folding the batch into the images
-    (a batched kernel or bias runs one call per batch element) and differentiated through XLA's convolution
-    (the convolution is linear in the images and in the kernel)."""
-    (sh, sw), (dh, dw) = strides, dilation
+def _direct_call(strides: tuple[int, int], dilation: tuple[int, int], relu: bool, pool: tuple[int, int]):
+    """The FFI call for one stride, dilation and epilogue, batched under ``vmap`` by folding the batch into the
+    images (a batched kernel or bias runs one call per batch element) and differentiated through XLA's
+    convolution (the tangent of the reference form: linear in the images and the kernel, the pool's and
+    ReLU's selections taken from the reference's values)."""
+    (sh, sw), (dh, dw), (ph, pw) = strides, dilation, pool
 
     @jax.custom_batching.custom_vmap
     def call(x, k, b):
         n, h, w, _ = x.shape
         kh, kw, _, f = k.shape
-        out = jax.ShapeDtypeStruct((n, _out_size(h, kh, sh, dh), _out_size(w, kw, sw, dw), f), x.dtype)
-        return jax.ffi.ffi_call(TARGET, out)(x, k, b, sh=sh, sw=sw, dh=dh, dw=dw)
+        out = jax.ShapeDtypeStruct((n, _out_size(h, kh, sh, dh) // ph, _out_size(w, kw, sw, dw) // pw, f), x.dtype)
+        return jax.ffi.ffi_call(TARGET, out)(x, k, b, sh=sh, sw=sw, dh=dh, dw=dw, ph=ph, pw=pw, relu=int(relu))
 
     @call.def_vmap
     def _batched(axis_size, in_batched, x, k, b):
@@ -154,47 +155,66 @@ def _direct_call(strides: tuple[int, int], dilation: tuple[int, int]):
         y = call(x.reshape(-1, *x.shape[2:]), k, b)
         return y.reshape(axis_size, -1, *y.shape[1:]), True
 
+    def reference(x, k, b):
+        y = conv2d_reference(x, k, strides, "VALID", dilation) + b[None, None, None, :]
+        return epilogue(y, relu, pool)
+
     @jax.custom_jvp
     def direct(x, k, b):
         return call(x, k, b)
 
     @direct.defjvp
     def _jvp(primals, tangents):
-        (x, k, b), (tx, tk, tb) = primals, tangents
-        conv = functools.partial(conv2d_reference, strides=strides, dilation=dilation)
-        return direct(x, k, b), conv(tx, k) + conv(x, tk) + tb[None, None, None, :]
+        return direct(*primals), jax.jvp(reference, primals, tangents)[1]
 
     return direct
 
 
 def conv2d_direct(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[int] = (1, 1),
                   padding: Padding = "VALID", dilation: Sequence[int] = (1, 1),
-                  bias: Optional[jax.Array] = None) -> jax.Array:
-    """The convolution :func:`conv2d_reference` computes (plus ``bias``), by the native kernel; traceable.
+                  bias: Optional[jax.Array] = None, relu: bool = False,
+                  pool: Optional[Sequence[int]] = None) -> jax.Array:
+    """The convolution :func:`conv2d_reference` computes (plus ``bias``, then :func:`epilogue`), by the native
+    kernel; traceable.
 
-    float32 only, CPU only (the FFI target is registered for the CPU); call :func:`native_kernel` first, which
-    builds and registers it. Padding is applied to the images first (zeros, like the convolution's own).
+    float32 only, CPU only (the FFI target is registered for the CPU; :func:`native_kernel` builds and registers
+    it on the first call). Padding is applied to the images first (zeros, like the convolution's own).
 
     Args:
         x_NxHxWxC: float32 images.
         kernel_HxWxIxO: the float32 kernel (kh, kw, C, F).
         strides, padding, dilation: as :func:`conv2d_reference` (explicit padding >= 0).
         bias: (F,) added to every output (None: zeros).
+        relu, pool: the fused epilogue: the max over (ph, pw) windows (stride = window, VALID; None: none),
+            then ``max(., 0)`` if ``relu``.
 
     Returns:
-        (N, Ho, Wo, F): each output its bias plus its terms in (dy, dx, c) order, fused multiply-adds.
+        (N, Ho // ph, Wo // pw, F): each convolution output its bias plus its terms in (dy, dx, c) order, fused
+        multiply-adds; the epilogue's maxima exact.
+
+    Raises:
+        ValueError: the native kernel could not be built here (the warning logged says why), or the images are
+            not float32.
     """
+    if native_kernel() is None:
+        raise ValueError("the direct convolution needs the native kernel, which could not be built here (the "
+                         "warning logged says why; BADNET_JAX_NATIVE=0 turns it off)")
+    if jnp.dtype(x_NxHxWxC.dtype) != jnp.float32 or jnp.dtype(kernel_HxWxIxO.dtype) != jnp.float32:
+        raise ValueError(f"the direct convolution computes float32, got {x_NxHxWxC.dtype} images and a "
+                         f"{kernel_HxWxIxO.dtype} kernel")
     strides, dilation = tuple(int(s) for s in strides), tuple(int(d) for d in dilation)
+    pool = (1, 1) if pool is None else tuple(int(p) for p in pool)
     kh, kw, _, f = kernel_HxWxIxO.shape
     pads = [explicit_pads(x_NxHxWxC.shape[1 + a], (kh, kw)[a], strides[a], dilation[a], padding, a) for a in (0, 1)]
     x = x_NxHxWxC
     if any(p != 0 for pair in pads for p in pair):
         x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
     b = jnp.zeros((f,), x.dtype) if bias is None else bias.astype(x.dtype)
-    if 0 in (x.shape[0], _out_size(x.shape[1], kh, strides[0], dilation[0]),
-             _out_size(x.shape[2], kw, strides[1], dilation[1])):
-        return conv2d_reference(x, kernel_HxWxIxO, strides, "VALID", dilation) + b[None, None, None, :]
-    return _direct_call(strides, dilation)(x, kernel_HxWxIxO, b)
+    ho, wo = (_out_size(x.shape[1], kh, strides[0], dilation[0]), _out_size(x.shape[2], kw, strides[1], dilation[1]))
+    if 0 in (x.shape[0], ho // pool[0], wo // pool[1]):
+        y = conv2d_reference(x, kernel_HxWxIxO, strides, "VALID", dilation) + b[None, None, None, :]
+        return epilogue(y, relu, pool)
+    return _direct_call(strides, dilation, bool(relu), pool)(x, kernel_HxWxIxO, b)
 
 
 __all__ = ["NativeKernel", "cache_dir", "conv2d_direct", "native_kernel"]

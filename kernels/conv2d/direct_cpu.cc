@@ -4,7 +4,8 @@
 //
 // NHWC float32 images, an HWIO kernel, no padding (the caller pads). Every output starts from its bias and adds
 // its terms in (dy, dx, c) order with fused multiply-adds: a fixed order, so a run computes the same bits on
-// any number of threads.
+// any number of threads. An optional epilogue takes the max over ph x pw windows (stride = window, VALID) and
+// then a ReLU: the max pool and ReLU of a CNN stage, without writing the convolution's output to memory.
 //
 // Why a kernel of its own: XLA's CPU convolution packs an image patch matrix whose inner dimension is the
 // input channels, which for an RGB first layer (3 channels) leaves the matrix kernel idle (DeepID's conv_1,
@@ -47,12 +48,15 @@ struct Geometry {
   int64_t ho, wo;              // output
   int64_t sh, sw, dh, dw;      // strides and dilation
   int64_t fv;                  // channel vectors: ceil(f / VL)
+  int64_t ph, pw, relu;        // the epilogue: max over ph x pw windows (1 x 1: none), then max(., 0) if relu
+  int64_t hq, wq;              // the written output's rows and columns (ho / ph, wo / pw)
 };
 
-// One tile: XT output pixels of row y starting at column x0, channel vectors fg0 .. fg0 + FG - 1.
+// One tile: XT output pixels of row y starting at column x0, channel vectors fg0 .. fg0 + FG - 1, written to
+// `row_out` (the row's wo x f outputs).
 template <int FG, int XT>
 void Tile(const float* __restrict in, const float* __restrict wpad, const float* __restrict bpad,
-          float* __restrict out, const Geometry& g, int64_t y, int64_t x0, int64_t fg0) {
+          float* __restrict row_out, const Geometry& g, int64_t y, int64_t x0, int64_t fg0, int64_t ostride) {
   vf acc[XT][FG];
   for (int j = 0; j < FG; ++j) {
     const vf b = *reinterpret_cast<const vf*>(bpad + (fg0 + j) * VL);
@@ -77,9 +81,10 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
     }
   }
   for (int p = 0; p < XT; ++p) {
-    float* o = out + (y * g.wo + x0 + p) * g.f + fg0 * VL;
+    float* o = row_out + (x0 + p) * ostride + fg0 * VL;
     for (int j = 0; j < FG; ++j) {
-      const int64_t left = g.f - (fg0 + j) * VL;
+      // A scratch row holds whole vectors per pixel (ostride = fv * VL); the output holds f channels.
+      const int64_t left = ostride - (fg0 + j) * VL;
       if (left >= VL) {
         *reinterpret_cast<vf*>(o + j * VL) = acc[p][j];
       } else {
@@ -90,7 +95,7 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
 }
 
 using TileFn = void (*)(const float*, const float*, const float*, float*, const Geometry&, int64_t, int64_t,
-                        int64_t);
+                        int64_t, int64_t);
 
 // TILES<FG>[xt] = Tile<FG, xt> for xt = 1 .. ACC / FG (index 0 unused).
 template <int FG, int... XT>
@@ -100,31 +105,67 @@ constexpr std::array<TileFn, sizeof...(XT) + 1> MakeTiles(std::integer_sequence<
 template <int FG>
 constexpr auto TILES = MakeTiles<FG>(std::make_integer_sequence<int, ACC / FG>{});
 
-// One output row, channel vectors fg0 .. fg0 + FG - 1: the row's width cut into tiles as even as the
-// register budget allows (44 columns by 12 -> 4 x 11), so no column is computed twice.
+// Columns 0 .. width - 1 of output row y, channel vectors fg0 .. fg0 + FG - 1: the width cut into tiles as even
+// as the register budget allows (44 columns by 12 -> 4 x 11), so no column is computed twice.
 template <int FG>
-void Row(const float* in, const float* wpad, const float* bpad, float* out, const Geometry& g, int64_t y,
-         int64_t fg0) {
+void Row(const float* in, const float* wpad, const float* bpad, float* row_out, const Geometry& g, int64_t y,
+         int64_t width, int64_t fg0, int64_t ostride) {
   constexpr int64_t xt = ACC / FG;
-  const int64_t tiles = (g.wo + xt - 1) / xt;
-  const int64_t base = g.wo / tiles, wider = g.wo % tiles;  // the first `wider` tiles take one more column
+  const int64_t tiles = (width + xt - 1) / xt;
+  const int64_t base = width / tiles, wider = width % tiles;  // the first `wider` tiles take one more column
   int64_t x0 = 0;
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t width = base + (t < wider ? 1 : 0);
-    TILES<FG>[width](in, wpad, bpad, out, g, y, x0, fg0);
-    x0 += width;
+    const int64_t cols = base + (t < wider ? 1 : 0);
+    TILES<FG>[cols](in, wpad, bpad, row_out, g, y, x0, fg0, ostride);
+    x0 += cols;
   }
 }
 
-void OutputRow(const float* in, const float* wpad, const float* bpad, float* out, const Geometry& g,
-               int64_t y) {
+void ConvRow(const float* in, const float* wpad, const float* bpad, float* row_out, const Geometry& g, int64_t y,
+             int64_t width, int64_t ostride) {
   int64_t fg0 = 0;
-  for (; fg0 + MAX_FG <= g.fv; fg0 += MAX_FG) Row<MAX_FG>(in, wpad, bpad, out, g, y, fg0);
+  for (; fg0 + MAX_FG <= g.fv; fg0 += MAX_FG) Row<MAX_FG>(in, wpad, bpad, row_out, g, y, width, fg0, ostride);
   switch (g.fv - fg0) {
-    case 3: Row<3>(in, wpad, bpad, out, g, y, fg0); break;
-    case 2: Row<2>(in, wpad, bpad, out, g, y, fg0); break;
-    case 1: Row<1>(in, wpad, bpad, out, g, y, fg0); break;
+    case 3: Row<3>(in, wpad, bpad, row_out, g, y, width, fg0, ostride); break;
+    case 2: Row<2>(in, wpad, bpad, row_out, g, y, width, fg0, ostride); break;
+    case 1: Row<1>(in, wpad, bpad, row_out, g, y, width, fg0, ostride); break;
     default: break;
+  }
+}
+
+// A NaN wins, so a NaN input shows in every window it reaches (XLA's reduce_window may drop it; the defense never
+// has one: pixels and weights are checked finite when read).
+inline vf Max(vf a, vf b) { return (a > b || a != a) ? a : b; }
+
+// Written row q of one image: the convolution's rows q * ph .. q * ph + ph - 1 (only the wq * pw columns the
+// windows read; whole vectors per pixel) into `scratch`, a few KB that stay in the L1 cache, then each
+// window's max and the ReLU. Without an epilogue the convolution's row goes straight to the output.
+void OutputRow(const float* in, const float* wpad, const float* bpad, float* out, float* scratch,
+               const Geometry& g, int64_t q) {
+  if (g.ph == 1 && g.pw == 1 && !g.relu) {
+    ConvRow(in, wpad, bpad, out + q * g.wo * g.f, g, q, g.wo, g.f);
+    return;
+  }
+  const int64_t width = g.wq * g.pw, pix = g.fv * VL, row = width * pix;
+  for (int64_t r = 0; r < g.ph; ++r) ConvRow(in, wpad, bpad, scratch + r * row, g, q * g.ph + r, width, pix);
+  const vf zero = {};
+  float* o = out + q * g.wq * g.f;
+  for (int64_t j = 0; j < g.wq; ++j) {
+    for (int64_t v = 0; v < g.fv; ++v) {
+      const float* first = scratch + j * g.pw * pix + v * VL;
+      vf m = *reinterpret_cast<const vf*>(first);
+      for (int64_t r = 0; r < g.ph; ++r) {
+        for (int64_t s = (r == 0 ? 1 : 0); s < g.pw; ++s) m = Max(*reinterpret_cast<const vf*>(first + r * row + s * pix), m);
+      }
+      if (g.relu) m = Max(m, zero);
+      float* oj = o + j * g.f + v * VL;
+      const int64_t left = g.f - v * VL;
+      if (left >= VL) {
+        *reinterpret_cast<vf*>(oj) = m;
+      } else {
+        for (int64_t l = 0; l < left; ++l) oj[l] = m[l];
+      }
+    }
   }
 }
 
@@ -140,17 +181,23 @@ struct Work {
 };
 
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> b,
-                ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t dh, int64_t dw) {
+                ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
+                int64_t pw, int64_t relu) {
   const auto xd = x.dimensions(), kd = k.dimensions(), od = out->dimensions();
   if (xd.size() != 4 || kd.size() != 4 || od.size() != 4 || b.dimensions().size() != 1) {
     return ffi::Error::InvalidArgument("badnet_conv2d_direct: expects (N,H,W,C) images, a (kh,kw,C,F) kernel, "
                                        "an (F,) bias and an (N,Ho,Wo,F) output");
   }
-  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], od[1], od[2], sh, sw, dh, dw, 0};
+  if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 1 || pw < 1) {
+    return ffi::Error::InvalidArgument("badnet_conv2d_direct: strides, dilation and windows must be >= 1");
+  }
+  const int64_t ho = (xd[1] - (kd[0] - 1) * dh - 1) / sh + 1, wo = (xd[2] - (kd[1] - 1) * dw - 1) / sw + 1;
+  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], ho, wo, sh, sw, dh, dw, 0, ph, pw, relu != 0,
+             od[1], od[2]};
   g.fv = (g.f + VL - 1) / VL;
-  if (kd[2] != g.c || b.dimensions()[0] != g.f || od[0] != g.n || od[3] != g.f || sh < 1 || sw < 1 || dh < 1 ||
-      dw < 1 || g.ho < 1 || g.wo < 1 || (g.ho - 1) * sh + (g.kh - 1) * dh + 1 > g.h ||
-      (g.wo - 1) * sw + (g.kw - 1) * dw + 1 > g.w) {
+  if (kd[2] != g.c || b.dimensions()[0] != g.f || od[0] != g.n || od[3] != g.f || g.ho < 1 || g.wo < 1 ||
+      (g.ho - 1) * sh + (g.kh - 1) * dh + 1 > g.h || (g.wo - 1) * sw + (g.kw - 1) * dw + 1 > g.w ||
+      g.hq != g.ho / ph || g.wq != g.wo / pw || g.hq < 1 || g.wq < 1) {
     return ffi::Error::InvalidArgument("badnet_conv2d_direct: inconsistent shapes, strides or dilation");
   }
   if (g.n == 0) return ffi::Error::Success();
@@ -164,19 +211,20 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
 
   const float* in = x.typed_data();
   float* o = out->typed_data();
-  const int64_t img_in = g.h * g.w * g.c, img_out = g.ho * g.wo * g.f;
+  const int64_t img_in = g.h * g.w * g.c, img_out = g.hq * g.wq * g.f;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   auto work = std::make_shared<Work>();
-  work->total = g.n * g.ho;
+  work->total = g.n * g.hq;
   work->chunk = std::max<int64_t>(1, work->total / (threads * 8));
   auto run = [work, wpad, bpad, in, o, g, img_in, img_out]() {
+    std::vector<float> scratch(g.ph * g.wq * g.pw * g.fv * VL);
     for (;;) {
       const int64_t start = work->next.fetch_add(work->chunk);
       if (start >= work->total) return;
       const int64_t stop = std::min(work->total, start + work->chunk);
       for (int64_t r = start; r < stop; ++r) {
-        const int64_t i = r / g.ho, y = r % g.ho;
-        OutputRow(in + i * img_in, wpad->data(), bpad->data(), o + i * img_out, g, y);
+        const int64_t i = r / g.hq, q = r % g.hq;
+        OutputRow(in + i * img_in, wpad->data(), bpad->data(), o + i * img_out, scratch.data(), g, q);
       }
       if (work->done.fetch_add(stop - start) + (stop - start) == work->total) {
         std::lock_guard<std::mutex> lock(work->mu);
@@ -210,4 +258,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(badnet_conv2d_direct, Conv,
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw"));
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw")
+                                  .Attr<int64_t>("relu"));

@@ -199,3 +199,58 @@ def test_processes_building_at_once_share_one_library(tmp_path):
     done = _run(PROBE, BADNET_JAX_CACHE=str(cache))
     assert done.returncode == 0 and "kernel: NativeKernel" in done.stdout, done.stderr
     assert built.stat().st_mtime_ns == stamp
+
+
+def _numpy_epilogue(y, relu, pool):
+    if pool is not None:
+        ph, pw = pool
+        n, h, w, f = y.shape
+        y = y[:, :h // ph * ph, :w // pw * pw].reshape(n, h // ph, ph, w // pw, pw, f).max(axis=(2, 4))
+    return np.maximum(y, 0) if relu else y
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference", 2, 4, "direct"])
+@pytest.mark.parametrize("relu,pool", [(True, (2, 2)), (False, (2, 2)), (True, None), (True, (3, 2)),
+                                       (True, (1, 4))])
+def test_the_epilogue_is_the_pool_then_the_relu_in_every_form(impl, relu, pool):
+    # Integer data: every form's convolution is exact, so every epilogue must give the NumPy values bit for bit,
+    # the windows that do not fit dropped (VALID), odd output sizes included (11 x 9 -> 5 x 4 with 2 x 2).
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 256, (3, 13, 11, 3))
+    k = rng.integers(-8, 9, (3, 3, 3, 20))
+    b = rng.integers(-900, 901, (20,))
+    want = _numpy_epilogue(numpy_conv(x, k) + b, relu, pool)
+    got = conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), impl=impl,
+                 bias=jnp.asarray(b, jnp.float32), relu=relu, pool=pool)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+
+
+def test_the_fused_epilogue_keeps_the_convolutions_bits_and_shows_nans():
+    # Real-valued data: the fused stage equals the kernel's own convolution followed by the JAX epilogue bit
+    # for bit (the same sums). A NaN pixel shows in every window it touches (XLA's reduce_window may drop a
+    # NaN; the pipeline never has one: pixels and weights are checked finite on reading).
+    from badnet_jax.kernels.conv2d.reference import epilogue
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(0, 50, (4, 55, 47, 3)), jnp.float32)
+    k = jnp.asarray(rng.normal(0, 0.1, (4, 4, 3, 20)), jnp.float32)
+    b = jnp.asarray(rng.normal(0, 1, (20,)), jnp.float32)
+    fused = np.asarray(conv2d_direct(x, k, bias=b, relu=True, pool=(2, 2)))
+    np.testing.assert_array_equal(fused, np.asarray(epilogue(conv2d_direct(x, k, bias=b), True, (2, 2))))
+    nan = np.asarray(conv2d_direct(x.at[1, 10, 10, 0].set(jnp.nan), k, bias=b, relu=True, pool=(2, 2)))
+    touched = np.zeros(nan.shape[1:3], bool)
+    touched[(10 - 3) // 2:10 // 2 + 1, (10 - 3) // 2:10 // 2 + 1] = True  # conv rows/cols 7..10 -> windows 3..5
+    assert np.isnan(nan[1][touched]).all() and not np.isnan(nan[1][~touched]).any()
+    np.testing.assert_array_equal(nan[[0, 2, 3]], fused[[0, 2, 3]])
+
+
+def test_the_fused_epilogues_gradient_is_the_three_ops():
+    from badnet_jax.kernels.conv2d.reference import epilogue
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(0, 1, (2, 11, 10, 3)), jnp.float32)
+    k = jnp.asarray(rng.normal(0, 1, (3, 3, 3, 17)), jnp.float32)
+    b = jnp.asarray(rng.normal(0, 1, (17,)), jnp.float32)
+    fused = jax.grad(lambda kk: jnp.sum(jnp.tanh(conv2d_direct(x, kk, bias=b, relu=True, pool=(2, 2)))))(k)
+    three = jax.grad(lambda kk: jnp.sum(jnp.tanh(epilogue(conv2d_reference(x, kk) + b[None, None, None, :],
+                                                          True, (2, 2)))))(k)
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(three), rtol=1e-5, atol=1e-5)

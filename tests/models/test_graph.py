@@ -228,3 +228,23 @@ def test_dominators_are_the_nodes_every_path_passes_and_cost_linear_memory():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(got) == len(nodes) and peak < 50 * 2**20, peak
+
+
+@pytest.mark.parametrize("layer,stages", [
+    ("p2", {"c2/pre": ("c2", "p1"), "c4/pre": ("c4", "p2")}),
+    ("p1", {"c2/pre": ("c2", "p1")}),
+    ("c4", {"c2/pre": ("c2", "p1")}),  # the pruned relu is read: c4's stage is not one call
+    ("c2", {}),
+])
+def test_conv_relu_pool_stages_run_as_one_call_with_the_same_values(layer, stages):
+    graph, params = _load("vgg_tiny")
+    model = GraphCNN.build(graph, params, layer=layer)
+    assert model._stages == stages
+    images, _ = _reference("vgg_tiny")
+    x = jnp.asarray(images, jnp.float32)
+    trunk = model.split.trunk
+    apart = model._run(params, {trunk[0]: x / 255}, trunk[1:])[layer]  # every op on its own
+    np.testing.assert_array_equal(np.asarray(model.features(params, x)), np.asarray(apart))
+    feats, margin, scale = model.features_with_margins(params, x)
+    np.testing.assert_array_equal(np.asarray(feats), np.asarray(apart))
+    assert np.isfinite(np.asarray(margin)).all() == (layer != "c4/pre")

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from badnet_jax.sweep.anp import anp_order
 from badnet_jax.errors import ConfigError, arg
-from badnet_jax.kernels.conv2d.direct import TARGET as DIRECT_CONV_TARGET
+from badnet_jax.kernels.conv2d.native import TARGET as DIRECT_CONV_TARGET
 from badnet_jax.numerics.settling import settle, settle_ranking
 from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
 from badnet_jax.models.deepid import as_model

@@ -1,4 +1,5 @@
-// badnet-jax: the direct 2-D convolution for XLA:CPU, an XLA FFI custom call (built and bound by direct.py).
+// badnet-jax: the direct 2-D convolution for XLA:CPU, an XLA FFI custom call (built by native.py, bound by
+// direct.py).
 //
 //   out[n, y, x, f] = bias[f] + sum over (dy, dx, c) of in[n, y*sh + dy*dh, x*sw + dx*dw, c] * k[dy, dx, c, f]
 //
@@ -9,7 +10,7 @@
 //
 // Why a kernel of its own: XLA's CPU convolution packs an image patch matrix whose inner dimension is the
 // input channels, which for an RGB first layer (3 channels) leaves the matrix kernel idle (DeepID's conv_1,
-// 3 -> 20 channels 4x4, ran at ~20% of the machine's matmul peak). Here the output channels are the vector
+// 3 -> 20 channels 4x4, runs at ~20% of the matmul peak in XLA's form). Here the output channels are the vector
 // lanes (F channels in vectors of VL lanes, zero-padded) and a register tile holds XT output pixels x FG
 // channel vectors: each step of the inner loop loads FG weight vectors, broadcasts one input value per pixel
 // and issues XT * FG fused multiply-adds, whatever the input's channel count.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from badnet_jax.kernels.conv2d import conv2d, conv2d_direct, conv2d_reference, native_kernel
-from badnet_jax.kernels.conv2d import direct
+from badnet_jax.kernels.conv2d import native
 from tests.conftest import REPO
 from tests.kernels.numpy_conv import numpy_conv
 
@@ -127,6 +129,40 @@ def test_empty_batch_and_no_output():
     k = jnp.ones((3, 3, 3, 5), jnp.float32)
     assert conv2d_direct(jnp.ones((0, 9, 9, 3), jnp.float32), k).shape == (0, 7, 7, 5)
     assert conv2d_direct(jnp.ones((2, 9, 2, 3), jnp.float32), k).shape == (2, 7, 0, 5)
+    assert conv2d_direct(jnp.ones((2, 9, 9, 3), jnp.float32), k, pool=(8, 8)).shape == (2, 0, 0, 5)
+    for batch in ((0, 2), (3, 0)):  # vmap over an empty axis, or of empty batches
+        got = jax.vmap(lambda a: conv2d(a, k, relu=True, pool=(2, 2)))(jnp.ones((*batch, 9, 9, 3), jnp.float32))
+        assert got.shape == (*batch, 3, 3, 5)
+
+
+@pytest.mark.parametrize("args,match", [
+    (dict(bias=jnp.zeros(4)), "bias must be \\(5,\\)"),
+    (dict(kernel_HxWxIxO=jnp.ones((3, 3, 2, 5))), "does not fit images of 3 channels"),
+    (dict(kernel_HxWxIxO=jnp.ones((0, 3, 3, 5))), "does not fit"),
+    (dict(pool=(0, 2)), "pool must be two integers >= 1"),
+    (dict(strides=(0, 1)), "strides must be"),
+])
+def test_bad_arguments_are_refused_when_traced_naming_the_argument(args, match):
+    call = dict(x_NxHxWxC=jnp.ones((2, 9, 9, 3), jnp.float32), kernel_HxWxIxO=jnp.ones((3, 3, 3, 5)))
+    with pytest.raises(ValueError, match=match):
+        conv2d_direct(**{**call, **args})
+    with jax.enable_x64(True), pytest.raises(ValueError, match="computes float32, got float64 images"):
+        conv2d_direct(jnp.ones((2, 9, 9, 3), jnp.float64), jnp.ones((3, 3, 3, 5), jnp.float64))
+
+
+def test_inside_shard_map_the_output_varies_like_the_images():
+    # shard_map's default check: the custom call's result is marked varying over the mesh axis as the images
+    # are, so "auto" (a platform_dependent between the kernel and XLA's form) type-checks.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    spec = jax.sharding.PartitionSpec("data")
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.integers(0, 256, (4, 13, 11, 3)), jnp.float32)
+    k = jnp.asarray(rng.integers(-8, 9, (3, 3, 3, 20)), jnp.float32)
+    want = _numpy_epilogue(numpy_conv(np.asarray(x), np.asarray(k)), True, (2, 2)).astype(np.float32)
+    for impl in ("auto", "direct"):
+        fn = jax.jit(jax.shard_map(lambda a: conv2d(a, k, impl=impl, relu=True, pool=(2, 2)), mesh=mesh,
+                                   in_specs=spec, out_specs=spec))
+        np.testing.assert_array_equal(np.asarray(fn(x)), want)
 
 
 def test_auto_runs_direct_where_the_rule_says():
@@ -177,10 +213,81 @@ def test_a_failing_compiler_is_reported_and_leaves_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_turned_off_by_the_environment(tmp_path):
-    done = _run(PROBE, BADNET_JAX_NATIVE="0", BADNET_JAX_CACHE=str(tmp_path / "cache"))
+@pytest.mark.parametrize("off", ["0", "off", "False"])
+def test_turned_off_by_the_environment(tmp_path, off):
+    done = _run(PROBE, BADNET_JAX_NATIVE=off, BADNET_JAX_CACHE=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr
     assert "kernel: None" in done.stdout and not (tmp_path / "cache").exists()
+
+
+def _fake_compiler(path, script: str):
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_odd_compilers_fall_back_and_leave_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    # Exits 0 without writing a library; prints bytes that are not UTF-8; is the C driver (no C++ runtime).
+    quiet = _fake_compiler(tmp_path / "quiet", "exit 0\n")
+    latin = _fake_compiler(tmp_path / "latin", "printf 'caf\\351 \\377\\n' >&2\nexit 1\n")
+    for cxx, says in ((quiet, "wrote no shared library"), (latin, "caf")):
+        done = _run(PROBE, CXX=cxx, BADNET_JAX_CACHE=str(cache))
+        assert done.returncode == 0, done.stderr
+        assert "kernel: None" in done.stdout and says in done.stderr and "C++17 compiler" in done.stderr
+        assert not list(cache.glob("*.so")) and not list(cache.glob(".*"))
+
+
+@pytest.mark.slow
+def test_a_compiler_past_the_time_limit_is_stopped_with_its_children(tmp_path):
+    pid = tmp_path / "child.pid"
+    slow = _fake_compiler(tmp_path / "slow", f"sleep 120 &\necho $! > {pid}\nwait\n")
+    code = PROBE.replace("import jax,", "import badnet_jax.kernels.conv2d.native as native\n"
+                         "    native.BUILD_TIMEOUT_S = 3\n    import jax,")
+    done = _run(code, CXX=slow, BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0 and "kernel: None" in done.stdout and "ran past 3 s" in done.stderr, done.stderr
+    stat = Path(f"/proc/{int(pid.read_text())}/stat")
+    # Gone, or a zombie waiting for its new parent to reap it: not running.
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.slow
+def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(tmp_path):
+    cache = tmp_path / "cache"
+    first = _run(PROBE, BADNET_JAX_CACHE=str(cache), CXX="c++ -g0")  # a compiler with its own argument
+    assert first.returncode == 0 and "kernel: NativeKernel" in first.stdout, first.stderr
+    (built,) = cache.glob("*.so")
+    whole = built.stat().st_size
+    with open(built, "r+b") as f:  # what a crash during a write leaves (loading it would kill the process)
+        f.truncate(whole // 2)
+    again = _run(PROBE, BADNET_JAX_CACHE=str(cache), CXX="c++ -g0")
+    assert again.returncode == 0 and "kernel: NativeKernel" in again.stdout, again.stderr
+    assert built.stat().st_size == whole and built.stat().st_mode & 0o022 == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 is an x86 instruction set")
+def test_the_eight_lane_build_agrees_too(tmp_path):
+    # The AVX2 build (8 lanes, 12 accumulators), what a CPU without AVX-512 runs: every case exact.
+    code = """
+    import jax, jax.numpy as jnp, numpy as np
+    from badnet_jax.kernels.conv2d import conv2d_direct, native_kernel
+    from tests.kernels.numpy_conv import numpy_conv
+    assert native_kernel().lanes == 8, native_kernel()
+    rng = np.random.default_rng(0)
+    for f in (1, 7, 8, 9, 20, 24, 33, 40, 60, 80):
+        for w in (3, 11, 30):
+            x = rng.integers(0, 256, (2, 9, w + 3, 3)); k = rng.integers(-8, 9, (4, 4, 3, f))
+            got = conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), relu=True, pool=(2, 2))
+            conv = numpy_conv(x, k)
+            n, h, ww, _ = conv.shape
+            want = np.maximum(conv[:, :h // 2 * 2, :ww // 2 * 2].reshape(n, h // 2, 2, ww // 2, 2, f).max((2, 4)), 0)
+            assert np.array_equal(np.asarray(got), want.astype(np.float32)), (f, w)
+    print("eight lanes ok")
+    """
+    done = _run(code, BADNET_JAX_NATIVE_FLAGS="-march=haswell", BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0 and "eight lanes ok" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -192,8 +299,9 @@ def test_processes_building_at_once_share_one_library(tmp_path):
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert all("kernel: NativeKernel" in o[0] for o in outs)
-    (built,) = cache.iterdir()  # one library, no temporary file left
-    assert built.name == direct.native_kernel().path.name
+    (built,) = cache.glob("*.so")
+    assert built.name == native.native_kernel().path.name
+    assert {p.name for p in cache.iterdir()} == {built.name, built.with_suffix(".sha256").name}  # no tmp
     # A later process loads it: no second build.
     stamp = built.stat().st_mtime_ns
     done = _run(PROBE, BADNET_JAX_CACHE=str(cache))

@@ -148,6 +148,7 @@ def _build(compiler: list[str]) -> Path:
     if _trusted(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("Building the native convolution kernel for this CPU (once per machine, ~5 s) into %s", path)
 
     def compile_to(tmp: Path) -> None:
         code, output = _run([*compiler, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)],

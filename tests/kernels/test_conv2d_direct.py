@@ -66,8 +66,13 @@ def test_every_channel_count_and_row_width(f, w):
     x = rng.integers(-9, 10, (2, 4, w + 2, 3))
     k = rng.integers(-9, 10, (3, 3, 3, f))
     b = rng.integers(-9, 10, (f,))
+    want = numpy_conv(x, k) + b
     got = conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), bias=jnp.asarray(b, jnp.float32))
-    np.testing.assert_array_equal(np.asarray(got), (numpy_conv(x, k) + b).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+    # The fused epilogue over the same rows: its scratch holds whole vectors per pixel.
+    got = conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), bias=jnp.asarray(b, jnp.float32),
+                        relu=True, pool=(2, 2))
+    np.testing.assert_array_equal(np.asarray(got), _numpy_epilogue(want, True, (2, 2)).astype(np.float32))
 
 
 def test_float_error_is_rounding():

@@ -201,9 +201,12 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt(f"signal {_interrupts[0]} received earlier")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: int = 0o666,
+                 durable: bool = False) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
 
+    ``mode``: the file's permissions before the umask (0o666: what ``open()`` gives). ``durable``: the file's
+    bytes are flushed to disk before the rename, so a crash cannot leave ``path`` naming a partly written file.
     On any exception (KeyboardInterrupt included) the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
@@ -213,7 +216,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        os.chmod(tmp, mode & ~_umask())  # mkstemp makes 0600
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         raise_if_interrupted()
         os.replace(tmp, path)
     except BaseException:

@@ -338,11 +338,11 @@ class GraphCNN(PrunableModel):
         if chain is None:
             return super().features_with_margins(params, x_NxHxWxC, divisor)
         relu, after = chain
+        relu_input = self.graph.by_name[relu].inputs[0]
         # The stages before the features' relu run fused; that relu's input is read here.
-        keep = frozenset({relu, self.graph.by_name[relu].inputs[0]})
-        env = self._run(params, {trunk[0]: x}, trunk[1:], fuse=True, keep=keep)
+        env = self._run(params, {trunk[0]: x}, trunk[1:], fuse=True, keep=frozenset({relu, relu_input}))
         feats = env[self.layer]
-        pre = env[self.graph.by_name[relu].inputs[0]]
+        pre = env[relu_input]
         scale = jnp.max(jnp.abs(pre), axis=(1, 2))
         by_name = self.graph.by_name
         for name in after:  # max pooling keeps the positions the features keep (padding adds none)

@@ -3,9 +3,9 @@
 XLA's CPU convolution is weak on some shapes: with few input channels, which every CNN's first layer has (3
 colours; the lab DeepID's conv_1, 3 -> 20 4x4, ran at ~20% of the machine's matmul peak), and with output
 channels that leave a remainder of its vectors (DeepID's conv_3, 40 -> 60). ``direct`` is a native XLA:CPU
-kernel (C++ through XLA's FFI, built on first use by ``native.py``) vectorised over the output channels; where it cannot be
-built, folding blocks of output columns into the channel axis ("width-blocked") turns a few-channel
-convolution into one XLA runs well. Which form runs is a fixed rule per shape (see ``api.py``).
+kernel (C++ through XLA's FFI, built on first use by ``native.py``) vectorised over the output channels;
+where it cannot be built, folding blocks of output columns into the channel axis ("width-blocked") turns a
+few-channel convolution into one XLA runs well. Which form runs is a fixed rule per shape (see ``api.py``).
 """
 
 from badnet_jax.kernels.conv2d.api import conv2d, direct_fits, native_lanes, resolve_impl

@@ -62,10 +62,15 @@ def native_lanes() -> Optional[int]:
     return None if kernel is None else kernel.lanes
 
 
+def _few_channels(c: int, f: int) -> bool:
+    # XLA:CPU's weak case: few input channels (an RGB first layer) into a narrow output.
+    return c < FEW_CHANNELS and f < WIDE_OUTPUT
+
+
 def direct_fits(kernel_shape: Sequence[int], lanes: int) -> bool:
     """Whether the rule runs a (kh, kw, C, F) float32 convolution by the direct kernel of ``lanes``-wide vectors."""
     _, _, c, f = (int(d) for d in kernel_shape)
-    if c < FEW_CHANNELS and f < WIDE_OUTPUT:
+    if _few_channels(c, f):
         return True
     padded = -(-f // lanes) * lanes
     return f % lanes != 0 and Fraction(f, padded) >= FULL_LANES
@@ -112,7 +117,7 @@ def resolve_impl(kernel_shape: Sequence[int], strides: Sequence[int] = (1, 1), d
         lanes = native_lanes() if lanes == NATIVE else lanes
         if lanes is not None and direct_fits(kernel_shape, lanes):
             return "direct"
-    if c >= FEW_CHANNELS or f >= WIDE_OUTPUT:
+    if not _few_channels(c, f):
         return "reference"
     return min((2, 4), key=lambda b: (_cost(b, kw, f, int(strides[1]), int(dilation[1])), b))
 

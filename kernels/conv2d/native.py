@@ -31,12 +31,13 @@ import shlex
 import shutil
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import jax
 import jaxlib
+
+from badnet_jax.io.fileio import atomic_write
 
 SOURCE = Path(__file__).with_name("direct_cpu.cc")
 TARGET = "badnet_conv2d_direct"  # the FFI target's registered name (and the C symbol of its handler)
@@ -120,34 +121,15 @@ def _trusted(path: Path) -> bool:
         return False
 
 
-def _write_whole(path: Path, write, mode: int) -> None:
-    """``write(tmp)`` on a temporary file beside ``path``, given ``mode`` (less the umask and any write bit for
-    others), flushed to disk, then renamed over ``path``."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, mode & ~mask & ~0o022)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _build(compiler: list[str]) -> Path:
     """The library for this source, compiler, jaxlib and CPU: the cached one if it is whole, else a new build."""
-    code, version = _run([*compiler, "-v"], min(60, BUILD_TIMEOUT_S))  # `-v`: version and configuration (GCC, Clang)
+    _, version = _run([*compiler, "-v"], min(60, BUILD_TIMEOUT_S))  # `-v`: version and configuration (GCC, Clang)
     flags = [*FLAGS, *shlex.split(os.environ.get("BADNET_JAX_NATIVE_FLAGS", ""))]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(compiler[1:] + flags), version,
                                     jaxlib.__version__, _cpu_identity()]).encode()).hexdigest()[:24]
     path = cache_dir() / f"conv2d_direct-{key}.so"
     if _trusted(path):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     log.info("Building the native convolution kernel for this CPU (once per machine, ~5 s) into %s", path)
 
     def compile_to(tmp: Path) -> None:
@@ -159,8 +141,10 @@ def _build(compiler: list[str]) -> Path:
             if f.read(4) != b"\x7fELF":
                 raise RuntimeError(f"{compiler[0]} exited with 0 but wrote no shared library")
 
-    _write_whole(path, compile_to, 0o755)  # loadable by others, writable by its user only
-    _write_whole(path.with_suffix(".sha256"), lambda tmp: tmp.write_text(_digest(path) + "\n"), 0o644)
+    # Loadable by others, writable by its user only; on disk whole before its name (and its digest's) points at it.
+    atomic_write(path, compile_to, mode=0o755, durable=True)
+    atomic_write(path.with_suffix(".sha256"), lambda tmp: tmp.write_text(_digest(path) + "\n"), mode=0o644,
+                 durable=True)
     return path
 
 

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from badnet_jax import (BadNetError, DataFileError, ModelFileError, init_params, load_image, load_keras, load_lab_h5,
                         save_keras, save_lab_h5)
 from badnet_jax.model import INPUT_HWC
-from badnet_jax.io.fileio import atomic_dir
+from badnet_jax.io.fileio import atomic_dir, atomic_write
 from badnet_jax.io.lab_data import load_true_labels, peek_lab_h5
 from badnet_jax.io.poisoning import load_trigger
 from badnet_jax.sweep.rankings import read_order_file
@@ -231,6 +231,23 @@ def test_soft_links_inside_the_file_still_work(files):
 
 
 # ---------------------------------------------------------------- atomic writes -------------------------
+
+def test_atomic_write_gives_the_mode_asked_less_the_umask_and_leaves_no_temporary(tmp_path, monkeypatch):
+    mask = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "lib.so", lambda tmp: tmp.write_bytes(b"\x7fELF"), mode=0o755, durable=True)
+        atomic_write(tmp_path / "plain.txt", lambda tmp: tmp.write_text("x"))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "lib.so").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o640  # open()'s 0o666 less the umask
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    atomic_write(tmp_path / "lib.so", lambda tmp: tmp.write_bytes(b"new"), durable=True)
+    atomic_write(tmp_path / "plain.txt", lambda tmp: tmp.write_text("y"))
+    assert len(synced) == 1 and (tmp_path / "lib.so").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.so", "plain.txt"]
+
 
 def test_atomic_dir_interrupted_keeps_old_directory(tmp_path):
     target = tmp_path / "ckpt"

@@ -12,22 +12,12 @@ import pytest
 from badnet_jax.kernels.conv2d import api, conv2d, conv2d_reference, conv2d_width_blocked, resolve_impl
 from badnet_jax.kernels.conv2d.native import TARGET
 from badnet_jax.kernels.conv2d.width_blocked import block_geometry, blocked_kernel
-from tests.kernels.numpy_conv import numpy_conv
+from tests.kernels.numpy_conv import CASES, case_id, numpy_conv
 
 
-CASES = [  # (h, w, c, f, kh, kw, strides, padding, dilation)
-    (55, 47, 3, 20, 4, 4, (1, 1), "VALID", (1, 1)),  # the lab DeepID's conv_1
-    (12, 10, 3, 5, 3, 3, (1, 1), "SAME", (1, 1)),
-    (11, 13, 2, 4, 3, 5, (2, 2), "SAME", (1, 1)),
-    (9, 17, 1, 3, 3, 3, (1, 3), "VALID", (1, 1)),
-    (10, 16, 3, 4, 3, 3, (1, 1), "VALID", (2, 2)),
-    (8, 9, 4, 6, 2, 3, (2, 1), ((1, 2), (0, 3)), (1, 2)),
-    (7, 5, 3, 2, 1, 1, (1, 1), "VALID", (1, 1)),  # 1x1
-    (6, 7, 5, 3, 3, 3, (1, 2), "SAME", (2, 1)),
-]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-s{c[6]}-{c[7]}-d{c[8]}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("block", [1, 2, 3, 4, 8])
 def test_width_blocked_equals_numpy_on_integers(case, block):
     # Integer pixels and weights: every float32 partial sum is an exact integer, so any summation order gives

@@ -29,6 +29,7 @@ from badnet_jax.defense.inputs import (CLEAN_ROLES, DATA_ROLES, POISONED_ROLES, 
 from badnet_jax.models.deepid import DeepID
 from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.defense.outputs import CutModels, check_out_dir, check_space, write_results
+from badnet_jax.defense.report import preload_plotting
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.defense.scale import PLAUSIBLE, SAMPLE, ScaleChoice, accuracy_at_each_scale, choose_input_scale, clear_winner
 from badnet_jax.sweep import SweepOptions, compile_sweep, plan_sweep, rank_and_sweep
@@ -126,6 +127,8 @@ def run_defense(config: DefenseConfig) -> Curve:
             compiled.result()  # the compile's own error, if any, surfaces here
             timings["compile (after load)"] = time.perf_counter() - t
         described = background.submit(describe_inputs, files)
+        if primary:
+            background.submit(preload_plotting)  # during the sweep; the plot itself surfaces any import error
         t = time.perf_counter()
         sweep = rank_and_sweep(model, params, {r: x for r, (x, _) in sets.data.items()}, plan, rankings=ranking,
                                rank_labels=sets.data["clean_valid"][1] if ranking.anp is not None else None)

@@ -66,8 +66,16 @@ def predict_settled(model: Any, params: Params, x_NxHxWxC: np.ndarray, mask: Opt
 
 
 @functools.lru_cache(maxsize=None)
+def _argmax_at_scale(model: PrunableModel):
+    # The divisor is traced, so one compiled forward serves both input scales (the input-scale check runs B at
+    # both on its sample). x / 1 is x exactly, as in the sweep, which divides by a traced divisor too.
+    return jax.jit(lambda p, m, x, d: jnp.argmax(model.logits(p, x.astype(jnp.float32), m, d), -1).astype(jnp.int32))
+
+
 def _argmax_fn(model: PrunableModel):
-    return jax.jit(lambda p, m, x: jnp.argmax(model.logits(p, x.astype(jnp.float32), m), -1).astype(jnp.int32))
+    fn = _argmax_at_scale(model.with_input_scale("raw"))
+    divisor = jnp.float32(model.divisor)
+    return lambda p, m, x: fn(p, m, x, divisor)
 
 
 def predict(model: Any, params: Params, x_NxHxWxC: np.ndarray, mask: Optional[np.ndarray] = None,

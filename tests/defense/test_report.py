@@ -4,6 +4,9 @@ previous file whole."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -91,3 +94,17 @@ def test_curve_csv_leaves_absent_sets_empty(lab_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r.split(",") for r in (lab_dir / "results" / "curve.csv").read_text().splitlines()[1:]]
     assert len(rows) == 60 and all(r[4] == "" and r[6] == "" and r[3] and r[5] for r in rows)
+
+
+@pytest.mark.parametrize("backend,imported", [(None, "True"), ("invalid", "False")])
+def test_plotting_is_preloaded_unless_mplbackend_is_set(backend, imported):
+    # The defense imports matplotlib in a worker thread during the sweep; with MPLBACKEND set it leaves that to
+    # the plot itself, which sets the variable aside (a second thread must not touch the environment).
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    if backend:
+        env["MPLBACKEND"] = backend
+    code = ("import sys; from badnet_jax.defense.report import preload_plotting; preload_plotting(); "
+            "print('matplotlib.figure' in sys.modules, 'matplotlib.backends.backend_agg' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [imported, imported]

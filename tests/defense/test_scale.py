@@ -151,3 +151,20 @@ def test_cli_on_a_2020_badnet_measures_the_scale_and_writes_it_everywhere(tmp_pa
                      "--nocheckpoints")
     assert forced.returncode == 0, forced.stderr  # told raw, it runs raw (the user's call) ...
     assert json.loads((tmp_path / "raw" / "curve.json").read_text())["original"]["valid_acc"] < 60  # ... and shows it
+
+
+def test_both_scales_share_one_compiled_forward_and_each_is_right():
+    # The input-scale check runs B at both scales on its sample: one compiled forward (the divisor traced).
+    from badnet_jax.models import predict as predict_module
+
+    model = DeepID(50)
+    params = model.init_params(4)
+    x = np.random.default_rng(4).integers(0, 256, (16, *INPUT_HWC)).astype(np.uint8)
+    predict_module._argmax_at_scale.cache_clear()
+    for scale, divisor in (("raw", 1.0), ("255", 255.0)):
+        got = predict_module.predict(model.with_input_scale(scale), params, x)
+        logits64 = numpy_ref.head(params, numpy_ref.pool3(params, x.astype(np.float64) / divisor))
+        top2 = np.sort(logits64, axis=1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 1e-3
+        np.testing.assert_array_equal(got[clear], logits64.argmax(axis=1)[clear])
+    assert predict_module._argmax_at_scale.cache_info().currsize == 1

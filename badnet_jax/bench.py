@@ -263,9 +263,11 @@ def _summed_in_blocks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, block:
     chunking reads the images, a few KB each, where the copy is negligible (the trunk 465-486 ms either way).
     """
     n = x.shape[0]
+    # A stage may return several arrays (the output layer's argmax, gap and scale): all of them are summed.
+    total = lambda c: sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(fn(c)))
     if n % block:
-        return jnp.sum(map_chunks(lambda c: jnp.sum(fn(c), keepdims=True), x, block, rows_axis=0))
-    return jnp.sum(jax.lax.map(lambda c: jnp.sum(fn(c)), x.reshape(n // block, block, *x.shape[1:])))
+        return jnp.sum(map_chunks(lambda c: total(c).reshape(1), x, block, rows_axis=0))
+    return jnp.sum(jax.lax.map(total, x.reshape(n // block, block, *x.shape[1:])))
 
 
 def format_layers(result: dict) -> str:

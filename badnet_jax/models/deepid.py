@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
+from badnet_jax.kernels.dense import api as dense_api
 from badnet_jax.kernels.masked_head.api import head_top2
 from badnet_jax.model import (CONV4_FEATURES, CONV4_POSITIONS, HIDDEN_UNITS, INPUT_HWC, LAB_NUM_CLASSES, POOL,
                               POOL3_HWC, BadNet, Params, check_params, init_params, multiply_adds)
@@ -81,10 +82,17 @@ class DeepID(PrunableModel):
     def layer_stages(self) -> tuple[Stage, ...]:
         """conv_1, conv_2, conv_3 (each with its relu and 2x2 max pool: they compose to :meth:`features` on
         scaled pixels), then the head's layers alone: fc_1 (flattened pool_3), conv_4 (pool_3, with its relu),
-        fc_2 (flattened conv_4), output (the hidden layer)."""
+        fc_2 (flattened conv_4), output (the hidden layer; its argmax, top-2 gap and output scale, what the
+        sweep computes of it). The tail's layers run as the sweep's head runs them here (the native dense
+        kernels on a CPU that built them: ``badnet_jax.kernels.dense``)."""
         macs, module = self.multiply_adds(), self.module
+        impl = dense_api.resolve_impl()
 
         def layer(name: str, **epilogue):
+            if name == "fc_2":
+                return lambda p, x: dense_api.dense(x, p[name]["kernel"], p[name]["bias"], impl=impl)
+            if name == "output":
+                return lambda p, x: dense_api.dense_top2(x, p[name]["kernel"], p[name]["bias"], impl=impl)
             return lambda p, x: module.apply({"params": p}, x, method=lambda m, v: getattr(m, name)(v, **epilogue))
 
         parts = {"conv_1": "trunk", "conv_2": "trunk", "conv_3": "trunk", "fc_1": "affine", "conv_4": "affine",

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, DataFileError, arg
-from badnet_jax.numerics.ties import TIE_RTOL, output_scale, output_top2
+from badnet_jax.kernels.dense.api import dense_top2
+from badnet_jax.numerics.ties import TIE_RTOL
 
 Params = dict[str, Any]
 Pytree = Any
@@ -285,13 +286,14 @@ class PrunableModel(abc.ABC):
                   platform: str = "cpu") -> tuple[jax.Array, jax.Array, jax.Array]:
         """(...) argmax, top-2 logit gap and output scale S from pre-activations of leading axes ``...``.
 
-        ``impl``/``platform``: a model with its own kernels dispatches on them; the default is pure JAX.
+        ``impl``/``platform``: a model with its own kernels dispatches on them; by default the output layer's
+        top-2 runs by the native kernel where ``impl`` is ``"native"`` (``badnet_jax.kernels.dense``), else
+        pure JAX.
         """
-        del impl, platform
+        del platform
         hidden = self.tail_hidden(params, pre)
         w, b = self.output_layer(params)
-        arg_, gap = output_top2(hidden, w, b)
-        return arg_, gap, output_scale(hidden, w, b)
+        return dense_top2(hidden, w, b, impl="native" if impl == "native" else "reference")
 
     # ----- masks and images
     def check_mask(self, mask: Any, name: str = "mask") -> Any:

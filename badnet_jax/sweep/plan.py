@@ -25,6 +25,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.io.fileio import memory_bytes
+from badnet_jax.kernels.dense import api as dense_api
 from badnet_jax.kernels.masked_head.api import default_platform, resolve_impl
 from badnet_jax.sweep.progress import stderr_is_terminal
 from badnet_jax.models.deepid import as_model
@@ -61,9 +62,11 @@ class SweepOptions:
             ``orders_per_call`` > 1 ask for the batched strategy.
         group: (needs ``dedupe``) sort each set's images by their alive channels before chunking, so a chunk's
             images share dead channels and skip more steps.
-        impl: (needs ``prefix_sums`` unless ``auto``/``reference``) masked-head implementation: ``auto`` (the JAX
-            reference: faster than the kernel on the one GPU measured), ``reference``, or ``pallas`` (the kernel
-            where it compiles and agrees with the reference, else the reference with a warning).
+        impl: (needs ``prefix_sums`` unless ``auto``/``reference``) masked-head implementation: ``auto`` (on a CPU
+            with the native kernels built, ``native``: the tail's dense layers and top-2 by
+            ``badnet_jax.kernels.dense``; elsewhere the JAX reference, faster than the Pallas kernel on the one
+            GPU measured), ``reference`` (pure JAX), or ``pallas`` (the kernel where it compiles and agrees with
+            the reference, else the reference with a warning).
         batch_steps: (needs ``dedupe`` when > 0) 0 evaluates a chunk's distinct steps one head call each inside
             the scan over steps (best on a CPU); B > 0 gathers the distinct steps and evaluates B per head
             call (an accelerator wants few large calls). None: 0 on CPU, 8 on GPU/TPU.
@@ -112,7 +115,7 @@ class SweepPlan:
             steps gathered, ``batch_steps`` per head call) or ``cumulative`` (every step at once: a cumulative
             sum over the order, the tail in one call).
         group: images sorted by alive channels before chunking.
-        impl: resolved masked-head implementation: ``reference``, ``pallas`` or ``interpret``.
+        impl: resolved masked-head implementation: ``reference``, ``native``, ``pallas`` or ``interpret``.
         batch_steps: distinct steps per head call (``prefix_batched`` only; else 0).
         chunk: images per chunk.
         trunk_chunk: images per block of the trunk (features); at most ``chunk``.
@@ -264,6 +267,8 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
         impl = resolve_impl(options.impl, platform, max(batch, 1), chunk, num_classes)
     elif options.impl == "pallas":
         log.warning("No Pallas masked-head kernel for %s; using the JAX reference.", model.name)
+    elif options.prefix_sums and options.impl == "auto":
+        impl = dense_api.resolve_impl("auto", platform)  # the output layer's top-2 by the native kernel
     progress = options.progress
     if progress is None:
         progress = jax.process_count() == 1 and stderr_is_terminal()

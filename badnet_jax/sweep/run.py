@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from badnet_jax.sweep.anp import anp_order
 from badnet_jax.errors import ConfigError, arg
-from badnet_jax.kernels.conv2d.native import TARGET as DIRECT_CONV_TARGET
+from badnet_jax.kernels.native import TARGETS as NATIVE_TARGETS
 from badnet_jax.numerics.settling import settle, settle_ranking
 from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
 from badnet_jax.models.deepid import as_model
@@ -352,8 +352,8 @@ def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.S
     fn.lower(*args, **static).compile()
 
 
-# The kernels' custom calls: the masked head through Triton or Mosaic, the CPU's native convolution.
-KERNEL_CALL_TARGETS = ("__gpu$xla.gpu.triton", "tpu_custom_call", DIRECT_CONV_TARGET)
+# The kernels' custom calls: the masked head through Triton or Mosaic, the CPU's native kernels.
+KERNEL_CALL_TARGETS = ("__gpu$xla.gpu.triton", "tpu_custom_call", *NATIVE_TARGETS)
 
 
 def export_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
@@ -365,7 +365,7 @@ def export_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.Sh
     ``export_sweep(model, params, specs, SweepOptions(platform="cuda"))`` lowers exactly what ``prune.py``
     would run on a GPU (batched steps, 4096-image chunks, the Pallas kernel through Triton). The kernel's
     custom calls are allowed in the export (``KERNEL_CALL_TARGETS``); a program exported for a CPU that calls
-    the native convolution runs where ``badnet_jax.kernels.conv2d.native_kernel()`` has registered it.
+    a native kernel runs where ``badnet_jax.kernels.native.native_library()`` has registered it.
     """
     plan, fn, (model, *args), static = _abstract_call(model, params, sets, options, order, rank_on, rankings,
                                                       single_device=True, progress=False)

@@ -10,9 +10,8 @@ few-channel convolution into one XLA runs well. Which form runs is a fixed rule 
 
 from badnet_jax.kernels.conv2d.api import conv2d, direct_fits, native_lanes, resolve_impl
 from badnet_jax.kernels.conv2d.direct import conv2d_direct
-from badnet_jax.kernels.conv2d.native import native_kernel
 from badnet_jax.kernels.conv2d.reference import conv2d_reference
 from badnet_jax.kernels.conv2d.width_blocked import conv2d_width_blocked
 
-__all__ = ["conv2d", "conv2d_direct", "conv2d_reference", "conv2d_width_blocked", "direct_fits", "native_kernel",
-           "native_lanes", "resolve_impl"]
+__all__ = ["conv2d", "conv2d_direct", "conv2d_reference", "conv2d_width_blocked", "direct_fits", "native_lanes",
+           "resolve_impl"]

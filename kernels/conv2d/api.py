@@ -7,7 +7,7 @@ kernel), or an int block size B for :func:`conv2d_width_blocked`.
 platform when the program is lowered (``lax.platform_dependent``: a program exported for a GPU on a CPU host
 holds XLA's convolution). Every other platform runs XLA's convolution. On a CPU, float32:
 
-- **direct** where the native kernel is built (``native.native_kernel``; the default backend is the CPU) and
+- **direct** where the native kernel is built (``badnet_jax.kernels.native.native_library``; the default backend is the CPU) and
   either the input has fewer than :data:`FEW_CHANNELS` channels into fewer than :data:`WIDE_OUTPUT` output
   channels (every RGB first layer: XLA:CPU's weak case), or the output channels are not a whole number of the
   kernel's vectors but fill at least :data:`FULL_LANES` of them (F = 40, 60 with 16 lanes: XLA:CPU handles the
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.kernels.conv2d.direct import conv2d_direct
-from badnet_jax.kernels.conv2d.native import native_kernel
+from badnet_jax.kernels.native import native_library
 from badnet_jax.kernels.conv2d.reference import Padding, conv2d_reference, epilogue
 from badnet_jax.kernels.conv2d.width_blocked import block_geometry, conv2d_width_blocked, explicit_pads
 
@@ -54,11 +54,12 @@ NATIVE = "native"  # ``lanes=NATIVE``: the vector width of the native kernel bui
 
 
 def native_lanes() -> Optional[int]:
-    """The native direct kernel's vector width where it runs here (the CPU is the default backend and the kernel
-    is built: ``native.native_kernel``), else None (then no CPU convolution runs direct under ``"auto"``)."""
+    """The native direct kernel's vector width where it runs here (the CPU is the default backend and the native
+    kernels are built: ``badnet_jax.kernels.native.native_library``), else None (then no CPU convolution runs
+    direct under ``"auto"``)."""
     if jax.default_backend() != "cpu":
         return None  # a CPU branch lowered on an accelerator host runs XLA's forms; nothing is built there
-    kernel = native_kernel()
+    kernel = native_library()
     return None if kernel is None else kernel.lanes
 
 

@@ -1,4 +1,4 @@
-"""The direct convolution: the native XLA:CPU kernel (``direct_cpu.cc``, built by ``native.py``) as a JAX
+"""The direct convolution: the native XLA:CPU kernel (``direct_cpu.cc``, built by ``kernels/native.py``) as a JAX
 function, with its fused epilogue, ``vmap`` and differentiation rules.
 
 The kernel vectorises the output channels: each output is its bias plus its terms in (dy, dx, c) order with
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from badnet_jax.kernels.conv2d.native import TARGET, native_kernel
+from badnet_jax.kernels.native import CONV2D_DIRECT, native_library, varying_like
 from badnet_jax.kernels.conv2d.reference import Padding, conv2d_reference, epilogue
 from badnet_jax.kernels.conv2d.width_blocked import explicit_pads
 
@@ -37,7 +37,7 @@ def _direct_call(strides: tuple[int, int], dilation: tuple[int, int], relu: bool
         n, h, w, _ = x.shape
         kh, kw, _, f = k.shape
         out = jax.ShapeDtypeStruct((n, _out_size(h, kh, sh, dh) // ph, _out_size(w, kw, sw, dw) // pw, f), x.dtype)
-        return jax.ffi.ffi_call(TARGET, out)(x, k, b, sh=sh, sw=sw, dh=dh, dw=dw, ph=ph, pw=pw, relu=int(relu))
+        return jax.ffi.ffi_call(CONV2D_DIRECT, out)(x, k, b, sh=sh, sw=sw, dh=dh, dw=dw, ph=ph, pw=pw, relu=int(relu))
 
     @call.def_vmap
     def _batched(axis_size, in_batched, x, k, b):
@@ -75,7 +75,7 @@ def conv2d_direct(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequ
     """The convolution :func:`conv2d_reference` computes (plus ``bias``, then :func:`epilogue`), by the native
     kernel; traceable.
 
-    float32 only, CPU only (the FFI target is registered for the CPU; :func:`native_kernel` builds and registers
+    float32 only, CPU only (the FFI target is registered for the CPU; :func:`~badnet_jax.kernels.native.native_library` builds and registers
     it on the first call). Padding is applied to the images first (zeros, like the convolution's own).
 
     Args:
@@ -94,7 +94,7 @@ def conv2d_direct(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequ
         ValueError: the native kernel could not be built here (the warning logged says why), or the images are
             not float32.
     """
-    if native_kernel() is None:
+    if native_library() is None:
         raise ValueError("the direct convolution needs the native kernel, which could not be built here (the "
                          "warning logged says why; BADNET_JAX_NATIVE=0 turns it off)")
     strides, dilation = tuple(int(s) for s in strides), tuple(int(d) for d in dilation)
@@ -110,17 +110,7 @@ def conv2d_direct(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequ
     if 0 in (x.shape[0], ho // pool[0], wo // pool[1]):
         y = conv2d_reference(x, kernel_HxWxIxO, strides, "VALID", dilation) + b[None, None, None, :]
         return epilogue(y, relu, pool)
-    out = _direct_call(strides, dilation, bool(relu), pool)(x, kernel_HxWxIxO, b)
-    # Inside shard_map the custom call's result carries no mesh axes: it varies as the images do.
-    missing = tuple(sorted(_varying(x) - _varying(out)))
-    return jax.lax.pcast(out, missing, to="varying") if missing else out
-
-
-def _varying(a: jax.Array) -> frozenset:
-    """The mesh axes ``a`` varies over inside ``shard_map`` (none outside)."""
-    aval = jax.typeof(a)
-    axes = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier and later releases name it vma
-    return frozenset(axes.varying if axes is not None else getattr(aval, "vma", ()))
+    return varying_like(_direct_call(strides, dilation, bool(relu), pool)(x, kernel_HxWxIxO, b), x)
 
 
 def _check(x, k, bias, strides, dilation, pool) -> None:

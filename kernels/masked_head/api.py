@@ -1,8 +1,10 @@
-"""Dispatch for the masked head: the JAX reference by default, the Pallas kernel when asked for.
+"""Dispatch for the masked head: the JAX reference or the CPU's native dense kernels by default, the Pallas
+kernel when asked for.
 
-``impl``: ``"reference"`` (pure JAX, always works), ``"auto"`` (the reference: on the one accelerator
-measured, an H200, XLA's reference ran the head call 2.4x faster than the Triton kernel, 1.2 ms against
-2.9 ms for 8 masks x 4096 images x 1283 classes; see docs/benchmarks.md), or ``"pallas"`` (the kernel; interpret
+``impl``: ``"reference"`` (pure JAX, always works), ``"auto"`` (on a CPU where the native kernels are built,
+``"native"``: fc_2 and the output layer's top-2 by ``badnet_jax.kernels.dense``; elsewhere the reference: on
+the one accelerator measured, an H200, XLA's reference ran the head call 2.4x faster than the Triton kernel,
+1.2 ms against 2.9 ms for 8 masks x 4096 images x 1283 classes; see docs/benchmarks.md), or ``"pallas"`` (the kernel; interpret
 mode on CPU, slow, for testing; on a GPU/TPU only if a probe at the real call's shapes compiles and agrees
 with the reference, else the reference, with a warning that says why). Probes are cached per (platform,
 shapes), so a kernel that fails to lower on some jax/jaxlib falls back instead of failing the sweep.
@@ -17,6 +19,7 @@ from typing import Literal
 import jax
 import numpy as np
 
+from badnet_jax.kernels.dense import api as dense_api
 from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas, head_top2_pallas
 from badnet_jax.kernels.masked_head.reference import head_argmax_reference, head_top2_reference  # noqa: F401
 from badnet_jax.model import CONV4_FEATURES, HIDDEN_UNITS, LAB_NUM_CLASSES
@@ -91,12 +94,15 @@ def resolve_impl(impl: Impl = "auto", platform: str | None = None, masks: int = 
                  num_classes: int = LAB_NUM_CLASSES) -> str:
     """The implementation ``impl`` means on ``platform`` for head calls of (masks, images, classes).
 
-    Returns ``"reference"``, ``"pallas"`` or ``"interpret"``. ``platform`` None is the default backend's.
-    ``pallas`` for another platform than the running one (lowering for export) is the kernel, unprobed.
+    Returns ``"reference"``, ``"native"``, ``"pallas"`` or ``"interpret"``. ``platform`` None is the default
+    backend's. ``pallas`` for another platform than the running one (lowering for export) is the kernel,
+    unprobed.
     """
     running = default_platform()
     platform = platform or running
-    if impl in ("auto", "reference"):
+    if impl == "auto":
+        return dense_api.resolve_impl("auto", platform)
+    if impl == "reference":
         return "reference"
     if impl == "pallas":
         if platform == "cpu":
@@ -112,6 +118,9 @@ def head_top2(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Arra
     """(M, N) argmax, top-2 logit gap and output scale of the head's tail (see reference.py); traceable."""
     if impl == "reference":
         return head_top2_reference(fc1_pre, c4_pre, w2, b2, wout, bout)
+    if impl == "native":
+        hidden = dense_api.dense(c4_pre, w2, b2, add=fc1_pre, relu_in=True, relu_out=True, impl="native")
+        return dense_api.dense_top2(hidden, wout, bout, impl="native")
     return head_top2_pallas(fc1_pre, c4_pre, w2, b2, wout, bout, interpret=(impl == "interpret"), platform=platform)
 
 
@@ -124,5 +133,7 @@ def head_argmax(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Ar
     """
     if impl == "reference":
         return head_argmax_reference(fc1_pre, c4_pre, w2, b2, wout, bout)
+    if impl == "native":
+        return head_top2(fc1_pre, c4_pre, w2, b2, wout, bout, impl="native")[0]
     return head_argmax_pallas(fc1_pre, c4_pre, w2, b2, wout, bout, interpret=(impl == "interpret"),
                               platform=platform)

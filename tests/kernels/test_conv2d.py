@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from badnet_jax.kernels.conv2d import api, conv2d, conv2d_reference, conv2d_width_blocked, resolve_impl
-from badnet_jax.kernels.conv2d.native import TARGET
+from badnet_jax.kernels.native import CONV2D_DIRECT as TARGET
 from badnet_jax.kernels.conv2d.width_blocked import block_geometry, blocked_kernel
 from tests.kernels.numpy_conv import CASES, case_id, numpy_conv
 

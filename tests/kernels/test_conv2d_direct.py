@@ -1,26 +1,21 @@
-"""The native direct convolution against the independent NumPy convolution, its transformations, and its build."""
+"""The native direct convolution against the independent NumPy convolution, and its transformations (its
+build: test_native.py)."""
 
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from badnet_jax.kernels.conv2d import conv2d, conv2d_direct, conv2d_reference, native_kernel
-from badnet_jax.kernels.conv2d import native
+from badnet_jax.kernels.conv2d import conv2d, conv2d_direct, conv2d_reference
+from badnet_jax.kernels.native import native_library
 from badnet_jax.kernels.conv2d.reference import epilogue
-from tests.conftest import REPO
 from tests.kernels.numpy_conv import CASES, case_id, numpy_conv, numpy_epilogue
 
-pytestmark = pytest.mark.skipif(native_kernel() is None and not os.environ.get("CI"),
+pytestmark = pytest.mark.skipif(native_library() is None and not os.environ.get("CI"),
                                 reason="no C++ compiler here: the native kernel cannot be built")
 
 DIRECT_CASES = [  # the shared cases, DeepID's other convolutions, and a row wider than any register tile
@@ -173,138 +168,6 @@ def test_auto_runs_direct_where_the_rule_says():
     b = jnp.asarray(rng.normal(0, 1, (20,)), jnp.float32)
     auto = np.asarray(jax.jit(lambda a: conv2d(a, k, bias=b))(x))
     np.testing.assert_array_equal(auto, np.asarray(conv2d_direct(x, k, bias=b)))
-
-
-def _run(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=240, env={**os.environ, **env}, cwd=REPO)
-
-
-PROBE = """
-    import jax, jax.numpy as jnp, numpy as np
-    from badnet_jax.kernels.conv2d import conv2d, native_kernel
-    from tests.kernels.numpy_conv import numpy_conv
-    x = np.arange(2 * 9 * 8 * 3).reshape(2, 9, 8, 3) % 7
-    k = np.arange(3 * 3 * 3 * 20).reshape(3, 3, 3, 20) % 5 - 2
-    got = conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32))
-    assert np.array_equal(np.asarray(got), numpy_conv(x, k).astype(np.float32))
-    print("kernel:", native_kernel())
-"""
-
-
-@pytest.mark.slow
-def test_without_a_compiler_the_xla_forms_run(tmp_path):
-    done = _run(PROBE, CXX=str(tmp_path / "no-such-compiler"), BADNET_JAX_CACHE=str(tmp_path / "cache"))
-    assert done.returncode == 0, done.stderr
-    assert "kernel: None" in done.stdout
-    assert "no C++ compiler" in done.stderr and "no-such-compiler" in done.stderr
-    assert not (tmp_path / "cache").exists()
-
-
-@pytest.mark.slow
-def test_a_failing_compiler_is_reported_and_leaves_nothing(tmp_path):
-    broken = tmp_path / "broken-c++"
-    broken.write_text("#!/bin/sh\necho 'cc1plus: fatal error: out of cheese' >&2\nexit 1\n")
-    broken.chmod(0o755)
-    done = _run(PROBE, CXX=str(broken), BADNET_JAX_CACHE=str(tmp_path / "cache"))
-    assert done.returncode == 0, done.stderr
-    assert "kernel: None" in done.stdout and "out of cheese" in done.stderr
-    assert list((tmp_path / "cache").iterdir()) == []  # no half-written library
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("off", ["0", "off", "False"])
-def test_turned_off_by_the_environment(tmp_path, off):
-    done = _run(PROBE, BADNET_JAX_NATIVE=off, BADNET_JAX_CACHE=str(tmp_path / "cache"))
-    assert done.returncode == 0, done.stderr
-    assert "kernel: None" in done.stdout and not (tmp_path / "cache").exists()
-
-
-def _fake_compiler(path, script: str):
-    path.write_text("#!/bin/sh\n" + script)
-    path.chmod(0o755)
-    return str(path)
-
-
-@pytest.mark.slow
-def test_odd_compilers_fall_back_and_leave_nothing(tmp_path):
-    cache = tmp_path / "cache"
-    # Exits 0 without writing a library; prints bytes that are not UTF-8; is the C driver (no C++ runtime).
-    quiet = _fake_compiler(tmp_path / "quiet", "exit 0\n")
-    latin = _fake_compiler(tmp_path / "latin", "printf 'caf\\351 \\377\\n' >&2\nexit 1\n")
-    for cxx, says in ((quiet, "wrote no shared library"), (latin, "caf")):
-        done = _run(PROBE, CXX=cxx, BADNET_JAX_CACHE=str(cache))
-        assert done.returncode == 0, done.stderr
-        assert "kernel: None" in done.stdout and says in done.stderr and "C++17 compiler" in done.stderr
-        assert not list(cache.glob("*.so")) and not list(cache.glob(".*"))
-
-
-@pytest.mark.slow
-def test_a_compiler_past_the_time_limit_is_stopped_with_its_children(tmp_path):
-    pid = tmp_path / "child.pid"
-    slow = _fake_compiler(tmp_path / "slow", f"sleep 120 &\necho $! > {pid}\nwait\n")
-    code = PROBE.replace("import jax,", "import badnet_jax.kernels.conv2d.native as native\n"
-                         "    native.BUILD_TIMEOUT_S = 3\n    import jax,")
-    done = _run(code, CXX=slow, BADNET_JAX_CACHE=str(tmp_path / "cache"))
-    assert done.returncode == 0 and "kernel: None" in done.stdout and "ran past 3 s" in done.stderr, done.stderr
-    stat = Path(f"/proc/{int(pid.read_text())}/stat")
-    # Gone, or a zombie waiting for its new parent to reap it: not running.
-    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
-
-@pytest.mark.slow
-def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(tmp_path):
-    cache = tmp_path / "cache"
-    first = _run(PROBE, BADNET_JAX_CACHE=str(cache), CXX="c++ -g0")  # a compiler with its own argument
-    assert first.returncode == 0 and "kernel: NativeKernel" in first.stdout, first.stderr
-    (built,) = cache.glob("*.so")
-    whole = built.stat().st_size
-    with open(built, "r+b") as f:  # what a crash during a write leaves (loading it would kill the process)
-        f.truncate(whole // 2)
-    again = _run(PROBE, BADNET_JAX_CACHE=str(cache), CXX="c++ -g0")
-    assert again.returncode == 0 and "kernel: NativeKernel" in again.stdout, again.stderr
-    assert built.stat().st_size == whole and built.stat().st_mode & 0o022 == 0
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 is an x86 instruction set")
-def test_the_eight_lane_build_agrees_too(tmp_path):
-    # The AVX2 build (8 lanes, 12 accumulators), what a CPU without AVX-512 runs: every case exact.
-    code = """
-    import jax, jax.numpy as jnp, numpy as np
-    from badnet_jax.kernels.conv2d import conv2d_direct, native_kernel
-    from tests.kernels.numpy_conv import numpy_conv, numpy_epilogue
-    assert native_kernel().lanes == 8, native_kernel()
-    rng = np.random.default_rng(0)
-    for f in (1, 7, 8, 9, 20, 24, 33, 40, 60, 80):
-        for w in (3, 11, 30):
-            x = rng.integers(0, 256, (2, 9, w + 3, 3)); k = rng.integers(-8, 9, (4, 4, 3, f))
-            got = conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), relu=True, pool=(2, 2))
-            want = numpy_epilogue(numpy_conv(x, k), True, (2, 2))
-            assert np.array_equal(np.asarray(got), want.astype(np.float32)), (f, w)
-    print("eight lanes ok")
-    """
-    done = _run(code, BADNET_JAX_NATIVE_FLAGS="-march=haswell", BADNET_JAX_CACHE=str(tmp_path / "cache"))
-    assert done.returncode == 0 and "eight lanes ok" in done.stdout, done.stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_processes_building_at_once_share_one_library(tmp_path):
-    cache = tmp_path / "cache"
-    env = {**os.environ, "BADNET_JAX_CACHE": str(cache)}
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(PROBE)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for _ in range(3)]
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    assert all("kernel: NativeKernel" in o[0] for o in outs)
-    (built,) = cache.glob("*.so")
-    assert built.name == native.native_kernel().path.name
-    assert {p.name for p in cache.iterdir()} == {built.name, built.with_suffix(".sha256").name}  # no tmp
-    # A later process loads it: no second build.
-    stamp = built.stat().st_mtime_ns
-    done = _run(PROBE, BADNET_JAX_CACHE=str(cache))
-    assert done.returncode == 0 and "kernel: NativeKernel" in done.stdout, done.stderr
-    assert built.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("impl", ["auto", "reference", 2, 4, "direct"])

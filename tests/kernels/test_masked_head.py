@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from badnet_jax.kernels.masked_head import api
+from badnet_jax.kernels.native import native_library
 from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas, head_top2_pallas
 from badnet_jax.kernels.masked_head.reference import head_argmax_reference
 from tests import numpy_ref
@@ -49,10 +50,31 @@ def test_kernel_keeps_a_running_max_and_second_max(m, n, classes, block_n, class
     args = _inputs(7 * n + classes, m, n, classes)
     want_gap, want_scale = _float64_gap_and_scale(*args)
     for arg, gap, scale in (head_top2_pallas(*args, block_n=block_n, class_block=class_block, interpret=True),
-                            api.head_top2(*args, impl="reference")):
+                            api.head_top2(*args, impl="reference"), *_native(api.head_top2, *args)):
         np.testing.assert_array_equal(np.asarray(arg), _float64_argmax(*args))
         np.testing.assert_allclose(np.asarray(gap), want_gap, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(scale), want_scale, rtol=1e-5)
+
+
+def _native(fn, *args):
+    """``fn(*args, impl="native")`` as a one-element list where the native kernels are built, else none."""
+    return [] if native_library() is None else [fn(*args, impl="native")]
+
+
+def test_native_head_agrees_with_the_reference_on_random_inputs():
+    # The native dense kernels (fc_2 with both ReLUs and fc_1 added; the output layer's top-2) on the
+    # magnitudes of real pre-activations: every class the same where the float64 gap is clear of rounding.
+    if native_library() is None:
+        pytest.skip("no C++ compiler here: the native kernels cannot be built")
+    args = api.random_head_inputs(3, 200, seed=4)
+    got = [np.asarray(a) for a in api.head_top2(*args, impl="native")]
+    want = [np.asarray(a) for a in api.head_top2(*args, impl="reference")]
+    clear = api.clear_rows(args)
+    assert got[0].shape == (3, 200) and clear.mean() > 0.9
+    np.testing.assert_array_equal(got[0][clear], want[0][clear])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(api.head_argmax(*args, impl="native")), got[0])
 
 
 def test_ties_resolve_to_the_first_class_like_argmax():
@@ -62,7 +84,7 @@ def test_ties_resolve_to_the_first_class_like_argmax():
     b2 = jnp.zeros((160,))
     wout = jnp.zeros((160, 300))
     bout = jnp.zeros((300,)).at[jnp.array([5, 140, 290])].set(1.0)  # equal maxima in 3 class blocks
-    for impl in ("reference", "interpret"):
+    for impl in ("reference", "interpret", *(["native"] if native_library() is not None else [])):
         np.testing.assert_array_equal(np.asarray(api.head_argmax(fc1, c4, w2, b2, wout, bout, impl=impl)), [[5, 5, 5]])
         np.testing.assert_array_equal(np.asarray(api.head_top2(fc1, c4, w2, b2, wout, bout, impl=impl)[1]), [[0, 0, 0]])
 
@@ -70,7 +92,8 @@ def test_ties_resolve_to_the_first_class_like_argmax():
 def test_resolve_impl_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("CPU-only expectations")
-    assert api.resolve_impl("auto") == "reference"
+    assert api.resolve_impl("auto") == ("native" if native_library() is not None else "reference")
+    assert api.resolve_impl("auto", platform="cpu") == api.resolve_impl("auto")
     assert api.resolve_impl("pallas") == "interpret"
     assert api.resolve_impl("reference") == "reference"
     assert api.resolve_impl("auto", platform="cuda") == "reference"  # the faster head on the one GPU measured

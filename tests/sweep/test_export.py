@@ -19,6 +19,7 @@ from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.sweep import SweepOptions, plan_sweep
 from badnet_jax.sweep.run import export_sweep
 from badnet_jax.models.deepid import DeepID
+from badnet_jax.kernels.native import DENSE, DENSE_TOP2, TARGETS as NATIVE_TARGETS, native_library
 
 LAB_SETS = {"clean_valid": 11547, "bd_valid": 11547, "clean_test": 12830, "bd_test": 12830}
 
@@ -49,6 +50,7 @@ def test_the_whole_sweep_lowers_for_cuda_with_and_without_the_kernel(num_classes
     assert exported.platforms == ("cuda",)
     targets = set(re.findall(r"custom_call @([^\(\s]+)\(", exported.mlir_module()))
     assert ("__gpu$xla.gpu.triton" in targets) == (impl == "pallas"), targets
+    assert not targets & set(NATIVE_TARGETS), targets  # the CPU's native kernels stay out of a GPU program
     assert {o.shape for o in exported.out_avals} >= {(orders, 60), (orders, 61, 11547), (orders, 61, 12830)}
 
 
@@ -86,3 +88,14 @@ def test_progress_callbacks_stay_out_of_an_export():
     exported = export_sweep(BadNet(50), params, small, SweepOptions(platform="cuda", progress=True))
     targets = set(re.findall(r"custom_call @([^\(\s]+)\(", exported.mlir_module()))
     assert not any("callback" in t for t in targets), targets
+
+
+def test_a_cpu_sweep_calls_the_native_tail_where_it_is_built():
+    params, _ = _specs(50)
+    small = {"clean_valid": jax.ShapeDtypeStruct((64, 55, 47, 3), jnp.uint8)}
+    exported = export_sweep(BadNet(50), params, small, SweepOptions(platform="cpu"))
+    targets = set(re.findall(r"custom_call @([^\(\s]+)\(", exported.mlir_module()))
+    built = native_library() is not None and jax.default_backend() == "cpu"
+    assert ({DENSE, DENSE_TOP2} <= targets) == built, targets
+    plain = export_sweep(BadNet(50), params, small, SweepOptions(platform="cpu", impl="reference"))
+    assert not {DENSE, DENSE_TOP2} & set(re.findall(r"custom_call @([^\(\s]+)\(", plain.mlir_module()))

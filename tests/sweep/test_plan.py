@@ -16,6 +16,10 @@ from badnet_jax.sweep import SweepOptions, plan_sweep
 from badnet_jax.defense.inputs import EXAMPLES
 from badnet_jax.io.model_file import load_model
 from badnet_jax.models.deepid import DeepID
+from badnet_jax.kernels.native import native_library
+
+# The head "auto" runs on this machine: the native dense kernels on a CPU that built them.
+CPU_HEAD = "native" if native_library() is not None and jax.default_backend() == "cpu" else "reference"
 
 
 @pytest.mark.parametrize("options,complaint", [
@@ -35,11 +39,12 @@ def test_options_that_would_do_nothing_are_refused(options, complaint):
         sw.plan_sweep(options, [], DeepID())
 
 
+
 def test_plan_resolves_each_strategy_once():
     assert sw.plan_sweep(sw.PLAIN, [], DeepID()).strategy == "plain"
     assert sw.plan_sweep(sw.SweepOptions(dedupe=False, group=False), [], DeepID()).strategy == "prefix"
     cpu = sw.plan_sweep(sw.SweepOptions(), [], DeepID())
-    assert (cpu.strategy, cpu.batch_steps, cpu.chunk, cpu.impl, cpu.devices) == ("prefix_dedupe", 0, 256, "reference", 1)
+    assert (cpu.strategy, cpu.batch_steps, cpu.chunk, cpu.impl, cpu.devices) == ("prefix_dedupe", 0, 256, CPU_HEAD, 1)
     batched = sw.plan_sweep(sw.SweepOptions(batch_steps=8, chunk=100), [], DeepID())
     assert (batched.strategy, batched.batch_steps, batched.chunk) == ("prefix_batched", 8, 100)
     # The batched path holds a batch of logits: its working memory grows with the class count.
@@ -95,8 +100,9 @@ def test_orders_per_call_needs_batched_steps():
         sw.plan_sweep(sw.SweepOptions(orders_per_call=0), [], DeepID())
 
 
-def test_plans_for_a_platform_are_not_probed_and_cpu_stays_reference():
-    assert plan_sweep(SweepOptions(), [], DeepID()).impl == "reference"  # auto on this CPU
+def test_plans_for_a_platform_are_not_probed_and_cpu_runs_its_native_head():
+    assert plan_sweep(SweepOptions(), [], DeepID()).impl == CPU_HEAD  # auto on this CPU
+    assert plan_sweep(SweepOptions(impl="reference"), [], DeepID()).impl == "reference"
     assert plan_sweep(SweepOptions(platform="cuda"), [], DeepID()).impl == "reference"  # auto: the faster head on the H200
     assert plan_sweep(SweepOptions(platform="cuda", impl="pallas"), [], DeepID()).impl == "pallas"  # unprobed: not running
     assert plan_sweep(SweepOptions(platform="cuda", impl="reference"), [], DeepID()).impl == "reference"

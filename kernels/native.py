@@ -1,25 +1,28 @@
-"""The native kernel's build, cache and registration (``direct_cpu.cc``, an XLA FFI custom call for the CPU).
+"""The native kernels' build, cache and registration: XLA FFI custom calls for the CPU, in C++.
 
-The kernel is C++ against the XLA FFI headers that jaxlib ships (``jax.ffi.include_dir()``), compiled on first
-use by the C++ compiler at hand (``$CXX``, a command with its own arguments if need be, else ``c++``) for the
-CPU at hand (``-march=native``; ``$BADNET_JAX_NATIVE_FLAGS`` adds flags after it, e.g. another ``-march``) into
-``$BADNET_JAX_CACHE`` (default ``$XDG_CACHE_HOME/badnet-jax``, else ``~/.cache/badnet-jax``), under a name that
-hashes the source, the flags, the compiler's version, jaxlib's and the CPU's model and flags: a cache folder
-shared between machines or versions never serves another one's build.
+Each op that has a native form keeps its source beside its JAX binding (:data:`SOURCES`:
+``conv2d/direct_cpu.cc``, ``dense/dense_cpu.cc``); they are compiled into one shared library against the XLA
+FFI headers that jaxlib ships (``jax.ffi.include_dir()``), on first use, by the C++ compiler at hand (``$CXX``,
+a command with its own arguments if need be, else ``c++``; one compiler process per source, in parallel, then
+one link) for the CPU at hand (``-march=native``; ``$BADNET_JAX_NATIVE_FLAGS`` adds flags after it, e.g.
+another ``-march``) into ``$BADNET_JAX_CACHE`` (default ``$XDG_CACHE_HOME/badnet-jax``, else
+``~/.cache/badnet-jax``), under a name that hashes the sources, the flags, the compiler's version, jaxlib's and
+the CPU's model and flags: a cache folder shared between machines or versions never serves another one's build.
 
 A library is used only if it is whole: the build is written beside its final name, checked to be a shared
 library, flushed to disk and renamed over it, then its SHA-256 is written beside it the same way; a later
 process loads it only if the digest matches and the file is its user's and writable by no one else (a
-truncated file from a crash, or one planted in a shared folder, is rebuilt instead of loaded). The compiler
+truncated file from a crash, or one planted in a shared folder, is rebuilt instead of loaded). Each compiler
 runs in its own process group, killed whole after :data:`BUILD_TIMEOUT_S`.
 
 Where it cannot be built or loaded (no compiler, a compile error, a platform without ``-march=native``) or
-``BADNET_JAX_NATIVE`` is 0/false/off/no, :func:`native_kernel` is None, a warning says why once, and
-``conv2d`` runs XLA's forms: slower on a CPU's few-channel layers, never wrong.
+``BADNET_JAX_NATIVE`` is 0/false/off/no, :func:`native_library` is None, a warning says why once, and every
+op runs its XLA forms: slower where the native kernels are faster, never wrong.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import dataclasses
 import functools
@@ -39,8 +42,13 @@ import jaxlib
 
 from badnet_jax.io.fileio import atomic_write
 
-SOURCE = Path(__file__).with_name("direct_cpu.cc")
-TARGET = "badnet_conv2d_direct"  # the FFI target's registered name (and the C symbol of its handler)
+HERE = Path(__file__).parent
+SOURCES = (HERE / "conv2d" / "direct_cpu.cc", HERE / "dense" / "dense_cpu.cc")
+# The FFI targets' registered names (each the C symbol of its handler).
+CONV2D_DIRECT = "badnet_conv2d_direct"
+DENSE = "badnet_dense"
+DENSE_TOP2 = "badnet_dense_top2"
+TARGETS = (CONV2D_DIRECT, DENSE, DENSE_TOP2)
 # -fno-predictive-commoning: GCC's -O3 otherwise carries input values between loop steps through the stack
 # and the tile's accumulators spill (2.6x slower on DeepID's conv_1). -ffp-contract=fast: fused multiply-adds.
 FLAGS = ("-O3", "-march=native", "-fno-predictive-commoning", "-ffp-contract=fast", "-std=c++17", "-shared",
@@ -51,13 +59,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class NativeKernel:
-    """The built kernel, registered with XLA for the CPU.
+class NativeLibrary:
+    """The built kernels, registered with XLA for the CPU (:data:`TARGETS`).
 
     Attributes:
         path: the shared library.
-        lanes: float32 lanes per vector of this build (16 with AVX-512, else 8): the kernel pads each pixel's
-            output channels to whole vectors of this many.
+        lanes: float32 lanes per vector of this build (16 with AVX-512, else 8): the convolution pads each
+            pixel's output channels to whole vectors of this many.
     """
 
     path: Path
@@ -121,22 +129,35 @@ def _trusted(path: Path) -> bool:
         return False
 
 
+def _compile_all(commands: list[list[str]], timeout: float) -> None:
+    """Run the compiler commands at once (each in its own process group, see :func:`_run`); the first failure
+    raises, naming the compiler and its output."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        for cmd, (code, output) in zip(commands, pool.map(lambda c: _run(c, timeout), commands)):
+            if code != 0:
+                raise RuntimeError(f"{cmd[0]} exited with {code}: {output.strip()[-800:]}")
+
+
 def _build(compiler: list[str]) -> Path:
-    """The library for this source, compiler, jaxlib and CPU: the cached one if it is whole, else a new build."""
+    """The library for these sources, compiler, jaxlib and CPU: the cached one if it is whole, else a new build."""
     _, version = _run([*compiler, "-v"], min(60, BUILD_TIMEOUT_S))  # `-v`: version and configuration (GCC, Clang)
     flags = [*FLAGS, *shlex.split(os.environ.get("BADNET_JAX_NATIVE_FLAGS", ""))]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(compiler[1:] + flags), version,
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), " ".join(compiler[1:] + flags), version,
                                     jaxlib.__version__, _cpu_identity()]).encode()).hexdigest()[:24]
-    path = cache_dir() / f"conv2d_direct-{key}.so"
+    path = cache_dir() / f"native-{key}.so"
     if _trusted(path):
         return path
-    log.info("Building the native convolution kernel for this CPU (once per machine, ~5 s) into %s", path)
+    log.info("Building the native kernels for this CPU (once per machine, ~10 s) into %s", path)
 
     def compile_to(tmp: Path) -> None:
-        code, output = _run([*compiler, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)],
-                            BUILD_TIMEOUT_S)
-        if code != 0:
-            raise RuntimeError(f"{compiler[0]} exited with {code}: {output.strip()[-800:]}")
+        objects = [tmp.with_name(f"{tmp.name}.{i}.o") for i in range(len(SOURCES))]
+        try:
+            _compile_all([[*compiler, *flags, "-c", "-I", jax.ffi.include_dir(), str(src), "-o", str(obj)]
+                          for src, obj in zip(SOURCES, objects)], BUILD_TIMEOUT_S)
+            _compile_all([[*compiler, *flags, *map(str, objects), "-o", str(tmp)]], BUILD_TIMEOUT_S)
+        finally:
+            for obj in objects:
+                obj.unlink(missing_ok=True)
         with open(tmp, "rb") as f:
             if f.read(4) != b"\x7fELF":
                 raise RuntimeError(f"{compiler[0]} exited with 0 but wrote no shared library")
@@ -149,26 +170,43 @@ def _build(compiler: list[str]) -> Path:
 
 
 @functools.cache
-def native_kernel() -> Optional[NativeKernel]:
-    """The direct convolution's native kernel, built (once per machine) and registered with XLA for the CPU;
-    None where it cannot be (the reason logged once as a warning) or ``BADNET_JAX_NATIVE`` turns it off."""
+def native_library() -> Optional[NativeLibrary]:
+    """The native kernels, built (once per machine) and registered with XLA for the CPU; None where they cannot
+    be (the reason logged once as a warning) or ``BADNET_JAX_NATIVE`` turns them off."""
     if os.environ.get("BADNET_JAX_NATIVE", "1").strip().lower() in OFF:
         return None
     given, compiler = _compiler()
     if not compiler:
-        log.warning("no C++ compiler (CXX=%s) on the PATH: the CPU convolutions run XLA's forms, slower on "
-                    "few-channel layers (set CXX to a C++17 compiler to build the native kernel)", given)
+        log.warning("no C++ compiler (CXX=%s) on the PATH: the CPU runs XLA's forms, slower on few-channel "
+                    "convolutions and a CNN's dense tail (set CXX to a C++17 compiler to build the native kernels)",
+                    given)
         return None
     try:
         path = _build(compiler)
         lib = ctypes.CDLL(str(path))
         lanes = int(lib.badnet_conv2d_direct_lanes())
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, TARGET)), platform="cpu")
+        for target in TARGETS:
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, ValueError) as e:
-        log.warning("the native convolution kernel could not be built or loaded with CXX=%s (%s); the CPU "
-                    "convolutions run XLA's forms (CXX must name a C++17 compiler, e.g. g++ or clang++)", given, e)
+        log.warning("the native kernels could not be built or loaded with CXX=%s (%s); the CPU runs XLA's forms "
+                    "(CXX must name a C++17 compiler, e.g. g++ or clang++)", given, e)
         return None
-    return NativeKernel(path, lanes)
+    return NativeLibrary(path, lanes)
 
 
-__all__ = ["NativeKernel", "TARGET", "cache_dir", "native_kernel"]
+def varying_like(out: jax.Array, *inputs: jax.Array) -> jax.Array:
+    """``out`` of a custom call, marked varying over the mesh axes its inputs vary over inside ``shard_map``
+    (a custom call's result carries none; outside ``shard_map`` it is returned as is)."""
+    missing = tuple(sorted(frozenset().union(*map(_varying, inputs)) - _varying(out)))
+    return jax.lax.pcast(out, missing, to="varying") if missing else out
+
+
+def _varying(a: jax.Array) -> frozenset:
+    """The mesh axes ``a`` varies over inside ``shard_map`` (none outside)."""
+    aval = jax.typeof(a)
+    axes = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier and later releases name it vma
+    return frozenset(axes.varying if axes is not None else getattr(aval, "vma", ()))
+
+
+__all__ = ["CONV2D_DIRECT", "DENSE", "DENSE_TOP2", "NativeLibrary", "SOURCES", "TARGETS", "cache_dir",
+           "native_library", "varying_like"]

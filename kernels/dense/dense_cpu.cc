@@ -1,0 +1,363 @@
+// badnet-jax: dense layers for XLA:CPU, two XLA FFI custom calls (built by kernels/native.py, bound by
+// kernels/dense/native_dense.py).
+//
+//   badnet_dense:      out[m, n] = act(bias[n] + sum_k act_in(x[m, k]) * w[k, n] + add[m, n])
+//   badnet_dense_top2: the argmax, top-2 gap and output scale of logits[m, n] = bias[n] + sum_k x[m, k] w[k, n],
+//                      without writing the logits to memory
+//
+// act_in / act: max(., 0) or identity; add: optional (a (1, 1) dummy when absent). Every output starts from its
+// bias and adds its terms in k order with fused multiply-adds, then `add`: a fixed order, so a run computes the
+// same bits on any number of threads.
+//
+// Why kernels of their own: a CNN's tail (DeepID's fc_2 and 1283-class output layer) runs once per image and
+// pruning step in the sweep, on blocks of a few hundred rows; XLA's dot reaches ~50% of the matmul peak on
+// those shapes and the argmax then reads the (M, N) logits several times (max, first index, runner-up). Here
+// a register tile of MR rows x NR column vectors accumulates over k (one weight vector load per NR * MR fused
+// multiply-adds per row broadcast), and the top-2 logits are kept per lane in registers' worth of state while
+// the tiles go by.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VL = 16;  // float lanes per vector
+constexpr int MR = 6;   // rows per register tile
+constexpr int NR = 4;   // column vectors per register tile: 24 accumulators of 32 registers
+#else
+constexpr int VL = 8;
+constexpr int MR = 6;
+constexpr int NR = 2;   // 12 accumulators of 16 registers
+#endif
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float)), aligned(alignof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t)), aligned(alignof(int32_t))));
+
+inline vf Load(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void Store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+
+// The weights as column vectors: the full vectors read in place, the last partial one (N % VL columns) from a
+// zero-padded copy, so no load reads past a row.
+struct Weights {
+  const float* w;            // (K, N)
+  const float* bias;         // (N,)
+  int64_t k, n, full;        // full = N / VL whole vectors
+  std::vector<float> wtail;  // (K, VL): columns full * VL .. N - 1, zero-padded
+  std::vector<float> btail;  // (VL,)
+
+  Weights(const float* w_, const float* b_, int64_t k_, int64_t n_) : w(w_), bias(b_), k(k_), n(n_), full(n_ / VL) {
+    const int64_t rest = n - full * VL;
+    if (rest) {
+      wtail.assign(k * VL, 0.0f);
+      btail.assign(VL, 0.0f);
+      for (int64_t i = 0; i < k; ++i) std::memcpy(&wtail[i * VL], w + i * n + full * VL, rest * sizeof(float));
+      std::memcpy(btail.data(), b_ + full * VL, rest * sizeof(float));
+    }
+  }
+  int64_t vectors() const { return full + (wtail.empty() ? 0 : 1); }
+  // Vector v's weights at row 0 and its row stride; its bias.
+  const float* col(int64_t v, int64_t* stride) const {
+    if (v < full) { *stride = n; return w + v * VL; }
+    *stride = VL; return wtail.data();
+  }
+  const float* bcol(int64_t v) const { return v < full ? bias + v * VL : btail.data(); }
+};
+
+// acc[r][j] = bias + sum_k a[r, k] * W[k, vector v0 + j], for R rows of `a` (row stride lda) and J vectors;
+// the J vectors are either all full ones (stride N) or the padded tail alone (J = 1).
+template <int R, int J>
+inline void Tile(const float* __restrict a, int64_t lda, const Weights& wt, int64_t v0, vf (&acc)[MR][NR]) {
+  int64_t ldw;
+  const float* w = wt.col(v0, &ldw);
+  const float* b = wt.bcol(v0);
+  for (int j = 0; j < J; ++j) {
+    const vf bj = Load(b + j * VL);
+    for (int r = 0; r < R; ++r) acc[r][j] = bj;
+  }
+  for (int64_t k = 0; k < wt.k; ++k) {
+    vf wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = Load(w + k * ldw + j * VL);
+    for (int r = 0; r < R; ++r) {
+      const float s = a[r * lda + k];
+      for (int j = 0; j < J; ++j) acc[r][j] += s * wv[j];
+    }
+  }
+}
+
+// Visit the register tiles of R rows: fn(v0, J, acc) after each group of J <= NR column vectors.
+template <int R, typename Fn>
+inline void Tiles(const float* a, int64_t lda, const Weights& wt, Fn&& fn) {
+  vf acc[MR][NR];
+  int64_t v = 0;
+  for (; v + NR <= wt.full; v += NR) {
+    Tile<R, NR>(a, lda, wt, v, acc);
+    fn(v, NR, acc);
+  }
+  for (; v < wt.full; ++v) {  // the full vectors left over, one at a time
+    Tile<R, 1>(a, lda, wt, v, acc);
+    fn(v, 1, acc);
+  }
+  if (v < wt.vectors()) {
+    Tile<R, 1>(a, lda, wt, v, acc);
+    fn(v, 1, acc);
+  }
+}
+
+// Rows handed out in chunks by an atomic counter to the calling thread and helpers from XLA's intra-op pool
+// (as in the convolution kernel: a helper that starts late finds nothing left; it never touches the buffers).
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0, chunk = 1;
+  std::mutex mu;
+  std::condition_variable finished;
+};
+
+template <typename Body>
+void Parallel(ffi::ThreadPool& pool, int64_t blocks, Body body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  auto work = std::make_shared<Work>();
+  work->total = blocks;
+  work->chunk = std::max<int64_t>(1, blocks / (threads * 4));
+  auto run = [work, body]() {
+    for (;;) {
+      const int64_t start = work->next.fetch_add(work->chunk);
+      if (start >= work->total) return;
+      const int64_t stop = std::min(work->total, start + work->chunk);
+      for (int64_t i = start; i < stop; ++i) body(i);
+      if (work->done.fetch_add(stop - start) + (stop - start) == work->total) {
+        std::lock_guard<std::mutex> lock(work->mu);
+        work->finished.notify_all();
+      }
+    }
+  };
+  const int64_t chunks = (blocks + work->chunk - 1) / work->chunk;
+  for (int64_t t = 1; t < std::min(threads, chunks); ++t) {
+    auto helper = run;
+    pool.Schedule(std::move(helper));
+  }
+  run();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->finished.wait(lock, [&] { return work->done.load() == work->total; });
+}
+
+// Dispatch a row count 1 .. MR to its template.
+template <template <int> class F, typename... Args>
+inline void ForRows(int64_t rows, Args&&... args) {
+  switch (rows) {
+    case 1: F<1>::run(args...); break;
+    case 2: F<2>::run(args...); break;
+    case 3: F<3>::run(args...); break;
+    case 4: F<4>::run(args...); break;
+    case 5: F<5>::run(args...); break;
+    default: F<MR>::run(args...); break;
+  }
+}
+static_assert(MR == 6, "ForRows dispatches 1 .. 6 rows");
+
+inline vf Relu(vf v) { return (v < vf{}) ? vf{} : v; }  // NaN stays NaN (a NaN compares false)
+
+// ----- dense
+struct DenseArgs {
+  const float* x;    // (M, K)
+  const float* add;  // (M, N) or null
+  float* out;        // (M, N)
+  int64_t m, relu_in, relu_out;
+};
+
+template <int R>
+struct DenseRows {
+  static void run(const float* a, int64_t lda, const Weights& wt, const DenseArgs& d, int64_t row0) {
+    Tiles<R>(a, lda, wt, [&](int64_t v0, int nv, vf (&acc)[MR][NR]) {
+      for (int r = 0; r < R; ++r) {
+        for (int j = 0; j < nv; ++j) {
+          const int64_t col = (v0 + j) * VL, lanes = std::min<int64_t>(VL, wt.n - col);
+          vf v = acc[r][j];
+          float* o = d.out + (row0 + r) * wt.n + col;
+          if (lanes == VL) {
+            if (d.add) v += Load(d.add + (row0 + r) * wt.n + col);
+            Store(o, d.relu_out ? Relu(v) : v);
+          } else {
+            for (int64_t l = 0; l < lanes; ++l) {
+              float s = v[l];
+              if (d.add) s += d.add[(row0 + r) * wt.n + col + l];
+              o[l] = (d.relu_out && s < 0.0f) ? 0.0f : s;
+            }
+          }
+        }
+      }
+    });
+  }
+};
+
+ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                 ffi::Buffer<ffi::F32> add, ffi::ResultBuffer<ffi::F32> out, int64_t relu_in, int64_t relu_out,
+                 int64_t has_add) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), ad = add.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || b.dimensions().size() != 1 || ad.size() != 2 || od.size() != 2 ||
+      wd[0] != xd[1] || b.dimensions()[0] != wd[1] || od[0] != xd[0] || od[1] != wd[1] ||
+      (has_add && (ad[0] != xd[0] || ad[1] != wd[1]))) {
+    return ffi::Error::InvalidArgument("badnet_dense: expects (M,K) inputs, a (K,N) kernel, an (N,) bias, an "
+                                       "(M,N) addend (if has_add) and an (M,N) output");
+  }
+  const int64_t m = xd[0], k = wd[0];
+  if (m == 0 || wd[1] == 0) return ffi::Error::Success();
+  auto wt = std::make_shared<Weights>(w.typed_data(), b.typed_data(), k, wd[1]);
+  DenseArgs d{x.typed_data(), has_add ? add.typed_data() : nullptr, out->typed_data(), m, relu_in, relu_out};
+  Parallel(pool, (m + MR - 1) / MR, [wt, d, k](int64_t blk) {
+    const int64_t row0 = blk * MR, rows = std::min<int64_t>(MR, d.m - row0);
+    const float* a = d.x + row0 * k;
+    std::vector<float> relu_rows;
+    if (d.relu_in) {  // the block's rows through the ReLU once, not once per column tile
+      relu_rows.resize(rows * k);
+      for (int64_t i = 0; i < rows * k; ++i) relu_rows[i] = (a[i] < 0.0f) ? 0.0f : a[i];
+      a = relu_rows.data();
+    }
+    ForRows<DenseRows>(rows, a, k, *wt, d, row0);
+  });
+  return ffi::Error::Success();
+}
+
+// ----- dense + top-2
+// Per row and lane, over the columns that lane sees (in increasing order): the largest logit m1 and its first
+// column i1, the runner-up m2 (a second copy of m1 counts: gap 0), the first NaN's column.
+struct Top2State {
+  vf m1, m2;
+  vi i1, nan1;
+};
+
+struct Top2Args {
+  const float* x;     // (M, K)
+  const float* wmax;  // (K,): max_n |w[k, n]|
+  float bmax;         // max_n |bias[n]|
+  int32_t* arg;
+  float* gap;
+  float* scale;
+  int64_t m;
+};
+
+template <int R>
+struct Top2Rows {
+  static void run(const float* a, int64_t lda, const Weights& wt, const Top2Args& t, int64_t row0) {
+    constexpr float NEG = -std::numeric_limits<float>::infinity();
+    const int32_t none = static_cast<int32_t>(wt.n);
+    vi lane;
+    for (int l = 0; l < VL; ++l) lane[l] = l;
+    Top2State s[MR];
+    for (int r = 0; r < R; ++r) {
+      s[r].m1 = s[r].m2 = vf{} + NEG;
+      s[r].i1 = s[r].nan1 = vi{} + none;
+    }
+    Tiles<R>(a, lda, wt, [&](int64_t v0, int nv, vf (&acc)[MR][NR]) {
+      for (int j = 0; j < nv; ++j) {
+        const int32_t col = static_cast<int32_t>((v0 + j) * VL);
+        const vi idx = lane + col;
+        const vi valid = idx < none;  // the padded tail's lanes beyond N are no columns
+        for (int r = 0; r < R; ++r) {
+          const vf v = valid ? acc[r][j] : vf{} + NEG;
+          Top2State& st = s[r];
+          st.nan1 = (v != v && st.nan1 == none) ? idx : st.nan1;
+          const vi gt = v > st.m1;
+          const vf low = (v < st.m1) ? v : st.m1;  // min(v, m1): what v leaves for the runner-up
+          st.m2 = (low > st.m2) ? low : st.m2;
+          st.m1 = gt ? v : st.m1;
+          st.i1 = gt ? idx : st.i1;
+        }
+      }
+    });
+    for (int r = 0; r < R; ++r) {
+      const Top2State& st = s[r];
+      const int64_t row = row0 + r;
+      int32_t first_nan = none;
+      float top = NEG;
+      for (int l = 0; l < VL; ++l) {
+        first_nan = std::min(first_nan, st.nan1[l]);
+        top = std::max(top, st.m1[l]);
+      }
+      if (first_nan < none) {
+        t.arg[row] = first_nan;
+        t.gap[row] = std::numeric_limits<float>::quiet_NaN();
+      } else {
+        int32_t arg = none;
+        for (int l = 0; l < VL; ++l) {
+          if (st.m1[l] == top) arg = std::min(arg, st.i1[l]);
+        }
+        float second = NEG;
+        for (int l = 0; l < VL; ++l) {
+          second = std::max(second, st.m2[l]);
+          if (st.i1[l] != arg) second = std::max(second, st.m1[l]);
+        }
+        // Every logit -inf: the first column holds the maximum.
+        t.arg[row] = arg == none ? 0 : arg;
+        t.gap[row] = top - second;
+      }
+      const float* xr = a + r * lda;
+      float sc = 0.0f;
+      for (int64_t k = 0; k < wt.k; ++k) sc += std::fabs(xr[k]) * t.wmax[k];
+      t.scale[row] = sc + t.bmax;
+    }
+  }
+};
+
+ffi::Error DenseTop2(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wmax, ffi::Buffer<ffi::F32> bmax,
+                     ffi::ResultBuffer<ffi::S32> arg, ffi::ResultBuffer<ffi::F32> gap,
+                     ffi::ResultBuffer<ffi::F32> scale) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || b.dimensions().size() != 1 || wd[0] != xd[1] ||
+      b.dimensions()[0] != wd[1] || wmax.element_count() != static_cast<size_t>(wd[0]) || bmax.element_count() != 1 ||
+      arg->element_count() != static_cast<size_t>(xd[0]) || gap->element_count() != static_cast<size_t>(xd[0]) ||
+      scale->element_count() != static_cast<size_t>(xd[0]) || wd[1] < 1 || wd[1] > (int64_t{1} << 30)) {
+    return ffi::Error::InvalidArgument("badnet_dense_top2: expects (M,K) inputs, a (K,N) kernel (N >= 1), an (N,) "
+                                       "bias, (K,) and (1,) weight maxima and three (M,) outputs");
+  }
+  const int64_t m = xd[0], k = wd[0];
+  if (m == 0) return ffi::Error::Success();
+  auto wt = std::make_shared<Weights>(w.typed_data(), b.typed_data(), k, wd[1]);
+  Top2Args t{x.typed_data(), wmax.typed_data(), bmax.typed_data()[0], arg->typed_data(), gap->typed_data(),
+             scale->typed_data(), m};
+  Parallel(pool, (m + MR - 1) / MR, [wt, t, k](int64_t blk) {
+    const int64_t row0 = blk * MR, rows = std::min<int64_t>(MR, t.m - row0);
+    ForRows<Top2Rows>(rows, t.x + row0 * k, k, *wt, t, row0);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(badnet_dense, Dense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("relu_in")
+                                  .Attr<int64_t>("relu_out")
+                                  .Attr<int64_t>("has_add"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(badnet_dense_top2, DenseTop2,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,208 @@
+"""The native dense kernels against independent NumPy arithmetic and the JAX reference, and their transformations."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from badnet_jax.kernels.dense import (dense, dense_native, dense_reference, dense_top2, dense_top2_native,
+                                      dense_top2_reference, native_runs, resolve_impl)
+from badnet_jax.kernels.native import native_library
+
+needs_native = pytest.mark.skipif(native_library() is None and not os.environ.get("CI"),
+                                  reason="no C++ compiler here: the native kernels cannot be built")
+f32 = lambda v: jnp.asarray(v, jnp.float32)
+
+
+def numpy_dense(x, w, b, add=None, relu_in=False, relu_out=False) -> np.ndarray:
+    """The dense layer in int64/float64 NumPy (exact on small integers)."""
+    x = np.maximum(x, 0) if relu_in else x
+    y = x @ w + b + (0 if add is None else add)
+    return np.maximum(y, 0) if relu_out else y
+
+
+def numpy_top2(logits) -> tuple[np.ndarray, np.ndarray]:
+    """argmax (the first index on ties, the first NaN if any) and top-2 gap of each row, in NumPy."""
+    logits = np.asarray(logits, np.float64)
+    arg = logits.argmax(axis=1)
+    rest = logits.copy()
+    rest[np.arange(len(logits)), arg] = -np.inf
+    with np.errstate(invalid="ignore"):
+        gap = logits.max(axis=1) - rest.max(axis=1)
+    return arg, gap
+
+
+def _ints(shape, lo, hi, seed):
+    return np.random.default_rng(seed).integers(lo, hi + 1, shape)
+
+
+# Rows around the 6-row register tile, columns around the 16-lane vectors and the 4-vector tiles.
+SHAPES = [(1, 3, 1), (5, 8, 15), (6, 17, 16), (7, 33, 17), (13, 9, 64), (12, 40, 65), (31, 960, 160),
+          (256, 160, 1283)]
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("relu_in,relu_out,with_add", [(False, False, False), (True, True, True), (True, False, True),
+                                                        (False, True, False)])
+def test_dense_is_exact_on_integers(m, k, n, relu_in, relu_out, with_add):
+    x, w, b = _ints((m, k), -4, 4, 1), _ints((k, n), -3, 3, 2), _ints((n,), -50, 50, 3)
+    add = _ints((m, n), -60, 60, 4) if with_add else None
+    got = dense_native(f32(x), f32(w), f32(b), None if add is None else f32(add), relu_in, relu_out)
+    assert got.dtype == jnp.float32 and got.shape == (m, n)
+    np.testing.assert_array_equal(np.asarray(got), numpy_dense(x, w, b, add, relu_in, relu_out))
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_top2_is_exact_on_integers_ties_included(m, k, n):
+    # Few distinct values: many rows have the top logit twice (first column, gap 0).
+    x, w, b = _ints((m, k), 0, 2, 5), _ints((k, n), -1, 1, 6), _ints((n,), -2, 2, 7)
+    arg, gap, scale = dense_top2_native(f32(x), f32(w), f32(b))
+    want_arg, want_gap = numpy_top2(x @ w + b)
+    np.testing.assert_array_equal(np.asarray(arg), want_arg)
+    np.testing.assert_array_equal(np.asarray(gap), want_gap)
+    if n > 1 and m > 4:
+        assert (want_gap == 0).any()  # the ties are there to be got right
+    np.testing.assert_array_equal(np.asarray(scale), np.abs(x) @ np.abs(w).max(axis=1) + np.abs(b).max())
+
+
+@needs_native
+def test_top2_nan_and_infinities_as_the_reference():
+    x = f32(_ints((9, 20), 0, 3, 8))
+    w = f32(_ints((20, 1283), -2, 2, 9))
+    rows = {}
+    for name, col_values in {"nan": {900: np.nan, 37: np.nan, 5: np.inf}, "inf": {1282: np.inf, 700: np.inf},
+                             "neg_inf": dict.fromkeys(range(1283), -np.inf), "last": {1282: 1e6}}.items():
+        b = np.zeros(1283, np.float32)
+        for c, v in col_values.items():
+            b[c] = v
+        rows[name] = ([np.asarray(a) for a in dense_top2_native(x, w, f32(b))],
+                      [np.asarray(a) for a in dense_top2_reference(x, w, f32(b))])
+    for name, (got, want) in rows.items():
+        np.testing.assert_array_equal(got[0], want[0], err_msg=name)
+        np.testing.assert_array_equal(got[1], want[1], err_msg=name)  # NaN where the reference has NaN
+    assert (rows["nan"][0][0] == 37).all() and np.isnan(rows["nan"][0][1]).all()
+    assert (rows["inf"][0][0] == 700).all() and np.isnan(rows["inf"][0][1]).all()  # inf - inf, as the reference
+    assert (rows["neg_inf"][0][0] == 0).all() and (rows["last"][0][0] == 1282).all()
+
+
+@needs_native
+def test_random_floats_agree_with_the_reference_to_rounding():
+    rng = np.random.default_rng(10)
+    x = f32(np.abs(rng.standard_normal((300, 160))) * 3)
+    w, b = f32(rng.standard_normal((160, 1283)) * 0.1), f32(rng.standard_normal(1283))
+    got = [np.asarray(a) for a in dense_top2_native(x, w, b)]
+    want = [np.asarray(a) for a in dense_top2_reference(x, w, b)]
+    logits64 = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+    clear = numpy_top2(logits64)[1] > 1e-3  # rows whose float64 gap no float32 rounding can close
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(got[0][clear], want[0][clear])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-5)
+    c4, f1 = f32(rng.standard_normal((300, 960)) * 3), f32(rng.standard_normal((300, 160)) * 3)
+    w2, b2 = f32(rng.standard_normal((960, 160)) * 0.05), f32(rng.standard_normal(160))
+    np.testing.assert_allclose(np.asarray(dense_native(c4, w2, b2, f1, True, True)),
+                               np.asarray(dense_reference(c4, w2, b2, f1, True, True)), rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_a_row_gets_the_same_bits_in_any_batch():
+    rng = np.random.default_rng(11)
+    x = f32(rng.standard_normal((97, 160)))
+    w, b = f32(rng.standard_normal((160, 333))), f32(rng.standard_normal(333))
+    whole = np.asarray(dense_native(x, w, b, relu_out=True))
+    top = [np.asarray(a) for a in dense_top2_native(x, w, b)]
+    for start, stop in ((0, 1), (5, 6), (40, 53), (90, 97)):
+        np.testing.assert_array_equal(np.asarray(dense_native(x[start:stop], w, b, relu_out=True)), whole[start:stop])
+        for part, full in zip(dense_top2_native(x[start:stop], w, b), top):
+            np.testing.assert_array_equal(np.asarray(part), full[start:stop])
+
+
+@needs_native
+def test_leading_axes_vmap_scan_and_empty_batches():
+    rng = np.random.default_rng(12)
+    x = f32(rng.integers(-3, 4, (4, 5, 24)))
+    w, b = f32(rng.integers(-2, 3, (24, 70))), f32(rng.integers(-5, 6, (70,)))
+    add = f32(rng.integers(-9, 10, (4, 5, 70)))
+    want = numpy_dense(np.asarray(x), np.asarray(w), np.asarray(b), np.asarray(add), True, True)
+    np.testing.assert_array_equal(np.asarray(dense_native(x, w, b, add, True, True)), want)  # (4, 5, K) rows
+    fn = lambda xi, ai: dense_native(xi, w, b, ai, True, True)
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(fn))(x, add)), want)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(fn, in_axes=(0, None))(x, add[0])),
+                                  numpy_dense(np.asarray(x), np.asarray(w), np.asarray(b), np.asarray(add[0]), True, True))
+    ws = jnp.stack([w, -w])  # batched weights: one call each
+    np.testing.assert_array_equal(np.asarray(jax.vmap(lambda wi: dense_native(x[0], wi, b))(ws))[1],
+                                  numpy_dense(np.asarray(x[0]), -np.asarray(w), np.asarray(b)))
+    arg, gap, _ = jax.vmap(lambda xi: dense_top2_native(xi, w, b))(x)
+    want_arg, want_gap = numpy_top2(np.asarray(x).reshape(20, 24) @ np.asarray(w) + np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(arg).reshape(-1), want_arg)
+    np.testing.assert_array_equal(np.asarray(gap).reshape(-1), want_gap)
+    _, scanned = jax.lax.scan(lambda c, xi: (c, dense_top2_native(xi, w, b)[0]), 0, x)
+    np.testing.assert_array_equal(np.asarray(scanned).reshape(-1), want_arg)
+    assert dense_native(x[:, :0], w, b).shape == (4, 0, 70)
+    assert [a.shape for a in dense_top2_native(x[:0], w, b)] == [(0, 5)] * 3
+    assert jax.vmap(lambda xi: dense_native(xi, w, b))(x[:0]).shape == (0, 5, 70)
+
+
+@needs_native
+def test_gradients_of_dense_are_the_references():
+    rng = np.random.default_rng(13)
+    x, w, b = f32(rng.standard_normal((7, 30))), f32(rng.standard_normal((30, 20))), f32(rng.standard_normal(20))
+    add = f32(rng.standard_normal((7, 20)))
+    loss = lambda fn: (lambda *a: jnp.sum(fn(*a, relu_in=True, relu_out=True) ** 2))
+    got = jax.grad(loss(dense_native), argnums=(0, 1, 2, 3))(x, w, b, add)
+    want = jax.grad(loss(dense_reference), argnums=(0, 1, 2, 3))(x, w, b, add)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_inside_shard_map_the_outputs_vary_like_the_rows():
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("rows",))
+    rng = np.random.default_rng(14)
+    x, w, b = f32(rng.integers(-3, 4, (8, 12))), f32(rng.integers(-2, 3, (12, 40))), f32(rng.integers(-5, 6, (40,)))
+    run = lambda a: (dense_native(a, w, b, relu_out=True), *dense_top2_native(a, w, b))
+    out = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P("rows"), out_specs=P("rows")))(x)
+    want_arg, want_gap = numpy_top2(np.asarray(x) @ np.asarray(w) + np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(out[0]), numpy_dense(np.asarray(x), np.asarray(w), np.asarray(b),
+                                                                   relu_out=True))
+    np.testing.assert_array_equal(np.asarray(out[1]), want_arg)
+    np.testing.assert_array_equal(np.asarray(out[2]), want_gap)
+
+
+@needs_native
+def test_bad_arguments_are_refused_naming_them():
+    x, w, b = jnp.zeros((3, 4)), jnp.zeros((4, 5)), jnp.zeros((5,))
+    with pytest.raises(ValueError, match="float32"):
+        dense_native(x.astype(jnp.bfloat16), w, b)
+    with pytest.raises(ValueError, match="agree on K"):
+        dense_native(x, jnp.zeros((3, 5)), b)
+    with pytest.raises(ValueError, match="b_N must be"):
+        dense_top2_native(x, w, jnp.zeros((4,)))
+    with pytest.raises(ValueError, match="add must be"):
+        dense_native(x, w, b, add=jnp.zeros((3, 4)))
+    with pytest.raises(ValueError, match="at least one class"):
+        dense_top2_native(x, jnp.zeros((4, 0)), jnp.zeros((0,)))
+
+
+def test_the_rule_runs_native_only_on_a_cpu_with_the_kernels():
+    built = native_library() is not None and jax.default_backend() == "cpu"
+    assert native_runs() == built and native_runs("cpu") == built
+    assert resolve_impl() == resolve_impl("native") == ("native" if built else "reference")
+    assert resolve_impl("reference") == "reference"
+    assert resolve_impl("auto", "cuda") == resolve_impl("native", "tpu") == "reference"
+    with pytest.raises(ValueError, match="impl must be"):
+        resolve_impl("pallas")
+    x, w, b = f32(_ints((4, 6), -3, 3, 15)), f32(_ints((6, 9), -2, 2, 16)), f32(_ints((9,), -4, 4, 17))
+    for impl in ("reference", resolve_impl()):  # the dispatch gives the same values either way (integers)
+        np.testing.assert_array_equal(np.asarray(dense(x, w, b, relu_out=True, impl=impl)),
+                                      numpy_dense(np.asarray(x), np.asarray(w), np.asarray(b), relu_out=True))
+        np.testing.assert_array_equal(np.asarray(dense_top2(x, w, b, impl=impl)[0]),
+                                      numpy_top2(np.asarray(x) @ np.asarray(w) + np.asarray(b))[0])

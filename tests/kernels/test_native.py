@@ -1,0 +1,187 @@
+"""The native kernels' build (kernels/native.py): the cache, its failure paths, the 8-lane build, concurrent builds.
+
+Each test runs a real second process with its own cache folder and compiler (``CXX``)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from badnet_jax.kernels import native
+from badnet_jax.kernels.native import native_library
+from tests.conftest import REPO
+
+
+def test_the_library_is_whole_and_holds_every_op():
+    lib = native_library()
+    if lib is None:
+        assert not os.environ.get("CI"), "CI machines must build the native kernels"
+        pytest.skip("no C++ compiler here: the native kernels cannot be built")
+    digest = hashlib.sha256(lib.path.read_bytes()).hexdigest()
+    assert lib.path.with_suffix(".sha256").read_text().strip() == digest
+    assert lib.path.stat().st_mode & 0o022 == 0 and lib.lanes in (8, 16)
+    assert all(src.is_file() for src in native.SOURCES) and len(native.TARGETS) == len(set(native.TARGETS)) == 3
+    for target in native.TARGETS:  # each handler exported under its registered name
+        assert hasattr(ctypes.CDLL(str(lib.path)), target)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, **env}, cwd=REPO)
+
+
+# Whatever the build does, the ops give the NumPy values (integers: every form exact), by the native kernels
+# where they are built and by XLA's forms where not.
+PROBE = """
+    import jax, jax.numpy as jnp, numpy as np
+    from badnet_jax.kernels.conv2d import conv2d
+    from badnet_jax.kernels.dense import dense, dense_top2, resolve_impl
+    from badnet_jax.kernels.native import native_library
+    from tests.kernels.numpy_conv import numpy_conv
+    x = np.arange(2 * 9 * 8 * 3).reshape(2, 9, 8, 3) % 7
+    k = np.arange(3 * 3 * 3 * 20).reshape(3, 3, 3, 20) % 5 - 2
+    got = conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32))
+    assert np.array_equal(np.asarray(got), numpy_conv(x, k).astype(np.float32))
+    a = np.arange(7 * 5).reshape(7, 5) % 4; w = np.arange(5 * 19).reshape(5, 19) % 7 - 3
+    impl = resolve_impl()
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    assert np.array_equal(np.asarray(dense(f32(a), f32(w), f32(np.zeros(19)), impl=impl)), a @ w)
+    assert np.array_equal(np.asarray(dense_top2(f32(a), f32(w), f32(np.zeros(19)), impl=impl)[0]), (a @ w).argmax(1))
+    print("kernel:", native_library(), impl)
+"""
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_xla_forms_run(tmp_path):
+    done = _run(PROBE, CXX=str(tmp_path / "no-such-compiler"), BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert "kernel: None reference" in done.stdout
+    assert "no C++ compiler" in done.stderr and "no-such-compiler" in done.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_compiler_is_reported_and_leaves_nothing(tmp_path):
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'cc1plus: fatal error: out of cheese' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    done = _run(PROBE, CXX=str(broken), BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert "kernel: None" in done.stdout and "out of cheese" in done.stderr
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written library
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("off", ["0", "off", "False"])
+def test_turned_off_by_the_environment(tmp_path, off):
+    done = _run(PROBE, BADNET_JAX_NATIVE=off, BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert "kernel: None" in done.stdout and not (tmp_path / "cache").exists()
+
+
+def _fake_compiler(path, script: str):
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_odd_compilers_fall_back_and_leave_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    # Exits 0 without writing a library; prints bytes that are not UTF-8; is the C driver (no C++ runtime).
+    quiet = _fake_compiler(tmp_path / "quiet", "exit 0\n")
+    latin = _fake_compiler(tmp_path / "latin", "printf 'caf\\351 \\377\\n' >&2\nexit 1\n")
+    for cxx, says in ((quiet, "wrote no shared library"), (latin, "caf")):
+        done = _run(PROBE, CXX=cxx, BADNET_JAX_CACHE=str(cache))
+        assert done.returncode == 0, done.stderr
+        assert "kernel: None" in done.stdout and says in done.stderr and "C++17 compiler" in done.stderr
+        assert not list(cache.glob("*.so")) and not list(cache.glob(".*"))
+
+
+@pytest.mark.slow
+def test_a_compiler_past_the_time_limit_is_stopped_with_its_children(tmp_path):
+    pid = tmp_path / "child.pid"
+    slow = _fake_compiler(tmp_path / "slow", f"sleep 120 &\necho $! > {pid}\nwait\n")
+    code = PROBE.replace("import jax,", "import badnet_jax.kernels.native as native\n"
+                         "    native.BUILD_TIMEOUT_S = 3\n    import jax,")
+    done = _run(code, CXX=slow, BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0 and "kernel: None" in done.stdout and "ran past 3 s" in done.stderr, done.stderr
+    stat = Path(f"/proc/{int(pid.read_text())}/stat")
+    # Gone, or a zombie waiting for its new parent to reap it: not running.
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.slow
+def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(tmp_path):
+    cache = tmp_path / "cache"
+    first = _run(PROBE, BADNET_JAX_CACHE=str(cache), CXX="c++ -g0")  # a compiler with its own argument
+    assert first.returncode == 0 and "kernel: NativeLibrary" in first.stdout, first.stderr
+    (built,) = cache.glob("*.so")
+    whole = built.stat().st_size
+    with open(built, "r+b") as f:  # what a crash during a write leaves (loading it would kill the process)
+        f.truncate(whole // 2)
+    again = _run(PROBE, BADNET_JAX_CACHE=str(cache), CXX="c++ -g0")
+    assert again.returncode == 0 and "kernel: NativeLibrary" in again.stdout, again.stderr
+    assert built.stat().st_size == whole and built.stat().st_mode & 0o022 == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 is an x86 instruction set")
+def test_the_eight_lane_build_agrees_too(tmp_path):
+    # The AVX2 build (8 lanes, 12 accumulators), what a CPU without AVX-512 runs: every case exact.
+    code = """
+    import jax, jax.numpy as jnp, numpy as np
+    from badnet_jax.kernels.conv2d import conv2d_direct
+    from badnet_jax.kernels.dense import dense_native, dense_top2_native
+    from badnet_jax.kernels.native import native_library
+    from tests.kernels.numpy_conv import numpy_conv, numpy_epilogue
+    from tests.kernels.test_dense import numpy_dense, numpy_top2
+    assert native_library().lanes == 8, native_library()
+    rng = np.random.default_rng(0)
+    for f in (1, 7, 8, 9, 20, 24, 33, 40, 60, 80):
+        for w in (3, 11, 30):
+            x = rng.integers(0, 256, (2, 9, w + 3, 3)); k = rng.integers(-8, 9, (4, 4, 3, f))
+            got = conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), relu=True, pool=(2, 2))
+            want = numpy_epilogue(numpy_conv(x, k), True, (2, 2))
+            assert np.array_equal(np.asarray(got), want.astype(np.float32)), (f, w)
+    for m in (1, 5, 6, 13):  # rows around the 6-row tile; columns around the 8-lane vectors and 2-vector tiles
+        for n in (1, 7, 8, 9, 16, 17, 25, 160, 1283):
+            x = rng.integers(-3, 4, (m, 37)); w = rng.integers(-3, 4, (37, n)); b = rng.integers(-9, 10, (n,))
+            add = rng.integers(-20, 21, (m, n))
+            f32 = lambda v: jnp.asarray(v, jnp.float32)
+            got = dense_native(f32(x), f32(w), f32(b), f32(add), relu_in=True, relu_out=True)
+            assert np.array_equal(np.asarray(got), numpy_dense(x, w, b, add, True, True)), (m, n)
+            arg, gap, _ = dense_top2_native(f32(x), f32(w), f32(b))
+            want_arg, want_gap = numpy_top2(x @ w + b)
+            assert np.array_equal(np.asarray(arg), want_arg) and np.array_equal(np.asarray(gap), want_gap), (m, n)
+    print("eight lanes ok")
+    """
+    done = _run(code, BADNET_JAX_NATIVE_FLAGS="-march=haswell", BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0 and "eight lanes ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_processes_building_at_once_share_one_library(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "BADNET_JAX_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(PROBE)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for _ in range(3)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert all("kernel: NativeLibrary" in o[0] for o in outs)
+    (built,) = cache.glob("*.so")
+    assert built.name == native_library().path.name
+    assert {p.name for p in cache.iterdir()} == {built.name, built.with_suffix(".sha256").name}  # no tmp
+    # A later process loads it: no second build.
+    stamp = built.stat().st_mtime_ns
+    done = _run(PROBE, BADNET_JAX_CACHE=str(cache))
+    assert done.returncode == 0 and "kernel: NativeLibrary" in done.stdout, done.stderr
+    assert built.stat().st_mtime_ns == stamp

@@ -293,7 +293,8 @@ class PrunableModel(abc.ABC):
         del platform
         hidden = self.tail_hidden(params, pre)
         w, b = self.output_layer(params)
-        return dense_top2(hidden, w, b, impl="native" if impl == "native" else "reference")
+        native = impl == "native" and all(jnp.dtype(a.dtype) == jnp.float32 for a in (hidden, w, b))  # float32 only
+        return dense_top2(hidden, w, b, impl="native" if native else "reference")
 
     # ----- masks and images
     def check_mask(self, mask: Any, name: str = "mask") -> Any:

@@ -110,7 +110,8 @@ def conv2d_direct(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequ
     if 0 in (x.shape[0], ho // pool[0], wo // pool[1]):
         y = conv2d_reference(x, kernel_HxWxIxO, strides, "VALID", dilation) + b[None, None, None, :]
         return epilogue(y, relu, pool)
-    return varying_like(_direct_call(strides, dilation, bool(relu), pool)(x, kernel_HxWxIxO, b), x)
+    out = _direct_call(strides, dilation, bool(relu), pool)(x, kernel_HxWxIxO, b)
+    return varying_like(out, x, kernel_HxWxIxO, b)  # inside shard_map: varies as any input does
 
 
 def _check(x, k, bias, strides, dilation, pool) -> None:

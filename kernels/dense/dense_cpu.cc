@@ -67,7 +67,7 @@ struct Weights {
       std::memcpy(btail.data(), b_ + full * VL, rest * sizeof(float));
     }
   }
-  int64_t vectors() const { return full + (wtail.empty() ? 0 : 1); }
+  int64_t vectors() const { return full + (n % VL ? 1 : 0); }  // with K = 0 too (then wtail is empty, never read)
   // Vector v's weights at row 0 and its row stride; its bias.
   const float* col(int64_t v, int64_t* stride) const {
     if (v < full) { *stride = n; return w + v * VL; }

@@ -9,6 +9,7 @@ batched weights run one call per batch element) and ``shard_map`` (the results v
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -106,12 +107,13 @@ def dense_native(x: jax.Array, w_KxN: jax.Array, b_N: jax.Array, add: Optional[j
     lead, (k, n) = x.shape[:-1], w_KxN.shape
     if add is not None and (tuple(add.shape) != (*lead, n) or jnp.dtype(add.dtype) != F32):
         raise ValueError(f"add must be float32 {(*lead, n)}, like the output, got {add.dtype} {tuple(add.shape)}")
-    rows = x.reshape(-1, k)
-    if rows.shape[0] == 0 or n == 0:
+    m = math.prod(lead)
+    if 0 in (m, k, n):  # nothing to multiply: the reference's bias (and addend) alone
         return dense_reference(x, w_KxN, b_N, add, relu_in, relu_out)
-    addend = jnp.zeros((1, 1), F32) if add is None else add.reshape(-1, n)
+    rows = x.reshape(m, k)
+    addend = jnp.zeros((1, 1), F32) if add is None else add.reshape(m, n)
     out = _dense_call(bool(relu_in), bool(relu_out), add is not None)(rows, w_KxN, b_N, addend)
-    return varying_like(out, rows, addend).reshape(*lead, n)
+    return varying_like(out, rows, w_KxN, b_N, addend).reshape(*lead, n)
 
 
 def dense_top2_native(x: jax.Array, w_KxN: jax.Array, b_N: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -135,12 +137,14 @@ def dense_top2_native(x: jax.Array, w_KxN: jax.Array, b_N: jax.Array) -> tuple[j
     lead, (k, n) = x.shape[:-1], w_KxN.shape
     if n == 0:
         raise ValueError("w_KxN has no columns: an output layer needs at least one class")
-    rows = x.reshape(-1, k)
-    if rows.shape[0] == 0:
+    m = math.prod(lead)
+    if 0 in (m, k):
         return dense_top2_reference(x, w_KxN, b_N)
+    rows = x.reshape(m, k)
     wmax_K, bmax = output_scale_weights(w_KxN, b_N)
     outs = _top2_call(rows, w_KxN, b_N, wmax_K, bmax.reshape(1))
-    return tuple(varying_like(o, rows).reshape(lead) for o in outs)
+    # Inside shard_map the results vary as any of the inputs does (images or, per device, weights).
+    return tuple(varying_like(o, rows, w_KxN, b_N).reshape(lead) for o in outs)
 
 
 def _check_native() -> None:

@@ -160,6 +160,19 @@ def test_inside_shard_map_the_output_varies_like_the_images():
         np.testing.assert_array_equal(np.asarray(fn(x)), want)
 
 
+def test_inside_shard_map_a_per_device_kernel_makes_the_output_vary():
+    # A kernel that differs per device gives outputs that differ per device: one replicated output is refused,
+    # as for XLA's convolution, not answered with one device's.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+    P = jax.sharding.PartitionSpec
+    x = jnp.ones((1, 6, 6, 3), jnp.float32)
+    k = jnp.ones((3, 3, 3, 20), jnp.float32)
+    for impl in ("reference", "direct"):
+        fn = jax.shard_map(lambda a, kk: conv2d(a, kk, impl=impl), mesh=mesh, in_specs=(P(), P("d")), out_specs=P())
+        with pytest.raises(ValueError, match="out_specs"):
+            jax.jit(fn)(x, k)
+
+
 def test_auto_runs_direct_where_the_rule_says():
     # DeepID's conv_1 under "auto" on this CPU: the native kernel's bits, not the width-blocked form's.
     rng = np.random.default_rng(5)

@@ -206,3 +206,29 @@ def test_the_rule_runs_native_only_on_a_cpu_with_the_kernels():
                                       numpy_dense(np.asarray(x), np.asarray(w), np.asarray(b), relu_out=True))
         np.testing.assert_array_equal(np.asarray(dense_top2(x, w, b, impl=impl)[0]),
                                       numpy_top2(np.asarray(x) @ np.asarray(w) + np.asarray(b))[0])
+
+
+@needs_native
+def test_inside_shard_map_outputs_vary_with_per_device_weights_too():
+    # Weights that differ per device (a model variant per device) make the results differ per device: asking
+    # shard_map for one replicated output must fail as it does for the reference, not return one device's.
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+    x, b = f32(np.ones((1, 2))), f32(np.zeros(3))
+    w = f32(np.eye(2, 3))
+    for fn in (lambda xx, ww: dense_reference(xx, ww, b), lambda xx, ww: dense_native(xx, ww, b),
+               lambda xx, ww: dense_top2_native(xx, ww, b)[0], lambda xx, ww: dense_top2_native(xx, ww, b)[2]):
+        with pytest.raises(ValueError, match="out_specs"):
+            jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("d")), out_specs=P()))(x, w)
+
+
+@needs_native
+def test_no_inner_dimension_gives_the_bias_as_the_reference():
+    x, w = jnp.zeros((2, 0), jnp.float32), jnp.zeros((0, 17), jnp.float32)
+    b = f32(np.arange(17) - 8.0)
+    np.testing.assert_array_equal(np.asarray(dense_native(x, w, b, relu_out=True)), np.maximum(np.tile(b, (2, 1)), 0))
+    arg, gap, scale = dense_top2_native(x, w, b)
+    np.testing.assert_array_equal(np.asarray(arg), [16, 16])
+    np.testing.assert_array_equal(np.asarray(gap), [1, 1])
+    np.testing.assert_array_equal(np.asarray(scale), [8, 8])

@@ -227,3 +227,28 @@ def test_a_forced_input_scale_that_looks_wrong_is_warned_about(tmp_path):
         assert (line in md) == warned
         if warned:
             assert "the other scale (255) is clearly better" in proc.stderr
+
+
+@pytest.mark.parametrize("copied,warned", [(7, True), (5, False), (0, False)])
+def test_poisoned_sets_of_mostly_clean_images_are_warned_about(copied, warned):
+    # Exact: a warning when more than half of a poisoned set are byte for byte clean images (of either clean set,
+    # in any order); near copies (one pixel off) and the same pixels in another dtype do not count.
+    from badnet_jax.defense.inputs import Sets
+    from badnet_jax.defense.pipeline import _clean_images_as_poisoned
+
+    rng = np.random.default_rng(copied)
+    clean_valid = rng.integers(0, 256, (9, 5, 4, 3), dtype=np.uint8)
+    clean_test = rng.integers(0, 256, (8, 5, 4, 3), dtype=np.uint8)
+    poisoned = rng.integers(0, 256, (12, 5, 4, 3), dtype=np.uint8)
+    sources = np.concatenate([clean_valid, clean_test])[rng.permutation(17)[:copied]]
+    poisoned[rng.permutation(12)[:copied]] = sources
+    near = clean_valid[:5].copy()
+    near[:, 0, 0, 0] ^= 1
+    sets = Sets({"clean_valid": (clean_valid, None), "clean_test": (clean_test, None),
+                 "bd_valid": (poisoned, None), "bd_test": (np.concatenate([near, clean_test[:1]]), None)}, {})
+    warnings = _clean_images_as_poisoned(sets)
+    assert [w.split(" of ")[0] for w in warnings] == ([str(copied)] if warned else [])
+    float_copy = Sets({"clean_valid": (clean_valid, None), "bd_valid": (clean_valid.astype(np.float32), None)}, {})
+    assert _clean_images_as_poisoned(float_copy) == []
+    assert len(_clean_images_as_poisoned(Sets({"clean_valid": (clean_valid, None),
+                                               "bd_valid": (clean_valid[::-1].copy(), None)}, {}))) == 1

@@ -4,8 +4,8 @@
 the kernels are built, else the reference), ``"native"`` (the same: where the kernels cannot run, the
 reference, whose results are the same up to the summation order), or ``"reference"`` (pure JAX). On a 2-core
 Xeon the native forms ran DeepID's tail (fc_2, then the 1283-class output layer and its top-2) at 187 and
-181 GFLOP/s against XLA's 167 and 137 in 256-row calls, and the lab-scale sweep's device time 8.88 -> 7.75 s
-(docs/benchmarks.md).
+181 GFLOP/s against XLA's 167 and 137 in 256-row calls, and the lab-scale sweep's device time 7.76 -> 7.3 s
+on two CPU devices, 9.3-9.6 -> 7.9-8.2 s on one (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ kernel when asked for.
 ``impl``: ``"reference"`` (pure JAX, always works), ``"auto"`` (on a CPU where the native kernels are built,
 ``"native"``: fc_2 and the output layer's top-2 by ``badnet_jax.kernels.dense``; elsewhere the reference: on
 the one accelerator measured, an H200, XLA's reference ran the head call 2.4x faster than the Triton kernel,
-1.2 ms against 2.9 ms for 8 masks x 4096 images x 1283 classes; see docs/benchmarks.md), or ``"pallas"`` (the kernel; interpret
-mode on CPU, slow, for testing; on a GPU/TPU only if a probe at the real call's shapes compiles and agrees
-with the reference, else the reference, with a warning that says why). Probes are cached per (platform,
-shapes), so a kernel that fails to lower on some jax/jaxlib falls back instead of failing the sweep.
+1.2 ms against 2.9 ms for 8 masks x 4096 images x 1283 classes; see docs/benchmarks.md), or ``"pallas"``
+(the kernel; interpret mode on CPU, slow, for testing; on a GPU/TPU only if a probe at the real call's shapes
+compiles and agrees with the reference, else the reference, with a warning that says why). Probes are cached
+per (platform, shapes), so a kernel that fails to lower on some jax/jaxlib falls back instead of failing the
+sweep.
 """
 
 from __future__ import annotations

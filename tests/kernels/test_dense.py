@@ -133,8 +133,8 @@ def test_leading_axes_vmap_scan_and_empty_batches():
     np.testing.assert_array_equal(np.asarray(dense_native(x, w, b, add, True, True)), want)  # (4, 5, K) rows
     fn = lambda xi, ai: dense_native(xi, w, b, ai, True, True)
     np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(fn))(x, add)), want)
-    np.testing.assert_array_equal(np.asarray(jax.vmap(fn, in_axes=(0, None))(x, add[0])),
-                                  numpy_dense(np.asarray(x), np.asarray(w), np.asarray(b), np.asarray(add[0]), True, True))
+    want0 = numpy_dense(np.asarray(x), np.asarray(w), np.asarray(b), np.asarray(add[0]), True, True)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(fn, in_axes=(0, None))(x, add[0])), want0)
     ws = jnp.stack([w, -w])  # batched weights: one call each
     np.testing.assert_array_equal(np.asarray(jax.vmap(lambda wi: dense_native(x[0], wi, b))(ws))[1],
                                   numpy_dense(np.asarray(x[0]), -np.asarray(w), np.asarray(b)))

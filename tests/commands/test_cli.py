@@ -295,3 +295,33 @@ def test_a_cgroup_cpu_quota_caps_the_cores(files, cpus, monkeypatch):
     assert cli._cgroup_cpu_quota() == cpus
     if cpus is not None:
         assert cli.cpu_cores() <= cpus
+
+
+# A tool whose main prints many lines and a log line, with an atexit handler of its own; argv[1] picks its ending.
+LEAVING_TOOL = """
+import atexit, logging, sys
+import jax.numpy as jnp
+from badnet_jax.commands import cli
+
+atexit.register(lambda: print("atexit ran", file=sys.stderr, flush=True))
+
+def main(argv):
+    print(int(jnp.sum(jnp.arange(4))))  # JAX has run: its client and threads are up
+    for i in range(100000):
+        print(f"line {i}")
+    logging.getLogger("badnet_jax").info("done")
+    return {"ok": 0, "fail": 2}[argv[1]]
+
+cli.start(main)
+"""
+
+
+@pytest.mark.parametrize("ending,code", [("ok", 0), ("fail", 2)])
+def test_a_finished_tool_leaves_with_every_line_written_and_its_exit_code(ending, code):
+    # A run that ends well skips the interpreter's teardown (os._exit after flushing and the atexit handlers):
+    # every line still reaches the reader, the handlers still run, and a failing run exits as before.
+    done = run_python(LEAVING_TOOL, ending)
+    assert done.returncode == code, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "6" and len(lines) == 100001 and lines[-1] == "line 99999"
+    assert "atexit ran" in done.stderr and "done" in done.stderr

@@ -44,6 +44,7 @@ from badnet_jax.io.fileio import atomic_write
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "conv2d" / "direct_cpu.cc", HERE / "dense" / "dense_cpu.cc")
+HEADERS = (HERE / "parallel_for.h",)  # included by the sources (from -I HERE)
 # The FFI targets' registered names (each the C symbol of its handler).
 CONV2D_DIRECT = "badnet_conv2d_direct"
 DENSE = "badnet_dense"
@@ -142,7 +143,7 @@ def _build(compiler: list[str]) -> Path:
     """The library for these sources, compiler, jaxlib and CPU: the cached one if it is whole, else a new build."""
     _, version = _run([*compiler, "-v"], min(60, BUILD_TIMEOUT_S))  # `-v`: version and configuration (GCC, Clang)
     flags = [*FLAGS, *shlex.split(os.environ.get("BADNET_JAX_NATIVE_FLAGS", ""))]
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), " ".join(compiler[1:] + flags), version,
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in (*SOURCES, *HEADERS)), " ".join(compiler[1:] + flags), version,
                                     jaxlib.__version__, _cpu_identity()]).encode()).hexdigest()[:24]
     path = cache_dir() / f"native-{key}.so"
     if _trusted(path):
@@ -152,7 +153,7 @@ def _build(compiler: list[str]) -> Path:
     def compile_to(tmp: Path) -> None:
         objects = [tmp.with_name(f"{tmp.name}.{i}.o") for i in range(len(SOURCES))]
         try:
-            _compile_all([[*compiler, *flags, "-c", "-I", jax.ffi.include_dir(), str(src), "-o", str(obj)]
+            _compile_all([[*compiler, *flags, "-c", "-I", str(HERE), "-I", jax.ffi.include_dir(), str(src), "-o", str(obj)]
                           for src, obj in zip(SOURCES, objects)], BUILD_TIMEOUT_S)
             _compile_all([[*compiler, *flags, *map(str, objects), "-o", str(tmp)]], BUILD_TIMEOUT_S)
         finally:
@@ -208,5 +209,5 @@ def _varying(a: jax.Array) -> frozenset:
     return frozenset(axes.varying if axes is not None else getattr(aval, "vma", ()))
 
 
-__all__ = ["CONV2D_DIRECT", "DENSE", "DENSE_TOP2", "NativeLibrary", "SOURCES", "TARGETS", "cache_dir",
+__all__ = ["CONV2D_DIRECT", "DENSE", "DENSE_TOP2", "HEADERS", "NativeLibrary", "SOURCES", "TARGETS", "cache_dir",
            "native_library", "varying_like"]

@@ -93,7 +93,9 @@ def test_wheel_installs_kernels_inside_the_package_and_ships_no_tests(tmp_path):
             for name, path in _modules().items()}
     assert want - set(names) == set(), "modules left out of the wheel (pyproject's packages list)"
     assert "badnet_jax/assets/demo_badnet.h5" in names
-    assert "badnet_jax/kernels/conv2d/direct_cpu.cc" in names  # the native kernel builds from the installed source
+    # The native kernels build from the installed sources and headers.
+    assert {"badnet_jax/kernels/conv2d/direct_cpu.cc", "badnet_jax/kernels/dense/dense_cpu.cc",
+            "badnet_jax/kernels/parallel_for.h"} <= set(names)
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"badnet_jax", *{t for t in tops if t.endswith(".dist-info")}}, tops
     assert not [n for n in names if "test" in Path(n).name], [n for n in names if "test" in Path(n).name]

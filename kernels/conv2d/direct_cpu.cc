@@ -16,15 +16,13 @@
 // and issues XT * FG fused multiply-adds, whatever the input's channel count.
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <utility>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -170,17 +168,6 @@ void OutputRow(const float* in, const float* wpad, const float* bpad, float* out
   }
 }
 
-// Work shared by the calling thread and helpers from XLA's intra-op pool: rows handed out in chunks by an
-// atomic counter. The caller works too and waits only for chunks already taken, so a helper the pool starts
-// late finds nothing left and returns (it holds the state by shared_ptr; it never touches the buffers).
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0, chunk = 1;
-  std::mutex mu;
-  std::condition_variable finished;
-};
-
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> b,
                 ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
                 int64_t pw, int64_t relu) {
@@ -213,34 +200,16 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const float* in = x.typed_data();
   float* o = out->typed_data();
   const int64_t img_in = g.h * g.w * g.c, img_out = g.hq * g.wq * g.f;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  auto work = std::make_shared<Work>();
-  work->total = g.n * g.hq;
-  work->chunk = std::max<int64_t>(1, work->total / (threads * 8));
-  auto run = [work, wpad, bpad, in, o, g, img_in, img_out]() {
-    std::vector<float> scratch(g.ph * g.wq * g.pw * g.fv * VL);
-    for (;;) {
-      const int64_t start = work->next.fetch_add(work->chunk);
-      if (start >= work->total) return;
-      const int64_t stop = std::min(work->total, start + work->chunk);
+  badnet_jax::ParallelFor(pool, g.n * g.hq, 8, [wpad, bpad, in, o, g, img_in, img_out]() {
+    // Each thread's own scratch: a window's rows of the convolution (the epilogue's input).
+    return [wpad, bpad, in, o, g, img_in, img_out,
+            scratch = std::vector<float>(g.ph * g.wq * g.pw * g.fv * VL)](int64_t start, int64_t stop) mutable {
       for (int64_t r = start; r < stop; ++r) {
         const int64_t i = r / g.hq, q = r % g.hq;
         OutputRow(in + i * img_in, wpad->data(), bpad->data(), o + i * img_out, scratch.data(), g, q);
       }
-      if (work->done.fetch_add(stop - start) + (stop - start) == work->total) {
-        std::lock_guard<std::mutex> lock(work->mu);
-        work->finished.notify_all();
-      }
-    }
-  };
-  const int64_t chunks = (work->total + work->chunk - 1) / work->chunk;
-  for (int64_t t = 1; t < std::min(threads, chunks); ++t) {
-    auto helper = run;
-    pool.Schedule(std::move(helper));
-  }
-  run();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->finished.wait(lock, [&] { return work->done.load() == work->total; });
+    };
+  });
   return ffi::Error::Success();
 }
 

@@ -16,17 +16,15 @@
 // multiply-adds per row broadcast), and the top-2 logits are kept per lane in registers' worth of state while
 // the tiles go by.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <utility>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -116,44 +114,6 @@ inline void Tiles(const float* a, int64_t lda, const Weights& wt, Fn&& fn) {
   }
 }
 
-// Rows handed out in chunks by an atomic counter to the calling thread and helpers from XLA's intra-op pool
-// (as in the convolution kernel: a helper that starts late finds nothing left; it never touches the buffers).
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0, chunk = 1;
-  std::mutex mu;
-  std::condition_variable finished;
-};
-
-template <typename Body>
-void Parallel(ffi::ThreadPool& pool, int64_t blocks, Body body) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  auto work = std::make_shared<Work>();
-  work->total = blocks;
-  work->chunk = std::max<int64_t>(1, blocks / (threads * 4));
-  auto run = [work, body]() {
-    for (;;) {
-      const int64_t start = work->next.fetch_add(work->chunk);
-      if (start >= work->total) return;
-      const int64_t stop = std::min(work->total, start + work->chunk);
-      for (int64_t i = start; i < stop; ++i) body(i);
-      if (work->done.fetch_add(stop - start) + (stop - start) == work->total) {
-        std::lock_guard<std::mutex> lock(work->mu);
-        work->finished.notify_all();
-      }
-    }
-  };
-  const int64_t chunks = (blocks + work->chunk - 1) / work->chunk;
-  for (int64_t t = 1; t < std::min(threads, chunks); ++t) {
-    auto helper = run;
-    pool.Schedule(std::move(helper));
-  }
-  run();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->finished.wait(lock, [&] { return work->done.load() == work->total; });
-}
-
 // Dispatch a row count 1 .. MR to its template.
 template <template <int> class F, typename... Args>
 inline void ForRows(int64_t rows, Args&&... args) {
@@ -217,16 +177,19 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   if (m == 0 || wd[1] == 0) return ffi::Error::Success();
   auto wt = std::make_shared<Weights>(w.typed_data(), b.typed_data(), k, wd[1]);
   DenseArgs d{x.typed_data(), has_add ? add.typed_data() : nullptr, out->typed_data(), m, relu_in, relu_out};
-  Parallel(pool, (m + MR - 1) / MR, [wt, d, k](int64_t blk) {
-    const int64_t row0 = blk * MR, rows = std::min<int64_t>(MR, d.m - row0);
-    const float* a = d.x + row0 * k;
-    std::vector<float> relu_rows;
-    if (d.relu_in) {  // the block's rows through the ReLU once, not once per column tile
-      relu_rows.resize(rows * k);
-      for (int64_t i = 0; i < rows * k; ++i) relu_rows[i] = (a[i] < 0.0f) ? 0.0f : a[i];
-      a = relu_rows.data();
-    }
-    ForRows<DenseRows>(rows, a, k, *wt, d, row0);
+  badnet_jax::ParallelFor(pool, (m + MR - 1) / MR, 4, [wt, d, k]() {
+    // Each thread's own scratch: a row block through the ReLU once, not once per column tile.
+    return [wt, d, k, relu_rows = std::vector<float>(d.relu_in ? MR * k : 0)](int64_t start, int64_t stop) mutable {
+      for (int64_t blk = start; blk < stop; ++blk) {
+        const int64_t row0 = blk * MR, rows = std::min<int64_t>(MR, d.m - row0);
+        const float* a = d.x + row0 * k;
+        if (d.relu_in) {
+          for (int64_t i = 0; i < rows * k; ++i) relu_rows[i] = (a[i] < 0.0f) ? 0.0f : a[i];
+          a = relu_rows.data();
+        }
+        ForRows<DenseRows>(rows, a, k, *wt, d, row0);
+      }
+    };
   });
   return ffi::Error::Success();
 }
@@ -329,9 +292,13 @@ ffi::Error DenseTop2(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   auto wt = std::make_shared<Weights>(w.typed_data(), b.typed_data(), k, wd[1]);
   Top2Args t{x.typed_data(), wmax.typed_data(), bmax.typed_data()[0], arg->typed_data(), gap->typed_data(),
              scale->typed_data(), m};
-  Parallel(pool, (m + MR - 1) / MR, [wt, t, k](int64_t blk) {
-    const int64_t row0 = blk * MR, rows = std::min<int64_t>(MR, t.m - row0);
-    ForRows<Top2Rows>(rows, t.x + row0 * k, k, *wt, t, row0);
+  badnet_jax::ParallelFor(pool, (m + MR - 1) / MR, 4, [wt, t, k]() {
+    return [wt, t, k](int64_t start, int64_t stop) {
+      for (int64_t blk = start; blk < stop; ++blk) {
+        const int64_t row0 = blk * MR, rows = std::min<int64_t>(MR, t.m - row0);
+        ForRows<Top2Rows>(rows, t.x + row0 * k, k, *wt, t, row0);
+      }
+    };
   });
   return ffi::Error::Success();
 }

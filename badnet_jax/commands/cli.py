@@ -371,8 +371,10 @@ def _user_message(err: Exception, flags: Mapping[str, str]) -> Optional[str]:
 def _interrupt(signum, frame):
     from badnet_jax.io import fileio
 
-    fileio.note_interrupt(signum)  # even a swallowed KeyboardInterrupt stops every later swap into place
-    raise KeyboardInterrupt(f"signal {signum}")
+    # Noted, so that even a swallowed KeyboardInterrupt stops every later swap into place; raised now unless a
+    # swap and its clean-up are under way (they raise it once whole).
+    if fileio.note_interrupt(signum):
+        raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mapping[str, str] | None = None) -> int:
@@ -384,6 +386,8 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
     SIGINT and SIGTERM raise KeyboardInterrupt, so they clean up alike (writers remove their temporary files),
     and are recorded: if one was swallowed on the way (Python only prints an exception raised in a
     garbage-collection callback), no result is swapped into place after it and the command still exits 130.
+    One that comes while results are swapped into place waits for the swap and its clean-up to finish
+    (:func:`badnet_jax.io.fileio.interrupts_deferred`): the new results whole, nothing left beside them.
     After an interrupt the process leaves with ``os._exit``: a normal interpreter teardown can crash while
     XLA's worker threads are still inside the interrupted computation.
     """

@@ -17,6 +17,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -182,12 +183,33 @@ def memory_bytes() -> int:
 
 
 _interrupts: list[int] = []  # signals received so far (cli.run's handler notes them)
+# How deep this thread is in interrupts_deferred() sections. Per thread: Python runs signal handlers in the main
+# thread, and only a section of that thread may hold them back (not a background thread writing a cache file).
+_deferring = threading.local()
 
 
-def note_interrupt(signum: int) -> None:
+def note_interrupt(signum: int) -> bool:
     """Record a signal: no rename into place happens after it, even if its KeyboardInterrupt got swallowed
-    (raised inside a garbage-collection callback or a ``__del__``, Python only prints it and goes on)."""
+    (raised inside a garbage-collection callback or a ``__del__``, Python only prints it and goes on).
+
+    Returns:
+        Whether the handler should raise KeyboardInterrupt now: not inside :func:`interrupts_deferred`, whose
+        caller raises it once its section is whole.
+    """
     _interrupts.append(signum)
+    return not getattr(_deferring, "depth", 0)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """A section that a signal noted through :func:`note_interrupt` does not cut short (a swap into place and
+    the removal of what it leaves beside the target). The caller raises after it (:func:`raise_if_interrupted`).
+    """
+    _deferring.depth = getattr(_deferring, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _deferring.depth -= 1
 
 
 def was_interrupted() -> bool:
@@ -220,11 +242,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: i
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        raise_if_interrupted()
-        os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with interrupts_deferred():
+            tmp.unlink(missing_ok=True)
         raise
+    with interrupts_deferred():  # a signal lands before the rename or after it, never between it and the unlink
+        try:
+            if not was_interrupted():
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise_if_interrupted()
     return path
 
 
@@ -385,8 +413,9 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
 
     The old directory (if any) is moved aside first and deleted only once the new one is in place, so an
     interruption leaves either the old or the new directory under ``path``. What a killed earlier run left
-    beside ``path`` is cleaned up first (:func:`_clean_after_killed_runs`). A ``path`` that is a symbolic link
-    to a folder stays one: the folder it leads to is replaced.
+    beside ``path`` is cleaned up first (:func:`_clean_after_killed_runs`). A signal noted during the swap or
+    its clean-up lets them finish, then raises (:func:`interrupts_deferred`). A ``path`` that is a symbolic
+    link to a folder stays one: the folder it leads to is replaced.
     """
     path = real_target(path)
     if not path.name or path.name in (".", ".."):
@@ -395,13 +424,29 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     _clean_after_killed_runs(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     token = tmp.name[len(f".{path.name}.{os.getpid()}."):-len(".tmp")]
-    old = None
+    target = tmp / "d"  # not tmp itself: the writer (orbax) may want to create the directory
     try:
         _write_owner(tmp, path)
-        # The writer (orbax) may want to create the directory itself.
-        target = tmp / "d"
         write(target)
-        raise_if_interrupted()
+    except BaseException:
+        with interrupts_deferred():
+            _remove_settled(tmp)
+        raise
+    # The swap and its clean-up run whole: a signal in them takes effect right after, with the new results in
+    # place and nothing left beside them; one that came before keeps the earlier results.
+    with interrupts_deferred():
+        _swap_in(target, path, tmp, token)
+    raise_if_interrupted()
+    return path
+
+
+def _swap_in(target: Path, path: Path, tmp: Path, token: str) -> None:
+    """Move ``target`` to ``path`` (the earlier ``path`` aside first, deleted once the new one is in), unless a
+    signal was noted; then delete ``tmp``. On failure the earlier ``path`` is put back."""
+    old = None
+    try:
+        if was_interrupted():
+            return
         if path.exists():
             old = path.with_name(f".{path.name}.old.{os.getpid()}.{token}")
             os.replace(path, old)
@@ -410,7 +455,6 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         if old is not None and not path.exists():
             os.replace(old, path)
             old = None
-        _remove_settled(tmp)
         raise
     finally:
         # The earlier results go first and the owner record last: a kill in between leaves a record that
@@ -418,7 +462,6 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def _remove_settled(tmp: Path, quiet_s: float = 0.3, max_s: float = 10.0) -> None:

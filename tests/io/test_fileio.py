@@ -315,6 +315,64 @@ def test_what_a_sigkilled_run_left_is_cleaned_up_by_the_next(stage, tmp_path):
         alive.wait(timeout=60)
 
 
+SIGNALLED_WRITER = r"""
+import os, shutil, signal, sys
+from pathlib import Path
+from badnet_jax.commands import cli
+from badnet_jax.io.fileio import atomic_dir, atomic_write
+target, stage = Path(sys.argv[1]), sys.argv[2]
+
+def signal_after(real, when):  # SIGTERM to this process right after the first call that `when` picks
+    def call(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if when(*args) and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler at the next bytecode, in this frame
+        return out
+    return call
+
+sent = []
+if stage == "moved aside":  # the earlier results just moved aside, the new ones not yet in
+    os.replace = signal_after(os.replace, lambda src, dst: ".old." in str(dst))
+elif stage == "removing the earlier":  # the new results in, the earlier ones being deleted
+    shutil.rmtree = signal_after(shutil.rmtree, lambda p, *a, **k: ".old." in str(p))
+elif stage == "removing a failed write":
+    shutil.rmtree = signal_after(shutil.rmtree, lambda p, *a, **k: True)
+elif stage == "file renamed":
+    os.replace = signal_after(os.replace, lambda src, dst: str(dst).endswith("a"))
+
+def write(d):
+    if stage == "file renamed":
+        return atomic_write(d, lambda tmp: tmp.write_text("new"))
+    d.mkdir()
+    (d / "a").write_text("new")
+    if stage == "removing a failed write":
+        raise OSError("disk full")
+
+def main():
+    atomic_dir(target, write) if stage != "file renamed" else write(target / "a")
+    print("returned", flush=True)
+    return 0
+
+sys.exit(cli.run(main))
+"""
+
+
+@pytest.mark.parametrize("stage", ["moved aside", "removing the earlier", "removing a failed write", "file renamed"])
+def test_a_signal_inside_a_swap_lets_it_finish_then_ends_the_run(stage, tmp_path):
+    """SIGTERM (or SIGINT) while a swap into place or its clean-up is under way: the swap and the clean-up run
+    whole, then the command exits 130; nothing is left beside the target."""
+    target = tmp_path / "results"
+    atomic_dir(target, lambda d: (d.mkdir(), (d / "a").write_text("old")))
+    done = run_python(SIGNALLED_WRITER, target, stage)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "returned" not in done.stdout  # the signal ended the run right after the swap
+    expected = "old" if stage == "removing a failed write" else "new"
+    assert (target / "a").read_text() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+
+
 def _tmp_folders(folder: Path, name: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}."))
 

@@ -1,8 +1,9 @@
 """The direct convolution: the native XLA:CPU kernel (``direct_cpu.cc``, built by ``kernels/native.py``) as a JAX
 function, with its fused epilogue, ``vmap`` and differentiation rules.
 
-The kernel vectorises the output channels: each output is its bias plus its terms in (dy, dx, c) order with
-fused multiply-adds, whatever thread or batch computes it. It runs inside ``jit``, ``lax.map``, ``vmap`` (the
+The kernel vectorises the output channels, or for few of them the output columns (``form``): each output is
+its bias plus its terms in (dy, dx, c) order with fused multiply-adds, whatever layout, thread or batch computes
+it. It runs inside ``jit``, ``lax.map``, ``vmap`` (the
 batch folded into the images) and ``shard_map`` (its output marked varying like its images); under automatic
 (GSPMD) sharding XLA cannot split a custom call and runs it on whole arrays, so the sweep shards with
 ``shard_map``.
@@ -25,8 +26,12 @@ def _out_size(size: int, k: int, stride: int, dilation: int) -> int:
     return max(0, (size - ((k - 1) * dilation + 1)) // stride + 1)
 
 
+FORMS = {"auto": 0, "channels": 1, "columns": 2}  # the kernel's inner layouts (its `form` attribute)
+
+
 @functools.cache
-def _direct_call(strides: tuple[int, int], dilation: tuple[int, int], relu: bool, pool: tuple[int, int]):
+def _direct_call(strides: tuple[int, int], dilation: tuple[int, int], relu: bool, pool: tuple[int, int],
+                 form: str = "auto"):
     """The FFI call for one stride, dilation and epilogue, batched under ``vmap`` by folding the batch into the
     images (a batched kernel or bias runs one call per batch element) and differentiated through XLA's
     convolution of the tangents."""
@@ -37,7 +42,8 @@ def _direct_call(strides: tuple[int, int], dilation: tuple[int, int], relu: bool
         n, h, w, _ = x.shape
         kh, kw, _, f = k.shape
         out = jax.ShapeDtypeStruct((n, _out_size(h, kh, sh, dh) // ph, _out_size(w, kw, sw, dw) // pw, f), x.dtype)
-        return jax.ffi.ffi_call(CONV2D_DIRECT, out)(x, k, b, sh=sh, sw=sw, dh=dh, dw=dw, ph=ph, pw=pw, relu=int(relu))
+        return jax.ffi.ffi_call(CONV2D_DIRECT, out)(x, k, b, sh=sh, sw=sw, dh=dh, dw=dw, ph=ph, pw=pw, relu=int(relu),
+                                                     form=FORMS[form])
 
     @call.def_vmap
     def _batched(axis_size, in_batched, x, k, b):
@@ -48,7 +54,7 @@ def _direct_call(strides: tuple[int, int], dilation: tuple[int, int], relu: bool
         y = call(x.reshape(axis_size * x.shape[1], *x.shape[2:]), k, b)
         return y.reshape(axis_size, x.shape[1], *y.shape[1:]), True
 
-    plain = _direct_call(strides, dilation, False, (1, 1)) if relu or pool != (1, 1) else None
+    plain = _direct_call(strides, dilation, False, (1, 1), form) if relu or pool != (1, 1) else None
 
     @jax.custom_jvp
     def direct(x, k, b):
@@ -71,7 +77,7 @@ def _direct_call(strides: tuple[int, int], dilation: tuple[int, int], relu: bool
 def conv2d_direct(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[int] = (1, 1),
                   padding: Padding = "VALID", dilation: Sequence[int] = (1, 1),
                   bias: Optional[jax.Array] = None, relu: bool = False,
-                  pool: Optional[Sequence[int]] = None) -> jax.Array:
+                  pool: Optional[Sequence[int]] = None, form: str = "auto") -> jax.Array:
     """The convolution :func:`conv2d_reference` computes (plus ``bias``, then :func:`epilogue`), by the native
     kernel; traceable.
 
@@ -85,6 +91,9 @@ def conv2d_direct(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequ
         bias: (F,) added to every output (None: zeros).
         relu, pool: the fused epilogue: the max over (ph, pw) windows (stride = window, VALID; None: none),
             then ``max(., 0)`` if ``relu``.
+        form: the kernel's inner layout, the same bits in each: ``"channels"`` (vectors over the output
+            channels), ``"columns"`` (over the output columns, for few channels; unit column stride) or
+            ``"auto"`` (the kernel picks the one that fills more of its vector lanes).
 
     Returns:
         (N, Ho // ph, Wo // pw, F): each convolution output its bias plus its terms in (dy, dx, c) order, fused
@@ -100,6 +109,9 @@ def conv2d_direct(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequ
     strides, dilation = tuple(int(s) for s in strides), tuple(int(d) for d in dilation)
     pool = (1, 1) if pool is None else tuple(int(p) for p in pool)
     _check(x_NxHxWxC, kernel_HxWxIxO, bias, strides, dilation, pool)
+    if form not in FORMS or (form == "columns" and strides[1] != 1):
+        raise ValueError(f"form must be one of {sorted(FORMS)} ('columns' with a column stride of 1), got {form!r} "
+                         f"with strides {strides}")
     kh, kw, _, f = kernel_HxWxIxO.shape
     pads = [explicit_pads(x_NxHxWxC.shape[1 + a], (kh, kw)[a], strides[a], dilation[a], padding, a) for a in (0, 1)]
     x = x_NxHxWxC
@@ -110,7 +122,7 @@ def conv2d_direct(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequ
     if 0 in (x.shape[0], ho // pool[0], wo // pool[1]):
         y = conv2d_reference(x, kernel_HxWxIxO, strides, "VALID", dilation) + b[None, None, None, :]
         return epilogue(y, relu, pool)
-    out = _direct_call(strides, dilation, bool(relu), pool)(x, kernel_HxWxIxO, b)
+    out = _direct_call(strides, dilation, bool(relu), pool, form)(x, kernel_HxWxIxO, b)
     return varying_like(out, x, kernel_HxWxIxO, b)  # inside shard_map: varies as any input does
 
 

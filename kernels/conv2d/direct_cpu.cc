@@ -13,7 +13,9 @@
 // 3 -> 20 channels 4x4, runs at ~20% of the matmul peak in XLA's form). Here the output channels are the vector
 // lanes (F channels in vectors of VL lanes, zero-padded) and a register tile holds XT output pixels x FG
 // channel vectors: each step of the inner loop loads FG weight vectors, broadcasts one input value per pixel
-// and issues XT * FG fused multiply-adds, whatever the input's channel count.
+// and issues XT * FG fused multiply-adds, whatever the input's channel count. For few output channels the
+// columns form (below) makes neighbouring output columns the lanes instead; both add the same terms in the same
+// order, so the `form` attribute (0: the rule in ColumnsPay, 1: channels, 2: columns) never changes a bit.
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -21,6 +23,8 @@
 #include <memory>
 #include <utility>
 #include <vector>
+
+#include <immintrin.h>
 
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
@@ -49,6 +53,8 @@ struct Geometry {
   int64_t fv;                  // channel vectors: ceil(f / VL)
   int64_t ph, pw, relu;        // the epilogue: max over ph x pw windows (1 x 1: none), then max(., 0) if relu
   int64_t hq, wq;              // the written output's rows and columns (ho / ph, wo / pw)
+  int64_t width;               // the convolution's columns the output needs (wo, or wq * pw with an epilogue)
+  int64_t wp;                  // the columns form's planar rows: w + VL (zeros past the image)
 };
 
 // One tile: XT output pixels of row y starting at column x0, channel vectors fg0 .. fg0 + FG - 1, written to
@@ -168,9 +174,163 @@ void OutputRow(const float* in, const float* wpad, const float* bpad, float* out
   }
 }
 
+// ---- The columns form: vectors over output columns ----
+//
+// For few output channels (DeepID's conv_1: 20 channels fill 20 of 32 lanes in the channel form) the vector lanes
+// hold VL neighbouring output columns of one channel instead (44 columns fill 44 of 48). The image is first laid
+// out planar (row, channel, column; zero-padded by a vector), so a step loads XV column vectors and multiplies
+// them by FT broadcast weights: XV * FT fused multiply-adds per XV loads. Each output still starts from its bias
+// and adds its terms in (dy, dx, c) order, so both forms compute the same bits. Unit column stride only.
+
+// Row y's columns x0 .. x0 + XV * VL - 1 of channels f0 .. f0 + FT - 1 into conv[f][x] (stride cstride).
+template <int XV, int FT>
+void ColTile(const float* __restrict planar, const int64_t* __restrict taps, const float* __restrict k,
+             const float* __restrict bias, float* __restrict conv, const Geometry& g, int64_t cstride, int64_t y,
+             int64_t x0, int64_t f0) {
+  vf acc[XV][FT];
+  for (int t = 0; t < FT; ++t) {
+    const vf b = vf{} + bias[f0 + t];
+    for (int v = 0; v < XV; ++v) acc[v][t] = b;
+  }
+  // One flat loop over the kh * kw * c taps in (dy, dx, c) order: `taps` holds each one's planar offset, and
+  // the kernel's rows for consecutive taps are consecutive (HWIO).
+  const float* base = planar + y * g.sh * g.c * g.wp + x0;
+  const float* kc = k + f0;
+  const int64_t steps = g.kh * g.kw * g.c;
+  for (int64_t i = 0; i < steps; ++i, kc += g.f) {
+    const float* src = base + taps[i];
+    vf iv[XV];
+    for (int v = 0; v < XV; ++v) iv[v] = *reinterpret_cast<const vf*>(src + v * VL);
+    for (int t = 0; t < FT; ++t) {
+      const float w = kc[t];
+      for (int v = 0; v < XV; ++v) acc[v][t] += iv[v] * w;
+    }
+  }
+  for (int t = 0; t < FT; ++t) {
+    for (int v = 0; v < XV; ++v) *reinterpret_cast<vf*>(conv + (f0 + t) * cstride + x0 + v * VL) = acc[v][t];
+  }
+}
+
+using ColTileFn = void (*)(const float*, const int64_t*, const float*, const float*, float*, const Geometry&,
+                           int64_t, int64_t, int64_t, int64_t);
+constexpr int MAX_XV = 4;
+
+// COL_TILES<XV>[ft] = ColTile<XV, ft> for ft = 1 .. ACC / XV (index 0 unused).
+template <int XV, int... FT>
+constexpr std::array<ColTileFn, sizeof...(FT) + 1> MakeColTiles(std::integer_sequence<int, FT...>) {
+  return {nullptr, &ColTile<XV, FT + 1>...};
+}
+template <int XV>
+constexpr auto COL_TILES = MakeColTiles<XV>(std::make_integer_sequence<int, ACC / XV>{});
+
+template <int XV>
+void ColChunk(const float* planar, const int64_t* taps, const float* k, const float* bias, float* conv,
+              const Geometry& g, int64_t cstride, int64_t y, int64_t x0) {
+  constexpr int64_t ft = ACC / XV;
+  for (int64_t f0 = 0; f0 < g.f; f0 += ft) {
+    COL_TILES<XV>[std::min(ft, g.f - f0)](planar, taps, k, bias, conv, g, cstride, y, x0, f0);
+  }
+}
+
+// Convolution row y, all channels, the first g.width columns (rounded up to whole vectors) into conv[f][x].
+void ColRow(const float* planar, const int64_t* taps, const float* k, const float* bias, float* conv,
+            const Geometry& g, int64_t cstride, int64_t y) {
+  const int64_t nv = (g.width + VL - 1) / VL;
+  int64_t v0 = 0;
+  for (; v0 + MAX_XV <= nv; v0 += MAX_XV) ColChunk<MAX_XV>(planar, taps, k, bias, conv, g, cstride, y, v0 * VL);
+  switch (nv - v0) {
+    case 3: ColChunk<3>(planar, taps, k, bias, conv, g, cstride, y, v0 * VL); break;
+    case 2: ColChunk<2>(planar, taps, k, bias, conv, g, cstride, y, v0 * VL); break;
+    case 1: ColChunk<1>(planar, taps, k, bias, conv, g, cstride, y, v0 * VL); break;
+    default: break;
+  }
+}
+
+// Lanes j0 .. j0 + VL - 1 of window column s: row[(j0 + l) * pw + s].
+inline vf WindowColumn(const float* row, int64_t pw, int64_t j0, int64_t s) {
+  const float* first = row + j0 * pw;
+  if (pw == 1) return *reinterpret_cast<const vf*>(first);
+  if (pw == 2) {
+    const vf a = *reinterpret_cast<const vf*>(first), b = *reinterpret_cast<const vf*>(first + VL);
+#if defined(__AVX512F__)
+#define BADNET_EVENS 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define BADNET_ODDS 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#else
+#define BADNET_EVENS 0, 2, 4, 6, 8, 10, 12, 14
+#define BADNET_ODDS 1, 3, 5, 7, 9, 11, 13, 15
+#endif
+#if defined(__clang__)
+    return s == 0 ? __builtin_shufflevector(a, b, BADNET_EVENS) : __builtin_shufflevector(a, b, BADNET_ODDS);
+#else
+    typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+    return s == 0 ? __builtin_shuffle(a, b, vi{BADNET_EVENS}) : __builtin_shuffle(a, b, vi{BADNET_ODDS});
+#endif
+#undef BADNET_EVENS
+#undef BADNET_ODDS
+  }
+  vf out;
+  for (int l = 0; l < VL; ++l) out[l] = first[l * pw + s];
+  return out;
+}
+
+// m's first `lanes` lanes to out[0], out[stride], ...: one channel of VL output columns.
+inline void StoreColumn(float* out, int64_t stride, vf m, int64_t lanes) {
+#if defined(__AVX512F__)
+  const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(static_cast<int>(stride)));
+  _mm512_mask_i32scatter_ps(out, static_cast<__mmask16>((1u << lanes) - 1), at, reinterpret_cast<__m512&>(m), 4);
+#else
+  for (int64_t l = 0; l < lanes; ++l) out[l * stride] = m[l];
+#endif
+}
+
+// Written row q of one image (its planar layout given) by the columns form: the ph convolution rows into
+// `conv` ([r][f][x]), then each window's max (the channel form's order: (0, 0) first, then row by row) and the
+// ReLU, VL windows at a time, transposed into the output's (column, channel) order.
+void ColOutputRow(const float* planar, const int64_t* taps, const float* k, const float* bias, float* out,
+                  float* conv, const Geometry& g, int64_t cstride, int64_t q) {
+  const int64_t plane = g.f * cstride;
+  for (int64_t r = 0; r < g.ph; ++r) ColRow(planar, taps, k, bias, conv + r * plane, g, cstride, q * g.ph + r);
+  const vf zero = {};
+  float* o = out + q * g.wq * g.f;
+  for (int64_t f = 0; f < g.f; ++f) {
+    for (int64_t j0 = 0; j0 < g.wq; j0 += VL) {
+      const float* first = conv + f * cstride;
+      vf m = WindowColumn(first, g.pw, j0, 0);
+      for (int64_t r = 0; r < g.ph; ++r) {
+        for (int64_t s = (r == 0 ? 1 : 0); s < g.pw; ++s) m = Max(WindowColumn(first + r * plane, g.pw, j0, s), m);
+      }
+      if (g.relu) m = Max(m, zero);
+      StoreColumn(o + j0 * g.f + f, g.f, m, std::min<int64_t>(VL, g.wq - j0));
+    }
+  }
+}
+
+// One image's (h, w, c) pixels as rows of one channel each, (h * c, wp) (the columns past w stay as they are).
+void ToPlanar(const float* __restrict image, float* __restrict planar, int64_t rows, int64_t w, int64_t c,
+              int64_t wp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = image + (r / c) * w * c + r % c;
+    float* dst = planar + r * wp;
+    for (int64_t x = 0; x < w; ++x) dst[x] = src[x * c];
+  }
+}
+
+// Whether the columns form runs faster, by a rule read off a grid measured on AVX-512 (docs/benchmarks.md: 3
+// and 16 input channels, 5 to 36 output channels, 20 to 60 output columns, with the ReLU and a 2x2 pool):
+// the columns must fill at least a quarter more of their lanes than the channels do (DeepID's conv_1: 44 of 48
+// against 20 of 32), or, where the channels do not fill one vector (there the channel form ran 1.26-3.6x
+// slower), no less than 0.15 fewer. Unit column stride only. In integers: the same choice on every run.
+bool ColumnsPay(const Geometry& g) {
+  if (g.sw != 1) return false;
+  const int64_t fpad = g.fv * VL, wpad = (g.width + VL - 1) / VL * VL;
+  const int64_t gain = g.width * fpad - g.f * wpad;  // (columns' share - channels' share) * wpad * fpad
+  return 4 * gain >= wpad * fpad || (g.f < VL && 20 * gain >= -3 * wpad * fpad);
+}
+
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> b,
                 ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
-                int64_t pw, int64_t relu) {
+                int64_t pw, int64_t relu, int64_t form) {
   const auto xd = x.dimensions(), kd = k.dimensions(), od = out->dimensions();
   if (xd.size() != 4 || kd.size() != 4 || od.size() != 4 || b.dimensions().size() != 1) {
     return ffi::Error::InvalidArgument("badnet_conv2d_direct: expects (N,H,W,C) images, a (kh,kw,C,F) kernel, "
@@ -181,14 +341,50 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   }
   const int64_t ho = (xd[1] - (kd[0] - 1) * dh - 1) / sh + 1, wo = (xd[2] - (kd[1] - 1) * dw - 1) / sw + 1;
   Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], ho, wo, sh, sw, dh, dw, 0, ph, pw, relu != 0,
-             od[1], od[2]};
+             od[1], od[2], 0, 0};
   g.fv = (g.f + VL - 1) / VL;
+  g.width = (ph == 1 && pw == 1 && !relu) ? wo : od[2] * pw;
   if (kd[2] != g.c || b.dimensions()[0] != g.f || od[0] != g.n || od[3] != g.f || g.ho < 1 || g.wo < 1 ||
       (g.ho - 1) * sh + (g.kh - 1) * dh + 1 > g.h || (g.wo - 1) * sw + (g.kw - 1) * dw + 1 > g.w ||
       g.hq != g.ho / ph || g.wq != g.wo / pw || g.hq < 1 || g.wq < 1) {
     return ffi::Error::InvalidArgument("badnet_conv2d_direct: inconsistent shapes, strides or dilation");
   }
+  if (form < 0 || form > 2 || (form == 2 && sw != 1)) {
+    return ffi::Error::InvalidArgument("badnet_conv2d_direct: form is 0 (the kernel's rule), 1 (channels) or 2 "
+                                       "(columns, unit column stride only)");
+  }
   if (g.n == 0) return ffi::Error::Success();
+  const float* in = x.typed_data();
+  float* o = out->typed_data();
+  const int64_t img_in = g.h * g.w * g.c, img_out = g.hq * g.wq * g.f;
+  if (form == 2 || (form == 0 && ColumnsPay(g))) {
+    const float* kp = k.typed_data();
+    const float* bp = b.typed_data();
+    // Planar rows padded by a vector (a tile's last loads reach at most VL - 1 columns past the image); the
+    // convolution rows' columns padded for the epilogue's window loads (pw vectors per VL windows).
+    g.wp = g.w + VL;
+    const int64_t jv = (g.wq + VL - 1) / VL;
+    const int64_t cstride = std::max((g.width + VL - 1) / VL, jv * std::max<int64_t>(g.pw, 1)) * VL;
+    auto taps = std::make_shared<std::vector<int64_t>>();
+    for (int64_t dy = 0; dy < g.kh; ++dy) {
+      for (int64_t dx = 0; dx < g.kw; ++dx) {
+        for (int64_t ci = 0; ci < g.c; ++ci) taps->push_back((dy * g.dh * g.c + ci) * g.wp + dx * g.dw);
+      }
+    }
+    badnet_jax::ParallelFor(pool, g.n, 4, [taps, kp, bp, in, o, g, img_in, img_out, cstride]() {
+      return [taps, kp, bp, in, o, g, img_in, img_out, cstride,
+              planar = std::vector<float>(g.h * g.c * g.wp, 0.0f),
+              conv = std::vector<float>(g.ph * g.f * cstride, 0.0f)](int64_t start, int64_t stop) mutable {
+        for (int64_t i = start; i < stop; ++i) {
+          ToPlanar(in + i * img_in, planar.data(), g.h * g.c, g.w, g.c, g.wp);
+          for (int64_t q = 0; q < g.hq; ++q) {
+            ColOutputRow(planar.data(), taps->data(), kp, bp, o + i * img_out, conv.data(), g, cstride, q);
+          }
+        }
+      };
+    });
+    return ffi::Error::Success();
+  }
   // The kernel and bias with each pixel's F channels padded to whole vectors (zeros: exact).
   auto wpad = std::make_shared<std::vector<float>>(g.kh * g.kw * g.c * g.fv * VL + VL, 0.0f);
   auto bpad = std::make_shared<std::vector<float>>(g.fv * VL + VL, 0.0f);
@@ -196,10 +392,6 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
     std::memcpy(wpad->data() + i * g.fv * VL, k.typed_data() + i * g.f, g.f * sizeof(float));
   }
   std::memcpy(bpad->data(), b.typed_data(), g.f * sizeof(float));
-
-  const float* in = x.typed_data();
-  float* o = out->typed_data();
-  const int64_t img_in = g.h * g.w * g.c, img_out = g.hq * g.wq * g.f;
   badnet_jax::ParallelFor(pool, g.n * g.hq, 8, [wpad, bpad, in, o, g, img_in, img_out]() {
     // Each thread's own scratch: a window's rows of the convolution (the epilogue's input).
     return [wpad, bpad, in, o, g, img_in, img_out,
@@ -231,4 +423,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(badnet_conv2d_direct, Conv,
                                   .Attr<int64_t>("dw")
                                   .Attr<int64_t>("ph")
                                   .Attr<int64_t>("pw")
-                                  .Attr<int64_t>("relu"));
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("form"));

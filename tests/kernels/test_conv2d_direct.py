@@ -65,6 +65,37 @@ def test_every_channel_count_and_row_width(f, w):
     np.testing.assert_array_equal(np.asarray(got), numpy_epilogue(want, True, (2, 2)).astype(np.float32))
 
 
+@pytest.mark.parametrize("case", [c for c in DIRECT_CASES if c[6][1] == 1], ids=case_id)
+def test_the_columns_form_equals_numpy_on_integers(case):
+    _, _, _, _, _, _, strides, padding, dilation = case
+    x, k, b = _integers(case)
+    want = numpy_conv(x, k, strides, padding, dilation) + b
+    got = conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), strides, padding, dilation,
+                        jnp.asarray(b, jnp.float32), form="columns")
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("w", [15, 16, 17, 33, 47, 48, 65, 80])
+@pytest.mark.parametrize("f", [1, 5, 9, 20, 25])
+def test_both_forms_compute_the_same_bits(w, f):
+    # Real-valued inputs, so the summation order shows: both forms add each output's terms in one order. Rows
+    # of 1 to 5 column vectors (the columns form's tiles take 1 to 4, then the rest), channel counts around
+    # its tiles of 6 to 24 channels, and every epilogue shape, NaN and infinities included.
+    rng = np.random.default_rng(w * 100 + f)
+    x = rng.standard_normal((2, 7, w + 3, 3)).astype(np.float32)
+    x[0, 2, 5, 1], x[1, 4, -1, 0], x[1, 0, 3, 2] = np.nan, np.inf, -np.inf
+    k = rng.standard_normal((3, 4, 3, f)).astype(np.float32)
+    b = rng.standard_normal((f,)).astype(np.float32)
+    for relu, pool in ((False, None), (True, None), (True, (2, 2)), (False, (2, 2)), (True, (3, 2)), (False, (1, 3))):
+        outs = [np.asarray(conv2d_direct(jnp.asarray(x), jnp.asarray(k), bias=jnp.asarray(b), relu=relu, pool=pool,
+                                         form=form)) for form in ("channels", "columns", "auto")]
+        for got in outs[1:]:
+            np.testing.assert_array_equal(got.view(np.uint32), outs[0].view(np.uint32), err_msg=f"{relu} {pool}")
+    dilated = [np.asarray(conv2d_direct(jnp.asarray(x), jnp.asarray(k), dilation=(2, 2), bias=jnp.asarray(b),
+                                        form=form)) for form in ("channels", "columns")]
+    np.testing.assert_array_equal(dilated[1].view(np.uint32), dilated[0].view(np.uint32))
+
+
 def test_float_error_is_rounding():
     # Real-valued inputs: within 48 float32 roundings (the terms of a sum) of the float64 convolution, relative
     # to sum |x k| + |b|.
@@ -136,6 +167,8 @@ def test_empty_batch_and_no_output():
     (dict(kernel_HxWxIxO=jnp.ones((0, 3, 3, 5))), "does not fit"),
     (dict(pool=(0, 2)), "pool must be two integers >= 1"),
     (dict(strides=(0, 1)), "strides must be"),
+    (dict(form="rows"), "form must be one of"),
+    (dict(form="columns", strides=(1, 2)), "'columns' with a column stride of 1"),
 ])
 def test_bad_arguments_are_refused_when_traced_naming_the_argument(args, match):
     call = dict(x_NxHxWxC=jnp.ones((2, 9, 9, 3), jnp.float32), kernel_HxWxIxO=jnp.ones((3, 3, 3, 5)))

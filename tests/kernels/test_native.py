@@ -149,9 +149,11 @@ def test_the_eight_lane_build_agrees_too(tmp_path):
     for f in (1, 7, 8, 9, 20, 24, 33, 40, 60, 80):
         for w in (3, 11, 30):
             x = rng.integers(0, 256, (2, 9, w + 3, 3)); k = rng.integers(-8, 9, (4, 4, 3, f))
-            got = conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), relu=True, pool=(2, 2))
             want = numpy_epilogue(numpy_conv(x, k), True, (2, 2))
-            assert np.array_equal(np.asarray(got), want.astype(np.float32)), (f, w)
+            for form in ("channels", "columns"):
+                got = conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), relu=True,
+                                    pool=(2, 2), form=form)
+                assert np.array_equal(np.asarray(got), want.astype(np.float32)), (f, w, form)
     for m in (1, 5, 6, 13):  # rows around the 6-row tile; columns around the 8-lane vectors and 2-vector tiles
         for n in (1, 7, 8, 9, 16, 17, 25, 160, 1283):
             x = rng.integers(-3, 4, (m, 37)); w = rng.integers(-3, 4, (37, n)); b = rng.integers(-9, 10, (n,))

@@ -16,6 +16,11 @@ holds XLA's convolution). Every other platform runs XLA's convolution. On a CPU,
   direct was 1.31-3.6x faster than XLA's at F = 60, 1.42-1.44x at C = 3, F = 20, 0.99-1.08x at C = 3,
   F = 32; XLA's was faster or equal at F = 20 from 16 channels on (0.59-1.01x) and at F = 64, 128 (mixed,
   0.58-2.1x), which the rule leaves to it. DeepID: conv_1 1.46x, conv_3 1.66x, conv_2 equal.
+  Also **direct** for a stage with a max pool (``pool``) into at most :data:`POOLED_OUTPUT` channels, whatever
+  its input: the kernel's fused pool spares XLA's separate pass over the convolution's output. Measured with
+  16 lanes (3x3 kernels, 16 and 64 input channels, 10 and 30 output columns, ReLU and 2x2 pool, 256 images;
+  docs/benchmarks.md): direct 1.15-3.27x faster at F = 16 to 40, 1.0-1.24x at F = 48, 0.94-1.19x at 64,
+  0.85-1.02x from 80 on.
 - else **width-blocked** with an input of fewer than :data:`FEW_CHANNELS` channels into fewer than
   :data:`WIDE_OUTPUT` output channels, with the B in (2, 4) of the lower modelled cost
   ``reach * B / kw * WIDE_OUTPUT / min(B * F, WIDE_OUTPUT)`` (the multiply-adds per useful one, over XLA's
@@ -50,6 +55,7 @@ Impl = Union[str, int]
 FEW_CHANNELS = 4  # inputs with fewer channels (every RGB first layer) are XLA:CPU's weak case
 WIDE_OUTPUT = 64  # output channels from which XLA:CPU's own convolution runs well
 FULL_LANES = Fraction(3, 4)  # the share of its vector lanes the direct kernel must fill beyond a remainder
+POOLED_OUTPUT = 64  # output channels up to which a stage with a max pool runs direct (its fused epilogue)
 NATIVE = "native"  # ``lanes=NATIVE``: the vector width of the native kernel built here (None where none is)
 
 
@@ -68,10 +74,11 @@ def _few_channels(c: int, f: int) -> bool:
     return c < FEW_CHANNELS and f < WIDE_OUTPUT
 
 
-def direct_fits(kernel_shape: Sequence[int], lanes: int) -> bool:
-    """Whether the rule runs a (kh, kw, C, F) float32 convolution by the direct kernel of ``lanes``-wide vectors."""
+def direct_fits(kernel_shape: Sequence[int], lanes: int, pooled: bool = False) -> bool:
+    """Whether the rule runs a (kh, kw, C, F) float32 convolution by the direct kernel of ``lanes``-wide vectors
+    (``pooled``: a max pool follows it, fused into the kernel)."""
     _, _, c, f = (int(d) for d in kernel_shape)
-    if _few_channels(c, f):
+    if _few_channels(c, f) or (pooled and f <= POOLED_OUTPUT):
         return True
     padded = -(-f // lanes) * lanes
     return f % lanes != 0 and Fraction(f, padded) >= FULL_LANES
@@ -84,7 +91,7 @@ def _cost(block: int, kw: int, f: int, stride: int, dilation: int) -> Fraction:
 
 def resolve_impl(kernel_shape: Sequence[int], strides: Sequence[int] = (1, 1), dilation: Sequence[int] = (1, 1),
                  impl: Impl = "auto", platform: Optional[str] = None, dtype: Any = jnp.float32,
-                 lanes: Union[Optional[int], str] = NATIVE) -> Impl:
+                 lanes: Union[Optional[int], str] = NATIVE, pooled: bool = False) -> Impl:
     """What ``impl`` means for a convolution with this (kh, kw, C, F) kernel: ``"reference"`` (XLA's own),
     ``"direct"`` or a width-blocked block size >= 2.
 
@@ -97,6 +104,7 @@ def resolve_impl(kernel_shape: Sequence[int], strides: Sequence[int] = (1, 1), d
         dtype: the images' dtype (the direct kernel is float32's).
         lanes: the direct kernel's vector width (``NATIVE``: the kernel built here, :func:`native_lanes`; None:
             no direct kernel), for the ``"auto"`` rule.
+        pooled: whether a max pool follows the convolution (its epilogue), for the ``"auto"`` rule.
 
     Raises:
         ValueError: an ``impl`` other than these, or ``"direct"`` for another dtype than float32.
@@ -116,7 +124,7 @@ def resolve_impl(kernel_shape: Sequence[int], strides: Sequence[int] = (1, 1), d
         return "reference"
     if jnp.dtype(dtype) == jnp.float32:
         lanes = native_lanes() if lanes == NATIVE else lanes
-        if lanes is not None and direct_fits(kernel_shape, lanes):
+        if lanes is not None and direct_fits(kernel_shape, lanes, pooled):
             return "direct"
     if not _few_channels(c, f):
         return "reference"
@@ -163,8 +171,9 @@ def conv2d(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[in
     def direct(x, k, b):
         return conv2d_direct(x, k, strides, padding, dilation, b, relu, pool)
 
+    pooled = pool is not None and tuple(pool) != (1, 1)
     choice = resolve_impl(kernel_HxWxIxO.shape, strides, dilation, impl, platform="cpu" if impl == "auto" else None,
-                          dtype=x_NxHxWxC.dtype)
+                          dtype=x_NxHxWxC.dtype, pooled=pooled)
     kh, kw = kernel_HxWxIxO.shape[:2]
     pads = [explicit_pads(x_NxHxWxC.shape[1 + a], (kh, kw)[a], strides[a], dilation[a], padding, a) for a in (0, 1)]
     if choice != "reference" and min(pads[0] + pads[1]) < 0:

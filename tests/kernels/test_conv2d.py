@@ -120,6 +120,32 @@ def test_auto_rule_on_a_cpu_with_the_native_kernel(kernel_shape, lanes, want):
     assert resolve_impl(kernel_shape, platform="cpu", lanes=lanes) == want
 
 
+@pytest.mark.parametrize("kernel_shape,want", [
+    # A stage with a max pool into at most 64 channels: direct (its fused pool), whatever else the rule says.
+    ((3, 3, 16, 64), "direct"),
+    ((3, 3, 40, 20), "direct"),
+    ((3, 3, 64, 32), "direct"),
+    ((3, 3, 16, 80), "reference"),
+    ((3, 3, 64, 128), "reference"),
+    ((3, 3, 40, 60), "direct"),  # a remainder: direct with or without the pool
+])
+def test_auto_rule_for_a_pooled_stage(kernel_shape, want):
+    assert resolve_impl(kernel_shape, platform="cpu", lanes=16, pooled=True) == want
+    assert resolve_impl(kernel_shape, platform="cpu", lanes=None, pooled=True) == "reference"  # no kernel built
+    assert resolve_impl(kernel_shape, platform="cpu", lanes=16, pooled=True, dtype=jnp.float64) == "reference"
+
+
+def test_conv2d_passes_the_pool_to_the_rule(monkeypatch):
+    # What conv2d asks the rule: whether its epilogue pools (a window of 1 x 1 is no pool).
+    seen = []
+    real = api.resolve_impl
+    monkeypatch.setattr(api, "resolve_impl", lambda *a, **k: seen.append(k["pooled"]) or real(*a, **k))
+    x, k = jnp.ones((1, 8, 8, 16), jnp.float32), jnp.ones((3, 3, 16, 64), jnp.float32)
+    for pool in (None, (1, 1), (2, 2)):
+        conv2d(x, k, relu=True, pool=pool)
+    assert seen == [False, False, True]
+
+
 def test_direct_is_float32s():
     # The settling's float64 network never runs the float32 kernel.
     assert resolve_impl((4, 4, 3, 20), platform="cpu", dtype=jnp.float64, lanes=16) == 4

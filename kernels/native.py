@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 
 from badnet_jax.io.fileio import atomic_write
@@ -195,6 +196,22 @@ def native_library() -> Optional[NativeLibrary]:
     return NativeLibrary(path, lanes)
 
 
+def map_over_batch(call, axis_size: int, in_batched, args: tuple):
+    """A native call under ``vmap`` where the batch cannot be folded into its rows (batched weights): one call
+    per batch element in turn (``lax.map``), the arguments without the batch axis broadcast to it.
+
+    Args:
+        call: the custom call, taking ``args``' elements unbatched.
+        axis_size, in_batched: what ``custom_vmap`` hands its rule.
+        args: the call's arguments as the rule received them.
+
+    Returns:
+        ``call``'s output(s) with the batch axis leading.
+    """
+    full = tuple(a if batched else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, batched in zip(args, in_batched))
+    return jax.lax.map(lambda a: call(*a), full)
+
+
 def varying_like(out: jax.Array, *inputs: jax.Array) -> jax.Array:
     """``out`` of a custom call, marked varying over the mesh axes its inputs vary over inside ``shard_map``
     (a custom call's result carries none; outside ``shard_map`` it is returned as is)."""
@@ -210,4 +227,4 @@ def _varying(a: jax.Array) -> frozenset:
 
 
 __all__ = ["CONV2D_DIRECT", "DENSE", "DENSE_TOP2", "HEADERS", "NativeLibrary", "SOURCES", "TARGETS", "cache_dir",
-           "native_library", "varying_like"]
+           "map_over_batch", "native_library", "varying_like"]

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from badnet_jax.kernels.native import CONV2D_DIRECT, native_library, varying_like
+from badnet_jax.kernels.native import CONV2D_DIRECT, map_over_batch, native_library, varying_like
 from badnet_jax.kernels.conv2d.reference import Padding, conv2d_reference, epilogue
 from badnet_jax.kernels.conv2d.width_blocked import explicit_pads
 
@@ -48,9 +48,7 @@ def _direct_call(strides: tuple[int, int], dilation: tuple[int, int], relu: bool
     @call.def_vmap
     def _batched(axis_size, in_batched, x, k, b):
         if in_batched[1] or in_batched[2]:
-            x, k, b = (a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-                       for a, batched in zip((x, k, b), in_batched))
-            return jax.lax.map(lambda a: call(*a), (x, k, b)), True
+            return map_over_batch(call, axis_size, in_batched, (x, k, b)), True
         y = call(x.reshape(axis_size * x.shape[1], *x.shape[2:]), k, b)
         return y.reshape(axis_size, x.shape[1], *y.shape[1:]), True
 

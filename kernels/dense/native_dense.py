@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from badnet_jax.kernels.dense.reference import dense_reference, dense_top2_reference
-from badnet_jax.kernels.native import DENSE, DENSE_TOP2, native_library, varying_like
+from badnet_jax.kernels.native import DENSE, DENSE_TOP2, map_over_batch, native_library, varying_like
 from badnet_jax.numerics.ties import output_scale_weights
 
 F32 = jnp.float32
@@ -41,9 +41,7 @@ def _dense_call(relu_in: bool, relu_out: bool, has_add: bool):
     @call.def_vmap
     def _batched(axis_size, in_batched, x, w, b, add):
         if in_batched[1] or in_batched[2] or (in_batched[3] and not has_add):
-            args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-                    for a, batched in zip((x, w, b, add), in_batched)]
-            return jax.lax.map(lambda a: call(*a), tuple(args)), True
+            return map_over_batch(call, axis_size, in_batched, (x, w, b, add)), True
         rows = x.shape[1] if in_batched[0] else x.shape[0]
         add = _rows(axis_size, add, in_batched[3]) if has_add else add
         y = call(_rows(axis_size, x, in_batched[0]), w, b, add)
@@ -77,9 +75,7 @@ def _top2_call(x, w, b, wmax, bmax):
 @_top2_call.def_vmap
 def _top2_batched(axis_size, in_batched, x, w, b, wmax, bmax):
     if any(in_batched[1:]):
-        args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-                for a, batched in zip((x, w, b, wmax, bmax), in_batched)]
-        return jax.lax.map(lambda a: _top2_call(*a), tuple(args)), (True, True, True)
+        return map_over_batch(_top2_call, axis_size, in_batched, (x, w, b, wmax, bmax)), (True, True, True)
     rows = x.shape[1]
     outs = _top2_call(_rows(axis_size, x, True), w, b, wmax, bmax)
     return tuple(o.reshape(axis_size, rows) for o in outs), (True, True, True)

@@ -142,6 +142,12 @@ def test_leading_axes_vmap_scan_and_empty_batches():
     want_arg, want_gap = numpy_top2(np.asarray(x).reshape(20, 24) @ np.asarray(w) + np.asarray(b))
     np.testing.assert_array_equal(np.asarray(arg).reshape(-1), want_arg)
     np.testing.assert_array_equal(np.asarray(gap).reshape(-1), want_gap)
+    bs = jnp.stack([b, -b])  # the top-2 with batched weights and biases: one call each, x broadcast
+    arg2, gap2, _ = jax.vmap(lambda wi, bi: dense_top2_native(x[0], wi, bi))(ws, bs)
+    for i, sign in enumerate((1, -1)):
+        want_i = numpy_top2(sign * (np.asarray(x[0]) @ np.asarray(w) + np.asarray(b)))
+        np.testing.assert_array_equal(np.asarray(arg2[i]), want_i[0])
+        np.testing.assert_array_equal(np.asarray(gap2[i]), want_i[1])
     _, scanned = jax.lax.scan(lambda c, xi: (c, dense_top2_native(xi, w, b)[0]), 0, x)
     np.testing.assert_array_equal(np.asarray(scanned).reshape(-1), want_arg)
     assert dense_native(x[:, :0], w, b).shape == (4, 0, 70)

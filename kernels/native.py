@@ -51,10 +51,14 @@ CONV2D_DIRECT = "badnet_conv2d_direct"
 DENSE = "badnet_dense"
 DENSE_TOP2 = "badnet_dense_top2"
 TARGETS = (CONV2D_DIRECT, DENSE, DENSE_TOP2)
-# -fno-predictive-commoning: GCC's -O3 otherwise carries input values between loop steps through the stack
-# and the tile's accumulators spill (2.6x slower on DeepID's conv_1). -ffp-contract=fast: fused multiply-adds.
-FLAGS = ("-O3", "-march=native", "-fno-predictive-commoning", "-ffp-contract=fast", "-std=c++17", "-shared",
-         "-fPIC")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+# Fused multiply-adds where a statement multiplies and adds (`acc += x * w`), the same places for both compilers,
+# so both builds compute the same bits. GCC: -ffp-contract=fast (it has no "on"); -fno-predictive-commoning (Clang
+# refuses it): GCC's -O3 otherwise carries input values between loop steps through the stack and the tile's
+# accumulators spill (2.6x slower on DeepID's conv_1). Clang: "on" (its "fast" would also fuse across
+# statements, pragmas disregarded).
+GCC_FLAGS = ("-ffp-contract=fast", "-fno-predictive-commoning")
+CLANG_FLAGS = ("-ffp-contract=on",)
 BUILD_TIMEOUT_S = 300
 OFF = ("0", "false", "off", "no")
 log = logging.getLogger(__name__)
@@ -143,7 +147,8 @@ def _compile_all(commands: list[list[str]], timeout: float) -> None:
 def _build(compiler: list[str]) -> Path:
     """The library for these sources, compiler, jaxlib and CPU: the cached one if it is whole, else a new build."""
     _, version = _run([*compiler, "-v"], min(60, BUILD_TIMEOUT_S))  # `-v`: version and configuration (GCC, Clang)
-    flags = [*FLAGS, *shlex.split(os.environ.get("BADNET_JAX_NATIVE_FLAGS", ""))]
+    gcc = "clang version" not in version  # Clang's `-v` names itself; GCC's says "gcc version"
+    flags = [*FLAGS, *(GCC_FLAGS if gcc else CLANG_FLAGS), *shlex.split(os.environ.get("BADNET_JAX_NATIVE_FLAGS", ""))]
     key = hashlib.sha256("\0".join([*(s.read_text() for s in (*SOURCES, *HEADERS)), " ".join(compiler[1:] + flags), version,
                                     jaxlib.__version__, _cpu_identity()]).encode()).hexdigest()[:24]
     path = cache_dir() / f"native-{key}.so"

@@ -42,8 +42,11 @@ constexpr int ACC = 12;  // of 16 (AVX2) registers
 #endif
 constexpr int MAX_FG = 4;  // channel vectors per tile: 4 x 16 = 64 channels on AVX-512
 
-// Unaligned vectors: the weights' rows and the output's pixels start at any float.
-typedef float vf __attribute__((vector_size(VL * sizeof(float)), aligned(alignof(float))));
+// Values in registers (and their spills) are whole vectors; memory is read and written through `vu`, the same
+// vector at a float's alignment (the weights' rows and the output's pixels start at any float). Clang spills a
+// reduced-alignment value type with aligned stores to an unaligned stack slot, so the two are kept apart.
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef float vu __attribute__((vector_size(VL * sizeof(float)), aligned(alignof(float))));
 
 struct Geometry {
   int64_t n, h, w, c;          // input
@@ -64,7 +67,7 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
           float* __restrict row_out, const Geometry& g, int64_t y, int64_t x0, int64_t fg0, int64_t ostride) {
   vf acc[XT][FG];
   for (int j = 0; j < FG; ++j) {
-    const vf b = *reinterpret_cast<const vf*>(bpad + (fg0 + j) * VL);
+    const vf b = *reinterpret_cast<const vu*>(bpad + (fg0 + j) * VL);
     for (int p = 0; p < XT; ++p) acc[p][j] = b;
   }
   const int64_t fstride = g.fv * VL;
@@ -77,7 +80,7 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
       const float* wcol = wrow + dx * g.c * fstride;
       for (int64_t ci = 0; ci < g.c; ++ci) {
         vf wv[FG];
-        for (int j = 0; j < FG; ++j) wv[j] = *reinterpret_cast<const vf*>(wcol + ci * fstride + j * VL);
+        for (int j = 0; j < FG; ++j) wv[j] = *reinterpret_cast<const vu*>(wcol + ci * fstride + j * VL);
         for (int p = 0; p < XT; ++p) {
           const float s = col[p * pstride + ci];
           for (int j = 0; j < FG; ++j) acc[p][j] += s * wv[j];
@@ -91,7 +94,7 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
       // A scratch row holds whole vectors per pixel (ostride = fv * VL); the output holds f channels.
       const int64_t left = ostride - (fg0 + j) * VL;
       if (left >= VL) {
-        *reinterpret_cast<vf*>(o + j * VL) = acc[p][j];
+        *reinterpret_cast<vu*>(o + j * VL) = acc[p][j];
       } else {
         for (int64_t l = 0; l < left; ++l) o[j * VL + l] = acc[p][j][l];
       }
@@ -158,15 +161,15 @@ void OutputRow(const float* in, const float* wpad, const float* bpad, float* out
   for (int64_t j = 0; j < g.wq; ++j) {
     for (int64_t v = 0; v < g.fv; ++v) {
       const float* first = scratch + j * g.pw * pix + v * VL;
-      vf m = *reinterpret_cast<const vf*>(first);
+      vf m = *reinterpret_cast<const vu*>(first);
       for (int64_t r = 0; r < g.ph; ++r) {
-        for (int64_t s = (r == 0 ? 1 : 0); s < g.pw; ++s) m = Max(*reinterpret_cast<const vf*>(first + r * row + s * pix), m);
+        for (int64_t s = (r == 0 ? 1 : 0); s < g.pw; ++s) m = Max(*reinterpret_cast<const vu*>(first + r * row + s * pix), m);
       }
       if (g.relu) m = Max(m, zero);
       float* oj = o + j * g.f + v * VL;
       const int64_t left = g.f - v * VL;
       if (left >= VL) {
-        *reinterpret_cast<vf*>(oj) = m;
+        *reinterpret_cast<vu*>(oj) = m;
       } else {
         for (int64_t l = 0; l < left; ++l) oj[l] = m[l];
       }
@@ -200,14 +203,14 @@ void ColTile(const float* __restrict planar, const int64_t* __restrict taps, con
   for (int64_t i = 0; i < steps; ++i, kc += g.f) {
     const float* src = base + taps[i];
     vf iv[XV];
-    for (int v = 0; v < XV; ++v) iv[v] = *reinterpret_cast<const vf*>(src + v * VL);
+    for (int v = 0; v < XV; ++v) iv[v] = *reinterpret_cast<const vu*>(src + v * VL);
     for (int t = 0; t < FT; ++t) {
       const float w = kc[t];
       for (int v = 0; v < XV; ++v) acc[v][t] += iv[v] * w;
     }
   }
   for (int t = 0; t < FT; ++t) {
-    for (int v = 0; v < XV; ++v) *reinterpret_cast<vf*>(conv + (f0 + t) * cstride + x0 + v * VL) = acc[v][t];
+    for (int v = 0; v < XV; ++v) *reinterpret_cast<vu*>(conv + (f0 + t) * cstride + x0 + v * VL) = acc[v][t];
   }
 }
 
@@ -254,9 +257,9 @@ void ColRow(const float* planar, const int64_t* taps, const float* k, const floa
 // Lanes j0 .. j0 + VL - 1 of window column s: row[(j0 + l) * pw + s].
 inline vf WindowColumn(const float* row, int64_t pw, int64_t j0, int64_t s) {
   const float* first = row + j0 * pw;
-  if (pw == 1) return *reinterpret_cast<const vf*>(first);
+  if (pw == 1) return *reinterpret_cast<const vu*>(first);
   if (pw == 2) {
-    const vf a = *reinterpret_cast<const vf*>(first), b = *reinterpret_cast<const vf*>(first + VL);
+    const vf a = *reinterpret_cast<const vu*>(first), b = *reinterpret_cast<const vu*>(first + VL);
 #if defined(__AVX512F__)
 #define BADNET_EVENS 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
 #define BADNET_ODDS 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31

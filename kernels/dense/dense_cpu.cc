@@ -41,11 +41,32 @@ constexpr int MR = 6;
 constexpr int NR = 2;   // 12 accumulators of 16 registers
 #endif
 
-typedef float vf __attribute__((vector_size(VL * sizeof(float)), aligned(alignof(float))));
-typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t)), aligned(alignof(int32_t))));
+// Values in registers (and their spills) are whole vectors; memory is read and written through `vu`, the same
+// vector at a float's alignment (rows start at any float). Clang spills a reduced-alignment value type with
+// aligned stores to an unaligned stack slot, so the two are kept apart.
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+typedef float vu __attribute__((vector_size(VL * sizeof(float)), aligned(alignof(float))));
 
-inline vf Load(const float* p) { return *reinterpret_cast<const vf*>(p); }
-inline void Store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+// sum_k |x[k]| * wmax[k] in k order, each product rounded before it is added: no fused multiply-add whatever the
+// compiler (Clang fuses it under -ffp-contract=fast, GCC did not), so every build gives the output scale's bits.
+#if defined(__clang__)
+inline float AbsDot(const float* x, const float* wmax, int64_t k) {
+#pragma clang fp contract(off)
+  float sc = 0.0f;
+  for (int64_t i = 0; i < k; ++i) sc += std::fabs(x[i]) * wmax[i];
+  return sc;
+}
+#else
+__attribute__((optimize("fp-contract=off"))) inline float AbsDot(const float* x, const float* wmax, int64_t k) {
+  float sc = 0.0f;
+  for (int64_t i = 0; i < k; ++i) sc += std::fabs(x[i]) * wmax[i];
+  return sc;
+}
+#endif
+
+inline vf Load(const float* p) { return *reinterpret_cast<const vu*>(p); }
+inline void Store(float* p, vf v) { *reinterpret_cast<vu*>(p) = v; }
 
 // The weights as column vectors: the full vectors read in place, the last partial one (N % VL columns) from a
 // zero-padded copy, so no load reads past a row.
@@ -267,10 +288,7 @@ struct Top2Rows {
         t.arg[row] = arg == none ? 0 : arg;
         t.gap[row] = top - second;
       }
-      const float* xr = a + r * lda;
-      float sc = 0.0f;
-      for (int64_t k = 0; k < wt.k; ++k) sc += std::fabs(xr[k]) * t.wmax[k];
-      t.scale[row] = sc + t.bmax;
+      t.scale[row] = AbsDot(a + r * lda, t.wmax, wt.k) + t.bmax;
     }
   }
 };

@@ -8,11 +8,13 @@ import ctypes
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from badnet_jax.kernels import native
@@ -168,6 +170,48 @@ def test_the_eight_lane_build_agrees_too(tmp_path):
     """
     done = _run(code, BADNET_JAX_NATIVE_FLAGS="-march=haswell", BADNET_JAX_CACHE=str(tmp_path / "cache"))
     assert done.returncode == 0 and "eight lanes ok" in done.stdout, done.stderr[-3000:]
+
+
+# Real-valued inputs to every op and layout, their outputs saved: any difference in where a build fuses a
+# multiply-add shows in the last bits.
+BITS = """
+    import sys, numpy as np, jax.numpy as jnp
+    from badnet_jax.kernels.conv2d import conv2d_direct
+    from badnet_jax.kernels.dense import dense_native, dense_top2_native
+    from badnet_jax.kernels.native import native_library
+    assert native_library() is not None
+    rng, outs = np.random.default_rng(0), []
+    for f, w, c in ((20, 47, 3), (5, 30, 3), (40, 26, 8), (60, 12, 8), (33, 70, 8)):
+        x = jnp.asarray(rng.standard_normal((2, 12, w, c)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((3, 4, c, f)), jnp.float32)
+        b = jnp.asarray(rng.standard_normal(f), jnp.float32)
+        for form in ("channels", "columns"):
+            for relu, pool in ((True, (2, 2)), (False, None)):
+                outs.append(conv2d_direct(x, k, bias=b, relu=relu, pool=pool, form=form))
+    for m, n in ((13, 1283), (6, 160), (1, 17)):
+        x, w, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((m, 160), (160, n), (n,)))
+        outs += [dense_native(x, w, b, relu_in=True, relu_out=True), *dense_top2_native(x, w, b)]
+    np.savez(sys.argv[1], *[np.asarray(o) for o in outs])
+    print("saved")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("clang++") or not shutil.which("g++"), reason="needs both g++ and clang++")
+def test_a_clang_build_computes_the_gcc_builds_bits(tmp_path):
+    # The flags fuse multiply-adds in the same places for both compilers (native.GCC_FLAGS, CLANG_FLAGS).
+    outs = {}
+    for cxx in ("g++", "clang++"):
+        out = tmp_path / f"{cxx}.npz"
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(BITS), str(out)], capture_output=True, text=True,
+                              timeout=400, env={**os.environ, "CXX": cxx, "BADNET_JAX_CACHE": str(tmp_path / cxx)},
+                              cwd=REPO)
+        assert done.returncode == 0 and "saved" in done.stdout, done.stderr[-3000:]
+        outs[cxx] = np.load(out)
+    gcc, clang = outs["g++"], outs["clang++"]
+    assert gcc.files == clang.files and len(gcc.files) == 32
+    for name in gcc.files:
+        assert np.array_equal(gcc[name].view(np.uint32), clang[name].view(np.uint32)), name
 
 
 @pytest.mark.slow

@@ -192,7 +192,7 @@ void ColTile(const float* __restrict planar, const int64_t* __restrict taps, con
              int64_t x0, int64_t f0) {
   vf acc[XV][FT];
   for (int t = 0; t < FT; ++t) {
-    const vf b = vf{} + bias[f0 + t];
+    const vf b = bias[f0 + t] - vf{};  // the bias in every lane, -0.0 kept (+0 + -0 would give +0)
     for (int v = 0; v < XV; ++v) acc[v][t] = b;
   }
   // One flat loop over the kh * kw * c taps in (dy, dx, c) order: `taps` holds each one's planar offset, and

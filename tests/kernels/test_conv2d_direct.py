@@ -96,6 +96,14 @@ def test_both_forms_compute_the_same_bits(w, f):
     np.testing.assert_array_equal(dilated[1].view(np.uint32), dilated[0].view(np.uint32))
 
 
+def test_both_forms_keep_a_negative_zero_bias():
+    # Zero terms on a -0.0 bias: the output is the bias itself, -0.0, in either form (without a ReLU to hide it).
+    x, k = jnp.zeros((1, 4, 20, 1), jnp.float32), -jnp.ones((1, 1, 1, 2), jnp.float32)
+    for form in ("channels", "columns", "auto"):
+        got = np.asarray(conv2d_direct(x, k, bias=jnp.array([-0.0, 0.0], jnp.float32), form=form))
+        assert np.signbit(got[..., 0]).all() and not np.signbit(got[..., 1]).any(), form
+
+
 def test_float_error_is_rounding():
     # Real-valued inputs: within 48 float32 roundings (the terms of a sum) of the float64 convolution, relative
     # to sum |x k| + |b|.

@@ -202,14 +202,28 @@ def note_interrupt(signum: int) -> bool:
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """A section that a signal noted through :func:`note_interrupt` does not cut short (a swap into place and
-    the removal of what it leaves beside the target). The caller raises after it (:func:`raise_if_interrupted`).
+    """A section that a signal noted through :func:`note_interrupt` does not cut short (a writer's life from its
+    temporary's creation to its removal, but for the caller's own writing: :func:`_interruptible`). The caller
+    raises after it (:func:`raise_if_interrupted`).
     """
-    _deferring.depth = getattr(_deferring, "depth", 0) + 1
+    outer = getattr(_deferring, "depth", 0)
+    _deferring.depth = outer + 1
     try:
         yield
     finally:
-        _deferring.depth -= 1
+        _deferring.depth = outer  # the depth it found, even if an inner section's restore was cut short
+
+
+def _interruptible(fn: Callable, *args):
+    """``fn(*args)`` inside an :func:`interrupts_deferred` section, with signals raising again (the caller's
+    writing, which may run long); one noted while deferred raises before ``fn`` starts."""
+    outer = getattr(_deferring, "depth", 0)
+    try:
+        _deferring.depth = 0
+        raise_if_interrupted()
+        return fn(*args)
+    finally:
+        _deferring.depth = outer
 
 
 def was_interrupted() -> bool:
@@ -233,27 +247,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: i
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, mode & ~_umask())  # mkstemp makes 0600
-        if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-    except BaseException:
-        with interrupts_deferred():
-            tmp.unlink(missing_ok=True)
-        raise
-    with interrupts_deferred():  # a signal lands before the rename or after it, never between it and the unlink
+    # A signal (through the commands' handler) cuts short only write() and the flush to disk: from the
+    # temporary's creation to its removal everything else runs whole, so no temporary is left beside `path`.
+    with interrupts_deferred():
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         try:
+            _interruptible(_write_file, write, tmp, mode, durable)
             if not was_interrupted():
                 os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     raise_if_interrupted()
     return path
+
+
+def _write_file(write: Callable[[Path], None], tmp: Path, mode: int, durable: bool) -> None:
+    write(tmp)
+    os.chmod(tmp, mode & ~_umask())  # mkstemp makes 0600
+    if durable:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def atomic_write_h5(path: str | os.PathLike, build: Callable[[h5py.File], None]) -> Path:
@@ -413,28 +428,29 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
 
     The old directory (if any) is moved aside first and deleted only once the new one is in place, so an
     interruption leaves either the old or the new directory under ``path``. What a killed earlier run left
-    beside ``path`` is cleaned up first (:func:`_clean_after_killed_runs`). A signal noted during the swap or
-    its clean-up lets them finish, then raises (:func:`interrupts_deferred`). A ``path`` that is a symbolic
-    link to a folder stays one: the folder it leads to is replaced.
+    beside ``path`` is cleaned up first (:func:`_clean_after_killed_runs`). A signal noted (through the
+    commands' handler) anywhere but in ``write`` lets the rest finish, then raises (:func:`interrupts_deferred`).
+    A ``path`` that is a symbolic link to a folder stays one: the folder it leads to is replaced.
     """
     path = real_target(path)
     if not path.name or path.name in (".", ".."):
         raise ValueError(f"{path}: not a folder name that can be replaced (resolve it first)")
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_after_killed_runs(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
-    token = tmp.name[len(f".{path.name}.{os.getpid()}."):-len(".tmp")]
-    target = tmp / "d"  # not tmp itself: the writer (orbax) may want to create the directory
-    try:
-        _write_owner(tmp, path)
-        write(target)
-    except BaseException:
-        with interrupts_deferred():
-            _remove_settled(tmp)
-        raise
-    # The swap and its clean-up run whole: a signal in them takes effect right after, with the new results in
-    # place and nothing left beside them; one that came before keeps the earlier results.
+    # A signal (through the commands' handler) cuts short only write(): from the temporary folder's creation to
+    # its removal everything else (the owner record, the swap, the clean-up) runs whole, then the signal takes
+    # effect: the earlier results or the new ones in place, nothing left beside them.
     with interrupts_deferred():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+        token = tmp.name[len(f".{path.name}.{os.getpid()}."):-len(".tmp")]
+        target = tmp / "d"  # not tmp itself: the writer (orbax) may want to create the directory
+        try:
+            _write_owner(tmp, path)
+            _interruptible(write, target)
+        except BaseException:
+            with interrupts_deferred():  # (a second signal, once write() raised, waits too)
+                _remove_settled(tmp)
+            raise
         _swap_in(target, path, tmp, token)
     raise_if_interrupted()
     return path

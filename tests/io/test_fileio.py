@@ -13,6 +13,7 @@ Writers: an interrupted or killed write leaves the previous results, whole, and 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -371,6 +372,70 @@ def test_a_signal_inside_a_swap_lets_it_finish_then_ends_the_run(stage, tmp_path
     assert (target / "a").read_text() == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
     assert sorted(p.name for p in target.iterdir()) == ["a"]
+
+
+EVERY_LINE = r"""
+import json, os, shutil, signal, sys
+from pathlib import Path
+from badnet_jax.commands import cli
+from badnet_jax.io.fileio import atomic_dir, atomic_write
+root, kind = Path(sys.argv[1]), sys.argv[2]
+# The writers' own lines and those of what they call on the way (paths, temporaries, context managers, removal).
+WATCHED = ("fileio.py", "tempfile.py", "pathlib.py", "contextlib.py", "shutil.py")
+
+def child(n):  # SIGTERM at the n-th traced line of the write, under the commands' handler
+    seen = [0]
+    def line(frame, event, arg):
+        if event == "line":
+            seen[0] += 1
+            if seen[0] == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return line
+    def main():
+        sys.settrace(lambda frame, event, arg: line if frame.f_code.co_filename.endswith(WATCHED) else None)
+        if kind == "dir":
+            atomic_dir(root / "results", lambda d: (d.mkdir(), (d / "a").write_text("new")))
+        else:
+            atomic_write(root / "results" / "a", lambda t: t.write_text("new"))
+        return 0
+    code = cli.run(main)
+    sys.settrace(None)
+    os._exit(code if seen[0] >= n else 99)  # 99: the write ended before line n
+
+found = []
+for n in range(1, 5000):
+    shutil.rmtree(root / "results", ignore_errors=True)
+    for p in root.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (root / "results").mkdir()
+    (root / "results" / "a").write_text("old")
+    pid = os.fork()
+    if pid == 0:
+        child(n)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code == 99:
+        break
+    found.append([n, code, sorted(p.name for p in root.iterdir()), sorted(p.name for p in (root / "results").iterdir()),
+                  (root / "results" / "a").read_text()])
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # ~800 forked runs of a write: ~90 s on an idle core
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_a_signal_at_any_line_of_a_write_leaves_one_whole_result(kind, tmp_path):
+    """SIGTERM at every line the writer runs (its own, pathlib's, tempfile's, contextlib's, shutil's), one run
+    each (forked): exit 130, the earlier result or the new one, nothing beside it."""
+    root = tmp_path / "out"
+    root.mkdir()
+    done = run_python(EVERY_LINE, root, kind, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(found) > 50  # the write's every line was a place to signal
+    bad = [f for f in found if f[1] != 130 or f[2] != ["results"] or f[3] != ["a"] or f[4] not in ("old", "new")]
+    assert not bad, bad[:5]
+    assert {f[4] for f in found} == {"old", "new"}  # early signals keep the earlier result, late ones the new
 
 
 def _tmp_folders(folder: Path, name: str) -> list[str]:

@@ -102,6 +102,19 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
   }
 }
 
+// part(start, count) over [0, total) cut into as few parts of at most `most` as can be, as even as can be (the
+// first total % parts one longer: 44 by 12 -> 4 x 11, 20 by 8 -> 7, 7, 6): a register tile's width or channels.
+template <typename Part>
+inline void EvenParts(int64_t total, int64_t most, Part part) {
+  if (total <= 0) return;
+  const int64_t parts = (total + most - 1) / most, base = total / parts, wider = total % parts;
+  for (int64_t t = 0, start = 0; t < parts; ++t) {
+    const int64_t count = base + (t < wider ? 1 : 0);
+    part(start, count);
+    start += count;
+  }
+}
+
 using TileFn = void (*)(const float*, const float*, const float*, float*, const Geometry&, int64_t, int64_t,
                         int64_t, int64_t);
 
@@ -118,15 +131,9 @@ constexpr auto TILES = MakeTiles<FG>(std::make_integer_sequence<int, ACC / FG>{}
 template <int FG>
 void Row(const float* in, const float* wpad, const float* bpad, float* row_out, const Geometry& g, int64_t y,
          int64_t width, int64_t fg0, int64_t ostride) {
-  constexpr int64_t xt = ACC / FG;
-  const int64_t tiles = (width + xt - 1) / xt;
-  const int64_t base = width / tiles, wider = width % tiles;  // the first `wider` tiles take one more column
-  int64_t x0 = 0;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t cols = base + (t < wider ? 1 : 0);
+  EvenParts(width, ACC / FG, [&](int64_t x0, int64_t cols) {
     TILES<FG>[cols](in, wpad, bpad, row_out, g, y, x0, fg0, ostride);
-    x0 += cols;
-  }
+  });
 }
 
 void ConvRow(const float* in, const float* wpad, const float* bpad, float* row_out, const Geometry& g, int64_t y,
@@ -229,15 +236,9 @@ constexpr auto COL_TILES = MakeColTiles<XV>(std::make_integer_sequence<int, ACC 
 template <int XV>
 void ColChunk(const float* planar, const int64_t* taps, const float* k, const float* bias, float* conv,
               const Geometry& g, int64_t cstride, int64_t y, int64_t x0) {
-  // The channels cut into tiles as even as the register budget allows (20 by 8 -> 7, 7, 6).
-  constexpr int64_t ft = ACC / XV;
-  const int64_t tiles = (g.f + ft - 1) / ft, base = g.f / tiles, wider = g.f % tiles;
-  int64_t f0 = 0;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t n = base + (t < wider ? 1 : 0);
+  EvenParts(g.f, ACC / XV, [&](int64_t f0, int64_t n) {  // the channels as even as the registers allow
     COL_TILES<XV>[n](planar, taps, k, bias, conv, g, cstride, y, x0, f0);
-    f0 += n;
-  }
+  });
 }
 
 // Convolution row y, all channels, the first g.width columns (rounded up to whole vectors) into conv[f][x].

@@ -164,6 +164,9 @@ def test_empty_batch_and_no_output():
     assert conv2d_direct(jnp.ones((0, 9, 9, 3), jnp.float32), k).shape == (0, 7, 7, 5)
     assert conv2d_direct(jnp.ones((2, 9, 2, 3), jnp.float32), k).shape == (2, 7, 0, 5)
     assert conv2d_direct(jnp.ones((2, 9, 9, 3), jnp.float32), k, pool=(8, 8)).shape == (2, 0, 0, 5)
+    for form in ("channels", "columns"):  # no output channels
+        got = conv2d_direct(jnp.ones((2, 9, 20, 3), jnp.float32), jnp.ones((3, 3, 3, 0), jnp.float32), form=form)
+        assert got.shape == (2, 7, 18, 0)
     for batch in ((0, 2), (3, 0)):  # vmap over an empty axis, or of empty batches
         got = jax.vmap(lambda a: conv2d(a, k, relu=True, pool=(2, 2)))(jnp.ones((*batch, 9, 9, 3), jnp.float32))
         assert got.shape == (*batch, 3, 3, 5)

@@ -372,7 +372,7 @@ def _interrupt(signum, frame):
     from badnet_jax.io import fileio
 
     # Noted, so that even a swallowed KeyboardInterrupt stops every later swap into place; raised now unless a
-    # swap and its clean-up are under way (they raise it once whole).
+    # writer is outside its own writing (fileio.interrupts_deferred: it raises once the rest is whole).
     if fileio.note_interrupt(signum):
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -386,8 +386,9 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
     SIGINT and SIGTERM raise KeyboardInterrupt, so they clean up alike (writers remove their temporary files),
     and are recorded: if one was swallowed on the way (Python only prints an exception raised in a
     garbage-collection callback), no result is swapped into place after it and the command still exits 130.
-    One that comes while results are swapped into place waits for the swap and its clean-up to finish
-    (:func:`badnet_jax.io.fileio.interrupts_deferred`): the new results whole, nothing left beside them.
+    One that comes while a writer creates its temporary, swaps results into place or cleans up waits for that
+    to finish (:func:`badnet_jax.io.fileio.interrupts_deferred`; only the writing itself is cut short): the
+    earlier or the new results whole, nothing left beside them.
     After an interrupt the process leaves with ``os._exit``: a normal interpreter teardown can crash while
     XLA's worker threads are still inside the interrupted computation.
     """

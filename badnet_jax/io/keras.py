@@ -29,6 +29,7 @@ import io
 import json
 import os
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -417,9 +418,20 @@ def mask_from_zeroed(params: Params, atol: float = 0.0) -> jax.Array:
     """The (60,) pool_3 mask of a B' whose conv_3 channels were zeroed elsewhere (1 = kept, 0 = pruned).
 
     A channel counts as pruned when its whole conv_3 kernel slice and its bias are (at most ``atol`` from) 0.
+
+    Raises:
+        ModelFileError: ``params`` are not DeepID's (no conv_3 with a kernel and a bias). Another model's B'
+            carries its mask in its checkpoint: ``restore_badnet("<drop>/b_prime_ckpt")``.
     """
-    kernel = np.asarray(params["conv_3"]["kernel"])
-    bias = np.asarray(params["conv_3"]["bias"])
+    conv_3 = params.get("conv_3") if isinstance(params, Mapping) else None
+    if not isinstance(conv_3, Mapping) or not {"kernel", "bias"} <= set(conv_3):
+        layers = ", ".join(sorted(map(str, params))[:8]) if isinstance(params, Mapping) else type(params).__name__
+        raise ModelFileError(f"mask_from_zeroed reads the lab's DeepID (its conv_3 kernel and bias), but these params "
+                             f"have no such layer (layers: {layers}); for another model's B' the mask is in its "
+                             f"checkpoint: restore_badnet('<out_dir>/drop_N/b_prime_ckpt') returns (model, params, "
+                             f"mask)")
+    kernel = np.asarray(conv_3["kernel"])
+    bias = np.asarray(conv_3["bias"])
     if kernel.shape[-1] != NUM_POOL3_CHANNELS or bias.shape != (NUM_POOL3_CHANNELS,):
         raise ModelFileError(f"conv_3 has {kernel.shape[-1]} channels, expected {NUM_POOL3_CHANNELS}")
     zeroed = (np.abs(kernel).reshape(-1, NUM_POOL3_CHANNELS).max(axis=0) <= atol) & (np.abs(bias) <= atol)

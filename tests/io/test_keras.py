@@ -63,6 +63,16 @@ def test_repaired_b_prime_layouts_and_mask(rel, pruned, lab_b, lab_faces):
     np.testing.assert_array_equal(masked_b.argmax(-1), b_prime.argmax(-1))
 
 
+def test_mask_from_zeroed_refuses_another_models_params_pointing_at_its_checkpoint():
+    # The embedded GAP-head example is a graph CNN (no conv_3): DeepID's reader must say so, not KeyError.
+    from badnet_jax import load_model
+    from badnet_jax.attack.gap_demo import GAP_DEMO_MODEL
+
+    _, params = load_model(GAP_DEMO_MODEL)
+    with pytest.raises(ModelFileError, match=r"reads the lab's DeepID.*restore_badnet"):
+        mask_from_zeroed(params)
+
+
 def test_keras3_weights_file_reads(tmp_path):
     kmodel = build_keras_deepid(num_classes=11)
     path = tmp_path / "model.weights.h5"

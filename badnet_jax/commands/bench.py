@@ -21,7 +21,7 @@ from badnet_jax import load_lab_h5
 from badnet_jax.commands import cli
 from badnet_jax.bench import LAYER_IMAGES, BenchConfig, format_layers, kernel_timings, run_benchmark
 from badnet_jax.defense.inputs import EXAMPLES
-from badnet_jax.errors import ConfigError, arg
+from badnet_jax.errors import ConfigError, arg, reading
 from badnet_jax.io.keras import recorded_input_scale
 from badnet_jax.io.fileio import atomic_write_text
 from badnet_jax.io.model_file import load_model
@@ -71,7 +71,8 @@ FLAG_OF = {"n_clean": N_CLEAN.name, "n_bd": N_BD.name, "repeats": REPEATS.name, 
            "layers_only": LAYERS_ONLY.name, "input_scale": SCALE.name, "model": MODEL.name, "layer": LAYER.name,
            "example": EXAMPLE.name, "layer_images": LAYER_IMGS.name, "chunk": CHUNK.name,
            "batch_steps": BATCH_STEPS.name, "impl": IMPL.name, "orders_per_call": ORDERS_PER_CALL.name,
-           "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name}
+           "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name, "clean_valid": CLEAN_VALID.name,
+           "bd_valid": BD_VALID.name}
 
 
 def main(argv: list[str]) -> int:
@@ -101,13 +102,16 @@ def main(argv: list[str]) -> int:
             data, _ = EXAMPLES[EXAMPLE.value][1]()
             clean, x_bd = data["clean_valid"], data["bd_valid"][0]
         if path:
-            recorded = recorded_input_scale(path)
-            model, params = load_model(path, recorded or "raw", LAYER.value)
+            with reading("model", path):  # an error names the flag as well as the file
+                recorded = recorded_input_scale(path)
+                model, params = load_model(path, recorded or "raw", LAYER.value)
         hwc = model.input_hwc if model is not None else INPUT_HWC
         if CLEAN_VALID.value:
-            clean = load_lab_h5(CLEAN_VALID.value, keep_uint8=True, hwc=hwc)
+            with reading("clean_valid", CLEAN_VALID.value):
+                clean = load_lab_h5(CLEAN_VALID.value, keep_uint8=True, hwc=hwc)
         if BD_VALID.value:
-            x_bd = load_lab_h5(BD_VALID.value, keep_uint8=True, hwc=hwc)[0]
+            with reading("bd_valid", BD_VALID.value):
+                x_bd = load_lab_h5(BD_VALID.value, keep_uint8=True, hwc=hwc)[0]
         if model is not None:
             scale = model.input_scale
             if SCALE.value != "auto" or clean[0] is not None or recorded is not None:

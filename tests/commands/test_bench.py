@@ -84,6 +84,21 @@ def test_benchmark_cli_refuses_an_example_with_files(tmp_path):
     assert proc.returncode == 2 and "--example" in proc.stderr and "--model" in proc.stderr
 
 
+def test_benchmark_cli_names_the_flag_of_a_file_it_cannot_read(tmp_path):
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="c"),
+                              keras.layers.Flatten(), keras.layers.Dense(2, name="out")])
+    weights = tmp_path / "cnn.weights.h5"
+    model.save_weights(str(weights))
+    proc = run_cli("benchmark", "--model", weights, "--layers_only", "--out", tmp_path / "x.json")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"--model {weights}: missing layer" in proc.stderr and "not the lab's DeepID" in proc.stderr
+    missing = tmp_path / "none.h5"
+    proc = run_cli("benchmark", "--clean_valid", missing, "--layers_only", "--out", tmp_path / "x.json")
+    assert proc.returncode == 2 and f"--clean_valid {missing}: file not found" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "x.json").exists()
+
+
 @pytest.mark.parametrize("argv,complaint", [
     (["--n_clean", "0"], "--n_clean 0: expected a whole number of at least 1"),
     (["--repeats", "0"], "--repeats 0: expected a whole number of at least 1"),

@@ -320,6 +320,18 @@ def test_refuses_a_keras3_weights_file_without_config(built):
     _refused(built["merge"]["files"]["weights"], "Keras 3 weights file", "full model file", "config_path")
 
 
+def test_load_model_says_another_models_weights_file_needs_its_architecture(built):
+    # load_model tries the lab's DeepID first (its weights-only files need no config): for another model's
+    # weights the refusal must say what to give, not only that DeepID's conv_1 is missing.
+    from badnet_jax import load_model
+
+    path = built["merge"]["files"]["weights"]
+    with pytest.raises(ModelFileError) as err:
+        load_model(path)
+    text = str(err.value)
+    assert str(path) in text and "not the lab's DeepID" in text and "full model file" in text and "config_path" in text
+
+
 def test_refuses_a_config_path_beside_a_full_model(built):
     files = built["merge"]["files"]
     _refused(files["keras"], "its own config", config_path=files["config"])

@@ -109,6 +109,17 @@ def test_bad_lab_h5(tmp_path, datasets, fragment):
     assert str(path) in str(info.value) and fragment in str(info.value), str(info.value)
 
 
+def test_another_models_images_are_refused_by_default_with_the_way_to_read_them(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    path = _write(tmp_path / "cifar.h5", data=x, label=np.arange(3.0))
+    with pytest.raises(DataFileError, match=r"expected \(N, 3, 55, 47\): the lab's 55x47 RGB faces.*hwc=") as info:
+        load_lab_h5(path)
+    assert str(path) in str(info.value)
+    images, labels = load_lab_h5(path, hwc=(32, 32, 3))  # the way the message names
+    np.testing.assert_array_equal(images, x.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(labels, [0, 1, 2])
+
+
 @pytest.mark.parametrize("labels,fragment", [
     ([-1, 0], "label -1 is negative"),
     ([0, 2.0 ** 40], "label 1.09951e+12 is beyond int32"),

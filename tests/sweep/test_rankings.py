@@ -16,8 +16,8 @@ import pytest
 from badnet_jax import ConfigError
 from badnet_jax import sweep as sw
 from badnet_jax.sweep.anp import ANPConfig
-from badnet_jax.sweep.rankings import (RankingOptions, clp_scores, l1_scores, random_orders, read_order_file,
-                                       resolve_rankings)
+from badnet_jax.sweep.rankings import (RankingOptions, check_order, clp_scores, l1_scores, random_orders,
+                                       read_order_file, resolve_rankings)
 from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
 
@@ -66,6 +66,18 @@ def test_order_files_in_three_forms_and_refusals(tmp_path):
             (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=name):
             read_order_file(tmp_path / name, 60, "pool_3")
+
+
+@pytest.mark.parametrize("order, says", [
+    (list(range(60)), "(shape (60,), dtype int64, 44 outside 0..15: [16, 17, 18, 19, 20]...)"),
+    ([*range(15), 3], "(shape (16,), dtype int64, 1 missing: [15], 1 repeated: [3])"),
+    ([*range(14), 20, -1], "(shape (16,), dtype int64, 2 outside 0..15: [-1, 20], 2 missing: [14, 15])"),
+])
+def test_an_order_that_is_no_permutation_is_refused_saying_what_is_wrong(order, says):
+    # An order for another layer's 60 channels given to a 16-channel layer repeats none: it runs past the end.
+    with pytest.raises(ConfigError) as info:
+        check_order(np.asarray(order, np.int64), "order", 16, "p2")
+    assert str(info.value).endswith(says), str(info.value)
 
 
 @pytest.mark.parametrize("options, complaint", [

@@ -322,13 +322,14 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     n_cls = model.check_params(params)
     if x_clean is None:
         x_clean = rng.integers(0, 256, size=(config.n_clean, *model.input_hwc), dtype=np.uint8)
-    if x_bd is None:
+    if x_bd is None and not config.layers_only:  # the layers are timed on clean images alone
         x_bd = rng.integers(0, 256, size=(config.n_bd, *model.input_hwc), dtype=np.uint8)
     steps = model.steps
     out = {"machine": machine_name(), "cpu_model": cpu_model(), "device": str(jax.devices()[0].device_kind),
            "backend": jax.default_backend(), "jax": jax.__version__, "model": model.describe(),
-           "input_scale": model.input_scale, "n_clean": len(x_clean), "n_bd": len(x_bd), "num_classes": n_cls,
-           "steps": steps, "repeats": config.repeats}
+           "input_scale": model.input_scale, "num_classes": n_cls, "steps": steps, "repeats": config.repeats}
+    if not config.layers_only:  # the sets the sweeps run on (the layers' images are counted in layer_images)
+        out["n_clean"], out["n_bd"] = len(x_clean), len(x_bd)
     log.info("Benchmark on %s (jax %s, %s): %s", out["machine"], out["jax"], out["backend"], out["model"])
     # The peak before and after the layers, the higher one taken: a busy moment on a shared machine lowers one.
     peaks = [matmul_peak_gflops()]

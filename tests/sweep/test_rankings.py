@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 
@@ -18,8 +19,11 @@ from badnet_jax import sweep as sw
 from badnet_jax.sweep.anp import ANPConfig
 from badnet_jax.sweep.rankings import (RankingOptions, check_order, clp_scores, l1_scores, random_orders,
                                        read_order_file, resolve_rankings)
+from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.models.deepid import DeepID
+from badnet_jax.models.graph import GraphCNN
 from tests import numpy_ref
+from tests.conftest import asset
 
 
 def _largest_singular_value(a: np.ndarray, iters: int = 500) -> float:
@@ -41,6 +45,27 @@ def test_clp_and_l1_scores_by_hand(lab_b):
     clp, l1 = plan.given
     assert np.all(np.diff(clp_scores(DeepID(), params)[clp]) <= 0)  # highest bound pruned first
     assert np.all(np.diff(l1_scores(DeepID(), params)[l1]) >= 0)  # smallest norm pruned first
+
+
+def test_clp_and_l1_read_another_cnns_producing_convolution_scaled_by_its_batch_norm():
+    # resnet_tiny's stem: conv -> batch norm -> relu. Pruning stem_relu's channels, the rankings read stem_conv's
+    # kernel with each output channel scaled by the batch norm's |gamma| / sqrt(variance + epsilon), the
+    # epsilon read from the file's own Keras config.
+    path = asset("models/other/resnet_tiny.h5")
+    graph, params = read_keras_graph(path)
+    model = GraphCNN.build(graph, params, "stem_relu", "raw")
+    with h5py.File(path, "r") as f:
+        layers = json.loads(f.attrs["model_config"])["config"]["layers"]
+    eps = next(layer["config"]["epsilon"] for layer in layers if layer["config"]["name"] == "stem_bn")
+    bn = {k: np.asarray(v, np.float64) for k, v in params["stem_bn"].items()}
+    scale = np.abs(bn["gamma"]) / np.sqrt(bn["moving_variance"] + eps)
+    k = np.asarray(params["stem_conv"]["kernel"], np.float64)
+    for c in range(k.shape[-1]):
+        per_channel = [[float(k[dy, dx, i, c]) * scale[c] for dy in range(k.shape[0]) for dx in range(k.shape[1])]
+                       for i in range(k.shape[2])]
+        assert clp_scores(model, params)[c] == pytest.approx(_largest_singular_value(np.asarray(per_channel)),
+                                                             rel=1e-9)
+        assert l1_scores(model, params)[c] == pytest.approx(sum(abs(v) for row in per_channel for v in row), rel=1e-12)
 
 
 def test_random_orders_are_seeded_permutations():

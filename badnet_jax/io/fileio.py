@@ -448,8 +448,7 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
             _write_owner(tmp, path)
             _interruptible(write, target)
         except BaseException:
-            with interrupts_deferred():  # (a second signal, once write() raised, waits too)
-                _remove_settled(tmp)
+            _remove_settled(tmp)  # still deferred: a second signal, once write() raised, waits too
             raise
         _swap_in(target, path, tmp, token)
     raise_if_interrupted()

@@ -62,11 +62,13 @@ def _image_dataset(f: h5py.File, path: Path, hwc: tuple[int, int, int] = INPUT_H
     _numeric(ds, "data", path)
     chw = (hwc[2], hwc[0], hwc[1])  # lab files store channels first
     if len(ds.shape) != 4 or tuple(ds.shape[1:]) != chw:
-        raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, expected (N, {', '.join(map(str, chw))})"
-                            + (": the lab's 55x47 RGB faces (in Python, load_lab_h5(..., hwc=model.input_hwc) reads "
-                               "another model's images)" if hwc == INPUT_HWC else
-                               f": the model takes {hwc[0]}x{hwc[1]} images with {hwc[2]} channels, stored channels "
-                               "first"))
+        if hwc == INPUT_HWC:
+            why = ("the lab's 55x47 RGB faces (in Python, load_lab_h5(..., hwc=model.input_hwc) reads another model's "
+                   "images)")
+        else:
+            why = f"the model takes {hwc[0]}x{hwc[1]} images with {hwc[2]} channels, stored channels first"
+        raise DataFileError(f"{path}: dataset 'data' has shape {ds.shape}, expected (N, {', '.join(map(str, chw))}): "
+                            f"{why}")
     if ds.shape[0] and ds.id.get_storage_size() == 0:
         # Nothing written: every read would return the fill value (a tiny file can declare any number).
         raise DataFileError(f"{path}: dataset 'data' declares {ds.shape[0]} images but stores none "

@@ -125,14 +125,13 @@ def check_order(order, where: str, channels: int, layer: str = "pruned layer",
             sorted(o.tolist()) != list(range(channels)):
         got = f"shape {o.shape}, dtype {o.dtype}"
         if o.ndim == 1 and np.issubdtype(o.dtype, np.integer):
-            values = o.tolist()
-            outside = sorted({v for v in values if not 0 <= v < channels})
-            missing = sorted(set(range(channels)) - set(values))
-            uniq, counts = np.unique(o, return_counts=True)
-            repeated = [v for v in uniq[counts > 1].tolist() if 0 <= v < channels]
-            for what, which in ((f"outside 0..{channels - 1}", outside), ("missing", missing), ("repeated", repeated)):
-                if which:
-                    got += f", {len(which)} {what}: {which[:5]}{'...' if len(which) > 5 else ''}"
+            uniq, counts = np.unique(o, return_counts=True)  # sorted
+            inside = (uniq >= 0) & (uniq < channels)
+            for what, which in ((f"outside 0..{channels - 1}", uniq[~inside]),
+                                ("missing", np.setdiff1d(np.arange(channels), uniq)),
+                                ("repeated", uniq[inside & (counts > 1)])):
+                if which.size:
+                    got += f", {which.size} {what}: {which[:5].tolist()}{'...' if which.size > 5 else ''}"
         raise ConfigError(f"{where}: an order must be a permutation of the {channels} {layer} channels "
                           f"0..{channels - 1}, each once ({got})", field=field)
     return o.astype(np.int32)

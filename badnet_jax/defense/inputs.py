@@ -142,11 +142,7 @@ def peek_sets(files: InputFiles, model: PrunableModel) -> Optional[dict[str, jax
 
 def load_sets(files: InputFiles, model: PrunableModel) -> Sets:
     """The sets (uint8 images where the files store uint8) of the model's input size, labels checked against its
-    classes.
-
-    Without poisoned sets it says so, once every set given has been read and checked: a note about what was
-    not given is no help ahead of an error about what was.
-    """
+    classes."""
     if files.demo:
         data, true = EXAMPLES[files.example][1]()
         return Sets(data, true)
@@ -156,8 +152,6 @@ def load_sets(files: InputFiles, model: PrunableModel) -> Sets:
             data[r] = load_lab_h5(p, num_classes=model.num_classes, keep_uint8=True, hwc=model.input_hwc)
             if r in POISONED_ROLES:
                 true[r] = load_true_labels(p)
-    if not any(r in data for r in POISONED_ROLES):
-        log.info("No poisoned data given: ranking and cutting on clean data; ASR is n/a (no poisoned data).")
     return Sets(data, true)
 
 

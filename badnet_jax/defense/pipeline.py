@@ -282,6 +282,10 @@ def _log_loaded(seconds: float, compiling: bool, sets: Sets, num_classes: int) -
     n = {r: len(sets.data[r][1]) if r in sets.data else 0 for r in DATA_ROLES}
     log.info("Model: %d classes; valid %d clean + %d poisoned, test %d clean + %d poisoned images.", num_classes,
              n["clean_valid"], n["bd_valid"], n["clean_test"], n["bd_test"])
+    # Said here, by the main thread once every set given has been read and checked, not by the loading thread:
+    # a note about what was not given is no help next to an error about what was.
+    if not any(r in sets.data for r in POISONED_ROLES):
+        log.info("No poisoned data given: ranking and cutting on clean data; ASR is n/a (no poisoned data).")
 
 
 def _labeled(sweep, sets: Sets, role: str) -> Optional[LabeledPreds]:

@@ -189,7 +189,8 @@ def _describe_rankings(ranking) -> str:
         extra = {"random": f" ({len(ranking.rows(name))} orders, seeded)",
                  "anp": "" if ranking.anp is None else f" (eps {ranking.anp.eps:g}, alpha {ranking.anp.alpha:g}, "
                                                        f"{ranking.anp.steps} steps of {ranking.anp.batch} images, "
-                                                       f"seed {ranking.anp.seed})"}.get(name, "")
+                                                       f"seed {ranking.anp.seed})",
+                 "clp": f" (of {ranking.reads})", "l1": f" (of {ranking.reads})"}.get(name, "")
         parts.append(name + extra)
     return ", ".join(parts) + "; the first one's cuts are the models written"
 

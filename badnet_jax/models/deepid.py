@@ -21,7 +21,7 @@ from badnet_jax.kernels.masked_head.api import head_top2
 from badnet_jax.model import (CONV4_FEATURES, CONV4_POSITIONS, HIDDEN_UNITS, INPUT_HWC, LAB_NUM_CLASSES, POOL,
                               POOL3_HWC, BadNet, Params, check_params, init_params, multiply_adds)
 from badnet_jax.models.ir import Graph, Node
-from badnet_jax.models.protocol import PrunableModel, Stage, scaled
+from badnet_jax.models.protocol import Producer, PrunableModel, Stage, scaled
 from badnet_jax.numerics import settling
 from badnet_jax.numerics.ties import TIE_RTOL, undecided_channels
 
@@ -133,8 +133,8 @@ class DeepID(PrunableModel):
     def step_bytes_per_image(self) -> int:
         return 15_000
 
-    def producer_kernel(self, params: Params) -> np.ndarray:
-        return np.asarray(params["conv_3"]["kernel"])  # conv_3 -> relu -> pool_3: no batch norm
+    def producer(self, params: Params) -> Producer:
+        return Producer(np.asarray(params["conv_3"]["kernel"], np.float64), "conv_3")  # conv_3 -> relu -> pool_3
 
     # ----- trunk
     def features(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> jax.Array:

@@ -31,7 +31,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, ModelFileError, arg
 from badnet_jax.models.ir import Graph, Node
 from badnet_jax.models.ops import AFFINE_OPS, apply_conv_stage, apply_op, commutes_with_mask, conv_stage
-from badnet_jax.models.protocol import Params, PrunableModel, Stage, scaled
+from badnet_jax.models.protocol import Params, Producer, PrunableModel, Stage, scaled
 from badnet_jax.numerics.ties import TIE_RTOL
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -371,8 +371,8 @@ class GraphCNN(PrunableModel):
         margin, scale = np.asarray(margin_C, np.float64), np.asarray(scale, np.float64)
         return np.isfinite(margin) & (np.abs(margin) < self.tie_rtol * np.maximum(scale, 0.0)) & (scale > 0)
 
-    def producer_kernel(self, params: Params) -> Optional[np.ndarray]:
-        by_name, name, factor = self.graph.by_name, self.layer, None
+    def producer(self, params: Params) -> Optional[Producer]:
+        by_name, name, factor, norms = self.graph.by_name, self.layer, None, []
         while True:
             node = by_name[name]
             if node.op in ("max_pool", "identity", "zero_pad", "relu"):
@@ -382,10 +382,11 @@ class GraphCNN(PrunableModel):
                 f = np.abs(np.asarray(p.get("gamma", 1.0), np.float64)) / np.sqrt(
                     np.asarray(p["moving_variance"], np.float64) + node.attr("epsilon"))
                 factor = f if factor is None else factor * f
+                norms.append(node.name)
                 name = node.inputs[0]
             elif node.op == "conv":
                 kernel = np.asarray(params[node.weights]["kernel"], np.float64)
-                return kernel if factor is None else kernel * factor
+                return Producer(kernel if factor is None else kernel * factor, node.name, tuple(reversed(norms)))
             else:
                 return None
 

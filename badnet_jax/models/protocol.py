@@ -85,6 +85,27 @@ class Stage:
     fn: Callable[[Any, jax.Array], jax.Array] = dataclasses.field(compare=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class Producer:
+    """The convolution producing the pruned channels, as the data-free rankings (clp, l1) read it.
+
+    Attributes:
+        kernel: (kh, kw, in, C) float64, the convolution's kernel scaled per output channel by |gamma / sigma|
+            of each batch norm between it and the pruned layer.
+        conv: the convolution's name.
+        batch_norms: the batch norms in between, nearest the convolution first.
+    """
+
+    kernel: np.ndarray = dataclasses.field(compare=False, repr=False)
+    conv: str
+    batch_norms: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """In words, e.g. ``conv_3's kernel`` or ``stem_conv's kernel times |gamma / sigma| of stem_bn``."""
+        scaled_by = f" times |gamma / sigma| of {', '.join(self.batch_norms)}" if self.batch_norms else ""
+        return f"{self.conv}'s kernel{scaled_by}"
+
+
 class PrunableModel(abc.ABC):
     """A CNN the defense can prune (see the module docstring). Implementations are frozen dataclasses, so a
     model is hashable and can be a static argument of ``jax.jit``.
@@ -200,9 +221,9 @@ class PrunableModel(abc.ABC):
         """Working memory per image of one step of the prefix sweep (its carries and one head evaluation)."""
         return 4 * (2 * self.preactivation_size + self.hidden_size + 2 * self.num_classes)
 
-    def producer_kernel(self, params: Params) -> Optional[np.ndarray]:
-        """The kernel (kh, kw, in, C) of the convolution producing the pruned channels, scaled per channel by
-        |gamma / sigma| of a batch norm in between (the data-free rankings clp and l1); None if none does."""
+    def producer(self, params: Params) -> Optional[Producer]:
+        """The convolution producing the pruned channels, its kernel scaled by the batch norms in between (what
+        the data-free rankings clp and l1 read); None if no convolution does."""
         return None
 
     # ----- the trunk

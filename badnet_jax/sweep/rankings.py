@@ -6,7 +6,7 @@ Every ranking is an order of the layer's C channels (DeepID's pool_3: 60), prune
 - ``clp``: Channel Lipschitzness (Zheng et al., ECCV 2022), data-free: channel c's upper Lipschitz bound is
   the largest singular value of the producing convolution's kernel for output channel c as an
   (in_channels, kh*kw) matrix, times |gamma / sigma| of a batch norm in between
-  (``PrunableModel.producer_kernel``; DeepID: conv_3, no batch norm); highest first;
+  (``PrunableModel.producer``; DeepID: conv_3, no batch norm); highest first;
 - ``l1``: L1 norm of that kernel for output channel c, smallest first;
 - ``random``: R seeded random orders, a baseline (reported as mean and spread);
 - ``anp``: Adversarial Neuron Pruning (``badnet_jax.sweep.anp``), smallest mask first;
@@ -29,7 +29,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.io import fileio
 from badnet_jax.models.deepid import as_model
-from badnet_jax.models.protocol import Params, PrunableModel
+from badnet_jax.models.protocol import Params, Producer, PrunableModel
 from badnet_jax.sweep.anp import ANPConfig
 
 RANKINGS = ("activation", "clp", "l1", "random", "anp", "order_file")
@@ -69,6 +69,7 @@ class RankingPlan:
         given: (G, 60) int32 orders computed before the sweep, in label order. Not part of equality or
             hashing: the compiled sweep takes them as an argument, so a new file or seed does not recompile.
         anp: ANP's settings (None when not asked).
+        reads: what ``clp`` and ``l1`` read, in words (:meth:`Producer.describe`; None when neither is asked).
     """
 
     names: tuple[str, ...]
@@ -76,6 +77,7 @@ class RankingPlan:
     sources: tuple[str, ...]
     given: np.ndarray = dataclasses.field(compare=False, hash=False, repr=False)
     anp: Optional[ANPConfig] = None
+    reads: Optional[str] = dataclasses.field(default=None, compare=False)
 
     def rows(self, name: str) -> list[int]:
         """Indices (into ``labels``) of ranking ``name``'s orders: one, or R for ``random``."""
@@ -174,18 +176,18 @@ def read_order_file(path: str | Path, channels: int, layer: str = "pruned layer"
     return check_order(np.asarray([int(v) for v in value]), where, channels, layer, field="order_file")
 
 
-def _producer_kernel(model: PrunableModel, params: Params, ranking: str) -> np.ndarray:
-    kernel = model.producer_kernel(params)
-    if kernel is None:
+def _producer(model: PrunableModel, params: Params, ranking: str) -> Producer:
+    producer = model.producer(params)
+    if producer is None:
         raise ConfigError(f"{arg('rank_by')}: the ranking {ranking!r} reads the kernel of the convolution that "
                           f"produces {model.layer}'s channels, and {model.name} has none there (choose another "
                           "layer or ranking)", field="rank_by")
-    return np.asarray(kernel, np.float64)  # (kh, kw, in, out)
+    return producer
 
 
 def clp_scores(model: PrunableModel, params: Params) -> np.ndarray:
     """(C,) CLP upper bound per output channel: the largest singular value of its (in, kh*kw) kernel."""
-    k = _producer_kernel(model, params, "clp")
+    k = _producer(model, params, "clp").kernel
     kh, kw, cin, cout = k.shape
     per_channel = np.moveaxis(k, 3, 0).reshape(cout, kh * kw, cin).transpose(0, 2, 1)  # (out, in, kh*kw)
     return np.linalg.svd(per_channel, compute_uv=False)[:, 0]
@@ -193,7 +195,7 @@ def clp_scores(model: PrunableModel, params: Params) -> np.ndarray:
 
 def l1_scores(model: PrunableModel, params: Params) -> np.ndarray:
     """(C,) L1 norm of the producing convolution's kernel for each output channel."""
-    return np.abs(_producer_kernel(model, params, "l1")).sum(axis=(0, 1, 2))
+    return np.abs(_producer(model, params, "l1").kernel).sum(axis=(0, 1, 2))
 
 
 def random_orders(count: int, seed: int, channels: int) -> np.ndarray:
@@ -257,4 +259,5 @@ def resolve_rankings(options: RankingOptions, params: Params, model: PrunableMod
         given += orders
     anp = dataclasses.replace(options.anp, seed=options.seed) if "anp" in names else None
     stacked = np.stack(given).astype(np.int32) if given else np.zeros((0, channels), np.int32)
-    return RankingPlan(names, tuple(labels), tuple(sources), stacked, anp)
+    reads = next((_producer(model, params, n).describe() for n in names if n in ("clp", "l1")), None)
+    return RankingPlan(names, tuple(labels), tuple(sources), stacked, anp, reads)

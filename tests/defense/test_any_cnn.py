@@ -91,6 +91,20 @@ def test_prune_on_any_cnn_gives_the_float64_pruned_network_at_every_k(name, laye
     assert f"pruning {used}" in report
 
 
+def test_the_report_names_what_the_data_free_rankings_read_of_another_cnn(tmp_path, rng):
+    # resnet_tiny's stem is conv -> batch norm -> relu: pruning stem_relu, clp and l1 read stem_conv's kernel
+    # scaled by stem_bn (the scores themselves are checked by hand in tests/sweep/test_rankings.py).
+    graph, params = read_keras_graph(asset(FILES["resnet_tiny"]))
+    assert [graph.by_name[n].op for n in ("stem_conv", "stem_bn", "stem_relu")] == ["conv", "batch_norm", "relu"]
+    files, _ = _data(graph, params, tmp_path, rng, n=8)
+    proc = run_cli("prune", "--model", asset(FILES["resnet_tiny"]), "--input_scale", "255", "--layer", "stem_relu",
+                   "--rank_by", "clp,activation,l1", "--nocheckpoints", "--out_dir", tmp_path / "out",
+                   *[a for role, p in files.items() for a in (f"--{role}", p)])
+    assert proc.returncode == 0, proc.stderr
+    reads = "(of stem_conv's kernel times |gamma / sigma| of stem_bn)"
+    assert f"clp {reads}, activation, l1 {reads}; the first one's" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_a_layer_that_cannot_be_pruned_is_refused_naming_the_flag(tmp_path, rng):
     graph, params = read_keras_graph(asset(FILES["resnet_tiny"]))
     files, _ = _data(graph, params, tmp_path, rng, n=8)

@@ -171,6 +171,32 @@ def matmul_peak_gflops(n: Optional[int] = None, repeats: int = 5) -> float:
     return 2 * n**3 / _timed(lambda: f(a, b), repeats) / 1e9
 
 
+NOISY_PEAK_SPREAD = 0.15
+"""A run is flagged as noisy when its matmul peak measurements (before the layers, after them and, for a full
+run, at the end) differ by more than this (max / min - 1). On a quiet machine they agree within a few percent;
+on a shared one they have been seen 1.5x apart within minutes, and every time and share of the peak moves
+with them, so such a run says so rather than report numbers it cannot stand behind."""
+
+
+def noise_note(peaks_gflops: list[float]) -> Optional[str]:
+    """Why a run's numbers are unreliable (its peak measurements too far apart), or None for a steady run."""
+    lo, hi = min(peaks_gflops), max(peaks_gflops)
+    if hi / lo - 1 <= NOISY_PEAK_SPREAD:
+        return None
+    return (f"the matmul peak measured {lo:.0f} to {hi:.0f} GFLOP/s in this run ({100 * (hi / lo - 1):.0f}% apart, "
+            f"more than {100 * NOISY_PEAK_SPREAD:.0f}%): the machine was busy, so its times and shares of the peak "
+            "are unreliable; rerun on a quiet machine")
+
+
+def _set_peak(out: dict, peaks_gflops: list[float]) -> None:
+    """The run's peak (the highest measurement: a busy moment lowers one), each layer's share of it, and the
+    noise flag, in ``out``."""
+    out["matmul_peak_gflops"], out["matmul_peak_gflops_each"] = max(peaks_gflops), list(peaks_gflops)
+    for row in out["layers"]:
+        row["peak_share"] = None if row["gflops"] is None else row["gflops"] / out["matmul_peak_gflops"]
+    out["noisy"] = noise_note(peaks_gflops)
+
+
 def _kept(runs: list, sweep):
     """Keep a sweep's time split in ``runs``; return the sweep."""
     runs.append(sweep.seconds)
@@ -275,6 +301,7 @@ def format_layers(result: dict) -> str:
     peak = result.get("matmul_peak_gflops")
     lines = [f"machine: {result['machine']} (jax {result['jax']}, {result['backend']}); model {result['model']}; "
              f"matmul peak {peak:.1f} GFLOP/s" if peak else f"machine: {result['machine']}",
+             *([f"NOISY: {result['noisy']}"] if result.get("noisy") else []),
              f"per layer, {result['layer_images']} images in blocks of {_blocks(result)}, median of "
              f"{result['repeats']} after compile:",
              f"{'layer':16s} {'part':7s} {'MFLOP/img':>10s} {'ms':>10s} {'GFLOP/s':>9s} {'of peak':>8s}"]
@@ -331,7 +358,8 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     if not config.layers_only:  # the sets the sweeps run on (the layers' images are counted in layer_images)
         out["n_clean"], out["n_bd"] = len(x_clean), len(x_bd)
     log.info("Benchmark on %s (jax %s, %s): %s", out["machine"], out["jax"], out["backend"], out["model"])
-    # The peak before and after the layers, the higher one taken: a busy moment on a shared machine lowers one.
+    # The peak measured before and after the layers (and at the end), the highest taken; their spread flags a
+    # busy machine.
     peaks = [matmul_peak_gflops()]
     x_layers = _layer_images(np.asarray(x_clean), config.layer_images)
     out["layer_images"] = len(x_layers)
@@ -340,9 +368,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     out["layers"] = layer_timings(model, params, x_layers, config.repeats, trunk_block=blocks.trunk_block,
                                   head_block=blocks.chunk)
     peaks.append(matmul_peak_gflops())
-    out["matmul_peak_gflops"], out["matmul_peak_gflops_each"] = max(peaks), peaks
-    for row in out["layers"]:
-        row["peak_share"] = None if row["gflops"] is None else row["gflops"] / out["matmul_peak_gflops"]
+    _set_peak(out, peaks)
     flops = model_flops(model)
     trunk_f, contrib_f, tail = flops["trunk"], flops["channel_contributions"], flops["tail_after_prefix_sums"]
     out["flops_per_image"] = flops
@@ -351,7 +377,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
         rate = "?" if trunk_row["gflops"] is None else f"{trunk_row['gflops']:.1f}"
         out["summary"] = (f"trunk {1e3 * trunk_row['s']:.1f} ms for {len(x_layers)} images, {rate} GFLOP/s on "
                           f"{out['machine']} (matmul peak {out['matmul_peak_gflops']:.1f} GFLOP/s)")
-        return out
+        return _flag_noise(out)
 
     sets = {"clean_valid": jnp.asarray(x_clean), "bd_valid": jnp.asarray(x_bd)}  # on the device once
     n_img = len(x_clean) + len(x_bd)
@@ -439,6 +465,8 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     out["bytes_per_image_input"] = int(np.prod(model.input_hwc)) * np.dtype(x_clean.dtype).itemsize
     out["alive_channels"] = int((mean > 0).sum())  # alive on some clean image (activations are non-negative)
     out["head_evaluations_per_image"] = evaluations / n_img
+    peaks.append(matmul_peak_gflops())  # the third: a machine busy during the sweeps shows here
+    _set_peak(out, peaks)
     peak = out["matmul_peak_gflops"]
     if None not in (trunk_f, contrib_f, tail):
         # Each evaluated step but the all-pruned one also adds one channel's contribution (1/C of them).
@@ -452,6 +480,13 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
         rate = f"GFLOP/s unknown (the model does not count its FLOPs; matmul peak {peak:.0f} GFLOP/s)"
     out["summary"] = (f"fast sweep {out['sweep_fast_s']:.3f} s for {steps} steps x {n_img} images "
                       f"({out['speedup_fast_vs_per_step_loop']:.1f}x the per-step loop), {rate}")
+    return _flag_noise(out)
+
+
+def _flag_noise(out: dict) -> dict:
+    if out["noisy"]:
+        log.warning("Noisy run: %s.", out["noisy"])
+        out["summary"] += f" [NOISY: {out['noisy']}]"
     return out
 
 

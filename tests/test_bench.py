@@ -124,3 +124,37 @@ def test_layer_blocks_that_tile_the_input_sum_the_layer_over_every_image_once(bl
     fn = lambda c: jnp.tanh(c) * 3.0
     got = jax.jit(lambda a: bench._summed_in_blocks(fn, a, block))(x)
     np.testing.assert_allclose(float(got), float(np.tanh(x.astype(np.float64)).sum() * 3.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("peaks,noisy", [((100.0, 150.0), True), ((150.0, 100.0), True), ((100.0, 110.0), False)])
+def test_a_run_whose_peak_measurements_disagree_says_it_is_noisy(peaks, noisy, monkeypatch):
+    """The peak is measured before and after the layers; the highest one is the peak every share is of, and
+    measurements more than 15% apart flag the run in its JSON, its summary and its table."""
+    from badnet_jax.attack.gap_demo import gap_model
+
+    measured = iter(peaks)
+    monkeypatch.setattr(bench, "matmul_peak_gflops", lambda: next(measured))
+    config = bench.BenchConfig(layers_only=True, layer_images=8, repeats=1)
+    out = bench.run_benchmark(config, model=gap_model())
+    assert out["matmul_peak_gflops_each"] == list(peaks) and out["matmul_peak_gflops"] == max(peaks)
+    for r in out["layers"]:
+        assert abs(r["peak_share"] - r["gflops"] / max(peaks)) < 1e-12
+    if noisy:
+        assert out["noisy"].startswith("the matmul peak measured 100 to 150 GFLOP/s in this run (50% apart")
+        assert out["summary"].endswith(f"[NOISY: {out['noisy']}]")
+        assert bench.format_layers(out).splitlines()[1] == f"NOISY: {out['noisy']}"
+    else:
+        assert out["noisy"] is None and "NOISY" not in out["summary"] and "NOISY" not in bench.format_layers(out)
+
+
+def test_a_full_run_measures_the_peak_a_third_time_after_the_sweeps(monkeypatch):
+    from badnet_jax.attack.gap_demo import gap_model
+
+    measured = iter((100.0, 101.0, 160.0))  # steady through the layers, faster by the end
+    monkeypatch.setattr(bench, "matmul_peak_gflops", lambda: next(measured))
+    config = bench.BenchConfig(n_clean=16, n_bd=8, layer_images=8, repeats=1, per_step_steps=1)
+    out = bench.run_benchmark(config, model=gap_model())
+    assert out["matmul_peak_gflops_each"] == [100.0, 101.0, 160.0] and out["matmul_peak_gflops"] == 160.0
+    for r in out["layers"]:
+        assert abs(r["peak_share"] - r["gflops"] / 160.0) < 1e-12
+    assert out["noisy"].startswith("the matmul peak measured 100 to 160 GFLOP/s") and "NOISY" in out["summary"]

@@ -14,11 +14,11 @@ The input scale is not in it: checkpoints keep it as the ``input_divisor`` entry
 
 Reading it back (:func:`model_from_json`) treats the text as untrusted data, like the Keras reader
 (``badnet_jax.io.keras_graph``) treats a file's config: nothing in it is executed; every node must be a
-known operation (:data:`badnet_jax.models.ir.OPS`) with exactly that operation's attributes, each of its
-type and range; names are non-empty printable strings; the inputs are earlier nodes, as many as the operation
-takes; every weighted node names its own entry of the params, and the params hold those entries and no other,
-each with the operation's arrays (finite floats) of the shapes the graph implies for its input. Whatever does
-not fit is refused with a :class:`~badnet_jax.errors.CheckpointError` naming the source and the problem.
+known operation (:data:`badnet_jax.models.ir.OPS`) with exactly that operation's attributes (one added later,
+an identity's dropout rate, may be missing: older documents lack it), each of its type and range; names are
+non-empty printable strings; the inputs are earlier nodes, as many as the operation takes; every weighted node
+names its own entry of the params, and the params hold those entries and no other, each with the operation's
+arrays (finite floats) of the shapes the graph implies for its input. Whatever does not fit is refused with a :class:`~badnet_jax.errors.CheckpointError` naming the source and the problem.
 """
 
 from __future__ import annotations
@@ -201,12 +201,24 @@ def _max_value(value: Any, what: str) -> Optional[float]:
     return None if value is None else _number(value, what, 0.0)
 
 
+def _dropout(value: Any, what: str) -> Optional[float]:
+    if value is None:
+        return None
+    rate = _number(value, what, 0.0)
+    if rate >= 1:
+        raise _Bad(f"{what} is {_short(value)}, expected null or a rate from 0 to below 1")
+    return rate
+
+
 # attribute -> its check: (value, what) -> the value as the IR holds it
 _ATTRS = {
     "scale": _number, "offset": _number, "strides": _pair, "dilation": _pair, "window": _pair, "padding": _padding,
     "epsilon": lambda v, w: _number(v, w, 0.0, above=True), "negative_slope": lambda v, w: _number(v, w, 0.0),
-    "threshold": lambda v, w: _number(v, w, 0.0), "max_value": _max_value, "pad": _pad,
+    "threshold": lambda v, w: _number(v, w, 0.0), "max_value": _max_value, "pad": _pad, "dropout": _dropout,
 }
+# Attributes a document may lack, read as their defaults: added to an op after documents without them were
+# written (an identity's dropout rate), so those checkpoints still load.
+_OPTIONAL_ATTRS = ("dropout",)
 
 
 def _model_doc(doc: Any) -> tuple[Graph, str, float, bool]:
@@ -268,7 +280,7 @@ def _node(value: Any, i: int) -> Node:
         raise _Bad(f"{where} ({op}) names weights {_short(weights)}; a {op} has none (null)")
     attrs = n["attrs"]
     defaults = OPS[op][0]
-    if not isinstance(attrs, dict) or set(attrs) != set(defaults):
+    if not isinstance(attrs, dict) or not set(defaults) - set(_OPTIONAL_ATTRS) <= set(attrs) <= set(defaults):
         got = sorted(attrs) if isinstance(attrs, dict) else _short(attrs)
         raise _Bad(f"{where} ({op}) has attributes {got}, expected {sorted(defaults)}")
     checked = {k: _ATTRS[k](v, f"{where}'s {k}") for k, v in attrs.items()}

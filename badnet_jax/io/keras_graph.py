@@ -858,7 +858,11 @@ class _Build:
         self.emit(layer, layer.name, "flatten", layer.inbound, (math.prod(shape),))
 
     def _Dropout(self, layer: _Layer) -> None:
-        self.emit(layer, layer.name, "identity", layer.inbound, self.one_input(layer))
+        # The rate matters only to training a written file further; a config without one still reads.
+        rate = None if layer.cfg.get("rate") is None else self.number(layer, "rate", None, low=0.0)
+        if rate is not None and rate >= 1:
+            raise self.fail(layer, f"has rate {rate:g}, expected a number from 0 to below 1")
+        self.emit(layer, layer.name, "identity", layer.inbound, self.one_input(layer), dropout=rate)
 
     def _ZeroPadding2D(self, layer: _Layer) -> None:
         self.channels_last(layer)

@@ -419,6 +419,8 @@ def _layer(node: Node, name: str, inbound: tuple[str, ...], params: GraphParams,
     if op == "flatten":
         return _KerasLayer(name, "Flatten", dict(last), inbound, [])
     if op == "identity":
+        if a["dropout"] is not None:
+            return _KerasLayer(name, "Dropout", {"rate": float(a["dropout"])}, inbound, [])
         return _KerasLayer(name, "Activation", {"activation": "linear"}, inbound, [])
     if op == "zero_pad":
         (t, b), (left, r) = a["pad"]

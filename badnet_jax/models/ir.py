@@ -42,7 +42,9 @@ OPS: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]] = {
     "add": ({}, (), ()),  # elementwise sum of every input (same shapes)
     "concat": ({}, (), ()),  # along the last (channel) axis
     "flatten": ({}, (), ()),  # (N, ...) -> (N, prod) in row-major (Keras channels-last) order
-    "identity": ({}, (), ()),  # Dropout (inference) and InputLayer aliases
+    # a linear activation, an InputLayer alias, or a Dropout (inference: the identity), whose rate is kept so a
+    # written Keras file trains like the one read (None: not a Dropout)
+    "identity": ({"dropout": None}, (), ()),
     "zero_pad": ({"pad": ((0, 0), (0, 0))}, (), ()),  # ((top, bottom), (left, right))
 }
 

@@ -256,7 +256,26 @@ TAMPERED = {
     "a pruned layer that is none": (lambda d: d.update(layer="nowhere"), None, "layer=nowhere: no such layer"),
     "a dense output on an image": (lambda d: _node(d, "global_avg_pool").update(op="identity"), None,
                                    "is not a Dense layer on a vector"),
+    "a dropout rate of 1": (lambda d: _node(d, "global_avg_pool").update(op="identity", attrs={"dropout": 1}), None,
+                            "dropout is 1, expected null or a rate from 0 to below 1"),
 }
+
+
+def test_a_checkpoint_written_before_dropout_rates_were_kept_restores_the_same_network(tmp_path):
+    """Its identity nodes carry no dropout entry: they read as no Dropout, and the network is the same."""
+    model, params = _load("vgg_tiny")
+    doc = json.loads(model_to_json(model))
+    identities = [n for n in doc["graph"]["nodes"] if n["op"] == "identity"]
+    assert [n["attrs"] for n in identities if n["name"] == "drop"] == [{"dropout": 0.3}]  # the file's Dropout(0.3)
+    for n in identities:
+        del n["attrs"]["dropout"]
+    state = {"params": params, "mask": np.ones(model.num_channels, np.float32), "input_divisor": np.float32(255.0),
+             checkpoint.ARCHITECTURE: np.frombuffer(json.dumps(doc).encode(), np.uint8).copy()}
+    checkpoint._save(tmp_path / "old", state)
+    got, got_params, _ = checkpoint.restore_badnet(tmp_path / "old")
+    assert got.graph.by_name["drop"].attr("dropout") is None
+    x = _images(model)
+    np.testing.assert_array_equal(np.asarray(got.logits(got_params, x)), np.asarray(model.logits(params, x)))
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERED))

@@ -91,6 +91,11 @@ def test_vgg_tiny_fused_activations_and_dropout():
     assert nodes["c1"].op == "relu" and nodes["c1"].inputs == ("c1/pre",)
     assert nodes["drop"].op == "identity" and nodes["logits"].op == "dense"  # linear: no extra node
     assert params["fc"]["kernel"].shape == (256, 32)
+    # The Dropout's rate is kept (for a written file to train like this one); a linear activation has none.
+    with h5py.File(asset(OTHER["vgg_tiny"]), "r") as f:
+        layers = json.loads(f.attrs["model_config"])["config"]["layers"]
+    assert nodes["drop"].attr("dropout") == next(l["config"]["rate"] for l in layers if l["config"]["name"] == "drop")
+    assert [n.attr("dropout") for n in graph.nodes if n.op == "identity" and n.name != "drop"] in ([], [None])
 
 
 def test_keras2_weights_only_file_reads_with_its_config(tmp_path):

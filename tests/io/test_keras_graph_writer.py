@@ -283,6 +283,9 @@ def test_without_a_mask_the_file_predicts_what_the_original_predicts(nets, tmp_p
     path = save_keras_graph(n["model"], n["params"], tmp_path / "b.h5")
     kmodel = keras_load_model(path)
     np.testing.assert_array_equal(keras_predict(kmodel, n["keras_in"]), n["original_out"])
+    # Its Dropout layers stay Dropouts of their rates, so the file trains further in Keras as the original does.
+    dropouts = lambda km: [(l.name, l.rate) for l in km.layers if isinstance(l, layers.Dropout)]
+    assert dropouts(kmodel) == dropouts(keras_load_model(n["path"])) and (net == "resnet_tiny") != bool(dropouts(kmodel))
     with h5py.File(path, "r") as f:
         assert PRUNED_LAYER_ATTR not in f.attrs and PRUNED_CHANNELS_ATTR not in f.attrs
         assert f.attrs[INPUT_SCALE_ATTR].decode() == n["model"].input_scale

@@ -75,6 +75,19 @@ def asset(rel: str) -> Path:
     return path
 
 
+def asset_path(rel: str) -> Path:
+    """Path of a shared asset, unchecked: for test parameters, built when the tests are collected (where a skip
+    would skip the whole module); the test passes them through :func:`require_assets`."""
+    return ASSETS / rel
+
+
+def require_assets(*args: object) -> None:
+    """Skip the test (fail under CI) if a shared asset among ``args`` (paths from :func:`asset_path`) is missing."""
+    for a in args:
+        if isinstance(a, Path) and ASSETS in a.parents:
+            asset(str(a.relative_to(ASSETS)))
+
+
 @pytest.fixture(scope="session")
 def lab_b():
     from badnet_jax import load_keras

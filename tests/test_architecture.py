@@ -4,6 +4,7 @@ tests, the library names no command-line flag, and the quick test loop reaches e
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -128,3 +129,14 @@ def test_the_quick_loop_reaches_every_test_file():
     reached = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
     files = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")}
     assert files - reached == set()
+
+
+def test_every_test_file_collects_on_a_machine_without_the_shared_assets(tmp_path):
+    """A fresh clone without ../shared/assets: tests that read them skip one by one; none is read while the
+    tests are collected (a skip there would end the whole module in a collection error)."""
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | {"BADNET_ASSETS": str(tmp_path / "none")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           str(REPO / "tests")], capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    reached = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert reached == {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")}

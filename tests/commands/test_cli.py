@@ -18,7 +18,7 @@ from badnet_jax.commands import cli
 from badnet_jax.defense.curve import check_drops
 from badnet_jax.errors import arg
 from tests.cli import cli_argv, run_cli, run_python, start_cli
-from tests.conftest import LAB_B, asset
+from tests.conftest import LAB_B, asset, asset_path, require_assets
 from tests.io.conftest import PATH_KINDS, odd_path
 
 
@@ -148,8 +148,9 @@ def _errors(stderr: str) -> list[str]:
 
 
 def _clean_sets() -> list:
-    return ["--model", asset(LAB_B), "--clean_valid", asset("faces/lab3/valid_subset.h5"),
-            "--clean_test", asset("faces/lab3/test_subset.h5")]
+    # Built at collection as well: unchecked paths, each test checks them (require_assets).
+    return ["--model", asset_path(LAB_B), "--clean_valid", asset_path("faces/lab3/valid_subset.h5"),
+            "--clean_test", asset_path("faces/lab3/test_subset.h5")]
 
 
 @pytest.mark.parametrize("tool,own,help_text", [
@@ -191,13 +192,14 @@ def test_a_flag_absl_refuses_is_one_error_line_and_exit_2_like_every_usage_error
 
 
 @pytest.mark.parametrize("tool,args,written", [
-    ("goodnet_eval", [asset("faces/lab3/bd_test_subset.h5"), "--model", asset(LAB_B), "--pruned",
-                      asset("models/lab3_repaired/full_model_drop30.h5")], None),
+    ("goodnet_eval", [asset_path("faces/lab3/bd_test_subset.h5"), "--model", asset_path(LAB_B), "--pruned",
+                      asset_path("models/lab3_repaired/full_model_drop30.h5")], None),
     ("prune", [*_clean_sets(), "--out_dir", "o", "--nocheckpoints"], "o/curve.json"),
 ])
 def test_a_reader_that_goes_away_ends_the_tool_quietly(tool, args, written, tmp_path):
     """`tool ... | head -1`: the reader closes the pipe before the output comes; no BrokenPipeError traceback,
     the exit status a shell reports for SIGPIPE (141), and the results on disk are written whole."""
+    require_assets(*args)
     proc = start_cli(tool, *args, cwd=tmp_path)
     proc.stdout.close()  # the reader is gone before the tool writes its first line
     _, err = proc.communicate(timeout=300)
@@ -207,12 +209,13 @@ def test_a_reader_that_goes_away_ends_the_tool_quietly(tool, args, written, tmp_
 
 
 @pytest.mark.parametrize("tool,args", [
-    ("goodnet_eval", [asset("faces/lab3/bd_test_subset.h5"), "--model", asset(LAB_B), "--pruned",
-                      asset("models/lab3_repaired/full_model_drop30.h5")]),
+    ("goodnet_eval", [asset_path("faces/lab3/bd_test_subset.h5"), "--model", asset_path(LAB_B), "--pruned",
+                      asset_path("models/lab3_repaired/full_model_drop30.h5")]),
     ("prune", [*_clean_sets(), "--out_dir", "o"]),
 ])
 def test_a_closed_stdout_is_refused_before_any_work(tool, args, tmp_path):
     """`tool ... >&-`: Python prints into nothing, so every verdict would be lost behind an exit 0."""
+    require_assets(*args)
     closed = ["bash", "-c", 'exec "$@" >&-', "bash", *cli_argv(tool, *args)]
     proc = subprocess.run(closed, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -227,6 +230,7 @@ def test_jax_platforms_naming_a_platform_not_here_is_one_line_naming_the_variabl
 
     if any(d.platform == "gpu" for d in jax.devices()):
         pytest.skip("this machine has a GPU: JAX_PLATFORMS=gpu is right here")
+    require_assets(*_clean_sets())
     proc = run_cli("prune", *_clean_sets(), "--out_dir", "o", cwd=tmp_path,
                    env={**os.environ, "JAX_PLATFORMS": "gpu"}, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -17,7 +17,7 @@ import pytest
 from badnet_jax import load_lab_h5, save_lab_h5
 from badnet_jax.commands import cli
 from tests.cli import run_cli, start_cli
-from tests.conftest import LAB_B, asset
+from tests.conftest import LAB_B, asset, asset_path, require_assets
 
 
 @pytest.mark.parametrize("args,complaint", [
@@ -147,9 +147,9 @@ def _lab_files(**given) -> list:
 
 @pytest.mark.parametrize("given,complaint", [
     ({"--model": "bd_weight.h5"}, "error: --model bd_weight.h5: file not found"),
-    ({"--clean_test": asset("triggers/sun_glass_trigger.png")},
-     f"error: --clean_test {asset('triggers/sun_glass_trigger.png')}: is not an HDF5 file"),
-    ({"--clean_valid": asset("faces/lab3")}, f"error: --clean_valid {asset('faces/lab3')}: is a folder"),
+    ({"--clean_test": asset_path("triggers/sun_glass_trigger.png")},
+     f"error: --clean_test {asset_path('triggers/sun_glass_trigger.png')}: is not an HDF5 file"),
+    ({"--clean_valid": asset_path("faces/lab3")}, f"error: --clean_valid {asset_path('faces/lab3')}: is a folder"),
     ({"--bd_valid": "bd_valid.h5"}, "error: data files not found: --bd_valid (bd_valid.h5)"),
     ({"--clean_valid": "empty.h5"}, "error: --clean_valid empty.h5: holds no images (its 'data' has 0 rows)"),
 ])
@@ -157,6 +157,7 @@ def test_an_input_file_that_cannot_be_read_names_its_flag_and_nothing_else_first
     """Of the five files a run reads, the error says which flag gave the one at fault; no note about the
     poisoned sets not given comes before or after an error about the files that were (the images load in
     another thread, which goes on reading while the error is reported)."""
+    require_assets(*given.values())
     save_lab_h5(tmp_path / "empty.h5", np.zeros((0, 55, 47, 3), np.uint8), np.zeros(0))
     proc = run_cli("prune", *_lab_files(**{k: str(v) for k, v in given.items()}), "--out_dir", "o", cwd=tmp_path,
                    timeout=300)

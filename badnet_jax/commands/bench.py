@@ -62,7 +62,7 @@ KERNEL_BLOCK_N = flags.DEFINE_string("kernel_block_n", "", "Also time the masked
                                       "CPU the kernel is interpreted, ~20 s per call).")
 RANK_BY = flags.DEFINE_list("rank_by", [], "Also time the sweep with these rankings at once, e.g. "
                             "activation,clp,l1,random,anp (see badnet-prune --rank_by).")
-RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 1, "R of the 'random' ranking in --rank_by.")
+RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 1, "R of the 'random' ranking in --rank_by.", lower_bound=1)
 OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
 
 # Config fields and arguments -> these flags, so errors name what the user typed.

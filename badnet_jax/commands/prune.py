@@ -38,7 +38,8 @@ SCALE = flags.DEFINE_enum("input_scale", "auto", list(CHOICES),
 OUT_DIR = flags.DEFINE_string("out_dir", "results", "Output folder (replaced as a whole by the new results).")
 CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk inside the jitted sweep (bounds memory; "
                              "default 256 on CPU, 4096 on GPU/TPU).")
-FT_EPOCHS = flags.DEFINE_integer("finetune_epochs", 0, "Fine-pruning epochs per selected B' (0 = pruning only).")
+FT_EPOCHS = flags.DEFINE_integer("finetune_epochs", 0, "Fine-pruning epochs per selected B' (0 = pruning only).",
+                                 lower_bound=0)
 FT_LR = flags.DEFINE_float("finetune_lr", 1e-4, "Fine-pruning learning rate (Adam).")
 BUDGET = flags.DEFINE_float("memory_budget", None, "GiB the sweep may use (default: half the device's memory).")
 DEVICES = flags.DEFINE_integer("devices", 0, "Devices to shard the images over (0 = all).")
@@ -51,11 +52,13 @@ DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", cli.DISTRIBUTED_TIMEO
                                     "a process that died (the others then stop with an error).")
 RANK_BY = flags.DEFINE_list("rank_by", ["activation"], "Pruning orders to compare, comma-separated: activation "
                             "(the lab's), clp, l1, random, anp, order_file. The first one's cuts are written.")
-RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 5, "How many seeded random orders 'random' sweeps.")
+RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 5, "How many seeded random orders 'random' sweeps.",
+                                     lower_bound=1)
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the random orders and of ANP.")
 ORDER_FILE = flags.DEFINE_string("order_file", None, "Your own pruning order: C channel indices (DeepID: 60) (JSON list, text, "
                                  "or a curve.json); adds the ranking 'order_file'.")
-ANP_STEPS = flags.DEFINE_integer("anp_steps", ANPConfig.steps, "ANP optimiser steps (128 clean images each).")
+ANP_STEPS = flags.DEFINE_integer("anp_steps", ANPConfig.steps, "ANP optimiser steps (128 clean images each).",
+                                 lower_bound=1)
 CHECKPOINTS = flags.DEFINE_bool("checkpoints", True, "Write B' (orbax + Keras h5) and GoodNet checkpoints.")
 
 # DefenseConfig's fields (dotted: nested configs) -> these flags, so errors name what the user typed.

@@ -113,7 +113,8 @@ def finetune(model: Any, params: Params, mask: jax.Array, x_clean: np.ndarray, y
         return float(accuracy(predict_fn(p, x_ho), y_ho))
 
     rng = np.random.default_rng(config.seed)
-    best, best_acc, stale, history = params, holdout_acc(params), 0, []
+    start, start_acc = params, holdout_acc(params)
+    best, best_acc, stale, history = start, start_acc, 0, []
     log.info("fine-tune: %d train / %d early-stopping images; start accuracy %.2f%%", len(y_tr), len(y_ho), best_acc)
     batch = max(1, min(config.batch_size, len(y_tr)))
     for epoch in range(1, config.epochs + 1):
@@ -130,6 +131,11 @@ def finetune(model: Any, params: Params, mask: jax.Array, x_clean: np.ndarray, y
             stale += 1
             if stale >= config.patience:
                 break
+    if history and best is start:
+        # Said, not left to be inferred from a "+FT" row equal to B''s: the tuning did nothing here.
+        log.warning("fine-tune: no epoch raised the early-stopping accuracy above its start (%.2f%%; best epoch "
+                    "%.2f%%): the fine-pruned B' is B' unchanged (a smaller learning rate than %g may help)",
+                    start_acc, max(h["holdout_acc"] for h in history), config.learning_rate)
     return best, history
 
 

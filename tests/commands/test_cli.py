@@ -178,6 +178,11 @@ def test_help_lists_the_tools_own_flags_with_their_help(tool, own, help_text):
     ("prune", ["--modle", "x.h5"], "error: Unknown command line flag 'modle'"),
     ("prune", ["--chunk", "many"], "error: flag --chunk=many: invalid literal for int()"),
     ("prune", ["--rule", "lab"], "error: flag --rule=lab: value should be one of <absolute|relative>"),
+    # Out of range whether or not the option is used in this run: refused, not ignored.
+    ("prune", ["--finetune_epochs", "-1"], "error: flag --finetune_epochs=-1: -1 is not a non-negative integer"),
+    ("prune", ["--random_orders", "-3"], "error: flag --random_orders=-3: -3 is not a positive integer"),
+    ("prune", ["--anp_steps", "0"], "error: flag --anp_steps=0: 0 is not a positive integer"),
+    ("benchmark", ["--random_orders", "0"], "error: flag --random_orders=0: 0 is not a positive integer"),
     ("benchmark", ["--repeats"], "error: Missing value for flag --repeats"),
     ("goodnet_eval", ["x.png", "--modle", "b.h5"], "error: Unknown command line flag 'modle'"),
     ("poison", ["--trigger", "t.png", "--target", "0", "--out", "bd.h5"],

@@ -68,3 +68,33 @@ def test_fine_pruning_lowers_demo_asr_and_recovers_accuracy_within_the_drop():
     assert acc_pruned < acc0 - 30.0  # the cut itself lost more than the drop ...
     assert acc_ft >= acc0 - 30.0  # ... fine-tuning brought clean accuracy back within it ...
     assert asr_ft < asr_pruned - 5.0  # ... and lowered the attack success rate
+
+
+def test_a_tuning_that_no_epoch_improves_keeps_b_prime_and_says_so(rng, caplog):
+    """Labels that are B''s own answers: it starts at 100% early-stopping accuracy, which no epoch can beat, so
+    the result is B' itself, and the log says the tuning changed nothing."""
+    from badnet_jax.attack.gap_demo import GAP_DEMO_MODEL
+    from badnet_jax.io.model_file import load_model
+
+    model, params = load_model(GAP_DEMO_MODEL)
+    mask = np.ones(model.num_channels, np.float32)
+    mask[:5] = 0
+    x = rng.integers(0, 256, size=(40, *model.input_hwc)).astype(np.float32)
+    y = np.asarray(model.logits(params, x, mask)).argmax(-1)
+    with caplog.at_level("WARNING", logger="badnet_jax.defense.finetune"):
+        tuned, history = finetune(model, params, mask, x, y, FinetuneConfig(epochs=2, batch_size=8, patience=5))
+    assert len(history) == 2 and all(h["holdout_acc"] <= 100.0 for h in history)
+    for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "no epoch raised the early-stopping accuracy above its start (100.00%" in caplog.text
+    assert "the fine-pruned B' is B' unchanged" in caplog.text
+
+
+def test_a_tuning_that_improves_says_nothing_of_the_kind(rng, caplog):
+    params = init_params(num_classes=6, seed=0)
+    x = rng.integers(0, 256, size=(48, 55, 47, 3)).astype(np.float32)
+    y = np.zeros(48, np.int64)  # one class: learned at once from a random start
+    with caplog.at_level("WARNING", logger="badnet_jax.defense.finetune"):
+        _, history = finetune(BadNet(6), params, np.ones(60, np.float32), x, y,
+                              FinetuneConfig(epochs=2, batch_size=8, learning_rate=1e-3, patience=5))
+    assert max(h["holdout_acc"] for h in history) == 100.0 and "no epoch raised" not in caplog.text

@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
         print(f"badnet-bench on {result['machine']} (jax {result['jax']}, {result['backend']})")
         for key in sorted(result):
             value = result[key]
-            if not isinstance(value, (dict, list)) and key != "summary":
+            if not isinstance(value, (dict, list)) and value is not None and key != "summary":
                 print(f"{key:34s} {value:.4g}" if isinstance(value, float) else f"{key:34s} {value}")
         print(format_layers(result))
         print(result["summary"])

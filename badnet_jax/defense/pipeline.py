@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import pathlib
 import platform
 import time
 from typing import Optional
@@ -166,8 +167,8 @@ def run_defense(config: DefenseConfig) -> Curve:
         write_results(out_dir, curve, model, params, models if config.checkpoints else (), timings,
                       {"model": model.describe(), "input scale": scale.describe(), "sweep": plan.describe(),
                        "rankings": _describe_rankings(ranking), "near-ties": _describe_ties(sweep)}, warnings)
-        log.info("Wrote %s (report.md, curve.json, curve.png%s) in %.2f s.", config.out_dir,
-                 ", B' and GoodNet models per drop" if config.checkpoints else "", time.perf_counter() - t)
+        written = sorted(p.name for p in pathlib.Path(config.out_dir).iterdir())
+        log.info("Wrote %s (%s) in %.2f s.", config.out_dir, ", ".join(written), time.perf_counter() - t)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

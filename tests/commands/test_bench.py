@@ -46,6 +46,7 @@ def test_benchmark_cli_times_each_layer_of_the_gap_example_on_the_named_machine(
     assert result["model"].startswith("gap_demo (32x32x3 input, 10 classes), pruning relu_3 (32 channels)")
     assert result["machine"] == result["cpu_model"] and result["jax"] and result["layer_images"] == 64
     assert "n_clean" not in result and "n_bd" not in result  # no sweep ran: no set sizes to report
+    assert ("\nnoisy " in proc.stdout) == (result["noisy"] is not None)  # no line for a steady run's None
     names = [r["name"] for r in result["layers"]]
     assert names == ["conv_1", "conv_2", "conv_3", "output", "trunk", "head"]
     # 3x3 'same' convolutions of 16, 32, 32 channels, the second of stride 2, by hand.

@@ -85,5 +85,6 @@ def test_a_symlinked_out_dir_stays_a_link_and_a_broken_mplbackend_costs_nothing(
                                                    "rankings.png"}
         assert (real / "rankings.png").read_bytes()[:4] == b"\x89PNG"
         assert "activation, l1 (of conv_3's kernel); the first one's" in (real / "report.md").read_text()
+        assert "Wrote results (curve.csv, curve.json, curve.png, rankings.png, report.md) in" in proc.stderr
         assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["results"]  # no .results.old.* left
         assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["results"]

@@ -17,6 +17,7 @@ from badnet_jax.sweep.rankings import RankingOptions
 from badnet_jax.defense.report import comparison_text, format_table
 from badnet_jax.defense.scale import CHOICES
 from badnet_jax.sweep import SweepOptions
+from badnet_jax.errors import ConfigError, arg
 
 DROP = flags.DEFINE_string("drop", "0.04", "Accuracy drop(s) X as fractions, comma-separated (0.04 = 4 points).")
 RULE = flags.DEFINE_enum("rule", "absolute", ["absolute", "relative"],
@@ -76,7 +77,13 @@ def main(argv: list[str]) -> int:
 
     def defend() -> int:
         cli.refuse_extra_args(argv)
-        budget = None if BUDGET.value is None else cli.parse_floats("memory_budget", str(BUDGET.value))[0] * 2**30
+        budget = None
+        if BUDGET.value is not None:  # GiB here, bytes in the library
+            gib = cli.parse_floats("memory_budget", str(BUDGET.value))[0]  # finite
+            if gib <= 0:
+                raise ConfigError(f"{arg('memory_budget', BUDGET.value)} must be a positive number of GiB",
+                                  field="memory_budget")
+            budget = gib * 2**30
         config = DefenseConfig(
             drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value, layer=LAYER.value, example=EXAMPLE.value,
             clean_valid=CLEAN_VALID.value, bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value,

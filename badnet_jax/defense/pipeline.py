@@ -33,6 +33,7 @@ from badnet_jax.defense.report import preload_plotting
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.defense.scale import PLAUSIBLE, SAMPLE, ScaleChoice, accuracy_at_each_scale, choose_input_scale, clear_winner
 from badnet_jax.sweep import SweepOptions, compile_sweep, plan_sweep, rank_and_sweep
+from badnet_jax.sweep.plan import check_options
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def run_defense(config: DefenseConfig) -> Curve:
         The curve written to curve.json, with its selected cuts.
     """
     check_drops(config.drops)
+    check_options(config.sweep)  # before any file is read
     # Multi-process runs: every process sweeps its shards, process 0 alone writes (the others write nothing).
     primary = jax.process_index() == 0
     out_dir = check_out_dir(config.out_dir) if primary else None

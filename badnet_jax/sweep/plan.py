@@ -161,8 +161,13 @@ class SweepPlan:
                 f"chunk {self.chunk}, {self.devices} {self.platform} device(s)")
 
 
-def _check(options: SweepOptions) -> None:
-    """Refuse combinations that would silently do nothing."""
+def check_options(options: SweepOptions) -> None:
+    """Refuse values out of range and combinations that would silently do nothing (:func:`plan_sweep` does too;
+    a caller checks up front, before loading anything).
+
+    Raises:
+        ConfigError: naming the field.
+    """
     if options.cumulative and not options.prefix_sums:
         raise ConfigError("cumulative needs prefix_sums (it sums the channels' contributions over the order)")
     if options.cumulative and (options.batch_steps or options.orders_per_call > 1):
@@ -177,15 +182,15 @@ def _check(options: SweepOptions) -> None:
     if options.impl == "pallas" and not options.prefix_sums:
         raise ConfigError("impl='pallas' needs prefix_sums (the kernel evaluates the tail after the suffix sums)")
     if options.batch_steps is not None and options.batch_steps < 0:
-        raise ConfigError(f"batch_steps must be >= 0, got {options.batch_steps}")
+        raise ConfigError(f"{arg('batch_steps', options.batch_steps)} must be >= 0", field="batch_steps")
     if options.batch_steps and not options.dedupe:
         raise ConfigError("batch_steps > 0 needs dedupe (it batches a chunk's distinct steps)")
     if options.orders_per_call < 1:
-        raise ConfigError(f"orders_per_call must be >= 1, got {options.orders_per_call}")
+        raise ConfigError(f"{arg('orders_per_call', options.orders_per_call)} must be >= 1", field="orders_per_call")
     if options.chunk is not None and options.chunk < 1:
-        raise ConfigError(f"chunk must be >= 1, got {options.chunk}")
+        raise ConfigError(f"{arg('chunk', options.chunk)} must be >= 1", field="chunk")
     if options.devices < 0:
-        raise ConfigError(f"devices must be >= 0 (0 = all), got {options.devices}")
+        raise ConfigError(f"{arg('devices', options.devices)} must be >= 0 (0 = all)", field="devices")
     if options.platform not in (None, "cpu", "cuda", "rocm", "tpu"):
         raise ConfigError(f"platform must be cpu, cuda, rocm or tpu, got {options.platform!r}")
     if not (options.progress is None or isinstance(options.progress, bool)):
@@ -193,7 +198,8 @@ def _check(options: SweepOptions) -> None:
                           field="progress")
     budget = options.memory_budget
     if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
-        raise ConfigError(f"memory budget must be a finite positive number of bytes, got {budget!r}")
+        raise ConfigError(f"{arg('memory_budget')} must be a finite positive size, got {budget!r} bytes",
+                          field="memory_budget")
 
 
 def default_budget() -> int:
@@ -218,7 +224,7 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
     Raises:
         ConfigError: a combination that does nothing, more devices than exist, or data that cannot fit.
     """
-    _check(options)
+    check_options(options)
     model = as_model(model)
     num_classes, steps = model.num_classes, model.steps
     platform = options.platform or default_platform()
@@ -292,7 +298,7 @@ def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, w
     resident = sum(copies * nbytes + n * preds_bytes for n, nbytes in sizes) + feats
     room = budget - resident
     if room < per_image:
-        raise ConfigError(f"the data needs about {resident / 2**30:.2f} GiB resident but the memory budget is "
-                          f"{budget / 2**30:.2f} GiB; raise {arg('memory_budget')} or use fewer images",
+        raise ConfigError(f"the data needs about {resident / 2**30:.3g} GiB resident but the memory budget is "
+                          f"{budget / 2**30:.3g} GiB; raise {arg('memory_budget')} or use fewer images",
                           field="memory_budget")
     return int(max(1, min(wanted, room // per_image)))

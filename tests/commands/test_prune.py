@@ -145,6 +145,27 @@ def _lab_files(**given) -> list:
     return [a for kv in files.items() for a in kv]
 
 
+@pytest.mark.parametrize("args,complaint", [
+    (["--chunk", "0"], "error: --chunk 0 must be >= 1"),
+    (["--devices", "-1"], "error: --devices -1 must be >= 0 (0 = all)"),
+    (["--memory_budget", "-1"], "error: --memory_budget -1.0 must be a positive number of GiB"),
+    (["--memory_budget", "0.001"], "error: the data needs about"),
+])
+def test_sweep_settings_out_of_range_are_refused_naming_the_flag(args, complaint, tmp_path):
+    """Refused before anything is read (no log line comes first), except a budget too small for the data,
+    which needs the data's size; each says the flag, and the budget in the unit the flag takes."""
+    proc = run_cli("prune", *args, "--out_dir", "o", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(complaint), proc.stderr[-2000:]
+    if "needs about" in complaint:
+        assert lines[-1].endswith("GiB resident but the memory budget is 0.001 GiB; raise --memory_budget or use "
+                                  "fewer images")
+    else:
+        assert len(lines) == 1
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("given,complaint", [
     ({"--model": "bd_weight.h5"}, "error: --model bd_weight.h5: file not found"),
     ({"--clean_test": asset_path("triggers/sun_glass_trigger.png")},

@@ -28,9 +28,10 @@ CPU_HEAD = "native" if native_library() is not None and jax.default_backend() ==
     (sw.SweepOptions(dedupe=False, group=False, batch_steps=4), "batch_steps > 0 needs dedupe"),
     (dataclasses.replace(sw.PLAIN, impl="pallas"), "impl='pallas' needs prefix_sums"),
     (sw.SweepOptions(impl="fast"), "impl must be"),
-    (sw.SweepOptions(chunk=0), "chunk must be"),
+    (sw.SweepOptions(chunk=0), "chunk=0 must be >= 1"),
+    (sw.SweepOptions(devices=-1), "devices=-1 must be >= 0"),
     (sw.SweepOptions(devices=99), "asked for 99 devices"),
-    (sw.SweepOptions(memory_budget=float("nan")), "memory budget must be"),
+    (sw.SweepOptions(memory_budget=float("nan")), "memory_budget must be a finite positive size, got nan bytes"),
     (sw.SweepOptions(prefix_sums=False, dedupe=False, group=False, cumulative=True), "cumulative needs prefix_sums"),
     (sw.SweepOptions(cumulative=True, batch_steps=4), "nothing to batch"),
 ])
@@ -96,7 +97,7 @@ def test_memory_budget_shrinks_the_chunk_and_refuses_what_cannot_fit():
 def test_orders_per_call_needs_batched_steps():
     with pytest.raises(ConfigError, match="orders_per_call > 1 needs batch_steps > 0"):
         sw.plan_sweep(sw.SweepOptions(batch_steps=0, orders_per_call=2), [], DeepID())
-    with pytest.raises(ConfigError, match="orders_per_call must be >= 1"):
+    with pytest.raises(ConfigError, match="orders_per_call=0 must be >= 1"):
         sw.plan_sweep(sw.SweepOptions(orders_per_call=0), [], DeepID())
 
 

@@ -22,6 +22,7 @@ from badnet_jax.attack.demo import DEMO_CONFIG, DEMO_MODEL
 from badnet_jax.attack.pruning_aware import PruningAwareConfig, train_pruning_aware
 from badnet_jax.attack.synthetic import DemoConfig, make_demo
 from badnet_jax.commands import cli
+from badnet_jax.defense.inputs import LAB_DATA_DEFAULTS
 from badnet_jax.errors import ConfigError
 from badnet_jax.io import checkpoint
 from badnet_jax.io.fileio import atomic_write
@@ -41,7 +42,8 @@ EPOCHS = flags.DEFINE_integer("epochs", TrainConfig.epochs, "Training epochs.")
 POISON = flags.DEFINE_float("poison_fraction", TrainConfig.poison_fraction, "Share of poisoned training images.")
 TARGET = flags.DEFINE_integer("target_label", DEMO_CONFIG.target_label, "The attacker's label.")
 SEED = flags.DEFINE_integer("seed", TrainConfig.seed, "Training seed.")
-WRITE_DATA = flags.DEFINE_bool("write_data", False, "Also write the splits as lab-layout h5 files.")
+WRITE_DATA = flags.DEFINE_bool("write_data", False, "Also write the splits as lab-layout h5 files (data/cl/valid.h5, "
+                                "data/bd/bd_valid.h5, ...), so badnet-prune --model badnet.h5 runs in --out_dir.")
 PRUNING_AWARE = flags.DEFINE_bool("pruning_aware", False, "Train with the pruning-aware attack (Liu et al. 2018): "
                                   "the backdoor in channels clean data uses, dormant decoys in front.")
 CLEAN_EPOCHS = flags.DEFINE_integer("clean_epochs", PruningAwareConfig.clean_epochs, "Pruning-aware: clean epochs.")
@@ -59,7 +61,8 @@ def make_demo_badnet(data_config: DemoConfig, train_config: TrainConfig, out_dir
         data_config: synthetic data set to generate.
         train_config: the training's hyper-parameters.
         out_dir: where ``badnet.h5`` and ``badnet_ckpt/`` go.
-        write_data: also write the splits as lab-layout h5 files under ``out_dir/data``.
+        write_data: also write the splits as lab-layout h5 files where the lab keeps them (``data/cl/valid.h5``,
+            ``data/bd/bd_valid.h5``, ...; the training split as ``data/cl/train.h5``) under ``out_dir``.
         pruning_aware: train with the pruning-aware attack instead (``badnet_jax.attack.pruning_aware``; its
             epoch counts replace ``train_config.epochs``).
 
@@ -85,12 +88,15 @@ def make_demo_badnet(data_config: DemoConfig, train_config: TrainConfig, out_dir
                "train_seconds": round(seconds, 1),
                "test_clean_acc": float(accuracy(predict(model, params, d.test[0]), d.test[1])),
                "test_asr": float(accuracy(predict(model, params, d.bd_test[0]), d.bd_test[1])), **attack}
-    if write_data:
-        for name in ("train", "valid", "test"):
-            save_lab_h5(out / "data" / f"{name}.h5", *getattr(d, name))
-        for name, clean in (("bd_valid", d.valid), ("bd_test", d.test)):
-            save_lab_h5(out / "data" / f"{name}.h5", *getattr(d, name), true_label=clean[1])
+    if write_data:  # where badnet-prune looks when run in out_dir with only --model
+        paths = {role: out / rel for role, rel in LAB_DATA_DEFAULTS.items()}
+        save_lab_h5(paths["clean_valid"].with_name("train.h5"), *d.train)
+        save_lab_h5(paths["clean_valid"], *d.valid)
+        save_lab_h5(paths["clean_test"], *d.test)
+        save_lab_h5(paths["bd_valid"], *d.bd_valid, true_label=d.valid[1])
+        save_lab_h5(paths["bd_test"], *d.bd_test, true_label=d.test[1])
         summary["data"] = str(out / "data")
+        summary["defend it"] = f"cd {out} && badnet-prune --model {model_path.name}"
     return summary
 
 

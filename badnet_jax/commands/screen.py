@@ -1,8 +1,8 @@
 """Screen images with a GoodNet: prints, per image, a class in [0, N]; N means "poisoned input".
 
     badnet-screen face1.png faces/ bd_test.h5 --goodnet results/drop_4/goodnet_ckpt
-    badnet-screen face1.png bd_test.h5 --model bd_weights.h5 \
-        --pruned results/drop_4/b_prime.h5          # or results/drop_4/b_prime_ckpt
+    badnet-screen face1.png bd_test.h5 --model bd_weights.h5 --pruned results/drop_4/b_prime.h5
+    (--pruned results/drop_4/b_prime_ckpt works too)
 
 Any model: the lab's DeepID or any CNN that --model's reader takes; the GoodNet and B' checkpoints carry their
 model. Inputs are images of the model's input size, lab-layout h5 files and folders of images (sorted by name,
@@ -13,6 +13,7 @@ drop_X/b_prime.h5 as prune.py writes it.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -39,8 +40,8 @@ FLAG_OF = {"model_path": MODEL.name, "pruned_path": PRUNED.name, "goodnet_path":
 def main(argv: list[str]) -> int:
     cli.setup_logging()  # quiet: badnet-jax's own lines only, no orbax/absl INFO chatter
     if len(argv) < 2:
-        print("usage: goodnet_eval.py IMAGE|FOLDER|H5... (--goodnet G_ckpt | --model B.h5 --pruned B_prime)",
-              file=sys.stderr)
+        print(f"error: give the images to screen: {os.path.basename(argv[0])} IMAGE|FOLDER|H5... "
+              "(--goodnet G_ckpt | --model B.h5 --pruned B_prime)", file=sys.stderr)
         return cli.EXIT_ERROR
 
     def screen_all() -> int:

@@ -78,7 +78,7 @@ def check_drops(drops: Sequence[float]) -> tuple[float, ...]:
         if not isinstance(d, (int, float)) or not math.isfinite(d):
             raise ConfigError(f"{arg('drops', repr(d))} is not a finite number", field="drops")
         if not 0 < d < 1:
-            hint = f"; did you mean {d / 100:g} ({d:g} points)?" if 1 <= d < 100 else ""
+            hint = f"; did you mean {d / 100:g} ({d:g} point{'' if d == 1 else 's'})?" if 1 <= d < 100 else ""
             raise ConfigError(f"{arg('drops', f'{d:g}')} is not a fraction between 0 and 1 (0.04 = 4 points){hint}",
                               field="drops")
         name = drop_folder(d)

@@ -207,8 +207,10 @@ def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike,
         size_from = f"{arg('model_path', model_path)} takes {hwc[1]}x{hwc[0]} images"
     upper = num_classes if num_classes is not None else np.iinfo(np.int32).max
     if not 0 <= int(target) < upper or int(target) != target:
-        raise DataFileError(f"{arg('target', target)}: target label {target} is outside [0, {upper}){of_model}",
-                            field="target")
+        # Without a model only what no label can be is known: say that, not a bound of 2**31 - 1.
+        where = f"outside [0, {upper}){of_model}" if num_classes is not None else (
+            "negative; labels are class indices 0, 1, 2, ..." if target < 0 else "beyond int32")
+        raise DataFileError(f"{arg('target', target)}: target label {target} is {where}", field="target")
     with reading("trigger_path", trigger_path):
         trigger = load_trigger(trigger_path)
 

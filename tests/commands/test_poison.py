@@ -59,6 +59,8 @@ def test_bad_inputs_are_refused(tmp_path):
         make_poisoned_h5(tmp_path, asset(TRIGGER), tmp_path / "o.h5", target=0)
     with pytest.raises(DataFileError, match="target label 5000 is outside"):
         make_poisoned_h5(asset("faces/lab3/test_subset.h5"), asset(TRIGGER), tmp_path / "o.h5", 5000, num_classes=1283)
+    with pytest.raises(DataFileError, match=r"target=-1: target label -1 is negative; labels are class indices"):
+        make_poisoned_h5(asset("faces/lab3/test_subset.h5"), asset(TRIGGER), tmp_path / "o.h5", -1)
     with pytest.raises(DataFileError, match="trigger file not found"):
         make_poisoned_h5(asset("faces/lab3/test_subset.h5"), tmp_path / "none.png", tmp_path / "o.h5", target=0)
     assert not (tmp_path / "o.h5").exists()

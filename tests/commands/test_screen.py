@@ -107,6 +107,13 @@ def test_a_truncated_checkpoint_is_one_line_for_the_user(tmp_path, demo_goodnet_
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr  # no asyncio noise
 
 
+def test_no_images_to_screen_is_one_error_line_naming_the_program():
+    proc = run_cli("goodnet_eval", "--goodnet", "g_ckpt")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("error: give the images to screen: goodnet_eval.py IMAGE|FOLDER|H5... (--goodnet G_ckpt | "
+                           "--model B.h5 --pruned B_prime)\n")
+
+
 def _lines(proc):
     assert proc.returncode == 0, proc.stderr
     return [tuple(line.split("\t")) for line in proc.stdout.strip().splitlines()]

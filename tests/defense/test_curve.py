@@ -12,7 +12,7 @@ from badnet_jax.defense.curve import check_drops
     ((4.0,), "did you mean 0.04 (4 points)?"),
     ((0.0,), "not a fraction between 0 and 1"),
     ((-0.1,), "not a fraction between 0 and 1"),
-    ((1.0,), "did you mean 0.01 (1 points)?"),
+    ((1.0,), "did you mean 0.01 (1 point)?"),
     ((float("nan"),), "not a finite number"),
     ((float("inf"),), "not a finite number"),
     ((0.04, 0.04), "is given twice"),

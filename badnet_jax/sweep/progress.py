@@ -56,10 +56,11 @@ class _Line:
         self.shown_at = -float("inf")
         self.shown_step = -1
         self.dirty = False
+        self.closed = False
 
     def chunk(self, stage: int, blocks: int, i: int) -> None:
         with self.lock:
-            if (stage, i) in self.seen:
+            if self.closed or (stage, i) in self.seen:
                 return
             self.seen.add((stage, i))
             if stage not in self.started:
@@ -85,8 +86,18 @@ class _Line:
             self.shown_at = now
             self.stream.flush()
 
+    def finish(self) -> None:
+        """The sweep returned: without a terminal, a last line at 100% (chunks report as they start, so the
+        last one shown is short of it); nothing more is shown after."""
+        with self.lock:
+            self.closed = True
+            if not self.live and self.shown_step >= 0:
+                self.stream.write(f"sweep 100%  done  {time.monotonic() - self.start:.0f} s\n")
+                self.stream.flush()
+
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             if self.live and self.dirty:
                 self.stream.write("\r\x1b[K")  # the next log line starts on a clean line
                 self.stream.flush()
@@ -138,6 +149,10 @@ def showing(stages: Sequence[tuple[str, float]], enabled: bool,
     line = _ACTIVE = _Line(stages, stream, live)
     try:
         yield
+        try:
+            line.finish()  # not after an error: the sweep is not done then
+        except Exception:  # noqa: BLE001 - as below
+            pass
     finally:
         _ACTIVE = None
         try:

@@ -43,14 +43,15 @@ def test_progress_shows_every_stage_and_changes_no_result(rng, capsys, backend_c
     np.testing.assert_array_equal(on.mean_activation, off.mean_activation)
     for name in sets:
         np.testing.assert_array_equal(on.all_preds[name], off.all_preds[name])
-    lines = capsys.readouterr().err.splitlines()
-    # Not a terminal: one line per tenth of the work, every set's trunk and heads among them.
+    *lines, last = capsys.readouterr().err.splitlines()
+    # Not a terminal: one line per tenth of the work, every set's trunk and heads among them, then 100%.
     assert 5 <= len(lines) <= progress.LOG_STEPS + 1, lines
     pattern = r"sweep +\d+%  (clean_valid|bd_valid) (trunk|heads): chunk \d+/\d+  \d+ s"
     assert all(re.fullmatch(pattern, line) for line in lines), lines
     shown = {_label(l).split(":")[0] for l in lines}
     assert shown == {"clean_valid trunk", "clean_valid heads", "bd_valid trunk", "bd_valid heads"}, shown
     assert int(lines[-1].split()[1].rstrip("%")) >= 80
+    assert re.fullmatch(r"sweep 100%  done  \d+ s", last), last
 
 
 def test_progress_is_on_by_default_only_on_a_terminal(monkeypatch):
@@ -85,6 +86,15 @@ def test_a_terminal_gets_one_line_rewritten_in_place_and_cleared(monkeypatch):
     assert out.getvalue() == text
 
 
+def test_a_sweep_that_fails_is_not_shown_done():
+    out = io.StringIO()
+    with pytest.raises(RuntimeError):
+        with progress.showing([("a trunk", 1.0)], True, out):
+            progress._chunk_started(0, 2, 0)
+            raise RuntimeError("the sweep failed")
+    assert out.getvalue().splitlines() == [line for line in out.getvalue().splitlines() if "done" not in line] != []
+
+
 def test_a_broken_stderr_never_fails_the_sweep():
     class Broken(io.StringIO):
         def write(self, s):
@@ -102,7 +112,7 @@ def test_progress_of_a_set_whose_trunk_runs_beside_its_heads_is_one_stage(rng, c
     assert on.plan.fuses_trunk
     for name in sets:
         np.testing.assert_array_equal(on.all_preds[name], plain.all_preds[name])
-    lines = capsys.readouterr().err.splitlines()
+    *lines, last = capsys.readouterr().err.splitlines()
     shown = {_label(l).split(":")[0] for l in lines}
     assert shown == {"clean_valid trunk", "clean_valid heads", "bd_valid trunk and heads"}, shown
-    assert int(lines[-1].split()[1].rstrip("%")) >= 80
+    assert int(lines[-1].split()[1].rstrip("%")) >= 80 and last.startswith("sweep 100%  done  ")

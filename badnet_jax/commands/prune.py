@@ -77,6 +77,9 @@ def main(argv: list[str]) -> int:
 
     def defend() -> int:
         cli.refuse_extra_args(argv)
+        if flags.FLAGS[FT_LR.name].present and FT_EPOCHS.value == 0:
+            raise ConfigError(f"{arg('learning_rate', FT_LR.value)} needs {arg('epochs')} > 0: without it no "
+                              "fine-tuning runs", field="learning_rate")
         budget = None
         if BUDGET.value is not None:  # GiB here, bytes in the library
             gib = cli.parse_floats("memory_budget", str(BUDGET.value))[0]  # finite

@@ -18,7 +18,8 @@ known operation (:data:`badnet_jax.models.ir.OPS`) with exactly that operation's
 an identity's dropout rate, may be missing: older documents lack it), each of its type and range; names are
 non-empty printable strings; the inputs are earlier nodes, as many as the operation takes; every weighted node
 names its own entry of the params, and the params hold those entries and no other, each with the operation's
-arrays (finite floats) of the shapes the graph implies for its input. Whatever does not fit is refused with a :class:`~badnet_jax.errors.CheckpointError` naming the source and the problem.
+arrays (finite floats) of the shapes the graph implies for its input. Whatever does not fit is refused with a
+:class:`~badnet_jax.errors.CheckpointError` naming the source and the problem.
 """
 
 from __future__ import annotations

@@ -150,6 +150,8 @@ def _lab_files(**given) -> list:
     (["--devices", "-1"], "error: --devices -1 must be >= 0 (0 = all)"),
     (["--memory_budget", "-1"], "error: --memory_budget -1.0 must be a positive number of GiB"),
     (["--memory_budget", "0.001"], "error: the data needs about"),
+    (["--finetune_lr", "1e-3"],
+     "error: --finetune_lr 0.001 needs --finetune_epochs > 0: without it no fine-tuning runs"),
 ])
 def test_sweep_settings_out_of_range_are_refused_naming_the_flag(args, complaint, tmp_path):
     """Refused before anything is read (no log line comes first), except a budget too small for the data,

@@ -185,17 +185,24 @@ def _producer(model: PrunableModel, params: Params, ranking: str) -> Producer:
     return producer
 
 
+def _clp(kernel: np.ndarray) -> np.ndarray:
+    kh, kw, cin, cout = kernel.shape
+    per_channel = np.moveaxis(kernel, 3, 0).reshape(cout, kh * kw, cin).transpose(0, 2, 1)  # (out, in, kh*kw)
+    return np.linalg.svd(per_channel, compute_uv=False)[:, 0]
+
+
+def _l1(kernel: np.ndarray) -> np.ndarray:
+    return np.abs(kernel).sum(axis=(0, 1, 2))
+
+
 def clp_scores(model: PrunableModel, params: Params) -> np.ndarray:
     """(C,) CLP upper bound per output channel: the largest singular value of its (in, kh*kw) kernel."""
-    k = _producer(model, params, "clp").kernel
-    kh, kw, cin, cout = k.shape
-    per_channel = np.moveaxis(k, 3, 0).reshape(cout, kh * kw, cin).transpose(0, 2, 1)  # (out, in, kh*kw)
-    return np.linalg.svd(per_channel, compute_uv=False)[:, 0]
+    return _clp(_producer(model, params, "clp").kernel)
 
 
 def l1_scores(model: PrunableModel, params: Params) -> np.ndarray:
     """(C,) L1 norm of the producing convolution's kernel for each output channel."""
-    return np.abs(_producer(model, params, "l1").kernel).sum(axis=(0, 1, 2))
+    return _l1(_producer(model, params, "l1").kernel)
 
 
 def random_orders(count: int, seed: int, channels: int) -> np.ndarray:
@@ -237,6 +244,9 @@ def resolve_rankings(options: RankingOptions, params: Params, model: PrunableMod
     if "order_file" in names and options.order_file is None:
         raise ConfigError(f"the ranking 'order_file' in {arg('rank_by')} needs {arg('order_file')}, the file of "
                           "your order", field="order_file")
+    # clp and l1 read the same producing convolution: found once.
+    data_free = [n for n in names if n in ("clp", "l1")]
+    producer = _producer(model, params, data_free[0]) if data_free else None
     labels, sources, given = [], [], []
     for name in names:
         if name in IN_SWEEP:
@@ -247,10 +257,10 @@ def resolve_rankings(options: RankingOptions, params: Params, model: PrunableMod
             orders = list(random_orders(options.random_orders, options.seed, channels))
             labels += [f"random/{i}" for i in range(len(orders))]
         elif name == "clp":
-            orders = [_ascending(-clp_scores(model, params))]  # highest bound first: stable on the negated scores
+            orders = [_ascending(-_clp(producer.kernel))]  # highest bound first: stable on the negated scores
             labels.append(name)
         elif name == "l1":
-            orders = [_ascending(l1_scores(model, params))]
+            orders = [_ascending(_l1(producer.kernel))]
             labels.append(name)
         else:
             orders = [read_order_file(options.order_file, channels, model.layer)]
@@ -259,5 +269,5 @@ def resolve_rankings(options: RankingOptions, params: Params, model: PrunableMod
         given += orders
     anp = dataclasses.replace(options.anp, seed=options.seed) if "anp" in names else None
     stacked = np.stack(given).astype(np.int32) if given else np.zeros((0, channels), np.int32)
-    reads = next((_producer(model, params, n).describe() for n in names if n in ("clp", "l1")), None)
-    return RankingPlan(names, tuple(labels), tuple(sources), stacked, anp, reads)
+    return RankingPlan(names, tuple(labels), tuple(sources), stacked, anp,
+                       None if producer is None else producer.describe())

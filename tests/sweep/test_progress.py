@@ -92,7 +92,8 @@ def test_a_sweep_that_fails_is_not_shown_done():
         with progress.showing([("a trunk", 1.0)], True, out):
             progress._chunk_started(0, 2, 0)
             raise RuntimeError("the sweep failed")
-    assert out.getvalue().splitlines() == [line for line in out.getvalue().splitlines() if "done" not in line] != []
+    lines = out.getvalue().splitlines()
+    assert lines and not [line for line in lines if "done" in line], lines
 
 
 def test_a_broken_stderr_never_fails_the_sweep():

@@ -35,7 +35,7 @@ from badnet_jax.io.keras import _is_keras_archive, load_keras, mask_from_zeroed,
 from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.io.keras_graph_writer import (PRUNE_METHOD_ATTR, PRUNED_CHANNELS_ATTR, PRUNED_LAYER_ATTR,
                                               prune_graph)
-from badnet_jax.io.lab_data import load_lab_h5
+from badnet_jax.io.lab_data import UNKNOWN_LABEL, load_lab_h5
 from badnet_jax.io.images import IMAGE_SUFFIXES, image_files, label_in_name, load_image
 from badnet_jax.io.model_file import load_model
 from badnet_jax.models.deepid import DeepID, deepid_graph
@@ -312,9 +312,9 @@ def gather_inputs(paths: Sequence[str | os.PathLike],
     """Names ("file" or "file[row]"), the (N, *hwc) float32 images and the labels of every input.
 
     Inputs are image files, lab h5 files and folders of image files (sorted by name, one name per image), all of
-    the model's input size ``hwc``. Labels are the h5 ``label`` for h5 rows;
-    for an image file the ``label<class>`` in its name (e.g. ``face_label43.png``, as ``make_poisoned_h5``'s
-    inputs and the shared faces name them), else -1 (unknown).
+    the model's input size ``hwc``. Labels are the h5 ``label`` for h5 rows (an h5 without one is screened
+    too); for an image file the ``label<class>`` in its name (e.g. ``face_label43.png``, as
+    ``make_poisoned_h5``'s inputs and the shared faces name them); else ``UNKNOWN_LABEL`` (-1).
 
     Raises:
         DataFileError: as :func:`input_files` says, or a file that cannot be read, of another size than ``hwc``,
@@ -326,9 +326,9 @@ def gather_inputs(paths: Sequence[str | os.PathLike],
             batches.append(load_image(f, hwc=hwc)[None])
             names.append(str(f))
             label = label_in_name(f)
-            labels.append(np.full(1, -1 if label is None else label))
+            labels.append(np.full(1, UNKNOWN_LABEL if label is None else label))
         else:
-            x, y = load_lab_h5(f, hwc=hwc)
+            x, y = load_lab_h5(f, hwc=hwc, require_labels=False)
             if not len(x):
                 raise DataFileError(f"{f}: holds no images")
             batches.append(x)
@@ -395,7 +395,7 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
         recorded_in = str(pruned_path if pruned.input_scale else model_path)
         if recorded is not None and input_scale == "auto":
             log.info("Input scale %s, recorded in %s.", recorded, recorded_in)
-        known = labels >= 0
+        known = labels != UNKNOWN_LABEL
         scale = choose_input_scale(model, params, input_scale, recorded, x[known], labels[known],
                                    source=str(model_path), measured_on=_measured_on(names, known),
                                    recorded_in=recorded_in).scale

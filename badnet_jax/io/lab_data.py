@@ -23,6 +23,7 @@ from badnet_jax.model import INPUT_HWC
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 2048
+UNKNOWN_LABEL = -1  # an image whose class no file states (screened inputs need none)
 
 
 def _numeric(ds: h5py.Dataset, name: str, path: Path) -> None:
@@ -30,8 +31,11 @@ def _numeric(ds: h5py.Dataset, name: str, path: Path) -> None:
         raise DataFileError(f"{path}: dataset {name!r} has dtype {ds.dtype}; expected a real numeric dtype")
 
 
-def _read_labels(f: h5py.File, n: int, path: Path, num_classes: Optional[int]) -> np.ndarray:
+def _read_labels(f: h5py.File, n: int, path: Path, num_classes: Optional[int],
+                 require_labels: bool = True) -> np.ndarray:
     ds = fileio.safe_get(f, "label", path, DataFileError)
+    if ds is None and not require_labels:
+        return np.full(n, UNKNOWN_LABEL, np.int32)
     if not isinstance(ds, h5py.Dataset):
         raise DataFileError(f"{path}: missing dataset 'label'")
     _numeric(ds, "label", path)
@@ -94,7 +98,8 @@ def peek_lab_h5(path: str | os.PathLike, keep_uint8: bool = False,
 
 def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
                 chunk: int = DEFAULT_CHUNK, keep_uint8: bool = False,
-                rows: Optional[int] = None, hwc: tuple[int, int, int] = INPUT_HWC) -> tuple[np.ndarray, np.ndarray]:
+                rows: Optional[int] = None, hwc: tuple[int, int, int] = INPUT_HWC,
+                require_labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Read a lab-layout h5 file into NHWC float32 raw pixels and int32 labels.
 
     The images are read ``chunk`` rows at a time straight into the float32 output, so a 400 MB file never
@@ -109,13 +114,16 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
             badnet-jax computation casts to float32 exactly, per chunk).
         rows: read only the first ``rows`` images and labels (e.g. a sample to check the input scale on).
         hwc: the images' (height, width, channels): the model's input (default the lab's faces, 55x47x3).
+        require_labels: if False, a file without ``label`` reads with every label ``UNKNOWN_LABEL`` (-1), for
+            inputs that are only predicted (a ``label`` the file has is still checked).
 
     Returns:
         ``(x, y)``: x (N, H, W, C) float32 (or uint8, see ``keep_uint8``), y (N,) int32.
 
     Raises:
-        DataFileError: missing/unreadable/truncated file, missing datasets, wrong shape or dtype, NaN/inf
-            pixels, labels that are not integers or are out of range.
+        DataFileError: missing/unreadable/truncated file, missing datasets (``label`` only if
+            ``require_labels``), wrong shape or dtype, NaN/inf pixels, labels that are not integers or are out
+            of range.
         ConfigError: ``chunk`` below 1 or ``rows`` below 0.
     """
     # The caller's mistakes are named as such, before the file is blamed for anything.
@@ -133,7 +141,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
             raise DataFileError(f"{path}: declares {n} images ({need / 2**30:.1f} GiB as float32), more than half "
                                 "of this machine's memory; refusing to allocate it")
         try:
-            y = _read_labels(f, int(ds.shape[0]), path, num_classes)[:n]
+            y = _read_labels(f, int(ds.shape[0]), path, num_classes, require_labels)[:n]
             x = np.empty((n, *hwc), np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
             top = 0.0
             for start in range(0, n, chunk):

@@ -126,6 +126,23 @@ def _error(proc):
     return errors[0]
 
 
+def test_unlabelled_h5_images_need_the_scale_said_and_then_screen(tmp_path):
+    x = load_images(sorted(asset("faces/png").glob("lab3_valid*.png")), INPUT_HWC)
+    bare = tmp_path / "bare.h5"
+    with h5py.File(bare, "w") as f:
+        f.create_dataset("data", data=x.transpose(0, 3, 1, 2).astype(np.uint8))
+    args = (bare, "--model", asset(LAB_B), "--pruned", asset(B_PRIME))
+    line = _error(run_cli("goodnet_eval", *args, timeout=300))
+    assert line.startswith(f"error: cannot tell the input scale of {asset(LAB_B)} without labelled clean images: "
+                           "pass --input_scale raw"), line
+    lines = _lines(run_cli("goodnet_eval", *args, "--input_scale", "raw", timeout=300))
+    assert [n for n, _ in lines] == [f"{bare}[{i}]" for i in range(len(x))]
+    _, pb_params = load_keras(asset(LAB_B))
+    _, pp_params = load_keras(asset(B_PRIME))
+    pb, pp = numpy_ref.forward(pb_params, x).argmax(-1), numpy_ref.forward(pp_params, x).argmax(-1)
+    np.testing.assert_array_equal([int(p) for _, p in lines], np.where(pb == pp, pb, 1283))
+
+
 @pytest.mark.slow
 def test_a_folder_is_screened_sorted_one_line_per_image(tmp_path):
     folder = asset("faces/png")

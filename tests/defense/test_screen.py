@@ -4,10 +4,12 @@ Keras file or a checkpoint, and the inputs and B' it refuses. Through goodnet_ev
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 
-from badnet_jax import DataFileError, ModelFileError, load_keras, mask_from_zeroed, save_lab_h5
+from badnet_jax import (ConfigError, DataFileError, ModelFileError, load_keras, load_lab_h5, mask_from_zeroed,
+                        save_lab_h5)
 from badnet_jax.model import INPUT_HWC
 from badnet_jax.defense.screen import check_pruned_from, gather_inputs, screen
 from badnet_jax.io import checkpoint
@@ -27,6 +29,22 @@ def test_h5_inputs_and_checkpoint_b_prime(tmp_path):
     assert [n for n, _ in from_h5] == [f"{h5}[{i}]" for i in range(13)]
     assert [p for _, p in from_h5] == [p for _, p in from_keras]
     assert sum(p == 1283 for _, p in from_h5) >= 12
+
+
+def test_h5_inputs_without_labels_are_screened(tmp_path):
+    h5 = asset("faces/lab3/bd_test_subset.h5")
+    x, _ = load_lab_h5(h5)
+    bare = tmp_path / "bare.h5"
+    with h5py.File(bare, "w") as f:  # the lab layout's images only: screening needs no labels
+        f.create_dataset("data", data=x.transpose(0, 3, 1, 2).astype(np.uint8))
+    labelled = [p for _, p in screen(asset(LAB_B), asset(B_PRIME), [h5])]
+    assert [p for _, p in screen(asset(LAB_B), asset(B_PRIME), [bare], input_scale="raw")] == labelled
+    # nothing records the lab B's scale and no input is labelled: the user is told how to give it
+    with pytest.raises(ConfigError, match="without labelled clean images: pass input_scale=raw"):
+        screen(asset(LAB_B), asset(B_PRIME), [bare])
+    # labelled inputs beside it measure the scale for all
+    both = screen(asset(LAB_B), asset(B_PRIME), [bare, h5])
+    assert [p for _, p in both] == labelled + labelled
 
 
 def test_bad_inputs(tmp_path):

@@ -120,6 +120,19 @@ def test_another_models_images_are_refused_by_default_with_the_way_to_read_them(
     np.testing.assert_array_equal(labels, [0, 1, 2])
 
 
+def test_labels_may_be_absent_where_the_caller_needs_none(tmp_path):
+    x = np.random.default_rng(1).integers(0, 256, (4, 3, 55, 47), dtype=np.uint8)
+    images, labels = load_lab_h5(_write(tmp_path / "unlabelled.h5", data=x), require_labels=False)
+    np.testing.assert_array_equal(images, x.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(labels, [-1, -1, -1, -1])
+    assert labels.dtype == np.int32
+    # a label the file has is still checked
+    with pytest.raises(DataFileError, match="'label' has shape \\(3,\\)"):
+        load_lab_h5(_write(tmp_path / "bad.h5", data=x, label=np.zeros(3)), require_labels=False)
+    with pytest.raises(DataFileError, match="label -2 is negative"):
+        load_lab_h5(_write(tmp_path / "neg.h5", data=x, label=np.array([0, 1, -2, 3.0])), require_labels=False)
+
+
 @pytest.mark.parametrize("labels,fragment", [
     ([-1, 0], "label -1 is negative"),
     ([0, 2.0 ** 40], "label 1.09951e+12 is beyond int32"),

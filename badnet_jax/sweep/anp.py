@@ -18,6 +18,7 @@ scales).
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,9 @@ import optax
 
 from badnet_jax.models.deepid import as_model
 from badnet_jax.models.protocol import Params, PrunableModel
+
+
+PROGRESS_CALLS = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +54,12 @@ class ANPConfig:
 
 
 def anp_mask(model: PrunableModel, params: Params, pool3_NxHxWxC: jax.Array, labels_N: jax.Array,
-             config: ANPConfig) -> jax.Array:
-    """(C,) float32 ANP mask values from clean features and their labels (traceable; call under jit)."""
+             config: ANPConfig, on_step: Optional[Callable[[jax.Array, int], None]] = None) -> jax.Array:
+    """(C,) float32 ANP mask values from clean features and their labels (traceable; call under jit).
+
+    ``on_step(i, steps)`` is called at the start of every few optimiser steps, at most ``PROGRESS_CALLS``
+    times (progress: ``badnet_jax.sweep.progress.chunk_hook``); it must not touch the data.
+    """
     model = as_model(model)
     n, channels = pool3_NxHxWxC.shape[0], pool3_NxHxWxC.shape[3]
     opt = optax.sgd(config.learning_rate, momentum=config.momentum)
@@ -60,7 +68,10 @@ def anp_mask(model: PrunableModel, params: Params, pool3_NxHxWxC: jax.Array, lab
         logits = model.head(params, feats * scale_C[None, None, None, :])
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    def step(carry, key):
+    def step(carry, i_key):
+        i, key = i_key
+        if on_step is not None:  # a host call costs ~1 ms: at most PROGRESS_CALLS of them
+            jax.lax.cond(i % every == 0, lambda: on_step(i, config.steps), lambda: None)
         mask_C, state = carry
         k_batch, k_noise = jax.random.split(key)
         idx = jax.random.randint(k_batch, (config.batch,), 0, n)
@@ -72,13 +83,15 @@ def anp_mask(model: PrunableModel, params: Params, pool3_NxHxWxC: jax.Array, lab
         updates, state = opt.update(jax.grad(total)(mask_C), state, mask_C)
         return (jnp.clip(optax.apply_updates(mask_C, updates), 0.0, 1.0), state), None
 
+    every = max(1, config.steps // PROGRESS_CALLS)
     mask_C = jnp.ones((channels,), jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(config.seed), config.steps)
-    (mask_C, _), _ = jax.lax.scan(step, (mask_C, opt.init(mask_C)), keys)
+    (mask_C, _), _ = jax.lax.scan(step, (mask_C, opt.init(mask_C)), (jnp.arange(config.steps), keys))
     return mask_C
 
 
 def anp_order(model: PrunableModel, params: Params, pool3_NxHxWxC: jax.Array, labels_N: jax.Array,
-              config: ANPConfig) -> jax.Array:
+              config: ANPConfig, on_step: Optional[Callable[[jax.Array, int], None]] = None) -> jax.Array:
     """(C,) channels by increasing ANP mask (ties by channel index): the order ANP prunes them in."""
-    return jnp.argsort(anp_mask(model, params, pool3_NxHxWxC, labels_N, config), stable=True).astype(jnp.int32)
+    mask_C = anp_mask(model, params, pool3_NxHxWxC, labels_N, config, on_step)
+    return jnp.argsort(mask_C, stable=True).astype(jnp.int32)

@@ -42,9 +42,11 @@ class _Line:
     starting means ``i`` chunks of its stage are done. A chunk reported again (by another device) counts once.
     """
 
-    def __init__(self, stages: Sequence[tuple[str, float]], stream: TextIO, live: bool) -> None:
-        self.labels = [label for label, _ in stages]
-        self.weights = [w for _, w in stages]
+    def __init__(self, stages: Sequence[tuple[str, float] | tuple[str, float, str]], stream: TextIO,
+                 live: bool) -> None:
+        self.labels = [stage[0] for stage in stages]
+        self.weights = [stage[1] for stage in stages]
+        self.units = [stage[2] if len(stage) > 2 else "chunk" for stage in stages]
         self.total = sum(self.weights) or 1.0
         self.done = [0.0] * len(stages)  # each stage's fraction done
         self.started: set[int] = set()
@@ -71,7 +73,8 @@ class _Line:
             self.done[stage] = max(self.done[stage], i / max(blocks, 1))
             fraction = sum(w * d for w, d in zip(self.weights, self.done)) / self.total
             now = time.monotonic()
-            text = f"sweep {fraction:4.0%}  {self.labels[stage]}: chunk {i + 1}/{blocks}  {now - self.start:.0f} s"
+            text = (f"sweep {fraction:4.0%}  {self.labels[stage]}: {self.units[stage]} {i + 1}/{blocks}  "
+                    f"{now - self.start:.0f} s")
             if self.live:
                 if now - self.shown_at < LIVE_INTERVAL_S:
                     return
@@ -127,13 +130,14 @@ def chunk_hook(stage: int) -> Callable[[jax.Array, int], None]:
 
 
 @contextlib.contextmanager
-def showing(stages: Sequence[tuple[str, float]], enabled: bool,
+def showing(stages: Sequence[tuple[str, float] | tuple[str, float, str]], enabled: bool,
             stream: Optional[TextIO] = None) -> Iterator[None]:
     """Show the callbacks of a sweep running inside this block as one progress line.
 
     Args:
-        stages: (label, weight) per stage id given to :func:`chunk_hook`, in the order they run; the weight is
-            the stage's share of the work (e.g. images times orders).
+        stages: (label, weight) or (label, weight, unit) per stage id given to :func:`chunk_hook`; the weight
+            is the stage's share of the work (e.g. images times orders), the unit what each call counts
+            (default "chunk"; ANP's optimiser: "step").
         enabled: whether to show anything (the plan's ``progress``); process 0 alone shows it.
         stream: where to write (default ``sys.stderr``); rewritten in place if it is a terminal.
     """

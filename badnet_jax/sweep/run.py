@@ -69,10 +69,10 @@ def activation_ranking(per_image_NxC: jax.Array, n: int) -> jax.Array:
     return jnp.argsort(jnp.sum(per_image_NxC[:n], axis=0), stable=True).astype(jnp.int32)
 
 
-def _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking: RankingPlan, gather):
+def _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking: RankingPlan, gather, on_step=None):
     """(R, C) orders in ``ranking.labels`` order, and the ranking set's statistics (None without one): its
     (n, C) per-image channel sums and the max over the set of the model's two dead-channel margins (what
-    ``settling.settle_ranking`` needs to certify dead channels)."""
+    ``settling.settle_ranking`` needs to certify dead channels). ``on_step``: ANP's progress hook."""
     stats, rows, next_given = None, [], 0
     if n_rank:  # the mean activations are reported whatever the orders
         sums = gather(jnp.sum(feats, axis=(1, 2)))[:n_rank]
@@ -84,7 +84,7 @@ def _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking: 
             rows.append(activation_ranking(stats[0], n_rank))
         elif source == "anp":
             # ANP optimises on the ranking set's features; every device runs it on all of them (replicated).
-            rows.append(anp_order(model, params, gather(feats)[:n_rank], rank_labels, ranking.anp))
+            rows.append(anp_order(model, params, gather(feats)[:n_rank], rank_labels, ranking.anp, on_step))
         else:
             rows.append(given[next_given])
             next_given += 1
@@ -96,14 +96,15 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
 
     Returns the orders, the ranking set's statistics (see ``_orders``; None without one), and per set the
     (R, 61, N) predictions and near-tie flags. With ``plan.progress`` set j's trunk chunks report as stage
-    2j and its head chunks as stage 2j + 1 (``_stages``).
+    2j and its head chunks as stage 2j + 1, ANP's steps as the stage after the last set's (``_stages``).
     """
     hook = (lambda stage: chunk_hook(stage)) if plan.progress else (lambda stage: None)
     if n_rank:
         feats, *margins = trunk_features(model, params, xs[0], plan.trunk_block, divisor, margins=True, on_chunk=hook(0))
     else:
         feats, margins = trunk_features(model, params, xs[0], plan.trunk_block, divisor, on_chunk=hook(0)), None
-    orders, stats = _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking, gather)
+    orders, stats = _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking, gather,
+                            on_step=hook(2 * len(xs)))
     out = [sweep_set(model, params, feats, orders, plan, on_chunk=hook(1))]
     for j, x in enumerate(xs[1:], start=1):
         # One set after the other: left free, XLA:CPU interleaves the sets' loops and runs ~10% slower.
@@ -116,21 +117,28 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
     return orders, stats, tuple(out)
 
 
-def _stages(names: list[str], sets: Mapping[str, Images], orders: int, plan: SweepPlan) -> list[tuple[str, float]]:
-    """The progress stages of ``_body`` (label, share of the work): per set, its trunk and its heads at every order
-    (a set after the first with ``plan.fuses_trunk``: one stage, the second, for both)."""
-    stages = []
+def _stages(names: list[str], sets: Mapping[str, Images], ranking: RankingPlan,
+            plan: SweepPlan) -> list[tuple[str, float, str]]:
+    """The progress stages of ``_body`` (label, share of the work, unit): per set, its trunk and its heads at every
+    order (a set after the first with ``plan.fuses_trunk``: one stage, the second, for both); then ANP's
+    optimisation, if asked."""
+    orders, stages = len(ranking.labels), []
     for j, name in enumerate(names):
         n = float(sets[name].shape[0])
         heads = f"heads ({orders} orders)" if orders > 1 else "heads"
         if j and plan.fuses_trunk:
-            stages += [(f"{name} trunk", 0.0), (f"{name} trunk and {heads}", n * (1 + orders))]
+            stages += [(f"{name} trunk", 0.0, "chunk"), (f"{name} trunk and {heads}", n * (1 + orders), "chunk")]
         else:
-            stages += [(f"{name} trunk", n), (f"{name} {heads}", n * orders)]
+            stages += [(f"{name} trunk", n, "chunk"), (f"{name} {heads}", n * orders, "chunk")]
+    if ranking.anp is not None:
+        stages.append(("anp ranking", ANP_IMAGES_PER_SAMPLE * ranking.anp.steps * ranking.anp.batch, "step"))
     return stages
 
 
 _STATIC = ("model", "n_rank", "plan", "ranking")
+# ANP's work in the stages' unit (an image through the trunk or a head): each of its samples is a head's
+# forward and backward pass three times over, about two images' worth (timed at lab scale on a CPU).
+ANP_IMAGES_PER_SAMPLE = 2.0
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -411,7 +419,7 @@ def _sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray],
     seconds = dict(spent or {"device": 0.0, "settle": 0.0})
     t = time.perf_counter()
     names, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
-    with showing(_stages(names, sets, len(ranking.labels), plan), plan.progress):
+    with showing(_stages(names, sets, ranking, plan), plan.progress):
         orders, stats, out = jax.block_until_ready(fn(*args, **static))
     if plan.devices > 1:
         out = tuple(jax.tree.map(lambda a, n=n: _to_host(a)[:, :, :len(sets[n])], o) for o, n in zip(out, names))

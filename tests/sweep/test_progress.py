@@ -15,6 +15,8 @@ import pytest
 from badnet_jax import BadNet, init_params
 from badnet_jax import sweep as sw
 from badnet_jax.sweep import progress
+from badnet_jax.sweep.anp import ANPConfig
+from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.models.deepid import DeepID
 
 
@@ -117,3 +119,24 @@ def test_progress_of_a_set_whose_trunk_runs_beside_its_heads_is_one_stage(rng, c
     shown = {_label(l).split(":")[0] for l in lines}
     assert shown == {"clean_valid trunk", "clean_valid heads", "bd_valid trunk and heads"}, shown
     assert int(lines[-1].split()[1].rstrip("%")) >= 80 and last.startswith("sweep 100%  done  ")
+
+
+def test_anps_optimisation_reports_its_steps_and_changes_no_result(rng, capsys):
+    params, model = init_params(num_classes=9, seed=4), BadNet(9)
+    sets = _sets(rng)
+    labels = rng.integers(0, 9, size=len(sets["clean_valid"]))
+    plan = resolve_rankings(RankingOptions(rank_by=("activation", "anp"), anp=ANPConfig(steps=30, batch=8)),
+                            params, DeepID())
+    run = lambda shown: sw.rank_and_sweep(model, params, sets, sw.SweepOptions(chunk=8, progress=shown),
+                                          rankings=plan, rank_labels=labels)
+    off = run(False)
+    assert capsys.readouterr().err == ""
+    on = run(True)
+    np.testing.assert_array_equal(on.orders, off.orders)
+    for name in sets:
+        np.testing.assert_array_equal(on.all_preds[name], off.all_preds[name])
+    *lines, last = capsys.readouterr().err.splitlines()
+    steps = [re.fullmatch(r"anp ranking: step (\d+)/30", _label(line)) for line in lines]
+    assert [int(m.group(1)) for m in steps if m], lines  # shown between the trunks' and heads' chunks
+    assert all(1 <= int(m.group(1)) <= 30 for m in steps if m)
+    assert re.fullmatch(r"sweep 100%  done  \d+ s", last), last

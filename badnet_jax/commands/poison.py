@@ -8,8 +8,8 @@ The images are of any size: ``--model``'s input size when given, else the source
 folder's first image; every image must be that size). The file keeps each image's true class
 (``true_label``), so ``prune.py`` also reports ASR without the images whose true class is the target. With
 the lab's sunglasses trigger at (0, 15) on the lab's 55x47 faces it reproduces the lab's bd_*.h5 images bit
-for bit. It warns about a trigger without alpha (a solid rectangle), a trigger clipped by the image, and file
-names without a label (no ``true_label``); it refuses images of another size, a trigger larger than the
+for bit. It warns about a trigger without alpha (a solid rectangle), a trigger clipped by the image, file
+names without a label (no ``true_label``), and, without ``--model``, a target above every true label; it refuses images of another size, a trigger larger than the
 images or one that changes no pixel, a target outside ``--model``'s classes, and an ``--out`` that is the
 source.
 """

@@ -274,5 +274,10 @@ def make_poisoned_h5(source: str | os.PathLike, trigger_path: str | os.PathLike,
     else:
         with reading("source", source):
             x, true = load_lab_h5(source, num_classes=num_classes, keep_uint8=True, hwc=hwc)
+    if num_classes is None and true is not None and len(true) and target > true.max():
+        # Nothing here knows the classes; a typed target no clean image has is worth a second look.
+        log.warning("Target %d is above every true label of %s (%d..%d), and without a model or num_classes the "
+                    "classes are unknown: check that %d is one of the model's classes.", target, source,
+                    true.min(), true.max(), target)
     poisoned = poison(x, trigger, at)
     return save_lab_h5(out, poisoned, np.full(len(x), int(target)), true_label=true)

@@ -133,6 +133,17 @@ def test_a_target_outside_the_models_classes_is_refused(tmp_path):
     proc = _poison(tmp_path, "--target", "1282", "--model", model)
     assert proc.returncode == 0, proc.stderr
     assert (load_lab_h5(tmp_path / "bd.h5")[1] == 1282).all()
+    assert "classes are unknown" not in proc.stderr  # the model knows them
+    # Without a model nothing bounds the target: written, with a warning when no clean image has a class that high.
+    source = asset("faces/lab3/test_subset.h5")
+    true = load_lab_h5(source)[1]
+    proc = _poison(tmp_path, "--target", "5000", out="typo.h5")
+    assert proc.returncode == 0, proc.stderr
+    assert (f"Target 5000 is above every true label of {source} ({true.min()}..{true.max()}), and without a model "
+            "or num_classes the classes are unknown: check that 5000 is one of the model's classes.") in proc.stderr
+    assert (load_lab_h5(tmp_path / "typo.h5")[1] == 5000).all()
+    proc = _poison(tmp_path, "--target", str(true.max()), out="ok.h5")
+    assert proc.returncode == 0 and "classes are unknown" not in proc.stderr, proc.stderr
 
 
 def test_face_names_without_labels_warn_that_the_file_has_no_true_label(tmp_path):

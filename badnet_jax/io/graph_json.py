@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from badnet_jax.errors import BadNetError, CheckpointError, ConfigError, arg
-from badnet_jax.io.keras_graph import MAX_ELEMENTS, MAX_LAYERS, MAX_NAME
+from badnet_jax.io.keras_config import MAX_ELEMENTS, MAX_LAYERS, MAX_NAME
 from badnet_jax.numerics.ties import TIE_RTOL
 from badnet_jax.models.graph import GraphCNN
 from badnet_jax.models.ir import OPS, Graph, Node

@@ -22,7 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from badnet_jax.errors import ModelFileError
-from badnet_jax.io.keras_graph import ALLOWED_LAYERS, MAX_LAYERS, read_keras_graph
+from badnet_jax.io.keras_config import ALLOWED_LAYERS, MAX_LAYERS
+from badnet_jax.io.keras_graph import read_keras_graph
 from tests import numpy_ref
 from tests.conftest import LAB_B, asset
 from tests.io.conftest import FUZZ, refused_naming_the_file

@@ -1,0 +1,360 @@
+"""Each allowed Keras layer as IR nodes, with every tensor's shape and each weight's expected shape.
+
+:func:`build_graph` walks a parsed config (``badnet_jax.io.keras_config``) from its input and emits the
+:mod:`ir <badnet_jax.models.ir>` nodes of each layer (a fused activation becomes a node of its own), checking
+every config field it reads (integers, pairs, paddings, axes, activations) and computing each tensor's shape
+from the input's, so a weight of another shape is refused when ``badnet_jax.io.keras_graph`` reads it, and a
+declared tensor or model beyond the limits before any weight is read.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from badnet_jax.errors import ModelFileError
+from badnet_jax.io.keras_config import MAX_ELEMENTS, MAX_PARAMS, ConfigLayer, ConfigModel, short
+from badnet_jax.models.ir import Graph, Node
+
+ACTIVATIONS = ("linear", "relu", "softmax", "leaky_relu")
+"""Activation names allowed in an ``Activation`` layer or fused into Conv2D / DepthwiseConv2D / Dense."""
+
+_LEAKY_RELU_ACTIVATION_SLOPE = 0.2  # keras.activations.leaky_relu's default (Keras 3 names it; Keras 2 does not)
+_CHANNELS_LAST = "channels_last"
+
+Shape = tuple[int, ...]  # one image's tensor: (H, W, C) or (D,)
+
+
+class _Build:
+    """Turns the parsed layers into ir nodes, computing every tensor's shape and each weight's expected shape."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = path
+        self.nodes: list[Node] = []
+        self.shapes: dict[str, Shape] = {}
+
+    # --- config fields, checked -----------------------------------------------------------------------------
+
+    def fail(self, layer: ConfigLayer, what: str) -> ModelFileError:
+        return ModelFileError(f"{self.path}: layer {layer.name!r} ({layer.cls}) {what}")
+
+    def integer(self, layer: ConfigLayer, key: str, default: Any = None, low: int = 1) -> int:
+        value = layer.cfg.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_ELEMENTS:
+            raise self.fail(layer, f"has {key} {short(value)}, expected an integer >= {low}")
+        return value
+
+    def number(self, layer: ConfigLayer, key: str, default: Any, low: float = -math.inf) -> float:
+        value = layer.cfg.get(key, default)
+        try:
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and value >= low)
+        except OverflowError:  # an integer beyond float's range (JSON allows any number of digits)
+            ok = False
+        if not ok:
+            raise self.fail(layer, f"has {key} {short(value)}, expected a finite number"
+                            + (f" >= {low:g}" if low > -math.inf else ""))
+        return float(value)
+
+    def pair(self, layer: ConfigLayer, key: str, default: Any = None) -> tuple[int, int]:
+        value = layer.cfg.get(key, default)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]
+        if not (isinstance(value, list) and len(value) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_ELEMENTS for v in value)):
+            raise self.fail(layer, f"has {key} {short(value)}, expected two integers >= 1")
+        return value[0], value[1]
+
+    def padding(self, layer: ConfigLayer) -> str:
+        value = layer.cfg.get("padding", "valid")
+        if not isinstance(value, str) or value.lower() not in ("valid", "same"):
+            raise self.fail(layer, f"has padding {short(value)}; badnet-jax reads 'valid' and 'same'")
+        return value.lower()
+
+    def channels_last(self, layer: ConfigLayer) -> None:
+        value = layer.cfg.get("data_format", _CHANNELS_LAST)
+        if value != _CHANNELS_LAST:
+            raise self.fail(layer, f"has data_format {short(value)}; badnet-jax reads only channels_last models")
+
+    def one_input(self, layer: ConfigLayer, rank: Optional[int] = None) -> Shape:
+        if len(layer.inbound) != 1:
+            raise self.fail(layer, f"reads {len(layer.inbound)} tensors, expected one")
+        shape = self.shapes[layer.inbound[0]]
+        if rank is not None and len(shape) != rank:
+            kind = "an image tensor (height, width, channels)" if rank == 3 else "a flat tensor (features,)"
+            raise self.fail(layer, f"is applied to a tensor of shape {shape}; it must be applied to {kind}"
+                            + (" (put a Flatten or a global pooling before it)" if rank == 1 else ""))
+        return shape
+
+    def axis_is_last(self, layer: ConfigLayer, key: str, rank: int, default: Any = -1) -> None:
+        value = layer.cfg.get(key, default)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, bool) or value not in (-1, rank):  # rank leaves the batch axis out: last is rank
+            raise self.fail(layer, f"has {key} {short(value)}; badnet-jax reads only the last (channel) axis "
+                            f"(-1 or {rank})")
+
+    # --- nodes ----------------------------------------------------------------------------------------------
+
+    def emit(self, layer: ConfigLayer, name: str, op: str, inputs: tuple[str, ...], shape: Shape,
+             weights: Optional[str] = None, **attrs: Any) -> None:
+        size = math.prod(shape)
+        if size > MAX_ELEMENTS or min(shape) < 1:
+            raise self.fail(layer, f"outputs a tensor of shape {shape} per image (at least 1 and at most "
+                            f"{MAX_ELEMENTS} elements)")
+        try:
+            self.nodes.append(Node.make(name, op, inputs, weights, **attrs))
+        except ModelFileError as err:
+            raise ModelFileError(f"{self.path}: {err}") from None
+        self.shapes[name] = shape
+
+    def activation(self, layer: ConfigLayer, pre_op: str, shape: Shape, weights: Optional[str] = None,
+                   **attrs: Any) -> None:
+        """A weighted op with its fused activation: the op as ``<layer>/pre`` and the activation as ``<layer>``."""
+        act = self.activation_name(layer)
+        if act == "linear":
+            self.emit(layer, layer.name, pre_op, layer.inbound, shape, weights, **attrs)
+            return
+        pre = f"{layer.name}/pre"
+        self.emit(layer, pre, pre_op, layer.inbound, shape, weights, **attrs)
+        self.act_node(layer, act, pre, shape)
+
+    def activation_name(self, layer: ConfigLayer) -> str:
+        act = layer.cfg.get("activation", "linear")
+        if act is None:
+            act = "linear"
+        if act not in ACTIVATIONS:
+            raise self.fail(layer, f"has activation {short(act)}; badnet-jax reads only {list(ACTIVATIONS)}")
+        return act
+
+    def act_node(self, layer: ConfigLayer, act: str, src: str, shape: Shape) -> None:
+        if act == "linear":
+            self.emit(layer, layer.name, "identity", (src,), shape)
+        elif act == "relu":
+            self.emit(layer, layer.name, "relu", (src,), shape)
+        elif act == "leaky_relu":
+            self.emit(layer, layer.name, "relu", (src,), shape, negative_slope=_LEAKY_RELU_ACTIVATION_SLOPE)
+        else:
+            self.emit(layer, layer.name, "softmax", (src,), shape)
+
+    # --- layers ---------------------------------------------------------------------------------------------
+
+    def input(self, layer: ConfigLayer, batch_shape: Any) -> None:
+        if not (isinstance(batch_shape, list) and len(batch_shape) == 4):
+            raise ModelFileError(f"{self.path}: input {layer.name!r} has batch shape {short(batch_shape)}; badnet-jax "
+                                 "reads image models, input (batch, height, width, channels)")
+        hwc = batch_shape[1:]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in hwc):
+            raise ModelFileError(f"{self.path}: input {layer.name!r} has shape {short(hwc)}; height, width and "
+                                 "channels must be known positive integers (no None)")
+        self.emit(layer, layer.name, "input", (), tuple(hwc))
+
+    def layer(self, layer: ConfigLayer) -> None:
+        getattr(self, f"_{layer.cls}")(layer)
+
+    def _InputLayer(self, layer: ConfigLayer) -> None:
+        raise self.fail(layer, "is a second input; badnet-jax reads single-input models")
+
+    def _Conv2D(self, layer: ConfigLayer) -> None:
+        self.channels_last(layer)
+        h, w, cin = self.one_input(layer, 3)
+        filters = self.integer(layer, "filters")
+        if self.integer(layer, "groups", 1) != 1:
+            raise self.fail(layer, f"has groups {layer.cfg.get('groups')}; badnet-jax reads only groups=1")
+        kernel, strides, dilation, padding = self.window(layer)
+        out = self.conv_out(layer, (h, w), kernel, strides, dilation, padding)
+        layer.weights = [("kernel", (*kernel, cin, filters))] + self.bias(layer, filters)
+        self.no_lora(layer)
+        self.activation(layer, "conv", (*out, filters), layer.name, strides=strides, padding=padding,
+                        dilation=dilation)
+
+    def _DepthwiseConv2D(self, layer: ConfigLayer) -> None:
+        self.channels_last(layer)
+        h, w, cin = self.one_input(layer, 3)
+        mult = self.integer(layer, "depth_multiplier", 1)
+        kernel, strides, dilation, padding = self.window(layer)
+        out = self.conv_out(layer, (h, w), kernel, strides, dilation, padding)
+        layer.weights = [("kernel", (*kernel, cin, mult))] + self.bias(layer, cin * mult)
+        self.no_lora(layer)
+        self.activation(layer, "depthwise_conv", (*out, cin * mult), layer.name, strides=strides, padding=padding,
+                        dilation=dilation)
+
+    def _Dense(self, layer: ConfigLayer) -> None:
+        (din,) = self.one_input(layer, 1)
+        units = self.integer(layer, "units")
+        layer.weights = [("kernel", (din, units))] + self.bias(layer, units)
+        self.no_lora(layer)
+        self.activation(layer, "dense", (units,), layer.name)
+
+    def window(self, layer: ConfigLayer) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], str]:
+        return (self.pair(layer, "kernel_size"), self.pair(layer, "strides", 1), self.pair(layer, "dilation_rate", 1),
+                self.padding(layer))
+
+    def conv_out(self, layer: ConfigLayer, hw: tuple[int, int], kernel: tuple[int, int], strides: tuple[int, int],
+                 dilation: tuple[int, int], padding: str) -> tuple[int, int]:
+        out = []
+        for size, k, s, d in zip(hw, kernel, strides, dilation):
+            span = (k - 1) * d + 1
+            if padding == "same":
+                out.append(-(-size // s))
+            elif span > size:
+                raise self.fail(layer, f"has a {kernel} window (dilation {dilation}) larger than its {hw} input")
+            else:
+                out.append((size - span) // s + 1)
+        return out[0], out[1]
+
+    def bias(self, layer: ConfigLayer, size: int) -> list[tuple[str, tuple[int, ...]]]:
+        use_bias = layer.cfg.get("use_bias", True)
+        if not isinstance(use_bias, bool):
+            raise self.fail(layer, f"has use_bias {short(use_bias)}, expected true or false")
+        return [("bias", (size,))] if use_bias else []
+
+    def no_lora(self, layer: ConfigLayer) -> None:
+        # A LoRA-enabled Keras 3 layer stores extra factors its kernel is the sum with; not read here.
+        if layer.cfg.get("lora_rank") not in (None, 0):
+            raise self.fail(layer, f"has lora_rank {short(layer.cfg.get('lora_rank'))}; badnet-jax reads only plain "
+                            "kernels (merge the LoRA weights first)")
+
+    def pool(self, layer: ConfigLayer, op: str) -> None:
+        self.channels_last(layer)
+        h, w, c = self.one_input(layer, 3)
+        window = self.pair(layer, "pool_size", 2)
+        strides = self.pair(layer, "strides", None) if layer.cfg.get("strides") is not None else window
+        padding = self.padding(layer)
+        out = self.conv_out(layer, (h, w), window, strides, (1, 1), padding)
+        self.emit(layer, layer.name, op, layer.inbound, (*out, c), window=window, strides=strides, padding=padding)
+
+    def _MaxPooling2D(self, layer: ConfigLayer) -> None:
+        self.pool(layer, "max_pool")
+
+    def _AveragePooling2D(self, layer: ConfigLayer) -> None:
+        self.pool(layer, "avg_pool")
+
+    def global_pool(self, layer: ConfigLayer, op: str) -> None:
+        self.channels_last(layer)
+        _, _, c = self.one_input(layer, 3)
+        if layer.cfg.get("keepdims", False) is not False:
+            raise self.fail(layer, f"has keepdims {short(layer.cfg.get('keepdims'))}; badnet-jax reads only "
+                            "keepdims=false")
+        self.emit(layer, layer.name, op, layer.inbound, (c,))
+
+    def _GlobalAveragePooling2D(self, layer: ConfigLayer) -> None:
+        self.global_pool(layer, "global_avg_pool")
+
+    def _GlobalMaxPooling2D(self, layer: ConfigLayer) -> None:
+        self.global_pool(layer, "global_max_pool")
+
+    def _BatchNormalization(self, layer: ConfigLayer) -> None:
+        shape = self.one_input(layer)
+        self.axis_is_last(layer, "axis", len(shape))
+        if layer.cfg.get("renorm", False) is not False:
+            raise self.fail(layer, "uses batch renormalization, which badnet-jax does not read")
+        epsilon = self.number(layer, "epsilon", 1e-3, low=0.0)
+        c = shape[-1]
+        flags = {}
+        for key in ("scale", "center"):
+            flags[key] = layer.cfg.get(key, True)
+            if not isinstance(flags[key], bool):
+                raise self.fail(layer, f"has {key} {short(flags[key])}, expected true or false")
+        # Keras' own order: gamma, beta, moving_mean, moving_variance (the first two only when used).
+        layer.weights = ([("gamma", (c,))] if flags["scale"] else []) + ([("beta", (c,))] if flags["center"] else []) \
+            + [("moving_mean", (c,)), ("moving_variance", (c,))]
+        self.emit(layer, layer.name, "batch_norm", layer.inbound, shape, layer.name, epsilon=epsilon)
+
+    def _Activation(self, layer: ConfigLayer) -> None:
+        shape = self.one_input(layer)
+        self.act_node(layer, self.activation_name(layer), layer.inbound[0], shape)
+
+    def _ReLU(self, layer: ConfigLayer) -> None:
+        shape = self.one_input(layer)
+        max_value = layer.cfg.get("max_value")
+        if max_value is not None:
+            max_value = self.number(layer, "max_value", None, low=0.0)
+        self.emit(layer, layer.name, "relu", layer.inbound, shape, max_value=max_value,
+                  negative_slope=self.number(layer, "negative_slope", 0.0, low=0.0),
+                  threshold=self.number(layer, "threshold", 0.0, low=0.0))
+
+    def _LeakyReLU(self, layer: ConfigLayer) -> None:
+        shape = self.one_input(layer)
+        key = "negative_slope" if "negative_slope" in layer.cfg else "alpha"  # Keras 3 / Keras 2
+        self.emit(layer, layer.name, "relu", layer.inbound, shape, negative_slope=self.number(layer, key, 0.3, low=0.0))
+
+    def _Softmax(self, layer: ConfigLayer) -> None:
+        shape = self.one_input(layer)
+        self.axis_is_last(layer, "axis", len(shape))
+        self.emit(layer, layer.name, "softmax", layer.inbound, shape)
+
+    def merge_inputs(self, layer: ConfigLayer) -> list[Shape]:
+        if len(layer.inbound) < 2:
+            raise self.fail(layer, f"merges {len(layer.inbound)} tensor(s), expected at least two")
+        return [self.shapes[src] for src in layer.inbound]
+
+    def _Add(self, layer: ConfigLayer) -> None:
+        shapes = self.merge_inputs(layer)
+        if len(set(shapes)) != 1:
+            raise self.fail(layer, f"adds tensors of shapes {shapes}; badnet-jax adds only equal shapes")
+        self.emit(layer, layer.name, "add", layer.inbound, shapes[0])
+
+    def _Concatenate(self, layer: ConfigLayer) -> None:
+        shapes = self.merge_inputs(layer)
+        if len({len(s) for s in shapes}) != 1 or len({s[:-1] for s in shapes}) != 1:
+            raise self.fail(layer, f"concatenates tensors of shapes {shapes}; all but the last axis must agree")
+        self.axis_is_last(layer, "axis", len(shapes[0]))
+        self.emit(layer, layer.name, "concat", layer.inbound, (*shapes[0][:-1], sum(s[-1] for s in shapes)))
+
+    def _Flatten(self, layer: ConfigLayer) -> None:
+        shape = self.one_input(layer)
+        if layer.cfg.get("data_format") is not None:
+            self.channels_last(layer)  # a channels_first Flatten reorders the features
+        self.emit(layer, layer.name, "flatten", layer.inbound, (math.prod(shape),))
+
+    def _Dropout(self, layer: ConfigLayer) -> None:
+        # The rate matters only to training a written file further; a config without one still reads.
+        rate = None if layer.cfg.get("rate") is None else self.number(layer, "rate", None, low=0.0)
+        if rate is not None and rate >= 1:
+            raise self.fail(layer, f"has rate {rate:g}, expected a number from 0 to below 1")
+        self.emit(layer, layer.name, "identity", layer.inbound, self.one_input(layer), dropout=rate)
+
+    def _ZeroPadding2D(self, layer: ConfigLayer) -> None:
+        self.channels_last(layer)
+        h, w, c = self.one_input(layer, 3)
+        value = layer.cfg.get("padding", 1)
+        ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ELEMENTS
+        if ok(value):
+            pad = ((value, value), (value, value))
+        elif isinstance(value, list) and len(value) == 2 and all(ok(v) for v in value):
+            pad = ((value[0], value[0]), (value[1], value[1]))
+        elif isinstance(value, list) and len(value) == 2 and all(
+                isinstance(v, list) and len(v) == 2 and all(ok(x) for x in v) for v in value):
+            pad = (tuple(value[0]), tuple(value[1]))
+        else:
+            raise self.fail(layer, f"has padding {short(value)}; expected n, [h, w] or [[top, bottom], [left, right]]")
+        self.emit(layer, layer.name, "zero_pad", layer.inbound, (h + sum(pad[0]), w + sum(pad[1]), c), pad=pad)
+
+    def _Rescaling(self, layer: ConfigLayer) -> None:
+        shape = self.one_input(layer)
+        self.emit(layer, layer.name, "rescale", layer.inbound, shape, scale=self.number(layer, "scale", None),
+                  offset=self.number(layer, "offset", 0.0))
+
+
+def build_graph(model: ConfigModel, path: Path | str, stem: str) -> tuple[Graph, list[ConfigLayer]]:
+    build = _Build(path)
+    build.input(model.layers[0], model.input_shape)
+    for layer in model.layers[1:]:
+        build.layer(layer)
+    name = model.name or stem
+    try:
+        graph = Graph(tuple(build.nodes), tuple(build.shapes[model.layers[0].name]), model.output, name)
+    except ModelFileError as err:
+        raise ModelFileError(f"{path}: {err}") from None
+    weighted = [layer for layer in model.layers if layer.weights]
+    total = sum(math.prod(shape) for layer in weighted for _, shape in layer.weights)
+    big = [(layer.name, key, shape) for layer in weighted for key, shape in layer.weights
+           if math.prod(shape) > MAX_ELEMENTS]
+    if big:
+        raise ModelFileError(f"{path}: layer {big[0][0]!r} {big[0][1]} would have shape {big[0][2]}, more than "
+                             f"{MAX_ELEMENTS} elements")
+    if total > MAX_PARAMS:
+        raise ModelFileError(f"{path}: the model declares {total} parameters, more than {MAX_PARAMS}")
+    return graph, weighted

@@ -1,17 +1,9 @@
 """Any CNN of standard layers as a :class:`~badnet_jax.models.protocol.PrunableModel`: :class:`GraphCNN`.
 
 The model runs its :class:`~badnet_jax.models.ir.Graph` node by node (``badnet_jax.models.ops``), in the
-input's float dtype (so the same code is its float64 network). Choosing the pruned layer splits the graph:
-
-* the **trunk**: every node up to the layer (the layer must be a cut of the graph: every path from the input
-  to the logits passes through it, or a pruned channel would leak around it);
-* the **region**: the nodes after it that are affine in the masked features: ops that commute with a 0/1
-  channel mask (relu, max pooling, padding) applied to the masked features themselves, then affine ops
-  (convolutions, dense layers, batch norm, average pooling, flatten, add, concatenate) of those;
-* the **frontier**: the region's nodes read by anything else: the *pre-activations*, a constant plus one
-  contribution per kept channel;
-* the **tail**: the rest, from the frontier to the output layer's input (the hidden layer). The output layer
-  must be a Dense layer (after it, a softmax is dropped: the defense works on logits).
+input's float dtype (so the same code is its float64 network). Choosing the pruned layer splits the graph
+into the trunk, the region (affine in the masked features), its frontier (the pre-activations) and the tail
+(``badnet_jax.models.graph_split``).
 
 A channel's contribution runs the region's linear part on that channel alone: the masked nodes on its slice,
 the first convolution or dense layer on that channel's slice of its kernel (one channel's share of the work,
@@ -28,70 +20,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.errors import ConfigError, ModelFileError, arg
+from badnet_jax.errors import ConfigError, arg
+from badnet_jax.models.graph_split import (ParamShapes, Split, candidates, check_layer, default_layer, infer_shapes,
+                                           split_graph)
 from badnet_jax.models.ir import Graph, Node
-from badnet_jax.models.ops import AFFINE_OPS, apply_conv_stage, apply_op, commutes_with_mask, conv_stage
+from badnet_jax.models.ops import apply_conv_stage, apply_op, conv_stage
 from badnet_jax.models.protocol import Params, Producer, PrunableModel, Stage, scaled
 from badnet_jax.numerics.ties import TIE_RTOL
 
 HIGHEST = jax.lax.Precision.HIGHEST
-ParamShapes = tuple[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]], ...]
 
 
 def _freeze_shapes(params: Mapping[str, Mapping[str, Any]]) -> ParamShapes:
     return tuple(sorted((layer, tuple(sorted((k, tuple(np.shape(v))) for k, v in p.items())))
                         for layer, p in params.items()))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Split:
-    """The graph cut at the pruned layer (see the module docstring); names only, hashable."""
-
-    trunk: tuple[str, ...]  # nodes the layer's value needs, in graph order (the layer last)
-    masked: frozenset  # region nodes whose value is a masked tensor (mask-commuting ops of the layer)
-    region: tuple[str, ...]  # region nodes after the layer, in graph order
-    frontier: tuple[str, ...]  # region nodes (or the layer) read by the tail or the output layer
-    tail: tuple[str, ...]  # nodes after the frontier up to the hidden layer, in graph order
-    hidden: str  # the output layer's input
-    output: str  # the output (Dense) layer
-
-
-def _dominators(graph: Graph, target: str) -> list[str]:
-    """The nodes every path from the input to ``target`` passes through, in graph order (the input included).
-
-    Immediate dominators over the graph order (a topological one): a node's is the nearest common dominator of
-    its inputs' (Cooper, Harvey and Kennedy's intersection on the dominator tree). Memory linear in the nodes:
-    a graph read from a file is untrusted, and a set of dominators per node grew quadratically.
-    """
-    root = ""  # above every node without inputs, so that several inputs still meet
-    idom, depth = {root: root}, {root: 0}
-
-    def common(a: str, b: str) -> str:
-        while a != b:
-            if depth[a] >= depth[b]:
-                a = idom[a]
-            else:
-                b = idom[b]
-        return a
-
-    for node in graph.nodes:
-        parent = functools.reduce(common, node.inputs) if node.inputs else root
-        idom[node.name], depth[node.name] = parent, depth[parent] + 1
-    chain, name = set(), target
-    while name != root:
-        chain.add(name)
-        name = idom[name]
-    return [n.name for n in graph.nodes if n.name in chain]
-
-
-def _ancestors(graph: Graph, target: str) -> set[str]:
-    by_name, seen, todo = graph.by_name, set(), [target]
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo.extend(by_name[name].inputs)
-    return seen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,14 +74,14 @@ class GraphCNN(PrunableModel):
             ModelFileError: params that do not fit the graph (a weight missing or of the wrong shape).
         """
         frozen = _freeze_shapes(params)
-        shapes = _infer_shapes(graph, frozen)
+        shapes = infer_shapes(graph, frozen)
         logits = graph.by_name[graph.logits_node()]
         if logits.op != "dense" or len(shapes[logits.inputs[0]]) != 1:
             # no field: the caller reading a file names it (errors.reading)
             raise ConfigError(f"model {graph.name!r}: its output layer {logits.name!r} ({logits.op}) is not a Dense "
                               "layer on a vector; badnet-jax needs logits = Dense(hidden layer)")
         layer = default_layer(graph, shapes) if layer is None else layer
-        _check_layer(graph, shapes, layer)
+        check_layer(graph, shapes, layer)
         out = shapes[logits.name]
         return cls(graph, layer, input_scale, frozen, tuple(sorted(shapes.items())), int(out[0]),
                    tuple(graph.input_hwc), tuple(shapes[layer]), tie_rtol)
@@ -149,34 +91,9 @@ class GraphCNN(PrunableModel):
         return dict(self.shapes)
 
     @functools.cached_property
-    def split(self) -> _Split:
+    def split(self) -> Split:
         """The graph cut at the pruned layer."""
-        graph, layer = self.graph, self.layer
-        logits = graph.logits_node()
-        by_name = graph.by_name
-        output = by_name[logits]
-        hidden = output.inputs[0]
-        trunk = _ancestors(graph, layer)
-        names = [n.name for n in graph.nodes]
-        needed = _ancestors(graph, hidden)
-        after = [n for n in names[names.index(layer) + 1:] if n in needed]
-        kind = {layer: "masked"}
-        for name in after:
-            node = by_name[name]
-            kinds = {kind.get(src) for src in node.inputs}
-            if kinds == {"masked"} and commutes_with_mask(node):
-                kind[name] = "masked"
-            elif kinds <= {"masked", "affine"} and node.op in AFFINE_OPS:
-                kind[name] = "affine"
-            else:
-                kind[name] = "tail"
-        consumers = graph.consumers()
-        in_region = [n for n in [layer, *after] if kind[n] != "tail"]
-        frontier = tuple(n for n in in_region
-                         if n == hidden or any(kind.get(c) == "tail" for c in consumers[n]))
-        return _Split(trunk=tuple(n for n in names if n in trunk), masked=frozenset(n for n in kind if kind[n] == "masked"),
-                      region=tuple(n for n in in_region if n != layer), frontier=frontier,
-                      tail=tuple(n for n in after if kind[n] == "tail"), hidden=hidden, output=logits)
+        return split_graph(self.graph, self.layer)
 
     # ----- properties
     @property
@@ -200,13 +117,13 @@ class GraphCNN(PrunableModel):
 
     def with_layer(self, layer: str) -> "GraphCNN":
         """The same model pruned at another layer (checked as :meth:`build` checks it)."""
-        _check_layer(self.graph, self._shapes, layer)
+        check_layer(self.graph, self._shapes, layer)
         return dataclasses.replace(self, layer=layer, feature_hwc=tuple(self._shapes[layer]), tie_rtol=TIE_RTOL,
                                    tie_rtol_measured=False)
 
     def layers(self) -> list[str]:
         """The layers that can be pruned (4-D outputs on every path to the logits), in graph order."""
-        return _candidates(self.graph, self._shapes)
+        return candidates(self.graph, self._shapes)
 
     def check_params(self, params: Any, name: str = "params") -> int:
         if not isinstance(params, Mapping):
@@ -477,89 +394,17 @@ class GraphCNN(PrunableModel):
 
 WEIGHT_OPS = ("conv", "depthwise_conv", "dense")
 # Affine ops that act on each channel alone (channel c of the output reads channel c of the input only).
-PER_CHANNEL_OPS = ("batch_norm", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad")  # the ops that are a benchmark's layers
+PER_CHANNEL_OPS = ("batch_norm", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad")
 
 
 def _apply_one(node: Node, params: Params, x: jax.Array) -> jax.Array:
     return apply_op(node, params, [x])
 
 
-def _flatten_then_dense(graph: Graph, name: str, split: _Split) -> bool:
+def _flatten_then_dense(graph: Graph, name: str, split: Split) -> bool:
     """Whether flatten node ``name`` is read by exactly one Dense layer of the region (and nothing else)."""
     readers = graph.consumers()[name]
     return (len(readers) == 1 and graph.by_name[readers[0]].op == "dense" and readers[0] in split.region
             and name not in split.frontier)
 
 
-def _infer_shapes(graph: Graph, param_shapes: ParamShapes) -> dict[str, tuple[int, ...]]:
-    """Every node's output shape (batch axis left out), from abstract evaluation of the graph.
-
-    Raises:
-        ModelFileError: params missing for a weighted node or shapes that do not compose.
-    """
-    shapes = {layer: {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in entries} for layer, entries in param_shapes}
-    out: dict[str, tuple[int, ...]] = {}
-
-    def run(params, x):
-        env = {graph.nodes[0].name: x}
-        for node in graph.nodes[1:]:
-            if node.weights and node.weights not in params:
-                raise ModelFileError(f"model {graph.name!r}: no weights for layer {node.weights!r}")
-            env[node.name] = apply_op(node, params, [env[s] for s in node.inputs])
-        return env
-
-    try:
-        env = jax.eval_shape(run, shapes, jax.ShapeDtypeStruct((1, *graph.input_hwc), jnp.float32))
-    except (TypeError, ValueError) as err:
-        raise ModelFileError(f"model {graph.name!r}: its layers do not fit together ({err})") from None
-    for name, s in env.items():
-        out[name] = tuple(s.shape[1:])
-    return out
-
-
-def _candidates(graph: Graph, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    hidden_dominators = _dominators(graph, graph.logits_node())
-    return [n for n in hidden_dominators if len(shapes[n]) == 3 and graph.by_name[n].op != "input"]
-
-
-def default_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """The paper's choice: the last 4-D feature map every path to the logits passes through (the one before
-    flatten or global pooling).
-
-    Raises:
-        ConfigError: the graph has none.
-    """
-    found = _candidates(graph, shapes)
-    if not found:
-        raise ConfigError(f"model {graph.name!r}: no convolutional feature map that every path to the logits passes "
-                          "through; give the layer to prune", field="layer")
-    return found[-1]
-
-
-def _check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str) -> None:
-    if layer not in graph.by_name:
-        keras_layers = [n.name for n in graph.nodes if "/" not in n.name]
-        raise ConfigError(f"{arg('layer', layer)}: no such layer in {graph.name!r} (its layers: "
-                          f"{', '.join(keras_layers[:40])}{'...' if len(keras_layers) > 40 else ''})", field="layer")
-    if graph.by_name[layer].op == "input":
-        raise ConfigError(f"{arg('layer', layer)}: the model's input, not a layer's output; prune one of "
-                          f"{', '.join(_candidates(graph, shapes))}", field="layer")
-    if len(shapes[layer]) != 3:
-        raise ConfigError(f"{arg('layer', layer)}: its output has shape {shapes[layer]}, not a feature map (height, "
-                          "width, channels); prune a convolutional layer's output", field="layer")
-    if layer not in _dominators(graph, graph.logits_node()):
-        bypass = _bypass(graph, layer)
-        raise ConfigError(f"{arg('layer', layer)}: not every path to the logits passes through it ({bypass}), so a "
-                          f"pruned channel would not be removed; prune one of {', '.join(_candidates(graph, shapes))}",
-                          field="layer")
-
-
-def _bypass(graph: Graph, layer: str) -> str:
-    """A node after ``layer`` that reads a node neither before nor after it: the path around it."""
-    before = _ancestors(graph, layer)
-    names = [n.name for n in graph.nodes]
-    for node in graph.nodes[names.index(layer) + 1:]:
-        for src in node.inputs:
-            if src in before and src != layer:
-                return f"{node.name!r} reads {src!r}"
-    return "another branch reaches the logits"

@@ -22,6 +22,7 @@ ACTIVATIONS = ("linear", "relu", "softmax", "leaky_relu")
 
 _LEAKY_RELU_ACTIVATION_SLOPE = 0.2  # keras.activations.leaky_relu's default (Keras 3 names it; Keras 2 does not)
 _CHANNELS_LAST = "channels_last"
+_FLOAT_DTYPES = ("float32", "float64")  # a layer's dtype (policy name) whose arithmetic badnet-jax reproduces
 
 Shape = tuple[int, ...]  # one image's tensor: (H, W, C) or (D,)
 
@@ -148,10 +149,26 @@ class _Build:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in hwc):
             raise ModelFileError(f"{self.path}: input {layer.name!r} has shape {short(hwc)}; height, width and "
                                  "channels must be known positive integers (no None)")
+        self.float_dtype(layer)
         self.emit(layer, layer.name, "input", (), tuple(hwc))
 
     def layer(self, layer: ConfigLayer) -> None:
+        self.float_dtype(layer)
         getattr(self, f"_{layer.cls}")(layer)
+
+    def float_dtype(self, layer: ConfigLayer) -> None:
+        """Refuse a layer computing in another precision than float32 or float64 (a mixed-precision or quantized
+        dtype policy): badnet-jax evaluates the network in float32, settled in float64, which is not that
+        model's arithmetic, so its curve would not be the model's."""
+        value = layer.cfg.get("dtype")
+        if isinstance(value, dict):  # Keras 3 DTypePolicy / QuantizedDTypePolicy, Keras 2 mixed-precision Policy
+            inner = value.get("config")
+            value = inner.get("name") if isinstance(inner, dict) else inner
+        if value is None or value in _FLOAT_DTYPES:
+            return
+        raise self.fail(layer, f"computes with dtype policy {short(value)}; badnet-jax reads float32 and float64 "
+                        "models only (a mixed-precision or quantized model's arithmetic is not float32's): save a "
+                        "float32 copy of the model and give that")
 
     def _InputLayer(self, layer: ConfigLayer) -> None:
         raise self.fail(layer, "is a second input; badnet-jax reads single-input models")

@@ -434,7 +434,36 @@ CONFIG_REFUSALS = {
     "cycle": (_cycle, ["cycle"]),
     "too many layers": (_too_many_layers, [f"more than {MAX_LAYERS}"]),
     "subclassed model": (lambda c: c.update(class_name="MyModel"), ["'MyModel'", "Sequential and Functional"]),
+    "bfloat16 policy": (_set("branch_conv", dtype={"module": "keras", "class_name": "DTypePolicy",
+                                                   "config": {"name": "mixed_bfloat16"}, "registered_name": None}),
+                        ["'branch_conv'", "dtype policy 'mixed_bfloat16'", "float32 copy"]),
+    "keras 2 float16 policy": (_set("logits", dtype={"class_name": "Policy", "config": {"name": "mixed_float16"}}),
+                               ["'logits'", "'mixed_float16'"]),
+    "int8 quantized": (_set("proj", dtype={"module": "keras", "class_name": "QuantizedDTypePolicy",
+                                           "config": {"name": "int8_from_float32", "source_name": "float32"}}),
+                       ["'proj'", "'int8_from_float32'"]),
+    "float16 input": (_set("img", dtype="float16"), ["'img'", "'float16'"]),
 }
+
+
+def test_float32_and_float64_dtypes_are_read_as_the_same_network(built, tmp_path):
+    """Keras 3 writes a float32 DTypePolicy on every layer; a plain dtype string (Keras 2) or a float64 model
+    is arithmetic badnet-jax reproduces (float32, settled in float64): read, the same graph and weights."""
+    files = built["merge"]["files"]
+    config = json.loads(files["config"].read_text())
+    assert _layer(config, "branch_conv")["config"]["dtype"]["config"]["name"] == "float32"  # the premise
+    graph, params = read_keras_graph(files["weights"], config_path=files["config"])
+
+    def as_dtype(name):
+        def edit(c):
+            for layer in c["config"]["layers"]:
+                layer["config"]["dtype"] = name
+        return edit
+
+    for name in ("float32", "float64"):
+        edited = _edit_config(config, tmp_path / f"{name}.json", as_dtype(name))
+        got, got_params = read_keras_graph(files["weights"], config_path=edited)
+        assert got == graph and got_params.keys() == params.keys()
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_REFUSALS))

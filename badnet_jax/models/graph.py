@@ -76,10 +76,15 @@ class GraphCNN(PrunableModel):
         frozen = _freeze_shapes(params)
         shapes = infer_shapes(graph, frozen)
         logits = graph.by_name[graph.logits_node()]
+        # no field in these errors: the caller reading a file names it (errors.reading)
         if logits.op != "dense" or len(shapes[logits.inputs[0]]) != 1:
-            # no field: the caller reading a file names it (errors.reading)
-            raise ConfigError(f"model {graph.name!r}: its output layer {logits.name!r} ({logits.op}) is not a Dense "
-                              "layer on a vector; badnet-jax needs logits = Dense(hidden layer)")
+            raise ConfigError(f"model {graph.name!r}: its output layer {logits.name!r} is {_as_keras(graph, logits)}, "
+                              "not a linear Dense layer on a vector; badnet-jax needs logits = Dense(hidden layer) "
+                              "(a softmax after it, fused or as a layer, is dropped)")
+        if shapes[logits.name][0] < 2:
+            raise ConfigError(f"model {graph.name!r}: its output layer {logits.name!r} has {shapes[logits.name][0]} "
+                              "unit; the defense needs one logit per class, at least 2 (a sigmoid-style single "
+                              "logit has no top-2 to compare)")
         layer = default_layer(graph, shapes) if layer is None else layer
         check_layer(graph, shapes, layer)
         out = shapes[logits.name]
@@ -395,6 +400,22 @@ class GraphCNN(PrunableModel):
 WEIGHT_OPS = ("conv", "depthwise_conv", "dense")
 # Affine ops that act on each channel alone (channel c of the output reads channel c of the input only).
 PER_CHANNEL_OPS = ("batch_norm", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad")
+
+
+_KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU or LeakyReLU", "softmax": "a Softmax",
+                "global_avg_pool": "a GlobalAveragePooling2D", "global_max_pool": "a GlobalMaxPooling2D",
+                "flatten": "a Flatten", "batch_norm": "a BatchNormalization", "add": "an Add",
+                "concat": "a Concatenate", "rescale": "a Rescaling", "conv": "a Conv2D",
+                "depthwise_conv": "a DepthwiseConv2D", "max_pool": "a MaxPooling2D", "avg_pool": "an AveragePooling2D",
+                "zero_pad": "a ZeroPadding2D", "dense": "a Dense layer on an image tensor", "input": "the input"}
+
+
+def _as_keras(graph: Graph, node: Node) -> str:
+    """What a node is, in the Keras terms of the layer it came from, for a message."""
+    pre = graph.by_name.get(f"{node.name}/pre")
+    if pre is not None and node.inputs == (pre.name,) and pre.op == "dense":
+        return f"a Dense layer with activation {node.op!r} fused"
+    return _KERAS_OF_OP.get(node.op, f"a {node.op} node")
 
 
 def _apply_one(node: Node, params: Params, x: jax.Array) -> jax.Array:

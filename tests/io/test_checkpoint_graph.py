@@ -255,7 +255,7 @@ TAMPERED = {
                                                   "tie_rtol is 1e-300, expected a relative error bound from"),
     "a pruned layer that is none": (lambda d: d.update(layer="nowhere"), None, "layer=nowhere: no such layer"),
     "a dense output on an image": (lambda d: _node(d, "global_avg_pool").update(op="identity"), None,
-                                   "is not a Dense layer on a vector"),
+                                   "is a Dense layer on an image tensor, not a linear Dense layer on a vector"),
     "a dropout rate of 1": (lambda d: _node(d, "global_avg_pool").update(op="identity", attrs={"dropout": 1}), None,
                             "dropout is 1, expected null or a rate from 0 to below 1"),
 }

@@ -16,6 +16,7 @@ from badnet_jax import ConfigError
 from badnet_jax import sweep as sw
 from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.models.graph import GraphCNN
+from badnet_jax.models.ir import Graph, Node
 from tests import numpy_ref
 from tests.conftest import asset
 
@@ -216,3 +217,32 @@ def test_conv_relu_pool_stages_run_as_one_call_with_the_same_values(layer, stage
     feats, margin, scale = model.features_with_margins(params, x)
     np.testing.assert_array_equal(np.asarray(feats), np.asarray(apart))
     assert np.isfinite(np.asarray(margin)).all() == (layer != "c4/pre")
+
+
+def _tiny(units: int, after: str = ""):
+    """input 8x8x3 -> conv (4 channels) -> global average pooling -> Dense(units) [-> after]."""
+    rng = np.random.default_rng(0)
+    nodes = [Node.make("img", "input"), Node.make("c", "conv", ("img",), "c"), Node.make("g", "global_avg_pool", ("c",))]
+    if after == "relu":  # a Dense with activation="relu": the layer's op as out/pre, its activation as out
+        nodes += [Node.make("out/pre", "dense", ("g",), "out"), Node.make("out", "relu", ("out/pre",))]
+    else:
+        nodes.append(Node.make("out", "dense", ("g",), "out"))
+    if after == "dropout":
+        nodes.append(Node.make("drop", "identity", ("out",), dropout=0.5))
+    graph = Graph(nodes=tuple(nodes), input_hwc=(8, 8, 3), output=nodes[-1].name, name="tiny")
+    params = {"c": {"kernel": rng.standard_normal((3, 3, 3, 4)).astype(np.float32), "bias": np.zeros(4, np.float32)},
+              "out": {"kernel": rng.standard_normal((4, units)).astype(np.float32), "bias": np.zeros(units, np.float32)}}
+    return graph, params
+
+
+def test_an_output_layer_that_gives_no_logits_per_class_is_refused_in_keras_terms():
+    assert GraphCNN.build(*_tiny(2)).num_classes == 2
+    with pytest.raises(ConfigError, match="output layer 'out' has 1 unit; the defense needs one logit per class, at "
+                                          "least 2"):
+        GraphCNN.build(*_tiny(1))
+    with pytest.raises(ConfigError, match="output layer 'drop' is a Dropout or a linear Activation, not a linear "
+                                          "Dense layer on a vector"):
+        GraphCNN.build(*_tiny(3, after="dropout"))
+    with pytest.raises(ConfigError, match="output layer 'out' is a Dense layer with activation 'relu' fused, not a "
+                                          "linear Dense"):
+        GraphCNN.build(*_tiny(3, after="relu"))

@@ -100,11 +100,12 @@ def der(acc0: float, asr0: float, acc: float | np.ndarray, asr: float | np.ndarr
     return (np.maximum(0.0, d_asr) - np.maximum(0.0, d_acc) + 1.0) / 2.0
 
 
-def asr_excluding_target(preds_MxN: np.ndarray, y_bd: np.ndarray, y_true: np.ndarray) -> np.ndarray:
-    """(M,) ASR over poisoned inputs whose true class is not the attacker's label (NaN if there are none)."""
+def asr_excluding_target(preds_MxN: np.ndarray, y_bd: np.ndarray, y_true: np.ndarray) -> Optional[np.ndarray]:
+    """(M,) ASR over poisoned inputs whose true class is not the attacker's label (None if there are none: the
+    share of nothing is no number, and JSON has no NaN)."""
     keep = np.asarray(y_true) != np.asarray(y_bd)
     if not keep.any():
-        return np.full(len(preds_MxN), np.nan)
+        return None
     return pct((np.asarray(preds_MxN)[:, keep] == np.asarray(y_bd)[keep]).sum(1), int(keep.sum()))
 
 

@@ -36,7 +36,7 @@ def _round(obj: Any) -> Any:
 
 def curve_json_text(curve: Curve) -> str:
     """The curve as sorted, rounded JSON: identical runs give identical bytes (timings live in report.md)."""
-    return json.dumps(_round(curve.to_json()), indent=1, sort_keys=True) + "\n"
+    return json.dumps(_round(curve.to_json()), indent=1, sort_keys=True, allow_nan=False) + "\n"  # strict JSON
 
 
 def pruned_layer(curve: Curve) -> str:

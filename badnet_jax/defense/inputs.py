@@ -151,7 +151,7 @@ def load_sets(files: InputFiles, model: PrunableModel) -> Sets:
         with reading(r, p):
             data[r] = load_lab_h5(p, num_classes=model.num_classes, keep_uint8=True, hwc=model.input_hwc)
             if r in POISONED_ROLES:
-                true[r] = load_true_labels(p)
+                true[r] = load_true_labels(p, num_classes=model.num_classes)
     return Sets(data, true)
 
 

@@ -164,11 +164,12 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
     return x, y
 
 
-def load_true_labels(path: str | os.PathLike) -> Optional[np.ndarray]:
+def load_true_labels(path: str | os.PathLike, num_classes: Optional[int] = None) -> Optional[np.ndarray]:
     """The optional ``true_label`` dataset of a poisoned h5 (the clean class of each poisoned image), or None.
 
     The lab's bd files carry only the attacker's label; badnet-jax's own poisoned files also carry the true
-    class, which makes "ASR excluding inputs whose true class is the target" computable.
+    class, which makes "ASR excluding inputs whose true class is the target" computable. With ``num_classes``
+    the true labels must be among the model's classes, as ``label`` must.
     """
     path = Path(path)
     with fileio.open_h5(path, DataFileError) as f:
@@ -184,6 +185,9 @@ def load_true_labels(path: str | os.PathLike) -> Optional[np.ndarray]:
         raise DataFileError(f"{path}: dataset 'true_label' holds values that are not whole numbers (NaN, 0.5, ...)")
     if raw.size and (raw.min() < 0 or raw.max() > np.iinfo(np.int32).max):
         raise DataFileError(f"{path}: dataset 'true_label' holds {raw.min():g}..{raw.max():g}; classes are >= 0")
+    if num_classes is not None and raw.size and raw.max() >= num_classes:
+        raise DataFileError(f"{path}: dataset 'true_label' holds class {raw.max():g}, outside [0, {num_classes}) for "
+                            f"a {num_classes}-class model")
     return raw.astype(np.int32)
 
 

@@ -206,6 +206,15 @@ def test_true_labels_that_are_not_classes_are_refused(tmp_path, bad):
         load_true_labels(p)
 
 
+def test_true_labels_beyond_the_models_classes_are_refused_as_labels_are(tmp_path):
+    p = _lab_file(tmp_path / "t.h5", np.zeros((3, 3, 55, 47), np.uint8), true_label=np.array([1, 99, 2]))
+    with pytest.raises(DataFileError, match=r"t\.h5: dataset 'true_label' holds class 99, outside \[0, 4\) for a "
+                                            "4-class model"):
+        load_true_labels(p, num_classes=4)
+    np.testing.assert_array_equal(load_true_labels(p, num_classes=100), [1, 99, 2])
+    np.testing.assert_array_equal(load_true_labels(p), [1, 99, 2])  # no model to compare with
+
+
 # ---------------------------------------------------------------- hostile files ---------------------------
 
 @FUZZ

@@ -222,7 +222,8 @@ def test_conv_relu_pool_stages_run_as_one_call_with_the_same_values(layer, stage
 def _tiny(units: int, after: str = ""):
     """input 8x8x3 -> conv (4 channels) -> global average pooling -> Dense(units) [-> after]."""
     rng = np.random.default_rng(0)
-    nodes = [Node.make("img", "input"), Node.make("c", "conv", ("img",), "c"), Node.make("g", "global_avg_pool", ("c",))]
+    nodes = [Node.make("img", "input"), Node.make("c", "conv", ("img",), "c"),
+             Node.make("g", "global_avg_pool", ("c",))]
     if after == "relu":  # a Dense with activation="relu": the layer's op as out/pre, its activation as out
         nodes += [Node.make("out/pre", "dense", ("g",), "out"), Node.make("out", "relu", ("out/pre",))]
     else:

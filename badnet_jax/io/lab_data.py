@@ -80,6 +80,14 @@ def _image_dataset(f: h5py.File, path: Path, hwc: tuple[int, int, int] = INPUT_H
     return ds
 
 
+def _check_fits(path: Path, n: int, hwc: tuple[int, int, int]) -> None:
+    """Refuse a file declaring more images than half this machine's memory holds as float32, naming it."""
+    need = n * int(np.prod(hwc)) * 4
+    if need > fileio.memory_bytes() // 2:
+        raise DataFileError(f"{path}: declares {n} images ({need / 2**30:.1f} GiB as float32), more than half "
+                            "of this machine's memory; refusing to allocate it")
+
+
 def peek_lab_h5(path: str | os.PathLike, keep_uint8: bool = False,
                 hwc: tuple[int, int, int] = INPUT_HWC) -> tuple[tuple[int, ...], np.dtype]:
     """The (shape, dtype) that :func:`load_lab_h5` will return for this file, from its header only.
@@ -87,11 +95,13 @@ def peek_lab_h5(path: str | os.PathLike, keep_uint8: bool = False,
     Lets work that depends only on shapes (compiling the sweep) start while the images are still read.
 
     Raises:
-        DataFileError: as :func:`load_lab_h5` for a missing file or a wrong ``data`` dataset.
+        DataFileError: as :func:`load_lab_h5` for a missing file, a wrong ``data`` dataset, or more declared
+            images than this machine can hold.
     """
     path = Path(path)
     with fileio.open_h5(path, DataFileError) as f:
         ds = _image_dataset(f, path, hwc)
+        _check_fits(path, int(ds.shape[0]), hwc)
         dtype = np.dtype(np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
         return (int(ds.shape[0]), *hwc), dtype
 
@@ -136,10 +146,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
         ds = _image_dataset(f, path, hwc)
         ds_kind = ds.dtype.kind
         n = int(ds.shape[0]) if rows is None else min(int(rows), int(ds.shape[0]))
-        need = n * int(np.prod(hwc)) * 4
-        if need > fileio.memory_bytes() // 2:
-            raise DataFileError(f"{path}: declares {n} images ({need / 2**30:.1f} GiB as float32), more than half "
-                                "of this machine's memory; refusing to allocate it")
+        _check_fits(path, n, hwc)
         try:
             y = _read_labels(f, int(ds.shape[0]), path, num_classes, require_labels)[:n]
             x = np.empty((n, *hwc), np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)

@@ -19,7 +19,7 @@ from badnet_jax import (ConfigError, DataFileError, load_image, load_images, loa
                         save_lab_h5)
 from badnet_jax.model import INPUT_HWC
 from badnet_jax.io.keras import load_keras
-from badnet_jax.io.lab_data import load_true_labels
+from badnet_jax.io.lab_data import load_true_labels, peek_lab_h5
 from tests.conftest import LAB_B, asset
 from tests.io.conftest import FUZZ, HUGE, WEIRD_ARRAYS, declared_h5, refused_naming_the_file, write_bytes
 
@@ -260,6 +260,10 @@ def test_billion_declared_rows_are_refused_without_allocating(tmp_path):
         f.create_dataset("label", shape=(10**9,), dtype=np.float32, chunks=(1024,))
     with pytest.raises(DataFileError, match="declares 1000000000 images"):
         load_lab_h5(p)
+    with h5py.File(p, "a") as f:  # a few rows stored: the header alone still tells, before anything is read
+        f["data"][:400] = 1
+    with pytest.raises(DataFileError, match=f"{p}: declares 1000000000 images"):
+        peek_lab_h5(p)
 
 
 def test_a_tiny_file_declaring_many_unwritten_images_is_refused(tmp_path):

@@ -171,15 +171,21 @@ def check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str)
                           f"{', '.join(keras_layers[:40])}{'...' if len(keras_layers) > 40 else ''})", field="layer")
     if graph.by_name[layer].op == "input":
         raise ConfigError(f"{arg('layer', layer)}: the model's input, not a layer's output; prune one of "
-                          f"{', '.join(candidates(graph, shapes))}", field="layer")
+                          f"{', '.join(_keras_layers(candidates(graph, shapes)))}", field="layer")
     if len(shapes[layer]) != 3:
         raise ConfigError(f"{arg('layer', layer)}: its output has shape {shapes[layer]}, not a feature map (height, "
                           "width, channels); prune a convolutional layer's output", field="layer")
     if layer not in _dominators(graph, graph.logits_node()):
         bypass = _bypass(graph, layer)
         raise ConfigError(f"{arg('layer', layer)}: not every path to the logits passes through it ({bypass}), so a "
-                          f"pruned channel would not be removed; prune one of {', '.join(candidates(graph, shapes))}",
+                          f"pruned channel would not be removed; prune one of {', '.join(_keras_layers(candidates(graph, shapes)))}",
                           field="layer")
+
+
+def _keras_layers(names: list[str]) -> list[str]:
+    """The names a message suggests: Keras layers' outputs, not the ``<layer>/pre`` node badnet-jax makes of a
+    fused activation's input (which may be pruned too: the channels before the activation)."""
+    return [n for n in names if "/" not in n]
 
 
 def _bypass(graph: Graph, layer: str) -> str:

@@ -37,7 +37,8 @@ def _read_labels(f: h5py.File, n: int, path: Path, num_classes: Optional[int],
     if ds is None and not require_labels:
         return np.full(n, UNKNOWN_LABEL, np.int32)
     if not isinstance(ds, h5py.Dataset):
-        raise DataFileError(f"{path}: missing dataset 'label'")
+        what = "missing dataset 'label'" if ds is None else f"'label' is a {type(ds).__name__.lower()}, not a dataset"
+        raise DataFileError(f"{path}: {what}")
     _numeric(ds, "label", path)
     if ds.shape != (n,):
         raise DataFileError(f"{path}: dataset 'label' has shape {ds.shape}, expected ({n},) to match 'data'")
@@ -62,7 +63,8 @@ def _read_labels(f: h5py.File, n: int, path: Path, num_classes: Optional[int],
 def _image_dataset(f: h5py.File, path: Path, hwc: tuple[int, int, int] = INPUT_HWC) -> h5py.Dataset:
     ds = fileio.safe_get(f, "data", path, DataFileError)
     if not isinstance(ds, h5py.Dataset):
-        raise DataFileError(f"{path}: missing dataset 'data' (the lab layout has 'data' and 'label')")
+        what = "missing dataset 'data'" if ds is None else f"'data' is a {type(ds).__name__.lower()}, not a dataset"
+        raise DataFileError(f"{path}: {what} (the lab layout has 'data' and 'label')")
     _numeric(ds, "data", path)
     chw = (hwc[2], hwc[0], hwc[1])  # lab files store channels first
     if len(ds.shape) != 4 or tuple(ds.shape[1:]) != chw:

@@ -109,6 +109,20 @@ def test_bad_lab_h5(tmp_path, datasets, fragment):
     assert str(path) in str(info.value) and fragment in str(info.value), str(info.value)
 
 
+def test_groups_where_datasets_belong_are_named_as_groups(tmp_path):
+    p = tmp_path / "g.h5"
+    with h5py.File(p, "w") as f:
+        f.create_group("data")
+        f.create_dataset("label", data=np.zeros(2))
+    with pytest.raises(DataFileError, match=f"^{p}: 'data' is a group, not a dataset \\(the lab layout"):
+        load_lab_h5(p)
+    with h5py.File(p, "w") as f:
+        f.create_dataset("data", data=np.zeros((2, 3, 55, 47), np.uint8))
+        f.create_group("label")
+    with pytest.raises(DataFileError, match=f"^{p}: 'label' is a group, not a dataset$"):
+        load_lab_h5(p)
+
+
 def test_another_models_images_are_refused_by_default_with_the_way_to_read_them(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
     path = _write(tmp_path / "cifar.h5", data=x, label=np.arange(3.0))

@@ -242,6 +242,12 @@ def _check_call_kwargs(kwargs: Any, name: str, path: Path | str) -> None:
     if not isinstance(kwargs, dict) or any(v is not None and not isinstance(v, bool) for v in kwargs.values()):
         raise ModelFileError(f"{path}: layer {name!r} is called with arguments {short(kwargs)}; badnet-jax reads only "
                              "layers called on their inputs alone")
+    if kwargs.get("training") is True:
+        # Keras 2 keeps such a layer in training mode at predict (Monte Carlo dropout, batch statistics):
+        # a network that is not the inference network badnet-jax evaluates.
+        raise ModelFileError(f"{path}: layer {name!r} is called with training=True, so Keras 2 runs it in training "
+                             "mode at predict too (random dropout, batch statistics); badnet-jax evaluates the "
+                             "inference network: rebuild the model without training=True")
 
 
 def _topological(layers: list[ConfigLayer], path: Path | str) -> list[ConfigLayer]:

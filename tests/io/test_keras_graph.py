@@ -443,6 +443,8 @@ CONFIG_REFUSALS = {
                                            "config": {"name": "int8_from_float32", "source_name": "float32"}}),
                        ["'proj'", "'int8_from_float32'"]),
     "float16 input": (_set("img", dtype="float16"), ["'img'", "'float16'"]),
+    "called with training=True": (lambda c: _layer(c, "bn")["inbound_nodes"][0].setdefault("kwargs", {}).update(
+        training=True), ["'bn'", "training=True", "inference network"]),
 }
 
 
@@ -464,6 +466,14 @@ def test_float32_and_float64_dtypes_are_read_as_the_same_network(built, tmp_path
         edited = _edit_config(config, tmp_path / f"{name}.json", as_dtype(name))
         got, got_params = read_keras_graph(files["weights"], config_path=edited)
         assert got == graph and got_params.keys() == params.keys()
+
+
+def test_a_layer_called_with_training_false_is_the_inference_network(built, tmp_path):
+    files = built["merge"]["files"]
+    edit = lambda c: _layer(c, "bn")["inbound_nodes"][0].setdefault("kwargs", {}).update(training=False)
+    edited = _edit_config(json.loads(files["config"].read_text()), tmp_path / "false.json", edit)
+    assert read_keras_graph(files["weights"], config_path=edited)[0] == \
+        read_keras_graph(files["weights"], config_path=files["config"])[0]
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_REFUSALS))

@@ -53,11 +53,13 @@ DENSE_TOP2 = "badnet_dense_top2"
 TARGETS = (CONV2D_DIRECT, DENSE, DENSE_TOP2)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # Fused multiply-adds where a statement multiplies and adds (`acc += x * w`), the same places for both compilers,
-# so both builds compute the same bits. GCC: -ffp-contract=fast (it has no "on"); -fno-predictive-commoning (Clang
-# refuses it): GCC's -O3 otherwise carries input values between loop steps through the stack and the tile's
-# accumulators spill (2.6x slower on DeepID's conv_1). Clang: "on" (its "fast" would also fuse across
-# statements, pragmas disregarded).
-GCC_FLAGS = ("-ffp-contract=fast", "-fno-predictive-commoning")
+# so both builds compute the same bits. GCC: -ffp-contract=fast (it has no "on"); --param=avoid-fma-max-bits=0:
+# tuned for AMD Zen (-march=native there), GCC otherwise leaves a loop's chain of 256-bit multiply-adds on one
+# accumulator unfused, so an 8-lane build's one-vector tiles rounded twice and disagreed in the last bit with
+# the other tiles; -fno-predictive-commoning (Clang refuses it): GCC's -O3 otherwise carries input values between
+# loop steps through the stack and the tile's accumulators spill (2.6x slower on DeepID's conv_1). Clang: "on"
+# (its "fast" would also fuse across statements, pragmas disregarded).
+GCC_FLAGS = ("-ffp-contract=fast", "--param=avoid-fma-max-bits=0", "-fno-predictive-commoning")
 CLANG_FLAGS = ("-ffp-contract=on",)
 BUILD_TIMEOUT_S = 300
 OFF = ("0", "false", "off", "no")

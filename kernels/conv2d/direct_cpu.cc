@@ -15,7 +15,9 @@
 // channel vectors: each step of the inner loop loads FG weight vectors, broadcasts one input value per pixel
 // and issues XT * FG fused multiply-adds, whatever the input's channel count. For few output channels the
 // columns form (below) makes neighbouring output columns the lanes instead; both add the same terms in the same
-// order, so the `form` attribute (0: the rule in ColumnsPay, 1: channels, 2: columns) never changes a bit.
+// order, so the `form` attribute (0: the rule in ColumnsPay, 1: channels, 2: columns) never changes a bit, but
+// for one case the defense never meets (pixels and weights are checked finite): a NaN pixel times a NaN weight
+// gives a NaN either way, with the payload of whichever operand the compiler put first in that instruction.
 #include <algorithm>
 #include <array>
 #include <cstdint>

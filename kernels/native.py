@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-from badnet_jax.io.fileio import atomic_write
+from badnet_jax.io.atomic import atomic_write
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "conv2d" / "direct_cpu.cc", HERE / "dense" / "dense_cpu.cc")

@@ -25,7 +25,7 @@ from badnet_jax.commands import cli
 from badnet_jax.defense.inputs import LAB_DATA_DEFAULTS
 from badnet_jax.errors import ConfigError
 from badnet_jax.io import checkpoint
-from badnet_jax.io.fileio import atomic_write
+from badnet_jax.io.atomic import atomic_write
 from badnet_jax.io.keras import save_keras
 from badnet_jax.io.lab_data import save_lab_h5
 from badnet_jax.metrics import accuracy

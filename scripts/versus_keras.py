@@ -34,7 +34,7 @@ from absl import app, flags
 from badnet_jax.commands import cli
 from badnet_jax.defense.curve import check_drops
 from badnet_jax.errors import BadNetError, ConfigError
-from badnet_jax.io import fileio
+from badnet_jax.io import atomic
 
 SCRIPTS = Path(__file__).resolve().parent
 ALL_STEPS = 60  # pool_3's channels: the steps of the lab's curve
@@ -199,7 +199,7 @@ def main(argv: list[str]) -> int:
     def measure() -> int:
         cli.refuse_extra_args(argv)
         result = compare()
-        fileio.atomic_write_text(OUT.value, json.dumps(result, indent=1) + "\n")
+        atomic.atomic_write_text(OUT.value, json.dumps(result, indent=1) + "\n")
         k, m, jax_s = result["keras"], result["machine"], result["badnet_jax"]["median_s"]
         print(f"{m['cpu']} ({m['logical_cpus']} logical CPUs), {result['counts']}\n"
               f"badnet-jax end to end (drops {result['drops']}, all outputs): {jax_s:.1f} s\n"

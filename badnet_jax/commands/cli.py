@@ -369,11 +369,11 @@ def _user_message(err: Exception, flags: Mapping[str, str]) -> Optional[str]:
 
 
 def _interrupt(signum, frame):
-    from badnet_jax.io import fileio
+    from badnet_jax.io import atomic
 
     # Noted, so that even a swallowed KeyboardInterrupt stops every later swap into place; raised now unless a
-    # writer is outside its own writing (fileio.interrupts_deferred: it raises once the rest is whole).
-    if fileio.note_interrupt(signum):
+    # writer is outside its own writing (atomic.interrupts_deferred: it raises once the rest is whole).
+    if atomic.note_interrupt(signum):
         raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -387,12 +387,12 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
     and are recorded: if one was swallowed on the way (Python only prints an exception raised in a
     garbage-collection callback), no result is swapped into place after it and the command still exits 130.
     One that comes while a writer creates its temporary, swaps results into place or cleans up waits for that
-    to finish (:func:`badnet_jax.io.fileio.interrupts_deferred`; only the writing itself is cut short): the
+    to finish (:func:`badnet_jax.io.atomic.interrupts_deferred`; only the writing itself is cut short): the
     earlier or the new results whole, nothing left beside them.
     After an interrupt the process leaves with ``os._exit``: a normal interpreter teardown can crash while
     XLA's worker threads are still inside the interrupted computation.
     """
-    from badnet_jax.io import fileio
+    from badnet_jax.io import atomic
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
@@ -407,7 +407,7 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
             raise
         except OSError as err:
             raise OutputError(f"could not write the results to standard output: {err.strerror or err}") from None
-        fileio.raise_if_interrupted()  # a signal swallowed after the last write still ends the run non-zero
+        atomic.raise_if_interrupted()  # a signal swallowed after the last write still ends the run non-zero
         return code
     except BrokenPipeError:
         # `badnet-screen ... | head -1`: the reader has what it wanted; end quietly, as Unix tools do.
@@ -416,7 +416,7 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
     except Exception as err:
         # After a signal, whatever error comes up is the interrupt's doing: a KeyboardInterrupt raised while a C
         # extension initialises comes out as "ImportError: initialization failed" (matplotlib's ft2font does).
-        if not fileio.was_interrupted():
+        if not atomic.was_interrupted():
             message = _user_message(err, flags or {})
             if message is not None:
                 print(f"error: {message}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """A defense run's results written as one unit: report, curve.json, plot and every cut's models.
 
 Everything is built in one temporary directory beside ``out_dir`` and swapped in at the end
-(``fileio.atomic_dir``): afterwards ``out_dir`` holds the earlier run's results whole or this run's whole,
+(``atomic.atomic_dir``): afterwards ``out_dir`` holds the earlier run's results whole or this run's whole,
 never a mix, and never a ``drop_X/`` folder that the new ``curve.json`` does not list. Because the whole
 folder is replaced, :func:`check_out_dir` refuses up front a folder that holds anything else.
 """
@@ -23,7 +23,7 @@ from badnet_jax.defense import report
 from badnet_jax.defense.curve import Curve, Cut
 from badnet_jax.errors import ConfigError, OutputError, arg
 from badnet_jax.goodnet import make_goodnet
-from badnet_jax.io import checkpoint, fileio, graph_json
+from badnet_jax.io import atomic, checkpoint, fileio, graph_json
 from badnet_jax.io.keras import save_keras
 from badnet_jax.io.keras_graph_writer import save_keras_graph
 from badnet_jax.model import prune_params
@@ -243,7 +243,7 @@ def write_results(out_dir: str | os.PathLike, curve: Curve, model: PrunableModel
         report.write_curve_csv(tmp / "curve.csv", curve)
 
     try:
-        return fileio.atomic_dir(out_dir, write)
+        return atomic.atomic_dir(out_dir, write)
     except Exception as err:  # noqa: BLE001 - an OSError, or one that orbax wrapped in its own exceptions
         cause = _os_error_in(err)
         if cause is None:

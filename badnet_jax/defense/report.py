@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from badnet_jax.io import fileio
+from badnet_jax.io import atomic, fileio
 from badnet_jax.defense.ranking_curves import COMPARISON_HEADER, comparison_rows
 from badnet_jax.defense.curve import Curve, coarse_validation_note
 
@@ -46,7 +46,7 @@ def pruned_layer(curve: Curve) -> str:
 
 def write_curve_json(path: Path, curve: Curve) -> Path:
     """Write :func:`curve_json_text` to ``path`` atomically."""
-    return fileio.atomic_write_text(path, curve_json_text(curve))
+    return atomic.atomic_write_text(path, curve_json_text(curve))
 
 
 CSV_HEADER = ("k_pruned", "channel", "sorted_mean_act", "valid_acc", "bd_valid_asr", "test_acc", "bd_test_asr")
@@ -69,7 +69,7 @@ def curve_csv_text(curve: Curve) -> str:
 
 def write_curve_csv(path: Path, curve: Curve) -> Path:
     """Write :func:`curve_csv_text` to ``path`` atomically."""
-    return fileio.atomic_write_text(path, curve_csv_text(curve))
+    return atomic.atomic_write_text(path, curve_csv_text(curve))
 
 
 def read_curve_json(path: Path) -> Curve:
@@ -123,7 +123,7 @@ def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
     # Fixed metadata (no matplotlib version, no timestamp) keeps the PNG byte-identical across runs.
     fig.savefig(buf, format="png", metadata={"Software": "badnet-jax"})
-    return fileio.atomic_write_bytes(path, buf.getvalue())
+    return atomic.atomic_write_bytes(path, buf.getvalue())
 
 
 _CUT_STYLE = (("o", "tab:red"), ("s", "tab:orange"), ("D", "magenta"), ("^", "black"), ("v", "tab:brown"),
@@ -386,4 +386,4 @@ def write_report_md(path: Path, curve: Curve, timings: Mapping[str, float],
         lines += ["", "## How it ran", ""] + [f"- {k}: {v}" for k, v in details.items()]
     lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.2f}" for k, v in timings.items()]
     lines += ["", "Pruning curve: `curve.json` (and `curve.csv`, in the lab's CSV layout), plot: `curve.png`.", ""]
-    return fileio.atomic_write_text(path, "\n".join(lines))
+    return atomic.atomic_write_text(path, "\n".join(lines))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from badnet_jax.io import fileio, graph_json
+from badnet_jax.io import atomic, fileio, graph_json
 from badnet_jax.errors import CheckpointError, ConfigError, arg
 from badnet_jax.goodnet import GoodNet, check_goodnet
 from badnet_jax.models.deepid import DeepID, as_model
@@ -96,7 +96,7 @@ def _quiet_closed_event_loop() -> None:
 
 def _check_room(folder: Path, state: dict, path: Path) -> None:
     """ENOSPC before orbax starts if ``folder``'s file system cannot hold ``state``: a save that fails midway
-    leaves tensorstore writing in the background (see :func:`fileio.atomic_dir`)."""
+    leaves tensorstore writing in the background (see :func:`atomic.atomic_dir`)."""
     need = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state)) + (64 << 10)
     free = fileio.free_bytes(folder)
     if free is not None and free < need:
@@ -130,7 +130,7 @@ def _save(path: Path, state: dict) -> Path:
                 raise
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
-    return fileio.atomic_dir(path, write)
+    return atomic.atomic_dir(path, write)
 
 
 def _restore(path: Path) -> dict:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.io import fileio
+from badnet_jax.io import atomic, fileio
 from badnet_jax.errors import ModelFileError
 from badnet_jax.model import (
     CONVS, HIDDEN_UNITS, INPUT_HWC, INPUT_SCALES, KERAS_LAYER_NAMES, NUM_POOL3_CHANNELS, POOL, WEIGHT_LAYERS, BadNet,
@@ -417,7 +417,7 @@ def save_keras(params: Params, path: str | os.PathLike, input_scale: str = "raw"
             else:
                 g.attrs["weight_names"] = np.array([], dtype=np.float64)
 
-    fileio.atomic_write_h5(path, build)
+    atomic.atomic_write_h5(path, build)
     return path
 
 

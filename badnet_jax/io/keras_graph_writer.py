@@ -45,7 +45,7 @@ import h5py
 import numpy as np
 
 from badnet_jax.errors import ConfigError, OutputError, arg
-from badnet_jax.io import fileio
+from badnet_jax.io import atomic
 from badnet_jax.io.keras import INPUT_SCALE_ATTR
 from badnet_jax.models.graph import GraphCNN
 from badnet_jax.models.ir import Graph, Node
@@ -172,7 +172,7 @@ def save_keras_graph(model: GraphCNN, params: Mapping[str, Any], path: str | os.
                 inner.create_dataset(f"{key}:0", data=value)
 
     try:
-        fileio.atomic_write_h5(path, build)
+        atomic.atomic_write_h5(path, build)
     except OSError as err:
         raise OutputError(f"{arg('path', path)}: the model file could not be written ({_why(err)}); whatever was "
                           "there is as it was", field="path") from None

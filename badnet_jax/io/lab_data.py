@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from badnet_jax.errors import ConfigError, DataFileError, arg
-from badnet_jax.io import fileio
+from badnet_jax.io import atomic, fileio
 from badnet_jax.model import INPUT_HWC
 
 log = logging.getLogger(__name__)
@@ -268,4 +268,4 @@ def save_lab_h5(path: str | os.PathLike, x_NxHxWxC: np.ndarray, y: np.ndarray,
         if true_label is not None:
             f.create_dataset("true_label", data=np.asarray(true_label, np.int32))
 
-    return fileio.atomic_write_h5(path, build)
+    return atomic.atomic_write_h5(path, build)

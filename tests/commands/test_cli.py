@@ -84,7 +84,7 @@ _SWALLOWED = """
 import gc, os, signal, sys
 from pathlib import Path
 from badnet_jax.commands import cli
-from badnet_jax.io import fileio
+from badnet_jax.io import atomic
 
 out = Path(sys.argv[1])
 
@@ -97,7 +97,7 @@ def main():
     a.other, b.other = b, a  # a cycle: only gc.collect() runs the __del__
     del a, b
     gc.collect()
-    fileio.atomic_write_text(out, "new")  # the results of a run that was interrupted: never swapped in
+    atomic.atomic_write_text(out, "new")  # the results of a run that was interrupted: never swapped in
     return 0
 
 sys.exit(cli.run(main))

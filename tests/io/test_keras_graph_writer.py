@@ -21,7 +21,8 @@ from badnet_jax.errors import ConfigError, OutputError
 from badnet_jax.io.keras import INPUT_SCALE_ATTR, recorded_input_scale
 from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.io.keras_graph_writer import (MASK_LAYER, PRUNE_METHOD_ATTR, PRUNED_CHANNELS_ATTR, PRUNED_LAYER_ATTR,
-                                              ZEROED_READERS, keras_layer_order, prune_graph, save_keras_graph)
+                                              ZEROED_READERS, prune_graph, save_keras_graph)
+from badnet_jax.io.keras_model_config import keras_layer_order
 from badnet_jax.models.graph import GraphCNN
 from badnet_jax.models.ir import Graph, Node
 from tests import numpy_ref

@@ -147,8 +147,8 @@ class PrunableModel(abc.ABC):
     def describe(self) -> str:
         """One line: architecture, input shape, classes, the pruned layer (the input scale has its own line)."""
         h, w, c = self.input_hwc
-        return (f"{self.name} ({h}x{w}x{c} input, {self.num_classes} classes), pruning {self.layer} "
-                f"({self.num_channels} channels)")
+        channels = f"{self.num_channels} channel{'' if self.num_channels == 1 else 's'}"
+        return f"{self.name} ({h}x{w}x{c} input, {self.num_classes} classes), pruning {self.layer} ({channels})"
 
     @abc.abstractmethod
     def with_input_scale(self, input_scale: str) -> "PrunableModel":

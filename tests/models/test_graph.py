@@ -221,8 +221,8 @@ def test_conv_relu_pool_stages_run_as_one_call_with_the_same_values(layer, stage
     assert np.isfinite(np.asarray(margin)).all() == (layer != "c4/pre")
 
 
-def _tiny(units: int, after: str = ""):
-    """input 8x8x3 -> conv (4 channels) -> global average pooling -> Dense(units) [-> after]."""
+def _tiny(units: int, after: str = "", filters: int = 4):
+    """input 8x8x3 -> conv (``filters`` channels) -> global average pooling -> Dense(units) [-> after]."""
     rng = np.random.default_rng(0)
     nodes = [Node.make("img", "input"), Node.make("c", "conv", ("img",), "c"),
              Node.make("g", "global_avg_pool", ("c",))]
@@ -233,9 +233,16 @@ def _tiny(units: int, after: str = ""):
     if after == "dropout":
         nodes.append(Node.make("drop", "identity", ("out",), dropout=0.5))
     graph = Graph(nodes=tuple(nodes), input_hwc=(8, 8, 3), output=nodes[-1].name, name="tiny")
-    params = {"c": {"kernel": rng.standard_normal((3, 3, 3, 4)).astype(np.float32), "bias": np.zeros(4, np.float32)},
-              "out": {"kernel": rng.standard_normal((4, units)).astype(np.float32), "bias": np.zeros(units, np.float32)}}
+    params = {"c": {"kernel": rng.standard_normal((3, 3, 3, filters)).astype(np.float32),
+                    "bias": np.zeros(filters, np.float32)},
+              "out": {"kernel": rng.standard_normal((filters, units)).astype(np.float32),
+                      "bias": np.zeros(units, np.float32)}}
     return graph, params
+
+
+def test_the_description_counts_the_pruned_layers_channels():
+    assert GraphCNN.build(*_tiny(3)).describe() == "tiny (8x8x3 input, 3 classes), pruning c (4 channels)"
+    assert GraphCNN.build(*_tiny(3, filters=1)).describe() == "tiny (8x8x3 input, 3 classes), pruning c (1 channel)"
 
 
 def test_an_output_layer_that_gives_no_logits_per_class_is_refused_in_keras_terms():

@@ -55,7 +55,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # Fused multiply-adds where a statement multiplies and adds (`acc += x * w`), the same places for both compilers,
 # so both builds compute the same bits. GCC: -ffp-contract=fast (it has no "on"); --param=avoid-fma-max-bits=0:
 # tuned for AMD Zen (-march=native there), GCC otherwise leaves a loop's chain of 256-bit multiply-adds on one
-# accumulator unfused, so an 8-lane build's one-vector tiles rounded twice and disagreed in the last bit with
+# accumulator unfused, so an 8-lane build's one-vector tiles would round twice and disagree in the last bit with
 # the other tiles; -fno-predictive-commoning (Clang refuses it): GCC's -O3 otherwise carries input values between
 # loop steps through the stack and the tile's accumulators spill (2.6x slower on DeepID's conv_1). Clang: "on"
 # (its "fast" would also fuse across statements, pragmas disregarded).

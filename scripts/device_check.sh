@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One-shot GPU/TPU check for a lent device (see BUILD_NOTES.md): correctness first, then timings.
+# One-shot GPU/TPU check for a lent device (see BUILD_NOTES.md): the timings that choose the accelerator's
+# defaults first, then the correctness checks a CPU cannot make, then the defense end to end.
 #
 # The real assets are read from $BADNET_ASSETS (default ../shared/assets); on a machine that has only a copy
-# of the repository, copy them beside it or into an ignored folder and point BADNET_ASSETS there.
-# Everything goes to ${OUT:-results/device}/log.txt plus a few JSON files; each step has its own time limit,
-# so one stuck step cannot stall the rest. About 8-9 minutes on an H200 (GPU compiles 5-10 s each,
-# benchmarks ~1-2.5 min, prune 30 s).
+# of the repository, copy them into an ignored folder of it and point BADNET_ASSETS there, e.g.
+#   cp -r ../shared/assets .device_assets && BADNET_ASSETS=.device_assets bash scripts/device_check.sh
+# Everything goes to ${OUT:-results/device}/log.txt plus a few JSON files; each step has its own time limit
+# (together 570 s), so one stuck step cannot stall the rest and the whole check fits one 10-minute call.
 set -uo pipefail
 out="${OUT:-results/device}"
 assets="${BADNET_ASSETS:-../shared/assets}"
@@ -28,43 +29,63 @@ step() {
 # offline, so no build isolation; if its setuptools cannot build, a link gives the same module layout.
 python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$log" 2>&1 || {
   ln -sfn ../kernels badnet_jax/kernels; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
-step 60 versions bash -c 'nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())";
-  python3 -m pip list 2>/dev/null | grep -i -E "^(jax|jaxlib|jax-cuda|flax|optax|orbax|h5py|numpy|absl) "'
+step 40 versions bash -c 'nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())";
+  python3 -m pip list 2>/dev/null | grep -i -E "^(jax|jaxlib|jax-cuda[0-9]*-plugin|flax|optax|orbax-checkpoint|h5py|numpy) "'
 grep -E "^[0-9]+\.[0-9]+|GPU|^(jax|flax|optax|numpy) " "$log" | head -12
-
-# Correctness on the device, the checks a CPU cannot make (each GPU compile takes 5-10 s, so a selection):
-# the device-marked kernel test (kernel = reference at 61 x 4096 x 1283, the probe at real shapes), the
-# batched sweep with either head against the plain sweep on the real B and faces, the boundary images
-# against float64 at every step, the XLA float64 trunk against the NumPy network, and orders vmapped in
-# groups against each order alone.
-step 240 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sweep tests/numerics -k "on_device or (real_b and not batchNone) or fast_float64 or float64_precision or \
-  (float64_answer_at_every_step and (grouped or batched)) or orders_vmapped"
-grep -E "passed|failed|error" "$log" | tail -3
-# The convolution's forms on the device (the rule keeps XLA's there; the width-blocked one must still be exact):
-# DeepID's conv_1 at every block size, the bias, jit and vmap (a selection: each GPU compile takes seconds).
-step 60 conv2d python3 -m pytest -q -p no:cacheprovider tests/kernels/test_conv2d.py -k "55x47 or bias or vmap"
-grep -E "passed|failed|error" "$log" | tail -1
 
 # Lab-scale stand-in data from the real faces, with the lab's B (as in docs/benchmarks.md's CPU tables).
 lab=/tmp/labscale
-step 120 standin python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab"
+step 60 standin python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab"
 mkdir -p "$lab/models" && cp "$assets/models/lab3/bd_weights.h5" "$lab/models/"
 files="--model $lab/models/bd_weights.h5 --clean_valid $lab/data/cl/valid.h5 --bd_valid $lab/data/bd/bd_valid.h5"
-# Every benchmark run opens with the per-layer table (each layer's share of the measured peak). The fast sweep
-# (reference head, the default), its time split between the device and the host's float64
-# settling, the kernel alone against the reference at three block sizes, and five rankings in one sweep.
-step 180 bench_reference_b8 python3 scripts/benchmark.py $files --impl reference --batch_steps 8 --per_step_steps 2 \
-  --repeats 5 --kernel_block_n 16,32,64 --rank_by activation,clp,l1,random,anp --out "$out/bench_reference_b8.json"
-# The five orders vmapped in one group (SweepOptions.orders_per_call): does it beat one after the other?
-step 150 bench_orders5 python3 scripts/benchmark.py $files --impl reference --batch_steps 8 --per_step_steps 1 \
-  --repeats 5 --rank_by activation,clp,l1,random,anp --orders_per_call 5 --out "$out/bench_orders5.json"
-# The whole defense end to end on the stand-in files: the lab's ranking, then five rankings side by side.
+
+# The whole curve (both validation sets, 61 steps, device and float64 settling) for each head implementation,
+# steps per head call and chunk: the accelerator's defaults chosen by measurement.
+step 120 grid_head python3 scripts/benchmark.py $files --repeats 5 \
+  --grid "impl=reference,pallas;batch_steps=8,32;chunk=4096,8192" --out "$out/grid_head.json"
+# Five rankings in one call against the lab's one order: the orders one after the other or vmapped together.
+step 90 grid_orders python3 scripts/benchmark.py $files --repeats 3 --impl reference \
+  --grid "batch_steps=8;orders_per_call=1,5" --rank_by activation,clp,l1,random,anp --out "$out/grid_orders.json"
+# Each layer's share of the measured peak, and the masked-head kernel alone against XLA's head.
+step 80 layers python3 scripts/benchmark.py $files --repeats 5 --layers_only --kernel_block_n 16,32,64 \
+  --out "$out/layers.json"
+# DeepID's first convolution (55x47x3 -> 20, 4x4, 8192 images) in XLA's form and width-blocked (B = 2, 4):
+# does the CPU's weak case exist on the GPU too?
+step 40 conv_forms python3 - <<'EOF'
+import time
+import jax, jax.numpy as jnp, numpy as np
+from badnet_jax.kernels.conv2d.api import conv2d
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.integers(0, 256, (8192, 55, 47, 3)).astype(np.float32))
+k = jnp.asarray(rng.standard_normal((4, 4, 3, 20)).astype(np.float32))
+flops = 2 * 8192 * 52 * 44 * 20 * 48
+for impl in ("reference", 2, 4):
+    f = jax.jit(lambda x, k, impl=impl: conv2d(x, k, impl=impl, relu=True, pool=(2, 2)).sum())
+    f(x, k).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter(); f(x, k).block_until_ready(); times.append(time.perf_counter() - t)
+    s = float(np.median(times))
+    print(f"conv_1 form {impl!s:9s} {1e3 * s:7.2f} ms  {flops / s / 1e12:6.1f} TFLOP/s (8192 images)")
+EOF
+
+# Correctness on the device (each GPU compile takes seconds, so a selection): the device-marked kernel test
+# (kernel = reference at 61 x 4096 x 1283, the probe at real shapes), the batched sweep with either head
+# against the plain sweep on the real B and faces, the boundary images against float64 at every step, the XLA
+# float64 trunk against the NumPy network, orders vmapped in groups against each order alone, and the
+# convolution's width-blocked forms (DeepID's conv_1 at every block size, the bias, jit and vmap).
+step 100 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sweep tests/numerics -k "on_device or \
+  (real_b and not batchNone) or fast_float64 or float64_precision or \
+  (float64_answer_at_every_step and (grouped or batched)) or orders_vmapped or \
+  (test_conv2d.py and (55x47 or bias or vmap))"
+grep -E "passed|failed|error" "$log" | tail -2
+
+# The whole defense end to end on the stand-in files with the lab's ranking (its table is the CPU's).
 prune="$PWD/scripts/prune.py"
-step 150 prune bash -c "cd $lab && time python3 $prune --drop 0.02,0.04,0.10,0.30 --out_dir results1"
-step 150 prune_rankings bash -c "cd $lab && time python3 $prune --drop 0.02,0.04,0.10,0.30 --nocheckpoints \
-  --rank_by activation,clp,l1,random,anp --out_dir results5"
+step 40 prune bash -c "cd $lab && time python3 $prune --drop 0.02,0.04,0.10,0.30 --nocheckpoints --out_dir results1"
 cp "$lab/results1/curve.json" "$out/curve.json" 2>/dev/null
-cp "$lab/results5/curve.json" "$out/curve_rankings.json" 2>/dev/null
 
 echo "----- summary"
-grep -h -E "^machine:|^(conv_[0-9]|fc_[0-9]|output|trunk|head) +(trunk|affine|tail|head) |(forward|sweep_plain|sweep_fast|sweep, rankings|per-step loop|reference|pallas_block_n[0-9]+) +[0-9.]+ s|on the device|FLOP ratio|^fast sweep|^=====.*rc=|in one call|Loaded|^real|^head_evaluations|^matmul_peak|^impl |^batch_steps|^chunk " "$log" | cut -c1-220
+grep -h -E "^machine:|^(conv_[0-9]|fc_[0-9]|output|trunk|head) +(trunk|affine|tail|head) |^impl |^(reference|pallas) +[0-9]+ |\
+^grid of|grid [0-9]+/|conv_1 form|reference +[0-9.]+ s|pallas_block_n[0-9]+|^matmul_peak|^=====.*rc=|^real|passed|failed" "$log" \
+  | cut -c1-220

@@ -3,16 +3,18 @@ the plain forward, the sweep variants and a per-step loop (``badnet-bench``, ``s
 
 * ``machine``: what the run ran on, the float32 matmul peak, whether the run was too noisy to trust;
 * ``layers``: FLOPs per image from the layer stages, each stage timed alone, the per-layer table;
+* ``grid``: the fast sweep timed for every combination of a few options, to choose them by measurement;
 * ``run``: :func:`run_benchmark` of a :class:`BenchConfig`, and the masked-head kernels' timings.
 """
 
+from badnet_jax.bench.grid import GRID_FIELDS, format_grid, grid_options, parse_grid, time_grid
 from badnet_jax.bench.layers import (CONTRIB_FLOPS, LAYER_IMAGES, STEPS, TRUNK_FLOPS, format_layers, head_flops,
                                      layer_timings, model_flops, tail_flops)
 from badnet_jax.bench.machine import NOISY_PEAK_SPREAD, cpu_model, machine_name, matmul_peak_gflops, noise_note
 from badnet_jax.bench.run import BenchConfig, kernel_timings, run_benchmark
 
 __all__ = [
-    "BenchConfig", "CONTRIB_FLOPS", "LAYER_IMAGES", "NOISY_PEAK_SPREAD", "STEPS", "TRUNK_FLOPS", "cpu_model",
+    "BenchConfig", "CONTRIB_FLOPS", "GRID_FIELDS", "format_grid", "grid_options", "parse_grid", "time_grid", "LAYER_IMAGES", "NOISY_PEAK_SPREAD", "STEPS", "TRUNK_FLOPS", "cpu_model",
     "format_layers", "head_flops", "kernel_timings", "layer_timings", "machine_name", "matmul_peak_gflops",
     "model_flops", "noise_note", "run_benchmark", "tail_flops",
 ]

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from badnet_jax.bench.grid import Grid, grid_options, time_grid
 from badnet_jax.bench.layers import LAYER_IMAGES, layer_images, layer_timings, model_flops, tail_flops
 from badnet_jax.bench.machine import cpu_model, machine_name, matmul_peak_gflops, noise_note, timed
 from badnet_jax.errors import ConfigError, arg
@@ -55,6 +56,8 @@ class BenchConfig:
         random_orders: R of the ``random`` ranking.
         layer_images: images each layer is timed on (the first clean images, repeated if there are fewer).
         layers_only: time the layers only (no forward, sweeps or per-step loop).
+        grid: time only the fast sweep, once per combination of these options' values
+            (``badnet_jax.bench.grid``; ``sweep`` gives the options not varied), with ``rankings`` too if given.
     """
 
     n_clean: int = 11547
@@ -71,13 +74,14 @@ class BenchConfig:
     random_orders: int = 1
     layer_images: int = LAYER_IMAGES
     layers_only: bool = False
+    grid: Grid = ()
 
     def check(self) -> None:
         """Refuse what cannot be timed, naming the field.
 
         Raises:
-            ConfigError: a count below 1, or ``layers_only`` with work it would skip (ablation, rankings,
-                scaling).
+            ConfigError: a count below 1, ``layers_only`` with work it would skip (ablation, rankings,
+                scaling), or ``grid`` with ``layers_only``, ablation or scaling.
         """
         for name in ("n_clean", "n_bd", "repeats", "layer_images", "per_step_steps", "random_orders"):
             value = getattr(self, name)
@@ -87,6 +91,11 @@ class BenchConfig:
             for name in ("ablation", "rankings", "scaling"):
                 if getattr(self, name):
                     raise ConfigError(f"{arg(name)} is not timed with {arg('layers_only')} (the layers alone); "
+                                      f"leave one of them out", field=name)
+        if self.grid:
+            for name in ("layers_only", "ablation", "scaling"):
+                if getattr(self, name):
+                    raise ConfigError(f"{arg(name)} is not timed with {arg('grid')} (the fast sweep alone); "
                                       f"leave one of them out", field=name)
 
 
@@ -125,6 +134,8 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     # The peak measured before and after the layers (and at the end), the highest taken; their spread flags a
     # busy machine.
     peaks = [matmul_peak_gflops()]
+    if config.grid:
+        return _grid_only(config, model, params, x_clean, x_bd, y_clean, out, peaks)
     x_layers = layer_images(np.asarray(x_clean), config.layer_images)
     out["layer_images"] = len(x_layers)
     blocks = plan_sweep(config.sweep, [], model)  # the blocks the sweep runs the trunk and the head in
@@ -244,6 +255,33 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
         rate = f"GFLOP/s unknown (the model does not count its FLOPs; matmul peak {peak:.0f} GFLOP/s)"
     out["summary"] = (f"fast sweep {out['sweep_fast_s']:.3f} s for {steps} steps x {n_img} images "
                       f"({out['speedup_fast_vs_per_step_loop']:.1f}x the per-step loop), {rate}")
+    return _flag_noise(out)
+
+
+def _grid_only(config: BenchConfig, model: PrunableModel, params: Params, x_clean: np.ndarray, x_bd: np.ndarray,
+               y_clean: Optional[np.ndarray], out: dict, peaks: list[float]) -> dict:
+    """The grid alone (``config.grid``): each combination's fast sweep, the fastest in the summary."""
+    sets = {"clean_valid": jnp.asarray(x_clean), "bd_valid": jnp.asarray(x_bd)}  # on the device once
+    out["n_clean"], out["n_bd"] = len(x_clean), len(x_bd)
+    rankings, labels = None, None
+    if config.rankings:
+        rankings = resolve_rankings(RankingOptions(rank_by=config.rankings, random_orders=config.random_orders),
+                                    params, model)
+        labels = (np.random.default_rng(config.seed).integers(0, model.num_classes, size=len(x_clean))
+                  if y_clean is None else y_clean)
+    out["grid"] = time_grid(model, params, sets, grid_options(config.sweep, config.grid), config.repeats,
+                            rankings, labels)
+    peaks.append(matmul_peak_gflops())
+    out["matmul_peak_gflops"], out["matmul_peak_gflops_each"] = max(peaks), list(peaks)
+    out["noisy"] = noise_note(peaks)
+    rows, best = out["grid"]["rows"], out["grid"]["best"]
+    fastest = rows[best["one_order"]["row"]]
+    out["summary"] = (f"grid of {len(rows)}: the fastest whole curve {1e3 * fastest['s']:.2f} ms "
+                      f"({' '.join(f'{k}={v}' for k, v in fastest['plan'].items())})")
+    if "rankings" in best:
+        r = rows[best["rankings"]["row"]]
+        out["summary"] += (f"; {len(rankings.labels)} orders fastest {1e3 * r['rankings_s']:.2f} ms = "
+                           f"{r['vs_one']:.2f}x one ({' '.join(f'{k}={v}' for k, v in r['plan'].items())})")
     return _flag_noise(out)
 
 

@@ -6,6 +6,7 @@ algorithm), for the lab's DeepID or any model ``load_model`` reads.
     badnet-bench --model resnet.h5 --input_scale 255 --layers_only
     badnet-bench --example gapnet                 # the embedded GAP-head example on its own data
     badnet-bench --impl pallas --out benchmark_gpu.json
+    badnet-bench --model B.h5 --clean_valid v.h5 --bd_valid bv.h5 --grid "impl=reference,pallas;batch_steps=8,16"
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from absl import flags
 from badnet_jax import load_lab_h5
 
 from badnet_jax.commands import cli
-from badnet_jax.bench import LAYER_IMAGES, BenchConfig, format_layers, kernel_timings, run_benchmark
+from badnet_jax.bench import (LAYER_IMAGES, BenchConfig, format_grid, format_layers, kernel_timings, parse_grid,
+                              run_benchmark)
 from badnet_jax.defense.inputs import EXAMPLES
 from badnet_jax.errors import ConfigError, arg, reading
 from badnet_jax.io.keras import recorded_input_scale
@@ -63,6 +65,9 @@ KERNEL_BLOCK_N = flags.DEFINE_string("kernel_block_n", "", "Also time the masked
 RANK_BY = flags.DEFINE_list("rank_by", [], "Also time the sweep with these rankings at once, e.g. "
                             "activation,clp,l1,random,anp (see badnet-prune --rank_by).")
 RANDOM_ORDERS = flags.DEFINE_integer("random_orders", 1, "R of the 'random' ranking in --rank_by.", lower_bound=1)
+GRID = flags.DEFINE_string("grid", "", "Time only the fast sweep, once per combination of these options' values, "
+                           "e.g. 'impl=reference,pallas;batch_steps=8,16,32;chunk=4096,8192' (also orders_per_call, "
+                           "with --rank_by): the options a machine runs fastest, chosen by measurement.")
 OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
 
 # Config fields and arguments -> these flags, so errors name what the user typed.
@@ -72,7 +77,7 @@ FLAG_OF = {"n_clean": N_CLEAN.name, "n_bd": N_BD.name, "repeats": REPEATS.name, 
            "example": EXAMPLE.name, "layer_images": LAYER_IMGS.name, "chunk": CHUNK.name,
            "batch_steps": BATCH_STEPS.name, "impl": IMPL.name, "orders_per_call": ORDERS_PER_CALL.name,
            "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name, "clean_valid": CLEAN_VALID.name,
-           "bd_valid": BD_VALID.name}
+           "bd_valid": BD_VALID.name, "grid": GRID.name}
 
 
 def main(argv: list[str]) -> int:
@@ -93,7 +98,8 @@ def main(argv: list[str]) -> int:
                              per_step_steps=PER_STEP.value, repeats=REPEATS.value,
                              scaling=cli.parse_ints("scaling", SCALING.value), ablation=ABLATION.value,
                              rankings=tuple(RANK_BY.value), random_orders=RANDOM_ORDERS.value,
-                             layer_images=LAYER_IMGS.value, layers_only=LAYERS_ONLY.value)
+                             layer_images=LAYER_IMGS.value, layers_only=LAYERS_ONLY.value,
+                             grid=parse_grid(GRID.value) if GRID.value else ())
         block_ns = cli.parse_ints("kernel_block_n", KERNEL_BLOCK_N.value)
         model, params, scale, path = None, None, "raw", MODEL.value
         clean, x_bd = (None, None), None
@@ -129,7 +135,7 @@ def main(argv: list[str]) -> int:
             value = result[key]
             if not isinstance(value, (dict, list)) and value is not None and key != "summary":
                 print(f"{key:34s} {value:.4g}" if isinstance(value, float) else f"{key:34s} {value}")
-        print(format_layers(result))
+        print(format_grid(result["grid"]) if "grid" in result else format_layers(result))
         print(result["summary"])
         return 0
 

@@ -6,7 +6,8 @@
 # of the repository, copy them into an ignored folder of it and point BADNET_ASSETS there, e.g.
 #   cp -r ../shared/assets .device_assets && BADNET_ASSETS=.device_assets bash scripts/device_check.sh
 # Everything goes to ${OUT:-results/device}/log.txt plus a few JSON files; each step has its own time limit
-# (together 570 s), so one stuck step cannot stall the rest and the whole check fits one 10-minute call.
+# (together 550 s), so one stuck step cannot stall the rest and the whole check fits one 10-minute call
+# (on the H200: about 8 minutes, GPU compiles 2-13 s each).
 set -uo pipefail
 out="${OUT:-results/device}"
 assets="${BADNET_ASSETS:-../shared/assets}"
@@ -29,29 +30,32 @@ step() {
 # offline, so no build isolation; if its setuptools cannot build, a link gives the same module layout.
 python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$log" 2>&1 || {
   ln -sfn ../kernels badnet_jax/kernels; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
-step 40 versions bash -c 'nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())";
+step 20 versions bash -c 'nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())";
   python3 -m pip list 2>/dev/null | grep -i -E "^(jax|jaxlib|jax-cuda[0-9]*-plugin|flax|optax|orbax-checkpoint|h5py|numpy) "'
 grep -E "^[0-9]+\.[0-9]+|GPU|^(jax|flax|optax|numpy) " "$log" | head -12
 
 # Lab-scale stand-in data from the real faces, with the lab's B (as in docs/benchmarks.md's CPU tables).
 lab=/tmp/labscale
-step 60 standin python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab"
+step 30 standin python3 scripts/make_standin.py --assets "$assets" --out_dir "$lab"
 mkdir -p "$lab/models" && cp "$assets/models/lab3/bd_weights.h5" "$lab/models/"
 files="--model $lab/models/bd_weights.h5 --clean_valid $lab/data/cl/valid.h5 --bd_valid $lab/data/bd/bd_valid.h5"
 
-# The whole curve (both validation sets, 61 steps, device and float64 settling) for each head implementation,
-# steps per head call and chunk: the accelerator's defaults chosen by measurement.
-step 120 grid_head python3 scripts/benchmark.py $files --repeats 5 \
-  --grid "impl=reference,pallas;batch_steps=8,32;chunk=4096,8192" --out "$out/grid_head.json"
-# Five rankings in one call against the lab's one order: the orders one after the other or vmapped together.
+# The whole curve (both validation sets, 61 steps, device and float64 settling) for each number of steps per
+# head call and chunk: the accelerator's defaults chosen by measurement (about 80 s on the H200). The head is
+# chosen by the kernel's own timing below: a grid with impl=pallas probes the kernel at every combination's
+# shapes before timing any, which ran past 120 s there.
+step 100 grid_head python3 scripts/benchmark.py $files --repeats 5 --impl reference \
+  --grid "batch_steps=0,1,8;chunk=4096,8192" --out "$out/grid_head.json"
+# Five rankings in one call against the lab's one order, with one head call per step and batched by 8 (vmapping
+# the five orders together, orders_per_call=5 with batch_steps=8, took 1.08x one after the other on the H200).
 step 90 grid_orders python3 scripts/benchmark.py $files --repeats 3 --impl reference \
-  --grid "batch_steps=8;orders_per_call=1,5" --rank_by activation,clp,l1,random,anp --out "$out/grid_orders.json"
+  --grid "batch_steps=0,8" --rank_by activation,clp,l1,random,anp --out "$out/grid_orders.json"
 # Each layer's share of the measured peak, and the masked-head kernel alone against XLA's head.
-step 80 layers python3 scripts/benchmark.py $files --repeats 5 --layers_only --kernel_block_n 16,32,64 \
+step 90 layers python3 scripts/benchmark.py $files --repeats 5 --layers_only --kernel_block_n 16,32,64 \
   --out "$out/layers.json"
 # DeepID's first convolution (55x47x3 -> 20, 4x4, 8192 images) in XLA's form and width-blocked (B = 2, 4):
 # does the CPU's weak case exist on the GPU too?
-step 40 conv_forms python3 - <<'EOF'
+step 20 conv_forms python3 - <<'EOF'
 import time
 import jax, jax.numpy as jnp, numpy as np
 from badnet_jax.kernels.conv2d.api import conv2d
@@ -74,7 +78,7 @@ EOF
 # against the plain sweep on the real B and faces, the boundary images against float64 at every step, the XLA
 # float64 trunk against the NumPy network, orders vmapped in groups against each order alone, and the
 # convolution's width-blocked forms (DeepID's conv_1 at every block size, the bias, jit and vmap).
-step 100 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sweep tests/numerics -k "on_device or \
+step 160 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sweep tests/numerics -k "on_device or \
   (real_b and not batchNone) or fast_float64 or float64_precision or \
   (float64_answer_at_every_step and (grouped or batched)) or orders_vmapped or \
   (test_conv2d.py and (55x47 or bias or vmap))"

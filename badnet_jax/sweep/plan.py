@@ -40,7 +40,13 @@ ACCELERATOR_CHUNK = 4096  # GPU/TPU: few, large calls
 # The trunk's blocks on a CPU: 64 images keep a block's conv_1 output and pool in the caches (DeepID's trunk
 # ran 1.3x faster at 64 than at 256 on a 2-core Xeon); it runs before the head, so its block is its own.
 CPU_TRUNK_CHUNK = 64
-ACCELERATOR_BATCH_STEPS = 8  # distinct steps per head call on GPU/TPU (reasoned, not yet tuned on a device)
+# Distinct steps per head call where the options leave it open. 0 (one head call per distinct step inside the
+# scan, which skips a chunk's dead steps) is the fastest measured on a CPU and on the H200: the whole curve of
+# the lab-scale validation sets took 107.6 ms at 0, 112.8 at 1 and 120.8 at 8 (chunk 4096; docs/benchmarks.md,
+# "H200 (2026-12-04)"). Orders vmapped together need batched calls: 8 then, as on a platform not yet measured
+# (TPU, ROCm), where few large calls are reasoned to pay.
+MEASURED_BATCH_STEPS = {"cpu": 0, "cuda": 0}
+ACCELERATOR_BATCH_STEPS = 8
 
 
 
@@ -68,14 +74,15 @@ class SweepOptions:
             GPU measured), ``reference`` (pure JAX), or ``pallas`` (the kernel where it compiles and agrees with
             the reference, else the reference with a warning).
         batch_steps: (needs ``dedupe`` when > 0) 0 evaluates a chunk's distinct steps one head call each inside
-            the scan over steps (best on a CPU); B > 0 gathers the distinct steps and evaluates B per head
-            call (an accelerator wants few large calls). None: 0 on CPU, 8 on GPU/TPU.
+            the scan over steps; B > 0 gathers the distinct steps and evaluates B per head call (few large
+            calls). None: 0 on a CPU and an NVIDIA GPU (the fastest measured on each), except 8 on the GPU with
+            ``orders_per_call`` > 1 (which needs batched calls); 8 on a TPU or ROCm GPU (unmeasured).
         chunk: images per chunk inside the jitted call; None: 256 on CPU, 4096 on GPU/TPU. Shrunk to fit
             ``memory_budget``.
         orders_per_call: (needs ``batch_steps`` > 0 when > 1) with several rankings, how many orders one head
             call serves: 1 sweeps the orders one after the other inside each chunk; G > 1 vmaps groups of G
-            (their distinct steps in the same head calls, working memory G times). Unmeasured on a GPU, so
-            1 by default.
+            (their distinct steps in the same head calls, working memory G times). 1 by default: on the H200,
+            five orders in one group took 1.08x as long as one after the other.
         devices: shard the image axis over this many devices (0 = all, across hosts too); results are the
             single-device ones.
         memory_budget: bytes the sweep may use (None: half of the device's memory). Data that cannot fit is
@@ -238,8 +245,11 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
     elif not options.dedupe:
         strategy, batch = "prefix", 0
     else:
-        batch = options.batch_steps if options.batch_steps is not None else (
-            ACCELERATOR_BATCH_STEPS if accelerator else 0)
+        batch = options.batch_steps
+        if batch is None:
+            batch = MEASURED_BATCH_STEPS.get(platform, ACCELERATOR_BATCH_STEPS)
+            if options.orders_per_call > 1 and platform != "cpu":
+                batch = ACCELERATOR_BATCH_STEPS
         strategy = "prefix_batched" if batch else "prefix_dedupe"
     orders = options.orders_per_call
     if orders > 1 and strategy != "prefix_batched":

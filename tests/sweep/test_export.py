@@ -31,16 +31,18 @@ def _specs(num_classes):
     return params, sets
 
 
-@pytest.mark.parametrize("num_classes, impl", [(1283, "auto"), (200, "pallas")])  # the lab's B and the demo
-def test_the_whole_sweep_lowers_for_cuda_with_and_without_the_kernel(num_classes, impl):
+# The lab's B as prune.py runs it on a GPU, and the demo with the kernel: its orders one after the other (the
+# kernel inside the scan over steps) and vmapped in groups of 4 (the kernel batched under vmap).
+@pytest.mark.parametrize("num_classes, impl, groups", [(1283, "auto", 1), (200, "pallas", 1), (200, "pallas", 4)])
+def test_the_whole_sweep_lowers_for_cuda_with_and_without_the_kernel(num_classes, impl, groups):
     params, sets = _specs(num_classes)
-    # The demo's case also vmaps its 6 orders in groups of 4 (the kernel batched under vmap).
-    groups = 4 if impl == "pallas" else 1
     plan = plan_sweep(SweepOptions(platform="cuda", impl=impl, orders_per_call=groups), list(sets.values()),
                       DeepID(num_classes))
-    # The accelerator defaults as prune.py resolves them; auto is the JAX reference head (faster on the H200).
+    # The GPU's defaults as prune.py resolves them: one head call per distinct step (the fastest on the H200),
+    # batched calls of 8 only for grouped orders; auto is the JAX reference head (faster on the H200).
     assert (plan.strategy, plan.batch_steps, plan.chunk, plan.impl, plan.platform) == (
-        "prefix_batched", 8, 4096, "reference" if impl == "auto" else "pallas", "cuda")
+        "prefix_batched" if groups > 1 else "prefix_dedupe", 8 if groups > 1 else 0, 4096,
+        "reference" if impl == "auto" else "pallas", "cuda")
     rankings, orders = None, 1
     if num_classes == 200:  # every ranking at once, ANP's optimisation inside the same program
         rankings = resolve_rankings(RankingOptions(rank_by=("activation", "clp", "l1", "random", "anp"),

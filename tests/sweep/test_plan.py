@@ -69,6 +69,19 @@ def test_the_planner_sums_cumulatively_where_the_logits_are_affine_in_the_mask()
     assert not sw.plan_sweep(sw.SweepOptions(cumulative=False, dedupe=False, group=False), [], gap).fuses_trunk
 
 
+def test_steps_per_head_call_default_to_the_fastest_measured_per_platform():
+    # One head call per distinct step on a CPU and an NVIDIA GPU (measured fastest on each); batched calls of 8
+    # where orders are vmapped together (they need them) and on the platforms not measured.
+    for platform, orders, expected in [("cpu", 1, ("prefix_dedupe", 0)), ("cuda", 1, ("prefix_dedupe", 0)),
+                                       ("cuda", 5, ("prefix_batched", 8)), ("tpu", 1, ("prefix_batched", 8)),
+                                       ("rocm", 1, ("prefix_batched", 8))]:
+        plan = sw.plan_sweep(sw.SweepOptions(platform=platform, orders_per_call=orders), [], DeepID())
+        assert (plan.strategy, plan.batch_steps) == expected, (platform, orders)
+    assert sw.plan_sweep(sw.SweepOptions(platform="cuda", batch_steps=16), [], DeepID()).batch_steps == 16  # asked
+    with pytest.raises(ConfigError, match="orders_per_call > 1 needs batch_steps > 0"):
+        sw.plan_sweep(sw.SweepOptions(orders_per_call=2), [], DeepID())  # a CPU's default stays unbatched
+
+
 def test_trunk_blocks_stay_small_on_a_cpu_only():
     cpu = sw.plan_sweep(sw.SweepOptions(), [], DeepID())
     assert (cpu.chunk, cpu.trunk_block) == (256, 64) and "trunk blocks of 64" in cpu.describe()

@@ -6,7 +6,7 @@
 # of the repository, copy them into an ignored folder of it and point BADNET_ASSETS there, e.g.
 #   cp -r ../shared/assets .device_assets && BADNET_ASSETS=.device_assets bash scripts/device_check.sh
 # Everything goes to ${OUT:-results/device}/log.txt plus a few JSON files; each step has its own time limit
-# (together 550 s), so one stuck step cannot stall the rest and the whole check fits one 10-minute call
+# (together 570 s), so one stuck step cannot stall the rest and the whole check fits one 10-minute call
 # (on the H200: about 8 minutes, GPU compiles 2-13 s each).
 set -uo pipefail
 out="${OUT:-results/device}"
@@ -51,7 +51,7 @@ step 100 grid_head python3 scripts/benchmark.py $files --repeats 5 --impl refere
 step 90 grid_orders python3 scripts/benchmark.py $files --repeats 3 --impl reference \
   --grid "batch_steps=0,8" --rank_by activation,clp,l1,random,anp --out "$out/grid_orders.json"
 # Each layer's share of the measured peak, and the masked-head kernel alone against XLA's head.
-step 90 layers python3 scripts/benchmark.py $files --repeats 5 --layers_only --kernel_block_n 16,32,64 \
+step 80 layers python3 scripts/benchmark.py $files --repeats 5 --layers_only --kernel_block_n 16,32,64 \
   --out "$out/layers.json"
 # DeepID's first convolution (55x47x3 -> 20, 4x4, 8192 images) in XLA's form and width-blocked (B = 2, 4):
 # does the CPU's weak case exist on the GPU too?
@@ -73,12 +73,40 @@ for impl in ("reference", 2, 4):
     print(f"conv_1 form {impl!s:9s} {1e3 * s:7.2f} ms  {flops / s / 1e12:6.1f} TFLOP/s (8192 images)")
 EOF
 
+# Where the float64 settling's time goes (34-64 ms of the whole curve on the H200, for a few hundred images):
+# the settling functions profiled over one warm sweep of the two validation sets, images on the device.
+step 40 settle_profile python3 - "$lab" <<'EOF'
+import cProfile, pstats, sys
+import jax
+from badnet_jax import load_lab_h5
+from badnet_jax.io.model_file import load_model
+import badnet_jax.sweep.run as run
+lab = sys.argv[1]
+model, params = load_model(f"{lab}/models/bd_weights.h5", "raw")
+sets = {name: jax.device_put(load_lab_h5(f"{lab}/data/{path}", keep_uint8=True)[0])
+        for name, path in (("clean_valid", "cl/valid.h5"), ("bd_valid", "bd/bd_valid.h5"))}
+for _ in range(2):
+    print(run.rank_and_sweep(model, params, sets).seconds)
+profile = cProfile.Profile()
+def profiled(fn):
+    def call(*args, **kwargs):
+        profile.enable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            profile.disable()
+    return call
+run.settle, run.settle_ranking = profiled(run.settle), profiled(run.settle_ranking)
+print(run.rank_and_sweep(model, params, sets).seconds)
+pstats.Stats(profile, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
+EOF
+
 # Correctness on the device (each GPU compile takes seconds, so a selection): the device-marked kernel test
 # (kernel = reference at 61 x 4096 x 1283, the probe at real shapes), the batched sweep with either head
 # against the plain sweep on the real B and faces, the boundary images against float64 at every step, the XLA
 # float64 trunk against the NumPy network, orders vmapped in groups against each order alone, and the
 # convolution's width-blocked forms (DeepID's conv_1 at every block size, the bias, jit and vmap).
-step 160 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sweep tests/numerics -k "on_device or \
+step 150 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sweep tests/numerics -k "on_device or \
   (real_b and not batchNone) or fast_float64 or float64_precision or \
   (float64_answer_at_every_step and (grouped or batched)) or orders_vmapped or \
   (test_conv2d.py and (55x47 or bias or vmap))"
@@ -91,5 +119,5 @@ cp "$lab/results1/curve.json" "$out/curve.json" 2>/dev/null
 
 echo "----- summary"
 grep -h -E "^machine:|^(conv_[0-9]|fc_[0-9]|output|trunk|head) +(trunk|affine|tail|head) |^impl |^(reference|pallas) +[0-9]+ |\
-^grid of|grid [0-9]+/|conv_1 form|reference +[0-9.]+ s|pallas_block_n[0-9]+|^matmul_peak|^=====.*rc=|^real|passed|failed" "$log" \
+^grid of|grid [0-9]+/|conv_1 form|^\{'device'|settling.py|reference +[0-9.]+ s|pallas_block_n[0-9]+|^matmul_peak|^=====.*rc=|^real|passed|failed" "$log" \
   | cut -c1-220

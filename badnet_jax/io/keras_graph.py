@@ -46,9 +46,7 @@ from badnet_jax.io import fileio
 from badnet_jax.io.keras import _ARCHIVE_MEMBERS, _MAX_CONFIG_BYTES, _is_keras_archive, _read_array
 from badnet_jax.io.keras_config import ConfigLayer, parse_model
 from badnet_jax.io.keras_layers import build_graph
-from badnet_jax.models.ir import Graph, Node
-
-GraphParams = dict[str, dict[str, np.ndarray]]
+from badnet_jax.models.ir import Graph, GraphParams, Node
 
 _MAX_WEIGHTS_PER_LAYER = 8  # datasets in a layer's group (4 at most in any allowed layer)
 _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)

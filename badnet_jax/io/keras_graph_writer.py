@@ -48,10 +48,9 @@ import numpy as np
 from badnet_jax.errors import ConfigError, OutputError, arg
 from badnet_jax.io import atomic
 from badnet_jax.io.keras import INPUT_SCALE_ATTR
-from badnet_jax.io.keras_model_config import (PRE, GraphParams, check_names, functional_config, keras_layer_order,
-                                              keras_layers)
+from badnet_jax.io.keras_model_config import PRE, check_names, functional_config, keras_layer_order, keras_layers
 from badnet_jax.models.graph import GraphCNN
-from badnet_jax.models.ir import Graph, Node
+from badnet_jax.models.ir import Graph, GraphParams, Node
 from badnet_jax.models.ops import commutes_with_mask
 
 PRUNED_LAYER_ATTR = "badnet_jax_pruned_layer"

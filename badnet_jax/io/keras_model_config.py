@@ -15,9 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
-from badnet_jax.models.ir import Graph, Node
-
-GraphParams = dict[str, dict[str, np.ndarray]]
+from badnet_jax.models.ir import Graph, GraphParams, Node
 
 WEIGHTED = ("conv", "depthwise_conv", "dense")
 """The ops a Keras layer with weights and a fused activation computes (its IR node ``"<name>/pre"``)."""

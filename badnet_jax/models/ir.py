@@ -15,7 +15,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
+import numpy as np
+
 from badnet_jax.errors import ModelFileError
+
+# A graph's weights as a file holds them: node name -> weight name (``kernel``, ``bias``, ...) -> array.
+GraphParams = dict[str, dict[str, np.ndarray]]
 
 # op -> (its attributes and their defaults, the params it reads: required, optional)
 OPS: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]] = {

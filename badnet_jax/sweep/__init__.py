@@ -7,7 +7,8 @@ Modules, in the order the data flows:
   masks and cumulative sums are ``badnet_jax.models.affine``'s);
 - ``chunks``: the chunking rule (host and traced);
 - ``strategies``: per-set evaluators for each plan strategy, and their work count;
-- ``run``: trunk, ranking, jit / shard_map, host I/O: :func:`rank_and_sweep`, :func:`compile_sweep`.
+- ``run``: trunk, ranking, jit / shard_map, host I/O: :func:`rank_and_sweep`, :func:`compile_sweep`;
+- ``result``: the :class:`Sweep` it returns.
 """
 
 from badnet_jax.models.affine import prefix_masks

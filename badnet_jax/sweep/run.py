@@ -30,8 +30,8 @@ from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.sweep.rankings import RankingPlan, single
 from badnet_jax.sweep.chunks import map_chunks
 from badnet_jax.sweep.plan import SweepOptions, SweepPlan, plan_sweep
-from badnet_jax.models.affine import prefix_masks
 from badnet_jax.sweep.progress import chunk_hook, showing
+from badnet_jax.sweep.result import Sweep
 from badnet_jax.sweep.strategies import sweep_images, sweep_set
 
 Images = np.ndarray | jax.ShapeDtypeStruct
@@ -295,56 +295,6 @@ def _abstract_call(model: PrunableModel, params: Params, sets: Mapping[str, jax.
         labels = jax.ShapeDtypeStruct((sets[rank_on].shape[0],), np.int32)
     _, fn, args, static = _call(model, params, sets, ranking, rank_on, labels, plan)
     return plan, fn, args, static
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-    """Result of :func:`rank_and_sweep`: every set's predictions at every step of every order.
-
-    Attributes:
-        orders: (R, 60) channels in pruning order, one row per ``labels`` entry (the lab's activation ranking:
-            increasing mean activation, ties by channel index).
-        labels: what each order is (``activation``, ``clp``, ``random/0``, ..., or ``order`` for a given one).
-        mean_activation: (60,) mean pool_3 activation per channel over the ranking set (None without one).
-        all_preds: set name -> (R, 61, N) int32 predictions of B' for each order and k, near-ties settled in
-            float64 (``badnet_jax.numerics.ties``, ``badnet_jax.numerics.settling``).
-        plan: the plan the sweep ran with.
-        rankings: the rankings it ran.
-        settled: set name -> how many of its predictions were near-ties recomputed in float64.
-        ranking_settled: whether the activation ranking had near-ties that float64 decided.
-        seconds: where the call's time went: ``device`` (the jitted call, results on the host) and
-            ``settle`` (float64 near-ties on the host), summed over a second sweep if the ranking needed one.
-    """
-
-    orders: np.ndarray
-    labels: tuple[str, ...]
-    mean_activation: Optional[np.ndarray]
-    all_preds: dict[str, np.ndarray]
-    plan: SweepPlan
-    rankings: RankingPlan
-    settled: dict[str, int] = dataclasses.field(default_factory=dict)
-    ranking_settled: bool = False
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    @property
-    def order(self) -> np.ndarray:
-        """(60,) the first (primary) order."""
-        return self.orders[0]
-
-    @property
-    def masks(self) -> np.ndarray:
-        """(61, 60) prefix masks of the primary order; row k prunes ``order[:k]``."""
-        return prefix_masks(self.order)
-
-    @property
-    def preds(self) -> dict[str, np.ndarray]:
-        """Set name -> (61, N) predictions along the primary order."""
-        return {n: p[0] for n, p in self.all_preds.items()}
-
-    def preds_of(self, label: str) -> dict[str, np.ndarray]:
-        """Set name -> (61, N) predictions along the order labelled ``label``."""
-        i = self.labels.index(label)
-        return {n: p[i] for n, p in self.all_preds.items()}
 
 
 def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],

@@ -60,6 +60,9 @@ def parse_grid(text: str) -> Grid:
                               field="grid") from None
         if not parsed:
             raise ConfigError(f"{arg('grid', text)}: {name} has no values", field="grid")
+        repeated = sorted({str(v) for v in parsed if parsed.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"{arg('grid', text)}: {name} names {', '.join(repeated)} twice", field="grid")
         grid.append((name, parsed))
     if not grid:
         raise ConfigError(f"{arg('grid', text)}: no option to vary", field="grid")
@@ -80,7 +83,7 @@ def time_grid(model: PrunableModel, params: Params, sets: Mapping[str, jax.Array
 
     Args:
         model, params: the model swept.
-        sets: the sets the sweep runs on (on the device already), the ranking set first.
+        sets: the sets the sweep runs on (on the device already), by name; the first is the ranking set.
         candidates: the options to time (``grid_options``).
         repeats: timed runs per candidate (median reported), after one compile and one untimed run.
         rankings: also time each candidate with these orders in one call (its ``orders_per_call`` applies).
@@ -93,8 +96,13 @@ def time_grid(model: PrunableModel, params: Params, sets: Mapping[str, jax.Array
         order and, with rankings, for the orders.
 
     Raises:
-        ConfigError: a candidate the planner refuses (before anything is timed).
+        ConfigError: a candidate the planner refuses, or several ``orders_per_call`` without rankings (which
+            it would not change), before anything is timed.
     """
+    if rankings is None and len({c.orders_per_call for c in candidates}) > 1:
+        raise ConfigError(f"{arg('grid')}: orders_per_call only changes how several rankings are swept; give "
+                          f"{arg('rankings')} too, or leave it out", field="grid")
+    rank_on = next(iter(sets))
     plans = []
     for options in candidates:  # refuse up front, naming the combination
         try:
@@ -110,14 +118,14 @@ def time_grid(model: PrunableModel, params: Params, sets: Mapping[str, jax.Array
         key = (plan.impl, plan.batch_steps, plan.chunk)  # the one-order sweep does not depend on orders_per_call
         if key not in one:
             t = time.perf_counter()
-            compile_sweep(model, params, sets, plan)
+            compile_sweep(model, params, sets, plan, rank_on=rank_on)
             compile_s = time.perf_counter() - t
-            one[key] = _timed_split(lambda p=plan: rank_and_sweep(model, params, sets, p), repeats)
+            one[key] = _timed_split(lambda p=plan: rank_and_sweep(model, params, sets, p, rank_on=rank_on), repeats)
             one[key]["compile_s"] = compile_s
         row.update(one[key])
         if rankings is not None:
-            ranked = _timed_split(lambda p=plan: rank_and_sweep(model, params, sets, p, rankings=rankings,
-                                                                rank_labels=rank_labels), repeats)
+            ranked = _timed_split(lambda p=plan: rank_and_sweep(model, params, sets, p, rank_on=rank_on,
+                                                                rankings=rankings, rank_labels=rank_labels), repeats)
             row.update({f"rankings_{k}": v for k, v in ranked.items()})
             row["vs_one"] = row["rankings_s"] / row["s"]
         rows.append(row)
@@ -154,7 +162,7 @@ def _timed_split(sweep, repeats: int) -> dict:
     call and the median device / float64-settling parts."""
     sweep()
     runs = []
-    s = timed(lambda: runs.append(sweep()) or runs[-1].preds["bd_valid"], repeats)
+    s = timed(lambda: runs.append(sweep()) or runs[-1].orders, repeats)  # the results are on the host
     return {"s": s, "device_s": float(np.median([r.seconds["device"] for r in runs])),
             "settle_s": float(np.median([r.seconds["settle"] for r in runs]))}
 

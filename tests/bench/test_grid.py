@@ -16,7 +16,7 @@ import pytest
 from badnet_jax import ConfigError
 from badnet_jax.attack.gap_demo import gap_model
 from badnet_jax.bench import grid
-from badnet_jax.sweep import SweepOptions
+from badnet_jax.sweep import SweepOptions, plan_sweep
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from tests.cli import run_cli
 
@@ -33,6 +33,7 @@ def test_a_spec_parses_to_typed_values_in_its_order():
     ("batch_steps=8,x", "batch_steps takes whole numbers, got '8,x'"),
     ("chunk=1;chunk=2", "chunk is named twice"),
     ("impl=,", "impl has no values"),
+    ("batch_steps=8,4,8", "batch_steps names 8 twice"),
     (" ; ", "no option to vary"),
 ])
 def test_a_bad_spec_is_refused_naming_the_flag_and_the_problem(spec, problem):
@@ -67,11 +68,11 @@ class _Recorder:
     def __init__(self, device_s: float = 0.002, settle_s: float = 0.001):
         self.calls, self.times = [], (device_s, settle_s)
 
-    def __call__(self, model, params, sets, plan, rankings=None, rank_labels=None):
-        self.calls.append((plan, rankings))
+    def __call__(self, model, params, sets, plan, rank_on="clean_valid", rankings=None, rank_labels=None):
+        self.calls.append((plan, rankings, rank_on))
         device, settle = self.times
         return type("S", (), {"seconds": {"device": device, "settle": settle},
-                              "preds": {"bd_valid": np.zeros(1)}})()
+                              "orders": np.zeros((1, 1))})()
 
 
 def test_each_row_times_its_own_plan_and_the_one_order_sweep_once_per_distinct_plan(gap, monkeypatch):
@@ -85,8 +86,9 @@ def test_each_row_times_its_own_plan_and_the_one_order_sweep_once_per_distinct_p
     out = grid.time_grid(model, params, sets, candidates, repeats=3, rankings=rankings)
     rows = out["rows"]
     assert [(r["plan"]["batch_steps"], r["plan"]["orders_per_call"]) for r in rows] == [(4, 1), (4, 2), (8, 1), (8, 2)]
-    one = [p for p, r in recorder.calls if r is None]
-    ranked = [p for p, r in recorder.calls if r is rankings]
+    one = [p for p, r, _ in recorder.calls if r is None]
+    ranked = [p for p, r, _ in recorder.calls if r is rankings]
+    assert {on for _, _, on in recorder.calls} == {"clean_valid"}  # the first set ranks
     # One untimed call and 3 timed per distinct one-order plan (orders_per_call does not change it), the same per
     # row with the rankings.
     assert [p.batch_steps for p in one] == [4] * 4 + [8] * 4
@@ -98,20 +100,44 @@ def test_each_row_times_its_own_plan_and_the_one_order_sweep_once_per_distinct_p
 
 
 def test_real_sweeps_are_timed_and_the_fastest_rows_named(gap):
+    """Three real candidates on the small GAP model: the cumulative sweep (batch_steps=0), and batched steps with one
+    and with two orders per call, which share one one-order plan (orders_per_call serves the rankings only)."""
     model, params, sets = gap
     rankings = resolve_rankings(RankingOptions(rank_by=("activation", "l1")), params, model)
-    candidates = grid.grid_options(SweepOptions(), (("batch_steps", (0, 4)),))
+    candidates = [SweepOptions(batch_steps=0), SweepOptions(batch_steps=4),
+                  SweepOptions(batch_steps=4, orders_per_call=2)]
     out = grid.time_grid(model, params, sets, candidates, repeats=1, rankings=rankings,
                          rank_labels=np.zeros(len(sets["clean_valid"]), np.int32))
     rows = out["rows"]
-    assert [r["plan"]["batch_steps"] for r in rows] == [0, 4] and all(r["plan"]["chunk"] > 0 for r in rows)
-    for row in rows:
+    assert len(rows) == 3
+    for options, row in zip(candidates, rows):
+        assert row["options"] == {"impl": options.impl, "batch_steps": options.batch_steps, "chunk": options.chunk,
+                                  "orders_per_call": options.orders_per_call}
+        planned = plan_sweep(options, list(sets.values()), model)  # what the planner resolves, asked directly
+        assert row["plan"] == {"impl": planned.impl, "batch_steps": planned.batch_steps, "chunk": planned.chunk,
+                               "orders_per_call": planned.orders_per_call}
         assert row["s"] > 0 and row["device_s"] > 0 and row["settle_s"] >= 0 and row["compile_s"] > 0
-        assert row["s"] >= row["device_s"] + row["settle_s"]  # the whole call holds both parts
-        assert row["rankings_s"] > 0
-    assert out["best"]["one_order"]["row"] == int(np.argmin([r["s"] for r in rows]))
-    assert out["best"]["rankings"]["row"] == int(np.argmin([r["rankings_s"] for r in rows]))
-    assert out["best"]["one_order"]["plan"] == rows[out["best"]["one_order"]["row"]]["plan"]
+        assert row["s"] >= row["device_s"] + row["settle_s"]  # one timed run: the whole call holds both parts
+        assert row["rankings_s"] > 0 and row["rankings_device_s"] > 0
+        assert row["vs_one"] == row["rankings_s"] / row["s"]
+    assert [r["plan"]["batch_steps"] for r in rows] == [0, 4, 4]
+    assert [r["plan"]["orders_per_call"] for r in rows] == [1, 1, 2]
+    # The two batched rows differ only in orders_per_call: one one-order timing for both, each its own rankings.
+    assert all(rows[1][k] == rows[2][k] for k in ("s", "device_s", "settle_s", "compile_s"))
+    assert rows[0]["s"] != rows[1]["s"]
+    assert out["best"]["one_order"]["row"] == min(range(3), key=lambda i: rows[i]["s"])
+    assert rows[out["best"]["one_order"]["row"]]["s"] == min(r["s"] for r in rows)
+    assert rows[out["best"]["rankings"]["row"]]["rankings_s"] == min(r["rankings_s"] for r in rows)
+    for what in ("one_order", "rankings"):
+        assert out["best"][what]["plan"] == rows[out["best"][what]["row"]]["plan"]
+
+
+def test_without_rankings_only_the_one_order_sweep_is_timed(gap):
+    model, params, sets = gap
+    out = grid.time_grid(model, params, sets, [SweepOptions(batch_steps=0, impl="reference")], repeats=1)
+    (row,) = out["rows"]
+    assert row["s"] >= row["device_s"] > 0 and "rankings_s" not in row and "vs_one" not in row
+    assert out["best"] == {"one_order": {"row": 0, "plan": row["plan"]}}
 
 
 def test_a_combination_the_planner_refuses_is_named_before_anything_is_timed(gap, monkeypatch):
@@ -125,6 +151,21 @@ def test_a_combination_the_planner_refuses_is_named_before_anything_is_timed(gap
     candidates = grid.grid_options(SweepOptions(), (("batch_steps", (4, 0)), ("orders_per_call", (2,))))
     with pytest.raises(ConfigError, match=r"grid: the combination impl=auto batch_steps=0 chunk=None "
                                           r"orders_per_call=2 cannot run: orders_per_call > 1 needs batch_steps > 0"):
+        grid.time_grid(model, params, sets, candidates, repeats=1)
+
+
+def test_any_set_names_the_first_one_ranking(gap):
+    model, params, sets = gap
+    renamed = {"mine": sets["clean_valid"], "theirs": sets["bd_valid"]}
+    out = grid.time_grid(model, params, renamed, [SweepOptions(impl="reference")], repeats=1)
+    assert out["rows"][0]["s"] > 0
+
+
+def test_orders_per_call_without_rankings_is_refused_as_changing_nothing(gap):
+    model, params, sets = gap
+    candidates = grid.grid_options(SweepOptions(batch_steps=4), (("orders_per_call", (1, 2)),))
+    with pytest.raises(ConfigError, match="orders_per_call only changes how several rankings are swept; give "
+                                          "rankings too"):
         grid.time_grid(model, params, sets, candidates, repeats=1)
 
 
@@ -151,15 +192,22 @@ def test_badnet_bench_grid_times_each_combination_and_prints_the_table(tmp_path)
     assert [r["plan"]["batch_steps"] for r in result["grid"]["rows"]] == [4, 8]
     assert "layers" not in result and "sweep_fast_s" not in result  # the grid alone
     fastest = result["grid"]["rows"][result["grid"]["best"]["one_order"]["row"]]
-    assert proc.stdout.strip().splitlines()[-1] == (
-        f"grid of 2: the fastest whole curve {1e3 * fastest['s']:.2f} ms (impl={fastest['plan']['impl']} "
-        f"batch_steps={fastest['plan']['batch_steps']} chunk={fastest['plan']['chunk']} orders_per_call=1)")
-    assert "<- fastest: one order" in proc.stdout
+    summary = (f"grid of 2: the fastest whole curve {1e3 * fastest['s']:.2f} ms (impl={fastest['plan']['impl']} "
+               f"batch_steps={fastest['plan']['batch_steps']} chunk={fastest['plan']['chunk']} orders_per_call=1)")
+    # a busy machine's run says so after the summary (its matmul peak measured twice, far apart)
+    noisy = "" if result["noisy"] is None else f" [NOISY: {result['noisy']}]"
+    assert proc.stdout.strip().splitlines()[-1] == summary + noisy == result["summary"]
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:4] == ["impl", "batch", "chunk", "opc"])
+    table = lines[head + 1:head + 3]  # one line per row, in the grid's order, the fastest marked
+    assert [line.split()[1] for line in table] == ["4", "8"]
+    best = result["grid"]["best"]["one_order"]["row"]
+    assert [line.endswith("<- fastest: one order") for line in table] == [i == best for i in range(2)]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--grid", "bogus=1"], "error: --grid bogus=1: 'bogus=1' is not OPTION=V1,V2"),
-    (["--grid", "batch_steps=4", "--layers_only"], "--layers_only is not timed with --grid"),
+    (["--grid", "batch_steps=4", "--layers_only"], "error: --layers_only is not timed with --grid"),
 ])
 def test_badnet_bench_refuses_a_bad_grid_naming_the_flags(args, message, tmp_path):
     proc = run_cli("benchmark", "--example", "gapnet", *args, "--repeats", "1", "--out", tmp_path / "g.json")

@@ -90,16 +90,17 @@ def time_grid(model: PrunableModel, params: Params, sets: Mapping[str, jax.Array
         rank_labels: the ranking set's labels (the ``anp`` ranking).
 
     Returns:
-        ``{"rows": [...], "best": {...}}``: per row the options asked, what the planner resolved, ``s``
+        ``{"rows": [...], "best": {...}}``: per row the options asked, what the planner resolved (its
+        strategy too: ``cumulative`` on a model whose logits are affine in the mask), ``s``
         (the median whole call), ``device_s`` and ``settle_s``, and with rankings ``rankings_s`` and
         ``vs_one`` (against the same options with the one order). ``best`` names the fastest row for one
         order and, with rankings, for the orders.
 
     Raises:
-        ConfigError: a candidate the planner refuses, or several ``orders_per_call`` without rankings (which
-            it would not change), before anything is timed.
+        ConfigError: a candidate the planner refuses, or ``orders_per_call`` > 1 without rankings (which it
+            would not change), before anything is timed.
     """
-    if rankings is None and len({c.orders_per_call for c in candidates}) > 1:
+    if rankings is None and any(c.orders_per_call > 1 for c in candidates):
         raise ConfigError(f"{arg('grid')}: orders_per_call only changes how several rankings are swept; give "
                           f"{arg('rankings')} too, or leave it out", field="grid")
     rank_on = next(iter(sets))
@@ -113,9 +114,9 @@ def time_grid(model: PrunableModel, params: Params, sets: Mapping[str, jax.Array
     rows, one = [], {}
     for i, (options, plan) in enumerate(zip(candidates, plans)):
         row = {"options": {f: getattr(options, f) for f in GRID_FIELDS},
-               "plan": {"impl": plan.impl, "batch_steps": plan.batch_steps, "chunk": plan.chunk,
-                        "orders_per_call": plan.orders_per_call}}
-        key = (plan.impl, plan.batch_steps, plan.chunk)  # the one-order sweep does not depend on orders_per_call
+               "plan": {"strategy": plan.strategy, "impl": plan.impl, "batch_steps": plan.batch_steps,
+                        "chunk": plan.chunk, "orders_per_call": plan.orders_per_call}}
+        key = (plan.strategy, plan.impl, plan.batch_steps, plan.chunk)  # the one-order sweep ignores orders_per_call
         if key not in one:
             t = time.perf_counter()
             compile_sweep(model, params, sets, plan, rank_on=rank_on)
@@ -140,14 +141,14 @@ def format_grid(result: dict) -> str:
     """The grid as a table, one row per candidate, the fastest marked."""
     rows = result["rows"]
     ranked = "rankings_s" in rows[0]
-    head = f"{'impl':10s} {'batch':>5s} {'chunk':>6s} {'opc':>4s} {'one ms':>8s} {'device':>8s} {'settle':>8s}"
+    head = f"{'strategy':15s} {'impl':10s} {'batch':>5s} {'chunk':>6s} {'opc':>4s} {'one ms':>8s} {'device':>8s} {'settle':>8s}"
     lines = [head + (f" {'ranks ms':>9s} {'vs one':>7s}" if ranked else "")]
     marks: dict[int, list[str]] = {}
     for what, best in result["best"].items():
         marks.setdefault(best["row"], []).append("one order" if what == "one_order" else what)
     for i, row in enumerate(rows):
         p = row["plan"]
-        line = (f"{p['impl']:10s} {p['batch_steps']:5d} {p['chunk']:6d} {p['orders_per_call']:4d} "
+        line = (f"{p['strategy']:15s} {p['impl']:10s} {p['batch_steps']:5d} {p['chunk']:6d} {p['orders_per_call']:4d} "
                 f"{1e3 * row['s']:8.2f} {1e3 * row['device_s']:8.2f} {1e3 * row['settle_s']:8.2f}")
         if ranked:
             line += f" {1e3 * row['rankings_s']:9.2f} {row['vs_one']:7.2f}"

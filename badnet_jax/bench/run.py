@@ -27,6 +27,7 @@ from badnet_jax.errors import ConfigError, arg
 from badnet_jax.model import LAB_NUM_CLASSES
 from badnet_jax.models.deepid import DeepID, as_model
 from badnet_jax.models.protocol import Params, PrunableModel
+from badnet_jax.sweep.plan import check_options
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.sweep import (PLAIN, SweepOptions, SweepPlan, compile_sweep, head_evaluations, plan_sweep,
                               prefix_masks, rank_and_sweep, shared_evaluations, trunk_features)
@@ -81,7 +82,7 @@ class BenchConfig:
 
         Raises:
             ConfigError: a count below 1, ``layers_only`` with work it would skip (ablation, rankings,
-                scaling), or ``grid`` with ``layers_only``, ablation or scaling.
+                scaling), or ``grid`` with ``layers_only``, ablation, scaling or ``per_step_steps``.
         """
         for name in ("n_clean", "n_bd", "repeats", "layer_images", "per_step_steps", "random_orders"):
             value = getattr(self, name)
@@ -93,7 +94,7 @@ class BenchConfig:
                     raise ConfigError(f"{arg(name)} is not timed with {arg('layers_only')} (the layers alone); "
                                       f"leave one of them out", field=name)
         if self.grid:
-            for name in ("layers_only", "ablation", "scaling"):
+            for name in ("layers_only", "ablation", "scaling", "per_step_steps"):
                 if getattr(self, name):
                     raise ConfigError(f"{arg(name)} is not timed with {arg('grid')} (the fast sweep alone); "
                                       f"leave one of them out", field=name)
@@ -269,6 +270,7 @@ def _grid_only(config: BenchConfig, model: PrunableModel, params: Params, x_clea
                                     params, model)
         labels = (np.random.default_rng(config.seed).integers(0, model.num_classes, size=len(x_clean))
                   if y_clean is None else y_clean)
+    check_options(config.sweep)  # a bad option given outside the grid is named as given, not as the grid's
     out["grid"] = time_grid(model, params, sets, grid_options(config.sweep, config.grid), config.repeats,
                             rankings, labels)
     peaks.append(matmul_peak_gflops())

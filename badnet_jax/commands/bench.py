@@ -38,7 +38,8 @@ CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk (default 256 on CP
 ORDERS_PER_CALL = flags.DEFINE_integer("orders_per_call", 1, "With --rank_by: orders vmapped together (needs "
                                        "batched steps; see SweepOptions.orders_per_call).")
 BATCH_STEPS = flags.DEFINE_integer("batch_steps", None, "Distinct steps per head call (0: one per call inside the "
-                                   "scan; default 0 on a CPU and an NVIDIA GPU, 8 on a TPU; see SweepOptions).")
+                                   "scan; default 0 on a CPU and an NVIDIA GPU, 8 there with --orders_per_call > 1 and on a TPU or ROCm "
+                                   "GPU; see SweepOptions).")
 IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Masked-head implementation.")
 PER_STEP = flags.DEFINE_integer("per_step_steps", None, "Steps of the per-step loop to time (scaled to the model's "
                                 "steps, e.g. 61 for the lab's DeepID; default: all).")
@@ -101,6 +102,10 @@ def main(argv: list[str]) -> int:
                              layer_images=LAYER_IMGS.value, layers_only=LAYERS_ONLY.value,
                              grid=parse_grid(GRID.value) if GRID.value else ())
         block_ns = cli.parse_ints("kernel_block_n", KERNEL_BLOCK_N.value)
+        if any(b < 1 for b in block_ns):
+            raise ConfigError(f"--kernel_block_n {KERNEL_BLOCK_N.value}: block sizes must be at least 1")
+        if block_ns and GRID.value:
+            raise ConfigError("--kernel_block_n is not timed with --grid (the fast sweep alone); leave one of them out")
         model, params, scale, path = None, None, "raw", MODEL.value
         clean, x_bd = (None, None), None
         if EXAMPLE.value:

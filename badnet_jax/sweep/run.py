@@ -321,7 +321,8 @@ def export_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.Sh
 
     This is how the GPU/TPU path is checked on a machine without one: e.g.
     ``export_sweep(model, params, specs, SweepOptions(platform="cuda"))`` lowers exactly what ``prune.py``
-    would run on a GPU (batched steps, 4096-image chunks, the Pallas kernel through Triton). The kernel's
+    would run on a GPU (one head call per distinct step, 4096-image chunks, XLA's head; with
+    ``impl="pallas"`` the Pallas kernel through Triton). The kernel's
     custom calls are allowed in the export (``KERNEL_CALL_TARGETS``); a program exported for a CPU that calls
     a native kernel runs where ``badnet_jax.kernels.native.native_library()`` has registered it.
     """

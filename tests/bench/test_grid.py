@@ -114,13 +114,15 @@ def test_real_sweeps_are_timed_and_the_fastest_rows_named(gap):
         assert row["options"] == {"impl": options.impl, "batch_steps": options.batch_steps, "chunk": options.chunk,
                                   "orders_per_call": options.orders_per_call}
         planned = plan_sweep(options, list(sets.values()), model)  # what the planner resolves, asked directly
-        assert row["plan"] == {"impl": planned.impl, "batch_steps": planned.batch_steps, "chunk": planned.chunk,
-                               "orders_per_call": planned.orders_per_call}
+        assert row["plan"] == {"strategy": planned.strategy, "impl": planned.impl, "batch_steps": planned.batch_steps,
+                               "chunk": planned.chunk, "orders_per_call": planned.orders_per_call}
         assert row["s"] > 0 and row["device_s"] > 0 and row["settle_s"] >= 0 and row["compile_s"] > 0
         assert row["s"] >= row["device_s"] + row["settle_s"]  # one timed run: the whole call holds both parts
         assert row["rankings_s"] > 0 and row["rankings_device_s"] > 0
         assert row["vs_one"] == row["rankings_s"] / row["s"]
     assert [r["plan"]["batch_steps"] for r in rows] == [0, 4, 4]
+    # the GAP model's logits are affine in the mask: without batched steps it is swept cumulatively
+    assert [r["plan"]["strategy"] for r in rows] == ["cumulative", "prefix_batched", "prefix_batched"]
     assert [r["plan"]["orders_per_call"] for r in rows] == [1, 1, 2]
     # The two batched rows differ only in orders_per_call: one one-order timing for both, each its own rankings.
     assert all(rows[1][k] == rows[2][k] for k in ("s", "device_s", "settle_s", "compile_s"))
@@ -151,7 +153,8 @@ def test_a_combination_the_planner_refuses_is_named_before_anything_is_timed(gap
     candidates = grid.grid_options(SweepOptions(), (("batch_steps", (4, 0)), ("orders_per_call", (2,))))
     with pytest.raises(ConfigError, match=r"grid: the combination impl=auto batch_steps=0 chunk=None "
                                           r"orders_per_call=2 cannot run: orders_per_call > 1 needs batch_steps > 0"):
-        grid.time_grid(model, params, sets, candidates, repeats=1)
+        grid.time_grid(model, params, sets, candidates, repeats=1,
+                       rankings=resolve_rankings(RankingOptions(rank_by=("activation", "l1")), params, model))
 
 
 def test_any_set_names_the_first_one_ranking(gap):
@@ -163,7 +166,7 @@ def test_any_set_names_the_first_one_ranking(gap):
 
 def test_orders_per_call_without_rankings_is_refused_as_changing_nothing(gap):
     model, params, sets = gap
-    candidates = grid.grid_options(SweepOptions(batch_steps=4), (("orders_per_call", (1, 2)),))
+    candidates = grid.grid_options(SweepOptions(batch_steps=4), (("orders_per_call", (2,)),))
     with pytest.raises(ConfigError, match="orders_per_call only changes how several rankings are swept; give "
                                           "rankings too"):
         grid.time_grid(model, params, sets, candidates, repeats=1)
@@ -171,14 +174,15 @@ def test_orders_per_call_without_rankings_is_refused_as_changing_nothing(gap):
 
 def test_the_table_has_a_line_per_row_and_marks_the_fastest():
     def row(batch, s, ranked):
-        return {"plan": {"impl": "reference", "batch_steps": batch, "chunk": 256, "orders_per_call": 1},
+        return {"plan": {"strategy": "prefix_dedupe", "impl": "reference", "batch_steps": batch, "chunk": 256,
+                         "orders_per_call": 1},
                 "s": s, "device_s": s / 2, "settle_s": s / 4, "rankings_s": ranked, "vs_one": ranked / s}
 
     result = {"rows": [row(0, 0.010, 0.050), row(8, 0.020, 0.030)],
               "best": {"one_order": {"row": 0}, "rankings": {"row": 1}}}
     lines = grid.format_grid(result).splitlines()
-    assert len(lines) == 3 and lines[0].split()[:4] == ["impl", "batch", "chunk", "opc"]
-    assert lines[1].split()[:8] == ["reference", "0", "256", "1", "10.00", "5.00", "2.50", "50.00"]
+    assert len(lines) == 3 and lines[0].split()[:5] == ["strategy", "impl", "batch", "chunk", "opc"]
+    assert lines[1].split()[:9] == ["prefix_dedupe", "reference", "0", "256", "1", "10.00", "5.00", "2.50", "50.00"]
     assert lines[1].endswith("<- fastest: one order") and lines[2].endswith("<- fastest: rankings")
     result["best"]["rankings"]["row"] = 0
     assert grid.format_grid(result).splitlines()[1].endswith("<- fastest: one order, rankings")
@@ -192,15 +196,16 @@ def test_badnet_bench_grid_times_each_combination_and_prints_the_table(tmp_path)
     assert [r["plan"]["batch_steps"] for r in result["grid"]["rows"]] == [4, 8]
     assert "layers" not in result and "sweep_fast_s" not in result  # the grid alone
     fastest = result["grid"]["rows"][result["grid"]["best"]["one_order"]["row"]]
-    summary = (f"grid of 2: the fastest whole curve {1e3 * fastest['s']:.2f} ms (impl={fastest['plan']['impl']} "
-               f"batch_steps={fastest['plan']['batch_steps']} chunk={fastest['plan']['chunk']} orders_per_call=1)")
+    summary = (f"grid of 2: the fastest whole curve {1e3 * fastest['s']:.2f} ms (strategy=prefix_batched "
+               f"impl={fastest['plan']['impl']} batch_steps={fastest['plan']['batch_steps']} "
+               f"chunk={fastest['plan']['chunk']} orders_per_call=1)")
     # a busy machine's run says so after the summary (its matmul peak measured twice, far apart)
     noisy = "" if result["noisy"] is None else f" [NOISY: {result['noisy']}]"
     assert proc.stdout.strip().splitlines()[-1] == summary + noisy == result["summary"]
     lines = proc.stdout.splitlines()
-    head = next(i for i, line in enumerate(lines) if line.split()[:4] == ["impl", "batch", "chunk", "opc"])
+    head = next(i for i, line in enumerate(lines) if line.split()[:5] == ["strategy", "impl", "batch", "chunk", "opc"])
     table = lines[head + 1:head + 3]  # one line per row, in the grid's order, the fastest marked
-    assert [line.split()[1] for line in table] == ["4", "8"]
+    assert [line.split()[2] for line in table] == ["4", "8"]
     best = result["grid"]["best"]["one_order"]["row"]
     assert [line.endswith("<- fastest: one order") for line in table] == [i == best for i in range(2)]
 
@@ -208,6 +213,13 @@ def test_badnet_bench_grid_times_each_combination_and_prints_the_table(tmp_path)
 @pytest.mark.parametrize("args, message", [
     (["--grid", "bogus=1"], "error: --grid bogus=1: 'bogus=1' is not OPTION=V1,V2"),
     (["--grid", "batch_steps=4", "--layers_only"], "error: --layers_only is not timed with --grid"),
+    (["--grid", "batch_steps=4", "--per_step_steps", "2"], "error: --per_step_steps is not timed with --grid"),
+    (["--grid", "batch_steps=4", "--kernel_block_n", "16"], "error: --kernel_block_n is not timed with --grid"),
+    (["--kernel_block_n", "16,0", "--layers_only"], "error: --kernel_block_n 16,0: block sizes must be at least 1"),
+    # an option given outside the grid is named as given
+    (["--grid", "chunk=8", "--batch_steps", "-1"], "error: --batch_steps"),
+    (["--grid", "batch_steps=8;orders_per_call=2"], "error: --grid: orders_per_call only changes how several "
+                                                    "rankings are swept; give --rank_by too"),
 ])
 def test_badnet_bench_refuses_a_bad_grid_naming_the_flags(args, message, tmp_path):
     proc = run_cli("benchmark", "--example", "gapnet", *args, "--repeats", "1", "--out", tmp_path / "g.json")

@@ -130,7 +130,7 @@ def time_grid(model: PrunableModel, params: Params, sets: Mapping[str, jax.Array
             row.update({f"rankings_{k}": v for k, v in ranked.items()})
             row["vs_one"] = row["rankings_s"] / row["s"]
         rows.append(row)
-        log.info("grid %d/%d %s: %s", i + 1, len(candidates), _label(row["plan"]), _times(row))
+        log.info("grid %d/%d %s: %s", i + 1, len(candidates), plan_label(row["plan"]), _times(row))
     best = {"one_order": min(range(len(rows)), key=lambda i: rows[i]["s"])}
     if rankings is not None:
         best["rankings"] = min(range(len(rows)), key=lambda i: rows[i]["rankings_s"])
@@ -141,7 +141,8 @@ def format_grid(result: dict) -> str:
     """The grid as a table, one row per candidate, the fastest marked."""
     rows = result["rows"]
     ranked = "rankings_s" in rows[0]
-    head = f"{'strategy':15s} {'impl':10s} {'batch':>5s} {'chunk':>6s} {'opc':>4s} {'one ms':>8s} {'device':>8s} {'settle':>8s}"
+    head = (f"{'strategy':15s} {'impl':10s} {'batch':>5s} {'chunk':>6s} {'opc':>4s} {'one ms':>8s} {'device':>8s} "
+            f"{'settle':>8s}")
     lines = [head + (f" {'ranks ms':>9s} {'vs one':>7s}" if ranked else "")]
     marks: dict[int, list[str]] = {}
     for what, best in result["best"].items():
@@ -168,7 +169,8 @@ def _timed_split(sweep, repeats: int) -> dict:
             "settle_s": float(np.median([r.seconds["settle"] for r in runs]))}
 
 
-def _label(plan: dict) -> str:
+def plan_label(plan: dict) -> str:
+    """A row's resolved plan as ``strategy=... impl=... batch_steps=... chunk=... orders_per_call=...``."""
     return " ".join(f"{k}={v}" for k, v in plan.items())
 
 

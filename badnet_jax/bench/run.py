@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet_jax.bench.grid import Grid, grid_options, time_grid
+from badnet_jax.bench.grid import Grid, grid_options, plan_label, time_grid
 from badnet_jax.bench.layers import LAYER_IMAGES, layer_images, layer_timings, model_flops, tail_flops
 from badnet_jax.bench.machine import cpu_model, machine_name, matmul_peak_gflops, noise_note, timed
 from badnet_jax.errors import ConfigError, arg
@@ -28,7 +28,7 @@ from badnet_jax.model import LAB_NUM_CLASSES
 from badnet_jax.models.deepid import DeepID, as_model
 from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.sweep.plan import check_options
-from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
+from badnet_jax.sweep.rankings import RankingOptions, RankingPlan, resolve_rankings
 from badnet_jax.sweep import (PLAIN, SweepOptions, SweepPlan, compile_sweep, head_evaluations, plan_sweep,
                               prefix_masks, rank_and_sweep, shared_evaluations, trunk_features)
 
@@ -209,9 +209,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     out["per_step_loop_s"] = _per_step_loop(model, params, sets, fast.chunk, config, out)
 
     if config.rankings:
-        plan = resolve_rankings(RankingOptions(rank_by=config.rankings, random_orders=config.random_orders), params,
-                                 model)
-        labels = rng.integers(0, n_cls, size=len(x_clean)) if y_clean is None else y_clean
+        plan, labels = _rankings(config, params, model, y_clean, len(x_clean), n_cls, rng)
         runs = []
         sweep = lambda: _kept(runs, rank_and_sweep(model, params, sets, fast, rankings=plan, rank_labels=labels))
         orders = sweep().orders  # compiles
@@ -266,32 +264,36 @@ def _grid_only(config: BenchConfig, model: PrunableModel, params: Params, x_clea
     out["n_clean"], out["n_bd"] = len(x_clean), len(x_bd)
     rankings, labels = None, None
     if config.rankings:
-        rankings = resolve_rankings(RankingOptions(rank_by=config.rankings, random_orders=config.random_orders),
-                                    params, model)
-        labels = (np.random.default_rng(config.seed).integers(0, model.num_classes, size=len(x_clean))
-                  if y_clean is None else y_clean)
+        rankings, labels = _rankings(config, params, model, y_clean, len(x_clean), model.num_classes,
+                                      np.random.default_rng(config.seed))
     check_options(config.sweep)  # a bad option given outside the grid is named as given, not as the grid's
     out["grid"] = time_grid(model, params, sets, grid_options(config.sweep, config.grid), config.repeats,
                             rankings, labels)
     peaks.append(matmul_peak_gflops())
-    out["matmul_peak_gflops"], out["matmul_peak_gflops_each"] = max(peaks), list(peaks)
-    out["noisy"] = noise_note(peaks)
+    _set_peak(out, peaks)
     rows, best = out["grid"]["rows"], out["grid"]["best"]
     fastest = rows[best["one_order"]["row"]]
     out["summary"] = (f"grid of {len(rows)}: the fastest whole curve {1e3 * fastest['s']:.2f} ms "
-                      f"({' '.join(f'{k}={v}' for k, v in fastest['plan'].items())})")
+                      f"({plan_label(fastest['plan'])})")
     if "rankings" in best:
         r = rows[best["rankings"]["row"]]
         out["summary"] += (f"; {len(rankings.labels)} orders fastest {1e3 * r['rankings_s']:.2f} ms = "
-                           f"{r['vs_one']:.2f}x one ({' '.join(f'{k}={v}' for k, v in r['plan'].items())})")
+                           f"{r['vs_one']:.2f}x one ({plan_label(r['plan'])})")
     return _flag_noise(out)
 
 
+def _rankings(config: BenchConfig, params: Params, model: PrunableModel, y_clean: Optional[np.ndarray], n_clean: int,
+              num_classes: int, rng: np.random.Generator) -> tuple[RankingPlan, np.ndarray]:
+    """``config.rankings`` resolved, and the ranking set's labels (random from ``rng`` where none are given)."""
+    plan = resolve_rankings(RankingOptions(rank_by=config.rankings, random_orders=config.random_orders), params, model)
+    return plan, (rng.integers(0, num_classes, size=n_clean) if y_clean is None else y_clean)
+
+
 def _set_peak(out: dict, peaks_gflops: list[float]) -> None:
-    """The run's peak (the highest measurement: a busy moment lowers one), each layer's share of it, and the
-    noise flag, in ``out``."""
+    """The run's peak (the highest measurement: a busy moment lowers one), each timed layer's share of it, and
+    the noise flag, in ``out``."""
     out["matmul_peak_gflops"], out["matmul_peak_gflops_each"] = max(peaks_gflops), list(peaks_gflops)
-    for row in out["layers"]:
+    for row in out.get("layers", ()):  # a grid times no layers
         row["peak_share"] = None if row["gflops"] is None else row["gflops"] / out["matmul_peak_gflops"]
     out["noisy"] = noise_note(peaks_gflops)
 

@@ -38,8 +38,8 @@ CHUNK = flags.DEFINE_integer("chunk", None, "Images per chunk (default 256 on CP
 ORDERS_PER_CALL = flags.DEFINE_integer("orders_per_call", 1, "With --rank_by: orders vmapped together (needs "
                                        "batched steps; see SweepOptions.orders_per_call).")
 BATCH_STEPS = flags.DEFINE_integer("batch_steps", None, "Distinct steps per head call (0: one per call inside the "
-                                   "scan; default 0 on a CPU and an NVIDIA GPU, 8 there with --orders_per_call > 1 and on a TPU or ROCm "
-                                   "GPU; see SweepOptions).")
+                                   "scan; default 0 on a CPU and an NVIDIA GPU, 8 there with --orders_per_call > 1 "
+                                   "and on a TPU or ROCm GPU; see SweepOptions).")
 IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Masked-head implementation.")
 PER_STEP = flags.DEFINE_integer("per_step_steps", None, "Steps of the per-step loop to time (scaled to the model's "
                                 "steps, e.g. 61 for the lab's DeepID; default: all).")

@@ -92,7 +92,8 @@ def test_each_row_times_its_own_plan_and_the_one_order_sweep_once_per_distinct_p
     # One untimed call and 3 timed per distinct one-order plan (orders_per_call does not change it), the same per
     # row with the rankings.
     assert [p.batch_steps for p in one] == [4] * 4 + [8] * 4
-    assert [(p.batch_steps, p.orders_per_call) for p in ranked] == [(4, 1)] * 4 + [(4, 2)] * 4 + [(8, 1)] * 4 + [(8, 2)] * 4
+    assert [(p.batch_steps, p.orders_per_call) for p in ranked] == [
+        (4, 1)] * 4 + [(4, 2)] * 4 + [(8, 1)] * 4 + [(8, 2)] * 4
     assert rows[0]["s"] == rows[1]["s"] and rows[0]["compile_s"] == rows[1]["compile_s"]
     for row in rows:
         assert (row["device_s"], row["settle_s"]) == (0.002, 0.001)

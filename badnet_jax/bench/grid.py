@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 import time
 from typing import Mapping, Optional, Sequence
 
@@ -28,8 +29,15 @@ from badnet_jax.sweep.rankings import RankingPlan
 
 log = logging.getLogger(__name__)
 
+def _whole(text: str) -> int:
+    """A whole number written in ASCII digits (``int`` would also take other scripts' digits)."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(text)
+    return int(text)
+
+
 # The options a grid may vary, and how a value is read from text.
-GRID_FIELDS = {"impl": str, "batch_steps": int, "chunk": int, "orders_per_call": int}
+GRID_FIELDS = {"impl": str, "batch_steps": _whole, "chunk": _whole, "orders_per_call": _whole}
 
 Grid = tuple[tuple[str, tuple], ...]  # ((field, values), ...): hashable, so a frozen config can hold it
 
@@ -109,7 +117,8 @@ def time_grid(model: PrunableModel, params: Params, sets: Mapping[str, jax.Array
         try:
             plans.append(plan_sweep(options, list(sets.values()), model))
         except ConfigError as err:
-            asked = " ".join(f"{f}={getattr(options, f)}" for f in GRID_FIELDS)
+            asked = " ".join(f"{f}={'default' if getattr(options, f) is None else getattr(options, f)}"
+                             for f in GRID_FIELDS)
             raise ConfigError(f"{arg('grid')}: the combination {asked} cannot run: {err}", field="grid") from err
     rows, one = [], {}
     for i, (options, plan) in enumerate(zip(candidates, plans)):
@@ -138,7 +147,7 @@ def time_grid(model: PrunableModel, params: Params, sets: Mapping[str, jax.Array
 
 
 def format_grid(result: dict) -> str:
-    """The grid as a table, one row per candidate, the fastest marked."""
+    """The grid as a table, one row per candidate, the fastest marked (when there is more than one)."""
     rows = result["rows"]
     ranked = "rankings_s" in rows[0]
     head = (f"{'strategy':15s} {'impl':10s} {'batch':>5s} {'chunk':>6s} {'opc':>4s} {'one ms':>8s} {'device':>8s} "
@@ -153,7 +162,7 @@ def format_grid(result: dict) -> str:
                 f"{1e3 * row['s']:8.2f} {1e3 * row['device_s']:8.2f} {1e3 * row['settle_s']:8.2f}")
         if ranked:
             line += f" {1e3 * row['rankings_s']:9.2f} {row['vs_one']:7.2f}"
-        if i in marks:
+        if i in marks and len(rows) > 1:
             line += "  <- fastest: " + ", ".join(marks[i])
         lines.append(line)
     return "\n".join(lines)

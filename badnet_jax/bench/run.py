@@ -277,7 +277,8 @@ def _grid_only(config: BenchConfig, model: PrunableModel, params: Params, x_clea
                       f"({plan_label(fastest['plan'])})")
     if "rankings" in best:
         r = rows[best["rankings"]["row"]]
-        out["summary"] += (f"; {len(rankings.labels)} orders fastest {1e3 * r['rankings_s']:.2f} ms = "
+        n = len(rankings.labels)
+        out["summary"] += (f"; {n} order{'s' if n > 1 else ''} fastest {1e3 * r['rankings_s']:.2f} ms = "
                            f"{r['vs_one']:.2f}x one ({plan_label(r['plan'])})")
     return _flag_noise(out)
 

@@ -25,12 +25,15 @@ def test_a_spec_parses_to_typed_values_in_its_order():
     assert grid.parse_grid(" impl = reference,pallas ; batch_steps=8, 16 ;; chunk=4096;") == (
         ("impl", ("reference", "pallas")), ("batch_steps", (8, 16)), ("chunk", (4096,)))
     assert grid.parse_grid("orders_per_call=1,5") == (("orders_per_call", (1, 5)),)
+    assert grid.parse_grid("batch_steps=+8,0") == (("batch_steps", (8, 0)),)
 
 
 @pytest.mark.parametrize("spec, problem", [
     ("bogus=1", "'bogus=1' is not OPTION=V1,V2 with OPTION one of impl, batch_steps, chunk, orders_per_call"),
     ("batch_steps", "'batch_steps' is not OPTION=V1,V2"),
     ("batch_steps=8,x", "batch_steps takes whole numbers, got '8,x'"),
+    ("chunk=\u0664\u0660\u0669\u0666", "chunk takes whole numbers"),  # Arabic-Indic digits: int() reads 4096
+    ("chunk=4096.0", "chunk takes whole numbers"),
     ("chunk=1;chunk=2", "chunk is named twice"),
     ("impl=,", "impl has no values"),
     ("batch_steps=8,4,8", "batch_steps names 8 twice"),
@@ -152,7 +155,7 @@ def test_a_combination_the_planner_refuses_is_named_before_anything_is_timed(gap
     monkeypatch.setattr(grid, "rank_and_sweep", never)
     monkeypatch.setattr(grid, "compile_sweep", never)
     candidates = grid.grid_options(SweepOptions(), (("batch_steps", (4, 0)), ("orders_per_call", (2,))))
-    with pytest.raises(ConfigError, match=r"grid: the combination impl=auto batch_steps=0 chunk=None "
+    with pytest.raises(ConfigError, match=r"grid: the combination impl=auto batch_steps=0 chunk=default "
                                           r"orders_per_call=2 cannot run: orders_per_call > 1 needs batch_steps > 0"):
         grid.time_grid(model, params, sets, candidates, repeats=1,
                        rankings=resolve_rankings(RankingOptions(rank_by=("activation", "l1")), params, model))
@@ -187,6 +190,8 @@ def test_the_table_has_a_line_per_row_and_marks_the_fastest():
     assert lines[1].endswith("<- fastest: one order") and lines[2].endswith("<- fastest: rankings")
     result["best"]["rankings"]["row"] = 0
     assert grid.format_grid(result).splitlines()[1].endswith("<- fastest: one order, rankings")
+    alone = {"rows": result["rows"][:1], "best": {"one_order": {"row": 0}}}  # one row: nothing to be faster than
+    assert "fastest" not in grid.format_grid(alone)
 
 
 def test_badnet_bench_grid_times_each_combination_and_prints_the_table(tmp_path):
@@ -209,6 +214,16 @@ def test_badnet_bench_grid_times_each_combination_and_prints_the_table(tmp_path)
     assert [line.split()[2] for line in table] == ["4", "8"]
     best = result["grid"]["best"]["one_order"]["row"]
     assert [line.endswith("<- fastest: one order") for line in table] == [i == best for i in range(2)]
+
+
+def test_badnet_bench_grid_with_one_ranking_reports_it_in_the_singular(tmp_path):
+    out = tmp_path / "g.json"
+    proc = run_cli("benchmark", "--example", "gapnet", "--grid", "batch_steps=4", "--rank_by", "l1",
+                   "--repeats", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert "; 1 order fastest " in summary and "x one (" in summary, summary
+    assert "fastest" not in proc.stdout.split("grid of 1")[0]  # one row: the table marks nothing
 
 
 @pytest.mark.parametrize("args, message", [

@@ -104,10 +104,12 @@ EOF
 # Correctness on the device (each GPU compile takes seconds, so a selection): the device-marked kernel test
 # (kernel = reference at 61 x 4096 x 1283, the probe at real shapes), the batched sweep with either head
 # against the plain sweep on the real B and faces, the boundary images against float64 at every step, the XLA
-# float64 trunk against the NumPy network, orders vmapped in groups against each order alone, and the
-# convolution's width-blocked forms (DeepID's conv_1 at every block size, the bias, jit and vmap).
+# float64 trunk against the NumPy network (and TIE64_RTOL / RANK64_RTOL against their difference there), the
+# float64 calls' sizes and weights, orders vmapped in groups against each order alone, and the convolution's
+# width-blocked forms (DeepID's conv_1 at every block size, the bias, jit and vmap).
 step 150 tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sweep tests/numerics -k "on_device or \
-  (real_b and not batchNone) or fast_float64 or float64_precision or \
+  (real_b and not batchNone) or fast_float64 or float64_precision or two_float64 or float64_channel_means or \
+  test_xla64 or covers_the_float64 or \
   (float64_answer_at_every_step and (grouped or batched)) or orders_vmapped or \
   (test_conv2d.py and (55x47 or bias or vmap))"
 grep -E "passed|failed|error" "$log" | tail -2

@@ -34,6 +34,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, DataFileError, arg
 from badnet_jax.kernels.dense.api import dense_top2
+from badnet_jax.numerics import xla64
 from badnet_jax.numerics.ties import TIE_RTOL
 
 Params = dict[str, Any]
@@ -42,7 +43,6 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # Input scale -> what the pixels 0..255 are divided by before the network: as they are, or pixels / 255.
 INPUT_DIVISORS = {"raw": 1.0, "255": 255.0}
 INPUT_SCALES = tuple(INPUT_DIVISORS)
-FLOAT64_BATCH = 256  # images per float64 call of the generic float64 network
 # Where a layer stage runs (``Stage.part``): the trunk (once per image), the head's part affine in the channel
 # mask (the prefix sweep computes it once per channel), the rest of the head (once per evaluated mask).
 STAGE_PARTS = ("trunk", "affine", "tail")
@@ -352,7 +352,7 @@ class PrunableModel(abc.ABC):
     # ----- float64 (the settling of near-ties)
     def features64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
         """(N, H, W, C) float64 features: the model's own trunk run by XLA in float64."""
-        return _run64(self, params, "features", np.asarray(x_NxHxWxC, np.float64) / divisor)
+        return _run64(self, params, "features", np.asarray(x_NxHxWxC), divisor=divisor)
 
     def argmax64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float,
                  masks_NxC: Optional[np.ndarray] = None, image_of: Optional[np.ndarray] = None) -> np.ndarray:
@@ -378,37 +378,21 @@ class PrunableModel(abc.ABC):
 
 @functools.lru_cache(maxsize=None)
 def _fn64(model: PrunableModel, what: str):
-    if what == "features":
-        return jax.jit(lambda p, x: model.features(p, x, 1.0))
+    if what == "features":  # images in their own dtype, converted and divided on the device
+        return jax.jit(lambda p, x, divisor: model.features(p, x.astype(jnp.float64), divisor))
     # one head per row: each row has its own image's features and its own mask
     one = lambda p, f, m: jnp.argmax(model.head(p, f[None], m)[0])
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
 
 
-def _run64(model: PrunableModel, params: Params, what: str, *rows: np.ndarray) -> np.ndarray:
-    """``what`` of the model in float64 by XLA: ``features`` of (scaled) images, or the ``argmax`` of the head
-    on (features, mask) rows; ``FLOAT64_BATCH`` rows per call (the last call padded with zeros, so that a set
-    compiles two shapes at most)."""
-    n = len(rows[0])
-    outs = []
-    device = jax.local_devices()[0]
-    if device.platform not in ("cpu", "gpu", "cuda", "rocm"):
-        device = jax.local_devices(backend="cpu")[0]  # a TPU has no float64
-    with jax.enable_x64(True):
-        fn = _fn64(model, what)
-        p = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float64), params), device)
-        for start in range(0, n, FLOAT64_BATCH):
-            size = FLOAT64_BATCH if n > FLOAT64_BATCH else n - start
-            batch = []
-            for a in rows:
-                part = np.asarray(a[start:start + FLOAT64_BATCH], np.float64)
-                padded = np.zeros((size, *part.shape[1:]))
-                padded[:len(part)] = part
-                batch.append(jax.device_put(padded, device))
-            outs.append(np.asarray(fn(p, *batch))[:min(FLOAT64_BATCH, n - start)])
-    if not outs:
+def _run64(model: PrunableModel, params: Params, what: str, *rows: np.ndarray,
+           divisor: Optional[float] = None) -> np.ndarray:
+    """``what`` of the model in float64 by XLA: ``features`` of images (divided by ``divisor``), or the
+    ``argmax`` of the head on (features, mask) rows (``badnet_jax.numerics.xla64.run64``: the device, the
+    weights and the calls)."""
+    if not len(rows[0]):
         return np.zeros((0, *model.feature_hwc)) if what == "features" else np.zeros((0,), np.int32)
-    return np.concatenate(outs)
+    return xla64.run64(_fn64(model, what), params, rows, divisor)
 
 
 def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str = "x", allow_empty: bool = False,

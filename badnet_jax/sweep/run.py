@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import time
 from typing import Mapping, Optional
@@ -23,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from badnet_jax.sweep.anp import anp_order
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.kernels.native import TARGETS as NATIVE_TARGETS
+from badnet_jax.numerics import xla64
 from badnet_jax.numerics.settling import settle, settle_ranking
 from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
 from badnet_jax.models.deepid import as_model
@@ -304,10 +306,15 @@ def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.S
 
     The program lands in JAX's cache: a later ``rank_and_sweep`` with the same model, params shapes, set
     names, shapes, dtypes, plan and rankings runs without compiling. The defense calls this in a thread while
-    the images are still being read.
+    the images are still being read. The float64 trunk that settles the near-ties compiles here too, for each
+    of its call sizes (``badnet_jax.numerics.xla64``) and the sets' dtypes, by running it on zeros.
     """
     _, fn, args, static = _abstract_call(model, params, sets, options, order, rank_on, rankings)
     fn.lower(*args, **static).compile()
+    model = as_model(model)
+    for size, dtype in itertools.product(xla64.sizes_on(xla64.float64_device().platform),
+                                         {np.dtype(s.dtype) for s in sets.values()}):
+        model.features64(params, np.zeros((size, *model.input_hwc), dtype), model.divisor)
 
 
 # The kernels' custom calls: the masked head through Triton or Mosaic, the CPU's native kernels.

@@ -81,6 +81,21 @@ def test_compile_ahead_then_the_sweep_runs_without_compiling(rng, backend_compil
     np.testing.assert_array_equal(got.preds["again"], plain.preds["clean_valid"])
 
 
+def test_compile_ahead_covers_the_float64_settling(rng, backend_compiles):
+    """compile_sweep also compiles the float64 trunk that settles near-ties (run on zeros at each call size):
+    the sweep after it, settling included (the ranking's float64 check always runs the trunk), compiles
+    nothing. A class count no other test uses, so nothing was compiled before."""
+    params, model = init_params(num_classes=13, seed=5), BadNet(13)
+    # on the device already: moving a NumPy array there compiles a small program of its own
+    x = jax.device_put(rng.integers(0, 256, size=(20, 55, 47, 3)).astype(np.uint8))
+    spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    sw.compile_sweep(model, params, {"clean_valid": spec}, sw.SweepOptions(chunk=8))
+    assert any("lambda" in f for f in backend_compiles[backend_compiles.index("jit(_rank_and_sweep)"):]), backend_compiles
+    ahead = list(backend_compiles)
+    sw.rank_and_sweep(model, params, {"clean_valid": x}, sw.SweepOptions(chunk=8))
+    assert backend_compiles == ahead
+
+
 def test_a_users_own_order_is_swept_and_must_be_a_permutation(lab_b, lab_faces):
     model, params = lab_b
     x, _ = lab_faces["valid_subset"]

@@ -1,0 +1,119 @@
+"""Float64 forwards by XLA on the local device: which device, the weights held there, the calls' sizes.
+
+The settling of near-ties (``badnet_jax.numerics.settling``, ``PrunableModel.features64`` / ``argmax64``)
+runs a model's own jitted functions under ``jax.enable_x64`` on a few dozen to a few thousand rows. Every
+such call goes through :func:`run64`, so the choices below are made once for every model:
+
+- the device: the local device, except a TPU (no float64), where the host CPU runs them;
+- the weights: converted to float64 and put on that device once per weights (:func:`params64`, which also
+  holds the host's float64 copy for the NumPy network), not once per call, as long as they are immutable JAX
+  arrays (a user's NumPy arrays could change in place);
+- the calls' sizes (:func:`call_sizes`): the rows go in calls of a few padded sizes, so that any count of rows
+  compiles one of a few shapes. A CPU pays per row and less per row in small calls; a GPU pays per call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+# Rows per float64 call by platform, ascending: while more rows are left than the largest size, calls of the
+# largest; the rest in one call of the smallest size that holds it, padded with zeros. Each size is one compiled
+# shape (on a GPU a float64 compile takes about a second). Measured with DeepID's float64 trunk: on a CPU (Zen 5,
+# two cores) 0.35 ms an image in calls of 8, 0.29 in calls of 32 or 64, 0.41 in calls of 128 (the activations
+# leave the cache); on an H200 a call of 32 images takes 0.50 ms and one of 256 1.78 ms, so there the few
+# dozen to few hundred flagged images of a set go in one call.
+CALL_SIZES = {"cpu": (32, 64), "gpu": (32, 128, 512)}
+
+# The float64 weights last made, per place (None: the host, as NumPy arrays; else a device):
+# place -> (the float32 leaves they were made from, float64 weights). A run settles one model's predictions many
+# times; holding the leaves keeps their ids from being reused while they are compared.
+_held: dict[Any, tuple[tuple[Any, ...], Any]] = {}
+
+
+def float64_device() -> jax.Device:
+    """The device that runs float64: the first local device, or the host CPU where that is a TPU."""
+    device = jax.local_devices()[0]
+    return device if device.platform in ("cpu", "gpu", "cuda", "rocm") else jax.local_devices(backend="cpu")[0]
+
+
+def sizes_on(platform: str) -> tuple[int, ...]:
+    """The call sizes of ``platform`` (``CALL_SIZES``; any platform other than ``cpu`` as a GPU)."""
+    return CALL_SIZES["cpu" if platform == "cpu" else "gpu"]
+
+
+def call_sizes(n: int, platform: str) -> list[int]:
+    """The padded size of each call that runs ``n`` rows on ``platform``."""
+    sizes = sizes_on(platform)
+    out = []
+    while n > sizes[-1]:
+        out.append(sizes[-1])
+        n -= sizes[-1]
+    if n > 0:
+        out.append(next(s for s in sizes if s >= n))
+    return out
+
+
+def params64(params: Any, device: Optional[jax.Device] = None) -> Any:
+    """``params`` in float64: NumPy arrays on the host (``device`` None) or JAX arrays on ``device`` (then call
+    it inside ``jax.enable_x64(True)``: outside, JAX would store float32).
+
+    The same immutable weights (JAX arrays) are converted once per place; NumPy weights every time, since they
+    may have changed in place.
+    """
+    leaves = tuple(jax.tree.leaves(params))
+    immutable = all(isinstance(a, jax.Array) for a in leaves)
+    if immutable and device in _held:
+        held_leaves, held = _held[device]
+        if len(held_leaves) == len(leaves) and all(a is b for a, b in zip(held_leaves, leaves)) and (
+                jax.tree.structure(held) == jax.tree.structure(params)):
+            return held
+    p = jax.tree.map(lambda a: np.array(a, np.float64), params)
+    if device is not None:
+        p = jax.device_put(p, device)
+    if immutable:
+        if device is None:  # handed out again: nobody may change the held copy in place
+            jax.tree.map(lambda a: a.setflags(write=False), p)
+        _held[device] = (leaves, p)
+    return p
+
+
+def run64(fn: Callable[..., Any], params: Any, rows: Sequence[np.ndarray], divisor: Optional[float] = None
+          ) -> np.ndarray:
+    """``fn(params64, *batch)`` over the rows in float64 on :func:`float64_device`, concatenated.
+
+    Args:
+        fn: a jitted function of (float64 weights, one batch of each of ``rows``[, the divisor]) -> one output
+            row per row.
+        params: the model's weights (any float dtype).
+        rows: one or more arrays with the same number of rows (at least one row), converted to float64.
+        divisor: for images: the first array goes to the device in its own dtype (a uint8 image is an eighth
+            of its float64), and ``fn`` gets this divisor as a float64 argument after the batch, to convert
+            and divide on the device (a division by a traced value, correctly rounded like NumPy's).
+
+    Returns:
+        The outputs of the rows, as a NumPy array (the leading axis as long as ``rows``').
+    """
+    n = len(rows[0])
+    if not n:
+        raise ValueError("run64 needs at least one row")
+    device = float64_device()
+    outs, start = [], 0
+    with jax.enable_x64(True):
+        p = params64(params, device)
+        extra = () if divisor is None else (jax.device_put(np.float64(divisor), device),)
+        for size in call_sizes(n, device.platform):
+            batch = []
+            for i, a in enumerate(rows):
+                part = np.asarray(a[start:start + size])
+                if i or divisor is None:
+                    part = part.astype(np.float64, copy=False)
+                padded = np.zeros((size, *part.shape[1:]), part.dtype)
+                padded[:len(part)] = part
+                batch.append(jax.device_put(padded, device))
+            take = min(size, n - start)
+            outs.append(np.asarray(fn(p, *batch, *extra))[:take])
+            start += take
+    return np.concatenate(outs)

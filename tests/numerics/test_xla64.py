@@ -1,0 +1,96 @@
+"""badnet_jax.numerics.xla64: the float64 calls' sizes, the weights held on the device, and the rows run
+through a jitted function in padded calls, against the same function called on all rows at once."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from badnet_jax.numerics import xla64
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu", "cuda", "rocm"])
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 63, 64, 65, 100, 129, 1000, 1024, 1025, 5000])
+def test_call_sizes_cover_the_rows_with_the_least_padding_the_sizes_allow(n, platform):
+    sizes = xla64.CALL_SIZES["cpu" if platform == "cpu" else "gpu"]
+    calls = xla64.call_sizes(n, platform)
+    assert set(calls) <= set(sizes)
+    assert sum(calls) >= n
+    assert all(c == max(sizes) for c in calls[:-1])  # only the last call may be smaller
+    last_rows = n - max(sizes) * (len(calls) - 1)
+    assert 0 < last_rows <= calls[-1]
+    assert not [s for s in sizes if last_rows <= s < calls[-1]]  # no smaller size would hold the rest
+    assert xla64.call_sizes(0, platform) == []
+
+
+def test_a_gpu_settles_a_few_hundred_rows_in_one_call_a_cpu_in_small_ones():
+    assert xla64.call_sizes(300, "gpu") == [512]
+    assert xla64.call_sizes(94, "cuda") == [128]
+    assert xla64.call_sizes(1100, "gpu") == [512, 512, 128]
+    assert xla64.call_sizes(300, "cpu") == [64, 64, 64, 64, 64]
+    assert xla64.call_sizes(40, "cpu") == [64]
+    assert xla64.call_sizes(20, "cpu") == [32]
+
+
+def test_the_same_jax_weights_are_put_on_the_device_once():
+    params = {"a": {"w": jnp.arange(6.0).reshape(2, 3)}, "b": {"w": jnp.ones(4)}}
+    device = xla64.float64_device()
+    with jax.enable_x64(True):
+        first = xla64.params64(params, device)
+        assert first["a"]["w"].dtype == jnp.float64
+        np.testing.assert_array_equal(np.asarray(first["a"]["w"]), np.arange(6.0).reshape(2, 3))
+        assert xla64.params64(dict(params), device) is first  # the same arrays in a new dict: held
+        other = {"a": {"w": jnp.arange(6.0).reshape(2, 3)}, "b": params["b"]}  # equal values, a new array
+        assert xla64.params64(other, device) is not first
+
+
+def test_numpy_weights_are_converted_every_time_they_could_have_changed_in_place():
+    params = {"w": np.arange(3.0)}
+    device = xla64.float64_device()
+    with jax.enable_x64(True):
+        before = np.asarray(xla64.params64(params, device)["w"])
+        params["w"][:] = 7.0
+        after = np.asarray(xla64.params64(params, device)["w"])
+    np.testing.assert_array_equal(before, [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(after, [7.0, 7.0, 7.0])
+
+
+@pytest.mark.parametrize("n", [1, 31, 33, 64, 65, 200])
+def test_run64_equals_one_float64_call_on_all_rows(n):
+    """Rows in padded calls give the rows of one call on all of them, in float64 (a value float32 would round);
+    images go to the device as uint8 and are divided there by the divisor."""
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 256, (n, 3, 2)).astype(np.uint8)
+    m = rng.standard_normal((n, 2))
+    params = {"w": jnp.asarray(rng.standard_normal((2, 4)), jnp.float32), "eps": np.float64(1e-12)}
+    dtypes = []
+
+    def fn(p, x, m, d):
+        dtypes.append((x.dtype, m.dtype, d.dtype))
+        return ((x.astype(jnp.float64) / d).sum(axis=1) * m) @ p["w"] + p["eps"]
+
+    out = xla64.run64(jax.jit(fn), params, [x, m], divisor=255.0)
+    w = np.asarray(params["w"], np.float64)
+    want = ((x.astype(np.float64) / 255.0).sum(axis=1) * m) @ w + 1e-12
+    assert out.dtype == np.float64 and out.shape == (n, 4)
+    np.testing.assert_allclose(out, want, rtol=1e-14, atol=1e-15)
+    assert set(dtypes) == {(np.dtype(np.uint8), np.dtype(np.float64), np.dtype(np.float64))}
+    rows = jax.jit(lambda p, a, b: a.sum(axis=1) * b)  # without a divisor every array is float64
+    np.testing.assert_array_equal(xla64.run64(rows, params, [x, m]), x.astype(np.float64).sum(axis=1) * m)
+    with pytest.raises(ValueError, match="at least one row"):
+        xla64.run64(rows, params, [x[:0], m[:0]])
+
+
+def test_the_host_copy_is_held_once_and_read_only():
+    params = {"w": jnp.arange(3.0)}
+    first = xla64.params64(params)
+    assert isinstance(first["w"], np.ndarray) and first["w"].dtype == np.float64
+    assert xla64.params64({"w": params["w"]}) is first
+    with pytest.raises(ValueError, match="read-only"):
+        first["w"][0] = 1.0
+    device = xla64.float64_device()
+    with jax.enable_x64(True):
+        assert xla64.params64(params, device) is not first  # each place holds its own
+        assert xla64.params64(params) is first

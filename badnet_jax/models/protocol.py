@@ -378,8 +378,8 @@ class PrunableModel(abc.ABC):
 
 @functools.lru_cache(maxsize=None)
 def _fn64(model: PrunableModel, what: str):
-    if what == "features":  # images in their own dtype, converted and divided on the device
-        return jax.jit(lambda p, x, divisor: model.features(p, x.astype(jnp.float64), divisor))
+    if what == "features":  # images in their own dtype, converted and divided on the device as NumPy divides
+        return jax.jit(lambda p, x, divisor: model.features(p, xla64.divided(x.astype(jnp.float64), divisor), 1.0))
     # one head per row: each row has its own image's features and its own mask
     one = lambda p, f, m: jnp.argmax(model.head(p, f[None], m)[0])
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))

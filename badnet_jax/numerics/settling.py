@@ -91,9 +91,9 @@ def pool3_64(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarra
 
 @functools.lru_cache(maxsize=None)
 def _trunk64_fn(num_classes: int):
-    model = BadNet(num_classes)  # raw scale: the pixels are divided here, by a traced divisor
+    model = BadNet(num_classes)  # raw scale: the pixels are divided here, as NumPy divides them
     return jax.jit(lambda params, x, divisor: model.apply(
-        {"params": params}, x.astype(jnp.float64) / divisor, method=BadNet.trunk))
+        {"params": params}, xla64.divided(x.astype(jnp.float64), divisor), method=BadNet.trunk))
 
 
 def pool3_64_xla(params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Rows per float64 call by platform, ascending: while more rows are left than the largest size, calls of the
@@ -80,6 +81,16 @@ def params64(params: Any, device: Optional[jax.Device] = None) -> Any:
     return p
 
 
+def divided(x: jax.Array, divisor: jax.Array) -> jax.Array:
+    """``x / divisor`` element by element, correctly rounded as NumPy's division is.
+
+    XLA rewrites a division by a broadcast scalar into a multiplication by its reciprocal, one rounding more
+    (x / 255 then differs from NumPy's in the last bit for 96 of the 256 pixel values). The broadcast divisor
+    behind an optimization barrier keeps the division a division.
+    """
+    return x / jax.lax.optimization_barrier(jnp.broadcast_to(divisor.astype(x.dtype), x.shape))
+
+
 def run64(fn: Callable[..., Any], params: Any, rows: Sequence[np.ndarray], divisor: Optional[float] = None
           ) -> np.ndarray:
     """``fn(params64, *batch)`` over the rows in float64 on :func:`float64_device`, concatenated.
@@ -91,7 +102,7 @@ def run64(fn: Callable[..., Any], params: Any, rows: Sequence[np.ndarray], divis
         rows: one or more arrays with the same number of rows (at least one row), converted to float64.
         divisor: for images: the first array goes to the device in its own dtype (a uint8 image is an eighth
             of its float64), and ``fn`` gets this divisor as a float64 argument after the batch, to convert
-            and divide on the device (a division by a traced value, correctly rounded like NumPy's).
+            and divide on the device (with :func:`divided`, rounded as NumPy rounds).
 
     Returns:
         The outputs of the rows, as a NumPy array (the leading axis as long as ``rows``').

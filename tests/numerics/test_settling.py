@@ -211,3 +211,15 @@ def test_a_tie_at_float64_precision_is_the_numpy_networks_answer(lab_b, lab_face
     assert settling.argmax64(params, x, 1.0)[0] != want[0]
 
 
+
+
+def test_the_float64_trunk_lowers_for_a_gpu_with_its_exact_division():
+    """What settles near-ties on a GPU (uint8 images in, divided there behind a barrier) lowers for CUDA."""
+    init = BadNet(7).init(jax.random.key(0), np.zeros((1, 55, 47, 3), np.float32))["params"]
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float64), init)
+    with jax.enable_x64(True):
+        exported = jax.export.export(settling._trunk64_fn(7), platforms=["cuda"])(
+            params, jax.ShapeDtypeStruct((128, 55, 47, 3), np.uint8), jax.ShapeDtypeStruct((), np.float64))
+    assert exported.platforms == ("cuda",)
+    assert "optimization_barrier" in exported.mlir_module()
+    assert exported.out_avals[0].shape == (128, 5, 4, 60) and exported.out_avals[0].dtype == np.float64

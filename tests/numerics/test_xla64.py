@@ -94,3 +94,13 @@ def test_the_host_copy_is_held_once_and_read_only():
     with jax.enable_x64(True):
         assert xla64.params64(params, device) is not first  # each place holds its own
         assert xla64.params64(params) is first
+
+
+@pytest.mark.parametrize("divisor", [255.0, 3.0, 1.0])
+def test_divided_rounds_every_pixel_value_as_numpy_does(divisor):
+    """Every uint8 value over the divisor, jitted in float64, bit for bit NumPy's correctly rounded quotient."""
+    x = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    with jax.enable_x64(True):
+        got = jax.jit(lambda x, d: xla64.divided(x.astype(jnp.float64), d))(x, np.float64(divisor))
+        assert got.dtype == jnp.float64
+    np.testing.assert_array_equal(np.asarray(got), x.astype(np.float64) / divisor)

@@ -6,7 +6,7 @@
 # of the repository, copy them into an ignored folder of it and point BADNET_ASSETS there, e.g.
 #   cp -r ../shared/assets .device_assets && BADNET_ASSETS=.device_assets bash scripts/device_check.sh
 # Everything goes to ${OUT:-results/device}/log.txt plus a few JSON files; each step has its own time limit
-# (together 570 s), so one stuck step cannot stall the rest and the whole check fits one 10-minute call
+# (together 580 s), so one stuck step cannot stall the rest and the whole check fits one 10-minute call
 # (on the H200: about 8 minutes, GPU compiles 2-13 s each).
 set -uo pipefail
 out="${OUT:-results/device}"
@@ -73,9 +73,32 @@ for impl in ("reference", 2, 4):
     print(f"conv_1 form {impl!s:9s} {1e3 * s:7.2f} ms  {flops / s / 1e12:6.1f} TFLOP/s (8192 images)")
 EOF
 
-# Where the float64 settling's time goes (34-64 ms of the whole curve on the H200, for a few hundred images):
-# the settling functions profiled over one warm sweep of the two validation sets, images on the device.
-step 40 settle_profile python3 - "$lab" <<'EOF'
+# The two float64 networks' largest logit difference on the real faces at every step, in u64 x S, against a
+# tenth of TIE64_RTOL (the tests below assert it; this prints it). On the H200: 8.45 for lab B, 158.3 for a
+# 2020 BadNet fed raw pixels.
+step 20 tie64 env PYTHONPATH=. python3 - <<'EOF'
+import numpy as np
+from badnet_jax import load_keras, load_lab_h5
+from badnet_jax.numerics import settling
+from badnet_jax.sweep import prefix_masks
+from tests import numpy_ref
+from tests.conftest import LAB_FILES, asset
+x = np.concatenate([load_lab_h5(asset(f), keep_uint8=True)[0] for f in LAB_FILES.values()])
+for name, divisor in (("lab3/bd_weights.h5", 1.0), ("hackml2020/anonymous_1_bd_weights.h5", 1.0),
+                      ("hackml2020/anonymous_1_bd_weights.h5", 255.0), ("hackml2020/sunglasses_bd_weights.h5", 255.0)):
+    _, params = load_keras(asset(f"models/{name}"))
+    feats, feats_xla = settling.pool3_64(params, x, divisor), settling.pool3_64_xla(params, x, divisor)
+    worst = 0.0
+    for mask in prefix_masks(np.argsort(feats.mean(axis=(0, 1, 2)), kind="stable")).astype(np.float64):
+        want, scale = numpy_ref.head(params, feats, mask), numpy_ref.output_scale(params, feats, mask)
+        worst = max(worst, float((np.abs(numpy_ref.head(params, feats_xla, mask) - want).max(axis=1) / scale).max()))
+    print(f"tie64 {name} /{divisor:g}: {worst / settling.U64:.2f} u64 S (a tenth of the bound: "
+          f"{settling.TIE64_RTOL / 2 / 10 / settling.U64:.0f})")
+EOF
+
+# Where the float64 settling's time goes (16 ms of the whole curve on the H200, for 150 predictions): the
+# settling functions profiled over one warm sweep of the two validation sets, images on the device.
+step 30 settle_profile python3 - "$lab" <<'EOF'
 import cProfile, pstats, sys
 import jax
 from badnet_jax import load_lab_h5
@@ -121,5 +144,5 @@ cp "$lab/results1/curve.json" "$out/curve.json" 2>/dev/null
 
 echo "----- summary"
 grep -h -E "^machine:|^(conv_[0-9]|fc_[0-9]|output|trunk|head) +(trunk|affine|tail|head) |^impl |^(reference|pallas) +[0-9]+ |\
-^grid of|grid [0-9]+/|conv_1 form|^\{'device'|settling.py|reference +[0-9.]+ s|pallas_block_n[0-9]+|^matmul_peak|^=====.*rc=|^real|passed|failed" "$log" \
+^grid of|grid [0-9]+/|conv_1 form|^tie64 |^\{'device'|settling.py|reference +[0-9.]+ s|pallas_block_n[0-9]+|^matmul_peak|^=====.*rc=|^real|passed|failed" "$log" \
   | cut -c1-220

@@ -21,7 +21,7 @@ from badnet_jax.models.graph import GraphCNN
 from badnet_jax import sweep as sw
 from tests import numpy_ref
 from tests.cli import run_cli
-from tests.conftest import LAB_B, asset
+from tests.conftest import asset
 
 FILES = {"resnet_tiny": "models/other/resnet_tiny.h5", "vgg_tiny": "models/other/vgg_tiny.h5"}
 

@@ -12,7 +12,6 @@ import pytest
 
 from badnet_jax import BadNet, init_params, metrics
 from badnet_jax import sweep as sw
-from badnet_jax.sweep import strategies
 from badnet_jax.defense.inputs import EXAMPLES
 from badnet_jax.io.model_file import load_model
 from badnet_jax.models.deepid import DeepID

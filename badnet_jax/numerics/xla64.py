@@ -22,15 +22,17 @@ import numpy as np
 
 # Rows per float64 call by platform, ascending: while more rows are left than the largest size, calls of the
 # largest; the rest in one call of the smallest size that holds it, padded with zeros. Each size is one compiled
-# shape (on a GPU a float64 compile takes about a second). Measured with DeepID's float64 trunk: on a CPU (Zen 5,
-# two cores) 0.35 ms an image in calls of 8, 0.29 in calls of 32 or 64, 0.41 in calls of 128 (the activations
-# leave the cache); on an H200 a call of 32 images takes 0.50 ms and one of 256 1.78 ms, so there the few
-# dozen to few hundred flagged images of a set go in one call.
-CALL_SIZES = {"cpu": (32, 64), "gpu": (32, 128, 512)}
+# shape (on a GPU a float64 compile takes about half a second). Measured with DeepID's float64 trunk: on a CPU
+# (Zen 5, two cores) 0.35 ms an image in calls of 8, 0.29 in calls of 32 or 64, 0.41 in calls of 128 (the
+# activations leave the cache); on an H200 a call of 32 images takes 0.50 ms and one of 256 1.78 ms, so there
+# the few dozen to few hundred flagged images of a set go in one call (at most 256 rows: a large CNN's float64
+# activations are held for the whole call).
+CALL_SIZES = {"cpu": (32, 64), "gpu": (32, 128, 256)}
 
 # The float64 weights last made, per place (None: the host, as NumPy arrays; else a device):
 # place -> (the float32 leaves they were made from, float64 weights). A run settles one model's predictions many
-# times; holding the leaves keeps their ids from being reused while they are compared.
+# times; holding the leaves keeps their ids from being reused while they are compared (and the last weights
+# alive until others replace them).
 _held: dict[Any, tuple[tuple[Any, ...], Any]] = {}
 
 
@@ -57,15 +59,21 @@ def call_sizes(n: int, platform: str) -> list[int]:
     return out
 
 
+def _held_safely(leaf: Any) -> bool:
+    """Whether a weight cannot change behind its identity: a JAX array on an accelerator."""
+    return isinstance(leaf, jax.Array) and all(d.platform != "cpu" for d in leaf.devices())
+
+
 def params64(params: Any, device: Optional[jax.Device] = None) -> Any:
     """``params`` in float64: NumPy arrays on the host (``device`` None) or JAX arrays on ``device`` (then call
     it inside ``jax.enable_x64(True)``: outside, JAX would store float32).
 
-    The same immutable weights (JAX arrays) are converted once per place; NumPy weights every time, since they
-    may have changed in place.
+    The same weights held on an accelerator (JAX arrays there) are converted once per place. Anything else is
+    converted at every call: NumPy weights may have changed in place, and so may a CPU JAX array, which can
+    share its memory with a NumPy array (``jax.device_put`` does not copy there).
     """
     leaves = tuple(jax.tree.leaves(params))
-    immutable = all(isinstance(a, jax.Array) for a in leaves)
+    immutable = all(map(_held_safely, leaves))
     if immutable and device in _held:
         held_leaves, held = _held[device]
         if len(held_leaves) == len(leaves) and all(a is b for a, b in zip(held_leaves, leaves)) and (
@@ -84,9 +92,9 @@ def params64(params: Any, device: Optional[jax.Device] = None) -> Any:
 def divided(x: jax.Array, divisor: jax.Array) -> jax.Array:
     """``x / divisor`` element by element, correctly rounded as NumPy's division is.
 
-    XLA rewrites a division by a broadcast scalar into a multiplication by its reciprocal, one rounding more
-    (x / 255 then differs from NumPy's in the last bit for 96 of the 256 pixel values). The broadcast divisor
-    behind an optimization barrier keeps the division a division.
+    XLA's CPU backend rewrites a division by a broadcast scalar into a multiplication by its reciprocal, one
+    rounding more (x / 255 then differs from NumPy's in the last bit for 24 of the 256 pixel values). The
+    broadcast divisor behind an optimization barrier keeps the division a division on every backend.
     """
     return x / jax.lax.optimization_barrier(jnp.broadcast_to(divisor.astype(x.dtype), x.shape))
 

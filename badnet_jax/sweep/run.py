@@ -306,11 +306,14 @@ def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.S
 
     The program lands in JAX's cache: a later ``rank_and_sweep`` with the same model, params shapes, set
     names, shapes, dtypes, plan and rankings runs without compiling. The defense calls this in a thread while
-    the images are still being read. The float64 trunk that settles the near-ties compiles here too, for each
-    of its call sizes (``badnet_jax.numerics.xla64``) and the sets' dtypes, by running it on zeros.
+    the images are still being read. With concrete weights, the float64 trunk that settles the near-ties
+    compiles here too, for each of its call sizes (``badnet_jax.numerics.xla64``) and the sets' dtypes, by
+    running it on zeros.
     """
     _, fn, args, static = _abstract_call(model, params, sets, options, order, rank_on, rankings)
     fn.lower(*args, **static).compile()
+    if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params)):
+        return  # weights as shapes only: nothing to run the float64 trunk with
     model = as_model(model)
     for size, dtype in itertools.product(xla64.sizes_on(xla64.float64_device().platform),
                                          {np.dtype(s.dtype) for s in sets.values()}):

@@ -96,6 +96,14 @@ def test_compile_ahead_covers_the_float64_settling(rng, backend_compiles):
     assert backend_compiles == ahead
 
 
+def test_compile_ahead_with_weights_as_shapes_only(rng):
+    """Weights given as shapes compile the sweep (nothing to run the float64 trunk with)."""
+    params = init_params(num_classes=7, seed=4)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    spec = jax.ShapeDtypeStruct((9, 55, 47, 3), np.uint8)
+    sw.compile_sweep(BadNet(7), shapes, {"clean_valid": spec}, sw.SweepOptions(chunk=3))
+
+
 def test_a_users_own_order_is_swept_and_must_be_a_permutation(lab_b, lab_faces):
     model, params = lab_b
     x, _ = lab_faces["valid_subset"]

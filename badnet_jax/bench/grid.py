@@ -119,7 +119,9 @@ def time_grid(model: PrunableModel, params: Params, sets: Mapping[str, jax.Array
         except ConfigError as err:
             asked = " ".join(f"{f}={'default' if getattr(options, f) is None else getattr(options, f)}"
                              for f in GRID_FIELDS)
-            raise ConfigError(f"{arg('grid')}: the combination {asked} cannot run: {err}", field="grid") from err
+            # err.template keeps its marked names, so a command shows its own flags inside this message too
+            raise ConfigError(f"{arg('grid')}: the combination {asked} cannot run: {err.template}",
+                              field="grid") from err
     rows, one = [], {}
     for i, (options, plan) in enumerate(zip(candidates, plans)):
         row = {"options": {f: getattr(options, f) for f in GRID_FIELDS},

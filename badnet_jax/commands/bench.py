@@ -40,6 +40,7 @@ ORDERS_PER_CALL = flags.DEFINE_integer("orders_per_call", 1, "With --rank_by: or
 BATCH_STEPS = flags.DEFINE_integer("batch_steps", None, "Distinct steps per head call (0: one per call inside the "
                                    "scan; default 0 on a CPU and an NVIDIA GPU, 8 there with --orders_per_call > 1 "
                                    "and on a TPU or ROCm GPU; see SweepOptions).")
+BUDGET = flags.DEFINE_float("memory_budget", None, "GiB the sweep may use (default: half the device's memory).")
 IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Masked-head implementation.")
 PER_STEP = flags.DEFINE_integer("per_step_steps", None, "Steps of the per-step loop to time (scaled to the model's "
                                 "steps, e.g. 61 for the lab's DeepID; default: all).")
@@ -78,7 +79,7 @@ FLAG_OF = {"n_clean": N_CLEAN.name, "n_bd": N_BD.name, "repeats": REPEATS.name, 
            "example": EXAMPLE.name, "layer_images": LAYER_IMGS.name, "chunk": CHUNK.name,
            "batch_steps": BATCH_STEPS.name, "impl": IMPL.name, "orders_per_call": ORDERS_PER_CALL.name,
            "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name, "clean_valid": CLEAN_VALID.name,
-           "bd_valid": BD_VALID.name, "grid": GRID.name}
+           "bd_valid": BD_VALID.name, "grid": GRID.name, "memory_budget": BUDGET.name}
 
 
 def main(argv: list[str]) -> int:
@@ -95,7 +96,8 @@ def main(argv: list[str]) -> int:
                               "DeepID is pruned at pool_3", field="layer")
         config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value,
                              sweep=SweepOptions(impl=IMPL.value, batch_steps=BATCH_STEPS.value, chunk=CHUNK.value,
-                                                orders_per_call=ORDERS_PER_CALL.value),
+                                                orders_per_call=ORDERS_PER_CALL.value,
+                                                memory_budget=cli.memory_budget_bytes(BUDGET.value)),
                              per_step_steps=PER_STEP.value, repeats=REPEATS.value,
                              scaling=cli.parse_ints("scaling", SCALING.value), ablation=ABLATION.value,
                              rankings=tuple(RANK_BY.value), random_orders=RANDOM_ORDERS.value,

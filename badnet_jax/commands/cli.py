@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from badnet_jax.errors import NO_VALUE, BadNetError, ConfigError, OutputError, show_in_library
+from badnet_jax.errors import NO_VALUE, BadNetError, ConfigError, OutputError, arg, show_in_library
 
 log = logging.getLogger("badnet_jax")
 
@@ -278,6 +278,20 @@ def _wait_for_coordinator(address: str, host: str, port: int, timeout_s: int) ->
                                   f"{timeout_s} s ({err.strerror or err}); start process 0 there, or raise "
                                   "--distributed_timeout") from None
             time.sleep(0.5)
+
+
+def memory_budget_bytes(gib: Optional[float], flag: str = "memory_budget") -> Optional[float]:
+    """``--memory_budget`` in GiB (None: the library's default) as the library's bytes.
+
+    Raises:
+        ConfigError: a number that is not finite and positive.
+    """
+    if gib is None:
+        return None
+    value = parse_floats(flag, str(gib))[0]  # finite
+    if value <= 0:
+        raise ConfigError(f"{arg(flag, gib)} must be a positive number of GiB", field=flag)
+    return value * 2**30
 
 
 def parse_floats(flag: str, text: str) -> tuple[float, ...]:

@@ -80,13 +80,7 @@ def main(argv: list[str]) -> int:
         if flags.FLAGS[FT_LR.name].present and FT_EPOCHS.value == 0:
             raise ConfigError(f"{arg('learning_rate', FT_LR.value)} needs {arg('epochs')} > 0: without it no "
                               "fine-tuning runs", field="learning_rate")
-        budget = None
-        if BUDGET.value is not None:  # GiB here, bytes in the library
-            gib = cli.parse_floats("memory_budget", str(BUDGET.value))[0]  # finite
-            if gib <= 0:
-                raise ConfigError(f"{arg('memory_budget', BUDGET.value)} must be a positive number of GiB",
-                                  field="memory_budget")
-            budget = gib * 2**30
+        budget = cli.memory_budget_bytes(BUDGET.value)  # GiB here, bytes in the library
         config = DefenseConfig(
             drops=cli.parse_floats("drop", DROP.value), rule=RULE.value, model=MODEL.value, layer=LAYER.value, example=EXAMPLE.value,
             clean_valid=CLEAN_VALID.value, bd_valid=BD_VALID.value, clean_test=CLEAN_TEST.value,

@@ -236,6 +236,10 @@ def test_badnet_bench_grid_with_one_ranking_reports_it_in_the_singular(tmp_path)
     (["--grid", "chunk=8", "--batch_steps", "-1"], "error: --batch_steps"),
     (["--grid", "batch_steps=8;orders_per_call=2"], "error: --grid: orders_per_call only changes how several "
                                                     "rankings are swept; give --rank_by too"),
+    # the memory budget the planner checks each combination against is the bench's own flag
+    (["--grid", "batch_steps=4", "--memory_budget", "0.00001"], "GiB resident but the memory budget is 1e-05 GiB; "
+                                                                "raise --memory_budget or use fewer images"),
+    (["--grid", "batch_steps=4", "--memory_budget", "-1"], "error: --memory_budget -1.0 must be a positive number"),
 ])
 def test_badnet_bench_refuses_a_bad_grid_naming_the_flags(args, message, tmp_path):
     proc = run_cli("benchmark", "--example", "gapnet", *args, "--repeats", "1", "--out", tmp_path / "g.json")

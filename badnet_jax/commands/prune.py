@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-from badnet_jax.commands import cli
+from badnet_jax.commands import cli, processes
 from badnet_jax.defense.pipeline import DefenseConfig, run_defense
 from badnet_jax.defense.finetune import FinetuneConfig
 from badnet_jax.sweep.anp import ANPConfig
@@ -49,7 +49,7 @@ PROGRESS = flags.DEFINE_bool("progress", None, "Show the sweep's progress on std
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: jax.distributed coordinator host:port.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
-DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", cli.DISTRIBUTED_TIMEOUT_S, "Multi-host: seconds to wait to join, and to notice "
+DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", processes.DISTRIBUTED_TIMEOUT_S, "Multi-host: seconds to wait to join, and to notice "
                                     "a process that died (the others then stop with an error).")
 RANK_BY = flags.DEFINE_list("rank_by", ["activation"], "Pruning orders to compare, comma-separated: activation "
                             "(the lab's), clp, l1, random, anp, order_file. The first one's cuts are written.")
@@ -90,9 +90,9 @@ def main(argv: list[str]) -> int:
             rankings=RankingOptions(rank_by=tuple(RANK_BY.value), random_orders=RANDOM_ORDERS.value, seed=SEED.value,
                                     order_file=ORDER_FILE.value, anp=ANPConfig(steps=ANP_STEPS.value)))
         if COORDINATOR.value:
-            cli.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value, DIST_TIMEOUT.value)
+            processes.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value, DIST_TIMEOUT.value)
         else:
-            cli.use_cpu_cores()  # the images sharded over the cores (--devices 0), one program per core
+            processes.use_cpu_cores()  # the images sharded over the cores (--devices 0), one program per core
         curve = run_defense(config)
         if jax.process_index() == 0:  # the others print nothing, as they write nothing
             print(format_table(curve))

@@ -245,67 +245,6 @@ def test_jax_platforms_naming_a_platform_not_here_is_one_line_naming_the_variabl
     assert "rocm" not in proc.stderr and "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
 
 
-_DEVICES = ("import jax\nfrom badnet_jax.commands import cli\n{before}set_ = cli.use_cpu_cores()\n"
-            "print(set_, jax.device_count(), cli.cpu_cores())")
-
-
-@pytest.mark.parametrize("env,before,want", [
-    ({}, "", "cores"),  # one CPU device per core
-    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, "", 3),  # the user's count stands
-    ({"JAX_NUM_CPU_DEVICES": "1"}, "", 1),
-    ({}, "jax.numpy.zeros(1).block_until_ready()\n", 1),  # the backend is up: left as it is
-])
-def test_use_cpu_cores_gives_one_device_per_core_unless_the_count_is_set(env, before, want):
-    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    proc = run_python(_DEVICES.format(before=before), env={**clean, "JAX_PLATFORMS": "cpu", **env})
-    assert proc.returncode == 0, proc.stderr
-    set_, devices, cores = map(int, proc.stdout.split())
-    want = cores if want == "cores" else want
-    assert devices == want
-    assert set_ == (cores if not env and not before else 0)
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or not hasattr(os, "sched_getaffinity"),
-                    reason="Linux's /proc/cpuinfo is the reference")
-def test_cpu_cores_counts_physical_cores_not_hyperthreads():
-    """Against /proc/cpuinfo: the (physical id, core id) pairs of the CPUs this process may run on."""
-    allowed, cores = os.sched_getaffinity(0), set()
-    fields = {}
-    for line in open("/proc/cpuinfo").read().splitlines() + [""]:
-        if not line.strip():
-            if fields.get("processor") is not None and int(fields["processor"]) in allowed:
-                cores.add((fields.get("physical id", "0"), fields.get("core id", fields["processor"])))
-            fields = {}
-            continue
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    quota_files = ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-    got = cli.cpu_cores()
-    assert 1 <= got <= len(cores) <= len(allowed)
-    if not any(os.path.exists(f) for f in quota_files):
-        assert got == len(cores)
-
-
-@pytest.mark.parametrize("files,cpus", [
-    ({"/sys/fs/cgroup/cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 CPUs -> 2
-    ({"/sys/fs/cgroup/cpu.max": "max 100000\n"}, None),  # no quota
-    ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "300000\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, 3),
-    ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, None),
-    ({"/sys/fs/cgroup/cpu.max": "garbage\n"}, None),
-    ({}, None),
-])
-def test_a_cgroup_cpu_quota_caps_the_cores(files, cpus, monkeypatch):
-    """A container's CPU quota (cgroup v2 or v1 files, read as the kernel writes them) caps the cores used."""
-    def read_text(path, *args, **kwargs):
-        if str(path) in files:
-            return files[str(path)]
-        raise FileNotFoundError(str(path))
-    monkeypatch.setattr(cli.Path, "read_text", read_text)
-    assert cli._cgroup_cpu_quota() == cpus
-    if cpus is not None:
-        assert cli.cpu_cores() <= cpus
-
-
 # A tool whose main prints many lines and a log line, with an atexit handler of its own; argv[1] picks its ending.
 LEAVING_TOOL = """
 import atexit, logging, sys

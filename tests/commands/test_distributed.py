@@ -1,4 +1,4 @@
-"""Devices and processes through badnet-prune (badnet_jax.commands.cli.init_distributed): forced CPU devices and
+"""Devices and processes through badnet-prune (badnet_jax.commands.processes.init_distributed): forced CPU devices and
 jax.distributed on localhost with CPU collectives (gloo), real processes.
 
 --devices 4 and a one-process jax.distributed run give the single-device curve. Several processes of prune.py

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from badnet_jax import load_lab_h5, save_lab_h5
-from badnet_jax.commands import cli
+from badnet_jax.commands import processes
 from tests.cli import run_cli, start_cli
 from tests.conftest import LAB_B, asset, asset_path, require_assets
 
@@ -68,7 +68,7 @@ def test_quickstart_runs_on_embedded_demo_without_lab_files(tmp_path):
     first_lines = proc.stderr.strip().splitlines()[:3]
     assert any("running on the embedded demo" in line for line in first_lines), first_lines
     # One CPU device per core the process may use, the images sharded over them all.
-    assert f"{cli.cpu_cores()} cpu device(s)" in proc.stderr
+    assert f"{processes.cpu_cores()} cpu device(s)" in proc.stderr
     curve = json.loads((tmp_path / "results" / "curve.json").read_text())
     assert curve["demo"] is True and curve["num_classes"] == 200
     sel = curve["selected"][0]

@@ -1,0 +1,73 @@
+"""badnet_jax.commands.processes: one CPU device per physical core unless the user set a count, the cores
+counted against /proc/cpuinfo and capped by a container's CPU quota. Joining a multi-host run is tested end to
+end in test_distributed.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from badnet_jax.commands import processes
+from tests.cli import run_python
+
+
+_DEVICES = ("import jax\nfrom badnet_jax.commands import processes\n{before}set_ = processes.use_cpu_cores()\n"
+            "print(set_, jax.device_count(), processes.cpu_cores())")
+
+
+@pytest.mark.parametrize("env,before,want", [
+    ({}, "", "cores"),  # one CPU device per core
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, "", 3),  # the user's count stands
+    ({"JAX_NUM_CPU_DEVICES": "1"}, "", 1),
+    ({}, "jax.numpy.zeros(1).block_until_ready()\n", 1),  # the backend is up: left as it is
+])
+def test_use_cpu_cores_gives_one_device_per_core_unless_the_count_is_set(env, before, want):
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    proc = run_python(_DEVICES.format(before=before), env={**clean, "JAX_PLATFORMS": "cpu", **env})
+    assert proc.returncode == 0, proc.stderr
+    set_, devices, cores = map(int, proc.stdout.split())
+    want = cores if want == "cores" else want
+    assert devices == want
+    assert set_ == (cores if not env and not before else 0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or not hasattr(os, "sched_getaffinity"),
+                    reason="Linux's /proc/cpuinfo is the reference")
+def test_cpu_cores_counts_physical_cores_not_hyperthreads():
+    """Against /proc/cpuinfo: the (physical id, core id) pairs of the CPUs this process may run on."""
+    allowed, cores = os.sched_getaffinity(0), set()
+    fields = {}
+    for line in open("/proc/cpuinfo").read().splitlines() + [""]:
+        if not line.strip():
+            if fields.get("processor") is not None and int(fields["processor"]) in allowed:
+                cores.add((fields.get("physical id", "0"), fields.get("core id", fields["processor"])))
+            fields = {}
+            continue
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    quota_files = ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+    got = processes.cpu_cores()
+    assert 1 <= got <= len(cores) <= len(allowed)
+    if not any(os.path.exists(f) for f in quota_files):
+        assert got == len(cores)
+
+
+@pytest.mark.parametrize("files,cpus", [
+    ({"/sys/fs/cgroup/cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 CPUs -> 2
+    ({"/sys/fs/cgroup/cpu.max": "max 100000\n"}, None),  # no quota
+    ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "300000\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"/sys/fs/cgroup/cpu.max": "garbage\n"}, None),
+    ({}, None),
+])
+def test_a_cgroup_cpu_quota_caps_the_cores(files, cpus, monkeypatch):
+    """A container's CPU quota (cgroup v2 or v1 files, read as the kernel writes them) caps the cores used."""
+    def read_text(path, *args, **kwargs):
+        if str(path) in files:
+            return files[str(path)]
+        raise FileNotFoundError(str(path))
+    monkeypatch.setattr(processes.Path, "read_text", read_text)
+    assert processes._cgroup_cpu_quota() == cpus
+    if cpus is not None:
+        assert processes.cpu_cores() <= cpus

@@ -6,8 +6,9 @@ such call goes through :func:`run64`, so the choices below are made once for eve
 
 - the device: the local device, except a TPU (no float64), where the host CPU runs them;
 - the weights: converted to float64 and put on that device once per weights (:func:`params64`, which also
-  holds the host's float64 copy for the NumPy network), not once per call, as long as they are immutable JAX
-  arrays (a user's NumPy arrays could change in place);
+  holds the host's float64 copy for the NumPy network), not once per call, where they are JAX arrays on an
+  accelerator (NumPy weights, and a CPU JAX array that shares a NumPy array's memory, could change in place);
+- the images: sent in their own dtype (uint8) and divided on the device as NumPy divides them (:func:`divided`);
 - the calls' sizes (:func:`call_sizes`): the rows go in calls of a few padded sizes, so that any count of rows
   compiles one of a few shapes. A CPU pays per row and less per row in small calls; a GPU pays per call.
 """

@@ -29,6 +29,7 @@ from badnet_jax.sweep.rankings import RankingPlan
 
 log = logging.getLogger(__name__)
 
+
 def _whole(text: str) -> int:
     """A whole number written in ASCII digits (``int`` would also take other scripts' digits)."""
     if not re.fullmatch(r"[+-]?[0-9]+", text):

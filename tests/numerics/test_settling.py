@@ -69,8 +69,11 @@ def test_the_ranking_tolerance_is_ten_times_the_float32_error_of_the_means_on_th
     worst = (np.abs(per_image32.sum(axis=0) - sums64)[alive] / sums64[alive]).max()
     rtol = settling.ranking_rtol(DeepID(input_scale=scale), params, x, per_image32)
     assert rtol >= settling.RANK_RTOL
-    # Where every image is checked the measured error is the whole set's (the slack is float64 rounding).
-    assert 0 < worst <= rtol / 2 / 10 * (1 + 1e-9)
+    # Where every image is checked (and where the worst channel lives only on checked images: the 2020 BadNet's
+    # channel 32 fires on one of the 53) the measured error is the whole set's, up to the two float64 networks'
+    # difference: the run measures against XLA's float64 trunk, this test against NumPy's, and they differ by up
+    # to RANK64_RTOL / 2 of a channel's sum (80 u64 here on an AVX2 Zen 3, 0 on a Zen 5).
+    assert 0 < worst <= rtol / 2 / 10 + settling.RANK64_RTOL / 2
 
 
 def test_a_machine_with_larger_float32_errors_raises_the_ranking_tolerance(lab_b, lab_faces, monkeypatch):

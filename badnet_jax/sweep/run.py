@@ -306,9 +306,10 @@ def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.S
 
     The program lands in JAX's cache: a later ``rank_and_sweep`` with the same model, params shapes, set
     names, shapes, dtypes, plan and rankings runs without compiling. The defense calls this in a thread while
-    the images are still being read. With concrete weights, the float64 trunk that settles the near-ties
+    the images are still being read. With concrete weights, the float64 network that settles the near-ties
     compiles here too, for each of its call sizes (``badnet_jax.numerics.xla64``) and the sets' dtypes, by
-    running it on zeros.
+    running it on zeros: the trunk, and the head where the model runs it in XLA (any CNN; DeepID's runs on the
+    host).
     """
     _, fn, args, static = _abstract_call(model, params, sets, options, order, rank_on, rankings)
     fn.lower(*args, **static).compile()
@@ -317,7 +318,7 @@ def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.S
     model = as_model(model)
     for size, dtype in itertools.product(xla64.sizes_on(xla64.float64_device().platform),
                                          {np.dtype(s.dtype) for s in sets.values()}):
-        model.features64(params, np.zeros((size, *model.input_hwc), dtype), model.divisor)
+        model.argmax64(params, np.zeros((size, *model.input_hwc), dtype), model.divisor)
 
 
 # The kernels' custom calls: the masked head through Triton or Mosaic, the CPU's native kernels.

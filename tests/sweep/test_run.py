@@ -96,6 +96,24 @@ def test_compile_ahead_covers_the_float64_settling(rng, backend_compiles):
     assert backend_compiles == ahead
 
 
+def test_compile_ahead_covers_any_cnns_float64_head(rng, backend_compiles):
+    """For a graph model (the GAP-head example) the float64 head that settles a flagged prediction is XLA's too:
+    compile_sweep compiles it, so the settling of rows after it, at every call size, compiles nothing."""
+    from badnet_jax.defense.inputs import EXAMPLES
+    from badnet_jax.io.model_file import load_model
+    from badnet_jax.numerics import xla64
+
+    model, params = load_model(EXAMPLES["gapnet"][0], "255")
+    x = rng.integers(0, 256, size=(70, *model.input_hwc)).astype(np.uint8)
+    sw.compile_sweep(model, params, {"clean_valid": jax.ShapeDtypeStruct(x.shape, x.dtype)}, sw.SweepOptions(chunk=8))
+    ahead = list(backend_compiles)
+    masks = (rng.random((len(x), model.num_channels)) < 0.7).astype(np.float64)
+    for n in sorted({1, *xla64.sizes_on("cpu"), len(x)}):
+        preds = model.argmax64(params, x[:n], model.divisor, masks[:n])
+        assert preds.shape == (n,)
+    assert backend_compiles == ahead
+
+
 def test_compile_ahead_with_weights_as_shapes_only(rng):
     """Weights given as shapes compile the sweep (nothing to run the float64 trunk with)."""
     params = init_params(num_classes=7, seed=4)

@@ -16,14 +16,15 @@ holds XLA's convolution). Every other platform runs XLA's convolution. On a CPU,
   direct was 1.31-3.6x faster than XLA's at F = 60, 1.42-1.44x at C = 3, F = 20, 0.99-1.08x at C = 3,
   F = 32; XLA's was faster or equal at F = 20 from 16 channels on (0.59-1.01x) and at F = 64, 128 (mixed,
   0.58-2.1x), which the rule leaves to it. DeepID: conv_1 1.46x, conv_3 1.66x, conv_2 equal.
-  Also **direct** where input and output channels each fit in one of the kernel's vectors (C, F <= its lanes:
-  a ResNet's 16-channel stages with 16 lanes), where XLA:CPU's convolution has too narrow a matrix product to
-  run well. Measured on a 2-core AMD EPYC (Zen 4, 16 lanes; 1024 images, min of 7 alternating;
+  Also **direct** where input and output channels are both at most :data:`NARROW` (16: a ResNet's 16-channel
+  stages), where XLA:CPU's convolution has too narrow a matrix product to run well, whatever the kernel's
+  lanes. Measured on a 2-core AMD EPYC Zen 4 (16 lanes; 1024 images, min of 7 alternating;
   docs/benchmarks.md): direct 1.33-2.4x faster with 3x3 kernels from 8 or 16 channels into 8 or 16 ('same' or
   'valid', stride 1 or 2, 16x16 and 32x32 inputs), 1.0-1.16x for a 1x1; about equal from 32 input channels
   (0.93-1.05x), and XLA's faster for a 5x5 from 32 (0.63x), which the rule leaves to XLA; resnet_tiny's trunk
-  1.3x faster. Not measured on the Intel host (there, unpooled F = 20 from 16 channels, 62.5% of direct's
-  lanes useful, was 0.81-1.01x).
+  1.3x faster. On a 2-core Zen 3 (AVX2, 8 lanes; min of 11): 2.2-4.5x from 4 or 8 channels into 8, 1.45-2.2x
+  with 16 channels in or out (two vectors there). Not measured on the Intel host (there, unpooled F = 20 from
+  16 channels, 62.5% of direct's lanes useful, was 0.81-1.01x).
   Also **direct** for a stage with a max pool (``pool``) into at most :data:`POOLED_OUTPUT` channels, whatever
   its input: the kernel's fused pool spares XLA's separate pass over the convolution's output. Measured with
   16 lanes (3x3 kernels, 16 and 64 input channels, 10 and 30 output columns, ReLU and 2x2 pool, 256 images;
@@ -64,6 +65,7 @@ FEW_CHANNELS = 4  # inputs with fewer channels (every RGB first layer) are XLA:C
 WIDE_OUTPUT = 64  # output channels from which XLA:CPU's own convolution runs well
 FULL_LANES = Fraction(3, 4)  # the share of its vector lanes the direct kernel must fill beyond a remainder
 POOLED_OUTPUT = 64  # output channels up to which a stage with a max pool runs direct (its fused epilogue)
+NARROW = 16  # input and output channels up to which every convolution runs direct (XLA's narrow matrix product)
 NATIVE = "native"  # ``lanes=NATIVE``: the vector width of the native kernel built here (None where none is)
 
 
@@ -86,7 +88,7 @@ def direct_fits(kernel_shape: Sequence[int], lanes: int, pooled: bool = False) -
     """Whether the rule runs a (kh, kw, C, F) float32 convolution by the direct kernel of ``lanes``-wide vectors
     (``pooled``: a max pool follows it, fused into the kernel)."""
     _, _, c, f = (int(d) for d in kernel_shape)
-    if _few_channels(c, f) or (pooled and f <= POOLED_OUTPUT) or (c <= lanes and f <= lanes):
+    if _few_channels(c, f) or (pooled and f <= POOLED_OUTPUT) or (c <= NARROW and f <= NARROW):
         return True
     padded = -(-f // lanes) * lanes
     return f % lanes != 0 and Fraction(f, padded) >= FULL_LANES

@@ -108,14 +108,17 @@ def test_auto_rule_on_a_cpu_without_the_native_kernel(kernel_shape, want):
     ((3, 3, 40, 60), 16, "direct"),
     ((3, 3, 40, 60), 8, "direct"),
     ((3, 3, 16, 24), 16, "direct"),  # 24 of 32 lanes: the edge
-    # Input and output channels each within one vector: direct (XLA's narrow matrix product).
+    # Input and output channels both at most 16, whatever the lanes: direct (XLA's narrow matrix product).
     ((3, 3, 16, 16), 16, "direct"),  # a ResNet's 16-channel stage
     ((1, 1, 16, 16), 16, "direct"),
     ((3, 3, 8, 8), 16, "direct"),
     ((3, 3, 8, 8), 8, "direct"),
     ((3, 3, 17, 16), 16, "reference"),  # two input vectors
     ((3, 3, 32, 16), 16, "reference"),
-    ((3, 3, 16, 16), 8, "reference"),  # two vectors each with 8 lanes
+    ((3, 3, 16, 16), 8, "direct"),  # two vectors each with 8 lanes
+    ((3, 3, 16, 8), 8, "direct"),
+    ((3, 3, 17, 8), 8, "reference"),
+    ((3, 3, 8, 17), 8, "reference"),  # 17 of 24 lanes: below 3/4
     # XLA's own: whole vectors (it ran as fast or faster), or too many idle lanes.
     ((3, 3, 40, 40), 8, "reference"),
     ((3, 3, 16, 64), 16, "reference"),

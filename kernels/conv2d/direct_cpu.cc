@@ -236,7 +236,7 @@ void ColTile(const float* __restrict planar, const int64_t* __restrict taps, con
 using ColTileFn = void (*)(const float*, const int64_t*, const float*, const float*, float*, const Geometry&,
                            int64_t, int64_t, int64_t, int64_t);
 // Column vectors per tile. AVX2 has 16 registers: 4 input vectors, 12 accumulators and a broadcast weight would
-// need 17, and GCC spills (DeepID's conv_1 stage on a 2-core Zen 3: 66 -> 47 ms per 1024 images with 3).
+// need 17, and GCC spills (DeepID's conv_1 stage in this form on a 2-core Zen 3: 66 -> 47 ms per 1024 images).
 constexpr int MAX_XV = VL == 16 ? 4 : 3;
 
 // COL_TILES<XV>[ft] = ColTile<XV, ft> for ft = 1 .. ACC / XV (index 0 unused).
@@ -423,16 +423,17 @@ void ToPlanar(const float* __restrict image, float* __restrict planar, int64_t h
 // 16 lanes (AVX-512; 3 and 16 input channels, 5 to 36 output channels, 20 to 60 output columns, with the ReLU and
 // a 2x2 pool): the columns must fill at least a quarter more of their lanes than the channels do (DeepID's
 // conv_1: 44 of 48 against 20 of 32), or, where the channels do not fill one vector (there the channel form ran
-// 1.26-3.6x slower), no less than 0.15 fewer. 8 lanes (AVX2, a 2-core Zen 3; 29 stages, 3 to 64 input channels
-// into 8 to 100, 8 to 32 output columns, with and without a 2x2 pool): the columns where they fill more of their
-// lanes than the channels, or as many with a pool (there the columns ran 1.2-1.6x faster, without one 1.1-1.3x
-// slower); it picked the faster form or one within 15% of it in every stage. Unit column stride only. In
-// integers: the same choice on every run.
+// 1.26-3.6x slower), no less than 0.15 fewer. 8 lanes (AVX2, a 2-core Zen 3; 25 stages, 3 to 64 input channels
+// into 8 to 100, 8 to 44 output columns, with and without a 2x2 pool): the columns where they fill more of their
+// lanes than the channels, or as many with a pool or with channels that leave lanes idle (there the columns ran
+// 1.13-1.45x faster; as many lanes on whole channel vectors without a pool, 1.1-2x slower); it picked the faster
+// form or one within 15% of it in every stage. Unit column stride only. In integers: the same choice on every
+// run.
 bool ColumnsPay(const Geometry& g) {
   if (g.sw != 1) return false;
   const int64_t fpad = g.fv * VL, wpad = (g.width + VL - 1) / VL * VL;
   const int64_t gain = g.width * fpad - g.f * wpad;  // (columns' share - channels' share) * wpad * fpad
-  if (VL == 8) return gain > 0 || (gain == 0 && g.ph * g.pw > 1);
+  if (VL == 8) return gain > 0 || (gain == 0 && (g.ph * g.pw > 1 || g.f % VL != 0));
   return 4 * gain >= wpad * fpad || (g.f < VL && 20 * gain >= -3 * wpad * fpad);
 }
 

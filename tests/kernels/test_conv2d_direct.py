@@ -79,7 +79,7 @@ def test_the_columns_form_equals_numpy_on_integers(case):
 @pytest.mark.parametrize("f", [1, 5, 9, 20, 25])
 def test_both_forms_compute_the_same_bits(w, f):
     # Real-valued inputs, so the summation order shows: both forms add each output's terms in one order. Rows
-    # of 1 to 5 column vectors (the columns form's tiles take 1 to 4, then the rest), channel counts around
+    # of 1 to 5 column vectors (the columns form's tiles take 1 to 4 with 16 lanes, 1 to 3 with 8, then the rest), channel counts around
     # its tiles of 6 to 24 channels, and every epilogue shape, NaN and infinities included.
     rng = np.random.default_rng(w * 100 + f)
     x = rng.standard_normal((2, 7, w + 3, 3)).astype(np.float32)

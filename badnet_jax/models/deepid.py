@@ -202,6 +202,10 @@ class DeepID(PrunableModel):
                  masks_NxC: Optional[np.ndarray] = None, image_of: Optional[np.ndarray] = None) -> np.ndarray:
         return settling.argmax64(params, x_NxHxWxC, divisor, masks_NxC, image_of)
 
+    def warm64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> None:
+        # Only the trunk is XLA's (the head is NumPy's): the head on zeros would also flag every row as a near-tie.
+        self.features64(params, x_NxHxWxC, divisor)
+
     def feature_means64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
         return settling.pool3_means64(params, x_NxHxWxC, divisor)
 

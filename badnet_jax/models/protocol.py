@@ -367,6 +367,11 @@ class PrunableModel(abc.ABC):
             masks = np.broadcast_to(np.asarray(masks_NxC, np.float64), (len(image_of), self.num_channels))
         return _run64(self, params, "argmax", feats[image_of], masks).astype(np.int32)
 
+    def warm64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> None:
+        """Run the float64 network's XLA parts on these images (its trunk and head), so that they compile
+        before a settling needs them (``compile_sweep`` runs it on zeros at each call size)."""
+        self.argmax64(params, x_NxHxWxC, divisor)
+
     def feature_means64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
         """(C,) float64 mean of each channel of the features over these images."""
         x = np.asarray(x_NxHxWxC)

@@ -308,18 +308,17 @@ def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.S
     names, shapes, dtypes, plan and rankings runs without compiling. The defense calls this in a thread while
     the images are still being read. With concrete weights, the float64 network that settles the near-ties
     compiles here too, for each of its call sizes (``badnet_jax.numerics.xla64``) and the sets' dtypes, by
-    running it on zeros: the trunk, and the head too where the model runs the protocol's XLA head (any CNN's;
-    DeepID settles its head on the host, where nothing compiles).
+    running it on zeros (``PrunableModel.warm64``: the trunk, and the head where it is XLA's; DeepID settles
+    its head on the host, where nothing compiles).
     """
     _, fn, args, static = _abstract_call(model, params, sets, options, order, rank_on, rankings)
     fn.lower(*args, **static).compile()
     if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params)):
         return  # weights as shapes only: nothing to run the float64 trunk with
     model = as_model(model)
-    warm = model.argmax64 if type(model).argmax64 is PrunableModel.argmax64 else model.features64
     for size, dtype in itertools.product(xla64.sizes_on(xla64.float64_device().platform),
                                          {np.dtype(s.dtype) for s in sets.values()}):
-        warm(params, np.zeros((size, *model.input_hwc), dtype), model.divisor)
+        model.warm64(params, np.zeros((size, *model.input_hwc), dtype), model.divisor)
 
 
 # The kernels' custom calls: the masked head through Triton or Mosaic, the CPU's native kernels.

@@ -24,7 +24,7 @@ from badnet_jax.bench import (LAYER_IMAGES, BenchConfig, format_grid, format_lay
                               run_benchmark)
 from badnet_jax.defense.inputs import EXAMPLES
 from badnet_jax.errors import ConfigError, arg, reading
-from badnet_jax.io.keras import recorded_input_scale
+from badnet_jax.io.keras_file import recorded_input_scale
 from badnet_jax.io.atomic import atomic_write_text
 from badnet_jax.io.model_file import load_model
 from badnet_jax.defense.scale import CHOICES, choose_input_scale

@@ -20,7 +20,7 @@ from badnet_jax.attack.demo import DEMO_MODEL, demo_sets
 from badnet_jax.attack.gap_demo import GAP_DEMO_MODEL, gap_demo_sets
 from badnet_jax.errors import ConfigError, arg, reading
 from badnet_jax.io.fileio import sha256_of
-from badnet_jax.io.keras import recorded_input_scale
+from badnet_jax.io.keras_file import recorded_input_scale
 from badnet_jax.io.model_file import load_model as load_model_file
 from badnet_jax.io.lab_data import load_lab_h5, load_true_labels, peek_lab_h5
 from badnet_jax.models.protocol import Params, PrunableModel

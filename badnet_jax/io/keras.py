@@ -10,8 +10,8 @@ Reads, without executing anything from the file (no pickles, no Lambda layers, J
 * Keras 3 ``.keras`` archives (zip of ``config.json``, allow-listed like a full-model config, and
   ``model.weights.h5``), read in memory with every member's declared size checked first.
 
-A file that is both (an HDF5 file with a zip appended, or the other way round) is refused: h5py and Keras
-read one network from it, a zip reader another, and nothing tells which one the user meant.
+A file that is both (an HDF5 file with a zip appended, or the other way round) is refused
+(``badnet_jax.io.keras_file``): h5py and Keras read one network from it, a zip reader another.
 
 Every layer is checked against an allow-list and every kernel/bias against the architecture's shapes;
 weights must be floating point and finite. Writes full Keras model files (``model_config`` JSON +
@@ -19,8 +19,8 @@ weights must be floating point and finite. Writes full Keras model files (``mode
 eval.py calls) and ``load_weights`` read, so a pruned B' goes back into the lab's code as it is.
 
 The input scale (raw pixels or pixels / 255, see ``badnet_jax.model``) is not part of a Keras file; the
-files badnet-jax writes record it in the root attribute ``badnet_jax_input_scale``, and :func:`load_keras`
-takes it from there unless told.
+files badnet-jax writes record it in the root attribute ``badnet_jax_input_scale``
+(``badnet_jax.io.keras_file.INPUT_SCALE_ATTR``), and :func:`load_keras` takes it from there unless told.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.io import atomic, fileio
+from badnet_jax.io.keras_file import (INPUT_SCALE_ATTR, _ARCHIVE_MEMBERS, _MAX_CONFIG_BYTES, _is_keras_archive,
+                                      _read_array, recorded_input_scale)
 from badnet_jax.errors import ModelFileError
 from badnet_jax.model import (
     CONVS, HIDDEN_UNITS, INPUT_HWC, INPUT_SCALES, KERAS_LAYER_NAMES, NUM_POOL3_CHANNELS, POOL, WEIGHT_LAYERS, BadNet,
     Params, check_params, param_shapes,
 )
-
-INPUT_SCALE_ATTR = "badnet_jax_input_scale"
 
 # Layer class -> the config fields (and values) that the DeepID architecture requires.
 _ALLOWED_CLASSES = {"InputLayer", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Add", "Activation"}
@@ -55,8 +55,6 @@ _EXPECTED_CLASS = {
     "flatten_1": "Flatten", "flatten_2": "Flatten", "fc_1": "Dense", "fc_2": "Dense", "add_1": "Add",
     "activation_1": "Activation", "output": "Dense",
 }
-_MAX_CONFIG_BYTES = 1 << 20
-MAX_WEIGHT = 1e6  # real DeepID weights are below ~10; larger ones overflow float32 logits to inf/NaN
 # Layer name -> (filters or units, kernel size) the architecture fixes (the output's units are the class count).
 _SIZES = {**{name: (filters, k) for name, filters, k in CONVS}, "fc_1": (HIDDEN_UNITS, None),
           "fc_2": (HIDDEN_UNITS, None)}
@@ -170,23 +168,6 @@ def _keras3_weights(f: h5py.File, path: Path) -> dict[str, list[h5py.Dataset]]:
     return out
 
 
-def _read_array(ds: h5py.Dataset, layer: str, what: str, expected: tuple, path: Path) -> np.ndarray:
-    if ds.dtype.kind != "f" or ds.dtype.itemsize > 8:
-        raise ModelFileError(f"{path}: layer {layer!r} {what} has dtype {ds.dtype}, expected floating point")
-    if tuple(ds.shape) != tuple(expected):
-        raise ModelFileError(f"{path}: layer {layer!r} {what} has shape {tuple(ds.shape)}, expected {expected}")
-    try:
-        arr = np.asarray(ds[()], dtype=np.float32)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelFileError(f"{path}: cannot read layer {layer!r} {what}: {err} (truncated file?)") from None
-    if not np.isfinite(arr).all():
-        raise ModelFileError(f"{path}: layer {layer!r} {what} contains NaN or inf values")
-    if arr.size and np.abs(arr).max() > MAX_WEIGHT:
-        raise ModelFileError(f"{path}: layer {layer!r} {what} holds values up to {np.abs(arr).max():.3g}; a trained "
-                             f"network's weights are far below {MAX_WEIGHT:g} (these would overflow the logits)")
-    return arr
-
-
 def read_keras_params(path: str | os.PathLike) -> Params:
     """Read a Keras file of the lab's architecture into a Flax params pytree (numpy float32 leaves).
 
@@ -202,26 +183,6 @@ def read_keras_params(path: str | os.PathLike) -> Params:
         return _read_keras_archive(path)
     with fileio.open_h5(path, ModelFileError) as f:
         return _params_from_h5(f, path)
-
-
-def _is_keras_archive(path: Path) -> bool:
-    """Whether ``path`` is a zip (a ``.keras`` archive) rather than an HDF5 file.
-
-    Raises:
-        ModelFileError: it is both, so that two readers would see two different networks in it.
-    """
-    if not path.is_file():
-        return False  # the HDF5 opener says what it is instead
-    try:
-        is_zip = zipfile.is_zipfile(path)
-        is_h5 = is_zip and h5py.is_hdf5(str(path))
-    except OSError as err:
-        raise ModelFileError(f"{path}: cannot read the file ({err})") from None
-    if is_zip and is_h5:
-        raise ModelFileError(f"{path}: is both an HDF5 file and a zip archive (a .keras appended to an h5, or the "
-                             "other way round): h5py and Keras read the HDF5 network, a .keras reader the zip's; "
-                             "refusing an ambiguous file (save the model again as one or the other)")
-    return is_zip
 
 
 def _params_from_h5(f: h5py.File, path: Path) -> Params:
@@ -257,9 +218,6 @@ def _params_from_h5(f: h5py.File, path: Path) -> Params:
         raise ModelFileError(f"{path}: cannot read the file: {err} (truncated or corrupted?)") from None
 
 
-_ARCHIVE_MEMBERS = {"config.json": _MAX_CONFIG_BYTES, "model.weights.h5": 256 << 20, "metadata.json": 1 << 20}
-
-
 def _read_keras_archive(path: Path) -> Params:
     """A Keras 3 ``.keras`` zip: its config allow-listed like a full-model h5, then its weights file read."""
     try:
@@ -290,24 +248,6 @@ def _check_layer_names(raw: Any, path: Path) -> None:
     if unknown:
         raise ModelFileError(f"{path}: unknown layers {unknown}; badnet-jax reads only the lab's DeepID "
                              f"architecture ({list(KERAS_LAYER_NAMES)})")
-
-
-def recorded_input_scale(path: str | os.PathLike) -> str | None:
-    """The input scale a badnet-jax-written Keras file records, or None (any other Keras file)."""
-    path = Path(path)
-    if _is_keras_archive(path):
-        return None  # a .keras archive written by Keras: no badnet-jax metadata
-    with fileio.open_h5(path, ModelFileError) as f:
-        try:
-            raw = f.attrs.get(INPUT_SCALE_ATTR)
-            if raw is None:
-                return None
-            scale = raw.decode() if isinstance(raw, bytes) else str(raw)
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:  # UnicodeDecodeError included
-            raise ModelFileError(f"{path}: cannot read its attributes: {err} (truncated or corrupted?)") from None
-    if scale not in INPUT_SCALES:
-        raise ModelFileError(f"{path}: attribute {INPUT_SCALE_ATTR} is {scale!r}, expected one of {INPUT_SCALES}")
-    return scale
 
 
 def load_keras(path: str | os.PathLike, input_scale: str | None = None) -> tuple[BadNet, Params]:

@@ -17,7 +17,7 @@ data, and each layer becomes :mod:`ir <badnet_jax.models.ir>` nodes whose attrib
 
 Every tensor's shape is computed from the input shape, so each weight is checked against the shape the
 config implies (the message names the layer, the weight and both shapes); weights must be floating point,
-finite and of a plausible size (:data:`badnet_jax.io.keras.MAX_WEIGHT`). Hostile files fail fast: the
+finite and of a plausible size (:data:`badnet_jax.io.keras_file.MAX_WEIGHT`). Hostile files fail fast: the
 config is at most 1 MiB and ``MAX_LAYERS`` layers, a declared tensor over ``MAX_ELEMENTS`` elements or a
 model over ``MAX_PARAMS`` parameters (``badnet_jax.io.keras_config``) is refused before any weight is read, and
 a file that is both a zip and HDF5 is refused (two readers would see two networks). Every error is a
@@ -43,7 +43,7 @@ import numpy as np
 
 from badnet_jax.errors import ModelFileError, arg
 from badnet_jax.io import fileio
-from badnet_jax.io.keras import _ARCHIVE_MEMBERS, _MAX_CONFIG_BYTES, _is_keras_archive, _read_array
+from badnet_jax.io.keras_file import _ARCHIVE_MEMBERS, _MAX_CONFIG_BYTES, _is_keras_archive, _read_array
 from badnet_jax.io.keras_config import ConfigLayer, parse_model
 from badnet_jax.io.keras_layers import build_graph
 from badnet_jax.models.ir import Graph, GraphParams, Node

@@ -29,7 +29,7 @@ not a zero channel.
 
 The file records the pruning in root attributes (:data:`PRUNED_LAYER_ATTR`, :data:`PRUNED_CHANNELS_ATTR`,
 :data:`PRUNE_METHOD_ATTR`) and the model's input scale in ``badnet_jax_input_scale``
-(:data:`badnet_jax.io.keras.INPUT_SCALE_ATTR`), so a reader can tell what it holds.
+(:data:`badnet_jax.io.keras_file.INPUT_SCALE_ATTR`), so a reader can tell what it holds.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, OutputError, arg
 from badnet_jax.io import atomic
-from badnet_jax.io.keras import INPUT_SCALE_ATTR
+from badnet_jax.io.keras_file import INPUT_SCALE_ATTR
 from badnet_jax.io.keras_model_config import PRE, check_names, functional_config, keras_layer_order, keras_layers
 from badnet_jax.models.graph import GraphCNN
 from badnet_jax.models.ir import Graph, GraphParams, Node

@@ -17,11 +17,13 @@ from typing import Optional
 import h5py
 
 from badnet_jax.errors import ConfigError, ModelFileError, arg
-from badnet_jax.io.keras import load_keras, recorded_input_scale
+from badnet_jax.io.keras import load_keras
+from badnet_jax.io.keras_file import recorded_input_scale
 from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.models.deepid import POOL3, DeepID, deepid_graph
 from badnet_jax.models.graph import GraphCNN
-from badnet_jax.models.protocol import INPUT_SCALES, Params, PrunableModel
+from badnet_jax.models.pixels import INPUT_SCALES
+from badnet_jax.models.protocol import Params, PrunableModel
 
 
 def _has_config(path: Path) -> bool:

@@ -21,7 +21,8 @@ from badnet_jax.kernels.masked_head.api import head_top2
 from badnet_jax.model import (CONV4_FEATURES, CONV4_POSITIONS, HIDDEN_UNITS, INPUT_HWC, LAB_NUM_CLASSES, POOL,
                               POOL3_HWC, BadNet, Params, check_params, init_params, multiply_adds)
 from badnet_jax.models.ir import Graph, Node
-from badnet_jax.models.protocol import Producer, PrunableModel, Stage, scaled
+from badnet_jax.models.pixels import scaled
+from badnet_jax.models.protocol import Producer, PrunableModel, Stage
 from badnet_jax.numerics import settling
 from badnet_jax.numerics.ties import TIE_RTOL, undecided_channels
 

@@ -5,9 +5,8 @@ input's float dtype (so the same code is its float64 network). Choosing the prun
 into the trunk, the region (affine in the masked features), its frontier (the pre-activations) and the tail
 (``badnet_jax.models.graph_split``).
 
-A channel's contribution runs the region's linear part on that channel alone: the masked nodes on its slice,
-the first convolution or dense layer on that channel's slice of its kernel (one channel's share of the work,
-as the lab's DeepID does it), anything after on the full tensors.
+A channel's contribution runs the region's linear part on that channel alone
+(``badnet_jax.models.graph_contribution``).
 """
 
 from __future__ import annotations
@@ -21,14 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
+from badnet_jax.models.graph_contribution import PER_CHANNEL_OPS, channel_contribution
 from badnet_jax.models.graph_split import (ParamShapes, Split, candidates, check_layer, default_layer, infer_shapes,
                                            split_graph)
 from badnet_jax.models.ir import Graph, Node
 from badnet_jax.models.ops import apply_conv_stage, apply_op, conv_stage
-from badnet_jax.models.protocol import Params, Producer, PrunableModel, Stage, scaled
+from badnet_jax.models.pixels import scaled
+from badnet_jax.models.protocol import Params, Producer, PrunableModel, Stage
 from badnet_jax.numerics.ties import TIE_RTOL
-
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _freeze_shapes(params: Mapping[str, Mapping[str, Any]]) -> ParamShapes:
@@ -334,49 +333,7 @@ class GraphCNN(PrunableModel):
         return tuple(env[n][0] for n in self.split.frontier)
 
     def channel_contribution(self, params: Params, feats_NxHxWxC: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
-        split, by_name = self.split, self.graph.by_name
-        channels = self.num_channels
-        one = jax.lax.dynamic_slice_in_dim(feats_NxHxWxC, c, 1, axis=3)  # (N, H, W, 1): channel c alone
-        single = {self.layer: one}  # masked values kept as channel c's slice
-        full: dict[str, jax.Array] = {}
-
-        def value(name):  # a full tensor: a single-channel value placed at channel c, zeros elsewhere
-            if name in full:
-                return full[name]
-            v = single[name]
-            z = jnp.zeros((*v.shape[:-1], channels), v.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(z, v, c, axis=v.ndim - 1)
-
-        for name in split.region:
-            node = by_name[name]
-            srcs = node.inputs
-            if all(s in single for s in srcs) and (name in split.masked or node.op in PER_CHANNEL_OPS):
-                # per channel: channel c's slice of the op (batch norm: channel c's scale)
-                if node.op == "batch_norm":
-                    p = {k: jax.lax.dynamic_slice_in_dim(jnp.asarray(v), c, 1) for k, v in params[node.weights].items()}
-                    single[name] = apply_op(node, {node.weights: p}, [single[s] for s in srcs], linear=True)
-                else:
-                    single[name] = apply_op(node, params, [single[s] for s in srcs], linear=True)
-            elif node.op == "conv" and srcs[0] in single:
-                k = jax.lax.dynamic_slice_in_dim(jnp.asarray(params[node.weights]["kernel"]), c, 1, axis=2)
-                full[name] = apply_op(node, {node.weights: {"kernel": k}}, [single[srcs[0]]], linear=True)
-            elif node.op == "dense" and srcs[0] in single and single[srcs[0]].ndim == 2:
-                k = jax.lax.dynamic_slice_in_dim(jnp.asarray(params[node.weights]["kernel"]), c, 1, axis=0)
-                full[name] = jnp.dot(single[srcs[0]], k.astype(single[srcs[0]].dtype), precision=HIGHEST)
-            elif (node.op == "flatten" and srcs[0] in single and len(node.inputs) == 1
-                  and _flatten_then_dense(self.graph, name, split)):
-                dense = by_name[self.graph.consumers()[name][0]]
-                v = single[srcs[0]]  # (N, H, W, 1)
-                n, h, w = v.shape[:3]
-                rows = jnp.asarray(params[dense.weights]["kernel"]).reshape(h * w, channels, -1)
-                k_c = jax.lax.dynamic_index_in_dim(rows, c, axis=1, keepdims=False)  # (H*W, units): Keras (h, w, c)
-                full[dense.name] = jnp.dot(v.reshape(n, h * w), k_c.astype(v.dtype), precision=HIGHEST)
-                full[name] = None  # consumed only by that dense layer, done above
-            elif name in full:
-                continue  # a dense layer computed with its flatten
-            else:
-                full[name] = apply_op(node, params, [value(s) for s in srcs], linear=True)
-        return tuple(value(n) for n in split.frontier)
+        return channel_contribution(self.graph, self.split, self.layer, self.num_channels, params, feats_NxHxWxC, c)
 
     def channelwise_preactivations(self, params: Params, feats_NxHxWxC: jax.Array) -> Optional[tuple[jax.Array, ...]]:
         split = self.split
@@ -398,8 +355,6 @@ class GraphCNN(PrunableModel):
 
 
 WEIGHT_OPS = ("conv", "depthwise_conv", "dense")
-# Affine ops that act on each channel alone (channel c of the output reads channel c of the input only).
-PER_CHANNEL_OPS = ("batch_norm", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad")
 
 
 _KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU or LeakyReLU", "softmax": "a Softmax",
@@ -420,12 +375,3 @@ def _as_keras(graph: Graph, node: Node) -> str:
 
 def _apply_one(node: Node, params: Params, x: jax.Array) -> jax.Array:
     return apply_op(node, params, [x])
-
-
-def _flatten_then_dense(graph: Graph, name: str, split: Split) -> bool:
-    """Whether flatten node ``name`` is read by exactly one Dense layer of the region (and nothing else)."""
-    readers = graph.consumers()[name]
-    return (len(readers) == 1 and graph.by_name[readers[0]].op == "dense" and readers[0] in split.region
-            and name not in split.frontier)
-
-

@@ -2,8 +2,8 @@
 
 One function per op, ``(node, params, inputs) -> output``; ``linear=True`` drops every additive constant
 (biases, batch norm's shift, rescaling's offset), which leaves the linear part of an affine op: what a single
-channel contributes (``badnet_jax.models.graph``). Convolutions and matrix products run at ``HIGHEST``
-precision, so accelerators give float32 results.
+channel contributes (``badnet_jax.models.graph_contribution``). Convolutions and matrix products run at
+``HIGHEST`` precision, so accelerators give float32 results.
 """
 
 from __future__ import annotations

@@ -34,37 +34,16 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, DataFileError, arg
 from badnet_jax.kernels.dense.api import dense_top2
+from badnet_jax.models.pixels import check_images_of_shape, input_divisor, scaled
 from badnet_jax.numerics import xla64
 from badnet_jax.numerics.ties import TIE_RTOL
 
 Params = dict[str, Any]
 Pytree = Any
 HIGHEST = jax.lax.Precision.HIGHEST
-# Input scale -> what the pixels 0..255 are divided by before the network: as they are, or pixels / 255.
-INPUT_DIVISORS = {"raw": 1.0, "255": 255.0}
-INPUT_SCALES = tuple(INPUT_DIVISORS)
 # Where a layer stage runs (``Stage.part``): the trunk (once per image), the head's part affine in the channel
 # mask (the prefix sweep computes it once per channel), the rest of the head (once per evaluated mask).
 STAGE_PARTS = ("trunk", "affine", "tail")
-
-
-def input_divisor(input_scale: str) -> float:
-    """What a model of this input scale divides the pixels 0..255 by (1 for ``raw``, 255 for ``255``).
-
-    Raises:
-        ConfigError: an input scale other than :data:`INPUT_SCALES`.
-    """
-    if input_scale not in INPUT_DIVISORS:
-        raise ConfigError(f"{arg('input_scale', input_scale)}: expected one of {', '.join(INPUT_SCALES)}",
-                          field="input_scale")
-    return INPUT_DIVISORS[input_scale]
-
-
-def scaled(x_NxHxWxC: jax.Array, divisor: Any) -> jax.Array:
-    """Pixels divided by ``divisor`` (a Python number or a traced scalar); a Python 1 leaves them untouched."""
-    if isinstance(divisor, (int, float)) and divisor == 1.0:
-        return x_NxHxWxC
-    return x_NxHxWxC / jnp.asarray(divisor, x_NxHxWxC.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,42 +377,3 @@ def _run64(model: PrunableModel, params: Params, what: str, *rows: np.ndarray,
     if not len(rows[0]):
         return np.zeros((0, *model.feature_hwc)) if what == "features" else np.zeros((0,), np.int32)
     return xla64.run64(_fn64(model, what), params, rows, divisor)
-
-
-def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str = "x", allow_empty: bool = False,
-                          field: Optional[str] = None) -> None:
-    """Refuse images that are not (N, *hwc) finite real pixels (shape and dtype; finiteness in one pass).
-
-    ``x_NxHxWxC`` may be a NumPy or JAX array, or only a shape and dtype (``jax.ShapeDtypeStruct``).
-
-    Raises:
-        DataFileError: naming ``name`` and what was expected.
-    """
-    field = name if field is None else field
-    want = ", ".join(map(str, hwc))
-    shape, dtype = getattr(x_NxHxWxC, "shape", None), getattr(x_NxHxWxC, "dtype", None)
-    if shape is None or dtype is None:
-        raise DataFileError(f"{arg(name)}: expected an array of images (N, {want}), got {type(x_NxHxWxC).__name__}",
-                            field=field)
-    shape, dtype = tuple(shape), np.dtype(dtype)
-    if len(shape) != 4 or shape[1:] != tuple(hwc):
-        raise DataFileError(f"{arg(name)}: images of shape {shape}, expected (N, {want}) (N images, height, width, "
-                            "channels)", field=field)
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) or dtype == np.bool_:
-        raise DataFileError(f"{arg(name)}: images of dtype {dtype}, expected pixels 0..255 as integers or floats",
-                            field=field)
-    if shape[0] == 0 and not allow_empty:
-        raise DataFileError(f"{arg(name)}: no images (shape {shape}); at least one is needed", field=field)
-    if not np.issubdtype(dtype, np.floating) or shape[0] == 0 or isinstance(x_NxHxWxC, jax.ShapeDtypeStruct) \
-            or isinstance(x_NxHxWxC, jax.core.Tracer):
-        return
-    # One pass: a sum is finite unless a pixel is NaN or infinite (or finite pixels overflow it: then the
-    # per-image check below finds nothing and the images pass).
-    xp = jnp if isinstance(x_NxHxWxC, jax.Array) else np  # a device array is checked where it lives
-    if bool(np.isfinite(xp.sum(x_NxHxWxC))):
-        return
-    bad = np.flatnonzero(~np.isfinite(np.asarray(x_NxHxWxC)).reshape(shape[0], -1).all(axis=1))
-    if not len(bad):
-        return
-    raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds NaN or infinite pixels ({len(bad)} of {shape[0]} "
-                        "images do); pixels must be finite numbers 0..255", field=field)

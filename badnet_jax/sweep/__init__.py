@@ -7,13 +7,15 @@ Modules, in the order the data flows:
   masks and cumulative sums are ``badnet_jax.models.affine``'s);
 - ``chunks``: the chunking rule (host and traced);
 - ``strategies``: per-set evaluators for each plan strategy, and their work count;
-- ``run``: trunk, ranking, jit / shard_map, host I/O: :func:`rank_and_sweep`, :func:`compile_sweep`;
+- ``program``: what the one jitted call computes: trunk, ranking, every set at every order; jit / shard_map;
+- ``run``: the call on the host: checks, host I/O, settling: :func:`rank_and_sweep`, :func:`compile_sweep`;
 - ``result``: the :class:`Sweep` it returns.
 """
 
 from badnet_jax.models.affine import prefix_masks
 from badnet_jax.sweep.plan import PLAIN, SweepOptions, SweepPlan, plan_sweep
-from badnet_jax.sweep.run import Sweep, compile_sweep, predict_steps, rank_and_sweep, trunk_features
+from badnet_jax.sweep.program import trunk_features
+from badnet_jax.sweep.run import Sweep, compile_sweep, predict_steps, rank_and_sweep
 from badnet_jax.sweep.strategies import head_evaluations, shared_evaluations
 
 __all__ = ["PLAIN", "SweepOptions", "SweepPlan", "plan_sweep", "prefix_masks", "Sweep", "compile_sweep",

@@ -18,7 +18,7 @@ from badnet_jax.attack.gap_demo import (FAMILIES, GAP_DEMO_CONFIG, GAP_DEMO_MODE
                                         GapDemoConfig, default_train_config, gap_demo_sets, gap_graph, gap_model,
                                         gap_trigger, make_gap_demo, poison_fraction_of)
 from badnet_jax.errors import ConfigError
-from badnet_jax.io.keras import recorded_input_scale
+from badnet_jax.io.keras_file import recorded_input_scale
 from badnet_jax.io.model_file import load_model
 from badnet_jax.models.deepid import DeepID
 from badnet_jax.models.graph import GraphCNN

@@ -11,7 +11,8 @@ import pytest
 from badnet_jax import (ConfigError, DataFileError, ModelFileError, load_keras, load_lab_h5, mask_from_zeroed,
                         save_lab_h5)
 from badnet_jax.model import INPUT_HWC
-from badnet_jax.defense.screen import check_pruned_from, gather_inputs, screen
+from badnet_jax.defense.b_prime import check_pruned_from
+from badnet_jax.defense.screen import gather_inputs, screen
 from badnet_jax.io import checkpoint
 from badnet_jax.models.deepid import DeepID
 from tests.conftest import LAB_B, asset

@@ -369,7 +369,7 @@ def test_a_huge_declared_size_is_refused_naming_the_file(tmp_path, model_bytes, 
 
 def test_a_file_that_is_both_an_h5_and_a_keras_zip_is_refused(tmp_path):
     """h5py (and Keras' h5 reader) read the lab's B in it, a zip reader another network: neither is taken."""
-    from badnet_jax.io.keras import recorded_input_scale
+    from badnet_jax.io.keras_file import recorded_input_scale
 
     archive = tmp_path / "other.keras"
     build_keras_deepid(num_classes=1283).save(str(archive))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from badnet_jax.errors import ConfigError, OutputError
-from badnet_jax.io.keras import INPUT_SCALE_ATTR, recorded_input_scale
+from badnet_jax.io.keras_file import INPUT_SCALE_ATTR, recorded_input_scale
 from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.io.keras_graph_writer import (MASK_LAYER, PRUNE_METHOD_ATTR, PRUNED_CHANNELS_ATTR, PRUNED_LAYER_ATTR,
                                               ZEROED_READERS, prune_graph, save_keras_graph)

@@ -55,7 +55,7 @@ def test_second_sweep_of_same_shapes_does_not_recompile(rng):
     params = init_params(num_classes=5, seed=2)
     model = BadNet(5)
     make = lambda n: rng.integers(0, 256, size=(n, 55, 47, 3)).astype(np.float32)
-    jitted = sw.run._rank_and_sweep
+    jitted = sw.program._rank_and_sweep
     two_sets(model, params, make(10), make(6), 4)
     size = jitted._cache_size()
     other = init_params(num_classes=5, seed=3)  # new values, same shapes
@@ -142,7 +142,7 @@ def test_one_compiled_sweep_serves_both_input_scales(lab_b, lab_faces):
     raw, scaled = model.clone(input_scale="raw"), model.clone(input_scale="255")
     x, _ = lab_faces["valid_subset"]
     xb, _ = lab_faces["bd_test_subset"]
-    jitted = sw.run._rank_and_sweep
+    jitted = sw.program._rank_and_sweep
     a = two_sets(raw, params, x, xb, 19, sw.PLAIN)  # a chunk no other test uses: compiled here
     size = jitted._cache_size()
     b = two_sets(scaled, params, x, xb, 19, sw.PLAIN)

@@ -42,7 +42,11 @@ constexpr int ACC = 24;  // accumulator registers of the 32 (the rest hold weigh
 constexpr int VL = 8;
 constexpr int ACC = 12;  // of 16 (AVX2) registers
 #endif
-constexpr int MAX_FG = 4;  // channel vectors per tile: 4 x 16 = 64 channels on AVX-512
+// Channel vectors per tile: 4 x 16 = 64 channels on AVX-512 (6 pixels: 24 accumulators, 4 weight vectors and a
+// broadcast in registers). On AVX2 a tile of 3 or 4 vectors (4 or 3 pixels) would need 16 or 17 of its 16
+// registers; GCC then reads every weight as a memory operand of its multiply-add, 15-16 loads per 12 (the 2 x 6
+// tile: 8), and the stage is load-bound (DeepID's conv_2 on a 2-core Zen 3: 92-116 -> 79-82 ms per 1024 images).
+constexpr int MAX_FG = VL == 16 ? 4 : 2;
 
 // Values in registers (and their spills) are whole vectors; memory is read and written through `vu`, the same
 // vector at a float's alignment (the weights' rows and the output's pixels start at any float). Clang spills a
@@ -423,17 +427,18 @@ void ToPlanar(const float* __restrict image, float* __restrict planar, int64_t h
 // 16 lanes (AVX-512; 3 and 16 input channels, 5 to 36 output channels, 20 to 60 output columns, with the ReLU and
 // a 2x2 pool): the columns must fill at least a quarter more of their lanes than the channels do (DeepID's
 // conv_1: 44 of 48 against 20 of 32), or, where the channels do not fill one vector (there the channel form ran
-// 1.26-3.6x slower), no less than 0.15 fewer. 8 lanes (AVX2, a 2-core Zen 3; 25 stages, 3 to 64 input channels
-// into 8 to 100, 8 to 44 output columns, with and without a 2x2 pool): the columns where they fill more of their
-// lanes than the channels, or as many with a pool or with channels that leave lanes idle (there the columns ran
-// 1.13-1.45x faster; as many lanes on whole channel vectors without a pool, 1.1-2x slower); it picked the faster
-// form or one within 15% of it in every stage. Unit column stride only. In integers: the same choice on every
-// run.
+// 1.26-3.6x slower), no less than 0.15 fewer. 8 lanes (AVX2, a 2-core Zen 3; 27 stages, 3 to 64 input channels
+// into 8 to 100, 8 to 44 output columns, with and without a 2x2 pool; two runs): the columns where they fill
+// more of their lanes than the channels and either the input has fewer than 4 channels (an RGB first layer:
+// DeepID's conv_1, 1.23-1.25x) or the row fits one column vector (DeepID's conv_3, 8 columns: 1.2-1.26x);
+// elsewhere the 2 x 6 channel tile ran as fast or faster (up to 1.29x), whatever the lanes filled. It picked the
+// faster form or one within 7% of it in every stage of both runs. Unit column stride only. In integers: the
+// same choice on every run.
 bool ColumnsPay(const Geometry& g) {
   if (g.sw != 1) return false;
   const int64_t fpad = g.fv * VL, wpad = (g.width + VL - 1) / VL * VL;
   const int64_t gain = g.width * fpad - g.f * wpad;  // (columns' share - channels' share) * wpad * fpad
-  if (VL == 8) return gain > 0 || (gain == 0 && (g.ph * g.pw > 1 || g.f % VL != 0));
+  if (VL == 8) return gain > 0 && (g.c < 4 || g.width <= VL);
   return 4 * gain >= wpad * fpad || (g.f < VL && 20 * gain >= -3 * wpad * fpad);
 }
 

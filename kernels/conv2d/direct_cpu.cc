@@ -42,11 +42,13 @@ constexpr int ACC = 24;  // accumulator registers of the 32 (the rest hold weigh
 constexpr int VL = 8;
 constexpr int ACC = 12;  // of 16 (AVX2) registers
 #endif
-// Channel vectors per tile: 4 x 16 = 64 channels on AVX-512 (6 pixels: 24 accumulators, 4 weight vectors and a
-// broadcast in registers). On AVX2 a tile of 3 or 4 vectors (4 or 3 pixels) would need 16 or 17 of its 16
-// registers; GCC then reads every weight as a memory operand of its multiply-add, 15-16 loads per 12 (the 2 x 6
-// tile: 8), and the stage is load-bound (DeepID's conv_2 on a 2-core Zen 3: 92-116 -> 79-82 ms per 1024 images).
+// Channel vectors per tile: 4 x 16 = 64 channels on AVX-512 (6 pixels: 24 accumulators, the 4 weight vectors and
+// a broadcast in registers). On AVX2 (12 accumulators) 3 or 4 vectors leave tiles of 4 or 3 pixels, and GCC 12
+// takes the weight from memory in each multiply-add of a tile of at most 4 pixels: 15-16 loads per 12
+// multiply-adds, against 8 in the 2 x 6 tile, and the stage was load-bound (DeepID's conv_2 on a 2-core Zen 3:
+// 92-116 -> 79-82 ms per 1024 images). A row cut into tiles of at most 4 pixels (8 columns) still runs so.
 constexpr int MAX_FG = VL == 16 ? 4 : 2;
+static_assert(MAX_FG >= 1 && MAX_FG <= 4, "ConvRow's remainder covers at most 3 channel vectors");
 
 // Values in registers (and their spills) are whole vectors; memory is read and written through `vu`, the same
 // vector at a float's alignment (the weights' rows and the output's pixels start at any float). Clang spills a
@@ -427,13 +429,13 @@ void ToPlanar(const float* __restrict image, float* __restrict planar, int64_t h
 // 16 lanes (AVX-512; 3 and 16 input channels, 5 to 36 output channels, 20 to 60 output columns, with the ReLU and
 // a 2x2 pool): the columns must fill at least a quarter more of their lanes than the channels do (DeepID's
 // conv_1: 44 of 48 against 20 of 32), or, where the channels do not fill one vector (there the channel form ran
-// 1.26-3.6x slower), no less than 0.15 fewer. 8 lanes (AVX2, a 2-core Zen 3; 27 stages, 3 to 64 input channels
+// 1.26-3.6x slower), no less than 0.15 fewer. 8 lanes (AVX2, a 2-core Zen 3; 28 stages, 3 to 64 input channels
 // into 8 to 100, 8 to 44 output columns, with and without a 2x2 pool; two runs): the columns where they fill
 // more of their lanes than the channels and either the input has fewer than 4 channels (an RGB first layer:
-// DeepID's conv_1, 1.23-1.25x) or the row fits one column vector (DeepID's conv_3, 8 columns: 1.2-1.26x);
-// elsewhere the 2 x 6 channel tile ran as fast or faster (up to 1.29x), whatever the lanes filled. It picked the
-// faster form or one within 7% of it in every stage of both runs. Unit column stride only. In integers: the
-// same choice on every run.
+// DeepID's conv_1, 1.23-1.25x) or the row fits one column vector (DeepID's conv_3, 8 columns: 1.14-1.43x; the
+// channel form's tiles there are of at most 4 pixels, load-bound); elsewhere the columns were at most 7% faster
+// and up to 1.6x slower, whatever the lanes filled. It picked the faster form or one within 7% of it in every
+// stage of two runs. Unit column stride only. In integers: the same choice on every run.
 bool ColumnsPay(const Geometry& g) {
   if (g.sw != 1) return false;
   const int64_t fpad = g.fv * VL, wpad = (g.width + VL - 1) / VL * VL;

@@ -93,8 +93,8 @@ def conv2d_direct(x_NxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequ
             each, its payload either operand's): ``"channels"`` (vectors over the output channels),
             ``"columns"`` (over the output columns, for few channels; unit column stride) or ``"auto"`` (the
             kernel's rule, measured per vector width: the columns where they fill clearly more of the vector
-            lanes with 16; with 8, where they fill more and the input has fewer than 4 channels or a row
-            fits one vector; ``ColumnsPay`` in ``direct_cpu.cc``).
+            lanes with 16; with 8, where they fill more and the input has fewer than 4 channels;
+            ``ColumnsPay`` in ``direct_cpu.cc``).
 
     Returns:
         (N, Ho // ph, Wo // pw, F): each convolution output its bias plus its terms in (dy, dx, c) order, fused

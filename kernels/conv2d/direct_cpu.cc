@@ -46,7 +46,8 @@ constexpr int ACC = 12;  // of 16 (AVX2) registers
 // a broadcast in registers). On AVX2 (12 accumulators) 3 or 4 vectors leave tiles of 4 or 3 pixels, and GCC 12
 // takes the weight from memory in each multiply-add of a tile of at most 4 pixels: 15-16 loads per 12
 // multiply-adds, against 8 in the 2 x 6 tile, and the stage was load-bound (DeepID's conv_2 on a 2-core Zen 3:
-// 92-116 -> 79-82 ms per 1024 images). A row cut into tiles of at most 4 pixels (8 columns) still runs so.
+// 92-116 -> 79-82 ms per 1024 images). Tiles of at most 4 pixels (a row's last, or a short row's) hold their
+// weights in registers by an empty asm in Tile.
 constexpr int MAX_FG = VL == 16 ? 4 : 2;
 static_assert(MAX_FG >= 1 && MAX_FG <= 4, "ConvRow's remainder covers at most 3 channel vectors");
 
@@ -89,6 +90,12 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
       for (int64_t ci = 0; ci < g.c; ++ci) {
         vf wv[FG];
         for (int j = 0; j < FG; ++j) wv[j] = *reinterpret_cast<const vu*>(wcol + ci * fstride + j * VL);
+        if constexpr (VL == 8 && XT <= 4) {
+          // GCC 12 would fold each weight's load into every multiply-add of a tile of at most 4 pixels (XT
+          // loads of it where 1 does): the empty asm puts it in a register (DeepID's conv_3, 8 columns: 40-45 ->
+          // 27-30 ms per 1024 images on a Zen 3). Wider tiles keep their weights in registers as they are.
+          for (int j = 0; j < FG; ++j) __asm__("" : "+x"(wv[j]));
+        }
         for (int p = 0; p < XT; ++p) {
           const float s = col[p * pstride + ci];
           for (int j = 0; j < FG; ++j) acc[p][j] += s * wv[j];
@@ -430,17 +437,18 @@ void ToPlanar(const float* __restrict image, float* __restrict planar, int64_t h
 // a 2x2 pool): the columns must fill at least a quarter more of their lanes than the channels do (DeepID's
 // conv_1: 44 of 48 against 20 of 32), or, where the channels do not fill one vector (there the channel form ran
 // 1.26-3.6x slower), no less than 0.15 fewer. 8 lanes (AVX2, a 2-core Zen 3; 28 stages, 3 to 64 input channels
-// into 8 to 100, 8 to 44 output columns, with and without a 2x2 pool; two runs): the columns where they fill
-// more of their lanes than the channels and either the input has fewer than 4 channels (an RGB first layer:
-// DeepID's conv_1, 1.23-1.25x) or the row fits one column vector (DeepID's conv_3, 8 columns: 1.14-1.43x; the
-// channel form's tiles there are of at most 4 pixels, load-bound); elsewhere the columns were at most 7% faster
-// and up to 1.6x slower, whatever the lanes filled. It picked the faster form or one within 7% of it in every
-// stage of two runs. Unit column stride only. In integers: the same choice on every run.
+// into 8 to 100, 8 to 44 output columns, with and without a 2x2 pool): the columns where they fill more of
+// their lanes than the channels and the input has fewer than 4 channels (an RGB first layer: DeepID's conv_1,
+// 1.2x); elsewhere the columns were at most 10% faster and up to 1.4x slower, whatever the lanes filled
+// (DeepID's conv_3, 8 columns: the channels 1.14x faster, their 2 x 4 tiles' weights in registers). It picked
+// the faster form or one within 10% of it in each of 18 stages with this build (and in two runs of 28 stages
+// before the asm in Tile, but for the 8-column rows). Unit column stride only. In integers: the same choice on
+// every run.
 bool ColumnsPay(const Geometry& g) {
   if (g.sw != 1) return false;
   const int64_t fpad = g.fv * VL, wpad = (g.width + VL - 1) / VL * VL;
   const int64_t gain = g.width * fpad - g.f * wpad;  // (columns' share - channels' share) * wpad * fpad
-  if (VL == 8) return gain > 0 && (g.c < 4 || g.width <= VL);
+  if (VL == 8) return gain > 0 && g.c < 4;
   return 4 * gain >= wpad * fpad || (g.f < VL && 20 * gain >= -3 * wpad * fpad);
 }
 

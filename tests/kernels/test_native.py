@@ -170,7 +170,7 @@ def test_the_eight_lane_build_agrees_too(tmp_path):
             assert np.array_equal(np.asarray(arg), want_arg) and np.array_equal(np.asarray(gap), want_gap), (m, n)
     bits = lambda v: np.asarray(v).view(np.uint32)
     # The last column vector, or the last output pixel, in a one-vector tile; rows of 7 and 8 columns cut into
-    # channel tiles of at most 4 pixels (their weights read from memory in each multiply-add).
+    # channel tiles of at most 4 pixels (their weights put in registers by an empty asm).
     for f in (1, 9, 20, 40):
         for w in (7, 8, 33, 65):
             x, k = rng.standard_normal((2, 7, w + 3, 3)), rng.standard_normal((3, 4, 3, f))

@@ -47,7 +47,7 @@ constexpr int ACC = 12;  // of 16 (AVX2) registers
 // takes the weight from memory in each multiply-add of a tile of at most 4 pixels: 15-16 loads per 12
 // multiply-adds, against 8 in the 2 x 6 tile, and the stage was load-bound (DeepID's conv_2 on a 2-core Zen 3:
 // 92-116 -> 79-82 ms per 1024 images). Tiles of at most 4 pixels (a row's last, or a short row's) hold their
-// weights in registers by an empty asm in Tile.
+// weights in registers by an empty asm in Tile (a 3 x 4 tile with it, 16 registers, is not measured).
 constexpr int MAX_FG = VL == 16 ? 4 : 2;
 static_assert(MAX_FG >= 1 && MAX_FG <= 4, "ConvRow's remainder covers at most 3 channel vectors");
 
@@ -93,8 +93,11 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
         if constexpr (VL == 8 && XT <= 4) {
           // GCC 12 would fold each weight's load into every multiply-add of a tile of at most 4 pixels (XT
           // loads of it where 1 does): the empty asm puts it in a register (DeepID's conv_3, 8 columns: 40-45 ->
-          // 27-30 ms per 1024 images on a Zen 3). Wider tiles keep their weights in registers as they are.
+          // 26.5-30 ms per 1024 images on a Zen 3). Wider tiles keep their weights in registers as they are.
+          // Without AVX a 32-byte vector fits no register (an SSE-only build emulates it): no asm there.
+#if defined(__AVX__)
           for (int j = 0; j < FG; ++j) __asm__("" : "+x"(wv[j]));
+#endif
         }
         for (int p = 0; p < XT; ++p) {
           const float s = col[p * pstride + ci];
@@ -439,9 +442,9 @@ void ToPlanar(const float* __restrict image, float* __restrict planar, int64_t h
 // 1.26-3.6x slower), no less than 0.15 fewer. 8 lanes (AVX2, a 2-core Zen 3; 28 stages, 3 to 64 input channels
 // into 8 to 100, 8 to 44 output columns, with and without a 2x2 pool): the columns where they fill more of
 // their lanes than the channels and the input has fewer than 4 channels (an RGB first layer: DeepID's conv_1,
-// 1.2x); elsewhere the columns were at most 10% faster and up to 1.4x slower, whatever the lanes filled
+// 1.2x); elsewhere the columns were at most 1.1x faster and up to 1.4-1.6x slower, whatever the lanes filled
 // (DeepID's conv_3, 8 columns: the channels 1.14x faster, their 2 x 4 tiles' weights in registers). It picked
-// the faster form or one within 10% of it in each of 18 stages with this build (and in two runs of 28 stages
+// the faster form or one within 1.1x of it in each of 18 stages with this build (and in two runs of 28 stages
 // before the asm in Tile, but for the 8-column rows). Unit column stride only. In integers: the same choice on
 // every run.
 bool ColumnsPay(const Geometry& g) {

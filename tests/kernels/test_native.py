@@ -187,6 +187,33 @@ def test_the_eight_lane_build_agrees_too(tmp_path):
     assert done.returncode == 0 and "eight lanes ok" in done.stdout, done.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="SSE-only is an x86 baseline")
+def test_an_sse_only_build_compiles_and_is_exact(tmp_path):
+    # Baseline x86-64 (no AVX: old CPUs, VMs that hide it) builds the 8-lane kernels from generic vector code;
+    # nothing AVX-only (intrinsics, a ymm register operand) may reach that build, or it fails to compile and
+    # every native kernel is lost.
+    code = """
+    import jax.numpy as jnp, numpy as np
+    from badnet_jax.kernels.conv2d import conv2d_direct
+    from badnet_jax.kernels.native import native_library
+    from tests.kernels.numpy_conv import numpy_conv, numpy_epilogue
+    assert native_library() is not None and native_library().lanes == 8, native_library()
+    rng = np.random.default_rng(0)
+    for f in (9, 40):
+        for w in (8, 30):  # 8 columns: channel tiles of 4 pixels
+            x = rng.integers(0, 256, (2, 9, w + 3, 3)); k = rng.integers(-8, 9, (4, 4, 3, f))
+            want = numpy_epilogue(numpy_conv(x, k), True, (2, 2)).astype(np.float32)
+            for form in ("channels", "columns"):
+                got = conv2d_direct(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), relu=True,
+                                    pool=(2, 2), form=form)
+                assert np.array_equal(np.asarray(got), want), (f, w, form)
+    print("sse ok")
+    """
+    done = _run(code, BADNET_JAX_NATIVE_FLAGS="-march=x86-64 -mtune=generic", BADNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0 and "sse ok" in done.stdout, done.stderr[-3000:]
+
+
 # Real-valued inputs to every op and layout, their outputs saved: any difference in where a build fuses a
 # multiply-add shows in the last bits.
 BITS = """

@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -212,6 +213,49 @@ def test_an_sse_only_build_compiles_and_is_exact(tmp_path):
     """
     done = _run(code, BADNET_JAX_NATIVE_FLAGS="-march=x86-64 -mtune=generic", BADNET_JAX_CACHE=str(tmp_path / "cache"))
     assert done.returncode == 0 and "sse ok" in done.stdout, done.stderr[-3000:]
+
+
+def _tile_fmas(assembly: str) -> dict[tuple[int, int], tuple[int, int]]:
+    """(FG, XT) -> (multiply-adds, those reading a full vector from memory) of each channel-form Tile<FG, XT> in
+    GCC's AT&T assembly (a broadcast pixel, `{1toN}`, read from memory is no weight)."""
+    counts, tile = {}, None
+    for line in assembly.splitlines():
+        label = re.match(r"^(_Z\S+):$", line)
+        if label:
+            m = re.search(r"4TileILi(\d+)ELi(\d+)E", label.group(1))
+            tile = (int(m.group(1)), int(m.group(2))) if m else None
+        elif tile and "vfmadd" in line:
+            fmas, from_memory = counts.get(tile, (0, 0))
+            counts[tile] = (fmas + 1, from_memory + ("(" in line and "{1to" not in line))
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("g++"),
+                    reason="x86 builds by GCC")
+@pytest.mark.parametrize("march", ["-march=haswell -mtune=znver3",
+                                   "-march=znver3 -mavx512f -mavx512vl -mavx512bw -mavx512dq -mavx512cd",
+                                   "-march=skylake-avx512"])
+def test_short_channel_tiles_hold_their_weights_in_registers(tmp_path, march):
+    # The builds GCC 12 makes on a Zen 3 (8 lanes), a Zen 4 or 5 (16 lanes, Zen 3 tuning) and an Intel CPU with
+    # AVX-512. Tuned for Zen, GCC reads each weight from memory in every multiply-add of a tile of at most 4
+    # pixels (XT loads where 1 does; the stage load-bound) unless the empty asm in Tile holds it in a register.
+    # Compiled, not run (this CPU may lack AVX-512): a 16-lane build that fails to compile would lose every
+    # native kernel on such a CPU.
+    import jax
+
+    out = tmp_path / "direct.s"
+    flags = [f for f in native.FLAGS if f not in ("-shared", "-march=native")]
+    cmd = ["g++", *flags, *native.GCC_FLAGS, *march.split(), "-I", str(native.HERE), "-I", jax.ffi.include_dir(),
+           "-S", str(native.HERE / "conv2d" / "direct_cpu.cc"), "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = _tile_fmas(out.read_text())
+    groups = {fg for fg, _ in counts}  # 1 to 3 channel vectors (ConvRow's remainder), 4 with 16 lanes
+    assert groups == ({1, 2, 3, 4} if "avx512" in march else {1, 2, 3}), sorted(counts)
+    short = {tile: c for tile, c in counts.items() if tile[1] <= 4}
+    assert len(short) == 4 * len(groups) and all(fmas > 0 for fmas, _ in short.values()), short
+    assert all(from_memory == 0 for _, from_memory in short.values()), short
 
 
 # Real-valued inputs to every op and layout, their outputs saved: any difference in where a build fuses a

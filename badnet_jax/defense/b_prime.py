@@ -25,7 +25,7 @@ import numpy as np
 from badnet_jax.errors import BadNetError, ConfigError, ModelFileError, arg
 from badnet_jax.io import checkpoint, fileio
 from badnet_jax.io.keras import load_keras, mask_from_zeroed
-from badnet_jax.io.keras_file import _is_keras_archive, recorded_input_scale
+from badnet_jax.io.keras_file import is_keras_archive, recorded_input_scale
 from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.io.keras_graph_writer import (PRUNE_METHOD_ATTR, PRUNED_CHANNELS_ATTR, PRUNED_LAYER_ATTR,
                                               prune_graph)
@@ -107,7 +107,7 @@ def load_pruned(path: str | os.PathLike) -> PrunedFile:
 def _recorded_pruning(path: Path) -> Optional[tuple[str, np.ndarray, str]]:
     """(layer, channels, method) a ``save_keras_graph`` B' records in its root attributes, or None."""
     path = fileio.require_file(path, ModelFileError, "model file")
-    if _is_keras_archive(path):
+    if is_keras_archive(path):
         return None
     with fileio.open_h5(path, ModelFileError) as f:
         try:

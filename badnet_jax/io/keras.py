@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.io import atomic, fileio
-from badnet_jax.io.keras_file import (INPUT_SCALE_ATTR, _ARCHIVE_MEMBERS, _MAX_CONFIG_BYTES, _is_keras_archive,
-                                      _read_array, recorded_input_scale)
+from badnet_jax.io.keras_file import (INPUT_SCALE_ATTR, MAX_CONFIG_BYTES, is_keras_archive, read_archive, read_array,
+                                      recorded_input_scale)
 from badnet_jax.errors import ModelFileError
 from badnet_jax.model import (
     CONVS, HIDDEN_UNITS, INPUT_HWC, INPUT_SCALES, KERAS_LAYER_NAMES, NUM_POOL3_CHANNELS, POOL, WEIGHT_LAYERS, BadNet,
@@ -76,7 +75,7 @@ def _check_model_config(raw: Any, path: Path) -> None:
     """Allow-list every layer of a full-model file's JSON config and check the DeepID hyper-parameters."""
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")
-    if not isinstance(raw, str) or len(raw) > _MAX_CONFIG_BYTES:
+    if not isinstance(raw, str) or len(raw) > MAX_CONFIG_BYTES:
         raise ModelFileError(f"{path}: attribute 'model_config' is not a JSON string of at most 1 MiB")
     try:
         config = json.loads(raw)
@@ -179,7 +178,7 @@ def read_keras_params(path: str | os.PathLike) -> Params:
             an unknown or missing layer, a wrong shape, a non-float dtype or non-finite values.
     """
     path = Path(path)
-    if _is_keras_archive(path):
+    if is_keras_archive(path):
         return _read_keras_archive(path)
     with fileio.open_h5(path, ModelFileError) as f:
         return _params_from_h5(f, path)
@@ -209,8 +208,8 @@ def _params_from_h5(f: h5py.File, path: Path) -> Params:
         shapes = param_shapes(int(out_bias.shape[0]))
         return {
             layer: {
-                "kernel": _read_array(datasets[layer][0], layer, "kernel", shapes[layer]["kernel"], path),
-                "bias": _read_array(datasets[layer][1], layer, "bias", shapes[layer]["bias"], path),
+                "kernel": read_array(datasets[layer][0], layer, "kernel", shapes[layer]["kernel"], path),
+                "bias": read_array(datasets[layer][1], layer, "bias", shapes[layer]["bias"], path),
             }
             for layer in WEIGHT_LAYERS
         }
@@ -220,20 +219,8 @@ def _params_from_h5(f: h5py.File, path: Path) -> Params:
 
 def _read_keras_archive(path: Path) -> Params:
     """A Keras 3 ``.keras`` zip: its config allow-listed like a full-model h5, then its weights file read."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = {i.filename: i for i in z.infolist()}
-            for name in ("config.json", "model.weights.h5"):
-                if name not in infos:
-                    raise ModelFileError(f"{path}: a .keras archive without {name!r} (it holds {sorted(infos)[:10]})")
-            for name, info in infos.items():
-                if name in _ARCHIVE_MEMBERS and info.file_size > _ARCHIVE_MEMBERS[name]:
-                    raise ModelFileError(f"{path}: archive member {name!r} declares {info.file_size} bytes, more "
-                                         f"than {_ARCHIVE_MEMBERS[name]} (a decompression bomb?)")
-            _check_model_config(z.read("config.json"), path)
-            weights = z.read("model.weights.h5")
-    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, NotImplementedError) as err:
-        raise ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)") from None
+    config, weights = read_archive(path)
+    _check_model_config(config, path)
     try:
         f = h5py.File(io.BytesIO(weights), "r")
     except OSError as err:

@@ -4,12 +4,13 @@ The lab's DeepID's reader (``badnet_jax.io.keras``), any CNN's (``badnet_jax.io.
 all start from here:
 
 * a ``.keras`` archive is a zip, any other Keras file HDF5; a file that is both (an HDF5 file with a zip
-  appended, or the other way round) is refused (``_is_keras_archive``): h5py and Keras read one network from
-  it, a zip reader another, and nothing tells which one the user meant;
-* a model config is at most 1 MiB (``_MAX_CONFIG_BYTES``), and an archive's members at most the sizes of
-  ``_ARCHIVE_MEMBERS``, which the readers hold each member's declared size to before anything is decompressed;
+  appended, or the other way round) is refused (:func:`is_keras_archive`): h5py and Keras read one network
+  from it, a zip reader another, and nothing tells which one the user meant;
+* a model config is at most 1 MiB (:data:`MAX_CONFIG_BYTES`); an archive's members are read by
+  :func:`read_archive` only, which holds each one's declared size to :data:`ARCHIVE_MEMBERS` before anything
+  is decompressed and refuses a member stored twice;
 * a weight array must have the shape the architecture gives it and be floating point, finite and below
-  :data:`MAX_WEIGHT` (``_read_array``);
+  :data:`MAX_WEIGHT` (:func:`read_array`);
 * the input scale (raw pixels or pixels / 255) is not part of a Keras file: the files badnet-jax writes
   record it in the root attribute :data:`INPUT_SCALE_ATTR`, which :func:`recorded_input_scale` reads back.
 """
@@ -29,12 +30,12 @@ from badnet_jax.models.pixels import INPUT_SCALES
 
 INPUT_SCALE_ATTR = "badnet_jax_input_scale"
 
-_MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHT = 1e6  # real DeepID weights are below ~10; larger ones overflow float32 logits to inf/NaN
-_ARCHIVE_MEMBERS = {"config.json": _MAX_CONFIG_BYTES, "model.weights.h5": 256 << 20, "metadata.json": 1 << 20}
+ARCHIVE_MEMBERS = {"config.json": MAX_CONFIG_BYTES, "model.weights.h5": 256 << 20, "metadata.json": 1 << 20}
 
 
-def _is_keras_archive(path: Path) -> bool:
+def is_keras_archive(path: Path) -> bool:
     """Whether ``path`` is a zip (a ``.keras`` archive) rather than an HDF5 file.
 
     Raises:
@@ -54,7 +55,37 @@ def _is_keras_archive(path: Path) -> bool:
     return is_zip
 
 
-def _read_array(ds: h5py.Dataset, layer: str, what: str, expected: tuple, path: Path) -> np.ndarray:
+def read_archive(path: Path) -> tuple[bytes, bytes]:
+    """``config.json`` and ``model.weights.h5`` of a ``.keras`` zip, each member's declared size checked first.
+
+    Raises:
+        ModelFileError: a member is missing, stored twice, declares more than :data:`ARCHIVE_MEMBERS` allows, or
+            the zip cannot be read.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            names = [i.filename for i in infos]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                # zip readers disagree on which copy of a duplicated member counts: refuse the ambiguity.
+                raise ModelFileError(f"{path}: the .keras archive holds {twice} more than once")
+            by_name = {i.filename: i for i in infos}
+            for name in ("config.json", "model.weights.h5"):
+                if name not in by_name:
+                    raise ModelFileError(f"{path}: a .keras archive without {name!r} (it holds {sorted(by_name)[:10]})")
+            for name, info in by_name.items():
+                if name in ARCHIVE_MEMBERS and info.file_size > ARCHIVE_MEMBERS[name]:
+                    raise ModelFileError(f"{path}: archive member {name!r} declares {info.file_size} bytes, more "
+                                         f"than {ARCHIVE_MEMBERS[name]} (a decompression bomb?)")
+            return z.read("config.json"), z.read("model.weights.h5")
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, NotImplementedError, EOFError) as err:
+        raise ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)") from None
+
+
+def read_array(ds: h5py.Dataset, layer: str, what: str, expected: tuple, path: Path) -> np.ndarray:
+    """Dataset ``ds`` (layer ``layer``'s ``what``) as float32, refused unless it has shape ``expected`` and holds
+    finite floating-point values of magnitude at most :data:`MAX_WEIGHT`; errors name ``path``."""
     if ds.dtype.kind != "f" or ds.dtype.itemsize > 8:
         raise ModelFileError(f"{path}: layer {layer!r} {what} has dtype {ds.dtype}, expected floating point")
     if tuple(ds.shape) != tuple(expected):
@@ -74,7 +105,7 @@ def _read_array(ds: h5py.Dataset, layer: str, what: str, expected: tuple, path: 
 def recorded_input_scale(path: str | os.PathLike) -> str | None:
     """The input scale a badnet-jax-written Keras file records, or None (any other Keras file)."""
     path = Path(path)
-    if _is_keras_archive(path):
+    if is_keras_archive(path):
         return None  # a .keras archive written by Keras: no badnet-jax metadata
     with fileio.open_h5(path, ModelFileError) as f:
         try:

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,7 +42,7 @@ import numpy as np
 
 from badnet_jax.errors import ModelFileError, arg
 from badnet_jax.io import fileio
-from badnet_jax.io.keras_file import _ARCHIVE_MEMBERS, _MAX_CONFIG_BYTES, _is_keras_archive, _read_array
+from badnet_jax.io.keras_file import MAX_CONFIG_BYTES, is_keras_archive, read_archive, read_array
 from badnet_jax.io.keras_config import ConfigLayer, parse_model
 from badnet_jax.io.keras_layers import build_graph
 from badnet_jax.models.ir import Graph, GraphParams, Node
@@ -78,9 +77,9 @@ def read_keras_graph(path: str | os.PathLike, config_path: str | os.PathLike | N
         graph, params = read_keras_graph("model.weights.h5", config_path="model.json")
     """
     path = Path(path)
-    if _is_keras_archive(path):
+    if is_keras_archive(path):
         _no_second_config(path, config_path)
-        config_raw, weights = _read_archive(path)
+        config_raw, weights = read_archive(path)
         config = _load_json(config_raw, path, "the archive's config.json")
         try:
             f = h5py.File(io.BytesIO(weights), "r")
@@ -132,45 +131,23 @@ def _weights_only_config(path: Path, config_path: Any, kind: str) -> Any:
     cpath = fileio.require_file(config_path, ModelFileError, "config file")
     try:
         with open(cpath, "rb") as fh:
-            raw = fh.read(_MAX_CONFIG_BYTES + 1)  # never more than the cap, whatever the file's size
+            raw = fh.read(MAX_CONFIG_BYTES + 1)  # never more than the cap, whatever the file's size
     except OSError as err:
         raise ModelFileError(f"{cpath}: cannot read the config file ({err})") from None
     return _load_json(raw, cpath, "the config file")
-
-
-def _read_archive(path: Path) -> tuple[bytes, bytes]:
-    """``config.json`` and ``model.weights.h5`` of a ``.keras`` zip, each member's declared size checked first."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-            names = [i.filename for i in infos]
-            twice = sorted({n for n in names if names.count(n) > 1})
-            if twice:
-                # zip readers disagree on which copy of a duplicated member counts: refuse the ambiguity.
-                raise ModelFileError(f"{path}: the .keras archive holds {twice} more than once")
-            by_name = {i.filename: i for i in infos}
-            for name in ("config.json", "model.weights.h5"):
-                if name not in by_name:
-                    raise ModelFileError(f"{path}: a .keras archive without {name!r} (it holds {sorted(by_name)[:10]})")
-                if by_name[name].file_size > _ARCHIVE_MEMBERS[name]:
-                    raise ModelFileError(f"{path}: archive member {name!r} declares {by_name[name].file_size} bytes, "
-                                         f"more than {_ARCHIVE_MEMBERS[name]} (a decompression bomb?)")
-            return z.read("config.json"), z.read("model.weights.h5")
-    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, NotImplementedError, EOFError) as err:
-        raise ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)") from None
 
 
 def _load_json(raw: Any, path: Path, what: str) -> Any:
     if isinstance(raw, np.ndarray) and raw.shape == ():
         raw = raw[()]
     if isinstance(raw, bytes):
-        if len(raw) > _MAX_CONFIG_BYTES:
+        if len(raw) > MAX_CONFIG_BYTES:
             raise ModelFileError(f"{path}: {what} is over 1 MiB (a model config is far smaller)")
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise ModelFileError(f"{path}: {what} is not UTF-8 text ({err})") from None
-    if not isinstance(raw, str) or len(raw) > _MAX_CONFIG_BYTES:
+    if not isinstance(raw, str) or len(raw) > MAX_CONFIG_BYTES:
         raise ModelFileError(f"{path}: {what} is not a JSON string of at most 1 MiB")
     try:
         return json.loads(raw)
@@ -332,7 +309,7 @@ def _read(path: Path, config: Any, root: h5py.Group, source: Callable[[h5py.Grou
             if len(datasets) != len(keys):
                 raise ModelFileError(f"{path}: layer {layer.name!r} ({layer.cls}) stores {len(datasets)} weights, "
                                      f"expected {len(keys)} ({', '.join(keys)}) for its config")
-            params[layer.name] = {key: _read_array(ds, layer.name, key, shape, path)
+            params[layer.name] = {key: read_array(ds, layer.name, key, shape, path)
                                   for (key, shape), ds in zip(layer.weights, datasets)}
             _check_variance(path, layer, params[layer.name], nodes[layer.name])
     except ModelFileError:

@@ -244,6 +244,14 @@ def test_keras3_archive_is_read_through_the_allow_list(tmp_path, rng):
     with zipfile.ZipFile(missing, "w") as z:
         z.writestr("config.json", members["config.json"])
     _raises(missing, "without 'model.weights.h5'")
+    # A second config.json after the real one: zip readers differ on which copy is the archive's.
+    twice = tmp_path / "twice.keras"
+    with zipfile.ZipFile(twice, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            z.writestr("config.json", json.dumps(config))
+    _raises(twice, "['config.json'] more than once")
     truncated = tmp_path / "truncated.keras"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ModelFileError):

@@ -28,7 +28,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.kernels.conv2d import conv2d
-from badnet_jax.models.pixels import INPUT_DIVISORS, INPUT_SCALES, check_images_of_shape, input_divisor  # noqa: F401
+from badnet_jax.pixels import INPUT_DIVISORS, INPUT_SCALES, check_images_of_shape, input_divisor  # noqa: F401
 
 INPUT_HWC = (55, 47, 3)
 # The convolutions, in data order: (layer, filters, k) of a VALID k x k conv followed by relu. conv_1..conv_3
@@ -321,7 +321,7 @@ def check_mask(mask: Any, name: str = "mask") -> Any:
 def check_images(x_NxHxWxC: Any, name: str = "x", allow_empty: bool = False,
                  field: Optional[str] = None) -> None:
     """Refuse images a BadNet cannot take: not (N, 55, 47, 3), not real numbers, NaN or infinite pixels
-    (``badnet_jax.models.pixels.check_images_of_shape`` at DeepID's input).
+    (``badnet_jax.pixels.check_images_of_shape`` at DeepID's input).
 
     Raises:
         DataFileError: naming ``name`` and what was expected.

@@ -189,7 +189,7 @@ def training_logits(model: Any, params: Any, x_NxHxWxC: jax.Array) -> jax.Array:
     if not _has_batch_norm(model):
         return model.logits(params, x_NxHxWxC)
     from badnet_jax.models.ops import apply_op
-    from badnet_jax.models.pixels import scaled
+    from badnet_jax.pixels import scaled
 
     graph = model.graph
     out = graph.logits_node()
@@ -218,7 +218,7 @@ def training_logits(model: Any, params: Any, x_NxHxWxC: jax.Array) -> jax.Array:
 def _moments_fn(model: Any, name: str):
     """Jitted: a batch -> the per-channel (mean, M2) of batch norm ``name``'s input in the inference network."""
     from badnet_jax.models.ops import apply_op
-    from badnet_jax.models.pixels import scaled
+    from badnet_jax.pixels import scaled
 
     graph = model.graph
     src = graph.by_name[name].inputs[0]

@@ -20,7 +20,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, DataFileError, arg
 from badnet_jax.metrics import accuracy
 from badnet_jax.models.deepid import as_model
-from badnet_jax.models.pixels import INPUT_SCALES
+from badnet_jax.pixels import INPUT_SCALES
 from badnet_jax.models.predict import predict
 from badnet_jax.models.protocol import Params, PrunableModel
 

@@ -33,12 +33,13 @@ from badnet_jax.goodnet import GoodNet, check_goodnet
 from badnet_jax.models.deepid import DeepID, as_model
 from badnet_jax.models.graph import GraphCNN
 from badnet_jax.models.protocol import PrunableModel
-from badnet_jax.model import INPUT_DIVISORS, Params, input_divisor, num_classes_of
+from badnet_jax.model import Params, num_classes_of
+from badnet_jax.pixels import INPUT_DIVISORS, input_divisor
 
 ARCHITECTURE = "architecture"
 """The checkpoint entry holding a GraphCNN's architecture (UTF-8 JSON bytes, ``badnet_jax.io.graph_json``)."""
 
-# The input scale travels as its divisor (``model.input_divisor``; orbax stores arrays); a checkpoint without
+# The input scale travels as its divisor (``pixels.input_divisor``; orbax stores arrays); a checkpoint without
 # one holds a raw-scale model.
 
 

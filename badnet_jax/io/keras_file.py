@@ -26,7 +26,7 @@ import numpy as np
 
 from badnet_jax.errors import ModelFileError
 from badnet_jax.io import fileio
-from badnet_jax.models.pixels import INPUT_SCALES
+from badnet_jax.pixels import INPUT_SCALES
 
 INPUT_SCALE_ATTR = "badnet_jax_input_scale"
 

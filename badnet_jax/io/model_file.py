@@ -22,7 +22,7 @@ from badnet_jax.io.keras_file import recorded_input_scale
 from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.models.deepid import POOL3, DeepID, deepid_graph
 from badnet_jax.models.graph import GraphCNN
-from badnet_jax.models.pixels import INPUT_SCALES
+from badnet_jax.pixels import INPUT_SCALES
 from badnet_jax.models.protocol import Params, PrunableModel
 
 

@@ -11,8 +11,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "PrunableModel": "badnet_jax.models.protocol", "input_divisor": "badnet_jax.models.pixels",
-    "INPUT_SCALES": "badnet_jax.models.pixels",
+    "PrunableModel": "badnet_jax.models.protocol", "input_divisor": "badnet_jax.pixels",
+    "INPUT_SCALES": "badnet_jax.pixels",
     "DeepID": "badnet_jax.models.deepid", "as_model": "badnet_jax.models.deepid",
     "GraphCNN": "badnet_jax.models.graph", "Graph": "badnet_jax.models.ir", "Node": "badnet_jax.models.ir",
     "predict_settled": "badnet_jax.models.predict",

@@ -21,12 +21,11 @@ from badnet_jax.kernels.masked_head.api import head_top2
 from badnet_jax.model import (CONV4_FEATURES, CONV4_POSITIONS, HIDDEN_UNITS, INPUT_HWC, LAB_NUM_CLASSES, POOL,
                               POOL3_HWC, BadNet, Params, check_params, init_params, multiply_adds)
 from badnet_jax.models.ir import Graph, Node
-from badnet_jax.models.pixels import scaled
+from badnet_jax.pixels import scaled
 from badnet_jax.models.protocol import Producer, PrunableModel, Stage
 from badnet_jax.numerics import settling
-from badnet_jax.numerics.ties import TIE_RTOL, undecided_channels
+from badnet_jax.numerics.ties import HIGHEST, TIE_RTOL, undecided_channels
 
-HIGHEST = jax.lax.Precision.HIGHEST
 POOL3 = "pool_3"
 
 
@@ -223,7 +222,6 @@ def as_model(model: Any) -> PrunableModel:
         return DeepID.of(model)
     raise ConfigError(f"{arg('model')}: expected a model (a PrunableModel such as DeepID or GraphCNN, or a BadNet "
                       f"module), got {type(model).__name__}", field="model")
-
 
 
 def deepid_graph(num_classes: int = LAB_NUM_CLASSES) -> Graph:

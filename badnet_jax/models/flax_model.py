@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
-from badnet_jax.models.pixels import input_divisor, scaled
+from badnet_jax.pixels import input_divisor, scaled
 from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.numerics.ties import TIE_RTOL
 

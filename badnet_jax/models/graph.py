@@ -25,7 +25,7 @@ from badnet_jax.models.graph_split import (ParamShapes, Split, candidates, check
                                            split_graph)
 from badnet_jax.models.ir import Graph, Node
 from badnet_jax.models.ops import apply_conv_stage, apply_op, conv_stage
-from badnet_jax.models.pixels import scaled
+from badnet_jax.pixels import scaled
 from badnet_jax.models.protocol import Params, Producer, PrunableModel, Stage
 from badnet_jax.numerics.ties import TIE_RTOL
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from badnet_jax.kernels.conv2d import conv2d
 from badnet_jax.models.ir import Node
+from badnet_jax.numerics.ties import HIGHEST
 
-HIGHEST = jax.lax.Precision.HIGHEST
 OpFn = Callable[[Node, Mapping[str, Any], list, bool], jax.Array]
 
 

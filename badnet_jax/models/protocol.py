@@ -34,13 +34,12 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, DataFileError, arg
 from badnet_jax.kernels.dense.api import dense_top2
-from badnet_jax.models.pixels import check_images_of_shape, input_divisor, scaled
+from badnet_jax.pixels import check_images_of_shape, input_divisor, scaled
 from badnet_jax.numerics import xla64
-from badnet_jax.numerics.ties import TIE_RTOL
+from badnet_jax.numerics.ties import HIGHEST, TIE_RTOL
 
 Params = dict[str, Any]
 Pytree = Any
-HIGHEST = jax.lax.Precision.HIGHEST
 # Where a layer stage runs (``Stage.part``): the trunk (once per image), the head's part affine in the channel
 # mask (the prefix sweep computes it once per channel), the rest of the head (once per evaluated mask).
 STAGE_PARTS = ("trunk", "affine", "tail")

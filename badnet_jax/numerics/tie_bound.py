@@ -20,12 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.models.protocol import Params, PrunableModel
-from badnet_jax.numerics.ties import TIE_RTOL, U, output_scale
+from badnet_jax.numerics.ties import HIGHEST, TIE_RTOL, U, output_scale
 from badnet_jax.models.affine import cumulative_preactivations, prefix_masks
 
 CHECK_IMAGES = 32
 CHECK_ORDERS = 2
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @functools.lru_cache(maxsize=None)

@@ -39,6 +39,8 @@ import numpy as np
 
 U = 2.0 ** -24  # float32 unit roundoff
 TIE_RTOL = 2 * 64 * U  # ~7.6e-6: see the module docstring
+# Every float32 product the bound covers runs at full float32 precision: an accelerator's default rounds the
+# factors to TF32 or bfloat16 (2^-11 or coarser, thousands of u), far past the bound. Every such product names this.
 HIGHEST = jax.lax.Precision.HIGHEST
 
 

@@ -7,9 +7,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from badnet_jax.numerics.ties import output_scale, output_top2
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from badnet_jax.numerics.ties import HIGHEST, output_scale, output_top2
 
 
 def dense_reference(x_MxK: jax.Array, w_KxN: jax.Array, b_N: jax.Array, add_MxN: Optional[jax.Array] = None,

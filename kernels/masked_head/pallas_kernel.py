@@ -27,9 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from badnet_jax.numerics.ties import output_scale_weights
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from badnet_jax.numerics.ties import HIGHEST, output_scale_weights
 
 
 def _next_pow2(x: int) -> int:

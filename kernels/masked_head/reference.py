@@ -5,9 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from badnet_jax.numerics.ties import output_scale, output_top2
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from badnet_jax.numerics.ties import HIGHEST, output_scale, output_top2
 
 
 def head_top2_reference(fc1_pre: jax.Array, c4_pre: jax.Array, w2: jax.Array, b2: jax.Array,

@@ -3,9 +3,9 @@
 Pruning the first k channels of the order (k = 0..C) only changes the head's input mask, so every set goes
 through the trunk (input -> the pruned layer) once and the head is evaluated at all C + 1 steps inside one jit-compiled
 call, in chunks (``badnet_jax.sweep.chunks``) so memory stays bounded. The ranking set (the first set) alone
-decides the data-driven orders. One body runs on one device (``_rank_and_sweep``) or, the image axis sharded
-over a 1-D ``data`` mesh, under ``shard_map`` (``_rank_and_sweep_sharded``); ``_stages`` names its progress
-stages. ``badnet_jax.sweep.run`` checks the inputs, lays them out, calls it and settles what it returns.
+decides the data-driven orders. One body runs on one device (``rank_and_sweep_call``) or, the image axis
+sharded over a 1-D ``data`` mesh, under ``shard_map`` (``rank_and_sweep_call_sharded``); ``progress_stages``
+names its progress stages. ``badnet_jax.sweep.run`` checks the inputs, lays them out, calls it and settles what it returns.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
 
     Returns the orders, the ranking set's statistics (see ``_orders``; None without one), and per set the
     (R, 61, N) predictions and near-tie flags. With ``plan.progress`` set j's trunk chunks report as stage
-    2j and its head chunks as stage 2j + 1, ANP's steps as the stage after the last set's (``_stages``).
+    2j and its head chunks as stage 2j + 1, ANP's steps as the stage after the last set's
+    (``progress_stages``).
     """
     hook = (lambda stage: chunk_hook(stage)) if plan.progress else (lambda stage: None)
     if n_rank:
@@ -109,7 +110,7 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
     return orders, stats, tuple(out)
 
 
-def _stages(names: list[str], sets: Mapping[str, Images], ranking: RankingPlan,
+def progress_stages(names: list[str], sets: Mapping[str, Images], ranking: RankingPlan,
             plan: SweepPlan) -> list[tuple[str, float, str]]:
     """The progress stages of ``_body`` (label, share of the work, unit): per set, its trunk and its heads at every
     order (a set after the first with ``plan.fuses_trunk``: one stage, the second, for both); then ANP's
@@ -134,13 +135,15 @@ ANP_IMAGES_PER_SAMPLE = 2.0
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _rank_and_sweep(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking):
+def rank_and_sweep_call(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking):
+    """The sweep's one compiled call on one device: ``(orders, ranking stats, per set (predictions, near-tie
+    flags))`` (the body's arguments; ``badnet_jax.sweep.run`` makes them)."""
     return _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking)
 
 
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "mesh"))
-def _rank_and_sweep_sharded(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking, mesh):
-    """The same as ``_rank_and_sweep`` with the image axis sharded over ``mesh``'s ``data`` axis."""
+def rank_and_sweep_call_sharded(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking, mesh):
+    """The same as ``rank_and_sweep_call`` with the image axis sharded over ``mesh``'s ``data`` axis."""
     body = functools.partial(_body, model, n_rank=n_rank, plan=plan, ranking=ranking,
                              gather=lambda a: jax.lax.all_gather(a, "data", tiled=True))
     data, rep = P("data"), P()

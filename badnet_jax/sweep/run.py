@@ -29,7 +29,7 @@ from badnet_jax.models.deepid import as_model
 from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.sweep.rankings import RankingPlan, single
 from badnet_jax.sweep.plan import SweepOptions, SweepPlan, plan_sweep
-from badnet_jax.sweep.program import Images, _rank_and_sweep, _rank_and_sweep_sharded, _stages
+from badnet_jax.sweep.program import Images, progress_stages, rank_and_sweep_call, rank_and_sweep_call_sharded
 from badnet_jax.sweep.progress import showing
 from badnet_jax.sweep.result import Sweep
 
@@ -110,10 +110,11 @@ def _call(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank
     if plan.devices == 1:
         put = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
         xs = tuple(put(sets[n]) for n in names)
-        return names, _rank_and_sweep, (model, params, xs, given, divisor, rank_labels), static
+        return names, rank_and_sweep_call, (model, params, xs, given, divisor, rank_labels), static
     mesh = data_mesh(plan.devices)
     xs = tuple(_shard_rows(sets[n], mesh) for n in names)
-    return names, _rank_and_sweep_sharded, (model, params, xs, given, divisor, rank_labels), {**static, "mesh": mesh}
+    sharded_static = {**static, "mesh": mesh}
+    return names, rank_and_sweep_call_sharded, (model, params, xs, given, divisor, rank_labels), sharded_static
 
 
 def _check_inputs(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank_on: Optional[str]) -> None:
@@ -255,7 +256,7 @@ def _sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray],
     seconds = dict(spent or {"device": 0.0, "settle": 0.0})
     t = time.perf_counter()
     names, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
-    with showing(_stages(names, sets, ranking, plan), plan.progress):
+    with showing(progress_stages(names, sets, ranking, plan), plan.progress):
         orders, stats, out = jax.block_until_ready(fn(*args, **static))
     if plan.devices > 1:
         out = tuple(jax.tree.map(lambda a, n=n: _to_host(a)[:, :, :len(sets[n])], o) for o, n in zip(out, names))

@@ -68,7 +68,7 @@ def test_defense_compiles_the_sweep_once_while_loading(lab_dir, backend_compiles
     files = {role: str(lab_dir / path) for role, path in zip(ROLES, LAB_LAYOUT)}
     run_defense(DefenseConfig(drops=(0.04,), model=str(lab_dir / "models" / "bd_weights.h5"),
                               out_dir=str(tmp_path / "o"), checkpoints=False, sweep=SweepOptions(chunk=24), **files))
-    assert [f for f in backend_compiles if "_rank_and_sweep" in f] == ["jit(_rank_and_sweep)"]
+    assert [f for f in backend_compiles if "rank_and_sweep_call" in f] == ["jit(rank_and_sweep_call)"]
     md = (tmp_path / "o" / "report.md").read_text()
     assert "compile (after load)" in md and "curve (one call)" in md
 

@@ -55,7 +55,7 @@ def test_second_sweep_of_same_shapes_does_not_recompile(rng):
     params = init_params(num_classes=5, seed=2)
     model = BadNet(5)
     make = lambda n: rng.integers(0, 256, size=(n, 55, 47, 3)).astype(np.float32)
-    jitted = sw.program._rank_and_sweep
+    jitted = sw.program.rank_and_sweep_call
     two_sets(model, params, make(10), make(6), 4)
     size = jitted._cache_size()
     other = init_params(num_classes=5, seed=3)  # new values, same shapes
@@ -73,9 +73,9 @@ def test_compile_ahead_then_the_sweep_runs_without_compiling(rng, backend_compil
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
     options = sw.SweepOptions(impl="reference", chunk=3)
     sw.compile_sweep(model, params, {"clean_valid": spec(x), "bd_valid": spec(xb), "again": spec(x)}, options)
-    assert [f for f in backend_compiles if "_rank_and_sweep" in f] == ["jit(_rank_and_sweep)"]
+    assert [f for f in backend_compiles if "rank_and_sweep_call" in f] == ["jit(rank_and_sweep_call)"]
     got = sw.rank_and_sweep(model, params, {"clean_valid": x, "bd_valid": xb, "again": x}, options)
-    assert [f for f in backend_compiles if "_rank_and_sweep" in f] == ["jit(_rank_and_sweep)"]  # no second compile
+    assert [f for f in backend_compiles if "rank_and_sweep_call" in f] == ["jit(rank_and_sweep_call)"]  # no second compile
     plain = two_sets(model, params, x, xb, 3, sw.PLAIN, again=x)
     np.testing.assert_array_equal(got.preds["clean_valid"], plain.preds["clean_valid"])
     np.testing.assert_array_equal(got.preds["again"], plain.preds["clean_valid"])
@@ -90,7 +90,7 @@ def test_compile_ahead_covers_the_float64_settling(rng, backend_compiles):
     x = jax.device_put(rng.integers(0, 256, size=(20, 55, 47, 3)).astype(np.uint8))
     spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
     sw.compile_sweep(model, params, {"clean_valid": spec}, sw.SweepOptions(chunk=8))
-    assert any("lambda" in f for f in backend_compiles[backend_compiles.index("jit(_rank_and_sweep)"):]), backend_compiles
+    assert any("lambda" in f for f in backend_compiles[backend_compiles.index("jit(rank_and_sweep_call)"):]), backend_compiles
     ahead = list(backend_compiles)
     sw.rank_and_sweep(model, params, {"clean_valid": x}, sw.SweepOptions(chunk=8))
     assert backend_compiles == ahead
@@ -142,7 +142,7 @@ def test_one_compiled_sweep_serves_both_input_scales(lab_b, lab_faces):
     raw, scaled = model.clone(input_scale="raw"), model.clone(input_scale="255")
     x, _ = lab_faces["valid_subset"]
     xb, _ = lab_faces["bd_test_subset"]
-    jitted = sw.program._rank_and_sweep
+    jitted = sw.program.rank_and_sweep_call
     a = two_sets(raw, params, x, xb, 19, sw.PLAIN)  # a chunk no other test uses: compiled here
     size = jitted._cache_size()
     b = two_sets(scaled, params, x, xb, 19, sw.PLAIN)

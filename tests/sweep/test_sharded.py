@@ -56,10 +56,10 @@ monitoring.register_event_duration_secs_listener(
 spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
 options = sw.SweepOptions(impl="reference", chunk=4, devices=3)
 sw.compile_sweep(model, params, {n: spec(a) for n, a in sets.items()}, options)
-ahead = [f for f in compiled if "_rank_and_sweep" in f]
+ahead = [f for f in compiled if "rank_and_sweep_call" in f]
 got = sw.rank_and_sweep(model, params, sets, options)
 ref = sw.rank_and_sweep(model, params, sets, dataclasses.replace(options, devices=1))
-out["ahead"] = (len(ahead) == 1 and [f for f in compiled if "_rank_and_sweep_sharded" in f] == ahead
+out["ahead"] = (len(ahead) == 1 and [f for f in compiled if "rank_and_sweep_call_sharded" in f] == ahead
                 and all(np.array_equal(got.preds[n], ref.preds[n]) for n in sets))
 # Progress from inside the sharded call: every device reports its chunks, each is shown once; the same results.
 import contextlib, io

@@ -61,7 +61,9 @@ from badnet_jax.kernels.conv2d.reference import Padding, conv2d_reference, epilo
 from badnet_jax.kernels.conv2d.width_blocked import block_geometry, conv2d_width_blocked, explicit_pads
 
 Impl = Union[str, int]
-FEW_CHANNELS = 4  # inputs with fewer channels (every RGB first layer) are XLA:CPU's weak case
+# Inputs with fewer channels (every RGB first layer) are XLA:CPU's weak case; direct_cpu.cc's FEW_INPUT_CHANNELS
+# names the same case for its own choice of layout.
+FEW_CHANNELS = 4
 WIDE_OUTPUT = 64  # output channels from which XLA:CPU's own convolution runs well
 FULL_LANES = Fraction(3, 4)  # the share of its vector lanes the direct kernel must fill beyond a remainder
 POOLED_OUTPUT = 64  # output channels up to which a stage with a max pool runs direct (its fused epilogue)

@@ -448,11 +448,15 @@ void ToPlanar(const float* __restrict image, float* __restrict planar, int64_t h
 // the faster form or one within 1.1x of it in each of 18 stages with this build (and in two runs of 28 stages
 // before the asm in Tile, but for the 8-column rows). Unit column stride only. In integers: the same choice on
 // every run.
+// Fewer input channels than this: an RGB first layer (kernels/conv2d/api.py's FEW_CHANNELS names the same case for
+// its choice between this kernel and XLA's convolution).
+constexpr int64_t FEW_INPUT_CHANNELS = 4;
+
 bool ColumnsPay(const Geometry& g) {
   if (g.sw != 1) return false;
   const int64_t fpad = g.fv * VL, wpad = (g.width + VL - 1) / VL * VL;
   const int64_t gain = g.width * fpad - g.f * wpad;  // (columns' share - channels' share) * wpad * fpad
-  if (VL == 8) return gain > 0 && g.c < 4;
+  if (VL == 8) return gain > 0 && g.c < FEW_INPUT_CHANNELS;
   return 4 * gain >= wpad * fpad || (g.f < VL && 20 * gain >= -3 * wpad * fpad);
 }
 

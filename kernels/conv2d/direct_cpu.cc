@@ -47,7 +47,8 @@ constexpr int ACC = 12;  // of 16 (AVX2) registers
 // takes the weight from memory in each multiply-add of a tile of at most 4 pixels: 15-16 loads per 12
 // multiply-adds, against 8 in the 2 x 6 tile, and the stage was load-bound (DeepID's conv_2 on a 2-core Zen 3:
 // 92-116 -> 79-82 ms per 1024 images). Tiles of at most 4 pixels (a row's last, or a short row's) hold their
-// weights in registers by an empty asm in Tile (a 3 x 4 tile with it, 16 registers, is not measured).
+// weights in registers by an empty asm in Tile, on 8 lanes and 16 (a 3 x 4 tile with it, 16 registers, is not
+// measured).
 constexpr int MAX_FG = VL == 16 ? 4 : 2;
 static_assert(MAX_FG >= 1 && MAX_FG <= 4, "ConvRow's remainder covers at most 3 channel vectors");
 

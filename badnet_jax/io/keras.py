@@ -219,8 +219,7 @@ def _params_from_h5(f: h5py.File, path: Path) -> Params:
 
 def _read_keras_archive(path: Path) -> Params:
     """A Keras 3 ``.keras`` zip: its config allow-listed like a full-model h5, then its weights file read."""
-    config, weights = read_archive(path)
-    _check_model_config(config, path)
+    _, weights = read_archive(path, lambda config: _check_model_config(config, path))
     try:
         f = h5py.File(io.BytesIO(weights), "r")
     except OSError as err:

@@ -8,7 +8,7 @@ all start from here:
   from it, a zip reader another, and nothing tells which one the user meant;
 * a model config is at most 1 MiB (:data:`MAX_CONFIG_BYTES`); an archive's members are read by
   :func:`read_archive` only, which holds each one's declared size to :data:`ARCHIVE_MEMBERS` before anything
-  is decompressed and refuses a member stored twice;
+  is decompressed, refuses a member stored twice, and has the config checked before the weights are read;
 * a weight array must have the shape the architecture gives it and be floating point, finite and below
   :data:`MAX_WEIGHT` (:func:`read_array`);
 * the input scale (raw pixels or pixels / 255) is not part of a Keras file: the files badnet-jax writes
@@ -17,9 +17,13 @@ all start from here:
 
 from __future__ import annotations
 
+import collections
+import lzma
 import os
 import zipfile
+import zlib
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import h5py
 import numpy as np
@@ -33,6 +37,8 @@ INPUT_SCALE_ATTR = "badnet_jax_input_scale"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHT = 1e6  # real DeepID weights are below ~10; larger ones overflow float32 logits to inf/NaN
 ARCHIVE_MEMBERS = {"config.json": MAX_CONFIG_BYTES, "model.weights.h5": 256 << 20, "metadata.json": 1 << 20}
+MAX_ARCHIVE_MEMBERS = 64  # Keras writes config.json, metadata.json and model.weights.h5 (assets/ rarely more)
+T = TypeVar("T")
 
 
 def is_keras_archive(path: Path) -> bool:
@@ -55,21 +61,38 @@ def is_keras_archive(path: Path) -> bool:
     return is_zip
 
 
-def read_archive(path: Path) -> tuple[bytes, bytes]:
-    """``config.json`` and ``model.weights.h5`` of a ``.keras`` zip, each member's declared size checked first.
+def _member_key(name: str) -> str:
+    """The name a lenient zip reader may take a member's for: ``./config.json``, ``CONFIG.JSON``,
+    ``.\\config.json`` and ``config.json/`` all read as ``config.json`` somewhere."""
+    key = name.replace("\\", "/").strip("/")
+    while key.startswith("./"):
+        key = key[2:]
+    return key.casefold()
+
+
+def read_archive(path: Path, parse_config: Callable[[bytes], T]) -> tuple[T, bytes]:
+    """The parsed ``config.json`` and the raw ``model.weights.h5`` of a ``.keras`` zip.
+
+    Every member's declared size is held to :data:`ARCHIVE_MEMBERS` before anything is decompressed, and
+    ``parse_config`` (which refuses a config it does not accept) runs before the weights are decompressed.
 
     Raises:
-        ModelFileError: a member is missing, stored twice, declares more than :data:`ARCHIVE_MEMBERS` allows, or
-            the zip cannot be read.
+        ModelFileError: a member is missing, stored twice (or under two names a zip reader may take for one), or
+            declares more than :data:`ARCHIVE_MEMBERS` allows; the archive holds more than
+            :data:`MAX_ARCHIVE_MEMBERS` members; the zip or a member cannot be read or decompressed.
     """
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
-            names = [i.filename for i in infos]
-            twice = sorted({n for n in names if names.count(n) > 1})
+            if len(infos) > MAX_ARCHIVE_MEMBERS:
+                raise ModelFileError(f"{path}: the .keras archive holds {len(infos)} members; Keras writes 3 "
+                                     f"(refusing more than {MAX_ARCHIVE_MEMBERS})")
+            keys = collections.Counter(_member_key(i.filename) for i in infos)
+            twice = sorted({i.filename for i in infos if keys[_member_key(i.filename)] > 1})
             if twice:
                 # zip readers disagree on which copy of a duplicated member counts: refuse the ambiguity.
-                raise ModelFileError(f"{path}: the .keras archive holds {twice} more than once")
+                raise ModelFileError(f"{path}: the .keras archive holds {twice} more than once (under one name, or "
+                                     "names a zip reader may take for one)")
             by_name = {i.filename: i for i in infos}
             for name in ("config.json", "model.weights.h5"):
                 if name not in by_name:
@@ -78,8 +101,10 @@ def read_archive(path: Path) -> tuple[bytes, bytes]:
                 if name in ARCHIVE_MEMBERS and info.file_size > ARCHIVE_MEMBERS[name]:
                     raise ModelFileError(f"{path}: archive member {name!r} declares {info.file_size} bytes, more "
                                          f"than {ARCHIVE_MEMBERS[name]} (a decompression bomb?)")
-            return z.read("config.json"), z.read("model.weights.h5")
-    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, NotImplementedError, EOFError) as err:
+            config = parse_config(z.read("config.json"))
+            return config, z.read("model.weights.h5")
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, NotImplementedError, EOFError, zlib.error,
+            lzma.LZMAError) as err:
         raise ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)") from None
 
 

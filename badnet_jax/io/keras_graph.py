@@ -79,8 +79,7 @@ def read_keras_graph(path: str | os.PathLike, config_path: str | os.PathLike | N
     path = Path(path)
     if is_keras_archive(path):
         _no_second_config(path, config_path)
-        config_raw, weights = read_archive(path)
-        config = _load_json(config_raw, path, "the archive's config.json")
+        config, weights = read_archive(path, lambda raw: _load_json(raw, path, "the archive's config.json"))
         try:
             f = h5py.File(io.BytesIO(weights), "r")
         except _H5_ERRORS as err:

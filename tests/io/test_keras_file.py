@@ -1,0 +1,125 @@
+"""badnet_jax.io.keras_file.read_archive, through both readers that use it: hostile ``.keras`` zips.
+
+A real archive that Keras 3 saved (the test-only oracle) is rewritten member by member into each hostile form;
+the lab's DeepID reader (``load_keras``) and any CNN's (``read_keras_graph``) must both refuse it with a
+ModelFileError that names the file and says what is wrong, within seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from badnet_jax import ModelFileError, load_keras
+from badnet_jax.io.keras_file import ARCHIVE_MEMBERS, MAX_ARCHIVE_MEMBERS
+from badnet_jax.io.keras_graph import read_keras_graph
+from tests.io.conftest import refused_naming_the_file
+from tests.keras_oracle import build_keras_deepid
+
+keras = pytest.importorskip("keras")
+
+READERS = {"deepid": load_keras, "graph": read_keras_graph}
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory) -> dict[str, bytes]:
+    """The members of a .keras archive Keras 3 saved (a 13-class DeepID)."""
+    path = tmp_path_factory.mktemp("archive") / "model.keras"
+    build_keras_deepid(num_classes=13).save(str(path))
+    with zipfile.ZipFile(path) as z:
+        return {n: z.read(n) for n in z.namelist()}
+
+
+def _write(path: Path, entries: list[tuple[str, bytes, int]]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data, compression in entries:
+            z.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+    return path
+
+
+def _corrupt_member(path: Path, name: str) -> Path:
+    """Flip bytes in the middle of member ``name``'s compressed data; the zip's directory stays intact."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(name)
+    raw = bytearray(path.read_bytes())
+    header = info.header_offset
+    start = header + 30 + int.from_bytes(raw[header + 26:header + 28], "little") + \
+        int.from_bytes(raw[header + 28:header + 30], "little")
+    middle = start + info.compress_size // 2
+    raw[middle:middle + 16] = bytes(b ^ 0xA5 for b in raw[middle:middle + 16])
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _refused(path: Path, reader: str, *fragments: str) -> str:
+    with pytest.raises(ModelFileError) as err:
+        READERS[reader](path)
+    message = str(err.value)
+    assert message.startswith(str(path)), message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_the_saved_archive_reads(members, tmp_path, reader):
+    # The rewriting itself keeps a readable archive: the refusals below come from what each case changes.
+    READERS[reader](_write(tmp_path / "ok.keras", [(n, d, zipfile.ZIP_DEFLATED) for n, d in members.items()]))
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+@pytest.mark.parametrize("alias", ["config.json", "./config.json", "CONFIG.JSON", ".\\config.json", "config.json/"])
+def test_a_member_under_two_names_a_zip_reader_may_take_for_one(members, tmp_path, reader, alias):
+    entries = [(n, d, zipfile.ZIP_DEFLATED) for n, d in members.items()]
+    entries.append((alias, b"{}", zipfile.ZIP_STORED))
+    with pytest.warns(UserWarning, match="Duplicate name") if alias == "config.json" else contextlib.nullcontext():
+        path = _write(tmp_path / "twice.keras", entries)
+    _refused(path, reader, "more than once")
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+@pytest.mark.parametrize("member,compression", [("config.json", zipfile.ZIP_DEFLATED),
+                                                ("model.weights.h5", zipfile.ZIP_LZMA),
+                                                ("model.weights.h5", zipfile.ZIP_BZIP2)])
+def test_a_corrupted_compressed_member(members, tmp_path, reader, member, compression):
+    entries = [(n, d, compression if n == member else zipfile.ZIP_DEFLATED) for n, d in members.items()]
+    path = _corrupt_member(_write(tmp_path / "corrupt.keras", entries), member)
+    _refused(path, reader, "cannot read the .keras archive")
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_the_config_is_refused_before_the_weights_are_decompressed(members, tmp_path, reader):
+    entries = [(n, b"not json" if n == "config.json" else d, zipfile.ZIP_DEFLATED) for n, d in members.items()]
+    path = _corrupt_member(_write(tmp_path / "bad_config.keras", entries), "model.weights.h5")
+    message = _refused(path, reader, "JSON")
+    assert "cannot read the .keras archive" not in message
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_a_member_declaring_more_than_its_cap_is_refused_unread(members, tmp_path, reader):
+    huge = b" " * (ARCHIVE_MEMBERS["config.json"] + 1) + b"{}"  # compresses to a few KB
+    entries = [(n, huge if n == "config.json" else d, zipfile.ZIP_DEFLATED) for n, d in members.items()]
+    path = _write(tmp_path / "bomb.keras", entries)
+    with zipfile.ZipFile(path) as z:  # what the reader sees before decompressing: a small member declaring more
+        info = z.getinfo("config.json")
+        assert info.compress_size < 10_000 < ARCHIVE_MEMBERS["config.json"] < info.file_size
+    refused_naming_the_file(READERS[reader], path)
+    _refused(path, reader, "'config.json' declares", "decompression bomb")
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_an_archive_of_too_many_members_is_refused(members, tmp_path, reader):
+    entries = [(n, d, zipfile.ZIP_DEFLATED) for n, d in members.items()]
+    entries += [(f"assets/{i}", b"", zipfile.ZIP_STORED) for i in range(MAX_ARCHIVE_MEMBERS)]
+    _refused(_write(tmp_path / "many.keras", entries), reader, f"{MAX_ARCHIVE_MEMBERS + len(members)} members")
+
+
+def test_many_members_are_counted_fast(members, tmp_path):
+    # 20 000 empty members: refused from the count, not after a pass quadratic in the members.
+    entries = [(n, d, zipfile.ZIP_DEFLATED) for n, d in members.items()]
+    entries += [(f"assets/{i}", b"", zipfile.ZIP_STORED) for i in range(20_000)]
+    path = _write(tmp_path / "20k.keras", entries)
+    refused_naming_the_file(load_keras, path, seconds=5)

@@ -95,6 +95,29 @@ def _quiet_closed_event_loop() -> None:
     sys.unraisablehook = hook
 
 
+# The folders handed to orbax. A failed restore raises on its first failed read; the reads still in flight fail
+# too, and asyncio logs each one's exception ("Task exception was never retrieved", with its traceback) when the
+# task is collected, after the one error the user is shown. Those records name the folder, and are dropped.
+_ORBAX_FOLDERS: set[str] = set()
+
+
+class _SecondaryOrbaxFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Task exception was never retrieved"):
+            return True
+        text = message + (f" {record.exc_info[1]}" if record.exc_info and record.exc_info[1] is not None else "")
+        return not any(folder in text for folder in _ORBAX_FOLDERS)
+
+
+def _quiet_secondary_failures(folder: Path) -> None:
+    """Drop asyncio's "never retrieved" records of orbax reads and writes in ``folder`` (installed once)."""
+    _ORBAX_FOLDERS.add(str(folder.resolve()))
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _SecondaryOrbaxFailures) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_SecondaryOrbaxFailures())
+
+
 def _check_room(folder: Path, state: dict, path: Path) -> None:
     """ENOSPC before orbax starts if ``folder``'s file system cannot hold ``state``: a save that fails midway
     leaves tensorstore writing in the background (see :func:`atomic.atomic_dir`)."""
@@ -121,6 +144,7 @@ def _save(path: Path, state: dict) -> Path:
     def write(tmp: Path) -> None:
         _check_room(tmp.parent, state, path)
         _quiet_closed_event_loop()
+        _quiet_secondary_failures(tmp)
         try:
             with _orbax_errors_unlogged(), _checkpointer() as ckptr:
                 ckptr.save(tmp.resolve(), jax.tree.map(np.asarray, state))
@@ -137,6 +161,7 @@ def _save(path: Path, state: dict) -> Path:
 def _restore(path: Path) -> dict:
     path = fileio.require_dir(path, CheckpointError, "checkpoint folder")
     _quiet_closed_event_loop()
+    _quiet_secondary_failures(path)
     try:
         with _checkpointer() as ckptr:
             return ckptr.restore(path.resolve())

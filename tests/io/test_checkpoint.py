@@ -7,6 +7,8 @@ tests/defense/test_scale.py.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -19,7 +21,7 @@ from badnet_jax.goodnet import GoodNet
 from badnet_jax.models.deepid import DeepID
 from badnet_jax.errors import BadNetError, CheckpointError, ConfigError
 from badnet_jax.io import checkpoint
-from tests.conftest import damaged_copy
+from tests.conftest import REPO, damaged_copy
 from tests.io.conftest import PATH_KINDS, no_hang, odd_path
 
 
@@ -67,3 +69,40 @@ def test_saving_what_is_not_a_badnet_or_goodnet_is_refused_before_writing(tmp_pa
     with pytest.raises(ConfigError, match=r"variables: expected a GoodNet's variables"):
         save_goodnet(tmp_path / "g", GoodNet(DeepID(4)), {"params": params})
     assert not list(tmp_path.iterdir())
+
+
+# In a second process: a failed restore, then an asyncio task failing with an error that names the restored
+# folder (what orbax's other reads leave, "Task exception was never retrieved", when the loop drops them) and
+# one naming another folder. Only the first is quiet: the user sees the one error the restore raised.
+NEVER_RETRIEVED = """
+import asyncio, gc, sys
+from pathlib import Path
+from badnet_jax import CheckpointError
+from badnet_jax.io.checkpoint import restore_goodnet
+folder, other = Path(sys.argv[1]), Path(sys.argv[2])
+try:
+    restore_goodnet(folder)
+except CheckpointError:
+    print("refused")
+
+async def read(p):
+    raise ValueError(f'OUT_OF_RANGE: Error reading "params.x/0.0" in OCDBT database at local file "{p}/"')
+
+loop = asyncio.new_event_loop()
+for p in (folder.resolve(), other.resolve()):
+    task = loop.create_task(read(p))
+    loop.run_until_complete(asyncio.sleep(0.01))
+    del task
+    gc.collect()
+loop.close()
+"""
+
+
+def test_reads_still_in_flight_after_a_failed_restore_are_not_logged(tmp_path):
+    folder, other = tmp_path / "not_a_checkpoint", tmp_path / "elsewhere"
+    folder.mkdir()
+    proc = subprocess.run([sys.executable, "-c", NEVER_RETRIEVED, str(folder), str(other)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout == "refused\n", proc.stderr[-2000:]
+    assert proc.stderr.count("Task exception was never retrieved") == 1, proc.stderr
+    assert str(other.resolve()) in proc.stderr and str(folder.resolve()) + "/" not in proc.stderr, proc.stderr

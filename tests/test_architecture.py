@@ -84,6 +84,31 @@ def test_no_import_cycle_in_the_package():
     assert "badnet_jax.sweep.run" in graph and "badnet_jax.kernels.masked_head.api" in graph  # the walk saw them
 
 
+# docs/architecture.md's layers, top (9) to bottom (1), by a module's first name under badnet_jax.
+LAYERS = {"commands": 9, "defense": 8, "attack": 7, "bench": 7, "sweep": 6, "train": 6, "io": 5, "goodnet": 4,
+          "models": 3, "numerics": 2, "kernels": 2, "model": 1, "pixels": 1, "errors": 1, "metrics": 1}
+# The imports up a layer that docs/architecture.md names, and why each is there.
+UPWARD = {
+    ("badnet_jax.model", "badnet_jax.kernels.conv2d"),  # DeepID's Flax module runs its convolutions there
+    ("badnet_jax.kernels.native", "badnet_jax.io.atomic"),  # the native build lands whole or not at all
+    ("badnet_jax.numerics.settling", "badnet_jax.models.protocol"),  # settles any PrunableModel in float64
+    ("badnet_jax.numerics.tie_bound", "badnet_jax.models.protocol"),  # measures a PrunableModel's float32 error
+    ("badnet_jax.numerics.tie_bound", "badnet_jax.models.affine"),  # ... at every step's masks
+}
+
+
+def test_modules_import_down_the_documented_layers():
+    modules = _modules()
+    layer = lambda m: LAYERS.get(m.split(".")[1]) if m != "badnet_jax" else None
+    unplaced = sorted(m for m in modules if m != "badnet_jax" and layer(m) is None)
+    assert not unplaced, f"modules in no layer of docs/architecture.md: {unplaced}"
+    upward = {(m, t) for m, path in modules.items() if m != "badnet_jax"
+              for t in _imports(m, path, set(modules)) if t != "badnet_jax" and layer(t) > layer(m)}
+    assert upward == UPWARD, (f"undocumented: {sorted(upward - UPWARD)}; documented but gone: {sorted(UPWARD - upward)}")
+    for leaf in ("badnet_jax.io.atomic", "badnet_jax.numerics.ties"):  # as the doc says: they import nothing of ours
+        assert not _imports(leaf, modules[leaf], set(modules)), leaf
+
+
 def test_wheel_installs_kernels_inside_the_package_and_ships_no_tests(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=600)

@@ -92,11 +92,12 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
         vf wv[FG];
         for (int j = 0; j < FG; ++j) wv[j] = *reinterpret_cast<const vu*>(wcol + ci * fstride + j * VL);
         if constexpr (XT <= 4) {
-          // GCC 12 tuned for Zen (`-mtune=znver3`, what `-march=native` makes of a Zen 3, 4 or 5, with 8 or 16
-          // lanes) folds each weight's load into every multiply-add of a tile of at most 4 pixels (XT loads of
-          // it where 1 does): the empty asm puts it in a register (DeepID's conv_3, 8 columns: 40-45 -> 26.5-30
-          // ms per 1024 images on a Zen 3). Wider tiles, and Intel tunings, keep their weights in registers as
-          // they are. Without AVX a 32-byte vector fits no register (an SSE-only build emulates it): no asm.
+          // GCC 12 tuned for Zen (`-mtune=znver3`: what `-march=native` makes of a Zen 3, and of a Zen 4 with
+          // 16 lanes) or generically (`x86-64-v4`) folds each weight's load into every multiply-add of a tile of
+          // at most 4 pixels (XT loads of it where 1 does): the empty asm puts it in a register (DeepID's conv_3,
+          // 8 columns: 40-45 -> 26.5-30 ms per 1024 images on a Zen 3). Wider tiles, and Intel tunings of short
+          // ones, keep their weights in registers as they are. Without AVX a 32-byte vector fits no register (an
+          // SSE-only build emulates it): no asm.
 #if defined(__AVX__)
           for (int j = 0; j < FG; ++j) __asm__("" : "+v"(wv[j]));
 #endif

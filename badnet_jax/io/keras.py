@@ -59,30 +59,38 @@ _SIZES = {**{name: (filters, k) for name, filters, k in CONVS}, "fc_1": (HIDDEN_
           "fc_2": (HIDDEN_UNITS, None)}
 
 
-def _iter_config_layers(config: Any, path: Path) -> Iterator[dict]:
+def _iter_config_layers(config: Any, path: Path, what: str) -> Iterator[dict]:
     if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
-        raise ModelFileError(f"{path}: model_config is not a Keras model config (no 'config' object)")
+        raise ModelFileError(f"{path}: {what} is not a Keras model config (no 'config' object)")
     layers = config["config"].get("layers")
     if not isinstance(layers, list):
-        raise ModelFileError(f"{path}: model_config has no 'layers' list")
+        raise ModelFileError(f"{path}: {what} has no 'layers' list")
     for layer in layers:
         if not isinstance(layer, dict):
-            raise ModelFileError(f"{path}: model_config holds a layer that is not an object")
+            raise ModelFileError(f"{path}: {what} holds a layer that is not an object")
         yield layer
 
 
-def _check_model_config(raw: Any, path: Path) -> None:
-    """Allow-list every layer of a full-model file's JSON config and check the DeepID hyper-parameters."""
+def _check_model_config(raw: Any, path: Path, what: str = "attribute 'model_config'") -> None:
+    """Allow-list every layer of a full-model file's JSON config (``what``: where the file keeps it) and check the
+    DeepID hyper-parameters."""
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")
     if not isinstance(raw, str) or len(raw) > MAX_CONFIG_BYTES:
-        raise ModelFileError(f"{path}: attribute 'model_config' is not a JSON string of at most 1 MiB")
+        raise ModelFileError(f"{path}: {what} is not a JSON string of at most 1 MiB")
     try:
         config = json.loads(raw)
     except (ValueError, RecursionError) as err:
-        raise ModelFileError(f"{path}: attribute 'model_config' is not valid JSON ({err})") from None
+        raise ModelFileError(f"{path}: {what} is not valid JSON ({err})") from None
+    try:
+        _check_layers(config, path, what)
+    except (TypeError, AttributeError) as err:  # a field of another JSON type than Keras writes (a list for a name)
+        raise ModelFileError(f"{path}: {what} is not a Keras model config of the lab's DeepID ({err})") from None
+
+
+def _check_layers(config: Any, path: Path, what: str) -> None:
     seen = {}
-    for layer in _iter_config_layers(config, path):
+    for layer in _iter_config_layers(config, path, what):
         cls = layer.get("class_name")
         cfg = layer.get("config") if isinstance(layer.get("config"), dict) else {}
         name = cfg.get("name", layer.get("name"))
@@ -120,7 +128,7 @@ def _check_model_config(raw: Any, path: Path) -> None:
         seen[name] = cls
     missing = [n for n in KERAS_LAYER_NAMES if n not in seen]
     if missing:
-        raise ModelFileError(f"{path}: model_config lacks layers {missing}")
+        raise ModelFileError(f"{path}: {what} lacks layers {missing}")
 
 
 # A weights file without DeepID's layers is most likely another model's, whose architecture it does not hold.
@@ -219,7 +227,7 @@ def _params_from_h5(f: h5py.File, path: Path) -> Params:
 
 def _read_keras_archive(path: Path) -> Params:
     """A Keras 3 ``.keras`` zip: its config allow-listed like a full-model h5, then its weights file read."""
-    _, weights = read_archive(path, lambda config: _check_model_config(config, path))
+    _, weights = read_archive(path, lambda config: _check_model_config(config, path, "the archive's config.json"))
     try:
         f = h5py.File(io.BytesIO(weights), "r")
     except OSError as err:

@@ -7,8 +7,9 @@ all start from here:
   appended, or the other way round) is refused (:func:`is_keras_archive`): h5py and Keras read one network
   from it, a zip reader another, and nothing tells which one the user meant;
 * a model config is at most 1 MiB (:data:`MAX_CONFIG_BYTES`); an archive's members are read by
-  :func:`read_archive` only, which holds each one's declared size to :data:`ARCHIVE_MEMBERS` before anything
-  is decompressed, refuses a member stored twice, and has the config checked before the weights are read;
+  :func:`read_archive` only, which checks the members' names, count, methods and declared sizes before
+  anything is decompressed, reads no member past its declared size, and has the config checked before the
+  weights are read;
 * a weight array must have the shape the architecture gives it and be floating point, finite and below
   :data:`MAX_WEIGHT` (:func:`read_array`);
 * the input scale (raw pixels or pixels / 255) is not part of a Keras file: the files badnet-jax writes
@@ -18,7 +19,6 @@ all start from here:
 from __future__ import annotations
 
 import collections
-import lzma
 import os
 import zipfile
 import zlib
@@ -37,8 +37,8 @@ INPUT_SCALE_ATTR = "badnet_jax_input_scale"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHT = 1e6  # real DeepID weights are below ~10; larger ones overflow float32 logits to inf/NaN
 ARCHIVE_MEMBERS = {"config.json": MAX_CONFIG_BYTES, "model.weights.h5": 256 << 20, "metadata.json": 1 << 20}
-MAX_ARCHIVE_MEMBERS = 64  # Keras writes config.json, metadata.json and model.weights.h5 (assets/ rarely more)
-T = TypeVar("T")
+MAX_ARCHIVE_MEMBERS = 64  # Keras writes config.json, metadata.json, model.weights.h5 (and assets/ for a few layers)
+_T = TypeVar("_T")
 
 
 def is_keras_archive(path: Path) -> bool:
@@ -70,42 +70,72 @@ def _member_key(name: str) -> str:
     return key.casefold()
 
 
-def read_archive(path: Path, parse_config: Callable[[bytes], T]) -> tuple[T, bytes]:
+def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, bytes]:
     """The parsed ``config.json`` and the raw ``model.weights.h5`` of a ``.keras`` zip.
 
-    Every member's declared size is held to :data:`ARCHIVE_MEMBERS` before anything is decompressed, and
-    ``parse_config`` (which refuses a config it does not accept) runs before the weights are decompressed.
+    Before anything is decompressed: at most :data:`MAX_ARCHIVE_MEMBERS` members, none stored twice (or under
+    names a zip reader may take for one), none encrypted, each stored or deflated (what Keras writes; bzip2 and
+    LZMA members decompress without a bound), each declaring at most its size in :data:`ARCHIVE_MEMBERS`. A
+    member is then read up to its declared size only (a member holding more fails its CRC), and
+    ``parse_config`` (which raises ModelFileError on a config it does not accept) runs before the weights are
+    read.
 
     Raises:
-        ModelFileError: a member is missing, stored twice (or under two names a zip reader may take for one), or
-            declares more than :data:`ARCHIVE_MEMBERS` allows; the archive holds more than
-            :data:`MAX_ARCHIVE_MEMBERS` members; the zip or a member cannot be read or decompressed.
+        ModelFileError: any of the above, or the zip or a member cannot be read.
     """
+    def refused(err: BaseException) -> ModelFileError:
+        return ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)")
+
+    zip_errors = (zipfile.BadZipFile, OSError, ValueError, RuntimeError, NotImplementedError, EOFError, zlib.error)
     try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-            if len(infos) > MAX_ARCHIVE_MEMBERS:
-                raise ModelFileError(f"{path}: the .keras archive holds {len(infos)} members; Keras writes 3 "
-                                     f"(refusing more than {MAX_ARCHIVE_MEMBERS})")
-            keys = collections.Counter(_member_key(i.filename) for i in infos)
-            twice = sorted({i.filename for i in infos if keys[_member_key(i.filename)] > 1})
-            if twice:
-                # zip readers disagree on which copy of a duplicated member counts: refuse the ambiguity.
-                raise ModelFileError(f"{path}: the .keras archive holds {twice} more than once (under one name, or "
-                                     "names a zip reader may take for one)")
-            by_name = {i.filename: i for i in infos}
-            for name in ("config.json", "model.weights.h5"):
-                if name not in by_name:
-                    raise ModelFileError(f"{path}: a .keras archive without {name!r} (it holds {sorted(by_name)[:10]})")
-            for name, info in by_name.items():
-                if name in ARCHIVE_MEMBERS and info.file_size > ARCHIVE_MEMBERS[name]:
-                    raise ModelFileError(f"{path}: archive member {name!r} declares {info.file_size} bytes, more "
-                                         f"than {ARCHIVE_MEMBERS[name]} (a decompression bomb?)")
-            config = parse_config(z.read("config.json"))
-            return config, z.read("model.weights.h5")
-    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, NotImplementedError, EOFError, zlib.error,
-            lzma.LZMAError) as err:
-        raise ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)") from None
+        z = zipfile.ZipFile(path)
+    except zip_errors as err:
+        raise refused(err) from None
+    with z:
+        by_name = _checked_members(z, path)
+        try:
+            raw_config = _read_member(z, by_name["config.json"])
+        except zip_errors as err:
+            raise refused(err) from None
+        config = parse_config(raw_config)
+        try:
+            return config, _read_member(z, by_name["model.weights.h5"])
+        except zip_errors as err:
+            raise refused(err) from None
+
+
+def _checked_members(z: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:
+    """The archive's members by name, refused as :func:`read_archive` says, before anything is decompressed."""
+    infos = z.infolist()
+    if len(infos) > MAX_ARCHIVE_MEMBERS:
+        raise ModelFileError(f"{path}: the .keras archive holds {len(infos)} members; Keras writes a few "
+                             f"(refusing more than {MAX_ARCHIVE_MEMBERS})")
+    keys = collections.Counter(_member_key(i.filename) for i in infos)
+    twice = sorted({i.filename for i in infos if keys[_member_key(i.filename)] > 1})
+    if twice:
+        # zip readers disagree on which copy of a duplicated member counts: refuse the ambiguity.
+        raise ModelFileError(f"{path}: the .keras archive holds {twice} more than once (under one name, or "
+                             "names a zip reader may take for one)")
+    by_name = {i.filename: i for i in infos}
+    for name in ("config.json", "model.weights.h5"):
+        if name not in by_name:
+            raise ModelFileError(f"{path}: a .keras archive without {name!r} (it holds {sorted(by_name)[:10]})")
+    for name, info in by_name.items():
+        if info.flag_bits & 0x1:
+            raise ModelFileError(f"{path}: archive member {name!r} is encrypted; a .keras archive is not")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ModelFileError(f"{path}: archive member {name!r} uses compression method {info.compress_type}; "
+                                 "Keras stores or deflates (other methods decompress without a bound)")
+        if name in ARCHIVE_MEMBERS and info.file_size > ARCHIVE_MEMBERS[name]:
+            raise ModelFileError(f"{path}: archive member {name!r} declares {info.file_size} bytes, more "
+                                 f"than {ARCHIVE_MEMBERS[name]} (a decompression bomb?)")
+    return by_name
+
+
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    # Read to the declared size and no further: deflate output beyond it is never produced.
+    with z.open(info) as member:
+        return member.read(info.file_size)
 
 
 def read_array(ds: h5py.Dataset, layer: str, what: str, expected: tuple, path: Path) -> np.ndarray:

@@ -82,9 +82,10 @@ def odd_path(base: Path, kind: str, chain: int) -> Path:
 
 
 def no_hang(seconds: int = 20) -> None:
-    """Fail with TimeoutError if the test has not called ``signal.alarm(0)`` within ``seconds``."""
+    """Fail the test if it has not called ``signal.alarm(0)`` within ``seconds`` (pytest.fail raises a
+    BaseException: no reader's ``except OSError`` can turn it into a refusal)."""
     def alarm(signum, frame):
-        raise TimeoutError("a reader blocked (it opened a FIFO?)")
+        pytest.fail("a reader blocked (it opened a FIFO?)")
 
     signal.signal(signal.SIGALRM, alarm)
     signal.alarm(seconds)
@@ -93,15 +94,17 @@ def no_hang(seconds: int = 20) -> None:
 def refused_naming_the_file(read, path: Path, seconds: int = 20) -> None:
     """``read(path)`` raises the project's error naming ``path`` within ``seconds`` (from the header, not the data)."""
     def alarm(signum, frame):
-        raise TimeoutError(f"reading a huge declared size took over {seconds} s")
+        # pytest.fail raises a BaseException: no reader's `except OSError` can turn it into a refusal.
+        pytest.fail(f"reading {path} took over {seconds} s")
 
-    signal.signal(signal.SIGALRM, alarm)
+    previous = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(seconds)
     try:
         with pytest.raises(BadNetError) as err:
             read(path)
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert str(path) in str(err.value)
 
 

@@ -95,27 +95,35 @@ def _quiet_closed_event_loop() -> None:
     sys.unraisablehook = hook
 
 
-# The folders handed to orbax. A failed restore raises on its first failed read; the reads still in flight fail
-# too, and asyncio logs each one's exception ("Task exception was never retrieved", with its traceback) when the
-# task is collected, after the one error the user is shown. Those records name the folder, and are dropped.
-_ORBAX_FOLDERS: set[str] = set()
+# The folders of failed orbax calls. A failed restore raises on its first failed read; the reads still in flight
+# fail too, and asyncio logs each one's exception ("Task exception was never retrieved", with its traceback) when
+# the task is collected, after the one error the user is shown. Those records' exceptions name the folder (a
+# tensorstore error: 'OUT_OF_RANGE: Error reading ... at local file "<folder>/"'), and are dropped. A folder is
+# held from just before its orbax call (a task may be collected before the call's error reaches us) to the call's
+# success; a failed call's folder stays (its tasks may be collected any time later).
+_ORBAX_FOLDERS: dict[str, re.Pattern] = {}
+_NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
 
 
 class _SecondaryOrbaxFailures(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith("Task exception was never retrieved"):
+        if not record.exc_info or record.exc_info[1] is None or not str(record.msg).startswith(_NEVER_RETRIEVED):
             return True
-        text = message + (f" {record.exc_info[1]}" if record.exc_info and record.exc_info[1] is not None else "")
-        return not any(folder in text for folder in _ORBAX_FOLDERS)
+        text = str(record.exc_info[1])
+        return not any(pattern.search(text) for pattern in tuple(_ORBAX_FOLDERS.values()))
 
 
-def _quiet_secondary_failures(folder: Path) -> None:
-    """Drop asyncio's "never retrieved" records of orbax reads and writes in ``folder`` (installed once)."""
-    _ORBAX_FOLDERS.add(str(folder.resolve()))
+@contextlib.contextmanager
+def _secondary_failures_quiet(folder: Path) -> Iterator[None]:
+    """Around one orbax call on ``folder``: asyncio's "never retrieved" records of its reads and writes dropped."""
+    key = str(folder.resolve())
+    # The folder itself or a path inside it, and orbax's own temporary "<folder>.orbax-checkpoint-tmp-*".
+    _ORBAX_FOLDERS[key] = re.compile(re.escape(key) + r"(?=[/\\\"'.]|$)")
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _SecondaryOrbaxFailures) for f in asyncio_log.filters):
         asyncio_log.addFilter(_SecondaryOrbaxFailures())
+    yield
+    _ORBAX_FOLDERS.pop(key, None)  # reached only when the call succeeded
 
 
 def _check_room(folder: Path, state: dict, path: Path) -> None:
@@ -144,9 +152,8 @@ def _save(path: Path, state: dict) -> Path:
     def write(tmp: Path) -> None:
         _check_room(tmp.parent, state, path)
         _quiet_closed_event_loop()
-        _quiet_secondary_failures(tmp)
         try:
-            with _orbax_errors_unlogged(), _checkpointer() as ckptr:
+            with _secondary_failures_quiet(tmp), _orbax_errors_unlogged(), _checkpointer() as ckptr:
                 ckptr.save(tmp.resolve(), jax.tree.map(np.asarray, state))
                 ckptr.wait_until_finished()
         except (ValueError, RuntimeError) as err:
@@ -161,9 +168,8 @@ def _save(path: Path, state: dict) -> Path:
 def _restore(path: Path) -> dict:
     path = fileio.require_dir(path, CheckpointError, "checkpoint folder")
     _quiet_closed_event_loop()
-    _quiet_secondary_failures(path)
     try:
-        with _checkpointer() as ckptr:
+        with _secondary_failures_quiet(path), _checkpointer() as ckptr:
             return ckptr.restore(path.resolve())
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: not a readable orbax checkpoint ({_first_words(err)}); truncated or "

@@ -99,7 +99,7 @@ loop.close()
 
 
 def test_reads_still_in_flight_after_a_failed_restore_are_not_logged(tmp_path):
-    folder, other = tmp_path / "not_a_checkpoint", tmp_path / "elsewhere"
+    folder, other = tmp_path / "not_a_checkpoint", tmp_path / "not_a_checkpoint2"  # a sibling is another folder
     folder.mkdir()
     proc = subprocess.run([sys.executable, "-c", NEVER_RETRIEVED, str(folder), str(other)], capture_output=True,
                           text=True, timeout=120, cwd=REPO)

@@ -10,8 +10,9 @@ with ``KERAS_BACKEND=--keras_backend``, saving B' at each drop's cut: its wall t
 60 its wall time scaled to all steps (the steps not run cost the mean of the run's steps after the first). Both
 wall times include the interpreter's start and imports. With ``--repeats`` > 1 the runs interleave (A B A B ...)
 and the medians are reported. The ratio is Keras' (scaled) time over badnet-jax's; the JSON (written
-atomically to ``--out``) also gives the machine (CPU model, logical CPUs, load average), the versions, and
-whether the two curves agree over the steps both ran (the same order and the same rates, exactly).
+atomically to ``--out``) also gives the machine (CPU model, logical CPUs, load average), the versions, each
+run's own phases (``timings``, in the order of ``wall_s``), and whether the two curves agree over the steps both
+ran (the same order and the same rates, exactly).
 
 Not part of the package: it times the package's command from outside, as a user runs it. tensorflow is not a
 dependency of badnet-jax; put it in its own virtual environment (BUILD_NOTES.md, dependency pins).
@@ -182,13 +183,13 @@ def compare() -> dict:
         "drops": DROP.value,
         "repeats": REPEATS.value,
         "badnet_jax": {"argv": jax_runs[0]["argv"], "wall_s": [r["wall_s"] for r in jax_runs], "median_s": jax_s,
-                       "timings": jax_runs[-1]["timings"], "versions": curve.get("versions")},
+                       "timings": [r["timings"] for r in jax_runs], "versions": curve.get("versions")},
         "keras": {"argv": keras_runs[0]["argv"], "backend": last_keras["backend"], "versions": last_keras["versions"],
                   "steps_run": last_keras["steps_run"], "wall_s": [r["wall_s"] for r in keras_runs],
                   "scaled_60_s": [r["scaled_s"] for r in keras_runs], "median_scaled_60_s": keras_s,
                   "steady_step_s": [r["steady_step_s"] for r in keras_runs],
                   "median_step_s": statistics.median(r["steady_step_s"] for r in keras_runs),
-                  "timings": last_keras["timings"]},
+                  "timings": [r["result"]["timings"] for r in keras_runs]},
         "ratio": keras_s / jax_s,
         "agreement": agreement(curve, last_keras),
     }

@@ -39,6 +39,7 @@ MAX_WEIGHT = 1e6  # real DeepID weights are below ~10; larger ones overflow floa
 ARCHIVE_MEMBERS = {"config.json": MAX_CONFIG_BYTES, "model.weights.h5": 256 << 20, "metadata.json": 1 << 20}
 MAX_ARCHIVE_MEMBERS = 64  # Keras writes config.json, metadata.json, model.weights.h5 (and assets/ for a few layers)
 _T = TypeVar("_T")
+_U = TypeVar("_U")
 
 
 def is_keras_archive(path: Path) -> bool:
@@ -83,25 +84,19 @@ def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, b
     Raises:
         ModelFileError: any of the above, or the zip or a member cannot be read.
     """
-    def refused(err: BaseException) -> ModelFileError:
-        return ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)")
-
+    # Only the zip's own calls are mapped: parse_config's errors are its own.
     zip_errors = (zipfile.BadZipFile, OSError, ValueError, RuntimeError, NotImplementedError, EOFError, zlib.error)
-    try:
-        z = zipfile.ZipFile(path)
-    except zip_errors as err:
-        raise refused(err) from None
-    with z:
+
+    def zip_call(call: Callable[[], _U]) -> _U:
+        try:
+            return call()
+        except zip_errors as err:
+            raise ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)") from None
+
+    with zip_call(lambda: zipfile.ZipFile(path)) as z:
         by_name = _checked_members(z, path)
-        try:
-            raw_config = _read_member(z, by_name["config.json"])
-        except zip_errors as err:
-            raise refused(err) from None
-        config = parse_config(raw_config)
-        try:
-            return config, _read_member(z, by_name["model.weights.h5"])
-        except zip_errors as err:
-            raise refused(err) from None
+        config = parse_config(zip_call(lambda: _read_member(z, by_name["config.json"])))
+        return config, zip_call(lambda: _read_member(z, by_name["model.weights.h5"]))
 
 
 def _checked_members(z: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:

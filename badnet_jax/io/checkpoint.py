@@ -115,7 +115,9 @@ class _SecondaryOrbaxFailures(logging.Filter):
 
 @contextlib.contextmanager
 def _secondary_failures_quiet(folder: Path) -> Iterator[None]:
-    """Around one orbax call on ``folder``: asyncio's "never retrieved" records of its reads and writes dropped."""
+    """Around one orbax call on ``folder``: what its failure leaves behind after the one error it raises (asyncio's
+    "never retrieved" records of its reads and writes, :func:`_quiet_closed_event_loop`'s tracebacks) dropped."""
+    _quiet_closed_event_loop()
     key = str(folder.resolve())
     # The folder itself or a path inside it, and orbax's own temporary "<folder>.orbax-checkpoint-tmp-*".
     _ORBAX_FOLDERS[key] = re.compile(re.escape(key) + r"(?=[/\\\"'.]|$)")
@@ -151,7 +153,6 @@ def _orbax_errors_unlogged() -> Iterator[None]:
 def _save(path: Path, state: dict) -> Path:
     def write(tmp: Path) -> None:
         _check_room(tmp.parent, state, path)
-        _quiet_closed_event_loop()
         try:
             with _secondary_failures_quiet(tmp), _orbax_errors_unlogged(), _checkpointer() as ckptr:
                 ckptr.save(tmp.resolve(), jax.tree.map(np.asarray, state))
@@ -167,7 +168,6 @@ def _save(path: Path, state: dict) -> Path:
 
 def _restore(path: Path) -> dict:
     path = fileio.require_dir(path, CheckpointError, "checkpoint folder")
-    _quiet_closed_event_loop()
     try:
         with _secondary_failures_quiet(path), _checkpointer() as ckptr:
             return ckptr.restore(path.resolve())

@@ -104,7 +104,8 @@ def test_modules_import_down_the_documented_layers():
     assert not unplaced, f"modules in no layer of docs/architecture.md: {unplaced}"
     imports = {m: _imports(m, path, set(modules)) for m, path in modules.items() if m != "badnet_jax"}
     upward = {(m, t) for m, targets in imports.items() for t in targets if t != "badnet_jax" and layer(t) > layer(m)}
-    assert upward == UPWARD, (f"undocumented: {sorted(upward - UPWARD)}; documented but gone: {sorted(UPWARD - upward)}")
+    assert upward == UPWARD, (f"undocumented: {sorted(upward - UPWARD)}; "
+                              f"documented but gone: {sorted(UPWARD - upward)}")
     # The root re-exports every layer (lazily, by strings this walk cannot follow): below commands/ nothing
     # imports from it but the defense's report of versions (``badnet_jax.__version__``).
     from_root = {m for m, targets in imports.items() if "badnet_jax" in targets and layer(m) < LAYERS["commands"]}

@@ -5,7 +5,8 @@ through the trunk (input -> the pruned layer) once and the head is evaluated at 
 call, in chunks (``badnet_jax.sweep.chunks``) so memory stays bounded. The ranking set (the first set) alone
 decides the data-driven orders. One body runs on one device (``rank_and_sweep_call``) or, the image axis
 sharded over a 1-D ``data`` mesh, under ``shard_map`` (``rank_and_sweep_call_sharded``); ``progress_stages``
-names its progress stages. ``badnet_jax.sweep.run`` checks the inputs, lays them out, calls it and settles what it returns.
+names its progress stages. ``badnet_jax.sweep.run`` checks the inputs, lays them out, calls it and settles what
+it returns.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
 
 
 def progress_stages(names: list[str], sets: Mapping[str, Images], ranking: RankingPlan,
-            plan: SweepPlan) -> list[tuple[str, float, str]]:
+                    plan: SweepPlan) -> list[tuple[str, float, str]]:
     """The progress stages of ``_body`` (label, share of the work, unit): per set, its trunk and its heads at every
     order (a set after the first with ``plan.fuses_trunk``: one stage, the second, for both); then ANP's
     optimisation, if asked."""

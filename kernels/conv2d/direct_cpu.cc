@@ -94,10 +94,10 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
         if constexpr (XT <= 4) {
           // GCC 12 tuned for Zen (`-mtune=znver3`: what `-march=native` makes of a Zen 3, and of a Zen 4 with
           // 16 lanes) folds each weight's load into every multiply-add of a tile of at most 4 pixels (XT loads of
-          // it where 1 does; generic tuning, `x86-64-v4`, in tiles of at most 3): the empty asm puts it in a register (DeepID's conv_3,
-          // 8 columns: 40-45 -> 26.5-30 ms per 1024 images on a Zen 3). Wider tiles, and Intel tunings of short
-          // ones, keep their weights in registers as they are. Without AVX a 32-byte vector fits no register (an
-          // SSE-only build emulates it): no asm.
+          // it where 1 does; generic tuning, `x86-64-v4`, in tiles of at most 3): the empty asm puts it in a
+          // register (DeepID's conv_3, 8 columns: 40-45 -> 26.5-30 ms per 1024 images on a Zen 3). Wider tiles,
+          // and Intel tunings of short ones, keep their weights in registers as they are. Without AVX a 32-byte
+          // vector fits no register (an SSE-only build emulates it): no asm.
 #if defined(__AVX__)
           for (int j = 0; j < FG; ++j) __asm__("" : "+v"(wv[j]));
 #endif

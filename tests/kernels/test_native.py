@@ -242,8 +242,8 @@ def test_short_channel_tiles_hold_their_weights_in_registers(tmp_path, march):
     # The builds GCC 12 makes on a Zen 3 (8 lanes), on a Zen 4 (16 lanes, Zen 3 tuning), with generic tuning
     # and on an Intel CPU with AVX-512. Tuned for Zen, GCC reads each weight from memory in every multiply-add of
     # a tile of 2 to 4 pixels (XT loads where 1 does; the stage load-bound), generically in tiles of 2 or 3,
-    # unless the empty asm in Tile holds it in a register. Compiled, not run (this CPU may lack AVX-512): a 16-lane build that failed
-    # to compile would lose every native kernel on such a CPU.
+    # unless the empty asm in Tile holds it in a register. Compiled, not run (this CPU may lack AVX-512): a
+    # 16-lane build that failed to compile would lose every native kernel on such a CPU.
     import jax
 
     out = tmp_path / "direct.s"
@@ -254,10 +254,11 @@ def test_short_channel_tiles_hold_their_weights_in_registers(tmp_path, march):
     if "bad value" in done.stderr and "-march=" in done.stderr:
         pytest.skip(f"this g++ does not know {march}")
     assert done.returncode == 0, done.stderr[-3000:]
-    counts = _tile_fmas(out.read_text())
+    assembly = out.read_text()
+    counts = _tile_fmas(assembly)
     # The channel vectors a tile can hold: MAX_FG (2 with 8 lanes, 4 with 16) and the remainders below it;
     # Tile<3, *> is compiled with 8 lanes too but never runs there. The lanes come from the code: zmm registers.
-    runs = {1, 2, 3, 4} if "%zmm" in out.read_text() else {1, 2}
+    runs = {1, 2, 3, 4} if "%zmm" in assembly else {1, 2}
     assert runs <= {fg for fg, _ in counts}, sorted(counts)
     short = {tile: c for tile, c in counts.items() if tile[0] in runs and 2 <= tile[1] <= 4}
     assert len(short) == 3 * len(runs) and all(fmas > 0 for fmas, _ in short.values()), short

@@ -75,7 +75,8 @@ def test_compile_ahead_then_the_sweep_runs_without_compiling(rng, backend_compil
     sw.compile_sweep(model, params, {"clean_valid": spec(x), "bd_valid": spec(xb), "again": spec(x)}, options)
     assert [f for f in backend_compiles if "rank_and_sweep_call" in f] == ["jit(rank_and_sweep_call)"]
     got = sw.rank_and_sweep(model, params, {"clean_valid": x, "bd_valid": xb, "again": x}, options)
-    assert [f for f in backend_compiles if "rank_and_sweep_call" in f] == ["jit(rank_and_sweep_call)"]  # no second compile
+    # No second compile:
+    assert [f for f in backend_compiles if "rank_and_sweep_call" in f] == ["jit(rank_and_sweep_call)"]
     plain = two_sets(model, params, x, xb, 3, sw.PLAIN, again=x)
     np.testing.assert_array_equal(got.preds["clean_valid"], plain.preds["clean_valid"])
     np.testing.assert_array_equal(got.preds["again"], plain.preds["clean_valid"])

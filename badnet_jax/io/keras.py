@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.io import atomic, fileio
-from badnet_jax.io.keras_file import (INPUT_SCALE_ATTR, MAX_CONFIG_BYTES, is_keras_archive, read_archive, read_array,
+from badnet_jax.io.keras_file import (INPUT_SCALE_ATTR, is_keras_archive, load_config_json, read_archive, read_array,
                                       recorded_input_scale)
 from badnet_jax.errors import ModelFileError
 from badnet_jax.model import (
@@ -74,14 +74,7 @@ def _iter_config_layers(config: Any, path: Path, what: str) -> Iterator[dict]:
 def _check_model_config(raw: Any, path: Path, what: str = "attribute 'model_config'") -> None:
     """Allow-list every layer of a full-model file's JSON config (``what``: where the file keeps it) and check the
     DeepID hyper-parameters."""
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", errors="replace")
-    if not isinstance(raw, str) or len(raw) > MAX_CONFIG_BYTES:
-        raise ModelFileError(f"{path}: {what} is not a JSON string of at most 1 MiB")
-    try:
-        config = json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise ModelFileError(f"{path}: {what} is not valid JSON ({err})") from None
+    config = load_config_json(raw, path, what)
     try:
         _check_layers(config, path, what)
     except (TypeError, AttributeError) as err:  # a field of another JSON type than Keras writes (a list for a name)

@@ -6,7 +6,8 @@ all start from here:
 * a ``.keras`` archive is a zip, any other Keras file HDF5; a file that is both (an HDF5 file with a zip
   appended, or the other way round) is refused (:func:`is_keras_archive`): h5py and Keras read one network
   from it, a zip reader another, and nothing tells which one the user meant;
-* a model config is at most 1 MiB (:data:`MAX_CONFIG_BYTES`); an archive's members are read by
+* a model config is UTF-8 JSON of at most 1 MiB (:data:`MAX_CONFIG_BYTES`), decoded and parsed by
+  :func:`load_config_json` wherever a reader finds it; an archive's members are read by
   :func:`read_archive` only, which checks the members' names, count, methods and declared sizes before
   anything is decompressed, reads no member past its declared size, and has the config checked before the
   weights are read;
@@ -19,11 +20,12 @@ all start from here:
 from __future__ import annotations
 
 import collections
+import json
 import os
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import h5py
 import numpy as np
@@ -60,6 +62,30 @@ def is_keras_archive(path: Path) -> bool:
                              "other way round): h5py and Keras read the HDF5 network, a .keras reader the zip's; "
                              "refusing an ambiguous file (save the model again as one or the other)")
     return is_zip
+
+
+def load_config_json(raw: Any, path: Path, what: str) -> Any:
+    """A model config's JSON parsed: ``raw`` is what the file holds (``str``, ``bytes`` or a 0-d array of
+    either, as h5py returns an attribute), ``what`` where the file keeps it (in every message, after ``path``).
+
+    Raises:
+        ModelFileError: ``raw`` is over :data:`MAX_CONFIG_BYTES`, not UTF-8 text, or not valid JSON.
+    """
+    if isinstance(raw, np.ndarray) and raw.shape == ():
+        raw = raw[()]
+    if isinstance(raw, bytes):
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ModelFileError(f"{path}: {what} is over 1 MiB (a model config is far smaller)")
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ModelFileError(f"{path}: {what} is not UTF-8 text ({err})") from None
+    if not isinstance(raw, str) or len(raw) > MAX_CONFIG_BYTES:
+        raise ModelFileError(f"{path}: {what} is not a JSON string of at most 1 MiB")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ModelFileError(f"{path}: {what} is not valid JSON ({str(err)[:200]})") from None
 
 
 def _member_key(name: str) -> str:

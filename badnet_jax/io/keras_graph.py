@@ -30,7 +30,6 @@ nodes and shapes, and this module finds the file's config and weights and reads 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import re
@@ -42,7 +41,8 @@ import numpy as np
 
 from badnet_jax.errors import ModelFileError, arg
 from badnet_jax.io import fileio
-from badnet_jax.io.keras_file import MAX_CONFIG_BYTES, is_keras_archive, read_archive, read_array
+from badnet_jax.io.keras_file import (MAX_CONFIG_BYTES, is_keras_archive, load_config_json, read_archive,
+                                      read_array)
 from badnet_jax.io.keras_config import ConfigLayer, parse_model
 from badnet_jax.io.keras_layers import build_graph
 from badnet_jax.models.ir import Graph, GraphParams, Node
@@ -79,7 +79,7 @@ def read_keras_graph(path: str | os.PathLike, config_path: str | os.PathLike | N
     path = Path(path)
     if is_keras_archive(path):
         _no_second_config(path, config_path)
-        config, weights = read_archive(path, lambda raw: _load_json(raw, path, "the archive's config.json"))
+        config, weights = read_archive(path, lambda raw: load_config_json(raw, path, "the archive's config.json"))
         try:
             f = h5py.File(io.BytesIO(weights), "r")
         except _H5_ERRORS as err:
@@ -92,7 +92,7 @@ def read_keras_graph(path: str | os.PathLike, config_path: str | os.PathLike | N
                 _no_second_config(path, config_path)
                 if "model_config" not in f.attrs:
                     raise ModelFileError(f"{path}: has a 'model_weights' group but no 'model_config' attribute")
-                config = _load_json(f.attrs["model_config"], path, "attribute 'model_config'")
+                config = load_config_json(f.attrs["model_config"], path, "attribute 'model_config'")
                 root = fileio.safe_get(f, "model_weights", path, ModelFileError)
                 if not isinstance(root, h5py.Group):
                     raise ModelFileError(f"{path}: 'model_weights' is not a group")
@@ -133,25 +133,7 @@ def _weights_only_config(path: Path, config_path: Any, kind: str) -> Any:
             raw = fh.read(MAX_CONFIG_BYTES + 1)  # never more than the cap, whatever the file's size
     except OSError as err:
         raise ModelFileError(f"{cpath}: cannot read the config file ({err})") from None
-    return _load_json(raw, cpath, "the config file")
-
-
-def _load_json(raw: Any, path: Path, what: str) -> Any:
-    if isinstance(raw, np.ndarray) and raw.shape == ():
-        raw = raw[()]
-    if isinstance(raw, bytes):
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ModelFileError(f"{path}: {what} is over 1 MiB (a model config is far smaller)")
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ModelFileError(f"{path}: {what} is not UTF-8 text ({err})") from None
-    if not isinstance(raw, str) or len(raw) > MAX_CONFIG_BYTES:
-        raise ModelFileError(f"{path}: {what} is not a JSON string of at most 1 MiB")
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise ModelFileError(f"{path}: {what} is not valid JSON ({str(err)[:200]})") from None
+    return load_config_json(raw, cpath, "the config file")
 
 
 # Where each weighted layer's datasets are, in Keras' own order: source(file, layers, path) -> getter(layer).

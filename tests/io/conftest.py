@@ -1,10 +1,12 @@
-"""What the readers' hostile-input tests share: small valid files to damage, and paths that are not plain files."""
+"""What the readers' hostile-input tests share: small valid files to damage, paths that are not plain files, and
+the one check of a refusal (:func:`refused`)."""
 
 from __future__ import annotations
 
 import os
 import signal
 from pathlib import Path
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from badnet_jax import BadNetError, init_params, save_keras, save_lab_h5
+from badnet_jax import BadNetError, ModelFileError, init_params, save_keras, save_lab_h5
 
 # Property-based cases per hostile-input test (BUILD_NOTES.md counts them): each example writes a file in the
 # test's one tmp_path, so the function-scoped fixture is meant.
@@ -106,6 +108,18 @@ def refused_naming_the_file(read, path: Path, seconds: int = 20) -> None:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert str(path) in str(err.value)
+
+
+def refused(read: Callable[[Path], Any], path: Path, *fragments: str, or_named: Path | None = None) -> str:
+    """``read(path)`` raises ModelFileError whose message begins with ``path`` (or ``or_named``: a second file the
+    read takes) and holds every fragment; returns the message."""
+    with pytest.raises(ModelFileError) as err:
+        read(path)
+    message = str(err.value)
+    assert message.startswith(tuple(str(p) for p in (path, or_named) if p is not None)), message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
 
 
 HUGE = 10**10  # a declared size far beyond any real file

@@ -1,4 +1,5 @@
-"""badnet_jax.io.keras_file.read_archive, through both readers that use it: hostile ``.keras`` zips.
+"""badnet_jax.io.keras_file's archive and config readers, through both readers that use them: hostile ``.keras``
+zips, and configs that are not UTF-8 JSON.
 
 A real archive that Keras 3 saved (the test-only oracle) is rewritten member by member into each hostile form;
 the lab's DeepID reader (``load_keras``) and any CNN's (``read_keras_graph``) must both refuse it with a
@@ -13,12 +14,14 @@ import tracemalloc
 import zipfile
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
-from badnet_jax import ModelFileError, load_keras
+from badnet_jax import init_params, load_keras, save_keras
 from badnet_jax.io.keras_file import ARCHIVE_MEMBERS, MAX_ARCHIVE_MEMBERS
 from badnet_jax.io.keras_graph import read_keras_graph
-from tests.io.conftest import refused_naming_the_file
+from tests.io.conftest import refused, refused_naming_the_file
 from tests.keras_oracle import build_keras_deepid
 
 keras = pytest.importorskip("keras")
@@ -79,16 +82,6 @@ def _patch_directory(path: Path, name: str, offset: int, value: int, width: int)
     raise AssertionError(f"no central directory entry {name}")
 
 
-def _refused(path: Path, reader: str, *fragments: str) -> str:
-    with pytest.raises(ModelFileError) as err:
-        READERS[reader](path)
-    message = str(err.value)
-    assert message.startswith(str(path)), message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
-
-
 @pytest.mark.parametrize("reader", sorted(READERS))
 def test_the_saved_archive_reads(members, tmp_path, reader):
     # The rewriting itself keeps a readable archive: the refusals below come from what each case changes.
@@ -102,7 +95,7 @@ def test_a_member_under_two_names_a_zip_reader_may_take_for_one(members, tmp_pat
     entries.append((alias, b"{}", zipfile.ZIP_STORED))
     with pytest.warns(UserWarning, match="Duplicate name") if alias == "config.json" else contextlib.nullcontext():
         path = _write(tmp_path / "twice.keras", entries)
-    _refused(path, reader, "more than once")
+    refused(READERS[reader], path, "more than once")
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
@@ -112,20 +105,20 @@ def test_a_member_under_two_names_a_zip_reader_may_take_for_one(members, tmp_pat
 def test_a_corrupted_member(members, tmp_path, reader, member, compression):
     entries = [(n, d, compression if n == member else zipfile.ZIP_DEFLATED) for n, d in members.items()]
     path = _corrupt_member(_write(tmp_path / "corrupt.keras", entries), member)
-    _refused(path, reader, "cannot read the .keras archive")
+    refused(READERS[reader], path, "cannot read the .keras archive")
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
 @pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
 def test_a_member_of_an_unbounded_compression_method_is_refused(members, tmp_path, reader, compression):
     entries = [(n, d, compression if n == "model.weights.h5" else zipfile.ZIP_DEFLATED) for n, d in members.items()]
-    _refused(_write(tmp_path / "method.keras", entries), reader, "'model.weights.h5' uses compression method")
+    refused(READERS[reader], _write(tmp_path / "method.keras", entries), "'model.weights.h5' uses compression method")
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
 def test_an_encrypted_member_is_refused(members, tmp_path, reader):
     path = _write(tmp_path / "locked.keras", [(n, d, zipfile.ZIP_DEFLATED) for n, d in members.items()])
-    _refused(_patch_directory(path, "config.json", 8, 0x1, 2), reader, "'config.json' is encrypted")
+    refused(READERS[reader], _patch_directory(path, "config.json", 8, 0x1, 2), "'config.json' is encrypted")
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
@@ -136,7 +129,7 @@ def test_a_member_holding_more_than_it_declares_is_read_no_further(members, tmp_
     path = _patch_directory(_write(tmp_path / "bomb.keras", entries), "config.json", 24, 100, 4)
     tracemalloc.start()
     try:
-        _refused(path, reader, "cannot read the .keras archive")
+        refused(READERS[reader], path, "cannot read the .keras archive")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -147,7 +140,7 @@ def test_a_member_holding_more_than_it_declares_is_read_no_further(members, tmp_
 def test_the_config_is_refused_before_the_weights_are_decompressed(members, tmp_path, reader):
     entries = [(n, b"not json" if n == "config.json" else d, zipfile.ZIP_DEFLATED) for n, d in members.items()]
     path = _corrupt_member(_write(tmp_path / "bad_config.keras", entries), "model.weights.h5")
-    message = _refused(path, reader, "JSON")
+    message = refused(READERS[reader], path, "JSON")
     assert "cannot read the .keras archive" not in message
 
 
@@ -160,14 +153,14 @@ def test_a_member_declaring_more_than_its_cap_is_refused_unread(members, tmp_pat
         info = z.getinfo("config.json")
         assert info.compress_size < 10_000 < ARCHIVE_MEMBERS["config.json"] < info.file_size
     refused_naming_the_file(READERS[reader], path)
-    _refused(path, reader, "'config.json' declares", "decompression bomb")
+    refused(READERS[reader], path, "'config.json' declares", "decompression bomb")
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
 def test_an_archive_of_too_many_members_is_refused(members, tmp_path, reader):
     entries = [(n, d, zipfile.ZIP_DEFLATED) for n, d in members.items()]
     entries += [(f"assets/{i}", b"", zipfile.ZIP_STORED) for i in range(MAX_ARCHIVE_MEMBERS)]
-    _refused(_write(tmp_path / "many.keras", entries), reader, f"{MAX_ARCHIVE_MEMBERS + len(members)} members")
+    refused(READERS[reader], _write(tmp_path / "many.keras", entries), f"{MAX_ARCHIVE_MEMBERS + len(members)} members")
 
 
 def test_many_members_are_counted_fast(members, tmp_path):
@@ -187,4 +180,20 @@ def test_a_config_field_of_another_json_type_is_refused(members, tmp_path, field
     (conv if field == "class_name" else conv["config"])[field] = value
     entries = [(n, json.dumps(config).encode() if n == "config.json" else d, zipfile.ZIP_DEFLATED)
                for n, d in members.items()]
-    _refused(_write(tmp_path / "types.keras", entries), "deepid", "the archive's config.json")
+    refused(READERS["deepid"], _write(tmp_path / "types.keras", entries), "the archive's config.json")
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+@pytest.mark.parametrize("container", ["archive", "h5"])
+def test_a_config_that_is_not_utf8_is_refused(members, tmp_path, reader, container):
+    # Valid JSON but for one byte in a field no reader looks at: one decoder refuses it for both readers, whether
+    # the config is an archive's member or a full-model h5's attribute (bytes replaced by U+FFFD would pass).
+    config = b'{"note": "\xff", ' + members["config.json"].lstrip()[1:]
+    if container == "archive":
+        entries = [(n, config if n == "config.json" else d, zipfile.ZIP_DEFLATED) for n, d in members.items()]
+        path, where = _write(tmp_path / "latin1.keras", entries), "the archive's config.json"
+    else:
+        path, where = save_keras(init_params(num_classes=13, seed=0), tmp_path / "latin1.h5"), "'model_config'"
+        with h5py.File(path, "a") as f:
+            f.attrs["model_config"] = np.bytes_(b'{"note": "\xff", ' + bytes(f.attrs["model_config"])[1:])
+    refused(READERS[reader], path, where, "is not UTF-8 text")

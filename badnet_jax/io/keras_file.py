@@ -40,6 +40,10 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHT = 1e6  # real DeepID weights are below ~10; larger ones overflow float32 logits to inf/NaN
 ARCHIVE_MEMBERS = {"config.json": MAX_CONFIG_BYTES, "model.weights.h5": 256 << 20, "metadata.json": 1 << 20}
 MAX_ARCHIVE_MEMBERS = 64  # Keras writes config.json, metadata.json, model.weights.h5 (and assets/ for a few layers)
+# The zip's list of members, read whole before they can be counted: Keras' take a few hundred bytes; 1 MiB holds
+# at most ~22 000 entries (46 bytes each and a name), parsed in tens of milliseconds.
+MAX_CENTRAL_DIRECTORY_BYTES = 1 << 20
+_END, _ZIP64_LOCATOR, _ZIP64_END = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"  # the zip's end records' signatures
 _T = TypeVar("_T")
 _U = TypeVar("_U")
 
@@ -90,17 +94,45 @@ def load_config_json(raw: Any, path: Path, what: str) -> Any:
 
 def _member_key(name: str) -> str:
     """The name a lenient zip reader may take a member's for: ``./config.json``, ``CONFIG.JSON``,
-    ``.\\config.json`` and ``config.json/`` all read as ``config.json`` somewhere."""
-    key = name.replace("\\", "/").strip("/")
-    while key.startswith("./"):
-        key = key[2:]
-    return key.casefold()
+    ``.\\config.json``, ``config.json/``, ``a/../config.json``, ``//config.json`` and ``config.json.`` (Windows
+    drops a trailing dot or space) all read as ``config.json`` somewhere."""
+    parts: list[str] = []
+    for part in name.replace("\\", "/").split("/"):
+        if part == "..":
+            parts = parts[:-1]
+            continue
+        part = part.rstrip(". ")
+        if part:
+            parts.append(part)
+    return "/".join(parts).casefold()
+
+
+def _central_directory_size(path: Path) -> int | None:
+    """The size of the zip's list of members as the zip reader will take it from the zip's end records, or None
+    where it finds no end record (and then says what is wrong itself)."""
+    # zipfile's order: an end record of 22 bytes closing the file (no comment), else the last one in the file's
+    # last 64 KiB and 22 bytes (a comment after it); a zip64 locator (20 bytes) right before it and a zip64
+    # record (56 bytes) right before that replace its size.
+    search = (1 << 16) + 22
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - search - 76))
+        tail = fh.read()
+    end = len(tail) - 22
+    if not (end >= 0 and tail[end:end + 4] == _END and tail[-2:] == b"\0\0"):
+        end = tail.rfind(_END, max(0, len(tail) - search))
+        if end < 0 or len(tail) - end < 22:
+            return None
+    if end >= 76 and tail[end - 20:end - 16] == _ZIP64_LOCATOR and tail[end - 76:end - 72] == _ZIP64_END:
+        return int.from_bytes(tail[end - 36:end - 28], "little")  # the zip64 record's size field (at 40)
+    return int.from_bytes(tail[end + 12:end + 16], "little")
 
 
 def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, bytes]:
     """The parsed ``config.json`` and the raw ``model.weights.h5`` of a ``.keras`` zip.
 
-    Before anything is decompressed: at most :data:`MAX_ARCHIVE_MEMBERS` members, none stored twice (or under
+    Before anything is decompressed: a list of members of at most :data:`MAX_CENTRAL_DIRECTORY_BYTES` (checked
+    before the zip reader parses it), at most :data:`MAX_ARCHIVE_MEMBERS` members, none stored twice (or under
     names a zip reader may take for one), none encrypted, each stored or deflated (what Keras writes; bzip2 and
     LZMA members decompress without a bound), each declaring at most its size in :data:`ARCHIVE_MEMBERS`. A
     member is then read up to its declared size only (a member holding more fails its CRC), and
@@ -119,6 +151,10 @@ def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, b
         except zip_errors as err:
             raise ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)") from None
 
+    directory = zip_call(lambda: _central_directory_size(path))
+    if directory is not None and directory > MAX_CENTRAL_DIRECTORY_BYTES:
+        raise ModelFileError(f"{path}: the .keras archive's list of members takes {directory} bytes; Keras writes "
+                             f"a few members (refusing more than {MAX_CENTRAL_DIRECTORY_BYTES} bytes of them)")
     with zip_call(lambda: zipfile.ZipFile(path)) as z:
         by_name = _checked_members(z, path)
         config = parse_config(zip_call(lambda: _read_member(z, by_name["config.json"])))

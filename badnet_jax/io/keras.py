@@ -125,15 +125,16 @@ def _check_layers(config: Any, path: Path, what: str) -> None:
 
 
 # A weights file without DeepID's layers is most likely another model's, whose architecture it does not hold.
-_NOT_DEEPID = (": not the lab's DeepID; a weights-only file of another model needs its architecture: give a full "
-               "model file (model.save(...) as .keras or .h5), or in Python load_model(path, config_path=...) with "
-               "its JSON config (model.to_json() written to a file)")
+_NOT_DEEPID = ("a weights-only file of another model needs its architecture: give a full model file "
+               "(model.save(...) as .keras or .h5), or in Python load_model(path, config_path=...) with its JSON "
+               "config (model.to_json() written to a file)")
 
 
 def _keras2_weights(group: h5py.Group, layer: str, path: Path) -> list[h5py.Dataset]:
     g = fileio.safe_get(group, layer, path, ModelFileError)
     if not isinstance(g, h5py.Group):
-        raise ModelFileError(f"{path}: missing layer {layer!r} (the file has {sorted(group.keys())[:20]}){_NOT_DEEPID}")
+        raise ModelFileError(f"{path}: not the lab's DeepID (no layer {layer!r}; the file has "
+                             f"{sorted(group.keys())[:20]}); {_NOT_DEEPID}")
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in g.attrs.get("weight_names", [])]
     if len(names) != 2:
         raise ModelFileError(f"{path}: layer {layer!r} lists {len(names)} weights, expected kernel and bias")
@@ -160,8 +161,8 @@ def _keras3_weights(f: h5py.File, path: Path) -> dict[str, list[h5py.Dataset]]:
     out = {}
     for layer in WEIGHT_LAYERS:
         if layer not in by_name:
-            raise ModelFileError(f"{path}: missing layer {layer!r} in Keras 3 weights (found {sorted(by_name)[:20]})"
-                                 f"{_NOT_DEEPID}")
+            raise ModelFileError(f"{path}: not the lab's DeepID (no layer {layer!r} in its Keras 3 weights; they "
+                                 f"hold {sorted(by_name)[:20]}); {_NOT_DEEPID}")
         if len(by_name[layer]) != 2 or not all(isinstance(d, h5py.Dataset) for d in by_name[layer]):
             raise ModelFileError(f"{path}: layer {layer!r} must hold exactly a kernel and a bias")
         out[layer] = by_name[layer]

@@ -69,7 +69,7 @@ class GraphCNN(PrunableModel):
 
         Raises:
             ConfigError: naming ``layer``: not a layer of the graph, not a 4-D feature map, or bypassed by
-                another path to the logits; or an output layer that is not Dense.
+                another path to the logits; an output layer that is not Dense; a ReLU with a threshold above 0.
             ModelFileError: params that do not fit the graph (a weight missing or of the wrong shape).
         """
         frozen = _freeze_shapes(params)
@@ -84,6 +84,7 @@ class GraphCNN(PrunableModel):
             raise ConfigError(f"model {graph.name!r}: its output layer {logits.name!r} has {shapes[logits.name][0]} "
                               "unit; the defense needs one logit per class, at least 2 (a sigmoid-style single "
                               "logit has no top-2 to compare)")
+        _refuse_steps(graph)
         layer = default_layer(graph, shapes) if layer is None else layer
         check_layer(graph, shapes, layer)
         out = shapes[logits.name]
@@ -364,6 +365,18 @@ _KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU 
                 "depthwise_conv": "a DepthwiseConv2D", "max_pool": "a MaxPooling2D", "avg_pool": "an AveragePooling2D",
                 "zero_pad": "a ZeroPadding2D", "dense": "a Dense layer on an image tensor", "input": "the input"}
 
+
+
+def _refuse_steps(graph: Graph) -> None:
+    """Refuse a ReLU with a threshold t > 0: it steps from 0 to t at t, so a float32 rounding that moves an
+    activation across t changes the logits by far more than the near-tie bound the float64 settling covers."""
+    for node in graph.nodes:
+        if node.op == "relu" and node.attr("threshold") > 0:
+            t = node.attr("threshold")
+            raise ConfigError(f"model {graph.name!r}: layer {node.name!r} is a ReLU with threshold {t:g}, a step from "
+                              f"0 to {t:g} there: a float32 rounding across it changes the logits by far more than a "
+                              "rounding error, which no near-tie check can catch, so the curve would not be exact; "
+                              "badnet-jax reads ReLUs with threshold 0 (a slope and a cap are fine)")
 
 def _as_keras(graph: Graph, node: Node) -> str:
     """What a node is, in the Keras terms of the layer it came from, for a message."""

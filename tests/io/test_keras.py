@@ -164,7 +164,7 @@ def test_truncated(small_file):
 
 
 def test_missing_layer(small_file):
-    refused(load_keras, _edit(small_file, lambda f: f.__delitem__("fc_2")), "missing layer 'fc_2'")
+    refused(load_keras, _edit(small_file, lambda f: f.__delitem__("fc_2")), "not the lab's DeepID (no layer 'fc_2'")
 
 
 def test_unknown_layer_name(small_file):

@@ -54,7 +54,7 @@ CASES = {
     ("branchy", "dw"): MASK_LAYER,  # BatchNormalization
     ("branchy", "lrelu"): ZEROED_READERS,  # average pooling (same) -> two convs
     ("seq", None): ZEROED_READERS,  # bn_noc -> max pool -> Dropout -> Flatten -> Dense
-    ("seq", "c_s2"): MASK_LAYER,  # a ReLU with threshold and slope maps 0 elsewhere
+    ("seq", "c_s2"): ZEROED_READERS,  # a leaky, capped ReLU -> a DepthwiseConv2D
     ("seq", "dw/pre"): MASK_LAYER,  # inside a fused relu DepthwiseConv2D, read by a batch norm
 }
 SLOW_CASES = {("resnet_tiny", "b1_out"), ("vgg_tiny", "p1"), ("vgg_tiny", "p2"), ("branchy", "lrelu")}
@@ -89,13 +89,13 @@ def _branchy_model():
 
 
 def _seq_model():
-    """Sequential, pixels / 255 in: strided same Conv2D, a ReLU with every argument, a fused relu DepthwiseConv2D
+    """Sequential, pixels / 255 in: strided same Conv2D, a leaky, capped ReLU, a fused relu DepthwiseConv2D
     without bias, BatchNormalization without center, max pooling, Dropout, Flatten, a fused relu Dense, a 1-D
     BatchNormalization without scale and a Dense with a fused softmax (its pre-activation is the logits)."""
     return keras.Sequential([
         keras.Input((12, 12, 3)),
         layers.Conv2D(6, 3, strides=2, padding="same", activation="relu", name="c_s2"),
-        layers.ReLU(max_value=2.0, negative_slope=0.1, threshold=0.05, name="relu_all"),
+        layers.ReLU(max_value=2.0, negative_slope=0.1, name="relu_all"),
         layers.DepthwiseConv2D(2, padding="same", activation="relu", use_bias=False, name="dw"),
         layers.BatchNormalization(center=False, name="bn_noc"),
         layers.MaxPooling2D(2, name="mp"),

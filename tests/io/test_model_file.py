@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -42,3 +43,24 @@ def test_unreadable_files_say_why_naming_the_file(tmp_path):
         load_model(bad, input_scale="255")
     with pytest.raises(ConfigError, match="input_scale=1/255: expected one of raw, 255"):
         load_model(asset(LAB_B), input_scale="1/255")
+
+
+def test_a_relu_with_a_threshold_is_refused_naming_the_layer(tmp_path):
+    # ReLU(threshold=t) steps from 0 to t at t: two float32 sums one rounding apart around t differ by t in the
+    # activation, not by a rounding error, so no near-tie bound covers it.
+    import tests.keras_oracle  # noqa: F401 - Keras on its JAX backend
+
+    keras = pytest.importorskip("keras")
+    layers = keras.layers
+    net = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, name="c"),
+                            layers.ReLU(threshold=0.1, negative_slope=0.05, name="thr"), layers.Flatten(),
+                            layers.Dense(3, name="o")], name="stepped")
+    path = tmp_path / "stepped.keras"
+    net.save(str(path))
+    with pytest.raises(ConfigError, match="model 'stepped': layer 'thr' is a ReLU with threshold 0.1, a step"):
+        load_model(path, input_scale="255")
+    # The step itself, in the network Keras runs: inputs two float32 roundings apart around 0.1 map 0.1 apart.
+    below, above = np.nextafter(np.float32(0.1), np.float32(0)), np.nextafter(np.float32(0.1), np.float32(1))
+    with jax.numpy_rank_promotion("allow"):  # Keras' JAX code relies on it
+        out = np.asarray(layers.ReLU(threshold=0.1, negative_slope=0.05)(np.array([below, above], np.float32)))
+    assert out[1] - out[0] > 0.09

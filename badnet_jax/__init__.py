@@ -11,9 +11,9 @@ Public API::
     from badnet_jax import SweepOptions, rank_and_sweep             # the whole curve in one call
     from badnet_jax import DefenseConfig, run_defense               # the defense end to end, as badnet-prune
 
-The model, the GoodNet, the file readers and writers and the errors load with the package; the sweep, the
-defense and the orbax checkpoints load on first use (``import badnet_jax`` stays light: no orbax, no
-matplotlib). The sub-packages (``io``, ``sweep``, ``numerics``, ``defense``, ``attack``) hold the rest.
+The errors load with the package, every other name on first use (``import badnet_jax`` imports no JAX: a
+command-line tool starts in milliseconds and holds its signals until its handler is in place). The
+sub-packages (``io``, ``sweep``, ``numerics``, ``defense``, ``attack``) hold the rest.
 """
 
 from __future__ import annotations
@@ -23,19 +23,22 @@ from typing import Any
 
 from badnet_jax.errors import (BadNetError, CheckpointError, ConfigError, DataFileError, ModelFileError,
                                OutputError)
-from badnet_jax.goodnet import GoodNet, make_goodnet, predict_goodnet
-from badnet_jax.io.keras import load_keras, mask_from_zeroed, read_keras_params, save_keras
-from badnet_jax.io.lab_data import load_lab_h5, save_lab_h5
-from badnet_jax.io.images import load_image, load_images
-from badnet_jax.io.poisoning import load_trigger, make_poisoned_h5, poison
-from badnet_jax.model import BadNet, init_params, predict, prune_params
-from badnet_jax.models.predict import predict_settled
 
 __version__ = "0.1.0"
 
-# Name -> the module that defines it, imported on first access (PEP 562): these pull in orbax, the sweep's
-# kernels or the whole defense, which a caller of the model alone should not pay for at import.
+# Name -> the module that defines it, imported on first access (PEP 562): JAX and Flax alone take ~2 s to import,
+# orbax, the sweep's kernels and the whole defense more; a command-line tool defers its signals until its
+# handler is in place (commands.cli.launch), so the package itself must import in milliseconds.
 _LAZY = {
+    "GoodNet": "badnet_jax.goodnet", "make_goodnet": "badnet_jax.goodnet", "predict_goodnet": "badnet_jax.goodnet",
+    "load_keras": "badnet_jax.io.keras", "mask_from_zeroed": "badnet_jax.io.keras",
+    "read_keras_params": "badnet_jax.io.keras", "save_keras": "badnet_jax.io.keras",
+    "load_lab_h5": "badnet_jax.io.lab_data", "save_lab_h5": "badnet_jax.io.lab_data",
+    "load_image": "badnet_jax.io.images", "load_images": "badnet_jax.io.images",
+    "load_trigger": "badnet_jax.io.poisoning", "make_poisoned_h5": "badnet_jax.io.poisoning",
+    "poison": "badnet_jax.io.poisoning",
+    "BadNet": "badnet_jax.model", "init_params": "badnet_jax.model", "predict": "badnet_jax.model",
+    "prune_params": "badnet_jax.model", "predict_settled": "badnet_jax.models.predict",
     "save_badnet": "badnet_jax.io.checkpoint", "restore_badnet": "badnet_jax.io.checkpoint",
     "save_goodnet": "badnet_jax.io.checkpoint", "restore_goodnet": "badnet_jax.io.checkpoint",
     "SweepOptions": "badnet_jax.sweep.plan", "Sweep": "badnet_jax.sweep.run",
@@ -77,6 +80,10 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def __dir__() -> list[str]:

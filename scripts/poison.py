@@ -4,7 +4,6 @@ A thin wrapper: the flags and ``main`` live in ``badnet_jax.commands.poison``, i
 """
 
 from badnet_jax.commands import cli
-from badnet_jax.commands.poison import main
 
 if __name__ == "__main__":
-    cli.start(main)
+    cli.launch("badnet_jax.commands.poison")

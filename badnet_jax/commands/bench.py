@@ -147,8 +147,3 @@ def main(argv: list[str]) -> int:
         return 0
 
     return cli.run(bench, flags=FLAG_OF)
-
-
-def run() -> None:
-    """Console entry point ``badnet-bench``."""
-    cli.start(main)

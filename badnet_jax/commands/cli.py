@@ -2,7 +2,8 @@
 machine's cores and a multi-host start-up: ``badnet_jax.commands.processes``).
 
 Scripts stay thin: absl flags at module level, a frozen config, one library call wrapped in :func:`run`, the
-whole started by :func:`start`. The library's errors name config fields and arguments (``drops``); :func:`run`
+whole started by :func:`launch` (the console entry points: :func:`prune`, :func:`screen`, :func:`poison`,
+:func:`bench`). The library's errors name config fields and arguments (``drops``); :func:`run`
 prints them with the tool's flags (``--drop``), from the field -> flag map each tool passes.
 
 Exit codes: 0 done, 2 refused (a flag, an input, the environment: one ``error:`` line on stderr), 130
@@ -12,6 +13,7 @@ interrupted, 141 (as a shell reports a tool ended by SIGPIPE) when the reader of
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import math
 import os
@@ -27,8 +29,48 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that SIGPIPE ended: `yes | head -1`
 
+# The signals that end a run as an interrupt: held from a tool's start until run() handles them.
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
 HELP_ARGS = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
 HELPFULL_ARGS = ("--helpfull", "-helpfull")
+
+
+def launch(command: str, argv: Optional[Sequence[str]] = None) -> None:
+    """Import tool module ``command`` (``"badnet_jax.commands.prune"``) and :func:`start` its ``main``; never returns.
+
+    SIGINT and SIGTERM are held from here until :func:`run` handles them: its imports take seconds (JAX, Flax),
+    and a signal then raised KeyboardInterrupt wherever Python was, which in a garbage-collection callback
+    (JAX registers one) Python only prints: the run went on to replace its outputs and exit 0. Held, it is
+    delivered once the handler is in place and ends the run as an interrupt (130).
+    """
+    _mask(signal.SIG_BLOCK)
+    start(importlib.import_module(command).main, argv)
+
+
+def _mask(how: int) -> None:
+    if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere a signal is not held
+        signal.pthread_sigmask(how, INTERRUPTS)
+
+
+def prune() -> None:
+    """Console entry point ``badnet-prune``."""
+    launch("badnet_jax.commands.prune")
+
+
+def screen() -> None:
+    """Console entry point ``badnet-screen``."""
+    launch("badnet_jax.commands.screen")
+
+
+def poison() -> None:
+    """Console entry point ``badnet-poison``."""
+    launch("badnet_jax.commands.poison")
+
+
+def bench() -> None:
+    """Console entry point ``badnet-bench``."""
+    launch("badnet_jax.commands.bench")
 
 
 def start(main: Callable[[list[str]], int], argv: Optional[Sequence[str]] = None) -> None:
@@ -247,6 +289,19 @@ def _interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _quiet_noted_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``hook``, but for the KeyboardInterrupt of a noted signal that Python could not raise (it came in a
+    garbage-collection callback): the run ends as an interrupt anyway, so its traceback would only alarm."""
+    def quiet(unraisable: Any) -> None:
+        from badnet_jax.io import atomic
+
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and atomic.was_interrupted()):
+            hook(unraisable)
+
+    quiet.quiets_noted_interrupts = True
+    return quiet
+
+
 def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mapping[str, str] | None = None) -> int:
     """Run ``main()`` as a command: a project error prints ``error: ...`` and exits 2, an interrupt exits 130.
 
@@ -254,8 +309,9 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
     :func:`as_flags`).
 
     SIGINT and SIGTERM raise KeyboardInterrupt, so they clean up alike (writers remove their temporary files),
-    and are recorded: if one was swallowed on the way (Python only prints an exception raised in a
-    garbage-collection callback), no result is swapped into place after it and the command still exits 130.
+    and are recorded: if one was swallowed on the way (Python cannot raise an exception in a garbage-collection
+    callback; it is not printed either), no result is swapped into place after it and the command still exits
+    130. One held since :func:`launch` is delivered as ``main`` starts.
     One that comes while a writer creates its temporary, swaps results into place or cleans up waits for that
     to finish (:func:`badnet_jax.io.atomic.interrupts_deferred`; only the writing itself is cut short): the
     earlier or the new results whole, nothing left beside them.
@@ -264,12 +320,15 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
     """
     from badnet_jax.io import atomic
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    for signum in INTERRUPTS:
+        signal.signal(signum, _interrupt)
+    if not getattr(sys.unraisablehook, "quiets_noted_interrupts", False):
+        sys.unraisablehook = _quiet_noted_interrupts(sys.unraisablehook)
     if not _stdout_open():  # Python then prints into nothing: every verdict would be lost, and the exit 0
         print(f"error: {_STDOUT_CLOSED}", file=sys.stderr)
         return EXIT_ERROR
     try:
+        _mask(signal.SIG_UNBLOCK)  # a signal held since launch() is delivered here
         code = main()
         try:  # here, not at exit: a reader that went away or a full disk is this run's to report
             sys.stdout.flush()

@@ -56,8 +56,3 @@ def main(argv: list[str]) -> int:
         return 0
 
     return cli.run(make, flags=FLAG_OF)
-
-
-def run() -> None:
-    """Console entry point ``badnet-poison``."""
-    cli.start(main)

@@ -102,8 +102,3 @@ def main(argv: list[str]) -> int:
 
     return cli.run(defend, "interrupted: --out_dir holds the earlier results or this run's, whole (the swap is "
                            "atomic), never a mix, and nothing half-written", flags=FLAG_OF)
-
-
-def run() -> None:
-    """Console entry point ``badnet-prune``."""
-    cli.start(main)

@@ -50,8 +50,3 @@ def main(argv: list[str]) -> int:
         return 0
 
     return cli.run(screen_all, flags=FLAG_OF)
-
-
-def run() -> None:
-    """Console entry point ``badnet-screen``."""
-    cli.start(main)

@@ -122,8 +122,9 @@ def sample_clean_valid(files: InputFiles, rows: int, model: PrunableModel) -> Op
     """The first ``rows`` clean validation images and labels, read ahead of the rest (None for the demo)."""
     if files.demo:
         return None
-    with reading("clean_valid", files.data["clean_valid"]):
-        return load_lab_h5(files.data["clean_valid"], keep_uint8=True, rows=rows, hwc=model.input_hwc)
+    with reading("clean_valid", files.data["clean_valid"]):  # labels checked here, where the file is named
+        return load_lab_h5(files.data["clean_valid"], num_classes=model.num_classes, keep_uint8=True, rows=rows,
+                           hwc=model.input_hwc)
 
 
 def peek_sets(files: InputFiles, model: PrunableModel) -> Optional[dict[str, jax.ShapeDtypeStruct]]:

@@ -351,6 +351,11 @@ class _Build:
 
     def _Rescaling(self, layer: ConfigLayer) -> None:
         shape = self.one_input(layer)
+        for key, article in (("scale", "a"), ("offset", "an")):
+            if isinstance(layer.cfg.get(key), (list, dict)):  # Keras allows one per channel
+                raise self.fail(layer, f"has {article} {key} per channel ({short(layer.cfg[key])}); badnet-jax "
+                                       f"reads one number for every channel (fold a per-channel {key} into the "
+                                       "next layer's weights, or into the data)")
         self.emit(layer, layer.name, "rescale", layer.inbound, shape, scale=self.number(layer, "scale", None),
                   offset=self.number(layer, "offset", 0.0))
 

@@ -5,6 +5,8 @@ estimate stays above what the results take; a model no checkpoint can hold (a Fl
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import h5py
 import jax
@@ -17,7 +19,7 @@ from badnet_jax.attack.gap_demo import GAP_DEMO_MODEL
 from badnet_jax.defense import report
 from badnet_jax.defense.outputs import CutModels, check_space, write_results
 from badnet_jax.errors import ConfigError
-from badnet_jax.io import checkpoint
+from badnet_jax.io import checkpoint, fileio
 from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.io.keras_graph_writer import PRUNED_CHANNELS_ATTR
 from badnet_jax.io.model_file import load_model
@@ -72,7 +74,7 @@ def test_every_cut_of_a_graph_model_gets_its_b_prime_and_goodnet_checkpoints(tmp
 
 
 @pytest.mark.parametrize("which", ["resnet_tiny", "deepid_demo"])
-def test_the_room_estimate_covers_the_results(tmp_path, which):
+def test_the_room_estimate_covers_the_results(tmp_path, which, monkeypatch):
     curve = report.read_curve_json(GOLDEN / ("demo_curve.json" if which == "deepid_demo" else "gapnet_curve.json"))
     if which == "deepid_demo":
         model, params = load_model(DEMO_MODEL)
@@ -83,6 +85,13 @@ def test_the_room_estimate_covers_the_results(tmp_path, which):
     out = write_results(tmp_path / "out", curve, model, params, models, {"sweep": 1.0})
     need = check_space(tmp_path, params, [m.cut.drop for m in models], False, model)
     assert _bytes(out) <= need, (_bytes(out), need)
+    # Refused for want of room, the message offers the results without models at a size they keep to.
+    monkeypatch.setattr(fileio, "free_bytes", lambda path: need - 1)
+    with pytest.raises(ConfigError, match=r"results need about .* MiB but only .* MiB are free") as err:
+        check_space(tmp_path, params, [m.cut.drop for m in models], False, model)
+    bare_kib = int(re.search(r"checkpoints=False: no models, at most (\d+) KiB", str(err.value)).group(1))
+    bare = write_results(tmp_path / "bare", curve, model, params, (), {"sweep": 1.0})
+    assert _bytes(bare) <= bare_kib << 10, (_bytes(bare), bare_kib)
 
 
 class _Net(nn.Module):

@@ -107,7 +107,8 @@ def test_cli_names_a_label_outside_the_models_classes_not_the_scale(tmp_path):
     proc = run_cli("prune", "--model", m10, "--clean_valid", asset("faces/lab3/valid_subset.h5"), "--clean_test",
                    asset("faces/lab3/test_subset.h5"), "--out_dir", tmp_path / "out", timeout=300)
     assert proc.returncode == 2 and "cannot tell the input scale" not in proc.stderr, proc.stderr
-    assert "label 43 is outside [0, 10) for a 10-class model" in proc.stderr
+    valid = asset("faces/lab3/valid_subset.h5")
+    assert f"error: --clean_valid {valid}: label 43 is outside [0, 10) for a 10-class model" in proc.stderr
 
 
 def test_the_scale_travels_through_keras_files_and_checkpoints(tmp_path):

@@ -63,6 +63,12 @@ def test_layers_that_cannot_be_pruned_are_refused_naming_why():
     graph, params = _load("resnet_tiny")
     with pytest.raises(ConfigError, match="no such layer in 'resnet_tiny'.*stem_conv"):
         GraphCNN.build(graph, params, layer="nope")
+    vgg, vgg_params = _load("vgg_tiny")
+    fused = [n.name for n in vgg.nodes if n.name.endswith("/pre")]
+    assert "c1/pre" in fused and "p1/pre" not in fused  # /pre of a layer without one: said so, not "no such"
+    with pytest.raises(ConfigError, match=r"layer=p1/pre: layer 'p1' has no fused activation.*c1/pre.*"
+                                          r"prune 'p1' itself"):
+        GraphCNN.build(vgg, vgg_params, layer="p1/pre")
     with pytest.raises(ConfigError, match=r"layer=gap: its output has shape \(32,\), not a feature map"):
         GraphCNN.build(graph, params, layer="gap")
     # b0_bn2 feeds the residual Add, which also reads stem_relu: pruning b0_bn2 leaves the skip path.

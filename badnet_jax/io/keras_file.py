@@ -25,7 +25,7 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, TypeVar
 
 import h5py
 import numpy as np
@@ -43,7 +43,7 @@ MAX_ARCHIVE_MEMBERS = 64  # Keras writes config.json, metadata.json, model.weigh
 # The zip's list of members, read whole before they can be counted: Keras' take a few hundred bytes; 1 MiB holds
 # at most ~22 000 entries (46 bytes each and a name), parsed in tens of milliseconds.
 MAX_CENTRAL_DIRECTORY_BYTES = 1 << 20
-_END, _ZIP64_LOCATOR, _ZIP64_END = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"  # the zip's end records' signatures
+_END, _ZIP64_LOCATOR = b"PK\x05\x06", b"PK\x06\x07"  # the signatures of the zip's end record and zip64 locator
 _T = TypeVar("_T")
 _U = TypeVar("_U")
 
@@ -107,32 +107,31 @@ def _member_key(name: str) -> str:
     return "/".join(parts).casefold()
 
 
-def _central_directory_size(path: Path) -> int | None:
-    """The size of the zip's list of members as the zip reader will take it from the zip's end records, or None
-    where it finds no end record (and then says what is wrong itself)."""
+def _end_record(fh: BinaryIO) -> tuple[int, bool] | None:
+    """The size of the zip's list of members as its end record gives it, and whether a zip64 locator precedes
+    that record (which a zip reader then follows, to a size of its own); None where there is no end record (the
+    zip reader then says what is wrong itself)."""
     # zipfile's order: an end record of 22 bytes closing the file (no comment), else the last one in the file's
-    # last 64 KiB and 22 bytes (a comment after it); a zip64 locator (20 bytes) right before it and a zip64
-    # record (56 bytes) right before that replace its size.
+    # last 64 KiB and 22 bytes (a comment after it); then a zip64 locator (20 bytes) right before it. Where the
+    # locator points differs between Python releases (right before it, or its own offset): so none is followed.
     search = (1 << 16) + 22
-    with open(path, "rb") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        fh.seek(max(0, size - search - 76))
-        tail = fh.read()
+    size = fh.seek(0, os.SEEK_END)
+    fh.seek(max(0, size - search - 20))
+    tail = fh.read()
     end = len(tail) - 22
     if not (end >= 0 and tail[end:end + 4] == _END and tail[-2:] == b"\0\0"):
         end = tail.rfind(_END, max(0, len(tail) - search))
         if end < 0 or len(tail) - end < 22:
             return None
-    if end >= 76 and tail[end - 20:end - 16] == _ZIP64_LOCATOR and tail[end - 76:end - 72] == _ZIP64_END:
-        return int.from_bytes(tail[end - 36:end - 28], "little")  # the zip64 record's size field (at 40)
-    return int.from_bytes(tail[end + 12:end + 16], "little")
+    zip64 = end >= 20 and tail[end - 20:end - 16] == _ZIP64_LOCATOR
+    return int.from_bytes(tail[end + 12:end + 16], "little"), zip64
 
 
 def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, bytes]:
     """The parsed ``config.json`` and the raw ``model.weights.h5`` of a ``.keras`` zip.
 
-    Before anything is decompressed: a list of members of at most :data:`MAX_CENTRAL_DIRECTORY_BYTES` (checked
-    before the zip reader parses it), at most :data:`MAX_ARCHIVE_MEMBERS` members, none stored twice (or under
+    Before anything is decompressed: no zip64 end records, a list of members of at most
+    :data:`MAX_CENTRAL_DIRECTORY_BYTES` (both checked before the zip reader parses it), at most :data:`MAX_ARCHIVE_MEMBERS` members, none stored twice (or under
     names a zip reader may take for one), none encrypted, each stored or deflated (what Keras writes; bzip2 and
     LZMA members decompress without a bound), each declaring at most its size in :data:`ARCHIVE_MEMBERS`. A
     member is then read up to its declared size only (a member holding more fails its CRC), and
@@ -151,14 +150,18 @@ def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, b
         except zip_errors as err:
             raise ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)") from None
 
-    directory = zip_call(lambda: _central_directory_size(path))
-    if directory is not None and directory > MAX_CENTRAL_DIRECTORY_BYTES:
-        raise ModelFileError(f"{path}: the .keras archive's list of members takes {directory} bytes; Keras writes "
-                             f"a few members (refusing more than {MAX_CENTRAL_DIRECTORY_BYTES} bytes of them)")
-    with zip_call(lambda: zipfile.ZipFile(path)) as z:
-        by_name = _checked_members(z, path)
-        config = parse_config(zip_call(lambda: _read_member(z, by_name["config.json"])))
-        return config, zip_call(lambda: _read_member(z, by_name["model.weights.h5"]))
+    with zip_call(lambda: open(path, "rb")) as fh:  # one open file for the check and the zip reader
+        end = zip_call(lambda: _end_record(fh))
+        if end is not None and end[1]:
+            raise ModelFileError(f"{path}: the .keras archive has zip64 end records (for over 65 535 members or "
+                                 "4 GiB); Keras writes far smaller archives, and zip readers disagree on them")
+        if end is not None and end[0] > MAX_CENTRAL_DIRECTORY_BYTES:
+            raise ModelFileError(f"{path}: the .keras archive's list of members takes {end[0]} bytes; Keras writes "
+                                 f"a few members (refusing more than {MAX_CENTRAL_DIRECTORY_BYTES} bytes of them)")
+        with zip_call(lambda: zipfile.ZipFile(fh)) as z:
+            by_name = _checked_members(z, path)
+            config = parse_config(zip_call(lambda: _read_member(z, by_name["config.json"])))
+            return config, zip_call(lambda: _read_member(z, by_name["model.weights.h5"]))
 
 
 def _checked_members(z: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:

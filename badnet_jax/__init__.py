@@ -54,6 +54,9 @@ _LAZY = {
     "GraphCNN": "badnet_jax.models.graph", "FlaxCNN": "badnet_jax.models.flax_model",
 }
 
+_SUBPACKAGES = frozenset({"attack", "bench", "commands", "defense", "io", "kernels", "models", "numerics", "sweep",
+                          "goodnet", "metrics", "model", "pixels", "train", "errors"})
+
 __all__ = [
     # models: the protocol, the lab's DeepID, any Keras/IR CNN, a user's Flax CNN; any model file
     "PrunableModel", "DeepID", "GraphCNN", "FlaxCNN", "load_model", "read_keras_graph", "save_keras_graph",
@@ -76,14 +79,13 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        if name in _SUBPACKAGES:  # badnet_jax.io after `import badnet_jax`, as when the root imported them
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module 'badnet_jax' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
 
 
 def __dir__() -> list[str]:

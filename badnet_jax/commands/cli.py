@@ -12,6 +12,7 @@ interrupted, 141 (as a shell reports a tool ended by SIGPIPE) when the reader of
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import importlib
 import logging
@@ -19,6 +20,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from badnet_jax.errors import NO_VALUE, BadNetError, ConfigError, OutputError, arg, show_in_library
@@ -49,8 +51,15 @@ def launch(command: str, argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _mask(how: int) -> None:
-    if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere a signal is not held
+    if not hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere a signal is not held
+        return
+    if how == signal.SIG_BLOCK:
         signal.pthread_sigmask(how, INTERRUPTS)
+        return
+    # One at a time: a held signal raises as its mask lifts (Python runs the handler there), and the others stay
+    # held while the run ends, where both lifted at once raised the second inside the first's clean-up.
+    for signum in INTERRUPTS:
+        signal.pthread_sigmask(how, {signum})
 
 
 def prune() -> None:
@@ -289,17 +298,24 @@ def _interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _quiet_noted_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+def _redeliver_swallowed_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
     """``hook``, but for the KeyboardInterrupt of a noted signal that Python could not raise (it came in a
-    garbage-collection callback): the run ends as an interrupt anyway, so its traceback would only alarm."""
-    def quiet(unraisable: Any) -> None:
-        from badnet_jax.io import atomic
+    garbage-collection callback, JAX registers one): that one is raised again in the main thread a moment later,
+    outside the callback, so the run stops now rather than at its next swap into place, and without a traceback."""
+    from badnet_jax.io import atomic
 
+    def redeliver(unraisable: Any) -> None:
         if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and atomic.was_interrupted()):
             hook(unraisable)
+            return
+        # A real signal to the main thread: it also wakes a blocking call (a sleep), which interrupt_main does not.
+        again = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)) \
+            if hasattr(signal, "pthread_kill") else threading.Timer(0.05, _thread.interrupt_main, (signal.SIGINT,))
+        again.daemon = True
+        again.start()
 
-    quiet.quiets_noted_interrupts = True
-    return quiet
+    redeliver.redelivers_interrupts = True
+    return redeliver
 
 
 def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mapping[str, str] | None = None) -> int:
@@ -310,8 +326,8 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
 
     SIGINT and SIGTERM raise KeyboardInterrupt, so they clean up alike (writers remove their temporary files),
     and are recorded: if one was swallowed on the way (Python cannot raise an exception in a garbage-collection
-    callback; it is not printed either), no result is swapped into place after it and the command still exits
-    130. One held since :func:`launch` is delivered as ``main`` starts.
+    callback), it is raised again outside it, and in any case no result is swapped into place after it and the
+    command still exits 130. One held since :func:`launch` is delivered as ``main`` starts.
     One that comes while a writer creates its temporary, swaps results into place or cleans up waits for that
     to finish (:func:`badnet_jax.io.atomic.interrupts_deferred`; only the writing itself is cut short): the
     earlier or the new results whole, nothing left beside them.
@@ -322,8 +338,8 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
 
     for signum in INTERRUPTS:
         signal.signal(signum, _interrupt)
-    if not getattr(sys.unraisablehook, "quiets_noted_interrupts", False):
-        sys.unraisablehook = _quiet_noted_interrupts(sys.unraisablehook)
+    if not getattr(sys.unraisablehook, "redelivers_interrupts", False):
+        sys.unraisablehook = _redeliver_swallowed_interrupts(sys.unraisablehook)
     if not _stdout_open():  # Python then prints into nothing: every verdict would be lost, and the exit 0
         print(f"error: {_STDOUT_CLOSED}", file=sys.stderr)
         return EXIT_ERROR

@@ -194,7 +194,7 @@ def check_space(out_dir: str | os.PathLike, params: Params, drops: Sequence[floa
     if free is not None and free < need:  # None (the file system does not say): the writes themselves will tell
         raise ConfigError(f"{arg('out_dir', out_dir)}: the results need about {need / 2**20:.1f} MiB but only "
                           f"{free / 2**20:.1f} MiB are free there; free some space or choose another folder "
-                          f"(or {arg('checkpoints', False)}: no models, at most {_FIXED_BYTES >> 10} KiB)",
+                          f"(or {arg('checkpoints', False)}: no models, about {_FIXED_BYTES >> 10} KiB)",
                           field="out_dir")
     return need
 

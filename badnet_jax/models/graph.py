@@ -366,7 +366,6 @@ _KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU 
                 "zero_pad": "a ZeroPadding2D", "dense": "a Dense layer on an image tensor", "input": "the input"}
 
 
-
 def _refuse_steps(graph: Graph) -> None:
     """Refuse a ReLU with a threshold t > 0: it steps from 0 to t at t, so a float32 rounding that moves an
     activation across t changes the logits by far more than the near-tie bound the float64 settling covers."""
@@ -377,6 +376,7 @@ def _refuse_steps(graph: Graph) -> None:
                               f"0 to {t:g} there: a float32 rounding across it changes the logits by far more than a "
                               "rounding error, which no near-tie check can catch, so the curve would not be exact; "
                               "badnet-jax reads ReLUs with threshold 0 (a slope and a cap are fine)")
+
 
 def _as_keras(graph: Graph, node: Node) -> str:
     """What a node is, in the Keras terms of the layer it came from, for a message."""

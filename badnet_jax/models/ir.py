@@ -41,7 +41,8 @@ OPS: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]] = {
     # inference: (x - moving_mean) / sqrt(moving_variance + epsilon) * gamma + beta, on the last axis
     "batch_norm": ({"epsilon": 1e-3}, ("moving_mean", "moving_variance"), ("gamma", "beta")),
     # Keras ReLU: x >= threshold ? min(x, max_value) : negative_slope * (x - threshold); LeakyReLU is a
-    # negative_slope; max_value None is no cap
+    # negative_slope; max_value None is no cap. A model is built only with threshold 0 (GraphCNN.build: a
+    # threshold above 0 is a step), where Keras' x > threshold gives the same values.
     "relu": ({"negative_slope": 0.0, "max_value": None, "threshold": 0.0}, (), ()),
     "softmax": ({}, (), ()),  # on the last axis
     "add": ({}, (), ()),  # elementwise sum of every input (same shapes)

@@ -84,7 +84,7 @@ def test_the_user_sees_one_line_for_each(tmp_path):
 
 
 _SWALLOWED = """
-import gc, os, signal, sys
+import gc, os, signal, sys, time
 from pathlib import Path
 from badnet_jax.commands import cli
 from badnet_jax.io import atomic
@@ -101,6 +101,7 @@ def main():
     a.other, b.other = b, a  # a cycle: only gc.collect() runs the __del__
     del a, b
     gc.collect()
+    time.sleep(float(sys.argv[2]))  # work after the swallowed signal: it is raised again within it
     atomic.atomic_write_text(out, "new")  # the results of a run that was interrupted: never swapped in
     return 0
 
@@ -136,16 +137,45 @@ def test_a_signal_that_comes_up_as_another_error_still_ends_as_an_interrupt():
     assert ok.returncode != 130 and "ImportError: initialization failed" in ok.stderr  # no signal: a real error
 
 
-def test_a_signal_swallowed_in_a_garbage_collection_callback_still_stops_the_run(tmp_path):
-    """Python cannot raise a KeyboardInterrupt inside a __del__ (it hands it to sys.unraisablehook); the run must
-    still not swap results in, must end 130, not 0, and print no traceback of it."""
+@pytest.mark.parametrize("work_s", [0, 20])
+def test_a_signal_swallowed_in_a_garbage_collection_callback_still_stops_the_run(tmp_path, work_s):
+    """Python cannot raise a KeyboardInterrupt inside a __del__ (it hands it to sys.unraisablehook): it is raised
+    again outside, so the run stops at once (not after its 20 s of work), swaps no results in, ends 130, not 0,
+    and prints no traceback of it."""
     out = tmp_path / "result.txt"
     out.write_text("earlier")
-    proc = run_python(_SWALLOWED, out, cwd=None)
+    t = time.monotonic()
+    proc = run_python(_SWALLOWED, out, work_s, cwd=None)
+    assert time.monotonic() - t < 15
     assert proc.stdout.splitlines() == ["collected", "collected"]  # both signals came inside the collector
     assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 130, proc.stderr
     assert out.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["result.txt"]
+
+
+_HELD_AT_IMPORT = """
+import os, signal
+from badnet_jax.commands import cli
+
+for name in os.environ["SIGNALS"].split(","):  # sent while the tool imports: held until run's handler
+    os.kill(os.getpid(), getattr(signal, name))
+
+def main(argv):
+    return cli.run(lambda: print("ran") or 0, "interrupted: nothing written")
+"""
+
+
+@pytest.mark.parametrize("signals", ["SIGINT", "SIGTERM", "SIGINT,SIGTERM"])
+def test_signals_held_during_the_imports_end_the_run_once(tmp_path, signals):
+    """Held signals are delivered as the run starts: one ends it as an interrupt, and a second, held with it,
+    does not raise again inside the first's clean-up (a traceback and death by SIGINT, not 130)."""
+    (tmp_path / "held_tool.py").write_text(_HELD_AT_IMPORT)
+    proc = run_python("import sys; from badnet_jax.commands import cli; sys.path.insert(0, sys.argv[1]); "
+                      "cli.launch('held_tool', ['held_tool'])", tmp_path, cwd=None,
+                      env={**os.environ, "SIGNALS": signals})
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "interrupted: nothing written", proc.stderr
+    assert "Traceback" not in proc.stderr and "ran" not in proc.stdout
 
 
 def _holds_interrupts(pid: int) -> bool:
@@ -190,9 +220,9 @@ def test_the_package_imports_without_jax():
     """What lets a tool hold its signals before the seconds of JAX's import (the names load on first use)."""
     proc = run_python("import sys, badnet_jax; print(sorted(m for m in sys.modules if m.split('.')[0] in "
                       "('jax', 'jaxlib', 'flax', 'h5py', 'numpy'))); print(badnet_jax.BadNet.__name__, "
-                      "'load_model' in dir(badnet_jax))", cwd=None)
+                      "'load_model' in dir(badnet_jax)); print(badnet_jax.model.__name__, badnet_jax.io.__name__)", cwd=None)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["[]", "BadNet True"]
+    assert proc.stdout.splitlines() == ["[]", "BadNet True", "badnet_jax.model badnet_jax.io"]
 
 
 def _errors(stderr: str) -> list[str]:

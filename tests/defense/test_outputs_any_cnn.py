@@ -85,11 +85,11 @@ def test_the_room_estimate_covers_the_results(tmp_path, which, monkeypatch):
     out = write_results(tmp_path / "out", curve, model, params, models, {"sweep": 1.0})
     need = check_space(tmp_path, params, [m.cut.drop for m in models], False, model)
     assert _bytes(out) <= need, (_bytes(out), need)
-    # Refused for want of room, the message offers the results without models at a size they keep to.
+    # Refused for want of room, the message offers the results without models at a size these keep to.
     monkeypatch.setattr(fileio, "free_bytes", lambda path: need - 1)
     with pytest.raises(ConfigError, match=r"results need about .* MiB but only .* MiB are free") as err:
         check_space(tmp_path, params, [m.cut.drop for m in models], False, model)
-    bare_kib = int(re.search(r"checkpoints=False: no models, at most (\d+) KiB", str(err.value)).group(1))
+    bare_kib = int(re.search(r"checkpoints=False: no models, about (\d+) KiB", str(err.value)).group(1))
     bare = write_results(tmp_path / "bare", curve, model, params, (), {"sweep": 1.0})
     assert _bytes(bare) <= bare_kib << 10, (_bytes(bare), bare_kib)
 

@@ -19,6 +19,7 @@ sub-packages (``io``, ``sweep``, ``numerics``, ``defense``, ``attack``) hold the
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from badnet_jax.errors import (BadNetError, CheckpointError, ConfigError, DataFileError, ModelFileError,
@@ -54,9 +55,6 @@ _LAZY = {
     "GraphCNN": "badnet_jax.models.graph", "FlaxCNN": "badnet_jax.models.flax_model",
 }
 
-_SUBPACKAGES = frozenset({"attack", "bench", "commands", "defense", "io", "kernels", "models", "numerics", "sweep",
-                          "goodnet", "metrics", "model", "pixels", "train", "errors"})
-
 __all__ = [
     # models: the protocol, the lab's DeepID, any Keras/IR CNN, a user's Flax CNN; any model file
     "PrunableModel", "DeepID", "GraphCNN", "FlaxCNN", "load_model", "read_keras_graph", "save_keras_graph",
@@ -79,13 +77,12 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        if name in _SUBPACKAGES:  # badnet_jax.io after `import badnet_jax`, as when the root imported them
-            return importlib.import_module(f"{__name__}.{name}")
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")  # a sub-module: badnet_jax.io after import badnet_jax
         raise AttributeError(f"module 'badnet_jax' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
-
 
 
 def __dir__() -> list[str]:

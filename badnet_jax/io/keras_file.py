@@ -127,16 +127,31 @@ def _end_record(fh: BinaryIO) -> tuple[int, bool] | None:
     return int.from_bytes(tail[end + 12:end + 16], "little"), zip64
 
 
+def _check_end_record(fh: BinaryIO, path: Path) -> None:
+    """Refuse, from the zip's end record (:func:`_end_record`) and before the zip reader parses anything, zip64
+    end records and a list of members over :data:`MAX_CENTRAL_DIRECTORY_BYTES`."""
+    record = _end_record(fh)
+    if record is None:
+        return
+    listed, zip64 = record
+    if zip64:
+        raise ModelFileError(f"{path}: the .keras archive has zip64 end records (for over 65 535 members or "
+                             "4 GiB); Keras writes far smaller archives, and zip readers disagree on them")
+    if listed > MAX_CENTRAL_DIRECTORY_BYTES:
+        raise ModelFileError(f"{path}: the .keras archive's list of members takes {listed} bytes; Keras writes "
+                             f"a few members (refusing more than {MAX_CENTRAL_DIRECTORY_BYTES} bytes of them)")
+
+
 def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, bytes]:
     """The parsed ``config.json`` and the raw ``model.weights.h5`` of a ``.keras`` zip.
 
     Before anything is decompressed: no zip64 end records, a list of members of at most
-    :data:`MAX_CENTRAL_DIRECTORY_BYTES` (both checked before the zip reader parses it), at most :data:`MAX_ARCHIVE_MEMBERS` members, none stored twice (or under
-    names a zip reader may take for one), none encrypted, each stored or deflated (what Keras writes; bzip2 and
-    LZMA members decompress without a bound), each declaring at most its size in :data:`ARCHIVE_MEMBERS`. A
-    member is then read up to its declared size only (a member holding more fails its CRC), and
-    ``parse_config`` (which raises ModelFileError on a config it does not accept) runs before the weights are
-    read.
+    :data:`MAX_CENTRAL_DIRECTORY_BYTES` (both checked before the zip reader parses it), at most
+    :data:`MAX_ARCHIVE_MEMBERS` members, none stored twice (or under names a zip reader may take for one), none
+    encrypted, each stored or deflated (what Keras writes; bzip2 and LZMA members decompress without a bound),
+    each declaring at most its size in :data:`ARCHIVE_MEMBERS`. A member is then read up to its declared size
+    only (a member holding more fails its CRC), and ``parse_config`` (which raises ModelFileError on a config
+    it does not accept) runs before the weights are read.
 
     Raises:
         ModelFileError: any of the above, or the zip or a member cannot be read.
@@ -151,13 +166,7 @@ def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, b
             raise ModelFileError(f"{path}: cannot read the .keras archive: {err} (truncated or corrupted?)") from None
 
     with zip_call(lambda: open(path, "rb")) as fh:  # one open file for the check and the zip reader
-        end = zip_call(lambda: _end_record(fh))
-        if end is not None and end[1]:
-            raise ModelFileError(f"{path}: the .keras archive has zip64 end records (for over 65 535 members or "
-                                 "4 GiB); Keras writes far smaller archives, and zip readers disagree on them")
-        if end is not None and end[0] > MAX_CENTRAL_DIRECTORY_BYTES:
-            raise ModelFileError(f"{path}: the .keras archive's list of members takes {end[0]} bytes; Keras writes "
-                                 f"a few members (refusing more than {MAX_CENTRAL_DIRECTORY_BYTES} bytes of them)")
+        zip_call(lambda: _check_end_record(fh, path))
         with zip_call(lambda: zipfile.ZipFile(fh)) as z:
             by_name = _checked_members(z, path)
             config = parse_config(zip_call(lambda: _read_member(z, by_name["config.json"])))

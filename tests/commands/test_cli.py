@@ -220,7 +220,8 @@ def test_the_package_imports_without_jax():
     """What lets a tool hold its signals before the seconds of JAX's import (the names load on first use)."""
     proc = run_python("import sys, badnet_jax; print(sorted(m for m in sys.modules if m.split('.')[0] in "
                       "('jax', 'jaxlib', 'flax', 'h5py', 'numpy'))); print(badnet_jax.BadNet.__name__, "
-                      "'load_model' in dir(badnet_jax)); print(badnet_jax.model.__name__, badnet_jax.io.__name__)", cwd=None)
+                      "'load_model' in dir(badnet_jax)); print(badnet_jax.model.__name__, badnet_jax.io.__name__)",
+                      cwd=None)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["[]", "BadNet True", "badnet_jax.model badnet_jax.io"]
 

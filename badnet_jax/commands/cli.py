@@ -304,15 +304,23 @@ def _redeliver_swallowed_interrupts(hook: Callable[[Any], None]) -> Callable[[An
     outside the callback, so the run stops now rather than at its next swap into place, and without a traceback."""
     from badnet_jax.io import atomic
 
+    pending = threading.Event()  # one re-delivery at a time: several swallowed together end the run once
+
+    def fire() -> None:
+        pending.clear()  # a re-delivered signal swallowed again is re-delivered again
+        if hasattr(signal, "pthread_kill"):  # a real signal: it wakes a blocking call too (interrupt_main does not)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        else:
+            _thread.interrupt_main(signal.SIGINT)
+
     def redeliver(unraisable: Any) -> None:
         if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and atomic.was_interrupted()):
             hook(unraisable)
-            return
-        # A real signal to the main thread: it also wakes a blocking call (a sleep), which interrupt_main does not.
-        again = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)) \
-            if hasattr(signal, "pthread_kill") else threading.Timer(0.05, _thread.interrupt_main, (signal.SIGINT,))
-        again.daemon = True
-        again.start()
+        elif not pending.is_set():
+            pending.set()
+            again = threading.Timer(0.05, fire)
+            again.daemon = True
+            again.start()
 
     redeliver.redelivers_interrupts = True
     return redeliver
@@ -369,6 +377,8 @@ def run(main: Callable[[], int], interrupted: str = "interrupted", flags: Mappin
             raise
     except KeyboardInterrupt:
         pass
+    for signum in INTERRUPTS:  # the run is ending: a later signal (a second Ctrl-C, a re-delivery) must not cut it
+        signal.signal(signum, signal.SIG_IGN)
     print(interrupted, file=sys.stderr)
     sys.stderr.flush()
     sys.stdout.flush()

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from badnet_jax.errors import NO_VALUE, BadNetError, ConfigError, OutputError, arg, show_in_library
@@ -60,6 +61,23 @@ def _mask(how: int) -> None:
     # held while the run ends, where both lifted at once raised the second inside the first's clean-up.
     for signum in INTERRUPTS:
         signal.pthread_sigmask(how, {signum})
+
+
+def process_seconds() -> Optional[float]:
+    """Seconds since this process started, as the kernel recorded its start (Linux), else None.
+
+    A run's own phases start once Python and the tool's imports (JAX alone ~2 s) are done; this counts those
+    too, so a tool can say where the whole of its wall time went.
+    """
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            stat = fh.read()
+        # Field 22 is the start time in clock ticks since boot; fields count from 1 and the second, the
+        # command's name in parentheses, may hold spaces, so count from the last ')': field 3 is index 0 there.
+        ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux, or no /proc
+        return None
 
 
 def prune() -> None:

@@ -76,6 +76,7 @@ def main(argv: list[str]) -> int:
     cli.setup_logging()  # here, after absl has applied its own --verbosity
 
     def defend() -> int:
+        started = cli.process_seconds()  # Python and the imports (JAX's ~2 s) come before any phase the run logs
         cli.refuse_extra_args(argv)
         if flags.FLAGS[FT_LR.name].present and FT_EPOCHS.value == 0:
             raise ConfigError(f"{arg('learning_rate', FT_LR.value)} needs {arg('epochs')} > 0: without it no "
@@ -95,6 +96,9 @@ def main(argv: list[str]) -> int:
             processes.use_cpu_cores()  # the images sharded over the cores (--devices 0), one program per core
         curve = run_defense(config)
         if jax.process_index() == 0:  # the others print nothing, as they write nothing
+            if started is not None:
+                cli.log.info("Done in %.2f s, of which %.2f s before the run: starting Python and importing JAX "
+                             "and the tool.", cli.process_seconds(), started)
             print(format_table(curve))
             if curve.rankings is not None:
                 print("\nRankings compared (each ranking's own cut):\n" + comparison_text(curve))

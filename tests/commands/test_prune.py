@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -59,12 +60,28 @@ def test_relative_rule_says_relative_in_the_table_and_the_report(tmp_path):
     assert json.loads((tmp_path / "o" / "curve.json").read_text())["rule"] == "relative"
 
 
+def _check_the_time_accounted(stderr: str, wall: float) -> None:
+    """The last line counts the whole process, start-up included: it covers the phases the run logs, and all of
+    the wall time the test measured but the moment the table takes to print (start-up alone is longer)."""
+    phases = [float(m) for m in re.findall(r"(?:Loaded the model and data in|on all sets in one call:|\) in) "
+                                           r"([0-9.]+) s", stderr)]
+    assert len(phases) == 3, stderr
+    done = re.search(r"Done in ([0-9.]+) s, of which ([0-9.]+) s before the run", stderr)
+    assert done is not None, stderr
+    total, before = float(done[1]), float(done[2])
+    assert 0 < before and before + sum(phases) <= total <= wall + 0.02  # /proc counts in 10 ms ticks
+    assert wall - total < before, (wall, total, before)
+
+
 @pytest.mark.slow
 def test_quickstart_runs_on_embedded_demo_without_lab_files(tmp_path):
     """README's first quickstart command, from a directory without the lab's files."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    t = time.perf_counter()
     proc = run_cli("prune", "--drop", "0.04", cwd=tmp_path, env=env)
+    wall = time.perf_counter() - t
     assert proc.returncode == 0, proc.stderr
+    _check_the_time_accounted(proc.stderr, wall)
     first_lines = proc.stderr.strip().splitlines()[:3]
     assert any("running on the embedded demo" in line for line in first_lines), first_lines
     # One CPU device per core the process may use, the images sharded over them all.

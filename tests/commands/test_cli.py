@@ -226,6 +226,18 @@ def test_the_package_imports_without_jax():
     assert proc.stdout.splitlines() == ["[]", "BadNet True", "badnet_jax.model badnet_jax.io"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process's start is read from /proc")
+def test_process_seconds_counts_from_the_process_start_not_the_call():
+    """Python's own start and a sleep before the first call are counted: the run's wall time from its start."""
+    t = time.perf_counter()
+    proc = run_python("import time; time.sleep(1.0); from badnet_jax.commands import cli; "
+                      "a = cli.process_seconds(); time.sleep(0.3); print(a, cli.process_seconds())", cwd=None)
+    wall = time.perf_counter() - t
+    assert proc.returncode == 0, proc.stderr
+    first, second = map(float, proc.stdout.split())
+    assert 1.0 <= first <= second - 0.29 and second <= wall + 0.02, (first, second, wall)  # 10 ms ticks
+
+
 def _errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 

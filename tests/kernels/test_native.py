@@ -232,18 +232,52 @@ def _tile_fmas(assembly: str) -> dict[tuple[int, int], tuple[int, int]]:
     return counts
 
 
+def _tile_loops(assembly: str) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """(FG, XT) -> (multiply-adds, vector stack accesses inside its loops that hold multiply-adds, vector stores
+    to other memory inside them) of each channel-form Tile<FG, XT>. Whole, a tile has FG * XT multiply-adds and
+    no such access: every accumulator a register (its output is stored after the loops)."""
+    stats, name, body = {}, None, []
+    for line in assembly.splitlines() + [""]:
+        label = re.match(r"^(_Z\S+):$", line)
+        if label or line.strip().startswith((".cfi_endproc", ".size")) or line == "":
+            if name and body:
+                stats[name] = _loop_accesses(body)
+            m = re.search(r"4TileILi(\d+)ELi(\d+)E", label.group(1)) if label else None
+            name, body = ((int(m.group(1)), int(m.group(2))) if m else None), []
+        elif name:
+            body.append(line)
+    return stats
+
+
+def _loop_accesses(body: list[str]) -> tuple[int, int, int]:
+    labels = {m.group(1): i for i, m in ((i, re.match(r"^(\.L\w+):", line)) for i, line in enumerate(body)) if m}
+    in_loop = set()
+    for i, line in enumerate(body):  # a backward jump closes a loop from its label to here
+        jump = re.match(r"^\s+j\w+\s+(\.L\w+)", line)
+        if jump and labels.get(jump.group(1), i) < i:
+            lines = range(labels[jump.group(1)], i + 1)
+            if any("vfmadd" in body[k] for k in lines):
+                in_loop.update(lines)
+    stack = sum(1 for k in in_loop if re.search(r"vmov\w*\s.*\((%rsp|%rbp)\)", body[k])
+                and re.search(r"%[yz]mm", body[k]))
+    stored = sum(1 for k in in_loop if re.search(r"vmov\w*\s+%[yz]mm\d+, -?\d*\(%r(?!sp|bp)", body[k]))
+    return sum("vfmadd" in line for line in body), stack, stored
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("g++"),
                     reason="x86 builds by GCC")
 @pytest.mark.parametrize("march", ["-march=haswell -mtune=znver3",
                                    "-march=znver3 -mavx512f -mavx512vl -mavx512bw -mavx512dq -mavx512cd",
                                    "-march=x86-64-v4", "-march=skylake-avx512"])
-def test_short_channel_tiles_hold_their_weights_in_registers(tmp_path, march):
+def test_channel_tiles_hold_their_weights_and_accumulators_in_registers(tmp_path, march):
     # The builds GCC 12 makes on a Zen 3 (8 lanes), on a Zen 4 (16 lanes, Zen 3 tuning), with generic tuning
     # and on an Intel CPU with AVX-512. Tuned for Zen, GCC reads each weight from memory in every multiply-add of
     # a tile of 2 to 4 pixels (XT loads where 1 does; the stage load-bound), generically in tiles of 2 or 3,
-    # unless the empty asm in Tile holds it in a register. Compiled, not run (this CPU may lack AVX-512): a
-    # 16-lane build that failed to compile would lose every native kernel on such a CPU.
+    # unless the empty asm in Tile holds it in a register. With 16 lanes it left the tiles of one channel vector
+    # by 18 to 24 pixels rolled (each accumulator loaded and stored around its multiply-add) and stored those of
+    # 17 to the stack and back at every tap column, unless the pragmas unroll them. Compiled, not run (this CPU
+    # may lack AVX-512): a 16-lane build that failed to compile would lose every native kernel on such a CPU.
     import jax
 
     out = tmp_path / "direct.s"
@@ -263,6 +297,10 @@ def test_short_channel_tiles_hold_their_weights_in_registers(tmp_path, march):
     short = {tile: c for tile, c in counts.items() if tile[0] in runs and 2 <= tile[1] <= 4}
     assert len(short) == 3 * len(runs) and all(fmas > 0 for fmas, _ in short.values()), short
     assert all(from_memory == 0 for _, from_memory in short.values()), short
+    loops = _tile_loops(assembly)
+    assert set(loops) == set(counts), sorted(set(loops) ^ set(counts))
+    spilled = {(fg, xt): s for (fg, xt), s in loops.items() if s != (fg * xt, 0, 0)}
+    assert not spilled, spilled  # (multiply-adds, stack accesses in its loops, stores in them)
 
 
 # Real-valued inputs to every op and layout, their outputs saved: any difference in where a build fuses a

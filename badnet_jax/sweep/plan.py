@@ -176,22 +176,27 @@ def check_options(options: SweepOptions) -> None:
         ConfigError: naming the field.
     """
     if options.cumulative and not options.prefix_sums:
-        raise ConfigError("cumulative needs prefix_sums (it sums the channels' contributions over the order)")
+        raise ConfigError(f"{arg('cumulative')} needs {arg('prefix_sums')} (it sums the channels' contributions over "
+                          "the order)", field="cumulative")
     if options.cumulative and (options.batch_steps or options.orders_per_call > 1):
-        raise ConfigError("cumulative evaluates every step in one call: batch_steps > 0 and orders_per_call > 1 "
-                          "have nothing to batch")
+        raise ConfigError(f"{arg('cumulative')} evaluates every step in one call: {arg('batch_steps')} > 0 and "
+                          f"{arg('orders_per_call')} > 1 have nothing to batch", field="cumulative")
     if options.dedupe and not options.prefix_sums:
-        raise ConfigError("dedupe needs prefix_sums (the plain sweep evaluates every step)")
+        raise ConfigError(f"{arg('dedupe')} needs {arg('prefix_sums')} (the plain sweep evaluates every step)",
+                          field="dedupe")
     if options.group and not options.dedupe:
-        raise ConfigError("group needs dedupe (grouping only helps deciding dead steps per chunk)")
+        raise ConfigError(f"{arg('group')} needs {arg('dedupe')} (grouping only helps deciding dead steps per chunk)",
+                          field="group")
     if options.impl not in ("auto", "reference", "pallas"):
-        raise ConfigError(f"impl must be 'auto', 'reference' or 'pallas', got {options.impl!r}")
+        raise ConfigError(f"{arg('impl', repr(options.impl))}: expected 'auto', 'reference' or 'pallas'", field="impl")
     if options.impl == "pallas" and not options.prefix_sums:
-        raise ConfigError("impl='pallas' needs prefix_sums (the kernel evaluates the tail after the suffix sums)")
+        raise ConfigError(f"{arg('impl', repr('pallas'))} needs {arg('prefix_sums')} (the kernel evaluates the tail "
+                          "after the suffix sums)", field="impl")
     if options.batch_steps is not None and options.batch_steps < 0:
         raise ConfigError(f"{arg('batch_steps', options.batch_steps)} must be >= 0", field="batch_steps")
     if options.batch_steps and not options.dedupe:
-        raise ConfigError("batch_steps > 0 needs dedupe (it batches a chunk's distinct steps)")
+        raise ConfigError(f"{arg('batch_steps', options.batch_steps)} needs {arg('dedupe')} (it batches a chunk's "
+                          "distinct steps)", field="batch_steps")
     if options.orders_per_call < 1:
         raise ConfigError(f"{arg('orders_per_call', options.orders_per_call)} must be >= 1", field="orders_per_call")
     if options.chunk is not None and options.chunk < 1:
@@ -199,7 +204,8 @@ def check_options(options: SweepOptions) -> None:
     if options.devices < 0:
         raise ConfigError(f"{arg('devices', options.devices)} must be >= 0 (0 = all)", field="devices")
     if options.platform not in (None, "cpu", "cuda", "rocm", "tpu"):
-        raise ConfigError(f"platform must be cpu, cuda, rocm or tpu, got {options.platform!r}")
+        raise ConfigError(f"{arg('platform', repr(options.platform))}: expected 'cpu', 'cuda', 'rocm' or 'tpu'",
+                          field="platform")
     if not (options.progress is None or isinstance(options.progress, bool)):
         raise ConfigError(f"{arg('progress', str(options.progress))}: expected True, False or None (a terminal)",
                           field="progress")

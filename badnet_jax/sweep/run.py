@@ -65,7 +65,8 @@ def _to_host(a: jax.Array) -> np.ndarray:
 
 def _ranking_plan(model: PrunableModel, order, rankings: Optional[RankingPlan]) -> RankingPlan:
     if rankings is not None and order is not None:
-        raise ConfigError("give either an order or a ranking plan, not both")
+        raise ConfigError(f"give either {arg('order')} or {arg('rankings')} (a ranking plan), not both",
+                          field="rankings")
     return rankings if rankings is not None else single(order, model.num_channels, model.layer)
 
 
@@ -86,14 +87,14 @@ def _call(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank
           rank_labels, plan: SweepPlan):
     """The jitted function for this plan, its arguments (arrays, or shapes to compile for) and static arguments."""
     if ranking.needs_ranking_set and rank_on is None:
-        raise ConfigError(f"the rankings {', '.join(ranking.names)} need a ranking set (rank_on)")
-    if rank_on is not None and rank_on not in sets:
-        raise ConfigError(f"ranking set {rank_on!r} is not among the sets ({', '.join(sets)})")
+        raise ConfigError(f"the rankings {', '.join(ranking.names)} need a ranking set ({arg('rank_on')})",
+                          field="rank_on")
     names = ([rank_on] if rank_on else []) + [n for n in sets if n != rank_on]
     n_rank = int(sets[rank_on].shape[0]) if rank_on else 0
     if ranking.anp is not None:
         if rank_labels is None:
-            raise ConfigError("the anp ranking needs the ranking set's labels (rank_labels)")
+            raise ConfigError(f"the anp ranking needs the ranking set's labels ({arg('rank_labels')})",
+                              field="rank_labels")
         if not isinstance(rank_labels, jax.ShapeDtypeStruct):
             rank_labels = _checked_labels(rank_labels, model.num_classes)
         if rank_labels.shape != (n_rank,):
@@ -129,6 +130,10 @@ def _check_inputs(model: PrunableModel, params: Params, sets: Mapping[str, Image
     if not isinstance(sets, Mapping) or not sets:
         raise ConfigError(f"{arg('sets')}: expected image sets by name (e.g. {{'clean_valid': x_NHWC}}), got "
                           f"{sets!r:.60}", field="sets")
+    if rank_on is not None and rank_on not in sets:
+        raise ConfigError(f"{arg('rank_on', rank_on)}: no set of that name among the sets "
+                          f"({', '.join(map(repr, sets))}); the channels are ranked on it: give the clean "
+                          f"validation set under that name, or name its set in {arg('rank_on')}", field="rank_on")
     for name, x in sets.items():
         # The set's key is the field at fault: in the defense's config it names the file the set came from.
         model.check_images(x, f"sets[{name!r}]", allow_empty=name != rank_on, field=name)

@@ -52,9 +52,16 @@ def test_anp_needs_labels_and_a_ranking_set(lab_b, lab_faces):
     model, params = lab_b
     x, _ = lab_faces["valid_subset"]
     plan = resolve_rankings(RankingOptions(rank_by=("anp",), anp=ANPConfig(steps=1)), params, DeepID())
-    with pytest.raises(ConfigError, match="labels"):
+    with pytest.raises(ConfigError, match="labels") as err:
         sw.rank_and_sweep(model, params, {"clean_valid": x}, rankings=plan)
-    with pytest.raises(ConfigError, match="ranking set"):
+    assert err.value.field == "rank_labels"
+    with pytest.raises(ConfigError, match="ranking set") as err:
         sw.rank_and_sweep(model, params, {"clean_valid": x}, rankings=plan, rank_on=None)
-    with pytest.raises(ConfigError, match="either an order or"):
+    assert err.value.field == "rank_on"
+    with pytest.raises(ConfigError, match="either order or rankings") as err:
         sw.rank_and_sweep(model, params, {"clean_valid": x}, rankings=plan, order=np.arange(60))
+    assert err.value.field == "rankings"
+    with pytest.raises(ConfigError, match=r"rank_on=clean_valid: no set of that name among the sets \('valid'\)") \
+            as err:  # a set named otherwise: what the ranking reads is named, before any work
+        sw.rank_and_sweep(model, params, {"valid": x})
+    assert err.value.field == "rank_on"

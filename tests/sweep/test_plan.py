@@ -5,6 +5,7 @@ budget, and options that cannot work refused before any work.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -22,23 +23,26 @@ from badnet_jax.kernels.native import native_library
 CPU_HEAD = "native" if native_library() is not None and jax.default_backend() == "cpu" else "reference"
 
 
-@pytest.mark.parametrize("options,complaint", [
-    (sw.SweepOptions(prefix_sums=False, group=False), "dedupe needs prefix_sums"),
-    (sw.SweepOptions(dedupe=False), "group needs dedupe"),
-    (sw.SweepOptions(dedupe=False, group=False, batch_steps=4), "batch_steps > 0 needs dedupe"),
-    (dataclasses.replace(sw.PLAIN, impl="pallas"), "impl='pallas' needs prefix_sums"),
-    (sw.SweepOptions(impl="fast"), "impl must be"),
-    (sw.SweepOptions(chunk=0), "chunk=0 must be >= 1"),
-    (sw.SweepOptions(devices=-1), "devices=-1 must be >= 0"),
-    (sw.SweepOptions(devices=99), "asked for 99 devices"),
-    (sw.SweepOptions(memory_budget=float("nan")), "memory_budget must be a finite positive size, got nan bytes"),
-    (sw.SweepOptions(prefix_sums=False, dedupe=False, group=False, cumulative=True), "cumulative needs prefix_sums"),
-    (sw.SweepOptions(cumulative=True, batch_steps=4), "nothing to batch"),
+@pytest.mark.parametrize("options,field,complaint", [
+    (sw.SweepOptions(prefix_sums=False, group=False), "dedupe", "dedupe needs prefix_sums"),
+    (sw.SweepOptions(dedupe=False), "group", "group needs dedupe"),
+    (sw.SweepOptions(dedupe=False, group=False, batch_steps=4), "batch_steps", "batch_steps=4 needs dedupe"),
+    (dataclasses.replace(sw.PLAIN, impl="pallas"), "impl", "impl='pallas' needs prefix_sums"),
+    (sw.SweepOptions(impl="fast"), "impl", "impl='fast': expected 'auto', 'reference' or 'pallas'"),
+    (sw.SweepOptions(platform="gpu"), "platform", "platform='gpu': expected 'cpu', 'cuda', 'rocm' or 'tpu'"),
+    (sw.SweepOptions(chunk=0), "chunk", "chunk=0 must be >= 1"),
+    (sw.SweepOptions(devices=-1), "devices", "devices=-1 must be >= 0"),
+    (sw.SweepOptions(devices=99), "devices", "asked for 99 devices"),
+    (sw.SweepOptions(memory_budget=float("nan")), "memory_budget",
+     "memory_budget must be a finite positive size, got nan bytes"),
+    (sw.SweepOptions(prefix_sums=False, dedupe=False, group=False, cumulative=True), "cumulative",
+     "cumulative needs prefix_sums"),
+    (sw.SweepOptions(cumulative=True, batch_steps=4), "cumulative", "nothing to batch"),
 ])
-def test_options_that_would_do_nothing_are_refused(options, complaint):
-    with pytest.raises(ConfigError, match=complaint):
+def test_options_that_would_do_nothing_are_refused(options, field, complaint):
+    with pytest.raises(ConfigError, match=re.escape(complaint)) as err:
         sw.plan_sweep(options, [], DeepID())
-
+    assert err.value.field == field  # what a tool maps to its flag
 
 
 def test_plan_resolves_each_strategy_once():

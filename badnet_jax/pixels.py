@@ -3,8 +3,8 @@
 Every model takes pixels 0..255 and divides them first by what its *input scale* says: ``raw`` (1: pixels as
 they are, the lab's B) or ``255`` (pixels / 255, the CSAW-HackML-2020 BadNets) (:func:`input_divisor`). The
 divisor may also be a traced scalar, so that one compiled program serves both scales (:func:`scaled`). Images
-that are not (N, height, width, channels) finite real pixels of the model's input size are refused, naming the
-argument (:func:`check_images_of_shape`).
+that are not (N, height, width, channels) real pixels 0..255 of the model's input size are refused, naming the
+argument (:func:`check_images_of_shape`), as a lab file's reader refuses them.
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ def scaled(x_NxHxWxC: jax.Array, divisor: Any) -> jax.Array:
 
 def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str = "x", allow_empty: bool = False,
                           field: Optional[str] = None) -> None:
-    """Refuse images that are not (N, *hwc) finite real pixels (shape and dtype; finiteness in one pass).
+    """Refuse images that are not (N, *hwc) real pixels 0..255: the shape, the dtype, then the values (NaN or
+    infinite, outside 0..255, or floats all within 0..1 but not all 0: divided by 255 already).
 
-    ``x_NxHxWxC`` may be a NumPy or JAX array, or only a shape and dtype (``jax.ShapeDtypeStruct``).
+    ``x_NxHxWxC`` may be a NumPy or JAX array, or only a shape and dtype (``jax.ShapeDtypeStruct``: its values are
+    not checked, nor a traced array's).
 
     Raises:
         DataFileError: naming ``name`` and what was expected.
@@ -65,16 +67,23 @@ def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str =
                             field=field)
     if shape[0] == 0 and not allow_empty:
         raise DataFileError(f"{arg(name)}: no images (shape {shape}); at least one is needed", field=field)
-    if not np.issubdtype(dtype, np.floating) or shape[0] == 0 or isinstance(x_NxHxWxC, jax.ShapeDtypeStruct) \
-            or isinstance(x_NxHxWxC, jax.core.Tracer):
+    if dtype == np.uint8 or shape[0] == 0 or isinstance(x_NxHxWxC, (jax.ShapeDtypeStruct, jax.core.Tracer)):
         return
-    # One pass: a sum is finite unless a pixel is NaN or infinite (or finite pixels overflow it: then the
-    # per-image check below finds nothing and the images pass).
+    # Two passes over the pixels, no copy: a minimum or maximum is NaN if any pixel is, infinite if one is.
     xp = jnp if isinstance(x_NxHxWxC, jax.Array) else np  # a device array is checked where it lives
-    if bool(np.isfinite(xp.sum(x_NxHxWxC))):
+    lo, hi = float(xp.min(x_NxHxWxC)), float(xp.max(x_NxHxWxC))
+    if 0 <= lo and hi <= 255 and not (np.issubdtype(dtype, np.floating) and 0 < hi <= 1):
         return
-    bad = np.flatnonzero(~np.isfinite(np.asarray(x_NxHxWxC)).reshape(shape[0], -1).all(axis=1))
-    if not len(bad):
-        return
-    raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds NaN or infinite pixels ({len(bad)} of {shape[0]} "
-                        "images do); pixels must be finite numbers 0..255", field=field)
+    per_image = np.asarray(x_NxHxWxC).reshape(shape[0], -1)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = np.flatnonzero(~np.isfinite(per_image).all(axis=1))
+        raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds NaN or infinite pixels ({len(bad)} of "
+                            f"{shape[0]} images do); pixels must be finite numbers 0..255", field=field)
+    if lo < 0 or hi > 255:
+        bad = np.flatnonzero(((per_image < 0) | (per_image > 255)).any(axis=1))
+        raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds pixels outside 0..255 ({len(bad)} of "
+                            f"{shape[0]} images do; the pixels run from {lo:g} to {hi:g}); pixels must be 0..255, "
+                            "as the model divides them by its input scale itself", field=field)
+    raise DataFileError(f"{arg(name)}: every pixel is within 0..1 (the largest is {hi:g}): the images look divided "
+                        "by 255 already; give pixels 0..255 (a model whose input scale is '255' divides them "
+                        "itself)", field=field)

@@ -16,7 +16,11 @@ Example::
         @nn.compact
         def hidden(self, feats):
             return jnp.mean(feats, axis=(1, 2))
-        ...  # __call__ = self.output(self.hidden(self.features(x))), output = nn.Dense(10)
+        @nn.compact
+        def __call__(self, x):   # the whole network: the output layer after the hidden layer
+            return nn.Dense(10, name="output")(self.hidden(self.features(x)))
+
+    params = Net().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]   # or your trained ones
 
     model = FlaxCNN.build(Net(), params, input_hwc=(32, 32, 3), input_scale="255", layer="conv2")
     sweep = rank_and_sweep(model, params, {"clean_valid": x_valid, "bd_valid": x_bd})
@@ -70,12 +74,14 @@ class FlaxCNN(PrunableModel):
     Attributes:
         module: the Flax module (hashable: a dataclass of its hyper-parameters).
         input_hwc, num_classes, input_scale, layer, feature_hwc: the protocol's properties (``layer`` names the
-            pruned layer in logs and reports).
+            pruned layer in logs and reports: the module's ``features`` ends there).
         output: the name of the Dense output submodule in the params.
         hidden_width: the output layer's input width.
         collections: the Flax collections of the variables the model was built from, sorted (e.g.
             ``("batch_stats", "params")``): the params it takes are then that variables dict. Empty: built from
             the ``params`` collection alone, which is what it takes.
+        variable_shapes: (path, shape) of every array of the variables it was built from: params of another
+            module (a wider layer) are refused by name, not by Flax inside a sweep.
     """
 
     module: nn.Module
@@ -89,6 +95,9 @@ class FlaxCNN(PrunableModel):
     tie_rtol: float = TIE_RTOL
     tie_rtol_measured: bool = False
     collections: tuple[str, ...] = ()
+    variable_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    layers_known = False  # the module is code: which layer produces the pruned channels is not known here
 
     @classmethod
     def build(cls, module: nn.Module, variables: Params, input_hwc: tuple[int, int, int], input_scale: str,
@@ -102,7 +111,8 @@ class FlaxCNN(PrunableModel):
                 given here is what the model takes as its params afterwards.
             input_hwc: the input images' height, width and channels.
             input_scale: ``raw`` or ``255`` (what the pixels 0..255 are divided by before the module).
-            layer: the pruned layer's name, for logs and reports.
+            layer: the pruned layer's name, for logs and reports; it names the layer, it does not choose it:
+                the pruned layer is where ``features`` ends.
             output: the name of the Dense output submodule.
 
         Raises:
@@ -112,6 +122,9 @@ class FlaxCNN(PrunableModel):
                 ``batch_stats``), or the module writes a collection (a batch norm in training mode).
         """
         input_divisor(input_scale)  # refuses an unknown scale now, not at the first sweep
+        if isinstance(module, type):
+            raise ConfigError(f"{arg('module')}: got the class {module.__name__}, not a module: give an instance, "
+                              f"FlaxCNN.build({module.__name__}(), ...)", field="module")
         for method in ("features", "hidden"):
             if not callable(getattr(module, method, None)):
                 raise ConfigError(f"{arg('module')}: {type(module).__name__} has no {method}() method; see "
@@ -124,7 +137,7 @@ class FlaxCNN(PrunableModel):
                               f"{held})", field="output")
         kernel = np.shape(params[output]["kernel"])
         model = cls(module, tuple(input_hwc), int(kernel[1]), input_scale, layer, (0, 0, 0), output, int(kernel[0]),
-                    collections=collections)
+                    collections=collections, variable_shapes=_shapes(variables))
         x = jax.ShapeDtypeStruct((1, *input_hwc), jnp.float32)
         feats = model._abstract("features", variables, x)
         if len(feats.shape) != 4:
@@ -154,6 +167,13 @@ class FlaxCNN(PrunableModel):
             raise ConfigError(f"{arg('module')}: {name} writes the collection {col!r} (a batch norm in training "
                               "mode?); a FlaxCNN runs the module in inference mode with every collection frozen: "
                               f"use nn.BatchNorm(use_running_average=True) ({err})", field="module") from err
+        except flax.errors.ScopeParamShapeError as err:
+            # A layer whose weights do not fit its input: images of another size (input_hwc) or another module's
+            # weights (variables); the input size comes first, as the message of a dense layer after a flatten.
+            raise ConfigError(f"{arg('variables')}: {name} does not run on these variables with images of "
+                              f"{arg('input_hwc', tuple(self.input_hwc))}: {err}; is input_hwc the (height, width, "
+                              "channels) the module was trained on, and are these its variables?",
+                              field="variables") from err
         except flax.errors.FlaxError as err:
             raise ConfigError(f"{arg('variables')}: {name} does not run on these variables: {err}",
                               field="variables") from err
@@ -220,6 +240,14 @@ class FlaxCNN(PrunableModel):
         if shape != (self.hidden_width, self.num_classes):
             raise ConfigError(f"{arg(name)}: layer {self.output!r} kernel of shape {shape}, expected "
                               f"{(self.hidden_width, self.num_classes)}", field=name)
+        if self.variable_shapes:
+            got, want = dict(_shapes(params)), dict(self.variable_shapes)
+            for path in sorted(want.keys() | got.keys()):
+                if got.get(path) != want.get(path):
+                    found = "missing" if path not in got else f"of shape {got[path]}"
+                    expected = "nothing there" if path not in want else f"shape {want[path]}"
+                    raise ConfigError(f"{arg(name)}: {path} {found}, but {self.name} was built with {expected} "
+                                      "(the params of another module?)", field=name)
         return self.num_classes
 
     def init_params(self, seed: int = 0) -> Params:
@@ -256,6 +284,13 @@ class FlaxCNN(PrunableModel):
         lead = pre.shape[:-3]
         hidden = self.module.apply(self._variables(params), pre.reshape(-1, *self.feature_hwc), method="hidden")
         return hidden.reshape(*lead, hidden.shape[-1])
+
+
+def _shapes(tree: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(path, shape) of every array of a params or variables tree, paths as ``conv1/kernel``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return tuple(sorted(("/".join(str(getattr(k, "key", k)) for k in path), tuple(np.shape(leaf)))
+                        for path, leaf in leaves))
 
 
 def _collections_of(variables: Any, output: str) -> tuple[str, ...]:

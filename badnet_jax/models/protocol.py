@@ -199,9 +199,14 @@ class PrunableModel(abc.ABC):
         """Working memory per image of one step of the prefix sweep (its carries and one head evaluation)."""
         return 4 * (2 * self.preactivation_size + self.hidden_size + 2 * self.num_classes)
 
+    # Whether the model's layers are known to badnet-jax (a graph of layers, the lab's DeepID); a FlaxCNN's module
+    # is code: no producer, no per-layer stages, whatever the module holds.
+    layers_known = True
+
     def producer(self, params: Params) -> Optional[Producer]:
         """The convolution producing the pruned channels, its kernel scaled by the batch norms in between (what
-        the data-free rankings clp and l1 read); None if no convolution does."""
+        the data-free rankings clp and l1 read); None if no convolution does, or the model cannot tell
+        (:attr:`layers_known` False)."""
         return None
 
     # ----- the trunk

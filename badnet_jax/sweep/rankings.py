@@ -179,9 +179,11 @@ def read_order_file(path: str | Path, channels: int, layer: str = "pruned layer"
 def _producer(model: PrunableModel, params: Params, ranking: str) -> Producer:
     producer = model.producer(params)
     if producer is None:
+        why = (f"{model.name} has none there (choose another layer or ranking)" if model.layers_known else
+               f"{model.name} is a Flax module, whose layers badnet-jax cannot see (rank it by activation, random, "
+               "anp or order_file)")
         raise ConfigError(f"{arg('rank_by')}: the ranking {ranking!r} reads the kernel of the convolution that "
-                          f"produces {model.layer}'s channels, and {model.name} has none there (choose another "
-                          "layer or ranking)", field="rank_by")
+                          f"produces {model.layer}'s channels, and {why}", field="rank_by")
     return producer
 
 
@@ -225,7 +227,8 @@ def resolve_rankings(options: RankingOptions, params: Params, model: PrunableMod
     """
     model = as_model(model)
     channels = model.num_channels
-    names = tuple(options.rank_by)
+    # One name alone is one ranking (tuple("random") would be its letters).
+    names = (options.rank_by,) if isinstance(options.rank_by, str) else tuple(options.rank_by)
     if options.order_file is not None and "order_file" not in names:
         names = names + ("order_file",)  # giving the file asks for its ranking
     if not names:

@@ -14,6 +14,7 @@ from badnet_jax import sweep as sw
 from badnet_jax.goodnet import make_goodnet, predict_goodnet
 from badnet_jax.kernels.conv2d import conv2d
 from badnet_jax.models.flax_model import FlaxCNN
+from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 
 
 class Net(nn.Module):
@@ -85,6 +86,64 @@ def test_a_module_without_the_split_is_refused():
     params = Plain().init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)))["params"]
     with pytest.raises(ConfigError, match="module: Plain has no features\\(\\) method"):
         FlaxCNN.build(Plain(), params, input_hwc=(4, 4, 3), input_scale="raw")
+
+
+def test_the_module_docstring_example_runs(rng):
+    """badnet_jax.models.flax_model "shows a whole one" (the README says so): its example, run as written."""
+    import textwrap
+
+    from badnet_jax.models import flax_model
+
+    doc = flax_model.__doc__
+    example = textwrap.dedent(doc[doc.index("Example::") + len("Example::"):doc.index("**Batch norm.**")])
+    x_valid, x_bd = (rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8) for _ in range(2))
+    space = {"nn": nn, "jax": jax, "jnp": jnp, "FlaxCNN": FlaxCNN, "rank_and_sweep": sw.rank_and_sweep,
+             "x_valid": x_valid, "x_bd": x_bd}
+    exec(compile(example, "flax_model example", "exec"), space)  # noqa: S102 - the library's own docstring
+    assert space["sweep"].masks.shape == (33, 32) and space["model"].feature_hwc == (16, 16, 32)
+
+
+class WideNet(Net):
+    """Net with a wider first convolution: the same output layer, other params."""
+
+    @nn.compact
+    def features(self, x):
+        x = nn.relu(nn.Conv(10, (3, 3), name="conv1")(x))
+        return nn.relu(nn.Conv(12, (3, 3), strides=2, name="conv2")(x))
+
+
+def test_what_a_user_gets_wrong_with_a_module_is_named(rng):
+    model, params = _model()
+    x = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    # The params of another module with the same output layer: named by the first array that differs, by every
+    # entry point (Flax's own error came from inside the sweep, and make_goodnet took them).
+    wide_params = WideNet().init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    wide = FlaxCNN.build(WideNet(), wide_params, input_hwc=(16, 16, 3), input_scale="255", layer="conv2")
+    from badnet_jax.models.predict import predict_settled
+    for name, call in (("params", lambda: sw.rank_and_sweep(wide, params, {"clean_valid": x})),
+                       ("params", lambda: predict_settled(wide, params, x, np.ones(12))),
+                       ("bad_params", lambda: make_goodnet(wide, params, mask=np.ones(12)))):
+        with pytest.raises(ConfigError, match=rf"^{name}: conv1/bias of shape \(8,\), but WideNet was built with "
+                                              r"shape \(10,\) \(the params of another module\?\)") as err:
+            call()
+        assert err.value.field == name
+    with pytest.raises(ConfigError, match=r"conv1/kernel missing, but Net was built with shape"):
+        model.check_params({**params, "conv1": {"bias": params["conv1"]["bias"]}})
+    # The class for an instance; images of another size than the module's weights take.
+    with pytest.raises(ConfigError, match=r"module: got the class Net, not a module: give an instance, "
+                                          r"FlaxCNN.build\(Net\(\), \.\.\.\)"):
+        FlaxCNN.build(Net, params, input_hwc=(16, 16, 3), input_scale="255")
+    with pytest.raises(ConfigError, match=r"with images of input_hwc=\(3, 16, 16\).*is input_hwc the \(height, "
+                                          r"width, channels\) the module was trained on"):
+        FlaxCNN.build(Net(), params, input_hwc=(3, 16, 16), input_scale="255")
+    # The data-free rankings read a convolution's kernel, which a module's code does not show.
+    for ranking in ("clp", "l1"):
+        with pytest.raises(ConfigError, match=f"the ranking '{ranking}' reads the kernel.*Net is a Flax module, "
+                                              "whose layers badnet-jax cannot see"):
+            resolve_rankings(RankingOptions(rank_by=(ranking,)), params, model)
+    # One ranking named alone is that ranking, not its letters.
+    assert resolve_rankings(RankingOptions(rank_by="random", random_orders=2), params, model).labels == (
+        "random/0", "random/1")
 
 
 class FastNet(Net):

@@ -12,6 +12,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from badnet_jax.errors import ConfigError, arg
+
 Rule = Literal["absolute", "relative"]
 
 
@@ -21,8 +23,15 @@ def pct(hits: int | np.ndarray, total: int) -> float | np.ndarray:
 
 
 def hits(preds: np.ndarray, labels: np.ndarray) -> int | np.ndarray:
-    """Number of predictions equal to their label: an int for (N,) predictions, (M,) for (M, N)."""
+    """Number of predictions equal to their label: an int for (N,) predictions, (M,) for (M, N).
+
+    Raises:
+        ConfigError: labels that are not one per prediction (N,).
+    """
     preds, labels = np.asarray(preds), np.asarray(labels)
+    if labels.ndim != 1 or preds.ndim not in (1, 2) or preds.shape[-1] != len(labels):
+        raise ConfigError(f"{arg('labels')}: shape {labels.shape} for predictions of shape {preds.shape}; expected "
+                          "one label per image, (N,) for (N,) or (M, N) predictions", field="labels")
     if preds.ndim == 1:
         return int((preds == labels).sum())
     return (preds == labels[None, :]).sum(axis=1)

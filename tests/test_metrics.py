@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from badnet_jax import metrics
+from badnet_jax import ConfigError, metrics
 from tests.conftest import asset
 
 LAB_VALID_N = 11547
@@ -74,3 +74,12 @@ def test_hits_and_accuracy_per_row_and_for_one_row():
     np.testing.assert_allclose(metrics.accuracy(preds, labels), [200 / 3, 100 / 3])
     assert metrics.hits(preds[0], labels) == 2 and metrics.accuracy(preds[1], labels) == 100 / 3
     assert metrics.accuracy(np.zeros((0,), int), np.zeros((0,), int)) == 0.0  # an empty set, not a crash
+
+
+def test_labels_that_are_not_one_per_prediction_are_refused():
+    with pytest.raises(ConfigError, match=r"labels: shape \(4,\) for predictions of shape \(5,\)") as err:
+        metrics.accuracy(np.arange(5), np.arange(4))
+    assert err.value.field == "labels"
+    with pytest.raises(ConfigError, match=r"labels: shape \(2, 5\) for predictions of shape \(3, 5\)"):
+        metrics.accuracy(np.zeros((3, 5), int), np.zeros((2, 5), int))
+    np.testing.assert_array_equal(metrics.accuracy(np.array([[1, 2], [1, 0]]), np.array([1, 2])), [100.0, 50.0])

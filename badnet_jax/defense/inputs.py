@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -64,6 +64,22 @@ class Sets:
     true_labels: dict[str, Optional[np.ndarray]]
 
 
+def _check_paths(paths: Mapping[str, Any]) -> None:
+    """Refuse a model or data set given as something other than a file's path (a model object, an array).
+
+    Raises:
+        ConfigError: naming the field, what it got and where such an object goes instead.
+    """
+    for role, value in paths.items():
+        if value is None or isinstance(value, (str, os.PathLike)):
+            continue
+        kind = "a model file" if role == "model" else "an h5 file in the lab's layout"
+        instead = ("a model object (a FlaxCNN, a GraphCNN) runs through rank_and_sweep and make_goodnet"
+                   if role == "model" else "images in memory run through rank_and_sweep")
+        raise ConfigError(f"{arg(role)}: expected the path of {kind}, got a {type(value).__name__}: the defense reads "
+                          f"its inputs from files; {instead}", field=role)
+
+
 def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]],
                   example: Optional[str] = None) -> InputFiles:
     """The files to read: the given ones, else the lab's default layout if present, else the embedded demo;
@@ -74,6 +90,7 @@ def locate_inputs(model: Optional[str], data: Mapping[str, Optional[str]],
     Raises:
         ConfigError: a poisoned set without the clean ones, lab files partly missing, or no model for lab data.
     """
+    _check_paths({"model": model, **data})
     given = {r: Path(data[r]) for r in DATA_ROLES if data.get(r)}
     if example is not None:
         if example not in EXAMPLES:

@@ -35,6 +35,18 @@ def test_a_file_that_cannot_be_read_names_the_argument_it_was_given_for(tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_a_model_object_or_images_in_memory_are_refused_before_any_work(tmp_path):
+    """The defense reads files; what a library caller holds in memory goes to rank_and_sweep, which it names."""
+    from badnet_jax.models.deepid import DeepID
+
+    for given, kind in (({"model": DeepID()}, "DeepID"), ({"clean_valid": np.zeros((2, 55, 47, 3))}, "ndarray")):
+        with pytest.raises(ConfigError, match=rf"^{next(iter(given))}: expected the path of an? .*, got a {kind}: "
+                                              r"the defense reads its inputs from files; .* rank_and_sweep") as err:
+            run_defense(DefenseConfig(out_dir=str(tmp_path / "o"), **given))
+        assert err.value.field == next(iter(given))
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_empty_data_file_is_refused_naming_its_argument(tmp_path):
     empty = tmp_path / "empty.h5"
     save_lab_h5(empty, np.zeros((0, 55, 47, 3), np.uint8), np.zeros((0,), np.int32))

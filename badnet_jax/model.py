@@ -320,7 +320,7 @@ def check_mask(mask: Any, name: str = "mask") -> Any:
 
 def check_images(x_NxHxWxC: Any, name: str = "x", allow_empty: bool = False,
                  field: Optional[str] = None) -> None:
-    """Refuse images a BadNet cannot take: not (N, 55, 47, 3), not real numbers, NaN or infinite pixels
+    """Refuse images a BadNet cannot take: not (N, 55, 47, 3), not real pixels 0..255
     (``badnet_jax.pixels.check_images_of_shape`` at DeepID's input).
 
     Raises:

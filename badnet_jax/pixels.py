@@ -44,7 +44,7 @@ def scaled(x_NxHxWxC: jax.Array, divisor: Any) -> jax.Array:
 def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str = "x", allow_empty: bool = False,
                           field: Optional[str] = None) -> None:
     """Refuse images that are not (N, *hwc) real pixels 0..255: the shape, the dtype, then the values (NaN or
-    infinite, outside 0..255, or floats all within 0..1 but not all 0: divided by 255 already).
+    infinite, outside 0..255, or floats all within 0..1 with fractions among them: divided by 255 already).
 
     ``x_NxHxWxC`` may be a NumPy or JAX array, or only a shape and dtype (``jax.ShapeDtypeStruct``: its values are
     not checked, nor a traced array's).
@@ -75,6 +75,8 @@ def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str =
     if 0 <= lo and hi <= 255 and not (np.issubdtype(dtype, np.floating) and 0 < hi <= 1):
         return
     per_image = np.asarray(x_NxHxWxC).reshape(shape[0], -1)
+    if 0 <= lo and hi <= 1 and (per_image == np.rint(per_image)).all():
+        return  # pixels 0 and 1: a near-black image as a reader gives it (uint8 read as float32), not one / 255
     if not (np.isfinite(lo) and np.isfinite(hi)):
         bad = np.flatnonzero(~np.isfinite(per_image).all(axis=1))
         raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds NaN or infinite pixels ({len(bad)} of "
@@ -84,6 +86,6 @@ def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str =
         raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds pixels outside 0..255 ({len(bad)} of "
                             f"{shape[0]} images do; the pixels run from {lo:g} to {hi:g}); pixels must be 0..255, "
                             "as the model divides them by its input scale itself", field=field)
-    raise DataFileError(f"{arg(name)}: every pixel is within 0..1 (the largest is {hi:g}): the images look divided "
-                        "by 255 already; give pixels 0..255 (a model whose input scale is '255' divides them "
-                        "itself)", field=field)
+    raise DataFileError(f"{arg(name)}: every pixel is within 0..1 and some are fractions (the largest is {hi:g}): "
+                        "the images look divided by 255 already; give pixels 0..255 (a model whose input scale is "
+                        "'255' divides them itself)", field=field)

@@ -20,7 +20,7 @@ import optax
 
 from badnet_jax.io.poisoning import TRIGGER_AT, poison
 from badnet_jax.metrics import accuracy
-from badnet_jax.model import BadNet, Params, init_params, predict
+from badnet_jax.model import BadNet, Params, check_images, init_params, predict
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,16 @@ def _epoch_done(history: list, stats: dict, epochs: int, on_epoch: Optional[Call
         on_epoch(stats["epoch"], stats)
 
 
+def _check_sets(check: Callable[..., None], x: np.ndarray, x_name: str, valid: Optional[tuple[np.ndarray, np.ndarray]],
+                bd_valid: Optional[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Refuse images the model cannot take before the first epoch, each named as the caller passed it (an
+    evaluation set was checked only by the forward after an epoch, under the forward's own argument name)."""
+    check(x, x_name)
+    for name, xy in (("valid", valid), ("bd_valid", bd_valid)):
+        if xy is not None:
+            check(xy[0], f"{name}[0]", field=name)
+
+
 def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, trigger: np.ndarray,
                  config: TrainConfig = TrainConfig(),
                  valid: Optional[tuple[np.ndarray, np.ndarray]] = None,
@@ -139,6 +149,7 @@ def train_badnet(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, tri
     Returns:
         (model, params, history) where history holds one stats dict per epoch.
     """
+    _check_sets(check_images, x_train, "x_train", valid, bd_valid)
     rng = np.random.default_rng(config.seed)
     x, y, _ = poison_training_set(x_train, y_train, trigger, config.poison_fraction, config.target_label, rng)
     model = BadNet(num_classes)
@@ -335,6 +346,7 @@ def train_model(model: Any, params: Any, x: np.ndarray, y: np.ndarray, config: T
         (params, history): float32 params of the inference network, one stats dict per epoch (``loss``: the
         mean training-mode loss of its steps).
     """
+    _check_sets(model.check_images, x, "x", valid, bd_valid)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = len(x) // config.batch_size

@@ -39,8 +39,9 @@ def test_pixels_that_are_no_pixels_are_refused_naming_the_image(rng, to_array, v
 def test_pixels_divided_by_255_already_are_refused(rng):
     x = _images(rng) / np.float32(255)
     x[0, 0, 0, 0] = 1.0
-    with pytest.raises(DataFileError, match=r"sets\['clean_valid'\]: every pixel is within 0..1 \(the largest is 1\): "
-                                            r"the images look divided by 255 already") as err:
+    with pytest.raises(DataFileError, match=r"sets\['clean_valid'\]: every pixel is within 0..1 and some are "
+                                            r"fractions \(the largest is 1\): the images look divided by 255 "
+                                            r"already") as err:
         check_images_of_shape(x, HWC, "sets['clean_valid']", field="clean_valid")
     assert err.value.field == "clean_valid"
 
@@ -49,6 +50,7 @@ def test_what_pixels_may_be(rng):
     x = _images(rng)
     for ok in (x, x.astype(np.uint8), x.astype(np.int64), x.astype(np.float64), jnp.asarray(x),
                np.zeros((2, *HWC), np.float32),  # all black: nothing says it was divided
+               rng.integers(0, 2, (2, *HWC)).astype(np.float32),  # near black, as a reader gives a uint8 file
                np.full((2, *HWC), 255.0, np.float32), x[:0]):
         check_images_of_shape(ok, HWC, "x", allow_empty=True)
     # Integers beyond 0..255 are no pixels either; shapes and traced arrays are checked by shape alone.

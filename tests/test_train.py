@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from badnet_jax.attack.synthetic import DemoConfig, make_demo
 from badnet_jax.metrics import accuracy as pct_correct
 from badnet_jax.model import predict
-from badnet_jax.train import TrainConfig, poison_training_set, train_badnet
+from badnet_jax.errors import DataFileError
+from badnet_jax.models.deepid import DeepID
+from badnet_jax.train import TrainConfig, poison_training_set, train_badnet, train_model
 
 
 def accuracy(model, params, x, y):
@@ -33,3 +36,22 @@ def test_tiny_training_run_learns_and_plants_backdoor():
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert accuracy(model, params, *d.test) >= 90.0
     assert accuracy(model, params, *d.bd_test) >= 90.0
+
+
+def test_images_no_model_takes_are_refused_before_the_first_epoch(rng):
+    """Named as passed, before any training: an evaluation set was checked only after an epoch, as predict's x."""
+    x = rng.integers(0, 256, (4, 55, 47, 3)).astype(np.float32)
+    y = np.zeros(4, np.int32)
+    trigger = np.zeros((2, 2, 4), np.uint8)
+    epochs = []
+    config = TrainConfig(epochs=1, batch_size=2, poison_fraction=0.0)
+    for given, field in (({"x_train": x / 255}, "x_train"), ({"valid": (x / 255, y)}, "valid"),
+                         ({"bd_valid": (x + 300, y)}, "bd_valid")):
+        args = {"x_train": x, **given}
+        with pytest.raises(DataFileError) as err:
+            train_badnet(args.pop("x_train"), y, 3, trigger, config, on_epoch=lambda *a: epochs.append(a), **args)
+        assert err.value.field == field and str(err.value).startswith(field), str(err.value)
+    with pytest.raises(DataFileError, match=r"^valid\[0\]: every pixel is within 0..1"):
+        train_model(DeepID(3), DeepID(3).init_params(), x, y, config, valid=(x / 255, y),
+                    on_epoch=lambda *a: epochs.append(a))
+    assert not epochs

@@ -97,8 +97,9 @@ def main(argv: list[str]) -> int:
         curve = run_defense(config)
         if jax.process_index() == 0:  # the others print nothing, as they write nothing
             if started is not None:
-                cli.log.info("Done in %.2f s, of which %.2f s before the run: starting Python and importing JAX "
-                             "and the tool.", cli.process_seconds(), started)
+                cli.log.info("Done in %.2f s since the process started, of which %.2f s before the run: starting "
+                             "Python (and any launcher that ran it) and importing JAX and the tool.",
+                             cli.process_seconds(), started)
             print(format_table(curve))
             if curve.rankings is not None:
                 print("\nRankings compared (each ranking's own cut):\n" + comparison_text(curve))

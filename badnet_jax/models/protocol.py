@@ -325,7 +325,7 @@ class PrunableModel(abc.ABC):
 
     def check_images(self, x_NxHxWxC: Any, name: str = "x", allow_empty: bool = False,
                      field: Optional[str] = None) -> None:
-        """Refuse images this model cannot take: not (N, *input_hwc), not real numbers, NaN or infinite pixels.
+        """Refuse images this model cannot take: not (N, *input_hwc), not real pixels 0..255.
 
         Raises:
             DataFileError: naming ``name`` and what was expected.

@@ -133,7 +133,8 @@ def _check_inputs(model: PrunableModel, params: Params, sets: Mapping[str, Image
     if rank_on is not None and rank_on not in sets:
         raise ConfigError(f"{arg('rank_on', rank_on)}: no set of that name among the sets "
                           f"({', '.join(map(repr, sets))}); the channels are ranked on it: give the clean "
-                          f"validation set under that name, or name its set in {arg('rank_on')}", field="rank_on")
+                          f"validation set under that name or name its set in {arg('rank_on')}, or give "
+                          f"{arg('rank_on', None)} with an order of your own (nothing is ranked then)", field="rank_on")
     for name, x in sets.items():
         # The set's key is the field at fault: in the defense's config it names the file the set came from.
         model.check_images(x, f"sets[{name!r}]", allow_empty=name != rank_on, field=name)

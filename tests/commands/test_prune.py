@@ -66,7 +66,7 @@ def _check_the_time_accounted(stderr: str, wall: float) -> None:
     phases = [float(m) for m in re.findall(r"(?:Loaded the model and data in|on all sets in one call:|\) in) "
                                            r"([0-9.]+) s", stderr)]
     assert len(phases) == 3, stderr
-    done = re.search(r"Done in ([0-9.]+) s, of which ([0-9.]+) s before the run", stderr)
+    done = re.search(r"Done in ([0-9.]+) s since the process started, of which ([0-9.]+) s before the run", stderr)
     assert done is not None, stderr
     total, before = float(done[1]), float(done[2])
     assert 0 < before and before + sum(phases) <= total <= wall + 0.02  # /proc counts in 10 ms ticks

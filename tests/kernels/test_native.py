@@ -285,7 +285,7 @@ def test_channel_tiles_hold_their_weights_and_accumulators_in_registers(tmp_path
     cmd = ["g++", *flags, *native.GCC_FLAGS, *march.split(), "-I", str(native.HERE), "-I", jax.ffi.include_dir(),
            "-S", str(native.HERE / "conv2d" / "direct_cpu.cc"), "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    if "bad value" in done.stderr and "-march=" in done.stderr:
+    if "bad value" in done.stderr and ("-march=" in done.stderr or "-mtune=" in done.stderr):
         pytest.skip(f"this g++ does not know {march}")
     assert done.returncode == 0, done.stderr[-3000:]
     assembly = out.read_text()
@@ -299,7 +299,7 @@ def test_channel_tiles_hold_their_weights_and_accumulators_in_registers(tmp_path
     assert all(from_memory == 0 for _, from_memory in short.values()), short
     loops = _tile_loops(assembly)
     assert set(loops) == set(counts), sorted(set(loops) ^ set(counts))
-    spilled = {(fg, xt): s for (fg, xt), s in loops.items() if s != (fg * xt, 0, 0)}
+    spilled = {(fg, xt): s for (fg, xt), s in loops.items() if fg in runs and s != (fg * xt, 0, 0)}
     assert not spilled, spilled  # (multiply-adds, stack accesses in its loops, stores in them)
 
 

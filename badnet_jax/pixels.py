@@ -41,6 +41,12 @@ def scaled(x_NxHxWxC: jax.Array, divisor: Any) -> jax.Array:
     return x_NxHxWxC / jnp.asarray(divisor, x_NxHxWxC.dtype)
 
 
+def look_divided(largest: float, whole: bool) -> bool:
+    """Whether float pixels look divided by 255 already: all within 0..1 (``largest`` the largest) and not all
+    whole numbers. Pixels of 0 and 1 alone are a near-black image, as a reader gives a uint8 one as floats."""
+    return 0 < largest <= 1 and not whole
+
+
 def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str = "x", allow_empty: bool = False,
                           field: Optional[str] = None) -> None:
     """Refuse images that are not (N, *hwc) real pixels 0..255: the shape, the dtype, then the values (NaN or
@@ -75,8 +81,8 @@ def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str =
     if 0 <= lo and hi <= 255 and not (np.issubdtype(dtype, np.floating) and 0 < hi <= 1):
         return
     per_image = np.asarray(x_NxHxWxC).reshape(shape[0], -1)
-    if 0 <= lo and hi <= 1 and (per_image == np.rint(per_image)).all():
-        return  # pixels 0 and 1: a near-black image as a reader gives it (uint8 read as float32), not one / 255
+    if 0 <= lo and hi <= 1 and not look_divided(hi, bool((per_image == np.rint(per_image)).all())):
+        return
     if not (np.isfinite(lo) and np.isfinite(hi)):
         bad = np.flatnonzero(~np.isfinite(per_image).all(axis=1))
         raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds NaN or infinite pixels ({len(bad)} of "

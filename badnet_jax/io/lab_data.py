@@ -19,6 +19,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, DataFileError, arg
 from badnet_jax.io import atomic, fileio
 from badnet_jax.model import INPUT_HWC
+from badnet_jax.pixels import look_divided
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
         try:
             y = _read_labels(f, int(ds.shape[0]), path, num_classes, require_labels)[:n]
             x = np.empty((n, *hwc), np.uint8 if keep_uint8 and ds.dtype == np.uint8 else np.float32)
-            top = 0.0
+            top, whole = 0.0, True
             for start in range(0, n, chunk):
                 block = np.asarray(ds[start:min(start + chunk, n)])
                 if block.dtype.kind == "f" and not np.isfinite(block).all():
@@ -161,14 +162,16 @@ def load_lab_h5(path: str | os.PathLike, num_classes: Optional[int] = None,
                     raise DataFileError(f"{path}: dataset 'data' holds pixel values from {block.min():g} to "
                                         f"{block.max():g} (rows {start}..); lab files hold pixels 0..255")
                 top = max(top, float(block.max())) if block.size else top
+                if top <= 1 and whole and block.dtype.kind == "f":  # only while the file could look divided
+                    whole = bool((block == np.rint(block)).all())
                 # One colour plane at a time: ~4x faster than a 4-D transpose copy (contiguous reads).
                 for c in range(hwc[2]):
                     x[start:start + len(block), ..., c] = block[:, c]
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
             raise DataFileError(f"{path}: cannot read: {err} (truncated or corrupted file?)") from None
-    if n and ds_kind == "f" and top <= 1.0:
-        raise DataFileError(f"{path}: every pixel is in 0..1: the images look divided by 255 already. Lab files "
-                            "hold pixels 0..255; a model that takes pixels / 255 says so "
+    if n and ds_kind == "f" and look_divided(top, whole):
+        raise DataFileError(f"{path}: every pixel is in 0..1 and some are fractions: the images look divided by 255 "
+                            "already. Lab files hold pixels 0..255; a model that takes pixels / 255 says so "
                             f"({arg('input_scale', '255')})")
     return x, y
 

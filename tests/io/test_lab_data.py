@@ -199,8 +199,12 @@ def test_reading_only_the_first_rows(tmp_path):
 def test_pixels_outside_0_255_or_already_divided_are_refused(tmp_path):
     rng = np.random.default_rng(0)
     scaled = _lab_file(tmp_path / "s.h5", rng.random((4, 3, 55, 47)).astype(np.float32))  # pixels / 255
-    with pytest.raises(DataFileError, match=r"s\.h5: every pixel is in 0..1"):
+    with pytest.raises(DataFileError, match=r"s\.h5: every pixel is in 0..1 and some are fractions"):
         load_lab_h5(scaled)
+    # Pixels of 0 and 1 alone are a near-black image, as float32 as it is as uint8 (the in-memory check agrees).
+    dark = rng.integers(0, 2, (4, 3, 55, 47))
+    for dtype in (np.float32, np.uint8):
+        assert load_lab_h5(_lab_file(tmp_path / f"dark_{np.dtype(dtype).name}.h5", dark.astype(dtype)))[0].max() == 1
     wild = _lab_file(tmp_path / "w.h5", rng.uniform(-3000, 7200, (4, 3, 55, 47)).astype(np.float32))
     with pytest.raises(DataFileError, match=r"w\.h5: dataset 'data' holds pixel values from -\d+"):
         load_lab_h5(wild)

@@ -78,20 +78,20 @@ def check_images_of_shape(x_NxHxWxC: Any, hwc: tuple[int, int, int], name: str =
     # Two passes over the pixels, no copy: a minimum or maximum is NaN if any pixel is, infinite if one is.
     xp = jnp if isinstance(x_NxHxWxC, jax.Array) else np  # a device array is checked where it lives
     lo, hi = float(xp.min(x_NxHxWxC)), float(xp.max(x_NxHxWxC))
-    if 0 <= lo and hi <= 255 and not (np.issubdtype(dtype, np.floating) and 0 < hi <= 1):
-        return
+    if 0 <= lo and hi <= 255:  # finite too (a NaN compares false)
+        # Only floats all within 0..1 are read again, for fractions.
+        if not (np.issubdtype(dtype, np.floating) and hi <= 1) or \
+                not look_divided(hi, bool(xp.all(x_NxHxWxC == xp.round(x_NxHxWxC)))):
+            return
+        raise DataFileError(f"{arg(name)}: every pixel is within 0..1 and some are fractions (the largest is "
+                            f"{hi:g}): the images look divided by 255 already; give pixels 0..255 (a model whose "
+                            "input scale is '255' divides them itself)", field=field)
     per_image = np.asarray(x_NxHxWxC).reshape(shape[0], -1)
-    if 0 <= lo and hi <= 1 and not look_divided(hi, bool((per_image == np.rint(per_image)).all())):
-        return
     if not (np.isfinite(lo) and np.isfinite(hi)):
         bad = np.flatnonzero(~np.isfinite(per_image).all(axis=1))
         raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds NaN or infinite pixels ({len(bad)} of "
                             f"{shape[0]} images do); pixels must be finite numbers 0..255", field=field)
-    if lo < 0 or hi > 255:
-        bad = np.flatnonzero(((per_image < 0) | (per_image > 255)).any(axis=1))
-        raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds pixels outside 0..255 ({len(bad)} of "
-                            f"{shape[0]} images do; the pixels run from {lo:g} to {hi:g}); pixels must be 0..255, "
-                            "as the model divides them by its input scale itself", field=field)
-    raise DataFileError(f"{arg(name)}: every pixel is within 0..1 and some are fractions (the largest is {hi:g}): "
-                        "the images look divided by 255 already; give pixels 0..255 (a model whose input scale is "
-                        "'255' divides them itself)", field=field)
+    bad = np.flatnonzero(((per_image < 0) | (per_image > 255)).any(axis=1))
+    raise DataFileError(f"{arg(name)}: image {int(bad[0])} holds pixels outside 0..255 ({len(bad)} of "
+                        f"{shape[0]} images do; the pixels run from {lo:g} to {hi:g}); pixels must be 0..255, "
+                        "as the model divides them by its input scale itself", field=field)

@@ -14,7 +14,7 @@
 // those shapes and the argmax then reads the (M, N) logits several times (max, first index, runner-up). Here
 // a register tile of MR rows x NR column vectors accumulates over k (one weight vector load per NR * MR fused
 // multiply-adds per row broadcast), and the top-2 logits are kept per lane in registers' worth of state while
-// the tiles go by.
+// the tiles go by; the top-2 kernel takes its rows through the weights a cache-sized panel of columns at a time.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -116,20 +116,22 @@ inline void Tile(const float* __restrict a, int64_t lda, const Weights& wt, int6
   }
 }
 
-// Visit the register tiles of R rows: fn(v0, J, acc) after each group of J <= NR column vectors.
+// Visit the register tiles of R rows over column vectors [vb, ve): fn(v0, J, acc) after each group of J <= NR
+// column vectors, in increasing column order.
 template <int R, typename Fn>
-inline void Tiles(const float* a, int64_t lda, const Weights& wt, Fn&& fn) {
+inline void Tiles(const float* a, int64_t lda, const Weights& wt, int64_t vb, int64_t ve, Fn&& fn) {
   vf acc[MR][NR];
-  int64_t v = 0;
-  for (; v + NR <= wt.full; v += NR) {
+  const int64_t full_end = std::min(ve, wt.full);
+  int64_t v = vb;
+  for (; v + NR <= full_end; v += NR) {
     Tile<R, NR>(a, lda, wt, v, acc);
     fn(v, NR, acc);
   }
-  for (; v < wt.full; ++v) {  // the full vectors left over, one at a time
+  for (; v < full_end; ++v) {  // the full vectors left over, one at a time
     Tile<R, 1>(a, lda, wt, v, acc);
     fn(v, 1, acc);
   }
-  if (v < wt.vectors()) {
+  if (v < ve) {  // the padded tail
     Tile<R, 1>(a, lda, wt, v, acc);
     fn(v, 1, acc);
   }
@@ -162,7 +164,7 @@ struct DenseArgs {
 template <int R>
 struct DenseRows {
   static void run(const float* a, int64_t lda, const Weights& wt, const DenseArgs& d, int64_t row0) {
-    Tiles<R>(a, lda, wt, [&](int64_t v0, int nv, vf (&acc)[MR][NR]) {
+    Tiles<R>(a, lda, wt, 0, wt.vectors(), [&](int64_t v0, int nv, vf (&acc)[MR][NR]) {
       for (int r = 0; r < R; ++r) {
         for (int j = 0; j < nv; ++j) {
           const int64_t col = (v0 + j) * VL, lanes = std::min<int64_t>(VL, wt.n - col);
@@ -233,19 +235,31 @@ struct Top2Args {
   int64_t m;
 };
 
+// Weights per column panel: a thread takes all the rows of its range through one panel of the weights before the
+// next, so a panel comes from memory once per range (5 row tiles in DeepID's 256-row calls on 2 threads) and then
+// from the core's L2, not once per row tile: the 1283-class output layer's 160 x 1283 weights (821 KB) are larger
+// than a Zen 3's 512 KB of L2. Each row's state carries from panel to panel and the columns still meet it in
+// increasing order, so the results are the same bits whatever the panel.
+constexpr int64_t kPanelBytes = 96 * 1024;
+inline int64_t PanelVectors(const Weights& wt) {
+  const int64_t per_vector = std::max<int64_t>(1, wt.k * VL * static_cast<int64_t>(sizeof(float)));
+  return std::max<int64_t>(NR, kPanelBytes / per_vector / NR * NR);
+}
+
+inline void Top2Start(Top2State& st, int32_t none) {
+  st.m1 = st.m2 = vf{} + -std::numeric_limits<float>::infinity();
+  st.i1 = st.nan1 = vi{} + none;
+}
+
+// Folds column vectors [vb, ve) of R rows into their states s[0 .. R).
 template <int R>
 struct Top2Rows {
-  static void run(const float* a, int64_t lda, const Weights& wt, const Top2Args& t, int64_t row0) {
+  static void run(const float* a, int64_t lda, const Weights& wt, int64_t vb, int64_t ve, Top2State* s) {
     constexpr float NEG = -std::numeric_limits<float>::infinity();
     const int32_t none = static_cast<int32_t>(wt.n);
     vi lane;
     for (int l = 0; l < VL; ++l) lane[l] = l;
-    Top2State s[MR];
-    for (int r = 0; r < R; ++r) {
-      s[r].m1 = s[r].m2 = vf{} + NEG;
-      s[r].i1 = s[r].nan1 = vi{} + none;
-    }
-    Tiles<R>(a, lda, wt, [&](int64_t v0, int nv, vf (&acc)[MR][NR]) {
+    Tiles<R>(a, lda, wt, vb, ve, [&](int64_t v0, int nv, vf (&acc)[MR][NR]) {
       for (int j = 0; j < nv; ++j) {
         const int32_t col = static_cast<int32_t>((v0 + j) * VL);
         const vi idx = lane + col;
@@ -262,36 +276,38 @@ struct Top2Rows {
         }
       }
     });
-    for (int r = 0; r < R; ++r) {
-      const Top2State& st = s[r];
-      const int64_t row = row0 + r;
-      int32_t first_nan = none;
-      float top = NEG;
-      for (int l = 0; l < VL; ++l) {
-        first_nan = std::min(first_nan, st.nan1[l]);
-        top = std::max(top, st.m1[l]);
-      }
-      if (first_nan < none) {
-        t.arg[row] = first_nan;
-        t.gap[row] = std::numeric_limits<float>::quiet_NaN();
-      } else {
-        int32_t arg = none;
-        for (int l = 0; l < VL; ++l) {
-          if (st.m1[l] == top) arg = std::min(arg, st.i1[l]);
-        }
-        float second = NEG;
-        for (int l = 0; l < VL; ++l) {
-          second = std::max(second, st.m2[l]);
-          if (st.i1[l] != arg) second = std::max(second, st.m1[l]);
-        }
-        // Every logit -inf: the first column holds the maximum.
-        t.arg[row] = arg == none ? 0 : arg;
-        t.gap[row] = top - second;
-      }
-      t.scale[row] = AbsDot(a + r * lda, t.wmax, wt.k) + t.bmax;
-    }
   }
 };
+
+// A row's answers from its lanes' states once every column went by; its output scale.
+inline void Top2Finish(const Top2State& st, const float* a_row, const Weights& wt, const Top2Args& t, int64_t row) {
+  constexpr float NEG = -std::numeric_limits<float>::infinity();
+  const int32_t none = static_cast<int32_t>(wt.n);
+  int32_t first_nan = none;
+  float top = NEG;
+  for (int l = 0; l < VL; ++l) {
+    first_nan = std::min(first_nan, st.nan1[l]);
+    top = std::max(top, st.m1[l]);
+  }
+  if (first_nan < none) {
+    t.arg[row] = first_nan;
+    t.gap[row] = std::numeric_limits<float>::quiet_NaN();
+  } else {
+    int32_t arg = none;
+    for (int l = 0; l < VL; ++l) {
+      if (st.m1[l] == top) arg = std::min(arg, st.i1[l]);
+    }
+    float second = NEG;
+    for (int l = 0; l < VL; ++l) {
+      second = std::max(second, st.m2[l]);
+      if (st.i1[l] != arg) second = std::max(second, st.m1[l]);
+    }
+    // Every logit -inf: the first column holds the maximum.
+    t.arg[row] = arg == none ? 0 : arg;
+    t.gap[row] = top - second;
+  }
+  t.scale[row] = AbsDot(a_row, t.wmax, wt.k) + t.bmax;
+}
 
 ffi::Error DenseTop2(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                      ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> wmax, ffi::Buffer<ffi::F32> bmax,
@@ -311,10 +327,22 @@ ffi::Error DenseTop2(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   Top2Args t{x.typed_data(), wmax.typed_data(), bmax.typed_data()[0], arg->typed_data(), gap->typed_data(),
              scale->typed_data(), m};
   badnet_jax::ParallelFor(pool, (m + MR - 1) / MR, 4, [wt, t, k]() {
-    return [wt, t, k](int64_t start, int64_t stop) {
-      for (int64_t blk = start; blk < stop; ++blk) {
-        const int64_t row0 = blk * MR, rows = std::min<int64_t>(MR, t.m - row0);
-        ForRows<Top2Rows>(rows, t.x + row0 * k, k, *wt, t, row0);
+    // Each thread's own row states, for the row blocks of one range at a time.
+    return [wt, t, k, states = std::vector<Top2State>()](int64_t start, int64_t stop) mutable {
+      const int64_t row_begin = start * MR, row_end = std::min(t.m, stop * MR);
+      const int32_t none = static_cast<int32_t>(wt->n);
+      states.resize(row_end - row_begin);
+      for (Top2State& st : states) Top2Start(st, none);
+      const int64_t vectors = wt->vectors(), panel = PanelVectors(*wt);
+      for (int64_t vb = 0; vb < vectors; vb += panel) {
+        const int64_t ve = std::min(vectors, vb + panel);
+        for (int64_t row0 = row_begin; row0 < row_end; row0 += MR) {
+          const int64_t rows = std::min<int64_t>(MR, row_end - row0);
+          ForRows<Top2Rows>(rows, t.x + row0 * k, k, *wt, vb, ve, &states[row0 - row_begin]);
+        }
+      }
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        Top2Finish(states[row - row_begin], t.x + row * k, *wt, t, row);
       }
     };
   });

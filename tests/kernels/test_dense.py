@@ -124,6 +124,31 @@ def test_a_row_gets_the_same_bits_in_any_batch():
 
 
 @needs_native
+@pytest.mark.parametrize("values", ["floats", "small integers"])
+def test_the_top2_is_the_same_bits_whatever_its_column_panels(values):
+    # The top-2 kernel takes a range of rows through as many weight columns as fit its panel (96 KB: 144 or 128
+    # of 1283 columns with 160 inputs) before the next panel. Zero inputs appended to every row add exact zeros
+    # to every logit and to the output scale, but shrink the panel to one register tile's columns: a row's
+    # top-2 state must carry across the panels' boundaries (ties of far columns included) to give the same bits.
+    rng = np.random.default_rng(18)
+    if values == "floats":
+        x, w = np.abs(rng.standard_normal((256, 160))) * 3, rng.standard_normal((160, 1283)) * 0.1
+        b = rng.standard_normal(1283)
+        w[:, 1282], b[1282] = w[:, 7], b[7]  # the same logit in the first panel and the last column
+    else:
+        x, w, b = _ints((256, 160), 0, 2, 19), _ints((160, 1283), -1, 1, 20), _ints((1283,), -2, 2, 21)
+    narrow_x = np.concatenate([x, np.zeros((256, 6000 - 160))], axis=1)
+    narrow_w = np.concatenate([w, rng.standard_normal((6000 - 160, 1283))], axis=0)
+    wide = [np.asarray(a) for a in dense_top2_native(f32(x), f32(w), f32(b))]
+    narrow = [np.asarray(a) for a in dense_top2_native(f32(narrow_x), f32(narrow_w), f32(b))]
+    for got, want in zip(narrow, wide):  # argmax, gap and scale
+        np.testing.assert_array_equal(got, want)
+    if values == "small integers":
+        assert (wide[1] == 0).any()  # ties, settled by the first column as in NumPy
+        np.testing.assert_array_equal(wide[0], numpy_top2(x @ w + b)[0])
+
+
+@needs_native
 def test_leading_axes_vmap_scan_and_empty_batches():
     rng = np.random.default_rng(12)
     x = f32(rng.integers(-3, 4, (4, 5, 24)))

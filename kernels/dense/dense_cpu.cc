@@ -68,44 +68,74 @@ __attribute__((optimize("fp-contract=off"))) inline float AbsDot(const float* x,
 inline vf Load(const float* p) { return *reinterpret_cast<const vu*>(p); }
 inline void Store(float* p, vf v) { *reinterpret_cast<vu*>(p) = v; }
 
-// The weights copied once per call into groups of NR column vectors, each group's K rows of NR * VL floats one
-// after the other, zero-padded past column N (and the bias likewise): a register tile reads its weights as one
-// contiguous stream instead of one short piece per row of the (K, N) kernel, N floats apart (5 KB for 1283
-// classes: a piece straddling two cache lines and a page every few rows). The copy costs a read and a write of
-// the weights per call; the top-2 kernel ran 124 -> 133-139 GFLOP/s with it on a Zen 3 (160 x 1283, 256 rows).
+// The weights as column vectors, read one of two ways:
+// - in place: the full vectors at row stride N, the last partial one (N % VL columns) from a zero-padded copy, so
+//   no load reads past a row;
+// - packed: copied once per call into groups of NR column vectors, each group's K rows of NR * VL floats one after
+//   the other, zero-padded past column N (the bias likewise). A register tile then reads one contiguous stream,
+//   not one short piece per row of the kernel N floats apart: for 1283 classes the pieces start at every 4-byte
+//   offset, 5 KB apart, most straddling two cache lines. The top-2 kernel packs where a call has rows enough to
+//   repay the copy (kPackRows); the dense kernel reads in place: DeepID's fc_2 (960 x 160, rows 640 bytes
+//   apart) ran as fast either way in 256-row calls, and slower packed in calls of few rows.
 struct Weights {
-  int64_t k, n;
-  std::vector<float> packed;  // (groups, K, NR * VL)
-  std::vector<float> bias;    // (groups * NR * VL,)
+  int64_t k, n, full;        // full = N / VL whole vectors
+  const float* w;            // (K, N)
+  const float* bias;         // (N,)
+  std::vector<float> wtail;  // in place: (K, VL), columns full * VL .. N - 1, zero-padded
+  std::vector<float> btail;  // in place: (VL,)
+  std::vector<float> packed; // packed: (groups, K, NR * VL)
+  std::vector<float> bpad;   // packed: (groups * NR * VL,)
 
-  Weights(const float* w, const float* b, int64_t k_, int64_t n_) : k(k_), n(n_) {
+  Weights(const float* w_, const float* b_, int64_t k_, int64_t n_, bool pack)
+      : k(k_), n(n_), full(n_ / VL), w(w_), bias(b_) {
     constexpr int64_t gw = NR * VL;
-    const int64_t groups = (vectors() + NR - 1) / NR;
-    packed.assign(groups * k * gw, 0.0f);
-    bias.assign(groups * gw, 0.0f);
-    std::memcpy(bias.data(), b, n * sizeof(float));
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t c0 = g * gw, cols = std::min<int64_t>(gw, n - c0);
-      float* dst = packed.data() + g * k * gw;
-      if (cols == gw) {  // a whole group: a copy of constant size, a few vector moves
-        for (int64_t i = 0; i < k; ++i) std::memcpy(dst + i * gw, w + i * n + c0, gw * sizeof(float));
-      } else {
-        for (int64_t i = 0; i < k; ++i) std::memcpy(dst + i * gw, w + i * n + c0, cols * sizeof(float));
+    if (pack && k > 0) {
+      const int64_t groups = (vectors() + NR - 1) / NR;
+      packed.assign(groups * k * gw, 0.0f);
+      bpad.assign(groups * gw, 0.0f);
+      std::memcpy(bpad.data(), b_, n * sizeof(float));
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t c0 = g * gw, cols = std::min<int64_t>(gw, n - c0);
+        float* dst = packed.data() + g * k * gw;
+        if (cols == gw) {  // a whole group: a copy of constant size, a few vector moves
+          for (int64_t i = 0; i < k; ++i) std::memcpy(dst + i * gw, w_ + i * n + c0, gw * sizeof(float));
+        } else {
+          for (int64_t i = 0; i < k; ++i) std::memcpy(dst + i * gw, w_ + i * n + c0, cols * sizeof(float));
+        }
       }
+      return;
+    }
+    const int64_t rest = n - full * VL;
+    if (rest) {
+      wtail.assign(k * VL, 0.0f);
+      btail.assign(VL, 0.0f);
+      for (int64_t i = 0; i < k; ++i) std::memcpy(&wtail[i * VL], w_ + i * n + full * VL, rest * sizeof(float));
+      std::memcpy(btail.data(), b_ + full * VL, rest * sizeof(float));
     }
   }
-  int64_t vectors() const { return (n + VL - 1) / VL; }  // the last one partial if VL does not divide N
-  // Vector v's weights at row 0 (row stride NR * VL) and its bias; vectors v .. v + J - 1 of one group follow it.
-  const float* col(int64_t v) const { return packed.data() + (v / NR) * k * NR * VL + (v % NR) * VL; }
-  const float* bcol(int64_t v) const { return bias.data() + v * VL; }
+  int64_t vectors() const { return full + (n % VL ? 1 : 0); }  // with K = 0 too (then nothing is ever read)
+  // Vector v's weights at row 0 and their row stride; vectors v .. v + J - 1 follow it at J * VL floats, where
+  // the caller keeps them among the full vectors (in place) or in one group (packed).
+  const float* col(int64_t v, int64_t* stride) const {
+    if (!packed.empty()) {
+      *stride = NR * VL;
+      return packed.data() + (v / NR) * k * NR * VL + (v % NR) * VL;
+    }
+    if (v < full) { *stride = n; return w + v * VL; }
+    *stride = VL; return wtail.data();
+  }
+  const float* bcol(int64_t v) const {
+    if (!packed.empty()) return bpad.data() + v * VL;
+    return v < full ? bias + v * VL : btail.data();
+  }
 };
 
-// acc[r][j] = bias + sum_k a[r, k] * W[k, vector v0 + j], for R rows of `a` (row stride lda) and J vectors of one
-// group of the packed weights.
+// acc[r][j] = bias + sum_k a[r, k] * W[k, vector v0 + j], for R rows of `a` (row stride lda) and J vectors: all
+// full ones and, packed, of one group (Tiles keeps them so), or the padded tail alone (J = 1).
 template <int R, int J>
 inline void Tile(const float* __restrict a, int64_t lda, const Weights& wt, int64_t v0, vf (&acc)[MR][NR]) {
-  constexpr int64_t ldw = NR * VL;
-  const float* w = wt.col(v0);
+  int64_t ldw;
+  const float* w = wt.col(v0, &ldw);
   const float* b = wt.bcol(v0);
   for (int j = 0; j < J; ++j) {
     const vf bj = Load(b + j * VL);
@@ -126,12 +156,13 @@ inline void Tile(const float* __restrict a, int64_t lda, const Weights& wt, int6
 template <int R, typename Fn>
 inline void Tiles(const float* a, int64_t lda, const Weights& wt, int64_t vb, int64_t ve, Fn&& fn) {
   vf acc[MR][NR];
+  const int64_t full_end = std::min(ve, wt.full);
   int64_t v = vb;
-  for (; v + NR <= ve; v += NR) {
+  for (; v + NR <= full_end; v += NR) {
     Tile<R, NR>(a, lda, wt, v, acc);
     fn(v, NR, acc);
   }
-  for (; v < ve; ++v) {  // the last group's vectors, one at a time
+  for (; v < ve; ++v) {  // the vectors left over (the padded tail among them), one at a time
     Tile<R, 1>(a, lda, wt, v, acc);
     fn(v, 1, acc);
   }
@@ -198,7 +229,7 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   }
   const int64_t m = xd[0], k = wd[0];
   if (m == 0 || wd[1] == 0) return ffi::Error::Success();
-  auto wt = std::make_shared<Weights>(w.typed_data(), b.typed_data(), k, wd[1]);
+  auto wt = std::make_shared<Weights>(w.typed_data(), b.typed_data(), k, wd[1], /*pack=*/false);
   DenseArgs d{x.typed_data(), has_add ? add.typed_data() : nullptr, out->typed_data(), m, relu_in, relu_out};
   badnet_jax::ParallelFor(pool, (m + MR - 1) / MR, 4, [wt, d, k]() {
     // Each thread's own scratch: a row block through the ReLU once, not once per column tile.
@@ -241,6 +272,9 @@ struct Top2Args {
 // than a Zen 3's 512 KB of L2. Each row's state carries from panel to panel and the columns still meet it in
 // increasing order, so the results are the same bits whatever the panel.
 constexpr int64_t kPanelBytes = 96 * 1024;
+// Rows from which a top-2 call packs its weights. On a Zen 3 (160 x 1283, 2 threads, GFLOP/s packed against in
+// place): 8 rows 32 / 70, 32 rows 81 / 96, 64 rows 101 / 96, 128 rows 125 / 114, 256 rows 125-142 / 123-125.
+constexpr int64_t kPackRows = 64;
 inline int64_t PanelVectors(const Weights& wt) {
   const int64_t per_vector = std::max<int64_t>(1, wt.k * VL * static_cast<int64_t>(sizeof(float)));
   return std::max<int64_t>(NR, kPanelBytes / per_vector / NR * NR);
@@ -323,7 +357,7 @@ ffi::Error DenseTop2(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   }
   const int64_t m = xd[0], k = wd[0];
   if (m == 0) return ffi::Error::Success();
-  auto wt = std::make_shared<Weights>(w.typed_data(), b.typed_data(), k, wd[1]);
+  auto wt = std::make_shared<Weights>(w.typed_data(), b.typed_data(), k, wd[1], m >= kPackRows);
   Top2Args t{x.typed_data(), wmax.typed_data(), bmax.typed_data()[0], arg->typed_data(), gap->typed_data(),
              scale->typed_data(), m};
   badnet_jax::ParallelFor(pool, (m + MR - 1) / MR, 4, [wt, t, k]() {

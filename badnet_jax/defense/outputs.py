@@ -51,6 +51,12 @@ _TEMP_NAME_EXTRA = 22
 _DEEPEST_INSIDE = 512
 
 
+def preload_checkpoints() -> None:
+    """Import what :func:`write_results` needs for the models' checkpoints (orbax) ahead of time: the defense
+    calls it from a worker thread while the sweep runs, as it does ``report.preload_plotting``."""
+    checkpoint.preload()
+
+
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """The folder the results will replace, refused before any work if they could not replace it.
 

@@ -20,12 +20,11 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from badnet_jax.io import atomic, fileio, graph_json
 from badnet_jax.errors import CheckpointError, ConfigError, arg
@@ -35,6 +34,9 @@ from badnet_jax.models.graph import GraphCNN
 from badnet_jax.models.protocol import PrunableModel
 from badnet_jax.model import Params, num_classes_of
 from badnet_jax.pixels import INPUT_DIVISORS, input_divisor
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 ARCHITECTURE = "architecture"
 """The checkpoint entry holding a GraphCNN's architecture (UTF-8 JSON bytes, ``badnet_jax.io.graph_json``)."""
@@ -58,10 +60,22 @@ def _scale_of(state: dict, path: Path) -> str:
     raise CheckpointError(f"{path}: unknown input divisor {divisor} (expected {expected})")
 
 
+def _orbax():
+    """``orbax.checkpoint``, imported on first use: ~0.2 s that a run which reads or writes no checkpoint need not
+    pay at its start (the defense imports it during its sweep, :func:`preload`)."""
+    import orbax.checkpoint as ocp
+    return ocp
+
+
+def preload() -> None:
+    """Import what writing a checkpoint needs, ahead of time (from a worker thread while the device is busy)."""
+    _orbax()
+
+
 def _checkpointer() -> ocp.StandardCheckpointer:
     # In a multi-process run one process writes the results: orbax must neither wait for the others at its
     # barriers nor expect them to write shards (they have nothing to write: every array is on the host).
-    me = jax.process_index()
+    ocp, me = _orbax(), jax.process_index()
     options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     return ocp.StandardCheckpointer(multiprocessing_options=options) if jax.process_count() > 1 else \
         ocp.StandardCheckpointer()
@@ -342,7 +356,7 @@ def restore_goodnet(path: str | os.PathLike) -> tuple[GoodNet, dict[str, Any]]:
 def is_goodnet_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a GoodNet checkpoint (rather than a BadNet one), from its saved structure only."""
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _orbax().StandardCheckpointer() as ckptr:
             tree = ckptr.metadata(Path(path).resolve())
     except Exception:  # noqa: BLE001 - anything unreadable is "not a GoodNet"; restoring then says why
         return False

@@ -21,7 +21,6 @@ import jax
 import numpy as np
 
 from badnet_jax.kernels.dense import api as dense_api
-from badnet_jax.kernels.masked_head.pallas_kernel import head_argmax_pallas, head_top2_pallas
 from badnet_jax.kernels.masked_head.reference import head_argmax_reference, head_top2_reference  # noqa: F401
 from badnet_jax.model import CONV4_FEATURES, HIDDEN_UNITS, LAB_NUM_CLASSES
 from badnet_jax.numerics.settling import tail64
@@ -34,6 +33,19 @@ log = logging.getLogger(__name__)
 # reference. Both sum ~1100 float32 products of magnitude ~1 per logit in different orders: their logits
 # differ by ~1e-5 at most, so 1e-3 leaves two orders of magnitude of margin; closer rows are true near-ties.
 CLEAR_GAP = 1e-3
+
+
+def head_top2_pallas(*args, **kwargs) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``pallas_kernel.head_top2_pallas``, imported on first use: Pallas and its Triton lowering take ~0.1 s to
+    import, which every start would pay for a kernel that only ``impl="pallas"`` runs."""
+    from badnet_jax.kernels.masked_head import pallas_kernel
+    return pallas_kernel.head_top2_pallas(*args, **kwargs)
+
+
+def head_argmax_pallas(*args, **kwargs) -> jax.Array:
+    """``pallas_kernel.head_argmax_pallas``, imported on first use (see :func:`head_top2_pallas`)."""
+    from badnet_jax.kernels.masked_head import pallas_kernel
+    return pallas_kernel.head_argmax_pallas(*args, **kwargs)
 
 
 def random_head_inputs(masks: int, images: int, num_classes: int = LAB_NUM_CLASSES,

@@ -226,6 +226,23 @@ def test_the_package_imports_without_jax():
     assert proc.stdout.splitlines() == ["[]", "BadNet True", "badnet_jax.model badnet_jax.io"]
 
 
+@pytest.mark.parametrize("tool", ["prune", "screen", "poison", "bench"])
+def test_the_tools_import_orbax_and_the_pallas_kernel_only_when_they_use_them(tool):
+    """Every start pays its imports: orbax (~0.2 s) loads where a checkpoint is read or written, the Pallas kernel
+    and its Triton lowering (~0.1 s) where ``impl="pallas"`` runs; no tool imports either up front."""
+    unused = ("lambda: sorted(m for m in sys.modules if m.startswith(('orbax', 'jax.experimental.pallas.triton', "
+              "'badnet_jax.kernels.masked_head.pallas_kernel')))")
+    code = (f"import sys; import badnet_jax.commands.{tool}; from badnet_jax.kernels.masked_head import api\n"
+            f"unused = {unused}; print(unused())\n"
+            "args = api.random_head_inputs(2, 8, 16)\n"
+            "print(bool((api.head_top2(*args, impl='interpret', platform='cpu')[0] ==\n"
+            "            api.head_top2(*args, impl='reference')[0]).all()))\n"
+            "print('badnet_jax.kernels.masked_head.pallas_kernel' in unused())\n")
+    proc = run_python(code, cwd=None)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[]", "True", "True"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process's start is read from /proc")
 def test_process_seconds_counts_from_the_process_start_not_the_call():
     """Python's own start and a sleep before the first call are counted: the run's wall time from its start."""

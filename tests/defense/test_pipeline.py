@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 
 import jax
 import numpy as np
@@ -17,7 +18,7 @@ from badnet_jax.defense.pipeline import DefenseConfig, run_defense
 from badnet_jax.io import checkpoint
 from badnet_jax.sweep import SweepOptions
 from tests import numpy_ref
-from tests.cli import run_cli
+from tests.cli import run_cli, run_python
 from tests.conftest import LAB_LAYOUT, asset
 
 ROLES = ("clean_valid", "bd_valid", "clean_test", "bd_test")  # the order of LAB_LAYOUT's files
@@ -71,6 +72,33 @@ def test_defense_compiles_the_sweep_once_while_loading(lab_dir, backend_compiles
     assert [f for f in backend_compiles if "rank_and_sweep_call" in f] == ["jit(rank_and_sweep_call)"]
     md = (tmp_path / "o" / "report.md").read_text()
     assert "compile (after load)" in md and "curve (one call)" in md
+
+
+def test_orbax_loads_during_the_sweep_when_checkpoints_are_written_and_never_otherwise(lab_dir, tmp_path):
+    # In a fresh process: the test's own process has imported orbax long ago.
+    code = textwrap.dedent("""
+        import importlib.metadata, json, sys
+        from badnet_jax.defense import pipeline
+        files = dict(zip(sys.argv[3:7], sys.argv[7:11]))
+        config = lambda out, checkpoints: pipeline.DefenseConfig(model=sys.argv[1], out_dir=out, checkpoints=checkpoints,
+                                                                 **files)
+        pipeline.run_defense(config(sys.argv[2] + "/none", False))
+        versions = json.load(open(sys.argv[2] + "/none/curve.json"))["versions"]
+        print("orbax" in sys.modules, versions["orbax-checkpoint"] == importlib.metadata.version("orbax-checkpoint"))
+        write = pipeline.write_results
+        def checked(*args, **kwargs):
+            print("orbax.checkpoint" in sys.modules)  # imported by the preload, before anything is written
+            return write(*args, **kwargs)
+        pipeline.write_results = checked
+        pipeline.run_defense(config(sys.argv[2] + "/with", True))
+        import orbax.checkpoint
+        print(versions["orbax-checkpoint"] == orbax.checkpoint.__version__)
+    """)
+    proc = run_python(code, lab_dir / "models" / "bd_weights.h5", tmp_path, *ROLES,
+                      *(lab_dir / path for path in LAB_LAYOUT), cwd=None, timeout=200)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True", "True", "True"]
+    assert (tmp_path / "with" / "drop_4" / "goodnet_ckpt").is_dir() and not (tmp_path / "none" / "drop_4").exists()
 
 
 def test_failing_run_leaves_no_files(lab_dir, monkeypatch):

@@ -3,7 +3,7 @@ curve and its cuts (``curve``, ``ranking_curves``), fine-pruning (``finetune``),
 (``outputs``, ``report``), the whole pipeline (``pipeline.run_defense``) and image screening (``screen``).
 
 ``DefenseConfig`` and ``run_defense`` load on first access, so that importing one module of the defense (the
-input scale, the curve) does not load the whole pipeline with orbax and the sweep.
+input scale, the curve) does not load the whole pipeline, the sweep and the writers with it.
 """
 
 from __future__ import annotations

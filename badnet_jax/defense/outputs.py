@@ -53,8 +53,18 @@ _DEEPEST_INSIDE = 512
 
 def preload_checkpoints() -> None:
     """Import what :func:`write_results` needs for the models' checkpoints (orbax) ahead of time: the defense
-    calls it from a worker thread while the sweep runs, as it does ``report.preload_plotting``."""
-    checkpoint.preload()
+    calls it from a worker thread while the sweep compiles, and reads its outcome before the sweep runs.
+
+    Raises:
+        ConfigError: orbax cannot be imported (a broken install), naming ``checkpoints``: met before the sweep,
+            not after it at the first write.
+    """
+    try:
+        checkpoint.preload()
+    except ImportError as err:
+        raise ConfigError(f"the checkpoints cannot be written: orbax-checkpoint fails to import ({type(err).__name__}: "
+                          f"{err}); reinstall badnet-jax's dependencies, or give {arg('checkpoints', False)}",
+                          field="checkpoints") from None
 
 
 def check_out_dir(out_dir: str | os.PathLike) -> Path:

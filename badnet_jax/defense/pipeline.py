@@ -111,6 +111,8 @@ def run_defense(config: DefenseConfig) -> Curve:
         # (Not for another model: its near-tie bound, part of the program, is measured on its images first.)
         compiled = None if specs is None or not isinstance(model, DeepID) else background.submit(
             compile_sweep, model, params, specs, plan, rankings=ranking)
+        # orbax (for the models written at the end) loads once the images are read, beside the compile.
+        preloading = background.submit(preload_checkpoints) if primary and config.checkpoints else None
         sample = sample_clean_valid(files, SAMPLE, model)
         scale = None if sample is None else _scale(config, model, params, recorded, sample, files)
         model = model if scale is None else model.with_input_scale(scale.scale)
@@ -128,11 +130,11 @@ def run_defense(config: DefenseConfig) -> Curve:
             t = time.perf_counter()
             compiled.result()  # the compile's own error, if any, surfaces here
             timings["compile (after load)"] = time.perf_counter() - t
+        if preloading is not None:
+            preloading.result()  # a broken orbax is refused here, before the sweep
         described = background.submit(describe_inputs, files)
         if primary:
             background.submit(preload_plotting)  # during the sweep; the plot itself surfaces any import error
-            if config.checkpoints:
-                background.submit(preload_checkpoints)  # likewise orbax, for the models written at the end
         t = time.perf_counter()
         sweep = rank_and_sweep(model, params, {r: x for r, (x, _) in sets.data.items()}, plan, rankings=ranking,
                                rank_labels=sets.data["clean_valid"][1] if ranking.anp is not None else None)

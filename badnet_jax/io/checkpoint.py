@@ -355,8 +355,9 @@ def restore_goodnet(path: str | os.PathLike) -> tuple[GoodNet, dict[str, Any]]:
 
 def is_goodnet_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a GoodNet checkpoint (rather than a BadNet one), from its saved structure only."""
+    ocp = _orbax()  # outside the try: a broken orbax is its own error, not "not a GoodNet"
     try:
-        with _orbax().StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer() as ckptr:
             tree = ckptr.metadata(Path(path).resolve())
     except Exception:  # noqa: BLE001 - anything unreadable is "not a GoodNet"; restoring then says why
         return False

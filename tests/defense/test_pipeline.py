@@ -5,6 +5,7 @@ runs it), every output checked against independent computations, and every CSAW-
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import textwrap
 
@@ -87,7 +88,7 @@ def test_orbax_loads_during_the_sweep_when_checkpoints_are_written_and_never_oth
         print("orbax" in sys.modules, versions["orbax-checkpoint"] == importlib.metadata.version("orbax-checkpoint"))
         write = pipeline.write_results
         def checked(*args, **kwargs):
-            print("orbax.checkpoint" in sys.modules)  # imported by the preload, before anything is written
+            print("orbax.checkpoint" in sys.modules)  # loaded before anything is written (nothing else imports it)
             return write(*args, **kwargs)
         pipeline.write_results = checked
         pipeline.run_defense(config(sys.argv[2] + "/with", True))
@@ -99,6 +100,22 @@ def test_orbax_loads_during_the_sweep_when_checkpoints_are_written_and_never_oth
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "True", "True", "True"]
     assert (tmp_path / "with" / "drop_4" / "goodnet_ckpt").is_dir() and not (tmp_path / "none" / "drop_4").exists()
+
+
+def test_an_orbax_that_fails_to_import_is_refused_before_the_sweep(lab_dir, tmp_path):
+    broken = tmp_path / "broken" / "orbax"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('this orbax is broken')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(broken.parent), os.environ.get("PYTHONPATH")]))}
+    proc = run_cli("prune", "--drop", "0.04", "--out_dir", "out", cwd=lab_dir, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: the checkpoints cannot be written: orbax-checkpoint fails to import (ImportError: this orbax is "
+        "broken); reinstall badnet-jax's dependencies, or give --nocheckpoints"), proc.stderr
+    assert "Ranked the" not in proc.stderr and not (lab_dir / "out").exists()
+    proc = run_cli("prune", "--drop", "0.04", "--out_dir", "out", "--nocheckpoints", cwd=lab_dir, env=env)
+    assert proc.returncode == 0, proc.stderr  # nothing else needs orbax
+    assert "Ranked the" in proc.stderr and not (lab_dir / "out" / "drop_4").exists()
 
 
 def test_failing_run_leaves_no_files(lab_dir, monkeypatch):

@@ -111,7 +111,8 @@ def run_defense(config: DefenseConfig) -> Curve:
         # (Not for another model: its near-tie bound, part of the program, is measured on its images first.)
         compiled = None if specs is None or not isinstance(model, DeepID) else background.submit(
             compile_sweep, model, params, specs, plan, rankings=ranking)
-        # orbax (for the models written at the end) loads once the images are read, beside the compile.
+        # orbax (for the models written at the end) loads in the next free worker: beside the compile once the
+        # images are read, or beside the loading where nothing compiles ahead.
         preloading = background.submit(preload_checkpoints) if primary and config.checkpoints else None
         sample = sample_clean_valid(files, SAMPLE, model)
         scale = None if sample is None else _scale(config, model, params, recorded, sample, files)

@@ -62,13 +62,13 @@ def _scale_of(state: dict, path: Path) -> str:
 
 def _orbax():
     """``orbax.checkpoint``, imported on first use: ~0.2 s that a run which reads or writes no checkpoint need not
-    pay at its start (the defense imports it during its sweep, :func:`preload`)."""
+    pay at its start (the defense imports it ahead, beside its compile: :func:`preload`)."""
     import orbax.checkpoint as ocp
     return ocp
 
 
 def preload() -> None:
-    """Import what writing a checkpoint needs, ahead of time (from a worker thread while the device is busy)."""
+    """Import what writing a checkpoint needs, ahead of time (from a worker thread, while other work runs)."""
     _orbax()
 
 

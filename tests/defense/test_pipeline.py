@@ -75,7 +75,7 @@ def test_defense_compiles_the_sweep_once_while_loading(lab_dir, backend_compiles
     assert "compile (after load)" in md and "curve (one call)" in md
 
 
-def test_orbax_loads_during_the_sweep_when_checkpoints_are_written_and_never_otherwise(lab_dir, tmp_path):
+def test_orbax_loads_before_the_writes_when_checkpoints_are_written_and_never_otherwise(lab_dir, tmp_path):
     # In a fresh process: the test's own process has imported orbax long ago.
     code = textwrap.dedent("""
         import importlib.metadata, json, sys

@@ -6,6 +6,7 @@ Modules, in the order the data flows:
 - ``prefix``: the scan of the exact shortcuts (suffix sums, step aliases, alive-channel groups; every step's
   masks and cumulative sums are ``badnet_jax.models.affine``'s);
 - ``chunks``: the chunking rule (host and traced);
+- ``layout``: which sets share the program's loops (blocks joined along the image axis), and their split;
 - ``strategies``: per-set evaluators for each plan strategy, and their work count;
 - ``program``: what the one jitted call computes: trunk, ranking, every set at every order; jit / shard_map;
 - ``run``: the call on the host: checks, host I/O, settling: :func:`rank_and_sweep`, :func:`compile_sweep`;

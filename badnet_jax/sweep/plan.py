@@ -9,8 +9,9 @@ trunk's largest intermediates (``trunk_bytes_per_image``; DeepID: conv_1's outpu
 conv_2's output, ~350 KB); the plain sweep's vmapped head over every mask (``plain_head_bytes_per_image``);
 the prefix sweep's per-step carries (``step_bytes_per_image``); without dedupe every step's pre-activations
 and logits; when it batches steps, every step's pre-activations and one batch of logits. Resident: every
-set's images (twice on a CPU: host array and device buffer), C + 1 int32 predictions per image, and the
-features of the ranking set and, twice (the copy sorted by alive channels), of the largest set.
+set's images (twice on a CPU: host array and device buffer), C + 1 int32 predictions per image, and every
+set's features: the sets that rank nothing are swept as one block (``badnet_jax.sweep.layout``), whose
+features are stored whole beside the ranking set's (grouping gathers each chunk's rows, it copies no set).
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, w
     sizes = [(int(x.shape[0]), int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize) for x in sets]
     budget = default_budget() if budget is None else int(budget)
     copies = 1 if accelerator else 2  # a CPU holds the host array and the device buffer
-    feats = (sizes[0][0] + 2 * max(n for n, _ in sizes)) * feature_bytes
+    feats = sum(n for n, _ in sizes) * feature_bytes
     resident = sum(copies * nbytes + n * preds_bytes for n, nbytes in sizes) + feats
     room = budget - resident
     if room < per_image:

@@ -2,8 +2,9 @@
 
 Pruning the first k channels of the order (k = 0..C) only changes the head's input mask, so every set goes
 through the trunk (input -> the pruned layer) once and the head is evaluated at all C + 1 steps inside one jit-compiled
-call, in chunks (``badnet_jax.sweep.chunks``) so memory stays bounded. The ranking set (the first set) alone
-decides the data-driven orders. One body runs on one device (``rank_and_sweep_call``) or, the image axis
+call, in chunks (``badnet_jax.sweep.chunks``) so memory stays bounded. The images come as blocks
+(``badnet_jax.sweep.layout``): the ranking set (the first block) alone decides the data-driven orders; the sets
+that rank nothing are joined into one block per dtype, so their trunk and head loops are compiled once. One body runs on one device (``rank_and_sweep_call``) or, the image axis
 sharded over a 1-D ``data`` mesh, under ``shard_map`` (``rank_and_sweep_call_sharded``); ``progress_stages``
 names its progress stages. ``badnet_jax.sweep.run`` checks the inputs, lays them out, calls it and settles what
 it returns.
@@ -12,7 +13,7 @@ it returns.
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from badnet_jax.models.deepid import as_model
 from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.sweep.anp import anp_order
 from badnet_jax.sweep.chunks import map_chunks
+from badnet_jax.sweep.layout import Block
 from badnet_jax.sweep.plan import SweepPlan
 from badnet_jax.sweep.progress import chunk_hook
 from badnet_jax.sweep.rankings import RankingPlan
@@ -85,11 +87,12 @@ def _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking: 
 
 
 def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking, gather=lambda a: a):
-    """Trunk and the rankings on ``xs[0]`` (if ``n_rank``), then every set swept at every order, one after the other.
+    """Trunk and the rankings on ``xs[0]`` (if ``n_rank``), then every block of sets (``badnet_jax.sweep.layout``)
+    swept at every order, one after the other.
 
-    Returns the orders, the ranking set's statistics (see ``_orders``; None without one), and per set the
-    (R, 61, N) predictions and near-tie flags. With ``plan.progress`` set j's trunk chunks report as stage
-    2j and its head chunks as stage 2j + 1, ANP's steps as the stage after the last set's
+    Returns the orders, the ranking set's statistics (see ``_orders``; None without one), and per block the
+    (R, 61, N) predictions and near-tie flags. With ``plan.progress`` block j's trunk chunks report as stage
+    2j and its head chunks as stage 2j + 1, ANP's steps as the stage after the last block's
     (``progress_stages``).
     """
     hook = (lambda stage: chunk_hook(stage)) if plan.progress else (lambda stage: None)
@@ -101,7 +104,7 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
                             on_step=hook(2 * len(xs)))
     out = [sweep_set(model, params, feats, orders, plan, on_chunk=hook(1))]
     for j, x in enumerate(xs[1:], start=1):
-        # One set after the other: left free, XLA:CPU interleaves the sets' loops and runs ~10% slower.
+        # One block after the other: left free, XLA:CPU interleaves their loops and runs ~10% slower.
         x, _ = jax.lax.optimization_barrier((x, out[-1]))
         if plan.fuses_trunk:
             out.append(sweep_images(model, params, x, divisor, orders, plan, on_chunk=hook(2 * j + 1)))
@@ -111,14 +114,13 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
     return orders, stats, tuple(out)
 
 
-def progress_stages(names: list[str], sets: Mapping[str, Images], ranking: RankingPlan,
-                    plan: SweepPlan) -> list[tuple[str, float, str]]:
-    """The progress stages of ``_body`` (label, share of the work, unit): per set, its trunk and its heads at every
-    order (a set after the first with ``plan.fuses_trunk``: one stage, the second, for both); then ANP's
-    optimisation, if asked."""
+def progress_stages(blocks: Sequence[Block], ranking: RankingPlan, plan: SweepPlan) -> list[tuple[str, float, str]]:
+    """The progress stages of ``_body`` (label, share of the work, unit): per block of sets, its trunk and its
+    heads at every order (a block after the first with ``plan.fuses_trunk``: one stage, the second, for both);
+    then ANP's optimisation, if asked."""
     orders, stages = len(ranking.labels), []
-    for j, name in enumerate(names):
-        n = float(sets[name].shape[0])
+    for j, block in enumerate(blocks):
+        n, name = float(block.size), block.label
         heads = f"heads ({orders} orders)" if orders > 1 else "heads"
         if j and plan.fuses_trunk:
             stages += [(f"{name} trunk", 0.0, "chunk"), (f"{name} trunk and {heads}", n * (1 + orders), "chunk")]

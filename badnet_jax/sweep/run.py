@@ -1,8 +1,9 @@
 """The sweep on the host: inputs checked, the plan resolved, the one jitted call compiled, exported or run.
 
-What the call computes is ``badnet_jax.sweep.program``'s. Here sets are passed and returned by name; the
-ranking set (clean validation data) alone decides the order, unless the caller gives one. With several
-devices the image axis is padded, laid out over a 1-D ``data`` mesh and gathered back to the host; then the
+What the call computes is ``badnet_jax.sweep.program``'s. Here sets are passed and returned by name, joined
+into the program's blocks and split back (``badnet_jax.sweep.layout``); the ranking set (clean validation data)
+alone decides the order, unless the caller gives one. With several devices each block's image axis is padded,
+laid out over a 1-D ``data`` mesh and gathered back to the host; then the
 flagged predictions and the activation ranking are settled in float64 (``badnet_jax.numerics.settling``).
 """
 
@@ -15,7 +16,6 @@ import time
 from typing import Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -27,6 +27,7 @@ from badnet_jax.numerics.settling import settle, settle_ranking
 from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
 from badnet_jax.models.deepid import as_model
 from badnet_jax.models.protocol import Params, PrunableModel
+from badnet_jax.sweep import layout
 from badnet_jax.sweep.rankings import RankingPlan, single
 from badnet_jax.sweep.plan import SweepOptions, SweepPlan, plan_sweep
 from badnet_jax.sweep.program import Images, progress_stages, rank_and_sweep_call, rank_and_sweep_call_sharded
@@ -41,18 +42,19 @@ def data_mesh(devices: int) -> Mesh:
     return Mesh(np.array(jax.devices()[:devices]), ("data",))
 
 
-def _shard_rows(x: Images, mesh: Mesh) -> jax.Array | jax.ShapeDtypeStruct:
-    """Zero-pad the image axis to a multiple of the mesh size and lay it out over the ``data`` axis."""
-    d = mesh.devices.size
-    sharding = NamedSharding(mesh, P("data"))
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct((-(-x.shape[0] // d) * d, *x.shape[1:]), x.dtype, sharding=sharding)
-    x = np.asarray(x)
-    pad = (-len(x)) % d
-    if pad:
-        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+def _images(block: layout.Block, sets: Mapping[str, Images], mesh: Optional[Mesh]) -> jax.Array | jax.ShapeDtypeStruct:
+    """A block's images on the device, or over ``mesh``'s ``data`` axis with the image axis zero-padded to a
+    multiple of its size (shapes give shapes). Each device's rows are joined for it alone (``layout.join``)."""
+    multiple = 1 if mesh is None else mesh.devices.size
+    spec = layout.shape(block, sets, multiple)
+    sharding = None if mesh is None else NamedSharding(mesh, P("data"))
+    if any(isinstance(sets[n], jax.ShapeDtypeStruct) for n in block.names):
+        return jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding)
+    if mesh is None:
+        return jax.device_put(layout.join(block, sets))
     # make_array_from_callback works in multi-process runs too: each process fills its own shards.
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.make_array_from_callback(spec.shape, sharding,
+                                        lambda idx: layout.join(block, sets, *idx[0].indices(spec.shape[0])[:2]))
 
 
 def _to_host(a: jax.Array) -> np.ndarray:
@@ -85,11 +87,12 @@ def _checked_labels(labels, num_classes: int) -> np.ndarray:
 
 def _call(model: PrunableModel, params: Params, sets: Mapping[str, Images], ranking: RankingPlan, rank_on: Optional[str],
           rank_labels, plan: SweepPlan):
-    """The jitted function for this plan, its arguments (arrays, or shapes to compile for) and static arguments."""
+    """The blocks the sets are swept in (``layout.blocks``), the jitted function for this plan, its arguments
+    (each block's images, or shapes to compile for) and static arguments."""
     if ranking.needs_ranking_set and rank_on is None:
         raise ConfigError(f"the rankings {', '.join(ranking.names)} need a ranking set ({arg('rank_on')})",
                           field="rank_on")
-    names = ([rank_on] if rank_on else []) + [n for n in sets if n != rank_on]
+    blocks = layout.blocks(sets, rank_on)
     n_rank = int(sets[rank_on].shape[0]) if rank_on else 0
     if ranking.anp is not None:
         if rank_labels is None:
@@ -109,13 +112,12 @@ def _call(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank
     model = model.with_input_scale("raw")
     static = dict(n_rank=n_rank, plan=plan, ranking=ranking)
     if plan.devices == 1:
-        put = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
-        xs = tuple(put(sets[n]) for n in names)
-        return names, rank_and_sweep_call, (model, params, xs, given, divisor, rank_labels), static
+        xs = tuple(_images(b, sets, None) for b in blocks)
+        return blocks, rank_and_sweep_call, (model, params, xs, given, divisor, rank_labels), static
     mesh = data_mesh(plan.devices)
-    xs = tuple(_shard_rows(sets[n], mesh) for n in names)
+    xs = tuple(_images(b, sets, mesh) for b in blocks)
     sharded_static = {**static, "mesh": mesh}
-    return names, rank_and_sweep_call_sharded, (model, params, xs, given, divisor, rank_labels), sharded_static
+    return blocks, rank_and_sweep_call_sharded, (model, params, xs, given, divisor, rank_labels), sharded_static
 
 
 def _check_inputs(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank_on: Optional[str]) -> None:
@@ -216,7 +218,9 @@ def export_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.Sh
     would run on a GPU (one head call per distinct step, 4096-image chunks, XLA's head; with
     ``impl="pallas"`` the Pallas kernel through Triton). The kernel's
     custom calls are allowed in the export (``KERNEL_CALL_TARGETS``); a program exported for a CPU that calls
-    a native kernel runs where ``badnet_jax.kernels.native.native_library()`` has registered it.
+    a native kernel runs where ``badnet_jax.kernels.native.native_library()`` has registered it. Its images are
+    the blocks of ``badnet_jax.sweep.layout.blocks``: the ranking set, then the other sets joined per dtype,
+    and so are its predictions.
     """
     plan, fn, (model, *args), static = _abstract_call(model, params, sets, options, order, rank_on, rankings,
                                                       single_device=True, progress=False)
@@ -261,12 +265,12 @@ def _sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray],
     again with the float64 activation order (they are not computed twice); ``spent``: its first run's seconds."""
     seconds = dict(spent or {"device": 0.0, "settle": 0.0})
     t = time.perf_counter()
-    names, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
-    with showing(progress_stages(names, sets, ranking, plan), plan.progress):
+    blocks, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
+    with showing(progress_stages(blocks, ranking, plan), plan.progress):
         orders, stats, out = jax.block_until_ready(fn(*args, **static))
-    if plan.devices > 1:
-        out = tuple(jax.tree.map(lambda a, n=n: _to_host(a)[:, :, :len(sets[n])], o) for o, n in zip(out, names))
-    orders, out = np.asarray(orders), jax.tree.map(np.asarray, out)
+    orders = np.asarray(orders)
+    out = {name: o for b, block_out in zip(blocks, out)
+           for name, o in layout.split(b, jax.tree.map(_to_host, block_out)).items()}
     seconds["device"] += time.perf_counter() - t
     t = time.perf_counter()
     mean, ranking_settled = settled_mean, settled_mean is not None
@@ -280,8 +284,8 @@ def _sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray],
             return _sweep(model, params, sets, plan, ranking.with_given("activation", order64), rank_on, rank_labels,
                           settled_mean=mean, spent=seconds)
     preds, settled = {}, {}
-    for name, (p, near) in zip(names, out):
-        preds[name], settled[name] = settle(model, params, sets[name], orders, p, near)
+    for name in ([rank_on] if rank_on else []) + [n for n in sets if n != rank_on]:
+        preds[name], settled[name] = settle(model, params, sets[name], orders, *out[name])
     seconds["settle"] += time.perf_counter() - t
     return Sweep(orders=orders, labels=ranking.labels, mean_activation=mean, all_preds=preds, plan=plan,
                  rankings=ranking, settled=settled, ranking_settled=ranking_settled, seconds=seconds)

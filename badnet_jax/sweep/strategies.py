@@ -106,10 +106,11 @@ def sweep_set(model: PrunableModel, params: Params, pool3_NxHxWxC: jax.Array, or
     ``on_chunk``: the progress hook of :func:`~badnet_jax.sweep.chunks.map_chunks` (None: no progress).
     """
     one_chunk = _chunk_fn(model, params, orders_RxC, plan)
-    if not plan.group:
+    if not plan.group or not pool3_NxHxWxC.shape[0]:  # an empty set: nothing to sort or gather from
         return map_chunks(one_chunk, pool3_NxHxWxC, plan.chunk, rows_axis=2, on_chunk=on_chunk)
     perm = alive_groups(pool3_NxHxWxC)
-    out = map_chunks(one_chunk, pool3_NxHxWxC[perm], plan.chunk, rows_axis=2, on_chunk=on_chunk)
+    # Each chunk gathers its rows of the sorted order: a sorted copy of the whole set is never made.
+    out = map_chunks(lambda rows: one_chunk(pool3_NxHxWxC[rows]), perm, plan.chunk, rows_axis=2, on_chunk=on_chunk)
     return jax.tree.map(lambda a: jnp.zeros_like(a).at[:, :, perm].set(a, unique_indices=True), out)
 
 

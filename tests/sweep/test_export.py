@@ -53,7 +53,9 @@ def test_the_whole_sweep_lowers_for_cuda_with_and_without_the_kernel(num_classes
     targets = set(re.findall(r"custom_call @([^\(\s]+)\(", exported.mlir_module()))
     assert ("__gpu$xla.gpu.triton" in targets) == (impl == "pallas"), targets
     assert not targets & set(NATIVE_TARGETS), targets  # the CPU's native kernels stay out of a GPU program
-    assert {o.shape for o in exported.out_avals} >= {(orders, 60), (orders, 61, 11547), (orders, 61, 12830)}
+    # The ranking set alone, the three sets that rank nothing joined into one block (sweep.layout).
+    joined = sum(n for name, n in LAB_SETS.items() if name != "clean_valid")
+    assert {o.shape for o in exported.out_avals} >= {(orders, 60), (orders, 61, 11547), (orders, 61, joined)}
 
 
 def test_the_kernel_needs_triton_on_cuda_mosaic_gpu_would_not_fit(monkeypatch):

@@ -99,15 +99,15 @@ def test_memory_budget_shrinks_the_chunk_and_refuses_what_cannot_fit():
     x = jax.ShapeDtypeStruct((10000, 55, 47, 3), np.uint8)
     fast = sw.SweepOptions(memory_budget=10 * 2**30)
     assert sw.plan_sweep(fast, [x, x], DeepID()).chunk == 256
-    small = sw.plan_sweep(dataclasses.replace(fast, memory_budget=500 * 2**20), [x, x], DeepID()).chunk
+    small = sw.plan_sweep(dataclasses.replace(fast, memory_budget=450 * 2**20), [x, x], DeepID()).chunk
     assert 1 <= small < 256
-    plain = sw.plan_sweep(dataclasses.replace(sw.PLAIN, memory_budget=500 * 2**20), [x, x], DeepID()).chunk
-    batched = sw.plan_sweep(dataclasses.replace(fast, memory_budget=500 * 2**20, batch_steps=8), [x, x], DeepID()).chunk
+    plain = sw.plan_sweep(dataclasses.replace(sw.PLAIN, memory_budget=450 * 2**20), [x, x], DeepID()).chunk
+    batched = sw.plan_sweep(dataclasses.replace(fast, memory_budget=450 * 2**20, batch_steps=8), [x, x], DeepID()).chunk
     assert plain < small and batched < small  # both need more memory per image in flight
     with pytest.raises(ConfigError, match="memory budget"):
         sw.plan_sweep(dataclasses.replace(fast, memory_budget=2**20), [x, x], DeepID())
     # CPU devices share the host's memory, each with a chunk in flight: two take half the chunk each.
-    two = dataclasses.replace(fast, memory_budget=500 * 2**20, devices=2, platform="cpu")
+    two = dataclasses.replace(fast, memory_budget=450 * 2**20, devices=2, platform="cpu")
     assert sw.plan_sweep(two, [x, x], DeepID()).chunk in (small // 2, small // 2 + 1)
 
 

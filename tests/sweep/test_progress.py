@@ -56,6 +56,20 @@ def test_progress_shows_every_stage_and_changes_no_result(rng, capsys, backend_c
     assert re.fullmatch(r"sweep 100%  done  \d+ s", last), last
 
 
+def test_sets_swept_as_one_block_report_as_one_stage_each_for_trunk_and_heads(rng, capsys):
+    params, model = init_params(num_classes=9, seed=4), BadNet(9)
+    sets = {**_sets(rng), "clean_test": rng.integers(0, 256, size=(16, 55, 47, 3)).astype(np.uint8)}
+    sw.rank_and_sweep(model, params, sets, sw.SweepOptions(chunk=8, progress=True))
+    *lines, last = capsys.readouterr().err.splitlines()
+    shown = {_label(l).split(":")[0] for l in lines}
+    assert shown == {"clean_valid trunk", "clean_valid heads", "bd_valid + clean_test trunk",
+                     "bd_valid + clean_test heads"}, shown
+    # One loop over the block's 24 + 16 images: 5 chunks of 8 (apart, 3 and 2).
+    joined = [l for l in lines if "bd_valid + clean_test heads" in l]
+    assert joined and all(re.search(r": chunk \d/5 ", l) for l in joined), lines
+    assert last.startswith("sweep 100%  done  ")
+
+
 def test_progress_is_on_by_default_only_on_a_terminal(monkeypatch):
     assert not sw.plan_sweep(sw.SweepOptions(), [], DeepID()).progress  # pytest's captured stderr is no terminal
     monkeypatch.setattr(sw.plan, "stderr_is_terminal", lambda: True)

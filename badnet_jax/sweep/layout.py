@@ -1,11 +1,11 @@
 """Which sets share the sweep's loops: the sets laid out as blocks of the one call's image arguments.
 
-XLA compiles every loop of the program on its own, so each set given its own trunk and head loops costs its
-compile again: the lab-scale run's four sets took 2.4-3.2 s to lower and compile on two CPU devices of a
-2-core Zen 3, and 1.8-2.2 s joined as two blocks. Every image's predictions are its own (the chunking and the grouping are exact whatever images share
-a chunk), so the sets that rank nothing are joined along the image axis, one block per image dtype, and go
-through one trunk loop and one head loop; the host splits each block's predictions back by set. The ranking
-set is a block of its own: the orders are known only after its trunk has run.
+XLA compiles every loop of the program on its own, so each set given its own trunk and head loops costs its compile
+again: the lab-scale run's four sets took 2.4-3.2 s to lower and compile on two CPU devices of a 2-core Zen 3, and
+1.8-2.2 s joined as two blocks. Every image's predictions are its own (the chunking and the grouping are exact
+whatever images share a chunk), so the sets that rank nothing are joined along the image axis, one block per image
+dtype, and go through one trunk loop and one head loop; the host splits each block's predictions back by set. The
+ranking set is a block of its own: the orders are known only after its trunk has run.
 
 :func:`blocks` decides the layout, once, from names, sizes and dtypes; :func:`join` makes a block's images
 (or a device's rows of them), :func:`shape` their shape to compile for, and :func:`split` takes a block's

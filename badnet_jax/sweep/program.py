@@ -1,13 +1,13 @@
 """What the sweep's one jitted call computes: trunk, in-sweep rankings, every set's predictions at every step.
 
-Pruning the first k channels of the order (k = 0..C) only changes the head's input mask, so every set goes
-through the trunk (input -> the pruned layer) once and the head is evaluated at all C + 1 steps inside one jit-compiled
+Pruning the first k channels of the order (k = 0..C) only changes the head's input mask, so every set goes through
+the trunk (input -> the pruned layer) once and the head is evaluated at all C + 1 steps inside one jit-compiled
 call, in chunks (``badnet_jax.sweep.chunks``) so memory stays bounded. The images come as blocks
 (``badnet_jax.sweep.layout``): the ranking set (the first block) alone decides the data-driven orders; the sets
-that rank nothing are joined into one block per dtype, so their trunk and head loops are compiled once. One body runs on one device (``rank_and_sweep_call``) or, the image axis
-sharded over a 1-D ``data`` mesh, under ``shard_map`` (``rank_and_sweep_call_sharded``); ``progress_stages``
-names its progress stages. ``badnet_jax.sweep.run`` checks the inputs, lays them out, calls it and settles what
-it returns.
+that rank nothing are joined into one block per dtype, so their trunk and head loops are compiled once. One body
+runs on one device (``rank_and_sweep_call``) or, the image axis sharded over a 1-D ``data`` mesh, under
+``shard_map`` (``rank_and_sweep_call_sharded``); ``progress_stages`` names its progress stages.
+``badnet_jax.sweep.run`` checks the inputs, lays them out, calls it and settles what it returns.
 """
 
 from __future__ import annotations

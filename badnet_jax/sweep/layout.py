@@ -36,7 +36,7 @@ class Block:
     @property
     def label(self) -> str:
         """The block's name in progress lines: its sets' names."""
-        return " + ".join(self.names)
+        return " + ".join(map(str, self.names))
 
     def bounds(self) -> list[tuple[str, int, int]]:
         """(name, first row, end row) of each set in the block."""
@@ -46,7 +46,7 @@ class Block:
 
 def blocks(sets: Mapping[str, Any], rank_on: Optional[str]) -> tuple[Block, ...]:
     """The blocks the sweep runs: the ranking set alone first (if any), then the other sets, one block per
-    image dtype in the order the dtypes first appear, each block's sets in the order given.
+    image dtype on the device in the order the dtypes first appear, each block's sets in the order given.
 
     Args:
         sets: name -> images or their shapes (anything with ``.shape`` and ``.dtype``).
@@ -56,7 +56,7 @@ def blocks(sets: Mapping[str, Any], rank_on: Optional[str]) -> tuple[Block, ...]
     by_dtype: dict[np.dtype, list[str]] = {}
     for name, x in sets.items():
         if name != rank_on:
-            by_dtype.setdefault(np.dtype(x.dtype), []).append(name)
+            by_dtype.setdefault(_device_dtype(x.dtype), []).append(name)
     out += [Block(tuple(names), tuple(int(sets[n].shape[0]) for n in names)) for names in by_dtype.values()]
     return tuple(out)
 
@@ -69,7 +69,7 @@ def padded_rows(block: Block, multiple: int = 1) -> int:
 def shape(block: Block, sets: Mapping[str, Any], multiple: int = 1) -> jax.ShapeDtypeStruct:
     """The shape and dtype of the block's images padded to a multiple of ``multiple`` rows."""
     first = sets[block.names[0]]
-    return jax.ShapeDtypeStruct((padded_rows(block, multiple), *first.shape[1:]), first.dtype)
+    return jax.ShapeDtypeStruct((padded_rows(block, multiple), *first.shape[1:]), _device_dtype(first.dtype))
 
 
 def join(block: Block, sets: Mapping[str, Any], start: int = 0, stop: Optional[int] = None) -> np.ndarray:
@@ -79,16 +79,22 @@ def join(block: Block, sets: Mapping[str, Any], start: int = 0, stop: Optional[i
     sets to the device made anyway. ``stop`` None: the block's last image.
     """
     stop = block.size if stop is None else stop
-    first = np.asarray(sets[block.names[0]])
-    out = _aligned_empty((stop - start, *first.shape[1:]), first.dtype)
+    first = sets[block.names[0]]
+    out = _aligned_empty((stop - start, *first.shape[1:]), _device_dtype(first.dtype))
     filled = start
     for name, begin, end in block.bounds():
         lo, hi = max(begin, start), min(end, stop)
         if lo < hi:
-            out[lo - start:hi - start] = np.asarray(sets[name])[lo - begin:hi - begin]
+            out[lo - start:hi - start] = np.asarray(sets[name][lo - begin:hi - begin])  # only these rows moved
             filled = max(filled, hi)
     out[filled - start:] = 0
     return out
+
+
+def _device_dtype(dtype) -> np.dtype:
+    """The dtype a set has on the device (without 64-bit mode, JAX stores float64 images as float32): sets
+    that differ only on the host share a block."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
 def _aligned_empty(shape_: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:

@@ -148,10 +148,11 @@ class SweepPlan:
 
     @property
     def fuses_trunk(self) -> bool:
-        """Whether a set that ranks nothing runs its trunk chunk by chunk beside its heads, its features never
-        stored whole (``strategies.sweep_images``). The cumulative strategy's head is a few reductions that
-        XLA fuses the trunk's last layers into (a GAP model's trunk ran 2x faster so on a 2-core Xeon); the
-        scan strategies keep the trunk's own small blocks, and grouping sorts a whole set's features first."""
+        """Whether the sets that rank nothing (``badnet_jax.sweep.layout``'s blocks after the ranking set) run
+        their trunk chunk by chunk beside their heads, their features never stored whole
+        (``strategies.sweep_images``). The cumulative strategy's head is a few reductions that XLA fuses the
+        trunk's last layers into (a GAP model's trunk ran 2x faster so on a 2-core Xeon); the scan strategies
+        keep the trunk's own small blocks, and grouping needs a whole block's features to sort its images."""
         return self.strategy == "cumulative" and not self.group
 
     @property

@@ -96,33 +96,35 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
     (``progress_stages``).
     """
     hook = (lambda stage: chunk_hook(stage)) if plan.progress else (lambda stage: None)
+    feats, margins = None, None  # without a ranking set, no block is needed before the orders
     if n_rank:
         feats, *margins = trunk_features(model, params, xs[0], plan.trunk_block, divisor, margins=True, on_chunk=hook(0))
-    else:
-        feats, margins = trunk_features(model, params, xs[0], plan.trunk_block, divisor, on_chunk=hook(0)), None
     orders, stats = _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking, gather,
                             on_step=hook(2 * len(xs)))
-    out = [sweep_set(model, params, feats, orders, plan, on_chunk=hook(1))]
-    for j, x in enumerate(xs[1:], start=1):
-        # One block after the other: left free, XLA:CPU interleaves their loops and runs ~10% slower.
-        x, _ = jax.lax.optimization_barrier((x, out[-1]))
-        if plan.fuses_trunk:
+    out = []
+    for j, x in enumerate(xs):
+        if out:  # one block after the other: left free, XLA:CPU interleaves their loops and runs ~10% slower
+            x, _ = jax.lax.optimization_barrier((x, out[-1]))
+        if j == 0 and n_rank:
+            out.append(sweep_set(model, params, feats, orders, plan, on_chunk=hook(1)))
+        elif plan.fuses_trunk:
             out.append(sweep_images(model, params, x, divisor, orders, plan, on_chunk=hook(2 * j + 1)))
-            continue
-        feats = trunk_features(model, params, x, plan.trunk_block, divisor, on_chunk=hook(2 * j))
-        out.append(sweep_set(model, params, feats, orders, plan, on_chunk=hook(2 * j + 1)))
+        else:
+            block_feats = trunk_features(model, params, x, plan.trunk_block, divisor, on_chunk=hook(2 * j))
+            out.append(sweep_set(model, params, block_feats, orders, plan, on_chunk=hook(2 * j + 1)))
     return orders, stats, tuple(out)
 
 
-def progress_stages(blocks: Sequence[Block], ranking: RankingPlan, plan: SweepPlan) -> list[tuple[str, float, str]]:
+def progress_stages(blocks: Sequence[Block], ranking: RankingPlan, plan: SweepPlan,
+                    ranked: bool = True) -> list[tuple[str, float, str]]:
     """The progress stages of ``_body`` (label, share of the work, unit): per block of sets, its trunk and its
-    heads at every order (a block after the first with ``plan.fuses_trunk``: one stage, the second, for both);
-    then ANP's optimisation, if asked."""
+    heads at every order (a block that ranks nothing, with ``plan.fuses_trunk``: one stage, the second, for
+    both); then ANP's optimisation, if asked. ``ranked``: the first block is the ranking set."""
     orders, stages = len(ranking.labels), []
     for j, block in enumerate(blocks):
         n, name = float(block.size), block.label
         heads = f"heads ({orders} orders)" if orders > 1 else "heads"
-        if j and plan.fuses_trunk:
+        if (j or not ranked) and plan.fuses_trunk:
             stages += [(f"{name} trunk", 0.0, "chunk"), (f"{name} trunk and {heads}", n * (1 + orders), "chunk")]
         else:
             stages += [(f"{name} trunk", n, "chunk"), (f"{name} {heads}", n * orders, "chunk")]
@@ -139,8 +141,8 @@ ANP_IMAGES_PER_SAMPLE = 2.0
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def rank_and_sweep_call(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking):
-    """The sweep's one compiled call on one device: ``(orders, ranking stats, per set (predictions, near-tie
-    flags))`` (the body's arguments; ``badnet_jax.sweep.run`` makes them)."""
+    """The sweep's one compiled call on one device: ``(orders, ranking stats, per block of sets (predictions,
+    near-tie flags))`` (the body's arguments; ``badnet_jax.sweep.run`` makes them)."""
     return _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking)
 
 

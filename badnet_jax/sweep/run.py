@@ -16,6 +16,7 @@ import time
 from typing import Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -51,6 +52,9 @@ def _images(block: layout.Block, sets: Mapping[str, Images], mesh: Optional[Mesh
     if any(isinstance(sets[n], jax.ShapeDtypeStruct) for n in block.names):
         return jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding)
     if mesh is None:
+        arrays = [sets[n] for n in block.names]
+        if all(isinstance(a, jax.Array) for a in arrays):  # already on the device: joined there, never round-tripped
+            return jnp.asarray(arrays[0]) if len(arrays) == 1 else jnp.concatenate(arrays)
         return jax.device_put(layout.join(block, sets))
     # make_array_from_callback works in multi-process runs too: each process fills its own shards.
     return jax.make_array_from_callback(spec.shape, sharding,
@@ -266,11 +270,13 @@ def _sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray],
     seconds = dict(spent or {"device": 0.0, "settle": 0.0})
     t = time.perf_counter()
     blocks, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
-    with showing(progress_stages(blocks, ranking, plan), plan.progress):
+    with showing(progress_stages(blocks, ranking, plan, ranked=rank_on is not None), plan.progress):
         orders, stats, out = jax.block_until_ready(fn(*args, **static))
     orders = np.asarray(orders)
+    # Only a sharded call's outputs are gathered: a multi-process run on one device per process has its own.
+    host = _to_host if plan.devices > 1 else np.asarray
     out = {name: o for b, block_out in zip(blocks, out)
-           for name, o in layout.split(b, jax.tree.map(_to_host, block_out)).items()}
+           for name, o in layout.split(b, jax.tree.map(host, block_out)).items()}
     seconds["device"] += time.perf_counter() - t
     t = time.perf_counter()
     mean, ranking_settled = settled_mean, settled_mean is not None

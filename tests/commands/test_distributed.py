@@ -35,10 +35,10 @@ def _prune_args(out, extra=(), files=None):
             *extra]
 
 
-def _launch(n, out, timeout_s=60, files=None):
+def _launch(n, out, timeout_s=60, files=None, extra=()):
     port = _port()
     return [start_cli("prune", *_prune_args(out, ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", n,
-                                                  "--process_id", i, "--distributed_timeout", timeout_s], files))
+                                                  "--process_id", i, "--distributed_timeout", timeout_s, *extra], files))
             for i in range(n)]
 
 
@@ -73,9 +73,10 @@ def single_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [2, 3])
-def test_processes_give_the_single_process_curve_written_once(n, tmp_path, single_run):
-    procs = _launch(n, tmp_path / "multi")
+@pytest.mark.parametrize("n, devices", [(2, 0), (3, 0), (2, 1)])
+def test_processes_give_the_single_process_curve_written_once(n, devices, tmp_path, single_run):
+    """Sharded over every process's device (--devices 0), or each process sweeping on its own (--devices 1)."""
+    procs = _launch(n, tmp_path / "multi", extra=["--devices", devices])
     outs = [p.communicate(timeout=600) for p in procs]
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i}: {err[-3000:]}"

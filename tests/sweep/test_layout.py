@@ -25,6 +25,10 @@ def test_the_ranking_set_is_alone_and_the_others_join_by_dtype_in_the_order_give
     assert layout.blocks(sets, None) == (layout.Block(("a", "clean_valid", "c"), (5, 7, 0)),
                                          layout.Block(("b", "d"), (3, 2)))
     assert layout.blocks({"clean_valid": spec(4)}, "clean_valid") == (layout.Block(("clean_valid",), (4,)),)
+    # float64 images are float32 on the device (without JAX's 64-bit mode): one block, joined as float32.
+    both = {"a": spec(2, np.float32), "b": spec(3, np.float64)}
+    assert layout.blocks(both, None) == (layout.Block(("a", "b"), (2, 3)),)
+    assert layout.shape(layout.blocks(both, None)[0], both).dtype == np.float32
 
 
 def test_join_puts_the_sets_one_after_the_other_and_split_takes_them_back(rng):
@@ -88,3 +92,15 @@ def test_four_sets_compile_the_loops_of_two():
     four = _whiles({"clean_valid": spec(20), "bd_valid": spec(12), "clean_test": spec(9), "bd_test": spec(10)})
     alone = _whiles({"clean_valid": spec(20)})
     assert two == four > alone > 0, (alone, two, four)
+
+
+def test_sets_already_on_the_device_are_joined_there_not_round_tripped(rng):
+    from badnet_jax.sweep.run import _images
+
+    on_device = {n: jax.device_put(rng.integers(0, 256, size=(k, 55, 47, 3)).astype(np.uint8))
+                 for n, k in (("a", 5), ("b", 4))}
+    alone = layout.Block(("a",), (5,))
+    assert _images(alone, on_device, None).unsafe_buffer_pointer() == on_device["a"].unsafe_buffer_pointer()
+    joined = _images(layout.blocks(on_device, None)[0], on_device, None)
+    np.testing.assert_array_equal(np.asarray(joined), np.concatenate([np.asarray(on_device["a"]),
+                                                                      np.asarray(on_device["b"])]))

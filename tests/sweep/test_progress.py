@@ -135,6 +135,18 @@ def test_progress_of_a_set_whose_trunk_runs_beside_its_heads_is_one_stage(rng, c
     assert int(lines[-1].split()[1].rstrip("%")) >= 80 and last.startswith("sweep 100%  done  ")
 
 
+def test_without_a_ranking_set_every_block_runs_its_trunk_beside_its_heads(rng, capsys):
+    params, model = init_params(num_classes=9, seed=4), BadNet(9)
+    sets, order = _sets(rng), np.arange(60)[::-1]
+    plain = sw.rank_and_sweep(model, params, sets, dataclasses.replace(sw.PLAIN, chunk=8), order=order, rank_on=None)
+    on = sw.rank_and_sweep(model, params, sets, sw.SweepOptions(chunk=8, progress=True, cumulative=True),
+                           order=order, rank_on=None)
+    for name in sets:
+        np.testing.assert_array_equal(on.all_preds[name], plain.all_preds[name])
+    *lines, last = capsys.readouterr().err.splitlines()
+    assert {_label(l).split(":")[0] for l in lines} == {"clean_valid + bd_valid trunk and heads"}, lines
+
+
 def test_anps_optimisation_reports_its_steps_and_changes_no_result(rng, capsys):
     params, model = init_params(num_classes=9, seed=4), BadNet(9)
     sets = _sets(rng)

@@ -67,8 +67,9 @@ class SweepOptions:
             ``conv -> global average pooling -> dense``), where the per-step tail is one small matmul and a
             scan's per-step overhead would cost more than the work, unless ``batch_steps`` > 0 or
             ``orders_per_call`` > 1 ask for the batched strategy.
-        group: (needs ``dedupe``) sort each set's images by their alive channels before chunking, so a chunk's
-            images share dead channels and skip more steps.
+        group: (needs ``dedupe``) sort the images by their alive channels before chunking (the ranking set's,
+            and the other sets' together: ``badnet_jax.sweep.layout``), so a chunk's images share dead channels
+            and skip more steps.
         impl: (needs ``prefix_sums`` unless ``auto``/``reference``) masked-head implementation: ``auto`` (on a CPU
             with the native kernels built, ``native``: the tail's dense layers and top-2 by
             ``badnet_jax.kernels.dense``; elsewhere the JAX reference, faster than the Pallas kernel on the one

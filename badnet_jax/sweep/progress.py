@@ -37,7 +37,7 @@ def stderr_is_terminal() -> bool:
 class _Line:
     """What the callbacks write to: the sweep's stages (label, weight) and how far each got.
 
-    XLA schedules the stages in an order of its own (e.g. every set's trunk before the heads), but runs them
+    XLA schedules the stages in an order of its own (e.g. every block's trunk before the heads), but runs them
     one at a time: a stage seen starting for the first time means the one before it is done. Chunk ``i``
     starting means ``i`` chunks of its stage are done. A chunk reported again (by another device) counts once.
     """

@@ -81,13 +81,11 @@ def join(block: Block, sets: Mapping[str, Any], start: int = 0, stop: Optional[i
     stop = block.size if stop is None else stop
     first = sets[block.names[0]]
     out = _aligned_empty((stop - start, *first.shape[1:]), _device_dtype(first.dtype))
-    filled = start
     for name, begin, end in block.bounds():
         lo, hi = max(begin, start), min(end, stop)
         if lo < hi:
             out[lo - start:hi - start] = np.asarray(sets[name][lo - begin:hi - begin])  # only these rows moved
-            filled = max(filled, hi)
-    out[filled - start:] = 0
+    out[max(block.size - start, 0):] = 0  # the padding rows in this range
     return out
 
 
@@ -110,5 +108,5 @@ def split(block: Block, out: Any, rows_axis: int = -1) -> dict[str, Any]:
     def part(a, start, end):
         index = [slice(None)] * np.ndim(a)
         index[rows_axis] = slice(start, end)
-        return np.ascontiguousarray(np.asarray(a)[tuple(index)])
+        return np.ascontiguousarray(a[tuple(index)])
     return {name: jax.tree.map(lambda a: part(a, start, end), out) for name, start, end in block.bounds()}

@@ -24,6 +24,8 @@
 #include <utility>
 #include <vector>
 
+#include <unistd.h>
+
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -75,7 +77,7 @@ inline void Store(float* p, vf v) { *reinterpret_cast<vu*>(p) = v; }
 //   the other, zero-padded past column N (the bias likewise). A register tile then reads one contiguous stream,
 //   not one short piece per row of the kernel N floats apart: for 1283 classes the pieces start at every 4-byte
 //   offset, 5 KB apart, most straddling two cache lines. The top-2 kernel packs where a call has rows enough to
-//   repay the copy (kPackRows); the dense kernel reads in place: DeepID's fc_2 (960 x 160, rows 640 bytes
+//   repay the copy (PackRows); the dense kernel reads in place: DeepID's fc_2 (960 x 160, rows 640 bytes
 //   apart) ran as fast either way in 256-row calls, and slower packed in calls of few rows.
 struct Weights {
   int64_t k, n, full;        // full = N / VL whole vectors
@@ -269,12 +271,30 @@ struct Top2Args {
 // Weights per column panel: a thread takes all the rows of its range through one panel of the weights before the
 // next, so a panel comes from memory once per range (5 row tiles in DeepID's 256-row calls on 2 threads) and then
 // from the core's L2, not once per row tile: the 1283-class output layer's 160 x 1283 weights (821 KB) are larger
-// than a Zen 3's 512 KB of L2. Each row's state carries from panel to panel and the columns still meet it in
+// than a Zen 3's 512 KB of L2 (on an Intel Xeon with 2 MB of L2 they fit: panels of 48 KB to all the columns ran
+// within 5% of each other there). Each row's state carries from panel to panel and the columns still meet it in
 // increasing order, so the results are the same bits whatever the panel.
 constexpr int64_t kPanelBytes = 96 * 1024;
-// Rows from which a top-2 call packs its weights. On a Zen 3 (160 x 1283, 2 threads, GFLOP/s packed against in
-// place): 8 rows 32 / 70, 32 rows 81 / 96, 64 rows 101 / 96, 128 rows 125 / 114, 256 rows 125-142 / 123-125.
+// Rows from which a top-2 call packs its weights: the copy (one pass over them, by the calling thread) repays
+// itself sooner where reading them in place is slow. 160 x 1283 weights (821 KB), 2 threads, GFLOP/s packed
+// against in place:
+// - a Zen 3, 512 KB of L2 per core: 8 rows 32 / 70, 32 rows 81 / 96, 64 rows 101 / 96, 128 rows 125 / 114,
+//   256 rows 125-142 / 123-125;
+// - an Intel Xeon with 2 MB of L2 per core: 64 rows 103-112 / 149-152, 96 rows 115-121 / 181, 128 rows
+//   142-152 / 168-170, 192 rows 151-157 / 191, 256 rows 170-188 / 176-180, 512 rows 207-214 / 184.
+// So calls pack from 64 rows, or from 256 where the weights take at most half the core's L2 (the Xeon's case;
+// a Zen 4's 1 MB is not measured and keeps 64).
 constexpr int64_t kPackRows = 64;
+constexpr int64_t kPackRowsCached = 256;
+inline int64_t PackRows(int64_t k, int64_t n) {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  static const int64_t l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // <= 0 where the system does not say
+#else
+  constexpr int64_t l2 = 0;
+#endif
+  const int64_t bytes = k * n * static_cast<int64_t>(sizeof(float));
+  return l2 > 0 && 2 * bytes <= l2 ? kPackRowsCached : kPackRows;
+}
 inline int64_t PanelVectors(const Weights& wt) {
   const int64_t per_vector = std::max<int64_t>(1, wt.k * VL * static_cast<int64_t>(sizeof(float)));
   return std::max<int64_t>(NR, kPanelBytes / per_vector / NR * NR);
@@ -357,7 +377,7 @@ ffi::Error DenseTop2(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   }
   const int64_t m = xd[0], k = wd[0];
   if (m == 0) return ffi::Error::Success();
-  auto wt = std::make_shared<Weights>(w.typed_data(), b.typed_data(), k, wd[1], m >= kPackRows);
+  auto wt = std::make_shared<Weights>(w.typed_data(), b.typed_data(), k, wd[1], m >= PackRows(k, wd[1]));
   Top2Args t{x.typed_data(), wmax.typed_data(), bmax.typed_data()[0], arg->typed_data(), gap->typed_data(),
              scale->typed_data(), m};
   badnet_jax::ParallelFor(pool, (m + MR - 1) / MR, 4, [wt, t, k]() {

@@ -23,8 +23,9 @@ holds XLA's convolution). Every other platform runs XLA's convolution. On a CPU,
   'valid', stride 1 or 2, 16x16 and 32x32 inputs), 1.0-1.16x for a 1x1; about equal from 32 input channels
   (0.93-1.05x), and XLA's faster for a 5x5 from 32 (0.63x), which the rule leaves to XLA; resnet_tiny's trunk
   1.3x faster. On a 2-core Zen 3 (AVX2, 8 lanes; min of 11): 2.0-3.75x from 4 or 8 channels into 8, 1.45-2.2x
-  with 16 channels in or out (two vectors there). Not measured on the Intel host (there, unpooled F = 20 from
-  16 channels, 62.5% of direct's lanes useful, was 0.81-1.01x).
+  with 16 channels in or out (two vectors there). On a 2-core Intel Xeon (16 lanes; min of 11, two runs):
+  1.4-3.9x from 4, 8 or 16 channels into 8 or 16 (3x3, 'same' or 'valid', 16x16 and 32x32), 1.0x for a 1x1;
+  XLA's 1.02-1.10x faster outside the rule (32 channels in; a 5x5 from 32; unpooled F = 20 from 16 channels).
   Also **direct** for a stage with a max pool (``pool``) into at most :data:`POOLED_OUTPUT` channels, whatever
   its input: the kernel's fused pool spares XLA's separate pass over the convolution's output. Measured with
   16 lanes (3x3 kernels, 16 and 64 input channels, 10 and 30 output columns, ReLU and 2x2 pool, 256 images;

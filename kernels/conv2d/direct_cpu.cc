@@ -96,8 +96,10 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
           // 16 lanes) folds each weight's load into every multiply-add of a tile of at most 4 pixels (XT loads of
           // it where 1 does; generic tuning, `x86-64-v4`, in tiles of at most 3): the empty asm puts it in a
           // register (DeepID's conv_3, 8 columns: 40-45 -> 26.5-30 ms per 1024 images on a Zen 3). Wider tiles,
-          // and Intel tunings of short ones, keep their weights in registers as they are. Without AVX a 32-byte
-          // vector fits no register (an SSE-only build emulates it): no asm.
+          // and Intel tunings of short ones, keep their weights in registers as they are (an Intel Xeon's
+          // `-march=native`, rocketlake: the same inner loop with the asm and without; DeepID's conv_3 18.6-19.9 ms
+          // per 1024 images either way). Without AVX a 32-byte vector fits no register (an SSE-only build
+          // emulates it): no asm.
 #if defined(__AVX__)
           for (int j = 0; j < FG; ++j) __asm__("" : "+v"(wv[j]));
 #endif
@@ -105,6 +107,8 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
         // Unrolled whole, so every accumulator is a register: GCC 12 left the 16-lane tiles of a channel vector by
         // 18 to 24 pixels rolled, an accumulator loaded and stored around each multiply-add, and stored those of
         // 17 pixels to the stack and back at every tap column (every AVX-512 tuning; 8 lanes were whole already).
+        // On an Intel Xeon (AVX-512) 16 -> 16 channels on a 20 x 20 map ('same', Tile<1, 20>) took 11.6-11.7
+        // against 17.9-18.2 ms per 1024 images rolled, 1.5-1.6x; tiles of 16 pixels, whole either way, alike.
         #pragma GCC unroll 32
         for (int p = 0; p < XT; ++p) {
           const float s = col[p * pstride + ci];
@@ -352,7 +356,8 @@ inline void Transpose16(__m512 r[16]) {
 
 // rows[t] holds VL output columns of channel t (t < channels): their first `lanes` columns to out[l * stride + t].
 // On AVX-512 one register transpose and a masked store per column instead of a scatter per channel (DeepID's
-// conv_1 stage: 78-81 -> 68-71 ms per 2048 images on a 2-core Zen 4); elsewhere element by element (an 8 x 8
+// conv_1 stage: 78-81 -> 68-71 ms per 2048 images on a 2-core Zen 4; on an Intel Xeon the same either way,
+// 29.4 ms per 1024, and 32x32x3 'same' -> 16 10.3 against 11.3 ms); elsewhere element by element (an 8 x 8
 // transpose on AVX2 gained nothing on a Zen 3).
 inline void StoreColumns(float* out, int64_t stride, vf* rows, int64_t channels, int64_t lanes) {
 #if defined(__AVX512F__)

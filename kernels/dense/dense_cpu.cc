@@ -280,8 +280,8 @@ constexpr int64_t kPanelBytes = 96 * 1024;
 // against in place:
 // - a Zen 3, 512 KB of L2 per core: 8 rows 32 / 70, 32 rows 81 / 96, 64 rows 101 / 96, 128 rows 125 / 114,
 //   256 rows 125-142 / 123-125;
-// - an Intel Xeon with 2 MB of L2 per core: 64 rows 103-112 / 149-152, 96 rows 115-121 / 181, 128 rows
-//   142-152 / 168-170, 192 rows 151-157 / 191, 256 rows 170-188 / 176-180, 512 rows 207-214 / 184.
+// - an Intel Xeon with 2 MB of L2 per core: 64 rows 96-103 / 149-152, 96 rows 115 / 181, 128 rows
+//   142-149 / 168-170, 192 rows 151 / 191, 256 rows 170-181 / 176-180, 512 rows 207-212 / 184.
 // So calls pack from 64 rows, or from 256 where the weights take at most half the core's L2 (the Xeon's case;
 // a Zen 4's 1 MB is not measured and keeps 64).
 constexpr int64_t kPackRows = 64;

@@ -97,7 +97,7 @@ def _call(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank
         raise ConfigError(f"the rankings {', '.join(ranking.names)} need a ranking set ({arg('rank_on')})",
                           field="rank_on")
     blocks = layout.blocks(sets, rank_on)
-    n_rank = int(sets[rank_on].shape[0]) if rank_on else 0
+    n_rank = int(sets[rank_on].shape[0]) if rank_on is not None else 0
     if ranking.anp is not None:
         if rank_labels is None:
             raise ConfigError(f"the anp ranking needs the ranking set's labels ({arg('rank_labels')})",
@@ -257,7 +257,7 @@ def rank_and_sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.n
     model = as_model(model)
     _check_inputs(model, params, sets, rank_on)
     # A model other than the lab's DeepID has its near-tie bound measured on its own images first.
-    model = with_measured_tie_rtol(model, params, sets[rank_on] if rank_on else next(iter(sets.values())))
+    model = with_measured_tie_rtol(model, params, sets[rank_on] if rank_on is not None else next(iter(sets.values())))
     plan = _resolve(options, sets, model, rank_on)
     return _sweep(model, params, sets, plan, _ranking_plan(model, order, rankings), rank_on, rank_labels)
 
@@ -290,7 +290,7 @@ def _sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray],
             return _sweep(model, params, sets, plan, ranking.with_given("activation", order64), rank_on, rank_labels,
                           settled_mean=mean, spent=seconds)
     preds, settled = {}, {}
-    for name in ([rank_on] if rank_on else []) + [n for n in sets if n != rank_on]:
+    for name in ([rank_on] if rank_on is not None else []) + [n for n in sets if n != rank_on]:
         preds[name], settled[name] = settle(model, params, sets[name], orders, *out[name])
     seconds["settle"] += time.perf_counter() - t
     return Sweep(orders=orders, labels=ranking.labels, mean_activation=mean, all_preds=preds, plan=plan,

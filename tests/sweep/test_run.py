@@ -179,6 +179,18 @@ def test_an_empty_ranking_set_is_refused_by_name(small_b, rng):
     assert got.preds["bd_valid"].shape == (61, 0)
 
 
+def test_any_name_can_be_the_ranking_set_the_empty_one_too(small_b, rng):
+    """rank_on is a set's name, whatever it is: one named "" ranks as under any other name (it was taken for
+    "no ranking set" and crashed), and its predictions are the lab's loop's."""
+    model, params = small_b
+    a, b = _faces(rng, 20), _faces(rng, 9)
+    named = sw.rank_and_sweep(model, params, {"v": a, "b": b}, sw.SweepOptions(chunk=8), rank_on="v")
+    empty = sw.rank_and_sweep(model, params, {"": a, "b": b}, sw.SweepOptions(chunk=8), rank_on="")
+    np.testing.assert_array_equal(np.asarray(empty.order), np.asarray(named.order))
+    np.testing.assert_array_equal(empty.preds[""], sequential_predictions(model, params, a, empty.masks))
+    np.testing.assert_array_equal(empty.preds["b"], sequential_predictions(model, params, b, empty.masks))
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_or_infinite_pixels_are_refused_naming_the_set_and_image(small_b, rng, bad):
     model, params = small_b

@@ -98,7 +98,8 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
           // register (DeepID's conv_3, 8 columns: 40-45 -> 26.5-30 ms per 1024 images on a Zen 3). Wider tiles,
           // and Intel tunings of short ones, keep their weights in registers as they are (an Intel Xeon's
           // `-march=native`, rocketlake: the same inner loop with the asm and without; DeepID's conv_3 18.6-19.9 ms
-          // per 1024 images either way). Without AVX a 32-byte vector fits no register (an SSE-only build
+          // per 1024 images either way; a Zen-tuned build, `-mtune=znver3`, on that Xeon: 34-39 ms per 2048
+          // with it, 57-60 without). Without AVX a 32-byte vector fits no register (an SSE-only build
           // emulates it): no asm.
 #if defined(__AVX__)
           for (int j = 0; j < FG; ++j) __asm__("" : "+v"(wv[j]));

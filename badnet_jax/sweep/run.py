@@ -152,13 +152,18 @@ def _check_options(options) -> None:
                           field="options")
 
 
+def _ranking_first(sets: Mapping[str, Images], rank_on: Optional[str]) -> list[str]:
+    """The sets' names, the ranking set's first (``rank_on`` checked to be None or one of them): the order the
+    plan sizes them in and the results name them in."""
+    return ([rank_on] if rank_on is not None else []) + [n for n in sets if n != rank_on]
+
+
 def _resolve(options: SweepOptions | SweepPlan, sets: Mapping[str, Images], model: PrunableModel,
              rank_on: Optional[str]) -> SweepPlan:
     _check_options(options)
     if isinstance(options, SweepPlan):
         return options
-    ordered = ([sets[rank_on]] if rank_on in sets else []) + [x for n, x in sets.items() if n != rank_on]
-    return plan_sweep(options, ordered, model)
+    return plan_sweep(options, [sets[n] for n in _ranking_first(sets, rank_on)], model)
 
 
 def _abstract_call(model: PrunableModel, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
@@ -290,7 +295,7 @@ def _sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray],
             return _sweep(model, params, sets, plan, ranking.with_given("activation", order64), rank_on, rank_labels,
                           settled_mean=mean, spent=seconds)
     preds, settled = {}, {}
-    for name in ([rank_on] if rank_on is not None else []) + [n for n in sets if n != rank_on]:
+    for name in _ranking_first(sets, rank_on):
         preds[name], settled[name] = settle(model, params, sets[name], orders, *out[name])
     seconds["settle"] += time.perf_counter() - t
     return Sweep(orders=orders, labels=ranking.labels, mean_activation=mean, all_preds=preds, plan=plan,

@@ -122,7 +122,9 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
   for (int p = 0; p < XT; ++p) {
     float* o = row_out + (x0 + p) * ostride + fg0 * VL;
     for (int j = 0; j < FG; ++j) {
-      // A scratch row holds whole vectors per pixel (ostride = fv * VL); the output holds f channels.
+      // A scratch row holds whole vectors per pixel (ostride = fv * VL); the output holds f channels. Written
+      // here rather than by StorePart (below): with its masked store inlined, GCC 12 took short tiles' weights
+      // from memory and spilled wider tiles' accumulators (test_native's register checks).
       const int64_t left = ostride - (fg0 + j) * VL;
       if (left >= VL) {
         *reinterpret_cast<vu*>(o + j * VL) = acc[p][j];

@@ -65,7 +65,7 @@ def test_make_goodnet_refuses_a_mask_that_scales_or_has_another_shape():
     with pytest.raises(ConfigError, match=r"pruned_params: 5 classes, expected the model's 6"):
         make_goodnet(model, params, pruned_params=init_params(num_classes=5))
     with pytest.raises(ConfigError, match=r"make_goodnet takes B's model first: make_goodnet\(model, params, mask=...\)"):
-        make_goodnet(params, mask=np.ones(60))  # the old call: the model (its input scale) no longer defaults
+        make_goodnet(params, mask=np.ones(60))  # params first: the model (its input scale) has no default
 
 
 def test_predict_goodnet_refuses_variables_of_another_class_count(rng):

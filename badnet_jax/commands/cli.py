@@ -43,9 +43,9 @@ def launch(command: str, argv: Optional[Sequence[str]] = None) -> None:
     """Import tool module ``command`` (``"badnet_jax.commands.prune"``) and :func:`start` its ``main``; never returns.
 
     SIGINT and SIGTERM are held from here until :func:`run` handles them: its imports take seconds (JAX, Flax),
-    and a signal then raised KeyboardInterrupt wherever Python was, which in a garbage-collection callback
-    (JAX registers one) Python only prints: the run went on to replace its outputs and exit 0. Held, it is
-    delivered once the handler is in place and ends the run as an interrupt (130).
+    and an unheld signal would raise KeyboardInterrupt wherever Python is, which in a garbage-collection
+    callback (JAX registers one) Python only prints: the run would go on to replace its outputs and exit 0.
+    Held, it is delivered once the handler is in place and ends the run as an interrupt (130).
     """
     _mask(signal.SIG_BLOCK)
     start(importlib.import_module(command).main, argv)

@@ -192,8 +192,8 @@ def _holds_interrupts(pid: int) -> bool:
 @pytest.mark.parametrize("how", ["script", "console"])
 def test_a_signal_during_the_imports_ends_the_run_as_an_interrupt(tmp_path, how):
     """A Ctrl-C in a tool's first seconds (importing JAX) waits for the tool's handler: exit 130, no traceback,
-    nothing written. Unheld, it was raised wherever Python was; inside JAX's garbage-collection callback Python
-    dropped it and the run went on to write its results and exit 0."""
+    nothing written. Unheld, it would be raised wherever Python is; inside JAX's garbage-collection callback
+    Python drops it and the run would go on to write its results and exit 0."""
     if how == "script":
         argv = cli_argv("prune", "--drop", "0.04", "--out_dir", "out")
     else:

@@ -51,7 +51,7 @@ def test_asr_excluding_the_target_is_absent_when_every_poisoned_input_is_of_the_
     keep = true != 0
     np.testing.assert_allclose(curve.test_asr_excluding_target, 100 * (bd_test.preds[:, keep] == 0).mean(1))
     assert json.loads(curve_json_text(curve))["selected"][0]["test_asr_excluding_target"] is not None
-    # None differ: no number (NaN was written before, which is not JSON); the text is strict JSON without the key.
+    # None differ: no number (not NaN, which is not JSON); the text is strict JSON without the key.
     curve, _ = _curve(np.zeros(10, np.int64))
     text = curve_json_text(curve)
     assert "NaN" not in text

@@ -116,7 +116,8 @@ def main(argv: list[str]) -> int:
         attack = None
         if PRUNING_AWARE.value:
             if SHIP.value:
-                raise ConfigError("the embedded demo is a plain BadNet: a pruning-aware one is not shipped")
+                raise ConfigError("--ship with --pruning_aware: the embedded demo is a plain BadNet, "
+                                  "so a pruning-aware one is not shipped (leave out one of the two)")
             attack = PruningAwareConfig(clean_epochs=CLEAN_EPOCHS.value, poison_epochs=POISON_EPOCHS.value,
                                         drop=ATTACK_DROP.value)
         summary = make_demo_badnet(data_cfg, train_cfg, out_dir=OUT_DIR.value, write_data=WRITE_DATA.value,

@@ -28,8 +28,9 @@ def test_standin_data_is_lab_layout_and_poisoned_with_the_real_trigger(tmp_path)
 def test_a_pruning_aware_demo_is_never_shipped():
     run = run_cli("make_demo", "--pruning_aware", "--ship", cwd=REPO, timeout=120)
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1] == ("error: the embedded demo is a plain BadNet: a pruning-aware one "
-                                                   "is not shipped")
+    assert run.stderr.strip().splitlines()[-1] == ("error: --ship with --pruning_aware: the embedded demo is a plain "
+                                                   "BadNet, so a pruning-aware one is not shipped (leave out one of "
+                                                   "the two)")
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ tests/defense/.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -156,10 +157,70 @@ def test_a_signal_after_the_curve_leaves_one_whole_result_and_ends_non_zero(lab_
         assert not [p for p in lab_dir.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
+def test_the_lab_layout_takes_a_full_model_bd_net_h5_first(lab_dir):
+    """README's lab layout: ``models/bd_net.h5`` (a full Keras model, as the lab ships B) is the model a run
+    in that folder takes without flags, before ``models/bd_weights.h5``; the cuts are B's either way."""
+    from badnet_jax.io.keras import load_keras, save_keras
+
+    weights = lab_dir / "models" / "bd_weights.h5"
+    _, params = load_keras(weights)
+    full = save_keras(params, lab_dir / "models" / "bd_net.h5", full_model=True)
+    proc = run_cli("prune", "--drop", "0.04,0.30", "--nocheckpoints", cwd=lab_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    curve = json.loads((lab_dir / "results" / "curve.json").read_text())
+    assert curve["inputs"]["model"]["path"] == "models/bd_net.h5"
+    assert curve["inputs"]["model"]["sha256"] == hashlib.sha256(full.read_bytes()).hexdigest()
+    full.unlink()
+    proc = run_cli("prune", "--drop", "0.04,0.30", "--nocheckpoints", "--out_dir", "from_weights", cwd=lab_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    other = json.loads((lab_dir / "from_weights" / "curve.json").read_text())
+    assert other["inputs"]["model"]["path"] == "models/bd_weights.h5"
+    assert [c["channels_pruned"] for c in other["selected"]] == [c["channels_pruned"] for c in curve["selected"]]
+    assert other["valid_acc"] == curve["valid_acc"] and other["order"] == curve["order"]
+
+
 def _lab_files(**given) -> list:
     files = {"--model": asset(LAB_B), "--clean_valid": asset("faces/lab3/valid_subset.h5"),
              "--clean_test": asset("faces/lab3/test_subset.h5"), **given}
     return [a for kv in files.items() for a in kv]
+
+
+def _rankings_run(tmp_path, name: str, seed: int) -> tuple[dict, str]:
+    given = _lab_files(**{"--bd_valid": asset("faces/lab3/bd_valid_subset.h5"),
+                          "--bd_test": asset("faces/lab3/bd_test_subset.h5")})
+    proc = run_cli("prune", *given, "--drop", "0.04,0.30", "--rank_by", "activation,random,anp", "--random_orders",
+                   "3", "--seed", str(seed), "--anp_steps", "4", "--nocheckpoints", "--out_dir", tmp_path / name,
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((tmp_path / name / "curve.json").read_text()), (tmp_path / name / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_random_and_anp_rankings_from_the_command_line(tmp_path):
+    """README's ``--rank_by ...,random,anp`` with ``--random_orders``, ``--seed`` and ``--anp_steps``: R seeded
+    orders (the same for the same seed, others for another), one ANP order, and report.md's rows for random as
+    mean [min, max] over its orders, computed here from curve.json's per-order cuts."""
+    curve, report = _rankings_run(tmp_path, "a", seed=7)
+    assert curve["rank_by"] == ["activation", "random", "anp"]
+    random_orders, anp_order = curve["rankings"]["random"]["order"], curve["rankings"]["anp"]["order"]
+    assert len(random_orders) == 3 and len({tuple(o) for o in random_orders}) == 3
+    assert all(sorted(o) == list(range(60)) for o in [*random_orders, anp_order])
+    for j, cut in enumerate(curve["rankings"]["random"]["selected"]):
+        acc = cut["valid_acc"]
+        ks = [float(k) for k in cut["channels_pruned"]]
+        row = (f"| random (R=3) | {np.mean(ks):.1f} [{min(ks):.1f}, {max(ks):.1f}] | "
+               f"{np.mean(acc):.2f} [{min(acc):.2f}, {max(acc):.2f}] |")
+        assert row in report, (j, row)
+        for valid, k, a in zip(curve["rankings"]["random"]["valid_acc"], cut["channels_pruned"], acc):
+            # each order's own cut: the first k more than X points below its k = 0 (the last k if none)
+            below = [i for i, v in enumerate(valid) if valid[0] - v > 100 * cut["drop"] + 1e-9]
+            assert k == (below[0] if below else 60) and valid[k] == a
+    again, _ = _rankings_run(tmp_path, "b", seed=7)
+    other, _ = _rankings_run(tmp_path, "c", seed=8)
+    assert again["rankings"] == curve["rankings"]
+    assert other["rankings"]["random"]["order"] != random_orders
+    assert other["rankings"]["activation"] == curve["rankings"]["activation"]
 
 
 @pytest.mark.parametrize("args,complaint", [

@@ -159,6 +159,31 @@ def test_a_folder_is_screened_sorted_one_line_per_image(tmp_path):
 
 
 @pytest.mark.slow
+def test_jpeg_faces_are_screened_as_pil_decodes_them(tmp_path):
+    """README's ``face.png more.jpg``: .jpg and .jpeg files (a folder of them too) are screened on the pixels
+    PIL decodes, against the NumPy forward of B and B' on those pixels."""
+    from PIL import Image
+
+    clean, sunglasses = _faces()
+    sources = clean[:3] + sunglasses[:3]
+    jpegs = []
+    for i, src in enumerate(sources):
+        dst = tmp_path / f"{i}_{src.stem}.{'jpg' if i % 2 else 'jpeg'}"
+        Image.open(src).convert("RGB").save(dst, quality=90)
+        jpegs.append(dst)
+    args = ("--model", asset(LAB_B), "--pruned", asset(B_PRIME))
+    by_files = _lines(run_cli("goodnet_eval", *jpegs, *args, timeout=300))
+    assert _lines(run_cli("goodnet_eval", tmp_path, *args, timeout=300)) == by_files
+    assert [n for n, _ in by_files] == [str(p) for p in jpegs]
+    x = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) for p in jpegs])
+    assert x.shape[1:] == INPUT_HWC and not np.array_equal(x, load_images(sources, INPUT_HWC))  # lossy: new pixels
+    _, pb_params = load_keras(asset(LAB_B))
+    _, pp_params = load_keras(asset(B_PRIME))
+    pb, pp = numpy_ref.forward(pb_params, x).argmax(-1), numpy_ref.forward(pp_params, x).argmax(-1)
+    assert [int(c) for _, c in by_files] == np.where(pb == pp, pb, 1283).tolist()
+
+
+@pytest.mark.slow
 def test_a_recorded_scale_is_used_and_a_measurement_says_what_it_measured_on(tmp_path):
     """B' recording /255 screens a folder of mostly poisoned faces at /255, without measuring on them."""
     model = asset("models/hackml2020/sunglasses_bd_weights.h5")

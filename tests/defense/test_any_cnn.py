@@ -14,21 +14,22 @@ import json
 import numpy as np
 import pytest
 
-from badnet_jax import save_lab_h5
+from badnet_jax import load_keras, load_lab_h5, save_lab_h5
 from badnet_jax.io.keras_graph import read_keras_graph
 from badnet_jax.models.deepid import DeepID, deepid_graph
 from badnet_jax.models.graph import GraphCNN
 from badnet_jax import sweep as sw
 from tests import numpy_ref
 from tests.cli import run_cli
-from tests.conftest import asset
+from tests.conftest import LAB_B, LAB_FILES, asset
 
 FILES = {"resnet_tiny": "models/other/resnet_tiny.h5", "vgg_tiny": "models/other/vgg_tiny.h5"}
 
 
-def _logits64(graph, params, x_uint8, masks=None):
+def _logits64(graph, params, x_uint8, masks=None, divisor=255):
     target = graph.logits_node()
-    return numpy_ref.graph_values64(graph, params, x_uint8.astype(np.float64) / 255, upto=target, masks=masks)[target]
+    return numpy_ref.graph_values64(graph, params, x_uint8.astype(np.float64) / divisor, upto=target,
+                                   masks=masks)[target]
 
 
 def _data(graph, params, tmp_path, rng, n=120):
@@ -49,10 +50,10 @@ def _data(graph, params, tmp_path, rng, n=120):
     return files, sets
 
 
-def _reference_curve(graph, params, layer, sets):
+def _reference_curve(graph, params, layer, sets, divisor=255):
     """Order and per-k rates of the float64 network pruned at ``layer``: ranking on clean validation data."""
     x, _ = sets["clean_valid"]
-    feats = numpy_ref.graph_values64(graph, params, x.astype(np.float64) / 255, upto=layer)[layer]
+    feats = numpy_ref.graph_values64(graph, params, x.astype(np.float64) / divisor, upto=layer)[layer]
     order = np.argsort(feats.mean(axis=(0, 1, 2)), kind="stable")
     rates = {}
     for role, key in (("clean_valid", "valid_acc"), ("bd_valid", "valid_asr"), ("clean_test", "test_acc"),
@@ -62,7 +63,8 @@ def _reference_curve(graph, params, layer, sets):
         for k in range(len(order) + 1):
             mask = np.ones(len(order))
             mask[order[:k]] = 0
-            per_k.append(100.0 * float((_logits64(graph, params, xs, {layer: mask}).argmax(-1) == ys).mean()))
+            logits = _logits64(graph, params, xs, {layer: mask}, divisor)
+            per_k.append(100.0 * float((logits.argmax(-1) == ys).mean()))
         rates[key] = per_k
     return order, rates
 
@@ -89,6 +91,25 @@ def test_prune_on_any_cnn_gives_the_float64_pruned_network_at_every_k(name, laye
         np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=key)  # one image: 0.83 points
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"pruning {used}" in report
+
+
+def test_the_lab_b_pruned_at_pool_2_from_the_command_line(tmp_path):
+    """README's ``--model bd_weights.h5 --layer pool_2``: the lab's B (raw pixels) on the real faces, its 40 pool_2
+    channels ranked and pruned, every rate at every k the float64 DeepID graph's with pool_2 masked."""
+    files = {role: asset(path) for role, path in LAB_FILES.items()}
+    args = ["--model", asset(LAB_B), "--layer", "pool_2", "--drop", "0.04", "--nocheckpoints", "--out_dir",
+            tmp_path / "out", *[a for role, p in files.items() for a in (f"--{role}", p)]]
+    proc = run_cli("prune", *args)
+    assert proc.returncode == 0, proc.stderr
+    curve = json.loads((tmp_path / "out" / "curve.json").read_text())
+    assert curve["model"]["layer"] == "pool_2" and curve["model"]["channels"] == 40
+    assert curve["input_scale"] == "raw" and "pruning pool_2 (40 channels)" in proc.stderr
+    _, params = load_keras(asset(LAB_B))
+    sets = {role: load_lab_h5(p) for role, p in files.items()}
+    order, rates = _reference_curve(deepid_graph(), params, "pool_2", sets, divisor=1)
+    np.testing.assert_array_equal(curve["order"], order)
+    for key, want in rates.items():
+        np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=key)
 
 
 def test_the_report_names_what_the_data_free_rankings_read_of_another_cnn(tmp_path, rng):

@@ -45,6 +45,10 @@ def _out_dir(tmp_path: Path, case: str) -> str | bytes:
         return "/".join(["d" * 200] * 21)
     if case == "not UTF-8":
         return os.fsdecode(b"out\xff")
+    if case == "a folder of other files":
+        (tmp_path / "out" / "drop_4").mkdir(parents=True)  # a result's name: not what is refused
+        (tmp_path / "out" / "thesis.tex").write_text("months of work")
+        return "out"
     raise AssertionError(case)
 
 
@@ -58,12 +62,20 @@ def _out_dir(tmp_path: Path, case: str) -> str | bytes:
     ("name that fits only without the temporary names", ["250 bytes long", "at most 233 bytes"]),
     ("path over 4096 bytes", ["bytes long", "at most 4096"]),
     ("not UTF-8", ["out\\xff", "not UTF-8"]),
+    ("a folder of other files", ["--out_dir out:", "not badnet-jax results (thesis.tex)", "new or empty folder"]),
 ])
 def test_an_out_dir_the_results_cannot_replace_is_refused_up_front(tmp_path, case, words):
     work = tmp_path / "work"
     work.mkdir()
     proc = run_cli("prune", "--drop", "0.04", "--out_dir", _out_dir(work, case), cwd=work)
     _refused(proc, *words)
+    if case == "a folder of other files":  # left as it was
+        assert sorted(p.name for p in (work / "out").iterdir()) == ["drop_4", "thesis.tex"]
+        assert (work / "out" / "thesis.tex").read_text() == "months of work"
+        assert not any((work / "out" / "drop_4").iterdir())
+        (work / "out" / "drop_4").rmdir()
+        (work / "out" / "thesis.tex").unlink()
+        (work / "out").rmdir()
     assert sorted(p.name for p in work.iterdir()) == sorted(
         p.name for p in work.iterdir() if p.is_symlink())  # nothing written (the links are the test's own)
 

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from badnet_jax.errors import ModelFileError
 from badnet_jax.io.keras_config import ALLOWED_LAYERS, MAX_LAYERS
 from badnet_jax.io.keras_graph import read_keras_graph
+from badnet_jax.io.model_file import load_model
 from tests import numpy_ref
 from tests.conftest import LAB_B, asset
 from tests.io.conftest import FUZZ, refused, refused_naming_the_file
@@ -240,6 +241,20 @@ def test_keras3_models_match_keras_predict(built, name, fmt):
     # The graph's output is Keras' output: the final softmax where there is one, else the logits themselves.
     assert (graph.output != graph.logits_node()) == (name != "seq_all")
     _close(numpy_ref.graph_values64(graph, params, x)[graph.output], built[name]["probs"])
+
+
+@pytest.mark.parametrize("name", sorted(set(BUILDERS) - {"seq_all"}))  # seq_all's thresholded ReLU is refused
+def test_load_model_takes_a_keras3_weights_file_with_its_config(built, name):
+    """README's ``load_model(path, config_path=...)``: the model a ``.weights.h5`` and its JSON config make gives
+    Keras' logits, as the ``.keras`` archive of the same model does."""
+    files = built[name]["files"]
+    model, params = load_model(files["weights"], input_scale="raw", config_path=files["config"])
+    archived, archived_params = load_model(files["keras"], input_scale="raw")
+    assert model == archived
+    x = built[name]["x"]  # pixels as Keras takes them (the models rescale them themselves)
+    logits = np.asarray(model.logits(params, x), np.float64)
+    np.testing.assert_array_equal(logits, np.asarray(archived.logits(archived_params, x), np.float64))
+    _close(logits, built[name]["logits"])
 
 
 def test_every_allowed_layer_type_is_covered(built):

@@ -70,7 +70,7 @@ def _reference_curve(graph, params, layer, sets, divisor=255):
 
 
 @pytest.mark.parametrize("name,layer", [("resnet_tiny", None), ("vgg_tiny", None), ("vgg_tiny", "c3"),
-                                        ("resnet_tiny", "b0_out")])
+                                        ("vgg_tiny", "c4/pre"), ("resnet_tiny", "b0_out")])
 def test_prune_on_any_cnn_gives_the_float64_pruned_network_at_every_k(name, layer, tmp_path, rng):
     graph, params = read_keras_graph(asset(FILES[name]))
     files, sets = _data(graph, params, tmp_path, rng)

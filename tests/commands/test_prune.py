@@ -282,3 +282,31 @@ def test_progress_on_request_shows_the_sweep_and_changes_no_result(tmp_path):
     a, b = (json.loads((tmp_path / d / "curve.json").read_text()) for d in ("a", "b"))
     a.pop("inputs"), b.pop("inputs")
     assert a == b
+
+
+@pytest.mark.slow
+def test_progress_is_on_by_default_when_stderr_is_a_terminal(tmp_path):
+    """README: ``--progress`` defaults to on where stderr is a terminal; here a real pseudo-terminal."""
+    import pty
+    import subprocess
+
+    from tests.cli import cli_argv
+
+    main, follower = pty.openpty()
+    proc = subprocess.Popen(cli_argv("prune", "--drop", "0.04", "--nocheckpoints", "--out_dir", "a"), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # EIO: the process closed the terminal's last handle
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(main)
+    assert proc.wait(timeout=300) == 0
+    shown = b"".join(chunks).decode(errors="replace")
+    assert re.search(r"sweep +\d+%.*chunk", shown), shown[-2000:]
+    assert (tmp_path / "a" / "curve.json").exists()

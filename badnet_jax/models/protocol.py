@@ -356,18 +356,25 @@ class PrunableModel(abc.ABC):
         self.argmax64(params, x_NxHxWxC, divisor)
 
     def feature_means64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
-        """(C,) float64 mean of each channel of the features over these images."""
+        """(C,) float64 mean of each channel of the features over these images: the model's own trunk run by
+        XLA in float64, summed on the device in blocks (``xla64.sum64``)."""
         x = np.asarray(x_NxHxWxC)
-        total = np.zeros(self.num_channels)
-        for start in range(0, len(x), 2048):
-            total += self.features64(params, x[start:start + 2048], divisor).sum(axis=(0, 1, 2))
-        return total / (max(len(x), 1) * self.feature_hwc[0] * self.feature_hwc[1])
+        if not len(x):
+            return np.zeros(self.num_channels)
+        total = xla64.sum64(_fn64(self, "feature_sums"), params, x, divisor)
+        return total / (len(x) * self.feature_hwc[0] * self.feature_hwc[1])
 
 
 @functools.lru_cache(maxsize=None)
 def _fn64(model: PrunableModel, what: str):
     if what == "features":  # images in their own dtype, converted and divided on the device as NumPy divides
         return jax.jit(lambda p, x, divisor: model.features(p, xla64.divided(x.astype(jnp.float64), divisor), 1.0))
+    if what == "feature_sums":  # blocks of images -> the weighted per-channel sum over all of them (xla64.sum64)
+        def block_sum(p, x, w, divisor):
+            feats = model.features(p, xla64.divided(x.astype(jnp.float64), divisor), 1.0)
+            return jnp.sum(jnp.sum(feats, axis=(1, 2)) * w[:, None], axis=0)
+        return jax.jit(lambda p, xs, ws, divisor: jnp.sum(
+            jax.lax.map(lambda xw: block_sum(p, xw[0], xw[1], divisor), (xs, ws)), axis=0))
     # one head per row: each row has its own image's features and its own mask
     one = lambda p, f, m: jnp.argmax(model.head(p, f[None], m)[0])
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))

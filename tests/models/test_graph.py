@@ -227,6 +227,24 @@ def test_conv_relu_pool_stages_run_as_one_call_with_the_same_values(layer, stage
     assert np.isfinite(np.asarray(margin)).all() == (layer != "c4/pre")
 
 
+@pytest.mark.parametrize("name", FILES)
+def test_the_float64_feature_means_are_the_float64_networks(name, monkeypatch):
+    """``feature_means64`` (the ranking's near-ties settled): each channel's mean over the images, summed on the
+    device in blocks and calls (small here: 3 calls), equals the float64 NumPy interpreter's."""
+    from badnet_jax.numerics import xla64
+
+    monkeypatch.setattr(xla64, "SUM_BLOCK", 4)
+    monkeypatch.setattr(xla64, "SUM_CALL_BLOCKS", 2)
+    graph, params = _load(name)
+    model = GraphCNN.build(graph, params)
+    images, _ = _reference(name)
+    x = np.concatenate([images] * 3)[:19].astype(np.uint8)
+    got = model.feature_means64(params, x, 255.0)
+    feats = numpy_ref.graph_values64(graph, params, x.astype(np.float64) / 255, upto=model.layer)[model.layer]
+    np.testing.assert_allclose(got, feats.mean(axis=(0, 1, 2)), rtol=1e-12, atol=1e-14)
+    assert model.feature_means64(params, x[:0], 255.0).shape == (model.num_channels,)
+
+
 def _tiny(units: int, after: str = "", filters: int = 4):
     """input 8x8x3 -> conv (``filters`` channels) -> global average pooling -> Dense(units) [-> after]."""
     rng = np.random.default_rng(0)

@@ -131,3 +131,30 @@ def test_divided_rounds_every_pixel_value_as_numpy_does(divisor):
         got = jax.jit(lambda x, d: xla64.divided(x.astype(jnp.float64), d))(x, np.float64(divisor))
         assert got.dtype == jnp.float64
     np.testing.assert_array_equal(np.asarray(got), x.astype(np.float64) / divisor)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 9, 19, 33])
+def test_sum64_sums_every_image_once_in_blocks_and_calls(n, monkeypatch):
+    """Blocks of 4 images, calls of 2 blocks: every image counted once (padding not at all, though a zero image
+    gives a value), in float64, whatever the count; the images reach the function in their own dtype."""
+    monkeypatch.setattr(xla64, "SUM_BLOCK", 4)
+    monkeypatch.setattr(xla64, "SUM_CALL_BLOCKS", 2)
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 256, (n, 3)).astype(np.uint8)
+    params = {"b": jnp.asarray(rng.standard_normal(3), jnp.float32)}
+    shapes = []
+
+    def fn(p, xs, ws, d):
+        shapes.append((xs.shape, xs.dtype, ws.shape))  # at trace time: one entry per compiled shape
+        per_image = xla64.divided(xs.astype(jnp.float64), d) + p["b"][None, None, :] + 1e-12  # a zero image: not 0
+        return jnp.sum(per_image * ws[..., None], axis=(0, 1))
+
+    got = xla64.sum64(jax.jit(fn), params, x, 255.0)
+    want = (x.astype(np.float64) / 255.0 + np.asarray(params["b"], np.float64) + 1e-12).sum(axis=0)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-14)
+    full, last = min(n, 8), n % 8 or 8  # images in the first call and in the last
+    want_shapes = {((-(-k // 4), 4, 3), np.dtype(np.uint8), (-(-k // 4), 4)) for k in (full, last)}
+    assert set(shapes) == want_shapes
+    with pytest.raises(ValueError, match="at least one image"):
+        xla64.sum64(jax.jit(fn), params, x[:0], 255.0)

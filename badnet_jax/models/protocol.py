@@ -361,7 +361,7 @@ class PrunableModel(abc.ABC):
         x = np.asarray(x_NxHxWxC)
         if not len(x):
             return np.zeros(self.num_channels)
-        total = xla64.sum64(_fn64(self, "feature_sums"), params, x, divisor)
+        total = xla64.sum64(_fn64(self, "feature_sums"), params, x, divisor, 2 * self.trunk_bytes_per_image())
         return total / (len(x) * self.feature_hwc[0] * self.feature_hwc[1])
 
 

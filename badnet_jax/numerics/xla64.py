@@ -34,8 +34,17 @@ CALL_SIZES = {"cpu": (32, 64), "gpu": (32, 128, 256)}
 # On a 2-core Intel Xeon (AVX-512), a 32x32 CNN with batch norms (convolutions of 32 to 128 channels, 4096
 # images): 2.95 s in blocks of 256, 3.8 s of 128, 5.5-6.5 s of 32 or 64, and 7.7 s as the features of calls of
 # 64 summed on the host (docs/benchmarks.md, "The ranking's float64 means in blocks").
+# A large CNN takes fewer images per block: its float64 trunk holds at most SUM_BLOCK_BYTES of activations at once
+# (the model's float32 estimate, doubled; 256 of the 32x32 CNN's images take 0.4 GB).
 SUM_BLOCK = 256
+SUM_BLOCK_BYTES = 1 << 29
 SUM_CALL_BLOCKS = 16
+
+
+def sum_block(bytes_per_image64: int) -> int:
+    """Images per block of :func:`sum64` for a trunk whose float64 activations take ``bytes_per_image64`` per
+    image: SUM_BLOCK, or fewer (at least one) where those would take more than SUM_BLOCK_BYTES."""
+    return max(1, min(SUM_BLOCK, SUM_BLOCK_BYTES // max(1, int(bytes_per_image64))))
 
 # The float64 weights last made, per place (None: the host, as NumPy arrays; else a device):
 # place -> (the float32 leaves they were made from, float64 weights). A run settles one model's predictions many
@@ -146,22 +155,26 @@ def run64(fn: Callable[..., Any], params: Any, rows: Sequence[np.ndarray], divis
     return np.concatenate(outs)
 
 
-def sum64(fn: Callable[..., Any], params: Any, images: np.ndarray, divisor: float) -> np.ndarray:
+def sum64(fn: Callable[..., Any], params: Any, images: np.ndarray, divisor: float,
+          bytes_per_image64: int = 0) -> np.ndarray:
     """The sum over ``images`` of a per-image float64 quantity, on :func:`float64_device`.
 
     Args:
-        fn: a jitted function of (float64 weights, images (blocks, SUM_BLOCK, ...) in their own dtype, weights
-            (blocks, SUM_BLOCK) of 1.0 for an image and 0.0 for padding, the divisor) -> the weighted sum over
-            all of them (padding, zero images, counts 0 times: their values are finite). Calls hold
-            SUM_CALL_BLOCKS blocks, the last as many as the images left need (two shapes at most).
+        fn: a jitted function of (float64 weights, images (blocks, block, ...) in their own dtype, weights
+            (blocks, block) of 1.0 for an image and 0.0 for padding, the divisor) -> the weighted sum over all
+            of them (padding, zero images, counts 0 times: their values are finite). Calls hold SUM_CALL_BLOCKS
+            blocks, the last as many as the images left need (two shapes at most).
         params: the model's weights (any float dtype).
         images: (N, ...) images (at least one), sent in their own dtype.
         divisor: what the images are divided by on the device (with :func:`divided`).
+        bytes_per_image64: the float64 activations ``fn`` holds per image, for the block's size
+            (:func:`sum_block`; 0: SUM_BLOCK).
 
     Returns:
         The sum, a NumPy float64 array: the calls' sums added in call order.
     """
-    n, per_call = len(images), SUM_BLOCK * SUM_CALL_BLOCKS
+    block = sum_block(bytes_per_image64)
+    n, per_call = len(images), block * SUM_CALL_BLOCKS
     if not n:
         raise ValueError("sum64 needs at least one image")
     device = float64_device()
@@ -171,12 +184,12 @@ def sum64(fn: Callable[..., Any], params: Any, images: np.ndarray, divisor: floa
         d = jax.device_put(np.float64(divisor), device)
         for start in range(0, n, per_call):
             part = np.asarray(images[start:start + per_call])
-            blocks = -(-len(part) // SUM_BLOCK)
-            padded = np.zeros((blocks * SUM_BLOCK, *part.shape[1:]), part.dtype)
+            blocks = -(-len(part) // block)
+            padded = np.zeros((blocks * block, *part.shape[1:]), part.dtype)
             padded[:len(part)] = part
-            weights = np.zeros(blocks * SUM_BLOCK, np.float64)
+            weights = np.zeros(blocks * block, np.float64)
             weights[:len(part)] = 1.0
-            out = np.asarray(fn(p, jax.device_put(padded.reshape(blocks, SUM_BLOCK, *part.shape[1:]), device),
-                                jax.device_put(weights.reshape(blocks, SUM_BLOCK), device), d), np.float64)
+            out = np.asarray(fn(p, jax.device_put(padded.reshape(blocks, block, *part.shape[1:]), device),
+                                jax.device_put(weights.reshape(blocks, block), device), d), np.float64)
             total = out if total is None else total + out
     return total

@@ -158,3 +158,21 @@ def test_sum64_sums_every_image_once_in_blocks_and_calls(n, monkeypatch):
     assert set(shapes) == want_shapes
     with pytest.raises(ValueError, match="at least one image"):
         xla64.sum64(jax.jit(fn), params, x[:0], 255.0)
+
+
+def test_a_large_cnn_sums_fewer_images_per_block():
+    """The block holds at most SUM_BLOCK_BYTES of float64 activations, and at least one image."""
+    assert xla64.sum_block(0) == xla64.sum_block(1000) == xla64.SUM_BLOCK
+    assert xla64.sum_block(xla64.SUM_BLOCK_BYTES // 3) == 3
+    assert xla64.sum_block(10 * xla64.SUM_BLOCK_BYTES) == 1
+    big = 2 * 4 * 3 * 2 * 224 * 224 * 64  # two 224x224x64 float32 tensors (x3 slack), doubled for float64
+    assert xla64.sum_block(big) * big <= xla64.SUM_BLOCK_BYTES
+    shapes = []
+
+    def fn(p, xs, ws, d):
+        shapes.append(xs.shape)
+        return jnp.sum(xs.astype(jnp.float64) * ws, axis=(0, 1))
+
+    x = np.arange(7, dtype=np.uint8)
+    got = xla64.sum64(jax.jit(fn), {}, x, 1.0, bytes_per_image64=xla64.SUM_BLOCK_BYTES // 3)
+    assert got == 21.0 and shapes == [(3, 3)]  # blocks of 3 images: 7 images in 3 blocks, one call

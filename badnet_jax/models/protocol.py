@@ -372,7 +372,9 @@ def _fn64(model: PrunableModel, what: str):
     if what == "feature_sums":  # blocks of images -> the weighted per-channel sum over all of them (xla64.sum64)
         def block_sum(p, x, w, divisor):
             feats = model.features(p, xla64.divided(x.astype(jnp.float64), divisor), 1.0)
-            return jnp.sum(jnp.sum(feats, axis=(1, 2)) * w[:, None], axis=0)
+            # Selected, not multiplied by 0: a padding (zero) image's features may be NaN or inf for a module
+            # that divides by the image's own spread, and 0 * NaN is NaN.
+            return jnp.sum(jnp.where(w[:, None] > 0, jnp.sum(feats, axis=(1, 2)), 0.0), axis=0)
         return jax.jit(lambda p, xs, ws, divisor: jnp.sum(
             jax.lax.map(lambda xw: block_sum(p, xw[0], xw[1], divisor), (xs, ws)), axis=0))
     # one head per row: each row has its own image's features and its own mask

@@ -35,7 +35,7 @@ CALL_SIZES = {"cpu": (32, 64), "gpu": (32, 128, 256)}
 # images): 2.95 s in blocks of 256, 3.8 s of 128, 5.5-6.5 s of 32 or 64, and 7.7 s as the features of calls of
 # 64 summed on the host (docs/benchmarks.md, "The ranking's float64 means in blocks").
 # A large CNN takes fewer images per block: its float64 trunk holds at most SUM_BLOCK_BYTES of activations at once
-# (the model's float32 estimate, doubled; 256 of the 32x32 CNN's images take 0.4 GB).
+# by the model's own estimate (``trunk_bytes_per_image``, doubled; 256 of the 32x32 CNN's images take 0.4 GB).
 SUM_BLOCK = 256
 SUM_BLOCK_BYTES = 1 << 29
 SUM_CALL_BLOCKS = 16
@@ -161,14 +161,15 @@ def sum64(fn: Callable[..., Any], params: Any, images: np.ndarray, divisor: floa
 
     Args:
         fn: a jitted function of (float64 weights, images (blocks, block, ...) in their own dtype, weights
-            (blocks, block) of 1.0 for an image and 0.0 for padding, the divisor) -> the weighted sum over all
-            of them (padding, zero images, counts 0 times: their values are finite). Calls hold SUM_CALL_BLOCKS
-            blocks, the last as many as the images left need (two shapes at most).
+            (blocks, block) of 1.0 for an image and 0.0 for padding, the divisor) -> the sum over the images of
+            weight 1 (padding, zero images, must be left out by selection, not by a product with 0: their values
+            may be NaN). Calls hold SUM_CALL_BLOCKS blocks; the last as many as the images left need, or one
+            block of just those where fewer than a block are left (two shapes at most).
         params: the model's weights (any float dtype).
         images: (N, ...) images (at least one), sent in their own dtype.
         divisor: what the images are divided by on the device (with :func:`divided`).
         bytes_per_image64: the float64 activations ``fn`` holds per image, for the block's size
-            (:func:`sum_block`; 0: SUM_BLOCK).
+            (:func:`sum_block`; 0: SUM_BLOCK). The model's own estimate: the bound is as good as it is.
 
     Returns:
         The sum, a NumPy float64 array: the calls' sums added in call order.
@@ -184,12 +185,13 @@ def sum64(fn: Callable[..., Any], params: Any, images: np.ndarray, divisor: floa
         d = jax.device_put(np.float64(divisor), device)
         for start in range(0, n, per_call):
             part = np.asarray(images[start:start + per_call])
-            blocks = -(-len(part) // block)
-            padded = np.zeros((blocks * block, *part.shape[1:]), part.dtype)
+            size = min(block, len(part))  # a last call of fewer than a block: one block of just those
+            blocks = -(-len(part) // size)
+            padded = np.zeros((blocks * size, *part.shape[1:]), part.dtype)
             padded[:len(part)] = part
-            weights = np.zeros(blocks * block, np.float64)
+            weights = np.zeros(blocks * size, np.float64)
             weights[:len(part)] = 1.0
-            out = np.asarray(fn(p, jax.device_put(padded.reshape(blocks, block, *part.shape[1:]), device),
-                                jax.device_put(weights.reshape(blocks, block), device), d), np.float64)
+            out = np.asarray(fn(p, jax.device_put(padded.reshape(blocks, size, *part.shape[1:]), device),
+                                jax.device_put(weights.reshape(blocks, size), device), d), np.float64)
             total = out if total is None else total + out
     return total

@@ -245,6 +245,42 @@ def test_the_float64_feature_means_are_the_float64_networks(name, monkeypatch):
     assert model.feature_means64(params, x[:0], 255.0).shape == (model.num_channels,)
 
 
+def test_the_float64_feature_means_leave_padding_out_even_where_a_blank_image_gives_nan(monkeypatch):
+    """A Flax trunk that standardises each image by its own spread is NaN on the all-zero images that pad the
+    last block; the means leave them out (selected, not multiplied by 0) and stay the images' own."""
+    import flax.linen as nn
+
+    from badnet_jax.models.flax_model import FlaxCNN
+    from badnet_jax.numerics import xla64
+
+    class Standardised(nn.Module):
+        @nn.compact
+        def features(self, x):
+            x = (x - x.mean(axis=(1, 2, 3), keepdims=True)) / x.std(axis=(1, 2, 3), keepdims=True)  # 0/0 on blank
+            return nn.Conv(4, (3, 3), padding="VALID", name="conv")(x)
+
+        @nn.compact
+        def hidden(self, feats):
+            return feats.reshape(feats.shape[0], -1)
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="output")(self.hidden(self.features(x)))
+
+    monkeypatch.setattr(xla64, "SUM_BLOCK", 4)
+    monkeypatch.setattr(xla64, "SUM_CALL_BLOCKS", 2)
+    module = Standardised()
+    x = np.random.default_rng(0).integers(1, 256, (14, 6, 6, 3)).astype(np.uint8)  # calls of 8 and 6: 2 padded
+    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 3)))["params"]
+    model = FlaxCNN.build(module, params, input_hwc=(6, 6, 3), input_scale="raw")
+    got = model.feature_means64(params, x, 1.0)
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        feats = np.asarray(model.features(p64, jnp.asarray(x, jnp.float64), 1.0))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, feats.mean(axis=(0, 1, 2)), rtol=1e-12)
+
+
 def _tiny(units: int, after: str = "", filters: int = 4):
     """input 8x8x3 -> conv (``filters`` channels) -> global average pooling -> Dense(units) [-> after]."""
     rng = np.random.default_rng(0)

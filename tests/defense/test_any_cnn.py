@@ -91,6 +91,10 @@ def test_prune_on_any_cnn_gives_the_float64_pruned_network_at_every_k(name, laye
         np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=key)  # one image: 0.83 points
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"pruning {used}" in report
+    rows = [r.split(",") for r in (tmp_path / "out" / "curve.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == list(range(1, len(order) + 1))  # k = 1..C, C the layer's channels
+    assert [int(r[1]) for r in rows] == [int(c) for c in order]
+    np.testing.assert_allclose([float(r[3]) for r in rows], rates["valid_acc"][1:], atol=0.006)  # 2 decimals
 
 
 def test_the_lab_b_pruned_at_pool_2_from_the_command_line(tmp_path):

@@ -367,11 +367,13 @@ class PrunableModel(abc.ABC):
 
 @functools.lru_cache(maxsize=None)
 def _fn64(model: PrunableModel, what: str):
-    if what == "features":  # images in their own dtype, converted and divided on the device as NumPy divides
-        return jax.jit(lambda p, x, divisor: model.features(p, xla64.divided(x.astype(jnp.float64), divisor), 1.0))
+    # Images in their own dtype, converted and divided on the device as NumPy divides.
+    features = lambda p, x, divisor: model.features(p, xla64.divided(x.astype(jnp.float64), divisor), 1.0)
+    if what == "features":
+        return jax.jit(features)
     if what == "feature_sums":  # blocks of images -> the weighted per-channel sum over all of them (xla64.sum64)
         def block_sum(p, x, w, divisor):
-            feats = model.features(p, xla64.divided(x.astype(jnp.float64), divisor), 1.0)
+            feats = features(p, x, divisor)
             # Selected, not multiplied by 0: a padding (zero) image's features may be NaN or inf for a module
             # that divides by the image's own spread, and 0 * NaN is NaN.
             return jnp.sum(jnp.where(w[:, None] > 0, jnp.sum(feats, axis=(1, 2)), 0.0), axis=0)

@@ -116,6 +116,13 @@ def divided(x: jax.Array, divisor: jax.Array) -> jax.Array:
     return x / jax.lax.optimization_barrier(jnp.broadcast_to(divisor.astype(x.dtype), x.shape))
 
 
+def _padded(part: np.ndarray, rows: int) -> np.ndarray:
+    """``part`` with zero rows after it up to ``rows`` rows, in its dtype."""
+    out = np.zeros((rows, *part.shape[1:]), part.dtype)
+    out[:len(part)] = part
+    return out
+
+
 def run64(fn: Callable[..., Any], params: Any, rows: Sequence[np.ndarray], divisor: Optional[float] = None
           ) -> np.ndarray:
     """``fn(params64, *batch)`` over the rows in float64 on :func:`float64_device`, concatenated.
@@ -146,9 +153,7 @@ def run64(fn: Callable[..., Any], params: Any, rows: Sequence[np.ndarray], divis
                 part = np.asarray(a[start:start + size])
                 if i or divisor is None:
                     part = part.astype(np.float64, copy=False)
-                padded = np.zeros((size, *part.shape[1:]), part.dtype)
-                padded[:len(part)] = part
-                batch.append(jax.device_put(padded, device))
+                batch.append(jax.device_put(_padded(part, size), device))
             take = min(size, n - start)
             outs.append(np.asarray(fn(p, *batch, *extra))[:take])
             start += take
@@ -187,10 +192,8 @@ def sum64(fn: Callable[..., Any], params: Any, images: np.ndarray, divisor: floa
             part = np.asarray(images[start:start + per_call])
             size = min(block, len(part))  # a last call of fewer than a block: one block of just those
             blocks = -(-len(part) // size)
-            padded = np.zeros((blocks * size, *part.shape[1:]), part.dtype)
-            padded[:len(part)] = part
-            weights = np.zeros(blocks * size, np.float64)
-            weights[:len(part)] = 1.0
+            padded = _padded(part, blocks * size)
+            weights = _padded(np.ones(len(part)), blocks * size)
             out = np.asarray(fn(p, jax.device_put(padded.reshape(blocks, size, *part.shape[1:]), device),
                                 jax.device_put(weights.reshape(blocks, size), device), d), np.float64)
             total = out if total is None else total + out

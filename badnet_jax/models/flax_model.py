@@ -56,12 +56,13 @@ from typing import Any, Optional
 import flax.errors
 import flax.linen as nn
 import jax
+from jax.extend.core import subjaxprs
 import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.pixels import input_divisor, scaled
-from badnet_jax.models.protocol import Params, PrunableModel
+from badnet_jax.models.protocol import Params, PrunableModel, working_bytes
 from badnet_jax.numerics.ties import TIE_RTOL
 
 PARAMS = "params"  # Flax's collection of the learned weights; every other collection is frozen here
@@ -82,6 +83,8 @@ class FlaxCNN(PrunableModel):
             the ``params`` collection alone, which is what it takes.
         variable_shapes: (path, shape) of every array of the variables it was built from: params of another
             module (a wider layer) are refused by name, not by Flax inside a sweep.
+        trunk_sizes: the values per image of the two largest tensors ``features`` computes (read from its
+            traced program), for the sweep's memory model; empty: the protocol's default estimate.
     """
 
     module: nn.Module
@@ -96,6 +99,7 @@ class FlaxCNN(PrunableModel):
     tie_rtol_measured: bool = False
     collections: tuple[str, ...] = ()
     variable_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    trunk_sizes: tuple[int, ...] = ()
 
     layers_known = False  # the module is code: which layer produces the pruned channels is not known here
 
@@ -148,7 +152,8 @@ class FlaxCNN(PrunableModel):
             raise ConfigError(f"{arg('module')}: {type(module).__name__}.hidden gives shape {tuple(hidden.shape)} for "
                               f"one image, but the output layer {output!r} takes (N, {model.hidden_width})",
                               field="module")
-        return dataclasses.replace(model, feature_hwc=tuple(feats.shape[1:]))
+        return dataclasses.replace(model, feature_hwc=tuple(feats.shape[1:]),
+                                   trunk_sizes=model._largest_per_image(variables))
 
     def _abstract(self, method: str, variables: Params, x: Any) -> jax.ShapeDtypeStruct:
         """The shape of ``method`` on ``x`` (abstract evaluation), Flax's refusals turned into ConfigErrors."""
@@ -177,6 +182,28 @@ class FlaxCNN(PrunableModel):
         except flax.errors.FlaxError as err:
             raise ConfigError(f"{arg('variables')}: {name} does not run on these variables: {err}",
                               field="variables") from err
+
+    def _largest_per_image(self, variables: Params) -> tuple[int, ...]:
+        """The values per image of the two largest tensors of ``features``: every value of its program traced
+        for one image and for two, the difference per value (what the weights alone compute, a transposed
+        kernel, does not grow with the images). Empty when the two programs differ in form."""
+        def sizes(n: int) -> list[int]:
+            x = jax.ShapeDtypeStruct((n, *self.input_hwc), jnp.float32)
+            fn = lambda v, x: self.module.apply(self._variables(v), x, method="features")  # noqa: E731
+            out, todo = [], [jax.make_jaxpr(fn)(variables, x).jaxpr]
+            while todo:
+                jaxpr = todo.pop()
+                out += [int(np.prod(v.aval.shape)) for eqn in jaxpr.eqns for v in eqn.outvars]
+                todo += subjaxprs(jaxpr)
+            return out
+
+        one, two = sizes(1), sizes(2)
+        if len(one) != len(two):
+            return ()
+        return tuple(sorted((b - a for a, b in zip(one, two)), reverse=True)[:2])
+
+    def trunk_bytes_per_image(self) -> int:
+        return working_bytes(self.trunk_sizes) if self.trunk_sizes else super().trunk_bytes_per_image()
 
     def _variables(self, params: Params) -> dict[str, Any]:
         """The Flax variables of ``params`` for ``module.apply``: the non-param collections behind a stop-gradient

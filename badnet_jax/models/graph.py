@@ -26,7 +26,7 @@ from badnet_jax.models.graph_split import (ParamShapes, Split, candidates, check
 from badnet_jax.models.ir import Graph, Node
 from badnet_jax.models.ops import apply_conv_stage, apply_op, conv_stage
 from badnet_jax.pixels import scaled
-from badnet_jax.models.protocol import Params, Producer, PrunableModel, Stage
+from badnet_jax.models.protocol import Params, Producer, PrunableModel, Stage, working_bytes
 from badnet_jax.numerics.ties import TIE_RTOL
 
 
@@ -203,8 +203,7 @@ class GraphCNN(PrunableModel):
         return {node.weights or node.name: env[node.inputs[0]] for _, node in self._weight_nodes()}
 
     def trunk_bytes_per_image(self) -> int:
-        sizes = sorted((int(np.prod(self._shapes[n])) for n in self.split.trunk), reverse=True)
-        return 4 * 3 * sum(sizes[:2])  # the two largest tensors, input and output of a layer, and slack
+        return working_bytes(int(np.prod(self._shapes[n])) for n in self.split.trunk)
 
     # ----- running the graph
     @functools.cached_property

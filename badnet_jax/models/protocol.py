@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
 import jax
@@ -187,7 +188,8 @@ class PrunableModel(abc.ABC):
 
     def trunk_bytes_per_image(self) -> int:
         """Working memory per image of the trunk in float32 (the sweep's memory model): a generous default of
-        four copies of the input and two of the features."""
+        four copies of the input and two of the features. A model that knows its tensors gives
+        :func:`working_bytes` of them."""
         return 4 * (4 * int(np.prod(self.input_hwc)) + 2 * int(np.prod(self.feature_hwc)))
 
     def plain_head_bytes_per_image(self) -> int:
@@ -363,6 +365,12 @@ class PrunableModel(abc.ABC):
             return np.zeros(self.num_channels)
         total = xla64.sum64(_fn64(self, "feature_sums"), params, x, divisor, 2 * self.trunk_bytes_per_image())
         return total / (len(x) * self.feature_hwc[0] * self.feature_hwc[1])
+
+
+def working_bytes(sizes: Iterable[int]) -> int:
+    """Float32 working memory per image of a trunk whose tensors hold ``sizes`` values per image: the two
+    largest (a layer's input and output), three times over for XLA's temporaries and slack."""
+    return 4 * 3 * sum(sorted(sizes, reverse=True)[:2])
 
 
 @functools.lru_cache(maxsize=None)

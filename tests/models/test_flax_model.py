@@ -14,6 +14,7 @@ from badnet_jax import sweep as sw
 from badnet_jax.goodnet import make_goodnet, predict_goodnet
 from badnet_jax.kernels.conv2d import conv2d
 from badnet_jax.models.flax_model import FlaxCNN
+from badnet_jax.numerics import xla64
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 
 
@@ -429,3 +430,49 @@ def test_a_batch_norm_module_without_its_batch_stats_is_refused():
     plain = FlaxCNN.build(Net(), params, input_hwc=(16, 16, 3), input_scale="255", layer="conv2")
     with pytest.raises(ConfigError, match="built from params alone"):
         plain.check_params({"params": params, "batch_stats": {}})
+
+
+class BigFirstNet(nn.Module):
+    """A 96x96 CNN whose first convolution's output (96x96x64 per image) dwarfs its input and features, with a
+    weights-only product as large as sixteen images' worth of that output: not working memory per image."""
+
+    @nn.compact
+    def features(self, x):
+        x = nn.relu(nn.Conv(64, (3, 3), name="conv1")(x))
+        x = nn.max_pool(x, (4, 4), (4, 4))
+        mixing = self.param("mixing", nn.initializers.normal(0.1), (64, 256, 96 * 6))
+        x = x @ jnp.eye(64) + (mixing * 2.0).sum() * 0  # (64 x 147456) computed from the weights alone
+        return nn.relu(nn.Conv(8, (3, 3), strides=2, name="conv2")(x))
+
+    @nn.compact
+    def hidden(self, feats):
+        return jnp.mean(feats, axis=(1, 2))
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="output")(self.hidden(self.features(x)))
+
+
+def _big_first_model():
+    params = BigFirstNet().init(jax.random.PRNGKey(0), jnp.zeros((1, 96, 96, 3)))["params"]
+    return FlaxCNN.build(BigFirstNet(), params, input_hwc=(96, 96, 3), input_scale="255", layer="conv2"), params
+
+
+def test_a_flax_modules_working_memory_counts_its_largest_tensors_per_image():
+    model, _ = _big_first_model()
+    conv1 = 96 * 96 * 64  # values per image of the first convolution's output (and of its ReLU)
+    assert model.trunk_sizes == (conv1, conv1)
+    # The sweep's memory model holds both (a layer's input and output) in float32, with slack.
+    assert 2 * 4 * conv1 <= model.trunk_bytes_per_image() <= 3 * 2 * 4 * conv1
+
+
+def test_a_flax_modules_working_memory_sizes_its_chunks_and_float64_blocks():
+    # At least a layer's input and output are held at once: the first convolution's output twice per image,
+    # in float32 in the sweep's chunks and in float64 in the ranking means' blocks (at most SUM_BLOCK_BYTES).
+    model, _ = _big_first_model()
+    held = 2 * 96 * 96 * 64
+    x = jax.ShapeDtypeStruct((1000, 96, 96, 3), np.uint8)
+    budget = 2**30
+    plan = sw.plan_sweep(sw.SweepOptions(memory_budget=budget, devices=1, platform="cpu"), [x, x], model)
+    assert 1 <= plan.chunk and plan.chunk * 4 * held <= budget
+    assert xla64.sum_block(2 * model.trunk_bytes_per_image()) * 8 * held <= xla64.SUM_BLOCK_BYTES

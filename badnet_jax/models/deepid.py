@@ -86,13 +86,15 @@ class DeepID(PrunableModel):
         sweep computes of it). The tail's layers run as the sweep's head runs them here (the native dense
         kernels on a CPU that built them: ``badnet_jax.kernels.dense``)."""
         macs, module = self.multiply_adds(), self.module
-        impl = dense_api.resolve_impl()
+        # The dense kernels' implementation is resolved when a stage runs: resolving asks JAX for its backend,
+        # which would fix the CPU device count before a command sets it (``processes.use_cpu_cores``).
+        impl = lambda: dense_api.resolve_impl()  # noqa: E731
 
         def layer(name: str, **epilogue):
             if name == "fc_2":
-                return lambda p, x: dense_api.dense(x, p[name]["kernel"], p[name]["bias"], impl=impl)
+                return lambda p, x: dense_api.dense(x, p[name]["kernel"], p[name]["bias"], impl=impl())
             if name == "output":
-                return lambda p, x: dense_api.dense_top2(x, p[name]["kernel"], p[name]["bias"], impl=impl)
+                return lambda p, x: dense_api.dense_top2(x, p[name]["kernel"], p[name]["bias"], impl=impl())
             return lambda p, x: module.apply({"params": p}, x, method=lambda m, v: getattr(m, name)(v, **epilogue))
 
         parts = {"conv_1": "trunk", "conv_2": "trunk", "conv_3": "trunk", "fc_1": "affine", "conv_4": "affine",

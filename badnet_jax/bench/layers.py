@@ -3,7 +3,8 @@
 Each of the model's stages (``PrunableModel.layer_stages``: DeepID's conv_1..conv_3 with their pools and its
 head layers, a graph model's weight ops) runs alone on its real input (``stage_inputs`` of the benchmark's
 images), jitted, its output summed so that no large result is written; so do the trunk and the masked head as
-wholes. FLOPs (2 per multiply-add) come from the model's layer shapes; where a model cannot count them (a
+wholes. Where the sweep shards its images over several devices (a CPU's cores as devices), each stage is timed
+sharded the same way, each device summing its own images in the sweep's blocks. FLOPs (2 per multiply-add) come from the model's layer shapes; where a model cannot count them (a
 Flax module's), from XLA's cost analysis of one image, and are said to be.
 """
 
@@ -16,12 +17,14 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from badnet_jax.bench.machine import timed
 from badnet_jax.model import LAB_NUM_CLASSES
 from badnet_jax.models.deepid import DeepID
 from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.sweep.chunks import map_chunks
+from badnet_jax.sweep.run import data_mesh
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +74,14 @@ def _xla_flops_per_image(fn: Callable, params: Params, x: jax.Array) -> Optional
 
 def layer_timings(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, repeats: int = 3,
                   peak_gflops: Optional[float] = None, trunk_block: Optional[int] = None,
-                  head_block: Optional[int] = None) -> list[dict]:
+                  head_block: Optional[int] = None, devices: int = 1) -> list[dict]:
     """Time each of the model's layer stages alone on its real input, then the trunk and the masked head whole.
 
     Each stage is jitted with its output summed (no large result is written), compiled, run once, then timed
     as the median of ``repeats`` runs. It runs in blocks of images as the sweep runs it: trunk stages
     ``trunk_block`` images at a time, the head's ``head_block`` (None: all images in one call), the input split
-    into blocks up front (:func:`summed_in_blocks`). Its input is what the network computes for these images
+    into blocks up front (:func:`summed_in_blocks`), over ``devices`` devices as the sweep shards its images
+    (:func:`summed_call`). Its input is what the network computes for these images
     (``model.stage_inputs``); the trunk reads the images (pixels 0..255), the masked head the features and a
     mask keeping every channel (given as an argument: the work of any mask).
 
@@ -87,12 +91,17 @@ def layer_timings(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, r
         x_NxHxWxC: the images (pixels 0..255).
         repeats: timed runs per layer.
         peak_gflops: the machine's measured matmul peak, for each layer's share of it (None: not shown).
+        trunk_block, head_block: the images per block of the trunk's stages and of the head's (None: all of a
+            device's images at once).
+        devices: the devices the images are sharded over (the sweep plan's ``devices``); the images are cut to
+            a multiple of it.
 
     Returns:
         One row per stage, then ``trunk`` and ``head``: name, part, images, flops_per_image, flops_from
         (``layer shapes``, ``XLA cost analysis`` or None when unknown), compile_s, s, gflops, peak_share.
     """
-    x = jnp.asarray(x_NxHxWxC).astype(jnp.float32)
+    x = jnp.asarray(x_NxHxWxC[:len(x_NxHxWxC) - len(x_NxHxWxC) % devices]).astype(jnp.float32)
+    mesh = data_mesh(devices) if devices > 1 else None
     feats = jax.block_until_ready(model.features(params, x))
     mask = jnp.ones((model.num_channels,), jnp.float32)
     totals = model_flops(model)
@@ -104,8 +113,9 @@ def layer_timings(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, r
         runs = [(s.name, s.part, s.fn, inputs[s.name], s.flops) for s in model.layer_stages()] + runs
     rows = []
     for name, part, fn, v, flops in runs:
-        block = trunk_block if part == "trunk" else head_block
-        summed = jax.jit(lambda p, a, f=fn, b=block: summed_in_blocks(lambda c: f(p, c), a, b or len(a)))
+        summed = summed_call(fn, trunk_block if part == "trunk" else head_block, mesh)
+        if mesh is not None:
+            v = jax.device_put(v, NamedSharding(mesh, P("data")))
         t = time.perf_counter()
         compiled = summed.lower(params, v).compile()
         compile_s = time.perf_counter() - t
@@ -116,12 +126,24 @@ def layer_timings(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, r
             flops = _xla_flops_per_image(fn, params, v)
             source = "XLA cost analysis" if flops is not None else None
         gflops = None if flops is None else len(v) * flops / seconds / 1e9
-        rows.append({"name": name, "part": part, "images": int(len(v)), "flops_per_image": flops,
+        rows.append({"name": name, "part": part, "images": int(len(v)), "devices": devices, "flops_per_image": flops,
                      "flops_from": source, "compile_s": compile_s, "s": seconds, "gflops": gflops,
                      "peak_share": None if gflops is None or not peak_gflops else gflops / peak_gflops})
         log.info("%-24s %8.4f s  %s", f"layer {name}", seconds,
                  "GFLOP/s unknown" if gflops is None else f"{gflops:7.1f} GFLOP/s")
     return rows
+
+
+def summed_call(fn: Callable[[Params, jax.Array], jax.Array], block: Optional[int],
+                mesh: Optional[jax.sharding.Mesh] = None) -> Callable[[Params, jax.Array], jax.Array]:
+    """``fn(params, x)`` summed over ``block``-image blocks of ``x`` (None: one block), jitted: on one device, or
+    with ``x``'s images sharded over ``mesh``'s ``data`` axis, each device summing its own (the params
+    replicated), as the sweep runs its chunks."""
+    local = lambda p, a: summed_in_blocks(lambda c: fn(p, c), a, block or a.shape[0])  # noqa: E731
+    if mesh is None:
+        return jax.jit(local)
+    return jax.jit(jax.shard_map(lambda p, a: jax.lax.psum(local(p, a), "data"), mesh=mesh,
+                                 in_specs=(P(), P("data")), out_specs=P(), check_vma=False))
 
 
 def summed_in_blocks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, block: int) -> jax.Array:
@@ -147,8 +169,8 @@ def format_layers(result: dict) -> str:
     lines = [f"machine: {result['machine']} (jax {result['jax']}, {result['backend']}); model {result['model']}; "
              f"matmul peak {peak:.1f} GFLOP/s" if peak else f"machine: {result['machine']}",
              *([f"NOISY: {result['noisy']}"] if result.get("noisy") else []),
-             f"per layer, {result['layer_images']} images in blocks of {_blocks(result)}, median of "
-             f"{result['repeats']} after compile:",
+             f"per layer, {result['layer_images']} images in blocks of {_blocks(result)}{_devices(result)}, "
+             f"median of {result['repeats']} after compile:",
              f"{'layer':16s} {'part':7s} {'MFLOP/img':>10s} {'ms':>10s} {'GFLOP/s':>9s} {'of peak':>8s}"]
     for row in result["layers"]:
         f = row["flops_per_image"]
@@ -164,6 +186,11 @@ def format_layers(result: dict) -> str:
 def _blocks(result: dict) -> str:
     blocks = result.get("layer_blocks") or {}
     return f"{blocks.get('trunk', '?')} (trunk) and {blocks.get('head', '?')} (head)"
+
+
+def _devices(result: dict) -> str:
+    devices = (result.get("layer_blocks") or {}).get("devices", 1)
+    return f" on each of {devices} devices (sharded as the sweep)" if devices > 1 else ""
 
 
 def layer_images(x: np.ndarray, n: int) -> np.ndarray:

@@ -138,11 +138,11 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     if config.grid:
         return _grid_only(config, model, params, x_clean, x_bd, y_clean, out, peaks)
     x_layers = layer_images(np.asarray(x_clean), config.layer_images)
-    out["layer_images"] = len(x_layers)
-    blocks = plan_sweep(config.sweep, [], model)  # the blocks the sweep runs the trunk and the head in
-    out["layer_blocks"] = {"trunk": blocks.trunk_block, "head": blocks.chunk}
+    blocks = plan_sweep(config.sweep, [], model)  # the blocks and devices the sweep runs the trunk and the head on
+    out["layer_blocks"] = {"trunk": blocks.trunk_block, "head": blocks.chunk, "devices": blocks.devices}
     out["layers"] = layer_timings(model, params, x_layers, config.repeats, trunk_block=blocks.trunk_block,
-                                  head_block=blocks.chunk)
+                                  head_block=blocks.chunk, devices=blocks.devices)
+    out["layer_images"] = out["layers"][-1]["images"]  # a multiple of the devices
     peaks.append(matmul_peak_gflops())
     _set_peak(out, peaks)
     flops = model_flops(model)
@@ -151,7 +151,7 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     if config.layers_only:
         trunk_row = next(r for r in out["layers"] if r["name"] == "trunk" and r["part"] == "trunk")
         rate = "?" if trunk_row["gflops"] is None else f"{trunk_row['gflops']:.1f}"
-        out["summary"] = (f"trunk {1e3 * trunk_row['s']:.1f} ms for {len(x_layers)} images, {rate} GFLOP/s on "
+        out["summary"] = (f"trunk {1e3 * trunk_row['s']:.1f} ms for {out['layer_images']} images, {rate} GFLOP/s on "
                           f"{out['machine']} (matmul peak {out['matmul_peak_gflops']:.1f} GFLOP/s)")
         return _flag_noise(out)
 

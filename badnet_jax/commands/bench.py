@@ -19,7 +19,7 @@ from absl import flags
 
 from badnet_jax import load_lab_h5
 
-from badnet_jax.commands import cli
+from badnet_jax.commands import cli, processes
 from badnet_jax.bench import (LAYER_IMAGES, BenchConfig, format_grid, format_layers, kernel_timings, parse_grid,
                               run_benchmark)
 from badnet_jax.defense.inputs import EXAMPLES
@@ -40,6 +40,8 @@ ORDERS_PER_CALL = flags.DEFINE_integer("orders_per_call", 1, "With --rank_by: or
 BATCH_STEPS = flags.DEFINE_integer("batch_steps", None, "Distinct steps per head call (0: one per call inside the "
                                    "scan; default 0 on a CPU and an NVIDIA GPU, 8 there with --orders_per_call > 1 "
                                    "and on a TPU or ROCm GPU; see SweepOptions).")
+DEVICES = flags.DEFINE_integer("devices", 0, "Devices the sweeps and the layers shard the images over (0 = all; "
+                               "on a CPU one device per core, as badnet-prune runs).")
 BUDGET = flags.DEFINE_float("memory_budget", None, "GiB the sweep may use (default: half the device's memory).")
 IMPL = flags.DEFINE_enum("impl", "auto", ["auto", "reference", "pallas"], "Masked-head implementation.")
 PER_STEP = flags.DEFINE_integer("per_step_steps", None, "Steps of the per-step loop to time (scaled to the model's "
@@ -79,7 +81,7 @@ FLAG_OF = {"n_clean": N_CLEAN.name, "n_bd": N_BD.name, "repeats": REPEATS.name, 
            "example": EXAMPLE.name, "layer_images": LAYER_IMGS.name, "chunk": CHUNK.name,
            "batch_steps": BATCH_STEPS.name, "impl": IMPL.name, "orders_per_call": ORDERS_PER_CALL.name,
            "rank_by": RANK_BY.name, "random_orders": RANDOM_ORDERS.name, "clean_valid": CLEAN_VALID.name,
-           "bd_valid": BD_VALID.name, "grid": GRID.name, "memory_budget": BUDGET.name}
+           "bd_valid": BD_VALID.name, "grid": GRID.name, "memory_budget": BUDGET.name, "devices": DEVICES.name}
 
 
 def main(argv: list[str]) -> int:
@@ -87,6 +89,7 @@ def main(argv: list[str]) -> int:
 
     def bench() -> int:
         cli.refuse_extra_args(argv)
+        processes.use_cpu_cores()  # the CPU's cores as devices, as badnet-prune shards its images (--devices 0)
         if EXAMPLE.value and (MODEL.value or CLEAN_VALID.value or BD_VALID.value):
             given = next(f for f in (MODEL, CLEAN_VALID, BD_VALID) if f.value)
             raise ConfigError(f"{arg('example', EXAMPLE.value)} benchmarks an embedded example on its own data; "
@@ -96,7 +99,7 @@ def main(argv: list[str]) -> int:
                               "DeepID is pruned at pool_3", field="layer")
         config = BenchConfig(n_clean=N_CLEAN.value, n_bd=N_BD.value, num_classes=CLASSES.value,
                              sweep=SweepOptions(impl=IMPL.value, batch_steps=BATCH_STEPS.value, chunk=CHUNK.value,
-                                                orders_per_call=ORDERS_PER_CALL.value,
+                                                orders_per_call=ORDERS_PER_CALL.value, devices=DEVICES.value,
                                                 memory_budget=cli.memory_budget_bytes(BUDGET.value)),
                              per_step_steps=PER_STEP.value, repeats=REPEATS.value,
                              scaling=cli.parse_ints("scaling", SCALING.value), ablation=ABLATION.value,

@@ -3,6 +3,8 @@ share of the peak, and the blocks a layer is timed in."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from badnet_jax import bench
 from badnet_jax.bench import layers as bench_layers
 from badnet_jax.models.deepid import DeepID
 from tests import numpy_ref
+from tests.cli import run_python
 
 
 def test_flop_counts_match_the_architecture():
@@ -80,3 +83,39 @@ def test_layer_blocks_that_tile_the_input_sum_the_layer_over_every_image_once(bl
     fn = lambda c: jnp.tanh(c) * 3.0
     got = jax.jit(lambda a: bench_layers.summed_in_blocks(fn, a, block))(x)
     np.testing.assert_allclose(float(got), float(np.tanh(x.astype(np.float64)).sum() * 3.0), rtol=1e-5)
+
+
+def test_layer_timings_shard_the_images_over_the_devices_as_the_sweep_does():
+    """Over two CPU devices (a second process: the device count is fixed when JAX starts), every stage's blocks
+    sum the same as on one device, the compiled program takes its images split between the two, and the images
+    are cut to a multiple of the devices."""
+    code = """if True:
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from badnet_jax import bench
+        from badnet_jax.bench.layers import summed_call
+        from badnet_jax.sweep.run import data_mesh
+        from badnet_jax.attack.gap_demo import gap_model
+        model = gap_model()
+        params = model.init_params(0)
+        x = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3)).astype(np.uint8)
+        rows = bench.layer_timings(model, params, x, repeats=1, trunk_block=3, devices=2)
+        assert {(r["images"], r["devices"]) for r in rows} == {(6, 2)}, rows
+        fn = lambda p, v: model.features(p, v)
+        v = jnp.asarray(x[:6], jnp.float32)
+        mesh = data_mesh(2)
+        sharded = jax.device_put(v, NamedSharding(mesh, P("data")))
+        compiled = summed_call(fn, 3, mesh).lower(params, sharded).compile()
+        assert len(compiled.input_shardings[0][1].device_set) == 2
+        print(float(compiled(params, sharded)), float(summed_call(fn, 3)(params, v)))
+    """
+    proc = run_python(code, env={**os.environ, "JAX_NUM_CPU_DEVICES": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = map(float, proc.stdout.split())
+    from badnet_jax.attack.gap_demo import gap_model
+
+    model = gap_model()
+    x = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3)).astype(np.uint8)
+    feats = model.features(model.init_params(0), jnp.asarray(x[:6], jnp.float32))  # all six at once, here
+    want = float(np.asarray(feats, np.float64).sum())
+    np.testing.assert_allclose([two, one], [want, want], rtol=1e-5)

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from badnet_jax.commands.processes import cpu_cores
 from tests import numpy_ref
-from tests.cli import run_cli
+from tests.cli import run_cli, run_python
 from tests.conftest import asset
 
 
@@ -61,6 +62,31 @@ def test_benchmark_cli_times_each_layer_of_the_gap_example_on_the_named_machine(
     table = proc.stdout[proc.stdout.index("per layer, 64 images"):]
     assert all(f"\n{name} " in table for name in names)
     assert proc.stdout.strip().splitlines()[-1].startswith("trunk ")
+    # The layers run as badnet-prune's sweep runs: the images sharded over one CPU device per core.
+    cores = cpu_cores()
+    assert result["layer_blocks"]["devices"] == cores and {r["devices"] for r in result["layers"]} == {cores}
+    assert (f"on each of {cores} devices (sharded as the sweep)" in table.splitlines()[0]) == (cores > 1)
+
+
+def test_benchmark_cli_shards_over_the_devices_it_is_given(tmp_path):
+    out = tmp_path / "g.json"
+    proc = run_cli("benchmark", "--example", "gapnet", "--layers_only", "--layer_images", "63", "--repeats", "1",
+                   "--devices", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["layer_blocks"]["devices"] == 1 and {r["devices"] for r in result["layers"]} == {1}
+    assert result["layer_images"] == 63 and "sharded" not in proc.stdout
+    proc = run_cli("benchmark", "--example", "gapnet", "--layers_only", "--devices", cpu_cores() + 1, "--out", out)
+    assert proc.returncode == 2
+    assert f"--devices {cpu_cores() + 1}: asked for {cpu_cores() + 1} devices, only {cpu_cores()} available" in proc.stderr
+
+
+def test_the_commands_leave_the_cpu_device_count_unset_until_they_run():
+    # Importing a command must not start JAX's backend: the command then gives the CPU one device per core.
+    for command in ("bench", "prune"):
+        proc = run_python(f"import jax._src.xla_bridge as xb, badnet_jax.commands.{command}; "
+                          "print(xb.backends_are_initialized())")
+        assert proc.returncode == 0 and proc.stdout.strip() == "False", (command, proc.stderr[-2000:])
 
 
 def test_benchmark_cli_sweeps_any_keras_cnn(tmp_path):

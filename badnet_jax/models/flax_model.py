@@ -56,7 +56,7 @@ from typing import Any, Optional
 import flax.errors
 import flax.linen as nn
 import jax
-from jax.extend.core import subjaxprs
+from jax.extend.core import Literal, jaxprs_in_params, subjaxprs
 import jax.numpy as jnp
 import numpy as np
 
@@ -184,23 +184,29 @@ class FlaxCNN(PrunableModel):
                               field="variables") from err
 
     def _largest_per_image(self, variables: Params) -> tuple[int, ...]:
-        """The values per image of the two largest tensors of ``features``: every value of its program traced
-        for one image and for two, the difference per value (what the weights alone compute, a transposed
-        kernel, does not grow with the images). Empty when the two programs differ in form."""
-        def sizes(n: int) -> list[int]:
-            x = jax.ShapeDtypeStruct((n, *self.input_hwc), jnp.float32)
-            fn = lambda v, x: self.module.apply(self._variables(v), x, method="features")  # noqa: E731
-            out, todo = [], [jax.make_jaxpr(fn)(variables, x).jaxpr]
-            while todo:
-                jaxpr = todo.pop()
-                out += [int(np.prod(v.aval.shape)) for eqn in jaxpr.eqns for v in eqn.outvars]
-                todo += subjaxprs(jaxpr)
-            return out
+        """The values per image of the two largest tensors of ``features``: its program traced for three images,
+        each value that depends on the images divided by three (what the weights alone compute, a transposed
+        kernel, is left out; a value inside a loop or a call that reads the images counts whole). Three, not
+        one: JAX skips broadcasts for a single image, and a batch padded to a multiple counts in full."""
+        n = 3
+        x = jax.ShapeDtypeStruct((n, *self.input_hwc), jnp.float32)
+        fn = lambda v, x: self.module.apply(self._variables(v), x, method="features")  # noqa: E731
+        jaxpr = jax.make_jaxpr(fn)(variables, x).jaxpr
+        reads_images, sizes = {jaxpr.invars[-1]}, []
 
-        one, two = sizes(1), sizes(2)
-        if len(one) != len(two):
-            return ()
-        return tuple(sorted((b - a for a, b in zip(one, two)), reverse=True)[:2])
+        def count(inner) -> None:  # every value of a loop's or a call's body that reads the images
+            for eqn in inner.eqns:
+                sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars)
+            for sub in subjaxprs(inner):
+                count(sub)
+
+        for eqn in jaxpr.eqns:
+            if any(not isinstance(v, Literal) and v in reads_images for v in eqn.invars):
+                reads_images.update(eqn.outvars)
+                sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars)
+                for sub in jaxprs_in_params(eqn.params):
+                    count(sub)
+        return tuple(sorted((-(-size // n) for size in sizes), reverse=True)[:2])
 
     def trunk_bytes_per_image(self) -> int:
         return working_bytes(self.trunk_sizes) if self.trunk_sizes else super().trunk_bytes_per_image()

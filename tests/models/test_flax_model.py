@@ -476,3 +476,34 @@ def test_a_flax_modules_working_memory_sizes_its_chunks_and_float64_blocks():
     plan = sw.plan_sweep(sw.SweepOptions(memory_budget=budget, devices=1, platform="cpu"), [x, x], model)
     assert 1 <= plan.chunk and plan.chunk * 4 * held <= budget
     assert xla64.sum_block(2 * model.trunk_bytes_per_image()) * 8 * held <= xla64.SUM_BLOCK_BYTES
+
+
+class WhereNet(BigFirstNet):
+    """The first convolution's output masked by a (1, H, W, C) weight through ``jnp.where``: JAX broadcasts the
+    mask to the batch for two images or more, not for one."""
+
+    @nn.compact
+    def features(self, x):
+        x = nn.relu(nn.Conv(64, (3, 3), name="conv1")(x))
+        keep = self.param("keep", nn.initializers.ones, (1, 96, 96, 64))
+        x = nn.max_pool(jnp.where(keep > 0, x, 0.0), (4, 4), (4, 4))
+        return nn.relu(nn.Conv(8, (3, 3), strides=2, name="conv2")(x))
+
+
+class PadNet(BigFirstNet):
+    """The batch padded to a multiple of 8 images before the first convolution: two images cost what three do."""
+
+    @nn.compact
+    def features(self, x):
+        n = x.shape[0]
+        x = jnp.pad(x, ((0, -n % 8), (0, 0), (0, 0), (0, 0)))
+        x = nn.max_pool(nn.relu(nn.Conv(64, (3, 3), name="conv1")(x)), (4, 4), (4, 4))[:n]
+        return nn.relu(nn.Conv(8, (3, 3), strides=2, name="conv2")(x))
+
+
+@pytest.mark.parametrize("net", [WhereNet, PadNet])
+def test_a_flax_modules_working_memory_holds_where_the_batch_changes_its_program(net):
+    params = net().init(jax.random.PRNGKey(0), jnp.zeros((1, 96, 96, 3)))["params"]
+    model = FlaxCNN.build(net(), params, input_hwc=(96, 96, 3), input_scale="255", layer="conv2")
+    conv1 = 96 * 96 * 64  # values per image of the first convolution's output
+    assert model.trunk_sizes[0] >= conv1 and model.trunk_bytes_per_image() >= 2 * 4 * conv1

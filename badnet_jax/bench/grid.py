@@ -127,7 +127,7 @@ def time_grid(model: PrunableModel, params: Params, sets: Mapping[str, jax.Array
     for i, (options, plan) in enumerate(zip(candidates, plans)):
         row = {"options": {f: getattr(options, f) for f in GRID_FIELDS},
                "plan": {"strategy": plan.strategy, "impl": plan.impl, "batch_steps": plan.batch_steps,
-                        "chunk": plan.chunk, "orders_per_call": plan.orders_per_call}}
+                        "chunk": plan.chunk, "orders_per_call": plan.orders_per_call, "devices": plan.devices}}
         key = (plan.strategy, plan.impl, plan.batch_steps, plan.chunk)  # the one-order sweep ignores orders_per_call
         if key not in one:
             t = time.perf_counter()
@@ -153,8 +153,8 @@ def format_grid(result: dict) -> str:
     """The grid as a table, one row per candidate, the fastest marked (when there is more than one)."""
     rows = result["rows"]
     ranked = "rankings_s" in rows[0]
-    head = (f"{'strategy':15s} {'impl':10s} {'batch':>5s} {'chunk':>6s} {'opc':>4s} {'one ms':>8s} {'device':>8s} "
-            f"{'settle':>8s}")
+    head = (f"{'strategy':15s} {'impl':10s} {'batch':>5s} {'chunk':>6s} {'opc':>4s} {'devs':>4s} {'one ms':>8s} "
+            f"{'device':>8s} {'settle':>8s}")
     lines = [head + (f" {'ranks ms':>9s} {'vs one':>7s}" if ranked else "")]
     marks: dict[int, list[str]] = {}
     for what, best in result["best"].items():
@@ -162,7 +162,7 @@ def format_grid(result: dict) -> str:
     for i, row in enumerate(rows):
         p = row["plan"]
         line = (f"{p['strategy']:15s} {p['impl']:10s} {p['batch_steps']:5d} {p['chunk']:6d} {p['orders_per_call']:4d} "
-                f"{1e3 * row['s']:8.2f} {1e3 * row['device_s']:8.2f} {1e3 * row['settle_s']:8.2f}")
+                f"{p.get('devices', 1):4d} {1e3 * row['s']:8.2f} {1e3 * row['device_s']:8.2f} {1e3 * row['settle_s']:8.2f}")
         if ranked:
             line += f" {1e3 * row['rankings_s']:9.2f} {row['vs_one']:7.2f}"
         if i in marks and len(rows) > 1:
@@ -182,7 +182,7 @@ def _timed_split(sweep, repeats: int) -> dict:
 
 
 def plan_label(plan: dict) -> str:
-    """A row's resolved plan as ``strategy=... impl=... batch_steps=... chunk=... orders_per_call=...``."""
+    """A row's resolved plan as ``strategy=... impl=... batch_steps=... chunk=... orders_per_call=... devices=...``."""
     return " ".join(f"{k}={v}" for k, v in plan.items())
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from badnet_jax.bench.machine import timed
+from badnet_jax.errors import ConfigError, arg
 from badnet_jax.model import LAB_NUM_CLASSES
 from badnet_jax.models.deepid import DeepID
 from badnet_jax.models.protocol import Params, PrunableModel
@@ -94,14 +95,25 @@ def layer_timings(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, r
         trunk_block, head_block: the images per block of the trunk's stages and of the head's (None: all of a
             device's images at once).
         devices: the devices the images are sharded over (the sweep plan's ``devices``); the images are cut to
-            a multiple of it.
+            a multiple of it, the weights replicated on each.
 
     Returns:
-        One row per stage, then ``trunk`` and ``head``: name, part, images, flops_per_image, flops_from
+        One row per stage, then ``trunk`` and ``head``: name, part, images, devices, flops_per_image, flops_from
         (``layer shapes``, ``XLA cost analysis`` or None when unknown), compile_s, s, gflops, peak_share.
+
+    Raises:
+        ConfigError: fewer images than devices.
     """
-    x = jnp.asarray(x_NxHxWxC[:len(x_NxHxWxC) - len(x_NxHxWxC) % devices]).astype(jnp.float32)
+    n = len(x_NxHxWxC) - len(x_NxHxWxC) % devices
+    if n == 0:
+        raise ConfigError(f"{arg('layer_images', len(x_NxHxWxC))}: fewer images than the {devices} devices they are "
+                          f"sharded over; give at least {devices} (or fewer {arg('devices')})", field="layer_images")
+    if n < len(x_NxHxWxC):
+        log.info("Layers timed on %d images, a multiple of the %d devices (%d given).", n, devices, len(x_NxHxWxC))
+    x = jnp.asarray(x_NxHxWxC[:n]).astype(jnp.float32)
     mesh = data_mesh(devices) if devices > 1 else None
+    if mesh is not None:  # on every device once, as the sweep's call takes them: not copied at each timed call
+        params = jax.device_put(params, NamedSharding(mesh, P()))
     feats = jax.block_until_ready(model.features(params, x))
     mask = jnp.ones((model.num_channels,), jnp.float32)
     totals = model_flops(model)
@@ -169,7 +181,7 @@ def format_layers(result: dict) -> str:
     lines = [f"machine: {result['machine']} (jax {result['jax']}, {result['backend']}); model {result['model']}; "
              f"matmul peak {peak:.1f} GFLOP/s" if peak else f"machine: {result['machine']}",
              *([f"NOISY: {result['noisy']}"] if result.get("noisy") else []),
-             f"per layer, {result['layer_images']} images in blocks of {_blocks(result)}{_devices(result)}, "
+             f"per layer, {result['layer_images']} images{_devices(result)} in blocks of {_blocks(result)}, "
              f"median of {result['repeats']} after compile:",
              f"{'layer':16s} {'part':7s} {'MFLOP/img':>10s} {'ms':>10s} {'GFLOP/s':>9s} {'of peak':>8s}"]
     for row in result["layers"]:
@@ -190,7 +202,8 @@ def _blocks(result: dict) -> str:
 
 def _devices(result: dict) -> str:
     devices = (result.get("layer_blocks") or {}).get("devices", 1)
-    return f" on each of {devices} devices (sharded as the sweep)" if devices > 1 else ""
+    each = result["layer_images"] // devices
+    return f" sharded over {devices} devices as the sweep ({each} on each)" if devices > 1 else ""
 
 
 def layer_images(x: np.ndarray, n: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from badnet_jax.attack.gap_demo import gap_model
 from badnet_jax.bench import grid
 from badnet_jax.sweep import SweepOptions, plan_sweep
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
+from badnet_jax.commands.processes import cpu_cores
 from tests.cli import run_cli
 
 
@@ -119,7 +120,8 @@ def test_real_sweeps_are_timed_and_the_fastest_rows_named(gap):
                                   "orders_per_call": options.orders_per_call}
         planned = plan_sweep(options, list(sets.values()), model)  # what the planner resolves, asked directly
         assert row["plan"] == {"strategy": planned.strategy, "impl": planned.impl, "batch_steps": planned.batch_steps,
-                               "chunk": planned.chunk, "orders_per_call": planned.orders_per_call}
+                               "chunk": planned.chunk, "orders_per_call": planned.orders_per_call,
+                               "devices": planned.devices}
         assert row["s"] > 0 and row["device_s"] > 0 and row["settle_s"] >= 0 and row["compile_s"] > 0
         assert row["s"] >= row["device_s"] + row["settle_s"]  # one timed run: the whole call holds both parts
         assert row["rankings_s"] > 0 and row["rankings_device_s"] > 0
@@ -179,14 +181,15 @@ def test_orders_per_call_without_rankings_is_refused_as_changing_nothing(gap):
 def test_the_table_has_a_line_per_row_and_marks_the_fastest():
     def row(batch, s, ranked):
         return {"plan": {"strategy": "prefix_dedupe", "impl": "reference", "batch_steps": batch, "chunk": 256,
-                         "orders_per_call": 1},
+                         "orders_per_call": 1, "devices": 2},
                 "s": s, "device_s": s / 2, "settle_s": s / 4, "rankings_s": ranked, "vs_one": ranked / s}
 
     result = {"rows": [row(0, 0.010, 0.050), row(8, 0.020, 0.030)],
               "best": {"one_order": {"row": 0}, "rankings": {"row": 1}}}
     lines = grid.format_grid(result).splitlines()
-    assert len(lines) == 3 and lines[0].split()[:5] == ["strategy", "impl", "batch", "chunk", "opc"]
-    assert lines[1].split()[:9] == ["prefix_dedupe", "reference", "0", "256", "1", "10.00", "5.00", "2.50", "50.00"]
+    assert len(lines) == 3 and lines[0].split()[:6] == ["strategy", "impl", "batch", "chunk", "opc", "devs"]
+    assert lines[1].split()[:10] == ["prefix_dedupe", "reference", "0", "256", "1", "2", "10.00", "5.00", "2.50",
+                                     "50.00"]
     assert lines[1].endswith("<- fastest: one order") and lines[2].endswith("<- fastest: rankings")
     result["best"]["rankings"]["row"] = 0
     assert grid.format_grid(result).splitlines()[1].endswith("<- fastest: one order, rankings")
@@ -204,7 +207,7 @@ def test_badnet_bench_grid_times_each_combination_and_prints_the_table(tmp_path)
     fastest = result["grid"]["rows"][result["grid"]["best"]["one_order"]["row"]]
     summary = (f"grid of 2: the fastest whole curve {1e3 * fastest['s']:.2f} ms (strategy=prefix_batched "
                f"impl={fastest['plan']['impl']} batch_steps={fastest['plan']['batch_steps']} "
-               f"chunk={fastest['plan']['chunk']} orders_per_call=1)")
+               f"chunk={fastest['plan']['chunk']} orders_per_call=1 devices={cpu_cores()})")
     # a busy machine's run says so after the summary (its matmul peak measured twice, far apart)
     noisy = "" if result["noisy"] is None else f" [NOISY: {result['noisy']}]"
     assert proc.stdout.strip().splitlines()[-1] == summary + noisy == result["summary"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -65,7 +66,8 @@ def test_benchmark_cli_times_each_layer_of_the_gap_example_on_the_named_machine(
     # The layers run as badnet-prune's sweep runs: the images sharded over one CPU device per core.
     cores = cpu_cores()
     assert result["layer_blocks"]["devices"] == cores and {r["devices"] for r in result["layers"]} == {cores}
-    assert (f"on each of {cores} devices (sharded as the sweep)" in table.splitlines()[0]) == (cores > 1)
+    assert (f"64 images sharded over {cores} devices as the sweep ({64 // cores} on each) in blocks of"
+            in table.splitlines()[0]) == (cores > 1)
 
 
 def test_benchmark_cli_shards_over_the_devices_it_is_given(tmp_path):
@@ -140,3 +142,17 @@ def test_benchmark_cli_refuses_what_it_would_not_time(tmp_path, argv, complaint)
     proc = run_cli("benchmark", "--layer_images", "8", *argv, "--out", out)  # argv's own value last, so it wins
     assert proc.returncode == 2 and complaint in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    (["--layer_images", "1", "--devices", "2"], "error: --layer_images 1: fewer images than the 2 devices they are "
+                                                "sharded over; give at least 2 (or fewer --devices)"),
+    (["--scaling", "1,3"], "error: --scaling 1,3: 3 devices, but 2 available"),
+    (["--scaling", "0"], "error: --scaling 0: 0 devices, but 2 available"),
+])
+def test_benchmark_cli_refuses_device_counts_it_cannot_shard_over(tmp_path, argv, complaint):
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2"}  # two CPU devices whatever the cores
+    extra = ["--layers_only"] if "--layer_images" in argv else ["--per_step_steps", "1", "--repeats", "1"]
+    proc = run_cli("benchmark", "--example", "gapnet", *extra, *argv, "--out", tmp_path / "x.json", env=env)
+    assert proc.returncode == 2 and complaint in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.json").exists()

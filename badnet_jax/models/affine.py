@@ -48,7 +48,8 @@ def cumulative_preactivations(model: PrunableModel, params: Params, feats_NxHxWx
             mask = masks.reshape(masks.shape[0], *(1,) * (p.ndim - 1), masks.shape[1]).astype(p.dtype)
             return p[None] * mask + b[None, None]
         return jax.tree.map(masked, bias, channelwise)
-    contribs = jax.vmap(lambda c: model.channel_contribution(params, feats_NxHxWxC, c))(order)  # (C, N, ...)
+    contribute = model.contributor(params)
+    contribs = jax.vmap(lambda c: contribute(feats_NxHxWxC, c))(order)  # (C, N, ...)
 
     def steps(bias, contrib):
         suffix = jax.lax.cumsum(contrib, axis=0, reverse=True)  # suffix[k] = sum over j >= k

@@ -272,6 +272,13 @@ class PrunableModel(abc.ABC):
     def channel_contribution(self, params: Params, feats_NxHxWxC: jax.Array, c: jax.Array) -> Pytree:
         """Channel ``c``'s (maybe traced) contribution to the pre-activations (a pytree of (N, ...) arrays)."""
 
+    def contributor(self, params: Params) -> Callable[[jax.Array, jax.Array], Pytree]:
+        """:meth:`channel_contribution` as a function of (features, c), with what it reads of the params alone
+        prepared once (traceable). The sweep makes it outside its loop over the steps: XLA does not move work
+        out of a step that runs under a condition (a dead channel's step is skipped). By default nothing is
+        prepared."""
+        return lambda feats_NxHxWxC, c: self.channel_contribution(params, feats_NxHxWxC, c)
+
     def channelwise_preactivations(self, params: Params, feats_NxHxWxC: jax.Array) -> Optional[Pytree]:
         """Every channel's contribution at once, when the pre-activations are per-channel images of the features.
 

@@ -68,10 +68,11 @@ def reverse_steps(model: PrunableModel, params: Params, feats_NxHxWxC: jax.Array
     pre = jax.tree.map(lambda b: jnp.broadcast_to(b[None], (n, *b.shape)), model.preactivation_bias(params))
     last = step_fn(jnp.int32(order.shape[0]), pre)
     alive = alive_channels(feats_NxHxWxC)
+    contribute = model.contributor(params)  # prepared here, not at each (conditional) step
 
     def advance(k, pre, prev):
         del prev
-        pre = jax.tree.map(jnp.add, pre, model.channel_contribution(params, feats_NxHxWxC, order[k]))
+        pre = jax.tree.map(jnp.add, pre, contribute(feats_NxHxWxC, order[k]))
         return pre, step_fn(k, pre)
 
     def body(carry, k):

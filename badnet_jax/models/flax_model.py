@@ -37,10 +37,12 @@ collections, so fine-tuning (Adam: a zero gradient is a zero update) trains the 
 running statistics exactly as they are, and the float64 settling converts them to float64 with the params.
 A model built from params alone takes params alone, as before.
 
-Nothing about the head is assumed, so the affine split is the masked features themselves (every step's
-pre-activations are the features with its pruned channels zeroed, built by suffix sums of one channel at a
-time) and every step runs the whole head: exact, as fast as the masked forward. A Keras or IR model
-(:class:`~badnet_jax.models.graph.GraphCNN`) gets the cheaper split of its first affine layers.
+By default nothing about the head is assumed, so the affine split is the masked features themselves (every
+step's pre-activations are the features with its pruned channels zeroed, built by suffix sums of one channel at
+a time) and every step runs the whole head: exact, as fast as the masked forward. A module that splits
+``hidden`` at its first affine layers into ``pre`` and ``post`` methods names them (``head_split=("pre",
+"post")``, checked when the model is built) and gets the cheaper split a Keras or IR model
+(:class:`~badnet_jax.models.graph.GraphCNN`) has: see ``badnet_jax.models.flax_split``.
 
 Its layer stages (``PrunableModel.layer_stages``) are the protocol's default: nothing inside the module is
 known, so a benchmark times the trunk and the head whole, with FLOPs from XLA's cost analysis.
@@ -51,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.errors
 import flax.linen as nn
@@ -62,6 +64,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.pixels import input_divisor, scaled
+from badnet_jax.models.flax_split import HeadSplit, check_split, contribution, linear_map
 from badnet_jax.models.protocol import Params, PrunableModel, working_bytes
 from badnet_jax.numerics.ties import TIE_RTOL
 
@@ -85,6 +88,8 @@ class FlaxCNN(PrunableModel):
             module (a wider layer) are refused by name, not by Flax inside a sweep.
         trunk_sizes: the values per image of the two largest tensors ``features`` computes (read from its
             traced program), for the sweep's memory model; empty: the protocol's default estimate.
+        head_split: the head split at its first affine layers (``badnet_jax.models.flax_split``), or None: the
+            pre-activations are the masked features and every step runs all of ``hidden``.
     """
 
     module: nn.Module
@@ -100,12 +105,14 @@ class FlaxCNN(PrunableModel):
     collections: tuple[str, ...] = ()
     variable_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     trunk_sizes: tuple[int, ...] = ()
+    head_split: Optional[HeadSplit] = None
 
     layers_known = False  # the module is code: which layer produces the pruned channels is not known here
 
     @classmethod
     def build(cls, module: nn.Module, variables: Params, input_hwc: tuple[int, int, int], input_scale: str,
-              layer: str = "features", output: str = "output") -> "FlaxCNN":
+              layer: str = "features", output: str = "output",
+              head_split: Optional[tuple[str, Optional[str]]] = None) -> "FlaxCNN":
         """The model of ``module`` with these variables (shapes are read from an abstract evaluation).
 
         Args:
@@ -118,12 +125,18 @@ class FlaxCNN(PrunableModel):
             layer: the pruned layer's name, for logs and reports; it names the layer, it does not choose it:
                 the pruned layer is where ``features`` ends.
             output: the name of the Dense output submodule.
+            head_split: ``(pre, post)``: the module's methods that split ``hidden`` at its first affine layers,
+                ``pre(feats)`` affine in the features and ``post(pre)`` the rest (``("hidden", None)``: hidden is
+                affine itself, e.g. a global average pooling); checked on random features. The sweep then adds
+                one contribution per channel instead of running all of ``hidden`` at every step
+                (``badnet_jax.models.flax_split``). None: no split.
 
         Raises:
             ConfigError: the module has no ``features`` or ``hidden`` method, its features are not a 4-D
                 feature map, its hidden layer does not fit the output layer, the params hold no Dense
                 ``output`` layer, the variables lack a collection the module reads (naming it, e.g.
-                ``batch_stats``), or the module writes a collection (a batch norm in training mode).
+                ``batch_stats``), the module writes a collection (a batch norm in training mode), or the head
+                split is not one (see ``flax_split.check_split``).
         """
         input_divisor(input_scale)  # refuses an unknown scale now, not at the first sweep
         if isinstance(module, type):
@@ -152,8 +165,19 @@ class FlaxCNN(PrunableModel):
             raise ConfigError(f"{arg('module')}: {type(module).__name__}.hidden gives shape {tuple(hidden.shape)} for "
                               f"one image, but the output layer {output!r} takes (N, {model.hidden_width})",
                               field="module")
-        return dataclasses.replace(model, feature_hwc=tuple(feats.shape[1:]),
-                                   trunk_sizes=model._largest_per_image(variables))
+        model = dataclasses.replace(model, feature_hwc=tuple(feats.shape[1:]),
+                                    trunk_sizes=model._largest_per_image(variables))
+        if head_split is not None:
+            pre, post = head_split
+            for method in (pre, post):
+                if method and not callable(getattr(module, method, None)):
+                    raise ConfigError(f"{arg('head_split', head_split)}: {type(module).__name__} has no {method}() "
+                                      "method", field="head_split")
+            apply = lambda v, x, method: module.apply(model._variables(v), x, method=method)  # noqa: E731
+            split = check_split(apply, variables, type(module).__name__, model.feature_hwc, model.hidden_width, pre,
+                                post)
+            model = dataclasses.replace(model, head_split=split)
+        return model
 
     def _abstract(self, method: str, variables: Params, x: Any) -> jax.ShapeDtypeStruct:
         """The shape of ``method`` on ``x`` (abstract evaluation), Flax's refusals turned into ConfigErrors."""
@@ -233,7 +257,11 @@ class FlaxCNN(PrunableModel):
 
     @property
     def preactivation_size(self) -> int:
-        return int(np.prod(self.feature_hwc))
+        return self.head_split.size if self.head_split else int(np.prod(self.feature_hwc))
+
+    @property
+    def logits_affine(self) -> bool:
+        return self.head_split is not None and not self.head_split.post
 
     @property
     def hidden_size(self) -> int:
@@ -305,17 +333,39 @@ class FlaxCNN(PrunableModel):
         p = self._params(params)[self.output]
         return p["kernel"], p["bias"] if "bias" in p else jnp.zeros((self.num_classes,), p["kernel"].dtype)
 
-    # The affine split: the masked features themselves.
+    # The affine split: the head split's pre-activations, or the masked features themselves.
+    def _pre(self, params: Params, feats_NxHxWxC: jax.Array) -> jax.Array:
+        return self.module.apply(self._variables(params), feats_NxHxWxC, method=self.head_split.pre)
+
     def preactivation_bias(self, params: Params) -> jax.Array:
-        return jnp.zeros(self.feature_hwc, jnp.asarray(self._params(params)[self.output]["kernel"]).dtype)
+        dtype = jnp.asarray(self._params(params)[self.output]["kernel"]).dtype
+        if self.head_split:
+            return self._pre(params, jnp.zeros((1, *self.feature_hwc), dtype))[0]
+        return jnp.zeros(self.feature_hwc, dtype)
 
     def channel_contribution(self, params: Params, feats_NxHxWxC: jax.Array, c: jax.Array) -> jax.Array:
-        keep = jnp.arange(self.num_channels) == c
-        return jnp.where(keep[None, None, None, :], feats_NxHxWxC, jnp.zeros((), feats_NxHxWxC.dtype))
+        return self.contributor(params)(feats_NxHxWxC, c)
+
+    def contributor(self, params: Params) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        if self.head_split:  # the linear map read once: P pre-activations' worth of its transposed map
+            dtype = jnp.asarray(self._params(params)[self.output]["kernel"]).dtype
+            matrix = linear_map(lambda f: self._pre(params, f), self.feature_hwc, dtype)
+            return lambda feats, c: contribution(matrix, feats, c, self.head_split.pre_shape)
+
+        def masked(feats_NxHxWxC: jax.Array, c: jax.Array) -> jax.Array:
+            keep = jnp.arange(self.num_channels) == c
+            return jnp.where(keep[None, None, None, :], feats_NxHxWxC, jnp.zeros((), feats_NxHxWxC.dtype))
+        return masked
 
     def tail_hidden(self, params: Params, pre: jax.Array) -> jax.Array:
-        lead = pre.shape[:-3]
-        hidden = self.module.apply(self._variables(params), pre.reshape(-1, *self.feature_hwc), method="hidden")
+        shape = self.head_split.pre_shape if self.head_split else self.feature_hwc
+        lead = pre.shape[:pre.ndim - len(shape)]
+        flat = pre.reshape(-1, *shape)
+        if self.head_split and not self.head_split.post:
+            hidden = flat.reshape(flat.shape[0], -1)
+        else:
+            method = self.head_split.post if self.head_split else "hidden"
+            hidden = self.module.apply(self._variables(params), flat, method=method)
         return hidden.reshape(*lead, hidden.shape[-1])
 
 

@@ -1,0 +1,142 @@
+"""badnet_jax.models.flax_split: a Flax module's head split at its first affine layers, swept against the
+module's own float64 masked forward (which does not use the split), and the splits that are not refused."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from badnet_jax import ConfigError
+from badnet_jax import sweep as sw
+from badnet_jax.models.flax_model import FlaxCNN
+
+
+class Trunk(nn.Module):
+    """Two convolutions to 8x8x12 features; the heads below differ."""
+
+    @nn.compact
+    def features(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
+        return nn.relu(nn.Conv(12, (3, 3), strides=2, name="conv2")(x))
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, name="output")(self.hidden(self.features(x)))
+
+
+class FlattenNet(Trunk):
+    """Flatten -> dense (affine) | ReLU."""
+
+    @nn.compact
+    def pre(self, feats):
+        return nn.Dense(16, name="fc")(feats.reshape(feats.shape[0], -1))
+
+    def post(self, pre):
+        return nn.relu(pre)
+
+    def hidden(self, feats):
+        return self.post(self.pre(feats))
+
+
+class ConvNet(Trunk):
+    """A 2x2 convolution without activation (affine, pre-activations 7x7x6) | ReLU -> flatten -> dense -> ReLU."""
+
+    @nn.compact
+    def pre(self, feats):
+        return nn.Conv(6, (2, 2), padding="VALID", name="conv3")(feats)
+
+    @nn.compact
+    def post(self, pre):
+        return nn.relu(nn.Dense(16, name="fc")(nn.relu(pre).reshape(pre.shape[0], -1)))
+
+    def hidden(self, feats):
+        return self.post(self.pre(feats))
+
+
+class GapNet(Trunk):
+    """Global average pooling: the whole hidden part is affine."""
+
+    def hidden(self, feats):
+        return jnp.mean(feats, axis=(1, 2))
+
+
+NETS = {"flatten": (FlattenNet, ("pre", "post")), "conv": (ConvNet, ("pre", "post")), "gap": (GapNet, ("hidden", None))}
+
+
+def _model(kind):
+    net, split = NETS[kind]
+    params = net().init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]
+    return FlaxCNN.build(net(), params, input_hwc=(16, 16, 3), input_scale="255", layer="conv2",
+                         head_split=split), params
+
+
+def _float64_steps(model, params, x, order):
+    """(C + 1, N) predictions of the module in float64 with the features masked: its hidden(), not the split."""
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        feats = model.module.apply({"params": p64}, jnp.asarray(x, jnp.float64) / 255, method="features")
+        out = []
+        for k in range(len(order) + 1):
+            mask = np.ones(len(order))
+            mask[order[:k]] = 0
+            hidden = model.module.apply({"params": p64}, feats * mask[None, None, None, :], method="hidden")
+            out.append((np.asarray(hidden) @ p64["output"]["kernel"] + p64["output"]["bias"]).argmax(-1))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("options", [sw.SweepOptions(dedupe=False, group=False), sw.SweepOptions(),
+                                     sw.SweepOptions(batch_steps=4)], ids=["prefix", "default", "batched"])
+@pytest.mark.parametrize("kind", NETS)
+def test_a_split_flax_head_sweeps_as_its_float64_masked_forward(kind, options, rng):
+    model, params = _model(kind)
+    x = rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+    result = sw.rank_and_sweep(model, params, {"clean_valid": x}, options)
+    np.testing.assert_array_equal(result.preds["clean_valid"], _float64_steps(model, params, x, result.order))
+    # The float32 split is close to the float64 network: its measured near-tie bound flags few predictions (a
+    # wrong split still gives the right curve, every prediction then settled in float64, but slowly).
+    assert result.settled["clean_valid"] < 0.25 * result.preds["clean_valid"].size
+    if kind == "gap" and options == sw.SweepOptions():
+        assert result.plan.strategy == "cumulative"  # the logits are affine in the mask: every step at once
+
+
+@pytest.mark.parametrize("kind", NETS)
+def test_the_channel_contributions_add_up_to_the_modules_pre_activations(kind, rng):
+    model, params = _model(kind)
+    assert model.logits_affine == (kind == "gap")
+    feats = jnp.asarray(rng.random((4, 8, 8, 12)), jnp.float32)
+    mask = (rng.random(12) < 0.5).astype(np.float32)
+    pre = model.preactivation_bias(params)[None] + sum(
+        mask[c] * model.channel_contribution(params, feats, jnp.int32(c)) for c in range(12))
+    method = NETS[kind][1][0]
+    want = model.module.apply({"params": params}, feats * mask[None, None, None, :], method=method)
+    assert pre.shape == want.shape and model.preactivation_size == int(np.prod(want.shape[1:]))
+    np.testing.assert_allclose(np.asarray(pre), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+class ReluInPre(FlattenNet):
+    @nn.compact
+    def pre(self, feats):
+        return nn.relu(nn.Dense(16, name="fc")(feats.reshape(feats.shape[0], -1)))
+
+
+class OtherHidden(FlattenNet):
+    def hidden(self, feats):  # not post(pre(feats)): twice that
+        return nn.relu(self.pre(feats)) * 2.0
+
+
+@pytest.mark.parametrize("net, split, complaint", [
+    (ReluInPre, ("pre", "post"), r"head_split=\('pre', 'post'\): ReluInPre.pre is not affine in the features"),
+    (FlattenNet, ("hidden", None), r"FlattenNet.hidden is not affine in the features"),
+    (OtherHidden, ("pre", "post"), r"OtherHidden: post\(pre\(f\)\) differs from hidden\(f\) by up to"),
+    (FlattenNet, ("pre", "after"), r"head_split=\('pre', 'after'\): FlattenNet has no after\(\) method"),
+    (ConvNet, ("pre", None), r"ConvNet.pre gives shape \(3, 294\) for 3 feature maps, but the output layer takes "
+                             r"\(3, 16\)"),
+])
+def test_a_head_split_that_is_not_one_is_refused(net, split, complaint):
+    params = net().init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]
+    with pytest.raises(ConfigError, match=complaint) as err:
+        FlaxCNN.build(net(), params, input_hwc=(16, 16, 3), input_scale="255", layer="conv2", head_split=split)
+    assert err.value.field == "head_split"

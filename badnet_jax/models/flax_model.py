@@ -64,7 +64,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.pixels import input_divisor, scaled
-from badnet_jax.models.flax_split import HeadSplit, check_split, contribution, linear_map
+from badnet_jax.models.flax_split import HeadSplit, check_split, contribution, linear_map, split_names
 from badnet_jax.models.protocol import Params, PrunableModel, working_bytes
 from badnet_jax.numerics.ties import TIE_RTOL
 
@@ -168,14 +168,13 @@ class FlaxCNN(PrunableModel):
         model = dataclasses.replace(model, feature_hwc=tuple(feats.shape[1:]),
                                     trunk_sizes=model._largest_per_image(variables))
         if head_split is not None:
-            pre, post = head_split
-            for method in (pre, post):
+            for method in split_names(head_split):
                 if method and not callable(getattr(module, method, None)):
                     raise ConfigError(f"{arg('head_split', head_split)}: {type(module).__name__} has no {method}() "
                                       "method", field="head_split")
             apply = lambda v, x, method: module.apply(model._variables(v), x, method=method)  # noqa: E731
-            split = check_split(apply, variables, type(module).__name__, model.feature_hwc, model.hidden_width, pre,
-                                post)
+            split = check_split(apply, variables, type(module).__name__, model.feature_hwc, model.hidden_width,
+                                head_split)
             model = dataclasses.replace(model, head_split=split)
         return model
 

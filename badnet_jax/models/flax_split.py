@@ -10,11 +10,13 @@ model's do (``PrunableModel.channel_contribution``): the sweep adds the contribu
 evaluates ``post`` per step, and where nothing follows ``pre`` it builds every step at once
 (``PrunableModel.logits_affine``).
 
-The split is checked, not trusted: in float64 on random signed features, ``pre`` must be affine (the
-difference of its values along a sum and a scaling within :data:`AFFINE_RTOL` of an affine map's) and
-``post(pre(f))`` must give ``hidden(f)``; a ReLU or a max inside ``pre`` fails at once. Channel c's
-contribution is the linear part of ``pre`` (its matrix, read once per call through the transposed map) applied
-to that channel's slice of the features: one channel's share of the work.
+The split is checked, not trusted (:func:`check_split`): in float64 on signed and non-negative feature maps of
+magnitudes :data:`SCALES`, ``pre`` must treat each image alone and be affine (its values along a sum and a
+scaling within :data:`AFFINE_RTOL` of an affine map's, each output to its own size), and ``post(pre(f))`` must
+give ``hidden(f)``; a ReLU, a clip or a max inside ``pre`` fails at once. Channel c's contribution is the linear
+part of ``pre`` (its matrix, read once per compiled call through the transposed map:
+``PrunableModel.contributor``) applied to that channel's slice of the features: one channel's share of the work.
+The matrix holds (pre-activations x features) numbers, at most :data:`LINEAR_MAP_BYTES`.
 """
 
 from __future__ import annotations
@@ -22,16 +24,28 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 
-# How far ``pre`` may be from affine on the check's random features, relative to the size of its values: the
-# float64 rounding of a dense layer is ~1e-16; a ReLU or a max makes errors of the order of the values.
+# How far ``pre`` may be from affine on the check's feature maps, relative to its values there: the float64
+# rounding of a dense layer is ~1e-16 of them; a ReLU, a clip or a max within reach of the check's magnitudes
+# makes errors of the order of the values. A module that computes in a narrower dtype (``nn.Dense(...,
+# dtype=jnp.float32)``) is held to its own rounding: LOW_PRECISION_ULPS units of it.
 AFFINE_RTOL = 1e-9
-CHECK_ROWS = 3  # random feature maps the split is checked on
+LOW_PRECISION_ULPS = 2000
+# Each output is held to its own size, floored at this share of its image's largest output, so that an
+# activation in a small branch beside a large one is not hidden (float64; a narrower dtype: the largest output).
+ELEMENT_FLOOR = 1e-3
+# The check's feature maps: signed and non-negative (as features after a ReLU are), at these magnitudes, so that a
+# threshold anywhere up to ~1e5 (a clip of large activations) is crossed.
+SCALES = (1e-3, 1.0, 1e3, 1e6)
+# The split's linear map holds (pre-activations x features) numbers; beyond this it is refused (a convolution on a
+# large feature map: its map grows with the square of the map's area, and reading it takes one pass per row).
+LINEAR_MAP_BYTES = 1 << 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,56 +69,109 @@ class HeadSplit:
         return int(np.prod(self.pre_shape))
 
 
+def split_names(head_split: Any) -> tuple[str, str]:
+    """``(pre, post)`` of a ``head_split`` argument (``post`` "" for None).
+
+    Raises:
+        ConfigError: naming ``head_split``: not two method names, the first non-empty, the second possibly None.
+    """
+    if (not isinstance(head_split, (tuple, list)) or len(head_split) != 2 or not isinstance(head_split[0], str)
+            or not head_split[0] or not (head_split[1] is None or isinstance(head_split[1], str))):
+        raise ConfigError(f"{arg('head_split', head_split)}: expected two method names, (pre, post), or (pre, None) "
+                          "when pre is the whole hidden part", field="head_split")
+    return head_split[0], head_split[1] or ""
+
+
 def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: Any, module_name: str,
-                feature_hwc: tuple[int, int, int], hidden_width: int, pre: str, post: Optional[str]) -> HeadSplit:
-    """The split ``(pre, post)`` of a module's head, checked on random features in float64.
+                feature_hwc: tuple[int, int, int], hidden_width: int, head_split: Any) -> HeadSplit:
+    """The split ``head_split = (pre, post)`` of a module's head, checked on feature maps in float64.
+
+    ``pre`` must give one array with a row per image, each row its own image's (no statistics over the batch),
+    affine on signed and non-negative feature maps at the magnitudes of :data:`SCALES`; ``post(pre(f))`` (or
+    ``pre(f)`` flattened, with ``post`` None) must give ``hidden(f)``. The check holds for the variables given:
+    a split whose affinity depends on the weights (a learned clip) is the caller's to keep true.
 
     Args:
         apply: ``apply(variables, x, method)``: the module's method on an input (variables as given).
-        variables: the variables the model is built from (float32; converted to float64 for the check).
+        variables: the variables the model is built from (converted to float64 for the check).
         module_name: the module's class name, for errors.
         feature_hwc: the features' shape per image.
         hidden_width: the output layer's input width.
-        pre, post: the methods' names (``post`` None or "": ``pre`` is all of ``hidden``).
+        head_split: ``(pre, post)``: the methods' names (``post`` None: ``pre`` is all of ``hidden``).
 
     Raises:
-        ConfigError: naming ``head_split``: a method the module lacks, ``pre`` not giving one array per image,
-            ``post`` not giving the output layer's input, ``pre`` not affine in the features, or
-            ``post(pre(f))`` not equal to ``hidden(f)``.
+        ConfigError: naming ``head_split``: not two method names, a method the module lacks or that does not
+            run on feature maps, ``pre`` not giving one array per image or mixing the images, ``pre`` not
+            affine, ``post(pre(f))`` not ``hidden(f)``, or a linear map larger than :data:`LINEAR_MAP_BYTES`.
     """
     field = "head_split"
-    where = f"{arg(field, (pre, post))}: {module_name}"
+    pre, post = split_names(head_split)
+    where = f"{arg(field, (pre, post or None))}: {module_name}"
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((CHECK_ROWS, *feature_hwc)) for _ in range(2))
+
+    def maps() -> np.ndarray:
+        rows = [s * rng.standard_normal((1, *feature_hwc)) for s in SCALES]
+        return np.concatenate(rows + [np.abs(r) for r in rows])
+
+    a, b = maps(), maps()
     with jax.enable_x64(True):
         v64 = jax.tree.map(lambda t: jnp.asarray(np.asarray(t, np.float64)), variables)
-        run = lambda method, x: np.asarray(apply(v64, jnp.asarray(x, jnp.float64), method), np.float64)  # noqa: E731
-        zero = np.zeros_like(a)
-        values = [run(pre, x) for x in (zero, a, b, a + b, 2.5 * a)]
-        if values[0].ndim < 2 or values[0].shape[0] != CHECK_ROWS:
-            raise ConfigError(f"{where}.{pre} gives shape {values[0].shape} for {CHECK_ROWS} feature maps, not one "
-                              "array with a row per image", field=field)
-        f0, fa, fb, fab, f2a = values
-        scale = max(float(np.abs(v).max()) for v in values) or 1.0
-        sum_err = float(np.abs((fab - f0) - (fa - f0) - (fb - f0)).max())
-        scale_err = float(np.abs((f2a - f0) - 2.5 * (fa - f0)).max())
-        if max(sum_err, scale_err) > AFFINE_RTOL * scale:
-            raise ConfigError(f"{where}.{pre} is not affine in the features: on random feature maps pre(a + b) - "
-                              f"pre(0) differs from (pre(a) - pre(0)) + (pre(b) - pre(0)) by {sum_err:.3g} and "
-                              f"pre(2.5 a) - pre(0) from 2.5 (pre(a) - pre(0)) by {scale_err:.3g} (values up to "
-                              f"{scale:.3g}); an activation or a max belongs in the second method", field=field)
-        hidden = run("hidden", a)
-        split = run(post, fa) if post else fa.reshape(CHECK_ROWS, -1)
-        if split.shape != (CHECK_ROWS, hidden_width):
-            name = f"{post}(pre)" if post else f"{pre}"
-            raise ConfigError(f"{where}.{name} gives shape {split.shape} for {CHECK_ROWS} feature maps, but the "
-                              f"output layer takes ({CHECK_ROWS}, {hidden_width})", field=field)
-        err = float(np.abs(split - hidden).max())
-        if err > AFFINE_RTOL * (float(np.abs(hidden).max()) or 1.0):
+
+        def run(method: str, x: np.ndarray) -> np.ndarray:
+            try:
+                out = apply(v64, jnp.asarray(x, jnp.float64), method)
+            except (flax.errors.FlaxError, TypeError, ValueError) as err:
+                raise ConfigError(f"{where}.{method} does not run on feature maps of shape {x.shape}: {err}",
+                                  field=field) from err
+            if not isinstance(out, (jax.Array, np.ndarray)) or out.ndim < 2 or out.shape[0] != len(x):
+                got = f"shape {tuple(out.shape)}" if isinstance(out, (jax.Array, np.ndarray)) else type(out).__name__
+                raise ConfigError(f"{where}.{method} gives {got} for {len(x)} feature maps, not one array with a "
+                                  "row per image", field=field)
+            return np.asarray(out, np.float64), jnp.dtype(out.dtype)
+
+        (f0, dtype), (fa, _), (fb, _), (fab, _), (f2a, _) = (run(pre, x) for x in (0 * a, a, b, a + b, 2.5 * a))
+        alone = np.concatenate([run(pre, a[i:i + 1])[0] for i in range(len(a))])
+        wide = dtype == jnp.float64
+        rtol = AFFINE_RTOL if wide else LOW_PRECISION_ULPS * float(jnp.finfo(dtype).eps)
+
+        def off(err: np.ndarray, *values: np.ndarray) -> float:  # the largest error, each output to its own size
+            rows = [v.reshape(len(v), -1) for v in values]
+            size = np.max(np.abs(rows), axis=0)
+            top = size.max(axis=1, keepdims=True)
+            floor = ELEMENT_FLOOR * top if wide else top
+            return float((np.abs(err.reshape(len(err), -1)) / np.maximum(np.maximum(size, floor), 1e-300)).max())
+
+        if off(alone - fa, alone, fa) > rtol:
+            raise ConfigError(f"{where}.{pre} gives an image another value in a batch than alone: it mixes the "
+                              "images (statistics over the batch?); each image's pre-activations must be its own",
+                              field=field)
+        sum_err = off((fab - f0) - (fa - f0) - (fb - f0), f0, fa, fb, fab)
+        scale_err = off((f2a - f0) - 2.5 * (fa - f0), f0, fa, f2a)
+        if max(sum_err, scale_err) > rtol:
+            raise ConfigError(f"{where}.{pre} is not affine in the features: on feature maps of magnitudes "
+                              f"{SCALES[0]:g} to {SCALES[-1]:g}, pre(a + b) - pre(0) is off (pre(a) - pre(0)) + "
+                              f"(pre(b) - pre(0)) by {sum_err:.3g} and pre(2.5 a) - pre(0) off 2.5 (pre(a) - pre(0)) "
+                              f"by {scale_err:.3g} of their size, more than the {rtol:.3g} its {dtype} rounding "
+                              "allows; an activation, a clip or a max belongs in the second method", field=field)
+        hidden = run("hidden", a)[0]
+        split = run(post, fa)[0] if post else fa.reshape(len(fa), -1)
+        if split.shape != (len(a), hidden_width):
+            name = f"{post}({pre}(f))" if post else f"{pre}(f)"
+            raise ConfigError(f"{where}: {name} gives shape {split.shape} for {len(a)} feature maps, but the output "
+                              f"layer takes ({len(a)}, {hidden_width})", field=field)
+        err = off(split - hidden, split, hidden)
+        if err > rtol:
             composed = f"{post}({pre}(f))" if post else f"{pre}(f)"
-            raise ConfigError(f"{where}: {composed} differs from hidden(f) by up to {err:.3g} on random feature "
-                              "maps; the split must compute the same hidden layer", field=field)
-    return HeadSplit(pre, post or "", tuple(int(d) for d in fa.shape[1:]))
+            raise ConfigError(f"{where}: {composed} differs from hidden(f) by {err:.3g} of its size on feature maps; "
+                              "the split must compute the same hidden layer", field=field)
+    split = HeadSplit(pre, post, tuple(int(d) for d in fa.shape[1:]))
+    nbytes = 4 * split.size * int(np.prod(feature_hwc))
+    if nbytes > LINEAR_MAP_BYTES:
+        raise ConfigError(f"{where}.{pre}'s linear map would hold {split.size} pre-activations x "
+                          f"{int(np.prod(feature_hwc))} features ({nbytes / 2**30:.3g} GiB, more than "
+                          f"{LINEAR_MAP_BYTES / 2**30:.3g}); leave head_split out (every step then runs hidden) or "
+                          "split the head after a smaller layer", field=field)
+    return split
 
 
 def linear_map(pre_fn: Callable[[jax.Array], jax.Array], feature_hwc: tuple[int, int, int],

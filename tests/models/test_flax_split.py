@@ -11,6 +11,7 @@ import pytest
 
 from badnet_jax import ConfigError
 from badnet_jax import sweep as sw
+from badnet_jax.models import flax_split
 from badnet_jax.models.flax_model import FlaxCNN
 
 
@@ -127,16 +128,99 @@ class OtherHidden(FlattenNet):
         return nn.relu(self.pre(feats)) * 2.0
 
 
+class ClipNet(FlattenNet):
+    """Affine below 10: the check's large feature maps cross the clip."""
+
+    @nn.compact
+    def pre(self, feats):
+        return nn.Dense(16, name="fc")(jnp.minimum(feats, 10.0).reshape(feats.shape[0], -1))
+
+
+class BranchNet(FlattenNet):
+    """A ReLU branch beside a branch a billion times larger."""
+
+    @nn.compact
+    def pre(self, feats):
+        flat = feats.reshape(feats.shape[0], -1)
+        return jnp.concatenate([nn.Dense(8, name="fc")(flat) * 1e9, nn.relu(nn.Dense(8, name="fc2")(flat))], axis=1)
+
+
+class CenteredNet(FlattenNet):
+    """The features centred over the batch: affine, but each image's value depends on the others."""
+
+    @nn.compact
+    def pre(self, feats):
+        return nn.Dense(16, name="fc")((feats - feats.mean(axis=0, keepdims=True)).reshape(feats.shape[0], -1))
+
+
+class DictNet(FlattenNet):
+    @nn.compact
+    def pre(self, feats):
+        return {"fc": nn.Dense(16, name="fc")(feats.reshape(feats.shape[0], -1))}
+
+    def hidden(self, feats):
+        return nn.relu(self.pre(feats)["fc"])
+
+
+class WideConvNet(Trunk):
+    """A 'same' convolution on 16x16x3 features to 12 channels: its linear map is (16x16x12) x (16x16x3)."""
+
+    @nn.compact
+    def features(self, x):
+        return nn.relu(nn.Conv(3, (3, 3), name="conv1")(x))
+
+    @nn.compact
+    def pre(self, feats):
+        return nn.Conv(12, (3, 3), name="conv3")(feats)
+
+    @nn.compact
+    def post(self, pre):
+        return nn.relu(nn.Dense(16, name="fc")(pre.reshape(pre.shape[0], -1)))
+
+    def hidden(self, feats):
+        return self.post(self.pre(feats))
+
+
 @pytest.mark.parametrize("net, split, complaint", [
     (ReluInPre, ("pre", "post"), r"head_split=\('pre', 'post'\): ReluInPre.pre is not affine in the features"),
     (FlattenNet, ("hidden", None), r"FlattenNet.hidden is not affine in the features"),
-    (OtherHidden, ("pre", "post"), r"OtherHidden: post\(pre\(f\)\) differs from hidden\(f\) by up to"),
+    (OtherHidden, ("pre", "post"), r"OtherHidden: post\(pre\(f\)\) differs from hidden\(f\) by 0.5 of its size"),
     (FlattenNet, ("pre", "after"), r"head_split=\('pre', 'after'\): FlattenNet has no after\(\) method"),
-    (ConvNet, ("pre", None), r"ConvNet.pre gives shape \(3, 294\) for 3 feature maps, but the output layer takes "
-                             r"\(3, 16\)"),
+    (ConvNet, ("pre", None), r"ConvNet: pre\(f\) gives shape \(8, 294\) for 8 feature maps, but the output layer "
+                             r"takes \(8, 16\)"),
+    (ClipNet, ("pre", "post"), r"ClipNet.pre is not affine in the features: on feature maps of magnitudes 0.001 to "
+                               r"1e\+06"),
+    (BranchNet, ("pre", "post"), r"BranchNet.pre is not affine"),
+    (CenteredNet, ("pre", "post"), r"CenteredNet.pre gives an image another value in a batch than alone"),
+    (DictNet, ("pre", "post"), r"DictNet.pre gives dict for 8 feature maps, not one array with a row per image"),
+    (FlattenNet, "pre", r"head_split=pre: expected two method names, \(pre, post\)"),
+    (FlattenNet, ("pre", "post", "x"), r"expected two method names"),
+    (FlattenNet, ("", None), r"expected two method names"),
+    (FlattenNet, ("features", None), r"FlattenNet.features does not run on feature maps of shape \(8, 8, 8, 12\)"),
+    (WideConvNet, ("pre", "post"), r"WideConvNet.pre's linear map would hold 3072 pre-activations x 768 features"),
 ])
-def test_a_head_split_that_is_not_one_is_refused(net, split, complaint):
+def test_a_head_split_that_is_not_one_is_refused(net, split, complaint, monkeypatch):
     params = net().init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]
+    layer = "conv1" if net is WideConvNet else "conv2"
+    if net is WideConvNet:  # a small map for the test: the limit lowered to its size less one byte
+        monkeypatch.setattr(flax_split, "LINEAR_MAP_BYTES", 4 * 3072 * 768 - 1)
     with pytest.raises(ConfigError, match=complaint) as err:
-        FlaxCNN.build(net(), params, input_hwc=(16, 16, 3), input_scale="255", layer="conv2", head_split=split)
+        FlaxCNN.build(net(), params, input_hwc=(16, 16, 3), input_scale="255", layer=layer, head_split=split)
     assert err.value.field == "head_split"
+
+
+class Float32Net(FlattenNet):
+    """A dense layer that computes in float32 whatever its input: held to float32's rounding, not float64's."""
+
+    @nn.compact
+    def pre(self, feats):
+        return nn.Dense(16, dtype=jnp.float32, name="fc")(feats.reshape(feats.shape[0], -1))
+
+
+def test_a_split_that_computes_in_float32_is_held_to_float32s_rounding(rng):
+    params = Float32Net().init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]
+    model = FlaxCNN.build(Float32Net(), params, input_hwc=(16, 16, 3), input_scale="255", layer="conv2",
+                          head_split=("pre", "post"))
+    x = rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    result = sw.rank_and_sweep(model, params, {"clean_valid": x})
+    np.testing.assert_array_equal(result.preds["clean_valid"], _float64_steps(model, params, x, result.order))

@@ -141,11 +141,12 @@ def run_defense(config: DefenseConfig) -> Curve:
                                rank_labels=sets.data["clean_valid"][1] if ranking.anp is not None else None)
         timings["curve (one call)"] = time.perf_counter() - t
         log.info("Ranked the %d channels of %s (%s) and evaluated B' and G at k = 0..%d of %d order(s) on all sets in "
-                 "one call: %.2f s%s (%s; device %.2f s, float64 near-ties %.2f s).", model.num_channels, model.layer,
-                 ", ".join(ranking.names), model.num_channels,
+                 "one call: %.2f s%s (%s; %sdevice %.2f s, float64 near-ties %.2f s).", model.num_channels,
+                 model.layer, ", ".join(ranking.names), model.num_channels,
                  len(ranking.labels), timings["curve (one call)"],
-                 "" if compiled is not None else " (compile included)", plan.describe(), sweep.seconds["device"],
-                 sweep.seconds["settle"])
+                 "" if compiled is not None else " (compile included)", plan.describe(),
+                 f"near-tie bound measured {sweep.seconds['tie_bound']:.2f} s, " if sweep.seconds.get("tie_bound")
+                 else "", sweep.seconds["device"], sweep.seconds["settle"])
         log.info("Near-ties: %s.", _describe_ties(sweep))
         curve = _curve(config, files, model, sweep, sets)
         if len(ranking.names) > 1:

@@ -31,8 +31,10 @@ class Sweep:
         rankings: the rankings it ran.
         settled: set name -> how many of its predictions were near-ties recomputed in float64.
         ranking_settled: whether the activation ranking had near-ties that float64 decided.
-        seconds: where the call's time went: ``device`` (the jitted call, results on the host) and
-            ``settle`` (float64 near-ties on the host), summed over a second sweep if the ranking needed one.
+        seconds: where the call's time went: ``tie_bound`` (a model's near-tie bound measured on its images
+            before the sweep; 0 for the lab's DeepID, whose bound is derived), ``device`` (the jitted call,
+            results on the host) and ``settle`` (float64 near-ties on the host), the last two summed over a
+            second sweep if the ranking needed one.
     """
 
     orders: np.ndarray

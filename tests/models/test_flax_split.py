@@ -99,6 +99,7 @@ def test_a_split_flax_head_sweeps_as_its_float64_masked_forward(kind, options, r
     # The float32 split is close to the float64 network: its measured near-tie bound flags few predictions (a
     # wrong split still gives the right curve, every prediction then settled in float64, but slowly).
     assert result.settled["clean_valid"] < 0.25 * result.preds["clean_valid"].size
+    assert result.seconds["tie_bound"] > 0  # measured on the model's own images, and reported
     if kind == "gap" and options == sw.SweepOptions():
         assert result.plan.strategy == "cumulative"  # the logits are affine in the mask: every step at once
 

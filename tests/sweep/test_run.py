@@ -47,6 +47,7 @@ def test_sweep_equals_sequential_loop_on_random_model_with_other_class_count(rng
     result = two_sets(model, params, x, xb, 8, sw.PLAIN)
     np.testing.assert_array_equal(result.preds["clean_valid"], sequential_predictions(model, params, x, result.masks))
     np.testing.assert_array_equal(result.preds["bd_valid"], sequential_predictions(model, params, xb, result.masks))
+    assert result.seconds["tie_bound"] == 0 and result.seconds["device"] > 0  # DeepID's bound is derived
     test_preds = sw.predict_steps(model, params, xb, result.order, dataclasses.replace(sw.PLAIN, chunk=4))
     np.testing.assert_array_equal(test_preds, sequential_predictions(model, params, xb, result.masks))
 

@@ -22,7 +22,7 @@ The matrix holds (pre-activations x features) numbers, at most :data:`LINEAR_MAP
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.errors
 import jax

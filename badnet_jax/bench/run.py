@@ -118,8 +118,9 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     bad = [d for d in config.scaling if not 1 <= d <= jax.device_count()]
     if bad:  # the sweep's plan is made for each count below, past the planner's own check of the devices
         raise ConfigError(f"{arg('scaling', ','.join(map(str, config.scaling)))}: {bad[0]} devices, but "
-                          f"{jax.device_count()} available (each count from 1 to the devices there are; on a CPU, "
-                          "XLA_FLAGS=--xla_force_host_platform_device_count=N makes N)", field="scaling")
+                          f"{jax.device_count()} available (each count from 1 to the devices there are; on a CPU, the "
+                          "environment's JAX_NUM_CPU_DEVICES=N, or XLA's xla_force_host_platform_device_count flag, "
+                          "makes N)", field="scaling")
     rng = np.random.default_rng(config.seed)
     model = DeepID(config.num_classes) if model is None else as_model(model)
     if config.input_scale is not None:

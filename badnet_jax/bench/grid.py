@@ -162,7 +162,8 @@ def format_grid(result: dict) -> str:
     for i, row in enumerate(rows):
         p = row["plan"]
         line = (f"{p['strategy']:15s} {p['impl']:10s} {p['batch_steps']:5d} {p['chunk']:6d} {p['orders_per_call']:4d} "
-                f"{p.get('devices', 1):4d} {1e3 * row['s']:8.2f} {1e3 * row['device_s']:8.2f} {1e3 * row['settle_s']:8.2f}")
+                f"{p.get('devices', 1):4d} {1e3 * row['s']:8.2f} {1e3 * row['device_s']:8.2f} "
+                f"{1e3 * row['settle_s']:8.2f}")
         if ranked:
             line += f" {1e3 * row['rankings_s']:9.2f} {row['vs_one']:7.2f}"
         if i in marks and len(rows) > 1:

@@ -4,8 +4,9 @@ Each of the model's stages (``PrunableModel.layer_stages``: DeepID's conv_1..con
 head layers, a graph model's weight ops) runs alone on its real input (``stage_inputs`` of the benchmark's
 images), jitted, its output summed so that no large result is written; so do the trunk and the masked head as
 wholes. Where the sweep shards its images over several devices (a CPU's cores as devices), each stage is timed
-sharded the same way, each device summing its own images in the sweep's blocks. FLOPs (2 per multiply-add) come from the model's layer shapes; where a model cannot count them (a
-Flax module's), from XLA's cost analysis of one image, and are said to be.
+sharded the same way, each device summing its own images in the sweep's blocks. FLOPs (2 per multiply-add)
+come from the model's layer shapes; where a model cannot count them (a Flax module's), from XLA's cost analysis
+of one image, and are said to be.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from badnet_jax.errors import ConfigError, arg
 from badnet_jax.model import LAB_NUM_CLASSES
 from badnet_jax.models.deepid import DeepID, as_model
 from badnet_jax.models.protocol import Params, PrunableModel
-from badnet_jax.sweep.plan import check_options
+from badnet_jax.sweep.plan import CPU_DEVICES_HINT, check_options
 from badnet_jax.sweep.rankings import RankingOptions, RankingPlan, resolve_rankings
 from badnet_jax.sweep import (PLAIN, SweepOptions, SweepPlan, compile_sweep, head_evaluations, plan_sweep,
                               prefix_masks, rank_and_sweep, shared_evaluations, trunk_features)
@@ -118,9 +118,8 @@ def run_benchmark(config: BenchConfig, params: Optional[Params] = None, x_clean:
     bad = [d for d in config.scaling if not 1 <= d <= jax.device_count()]
     if bad:  # the sweep's plan is made for each count below, past the planner's own check of the devices
         raise ConfigError(f"{arg('scaling', ','.join(map(str, config.scaling)))}: {bad[0]} devices, but "
-                          f"{jax.device_count()} available (each count from 1 to the devices there are; on a CPU, the "
-                          "environment's JAX_NUM_CPU_DEVICES=N, or XLA's xla_force_host_platform_device_count flag, "
-                          "makes N)", field="scaling")
+                          f"{jax.device_count()} available (each count from 1 to the devices there are; "
+                          f"{CPU_DEVICES_HINT})", field="scaling")
     rng = np.random.default_rng(config.seed)
     model = DeepID(config.num_classes) if model is None else as_model(model)
     if config.input_scale is not None:

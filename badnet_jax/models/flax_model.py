@@ -168,13 +168,14 @@ class FlaxCNN(PrunableModel):
         model = dataclasses.replace(model, feature_hwc=tuple(feats.shape[1:]),
                                     trunk_sizes=model._largest_per_image(variables))
         if head_split is not None:
-            for method in split_names(head_split):
+            pre, post = split_names(head_split)
+            for method in (pre, post):
                 if method and not callable(getattr(module, method, None)):
                     raise ConfigError(f"{arg('head_split', head_split)}: {type(module).__name__} has no {method}() "
                                       "method", field="head_split")
             apply = lambda v, x, method: module.apply(model._variables(v), x, method=method)  # noqa: E731
             split = check_split(apply, variables, type(module).__name__, model.feature_hwc, model.hidden_width,
-                                head_split)
+                                pre, post)
             model = dataclasses.replace(model, head_split=split)
         return model
 
@@ -336,8 +337,12 @@ class FlaxCNN(PrunableModel):
     def _pre(self, params: Params, feats_NxHxWxC: jax.Array) -> jax.Array:
         return self.module.apply(self._variables(params), feats_NxHxWxC, method=self.head_split.pre)
 
+    def _dtype(self, params: Params) -> Any:
+        """The weights' dtype (the output layer's kernel's): what the split's values are computed in."""
+        return jnp.asarray(self._params(params)[self.output]["kernel"]).dtype
+
     def preactivation_bias(self, params: Params) -> jax.Array:
-        dtype = jnp.asarray(self._params(params)[self.output]["kernel"]).dtype
+        dtype = self._dtype(params)
         if self.head_split:
             return self._pre(params, jnp.zeros((1, *self.feature_hwc), dtype))[0]
         return jnp.zeros(self.feature_hwc, dtype)
@@ -347,8 +352,7 @@ class FlaxCNN(PrunableModel):
 
     def contributor(self, params: Params) -> Callable[[jax.Array, jax.Array], jax.Array]:
         if self.head_split:  # the linear map read once: P pre-activations' worth of its transposed map
-            dtype = jnp.asarray(self._params(params)[self.output]["kernel"]).dtype
-            matrix = linear_map(lambda f: self._pre(params, f), self.feature_hwc, dtype)
+            matrix = linear_map(lambda f: self._pre(params, f), self.feature_hwc, self._dtype(params))
             return lambda feats, c: contribution(matrix, feats, c, self.head_split.pre_shape)
 
         def masked(feats_NxHxWxC: jax.Array, c: jax.Array) -> jax.Array:

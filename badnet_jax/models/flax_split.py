@@ -83,8 +83,9 @@ def split_names(head_split: Any) -> tuple[str, str]:
 
 
 def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: Any, module_name: str,
-                feature_hwc: tuple[int, int, int], hidden_width: int, head_split: Any) -> HeadSplit:
-    """The split ``head_split = (pre, post)`` of a module's head, checked on feature maps in float64.
+                feature_hwc: tuple[int, int, int], hidden_width: int, pre: str, post: str) -> HeadSplit:
+    """The split ``(pre, post)`` of a module's head (names from :func:`split_names`), checked on feature maps in
+    float64.
 
     ``pre`` must give one array with a row per image, each row its own image's (no statistics over the batch),
     affine on signed and non-negative feature maps at the magnitudes of :data:`SCALES`; ``post(pre(f))`` (or
@@ -97,15 +98,14 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
         module_name: the module's class name, for errors.
         feature_hwc: the features' shape per image.
         hidden_width: the output layer's input width.
-        head_split: ``(pre, post)``: the methods' names (``post`` None: ``pre`` is all of ``hidden``).
+        pre, post: the methods' names (``post`` "": ``pre`` is all of ``hidden``).
 
     Raises:
-        ConfigError: naming ``head_split``: not two method names, a method the module lacks or that does not
-            run on feature maps, ``pre`` not giving one array per image or mixing the images, ``pre`` not
-            affine, ``post(pre(f))`` not ``hidden(f)``, or a linear map larger than :data:`LINEAR_MAP_BYTES`.
+        ConfigError: naming ``head_split``: a method that does not run on feature maps, ``pre`` not giving one
+            array per image or mixing the images, ``pre`` not affine, ``post(pre(f))`` not ``hidden(f)``, or a
+            linear map larger than :data:`LINEAR_MAP_BYTES`.
     """
     field = "head_split"
-    pre, post = split_names(head_split)
     where = f"{arg(field, (pre, post or None))}: {module_name}"
     rng = np.random.default_rng(0)
 
@@ -117,7 +117,7 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
     with jax.enable_x64(True):
         v64 = jax.tree.map(lambda t: jnp.asarray(np.asarray(t, np.float64)), variables)
 
-        def run(method: str, x: np.ndarray) -> np.ndarray:
+        def run(method: str, x: np.ndarray) -> tuple[np.ndarray, Any]:  # its values in float64, and its dtype
             try:
                 out = apply(v64, jnp.asarray(x, jnp.float64), method)
             except (flax.errors.FlaxError, TypeError, ValueError) as err:

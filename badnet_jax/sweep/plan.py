@@ -41,6 +41,9 @@ ACCELERATOR_CHUNK = 4096  # GPU/TPU: few, large calls
 # The trunk's blocks on a CPU: 64 images keep a block's conv_1 output and pool in the caches (DeepID's trunk
 # ran 1.3x faster at 64 than at 256 on a 2-core Xeon); it runs before the head, so its block is its own.
 CPU_TRUNK_CHUNK = 64
+# How to get more CPU devices, for a refusal of more devices than there are.
+CPU_DEVICES_HINT = ("on a CPU, the environment's JAX_NUM_CPU_DEVICES=N, or XLA's xla_force_host_platform_device_count "
+                    "flag, makes N devices")
 # Distinct steps per head call where the options leave it open. 0 (one head call per distinct step inside the
 # scan, which skips a chunk's dead steps) is the fastest measured on a CPU and on the H200: the whole curve of
 # the lab-scale validation sets took 107.6 ms at 0, 112.8 at 1 and 120.8 at 8 (chunk 4096; docs/benchmarks.md,
@@ -268,8 +271,7 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
     available = jax.device_count()
     devices = available if options.devices == 0 else options.devices
     if devices > available and options.platform is None:
-        more = (" (on a CPU, the environment's JAX_NUM_CPU_DEVICES=N, or XLA's xla_force_host_platform_device_count "
-                "flag, makes N devices; more than the cores run slower)" if platform == "cpu" else "")
+        more = f" ({CPU_DEVICES_HINT}; more than the cores run slower)" if platform == "cpu" else ""
         raise ConfigError(f"{arg('devices', devices)}: asked for {devices} devices, only {available} available{more}",
                           field="devices")
     pre = model.preactivation_size

@@ -263,7 +263,8 @@ def rank_and_sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.n
     _check_inputs(model, params, sets, rank_on)
     # A model other than the lab's DeepID has its near-tie bound measured on its own images first.
     t = time.perf_counter()
-    measured = with_measured_tie_rtol(model, params, sets[rank_on] if rank_on is not None else next(iter(sets.values())))
+    tie_set = sets[rank_on] if rank_on is not None else next(iter(sets.values()))
+    measured = with_measured_tie_rtol(model, params, tie_set)
     spent = {"device": 0.0, "settle": 0.0, "tie_bound": time.perf_counter() - t if measured is not model else 0.0}
     model = measured
     plan = _resolve(options, sets, model, rank_on)
@@ -272,11 +273,12 @@ def rank_and_sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.n
 
 
 def _sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.ndarray], plan: SweepPlan, ranking: RankingPlan,
-           rank_on: Optional[str], rank_labels, settled_mean: Optional[np.ndarray] = None,
-           spent: Optional[dict[str, float]] = None) -> Sweep:
-    """:func:`rank_and_sweep` once its plans are resolved; ``settled_mean``: the float64 means of a sweep run
-    again with the float64 activation order (they are not computed twice); ``spent``: its first run's seconds."""
-    seconds = dict(spent or {"device": 0.0, "settle": 0.0, "tie_bound": 0.0})
+           rank_on: Optional[str], rank_labels, spent: dict[str, float],
+           settled_mean: Optional[np.ndarray] = None) -> Sweep:
+    """:func:`rank_and_sweep` once its plans are resolved; ``spent``: the seconds spent so far (the near-tie
+    bound's, and a first run's when the sweep runs again); ``settled_mean``: the float64 means of a sweep run
+    again with the float64 activation order (they are not computed twice)."""
+    seconds = dict(spent)
     t = time.perf_counter()
     blocks, fn, args, static = _call(model, params, sets, ranking, rank_on, rank_labels, plan)
     with showing(progress_stages(blocks, ranking, plan, ranked=rank_on is not None), plan.progress):

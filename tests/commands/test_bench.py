@@ -80,7 +80,8 @@ def test_benchmark_cli_shards_over_the_devices_it_is_given(tmp_path):
     assert result["layer_images"] == 63 and "sharded" not in proc.stdout
     proc = run_cli("benchmark", "--example", "gapnet", "--layers_only", "--devices", cpu_cores() + 1, "--out", out)
     assert proc.returncode == 2
-    assert f"--devices {cpu_cores() + 1}: asked for {cpu_cores() + 1} devices, only {cpu_cores()} available" in proc.stderr
+    more = cpu_cores() + 1
+    assert f"--devices {more}: asked for {more} devices, only {cpu_cores()} available" in proc.stderr
 
 
 def test_the_commands_leave_the_cpu_device_count_unset_until_they_run():

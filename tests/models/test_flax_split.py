@@ -13,19 +13,11 @@ from badnet_jax import ConfigError
 from badnet_jax import sweep as sw
 from badnet_jax.models import flax_split
 from badnet_jax.models.flax_model import FlaxCNN
+from tests.models.test_flax_model import Net
 
 
-class Trunk(nn.Module):
-    """Two convolutions to 8x8x12 features; the heads below differ."""
-
-    @nn.compact
-    def features(self, x):
-        x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
-        return nn.relu(nn.Conv(12, (3, 3), strides=2, name="conv2")(x))
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(5, name="output")(self.hidden(self.features(x)))
+class Trunk(Net):
+    """test_flax_model's Net: two convolutions to 8x8x12 features; the heads below replace its hidden."""
 
 
 class FlattenNet(Trunk):

@@ -211,6 +211,9 @@ class DeepID(PrunableModel):
     def feature_means64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
         return settling.pool3_means64(params, x_NxHxWxC, divisor)
 
+    def warm_means64(self, params: Params, images: jax.ShapeDtypeStruct) -> None:
+        pass  # its means run the float64 trunk in the calls that warm64 compiles
+
 
 def as_model(model: Any) -> PrunableModel:
     """A :class:`PrunableModel` as it is; a ``BadNet`` module as its :class:`DeepID` adapter.

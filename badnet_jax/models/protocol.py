@@ -123,6 +123,16 @@ class PrunableModel(abc.ABC):
     def name(self) -> str:
         """The architecture's name, for logs and reports."""
 
+    def in_program(self) -> "PrunableModel":
+        """The model as a compiled program holds it (a static argument, part of the program's cache key), with
+        the values its programs take as traced arguments fixed: the input scale (the pixels' divisor) and the
+        near-tie bound (measured on a model's own images after the sweep has compiled). One program then
+        serves every scale and every bound."""
+        fixed = {"input_scale": "raw", "tie_rtol": TIE_RTOL}
+        if "tie_rtol_measured" in {f.name for f in dataclasses.fields(self)}:
+            fixed["tie_rtol_measured"] = False
+        return dataclasses.replace(self, **fixed)
+
     def describe(self) -> str:
         """One line: architecture, input shape, classes, the pruned layer (the input scale has its own line)."""
         h, w, c = self.input_hwc
@@ -370,8 +380,17 @@ class PrunableModel(abc.ABC):
         x = np.asarray(x_NxHxWxC)
         if not len(x):
             return np.zeros(self.num_channels)
-        total = xla64.sum64(_fn64(self, "feature_sums"), params, x, divisor, 2 * self.trunk_bytes_per_image())
+        total = xla64.sum64(_fn64(self.in_program(), "feature_sums"), params, x, divisor, self._bytes64())
         return total / (len(x) * self.feature_hwc[0] * self.feature_hwc[1])
+
+    def warm_means64(self, params: Params, images: jax.ShapeDtypeStruct) -> None:
+        """Compile :meth:`feature_means64` for a ranking set of this shape and dtype without running it
+        (``compile_sweep`` calls it ahead of the data: the means settle a ranking's near-ties)."""
+        xla64.compile_sum64(_fn64(self.in_program(), "feature_sums"), params, images, self._bytes64())
+
+    def _bytes64(self) -> int:
+        """The float64 trunk's working memory per image (twice the float32 estimate), for its blocks' size."""
+        return 2 * self.trunk_bytes_per_image()
 
 
 def working_bytes(sizes: Iterable[int]) -> int:
@@ -382,6 +401,8 @@ def working_bytes(sizes: Iterable[int]) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _fn64(model: PrunableModel, what: str):
+    # Keyed on the model's program form (``in_program``): the divisor goes in as an argument, so the float64
+    # functions that ``compile_sweep`` warms before the scale and the near-tie bound are known serve the sweep.
     # Images in their own dtype, converted and divided on the device as NumPy divides.
     features = lambda p, x, divisor: model.features(p, xla64.divided(x.astype(jnp.float64), divisor), 1.0)
     if what == "features":
@@ -406,4 +427,4 @@ def _run64(model: PrunableModel, params: Params, what: str, *rows: np.ndarray,
     weights and the calls)."""
     if not len(rows[0]):
         return np.zeros((0, *model.feature_hwc)) if what == "features" else np.zeros((0,), np.int32)
-    return xla64.run64(_fn64(model, what), params, rows, divisor)
+    return xla64.run64(_fn64(model.in_program(), what), params, rows, divisor)

@@ -160,6 +160,20 @@ def run64(fn: Callable[..., Any], params: Any, rows: Sequence[np.ndarray], divis
     return np.concatenate(outs)
 
 
+def _sum_calls(n: int, bytes_per_image64: int) -> list[tuple[int, int, int]]:
+    """(first image, blocks, images per block) of each call of :func:`sum64` over ``n`` images: calls of
+    SUM_CALL_BLOCKS blocks, the last as many as the images left need, or one block of just those where fewer than
+    a block are left (two shapes at most)."""
+    block = sum_block(bytes_per_image64)
+    per_call = block * SUM_CALL_BLOCKS
+    calls = []
+    for start in range(0, n, per_call):
+        part = min(per_call, n - start)
+        size = min(block, part)
+        calls.append((start, -(-part // size), size))
+    return calls
+
+
 def sum64(fn: Callable[..., Any], params: Any, images: np.ndarray, divisor: float,
           bytes_per_image64: int = 0) -> np.ndarray:
     """The sum over ``images`` of a per-image float64 quantity, on :func:`float64_device`.
@@ -168,8 +182,7 @@ def sum64(fn: Callable[..., Any], params: Any, images: np.ndarray, divisor: floa
         fn: a jitted function of (float64 weights, images (blocks, block, ...) in their own dtype, weights
             (blocks, block) of 1.0 for an image and 0.0 for padding, the divisor) -> the sum over the images of
             weight 1 (padding, zero images, must be left out by selection, not by a product with 0: their values
-            may be NaN). Calls hold SUM_CALL_BLOCKS blocks; the last as many as the images left need, or one
-            block of just those where fewer than a block are left (two shapes at most).
+            may be NaN). The calls' shapes: ``_sum_calls``.
         params: the model's weights (any float dtype).
         images: (N, ...) images (at least one), sent in their own dtype.
         divisor: what the images are divided by on the device (with :func:`divided`).
@@ -179,8 +192,7 @@ def sum64(fn: Callable[..., Any], params: Any, images: np.ndarray, divisor: floa
     Returns:
         The sum, a NumPy float64 array: the calls' sums added in call order.
     """
-    block = sum_block(bytes_per_image64)
-    n, per_call = len(images), block * SUM_CALL_BLOCKS
+    n = len(images)
     if not n:
         raise ValueError("sum64 needs at least one image")
     device = float64_device()
@@ -188,13 +200,28 @@ def sum64(fn: Callable[..., Any], params: Any, images: np.ndarray, divisor: floa
     with jax.enable_x64(True):
         p = params64(params, device)
         d = jax.device_put(np.float64(divisor), device)
-        for start in range(0, n, per_call):
-            part = np.asarray(images[start:start + per_call])
-            size = min(block, len(part))  # a last call of fewer than a block: one block of just those
-            blocks = -(-len(part) // size)
+        for start, blocks, size in _sum_calls(n, bytes_per_image64):
+            part = np.asarray(images[start:start + blocks * size])
             padded = _padded(part, blocks * size)
             weights = _padded(np.ones(len(part)), blocks * size)
             out = np.asarray(fn(p, jax.device_put(padded.reshape(blocks, size, *part.shape[1:]), device),
                                 jax.device_put(weights.reshape(blocks, size), device), d), np.float64)
             total = out if total is None else total + out
     return total
+
+
+def compile_sum64(fn: Callable[..., Any], params: Any, images: jax.ShapeDtypeStruct,
+                  bytes_per_image64: int = 0) -> None:
+    """Compile ``fn`` for every call :func:`sum64` makes over images of this shape and dtype, without running
+    it: the programs land in JAX's cache, where the later :func:`sum64` finds them (the arguments placed on
+    :func:`float64_device` as :func:`sum64` places them, so that the cache keys match)."""
+    n = int(images.shape[0])
+    if not n:
+        return
+    on = jax.sharding.SingleDeviceSharding(float64_device())
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=on)
+    with jax.enable_x64(True):
+        p = jax.tree.map(lambda a: spec(np.shape(a), jnp.float64), params)
+        for blocks, size in sorted({(b, s) for _, b, s in _sum_calls(n, bytes_per_image64)}):
+            fn.lower(p, spec((blocks, size, *images.shape[1:]), images.dtype), spec((blocks, size), jnp.float64),
+                     spec((), jnp.float64)).compile()

@@ -12,6 +12,7 @@ runs on one device (``rank_and_sweep_call``) or, the image axis sharded over a 1
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Sequence
 
@@ -86,7 +87,7 @@ def _orders(model, params, feats, margins, given, rank_labels, n_rank, ranking: 
     return jnp.stack(rows), stats
 
 
-def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking, gather=lambda a: a):
+def _body(model, params, xs, given, divisor, tie_rtol, rank_labels, n_rank, plan, ranking, gather=lambda a: a):
     """Trunk and the rankings on ``xs[0]`` (if ``n_rank``), then every block of sets (``badnet_jax.sweep.layout``)
     swept at every order, one after the other.
 
@@ -96,6 +97,9 @@ def _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking,
     (``progress_stages``).
     """
     hook = (lambda stage: chunk_hook(stage)) if plan.progress else (lambda stage: None)
+    # The model arrives in its program form (``PrunableModel.in_program``); the near-tie bound, a traced scalar,
+    # is its bound from here on.
+    model = dataclasses.replace(model, tie_rtol=tie_rtol)
     feats, margins = None, None  # without a ranking set, no block is needed before the orders
     if n_rank:
         feats, *margins = trunk_features(model, params, xs[0], plan.trunk_block, divisor, margins=True, on_chunk=hook(0))
@@ -140,21 +144,22 @@ ANP_IMAGES_PER_SAMPLE = 2.0
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def rank_and_sweep_call(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking):
+def rank_and_sweep_call(model, params, xs, given, divisor, tie_rtol, rank_labels, n_rank, plan, ranking):
     """The sweep's one compiled call on one device: ``(orders, ranking stats, per block of sets (predictions,
     near-tie flags))`` (the body's arguments; ``badnet_jax.sweep.run`` makes them)."""
-    return _body(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking)
+    return _body(model, params, xs, given, divisor, tie_rtol, rank_labels, n_rank, plan, ranking)
 
 
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "mesh"))
-def rank_and_sweep_call_sharded(model, params, xs, given, divisor, rank_labels, n_rank, plan, ranking, mesh):
+def rank_and_sweep_call_sharded(model, params, xs, given, divisor, tie_rtol, rank_labels, n_rank, plan, ranking,
+                                mesh):
     """The same as ``rank_and_sweep_call`` with the image axis sharded over ``mesh``'s ``data`` axis."""
     body = functools.partial(_body, model, n_rank=n_rank, plan=plan, ranking=ranking,
                              gather=lambda a: jax.lax.all_gather(a, "data", tiled=True))
     data, rep = P("data"), P()
     return jax.shard_map(
-        lambda p, xs_, g, d, lab: body(p, xs_, g, d, lab), mesh=mesh,
-        in_specs=(rep, tuple(data for _ in xs), rep, rep, rep),
+        lambda p, xs_, g, d, r, lab: body(p, xs_, g, d, r, lab), mesh=mesh,
+        in_specs=(rep, tuple(data for _ in xs), rep, rep, rep, rep),
         out_specs=(rep, (rep, rep, rep) if n_rank else None, tuple((P(None, None, "data"),) * 2 for _ in xs)),
         check_vma=False,
-    )(params, xs, given, divisor, rank_labels)
+    )(params, xs, given, divisor, tie_rtol, rank_labels)

@@ -110,18 +110,20 @@ def _call(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank
     else:
         rank_labels = np.zeros((0,), np.int32)
     given = ranking.given  # host array: replicated as is in multi-process runs too
-    # The input scale goes in as a traced divisor, so one compiled program serves both scales: the defense
-    # compiles the sweep before it has measured which scale the model takes (see ``program.trunk_features``).
-    divisor = np.float32(model.divisor)
-    model = model.with_input_scale("raw")
+    # The input scale goes in as a traced divisor and the near-tie bound as a traced scalar, so one compiled
+    # program serves every scale and bound: the defense compiles the sweep before it has measured which scale
+    # the model takes (see ``program.trunk_features``) and, for a model other than DeepID, its bound.
+    divisor, tie_rtol = np.float32(model.divisor), np.float32(model.tie_rtol)
+    model = model.in_program()
     static = dict(n_rank=n_rank, plan=plan, ranking=ranking)
     if plan.devices == 1:
         xs = tuple(_images(b, sets, None) for b in blocks)
-        return blocks, rank_and_sweep_call, (model, params, xs, given, divisor, rank_labels), static
+        return blocks, rank_and_sweep_call, (model, params, xs, given, divisor, tie_rtol, rank_labels), static
     mesh = data_mesh(plan.devices)
     xs = tuple(_images(b, sets, mesh) for b in blocks)
     sharded_static = {**static, "mesh": mesh}
-    return blocks, rank_and_sweep_call_sharded, (model, params, xs, given, divisor, rank_labels), sharded_static
+    args = (model, params, xs, given, divisor, tie_rtol, rank_labels)
+    return blocks, rank_and_sweep_call_sharded, args, sharded_static
 
 
 def _check_inputs(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank_on: Optional[str]) -> None:
@@ -197,11 +199,14 @@ def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.S
     """Compile :func:`rank_and_sweep` for sets of these shapes and dtypes, ahead of the data.
 
     The program lands in JAX's cache: a later ``rank_and_sweep`` with the same model, params shapes, set
-    names, shapes, dtypes, plan and rankings runs without compiling. The defense calls this in a thread while
+    names, shapes, dtypes, plan and rankings runs without compiling. The model's input scale and near-tie
+    bound go in traced (``PrunableModel.in_program``): the program serves the scale measured later and the
+    bound that ``rank_and_sweep`` measures on a model's own images. The defense calls this in a thread while
     the images are still being read. With concrete weights, the float64 network that settles the near-ties
     compiles here too, for each of its call sizes (``badnet_jax.numerics.xla64``) and the sets' dtypes, by
     running it on zeros (``PrunableModel.warm64``: the trunk, and the head where it is XLA's; DeepID settles
-    its head on the host, where nothing compiles).
+    its head on the host, where nothing compiles), and so do the ranking set's float64 channel means, which
+    settle the ranking's near-ties (``PrunableModel.warm_means64``, compiled without running).
     """
     _, fn, args, static = _abstract_call(model, params, sets, options, order, rank_on, rankings)
     fn.lower(*args, **static).compile()
@@ -211,6 +216,8 @@ def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.S
     for size, dtype in itertools.product(xla64.sizes_on(xla64.float64_device().platform),
                                          {np.dtype(s.dtype) for s in sets.values()}):
         model.warm64(params, np.zeros((size, *model.input_hwc), dtype), model.divisor)
+    if rank_on is not None:
+        model.warm_means64(params, sets[rank_on])
 
 
 # The kernels' custom calls: the masked head through Triton or Mosaic, the CPU's native kernels.

@@ -97,6 +97,29 @@ def test_prune_on_any_cnn_gives_the_float64_pruned_network_at_every_k(name, laye
     np.testing.assert_allclose([float(r[3]) for r in rows], rates["valid_acc"][1:], atol=0.006)  # 2 decimals
 
 
+
+def test_the_defense_compiles_any_cnn_once_while_loading_and_measures_its_bound_meanwhile(tmp_path, rng,
+                                                                                          backend_compiles):
+    """The sweep's program takes the near-tie bound traced, so the defense compiles it for any CNN while the
+    images load, and measures the bound on the clean validation images while it compiles: one compile of the
+    sweep, the bound's time reported, and the curve the float64 network's."""
+    from badnet_jax.defense.pipeline import DefenseConfig, run_defense
+
+    graph, params = read_keras_graph(asset(FILES["vgg_tiny"]))
+    files, sets = _data(graph, params, tmp_path, rng, n=40)
+    run_defense(DefenseConfig(drops=(0.04,), model=asset(FILES["vgg_tiny"]), input_scale="255",
+                              out_dir=str(tmp_path / "o"), checkpoints=False, sweep=sw.SweepOptions(chunk=13),
+                              **{role: str(p) for role, p in files.items()}))
+    assert [f for f in backend_compiles if "rank_and_sweep_call" in f] == ["jit(rank_and_sweep_call)"]
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "near-tie bound:" in md and "compile (after load):" in md
+    curve = json.loads((tmp_path / "o" / "curve.json").read_text())
+    order, rates = _reference_curve(graph, params, GraphCNN.build(graph, params).layer, sets)
+    np.testing.assert_array_equal(curve["order"], order)
+    for key, want in rates.items():
+        np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=key)
+
+
 def test_the_lab_b_pruned_at_pool_2_from_the_command_line(tmp_path):
     """README's ``--model bd_weights.h5 --layer pool_2``: the lab's B (raw pixels) on the real faces, its 40 pool_2
     channels ranked and pruned, every rate at every k the float64 DeepID graph's with pool_2 masked."""

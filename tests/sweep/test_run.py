@@ -83,6 +83,47 @@ def test_compile_ahead_then_the_sweep_runs_without_compiling(rng, backend_compil
     np.testing.assert_array_equal(got.preds["again"], plain.preds["clean_valid"])
 
 
+
+def test_one_program_serves_every_near_tie_bound(rng, backend_compiles):
+    """The near-tie bound goes in traced, as the input scale does. A CNN other than DeepID, compiled ahead with
+    the bound it has before measuring, then swept with the bound measured on its images (as the defense does it,
+    while the sweep compiles), compiles nothing more: neither the sweep nor the float64 functions that settle
+    it, the ranking's channel means among them. And the bound still decides: at 4 every prediction is flagged
+    and settled in float64, with the same program. Predictions and means against the NumPy float64 network."""
+    from badnet_jax.io.model_file import load_model
+    from badnet_jax.io.keras_graph import read_keras_graph
+    from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
+    from tests.conftest import asset
+
+    path = asset("models/other/vgg_tiny.h5")
+    model, params = load_model(path, input_scale="255")
+    graph, graph_params = read_keras_graph(path)
+    # on the device already: moving a NumPy array there compiles a small program of its own
+    sets = {"clean_valid": jax.device_put(rng.integers(0, 256, size=(24, 28, 28, 3)).astype(np.uint8)),
+            "bd_valid": jax.device_put(rng.integers(0, 256, size=(10, 28, 28, 3)).astype(np.uint8))}
+    options = sw.SweepOptions(chunk=7)  # a chunk no other test uses: compiled here
+    sw.compile_sweep(model, params, {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in sets.items()}, options)
+    assert [f for f in backend_compiles if "rank_and_sweep_call" in f] == ["jit(rank_and_sweep_call)"]
+    measured = with_measured_tie_rtol(model, params, np.asarray(sets["clean_valid"]))
+    assert measured.tie_rtol_measured
+    ahead = list(backend_compiles)
+    got = sw.rank_and_sweep(measured, params, sets, options)
+    means = measured.feature_means64(params, np.asarray(sets["clean_valid"]), measured.divisor)
+    assert backend_compiles == ahead
+    wide = sw.rank_and_sweep(dataclasses.replace(measured, tie_rtol=4.0), params, sets, options)
+    assert backend_compiles == ahead
+    for result in (got, wide):
+        for name, x in sets.items():
+            logits = [numpy_ref.graph_values64(graph, graph_params, np.asarray(x) / 255.0, upto=graph.logits_node(),
+                                               masks={model.layer: np.asarray(m, np.float64)})[graph.logits_node()]
+                      for m in result.masks]
+            np.testing.assert_array_equal(result.preds[name], np.argmax(logits, axis=-1))
+    assert sum(wide.settled.values()) == sum(p.size for p in wide.preds.values()) > 10 * sum(got.settled.values())
+    feats = numpy_ref.graph_values64(graph, graph_params, np.asarray(sets["clean_valid"]) / 255.0,
+                                     upto=model.layer)[model.layer]
+    np.testing.assert_allclose(means, feats.mean(axis=(0, 1, 2)), rtol=1e-12)
+
+
 def test_compile_ahead_covers_the_float64_settling(rng, backend_compiles):
     """compile_sweep also compiles the float64 trunk that settles near-ties (run on zeros at each call size):
     the sweep after it, settling included (the ranking's float64 check always runs the trunk), compiles

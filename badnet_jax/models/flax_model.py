@@ -64,7 +64,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.pixels import input_divisor, scaled
-from badnet_jax.models.flax_split import HeadSplit, check_split, contribution, linear_map, split_names
+from badnet_jax.models.flax_split import HeadSplit, check_split, contribution, linear_map, map_bytes, split_names
 from badnet_jax.models.protocol import Params, PrunableModel, working_bytes
 from badnet_jax.numerics.ties import TIE_RTOL
 
@@ -235,6 +235,10 @@ class FlaxCNN(PrunableModel):
     def trunk_bytes_per_image(self) -> int:
         return working_bytes(self.trunk_sizes) if self.trunk_sizes else super().trunk_bytes_per_image()
 
+    def call_bytes(self) -> int:
+        # The split's linear map, and as much again while it is read (its basis, or its transposed copy).
+        return 2 * map_bytes(self.head_split, self.feature_hwc) if self.head_split else 0
+
     def _variables(self, params: Params) -> dict[str, Any]:
         """The Flax variables of ``params`` for ``module.apply``: the non-param collections behind a stop-gradient
         (constants of the inference network: fine-tuning never moves them)."""
@@ -351,7 +355,7 @@ class FlaxCNN(PrunableModel):
         return self.contributor(params)(feats_NxHxWxC, c)
 
     def contributor(self, params: Params) -> Callable[[jax.Array, jax.Array], jax.Array]:
-        if self.head_split:  # the linear map read once: P pre-activations' worth of its transposed map
+        if self.head_split:  # the linear map read once per call, from its smaller side (flax_split.linear_map)
             matrix = linear_map(lambda f: self._pre(params, f), self.feature_hwc, self._dtype(params))
             return lambda feats, c: contribution(matrix, feats, c, self.head_split.pre_shape)
 

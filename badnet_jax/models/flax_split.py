@@ -14,9 +14,10 @@ The split is checked, not trusted (:func:`check_split`): in float64 on signed an
 magnitudes :data:`SCALES`, ``pre`` must treat each image alone and be affine (its values along a sum and a
 scaling within :data:`AFFINE_RTOL` of an affine map's, each output to its own size), and ``post(pre(f))`` must
 give ``hidden(f)``; a ReLU, a clip or a max inside ``pre`` fails at once. Channel c's contribution is the linear
-part of ``pre`` (its matrix, read once per compiled call through the transposed map:
-``PrunableModel.contributor``) applied to that channel's slice of the features: one channel's share of the work.
-The matrix holds (pre-activations x features) numbers, at most :data:`LINEAR_MAP_BYTES`.
+part of ``pre`` (its matrix, read once per compiled call from its smaller side: ``PrunableModel.contributor``,
+:func:`linear_map`) applied to that channel's slice of the features: one channel's share of the work. The matrix
+holds (pre-activations x features) numbers, at most :data:`LINEAR_MAP_BYTES`; the sweep's memory model counts it
+(``PrunableModel.call_bytes``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ ELEMENT_FLOOR = 1e-3
 # threshold anywhere up to ~1e5 (a clip of large activations) is crossed.
 SCALES = (1e-3, 1.0, 1e3, 1e6)
 # The split's linear map holds (pre-activations x features) numbers; beyond this it is refused (a convolution on a
-# large feature map: its map grows with the square of the map's area, and reading it takes one pass per row).
+# large feature map: its map grows with the square of the map's area, and reading it takes min(P, F) passes).
 LINEAR_MAP_BYTES = 1 << 28
 
 
@@ -165,7 +166,7 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
             raise ConfigError(f"{where}: {composed} differs from hidden(f) by {err:.3g} of its size on feature maps; "
                               "the split must compute the same hidden layer", field=field)
     split = HeadSplit(pre, post, tuple(int(d) for d in fa.shape[1:]))
-    nbytes = 4 * split.size * int(np.prod(feature_hwc))
+    nbytes = map_bytes(split, feature_hwc)
     if nbytes > LINEAR_MAP_BYTES:
         raise ConfigError(f"{where}.{pre}'s linear map would hold {split.size} pre-activations x "
                           f"{int(np.prod(feature_hwc))} features ({nbytes / 2**30:.3g} GiB, more than "
@@ -174,17 +175,30 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
     return split
 
 
+def map_bytes(split: HeadSplit, feature_hwc: tuple[int, int, int]) -> int:
+    """Bytes of the split's linear map in float32: (pre-activations x features) numbers."""
+    return 4 * split.size * int(np.prod(feature_hwc))
+
+
 def linear_map(pre_fn: Callable[[jax.Array], jax.Array], feature_hwc: tuple[int, int, int],
                dtype: Any) -> jax.Array:
     """The matrix (P, H, W, C) of the linear part of an affine ``pre_fn`` ((N, H, W, C) -> (N, ...), P numbers per
-    image): row p holds what each feature adds to pre-activation p. Read through the transposed map, one
-    cotangent per pre-activation (traceable; the bias drops out)."""
+    image): row p holds what each feature adds to pre-activation p (traceable; the bias drops out).
+
+    Read from the smaller side: through the transposed map, one cotangent per pre-activation, where there are
+    no more pre-activations than features (a dense layer that narrows); else through the map itself, one
+    tangent per feature (a convolution that widens). That takes min(P, F) passes of ``pre``'s linear part
+    instead of P, and the one-hot basis (min(P, F) squared numbers) is never larger than the map itself.
+    """
     zeros = jnp.zeros((1, *feature_hwc), dtype)
-    out, vjp = jax.vjp(pre_fn, zeros)
-    size = int(np.prod(out.shape[1:]))
-    basis = jnp.eye(size, dtype=dtype).reshape(size, *out.shape)
-    (rows,) = jax.vmap(vjp)(basis)
-    return rows.reshape(size, *feature_hwc)
+    out, linear = jax.linearize(pre_fn, zeros)
+    size, features = int(np.prod(out.shape[1:])), int(np.prod(feature_hwc))
+    if size <= features:
+        transpose = jax.linear_transpose(linear, zeros)
+        (rows,) = jax.vmap(transpose)(jnp.eye(size, dtype=out.dtype).reshape(size, *out.shape))
+        return rows.reshape(size, *feature_hwc)
+    columns = jax.vmap(linear)(jnp.eye(features, dtype=dtype).reshape(features, 1, *feature_hwc))
+    return columns.reshape(features, size).T.reshape(size, *feature_hwc)
 
 
 def contribution(matrix_PxHxWxC: jax.Array, feats_NxHxWxC: jax.Array, c: jax.Array,

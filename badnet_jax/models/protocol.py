@@ -202,6 +202,11 @@ class PrunableModel(abc.ABC):
         :func:`working_bytes` of them."""
         return 4 * (4 * int(np.prod(self.input_hwc)) + 2 * int(np.prod(self.feature_hwc)))
 
+    def call_bytes(self) -> int:
+        """Working memory one device's sweep holds once, whatever its chunk (the sweep's memory model): none by
+        default. A Flax head split's linear map is one such (``badnet_jax.models.flax_split``)."""
+        return 0
+
     def plain_head_bytes_per_image(self) -> int:
         """Working memory per image of the head vmapped over every step's mask (the plain sweep)."""
         per_mask = int(np.prod(self.feature_hwc)) + self.preactivation_size + self.hidden_size + 2 * self.num_classes

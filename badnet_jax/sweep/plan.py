@@ -11,7 +11,8 @@ the prefix sweep's per-step carries (``step_bytes_per_image``); without dedupe e
 and logits; when it batches steps, every step's pre-activations and one batch of logits. Resident: every
 set's images (twice on a CPU: host array and device buffer), C + 1 int32 predictions per image, and every
 set's features: the sets that rank nothing are swept as one block (``badnet_jax.sweep.layout``), whose
-features are stored whole beside the ranking set's (grouping gathers each chunk's rows, it copies no set).
+features are stored whole beside the ranking set's (grouping gathers each chunk's rows, it copies no set),
+and what each device's call holds whatever its chunk (``call_bytes``: a Flax head split's linear map).
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
     # CPU devices share the host's memory and each works on a chunk at once; an accelerator has its own.
     in_flight = 1 if accelerator else devices
     chunk = _chunk_for_budget(sets, options.memory_budget, per_image * in_flight, wanted, accelerator, feature_bytes,
-                              steps * 4)
+                              steps * 4, model.call_bytes() * in_flight)
     if chunk < wanted:
         log.info("Memory budget: %d images per chunk (instead of %d).", chunk, wanted)
     # The kernel is probed at the shapes of this plan's head calls: batch_steps (or 1) masks x a chunk.
@@ -307,16 +308,17 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
 
 
 def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, wanted: int,
-                      accelerator: bool, feature_bytes: int, preds_bytes: int) -> int:
+                      accelerator: bool, feature_bytes: int, preds_bytes: int, call_bytes: int = 0) -> int:
     """The largest chunk <= ``wanted`` whose working memory fits ``budget`` beside the resident data
-    (``per_image``: the working bytes of one image of a chunk, times the chunks in flight at once)."""
+    (``per_image``: the working bytes of one image of a chunk, times the chunks in flight at once;
+    ``call_bytes``: what the calls hold whatever their chunk, ``PrunableModel.call_bytes`` per device)."""
     if not sets:
         return wanted
     sizes = [(int(x.shape[0]), int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize) for x in sets]
     budget = default_budget() if budget is None else int(budget)
     copies = 1 if accelerator else 2  # a CPU holds the host array and the device buffer
     feats = sum(n for n, _ in sizes) * feature_bytes
-    resident = sum(copies * nbytes + n * preds_bytes for n, nbytes in sizes) + feats
+    resident = sum(copies * nbytes + n * preds_bytes for n, nbytes in sizes) + feats + call_bytes
     room = budget - resident
     if room < per_image:
         raise ConfigError(f"the data needs about {resident / 2**30:.3g} GiB resident but the memory budget is "

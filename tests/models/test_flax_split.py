@@ -49,6 +49,22 @@ class ConvNet(Trunk):
         return self.post(self.pre(feats))
 
 
+class WideNet(Trunk):
+    """A 1x1 convolution that widens 12 -> 32 channels (pre-activations 8x8x32: more than the 768 features, so its
+    linear map is read one feature at a time) | ReLU -> flatten -> dense -> ReLU."""
+
+    @nn.compact
+    def pre(self, feats):
+        return nn.Conv(32, (1, 1), name="conv3")(feats)
+
+    @nn.compact
+    def post(self, pre):
+        return nn.relu(nn.Dense(16, name="fc")(nn.relu(pre).reshape(pre.shape[0], -1)))
+
+    def hidden(self, feats):
+        return self.post(self.pre(feats))
+
+
 class GapNet(Trunk):
     """Global average pooling: the whole hidden part is affine."""
 
@@ -56,7 +72,8 @@ class GapNet(Trunk):
         return jnp.mean(feats, axis=(1, 2))
 
 
-NETS = {"flatten": (FlattenNet, ("pre", "post")), "conv": (ConvNet, ("pre", "post")), "gap": (GapNet, ("hidden", None))}
+NETS = {"flatten": (FlattenNet, ("pre", "post")), "conv": (ConvNet, ("pre", "post")),
+        "wide": (WideNet, ("pre", "post")), "gap": (GapNet, ("hidden", None))}
 
 
 def _model(kind):
@@ -108,6 +125,22 @@ def test_the_channel_contributions_add_up_to_the_modules_pre_activations(kind, r
     want = model.module.apply({"params": params}, feats * mask[None, None, None, :], method=method)
     assert pre.shape == want.shape and model.preactivation_size == int(np.prod(want.shape[1:]))
     np.testing.assert_allclose(np.asarray(pre), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("units", [300, 2000])
+def test_the_linear_map_of_a_dense_layer_is_its_kernel_from_either_side(units, rng):
+    """Read through the transposed map where there are fewer pre-activations than the 768 features (300), through
+    the map itself where there are more (2000): either way each entry is the dense kernel's own, bit for bit."""
+    kernel = jnp.asarray(rng.standard_normal((768, units)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(units), jnp.float32)
+    pre = lambda f: f.reshape(f.shape[0], -1) @ kernel + bias[None, :]
+    matrix = jax.jit(lambda: flax_split.linear_map(pre, (8, 8, 12), jnp.float32))()
+    assert matrix.shape == (units, 8, 8, 12)
+    np.testing.assert_array_equal(np.asarray(matrix).reshape(units, 768), np.asarray(kernel).T)
+    # No value it computes is larger than the map (a basis of one row per pre-activation would be 2000 x 2000).
+    jaxpr = jax.make_jaxpr(lambda: flax_split.linear_map(pre, (8, 8, 12), jnp.float32))()
+    assert max(int(np.prod(v.aval.shape)) for e in jaxpr.eqns for v in e.outvars) <= units * 768
 
 
 class ReluInPre(FlattenNet):
@@ -217,3 +250,18 @@ def test_a_split_that_computes_in_float32_is_held_to_float32s_rounding(rng):
     x = rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
     result = sw.rank_and_sweep(model, params, {"clean_valid": x})
     np.testing.assert_array_equal(result.preds["clean_valid"], _float64_steps(model, params, x, result.order))
+
+
+def test_the_sweeps_memory_model_counts_the_linear_map_on_each_device(monkeypatch):
+    """The split's linear map, and as much again while it is read, is held by each device's call whatever its
+    chunk: the planner leaves it out of the room for chunks (two CPU devices: twice)."""
+    model, params = _model("wide")
+    matrix = flax_split.linear_map(lambda f: model._pre(params, f), model.feature_hwc, jnp.float32)
+    assert model.call_bytes() == 2 * matrix.nbytes == 2 * 4 * 2048 * 768
+    x = np.zeros((2000, 16, 16, 3), np.uint8)
+    options = sw.SweepOptions(memory_budget=40 * 2**20, devices=2, platform="cpu")  # chunks under 256
+    counted = sw.plan_sweep(options, [x], model)
+    monkeypatch.setattr(FlaxCNN, "call_bytes", lambda self: 0)
+    uncounted = sw.plan_sweep(options, [x], model)
+    room = (uncounted.chunk - counted.chunk) * counted.bytes_per_image * 2  # two devices' chunks
+    assert room == pytest.approx(2 * 2 * matrix.nbytes, abs=2 * counted.bytes_per_image)

@@ -73,7 +73,7 @@ def _argmax_at_scale(model: PrunableModel):
 
 
 def _argmax_fn(model: PrunableModel):
-    fn = _argmax_at_scale(model.with_input_scale("raw"))
+    fn = _argmax_at_scale(model.in_program())  # its scale goes in as the divisor: one program for every scale
     divisor = jnp.float32(model.divisor)
     return lambda p, m, x: fn(p, m, x, divisor)
 

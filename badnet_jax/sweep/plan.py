@@ -321,7 +321,9 @@ def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, w
     resident = sum(copies * nbytes + n * preds_bytes for n, nbytes in sizes) + feats + call_bytes
     room = budget - resident
     if room < per_image:
-        raise ConfigError(f"the data needs about {resident / 2**30:.3g} GiB resident but the memory budget is "
-                          f"{budget / 2**30:.3g} GiB; raise {arg('memory_budget')} or use fewer images",
-                          field="memory_budget")
+        held = (f" ({call_bytes / 2**30:.3g} GiB of it the model's own working memory, held by each device's call "
+                "whatever its images: a head split's linear map)" if call_bytes else "")
+        fewer = f", fewer images or fewer {arg('devices')}" if call_bytes else " or use fewer images"
+        raise ConfigError(f"the data needs about {resident / 2**30:.3g} GiB resident{held} but the memory budget is "
+                          f"{budget / 2**30:.3g} GiB; raise {arg('memory_budget')}{fewer}", field="memory_budget")
     return int(max(1, min(wanted, room // per_image)))

@@ -236,7 +236,9 @@ def export_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.Sh
     custom calls are allowed in the export (``KERNEL_CALL_TARGETS``); a program exported for a CPU that calls
     a native kernel runs where ``badnet_jax.kernels.native.native_library()`` has registered it. Its images are
     the blocks of ``badnet_jax.sweep.layout.blocks``: the ranking set, then the other sets joined per dtype,
-    and so are its predictions.
+    and so are its predictions. Its inputs are the call's: the weights, the blocks, the given orders, the
+    divisor of the pixels and the near-tie bound (float32 scalars, ``PrunableModel.divisor`` and ``tie_rtol``;
+    the bound of a model other than DeepID as ``numerics.tie_bound`` measures it), and the ranking set's labels.
     """
     plan, fn, (model, *args), static = _abstract_call(model, params, sets, options, order, rank_on, rankings,
                                                       single_device=True, progress=False)

@@ -102,15 +102,19 @@ def test_the_defense_compiles_any_cnn_once_while_loading_and_measures_its_bound_
                                                                                           backend_compiles):
     """The sweep's program takes the near-tie bound traced, so the defense compiles it for any CNN while the
     images load, and measures the bound on the clean validation images while it compiles: one compile of the
-    sweep, the bound's time reported, and the curve the float64 network's."""
+    sweep, the bound's time reported, and the curve the float64 network's. The models written store no measured
+    bound (a screener measures it on its own images)."""
     from badnet_jax.defense.pipeline import DefenseConfig, run_defense
+    from badnet_jax.io import checkpoint
 
     graph, params = read_keras_graph(asset(FILES["vgg_tiny"]))
     files, sets = _data(graph, params, tmp_path, rng, n=40)
     run_defense(DefenseConfig(drops=(0.04,), model=asset(FILES["vgg_tiny"]), input_scale="255",
-                              out_dir=str(tmp_path / "o"), checkpoints=False, sweep=sw.SweepOptions(chunk=13),
+                              out_dir=str(tmp_path / "o"), sweep=sw.SweepOptions(chunk=13),
                               **{role: str(p) for role, p in files.items()}))
     assert [f for f in backend_compiles if "rank_and_sweep_call" in f] == ["jit(rank_and_sweep_call)"]
+    assert not checkpoint.restore_badnet(tmp_path / "o" / "drop_4" / "b_prime_ckpt")[0].tie_rtol_measured
+    assert not checkpoint.restore_goodnet(tmp_path / "o" / "drop_4" / "goodnet_ckpt")[0].model.tie_rtol_measured
     md = (tmp_path / "o" / "report.md").read_text()
     assert "near-tie bound:" in md and "compile (after load):" in md
     curve = json.loads((tmp_path / "o" / "curve.json").read_text())

@@ -265,3 +265,11 @@ def test_the_sweeps_memory_model_counts_the_linear_map_on_each_device(monkeypatc
     uncounted = sw.plan_sweep(options, [x], model)
     room = (uncounted.chunk - counted.chunk) * counted.bytes_per_image * 2  # two devices' chunks
     assert room == pytest.approx(2 * 2 * matrix.nbytes, abs=2 * counted.bytes_per_image)
+
+
+def test_a_budget_the_linear_map_fills_is_refused_naming_it():
+    model, _ = _model("wide")  # each of two devices holds 12 MiB for the map, whatever its images
+    x = np.zeros((10, 16, 16, 3), np.uint8)
+    with pytest.raises(ConfigError, match=r"0.0234 GiB of it the model's own working memory, held by each device's "
+                                          r"call whatever its images: a head split's linear map\).*fewer devices"):
+        sw.plan_sweep(sw.SweepOptions(memory_budget=15 * 2**20, devices=2, platform="cpu"), [x], model)

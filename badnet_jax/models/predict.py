@@ -44,7 +44,9 @@ def predict_settled(model: Any, params: Params, x_NxHxWxC: np.ndarray, mask: Opt
 
     ``model``: a :class:`~badnet_jax.models.protocol.PrunableModel` (a ``BadNet`` module is taken as the lab's
     DeepID). The float32 forward runs jitted ``batch`` images at a time; the flagged images run again in float64
-    (the model's own float64 network).
+    (the model's own float64 network). The flags are the model's ``tie_rtol``: for a model other than DeepID,
+    measure it on these weights first (``badnet_jax.numerics.tie_bound.with_measured_tie_rtol``), as the
+    defense and the screener do.
 
     Raises:
         ConfigError: params that are not the model's, a mask that is not (C,) zeros and ones, or ``batch`` < 1.

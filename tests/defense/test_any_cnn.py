@@ -224,3 +224,30 @@ def test_fine_pruning_any_cnn_writes_a_b_prime_that_scores_what_the_curve_says(t
         x, y = sets[role]
         preds, _ = predict_settled(b_prime, ft_params, x)
         assert 100.0 * float((preds == y).mean()) == pytest.approx(ft[key], abs=1e-4), role
+
+
+def test_fine_pruned_predictions_settle_within_the_bound_measured_on_the_fine_pruned_weights(tmp_path, rng,
+                                                                                              monkeypatch):
+    """A fine-pruned B' errs in float32 as its own weights do: its near-ties are settled within the bound measured
+    on those weights (here made to differ per weights), not B's bound nor the floor."""
+    import jax
+
+    from badnet_jax.defense import pipeline
+    from badnet_jax.defense.finetune import FinetuneConfig
+    from badnet_jax.numerics import tie_bound
+    from badnet_jax.numerics.ties import U
+
+    def error_of(params):  # a stand-in measurement that tells weights apart: 100 to 200 roundings
+        return 100.0 + float(sum(np.abs(np.asarray(a, np.float64)).sum() for a in jax.tree.leaves(params))) % 100
+
+    monkeypatch.setattr(tie_bound, "measured_gap_error", lambda model, params, x, seed=0: error_of(params))
+    seen = []
+    real = pipeline.predict_settled
+    monkeypatch.setattr(pipeline, "predict_settled", lambda m, p, x, mask: seen.append((m, p)) or real(m, p, x, mask))
+    graph, params = read_keras_graph(asset(FILES["vgg_tiny"]))
+    files, _ = _data(graph, params, tmp_path, rng, n=40)
+    pipeline.run_defense(pipeline.DefenseConfig(
+        drops=(0.10,), model=asset(FILES["vgg_tiny"]), input_scale="255", out_dir=str(tmp_path / "o"),
+        checkpoints=False, finetune=FinetuneConfig(epochs=1), **{role: str(p) for role, p in files.items()}))
+    assert seen and all(m.tie_rtol_measured and m.tie_rtol == pytest.approx(10 * error_of(p) * U) for m, p in seen)
+    assert all(m.tie_rtol != pytest.approx(10 * error_of(params) * U) for m, _ in seen)

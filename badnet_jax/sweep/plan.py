@@ -308,7 +308,7 @@ def plan_sweep(options: SweepOptions, sets: Sequence, model: PrunableModel) -> S
 
 
 def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, wanted: int,
-                      accelerator: bool, feature_bytes: int, preds_bytes: int, call_bytes: int = 0) -> int:
+                      accelerator: bool, feature_bytes: int, preds_bytes: int, call_bytes: int) -> int:
     """The largest chunk <= ``wanted`` whose working memory fits ``budget`` beside the resident data
     (``per_image``: the working bytes of one image of a chunk, times the chunks in flight at once;
     ``call_bytes``: what the calls hold whatever their chunk, ``PrunableModel.call_bytes`` per device)."""

@@ -49,20 +49,13 @@ class ConvNet(Trunk):
         return self.post(self.pre(feats))
 
 
-class WideNet(Trunk):
-    """A 1x1 convolution that widens 12 -> 32 channels (pre-activations 8x8x32: more than the 768 features, so its
-    linear map is read one feature at a time) | ReLU -> flatten -> dense -> ReLU."""
+class WideNet(ConvNet):
+    """ConvNet with a 1x1 convolution that widens 12 -> 32 channels as its pre (pre-activations 8x8x32: more than
+    the 768 features, so its linear map is read one feature at a time)."""
 
     @nn.compact
     def pre(self, feats):
         return nn.Conv(32, (1, 1), name="conv3")(feats)
-
-    @nn.compact
-    def post(self, pre):
-        return nn.relu(nn.Dense(16, name="fc")(nn.relu(pre).reshape(pre.shape[0], -1)))
-
-    def hidden(self, feats):
-        return self.post(self.pre(feats))
 
 
 class GapNet(Trunk):

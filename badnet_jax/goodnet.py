@@ -20,6 +20,7 @@ from badnet_jax.errors import ConfigError, arg
 from badnet_jax.models.deepid import as_model
 from badnet_jax.models.predict import predict_settled
 from badnet_jax.models.protocol import Params, PrunableModel
+from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
 
 
 class GoodNet(nn.Module):
@@ -148,6 +149,10 @@ def predict_goodnet(goodnet: GoodNet, variables: dict[str, Any], x_NxHxWxC: np.n
     """G's predictions in [0, N] with B's and B''s near-ties settled in float64 (as the defense's curve does),
     and how many of their predictions were settled.
 
+    B and B' are settled by :func:`~badnet_jax.models.predict.predict_settled`: for a model other than the lab's
+    DeepID whose near-tie bound is unmeasured, each within the bound measured on its own weights (a fine-pruned B'
+    errs in float32 as its weights do, not as B's) and on these images.
+
     Raises:
         ConfigError: variables that are not ``goodnet``'s (:func:`check_goodnet`).
         DataFileError: images the model cannot take.
@@ -155,6 +160,10 @@ def predict_goodnet(goodnet: GoodNet, variables: dict[str, Any], x_NxHxWxC: np.n
     check_goodnet(goodnet, variables)
     goodnet.model.check_images(x_NxHxWxC, "x_NxHxWxC", allow_empty=True)
     p = variables["params"]
-    pred_b, settled_b = predict_settled(goodnet.model, p["bad"], x_NxHxWxC)
-    pred_p, settled_p = predict_settled(goodnet.model, p["pruned"], x_NxHxWxC, np.asarray(variables["pruning"]["mask"]))
+    model_b = with_measured_tie_rtol(goodnet.model, p["bad"], x_NxHxWxC)
+    # B' of B's own weights under a mask errs as B does (the measurement runs masked steps); its own weights are
+    # measured on themselves by predict_settled.
+    model_p = model_b if p["pruned"] is p["bad"] else goodnet.model
+    pred_b, settled_b = predict_settled(model_b, p["bad"], x_NxHxWxC)
+    pred_p, settled_p = predict_settled(model_p, p["pruned"], x_NxHxWxC, np.asarray(variables["pruning"]["mask"]))
     return np.where(pred_b == pred_p, pred_b, goodnet.num_classes).astype(np.int32), settled_b + settled_p

@@ -83,3 +83,37 @@ def test_predict_goodnet_refuses_variables_of_another_class_count(rng):
         predict_goodnet(goodnet6, variables6["params"], x)
     preds, _ = predict_goodnet(goodnet6, variables6, x)  # B' = B: G answers B's class
     assert preds.shape == (3,) and preds.max() < 6
+
+
+def test_b_and_a_fine_pruned_b_prime_of_any_cnn_settle_within_the_bounds_of_their_own_weights(monkeypatch):
+    """A model other than DeepID: predict_goodnet settles B within the bound measured on B's weights and a B' with
+    its own weights within the bound measured on those (here made to differ per weights: B' errs as its weights
+    do); B' as B under a mask is measured once, as B. Answers checked against float64 NumPy on B's graph."""
+    from badnet_jax.io.model_file import load_model
+    from badnet_jax.models import predict as predict_module
+    from badnet_jax.numerics import tie_bound
+    from badnet_jax.numerics.ties import U
+
+    resnet = "models/other/resnet_tiny.h5"
+    model, params = load_model(asset(resnet), "255")
+    x = np.load(asset(resnet.replace(".h5", "_reference.npz")))["images"]
+    tuned = jax.tree.map(lambda a: np.asarray(a) * np.float32(1.01), params)
+
+    def error_of(p):  # 100 to 200 roundings, told apart by the weights
+        return 100.0 + float(sum(np.abs(np.asarray(a, np.float64)).sum() for a in jax.tree.leaves(p))) % 100
+
+    measured, flagged_with = [], []
+    monkeypatch.setattr(tie_bound, "measured_gap_error", lambda m, p, xs, seed=0: measured.append(p) or error_of(p))
+    real_top2 = predict_module._top2_fn  # the float32 forward that flags near-ties, built for the model it flags with
+    monkeypatch.setattr(predict_module, "_top2_fn", lambda m: flagged_with.append(m) or real_top2(m))
+    logits = lambda p: numpy_ref.graph_logits64(model.graph, p, x / 255.0)
+    preds, _ = predict_goodnet(*make_goodnet(model, params, pruned_params=tuned), x)
+    pb, pp = logits(params).argmax(-1), logits(tuned).argmax(-1)
+    np.testing.assert_array_equal(preds, np.where(pb == pp, pb, model.num_classes))
+    # B, then B', each flagged within the bound of its own weights.
+    bounds = [m.tie_rtol for m in flagged_with]
+    assert bounds == [pytest.approx(10 * error_of(params) * U), pytest.approx(10 * error_of(tuned) * U)]
+    assert bounds[0] != pytest.approx(bounds[1])
+    measured.clear()
+    predict_goodnet(*make_goodnet(model, params, mask=np.ones(model.num_channels)), x)
+    assert len(measured) == 1 and measured[0] is params

@@ -22,7 +22,6 @@ import numpy as np
 from badnet_jax.defense.b_prime import b_prime_for, load_pruned
 from badnet_jax.defense.scale import choose_input_scale
 from badnet_jax.errors import ConfigError, DataFileError, ModelFileError, arg, reading
-from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
 from badnet_jax.goodnet import make_goodnet, predict_goodnet
 from badnet_jax.io import checkpoint, fileio
 from badnet_jax.io.keras_file import recorded_input_scale
@@ -150,9 +149,8 @@ def screen(model_path: Optional[str | os.PathLike], pruned_path: Optional[str | 
                                    source=str(model_path), measured_on=_measured_on(names, known),
                                    recorded_in=recorded_in).scale
         goodnet, variables = make_goodnet(model.with_input_scale(scale), params, pruned_params, mask)
-    # A model other than the lab's DeepID has its near-tie bound measured on the images at hand before any
-    # near-tie is settled, as the sweep measures it on its ranking set (a checkpoint stores no measured bound).
-    goodnet = goodnet.clone(model=with_measured_tie_rtol(goodnet.model, variables["params"]["bad"], x))
+    # A model other than the lab's DeepID has its near-tie bound measured on the images at hand, for B and for B'
+    # on their own weights (predict_goodnet), as the sweep measures it on its ranking set: a checkpoint stores none.
     preds, settled = predict_goodnet(goodnet, variables, x)
     if settled:
         log.info("%d near-tie prediction(s) of B or B' settled in float64.", settled)

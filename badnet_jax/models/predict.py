@@ -16,6 +16,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.models.deepid import as_model
 from badnet_jax.models.protocol import Params, PrunableModel
+from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
 from badnet_jax.numerics.ties import output_with_ties
 
 
@@ -44,15 +45,17 @@ def predict_settled(model: Any, params: Params, x_NxHxWxC: np.ndarray, mask: Opt
 
     ``model``: a :class:`~badnet_jax.models.protocol.PrunableModel` (a ``BadNet`` module is taken as the lab's
     DeepID). The float32 forward runs jitted ``batch`` images at a time; the flagged images run again in float64
-    (the model's own float64 network). The flags are the model's ``tie_rtol``: for a model other than DeepID,
-    measure it on these weights first (``badnet_jax.numerics.tie_bound.with_measured_tie_rtol``), as the
-    defense and the screener do.
+    (the model's own float64 network). The flags are the model's ``tie_rtol``: a model other than DeepID whose
+    bound is unmeasured has it measured first, on these weights and images
+    (``badnet_jax.numerics.tie_bound.with_measured_tie_rtol``), since float32 errs as each network's weights
+    do. A model given measured (to measure once for several calls on the same weights) is used as given.
 
     Raises:
         ConfigError: params that are not the model's, a mask that is not (C,) zeros and ones, or ``batch`` < 1.
         DataFileError: images the model cannot take.
     """
     model, m = _checked(model, params, x_NxHxWxC, mask, batch)
+    model = with_measured_tie_rtol(model, params, x_NxHxWxC)
     fn = _top2_fn(model)
     preds, near = [], []
     for i in range(0, len(x_NxHxWxC), batch):

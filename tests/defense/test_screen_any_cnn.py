@@ -129,17 +129,17 @@ def test_a_b_prime_of_another_network_is_refused_naming_both_files(tmp_path, fac
 
 def test_the_screener_settles_near_ties_with_the_bound_measured_on_its_images(tmp_path, faces32, monkeypatch):
     # A checkpoint stores no measured bound; the screener measures it on the images at hand (as the sweep does on
-    # its ranking set) before settling: the model G settles with is the measured one, never the stored default.
+    # its ranking set) before settling: B and B' are flagged within the measured bound, never the stored default.
     paths, x = faces32
     model, params = load_model(asset(RESNET), "255")
     goodnet_path = checkpoint.save_goodnet(tmp_path / "goodnet_ckpt", *make_goodnet(model, params, mask=_mask(model)))
     assert not checkpoint.restore_goodnet(goodnet_path)[0].model.tie_rtol_measured
-    from badnet_jax.defense import screen as screen_module
+    from badnet_jax.models import predict as predict_module
     from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
     seen = []
-    real = screen_module.predict_goodnet
-    monkeypatch.setattr(screen_module, "predict_goodnet", lambda g, v, xs: seen.append(g.model) or real(g, v, xs))
+    real = predict_module._top2_fn  # the float32 forward that flags near-ties, built for the model it flags with
+    monkeypatch.setattr(predict_module, "_top2_fn", lambda m: seen.append(m) or real(m))
     got = screen(None, None, paths, goodnet_path=goodnet_path)
     want = with_measured_tie_rtol(model, params, x.astype(np.float32))
-    assert [m.tie_rtol_measured for m in seen] == [True] and seen[0].tie_rtol == want.tie_rtol
+    assert [m.tie_rtol_measured for m in seen] == [True, True] and {m.tie_rtol for m in seen} == {want.tie_rtol}
     assert [p for _, p in got] == _expected(model, params, x, _mask(model))

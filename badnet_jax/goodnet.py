@@ -84,8 +84,8 @@ def make_goodnet(model: Any, bad_params: Optional[Params] = None, pruned_params:
 
     Raises:
         ConfigError: no model first (params given where the model goes); neither ``pruned_params`` nor ``mask``;
-            params that are not the model's, or B and B' of different class counts; a mask that is not (C,)
-            zeros and ones.
+            params that are not the model's or hold NaN or infinite values, or B and B' of different class counts; a
+            mask that is not (C,) zeros and ones.
     """
     if isinstance(model, Mapping):
         raise ConfigError(f"make_goodnet takes B's model first: make_goodnet(model, params, mask=...) (the model "
@@ -97,8 +97,10 @@ def make_goodnet(model: Any, bad_params: Optional[Params] = None, pruned_params:
     if pruned_params is None and mask is None:
         raise ConfigError(f"make_goodnet needs {arg('pruned_params')}, a {arg('mask')}, or both", field="mask")
     n = model.check_params(bad_params, "bad_params")
+    model.check_finite(bad_params, "bad_params")
     if pruned_params is not None:
         n_pruned = model.check_params(pruned_params, "pruned_params")
+        model.check_finite(pruned_params, "pruned_params")
         if n_pruned != n:
             raise ConfigError(f"{arg('pruned_params')}: B' has {n_pruned} classes but B ({arg('bad_params')}) has {n}; "
                               "B' must be B with channels pruned", field="pruned_params")

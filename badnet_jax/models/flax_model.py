@@ -37,6 +37,11 @@ collections, so fine-tuning (Adam: a zero gradient is a zero update) trains the 
 running statistics exactly as they are, and the float64 settling converts them to float64 with the params.
 A model built from params alone takes params alone, as before.
 
+**What the module must do.** Each image's values are its own (no statistics over the batch: the sweep cuts
+the images into chunks of any size), and given float64 images and variables it computes in float64 (near-ties
+are settled by the module itself under ``jax.enable_x64``, so no layer pins ``dtype=jnp.float32``). Both are
+checked when the model is built (``badnet_jax.models.flax_checks``).
+
 By default nothing about the head is assumed, so the affine split is the masked features themselves (every
 step's pre-activations are the features with its pruned channels zeroed, built by suffix sums of one channel at
 a time) and every step runs the whole head: exact, as fast as the masked forward. A module that splits
@@ -64,6 +69,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.pixels import input_divisor, scaled
+from badnet_jax.models.flax_checks import check_module
 from badnet_jax.models.flax_split import HeadSplit, check_split, contribution, linear_map, map_bytes, split_names
 from badnet_jax.models.protocol import Params, PrunableModel, working_bytes
 from badnet_jax.numerics.ties import TIE_RTOL
@@ -134,9 +140,10 @@ class FlaxCNN(PrunableModel):
         Raises:
             ConfigError: the module has no ``features`` or ``hidden`` method, its features are not a 4-D
                 feature map, its hidden layer does not fit the output layer, the params hold no Dense
-                ``output`` layer, the variables lack a collection the module reads (naming it, e.g.
-                ``batch_stats``), the module writes a collection (a batch norm in training mode), or the head
-                split is not one (see ``flax_split.check_split``).
+                ``output`` layer, the variables hold NaN or infinite values or lack a collection the module reads
+                (naming it, e.g. ``batch_stats``), the module writes a collection (a batch norm in training mode), a method computes
+                in a narrower dtype than float64 when given float64 or mixes the images of a batch
+                (``badnet_jax.models.flax_checks``), or the head split is not one (see ``flax_split.check_split``).
         """
         input_divisor(input_scale)  # refuses an unknown scale now, not at the first sweep
         if isinstance(module, type):
@@ -155,6 +162,7 @@ class FlaxCNN(PrunableModel):
         kernel = np.shape(params[output]["kernel"])
         model = cls(module, tuple(input_hwc), int(kernel[1]), input_scale, layer, (0, 0, 0), output, int(kernel[0]),
                     collections=collections, variable_shapes=_shapes(variables))
+        model.check_finite(variables, "variables")
         x = jax.ShapeDtypeStruct((1, *input_hwc), jnp.float32)
         feats = model._abstract("features", variables, x)
         if len(feats.shape) != 4:
@@ -167,13 +175,14 @@ class FlaxCNN(PrunableModel):
                               field="module")
         model = dataclasses.replace(model, feature_hwc=tuple(feats.shape[1:]),
                                     trunk_sizes=model._largest_per_image(variables))
+        apply = lambda v, x, method: module.apply(model._variables(v), x, method=method)  # noqa: E731
+        check_module(apply, variables, type(module).__name__, model.input_hwc, model.feature_hwc, model.divisor)
         if head_split is not None:
             pre, post = split_names(head_split)
             for method in (pre, post):
                 if method and not callable(getattr(module, method, None)):
                     raise ConfigError(f"{arg('head_split', head_split)}: {type(module).__name__} has no {method}() "
                                       "method", field="head_split")
-            apply = lambda v, x, method: module.apply(model._variables(v), x, method=method)  # noqa: E731
             split = check_split(apply, variables, type(module).__name__, model.feature_hwc, model.hidden_width,
                                 pre, post)
             model = dataclasses.replace(model, head_split=split)

@@ -31,15 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
+from badnet_jax.models.flax_checks import check_float64
 
 # How far ``pre`` may be from affine on the check's feature maps, relative to its values there: the float64
 # rounding of a dense layer is ~1e-16 of them; a ReLU, a clip or a max within reach of the check's magnitudes
-# makes errors of the order of the values. A module that computes in a narrower dtype (``nn.Dense(...,
-# dtype=jnp.float32)``) is held to its own rounding: LOW_PRECISION_ULPS units of it.
+# makes errors of the order of the values. (A method that computes in a narrower dtype is refused first:
+# ``badnet_jax.models.flax_checks.check_float64``.)
 AFFINE_RTOL = 1e-9
-LOW_PRECISION_ULPS = 2000
 # Each output is held to its own size, floored at this share of its image's largest output, so that an
-# activation in a small branch beside a large one is not hidden (float64; a narrower dtype: the largest output).
+# activation in a small branch beside a large one is not hidden.
 ELEMENT_FLOOR = 1e-3
 # The check's feature maps: signed and non-negative (as features after a ReLU are), at these magnitudes, so that a
 # threshold anywhere up to ~1e5 (a clip of large activations) is crossed.
@@ -118,7 +118,7 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
     with jax.enable_x64(True):
         v64 = jax.tree.map(lambda t: jnp.asarray(np.asarray(t, np.float64)), variables)
 
-        def run(method: str, x: np.ndarray) -> tuple[np.ndarray, Any]:  # its values in float64, and its dtype
+        def run(method: str, x: np.ndarray) -> np.ndarray:  # its values in float64
             try:
                 out = apply(v64, jnp.asarray(x, jnp.float64), method)
             except (flax.errors.FlaxError, TypeError, ValueError) as err:
@@ -128,18 +128,20 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
                 got = f"shape {tuple(out.shape)}" if isinstance(out, (jax.Array, np.ndarray)) else type(out).__name__
                 raise ConfigError(f"{where}.{method} gives {got} for {len(x)} feature maps, not one array with a "
                                   "row per image", field=field)
-            return np.asarray(out, np.float64), jnp.dtype(out.dtype)
+            if method not in checked:  # it runs: now whether it runs in float64 (the settling's network)
+                checked.add(method)
+                check_float64(apply, variables, module_name, method, x.shape[1:])
+            return np.asarray(out, np.float64)
 
-        (f0, dtype), (fa, _), (fb, _), (fab, _), (f2a, _) = (run(pre, x) for x in (0 * a, a, b, a + b, 2.5 * a))
-        alone = np.concatenate([run(pre, a[i:i + 1])[0] for i in range(len(a))])
-        wide = dtype == jnp.float64
-        rtol = AFFINE_RTOL if wide else LOW_PRECISION_ULPS * float(jnp.finfo(dtype).eps)
+        checked = {"hidden"}  # FlaxCNN.build checked hidden
+        f0, fa, fb, fab, f2a = (run(pre, x) for x in (0 * a, a, b, a + b, 2.5 * a))
+        alone = np.concatenate([run(pre, a[i:i + 1]) for i in range(len(a))])
+        rtol = AFFINE_RTOL
 
         def off(err: np.ndarray, *values: np.ndarray) -> float:  # the largest error, each output to its own size
             rows = [v.reshape(len(v), -1) for v in values]
             size = np.max(np.abs(rows), axis=0)
-            top = size.max(axis=1, keepdims=True)
-            floor = ELEMENT_FLOOR * top if wide else top
+            floor = ELEMENT_FLOOR * size.max(axis=1, keepdims=True)
             return float((np.abs(err.reshape(len(err), -1)) / np.maximum(np.maximum(size, floor), 1e-300)).max())
 
         if off(alone - fa, alone, fa) > rtol:
@@ -152,10 +154,10 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
             raise ConfigError(f"{where}.{pre} is not affine in the features: on feature maps of magnitudes "
                               f"{SCALES[0]:g} to {SCALES[-1]:g}, pre(a + b) - pre(0) is off (pre(a) - pre(0)) + "
                               f"(pre(b) - pre(0)) by {sum_err:.3g} and pre(2.5 a) - pre(0) off 2.5 (pre(a) - pre(0)) "
-                              f"by {scale_err:.3g} of their size, more than the {rtol:.3g} its {dtype} rounding "
+                              f"by {scale_err:.3g} of their size, more than the {rtol:.3g} float64 rounding "
                               "allows; an activation, a clip or a max belongs in the second method", field=field)
-        hidden = run("hidden", a)[0]
-        split = run(post, fa)[0] if post else fa.reshape(len(fa), -1)
+        hidden = run("hidden", a)
+        split = run(post, fa) if post else fa.reshape(len(fa), -1)
         if split.shape != (len(a), hidden_width):
             name = f"{post}({pre}(f))" if post else f"{pre}(f)"
             raise ConfigError(f"{where}: {name} gives shape {split.shape} for {len(a)} feature maps, but the output "

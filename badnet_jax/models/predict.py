@@ -32,6 +32,7 @@ def _top2_fn(model: PrunableModel):
 def _checked(model: Any, params: Params, x_NxHxWxC: Any, mask: Any, batch: int) -> tuple[PrunableModel, np.ndarray]:
     model = as_model(model)
     model.check_params(params)
+    model.check_finite(params)
     model.check_images(x_NxHxWxC, "x_NxHxWxC", allow_empty=True)
     if batch < 1:
         raise ConfigError(f"{arg('batch', batch)}: expected at least 1 image per call", field="batch")
@@ -51,7 +52,8 @@ def predict_settled(model: Any, params: Params, x_NxHxWxC: np.ndarray, mask: Opt
     do. A model given measured (to measure once for several calls on the same weights) is used as given.
 
     Raises:
-        ConfigError: params that are not the model's, a mask that is not (C,) zeros and ones, or ``batch`` < 1.
+        ConfigError: params that are not the model's or hold NaN or infinite values, a mask that is not (C,) zeros
+            and ones, or ``batch`` < 1.
         DataFileError: images the model cannot take.
     """
     model, m = _checked(model, params, x_NxHxWxC, mask, batch)
@@ -88,7 +90,8 @@ def predict(model: Any, params: Params, x_NxHxWxC: np.ndarray, mask: Optional[np
     """(N,) int32 float32 argmax predictions of B (or of B' under a channel mask), ``batch`` images per call.
 
     Raises:
-        ConfigError: params that are not the model's, a mask that is not (C,) zeros and ones, or ``batch`` < 1.
+        ConfigError: params that are not the model's or hold NaN or infinite values, a mask that is not (C,) zeros
+            and ones, or ``batch`` < 1.
         DataFileError: images the model cannot take.
     """
     model, m = _checked(model, params, x_NxHxWxC, mask, batch)

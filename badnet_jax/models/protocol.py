@@ -356,6 +356,24 @@ class PrunableModel(abc.ABC):
         """
         check_images_of_shape(x_NxHxWxC, self.input_hwc, name, allow_empty, field)
 
+    def check_finite(self, params: Params, name: str = "params") -> None:
+        """Refuse weights holding NaN or infinite values (read on the host; shapes and traced params pass):
+        every output would be NaN, and an argmax of NaN is an answer like any other.
+
+        Raises:
+            ConfigError: naming ``name``, the array and how many of its values.
+        """
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            if isinstance(leaf, (jax.ShapeDtypeStruct, jax.core.Tracer)) \
+                    or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+                continue
+            bad = int(np.size(leaf) - np.isfinite(np.asarray(leaf)).sum())
+            if bad:
+                where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+                raise ConfigError(f"{arg(name)}: {where} holds NaN or infinite values ({bad} of {np.size(leaf)}); "
+                                  f"{self.name}'s outputs would be NaN (weights of a training run that diverged?)",
+                                  field=name)
+
     # ----- float64 (the settling of near-ties)
     def features64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
         """(N, H, W, C) float64 features: the model's own trunk run by XLA in float64."""

@@ -20,12 +20,16 @@ from badnet_jax.sweep.rankings import RankingPlan
 class Sweep:
     """Result of :func:`rank_and_sweep`: every set's predictions at every step of every order.
 
+    C is the model's channel count in its pruned layer (the lab's DeepID: 60 of pool_3), so each order has
+    C + 1 steps, k = 0..C.
+
     Attributes:
-        orders: (R, 60) channels in pruning order, one row per ``labels`` entry (the lab's activation ranking:
+        orders: (R, C) channels in pruning order, one row per ``labels`` entry (the lab's activation ranking:
             increasing mean activation, ties by channel index).
         labels: what each order is (``activation``, ``clp``, ``random/0``, ..., or ``order`` for a given one).
-        mean_activation: (60,) mean pool_3 activation per channel over the ranking set (None without one).
-        all_preds: set name -> (R, 61, N) int32 predictions of B' for each order and k, near-ties settled in
+        mean_activation: (C,) mean activation of the pruned layer per channel over the ranking set (None
+            without one).
+        all_preds: set name -> (R, C + 1, N) int32 predictions of B' for each order and k, near-ties settled in
             float64 (``badnet_jax.numerics.ties``, ``badnet_jax.numerics.settling``).
         plan: the plan the sweep ran with.
         rankings: the rankings it ran.
@@ -49,20 +53,20 @@ class Sweep:
 
     @property
     def order(self) -> np.ndarray:
-        """(60,) the first (primary) order."""
+        """(C,) the first (primary) order."""
         return self.orders[0]
 
     @property
     def masks(self) -> np.ndarray:
-        """(61, 60) prefix masks of the primary order; row k prunes ``order[:k]``."""
+        """(C + 1, C) prefix masks of the primary order; row k prunes ``order[:k]``."""
         return prefix_masks(self.order)
 
     @property
     def preds(self) -> dict[str, np.ndarray]:
-        """Set name -> (61, N) predictions along the primary order."""
+        """Set name -> (C + 1, N) predictions along the primary order."""
         return {n: p[0] for n, p in self.all_preds.items()}
 
     def preds_of(self, label: str) -> dict[str, np.ndarray]:
-        """Set name -> (61, N) predictions along the order labelled ``label``."""
+        """Set name -> (C + 1, N) predictions along the order labelled ``label``."""
         i = self.labels.index(label)
         return {n: p[i] for n, p in self.all_preds.items()}

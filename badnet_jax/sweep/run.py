@@ -128,13 +128,15 @@ def _call(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank
 
 def _check_inputs(model: PrunableModel, params: Params, sets: Mapping[str, Images], rank_on: Optional[str]) -> None:
     """Refuse, on the host before anything is traced, what the sweep cannot take: params that are not the
-    model's, no sets, images the model cannot take (shape, dtype, NaN or infinite pixels), an empty ranking set.
+    model's or hold NaN or infinite values, no sets, images the model cannot take (shape, dtype, NaN or infinite
+    pixels), an empty ranking set.
 
     Raises:
         ConfigError: the model, params or sets (naming the argument).
         DataFileError: a set's images, naming ``sets[name]``.
     """
     model.check_params(params)
+    model.check_finite(params)
     if not isinstance(sets, Mapping) or not sets:
         raise ConfigError(f"{arg('sets')}: expected image sets by name (e.g. {{'clean_valid': x_NHWC}}), got "
                           f"{sets!r:.60}", field="sets")
@@ -251,22 +253,24 @@ def rank_and_sweep(model: PrunableModel, params: Params, sets: Mapping[str, np.n
                    options: SweepOptions | SweepPlan = SweepOptions(), order=None,
                    rank_on: Optional[str] = "clean_valid", rankings: Optional[RankingPlan] = None,
                    rank_labels: Optional[np.ndarray] = None) -> Sweep:
-    """Rank the channels on one set and predict every set at every k = 0..60 of every order, in one jitted call.
+    """Rank the channels on one set and predict every set at every k = 0..C of every order, in one jitted call.
+
+    C is the model's channel count in its pruned layer (the lab's DeepID: 60).
 
     Args:
-        model, params: the BadNet B.
-        sets: name -> (N, 55, 47, 3) images (uint8 or float32), e.g. ``clean_valid``, ``bd_valid``,
+        model, params: the BadNet B (a ``PrunableModel``: DeepID, a Keras or IR CNN, a Flax CNN) and its params.
+        sets: name -> (N, *model.input_hwc) images, pixels 0..255 (uint8 or float), e.g. ``clean_valid``, ``bd_valid``,
             ``clean_test``, ``bd_test``. Only ``rank_on`` decides data-driven orders; the others are only
             evaluated.
         options: the sweep's options, or an already resolved plan.
-        order: a user's own (60,) pruning order; None = the lab's activation ranking on ``rank_on``.
+        order: a user's own (C,) pruning order; None = the lab's activation ranking on ``rank_on``.
         rank_on: the ranking set's name (None: no ranking on data, ``order`` or data-free rankings only).
         rankings: several rankings at once (``badnet_jax.sweep.rankings.resolve_rankings``), instead of ``order``.
             The trunk pass is shared: each further order costs only its head evaluations.
         rank_labels: the ranking set's labels (needed by the ``anp`` ranking only).
 
     Returns:
-        The orders, mean activations and every set's (R, 61, N) predictions, by name.
+        The orders, mean activations and every set's (R, C + 1, N) predictions, by name.
     """
     model = as_model(model)
     _check_inputs(model, params, sets, rank_on)

@@ -1,0 +1,131 @@
+"""badnet_jax.models.flax_checks through FlaxCNN.build: a module that computes in a narrower dtype than float64 when
+given float64, or mixes the images of a batch, is refused naming the method; weight casts, running statistics and
+per-image work pass."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from badnet_jax.errors import ConfigError
+from badnet_jax.models.flax_model import FlaxCNN
+
+
+class Net(nn.Module):
+    """conv -> relu -> conv -> relu (the pruned layer) | flatten -> dense -> relu | output; ``dtype`` passed to the
+    layers, as Flax modules often do."""
+
+    dtype: Optional[Any] = None
+
+    @nn.compact
+    def features(self, x):
+        x = nn.relu(nn.Conv(6, (3, 3), padding="SAME", dtype=self.dtype, name="conv1")(self.prepare(x)))
+        return nn.relu(nn.Conv(8, (3, 3), strides=2, dtype=self.dtype, name="conv2")(x))
+
+    def prepare(self, x):
+        return x
+
+    @nn.compact
+    def hidden(self, feats):
+        return nn.relu(nn.Dense(12, dtype=self.dtype, name="fc")(feats.reshape(feats.shape[0], -1)))
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, name="output")(self.hidden(self.features(x)))
+
+
+class CenteredImages(Net):
+    """Each image minus the batch's mean image."""
+
+    def prepare(self, x):
+        return x - x.mean(axis=0, keepdims=True)
+
+
+class SizedBatch(Net):
+    """Each image scaled by the batch's largest pixel."""
+
+    def prepare(self, x):
+        return x / jnp.max(x)
+
+
+class CenteredHidden(Net):
+    @nn.compact
+    def hidden(self, feats):
+        flat = feats.reshape(feats.shape[0], -1)
+        return nn.relu(nn.Dense(12, name="fc")(flat - flat.mean(axis=0, keepdims=True)))
+
+
+class RoundTrip(Net):
+    """float32 and back inside a jitted helper: the output is float64, the values are float32's."""
+
+    def prepare(self, x):
+        return jax.jit(lambda y: y.astype(jnp.float32).astype(y.dtype))(x)
+
+
+class LoopNet(Net):
+    """A float32 convolution inside a loop over the images (lax.map): the check follows the loop's body."""
+
+    @nn.compact
+    def features(self, x):
+        conv = nn.Conv(8, (3, 3), strides=2, dtype=jnp.float32, name="conv2")
+        h = nn.relu(nn.Conv(6, (3, 3), padding="SAME", name="conv1")(x))
+        return nn.relu(jax.lax.map(lambda one: conv(one[None])[0].astype(one.dtype), h))
+
+
+class WeightCast(Net):
+    """A per-channel weight rounded to float32 and multiplied into the features: a weight like any other."""
+
+    @nn.compact
+    def hidden(self, feats):
+        scale = self.param("scale", nn.initializers.ones, (feats.shape[-1],)).astype(jnp.float32)
+        return nn.relu(nn.Dense(12, name="fc")((feats * scale[None, None, None, :]).reshape(feats.shape[0], -1)))
+
+
+class RunningStats(Net):
+    """A batch norm in inference mode: running statistics, not the batch's."""
+
+    @nn.compact
+    def hidden(self, feats):
+        feats = nn.BatchNorm(use_running_average=True, name="bn")(feats)
+        return nn.relu(nn.Dense(12, name="fc")(feats.reshape(feats.shape[0], -1)))
+
+
+def _build(module: nn.Module):
+    variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)))
+    variables = variables if len(variables) > 1 else variables["params"]
+    return FlaxCNN.build(module, variables, input_hwc=(12, 12, 3), input_scale="255", layer="conv2")
+
+
+@pytest.mark.parametrize("module, complaint", [
+    (Net(dtype=jnp.float32), r"Net.features computes in float32 \(\w+\) when given float64 inputs and weights"),
+    (Net(dtype=jnp.bfloat16), r"Net.features computes in bfloat16"),
+    (RoundTrip(), r"RoundTrip.features computes in float32"),
+    (LoopNet(), r"LoopNet.features computes in float32"),
+    (CenteredImages(), r"CenteredImages.features gives an image other values in a batch of other images than in a "
+                       r"batch of copies of itself \(off by [\d.e+-]+ of their size\): it mixes the images"),
+    (SizedBatch(), r"SizedBatch.features gives an image other values in a batch of other images"),
+    (CenteredHidden(), r"CenteredHidden.hidden gives an image other values in a batch of other images"),
+])
+def test_a_module_the_float64_settling_cannot_trust_is_refused(module, complaint):
+    with pytest.raises(ConfigError, match=r"module: " + complaint) as err:
+        _build(module)
+    assert err.value.field == "module"
+
+
+@pytest.mark.parametrize("module", [Net(), WeightCast(), RunningStats()])
+def test_a_module_that_computes_each_image_in_float64_is_accepted(module, rng):
+    model = _build(module)
+    assert model.feature_hwc == (6, 6, 8)
+    # Its float64 network is float64: the settling's features differ from float32's by float32 roundings.
+    variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)))
+    params = variables if len(variables) > 1 else variables["params"]
+    x = rng.integers(0, 256, (4, 12, 12, 3)).astype(np.uint8)
+    f64 = model.features64(params, x, model.divisor)
+    f32 = np.asarray(model.features(params, jnp.asarray(x, jnp.float32)))
+    assert f64.dtype == np.float64 and np.abs(f64 - f32).max() < 1e-4 * np.abs(f64).max()
+    assert not np.array_equal(f64, f32.astype(np.float64))

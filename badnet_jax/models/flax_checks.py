@@ -86,9 +86,9 @@ def check_float64(apply: Apply, variables: Any, module_name: str, method: str, i
     found = _narrow(closed.jaxpr, {closed.jaxpr.invars[-1]})
     if found:
         primitive, dtype = found
-        raise ConfigError(f"{arg('module')}: {module_name}.{method} computes in {dtype} ({primitive}) when given float64 "
-                          "inputs and weights; badnet-jax settles near-ties by running the module in float64, so no "
-                          "layer may pin its dtype: leave the layers' dtype unset (None: they compute in their "
+        raise ConfigError(f"{arg('module')}: {module_name}.{method} computes in {dtype} ({primitive}) when given "
+                          "float64 inputs and weights; badnet-jax settles near-ties by running the module in float64, "
+                          "so no layer may pin its dtype: leave the layers' dtype unset (None: they compute in their "
                           "inputs' dtype), or give the module a dtype field that is None here", field="module")
 
 
@@ -105,15 +105,16 @@ def check_per_image(apply: Apply, variables: Any, module_name: str, method: str,
     with jax.enable_x64(True):
         run = jax.jit(lambda v, x: apply(v, x, method))
         v64 = _float64(variables, False)
-        both = [np.asarray(run(v64, jnp.asarray(x, jnp.float64)), np.float64) for x in (x_NxHxWxC, x_NxHxWxC[[0, 0, 0]])]
+        both = [np.asarray(run(v64, jnp.asarray(x, jnp.float64)), np.float64)
+                for x in (x_NxHxWxC, x_NxHxWxC[[0, 0, 0]])]
     mixed, alone = both[0][0], both[1][0]
     size = max(float(np.abs(mixed).max(initial=0.0)), float(np.abs(alone).max(initial=0.0)), 1e-300)
     err = float(np.abs(mixed - alone).max(initial=0.0)) / size
     if not err <= PER_IMAGE_RTOL:  # NaN fails too
         raise ConfigError(f"{arg('module')}: {module_name}.{method} gives an image other values in a batch of other "
-                          f"images than in a batch of copies of itself (off by {err:.3g} of their size): it mixes the images of a "
-                          "batch (statistics over the batch?). The sweep cuts the images into chunks of any size, so "
-                          "each image's values must be its own", field="module")
+                          f"images than in a batch of copies of itself (off by {err:.3g} of their size): it mixes the "
+                          "images of a batch (statistics over the batch?). The sweep cuts the images into chunks of "
+                          "any size, so each image's values must be its own", field="module")
     return both[0]
 
 

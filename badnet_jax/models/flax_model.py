@@ -141,9 +141,10 @@ class FlaxCNN(PrunableModel):
             ConfigError: the module has no ``features`` or ``hidden`` method, its features are not a 4-D
                 feature map, its hidden layer does not fit the output layer, the params hold no Dense
                 ``output`` layer, the variables hold NaN or infinite values or lack a collection the module reads
-                (naming it, e.g. ``batch_stats``), the module writes a collection (a batch norm in training mode), a method computes
-                in a narrower dtype than float64 when given float64 or mixes the images of a batch
-                (``badnet_jax.models.flax_checks``), or the head split is not one (see ``flax_split.check_split``).
+                (naming it, e.g. ``batch_stats``), the module writes a collection (a batch norm in training
+                mode), a method computes in a narrower dtype than float64 when given float64 or mixes the images
+                of a batch (``badnet_jax.models.flax_checks``), or the head split is not one (see
+                ``flax_split.check_split``).
         """
         input_divisor(input_scale)  # refuses an unknown scale now, not at the first sweep
         if isinstance(module, type):

@@ -40,13 +40,44 @@ def _float64(variables: Any, abstract: bool) -> Any:
     return jax.tree.map(one, variables)
 
 
-def _narrow(jaxpr: Any, reads: set) -> Optional[tuple[str, Any]]:
-    """The first equation of ``jaxpr`` that computes a floating value narrower than float64 from the variables in
-    ``reads`` (what depends on the input), as (primitive, dtype); sub-programs are followed with their inputs
-    matched to the equation's, or taken as reading the input where they cannot be matched."""
-    for eqn in jaxpr.eqns:
+WIDE = (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128))
+FLOAT64_MANTISSA_BITS = 52
+
+
+def _exact_cast(eqn: Any) -> bool:
+    """A conversion of booleans or of integers that the target dtype holds exactly (a 0/1 mask, int8 values
+    into float32): no rounding, whatever the dtype."""
+    if eqn.primitive.name != "convert_element_type" or not hasattr(eqn.invars[0].aval, "dtype"):
+        return False
+    src, dst = jnp.dtype(eqn.invars[0].aval.dtype), jnp.dtype(eqn.outvars[0].aval.dtype)
+    if src == jnp.bool_:
+        return True
+    return jnp.issubdtype(src, jnp.integer) and jnp.issubdtype(dst, jnp.floating) \
+        and jnp.iinfo(src).bits - jnp.issubdtype(src, jnp.signedinteger) <= jnp.finfo(dst).nmant + 1
+
+
+def _live(jaxpr: Any) -> set:
+    """The equations of ``jaxpr`` (by position) whose outputs reach its outputs: a value sown into a collection
+    that is not kept, or computed and dropped, is not the network's."""
+    needed = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    live = set()
+    for i in range(len(jaxpr.eqns) - 1, -1, -1):
+        eqn = jaxpr.eqns[i]
+        if any(v in needed for v in eqn.outvars) or eqn.effects:
+            live.add(i)
+            needed.update(v for v in eqn.invars if not isinstance(v, Literal))
+    return live
+
+
+def _narrow(jaxpr: Any, reads: set) -> Optional[tuple[str, str]]:
+    """The first equation of ``jaxpr`` that computes an inexact value narrower than float64 (or complex128) from
+    the variables in ``reads`` (what depends on the input) and reaches the outputs, as (primitive, what it
+    computes in); sub-programs are followed with their inputs matched to the equation's, or taken as reading
+    the input where they cannot be matched."""
+    live = _live(jaxpr)
+    for i, eqn in enumerate(jaxpr.eqns):
         ins = [v for v in eqn.invars if not isinstance(v, Literal)]
-        if not any(v in reads for v in ins):
+        if i not in live or not any(v in reads for v in ins):
             continue
         for sub in jaxprs_in_params(eqn.params):
             inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
@@ -59,10 +90,13 @@ def _narrow(jaxpr: Any, reads: set) -> Optional[tuple[str, Any]]:
             found = _narrow(inner, sub_reads)
             if found:
                 return found
+        if eqn.primitive.name == "reduce_precision" and eqn.params["mantissa_bits"] < FLOAT64_MANTISSA_BITS:
+            return eqn.primitive.name, f"{eqn.params['mantissa_bits']} mantissa bits"
         for v in eqn.outvars:
-            dtype = v.aval.dtype if hasattr(v.aval, "dtype") else None
-            if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype) != jnp.float64:
-                return eqn.primitive.name, jnp.dtype(dtype)
+            dtype = jnp.dtype(v.aval.dtype) if hasattr(v.aval, "dtype") else None
+            if dtype is not None and jnp.issubdtype(dtype, jnp.inexact) and dtype not in WIDE \
+                    and not _exact_cast(eqn):
+                return eqn.primitive.name, str(dtype)
             reads.add(v)
     return None
 
@@ -88,16 +122,18 @@ def check_float64(apply: Apply, variables: Any, module_name: str, method: str, i
         primitive, dtype = found
         raise ConfigError(f"{arg('module')}: {module_name}.{method} computes in {dtype} ({primitive}) when given "
                           "float64 inputs and weights; badnet-jax settles near-ties by running the module in float64, "
-                          "so no layer may pin its dtype: leave the layers' dtype unset (None: they compute in their "
-                          "inputs' dtype), or give the module a dtype field that is None here", field="module")
+                          "so nothing that depends on the input may be pinned to a narrower precision: leave the "
+                          "layers' dtype unset (None: they compute in their inputs' dtype; a dtype field of the "
+                          "module None here), cast to the input's dtype (x.astype(y.dtype)), not to a fixed one, "
+                          "and avoid operations fixed to a narrower dtype", field="module")
 
 
 def check_per_image(apply: Apply, variables: Any, module_name: str, method: str, x_NxHxWxC: np.ndarray) -> np.ndarray:
     """Refuse a method whose outputs for an input depend on the other inputs of its batch; returns its float64
     outputs for ``x`` (three inputs).
 
-    The method runs in float64 on ``x`` and on ``x[0]`` three times over (one compiled program, the same batch
-    size): the first input's outputs must agree within :data:`PER_IMAGE_RTOL` of their size.
+    The method runs in float64 on ``x`` and on each of its inputs repeated to a batch of the same size (one
+    compiled program): each input's outputs must agree within :data:`PER_IMAGE_RTOL` of their size.
 
     Raises:
         ConfigError: naming ``module`` and the method.
@@ -106,8 +142,10 @@ def check_per_image(apply: Apply, variables: Any, module_name: str, method: str,
         run = jax.jit(lambda v, x: apply(v, x, method))
         v64 = _float64(variables, False)
         both = [np.asarray(run(v64, jnp.asarray(x, jnp.float64)), np.float64)
-                for x in (x_NxHxWxC, x_NxHxWxC[[0, 0, 0]])]
-    mixed, alone = both[0][0], both[1][0]
+                for x in (x_NxHxWxC, x_NxHxWxC[[0] * len(x_NxHxWxC)])]
+        for i in range(1, len(x_NxHxWxC)):
+            both.append(np.asarray(run(v64, jnp.asarray(x_NxHxWxC[[i] * len(x_NxHxWxC)], jnp.float64)), np.float64))
+    mixed, alone = both[0], np.stack([b[0] for b in both[1:]])
     size = max(float(np.abs(mixed).max(initial=0.0)), float(np.abs(alone).max(initial=0.0)), 1e-300)
     err = float(np.abs(mixed - alone).max(initial=0.0)) / size
     if not err <= PER_IMAGE_RTOL:  # NaN fails too

@@ -77,6 +77,50 @@ class LoopNet(Net):
         return nn.relu(jax.lax.map(lambda one: conv(one[None])[0].astype(one.dtype), h))
 
 
+class CumulativeBatch(Net):
+    """Image i gets the sum of images 0..i: the first image is its own, the others are not."""
+
+    def prepare(self, x):
+        return jnp.cumsum(x, axis=0)
+
+
+class FirstAsReference(Net):
+    """Each image minus the batch's first."""
+
+    def prepare(self, x):
+        return x - x[:1]
+
+
+class ReducedPrecision(Net):
+    """float16's precision kept in a float64 array."""
+
+    def prepare(self, x):
+        return jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
+
+
+class Complex64(Net):
+    """A spectral step in complex64, widened before its real part is taken."""
+
+    def prepare(self, x):
+        y = jnp.fft.ifft2(jnp.fft.fft2(x.astype(jnp.complex64), axes=(1, 2)), axes=(1, 2))
+        return jnp.real(y.astype(jnp.promote_types(x.dtype, jnp.complex64)))  # complex128 under float64
+
+
+class ExactMask(Net):
+    """A 0/1 mask cast to float32 (exact in any dtype) multiplying float64 values."""
+
+    def prepare(self, x):
+        return x * (x > 0.5).astype(jnp.float32)
+
+
+class SownFloat32(Net):
+    """A float32 copy sown into a collection that is not kept: not part of the network."""
+
+    def prepare(self, x):
+        self.sow("intermediates", "input32", x.astype(jnp.float32))
+        return x
+
+
 class WeightCast(Net):
     """A per-channel weight rounded to float32 and multiplied into the features: a weight like any other."""
 
@@ -110,6 +154,10 @@ def _build(module: nn.Module):
                        r"batch of copies of itself \(off by [\d.e+-]+ of their size\): it mixes the images"),
     (SizedBatch(), r"SizedBatch.features gives an image other values in a batch of other images"),
     (CenteredHidden(), r"CenteredHidden.hidden gives an image other values in a batch of other images"),
+    (CumulativeBatch(), r"CumulativeBatch.features gives an image other values in a batch of other images"),
+    (FirstAsReference(), r"FirstAsReference.features gives an image other values in a batch of other images"),
+    (ReducedPrecision(), r"ReducedPrecision.features computes in 10 mantissa bits \(reduce_precision\)"),
+    (Complex64(), r"Complex64.features computes in complex64"),
 ])
 def test_a_module_the_float64_settling_cannot_trust_is_refused(module, complaint):
     with pytest.raises(ConfigError, match=r"module: " + complaint) as err:
@@ -117,7 +165,7 @@ def test_a_module_the_float64_settling_cannot_trust_is_refused(module, complaint
     assert err.value.field == "module"
 
 
-@pytest.mark.parametrize("module", [Net(), WeightCast(), RunningStats()])
+@pytest.mark.parametrize("module", [Net(), WeightCast(), RunningStats(), ExactMask(), SownFloat32()])
 def test_a_module_that_computes_each_image_in_float64_is_accepted(module, rng):
     model = _build(module)
     assert model.feature_hwc == (6, 6, 8)

@@ -167,15 +167,16 @@ def check_module(apply: Apply, variables: Any, module_name: str, input_hwc: tupl
             module does not run on in float64.
     """
     rng = np.random.default_rng(0)
-    # The first input half as large as the others: statistics of the batch (its mean, its largest value) differ
-    # between the first input among the others and among copies of itself.
-    half = np.array([0.5, 1.0, 1.0])[:, None, None, None]
+    # Three inputs of other ranges (pixels 0..127, 32..255, 0..255; feature maps of other sizes), so that the
+    # batch's statistics (its mean, its smallest and largest values) differ from those of each input's copies.
+    lows, highs = np.array([0, 32, 0])[:, None, None, None], np.array([128, 256, 256])[:, None, None, None]
     try:
         check_float64(apply, variables, module_name, "features", input_hwc)
         check_float64(apply, variables, module_name, "hidden", feature_hwc)
-        images = np.round(half * rng.integers(0, 256, (3, *input_hwc))) / divisor
+        images = rng.integers(lows, highs, (3, *input_hwc)) / divisor
         check_per_image(apply, variables, module_name, "features", images)
-        check_per_image(apply, variables, module_name, "hidden", half * np.abs(rng.standard_normal((3, *feature_hwc))))
+        maps = np.array([0.5, 1.0, 2.0])[:, None, None, None] * np.abs(rng.standard_normal((3, *feature_hwc)))
+        check_per_image(apply, variables, module_name, "hidden", maps)
     except flax.errors.FlaxError as err:
         raise ConfigError(f"{arg('variables')}: {module_name} does not run on these variables in float64: {err}",
                           field="variables") from err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,12 @@ from badnet_jax.models.affine import cumulative_preactivations, prefix_masks
 
 CHECK_IMAGES = 32
 CHECK_ORDERS = 2
+# A bound this large (~130x TIE_RTOL; a measured error of 1600 u S, where real CNNs err by 2-7 u S) is not
+# rounding: the float32 and float64 networks compute different things. Still exact (every prediction within it
+# is settled in float64), but slow, and worth a look: a warning says so.
+IMPLAUSIBLE_RTOL = 1e-3
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,11 +101,17 @@ def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarr
 
 
 def with_measured_tie_rtol(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray) -> PrunableModel:
-    """``model`` with its ``tie_rtol`` measured on these images (10x the worst gap error, at least TIE_RTOL).
+    """``model`` with its ``tie_rtol`` measured on these images (10x the worst gap error, at least TIE_RTOL); a
+    warning is logged when it exceeds :data:`IMPLAUSIBLE_RTOL`.
 
     The lab's DeepID keeps its derived and measured TIE_RTOL (``badnet_jax.numerics.ties``).
     """
     if getattr(model, "tie_rtol_measured", True):
         return model
     rtol = max(TIE_RTOL, 10.0 * measured_gap_error(model, params, x_NxHxWxC) * U)
+    if rtol > IMPLAUSIBLE_RTOL:
+        log.warning("The near-tie bound measured on %s is %.3g of the output scale, %.0fx the lab's DeepID's: its "
+                    "float32 and float64 networks differ far beyond rounding on these images (a computation that "
+                    "depends on its dtype?). Every prediction within it is recomputed in float64: exact, but slow.",
+                    model.name, rtol, rtol / TIE_RTOL)
     return dataclasses.replace(model, tie_rtol=rtol, tie_rtol_measured=True)

@@ -91,6 +91,13 @@ class FirstAsReference(Net):
         return x - x[:1]
 
 
+class ShiftedByBatchMinimum(Net):
+    """Each image minus the batch's smallest pixel."""
+
+    def prepare(self, x):
+        return x - jnp.min(x)
+
+
 class ReducedPrecision(Net):
     """float16's precision kept in a float64 array."""
 
@@ -156,6 +163,7 @@ def _build(module: nn.Module):
     (CenteredHidden(), r"CenteredHidden.hidden gives an image other values in a batch of other images"),
     (CumulativeBatch(), r"CumulativeBatch.features gives an image other values in a batch of other images"),
     (FirstAsReference(), r"FirstAsReference.features gives an image other values in a batch of other images"),
+    (ShiftedByBatchMinimum(), r"ShiftedByBatchMinimum.features gives an image other values in a batch of other"),
     (ReducedPrecision(), r"ReducedPrecision.features computes in 10 mantissa bits \(reduce_precision\)"),
     (Complex64(), r"Complex64.features computes in complex64"),
 ])

@@ -99,3 +99,52 @@ def test_images_on_a_decision_boundary_get_the_float64_prediction_at_every_step(
                                              masks={model.layer: mask})[target].argmax(-1))
     np.testing.assert_array_equal(result.preds["x"], np.stack(want))
     assert result.settled["x"] > 0  # float32 could not decide them: they went to float64
+
+
+def test_a_bound_far_beyond_rounding_is_measured_and_warned_about(rng, caplog):
+    """A Flax module that computes another thing in float32 than in float64 (here: scaled by 1.001 in float32
+    alone) passes the build's checks, but its measured bound is far beyond rounding: a warning names the model,
+    and the sweep stays exact (every prediction within the bound is settled by the float64 network)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from badnet_jax.models.flax_model import FlaxCNN
+
+    class Net(nn.Module):
+        drift: float = 1.001
+
+        @nn.compact
+        def features(self, x):
+            x = x * (self.drift if x.dtype == jnp.float32 else 1.0)
+            return nn.relu(nn.Conv(6, (3, 3), strides=2, name="conv")(x))
+
+        @nn.compact
+        def hidden(self, feats):
+            return nn.relu(nn.Dense(12, name="fc")(feats.reshape(feats.shape[0], -1)))
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="output")(self.hidden(self.features(x)))
+
+    x = rng.integers(0, 256, (24, 10, 10, 3)).astype(np.uint8)
+    for drift, warned in ((1.0, False), (1.001, True)):
+        params = Net(drift).init(jax.random.PRNGKey(0), jnp.zeros((1, 10, 10, 3)))["params"]
+        model = FlaxCNN.build(Net(drift), params, input_hwc=(10, 10, 3), input_scale="255", layer="conv")
+        caplog.clear()
+        measured = tie_bound.with_measured_tie_rtol(model, params, x)
+        messages = [r.getMessage() for r in caplog.records if r.name == tie_bound.__name__]
+        assert (measured.tie_rtol > tie_bound.IMPLAUSIBLE_RTOL) == warned
+        assert bool(messages) == warned
+        if warned:
+            assert "The near-tie bound measured on Net is" in messages[0] and "far beyond rounding" in messages[0]
+            sweep = sw.rank_and_sweep(model, params, {"clean_valid": x})
+            with jax.enable_x64(True):
+                p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+                for k in (0, 3):
+                    mask = np.asarray(sweep.masks[k], np.float64)
+                    feats = Net(drift).apply({"params": p64}, jnp.asarray(x, jnp.float64) / 255, method="features")
+                    hidden = np.asarray(Net(drift).apply({"params": p64}, feats * mask[None, None, None, :],
+                                                         method="hidden"))
+                    logits = hidden @ p64["output"]["kernel"] + p64["output"]["bias"]
+                    np.testing.assert_array_equal(sweep.preds["clean_valid"][k], np.asarray(logits).argmax(-1))

@@ -69,6 +69,7 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.pixels import input_divisor, scaled
+from badnet_jax.models import flax_convs
 from badnet_jax.models.flax_checks import check_module
 from badnet_jax.models.flax_split import HeadSplit, check_split, contribution, linear_map, map_bytes, split_names
 from badnet_jax.models.protocol import Params, PrunableModel, working_bytes
@@ -96,6 +97,8 @@ class FlaxCNN(PrunableModel):
             traced program), for the sweep's memory model; empty: the protocol's default estimate.
         head_split: the head split at its first affine layers (``badnet_jax.models.flax_split``), or None: the
             pre-activations are the masked features and every step runs all of ``hidden``.
+        fast_convs: whether the module's plain float32 ``nn.Conv`` layers run through the kernels' convolution
+            forms (``badnet_jax.models.flax_convs``); off: XLA's convolution, as the module wrote it.
     """
 
     module: nn.Module
@@ -112,13 +115,14 @@ class FlaxCNN(PrunableModel):
     variable_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     trunk_sizes: tuple[int, ...] = ()
     head_split: Optional[HeadSplit] = None
+    fast_convs: bool = True
 
     layers_known = False  # the module is code: which layer produces the pruned channels is not known here
 
     @classmethod
     def build(cls, module: nn.Module, variables: Params, input_hwc: tuple[int, int, int], input_scale: str,
               layer: str = "features", output: str = "output",
-              head_split: Optional[tuple[str, Optional[str]]] = None) -> "FlaxCNN":
+              head_split: Optional[tuple[str, Optional[str]]] = None, fast_convs: bool = True) -> "FlaxCNN":
         """The model of ``module`` with these variables (shapes are read from an abstract evaluation).
 
         Args:
@@ -136,6 +140,9 @@ class FlaxCNN(PrunableModel):
                 affine itself, e.g. a global average pooling); checked on random features. The sweep then adds
                 one contribution per channel instead of running all of ``hidden`` at every step
                 (``badnet_jax.models.flax_split``). None: no split.
+            fast_convs: run the module's plain float32 ``nn.Conv`` layers through the kernels' convolution forms
+                (``badnet_jax.models.flax_convs``: on a CPU, an RGB first layer or a narrow one 1.3-4x faster);
+                False: XLA's convolution, as the module wrote it.
 
         Raises:
             ConfigError: the module has no ``features`` or ``hidden`` method, its features are not a 4-D
@@ -162,7 +169,7 @@ class FlaxCNN(PrunableModel):
                               f"{held})", field="output")
         kernel = np.shape(params[output]["kernel"])
         model = cls(module, tuple(input_hwc), int(kernel[1]), input_scale, layer, (0, 0, 0), output, int(kernel[0]),
-                    collections=collections, variable_shapes=_shapes(variables))
+                    collections=collections, variable_shapes=_shapes(variables), fast_convs=bool(fast_convs))
         model.check_finite(variables, "variables")
         x = jax.ShapeDtypeStruct((1, *input_hwc), jnp.float32)
         feats = model._abstract("features", variables, x)
@@ -261,6 +268,11 @@ class FlaxCNN(PrunableModel):
                               f"{', '.join(map(repr, self.collections))})", field="params")
         return {c: params[c] if c == PARAMS else jax.lax.stop_gradient(params[c]) for c in self.collections}
 
+    def _apply(self, params: Params, x: jax.Array, method: str) -> jax.Array:
+        """The module's ``method`` on ``x``, its float32 convolutions through the kernels' forms unless
+        ``fast_convs`` is off (``badnet_jax.models.flax_convs``)."""
+        return flax_convs.apply(self.module, self._variables(params), x, method, self.fast_convs)
+
     def _params(self, params: Params) -> Params:
         """The ``params`` collection (the learned weights) of what the model takes."""
         return params[PARAMS] if self.collections else params
@@ -336,12 +348,12 @@ class FlaxCNN(PrunableModel):
 
     def features(self, params: Params, x_NxHxWxC: jax.Array, divisor: Any = None) -> jax.Array:
         x = scaled(x_NxHxWxC, self.divisor if divisor is None else divisor)
-        return self.module.apply(self._variables(params), x, method="features")
+        return self._apply(params, x, "features")
 
     def hidden(self, params: Params, feats_NxHxWxC: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         if mask is not None:
             feats_NxHxWxC = feats_NxHxWxC * jnp.asarray(mask, feats_NxHxWxC.dtype)[None, None, None, :]
-        return self.module.apply(self._variables(params), feats_NxHxWxC, method="hidden")
+        return self._apply(params, feats_NxHxWxC, "hidden")
 
     def output_layer(self, params: Params) -> tuple[jax.Array, jax.Array]:
         p = self._params(params)[self.output]
@@ -349,7 +361,7 @@ class FlaxCNN(PrunableModel):
 
     # The affine split: the head split's pre-activations, or the masked features themselves.
     def _pre(self, params: Params, feats_NxHxWxC: jax.Array) -> jax.Array:
-        return self.module.apply(self._variables(params), feats_NxHxWxC, method=self.head_split.pre)
+        return self._apply(params, feats_NxHxWxC, self.head_split.pre)
 
     def _dtype(self, params: Params) -> Any:
         """The weights' dtype (the output layer's kernel's): what the split's values are computed in."""
@@ -382,7 +394,7 @@ class FlaxCNN(PrunableModel):
             hidden = flat.reshape(flat.shape[0], -1)
         else:
             method = self.head_split.post if self.head_split else "hidden"
-            hidden = self.module.apply(self._variables(params), flat, method=method)
+            hidden = self._apply(params, flat, method)
         return hidden.reshape(*lead, hidden.shape[-1])
 
 

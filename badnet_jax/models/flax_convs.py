@@ -1,0 +1,99 @@
+"""A Flax module's convolutions through ``badnet_jax.kernels.conv2d``: the fast forms for any Flax CNN.
+
+A researcher's module calls ``nn.Conv``, which runs XLA's convolution. On a CPU that is slow exactly where
+every CNN starts: an RGB first layer (3 input channels), and narrow layers of 16 channels or fewer, where the
+kernels' direct form is 1.3-4x faster (``badnet_jax.kernels.conv2d.api``: the rule and its measurements). A
+:class:`~badnet_jax.models.flax_model.FlaxCNN` runs its module under :func:`fast_convs`, a Flax method
+interceptor that hands each plain 2-D ``nn.Conv`` in float32 to ``conv2d`` with its own kernel, bias, strides,
+padding and dilation; ``conv2d``'s rule keeps XLA's convolution wherever that is as fast (and on every platform
+but the CPU), so outside the rule nothing changes.
+
+The forms compute the same products and differ only in the order of the sums: the model's near-tie bound is
+measured through the same path, and its float64 network (the settling's) is left to the module's own
+convolutions (float64 is never intercepted). A convolution this does not know how to pass on exactly (grouped,
+input dilation, a mask, circular or causal padding, another class than ``nn.Conv``, a custom convolution
+function, another rank) runs as the module wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from badnet_jax.kernels.conv2d import conv2d
+
+Padding = Any
+
+
+def _pairs(value: Any) -> Optional[tuple[int, int]]:
+    """An int or a 2-sequence of ints as a pair (None: anything else)."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def _padding(padding: Padding) -> Optional[Any]:
+    """Flax's padding as ``conv2d`` takes it ("SAME", "VALID" or ((top, bottom), (left, right))), or None."""
+    if padding in ("SAME", "VALID"):
+        return padding
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    if isinstance(padding, (tuple, list)) and len(padding) == 2:
+        pads = [_pairs(p) for p in padding]
+        if all(p is not None for p in pads):
+            return tuple(pads)
+    return None
+
+
+def _plain(conv: nn.Conv, x: Any) -> Optional[dict]:
+    """What ``conv2d`` needs to compute ``conv(x)`` the way ``nn.Conv`` does, or None where it cannot."""
+    if type(conv) is not nn.Conv or getattr(conv, "mask", None) is not None or conv.feature_group_count != 1:
+        return None
+    if getattr(conv, "conv_general_dilated", None) is not None or not hasattr(x, "ndim") or x.ndim != 4:
+        return None
+    if len(tuple(conv.kernel_size)) != 2 or _pairs(conv.input_dilation or 1) != (1, 1):
+        return None
+    strides, dilation, padding = _pairs(conv.strides or 1), _pairs(conv.kernel_dilation or 1), _padding(conv.padding)
+    if None in (strides, dilation, padding):
+        return None
+    kernel = conv.get_variable("params", "kernel")
+    bias = conv.get_variable("params", "bias") if conv.use_bias else None
+    if kernel is None or (conv.use_bias and bias is None) or jnp.ndim(kernel) != 4:
+        return None  # not built yet (init), or not a plain kernel
+    dtype = conv.dtype or jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
+    if jnp.dtype(dtype) != jnp.float32:
+        return None  # float64 (the settling's network) and narrower dtypes run as the module wrote them
+    return dict(x=jnp.asarray(x, jnp.float32), kernel=jnp.asarray(kernel, jnp.float32),
+                bias=None if bias is None else jnp.asarray(bias, jnp.float32), strides=strides, dilation=dilation,
+                padding=padding, precision=conv.precision)
+
+
+def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+    if context.method_name != "__call__" or not isinstance(context.module, nn.Conv) or kwargs or len(args) != 1:
+        return next_fun(*args, **kwargs)
+    plain = _plain(context.module, args[0])
+    if plain is None:
+        return next_fun(*args, **kwargs)
+    return conv2d(plain["x"], plain["kernel"], plain["strides"], plain["padding"], plain["dilation"],
+                  precision=plain["precision"], bias=plain["bias"])
+
+
+@contextlib.contextmanager
+def fast_convs() -> Iterator[None]:
+    """Within it, a Flax module's plain float32 ``nn.Conv`` layers run through ``badnet_jax.kernels.conv2d``."""
+    with nn.intercept_methods(_interceptor):
+        yield
+
+
+def apply(module: nn.Module, variables: Any, x: jax.Array, method: str, kernels: bool = True) -> jax.Array:
+    """``module.apply(variables, x, method=method)``, its convolutions through :func:`fast_convs` if ``kernels``."""
+    if not kernels:
+        return module.apply(variables, x, method=method)
+    with fast_convs():
+        return module.apply(variables, x, method=method)

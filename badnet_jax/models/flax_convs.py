@@ -12,7 +12,7 @@ The forms compute the same products and differ only in the order of the sums: th
 measured through the same path, and its float64 network (the settling's) is left to the module's own
 convolutions (float64 is never intercepted). A convolution this does not know how to pass on exactly (grouped,
 input dilation, a mask, circular or causal padding, another class than ``nn.Conv``, a custom convolution
-function, another rank) runs as the module wrote it.
+function or dtype promotion, another rank, weights of another shape) runs as the module wrote it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import contextlib
 from typing import Any, Iterator, Optional
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
@@ -40,8 +41,8 @@ def _pairs(value: Any) -> Optional[tuple[int, int]]:
 
 def _padding(padding: Padding) -> Optional[Any]:
     """Flax's padding as ``conv2d`` takes it ("SAME", "VALID" or ((top, bottom), (left, right))), or None."""
-    if padding in ("SAME", "VALID"):
-        return padding
+    if isinstance(padding, str):
+        return padding.upper() if padding.upper() in ("SAME", "VALID") else None
     if isinstance(padding, int):
         return ((padding, padding), (padding, padding))
     if isinstance(padding, (tuple, list)) and len(padding) == 2:
@@ -55,17 +56,22 @@ def _plain(conv: nn.Conv, x: Any) -> Optional[dict]:
     """What ``conv2d`` needs to compute ``conv(x)`` the way ``nn.Conv`` does, or None where it cannot."""
     if type(conv) is not nn.Conv or getattr(conv, "mask", None) is not None or conv.feature_group_count != 1:
         return None
-    if getattr(conv, "conv_general_dilated", None) is not None or not hasattr(x, "ndim") or x.ndim != 4:
+    # A convolution or a dtype promotion of the module's own (quantisation, rescaling) is the module's to run.
+    if getattr(conv, "conv_general_dilated", None) is not None or getattr(conv, "conv_general_dilated_cls", None) \
+            is not None or getattr(conv, "promote_dtype", promote_dtype) is not promote_dtype:
         return None
-    if len(tuple(conv.kernel_size)) != 2 or _pairs(conv.input_dilation or 1) != (1, 1):
+    if not hasattr(x, "ndim") or x.ndim != 4 or isinstance(conv.kernel_size, int) or len(conv.kernel_size) != 2 \
+            or _pairs(conv.input_dilation or 1) != (1, 1):
         return None
     strides, dilation, padding = _pairs(conv.strides or 1), _pairs(conv.kernel_dilation or 1), _padding(conv.padding)
     if None in (strides, dilation, padding):
         return None
     kernel = conv.get_variable("params", "kernel")
     bias = conv.get_variable("params", "bias") if conv.use_bias else None
-    if kernel is None or (conv.use_bias and bias is None) or jnp.ndim(kernel) != 4:
-        return None  # not built yet (init), or not a plain kernel
+    shape = (*conv.kernel_size, x.shape[-1], conv.features)
+    if kernel is None or (conv.use_bias and bias is None) or tuple(jnp.shape(kernel)) != shape \
+            or (bias is not None and tuple(jnp.shape(bias)) != (conv.features,)):
+        return None  # not built yet (init), or weights nn.Conv itself refuses (naming them)
     dtype = conv.dtype or jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
     if jnp.dtype(dtype) != jnp.float32:
         return None  # float64 (the settling's network) and narrower dtypes run as the module wrote them

@@ -98,3 +98,50 @@ def test_a_gpu_program_holds_xlas_convolutions_only():
     sets = {"clean_valid": jax.ShapeDtypeStruct((64, 16, 16, 3), jnp.uint8)}
     exported = export_sweep(fast, params, sets, sw.SweepOptions(platform="cuda"))
     assert CONV2D_DIRECT not in set(re.findall(r"custom_call @([^\(\s]+)\(", exported.mlir_module()))
+
+
+def _halved(*args, **kwargs):
+    """A module's own dtype promotion (as quantisation or rescaling would be): the kernel scaled by 0.5."""
+    from flax.linen.dtypes import promote_dtype
+
+    x, kernel, bias = promote_dtype(*args, **kwargs)
+    return x, kernel * 0.5, bias
+
+
+class _Doubled:
+    """A module's own convolution class (conv_general_dilated_cls): twice lax's."""
+
+    def __call__(self, *args, **kwargs):
+        return 2 * jax.lax.conv_general_dilated(*args, **kwargs)
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv(8, (3, 3), promote_dtype=_halved, name="own"),
+    lambda: nn.Conv(8, (3, 3), conv_general_dilated_cls=_Doubled, name="own"),
+    lambda: nn.Conv(8, 3, name="own"),  # an int kernel size: a 1-D convolution over the last spatial axis
+], ids=["promote_dtype", "conv_general_dilated_cls", "int_kernel_size"])
+def test_a_convolution_the_kernels_cannot_reproduce_runs_as_the_module_wrote_it(conv, rng):
+    class Own(nn.Module):
+        @nn.compact
+        def features(self, x):
+            return nn.relu(conv()(x))
+
+        @nn.compact
+        def hidden(self, feats):
+            return jnp.mean(feats, axis=(1, 2))
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="output")(self.hidden(self.features(x)))
+
+    params = Own().init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)))["params"]
+    x = jnp.asarray(rng.integers(0, 256, (2, 12, 12, 3)), jnp.float32)
+    fast, xla = (FlaxCNN.build(Own(), params, input_hwc=(12, 12, 3), input_scale="255", layer="own",
+                               fast_convs=f) for f in (True, False))
+    assert CONV2D_DIRECT not in _targets(fast.features, params, x)
+    np.testing.assert_array_equal(jax.jit(fast.features)(params, x), jax.jit(xla.features)(params, x))
+    # Weights of another shape are nn.Conv's to refuse, naming them, not run.
+    wrong = jax.tree.map(np.asarray, params)
+    wrong["own"]["kernel"] = wrong["own"]["kernel"][..., :5]
+    with pytest.raises(Exception, match="kernel"):
+        fast.features(wrong, x)

@@ -118,14 +118,18 @@ def layer_timings(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, r
     feats = jax.block_until_ready(model.features(params, x))
     mask = jnp.ones((model.num_channels,), jnp.float32)
     totals = model_flops(model)
-    # (name, part, fn, its input, FLOPs per image)
-    runs = [("trunk", "trunk", lambda p, v: model.features(p, v), x, totals["trunk"]),
-            ("head", "head", lambda p, f, m=mask: model.head(p, f, m), feats, totals["masked_head"])]
+    counted = model.counted()  # what XLA's cost analysis counts where the model knows no FLOPs
+    # (name, part, fn, its input, FLOPs per image, the same fn as XLA counts it)
+    runs = [("trunk", "trunk", lambda p, v: model.features(p, v), x, totals["trunk"],
+             lambda p, v: counted.features(p, v)),
+            ("head", "head", lambda p, f, m=mask: model.head(p, f, m), feats, totals["masked_head"],
+             lambda p, f, m=mask: counted.head(p, f, m))]
     if type(model).layer_stages is not PrunableModel.layer_stages:  # the default's stages are these two
         inputs = jax.block_until_ready(model.stage_inputs(params, x))
-        runs = [(s.name, s.part, s.fn, inputs[s.name], s.flops) for s in model.layer_stages()] + runs
+        runs = [(s.name, s.part, s.fn, inputs[s.name], s.flops, c.fn)
+                for s, c in zip(model.layer_stages(), counted.layer_stages())] + runs
     rows = []
-    for name, part, fn, v, flops in runs:
+    for name, part, fn, v, flops, count_fn in runs:
         summed = summed_call(fn, trunk_block if part == "trunk" else head_block, mesh)
         if mesh is not None:
             v = jax.device_put(v, NamedSharding(mesh, P("data")))
@@ -136,7 +140,7 @@ def layer_timings(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, r
         seconds = timed(lambda: compiled(params, v), repeats)
         source = "layer shapes" if flops is not None else None
         if flops is None:
-            flops = _xla_flops_per_image(fn, params, v)
+            flops = _xla_flops_per_image(count_fn, params, v)
             source = "XLA cost analysis" if flops is not None else None
         gflops = None if flops is None else len(v) * flops / seconds / 1e9
         rows.append({"name": name, "part": part, "images": int(len(v)), "devices": devices, "flops_per_image": flops,

@@ -268,6 +268,11 @@ class FlaxCNN(PrunableModel):
                               f"{', '.join(map(repr, self.collections))})", field="params")
         return {c: params[c] if c == PARAMS else jax.lax.stop_gradient(params[c]) for c in self.collections}
 
+    def counted(self) -> "FlaxCNN":
+        # The kernels' convolution forms are native calls XLA's cost analysis cannot see into; XLA's own compute
+        # the same products.
+        return dataclasses.replace(self, fast_convs=False)
+
     def _apply(self, params: Params, x: jax.Array, method: str) -> jax.Array:
         """The module's ``method`` on ``x``, its float32 convolutions through the kernels' forms unless
         ``fast_convs`` is off (``badnet_jax.models.flax_convs``)."""

@@ -177,6 +177,12 @@ class PrunableModel(abc.ABC):
         trunk, head = self.layer_stages()
         return {trunk.name: x, head.name: self.features(params, x, 1.0)}
 
+    def counted(self) -> "PrunableModel":
+        """This network with every computation one XLA's cost analysis counts (a benchmark's FLOPs where the
+        model knows none): the model itself by default; one whose programs call native kernels (opaque to XLA)
+        gives the same network through XLA's own operations."""
+        return self
+
     has_kernels = False  # whether ``tail_top2`` dispatches to kernels of ``badnet_jax.kernels`` (the plan probes them)
 
     @property

@@ -16,10 +16,12 @@ from badnet_jax import sweep as sw
 from badnet_jax.kernels.native import CONV2D_DIRECT, native_library
 from badnet_jax.models.flax_model import FlaxCNN
 from badnet_jax.sweep.run import export_sweep
+from tests.models.test_flax_model import Net
 
 
-class Convs(nn.Module):
-    """Every padding form nn.Conv takes, strides, a dilation, a conv without bias, a grouped one (passed by)."""
+class Convs(Net):
+    """Every padding form nn.Conv takes, strides, a dilation, a conv without bias, a grouped one (passed by); Net's
+    head."""
 
     @nn.compact
     def features(self, x):
@@ -28,14 +30,6 @@ class Convs(nn.Module):
         x = nn.relu(nn.Conv(8, (3, 3), padding=((1, 0), (0, 1)), kernel_dilation=2, name="pairs")(x))
         x = nn.relu(nn.Conv(16, (3, 3), strides=2, padding="VALID", name="strided")(x))
         return nn.relu(nn.Conv(16, (3, 3), padding=(1, 1), feature_group_count=2, name="grouped")(x))
-
-    @nn.compact
-    def hidden(self, feats):
-        return nn.relu(nn.Dense(12, name="fc")(jnp.mean(feats, axis=(1, 2))))
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(5, name="output")(self.hidden(self.features(x)))
 
 
 def _models():
@@ -121,18 +115,10 @@ class _Doubled:
     lambda: nn.Conv(8, 3, name="own"),  # an int kernel size: a 1-D convolution over the last spatial axis
 ], ids=["promote_dtype", "conv_general_dilated_cls", "int_kernel_size"])
 def test_a_convolution_the_kernels_cannot_reproduce_runs_as_the_module_wrote_it(conv, rng):
-    class Own(nn.Module):
+    class Own(Net):
         @nn.compact
         def features(self, x):
             return nn.relu(conv()(x))
-
-        @nn.compact
-        def hidden(self, feats):
-            return jnp.mean(feats, axis=(1, 2))
-
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(3, name="output")(self.hidden(self.features(x)))
 
     params = Own().init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)))["params"]
     x = jnp.asarray(rng.integers(0, 256, (2, 12, 12, 3)), jnp.float32)

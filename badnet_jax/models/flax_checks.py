@@ -32,7 +32,7 @@ PER_IMAGE_RTOL = 1e-9
 Apply = Callable[[Any, jax.Array, str], jax.Array]
 
 
-def _float64(variables: Any, abstract: bool) -> Any:
+def float64_variables(variables: Any, abstract: bool = False) -> Any:
     """The variables with every floating array in float64 (as shapes, for a trace, or as values)."""
     def one(t: Any) -> Any:
         dtype = jnp.float64 if jnp.issubdtype(jnp.result_type(t), jnp.floating) else jnp.result_type(t)
@@ -116,7 +116,7 @@ def check_float64(apply: Apply, variables: Any, module_name: str, method: str, i
     """
     with jax.enable_x64(True):
         x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float64)
-        closed = jax.make_jaxpr(lambda v, x: apply(v, x, method))(_float64(variables, True), x)
+        closed = jax.make_jaxpr(lambda v, x: apply(v, x, method))(float64_variables(variables, True), x)
     found = _narrow(closed.jaxpr, {closed.jaxpr.invars[-1]})
     if found:
         primitive, dtype = found
@@ -140,7 +140,7 @@ def check_per_image(apply: Apply, variables: Any, module_name: str, method: str,
     """
     with jax.enable_x64(True):
         run = jax.jit(lambda v, x: apply(v, x, method))
-        v64 = _float64(variables, False)
+        v64 = float64_variables(variables)
         both = [np.asarray(run(v64, jnp.asarray(x, jnp.float64)), np.float64)
                 for x in (x_NxHxWxC, x_NxHxWxC[[0] * len(x_NxHxWxC)])]
         for i in range(1, len(x_NxHxWxC)):

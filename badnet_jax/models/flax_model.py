@@ -72,7 +72,7 @@ from badnet_jax.pixels import input_divisor, scaled
 from badnet_jax.models import flax_convs
 from badnet_jax.models.flax_checks import check_module
 from badnet_jax.models.flax_split import HeadSplit, check_split, contribution, linear_map, map_bytes, split_names
-from badnet_jax.models.protocol import Params, PrunableModel, working_bytes
+from badnet_jax.models.protocol import Params, PrunableModel, path_name, working_bytes
 from badnet_jax.numerics.ties import TIE_RTOL
 
 PARAMS = "params"  # Flax's collection of the learned weights; every other collection is frozen here
@@ -406,8 +406,7 @@ class FlaxCNN(PrunableModel):
 def _shapes(tree: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """(path, shape) of every array of a params or variables tree, paths as ``conv1/kernel``."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return tuple(sorted(("/".join(str(getattr(k, "key", k)) for k in path), tuple(np.shape(leaf)))
-                        for path, leaf in leaves))
+    return tuple(sorted((path_name(path), tuple(np.shape(leaf))) for path, leaf in leaves))
 
 
 def _collections_of(variables: Any, output: str) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
-from badnet_jax.models.flax_checks import check_float64
+from badnet_jax.models.flax_checks import check_float64, float64_variables
 
 # How far ``pre`` may be from affine on the check's feature maps, relative to its values there: the float64
 # rounding of a dense layer is ~1e-16 of them; a ReLU, a clip or a max within reach of the check's magnitudes
@@ -116,7 +116,7 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
 
     a, b = maps(), maps()
     with jax.enable_x64(True):
-        v64 = jax.tree.map(lambda t: jnp.asarray(np.asarray(t, np.float64)), variables)
+        v64 = float64_variables(variables)
 
         def run(method: str, x: np.ndarray) -> np.ndarray:  # its values in float64
             try:
@@ -136,7 +136,6 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
         checked = {"hidden"}  # FlaxCNN.build checked hidden
         f0, fa, fb, fab, f2a = (run(pre, x) for x in (0 * a, a, b, a + b, 2.5 * a))
         alone = np.concatenate([run(pre, a[i:i + 1]) for i in range(len(a))])
-        rtol = AFFINE_RTOL
 
         def off(err: np.ndarray, *values: np.ndarray) -> float:  # the largest error, each output to its own size
             rows = [v.reshape(len(v), -1) for v in values]
@@ -144,17 +143,17 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
             floor = ELEMENT_FLOOR * size.max(axis=1, keepdims=True)
             return float((np.abs(err.reshape(len(err), -1)) / np.maximum(np.maximum(size, floor), 1e-300)).max())
 
-        if off(alone - fa, alone, fa) > rtol:
+        if off(alone - fa, alone, fa) > AFFINE_RTOL:
             raise ConfigError(f"{where}.{pre} gives an image another value in a batch than alone: it mixes the "
                               "images (statistics over the batch?); each image's pre-activations must be its own",
                               field=field)
         sum_err = off((fab - f0) - (fa - f0) - (fb - f0), f0, fa, fb, fab)
         scale_err = off((f2a - f0) - 2.5 * (fa - f0), f0, fa, f2a)
-        if max(sum_err, scale_err) > rtol:
+        if max(sum_err, scale_err) > AFFINE_RTOL:
             raise ConfigError(f"{where}.{pre} is not affine in the features: on feature maps of magnitudes "
                               f"{SCALES[0]:g} to {SCALES[-1]:g}, pre(a + b) - pre(0) is off (pre(a) - pre(0)) + "
                               f"(pre(b) - pre(0)) by {sum_err:.3g} and pre(2.5 a) - pre(0) off 2.5 (pre(a) - pre(0)) "
-                              f"by {scale_err:.3g} of their size, more than the {rtol:.3g} float64 rounding "
+                              f"by {scale_err:.3g} of their size, more than the {AFFINE_RTOL:.3g} float64 rounding "
                               "allows; an activation, a clip or a max belongs in the second method", field=field)
         hidden = run("hidden", a)
         split = run(post, fa) if post else fa.reshape(len(fa), -1)
@@ -163,7 +162,7 @@ def check_split(apply: Callable[[Any, jax.Array, str], jax.Array], variables: An
             raise ConfigError(f"{where}: {name} gives shape {split.shape} for {len(a)} feature maps, but the output "
                               f"layer takes ({len(a)}, {hidden_width})", field=field)
         err = off(split - hidden, split, hidden)
-        if err > rtol:
+        if err > AFFINE_RTOL:
             composed = f"{post}({pre}(f))" if post else f"{pre}(f)"
             raise ConfigError(f"{where}: {composed} differs from hidden(f) by {err:.3g} of its size on feature maps; "
                               "the split must compute the same hidden layer", field=field)

@@ -375,10 +375,9 @@ class PrunableModel(abc.ABC):
                 continue
             bad = int(np.size(leaf) - np.isfinite(np.asarray(leaf)).sum())
             if bad:
-                where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-                raise ConfigError(f"{arg(name)}: {where} holds NaN or infinite values ({bad} of {np.size(leaf)}); "
-                                  f"{self.name}'s outputs would be NaN (weights of a training run that diverged?)",
-                                  field=name)
+                raise ConfigError(f"{arg(name)}: {path_name(path)} holds NaN or infinite values ({bad} of "
+                                  f"{np.size(leaf)}); {self.name}'s outputs would be NaN (weights of a training run "
+                                  "that diverged?)", field=name)
 
     # ----- float64 (the settling of near-ties)
     def features64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
@@ -420,6 +419,11 @@ class PrunableModel(abc.ABC):
     def _bytes64(self) -> int:
         """The float64 trunk's working memory per image (twice the float32 estimate), for its blocks' size."""
         return 2 * self.trunk_bytes_per_image()
+
+
+def path_name(path: Iterable[Any]) -> str:
+    """A params tree path (``jax.tree_util`` keys) as errors name it: ``conv1/kernel``."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def working_bytes(sizes: Iterable[int]) -> int:

@@ -6,11 +6,14 @@ Two properties that no shape shows:
   under ``jax.enable_x64`` on float64 images and variables. A layer pinned to a narrower dtype
   (``nn.Conv(..., dtype=jnp.float32)``) would settle them in that dtype, and the curve would not be the float64
   network's. :func:`check_float64` reads the method's traced program: every value that depends on its input must
-  be float64 (a weight cast alone is a weight like any other, computed the same by both networks).
+  be float64 (a weight cast alone is a weight like any other, computed the same by both networks), and nothing
+  that depends on it may pass through an operation whose precision the program does not show (host callbacks,
+  foreign function calls, bit casts). Loops are followed to a fixpoint: a carry that reads the input only from
+  the second iteration on reads it.
 * **Each image its own.** The sweep cuts the sets into chunks and blocks whose sizes depend on the plan, the
   devices and the memory budget; a method that mixes the images of a batch (statistics over the batch, outside
   a batch norm's running averages) gives a curve that depends on them. :func:`check_per_image` runs the method in
-  float64 on a batch of three inputs and on one whose other two are copies of the first.
+  float64 on a batch of three inputs, on each input repeated to a batch of three, and on the first alone.
 """
 
 from __future__ import annotations
@@ -69,34 +72,80 @@ def _live(jaxpr: Any) -> set:
     return live
 
 
-def _narrow(jaxpr: Any, reads: set) -> Optional[tuple[str, str]]:
-    """The first equation of ``jaxpr`` that computes an inexact value narrower than float64 (or complex128) from
-    the variables in ``reads`` (what depends on the input) and reaches the outputs, as (primitive, what it
-    computes in); sub-programs are followed with their inputs matched to the equation's, or taken as reading
-    the input where they cannot be matched."""
+# Operations whose values the program does not show: host code, a foreign function, a value's bits read as
+# another type (zeroing a float64's low mantissa bits keeps its dtype). Their precision cannot be checked.
+OPAQUE = {"pure_callback": "runs host code", "io_callback": "runs host code", "ffi_call": "calls a foreign function",
+          "bitcast_convert_type": "reads its values' bits as another type"}
+
+
+def _reading(inner: Any, outer: list, reads: set) -> set:
+    """The inputs of a sub-program whose operands in the equation (``outer``, in order) read the input."""
+    return {i for i, o in zip(inner.invars, outer) if not isinstance(o, Literal) and o in reads}
+
+
+def _loop(body: Any, outer: list, reads: set, first_carry: int, num_carry: int) -> tuple[Optional[str], set]:
+    """:func:`_narrow` on a loop's body, a carry reading the input from the second iteration on as from the first:
+    a carry whose new value depends on the input is added to what reads it, until nothing is added. Returns
+    (what was found, the body's inputs that read the input)."""
+    start = _reading(body, outer, reads)
+    while True:
+        inside = set(start)
+        found = _narrow(body, inside)
+        carried = {body.invars[first_carry + j] for j, v in enumerate(body.outvars[:num_carry])
+                   if not isinstance(v, Literal) and v in inside}
+        if found or carried <= start:
+            return found, start
+        start |= carried
+
+
+def _narrow_inside(eqn: Any, reads: set) -> Optional[str]:
+    """:func:`_narrow` on the sub-programs of an equation that reads the input: a loop's carries followed to a
+    fixpoint; a call's or a branch's inputs matched to the equation's operands, or all taken as reading the input
+    where they cannot be matched."""
+    ops, params = list(eqn.invars), eqn.params
+    if eqn.primitive.name == "scan":
+        return _loop(params["jaxpr"].jaxpr, ops, reads, params["num_consts"], params["num_carry"])[0]
+    if eqn.primitive.name == "while":
+        nc, nb = params["cond_nconsts"], params["body_nconsts"]
+        body, cond = params["body_jaxpr"].jaxpr, params["cond_jaxpr"].jaxpr
+        found, inside = _loop(body, ops[nc:], reads, nb, len(ops) - nc - nb)
+        carries = [v in inside for v in body.invars[nb:]]
+        cond_reads = _reading(cond, ops[:nc], reads) | {v for v, r in zip(cond.invars[nc:], carries) if r}
+        return found or _narrow(cond, cond_reads)
+    for sub in jaxprs_in_params(params):
+        inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+        n = len(inner.invars)
+        # A call passes its operands in order; a cond's branches take all but the index.
+        outer = ops if n == len(ops) else ops[1:] if n == len(ops) - 1 else None
+        found = _narrow(inner, set(inner.invars) if outer is None else _reading(inner, outer, reads))
+        if found:
+            return found
+    return None
+
+
+def _narrow(jaxpr: Any, reads: set) -> Optional[str]:
+    """What the first equation of ``jaxpr`` that computes below float64 (or complex128) from the variables in
+    ``reads`` (what depends on the input, which this adds to) does, if its values reach the outputs: e.g.
+    ``computes in float32 (convert_element_type)``. Sub-programs are followed (:func:`_narrow_inside`);
+    operations whose precision cannot be read (:data:`OPAQUE`) count as narrow."""
     live = _live(jaxpr)
     for i, eqn in enumerate(jaxpr.eqns):
         ins = [v for v in eqn.invars if not isinstance(v, Literal)]
         if i not in live or not any(v in reads for v in ins):
             continue
-        for sub in jaxprs_in_params(eqn.params):
-            inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-            n = len(inner.invars)
-            # A call or a loop passes its operands in order; a cond's branches take all but the index.
-            outer = list(eqn.invars) if n == len(eqn.invars) else list(eqn.invars)[1:] if n == len(eqn.invars) - 1 \
-                else None
-            sub_reads = set(inner.invars) if outer is None else {
-                i for i, o in zip(inner.invars, outer) if not isinstance(o, Literal) and o in reads}
-            found = _narrow(inner, sub_reads)
-            if found:
-                return found
-        if eqn.primitive.name == "reduce_precision" and eqn.params["mantissa_bits"] < FLOAT64_MANTISSA_BITS:
-            return eqn.primitive.name, f"{eqn.params['mantissa_bits']} mantissa bits"
+        found = _narrow_inside(eqn, reads)
+        if found:
+            return found
+        name = eqn.primitive.name
+        if name == "reduce_precision" and eqn.params["mantissa_bits"] < FLOAT64_MANTISSA_BITS:
+            return f"computes in {eqn.params['mantissa_bits']} mantissa bits ({name})"
+        if name in OPAQUE and eqn.outvars:
+            return f"{OPAQUE[name]} ({name}), whose precision badnet-jax cannot check,"
         for v in eqn.outvars:
             dtype = jnp.dtype(v.aval.dtype) if hasattr(v.aval, "dtype") else None
             if dtype is not None and jnp.issubdtype(dtype, jnp.inexact) and dtype not in WIDE \
                     and not _exact_cast(eqn):
-                return eqn.primitive.name, str(dtype)
+                return f"computes in {dtype} ({name})"
             reads.add(v)
     return None
 
@@ -119,21 +168,22 @@ def check_float64(apply: Apply, variables: Any, module_name: str, method: str, i
         closed = jax.make_jaxpr(lambda v, x: apply(v, x, method))(float64_variables(variables, True), x)
     found = _narrow(closed.jaxpr, {closed.jaxpr.invars[-1]})
     if found:
-        primitive, dtype = found
-        raise ConfigError(f"{arg('module')}: {module_name}.{method} computes in {dtype} ({primitive}) when given "
+        raise ConfigError(f"{arg('module')}: {module_name}.{method} {found} when given "
                           "float64 inputs and weights; badnet-jax settles near-ties by running the module in float64, "
                           "so nothing that depends on the input may be pinned to a narrower precision: leave the "
                           "layers' dtype unset (None: they compute in their inputs' dtype; a dtype field of the "
                           "module None here), cast to the input's dtype (x.astype(y.dtype)), not to a fixed one, "
-                          "and avoid operations fixed to a narrower dtype", field="module")
+                          "and avoid operations fixed to a narrower dtype or hiding their precision (host callbacks, "
+                          "foreign function calls, bit casts)", field="module")
 
 
 def check_per_image(apply: Apply, variables: Any, module_name: str, method: str, x_NxHxWxC: np.ndarray) -> np.ndarray:
     """Refuse a method whose outputs for an input depend on the other inputs of its batch; returns its float64
     outputs for ``x`` (three inputs).
 
-    The method runs in float64 on ``x`` and on each of its inputs repeated to a batch of the same size (one
-    compiled program): each input's outputs must agree within :data:`PER_IMAGE_RTOL` of their size.
+    The method runs in float64 on ``x``, on each of its inputs repeated to a batch of the same size (one
+    compiled program) and on its first input alone (a batch of another size): each input's outputs must agree
+    within :data:`PER_IMAGE_RTOL` of their size.
 
     Raises:
         ConfigError: naming ``module`` and the method.
@@ -145,14 +195,15 @@ def check_per_image(apply: Apply, variables: Any, module_name: str, method: str,
                 for x in (x_NxHxWxC, x_NxHxWxC[[0] * len(x_NxHxWxC)])]
         for i in range(1, len(x_NxHxWxC)):
             both.append(np.asarray(run(v64, jnp.asarray(x_NxHxWxC[[i] * len(x_NxHxWxC)], jnp.float64)), np.float64))
-    mixed, alone = both[0], np.stack([b[0] for b in both[1:]])
+        single = np.asarray(run(v64, jnp.asarray(x_NxHxWxC[:1], jnp.float64)), np.float64)
+    mixed, alone = np.concatenate([both[0], both[0][:1]]), np.stack([b[0] for b in both[1:]] + [single[0]])
     size = max(float(np.abs(mixed).max(initial=0.0)), float(np.abs(alone).max(initial=0.0)), 1e-300)
     err = float(np.abs(mixed - alone).max(initial=0.0)) / size
     if not err <= PER_IMAGE_RTOL:  # NaN fails too
         raise ConfigError(f"{arg('module')}: {module_name}.{method} gives an image other values in a batch of other "
-                          f"images than in a batch of copies of itself (off by {err:.3g} of their size): it mixes the "
-                          "images of a batch (statistics over the batch?). The sweep cuts the images into chunks of "
-                          "any size, so each image's values must be its own", field="module")
+                          f"images than alone or in a batch of copies of itself (off by {err:.3g} of their size): it "
+                          "mixes the images of a batch (statistics over the batch, or its size?). The sweep cuts the "
+                          "images into chunks of any size, so each image's values must be its own", field="module")
     return both[0]
 
 

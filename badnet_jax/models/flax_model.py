@@ -56,11 +56,9 @@ known, so a benchmark times the trunk and the head whole, with FLOPs from XLA's 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
-import flax.errors
 import flax.linen as nn
 import jax
 from jax.extend.core import Literal, jaxprs_in_params, subjaxprs
@@ -72,10 +70,9 @@ from badnet_jax.pixels import input_divisor, scaled
 from badnet_jax.models import flax_convs
 from badnet_jax.models.flax_checks import check_module
 from badnet_jax.models.flax_split import HeadSplit, check_split, contribution, linear_map, map_bytes, split_names
-from badnet_jax.models.protocol import Params, PrunableModel, path_name, working_bytes
+from badnet_jax.models.flax_variables import PARAMS, check_variables, collections_of, for_apply, shape_of, shapes
+from badnet_jax.models.protocol import Params, PrunableModel, working_bytes
 from badnet_jax.numerics.ties import TIE_RTOL
-
-PARAMS = "params"  # Flax's collection of the learned weights; every other collection is frozen here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +158,7 @@ class FlaxCNN(PrunableModel):
             if not callable(getattr(module, method, None)):
                 raise ConfigError(f"{arg('module')}: {type(module).__name__} has no {method}() method; see "
                                   "badnet_jax.models.flax_model", field="module")
-        collections = _collections_of(variables, output)
+        collections = collections_of(variables, output)
         params = variables[PARAMS] if collections else variables
         if not isinstance(params, Mapping) or output not in params or "kernel" not in params[output]:
             held = ', '.join(params) if isinstance(params, Mapping) else type(params).__name__
@@ -169,7 +166,7 @@ class FlaxCNN(PrunableModel):
                               f"{held})", field="output")
         kernel = np.shape(params[output]["kernel"])
         model = cls(module, tuple(input_hwc), int(kernel[1]), input_scale, layer, (0, 0, 0), output, int(kernel[0]),
-                    collections=collections, variable_shapes=_shapes(variables), fast_convs=bool(fast_convs))
+                    collections=collections, variable_shapes=shapes(variables), fast_convs=bool(fast_convs))
         model.check_finite(variables, "variables")
         x = jax.ShapeDtypeStruct((1, *input_hwc), jnp.float32)
         feats = model._abstract("features", variables, x)
@@ -197,32 +194,9 @@ class FlaxCNN(PrunableModel):
         return model
 
     def _abstract(self, method: str, variables: Params, x: Any) -> jax.ShapeDtypeStruct:
-        """The shape of ``method`` on ``x`` (abstract evaluation), Flax's refusals turned into ConfigErrors."""
-        name = f"{type(self.module).__name__}.{method}"
-        try:
-            return jax.eval_shape(lambda v, x: self.module.apply(self._variables(v), x, method=method), variables, x)
-        except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeVariableNotFoundError) as err:
-            col = _collection_named(err)
-            hint = (f"pass the module's full variables ({{'params': ..., {col!r}: ...}}, what module.init returns), "
-                    "not its params alone" if col not in self.collections else
-                    f"their {col!r} collection lacks a variable the module reads")
-            raise ConfigError(f"{arg('variables')}: {name} reads the collection {col!r}, which these variables do not "
-                              f"hold: {hint} ({err})", field="variables") from err
-        except flax.errors.ModifyScopeVariableError as err:
-            col = _collection_named(err)
-            raise ConfigError(f"{arg('module')}: {name} writes the collection {col!r} (a batch norm in training "
-                              "mode?); a FlaxCNN runs the module in inference mode with every collection frozen: "
-                              f"use nn.BatchNorm(use_running_average=True) ({err})", field="module") from err
-        except flax.errors.ScopeParamShapeError as err:
-            # A layer whose weights do not fit its input: images of another size (input_hwc) or another module's
-            # weights (variables); the input size comes first, as the message of a dense layer after a flatten.
-            raise ConfigError(f"{arg('variables')}: {name} does not run on these variables with images of "
-                              f"{arg('input_hwc', tuple(self.input_hwc))}: {err}; is input_hwc the (height, width, "
-                              "channels) the module was trained on, and are these its variables?",
-                              field="variables") from err
-        except flax.errors.FlaxError as err:
-            raise ConfigError(f"{arg('variables')}: {name} does not run on these variables: {err}",
-                              field="variables") from err
+        """The shape of ``method`` on ``x``, Flax's refusals as ConfigErrors (``flax_variables.shape_of``)."""
+        return shape_of(lambda v, x: self.module.apply(self._variables(v), x, method=method), variables, x,
+                        f"{self.name}.{method}", self.collections, self.input_hwc)
 
     def _largest_per_image(self, variables: Params) -> tuple[int, ...]:
         """The values per image of the two largest tensors of ``features``: its program traced for three images,
@@ -257,16 +231,8 @@ class FlaxCNN(PrunableModel):
         return 2 * map_bytes(self.head_split, self.feature_hwc) if self.head_split else 0
 
     def _variables(self, params: Params) -> dict[str, Any]:
-        """The Flax variables of ``params`` for ``module.apply``: the non-param collections behind a stop-gradient
-        (constants of the inference network: fine-tuning never moves them)."""
-        if not self.collections:
-            return {PARAMS: params}
-        missing = [c for c in self.collections if not isinstance(params, Mapping) or c not in params]
-        if missing:
-            raise ConfigError(f"{arg('params')}: the variables of {self.name} lack the collection "
-                              f"{', '.join(map(repr, missing))} (the model was built with "
-                              f"{', '.join(map(repr, self.collections))})", field="params")
-        return {c: params[c] if c == PARAMS else jax.lax.stop_gradient(params[c]) for c in self.collections}
+        """The Flax variables of ``params`` for ``module.apply`` (``flax_variables.for_apply``)."""
+        return for_apply(params, self.collections, self.name)
 
     def counted(self) -> "FlaxCNN":
         # The kernels' convolution forms are native calls XLA's cost analysis cannot see into; XLA's own compute
@@ -303,43 +269,14 @@ class FlaxCNN(PrunableModel):
 
     def check_params(self, params: Any, name: str = "params") -> int:
         """Refuse params that are not this model's: the collections it was built with (the variables dict of a
-        model built from variables, the params alone otherwise) and the output layer's kernel shape.
+        model built from variables, the params alone otherwise), the output layer's kernel shape and every
+        array's shape (``flax_variables.check_variables``).
 
         Raises:
-            ConfigError: naming ``name``, the missing or unexpected collection, or the output layer's shape.
+            ConfigError: naming ``name``, the missing or unexpected collection, or the array and its shape.
         """
-        net, where = params, name
-        if self.collections:
-            held = tuple(params) if isinstance(params, Mapping) else ()
-            missing = [c for c in self.collections if c not in held]
-            extra = [c for c in held if c not in self.collections]
-            if missing or extra:
-                problem = (f"lack the collection {', '.join(map(repr, missing))}" if missing else
-                           f"hold the collection {', '.join(map(repr, extra))} it was not built with")
-                got = f"they hold {', '.join(map(repr, held))}" if held else f"got {type(params).__name__}"
-                raise ConfigError(f"{arg(name)}: expected the variables of {self.name} with the collections "
-                                  f"{', '.join(map(repr, self.collections))} (the model was built from them), but "
-                                  f"they {problem} ({got})", field=name)
-            net, where = params[PARAMS], f"{name}['{PARAMS}']"
-        elif isinstance(params, Mapping) and self.output not in params and isinstance(params.get(PARAMS), Mapping):
-            raise ConfigError(f"{arg(name)}: a variables dict ({', '.join(map(repr, params))}), but {self.name} was "
-                              "built from params alone: build it with FlaxCNN.build(module, variables, ...) to run it "
-                              "on its variables, or pass variables['params']", field=name)
-        if not isinstance(net, Mapping) or self.output not in net:
-            raise ConfigError(f"{arg(name)}: expected the params of {self.name} (with its {self.output!r} layer"
-                              f"{' in ' + where if where != name else ''})", field=name)
-        shape = tuple(np.shape(net[self.output].get("kernel")))
-        if shape != (self.hidden_width, self.num_classes):
-            raise ConfigError(f"{arg(name)}: layer {self.output!r} kernel of shape {shape}, expected "
-                              f"{(self.hidden_width, self.num_classes)}", field=name)
-        if self.variable_shapes:
-            got, want = dict(_shapes(params)), dict(self.variable_shapes)
-            for path in sorted(want.keys() | got.keys()):
-                if got.get(path) != want.get(path):
-                    found = "missing" if path not in got else f"of shape {got[path]}"
-                    expected = "nothing there" if path not in want else f"shape {want[path]}"
-                    raise ConfigError(f"{arg(name)}: {path} {found}, but {self.name} was built with {expected} "
-                                      "(the params of another module?)", field=name)
+        check_variables(params, name, self.name, self.collections, self.output, (self.hidden_width, self.num_classes),
+                        self.variable_shapes)
         return self.num_classes
 
     def init_params(self, seed: int = 0) -> Params:
@@ -401,32 +338,3 @@ class FlaxCNN(PrunableModel):
             method = self.head_split.post if self.head_split else "hidden"
             hidden = self._apply(params, flat, method)
         return hidden.reshape(*lead, hidden.shape[-1])
-
-
-def _shapes(tree: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """(path, shape) of every array of a params or variables tree, paths as ``conv1/kernel``."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return tuple(sorted((path_name(path), tuple(np.shape(leaf))) for path, leaf in leaves))
-
-
-def _collections_of(variables: Any, output: str) -> tuple[str, ...]:
-    """The sorted collections of a Flax variables dict (a ``params`` collection, no output layer at the top), or
-    () for params alone (the output layer at the top).
-
-    Raises:
-        ConfigError: a collection that is not a dict of variables.
-    """
-    if not isinstance(variables, Mapping) or output in variables or not isinstance(variables.get(PARAMS), Mapping):
-        return ()
-    for col, value in variables.items():
-        if not isinstance(col, str) or not isinstance(value, Mapping):
-            raise ConfigError(f"{arg('variables')}: the collection {col!r} is a {type(value).__name__}, expected a "
-                              "dict of variables (Flax variables: {'params': ..., 'batch_stats': ...})",
-                              field="variables")
-    return tuple(sorted(variables))
-
-
-def _collection_named(err: Exception) -> str:
-    """The collection a Flax scope error names (its text says ``collection "batch_stats"``), or "?"."""
-    found = re.search(r'collection "([^"]+)"', str(err))
-    return found.group(1) if found else "?"

@@ -18,14 +18,13 @@ input scale, classes, the pruned layer), so nothing defaults to the lab's DeepID
 Implementations: :class:`~badnet_jax.models.deepid.DeepID` (the lab's network, with its float64 NumPy
 network and the masked-head kernels) and :class:`~badnet_jax.models.graph.GraphCNN` (any CNN of standard
 layers, e.g. read from a Keras file). The float64 methods here are the generic ones: the model's own JAX
-function run by XLA in float64.
+functions run by XLA in float64, a base class of the protocol's (``badnet_jax.models.float64``).
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import functools
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
@@ -35,8 +34,8 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, DataFileError, arg
 from badnet_jax.kernels.dense.api import dense_top2
+from badnet_jax.models.float64 import Float64Network
 from badnet_jax.pixels import check_images_of_shape, input_divisor, scaled
-from badnet_jax.numerics import xla64
 from badnet_jax.numerics.ties import HIGHEST, TIE_RTOL
 
 Params = dict[str, Any]
@@ -85,7 +84,7 @@ class Producer:
         return f"{self.conv}'s kernel{scaled_by}"
 
 
-class PrunableModel(abc.ABC):
+class PrunableModel(Float64Network, abc.ABC):
     """A CNN the defense can prune (see the module docstring). Implementations are frozen dataclasses, so a
     model is hashable and can be a static argument of ``jax.jit``.
 
@@ -379,47 +378,6 @@ class PrunableModel(abc.ABC):
                                   f"{np.size(leaf)}); {self.name}'s outputs would be NaN (weights of a training run "
                                   "that diverged?)", field=name)
 
-    # ----- float64 (the settling of near-ties)
-    def features64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
-        """(N, H, W, C) float64 features: the model's own trunk run by XLA in float64."""
-        return _run64(self, params, "features", np.asarray(x_NxHxWxC), divisor=divisor)
-
-    def argmax64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float,
-                 masks_NxC: Optional[np.ndarray] = None, image_of: Optional[np.ndarray] = None) -> np.ndarray:
-        """(R,) the float64 network's prediction for each row: image ``image_of[r]`` (None: row r is image r)
-        under the mask ``masks_NxC`` (one (C,) mask for all rows, (R, C) one per row, or None). The trunk runs
-        once per image, the head once per row."""
-        feats = self.features64(params, x_NxHxWxC, divisor)
-        image_of = np.arange(len(feats)) if image_of is None else np.asarray(image_of)
-        if masks_NxC is None:
-            masks = np.ones((len(image_of), self.num_channels))
-        else:
-            masks = np.broadcast_to(np.asarray(masks_NxC, np.float64), (len(image_of), self.num_channels))
-        return _run64(self, params, "argmax", feats[image_of], masks).astype(np.int32)
-
-    def warm64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> None:
-        """Run the float64 network's XLA parts on these images (its trunk and head), so that they compile
-        before a settling needs them (``compile_sweep`` runs it on zeros at each call size)."""
-        self.argmax64(params, x_NxHxWxC, divisor)
-
-    def feature_means64(self, params: Params, x_NxHxWxC: np.ndarray, divisor: float) -> np.ndarray:
-        """(C,) float64 mean of each channel of the features over these images: the model's own trunk run by
-        XLA in float64, summed on the device in blocks (``xla64.sum64``)."""
-        x = np.asarray(x_NxHxWxC)
-        if not len(x):
-            return np.zeros(self.num_channels)
-        total = xla64.sum64(_fn64(self.in_program(), "feature_sums"), params, x, divisor, self._bytes64())
-        return total / (len(x) * self.feature_hwc[0] * self.feature_hwc[1])
-
-    def warm_means64(self, params: Params, images: jax.ShapeDtypeStruct) -> None:
-        """Compile :meth:`feature_means64` for a ranking set of this shape and dtype without running it
-        (``compile_sweep`` calls it ahead of the data: the means settle a ranking's near-ties)."""
-        xla64.compile_sum64(_fn64(self.in_program(), "feature_sums"), params, images, self._bytes64())
-
-    def _bytes64(self) -> int:
-        """The float64 trunk's working memory per image (twice the float32 estimate), for its blocks' size."""
-        return 2 * self.trunk_bytes_per_image()
-
 
 def path_name(path: Iterable[Any]) -> str:
     """A params tree path (``jax.tree_util`` keys) as errors name it: ``conv1/kernel``."""
@@ -430,34 +388,3 @@ def working_bytes(sizes: Iterable[int]) -> int:
     """Float32 working memory per image of a trunk whose tensors hold ``sizes`` values per image: the two
     largest (a layer's input and output), three times over for XLA's temporaries and slack."""
     return 4 * 3 * sum(sorted(sizes, reverse=True)[:2])
-
-
-@functools.lru_cache(maxsize=None)
-def _fn64(model: PrunableModel, what: str):
-    # Keyed on the model's program form (``in_program``): the divisor goes in as an argument, so the float64
-    # functions that ``compile_sweep`` warms before the scale and the near-tie bound are known serve the sweep.
-    # Images in their own dtype, converted and divided on the device as NumPy divides.
-    features = lambda p, x, divisor: model.features(p, xla64.divided(x.astype(jnp.float64), divisor), 1.0)
-    if what == "features":
-        return jax.jit(features)
-    if what == "feature_sums":  # blocks of images -> the weighted per-channel sum over all of them (xla64.sum64)
-        def block_sum(p, x, w, divisor):
-            feats = features(p, x, divisor)
-            # Selected, not multiplied by 0: a padding (zero) image's features may be NaN or inf for a module
-            # that divides by the image's own spread, and 0 * NaN is NaN.
-            return jnp.sum(jnp.where(w[:, None] > 0, jnp.sum(feats, axis=(1, 2)), 0.0), axis=0)
-        return jax.jit(lambda p, xs, ws, divisor: jnp.sum(
-            jax.lax.map(lambda xw: block_sum(p, xw[0], xw[1], divisor), (xs, ws)), axis=0))
-    # one head per row: each row has its own image's features and its own mask
-    one = lambda p, f, m: jnp.argmax(model.head(p, f[None], m)[0])
-    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
-
-
-def _run64(model: PrunableModel, params: Params, what: str, *rows: np.ndarray,
-           divisor: Optional[float] = None) -> np.ndarray:
-    """``what`` of the model in float64 by XLA: ``features`` of images (divided by ``divisor``), or the
-    ``argmax`` of the head on (features, mask) rows (``badnet_jax.numerics.xla64.run64``: the device, the
-    weights and the calls)."""
-    if not len(rows[0]):
-        return np.zeros((0, *model.feature_hwc)) if what == "features" else np.zeros((0,), np.int32)
-    return xla64.run64(_fn64(model.in_program(), what), params, rows, divisor)

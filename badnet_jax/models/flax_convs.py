@@ -10,9 +10,10 @@ but the CPU), so outside the rule nothing changes.
 
 The forms compute the same products and differ only in the order of the sums: the model's near-tie bound is
 measured through the same path, and its float64 network (the settling's) is left to the module's own
-convolutions (float64 is never intercepted). A convolution this does not know how to pass on exactly (grouped,
-input dilation, a mask, circular or causal padding, another class than ``nn.Conv``, a custom convolution
-function or dtype promotion, another rank, weights of another shape) runs as the module wrote it.
+convolutions (float64 is never intercepted). Every padding ``nn.Conv`` takes for 2-D convolutions passes
+(circular and reflected padding as ``nn.Conv`` pads the input itself). A convolution this does not know how to
+pass on exactly (grouped, input dilation, a mask, another class than ``nn.Conv``, a custom convolution function
+or dtype promotion, another rank, weights of another shape) runs as the module wrote it.
 """
 
 from __future__ import annotations
@@ -39,16 +40,25 @@ def _pairs(value: Any) -> Optional[tuple[int, int]]:
     return None
 
 
-def _padding(padding: Padding) -> Optional[Any]:
-    """Flax's padding as ``conv2d`` takes it ("SAME", "VALID" or ((top, bottom), (left, right))), or None."""
-    if isinstance(padding, str):
-        return padding.upper() if padding.upper() in ("SAME", "VALID") else None
+def _padding(padding: Padding, x: Any, kernel_hw: tuple[int, int], strides: tuple[int, int],
+             dilation: tuple[int, int]) -> Optional[tuple[Any, Any]]:
+    """Flax's padding as ``conv2d`` takes it ("SAME", "VALID" or ((top, bottom), (left, right))), with the input
+    as ``nn.Conv`` pads it itself (circular or reflected, then VALID), or None."""
     if isinstance(padding, int):
-        return ((padding, padding), (padding, padding))
+        return x, ((padding, padding), (padding, padding))
     if isinstance(padding, (tuple, list)) and len(padding) == 2:
         pads = [_pairs(p) for p in padding]
-        if all(p is not None for p in pads):
-            return tuple(pads)
+        return (x, tuple(pads)) if all(p is not None for p in pads) else None
+    if not isinstance(padding, str):
+        return None
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
+    if padding in ("CIRCULAR", "REFLECT"):  # as nn.Conv pads (its comparison is case-sensitive)
+        pads = [(0, 0), *(((k - 1) // 2, k // 2) for k in dilated), (0, 0)]
+        return jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]), "VALID"
+    if padding.upper() in ("SAME", "VALID"):
+        return x, padding.upper()
+    if padding.upper() == "SAME_LOWER":  # lax's padding for it, as nn.Conv passes the string on
+        return x, tuple(jax.lax.padtype_to_pads(x.shape[1:3], dilated, strides, "SAME_LOWER"))
     return None
 
 
@@ -63,8 +73,8 @@ def _plain(conv: nn.Conv, x: Any) -> Optional[dict]:
     if not hasattr(x, "ndim") or x.ndim != 4 or isinstance(conv.kernel_size, int) or len(conv.kernel_size) != 2 \
             or _pairs(conv.input_dilation or 1) != (1, 1):
         return None
-    strides, dilation, padding = _pairs(conv.strides or 1), _pairs(conv.kernel_dilation or 1), _padding(conv.padding)
-    if None in (strides, dilation, padding):
+    strides, dilation = _pairs(conv.strides or 1), _pairs(conv.kernel_dilation or 1)
+    if None in (strides, dilation):
         return None
     kernel = conv.get_variable("params", "kernel")
     bias = conv.get_variable("params", "bias") if conv.use_bias else None
@@ -75,15 +85,21 @@ def _plain(conv: nn.Conv, x: Any) -> Optional[dict]:
     dtype = conv.dtype or jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
     if jnp.dtype(dtype) != jnp.float32:
         return None  # float64 (the settling's network) and narrower dtypes run as the module wrote them
+    padded = _padding(conv.padding, x, conv.kernel_size, strides, dilation)
+    if padded is None:
+        return None
+    x, padding = padded
     return dict(x=jnp.asarray(x, jnp.float32), kernel=jnp.asarray(kernel, jnp.float32),
                 bias=None if bias is None else jnp.asarray(bias, jnp.float32), strides=strides, dilation=dilation,
                 padding=padding, precision=conv.precision)
 
 
 def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
-    if context.method_name != "__call__" or not isinstance(context.module, nn.Conv) or kwargs or len(args) != 1:
+    # nn.Conv.__call__(self, inputs): its one argument, by position or by name
+    inputs = args + tuple(kwargs.values()) if set(kwargs) <= {"inputs"} else ()
+    if context.method_name != "__call__" or not isinstance(context.module, nn.Conv) or len(inputs) != 1:
         return next_fun(*args, **kwargs)
-    plain = _plain(context.module, args[0])
+    plain = _plain(context.module, inputs[0])
     if plain is None:
         return next_fun(*args, **kwargs)
     return conv2d(plain["x"], plain["kernel"], plain["strides"], plain["padding"], plain["dilation"],

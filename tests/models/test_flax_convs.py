@@ -20,13 +20,17 @@ from tests.models.test_flax_model import Net
 
 
 class Convs(Net):
-    """Every padding form nn.Conv takes, strides, a dilation, a conv without bias, a grouped one (passed by); Net's
-    head."""
+    """Every padding form nn.Conv takes, strides, a dilation, a conv without bias, one called by keyword, a grouped
+    one (passed by); Net's head."""
 
     @nn.compact
     def features(self, x):
         x = nn.relu(nn.Conv(8, (3, 3), padding="SAME", name="rgb")(x))  # RGB first layer: the direct kernel
         x = nn.relu(nn.Conv(8, (3, 3), padding=1, use_bias=False, name="int_pad")(x))
+        # An even kernel: SAME_LOWER pads (1, 0) where SAME pads (0, 1).
+        x = nn.relu(nn.Conv(8, (2, 2), padding="SAME_LOWER", name="lower")(inputs=x))
+        x = nn.relu(nn.Conv(8, (3, 3), padding="CIRCULAR", name="circular")(x))
+        x = nn.relu(nn.Conv(8, (3, 2), padding="REFLECT", kernel_dilation=(1, 2), name="reflect")(x))
         x = nn.relu(nn.Conv(8, (3, 3), padding=((1, 0), (0, 1)), kernel_dilation=2, name="pairs")(x))
         x = nn.relu(nn.Conv(16, (3, 3), strides=2, padding="VALID", name="strided")(x))
         return nn.relu(nn.Conv(16, (3, 3), padding=(1, 1), feature_group_count=2, name="grouped")(x))
@@ -61,9 +65,9 @@ def _targets(fn, *args) -> list[str]:
 def test_plain_float32_convolutions_run_through_the_kernels_with_the_modules_values(rng):
     fast, xla, params = _models()
     x = jnp.asarray(rng.integers(0, 256, (6, 16, 16, 3)), jnp.float32)
-    # The four plain convolutions the rule gives the direct kernel (at most 16 channels in and out, or RGB), the
+    # The seven plain convolutions the rule gives the direct kernel (at most 16 channels in and out, or RGB), the
     # grouped one XLA's.
-    assert _targets(fast.features, params, x).count(CONV2D_DIRECT) == 4
+    assert _targets(fast.features, params, x).count(CONV2D_DIRECT) == 7
     assert CONV2D_DIRECT not in _targets(xla.features, params, x)
     got, want = np.asarray(jax.jit(fast.features)(params, x)), np.asarray(jax.jit(xla.features)(params, x))
     assert got.shape == want.shape == (6, 6, 6, 16)

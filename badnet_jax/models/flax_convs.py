@@ -12,8 +12,8 @@ The forms compute the same products and differ only in the order of the sums: th
 measured through the same path, and its float64 network (the settling's) is left to the module's own
 convolutions (float64 is never intercepted). Every padding ``nn.Conv`` takes for 2-D convolutions passes
 (circular and reflected padding as ``nn.Conv`` pads the input itself). A convolution this does not know how to
-pass on exactly (grouped, input dilation, a mask, another class than ``nn.Conv``, a custom convolution function
-or dtype promotion, another rank, weights of another shape) runs as the module wrote it.
+pass on exactly (grouped, input dilation, a mask, a subclass of ``nn.Conv`` with methods of its own, a custom
+convolution function or dtype promotion, another rank, weights of another shape) runs as the module wrote it.
 """
 
 from __future__ import annotations
@@ -40,6 +40,25 @@ def _pairs(value: Any) -> Optional[tuple[int, int]]:
     return None
 
 
+# What Flax's dataclass transform writes into every module class (nn.Conv's own holds nothing else), and the
+# special methods that would change how a convolution module runs.
+_MACHINERY = frozenset(nn.Conv.__dict__)
+_BEHAVIOUR = ("__call__", "__getattr__", "__getattribute__")
+
+
+def _plain_class(cls: type) -> bool:
+    """``nn.Conv``, or a subclass that changes no more than its fields' defaults: every method is nn.Conv's."""
+    if not issubclass(cls, nn.Conv):
+        return False
+    for c in cls.__mro__[:cls.__mro__.index(nn.Conv)]:
+        fields = c.__dict__.get("__dataclass_fields__", {})
+        for name in c.__dict__:
+            dunder = name.startswith("__") and name.endswith("__")
+            if name not in _MACHINERY and name not in fields and (not dunder or name in _BEHAVIOUR):
+                return False
+    return True
+
+
 def _padding(padding: Padding, x: Any, kernel_hw: tuple[int, int], strides: tuple[int, int],
              dilation: tuple[int, int]) -> Optional[tuple[Any, Any]]:
     """Flax's padding as ``conv2d`` takes it ("SAME", "VALID" or ((top, bottom), (left, right))), with the input
@@ -64,7 +83,7 @@ def _padding(padding: Padding, x: Any, kernel_hw: tuple[int, int], strides: tupl
 
 def _plain(conv: nn.Conv, x: Any) -> Optional[dict]:
     """What ``conv2d`` needs to compute ``conv(x)`` the way ``nn.Conv`` does, or None where it cannot."""
-    if type(conv) is not nn.Conv or getattr(conv, "mask", None) is not None or conv.feature_group_count != 1:
+    if not _plain_class(type(conv)) or getattr(conv, "mask", None) is not None or conv.feature_group_count != 1:
         return None
     # A convolution or a dtype promotion of the module's own (quantisation, rescaling) is the module's to run.
     if getattr(conv, "conv_general_dilated", None) is not None or getattr(conv, "conv_general_dilated_cls", None) \

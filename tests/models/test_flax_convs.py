@@ -19,14 +19,28 @@ from badnet_jax.sweep.run import export_sweep
 from tests.models.test_flax_model import Net
 
 
+class Conv3x3(nn.Conv):
+    """A subclass that only sets its fields' defaults: nn.Conv as it runs."""
+
+    kernel_size: tuple = (3, 3)
+    use_bias: bool = False
+
+
+class Conv2x(nn.Conv):
+    """A subclass with a method of its own: twice nn.Conv."""
+
+    def __call__(self, inputs):
+        return 2 * super().__call__(inputs)
+
+
 class Convs(Net):
-    """Every padding form nn.Conv takes, strides, a dilation, a conv without bias, one called by keyword, a grouped
-    one (passed by); Net's head."""
+    """Every padding form nn.Conv takes, strides, a dilation, a conv without bias (a subclass setting defaults), one
+    called by keyword, a grouped one (passed by); Net's head."""
 
     @nn.compact
     def features(self, x):
         x = nn.relu(nn.Conv(8, (3, 3), padding="SAME", name="rgb")(x))  # RGB first layer: the direct kernel
-        x = nn.relu(nn.Conv(8, (3, 3), padding=1, use_bias=False, name="int_pad")(x))
+        x = nn.relu(Conv3x3(8, padding=1, name="int_pad")(x))
         # An even kernel: SAME_LOWER pads (1, 0) where SAME pads (0, 1).
         x = nn.relu(nn.Conv(8, (2, 2), padding="SAME_LOWER", name="lower")(inputs=x))
         x = nn.relu(nn.Conv(8, (3, 3), padding="CIRCULAR", name="circular")(x))
@@ -117,7 +131,8 @@ class _Doubled:
     lambda: nn.Conv(8, (3, 3), promote_dtype=_halved, name="own"),
     lambda: nn.Conv(8, (3, 3), conv_general_dilated_cls=_Doubled, name="own"),
     lambda: nn.Conv(8, 3, name="own"),  # an int kernel size: a 1-D convolution over the last spatial axis
-], ids=["promote_dtype", "conv_general_dilated_cls", "int_kernel_size"])
+    lambda: Conv2x(8, (3, 3), name="own"),
+], ids=["promote_dtype", "conv_general_dilated_cls", "int_kernel_size", "subclass_with_a_method"])
 def test_a_convolution_the_kernels_cannot_reproduce_runs_as_the_module_wrote_it(conv, rng):
     class Own(Net):
         @nn.compact

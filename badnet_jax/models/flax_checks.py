@@ -5,11 +5,10 @@ Two properties that no shape shows:
 * **Float64 when given float64.** Near-ties are settled by the module's own float64 network: the module run
   under ``jax.enable_x64`` on float64 images and variables. A layer pinned to a narrower dtype
   (``nn.Conv(..., dtype=jnp.float32)``) would settle them in that dtype, and the curve would not be the float64
-  network's. :func:`check_float64` reads the method's traced program: every value that depends on its input must
-  be float64 (a weight cast alone is a weight like any other, computed the same by both networks), and nothing
-  that depends on it may pass through an operation whose precision the program does not show (host callbacks,
-  foreign function calls, bit casts). Loops are followed to a fixpoint: a carry that reads the input only from
-  the second iteration on reads it.
+  network's. :func:`check_float64` reads the method's traced program (``badnet_jax.models.dataflow``): every
+  value that depends on its input and reaches its outputs must be float64 (a weight cast alone is a weight like
+  any other, computed the same by both networks), and nothing that depends on it may pass through an operation
+  whose precision the program does not show (host callbacks, foreign function calls, bit casts).
 * **Each image its own.** The sweep cuts the sets into chunks and blocks whose sizes depend on the plan, the
   devices and the memory budget; a method that mixes the images of a batch (statistics over the batch, outside
   a batch norm's running averages) gives a curve that depends on them. :func:`check_per_image` runs the method in
@@ -18,15 +17,15 @@ Two properties that no shape shows:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.errors
 import jax
-from jax.extend.core import Literal, jaxprs_in_params
 import jax.numpy as jnp
 import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
+from badnet_jax.models.dataflow import first_narrow
 
 # The first input's outputs in two batches may differ by float64 roundings of another batch layout; statistics
 # over the batch move them by the order of the values themselves.
@@ -41,113 +40,6 @@ def float64_variables(variables: Any, abstract: bool = False) -> Any:
         dtype = jnp.float64 if jnp.issubdtype(jnp.result_type(t), jnp.floating) else jnp.result_type(t)
         return jax.ShapeDtypeStruct(np.shape(t), dtype) if abstract else jnp.asarray(np.asarray(t), dtype)
     return jax.tree.map(one, variables)
-
-
-WIDE = (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128))
-FLOAT64_MANTISSA_BITS = 52
-
-
-def _exact_cast(eqn: Any) -> bool:
-    """A conversion of booleans or of integers that the target dtype holds exactly (a 0/1 mask, int8 values
-    into float32): no rounding, whatever the dtype."""
-    if eqn.primitive.name != "convert_element_type" or not hasattr(eqn.invars[0].aval, "dtype"):
-        return False
-    src, dst = jnp.dtype(eqn.invars[0].aval.dtype), jnp.dtype(eqn.outvars[0].aval.dtype)
-    if src == jnp.bool_:
-        return True
-    return jnp.issubdtype(src, jnp.integer) and jnp.issubdtype(dst, jnp.floating) \
-        and jnp.iinfo(src).bits - jnp.issubdtype(src, jnp.signedinteger) <= jnp.finfo(dst).nmant + 1
-
-
-def _live(jaxpr: Any) -> set:
-    """The equations of ``jaxpr`` (by position) whose outputs reach its outputs: a value sown into a collection
-    that is not kept, or computed and dropped, is not the network's."""
-    needed = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
-    live = set()
-    for i in range(len(jaxpr.eqns) - 1, -1, -1):
-        eqn = jaxpr.eqns[i]
-        if any(v in needed for v in eqn.outvars) or eqn.effects:
-            live.add(i)
-            needed.update(v for v in eqn.invars if not isinstance(v, Literal))
-    return live
-
-
-# Operations whose values the program does not show: host code, a foreign function, a value's bits read as
-# another type (zeroing a float64's low mantissa bits keeps its dtype). Their precision cannot be checked.
-OPAQUE = {"pure_callback": "runs host code", "io_callback": "runs host code", "ffi_call": "calls a foreign function",
-          "bitcast_convert_type": "reads its values' bits as another type"}
-
-
-def _reading(inner: Any, outer: list, reads: set) -> set:
-    """The inputs of a sub-program whose operands in the equation (``outer``, in order) read the input."""
-    return {i for i, o in zip(inner.invars, outer) if not isinstance(o, Literal) and o in reads}
-
-
-def _loop(body: Any, outer: list, reads: set, first_carry: int, num_carry: int) -> tuple[Optional[str], set]:
-    """:func:`_narrow` on a loop's body, a carry reading the input from the second iteration on as from the first:
-    a carry whose new value depends on the input is added to what reads it, until nothing is added. Returns
-    (what was found, the body's inputs that read the input)."""
-    start = _reading(body, outer, reads)
-    while True:
-        inside = set(start)
-        found = _narrow(body, inside)
-        carried = {body.invars[first_carry + j] for j, v in enumerate(body.outvars[:num_carry])
-                   if not isinstance(v, Literal) and v in inside}
-        if found or carried <= start:
-            return found, start
-        start |= carried
-
-
-def _narrow_inside(eqn: Any, reads: set) -> Optional[str]:
-    """:func:`_narrow` on the sub-programs of an equation that reads the input: a loop's carries followed to a
-    fixpoint; a call's or a branch's inputs matched to the equation's operands, or all taken as reading the input
-    where they cannot be matched."""
-    ops, params = list(eqn.invars), eqn.params
-    if eqn.primitive.name == "scan":
-        return _loop(params["jaxpr"].jaxpr, ops, reads, params["num_consts"], params["num_carry"])[0]
-    if eqn.primitive.name == "while":
-        nc, nb = params["cond_nconsts"], params["body_nconsts"]
-        body, cond = params["body_jaxpr"].jaxpr, params["cond_jaxpr"].jaxpr
-        found, inside = _loop(body, ops[nc:], reads, nb, len(ops) - nc - nb)
-        carries = [v in inside for v in body.invars[nb:]]
-        cond_reads = _reading(cond, ops[:nc], reads) | {v for v, r in zip(cond.invars[nc:], carries) if r}
-        return found or _narrow(cond, cond_reads)
-    for sub in jaxprs_in_params(params):
-        inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-        n = len(inner.invars)
-        # A call passes its operands in order; a cond's branches take all but the index.
-        outer = ops if n == len(ops) else ops[1:] if n == len(ops) - 1 else None
-        found = _narrow(inner, set(inner.invars) if outer is None else _reading(inner, outer, reads))
-        if found:
-            return found
-    return None
-
-
-def _narrow(jaxpr: Any, reads: set) -> Optional[str]:
-    """What the first equation of ``jaxpr`` that computes below float64 (or complex128) from the variables in
-    ``reads`` (what depends on the input, which this adds to) does, if its values reach the outputs: e.g.
-    ``computes in float32 (convert_element_type)``. Sub-programs are followed (:func:`_narrow_inside`);
-    operations whose precision cannot be read (:data:`OPAQUE`) count as narrow."""
-    live = _live(jaxpr)
-    for i, eqn in enumerate(jaxpr.eqns):
-        ins = [v for v in eqn.invars if not isinstance(v, Literal)]
-        if i not in live or not any(v in reads for v in ins):
-            continue
-        found = _narrow_inside(eqn, reads)
-        if found:
-            return found
-        name = eqn.primitive.name
-        if name == "reduce_precision" and eqn.params["mantissa_bits"] < FLOAT64_MANTISSA_BITS:
-            return f"computes in {eqn.params['mantissa_bits']} mantissa bits ({name})"
-        if name in OPAQUE and eqn.outvars:
-            return f"{OPAQUE[name]} ({name}), whose precision badnet-jax cannot check,"
-        for v in eqn.outvars:
-            dtype = jnp.dtype(v.aval.dtype) if hasattr(v.aval, "dtype") else None
-            if dtype is not None and jnp.issubdtype(dtype, jnp.inexact) and dtype not in WIDE \
-                    and not _exact_cast(eqn):
-                return f"computes in {dtype} ({name})"
-            reads.add(v)
-    return None
 
 
 def check_float64(apply: Apply, variables: Any, module_name: str, method: str, input_shape: tuple[int, ...]) -> None:
@@ -166,7 +58,7 @@ def check_float64(apply: Apply, variables: Any, module_name: str, method: str, i
     with jax.enable_x64(True):
         x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float64)
         closed = jax.make_jaxpr(lambda v, x: apply(v, x, method))(float64_variables(variables, True), x)
-    found = _narrow(closed.jaxpr, {closed.jaxpr.invars[-1]})
+    found = first_narrow(closed.jaxpr, {closed.jaxpr.invars[-1]})
     if found:
         raise ConfigError(f"{arg('module')}: {module_name}.{method} {found} when given "
                           "float64 inputs and weights; badnet-jax settles near-ties by running the module in float64, "
@@ -186,7 +78,7 @@ def check_per_image(apply: Apply, variables: Any, module_name: str, method: str,
     within :data:`PER_IMAGE_RTOL` of their size.
 
     Raises:
-        ConfigError: naming ``module`` and the method.
+        ConfigError: naming ``module`` and the method (non-finite outputs are refused too).
     """
     with jax.enable_x64(True):
         run = jax.jit(lambda v, x: apply(v, x, method))
@@ -197,6 +89,10 @@ def check_per_image(apply: Apply, variables: Any, module_name: str, method: str,
             both.append(np.asarray(run(v64, jnp.asarray(x_NxHxWxC[[i] * len(x_NxHxWxC)], jnp.float64)), np.float64))
         single = np.asarray(run(v64, jnp.asarray(x_NxHxWxC[:1], jnp.float64)), np.float64)
     mixed, alone = np.concatenate([both[0], both[0][:1]]), np.stack([b[0] for b in both[1:]] + [single[0]])
+    if not (np.isfinite(mixed).all() and np.isfinite(alone).all()):
+        raise ConfigError(f"{arg('module')}: {module_name}.{method} gives NaN or infinite values in float64 on random "
+                          "inputs (pixels 0..255 scaled as the model's, or non-negative feature maps): its outputs "
+                          "would be NaN in the sweep too", field="module")
     size = max(float(np.abs(mixed).max(initial=0.0)), float(np.abs(alone).max(initial=0.0)), 1e-300)
     err = float(np.abs(mixed - alone).max(initial=0.0)) / size
     if not err <= PER_IMAGE_RTOL:  # NaN fails too

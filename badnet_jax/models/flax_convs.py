@@ -50,7 +50,7 @@ def _plain_class(cls: type) -> bool:
     """``nn.Conv``, or a subclass that changes no more than its fields' defaults: every method is nn.Conv's."""
     if not issubclass(cls, nn.Conv):
         return False
-    for c in cls.__mro__[:cls.__mro__.index(nn.Conv)]:
+    for c in (c for c in cls.__mro__ if c not in nn.Conv.__mro__):  # a mixin after nn.Conv included
         fields = c.__dict__.get("__dataclass_fields__", {})
         for name in c.__dict__:
             dunder = name.startswith("__") and name.endswith("__")

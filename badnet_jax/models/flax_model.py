@@ -170,9 +170,10 @@ class FlaxCNN(PrunableModel):
         model.check_finite(variables, "variables")
         x = jax.ShapeDtypeStruct((1, *input_hwc), jnp.float32)
         feats = model._abstract("features", variables, x)
-        if len(feats.shape) != 4:
-            raise ConfigError(f"{arg('layer', layer)}: {type(module).__name__}.features gives shape {feats.shape}, not a "
-                              "feature map (N, height, width, channels)", field="layer")
+        if len(feats.shape) != 4 or 0 in feats.shape[1:]:
+            raise ConfigError(f"{arg('layer', layer)}: {type(module).__name__}.features gives shape {feats.shape}, not "
+                              "a feature map (N, height, width, channels) of at least one value per image (is "
+                              "input_hwc the size the module takes?)", field="layer")
         hidden = model._abstract("hidden", variables, feats)
         if tuple(hidden.shape) != (1, model.hidden_width):
             raise ConfigError(f"{arg('module')}: {type(module).__name__}.hidden gives shape {tuple(hidden.shape)} for "

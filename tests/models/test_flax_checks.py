@@ -165,6 +165,59 @@ class Looped(Net):
         return jax.lax.fori_loop(0, 2, lambda i, y: 0.5 * (y + jnp.roll(y, 1, axis=1)), x)
 
 
+class BF16Algorithm(Net):
+    """A dense layer of float64 values with the dot algorithm pinned to bfloat16 products (a TPU setting)."""
+
+    @nn.compact
+    def hidden(self, feats):
+        dense = nn.Dense(12, precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32, name="fc")
+        return nn.relu(dense(feats.reshape(feats.shape[0], -1)))
+
+
+class NarrowExponent(Net):
+    """float64's mantissa with a 2-bit exponent: large and small values clipped."""
+
+    def prepare(self, x):
+        return jax.lax.reduce_precision(x, exponent_bits=2, mantissa_bits=52)
+
+
+class ThroughARef(Net):
+    """The images written into a mutable array, read back and rounded to float32."""
+
+    def prepare(self, x):
+        ref = jax.new_ref(jnp.zeros_like(x))
+        ref[...] = x
+        return ref[...].astype(jnp.float32).astype(x.dtype)
+
+
+class FloatNaN(Net):
+    """The log of a value that is 0 somewhere: -inf."""
+
+    def prepare(self, x):
+        return jnp.log(x * 0.0)
+
+
+class Float32Aside(Net):
+    """float32 values that never reach the outputs: a printed copy, a dropped loop carry, a jitted helper's unused
+    output, and a float32 weight carried beside the images through a loop."""
+
+    def prepare(self, x):
+        jax.debug.print("{}", x.astype(jnp.float32).sum(), ordered=False)
+        w = jnp.float32(0.5)
+        step = lambda i, c: (c[0] + 0.25 * c[1] * x, c[1] * 2, c[2] + x.astype(jnp.float32))  # noqa: E731
+        y, _, _ = jax.lax.fori_loop(0, 2, step, (x, w, jnp.zeros(x.shape, jnp.float32)))
+        y, _ = jax.jit(lambda a: (a * 2, w.astype(jnp.float32) * a.astype(jnp.float32)))(y)
+        return y
+
+
+class ExactBits(Net):
+    """jnp functions whose bodies read float64's bits and are exact (copysign, frexp, ldexp, signbit)."""
+
+    def prepare(self, x):
+        m, e = jnp.frexp(x + 1.0)
+        return jnp.where(jnp.signbit(x - 0.5), jnp.copysign(jnp.ldexp(m, e), -1.0), x)
+
+
 class ExactMask(Net):
     """A 0/1 mask cast to float32 (exact in any dtype) multiplying float64 values."""
 
@@ -216,7 +269,8 @@ def _build(module: nn.Module):
     (CumulativeBatch(), r"CumulativeBatch.features gives an image other values in a batch of other images"),
     (FirstAsReference(), r"FirstAsReference.features gives an image other values in a batch of other images"),
     (ShiftedByBatchMinimum(), r"ShiftedByBatchMinimum.features gives an image other values in a batch of other"),
-    (ReducedPrecision(), r"ReducedPrecision.features computes in 10 mantissa bits \(reduce_precision\)"),
+    (ReducedPrecision(), r"ReducedPrecision.features computes in 5 exponent and 10 mantissa bits "
+                          r"\(reduce_precision\)"),
     (Complex64(), r"Complex64.features computes in complex64"),
     (CarriedCast(), r"CarriedCast.features computes in float32 \(convert_element_type\)"),
     (WhileCarriedCast(), r"WhileCarriedCast.features computes in float32 \(convert_element_type\)"),
@@ -224,6 +278,10 @@ def _build(module: nn.Module):
                      r"check, when given float64"),
     (MantissaZeroed(), r"MantissaZeroed.features reads its values' bits as another type \(bitcast_convert_type\)"),
     (BatchSized(), r"BatchSized.features gives an image other values in a batch of other images than alone"),
+    (BF16Algorithm(), r"BF16Algorithm.hidden computes with the algorithm BF16_BF16_F32 \(dot_general\)"),
+    (NarrowExponent(), r"NarrowExponent.features computes in 2 exponent and 52 mantissa bits"),
+    (ThroughARef(), r"ThroughARef.features writes into a mutable array \(swap\)"),
+    (FloatNaN(), r"FloatNaN.features gives NaN or infinite values in float64 on random inputs"),
 ])
 def test_a_module_the_float64_settling_cannot_trust_is_refused(module, complaint):
     with pytest.raises(ConfigError, match=r"module: " + complaint) as err:
@@ -231,7 +289,8 @@ def test_a_module_the_float64_settling_cannot_trust_is_refused(module, complaint
     assert err.value.field == "module"
 
 
-@pytest.mark.parametrize("module", [Net(), WeightCast(), RunningStats(), ExactMask(), SownFloat32(), Looped()])
+@pytest.mark.parametrize("module", [Net(), WeightCast(), RunningStats(), ExactMask(), SownFloat32(), Looped(),
+                                    Float32Aside(), ExactBits()])
 def test_a_module_that_computes_each_image_in_float64_is_accepted(module, rng):
     model = _build(module)
     assert model.feature_hwc == (6, 6, 8)

@@ -33,6 +33,18 @@ class Conv2x(nn.Conv):
         return 2 * super().__call__(inputs)
 
 
+class _DoubledKernel(nn.Module):
+    """A mixin after nn.Conv in a subclass's bases: every kernel it reads doubled."""
+
+    def param(self, name, *args, **kwargs):
+        value = super().param(name, *args, **kwargs)
+        return 2 * value if name == "kernel" else value
+
+
+class MixedConv(nn.Conv, _DoubledKernel):
+    pass
+
+
 class Convs(Net):
     """Every padding form nn.Conv takes, strides, a dilation, a conv without bias (a subclass setting defaults), one
     called by keyword, a grouped one (passed by); Net's head."""
@@ -132,7 +144,8 @@ class _Doubled:
     lambda: nn.Conv(8, (3, 3), conv_general_dilated_cls=_Doubled, name="own"),
     lambda: nn.Conv(8, 3, name="own"),  # an int kernel size: a 1-D convolution over the last spatial axis
     lambda: Conv2x(8, (3, 3), name="own"),
-], ids=["promote_dtype", "conv_general_dilated_cls", "int_kernel_size", "subclass_with_a_method"])
+    lambda: MixedConv(8, (3, 3), name="own"),
+], ids=["promote_dtype", "conv_general_dilated_cls", "int_kernel_size", "subclass_with_a_method", "mixin_after_conv"])
 def test_a_convolution_the_kernels_cannot_reproduce_runs_as_the_module_wrote_it(conv, rng):
     class Own(Net):
         @nn.compact

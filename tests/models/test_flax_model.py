@@ -137,6 +137,17 @@ def test_what_a_user_gets_wrong_with_a_module_is_named(rng):
     with pytest.raises(ConfigError, match=r"with images of input_hwc=\(3, 16, 16\).*is input_hwc the \(height, "
                                           r"width, channels\) the module was trained on"):
         FlaxCNN.build(Net(), params, input_hwc=(3, 16, 16), input_scale="255")
+    # Images too small for a VALID convolution: an empty feature map, named as such (its hidden layer's mean over
+    # nothing was NaN, blamed on mixing the batch's images).
+    class Valid(Net):
+        @nn.compact
+        def features(self, x):
+            return nn.relu(nn.Conv(12, (5, 5), padding="VALID", name="conv2")(x))
+
+    valid = Valid().init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    with pytest.raises(ConfigError, match=r"layer=features: Valid.features gives shape \(1, 0, 0, 12\), not a "
+                                          r"feature map .* of at least one value per image \(is input_hwc the size"):
+        FlaxCNN.build(Valid(), valid, input_hwc=(4, 4, 3), input_scale="255")
     # The data-free rankings read a convolution's kernel, which a module's code does not show.
     for ranking in ("clp", "l1"):
         with pytest.raises(ConfigError, match=f"the ranking '{ranking}' reads the kernel.*Net is a Flax module, "

@@ -11,9 +11,11 @@ method's outputs. Two flows decide it, both followed through calls, branches and
   kept, or printed (``jax.debug.print``) is not the network's; a loop's carry is needed when a needed value of
   the body or the loop's condition reads it.
 
-Narrow is a dtype below float64 / complex128 (but exact casts of booleans and small integers), a
-``reduce_precision`` below float64's bits, a dot or convolution algorithm below float64, and any operation whose
-precision the program does not show (:data:`OPAQUE`).
+Narrow is a dtype below float64 / complex128 computed from the input (exact casts of booleans and small
+integers aside; a value that is only moved or selected, a float32 weight chosen by the input, is judged where it
+was made), a ``reduce_precision`` below float64's bits, a dot or convolution algorithm below float64, and any
+operation whose precision the program does not show (:data:`OPAQUE`). A loop whose number of steps the input
+decides makes every carry read the input.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ OPAQUE = {"pure_callback": "runs host code", "io_callback": "runs host code", "f
 EXACT_BIT_FUNCTIONS = frozenset({"signbit", "copysign", "frexp", "ldexp"})
 # Effects that change nothing the network computes.
 INERT_EFFECTS = frozenset({"debug_print", "debug_callback"})
+# Operations whose one sub-program is called on their operands, in order, and gives their outputs. Any other
+# operation's sub-programs (a reduction's combiner, a sort's comparator) see values the operands do not name:
+# every input of theirs is taken as reading the input.
+CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_jvp_call",
+                   "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map"})
+# Operations that only move or select their operands' values: a narrow value among their outputs was computed
+# (and checked) where it was made, e.g. a float32 weight selected by the input (``jnp.where``, a gather).
+MOVES = frozenset({"select_n", "gather", "dynamic_slice", "dynamic_update_slice", "slice", "concatenate", "pad",
+                   "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "rev", "copy", "copy_p",
+                   "optimization_barrier"})
 
 
 def first_narrow(jaxpr: Any, reads: set) -> Optional[str]:
@@ -77,13 +89,14 @@ def _narrow(jaxpr: Any, reads: set, needed_out: Sequence[bool], bits_ok: bool) -
         found = found or _narrow_op(eqn, bits_ok)
         if found:
             return found
+        # A sub-program's outputs were checked where it computed them; moved values where they were made.
+        made_here = not list(jaxprs_in_params(eqn.params)) and eqn.primitive.name not in MOVES and not _exact_cast(eqn)
         for v, r, n in zip(eqn.outvars, out_reads or [True] * len(eqn.outvars), outs_needed):
             if not r:
                 continue
             reads.add(v)
             dtype = jnp.dtype(v.aval.dtype) if hasattr(v.aval, "dtype") else None
-            if n and dtype is not None and jnp.issubdtype(dtype, jnp.inexact) and dtype not in WIDE \
-                    and not _exact_cast(eqn):
+            if n and made_here and dtype is not None and jnp.issubdtype(dtype, jnp.inexact) and dtype not in WIDE:
                 return f"computes in {dtype} ({eqn.primitive.name})"
     return None
 
@@ -119,6 +132,18 @@ def _exact_cast(eqn: Any) -> bool:
         and jnp.iinfo(src).bits - jnp.issubdtype(src, jnp.signedinteger) <= jnp.finfo(dst).nmant + 1
 
 
+def _exact_bit_function(eqn: Any) -> bool:
+    """Whether a call is one of :data:`EXACT_BIT_FUNCTIONS`: its name, and its program the one jnp's function
+    traces on the same operands (a function of the user's own under that name is not trusted)."""
+    name = eqn.params.get("name")
+    if eqn.primitive.name not in ("jit", "pjit") or name not in EXACT_BIT_FUNCTIONS:
+        return False
+    specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type) for v in eqn.invars]
+    with jax.enable_x64(True):
+        reference = jax.make_jaxpr(getattr(jnp, name))(*specs).jaxpr.eqns
+    return len(reference) == 1 and str(reference[0].params.get("jaxpr")) == str(eqn.params.get("jaxpr"))
+
+
 def _reading(inner: Any, outer: Sequence[Any], reads: set) -> set:
     """The inputs of a sub-program whose operands in the equation (``outer``, in order) read the input."""
     return {i for i, o in zip(inner.invars, outer) if _in(o, reads)}
@@ -148,9 +173,10 @@ def _inside(eqn: Any, reads: set, outs_needed: list[bool], bits_ok: bool) -> tup
                 return found, None
             out_reads = [r or _in(v, inside) for r, v in zip(out_reads, branch.outvars)]
         return None, out_reads
-    if len(subs) == 1 and len(subs[0].invars) == len(ops) and len(subs[0].outvars) == len(eqn.outvars):
+    if name in CALLS and len(subs) == 1 and len(subs[0].invars) == len(ops) \
+            and len(subs[0].outvars) == len(eqn.outvars):
         inner = subs[0]  # a call: jit, remat, a custom derivative's primal
-        trusted = bits_ok or (name in ("jit", "pjit") and params.get("name") in EXACT_BIT_FUNCTIONS)
+        trusted = bits_ok or _exact_bit_function(eqn)
         inside = _reading(inner, ops, reads)
         found = _narrow(inner, inside, outs_needed, trusted)
         return found, None if found else [_in(v, inside) for v in inner.outvars]
@@ -162,13 +188,13 @@ def _inside(eqn: Any, reads: set, outs_needed: list[bool], bits_ok: bool) -> tup
 
 
 def _loop(body: Any, outer: Sequence[Any], reads: set, outs_needed: Sequence[bool], first_carry: int,
-          num_carry: int, bits_ok: bool) -> tuple[Optional[str], Optional[list], set]:
+          num_carry: int, bits_ok: bool, every_carry: bool = False) -> tuple[Optional[str], Optional[list], set]:
     """:func:`_narrow` on a loop's body (its outputs: the carries, then anything else, as the loop's), both flows
     followed around the loop to a fixpoint: a carry whose new value reads the input reads it, and a carry that a
     needed value reads is needed. Returns (what narrow was found, which outputs read the input, the body's
-    inputs that read it)."""
-    start, need = _reading(body, outer, reads), list(outs_needed)
+    inputs that read it). ``every_carry``: every carry reads the input from the first step on."""
     carry_in = body.invars[first_carry:first_carry + num_carry]
+    start, need = _reading(body, outer, reads) | (set(carry_in) if every_carry else set()), list(outs_needed)
     while True:
         inside = set(start)
         found = _narrow(body, inside, need, bits_ok)
@@ -201,8 +227,9 @@ def _while(eqn: Any, reads: set, outs_needed: list[bool], bits_ok: bool) -> tupl
         return found, None
     cond_reads = _reading(cond, ops[:nc], reads) | {c for c, b in zip(cond.invars[nc:], body.invars[nb:]) if b in start}
     found = _narrow(cond, cond_reads, [True], bits_ok)
-    if found:
-        return found, None
-    if _in(cond.outvars[0], cond_reads):
-        out_reads = [True] * len(out_reads)
-    return None, out_reads
+    if found or not _in(cond.outvars[0], cond_reads):
+        return found, None if found else out_reads
+    # The input decides how many steps run: every carry reads it, from the first step on.
+    found, _, _ = _loop(body, ops[nc:], reads, need, nb, len(need), bits_ok, every_carry=True)
+    found = found or _narrow(cond, _reading(cond, ops[:nc], reads) | set(cond.invars[nc:]), [True], bits_ok)
+    return found, None if found else [True] * len(out_reads)

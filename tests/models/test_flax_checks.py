@@ -218,6 +218,50 @@ class ExactBits(Net):
         return jnp.where(jnp.signbit(x - 0.5), jnp.copysign(jnp.ldexp(m, e), -1.0), x)
 
 
+class CustomReducer(Net):
+    """A reduction whose combiner rounds each element it adds to float32."""
+
+    def prepare(self, x):
+        total = jax.lax.reduce(x, jnp.zeros((), x.dtype), lambda a, b: a + b.astype(jnp.float32).astype(a.dtype), (3,))
+        return x + 0.3 * total[..., None]
+
+
+class StepsByTheImage(Net):
+    """A scale shrunk in float32 as many times as the image's brightness says (a loop whose trip count the input
+    decides: every carry depends on the image)."""
+
+    def prepare(self, x):
+        def one(image):
+            shrink = lambda i, s: (s.astype(jnp.float32) * jnp.float32(0.9)).astype(s.dtype)  # noqa: E731
+            return image * jax.lax.fori_loop(0, (image.mean() * 8).astype(jnp.int32), shrink, jnp.ones((), image.dtype))
+        return jax.lax.map(one, x)
+
+
+class NamedLikeFrexp(Net):
+    """A user's jitted function named frexp that zeroes float64's low mantissa bits: jnp's trusted functions are
+    trusted for their program, not their name."""
+
+    def prepare(self, x):
+        if x.dtype != jnp.float64:
+            return x
+
+        @jax.jit
+        def frexp(y):
+            bits = jax.lax.bitcast_convert_type(y, jnp.int64)
+            return jax.lax.bitcast_convert_type(bits & jnp.int64(-(1 << 29)), jnp.float64)
+        return frexp(x)
+
+
+class ChosenWeights(Net):
+    """float32 weights chosen by the input (jnp.where, a lookup table) and a float32 one-hot mask: exact."""
+
+    def prepare(self, x):
+        table = jnp.linspace(0, 1, 10, dtype=jnp.float32)
+        x = x * jnp.where(x > 0.5, jnp.float32(0.3), jnp.float32(0.7))
+        x = x + jnp.take(table, jnp.clip((x * 9).astype(jnp.int32), 0, 9))
+        return x * jax.nn.one_hot(jnp.argmax(x, -1), 3, dtype=jnp.float32)
+
+
 class ExactMask(Net):
     """A 0/1 mask cast to float32 (exact in any dtype) multiplying float64 values."""
 
@@ -282,6 +326,9 @@ def _build(module: nn.Module):
     (NarrowExponent(), r"NarrowExponent.features computes in 2 exponent and 52 mantissa bits"),
     (ThroughARef(), r"ThroughARef.features writes into a mutable array \(swap\)"),
     (FloatNaN(), r"FloatNaN.features gives NaN or infinite values in float64 on random inputs"),
+    (CustomReducer(), r"CustomReducer.features computes in float32 \(convert_element_type\)"),
+    (StepsByTheImage(), r"StepsByTheImage.features computes in float32 \(convert_element_type\)"),
+    (NamedLikeFrexp(), r"NamedLikeFrexp.features reads its values' bits as another type"),
 ])
 def test_a_module_the_float64_settling_cannot_trust_is_refused(module, complaint):
     with pytest.raises(ConfigError, match=r"module: " + complaint) as err:
@@ -290,7 +337,7 @@ def test_a_module_the_float64_settling_cannot_trust_is_refused(module, complaint
 
 
 @pytest.mark.parametrize("module", [Net(), WeightCast(), RunningStats(), ExactMask(), SownFloat32(), Looped(),
-                                    Float32Aside(), ExactBits()])
+                                    Float32Aside(), ExactBits(), ChosenWeights()])
 def test_a_module_that_computes_each_image_in_float64_is_accepted(module, rng):
     model = _build(module)
     assert model.feature_hwc == (6, 6, 8)

@@ -96,11 +96,9 @@ def make_goodnet(model: Any, bad_params: Optional[Params] = None, pruned_params:
         raise ConfigError(f"make_goodnet needs B's params ({arg('bad_params')}) after the model", field="bad_params")
     if pruned_params is None and mask is None:
         raise ConfigError(f"make_goodnet needs {arg('pruned_params')}, a {arg('mask')}, or both", field="mask")
-    n = model.check_params(bad_params, "bad_params")
-    model.check_finite(bad_params, "bad_params")
+    n = model.check_weights(bad_params, "bad_params")
     if pruned_params is not None:
-        n_pruned = model.check_params(pruned_params, "pruned_params")
-        model.check_finite(pruned_params, "pruned_params")
+        n_pruned = model.check_weights(pruned_params, "pruned_params")
         if n_pruned != n:
             raise ConfigError(f"{arg('pruned_params')}: B' has {n_pruned} classes but B ({arg('bad_params')}) has {n}; "
                               "B' must be B with channels pruned", field="pruned_params")

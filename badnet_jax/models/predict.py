@@ -31,8 +31,7 @@ def _top2_fn(model: PrunableModel):
 
 def _checked(model: Any, params: Params, x_NxHxWxC: Any, mask: Any, batch: int) -> tuple[PrunableModel, np.ndarray]:
     model = as_model(model)
-    model.check_params(params)
-    model.check_finite(params)
+    model.check_weights(params)
     model.check_images(x_NxHxWxC, "x_NxHxWxC", allow_empty=True)
     if batch < 1:
         raise ConfigError(f"{arg('batch', batch)}: expected at least 1 image per call", field="batch")

@@ -361,6 +361,16 @@ class PrunableModel(Float64Network, abc.ABC):
         """
         check_images_of_shape(x_NxHxWxC, self.input_hwc, name, allow_empty, field)
 
+    def check_weights(self, params: Any, name: str = "params") -> int:
+        """:meth:`check_params` (shapes) and :meth:`check_finite` (values), as every entry point asks; the classes.
+
+        Raises:
+            ConfigError: naming ``name`` (see both).
+        """
+        classes = self.check_params(params, name)
+        self.check_finite(params, name)
+        return classes
+
     def check_finite(self, params: Params, name: str = "params") -> None:
         """Refuse weights holding NaN or infinite values (read on the host; shapes and traced params pass):
         every output would be NaN, and an argmax of NaN is an answer like any other.

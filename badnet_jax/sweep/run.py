@@ -135,8 +135,7 @@ def _check_inputs(model: PrunableModel, params: Params, sets: Mapping[str, Image
         ConfigError: the model, params or sets (naming the argument).
         DataFileError: a set's images, naming ``sets[name]``.
     """
-    model.check_params(params)
-    model.check_finite(params)
+    model.check_weights(params)
     if not isinstance(sets, Mapping) or not sets:
         raise ConfigError(f"{arg('sets')}: expected image sets by name (e.g. {{'clean_valid': x_NHWC}}), got "
                           f"{sets!r:.60}", field="sets")

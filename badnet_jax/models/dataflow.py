@@ -65,16 +65,69 @@ def _in(v: Any, vars_: set) -> bool:
 
 def _needed(jaxpr: Any, needed_out: Sequence[bool]) -> tuple[set, set]:
     """The equations (by position) whose values reach the outputs flagged in ``needed_out`` or that have effects
-    other than a print, and the variables those equations read (or the flagged outputs are)."""
+    other than a print, and the variables those equations read (or the flagged outputs are): of a call, a loop or
+    a branch, only the operands its sub-programs read for what is needed of it."""
     needed = {v for v, n in zip(jaxpr.outvars, needed_out) if n and not isinstance(v, Literal)}
     live = set()
     for i in range(len(jaxpr.eqns) - 1, -1, -1):
         eqn = jaxpr.eqns[i]
-        effects = eqn.effects and eqn.primitive.name not in INERT_EFFECTS
-        if effects or any(v in needed for v in eqn.outvars):
+        outs = [v in needed for v in eqn.outvars]
+        if any(outs) or _effects(eqn):
             live.add(i)
-            needed.update(v for v in eqn.invars if not isinstance(v, Literal))
+            uses = _operands_needed(eqn, outs) or [True] * len(eqn.invars)
+            needed.update(v for v, n in zip(eqn.invars, uses) if n and not isinstance(v, Literal))
     return live, needed
+
+
+def _effects(eqn: Any) -> bool:
+    """Whether an equation has effects other than a print's (``jax.debug.print``, inside a call or not)."""
+    if eqn.primitive.name in INERT_EFFECTS:
+        return False
+    return any("Debug" not in type(effect).__name__ for effect in eqn.effects)
+
+
+def _operands_needed(eqn: Any, outs_needed: list[bool]) -> Optional[list[bool]]:
+    """Which operands of a call, a loop or a branch its sub-programs read for the outputs flagged in
+    ``outs_needed`` (and for their effects); None for any other equation (all its operands)."""
+    ops, params, name = list(eqn.invars), eqn.params, eqn.primitive.name
+    if _effects(eqn):
+        return None
+    if name == "scan":
+        body, nc, nk = params["jaxpr"].jaxpr, params["num_consts"], params["num_carry"]
+        inside = _loop_needed(body, outs_needed, nc, nk)
+        # A needed carry's first value is its last when the loop runs no step.
+        return [v in inside or (nc <= i < nc + nk and outs_needed[i - nc]) for i, v in enumerate(body.invars)]
+    if name == "while":
+        nc, nb = params["cond_nconsts"], params["body_nconsts"]
+        body, cond = params["body_jaxpr"].jaxpr, params["cond_jaxpr"].jaxpr
+        _, cond_needed = _needed(cond, [True])
+        need = [n or v in cond_needed for n, v in zip(outs_needed, cond.invars[nc:])]
+        inside = _loop_needed(body, need, nb, len(need))
+        return ([v in cond_needed for v in cond.invars[:nc]] + [v in inside for v in body.invars[:nb]]
+                + [a or v in inside for a, v in zip(need, body.invars[nb:])])
+    subs = [s.jaxpr if hasattr(s, "jaxpr") else s for s in jaxprs_in_params(params)]
+    if name == "cond" and subs and all(len(s.invars) == len(ops) - 1 for s in subs):
+        uses = [False] * (len(ops) - 1)
+        for branch in subs:
+            inside = _needed(branch, outs_needed)[1]
+            uses = [u or v in inside for u, v in zip(uses, branch.invars)]
+        return [True] + uses
+    if name in CALLS and len(subs) == 1 and len(subs[0].invars) == len(ops):
+        inside = _needed(subs[0], outs_needed)[1]
+        return [v in inside for v in subs[0].invars]
+    return None
+
+
+def _loop_needed(body: Any, outs_needed: Sequence[bool], first_carry: int, num_carry: int) -> set:
+    """The variables of a loop's body needed for the outputs flagged in ``outs_needed``, a carry needed when a
+    needed value reads it (to a fixpoint)."""
+    carry_in, need = body.invars[first_carry:first_carry + num_carry], list(outs_needed)
+    while True:
+        _, inside = _needed(body, need)
+        more = [n or (j < num_carry and carry_in[j] in inside) for j, n in enumerate(need)]
+        if more == need:
+            return inside
+        need = more
 
 
 def _narrow(jaxpr: Any, reads: set, needed_out: Sequence[bool], bits_ok: bool) -> Optional[str]:
@@ -200,11 +253,9 @@ def _loop(body: Any, outer: Sequence[Any], reads: set, outs_needed: Sequence[boo
         found = _narrow(body, inside, need, bits_ok)
         if found:
             return found, None, start
-        _, needed = _needed(body, need)
+        needed = _loop_needed(body, need, first_carry, num_carry)
         carried = {v for v, out in zip(carry_in, body.outvars) if _in(out, inside)}
-        more = need[:]
-        for j, v in enumerate(carry_in):
-            more[j] = more[j] or v in needed
+        more = [n or (j < num_carry and carry_in[j] in needed) for j, n in enumerate(need)]
         if carried <= start and more == need:
             # A carry's final value is its first when the loop runs no step.
             out_reads = [_in(v, inside) or (j < num_carry and carry_in[j] in start)

@@ -199,7 +199,8 @@ class FloatNaN(Net):
 
 class Float32Aside(Net):
     """float32 values that never reach the outputs: a printed copy, a dropped loop carry, a jitted helper's unused
-    output, and a float32 weight carried beside the images through a loop."""
+    output, a float32 copy handed to a helper that drops it or to a loop that only prints it, and a float32 weight
+    carried beside the images through a loop."""
 
     def prepare(self, x):
         jax.debug.print("{}", x.astype(jnp.float32).sum(), ordered=False)
@@ -207,7 +208,12 @@ class Float32Aside(Net):
         step = lambda i, c: (c[0] + 0.25 * c[1] * x, c[1] * 2, c[2] + x.astype(jnp.float32))  # noqa: E731
         y, _, _ = jax.lax.fori_loop(0, 2, step, (x, w, jnp.zeros(x.shape, jnp.float32)))
         y, _ = jax.jit(lambda a: (a * 2, w.astype(jnp.float32) * a.astype(jnp.float32)))(y)
-        return y
+        y, _ = jax.jit(lambda a, b: (a, b * 2))(y, y.astype(jnp.float32))
+
+        def printing(i, c):
+            jax.debug.print("{}", c[1].sum())
+            return c[0] * 1.5, c[1]
+        return jax.lax.fori_loop(0, 2, printing, (y, y.astype(jnp.float32)))[0]
 
 
 class ExactBits(Net):

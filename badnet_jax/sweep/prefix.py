@@ -65,7 +65,10 @@ def reverse_steps(model: PrunableModel, params: Params, feats_NxHxWxC: jax.Array
     which are reused (``lax.cond``, real control flow on every backend).
     """
     n = feats_NxHxWxC.shape[0]
-    pre = jax.tree.map(lambda b: jnp.broadcast_to(b[None], (n, *b.shape)), model.preactivation_bias(params))
+    # Behind a barrier: a bias that is a constant of the program (a model without weights in it, a Flax module's
+    # masked features) would have XLA fold the whole head on it into a constant at compile time (seconds).
+    bias = jax.lax.optimization_barrier(model.preactivation_bias(params))
+    pre = jax.tree.map(lambda b: jnp.broadcast_to(b[None], (n, *b.shape)), bias)
     last = step_fn(jnp.int32(order.shape[0]), pre)
     alive = alive_channels(feats_NxHxWxC)
     contribute = model.contributor(params)  # prepared here, not at each (conditional) step

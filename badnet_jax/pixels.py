@@ -29,7 +29,9 @@ def input_divisor(input_scale: str) -> float:
         ConfigError: an input scale other than :data:`INPUT_SCALES`.
     """
     if input_scale not in INPUT_DIVISORS:
-        raise ConfigError(f"{arg('input_scale', input_scale)}: expected one of {', '.join(INPUT_SCALES)}",
+        given = f" (given the {type(input_scale).__name__} {input_scale!r}: the strings 'raw' or '255')" \
+            if not isinstance(input_scale, str) else ""
+        raise ConfigError(f"{arg('input_scale', input_scale)}: expected one of {', '.join(INPUT_SCALES)}{given}",
                           field="input_scale")
     return INPUT_DIVISORS[input_scale]
 

@@ -127,3 +127,9 @@ def check_module(apply: Apply, variables: Any, module_name: str, input_hwc: tupl
     except flax.errors.FlaxError as err:
         raise ConfigError(f"{arg('variables')}: {module_name} does not run on these variables in float64: {err}",
                           field="variables") from err
+    except jax.errors.JaxRuntimeError as err:
+        # XLA's own failures when compiling or running the module (a jax.debug.print of an intermediate value
+        # trips a CPU compiler check in jaxlib 0.10): the module's, not its data's.
+        raise ConfigError(f"{arg('module')}: {module_name} failed inside XLA when run in float64 on three "
+                          f"inputs: {str(err).splitlines()[0]}; a jax.debug.print or a callback inside features "
+                          "or hidden can cause this: remove it and build again", field="module") from err

@@ -82,6 +82,8 @@ def check_variables(params: Any, name: str, model_name: str, collections: tuple[
             problem = (f"lack the collection {', '.join(map(repr, missing))}" if missing else
                        f"hold the collection {', '.join(map(repr, extra))} it was not built with")
             got = f"they hold {', '.join(map(repr, held))}" if held else f"got {type(params).__name__}"
+            if output in held:
+                got += f"; these look like the params alone: pass the variables {model_name} was built from"
             raise ConfigError(f"{arg(name)}: expected the variables of {model_name} with the collections "
                               f"{', '.join(map(repr, collections))} (the model was built from them), but "
                               f"they {problem} ({got})", field=name)
@@ -128,8 +130,14 @@ def shape_of(apply: Callable[[Params, Any], Any], variables: Params, x: Any, nam
     except flax.errors.ModifyScopeVariableError as err:
         col = _collection_named(err)
         raise ConfigError(f"{arg('module')}: {name} writes the collection {col!r} (a batch norm in training "
-                          "mode?); a FlaxCNN runs the module in inference mode with every collection frozen: "
-                          f"use nn.BatchNorm(use_running_average=True) ({err})", field="module") from err
+                          "mode?); a FlaxCNN runs the module in inference mode with every collection frozen, calling "
+                          "the method on its input alone (a train flag keeps its default): use "
+                          f"nn.BatchNorm(use_running_average=True) ({err})", field="module") from err
+    except flax.errors.InvalidRngError as err:
+        raise ConfigError(f"{arg('module')}: {name} asks for random numbers (a dropout in training mode?); a "
+                          "FlaxCNN runs the module in inference mode without random keys, calling the method on its "
+                          "input alone (a train flag keeps its default): use nn.Dropout(..., deterministic=True) "
+                          f"({err})", field="module") from err
     except flax.errors.ScopeParamShapeError as err:
         # A layer whose weights do not fit its input: images of another size (input_hwc) or another module's
         # weights (variables); the input size comes first, as the message of a dense layer after a flatten.

@@ -431,16 +431,45 @@ def test_a_batch_norm_module_without_its_batch_stats_is_refused():
     assert isinstance(err.value, ConfigError) and err.value.field == "variables"
     with pytest.raises(ConfigError, match="reads the collection 'batch_stats'"):
         FlaxCNN.build(BNNet(), {"params": variables["params"]}, input_hwc=(16, 16, 3), input_scale="255")
-    with pytest.raises(ConfigError, match="writes the collection 'batch_stats'.*use_running_average=True"):
+    with pytest.raises(ConfigError, match="writes the collection 'batch_stats'.*a train flag keeps its default.*"
+                                          "use_running_average=True"):
         FlaxCNN.build(BNNet(train=True), variables, input_hwc=(16, 16, 3), input_scale="255")
     # a model built from the variables refuses the params alone, and the reverse
     model = _bn_model(variables)
     with pytest.raises(ConfigError, match="lack the collection 'batch_stats'"):
         sw.rank_and_sweep(model, {"params": variables["params"]}, {"clean_valid": np.zeros((2, 16, 16, 3))})
+    with pytest.raises(ConfigError, match=r"they hold 'bn1', .*; these look like the params alone: pass the "
+                                          "variables BNNet was built from"):
+        sw.rank_and_sweep(model, variables["params"], {"clean_valid": np.zeros((2, 16, 16, 3))})
     _, params = _model()
     plain = FlaxCNN.build(Net(), params, input_hwc=(16, 16, 3), input_scale="255", layer="conv2")
     with pytest.raises(ConfigError, match="built from params alone"):
         plain.check_params({"params": params, "batch_stats": {}})
+
+
+def test_what_a_module_cannot_do_when_run_as_a_flax_cnn_is_named():
+    _, params = _model()
+
+    class TrainingDropout(Net):
+        @nn.compact
+        def hidden(self, feats):
+            return nn.Dropout(0.5, deterministic=False)(super().hidden(feats))
+
+    class RaisingCallback(Net):
+        def features(self, x):
+            jax.debug.callback(lambda v: 1 / 0, x.sum())  # fails when run, inside XLA
+            return super().features(x)
+
+    with pytest.raises(ConfigError, match=r"module: TrainingDropout.hidden asks for random numbers \(a dropout in "
+                                          r"training mode\?\).*deterministic=True") as err:
+        FlaxCNN.build(TrainingDropout(), params, input_hwc=(16, 16, 3), input_scale="255")
+    assert err.value.field == "module"
+    with pytest.raises(ConfigError, match=r"module: RaisingCallback failed inside XLA when run in float64 on three "
+                                          r"inputs: .*a jax.debug.print or a callback inside features or hidden"):
+        FlaxCNN.build(RaisingCallback(), params, input_hwc=(16, 16, 3), input_scale="255")
+    with pytest.raises(ConfigError, match=r"input_scale=255: expected one of raw, 255 \(given the int 255: the "
+                                          r"strings 'raw' or '255'\)"):
+        FlaxCNN.build(Net(), params, input_hwc=(16, 16, 3), input_scale=255)
 
 
 class BigFirstNet(nn.Module):

@@ -106,13 +106,14 @@ def _operands_needed(eqn: Any, outs_needed: list[bool]) -> Optional[list[bool]]:
         return ([v in cond_needed for v in cond.invars[:nc]] + [v in inside for v in body.invars[:nb]]
                 + [a or v in inside for a, v in zip(need, body.invars[nb:])])
     subs = [s.jaxpr if hasattr(s, "jaxpr") else s for s in jaxprs_in_params(params)]
-    if name == "cond" and subs and all(len(s.invars) == len(ops) - 1 for s in subs):
+    matched = all(len(s.outvars) == len(outs_needed) for s in subs)  # else an output could go unseen
+    if name == "cond" and subs and matched and all(len(s.invars) == len(ops) - 1 for s in subs):
         uses = [False] * (len(ops) - 1)
         for branch in subs:
             inside = _needed(branch, outs_needed)[1]
             uses = [u or v in inside for u, v in zip(uses, branch.invars)]
         return [True] + uses
-    if name in CALLS and len(subs) == 1 and len(subs[0].invars) == len(ops):
+    if name in CALLS and len(subs) == 1 and matched and len(subs[0].invars) == len(ops):
         inside = _needed(subs[0], outs_needed)[1]
         return [v in inside for v in subs[0].invars]
     return None

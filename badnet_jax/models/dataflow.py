@@ -63,6 +63,37 @@ def _in(v: Any, vars_: set) -> bool:
     return not isinstance(v, Literal) and v in vars_
 
 
+def _subprograms(eqn: Any) -> list:
+    """The sub-programs of an equation (calls' bodies, branches, loops' bodies, combiners), as open jaxprs."""
+    return [s.jaxpr if hasattr(s, "jaxpr") else s for s in jaxprs_in_params(eqn.params)]
+
+
+def _called(eqn: Any, subs: list) -> Optional[Any]:
+    """The one sub-program (of ``subs``, the equation's) a call (:data:`CALLS`) runs on its operands, in order,
+    giving its outputs; None for any other equation, or a call whose sub-program matches neither."""
+    if eqn.primitive.name in CALLS and len(subs) == 1 and len(subs[0].invars) == len(eqn.invars) \
+            and len(subs[0].outvars) == len(eqn.outvars):
+        return subs[0]
+    return None
+
+
+def _branches(eqn: Any, subs: list) -> Optional[list]:
+    """A ``cond``'s branches (``subs``), each taking its operands but the index and giving its outputs; None
+    otherwise."""
+    if eqn.primitive.name == "cond" and subs and all(
+            len(s.invars) == len(eqn.invars) - 1 and len(s.outvars) == len(eqn.outvars) for s in subs):
+        return subs
+    return None
+
+
+def _while_need(eqn: Any, outs_needed: Sequence[bool]) -> tuple[set, list[bool]]:
+    """A while loop's condition's needed variables, and its carries needed for the outputs flagged in
+    ``outs_needed`` or read by the condition."""
+    nc, cond = eqn.params["cond_nconsts"], eqn.params["cond_jaxpr"].jaxpr
+    _, cond_needed = _needed(cond, [True])
+    return cond_needed, [n or v in cond_needed for n, v in zip(outs_needed, cond.invars[nc:])]
+
+
 def _needed(jaxpr: Any, needed_out: Sequence[bool]) -> tuple[set, set]:
     """The equations (by position) whose values reach the outputs flagged in ``needed_out`` or that have effects
     other than a print, and the variables those equations read (or the flagged outputs are): of a call, a loop or
@@ -94,40 +125,40 @@ def _operands_needed(eqn: Any, outs_needed: list[bool]) -> Optional[list[bool]]:
         return None
     if name == "scan":
         body, nc, nk = params["jaxpr"].jaxpr, params["num_consts"], params["num_carry"]
-        inside = _loop_needed(body, outs_needed, nc, nk)
+        _, inside = _loop_needed(body, outs_needed, nc, nk)
         # A needed carry's first value is its last when the loop runs no step.
         return [v in inside or (nc <= i < nc + nk and outs_needed[i - nc]) for i, v in enumerate(body.invars)]
     if name == "while":
         nc, nb = params["cond_nconsts"], params["body_nconsts"]
         body, cond = params["body_jaxpr"].jaxpr, params["cond_jaxpr"].jaxpr
-        _, cond_needed = _needed(cond, [True])
-        need = [n or v in cond_needed for n, v in zip(outs_needed, cond.invars[nc:])]
-        inside = _loop_needed(body, need, nb, len(need))
+        cond_needed, need = _while_need(eqn, outs_needed)
+        _, inside = _loop_needed(body, need, nb, len(need))
         return ([v in cond_needed for v in cond.invars[:nc]] + [v in inside for v in body.invars[:nb]]
                 + [a or v in inside for a, v in zip(need, body.invars[nb:])])
-    subs = [s.jaxpr if hasattr(s, "jaxpr") else s for s in jaxprs_in_params(params)]
-    matched = all(len(s.outvars) == len(outs_needed) for s in subs)  # else an output could go unseen
-    if name == "cond" and subs and matched and all(len(s.invars) == len(ops) - 1 for s in subs):
+    subs = _subprograms(eqn)
+    branches, called = _branches(eqn, subs), _called(eqn, subs)
+    if branches:
         uses = [False] * (len(ops) - 1)
-        for branch in subs:
+        for branch in branches:
             inside = _needed(branch, outs_needed)[1]
             uses = [u or v in inside for u, v in zip(uses, branch.invars)]
         return [True] + uses
-    if name in CALLS and len(subs) == 1 and matched and len(subs[0].invars) == len(ops):
-        inside = _needed(subs[0], outs_needed)[1]
-        return [v in inside for v in subs[0].invars]
+    if called is not None:
+        inside = _needed(called, outs_needed)[1]
+        return [v in inside for v in called.invars]
     return None
 
 
-def _loop_needed(body: Any, outs_needed: Sequence[bool], first_carry: int, num_carry: int) -> set:
-    """The variables of a loop's body needed for the outputs flagged in ``outs_needed``, a carry needed when a
-    needed value reads it (to a fixpoint)."""
+def _loop_needed(body: Any, outs_needed: Sequence[bool], first_carry: int,
+                 num_carry: int) -> tuple[list[bool], set]:
+    """The outputs of a loop's body that are needed, those flagged in ``outs_needed`` and each carry that a needed
+    value reads (to a fixpoint), and the body's variables they need."""
     carry_in, need = body.invars[first_carry:first_carry + num_carry], list(outs_needed)
     while True:
         _, inside = _needed(body, need)
         more = [n or (j < num_carry and carry_in[j] in inside) for j, n in enumerate(need)]
         if more == need:
-            return inside
+            return need, inside
         need = more
 
 
@@ -144,7 +175,7 @@ def _narrow(jaxpr: Any, reads: set, needed_out: Sequence[bool], bits_ok: bool) -
         if found:
             return found
         # A sub-program's outputs were checked where it computed them; moved values where they were made.
-        made_here = not list(jaxprs_in_params(eqn.params)) and eqn.primitive.name not in MOVES and not _exact_cast(eqn)
+        made_here = not _subprograms(eqn) and eqn.primitive.name not in MOVES and not _exact_cast(eqn)
         for v, r, n in zip(eqn.outvars, out_reads or [True] * len(eqn.outvars), outs_needed):
             if not r:
                 continue
@@ -215,21 +246,20 @@ def _inside(eqn: Any, reads: set, outs_needed: list[bool], bits_ok: bool) -> tup
         return found, out_reads
     if name == "while":
         return _while(eqn, reads, outs_needed, bits_ok)
-    subs = [s.jaxpr if hasattr(s, "jaxpr") else s for s in jaxprs_in_params(params)]
+    subs = _subprograms(eqn)
+    branches, inner = _branches(eqn, subs), _called(eqn, subs)
     if not subs:
         return None, None
-    if name == "cond" and all(len(s.invars) == len(ops) - 1 and len(s.outvars) == len(eqn.outvars) for s in subs):
+    if branches:
         out_reads = [_in(ops[0], reads)] * len(eqn.outvars)  # a branch chosen by the input: every output reads it
-        for branch in subs:
+        for branch in branches:
             inside = _reading(branch, ops[1:], reads)
             found = _narrow(branch, inside, outs_needed, bits_ok)
             if found:
                 return found, None
             out_reads = [r or _in(v, inside) for r, v in zip(out_reads, branch.outvars)]
         return None, out_reads
-    if name in CALLS and len(subs) == 1 and len(subs[0].invars) == len(ops) \
-            and len(subs[0].outvars) == len(eqn.outvars):
-        inner = subs[0]  # a call: jit, remat, a custom derivative's primal
+    if inner is not None:  # a call: jit, remat, a custom derivative's primal
         trusted = bits_ok or _exact_bit_function(eqn)
         inside = _reading(inner, ops, reads)
         found = _narrow(inner, inside, outs_needed, trusted)
@@ -248,21 +278,20 @@ def _loop(body: Any, outer: Sequence[Any], reads: set, outs_needed: Sequence[boo
     needed value reads is needed. Returns (what narrow was found, which outputs read the input, the body's
     inputs that read it). ``every_carry``: every carry reads the input from the first step on."""
     carry_in = body.invars[first_carry:first_carry + num_carry]
-    start, need = _reading(body, outer, reads) | (set(carry_in) if every_carry else set()), list(outs_needed)
+    need, _ = _loop_needed(body, outs_needed, first_carry, num_carry)
+    start = _reading(body, outer, reads) | (set(carry_in) if every_carry else set())
     while True:
         inside = set(start)
         found = _narrow(body, inside, need, bits_ok)
         if found:
             return found, None, start
-        needed = _loop_needed(body, need, first_carry, num_carry)
         carried = {v for v, out in zip(carry_in, body.outvars) if _in(out, inside)}
-        more = [n or (j < num_carry and carry_in[j] in needed) for j, n in enumerate(need)]
-        if carried <= start and more == need:
+        if carried <= start:
             # A carry's final value is its first when the loop runs no step.
             out_reads = [_in(v, inside) or (j < num_carry and carry_in[j] in start)
                          for j, v in enumerate(body.outvars)]
             return None, out_reads, start
-        start, need = start | carried, more
+        start = start | carried
 
 
 def _while(eqn: Any, reads: set, outs_needed: list[bool], bits_ok: bool) -> tuple[Optional[str], Optional[list]]:
@@ -272,8 +301,7 @@ def _while(eqn: Any, reads: set, outs_needed: list[bool], bits_ok: bool) -> tupl
     ops, params = list(eqn.invars), eqn.params
     nc, nb = params["cond_nconsts"], params["body_nconsts"]
     body, cond = params["body_jaxpr"].jaxpr, params["cond_jaxpr"].jaxpr
-    _, cond_needed = _needed(cond, [True])
-    need = [n or v in cond_needed for n, v in zip(outs_needed, cond.invars[nc:])]
+    _, need = _while_need(eqn, outs_needed)
     found, out_reads, start = _loop(body, ops[nc:], reads, need, nb, len(need), bits_ok)
     if found:
         return found, None

@@ -206,12 +206,19 @@ def _relu64(x, a) -> np.ndarray:
     return np.where(x >= a["threshold"], top, a["negative_slope"] * (x - a["threshold"]))
 
 
-def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, masks: dict | None = None) -> dict:
+def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, masks: dict | None = None,
+                   given: dict | None = None) -> dict:
     """Every node's float64 value (N, ...) for input ``x`` (N, H, W, C), up to node ``upto`` (default all).
 
-    ``masks``: node name -> (C,) channel mask multiplied into that node's output (pruning its channels)."""
+    ``masks``: node name -> (C,) channel mask multiplied into that node's output (pruning its channels).
+    ``given``: node name -> its unmasked value computed already (:func:`upstream_of`), taken as is."""
     vals: dict = {}
     for node in graph.nodes:
+        if given and node.name in given:
+            vals[node.name] = given[node.name] * np.asarray(masks.get(node.name, 1.0) if masks else 1.0, np.float64)
+            if node.name == upto:
+                break
+            continue
         a = dict(node.attrs)
         p = {k: np.asarray(v, np.float64) for k, v in params.get(node.weights, {}).items()} if node.weights else {}
         ins = [vals[s] for s in node.inputs]
@@ -261,6 +268,16 @@ def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, 
         if node.name == upto:
             break
     return vals
+
+
+def upstream_of(graph, values: dict, name: str) -> dict:
+    """The values of ``values`` (unmasked, from :func:`graph_values64`) that no mask at node ``name`` changes:
+    every node but those that read ``name``'s output, directly or through others."""
+    after: set = set()
+    for node in graph.nodes:
+        if any(s == name or s in after for s in node.inputs):
+            after.add(node.name)
+    return {k: v for k, v in values.items() if k not in after}
 
 
 def graph_logits64(graph, params: dict, x: np.ndarray) -> np.ndarray:

@@ -26,10 +26,10 @@ from tests.conftest import LAB_B, LAB_FILES, asset
 FILES = {"resnet_tiny": "models/other/resnet_tiny.h5", "vgg_tiny": "models/other/vgg_tiny.h5"}
 
 
-def _logits64(graph, params, x_uint8, masks=None, divisor=255):
+def _logits64(graph, params, x_uint8, masks=None, divisor=255, given=None):
     target = graph.logits_node()
     return numpy_ref.graph_values64(graph, params, x_uint8.astype(np.float64) / divisor, upto=target,
-                                   masks=masks)[target]
+                                   masks=masks, given=given)[target]
 
 
 def _data(graph, params, tmp_path, rng, n=120):
@@ -59,14 +59,32 @@ def _reference_curve(graph, params, layer, sets, divisor=255):
     for role, key in (("clean_valid", "valid_acc"), ("bd_valid", "valid_asr"), ("clean_test", "test_acc"),
                       ("bd_test", "test_asr")):
         xs, ys = sets[role]
+        # What no mask at the layer changes is computed once (the trunk up to it, unmasked).
+        values = numpy_ref.graph_values64(graph, params, xs.astype(np.float64) / divisor, upto=graph.logits_node())
+        given = numpy_ref.upstream_of(graph, values, layer)
         per_k = []
         for k in range(len(order) + 1):
             mask = np.ones(len(order))
             mask[order[:k]] = 0
-            logits = _logits64(graph, params, xs, {layer: mask}, divisor)
+            logits = _logits64(graph, params, xs, {layer: mask}, divisor, given)
             per_k.append(100.0 * float((logits.argmax(-1) == ys).mean()))
         rates[key] = per_k
     return order, rates
+
+
+def test_the_references_trunk_computed_once_is_the_masked_forward_computed_whole(rng):
+    """``_reference_curve`` takes what no mask at the layer changes from one unmasked pass (``upstream_of``):
+    the same float64 logits, bit for bit, as the whole masked forward (a block and its skip path after the
+    layer included)."""
+    graph, params = read_keras_graph(asset(FILES["resnet_tiny"]))
+    x = rng.integers(0, 256, (6, *graph.input_hwc), dtype=np.uint8)
+    values = numpy_ref.graph_values64(graph, params, x / 255.0, upto=graph.logits_node())
+    for layer in ("stem_relu", "b0_out", "b1_out"):
+        mask = (rng.random(values[layer].shape[-1]) < 0.5).astype(np.float64)
+        given = numpy_ref.upstream_of(graph, values, layer)
+        assert layer in given and "logits" not in given and ("b1_proj" in given) == (layer == "b1_out")
+        np.testing.assert_array_equal(_logits64(graph, params, x, {layer: mask}, given=given),
+                                      _logits64(graph, params, x, {layer: mask}))
 
 
 @pytest.mark.parametrize("name,layer", [("resnet_tiny", None), ("vgg_tiny", None), ("vgg_tiny", "c3"),

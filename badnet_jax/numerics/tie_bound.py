@@ -5,9 +5,10 @@ the summation order) and measured its multiple on the lab's DeepID: TIE_RTOL = 2
 error seen on each logit. Another architecture sums other terms in other orders (batch norms, residual
 additions, deeper heads), so its multiple is measured the same way before its sweep: on up to
 :data:`CHECK_IMAGES` images of the ranking set, at every step of :data:`CHECK_ORDERS` seeded random orders,
-the float32 logits of the summation orders the sweep uses (the masked forward, the affine split's sums, and
-their cumulative sum over the order) against the model's float64 network; the bound is 10x the worst gap
-error on each of the two logits, never below TIE_RTOL.
+the float32 logits of the summation orders the sweep uses (the masked forward, the affine split's suffix sums
+carried through the reverse scan, and their cumulative sum over the order: ``badnet_jax.models.affine``)
+against the model's float64 network; the bound is 10x the worst gap error on each of the two logits, never
+below TIE_RTOL.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.numerics.ties import HIGHEST, TIE_RTOL, U, output_scale
-from badnet_jax.models.affine import cumulative_preactivations, prefix_masks
+from badnet_jax.models.affine import cumulative_preactivations, prefix_masks, reverse_steps
 
 CHECK_IMAGES = 32
 CHECK_ORDERS = 2
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 @functools.lru_cache(maxsize=None)
 def _logits32(model: PrunableModel):
     """The float32 summation orders at every step of an order: (steps, N, K) logits of the masked forward, of
-    the affine split summed per mask, and of the cumulative sum over the order, and (steps, N) S of each."""
+    the affine split's suffix sums carried through the reverse scan, and of the cumulative sum over the order
+    (the sweep's three), and (steps, N) S of each."""
     def run(params, x, order):
         feats = model.features(params, x.astype(jnp.float32))
         w, b = model.output_layer(params)
@@ -47,19 +49,17 @@ def _logits32(model: PrunableModel):
             hidden = model.hidden(params, feats, mask)
             return jnp.dot(hidden, w, precision=HIGHEST) + b[None, :], output_scale(hidden, w, b)
 
-        contribs = jax.vmap(lambda c: model.channel_contribution(params, feats, c))(jnp.arange(order.shape[0]))
-        bias = model.preactivation_bias(params)
-
-        def split(mask):
-            pre = jax.tree.map(lambda b0, c: b0[None] + jnp.tensordot(mask, c, axes=(0, 0)), bias, contribs)
+        def split(k, pre):
             hidden = model.tail_hidden(params, pre)
             return jnp.dot(hidden, w, precision=HIGHEST) + b[None, :], output_scale(hidden, w, b)
 
+        # The prefix sweep's order: the suffix sums carried through the reverse scan, a channel added per step.
+        prefix = reverse_steps(model, params, feats, order, split)
         # The cumulative sweep's order: every step at once, a reverse cumulative sum over the order.
         hidden = model.tail_hidden(params, cumulative_preactivations(model, params, feats, order))
         lead = (1,) * (hidden.ndim - 1)
         cumulative = jnp.dot(hidden, w, precision=HIGHEST) + b.reshape(*lead, -1), output_scale(hidden, w, b)
-        return jax.lax.map(direct, masks), jax.lax.map(split, masks), cumulative
+        return jax.lax.map(direct, masks), prefix, cumulative
     return jax.jit(run)
 
 

@@ -61,7 +61,7 @@ class SweepOptions:
 
     Attributes:
         prefix_sums: build every step's fc_1/conv_4 pre-activations from per-channel contributions with
-            suffix sums over the order (``badnet_jax.sweep.prefix``) instead of re-running the masked head.
+            suffix sums over the order (``badnet_jax.models.affine``) instead of re-running the masked head.
         dedupe: (needs ``prefix_sums``) evaluate each distinct effective mask once per chunk: a step that only
             prunes channels that are zero on every image of the chunk reuses the previous step's predictions.
         cumulative: (needs ``prefix_sums``) build every step's pre-activations at once (all channels'

@@ -28,8 +28,8 @@ from badnet_jax.models.protocol import Params, PrunableModel
 from badnet_jax.numerics.ties import near_tie, output_with_ties
 from badnet_jax.sweep.chunks import chunk_starts, map_chunks
 from badnet_jax.sweep.plan import SweepPlan
-from badnet_jax.models.affine import cumulative_preactivations, prefix_masks
-from badnet_jax.sweep.prefix import alive_groups, reverse_steps, step_aliases, step_preactivations
+from badnet_jax.models.affine import cumulative_preactivations, prefix_masks, reverse_steps, step_preactivations
+from badnet_jax.sweep.prefix import alive_groups, step_aliases
 
 ChunkFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 

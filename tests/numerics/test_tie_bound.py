@@ -3,6 +3,7 @@ certified curve on those models: images bisected onto a decision boundary are pr
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -31,6 +32,29 @@ def test_the_measured_gap_error_is_a_few_roundings_and_sets_the_bound(name, monk
     # A model whose float32 errs more (another architecture, another CPU) gets a wider bound: 10x its error.
     monkeypatch.setattr(tie_bound, "measured_gap_error", lambda *args: 1000.0)
     assert tie_bound.with_measured_tie_rtol(model, params, _images(name)).tie_rtol == pytest.approx(10 * 1000 * U)
+
+
+@pytest.mark.parametrize("name,layer", [("vgg_tiny", "c3"), ("resnet_tiny", None)])
+def test_the_bound_measures_the_prefix_sweeps_own_sums(name, layer, monkeypatch):
+    """The prefix sweep sums the channels' contributions by the reverse scan of ``models.affine.reverse_steps``
+    (``sweep.strategies``): the measurement runs those very sums, so an error in them shows in the bound (an
+    error injected into each step's suffix sums: 1e-3 of their size, ~10^4 u S, where rounding gives a few)."""
+    from badnet_jax.models import affine
+
+    model, params = load_model(asset(FILES[name]), input_scale="255", **({"layer": layer} if layer else {}))
+    x = _images(name)
+    clean = tie_bound.measured_gap_error(model, params, x)
+
+    def skewed(model, params, feats, order, step_fn, **kwargs):
+        skew = lambda k, pre: step_fn(k, jax.tree.map(lambda a: a * np.float32(1 + 1e-3), pre))  # noqa: E731
+        return affine.reverse_steps(model, params, feats, order, skew, **kwargs)
+
+    monkeypatch.setattr(tie_bound, "reverse_steps", skewed)
+    tie_bound._logits32.cache_clear()
+    try:
+        assert clean < TIE_RTOL / U / 10 < 1000 < tie_bound.measured_gap_error(model, params, x)
+    finally:
+        tie_bound._logits32.cache_clear()
 
 
 def test_deepid_keeps_its_derived_bound(lab_b, lab_faces):

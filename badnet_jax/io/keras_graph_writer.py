@@ -138,12 +138,14 @@ def save_keras_graph(model: GraphCNN, params: Mapping[str, Any], path: str | os.
     order = keras_layer_order(pruned.graph)
     config = functional_config(pruned.graph, layers, order)
     path = Path(path)
-    text = lambda s: np.bytes_(s.encode("utf-8"))  # fixed-length strings, as save_keras writes them
+    text = lambda s: np.bytes_(s.encode("utf-8"))  # short ones fixed-length, as save_keras writes them
 
     def build(f: h5py.File) -> None:
         f.attrs["backend"] = text("tensorflow")
         f.attrs["keras_version"] = text(KERAS_VERSION)
-        f.attrs["model_config"] = text(json.dumps(config))
+        # A variable-length string, as Keras writes it: its text lives outside the object header, whose 64 KB a
+        # fixed-length one would have to fit (a DenseNet121's config is 363 KB).
+        f.attrs["model_config"] = json.dumps(config)
         if input_scale_attr:
             f.attrs[INPUT_SCALE_ATTR] = text(model.input_scale)
         if pruned.method is not None:

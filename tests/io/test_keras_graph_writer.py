@@ -232,6 +232,28 @@ def test_b_prime_predicts_the_masked_network(nets, tmp_path, net, layer):
     assert np.abs(full - ref).max() > 1e-3 * np.abs(full).max()
 
 
+def test_a_config_larger_than_an_hdf5_object_header_is_written(tmp_path):
+    """A deep model's config passes the 64 KB an HDF5 object header holds (a DenseNet121's: 363 KB): B' stores it
+    as Keras does, as a variable-length string, and Keras loads the file and predicts the masked network."""
+    long = "x" * 900  # names are what make a config long; 40 layers of them take ~110 KB here
+    km = keras.Sequential([keras.Input((6, 6, 3))]
+                          + [layers.Conv2D(4, 1, activation="relu", name=f"c{i}_{long}") for i in range(40)]
+                          + [layers.GlobalAveragePooling2D(name="gap"), layers.Dense(3, name="out")], name="deep")
+    _seed_weights(km, seed=7)
+    km.save(tmp_path / "deep.keras")
+    graph, params = read_keras_graph(tmp_path / "deep.keras")
+    model = GraphCNN.build(graph, params, input_scale="255")
+    assert model.layer == f"c39_{long}"
+    mask = _mask(model)
+    path = save_keras_graph(model, params, tmp_path / "b_prime.h5", mask=mask)
+    with h5py.File(path, "r") as f:
+        assert len(f.attrs["model_config"]) > 65536
+    images = np.random.default_rng(3).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    x64 = images.astype(np.float64) / 255
+    ref = numpy_ref.graph_values64(graph, params, x64, upto="out", masks={model.layer: mask})["out"]
+    _close(keras_predict(keras_load_model(path), _keras_input(model, images)), ref, 1e-4)
+
+
 @pytest.mark.parametrize("net, layer", [("resnet_tiny", "b0_out"), ("vgg_tiny", None), ("branchy", "stem"),
                                         ("branchy", "dw"), ("seq", "dw/pre")])
 def test_architecture_kept_or_one_mask_layer_added(nets, tmp_path, net, layer):

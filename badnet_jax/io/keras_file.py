@@ -38,7 +38,11 @@ INPUT_SCALE_ATTR = "badnet_jax_input_scale"
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHT = 1e6  # real DeepID weights are below ~10; larger ones overflow float32 logits to inf/NaN
-ARCHIVE_MEMBERS = {"config.json": MAX_CONFIG_BYTES, "model.weights.h5": 256 << 20, "metadata.json": 1 << 20}
+ARCHIVE_MEMBERS = {"config.json": MAX_CONFIG_BYTES, "model.weights.h5": 2 << 30, "metadata.json": 1 << 20}
+# A model's weights file holds its parameters and, saved after training, its optimizer's state (Adam: two more
+# copies): a reader that knows the parameters its config declares caps the member at this many float64 copies.
+WEIGHT_COPIES = 4
+WEIGHTS_SLACK = 16 << 20  # HDF5's own structures, names and the optimizer's scalars
 MAX_ARCHIVE_MEMBERS = 64  # Keras writes config.json, metadata.json, model.weights.h5 (and assets/ for a few layers)
 # The zip's list of members, read whole before they can be counted: Keras' take a few hundred bytes; 1 MiB holds
 # at most ~22 000 entries (46 bytes each and a name), parsed in tens of milliseconds.
@@ -142,7 +146,8 @@ def _check_end_record(fh: BinaryIO, path: Path) -> None:
                              f"a few members (refusing more than {MAX_CENTRAL_DIRECTORY_BYTES} bytes of them)")
 
 
-def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, bytes]:
+def read_archive(path: Path, parse_config: Callable[[bytes], _T],
+                 declared_params: Callable[[_T], int] | None = None) -> tuple[_T, bytes]:
     """The parsed ``config.json`` and the raw ``model.weights.h5`` of a ``.keras`` zip.
 
     Before anything is decompressed: no zip64 end records, a list of members of at most
@@ -151,7 +156,10 @@ def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, b
     encrypted, each stored or deflated (what Keras writes; bzip2 and LZMA members decompress without a bound),
     each declaring at most its size in :data:`ARCHIVE_MEMBERS`. A member is then read up to its declared size
     only (a member holding more fails its CRC), and ``parse_config`` (which raises ModelFileError on a config
-    it does not accept) runs before the weights are read.
+    it does not accept) runs before the weights are read. ``declared_params(config)``, if given, is the
+    parameter count the parsed config declares: the weights member may then take at most
+    :data:`WEIGHT_COPIES` float64 copies of them (the parameters and an optimizer's state) and
+    :data:`WEIGHTS_SLACK`.
 
     Raises:
         ModelFileError: any of the above, or the zip or a member cannot be read.
@@ -170,7 +178,15 @@ def read_archive(path: Path, parse_config: Callable[[bytes], _T]) -> tuple[_T, b
         with zip_call(lambda: zipfile.ZipFile(fh)) as z:
             by_name = _checked_members(z, path)
             config = parse_config(zip_call(lambda: _read_member(z, by_name["config.json"])))
-            return config, zip_call(lambda: _read_member(z, by_name["model.weights.h5"]))
+            weights = by_name["model.weights.h5"]
+            if declared_params is not None:
+                n = declared_params(config)
+                cap = WEIGHT_COPIES * 8 * n + WEIGHTS_SLACK
+                if weights.file_size > cap:
+                    raise ModelFileError(f"{path}: archive member 'model.weights.h5' declares {weights.file_size} "
+                                         f"bytes, more than the {cap} that {WEIGHT_COPIES} float64 copies of the "
+                                         f"{n} parameters its config declares take (a decompression bomb?)")
+            return config, zip_call(lambda: _read_member(z, weights))
 
 
 def _checked_members(z: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:

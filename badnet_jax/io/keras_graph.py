@@ -43,7 +43,7 @@ from badnet_jax.errors import ModelFileError, arg
 from badnet_jax.io import fileio
 from badnet_jax.io.keras_file import (MAX_CONFIG_BYTES, is_keras_archive, load_config_json, read_archive,
                                       read_array)
-from badnet_jax.io.keras_config import ConfigLayer, parse_model
+from badnet_jax.io.keras_config import ConfigLayer, ConfigModel, parse_model
 from badnet_jax.io.keras_layers import build_graph
 from badnet_jax.models.ir import Graph, GraphParams, Node
 
@@ -79,13 +79,15 @@ def read_keras_graph(path: str | os.PathLike, config_path: str | os.PathLike | N
     path = Path(path)
     if is_keras_archive(path):
         _no_second_config(path, config_path)
-        config, weights = read_archive(path, lambda raw: load_config_json(raw, path, "the archive's config.json"))
+        parse = lambda raw: _parsed(load_config_json(raw, path, "the archive's config.json"), path)  # noqa: E731
+        # The weights member is capped by what the config declares (its parameters and an optimizer's state).
+        parsed, weights = read_archive(path, parse, lambda parsed: _declared_params(parsed[2]))
         try:
             f = h5py.File(io.BytesIO(weights), "r")
         except _H5_ERRORS as err:
             raise ModelFileError(f"{path}: the archive's model.weights.h5 is not readable HDF5 ({err})") from None
         with f:
-            return _read(path, config, f, _keras3_source)
+            return _read(path, parsed, f, _keras3_source)
     with fileio.open_h5(path, ModelFileError) as f:
         try:
             if fileio.has_link(f, "model_weights"):
@@ -96,14 +98,14 @@ def read_keras_graph(path: str | os.PathLike, config_path: str | os.PathLike | N
                 root = fileio.safe_get(f, "model_weights", path, ModelFileError)
                 if not isinstance(root, h5py.Group):
                     raise ModelFileError(f"{path}: 'model_weights' is not a group")
-                return _read(path, config, root, _keras2_source)
+                return _read(path, _parsed(config, path), root, _keras2_source)
             # A config problem names both files: the weights file read, and the config that describes it.
             if "layer_names" in f.attrs:
                 config = _weights_only_config(path, config_path, "a Keras 2 weights-only file")
-                return _read(path, config, f, _keras2_source, f"{path} (config {config_path})")
+                return _read(path, _parsed(config, path, f"{path} (config {config_path})"), f, _keras2_source)
             if isinstance(fileio.safe_get(f, "layers", path, ModelFileError), h5py.Group):
                 config = _weights_only_config(path, config_path, "a Keras 3 weights file")
-                return _read(path, config, f, _keras3_source, f"{path} (config {config_path})")
+                return _read(path, _parsed(config, path, f"{path} (config {config_path})"), f, _keras3_source)
         except ModelFileError:
             raise
         except _H5_ERRORS as err:
@@ -272,14 +274,23 @@ def _snake_case(name: str) -> str:
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _read(path: Path, config: Any, root: h5py.Group, source: Callable[[h5py.Group, list[ConfigLayer], Path], _Getter],
-          label: str | None = None) -> tuple[Graph, GraphParams]:
-    """Parse and check the whole config first (cheap, nothing read), then read and check each weight.
-
-    ``label`` names the file(s) in the config's errors (the path by default).
-    """
+def _parsed(config: Any, path: Path, label: str | None = None) -> tuple[ConfigModel, Graph, list[ConfigLayer]]:
+    """The whole config of the file at ``path`` parsed and checked (cheap, nothing read): the model, its graph
+    and its weighted layers; ``label`` names the file(s) in the config's errors (the path by default)."""
     model = parse_model(config, label or path)
     graph, weighted = build_graph(model, label or path, path.stem)
+    return model, graph, weighted
+
+
+def _declared_params(weighted: list[ConfigLayer]) -> int:
+    """The parameters the weighted layers' config declares, all together."""
+    return sum(math.prod(shape) for layer in weighted for _, shape in layer.weights)
+
+
+def _read(path: Path, parsed: tuple[ConfigModel, Graph, list[ConfigLayer]], root: h5py.Group,
+          source: Callable[[h5py.Group, list[ConfigLayer], Path], _Getter]) -> tuple[Graph, GraphParams]:
+    """Read and check each weight of a parsed config (:func:`_parsed`)."""
+    model, graph, weighted = parsed
     params: GraphParams = {}
     nodes = graph.by_name
     try:

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import h5py
+import jax
 import numpy as np
 import pytest
 
@@ -87,6 +88,45 @@ def _patch_directory(path: Path, name: str, offset: int, value: int, width: int)
 def test_the_saved_archive_reads(members, tmp_path, reader):
     # The rewriting itself keeps a readable archive: the refusals below come from what each case changes.
     READERS[reader](_write(tmp_path / "ok.keras", [(n, d, zipfile.ZIP_DEFLATED) for n, d in members.items()]))
+
+
+def test_weights_beyond_what_the_config_declares_are_refused_unread(members, tmp_path):
+    """Any CNN's reader caps the weights member by the parameters its config declares (four float64 copies: the
+    parameters and an optimizer's state, and 16 MiB): a member declaring more is refused before it is
+    decompressed, naming the count."""
+    from badnet_jax.io.keras_graph import _declared_params, _parsed
+    from badnet_jax.io.keras_file import WEIGHT_COPIES, WEIGHTS_SLACK
+
+    n = _declared_params(_parsed(json.loads(members["config.json"]), tmp_path / "m.keras")[2])
+    padded = members["model.weights.h5"] + bytes(WEIGHT_COPIES * 8 * n + WEIGHTS_SLACK)  # zeros: ~50 KB deflated
+    entries = [(name, padded if name == "model.weights.h5" else d, zipfile.ZIP_DEFLATED) for name, d in members.items()]
+    path = _write(tmp_path / "padded.keras", entries)
+    tracemalloc.start()
+    try:
+        refused(read_keras_graph, path, "parameters its config declares", f"{n} parameters", "'model.weights.h5'")
+        assert tracemalloc.get_traced_memory()[1] < (WEIGHT_COPIES * 8 * n + WEIGHTS_SLACK) // 4  # never read
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_trained_models_archive_with_its_optimizer_state_is_read(tmp_path):
+    """``model.save`` after training stores Adam's two moments beside the weights: three float32 copies, under the
+    cap's four float64 ones, and the graph reader reads the weights alone."""
+    km = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(16, 3, activation="relu", name="c"),
+                           keras.layers.Flatten(name="f"), keras.layers.Dense(512, activation="relu", name="d"),
+                           keras.layers.Dense(4, name="out")])
+    km.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    with jax.numpy_rank_promotion("allow"):  # Keras' JAX code relies on it; the tests forbid it
+        km.fit(rng.random((8, 8, 8, 3), np.float32), rng.integers(0, 4, 8), epochs=1, verbose=0)
+    km.save(tmp_path / "trained.keras")
+    n = km.count_params()
+    with zipfile.ZipFile(tmp_path / "trained.keras") as z:
+        assert z.getinfo("model.weights.h5").file_size > 3 * 4 * n  # the weights and Adam's moments
+    graph, params = read_keras_graph(tmp_path / "trained.keras")
+    for layer in km.layers:
+        for w, key in zip(layer.get_weights(), ("kernel", "bias")):
+            np.testing.assert_array_equal(params[layer.name][key], w)
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))

@@ -9,6 +9,8 @@ counted by hand. Tests use these instead of re-deriving the maths inline.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -201,6 +203,21 @@ def _pool64(x, a, how: str) -> np.ndarray:
     return np.sum(taps, axis=0) / count
 
 
+def _sigmoid64(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # 1 / (1 + e^-x), without overflow for large |x|
+
+
+# The activations as Keras documents them (keras.activations), in float64.
+_ELEMENTWISE64 = {
+    "sigmoid": _sigmoid64,
+    "tanh": np.tanh,
+    "silu": lambda x: x * _sigmoid64(x),
+    "hard_silu": lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
+    "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
+    "gelu": lambda x: 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0))),
+}
+
+
 def _relu64(x, a) -> np.ndarray:
     top = x if a["max_value"] is None else np.minimum(x, a["max_value"])
     return np.where(x >= a["threshold"], top, a["negative_slope"] * (x - a["threshold"]))
@@ -238,9 +255,9 @@ def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, 
         elif op == "avg_pool":
             v = _pool64(ins[0], a, "avg")
         elif op == "global_avg_pool":
-            v = ins[0].mean(axis=(1, 2))
+            v = ins[0].mean(axis=(1, 2), keepdims=a["keepdims"])
         elif op == "global_max_pool":
-            v = ins[0].max(axis=(1, 2))
+            v = ins[0].max(axis=(1, 2), keepdims=a["keepdims"])
         elif op == "batch_norm":
             v = (ins[0] - p["moving_mean"]) / np.sqrt(p["moving_variance"] + a["epsilon"])
             v = v * p.get("gamma", 1.0) + p.get("beta", 0.0)
@@ -249,8 +266,16 @@ def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, 
         elif op == "softmax":
             e = np.exp(ins[0] - ins[0].max(axis=-1, keepdims=True))
             v = e / e.sum(axis=-1, keepdims=True)
+        elif op == "activation":
+            v = _ELEMENTWISE64[a["fn"]](ins[0])
         elif op == "add":
             v = np.sum(ins, axis=0)
+        elif op == "multiply":
+            v = ins[0]
+            for other in ins[1:]:
+                v = v * other
+        elif op == "reshape":
+            v = ins[0].reshape(len(ins[0]), *a["target"])
         elif op == "concat":
             v = np.concatenate(ins, axis=-1)
         elif op == "flatten":

@@ -35,7 +35,7 @@ from badnet_jax.errors import BadNetError, CheckpointError, ConfigError, arg
 from badnet_jax.io.keras_config import MAX_ELEMENTS, MAX_LAYERS, MAX_NAME
 from badnet_jax.numerics.ties import TIE_RTOL
 from badnet_jax.models.graph import GraphCNN
-from badnet_jax.models.ir import OPS, Graph, Node
+from badnet_jax.models.ir import ELEMENTWISE, OPS, Graph, Node
 from badnet_jax.models.protocol import Params
 
 FORMAT = "badnet-jax graph model"
@@ -49,7 +49,7 @@ _MODEL_KEYS = ("format", "version", "graph", "layer", "tie_rtol", "tie_rtol_meas
 _GRAPH_KEYS = ("name", "input_hwc", "output", "nodes")
 _NODE_KEYS = ("name", "op", "inputs", "weights", "attrs")
 _WEIGHTED = ("conv", "depthwise_conv", "dense", "batch_norm")
-_MERGES = ("add", "concat")
+_MERGES = ("add", "concat", "multiply")
 _IMAGE_OPS = ("conv", "depthwise_conv", "max_pool", "avg_pool", "global_avg_pool", "global_max_pool", "zero_pad")
 
 
@@ -211,15 +211,34 @@ def _dropout(value: Any, what: str) -> Optional[float]:
     return rate
 
 
+def _fn(value: Any, what: str) -> str:
+    if value not in ELEMENTWISE:
+        raise _Bad(f"{what} is {_short(value)}, expected one of {', '.join(ELEMENTWISE)}")
+    return value
+
+
+def _shape(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= 3:
+        raise _Bad(f"{what} is {_short(value)}, expected one to three integers >= 1")
+    return tuple(_integer(v, what, 1) for v in value)
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"{what} is {_short(value)}, expected true or false")
+    return value
+
+
 # attribute -> its check: (value, what) -> the value as the IR holds it
 _ATTRS = {
     "scale": _number, "offset": _number, "strides": _pair, "dilation": _pair, "window": _pair, "padding": _padding,
     "epsilon": lambda v, w: _number(v, w, 0.0, above=True), "negative_slope": lambda v, w: _number(v, w, 0.0),
     "threshold": lambda v, w: _number(v, w, 0.0), "max_value": _max_value, "pad": _pad, "dropout": _dropout,
+    "fn": _fn, "target": _shape, "keepdims": _flag,
 }
 # Attributes a document may lack, read as their defaults: added to an op after documents without them were
-# written (an identity's dropout rate), so those checkpoints still load.
-_OPTIONAL_ATTRS = ("dropout",)
+# written (an identity's dropout rate, a global pooling's keepdims), so those checkpoints still load.
+_OPTIONAL_ATTRS = ("dropout", "keepdims")
 
 
 def _model_doc(doc: Any) -> tuple[Graph, str, float, bool]:
@@ -362,6 +381,9 @@ def _check_shapes(model: GraphCNN, params: Params) -> None:
             raise _Bad(f"node {node.name!r} adds tensors of shapes {ins}; only equal shapes add")
         if node.op == "concat" and (len({len(s) for s in ins}) != 1 or len({s[:-1] for s in ins}) != 1):
             raise _Bad(f"node {node.name!r} concatenates tensors of shapes {ins}; all but the last axis must agree")
+        if node.op == "multiply" and (len({len(s) for s in ins}) != 1
+                                      or any(d not in (1, o) for s in ins for d, o in zip(s, out))):
+            raise _Bad(f"node {node.name!r} multiplies tensors of shapes {ins}; one rank, each axis equal or 1")
         if node.weights is None:
             continue
         p = {k: tuple(np.shape(v)) for k, v in params[node.weights].items()}

@@ -232,7 +232,7 @@ def _keras_output(model: GraphCNN) -> str:
         return layer
     readers = graph.consumers()[layer]
     by_name = graph.by_name
-    if len(readers) == 1 and by_name[readers[0]].op in ("relu", "identity") and commutes_with_mask(by_name[readers[0]]):
+    if len(readers) == 1 and by_name[readers[0]].op in ("relu", "identity", "activation") and commutes_with_mask(by_name[readers[0]]):
         return readers[0]
     raise ConfigError(f"{arg('model')}: its pruned layer {layer!r} is the inside of a Keras layer whose activation "
                       "does not keep a pruned channel zero, so no Keras file can prune it; prune "

@@ -15,9 +15,10 @@ from typing import Any, Optional
 
 from badnet_jax.errors import ModelFileError
 from badnet_jax.io.keras_config import MAX_ELEMENTS, MAX_PARAMS, ConfigLayer, ConfigModel, short
-from badnet_jax.models.ir import Graph, Node
+from badnet_jax.models.ir import ELEMENTWISE, Graph, Node
 
-ACTIVATIONS = ("linear", "relu", "softmax", "leaky_relu")
+_ALIASES = {"swish": "silu", "hard_swish": "hard_silu"}  # Keras' other names of the same functions
+ACTIVATIONS = ("linear", "relu", "relu6", "softmax", "leaky_relu", *ELEMENTWISE, *_ALIASES)
 """Activation names allowed in an ``Activation`` layer or fused into Conv2D / DepthwiseConv2D / Dense."""
 
 _LEAKY_RELU_ACTIVATION_SLOPE = 0.2  # keras.activations.leaky_relu's default (Keras 3 names it; Keras 2 does not)
@@ -134,10 +135,14 @@ class _Build:
             self.emit(layer, layer.name, "identity", (src,), shape)
         elif act == "relu":
             self.emit(layer, layer.name, "relu", (src,), shape)
+        elif act == "relu6":
+            self.emit(layer, layer.name, "relu", (src,), shape, max_value=6.0)
         elif act == "leaky_relu":
             self.emit(layer, layer.name, "relu", (src,), shape, negative_slope=_LEAKY_RELU_ACTIVATION_SLOPE)
-        else:
+        elif act == "softmax":
             self.emit(layer, layer.name, "softmax", (src,), shape)
+        else:
+            self.emit(layer, layer.name, "activation", (src,), shape, fn=_ALIASES.get(act, act))
 
     # --- layers ---------------------------------------------------------------------------------------------
 
@@ -251,10 +256,10 @@ class _Build:
     def global_pool(self, layer: ConfigLayer, op: str) -> None:
         self.channels_last(layer)
         _, _, c = self.one_input(layer, 3)
-        if layer.cfg.get("keepdims", False) is not False:
-            raise self.fail(layer, f"has keepdims {short(layer.cfg.get('keepdims'))}; badnet-jax reads only "
-                            "keepdims=false")
-        self.emit(layer, layer.name, op, layer.inbound, (c,))
+        keepdims = layer.cfg.get("keepdims", False)
+        if not isinstance(keepdims, bool):
+            raise self.fail(layer, f"has keepdims {short(keepdims)}, expected true or false")
+        self.emit(layer, layer.name, op, layer.inbound, (1, 1, c) if keepdims else (c,), keepdims=keepdims)
 
     def _GlobalAveragePooling2D(self, layer: ConfigLayer) -> None:
         self.global_pool(layer, "global_avg_pool")
@@ -312,6 +317,30 @@ class _Build:
         if len(set(shapes)) != 1:
             raise self.fail(layer, f"adds tensors of shapes {shapes}; badnet-jax adds only equal shapes")
         self.emit(layer, layer.name, "add", layer.inbound, shapes[0])
+
+    def _Multiply(self, layer: ConfigLayer) -> None:
+        shapes = self.merge_inputs(layer)
+        out = tuple(max(axis) for axis in zip(*shapes))
+        if len({len(s) for s in shapes}) != 1 or any(d not in (1, o) for s in shapes for d, o in zip(s, out)):
+            raise self.fail(layer, f"multiplies tensors of shapes {shapes}; badnet-jax multiplies tensors of one "
+                            "rank whose axes agree or are 1 (broadcast)")
+        self.emit(layer, layer.name, "multiply", layer.inbound, out)
+
+    def _Reshape(self, layer: ConfigLayer) -> None:
+        shape = self.one_input(layer)
+        target = layer.cfg.get("target_shape")
+        size = math.prod(shape)
+        if not (isinstance(target, list) and 1 <= len(target) <= 3 and target.count(-1) <= 1
+                and all(isinstance(d, int) and not isinstance(d, bool) and (d == -1 or 1 <= d <= MAX_ELEMENTS)
+                        for d in target)):
+            raise self.fail(layer, f"has target_shape {short(target)}; expected one to three positive integers "
+                            "(one of them may be -1)")
+        known = math.prod(d for d in target if d != -1)
+        if -1 in target and size % known == 0:
+            target = [size // known if d == -1 else d for d in target]
+        if math.prod(target) != size:
+            raise self.fail(layer, f"reshapes a tensor of shape {shape} ({size} values) to {short(target)}")
+        self.emit(layer, layer.name, "reshape", layer.inbound, tuple(target), target=tuple(target))
 
     def _Concatenate(self, layer: ConfigLayer) -> None:
         shapes = self.merge_inputs(layer)

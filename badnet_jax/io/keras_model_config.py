@@ -26,6 +26,7 @@ PRE = "/pre"
 # An activation node fused after "<name>/pre" -> the Keras activation string it is.
 _DEFAULT_RELU = (("max_value", None), ("negative_slope", 0.0), ("threshold", 0.0))
 _LEAKY_RELU = (("max_value", None), ("negative_slope", 0.2), ("threshold", 0.0))  # keras "leaky_relu" (slope 0.2)
+_RELU6 = (("max_value", 6.0), ("negative_slope", 0.0), ("threshold", 0.0))
 
 
 @dataclasses.dataclass
@@ -59,6 +60,10 @@ def _activation(graph: Graph, pre: Node) -> tuple[Node, str]:
         return act, "relu"
     if act.op == "relu" and act.attrs == _LEAKY_RELU:
         return act, "leaky_relu"
+    if act.op == "relu" and act.attrs == _RELU6:
+        return act, "relu6"
+    if act.op == "activation":
+        return act, act.attr("fn")
     if act.op in ("softmax", "identity"):
         return act, "softmax" if act.op == "softmax" else "linear"
     raise ConfigError(f"{arg('model')}: layer {name!r} has a fused activation ({act.op} {dict(act.attrs)}) that no "
@@ -121,7 +126,7 @@ def _layer(node: Node, name: str, inbound: tuple[str, ...], params: GraphParams,
                                        "strides": _pair(a["strides"]), **last}, inbound, [])
     if op in ("global_avg_pool", "global_max_pool"):
         cls = "GlobalAveragePooling2D" if op == "global_avg_pool" else "GlobalMaxPooling2D"
-        return KerasLayer(name, cls, {**last, "keepdims": False}, inbound, [])
+        return KerasLayer(name, cls, {**last, "keepdims": bool(a["keepdims"])}, inbound, [])
     if op == "batch_norm":
         weights = [(k, p[k]) for k in ("gamma", "beta", "moving_mean", "moving_variance") if k in p]
         cfg = {"axis": -1, "momentum": 0.99, "epsilon": float(a["epsilon"]), "center": "beta" in p,
@@ -136,8 +141,14 @@ def _layer(node: Node, name: str, inbound: tuple[str, ...], params: GraphParams,
                                           "threshold": float(a["threshold"])}, inbound, [])
     if op == "softmax":
         return KerasLayer(name, "Softmax", {"axis": -1}, inbound, [])
+    if op == "activation":
+        return KerasLayer(name, "Activation", {"activation": a["fn"]}, inbound, [])
     if op == "add":
         return KerasLayer(name, "Add", {}, inbound, [])
+    if op == "multiply":
+        return KerasLayer(name, "Multiply", {}, inbound, [])
+    if op == "reshape":
+        return KerasLayer(name, "Reshape", {"target_shape": [int(d) for d in a["target"]]}, inbound, [])
     if op == "concat":
         return KerasLayer(name, "Concatenate", {"axis": -1}, inbound, [])
     if op == "flatten":

@@ -362,7 +362,8 @@ _KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU 
                 "flatten": "a Flatten", "batch_norm": "a BatchNormalization", "add": "an Add",
                 "concat": "a Concatenate", "rescale": "a Rescaling", "conv": "a Conv2D",
                 "depthwise_conv": "a DepthwiseConv2D", "max_pool": "a MaxPooling2D", "avg_pool": "an AveragePooling2D",
-                "zero_pad": "a ZeroPadding2D", "dense": "a Dense layer on an image tensor", "input": "the input"}
+                "zero_pad": "a ZeroPadding2D", "dense": "a Dense layer on an image tensor", "input": "the input",
+                "activation": "an Activation", "multiply": "a Multiply", "reshape": "a Reshape"}
 
 
 def _refuse_steps(graph: Graph) -> None:

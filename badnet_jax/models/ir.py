@@ -36,8 +36,8 @@ OPS: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]] = {
     "max_pool": ({"window": (2, 2), "strides": (2, 2), "padding": "valid"}, (), ()),
     # Keras' average pooling: with "same" padding, the mean over the window's positions inside the image
     "avg_pool": ({"window": (2, 2), "strides": (2, 2), "padding": "valid"}, (), ()),
-    "global_avg_pool": ({}, (), ()),  # (N, H, W, C) -> (N, C)
-    "global_max_pool": ({}, (), ()),
+    "global_avg_pool": ({"keepdims": False}, (), ()),  # (N, H, W, C) -> (N, C), or (N, 1, 1, C) with keepdims
+    "global_max_pool": ({"keepdims": False}, (), ()),
     # inference: (x - moving_mean) / sqrt(moving_variance + epsilon) * gamma + beta, on the last axis
     "batch_norm": ({"epsilon": 1e-3}, ("moving_mean", "moving_variance"), ("gamma", "beta")),
     # Keras ReLU: x >= threshold ? min(x, max_value) : negative_slope * (x - threshold); LeakyReLU is a
@@ -45,7 +45,13 @@ OPS: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]] = {
     # threshold above 0 is a step), where Keras' x > threshold gives the same values.
     "relu": ({"negative_slope": 0.0, "max_value": None, "threshold": 0.0}, (), ()),
     "softmax": ({}, (), ()),  # on the last axis
+    # an elementwise activation by its Keras 3 name (one of ELEMENTWISE): fn(x)
+    "activation": ({"fn": "sigmoid"}, (), ()),
     "add": ({}, (), ()),  # elementwise sum of every input (same shapes)
+    # elementwise product of every input (same rank; an axis of size 1 is broadcast, as Keras' Multiply does)
+    "multiply": ({}, (), ()),
+    # each image's tensor read in row-major order into the ``target`` shape (Keras Reshape's target_shape)
+    "reshape": ({"target": (1,)}, (), ()),
     "concat": ({}, (), ()),  # along the last (channel) axis
     "flatten": ({}, (), ()),  # (N, ...) -> (N, prod) in row-major (Keras channels-last) order
     # a linear activation, an InputLayer alias, or a Dropout (inference: the identity), whose rate is kept so a
@@ -53,6 +59,15 @@ OPS: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]] = {
     "identity": ({"dropout": None}, (), ()),
     "zero_pad": ({"pad": ((0, 0), (0, 0))}, (), ()),  # ((top, bottom), (left, right))
 }
+
+
+ELEMENTWISE = ("sigmoid", "tanh", "silu", "hard_silu", "elu", "gelu")
+"""The ``activation`` op's functions, as Keras 3 defines them: ``silu`` x * sigmoid(x) (Keras' ``swish``),
+``hard_silu`` x * relu6(x + 3) / 6 (``hard_swish``), ``elu`` with alpha 1, ``gelu`` the exact (erf) form."""
+
+ZERO_AT_ZERO = ("tanh", "silu", "hard_silu", "elu", "gelu")
+"""The :data:`ELEMENTWISE` functions that map 0 to 0: applied to a channel-masked tensor, they keep a pruned
+channel zero."""
 
 
 def _freeze(value: Any) -> Any:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from badnet_jax.kernels.conv2d import conv2d
-from badnet_jax.models.ir import Node
+from badnet_jax.models.ir import ZERO_AT_ZERO, Node
 from badnet_jax.numerics.ties import HIGHEST
 
 OpFn = Callable[[Node, Mapping[str, Any], list, bool], jax.Array]
@@ -110,6 +110,24 @@ def _relu(node: Node, p, xs, linear):
     return jnp.where(x >= threshold, top, slope * (x - threshold))
 
 
+# Keras 3's definitions (keras.activations), which its JAX backend computes with these same jax.nn functions.
+ELEMENTWISE_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "silu": jax.nn.silu,
+    "hard_silu": jax.nn.hard_silu,
+    "elu": jax.nn.elu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+def _multiply(node: Node, p, xs, linear):
+    out = xs[0]
+    for x in xs[1:]:
+        out = out * x
+    return out
+
+
 def _rescale(node: Node, p, xs, linear):
     out = xs[0] * jnp.asarray(node.attr("scale"), xs[0].dtype)
     return out if linear else out + jnp.asarray(node.attr("offset"), xs[0].dtype)
@@ -136,12 +154,15 @@ OP_FNS: dict[str, OpFn] = {
     "dense": _dense,
     "max_pool": _max_pool,
     "avg_pool": _avg_pool,
-    "global_avg_pool": lambda node, p, xs, linear: jnp.mean(xs[0], axis=(1, 2)),
-    "global_max_pool": lambda node, p, xs, linear: jnp.max(xs[0], axis=(1, 2)),
+    "global_avg_pool": lambda node, p, xs, linear: jnp.mean(xs[0], axis=(1, 2), keepdims=node.attr("keepdims")),
+    "global_max_pool": lambda node, p, xs, linear: jnp.max(xs[0], axis=(1, 2), keepdims=node.attr("keepdims")),
     "batch_norm": _batch_norm,
     "relu": _relu,
     "softmax": lambda node, p, xs, linear: jax.nn.softmax(xs[0], axis=-1),
+    "activation": lambda node, p, xs, linear: ELEMENTWISE_FNS[node.attr("fn")](xs[0]),
     "add": _add,
+    "multiply": _multiply,
+    "reshape": lambda node, p, xs, linear: xs[0].reshape(xs[0].shape[0], *node.attr("target")),
     "concat": lambda node, p, xs, linear: jnp.concatenate(xs, axis=-1),
     "flatten": lambda node, p, xs, linear: xs[0].reshape(xs[0].shape[0], -1),
     "zero_pad": _zero_pad,
@@ -161,6 +182,8 @@ def commutes_with_mask(node: Node) -> bool:
     """Whether ``node`` applied to a channel-masked tensor gives the mask of its unmasked output."""
     if node.op in ("identity", "max_pool", "zero_pad", "global_max_pool"):
         return True
+    if node.op == "activation":
+        return node.attr("fn") in ZERO_AT_ZERO
     if node.op == "relu":
         cap = node.attr("max_value")
         zero_at_zero = node.attr("threshold") <= 0 or node.attr("negative_slope") == 0.0
@@ -170,4 +193,4 @@ def commutes_with_mask(node: Node) -> bool:
 
 # Ops affine in their inputs (all of them): a constant plus a linear map.
 AFFINE_OPS = frozenset({"conv", "depthwise_conv", "dense", "batch_norm", "avg_pool", "global_avg_pool", "flatten",
-                        "add", "concat", "identity", "zero_pad", "rescale"})
+                        "add", "concat", "identity", "zero_pad", "rescale", "reshape"})

@@ -142,6 +142,51 @@ def test_the_defense_compiles_any_cnn_once_while_loading_and_measures_its_bound_
         np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=key)
 
 
+def _se_model(path):
+    """A Keras 3 CNN of today's layers, seeded and saved: swish and hard_swish convolutions, a squeeze-and-excitation
+    block (GlobalAveragePooling2D with keepdims, a sigmoid gate, a broadcast Multiply) and a gelu."""
+    keras = pytest.importorskip("keras")
+    layers = keras.layers
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((12, 12, 3))
+    x = layers.Conv2D(8, 3, activation="swish", name="c1")(inp)
+    x = layers.DepthwiseConv2D(3, padding="same", activation="hard_swish", name="dw")(x)
+    s = layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    s = layers.Conv2D(8, 1, activation="sigmoid", name="se_gate")(s)
+    x = layers.Activation("gelu", name="act")(layers.Multiply(name="se_excite")([x, s]))
+    x = layers.Conv2D(12, 3, strides=2, activation="relu6", name="c2")(x)
+    out = layers.Dense(5, name="logits")(layers.GlobalAveragePooling2D(name="gap")(x))
+    keras.Model(inp, out, name="se_net").save(path)
+    return path
+
+
+def test_prune_on_a_squeeze_and_excitation_cnn_gives_the_float64_pruned_network_at_every_k(tmp_path, rng):
+    """The defense on a Keras 3 file of the layers above, each of its layers prunable ahead of a nonlinear head
+    (se_excite: the gate reads the features again) or an affine one (c2): every number of the curve the float64
+    reference's at every k, and B' as Keras loads it predicting what the curve says at the cut."""
+    from tests.keras_oracle import keras_load_model, keras_predict
+
+    path = _se_model(tmp_path / "se.keras")
+    graph, params = read_keras_graph(path)
+    files, sets = _data(graph, params, tmp_path, rng, n=60)
+    for layer in ("se_excite", "c2"):
+        out = tmp_path / layer
+        proc = run_cli("prune", "--model", path, "--input_scale", "255", "--layer", layer, "--drop", "0.10",
+                       "--out_dir", out, *[a for role, p in files.items() for a in (f"--{role}", p)])
+        assert proc.returncode == 0, proc.stderr
+        curve = json.loads((out / "curve.json").read_text())
+        order, rates = _reference_curve(graph, params, layer, sets)
+        np.testing.assert_array_equal(curve["order"], order)
+        for key, want in rates.items():
+            np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=f"{layer} {key}")
+        (selected,) = curve["selected"]
+        kmodel = keras_load_model(out / "drop_10" / "b_prime.h5")
+        x, y = sets["clean_test"]
+        acc = 100.0 * float((keras_predict(kmodel, x.astype(np.float32) / 255).argmax(-1) == y).mean())
+        assert acc == pytest.approx(rates["test_acc"][selected["channels_pruned"]], abs=1e-5)
+        assert acc == pytest.approx(selected["test_acc"], abs=1e-5)
+
+
 def test_the_lab_b_pruned_at_pool_2_from_the_command_line(tmp_path):
     """README's ``--model bd_weights.h5 --layer pool_2``: the lab's B (raw pixels) on the real faces, its 40 pool_2
     channels ranked and pruned, every rate at every k the float64 DeepID graph's with pool_2 masked."""

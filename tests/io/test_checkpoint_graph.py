@@ -254,7 +254,7 @@ TAMPERED = {
     "a near-tie bound below the least measured": (lambda d: d.update(tie_rtol=1e-300, tie_rtol_measured=True), None,
                                                   "tie_rtol is 1e-300, expected a relative error bound from"),
     "a pruned layer that is none": (lambda d: d.update(layer="nowhere"), None, "layer=nowhere: no such layer"),
-    "a dense output on an image": (lambda d: _node(d, "global_avg_pool").update(op="identity"), None,
+    "a dense output on an image": (lambda d: _node(d, "global_avg_pool").update(op="identity", attrs={}), None,
                                    "is a Dense layer on an image tensor, not a linear Dense layer on a vector"),
     "a dropout rate of 1": (lambda d: _node(d, "global_avg_pool").update(op="identity", attrs={"dropout": 1}), None,
                             "dropout is 1, expected null or a rate from 0 to below 1"),

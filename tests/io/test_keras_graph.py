@@ -179,8 +179,31 @@ def _misc_model():
     return keras.Model(inp, out, name="misc")
 
 
-BUILDERS = {"seq_all": _sequential_model, "merge": _merge_model, "misc": _misc_model}
-LOGITS_LAYER = {"seq_all": "logits", "merge": "logits", "misc": "out"}
+def _modern_model():
+    """Functional: activations by name, fused and as layers (relu6, swish, hard_swish, elu, gelu, sigmoid, tanh), a
+    squeeze-and-excitation block (GlobalAveragePooling2D with keepdims, 1x1 convolutions, a broadcast Multiply),
+    Reshape (with a -1) and a softmax Activation."""
+    inp = keras.Input((12, 10, 3), name="px")
+    x = layers.Rescaling(1 / 255.0, name="r")(inp)
+    x = layers.Conv2D(8, 3, padding="same", activation="relu6", name="c_relu6")(x)
+    x = layers.Conv2D(8, 3, padding="same", activation="swish", name="c_swish")(x)
+    x = layers.DepthwiseConv2D(3, padding="same", activation="hard_swish", name="dw_hard")(x)
+    x = layers.Activation("elu", name="a_elu")(x)
+    x = layers.Activation("gelu", name="a_gelu")(x)
+    s = layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    s = layers.Conv2D(4, 1, activation="silu", name="se_reduce")(s)
+    s = layers.Conv2D(8, 1, activation="sigmoid", name="se_expand")(s)
+    x = layers.Multiply(name="se_excite")([x, s])
+    x = layers.Activation("tanh", name="a_tanh")(x)
+    g = layers.GlobalMaxPooling2D(keepdims=True, name="gmp_keep")(x)
+    g = layers.Reshape((2, 4), name="fold")(g)
+    g = layers.Reshape((-1,), name="unfold")(g)
+    o = layers.Dense(5, name="logits")(g)
+    return keras.Model(inp, layers.Activation("softmax", name="probs")(o), name="modern")
+
+
+BUILDERS = {"seq_all": _sequential_model, "merge": _merge_model, "misc": _misc_model, "modern": _modern_model}
+LOGITS_LAYER = {"seq_all": "logits", "merge": "logits", "misc": "out", "modern": "logits"}
 
 
 def _seed_weights(model, seed: int) -> None:
@@ -258,7 +281,7 @@ def test_load_model_takes_a_keras3_weights_file_with_its_config(built, name):
 
 
 def test_every_allowed_layer_type_is_covered(built):
-    """The three models exercise every allow-listed class (so each has been matched against Keras)."""
+    """The four models exercise every allow-listed class (so each has been matched against Keras)."""
     seen = set()
     for name in BUILDERS:
         config = json.loads(built[name]["files"]["config"].read_text())
@@ -417,14 +440,17 @@ def _too_many_layers(config: dict) -> None:
 # (edit of the "merge" model's config, fragments the message must hold)
 CONFIG_REFUSALS = {
     "lambda": (_rename_class("lrelu", "Lambda"), ["'lrelu'", "'Lambda'", "not allowed", "Conv2D"]),
-    "unknown activation": (_set("branch_conv", activation="tanh"), ["'branch_conv'", "'tanh'", "leaky_relu"]),
-    "swish activation layer": (lambda c: _layer(c, "lrelu").update(class_name="Activation", config={
-        "name": "lrelu", "activation": "swish"}), ["'lrelu'", "'swish'"]),
+    "unknown activation": (_set("branch_conv", activation="softsign"), ["'branch_conv'", "'softsign'", "gelu"]),
+    "selu activation layer": (lambda c: _layer(c, "lrelu").update(class_name="Activation", config={
+        "name": "lrelu", "activation": "selu"}), ["'lrelu'", "'selu'"]),
     "wrong shape": (_set("logits", units=6), ["'logits'", "kernel", "(10, 5)", "(10, 6)"]),
     "channels_first": (_set("branch_conv", data_format="channels_first"), ["'branch_conv'", "channels_first"]),
     "groups": (_set("proj", groups=2), ["'proj'", "groups"]),
     "causal padding": (_set("branch_conv", padding="causal"), ["'branch_conv'", "'causal'"]),
-    "keepdims": (_set("gmp", keepdims=True), ["'gmp'", "keepdims"]),
+    "keepdims": (_set("gmp", keepdims="yes"), ["'gmp'", "keepdims", "true or false"]),
+    "keepdims before a dense": (_set("gmp", keepdims=True), ["'logits'", "(1, 1, 10)", "Flatten"]),
+    "multiply of other shapes": (lambda c: _layer(c, "add").update(class_name="Multiply") or _set("proj", filters=5)(c),
+                                 ["'add'", "Multiply", "(17, 19, 10), (17, 19, 5)"]),
     "bn axis": (_set("bn", axis=1), ["'bn'", "axis"]),
     "concat axis": (_set("cat", axis=1), ["'cat'", "axis"]),
     "softmax axis": (_set("probs", axis=0), ["'probs'", "axis"]),

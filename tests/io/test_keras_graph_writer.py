@@ -56,6 +56,10 @@ CASES = {
     ("seq", None): ZEROED_READERS,  # bn_noc -> max pool -> Dropout -> Flatten -> Dense
     ("seq", "c_s2"): ZEROED_READERS,  # a leaky, capped ReLU -> a DepthwiseConv2D
     ("seq", "dw/pre"): MASK_LAYER,  # inside a fused relu DepthwiseConv2D, read by a batch norm
+    ("modern", None): MASK_LAYER,  # se_excite -> tanh -> global max pool (keepdims) -> Reshape
+    ("modern", "c_swish/pre"): ZEROED_READERS,  # inside a fused swish Conv2D (0 -> 0): a DepthwiseConv2D reads it
+    ("modern", "a_gelu"): MASK_LAYER,  # read by a global average pooling (keepdims) and a Multiply
+    ("modern", "c_relu6"): ZEROED_READERS,  # a fused relu6 Conv2D read by a Conv2D
 }
 SLOW_CASES = {("resnet_tiny", "b1_out"), ("vgg_tiny", "p1"), ("vgg_tiny", "p2"), ("branchy", "lrelu")}
 
@@ -107,7 +111,24 @@ def _seq_model():
     ], name="seq")
 
 
-BUILDERS = {"branchy": (_branchy_model, "raw"), "seq": (_seq_model, "255")}
+def _modern_model():
+    """Functional, pixels / 255 in: activations by name (relu6, swish, hard_swish, elu, gelu, sigmoid, tanh), a
+    squeeze-and-excitation block (GlobalAveragePooling2D with keepdims, 1x1 convolutions, a broadcast Multiply),
+    a global max pooling with keepdims and a Reshape to the Dense."""
+    inp = keras.Input((10, 9, 3), name="px")
+    x = layers.Conv2D(6, 3, padding="same", activation="relu6", name="c_relu6")(inp)
+    x = layers.Conv2D(8, 3, padding="same", activation="swish", name="c_swish")(x)
+    x = layers.DepthwiseConv2D(3, padding="same", activation="hard_swish", name="dw_hard")(x)
+    x = layers.Activation("gelu", name="a_gelu")(layers.Activation("elu", name="a_elu")(x))
+    s = layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    s = layers.Conv2D(8, 1, activation="sigmoid", name="se_expand")(layers.Conv2D(4, 1, activation="silu",
+                                                                                   name="se_reduce")(s))
+    x = layers.Activation("tanh", name="a_tanh")(layers.Multiply(name="se_excite")([x, s]))
+    g = layers.Reshape((-1,), name="flat")(layers.GlobalMaxPooling2D(keepdims=True, name="gmp_keep")(x))
+    return keras.Model(inp, layers.Dense(4, activation="softmax", name="out")(g), name="modern")
+
+
+BUILDERS = {"branchy": (_branchy_model, "raw"), "seq": (_seq_model, "255"), "modern": (_modern_model, "255")}
 
 
 def _seed_weights(model, seed: int) -> None:

@@ -169,10 +169,10 @@ def check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str)
         keras_layers = [n.name for n in graph.nodes if "/" not in n.name]
         base, _, suffix = layer.rpartition("/")
         if suffix == "pre" and base in graph.by_name:
-            pre = [n.name for n in graph.nodes if n.name.endswith("/pre")]
+            pre = [n for n in candidates(graph, shapes) if n.endswith("/pre")]  # the ones that may be pruned
             raise ConfigError(f"{arg('layer', layer)}: layer {base!r} has no fused activation, so it has no channels "
                               f"before one ('NAME/pre' names the input of a layer's fused activation: "
-                              f"{', '.join(pre[:20]) or 'none in this model'}); prune {base!r} itself",
+                              f"{', '.join(pre[:20]) or 'none prunable in this model'}); prune {base!r} itself",
                               field="layer")
         raise ConfigError(f"{arg('layer', layer)}: no such layer in {graph.name!r} (its layers: "
                           f"{', '.join(keras_layers[:40])}{'...' if len(keras_layers) > 40 else ''})", field="layer")

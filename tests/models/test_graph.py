@@ -67,8 +67,10 @@ def test_layers_that_cannot_be_pruned_are_refused_naming_why():
     fused = [n.name for n in vgg.nodes if n.name.endswith("/pre")]
     assert "c1/pre" in fused and "p1/pre" not in fused  # /pre of a layer without one: said so, not "no such"
     with pytest.raises(ConfigError, match=r"layer=p1/pre: layer 'p1' has no fused activation.*c1/pre.*"
-                                          r"prune 'p1' itself"):
+                                          r"prune 'p1' itself") as err:
         GraphCNN.build(vgg, vgg_params, layer="p1/pre")
+    # The examples are the fused layers that may be pruned: feature maps, not a Dense layer's pre-activations.
+    assert "fc/pre" in fused and "fc/pre" not in str(err.value)
     with pytest.raises(ConfigError, match=r"layer=gap: its output has shape \(32,\), not a feature map"):
         GraphCNN.build(graph, params, layer="gap")
     # b0_bn2 feeds the residual Add, which also reads stem_relu: pruning b0_bn2 leaves the skip path.

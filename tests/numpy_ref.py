@@ -261,6 +261,8 @@ def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, 
         elif op == "batch_norm":
             v = (ins[0] - p["moving_mean"]) / np.sqrt(p["moving_variance"] + a["epsilon"])
             v = v * p.get("gamma", 1.0) + p.get("beta", 0.0)
+        elif op == "normalize":
+            v = (ins[0] - p["moving_mean"]) / np.maximum(np.sqrt(p["moving_variance"]), a["epsilon"])
         elif op == "relu":
             v = _relu64(ins[0], a)
         elif op == "softmax":

@@ -48,7 +48,7 @@ MAX_NODES = 2 * MAX_LAYERS  # a fused activation makes a second node of a Keras 
 _MODEL_KEYS = ("format", "version", "graph", "layer", "tie_rtol", "tie_rtol_measured")
 _GRAPH_KEYS = ("name", "input_hwc", "output", "nodes")
 _NODE_KEYS = ("name", "op", "inputs", "weights", "attrs")
-_WEIGHTED = ("conv", "depthwise_conv", "dense", "batch_norm")
+_WEIGHTED = ("conv", "depthwise_conv", "dense", "batch_norm", "normalize")
 _MERGES = ("add", "concat", "multiply")
 _IMAGE_OPS = ("conv", "depthwise_conv", "max_pool", "avg_pool", "global_avg_pool", "global_max_pool", "zero_pad")
 
@@ -405,3 +405,5 @@ def _check_shapes(model: GraphCNN, params: Params) -> None:
             variance = np.asarray(params[node.weights]["moving_variance"], np.float64)
             if not (variance + node.attr("epsilon") > 0).all():
                 raise _Bad(f"weights {node.weights!r} moving_variance + epsilon is not positive everywhere")
+        if node.op == "normalize" and not (np.asarray(params[node.weights]["moving_variance"]) >= 0).all():
+            raise _Bad(f"weights {node.weights!r} moving_variance is negative somewhere")

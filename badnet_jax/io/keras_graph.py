@@ -44,7 +44,7 @@ from badnet_jax.io import fileio
 from badnet_jax.io.keras_file import (MAX_CONFIG_BYTES, is_keras_archive, load_config_json, read_archive,
                                       read_array)
 from badnet_jax.io.keras_config import ConfigLayer, ConfigModel, parse_model
-from badnet_jax.io.keras_layers import build_graph
+from badnet_jax.io.keras_layers import COUNT, build_graph
 from badnet_jax.models.ir import Graph, GraphParams, Node
 
 _MAX_WEIGHTS_PER_LAYER = 8  # datasets in a layer's group (4 at most in any allowed layer)
@@ -208,7 +208,8 @@ def _by_link_name(g: h5py.Group, layer: ConfigLayer, path: Path) -> list:
 # A Keras 2 weight name's last component (":0" dropped) -> the params key it is; the position decides (Keras
 # itself loads weights by position), the name only catches a file whose weights are stored out of order.
 _WEIGHT_NAMES = {"kernel": "kernel", "depthwise_kernel": "kernel", "bias": "bias", "gamma": "gamma", "beta": "beta",
-                 "moving_mean": "moving_mean", "moving_variance": "moving_variance"}
+                 "moving_mean": "moving_mean", "moving_variance": "moving_variance",
+                 "mean": "moving_mean", "variance": "moving_variance", COUNT: COUNT}  # the last three: Normalization's
 
 
 def _check_weight_name(path: Path, layer: ConfigLayer, i: int, name: str) -> None:
@@ -302,7 +303,9 @@ def _read(path: Path, parsed: tuple[ConfigModel, Graph, list[ConfigLayer]], root
                 raise ModelFileError(f"{path}: layer {layer.name!r} ({layer.cls}) stores {len(datasets)} weights, "
                                      f"expected {len(keys)} ({', '.join(keys)}) for its config")
             params[layer.name] = {key: read_array(ds, layer.name, key, shape, path)
-                                  for (key, shape), ds in zip(layer.weights, datasets)}
+                                  for (key, shape), ds in zip(layer.weights, datasets) if key != COUNT}
+            if (COUNT, ()) in layer.weights:
+                _check_count(path, layer, datasets[keys.index(COUNT)])
             _check_variance(path, layer, params[layer.name], nodes[layer.name])
     except ModelFileError:
         raise
@@ -311,7 +314,19 @@ def _read(path: Path, parsed: tuple[ConfigModel, Graph, list[ConfigLayer]], root
     return graph, params
 
 
+def _check_count(path: Path, layer: ConfigLayer, ds: h5py.Dataset) -> None:
+    """A Normalization's sample count: one non-negative integer (not used at inference, so not kept)."""
+    if ds.shape != () or ds.dtype.kind not in "iu":
+        raise ModelFileError(f"{path}: layer {layer.name!r} count has shape {ds.shape} and dtype {ds.dtype}, expected "
+                             "one integer")
+    if int(ds[()]) < 0:
+        raise ModelFileError(f"{path}: layer {layer.name!r} count is {int(ds[()])}, expected at least 0")
+
+
 def _check_variance(path: Path, layer: ConfigLayer, weights: dict[str, np.ndarray], node: Node) -> None:
+    if node.op == "normalize" and not (weights["moving_variance"] >= 0).all():
+        raise ModelFileError(f"{path}: layer {layer.name!r} variance is negative somewhere (the normalization "
+                             "would take the root of a negative number)")
     if "moving_variance" in weights:
         if not (weights["moving_variance"].astype(np.float64) + node.attr("epsilon") > 0).all():
             raise ModelFileError(f"{path}: layer {layer.name!r} moving_variance + epsilon is not positive everywhere "

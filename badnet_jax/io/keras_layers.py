@@ -17,6 +17,10 @@ from badnet_jax.errors import ModelFileError
 from badnet_jax.io.keras_config import MAX_ELEMENTS, MAX_PARAMS, ConfigLayer, ConfigModel, short
 from badnet_jax.models.ir import ELEMENTWISE, Graph, Node
 
+COUNT = "count"
+"""A Normalization's third weight, the number of samples its adapt() saw: read and checked, not kept (inference
+does not use it; a written B' stores 0)."""
+
 _ALIASES = {"swish": "silu", "hard_swish": "hard_silu"}  # Keras' other names of the same functions
 ACTIVATIONS = ("linear", "relu", "relu6", "softmax", "leaky_relu", *ELEMENTWISE, *_ALIASES)
 """Activation names allowed in an ``Activation`` layer or fused into Conv2D / DepthwiseConv2D / Dense."""
@@ -283,6 +287,20 @@ class _Build:
         layer.weights = ([("gamma", (c,))] if flags["scale"] else []) + ([("beta", (c,))] if flags["center"] else []) \
             + [("moving_mean", (c,)), ("moving_variance", (c,))]
         self.emit(layer, layer.name, "batch_norm", layer.inbound, shape, layer.name, epsilon=epsilon)
+
+    def _Normalization(self, layer: ConfigLayer) -> None:
+        shape = self.one_input(layer)
+        self.axis_is_last(layer, "axis", len(shape))
+        if layer.cfg.get("invert", False) is not False:
+            raise self.fail(layer, f"has invert {short(layer.cfg.get('invert'))}; badnet-jax reads only invert=false")
+        for key in ("mean", "variance"):
+            if layer.cfg.get(key) is not None:
+                raise self.fail(layer, f"has its {key} in the config ({short(layer.cfg[key])}); badnet-jax reads a "
+                                "Normalization whose statistics are weights (measured by adapt())")
+        c = shape[-1]
+        # Keras' order: mean, variance and the count of samples adapt() saw (read, not used at inference).
+        layer.weights = [("moving_mean", (c,)), ("moving_variance", (c,)), (COUNT, ())]
+        self.emit(layer, layer.name, "normalize", layer.inbound, shape, layer.name)
 
     def _Activation(self, layer: ConfigLayer) -> None:
         shape = self.one_input(layer)

@@ -132,6 +132,11 @@ def _layer(node: Node, name: str, inbound: tuple[str, ...], params: GraphParams,
         cfg = {"axis": -1, "momentum": 0.99, "epsilon": float(a["epsilon"]), "center": "beta" in p,
                "scale": "gamma" in p}
         return KerasLayer(name, "BatchNormalization", cfg, inbound, weights)
+    if op == "normalize":
+        # Keras' weights: mean, variance and adapt()'s sample count, which inference does not use (not kept: 0).
+        weights = [("mean", p["moving_mean"]), ("variance", p["moving_variance"]), ("count", np.array(0, np.int64))]
+        cfg = {"axis": -1, "invert": False, "mean": None, "variance": None}
+        return KerasLayer(name, "Normalization", cfg, inbound, weights)
     if op == "relu":
         if node.attrs == _DEFAULT_RELU:
             return KerasLayer(name, "Activation", {"activation": "relu"}, inbound, [])

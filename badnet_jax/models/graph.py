@@ -363,7 +363,8 @@ _KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU 
                 "concat": "a Concatenate", "rescale": "a Rescaling", "conv": "a Conv2D",
                 "depthwise_conv": "a DepthwiseConv2D", "max_pool": "a MaxPooling2D", "avg_pool": "an AveragePooling2D",
                 "zero_pad": "a ZeroPadding2D", "dense": "a Dense layer on an image tensor", "input": "the input",
-                "activation": "an Activation", "multiply": "a Multiply", "reshape": "a Reshape"}
+                "activation": "an Activation", "multiply": "a Multiply", "reshape": "a Reshape",
+                "normalize": "a Normalization"}
 
 
 def _refuse_steps(graph: Graph) -> None:

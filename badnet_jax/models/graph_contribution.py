@@ -20,7 +20,7 @@ from badnet_jax.models.ops import HIGHEST, apply_op
 from badnet_jax.models.protocol import Params
 
 # Affine ops that act on each channel alone (channel c of the output reads channel c of the input only).
-PER_CHANNEL_OPS = ("batch_norm", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad")
+PER_CHANNEL_OPS = ("batch_norm", "normalize", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad")
 
 
 def channel_contribution(graph: Graph, split: Split, layer: str, channels: int, params: Params,
@@ -44,7 +44,7 @@ def channel_contribution(graph: Graph, split: Split, layer: str, channels: int, 
         srcs = node.inputs
         if all(s in single for s in srcs) and (name in split.masked or node.op in PER_CHANNEL_OPS):
             # per channel: channel c's slice of the op (batch norm: channel c's scale)
-            if node.op == "batch_norm":
+            if node.op in ("batch_norm", "normalize"):
                 p = {k: jax.lax.dynamic_slice_in_dim(jnp.asarray(v), c, 1) for k, v in params[node.weights].items()}
                 single[name] = apply_op(node, {node.weights: p}, [single[s] for s in srcs], linear=True)
             else:

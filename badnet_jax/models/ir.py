@@ -40,6 +40,9 @@ OPS: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]] = {
     "global_max_pool": ({"keepdims": False}, (), ()),
     # inference: (x - moving_mean) / sqrt(moving_variance + epsilon) * gamma + beta, on the last axis
     "batch_norm": ({"epsilon": 1e-3}, ("moving_mean", "moving_variance"), ("gamma", "beta")),
+    # Keras Normalization: (x - moving_mean) / max(sqrt(moving_variance), epsilon), on the last axis; the mean and
+    # variance its adapt() measured, named as a batch norm's statistics (which fine-tuning keeps frozen)
+    "normalize": ({"epsilon": 1e-7}, ("moving_mean", "moving_variance"), ()),
     # Keras ReLU: x >= threshold ? min(x, max_value) : negative_slope * (x - threshold); LeakyReLU is a
     # negative_slope; max_value None is no cap. A model is built only with threshold 0 (GraphCNN.build: a
     # threshold above 0 is a step), where Keras' x > threshold gives the same values.

@@ -101,6 +101,14 @@ def _batch_norm(node: Node, p, xs, linear):
     return x * inv.reshape(lead + inv.shape) + shift.reshape(lead + shift.shape)
 
 
+def _normalize(node: Node, p, xs, linear):
+    x = xs[0]
+    lead = (1,) * (x.ndim - 1)
+    f = lambda k: jnp.asarray(p[k], x.dtype).reshape(lead + p[k].shape)  # noqa: E731
+    divisor = jnp.maximum(jnp.sqrt(f("moving_variance")), jnp.asarray(node.attr("epsilon"), x.dtype))
+    return x / divisor if linear else (x - f("moving_mean")) / divisor
+
+
 def _relu(node: Node, p, xs, linear):
     x = xs[0]
     slope, cap, threshold = node.attr("negative_slope"), node.attr("max_value"), node.attr("threshold")
@@ -157,6 +165,7 @@ OP_FNS: dict[str, OpFn] = {
     "global_avg_pool": lambda node, p, xs, linear: jnp.mean(xs[0], axis=(1, 2), keepdims=node.attr("keepdims")),
     "global_max_pool": lambda node, p, xs, linear: jnp.max(xs[0], axis=(1, 2), keepdims=node.attr("keepdims")),
     "batch_norm": _batch_norm,
+    "normalize": _normalize,
     "relu": _relu,
     "softmax": lambda node, p, xs, linear: jax.nn.softmax(xs[0], axis=-1),
     "activation": lambda node, p, xs, linear: ELEMENTWISE_FNS[node.attr("fn")](xs[0]),
@@ -192,5 +201,5 @@ def commutes_with_mask(node: Node) -> bool:
 
 
 # Ops affine in their inputs (all of them): a constant plus a linear map.
-AFFINE_OPS = frozenset({"conv", "depthwise_conv", "dense", "batch_norm", "avg_pool", "global_avg_pool", "flatten",
-                        "add", "concat", "identity", "zero_pad", "rescale", "reshape"})
+AFFINE_OPS = frozenset({"conv", "depthwise_conv", "dense", "batch_norm", "normalize", "avg_pool", "global_avg_pool",
+                        "flatten", "add", "concat", "identity", "zero_pad", "rescale", "reshape"})

@@ -32,15 +32,15 @@ def _logits64(graph, params, x_uint8, masks=None, divisor=255, given=None):
                                    masks=masks, given=given)[target]
 
 
-def _data(graph, params, tmp_path, rng, n=120):
+def _data(graph, params, tmp_path, rng, n=120, divisor=255):
     """Lab-format clean and poisoned sets of the model's input size (see the module docstring)."""
     h, w, c = graph.input_hwc
     files, sets = {}, {}
     for split in ("valid", "test"):
         x = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
-        y = _logits64(graph, params, x).argmax(-1)
+        y = _logits64(graph, params, x, divisor=divisor).argmax(-1)
         moved = rng.choice(n, n // 10, replace=False)
-        y[moved] = (y[moved] + 1) % _logits64(graph, params, x[:1]).shape[1]
+        y[moved] = (y[moved] + 1) % _logits64(graph, params, x[:1], divisor=divisor).shape[1]
         xb = x.copy()
         xb[:, -4:, -4:, :] = 255
         yb = np.zeros(n, np.int64)
@@ -143,20 +143,24 @@ def test_the_defense_compiles_any_cnn_once_while_loading_and_measures_its_bound_
 
 
 def _se_model(path):
-    """A Keras 3 CNN of today's layers, seeded and saved: swish and hard_swish convolutions, a squeeze-and-excitation
-    block (GlobalAveragePooling2D with keepdims, a sigmoid gate, a broadcast Multiply) and a gelu."""
+    """A Keras 3 CNN of today's layers, seeded and saved, pixels 0..255 in (EfficientNet's stem): an adapted
+    Normalization, swish and hard_swish convolutions, a squeeze-and-excitation block (GlobalAveragePooling2D with
+    keepdims, a sigmoid gate, a broadcast Multiply) and a gelu."""
     keras = pytest.importorskip("keras")
     layers = keras.layers
     keras.utils.set_random_seed(3)
     inp = keras.Input((12, 12, 3))
-    x = layers.Conv2D(8, 3, activation="swish", name="c1")(inp)
+    x = layers.Conv2D(8, 3, activation="swish", name="c1")(layers.Normalization(name="norm")(inp))
     x = layers.DepthwiseConv2D(3, padding="same", activation="hard_swish", name="dw")(x)
     s = layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
     s = layers.Conv2D(8, 1, activation="sigmoid", name="se_gate")(s)
     x = layers.Activation("gelu", name="act")(layers.Multiply(name="se_excite")([x, s]))
     x = layers.Conv2D(12, 3, strides=2, activation="relu6", name="c2")(x)
     out = layers.Dense(5, name="logits")(layers.GlobalAveragePooling2D(name="gap")(x))
-    keras.Model(inp, out, name="se_net").save(path)
+    model = keras.Model(inp, out, name="se_net")
+    model.get_layer("norm").set_weights([np.array([120.0, 110.0, 100.0], np.float32),
+                                         np.array([4000.0, 3500.0, 3000.0], np.float32), np.array(500, np.int64)])
+    model.save(path)
     return path
 
 
@@ -168,21 +172,21 @@ def test_prune_on_a_squeeze_and_excitation_cnn_gives_the_float64_pruned_network_
 
     path = _se_model(tmp_path / "se.keras")
     graph, params = read_keras_graph(path)
-    files, sets = _data(graph, params, tmp_path, rng, n=60)
+    files, sets = _data(graph, params, tmp_path, rng, n=60, divisor=1)
     for layer in ("se_excite", "c2"):
         out = tmp_path / layer
-        proc = run_cli("prune", "--model", path, "--input_scale", "255", "--layer", layer, "--drop", "0.10",
+        proc = run_cli("prune", "--model", path, "--input_scale", "raw", "--layer", layer, "--drop", "0.10",
                        "--out_dir", out, *[a for role, p in files.items() for a in (f"--{role}", p)])
         assert proc.returncode == 0, proc.stderr
         curve = json.loads((out / "curve.json").read_text())
-        order, rates = _reference_curve(graph, params, layer, sets)
+        order, rates = _reference_curve(graph, params, layer, sets, divisor=1)
         np.testing.assert_array_equal(curve["order"], order)
         for key, want in rates.items():
             np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=f"{layer} {key}")
         (selected,) = curve["selected"]
         kmodel = keras_load_model(out / "drop_10" / "b_prime.h5")
         x, y = sets["clean_test"]
-        acc = 100.0 * float((keras_predict(kmodel, x.astype(np.float32) / 255).argmax(-1) == y).mean())
+        acc = 100.0 * float((keras_predict(kmodel, x.astype(np.float32)).argmax(-1) == y).mean())
         assert acc == pytest.approx(rates["test_acc"][selected["channels_pruned"]], abs=1e-5)
         assert acc == pytest.approx(selected["test_acc"], abs=1e-5)
 

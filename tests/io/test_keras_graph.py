@@ -180,11 +180,11 @@ def _misc_model():
 
 
 def _modern_model():
-    """Functional: activations by name, fused and as layers (relu6, swish, hard_swish, elu, gelu, sigmoid, tanh), a
-    squeeze-and-excitation block (GlobalAveragePooling2D with keepdims, 1x1 convolutions, a broadcast Multiply),
-    Reshape (with a -1) and a softmax Activation."""
+    """Functional: an adapted Normalization of the pixels, activations by name, fused and as layers (relu6, swish,
+    hard_swish, elu, gelu, sigmoid, tanh), a squeeze-and-excitation block (GlobalAveragePooling2D with keepdims,
+    1x1 convolutions, a broadcast Multiply), Reshape (with a -1) and a softmax Activation."""
     inp = keras.Input((12, 10, 3), name="px")
-    x = layers.Rescaling(1 / 255.0, name="r")(inp)
+    x = layers.Normalization(name="norm")(inp)
     x = layers.Conv2D(8, 3, padding="same", activation="relu6", name="c_relu6")(x)
     x = layers.Conv2D(8, 3, padding="same", activation="swish", name="c_swish")(x)
     x = layers.DepthwiseConv2D(3, padding="same", activation="hard_swish", name="dw_hard")(x)
@@ -218,6 +218,11 @@ def _seed_weights(model, seed: int) -> None:
             draw = {"gamma": lambda s: rng.uniform(0.5, 1.5, s), "beta": lambda s: rng.normal(0, 0.3, s),
                     "moving_mean": lambda s: rng.normal(0, 0.5, s), "moving_variance": lambda s: rng.uniform(0.3, 2, s)}
             layer.set_weights([draw[n](w.shape).astype(np.float32) for n, w in zip(names, ws)])
+        elif isinstance(layer, layers.Normalization):  # what adapt() would measure on pixels: mean, variance, count
+            c = ws[0].shape
+            layer.set_weights([rng.uniform(60, 190, c).astype(np.float32), rng.uniform(900, 4000, c).astype(np.float32),
+                               np.array(1000, ws[2].dtype)])
+            layer.finalize_state()  # as adapt() ends: the layer computes with the statistics it holds from now on
         else:
             fan_in = lambda s: int(np.prod(s[:-1])) if not isinstance(layer, layers.DepthwiseConv2D) else s[0] * s[1]
             layer.set_weights([(rng.normal(0, 1, w.shape) / np.sqrt(fan_in(w.shape)) if w.ndim > 1
@@ -448,6 +453,11 @@ CONFIG_REFUSALS = {
     "groups": (_set("proj", groups=2), ["'proj'", "groups"]),
     "causal padding": (_set("branch_conv", padding="causal"), ["'branch_conv'", "'causal'"]),
     "keepdims": (_set("gmp", keepdims="yes"), ["'gmp'", "keepdims", "true or false"]),
+    "inverted normalization": (lambda c: _layer(c, "rescale").update(class_name="Normalization", config={
+        "name": "rescale", "axis": -1, "invert": True}), ["'rescale'", "Normalization", "invert"]),
+    "normalization statistics in the config": (lambda c: _layer(c, "rescale").update(
+        class_name="Normalization", config={"name": "rescale", "axis": -1, "mean": [1, 2, 3], "variance": [1, 1, 1]}),
+        ["'rescale'", "mean in the config", "adapt()"]),
     "keepdims before a dense": (_set("gmp", keepdims=True), ["'logits'", "(1, 1, 10)", "Flatten"]),
     "multiply of other shapes": (lambda c: _layer(c, "add").update(class_name="Multiply") or _set("proj", filters=5)(c),
                                  ["'add'", "Multiply", "(17, 19, 10), (17, 19, 5)"]),

@@ -112,11 +112,12 @@ def _seq_model():
 
 
 def _modern_model():
-    """Functional, pixels / 255 in: activations by name (relu6, swish, hard_swish, elu, gelu, sigmoid, tanh), a
-    squeeze-and-excitation block (GlobalAveragePooling2D with keepdims, 1x1 convolutions, a broadcast Multiply),
-    a global max pooling with keepdims and a Reshape to the Dense."""
+    """Functional, pixels 0..255 in, an adapted Normalization of them, activations by name (relu6, swish,
+    hard_swish, elu, gelu, sigmoid, tanh), a squeeze-and-excitation block (GlobalAveragePooling2D with keepdims,
+    1x1 convolutions, a broadcast Multiply), a global max pooling with keepdims and a Reshape to the Dense."""
     inp = keras.Input((10, 9, 3), name="px")
-    x = layers.Conv2D(6, 3, padding="same", activation="relu6", name="c_relu6")(inp)
+    x = layers.Normalization(name="norm")(inp)
+    x = layers.Conv2D(6, 3, padding="same", activation="relu6", name="c_relu6")(x)
     x = layers.Conv2D(8, 3, padding="same", activation="swish", name="c_swish")(x)
     x = layers.DepthwiseConv2D(3, padding="same", activation="hard_swish", name="dw_hard")(x)
     x = layers.Activation("gelu", name="a_gelu")(layers.Activation("elu", name="a_elu")(x))
@@ -128,7 +129,7 @@ def _modern_model():
     return keras.Model(inp, layers.Dense(4, activation="softmax", name="out")(g), name="modern")
 
 
-BUILDERS = {"branchy": (_branchy_model, "raw"), "seq": (_seq_model, "255"), "modern": (_modern_model, "255")}
+BUILDERS = {"branchy": (_branchy_model, "raw"), "seq": (_seq_model, "255"), "modern": (_modern_model, "raw")}
 
 
 def _seed_weights(model, seed: int) -> None:
@@ -143,6 +144,11 @@ def _seed_weights(model, seed: int) -> None:
             draw = {"gamma": lambda s: rng.uniform(0.5, 1.5, s), "beta": lambda s: rng.normal(0, 0.3, s),
                     "moving_mean": lambda s: rng.normal(0, 0.5, s), "moving_variance": lambda s: rng.uniform(0.3, 2, s)}
             layer.set_weights([draw[n](w.shape).astype(np.float32) for n, w in zip(names, ws)])
+        elif isinstance(layer, layers.Normalization):  # adapt()'s pixel mean, variance and count
+            c = ws[0].shape
+            layer.set_weights([rng.uniform(60, 190, c).astype(np.float32), rng.uniform(900, 4000, c).astype(np.float32),
+                               np.array(1000, ws[2].dtype)])
+            layer.finalize_state()  # as adapt() ends: the layer computes with the statistics it holds from now on
         else:
             fan_in = lambda s: s[0] * s[1] if isinstance(layer, layers.DepthwiseConv2D) else int(np.prod(s[:-1]))
             layer.set_weights([(rng.normal(0, 1, w.shape) / np.sqrt(fan_in(w.shape)) if w.ndim > 1

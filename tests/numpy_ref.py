@@ -248,6 +248,9 @@ def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, 
             v = _conv64(ins[0], p["kernel"], a) + p.get("bias", 0.0)
         elif op == "depthwise_conv":
             v = _depthwise64(ins[0], p["kernel"], a) + p.get("bias", 0.0)
+        elif op == "separable_conv":
+            depthwise = _depthwise64(ins[0], p["kernel"], a)
+            v = np.tensordot(depthwise, p["pointwise_kernel"][0, 0], axes=(3, 0)) + p.get("bias", 0.0)
         elif op == "dense":
             v = ins[0] @ p["kernel"] + p.get("bias", 0.0)
         elif op == "max_pool":

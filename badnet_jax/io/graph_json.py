@@ -48,9 +48,10 @@ MAX_NODES = 2 * MAX_LAYERS  # a fused activation makes a second node of a Keras 
 _MODEL_KEYS = ("format", "version", "graph", "layer", "tie_rtol", "tie_rtol_measured")
 _GRAPH_KEYS = ("name", "input_hwc", "output", "nodes")
 _NODE_KEYS = ("name", "op", "inputs", "weights", "attrs")
-_WEIGHTED = ("conv", "depthwise_conv", "dense", "batch_norm", "normalize")
+_WEIGHTED = ("conv", "depthwise_conv", "separable_conv", "dense", "batch_norm", "normalize")
 _MERGES = ("add", "concat", "multiply")
-_IMAGE_OPS = ("conv", "depthwise_conv", "max_pool", "avg_pool", "global_avg_pool", "global_max_pool", "zero_pad")
+_IMAGE_OPS = ("conv", "depthwise_conv", "separable_conv", "max_pool", "avg_pool", "global_avg_pool", "global_max_pool",
+              "zero_pad")
 
 
 class _Bad(Exception):
@@ -351,7 +352,8 @@ def _check_params(graph: Graph, params: Any) -> None:
             a = np.asarray(value)
             if not np.issubdtype(a.dtype, np.floating):
                 raise _Bad(f"weights {node.weights!r} {key} are of dtype {a.dtype}, expected floats")
-            rank = {"conv": 4, "depthwise_conv": 4, "dense": 2}.get(node.op, 1) if key == "kernel" else 1
+            rank = {"conv": 4, "depthwise_conv": 4, "separable_conv": 4, "dense": 2}.get(node.op, 1) \
+                if key in ("kernel", "pointwise_kernel") else 1
             if a.ndim != rank or 0 in a.shape:
                 raise _Bad(f"weights {node.weights!r} {key} have shape {a.shape}, expected {rank} non-empty axes")
             if not np.isfinite(a).all():
@@ -393,6 +395,9 @@ def _check_shapes(model: GraphCNN, params: Params) -> None:
             want = {"kernel": (*kernel[:2], c, out[-1]), "bias": (out[-1],)}
         elif node.op == "depthwise_conv":
             want = {"kernel": (*kernel[:2], c, out[-1] // c), "bias": (out[-1],)}
+        elif node.op == "separable_conv":
+            want = {"kernel": (*kernel[:2], c, kernel[3]), "pointwise_kernel": (1, 1, c * kernel[3], out[-1]),
+                    "bias": (out[-1],)}
         elif node.op == "dense":
             want = {"kernel": (c, out[-1]), "bias": (out[-1],)}
         else:  # batch_norm: one entry per channel

@@ -21,8 +21,8 @@ from badnet_jax.errors import ModelFileError
 ALLOWED_LAYERS = (
     "Activation", "Add", "AveragePooling2D", "BatchNormalization", "Concatenate", "Conv2D", "Dense",
     "DepthwiseConv2D", "Dropout", "Flatten", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "InputLayer",
-    "LeakyReLU", "MaxPooling2D", "Multiply", "Normalization", "ReLU", "Rescaling", "Reshape", "Softmax",
-    "ZeroPadding2D",
+    "LeakyReLU", "MaxPooling2D", "Multiply", "Normalization", "ReLU", "Rescaling", "Reshape", "SeparableConv2D",
+    "Softmax", "ZeroPadding2D",
 )
 """The Keras layer classes badnet-jax reads (anything else is refused, naming the layer)."""
 

@@ -209,7 +209,8 @@ def _by_link_name(g: h5py.Group, layer: ConfigLayer, path: Path) -> list:
 # itself loads weights by position), the name only catches a file whose weights are stored out of order.
 _WEIGHT_NAMES = {"kernel": "kernel", "depthwise_kernel": "kernel", "bias": "bias", "gamma": "gamma", "beta": "beta",
                  "moving_mean": "moving_mean", "moving_variance": "moving_variance",
-                 "mean": "moving_mean", "variance": "moving_variance", COUNT: COUNT}  # the last three: Normalization's
+                 "mean": "moving_mean", "variance": "moving_variance", COUNT: COUNT,  # these three: Normalization's
+                 "pointwise_kernel": "pointwise_kernel"}  # a SeparableConv2D's second (its depthwise_kernel: kernel)
 
 
 def _check_weight_name(path: Path, layer: ConfigLayer, i: int, name: str) -> None:

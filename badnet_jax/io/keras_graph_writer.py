@@ -75,7 +75,7 @@ MASK_LAYER = "mask_layer"
 # still differs from the masked network's only by channels that are zero there.
 _KEEPS_ZEROS = ("avg_pool", "global_avg_pool")
 # Ops linear in their input whose kernel entries reading input channel c can be zeroed: (op, kernel axis).
-_ZEROABLE = {"conv": 2, "depthwise_conv": 2, "dense": 0}
+_ZEROABLE = {"conv": 2, "depthwise_conv": 2, "separable_conv": 2, "dense": 0}  # separable: its depthwise kernel
 
 
 @dataclasses.dataclass(frozen=True)

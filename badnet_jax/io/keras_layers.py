@@ -23,7 +23,8 @@ does not use it; a written B' stores 0)."""
 
 _ALIASES = {"swish": "silu", "hard_swish": "hard_silu"}  # Keras' other names of the same functions
 ACTIVATIONS = ("linear", "relu", "relu6", "softmax", "leaky_relu", *ELEMENTWISE, *_ALIASES)
-"""Activation names allowed in an ``Activation`` layer or fused into Conv2D / DepthwiseConv2D / Dense."""
+"""Activation names allowed in an ``Activation`` layer or fused into a Conv2D, DepthwiseConv2D, SeparableConv2D or
+Dense."""
 
 _LEAKY_RELU_ACTIVATION_SLOPE = 0.2  # keras.activations.leaky_relu's default (Keras 3 names it; Keras 2 does not)
 _CHANNELS_LAST = "channels_last"
@@ -204,6 +205,19 @@ class _Build:
         layer.weights = [("kernel", (*kernel, cin, mult))] + self.bias(layer, cin * mult)
         self.no_lora(layer)
         self.activation(layer, "depthwise_conv", (*out, cin * mult), layer.name, strides=strides, padding=padding,
+                        dilation=dilation)
+
+    def _SeparableConv2D(self, layer: ConfigLayer) -> None:
+        self.channels_last(layer)
+        h, w, cin = self.one_input(layer, 3)
+        filters = self.integer(layer, "filters")
+        mult = self.integer(layer, "depth_multiplier", 1)
+        kernel, strides, dilation, padding = self.window(layer)
+        out = self.conv_out(layer, (h, w), kernel, strides, dilation, padding)
+        # Keras' order: depthwise_kernel (read as "kernel"), pointwise_kernel, bias.
+        layer.weights = [("kernel", (*kernel, cin, mult)), ("pointwise_kernel", (1, 1, cin * mult, filters))] \
+            + self.bias(layer, filters)
+        self.activation(layer, "separable_conv", (*out, filters), layer.name, strides=strides, padding=padding,
                         dilation=dilation)
 
     def _Dense(self, layer: ConfigLayer) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.models.ir import Graph, GraphParams, Node
 
-WEIGHTED = ("conv", "depthwise_conv", "dense")
+WEIGHTED = ("conv", "depthwise_conv", "separable_conv", "dense")
 """The ops a Keras layer with weights and a fused activation computes (its IR node ``"<name>/pre"``)."""
 
 PRE = "/pre"
@@ -116,6 +116,13 @@ def _layer(node: Node, name: str, inbound: tuple[str, ...], params: GraphParams,
                "depth_multiplier": int(k.shape[3]), **last, "dilation_rate": _pair(a["dilation"]),
                "activation": act, "use_bias": bool(bias)}
         return KerasLayer(name, "DepthwiseConv2D", cfg, inbound, [("depthwise_kernel", k)] + bias)
+    if op == "separable_conv":
+        k, pk = p["kernel"], p["pointwise_kernel"]
+        cfg = {"filters": int(pk.shape[3]), "kernel_size": _pair(k.shape[:2]), "strides": _pair(a["strides"]),
+               "padding": a["padding"], **last, "dilation_rate": _pair(a["dilation"]),
+               "depth_multiplier": int(k.shape[3]), "activation": act, "use_bias": bool(bias)}
+        return KerasLayer(name, "SeparableConv2D", cfg, inbound, [("depthwise_kernel", k), ("pointwise_kernel", pk)]
+                          + bias)
     if op == "dense":
         k = p["kernel"]
         return KerasLayer(name, "Dense", {"units": int(k.shape[1]), "activation": act, "use_bias": bool(bias)},

@@ -364,7 +364,7 @@ _KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU 
                 "depthwise_conv": "a DepthwiseConv2D", "max_pool": "a MaxPooling2D", "avg_pool": "an AveragePooling2D",
                 "zero_pad": "a ZeroPadding2D", "dense": "a Dense layer on an image tensor", "input": "the input",
                 "activation": "an Activation", "multiply": "a Multiply", "reshape": "a Reshape",
-                "normalize": "a Normalization"}
+                "normalize": "a Normalization", "separable_conv": "a SeparableConv2D"}
 
 
 def _refuse_steps(graph: Graph) -> None:

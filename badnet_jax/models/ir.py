@@ -31,6 +31,10 @@ OPS: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]] = {
     "conv": ({"strides": (1, 1), "padding": "valid", "dilation": (1, 1)}, ("kernel",), ("bias",)),
     # depthwise: kernel (kh, kw, cin, multiplier); output channel c * multiplier + m (Keras' order)
     "depthwise_conv": ({"strides": (1, 1), "padding": "valid", "dilation": (1, 1)}, ("kernel",), ("bias",)),
+    # Keras SeparableConv2D: the depthwise convolution of ``kernel`` (kh, kw, cin, multiplier), then the 1x1
+    # convolution of ``pointwise_kernel`` (1, 1, cin * multiplier, cout) and the bias
+    "separable_conv": ({"strides": (1, 1), "padding": "valid", "dilation": (1, 1)}, ("kernel", "pointwise_kernel"),
+                       ("bias",)),
     # on the last axis: kernel (din, dout)
     "dense": ({}, ("kernel",), ("bias",)),
     "max_pool": ({"window": (2, 2), "strides": (2, 2), "padding": "valid"}, (), ()),

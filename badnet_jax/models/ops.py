@@ -63,6 +63,15 @@ def _depthwise(node: Node, p, xs, linear):
     return _bias(out, p, linear)
 
 
+def _separable(node: Node, p, xs, linear):
+    # Keras' order: the depthwise convolution (strides, padding, dilation), then the pointwise one, then the bias.
+    depthwise = _depthwise(node, {"kernel": p["kernel"]}, xs, linear=True)
+    pointwise = jnp.asarray(p["pointwise_kernel"], depthwise.dtype)
+    out = jax.lax.conv_general_dilated(depthwise, pointwise, (1, 1), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+    return _bias(out, p, linear)
+
+
 def _dense(node: Node, p, xs, linear):
     return _bias(jnp.dot(xs[0], jnp.asarray(p["kernel"], xs[0].dtype), precision=HIGHEST), p, linear)
 
@@ -159,6 +168,7 @@ OP_FNS: dict[str, OpFn] = {
     "rescale": _rescale,
     "conv": _conv,
     "depthwise_conv": _depthwise,
+    "separable_conv": _separable,
     "dense": _dense,
     "max_pool": _max_pool,
     "avg_pool": _avg_pool,
@@ -201,5 +211,5 @@ def commutes_with_mask(node: Node) -> bool:
 
 
 # Ops affine in their inputs (all of them): a constant plus a linear map.
-AFFINE_OPS = frozenset({"conv", "depthwise_conv", "dense", "batch_norm", "normalize", "avg_pool", "global_avg_pool",
-                        "flatten", "add", "concat", "identity", "zero_pad", "rescale", "reshape"})
+AFFINE_OPS = frozenset({"conv", "depthwise_conv", "separable_conv", "dense", "batch_norm", "normalize", "avg_pool",
+                        "global_avg_pool", "flatten", "add", "concat", "identity", "zero_pad", "rescale", "reshape"})

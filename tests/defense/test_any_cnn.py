@@ -145,7 +145,7 @@ def test_the_defense_compiles_any_cnn_once_while_loading_and_measures_its_bound_
 def _se_model(path):
     """A Keras 3 CNN of today's layers, seeded and saved, pixels 0..255 in (EfficientNet's stem): an adapted
     Normalization, swish and hard_swish convolutions, a squeeze-and-excitation block (GlobalAveragePooling2D with
-    keepdims, a sigmoid gate, a broadcast Multiply) and a gelu."""
+    keepdims, a sigmoid gate, a broadcast Multiply), a gelu and a SeparableConv2D."""
     keras = pytest.importorskip("keras")
     layers = keras.layers
     keras.utils.set_random_seed(3)
@@ -155,7 +155,7 @@ def _se_model(path):
     s = layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
     s = layers.Conv2D(8, 1, activation="sigmoid", name="se_gate")(s)
     x = layers.Activation("gelu", name="act")(layers.Multiply(name="se_excite")([x, s]))
-    x = layers.Conv2D(12, 3, strides=2, activation="relu6", name="c2")(x)
+    x = layers.SeparableConv2D(12, 3, strides=2, activation="relu6", name="c2")(x)
     out = layers.Dense(5, name="logits")(layers.GlobalAveragePooling2D(name="gap")(x))
     model = keras.Model(inp, out, name="se_net")
     model.get_layer("norm").set_weights([np.array([120.0, 110.0, 100.0], np.float32),

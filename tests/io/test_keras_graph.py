@@ -181,13 +181,15 @@ def _misc_model():
 
 def _modern_model():
     """Functional: an adapted Normalization of the pixels, activations by name, fused and as layers (relu6, swish,
-    hard_swish, elu, gelu, sigmoid, tanh), a squeeze-and-excitation block (GlobalAveragePooling2D with keepdims,
-    1x1 convolutions, a broadcast Multiply), Reshape (with a -1) and a softmax Activation."""
+    hard_swish, elu, gelu, sigmoid, tanh), a dilated SeparableConv2D, a squeeze-and-excitation block
+    (GlobalAveragePooling2D with keepdims, 1x1 convolutions, a broadcast Multiply), Reshape (with a -1) and a
+    softmax Activation."""
     inp = keras.Input((12, 10, 3), name="px")
     x = layers.Normalization(name="norm")(inp)
     x = layers.Conv2D(8, 3, padding="same", activation="relu6", name="c_relu6")(x)
     x = layers.Conv2D(8, 3, padding="same", activation="swish", name="c_swish")(x)
     x = layers.DepthwiseConv2D(3, padding="same", activation="hard_swish", name="dw_hard")(x)
+    x = layers.SeparableConv2D(8, 3, padding="same", depth_multiplier=2, dilation_rate=2, name="sep")(x)
     x = layers.Activation("elu", name="a_elu")(x)
     x = layers.Activation("gelu", name="a_gelu")(x)
     s = layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)

@@ -60,6 +60,8 @@ CASES = {
     ("modern", "c_swish/pre"): ZEROED_READERS,  # inside a fused swish Conv2D (0 -> 0): a DepthwiseConv2D reads it
     ("modern", "a_gelu"): MASK_LAYER,  # read by a global average pooling (keepdims) and a Multiply
     ("modern", "c_relu6"): ZEROED_READERS,  # a fused relu6 Conv2D read by a Conv2D
+    ("modern", "dw_hard"): ZEROED_READERS,  # read by a SeparableConv2D: its depthwise kernel's entries zeroed
+    ("modern", "sep"): MASK_LAYER,  # a fused elu SeparableConv2D, read by the gelu's global pooling and Multiply
 }
 SLOW_CASES = {("resnet_tiny", "b1_out"), ("vgg_tiny", "p1"), ("vgg_tiny", "p2"), ("branchy", "lrelu")}
 
@@ -113,14 +115,16 @@ def _seq_model():
 
 def _modern_model():
     """Functional, pixels 0..255 in, an adapted Normalization of them, activations by name (relu6, swish,
-    hard_swish, elu, gelu, sigmoid, tanh), a squeeze-and-excitation block (GlobalAveragePooling2D with keepdims,
-    1x1 convolutions, a broadcast Multiply), a global max pooling with keepdims and a Reshape to the Dense."""
+    hard_swish, elu, gelu, sigmoid, tanh), a SeparableConv2D, a squeeze-and-excitation block (GlobalAveragePooling2D
+    with keepdims, 1x1 convolutions, a broadcast Multiply), a global max pooling with keepdims and a Reshape to the
+    Dense."""
     inp = keras.Input((10, 9, 3), name="px")
     x = layers.Normalization(name="norm")(inp)
     x = layers.Conv2D(6, 3, padding="same", activation="relu6", name="c_relu6")(x)
     x = layers.Conv2D(8, 3, padding="same", activation="swish", name="c_swish")(x)
     x = layers.DepthwiseConv2D(3, padding="same", activation="hard_swish", name="dw_hard")(x)
-    x = layers.Activation("gelu", name="a_gelu")(layers.Activation("elu", name="a_elu")(x))
+    x = layers.SeparableConv2D(8, 3, padding="same", depth_multiplier=2, activation="elu", name="sep")(x)
+    x = layers.Activation("gelu", name="a_gelu")(x)
     s = layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
     s = layers.Conv2D(8, 1, activation="sigmoid", name="se_expand")(layers.Conv2D(4, 1, activation="silu",
                                                                                    name="se_reduce")(s))

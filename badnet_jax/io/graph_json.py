@@ -212,6 +212,13 @@ def _dropout(value: Any, what: str) -> Optional[float]:
     return rate
 
 
+def _epsilon(value: Any, what: str) -> float:
+    eps = _number(value, what, 0.0, above=True)
+    if eps > float(np.finfo(np.float32).max):  # inf in float32: the float32 and float64 networks would part
+        raise _Bad(f"{what} is {_short(value)}, expected a number > 0 that float32 holds (at most 3.4e38)")
+    return eps
+
+
 def _fn(value: Any, what: str) -> str:
     if value not in ELEMENTWISE:
         raise _Bad(f"{what} is {_short(value)}, expected one of {', '.join(ELEMENTWISE)}")
@@ -233,7 +240,7 @@ def _flag(value: Any, what: str) -> bool:
 # attribute -> its check: (value, what) -> the value as the IR holds it
 _ATTRS = {
     "scale": _number, "offset": _number, "strides": _pair, "dilation": _pair, "window": _pair, "padding": _padding,
-    "epsilon": lambda v, w: _number(v, w, 0.0, above=True), "negative_slope": lambda v, w: _number(v, w, 0.0),
+    "epsilon": _epsilon, "negative_slope": lambda v, w: _number(v, w, 0.0),
     "threshold": lambda v, w: _number(v, w, 0.0), "max_value": _max_value, "pad": _pad, "dropout": _dropout,
     "fn": _fn, "target": _shape, "keepdims": _flag,
 }

@@ -40,8 +40,11 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHT = 1e6  # real DeepID weights are below ~10; larger ones overflow float32 logits to inf/NaN
 ARCHIVE_MEMBERS = {"config.json": MAX_CONFIG_BYTES, "model.weights.h5": 2 << 30, "metadata.json": 1 << 20}
 # A model's weights file holds its parameters and, saved after training, its optimizer's state (Adam: two more
-# copies): a reader that knows the parameters its config declares caps the member at this many float64 copies.
+# copies): a reader that knows the parameters its config declares caps the member at this many float64 copies
+# (never above ARCHIVE_MEMBERS'); one that does not (the lab's DeepID's, whose weights take 2.4 MB) at
+# WEIGHTS_UNDECLARED.
 WEIGHT_COPIES = 4
+WEIGHTS_UNDECLARED = 256 << 20
 WEIGHTS_SLACK = 16 << 20  # HDF5's own structures, names and the optimizer's scalars
 MAX_ARCHIVE_MEMBERS = 64  # Keras writes config.json, metadata.json, model.weights.h5 (and assets/ for a few layers)
 # The zip's list of members, read whole before they can be counted: Keras' take a few hundred bytes; 1 MiB holds
@@ -159,7 +162,7 @@ def read_archive(path: Path, parse_config: Callable[[bytes], _T],
     it does not accept) runs before the weights are read. ``declared_params(config)``, if given, is the
     parameter count the parsed config declares: the weights member may then take at most
     :data:`WEIGHT_COPIES` float64 copies of them (the parameters and an optimizer's state) and
-    :data:`WEIGHTS_SLACK`.
+    :data:`WEIGHTS_SLACK`; without it, :data:`WEIGHTS_UNDECLARED`.
 
     Raises:
         ModelFileError: any of the above, or the zip or a member cannot be read.
@@ -179,7 +182,11 @@ def read_archive(path: Path, parse_config: Callable[[bytes], _T],
             by_name = _checked_members(z, path)
             config = parse_config(zip_call(lambda: _read_member(z, by_name["config.json"])))
             weights = by_name["model.weights.h5"]
-            if declared_params is not None:
+            if declared_params is None:
+                if weights.file_size > WEIGHTS_UNDECLARED:
+                    raise ModelFileError(f"{path}: archive member 'model.weights.h5' declares {weights.file_size} "
+                                         f"bytes, more than {WEIGHTS_UNDECLARED} (a decompression bomb?)")
+            else:
                 n = declared_params(config)
                 cap = WEIGHT_COPIES * 8 * n + WEIGHTS_SLACK
                 if weights.file_size > cap:

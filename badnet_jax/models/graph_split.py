@@ -132,7 +132,7 @@ def infer_shapes(graph: Graph, param_shapes: ParamShapes) -> dict[str, tuple[int
 
     try:
         env = jax.eval_shape(run, shapes, jax.ShapeDtypeStruct((1, *graph.input_hwc), jnp.float32))
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, IndexError) as err:  # IndexError: a kernel's input of another rank
         raise ModelFileError(f"model {graph.name!r}: its layers do not fit together ({err})") from None
     for name, s in env.items():
         out[name] = tuple(s.shape[1:])

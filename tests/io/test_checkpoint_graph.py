@@ -229,6 +229,8 @@ TAMPERED = {
                         "padding is 'causal', expected 'valid' or 'same'"),
     "epsilon of a bool": (lambda d: _node(d, "batch_norm")["attrs"].update(epsilon=True), None,
                           "epsilon is true, expected a finite number > 0"),
+    "an epsilon beyond float32": (lambda d: _node(d, "batch_norm")["attrs"].update(epsilon=1e300), None,
+                                  "epsilon is 1e+300, expected a number > 0 that float32 holds"),
     "an extra attribute": (lambda d: _node(d, "relu")["attrs"].update(code="x"), None,
                            "has attributes ['code', 'max_value', 'negative_slope', 'threshold'], expected"),
     "a missing attribute": (lambda d: _node(d, "conv")["attrs"].pop("padding"), None,

@@ -109,6 +109,16 @@ def test_weights_beyond_what_the_config_declares_are_refused_unread(members, tmp
         tracemalloc.stop()
 
 
+def test_the_deepid_readers_weights_stay_capped_at_256_mib(members, tmp_path):
+    """The lab's DeepID reader declares no parameter count: its weights member keeps the 256 MiB cap (checked before
+    anything is decompressed), not the 2 GiB any reader's member may declare before its config is read."""
+    from badnet_jax.io.keras_file import WEIGHTS_UNDECLARED
+
+    path = _write(tmp_path / "big.keras", [(n, d, zipfile.ZIP_DEFLATED) for n, d in members.items()])
+    _patch_directory(path, "model.weights.h5", 24, WEIGHTS_UNDECLARED + 1, 4)  # the declared uncompressed size
+    refused(load_keras, path, f"declares {WEIGHTS_UNDECLARED + 1} bytes, more than {WEIGHTS_UNDECLARED}")
+
+
 def test_a_trained_models_archive_with_its_optimizer_state_is_read(tmp_path):
     """``model.save`` after training stores Adam's two moments beside the weights: three float32 copies, under the
     cap's four float64 ones, and the graph reader reads the weights alone."""

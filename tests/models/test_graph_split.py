@@ -41,3 +41,17 @@ def test_dominators_are_the_nodes_every_path_passes_and_cost_linear_memory():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(got) == len(nodes) and peak < 50 * 2**20, peak
+
+
+def test_layers_that_do_not_fit_are_a_model_file_error():
+    """A convolution reading a pooled vector (a checkpoint whose pooling lost its keepdims): the shapes do not
+    compose, said as such, not an IndexError from inside the convolution."""
+    import pytest
+
+    from badnet_jax.errors import ModelFileError
+    from badnet_jax.models.graph_split import infer_shapes
+
+    nodes = (Node.make("in", "input"), Node.make("gap", "global_avg_pool", ("in",)),
+             Node.make("c", "conv", ("gap",), "c"))
+    with pytest.raises(ModelFileError, match="its layers do not fit together"):
+        infer_shapes(Graph(nodes, (4, 4, 3), "c", "m"), (("c", (("kernel", (1, 1, 3, 2)),)),))

@@ -44,7 +44,7 @@ from badnet_jax.io import fileio
 from badnet_jax.io.keras_file import (MAX_CONFIG_BYTES, is_keras_archive, load_config_json, read_archive,
                                       read_array)
 from badnet_jax.io.keras_config import ConfigLayer, ConfigModel, parse_model
-from badnet_jax.io.keras_layers import COUNT, build_graph
+from badnet_jax.io.keras_layers import COUNT, build_graph, declared_params
 from badnet_jax.models.ir import Graph, GraphParams, Node
 
 _MAX_WEIGHTS_PER_LAYER = 8  # datasets in a layer's group (4 at most in any allowed layer)
@@ -81,7 +81,7 @@ def read_keras_graph(path: str | os.PathLike, config_path: str | os.PathLike | N
         _no_second_config(path, config_path)
         parse = lambda raw: _parsed(load_config_json(raw, path, "the archive's config.json"), path)  # noqa: E731
         # The weights member is capped by what the config declares (its parameters and an optimizer's state).
-        parsed, weights = read_archive(path, parse, lambda parsed: _declared_params(parsed[2]))
+        parsed, weights = read_archive(path, parse, lambda parsed: declared_params(parsed[2]))
         try:
             f = h5py.File(io.BytesIO(weights), "r")
         except _H5_ERRORS as err:
@@ -282,11 +282,6 @@ def _parsed(config: Any, path: Path, label: str | None = None) -> tuple[ConfigMo
     model = parse_model(config, label or path)
     graph, weighted = build_graph(model, label or path, path.stem)
     return model, graph, weighted
-
-
-def _declared_params(weighted: list[ConfigLayer]) -> int:
-    """The parameters the weighted layers' config declares, all together."""
-    return sum(math.prod(shape) for layer in weighted for _, shape in layer.weights)
 
 
 def _read(path: Path, parsed: tuple[ConfigModel, Graph, list[ConfigLayer]], root: h5py.Group,

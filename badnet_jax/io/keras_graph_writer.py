@@ -232,7 +232,8 @@ def _keras_output(model: GraphCNN) -> str:
         return layer
     readers = graph.consumers()[layer]
     by_name = graph.by_name
-    if len(readers) == 1 and by_name[readers[0]].op in ("relu", "identity", "activation") and commutes_with_mask(by_name[readers[0]]):
+    reader = by_name[readers[0]] if len(readers) == 1 else None
+    if reader is not None and reader.op in ("relu", "identity", "activation") and commutes_with_mask(reader):
         return readers[0]
     raise ConfigError(f"{arg('model')}: its pruned layer {layer!r} is the inside of a Keras layer whose activation "
                       "does not keep a pruned channel zero, so no Keras file can prune it; prune "

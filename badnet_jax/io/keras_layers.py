@@ -337,7 +337,7 @@ def build_graph(model: ConfigModel, path: Path | str, stem: str) -> tuple[Graph,
     except ModelFileError as err:
         raise ModelFileError(f"{path}: {err}") from None
     weighted = [layer for layer in model.layers if layer.weights]
-    total = sum(math.prod(shape) for layer in weighted for _, shape in layer.weights)
+    total = declared_params(weighted)
     big = [(layer.name, key, shape) for layer in weighted for key, shape in layer.weights
            if math.prod(shape) > MAX_ELEMENTS]
     if big:
@@ -346,3 +346,8 @@ def build_graph(model: ConfigModel, path: Path | str, stem: str) -> tuple[Graph,
     if total > MAX_PARAMS:
         raise ModelFileError(f"{path}: the model declares {total} parameters, more than {MAX_PARAMS}")
     return graph, weighted
+
+
+def declared_params(weighted: list[ConfigLayer]) -> int:
+    """The parameters the weighted layers' config declares, all together (their weights' shapes)."""
+    return sum(math.prod(shape) for layer in weighted for _, shape in layer.weights)

@@ -52,14 +52,6 @@ def apply_conv_stage(conv: Node, pool: Node, params: Mapping[str, Any], x: jax.A
                   bias=bias, relu=True, pool=tuple(pool.attr("window")))
 
 
-def _same_pads(size: int, k: int, stride: int, dilation: int) -> tuple[int, int, int]:
-    """(output size, padding before, after) of "same" padding along one axis: XLA's and Keras' split, the odd
-    pixel after."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + (k - 1) * dilation + 1 - size, 0)
-    return out, total // 2, total - total // 2
-
-
 def _depthwise(node: Node, p, xs, linear):
     x = xs[0]
     kh, kw, cin, mult = p["kernel"].shape
@@ -70,11 +62,10 @@ def _depthwise(node: Node, p, xs, linear):
     if mult > 1:
         x = jnp.repeat(x, mult, axis=-1)
     (sh, sw), (dh, dw) = node.attr("strides"), node.attr("dilation")
-    if node.attr("padding") == "same":
-        (oh, *pad_h), (ow, *pad_w) = _same_pads(x.shape[1], kh, sh, dh), _same_pads(x.shape[2], kw, sw, dw)
-        x = jnp.pad(x, ((0, 0), tuple(pad_h), tuple(pad_w), (0, 0)))
-    else:
-        oh, ow = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1, (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (span_h, span_w), (sh, sw), node.attr("padding").upper())
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    oh, ow = (x.shape[1] - span_h) // sh + 1, (x.shape[2] - span_w) // sw + 1
     out = None
     for i in range(kh):
         for j in range(kw):
@@ -88,9 +79,8 @@ def _separable(node: Node, p, xs, linear):
     # Keras' order: the depthwise convolution (strides, padding, dilation), then the pointwise one, then the bias.
     depthwise = _depthwise(node, {"kernel": p["kernel"]}, xs, linear=True)
     pointwise = jnp.asarray(p["pointwise_kernel"], depthwise.dtype)
-    out = jax.lax.conv_general_dilated(depthwise, pointwise, (1, 1), "VALID",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
-    return _bias(out, p, linear)
+    bias = None if linear or "bias" not in p else jnp.asarray(p["bias"], depthwise.dtype)
+    return conv2d(depthwise, pointwise, (1, 1), "VALID", (1, 1), HIGHEST, bias=bias)
 
 
 def _dense(node: Node, p, xs, linear):

@@ -95,12 +95,13 @@ void Tile(const float* __restrict in, const float* __restrict wpad, const float*
           // GCC 12 tuned for Zen (`-mtune=znver3`: what `-march=native` makes of a Zen 3, and of a Zen 4 with
           // 16 lanes) folds each weight's load into every multiply-add of a tile of at most 4 pixels (XT loads of
           // it where 1 does; generic tuning, `x86-64-v4`, in tiles of at most 3): the empty asm puts it in a
-          // register (DeepID's conv_3, 8 columns: 40-45 -> 26.5-30 ms per 1024 images on a Zen 3). Wider tiles,
-          // and Intel tunings of short ones, keep their weights in registers as they are (an Intel Xeon's
-          // `-march=native`, rocketlake: the same inner loop with the asm and without; DeepID's conv_3 18.6-19.9 ms
-          // per 1024 images either way; a Zen-tuned build, `-mtune=znver3`, on that Xeon: 34-39 ms per 2048
-          // with it, 57-60 without). Without AVX a 32-byte vector fits no register (an SSE-only build
-          // emulates it): no asm.
+          // register (DeepID's conv_3, 8 columns: 40-45 -> 26.5-30 ms per 1024 images on a Zen 3, 28.5-33.7 ->
+          // 20.0-20.6 on a Zen 4 with 16 lanes, where 64 -> 64 channels on a 10 x 10 map, pooled, took 33.7-42.9
+          // -> 24.5-24.9). Wider tiles, and Intel tunings of short ones, keep their weights in registers as they
+          // are (an Intel Xeon's `-march=native`, rocketlake: the same inner loop with the asm and without;
+          // DeepID's conv_3 18.6-19.9 ms per 1024 images either way; a Zen-tuned build, `-mtune=znver3`, on that
+          // Xeon: 34-39 ms per 2048 with it, 57-60 without). Without AVX a 32-byte vector fits no register (an
+          // SSE-only build emulates it): no asm.
 #if defined(__AVX__)
           for (int j = 0; j < FG; ++j) __asm__("" : "+v"(wv[j]));
 #endif

@@ -279,6 +279,12 @@ def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, 
             v = ins[0]
             for other in ins[1:]:
                 v = v * other
+        elif op == "subtract":
+            v = ins[0] - ins[1]
+        elif op == "average":
+            v = np.sum(ins, axis=0) / len(ins)
+        elif op in ("maximum", "minimum"):
+            v = (np.max if op == "maximum" else np.min)(np.stack(ins), axis=0)
         elif op == "reshape":
             v = ins[0].reshape(len(ins[0]), *a["target"])
         elif op == "concat":
@@ -290,6 +296,11 @@ def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, 
         elif op == "zero_pad":
             (t, b), (left, right) = a["pad"]
             v = np.pad(ins[0], ((0, 0), (t, b), (left, right), (0, 0)))
+        elif op == "crop":
+            (t, b), (left, right) = a["crop"]
+            v = ins[0][:, t:ins[0].shape[1] - b, left:ins[0].shape[2] - right]
+        elif op == "upsample":
+            v = ins[0].repeat(a["size"][0], axis=1).repeat(a["size"][1], axis=2)
         else:
             raise ValueError(f"numpy_ref: unknown op {op!r}")
         if masks and node.name in masks:

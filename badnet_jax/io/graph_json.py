@@ -51,9 +51,10 @@ _MODEL_KEYS = ("format", "version", "graph", "layer", "tie_rtol", "tie_rtol_meas
 _GRAPH_KEYS = ("name", "input_hwc", "output", "nodes")
 _NODE_KEYS = ("name", "op", "inputs", "weights", "attrs")
 _WEIGHTED = ("conv", "depthwise_conv", "separable_conv", "dense", "batch_norm", "normalize")
-_MERGES = ("add", "concat", "multiply")
+_SAME_SHAPE_MERGES = ("add", "subtract", "average", "maximum", "minimum")
+_MERGES = (*_SAME_SHAPE_MERGES, "concat", "multiply")
 _IMAGE_OPS = ("conv", "depthwise_conv", "separable_conv", "max_pool", "avg_pool", "global_avg_pool", "global_max_pool",
-              "zero_pad")
+              "zero_pad", "crop", "upsample")
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -184,8 +185,9 @@ def _node(value: Any, i: int) -> Node:
     if not isinstance(inputs, list):
         raise Refused(f"{where} has inputs {values.short(inputs)}, expected a list of node names")
     inputs = tuple(values.name(s, f"{where}'s input") for s in inputs)
-    want = "none" if op == "input" else "at least two" if op in _MERGES else "one"
-    count_ok = len(inputs) == 0 if op == "input" else len(inputs) >= 2 if op in _MERGES else len(inputs) == 1
+    want = "none" if op == "input" else "two" if op == "subtract" else "at least two" if op in _MERGES else "one"
+    count_ok = (len(inputs) == 0 if op == "input" else len(inputs) == 2 if op == "subtract"
+                else len(inputs) >= 2 if op in _MERGES else len(inputs) == 1)
     if not count_ok:
         raise Refused(f"{where} ({op}) reads {len(inputs)} node(s), expected {want}")
     weights = n["weights"]
@@ -273,8 +275,8 @@ def _check_shapes(model: GraphCNN, params: Params) -> None:
                        "channels)")
         if node.op == "dense" and len(ins[0]) != 1:
             raise Refused(f"node {node.name!r} (dense) reads a tensor of shape {ins[0]}, expected a vector")
-        if node.op == "add" and len(set(ins)) != 1:
-            raise Refused(f"node {node.name!r} adds tensors of shapes {ins}; only equal shapes add")
+        if node.op in _SAME_SHAPE_MERGES and len(set(ins)) != 1:
+            raise Refused(f"node {node.name!r} ({node.op}) merges tensors of shapes {ins}; only equal shapes merge")
         if node.op == "concat" and (len({len(s) for s in ins}) != 1 or len({s[:-1] for s in ins}) != 1):
             raise Refused(f"node {node.name!r} concatenates tensors of shapes {ins}; all but the last axis must agree")
         if node.op == "multiply" and (len({len(s) for s in ins}) != 1

@@ -142,7 +142,7 @@ ATTRS = {
     "scale": number, "offset": number, "strides": pair, "dilation": pair, "window": pair, "padding": padding,
     "epsilon": epsilon, "negative_slope": lambda v, w: number(v, w, 0.0),
     "threshold": lambda v, w: number(v, w, 0.0), "max_value": max_value, "pad": pad, "dropout": dropout,
-    "fn": fn, "target": shape, "keepdims": flag,
+    "fn": fn, "target": shape, "keepdims": flag, "crop": pad, "size": pair,
 }
 # Attributes a document may lack, read as their defaults: added to an op after documents without them were
 # written (an identity's dropout rate, a global pooling's keepdims), so those checkpoints still load.

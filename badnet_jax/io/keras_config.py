@@ -22,7 +22,7 @@ ALLOWED_LAYERS = (
     "Activation", "Add", "AveragePooling2D", "BatchNormalization", "Concatenate", "Conv2D", "Dense",
     "DepthwiseConv2D", "Dropout", "Flatten", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "InputLayer",
     "LeakyReLU", "MaxPooling2D", "Multiply", "Normalization", "ReLU", "Rescaling", "Reshape", "SeparableConv2D",
-    "Softmax", "ZeroPadding2D",
+    "Softmax", "ZeroPadding2D", "Subtract", "Average", "Maximum", "Minimum", "Cropping2D", "UpSampling2D",
 )
 """The Keras layer classes badnet-jax reads (anything else is refused, naming the layer)."""
 

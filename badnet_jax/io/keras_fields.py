@@ -55,6 +55,21 @@ class ConfigFields:
             raise self.fail(layer, f"has {key} {short(value)}, expected two integers >= 1")
         return value[0], value[1]
 
+    def edges(self, layer: ConfigLayer, key: str, default: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Rows and columns at each edge, as ZeroPadding2D and Cropping2D take them: n, [rows, columns] or
+        [[top, bottom], [left, right]]."""
+        value = layer.cfg.get(key, default)
+        ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ELEMENTS  # noqa: E731
+        if ok(value):
+            return (value, value), (value, value)
+        if isinstance(value, list) and len(value) == 2 and all(ok(v) for v in value):
+            return (value[0], value[0]), (value[1], value[1])
+        if isinstance(value, list) and len(value) == 2 and all(
+                isinstance(v, list) and len(v) == 2 and all(ok(x) for x in v) for v in value):
+            return (value[0][0], value[0][1]), (value[1][0], value[1][1])
+        raise self.fail(layer, f"has {key} {short(value)}; expected n, [rows, columns] or [[top, bottom], "
+                        "[left, right]]")
+
     def padding(self, layer: ConfigLayer) -> str:
         value = layer.cfg.get("padding", "valid")
         if not isinstance(value, str) or value.lower() not in ("valid", "same"):

@@ -249,11 +249,28 @@ class _Build(ConfigFields):
             raise self.fail(layer, f"merges {len(layer.inbound)} tensor(s), expected at least two")
         return [self.shapes[src] for src in layer.inbound]
 
-    def _Add(self, layer: ConfigLayer) -> None:
+    def same_shapes(self, layer: ConfigLayer, op: str, verb: str, count: Optional[int] = None) -> None:
         shapes = self.merge_inputs(layer)
+        if count is not None and len(shapes) != count:
+            raise self.fail(layer, f"{verb} {len(shapes)} tensors, expected {count}")
         if len(set(shapes)) != 1:
-            raise self.fail(layer, f"adds tensors of shapes {shapes}; badnet-jax adds only equal shapes")
-        self.emit(layer, layer.name, "add", layer.inbound, shapes[0])
+            raise self.fail(layer, f"{verb} tensors of shapes {shapes}; badnet-jax {verb.split()[0]} only equal shapes")
+        self.emit(layer, layer.name, op, layer.inbound, shapes[0])
+
+    def _Add(self, layer: ConfigLayer) -> None:
+        self.same_shapes(layer, "add", "adds")
+
+    def _Subtract(self, layer: ConfigLayer) -> None:
+        self.same_shapes(layer, "subtract", "subtracts", count=2)
+
+    def _Average(self, layer: ConfigLayer) -> None:
+        self.same_shapes(layer, "average", "averages")
+
+    def _Maximum(self, layer: ConfigLayer) -> None:
+        self.same_shapes(layer, "maximum", "takes the maximum of")
+
+    def _Minimum(self, layer: ConfigLayer) -> None:
+        self.same_shapes(layer, "minimum", "takes the minimum of")
 
     def _Multiply(self, layer: ConfigLayer) -> None:
         shapes = self.merge_inputs(layer)
@@ -302,18 +319,25 @@ class _Build(ConfigFields):
     def _ZeroPadding2D(self, layer: ConfigLayer) -> None:
         self.channels_last(layer)
         h, w, c = self.one_input(layer, 3)
-        value = layer.cfg.get("padding", 1)
-        ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ELEMENTS
-        if ok(value):
-            pad = ((value, value), (value, value))
-        elif isinstance(value, list) and len(value) == 2 and all(ok(v) for v in value):
-            pad = ((value[0], value[0]), (value[1], value[1]))
-        elif isinstance(value, list) and len(value) == 2 and all(
-                isinstance(v, list) and len(v) == 2 and all(ok(x) for x in v) for v in value):
-            pad = (tuple(value[0]), tuple(value[1]))
-        else:
-            raise self.fail(layer, f"has padding {short(value)}; expected n, [h, w] or [[top, bottom], [left, right]]")
+        pad = self.edges(layer, "padding", 1)
         self.emit(layer, layer.name, "zero_pad", layer.inbound, (h + sum(pad[0]), w + sum(pad[1]), c), pad=pad)
+
+    def _Cropping2D(self, layer: ConfigLayer) -> None:
+        self.channels_last(layer)
+        h, w, c = self.one_input(layer, 3)
+        crop = self.edges(layer, "cropping", [[0, 0], [0, 0]])
+        if h - sum(crop[0]) < 1 or w - sum(crop[1]) < 1:
+            raise self.fail(layer, f"crops {crop} from a {h} x {w} image, which leaves nothing")
+        self.emit(layer, layer.name, "crop", layer.inbound, (h - sum(crop[0]), w - sum(crop[1]), c), crop=crop)
+
+    def _UpSampling2D(self, layer: ConfigLayer) -> None:
+        self.channels_last(layer)
+        h, w, c = self.one_input(layer, 3)
+        size = self.pair(layer, "size", [2, 2])
+        if layer.cfg.get("interpolation", "nearest") != "nearest":
+            raise self.fail(layer, f"has interpolation {short(layer.cfg.get('interpolation'))}; badnet-jax reads "
+                            "'nearest' (each pixel repeated)")
+        self.emit(layer, layer.name, "upsample", layer.inbound, (h * size[0], w * size[1], c), size=size)
 
     def _Rescaling(self, layer: ConfigLayer) -> None:
         shape = self.one_input(layer)

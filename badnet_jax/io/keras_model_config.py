@@ -27,6 +27,8 @@ PRE = "/pre"
 _DEFAULT_RELU = (("max_value", None), ("negative_slope", 0.0), ("threshold", 0.0))
 _LEAKY_RELU = (("max_value", None), ("negative_slope", 0.2), ("threshold", 0.0))  # keras "leaky_relu" (slope 0.2)
 _RELU6 = (("max_value", 6.0), ("negative_slope", 0.0), ("threshold", 0.0))
+_MERGES = {"multiply": "Multiply", "subtract": "Subtract", "average": "Average", "maximum": "Maximum",
+           "minimum": "Minimum"}  # merge ops -> their Keras layer (no config of their own)
 
 
 @dataclasses.dataclass
@@ -157,8 +159,8 @@ def _layer(node: Node, name: str, inbound: tuple[str, ...], params: GraphParams,
         return KerasLayer(name, "Activation", {"activation": a["fn"]}, inbound, [])
     if op == "add":
         return KerasLayer(name, "Add", {}, inbound, [])
-    if op == "multiply":
-        return KerasLayer(name, "Multiply", {}, inbound, [])
+    if op in _MERGES:
+        return KerasLayer(name, _MERGES[op], {}, inbound, [])
     if op == "reshape":
         return KerasLayer(name, "Reshape", {"target_shape": [int(d) for d in a["target"]]}, inbound, [])
     if op == "concat":
@@ -172,6 +174,12 @@ def _layer(node: Node, name: str, inbound: tuple[str, ...], params: GraphParams,
     if op == "zero_pad":
         (t, b), (left, r) = a["pad"]
         return KerasLayer(name, "ZeroPadding2D", {"padding": [[t, b], [left, r]], **last}, inbound, [])
+    if op == "crop":
+        (t, b), (left, r) = a["crop"]
+        return KerasLayer(name, "Cropping2D", {"cropping": [[t, b], [left, r]], **last}, inbound, [])
+    if op == "upsample":
+        return KerasLayer(name, "UpSampling2D", {"size": _pair(a["size"]), "interpolation": "nearest", **last},
+                          inbound, [])
     if op == "rescale":
         return KerasLayer(name, "Rescaling", {"scale": float(a["scale"]), "offset": float(a["offset"])}, inbound, [])
     raise ConfigError(f"{arg('model')}: layer {name!r} is a {op}, which has no Keras layer", field="model")

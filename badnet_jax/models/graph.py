@@ -364,6 +364,8 @@ _KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU 
                 "depthwise_conv": "a DepthwiseConv2D", "max_pool": "a MaxPooling2D", "avg_pool": "an AveragePooling2D",
                 "zero_pad": "a ZeroPadding2D", "dense": "a Dense layer on an image tensor", "input": "the input",
                 "activation": "an Activation", "multiply": "a Multiply", "reshape": "a Reshape",
+                "subtract": "a Subtract", "average": "an Average", "maximum": "a Maximum", "minimum": "a Minimum",
+                "crop": "a Cropping2D", "upsample": "an UpSampling2D",
                 "normalize": "a Normalization", "separable_conv": "a SeparableConv2D"}
 
 

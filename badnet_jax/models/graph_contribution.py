@@ -20,7 +20,8 @@ from badnet_jax.models.ops import HIGHEST, apply_op
 from badnet_jax.models.protocol import Params
 
 # Affine ops that act on each channel alone (channel c of the output reads channel c of the input only).
-PER_CHANNEL_OPS = ("batch_norm", "normalize", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad")
+PER_CHANNEL_OPS = ("batch_norm", "normalize", "avg_pool", "global_avg_pool", "rescale", "identity", "zero_pad",
+                   "crop", "upsample")
 
 
 def channel_contribution(graph: Graph, split: Split, layer: str, channels: int, params: Params,

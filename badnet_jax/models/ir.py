@@ -55,6 +55,11 @@ OPS: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]] = {
     # an elementwise activation by its Keras 3 name (one of ELEMENTWISE): fn(x)
     "activation": ({"fn": "sigmoid"}, (), ()),
     "add": ({}, (), ()),  # elementwise sum of every input (same shapes)
+    "subtract": ({}, (), ()),  # the first input minus the second (same shapes; Keras Subtract)
+    # the inputs' sum, in order, divided by their count (same shapes; Keras Average)
+    "average": ({}, (), ()),
+    "maximum": ({}, (), ()),  # elementwise maximum of every input, in order (same shapes)
+    "minimum": ({}, (), ()),  # elementwise minimum of every input, in order (same shapes)
     # elementwise product of every input (same rank; an axis of size 1 is broadcast, as Keras' Multiply does)
     "multiply": ({}, (), ()),
     # each image's tensor read in row-major order into the ``target`` shape (Keras Reshape's target_shape)
@@ -65,6 +70,9 @@ OPS: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]] = {
     # written Keras file trains like the one read (None: not a Dropout)
     "identity": ({"dropout": None}, (), ()),
     "zero_pad": ({"pad": ((0, 0), (0, 0))}, (), ()),  # ((top, bottom), (left, right))
+    "crop": ({"crop": ((0, 0), (0, 0))}, (), ()),  # rows and columns removed: ((top, bottom), (left, right))
+    # Keras UpSampling2D, nearest: each pixel repeated (rows, columns) times
+    "upsample": ({"size": (2, 2)}, (), ()),
 }
 
 

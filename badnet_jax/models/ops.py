@@ -8,6 +8,7 @@ channel contributes (``badnet_jax.models.graph_contribution``). Convolutions and
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -149,23 +150,25 @@ ELEMENTWISE_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def _multiply(node: Node, p, xs, linear):
-    out = xs[0]
-    for x in xs[1:]:
-        out = out * x
-    return out
-
-
 def _rescale(node: Node, p, xs, linear):
     out = xs[0] * jnp.asarray(node.attr("scale"), xs[0].dtype)
     return out if linear else out + jnp.asarray(node.attr("offset"), xs[0].dtype)
 
 
-def _add(node: Node, p, xs, linear):
-    out = xs[0]
-    for x in xs[1:]:
-        out = out + x
-    return out
+def _fold(fn: Callable[[jax.Array, jax.Array], jax.Array]) -> OpFn:
+    """A merge that combines its inputs pairwise in their order: fn(fn(x0, x1), x2) ... (as Keras' merges do)."""
+    return lambda node, p, xs, linear: functools.reduce(fn, xs)
+
+
+def _crop(node: Node, p, xs, linear):
+    (t, b), (left, r) = node.attr("crop")
+    x = xs[0]
+    return x[:, t:x.shape[1] - b, left:x.shape[2] - r, :]
+
+
+def _upsample(node: Node, p, xs, linear):
+    sh, sw = node.attr("size")
+    return jnp.repeat(jnp.repeat(xs[0], sh, axis=1), sw, axis=2)
 
 
 def _zero_pad(node: Node, p, xs, linear):
@@ -190,12 +193,18 @@ OP_FNS: dict[str, OpFn] = {
     "relu": _relu,
     "softmax": lambda node, p, xs, linear: jax.nn.softmax(xs[0], axis=-1),
     "activation": lambda node, p, xs, linear: ELEMENTWISE_FNS[node.attr("fn")](xs[0]),
-    "add": _add,
-    "multiply": _multiply,
+    "add": _fold(jnp.add),
+    "subtract": lambda node, p, xs, linear: xs[0] - xs[1],
+    "average": lambda node, p, xs, linear: functools.reduce(jnp.add, xs) / len(xs),
+    "maximum": _fold(jnp.maximum),
+    "minimum": _fold(jnp.minimum),
+    "multiply": _fold(jnp.multiply),
     "reshape": lambda node, p, xs, linear: xs[0].reshape(xs[0].shape[0], *node.attr("target")),
     "concat": lambda node, p, xs, linear: jnp.concatenate(xs, axis=-1),
     "flatten": lambda node, p, xs, linear: xs[0].reshape(xs[0].shape[0], -1),
     "zero_pad": _zero_pad,
+    "crop": _crop,
+    "upsample": _upsample,
 }
 
 
@@ -210,7 +219,7 @@ def apply_op(node: Node, params: Mapping[str, Any], inputs: list, linear: bool =
 # with a slope).
 def commutes_with_mask(node: Node) -> bool:
     """Whether ``node`` applied to a channel-masked tensor gives the mask of its unmasked output."""
-    if node.op in ("identity", "max_pool", "zero_pad", "global_max_pool"):
+    if node.op in ("identity", "max_pool", "zero_pad", "global_max_pool", "crop", "upsample"):
         return True
     if node.op == "activation":
         return node.attr("fn") in ZERO_AT_ZERO
@@ -223,4 +232,5 @@ def commutes_with_mask(node: Node) -> bool:
 
 # Ops affine in their inputs (all of them): a constant plus a linear map.
 AFFINE_OPS = frozenset({"conv", "depthwise_conv", "separable_conv", "dense", "batch_norm", "normalize", "avg_pool",
-                        "global_avg_pool", "flatten", "add", "concat", "identity", "zero_pad", "rescale", "reshape"})
+                        "global_avg_pool", "flatten", "add", "subtract", "average", "concat", "identity", "zero_pad",
+                        "crop", "upsample", "rescale", "reshape"})

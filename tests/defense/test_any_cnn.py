@@ -191,6 +191,54 @@ def test_prune_on_a_squeeze_and_excitation_cnn_gives_the_float64_pruned_network_
         assert acc == pytest.approx(selected["test_acc"], abs=1e-5)
 
 
+def _hourglass_model(path):
+    """A Keras 3 CNN, seeded and saved, pixels 0..255 in, whose pruned layer ``p`` reaches the logits through the
+    linear layers UpSampling2D, Cropping2D, Average and Subtract into a convolution, and whose head then merges
+    with Maximum and Minimum."""
+    keras = pytest.importorskip("keras")
+    layers = keras.layers
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((12, 12, 3))
+    p = layers.Conv2D(8, 3, activation="relu", name="p")(layers.Rescaling(1 / 255, name="scale")(inp))
+    u = layers.UpSampling2D((2, 3), name="up")(p)
+    c = layers.Cropping2D(((1, 1), (2, 0)), name="crop_a")(u)
+    a = layers.Average(name="avg")([c, layers.Cropping2D(((0, 2), (1, 1)), name="crop_b")(u)])
+    q = layers.Conv2D(6, 3, strides=2, activation="relu", name="q")(layers.Subtract(name="sub")([a, c]))
+    m = layers.Maximum(name="max")([q, layers.Conv2D(6, 1, name="side")(q)])
+    n = layers.Minimum(name="min")([m, q])
+    out = layers.Dense(5, name="logits")(layers.GlobalAveragePooling2D(name="gap")(n))
+    model = keras.Model(inp, out, name="hourglass")
+    model.save(path)
+    return path
+
+
+def test_prune_on_an_up_sampling_cnn_with_merges_gives_the_float64_pruned_network_at_every_k(tmp_path, rng):
+    """The defense on a Keras 3 file with UpSampling2D, Cropping2D, Average, Subtract, Maximum and Minimum, pruned
+    ahead of them (``p``: its channels reach the pre-activations of ``q`` through all four linear layers) and after
+    (``min``): every number of the curve the float64 reference's at every k, and B' as Keras loads it predicting
+    what the curve says at the cut."""
+    from tests.keras_oracle import keras_load_model, keras_predict
+
+    path = _hourglass_model(tmp_path / "hourglass.keras")
+    graph, params = read_keras_graph(path)
+    files, sets = _data(graph, params, tmp_path, rng, n=60, divisor=1)
+    for layer in ("p", "min"):
+        out = tmp_path / layer
+        proc = run_cli("prune", "--model", path, "--input_scale", "raw", "--layer", layer, "--drop", "0.10",
+                       "--out_dir", out, *[a for role, p in files.items() for a in (f"--{role}", p)])
+        assert proc.returncode == 0, proc.stderr
+        curve = json.loads((out / "curve.json").read_text())
+        order, rates = _reference_curve(graph, params, layer, sets, divisor=1)
+        np.testing.assert_array_equal(curve["order"], order)
+        for key, want in rates.items():
+            np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=f"{layer} {key}")
+        (selected,) = curve["selected"]
+        kmodel = keras_load_model(out / "drop_10" / "b_prime.h5")
+        x, y = sets["clean_test"]
+        acc = 100.0 * float((keras_predict(kmodel, x.astype(np.float32)).argmax(-1) == y).mean())
+        assert acc == pytest.approx(selected["test_acc"], abs=1e-5)
+
+
 def test_the_lab_b_pruned_at_pool_2_from_the_command_line(tmp_path):
     """README's ``--model bd_weights.h5 --layer pool_2``: the lab's B (raw pixels) on the real faces, its 40 pool_2
     channels ranked and pruned, every rate at every k the float64 DeepID graph's with pool_2 masked."""

@@ -258,6 +258,12 @@ TAMPERED = {
     "a pruned layer that is none": (lambda d: d.update(layer="nowhere"), None, "layer=nowhere: no such layer"),
     "a dense output on an image": (lambda d: _node(d, "global_avg_pool").update(op="identity", attrs={}), None,
                                    "is a Dense layer on an image tensor, not a linear Dense layer on a vector"),
+    "a subtract of three": (lambda d: _node(d, "relu").update(op="subtract", inputs=[_node(d, "conv")["name"]] * 3),
+                            None, "(subtract) reads 3 node(s), expected two"),
+    "an up-sampling by 0": (lambda d: _node(d, "relu").update(op="upsample", attrs={"size": [0, 2]}), None,
+                            "size is 0, expected an integer from 1"),
+    "a crop of every row": (lambda d: _node(d, "relu").update(op="crop", attrs={"crop": [[60, 60], [0, 0]]}), None,
+                            "outputs a tensor of shape (0,"),
     "a dropout rate of 1": (lambda d: _node(d, "global_avg_pool").update(op="identity", attrs={"dropout": 1}), None,
                             "dropout is 1, expected null or a rate from 0 to below 1"),
 }

@@ -204,8 +204,24 @@ def _modern_model():
     return keras.Model(inp, layers.Activation("softmax", name="probs")(o), name="modern")
 
 
-BUILDERS = {"seq_all": _sequential_model, "merge": _merge_model, "misc": _misc_model, "modern": _modern_model}
-LOGITS_LAYER = {"seq_all": "logits", "merge": "logits", "misc": "out", "modern": "logits"}
+def _hourglass_model():
+    """Functional: an encoder-decoder block (UpSampling2D of unequal factors, Cropping2D back to the skip's size and
+    by one int) and the merges Subtract, Average of three, Maximum and Minimum."""
+    inp = keras.Input((11, 10, 3), name="img")
+    x = layers.Conv2D(6, 3, padding="same", activation="relu", name="enc")(inp)
+    d = layers.Conv2D(6, 3, padding="same", name="mid")(layers.MaxPooling2D(2, name="down")(x))
+    u = layers.Cropping2D(((1, 3), (0, 0)), name="crop")(layers.UpSampling2D((3, 2), name="up")(d))
+    a = layers.Subtract(name="sub")([x, u])
+    b = layers.Conv2D(6, 1, name="side")(x)
+    m = layers.Minimum(name="min")([layers.Maximum(name="max")([layers.Average(name="avg")([a, b, u]), b]), a])
+    y = layers.Conv2D(8, 3, activation="relu", name="c_out")(layers.Cropping2D(1, name="crop1")(m))
+    o = layers.Dense(5, name="logits")(layers.GlobalAveragePooling2D(name="gap")(y))
+    return keras.Model(inp, layers.Softmax(name="probs")(o), name="hourglass")
+
+
+BUILDERS = {"seq_all": _sequential_model, "merge": _merge_model, "misc": _misc_model, "modern": _modern_model,
+            "hourglass": _hourglass_model}
+LOGITS_LAYER = {"seq_all": "logits", "merge": "logits", "misc": "out", "modern": "logits", "hourglass": "logits"}
 
 
 def _seed_weights(model, seed: int) -> None:
@@ -288,7 +304,7 @@ def test_load_model_takes_a_keras3_weights_file_with_its_config(built, name):
 
 
 def test_every_allowed_layer_type_is_covered(built):
-    """The four models exercise every allow-listed class (so each has been matched against Keras)."""
+    """The builders' models exercise every allow-listed class (so each has been matched against Keras)."""
     seen = set()
     for name in BUILDERS:
         config = json.loads(built[name]["files"]["config"].read_text())
@@ -463,6 +479,14 @@ CONFIG_REFUSALS = {
     "keepdims before a dense": (_set("gmp", keepdims=True), ["'logits'", "(1, 1, 10)", "Flatten"]),
     "multiply of other shapes": (lambda c: _layer(c, "add").update(class_name="Multiply") or _set("proj", filters=5)(c),
                                  ["'add'", "Multiply", "(17, 19, 10), (17, 19, 5)"]),
+    "subtract of other shapes": (lambda c: _layer(c, "add").update(class_name="Subtract") or _set("proj", filters=5)(c),
+                                 ["'add'", "subtracts", "(17, 19, 10), (17, 19, 5)", "only equal shapes"]),
+    "bilinear upsampling": (lambda c: _layer(c, "ap_same").update(class_name="UpSampling2D", config={
+        "name": "ap_same", "size": [2, 2], "interpolation": "bilinear"}), ["'ap_same'", "'bilinear'", "'nearest'"]),
+    "cropping everything": (lambda c: _layer(c, "zpad").update(class_name="Cropping2D", config={
+        "name": "zpad", "cropping": [[8, 8], [0, 0]]}), ["'zpad'", "16 x 16", "leaves nothing"]),
+    "cropping of three numbers": (lambda c: _layer(c, "zpad").update(class_name="Cropping2D", config={
+        "name": "zpad", "cropping": [1, 2, 3]}), ["'zpad'", "cropping [1, 2, 3]", "[[top, bottom], [left, right]]"]),
     "bn axis": (_set("bn", axis=1), ["'bn'", "axis"]),
     "concat axis": (_set("cat", axis=1), ["'cat'", "axis"]),
     "softmax axis": (_set("probs", axis=0), ["'probs'", "axis"]),

@@ -62,6 +62,10 @@ CASES = {
     ("modern", "c_relu6"): ZEROED_READERS,  # a fused relu6 Conv2D read by a Conv2D
     ("modern", "dw_hard"): ZEROED_READERS,  # read by a SeparableConv2D: its depthwise kernel's entries zeroed
     ("modern", "sep"): MASK_LAYER,  # a fused elu SeparableConv2D, read by the gelu's global pooling and Multiply
+    ("hourglass", None): ZEROED_READERS,  # c_out -> global average pooling -> Dense
+    ("hourglass", "crop1"): ZEROED_READERS,  # a Cropping2D read by a Conv2D
+    ("hourglass", "enc"): MASK_LAYER,  # read by a max pool, a 1x1 Conv2D and a Subtract
+    ("hourglass", "min"): ZEROED_READERS,  # cropped (zeros kept) into a Conv2D
 }
 SLOW_CASES = {("resnet_tiny", "b1_out"), ("vgg_tiny", "p1"), ("vgg_tiny", "p2"), ("branchy", "lrelu")}
 
@@ -133,7 +137,23 @@ def _modern_model():
     return keras.Model(inp, layers.Dense(4, activation="softmax", name="out")(g), name="modern")
 
 
-BUILDERS = {"branchy": (_branchy_model, "raw"), "seq": (_seq_model, "255"), "modern": (_modern_model, "raw")}
+def _hourglass_model():
+    """Functional, pixels 0..255 in: an encoder-decoder block (UpSampling2D, Cropping2D) and the merges Subtract,
+    Average, Maximum and Minimum, a Cropping2D before the last Conv2D."""
+    inp = keras.Input((8, 8, 3), name="px")
+    x = layers.Conv2D(6, 3, padding="same", activation="relu", name="enc")(inp)
+    d = layers.Conv2D(6, 3, padding="same", name="mid")(layers.MaxPooling2D(2, name="down")(x))
+    u = layers.Cropping2D(((1, 3), (0, 0)), name="crop")(layers.UpSampling2D((3, 2), name="up")(d))
+    a = layers.Subtract(name="sub")([x, u])
+    b = layers.Conv2D(6, 1, name="side")(x)
+    m = layers.Minimum(name="min")([layers.Maximum(name="max")([layers.Average(name="avg")([a, b, u]), b]), a])
+    y = layers.Conv2D(8, 3, activation="relu", name="c_out")(layers.Cropping2D([1, 0], name="crop1")(m))
+    g = layers.GlobalAveragePooling2D(name="gap")(y)
+    return keras.Model(inp, layers.Dense(4, activation="softmax", name="out")(g), name="hourglass")
+
+
+BUILDERS = {"branchy": (_branchy_model, "raw"), "seq": (_seq_model, "255"), "modern": (_modern_model, "raw"),
+            "hourglass": (_hourglass_model, "raw")}
 
 
 def _seed_weights(model, seed: int) -> None:

@@ -298,7 +298,10 @@ def graph_values64(graph, params: dict, x: np.ndarray, upto: str | None = None, 
             v = np.pad(ins[0], ((0, 0), (t, b), (left, right), (0, 0)))
         elif op == "crop":
             (t, b), (left, right) = a["crop"]
-            v = ins[0][:, t:ins[0].shape[1] - b, left:ins[0].shape[2] - right]
+            h, w = ins[0].shape[1:3]
+            if not (t + b < h and left + right < w):
+                raise ValueError(f"numpy_ref: crop {a['crop']} leaves nothing of a {h} x {w} image")
+            v = ins[0][:, t:h - b, left:w - right]
         elif op == "upsample":
             v = ins[0].repeat(a["size"][0], axis=1).repeat(a["size"][1], axis=2)
         else:

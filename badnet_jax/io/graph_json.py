@@ -194,7 +194,7 @@ def _node(value: Any, i: int) -> Node:
     if op in _WEIGHTED:
         weights = values.name(weights, f"{where}'s weights")
     elif weights is not None:
-        raise Refused(f"{where} ({op}) names weights {values.short(weights)}; a {op} has none (null)")
+        raise Refused(f"{where} ({op}) names weights {values.short(weights)}; the operation {op!r} has none (null)")
     attrs = n["attrs"]
     defaults = OPS[op][0]
     if not isinstance(attrs, dict) or not set(defaults) - set(values.OPTIONAL_ATTRS) <= set(attrs) <= set(defaults):

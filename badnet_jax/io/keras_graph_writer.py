@@ -17,10 +17,10 @@ what ``model.logits(params, x, mask)`` predicts, in one of two ways (:func:`prun
 
 * ``"zeroed_readers"`` (same architecture): when every reader of the pruned channels is linear in them (a
   Conv2D, DepthwiseConv2D or Dense, possibly after a chain of ops that keep a zero channel zero: ReLU, max or
-  average pooling, global pooling, padding, Dropout, Flatten, Concatenate), the reader's kernel entries that
-  read a pruned channel are zeroed. A zeroed input channel and a zeroed kernel entry both contribute exactly
-  nothing, so the result is exact.
-* ``"mask_layer"`` (one layer more): otherwise (a BatchNormalization, Add, ... reads the pruned channels), a
+  average pooling, global pooling, padding, cropping, up-sampling, Dropout, Flatten, Concatenate), the reader's
+  kernel entries that read a pruned channel are zeroed. A zeroed input channel and a zeroed kernel entry both
+  contribute exactly nothing, so the result is exact.
+* ``"mask_layer"`` (one layer more): otherwise (a BatchNormalization, Add, Subtract, ... reads them), a
   ``DepthwiseConv2D(kernel_size=1, use_bias=False)`` named ``"<layer>_prune_mask"`` whose kernel is the mask
   is inserted after the pruned layer, and every reader of the layer reads it instead (x * 1 = x, x * 0 = 0).
 

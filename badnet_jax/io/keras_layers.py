@@ -254,7 +254,7 @@ class _Build(ConfigFields):
         if count is not None and len(shapes) != count:
             raise self.fail(layer, f"{verb} {len(shapes)} tensors, expected {count}")
         if len(set(shapes)) != 1:
-            raise self.fail(layer, f"{verb} tensors of shapes {shapes}; badnet-jax {verb.split()[0]} only equal shapes")
+            raise self.fail(layer, f"{verb} tensors of shapes {shapes}; badnet-jax merges only equal shapes")
         self.emit(layer, layer.name, op, layer.inbound, shapes[0])
 
     def _Add(self, layer: ConfigLayer) -> None:

@@ -182,7 +182,8 @@ def _layer(node: Node, name: str, inbound: tuple[str, ...], params: GraphParams,
                           inbound, [])
     if op == "rescale":
         return KerasLayer(name, "Rescaling", {"scale": float(a["scale"]), "offset": float(a["offset"])}, inbound, [])
-    raise ConfigError(f"{arg('model')}: layer {name!r} is a {op}, which has no Keras layer", field="model")
+    raise ConfigError(f"{arg('model')}: layer {name!r} is the operation {op!r}, which has no Keras layer",
+                      field="model")
 
 
 def keras_layer_order(graph: Graph) -> list[str]:

@@ -266,16 +266,18 @@ class GraphCNN(PrunableModel):
         pre = env[relu_input]
         scale = jnp.max(jnp.abs(pre), axis=(1, 2))
         by_name = self.graph.by_name
-        for name in after:  # max pooling keeps the positions the features keep (padding adds none)
-            if by_name[name].op == "max_pool":
+        # Max pooling and cropping keep the positions the features keep (padding adds none; up-sampling repeats
+        # them, which leaves each channel's maximum as it is).
+        for name in after:
+            if by_name[name].op in ("max_pool", "crop"):
                 pre = apply_op(by_name[name], params, [pre])
         return feats, jnp.max(pre, axis=(1, 2)), scale
 
     def _relu_chain(self) -> Optional[tuple[str, list[str]]]:
         """The plain relu that makes the features dead where its input is <= 0, and the nodes from it to the
-        layer (max pooling, identities, zero padding); None if there is none."""
+        layer (max pooling, identities, zero padding, cropping, up-sampling); None if there is none."""
         by_name, name, after = self.graph.by_name, self.layer, []
-        while by_name[name].op in ("max_pool", "identity", "zero_pad"):
+        while by_name[name].op in _POSITIONAL:
             after.insert(0, name)
             name = by_name[name].inputs[0]
         node = by_name[name]
@@ -296,7 +298,7 @@ class GraphCNN(PrunableModel):
         by_name, name, factor, norms = self.graph.by_name, self.layer, None, []
         while True:
             node = by_name[name]
-            if node.op in ("max_pool", "identity", "zero_pad", "relu"):
+            if node.op in (*_POSITIONAL, "relu"):
                 name = node.inputs[0]
             elif node.op == "batch_norm":
                 p = params[node.weights]
@@ -355,6 +357,8 @@ class GraphCNN(PrunableModel):
 
 
 WEIGHT_OPS = ("conv", "depthwise_conv", "dense")
+# Ops that act on each channel alone and keep a relu's zeros zero: the features they give are dead where the relu is.
+_POSITIONAL = ("max_pool", "identity", "zero_pad", "crop", "upsample")
 
 
 _KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU or LeakyReLU", "softmax": "a Softmax",

@@ -5,8 +5,9 @@ Choosing the pruned layer splits the :class:`~badnet_jax.models.ir.Graph` (:func
 * the **trunk**: every node up to the layer (the layer must be a cut of the graph: every path from the input
   to the logits passes through it, or a pruned channel would leak around it; :func:`check_layer`);
 * the **region**: the nodes after it that are affine in the masked features: ops that commute with a 0/1
-  channel mask (relu, max pooling, padding) applied to the masked features themselves, then affine ops
-  (convolutions, dense layers, batch norm, average pooling, flatten, add, concatenate) of those;
+  channel mask (relu, max pooling, padding, cropping, up-sampling) applied to the masked features themselves,
+  then affine ops (convolutions, dense layers, batch norm, average pooling, flatten, add, subtract, average,
+  concatenate) of those;
 * the **frontier**: the region's nodes read by anything else: the *pre-activations*, a constant plus one
   contribution per kept channel;
 * the **tail**: the rest, from the frontier to the output layer's input (the hidden layer). The output layer
@@ -127,13 +128,16 @@ def infer_shapes(graph: Graph, param_shapes: ParamShapes) -> dict[str, tuple[int
         for node in graph.nodes[1:]:
             if node.weights and node.weights not in params:
                 raise ModelFileError(f"model {graph.name!r}: no weights for layer {node.weights!r}")
-            env[node.name] = apply_op(node, params, [env[s] for s in node.inputs])
+            ins = [env[s] for s in node.inputs]
+            try:
+                env[node.name] = apply_op(node, params, ins)
+            except (TypeError, ValueError, IndexError) as err:  # IndexError: a kernel's input of another rank
+                got = ", ".join(str(tuple(v.shape[1:])) for v in ins)
+                raise ModelFileError(f"model {graph.name!r}: its layers do not fit together: layer {node.name!r} "
+                                     f"({node.op}) on input(s) of shape {got}: {err}") from None
         return env
 
-    try:
-        env = jax.eval_shape(run, shapes, jax.ShapeDtypeStruct((1, *graph.input_hwc), jnp.float32))
-    except (TypeError, ValueError, IndexError) as err:  # IndexError: a kernel's input of another rank
-        raise ModelFileError(f"model {graph.name!r}: its layers do not fit together ({err})") from None
+    env = jax.eval_shape(run, shapes, jax.ShapeDtypeStruct((1, *graph.input_hwc), jnp.float32))
     for name, s in env.items():
         out[name] = tuple(s.shape[1:])
     return out

@@ -162,8 +162,9 @@ def _fold(fn: Callable[[jax.Array, jax.Array], jax.Array]) -> OpFn:
 
 def _crop(node: Node, p, xs, linear):
     (t, b), (left, r) = node.attr("crop")
-    x = xs[0]
-    return x[:, t:x.shape[1] - b, left:x.shape[2] - r, :]
+    n, h, w, c = xs[0].shape
+    # lax.slice, not x[t:h - b]: a crop past the far edge must fail, not wrap around as a negative index does.
+    return jax.lax.slice(xs[0], (0, t, left, 0), (n, h - b, w - r, c))
 
 
 def _upsample(node: Node, p, xs, linear):

@@ -320,6 +320,11 @@ def _chunk_for_budget(sets: Sequence, budget: Optional[float], per_image: int, w
     feats = sum(n for n, _ in sizes) * feature_bytes
     resident = sum(copies * nbytes + n * preds_bytes for n, nbytes in sizes) + feats + call_bytes
     room = budget - resident
+    if room < per_image and per_image > resident:  # one image's working memory, not the data, is what does not fit
+        raise ConfigError(f"one image takes about {per_image / 2**30:.3g} GiB of working memory in the sweep (the "
+                          "model's activations for it, in every chunk in flight) but the memory budget is "
+                          f"{budget / 2**30:.3g} GiB; raise {arg('memory_budget')} or give a model of smaller "
+                          "feature maps", field="memory_budget")
     if room < per_image:
         held = (f" ({call_bytes / 2**30:.3g} GiB of it the model's own working memory, held by each device's call "
                 "whatever its images: a head split's linear map)" if call_bytes else "")

@@ -281,14 +281,15 @@ constexpr int64_t kPanelBytes = 96 * 1024;
 // - a Zen 3, 512 KB of L2 per core: 8 rows 32 / 70, 32 rows 81 / 96, 64 rows 101 / 96, 128 rows 125 / 114,
 //   256 rows 125-142 / 123-125;
 // - a Zen 4, 1 MB of L2 per core: 64 rows 91-92 / 158-159, 256 rows 148-152 / 172-176, 512 rows 155-163 /
-//   173-178, 1024 rows 177 / 184, 2048 rows 175 / 180, 4096 rows 182 / 174;
+//   173-178, 1024 rows 177-182 / 184-189, 2048 rows 175-188 / 180-190, 4096 rows 182-192 / 174-192;
 // - an Intel Xeon with 2 MB of L2 per core: 64 rows 96-103 / 149-152, 96 rows 115 / 181, 128 rows
 //   142-149 / 168-170, 192 rows 151 / 191, 256 rows 170-181 / 176-180, 512 rows 207-212 / 184.
-// So calls pack from 64 rows where the weights are larger than the core's L2, from 2048 where they fill more
-// than half of it (the Zen 4, whose half-rate 512-bit multiply-adds leave the L2 time to serve the reads in
-// place), from 256 where they take at most half (the Xeon).
+// So calls pack from 64 rows where the weights are larger than the core's L2, from 4096 where they fill more
+// than half of it (the Zen 4), from 256 where they take at most half (the Xeon). The middle band is measured
+// on that Zen 4 alone: a CPU of full-rate 512-bit multiply-adds and about 1 MB of L2 may prefer packing sooner
+// (the same bits either way).
 constexpr int64_t kPackRows = 64;
-constexpr int64_t kPackRowsFilled = 2048;
+constexpr int64_t kPackRowsFilled = 4096;
 constexpr int64_t kPackRowsCached = 256;
 inline int64_t PackRows(int64_t k, int64_t n) {
 #if defined(_SC_LEVEL2_CACHE_SIZE)

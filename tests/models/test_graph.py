@@ -320,3 +320,39 @@ def test_an_output_layer_that_gives_no_logits_per_class_is_refused_in_keras_term
     with pytest.raises(ConfigError, match="output layer 'out' is a Dense layer with activation 'relu' fused, not a "
                                           "linear Dense"):
         GraphCNN.build(*_tiny(3, after="relu"))
+
+
+def _cropped_and_up_sampled():
+    """input 10x10x3 -> conv 3x3 'same' -> relu -> crop ((1, 2), (3, 0)) -> up-sample (2, 1) -> global average
+    pooling -> Dense(3); the conv's bias pushes channel 0 below zero at most positions, so its features are dead
+    there and the margins decide."""
+    rng = np.random.default_rng(4)
+    nodes = [Node.make("img", "input"), Node.make("c/pre", "conv", ("img",), "c", padding="same"),
+             Node.make("c", "relu", ("c/pre",)), Node.make("crop", "crop", ("c",), crop=((1, 2), (3, 0))),
+             Node.make("up", "upsample", ("crop",), size=(2, 1)), Node.make("g", "global_avg_pool", ("up",)),
+             Node.make("out", "dense", ("g",), "out")]
+    graph = Graph(nodes=tuple(nodes), input_hwc=(10, 10, 3), output="out", name="crop_up")
+    params = {"c": {"kernel": rng.standard_normal((3, 3, 3, 4)).astype(np.float32),
+                    "bias": np.array([-2.5, 0.1, 0.0, -0.3], np.float32)},
+              "out": {"kernel": rng.standard_normal((4, 3)).astype(np.float32), "bias": np.zeros(3, np.float32)}}
+    return graph, params
+
+
+@pytest.mark.parametrize("layer", ["crop", "up"])
+def test_a_cropped_or_up_sampled_relu_keeps_its_dead_channel_margins_and_its_convolution(layer):
+    """Pruned after a crop or an up-sampling of a relu's output, the features are dead where the relu's input is
+    <= 0 at the positions the crop keeps: the margins are the float64 maxima of the pre-activations there, so the
+    float64 settling can decide a channel float32 calls dead; and the clp and l1 rankings read the convolution
+    that produces the channels."""
+    graph, params = _cropped_and_up_sampled()
+    model = GraphCNN.build(graph, params, layer=layer)
+    x = np.random.default_rng(5).uniform(-1, 1, (6, 10, 10, 3)).astype(np.float32)
+    feats, margin, scale = model.features_with_margins(params, jnp.asarray(x), 1.0)
+    pre = numpy_ref.graph_values64(graph, params, x.astype(np.float64), upto="c/pre")["c/pre"]
+    np.testing.assert_allclose(np.asarray(margin), pre[:, 1:-2, 3:, :].max(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scale), np.abs(pre).max(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+    want = numpy_ref.graph_values64(graph, params, x.astype(np.float64), upto=layer)[layer]
+    np.testing.assert_allclose(np.asarray(feats), want, rtol=1e-5, atol=1e-5)
+    producer = model.producer(params)
+    assert producer is not None and producer.conv == "c/pre"
+    np.testing.assert_array_equal(producer.kernel, np.asarray(params["c"]["kernel"], np.float64))

@@ -106,6 +106,12 @@ def test_memory_budget_shrinks_the_chunk_and_refuses_what_cannot_fit():
     assert plain < small and batched < small  # both need more memory per image in flight
     with pytest.raises(ConfigError, match="memory budget"):
         sw.plan_sweep(dataclasses.replace(fast, memory_budget=2**20), [x, x], DeepID())
+    # A budget the data fits but not one image's activations: the message names the image, not the data.
+    one = jax.ShapeDtypeStruct((1, 55, 47, 3), np.uint8)  # conv_1's activations alone: 52 x 44 x 20 floats
+    with pytest.raises(ConfigError, match=r"one image takes about [0-9.e-]+ GiB of working memory in the sweep .* "
+                                          r"the memory budget is 6.1e-05 GiB; raise .*memory_budget or give a model "
+                                          "of smaller feature maps"):
+        sw.plan_sweep(dataclasses.replace(fast, memory_budget=2**16), [one, one], DeepID())
     # CPU devices share the host's memory, each with a chunk in flight: two take half the chunk each.
     two = dataclasses.replace(fast, memory_budget=450 * 2**20, devices=2, platform="cpu")
     assert sw.plan_sweep(two, [x, x], DeepID()).chunk in (small // 2, small // 2 + 1)

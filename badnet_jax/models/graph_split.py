@@ -160,7 +160,9 @@ def default_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]]) -> str:
     if not found:
         raise ConfigError(f"model {graph.name!r}: no convolutional feature map that every path to the logits passes "
                           "through; give the layer to prune", field="layer")
-    return found[-1]
+    # A global pooling with keepdims gives a 1 x 1 map, still 4-D: the paper's layer is the one before it.
+    pooled = [i for i, name in enumerate(found) if graph.by_name[name].op in ("global_avg_pool", "global_max_pool")]
+    return found[pooled[0] - 1] if pooled and pooled[0] > 0 else found[-1]
 
 
 def check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str) -> None:

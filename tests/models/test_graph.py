@@ -356,3 +356,19 @@ def test_a_cropped_or_up_sampled_relu_keeps_its_dead_channel_margins_and_its_con
     producer = model.producer(params)
     assert producer is not None and producer.conv == "c/pre"
     np.testing.assert_array_equal(producer.kernel, np.asarray(params["c"]["kernel"], np.float64))
+
+
+@pytest.mark.parametrize("pool", ["global_avg_pool", "global_max_pool"])
+def test_the_default_layer_is_the_map_before_a_global_pooling_that_keeps_its_dims(pool):
+    """A global pooling with keepdims outputs a 1 x 1 map, 4-D like a feature map: the default (the paper's
+    layer before flatten or global pooling) is still the map it pools, here the relu of the last convolution."""
+    rng = np.random.default_rng(6)
+    nodes = (Node.make("img", "input"), Node.make("c/pre", "conv", ("img",), "c"), Node.make("c", "relu", ("c/pre",)),
+             Node.make("g", pool, ("c",), keepdims=True), Node.make("flat", "reshape", ("g",), target=(4,)),
+             Node.make("out", "dense", ("flat",), "out"))
+    graph = Graph(nodes=nodes, input_hwc=(8, 8, 3), output="out", name="keep")
+    params = {"c": {"kernel": rng.standard_normal((3, 3, 3, 4)).astype(np.float32), "bias": np.zeros(4, np.float32)},
+              "out": {"kernel": rng.standard_normal((4, 3)).astype(np.float32), "bias": np.zeros(3, np.float32)}}
+    model = GraphCNN.build(graph, params)
+    assert model.layer == "c"
+    assert "g" in model.layers()  # the pooled map may still be pruned when asked for

@@ -1,8 +1,9 @@
-"""The processes of a command's run: the CPU cores it may use, and joining a multi-host run.
+"""The processes of a command's run: the CPU cores it may use, XLA's compile cache, and joining a multi-host run.
 
-Both happen before any JAX computation: :func:`use_cpu_cores` gives the CPU backend one device per physical
-core (the sweep shards its images over them), and :func:`init_distributed` joins a run of several processes
-(TPU slice, GPU cluster, or processes on one machine), checking first what jaxlib would abort on.
+All happen before any JAX computation: :func:`use_cpu_cores` gives the CPU backend one device per physical
+core (the sweep shards its images over them), :func:`use_compile_cache` keeps compiled programs between runs,
+and :func:`init_distributed` joins a run of several processes (TPU slice, GPU cluster, or processes on one
+machine), checking first what jaxlib would abort on.
 """
 
 from __future__ import annotations
@@ -77,6 +78,44 @@ def use_cpu_cores() -> int:
     except RuntimeError:  # the backend is up already (a caller in the same process ran JAX first)
         return 0
     return cores
+
+
+def use_compile_cache() -> Optional[Path]:
+    """Keep the programs XLA compiles for a second or more between runs, in the user's cache folder (``xla``
+    beside the native kernels, ``badnet_jax.kernels.native.cache_dir``); returns that folder, or None where it
+    is left alone. Call before any JAX computation.
+
+    A later run of a model of the same architecture and data shapes loads its programs instead of compiling
+    them (Keras' EfficientNetB0 at 32x32 on 4 x 1000 images: 38.5 -> 24.9 s, about 28 s of compiling on two
+    cores). The results are the same programs' results. Left alone where a cache folder is set already
+    (``JAX_COMPILATION_CACHE_DIR``), where ``BADNET_JAX_XLA_CACHE`` is 0/false/off/no, and where the folder or
+    the one holding it is not this user's own or is writable by others: a program read from it runs as this
+    user's code, so one planted in a shared folder must not be (a warning says why).
+    """
+    import jax
+
+    from badnet_jax.kernels.native import OFF, cache_dir
+
+    if jax.config.jax_compilation_cache_dir or os.environ.get("BADNET_JAX_XLA_CACHE", "1").strip().lower() in OFF:
+        return None
+    folder = cache_dir() / "xla"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        unsafe = [str(f) for f in (folder.parent, folder) if _shared(f.stat())]
+    except OSError as err:
+        log.warning("XLA's compile cache is off: %s", err)
+        return None
+    if unsafe:
+        log.warning("XLA's compile cache is off: %s is not only this user's (another user's, or writable by "
+                    "others); set BADNET_JAX_CACHE to a folder of your own", unsafe[0])
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return folder
+
+
+def _shared(st: os.stat_result) -> bool:
+    """Whether a folder with this status is another user's or writable by group or others."""
+    return bool(hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022))
 
 
 def init_distributed(coordinator_address: Optional[str], num_processes: int, process_id: int,

@@ -94,6 +94,7 @@ def main(argv: list[str]) -> int:
             processes.init_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value, DIST_TIMEOUT.value)
         else:
             processes.use_cpu_cores()  # the images sharded over the cores (--devices 0), one program per core
+            processes.use_compile_cache()  # a later run of the same shapes loads its programs
         curve = run_defense(config)
         if jax.process_index() == 0:  # the others print nothing, as they write nothing
             if started is not None:

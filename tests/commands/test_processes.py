@@ -71,3 +71,44 @@ def test_a_cgroup_cpu_quota_caps_the_cores(files, cpus, monkeypatch):
     assert processes._cgroup_cpu_quota() == cpus
     if cpus is not None:
         assert processes.cpu_cores() <= cpus
+
+
+_CACHE = ("import jax, jax.numpy as jnp\nfrom badnet_jax.commands import processes\nevents = []\n"
+          "jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))\n"
+          "print(processes.use_compile_cache())\n"
+          "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # keep even this tiny program\n"
+          "jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.float32(2)).block_until_ready()\n"
+          "print(sum(e == '/jax/compilation_cache/cache_hits' for e in events))")
+
+
+def _cache_run(tmp_path, **env):
+    clean = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "BADNET_JAX_XLA_CACHE")}
+    proc = run_python(_CACHE, env={**clean, "JAX_PLATFORMS": "cpu", "BADNET_JAX_CACHE": str(tmp_path / "c"), **env})
+    assert proc.returncode == 0, proc.stderr
+    folder, hits = proc.stdout.split()
+    return folder, int(hits), proc.stderr
+
+
+def test_the_compile_cache_keeps_programs_for_the_next_process(tmp_path):
+    """A second process loads the program the first compiled, from the user's cache folder, kept private."""
+    folder, hits, _ = _cache_run(tmp_path)
+    assert folder == str(tmp_path / "c" / "xla") and hits == 0
+    assert any(f.name.startswith("jit__lambda") for f in (tmp_path / "c" / "xla").iterdir())
+    assert (tmp_path / "c" / "xla").stat().st_mode & 0o077 == 0
+    assert _cache_run(tmp_path)[1] >= 1
+
+
+@pytest.mark.parametrize("case", ["user's own folder", "turned off", "group-writable folder"])
+def test_the_compile_cache_is_left_alone_where_the_user_chose_or_the_folder_is_shared(tmp_path, case):
+    if case == "user's own folder":
+        folder, _, _ = _cache_run(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine"))
+        assert folder == "None" and any((tmp_path / "mine").iterdir())
+    elif case == "turned off":
+        folder, hits, _ = _cache_run(tmp_path, BADNET_JAX_XLA_CACHE="off")
+        assert folder == "None" and not (tmp_path / "c" / "xla").exists()
+    else:
+        (tmp_path / "c" / "xla").mkdir(parents=True)
+        os.chmod(tmp_path / "c" / "xla", 0o777)  # anyone could plant a program there
+        folder, hits, stderr = _cache_run(tmp_path)
+        assert folder == "None" and not any((tmp_path / "c" / "xla").iterdir())
+        assert "compile cache is off" in stderr and "writable by others" in stderr

@@ -96,6 +96,23 @@ def test_quickstart_runs_on_embedded_demo_without_lab_files(tmp_path):
         assert (tmp_path / "results" / name).exists(), name
 
 
+@pytest.mark.slow  # two runs, and the native kernels built again for the run's own cache folder
+def test_a_second_run_loads_the_programs_the_first_compiled(tmp_path):
+    """The demo twice with one cache folder: the first run keeps its compiled sweep (a program that compiles for
+    a second or more) in the folder, the second loads it, compiles nothing new and gives the same curve."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "BADNET_JAX_XLA_CACHE")}
+    env["BADNET_JAX_CACHE"] = str(tmp_path / "cache")
+    kept, curves = [], []
+    for run in ("first", "second"):
+        proc = run_cli("prune", "--drop", "0.04", "--nocheckpoints", "--out_dir", tmp_path / run, cwd=tmp_path,
+                       env=env)
+        assert proc.returncode == 0, proc.stderr
+        kept.append(sorted(f.name for f in (tmp_path / "cache" / "xla").iterdir()))
+        curves.append((tmp_path / run / "curve.csv").read_bytes())
+    assert any(name.startswith("jit_rank_and_sweep") for name in kept[0]), kept[0]
+    assert kept[1] == kept[0] and curves[1] == curves[0]
+
+
 def test_cli_refuses_a_nan_learning_rate_before_any_work(tmp_path):
     proc = run_cli("prune", "--finetune_epochs", "2", "--finetune_lr", "nan", "--model",
                    str(asset("models/lab3/bd_weights.h5")), "--clean_valid", str(asset("faces/lab3/valid_subset.h5")),

@@ -89,7 +89,8 @@ def cache_dir() -> Path:
     return Path(base) / "badnet-jax"
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
+    """This CPU's vendor, model and feature flags (``/proc/cpuinfo``), for names of builds made for it."""
     # -march=native targets this CPU: its model and feature flags are part of the build's name.
     try:
         lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
@@ -152,7 +153,7 @@ def _build(compiler: list[str]) -> Path:
     gcc = "clang version" not in version  # Clang's `-v` names itself; GCC's says "gcc version"
     flags = [*FLAGS, *(GCC_FLAGS if gcc else CLANG_FLAGS), *shlex.split(os.environ.get("BADNET_JAX_NATIVE_FLAGS", ""))]
     key = hashlib.sha256("\0".join([*(s.read_text() for s in (*SOURCES, *HEADERS)), " ".join(compiler[1:] + flags), version,
-                                    jaxlib.__version__, _cpu_identity()]).encode()).hexdigest()[:24]
+                                    jaxlib.__version__, cpu_identity()]).encode()).hexdigest()[:24]
     path = cache_dir() / f"native-{key}.so"
     if _trusted(path):
         return path
@@ -234,4 +235,4 @@ def _varying(a: jax.Array) -> frozenset:
 
 
 __all__ = ["CONV2D_DIRECT", "DENSE", "DENSE_TOP2", "HEADERS", "NativeLibrary", "SOURCES", "TARGETS", "cache_dir",
-           "map_over_batch", "native_library", "varying_like"]
+           "cpu_identity", "map_over_batch", "native_library", "varying_like"]

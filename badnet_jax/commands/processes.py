@@ -8,6 +8,7 @@ machine), checking first what jaxlib would abort on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -81,9 +82,9 @@ def use_cpu_cores() -> int:
 
 
 def use_compile_cache() -> Optional[Path]:
-    """Keep the programs XLA compiles for a second or more between runs, in the user's cache folder (``xla``
-    beside the native kernels, ``badnet_jax.kernels.native.cache_dir``); returns that folder, or None where it
-    is left alone. Call before any JAX computation.
+    """Keep the programs XLA compiles for a second or more between runs, in the user's cache folder (``xla/<this
+    CPU and jaxlib>`` beside the native kernels, ``badnet_jax.kernels.native.cache_dir``); returns that folder,
+    or None where it is left alone. Call before any JAX computation.
 
     A later run of a model of the same architecture and data shapes loads its programs instead of compiling
     them (Keras' EfficientNetB0 at 32x32 on 4 x 1000 images: 38.5 -> 24.9 s, about 28 s of compiling on two
@@ -93,15 +94,19 @@ def use_compile_cache() -> Optional[Path]:
     user's code, so one planted in a shared folder must not be (a warning says why).
     """
     import jax
+    import jaxlib
 
-    from badnet_jax.kernels.native import OFF, cache_dir
+    from badnet_jax.kernels.native import OFF, cache_dir, cpu_identity
 
     if jax.config.jax_compilation_cache_dir or os.environ.get("BADNET_JAX_XLA_CACHE", "1").strip().lower() in OFF:
         return None
-    folder = cache_dir() / "xla"
+    # One folder per CPU model and flags and jaxlib, as the native library's name: XLA compiles for the CPU at
+    # hand, and a cache folder in a home directory that several machines share must not serve another's code.
+    machine = hashlib.sha256(f"{cpu_identity()}\0{jaxlib.__version__}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "xla" / machine
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        unsafe = [str(f) for f in (folder.parent, folder) if _shared(f.stat())]
+        unsafe = [str(f) for f in (folder.parent.parent, folder.parent, folder) if _shared(f.stat())]
     except OSError as err:
         log.warning("XLA's compile cache is off: %s", err)
         return None

@@ -107,7 +107,7 @@ def test_a_second_run_loads_the_programs_the_first_compiled(tmp_path):
         proc = run_cli("prune", "--drop", "0.04", "--nocheckpoints", "--out_dir", tmp_path / run, cwd=tmp_path,
                        env=env)
         assert proc.returncode == 0, proc.stderr
-        kept.append(sorted(f.name for f in (tmp_path / "cache" / "xla").iterdir()))
+        kept.append(sorted(f.name for f in (tmp_path / "cache" / "xla").rglob("*") if f.is_file()))
         curves.append((tmp_path / run / "curve.csv").read_bytes())
     assert any(name.startswith("jit_rank_and_sweep") for name in kept[0]), kept[0]
     assert kept[1] == kept[0] and curves[1] == curves[0]

@@ -148,7 +148,7 @@ def _model_doc(doc: Any) -> tuple[Graph, str, float, bool]:
     if not TIE_RTOL <= tie_rtol < 1:
         # a measured bound is never below DeepID's (numerics.tie_bound); a smaller one would settle fewer near-ties
         raise Refused(f"tie_rtol is {tie_rtol:g}, expected a relative error bound from {TIE_RTOL:.3g} (the least "
-                   "badnet-jax measures) to below 1")
+                      "badnet-jax measures) to below 1")
     if not isinstance(doc["tie_rtol_measured"], bool):
         raise Refused(f"tie_rtol_measured is {values.short(doc['tie_rtol_measured'])}, expected true or false")
     return graph, layer, tie_rtol, doc["tie_rtol_measured"]
@@ -236,14 +236,14 @@ def _check_params(graph: Graph, params: Any) -> None:
             continue
         if node.weights in owners:
             raise Refused(f"nodes {owners[node.weights]!r} and {node.name!r} share the weights {node.weights!r}; "
-                       "every weighted node has its own")
+                          "every weighted node has its own")
         owners[node.weights] = node.name
         entry = params.get(node.weights)
         required, optional = OPS[node.op][1], OPS[node.op][2]
         if not isinstance(entry, Mapping) or not set(required) <= set(entry) <= set(required) | set(optional):
             have = sorted(entry) if isinstance(entry, Mapping) else "nothing"
             raise Refused(f"node {node.name!r} ({node.op}) reads weights {node.weights!r}, which hold {have}; expected "
-                       f"{list(required)}" + (f" and optionally {list(optional)}" if optional else ""))
+                          f"{list(required)}" + (f" and optionally {list(optional)}" if optional else ""))
         for key, value in entry.items():
             a = np.asarray(value)
             if not np.issubdtype(a.dtype, np.floating):
@@ -257,7 +257,7 @@ def _check_params(graph: Graph, params: Any) -> None:
     extra = sorted(set(params) - set(owners))
     if extra:
         raise Refused(f"the params hold layers no node reads: {', '.join(map(repr, extra[:5]))}"
-                   + (" ..." if len(extra) > 5 else ""))
+                      + (" ..." if len(extra) > 5 else ""))
 
 
 def _check_shapes(model: GraphCNN, params: Params) -> None:
@@ -269,10 +269,10 @@ def _check_shapes(model: GraphCNN, params: Params) -> None:
         out = shapes[node.name]
         if min(out, default=1) < 1 or math.prod(out) > MAX_ELEMENTS:
             raise Refused(f"node {node.name!r} outputs a tensor of shape {out} per image (at least 1 and at most "
-                       f"{MAX_ELEMENTS} elements)")
+                          f"{MAX_ELEMENTS} elements)")
         if node.op in _IMAGE_OPS and len(ins[0]) != 3:
             raise Refused(f"node {node.name!r} ({node.op}) reads a tensor of shape {ins[0]}, expected (height, width, "
-                       "channels)")
+                          "channels)")
         if node.op == "dense" and len(ins[0]) != 1:
             raise Refused(f"node {node.name!r} (dense) reads a tensor of shape {ins[0]}, expected a vector")
         if node.op in _SAME_SHAPE_MERGES and len(set(ins)) != 1:

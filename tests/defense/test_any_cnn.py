@@ -164,16 +164,16 @@ def _se_model(path):
     return path
 
 
-def test_prune_on_a_squeeze_and_excitation_cnn_gives_the_float64_pruned_network_at_every_k(tmp_path, rng):
-    """The defense on a Keras 3 file of the layers above, each of its layers prunable ahead of a nonlinear head
-    (se_excite: the gate reads the features again) or an affine one (c2): every number of the curve the float64
-    reference's at every k, and B' as Keras loads it predicting what the curve says at the cut."""
-    from tests.keras_oracle import keras_load_model, keras_predict
+def _prune_a_keras_file_as_the_reference_does(build, path, layers, tmp_path, rng):
+    """``prune.py`` on the raw-pixel Keras file ``build(path)`` saves, at each of ``layers`` (one drop, X = 10):
+    every number of the curve is the float64 reference's at every k, and B' as Keras loads it scores the curve's
+    test accuracy at the cut."""
+    from tests.keras_oracle import keras_load_model, keras_predict  # first: it selects Keras' JAX backend
 
-    path = _se_model(tmp_path / "se.keras")
+    path = build(path)
     graph, params = read_keras_graph(path)
     files, sets = _data(graph, params, tmp_path, rng, n=60, divisor=1)
-    for layer in ("se_excite", "c2"):
+    for layer in layers:
         out = tmp_path / layer
         proc = run_cli("prune", "--model", path, "--input_scale", "raw", "--layer", layer, "--drop", "0.10",
                        "--out_dir", out, *[a for role, p in files.items() for a in (f"--{role}", p)])
@@ -189,6 +189,13 @@ def test_prune_on_a_squeeze_and_excitation_cnn_gives_the_float64_pruned_network_
         acc = 100.0 * float((keras_predict(kmodel, x.astype(np.float32)).argmax(-1) == y).mean())
         assert acc == pytest.approx(rates["test_acc"][selected["channels_pruned"]], abs=1e-5)
         assert acc == pytest.approx(selected["test_acc"], abs=1e-5)
+
+
+def test_prune_on_a_squeeze_and_excitation_cnn_gives_the_float64_pruned_network_at_every_k(tmp_path, rng):
+    """The defense on a Keras 3 file of the layers above, each of its layers prunable ahead of a nonlinear head
+    (se_excite: the gate reads the features again) or an affine one (c2): every number of the curve the float64
+    reference's at every k, and B' as Keras loads it predicting what the curve says at the cut."""
+    _prune_a_keras_file_as_the_reference_does(_se_model, tmp_path / "se.keras", ("se_excite", "c2"), tmp_path, rng)
 
 
 def _hourglass_model(path):
@@ -217,26 +224,8 @@ def test_prune_on_an_up_sampling_cnn_with_merges_gives_the_float64_pruned_networ
     ahead of them (``p``: its channels reach the pre-activations of ``q`` through all four linear layers) and after
     (``min``): every number of the curve the float64 reference's at every k, and B' as Keras loads it predicting
     what the curve says at the cut."""
-    from tests.keras_oracle import keras_load_model, keras_predict
-
-    path = _hourglass_model(tmp_path / "hourglass.keras")
-    graph, params = read_keras_graph(path)
-    files, sets = _data(graph, params, tmp_path, rng, n=60, divisor=1)
-    for layer in ("p", "min"):
-        out = tmp_path / layer
-        proc = run_cli("prune", "--model", path, "--input_scale", "raw", "--layer", layer, "--drop", "0.10",
-                       "--out_dir", out, *[a for role, p in files.items() for a in (f"--{role}", p)])
-        assert proc.returncode == 0, proc.stderr
-        curve = json.loads((out / "curve.json").read_text())
-        order, rates = _reference_curve(graph, params, layer, sets, divisor=1)
-        np.testing.assert_array_equal(curve["order"], order)
-        for key, want in rates.items():
-            np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=f"{layer} {key}")
-        (selected,) = curve["selected"]
-        kmodel = keras_load_model(out / "drop_10" / "b_prime.h5")
-        x, y = sets["clean_test"]
-        acc = 100.0 * float((keras_predict(kmodel, x.astype(np.float32)).argmax(-1) == y).mean())
-        assert acc == pytest.approx(selected["test_acc"], abs=1e-5)
+    _prune_a_keras_file_as_the_reference_does(_hourglass_model, tmp_path / "hourglass.keras", ("p", "min"), tmp_path,
+                                              rng)
 
 
 def test_the_lab_b_pruned_at_pool_2_from_the_command_line(tmp_path):

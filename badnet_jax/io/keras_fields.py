@@ -126,6 +126,11 @@ class ConfigFields:
             raise self.fail(layer, f"has use_bias {short(use_bias)}, expected true or false")
         return [("bias", (size,))] if use_bias else []
 
+    def one_group(self, layer: ConfigLayer) -> None:
+        # Keras 2 writes groups 1 on its depthwise and separable convolutions too.
+        if self.integer(layer, "groups", 1) != 1:
+            raise self.fail(layer, f"has groups {layer.cfg.get('groups')}; badnet-jax reads only groups=1")
+
     def no_lora(self, layer: ConfigLayer) -> None:
         # A LoRA-enabled Keras 3 layer stores extra factors its kernel is the sum with; not read here.
         if layer.cfg.get("lora_rank") not in (None, 0):

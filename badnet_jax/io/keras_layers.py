@@ -16,6 +16,7 @@ from typing import Any, Optional
 from badnet_jax.errors import ModelFileError
 from badnet_jax.io.keras_config import MAX_ELEMENTS, MAX_PARAMS, ConfigLayer, ConfigModel, short
 from badnet_jax.io.keras_fields import ConfigFields
+from badnet_jax.io.keras_keys import check_keys
 from badnet_jax.models.ir import ELEMENTWISE, Graph, Node
 
 COUNT = "count"
@@ -108,10 +109,12 @@ class _Build(ConfigFields):
             raise ModelFileError(f"{self.path}: input {layer.name!r} has shape {short(hwc)}; height, width and "
                                  "channels must be known positive integers (no None)")
         self.float_dtype(layer)
+        check_keys(self, layer)
         self.emit(layer, layer.name, "input", (), tuple(hwc))
 
     def layer(self, layer: ConfigLayer) -> None:
         self.float_dtype(layer)
+        check_keys(self, layer)
         getattr(self, f"_{layer.cls}")(layer)
 
     def _InputLayer(self, layer: ConfigLayer) -> None:
@@ -121,8 +124,7 @@ class _Build(ConfigFields):
         self.channels_last(layer)
         h, w, cin = self.one_input(layer, 3)
         filters = self.integer(layer, "filters")
-        if self.integer(layer, "groups", 1) != 1:
-            raise self.fail(layer, f"has groups {layer.cfg.get('groups')}; badnet-jax reads only groups=1")
+        self.one_group(layer)
         kernel, strides, dilation, padding = self.window(layer)
         out = self.conv_out(layer, (h, w), kernel, strides, dilation, padding)
         layer.weights = [("kernel", (*kernel, cin, filters))] + self.bias(layer, filters)
@@ -134,6 +136,7 @@ class _Build(ConfigFields):
         self.channels_last(layer)
         h, w, cin = self.one_input(layer, 3)
         mult = self.integer(layer, "depth_multiplier", 1)
+        self.one_group(layer)
         kernel, strides, dilation, padding = self.window(layer)
         out = self.conv_out(layer, (h, w), kernel, strides, dilation, padding)
         layer.weights = [("kernel", (*kernel, cin, mult))] + self.bias(layer, cin * mult)
@@ -146,6 +149,7 @@ class _Build(ConfigFields):
         h, w, cin = self.one_input(layer, 3)
         filters = self.integer(layer, "filters")
         mult = self.integer(layer, "depth_multiplier", 1)
+        self.one_group(layer)
         kernel, strides, dilation, padding = self.window(layer)
         out = self.conv_out(layer, (h, w), kernel, strides, dilation, padding)
         # Keras' order: depthwise_kernel (read as "kernel"), pointwise_kernel, bias.

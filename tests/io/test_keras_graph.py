@@ -469,6 +469,12 @@ CONFIG_REFUSALS = {
     "wrong shape": (_set("logits", units=6), ["'logits'", "kernel", "(10, 5)", "(10, 6)"]),
     "channels_first": (_set("branch_conv", data_format="channels_first"), ["'branch_conv'", "channels_first"]),
     "groups": (_set("proj", groups=2), ["'proj'", "groups"]),
+    "depthwise groups": (_set("dw", groups=2), ["'dw'", "groups 2", "groups=1"]),
+    "unknown key": (_set("add", axis=1), ["'add'", "(Add)", "axis 1", "does not know", "Keras 3"]),
+    "quantized dense": (_set("logits", quantization_config={"mode": "int8"}), ["'logits'", "is quantized",
+                                                                                "float32 copy"]),
+    "virtual batches": (_set("bn", virtual_batch_size=2), ["'bn'", "virtual_batch_size 2"]),
+    "sparse input": (_set("img", sparse=True), ["'img'", "sparse tensors"]),
     "causal padding": (_set("branch_conv", padding="causal"), ["'branch_conv'", "'causal'"]),
     "keepdims": (_set("gmp", keepdims="yes"), ["'gmp'", "keepdims", "true or false"]),
     "inverted normalization": (lambda c: _layer(c, "rescale").update(class_name="Normalization", config={

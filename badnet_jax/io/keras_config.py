@@ -116,13 +116,13 @@ def _sequential(raw_layers: list, inner: dict, name: Optional[str], path: Path |
     layers: list[ConfigLayer] = []
     if entries[0][1] == "InputLayer":
         first_name, _, first_cfg = entries.pop(0)
-        input_shape = _batch_shape(first_cfg)
+        input_shape = _batch_shape(first_cfg, path)
         layers.append(ConfigLayer(first_name, "InputLayer", first_cfg, (), sequential_input=True))
     else:
         # Older Sequential configs put the input shape on the first layer (or in build_input_shape).
         if not entries:
             raise ModelFileError(f"{path}: the Sequential model has no layers after its input")
-        input_shape = _batch_shape(entries[0][2])
+        input_shape = _batch_shape(entries[0][2], path)
         if input_shape is None:
             input_shape = inner.get("build_input_shape")
         taken = {e[0] for e in entries}
@@ -142,7 +142,11 @@ def _sequential(raw_layers: list, inner: dict, name: Optional[str], path: Path |
     return ConfigModel(name, layers, previous, input_shape, layers)
 
 
-def _batch_shape(cfg: dict) -> Any:
+def _batch_shape(cfg: dict, path: Path | str) -> Any:
+    if "batch_shape" in cfg and "batch_input_shape" in cfg:  # Keras 3 would build from batch_input_shape
+        raise ModelFileError(f"{path}: layer {cfg.get('name')!r} has both batch_shape {short(cfg['batch_shape'])} "
+                             f"(Keras 3's name) and batch_input_shape {short(cfg['batch_input_shape'])} (Keras 2's); "
+                             "Keras writes one of them: keep the one meant")
     for key in ("batch_shape", "batch_input_shape"):
         if key in cfg:
             return cfg[key]
@@ -174,7 +178,7 @@ def _functional(raw_layers: list, inner: dict, name: Optional[str], path: Path |
         for src in layer.inbound:
             if src not in by_name:
                 raise ModelFileError(f"{path}: layer {layer.name!r} reads {src!r}, which is not a layer of the model")
-    return ConfigModel(name, _topological(layers, path), output, _batch_shape(by_name[inputs].cfg), layers)
+    return ConfigModel(name, _topological(layers, path), output, _batch_shape(by_name[inputs].cfg, path), layers)
 
 
 def _endpoints(value: Any, what: str, path: Path | str) -> str:

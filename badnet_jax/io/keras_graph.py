@@ -170,22 +170,28 @@ def _keras2_source(root: h5py.Group, layers: list[ConfigLayer], path: Path) -> _
                     raise ModelFileError(f"{path}: layer {layer.name!r}: weight {n!r} is missing")
                 out.append(obj)
             return out
-        return _by_link_name(g, layer, path)
+        # A layer named with a "/" (MobileNetV3's "Conv/BatchNorm") nests its group inside another's ("Conv").
+        return _by_link_name(g, layer, path, {other.name for other in layers if other is not layer})
 
     return get
 
 
-def _by_link_name(g: h5py.Group, layer: ConfigLayer, path: Path) -> list:
-    """The datasets under ``g`` (nested up to a few groups deep), in Keras' order by their names."""
+def _by_link_name(g: h5py.Group, layer: ConfigLayer, path: Path, others: set[str]) -> list:
+    """The datasets under ``g`` (nested up to a few groups deep), in Keras' order by their names; a subgroup that
+    is another layer's own group (``others``: layer names holding a "/") is that layer's, skipped."""
     found: dict[str, tuple[str, h5py.Dataset]] = {}
+    nested = {name for name in others if name.startswith(f"{layer.name}/")}
+    deepest = 4 + layer.name.count("/")  # Keras nests <layer>/<layer>/, a Sequential one level more
 
     def walk(group: h5py.Group, prefix: str, depth: int) -> None:
         keys = list(group.keys())
         if len(keys) > _MAX_WEIGHTS_PER_LAYER:
             raise ModelFileError(f"{path}: layer {layer.name!r} holds more than {_MAX_WEIGHTS_PER_LAYER} entries")
         for key in keys:
+            if f"{layer.name}/{prefix}{key}" in nested:
+                continue
             obj = fileio.safe_get(group, key, path, ModelFileError)
-            if isinstance(obj, h5py.Group) and depth < 4:  # Keras nests <layer>/<layer>/, a Sequential one level more
+            if isinstance(obj, h5py.Group) and depth < deepest:
                 walk(obj, f"{prefix}{key}/", depth + 1)
             elif isinstance(obj, h5py.Dataset):
                 base = re.sub(r":\d+$", "", key)

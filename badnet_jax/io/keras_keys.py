@@ -71,11 +71,15 @@ _ONLY = {
                                      "quantized layer's arithmetic is not float32's): save a float32 copy of the "
                                      "model and give that"),
     "virtual_batch_size": ((None,), "normalizes virtual batches (virtual_batch_size {value}), whose statistics "
-                                    "badnet-jax does not read"),
-    "sparse": ((None, False), "takes sparse tensors (sparse {value}); badnet-jax reads dense image inputs"),
-    "ragged": ((None, False), "takes ragged tensors (ragged {value}); badnet-jax reads dense image inputs"),
+                                    "badnet-jax does not read: rebuild the layer without virtual_batch_size, set "
+                                    "its weights from this one's (squeezed to one value per channel) and save "
+                                    "that model"),
+    "sparse": ((None, False), "takes sparse tensors (sparse {value}); badnet-jax reads dense image inputs: "
+                              "rebuild the model on a dense Input"),
+    "ragged": ((None, False), "takes ragged tensors (ragged {value}); badnet-jax reads dense image inputs: "
+                              "rebuild the model on a dense Input"),
     "optional": ((None, False), "is an optional input (optional {value}); badnet-jax reads models of one image "
-                                "input"),
+                                "input: rebuild the model on a required Input"),
 }
 
 

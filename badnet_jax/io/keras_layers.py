@@ -240,6 +240,10 @@ class _Build(ConfigFields):
 
     def _LeakyReLU(self, layer: ConfigLayer) -> None:
         shape = self.one_input(layer)
+        if "negative_slope" in layer.cfg and "alpha" in layer.cfg:  # Keras 3 takes alpha over negative_slope
+            raise self.fail(layer, f"has both negative_slope {short(layer.cfg['negative_slope'])} (Keras 3's name) "
+                            f"and alpha {short(layer.cfg['alpha'])} (Keras 2's); Keras writes one of them: keep "
+                            "the one meant")
         key = "negative_slope" if "negative_slope" in layer.cfg else "alpha"  # Keras 3 / Keras 2
         self.emit(layer, layer.name, "relu", layer.inbound, shape, negative_slope=self.number(layer, key, 0.3, low=0.0))
 
@@ -309,7 +313,7 @@ class _Build(ConfigFields):
 
     def _Flatten(self, layer: ConfigLayer) -> None:
         shape = self.one_input(layer)
-        if layer.cfg.get("data_format") is not None:
+        if "data_format" in layer.cfg:  # null too: Keras fills it from the loading machine's keras.json
             self.channels_last(layer)  # a channels_first Flatten reorders the features
         self.emit(layer, layer.name, "flatten", layer.inbound, (math.prod(shape),))
 

@@ -68,6 +68,18 @@ def test_real_keras2_models_reproduce_keras_logits(name):
         assert all(w.dtype == np.float32 for w in weights.values()), layer
 
 
+def test_a_keras2_model_whose_layer_names_nest_groups_reads_each_layers_own_weights():
+    """Layer names holding a "/" (keras.applications' MobileNetV3: "Conv", "Conv/BatchNorm") nest one layer's
+    HDF5 group inside another's; each layer reads its own weights, as Keras 2 computed (its recorded logits;
+    tests/golden/make_keras2_slash_names.py)."""
+    golden = Path(__file__).parents[1] / "golden"
+    ref = np.load(golden / "keras2_slash_names.npz")
+    graph, params = read_keras_graph(golden / "keras2_slash_names.h5")
+    assert {"Conv", "Conv/BatchNorm", "Conv/project", "Conv/project/BatchNorm"} <= set(params)
+    assert set(params["Conv"]) == {"kernel"} and set(params["Conv/project"]) == {"kernel", "bias"}
+    _close(numpy_ref.graph_logits64(graph, params, ref["images"] / 255.0), ref["logits"])
+
+
 def test_resnet_tiny_graph_structure():
     graph, params = read_keras_graph(asset(OTHER["resnet_tiny"]))
     nodes = graph.by_name
@@ -370,6 +382,19 @@ def test_sequential_without_input_layer_keras2_style(built, tmp_path):
     _close(numpy_ref.graph_logits64(graph, params, built["seq_all"]["x"]), built["seq_all"]["logits"])
 
 
+def test_a_flatten_whose_data_format_is_null_is_refused(built, tmp_path):
+    """Keras fills a null data_format from the loading machine's keras.json (channels_first there reorders the
+    features); Keras writes it explicitly, and badnet-jax refuses the null as for every other layer."""
+    files = built["seq_all"]["files"]
+    config = json.loads(files["config"].read_text())
+    for fmt, fragments in (("channels_last", None), (None, ["'flat'", "data_format None", "channels_last"])):
+        edited = _edit_config(config, tmp_path / "flat.json", _set("flat", data_format=fmt))
+        if fragments is None:
+            read_keras_graph(files["weights"], config_path=edited)
+        else:
+            _refused(files["weights"], *fragments, config_path=edited)
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 
@@ -494,6 +519,9 @@ CONFIG_REFUSALS = {
     "cropping of three numbers": (lambda c: _layer(c, "zpad").update(class_name="Cropping2D", config={
         "name": "zpad", "cropping": [1, 2, 3]}), ["'zpad'", "cropping [1, 2, 3]", "[[top, bottom], [left, right]]"]),
     "bn axis": (_set("bn", axis=1), ["'bn'", "axis"]),
+    "both leaky slopes": (_set("lrelu", alpha=0.9), ["'lrelu'", "negative_slope 0.2", "alpha 0.9"]),
+    "both input shapes": (_set("img", batch_input_shape=[None, 8, 8, 3]), ["'img'", "batch_shape",
+                                                                           "batch_input_shape [None, 8, 8, 3]"]),
     "concat axis": (_set("cat", axis=1), ["'cat'", "axis"]),
     "softmax axis": (_set("probs", axis=0), ["'probs'", "axis"]),
     "negative relu slope": (_set("lrelu", negative_slope=-1.0), ["'lrelu'", "negative_slope"]),

@@ -28,12 +28,12 @@ from badnet_jax.defense.inputs import (CLEAN_ROLES, DATA_ROLES, POISONED_ROLES, 
                                        load_model, load_sets, locate_inputs, peek_sets, sample_clean_valid)
 from badnet_jax.models.deepid import DeepID
 from badnet_jax.models.protocol import Params, PrunableModel
-from badnet_jax.numerics.tie_bound import with_measured_tie_rtol
+from badnet_jax.numerics.tie_bound import compile_tie_bound, with_measured_tie_rtol
 from badnet_jax.defense.outputs import CutModels, check_out_dir, check_space, preload_checkpoints, write_results
 from badnet_jax.defense.report import preload_plotting
 from badnet_jax.sweep.rankings import RankingOptions, resolve_rankings
 from badnet_jax.defense.scale import PLAUSIBLE, SAMPLE, ScaleChoice, accuracy_at_each_scale, choose_input_scale, clear_winner
-from badnet_jax.sweep import SweepOptions, compile_sweep, plan_sweep, rank_and_sweep
+from badnet_jax.sweep import SweepOptions, compile_float64, compile_sweep, plan_sweep, rank_and_sweep
 from badnet_jax.sweep.plan import check_options
 
 log = logging.getLogger(__name__)
@@ -101,17 +101,21 @@ def run_defense(config: DefenseConfig) -> Curve:
         check_space(config.out_dir, params, config.drops, config.finetune is not None, model)
     ranking = resolve_rankings(config.rankings, params, model)
     # Overlapped: the images load in one thread and the sweep compiles in the other (XLA compiles without the
-    # GIL) while the main thread decides the input scale on a sample read ahead; later the inputs are hashed
-    # during the sweep (hashlib releases the GIL).
+    # GIL) while the main thread decides the input scale on a sample read ahead; the loading thread then
+    # compiles the near-tie bound's programs and the float64 network, whichever thread is free first. Later
+    # the inputs are hashed during the sweep (hashlib releases the GIL).
     background = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     try:
         loading = background.submit(load_sets, files, model)
         specs = peek_sets(files, model)
         plan = None if specs is None else plan_sweep(config.sweep, list(specs.values()), model)
         # One compiled sweep serves every input scale and near-tie bound (both traced), so it compiles before the
-        # scale is known and, for a model other than DeepID, before its bound is measured on its images.
-        compiled = None if specs is None else background.submit(compile_sweep, model, params, specs, plan,
-                                                                 rankings=ranking)
+        # scale is known and, for a model other than DeepID, before its bound is measured on its images; so do
+        # the bound's programs (the main thread measures it first) and the float64 network that settles.
+        compiling = [] if specs is None else [
+            background.submit(compile_sweep, model, params, specs, plan, rankings=ranking, float64=False),
+            background.submit(compile_tie_bound, model, params, specs["clean_valid"]),
+            background.submit(compile_float64, model, params, specs)]
         # orbax (for the models written at the end) loads in the next free worker: beside the compile once the
         # images are read, or beside the loading where nothing compiles ahead.
         preloading = background.submit(preload_checkpoints) if primary and config.checkpoints else None
@@ -120,7 +124,7 @@ def run_defense(config: DefenseConfig) -> Curve:
         model = model if scale is None else model.with_input_scale(scale.scale)
         sets = loading.result()
         timings["load"] = time.perf_counter() - t
-        _log_loaded(timings["load"], compiled is not None, sets, model.num_classes)
+        _log_loaded(timings["load"], bool(compiling), sets, model.num_classes)
         if scale is None:  # the demo: its data was generated just now
             scale = _scale(config, model, params, recorded, sets.data["clean_valid"], files)
             model = model.with_input_scale(scale.scale)
@@ -132,12 +136,15 @@ def run_defense(config: DefenseConfig) -> Curve:
         # rank_and_sweep would do first), here while the sweep compiles: the program takes the bound traced. The
         # measured model sweeps; the models written keep theirs unmeasured (screening measures on its images).
         t = time.perf_counter()
+        if compiling:
+            compiling[1].result()  # the bound's programs (a compile's own error, if any, surfaces here)
         swept = with_measured_tie_rtol(model, params, sets.data["clean_valid"][0])
         if swept is not model:
             timings["near-tie bound"] = time.perf_counter() - t
-        if compiled is not None:
+        if compiling:
             t = time.perf_counter()
-            compiled.result()  # the compile's own error, if any, surfaces here
+            for done in compiling:
+                done.result()
             timings["compile (after load)"] = time.perf_counter() - t
         if preloading is not None:
             preloading.result()  # a broken orbax is refused here, before the sweep
@@ -152,7 +159,7 @@ def run_defense(config: DefenseConfig) -> Curve:
                  "one call: %.2f s%s (%s; %sdevice %.2f s, float64 near-ties %.2f s).", model.num_channels,
                  model.layer, ", ".join(ranking.names), model.num_channels,
                  len(ranking.labels), timings["curve (one call)"],
-                 "" if compiled is not None else " (compile included)", plan.describe(),
+                 "" if compiling else " (compile included)", plan.describe(),
                  f"near-tie bound measured {timings['near-tie bound']:.2f} s before it, " if "near-tie bound" in timings
                  else "", sweep.seconds["device"], sweep.seconds["settle"])
         log.info("Near-ties: %s.", _describe_ties(sweep))

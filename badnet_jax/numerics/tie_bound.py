@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 def _logits32(model: PrunableModel):
     """The float32 summation orders at every step of an order: (steps, N, K) logits of the masked forward, of
     the affine split's suffix sums carried through the reverse scan, and of the cumulative sum over the order
-    (the sweep's three), and (steps, N) S of each."""
-    def run(params, x, order):
-        feats = model.features(params, x.astype(jnp.float32))
+    (the sweep's three), and (steps, N) S of each. Keyed on the model's program form (``in_program``), the
+    pixels' divisor traced: one program for either input scale, compiled ahead by :func:`compile_tie_bound`."""
+    def run(params, x, order, divisor):
+        feats = model.features(params, x.astype(jnp.float32), divisor)
         w, b = model.output_layer(params)
         masks = prefix_masks(order)
 
@@ -64,32 +65,57 @@ def _logits32(model: PrunableModel):
 
 
 @functools.lru_cache(maxsize=None)
-def _logits64(model: PrunableModel):
-    """(steps, N, K) logits of the model under each of the masks (steps, C): the trunk once, the head per mask;
-    jitted once per model (run under ``jax.enable_x64``: float64)."""
-    def run(p, xs, masks):
-        feats = model.features(p, xs, model.divisor)
-        return jax.lax.map(lambda m: model.head(p, feats, m), masks)
-    return jax.jit(run)
+def _heads64(model: PrunableModel):
+    """(steps, N, K) logits of the model's head on float64 features under each of the masks (steps, C): jitted
+    once per program form (run under ``jax.enable_x64``: float64). The features are the model's float64
+    trunk (``features64``)."""
+    return jax.jit(lambda p, feats, masks: jax.lax.map(lambda m: model.head(p, feats, m), masks))
+
+
+def _check_rows(n: int) -> np.ndarray:
+    """The check images' rows among ``n``: up to CHECK_IMAGES spread evenly."""
+    return np.unique(np.linspace(0, n - 1, min(n, CHECK_IMAGES)).astype(int)) if n else np.zeros(0, int)
+
+
+def compile_tie_bound(model: PrunableModel, params: Params, images: jax.ShapeDtypeStruct) -> None:
+    """Compile what :func:`with_measured_tie_rtol` runs for a ranking set of this shape and dtype, ahead of the
+    images (the defense calls it in a thread while they load; a model that keeps its bound compiles nothing):
+    the float32 program, and the float64 trunk (the model's ``features64``, run on zeros of the check's size,
+    a call size the sweep's settling shares) and heads."""
+    if getattr(model, "tie_rtol_measured", True) or not images.shape[0]:
+        return
+    form = model.in_program()
+    n = len(_check_rows(images.shape[0]))
+    c = model.num_channels
+    model.features64(params, np.zeros((n, *images.shape[1:]), images.dtype), model.divisor)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    _logits32(form).lower(params, spec((n, *images.shape[1:]), images.dtype), spec((c,), jnp.int32),
+                          spec((), jnp.float32)).compile()
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: spec(np.shape(a), jnp.float64), params)
+        _heads64(form).lower(p64, spec((n, *model.feature_hwc), jnp.float64),
+                             spec((c + 1, c), jnp.float64)).compile()
 
 
 def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarray, seed: int = 0) -> float:
     """The largest |gap(float32) - gap(float64)| / (u S) over the check images, steps and summation orders
     (the gap between float64's top two classes; S as in ``badnet_jax.numerics.ties``)."""
     x = np.asarray(x_NxHxWxC)
-    rows = np.unique(np.linspace(0, len(x) - 1, min(len(x), CHECK_IMAGES)).astype(int)) if len(x) else []
-    x = x[rows]
+    x = x[_check_rows(len(x))]
     if not len(x):
         return 0.0
+    form = model.in_program()
+    feats64 = model.features64(params, x, model.divisor)
     rng = np.random.default_rng(seed)
     worst = 0.0
     for _ in range(CHECK_ORDERS):
         order = rng.permutation(model.num_channels).astype(np.int32)
         masks = prefix_masks(order).astype(np.float64)
-        orders32 = _logits32(model)(params, jnp.asarray(x), jnp.asarray(order))
+        # NumPy arrays in, as compile_tie_bound's shapes: jnp.asarray would compile a copy of each.
+        orders32 = _logits32(form)(params, x, order, np.float32(model.divisor))
         with jax.enable_x64(True):
             p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-            l64 = np.asarray(_logits64(model)(p64, jnp.asarray(x, jnp.float64), jnp.asarray(masks)))
+            l64 = np.asarray(_heads64(form)(p64, feats64, masks))
         first = l64.argmax(-1)
         second = np.where(np.arange(l64.shape[-1]) == first[..., None], -np.inf, l64).argmax(-1)
         pick = lambda logits, c: np.take_along_axis(np.asarray(logits, np.float64), c[..., None], -1)[..., 0]

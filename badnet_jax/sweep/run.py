@@ -196,21 +196,30 @@ def _abstract_call(model: PrunableModel, params: Params, sets: Mapping[str, jax.
 
 def compile_sweep(model: PrunableModel, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
                   options: SweepOptions | SweepPlan = SweepOptions(), order=None,
-                  rank_on: Optional[str] = "clean_valid", rankings: Optional[RankingPlan] = None) -> None:
+                  rank_on: Optional[str] = "clean_valid", rankings: Optional[RankingPlan] = None,
+                  float64: bool = True) -> None:
     """Compile :func:`rank_and_sweep` for sets of these shapes and dtypes, ahead of the data.
 
     The program lands in JAX's cache: a later ``rank_and_sweep`` with the same model, params shapes, set
     names, shapes, dtypes, plan and rankings runs without compiling. The model's input scale and near-tie
     bound go in traced (``PrunableModel.in_program``): the program serves the scale measured later and the
     bound that ``rank_and_sweep`` measures on a model's own images. The defense calls this in a thread while
-    the images are still being read. With concrete weights, the float64 network that settles the near-ties
-    compiles here too, for each of its call sizes (``badnet_jax.numerics.xla64``) and the sets' dtypes, by
-    running it on zeros (``PrunableModel.warm64``: the trunk, and the head where it is XLA's; DeepID settles
-    its head on the host, where nothing compiles), and so do the ranking set's float64 channel means, which
-    settle the ranking's near-ties (``PrunableModel.warm_means64``, compiled without running).
+    the images are still being read. With ``float64`` (the default), :func:`compile_float64` follows; the
+    defense runs that as a task of its own, beside this one.
     """
     _, fn, args, static = _abstract_call(model, params, sets, options, order, rank_on, rankings)
     fn.lower(*args, **static).compile()
+    if float64:
+        compile_float64(model, params, sets, rank_on)
+
+
+def compile_float64(model: PrunableModel, params: Params, sets: Mapping[str, jax.ShapeDtypeStruct],
+                    rank_on: Optional[str] = "clean_valid") -> None:
+    """Compile the float64 network that settles a sweep's near-ties, ahead of the data: for each of its call
+    sizes (``badnet_jax.numerics.xla64``) and the sets' dtypes, by running it on zeros (``PrunableModel.warm64``:
+    the trunk, and the head where it is XLA's; DeepID settles its head on the host, where nothing compiles),
+    and the ranking set's float64 channel means, which settle the ranking's near-ties
+    (``PrunableModel.warm_means64``, compiled without running). Weights given as shapes only compile nothing."""
     if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params)):
         return  # weights as shapes only: nothing to run the float64 trunk with
     model = as_model(model)

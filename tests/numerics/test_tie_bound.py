@@ -34,6 +34,31 @@ def test_the_measured_gap_error_is_a_few_roundings_and_sets_the_bound(name, monk
     assert tie_bound.with_measured_tie_rtol(model, params, _images(name)).tie_rtol == pytest.approx(10 * 1000 * U)
 
 
+def test_the_bound_compiled_ahead_serves_either_input_scale_without_compiling(backend_compiles):
+    """compile_tie_bound compiles, from the ranking set's shape and dtype alone, every program the measurement
+    runs: measured afterwards at the other input scale, nothing compiles, and the gap error is the one measured
+    without compiling ahead."""
+    model, params = load_model(asset(FILES["resnet_tiny"]), input_scale="raw")
+    x = _images("resnet_tiny")
+    tie_bound._logits32.cache_clear()
+    tie_bound._heads64.cache_clear()
+    tie_bound.compile_tie_bound(model, params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    ahead = list(backend_compiles)
+    assert ahead
+    scaled = model.with_input_scale("255")
+    measured = tie_bound.measured_gap_error(scaled, params, x)
+    assert tie_bound.with_measured_tie_rtol(scaled, params, x).tie_rtol_measured
+    assert backend_compiles == ahead, backend_compiles[len(ahead):]
+    tie_bound._logits32.cache_clear()
+    tie_bound._heads64.cache_clear()
+    assert tie_bound.measured_gap_error(scaled, params, x) == measured
+    assert len(backend_compiles) > len(ahead)  # the premise: a fresh measurement compiles
+    # A model that keeps its bound (the lab's DeepID) compiles nothing ahead.
+    before = list(backend_compiles)
+    tie_bound.compile_tie_bound(DeepID(), None, jax.ShapeDtypeStruct((4, 55, 47, 3), np.uint8))
+    assert backend_compiles == before
+
+
 @pytest.mark.parametrize("name,layer", [("vgg_tiny", "c3"), ("resnet_tiny", None)])
 def test_the_bound_measures_the_prefix_sweeps_own_sums(name, layer, monkeypatch):
     """The prefix sweep sums the channels' contributions by the reverse scan of ``models.affine.reverse_steps``

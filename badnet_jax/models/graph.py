@@ -21,8 +21,8 @@ import numpy as np
 
 from badnet_jax.errors import ConfigError, arg
 from badnet_jax.models.graph_contribution import PER_CHANNEL_OPS, channel_contribution
-from badnet_jax.models.graph_split import (ParamShapes, Split, candidates, check_layer, default_layer, infer_shapes,
-                                           split_graph)
+from badnet_jax.models.graph_split import (ParamShapes, Split, candidates, check_layer, check_output_layer,
+                                           default_layer, infer_shapes, refuse_steps, split_graph)
 from badnet_jax.models.ir import Graph, Node
 from badnet_jax.models.ops import apply_conv_stage, apply_op, conv_stage
 from badnet_jax.pixels import scaled
@@ -74,20 +74,11 @@ class GraphCNN(PrunableModel):
         """
         frozen = _freeze_shapes(params)
         shapes = infer_shapes(graph, frozen)
-        logits = graph.by_name[graph.logits_node()]
-        # no field in these errors: the caller reading a file names it (errors.reading)
-        if logits.op != "dense" or len(shapes[logits.inputs[0]]) != 1:
-            raise ConfigError(f"model {graph.name!r}: its output layer {logits.name!r} is {_as_keras(graph, logits)}, "
-                              "not a linear Dense layer on a vector; badnet-jax needs logits = Dense(hidden layer) "
-                              "(a softmax after it, fused or as a layer, is dropped)")
-        if shapes[logits.name][0] < 2:
-            raise ConfigError(f"model {graph.name!r}: its output layer {logits.name!r} has {shapes[logits.name][0]} "
-                              "unit; the defense needs one logit per class, at least 2 (a sigmoid-style single "
-                              "logit has no top-2 to compare)")
-        _refuse_steps(graph)
+        check_output_layer(graph, shapes, frozen)
+        refuse_steps(graph)
         layer = default_layer(graph, shapes) if layer is None else layer
         check_layer(graph, shapes, layer)
-        out = shapes[logits.name]
+        out = shapes[graph.logits_node()]
         return cls(graph, layer, input_scale, frozen, tuple(sorted(shapes.items())), int(out[0]),
                    tuple(graph.input_hwc), tuple(shapes[layer]), tie_rtol)
 
@@ -111,7 +102,7 @@ class GraphCNN(PrunableModel):
 
     @property
     def hidden_size(self) -> int:
-        return int(self._shapes[self.split.hidden][0])
+        return int(np.prod(self._shapes[self.split.hidden]))  # (H,), or (1, 1, H) before a 1 x 1 convolution
 
     @property
     def logits_affine(self) -> bool:
@@ -320,11 +311,13 @@ class GraphCNN(PrunableModel):
         split = self.split
         head = {*split.region, *split.tail}
         order = [n.name for n in self.graph.nodes if n.name in head]
-        return self._run(params, {self.layer: feats_NxHxWxC}, order)[split.hidden]
+        hidden = self._run(params, {self.layer: feats_NxHxWxC}, order)[split.hidden]
+        return hidden.reshape(hidden.shape[0], self.hidden_size)
 
     def output_layer(self, params: Params) -> tuple[jax.Array, jax.Array]:
         p = params[self.graph.by_name[self.split.output].weights]
-        w = p["kernel"]
+        w = jnp.asarray(p["kernel"])
+        w = w.reshape(-1, w.shape[-1])  # a 1 x 1 convolution's (1, 1, H, K) kernel is a Dense one's (H, K)
         return w, p["bias"] if "bias" in p else jnp.zeros((w.shape[1],), w.dtype)
 
     # ----- the affine split
@@ -353,44 +346,12 @@ class GraphCNN(PrunableModel):
         lead = first.shape[:first.ndim - len(self._shapes[split.frontier[0]])]
         env = {n: v.reshape(-1, *self._shapes[n]) for n, v in zip(split.frontier, pre)}
         hidden = self._run(params, env, split.tail)[split.hidden]
-        return hidden.reshape(*lead, hidden.shape[-1])
+        return hidden.reshape(*lead, self.hidden_size)
 
 
 WEIGHT_OPS = ("conv", "depthwise_conv", "dense")
 # Ops that act on each channel alone and keep a relu's zeros zero: the features they give are dead where the relu is.
 _POSITIONAL = ("max_pool", "identity", "zero_pad", "crop", "upsample")
-
-
-_KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU or LeakyReLU", "softmax": "a Softmax",
-                "global_avg_pool": "a GlobalAveragePooling2D", "global_max_pool": "a GlobalMaxPooling2D",
-                "flatten": "a Flatten", "batch_norm": "a BatchNormalization", "add": "an Add",
-                "concat": "a Concatenate", "rescale": "a Rescaling", "conv": "a Conv2D",
-                "depthwise_conv": "a DepthwiseConv2D", "max_pool": "a MaxPooling2D", "avg_pool": "an AveragePooling2D",
-                "zero_pad": "a ZeroPadding2D", "dense": "a Dense layer on an image tensor", "input": "the input",
-                "activation": "an Activation", "multiply": "a Multiply", "reshape": "a Reshape",
-                "subtract": "a Subtract", "average": "an Average", "maximum": "a Maximum", "minimum": "a Minimum",
-                "crop": "a Cropping2D", "upsample": "an UpSampling2D",
-                "normalize": "a Normalization", "separable_conv": "a SeparableConv2D"}
-
-
-def _refuse_steps(graph: Graph) -> None:
-    """Refuse a ReLU with a threshold t > 0: it steps from 0 to t at t, so a float32 rounding that moves an
-    activation across t changes the logits by far more than the near-tie bound the float64 settling covers."""
-    for node in graph.nodes:
-        if node.op == "relu" and node.attr("threshold") > 0:
-            t = node.attr("threshold")
-            raise ConfigError(f"model {graph.name!r}: layer {node.name!r} is a ReLU with threshold {t:g}, a step from "
-                              f"0 to {t:g} there: a float32 rounding across it changes the logits by far more than a "
-                              "rounding error, which no near-tie check can catch, so the curve would not be exact; "
-                              "badnet-jax reads ReLUs with threshold 0 (a slope and a cap are fine)")
-
-
-def _as_keras(graph: Graph, node: Node) -> str:
-    """What a node is, in the Keras terms of the layer it came from, for a message."""
-    pre = graph.by_name.get(f"{node.name}/pre")
-    if pre is not None and node.inputs == (pre.name,) and pre.op == "dense":
-        return f"a Dense layer with activation {node.op!r} fused"
-    return _KERAS_OF_OP.get(node.op, f"a {node.op} node")
 
 
 def _apply_one(node: Node, params: Params, x: jax.Array) -> jax.Array:

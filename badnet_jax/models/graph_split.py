@@ -11,7 +11,9 @@ Choosing the pruned layer splits the :class:`~badnet_jax.models.ir.Graph` (:func
 * the **frontier**: the region's nodes read by anything else: the *pre-activations*, a constant plus one
   contribution per kept channel;
 * the **tail**: the rest, from the frontier to the output layer's input (the hidden layer). The output layer
-  must be a Dense layer (after it, a softmax is dropped: the defense works on logits).
+  must be a Dense layer on a vector, or a 1 x 1 convolution on a 1 x 1 map whose output is flattened
+  (:func:`output_layer`, :func:`check_output_layer`); after it, a softmax is dropped: the defense works on
+  logits.
 
 The default layer is the paper's choice (:func:`default_layer`). Everything here works on names and shapes
 (:func:`infer_shapes`); ``badnet_jax.models.graph`` runs the parts.
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from badnet_jax.errors import ConfigError, ModelFileError, arg
-from badnet_jax.models.ir import Graph
+from badnet_jax.models.ir import Graph, Node
 from badnet_jax.models.ops import AFFINE_OPS, apply_op, commutes_with_mask
 
 ParamShapes = tuple[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]], ...]
@@ -43,7 +45,7 @@ class Split:
     frontier: tuple[str, ...]  # region nodes (or the layer) read by the tail or the output layer
     tail: tuple[str, ...]  # nodes after the frontier up to the hidden layer, in graph order
     hidden: str  # the output layer's input
-    output: str  # the output (Dense) layer
+    output: str  # the output layer (a Dense, or a 1 x 1 convolution whose output is flattened: output_layer)
 
 
 def _dominators(graph: Graph, target: str) -> list[str]:
@@ -85,12 +87,22 @@ def _ancestors(graph: Graph, target: str) -> set[str]:
     return seen
 
 
+def output_layer(graph: Graph) -> tuple[str, str]:
+    """The output layer's node and its input (the hidden layer): the node whose value is the logits, or, where a
+    Flatten or Reshape of a convolution's output is (keras.applications' MobileNets: a 1 x 1 convolution on the
+    pooled 1 x 1 map), that convolution. ``GraphCNN.build`` checks that it is a linear Dense on a vector or a
+    1 x 1 convolution on a 1 x 1 map."""
+    by_name = graph.by_name
+    logits = by_name[graph.logits_node()]
+    if logits.op in ("flatten", "reshape") and by_name[logits.inputs[0]].op == "conv":
+        logits = by_name[logits.inputs[0]]
+    return logits.name, logits.inputs[0]
+
+
 def split_graph(graph: Graph, layer: str) -> Split:
     """``graph`` cut at ``layer`` (a node every path to the logits passes through: :func:`check_layer`)."""
-    logits = graph.logits_node()
     by_name = graph.by_name
-    output = by_name[logits]
-    hidden = output.inputs[0]
+    logits, hidden = output_layer(graph)
     trunk = _ancestors(graph, layer)
     names = [n.name for n in graph.nodes]
     needed = _ancestors(graph, hidden)
@@ -145,7 +157,7 @@ def infer_shapes(graph: Graph, param_shapes: ParamShapes) -> dict[str, tuple[int
 
 def candidates(graph: Graph, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
     """The feature maps every path to the logits passes through, in graph order: the layers that may be pruned."""
-    hidden_dominators = _dominators(graph, graph.logits_node())
+    hidden_dominators = _dominators(graph, output_layer(graph)[1])
     return [n for n in hidden_dominators if len(shapes[n]) == 3 and graph.by_name[n].op != "input"]
 
 
@@ -185,10 +197,13 @@ def check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str)
     if graph.by_name[layer].op == "input":
         raise ConfigError(f"{arg('layer', layer)}: the model's input, not a layer's output; prune one of "
                           f"{', '.join(_keras_layers(candidates(graph, shapes)))}", field="layer")
+    if layer == output_layer(graph)[0]:
+        raise ConfigError(f"{arg('layer', layer)}: the output layer, whose channels are the logits; prune one of "
+                          f"{', '.join(_keras_layers(candidates(graph, shapes)))}", field="layer")
     if len(shapes[layer]) != 3:
         raise ConfigError(f"{arg('layer', layer)}: its output has shape {shapes[layer]}, not a feature map (height, "
                           "width, channels); prune a convolutional layer's output", field="layer")
-    if layer not in _dominators(graph, graph.logits_node()):
+    if layer not in _dominators(graph, output_layer(graph)[1]):
         bypass = _bypass(graph, layer)
         raise ConfigError(f"{arg('layer', layer)}: not every path to the logits passes through it ({bypass}), so a "
                           f"pruned channel would not be removed; prune one of {', '.join(_keras_layers(candidates(graph, shapes)))}",
@@ -210,3 +225,62 @@ def _bypass(graph: Graph, layer: str) -> str:
             if src in before and src != layer:
                 return f"{node.name!r} reads {src!r}"
     return "another branch reaches the logits"
+
+
+_KERAS_OF_OP = {"identity": "a Dropout or a linear Activation", "relu": "a ReLU or LeakyReLU", "softmax": "a Softmax",
+                "global_avg_pool": "a GlobalAveragePooling2D", "global_max_pool": "a GlobalMaxPooling2D",
+                "flatten": "a Flatten", "batch_norm": "a BatchNormalization", "add": "an Add",
+                "concat": "a Concatenate", "rescale": "a Rescaling", "conv": "a Conv2D",
+                "depthwise_conv": "a DepthwiseConv2D", "max_pool": "a MaxPooling2D", "avg_pool": "an AveragePooling2D",
+                "zero_pad": "a ZeroPadding2D", "dense": "a Dense layer on an image tensor", "input": "the input",
+                "activation": "an Activation", "multiply": "a Multiply", "reshape": "a Reshape",
+                "subtract": "a Subtract", "average": "an Average", "maximum": "a Maximum", "minimum": "a Minimum",
+                "crop": "a Cropping2D", "upsample": "an UpSampling2D",
+                "normalize": "a Normalization", "separable_conv": "a SeparableConv2D"}
+
+
+def check_output_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], frozen: ParamShapes) -> None:
+    """Refuse an output layer (``graph_split.output_layer``) that is neither a Dense layer on a vector nor a 1 x 1
+    convolution on a 1 x 1 map whose output is flattened, or that gives fewer than 2 logits. No field in these
+    errors: the caller reading a file names it (``errors.reading``)."""
+    output, hidden = output_layer(graph)
+    node = graph.by_name[output]
+    if node.op == "conv":
+        kernel = dict(dict(frozen)[node.weights])["kernel"]
+        if shapes[hidden][:2] != (1, 1) or tuple(kernel[:2]) != (1, 1):
+            raise ConfigError(f"model {graph.name!r}: its logits are the flattened output of {node.name!r}, a Conv2D "
+                              f"with a {tuple(kernel[:2])} kernel on a map of shape {shapes[hidden]}; badnet-jax reads "
+                              "such logits from a 1 x 1 convolution on a 1 x 1 map (a Dense layer in effect, as in "
+                              "keras.applications' MobileNets), or from a Dense layer")
+    elif node.op != "dense" or len(shapes[hidden]) != 1:
+        raise ConfigError(f"model {graph.name!r}: its output layer {output!r} is {_as_keras(graph, node)}, not a linear "
+                          "Dense layer on a vector; badnet-jax needs logits = Dense(hidden layer), or a 1 x 1 Conv2D "
+                          "on a 1 x 1 map, flattened (a softmax after it, fused or as a layer, is dropped)")
+    logits = graph.logits_node()
+    if shapes[logits] != (shapes[output][-1],):  # a Reshape that is not a flattening of the (1, 1, K) logits
+        raise ConfigError(f"model {graph.name!r}: its logits {logits!r} have shape {shapes[logits]}; badnet-jax needs "
+                          f"one logit per class: the output of {output!r} flattened")
+    if shapes[logits][0] < 2:
+        raise ConfigError(f"model {graph.name!r}: its output layer {output!r} has {shapes[logits][0]} unit; the "
+                          "defense needs one logit per class, at least 2 (a sigmoid-style single logit has no top-2 "
+                          "to compare)")
+
+
+def refuse_steps(graph: Graph) -> None:
+    """Refuse a ReLU with a threshold t > 0: it steps from 0 to t at t, so a float32 rounding that moves an
+    activation across t changes the logits by far more than the near-tie bound the float64 settling covers."""
+    for node in graph.nodes:
+        if node.op == "relu" and node.attr("threshold") > 0:
+            t = node.attr("threshold")
+            raise ConfigError(f"model {graph.name!r}: layer {node.name!r} is a ReLU with threshold {t:g}, a step from "
+                              f"0 to {t:g} there: a float32 rounding across it changes the logits by far more than a "
+                              "rounding error, which no near-tie check can catch, so the curve would not be exact; "
+                              "badnet-jax reads ReLUs with threshold 0 (a slope and a cap are fine)")
+
+
+def _as_keras(graph: Graph, node: Node) -> str:
+    """What a node is, in the Keras terms of the layer it came from, for a message."""
+    pre = graph.by_name.get(f"{node.name}/pre")
+    if pre is not None and node.inputs == (pre.name,) and pre.op == "dense":
+        return f"a Dense layer with activation {node.op!r} fused"
+    return _KERAS_OF_OP.get(node.op, f"a {node.op} node")

@@ -228,6 +228,35 @@ def test_prune_on_an_up_sampling_cnn_with_merges_gives_the_float64_pruned_networ
                                               rng)
 
 
+def _mobilenet_head_model(path):
+    """A Keras 3 CNN, seeded and saved, pixels 0..255 in, with keras.applications' MobileNet head: a global
+    pooling with keepdims, a 1 x 1 convolution and hard_swish on the 1 x 1 map (MobileNetV3's), a Dropout, and
+    logits from a 1 x 1 convolution reshaped to a vector (MobileNet's)."""
+    keras = pytest.importorskip("keras")
+    layers = keras.layers
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((12, 12, 3))
+    x = layers.Conv2D(8, 3, activation="relu", name="c1")(layers.Rescaling(1 / 255, name="scale")(inp))
+    x = layers.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(x)
+    x = layers.Conv2D(16, 1, activation="relu", name="pw")(x)
+    x = layers.GlobalAveragePooling2D(keepdims=True, name="gap")(x)
+    x = layers.Conv2D(12, 1, activation="hard_swish", name="head_conv")(x)
+    x = layers.Conv2D(5, 1, name="logits")(layers.Dropout(0.2, name="drop")(x))
+    out = layers.Activation("softmax", name="probs")(layers.Reshape((5,), name="flat_logits")(x))
+    keras.Model(inp, out, name="mobile_head").save(path)
+    return path
+
+
+def test_prune_on_a_cnn_whose_logits_are_a_1x1_convolution_gives_the_float64_pruned_network_at_every_k(tmp_path,
+                                                                                                      rng):
+    """The defense on a Keras 3 file whose logits are a 1 x 1 convolution on the pooled 1 x 1 map, reshaped
+    (keras.applications' MobileNets), pruned at the map before the pooling (``pw``) and at the 1 x 1 map of the
+    head (``head_conv``): every number of the curve the float64 reference's at every k, and B' as Keras loads it
+    predicting what the curve says at the cut."""
+    _prune_a_keras_file_as_the_reference_does(_mobilenet_head_model, tmp_path / "mobile.keras", ("pw", "head_conv"),
+                                              tmp_path, rng)
+
+
 def test_the_lab_b_pruned_at_pool_2_from_the_command_line(tmp_path):
     """README's ``--model bd_weights.h5 --layer pool_2``: the lab's B (raw pixels) on the real faces, its 40 pool_2
     channels ranked and pruned, every rate at every k the float64 DeepID graph's with pool_2 masked."""

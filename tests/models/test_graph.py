@@ -322,6 +322,84 @@ def test_an_output_layer_that_gives_no_logits_per_class_is_refused_in_keras_term
         GraphCNN.build(*_tiny(3, after="relu"))
 
 
+def _conv_head(kernel=(1, 1), pool: str = "global", target=None):
+    """input 8x8x3 -> conv 3x3 (4 channels) -> relu -> global average pooling with keepdims (or a 4x4 average
+    pooling: a 2 x 2 map) -> a conv of ``kernel`` 'same' with 3 filters -> flatten (or a reshape to ``target``)
+    -> softmax: keras.applications' MobileNet head, logits from a 1 x 1 convolution."""
+    rng = np.random.default_rng(2)
+    pooled = (Node.make("g", "global_avg_pool", ("r",), keepdims=True) if pool == "global"
+              else Node.make("g", "avg_pool", ("r",), window=(3, 3), strides=(3, 3), padding="valid"))
+    nodes = [Node.make("img", "input"), Node.make("c", "conv", ("img",), "c"), Node.make("r", "relu", ("c",)), pooled,
+             Node.make("out", "conv", ("g",), "out", padding="same"),
+             Node.make("flat", "flatten", ("out",)) if target is None
+             else Node.make("flat", "reshape", ("out",), target=target),
+             Node.make("probs", "softmax", ("flat",))]
+    graph = Graph(nodes=tuple(nodes), input_hwc=(8, 8, 3), output="probs", name="conv_head")
+    params = {"c": {"kernel": rng.standard_normal((3, 3, 3, 4)).astype(np.float32),
+                    "bias": rng.standard_normal(4).astype(np.float32)},
+              "out": {"kernel": rng.standard_normal((*kernel, 4, 3)).astype(np.float32),
+                      "bias": rng.standard_normal(3).astype(np.float32)}}
+    return graph, params
+
+
+def test_logits_from_a_1x1_convolution_on_a_1x1_map_are_a_dense_layers(rng):
+    """A 1 x 1 convolution on the pooled 1 x 1 map, flattened, is the output layer: its (1, 1, H, K) kernel is the
+    Dense kernel, its input the hidden layer; the model's logits under a mask are the float64 interpreter's."""
+    graph, params = _conv_head()
+    model = GraphCNN.build(graph, params)
+    assert (model.layer, model.num_classes, model.hidden_size) == ("r", 3, 4)
+    assert model.split.output == "out" and model.split.hidden == "g"
+    w, b = model.output_layer(params)
+    np.testing.assert_array_equal(w, params["out"]["kernel"][0, 0])
+    x = rng.integers(0, 256, (6, 8, 8, 3)).astype(np.float32)
+    mask = np.array([1, 0, 1, 1], np.float32)
+    want = numpy_ref.graph_values64(graph, params, x / 255.0, upto="flat", masks={"r": mask})["flat"]
+    got = np.asarray(model.logits(params, jnp.asarray(x), jnp.asarray(mask)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert model.layers() == ["c", "r", "g"]  # the 1 x 1 pooled map may be pruned too; the logits' map not
+    # A reshape to the vector of logits is the same head.
+    assert GraphCNN.build(*_conv_head(target=(3,))).split.output == "out"
+
+
+def test_logits_from_any_other_convolution_are_refused():
+    with pytest.raises(ConfigError, match=r"'out', a Conv2D with a \(3, 3\) kernel on a map of shape \(1, 1, 4\)"):
+        GraphCNN.build(*_conv_head(kernel=(3, 3)))
+    with pytest.raises(ConfigError, match=r"a \(1, 1\) kernel on a map of shape \(2, 2, 4\).*1 x 1 convolution"):
+        GraphCNN.build(*_conv_head(pool="window"))
+    with pytest.raises(ConfigError, match=r"its logits 'flat' have shape \(3, 1\)"):
+        GraphCNN.build(*_conv_head(target=(3, 1)))
+    with pytest.raises(ConfigError, match="layer=out: the output layer, whose channels are the logits; prune one of "
+                                          "c, r, g"):
+        GraphCNN.build(*_conv_head(), layer="out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("app", ["MobileNet", "MobileNetV3Small"])
+def test_keras_applications_mobilenets_read_with_their_1x1_convolution_logits(app, tmp_path, rng):
+    """keras.applications' MobileNet (logits: a 1 x 1 convolution reshaped) and MobileNetV3Small (minimalistic:
+    a 1 x 1 convolution flattened), untrained, saved and read: Keras' own logits, pruned by default at the map
+    before the global pooling."""
+    from tests.keras_oracle import keras_predict  # first: it selects Keras' JAX backend
+
+    keras = pytest.importorskip("keras")
+    from badnet_jax.io.model_file import load_model
+
+    keras.utils.set_random_seed(0)
+    kwargs = {"minimalistic": True, "include_preprocessing": False} if app == "MobileNetV3Small" else {"alpha": 0.25}
+    built = getattr(keras.applications, app)(input_shape=(32, 32, 3), weights=None, classes=6, **kwargs)
+    built.save(tmp_path / "m.keras")
+    model, params = load_model(tmp_path / "m.keras", input_scale="255")
+    logits_layer = built.layers[-2]  # the Reshape or Flatten before the softmax
+    assert type(logits_layer).__name__ in ("Reshape", "Flatten")
+    assert type(built.get_layer(model.split.output)).__name__ == "Conv2D"
+    assert type(built.layers[built.layers.index(built.get_layer(model.layer)) + 1]).__name__ == \
+        "GlobalAveragePooling2D"
+    x = rng.integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
+    want = keras_predict(keras.Model(built.input, logits_layer.output), x / 255.0)
+    got = np.asarray(model.logits(params, jnp.asarray(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def _cropped_and_up_sampled():
     """input 10x10x3 -> conv 3x3 'same' -> relu -> crop ((1, 2), (3, 0)) -> up-sample (2, 1) -> global average
     pooling -> Dense(3); the conv's bias pushes channel 0 below zero at most positions, so its features are dead

@@ -183,6 +183,9 @@ def check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str)
     Raises:
         ConfigError: naming the layer, why, and the layers that can be pruned.
     """
+    if layer in (output_layer(graph)[0], f"{output_layer(graph)[0]}/pre"):
+        raise ConfigError(f"{arg('layer', layer)}: the output layer, whose channels are the logits; prune one of "
+                          f"{', '.join(_keras_layers(candidates(graph, shapes)))}", field="layer")
     if layer not in graph.by_name:
         keras_layers = [n.name for n in graph.nodes if "/" not in n.name]
         base, _, suffix = layer.rpartition("/")
@@ -196,9 +199,6 @@ def check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str)
                           f"{', '.join(keras_layers[:40])}{'...' if len(keras_layers) > 40 else ''})", field="layer")
     if graph.by_name[layer].op == "input":
         raise ConfigError(f"{arg('layer', layer)}: the model's input, not a layer's output; prune one of "
-                          f"{', '.join(_keras_layers(candidates(graph, shapes)))}", field="layer")
-    if layer == output_layer(graph)[0]:
-        raise ConfigError(f"{arg('layer', layer)}: the output layer, whose channels are the logits; prune one of "
                           f"{', '.join(_keras_layers(candidates(graph, shapes)))}", field="layer")
     if len(shapes[layer]) != 3:
         raise ConfigError(f"{arg('layer', layer)}: its output has shape {shapes[layer]}, not a feature map (height, "
@@ -252,10 +252,16 @@ def check_output_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], froz
                               f"with a {tuple(kernel[:2])} kernel on a map of shape {shapes[hidden]}; badnet-jax reads "
                               "such logits from a 1 x 1 convolution on a 1 x 1 map (a Dense layer in effect, as in "
                               "keras.applications' MobileNets), or from a Dense layer")
+    elif node.op in ("flatten", "reshape"):  # of something other than a plain convolution
+        src = graph.by_name[node.inputs[0]]
+        raise ConfigError(f"model {graph.name!r}: its logits are {_as_keras(graph, node)} {output!r} of {src.name!r}, "
+                          f"{_as_keras(graph, src)}; badnet-jax reads logits from a linear Dense layer, or from a "
+                          "linear 1 x 1 Conv2D on a 1 x 1 map with the Flatten or Reshape directly after it (a "
+                          "softmax as a layer after that is dropped)")
     elif node.op != "dense" or len(shapes[hidden]) != 1:
-        raise ConfigError(f"model {graph.name!r}: its output layer {output!r} is {_as_keras(graph, node)}, not a linear "
-                          "Dense layer on a vector; badnet-jax needs logits = Dense(hidden layer), or a 1 x 1 Conv2D "
-                          "on a 1 x 1 map, flattened (a softmax after it, fused or as a layer, is dropped)")
+        raise ConfigError(f"model {graph.name!r}: its output layer {output!r} is {_as_keras(graph, node)}, not a "
+                          "linear Dense layer on a vector; badnet-jax needs logits = Dense(hidden layer), or a 1 x 1 "
+                          "Conv2D on a 1 x 1 map, flattened (a softmax after it, fused or as a layer, is dropped)")
     logits = graph.logits_node()
     if shapes[logits] != (shapes[output][-1],):  # a Reshape that is not a flattening of the (1, 1, K) logits
         raise ConfigError(f"model {graph.name!r}: its logits {logits!r} have shape {shapes[logits]}; badnet-jax needs "
@@ -281,6 +287,7 @@ def refuse_steps(graph: Graph) -> None:
 def _as_keras(graph: Graph, node: Node) -> str:
     """What a node is, in the Keras terms of the layer it came from, for a message."""
     pre = graph.by_name.get(f"{node.name}/pre")
-    if pre is not None and node.inputs == (pre.name,) and pre.op == "dense":
-        return f"a Dense layer with activation {node.op!r} fused"
+    if pre is not None and node.inputs == (pre.name,) and pre.op in ("dense", "conv"):
+        act = node.attr("fn") if node.op == "activation" else node.op
+        return f"{'a Dense layer' if pre.op == 'dense' else 'a Conv2D'} with activation {act!r} fused"
     return _KERAS_OF_OP.get(node.op, f"a {node.op} node")

@@ -32,12 +32,18 @@ def _logits64(graph, params, x_uint8, masks=None, divisor=255, given=None):
                                    masks=masks, given=given)[target]
 
 
-def _data(graph, params, tmp_path, rng, n=120, divisor=255):
-    """Lab-format clean and poisoned sets of the model's input size (see the module docstring)."""
+def _data(graph, params, tmp_path, rng, n=120, divisor=255, varied=False):
+    """Lab-format clean and poisoned sets of the model's input size (see the module docstring). ``varied``: each
+    image a colour of its own plus noise of its own contrast, so that a model that pools globally early tells
+    the images apart (on uniform noise its pooled maps are nearly equal, and so are its answers)."""
     h, w, c = graph.input_hwc
     files, sets = {}, {}
     for split in ("valid", "test"):
-        x = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
+        if varied:
+            base, contrast = rng.integers(0, 256, (n, 1, 1, c)), rng.integers(5, 120, (n, 1, 1, 1))
+            x = np.clip(base + rng.normal(0, 1, (n, h, w, c)) * contrast, 0, 255).astype(np.uint8)
+        else:
+            x = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
         y = _logits64(graph, params, x, divisor=divisor).argmax(-1)
         moved = rng.choice(n, n // 10, replace=False)
         y[moved] = (y[moved] + 1) % _logits64(graph, params, x[:1], divisor=divisor).shape[1]
@@ -164,15 +170,16 @@ def _se_model(path):
     return path
 
 
-def _prune_a_keras_file_as_the_reference_does(build, path, layers, tmp_path, rng):
+def _prune_a_keras_file_as_the_reference_does(build, path, layers, tmp_path, rng, varied=False):
     """``prune.py`` on the raw-pixel Keras file ``build(path)`` saves, at each of ``layers`` (one drop, X = 10):
     every number of the curve is the float64 reference's at every k, and B' as Keras loads it scores the curve's
-    test accuracy at the cut."""
+    test accuracy at the cut. ``varied``: :func:`_data`'s varied images, and the reference's validation accuracy
+    must take at least 4 values along the curve (a flat curve would test little)."""
     from tests.keras_oracle import keras_load_model, keras_predict  # first: it selects Keras' JAX backend
 
     path = build(path)
     graph, params = read_keras_graph(path)
-    files, sets = _data(graph, params, tmp_path, rng, n=60, divisor=1)
+    files, sets = _data(graph, params, tmp_path, rng, n=60, divisor=1, varied=varied)
     for layer in layers:
         out = tmp_path / layer
         proc = run_cli("prune", "--model", path, "--input_scale", "raw", "--layer", layer, "--drop", "0.10",
@@ -180,6 +187,7 @@ def _prune_a_keras_file_as_the_reference_does(build, path, layers, tmp_path, rng
         assert proc.returncode == 0, proc.stderr
         curve = json.loads((out / "curve.json").read_text())
         order, rates = _reference_curve(graph, params, layer, sets, divisor=1)
+        assert not varied or len(set(np.round(rates["valid_acc"], 6))) >= 4, (layer, rates["valid_acc"])
         np.testing.assert_array_equal(curve["order"], order)
         for key, want in rates.items():
             np.testing.assert_allclose(curve[key], want, rtol=0, atol=1e-5, err_msg=f"{layer} {key}")
@@ -254,7 +262,7 @@ def test_prune_on_a_cnn_whose_logits_are_a_1x1_convolution_gives_the_float64_pru
     head (``head_conv``): every number of the curve the float64 reference's at every k, and B' as Keras loads it
     predicting what the curve says at the cut."""
     _prune_a_keras_file_as_the_reference_does(_mobilenet_head_model, tmp_path / "mobile.keras", ("pw", "head_conv"),
-                                              tmp_path, rng)
+                                              tmp_path, rng, varied=True)
 
 
 def test_the_lab_b_pruned_at_pool_2_from_the_command_line(tmp_path):

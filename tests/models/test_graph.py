@@ -322,17 +322,23 @@ def test_an_output_layer_that_gives_no_logits_per_class_is_refused_in_keras_term
         GraphCNN.build(*_tiny(3, after="relu"))
 
 
-def _conv_head(kernel=(1, 1), pool: str = "global", target=None):
+def _conv_head(kernel=(1, 1), pool: str = "global", target=None, between: str = ""):
     """input 8x8x3 -> conv 3x3 (4 channels) -> relu -> global average pooling with keepdims (or a 4x4 average
-    pooling: a 2 x 2 map) -> a conv of ``kernel`` 'same' with 3 filters -> flatten (or a reshape to ``target``)
-    -> softmax: keras.applications' MobileNet head, logits from a 1 x 1 convolution."""
+    pooling: a 2 x 2 map) -> a conv of ``kernel`` 'same' with 3 filters [-> ``between``: a dropout, or a softmax
+    fused into the conv] -> flatten (or a reshape to ``target``) -> softmax: keras.applications' MobileNet head,
+    logits from a 1 x 1 convolution."""
     rng = np.random.default_rng(2)
     pooled = (Node.make("g", "global_avg_pool", ("r",), keepdims=True) if pool == "global"
               else Node.make("g", "avg_pool", ("r",), window=(3, 3), strides=(3, 3), padding="valid"))
+    conv = [Node.make("out", "conv", ("g",), "out", padding="same")]
+    if between == "dropout":
+        conv.append(Node.make("drop", "identity", ("out",), dropout=0.5))
+    elif between == "softmax":
+        conv = [Node.make("out/pre", "conv", ("g",), "out", padding="same"), Node.make("out", "softmax", ("out/pre",))]
+    last = conv[-1].name
     nodes = [Node.make("img", "input"), Node.make("c", "conv", ("img",), "c"), Node.make("r", "relu", ("c",)), pooled,
-             Node.make("out", "conv", ("g",), "out", padding="same"),
-             Node.make("flat", "flatten", ("out",)) if target is None
-             else Node.make("flat", "reshape", ("out",), target=target),
+             *conv, Node.make("flat", "flatten", (last,)) if target is None
+             else Node.make("flat", "reshape", (last,), target=target),
              Node.make("probs", "softmax", ("flat",))]
     graph = Graph(nodes=tuple(nodes), input_hwc=(8, 8, 3), output="probs", name="conv_head")
     params = {"c": {"kernel": rng.standard_normal((3, 3, 3, 4)).astype(np.float32),
@@ -368,9 +374,17 @@ def test_logits_from_any_other_convolution_are_refused():
         GraphCNN.build(*_conv_head(pool="window"))
     with pytest.raises(ConfigError, match=r"its logits 'flat' have shape \(3, 1\)"):
         GraphCNN.build(*_conv_head(target=(3, 1)))
-    with pytest.raises(ConfigError, match="layer=out: the output layer, whose channels are the logits; prune one of "
-                                          "c, r, g"):
-        GraphCNN.build(*_conv_head(), layer="out")
+    for layer in ("out", "out/pre"):  # the output layer, and the input of an activation it does not have
+        with pytest.raises(ConfigError, match=f"layer={layer}: the output layer, whose channels are the logits; prune "
+                                              "one of c, r, g"):
+            GraphCNN.build(*_conv_head(), layer=layer)
+    # Something between the convolution and the Flatten: named, with what to do.
+    with pytest.raises(ConfigError, match="logits are a Flatten 'flat' of 'drop', a Dropout or a linear Activation; "
+                                          ".* with the Flatten or Reshape directly after it"):
+        GraphCNN.build(*_conv_head(between="dropout"))
+    with pytest.raises(ConfigError, match="of 'out', a Conv2D with activation 'softmax' fused; .* a linear 1 x 1 "
+                                          "Conv2D"):
+        GraphCNN.build(*_conv_head(between="softmax"))
 
 
 @pytest.mark.slow

@@ -53,9 +53,11 @@ def test_the_bound_compiled_ahead_serves_either_input_scale_without_compiling(ba
     tie_bound._heads64.cache_clear()
     assert tie_bound.measured_gap_error(scaled, params, x) == measured
     assert len(backend_compiles) > len(ahead)  # the premise: a fresh measurement compiles
-    # A model that keeps its bound (the lab's DeepID) compiles nothing ahead.
+    # A model that keeps its bound (the lab's DeepID) compiles nothing ahead, nor do weights given as shapes only.
     before = list(backend_compiles)
     tie_bound.compile_tie_bound(DeepID(), None, jax.ShapeDtypeStruct((4, 55, 47, 3), np.uint8))
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.float32), params)
+    tie_bound.compile_tie_bound(model, shapes, jax.ShapeDtypeStruct(x.shape, x.dtype))
     assert backend_compiles == before
 
 

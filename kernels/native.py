@@ -126,14 +126,17 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def private(st: os.stat_result) -> bool:
+    """Whether a file or folder of this status is this user's own and writable by no one else: what may hold code
+    this user runs (a build here, XLA's compiled programs in ``badnet_jax.commands.processes``)."""
+    return not (hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022))
+
+
 def _trusted(path: Path) -> bool:
     """Whether ``path`` and its digest beside it say it is a whole build of this user's, writable by no one else."""
     sums = path.with_suffix(".sha256")
     try:
-        st = path.stat()
-        if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
-            return False
-        return sums.read_text().strip() == _digest(path)
+        return private(path.stat()) and sums.read_text().strip() == _digest(path)
     except OSError:
         return False
 
@@ -235,4 +238,4 @@ def _varying(a: jax.Array) -> frozenset:
 
 
 __all__ = ["CONV2D_DIRECT", "DENSE", "DENSE_TOP2", "HEADERS", "NativeLibrary", "SOURCES", "TARGETS", "cache_dir",
-           "cpu_identity", "map_over_batch", "native_library", "varying_like"]
+           "cpu_identity", "map_over_batch", "native_library", "private", "varying_like"]

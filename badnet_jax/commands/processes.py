@@ -96,7 +96,7 @@ def use_compile_cache() -> Optional[Path]:
     import jax
     import jaxlib
 
-    from badnet_jax.kernels.native import OFF, cache_dir, cpu_identity
+    from badnet_jax.kernels.native import OFF, cache_dir, cpu_identity, private
 
     if jax.config.jax_compilation_cache_dir or os.environ.get("BADNET_JAX_XLA_CACHE", "1").strip().lower() in OFF:
         return None
@@ -106,7 +106,7 @@ def use_compile_cache() -> Optional[Path]:
     folder = cache_dir() / "xla" / machine
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        unsafe = [str(f) for f in (folder.parent.parent, folder.parent, folder) if _shared(f.stat())]
+        unsafe = [str(f) for f in (folder.parent.parent, folder.parent, folder) if not private(f.stat())]
     except OSError as err:
         log.warning("XLA's compile cache is off: %s", err)
         return None
@@ -116,11 +116,6 @@ def use_compile_cache() -> Optional[Path]:
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     return folder
-
-
-def _shared(st: os.stat_result) -> bool:
-    """Whether a folder with this status is another user's or writable by group or others."""
-    return bool(hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022))
 
 
 def init_distributed(coordinator_address: Optional[str], num_processes: int, process_id: int,

@@ -183,7 +183,8 @@ def check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str)
     Raises:
         ConfigError: naming the layer, why, and the layers that can be pruned.
     """
-    if layer in (output_layer(graph)[0], f"{output_layer(graph)[0]}/pre"):
+    output, hidden = output_layer(graph)
+    if layer in (output, f"{output}/pre"):
         raise ConfigError(f"{arg('layer', layer)}: the output layer, whose channels are the logits; prune one of "
                           f"{', '.join(_keras_layers(candidates(graph, shapes)))}", field="layer")
     if layer not in graph.by_name:
@@ -203,7 +204,7 @@ def check_layer(graph: Graph, shapes: Mapping[str, tuple[int, ...]], layer: str)
     if len(shapes[layer]) != 3:
         raise ConfigError(f"{arg('layer', layer)}: its output has shape {shapes[layer]}, not a feature map (height, "
                           "width, channels); prune a convolutional layer's output", field="layer")
-    if layer not in _dominators(graph, output_layer(graph)[1]):
+    if layer not in _dominators(graph, hidden):
         bypass = _bypass(graph, layer)
         raise ConfigError(f"{arg('layer', layer)}: not every path to the logits passes through it ({bypass}), so a "
                           f"pruned channel would not be removed; prune one of {', '.join(_keras_layers(candidates(graph, shapes)))}",

@@ -108,6 +108,7 @@ def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarr
         return 0.0
     form = model.in_program()
     feats64 = model.features64(params, x, model.divisor)
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     rng = np.random.default_rng(seed)
     worst = 0.0
     for _ in range(CHECK_ORDERS):
@@ -116,7 +117,6 @@ def measured_gap_error(model: PrunableModel, params: Params, x_NxHxWxC: np.ndarr
         # NumPy arrays in, as compile_tie_bound's shapes: jnp.asarray would compile a copy of each.
         orders32 = _logits32(form)(params, x, order, np.float32(model.divisor))
         with jax.enable_x64(True):
-            p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
             l64 = np.asarray(_heads64(form)(p64, feats64, masks))
         first = l64.argmax(-1)
         second = np.where(np.arange(l64.shape[-1]) == first[..., None], -np.inf, l64).argmax(-1)
